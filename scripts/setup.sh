@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what ferrite's tests need on a fresh machine of the project's kind (Debian 12, root):
+# the QEMU 10.0.2 tools (the oracle), libnbd tools, nbdkit, fio, and a Python venv with qemu.qmp.
+# Idempotent: what is already there is not installed again. Names no hosts: the backports suite
+# is derived from the machine's own apt sources (reference/dependencies.md §7).
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+
+need_apt=()
+qemu_ok() { qemu-storage-daemon --version 2>/dev/null | grep -q 'version 10\.0\.'; }
+qemu_ok || need_apt+=(qemu-utils)
+command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
+command -v nbdkit >/dev/null || need_apt+=(nbdkit)
+command -v fio >/dev/null || need_apt+=(fio)
+[ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  if [ ! -e /etc/apt/sources.list.d/backports.sources ] && [ -e /etc/apt/sources.list.d/debian.sources ]; then
+    awk 'BEGIN{RS="";ORS="\n"} NR==1' /etc/apt/sources.list.d/debian.sources \
+      | sed 's/^Suites:.*/Suites: bookworm-backports/' | $SUDO tee /etc/apt/sources.list.d/backports.sources >/dev/null
+  fi
+  $SUDO apt-get update -qq
+  # qemu-utils must come from backports (10.0.2); plain bookworm's 7.2 is not the oracle.
+  if printf '%s\n' "${need_apt[@]}" | grep -qx qemu-utils; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-utils
+  fi
+  rest=()
+  for p in "${need_apt[@]}"; do [ "$p" = qemu-utils ] || rest+=("$p"); done
+  if [ ${#rest[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${rest[@]}"
+  fi
+fi
+qemu_ok || { echo "setup: qemu-storage-daemon 10.0.x is required as the test oracle" >&2; exit 1; }
+
+venv="$top/.venv"
+if ! "$venv/bin/python" -c 'import qemu.qmp, pytest' 2>/dev/null; then
+  echo "setup: creating Python venv with qemu.qmp and pytest"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'qemu.qmp==0.0.6' 'pytest>=8,<9'
+fi
+echo "setup: done"
