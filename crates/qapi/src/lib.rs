@@ -1,0 +1,22 @@
+//! The QAPI layer: one schema for every QMP command, event and type, and what it drives.
+//!
+//! The schema is written once, in ferrite's own schema language (`schema/*.qapi`, described in
+//! [`schema`]), and from it come: argument checking with QEMU's error texts before any side
+//! effect ([`visit`]), in strict (QMP) and keyval (command line) flavours; `query-commands`;
+//! and `query-qmp-schema` in QEMU's introspection format ([`introspect`]). There is no second
+//! list of commands anywhere.
+//!
+//! Also owns [`Error`], the only error type that reaches the wire.
+//!
+//! QEMU counterparts: `qapi/*.json`, `scripts/qapi/`, `qapi/qobject-input-visitor.c`,
+//! `qapi/qapi-visit-core.c`, `qapi/error.json`.
+
+mod args;
+mod error;
+pub mod introspect;
+pub mod schema;
+pub mod visit;
+
+pub use args::Args;
+pub use error::{Error, ErrorClass, os_msg};
+pub use schema::{Schema, schema};
