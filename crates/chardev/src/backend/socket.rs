@@ -1,0 +1,370 @@
+//! `socket`: listen on or connect to a unix or TCP address, or use an inherited socket fd.
+
+use super::log::LogFile;
+use super::Connection;
+use crate::registry::Origin;
+use ferrite_qapi::{Args, Error, os_msg};
+use std::cell::{Cell, RefCell};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// Where the socket is, as the user gave it.
+#[derive(Clone)]
+enum Addr {
+    Unix { path: String, abstract_ns: bool },
+    Inet { host: String, port: String, nodelay: bool },
+    Fd(String),
+}
+
+impl Addr {
+    fn parse(data: &Args) -> Result<Addr, Error> {
+        let addr = data
+            .dict("addr")
+            .ok_or_else(|| Error::generic("Parameter 'addr' is missing"))?;
+        let inner = addr.dict("data").unwrap_or_default();
+        Ok(match addr.str("type")? {
+            "unix" => Addr::Unix {
+                path: inner.str("path")?.to_owned(),
+                abstract_ns: inner.bool_or("abstract", false),
+            },
+            "inet" => Addr::Inet {
+                host: inner.str("host")?.to_owned(),
+                port: inner.str("port")?.to_owned(),
+                nodelay: data.bool_or("nodelay", false),
+            },
+            _ => Addr::Fd(inner.str("str")?.to_owned()),
+        })
+    }
+
+    /// QEMU's `SocketAddress_to_str`.
+    fn describe(&self) -> String {
+        match self {
+            Addr::Unix { path, .. } => format!("unix:{path}"),
+            Addr::Inet { host, port, .. } => format!("tcp:{host}:{port}"),
+            Addr::Fd(fd) => format!("fd:{fd}"),
+        }
+    }
+
+    /// What "Failed to connect to '...'" names.
+    fn target(&self) -> String {
+        match self {
+            Addr::Unix { path, .. } => path.clone(),
+            Addr::Inet { host, port, .. } => format!("{host}:{port}"),
+            Addr::Fd(fd) => fd.clone(),
+        }
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// A socket chardev.
+pub(crate) struct Socket {
+    addr: Addr,
+    listener: Option<Listener>,
+    /// A connection made before any frontend asked (client mode, or `wait=on`).
+    pending: RefCell<Option<Connection>>,
+    /// The connected peer, for `filename`.
+    peer: RefCell<Option<String>>,
+    reconnect: Option<Duration>,
+    /// Client mode: whether the one connection has been used (and may be re-made).
+    used: Cell<bool>,
+    log: Option<LogFile>,
+    /// A unix socket path this chardev created and removes on close.
+    unlink: Option<PathBuf>,
+}
+
+fn io_err(what: &str, target: &str, e: &std::io::Error) -> Error {
+    Error::generic(format!("{what} '{target}': {}", os_msg(e)))
+}
+
+impl Socket {
+    pub(crate) fn open(data: &Args, origin: Origin, log: Option<LogFile>) -> Result<Self, Error> {
+        let addr = Addr::parse(data)?;
+        // QMP's ChardevSocket defaults to a server; QemuOpts to a client.
+        let server = data.bool_or("server", origin == Origin::Qmp);
+        let reconnect = data
+            .opt_i64("reconnect-ms")
+            .or_else(|| data.opt_i64("reconnect").map(|s| s.saturating_mul(1000)))
+            .filter(|&ms| ms > 0)
+            .map(|ms| Duration::from_millis(ms as u64));
+        if server && reconnect.is_some() {
+            return Err(Error::generic(
+                "'reconnect-ms' option is incompatible with 'server' option",
+            ));
+        }
+        for unsupported in ["tls-creds", "tls-authz"] {
+            if data.has(unsupported) {
+                return Err(Error::generic(format!(
+                    "'{unsupported}' is not supported by ferrite yet"
+                )));
+            }
+        }
+        if data.bool_or("telnet", false)
+            || data.bool_or("tn3270", false)
+            || data.bool_or("websocket", false)
+        {
+            return Err(Error::generic(
+                "telnet, tn3270 and websocket sockets are not supported by ferrite",
+            ));
+        }
+        let mut sock = Socket {
+            addr: addr.clone(),
+            listener: None,
+            pending: RefCell::new(None),
+            peer: RefCell::new(None),
+            reconnect,
+            used: Cell::new(false),
+            log,
+            unlink: None,
+        };
+        if let Addr::Fd(fd) = &addr {
+            if origin == Origin::Qmp {
+                return Err(Error::generic("only QEMU supports file descriptor passing"));
+            }
+            sock.adopt_fd(fd, server)?;
+        } else if server {
+            sock.listen()?;
+        } else {
+            let conn = sock.connect_now()?;
+            *sock.pending.borrow_mut() = Some(conn);
+        }
+        Ok(sock)
+    }
+
+    fn listen(&mut self) -> Result<(), Error> {
+        match &self.addr {
+            Addr::Unix { path, abstract_ns } => {
+                let std_listener = if *abstract_ns {
+                    use std::os::linux::net::SocketAddrExt;
+                    let sa = std::os::unix::net::SocketAddr::from_abstract_name(path.as_bytes())
+                        .map_err(|e| io_err("Failed to bind socket to", path, &e))?;
+                    std::os::unix::net::UnixListener::bind_addr(&sa)
+                } else {
+                    // Like QEMU, replace a stale socket file left by an earlier run.
+                    let _ = std::fs::remove_file(path);
+                    self.unlink = Some(PathBuf::from(path));
+                    std::os::unix::net::UnixListener::bind(path)
+                }
+                .map_err(|e| io_err("Failed to bind socket to", path, &e))?;
+                std_listener
+                    .set_nonblocking(true)
+                    .map_err(|e| io_err("Failed to bind socket to", path, &e))?;
+                let l = UnixListener::from_std(std_listener)
+                    .map_err(|e| io_err("Failed to bind socket to", path, &e))?;
+                self.listener = Some(Listener::Unix(l));
+            }
+            Addr::Inet { host, port, .. } => {
+                let target = format!("{host}:{port}");
+                let std_listener = std::net::TcpListener::bind(target.as_str())
+                    .map_err(|e| io_err("Failed to bind socket to", &target, &e))?;
+                std_listener
+                    .set_nonblocking(true)
+                    .map_err(|e| io_err("Failed to bind socket to", &target, &e))?;
+                let l = TcpListener::from_std(std_listener)
+                    .map_err(|e| io_err("Failed to bind socket to", &target, &e))?;
+                self.listener = Some(Listener::Tcp(l));
+            }
+            Addr::Fd(_) => {}
+        }
+        Ok(())
+    }
+
+    fn connect_now(&self) -> Result<Connection, Error> {
+        let target = self.addr.target();
+        let fail = |e: std::io::Error| io_err("Failed to connect to", &target, &e);
+        match &self.addr {
+            Addr::Unix { path, abstract_ns } => {
+                let s = if *abstract_ns {
+                    use std::os::linux::net::SocketAddrExt;
+                    let sa = std::os::unix::net::SocketAddr::from_abstract_name(path.as_bytes())
+                        .map_err(fail)?;
+                    std::os::unix::net::UnixStream::connect_addr(&sa)
+                } else {
+                    std::os::unix::net::UnixStream::connect(path)
+                }
+                .map_err(fail)?;
+                s.set_nonblocking(true).map_err(fail)?;
+                *self.peer.borrow_mut() = Some(format!("unix:{path}"));
+                Ok(self.wrap_unix(UnixStream::from_std(s).map_err(fail)?))
+            }
+            Addr::Inet { nodelay, .. } => {
+                let s = std::net::TcpStream::connect(target.as_str()).map_err(fail)?;
+                s.set_nonblocking(true).map_err(fail)?;
+                let s = TcpStream::from_std(s).map_err(fail)?;
+                let _ = s.set_nodelay(*nodelay);
+                *self.peer.borrow_mut() = Some(tcp_desc(&s, false));
+                Ok(self.wrap_tcp(s))
+            }
+            Addr::Fd(_) => Err(Error::generic("only QEMU supports file descriptor passing")),
+        }
+    }
+
+    /// Takes over a socket the parent process left open as fd `fd`.
+    fn adopt_fd(&mut self, fd: &str, server: bool) -> Result<(), Error> {
+        let num: i32 = fd
+            .parse()
+            .map_err(|_| Error::generic(format!("Unable to parse FD number {fd}")))?;
+        let bad = || Error::generic(format!("File descriptor '{fd}' is not a socket"));
+        // SAFETY: F_GETFD only reads the descriptor's flags; an invalid number fails with EBADF.
+        if num < 0 || unsafe { libc::fcntl(num, libc::F_GETFD) } < 0 {
+            return Err(Error::generic(format!("File descriptor '{fd}' is not open")));
+        }
+        let family = socket_family(num).ok_or_else(bad)?;
+        // SAFETY: the descriptor is open (checked above), is a socket (getsockname succeeded)
+        // and was handed to this process on the command line to own; nothing else in the
+        // daemon refers to it, so taking ownership cannot double-close it.
+        let owned = unsafe { OwnedFd::from_raw_fd(num) };
+        let fail = |e: std::io::Error| io_err("Failed to use socket", fd, &e);
+        match (family, server) {
+            (libc::AF_UNIX, true) => {
+                let l = std::os::unix::net::UnixListener::from(owned);
+                l.set_nonblocking(true).map_err(fail)?;
+                self.listener = Some(Listener::Unix(UnixListener::from_std(l).map_err(fail)?));
+            }
+            (libc::AF_UNIX, false) => {
+                let s = std::os::unix::net::UnixStream::from(owned);
+                s.set_nonblocking(true).map_err(fail)?;
+                let conn = self.wrap_unix(UnixStream::from_std(s).map_err(fail)?);
+                *self.pending.borrow_mut() = Some(conn);
+            }
+            (libc::AF_INET | libc::AF_INET6, true) => {
+                let l = std::net::TcpListener::from(owned);
+                l.set_nonblocking(true).map_err(fail)?;
+                self.listener = Some(Listener::Tcp(TcpListener::from_std(l).map_err(fail)?));
+            }
+            (libc::AF_INET | libc::AF_INET6, false) => {
+                let s = std::net::TcpStream::from(owned);
+                s.set_nonblocking(true).map_err(fail)?;
+                let conn = self.wrap_tcp(TcpStream::from_std(s).map_err(fail)?);
+                *self.pending.borrow_mut() = Some(conn);
+            }
+            _ => return Err(bad()),
+        }
+        Ok(())
+    }
+
+    fn wrap_unix(&self, s: UnixStream) -> Connection {
+        let (r, w) = s.into_split();
+        Connection {
+            reader: Box::pin(r),
+            writer: LogFile::tee(self.log.clone(), Box::pin(w)),
+        }
+    }
+
+    fn wrap_tcp(&self, s: TcpStream) -> Connection {
+        let (r, w) = s.into_split();
+        Connection {
+            reader: Box::pin(r),
+            writer: LogFile::tee(self.log.clone(), Box::pin(w)),
+        }
+    }
+
+    fn is_server(&self) -> bool {
+        self.listener.is_some()
+    }
+
+    /// Whether startup must wait for a client first (`server=on,wait=on`).
+    pub(crate) async fn wait_for_client(&self) {
+        if self.pending.borrow().is_some() {
+            return;
+        }
+        if let Some(conn) = self.accept_listener().await {
+            *self.pending.borrow_mut() = Some(conn);
+        }
+    }
+
+    async fn accept_listener(&self) -> Option<Connection> {
+        loop {
+            let result = match self.listener.as_ref()? {
+                Listener::Unix(l) => l.accept().await.map(|(s, _)| {
+                    *self.peer.borrow_mut() = Some(format!("{},server=on", self.addr.describe()));
+                    self.wrap_unix(s)
+                }),
+                Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
+                    if let Addr::Inet { nodelay: true, .. } = self.addr {
+                        let _ = s.set_nodelay(true);
+                    }
+                    *self.peer.borrow_mut() = Some(tcp_desc(&s, true));
+                    self.wrap_tcp(s)
+                }),
+            };
+            match result {
+                Ok(conn) => return Some(conn),
+                // Transient accept failures (EMFILE, ECONNABORTED) must not end the chardev.
+                Err(e) => {
+                    tracing::warn!(error = %e, "chardev accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn accept(&self) -> Option<Connection> {
+        if let Some(conn) = self.pending.borrow_mut().take() {
+            self.used.set(true);
+            return Some(conn);
+        }
+        if self.is_server() {
+            return self.accept_listener().await;
+        }
+        // Client mode: the connection made at creation is gone; reconnect if asked to.
+        let delay = self.reconnect?;
+        loop {
+            tokio::time::sleep(delay).await;
+            match self.connect_now() {
+                Ok(conn) => return Some(conn),
+                Err(e) => tracing::debug!(error = %e.desc, "chardev reconnect failed"),
+            }
+        }
+    }
+
+    pub(crate) fn disconnected(&self) {
+        *self.peer.borrow_mut() = None;
+    }
+
+    pub(crate) fn filename(&self) -> String {
+        if let Some(peer) = self.peer.borrow().as_ref() {
+            return peer.clone();
+        }
+        let server = if self.is_server() { ",server=on" } else { "" };
+        format!("disconnected:{}{server}", self.addr.describe())
+    }
+
+    pub(crate) fn close(&self) {
+        if let Some(path) = &self.unlink {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// QEMU's connected TCP filename: `tcp:LOCAL:PORT[,server=on] <-> PEER:PORT`.
+fn tcp_desc(s: &TcpStream, server: bool) -> String {
+    let fmt = |a: std::io::Result<std::net::SocketAddr>| match a {
+        Ok(std::net::SocketAddr::V6(v6)) => format!("[{}]:{}", v6.ip(), v6.port()),
+        Ok(a) => a.to_string(),
+        Err(_) => "?".to_owned(),
+    };
+    let server = if server { ",server=on" } else { "" };
+    format!("tcp:{}{server} <-> {}", fmt(s.local_addr()), fmt(s.peer_addr()))
+}
+
+/// The address family of socket `fd`, or `None` if it is not a socket.
+fn socket_family(fd: i32) -> Option<i32> {
+    let mut storage = std::mem::MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` is a properly sized, writable sockaddr_storage and `len` holds its
+    // size, as getsockname requires; the kernel writes at most `len` bytes.
+    let rc = unsafe { libc::getsockname(fd, storage.as_mut_ptr().cast(), &mut len) };
+    if rc < 0 {
+        return None;
+    }
+    // SAFETY: getsockname succeeded, so at least the family field has been written (and the
+    // zeroed rest is a valid bit pattern for the plain-data struct).
+    let storage = unsafe { storage.assume_init() };
+    Some(i32::from(storage.ss_family))
+}

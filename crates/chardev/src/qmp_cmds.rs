@@ -1,0 +1,141 @@
+//! The chardev QMP commands (QEMU: `chardev/char.c`, `chardev/char-ringbuf.c`).
+
+use crate::registry::{ChardevRegistry, Origin};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ferrite_qapi::{Args, Error, schema};
+use ferrite_qobject::{QDict, QObject, lossy_from_bytes};
+
+fn backend_args(args: &Args) -> Args {
+    args.dict("backend").unwrap_or_default()
+}
+
+/// `chardev-add`.
+///
+/// # Errors
+/// A duplicate id, or the backend failing to open (prefixed as QEMU prefixes it).
+pub fn qmp_chardev_add(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+    let id = args.str("id")?;
+    if reg.get(id).is_some() {
+        return Err(Error::generic(format!("Chardev with id '{id}' already exists")));
+    }
+    reg.add(id, &backend_args(args), Origin::Qmp)
+        .map_err(|e| e.prepend(format!("Failed to add chardev '{id}': ")))?;
+    Ok(QDict::new().into())
+}
+
+/// `chardev-change`.
+///
+/// # Errors
+/// Unknown id, a frontend that cannot follow, or the new backend failing to open.
+pub fn qmp_chardev_change(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+    reg.change(args.str("id")?, &backend_args(args))?;
+    Ok(QDict::new().into())
+}
+
+/// `chardev-remove`.
+///
+/// # Errors
+/// Unknown id, or a frontend attached.
+pub fn qmp_chardev_remove(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+    reg.remove(args.str("id")?)?;
+    Ok(QDict::new().into())
+}
+
+/// `chardev-send-break`: no frontend of a storage daemon reacts to a break, so it only checks
+/// that the chardev exists.
+///
+/// # Errors
+/// Unknown id.
+pub fn qmp_chardev_send_break(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+    let id = args.str("id")?;
+    reg.get(id)
+        .ok_or_else(|| Error::generic(format!("Chardev '{id}' not found")))?;
+    Ok(QDict::new().into())
+}
+
+/// `query-chardev`.
+pub fn qmp_query_chardev(reg: &ChardevRegistry) -> QObject {
+    reg.all()
+        .iter()
+        .map(|d| {
+            QObject::Dict(
+                QDict::new()
+                    .with("label", d.id())
+                    .with("filename", d.filename())
+                    .with("frontend-open", d.frontend_open()),
+            )
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// `query-chardev-backends`: the kinds the schema declares, which are the ones implemented.
+pub fn qmp_query_chardev_backends() -> QObject {
+    schema()
+        .enum_values("ChardevBackendKind")
+        .into_iter()
+        .map(|k| QObject::Dict(QDict::new().with("name", k)))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+fn ring_dev<'a>(
+    reg: &ChardevRegistry,
+    args: &'a Args,
+) -> Result<(std::rc::Rc<crate::Chardev>, &'a str), Error> {
+    let id = args.str("device")?;
+    let dev = reg
+        .get(id)
+        .ok_or_else(|| Error::generic(format!("Device '{id}' not found")))?;
+    if !dev.with_backend(|b| b.ring().is_some()) {
+        return Err(Error::generic(format!("{id} is not a ringbuf device")));
+    }
+    Ok((dev, id))
+}
+
+/// `ringbuf-write`.
+///
+/// # Errors
+/// Unknown or non-ring device, invalid base64.
+pub fn qmp_ringbuf_write(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+    let (dev, _) = ring_dev(reg, args)?;
+    let data = args.str("data")?;
+    let bytes = match args.opt_str("format") {
+        Some("base64") => decode_base64(data)?,
+        _ => data.as_bytes().to_vec(),
+    };
+    dev.with_backend(|b| b.ring().map(|r| r.write(&bytes)));
+    Ok(QDict::new().into())
+}
+
+/// `ringbuf-read`: removes and returns up to `size` of the oldest bytes.
+///
+/// # Errors
+/// Unknown or non-ring device, negative size.
+pub fn qmp_ringbuf_read(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+    let (dev, _) = ring_dev(reg, args)?;
+    let size = args.i64("size")?;
+    let size = usize::try_from(size).map_err(|_| Error::generic("size must be greater than zero"))?;
+    let bytes = dev.with_backend(|b| b.ring().map(|r| r.read(size)).unwrap_or_default());
+    Ok(match args.opt_str("format") {
+        Some("base64") => QObject::from(STANDARD.encode(&bytes)),
+        // QEMU hands the bytes over as a C string: text after a NUL byte is lost, and invalid
+        // UTF-8 becomes U+FFFD.
+        _ => {
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            QObject::from(lossy_from_bytes(&bytes[..end]))
+        }
+    })
+}
+
+/// Decodes base64 as QEMU's `qbase64_decode` accepts it.
+fn decode_base64(data: &str) -> Result<Vec<u8>, Error> {
+    let valid = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=');
+    if !data.bytes().all(valid) {
+        return Err(Error::generic("Base64 data contains invalid characters"));
+    }
+    STANDARD
+        .decode(data)
+        .map_err(|_| Error::generic("Base64 data contains invalid characters"))
+}
