@@ -20,3 +20,11 @@ pub mod visit;
 pub use args::Args;
 pub use error::{Error, ErrorClass, os_msg};
 pub use schema::{Schema, schema};
+
+/// QEMU's identifier rule (`id_wellformed`) for object ids, node names and job ids: a letter,
+/// then letters, digits, `-`, `.` and `_`.
+pub fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}

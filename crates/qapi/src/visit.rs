@@ -53,6 +53,24 @@ pub fn check_value(
     Visitor { schema, mode }.visit(ty, value, &Path::Root)
 }
 
+/// Checks a value given for a named member (as `qom-set` gives a property value), so that
+/// errors name the member.
+///
+/// # Errors
+/// As [`check_object`].
+pub fn check_member(
+    schema: &Schema,
+    ty: &TypeRef,
+    name: &str,
+    value: &QObject,
+) -> Result<QObject, Error> {
+    Visitor {
+        schema,
+        mode: Mode::Strict,
+    }
+    .visit(ty, value, &Path::Member(&Path::Root, name))
+}
+
 /// Where in the input a value sits, for QEMU's dotted names (`backend.data.addr`, `list[2]`).
 enum Path<'a> {
     Root,

@@ -1,0 +1,154 @@
+//! User-creatable objects (`/objects`), created by `object-add` and `--object`.
+
+pub(crate) mod event_loop;
+pub(crate) mod secret;
+pub(crate) mod throttle;
+
+use crate::node::QomNode;
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::QObject;
+use indexmap::IndexMap;
+use std::any::Any;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// An object `object-add` can create.
+pub trait UserObject {
+    /// Its QOM type.
+    fn type_name(&self) -> &'static str;
+
+    /// Reads a property; `None` if there is no such property.
+    fn get(&self, name: &str) -> Option<Result<QObject, Error>>;
+
+    /// Writes a property after creation; `None` if there is no such property.
+    fn set(&self, name: &str, value: &QObject) -> Option<Result<(), Error>>;
+
+    /// For the layers that use the object (a throttle filter, an encrypted image).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// The `/objects` container.
+#[derive(Default)]
+pub struct ObjectRegistry {
+    objects: RefCell<IndexMap<String, Rc<dyn UserObject>>>,
+}
+
+impl ObjectRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An object by id.
+    pub fn get(&self, id: &str) -> Option<Rc<dyn UserObject>> {
+        self.objects.borrow().get(id).cloned()
+    }
+
+    /// Creates an object from checked `ObjectOptions`.
+    ///
+    /// # Errors
+    /// A malformed or duplicate id, or the type's own validation.
+    pub fn add(&self, options: &Args) -> Result<(), Error> {
+        let id = options.str("id")?;
+        if !ferrite_qapi::id_wellformed(id) {
+            return Err(Error::generic("Parameter 'id' expects an identifier"));
+        }
+        if self.objects.borrow().contains_key(id) {
+            return Err(Error::generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        let obj: Rc<dyn UserObject> = match options.str("qom-type")? {
+            "throttle-group" => Rc::new(throttle::ThrottleGroup::create(options)?),
+            "secret" => Rc::new(secret::Secret::create(options)?),
+            "iothread" => Rc::new(event_loop::EventLoop::create(options, true)),
+            "main-loop" => {
+                if self.objects.borrow().values().any(|o| o.type_name() == "main-loop") {
+                    return Err(Error::generic(
+                        "only one main-loop instance allowed",
+                    ));
+                }
+                Rc::new(event_loop::EventLoop::create(options, false))
+            }
+            other => return Err(Error::generic(format!("Invalid object type '{other}'"))),
+        };
+        self.objects.borrow_mut().insert(id.to_owned(), obj);
+        Ok(())
+    }
+
+    /// Deletes an object.
+    ///
+    /// # Errors
+    /// "object 'x' not found", or the object is still in use.
+    pub fn del(&self, id: &str) -> Result<(), Error> {
+        let obj = self
+            .get(id)
+            .ok_or_else(|| Error::generic(format!("object '{id}' not found")))?;
+        // The registry holds one reference; any other holder is a user of the object.
+        if Rc::strong_count(&obj) > 2 {
+            return Err(Error::generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        self.objects.borrow_mut().shift_remove(id);
+        Ok(())
+    }
+
+    /// Every object, by id.
+    pub fn all(&self) -> Vec<(String, Rc<dyn UserObject>)> {
+        self.objects
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// A user object as a tree node.
+struct ObjectNode(Rc<dyn UserObject>);
+
+impl QomNode for ObjectNode {
+    fn type_name(&self) -> String {
+        self.0.type_name().into()
+    }
+    fn get(&self, name: &str) -> Option<Result<QObject, Error>> {
+        self.0.get(name)
+    }
+    fn set(&self, name: &str, value: &QObject) -> Option<Result<(), Error>> {
+        self.0.set(name, value)
+    }
+}
+
+impl QomNode for ObjectRegistry {
+    fn type_name(&self) -> String {
+        "container".into()
+    }
+
+    fn children(&self) -> Vec<(String, Rc<dyn QomNode>)> {
+        self.all()
+            .into_iter()
+            .map(|(id, o)| (id, Rc::new(ObjectNode(o)) as Rc<dyn QomNode>))
+            .collect()
+    }
+}
+
+/// Checks a value being set on a property against the schema member of the same name in the
+/// object type's properties struct.
+pub(crate) fn check_prop(
+    props_type: &str,
+    name: &str,
+    value: &QObject,
+) -> Result<QObject, Error> {
+    let schema = ferrite_qapi::schema();
+    let member = schema
+        .struct_members(props_type)
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| Error::generic(format!("Property '{name}' not found")))?;
+    ferrite_qapi::visit::check_member(schema, &member.ty, name, value)
+}
+
+/// "Property cannot be set after initialization": creation-time-only properties.
+pub(crate) fn frozen() -> Error {
+    Error::generic("Property cannot be set after initialization")
+}

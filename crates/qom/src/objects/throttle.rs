@@ -1,0 +1,233 @@
+//! `throttle-group`: I/O limits shared by the throttle filter nodes that name the group.
+
+use super::{UserObject, check_prop, frozen};
+use crate::node::PropInfo;
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::{QDict, QObject};
+use std::any::Any;
+use std::cell::RefCell;
+
+/// The limit names, in `ThrottleLimits` order; `x-<name>` is the unstable flat property.
+const LIMITS: &[&str] = &[
+    "iops-total",
+    "iops-total-max",
+    "iops-total-max-length",
+    "iops-read",
+    "iops-read-max",
+    "iops-read-max-length",
+    "iops-write",
+    "iops-write-max",
+    "iops-write-max-length",
+    "bps-total",
+    "bps-total-max",
+    "bps-total-max-length",
+    "bps-read",
+    "bps-read-max",
+    "bps-read-max-length",
+    "bps-write",
+    "bps-write-max",
+    "bps-write-max-length",
+    "iops-size",
+];
+
+/// Largest rate QEMU accepts.
+const THROTTLE_VALUE_MAX: i64 = 1_000_000_000_000_000;
+
+macro_rules! prop_list {
+    ($($n:literal),*) => { &[PropInfo { name: "limits", ty: "ThrottleLimits", description: None },
+        $(PropInfo { name: concat!("x-", $n), ty: "int", description: None }),*] };
+}
+
+/// QOM properties of a throttle group.
+pub(crate) const PROPS: &[PropInfo] = prop_list!(
+    "iops-total", "iops-total-max", "iops-total-max-length", "iops-read", "iops-read-max",
+    "iops-read-max-length", "iops-write", "iops-write-max", "iops-write-max-length",
+    "bps-total", "bps-total-max", "bps-total-max-length", "bps-read", "bps-read-max",
+    "bps-read-max-length", "bps-write", "bps-write-max", "bps-write-max-length", "iops-size"
+);
+
+/// A leaky bucket's settings: average rate, burst rate and burst length in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    /// Average rate (0: unlimited).
+    pub avg: i64,
+    /// Burst rate (0: none).
+    pub max: i64,
+    /// Burst length in seconds.
+    pub burst_length: i64,
+}
+
+/// A throttle group's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleConfig {
+    values: [i64; 19],
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        let mut values = [0; 19];
+        for (i, name) in LIMITS.iter().enumerate() {
+            if name.ends_with("-max-length") {
+                values[i] = 1;
+            }
+        }
+        ThrottleConfig { values }
+    }
+}
+
+impl ThrottleConfig {
+    fn index(name: &str) -> Option<usize> {
+        LIMITS.iter().position(|n| *n == name)
+    }
+
+    fn get(&self, name: &str) -> i64 {
+        Self::index(name).map_or(0, |i| self.values[i])
+    }
+
+    /// The bucket for a kind (`bps`, `iops`) and direction (`total`, `read`, `write`).
+    pub fn bucket(&self, kind: &str, dir: &str) -> Bucket {
+        Bucket {
+            avg: self.get(&format!("{kind}-{dir}")),
+            max: self.get(&format!("{kind}-{dir}-max")),
+            burst_length: self.get(&format!("{kind}-{dir}-max-length")),
+        }
+    }
+
+    /// Bytes per I/O operation for iops accounting (0: every request counts once).
+    pub fn iops_size(&self) -> i64 {
+        self.get("iops-size")
+    }
+
+    fn to_qobject(&self) -> QObject {
+        let mut d = QDict::new();
+        for (name, v) in LIMITS.iter().zip(self.values) {
+            d.insert(*name, v);
+        }
+        d.into()
+    }
+
+    /// QEMU's validity rules, in its order.
+    fn validate(&self) -> Result<(), Error> {
+        for kind in ["bps", "iops"] {
+            let total = self.get(&format!("{kind}-total")) != 0
+                || self.get(&format!("{kind}-total-max")) != 0;
+            let rw = ["read", "write"].iter().any(|d| {
+                self.get(&format!("{kind}-{d}")) != 0 || self.get(&format!("{kind}-{d}-max")) != 0
+            });
+            if total && rw {
+                return Err(Error::generic(
+                    "bps/iops/max total values and read/write values cannot be used at the same time",
+                ));
+            }
+        }
+        for kind in ["bps", "iops"] {
+            for dir in ["total", "read", "write"] {
+                let b = self.bucket(kind, dir);
+                if !(0..=THROTTLE_VALUE_MAX).contains(&b.avg)
+                    || !(0..=THROTTLE_VALUE_MAX).contains(&b.max)
+                {
+                    return Err(Error::generic(format!(
+                        "bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
+                    )));
+                }
+                if b.burst_length <= 0 {
+                    return Err(Error::generic("the burst length cannot be 0"));
+                }
+                if b.burst_length > 1 && b.max == 0 {
+                    return Err(Error::generic("burst length set without burst rate"));
+                }
+                if b.max != 0 && b.burst_length > THROTTLE_VALUE_MAX / b.max {
+                    return Err(Error::generic("burst length too high for this burst rate"));
+                }
+                if b.max != 0 && b.avg == 0 {
+                    return Err(Error::generic(
+                        "bps_max/iops_max require corresponding bps/iops values",
+                    ));
+                }
+                if b.max != 0 && b.max < b.avg {
+                    return Err(Error::generic(
+                        "bps_max/iops_max cannot be lower than bps/iops",
+                    ));
+                }
+            }
+        }
+        if self.iops_size() < 0 {
+            return Err(Error::generic(format!(
+                "bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
+            )));
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, limits: &QDict) {
+        for (name, v) in limits.iter() {
+            if let (Some(i), Some(v)) = (Self::index(name), v.as_i64()) {
+                self.values[i] = v;
+            }
+        }
+    }
+}
+
+/// A throttle group.
+pub struct ThrottleGroup {
+    config: RefCell<ThrottleConfig>,
+}
+
+impl ThrottleGroup {
+    pub(crate) fn create(options: &Args) -> Result<ThrottleGroup, Error> {
+        let mut config = ThrottleConfig::default();
+        for name in LIMITS {
+            if let Some(v) = options.opt_i64(&format!("x-{name}")) {
+                config.values[ThrottleConfig::index(name).unwrap_or(0)] = v;
+            }
+        }
+        if let Some(limits) = options.dict("limits") {
+            config.apply(limits.as_dict());
+        }
+        config.validate()?;
+        Ok(ThrottleGroup {
+            config: RefCell::new(config),
+        })
+    }
+
+    /// The current limits.
+    pub fn config(&self) -> ThrottleConfig {
+        self.config.borrow().clone()
+    }
+}
+
+impl UserObject for ThrottleGroup {
+    fn type_name(&self) -> &'static str {
+        "throttle-group"
+    }
+
+    fn get(&self, name: &str) -> Option<Result<QObject, Error>> {
+        let config = self.config.borrow();
+        if name == "limits" {
+            return Some(Ok(config.to_qobject()));
+        }
+        let limit = name.strip_prefix("x-")?;
+        ThrottleConfig::index(limit).map(|i| Ok(QObject::Int(config.values[i])))
+    }
+
+    fn set(&self, name: &str, value: &QObject) -> Option<Result<(), Error>> {
+        if name == "limits" {
+            return Some(check_prop("ThrottleGroupProperties", name, value).and_then(|v| {
+                let mut new = self.config.borrow().clone();
+                if let Some(d) = v.as_dict() {
+                    new.apply(d);
+                }
+                new.validate()?;
+                *self.config.borrow_mut() = new;
+                Ok(())
+            }));
+        }
+        let limit = name.strip_prefix("x-")?;
+        ThrottleConfig::index(limit)?;
+        Some(Err(frozen()))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,126 @@
+//! The QOM type hierarchy ferrite has, for `qom-list-types` and `qom-list-properties`.
+
+use crate::node::PropInfo;
+
+/// A QOM type.
+pub struct TypeInfo {
+    /// Type name.
+    pub name: &'static str,
+    /// Parent type.
+    pub parent: Option<&'static str>,
+    /// Whether it cannot be instantiated.
+    pub is_abstract: bool,
+    /// Interfaces it implements (beyond what its parents implement).
+    pub interfaces: &'static [&'static str],
+    /// Its own properties (parents' come on top).
+    pub props: &'static [PropInfo],
+}
+
+const fn t(
+    name: &'static str,
+    parent: Option<&'static str>,
+    is_abstract: bool,
+    interfaces: &'static [&'static str],
+    props: &'static [PropInfo],
+) -> TypeInfo {
+    TypeInfo {
+        name,
+        parent,
+        is_abstract,
+        interfaces,
+        props,
+    }
+}
+
+const fn p(name: &'static str, ty: &'static str) -> PropInfo {
+    PropInfo {
+        name,
+        ty,
+        description: None,
+    }
+}
+
+const UC: &[&str] = &["user-creatable"];
+
+const EVENT_LOOP_PROPS: &[PropInfo] = &[
+    p("aio-max-batch", "int"),
+    p("thread-pool-min", "int"),
+    p("thread-pool-max", "int"),
+];
+const IOTHREAD_PROPS: &[PropInfo] = &[
+    p("poll-max-ns", "int"),
+    p("poll-grow", "int"),
+    p("poll-shrink", "int"),
+];
+const SECRET_COMMON_PROPS: &[PropInfo] = &[
+    p("format", "QCryptoSecretFormat"),
+    p("keyid", "string"),
+    p("iv", "string"),
+];
+const SECRET_PROPS: &[PropInfo] = &[p("data", "string"), p("file", "string")];
+const SOCKET_PROPS: &[PropInfo] = &[p("connected", "bool"), p("addr", "SocketAddress")];
+
+/// Every type, parents before children.
+static TYPES: &[TypeInfo] = &[
+    t("object", None, true, &[], &[]),
+    t("interface", None, true, &[], &[]),
+    t("user-creatable", Some("interface"), true, &[], &[]),
+    t("container", Some("object"), false, &[], &[]),
+    t("event-loop-base", Some("object"), true, UC, EVENT_LOOP_PROPS),
+    t("iothread", Some("event-loop-base"), false, &[], IOTHREAD_PROPS),
+    t("main-loop", Some("event-loop-base"), false, &[], &[]),
+    t("secret_common", Some("object"), true, UC, SECRET_COMMON_PROPS),
+    t("secret", Some("secret_common"), false, &[], SECRET_PROPS),
+    t("throttle-group", Some("object"), false, UC, crate::objects::throttle::PROPS),
+    t("chardev", Some("object"), true, &[], &[]),
+    t("chardev-fd", Some("chardev"), true, &[], &[]),
+    t("chardev-file", Some("chardev-fd"), false, &[], &[]),
+    t("chardev-pipe", Some("chardev-fd"), false, &[], &[]),
+    t("chardev-stdio", Some("chardev-fd"), false, &[], &[]),
+    t("chardev-null", Some("chardev"), false, &[], &[]),
+    t("chardev-ringbuf", Some("chardev"), false, &[], &[]),
+    t("chardev-memory", Some("chardev-ringbuf"), false, &[], &[]),
+    t("chardev-socket", Some("chardev"), false, &[], SOCKET_PROPS),
+];
+
+/// A type by name.
+pub fn find_type(name: &str) -> Option<&'static TypeInfo> {
+    TYPES.iter().find(|t| t.name == name)
+}
+
+/// Whether `ty` is `ancestor` or derives from it or implements it as an interface.
+pub(crate) fn implements(ty: &TypeInfo, ancestor: &str) -> bool {
+    let mut cur = Some(ty);
+    while let Some(t) = cur {
+        if t.name == ancestor || t.interfaces.contains(&ancestor) {
+            return true;
+        }
+        cur = t.parent.and_then(find_type);
+    }
+    false
+}
+
+/// All properties of an instance of `ty`: `type` first, then the ancestors' and its own.
+pub(crate) fn all_props(ty: &TypeInfo) -> Vec<PropInfo> {
+    let mut chain = Vec::new();
+    let mut cur = Some(ty);
+    while let Some(t) = cur {
+        chain.push(t);
+        cur = t.parent.and_then(find_type);
+    }
+    let mut props = vec![p("type", "string")];
+    for t in chain.iter().rev() {
+        props.extend(t.props.iter().cloned());
+    }
+    props
+}
+
+/// The types `qom-list-types` lists.
+pub fn type_list(implements_filter: Option<&str>, include_abstract: bool) -> Vec<&'static TypeInfo> {
+    TYPES
+        .iter()
+        .filter(|t| t.name != "interface" && t.name != "user-creatable")
+        .filter(|t| include_abstract || !t.is_abstract)
+        .filter(|t| implements_filter.is_none_or(|i| implements(t, i)))
+        .collect()
+}
