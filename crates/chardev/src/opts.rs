@@ -107,7 +107,7 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
         return Err(Error::generic("mux chardevs are not supported by ferrite"));
     }
     let mut data = QDict::new();
-    let mut flag = |data: &mut QDict, opt: &str, member: &str| -> Result<(), Error> {
+    let flag = |data: &mut QDict, opt: &str, member: &str| -> Result<(), Error> {
         if let Some(v) = get(opt) {
             data.insert(member, parse_bool(opt, v)?);
         }

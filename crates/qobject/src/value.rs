@@ -205,6 +205,11 @@ impl QDict {
         self.entries.get(key)
     }
 
+    /// The value of `key`, mutably.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut QObject> {
+        self.entries.get_mut(key)
+    }
+
     /// Whether `key` is present.
     pub fn contains_key(&self, key: &str) -> bool {
         self.entries.contains_key(key)

@@ -1,0 +1,171 @@
+//! The daemon's state (everything the main loop owns) and its QMP command table.
+
+use crate::cli::help::{QEMU_VERSION, package};
+use ferrite_chardev::{Chardev, ChardevRegistry, qmp_cmds as chr};
+use ferrite_qapi::{Args, Error, ErrorClass, introspect, schema};
+use ferrite_qmp::{CommandFuture, Commands, EventBus, Monitor};
+use ferrite_qobject::{QDict, QObject};
+use ferrite_qom::{Container, ObjectRegistry, QomNode, qmp_cmds as qom};
+use std::cell::{Cell, OnceCell, RefCell};
+use std::rc::Rc;
+use tokio::sync::Notify;
+
+/// Everything the main loop owns (QEMU's global state, minus the globals).
+pub(crate) struct Daemon {
+    pub(crate) events: Rc<EventBus>,
+    pub(crate) chardevs: Rc<ChardevRegistry>,
+    pub(crate) objects: Rc<ObjectRegistry>,
+    qom_root: Rc<dyn QomNode>,
+    pub(crate) monitors: RefCell<Vec<Rc<Monitor>>>,
+    quit_requested: Cell<bool>,
+    quit: Notify,
+    schema_info: OnceCell<QObject>,
+}
+
+/// A chardev as a QOM object under `/chardevs`.
+struct ChardevNode(Rc<Chardev>);
+
+impl QomNode for ChardevNode {
+    fn type_name(&self) -> String {
+        format!("chardev-{}", self.0.kind())
+    }
+
+    fn get(&self, name: &str) -> Option<Result<QObject, Error>> {
+        match (self.0.kind(), name) {
+            ("socket", "connected") => Some(Ok(self.0.frontend_open().into())),
+            _ => None,
+        }
+    }
+}
+
+impl Daemon {
+    pub(crate) fn new() -> Rc<Daemon> {
+        let chardevs = Rc::new(ChardevRegistry::new());
+        let objects = Rc::new(ObjectRegistry::new());
+        let chardev_view = chardevs.clone();
+        let root: Rc<dyn QomNode> = Rc::new(Container::new(vec![
+            ("backend".into(), Rc::new(Container::new(Vec::new())) as Rc<dyn QomNode>),
+            ("objects".into(), objects.clone() as Rc<dyn QomNode>),
+            (
+                "chardevs".into(),
+                Rc::new(Container::dynamic(move || {
+                    chardev_view
+                        .all()
+                        .into_iter()
+                        .map(|c| {
+                            (c.id().to_owned(), Rc::new(ChardevNode(c)) as Rc<dyn QomNode>)
+                        })
+                        .collect()
+                })) as Rc<dyn QomNode>,
+            ),
+        ]));
+        Rc::new(Daemon {
+            events: EventBus::new(),
+            chardevs,
+            objects,
+            qom_root: root,
+            monitors: RefCell::new(Vec::new()),
+            quit_requested: Cell::new(false),
+            quit: Notify::new(),
+            schema_info: OnceCell::new(),
+        })
+    }
+
+    /// The `VersionInfo` of the greeting and `query-version`.
+    pub(crate) fn version_info() -> QObject {
+        let (major, minor, micro) = QEMU_VERSION;
+        QDict::new()
+            .with(
+                "qemu",
+                QDict::new()
+                    .with("major", major)
+                    .with("minor", minor)
+                    .with("micro", micro),
+            )
+            .with("package", package())
+            .into()
+    }
+
+    /// Asks the main loop to shut down (`quit`, a signal).
+    pub(crate) fn request_quit(&self) {
+        self.quit_requested.set(true);
+        self.quit.notify_waiters();
+    }
+
+    /// Waits until shutdown is requested.
+    pub(crate) async fn quit_requested(&self) {
+        while !self.quit_requested.get() {
+            self.quit.notified().await;
+        }
+    }
+
+    /// Runs one checked command.
+    async fn run(&self, name: &str, args: Args) -> Result<QObject, Error> {
+        let empty = || Ok(QObject::Dict(QDict::new()));
+        match name {
+            "query-version" => Ok(Self::version_info()),
+            "query-commands" => Ok(schema()
+                .commands()
+                .map(|c| QObject::Dict(QDict::new().with("name", c.name.as_str())))
+                .collect::<Vec<_>>()
+                .into()),
+            "query-qmp-schema" => Ok(self
+                .schema_info
+                .get_or_init(|| introspect::schema_info(schema()))
+                .clone()),
+            "quit" => {
+                self.request_quit();
+                empty()
+            }
+            "chardev-add" => chr::qmp_chardev_add(&self.chardevs, &args),
+            "chardev-change" => chr::qmp_chardev_change(&self.chardevs, &args),
+            "chardev-remove" => chr::qmp_chardev_remove(&self.chardevs, &args),
+            "chardev-send-break" => chr::qmp_chardev_send_break(&self.chardevs, &args),
+            "query-chardev" => Ok(chr::qmp_query_chardev(&self.chardevs)),
+            "query-chardev-backends" => Ok(chr::qmp_query_chardev_backends()),
+            "ringbuf-write" => chr::qmp_ringbuf_write(&self.chardevs, &args),
+            "ringbuf-read" => chr::qmp_ringbuf_read(&self.chardevs, &args),
+            "object-add" => qom::qmp_object_add(&self.objects, &args),
+            "object-del" => qom::qmp_object_del(&self.objects, &args),
+            "qom-list" => qom::qmp_qom_list(&self.qom_root, &args),
+            "qom-get" => qom::qmp_qom_get(&self.qom_root, &args),
+            "qom-set" => qom::qmp_qom_set(&self.qom_root, &args),
+            "qom-list-types" => Ok(qom::qmp_qom_list_types(&args)),
+            "qom-list-properties" => qom::qmp_qom_list_properties(&args),
+            _ => Err(Error::new(
+                ErrorClass::CommandNotFound,
+                format!("The command {name} has not been found"),
+            )),
+        }
+    }
+}
+
+/// The command table the monitors call into.
+pub(crate) struct DaemonCommands(pub(crate) Rc<Daemon>);
+
+impl Commands for DaemonCommands {
+    fn run<'a>(&'a self, name: &'a str, args: Args) -> CommandFuture<'a> {
+        Box::pin(self.0.run(name, args))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command the schema declares has a handler: with arguments that fail in the
+    /// handler (or succeed), nothing answers "has not been found".
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_schema_command_has_a_handler() {
+        let d = Daemon::new();
+        for c in schema().commands() {
+            if c.name == "qmp_capabilities" {
+                continue; // handled by the session itself
+            }
+            let r = d.run(&c.name, Args::default()).await;
+            if let Err(e) = r {
+                assert_ne!(e.class, ErrorClass::CommandNotFound, "{}", c.name);
+            }
+        }
+    }
+}

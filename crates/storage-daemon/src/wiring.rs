@@ -1,0 +1,170 @@
+//! Acting on the command line, in order, and running until told to stop.
+
+use crate::cli::keyval;
+use crate::cli::parse::CliOption;
+use crate::daemon::{Daemon, DaemonCommands};
+use crate::process::{DaemonizeHandle, PidFile};
+use ferrite_chardev::{Origin, backend_from_opts};
+use ferrite_qapi::schema::TypeRef;
+use ferrite_qapi::visit::{Mode, check_object, check_value};
+use ferrite_qapi::{Args, Error, schema};
+use ferrite_qmp::{Monitor, MonitorOptions};
+use ferrite_qobject::QObject;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// What start-up ended with.
+pub(crate) enum Startup {
+    /// Running: serve until quit.
+    Running(Option<PidFile>),
+    /// A help text was asked for and printed.
+    Exit,
+}
+
+/// Start-up failed on an option: the message QEMU would print after the program name.
+pub(crate) struct OptionError(pub(crate) String);
+
+fn located(opt: &CliOption, e: impl std::fmt::Display) -> OptionError {
+    OptionError(format!("{}: {e}", opt.describe()))
+}
+
+/// Checks a keyval or JSON option against a schema type.
+fn checked(parsed: &keyval::Parsed, type_name: &str) -> Result<Args, Error> {
+    let mode = if parsed.json { Mode::Strict } else { Mode::Keyval };
+    check_object(schema(), type_name, &QObject::Dict(parsed.value.clone()), mode).map(Args::new)
+}
+
+/// Processes the options in order (QEMU's `process_options`), then writes the pid file.
+pub(crate) async fn start(
+    daemon: &Rc<Daemon>,
+    options: &[CliOption],
+    prog: &str,
+) -> Result<Startup, OptionError> {
+    let mut pidfile: Option<PathBuf> = None;
+    for opt in options {
+        match opt {
+            CliOption::Help | CliOption::Version | CliOption::Trace(_) | CliOption::Daemonize => {}
+            CliOption::Chardev(text) => {
+                let parsed = backend_from_opts(text).map_err(|e| located(opt, e))?;
+                let backend = check_value(
+                    schema(),
+                    &TypeRef::Named("ChardevBackend".into()),
+                    &QObject::Dict(parsed.backend),
+                    Mode::Strict,
+                )
+                .map_err(|e| located(opt, e))?;
+                let backend = Args::new(backend.as_dict().cloned().unwrap_or_default());
+                let dev = daemon
+                    .chardevs
+                    .add(&parsed.id, &backend, Origin::CommandLine)
+                    .map_err(|e| located(opt, e))?;
+                if parsed.wait {
+                    eprintln!(
+                        "{prog}: {}: info: waiting for connection on: {}",
+                        opt.describe(),
+                        dev.filename()
+                    );
+                    dev.wait_for_client().await;
+                }
+            }
+            CliOption::Monitor(text) => {
+                let parsed = keyval::parse(text, Some("chardev")).map_err(|e| located(opt, e))?;
+                let args = checked(&parsed, "MonitorOptions").map_err(|e| located(opt, e))?;
+                add_monitor(daemon, &args).map_err(|e| located(opt, e))?;
+            }
+            CliOption::Object(text) => {
+                let parsed = keyval::parse(text, Some("qom-type")).map_err(|e| located(opt, e))?;
+                if parsed.help {
+                    let ty = parsed.value.get("qom-type").and_then(QObject::as_str);
+                    let text = ferrite_qom::qmp_cmds::object_help(ty).map_err(|e| located(opt, e))?;
+                    print!("{text}");
+                    return Ok(Startup::Exit);
+                }
+                let args = checked(&parsed, "ObjectOptions").map_err(|e| located(opt, e))?;
+                daemon.objects.add(&args).map_err(|e| located(opt, e))?;
+            }
+            CliOption::Blockdev(text) | CliOption::Export(text) | CliOption::NbdServer(text) => {
+                // The syntax is checked now; the block layer and NBD server come later.
+                keyval::parse(text, None).map_err(|e| located(opt, e))?;
+                let name = opt.describe();
+                let name = name.split(' ').next().unwrap_or_default();
+                return Err(located(opt, format!("{name} is not supported by ferrite yet")));
+            }
+            CliOption::Pidfile(path) => pidfile = Some(PathBuf::from(path)),
+        }
+    }
+    let pidfile = match pidfile {
+        Some(p) => Some(PidFile::write(&p).map_err(OptionError)?),
+        None => None,
+    };
+    Ok(Startup::Running(pidfile))
+}
+
+/// `--monitor`: attaches a QMP monitor to a chardev and serves its connections.
+fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
+    if args.opt_str("mode") == Some("readline") {
+        return Err(Error::generic("Only QMP monitors are supported"));
+    }
+    let id = args.str("chardev")?;
+    let dev = daemon
+        .chardevs
+        .get(id)
+        .ok_or_else(|| Error::generic(format!("chardev \"{id}\" not found")))?;
+    dev.attach_frontend()?;
+    let monitor = Monitor::new(
+        Rc::new(DaemonCommands(daemon.clone())),
+        daemon.events.clone(),
+        Daemon::version_info(),
+        MonitorOptions {
+            pretty: args.bool_or("pretty", false),
+            oob_offered: dev.supports_oob(),
+        },
+    );
+    daemon.monitors.borrow_mut().push(monitor.clone());
+    tokio::task::spawn_local(async move {
+        while let Some(conn) = dev.accept().await {
+            monitor.serve(conn.reader, conn.writer).await;
+            dev.disconnected();
+        }
+    });
+    Ok(())
+}
+
+/// Serves until `quit` or a signal, then shuts down in QEMU's order.
+pub(crate) async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: DaemonizeHandle) {
+    handle.startup_done();
+    let signals = wait_for_signal();
+    tokio::select! {
+        _ = daemon.quit_requested() => {}
+        _ = signals => {}
+    }
+    // Let every monitor deliver what it has queued (the quit return among it), but do not
+    // let a client that stopped reading hold the exit.
+    let monitors = daemon.monitors.borrow().clone();
+    let flush = async {
+        for m in &monitors {
+            m.flush_all().await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), flush).await;
+    daemon.chardevs.close_all();
+    drop(pidfile);
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+        _ = hup.recv() => {}
+    }
+}
