@@ -116,7 +116,10 @@ pub fn qmp_ringbuf_write(reg: &ChardevRegistry, args: &Args) -> Result<QObject, 
 pub fn qmp_ringbuf_read(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
     let (dev, _) = ring_dev(reg, args)?;
     let size = args.i64("size")?;
-    let size = usize::try_from(size).map_err(|_| Error::generic("size must be greater than zero"))?;
+    let size = usize::try_from(size)
+        .ok()
+        .filter(|&s| s > 0)
+        .ok_or_else(|| Error::generic("size must be greater than zero"))?;
     let bytes = dev.with_backend(|b| b.ring().map(|r| r.read(size)).unwrap_or_default());
     Ok(match args.opt_str("format") {
         Some("base64") => QObject::from(STANDARD.encode(&bytes)),

@@ -79,6 +79,15 @@ enum Path<'a> {
 }
 
 impl Path<'_> {
+    /// The bare member name, as QEMU's core visitors report enum and range errors (`null`
+    /// for list elements).
+    fn leaf(&self) -> &str {
+        match self {
+            Path::Member(_, name) => name,
+            _ => "null",
+        }
+    }
+
     fn full(&self) -> String {
         match self {
             Path::Root => "null".to_owned(),
@@ -98,6 +107,10 @@ fn wrong_type(path: &Path, expected: &str) -> Error {
 
 fn bad_value(path: &Path, expected: &str) -> Error {
     Error::generic(format!("Parameter '{}' expects {expected}", path.full()))
+}
+
+fn out_of_range(path: &Path, expected: &str) -> Error {
+    Error::generic(format!("Parameter '{}' expects {expected}", path.leaf()))
 }
 
 struct Visitor<'s> {
@@ -135,7 +148,7 @@ impl Visitor<'_> {
                 } else {
                     Err(Error::generic(format!(
                         "Parameter '{}' does not accept value '{s}'",
-                        path.full()
+                        path.leaf()
                     )))
                 }
             }
@@ -281,7 +294,7 @@ fn check_signed(i: i64, w: IntWidth, path: &Path) -> Result<QObject, Error> {
     if ok {
         Ok(QObject::Int(i))
     } else {
-        Err(bad_value(path, range_name(true, w)))
+        Err(out_of_range(path, range_name(true, w)))
     }
 }
 
@@ -295,7 +308,7 @@ fn check_unsigned(u: u64, w: IntWidth, path: &Path) -> Result<QObject, Error> {
     if ok {
         Ok(QObject::from(u))
     } else {
-        Err(bad_value(path, range_name(false, w)))
+        Err(out_of_range(path, range_name(false, w)))
     }
 }
 
@@ -328,11 +341,11 @@ fn strict_scalar(b: Builtin, value: &QObject, path: &Path) -> Result<QObject, Er
             check_signed(i, w, path)
         }
         Builtin::UInt(w) => {
-            let u = wrap_unsigned(value).ok_or_else(|| wrong_type(path, "uint64"))?;
+            let u = wrap_unsigned(value).ok_or_else(|| bad_value(path, "uint64"))?;
             check_unsigned(u, w, path)
         }
         Builtin::Size => {
-            let u = wrap_unsigned(value).ok_or_else(|| wrong_type(path, "uint64"))?;
+            let u = wrap_unsigned(value).ok_or_else(|| bad_value(path, "uint64"))?;
             Ok(QObject::from(u))
         }
         Builtin::Any => Ok(value.clone()),
@@ -492,7 +505,7 @@ mod tests {
         );
         assert_eq!(
             strict("q_obj_qmp_capabilities-arg", r#"{"enable":["x"]}"#),
-            Err("Parameter 'enable[0]' does not accept value 'x'".into())
+            Err("Parameter 'null' does not accept value 'x'".into())
         );
     }
 

@@ -53,9 +53,7 @@ fn write_value(out: &mut String, value: &QObject, indent: Option<usize>) {
                 newline(out, inner);
                 write_value(out, item, inner);
             }
-            if !items.is_empty() {
-                newline(out, indent);
-            }
+            newline(out, indent);
             out.push(']');
         }
         QObject::Dict(dict) => write_dict(out, dict, indent),
@@ -75,9 +73,7 @@ fn write_dict(out: &mut String, dict: &QDict, indent: Option<usize>) {
         out.push_str(": ");
         write_value(out, value, inner);
     }
-    if !dict.is_empty() {
-        newline(out, indent);
-    }
+    newline(out, indent);
     out.push('}');
 }
 
@@ -161,7 +157,7 @@ mod tests {
     #[test]
     fn pretty_form() {
         let v = QObject::Dict(QDict::new().with("return", QDict::new()));
-        assert_eq!(to_json_pretty(&v), "{\n    \"return\": {}\n}");
+        assert_eq!(to_json_pretty(&v), "{\n    \"return\": {\n    }\n}");
         let v = QObject::List(vec![QObject::Int(1), QObject::Int(2)]);
         assert_eq!(to_json_pretty(&v), "[\n    1,\n    2\n]");
     }

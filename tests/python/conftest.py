@@ -1,0 +1,178 @@
+"""Shared fixtures: start ferrite-storage-daemon or qemu-storage-daemon and talk to them.
+
+Every daemon runs in the test's own temporary directory with a QMP monitor on a unix socket.
+Differential tests run the same scenario against both programs and compare what a client sees.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FERRITE = os.environ.get(
+    "FERRITE_BIN", str(ROOT / "target" / "debug" / "ferrite-storage-daemon"))
+QSD = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
+SENTINEL = b'\x01{"execute": "query-version", "id": "sentinel"}\n'
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class Daemon:
+    """A running storage daemon with a QMP monitor on `self.sock`."""
+
+    def __init__(self, binary, workdir, extra=(), monitor_opts=""):
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.sock = str(self.workdir / "qmp.sock")
+        self.args = [binary,
+                     "--chardev", f"socket,id=qmp0,path={self.sock},server=on,wait=off",
+                     "--monitor", "qmp0" + monitor_opts, *extra]
+        self.stderr_path = self.workdir / "stderr.txt"
+        self.proc = subprocess.Popen(self.args, cwd=self.workdir,
+                                     stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.stderr_path, "wb"))
+        wait_for(lambda: os.path.exists(self.sock) or self.proc.poll() is not None,
+                 what="QMP socket")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{binary} exited: {self.stderr_path.read_text()}")
+
+    def connect(self, negotiate=True):
+        conn = RawQmp(self.sock)
+        if negotiate:
+            conn.send(b'{"execute":"qmp_capabilities"}')
+            conn.recv_msgs(1)
+        return conn
+
+    def rss_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class RawQmp:
+    """A QMP connection on a raw socket, for protocol edge cases."""
+
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(path)
+        self.s.settimeout(10)
+        self.buf = b""
+        self.greeting = self.recv_msgs(1)[0]
+
+    def send(self, data):
+        self.s.sendall(data)
+
+    def recv_line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.s.recv(1 << 20)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def recv_raw(self):
+        """One message's bytes: a line, or a pretty-printed block from `{` to `}`."""
+        line = self.recv_line()
+        if line != b"{":
+            return line
+        lines = [line]
+        while lines[-1] != b"}":
+            lines.append(self.recv_line())
+        return b"\r\n".join(lines)
+
+    def recv_msgs(self, n):
+        return [json.loads(self.recv_raw()) for _ in range(n)]
+
+    def cmd(self, name, args=None, **extra):
+        req = {"execute": name, **extra}
+        if args is not None:
+            req["arguments"] = args
+        self.send(json.dumps(req).encode())
+        while True:
+            msg = json.loads(self.recv_raw())
+            if "event" not in msg:
+                return msg
+
+    def transcript(self, data):
+        """Raw reply lines to `data`, up to the sentinel's reply (which is excluded)."""
+        self.send(data + SENTINEL)
+        lines = []
+        while True:
+            line = self.recv_raw()
+            if b'"sentinel"' in line:
+                return lines
+            lines.append(line)
+
+    def close(self):
+        self.s.close()
+
+
+def normalize(text):
+    """Hide what legitimately differs between the two programs."""
+    if isinstance(text, bytes):
+        text = text.decode("latin1")
+    text = re.sub(r'"package": "[^"]*"', '"package": "P"', text)
+    text = re.sub(r'"seconds": \d+, "microseconds": \d+', '"seconds": S, "microseconds": U', text)
+    return text
+
+
+@pytest.fixture
+def ferrite(tmp_path):
+    daemons = []
+
+    def start(extra=(), monitor_opts=""):
+        d = Daemon(FERRITE, tmp_path / f"ferrite{len(daemons)}", extra, monitor_opts)
+        daemons.append(d)
+        return d
+    yield start
+    for d in daemons:
+        d.stop()
+
+
+@pytest.fixture
+def qsd(tmp_path):
+    daemons = []
+
+    def start(extra=(), monitor_opts=""):
+        d = Daemon(QSD, tmp_path / f"qsd{len(daemons)}", extra, monitor_opts)
+        daemons.append(d)
+        return d
+    yield start
+    for d in daemons:
+        d.stop()
+
+
+@pytest.fixture
+def both(ferrite, qsd):
+    """Starts both daemons with the same extra options: (qsd, ferrite)."""
+    def start(extra=(), monitor_opts=""):
+        return qsd(extra, monitor_opts), ferrite(extra, monitor_opts)
+    return start
