@@ -38,6 +38,9 @@ pub struct Error {
     pub class: ErrorClass,
     /// The human-readable message.
     pub desc: String,
+    /// Advice that the command line prints on a line of its own after the message (QEMU's
+    /// `error_append_hint`); QMP replies leave it out.
+    pub hint: Option<String>,
 }
 
 impl Error {
@@ -46,6 +49,7 @@ impl Error {
         Error {
             class: ErrorClass::GenericError,
             desc: desc.into(),
+            hint: None,
         }
     }
 
@@ -54,6 +58,21 @@ impl Error {
         Error {
             class,
             desc: desc.into(),
+            hint: None,
+        }
+    }
+
+    /// Adds a hint for the command line.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The message with its hint, as the command line prints it.
+    pub fn cli_text(&self) -> String {
+        match &self.hint {
+            Some(h) => format!("{}\n{h}", self.desc),
+            None => self.desc.clone(),
         }
     }
 

@@ -264,6 +264,12 @@ impl Visitor<'_> {
         match self.mode {
             Mode::Strict => strict_scalar(b, value, path),
             Mode::Keyval => {
+                if value.qtype() == QType::Dict {
+                    return Err(Error::generic(format!(
+                        "Parameters '{}.*' are unexpected",
+                        path.full()
+                    )));
+                }
                 let s = value.as_str().ok_or_else(|| wrong_type(path, "string"))?;
                 keyval_scalar(b, s, path)
             }

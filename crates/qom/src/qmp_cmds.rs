@@ -120,7 +120,11 @@ pub fn qmp_object_del(objects: &ObjectRegistry, args: &Args) -> Result<QObject, 
 /// # Errors
 /// An unknown type.
 pub fn object_help(type_name: Option<&str>) -> Result<String, Error> {
-    match type_name {
+    let creatable = type_name
+        .and_then(find_type)
+        .filter(|t| crate::types::implements(t, "user-creatable") && !t.is_abstract);
+    // Like QEMU, an unknown type lists the types there are.
+    match creatable.map(|t| t.name) {
         None => {
             let mut names: Vec<&str> = type_list(Some("user-creatable"), false)
                 .iter()
@@ -134,9 +138,7 @@ pub fn object_help(type_name: Option<&str>) -> Result<String, Error> {
             Ok(out)
         }
         Some(name) => {
-            let ty = find_type(name)
-                .filter(|t| crate::types::implements(t, "user-creatable") && !t.is_abstract)
-                .ok_or_else(|| Error::generic(format!("invalid object type: {name}")))?;
+            let ty = find_type(name).ok_or_else(|| Error::generic("unknown type"))?;
             let mut props: Vec<_> = all_props(ty)
                 .into_iter()
                 .filter(|p| p.name != "type")

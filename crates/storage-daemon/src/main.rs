@@ -23,7 +23,9 @@ fn main() -> ExitCode {
     let options = match parse_args(argv.get(1..).unwrap_or(&[])) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("{prog}: {e}");
+            // getopt names the program as it was invoked.
+            let invoked = argv.first().map_or(prog.as_str(), String::as_str);
+            eprintln!("{invoked}: {e}");
             return ExitCode::FAILURE;
         }
     };

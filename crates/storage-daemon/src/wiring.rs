@@ -25,8 +25,23 @@ pub(crate) enum Startup {
 /// Start-up failed on an option: the message QEMU would print after the program name.
 pub(crate) struct OptionError(pub(crate) String);
 
-fn located(opt: &CliOption, e: impl std::fmt::Display) -> OptionError {
-    OptionError(format!("{}: {e}", opt.describe()))
+fn located(opt: &CliOption, e: impl Into<CliError>) -> OptionError {
+    OptionError(format!("{}: {}", opt.describe(), e.into().0))
+}
+
+/// An error's text as the command line prints it (with any hint).
+struct CliError(String);
+
+impl From<Error> for CliError {
+    fn from(e: Error) -> Self {
+        CliError(e.cli_text())
+    }
+}
+
+impl From<String> for CliError {
+    fn from(s: String) -> Self {
+        CliError(s)
+    }
 }
 
 /// Checks a keyval or JSON option against a schema type.
@@ -95,7 +110,9 @@ pub(crate) async fn start(
         }
     }
     let pidfile = match pidfile {
-        Some(p) => Some(PidFile::write(&p).map_err(OptionError)?),
+        Some(p) => Some(
+            PidFile::write(&p).map_err(|e| OptionError(format!("cannot create PID file: {e}")))?,
+        ),
         None => None,
     };
     Ok(Startup::Running(pidfile))
@@ -104,14 +121,15 @@ pub(crate) async fn start(
 /// `--monitor`: attaches a QMP monitor to a chardev and serves its connections.
 fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
     if args.opt_str("mode") == Some("readline") {
-        return Err(Error::generic("Only QMP monitors are supported"));
+        return Err(Error::generic("Only QMP is supported"));
     }
     let id = args.str("chardev")?;
     let dev = daemon
         .chardevs
         .get(id)
         .ok_or_else(|| Error::generic(format!("chardev \"{id}\" not found")))?;
-    dev.attach_frontend()?;
+    dev.attach_frontend()
+        .map_err(|_| Error::generic(format!("chardev '{id}' is already in use")))?;
     let monitor = Monitor::new(
         Rc::new(DaemonCommands(daemon.clone())),
         daemon.events.clone(),

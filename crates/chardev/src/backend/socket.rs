@@ -92,11 +92,6 @@ impl Socket {
             .or_else(|| data.opt_i64("reconnect").map(|s| s.saturating_mul(1000)))
             .filter(|&ms| ms > 0)
             .map(|ms| Duration::from_millis(ms as u64));
-        if server && reconnect.is_some() {
-            return Err(Error::generic(
-                "'reconnect-ms' option is incompatible with 'server' option",
-            ));
-        }
         for unsupported in ["tls-creds", "tls-authz"] {
             if data.has(unsupported) {
                 return Err(Error::generic(format!(

@@ -51,7 +51,9 @@ impl ObjectRegistry {
     pub fn add(&self, options: &Args) -> Result<(), Error> {
         let id = options.str("id")?;
         if !ferrite_qapi::id_wellformed(id) {
-            return Err(Error::generic("Parameter 'id' expects an identifier"));
+            return Err(Error::generic("Parameter 'id' expects an identifier").with_hint(
+                "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
+            ));
         }
         if self.objects.borrow().contains_key(id) {
             return Err(Error::generic(format!(

@@ -31,8 +31,12 @@ impl Secret {
             }
             (None, None) => return Err(Error::generic("Either 'file' or 'data' must be provided")),
             (Some(d), None) => d.as_bytes().to_vec(),
+            // The message is glib's (g_file_get_contents), curly quotes included.
             (None, Some(path)) => std::fs::read(path).map_err(|e| {
-                Error::generic(format!("Unable to read {path}: {}", os_msg(&e)))
+                Error::generic(format!(
+                    "Unable to read {path}: Failed to open file \u{201c}{path}\u{201d}: {}",
+                    os_msg(&e)
+                ))
             })?,
         };
         let value = if format == "base64" {

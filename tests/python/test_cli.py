@@ -1,0 +1,174 @@
+"""The command line: errors, help, pid file, daemonize and signals, against qemu-storage-daemon."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import FERRITE, QSD, RawQmp, wait_for
+
+# Option sets that make both programs exit at once; stderr and status must match.
+FAILING = [
+    ["--bogus"],
+    ["--pidfile"],
+    ["stray"],
+    ["-x"],
+    ["--chardev", "nope,id=c"],
+    ["--chardev", "null"],
+    ["--chardev", "null,id=c,bogus=1"],
+    ["--chardev", "null,id=a", "--chardev", "null,id=a"],
+    ["--chardev", "stdio,id=a", "--chardev", "stdio,id=b"],
+    ["--chardev", "ringbuf,id=c,size=3"],
+    ["--chardev", "socket,id=c"],
+    ["--chardev", "socket,id=c,path=/nonexistent/x.sock"],
+    ["--chardev", "socket,id=c,server=maybe,path=/tmp/x"],
+    ["--chardev", "file,id=f,path=/nonexistent/x"],
+    ["--monitor", "nope"],
+    ["--monitor", "chardev=x,id=y", "--chardev", "null,id=x"],
+    ["--chardev", "null,id=x", "--monitor", "x,mode=readline"],
+    ["--chardev", "null,id=x", "--monitor", "x", "--monitor", "x"],
+    ["--chardev", "null,id=x", "--monitor", "x,pretty=maybe"],
+    ["--chardev", "null,id=x", "--monitor", "x,bogus=1"],
+    ["--object", "iothread"],
+    ["--object", "iothread,id=i,poll-max-ns=abc"],
+    ["--object", "iothread,id=i,poll-max-ns=0x10,bogus=1"],
+    ["--object", "iothread,id=i,poll-max-ns.a=1"],
+    ["--object", "throttle-group,id=t,limits.iops-total=abc"],
+    ["--object", "throttle-group,id=t,limits.iops-total=10,limits.iops-read=1"],
+    ["--object", "nope,id=x"],
+    ["--object", "secret,id=s"],
+    ["--object", "secret,id=s,data=x,format=hex"],
+    ["--object", '{"qom-type":"iothread"'],
+    ["--object", '{"qom-type":"iothread","id":"x","poll-max-ns":"1"}'],
+    ["--object", "[1]"],
+    ["--object", "iothread,id=i", "--object", "iothread,id=i"],
+    ["--object", "iothread,id=1i"],
+    ["--object", "iothread,id=i,b"],
+]
+
+
+def run(binary, args, **kw):
+    p = subprocess.run([binary, *args], capture_output=True, timeout=10,
+                       stdin=subprocess.DEVNULL, **kw)
+    prog = os.path.basename(binary)
+    return p.returncode, p.stderr.decode().replace(binary, "PROG").replace(prog, "PROG")
+
+
+@pytest.mark.parametrize("args", FAILING, ids=[" ".join(a)[:50] for a in FAILING])
+def test_startup_errors_match_qsd(args, tmp_path):
+    assert run(FERRITE, args, cwd=tmp_path) == run(QSD, args, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("args", [["--object", "help"], ["--object", "nope,help"],
+                                  ["--object", "iothread,help"],
+                                  ["--object", "throttle-group,help"],
+                                  ["--object", "secret,help"]])
+def test_object_help(args):
+    p = subprocess.run([FERRITE, *args], capture_output=True, timeout=10)
+    q = subprocess.run([QSD, *args], capture_output=True, timeout=10)
+    assert p.returncode == q.returncode == 0
+    ours = p.stdout.decode().splitlines()
+    theirs = q.stdout.decode().splitlines()
+    assert ours[0] == theirs[0]
+    # QSD lists more types than ferrite implements; every line ferrite prints is QSD's too.
+    assert set(ours) <= set(theirs)
+
+
+def test_version_and_help():
+    p = subprocess.run([FERRITE, "-V"], capture_output=True, timeout=10)
+    assert p.returncode == 0
+    assert p.stdout.decode().startswith("ferrite-storage-daemon version 10.0.2 (ferrite ")
+    h = subprocess.run([FERRITE, "--help"], capture_output=True, timeout=10)
+    assert h.returncode == 0 and b"--blockdev" in h.stdout and b"--nbd-server" in h.stdout
+
+
+def test_pidfile_written_locked_and_removed(tmp_path):
+    pid = tmp_path / "pid"
+    sock = str(tmp_path / "q.sock")
+    p = subprocess.Popen([FERRITE, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+                          "--monitor", "c", "--pidfile", str(pid)])
+    try:
+        wait_for(lambda: pid.exists() and pid.read_text().endswith("\n"), what="pid file")
+        assert int(pid.read_text()) == p.pid
+        # A second daemon cannot take the same pid file.
+        second = subprocess.run([FERRITE, "--pidfile", str(pid)], capture_output=True, timeout=10)
+        assert second.returncode == 1
+        assert b"cannot create PID file: Cannot lock pid file: Resource temporarily unavailable" \
+            in second.stderr
+        # The socket exists before the pid file: clients may connect once it is there.
+        c = RawQmp(sock)
+        c.send(b'{"execute":"qmp_capabilities"}')
+        c.recv_msgs(1)
+        assert c.cmd("quit") == {"return": {}}
+        assert p.wait(10) == 0
+        assert not pid.exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_shut_down_cleanly(ferrite, sig):
+    d = ferrite()
+    d.connect()
+    d.proc.send_signal(sig)
+    assert d.proc.wait(10) == 0
+    assert not os.path.exists(d.sock)
+
+
+def test_daemonize_reports_startup(tmp_path):
+    pid = tmp_path / "pid"
+    sock = tmp_path / "q.sock"
+    # A failing start-up: the parent exits 1.
+    bad = subprocess.run([FERRITE, "--daemonize", "--chardev", "nope,id=x"],
+                         capture_output=True, timeout=10)
+    assert bad.returncode == 1
+    assert b"'nope' is not a valid char driver name" in bad.stderr
+    # A good one: the parent exits 0 once the pid file and socket exist.
+    ok = subprocess.run([FERRITE, "--daemonize", "--pidfile", str(pid),
+                         "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+                         "--monitor", "c"], capture_output=True, timeout=10)
+    assert ok.returncode == 0, ok.stderr
+    assert pid.exists() and sock.exists()
+    child = int(pid.read_text())
+    c = RawQmp(str(sock))
+    c.send(b'{"execute":"qmp_capabilities"}')
+    c.recv_msgs(1)
+    c.cmd("quit")
+    wait_for(lambda: not pid.exists(), what="pid file removal")
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(child, 0)
+            time.sleep(0.05)
+
+
+def test_wait_on_blocks_startup_until_a_client_connects(tmp_path):
+    sock = str(tmp_path / "w.sock")
+    pid = tmp_path / "pid"
+    p = subprocess.Popen([FERRITE, "--chardev", f"socket,id=c,path={sock},server=on",
+                          "--monitor", "c", "--pidfile", str(pid)], stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(sock), what="socket")
+        time.sleep(0.3)
+        assert not pid.exists()
+        c = RawQmp(sock)
+        wait_for(pid.exists, what="pid file after the first client")
+        c.send(b'{"execute":"qmp_capabilities"}')
+        assert c.recv_msgs(1) == [{"return": {}}]
+        c.cmd("quit")
+        assert p.wait(10) == 0
+        assert b"waiting for connection on: disconnected:unix:" in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_trace_output_goes_to_stderr_only(tmp_path):
+    p = subprocess.run([FERRITE, "-T", "*", "--chardev", "stdio,id=s", "--monitor", "s"],
+                       input=b'{"execute":"qmp_capabilities"}{"execute":"quit"}',
+                       capture_output=True, timeout=20)
+    assert p.returncode == 0
+    for line in p.stdout.split(b"\r\n"):
+        if line:
+            assert line.startswith(b"{")
