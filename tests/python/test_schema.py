@@ -1,0 +1,93 @@
+"""query-qmp-schema: ferrite's declarations agree with qemu-storage-daemon's, command by command."""
+import json
+
+from conftest import normalize
+
+
+def index(schema):
+    return {e["name"]: e for e in schema}
+
+
+def shape(s, name, depth=0):
+    """A comparable description of a type, with masked names resolved."""
+    e = s.get(name)
+    if e is None or depth > 12:
+        return name
+    mt = e["meta-type"]
+    if mt == "builtin":
+        return name
+    if mt == "array":
+        return ["array", shape(s, e["element-type"], depth + 1)]
+    if mt == "enum":
+        return ["enum", frozenset(m["name"] for m in e["members"])]
+    if mt == "alternate":
+        return ["alternate", [shape(s, m["type"], depth + 1) for m in e["members"]]]
+    members = {m["name"]: ("default" in m, tuple(m.get("features", [])),
+                           shape(s, m["type"], depth + 1)) for m in e["members"]}
+    variants = {v["case"]: shape(s, v["type"], depth + 1) for v in e.get("variants", [])}
+    return ["object", members, e.get("tag"), variants]
+
+
+def compatible(ours, theirs, path):
+    """ours may implement a subset of enum values and union variants; all else must match."""
+    if isinstance(ours, list) and isinstance(theirs, list) and ours and ours[0] == theirs[0]:
+        kind = ours[0]
+        if kind == "enum":
+            assert ours[1] <= theirs[1], (path, ours[1] - theirs[1])
+            return
+        if kind == "array":
+            return compatible(ours[1], theirs[1], path + "[]")
+        if kind == "alternate":
+            assert len(ours[1]) == len(theirs[1]), path
+            for a, b in zip(ours[1], theirs[1]):
+                compatible(a, b, path)
+            return
+        if kind == "object":
+            assert set(ours[1]) == set(theirs[1]), (path, set(ours[1]) ^ set(theirs[1]))
+            for m, (opt, feats, ty) in ours[1].items():
+                assert (opt, feats) == theirs[1][m][:2], (path + "." + m)
+                compatible(ty, theirs[1][m][2], path + "." + m)
+            assert ours[2] == theirs[2], path
+            for case, ty in ours[3].items():
+                assert case in theirs[3], (path, case)
+                compatible(ty, theirs[3][case], f"{path}({case})")
+            return
+    assert ours == theirs, path
+
+
+def test_every_command_matches_qsd(both):
+    qsd, ferrite = both()
+    theirs = index(qsd.connect().cmd("query-qmp-schema")["return"])
+    ours = index(ferrite.connect().cmd("query-qmp-schema")["return"])
+    commands = [e for e in ours.values() if e["meta-type"] == "command"]
+    assert len(commands) >= 20
+    for c in commands:
+        t = theirs[c["name"]]
+        assert t["meta-type"] == "command"
+        assert c.get("features") == t.get("features"), c["name"]
+        assert c.get("allow-oob") == t.get("allow-oob"), c["name"]
+        compatible(shape(ours, c["arg-type"]), shape(theirs, t["arg-type"]), c["name"])
+        compatible(shape(ours, c["ret-type"]), shape(theirs, t["ret-type"]), c["name"] + "->")
+
+
+def test_schema_is_well_formed(ferrite):
+    schema = ferrite().connect().cmd("query-qmp-schema")["return"]
+    names = [e["name"] for e in schema]
+    assert len(names) == len(set(names))
+    known = set(names)
+    for e in schema:
+        for key in ("arg-type", "ret-type", "element-type"):
+            if key in e:
+                assert e[key] in known, (e["name"], key)
+        for m in e.get("members", []):
+            if "type" in m:
+                assert m["type"] in known
+        if e["meta-type"] not in ("command", "event", "builtin") and not e["name"].startswith("["):
+            assert e["name"].isdigit(), e["name"]
+
+
+def test_query_commands_lists_every_schema_command(ferrite):
+    c = ferrite().connect()
+    schema = c.cmd("query-qmp-schema")["return"]
+    listed = {x["name"] for x in c.cmd("query-commands")["return"]}
+    assert listed == {e["name"] for e in schema if e["meta-type"] == "command"}
