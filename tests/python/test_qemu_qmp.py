@@ -25,8 +25,8 @@ def test_qmpclient_session(ferrite):
         assert {"qom-list", "chardev-add", "object-add", "quit"} <= names
         with pytest.raises(ExecuteError) as e:
             await qmp.execute("object-del", {"id": "nope"})
-        assert e.value.error.class_ == "GenericError"
-        assert e.value.error.desc == "object 'nope' not found"
+        assert e.value.error.error.class_ == "GenericError"
+        assert e.value.error.error.desc == "object 'nope' not found"
         await qmp.execute("object-del", {"id": "io0"})
         schema = await qmp.execute("query-qmp-schema")
         assert any(e["name"] == "qom-get" for e in schema)
