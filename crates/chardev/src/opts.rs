@@ -20,9 +20,27 @@ const COMMON_KEYS: &[&str] = &["id", "backend", "logfile", "logappend", "mux"];
 fn keys_for(backend: &str) -> Option<&'static [&'static str]> {
     Some(match backend {
         "socket" => &[
-            "path", "host", "port", "fd", "to", "ipv4", "ipv6", "server", "wait", "delay",
-            "nodelay", "telnet", "tn3270", "websocket", "reconnect", "reconnect-ms",
-            "tls-creds", "tls-authz", "abstract", "tight", "keep-alive",
+            "path",
+            "host",
+            "port",
+            "fd",
+            "to",
+            "ipv4",
+            "ipv6",
+            "server",
+            "wait",
+            "delay",
+            "nodelay",
+            "telnet",
+            "tn3270",
+            "websocket",
+            "reconnect",
+            "reconnect-ms",
+            "tls-creds",
+            "tls-authz",
+            "abstract",
+            "tight",
+            "keep-alive",
         ],
         "file" => &["path", "input-path", "append"],
         "pipe" => &["path"],
@@ -88,7 +106,12 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
         // A bare key is a boolean flag set to on.
         opts.push((k, v.unwrap_or_else(|| "on".into())));
     }
-    let get = |k: &str| opts.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let get = |k: &str| {
+        opts.iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
     let backend = get("backend")
         .ok_or_else(|| Error::generic("Parameter 'backend' is missing"))?
         .to_owned();
@@ -122,15 +145,19 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
         "socket" => {
             let server = get("server").map(|v| parse_bool("server", v)).transpose()?;
             let server = server.unwrap_or(false);
-            wait = server && get("wait").map(|v| parse_bool("wait", v)).transpose()?.unwrap_or(true);
+            wait = server
+                && get("wait")
+                    .map(|v| parse_bool("wait", v))
+                    .transpose()?
+                    .unwrap_or(true);
             let addr = if let Some(path) = get("path") {
                 let mut u = QDict::new().with("path", path);
                 flag(&mut u, "abstract", "abstract")?;
                 flag(&mut u, "tight", "tight")?;
                 QDict::new().with("type", "unix").with("data", u)
             } else if get("host").is_some() || get("port").is_some() {
-                let port = get("port")
-                    .ok_or_else(|| Error::generic("chardev: socket: no port given"))?;
+                let port =
+                    get("port").ok_or_else(|| Error::generic("chardev: socket: no port given"))?;
                 let mut i = QDict::new()
                     .with("host", get("host").unwrap_or(""))
                     .with("port", port);
@@ -174,7 +201,8 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
             }
         }
         "file" => {
-            let path = get("path").ok_or_else(|| Error::generic("chardev: file: no filename given"))?;
+            let path =
+                get("path").ok_or_else(|| Error::generic("chardev: file: no filename given"))?;
             data.insert("out", path);
             if let Some(p) = get("input-path") {
                 data.insert("in", p);
@@ -182,7 +210,8 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
             flag(&mut data, "append", "append")?;
         }
         "pipe" => {
-            let path = get("path").ok_or_else(|| Error::generic("chardev: pipe: no device path given"))?;
+            let path =
+                get("path").ok_or_else(|| Error::generic("chardev: pipe: no device path given"))?;
             data.insert("device", path);
         }
         "stdio" => flag(&mut data, "signal", "signal")?,
@@ -222,7 +251,10 @@ mod tests {
         assert_eq!(e("nope,id=c"), "'nope' is not a valid char driver name");
         assert_eq!(e("null"), "chardev: no id specified");
         assert_eq!(e("null,id=c,bogus=1"), "Invalid parameter 'bogus'");
-        assert_eq!(e("socket,id=c,server=maybe"), "Parameter 'server' expects 'on' or 'off'");
+        assert_eq!(
+            e("socket,id=c,server=maybe"),
+            "Parameter 'server' expects 'on' or 'off'"
+        );
     }
 
     #[test]

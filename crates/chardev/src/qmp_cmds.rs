@@ -17,7 +17,9 @@ fn backend_args(args: &Args) -> Args {
 pub fn qmp_chardev_add(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
     let id = args.str("id")?;
     if reg.get(id).is_some() {
-        return Err(Error::generic(format!("Chardev with id '{id}' already exists")));
+        return Err(Error::generic(format!(
+            "Chardev with id '{id}' already exists"
+        )));
     }
     reg.add(id, &backend_args(args), Origin::Qmp)
         .map_err(|e| e.prepend(format!("Failed to add chardev '{id}': ")))?;

@@ -67,7 +67,11 @@ impl Args {
 
     /// A nested struct member.
     pub fn dict(&self, name: &str) -> Option<Args> {
-        self.0.get(name).and_then(QObject::as_dict).cloned().map(Args)
+        self.0
+            .get(name)
+            .and_then(QObject::as_dict)
+            .cloned()
+            .map(Args)
     }
 
     /// The whole dict.

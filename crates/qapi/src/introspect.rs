@@ -44,7 +44,10 @@ impl Introspector {
         let (name, entry) = match ty {
             TypeRef::Builtin(b) => (b.introspection_name().to_owned(), Entry::Builtin(*b)),
             TypeRef::Named(n) => (self.fresh(), Entry::Named(n.clone())),
-            TypeRef::Array(e) => (format!("[{}]", self.name_of(e)), Entry::Array((**e).clone())),
+            TypeRef::Array(e) => (
+                format!("[{}]", self.name_of(e)),
+                Entry::Array((**e).clone()),
+            ),
         };
         self.names.insert(key, name.clone());
         self.pending.push((name.clone(), entry));
@@ -118,8 +121,10 @@ impl Introspector {
                         })
                         .collect();
                     d.insert("members", members);
-                    let names: Vec<QObject> =
-                        values.iter().map(|v| QObject::from(v.name.as_str())).collect();
+                    let names: Vec<QObject> = values
+                        .iter()
+                        .map(|v| QObject::from(v.name.as_str()))
+                        .collect();
                     d.insert("values", names);
                 }
                 Some(TypeDef::Struct(members)) => {

@@ -243,13 +243,18 @@ impl Visitor<'_> {
     }
 
     fn no_extra(&self, dict: &QDict, visited: &QDict, path: &Path) -> Result<(), Error> {
-        match dict.iter_qemu_order().find(|(k, _)| !visited.contains_key(k)) {
+        match dict
+            .iter_qemu_order()
+            .find(|(k, _)| !visited.contains_key(k))
+        {
             None => Ok(()),
             Some((key, value)) => {
                 let full = Path::Member(path, key).full();
                 // A keyval group (`a.b=1` where `a` takes no members) is reported as a group.
                 if self.mode == Mode::Keyval && value.qtype() == QType::Dict {
-                    Err(Error::generic(format!("Parameters '{full}.*' are unexpected")))
+                    Err(Error::generic(format!(
+                        "Parameters '{full}.*' are unexpected"
+                    )))
                 } else {
                     Err(Error::generic(format!("Parameter '{full}' is unexpected")))
                 }

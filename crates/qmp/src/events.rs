@@ -61,7 +61,9 @@ impl EventBus {
             let text = if outbox.pretty {
                 pretty.get_or_insert_with(|| wire_text(&msg, true)).clone()
             } else {
-                compact.get_or_insert_with(|| wire_text(&msg, false)).clone()
+                compact
+                    .get_or_insert_with(|| wire_text(&msg, false))
+                    .clone()
             };
             outbox.push_event(text);
         }

@@ -35,6 +35,7 @@ pub struct Monitor {
     version: QObject,
     options: MonitorOptions,
     open_sessions: RefCell<Vec<Rc<Outbox>>>,
+    session_closed: Notify,
 }
 
 type Request = Result<QObject, ParseError>;
@@ -76,6 +77,7 @@ impl Monitor {
             version,
             options,
             open_sessions: RefCell::new(Vec::new()),
+            session_closed: Notify::new(),
         })
     }
 
@@ -119,6 +121,16 @@ impl Monitor {
         self.open_sessions
             .borrow_mut()
             .retain(|o| !Rc::ptr_eq(o, &outbox));
+        self.session_closed.notify_waiters();
+    }
+
+    /// Waits until every client has hung up. At exit this gives a client that just read the
+    /// `quit` reply time to close first: clients such as `qemu.qmp` can report a lost reply
+    /// when the end of the stream follows it too closely.
+    pub async fn sessions_closed(&self) {
+        while !self.open_sessions.borrow().is_empty() {
+            self.session_closed.notified().await;
+        }
     }
 
     /// Waits until every open session has written what it has queued (used before exit).
@@ -131,10 +143,6 @@ impl Monitor {
 
     fn send(&self, session: &Session, msg: QObject) {
         session.outbox.push(wire_text(&msg, self.options.pretty));
-    }
-
-    fn queue_limit(&self, session: &Session) -> usize {
-        if session.oob.get() { OOB_QUEUE_LEN } else { 1 }
     }
 
     fn reader_may_read(&self, session: &Session) -> bool {
@@ -157,7 +165,11 @@ impl Monitor {
                 break;
             }
             let n = match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "QMP connection read failed");
+                    break;
+                }
                 Ok(n) => n,
             };
             let mut immediate = Vec::new();
@@ -172,7 +184,6 @@ impl Monitor {
                 }
             }
             session.wake_executor.notify_one();
-            let _ = self.queue_limit(session);
         }
         session.reader_done.set(true);
         session.wake_executor.notify_one();
@@ -221,6 +232,7 @@ impl Monitor {
             ));
         };
         let id = dict.get("id").cloned();
+        tracing::debug!(request = %ferrite_qobject::to_json(&QObject::Dict(dict.clone())), "QMP request");
         let result = self.dispatch(session, &dict).await;
         let rsp = match result {
             Ok(value) => {

@@ -114,7 +114,7 @@ pub fn format_double(d: f64) -> String {
     let sci = format!("{:.*e}", (PRECISION - 1) as usize, d);
     let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
-    if exp < -4 || exp >= PRECISION {
+    if !(-4..PRECISION).contains(&exp) {
         let mantissa = trim_fraction(mantissa);
         let sign = if exp < 0 { '-' } else { '+' };
         format!("{mantissa}e{sign}{:02}", exp.abs())
@@ -139,7 +139,10 @@ mod tests {
     #[test]
     fn doubles_match_printf_17g() {
         assert_eq!(format_double(1000.0), "1000");
-        assert_eq!(format_double(18446744073709551616.0), "1.8446744073709552e+19");
+        assert_eq!(
+            format_double(18446744073709551616.0),
+            "1.8446744073709552e+19"
+        );
         assert_eq!(format_double(0.1), "0.10000000000000001");
         assert_eq!(format_double(1.5e-7), "1.4999999999999999e-07");
         assert_eq!(format_double(-0.0), "-0");

@@ -174,7 +174,10 @@ impl<'a> Parser<'a> {
                         _ => None,
                     };
                 }
-                match cp.filter(|&c| is_valid_codepoint(c)).and_then(char::from_u32) {
+                match cp
+                    .filter(|&c| is_valid_codepoint(c))
+                    .and_then(char::from_u32)
+                {
                     Some(ch) => out.push(ch),
                     None => {
                         let end = i.min(body.len());

@@ -147,17 +147,16 @@ fn on_token(
         }
         _ => {}
     }
-    let result = if kind == TokenKind::TooBig
-        || p.text.len() + text.len() + 1 > limits.max_message_bytes
-    {
-        Some(Err(ParseError::limit("token size")))
-    } else if p.tokens.len() + 1 > limits.max_tokens {
-        Some(Err(ParseError::limit("token count")))
-    } else if p.braces + p.brackets > limits.max_nesting as i64 {
-        Some(Err(ParseError::limit("nesting depth")))
-    } else {
-        None
-    };
+    let result =
+        if kind == TokenKind::TooBig || p.text.len() + text.len() + 1 > limits.max_message_bytes {
+            Some(Err(ParseError::limit("token size")))
+        } else if p.tokens.len() + 1 > limits.max_tokens {
+            Some(Err(ParseError::limit("token count")))
+        } else if p.braces + p.brackets > limits.max_nesting as i64 {
+            Some(Err(ParseError::limit("nesting depth")))
+        } else {
+            None
+        };
     if let Some(err) = result {
         return reset_with(p, err, emit);
     }

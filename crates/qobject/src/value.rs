@@ -249,11 +249,9 @@ impl QDict {
             .map(|(i, k)| (qdict_bucket(k), i))
             .collect();
         order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        order.into_iter().filter_map(move |(_, i)| {
-            self.entries
-                .get_index(i)
-                .map(|(k, v)| (k.as_str(), v))
-        })
+        order
+            .into_iter()
+            .filter_map(move |(_, i)| self.entries.get_index(i).map(|(k, v)| (k.as_str(), v)))
     }
 }
 

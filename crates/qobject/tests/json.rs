@@ -6,7 +6,9 @@ use proptest::prelude::*;
 fn parse_all(bytes: &[u8]) -> Vec<Result<String, String>> {
     let mut s = JsonStreamer::new();
     let mut out = Vec::new();
-    s.feed(bytes, |r| out.push(r.map(|v| to_json(&v)).map_err(|e| e.to_string())));
+    s.feed(bytes, |r| {
+        out.push(r.map(|v| to_json(&v)).map_err(|e| e.to_string()))
+    });
     out
 }
 
@@ -33,11 +35,23 @@ fn errors_match_qemu_texts() {
         (b"{\"a\" 1}", "JSON parse error, missing : in object pair"),
         (b"{1:2}", "JSON parse error, key is not a string in object"),
         (b"[1 2]", "JSON parse error, expected separator in list"),
-        (b"{\"a\":1 \"b\"}", "JSON parse error, expected separator in dict"),
+        (
+            b"{\"a\":1 \"b\"}",
+            "JSON parse error, expected separator in dict",
+        ),
         (b"[nul]", "JSON parse error, invalid keyword 'nul'"),
-        (b"[\"\\x\"]", "JSON parse error, invalid escape sequence in string"),
-        (b"[\"\\uD800\"]", "JSON parse error, \\uD800 is not a valid Unicode character"),
-        (b"[\"\xc3\x28\"]", "JSON parse error, invalid UTF-8 sequence in string"),
+        (
+            b"[\"\\x\"]",
+            "JSON parse error, invalid escape sequence in string",
+        ),
+        (
+            b"[\"\\uD800\"]",
+            "JSON parse error, \\uD800 is not a valid Unicode character",
+        ),
+        (
+            b"[\"\xc3\x28\"]",
+            "JSON parse error, invalid UTF-8 sequence in string",
+        ),
     ];
     for (input, want) in cases {
         let r = parse_all(input);
@@ -47,13 +61,22 @@ fn errors_match_qemu_texts() {
 
 #[test]
 fn numbers_keep_their_kind() {
-    assert_eq!(from_json("9223372036854775807").unwrap(), QObject::Int(i64::MAX));
-    assert_eq!(from_json("9223372036854775808").unwrap(), QObject::UInt(1 << 63));
+    assert_eq!(
+        from_json("9223372036854775807").unwrap(),
+        QObject::Int(i64::MAX)
+    );
+    assert_eq!(
+        from_json("9223372036854775808").unwrap(),
+        QObject::UInt(1 << 63)
+    );
     assert_eq!(
         from_json("18446744073709551616").unwrap(),
         QObject::Double(18446744073709551616.0)
     );
-    assert_eq!(from_json("-9223372036854775809").unwrap(), QObject::Double(-9223372036854775808.0));
+    assert_eq!(
+        from_json("-9223372036854775809").unwrap(),
+        QObject::Double(-9223372036854775808.0)
+    );
     assert_eq!(from_json("1e3").unwrap(), QObject::Double(1000.0));
 }
 
@@ -79,7 +102,9 @@ fn size_and_count_limits_hold() {
     s.feed(big.as_bytes(), |r| out.push(r.map_err(|e| e.to_string())));
     assert_eq!(out[0], Err("JSON token size limit exceeded".into()));
     out.clear();
-    s.feed(b"\x01[1,2,3,4,5,6,7,8]", |r| out.push(r.map_err(|e| e.to_string())));
+    s.feed(b"\x01[1,2,3,4,5,6,7,8]", |r| {
+        out.push(r.map_err(|e| e.to_string()))
+    });
     assert!(out.contains(&Err("JSON token count limit exceeded".into())));
 }
 
@@ -109,7 +134,10 @@ fn arb_qobject() -> impl Strategy<Value = QObject> {
 fn canon(v: &QObject) -> String {
     match v {
         QObject::Dict(d) => {
-            let mut members: Vec<_> = d.iter().map(|(k, v)| format!("{k:?}:{}", canon(v))).collect();
+            let mut members: Vec<_> = d
+                .iter()
+                .map(|(k, v)| format!("{k:?}:{}", canon(v)))
+                .collect();
             members.sort();
             format!("{{{}}}", members.join(","))
         }

@@ -14,6 +14,10 @@ mod objects;
 pub mod qmp_cmds;
 mod types;
 
-pub use node::{Container, PropInfo, QomNode, resolve_path};
-pub use objects::{ObjectRegistry, UserObject, secret::Secret, throttle::{Bucket, ThrottleConfig, ThrottleGroup}};
+pub use node::{Children, Container, PropInfo, QomNode, resolve_path};
+pub use objects::{
+    ObjectRegistry, UserObject,
+    secret::Secret,
+    throttle::{Bucket, ThrottleConfig, ThrottleGroup},
+};
 pub use types::{TypeInfo, find_type, type_list};

@@ -22,7 +22,7 @@ pub trait QomNode {
     fn type_name(&self) -> String;
 
     /// Its children, by name.
-    fn children(&self) -> Vec<(String, Rc<dyn QomNode>)> {
+    fn children(&self) -> Children {
         Vec::new()
     }
 
@@ -37,15 +37,18 @@ pub trait QomNode {
     }
 }
 
+/// A node's children, by name.
+pub type Children = Vec<(String, Rc<dyn QomNode>)>;
+
 /// A node whose children are given by a function (the daemon's view of some registry).
 pub struct Container {
-    children: RefCell<Vec<(String, Rc<dyn QomNode>)>>,
-    dynamic: Option<Box<dyn Fn() -> Vec<(String, Rc<dyn QomNode>)>>>,
+    children: RefCell<Children>,
+    dynamic: Option<Box<dyn Fn() -> Children>>,
 }
 
 impl Container {
     /// A container with fixed children.
-    pub fn new(children: Vec<(String, Rc<dyn QomNode>)>) -> Self {
+    pub fn new(children: Children) -> Self {
         Container {
             children: RefCell::new(children),
             dynamic: None,
@@ -53,7 +56,7 @@ impl Container {
     }
 
     /// A container whose children are listed afresh on every look-up.
-    pub fn dynamic(f: impl Fn() -> Vec<(String, Rc<dyn QomNode>)> + 'static) -> Self {
+    pub fn dynamic(f: impl Fn() -> Children + 'static) -> Self {
         Container {
             children: RefCell::new(Vec::new()),
             dynamic: Some(Box::new(f)),
@@ -66,7 +69,7 @@ impl QomNode for Container {
         "container".into()
     }
 
-    fn children(&self) -> Vec<(String, Rc<dyn QomNode>)> {
+    fn children(&self) -> Children {
         match &self.dynamic {
             Some(f) => f(),
             None => self.children.borrow().clone(),
@@ -75,7 +78,10 @@ impl QomNode for Container {
 }
 
 fn not_found(path: &str) -> Error {
-    Error::new(ErrorClass::DeviceNotFound, format!("Device '{path}' not found"))
+    Error::new(
+        ErrorClass::DeviceNotFound,
+        format!("Device '{path}' not found"),
+    )
 }
 
 /// Resolves an absolute path (`/objects/tg0`) or a partial one (`tg0`, matched by its end

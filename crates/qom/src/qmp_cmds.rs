@@ -18,7 +18,10 @@ fn prop_entry(name: &str, ty: &str) -> QObject {
 pub fn qmp_qom_list(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, Error> {
     let node = resolve_path(root, args.str("path")?)?;
     let mut out: Vec<QObject> = match find_type(&node.type_name()) {
-        Some(t) => all_props(t).iter().map(|p| prop_entry(p.name, p.ty)).collect(),
+        Some(t) => all_props(t)
+            .iter()
+            .map(|p| prop_entry(p.name, p.ty))
+            .collect(),
         None => vec![prop_entry("type", "string")],
     };
     for (name, child) in node.children() {
@@ -54,7 +57,9 @@ pub fn qmp_qom_set(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, Error
     let name = args.str("property")?;
     let value = args.get("value").cloned().unwrap_or(QObject::Null);
     if name == "type" {
-        return Err(Error::generic("Insufficient permission to perform this operation"));
+        return Err(Error::generic(
+            "Insufficient permission to perform this operation",
+        ));
     }
     node.set(name, &value)
         .unwrap_or_else(|| Err(prop_not_found(node.as_ref(), name)))?;
@@ -84,7 +89,10 @@ pub fn qmp_qom_list_types(args: &Args) -> QObject {
 pub fn qmp_qom_list_properties(args: &Args) -> Result<QObject, Error> {
     let name = args.str("typename")?;
     let ty = find_type(name).ok_or_else(|| {
-        Error::new(ErrorClass::DeviceNotFound, format!("Class '{name}' not found"))
+        Error::new(
+            ErrorClass::DeviceNotFound,
+            format!("Class '{name}' not found"),
+        )
     })?;
     Ok(all_props(ty)
         .iter()

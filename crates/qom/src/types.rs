@@ -66,12 +66,36 @@ static TYPES: &[TypeInfo] = &[
     t("interface", None, true, &[], &[]),
     t("user-creatable", Some("interface"), true, &[], &[]),
     t("container", Some("object"), false, &[], &[]),
-    t("event-loop-base", Some("object"), true, UC, EVENT_LOOP_PROPS),
-    t("iothread", Some("event-loop-base"), false, &[], IOTHREAD_PROPS),
+    t(
+        "event-loop-base",
+        Some("object"),
+        true,
+        UC,
+        EVENT_LOOP_PROPS,
+    ),
+    t(
+        "iothread",
+        Some("event-loop-base"),
+        false,
+        &[],
+        IOTHREAD_PROPS,
+    ),
     t("main-loop", Some("event-loop-base"), false, &[], &[]),
-    t("secret_common", Some("object"), true, UC, SECRET_COMMON_PROPS),
+    t(
+        "secret_common",
+        Some("object"),
+        true,
+        UC,
+        SECRET_COMMON_PROPS,
+    ),
     t("secret", Some("secret_common"), false, &[], SECRET_PROPS),
-    t("throttle-group", Some("object"), false, UC, crate::objects::throttle::PROPS),
+    t(
+        "throttle-group",
+        Some("object"),
+        false,
+        UC,
+        crate::objects::throttle::PROPS,
+    ),
     t("chardev", Some("object"), true, &[], &[]),
     t("chardev-fd", Some("chardev"), true, &[], &[]),
     t("chardev-file", Some("chardev-fd"), false, &[], &[]),
@@ -116,7 +140,10 @@ pub(crate) fn all_props(ty: &TypeInfo) -> Vec<PropInfo> {
 }
 
 /// The types `qom-list-types` lists.
-pub fn type_list(implements_filter: Option<&str>, include_abstract: bool) -> Vec<&'static TypeInfo> {
+pub fn type_list(
+    implements_filter: Option<&str>,
+    include_abstract: bool,
+) -> Vec<&'static TypeInfo> {
     TYPES
         .iter()
         .filter(|t| t.name != "interface" && t.name != "user-creatable")

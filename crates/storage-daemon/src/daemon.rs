@@ -44,7 +44,10 @@ impl Daemon {
         let objects = Rc::new(ObjectRegistry::new());
         let chardev_view = chardevs.clone();
         let root: Rc<dyn QomNode> = Rc::new(Container::new(vec![
-            ("backend".into(), Rc::new(Container::new(Vec::new())) as Rc<dyn QomNode>),
+            (
+                "backend".into(),
+                Rc::new(Container::new(Vec::new())) as Rc<dyn QomNode>,
+            ),
             ("objects".into(), objects.clone() as Rc<dyn QomNode>),
             (
                 "chardevs".into(),
@@ -53,7 +56,10 @@ impl Daemon {
                         .all()
                         .into_iter()
                         .map(|c| {
-                            (c.id().to_owned(), Rc::new(ChardevNode(c)) as Rc<dyn QomNode>)
+                            (
+                                c.id().to_owned(),
+                                Rc::new(ChardevNode(c)) as Rc<dyn QomNode>,
+                            )
                         })
                         .collect()
                 })) as Rc<dyn QomNode>,

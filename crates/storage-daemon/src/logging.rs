@@ -27,8 +27,9 @@ fn directives(traces: &[String]) -> Result<(Vec<String>, Option<String>), String
                 "enable" => out.push(v.to_owned()),
                 "file" => file = Some(v.to_owned()),
                 "events" => {
-                    let text = std::fs::read_to_string(v)
-                        .map_err(|e| format!("could not read '{v}': {}", ferrite_qapi::os_msg(&e)))?;
+                    let text = std::fs::read_to_string(v).map_err(|e| {
+                        format!("could not read '{v}': {}", ferrite_qapi::os_msg(&e))
+                    })?;
                     out.extend(
                         text.lines()
                             .map(str::trim)
@@ -70,7 +71,9 @@ pub(crate) fn init(traces: &[String]) -> Result<(), String> {
             .map_err(|e| format!("invalid trace pattern '{d}': {e}"))?;
         filter = filter.add_directive(directive);
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     match file {
         Some(path) => {
             let f = OpenOptions::new()

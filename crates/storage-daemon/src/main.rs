@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
+    let code = local.block_on(&runtime, async move {
         let daemon = daemon::Daemon::new();
         match wiring::start(&daemon, &options, &prog).await {
             Ok(wiring::Startup::Exit) => ExitCode::SUCCESS,
@@ -88,5 +88,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // A stdio monitor leaves a blocking read of stdin in flight; do not wait for it.
+    drop(local);
+    runtime.shutdown_background();
+    code
 }

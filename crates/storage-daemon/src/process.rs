@@ -42,7 +42,7 @@ impl PidFile {
                 continue;
             }
             file.set_len(0).map_err(|e| err("Failed to truncate", e))?;
-            write!(file, "{}\n", std::process::id()).map_err(|e| err("Failed to write", e))?;
+            writeln!(file, "{}", std::process::id()).map_err(|e| err("Failed to write", e))?;
             return Ok(PidFile {
                 path: path.to_owned(),
                 _file: file,
@@ -68,11 +68,15 @@ pub(crate) fn daemonize() -> DaemonizeHandle {
     let mut fds = [0i32; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe(2) to fill.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        eprintln!("failed to create a pipe: {}", std::io::Error::last_os_error());
+        eprintln!(
+            "failed to create a pipe: {}",
+            std::io::Error::last_os_error()
+        );
         std::process::exit(1);
     }
     // SAFETY: pipe(2) succeeded, so both descriptors are open and owned by nobody else.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: called from main before the runtime or any other thread exists, so the child
     // is a complete copy of a single-threaded process.
     match unsafe { libc::fork() } {

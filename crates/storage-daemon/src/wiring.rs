@@ -46,8 +46,18 @@ impl From<String> for CliError {
 
 /// Checks a keyval or JSON option against a schema type.
 fn checked(parsed: &keyval::Parsed, type_name: &str) -> Result<Args, Error> {
-    let mode = if parsed.json { Mode::Strict } else { Mode::Keyval };
-    check_object(schema(), type_name, &QObject::Dict(parsed.value.clone()), mode).map(Args::new)
+    let mode = if parsed.json {
+        Mode::Strict
+    } else {
+        Mode::Keyval
+    };
+    check_object(
+        schema(),
+        type_name,
+        &QObject::Dict(parsed.value.clone()),
+        mode,
+    )
+    .map(Args::new)
 }
 
 /// Processes the options in order (QEMU's `process_options`), then writes the pid file.
@@ -92,7 +102,8 @@ pub(crate) async fn start(
                 let parsed = keyval::parse(text, Some("qom-type")).map_err(|e| located(opt, e))?;
                 if parsed.help {
                     let ty = parsed.value.get("qom-type").and_then(QObject::as_str);
-                    let text = ferrite_qom::qmp_cmds::object_help(ty).map_err(|e| located(opt, e))?;
+                    let text =
+                        ferrite_qom::qmp_cmds::object_help(ty).map_err(|e| located(opt, e))?;
                     print!("{text}");
                     return Ok(Startup::Exit);
                 }
@@ -104,7 +115,10 @@ pub(crate) async fn start(
                 keyval::parse(text, None).map_err(|e| located(opt, e))?;
                 let name = opt.describe();
                 let name = name.split(' ').next().unwrap_or_default();
-                return Err(located(opt, format!("{name} is not supported by ferrite yet")));
+                return Err(located(
+                    opt,
+                    format!("{name} is not supported by ferrite yet"),
+                ));
             }
             CliOption::Pidfile(path) => pidfile = Some(PathBuf::from(path)),
         }
@@ -166,6 +180,12 @@ pub(crate) async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), flush).await;
+    let hang_ups = async {
+        for m in &monitors {
+            m.sessions_closed().await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), hang_ups).await;
     daemon.chardevs.close_all();
     drop(pidfile);
 }

@@ -100,10 +100,7 @@ impl FileBackend {
     pub(crate) fn accept(&self) -> Option<Connection> {
         let (input, out) = self.io.borrow_mut().take()?;
         let (reader, writer): (Reader, Writer) = match self.kind {
-            Kind::Stdio => (
-                Box::pin(tokio::io::stdin()),
-                Box::pin(tokio::io::stdout()),
-            ),
+            Kind::Stdio => (Box::pin(tokio::io::stdin()), Box::pin(tokio::io::stdout())),
             Kind::File | Kind::Pipe => (
                 match input {
                     Some(f) => Box::pin(tokio::fs::File::from_std(f)),

@@ -53,7 +53,11 @@ impl Backend {
             }
             "null" => Backend::Null,
             "ringbuf" | "memory" => Backend::Ring(Ring::new(&data, kind == "memory")?),
-            other => return Err(Error::generic(format!("'{other}' is not a valid char driver name"))),
+            other => {
+                return Err(Error::generic(format!(
+                    "'{other}' is not a valid char driver name"
+                )));
+            }
         })
     }
 

@@ -1,7 +1,7 @@
 //! `socket`: listen on or connect to a unix or TCP address, or use an inherited socket fd.
 
-use super::log::LogFile;
 use super::Connection;
+use super::log::LogFile;
 use crate::registry::Origin;
 use ferrite_qapi::{Args, Error, os_msg};
 use std::cell::{Cell, RefCell};
@@ -13,8 +13,15 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 /// Where the socket is, as the user gave it.
 #[derive(Clone)]
 enum Addr {
-    Unix { path: String, abstract_ns: bool },
-    Inet { host: String, port: String, nodelay: bool },
+    Unix {
+        path: String,
+        abstract_ns: bool,
+    },
+    Inet {
+        host: String,
+        port: String,
+        nodelay: bool,
+    },
     Fd(String),
 }
 
@@ -207,7 +214,9 @@ impl Socket {
         let bad = || Error::generic(format!("File descriptor '{fd}' is not a socket"));
         // SAFETY: F_GETFD only reads the descriptor's flags; an invalid number fails with EBADF.
         if num < 0 || unsafe { libc::fcntl(num, libc::F_GETFD) } < 0 {
-            return Err(Error::generic(format!("File descriptor '{fd}' is not open")));
+            return Err(Error::generic(format!(
+                "File descriptor '{fd}' is not open"
+            )));
         }
         let family = socket_family(num).ok_or_else(bad)?;
         // SAFETY: the descriptor is open (checked above), is a socket (getsockname succeeded)
@@ -345,7 +354,11 @@ fn tcp_desc(s: &TcpStream, server: bool) -> String {
         Err(_) => "?".to_owned(),
     };
     let server = if server { ",server=on" } else { "" };
-    format!("tcp:{}{server} <-> {}", fmt(s.local_addr()), fmt(s.peer_addr()))
+    format!(
+        "tcp:{}{server} <-> {}",
+        fmt(s.local_addr()),
+        fmt(s.peer_addr())
+    )
 }
 
 /// The address family of socket `fd`, or `None` if it is not a socket.

@@ -196,7 +196,10 @@ pub struct Schema {
 /// The schema source files, in the order they are read.
 const SOURCES: &[(&str, &str)] = &[
     ("control.qapi", include_str!("../../schema/control.qapi")),
-    ("introspect.qapi", include_str!("../../schema/introspect.qapi")),
+    (
+        "introspect.qapi",
+        include_str!("../../schema/introspect.qapi"),
+    ),
     ("char.qapi", include_str!("../../schema/char.qapi")),
     ("qom.qapi", include_str!("../../schema/qom.qapi")),
 ];

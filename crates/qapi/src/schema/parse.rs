@@ -163,7 +163,8 @@ impl Parser<'_> {
     fn struct_ref_or_inline(&mut self, anon_name: String) -> R<String> {
         if self.peek() == Some(&Tok::Punct('{')) {
             let members = self.members()?;
-            self.schema.add_type(anon_name.clone(), TypeDef::Struct(members))?;
+            self.schema
+                .add_type(anon_name.clone(), TypeDef::Struct(members))?;
             Ok(anon_name)
         } else {
             self.word()

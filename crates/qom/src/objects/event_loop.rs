@@ -13,7 +13,11 @@ pub(crate) struct EventLoop {
     values: RefCell<IndexMap<&'static str, i64>>,
 }
 
-const BASE: &[(&str, i64)] = &[("aio-max-batch", 0), ("thread-pool-min", 0), ("thread-pool-max", 64)];
+const BASE: &[(&str, i64)] = &[
+    ("aio-max-batch", 0),
+    ("thread-pool-min", 0),
+    ("thread-pool-max", 64),
+];
 const IOTHREAD: &[(&str, i64)] = &[("poll-max-ns", 32768), ("poll-grow", 0), ("poll-shrink", 0)];
 
 impl EventLoop {
@@ -40,7 +44,11 @@ impl EventLoop {
 
 impl UserObject for EventLoop {
     fn type_name(&self) -> &'static str {
-        if self.iothread { "iothread" } else { "main-loop" }
+        if self.iothread {
+            "iothread"
+        } else {
+            "main-loop"
+        }
     }
 
     fn get(&self, name: &str) -> Option<Result<QObject, Error>> {

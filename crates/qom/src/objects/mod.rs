@@ -65,10 +65,13 @@ impl ObjectRegistry {
             "secret" => Rc::new(secret::Secret::create(options)?),
             "iothread" => Rc::new(event_loop::EventLoop::create(options, true)),
             "main-loop" => {
-                if self.objects.borrow().values().any(|o| o.type_name() == "main-loop") {
-                    return Err(Error::generic(
-                        "only one main-loop instance allowed",
-                    ));
+                if self
+                    .objects
+                    .borrow()
+                    .values()
+                    .any(|o| o.type_name() == "main-loop")
+                {
+                    return Err(Error::generic("only one main-loop instance allowed"));
                 }
                 Rc::new(event_loop::EventLoop::create(options, false))
             }
@@ -136,11 +139,7 @@ impl QomNode for ObjectRegistry {
 
 /// Checks a value being set on a property against the schema member of the same name in the
 /// object type's properties struct.
-pub(crate) fn check_prop(
-    props_type: &str,
-    name: &str,
-    value: &QObject,
-) -> Result<QObject, Error> {
+pub(crate) fn check_prop(props_type: &str, name: &str, value: &QObject) -> Result<QObject, Error> {
     let schema = ferrite_qapi::schema();
     let member = schema
         .struct_members(props_type)

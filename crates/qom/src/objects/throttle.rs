@@ -40,10 +40,25 @@ macro_rules! prop_list {
 
 /// QOM properties of a throttle group.
 pub(crate) const PROPS: &[PropInfo] = prop_list!(
-    "iops-total", "iops-total-max", "iops-total-max-length", "iops-read", "iops-read-max",
-    "iops-read-max-length", "iops-write", "iops-write-max", "iops-write-max-length",
-    "bps-total", "bps-total-max", "bps-total-max-length", "bps-read", "bps-read-max",
-    "bps-read-max-length", "bps-write", "bps-write-max", "bps-write-max-length", "iops-size"
+    "iops-total",
+    "iops-total-max",
+    "iops-total-max-length",
+    "iops-read",
+    "iops-read-max",
+    "iops-read-max-length",
+    "iops-write",
+    "iops-write-max",
+    "iops-write-max-length",
+    "bps-total",
+    "bps-total-max",
+    "bps-total-max-length",
+    "bps-read",
+    "bps-read-max",
+    "bps-read-max-length",
+    "bps-write",
+    "bps-write-max",
+    "bps-write-max-length",
+    "iops-size"
 );
 
 /// A leaky bucket's settings: average rate, burst rate and burst length in seconds.
@@ -212,15 +227,17 @@ impl UserObject for ThrottleGroup {
 
     fn set(&self, name: &str, value: &QObject) -> Option<Result<(), Error>> {
         if name == "limits" {
-            return Some(check_prop("ThrottleGroupProperties", name, value).and_then(|v| {
-                let mut new = self.config.borrow().clone();
-                if let Some(d) = v.as_dict() {
-                    new.apply(d);
-                }
-                new.validate()?;
-                *self.config.borrow_mut() = new;
-                Ok(())
-            }));
+            return Some(
+                check_prop("ThrottleGroupProperties", name, value).and_then(|v| {
+                    let mut new = self.config.borrow().clone();
+                    if let Some(d) = v.as_dict() {
+                        new.apply(d);
+                    }
+                    new.validate()?;
+                    *self.config.borrow_mut() = new;
+                    Ok(())
+                }),
+            );
         }
         let limit = name.strip_prefix("x-")?;
         ThrottleConfig::index(limit)?;

@@ -18,7 +18,8 @@ pub(crate) struct Parsed {
 fn valid_fragment(f: &str) -> bool {
     !f.is_empty()
         && f.len() <= 128
-        && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && f.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Parses an option's text; `implied` names the key of a leading bare value.
@@ -151,7 +152,11 @@ fn insert(root: &mut QDict, key: &str, value: String) -> Result<(), Error> {
 fn listify(dict: QDict, prefix: &str) -> Result<QDict, Error> {
     let mut out = QDict::new();
     for (k, v) in dict {
-        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         out.insert(k, listify_value(v, &path)?);
     }
     Ok(out)
@@ -221,8 +226,14 @@ mod tests {
     fn help_and_errors() {
         assert!(parse("help", Some("qom-type")).unwrap().help);
         assert!(parse("iothread,help", Some("qom-type")).unwrap().help);
-        assert_eq!(parse("a=1,b", None).unwrap_err().desc, "Expected '=' after parameter 'b'");
-        assert_eq!(parse("a=1,b!=2", None).unwrap_err().desc, "Invalid parameter 'b!'");
+        assert_eq!(
+            parse("a=1,b", None).unwrap_err().desc,
+            "Expected '=' after parameter 'b'"
+        );
+        assert_eq!(
+            parse("a=1,b!=2", None).unwrap_err().desc,
+            "Invalid parameter 'b!'"
+        );
         assert_eq!(
             parse("a=1,a.b=2", None).unwrap_err().desc,
             "Parameters 'a.*' used inconsistently"

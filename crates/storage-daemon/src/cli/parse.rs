@@ -122,8 +122,7 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Vec<CliOption>, String> {
             };
             out.push(make(full, value));
         } else if let Some(short) = arg.strip_prefix('-').filter(|s| !s.is_empty()) {
-            let mut chars = short.char_indices();
-            while let Some((pos, c)) = chars.next() {
+            for (pos, c) in short.char_indices() {
                 match c {
                     'h' => out.push(CliOption::Help),
                     'V' => out.push(CliOption::Version),
@@ -144,7 +143,6 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Vec<CliOption>, String> {
                     other => return Err(format!("invalid option -- '{other}'")),
                 }
             }
-            let _ = chars;
         } else {
             return Err(format!("{arg}: Unexpected argument"));
         }
@@ -176,10 +174,19 @@ mod tests {
 
     #[test]
     fn getopt_errors() {
-        assert_eq!(p(&["--bogus"]).unwrap_err(), "unrecognized option '--bogus'");
-        assert_eq!(p(&["--pidfile"]).unwrap_err(), "option '--pidfile' requires an argument");
+        assert_eq!(
+            p(&["--bogus"]).unwrap_err(),
+            "unrecognized option '--bogus'"
+        );
+        assert_eq!(
+            p(&["--pidfile"]).unwrap_err(),
+            "option '--pidfile' requires an argument"
+        );
         assert_eq!(p(&["stray"]).unwrap_err(), "stray: Unexpected argument");
         assert_eq!(p(&["-x"]).unwrap_err(), "invalid option -- 'x'");
-        assert_eq!(p(&["--pid", "f"]).unwrap(), vec![CliOption::Pidfile("f".into())]);
+        assert_eq!(
+            p(&["--pid", "f"]).unwrap(),
+            vec![CliOption::Pidfile("f".into())]
+        );
     }
 }

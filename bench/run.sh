@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Runs every benchmark against ferrite and qemu-storage-daemon in the same run; prints ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked -q
+python3 bench/qmp.py
