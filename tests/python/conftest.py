@@ -144,14 +144,20 @@ def normalize(text):
     return text
 
 
-@pytest.fixture
-def ferrite(tmp_path):
+def _daemons(binary, prefix, tmp_path):
+    """A starter for daemons of one program; stops them all at the end of the test."""
     daemons = []
 
     def start(extra=(), monitor_opts=""):
-        d = Daemon(FERRITE, tmp_path / f"ferrite{len(daemons)}", extra, monitor_opts)
+        d = Daemon(binary, tmp_path / f"{prefix}{len(daemons)}", extra, monitor_opts)
         daemons.append(d)
         return d
+    return start, daemons
+
+
+@pytest.fixture
+def ferrite(tmp_path):
+    start, daemons = _daemons(FERRITE, "ferrite", tmp_path)
     yield start
     for d in daemons:
         d.stop()
@@ -159,12 +165,7 @@ def ferrite(tmp_path):
 
 @pytest.fixture
 def qsd(tmp_path):
-    daemons = []
-
-    def start(extra=(), monitor_opts=""):
-        d = Daemon(QSD, tmp_path / f"qsd{len(daemons)}", extra, monitor_opts)
-        daemons.append(d)
-        return d
+    start, daemons = _daemons(QSD, "qsd", tmp_path)
     yield start
     for d in daemons:
         d.stop()

@@ -166,7 +166,7 @@ impl Lexer {
     }
 
     /// Feeds one byte; finished tokens go to `sink`.
-    pub(crate) fn feed(&mut self, b: u8, sink: &mut impl FnMut(TokenKind, &[u8])) {
+    pub(crate) fn feed(&mut self, b: u8, sink: &mut dyn FnMut(TokenKind, &[u8])) {
         loop {
             match Self::step(self.state, b) {
                 Step::Take(next) => {
@@ -203,14 +203,14 @@ impl Lexer {
         }
     }
 
-    fn emit(&mut self, kind: TokenKind, sink: &mut impl FnMut(TokenKind, &[u8])) {
+    fn emit(&mut self, kind: TokenKind, sink: &mut dyn FnMut(TokenKind, &[u8])) {
         sink(kind, &self.token);
         self.token.clear();
         self.state = State::Start;
     }
 
     /// End of input: a number or keyword still open is finished (a string is not).
-    pub(crate) fn finish(&mut self, sink: &mut impl FnMut(TokenKind, &[u8])) {
+    pub(crate) fn finish(&mut self, sink: &mut dyn FnMut(TokenKind, &[u8])) {
         let kind = match self.state {
             State::Zero | State::Digits => Some(TokenKind::Integer),
             State::MantissaDigits | State::ExpDigits => Some(TokenKind::Float),

@@ -100,27 +100,34 @@ impl JsonStreamer {
     }
 
     /// Feeds bytes; each complete top-level value, or error, is passed to `emit` in order.
-    pub fn feed(&mut self, bytes: &[u8], mut emit: impl FnMut(Result<QObject, ParseError>)) {
+    pub fn feed(&mut self, bytes: &[u8], emit: impl FnMut(Result<QObject, ParseError>)) {
+        self.lex(emit, |lexer, sink| {
+            for &b in bytes {
+                lexer.feed(b, sink);
+            }
+        });
+    }
+
+    /// Runs the lexer with a sink that turns tokens into messages for `emit`.
+    fn lex<E: FnMut(Result<QObject, ParseError>)>(
+        &mut self,
+        mut emit: E,
+        drive: impl FnOnce(&mut Lexer, &mut dyn FnMut(TokenKind, &[u8])),
+    ) -> E {
         let JsonStreamer {
             lexer,
             pending,
             limits,
         } = self;
         let mut sink = |kind, text: &[u8]| on_token(pending, limits, kind, text, &mut emit);
-        for &b in bytes {
-            lexer.feed(b, &mut sink);
-        }
+        drive(lexer, &mut sink);
+        emit
     }
 
     /// End of input: finishes a pending number or keyword and parses what is pending.
-    pub fn finish(&mut self, mut emit: impl FnMut(Result<QObject, ParseError>)) {
-        let JsonStreamer {
-            lexer,
-            pending,
-            limits,
-        } = self;
-        let mut sink = |kind, text: &[u8]| on_token(pending, limits, kind, text, &mut emit);
-        lexer.finish(&mut sink);
+    pub fn finish(&mut self, emit: impl FnMut(Result<QObject, ParseError>)) {
+        let mut emit = self.lex(emit, |lexer, sink| lexer.finish(sink));
+        let pending = &mut self.pending;
         if !pending.tokens.is_empty() {
             let result = parse_tokens(&pending.tokens, &pending.text);
             *pending = Pending::default();

@@ -7,8 +7,21 @@ use ferrite_qobject::{QDict, QObject};
 use std::any::Any;
 use std::cell::RefCell;
 
-/// The limit names, in `ThrottleLimits` order; `x-<name>` is the unstable flat property.
-const LIMITS: &[&str] = &[
+/// Declares the limit names once: `LIMITS` in `ThrottleLimits` order, and the QOM properties,
+/// which are `limits` plus an unstable flat `x-<name>` for each.
+macro_rules! limits {
+    ($($name:literal),* $(,)?) => {
+        const LIMITS: &[&str] = &[$($name),*];
+
+        /// QOM properties of a throttle group.
+        pub(crate) const PROPS: &[PropInfo] = &[
+            PropInfo { name: "limits", ty: "ThrottleLimits", description: None },
+            $(PropInfo { name: concat!("x-", $name), ty: "int", description: None }),*
+        ];
+    };
+}
+
+limits!(
     "iops-total",
     "iops-total-max",
     "iops-total-max-length",
@@ -28,38 +41,10 @@ const LIMITS: &[&str] = &[
     "bps-write-max",
     "bps-write-max-length",
     "iops-size",
-];
+);
 
 /// Largest rate QEMU accepts.
 const THROTTLE_VALUE_MAX: i64 = 1_000_000_000_000_000;
-
-macro_rules! prop_list {
-    ($($n:literal),*) => { &[PropInfo { name: "limits", ty: "ThrottleLimits", description: None },
-        $(PropInfo { name: concat!("x-", $n), ty: "int", description: None }),*] };
-}
-
-/// QOM properties of a throttle group.
-pub(crate) const PROPS: &[PropInfo] = prop_list!(
-    "iops-total",
-    "iops-total-max",
-    "iops-total-max-length",
-    "iops-read",
-    "iops-read-max",
-    "iops-read-max-length",
-    "iops-write",
-    "iops-write-max",
-    "iops-write-max-length",
-    "bps-total",
-    "bps-total-max",
-    "bps-total-max-length",
-    "bps-read",
-    "bps-read-max",
-    "bps-read-max-length",
-    "bps-write",
-    "bps-write-max",
-    "bps-write-max-length",
-    "iops-size"
-);
 
 /// A leaky bucket's settings: average rate, burst rate and burst length in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,12 +60,12 @@ pub struct Bucket {
 /// A throttle group's limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThrottleConfig {
-    values: [i64; 19],
+    values: [i64; LIMITS.len()],
 }
 
 impl Default for ThrottleConfig {
     fn default() -> Self {
-        let mut values = [0; 19];
+        let mut values = [0; LIMITS.len()];
         for (i, name) in LIMITS.iter().enumerate() {
             if name.ends_with("-max-length") {
                 values[i] = 1;
