@@ -1,0 +1,111 @@
+//! The driver interface: what a node's driver does for reads, writes and the rest.
+
+use crate::node::Node;
+use crate::perm::Perm;
+use ferrite_qobject::QDict;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+/// A boxed future borrowing the driver and its node.
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + 'a>>;
+
+bitflags::bitflags! {
+    /// Flags on a request (QEMU: `BdrvRequestFlags`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct ReqFlags: u32 {
+        /// Force unit access: the data is durable when the request completes.
+        const FUA = 0x1;
+        /// A write-zeroes request may deallocate the range.
+        const MAY_UNMAP = 0x2;
+        /// A write-zeroes request must fail rather than be slow (NBD's FAST_ZERO).
+        const NO_FALLBACK = 0x4;
+    }
+}
+
+/// What is at an offset: the status of the extent starting there, and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the extent, at least 1 and at most what was asked.
+    pub len: u64,
+    /// The extent holds data (it is not a hole).
+    pub data: bool,
+    /// The extent reads as zeroes.
+    pub zero: bool,
+    /// Allocated in this node's own layer (vs. left to a backing file below).
+    pub allocated: bool,
+}
+
+/// A driver instance (the state of one open node).
+pub trait Driver {
+    /// The driver name (`file`, `raw`, `null-co`).
+    fn format_name(&self) -> &'static str;
+
+    /// The node's size in bytes.
+    fn len(&self, node: &Node) -> u64;
+
+    /// Reads `len` bytes at `offset` (within bounds).
+    fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>>;
+
+    /// Writes `data` at `offset` (within bounds).
+    fn write<'a>(&'a self, node: &'a Node, offset: u64, data: Vec<u8>, flags: ReqFlags)
+    -> BoxFut<'a, ()>;
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    fn write_zeroes<'a>(&'a self, node: &'a Node, offset: u64, len: u64, flags: ReqFlags)
+    -> BoxFut<'a, ()>;
+
+    /// Deallocates a range if the driver can (contents become unspecified).
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()>;
+
+    /// Makes completed writes durable.
+    fn flush<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()>;
+
+    /// The extent at `offset`, at most `len` long.
+    fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent>;
+
+    /// Changes the size.
+    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()>;
+
+    /// What to ask of child `name` given what this node's users take and share
+    /// (QEMU's `bdrv_child_perm`). The default passes everything through, as filters and raw do.
+    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        (perm, shared)
+    }
+
+    /// Called after the permissions this node's users hold changed (file locking).
+    ///
+    /// # Errors
+    /// The text of the conflict, if the new permissions cannot be had.
+    fn set_perm(&self, _perm: Perm, _shared: Perm) -> Result<(), ferrite_qapi::Error> {
+        Ok(())
+    }
+
+    /// The file name QEMU shows for the node.
+    fn filename(&self, node: &Node) -> String;
+
+    /// Bytes the node occupies on its storage, if known.
+    fn actual_size(&self, _node: &Node) -> Option<u64> {
+        None
+    }
+
+    /// `format-specific` in `ImageInfo`, if any.
+    fn format_specific(&self) -> Option<QDict> {
+        None
+    }
+
+    /// Driver-specific statistics for `query-blockstats`.
+    fn driver_stats(&self) -> Option<QDict> {
+        None
+    }
+
+    /// Whether the driver can make zeroes fast (for NBD_CMD_WRITE_ZEROES with FAST_ZERO).
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
+
+    /// Alignment every request must respect, in bytes.
+    fn request_alignment(&self) -> u64 {
+        1
+    }
+}

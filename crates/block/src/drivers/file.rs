@@ -1,0 +1,263 @@
+//! `file`: a regular file (or block device) through the I/O backend.
+
+use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
+use crate::io::{Fallocate, IoBackend, seek};
+use crate::node::Node;
+use crate::perm::Perm;
+use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qobject::QDict;
+use std::cell::Cell;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// An open file.
+pub(crate) struct FileDriver {
+    path: String,
+    file: Arc<File>,
+    io: Rc<dyn IoBackend>,
+    size: Cell<u64>,
+    locking: bool,
+    discard_ok: Cell<u64>,
+    discard_bytes: Cell<u64>,
+    discard_failed: Cell<u64>,
+}
+
+/// How the file is to be opened.
+pub(crate) struct FileOpen<'a> {
+    pub(crate) args: &'a Args,
+    pub(crate) read_only: bool,
+    pub(crate) auto_read_only: bool,
+    pub(crate) direct: bool,
+    pub(crate) io: Rc<dyn IoBackend>,
+}
+
+impl FileDriver {
+    /// Opens the file; returns it and whether it ended up read-only.
+    pub(crate) fn open(o: FileOpen<'_>) -> Result<(FileDriver, bool), Error> {
+        let path = o.args.str("filename")?.to_owned();
+        let locking = !matches!(o.args.opt_str("locking"), Some("off"));
+        let open = |write: bool| {
+            let mut opts = OpenOptions::new();
+            opts.read(true).write(write);
+            if o.direct {
+                opts.custom_flags(libc::O_DIRECT);
+            }
+            opts.open(&path)
+        };
+        let (file, read_only) = match open(!o.read_only) {
+            Ok(f) => (f, o.read_only),
+            Err(e)
+                if !o.read_only
+                    && o.auto_read_only
+                    && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) =>
+            {
+                (open(false).map_err(|e| open_error(&path, &e))?, true)
+            }
+            Err(e) => return Err(open_error(&path, &e)),
+        };
+        // Like QEMU, a node is a whole number of 512-byte sectors; the tail reads as zeroes.
+        let size = file_size(&file)
+            .map_err(|e| open_error(&path, &e))?
+            .next_multiple_of(512);
+        Ok((
+            FileDriver {
+                path,
+                file: Arc::new(file),
+                io: o.io,
+                size: Cell::new(size),
+                locking,
+                discard_ok: Cell::new(0),
+                discard_bytes: Cell::new(0),
+                discard_failed: Cell::new(0),
+            },
+            read_only,
+        ))
+    }
+}
+
+fn open_error(path: &str, e: &io::Error) -> Error {
+    Error::generic(format!("Could not open '{path}': {}", os_msg(e)))
+}
+
+/// The size of a regular file, or of a block device.
+fn file_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        return Ok(meta.len());
+    }
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(io::SeekFrom::End(0))
+}
+
+impl Driver for FileDriver {
+    fn format_name(&self) -> &'static str {
+        "file"
+    }
+
+    fn len(&self, _node: &Node) -> u64 {
+        self.size.get()
+    }
+
+    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        self.io.pread(&self.file, offset, len)
+    }
+
+    fn write<'a>(&'a self, node: &'a Node, offset: u64, data: Vec<u8>, flags: ReqFlags)
+    -> BoxFut<'a, ()> {
+        let w = self.io.pwrite(&self.file, offset, data);
+        Box::pin(async move {
+            w.await?;
+            if flags.contains(ReqFlags::FUA) && !node.cache_no_flush {
+                self.io.fdatasync(&self.file).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn write_zeroes<'a>(&'a self, node: &'a Node, offset: u64, len: u64, flags: ReqFlags)
+    -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let mut done = false;
+            if flags.contains(ReqFlags::MAY_UNMAP) {
+                done = self
+                    .io
+                    .fallocate(&self.file, Fallocate::PunchHole, offset, len)
+                    .await
+                    .is_ok();
+            }
+            if !done {
+                match self.io.fallocate(&self.file, Fallocate::ZeroRange, offset, len).await {
+                    Ok(()) => done = true,
+                    Err(e) if flags.contains(ReqFlags::NO_FALLBACK) => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            if !done {
+                // No fallocate support: write real zeroes, in bounded pieces.
+                let mut off = offset;
+                while off < offset + len {
+                    let n = (offset + len - off).min(1 << 20);
+                    self.io.pwrite(&self.file, off, vec![0u8; n as usize]).await?;
+                    off += n;
+                }
+            }
+            if flags.contains(ReqFlags::FUA) && !node.cache_no_flush {
+                self.io.fdatasync(&self.file).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let r = self
+                .io
+                .fallocate(&self.file, Fallocate::PunchHole, offset, len)
+                .await;
+            match &r {
+                Ok(()) => {
+                    self.discard_ok.set(self.discard_ok.get() + 1);
+                    self.discard_bytes.set(self.discard_bytes.get() + len);
+                }
+                Err(_) => self.discard_failed.set(self.discard_failed.get() + 1),
+            }
+            // Discard is advisory: an unsupported punch is not an error for the caller.
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                other => other,
+            }
+        })
+    }
+
+    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        self.io.fdatasync(&self.file)
+    }
+
+    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        let file = self.file.clone();
+        let size = self.size.get();
+        Box::pin(async move {
+            let ext = crate::io::blocking(move || {
+                let end = (offset + len).min(size);
+                // Where data starts at or after offset; if after, [offset, data) is a hole.
+                match seek(&file, offset, true)? {
+                    Some(d) if d > offset => Ok(Extent {
+                        len: d.min(end) - offset,
+                        data: false,
+                        zero: true,
+                        allocated: false,
+                    }),
+                    None => Ok(Extent {
+                        len: end - offset,
+                        data: false,
+                        zero: true,
+                        allocated: false,
+                    }),
+                    Some(_) => {
+                        let hole = seek(&file, offset, false)?.unwrap_or(end);
+                        Ok(Extent {
+                            len: hole.clamp(offset + 1, end) - offset,
+                            data: true,
+                            zero: false,
+                            allocated: true,
+                        })
+                    }
+                }
+            })
+            .await;
+            // A file system without SEEK_DATA: everything is data.
+            Ok(ext.unwrap_or(Extent {
+                len,
+                data: true,
+                zero: false,
+                allocated: true,
+            }))
+        })
+    }
+
+    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        let file = self.file.clone();
+        Box::pin(async move {
+            crate::io::blocking(move || file.set_len(size)).await?;
+            self.size.set(size.next_multiple_of(512));
+            Ok(())
+        })
+    }
+
+    fn set_perm(&self, perm: Perm, shared: Perm) -> Result<(), Error> {
+        if !self.locking {
+            return Ok(());
+        }
+        super::lock::apply(&self.file, &self.path, perm, shared)
+    }
+
+    fn filename(&self, _node: &Node) -> String {
+        self.path.clone()
+    }
+
+    fn actual_size(&self, _node: &Node) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn format_specific(&self) -> Option<QDict> {
+        Some(QDict::new().with("type", "file").with("data", QDict::new()))
+    }
+
+    fn driver_stats(&self) -> Option<QDict> {
+        Some(
+            QDict::new()
+                .with("driver", "file")
+                .with("discard-nb-ok", self.discard_ok.get())
+                .with("discard-nb-failed", self.discard_failed.get())
+                .with("discard-bytes-ok", self.discard_bytes.get()),
+        )
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,118 @@
+//! `raw`: the bytes of its `file` child, optionally a window of them (`offset`, `size`).
+
+use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
+use crate::node::Node;
+use ferrite_qapi::{Args, Error};
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+
+pub(crate) struct RawDriver {
+    offset: u64,
+    /// A fixed size (`size=`), or `None` to follow the child.
+    size: Cell<Option<u64>>,
+}
+
+impl RawDriver {
+    pub(crate) fn open(args: &Args, file: &Rc<Node>) -> Result<Self, Error> {
+        let offset = args.opt_i64("offset").unwrap_or(0);
+        let offset = u64::try_from(offset)
+            .map_err(|_| Error::generic("offset cannot be negative"))?;
+        let size = match args.opt_i64("size") {
+            Some(s) => Some(u64::try_from(s).map_err(|_| Error::generic("size cannot be negative"))?),
+            None => None,
+        };
+        let file_len = file.len();
+        if offset > file_len {
+            return Err(Error::generic(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({file_len})"
+            )));
+        }
+        let window = size.unwrap_or(0);
+        if offset.saturating_add(window) > file_len {
+            return Err(Error::generic(format!(
+                "The sum of offset ({offset}) and size ({window}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
+            )));
+        }
+        Ok(RawDriver {
+            offset,
+            size: Cell::new(size),
+        })
+    }
+
+    fn file(&self, node: &Node) -> io::Result<Rc<Node>> {
+        node.child("file")
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+    }
+}
+
+impl Driver for RawDriver {
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn len(&self, node: &Node) -> u64 {
+        match self.size.get() {
+            Some(s) => s,
+            None => node
+                .child("file")
+                .map_or(0, |f| f.len().saturating_sub(self.offset)),
+        }
+    }
+
+    fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move { self.file(node)?.read(self.offset + offset, len).await })
+    }
+
+    fn write<'a>(&'a self, node: &'a Node, offset: u64, data: Vec<u8>, flags: ReqFlags)
+    -> BoxFut<'a, ()> {
+        Box::pin(async move { self.file(node)?.write(self.offset + offset, data, flags).await })
+    }
+
+    fn write_zeroes<'a>(&'a self, node: &'a Node, offset: u64, len: u64, flags: ReqFlags)
+    -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.file(node)?
+                .write_zeroes(self.offset + offset, len, flags)
+                .await
+        })
+    }
+
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move { self.file(node)?.discard(self.offset + offset, len).await })
+    }
+
+    fn flush<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move { self.file(node)?.flush().await })
+    }
+
+    fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(async move {
+            let mut e = self.file(node)?.block_status(self.offset + offset, len).await?;
+            // A raw node maps every byte to its file: all of it is "allocated" here.
+            e.allocated = true;
+            Ok(e)
+        })
+    }
+
+    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            if self.size.get().is_some() || self.offset != 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+            }
+            self.file(node)?.truncate(size).await
+        })
+    }
+
+    fn filename(&self, node: &Node) -> String {
+        node.child("file").map(|f| f.driver.filename(&f)).unwrap_or_default()
+    }
+
+    fn actual_size(&self, node: &Node) -> Option<u64> {
+        node.child("file").and_then(|f| f.driver.actual_size(&f))
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,460 @@
+//! The graph: every node by name, opening nodes from `BlockdevOptions`, attaching users with
+//! permission checks, and deleting (QEMU: `block.c`).
+
+use crate::drivers::{file::FileDriver, file::FileOpen, null::NullDriver, raw::RawDriver};
+use crate::io::{IoBackend, ThreadPool, Uring};
+use crate::node::{Child, DetectZeroes, Node, NodeSettings, Parent, Use};
+use crate::perm::Perm;
+use ferrite_qapi::{Args, Error, ErrorClass, id_wellformed};
+use ferrite_qobject::{QDict, QObject};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+/// Where the block layer sends its events (the daemon's event bus).
+pub trait EventSink {
+    /// Emits event `name` with `data`.
+    fn emit(&self, name: &'static str, data: QDict);
+}
+
+/// Longest node name QEMU accepts.
+const MAX_NODE_NAME: usize = 31;
+
+/// A root user's hold on a node (an export, a job, a command's temporary use).
+#[derive(Debug)]
+#[must_use = "release it with Graph::detach"]
+pub struct RootUse {
+    node: Rc<Node>,
+    id: u64,
+}
+
+impl RootUse {
+    /// The node used.
+    pub fn node(&self) -> &Rc<Node> {
+        &self.node
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.name)
+    }
+}
+
+/// The block graph.
+pub struct Graph {
+    /// Nodes in creation order.
+    nodes: RefCell<Vec<Rc<Node>>>,
+    /// Names of nodes created by `blockdev-add` itself (vs. inline children).
+    monitor_owned: RefCell<Vec<String>>,
+    next_auto: Cell<u64>,
+    next_use: Cell<u64>,
+    threads: Rc<dyn IoBackend>,
+    uring: RefCell<Option<Rc<dyn IoBackend>>>,
+    events: Rc<dyn EventSink>,
+}
+
+fn node_not_found(name: &str) -> Error {
+    Error::generic(format!("Cannot find device='{name}' nor node-name='{name}'"))
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new(events: Rc<dyn EventSink>) -> Rc<Graph> {
+        Rc::new(Graph {
+            nodes: RefCell::new(Vec::new()),
+            monitor_owned: RefCell::new(Vec::new()),
+            next_auto: Cell::new(0),
+            next_use: Cell::new(1),
+            threads: Rc::new(ThreadPool),
+            uring: RefCell::new(None),
+            events,
+        })
+    }
+
+    /// A node by name.
+    pub fn find(&self, name: &str) -> Option<Rc<Node>> {
+        self.nodes.borrow().iter().find(|n| n.name == name).cloned()
+    }
+
+    /// Every node, in creation order.
+    pub fn nodes(&self) -> Vec<Rc<Node>> {
+        self.nodes.borrow().clone()
+    }
+
+    /// A node by name, for commands that take a node (`Cannot find device=... nor node-name=...`).
+    ///
+    /// # Errors
+    /// QEMU's "Cannot find device='x' nor node-name='x'".
+    pub fn lookup(&self, name: &str) -> Result<Rc<Node>, Error> {
+        self.find(name).ok_or_else(|| node_not_found(name))
+    }
+
+    fn io_backend(&self, aio: &str) -> Rc<dyn IoBackend> {
+        if aio == "threads" {
+            return self.threads.clone();
+        }
+        if let Some(u) = self.uring.borrow().as_ref() {
+            return u.clone();
+        }
+        match Uring::new() {
+            Ok(u) => {
+                let u: Rc<dyn IoBackend> = Rc::new(u);
+                *self.uring.borrow_mut() = Some(u.clone());
+                u
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring is not available; using the thread pool");
+                self.threads.clone()
+            }
+        }
+    }
+
+    /// `blockdev-add`: opens a node (and any inline children) from checked `BlockdevOptions`.
+    ///
+    /// # Errors
+    /// A missing, malformed or duplicate node name, an unknown child, or the driver failing.
+    pub fn blockdev_add(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+        if opts.opt_str("node-name").is_none() {
+            return Err(Error::generic("'node-name' must be specified for the root node"));
+        }
+        let node = self.open(opts)?;
+        self.monitor_owned.borrow_mut().push(node.name.clone());
+        Ok(node)
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), Error> {
+        if !id_wellformed(name) {
+            return Err(Error::generic(format!("Invalid node-name: '{name}'")));
+        }
+        if name.len() > MAX_NODE_NAME {
+            return Err(Error::generic("Node name too long"));
+        }
+        if self.find(name).is_some() {
+            return Err(Error::generic(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+        Ok(())
+    }
+
+    fn auto_name(&self) -> String {
+        loop {
+            let n = self.next_auto.get();
+            self.next_auto.set(n + 1);
+            let name = format!("#block{n:03}");
+            if self.find(&name).is_none() {
+                return name;
+            }
+        }
+    }
+
+    fn new_use_id(&self) -> u64 {
+        let id = self.next_use.get();
+        self.next_use.set(id + 1);
+        id
+    }
+
+    /// A child given as a node name or as inline options (`BlockdevRef`).
+    fn child_ref(&self, value: &QObject) -> Result<Rc<Node>, Error> {
+        match value {
+            QObject::String(name) => self.lookup(name),
+            QObject::Dict(d) => self.open(&Args::new(d.clone())),
+            _ => Err(Error::generic("Invalid child reference")),
+        }
+    }
+
+    fn open(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+        let name = match opts.opt_str("node-name") {
+            Some(n) => {
+                self.check_name(n)?;
+                n.to_owned()
+            }
+            None => self.auto_name(),
+        };
+        let driver_name = opts.str("driver")?;
+        let cache = opts.dict("cache").unwrap_or_default();
+        let direct = cache.bool_or("direct", false);
+        let mut settings = NodeSettings {
+            read_only: opts.bool_or("read-only", false),
+            detect_zeroes: match opts.opt_str("detect-zeroes") {
+                Some("on") => DetectZeroes::On,
+                Some("unmap") => DetectZeroes::Unmap,
+                _ => DetectZeroes::Off,
+            },
+            discard_unmap: opts.opt_str("discard") == Some("unmap"),
+            cache_direct: direct,
+            cache_no_flush: cache.bool_or("no-flush", false),
+        };
+        if settings.detect_zeroes == DetectZeroes::Unmap && !settings.discard_unmap {
+            return Err(Error::generic(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ));
+        }
+        let mut children = Vec::new();
+        let driver: Box<dyn crate::driver::Driver> = match driver_name {
+            "file" => {
+                let aio = opts.opt_str("aio").unwrap_or("threads");
+                if aio == "native" && !direct {
+                    return Err(Error::generic(
+                        "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+                    ));
+                }
+                let (drv, ro) = FileDriver::open(FileOpen {
+                    args: opts,
+                    read_only: settings.read_only,
+                    auto_read_only: opts.bool_or("auto-read-only", false),
+                    direct,
+                    io: self.io_backend(aio),
+                })?;
+                settings.read_only = ro;
+                Box::new(drv)
+            }
+            "raw" => {
+                let file = self.child_ref(
+                    opts.get("file")
+                        .ok_or_else(|| Error::generic("Parameter 'file' is missing"))?,
+                )?;
+                let drv = RawDriver::open(opts, &file)?;
+                children.push(Child {
+                    name: "file".into(),
+                    node: file,
+                    use_id: self.new_use_id(),
+                });
+                Box::new(drv)
+            }
+            "null-co" | "null-aio" => {
+                let mut json = QDict::new().with("driver", driver_name);
+                if let Some(s) = opts.get("size") {
+                    json.insert("size", s.clone());
+                }
+                if let Some(rz) = opts.get("read-zeroes") {
+                    json.insert("read-zeroes", rz.clone());
+                }
+                Box::new(NullDriver::open(opts, driver_name == "null-aio", &json)?)
+            }
+            other => {
+                return Err(Error::generic(format!(
+                    "Driver '{other}' is not supported by ferrite yet"
+                )));
+            }
+        };
+        let node = Node::new(
+            name,
+            driver,
+            opts.as_dict().clone(),
+            settings,
+            children.clone(),
+        );
+        let write_event = self.events.clone();
+        *node.threshold_hit.borrow_mut() = Some(Box::new(move |n: &Node, exceeded, threshold| {
+            write_event.emit(
+                "BLOCK_WRITE_THRESHOLD",
+                QDict::new()
+                    .with("node-name", n.name())
+                    .with("amount-exceeded", exceeded)
+                    .with("write-threshold", threshold),
+            );
+        }));
+        // Attach the children with what this node (still unused) needs of them.
+        for (i, c) in children.iter().enumerate() {
+            let (perm, shared) = node.driver.child_perm(&c.name, Perm::empty(), Perm::all());
+            let u = Use {
+                id: c.use_id,
+                parent: Parent::Node {
+                    parent: node.name.clone(),
+                    child: c.name.clone(),
+                },
+                perm: Perm::empty(),
+                shared: Perm::all(),
+            };
+            c.node.users.borrow_mut().push(u);
+            if let Err(e) = self.update_use(&c.node, c.use_id, perm, shared) {
+                for c in &children[..=i] {
+                    c.node.users.borrow_mut().retain(|u| u.id != c.use_id);
+                    self.forget_if_orphan(&c.node);
+                }
+                return Err(e);
+            }
+        }
+        self.nodes.borrow_mut().push(node.clone());
+        Ok(node)
+    }
+
+    /// Adds a root user of `node` taking `perm` and sharing `shared`.
+    ///
+    /// # Errors
+    /// A permission conflict anywhere below, or a lock held by another process.
+    pub fn attach(&self, node: &Rc<Node>, desc: &str, perm: Perm, shared: Perm) -> Result<RootUse, Error> {
+        let id = self.new_use_id();
+        node.users.borrow_mut().push(Use {
+            id,
+            parent: Parent::Root(desc.to_owned()),
+            perm: Perm::empty(),
+            shared: Perm::all(),
+        });
+        if let Err(e) = self.update_use(node, id, perm, shared) {
+            node.users.borrow_mut().retain(|u| u.id != id);
+            return Err(e);
+        }
+        Ok(RootUse {
+            node: node.clone(),
+            id,
+        })
+    }
+
+    /// Releases a root user.
+    pub fn detach(&self, root: RootUse) {
+        root.node.users.borrow_mut().retain(|u| u.id != root.id);
+        let _ = self.propagate(&root.node);
+    }
+
+    /// Changes what one use of `node` takes and shares, checking the whole subgraph; on error
+    /// nothing changes.
+    fn update_use(&self, node: &Rc<Node>, id: u64, perm: Perm, shared: Perm) -> Result<(), Error> {
+        let old = {
+            let mut users = node.users.borrow_mut();
+            let Some(u) = users.iter_mut().find(|u| u.id == id) else {
+                return Ok(());
+            };
+            let old = (u.perm, u.shared);
+            u.perm = perm;
+            u.shared = shared;
+            old
+        };
+        let r = self.check_conflicts(node, id).and_then(|()| self.propagate(node));
+        if r.is_err() {
+            if let Some(u) = node.users.borrow_mut().iter_mut().find(|u| u.id == id) {
+                u.perm = old.0;
+                u.shared = old.1;
+            }
+            let _ = self.propagate(node);
+        }
+        r
+    }
+
+    fn check_conflicts(&self, node: &Node, id: u64) -> Result<(), Error> {
+        let users = node.users.borrow();
+        let Some(me) = users.iter().find(|u| u.id == id) else {
+            return Ok(());
+        };
+        if node.read_only.get() && me.perm.intersects(Perm::WRITE | Perm::RESIZE) {
+            return Err(Error::generic("Block node is read-only"));
+        }
+        for other in users.iter().filter(|u| u.id != id) {
+            let (desc, edge) = match &other.parent {
+                Parent::Node { parent, child } => (format!("node '{parent}'"), child.clone()),
+                Parent::Root(d) => (d.clone(), "root".to_owned()),
+            };
+            let denied = me.perm - other.shared;
+            if !denied.is_empty() {
+                return Err(Error::generic(format!(
+                    "Conflicts with use by {desc} as '{edge}', which does not allow '{}' on {}",
+                    denied.first_name(),
+                    node.name
+                )));
+            }
+            let used = other.perm - me.shared;
+            if !used.is_empty() {
+                return Err(Error::generic(format!(
+                    "Conflicts with use by {desc} as '{edge}', which uses '{}' on {}",
+                    used.first_name(),
+                    node.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes a node's cumulative permissions down to its driver (locks) and children.
+    fn propagate(&self, node: &Rc<Node>) -> Result<(), Error> {
+        let (perm, shared) = node.cumulative_perms();
+        node.driver.set_perm(perm, shared)?;
+        for c in node.children() {
+            let (p, s) = node.driver.child_perm(&c.name, perm, shared);
+            self.update_use(&c.node, c.use_id, p, s)?;
+        }
+        Ok(())
+    }
+
+    /// `blockdev-del`.
+    ///
+    /// # Errors
+    /// Unknown node, a node not added by `blockdev-add`, or one still in use.
+    pub fn blockdev_del(&self, name: &str) -> Result<(), Error> {
+        let node = self.find(name).ok_or_else(|| {
+            Error::generic(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        if !self.monitor_owned.borrow().iter().any(|n| n == name) {
+            return Err(Error::generic(format!("Node {name} is not owned by the monitor")));
+        }
+        let users = node.users();
+        if users.iter().any(|u| matches!(u.parent, Parent::Root(_))) {
+            return Err(Error::generic(format!("Node {name} is in use")));
+        }
+        if !users.is_empty() {
+            return Err(Error::generic(format!("Block device {name} is in use")));
+        }
+        self.monitor_owned.borrow_mut().retain(|n| n != name);
+        self.remove(&node);
+        Ok(())
+    }
+
+    /// Takes a node out of the graph, releasing its children (deleting inline ones).
+    fn remove(&self, node: &Rc<Node>) {
+        self.nodes.borrow_mut().retain(|n| !Rc::ptr_eq(n, node));
+        let children = std::mem::take(&mut *node.children.borrow_mut());
+        for c in children {
+            c.node.users.borrow_mut().retain(|u| u.id != c.use_id);
+            let _ = self.propagate(&c.node);
+            self.forget_if_orphan(&c.node);
+        }
+    }
+
+    /// Deletes an implicitly created node that nothing uses any more.
+    fn forget_if_orphan(&self, node: &Rc<Node>) {
+        let owned = self.monitor_owned.borrow().iter().any(|n| *n == node.name);
+        if !owned && node.users.borrow().is_empty() && self.find(&node.name).is_some() {
+            self.remove(node);
+        }
+    }
+
+    /// `block_resize`: takes the resize permission for the duration, drains and truncates.
+    ///
+    /// # Errors
+    /// QEMU's texts for a bad size, a read-only node, a driver that cannot resize, or a
+    /// permission conflict.
+    pub async fn resize(&self, node: &Rc<Node>, size: i64) -> Result<(), Error> {
+        let size = u64::try_from(size)
+            .map_err(|_| Error::generic("Parameter 'size' expects a >0 size"))?;
+        if node.is_read_only() {
+            return Err(Error::generic("Image is read-only"));
+        }
+        let hold = self.attach(node, "block_resize", Perm::RESIZE, Perm::all())?;
+        let drained = node.drain().await;
+        let r = node.truncate(size).await;
+        drop(drained);
+        self.detach(hold);
+        r.map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTSUP) => Error::generic("Image format driver does not support resize"),
+            _ => Error::generic(format!("Could not resize: {}", ferrite_qapi::os_msg(&e))),
+        })
+    }
+
+    /// Flushes every node, parents before children (daemon exit).
+    pub async fn flush_all(&self) {
+        for node in self.nodes().iter().rev() {
+            if let Err(e) = node.flush().await {
+                tracing::warn!(node = node.name(), error = %e, "flush at exit failed");
+            }
+        }
+    }
+
+    /// A `DeviceNotFound`-class lookup, for commands that say "Device 'x' not found".
+    ///
+    /// # Errors
+    /// `GenericError` "Device 'x' not found" (QEMU uses the generic class here).
+    pub fn lookup_device(&self, name: &str) -> Result<Rc<Node>, Error> {
+        self.find(name)
+            .ok_or_else(|| Error::new(ErrorClass::GenericError, format!("Device '{name}' not found")))
+    }
+}

@@ -1,0 +1,408 @@
+//! A node of the block graph and the request path through it (QEMU: `BlockDriverState`,
+//! `block/io.c`).
+
+use crate::driver::{Driver, Extent, ReqFlags};
+use crate::perm::Perm;
+use crate::stats::{IoKind, Stats};
+use ferrite_qobject::QDict;
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::Rc;
+use std::time::Instant;
+use tokio::sync::Notify;
+
+/// What happens to write-zeroes requests that could unmap (QAPI `BlockdevDetectZeroesOptions`
+/// covers writes of zeroes; `discard` decides whether discards reach the storage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Writes are written as given.
+    Off,
+    /// Writes of all-zero buffers become write-zeroes.
+    On,
+    /// ... and may unmap (with `discard=unmap`).
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+}
+
+/// Who uses a node: another node through a named child edge, or a root user (an export, a
+/// job, a temporary user of a QMP command).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parent {
+    /// Node `parent` uses this node as its child `child`.
+    Node {
+        /// The parent's node name.
+        parent: String,
+        /// The edge name (`file`, `backing`).
+        child: String,
+    },
+    /// A root user, with a description for error messages (`block device`).
+    Root(String),
+}
+
+/// One use of a node and the permissions it takes and shares.
+#[derive(Debug, Clone)]
+pub struct Use {
+    pub(crate) id: u64,
+    /// Who.
+    pub parent: Parent,
+    /// What it takes.
+    pub perm: Perm,
+    /// What it lets others take.
+    pub shared: Perm,
+}
+
+/// An edge from a parent node to a child.
+#[derive(Clone)]
+pub struct Child {
+    /// The edge name (`file`).
+    pub name: String,
+    /// The child node.
+    pub node: Rc<Node>,
+    pub(crate) use_id: u64,
+}
+
+/// A node of the block graph.
+///
+/// # Invariants
+/// - `children` and `users` change only in `graph`, through `Graph::attach`/`detach` and node
+///   creation and deletion, which check permissions first.
+/// - Each child's use holds what the driver's `child_perm` returns for this node's users.
+/// - No two uses of a node conflict (one takes what another does not share).
+pub struct Node {
+    pub(crate) name: String,
+    pub(crate) driver: Box<dyn Driver>,
+    pub(crate) options: QDict,
+    pub(crate) read_only: Cell<bool>,
+    pub(crate) children: RefCell<Vec<Child>>,
+    pub(crate) users: RefCell<Vec<Use>>,
+    pub(crate) stats: RefCell<Stats>,
+    pub(crate) detect_zeroes: DetectZeroes,
+    pub(crate) discard_unmap: bool,
+    pub(crate) cache_direct: bool,
+    pub(crate) cache_no_flush: bool,
+    pub(crate) write_threshold: Cell<u64>,
+    pub(crate) threshold_hit: RefCell<Option<Box<dyn Fn(&Node, u64, u64)>>>,
+    in_flight: Cell<u64>,
+    quiesce: Cell<u32>,
+    idle: Notify,
+    resumed: Notify,
+}
+
+/// A drained section: no new requests start on the node until it is dropped.
+#[must_use = "the node stays quiesced only while this is held"]
+pub struct Drained(Rc<Node>);
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        let q = self.0.quiesce.get().saturating_sub(1);
+        self.0.quiesce.set(q);
+        if q == 0 {
+            self.0.resumed.notify_waiters();
+        }
+    }
+}
+
+/// Settings common to every node (`BlockdevOptions` base members).
+pub(crate) struct NodeSettings {
+    pub(crate) read_only: bool,
+    pub(crate) detect_zeroes: DetectZeroes,
+    pub(crate) discard_unmap: bool,
+    pub(crate) cache_direct: bool,
+    pub(crate) cache_no_flush: bool,
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// Largest request the layer accepts in one piece (QEMU's `BDRV_REQUEST_MAX_BYTES` is close).
+pub(crate) const MAX_REQUEST: u64 = 1 << 31;
+
+impl Node {
+    pub(crate) fn new(
+        name: String,
+        driver: Box<dyn Driver>,
+        options: QDict,
+        settings: NodeSettings,
+        children: Vec<Child>,
+    ) -> Rc<Node> {
+        Rc::new(Node {
+            name,
+            driver,
+            options,
+            read_only: Cell::new(settings.read_only),
+            children: RefCell::new(children),
+            users: RefCell::new(Vec::new()),
+            stats: RefCell::default(),
+            detect_zeroes: settings.detect_zeroes,
+            discard_unmap: settings.discard_unmap,
+            cache_direct: settings.cache_direct,
+            cache_no_flush: settings.cache_no_flush,
+            write_threshold: Cell::new(0),
+            threshold_hit: RefCell::new(None),
+            in_flight: Cell::new(0),
+            quiesce: Cell::new(0),
+            idle: Notify::new(),
+            resumed: Notify::new(),
+        })
+    }
+
+    /// The options the node was opened with (`BlockdevOptions`, as given).
+    pub fn options(&self) -> &QDict {
+        &self.options
+    }
+
+    /// The node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver name.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.format_name()
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.driver.len(self)
+    }
+
+    /// Whether the node has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the node is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.get()
+    }
+
+    /// The child on edge `name`.
+    pub fn child(&self, name: &str) -> Option<Rc<Node>> {
+        self.children
+            .borrow()
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.node.clone())
+    }
+
+    /// The node's children.
+    pub fn children(&self) -> Vec<Child> {
+        self.children.borrow().clone()
+    }
+
+    /// The node's uses.
+    pub fn users(&self) -> Vec<Use> {
+        self.users.borrow().clone()
+    }
+
+    /// Whether drivers can zero ranges fast.
+    pub fn can_fast_zero(&self) -> bool {
+        self.driver.can_fast_zero()
+    }
+
+    /// Whether `discard=unmap` lets discards reach the storage.
+    pub fn discard_unmap(&self) -> bool {
+        self.discard_unmap
+    }
+
+    /// Request alignment in bytes.
+    pub fn request_alignment(&self) -> u64 {
+        self.driver.request_alignment()
+    }
+
+    /// What the node's users take and share, all together.
+    pub fn cumulative_perms(&self) -> (Perm, Perm) {
+        self.users
+            .borrow()
+            .iter()
+            .fold((Perm::empty(), Perm::all()), |(p, s), u| (p | u.perm, s & u.shared))
+    }
+
+    /// Quiesces the node: waits for requests in flight to finish; none start until the
+    /// returned guard is dropped (QEMU: `bdrv_drained_begin`).
+    pub async fn drain(self: &Rc<Self>) -> Drained {
+        self.quiesce.set(self.quiesce.get() + 1);
+        while self.in_flight.get() > 0 {
+            self.idle.notified().await;
+        }
+        Drained(self.clone())
+    }
+
+    /// Entry to every request: waits while drained and counts the request in flight.
+    async fn begin(&self) -> InFlight<'_> {
+        while self.quiesce.get() > 0 {
+            self.resumed.notified().await;
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+        InFlight(self)
+    }
+
+    fn check_bounds(&self, kind: IoKind, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.checked_add(len).ok_or_else(einval)?;
+        if end > self.len() || len > MAX_REQUEST {
+            self.stats.borrow_mut().invalid(kind);
+            return Err(einval());
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only.get() {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
+    }
+
+    fn account<T>(&self, kind: IoKind, bytes: u64, started: Instant, r: &io::Result<T>) {
+        self.stats.borrow_mut().done(kind, bytes, started, r.is_ok());
+    }
+
+    /// Reads `len` bytes at `offset`.
+    ///
+    /// # Errors
+    /// EINVAL out of bounds; the driver's error otherwise.
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.check_bounds(IoKind::Read, offset, len as u64)?;
+        let _f = self.begin().await;
+        let started = Instant::now();
+        let r = self.driver.read(self, offset, len).await;
+        self.account(IoKind::Read, len as u64, started, &r);
+        r
+    }
+
+    /// Writes `data` at `offset`.
+    ///
+    /// # Errors
+    /// EINVAL out of bounds, EPERM when read-only; the driver's error otherwise.
+    pub async fn write(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_bounds(IoKind::Write, offset, len)?;
+        self.check_writable()?;
+        if self.detect_zeroes != DetectZeroes::Off && data.iter().all(|&b| b == 0) {
+            let mut zflags = flags;
+            if self.detect_zeroes == DetectZeroes::Unmap && self.discard_unmap {
+                zflags |= ReqFlags::MAY_UNMAP;
+            }
+            return self.write_zeroes(offset, len, zflags).await;
+        }
+        let _f = self.begin().await;
+        let started = Instant::now();
+        let r = self.driver.write(self, offset, data, flags).await;
+        self.account(IoKind::Write, len, started, &r);
+        if r.is_ok() {
+            self.wrote(offset + len);
+        }
+        r
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    ///
+    /// # Errors
+    /// As [`Node::write`]; ENOTSUP for `NO_FALLBACK` when zeroing would be slow.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+        self.check_bounds(IoKind::Write, offset, len)?;
+        self.check_writable()?;
+        let mut flags = flags;
+        if !self.discard_unmap {
+            flags.remove(ReqFlags::MAY_UNMAP);
+        }
+        let _f = self.begin().await;
+        let started = Instant::now();
+        let r = self.driver.write_zeroes(self, offset, len, flags).await;
+        self.account(IoKind::Write, len, started, &r);
+        if r.is_ok() {
+            self.wrote(offset + len);
+        }
+        r
+    }
+
+    /// Discards a range; a no-op unless `discard=unmap`.
+    ///
+    /// # Errors
+    /// As [`Node::write`].
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_bounds(IoKind::Unmap, offset, len)?;
+        self.check_writable()?;
+        if !self.discard_unmap {
+            return Ok(());
+        }
+        let _f = self.begin().await;
+        let started = Instant::now();
+        let r = self.driver.discard(self, offset, len).await;
+        self.account(IoKind::Unmap, len, started, &r);
+        r
+    }
+
+    /// Flushes; a no-op with `cache.no-flush=on`.
+    ///
+    /// # Errors
+    /// The driver's error.
+    pub async fn flush(&self) -> io::Result<()> {
+        let _f = self.begin().await;
+        let started = Instant::now();
+        let r = if self.cache_no_flush {
+            Ok(())
+        } else {
+            self.driver.flush(self).await
+        };
+        self.account(IoKind::Flush, 0, started, &r);
+        r
+    }
+
+    /// The extent at `offset`, at most `len` long.
+    ///
+    /// # Errors
+    /// EINVAL out of bounds; the driver's error.
+    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let end = offset.checked_add(len).ok_or_else(einval)?;
+        if end > self.len() || len == 0 {
+            return Err(einval());
+        }
+        let _f = self.begin().await;
+        self.driver.block_status(self, offset, len).await
+    }
+
+    /// Changes the size.
+    ///
+    /// # Errors
+    /// The driver's error.
+    pub async fn truncate(&self, size: u64) -> io::Result<()> {
+        let _f = self.begin().await;
+        self.driver.truncate(self, size).await
+    }
+
+    fn wrote(&self, end: u64) {
+        self.stats.borrow_mut().wrote_up_to(end);
+        let threshold = self.write_threshold.get();
+        if threshold > 0 && end > threshold {
+            self.write_threshold.set(0);
+            if let Some(hit) = self.threshold_hit.borrow().as_ref() {
+                hit(self, end - threshold, threshold);
+            }
+        }
+    }
+}
+
+/// A request in flight on a node; its end may finish a drain.
+struct InFlight<'a>(&'a Node);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let n = self.0.in_flight.get() - 1;
+        self.0.in_flight.set(n);
+        if n == 0 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

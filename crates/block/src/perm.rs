@@ -1,0 +1,52 @@
+//! Permissions: what a user of a node does with it, and what it lets others do
+//! (QEMU: `BLK_PERM_*`, block.c's permission checks).
+
+use bitflags::bitflags;
+
+bitflags! {
+    /// A set of permissions.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Perm: u32 {
+        /// Reads return consistent data (no one is modifying it unexpectedly).
+        const CONSISTENT_READ = 0x01;
+        /// Writes that may change the data.
+        const WRITE = 0x02;
+        /// Writes that do not change what a read returns.
+        const WRITE_UNCHANGED = 0x04;
+        /// Changes of the size.
+        const RESIZE = 0x08;
+    }
+}
+
+impl Perm {
+    /// The permissions QEMU defines, with their QAPI names, in bit order.
+    pub const NAMED: [(Perm, &'static str); 4] = [
+        (Perm::CONSISTENT_READ, "consistent-read"),
+        (Perm::WRITE, "write"),
+        (Perm::WRITE_UNCHANGED, "write-unchanged"),
+        (Perm::RESIZE, "resize"),
+    ];
+
+    /// Names of the set permissions, in QEMU's listing order (highest bit first).
+    pub fn names(self) -> Vec<&'static str> {
+        Self::NAMED
+            .iter()
+            .rev()
+            .filter(|(p, _)| self.contains(*p))
+            .map(|(_, n)| *n)
+            .collect()
+    }
+
+    /// The name of the lowest set permission.
+    pub fn first_name(self) -> &'static str {
+        Self::NAMED
+            .iter()
+            .find(|(p, _)| self.contains(*p))
+            .map_or("?", |(_, n)| n)
+    }
+
+    /// The bit number of a single permission (for lock byte offsets).
+    pub fn bit(self) -> u32 {
+        self.bits().trailing_zeros()
+    }
+}

@@ -1,0 +1,103 @@
+//! Per-node I/O accounting for `query-blockstats` (QEMU: `block/accounting.c`).
+
+use ferrite_qobject::{QDict, QObject};
+use std::time::{Duration, Instant};
+
+/// The kinds of request that are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IoKind {
+    /// Reads.
+    Read,
+    /// Writes, including write-zeroes.
+    Write,
+    /// Flushes.
+    Flush,
+    /// Discards.
+    Unmap,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counter {
+    bytes: u64,
+    ops: u64,
+    failed: u64,
+    invalid: u64,
+    total_time: Duration,
+}
+
+/// Counters for one node.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    rd: Counter,
+    wr: Counter,
+    flush: Counter,
+    unmap: Counter,
+    wr_highest_offset: u64,
+    last_io: Option<Instant>,
+}
+
+impl Stats {
+    fn counter(&mut self, kind: IoKind) -> &mut Counter {
+        match kind {
+            IoKind::Read => &mut self.rd,
+            IoKind::Write => &mut self.wr,
+            IoKind::Flush => &mut self.flush,
+            IoKind::Unmap => &mut self.unmap,
+        }
+    }
+
+    /// Records a finished request.
+    pub(crate) fn done(&mut self, kind: IoKind, bytes: u64, started: Instant, ok: bool) {
+        let c = self.counter(kind);
+        if ok {
+            c.ops += 1;
+            c.bytes += bytes;
+            c.total_time += started.elapsed();
+        } else {
+            c.failed += 1;
+        }
+        self.last_io = Some(Instant::now());
+    }
+
+    /// Records a request refused before it started (out of bounds, misaligned).
+    pub(crate) fn invalid(&mut self, kind: IoKind) {
+        self.counter(kind).invalid += 1;
+    }
+
+    /// Notes the end of a write.
+    pub(crate) fn wrote_up_to(&mut self, end: u64) {
+        self.wr_highest_offset = self.wr_highest_offset.max(end);
+    }
+
+    /// The `BlockDeviceStats` dict.
+    pub(crate) fn to_qdict(&self) -> QDict {
+        let ns = |d: Duration| QObject::from(d.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let mut d = QDict::new();
+        for (name, c) in [("rd", &self.rd), ("wr", &self.wr), ("unmap", &self.unmap)] {
+            d.insert(format!("{name}_bytes"), c.bytes);
+            d.insert(format!("{name}_operations"), c.ops);
+            d.insert(format!("{name}_merged"), 0i64);
+            d.insert(format!("{name}_total_time_ns"), ns(c.total_time));
+            d.insert(format!("failed_{name}_operations"), c.failed);
+            d.insert(format!("invalid_{name}_operations"), c.invalid);
+        }
+        d.insert("flush_operations", self.flush.ops);
+        d.insert("flush_total_time_ns", ns(self.flush.total_time));
+        d.insert("failed_flush_operations", self.flush.failed);
+        d.insert("invalid_flush_operations", self.flush.invalid);
+        for k in ["zone_append_bytes", "zone_append_operations", "zone_append_merged",
+            "zone_append_total_time_ns", "failed_zone_append_operations",
+            "invalid_zone_append_operations"]
+        {
+            d.insert(k, 0i64);
+        }
+        d.insert("wr_highest_offset", self.wr_highest_offset);
+        if let Some(t) = self.last_io {
+            d.insert("idle_time_ns", ns(t.elapsed()));
+        }
+        d.insert("account_invalid", false);
+        d.insert("account_failed", false);
+        d.insert("timed_stats", QObject::List(Vec::new()));
+        d
+    }
+}
