@@ -48,12 +48,22 @@ pub trait Driver {
     fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>>;
 
     /// Writes `data` at `offset` (within bounds).
-    fn write<'a>(&'a self, node: &'a Node, offset: u64, data: Vec<u8>, flags: ReqFlags)
-    -> BoxFut<'a, ()>;
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()>;
 
     /// Makes `len` bytes at `offset` read as zeroes.
-    fn write_zeroes<'a>(&'a self, node: &'a Node, offset: u64, len: u64, flags: ReqFlags)
-    -> BoxFut<'a, ()>;
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()>;
 
     /// Deallocates a range if the driver can (contents become unspecified).
     fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()>;

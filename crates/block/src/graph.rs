@@ -54,7 +54,9 @@ pub struct Graph {
 }
 
 fn node_not_found(name: &str) -> Error {
-    Error::generic(format!("Cannot find device='{name}' nor node-name='{name}'"))
+    Error::generic(format!(
+        "Cannot find device='{name}' nor node-name='{name}'"
+    ))
 }
 
 impl Graph {
@@ -115,7 +117,9 @@ impl Graph {
     /// A missing, malformed or duplicate node name, an unknown child, or the driver failing.
     pub fn blockdev_add(&self, opts: &Args) -> Result<Rc<Node>, Error> {
         if opts.opt_str("node-name").is_none() {
-            return Err(Error::generic("'node-name' must be specified for the root node"));
+            return Err(Error::generic(
+                "'node-name' must be specified for the root node",
+            ));
         }
         let node = self.open(opts)?;
         self.monitor_owned.borrow_mut().push(node.name.clone());
@@ -284,7 +288,13 @@ impl Graph {
     ///
     /// # Errors
     /// A permission conflict anywhere below, or a lock held by another process.
-    pub fn attach(&self, node: &Rc<Node>, desc: &str, perm: Perm, shared: Perm) -> Result<RootUse, Error> {
+    pub fn attach(
+        &self,
+        node: &Rc<Node>,
+        desc: &str,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<RootUse, Error> {
         let id = self.new_use_id();
         node.users.borrow_mut().push(Use {
             id,
@@ -321,7 +331,9 @@ impl Graph {
             u.shared = shared;
             old
         };
-        let r = self.check_conflicts(node, id).and_then(|()| self.propagate(node));
+        let r = self
+            .check_conflicts(node, id)
+            .and_then(|()| self.propagate(node));
         if r.is_err() {
             if let Some(u) = node.users.borrow_mut().iter_mut().find(|u| u.id == id) {
                 u.perm = old.0;
@@ -385,7 +397,9 @@ impl Graph {
             Error::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
         if !self.monitor_owned.borrow().iter().any(|n| n == name) {
-            return Err(Error::generic(format!("Node {name} is not owned by the monitor")));
+            return Err(Error::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
         }
         let users = node.users();
         if users.iter().any(|u| matches!(u.parent, Parent::Root(_))) {
@@ -454,7 +468,11 @@ impl Graph {
     /// # Errors
     /// `GenericError` "Device 'x' not found" (QEMU uses the generic class here).
     pub fn lookup_device(&self, name: &str) -> Result<Rc<Node>, Error> {
-        self.find(name)
-            .ok_or_else(|| Error::new(ErrorClass::GenericError, format!("Device '{name}' not found")))
+        self.find(name).ok_or_else(|| {
+            Error::new(
+                ErrorClass::GenericError,
+                format!("Device '{name}' not found"),
+            )
+        })
     }
 }

@@ -95,7 +95,10 @@ pub(crate) fn debug_graph(graph: &Graph) -> QObject {
     let mut out_nodes = Vec::new();
     let mut edges = Vec::new();
     let id_of = |n: &Rc<Node>| -> u64 {
-        nodes.iter().position(|m| Rc::ptr_eq(m, n)).map_or(0, |i| i as u64 + 1)
+        nodes
+            .iter()
+            .position(|m| Rc::ptr_eq(m, n))
+            .map_or(0, |i| i as u64 + 1)
     };
     let mut next_root = nodes.len() as u64 + 1;
     for n in nodes.iter().rev() {
@@ -109,10 +112,9 @@ pub(crate) fn debug_graph(graph: &Graph) -> QObject {
     for n in nodes.iter().rev() {
         for u in n.users() {
             let (parent, name) = match &u.parent {
-                Parent::Node { parent, child } => (
-                    graph.find(parent).map_or(0, |p| id_of(&p)),
-                    child.clone(),
-                ),
+                Parent::Node { parent, child } => {
+                    (graph.find(parent).map_or(0, |p| id_of(&p)), child.clone())
+                }
                 Parent::Root(_) => {
                     let id = next_root;
                     next_root += 1;

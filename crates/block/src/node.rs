@@ -226,7 +226,9 @@ impl Node {
         self.users
             .borrow()
             .iter()
-            .fold((Perm::empty(), Perm::all()), |(p, s), u| (p | u.perm, s & u.shared))
+            .fold((Perm::empty(), Perm::all()), |(p, s), u| {
+                (p | u.perm, s & u.shared)
+            })
     }
 
     /// Quiesces the node: waits for requests in flight to finish; none start until the
@@ -265,7 +267,9 @@ impl Node {
     }
 
     fn account<T>(&self, kind: IoKind, bytes: u64, started: Instant, r: &io::Result<T>) {
-        self.stats.borrow_mut().done(kind, bytes, started, r.is_ok());
+        self.stats
+            .borrow_mut()
+            .done(kind, bytes, started, r.is_ok());
     }
 
     /// Reads `len` bytes at `offset`.

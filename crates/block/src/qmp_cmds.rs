@@ -50,7 +50,11 @@ pub async fn qmp_block_resize(graph: &Graph, args: &Args) -> Result<QObject, Err
     let device = args.opt_str("device").unwrap_or("");
     let node_name = args.opt_str("node-name").unwrap_or("");
     // A storage daemon has no named block devices: only node names can match.
-    let node = if device.is_empty() { graph.find(node_name) } else { None };
+    let node = if device.is_empty() {
+        graph.find(node_name)
+    } else {
+        None
+    };
     let node = node.ok_or_else(|| {
         Error::generic(format!(
             "Cannot find device='{device}' nor node-name='{node_name}'"

@@ -85,10 +85,14 @@ impl Stats {
         d.insert("flush_total_time_ns", ns(self.flush.total_time));
         d.insert("failed_flush_operations", self.flush.failed);
         d.insert("invalid_flush_operations", self.flush.invalid);
-        for k in ["zone_append_bytes", "zone_append_operations", "zone_append_merged",
-            "zone_append_total_time_ns", "failed_zone_append_operations",
-            "invalid_zone_append_operations"]
-        {
+        for k in [
+            "zone_append_bytes",
+            "zone_append_operations",
+            "zone_append_merged",
+            "zone_append_total_time_ns",
+            "failed_zone_append_operations",
+            "invalid_zone_append_operations",
+        ] {
             d.insert(k, 0i64);
         }
         d.insert("wr_highest_offset", self.wr_highest_offset);

@@ -1,9 +1,11 @@
 //! The daemon's state (everything the main loop owns) and its QMP command table.
 
 use crate::cli::help::{QEMU_VERSION, package};
+use ferrite_block::{EventSink, Graph, qmp_cmds as blk};
 use ferrite_chardev::{Chardev, ChardevRegistry, qmp_cmds as chr};
+use ferrite_nbd::{NbdService, qmp_cmds as nbd};
 use ferrite_qapi::{Args, Error, ErrorClass, introspect, schema};
-use ferrite_qmp::{CommandFuture, Commands, EventBus, Monitor};
+use ferrite_qmp::{CommandFuture, Commands, Event, EventBus, Monitor};
 use ferrite_qobject::{QDict, QObject};
 use ferrite_qom::{Container, ObjectRegistry, QomNode, qmp_cmds as qom};
 use std::cell::{Cell, OnceCell, RefCell};
@@ -15,11 +17,25 @@ pub(crate) struct Daemon {
     pub(crate) events: Rc<EventBus>,
     pub(crate) chardevs: Rc<ChardevRegistry>,
     pub(crate) objects: Rc<ObjectRegistry>,
+    pub(crate) graph: Rc<Graph>,
+    pub(crate) nbd: Rc<NbdService>,
     qom_root: Rc<dyn QomNode>,
     pub(crate) monitors: RefCell<Vec<Rc<Monitor>>>,
     quit_requested: Cell<bool>,
     quit: Notify,
     schema_info: OnceCell<QObject>,
+}
+
+/// The block layer's events, delivered through the monitors' event bus.
+struct BusSink(Rc<EventBus>);
+
+impl EventSink for BusSink {
+    fn emit(&self, name: &'static str, data: QDict) {
+        self.0.emit(Event {
+            name,
+            data: Some(data),
+        });
+    }
 }
 
 /// A chardev as a QOM object under `/chardevs`.
@@ -65,10 +81,16 @@ impl Daemon {
                 })) as Rc<dyn QomNode>,
             ),
         ]));
+        let events = EventBus::new();
+        let sink: Rc<dyn EventSink> = Rc::new(BusSink(events.clone()));
+        let graph = Graph::new(sink.clone());
+        let nbd = NbdService::new(graph.clone(), sink);
         Rc::new(Daemon {
-            events: EventBus::new(),
+            events,
             chardevs,
             objects,
+            graph,
+            nbd,
             qom_root: root,
             monitors: RefCell::new(Vec::new()),
             quit_requested: Cell::new(false),
@@ -90,6 +112,13 @@ impl Daemon {
             )
             .with("package", package())
             .into()
+    }
+
+    /// The first part of shutting down, done before `quit` answers (QEMU announces the
+    /// exports' end before the `quit` reply): exports closed, nodes flushed.
+    pub(crate) async fn close_exports_and_flush(&self) {
+        self.nbd.close_all().await;
+        self.graph.flush_all().await;
     }
 
     /// Asks the main loop to shut down (`quit`, a signal).
@@ -120,9 +149,25 @@ impl Daemon {
                 .get_or_init(|| introspect::schema_info(schema()))
                 .clone()),
             "quit" => {
+                self.close_exports_and_flush().await;
                 self.request_quit();
                 empty()
             }
+            "blockdev-add" => blk::qmp_blockdev_add(&self.graph, &args),
+            "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args),
+            "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph)),
+            "query-block" => Ok(QObject::List(Vec::new())),
+            "query-blockstats" => Ok(blk::qmp_query_blockstats(&self.graph, &args)),
+            "block_resize" => blk::qmp_block_resize(&self.graph, &args).await,
+            "block-set-write-threshold" => blk::qmp_block_set_write_threshold(&self.graph, &args),
+            "x-debug-query-block-graph" => Ok(blk::qmp_x_debug_query_block_graph(&self.graph)),
+            "nbd-server-start" => nbd::qmp_nbd_server_start(&self.nbd, &args),
+            "nbd-server-stop" => nbd::qmp_nbd_server_stop(&self.nbd).await,
+            "nbd-server-add" => nbd::qmp_nbd_server_add(&self.nbd, &args),
+            "nbd-server-remove" => nbd::qmp_nbd_server_remove(&self.nbd, &args).await,
+            "block-export-add" => nbd::qmp_block_export_add(&self.nbd, &args),
+            "block-export-del" => nbd::qmp_block_export_del(&self.nbd, &args).await,
+            "query-block-exports" => Ok(nbd::qmp_query_block_exports(&self.nbd)),
             "chardev-add" => chr::qmp_chardev_add(&self.chardevs, &args),
             "chardev-change" => chr::qmp_chardev_change(&self.chardevs, &args),
             "chardev-remove" => chr::qmp_chardev_remove(&self.chardevs, &args),

@@ -110,15 +110,23 @@ pub(crate) async fn start(
                 let args = checked(&parsed, "ObjectOptions").map_err(|e| located(opt, e))?;
                 daemon.objects.add(&args).map_err(|e| located(opt, e))?;
             }
-            CliOption::Blockdev(text) | CliOption::Export(text) | CliOption::NbdServer(text) => {
-                // The syntax is checked now; the block layer and NBD server come later.
-                keyval::parse(text, None).map_err(|e| located(opt, e))?;
-                let name = opt.describe();
-                let name = name.split(' ').next().unwrap_or_default();
-                return Err(located(
-                    opt,
-                    format!("{name} is not supported by ferrite yet"),
-                ));
+            CliOption::Blockdev(text) => {
+                let parsed = keyval::parse(text, Some("driver")).map_err(|e| located(opt, e))?;
+                let args = checked(&parsed, "BlockdevOptions").map_err(|e| located(opt, e))?;
+                daemon
+                    .graph
+                    .blockdev_add(&args)
+                    .map_err(|e| located(opt, e))?;
+            }
+            CliOption::NbdServer(text) => {
+                let parsed = keyval::parse(text, None).map_err(|e| located(opt, e))?;
+                let args = checked(&parsed, "NbdServerOptions").map_err(|e| located(opt, e))?;
+                daemon.nbd.start(&args, true).map_err(|e| located(opt, e))?;
+            }
+            CliOption::Export(text) => {
+                let parsed = keyval::parse(text, Some("type")).map_err(|e| located(opt, e))?;
+                let args = checked(&parsed, "BlockExportOptions").map_err(|e| located(opt, e))?;
+                daemon.nbd.add(&args).map_err(|e| located(opt, e))?;
             }
             CliOption::Pidfile(path) => pidfile = Some(PathBuf::from(path)),
         }
@@ -171,6 +179,9 @@ pub(crate) async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle
         _ = daemon.quit_requested() => {}
         _ = signals => {}
     }
+    // After a signal the exports are still open (after quit they are already closed); their
+    // end is announced before the monitors are flushed.
+    daemon.close_exports_and_flush().await;
     // Let every monitor deliver what it has queued (the quit return among it), but do not
     // let a client that stopped reading hold the exit.
     let monitors = daemon.monitors.borrow().clone();

@@ -106,8 +106,13 @@ impl Driver for FileDriver {
         self.io.pread(&self.file, offset, len)
     }
 
-    fn write<'a>(&'a self, node: &'a Node, offset: u64, data: Vec<u8>, flags: ReqFlags)
-    -> BoxFut<'a, ()> {
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
         let w = self.io.pwrite(&self.file, offset, data);
         Box::pin(async move {
             w.await?;
@@ -118,8 +123,13 @@ impl Driver for FileDriver {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, node: &'a Node, offset: u64, len: u64, flags: ReqFlags)
-    -> BoxFut<'a, ()> {
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let mut done = false;
             if flags.contains(ReqFlags::MAY_UNMAP) {
@@ -130,7 +140,11 @@ impl Driver for FileDriver {
                     .is_ok();
             }
             if !done {
-                match self.io.fallocate(&self.file, Fallocate::ZeroRange, offset, len).await {
+                match self
+                    .io
+                    .fallocate(&self.file, Fallocate::ZeroRange, offset, len)
+                    .await
+                {
                     Ok(()) => done = true,
                     Err(e) if flags.contains(ReqFlags::NO_FALLBACK) => return Err(e),
                     Err(_) => {}
@@ -141,7 +155,9 @@ impl Driver for FileDriver {
                 let mut off = offset;
                 while off < offset + len {
                     let n = (offset + len - off).min(1 << 20);
-                    self.io.pwrite(&self.file, off, vec![0u8; n as usize]).await?;
+                    self.io
+                        .pwrite(&self.file, off, vec![0u8; n as usize])
+                        .await?;
                     off += n;
                 }
             }

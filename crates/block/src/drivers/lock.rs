@@ -44,8 +44,11 @@ fn taken_by_other(file: &File, byte: i64) -> bool {
 }
 
 fn lock_error(what: &str, perm: Perm, path: &str) -> Error {
-    Error::generic(format!("Failed to get {what}\"{}\" lock", perm.first_name()))
-        .with_hint(format!("Is another process using the image [{path}]?"))
+    Error::generic(format!(
+        "Failed to get {what}\"{}\" lock",
+        perm.first_name()
+    ))
+    .with_hint(format!("Is another process using the image [{path}]?"))
 }
 
 /// Checks for conflicts with other holders, then sets our lock bytes to `perm`/`shared`.

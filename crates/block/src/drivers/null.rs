@@ -20,12 +20,16 @@ pub(crate) struct NullDriver {
 }
 
 impl NullDriver {
-    pub(crate) fn open(args: &Args, aio: bool, json_options: &ferrite_qobject::QDict) -> Result<Self, Error> {
+    pub(crate) fn open(
+        args: &Args,
+        aio: bool,
+        json_options: &ferrite_qobject::QDict,
+    ) -> Result<Self, Error> {
         let size = args.opt_i64("size").unwrap_or(DEFAULT_SIZE);
         let size = u64::try_from(size).map_err(|_| Error::generic("size must be non-negative"))?;
         let latency = args.opt_i64("latency-ns").unwrap_or(0);
-        let latency = u64::try_from(latency)
-            .map_err(|_| Error::generic("latency-ns is invalid"))?;
+        let latency =
+            u64::try_from(latency).map_err(|_| Error::generic("latency-ns is invalid"))?;
         Ok(NullDriver {
             aio,
             size: Cell::new(size),
@@ -58,16 +62,26 @@ impl Driver for NullDriver {
         })
     }
 
-    fn write<'a>(&'a self, _node: &'a Node, _offset: u64, _data: Vec<u8>, _flags: ReqFlags)
-    -> BoxFut<'a, ()> {
+    fn write<'a>(
+        &'a self,
+        _node: &'a Node,
+        _offset: u64,
+        _data: Vec<u8>,
+        _flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.delay().await;
             Ok(())
         })
     }
 
-    fn write_zeroes<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64, _flags: ReqFlags)
-    -> BoxFut<'a, ()> {
+    fn write_zeroes<'a>(
+        &'a self,
+        _node: &'a Node,
+        _offset: u64,
+        _len: u64,
+        _flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.delay().await;
             Ok(())

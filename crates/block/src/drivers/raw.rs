@@ -16,10 +16,12 @@ pub(crate) struct RawDriver {
 impl RawDriver {
     pub(crate) fn open(args: &Args, file: &Rc<Node>) -> Result<Self, Error> {
         let offset = args.opt_i64("offset").unwrap_or(0);
-        let offset = u64::try_from(offset)
-            .map_err(|_| Error::generic("offset cannot be negative"))?;
+        let offset =
+            u64::try_from(offset).map_err(|_| Error::generic("offset cannot be negative"))?;
         let size = match args.opt_i64("size") {
-            Some(s) => Some(u64::try_from(s).map_err(|_| Error::generic("size cannot be negative"))?),
+            Some(s) => {
+                Some(u64::try_from(s).map_err(|_| Error::generic("size cannot be negative"))?)
+            }
             None => None,
         };
         let file_len = file.len();
@@ -64,13 +66,27 @@ impl Driver for RawDriver {
         Box::pin(async move { self.file(node)?.read(self.offset + offset, len).await })
     }
 
-    fn write<'a>(&'a self, node: &'a Node, offset: u64, data: Vec<u8>, flags: ReqFlags)
-    -> BoxFut<'a, ()> {
-        Box::pin(async move { self.file(node)?.write(self.offset + offset, data, flags).await })
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.file(node)?
+                .write(self.offset + offset, data, flags)
+                .await
+        })
     }
 
-    fn write_zeroes<'a>(&'a self, node: &'a Node, offset: u64, len: u64, flags: ReqFlags)
-    -> BoxFut<'a, ()> {
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.file(node)?
                 .write_zeroes(self.offset + offset, len, flags)
@@ -88,7 +104,10 @@ impl Driver for RawDriver {
 
     fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
         Box::pin(async move {
-            let mut e = self.file(node)?.block_status(self.offset + offset, len).await?;
+            let mut e = self
+                .file(node)?
+                .block_status(self.offset + offset, len)
+                .await?;
             // A raw node maps every byte to its file: all of it is "allocated" here.
             e.allocated = true;
             Ok(e)
@@ -105,7 +124,9 @@ impl Driver for RawDriver {
     }
 
     fn filename(&self, node: &Node) -> String {
-        node.child("file").map(|f| f.driver.filename(&f)).unwrap_or_default()
+        node.child("file")
+            .map(|f| f.driver.filename(&f))
+            .unwrap_or_default()
     }
 
     fn actual_size(&self, node: &Node) -> Option<u64> {

@@ -60,7 +60,11 @@ pub(crate) fn blocking<T: Send + 'static>(
 /// `lseek(SEEK_DATA/SEEK_HOLE)`: the next offset at or after `offset` that starts data
 /// (`data == true`) or a hole. `None` past the end (ENXIO).
 pub(crate) fn seek(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
-    let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek on a descriptor `file` owns has no memory-safety preconditions.
     let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };

@@ -203,7 +203,10 @@ const SOURCES: &[(&str, &str)] = &[
     ("char.qapi", include_str!("../../schema/char.qapi")),
     ("qom.qapi", include_str!("../../schema/qom.qapi")),
     ("block.qapi", include_str!("../../schema/block.qapi")),
-    ("block-export.qapi", include_str!("../../schema/block-export.qapi")),
+    (
+        "block-export.qapi",
+        include_str!("../../schema/block-export.qapi"),
+    ),
 ];
 
 /// The daemon's schema, parsed and checked on first use.

@@ -1,0 +1,63 @@
+//! Block exports: a node made available to NBD clients under a name.
+
+use ferrite_block::{Node, RootUse};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use tokio::sync::Notify;
+
+/// One export.
+pub struct Export {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) description: Option<String>,
+    pub(crate) node: Rc<Node>,
+    pub(crate) hold: RefCell<Option<RootUse>>,
+    pub(crate) writable: bool,
+    pub(crate) writethrough: bool,
+    pub(crate) allocation_depth: bool,
+    pub(crate) clients: Cell<usize>,
+    pub(crate) shutting_down: Cell<bool>,
+    /// Tells the clients to hang up (hard removal, server stop).
+    pub(crate) kick: Notify,
+    /// Signalled when the last client left.
+    pub(crate) idle: Notify,
+}
+
+impl Export {
+    /// The export id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The NBD export name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The exported node.
+    pub fn node(&self) -> &Rc<Node> {
+        &self.node
+    }
+
+    pub(crate) fn client_joined(&self) {
+        self.clients.set(self.clients.get() + 1);
+    }
+
+    pub(crate) fn client_left(&self) {
+        let n = self.clients.get().saturating_sub(1);
+        self.clients.set(n);
+        if n == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Disconnects every client and waits until they are gone.
+    pub(crate) async fn disconnect_all(&self) {
+        self.shutting_down.set(true);
+        while self.clients.get() > 0 {
+            let idle = self.idle.notified();
+            self.kick.notify_waiters();
+            idle.await;
+        }
+    }
+}

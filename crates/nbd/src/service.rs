@@ -1,0 +1,380 @@
+//! The NBD server and the export registry (QEMU: `blockdev-nbd.c`, `block/export/`).
+
+use crate::export::Export;
+use crate::{handshake, transmission};
+use ferrite_block::{EventSink, Graph, Perm};
+use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qobject::QDict;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// A running NBD server.
+struct Server {
+    accept: JoinHandle<()>,
+    unlink: Option<String>,
+}
+
+/// The NBD service: the server (if started) and every export.
+pub struct NbdService {
+    graph: Rc<Graph>,
+    events: Rc<dyn EventSink>,
+    exports: RefCell<Vec<Rc<Export>>>,
+    server: RefCell<Option<Server>>,
+    connections: Cell<usize>,
+}
+
+/// How an export is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveMode {
+    /// Refuse while clients are connected.
+    Safe,
+    /// Disconnect the clients.
+    Hard,
+}
+
+/// A listening address, in its flat or legacy (`data`-wrapped) form.
+fn parse_addr(addr: &Args) -> Result<(String, Args), Error> {
+    let ty = addr.str("type")?.to_owned();
+    let inner = addr.dict("data").unwrap_or_else(|| addr.clone());
+    Ok((ty, inner))
+}
+
+enum AnyListener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl NbdService {
+    /// A service with no server and no exports.
+    pub fn new(graph: Rc<Graph>, events: Rc<dyn EventSink>) -> Rc<NbdService> {
+        Rc::new(NbdService {
+            graph,
+            events,
+            exports: RefCell::new(Vec::new()),
+            server: RefCell::new(None),
+            connections: Cell::new(0),
+        })
+    }
+
+    pub(crate) fn export_by_name(&self, name: &str) -> Option<Rc<Export>> {
+        self.exports
+            .borrow()
+            .iter()
+            .find(|e| e.name == name && !e.shutting_down.get())
+            .cloned()
+    }
+
+    pub(crate) fn exports(&self) -> Vec<Rc<Export>> {
+        self.exports
+            .borrow()
+            .iter()
+            .filter(|e| !e.shutting_down.get())
+            .cloned()
+            .collect()
+    }
+
+    /// Whether the server is listening.
+    pub fn is_running(&self) -> bool {
+        self.server.borrow().is_some()
+    }
+
+    /// Starts listening (`nbd-server-start`, `--nbd-server`).
+    ///
+    /// # Errors
+    /// "NBD server already running", TLS (not supported yet), or the address failing.
+    pub fn start(self: &Rc<Self>, opts: &Args, from_cli: bool) -> Result<(), Error> {
+        if self.is_running() {
+            return Err(Error::generic("NBD server already running"));
+        }
+        if opts.has("tls-creds") || opts.has("tls-authz") {
+            return Err(Error::generic(
+                "TLS for the NBD server is not supported by ferrite yet",
+            ));
+        }
+        let max = opts.opt_u64("max-connections").unwrap_or(0) as usize;
+        let addr = opts
+            .dict("addr")
+            .ok_or_else(|| Error::generic("Parameter 'addr' is missing"))?;
+        let (ty, a) = parse_addr(&addr)?;
+        let (listener, unlink) = match ty.as_str() {
+            "unix" => {
+                let path = a.str("path")?.to_owned();
+                let fail = |e: std::io::Error| {
+                    Error::generic(format!("Failed to bind socket to {path}: {}", os_msg(&e)))
+                };
+                let _ = std::fs::remove_file(&path);
+                let l = std::os::unix::net::UnixListener::bind(&path).map_err(fail)?;
+                l.set_nonblocking(true).map_err(fail)?;
+                (
+                    AnyListener::Unix(UnixListener::from_std(l).map_err(fail)?),
+                    Some(path),
+                )
+            }
+            "inet" => {
+                let target = format!("{}:{}", a.str("host")?, a.str("port")?);
+                let fail = |e: std::io::Error| {
+                    Error::generic(format!("Failed to bind socket: {}", os_msg(&e)))
+                };
+                let l = std::net::TcpListener::bind(target.as_str()).map_err(fail)?;
+                l.set_nonblocking(true).map_err(fail)?;
+                (
+                    AnyListener::Tcp(TcpListener::from_std(l).map_err(fail)?),
+                    None,
+                )
+            }
+            "fd" if from_cli => {
+                return Err(Error::generic(
+                    "fd addresses for the NBD server are not supported by ferrite yet",
+                ));
+            }
+            _ => return Err(Error::generic("only QEMU supports file descriptor passing")),
+        };
+        let me = self.clone();
+        let accept = tokio::task::spawn_local(async move { me.accept_loop(listener, max).await });
+        *self.server.borrow_mut() = Some(Server { accept, unlink });
+        Ok(())
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: AnyListener, max: usize) {
+        let limit = std::sync::Arc::new(Semaphore::new(if max == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            max
+        }));
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            match &listener {
+                AnyListener::Unix(l) => match l.accept().await {
+                    Ok((s, _)) => {
+                        let (r, w) = s.into_split();
+                        tokio::task::spawn_local(async move {
+                            me.client(r, w).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "NBD accept failed"),
+                },
+                AnyListener::Tcp(l) => match l.accept().await {
+                    Ok((s, _)) => {
+                        let _ = s.set_nodelay(true);
+                        let (r, w) = s.into_split();
+                        tokio::task::spawn_local(async move {
+                            me.client(r, w).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "NBD accept failed"),
+                },
+            }
+        }
+    }
+
+    async fn client<R, W>(&self, r: R, w: W)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin + 'static,
+    {
+        self.connections.set(self.connections.get() + 1);
+        let mut r = BufReader::with_capacity(256 << 10, r);
+        let mut w = BufWriter::with_capacity(256 << 10, w);
+        match handshake::negotiate(self, &mut r, &mut w).await {
+            Ok(Some(session)) => {
+                let export = session.export.clone();
+                export.client_joined();
+                if let Err(e) = transmission::serve(session, r, w).await {
+                    tracing::debug!(error = %e, "NBD client ended");
+                }
+                export.client_left();
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "NBD handshake ended"),
+        }
+        self.connections.set(self.connections.get() - 1);
+    }
+
+    /// Stops the server, removing every export (`nbd-server-stop`).
+    ///
+    /// # Errors
+    /// "NBD server not running".
+    pub async fn stop(&self) -> Result<(), Error> {
+        let Some(server) = self.server.borrow_mut().take() else {
+            return Err(Error::generic("NBD server not running"));
+        };
+        server.accept.abort();
+        if let Some(path) = server.unlink {
+            let _ = std::fs::remove_file(path);
+        }
+        let all: Vec<Rc<Export>> = self.exports.borrow().iter().rev().cloned().collect();
+        for e in all {
+            self.remove(&e).await;
+        }
+        Ok(())
+    }
+
+    /// Adds an export (`block-export-add`, `--export`, `nbd-server-add`).
+    ///
+    /// # Errors
+    /// QEMU's texts for a missing server, duplicate id or name, unknown node, and permission
+    /// conflicts (a writable export of a read-only node).
+    pub fn add(&self, opts: &Args) -> Result<(), Error> {
+        let id = opts.str("id")?;
+        if !self.is_running() {
+            return Err(Error::generic("NBD server not running"));
+        }
+        if !ferrite_qapi::id_wellformed(id) {
+            return Err(Error::generic(format!("Invalid block export id '{id}'")));
+        }
+        if self.exports.borrow().iter().any(|e| e.id == id) {
+            return Err(Error::generic(format!(
+                "Block export id '{id}' is already in use"
+            )));
+        }
+        let node_name = opts.str("node-name")?;
+        let node = self.graph.find(node_name).ok_or_else(|| {
+            Error::generic(format!("Cannot find device='' nor node-name='{node_name}'"))
+        })?;
+        let name = opts.opt_str("name").unwrap_or(node_name).to_owned();
+        if name.len() > crate::proto::MAX_STRING {
+            return Err(Error::generic(format!("export name '{name}' too long")));
+        }
+        if self.exports.borrow().iter().any(|e| e.name == name) {
+            return Err(Error::generic(format!(
+                "NBD server already has export named '{name}'"
+            )));
+        }
+        if let Some(b) = opts
+            .get("bitmaps")
+            .and_then(|b| b.as_list())
+            .and_then(|l| l.first())
+        {
+            let bname = b
+                .as_str()
+                .or_else(|| {
+                    b.as_dict()
+                        .and_then(|d| d.get("name"))
+                        .and_then(|n| n.as_str())
+                })
+                .unwrap_or_default();
+            return Err(Error::generic(format!("Bitmap '{bname}' is not found")));
+        }
+        if opts.has("iothread") {
+            return Err(Error::generic(
+                "iothreads for exports are not supported by ferrite yet",
+            ));
+        }
+        let writable = opts.bool_or("writable", false);
+        let mut perm = Perm::CONSISTENT_READ;
+        if writable {
+            perm |= Perm::WRITE;
+        }
+        let shared = Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED;
+        let hold = self.graph.attach(&node, "block device", perm, shared)?;
+        let export = Rc::new(Export {
+            id: id.to_owned(),
+            name,
+            description: opts.opt_str("description").map(str::to_owned),
+            node,
+            hold: RefCell::new(Some(hold)),
+            writable,
+            writethrough: opts.bool_or("writethrough", false),
+            allocation_depth: opts.bool_or("allocation-depth", false),
+            clients: Cell::new(0),
+            shutting_down: Cell::new(false),
+            kick: Default::default(),
+            idle: Default::default(),
+        });
+        self.exports.borrow_mut().push(export);
+        Ok(())
+    }
+
+    /// Removes an export by id (`block-export-del`).
+    ///
+    /// # Errors
+    /// Unknown id, or clients still connected in safe mode.
+    pub async fn del(&self, id: &str, mode: RemoveMode) -> Result<(), Error> {
+        let export = self
+            .exports
+            .borrow()
+            .iter()
+            .find(|e| e.id == id)
+            .cloned()
+            .ok_or_else(|| Error::generic(format!("Export '{id}' is not found")))?;
+        self.del_export(&export, mode).await
+    }
+
+    /// Removes an export by NBD name (`nbd-server-remove`).
+    ///
+    /// # Errors
+    /// As [`NbdService::del`], with QEMU's text for an unknown name.
+    pub async fn del_by_name(&self, name: &str, mode: RemoveMode) -> Result<(), Error> {
+        if !self.is_running() {
+            return Err(Error::generic("NBD server not running"));
+        }
+        let export = self
+            .export_by_name(name)
+            .ok_or_else(|| Error::generic(format!("Export '{name}' is not found")))?;
+        self.del_export(&export, mode).await
+    }
+
+    async fn del_export(&self, export: &Rc<Export>, mode: RemoveMode) -> Result<(), Error> {
+        if export.shutting_down.get() {
+            return Err(Error::generic(format!(
+                "export '{}' is already shutting down",
+                export.id
+            )));
+        }
+        if mode == RemoveMode::Safe && export.clients.get() > 0 {
+            return Err(
+                Error::generic(format!("export '{}' still in use", export.id))
+                    .with_hint("Use mode='hard' to force client disconnect"),
+            );
+        }
+        self.remove(export).await;
+        Ok(())
+    }
+
+    /// Disconnects an export's clients, releases its node and announces its end.
+    async fn remove(&self, export: &Rc<Export>) {
+        export.disconnect_all().await;
+        if let Some(hold) = export.hold.borrow_mut().take() {
+            self.graph.detach(hold);
+        }
+        self.exports.borrow_mut().retain(|e| !Rc::ptr_eq(e, export));
+        self.events.emit(
+            "BLOCK_EXPORT_DELETED",
+            QDict::new().with("id", export.id.as_str()),
+        );
+    }
+
+    /// Closes every export and the server (daemon exit).
+    pub async fn close_all(&self) {
+        if self.stop().await.is_err() {
+            let all: Vec<Rc<Export>> = self.exports.borrow().iter().rev().cloned().collect();
+            for e in all {
+                self.remove(&e).await;
+            }
+        }
+    }
+
+    /// `query-block-exports`.
+    pub fn query(&self) -> Vec<QDict> {
+        self.exports
+            .borrow()
+            .iter()
+            .map(|e| {
+                QDict::new()
+                    .with("id", e.id.as_str())
+                    .with("type", "nbd")
+                    .with("node-name", e.node.name())
+                    .with("shutting-down", e.shutting_down.get())
+            })
+            .collect()
+    }
+}

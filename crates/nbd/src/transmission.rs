@@ -1,0 +1,402 @@
+//! The transmission phase: requests in, replies out, up to `MAX_IN_FLIGHT` at a time.
+
+use crate::handshake::{MetaContext, Session};
+use crate::proto::*;
+use ferrite_block::{Node, ReqFlags};
+use std::io;
+use std::rc::Rc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, Semaphore};
+
+/// Requests one client may have in flight (QEMU's server allows 16).
+const MAX_IN_FLIGHT: usize = 16;
+/// Most block status descriptors in one reply.
+const MAX_EXTENTS: usize = 1 << 16;
+
+struct Request {
+    flags: u16,
+    ty: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+}
+
+type SharedWriter<W> = Rc<Mutex<W>>;
+
+/// What a request produced.
+enum Outcome {
+    Ok,
+    Data(Vec<u8>),
+    Err(u32),
+}
+
+fn simple_reply(cookie: u64, error: u32, data_len: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16 + data_len);
+    h.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    h.extend_from_slice(&error.to_be_bytes());
+    h.extend_from_slice(&cookie.to_be_bytes());
+    h
+}
+
+fn chunk_header(flags: u16, ty: u16, cookie: u64, len: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20 + len as usize);
+    h.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h.extend_from_slice(&flags.to_be_bytes());
+    h.extend_from_slice(&ty.to_be_bytes());
+    h.extend_from_slice(&cookie.to_be_bytes());
+    h.extend_from_slice(&len.to_be_bytes());
+    h
+}
+
+fn error_chunk(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
+    let mut c = chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + msg.len() as u32,
+    );
+    c.extend_from_slice(&error.to_be_bytes());
+    c.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    c.extend_from_slice(msg.as_bytes());
+    c
+}
+
+/// Serves requests until the client disconnects or `kicked` resolves.
+pub(crate) async fn serve<R, W>(session: Session, mut r: R, w: W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let w: SharedWriter<W> = Rc::new(Mutex::new(w));
+    let slots = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let export = session.export.clone();
+    let session = Rc::new(session);
+    loop {
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        let req = tokio::select! {
+            r = read_request(&mut r) => r?,
+            _ = export.kick.notified() => break,
+        };
+        if req.ty == CMD_DISC {
+            break;
+        }
+        // A write's payload follows its header; read it before the next request.
+        let payload = if req.ty == CMD_WRITE {
+            if req.len > MAX_BUFFER {
+                tokio::io::copy(
+                    &mut (&mut r).take(u64::from(req.len)),
+                    &mut tokio::io::sink(),
+                )
+                .await?;
+                None
+            } else {
+                let mut buf = vec![0u8; req.len as usize];
+                r.read_exact(&mut buf).await?;
+                Some(buf)
+            }
+        } else {
+            None
+        };
+        let session = session.clone();
+        let w = w.clone();
+        tokio::task::spawn_local(async move {
+            let _permit = permit;
+            let _ = handle(&session, req, payload, &w).await;
+        });
+    }
+    // Let requests in flight finish and reply before the connection closes.
+    let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+    let mut w = w.lock().await;
+    let _ = w.flush().await;
+    Ok(())
+}
+
+async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Request> {
+    let mut h = [0u8; 28];
+    r.read_exact(&mut h).await?;
+    let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+    if magic != REQUEST_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad request magic",
+        ));
+    }
+    Ok(Request {
+        flags: u16::from_be_bytes([h[4], h[5]]),
+        ty: u16::from_be_bytes([h[6], h[7]]),
+        cookie: u64::from_be_bytes(h[8..16].try_into().unwrap_or_default()),
+        offset: u64::from_be_bytes(h[16..24].try_into().unwrap_or_default()),
+        len: u32::from_be_bytes([h[24], h[25], h[26], h[27]]),
+    })
+}
+
+/// Checks a request before it runs: QEMU's EINVAL/EPERM rules.
+fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), u32> {
+    let export = &session.export;
+    let allowed = match req.ty {
+        CMD_READ => CMD_FLAG_DF | CMD_FLAG_FUA,
+        CMD_WRITE => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_TRIM => CMD_FLAG_FUA,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        CMD_FLUSH | CMD_CACHE => 0,
+        _ => return Err(EINVAL),
+    };
+    if req.flags & !allowed != 0 || (req.flags & CMD_FLAG_DF != 0 && !session.structured) {
+        return Err(EINVAL);
+    }
+    if matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) && !export.writable {
+        return Err(EPERM);
+    }
+    if matches!(req.ty, CMD_READ | CMD_WRITE) && req.len > MAX_BUFFER {
+        return Err(EINVAL);
+    }
+    if req.ty == CMD_WRITE && !has_payload {
+        return Err(EINVAL);
+    }
+    if req.ty != CMD_FLUSH {
+        let end = req.offset.checked_add(u64::from(req.len)).ok_or(EINVAL)?;
+        if end > export.node.len() {
+            return Err(EINVAL);
+        }
+    }
+    if req.ty == CMD_BLOCK_STATUS && (req.len == 0 || session.contexts.is_empty()) {
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+async fn handle<W: AsyncWrite + Unpin>(
+    session: &Session,
+    req: Request,
+    payload: Option<Vec<u8>>,
+    w: &SharedWriter<W>,
+) -> io::Result<()> {
+    if let Err(e) = validate(session, &req, payload.is_some()) {
+        return send_outcome(session, &req, Outcome::Err(e), w).await;
+    }
+    let node = session.export.node.clone();
+    let fua = req.flags & CMD_FLAG_FUA != 0 || session.export.writethrough;
+    let flags = if fua {
+        ReqFlags::FUA
+    } else {
+        ReqFlags::empty()
+    };
+    let map = |r: io::Result<()>| match r {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::Err(errno_to_nbd(&e)),
+    };
+    let outcome = match req.ty {
+        CMD_READ => {
+            if session.structured && req.flags & CMD_FLAG_DF == 0 && req.len > 0 {
+                return sparse_read(&node, &req, w).await;
+            }
+            match node.read(req.offset, req.len as usize).await {
+                Ok(d) => Outcome::Data(d),
+                Err(e) => Outcome::Err(errno_to_nbd(&e)),
+            }
+        }
+        CMD_WRITE => map(node
+            .write(req.offset, payload.unwrap_or_default(), flags)
+            .await),
+        CMD_WRITE_ZEROES => {
+            let mut zf = flags;
+            if req.flags & CMD_FLAG_NO_HOLE == 0 {
+                zf |= ReqFlags::MAY_UNMAP;
+            }
+            if req.flags & CMD_FLAG_FAST_ZERO != 0 {
+                if !node.can_fast_zero() {
+                    return send_outcome(session, &req, Outcome::Err(ENOTSUP), w).await;
+                }
+                zf |= ReqFlags::NO_FALLBACK;
+            }
+            map(node.write_zeroes(req.offset, u64::from(req.len), zf).await)
+        }
+        CMD_TRIM => {
+            let r = node.discard(req.offset, u64::from(req.len)).await;
+            match r {
+                Ok(()) if fua => map(node.flush().await),
+                other => map(other),
+            }
+        }
+        CMD_FLUSH => map(node.flush().await),
+        CMD_CACHE => Outcome::Ok,
+        CMD_BLOCK_STATUS => return block_status(session, &node, &req, w).await,
+        _ => Outcome::Err(EINVAL),
+    };
+    send_outcome(session, &req, outcome, w).await
+}
+
+async fn send_outcome<W: AsyncWrite + Unpin>(
+    session: &Session,
+    req: &Request,
+    outcome: Outcome,
+    w: &SharedWriter<W>,
+) -> io::Result<()> {
+    let mut w = w.lock().await;
+    match (session.structured, outcome) {
+        (false, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0, 0)).await?,
+        (false, Outcome::Err(e)) => w.write_all(&simple_reply(req.cookie, e, 0)).await?,
+        (false, Outcome::Data(d)) => {
+            w.write_all(&simple_reply(req.cookie, 0, d.len())).await?;
+            w.write_all(&d).await?;
+        }
+        (true, Outcome::Ok) => {
+            w.write_all(&chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.cookie,
+                0,
+            ))
+            .await?;
+        }
+        (true, Outcome::Err(e)) => w.write_all(&error_chunk(req.cookie, e, "")).await?,
+        (true, Outcome::Data(d)) => {
+            let mut h = chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + d.len() as u32,
+            );
+            h.extend_from_slice(&req.offset.to_be_bytes());
+            w.write_all(&h).await?;
+            w.write_all(&d).await?;
+        }
+    }
+    w.flush().await
+}
+
+/// A structured read that sends holes as hole chunks instead of zeroes.
+async fn sparse_read<W: AsyncWrite + Unpin>(
+    node: &Rc<Node>,
+    req: &Request,
+    w: &SharedWriter<W>,
+) -> io::Result<()> {
+    let end = req.offset + u64::from(req.len);
+    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+    let mut off = req.offset;
+    while off < end {
+        match node.block_status(off, end - off).await {
+            Ok(e) => {
+                let hole = e.zero && !e.data;
+                match pieces.last_mut() {
+                    Some(last) if last.2 == hole => last.1 += e.len,
+                    _ => pieces.push((off, e.len, hole)),
+                }
+                off += e.len;
+            }
+            Err(_) => {
+                pieces.push((off, end - off, false));
+                break;
+            }
+        }
+    }
+    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(pieces.len() * 2);
+    for (i, (off, len, hole)) in pieces.iter().enumerate() {
+        let flags = if i + 1 == pieces.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        if *hole {
+            let mut c = chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+            c.extend_from_slice(&off.to_be_bytes());
+            c.extend_from_slice(&(*len as u32).to_be_bytes());
+            chunks.push(c);
+        } else {
+            match node.read(*off, *len as usize).await {
+                Ok(data) => {
+                    let mut c =
+                        chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + *len as u32);
+                    c.extend_from_slice(&off.to_be_bytes());
+                    chunks.push(c);
+                    chunks.push(data);
+                }
+                Err(e) => {
+                    // Nothing has been sent yet: the whole read fails with one error chunk.
+                    let mut w = w.lock().await;
+                    w.write_all(&error_chunk(req.cookie, errno_to_nbd(&e), ""))
+                        .await?;
+                    return w.flush().await;
+                }
+            }
+        }
+    }
+    let mut w = w.lock().await;
+    for c in &chunks {
+        w.write_all(c).await?;
+    }
+    w.flush().await
+}
+
+async fn block_status<W: AsyncWrite + Unpin>(
+    session: &Session,
+    node: &Rc<Node>,
+    req: &Request,
+    w: &SharedWriter<W>,
+) -> io::Result<()> {
+    let end = req.offset + u64::from(req.len);
+    let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    let mut replies = Vec::new();
+    for ctx in &session.contexts {
+        let mut descs: Vec<(u32, u32)> = Vec::new();
+        let mut off = req.offset;
+        while off < end && descs.len() < MAX_EXTENTS {
+            let e = match node
+                .block_status(off, (end - off).min(u64::from(u32::MAX) & !511))
+                .await
+            {
+                Ok(e) => e,
+                Err(err) => {
+                    let mut w = w.lock().await;
+                    w.write_all(&error_chunk(req.cookie, errno_to_nbd(&err), ""))
+                        .await?;
+                    return w.flush().await;
+                }
+            };
+            let flags = match ctx {
+                MetaContext::BaseAllocation => {
+                    (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
+                }
+                MetaContext::AllocationDepth => u32::from(e.allocated),
+            };
+            match descs.last_mut() {
+                Some(last)
+                    if last.1 == flags && u64::from(last.0) + e.len <= u64::from(u32::MAX) =>
+                {
+                    last.0 += e.len as u32;
+                }
+                _ => descs.push((e.len as u32, flags)),
+            }
+            off += e.len;
+            if one {
+                break;
+            }
+        }
+        let mut c = chunk_header(
+            0,
+            REPLY_TYPE_BLOCK_STATUS,
+            req.cookie,
+            4 + 8 * descs.len() as u32,
+        );
+        c.extend_from_slice(&ctx.id().to_be_bytes());
+        for (len, flags) in descs {
+            c.extend_from_slice(&len.to_be_bytes());
+            c.extend_from_slice(&flags.to_be_bytes());
+        }
+        replies.push(c);
+    }
+    if let Some(last) = replies.last_mut() {
+        // Set DONE on the final chunk (flags are bytes 4..6 of the header).
+        last[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    }
+    let mut w = w.lock().await;
+    for c in &replies {
+        w.write_all(c).await?;
+    }
+    w.flush().await
+}
