@@ -91,8 +91,22 @@ pub trait Driver {
         Ok(())
     }
 
-    /// The file name QEMU shows for the node.
-    fn filename(&self, node: &Node) -> String;
+    /// The node's own file name, if it has one (a protocol node's path). Other nodes show
+    /// their child's when they pass it through unchanged, or a `json:` description.
+    fn plain_filename(&self) -> Option<String> {
+        None
+    }
+
+    /// Whether the node presents its `file` child's bytes unchanged (raw without a window).
+    fn is_passthrough(&self) -> bool {
+        false
+    }
+
+    /// The options that make this node what it is, for `json:` file names (QEMU's "strong
+    /// options"): the driver's own, not the common ones.
+    fn strong_options(&self) -> QDict {
+        QDict::new()
+    }
 
     /// Bytes the node occupies on its storage, if known.
     fn actual_size(&self, _node: &Node) -> Option<u64> {

@@ -3,7 +3,7 @@
 
 use crate::drivers::{file::FileDriver, file::FileOpen, null::NullDriver, raw::RawDriver};
 use crate::io::{IoBackend, ThreadPool, Uring};
-use crate::node::{Child, DetectZeroes, Node, NodeSettings, Parent, Use};
+use crate::node::{Child, DetectZeroes, Drained, Node, NodeSettings, Parent, Use};
 use crate::perm::Perm;
 use ferrite_qapi::{Args, Error, ErrorClass, id_wellformed};
 use ferrite_qobject::{QDict, QObject};
@@ -227,7 +227,7 @@ impl Graph {
                 Box::new(drv)
             }
             "null-co" | "null-aio" => {
-                let mut json = QDict::new().with("driver", driver_name);
+                let mut json = QDict::new();
                 if let Some(s) = opts.get("size") {
                     json.insert("size", s.clone());
                 }
@@ -349,7 +349,7 @@ impl Graph {
         let Some(me) = users.iter().find(|u| u.id == id) else {
             return Ok(());
         };
-        if node.read_only.get() && me.perm.intersects(Perm::WRITE | Perm::RESIZE) {
+        if node.read_only.get() && me.perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) {
             return Err(Error::generic("Block node is read-only"));
         }
         for other in users.iter().filter(|u| u.id != id) {
@@ -440,11 +440,12 @@ impl Graph {
     pub async fn resize(&self, node: &Rc<Node>, size: i64) -> Result<(), Error> {
         let size = u64::try_from(size)
             .map_err(|_| Error::generic("Parameter 'size' expects a >0 size"))?;
+        let hold = self.attach(node, "block_resize", Perm::RESIZE, Perm::all())?;
         if node.is_read_only() {
+            self.detach(hold);
             return Err(Error::generic("Image is read-only"));
         }
-        let hold = self.attach(node, "block_resize", Perm::RESIZE, Perm::all())?;
-        let drained = node.drain().await;
+        let drained = self.drain(node).await;
         let r = node.truncate(size).await;
         drop(drained);
         self.detach(hold);
@@ -452,6 +453,24 @@ impl Graph {
             Some(libc::ENOTSUP) => Error::generic("Image format driver does not support resize"),
             _ => Error::generic(format!("Could not resize: {}", ferrite_qapi::os_msg(&e))),
         })
+    }
+
+    /// Drains a node and every node above it.
+    pub async fn drain(&self, node: &Rc<Node>) -> Drained {
+        let mut set: Vec<Rc<Node>> = vec![node.clone()];
+        let mut i = 0;
+        while i < set.len() {
+            for u in set[i].users() {
+                if let Parent::Node { parent, .. } = &u.parent
+                    && let Some(p) = self.find(parent)
+                    && !set.iter().any(|n| Rc::ptr_eq(n, &p))
+                {
+                    set.push(p);
+                }
+            }
+            i += 1;
+        }
+        crate::node::drain(set).await
     }
 
     /// Flushes every node, parents before children (daemon exit).

@@ -9,7 +9,7 @@ use std::rc::Rc;
 pub(crate) fn image_info(node: &Node) -> QDict {
     let mut d = QDict::new()
         .with("virtual-size", node.len())
-        .with("filename", node.driver.filename(node))
+        .with("filename", node.filename())
         .with("format", node.driver_name());
     match node.driver.actual_size(node) {
         Some(a) => d.insert("actual-size", a),
@@ -27,7 +27,7 @@ pub(crate) fn image_info(node: &Node) -> QDict {
 /// `BlockDeviceInfo` for a node.
 pub(crate) fn device_info(node: &Node) -> QDict {
     let mut d = QDict::new()
-        .with("file", node.driver.filename(node))
+        .with("file", node.filename())
         .with("node-name", node.name())
         .with("ro", node.is_read_only())
         .with("drv", node.driver_name())

@@ -4,7 +4,7 @@
 use crate::driver::{Driver, Extent, ReqFlags};
 use crate::perm::Perm;
 use crate::stats::{IoKind, Stats};
-use ferrite_qobject::QDict;
+use ferrite_qobject::{QDict, QObject};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
@@ -98,18 +98,35 @@ pub struct Node {
     resumed: Notify,
 }
 
-/// A drained section: no new requests start on the node until it is dropped.
-#[must_use = "the node stays quiesced only while this is held"]
-pub struct Drained(Rc<Node>);
+/// A drained section: root users (exports, jobs) start no new requests on the drained nodes
+/// until it is dropped; the holder itself may still issue requests.
+#[must_use = "the nodes stay quiesced only while this is held"]
+pub struct Drained(Vec<Rc<Node>>);
 
 impl Drop for Drained {
     fn drop(&mut self) {
-        let q = self.0.quiesce.get().saturating_sub(1);
-        self.0.quiesce.set(q);
-        if q == 0 {
-            self.0.resumed.notify_waiters();
+        for node in &self.0 {
+            let q = node.quiesce.get().saturating_sub(1);
+            node.quiesce.set(q);
+            if q == 0 {
+                node.resumed.notify_waiters();
+            }
         }
     }
+}
+
+/// Quiesces `nodes` (a node and everything above it): waits until none has requests in flight
+/// (QEMU: `bdrv_drained_begin`).
+pub(crate) async fn drain(nodes: Vec<Rc<Node>>) -> Drained {
+    for n in &nodes {
+        n.quiesce.set(n.quiesce.get() + 1);
+    }
+    for n in &nodes {
+        while n.in_flight.get() > 0 {
+            n.idle.notified().await;
+        }
+    }
+    Drained(nodes)
 }
 
 /// Settings common to every node (`BlockdevOptions` base members).
@@ -160,6 +177,37 @@ impl Node {
     /// The options the node was opened with (`BlockdevOptions`, as given).
     pub fn options(&self) -> &QDict {
         &self.options
+    }
+
+    /// The file name QEMU shows for the node (`bdrv_refresh_filename`).
+    pub fn filename(&self) -> String {
+        if let Some(f) = self.driver.plain_filename() {
+            return f;
+        }
+        if self.driver.is_passthrough()
+            && let Some(file) = self.child("file")
+        {
+            return file.filename();
+        }
+        format!(
+            "json:{}",
+            ferrite_qobject::to_json(&QObject::Dict(self.full_options()))
+        )
+    }
+
+    /// The options that recreate this node and its children (`json:` file names).
+    pub fn full_options(&self) -> QDict {
+        let mut d = QDict::new().with("driver", self.driver_name());
+        for (k, v) in self.driver.strong_options().iter() {
+            d.insert(k, v.clone());
+        }
+        if let Some(f) = self.driver.plain_filename() {
+            d.insert("filename", f);
+        }
+        for c in self.children() {
+            d.insert(c.name.clone(), c.node.full_options());
+        }
+        d
     }
 
     /// The node name.
@@ -231,21 +279,15 @@ impl Node {
             })
     }
 
-    /// Quiesces the node: waits for requests in flight to finish; none start until the
-    /// returned guard is dropped (QEMU: `bdrv_drained_begin`).
-    pub async fn drain(self: &Rc<Self>) -> Drained {
-        self.quiesce.set(self.quiesce.get() + 1);
-        while self.in_flight.get() > 0 {
-            self.idle.notified().await;
-        }
-        Drained(self.clone())
-    }
-
-    /// Entry to every request: waits while drained and counts the request in flight.
-    async fn begin(&self) -> InFlight<'_> {
+    /// For root users: waits while the node is drained, before submitting a request.
+    pub async fn wait_unquiesced(&self) {
         while self.quiesce.get() > 0 {
             self.resumed.notified().await;
         }
+    }
+
+    /// Entry to every request: counts it in flight.
+    async fn begin(&self) -> InFlight<'_> {
         self.in_flight.set(self.in_flight.get() + 1);
         InFlight(self)
     }

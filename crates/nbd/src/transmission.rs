@@ -180,6 +180,7 @@ async fn handle<W: AsyncWrite + Unpin>(
         return send_outcome(session, &req, Outcome::Err(e), w).await;
     }
     let node = session.export.node.clone();
+    node.wait_unquiesced().await;
     let fua = req.flags & CMD_FLAG_FUA != 0 || session.export.writethrough;
     let flags = if fua {
         ReqFlags::FUA

@@ -251,8 +251,8 @@ impl Driver for FileDriver {
         super::lock::apply(&self.file, &self.path, perm, shared)
     }
 
-    fn filename(&self, _node: &Node) -> String {
-        self.path.clone()
+    fn plain_filename(&self) -> Option<String> {
+        Some(self.path.clone())
     }
 
     fn actual_size(&self, _node: &Node) -> Option<u64> {

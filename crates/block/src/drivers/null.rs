@@ -4,7 +4,6 @@
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
 use crate::node::Node;
 use ferrite_qapi::{Args, Error};
-use ferrite_qobject::to_json;
 use std::cell::Cell;
 use std::time::Duration;
 
@@ -16,7 +15,8 @@ pub(crate) struct NullDriver {
     size: Cell<u64>,
     latency: Duration,
     read_zeroes: bool,
-    json: String,
+    /// The options given, for `json:` file names.
+    options: ferrite_qobject::QDict,
 }
 
 impl NullDriver {
@@ -35,7 +35,7 @@ impl NullDriver {
             size: Cell::new(size),
             latency: Duration::from_nanos(latency),
             read_zeroes: args.bool_or("read-zeroes", false),
-            json: format!("json:{}", to_json(&json_options.clone().into())),
+            options: json_options.clone(),
         })
     }
 
@@ -114,8 +114,8 @@ impl Driver for NullDriver {
         Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
     }
 
-    fn filename(&self, _node: &Node) -> String {
-        self.json.clone()
+    fn strong_options(&self) -> ferrite_qobject::QDict {
+        self.options.clone()
     }
 
     fn can_fast_zero(&self) -> bool {

@@ -2,7 +2,9 @@
 
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
 use crate::node::Node;
+use crate::perm::Perm;
 use ferrite_qapi::{Args, Error};
+use ferrite_qobject::QDict;
 use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
@@ -123,10 +125,26 @@ impl Driver for RawDriver {
         })
     }
 
-    fn filename(&self, node: &Node) -> String {
-        node.child("file")
-            .map(|f| f.driver.filename(&f))
-            .unwrap_or_default()
+    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        // A window into the file cannot follow a resize of the file.
+        if self.offset != 0 || self.size.get().is_some() {
+            (perm, shared - Perm::RESIZE)
+        } else {
+            (perm, shared)
+        }
+    }
+
+    fn is_passthrough(&self) -> bool {
+        self.offset == 0 && self.size.get().is_none()
+    }
+
+    fn strong_options(&self) -> QDict {
+        let mut d = QDict::new();
+        if self.offset != 0 {
+            d.insert("offset", self.offset);
+        }
+        d.insert_opt("size", self.size.get());
+        d
     }
 
     fn actual_size(&self, node: &Node) -> Option<u64> {

@@ -1,0 +1,123 @@
+"""Block graph QMP commands, compared with qemu-storage-daemon."""
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import normalize
+
+
+def image(tmp, name="img.raw", size="1M"):
+    path = os.path.join(tmp, name)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", path, size], check=True)
+    return path
+
+
+def seq_for(img):
+    return [
+        ("blockdev-add", {"driver": "null-co", "node-name": "n0", "size": 1048576}),
+        ("blockdev-add", {"driver": "null-aio", "node-name": "n1", "read-zeroes": True}),
+        ("blockdev-add", {"driver": "file", "node-name": "f0", "filename": img}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "f0"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r1", "file": {"driver": "file", "filename": img}}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r2", "file": "f0", "offset": 4096, "size": 8192}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r3", "file": "f0", "offset": 99999999}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r3", "file": "f0", "offset": 4096, "size": 1048576}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "n0"}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "1n"}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "n" * 40}),
+        ("blockdev-add", {"driver": "null-co"}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "n9", "size": "x"}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "n9", "bogus": 1}),
+        ("blockdev-add", {"driver": "nope", "node-name": "n9"}),
+        ("blockdev-add", {"driver": "file", "node-name": "f9", "filename": "/nonexistent"}),
+        ("blockdev-add", {"driver": "file", "node-name": "f9", "filename": img, "aio": "native"}),
+        ("blockdev-add", {"driver": "file", "node-name": "f9", "filename": img,
+                          "detect-zeroes": "unmap"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r9", "file": "nope"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r9", "file": 5}),
+        ("blockdev-del", {"node-name": "f0"}),
+        ("blockdev-del", {"node-name": "nope"}),
+        ("block-set-write-threshold", {"node-name": "nope", "write-threshold": 1}),
+        ("block-set-write-threshold", {"node-name": "f0", "write-threshold": 4096}),
+        ("block_resize", {"node-name": "n0", "size": 4096}),
+        ("block_resize", {"device": "r0", "size": 4096}),
+        ("block_resize", {"size": 4096}),
+        ("block_resize", {"node-name": "r0", "size": -1}),
+        ("block_resize", {"node-name": "r1", "size": 2097152}),
+        ("blockdev-add", {"driver": "file", "node-name": "ro", "filename": img, "read-only": True}),
+        ("block_resize", {"node-name": "ro", "size": 4096}),
+        ("query-named-block-nodes", None),
+        ("query-named-block-nodes", {"flat": True}),
+        ("query-block", None),
+        ("blockdev-del", {"node-name": "r2"}),
+        ("blockdev-del", {"node-name": "r1"}),
+        ("blockdev-del", {"node-name": "n1"}),
+        ("query-named-block-nodes", None),
+    ]
+
+
+def canon(rsp, workdir):
+    text = json.dumps(rsp, sort_keys=True).replace(str(workdir), "W")
+    # Auto-generated node names count differently; their shape is what matters.
+    text = re.sub(r"#block\d+", "#blockN", text)
+    # actual-size depends on file system allocation of the twin images, not on the daemon.
+    text = re.sub(r'"actual-size": \d+', '"actual-size": A', text)
+    return normalize(text)
+
+
+def test_sequence_matches_qsd(both):
+    qsd, ferrite = both()
+    out = []
+    for d in (qsd, ferrite):
+        img = image(str(d.workdir))
+        c = d.connect()
+        out.append([canon(c.cmd(n, a), d.workdir) for n, a in seq_for(img)])
+    for i, (want, got) in enumerate(zip(*out)):
+        assert got == want, (i, seq_for("IMG")[i])
+
+
+def test_blockstats_and_graph_match_qsd(both):
+    qsd, ferrite = both()
+    out = []
+    for d in (qsd, ferrite):
+        img = image(str(d.workdir))
+        c = d.connect()
+        for n, a in seq_for(img)[:6]:
+            c.cmd(n, a)
+        stats = c.cmd("query-blockstats", {"query-nodes": True})["return"]
+        for s in stats:
+            def strip(x):
+                x["stats"].pop("idle_time_ns", None)
+                for k in list(x["stats"]):
+                    if k.endswith("_time_ns"):
+                        x["stats"][k] = 0
+                if "parent" in x:
+                    strip(x["parent"])
+            strip(s)
+        graph = c.cmd("x-debug-query-block-graph")["return"]
+        ids = {n["id"]: n["name"] for n in graph["nodes"]}
+        edges = sorted((ids[e["parent"]], ids[e["child"]], e["name"], tuple(e["perm"]),
+                        tuple(e["shared-perm"])) for e in graph["edges"])
+        out.append((canon(stats, d.workdir), canon(edges, d.workdir),
+                    canon(c.cmd("query-blockstats"), d.workdir)))
+    assert out[1] == out[0]
+
+
+def test_write_threshold_event(ferrite, tmp_path):
+    img = image(str(tmp_path))
+    sock = str(tmp_path / "nbd.sock")
+    d = ferrite(["--blockdev", f"file,node-name=f0,filename={img}",
+                 "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                 "--export", "nbd,id=e0,node-name=f0,writable=on"])
+    c = d.connect()
+    assert c.cmd("block-set-write-threshold", {"node-name": "f0", "write-threshold": 65536}) == {"return": {}}
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write 61440 8192",
+                    f"nbd+unix:///f0?socket={sock}"], check=True, capture_output=True)
+    ev = json.loads(c.recv_line())
+    assert ev["event"] == "BLOCK_WRITE_THRESHOLD"
+    assert ev["data"] == {"node-name": "f0", "amount-exceeded": 4096, "write-threshold": 65536}
+    info = c.cmd("query-named-block-nodes")["return"]
+    assert info[0]["write_threshold"] == 0
