@@ -344,35 +344,47 @@ impl Graph {
         r
     }
 
-    fn check_conflicts(&self, node: &Node, id: u64) -> Result<(), Error> {
+    /// QEMU's compliance check between every pair of a node's users (newest first), then the
+    /// read-only rule.
+    fn check_conflicts(&self, node: &Node, _id: u64) -> Result<(), Error> {
         let users = node.users.borrow();
-        let Some(me) = users.iter().find(|u| u.id == id) else {
-            return Ok(());
+        let desc = |u: &Use| match &u.parent {
+            Parent::Node { parent, child } => {
+                format!(
+                    "node '{parent}' (uses node '{}' as '{child}' child)",
+                    node.name
+                )
+            }
+            Parent::Root(_) => format!(
+                "an unnamed block device (uses node '{}' as 'root' child)",
+                node.name
+            ),
         };
-        if node.read_only.get() && me.perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) {
-            return Err(Error::generic("Block node is read-only"));
+        for a in users.iter().rev() {
+            for b in users.iter().rev() {
+                if a.id == b.id {
+                    continue;
+                }
+                let denied = b.perm - a.shared;
+                if !denied.is_empty() {
+                    let names: Vec<&str> = Perm::NAMED
+                        .iter()
+                        .filter(|(p, _)| denied.contains(*p))
+                        .map(|(_, n)| *n)
+                        .collect();
+                    return Err(Error::generic(format!(
+                        "Permission conflict on node '{}': permissions '{}' are both required by {} and unshared by {}.",
+                        node.name,
+                        names.join(", "),
+                        desc(b),
+                        desc(a)
+                    )));
+                }
+            }
         }
-        for other in users.iter().filter(|u| u.id != id) {
-            let (desc, edge) = match &other.parent {
-                Parent::Node { parent, child } => (format!("node '{parent}'"), child.clone()),
-                Parent::Root(d) => (d.clone(), "root".to_owned()),
-            };
-            let denied = me.perm - other.shared;
-            if !denied.is_empty() {
-                return Err(Error::generic(format!(
-                    "Conflicts with use by {desc} as '{edge}', which does not allow '{}' on {}",
-                    denied.first_name(),
-                    node.name
-                )));
-            }
-            let used = other.perm - me.shared;
-            if !used.is_empty() {
-                return Err(Error::generic(format!(
-                    "Conflicts with use by {desc} as '{edge}', which uses '{}' on {}",
-                    used.first_name(),
-                    node.name
-                )));
-            }
+        let (perm, _) = node.cumulative_perms();
+        if node.read_only.get() && perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) {
+            return Err(Error::generic("Block node is read-only"));
         }
         Ok(())
     }

@@ -270,6 +270,9 @@ impl NbdService {
             ));
         }
         let writable = opts.bool_or("writable", false);
+        if writable && node.is_read_only() {
+            return Err(Error::generic("Cannot export read-only node as writable"));
+        }
         let mut perm = Perm::CONSISTENT_READ;
         if writable {
             perm |= Perm::WRITE;
@@ -368,6 +371,7 @@ impl NbdService {
         self.exports
             .borrow()
             .iter()
+            .rev()
             .map(|e| {
                 QDict::new()
                     .with("id", e.id.as_str())

@@ -27,7 +27,13 @@ type SharedWriter<W> = Rc<Mutex<W>>;
 enum Outcome {
     Ok,
     Data(Vec<u8>),
-    Err(u32),
+    /// An error and, for structured replies, its message.
+    Err(u32, String),
+}
+
+/// An I/O failure: the NBD errno, and the system's text for the message.
+fn io_failure(e: &io::Error) -> Outcome {
+    Outcome::Err(errno_to_nbd(e), ferrite_qapi::os_msg(e))
 }
 
 fn simple_reply(cookie: u64, error: u32, data_len: usize) -> Vec<u8> {
@@ -134,8 +140,23 @@ async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Request> {
     })
 }
 
-/// Checks a request before it runs: QEMU's EINVAL/EPERM rules.
-fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), u32> {
+/// A command's name in QEMU's messages.
+fn cmd_name(ty: u16) -> &'static str {
+    match ty {
+        CMD_READ => "read",
+        CMD_WRITE => "write",
+        CMD_DISC => "disconnect",
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        CMD_CACHE => "cache",
+        CMD_WRITE_ZEROES => "write zeroes",
+        CMD_BLOCK_STATUS => "block status",
+        _ => "<unknown>",
+    }
+}
+
+/// Checks a request before it runs: QEMU's rules, errors and messages.
+fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (u32, String)> {
     let export = &session.export;
     let allowed = match req.ty {
         CMD_READ => CMD_FLAG_DF | CMD_FLAG_FUA,
@@ -144,28 +165,52 @@ fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), u
         CMD_TRIM => CMD_FLAG_FUA,
         CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
         CMD_FLUSH | CMD_CACHE => 0,
-        _ => return Err(EINVAL),
+        other => return Err((EINVAL, format!("invalid request type ({other}) received"))),
     };
-    if req.flags & !allowed != 0 || (req.flags & CMD_FLAG_DF != 0 && !session.structured) {
-        return Err(EINVAL);
-    }
-    if matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) && !export.writable {
-        return Err(EPERM);
+    let allowed = if session.structured && req.ty == CMD_READ {
+        allowed
+    } else {
+        allowed & !CMD_FLAG_DF
+    };
+    if req.flags & !allowed != 0 {
+        return Err((
+            EINVAL,
+            format!(
+                "unsupported flags for command {} (got {:#x})",
+                cmd_name(req.ty),
+                req.flags & !allowed
+            ),
+        ));
     }
     if matches!(req.ty, CMD_READ | CMD_WRITE) && req.len > MAX_BUFFER {
-        return Err(EINVAL);
+        return Err((
+            EINVAL,
+            format!("len ({}) is larger than max len ({MAX_BUFFER})", req.len),
+        ));
     }
     if req.ty == CMD_WRITE && !has_payload {
-        return Err(EINVAL);
+        return Err((EINVAL, String::new()));
     }
-    if req.ty != CMD_FLUSH {
-        let end = req.offset.checked_add(u64::from(req.len)).ok_or(EINVAL)?;
-        if end > export.node.len() {
-            return Err(EINVAL);
-        }
+    if matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) && !export.writable {
+        return Err((EPERM, "export is read-only".into()));
     }
-    if req.ty == CMD_BLOCK_STATUS && (req.len == 0 || session.contexts.is_empty()) {
-        return Err(EINVAL);
+    let size = export.node.len();
+    if req.ty != CMD_FLUSH
+        && req
+            .offset
+            .checked_add(u64::from(req.len))
+            .is_none_or(|end| end > size)
+    {
+        return Err((
+            EINVAL,
+            format!(
+                "operation past EOF; From: {}, Len: {}, Size: {size}",
+                req.offset, req.len
+            ),
+        ));
+    }
+    if req.ty == CMD_BLOCK_STATUS && session.contexts.is_empty() {
+        return Err((EINVAL, "need to negotiate meta context".into()));
     }
     Ok(())
 }
@@ -176,8 +221,8 @@ async fn handle<W: AsyncWrite + Unpin>(
     payload: Option<Vec<u8>>,
     w: &SharedWriter<W>,
 ) -> io::Result<()> {
-    if let Err(e) = validate(session, &req, payload.is_some()) {
-        return send_outcome(session, &req, Outcome::Err(e), w).await;
+    if let Err((e, msg)) = validate(session, &req, payload.is_some()) {
+        return send_outcome(session, &req, Outcome::Err(e, msg), w).await;
     }
     let node = session.export.node.clone();
     node.wait_unquiesced().await;
@@ -189,7 +234,7 @@ async fn handle<W: AsyncWrite + Unpin>(
     };
     let map = |r: io::Result<()>| match r {
         Ok(()) => Outcome::Ok,
-        Err(e) => Outcome::Err(errno_to_nbd(&e)),
+        Err(e) => io_failure(&e),
     };
     let outcome = match req.ty {
         CMD_READ => {
@@ -198,7 +243,7 @@ async fn handle<W: AsyncWrite + Unpin>(
             }
             match node.read(req.offset, req.len as usize).await {
                 Ok(d) => Outcome::Data(d),
-                Err(e) => Outcome::Err(errno_to_nbd(&e)),
+                Err(e) => io_failure(&e),
             }
         }
         CMD_WRITE => map(node
@@ -211,7 +256,8 @@ async fn handle<W: AsyncWrite + Unpin>(
             }
             if req.flags & CMD_FLAG_FAST_ZERO != 0 {
                 if !node.can_fast_zero() {
-                    return send_outcome(session, &req, Outcome::Err(ENOTSUP), w).await;
+                    let out = Outcome::Err(ENOTSUP, String::new());
+                    return send_outcome(session, &req, out, w).await;
                 }
                 zf |= ReqFlags::NO_FALLBACK;
             }
@@ -227,7 +273,7 @@ async fn handle<W: AsyncWrite + Unpin>(
         CMD_FLUSH => map(node.flush().await),
         CMD_CACHE => Outcome::Ok,
         CMD_BLOCK_STATUS => return block_status(session, &node, &req, w).await,
-        _ => Outcome::Err(EINVAL),
+        _ => Outcome::Err(EINVAL, String::new()),
     };
     send_outcome(session, &req, outcome, w).await
 }
@@ -241,21 +287,14 @@ async fn send_outcome<W: AsyncWrite + Unpin>(
     let mut w = w.lock().await;
     match (session.structured, outcome) {
         (false, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0, 0)).await?,
-        (false, Outcome::Err(e)) => w.write_all(&simple_reply(req.cookie, e, 0)).await?,
+        (false, Outcome::Err(e, _)) => w.write_all(&simple_reply(req.cookie, e, 0)).await?,
         (false, Outcome::Data(d)) => {
             w.write_all(&simple_reply(req.cookie, 0, d.len())).await?;
             w.write_all(&d).await?;
         }
-        (true, Outcome::Ok) => {
-            w.write_all(&chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_NONE,
-                req.cookie,
-                0,
-            ))
-            .await?;
-        }
-        (true, Outcome::Err(e)) => w.write_all(&error_chunk(req.cookie, e, "")).await?,
+        // Like QEMU, a success without data gets a simple reply even in structured mode.
+        (true, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0, 0)).await?,
+        (true, Outcome::Err(e, msg)) => w.write_all(&error_chunk(req.cookie, e, &msg)).await?,
         (true, Outcome::Data(d)) => {
             let mut h = chunk_header(
                 REPLY_FLAG_DONE,

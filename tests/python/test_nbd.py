@@ -1,0 +1,327 @@
+"""The NBD server with real clients (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) and protocol
+edge cases, against qemu-storage-daemon where it has an answer."""
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+
+import pytest
+
+import nbdclient as nc
+from conftest import Daemon, FERRITE, QSD, normalize, wait_for
+
+
+def mkimg(path, size="64M"):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), size], check=True)
+    return str(path)
+
+
+def serve(start, tmp, writable=True, extra_export="", size="64M", blockdev=None):
+    img = mkimg(tmp / "disk.raw", size)
+    sock = str(tmp / "nbd.sock")
+    bd = blockdev or [f"driver=file,node-name=f0,filename={img}", "raw,node-name=d0,file=f0"]
+    args = []
+    for b in bd:
+        args += ["--blockdev", b]
+    args += ["--nbd-server", f"addr.type=unix,addr.path={sock}",
+             "--export", f"nbd,id=e0,node-name=d0,writable={'on' if writable else 'off'}{extra_export}"]
+    d = start(args)
+    return d, img, sock
+
+
+def uri(sock, name="d0"):
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+def run(*cmd, check=True):
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=120)
+
+
+def test_qemu_io_patterns_read_back(ferrite, tmp_path):
+    d, img, sock = serve(ferrite, tmp_path)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "write -P 0xcd 1M 4k",
+        "-c", "write -z 2M 1M", "-c", "discard 4M 1M", "-c", "write -P 0x11 70001 3",
+        "-c", "flush", uri(sock))
+    r = run("qemu-io", "-f", "raw", "-c", "read -P 0xab 0 64k", "-c", "read -P 0xcd 1M 4k",
+            "-c", "read -P 0 2M 1M", "-c", "read -P 0x11 70001 3", uri(sock))
+    assert "Pattern verification failed" not in r.stdout + r.stderr
+    run("qemu-io", "-f", "raw", "-c", "read -P 0xab 0 64k", "-c", "read -P 0x11 70001 3", img)
+    # qemu-img compare over NBD against the file itself.
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock), img)
+
+
+def test_map_and_info_match_qsd(tmp_path):
+    results = []
+    for which in ("qsd", "ferrite"):
+        sub = tmp_path / which
+        sub.mkdir()
+        results.append(sub)
+    # Build each daemon with the same image contents, then compare what clients see.
+    seen = []
+    for binary, sub in ((QSD, results[0]), (FERRITE, results[1])):
+        img = mkimg(sub / "disk.raw")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "write -P 1 8M 1M", img)
+        sock = str(sub / "nbd.sock")
+        d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=f0,filename={img}",
+                                       "--blockdev", "raw,node-name=d0,file=f0",
+                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                       "--export", "nbd,id=e0,node-name=d0,description=the disk"])
+        try:
+            m = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", uri(sock)).stdout)
+            info = run("nbdinfo", "--json", uri(sock)).stdout
+            lst = run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}").stdout
+            nmap = run("nbdinfo", "--map", uri(sock)).stdout
+            seen.append((m, json.loads(info), json.loads(lst), nmap))
+        finally:
+            d.stop()
+    (qm, qi, ql, qn), (fm, fi, fl, fn) = seen
+    assert fm == qm
+    assert fn == qn
+    # Transmission flags: ferrite also advertises multi-conn on writable exports and the
+    # same flags otherwise; compare the export descriptions field by field.
+    for key in ("export-size", "export-name", "description", "is_read_only", "can_flush",
+                "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_df", "can_cache",
+                "block_size_minimum", "block_size_preferred", "block_size_maximum", "contexts"):
+        assert fi["exports"][0].get(key) == qi["exports"][0].get(key), key
+    assert [e["export-name"] for e in fl["exports"]] == [e["export-name"] for e in ql["exports"]]
+    assert [e.get("description") for e in fl["exports"]] == [e.get("description") for e in ql["exports"]]
+
+
+def test_nbdcopy_round_trip(ferrite, tmp_path):
+    d, img, sock = serve(ferrite, tmp_path, size="32M")
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.write(os.urandom(8 << 20))
+        f.truncate(32 << 20)
+    run("nbdcopy", str(src), uri(sock))
+    out = tmp_path / "out.raw"
+    run("nbdcopy", uri(sock), str(out))
+    assert open(src, "rb").read() == open(out, "rb").read()
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_fio_verify(ferrite, tmp_path):
+    d, img, sock = serve(ferrite, tmp_path, size="64M")
+    r = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={uri(sock)}", "--rw=randwrite",
+            "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c", "--do_verify=1",
+            "--output-format=json", check=False)
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0
+
+
+def test_read_only_export_refuses_writes(ferrite, tmp_path):
+    d, img, sock = serve(ferrite, tmp_path, writable=False)
+    r = run("qemu-io", "-f", "raw", "-c", "write 0 4k", uri(sock), check=False)
+    assert "Operation not permitted" in r.stdout + r.stderr or r.returncode != 0
+    c = nc.Nbd(sock)
+    c.structured()
+    c.go("d0")
+    c.request(nc.CMD_WRITE, 0, 4, payload=b"abcd")
+    chunk = c.chunks()
+    assert chunk[0][0] == 32769 and struct.unpack(">I", chunk[0][1][:4])[0] == 1  # EPERM
+
+
+class _Out(list):
+    """A transcript that can echo its steps while being debugged."""
+    verbose = False
+
+    def append(self, item):
+        if self.verbose:
+            print(item, flush=True)
+        super().append(item)
+
+
+def edge_transcript(sock):
+    """Protocol edge cases; the answers are compared with qemu-storage-daemon's."""
+    out = _Out()
+    c = nc.Nbd(sock)
+    out.append(("hflags", c.hflags))
+    c.option(99, b"junk")
+    out.append(("unknown option", [t for t, _ in c.replies(99)]))
+    c.option(nc.OPT_LIST, b"x")
+    out.append(("list with payload", [t for t, _ in c.replies(nc.OPT_LIST)]))
+    out.append(("go unknown", [t for t, _ in c.go("nope")]))
+    out.append(("info", [(t, d[:2]) for t, d in c.go("d0", nc.OPT_INFO, (1, 2, 3))]))
+    out.append(("meta before structured",
+                [t for t, _ in c.meta(nc.OPT_SET_META_CONTEXT, "d0", ["base:allocation"])]))
+    out.append(("structured", [t for t, _ in c.structured()]))
+    out.append(("list meta", sorted(d[4:] for t, d in c.meta(nc.OPT_LIST_META_CONTEXT, "d0", []) if t == 4)))
+    out.append(("set meta", [(t, d[4:]) for t, d in c.meta(nc.OPT_SET_META_CONTEXT, "d0",
+                                                          ["base:allocation", "nope:x"])]))
+    out.append(("go", [t for t, _ in c.go("d0")]))
+    size = c.size
+    def err_of(chunks):
+        t, p = chunks[-1]
+        if t == "simple":
+            return ("simple", p)
+        if t == 32769:
+            err, mlen = struct.unpack(">IH", p[:6])
+            return (err, p[6:6 + mlen].decode())
+        return 0
+    c.request(nc.CMD_READ, size - 512, 1024)
+    out.append(("read past end", err_of(c.chunks())))
+    c.request(nc.CMD_WRITE, size - 2, 4, payload=b"wxyz")
+    out.append(("write past end", err_of(c.chunks())))
+    c.request(nc.CMD_READ, 0, 64 << 20)
+    out.append(("read too big", err_of(c.chunks())))
+    c.request(nc.CMD_READ, 0, 16, flags=0x80)
+    out.append(("unknown flag", err_of(c.chunks())))
+    c.request(nc.CMD_WRITE, 3, 5, payload=b"12345")
+    out.append(("unaligned write", err_of(c.chunks())))
+    c.request(nc.CMD_READ, 3, 5, flags=nc.FLAG_DF)
+    out.append(("unaligned read", c.chunks()))
+    c.request(nc.CMD_WRITE_ZEROES, 4096, 8192, flags=nc.FLAG_FAST_ZERO)
+    out.append(("fast zero", err_of(c.chunks())))
+    c.request(nc.CMD_BLOCK_STATUS, 0, 1 << 20, flags=nc.FLAG_REQ_ONE)
+    out.append(("block status", c.chunks()))
+    c.request(nc.CMD_TRIM, 0, 4096, flags=nc.FLAG_FUA)
+    out.append(("trim", err_of(c.chunks())))
+    c.request(nc.CMD_FLUSH)
+    out.append(("flush", err_of(c.chunks())))
+    c.request(nc.CMD_CACHE, 0, 4096)
+    out.append(("cache", err_of(c.chunks())))
+    c.request(99, 0, 0)
+    out.append(("unknown command", err_of(c.chunks())))
+    c.request(nc.CMD_DISC)
+    c.close()
+    # EXPORT_NAME on an unknown export: the server hangs up.
+    c = nc.Nbd(sock)
+    c.option(nc.OPT_EXPORT_NAME, b"nope")
+    try:
+        c.recv(1)
+        out.append(("export-name unknown", "answered"))
+    except (EOFError, ConnectionResetError):
+        out.append(("export-name unknown", "closed"))
+    return out
+
+
+def test_protocol_edge_cases_match_qsd(tmp_path):
+    seen = []
+    for binary in (QSD, FERRITE):
+        sub = tmp_path / os.path.basename(binary)
+        sub.mkdir()
+        img = mkimg(sub / "disk.raw", "1M")
+        sock = str(sub / "nbd.sock")
+        d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=f0,filename={img}",
+                                       "--blockdev", "raw,node-name=d0,file=f0",
+                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                       "--export", "nbd,id=e0,node-name=d0,writable=on"])
+        try:
+            seen.append(edge_transcript(sock))
+        finally:
+            d.stop()
+    for want, got in zip(*seen):
+        assert got == want
+
+
+def test_client_vanishing_mid_write_does_not_hurt(ferrite, tmp_path):
+    d, img, sock = serve(ferrite, tmp_path)
+    for _ in range(10):
+        c = nc.Nbd(sock)
+        c.go("d0")
+        c.s.sendall(struct.pack(">IHHQQI", nc.REQUEST_MAGIC, 0, nc.CMD_WRITE, 1, 0, 65536) + b"x" * 100)
+        c.close()
+    run("qemu-io", "-f", "raw", "-c", "read 0 4k", uri(sock))
+    assert d.proc.poll() is None
+
+
+def test_flushed_and_fua_writes_survive_sigkill(ferrite, tmp_path):
+    d, img, sock = serve(ferrite, tmp_path)
+    c = nc.Nbd(sock)
+    c.structured()
+    c.go("d0")
+    c.request(nc.CMD_WRITE, 0, 4096, flags=nc.FLAG_FUA, payload=b"\x5a" * 4096)
+    assert c.chunks() == [("simple", 0)]
+    c.request(nc.CMD_WRITE, 8192, 4096, payload=b"\xa5" * 4096)
+    c.chunks()
+    c.request(nc.CMD_FLUSH)
+    c.chunks()
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    data = open(img, "rb").read(12288)
+    assert data[:4096] == b"\x5a" * 4096
+    assert data[8192:] == b"\xa5" * 4096
+
+
+def test_max_connections(ferrite, tmp_path):
+    img = mkimg(tmp_path / "disk.raw", "1M")
+    sock = str(tmp_path / "nbd.sock")
+    d = ferrite(["--blockdev", f"driver=file,node-name=d0,filename={img}",
+                 "--nbd-server", f"addr.type=unix,addr.path={sock},max-connections=1",
+                 "--export", "nbd,id=e0,node-name=d0"])
+    first = nc.Nbd(sock)
+    second_sock = __import__("socket").socket(__import__("socket").AF_UNIX)
+    second_sock.connect(sock)
+    second_sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        second_sock.recv(1)
+    first.close()
+    second_sock.settimeout(10)
+    assert len(second_sock.recv(18)) > 0
+
+
+EXPORT_SEQ = [
+    ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "d0"}),
+    ("nbd-server-stop", None),
+    ("nbd-server-start", {"addr": {"type": "unix", "path": "SOCK"}}),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "SOCK"}}}),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "SOCK"}}}),
+    ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "d0", "writable": True}),
+    ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "d0"}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "d0", "name": "d0"}),
+    ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "nope"}),
+    ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "ro", "writable": True}),
+    ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "ro", "name": "ro"}),
+    ("query-block-exports", None),
+    ("blockdev-del", {"node-name": "d0"}),
+    ("block_resize", {"node-name": "d0", "size": 1 << 21}),
+    ("nbd-server-add", {"device": "f0", "name": "old"}),
+    ("nbd-server-remove", {"name": "old"}),
+    ("nbd-server-remove", {"name": "old"}),
+    ("block-export-del", {"id": "e3"}),
+    ("block-export-del", {"id": "e3"}),
+    ("query-block-exports", None),
+    ("nbd-server-stop", None),
+    ("nbd-server-stop", None),
+    ("query-block-exports", None),
+]
+
+
+def test_export_commands_and_events_match_qsd(both, tmp_path):
+    qsd, ferrite = both()
+    transcripts = []
+    for d in (qsd, ferrite):
+        img = mkimg(d.workdir / "disk.raw", "1M")
+        sock = str(d.workdir / "nbd.sock")
+        c = d.connect()
+        for name, args in [("blockdev-add", {"driver": "file", "node-name": "f0", "filename": img}),
+                           ("blockdev-add", {"driver": "raw", "node-name": "d0", "file": "f0"}),
+                           ("blockdev-add", {"driver": "null-co", "node-name": "ro", "read-only": True})]:
+            assert c.cmd(name, args) == {"return": {}}
+        lines = []
+        for name, args in EXPORT_SEQ:
+            req = {"execute": name}
+            if args is not None:
+                req["arguments"] = json.loads(json.dumps(args).replace("SOCK", sock))
+            c.send(json.dumps(req).encode())
+            while True:
+                msg = json.loads(c.recv_raw())
+                msg.pop("timestamp", None)
+                lines.append(json.dumps(msg, sort_keys=True))
+                if "event" not in msg:
+                    break
+        transcripts.append(lines)
+    assert transcripts[1] == transcripts[0]
+
+
+def test_quit_announces_exports_first(ferrite, tmp_path):
+    d, img, sock = serve(ferrite, tmp_path)
+    c = d.connect()
+    c.send(b'{"execute":"quit"}')
+    first = json.loads(c.recv_line())
+    assert first["event"] == "BLOCK_EXPORT_DELETED" and first["data"] == {"id": "e0"}
+    assert json.loads(c.recv_line()) == {"return": {}}
+    assert d.proc.wait(10) == 0
