@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q
 python3 bench/qmp.py
+python3 bench/nbd_fio.py

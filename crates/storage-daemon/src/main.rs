@@ -65,6 +65,8 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // The I/O thread pool: QEMU's aio=threads pool also stops at 64 workers.
+        .max_blocking_threads(64)
         .build()
     {
         Ok(r) => r,

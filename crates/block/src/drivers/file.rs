@@ -78,6 +78,31 @@ impl FileDriver {
     }
 }
 
+/// The extent at `offset` of a file: data, or a hole (which reads as zeroes). Every byte of a
+/// file counts as allocated at this layer, as QEMU reports it for protocol nodes.
+fn file_extent(file: &File, offset: u64, len: u64, size: u64) -> io::Result<Extent> {
+    let end = (offset + len).min(size);
+    let hole = |to: u64| Extent {
+        len: to - offset,
+        data: false,
+        zero: true,
+        allocated: true,
+    };
+    match seek(file, offset, true)? {
+        Some(d) if d > offset => Ok(hole(d.min(end))),
+        None => Ok(hole(end)),
+        Some(_) => {
+            let h = seek(file, offset, false)?.unwrap_or(end);
+            Ok(Extent {
+                len: h.clamp(offset + 1, end) - offset,
+                data: true,
+                zero: false,
+                allocated: true,
+            })
+        }
+    }
+}
+
 fn open_error(path: &str, e: &io::Error) -> Error {
     Error::generic(format!("Could not open '{path}': {}", os_msg(e)))
 }
@@ -194,37 +219,10 @@ impl Driver for FileDriver {
     }
 
     fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        let file = self.file.clone();
-        let size = self.size.get();
+        // SEEK_DATA/SEEK_HOLE only consult the file system's extent map, so they run inline
+        // like QEMU's; a trip through the thread pool would cost more than the call.
+        let ext = file_extent(&self.file, offset, len, self.size.get());
         Box::pin(async move {
-            let ext = crate::io::blocking(move || {
-                let end = (offset + len).min(size);
-                // Where data starts at or after offset; if after, [offset, data) is a hole.
-                match seek(&file, offset, true)? {
-                    Some(d) if d > offset => Ok(Extent {
-                        len: d.min(end) - offset,
-                        data: false,
-                        zero: true,
-                        allocated: false,
-                    }),
-                    None => Ok(Extent {
-                        len: end - offset,
-                        data: false,
-                        zero: true,
-                        allocated: false,
-                    }),
-                    Some(_) => {
-                        let hole = seek(&file, offset, false)?.unwrap_or(end);
-                        Ok(Extent {
-                            len: hole.clamp(offset + 1, end) - offset,
-                            data: true,
-                            zero: false,
-                            allocated: true,
-                        })
-                    }
-                }
-            })
-            .await;
             // A file system without SEEK_DATA: everything is data.
             Ok(ext.unwrap_or(Extent {
                 len,

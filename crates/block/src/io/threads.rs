@@ -14,6 +14,13 @@ pub struct ThreadPool;
 /// Reads `len` bytes at `offset`, zero-filling past the end of the file.
 pub(crate) fn read_full(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
+    read_into(file, offset, &mut buf)?;
+    Ok(buf)
+}
+
+/// Fills `buf` from `offset`, zero-filling past the end of the file.
+fn read_into(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let len = buf.len();
     let mut done = 0;
     while done < len {
         match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -23,18 +30,24 @@ pub(crate) fn read_full(file: &File, offset: u64, len: usize) -> io::Result<Vec<
             Err(e) => return Err(e),
         }
     }
-    Ok(buf)
+    buf[done..].fill(0);
+    Ok(())
 }
 
 impl IoBackend for ThreadPool {
     fn pread(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>> {
         let file = file.clone();
-        blocking(move || read_full(&file, offset, len))
+        // The buffer is allocated (and later freed) on the main thread, so memory does not
+        // pile up in the worker threads' allocator arenas.
+        let mut buf = vec![0u8; len];
+        blocking(move || read_into(&file, offset, &mut buf).map(|()| buf))
     }
 
     fn pwrite(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
         let file = file.clone();
-        blocking(move || file.write_all_at(&data, offset))
+        // Hand the buffer back so that it is freed on the main thread, like reads' buffers.
+        let w = blocking(move || file.write_all_at(&data, offset).map(|()| data));
+        Box::pin(async move { w.await.map(drop) })
     }
 
     fn fdatasync(&self, file: &Arc<File>) -> IoFuture<()> {
