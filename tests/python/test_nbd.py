@@ -325,3 +325,45 @@ def test_quit_announces_exports_first(ferrite, tmp_path):
     assert first["event"] == "BLOCK_EXPORT_DELETED" and first["data"] == {"id": "e0"}
     assert json.loads(c.recv_line()) == {"return": {}}
     assert d.proc.wait(10) == 0
+
+
+def io_uring_available():
+    try:
+        return open("/proc/sys/kernel/io_uring_disabled").read().strip() == "0"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not io_uring_available(), reason="io_uring is disabled on this machine")
+@pytest.mark.parametrize("aio", ["io_uring", "threads"])
+def test_backends_give_the_same_data(ferrite, tmp_path, aio):
+    d, img, sock = serve(ferrite, tmp_path, blockdev=[
+        f"driver=file,node-name=f0,filename={tmp_path / 'disk.raw'},aio={aio}",
+        "raw,node-name=d0,file=f0"])
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 4095 70000", "-c", "write -z 1M 64k",
+        "-c", "flush", uri(sock))
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x3c 4095 70000", "-c", "read -P 0 1M 64k",
+        "-c", "read -P 0 67108352 512", uri(sock))
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x3c 4095 70000", img)
+
+
+def test_locks_interoperate_with_qemu(ferrite, tmp_path):
+    """ferrite's OFD locks are QEMU's: each side sees the other's permissions."""
+    d, img, sock = serve(ferrite, tmp_path)
+    r = run("qemu-img", "resize", "-f", "raw", img, "128M", check=False)
+    assert r.returncode != 0
+    assert 'Failed to get "resize" lock' in r.stderr
+    d.stop()
+    # The other way round: qemu-storage-daemon holds the image, ferrite asks for resize.
+    qsock = str(tmp_path / "q.sock")
+    q = Daemon(QSD, tmp_path / "q", ["--blockdev", f"driver=file,node-name=f0,filename={img}",
+                                     "--nbd-server", f"addr.type=unix,addr.path={qsock}",
+                                     "--export", "nbd,id=e0,node-name=f0,writable=on"])
+    try:
+        f = ferrite()
+        c = f.connect()
+        assert c.cmd("blockdev-add", {"driver": "file", "node-name": "x", "filename": img}) == {"return": {}}
+        rsp = c.cmd("block_resize", {"node-name": "x", "size": 1 << 27})
+        assert rsp["error"]["desc"] == 'Failed to get "resize" lock'
+    finally:
+        q.stop()

@@ -91,12 +91,15 @@ pub struct Node {
     pub(crate) cache_direct: bool,
     pub(crate) cache_no_flush: bool,
     pub(crate) write_threshold: Cell<u64>,
-    pub(crate) threshold_hit: RefCell<Option<Box<dyn Fn(&Node, u64, u64)>>>,
+    pub(crate) threshold_hit: RefCell<Option<ThresholdHook>>,
     in_flight: Cell<u64>,
     quiesce: Cell<u32>,
     idle: Notify,
     resumed: Notify,
 }
+
+/// Called when a write crosses the node's write threshold: (node, bytes past it, threshold).
+pub(crate) type ThresholdHook = Box<dyn Fn(&Node, u64, u64)>;
 
 /// A drained section: root users (exports, jobs) start no new requests on the drained nodes
 /// until it is dropped; the holder itself may still issue requests.

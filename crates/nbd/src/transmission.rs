@@ -36,16 +36,17 @@ fn io_failure(e: &io::Error) -> Outcome {
     Outcome::Err(errno_to_nbd(e), ferrite_qapi::os_msg(e))
 }
 
-fn simple_reply(cookie: u64, error: u32, data_len: usize) -> Vec<u8> {
-    let mut h = Vec::with_capacity(16 + data_len);
+fn simple_reply(cookie: u64, error: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16);
     h.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     h.extend_from_slice(&error.to_be_bytes());
     h.extend_from_slice(&cookie.to_be_bytes());
     h
 }
 
+/// A chunk header, with room for a small payload (data payloads are written separately).
 fn chunk_header(flags: u16, ty: u16, cookie: u64, len: u32) -> Vec<u8> {
-    let mut h = Vec::with_capacity(20 + len as usize);
+    let mut h = Vec::with_capacity(20 + (len as usize).min(256));
     h.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     h.extend_from_slice(&flags.to_be_bytes());
     h.extend_from_slice(&ty.to_be_bytes());
@@ -100,7 +101,7 @@ where
                 .await?;
                 None
             } else {
-                let mut buf = vec![0u8; req.len as usize];
+                let mut buf = ferrite_block::io::pool::take(req.len as usize);
                 r.read_exact(&mut buf).await?;
                 Some(buf)
             }
@@ -286,14 +287,15 @@ async fn send_outcome<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut w = w.lock().await;
     match (session.structured, outcome) {
-        (false, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0, 0)).await?,
-        (false, Outcome::Err(e, _)) => w.write_all(&simple_reply(req.cookie, e, 0)).await?,
+        (false, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0)).await?,
+        (false, Outcome::Err(e, _)) => w.write_all(&simple_reply(req.cookie, e)).await?,
         (false, Outcome::Data(d)) => {
-            w.write_all(&simple_reply(req.cookie, 0, d.len())).await?;
+            w.write_all(&simple_reply(req.cookie, 0)).await?;
             w.write_all(&d).await?;
+            ferrite_block::io::pool::give(d);
         }
         // Like QEMU, a success without data gets a simple reply even in structured mode.
-        (true, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0, 0)).await?,
+        (true, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0)).await?,
         (true, Outcome::Err(e, msg)) => w.write_all(&error_chunk(req.cookie, e, &msg)).await?,
         (true, Outcome::Data(d)) => {
             let mut h = chunk_header(
@@ -305,6 +307,7 @@ async fn send_outcome<W: AsyncWrite + Unpin>(
             h.extend_from_slice(&req.offset.to_be_bytes());
             w.write_all(&h).await?;
             w.write_all(&d).await?;
+            ferrite_block::io::pool::give(d);
         }
     }
     w.flush().await
@@ -370,7 +373,9 @@ async fn sparse_read<W: AsyncWrite + Unpin>(
     for c in &chunks {
         w.write_all(c).await?;
     }
-    w.flush().await
+    let r = w.flush().await;
+    chunks.into_iter().for_each(ferrite_block::io::pool::give);
+    r
 }
 
 async fn block_status<W: AsyncWrite + Unpin>(

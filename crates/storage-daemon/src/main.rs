@@ -13,7 +13,18 @@ mod wiring;
 use cli::parse::{CliOption, parse_args};
 use std::process::ExitCode;
 
+/// Large request buffers (NBD reads and writes of up to 32 MiB) are served by mmap and given
+/// back to the system when freed. Without a fixed threshold glibc raises it after the first
+/// frees and keeps such buffers on the heap, which then stays resident.
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters; it is called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let argv: Vec<String> = std::env::args().collect();
     let prog = argv
         .first()

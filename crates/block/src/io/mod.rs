@@ -5,6 +5,7 @@
 //! Buffers are owned and move with the request, so a request never borrows from its caller
 //! across an await.
 
+pub mod pool;
 mod threads;
 mod uring;
 

@@ -11,13 +11,6 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub struct ThreadPool;
 
-/// Reads `len` bytes at `offset`, zero-filling past the end of the file.
-pub(crate) fn read_full(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    read_into(file, offset, &mut buf)?;
-    Ok(buf)
-}
-
 /// Fills `buf` from `offset`, zero-filling past the end of the file.
 fn read_into(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     let len = buf.len();
@@ -39,7 +32,7 @@ impl IoBackend for ThreadPool {
         let file = file.clone();
         // The buffer is allocated (and later freed) on the main thread, so memory does not
         // pile up in the worker threads' allocator arenas.
-        let mut buf = vec![0u8; len];
+        let mut buf = super::pool::take(len);
         blocking(move || read_into(&file, offset, &mut buf).map(|()| buf))
     }
 
@@ -47,7 +40,7 @@ impl IoBackend for ThreadPool {
         let file = file.clone();
         // Hand the buffer back so that it is freed on the main thread, like reads' buffers.
         let w = blocking(move || file.write_all_at(&data, offset).map(|()| data));
-        Box::pin(async move { w.await.map(drop) })
+        Box::pin(async move { w.await.map(super::pool::give) })
     }
 
     fn fdatasync(&self, file: &Arc<File>) -> IoFuture<()> {

@@ -1,100 +1,239 @@
-//! The io_uring backend (`aio=io_uring`): one ring on a submission thread. Requests arrive
-//! over a channel; an eventfd read kept armed in the ring wakes the thread for new work, so
-//! it can sleep in the kernel waiting for either kind of event.
+//! The io_uring backend (`aio=io_uring`), run on the main thread as QEMU runs it in its event
+//! loop: requests are submitted inline, and an eventfd registered with the ring wakes a reaper
+//! task when completions arrive. No thread hop per request.
 
 use super::{Fallocate, IoBackend, IoFuture};
 use io_uring::{IoUring, opcode, types};
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::mpsc;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
+const ENTRIES: u32 = 1024;
+
 enum Op {
-    Read { len: usize },
-    Write { data: Vec<u8> },
-    Fsync,
-    Fallocate { mode: i32, len: u64 },
+    Read,
+    Write,
+    Other,
 }
 
-struct Request {
+/// A request the kernel is working on: it owns the buffer and keeps the file open.
+struct InFlight {
+    op: Op,
     file: Arc<File>,
     offset: u64,
-    op: Op,
+    buf: Vec<u8>,
     done: oneshot::Sender<io::Result<Vec<u8>>>,
 }
 
-/// An in-flight request: keeps its buffer and file alive until the kernel is done with them.
-struct InFlight {
-    req: Request,
-    buf: Vec<u8>,
+struct Inner {
+    ring: RefCell<IoUring>,
+    slots: RefCell<Vec<Option<InFlight>>>,
+    free: RefCell<Vec<usize>>,
 }
-
-const WAKE: u64 = u64::MAX;
-const ENTRIES: u32 = 256;
 
 /// The io_uring backend. Creating it fails where the kernel refuses io_uring; callers then
 /// fall back to the thread pool.
 pub struct Uring {
-    tx: mpsc::Sender<Request>,
-    wake: Arc<OwnedFd>,
+    inner: Rc<Inner>,
 }
 
 impl Uring {
-    /// Sets up the ring and its thread.
+    /// Sets up the ring, its eventfd and the reaper task. Must run on the main thread inside
+    /// the runtime's local task set.
     ///
     /// # Errors
     /// The kernel refusing io_uring (ENOSYS, EPERM under seccomp), or eventfd failing.
     pub fn new() -> io::Result<Uring> {
         let ring = IoUring::new(ENTRIES)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: eventfd returned a new descriptor that nothing else owns.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-        let (tx, rx) = mpsc::channel();
-        let thread_wake = wake.clone();
-        std::thread::Builder::new()
-            .name("ferrite-uring".into())
-            .spawn(move || run(ring, rx, thread_wake))?;
-        Ok(Uring { tx, wake })
+        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        // SAFETY: `efd` is an open eventfd that the AsyncFd owns for its whole life, so the
+        // descriptor stays valid and keeps referring to the same eventfd.
+        let efd = unsafe { AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let inner = Rc::new(Inner {
+            ring: RefCell::new(ring),
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+        });
+        let reaper = inner.clone();
+        tokio::task::spawn_local(async move { reaper.reap_forever(efd).await });
+        Ok(Uring { inner })
     }
 
-    fn submit(&self, file: &Arc<File>, offset: u64, op: Op) -> IoFuture<Vec<u8>> {
+    fn submit(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        op: Op,
+        buf: Vec<u8>,
+        how: OpKind,
+    ) -> IoFuture<Vec<u8>> {
         let (done, rx) = oneshot::channel();
-        let sent = self.tx.send(Request {
-            file: file.clone(),
-            offset,
-            op,
-            done,
-        });
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to the eventfd, which is what eventfd expects.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let r = self.inner.push(file, offset, op, buf, how, done);
         Box::pin(async move {
-            sent.map_err(|_| io::Error::other("io_uring thread is gone"))?;
+            r?;
             rx.await
                 .unwrap_or_else(|_| Err(io::Error::other("io_uring request dropped")))
         })
     }
 }
 
+/// What to ask the kernel for.
+#[derive(Clone, Copy)]
+enum OpKind {
+    Read,
+    Write,
+    Fsync,
+    Fallocate { mode: i32, len: u64 },
+}
+
+impl Inner {
+    fn push(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        op: Op,
+        buf: Vec<u8>,
+        how: OpKind,
+        done: oneshot::Sender<io::Result<Vec<u8>>>,
+    ) -> io::Result<()> {
+        let slot = self.free.borrow_mut().pop().unwrap_or_else(|| {
+            let mut slots = self.slots.borrow_mut();
+            slots.push(None);
+            slots.len() - 1
+        });
+        let mut slots = self.slots.borrow_mut();
+        let entry = slots[slot].insert(InFlight {
+            op,
+            file: file.clone(),
+            offset,
+            buf,
+            done,
+        });
+        let fd = types::Fd(entry.file.as_raw_fd());
+        let sqe = match how {
+            OpKind::Read => opcode::Read::new(fd, entry.buf.as_mut_ptr(), entry.buf.len() as u32)
+                .offset(offset)
+                .build(),
+            OpKind::Write => opcode::Write::new(fd, entry.buf.as_ptr(), entry.buf.len() as u32)
+                .offset(offset)
+                .build(),
+            OpKind::Fsync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            OpKind::Fallocate { mode, len } => opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(mode)
+                .build(),
+        }
+        .user_data(slot as u64);
+        drop(slots);
+        let mut ring = self.ring.borrow_mut();
+        // SAFETY: the SQE points into `slots[slot]`'s buffer and file, which stay in place
+        // (the Vec's heap buffer does not move, and the Arc keeps the fd open) until this
+        // request's completion is reaped, the only place the slot is emptied.
+        let pushed = unsafe { ring.submission().push(&sqe) }.is_ok()
+            || (ring.submit().is_ok()
+                // SAFETY: as above.
+                && unsafe { ring.submission().push(&sqe) }.is_ok());
+        if !pushed {
+            drop(ring);
+            self.slots.borrow_mut()[slot] = None;
+            self.free.borrow_mut().push(slot);
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        ring.submit()?;
+        Ok(())
+    }
+
+    async fn reap_forever(self: Rc<Self>, efd: AsyncFd<OwnedFd>) {
+        loop {
+            let Ok(mut guard) = efd.readable().await else {
+                return;
+            };
+            let mut counter = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a live 8-byte buffer from the eventfd.
+            unsafe { libc::read(efd.get_ref().as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+            guard.clear_ready();
+            self.reap();
+        }
+    }
+
+    fn reap(&self) {
+        let completions: Vec<(u64, i32)> = self
+            .ring
+            .borrow_mut()
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (slot, res) in completions {
+            let slot = slot as usize;
+            let Some(entry) = self.slots.borrow_mut().get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            self.free.borrow_mut().push(slot);
+            let InFlight {
+                op,
+                file,
+                offset,
+                buf,
+                done,
+            } = entry;
+            let result = if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                let n = res as usize;
+                match op {
+                    // A short read of a regular file stops at its end: the rest reads as zero.
+                    Op::Read => {
+                        let mut buf = buf;
+                        let end = buf.len();
+                        buf[n.min(end)..].fill(0);
+                        Ok(buf)
+                    }
+                    Op::Other => Ok(buf),
+                    // A short write is rare (a signal, a full disk); finish it directly.
+                    Op::Write if n < buf.len() => {
+                        let r = file.write_all_at(&buf[n..], offset + n as u64);
+                        super::pool::give(buf);
+                        r.map(|()| Vec::new())
+                    }
+                    Op::Write => {
+                        super::pool::give(buf);
+                        Ok(Vec::new())
+                    }
+                }
+            };
+            let _ = done.send(result);
+        }
+    }
+}
+
 impl IoBackend for Uring {
     fn pread(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>> {
-        self.submit(file, offset, Op::Read { len })
+        self.submit(file, offset, Op::Read, super::pool::take(len), OpKind::Read)
     }
 
     fn pwrite(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
-        let f = self.submit(file, offset, Op::Write { data });
+        let f = self.submit(file, offset, Op::Write, data, OpKind::Write);
         Box::pin(async move { f.await.map(drop) })
     }
 
     fn fdatasync(&self, file: &Arc<File>) -> IoFuture<()> {
-        let f = self.submit(file, 0, Op::Fsync);
+        let f = self.submit(file, 0, Op::Other, Vec::new(), OpKind::Fsync);
         Box::pin(async move { f.await.map(drop) })
     }
 
@@ -104,138 +243,17 @@ impl IoBackend for Uring {
             Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
             Fallocate::Allocate => 0,
         };
-        let f = self.submit(file, offset, Op::Fallocate { mode, len });
+        let f = self.submit(
+            file,
+            offset,
+            Op::Other,
+            Vec::new(),
+            OpKind::Fallocate { mode, len },
+        );
         Box::pin(async move { f.await.map(drop) })
     }
 
     fn name(&self) -> &'static str {
         "io_uring"
-    }
-}
-
-fn run(mut ring: IoUring, rx: mpsc::Receiver<Request>, wake: Arc<OwnedFd>) {
-    let mut slots: Vec<Option<InFlight>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut wake_buf = [0u8; 8];
-    let mut wake_armed = false;
-    loop {
-        if !wake_armed {
-            let sqe = opcode::Read::new(types::Fd(wake.as_raw_fd()), wake_buf.as_mut_ptr(), 8)
-                .build()
-                .user_data(WAKE);
-            // SAFETY: `wake_buf` lives on this thread's stack for the whole loop, and the
-            // eventfd is kept open by `wake`; the kernel writes at most 8 bytes into it.
-            if unsafe { ring.submission().push(&sqe) }.is_ok() {
-                wake_armed = true;
-            }
-        }
-        let mut disconnected = false;
-        loop {
-            match rx.try_recv() {
-                Ok(req) => {
-                    let slot = free.pop().unwrap_or_else(|| {
-                        slots.push(None);
-                        slots.len() - 1
-                    });
-                    let buf = match &req.op {
-                        Op::Read { len } => vec![0u8; *len],
-                        _ => Vec::new(),
-                    };
-                    slots[slot] = Some(InFlight { req, buf });
-                    let Some(inflight) = slots[slot].as_mut() else {
-                        continue;
-                    };
-                    let sqe = build_sqe(inflight, slot as u64);
-                    while ring.submission().is_full() {
-                        if ring.submit().is_err() {
-                            break;
-                        }
-                        reap(&mut ring, &mut slots, &mut free, &mut wake_armed);
-                    }
-                    // SAFETY: the buffer and file the SQE points at are owned by `slots[slot]`,
-                    // which is only emptied when this SQE's completion is reaped.
-                    let _ = unsafe { ring.submission().push(&sqe) };
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    disconnected = true;
-                    break;
-                }
-            }
-        }
-        if disconnected && slots.iter().all(Option::is_none) {
-            return;
-        }
-        if let Err(e) = ring.submit_and_wait(1) {
-            if e.raw_os_error() != Some(libc::EINTR) {
-                tracing::error!(error = %e, "io_uring wait failed");
-            }
-        }
-        reap(&mut ring, &mut slots, &mut free, &mut wake_armed);
-    }
-}
-
-fn build_sqe(inflight: &mut InFlight, user_data: u64) -> io_uring::squeue::Entry {
-    let fd = types::Fd(inflight.req.file.as_raw_fd());
-    let offset = inflight.req.offset;
-    match &inflight.req.op {
-        Op::Read { len } => opcode::Read::new(fd, inflight.buf.as_mut_ptr(), *len as u32)
-            .offset(offset)
-            .build(),
-        Op::Write { data } => opcode::Write::new(fd, data.as_ptr(), data.len() as u32)
-            .offset(offset)
-            .build(),
-        Op::Fsync => opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build(),
-        Op::Fallocate { mode, len } => opcode::Fallocate::new(fd, *len)
-            .offset(offset)
-            .mode(*mode)
-            .build(),
-    }
-    .user_data(user_data)
-}
-
-fn reap(
-    ring: &mut IoUring,
-    slots: &mut [Option<InFlight>],
-    free: &mut Vec<usize>,
-    wake_armed: &mut bool,
-) {
-    let completions: Vec<(u64, i32)> = ring
-        .completion()
-        .map(|c| (c.user_data(), c.result()))
-        .collect();
-    for (user_data, res) in completions {
-        if user_data == WAKE {
-            *wake_armed = false;
-            continue;
-        }
-        let slot = user_data as usize;
-        let Some(InFlight { req, mut buf }) = slots.get_mut(slot).and_then(Option::take) else {
-            continue;
-        };
-        free.push(slot);
-        let result = if res < 0 {
-            Err(io::Error::from_raw_os_error(-res))
-        } else {
-            finish_short(&req, &mut buf, res as usize).map(|()| buf)
-        };
-        let _ = req.done.send(result);
-    }
-}
-
-/// Completes a short read or write synchronously (rare: end of file or a signal).
-fn finish_short(req: &Request, buf: &mut [u8], done: usize) -> io::Result<()> {
-    match &req.op {
-        Op::Read { len } if done < *len => {
-            let rest = super::threads::read_full(&req.file, req.offset + done as u64, len - done)?;
-            buf[done..].copy_from_slice(&rest);
-            Ok(())
-        }
-        Op::Write { data } if done < data.len() => req
-            .file
-            .write_all_at(&data[done..], req.offset + done as u64),
-        _ => Ok(()),
     }
 }

@@ -1,0 +1,47 @@
+//! Reuse of large request buffers. Large buffers come from mmap and go back to the system when
+//! freed (see the daemon's allocator set-up), which costs page faults on every request; the
+//! pool keeps a bounded number for reuse, so steady streaming reuses memory and memory use
+//! stays bounded when the stream stops.
+
+use std::cell::RefCell;
+
+/// Buffers smaller than this are left to the allocator.
+const MIN_POOLED: usize = 64 << 10;
+/// Buffers kept at most.
+const MAX_POOLED: usize = 24;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of exactly `len` bytes, contents unspecified (callers overwrite it).
+pub fn take(len: usize) -> Vec<u8> {
+    if len >= MIN_POOLED {
+        let reused = POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let i = p
+                .iter()
+                .position(|b| b.capacity() >= len && b.capacity() <= len * 2)?;
+            Some(p.swap_remove(i))
+        });
+        if let Some(mut b) = reused {
+            b.resize(len, 0);
+            return b;
+        }
+    }
+    vec![0u8; len]
+}
+
+/// Hands a buffer back for reuse.
+pub fn give(mut buf: Vec<u8>) {
+    if buf.capacity() < MIN_POOLED {
+        return;
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < MAX_POOLED {
+            buf.clear();
+            p.push(buf);
+        }
+    });
+}
