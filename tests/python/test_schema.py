@@ -8,23 +8,28 @@ def index(schema):
     return {e["name"]: e for e in schema}
 
 
-def shape(s, name, depth=0):
-    """A comparable description of a type, with masked names resolved."""
+def shape(s, name, stack=()):
+    """A comparable description of a type, with masked names resolved. A type met again
+    inside itself (BlockdevOptions through BlockdevRef) is described as a back reference to
+    the depth where it started, so recursive types compare by structure."""
     e = s.get(name)
-    if e is None or depth > 12:
+    if e is None:
         return name
+    if name in stack:
+        return ["recursive", len(stack) - stack.index(name)]
+    stack = stack + (name,)
     mt = e["meta-type"]
     if mt == "builtin":
         return name
     if mt == "array":
-        return ["array", shape(s, e["element-type"], depth + 1)]
+        return ["array", shape(s, e["element-type"], stack)]
     if mt == "enum":
         return ["enum", frozenset(m["name"] for m in e["members"])]
     if mt == "alternate":
-        return ["alternate", [shape(s, m["type"], depth + 1) for m in e["members"]]]
+        return ["alternate", [shape(s, m["type"], stack) for m in e["members"]]]
     members = {m["name"]: ("default" in m, tuple(m.get("features", [])),
-                           shape(s, m["type"], depth + 1)) for m in e["members"]}
-    variants = {v["case"]: shape(s, v["type"], depth + 1) for v in e.get("variants", [])}
+                           shape(s, m["type"], stack)) for m in e["members"]}
+    variants = {v["case"]: shape(s, v["type"], stack) for v in e.get("variants", [])}
     return ["object", members, e.get("tag"), variants]
 
 
