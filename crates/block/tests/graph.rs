@@ -1,0 +1,138 @@
+//! Graph behaviour through the public API: naming, permissions, drain, deletion, locking.
+
+use ferrite_block::{EventSink, Graph, Perm, ReqFlags};
+use ferrite_qapi::Args;
+use ferrite_qobject::{QDict, from_json};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+#[derive(Default)]
+struct Events(RefCell<Vec<(String, QDict)>>);
+
+impl EventSink for Events {
+    fn emit(&self, name: &'static str, data: QDict) {
+        self.0.borrow_mut().push((name.to_owned(), data));
+    }
+}
+
+fn args(json: &str) -> Args {
+    Args::new(from_json(json).unwrap().as_dict().unwrap().clone())
+}
+
+fn graph() -> (Rc<Graph>, Rc<Events>) {
+    let events = Rc::new(Events::default());
+    (Graph::new(events.clone()), events)
+}
+
+#[test]
+fn node_names_follow_qemu_rules() {
+    let (g, _) = graph();
+    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    let e = |j: &str| g.blockdev_add(&args(j)).unwrap_err().desc;
+    assert_eq!(e(r#"{"driver":"null-co","node-name":"n0"}"#), "Duplicate nodes with node-name='n0'");
+    assert_eq!(e(r#"{"driver":"null-co","node-name":"0n"}"#), "Invalid node-name: '0n'");
+    assert_eq!(e(r#"{"driver":"null-co"}"#), "'node-name' must be specified for the root node");
+}
+
+#[test]
+fn conflicting_users_are_refused_and_nothing_changes() {
+    let (g, _) = graph();
+    let n = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    let writer = g
+        .attach(&n, "a", Perm::CONSISTENT_READ | Perm::WRITE, Perm::CONSISTENT_READ)
+        .unwrap();
+    let err = g
+        .attach(&n, "b", Perm::WRITE, Perm::all())
+        .unwrap_err()
+        .desc;
+    assert!(err.starts_with("Permission conflict on node 'n0': permissions 'write'"), "{err}");
+    assert_eq!(n.users().len(), 1);
+    g.detach(writer);
+    let again = g.attach(&n, "b", Perm::WRITE, Perm::all()).unwrap();
+    g.detach(again);
+}
+
+#[test]
+fn read_only_nodes_refuse_writers() {
+    let (g, _) = graph();
+    let n = g
+        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0","read-only":true}"#))
+        .unwrap();
+    let e = g.attach(&n, "w", Perm::WRITE, Perm::all()).unwrap_err();
+    assert_eq!(e.desc, "Block node is read-only");
+}
+
+#[test]
+fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents() {
+    let (g, _) = graph();
+    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#)).unwrap();
+    g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r1","file":{"driver":"null-co"}}"#))
+        .unwrap();
+    assert_eq!(g.blockdev_del("n0").unwrap_err().desc, "Block device n0 is in use");
+    let inline = g.nodes().iter().find(|n| n.name().starts_with("#block")).cloned().unwrap();
+    assert_eq!(
+        g.blockdev_del(inline.name()).unwrap_err().desc,
+        format!("Node {} is not owned by the monitor", inline.name())
+    );
+    g.blockdev_del("r1").unwrap();
+    assert!(g.find(inline.name()).is_none());
+    g.blockdev_del("r0").unwrap();
+    g.blockdev_del("n0").unwrap();
+    assert!(g.nodes().is_empty());
+}
+
+#[test]
+fn raw_passes_user_permissions_to_its_file() {
+    let (g, _) = graph();
+    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    let r = g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#)).unwrap();
+    let hold = g.attach(&r, "exp", Perm::CONSISTENT_READ | Perm::WRITE, Perm::CONSISTENT_READ | Perm::WRITE).unwrap();
+    let n = g.find("n0").unwrap();
+    assert_eq!(n.cumulative_perms(), (Perm::CONSISTENT_READ | Perm::WRITE, Perm::CONSISTENT_READ | Perm::WRITE));
+    g.detach(hold);
+    assert_eq!(n.cumulative_perms().0, Perm::empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn drain_waits_for_requests_and_holds_root_users() {
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let (g, _) = graph();
+            let n = g
+                .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0","latency-ns":20000000}"#))
+                .unwrap();
+            let n2 = n.clone();
+            let req = tokio::task::spawn_local(async move { n2.read(0, 512).await });
+            tokio::task::yield_now().await;
+            let drained = g.drain(&n).await;
+            // The request in flight finished before drain returned.
+            assert!(req.is_finished());
+            // A root user's next request waits until the drained section ends.
+            let n3 = n.clone();
+            let waiting = tokio::task::spawn_local(async move { n3.wait_unquiesced().await });
+            tokio::task::yield_now().await;
+            assert!(!waiting.is_finished());
+            // The drainer itself may still do I/O.
+            n.write(0, vec![1; 512], ReqFlags::empty()).await.unwrap();
+            drop(drained);
+            waiting.await.unwrap();
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn requests_past_the_end_fail_with_einval_and_are_counted() {
+    let (g, _) = graph();
+    let n = g
+        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0","size":4096}"#))
+        .unwrap();
+    let e = n.read(4000, 512).await.unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc_einval()));
+    assert!(n.read(0, 4096).await.is_ok());
+}
+
+fn libc_einval() -> i32 {
+    22
+}
