@@ -19,18 +19,22 @@ pub trait EventSink {
 /// Longest node name QEMU accepts.
 const MAX_NODE_NAME: usize = 31;
 
-/// A root user's hold on a node (an export, a job, a command's temporary use).
+/// A root user's hold on a node (an export, a job, a command's temporary use). It follows
+/// the node when the graph replaces it ([`Graph::replace`]).
 #[derive(Debug)]
 #[must_use = "release it with Graph::detach"]
-pub struct RootUse {
-    node: Rc<Node>,
+pub struct RootUse(Rc<RootSlot>);
+
+#[derive(Debug)]
+struct RootSlot {
+    node: RefCell<Rc<Node>>,
     id: u64,
 }
 
 impl RootUse {
-    /// The node used.
-    pub fn node(&self) -> &Rc<Node> {
-        &self.node
+    /// The node used now.
+    pub fn node(&self) -> Rc<Node> {
+        self.0.node.borrow().clone()
     }
 }
 
@@ -44,6 +48,8 @@ impl std::fmt::Debug for Node {
 pub struct Graph {
     /// Nodes in creation order.
     nodes: RefCell<Vec<Rc<Node>>>,
+    /// Every root user's hold, so that replacing a node can move them.
+    roots: RefCell<Vec<std::rc::Weak<RootSlot>>>,
     /// Names of nodes created by `blockdev-add` itself (vs. inline children).
     monitor_owned: RefCell<Vec<String>>,
     next_auto: Cell<u64>,
@@ -64,6 +70,7 @@ impl Graph {
     pub fn new(events: Rc<dyn EventSink>) -> Rc<Graph> {
         Rc::new(Graph {
             nodes: RefCell::new(Vec::new()),
+            roots: RefCell::new(Vec::new()),
             monitor_owned: RefCell::new(Vec::new()),
             next_auto: Cell::new(0),
             next_use: Cell::new(1),
@@ -313,16 +320,72 @@ impl Graph {
             node.users.borrow_mut().retain(|u| u.id != id);
             return Err(e);
         }
-        Ok(RootUse {
-            node: node.clone(),
+        let slot = Rc::new(RootSlot {
+            node: RefCell::new(node.clone()),
             id,
-        })
+        });
+        let mut roots = self.roots.borrow_mut();
+        roots.retain(|w| w.strong_count() > 0);
+        roots.push(Rc::downgrade(&slot));
+        Ok(RootUse(slot))
     }
 
     /// Releases a root user.
     pub fn detach(&self, root: RootUse) {
-        root.node.users.borrow_mut().retain(|u| u.id != root.id);
-        let _ = self.propagate(&root.node);
+        let node = root.node();
+        node.users.borrow_mut().retain(|u| u.id != root.0.id);
+        let _ = self.propagate(&node);
+    }
+
+    /// Replaces `old` with `new` under every parent of `old` (except `new` itself, when it
+    /// sits above `old` as a filter does), as one operation on a drained graph: node edges and
+    /// root users move together, and on a permission conflict nothing moves
+    /// (QEMU: `bdrv_replace_node`).
+    ///
+    /// # Errors
+    /// A permission conflict on `new`.
+    pub async fn replace(&self, old: &Rc<Node>, new: &Rc<Node>) -> Result<(), Error> {
+        let _old_drained = self.drain(old).await;
+        let _new_drained = self.drain(new).await;
+        let moving: Vec<Use> = old
+            .users()
+            .into_iter()
+            .filter(|u| !matches!(&u.parent, Parent::Node { parent, .. } if *parent == new.name))
+            .collect();
+        let r = self.move_uses(&moving, old, new);
+        if r.is_err() {
+            let _ = self.move_uses(&moving, new, old);
+        }
+        r
+    }
+
+    fn move_uses(&self, uses: &[Use], from: &Rc<Node>, to: &Rc<Node>) -> Result<(), Error> {
+        for u in uses {
+            from.users.borrow_mut().retain(|x| x.id != u.id);
+            to.users.borrow_mut().push(u.clone());
+            match &u.parent {
+                Parent::Node { parent, .. } => {
+                    if let Some(p) = self.find(parent) {
+                        for c in p.children.borrow_mut().iter_mut().filter(|c| c.use_id == u.id) {
+                            c.node = to.clone();
+                        }
+                    }
+                }
+                Parent::Root(_) => {
+                    for slot in self.roots.borrow().iter().filter_map(std::rc::Weak::upgrade) {
+                        if slot.id == u.id {
+                            *slot.node.borrow_mut() = to.clone();
+                        }
+                    }
+                }
+            }
+        }
+        let r = uses
+            .iter()
+            .try_for_each(|u| self.check_conflicts(to, u.id))
+            .and_then(|()| self.propagate(to));
+        let _ = self.propagate(from);
+        r
     }
 
     /// Changes what one use of `node` takes and shares, checking the whole subgraph; on error

@@ -136,3 +136,48 @@ async fn requests_past_the_end_fail_with_einval_and_are_counted() {
 fn libc_einval() -> i32 {
     22
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn replace_moves_every_parent_at_once() {
+    let (g, _) = graph();
+    let n0 = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    let n1 = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n1"}"#)).unwrap();
+    let r0 = g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#)).unwrap();
+    let root = g.attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all()).unwrap();
+    g.replace(&n0, &n1).await.unwrap();
+    assert!(std::rc::Rc::ptr_eq(&r0.child("file").unwrap(), &n1));
+    assert!(std::rc::Rc::ptr_eq(&root.node(), &n1));
+    assert!(n0.users().is_empty());
+    assert_eq!(n1.users().len(), 2);
+    g.detach(root);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn replace_with_a_filter_above_keeps_the_filter_edge() {
+    let (g, _) = graph();
+    let n0 = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    let root = g.attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all()).unwrap();
+    let f = g.blockdev_add(&args(r#"{"driver":"raw","node-name":"f","file":"n0"}"#)).unwrap();
+    g.replace(&n0, &f).await.unwrap();
+    assert!(std::rc::Rc::ptr_eq(&root.node(), &f));
+    assert!(std::rc::Rc::ptr_eq(&f.child("file").unwrap(), &n0));
+    // The root user's permissions now pass through the filter to n0.
+    assert_eq!(n0.cumulative_perms().0, Perm::CONSISTENT_READ);
+    g.detach(root);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn replace_that_conflicts_moves_nothing() {
+    let (g, _) = graph();
+    let n0 = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    let ro = g
+        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"ro","read-only":true}"#))
+        .unwrap();
+    let w = g.attach(&n0, "writer", Perm::WRITE, Perm::all()).unwrap();
+    let e = g.replace(&n0, &ro).await.unwrap_err();
+    assert_eq!(e.desc, "Block node is read-only");
+    assert!(std::rc::Rc::ptr_eq(&w.node(), &n0));
+    assert!(ro.users().is_empty());
+    assert_eq!(n0.users().len(), 1);
+    g.detach(w);
+}

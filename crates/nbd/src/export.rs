@@ -10,7 +10,8 @@ pub struct Export {
     pub(crate) id: String,
     pub(crate) name: String,
     pub(crate) description: Option<String>,
-    pub(crate) node: Rc<Node>,
+    /// The node when the export was made; `hold` follows it if the graph replaces it.
+    pub(crate) initial_node: Rc<Node>,
     pub(crate) hold: RefCell<Option<RootUse>>,
     pub(crate) writable: bool,
     pub(crate) writethrough: bool,
@@ -34,9 +35,12 @@ impl Export {
         &self.name
     }
 
-    /// The exported node.
-    pub fn node(&self) -> &Rc<Node> {
-        &self.node
+    /// The exported node (it changes if the graph replaces the node under the export).
+    pub fn node(&self) -> Rc<Node> {
+        self.hold
+            .borrow()
+            .as_ref()
+            .map_or_else(|| self.initial_node.clone(), RootUse::node)
     }
 
     pub(crate) fn client_joined(&self) {

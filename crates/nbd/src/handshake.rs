@@ -136,7 +136,7 @@ where
                     return Ok(None);
                 };
                 let mut buf = Vec::with_capacity(134);
-                buf.extend_from_slice(&export.node.len().to_be_bytes());
+                buf.extend_from_slice(&export.node().len().to_be_bytes());
                 buf.extend_from_slice(&transmission_flags(&export, structured).to_be_bytes());
                 if !no_zeroes {
                     buf.extend_from_slice(&[0u8; 124]);
@@ -233,14 +233,14 @@ where
                     p.extend_from_slice(d.as_bytes());
                     reply(w, opt, REP_INFO, &p).await?;
                 }
-                let min = export.node.request_alignment() as u32;
+                let min = export.node().request_alignment() as u32;
                 let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
                 p.extend_from_slice(&min.to_be_bytes());
                 p.extend_from_slice(&4096u32.max(min).to_be_bytes());
                 p.extend_from_slice(&MAX_BUFFER.to_be_bytes());
                 reply(w, opt, REP_INFO, &p).await?;
                 let mut p = INFO_EXPORT.to_be_bytes().to_vec();
-                p.extend_from_slice(&export.node.len().to_be_bytes());
+                p.extend_from_slice(&export.node().len().to_be_bytes());
                 p.extend_from_slice(&transmission_flags(&export, structured).to_be_bytes());
                 reply(w, opt, REP_INFO, &p).await?;
                 reply(w, opt, REP_ACK, &[]).await?;

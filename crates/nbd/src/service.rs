@@ -283,7 +283,7 @@ impl NbdService {
             id: id.to_owned(),
             name,
             description: opts.opt_str("description").map(str::to_owned),
-            node,
+            initial_node: node,
             hold: RefCell::new(Some(hold)),
             writable,
             writethrough: opts.bool_or("writethrough", false),
@@ -376,7 +376,7 @@ impl NbdService {
                 QDict::new()
                     .with("id", e.id.as_str())
                     .with("type", "nbd")
-                    .with("node-name", e.node.name())
+                    .with("node-name", e.node().name())
                     .with("shutting-down", e.shutting_down.get())
             })
             .collect()

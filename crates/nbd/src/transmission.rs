@@ -195,7 +195,7 @@ fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (
     if matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) && !export.writable {
         return Err((EPERM, "export is read-only".into()));
     }
-    let size = export.node.len();
+    let size = export.node().len();
     if req.ty != CMD_FLUSH
         && req
             .offset
@@ -225,7 +225,7 @@ async fn handle<W: AsyncWrite + Unpin>(
     if let Err((e, msg)) = validate(session, &req, payload.is_some()) {
         return send_outcome(session, &req, Outcome::Err(e, msg), w).await;
     }
-    let node = session.export.node.clone();
+    let node = session.export.node();
     node.wait_unquiesced().await;
     let fua = req.flags & CMD_FLAG_FUA != 0 || session.export.writethrough;
     let flags = if fua {
