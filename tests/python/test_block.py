@@ -121,3 +121,59 @@ def test_write_threshold_event(ferrite, tmp_path):
     assert ev["data"] == {"node-name": "f0", "amount-exceeded": 4096, "write-threshold": 65536}
     info = c.cmd("query-named-block-nodes")["return"]
     assert info[0]["write_threshold"] == 0
+
+
+def reopen_seq(img):
+    return [
+        ("blockdev-add", {"driver": "file", "node-name": "f0", "filename": img, "read-only": True}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "f0", "read-only": True}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "nope", "file": "f0"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "file": "f0"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "null-co", "node-name": "r0"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0", "file": "f0",
+                                          "offset": 512}]}),
+        ("query-named-block-nodes", None),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0", "file": "f0",
+                                          "read-only": False},
+                                         {"driver": "file", "node-name": "f0", "filename": img,
+                                          "read-only": False}]}),
+        ("query-named-block-nodes", None),
+        ("blockdev-reopen", {"options": [{"driver": "file", "node-name": "f0",
+                                          "filename": img + ".other"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "file", "node-name": "f0", "filename": img,
+                                          "detect-zeroes": "on"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0", "file": "f0"}]}),
+        ("query-named-block-nodes", None),
+    ]
+
+
+def test_reopen_matches_qsd(both):
+    qsd, ferrite = both()
+    out = []
+    for d in (qsd, ferrite):
+        img = image(str(d.workdir))
+        c = d.connect()
+        out.append([canon(c.cmd(n, a), d.workdir) for n, a in reopen_seq(img)])
+    for i, (want, got) in enumerate(zip(*out)):
+        assert got == want, (i, reopen_seq("IMG")[i][0])
+
+
+def test_reopen_read_write_lets_an_export_write(ferrite, tmp_path):
+    img = image(str(tmp_path))
+    sock = str(tmp_path / "nbd.sock")
+    d = ferrite(["--blockdev", f"file,node-name=f0,filename={img},read-only=on",
+                 "--nbd-server", f"addr.type=unix,addr.path={sock}"])
+    c = d.connect()
+    rsp = c.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "f0", "writable": True})
+    assert rsp["error"]["desc"] == "Cannot export read-only node as writable"
+    assert c.cmd("blockdev-reopen", {"options": [{"driver": "file", "node-name": "f0",
+                                                  "filename": img}]}) == {"return": {}}
+    assert c.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "f0",
+                                      "writable": True}) == {"return": {}}
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 0 4k",
+                    f"nbd+unix:///f0?socket={sock}"], check=True, capture_output=True)
+    rsp = c.cmd("blockdev-reopen", {"options": [{"driver": "file", "node-name": "f0",
+                                                 "filename": img, "read-only": True}]})
+    assert rsp["error"]["desc"] == "Block node is read-only"
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x77 0 4k", img], check=True,
+                   capture_output=True)

@@ -123,6 +123,30 @@ pub trait Driver {
         None
     }
 
+    /// `blockdev-reopen`: checks the driver's options in `opts` against the open node (QEMU's
+    /// "Cannot change the option 'x'" for what cannot change), without changing anything.
+    ///
+    /// # Errors
+    /// The first option that cannot change.
+    fn reopen_check(
+        &self,
+        node: &Node,
+        opts: &ferrite_qapi::Args,
+    ) -> Result<(), ferrite_qapi::Error>;
+
+    /// `blockdev-reopen`: applies options already checked, and the new read-only state.
+    ///
+    /// # Errors
+    /// The storage refusing the new mode (a read-only file opened for writing).
+    fn reopen_apply(
+        &self,
+        _node: &Node,
+        _opts: &ferrite_qapi::Args,
+        _read_only: bool,
+    ) -> Result<(), ferrite_qapi::Error> {
+        Ok(())
+    }
+
     /// Whether the driver can make zeroes fast (for NBD_CMD_WRITE_ZEROES with FAST_ZERO).
     fn can_fast_zero(&self) -> bool {
         false

@@ -366,13 +366,23 @@ impl Graph {
             match &u.parent {
                 Parent::Node { parent, .. } => {
                     if let Some(p) = self.find(parent) {
-                        for c in p.children.borrow_mut().iter_mut().filter(|c| c.use_id == u.id) {
+                        for c in p
+                            .children
+                            .borrow_mut()
+                            .iter_mut()
+                            .filter(|c| c.use_id == u.id)
+                        {
                             c.node = to.clone();
                         }
                     }
                 }
                 Parent::Root(_) => {
-                    for slot in self.roots.borrow().iter().filter_map(std::rc::Weak::upgrade) {
+                    for slot in self
+                        .roots
+                        .borrow()
+                        .iter()
+                        .filter_map(std::rc::Weak::upgrade)
+                    {
                         if slot.id == u.id {
                             *slot.node.borrow_mut() = to.clone();
                         }
@@ -512,6 +522,65 @@ impl Graph {
         if !owned && node.users.borrow().is_empty() && self.find(&node.name).is_some() {
             self.remove(node);
         }
+    }
+
+    /// `blockdev-reopen`: checks every entry first, then applies them all on drained nodes.
+    /// Options left out take their defaults, as in QEMU.
+    ///
+    /// # Errors
+    /// QEMU's texts for a missing or unknown node name and for options that cannot change;
+    /// "Block node is read-only" when a user still writes to a node made read-only.
+    pub async fn reopen(&self, list: &[Args]) -> Result<(), Error> {
+        use ferrite_qobject::QObject;
+        let mut plan = Vec::new();
+        for opts in list {
+            let name = opts
+                .opt_str("node-name")
+                .ok_or_else(|| Error::generic("node-name not specified"))?;
+            let node = self.find(name).ok_or_else(|| {
+                Error::generic(format!("Failed to find node with node-name='{name}'"))
+            })?;
+            if opts.str("driver")? != node.driver_name() {
+                return Err(Error::generic("Cannot change the option 'driver'"));
+            }
+            crate::drivers::unchanged(
+                opts,
+                &Args::new(node.options()),
+                &[("cache", QObject::Dict(QDict::new()))],
+            )?;
+            node.driver.reopen_check(&node, opts)?;
+            let read_only = opts.bool_or("read-only", false);
+            if opts.opt_str("detect-zeroes") == Some("unmap")
+                && opts.opt_str("discard") != Some("unmap")
+            {
+                return Err(Error::generic(
+                    "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+                ));
+            }
+            if read_only
+                && node
+                    .cumulative_perms()
+                    .0
+                    .intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
+            {
+                return Err(Error::generic("Block node is read-only"));
+            }
+            plan.push((node, opts, read_only));
+        }
+        for (node, opts, read_only) in plan {
+            let _drained = self.drain(&node).await;
+            node.driver.reopen_apply(&node, opts, read_only)?;
+            node.read_only.set(read_only);
+            node.detect_zeroes.set(match opts.opt_str("detect-zeroes") {
+                Some("on") => DetectZeroes::On,
+                Some("unmap") => DetectZeroes::Unmap,
+                _ => DetectZeroes::Off,
+            });
+            node.discard_unmap
+                .set(opts.opt_str("discard") == Some("unmap"));
+            *node.options.borrow_mut() = opts.as_dict().clone();
+        }
+        Ok(())
     }
 
     /// `block_resize`: takes the resize permission for the duration, drains and truncates.

@@ -34,7 +34,7 @@ pub(crate) fn device_info(node: &Node) -> QDict {
         .with("backing_file_depth", 0i64)
         .with("active", true)
         .with("encrypted", false)
-        .with("detect_zeroes", node.detect_zeroes.as_str());
+        .with("detect_zeroes", node.detect_zeroes.get().as_str());
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
         d.insert(k, 0i64);
     }

@@ -81,13 +81,13 @@ pub struct Child {
 pub struct Node {
     pub(crate) name: String,
     pub(crate) driver: Box<dyn Driver>,
-    pub(crate) options: QDict,
+    pub(crate) options: RefCell<QDict>,
     pub(crate) read_only: Cell<bool>,
     pub(crate) children: RefCell<Vec<Child>>,
     pub(crate) users: RefCell<Vec<Use>>,
     pub(crate) stats: RefCell<Stats>,
-    pub(crate) detect_zeroes: DetectZeroes,
-    pub(crate) discard_unmap: bool,
+    pub(crate) detect_zeroes: Cell<DetectZeroes>,
+    pub(crate) discard_unmap: Cell<bool>,
     pub(crate) cache_direct: bool,
     pub(crate) cache_no_flush: bool,
     pub(crate) write_threshold: Cell<u64>,
@@ -159,13 +159,13 @@ impl Node {
         Rc::new(Node {
             name,
             driver,
-            options,
+            options: RefCell::new(options),
             read_only: Cell::new(settings.read_only),
             children: RefCell::new(children),
             users: RefCell::new(Vec::new()),
             stats: RefCell::default(),
-            detect_zeroes: settings.detect_zeroes,
-            discard_unmap: settings.discard_unmap,
+            detect_zeroes: Cell::new(settings.detect_zeroes),
+            discard_unmap: Cell::new(settings.discard_unmap),
             cache_direct: settings.cache_direct,
             cache_no_flush: settings.cache_no_flush,
             write_threshold: Cell::new(0),
@@ -177,9 +177,9 @@ impl Node {
         })
     }
 
-    /// The options the node was opened with (`BlockdevOptions`, as given).
-    pub fn options(&self) -> &QDict {
-        &self.options
+    /// The options the node was opened (or last reopened) with (`BlockdevOptions`, as given).
+    pub fn options(&self) -> QDict {
+        self.options.borrow().clone()
     }
 
     /// The file name QEMU shows for the node (`bdrv_refresh_filename`).
@@ -264,7 +264,7 @@ impl Node {
 
     /// Whether `discard=unmap` lets discards reach the storage.
     pub fn discard_unmap(&self) -> bool {
-        self.discard_unmap
+        self.discard_unmap.get()
     }
 
     /// Request alignment in bytes.
@@ -338,9 +338,9 @@ impl Node {
         let len = data.len() as u64;
         self.check_bounds(IoKind::Write, offset, len)?;
         self.check_writable()?;
-        if self.detect_zeroes != DetectZeroes::Off && data.iter().all(|&b| b == 0) {
+        if self.detect_zeroes.get() != DetectZeroes::Off && data.iter().all(|&b| b == 0) {
             let mut zflags = flags;
-            if self.detect_zeroes == DetectZeroes::Unmap && self.discard_unmap {
+            if self.detect_zeroes.get() == DetectZeroes::Unmap && self.discard_unmap.get() {
                 zflags |= ReqFlags::MAY_UNMAP;
             }
             return self.write_zeroes(offset, len, zflags).await;
@@ -363,7 +363,7 @@ impl Node {
         self.check_bounds(IoKind::Write, offset, len)?;
         self.check_writable()?;
         let mut flags = flags;
-        if !self.discard_unmap {
+        if !self.discard_unmap.get() {
             flags.remove(ReqFlags::MAY_UNMAP);
         }
         let _f = self.begin().await;
@@ -383,7 +383,7 @@ impl Node {
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_bounds(IoKind::Unmap, offset, len)?;
         self.check_writable()?;
-        if !self.discard_unmap {
+        if !self.discard_unmap.get() {
             return Ok(());
         }
         let _f = self.begin().await;

@@ -74,3 +74,19 @@ pub fn qmp_block_set_write_threshold(graph: &Graph, args: &Args) -> Result<QObje
         .set(args.opt_u64("write-threshold").unwrap_or(0));
     ok()
 }
+
+/// `blockdev-reopen`.
+///
+/// # Errors
+/// As [`Graph::reopen`].
+pub async fn qmp_blockdev_reopen(graph: &Graph, args: &Args) -> Result<QObject, Error> {
+    let list: Vec<Args> = args
+        .get("options")
+        .and_then(QObject::as_list)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|o| o.as_dict().cloned().map(Args::new))
+        .collect();
+    graph.reopen(&list).await?;
+    ok()
+}

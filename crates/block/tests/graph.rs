@@ -27,25 +27,45 @@ fn graph() -> (Rc<Graph>, Rc<Events>) {
 #[test]
 fn node_names_follow_qemu_rules() {
     let (g, _) = graph();
-    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .unwrap();
     let e = |j: &str| g.blockdev_add(&args(j)).unwrap_err().desc;
-    assert_eq!(e(r#"{"driver":"null-co","node-name":"n0"}"#), "Duplicate nodes with node-name='n0'");
-    assert_eq!(e(r#"{"driver":"null-co","node-name":"0n"}"#), "Invalid node-name: '0n'");
-    assert_eq!(e(r#"{"driver":"null-co"}"#), "'node-name' must be specified for the root node");
+    assert_eq!(
+        e(r#"{"driver":"null-co","node-name":"n0"}"#),
+        "Duplicate nodes with node-name='n0'"
+    );
+    assert_eq!(
+        e(r#"{"driver":"null-co","node-name":"0n"}"#),
+        "Invalid node-name: '0n'"
+    );
+    assert_eq!(
+        e(r#"{"driver":"null-co"}"#),
+        "'node-name' must be specified for the root node"
+    );
 }
 
 #[test]
 fn conflicting_users_are_refused_and_nothing_changes() {
     let (g, _) = graph();
-    let n = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    let n = g
+        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .unwrap();
     let writer = g
-        .attach(&n, "a", Perm::CONSISTENT_READ | Perm::WRITE, Perm::CONSISTENT_READ)
+        .attach(
+            &n,
+            "a",
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::CONSISTENT_READ,
+        )
         .unwrap();
     let err = g
         .attach(&n, "b", Perm::WRITE, Perm::all())
         .unwrap_err()
         .desc;
-    assert!(err.starts_with("Permission conflict on node 'n0': permissions 'write'"), "{err}");
+    assert!(
+        err.starts_with("Permission conflict on node 'n0': permissions 'write'"),
+        "{err}"
+    );
     assert_eq!(n.users().len(), 1);
     g.detach(writer);
     let again = g.attach(&n, "b", Perm::WRITE, Perm::all()).unwrap();
@@ -56,7 +76,9 @@ fn conflicting_users_are_refused_and_nothing_changes() {
 fn read_only_nodes_refuse_writers() {
     let (g, _) = graph();
     let n = g
-        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0","read-only":true}"#))
+        .blockdev_add(&args(
+            r#"{"driver":"null-co","node-name":"n0","read-only":true}"#,
+        ))
         .unwrap();
     let e = g.attach(&n, "w", Perm::WRITE, Perm::all()).unwrap_err();
     assert_eq!(e.desc, "Block node is read-only");
@@ -65,12 +87,24 @@ fn read_only_nodes_refuse_writers() {
 #[test]
 fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents() {
     let (g, _) = graph();
-    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
-    g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#)).unwrap();
-    g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r1","file":{"driver":"null-co"}}"#))
+    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
         .unwrap();
-    assert_eq!(g.blockdev_del("n0").unwrap_err().desc, "Block device n0 is in use");
-    let inline = g.nodes().iter().find(|n| n.name().starts_with("#block")).cloned().unwrap();
+    g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
+        .unwrap();
+    g.blockdev_add(&args(
+        r#"{"driver":"raw","node-name":"r1","file":{"driver":"null-co"}}"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        g.blockdev_del("n0").unwrap_err().desc,
+        "Block device n0 is in use"
+    );
+    let inline = g
+        .nodes()
+        .iter()
+        .find(|n| n.name().starts_with("#block"))
+        .cloned()
+        .unwrap();
     assert_eq!(
         g.blockdev_del(inline.name()).unwrap_err().desc,
         format!("Node {} is not owned by the monitor", inline.name())
@@ -85,11 +119,27 @@ fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents() {
 #[test]
 fn raw_passes_user_permissions_to_its_file() {
     let (g, _) = graph();
-    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
-    let r = g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#)).unwrap();
-    let hold = g.attach(&r, "exp", Perm::CONSISTENT_READ | Perm::WRITE, Perm::CONSISTENT_READ | Perm::WRITE).unwrap();
+    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .unwrap();
+    let r = g
+        .blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
+        .unwrap();
+    let hold = g
+        .attach(
+            &r,
+            "exp",
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::CONSISTENT_READ | Perm::WRITE,
+        )
+        .unwrap();
     let n = g.find("n0").unwrap();
-    assert_eq!(n.cumulative_perms(), (Perm::CONSISTENT_READ | Perm::WRITE, Perm::CONSISTENT_READ | Perm::WRITE));
+    assert_eq!(
+        n.cumulative_perms(),
+        (
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::CONSISTENT_READ | Perm::WRITE
+        )
+    );
     g.detach(hold);
     assert_eq!(n.cumulative_perms().0, Perm::empty());
 }
@@ -101,7 +151,9 @@ async fn drain_waits_for_requests_and_holds_root_users() {
         .run_until(async {
             let (g, _) = graph();
             let n = g
-                .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0","latency-ns":20000000}"#))
+                .blockdev_add(&args(
+                    r#"{"driver":"null-co","node-name":"n0","latency-ns":20000000}"#,
+                ))
                 .unwrap();
             let n2 = n.clone();
             let req = tokio::task::spawn_local(async move { n2.read(0, 512).await });
@@ -126,7 +178,9 @@ async fn drain_waits_for_requests_and_holds_root_users() {
 async fn requests_past_the_end_fail_with_einval_and_are_counted() {
     let (g, _) = graph();
     let n = g
-        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0","size":4096}"#))
+        .blockdev_add(&args(
+            r#"{"driver":"null-co","node-name":"n0","size":4096}"#,
+        ))
         .unwrap();
     let e = n.read(4000, 512).await.unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc_einval()));
@@ -140,10 +194,18 @@ fn libc_einval() -> i32 {
 #[tokio::test(flavor = "current_thread")]
 async fn replace_moves_every_parent_at_once() {
     let (g, _) = graph();
-    let n0 = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
-    let n1 = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n1"}"#)).unwrap();
-    let r0 = g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#)).unwrap();
-    let root = g.attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all()).unwrap();
+    let n0 = g
+        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .unwrap();
+    let n1 = g
+        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n1"}"#))
+        .unwrap();
+    let r0 = g
+        .blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
+        .unwrap();
+    let root = g
+        .attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all())
+        .unwrap();
     g.replace(&n0, &n1).await.unwrap();
     assert!(std::rc::Rc::ptr_eq(&r0.child("file").unwrap(), &n1));
     assert!(std::rc::Rc::ptr_eq(&root.node(), &n1));
@@ -155,9 +217,15 @@ async fn replace_moves_every_parent_at_once() {
 #[tokio::test(flavor = "current_thread")]
 async fn replace_with_a_filter_above_keeps_the_filter_edge() {
     let (g, _) = graph();
-    let n0 = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
-    let root = g.attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all()).unwrap();
-    let f = g.blockdev_add(&args(r#"{"driver":"raw","node-name":"f","file":"n0"}"#)).unwrap();
+    let n0 = g
+        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .unwrap();
+    let root = g
+        .attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all())
+        .unwrap();
+    let f = g
+        .blockdev_add(&args(r#"{"driver":"raw","node-name":"f","file":"n0"}"#))
+        .unwrap();
     g.replace(&n0, &f).await.unwrap();
     assert!(std::rc::Rc::ptr_eq(&root.node(), &f));
     assert!(std::rc::Rc::ptr_eq(&f.child("file").unwrap(), &n0));
@@ -169,9 +237,13 @@ async fn replace_with_a_filter_above_keeps_the_filter_edge() {
 #[tokio::test(flavor = "current_thread")]
 async fn replace_that_conflicts_moves_nothing() {
     let (g, _) = graph();
-    let n0 = g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#)).unwrap();
+    let n0 = g
+        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .unwrap();
     let ro = g
-        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"ro","read-only":true}"#))
+        .blockdev_add(&args(
+            r#"{"driver":"null-co","node-name":"ro","read-only":true}"#,
+        ))
         .unwrap();
     let w = g.attach(&n0, "writer", Perm::WRITE, Perm::all()).unwrap();
     let e = g.replace(&n0, &ro).await.unwrap_err();

@@ -155,6 +155,7 @@ impl Daemon {
             }
             "blockdev-add" => blk::qmp_blockdev_add(&self.graph, &args),
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args),
+            "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph)),
             "query-block" => Ok(QObject::List(Vec::new())),
             "query-blockstats" => Ok(blk::qmp_query_blockstats(&self.graph, &args)),

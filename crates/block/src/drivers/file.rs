@@ -16,7 +16,11 @@ use std::sync::Arc;
 /// An open file.
 pub(crate) struct FileDriver {
     path: String,
-    file: Arc<File>,
+    /// The open file; `blockdev-reopen` swaps it for one opened in the new mode.
+    file: std::cell::RefCell<Arc<File>>,
+    direct: bool,
+    /// What the node's users hold, for locking a reopened file the same way.
+    perms: Cell<(Perm, Perm)>,
     io: Rc<dyn IoBackend>,
     size: Cell<u64>,
     locking: bool,
@@ -65,7 +69,9 @@ impl FileDriver {
         Ok((
             FileDriver {
                 path,
-                file: Arc::new(file),
+                file: std::cell::RefCell::new(Arc::new(file)),
+                direct: o.direct,
+                perms: Cell::new((Perm::empty(), Perm::all())),
                 io: o.io,
                 size: Cell::new(size),
                 locking,
@@ -103,6 +109,12 @@ fn file_extent(file: &File, offset: u64, len: u64, size: u64) -> io::Result<Exte
     }
 }
 
+impl FileDriver {
+    fn fd(&self) -> Arc<File> {
+        self.file.borrow().clone()
+    }
+}
+
 fn open_error(path: &str, e: &io::Error) -> Error {
     Error::generic(format!("Could not open '{path}': {}", os_msg(e)))
 }
@@ -128,7 +140,7 @@ impl Driver for FileDriver {
     }
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        self.io.pread(&self.file, offset, len)
+        self.io.pread(&self.fd(), offset, len)
     }
 
     fn write<'a>(
@@ -138,11 +150,11 @@ impl Driver for FileDriver {
         data: Vec<u8>,
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
-        let w = self.io.pwrite(&self.file, offset, data);
+        let w = self.io.pwrite(&self.fd(), offset, data);
         Box::pin(async move {
             w.await?;
             if flags.contains(ReqFlags::FUA) && !node.cache_no_flush {
-                self.io.fdatasync(&self.file).await?;
+                self.io.fdatasync(&self.fd()).await?;
             }
             Ok(())
         })
@@ -160,14 +172,14 @@ impl Driver for FileDriver {
             if flags.contains(ReqFlags::MAY_UNMAP) {
                 done = self
                     .io
-                    .fallocate(&self.file, Fallocate::PunchHole, offset, len)
+                    .fallocate(&self.fd(), Fallocate::PunchHole, offset, len)
                     .await
                     .is_ok();
             }
             if !done {
                 match self
                     .io
-                    .fallocate(&self.file, Fallocate::ZeroRange, offset, len)
+                    .fallocate(&self.fd(), Fallocate::ZeroRange, offset, len)
                     .await
                 {
                     Ok(()) => done = true,
@@ -181,13 +193,13 @@ impl Driver for FileDriver {
                 while off < offset + len {
                     let n = (offset + len - off).min(1 << 20);
                     self.io
-                        .pwrite(&self.file, off, vec![0u8; n as usize])
+                        .pwrite(&self.fd(), off, vec![0u8; n as usize])
                         .await?;
                     off += n;
                 }
             }
             if flags.contains(ReqFlags::FUA) && !node.cache_no_flush {
-                self.io.fdatasync(&self.file).await?;
+                self.io.fdatasync(&self.fd()).await?;
             }
             Ok(())
         })
@@ -197,7 +209,7 @@ impl Driver for FileDriver {
         Box::pin(async move {
             let r = self
                 .io
-                .fallocate(&self.file, Fallocate::PunchHole, offset, len)
+                .fallocate(&self.fd(), Fallocate::PunchHole, offset, len)
                 .await;
             match &r {
                 Ok(()) => {
@@ -215,13 +227,13 @@ impl Driver for FileDriver {
     }
 
     fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        self.io.fdatasync(&self.file)
+        self.io.fdatasync(&self.fd())
     }
 
     fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
         // SEEK_DATA/SEEK_HOLE only consult the file system's extent map, so they run inline
         // like QEMU's; a trip through the thread pool would cost more than the call.
-        let ext = file_extent(&self.file, offset, len, self.size.get());
+        let ext = file_extent(&self.fd(), offset, len, self.size.get());
         Box::pin(async move {
             // A file system without SEEK_DATA: everything is data.
             Ok(ext.unwrap_or(Extent {
@@ -234,7 +246,7 @@ impl Driver for FileDriver {
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
-        let file = self.file.clone();
+        let file = self.fd();
         Box::pin(async move {
             crate::io::blocking(move || file.set_len(size)).await?;
             self.size.set(size.next_multiple_of(512));
@@ -246,7 +258,38 @@ impl Driver for FileDriver {
         if !self.locking {
             return Ok(());
         }
-        super::lock::apply(&self.file, &self.path, perm, shared)
+        super::lock::apply(&self.fd(), &self.path, perm, shared)?;
+        self.perms.set((perm, shared));
+        Ok(())
+    }
+
+    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+        use ferrite_qobject::QObject;
+        super::unchanged(
+            opts,
+            &Args::new(node.options()),
+            &[
+                ("filename", QObject::Null),
+                ("locking", QObject::from("auto")),
+                ("aio", QObject::from("threads")),
+                ("pr-manager", QObject::Null),
+            ],
+        )
+    }
+
+    fn reopen_apply(&self, _node: &Node, _opts: &Args, read_only: bool) -> Result<(), Error> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(!read_only);
+        if self.direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let file = Arc::new(o.open(&self.path).map_err(|e| open_error(&self.path, &e))?);
+        if self.locking {
+            let (perm, shared) = self.perms.get();
+            super::lock::apply(&file, &self.path, perm, shared)?;
+        }
+        *self.file.borrow_mut() = file;
+        Ok(())
     }
 
     fn plain_filename(&self) -> Option<String> {
@@ -254,7 +297,7 @@ impl Driver for FileDriver {
     }
 
     fn actual_size(&self, _node: &Node) -> Option<u64> {
-        self.file.metadata().ok().map(|m| m.blocks() * 512)
+        self.fd().metadata().ok().map(|m| m.blocks() * 512)
     }
 
     fn format_specific(&self) -> Option<QDict> {

@@ -118,6 +118,19 @@ impl Driver for NullDriver {
         self.options.clone()
     }
 
+    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+        use ferrite_qobject::QObject;
+        super::unchanged(
+            opts,
+            &Args::new(node.options()),
+            &[
+                ("size", QObject::Int(DEFAULT_SIZE)),
+                ("latency-ns", QObject::Int(0)),
+                ("read-zeroes", QObject::Bool(false)),
+            ],
+        )
+    }
+
     fn can_fast_zero(&self) -> bool {
         true
     }

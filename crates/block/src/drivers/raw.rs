@@ -10,7 +10,7 @@ use std::io;
 use std::rc::Rc;
 
 pub(crate) struct RawDriver {
-    offset: u64,
+    offset: Cell<u64>,
     /// A fixed size (`size=`), or `None` to follow the child.
     size: Cell<Option<u64>>,
 }
@@ -39,7 +39,7 @@ impl RawDriver {
             )));
         }
         Ok(RawDriver {
-            offset,
+            offset: Cell::new(offset),
             size: Cell::new(size),
         })
     }
@@ -60,12 +60,12 @@ impl Driver for RawDriver {
             Some(s) => s,
             None => node
                 .child("file")
-                .map_or(0, |f| f.len().saturating_sub(self.offset)),
+                .map_or(0, |f| f.len().saturating_sub(self.offset.get())),
         }
     }
 
     fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(async move { self.file(node)?.read(self.offset + offset, len).await })
+        Box::pin(async move { self.file(node)?.read(self.offset.get() + offset, len).await })
     }
 
     fn write<'a>(
@@ -77,7 +77,7 @@ impl Driver for RawDriver {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.file(node)?
-                .write(self.offset + offset, data, flags)
+                .write(self.offset.get() + offset, data, flags)
                 .await
         })
     }
@@ -91,13 +91,17 @@ impl Driver for RawDriver {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.file(node)?
-                .write_zeroes(self.offset + offset, len, flags)
+                .write_zeroes(self.offset.get() + offset, len, flags)
                 .await
         })
     }
 
     fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
-        Box::pin(async move { self.file(node)?.discard(self.offset + offset, len).await })
+        Box::pin(async move {
+            self.file(node)?
+                .discard(self.offset.get() + offset, len)
+                .await
+        })
     }
 
     fn flush<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
@@ -108,7 +112,7 @@ impl Driver for RawDriver {
         Box::pin(async move {
             let mut e = self
                 .file(node)?
-                .block_status(self.offset + offset, len)
+                .block_status(self.offset.get() + offset, len)
                 .await?;
             // A raw node maps every byte to its file: all of it is "allocated" here.
             e.allocated = true;
@@ -118,7 +122,7 @@ impl Driver for RawDriver {
 
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()> {
         Box::pin(async move {
-            if self.size.get().is_some() || self.offset != 0 {
+            if self.size.get().is_some() || self.offset.get() != 0 {
                 return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
             }
             self.file(node)?.truncate(size).await
@@ -127,21 +131,48 @@ impl Driver for RawDriver {
 
     fn child_perm(&self, _name: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
         // A window into the file cannot follow a resize of the file.
-        if self.offset != 0 || self.size.get().is_some() {
+        if self.offset.get() != 0 || self.size.get().is_some() {
             (perm, shared - Perm::RESIZE)
         } else {
             (perm, shared)
         }
     }
 
+    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+        // The child stays the same node; a different one is not supported yet.
+        let same_child = match (opts.get("file"), node.child("file")) {
+            (Some(ferrite_qobject::QObject::String(name)), Some(c)) => c.name() == name,
+            _ => false,
+        };
+        if !same_child {
+            return Err(Error::generic("Cannot change the option 'file'"));
+        }
+        let file_len = node.child("file").map_or(0, |f| f.len());
+        let offset = opts.opt_i64("offset").unwrap_or(0).max(0) as u64;
+        let size = opts.opt_i64("size").map(|s| s.max(0) as u64);
+        if offset > file_len || offset + size.unwrap_or(0) > file_len {
+            return Err(Error::generic(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({file_len})"
+            )));
+        }
+        Ok(())
+    }
+
+    fn reopen_apply(&self, _node: &Node, opts: &Args, _read_only: bool) -> Result<(), Error> {
+        self.offset
+            .set(opts.opt_i64("offset").unwrap_or(0).max(0) as u64);
+        self.size.set(opts.opt_i64("size").map(|s| s.max(0) as u64));
+        Ok(())
+    }
+
     fn is_passthrough(&self) -> bool {
-        self.offset == 0 && self.size.get().is_none()
+        self.offset.get() == 0 && self.size.get().is_none()
     }
 
     fn strong_options(&self) -> QDict {
         let mut d = QDict::new();
-        if self.offset != 0 {
-            d.insert("offset", self.offset);
+        if self.offset.get() != 0 {
+            d.insert("offset", self.offset.get());
         }
         d.insert_opt("size", self.size.get());
         d
