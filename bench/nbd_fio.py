@@ -11,6 +11,8 @@ import tempfile
 import threading
 import time
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
 QSD = "qemu-storage-daemon"
@@ -32,20 +34,7 @@ def start(binary, d, img, aio):
             "--nbd-server", f"addr.type=unix,addr.path={sock}",
             "--export", "nbd,id=e0,node-name=d0,writable=on",
             "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        if os.path.exists(sock):
-            break
-        time.sleep(0.01)
-    return p, sock
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return common.start(args, sock), sock
 
 
 def fio(sock, extra):
@@ -72,7 +61,7 @@ def measure(binary, aio):
 
             def watch():
                 while not stop.is_set():
-                    peak[0] = max(peak[0], rss_kib(p.pid))
+                    peak[0] = max(peak[0], common.rss_kib(p.pid))
                     time.sleep(0.1)
             t = threading.Thread(target=watch)
             t.start()

@@ -9,6 +9,8 @@ import sys
 import tempfile
 import time
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
 QSD = "qemu-storage-daemon"
@@ -17,21 +19,9 @@ N = int(os.environ.get("QMP_ROUNDS", "20000"))
 
 def start(binary, d):
     sock = os.path.join(d, "qmp.sock")
-    p = subprocess.Popen([binary, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
-                          "--monitor", "c"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        if os.path.exists(sock):
-            break
-        time.sleep(0.01)
+    p = common.start([binary, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+                      "--monitor", "c"], sock)
     return p, sock
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def measure(binary):
@@ -39,7 +29,7 @@ def measure(binary):
         p, sock = start(binary, d)
         try:
             time.sleep(0.5)
-            idle = rss_kib(p.pid)
+            idle = common.rss_kib(p.pid)
             s = socket.socket(socket.AF_UNIX)
             s.connect(sock)
             f = s.makefile("rwb", buffering=0)
@@ -55,7 +45,7 @@ def measure(binary):
                 s.sendall(req)
                 f.readline()
             rate = N / (time.perf_counter() - t)
-            busy = rss_kib(p.pid)
+            busy = common.rss_kib(p.pid)
             s.close()
             return rate, idle, busy
         finally:

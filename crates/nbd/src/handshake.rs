@@ -91,6 +91,30 @@ fn take_str(data: &[u8], at: &mut usize, len: usize) -> Option<String> {
     String::from_utf8(b.to_vec()).ok()
 }
 
+/// The export an option names; replies to a malformed option or an unknown name instead.
+async fn export_for<W: AsyncWrite + Unpin, T>(
+    service: &NbdService,
+    w: &mut W,
+    opt: u32,
+    parsed: Option<(String, T)>,
+) -> io::Result<Option<(Rc<Export>, T)>> {
+    let Some((name, rest)) = parsed else {
+        reply_err(w, opt, REP_ERR_INVALID, "request data has wrong length").await?;
+        return Ok(None);
+    };
+    let Some(export) = service.export_by_name(&name) else {
+        reply_err(
+            w,
+            opt,
+            REP_ERR_UNKNOWN,
+            &format!("export '{name}' not present"),
+        )
+        .await?;
+        return Ok(None);
+    };
+    Ok(Some((export, rest)))
+}
+
 /// Runs the handshake. `Ok(None)`: the client went away or aborted.
 pub(crate) async fn negotiate<R, W>(
     service: &NbdService,
@@ -207,18 +231,7 @@ where
                     }
                     (at == data.len()).then_some((name, reqs))
                 })();
-                let Some((name, reqs)) = parsed else {
-                    reply_err(w, opt, REP_ERR_INVALID, "request data has wrong length").await?;
-                    continue;
-                };
-                let Some(export) = service.export_by_name(&name) else {
-                    reply_err(
-                        w,
-                        opt,
-                        REP_ERR_UNKNOWN,
-                        &format!("export '{name}' not present"),
-                    )
-                    .await?;
+                let Some((export, reqs)) = export_for(service, w, opt, parsed).await? else {
                     continue;
                 };
                 if reqs.contains(&INFO_NAME) {
@@ -276,18 +289,7 @@ where
                     }
                     (at == data.len()).then_some((name, queries))
                 })();
-                let Some((name, queries)) = parsed else {
-                    reply_err(w, opt, REP_ERR_INVALID, "request data has wrong length").await?;
-                    continue;
-                };
-                let Some(export) = service.export_by_name(&name) else {
-                    reply_err(
-                        w,
-                        opt,
-                        REP_ERR_UNKNOWN,
-                        &format!("export '{name}' not present"),
-                    )
-                    .await?;
+                let Some((export, queries)) = export_for(service, w, opt, parsed).await? else {
                     continue;
                 };
                 let mut available = vec![MetaContext::BaseAllocation];

@@ -33,6 +33,17 @@ pub enum Fallocate {
     Allocate,
 }
 
+impl Fallocate {
+    /// The `fallocate(2)` mode.
+    pub(crate) fn mode(self) -> i32 {
+        match self {
+            Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
+            Fallocate::Allocate => 0,
+        }
+    }
+}
+
 /// The operations a file node needs from the operating system.
 pub trait IoBackend {
     /// Reads exactly `len` bytes at `offset`; bytes past the end of the file read as zero.
@@ -81,11 +92,7 @@ pub(crate) fn seek(file: &File, offset: u64, data: bool) -> io::Result<Option<u6
 
 /// `fallocate(2)`.
 pub(crate) fn fallocate_sync(file: &File, how: Fallocate, offset: u64, len: u64) -> io::Result<()> {
-    let mode = match how {
-        Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
-        Fallocate::Allocate => 0,
-    };
+    let mode = how.mode();
     let (off, len) = (
         i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
         i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,

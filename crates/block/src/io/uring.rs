@@ -238,11 +238,7 @@ impl IoBackend for Uring {
     }
 
     fn fallocate(&self, file: &Arc<File>, how: Fallocate, offset: u64, len: u64) -> IoFuture<()> {
-        let mode = match how {
-            Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
-            Fallocate::Allocate => 0,
-        };
+        let mode = how.mode();
         let f = self.submit(
             file,
             offset,
