@@ -367,3 +367,15 @@ def test_locks_interoperate_with_qemu(ferrite, tmp_path):
         assert rsp["error"]["desc"] == 'Failed to get "resize" lock'
     finally:
         q.stop()
+
+
+def test_stalled_handshake_is_dropped(ferrite, tmp_path):
+    img = mkimg(tmp_path / "disk.raw", "1M")
+    sock = str(tmp_path / "nbd.sock")
+    d = ferrite(["--blockdev", f"driver=file,node-name=d0,filename={img}",
+                 "--nbd-server", f"addr.type=unix,addr.path={sock},handshake-max-seconds=1"])
+    s = __import__("socket").socket(__import__("socket").AF_UNIX)
+    s.connect(sock)
+    s.settimeout(5)
+    assert len(s.recv(18)) == 18  # the greeting; then the client says nothing
+    assert s.recv(1) == b""       # and is hung up on after a second

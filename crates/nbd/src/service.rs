@@ -25,7 +25,12 @@ pub struct NbdService {
     exports: RefCell<Vec<Rc<Export>>>,
     server: RefCell<Option<Server>>,
     connections: Cell<usize>,
+    /// How long a client may take to finish the handshake (0: forever).
+    handshake_limit: Cell<u64>,
 }
+
+/// QEMU's default limit on the handshake, in seconds.
+const DEFAULT_HANDSHAKE_SECONDS: u64 = 10;
 
 /// How an export is removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +62,7 @@ impl NbdService {
             exports: RefCell::new(Vec::new()),
             server: RefCell::new(None),
             connections: Cell::new(0),
+            handshake_limit: Cell::new(DEFAULT_HANDSHAKE_SECONDS),
         })
     }
 
@@ -96,6 +102,10 @@ impl NbdService {
             ));
         }
         let max = opts.opt_u64("max-connections").unwrap_or(0) as usize;
+        self.handshake_limit.set(
+            opts.opt_u64("handshake-max-seconds")
+                .unwrap_or(DEFAULT_HANDSHAKE_SECONDS),
+        );
         let addr = opts
             .dict("addr")
             .ok_or_else(|| Error::generic("Parameter 'addr' is missing"))?;
@@ -184,7 +194,20 @@ impl NbdService {
         self.connections.set(self.connections.get() + 1);
         let mut r = BufReader::with_capacity(256 << 10, r);
         let mut w = BufWriter::with_capacity(256 << 10, w);
-        match handshake::negotiate(self, &mut r, &mut w).await {
+        // A client that does not finish the handshake in time is dropped, so that it cannot
+        // hold a connection slot forever.
+        let limit = self.handshake_limit.get();
+        let negotiated = if limit == 0 {
+            handshake::negotiate(self, &mut r, &mut w).await
+        } else {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(limit),
+                handshake::negotiate(self, &mut r, &mut w),
+            )
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+        };
+        match negotiated {
             Ok(Some(session)) => {
                 let export = session.export.clone();
                 export.client_joined();
