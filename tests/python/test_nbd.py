@@ -335,10 +335,11 @@ def io_uring_available():
 
 
 @pytest.mark.skipif(not io_uring_available(), reason="io_uring is disabled on this machine")
-@pytest.mark.parametrize("aio", ["io_uring", "threads"])
-def test_backends_give_the_same_data(ferrite, tmp_path, aio):
+@pytest.mark.parametrize("opts", ["aio=io_uring", "aio=threads", "cache.direct=on",
+                                  "cache.direct=on,aio=io_uring", "cache.direct=on,aio=native"])
+def test_backends_give_the_same_data(ferrite, tmp_path, opts):
     d, img, sock = serve(ferrite, tmp_path, blockdev=[
-        f"driver=file,node-name=f0,filename={tmp_path / 'disk.raw'},aio={aio}",
+        f"driver=file,node-name=f0,filename={tmp_path / 'disk.raw'},{opts}",
         "raw,node-name=d0,file=f0"])
     run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 4095 70000", "-c", "write -z 1M 64k",
         "-c", "flush", uri(sock))
@@ -379,3 +380,21 @@ def test_stalled_handshake_is_dropped(ferrite, tmp_path):
     s.settimeout(5)
     assert len(s.recv(18)) == 18  # the greeting; then the client says nothing
     assert s.recv(1) == b""       # and is hung up on after a second
+
+
+def test_direct_io_advertises_qemus_block_size(tmp_path):
+    sizes = []
+    for binary in (QSD, FERRITE):
+        sub = tmp_path / os.path.basename(binary)
+        sub.mkdir()
+        img = mkimg(sub / "disk.raw", "1M")
+        sock = str(sub / "nbd.sock")
+        d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=d0,filename={img},cache.direct=on",
+                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                       "--export", "nbd,id=e0,node-name=d0"])
+        try:
+            info = json.loads(run("nbdinfo", "--json", uri(sock)).stdout)["exports"][0]
+            sizes.append((info["block_size_minimum"], info["block_size_maximum"]))
+        finally:
+            d.stop()
+    assert sizes[1] == sizes[0]

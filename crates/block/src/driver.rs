@@ -153,7 +153,7 @@ pub trait Driver {
     }
 
     /// Alignment every request must respect, in bytes.
-    fn request_alignment(&self) -> u64 {
+    fn request_alignment(&self, _node: &Node) -> u64 {
         1
     }
 }

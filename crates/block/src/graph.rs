@@ -185,13 +185,6 @@ impl Graph {
         let driver_name = opts.str("driver")?;
         let cache = opts.dict("cache").unwrap_or_default();
         let direct = cache.bool_or("direct", false);
-        if direct {
-            // O_DIRECT needs aligned buffers and read-modify-write of unaligned requests,
-            // which the file driver does not do yet: refuse rather than fail every I/O.
-            return Err(Error::generic(
-                "cache.direct=on is not supported by ferrite yet",
-            ));
-        }
         let mut settings = NodeSettings {
             read_only: opts.bool_or("read-only", false),
             detect_zeroes: match opts.opt_str("detect-zeroes") {

@@ -269,7 +269,7 @@ impl Node {
 
     /// Request alignment in bytes.
     pub fn request_alignment(&self) -> u64 {
-        self.driver.request_alignment()
+        self.driver.request_alignment(self)
     }
 
     /// What the node's users take and share, all together.

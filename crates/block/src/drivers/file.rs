@@ -9,7 +9,7 @@ use ferrite_qobject::QDict;
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -19,6 +19,12 @@ pub(crate) struct FileDriver {
     /// The open file; `blockdev-reopen` swaps it for one opened in the new mode.
     file: std::cell::RefCell<Arc<File>>,
     direct: bool,
+    /// Request alignment for O_DIRECT (1 without it).
+    align: u64,
+    /// Aligned ranges with a write in progress, in O_DIRECT mode: a read-modify-write must
+    /// not interleave with another write of the same blocks.
+    writing: std::cell::RefCell<Vec<(u64, u64)>>,
+    write_done: tokio::sync::Notify,
     /// What the node's users hold, for locking a reopened file the same way.
     perms: Cell<(Perm, Perm)>,
     io: Rc<dyn IoBackend>,
@@ -66,11 +72,19 @@ impl FileDriver {
         let size = file_size(&file)
             .map_err(|e| open_error(&path, &e))?
             .next_multiple_of(512);
+        let align = if o.direct {
+            probe_direct_alignment(&file)
+        } else {
+            1
+        };
         Ok((
             FileDriver {
                 path,
                 file: std::cell::RefCell::new(Arc::new(file)),
                 direct: o.direct,
+                align,
+                writing: std::cell::RefCell::new(Vec::new()),
+                write_done: tokio::sync::Notify::new(),
                 perms: Cell::new((Perm::empty(), Perm::all())),
                 io: o.io,
                 size: Cell::new(size),
@@ -113,6 +127,75 @@ impl FileDriver {
     fn fd(&self) -> Arc<File> {
         self.file.borrow().clone()
     }
+
+    /// The aligned range covering `[offset, offset + len)`.
+    fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
+        let a = self.align;
+        let start = offset / a * a;
+        let end = (offset + len).div_ceil(a) * a;
+        (start, end)
+    }
+
+    async fn read_direct(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let (start, end) = self.aligned(offset, len as u64);
+        if start == offset && end == offset + len as u64 {
+            return self.io.pread_direct(&self.fd(), offset, len).await;
+        }
+        let block = self
+            .io
+            .pread_direct(&self.fd(), start, (end - start) as usize)
+            .await?;
+        let from = (offset - start) as usize;
+        let mut out = crate::io::pool::take(len);
+        out.copy_from_slice(&block[from..from + len]);
+        crate::io::pool::give(block);
+        Ok(out)
+    }
+
+    /// A write in either mode; with O_DIRECT, unaligned writes read, patch and write back the
+    /// blocks they touch, one at a time per block range.
+    async fn pwrite(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        if !self.direct {
+            return self.io.pwrite(&self.fd(), offset, data).await;
+        }
+        let (start, end) = self.aligned(offset, data.len() as u64);
+        while self
+            .writing
+            .borrow()
+            .iter()
+            .any(|&(s, e)| s < end && start < e)
+        {
+            self.write_done.notified().await;
+        }
+        self.writing.borrow_mut().push((start, end));
+        let r = async {
+            if start == offset && end == offset + data.len() as u64 {
+                return self.io.pwrite_direct(&self.fd(), offset, data).await;
+            }
+            let mut block = self
+                .io
+                .pread_direct(&self.fd(), start, (end - start) as usize)
+                .await?;
+            let from = (offset - start) as usize;
+            block[from..from + data.len()].copy_from_slice(&data);
+            crate::io::pool::give(data);
+            self.io.pwrite_direct(&self.fd(), start, block).await
+        }
+        .await;
+        self.writing.borrow_mut().retain(|&r| r != (start, end));
+        self.write_done.notify_waiters();
+        r
+    }
+}
+
+/// The smallest O_DIRECT alignment the file accepts: 512 bytes where a 512-byte direct read
+/// works, else 4 KiB (QEMU probes the same way).
+fn probe_direct_alignment(file: &File) -> u64 {
+    let mut buf = crate::io::aligned::AlignedBuf::zeroed(512);
+    match file.read_at(buf.as_mut_slice(), 0) {
+        Ok(_) => 512,
+        Err(_) => crate::io::aligned::DIRECT_ALIGN as u64,
+    }
 }
 
 fn open_error(path: &str, e: &io::Error) -> Error {
@@ -140,6 +223,9 @@ impl Driver for FileDriver {
     }
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        if self.direct {
+            return Box::pin(self.read_direct(offset, len));
+        }
         self.io.pread(&self.fd(), offset, len)
     }
 
@@ -150,9 +236,8 @@ impl Driver for FileDriver {
         data: Vec<u8>,
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
-        let w = self.io.pwrite(&self.fd(), offset, data);
         Box::pin(async move {
-            w.await?;
+            self.pwrite(offset, data).await?;
             if flags.contains(ReqFlags::FUA) && !node.cache_no_flush {
                 self.io.fdatasync(&self.fd()).await?;
             }
@@ -192,9 +277,7 @@ impl Driver for FileDriver {
                 let mut off = offset;
                 while off < offset + len {
                     let n = (offset + len - off).min(1 << 20);
-                    self.io
-                        .pwrite(&self.fd(), off, vec![0u8; n as usize])
-                        .await?;
+                    self.pwrite(off, vec![0u8; n as usize]).await?;
                     off += n;
                 }
             }
@@ -316,5 +399,9 @@ impl Driver for FileDriver {
 
     fn can_fast_zero(&self) -> bool {
         true
+    }
+
+    fn request_alignment(&self, _node: &Node) -> u64 {
+        self.align
     }
 }

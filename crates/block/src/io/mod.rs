@@ -5,6 +5,7 @@
 //! Buffers are owned and move with the request, so a request never borrows from its caller
 //! across an await.
 
+pub mod aligned;
 pub mod pool;
 mod threads;
 mod uring;
@@ -50,6 +51,11 @@ pub trait IoBackend {
     fn pread(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>>;
     /// Writes all of `data` at `offset`.
     fn pwrite(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()>;
+    /// Reads with O_DIRECT: `offset` and `len` are multiples of [`aligned::DIRECT_ALIGN`];
+    /// the I/O goes through an aligned buffer.
+    fn pread_direct(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>>;
+    /// Writes with O_DIRECT; alignment as for [`IoBackend::pread_direct`].
+    fn pwrite_direct(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()>;
     /// Makes written data durable.
     fn fdatasync(&self, file: &Arc<File>) -> IoFuture<()>;
     /// Punches, zeroes or allocates a range.

@@ -43,6 +43,26 @@ impl IoBackend for ThreadPool {
         Box::pin(async move { w.await.map(super::pool::give) })
     }
 
+    fn pread_direct(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>> {
+        let file = file.clone();
+        let mut out = super::pool::take(len);
+        blocking(move || {
+            let mut bounce = super::aligned::AlignedBuf::zeroed(len);
+            read_into(&file, offset, bounce.as_mut_slice())?;
+            out.copy_from_slice(bounce.as_slice());
+            Ok(out)
+        })
+    }
+
+    fn pwrite_direct(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
+        let file = file.clone();
+        let w = blocking(move || {
+            let bounce = super::aligned::AlignedBuf::copy_of(&data);
+            file.write_all_at(bounce.as_slice(), offset).map(|()| data)
+        });
+        Box::pin(async move { w.await.map(super::pool::give) })
+    }
+
     fn fdatasync(&self, file: &Arc<File>) -> IoFuture<()> {
         let file = file.clone();
         blocking(move || file.sync_data())

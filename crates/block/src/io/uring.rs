@@ -28,6 +28,8 @@ struct InFlight {
     file: Arc<File>,
     offset: u64,
     buf: Vec<u8>,
+    /// For O_DIRECT: the aligned buffer the kernel uses instead of `buf`.
+    bounce: Option<super::aligned::AlignedBuf>,
     done: oneshot::Sender<io::Result<Vec<u8>>>,
 }
 
@@ -81,8 +83,19 @@ impl Uring {
         buf: Vec<u8>,
         how: OpKind,
     ) -> IoFuture<Vec<u8>> {
+        self.submit_with(file, offset, op, (buf, None), how)
+    }
+
+    fn submit_with(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        op: Op,
+        bufs: (Vec<u8>, Option<super::aligned::AlignedBuf>),
+        how: OpKind,
+    ) -> IoFuture<Vec<u8>> {
         let (done, rx) = oneshot::channel();
-        let r = self.inner.push(file, offset, op, buf, how, done);
+        let r = self.inner.push(file, offset, op, bufs, how, done);
         Box::pin(async move {
             r?;
             rx.await
@@ -106,7 +119,7 @@ impl Inner {
         file: &Arc<File>,
         offset: u64,
         op: Op,
-        buf: Vec<u8>,
+        (buf, bounce): (Vec<u8>, Option<super::aligned::AlignedBuf>),
         how: OpKind,
         done: oneshot::Sender<io::Result<Vec<u8>>>,
     ) -> io::Result<()> {
@@ -121,14 +134,23 @@ impl Inner {
             file: file.clone(),
             offset,
             buf,
+            bounce,
             done,
         });
         let fd = types::Fd(entry.file.as_raw_fd());
+        // O_DIRECT requests use the aligned bounce buffer; others the request's own.
+        let (ptr, len) = match entry.bounce.as_mut() {
+            Some(b) => {
+                let s = b.as_mut_slice();
+                (s.as_mut_ptr(), s.len())
+            }
+            None => (entry.buf.as_mut_ptr(), entry.buf.len()),
+        };
         let sqe = match how {
-            OpKind::Read => opcode::Read::new(fd, entry.buf.as_mut_ptr(), entry.buf.len() as u32)
+            OpKind::Read => opcode::Read::new(fd, ptr, len as u32)
                 .offset(offset)
                 .build(),
-            OpKind::Write => opcode::Write::new(fd, entry.buf.as_ptr(), entry.buf.len() as u32)
+            OpKind::Write => opcode::Write::new(fd, ptr.cast_const(), len as u32)
                 .offset(offset)
                 .build(),
             OpKind::Fsync => opcode::Fsync::new(fd)
@@ -189,9 +211,13 @@ impl Inner {
                 op,
                 file,
                 offset,
-                buf,
+                mut buf,
+                bounce,
                 done,
             } = entry;
+            if let (Op::Read, Some(b)) = (&op, &bounce) {
+                buf.copy_from_slice(b.as_slice());
+            }
             let result = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
@@ -207,7 +233,8 @@ impl Inner {
                     Op::Other => Ok(buf),
                     // A short write is rare (a signal, a full disk); finish it directly.
                     Op::Write if n < buf.len() => {
-                        let r = file.write_all_at(&buf[n..], offset + n as u64);
+                        let written = bounce.as_ref().map_or(&buf[..], |b| b.as_slice());
+                        let r = file.write_all_at(&written[n..], offset + n as u64);
                         super::pool::give(buf);
                         r.map(|()| Vec::new())
                     }
@@ -229,6 +256,23 @@ impl IoBackend for Uring {
 
     fn pwrite(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
         let f = self.submit(file, offset, Op::Write, data, OpKind::Write);
+        Box::pin(async move { f.await.map(drop) })
+    }
+
+    fn pread_direct(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>> {
+        let bounce = super::aligned::AlignedBuf::zeroed(len);
+        self.submit_with(
+            file,
+            offset,
+            Op::Read,
+            (super::pool::take(len), Some(bounce)),
+            OpKind::Read,
+        )
+    }
+
+    fn pwrite_direct(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
+        let bounce = super::aligned::AlignedBuf::copy_of(&data);
+        let f = self.submit_with(file, offset, Op::Write, (data, Some(bounce)), OpKind::Write);
         Box::pin(async move { f.await.map(drop) })
     }
 
