@@ -21,4 +21,4 @@ passed=$(grep -oE 'ok\. [0-9]+ passed' target/cargo-test.log | awk '{s+=$2} END 
 echo "cargo test: ${passed} passed, 0 failed"
 
 echo "== pytest (tests/python, against the real binary and qemu-storage-daemon)"
-.venv/bin/python -m pytest tests/python -q -p no:cacheprovider -rs
+.venv/bin/python -m pytest tests/python -q -p no:cacheprovider -rfEs
