@@ -398,3 +398,28 @@ def test_direct_io_advertises_qemus_block_size(tmp_path):
         finally:
             d.stop()
     assert sizes[1] == sizes[0]
+
+
+def test_discard_unmap_and_detect_zeroes_make_holes(ferrite, tmp_path):
+    img = mkimg(tmp_path / "disk.raw", "8M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x55 0 8M", img)
+    sock = str(tmp_path / "nbd.sock")
+    ferrite(["--blockdev", f"driver=file,node-name=f0,filename={img},discard=unmap,detect-zeroes=unmap",
+             "--nbd-server", f"addr.type=unix,addr.path={sock}",
+             "--export", "nbd,id=e0,node-name=f0,writable=on"])
+    u = uri(sock, "f0")
+    run("qemu-io", "-f", "raw", "-c", "discard 1M 1M", "-c", "write -P 0 4M 1M", u)
+    m = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", u).stdout)
+    holes = [(e["start"], e["length"]) for e in m if not e["data"]]
+    assert (1 << 20, 1 << 20) in holes and (4 << 20, 1 << 20) in holes, m
+    run("qemu-io", "-f", "raw", "-c", "read -P 0 1M 1M", "-c", "read -P 0x55 0 1M", u)
+    # Without discard=unmap, a discard leaves the data allocated.
+    img2 = mkimg(tmp_path / "disk2.raw", "8M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x55 0 8M", img2)
+    sock2 = str(tmp_path / "nbd2.sock")
+    ferrite(["--blockdev", f"driver=file,node-name=f0,filename={img2}",
+             "--nbd-server", f"addr.type=unix,addr.path={sock2}",
+             "--export", "nbd,id=e0,node-name=f0,writable=on"])
+    run("qemu-io", "-f", "raw", "-c", "discard 1M 1M", uri(sock2, "f0"))
+    m = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", uri(sock2, "f0")).stdout)
+    assert all(e["data"] for e in m), m
