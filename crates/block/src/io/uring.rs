@@ -35,6 +35,9 @@ struct InFlight {
 
 struct Inner {
     ring: RefCell<IoUring>,
+    /// Whether a task is scheduled to submit what has been queued: requests made in the same
+    /// turn of the event loop go to the kernel in one system call, as QEMU batches them.
+    submit_scheduled: std::cell::Cell<bool>,
     slots: RefCell<Vec<Option<InFlight>>>,
     free: RefCell<Vec<usize>>,
 }
@@ -67,6 +70,7 @@ impl Uring {
             .map_err(|e| io::Error::other(e.to_string()))?;
         let inner = Rc::new(Inner {
             ring: RefCell::new(ring),
+            submit_scheduled: std::cell::Cell::new(false),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
         });
@@ -115,7 +119,7 @@ enum OpKind {
 
 impl Inner {
     fn push(
-        &self,
+        self: &Rc<Self>,
         file: &Arc<File>,
         offset: u64,
         op: Op,
@@ -177,7 +181,32 @@ impl Inner {
             self.free.borrow_mut().push(slot);
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
-        ring.submit()?;
+        drop(ring);
+        if !self.submit_scheduled.replace(true) {
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                tokio::task::yield_now().await;
+                me.submit_scheduled.set(false);
+                // EBUSY/EAGAIN mean the completion queue is full: let the reaper drain it,
+                // then try again, so that queued requests are never left behind.
+                for _ in 0..1000 {
+                    match me.ring.borrow_mut().submit() {
+                        Ok(_) => return,
+                        Err(e)
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
+                            ) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "io_uring submit failed");
+                            return;
+                        }
+                    }
+                    me.reap();
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
         Ok(())
     }
 
