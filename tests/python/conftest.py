@@ -30,6 +30,22 @@ def wait_for(cond, timeout=10.0, what="condition"):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def connect_unix(path, timeout=10.0):
+    """Connects to a unix socket, retrying while it is bound but not yet listening (a socket
+    file exists between bind and listen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            return s
+        except (ConnectionRefusedError, FileNotFoundError):
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Daemon:
     """A running storage daemon with a QMP monitor on `self.sock`."""
 
@@ -80,8 +96,7 @@ class RawQmp:
     """A QMP connection on a raw socket, for protocol edge cases."""
 
     def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
+        self.s = connect_unix(path)
         self.s.settimeout(10)
         self.buf = b""
         self.greeting = self.recv_msgs(1)[0]

@@ -17,8 +17,8 @@ FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = 1, 2, 4, 8, 16
 
 class Nbd:
     def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
+        from conftest import connect_unix
+        self.s = connect_unix(path)
         self.s.settimeout(10)
         magic, opt, self.hflags = struct.unpack(">QQH", self.recv(18))
         assert magic == NBDMAGIC and opt == IHAVEOPT

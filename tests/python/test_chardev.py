@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import FERRITE, RawQmp, normalize, wait_for
+from conftest import FERRITE, RawQmp, connect_unix, normalize, wait_for
 
 SEQUENCE = [
     ("chardev-add", {"id": "r0", "backend": {"type": "ringbuf", "data": {"size": 8}}}),
@@ -186,8 +186,7 @@ def test_second_client_waits_for_the_first(ferrite):
     """A socket chardev serves one client at a time; the next gets its greeting later."""
     d = ferrite()
     first = d.connect()
-    second = socket.socket(socket.AF_UNIX)
-    second.connect(d.sock)
+    second = connect_unix(d.sock)
     second.settimeout(0.5)
     with pytest.raises(socket.timeout):
         second.recv(100)

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 import nbdclient as nc
-from conftest import Daemon, FERRITE, QSD, normalize, wait_for
+from conftest import Daemon, FERRITE, QSD, connect_unix, normalize, wait_for
 
 
 def mkimg(path, size="64M"):
@@ -28,7 +28,31 @@ def serve(start, tmp, writable=True, extra_export="", size="64M", blockdev=None)
     args += ["--nbd-server", f"addr.type=unix,addr.path={sock}",
              "--export", f"nbd,id=e0,node-name=d0,writable={'on' if writable else 'off'}{extra_export}"]
     d = start(args)
+    wait_for(lambda: os.path.exists(sock), what="NBD socket")
     return d, img, sock
+
+
+def each_program(tmp_path, file_opts="", export_opts=",writable=on", size="1M", prepare=None,
+                 node="d0"):
+    """Runs qemu-storage-daemon, then ferrite, each exporting a raw node `d0` over a fresh
+    image; yields (program, socket) while the daemon runs."""
+    for binary in (QSD, FERRITE):
+        sub = tmp_path / os.path.basename(binary)
+        sub.mkdir()
+        img = mkimg(sub / "disk.raw", size)
+        if prepare:
+            prepare(img)
+        sock = str(sub / "nbd.sock")
+        d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=f0,filename={img}{file_opts}",
+                                       "--blockdev", "raw,node-name=d0,file=f0",
+                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                       "--export", f"nbd,id=e0,node-name={node}{export_opts}"])
+        try:
+            # The monitor socket comes first on the command line; wait for the NBD one too.
+            wait_for(lambda: os.path.exists(sock), what="NBD socket")
+            yield binary, sock
+        finally:
+            d.stop()
 
 
 def uri(sock, name="d0"):
@@ -53,29 +77,16 @@ def test_qemu_io_patterns_read_back(ferrite, tmp_path):
 
 
 def test_map_and_info_match_qsd(tmp_path):
-    results = []
-    for which in ("qsd", "ferrite"):
-        sub = tmp_path / which
-        sub.mkdir()
-        results.append(sub)
-    # Build each daemon with the same image contents, then compare what clients see.
-    seen = []
-    for binary, sub in ((QSD, results[0]), (FERRITE, results[1])):
-        img = mkimg(sub / "disk.raw")
+    def prepare(img):
         run("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "write -P 1 8M 1M", img)
-        sock = str(sub / "nbd.sock")
-        d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=f0,filename={img}",
-                                       "--blockdev", "raw,node-name=d0,file=f0",
-                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                                       "--export", "nbd,id=e0,node-name=d0,description=the disk"])
-        try:
-            m = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", uri(sock)).stdout)
-            info = run("nbdinfo", "--json", uri(sock)).stdout
-            lst = run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}").stdout
-            nmap = run("nbdinfo", "--map", uri(sock)).stdout
-            seen.append((m, json.loads(info), json.loads(lst), nmap))
-        finally:
-            d.stop()
+    seen = []
+    for _, sock in each_program(tmp_path, export_opts=",description=the disk", size="64M",
+                                prepare=prepare):
+        m = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", uri(sock)).stdout)
+        info = run("nbdinfo", "--json", uri(sock)).stdout
+        lst = run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}").stdout
+        nmap = run("nbdinfo", "--map", uri(sock)).stdout
+        seen.append((m, json.loads(info), json.loads(lst), nmap))
     (qm, qi, ql, qn), (fm, fi, fl, fn) = seen
     assert fm == qm
     assert fn == qn
@@ -199,20 +210,7 @@ def edge_transcript(sock):
 
 
 def test_protocol_edge_cases_match_qsd(tmp_path):
-    seen = []
-    for binary in (QSD, FERRITE):
-        sub = tmp_path / os.path.basename(binary)
-        sub.mkdir()
-        img = mkimg(sub / "disk.raw", "1M")
-        sock = str(sub / "nbd.sock")
-        d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=f0,filename={img}",
-                                       "--blockdev", "raw,node-name=d0,file=f0",
-                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                                       "--export", "nbd,id=e0,node-name=d0,writable=on"])
-        try:
-            seen.append(edge_transcript(sock))
-        finally:
-            d.stop()
+    seen = [edge_transcript(sock) for _, sock in each_program(tmp_path)]
     for want, got in zip(*seen):
         assert got == want
 
@@ -253,8 +251,7 @@ def test_max_connections(ferrite, tmp_path):
                  "--nbd-server", f"addr.type=unix,addr.path={sock},max-connections=1",
                  "--export", "nbd,id=e0,node-name=d0"])
     first = nc.Nbd(sock)
-    second_sock = __import__("socket").socket(__import__("socket").AF_UNIX)
-    second_sock.connect(sock)
+    second_sock = connect_unix(sock)
     second_sock.settimeout(0.5)
     with pytest.raises(TimeoutError):
         second_sock.recv(1)
@@ -375,29 +372,21 @@ def test_stalled_handshake_is_dropped(ferrite, tmp_path):
     sock = str(tmp_path / "nbd.sock")
     d = ferrite(["--blockdev", f"driver=file,node-name=d0,filename={img}",
                  "--nbd-server", f"addr.type=unix,addr.path={sock},handshake-max-seconds=1"])
-    s = __import__("socket").socket(__import__("socket").AF_UNIX)
-    s.connect(sock)
+    s = connect_unix(sock)
     s.settimeout(5)
     assert len(s.recv(18)) == 18  # the greeting; then the client says nothing
     assert s.recv(1) == b""       # and is hung up on after a second
 
 
-def test_direct_io_advertises_qemus_block_size(tmp_path):
+@pytest.mark.parametrize("node", ["d0", "f0"])
+def test_direct_io_advertises_qemus_block_size(tmp_path, node):
+    """A raw node hides the file's O_DIRECT alignment; the file node itself shows it."""
     sizes = []
-    for binary in (QSD, FERRITE):
-        sub = tmp_path / os.path.basename(binary)
-        sub.mkdir()
-        img = mkimg(sub / "disk.raw", "1M")
-        sock = str(sub / "nbd.sock")
-        d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=d0,filename={img},cache.direct=on",
-                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                                       "--export", "nbd,id=e0,node-name=d0"])
-        try:
-            info = json.loads(run("nbdinfo", "--json", uri(sock)).stdout)["exports"][0]
-            sizes.append((info["block_size_minimum"], info["block_size_maximum"]))
-        finally:
-            d.stop()
+    for _, sock in each_program(tmp_path, file_opts=",cache.direct=on", export_opts="", node=node):
+        info = json.loads(run("nbdinfo", "--json", uri(sock, node)).stdout)["exports"][0]
+        sizes.append((info["block_size_minimum"], info["block_size_maximum"]))
     assert sizes[1] == sizes[0]
+
 
 
 def test_discard_unmap_and_detect_zeroes_make_holes(ferrite, tmp_path):

@@ -138,10 +138,6 @@ impl Driver for RawDriver {
         }
     }
 
-    fn request_alignment(&self, node: &Node) -> u64 {
-        node.child("file").map_or(1, |f| f.request_alignment())
-    }
-
     fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
         // The child stays the same node; a different one is not supported yet.
         let same_child = match (opts.get("file"), node.child("file")) {
