@@ -102,7 +102,7 @@ def test_blockstats_and_graph_match_qsd(both):
         edges = sorted((ids[e["parent"]], ids[e["child"]], e["name"], tuple(e["perm"]),
                         tuple(e["shared-perm"])) for e in graph["edges"])
         out.append((canon(stats, d.workdir), canon(edges, d.workdir),
-                    canon(c.cmd("query-blockstats"), d.workdir)))
+                    canon(c.cmd("query-blockstats"), d.workdir), canon(graph, d.workdir)))
     assert out[1] == out[0]
 
 

@@ -273,6 +273,7 @@ EXPORT_SEQ = [
     ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "ro", "writable": True}),
     ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "ro", "name": "ro"}),
     ("query-block-exports", None),
+    ("x-debug-query-block-graph", None),
     ("blockdev-del", {"node-name": "d0"}),
     ("block_resize", {"node-name": "d0", "size": 1 << 21}),
     ("nbd-server-add", {"device": "f0", "name": "old"}),

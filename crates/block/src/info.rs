@@ -89,57 +89,77 @@ pub(crate) fn blockstats(graph: &Graph, query_nodes: bool) -> QObject {
         .into()
 }
 
-/// `x-debug-query-block-graph`.
+/// `x-debug-query-block-graph`, numbered and ordered as QEMU does it: root users (block
+/// backends) first, then every node in creation order; an id is given when a node or backend
+/// is first met, as a vertex or as the child of an edge; both lists come out newest first.
 pub(crate) fn debug_graph(graph: &Graph) -> QObject {
     let nodes = graph.nodes();
+    let mut ids: Vec<(*const Node, u64)> = Vec::new();
+    let mut next = 1u64;
+    let mut id_of = |n: &Rc<Node>, next: &mut u64| -> u64 {
+        let key = Rc::as_ptr(n);
+        if let Some((_, id)) = ids.iter().find(|(k, _)| *k == key) {
+            return *id;
+        }
+        let id = *next;
+        *next += 1;
+        ids.push((key, id));
+        id
+    };
+    let names =
+        |p: crate::perm::Perm| QObject::List(p.names().into_iter().map(QObject::from).collect());
+    let edge = |parent: u64, child: u64, name: &str, u: &crate::node::Use| {
+        QObject::Dict(
+            QDict::new()
+                .with("parent", parent)
+                .with("child", child)
+                .with("name", name)
+                .with("perm", names(u.perm))
+                .with("shared-perm", names(u.shared)),
+        )
+    };
     let mut out_nodes = Vec::new();
     let mut edges = Vec::new();
-    let id_of = |n: &Rc<Node>| -> u64 {
-        nodes
-            .iter()
-            .position(|m| Rc::ptr_eq(m, n))
-            .map_or(0, |i| i as u64 + 1)
-    };
-    let mut next_root = nodes.len() as u64 + 1;
-    for n in nodes.iter().rev() {
+    // Root users, oldest first.
+    let mut roots: Vec<(crate::node::Use, Rc<Node>)> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.users()
+                .into_iter()
+                .filter(|u| matches!(u.parent, Parent::Root(_)))
+                .map(move |u| (u, n.clone()))
+        })
+        .collect();
+    roots.sort_by_key(|(u, _)| u.id);
+    for (u, n) in &roots {
+        let id = next;
+        next += 1;
         out_nodes.push(QObject::Dict(
             QDict::new()
-                .with("id", id_of(n))
+                .with("id", id)
+                .with("type", "block-backend")
+                .with("name", ""),
+        ));
+        let child = id_of(n, &mut next);
+        edges.push(edge(id, child, "root", u));
+    }
+    for n in &nodes {
+        let id = id_of(n, &mut next);
+        out_nodes.push(QObject::Dict(
+            QDict::new()
+                .with("id", id)
                 .with("type", "block-driver")
                 .with("name", n.name()),
         ));
-    }
-    for n in nodes.iter().rev() {
-        for u in n.users() {
-            let (parent, name) = match &u.parent {
-                Parent::Node { parent, child } => {
-                    (graph.find(parent).map_or(0, |p| id_of(&p)), child.clone())
-                }
-                Parent::Root(_) => {
-                    let id = next_root;
-                    next_root += 1;
-                    out_nodes.push(QObject::Dict(
-                        QDict::new()
-                            .with("id", id)
-                            .with("type", "block-backend")
-                            .with("name", ""),
-                    ));
-                    (id, "root".to_owned())
-                }
-            };
-            let names = |p: crate::perm::Perm| {
-                QObject::List(p.names().into_iter().map(QObject::from).collect())
-            };
-            edges.push(QObject::Dict(
-                QDict::new()
-                    .with("parent", parent)
-                    .with("child", id_of(n))
-                    .with("name", name)
-                    .with("perm", names(u.perm))
-                    .with("shared-perm", names(u.shared)),
-            ));
+        for c in n.children() {
+            let child = id_of(&c.node, &mut next);
+            if let Some(u) = c.node.users().into_iter().find(|u| u.id == c.use_id) {
+                edges.push(edge(id, child, &c.name, &u));
+            }
         }
     }
+    out_nodes.reverse();
+    edges.reverse();
     QDict::new()
         .with("nodes", out_nodes)
         .with("edges", edges)
