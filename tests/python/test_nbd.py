@@ -413,3 +413,23 @@ def test_discard_unmap_and_detect_zeroes_make_holes(ferrite, tmp_path):
     run("qemu-io", "-f", "raw", "-c", "discard 1M 1M", uri(sock2, "f0"))
     m = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", uri(sock2, "f0")).stdout)
     assert all(e["data"] for e in m), m
+
+
+def test_tcp_listener(ferrite, tmp_path):
+    import socket as so
+    probe = so.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    img = mkimg(tmp_path / "disk.raw", "4M")
+    d = ferrite(["--blockdev", f"driver=file,node-name=d0,filename={img}",
+                 "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+                 "--export", "nbd,id=e0,node-name=d0,writable=on"])
+    u = f"nbd://127.0.0.1:{port}/d0"
+    wait_for(lambda: run("nbdinfo", "--size", u, check=False).returncode == 0, what="NBD over TCP")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 1M", "-c", "read -P 0x42 0 1M", u)
+    assert run("nbdinfo", "--size", u).stdout.strip() == str(4 << 20)
+    c = d.connect()
+    # QMP can start a second server only after stopping the first.
+    rsp = c.cmd("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+    assert rsp["error"]["desc"] == "NBD server already running"
