@@ -6,7 +6,7 @@ use ferrite_block::{Node, ReqFlags};
 use std::io;
 use std::rc::Rc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Semaphore, mpsc};
 
 /// Requests one client may have in flight (QEMU's server allows 16).
 const MAX_IN_FLIGHT: usize = 16;
@@ -21,7 +21,37 @@ struct Request {
     len: u32,
 }
 
-type SharedWriter<W> = Rc<Mutex<W>>;
+/// Where replies go: each message is the buffers of one reply, written back to back by the
+/// connection's writer task, which flushes once its queue is empty (replies that complete
+/// together share a system call).
+type Replies = mpsc::UnboundedSender<Vec<Vec<u8>>>;
+
+fn send(w: &Replies, parts: Vec<Vec<u8>>) -> io::Result<()> {
+    w.send(parts)
+        .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+}
+
+/// Writes replies until every sender is gone or the peer fails.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Vec<Vec<u8>>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(parts) = next {
+            for part in parts {
+                if w.write_all(&part).await.is_err() {
+                    return;
+                }
+                ferrite_block::io::pool::give(part);
+            }
+            next = rx.try_recv().ok();
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+}
 
 /// What a request produced.
 enum Outcome {
@@ -74,7 +104,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + 'static,
 {
-    let w: SharedWriter<W> = Rc::new(Mutex::new(w));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::task::spawn_local(write_replies(w, rx));
+    let w: Replies = tx;
     let slots = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let export = session.export.clone();
     let session = Rc::new(session);
@@ -117,8 +149,8 @@ where
     }
     // Let requests in flight finish and reply before the connection closes.
     let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
-    let mut w = w.lock().await;
-    let _ = w.flush().await;
+    drop(w);
+    let _ = writer.await;
     Ok(())
 }
 
@@ -216,11 +248,11 @@ fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (
     Ok(())
 }
 
-async fn handle<W: AsyncWrite + Unpin>(
+async fn handle(
     session: &Session,
     req: Request,
     payload: Option<Vec<u8>>,
-    w: &SharedWriter<W>,
+    w: &Replies,
 ) -> io::Result<()> {
     if let Err((e, msg)) = validate(session, &req, payload.is_some()) {
         return send_outcome(session, &req, Outcome::Err(e, msg), w).await;
@@ -279,24 +311,19 @@ async fn handle<W: AsyncWrite + Unpin>(
     send_outcome(session, &req, outcome, w).await
 }
 
-async fn send_outcome<W: AsyncWrite + Unpin>(
+async fn send_outcome(
     session: &Session,
     req: &Request,
     outcome: Outcome,
-    w: &SharedWriter<W>,
+    w: &Replies,
 ) -> io::Result<()> {
-    let mut w = w.lock().await;
-    match (session.structured, outcome) {
-        (false, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0)).await?,
-        (false, Outcome::Err(e, _)) => w.write_all(&simple_reply(req.cookie, e)).await?,
-        (false, Outcome::Data(d)) => {
-            w.write_all(&simple_reply(req.cookie, 0)).await?;
-            w.write_all(&d).await?;
-            ferrite_block::io::pool::give(d);
-        }
+    let parts = match (session.structured, outcome) {
+        (false, Outcome::Ok) => vec![simple_reply(req.cookie, 0)],
+        (false, Outcome::Err(e, _)) => vec![simple_reply(req.cookie, e)],
+        (false, Outcome::Data(d)) => vec![simple_reply(req.cookie, 0), d],
         // Like QEMU, a success without data gets a simple reply even in structured mode.
-        (true, Outcome::Ok) => w.write_all(&simple_reply(req.cookie, 0)).await?,
-        (true, Outcome::Err(e, msg)) => w.write_all(&error_chunk(req.cookie, e, &msg)).await?,
+        (true, Outcome::Ok) => vec![simple_reply(req.cookie, 0)],
+        (true, Outcome::Err(e, msg)) => vec![error_chunk(req.cookie, e, &msg)],
         (true, Outcome::Data(d)) => {
             let mut h = chunk_header(
                 REPLY_FLAG_DONE,
@@ -305,20 +332,14 @@ async fn send_outcome<W: AsyncWrite + Unpin>(
                 8 + d.len() as u32,
             );
             h.extend_from_slice(&req.offset.to_be_bytes());
-            w.write_all(&h).await?;
-            w.write_all(&d).await?;
-            ferrite_block::io::pool::give(d);
+            vec![h, d]
         }
-    }
-    w.flush().await
+    };
+    send(w, parts)
 }
 
 /// A structured read that sends holes as hole chunks instead of zeroes.
-async fn sparse_read<W: AsyncWrite + Unpin>(
-    node: &Rc<Node>,
-    req: &Request,
-    w: &SharedWriter<W>,
-) -> io::Result<()> {
+async fn sparse_read(node: &Rc<Node>, req: &Request, w: &Replies) -> io::Result<()> {
     let end = req.offset + u64::from(req.len);
     let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
     let mut off = req.offset;
@@ -361,28 +382,19 @@ async fn sparse_read<W: AsyncWrite + Unpin>(
                 }
                 Err(e) => {
                     // Nothing has been sent yet: the whole read fails with one error chunk.
-                    let mut w = w.lock().await;
-                    w.write_all(&error_chunk(req.cookie, errno_to_nbd(&e), ""))
-                        .await?;
-                    return w.flush().await;
+                    return send(w, vec![error_chunk(req.cookie, errno_to_nbd(&e), "")]);
                 }
             }
         }
     }
-    let mut w = w.lock().await;
-    for c in &chunks {
-        w.write_all(c).await?;
-    }
-    let r = w.flush().await;
-    chunks.into_iter().for_each(ferrite_block::io::pool::give);
-    r
+    send(w, chunks)
 }
 
-async fn block_status<W: AsyncWrite + Unpin>(
+async fn block_status(
     session: &Session,
     node: &Rc<Node>,
     req: &Request,
-    w: &SharedWriter<W>,
+    w: &Replies,
 ) -> io::Result<()> {
     let end = req.offset + u64::from(req.len);
     let one = req.flags & CMD_FLAG_REQ_ONE != 0;
@@ -397,10 +409,7 @@ async fn block_status<W: AsyncWrite + Unpin>(
             {
                 Ok(e) => e,
                 Err(err) => {
-                    let mut w = w.lock().await;
-                    w.write_all(&error_chunk(req.cookie, errno_to_nbd(&err), ""))
-                        .await?;
-                    return w.flush().await;
+                    return send(w, vec![error_chunk(req.cookie, errno_to_nbd(&err), "")]);
                 }
             };
             let flags = match ctx {
@@ -439,9 +448,5 @@ async fn block_status<W: AsyncWrite + Unpin>(
         // Set DONE on the final chunk (flags are bytes 4..6 of the header).
         last[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
     }
-    let mut w = w.lock().await;
-    for c in &replies {
-        w.write_all(c).await?;
-    }
-    w.flush().await
+    send(w, replies)
 }
