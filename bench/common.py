@@ -1,17 +1,30 @@
 """Helpers shared by the benchmarks: start a daemon and read its memory use."""
+import contextlib
 import os
 import subprocess
+import sys
 import time
 
 
-def start(args, wait_for):
-    """Starts a daemon with `args` and waits until the socket `wait_for` exists."""
+@contextlib.contextmanager
+def running(args, wait_for):
+    """Runs a daemon with `args` once the socket `wait_for` exists; stops it afterwards."""
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        if os.path.exists(wait_for):
-            break
-        time.sleep(0.01)
-    return p
+    try:
+        for _ in range(500):
+            if os.path.exists(wait_for):
+                break
+            time.sleep(0.01)
+        yield p
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def require_built(binary):
+    """Exits with advice when the release binary is missing."""
+    if not os.path.exists(binary):
+        sys.exit(f"{binary} not built: run cargo build --release")
 
 
 def rss_kib(pid):

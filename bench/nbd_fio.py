@@ -6,7 +6,6 @@ resident memory with one export and one client."""
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,15 +25,13 @@ JOBS = [
 ]
 
 
-def start(binary, d, img, aio):
-    sock = os.path.join(d, "nbd.sock")
+def daemon_args(binary, d, img, aio, sock):
     qmp = os.path.join(d, "qmp.sock")
-    args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}" + (",aio=io_uring" if aio else ""),
+    return [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}" + (",aio=io_uring" if aio else ""),
             "--blockdev", "raw,node-name=d0,file=f0",
             "--nbd-server", f"addr.type=unix,addr.path={sock}",
             "--export", "nbd,id=e0,node-name=d0,writable=on",
             "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
-    return common.start(args, sock), sock
 
 
 def fio(sock, extra):
@@ -53,8 +50,8 @@ def measure(binary, aio):
         # A fully written image, so reads hit data rather than holes.
         subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=1024",
                         "status=none"], check=True)
-        p, sock = start(binary, d, img, aio)
-        try:
+        sock = os.path.join(d, "nbd.sock")
+        with common.running(daemon_args(binary, d, img, aio, sock), sock) as p:
             results = {}
             peak = [0]
             stop = threading.Event()
@@ -71,14 +68,10 @@ def measure(binary, aio):
             t.join()
             results["rss"] = peak[0]
             return results
-        finally:
-            p.terminate()
-            p.wait()
 
 
 def main():
-    if not os.path.exists(FERRITE):
-        sys.exit(f"{FERRITE} not built: run cargo build --release")
+    common.require_built(FERRITE)
     print(f"fio nbd engine, iodepth 16, {RUNTIME}s per job, 1 GiB raw file node")
     print(f"{'':26}{'ferrite':>14}{'qsd':>14}{'ratio':>8}")
     for aio in (False, True):

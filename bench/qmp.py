@@ -4,8 +4,6 @@ memory at idle, for ferrite-storage-daemon and qemu-storage-daemon in the same r
 Prints each figure and the ratio ferrite/qsd (higher is better for rate, lower for memory)."""
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -17,17 +15,12 @@ QSD = "qemu-storage-daemon"
 N = int(os.environ.get("QMP_ROUNDS", "20000"))
 
 
-def start(binary, d):
-    sock = os.path.join(d, "qmp.sock")
-    p = common.start([binary, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
-                      "--monitor", "c"], sock)
-    return p, sock
-
-
 def measure(binary):
     with tempfile.TemporaryDirectory() as d:
-        p, sock = start(binary, d)
-        try:
+        sock = os.path.join(d, "qmp.sock")
+        args = [binary, "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+                "--monitor", "c"]
+        with common.running(args, sock) as p:
             time.sleep(0.5)
             idle = common.rss_kib(p.pid)
             s = socket.socket(socket.AF_UNIX)
@@ -48,14 +41,10 @@ def measure(binary):
             busy = common.rss_kib(p.pid)
             s.close()
             return rate, idle, busy
-        finally:
-            p.terminate()
-            p.wait()
 
 
 def main():
-    if not os.path.exists(FERRITE):
-        sys.exit(f"{FERRITE} not built: run cargo build --release")
+    common.require_built(FERRITE)
     q = measure(QSD)
     f = measure(FERRITE)
     print(f"{'':28}{'ferrite':>12}{'qsd':>12}{'ratio':>9}")

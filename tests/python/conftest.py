@@ -3,6 +3,7 @@
 Every daemon runs in the test's own temporary directory with a QMP monitor on a unix socket.
 Differential tests run the same scenario against both programs and compare what a client sees.
 """
+import contextlib
 import json
 import os
 import re
@@ -159,31 +160,32 @@ def normalize(text):
     return text
 
 
+@contextlib.contextmanager
 def _daemons(binary, prefix, tmp_path):
-    """A starter for daemons of one program; stops them all at the end of the test."""
+    """A starter for daemons of one program; stops them all when the test ends."""
     daemons = []
 
     def start(extra=(), monitor_opts=""):
         d = Daemon(binary, tmp_path / f"{prefix}{len(daemons)}", extra, monitor_opts)
         daemons.append(d)
         return d
-    return start, daemons
+    try:
+        yield start
+    finally:
+        for d in daemons:
+            d.stop()
 
 
 @pytest.fixture
 def ferrite(tmp_path):
-    start, daemons = _daemons(FERRITE, "ferrite", tmp_path)
-    yield start
-    for d in daemons:
-        d.stop()
+    with _daemons(FERRITE, "ferrite", tmp_path) as start:
+        yield start
 
 
 @pytest.fixture
 def qsd(tmp_path):
-    start, daemons = _daemons(QSD, "qsd", tmp_path)
-    yield start
-    for d in daemons:
-        d.stop()
+    with _daemons(QSD, "qsd", tmp_path) as start:
+        yield start
 
 
 @pytest.fixture
