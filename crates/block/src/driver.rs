@@ -147,6 +147,39 @@ pub trait Driver {
         Ok(())
     }
 
+    /// Writes whole clusters compressed (formats that can; others write them plain).
+    fn write_compressed<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> BoxFut<'a, ()> {
+        self.write(node, offset, data, ReqFlags::empty())
+    }
+
+    /// Writes cached state back before the node goes away (QEMU's `bdrv_close`).
+    fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The format's cluster size, if it has one.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// The backing file name and format the image names (formats with backing files).
+    fn backing_filename(&self) -> Option<(String, Option<String>)> {
+        None
+    }
+
+    /// Drops clean cached metadata (`cache-clean-interval`).
+    fn drop_caches(&self) {}
+
+    /// Whether the driver can grow when a parent holding RESIZE writes past its end.
+    fn can_grow(&self) -> bool {
+        false
+    }
+
     /// Whether the driver can make zeroes fast (for NBD_CMD_WRITE_ZEROES with FAST_ZERO).
     fn can_fast_zero(&self) -> bool {
         false

@@ -1,6 +1,7 @@
 //! The graph: every node by name, opening nodes from `BlockdevOptions`, attaching users with
 //! permission checks, and deleting (QEMU: `block.c`).
 
+use crate::drivers::qcow2::{BackingSpec, Corruption, CorruptionHook, Qcow2Driver};
 use crate::drivers::{file::FileDriver, file::FileOpen, null::NullDriver, raw::RawDriver};
 use crate::io::{IoBackend, ThreadPool, Uring};
 use crate::node::{Child, DetectZeroes, Drained, Node, NodeSettings, Parent, Use};
@@ -57,6 +58,13 @@ pub struct Graph {
     threads: Rc<dyn IoBackend>,
     uring: RefCell<Option<Rc<dyn IoBackend>>>,
     events: Rc<dyn EventSink>,
+}
+
+fn backing_error(path: &str, e: Error) -> Error {
+    Error::generic(format!(
+        "Could not open backing file: Could not open '{path}': {}",
+        e.desc
+    ))
 }
 
 fn node_not_found(name: &str) -> Error {
@@ -122,13 +130,13 @@ impl Graph {
     ///
     /// # Errors
     /// A missing, malformed or duplicate node name, an unknown child, or the driver failing.
-    pub fn blockdev_add(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+    pub async fn blockdev_add(&self, opts: &Args) -> Result<Rc<Node>, Error> {
         if opts.opt_str("node-name").is_none() {
             return Err(Error::generic(
                 "'node-name' must be specified for the root node",
             ));
         }
-        let node = self.open(opts)?;
+        let node = self.open(opts).await?;
         self.monitor_owned.borrow_mut().push(node.name.clone());
         Ok(node)
     }
@@ -166,15 +174,41 @@ impl Graph {
     }
 
     /// A child given as a node name or as inline options (`BlockdevRef`).
-    fn child_ref(&self, value: &QObject) -> Result<Rc<Node>, Error> {
+    async fn child_ref(&self, value: &QObject) -> Result<Rc<Node>, Error> {
         match value {
             QObject::String(name) => self.lookup(name),
-            QObject::Dict(d) => self.open(&Args::new(d.clone())),
+            QObject::Dict(d) => self.open(&Args::new(d.clone())).await,
             _ => Err(Error::generic("Invalid child reference")),
         }
     }
 
-    fn open(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+    /// The child `key` of `opts`, which must be there.
+    async fn required_child(&self, opts: &Args, key: &str) -> Result<Rc<Node>, Error> {
+        let v = opts
+            .get(key)
+            .ok_or_else(|| Error::generic(format!("Parameter '{key}' is missing")))?;
+        self.child_ref(v).await
+    }
+
+    /// Opens a node from `BlockdevOptions` (boxed: children open through it recursively).
+    fn open<'a>(
+        &'a self,
+        opts: &'a Args,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Rc<Node>, Error>> + 'a>> {
+        Box::pin(async move {
+            let mut children = Vec::new();
+            let r = self.open_with(opts, &mut children).await;
+            if r.is_err() {
+                // Inline children opened for a node that failed go away again.
+                for c in &children {
+                    self.forget_if_orphan(c);
+                }
+            }
+            r
+        })
+    }
+
+    async fn open_with(&self, opts: &Args, opened: &mut Vec<Rc<Node>>) -> Result<Rc<Node>, Error> {
         let name = match opts.opt_str("node-name") {
             Some(n) => {
                 self.check_name(n)?;
@@ -221,10 +255,8 @@ impl Graph {
                 Box::new(drv)
             }
             "raw" => {
-                let file = self.child_ref(
-                    opts.get("file")
-                        .ok_or_else(|| Error::generic("Parameter 'file' is missing"))?,
-                )?;
+                let file = self.required_child(opts, "file").await?;
+                opened.push(file.clone());
                 let drv = RawDriver::open(opts, &file)?;
                 children.push(Child {
                     name: "file".into(),
@@ -243,12 +275,47 @@ impl Graph {
                 }
                 Box::new(NullDriver::open(opts, driver_name == "null-aio", &json)?)
             }
+            "qcow2" => {
+                let file = self.required_child(opts, "file").await?;
+                opened.push(file.clone());
+                let drv =
+                    Qcow2Driver::open(opts, &file, settings.read_only, self.corruption_hook())
+                        .await?;
+                children.push(Child {
+                    name: "file".into(),
+                    node: file.clone(),
+                    use_id: self.new_use_id(),
+                });
+                let backing = match opts.get("backing") {
+                    Some(QObject::Null) => None,
+                    Some(v) => Some(self.child_ref(v).await?),
+                    None => match drv.backing_spec() {
+                        Some(spec) => Some(self.open_backing(&file, spec, opts).await?),
+                        None => None,
+                    },
+                };
+                if let Some(b) = backing {
+                    opened.push(b.clone());
+                    children.push(Child {
+                        name: "backing".into(),
+                        node: b,
+                        use_id: self.new_use_id(),
+                    });
+                }
+                Box::new(drv)
+            }
             other => {
                 return Err(Error::generic(format!(
                     "Driver '{other}' is not supported by ferrite yet"
                 )));
             }
         };
+        // A name taken while this node's children opened.
+        if opts.opt_str("node-name").is_some() && self.find(&name).is_some() {
+            return Err(Error::generic(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
         let node = Node::new(
             name,
             driver,
@@ -289,6 +356,103 @@ impl Graph {
         }
         self.nodes.borrow_mut().push(node.clone());
         Ok(node)
+    }
+
+    /// Opens a node from inline options for a command's own use (`blockdev-create`'s
+    /// `file`); [`Graph::release_inline`] deletes it again.
+    ///
+    /// # Errors
+    /// As `blockdev-add`.
+    pub async fn open_inline(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+        self.open(opts).await
+    }
+
+    /// Deletes a node opened with [`Graph::open_inline`] once nothing uses it.
+    pub fn release_inline(&self, node: &Rc<Node>) {
+        self.forget_if_orphan(node);
+    }
+
+    /// Opens the backing file an image names: its path relative to the image's, its format
+    /// from the image or probed, read-only.
+    async fn open_backing(
+        &self,
+        image_file: &Rc<Node>,
+        spec: BackingSpec,
+        parent_opts: &Args,
+    ) -> Result<Rc<Node>, Error> {
+        let path = if spec.filename.starts_with('/') || spec.filename.contains(':') {
+            spec.filename.clone()
+        } else {
+            let image = image_file.filename();
+            if image.starts_with("json:") {
+                return Err(Error::generic(format!(
+                    "Cannot use relative backing file names for '{image}'"
+                )));
+            }
+            match image.rfind('/') {
+                Some(i) => format!("{}/{}", &image[..i], spec.filename),
+                None => spec.filename.clone(),
+            }
+        };
+        let mut file_opts = QDict::new()
+            .with("driver", "file")
+            .with("filename", path.as_str())
+            .with("read-only", true);
+        if let Some(c) = parent_opts.get("cache") {
+            file_opts.insert("cache", c.clone());
+        }
+        let format = match spec.format {
+            Some(f) => f,
+            None => {
+                // Probe: qcow2 by its magic, raw otherwise.
+                let f = self
+                    .open(&Args::new(file_opts.clone()))
+                    .await
+                    .map_err(|e| backing_error(&path, e))?;
+                let magic = if f.len() >= 4 {
+                    f.read(0, 4).await.ok()
+                } else {
+                    None
+                };
+                self.forget_if_orphan(&f);
+                if magic.as_deref() == Some(&b"QFI\xfb"[..]) {
+                    "qcow2".to_owned()
+                } else {
+                    "raw".to_owned()
+                }
+            }
+        };
+        if !matches!(format.as_str(), "qcow2" | "raw" | "file" | "null-co") {
+            return Err(Error::generic(format!(
+                "Could not open backing file: Unknown driver '{format}'"
+            )));
+        }
+        let opts = if format == "file" {
+            file_opts
+        } else {
+            QDict::new()
+                .with("driver", format.as_str())
+                .with("file", file_opts)
+                .with("read-only", true)
+        };
+        self.open(&Args::new(opts))
+            .await
+            .map_err(|e| backing_error(&path, e))
+    }
+
+    /// What a qcow2 node calls when it finds corruption: `BLOCK_IMAGE_CORRUPTED`.
+    fn corruption_hook(&self) -> CorruptionHook {
+        let events = self.events.clone();
+        Rc::new(move |node: &Node, c: &Corruption, fatal: bool| {
+            let mut d = QDict::new()
+                .with("device", "")
+                .with("node-name", node.name())
+                .with("msg", c.msg.as_str());
+            d.insert_opt("offset", c.offset);
+            d.insert_opt("size", c.size);
+            d.insert("fatal", fatal);
+            events.emit("BLOCK_IMAGE_CORRUPTED", d);
+        })
     }
 
     /// Adds a root user of `node` taking `perm` and sharing `shared`.
@@ -477,7 +641,7 @@ impl Graph {
     ///
     /// # Errors
     /// Unknown node, a node not added by `blockdev-add`, or one still in use.
-    pub fn blockdev_del(&self, name: &str) -> Result<(), Error> {
+    pub async fn blockdev_del(&self, name: &str) -> Result<(), Error> {
         let node = self.find(name).ok_or_else(|| {
             Error::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
@@ -494,6 +658,7 @@ impl Graph {
             return Err(Error::generic(format!("Block device {name} is in use")));
         }
         self.monitor_owned.borrow_mut().retain(|n| n != name);
+        self.close_node(&node).await;
         self.remove(&node);
         Ok(())
     }
@@ -564,6 +729,7 @@ impl Graph {
             let _drained = self.drain(&node).await;
             node.driver.reopen_apply(&node, opts, read_only)?;
             node.read_only.set(read_only);
+            self.propagate(&node)?;
             node.detect_zeroes.set(match opts.opt_str("detect-zeroes") {
                 Some("on") => DetectZeroes::On,
                 Some("unmap") => DetectZeroes::Unmap,
@@ -615,6 +781,20 @@ impl Graph {
             i += 1;
         }
         crate::node::drain(set).await
+    }
+
+    /// Writes a node's cached state back before it goes (`bdrv_close`).
+    async fn close_node(&self, node: &Rc<Node>) {
+        if let Err(e) = node.driver.close(node).await {
+            tracing::warn!(node = node.name(), error = %e, "closing failed");
+        }
+    }
+
+    /// Closes every node, parents before children (daemon exit, after the flush).
+    pub async fn close_all(&self) {
+        for node in self.nodes().iter().rev() {
+            self.close_node(node).await;
+        }
     }
 
     /// Flushes every node, parents before children (daemon exit).

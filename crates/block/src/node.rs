@@ -304,6 +304,20 @@ impl Node {
         Ok(())
     }
 
+    /// Bounds of a write: past the end only for a driver that grows, when a parent holds
+    /// the resize permission (a format writing new clusters to its file).
+    fn check_write_bounds(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.checked_add(len).ok_or_else(einval)?;
+        let grows = end > self.len()
+            && self.driver.can_grow()
+            && self.cumulative_perms().0.contains(Perm::RESIZE);
+        if len > MAX_REQUEST || (end > self.len() && !grows) {
+            self.stats.borrow_mut().invalid(IoKind::Write);
+            return Err(einval());
+        }
+        Ok(())
+    }
+
     fn check_writable(&self) -> io::Result<()> {
         if self.read_only.get() {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
@@ -336,7 +350,7 @@ impl Node {
     /// EINVAL out of bounds, EPERM when read-only; the driver's error otherwise.
     pub async fn write(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> io::Result<()> {
         let len = data.len() as u64;
-        self.check_bounds(IoKind::Write, offset, len)?;
+        self.check_write_bounds(offset, len)?;
         self.check_writable()?;
         if self.detect_zeroes.get() != DetectZeroes::Off && data.iter().all(|&b| b == 0) {
             let mut zflags = flags;
@@ -360,7 +374,7 @@ impl Node {
     /// # Errors
     /// As [`Node::write`]; ENOTSUP for `NO_FALLBACK` when zeroing would be slow.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
-        self.check_bounds(IoKind::Write, offset, len)?;
+        self.check_write_bounds(offset, len)?;
         self.check_writable()?;
         let mut flags = flags;
         if !self.discard_unmap.get() {
@@ -374,6 +388,48 @@ impl Node {
             self.wrote(offset + len);
         }
         r
+    }
+
+    /// Writes whole clusters compressed where the format can (`write -c`, backup's
+    /// `compress`).
+    ///
+    /// # Errors
+    /// As [`Node::write`]; EINVAL for a range that is not whole clusters.
+    pub async fn write_compressed(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_bounds(IoKind::Write, offset, len)?;
+        self.check_writable()?;
+        let _f = self.begin().await;
+        let started = Instant::now();
+        let r = self.driver.write_compressed(self, offset, data).await;
+        self.account(IoKind::Write, len, started, &r);
+        if r.is_ok() {
+            self.wrote(offset + len);
+        }
+        r
+    }
+
+    /// How deep in the backing chain the range at `offset` is allocated (1 = this node, 0 =
+    /// nowhere), and for how many bytes that holds (NBD's `qemu:allocation-depth`).
+    ///
+    /// # Errors
+    /// As [`Node::block_status`].
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> crate::driver::BoxFut<'_, (u64, u32)> {
+        Box::pin(async move {
+            let e = self.block_status(offset, len).await?;
+            if e.allocated {
+                return Ok((e.len, 1));
+            }
+            match self.child("backing") {
+                Some(b) if offset < b.len() => {
+                    let (n, d) = b
+                        .allocation_depth(offset, e.len.min(b.len() - offset))
+                        .await?;
+                    Ok((n, if d == 0 { 0 } else { d + 1 }))
+                }
+                _ => Ok((e.len, 0)),
+            }
+        })
     }
 
     /// Discards a range; a no-op unless `discard=unmap`.

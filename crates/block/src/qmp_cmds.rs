@@ -13,8 +13,8 @@ fn ok() -> Result<QObject, Error> {
 ///
 /// # Errors
 /// As [`Graph::blockdev_add`].
-pub fn qmp_blockdev_add(graph: &Graph, args: &Args) -> Result<QObject, Error> {
-    graph.blockdev_add(args)?;
+pub async fn qmp_blockdev_add(graph: &Graph, args: &Args) -> Result<QObject, Error> {
+    graph.blockdev_add(args).await?;
     ok()
 }
 
@@ -22,8 +22,8 @@ pub fn qmp_blockdev_add(graph: &Graph, args: &Args) -> Result<QObject, Error> {
 ///
 /// # Errors
 /// As [`Graph::blockdev_del`].
-pub fn qmp_blockdev_del(graph: &Graph, args: &Args) -> Result<QObject, Error> {
-    graph.blockdev_del(args.str("node-name")?)?;
+pub async fn qmp_blockdev_del(graph: &Graph, args: &Args) -> Result<QObject, Error> {
+    graph.blockdev_del(args.str("node-name")?).await?;
     ok()
 }
 

@@ -24,31 +24,36 @@ fn graph() -> (Rc<Graph>, Rc<Events>) {
     (Graph::new(events.clone()), events)
 }
 
-#[test]
-fn node_names_follow_qemu_rules() {
+#[tokio::test(flavor = "current_thread")]
+async fn node_names_follow_qemu_rules() {
     let (g, _) = graph();
     g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .await
         .unwrap();
-    let e = |j: &str| g.blockdev_add(&args(j)).unwrap_err().desc;
-    assert_eq!(
-        e(r#"{"driver":"null-co","node-name":"n0"}"#),
-        "Duplicate nodes with node-name='n0'"
-    );
-    assert_eq!(
-        e(r#"{"driver":"null-co","node-name":"0n"}"#),
-        "Invalid node-name: '0n'"
-    );
-    assert_eq!(
-        e(r#"{"driver":"null-co"}"#),
-        "'node-name' must be specified for the root node"
-    );
+    for (j, want) in [
+        (
+            r#"{"driver":"null-co","node-name":"n0"}"#,
+            "Duplicate nodes with node-name='n0'",
+        ),
+        (
+            r#"{"driver":"null-co","node-name":"0n"}"#,
+            "Invalid node-name: '0n'",
+        ),
+        (
+            r#"{"driver":"null-co"}"#,
+            "'node-name' must be specified for the root node",
+        ),
+    ] {
+        assert_eq!(g.blockdev_add(&args(j)).await.unwrap_err().desc, want);
+    }
 }
 
-#[test]
-fn conflicting_users_are_refused_and_nothing_changes() {
+#[tokio::test(flavor = "current_thread")]
+async fn conflicting_users_are_refused_and_nothing_changes() {
     let (g, _) = graph();
     let n = g
         .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .await
         .unwrap();
     let writer = g
         .attach(
@@ -72,31 +77,35 @@ fn conflicting_users_are_refused_and_nothing_changes() {
     g.detach(again);
 }
 
-#[test]
-fn read_only_nodes_refuse_writers() {
+#[tokio::test(flavor = "current_thread")]
+async fn read_only_nodes_refuse_writers() {
     let (g, _) = graph();
     let n = g
         .blockdev_add(&args(
             r#"{"driver":"null-co","node-name":"n0","read-only":true}"#,
         ))
+        .await
         .unwrap();
     let e = g.attach(&n, "w", Perm::WRITE, Perm::all()).unwrap_err();
     assert_eq!(e.desc, "Block node is read-only");
 }
 
-#[test]
-fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents() {
+#[tokio::test(flavor = "current_thread")]
+async fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents() {
     let (g, _) = graph();
     g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .await
         .unwrap();
     g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
+        .await
         .unwrap();
     g.blockdev_add(&args(
         r#"{"driver":"raw","node-name":"r1","file":{"driver":"null-co"}}"#,
     ))
+    .await
     .unwrap();
     assert_eq!(
-        g.blockdev_del("n0").unwrap_err().desc,
+        g.blockdev_del("n0").await.unwrap_err().desc,
         "Block device n0 is in use"
     );
     let inline = g
@@ -106,23 +115,25 @@ fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents() {
         .cloned()
         .unwrap();
     assert_eq!(
-        g.blockdev_del(inline.name()).unwrap_err().desc,
+        g.blockdev_del(inline.name()).await.unwrap_err().desc,
         format!("Node {} is not owned by the monitor", inline.name())
     );
-    g.blockdev_del("r1").unwrap();
+    g.blockdev_del("r1").await.unwrap();
     assert!(g.find(inline.name()).is_none());
-    g.blockdev_del("r0").unwrap();
-    g.blockdev_del("n0").unwrap();
+    g.blockdev_del("r0").await.unwrap();
+    g.blockdev_del("n0").await.unwrap();
     assert!(g.nodes().is_empty());
 }
 
-#[test]
-fn raw_passes_user_permissions_to_its_file() {
+#[tokio::test(flavor = "current_thread")]
+async fn raw_passes_user_permissions_to_its_file() {
     let (g, _) = graph();
     g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .await
         .unwrap();
     let r = g
         .blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
+        .await
         .unwrap();
     let hold = g
         .attach(
@@ -154,6 +165,7 @@ async fn drain_waits_for_requests_and_holds_root_users() {
                 .blockdev_add(&args(
                     r#"{"driver":"null-co","node-name":"n0","latency-ns":20000000}"#,
                 ))
+                .await
                 .unwrap();
             let n2 = n.clone();
             let req = tokio::task::spawn_local(async move { n2.read(0, 512).await });
@@ -181,6 +193,7 @@ async fn requests_past_the_end_fail_with_einval_and_are_counted() {
         .blockdev_add(&args(
             r#"{"driver":"null-co","node-name":"n0","size":4096}"#,
         ))
+        .await
         .unwrap();
     let e = n.read(4000, 512).await.unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc_einval()));
@@ -196,12 +209,15 @@ async fn replace_moves_every_parent_at_once() {
     let (g, _) = graph();
     let n0 = g
         .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .await
         .unwrap();
     let n1 = g
         .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n1"}"#))
+        .await
         .unwrap();
     let r0 = g
         .blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
+        .await
         .unwrap();
     let root = g
         .attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all())
@@ -219,12 +235,14 @@ async fn replace_with_a_filter_above_keeps_the_filter_edge() {
     let (g, _) = graph();
     let n0 = g
         .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .await
         .unwrap();
     let root = g
         .attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all())
         .unwrap();
     let f = g
         .blockdev_add(&args(r#"{"driver":"raw","node-name":"f","file":"n0"}"#))
+        .await
         .unwrap();
     g.replace(&n0, &f).await.unwrap();
     assert!(std::rc::Rc::ptr_eq(&root.node(), &f));
@@ -239,11 +257,13 @@ async fn replace_that_conflicts_moves_nothing() {
     let (g, _) = graph();
     let n0 = g
         .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
+        .await
         .unwrap();
     let ro = g
         .blockdev_add(&args(
             r#"{"driver":"null-co","node-name":"ro","read-only":true}"#,
         ))
+        .await
         .unwrap();
     let w = g.attach(&n0, "writer", Perm::WRITE, Perm::all()).unwrap();
     let e = g.replace(&n0, &ro).await.unwrap_err();

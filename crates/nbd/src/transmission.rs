@@ -403,30 +403,28 @@ async fn block_status(
         let mut descs: Vec<(u32, u32)> = Vec::new();
         let mut off = req.offset;
         while off < end && descs.len() < MAX_EXTENTS {
-            let e = match node
-                .block_status(off, (end - off).min(u64::from(u32::MAX) & !511))
-                .await
-            {
-                Ok(e) => e,
+            let want = (end - off).min(u64::from(u32::MAX) & !511);
+            let r = match ctx {
+                MetaContext::BaseAllocation => node.block_status(off, want).await.map(|e| {
+                    let flags = (if e.data { 0 } else { STATE_HOLE })
+                        | (if e.zero { STATE_ZERO } else { 0 });
+                    (e.len, flags)
+                }),
+                MetaContext::AllocationDepth => node.allocation_depth(off, want).await,
+            };
+            let (len, flags) = match r {
+                Ok(x) => x,
                 Err(err) => {
                     return send(w, vec![error_chunk(req.cookie, errno_to_nbd(&err), "")]);
                 }
             };
-            let flags = match ctx {
-                MetaContext::BaseAllocation => {
-                    (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
-                }
-                MetaContext::AllocationDepth => u32::from(e.allocated),
-            };
             match descs.last_mut() {
-                Some(last)
-                    if last.1 == flags && u64::from(last.0) + e.len <= u64::from(u32::MAX) =>
-                {
-                    last.0 += e.len as u32;
+                Some(last) if last.1 == flags && u64::from(last.0) + len <= u64::from(u32::MAX) => {
+                    last.0 += len as u32;
                 }
-                _ => descs.push((e.len as u32, flags)),
+                _ => descs.push((len as u32, flags)),
             }
-            off += e.len;
+            off += len;
             if one {
                 break;
             }

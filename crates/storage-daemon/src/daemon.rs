@@ -3,6 +3,7 @@
 use crate::cli::help::{QEMU_VERSION, package};
 use ferrite_block::{EventSink, Graph, qmp_cmds as blk};
 use ferrite_chardev::{Chardev, ChardevRegistry, qmp_cmds as chr};
+use ferrite_jobs::JobManager;
 use ferrite_nbd::{NbdService, qmp_cmds as nbd};
 use ferrite_qapi::{Args, Error, ErrorClass, introspect, schema};
 use ferrite_qmp::{CommandFuture, Commands, Event, EventBus, Monitor};
@@ -19,6 +20,7 @@ pub(crate) struct Daemon {
     pub(crate) objects: Rc<ObjectRegistry>,
     pub(crate) graph: Rc<Graph>,
     pub(crate) nbd: Rc<NbdService>,
+    pub(crate) jobs: Rc<JobManager>,
     qom_root: Rc<dyn QomNode>,
     pub(crate) monitors: RefCell<Vec<Rc<Monitor>>>,
     quit_requested: Cell<bool>,
@@ -84,13 +86,15 @@ impl Daemon {
         let events = EventBus::new();
         let sink: Rc<dyn EventSink> = Rc::new(BusSink(events.clone()));
         let graph = Graph::new(sink.clone());
-        let nbd = NbdService::new(graph.clone(), sink);
+        let nbd = NbdService::new(graph.clone(), sink.clone());
+        let jobs = JobManager::new(sink);
         Rc::new(Daemon {
             events,
             chardevs,
             objects,
             graph,
             nbd,
+            jobs,
             qom_root: root,
             monitors: RefCell::new(Vec::new()),
             quit_requested: Cell::new(false),
@@ -119,6 +123,7 @@ impl Daemon {
     pub(crate) async fn close_exports_and_flush(&self) {
         self.nbd.close_all().await;
         self.graph.flush_all().await;
+        self.graph.close_all().await;
     }
 
     /// Asks the main loop to shut down (`quit`, a signal).
@@ -153,8 +158,10 @@ impl Daemon {
                 self.request_quit();
                 empty()
             }
-            "blockdev-add" => blk::qmp_blockdev_add(&self.graph, &args),
-            "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args),
+            "blockdev-add" => blk::qmp_blockdev_add(&self.graph, &args).await,
+            "blockdev-create" => ferrite_jobs::qmp_blockdev_create(&self.jobs, &self.graph, &args)
+                .and_then(|()| empty()),
+            "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph)),
             "query-block" => Ok(QObject::List(Vec::new())),
@@ -184,6 +191,7 @@ impl Daemon {
             "qom-set" => qom::qmp_qom_set(&self.qom_root, &args),
             "qom-list-types" => Ok(qom::qmp_qom_list_types(&args)),
             "qom-list-properties" => qom::qmp_qom_list_properties(&args),
+            _ if let Some(r) = ferrite_jobs::qmp_cmds::run(&self.jobs, name, &args) => r,
             _ => Err(Error::new(
                 ErrorClass::CommandNotFound,
                 format!("The command {name} has not been found"),

@@ -116,6 +116,7 @@ pub(crate) async fn start(
                 daemon
                     .graph
                     .blockdev_add(&args)
+                    .await
                     .map_err(|e| located(opt, e))?;
             }
             CliOption::NbdServer(text) => {

@@ -98,6 +98,16 @@ impl FileDriver {
     }
 }
 
+impl FileDriver {
+    /// Notes that a write reached `end` (a format growing its file).
+    fn grew_to(&self, end: u64) {
+        let end = end.next_multiple_of(512);
+        if end > self.size.get() {
+            self.size.set(end);
+        }
+    }
+}
+
 /// The extent at `offset` of a file: data, or a hole (which reads as zeroes). Every byte of a
 /// file counts as allocated at this layer, as QEMU reports it for protocol nodes.
 fn file_extent(file: &File, offset: u64, len: u64, size: u64) -> io::Result<Extent> {
@@ -237,7 +247,9 @@ impl Driver for FileDriver {
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
+            let end = offset + data.len() as u64;
             self.pwrite(offset, data).await?;
+            self.grew_to(end);
             if flags.contains(ReqFlags::FUA) && !node.cache_no_flush {
                 self.io.fdatasync(&self.fd()).await?;
             }
@@ -267,7 +279,10 @@ impl Driver for FileDriver {
                     .fallocate(&self.fd(), Fallocate::ZeroRange, offset, len)
                     .await
                 {
-                    Ok(()) => done = true,
+                    Ok(()) => {
+                        self.grew_to(offset + len);
+                        done = true;
+                    }
                     Err(e) if flags.contains(ReqFlags::NO_FALLBACK) => return Err(e),
                     Err(_) => {}
                 }
@@ -279,6 +294,7 @@ impl Driver for FileDriver {
                     let n = (offset + len - off).min(1 << 20);
                     self.pwrite(off, vec![0u8; n as usize]).await?;
                     off += n;
+                    self.grew_to(off);
                 }
             }
             if flags.contains(ReqFlags::FUA) && !node.cache_no_flush {
@@ -395,6 +411,10 @@ impl Driver for FileDriver {
                 .with("discard-nb-failed", self.discard_failed.get())
                 .with("discard-bytes-ok", self.discard_bytes.get()),
         )
+    }
+
+    fn can_grow(&self) -> bool {
+        true
     }
 
     fn can_fast_zero(&self) -> bool {

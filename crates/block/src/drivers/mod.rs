@@ -3,6 +3,7 @@
 pub(crate) mod file;
 pub(crate) mod lock;
 pub(crate) mod null;
+pub(crate) mod qcow2;
 pub(crate) mod raw;
 
 use ferrite_qapi::{Args, Error};

@@ -207,6 +207,7 @@ const SOURCES: &[(&str, &str)] = &[
         "block-export.qapi",
         include_str!("../../schema/block-export.qapi"),
     ),
+    ("job.qapi", include_str!("../../schema/job.qapi")),
 ];
 
 /// The daemon's schema, parsed and checked on first use.

@@ -1,0 +1,103 @@
+//! Compressed clusters: raw deflate with a 4 KiB window (what QEMU reads back), or zstd.
+
+use std::io;
+
+/// The codec named by the header's compression type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Codec {
+    Deflate,
+    Zstd,
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+/// Inflates one cluster from `src` (which may run past the compressed stream's end).
+pub(crate) fn decompress(codec: Codec, src: &[u8], cluster_size: usize) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; cluster_size];
+    match codec {
+        Codec::Deflate => {
+            let mut d = flate2::Decompress::new_with_window_bits(false, 12);
+            let r = d.decompress(src, &mut out, flate2::FlushDecompress::Finish);
+            match r {
+                // QEMU stops as soon as a whole cluster came out.
+                Ok(_) if d.total_out() as usize == cluster_size => Ok(out),
+                _ => Err(eio()),
+            }
+        }
+        Codec::Zstd => {
+            // The stream may be followed by padding; decode frame by frame until full.
+            let mut dctx = zstd::bulk::Decompressor::new().map_err(|_| eio())?;
+            let n = dctx.decompress_to_buffer(src, &mut out).or_else(|_| {
+                // Trailing bytes after the frame: find the frame's size and retry.
+                let size = zstd::zstd_safe::find_frame_compressed_size(src).map_err(|_| eio())?;
+                dctx.decompress_to_buffer(&src[..size.min(src.len())], &mut out)
+                    .map_err(|_| eio())
+            })?;
+            if n != cluster_size {
+                return Err(eio());
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Compresses a cluster; `None` when it would not save space (QEMU then writes it plain).
+pub(crate) fn compress(codec: Codec, data: &[u8]) -> Option<Vec<u8>> {
+    let limit = data.len() - 1;
+    match codec {
+        Codec::Deflate => {
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(data.len());
+            match c.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if out.len() <= limit => Some(out),
+                _ => None,
+            }
+        }
+        Codec::Zstd => {
+            let out = zstd::bulk::compress(data, 0).ok()?;
+            (out.len() <= limit).then_some(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let mut data = vec![0u8; 65536];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 251) as u8 ^ (i / 4096) as u8;
+        }
+        for codec in [Codec::Deflate, Codec::Zstd] {
+            let mut c = compress(codec, &data).unwrap();
+            c.extend_from_slice(&[0u8; 300]); // sector padding after the stream
+            assert_eq!(decompress(codec, &c, data.len()).unwrap(), data);
+        }
+        assert!(compress(Codec::Deflate, &random(4096)).is_none());
+    }
+
+    fn random(n: usize) -> Vec<u8> {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for codec in [Codec::Deflate, Codec::Zstd] {
+            assert!(decompress(codec, &random(1000), 65536).is_err());
+            assert!(decompress(codec, &[], 512).is_err());
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The qcow2 header (cluster 0): the fixed fields, the header extensions and the backing file
+//! name; parsing with QEMU's checks and texts, and writing it back whole.
+
+use ferrite_qapi::Error;
+
+pub(crate) const MAGIC: u32 = 0x5146_49fb;
+const V2_HEADER_LEN: u32 = 72;
+const V3_HEADER_LEN: u32 = 104;
+/// What `qemu-img create` writes for v3 (with the compression type byte and padding).
+pub(crate) const V3_HEADER_LEN_CURRENT: u32 = 112;
+
+pub(crate) const EXT_END: u32 = 0;
+pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub(crate) const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
+pub(crate) const EXT_CRYPTO: u32 = 0x0537_be77;
+pub(crate) const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Incompatible feature bits.
+pub(crate) mod incompat {
+    pub(crate) const DIRTY: u64 = 1 << 0;
+    pub(crate) const CORRUPT: u64 = 1 << 1;
+    pub(crate) const DATA_FILE: u64 = 1 << 2;
+    pub(crate) const COMPRESSION: u64 = 1 << 3;
+    pub(crate) const EXTENDED_L2: u64 = 1 << 4;
+    pub(crate) const KNOWN: u64 = 0x1f;
+}
+/// Compatible feature bits.
+pub(crate) mod compat {
+    pub(crate) const LAZY_REFCOUNTS: u64 = 1 << 0;
+}
+/// Autoclear feature bits.
+pub(crate) mod autoclear {
+    pub(crate) const BITMAPS: u64 = 1 << 0;
+    pub(crate) const DATA_FILE_RAW: u64 = 1 << 1;
+    pub(crate) const KNOWN: u64 = BITMAPS | DATA_FILE_RAW;
+}
+
+/// The features QEMU names in the feature name table, in its order.
+const FEATURE_NAMES: [(u8, u8, &str); 8] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
+
+/// One header extension, kept as read so unknown ones survive a rewrite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Extension {
+    pub(crate) kind: u32,
+    pub(crate) data: Vec<u8>,
+}
+
+/// The header of an open image.
+#[derive(Debug, Clone)]
+pub(crate) struct Header {
+    pub(crate) version: u32,
+    pub(crate) cluster_bits: u32,
+    pub(crate) size: u64,
+    pub(crate) crypt_method: u32,
+    pub(crate) l1_size: u32,
+    pub(crate) l1_table_offset: u64,
+    pub(crate) refcount_table_offset: u64,
+    pub(crate) refcount_table_clusters: u32,
+    pub(crate) nb_snapshots: u32,
+    pub(crate) snapshots_offset: u64,
+    pub(crate) incompatible: u64,
+    pub(crate) compatible: u64,
+    pub(crate) autoclear: u64,
+    pub(crate) refcount_order: u32,
+    pub(crate) header_length: u32,
+    pub(crate) compression_type: u8,
+    /// Header bytes past the fields we know (from a newer writer), kept verbatim.
+    pub(crate) unknown_tail: Vec<u8>,
+    /// The extensions in file order, known and unknown, without the end marker.
+    pub(crate) extensions: Vec<Extension>,
+    pub(crate) backing_file: Option<String>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::generic(msg)
+}
+
+/// QEMU's upper limits on table sizes.
+pub(crate) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_SNAPSHOTS: u32 = 65536;
+
+impl Header {
+    /// Bytes needed to parse the fixed part (before the cluster size is known).
+    pub(crate) const PROBE_LEN: usize = 512;
+
+    /// The cluster size.
+    pub(crate) fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Whether L2 entries are 128 bits with subcluster bitmaps.
+    pub(crate) fn extended_l2(&self) -> bool {
+        self.incompatible & incompat::EXTENDED_L2 != 0
+    }
+
+    /// Cluster size from the first bytes of a file, to know how much of cluster 0 to read.
+    pub(crate) fn probe_cluster_bits(b: &[u8]) -> Result<u32, Error> {
+        if b.len() < V2_HEADER_LEN as usize || be32(b, 0) != MAGIC {
+            return Err(bad("Image is not in qcow2 format"));
+        }
+        let version = be32(b, 4);
+        if !(2..=3).contains(&version) {
+            if version < 2 {
+                return Err(bad("Cluster size must be between 512 and 64k"));
+            }
+            return Err(bad(format!("Unsupported qcow2 version {version}")));
+        }
+        let bits = be32(b, 20);
+        if !(9..=21).contains(&bits) {
+            return Err(bad(format!("Unsupported cluster size: 2^{bits}")));
+        }
+        Ok(bits)
+    }
+
+    /// Parses cluster 0 (or as much of it as the file has), with QEMU's checks.
+    pub(crate) fn parse(b: &[u8], file_len: u64) -> Result<Header, Error> {
+        let cluster_bits = Header::probe_cluster_bits(b)?;
+        let cs = 1u64 << cluster_bits;
+        let version = be32(b, 4);
+        let mut h = Header {
+            version,
+            cluster_bits,
+            size: be64(b, 24),
+            crypt_method: be32(b, 32),
+            l1_size: be32(b, 36),
+            l1_table_offset: be64(b, 40),
+            refcount_table_offset: be64(b, 48),
+            refcount_table_clusters: be32(b, 56),
+            nb_snapshots: be32(b, 60),
+            snapshots_offset: be64(b, 64),
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: 0,
+            unknown_tail: Vec::new(),
+            extensions: Vec::new(),
+            backing_file: None,
+        };
+        if version == 3 {
+            if b.len() < V3_HEADER_LEN as usize {
+                return Err(bad("qcow2 header too short"));
+            }
+            h.incompatible = be64(b, 72);
+            h.compatible = be64(b, 80);
+            h.autoclear = be64(b, 88);
+            h.refcount_order = be32(b, 96);
+            h.header_length = be32(b, 100);
+            if h.header_length < V3_HEADER_LEN {
+                return Err(bad("qcow2 header too short"));
+            }
+            if u64::from(h.header_length) > cs {
+                return Err(bad("qcow2 header exceeds cluster size"));
+            }
+            if h.header_length as usize > b.len() {
+                return Err(bad("qcow2 header too short"));
+            }
+            if h.header_length > V3_HEADER_LEN {
+                h.compression_type = b[104];
+            }
+            if h.header_length > V3_HEADER_LEN_CURRENT {
+                h.unknown_tail =
+                    b[V3_HEADER_LEN_CURRENT as usize..h.header_length as usize].to_vec();
+            }
+        }
+        let backing_offset = be64(b, 8);
+        let backing_size = be32(b, 16);
+        if backing_offset > cs {
+            return Err(bad("Invalid backing file offset"));
+        }
+        // Extensions run from the end of the header to the backing file name (or the end of
+        // the cluster).
+        let ext_end = if backing_offset != 0 {
+            backing_offset
+        } else {
+            cs
+        };
+        h.extensions = parse_extensions(b, h.header_length as u64, ext_end.min(b.len() as u64))?;
+        if h.incompatible & !incompat::KNOWN != 0 {
+            let unknown = h.incompatible & !incompat::KNOWN;
+            let names: Vec<String> = (0..64)
+                .filter(|i| unknown & (1 << i) != 0)
+                .map(|i| format!("Unknown incompatible feature: {:x}", 1u64 << i))
+                .collect();
+            return Err(bad(format!(
+                "Unsupported qcow2 feature(s): {}",
+                names.join(", ")
+            )));
+        }
+        if h.refcount_order > 6 {
+            return Err(bad(
+                "Reference count entry width too large; may not exceed 64 bits",
+            ));
+        }
+        match h.compression_type {
+            0 => {
+                if h.incompatible & incompat::COMPRESSION != 0 {
+                    return Err(bad(
+                        "qcow2: Compression type incompatible feature bit must not be set",
+                    ));
+                }
+            }
+            1 => {
+                if h.incompatible & incompat::COMPRESSION == 0 {
+                    return Err(bad(
+                        "qcow2: Compression type incompatible feature bit must be set",
+                    ));
+                }
+            }
+            t => return Err(bad(format!("qcow2: unknown compression type: {t}"))),
+        }
+        if h.crypt_method > 2 {
+            return Err(bad(format!(
+                "Unsupported encryption method {}",
+                h.crypt_method
+            )));
+        }
+        if h.extended_l2() && cluster_bits < 14 {
+            return Err(bad(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ));
+        }
+        // Table offsets and sizes.
+        let reftable_bytes = u64::from(h.refcount_table_clusters) << cluster_bits;
+        if reftable_bytes > MAX_REFTABLE_BYTES {
+            return Err(bad("Reference count table too large"));
+        }
+        if h.refcount_table_clusters == 0 {
+            return Err(bad("Image does not contain a reference count table"));
+        }
+        check_table(
+            h.refcount_table_offset,
+            reftable_bytes,
+            cs,
+            file_len,
+            "Reference count table offset invalid",
+        )?;
+        if h.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(bad("Snapshot table too large"));
+        }
+        if h.nb_snapshots > 0 && h.snapshots_offset % cs != 0 {
+            return Err(bad("Snapshot table offset invalid"));
+        }
+        if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(bad("Active L1 table too large"));
+        }
+        check_table(
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            cs,
+            file_len,
+            "Active L1 table offset invalid",
+        )?;
+        if h.size > (1u64 << 62) {
+            return Err(bad("Image is too big"));
+        }
+        if u64::from(h.l1_size) < h.l1_needed(h.size) {
+            return Err(bad("L1 table is too small"));
+        }
+        if backing_offset != 0 && backing_size > 0 {
+            if backing_size > 1023
+                || backing_offset + u64::from(backing_size) > cs
+                || (backing_offset + u64::from(backing_size)) as usize > b.len()
+            {
+                return Err(bad("Backing file name too long"));
+            }
+            let raw =
+                &b[backing_offset as usize..(backing_offset + u64::from(backing_size)) as usize];
+            h.backing_file = Some(String::from_utf8_lossy(raw).into_owned());
+        }
+        Ok(h)
+    }
+
+    /// L1 entries needed for `size` bytes.
+    pub(crate) fn l1_needed(&self, size: u64) -> u64 {
+        let entries_per_l2 = self.cluster_size() / self.l2_entry_size();
+        let clusters = size.div_ceil(self.cluster_size());
+        clusters.div_ceil(entries_per_l2)
+    }
+
+    /// Bytes per L2 entry.
+    pub(crate) fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2() { 16 } else { 8 }
+    }
+
+    /// The extension of type `kind`.
+    pub(crate) fn extension(&self, kind: u32) -> Option<&[u8]> {
+        self.extensions
+            .iter()
+            .find(|e| e.kind == kind)
+            .map(|e| e.data.as_slice())
+    }
+
+    /// Sets (or with `None` removes) the extension of type `kind`, keeping QEMU's order for a
+    /// new one.
+    pub(crate) fn set_extension(&mut self, kind: u32, data: Option<Vec<u8>>) {
+        match data {
+            None => self.extensions.retain(|e| e.kind != kind),
+            Some(d) => {
+                if let Some(e) = self.extensions.iter_mut().find(|e| e.kind == kind) {
+                    e.data = d;
+                    return;
+                }
+                let rank = |k: u32| match k {
+                    EXT_BACKING_FORMAT => 0,
+                    EXT_DATA_FILE => 1,
+                    EXT_CRYPTO => 2,
+                    EXT_FEATURE_TABLE => 3,
+                    EXT_BITMAPS => 4,
+                    _ => 5,
+                };
+                let at = self
+                    .extensions
+                    .iter()
+                    .position(|e| rank(e.kind) > rank(kind))
+                    .unwrap_or(self.extensions.len());
+                self.extensions.insert(at, Extension { kind, data: d });
+            }
+        }
+    }
+
+    /// The backing format named in the header.
+    pub(crate) fn backing_format(&self) -> Option<String> {
+        self.extension(EXT_BACKING_FORMAT)
+            .map(|d| String::from_utf8_lossy(d).into_owned())
+    }
+
+    /// The feature name table QEMU writes (every known feature).
+    pub(crate) fn feature_table() -> Vec<u8> {
+        let mut t = Vec::with_capacity(FEATURE_NAMES.len() * 48);
+        for (kind, bit, name) in FEATURE_NAMES {
+            let mut e = [0u8; 48];
+            e[0] = kind;
+            e[1] = bit;
+            e[2..2 + name.len()].copy_from_slice(name.as_bytes());
+            t.extend_from_slice(&e);
+        }
+        t
+    }
+
+    /// Cluster 0 as it should be on disk: header, extensions, end marker, backing file name.
+    ///
+    /// # Errors
+    /// The whole does not fit in one cluster.
+    pub(crate) fn serialize(&self) -> Result<Vec<u8>, Error> {
+        let mut b = Vec::with_capacity(4096);
+        b.extend_from_slice(&MAGIC.to_be_bytes());
+        b.extend_from_slice(&self.version.to_be_bytes());
+        b.extend_from_slice(&[0; 12]); // backing offset and size, filled in below
+        b.extend_from_slice(&self.cluster_bits.to_be_bytes());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        b.extend_from_slice(&self.crypt_method.to_be_bytes());
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
+        b.extend_from_slice(&self.nb_snapshots.to_be_bytes());
+        b.extend_from_slice(&self.snapshots_offset.to_be_bytes());
+        if self.version >= 3 {
+            b.extend_from_slice(&self.incompatible.to_be_bytes());
+            b.extend_from_slice(&self.compatible.to_be_bytes());
+            b.extend_from_slice(&self.autoclear.to_be_bytes());
+            b.extend_from_slice(&self.refcount_order.to_be_bytes());
+            b.extend_from_slice(&self.header_length.to_be_bytes());
+            if self.header_length > V3_HEADER_LEN {
+                let mut extra = [0u8; 8];
+                extra[0] = self.compression_type;
+                b.extend_from_slice(&extra);
+                b.extend_from_slice(&self.unknown_tail);
+            }
+            b.resize(self.header_length as usize, 0);
+        }
+        for e in &self.extensions {
+            push_extension(&mut b, e.kind, &e.data);
+        }
+        push_extension(&mut b, EXT_END, &[]);
+        if let Some(name) = &self.backing_file {
+            let at = b.len() as u64;
+            b[8..16].copy_from_slice(&at.to_be_bytes());
+            b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            b.extend_from_slice(name.as_bytes());
+        }
+        if b.len() as u64 > self.cluster_size() {
+            return Err(bad(
+                "Cannot fit the header and its extensions in one cluster",
+            ));
+        }
+        Ok(b)
+    }
+}
+
+fn push_extension(b: &mut Vec<u8>, kind: u32, data: &[u8]) {
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b.resize(b.len().next_multiple_of(8), 0);
+}
+
+fn check_table(offset: u64, bytes: u64, cs: u64, file_len: u64, msg: &str) -> Result<(), Error> {
+    let _ = file_len; // tables past the end read as zeroes; QEMU only checks alignment and overflow
+    if offset % cs != 0
+        || offset
+            .checked_add(bytes)
+            .is_none_or(|e| e > i64::MAX as u64)
+    {
+        return Err(bad(msg));
+    }
+    Ok(())
+}
+
+fn parse_extensions(b: &[u8], start: u64, end: u64) -> Result<Vec<Extension>, Error> {
+    let mut out: Vec<Extension> = Vec::new();
+    let mut at = start as usize;
+    let end = end as usize;
+    while at + 8 <= end {
+        let kind = be32(b, at);
+        let len = be32(b, at + 4) as usize;
+        at += 8;
+        if kind == EXT_END {
+            break;
+        }
+        if len > end - at {
+            return Err(bad("Invalid extension length"));
+        }
+        let data = b[at..at + len].to_vec();
+        at += len.next_multiple_of(8);
+        if kind == EXT_BACKING_FORMAT && len > 1023 {
+            return Err(bad(format!(
+                "ERROR: ext_backing_format: len={len} too large (>=1023)"
+            )));
+        }
+        if out.iter().any(|e| e.kind == kind) {
+            continue;
+        }
+        out.push(Extension { kind, data });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> Header {
+        Header {
+            version: 3,
+            cluster_bits: 16,
+            size: 1 << 30,
+            crypt_method: 0,
+            l1_size: 2,
+            l1_table_offset: 0x30000,
+            refcount_table_offset: 0x10000,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN_CURRENT,
+            compression_type: 0,
+            unknown_tail: Vec::new(),
+            extensions: vec![Extension {
+                kind: EXT_FEATURE_TABLE,
+                data: Header::feature_table(),
+            }],
+            backing_file: Some("base.img".into()),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut h = minimal();
+        h.set_extension(EXT_BACKING_FORMAT, Some(b"raw".to_vec()));
+        let b = h.serialize().unwrap();
+        let p = Header::parse(&b, 1 << 20).unwrap();
+        assert_eq!(p.extensions, h.extensions);
+        assert_eq!(p.extensions[0].kind, EXT_BACKING_FORMAT);
+        assert_eq!(p.backing_file.as_deref(), Some("base.img"));
+        assert_eq!(p.backing_format().as_deref(), Some("raw"));
+        assert_eq!(p.serialize().unwrap(), b);
+    }
+
+    #[test]
+    fn refuses_what_qemu_refuses() {
+        let b = minimal().serialize().unwrap();
+        let e = |off: usize, v: &[u8]| {
+            let mut m = b.clone();
+            m[off..off + v.len()].copy_from_slice(v);
+            Header::parse(&m, 1 << 20).unwrap_err().desc
+        };
+        assert_eq!(e(4, &4u32.to_be_bytes()), "Unsupported qcow2 version 4");
+        assert_eq!(e(20, &8u32.to_be_bytes()), "Unsupported cluster size: 2^8");
+        assert_eq!(
+            e(72, &0x80u64.to_be_bytes()),
+            "Unsupported qcow2 feature(s): Unknown incompatible feature: 80"
+        );
+        assert_eq!(e(36, &0u32.to_be_bytes()), "L1 table is too small");
+        assert_eq!(e(0, b"QFI\0"), "Image is not in qcow2 format");
+    }
+}
