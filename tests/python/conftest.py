@@ -100,6 +100,7 @@ class RawQmp:
         self.s = connect_unix(path)
         self.s.settimeout(10)
         self.buf = b""
+        self.events = []
         self.greeting = self.recv_msgs(1)[0]
 
     def send(self, data):
@@ -136,6 +137,22 @@ class RawQmp:
             msg = json.loads(self.recv_raw())
             if "event" not in msg:
                 return msg
+            self.events.append(msg)
+
+    def wait_event(self, name, pred=None, timeout=30):
+        """The first event `name` (matching `pred`) seen since the last one taken."""
+        self.s.settimeout(timeout)
+        try:
+            while True:
+                for i, ev in enumerate(self.events):
+                    if ev["event"] == name and (pred is None or pred(ev)):
+                        del self.events[:i + 1]
+                        return ev
+                msg = json.loads(self.recv_raw())
+                if "event" in msg:
+                    self.events.append(msg)
+        finally:
+            self.s.settimeout(10)
 
     def transcript(self, data):
         """Raw reply lines to `data`, up to the sentinel's reply (which is excluded)."""

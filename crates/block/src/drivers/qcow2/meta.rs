@@ -589,27 +589,60 @@ impl Meta {
     }
 
     /// Allocates `n` contiguous clusters (refcount 1 each); returns the host offset.
+    ///
+    /// Ranges without a refcount block get one right after the run, filled in before the
+    /// refcount table points to it, so the run stays contiguous whatever the cluster size.
     pub(crate) async fn alloc(&mut self, file: &Node, n: u64) -> io::Result<u64> {
         let per = self.refcounts_per_block();
+        let cs = self.cs();
         loop {
-            let start = self.find_free(file, n).await?;
-            let mut created = false;
-            for b in start / per..=(start + n - 1) / per {
-                if self.refblock_offset(b)?.is_none() {
-                    self.new_refblock(file, b, None).await?;
-                    created = true;
+            let mut extra = 0u64;
+            let (start, missing) = loop {
+                let total = n + extra;
+                let start = self.find_free(file, total).await?;
+                let missing: Vec<u64> = (start / per..=(start + total - 1) / per)
+                    .filter(|&b| self.reftable.get(b as usize).copied().unwrap_or(0) == 0)
+                    .collect();
+                if missing.len() as u64 == extra {
+                    break (start, missing);
                 }
-            }
-            if created {
+                extra = missing.len() as u64;
+            };
+            if let Some(&top) = missing.last()
+                && top as usize >= self.reftable.len()
+            {
+                Box::pin(self.grow_reftable(file, top + 1)).await?;
                 continue;
             }
-            for c in start..start + n {
-                self.update_refcount(file, c, 1).await?;
+            let total = n + extra;
+            let order = self.h.refcount_order;
+            for (k, &b) in missing.iter().enumerate() {
+                let mut data = vec![0u8; cs as usize];
+                for c in (start..start + total).filter(|c| c / per == b) {
+                    set_refcount(&mut data, (c % per) as usize, order, 1);
+                }
+                let at = (start + n + k as u64) * cs;
+                file.write(at, data.clone(), ReqFlags::empty()).await?;
+                self.make_room(file, false).await?;
+                self.rb.insert(at, data, false);
+                self.refblocks.insert(at);
+            }
+            for (k, &b) in missing.iter().enumerate() {
+                let at = (start + n + k as u64) * cs;
+                self.reftable[b as usize] = at;
+                let entry_at = self.h.refcount_table_offset + b * 8;
+                file.write(entry_at, at.to_be_bytes().to_vec(), ReqFlags::empty())
+                    .await?;
+            }
+            for c in start..start + total {
+                if !missing.contains(&(c / per)) {
+                    self.update_refcount(file, c, 1).await?;
+                }
             }
             if self.free_hint == start {
-                self.free_hint = start + n;
+                self.free_hint = start + total;
             }
-            return Ok(start * self.cs());
+            return Ok(start * cs);
         }
     }
 

@@ -675,9 +675,14 @@ impl Qcow2Driver {
         if first >= last_excl {
             return Ok(());
         }
+        let has_backing = node.child("backing").is_some();
+        if has_backing && self.version < 3 {
+            // v2 has no zero clusters: discarding would expose the backing file's data,
+            // so QEMU leaves such clusters alone.
+            return Ok(());
+        }
         let _claim = self.claims.claim(first, last_excl - 1).await;
         self.mark_dirty_once(file).await?;
-        let has_backing = node.child("backing").is_some();
         let mut m = self.meta.lock().await;
         for gc in first..last_excl {
             let (old, obm) = m.l2_entry(file, gc).await?;
