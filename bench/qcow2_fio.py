@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""fio's nbd engine over an NBD export of a qcow2 node (iodepth 16), against
+ferrite-storage-daemon and qemu-storage-daemon in the same run: 4k random writes into an
+empty image (the allocation path), 4k random reads and writes and 1M sequential reads on a
+fully allocated image, and the same reads on a two-layer backing chain. Prints IOPS and the
+ratio ferrite/qsd (higher is better)."""
+import json
+import os
+import subprocess
+import tempfile
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
+QSD = "qemu-storage-daemon"
+RUNTIME = os.environ.get("FIO_RUNTIME", "6")
+SIZE_MB = int(os.environ.get("QCOW2_SIZE_MB", "1024"))
+
+# (row, image kind, fio arguments)
+ROWS = [
+    ("empty: rand write 4k", "empty", ["--rw=randwrite", "--bs=4k"]),
+    ("full: rand read 4k", "full", ["--rw=randread", "--bs=4k"]),
+    ("full: rand write 4k", "full", ["--rw=randwrite", "--bs=4k"]),
+    ("full: seq read 1M", "full", ["--rw=read", "--bs=1M"]),
+    ("chain: rand read 4k", "chain", ["--rw=randread", "--bs=4k"]),
+    ("chain: seq read 1M", "chain", ["--rw=read", "--bs=1M"]),
+]
+
+
+def make_image(d, kind):
+    img = os.path.join(d, "top.qcow2")
+    size = f"{SIZE_MB}M"
+    if kind == "chain":
+        base = os.path.join(d, "base.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, size], check=True)
+        subprocess.run(["qemu-io", "-c", f"write -P 0x11 0 {SIZE_MB // 2}M", base],
+                       check=True, capture_output=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                        img, size], check=True)
+        subprocess.run(["qemu-io", "-c", f"write -P 0x22 {SIZE_MB // 2}M {SIZE_MB // 2}M", img],
+                       check=True, capture_output=True)
+    else:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, size], check=True)
+        if kind == "full":
+            subprocess.run(["qemu-io", "-c", f"write -P 0x33 0 {size}", img], check=True,
+                           capture_output=True)
+    return img
+
+
+def fio(sock, extra):
+    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd+unix:///q?socket={sock}",
+           "--iodepth=16", f"--size={SIZE_MB}M", "--time_based", f"--runtime={RUNTIME}",
+           "--output-format=json", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
+    return side["iops"]
+
+
+def measure(binary, kind, extra):
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
+        img = make_image(d, kind)
+        sock = os.path.join(d, "nbd.sock")
+        args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                "--blockdev", "driver=qcow2,node-name=q,file=f0",
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "nbd,id=e0,node-name=q,writable=on"]
+        with common.running(args, sock):
+            return fio(sock, extra)
+
+
+def main():
+    common.require_built(FERRITE)
+    print(f"qcow2 over NBD (fio iodepth 16, {RUNTIME}s per row, {SIZE_MB} MiB image)")
+    print(f"{'row':<24}{'qsd IOPS':>12}{'ferrite IOPS':>14}{'ratio':>8}")
+    for row, kind, extra in ROWS:
+        theirs = measure(QSD, kind, extra)
+        ours = measure(FERRITE, kind, extra)
+        print(f"{row:<24}{theirs:>12.0f}{ours:>14.0f}{ours / theirs:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
