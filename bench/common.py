@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: start a daemon and read its memory use."""
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -34,3 +35,14 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def fio(uri, size, runtime, extra):
+    """fio's nbd engine at iodepth 16 against `uri`: (IOPS, MiB/s) of the side that moved data."""
+    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", "--iodepth=16",
+           f"--size={size}", "--time_based", f"--runtime={runtime}",
+           "--output-format=json", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
+    return side["iops"], side["bw"] / 1024.0

@@ -3,7 +3,6 @@
 ferrite-storage-daemon and qemu-storage-daemon in the same run (default options and
 aio=io_uring). Prints IOPS / bandwidth and the ratio ferrite/qsd (higher is better), and
 resident memory with one export and one client."""
-import json
 import os
 import subprocess
 import tempfile
@@ -35,13 +34,7 @@ def daemon_args(binary, d, img, aio, sock):
 
 
 def fio(sock, extra):
-    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd+unix:///d0?socket={sock}",
-           "--iodepth=16", f"--size={SIZE}", "--time_based", f"--runtime={RUNTIME}",
-           "--output-format=json", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
-    return side["iops"], side["bw"] / 1024.0
+    return common.fio(f"nbd+unix:///d0?socket={sock}", SIZE, RUNTIME, extra)
 
 
 def measure(binary, aio):

@@ -4,7 +4,6 @@ ferrite-storage-daemon and qemu-storage-daemon in the same run: 4k random writes
 empty image (the allocation path), 4k random reads and writes and 1M sequential reads on a
 fully allocated image, and the same reads on a two-layer backing chain. Prints IOPS and the
 ratio ferrite/qsd (higher is better)."""
-import json
 import os
 import subprocess
 import tempfile
@@ -49,13 +48,7 @@ def make_image(d, kind):
 
 
 def fio(sock, extra):
-    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd+unix:///q?socket={sock}",
-           "--iodepth=16", f"--size={SIZE_MB}M", "--time_based", f"--runtime={RUNTIME}",
-           "--output-format=json", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
-    return side["iops"]
+    return common.fio(f"nbd+unix:///q?socket={sock}", f"{SIZE_MB}M", RUNTIME, extra)[0]
 
 
 def measure(binary, kind, extra):

@@ -109,6 +109,18 @@ pub(crate) fn set_refcount(b: &mut [u8], i: usize, order: u32, v: u64) {
     }
 }
 
+/// Writes a cache's dirty tables back; whether there were any.
+async fn write_dirty(cache: &mut TableCache, file: &Node) -> io::Result<bool> {
+    let dirty = cache.dirty();
+    for off in &dirty {
+        if let Some(bytes) = cache.bytes(*off) {
+            file.write(*off, bytes, ReqFlags::empty()).await?;
+        }
+        cache.mark_clean(*off);
+    }
+    Ok(!dirty.is_empty())
+}
+
 impl Meta {
     /// Loads the L1 and refcount tables of an image whose header was parsed.
     pub(crate) async fn load(
@@ -475,15 +487,54 @@ impl Meta {
                 return Ok(off);
             }
         }
+        self.place_refblock(file, at, data).await?;
+        self.point_reftable(file, b, at).await?;
+        Ok(at)
+    }
+
+    /// Writes a new refcount block at `at` and caches it.
+    async fn place_refblock(&mut self, file: &Node, at: u64, data: Vec<u8>) -> io::Result<()> {
         file.write(at, data.clone(), ReqFlags::empty()).await?;
         self.make_room(file, false).await?;
         self.rb.insert(at, data, false);
         self.refblocks.insert(at);
+        Ok(())
+    }
+
+    /// Points refcount table entry `b` at the block at `at`, on disk too.
+    async fn point_reftable(&mut self, file: &Node, b: u64, at: u64) -> io::Result<()> {
         self.reftable[b as usize] = at;
         let entry_at = self.h.refcount_table_offset + b * 8;
         file.write(entry_at, at.to_be_bytes().to_vec(), ReqFlags::empty())
-            .await?;
-        Ok(at)
+            .await
+    }
+
+    /// A new refcount block for block index `b` that counts the clusters of `run` in it.
+    fn block_counting(&self, b: u64, run: std::ops::Range<u64>) -> Vec<u8> {
+        let per = self.refcounts_per_block();
+        let mut data = vec![0u8; self.cs() as usize];
+        for c in run.filter(|c| c / per == b) {
+            set_refcount(&mut data, (c % per) as usize, self.h.refcount_order, 1);
+        }
+        data
+    }
+
+    /// Free space for `n` clusters followed by one refcount block for each block index the
+    /// whole run touches that has none yet. Returns the start and those block indexes.
+    async fn find_run(&mut self, file: &Node, n: u64) -> io::Result<(u64, Vec<u64>)> {
+        let per = self.refcounts_per_block();
+        let mut extra = 0u64;
+        loop {
+            let total = n + extra;
+            let start = self.find_free(file, total).await?;
+            let missing: Vec<u64> = (start / per..=(start + total - 1) / per)
+                .filter(|&b| self.reftable.get(b as usize).copied().unwrap_or(0) == 0)
+                .collect();
+            if missing.len() as u64 == extra {
+                return Ok((start, missing));
+            }
+            extra = missing.len() as u64;
+        }
     }
 
     /// Replaces the refcount table with a bigger one of at least `min_entries`, placed past
@@ -495,18 +546,7 @@ impl Meta {
         let mut entries = min_entries.max(self.reftable.len() as u64 * 3 / 2);
         let (start, table_clusters, new_blocks) = loop {
             let table_clusters = entries.div_ceil(per_cluster);
-            let mut extra = 0u64;
-            let (start, missing) = loop {
-                let total = table_clusters + extra;
-                let start = self.find_free(file, total).await?;
-                let missing: Vec<u64> = (start / per..=(start + total - 1) / per)
-                    .filter(|&b| self.reftable.get(b as usize).copied().unwrap_or(0) == 0)
-                    .collect();
-                if missing.len() as u64 == extra {
-                    break (start, missing);
-                }
-                extra = missing.len() as u64;
-            };
+            let (start, missing) = self.find_run(file, table_clusters).await?;
             let need = missing.iter().max().map_or(0, |&b| b + 1);
             if need <= table_clusters * per_cluster {
                 break (start, table_clusters, missing);
@@ -516,32 +556,18 @@ impl Meta {
         if table_clusters * cs > MAX_REFTABLE_BYTES {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }
-        let order = self.h.refcount_order;
         let mut table = self.reftable.clone();
         table.resize((table_clusters * per_cluster) as usize, 0);
         // Layout: the table, then the new refcount blocks.
-        let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        let run = start..start + table_clusters + new_blocks.len() as u64;
         for (k, &b) in new_blocks.iter().enumerate() {
             let at = (start + table_clusters + k as u64) * cs;
             table[b as usize] = at;
-            blocks.push((b, vec![0u8; cs as usize]));
+            let data = self.block_counting(b, run.clone());
+            self.place_refblock(file, at, data).await?;
         }
-        let total = table_clusters + new_blocks.len() as u64;
-        for c in start..start + total {
-            let b = c / per;
-            if let Some((_, data)) = blocks.iter_mut().find(|(nb, _)| *nb == b) {
-                set_refcount(data, (c % per) as usize, order, 1);
-            } else {
-                self.update_refcount(file, c, 1).await?;
-            }
-        }
-        for (k, (b, data)) in blocks.into_iter().enumerate() {
-            let at = (start + table_clusters + k as u64) * cs;
-            file.write(at, data.clone(), ReqFlags::empty()).await?;
-            self.make_room(file, false).await?;
-            self.rb.insert(at, data, false);
-            self.refblocks.insert(at);
-            let _ = b;
+        for c in run.filter(|c| !new_blocks.contains(&(c / per))) {
+            self.update_refcount(file, c, 1).await?;
         }
         self.write_refblocks(file).await?;
         let mut bytes = vec![0u8; (table_clusters * cs) as usize];
@@ -596,42 +622,22 @@ impl Meta {
         let per = self.refcounts_per_block();
         let cs = self.cs();
         loop {
-            let mut extra = 0u64;
-            let (start, missing) = loop {
-                let total = n + extra;
-                let start = self.find_free(file, total).await?;
-                let missing: Vec<u64> = (start / per..=(start + total - 1) / per)
-                    .filter(|&b| self.reftable.get(b as usize).copied().unwrap_or(0) == 0)
-                    .collect();
-                if missing.len() as u64 == extra {
-                    break (start, missing);
-                }
-                extra = missing.len() as u64;
-            };
+            let (start, missing) = self.find_run(file, n).await?;
             if let Some(&top) = missing.last()
                 && top as usize >= self.reftable.len()
             {
                 Box::pin(self.grow_reftable(file, top + 1)).await?;
                 continue;
             }
-            let total = n + extra;
-            let order = self.h.refcount_order;
+            let total = n + missing.len() as u64;
+            // Every new block is on disk, complete, before the table points to any of them.
             for (k, &b) in missing.iter().enumerate() {
-                let mut data = vec![0u8; cs as usize];
-                for c in (start..start + total).filter(|c| c / per == b) {
-                    set_refcount(&mut data, (c % per) as usize, order, 1);
-                }
-                let at = (start + n + k as u64) * cs;
-                file.write(at, data.clone(), ReqFlags::empty()).await?;
-                self.make_room(file, false).await?;
-                self.rb.insert(at, data, false);
-                self.refblocks.insert(at);
+                let data = self.block_counting(b, start..start + total);
+                self.place_refblock(file, (start + n + k as u64) * cs, data)
+                    .await?;
             }
             for (k, &b) in missing.iter().enumerate() {
-                let at = (start + n + k as u64) * cs;
-                self.reftable[b as usize] = at;
-                let entry_at = self.h.refcount_table_offset + b * 8;
-                file.write(entry_at, at.to_be_bytes().to_vec(), ReqFlags::empty())
+                self.point_reftable(file, b, (start + n + k as u64) * cs)
                     .await?;
             }
             for c in start..start + total {
@@ -687,25 +693,11 @@ impl Meta {
     // ----- write-back -----
 
     async fn write_refblocks(&mut self, file: &Node) -> io::Result<bool> {
-        let dirty = self.rb.dirty();
-        for off in &dirty {
-            if let Some(bytes) = self.rb.bytes(*off) {
-                file.write(*off, bytes, ReqFlags::empty()).await?;
-            }
-            self.rb.mark_clean(*off);
-        }
-        Ok(!dirty.is_empty())
+        write_dirty(&mut self.rb, file).await
     }
 
     async fn write_l2_tables(&mut self, file: &Node) -> io::Result<bool> {
-        let dirty = self.l2.dirty();
-        for off in &dirty {
-            if let Some(bytes) = self.l2.bytes(*off) {
-                file.write(*off, bytes, ReqFlags::empty()).await?;
-            }
-            self.l2.mark_clean(*off);
-        }
-        Ok(!dirty.is_empty())
+        write_dirty(&mut self.l2, file).await
     }
 
     /// Writes every dirty table back in a safe order and applies the waiting frees; `sync`

@@ -62,7 +62,6 @@ pub(crate) struct Qcow2Driver {
     backing: RefCell<Option<(String, Option<String>)>>,
     on_corruption: CorruptionHook,
     snapshots: u32,
-    info: RefCell<QDict>,
 }
 
 /// What the graph needs to know to finish opening: the backing file the header names.
@@ -158,7 +157,6 @@ impl Qcow2Driver {
             backing: RefCell::new(backing),
             on_corruption,
             snapshots,
-            info: RefCell::new(QDict::new()),
         })
     }
 
@@ -291,13 +289,25 @@ impl Qcow2Driver {
         compress::decompress(self.codec, &raw, self.cs() as usize)
     }
 
-    /// Whether a guest range's old content is known to be zeroes without reading it.
-    fn reads_zero(&self, node: &Node, src: Source, offset: u64) -> bool {
-        match src {
-            Source::Zero => true,
-            Source::Backing => node.child("backing").is_none_or(|b| offset >= b.len()),
-            _ => false,
-        }
+    /// Whether a guest range is known to read as zeroes without reading it: one mapping
+    /// covers it, and that is a zero cluster or nothing over no backing data.
+    async fn known_zero(
+        &self,
+        node: &Node,
+        file: &Node,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        let (src, run) = {
+            let mut m = self.meta.lock().await;
+            m.map(file, offset, len).await?
+        };
+        Ok(run == len
+            && match src {
+                Source::Zero => true,
+                Source::Backing => node.child("backing").is_none_or(|b| offset >= b.len()),
+                _ => false,
+            })
     }
 
     // ----- writes -----
@@ -435,20 +445,8 @@ impl Qcow2Driver {
             if from >= to {
                 continue;
             }
-            let (src, _) = {
-                let mut m = self.meta.lock().await;
-                m.map(file, start + from, to - from).await?
-            };
-            if self.reads_zero(node, src, start + from) && !matches!(src, Source::Data(_)) {
-                // The first piece's source decides only if it covers the range; read anyway
-                // when it might not.
-                let whole = {
-                    let mut m = self.meta.lock().await;
-                    m.map(file, start + from, to - from).await?.1 == to - from
-                };
-                if whole {
-                    continue;
-                }
+            if self.known_zero(node, file, start + from, to - from).await? {
+                continue;
             }
             let old = self
                 .read_guest(node, file, start + from, (to - from) as usize)
@@ -601,11 +599,7 @@ impl Qcow2Driver {
                 continue;
             }
             // A partial cluster: nothing to do if it already reads as zeroes.
-            let (src, run) = {
-                let mut m = self.meta.lock().await;
-                m.map(file, pos, c_end - pos).await?
-            };
-            if run == c_end - pos && self.reads_zero(node, src, pos) {
+            if self.known_zero(node, file, pos, c_end - pos).await? {
                 pos = c_end;
                 continue;
             }
@@ -1080,17 +1074,12 @@ impl Driver for Qcow2Driver {
         Ok(())
     }
 
-    fn reopen_apply(&self, node: &Node, _opts: &Args, read_only: bool) -> Result<(), Error> {
-        let was = self.read_only.replace(read_only);
-        if was && !read_only {
-            // Writable again: the same preparations as at open, done on the first request.
-            let _ = node;
-        }
+    fn reopen_apply(&self, _node: &Node, _opts: &Args, read_only: bool) -> Result<(), Error> {
+        self.read_only.set(read_only);
         Ok(())
     }
 
     fn format_specific(&self) -> Option<QDict> {
-        let info = self.info.borrow().clone();
         let m = self.meta.try_lock().ok()?;
         let h = &m.h;
         let mut d = QDict::new();
@@ -1112,9 +1101,6 @@ impl Driver for Qcow2Driver {
             d.insert("compat", "0.10");
             d.insert("compression-type", "zlib");
             d.insert("refcount-bits", 16u64);
-        }
-        for (k, v) in info.iter() {
-            d.insert(k, v.clone());
         }
         Some(QDict::new().with("type", "qcow2").with("data", d))
     }
