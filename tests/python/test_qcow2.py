@@ -308,3 +308,29 @@ def test_crash_leaves_at_most_leaks_and_flushed_data(tmp_path):
     assert "corruptions" not in json.loads(r.stdout) or json.loads(r.stdout)["corruptions"] == 0
     r = run("qemu-io", "-r", "-c", "read -P 0x77 0 1M", img)
     assert "Pattern verification failed" not in r.stdout
+
+
+def test_block_status_over_a_chain_matches_qemu(tmp_path):
+    """base:allocation and qemu:allocation-depth of a qcow2 over a qcow2 backing file, as
+    nbdinfo sees them, are the same from both daemons."""
+    maps = {}
+    for prog, binary in (("qsd", QSD), ("ferrite", FERRITE)):
+        sub = tmp_path / prog
+        sub.mkdir()
+        base, top = sub / "base.qcow2", sub / "top.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", base, "8M")
+        run("qemu-io", "-c", "write -P 1 0 2M", "-c", "write -z 4M 1M", base)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "8M")
+        run("qemu-io", "-c", "write -P 2 1M 2M", "-c", "write -z 6M 64k", top)
+        d = Daemon(binary, sub / "d", [
+            "--blockdev", f"driver=file,node-name=f0,filename={top}",
+            "--blockdev", "driver=qcow2,node-name=q,file=f0",
+            "--nbd-server", f"addr.type=unix,addr.path={sub / 'nbd.sock'}",
+            "--export", "nbd,id=e0,node-name=q,allocation-depth=on"])
+        try:
+            wait_for(lambda: os.path.exists(sub / "nbd.sock"), what="NBD socket")
+            maps[prog] = [run("nbdinfo", f"--map={ctx}", "--json", uri(sub / "nbd.sock")).stdout
+                          for ctx in ("base:allocation", "qemu:allocation-depth")]
+        finally:
+            d.stop()
+    assert maps["ferrite"] == maps["qsd"]
