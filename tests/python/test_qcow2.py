@@ -2,6 +2,7 @@
 image content as qemu-storage-daemon gives its twin, and `qemu-img check` finds ferrite's
 images clean; blockdev-create behaves as QEMU's; crashes leave at most leaks."""
 import json
+import re
 import os
 import random
 import shutil
@@ -334,3 +335,62 @@ def test_block_status_over_a_chain_matches_qemu(tmp_path):
         finally:
             d.stop()
     assert maps["ferrite"] == maps["qsd"]
+
+
+def test_external_data_file_reads_like_qemu(both, tmp_path):
+    img, data = tmp_path / "df.qcow2", tmp_path / "df.raw"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data},data_file_raw=on",
+        img, "4M")
+    run("qemu-io", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x11 2M 64k",
+        "-c", "write -z 2560k 64k", img)
+    node = {"driver": "qcow2", "node-name": "q", "read-only": True,
+            "file": {"driver": "file", "filename": str(img)}}
+    results = []
+    for d in both():
+        q = d.connect()
+        assert q.cmd("blockdev-add", node) == {"return": {}}
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        q_info = next(n for n in nodes if n["node-name"] == "q")
+        sock = str(d.workdir / "nbd.sock")
+        q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        assert q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "q"}) \
+            == {"return": {}}
+        r = run("qemu-img", "compare", "-U", "-F", "raw", img, uri(sock), check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # A data file given for an image without one.
+        plain = tmp_path / "plain.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", plain, "4M")
+        err = (q.cmd("blockdev-add", {
+            "driver": "qcow2", "node-name": "q3", "read-only": True,
+            "file": {"driver": "file", "filename": str(plain)},
+            "data-file": {"driver": "file", "filename": str(data)}}))
+        results.append((q_info["image"]["format-specific"],
+                        sorted(n["image"]["filename"] for n in nodes), err))
+    theirs, ours = results
+    assert ours == theirs
+
+
+def test_node_queries_over_a_chain_match_qemu(both, tmp_path):
+    """File names (plain, or json: when the user chose the backing), backing names, chain
+    depth, backing-image and creation order, as query-named-block-nodes shows them."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", base, "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "1M")
+    run("qemu-io", "-c", "write -P 1 0 64k", top)
+
+    def qcow2(name, path, **extra):
+        return dict({"driver": "qcow2", "node-name": name, "read-only": True,
+                     "file": {"driver": "file", "filename": str(path)}}, **extra)
+    adds = [qcow2("t", top), qcow2("t2", top, backing=None), qcow2("b", base),
+            qcow2("t3", top, backing="b")]
+    seen = []
+    for d in both():
+        q = d.connect()
+        for a in adds:
+            assert q.cmd("blockdev-add", a) == {"return": {}}
+        replies = [q.cmd("query-named-block-nodes", args)
+                   for args in (None, {"flat": True}, {"flat": False})]
+        seen.append(re.sub(r"#block\d+", "#block", json.dumps(replies)))
+    theirs, ours = seen
+
+    assert json.loads(ours) == json.loads(theirs)

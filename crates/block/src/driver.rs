@@ -97,7 +97,9 @@ pub trait Driver {
         None
     }
 
-    /// Whether the node presents its `file` child's bytes unchanged (raw without a window).
+    /// Whether the node is named after its `file` child: it presents the child's bytes
+    /// unchanged (raw without a window) or is a format whose options add nothing (qcow2
+    /// without encryption), unless its backing child was chosen by the user.
     fn is_passthrough(&self) -> bool {
         false
     }

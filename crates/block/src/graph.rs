@@ -174,10 +174,10 @@ impl Graph {
     }
 
     /// A child given as a node name or as inline options (`BlockdevRef`).
-    async fn child_ref(&self, value: &QObject) -> Result<Rc<Node>, Error> {
+    async fn child_ref(&self, value: &QObject, parent: &Args) -> Result<Rc<Node>, Error> {
         match value {
             QObject::String(name) => self.lookup(name),
-            QObject::Dict(d) => self.open(&Args::new(d.clone())).await,
+            QObject::Dict(d) => self.open(&Args::new(inherited(parent, d))).await,
             _ => Err(Error::generic("Invalid child reference")),
         }
     }
@@ -187,7 +187,7 @@ impl Graph {
         let v = opts
             .get(key)
             .ok_or_else(|| Error::generic(format!("Parameter '{key}' is missing")))?;
-        self.child_ref(v).await
+        self.child_ref(v, opts).await
     }
 
     /// Opens a node from `BlockdevOptions` (boxed: children open through it recursively).
@@ -236,6 +236,9 @@ impl Graph {
             ));
         }
         let mut children = Vec::new();
+        // Where the node goes in the creation order: QEMU registers a format node once its
+        // file is open, before its backing chain.
+        let mut position = None;
         let driver: Box<dyn crate::driver::Driver> = match driver_name {
             "file" => {
                 let aio = opts.opt_str("aio").unwrap_or("threads");
@@ -286,9 +289,18 @@ impl Graph {
                     node: file.clone(),
                     use_id: self.new_use_id(),
                 });
+                if let Some(data) = self.qcow2_data_file(&drv, opts, settings.read_only).await? {
+                    opened.push(data.clone());
+                    children.push(Child {
+                        name: "data-file".into(),
+                        node: data,
+                        use_id: self.new_use_id(),
+                    });
+                }
+                position = Some(self.nodes.borrow().len());
                 let backing = match opts.get("backing") {
                     Some(QObject::Null) => None,
-                    Some(v) => Some(self.child_ref(v).await?),
+                    Some(v) => Some(self.child_ref(v, opts).await?),
                     None => match drv.backing_spec() {
                         Some(spec) => Some(self.open_backing(&file, spec, opts).await?),
                         None => None,
@@ -354,7 +366,11 @@ impl Graph {
                 return Err(e);
             }
         }
-        self.nodes.borrow_mut().push(node.clone());
+        {
+            let mut nodes = self.nodes.borrow_mut();
+            let at = position.unwrap_or(nodes.len()).min(nodes.len());
+            nodes.insert(at, node.clone());
+        }
         Ok(node)
     }
 
@@ -372,6 +388,35 @@ impl Graph {
         self.forget_if_orphan(node);
     }
 
+    /// The external data file of a qcow2 image: the `data-file` option, or the file the
+    /// header names (relative to the working directory, as QEMU takes it).
+    async fn qcow2_data_file(
+        &self,
+        drv: &Qcow2Driver,
+        opts: &Args,
+        read_only: bool,
+    ) -> Result<Option<Rc<Node>>, Error> {
+        let Some(spec) = drv.data_file() else {
+            if opts.get("data-file").is_some() {
+                return Err(Error::generic(
+                    "'data-file' can only be set for images with an external data file",
+                ));
+            }
+            return Ok(None);
+        };
+        if let Some(v) = opts.get("data-file") {
+            return self.child_ref(v, opts).await.map(Some);
+        }
+        let name = spec
+            .name
+            .ok_or_else(|| Error::generic("'data-file' is required for this image"))?;
+        let file_opts = QDict::new()
+            .with("driver", "file")
+            .with("filename", name.as_str())
+            .with("read-only", read_only);
+        self.open(&Args::new(file_opts)).await.map(Some)
+    }
+
     /// Opens the backing file an image names: its path relative to the image's, its format
     /// from the image or probed, read-only.
     async fn open_backing(
@@ -380,20 +425,7 @@ impl Graph {
         spec: BackingSpec,
         parent_opts: &Args,
     ) -> Result<Rc<Node>, Error> {
-        let path = if spec.filename.starts_with('/') || spec.filename.contains(':') {
-            spec.filename.clone()
-        } else {
-            let image = image_file.filename();
-            if image.starts_with("json:") {
-                return Err(Error::generic(format!(
-                    "Cannot use relative backing file names for '{image}'"
-                )));
-            }
-            match image.rfind('/') {
-                Some(i) => format!("{}/{}", &image[..i], spec.filename),
-                None => spec.filename.clone(),
-            }
-        };
+        let path = crate::filename::backing_path(&image_file.filename(), &spec.filename)?;
         let mut file_opts = QDict::new()
             .with("driver", "file")
             .with("filename", path.as_str())
@@ -818,4 +850,36 @@ impl Graph {
             )
         })
     }
+}
+
+/// The options of a child given inline: what it does not set itself, it takes from its
+/// parent (read-only, auto-read-only, cache modes), and it passes discards on, since the
+/// parent already applies its own discard policy (QEMU's inherited options).
+fn inherited(parent: &Args, child: &QDict) -> QDict {
+    let mut d = child.clone();
+    for key in ["read-only", "auto-read-only"] {
+        if d.get(key).is_none()
+            && let Some(v) = parent.get(key)
+        {
+            d.insert(key, v.clone());
+        }
+    }
+    if let Some(QObject::Dict(pc)) = parent.get("cache") {
+        let mut cache = match d.get("cache") {
+            Some(QObject::Dict(c)) => c.clone(),
+            _ => QDict::new(),
+        };
+        for key in ["direct", "no-flush"] {
+            if cache.get(key).is_none()
+                && let Some(v) = pc.get(key)
+            {
+                cache.insert(key, v.clone());
+            }
+        }
+        d.insert("cache", cache);
+    }
+    if d.get("discard").is_none() {
+        d.insert("discard", "unmap");
+    }
+    d
 }

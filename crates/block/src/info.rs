@@ -5,16 +5,31 @@ use crate::node::{Node, Parent};
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
-/// `ImageInfo` for a node.
-pub(crate) fn image_info(node: &Node) -> QDict {
+/// `ImageInfo` for a node; unless `flat`, with its backing chain's (`backing-image`).
+pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
     let mut d = QDict::new()
         .with("virtual-size", node.len())
         .with("filename", node.filename())
         .with("format", node.driver_name());
-    match node.driver.actual_size(node) {
-        Some(a) => d.insert("actual-size", a),
-        None => d.insert("actual-size", 0i64),
+    if let Some(cs) = node.driver.cluster_size() {
+        d.insert("cluster-size", cs);
     }
+    if let Some((name, format)) = node.driver.backing_filename() {
+        let image = node
+            .child("file")
+            .map_or_else(|| node.filename(), |f| f.filename());
+        if let Ok(full) = crate::filename::backing_path(&image, &name) {
+            d.insert("full-backing-filename", full);
+        }
+        d.insert("backing-filename", name);
+        if let Some(f) = format {
+            d.insert("backing-filename-format", f);
+        }
+    }
+    if !flat && let Some(b) = node.child("backing") {
+        d.insert("backing-image", image_info(&b, false));
+    }
+    d.insert("actual-size", allocated_size(node));
     if let Some(fs) = node.driver.format_specific() {
         d.insert("format-specific", fs);
     }
@@ -24,21 +39,44 @@ pub(crate) fn image_info(node: &Node) -> QDict {
     d
 }
 
-/// `BlockDeviceInfo` for a node.
-pub(crate) fn device_info(node: &Node) -> QDict {
+/// Bytes a node occupies on its storage: the driver's own figure, or what its data and
+/// metadata children occupy (not its backing chain).
+fn allocated_size(node: &Node) -> u64 {
+    node.driver.actual_size(node).unwrap_or_else(|| {
+        node.children()
+            .iter()
+            .filter(|c| c.name != "backing")
+            .map(|c| allocated_size(&c.node))
+            .sum()
+    })
+}
+
+/// `BlockDeviceInfo` for a node (QEMU counts the backing chain only when not `flat`).
+pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
+    let mut depth = 0i64;
+    if !flat {
+        let mut at = node.child("backing");
+        while let Some(b) = at {
+            depth += 1;
+            at = b.child("backing");
+        }
+    }
     let mut d = QDict::new()
         .with("file", node.filename())
         .with("node-name", node.name())
         .with("ro", node.is_read_only())
         .with("drv", node.driver_name())
-        .with("backing_file_depth", 0i64)
+        .with("backing_file_depth", depth)
         .with("active", true)
         .with("encrypted", false)
         .with("detect_zeroes", node.detect_zeroes.get().as_str());
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
         d.insert(k, 0i64);
     }
-    d.insert("image", image_info(node));
+    if let Some(b) = node.child("backing") {
+        d.insert("backing_file", b.filename());
+    }
+    d.insert("image", image_info(node, flat));
     d.insert(
         "cache",
         QDict::new()
@@ -51,12 +89,12 @@ pub(crate) fn device_info(node: &Node) -> QDict {
 }
 
 /// `query-named-block-nodes`: newest node first, as QEMU lists them.
-pub(crate) fn named_block_nodes(graph: &Graph) -> QObject {
+pub(crate) fn named_block_nodes(graph: &Graph, flat: bool) -> QObject {
     graph
         .nodes()
         .iter()
         .rev()
-        .map(|n| QObject::Dict(device_info(n)))
+        .map(|n| QObject::Dict(device_info(n, flat)))
         .collect::<Vec<_>>()
         .into()
 }

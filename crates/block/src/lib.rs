@@ -11,6 +11,7 @@
 pub mod create;
 pub mod driver;
 mod drivers;
+mod filename;
 mod graph;
 mod info;
 pub mod io;

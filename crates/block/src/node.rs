@@ -188,6 +188,7 @@ impl Node {
             return f;
         }
         if self.driver.is_passthrough()
+            && !self.backing_overridden()
             && let Some(file) = self.child("file")
         {
             return file.filename();
@@ -207,10 +208,23 @@ impl Node {
         if let Some(f) = self.driver.plain_filename() {
             d.insert("filename", f);
         }
+        let overridden = self.backing_overridden();
         for c in self.children() {
+            // The backing file the image names is implied; one set by the user is not.
+            if c.name == "backing" && !overridden {
+                continue;
+            }
             d.insert(c.name.clone(), c.node.full_options());
         }
+        if overridden && self.child("backing").is_none() {
+            d.insert("backing", QObject::Null);
+        }
         d
+    }
+
+    /// The user chose the backing child (or none) instead of the one the image names.
+    fn backing_overridden(&self) -> bool {
+        self.options.borrow().get("backing").is_some()
     }
 
     /// The node name.

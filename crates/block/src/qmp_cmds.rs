@@ -28,8 +28,8 @@ pub async fn qmp_blockdev_del(graph: &Graph, args: &Args) -> Result<QObject, Err
 }
 
 /// `query-named-block-nodes`.
-pub fn qmp_query_named_block_nodes(graph: &Graph) -> QObject {
-    info::named_block_nodes(graph)
+pub fn qmp_query_named_block_nodes(graph: &Graph, args: &Args) -> QObject {
+    info::named_block_nodes(graph, args.bool_or("flat", false))
 }
 
 /// `query-blockstats`.

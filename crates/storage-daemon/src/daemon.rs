@@ -163,7 +163,7 @@ impl Daemon {
                 .and_then(|()| empty()),
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
-            "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph)),
+            "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),
             "query-block" => Ok(QObject::List(Vec::new())),
             "query-blockstats" => Ok(blk::qmp_query_blockstats(&self.graph, &args)),
             "block_resize" => blk::qmp_block_resize(&self.graph, &args).await,

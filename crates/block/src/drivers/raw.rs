@@ -178,10 +178,6 @@ impl Driver for RawDriver {
         d
     }
 
-    fn actual_size(&self, node: &Node) -> Option<u64> {
-        node.child("file").and_then(|f| f.driver.actual_size(&f))
-    }
-
     fn can_fast_zero(&self) -> bool {
         true
     }

@@ -345,6 +345,12 @@ impl Header {
             .map(|d| String::from_utf8_lossy(d).into_owned())
     }
 
+    /// The external data file named in the header.
+    pub(crate) fn data_file_name(&self) -> Option<String> {
+        self.extension(EXT_DATA_FILE)
+            .map(|d| String::from_utf8_lossy(d).into_owned())
+    }
+
     /// The feature name table QEMU writes (every known feature).
     pub(crate) fn feature_table() -> Vec<u8> {
         let mut t = Vec::with_capacity(FEATURE_NAMES.len() * 48);

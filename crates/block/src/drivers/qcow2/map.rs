@@ -1,7 +1,8 @@
 //! Guest-to-host mapping: what a guest range is (data at a host offset, zeroes, compressed,
 //! or left to the backing file), merged over contiguous clusters.
 
-use super::entry::{self, Cluster, Sub};
+use super::entry::{self, COPIED, Cluster, Sub};
+use super::header::incompat;
 use super::meta::Meta;
 use crate::node::Node;
 use std::io;
@@ -26,7 +27,18 @@ fn cluster_source(m: &Meta, e: u64, bm: u64, in_off: u64) -> (Source, u64) {
     let cs = m.cs();
     let ext = m.h.extended_l2();
     let whole = cs - in_off;
-    match entry::decode(e, m.h.cluster_bits, ext) {
+    let c = match entry::decode(e, m.h.cluster_bits, ext) {
+        // Offset 0 is a real data cluster in an external data file; COPIED tells it from
+        // an unallocated entry there (every data-file cluster has refcount 1).
+        Cluster::Unallocated if e & COPIED != 0 && m.h.incompatible & incompat::DATA_FILE != 0 => {
+            Cluster::Normal {
+                host: 0,
+                copied: true,
+            }
+        }
+        c => c,
+    };
+    match c {
         Cluster::Compressed { offset, len } => (
             Source::Compressed {
                 offset,

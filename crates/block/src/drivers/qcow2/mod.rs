@@ -62,6 +62,17 @@ pub(crate) struct Qcow2Driver {
     backing: RefCell<Option<(String, Option<String>)>>,
     on_corruption: CorruptionHook,
     snapshots: u32,
+    /// The image keeps its data in an external file (the `data-file` child).
+    data_file: Option<DataFile>,
+}
+
+/// What the header says about an external data file.
+#[derive(Clone)]
+pub(crate) struct DataFile {
+    /// The file name the header records, if any.
+    pub(crate) name: Option<String>,
+    /// The data file is also a valid raw image (`data-file-raw`).
+    pub(crate) raw: bool,
 }
 
 /// What the graph needs to know to finish opening: the backing file the header names.
@@ -99,11 +110,19 @@ impl Qcow2Driver {
                 "Encrypted qcow2 images are not supported by ferrite",
             ));
         }
-        if h.incompatible & incompat::DATA_FILE != 0 {
-            return Err(Error::generic(
-                "qcow2 images with an external data file are not supported by ferrite yet",
-            ));
-        }
+        let data_file = if h.incompatible & incompat::DATA_FILE != 0 {
+            if !read_only {
+                return Err(Error::generic(
+                    "ferrite opens qcow2 images with an external data file read-only only (for now); set 'read-only': true",
+                ));
+            }
+            Some(DataFile {
+                name: h.data_file_name(),
+                raw: h.autoclear & autoclear::DATA_FILE_RAW != 0,
+            })
+        } else {
+            None
+        };
         if h.incompatible & incompat::CORRUPT != 0 && !read_only {
             return Err(Error::generic(
                 "qcow2: Image is corrupt; cannot be opened read/write",
@@ -157,6 +176,7 @@ impl Qcow2Driver {
             backing: RefCell::new(backing),
             on_corruption,
             snapshots,
+            data_file,
         })
     }
 
@@ -167,6 +187,11 @@ impl Qcow2Driver {
             filename: f.clone(),
             format: fmt.clone(),
         })
+    }
+
+    /// The external data file, if the image has one.
+    pub(crate) fn data_file(&self) -> Option<DataFile> {
+        self.data_file.clone()
     }
 
     fn cs(&self) -> u64 {
@@ -239,7 +264,11 @@ impl Qcow2Driver {
             let piece = match src {
                 Source::Zero => None,
                 Source::Backing => self.read_backing(node, offset + pos as u64, run).await?,
-                Source::Data(host) => Some(read_at(file, host, run).await?),
+                Source::Data(host) => {
+                    // Data clusters live in the external data file when there is one.
+                    let data = node.child("data-file");
+                    Some(read_at(data.as_deref().unwrap_or(file), host, run).await?)
+                }
                 Source::Compressed {
                     offset: co,
                     len: cl,
@@ -1095,6 +1124,12 @@ impl Driver for Qcow2Driver {
             );
             d.insert("lazy-refcounts", h.compatible & compat::LAZY_REFCOUNTS != 0);
             d.insert("refcount-bits", 1u64 << h.refcount_order);
+            if let Some(df) = &self.data_file {
+                if let Some(name) = &df.name {
+                    d.insert("data-file", name.as_str());
+                }
+                d.insert("data-file-raw", df.raw);
+            }
             d.insert("corrupt", h.incompatible & incompat::CORRUPT != 0);
             d.insert("extended-l2", h.extended_l2());
         } else {
@@ -1107,6 +1142,10 @@ impl Driver for Qcow2Driver {
 
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
+    }
+
+    fn is_passthrough(&self) -> bool {
+        true
     }
 
     fn backing_filename(&self) -> Option<(String, Option<String>)> {

@@ -1,0 +1,46 @@
+//! Where a relative file name an image records (its backing file) points.
+
+use ferrite_qapi::Error;
+
+/// The path of `name`, which the image whose own file is `image` records: absolute names and
+/// protocol names as they are, relative ones beside the image (QEMU's rule).
+///
+/// # Errors
+/// A relative name in an image that has no plain file name of its own.
+pub(crate) fn backing_path(image: &str, name: &str) -> Result<String, Error> {
+    if name.starts_with('/') || name.contains(':') {
+        return Ok(name.to_owned());
+    }
+    if image.starts_with("json:") {
+        return Err(Error::generic(format!(
+            "Cannot use relative backing file names for '{image}'"
+        )));
+    }
+    Ok(match image.rfind('/') {
+        Some(i) => format!("{}/{}", &image[..i], name),
+        None => name.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backing_path;
+
+    #[test]
+    fn relative_names_sit_beside_the_image() {
+        assert_eq!(
+            backing_path("/a/b/top.qcow2", "base.qcow2").unwrap(),
+            "/a/b/base.qcow2"
+        );
+        assert_eq!(
+            backing_path("top.qcow2", "base.qcow2").unwrap(),
+            "base.qcow2"
+        );
+        assert_eq!(backing_path("/a/top", "/x/base").unwrap(), "/x/base");
+        assert_eq!(
+            backing_path("/a/top", "nbd:unix:/s").unwrap(),
+            "nbd:unix:/s"
+        );
+        assert!(backing_path("json:{}", "base").is_err());
+    }
+}
