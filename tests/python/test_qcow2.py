@@ -241,6 +241,13 @@ CREATE_CASES = [
     {"size": 65536, "cluster-size": 1000},
     {"size": 65536, "version": "v2", "lazy-refcounts": True},
     {"size": 65536, "backing-fmt": "raw"},
+    {"size": 4 << 20, "preallocation": "falloc"},
+    {"size": 4 << 20, "preallocation": "full", "cluster-size": 4096},
+    {"size": 4 << 20, "data-file": "DATA"},
+    {"size": 4 << 20, "data-file": "DATA", "data-file-raw": True},
+    {"size": 4 << 20, "data-file": "DATA", "preallocation": "full"},
+    {"size": 65536, "data-file-raw": True},
+    {"size": 65536, "data-file": "DATA", "version": "v2"},
 ]
 
 
@@ -261,6 +268,11 @@ def test_blockdev_create_matches_qemu(tmp_path):
             q.cmd("job-dismiss", {"id": f"f{i}"})
             q.cmd("blockdev-add", {"driver": "file", "node-name": f"n{i}",
                                    "filename": str(img)})
+            if case.get("data-file") == "DATA":
+                (sub / f"data{i}.raw").touch()
+                q.cmd("blockdev-add", {"driver": "file", "node-name": f"d{i}",
+                                       "filename": str(sub / f"data{i}.raw")})
+                case = dict(case, **{"data-file": f"d{i}"})
             r = q.cmd("blockdev-create", {"job-id": f"j{i}", "options": {
                 "driver": "qcow2", "file": f"n{i}", **case}})
             events = [r]
@@ -272,9 +284,18 @@ def test_blockdev_create_matches_qemu(tmp_path):
             jobs = q.cmd("query-jobs")["return"]
             events.append(q.cmd("job-dismiss", {"id": f"j{i}"}))
             q.cmd("blockdev-del", {"node-name": f"n{i}"})
+            q.cmd("blockdev-del", {"node-name": f"d{i}"})
             info = None
             if not any(j.get("error") for j in jobs):
-                info = json.loads(run("qemu-img", "info", "-U", "--output=json", img).stdout)
+                info = json.loads(run("qemu-img", "info", "-U", "--output=json", img).stdout
+                                  .replace(str(sub), "DIR"))
+                # Preallocated storage under the data, or not.
+                data = sub / f"data{i}.raw"
+                stored = os.stat(data if data.exists() else img).st_blocks * 512
+                info["stored"] = stored >= case["size"]
+                if "backing-file" not in case:
+                    info["map"] = json.loads(run("qemu-img", "map", "-U", "--output=json",
+                                                 img).stdout)
                 for k in ("filename", "actual-size", "dirty-flag", "children",
                           "full-backing-filename"):
                     info.pop(k, None)
@@ -394,3 +415,53 @@ def test_node_queries_over_a_chain_match_qemu(both, tmp_path):
     theirs, ours = seen
 
     assert json.loads(ours) == json.loads(theirs)
+
+
+def test_reopen_and_resize_over_a_longer_backing_file_match_qemu(both, tmp_path):
+    """Reopened read-write, the image is prepared before the first change (bitmaps marked
+    in use, the dirty bit of lazy refcounts); reopened read-only, it is clean again; growing
+    over a longer backing file makes the new area read as zeroes."""
+    infos = []
+    for d in both():
+        sub = d.workdir
+        base, top = sub / "base.qcow2", sub / "top.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
+        run("qemu-io", "-c", "write -P 0x11 0 4M", base)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on",
+            "-b", base.name, "-F", "qcow2", top, "1M")
+        run("qemu-img", "bitmap", "--add", top, "b0")
+        q = d.connect()
+        assert q.cmd("blockdev-add", {"driver": "file", "node-name": "f",
+                                      "filename": str(top)}) == {"return": {}}
+        assert q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "b", "file": {
+            "driver": "file", "filename": str(base)}}) == {"return": {}}
+        node = {"driver": "qcow2", "node-name": "t", "file": "f", "backing": "b"}
+        assert q.cmd("blockdev-add", dict(node, **{"read-only": True})) == {"return": {}}
+
+        def info():
+            return json.loads(run("qemu-img", "info", "-U", "--output=json", top).stdout)
+        stages = [info()]
+        assert q.cmd("blockdev-reopen", {"options": [dict(node, **{"read-only": False})]}) \
+            == {"return": {}}
+        stages.append(info())
+        assert q.cmd("block_resize", {"node-name": "t", "size": 2 << 20}) == {"return": {}}
+        stages.append(info())
+        assert q.cmd("blockdev-reopen", {"options": [dict(node, **{"read-only": True})]}) \
+            == {"return": {}}
+        stages.append(info())
+        d.stop()
+        check_clean(top)
+        r = run("qemu-io", "-c", "read -P 0x11 0 1M", "-c", "read -P 0 1M 1M", top)
+        assert "Pattern verification failed" not in r.stdout, r.stdout
+        for s in stages:
+            s.pop("filename")
+            s.pop("actual-size")
+            s.pop("full-backing-filename")
+            s.pop("children")
+        infos.append(stages)
+    theirs, ours = infos
+    # Leaving read-write, QEMU stores the bitmaps it tracked; ferrite does not track them
+    # yet (the backup issue), so b0 stays marked in use: inconsistent, never stale.
+    for stages in infos:
+        stages[3]["format-specific"]["data"].pop("bitmaps")
+    assert ours == theirs

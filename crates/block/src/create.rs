@@ -1,12 +1,14 @@
 //! Creating images (`blockdev-create`'s work, QEMU's `bdrv_co_create` per driver): `file`
 //! makes a file of a size with a preallocation; `qcow2` formats an image on a node.
 
-use crate::drivers::qcow2::create::{CreateOpts, format};
+use crate::drivers::qcow2::create::{CreateOpts, Prealloc, fill, format};
 use crate::graph::Graph;
+use crate::node::Node;
 use crate::perm::Perm;
 use ferrite_qapi::{Args, Error, os_msg};
 use ferrite_qobject::QObject;
 use std::os::unix::fs::OpenOptionsExt;
+use std::rc::Rc;
 
 fn generic(s: impl Into<String>) -> Error {
     Error::generic(s)
@@ -105,7 +107,7 @@ fn v3_only(what: &str) -> Error {
 }
 
 /// Checks `BlockdevCreateOptionsQcow2` the way QEMU does, in its order.
-fn qcow2_options(opts: &Args) -> Result<(CreateOpts, String), Error> {
+fn qcow2_options(opts: &Args) -> Result<CreateOpts, Error> {
     let size = opts.i64("size")?;
     if size < 0 || size % 512 != 0 {
         return Err(generic("Image size must be a multiple of 512 bytes"));
@@ -173,52 +175,106 @@ fn qcow2_options(opts: &Args) -> Result<(CreateOpts, String), Error> {
             "Encrypted qcow2 images are not supported by ferrite",
         ));
     }
-    if opts.get("data-file").is_some() {
-        return Err(generic(
-            "qcow2 images with an external data file are not supported by ferrite yet",
-        ));
+    let data_file_raw = opts.bool_or("data-file-raw", false);
+    match opts.get("data-file") {
+        None if data_file_raw => return Err(generic("data-file-raw requires data-file")),
+        Some(_) if version < 3 => {
+            return Err(generic(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
+        _ => {}
     }
-    Ok((
-        CreateOpts {
-            size: size as u64,
-            version,
-            cluster_bits: cluster_size.trailing_zeros(),
-            refcount_order: refcount_bits.trailing_zeros(),
-            lazy_refcounts: lazy,
-            extended_l2,
-            zstd,
-            backing_file,
-            backing_fmt,
-            prealloc_metadata: prealloc != "off",
-        },
+    let prealloc = match prealloc.as_str() {
+        "off" if data_file_raw => Prealloc::Metadata,
+        "off" => Prealloc::Off,
+        "metadata" => Prealloc::Metadata,
+        "falloc" => Prealloc::Falloc,
+        _ => Prealloc::Full,
+    };
+    Ok(CreateOpts {
+        size: size as u64,
+        version,
+        cluster_bits: cluster_size.trailing_zeros(),
+        refcount_order: refcount_bits.trailing_zeros(),
+        lazy_refcounts: lazy,
+        extended_l2,
+        zstd,
+        backing_file,
+        backing_fmt,
         prealloc,
-    ))
+        data_file: None,
+        data_file_raw,
+    })
+}
+
+/// A node a create option names: an existing one, or one opened from inline options.
+async fn named_node(graph: &Graph, value: &QObject) -> Result<(Rc<Node>, bool), Error> {
+    match value {
+        QObject::String(name) => Ok((graph.lookup(name)?, false)),
+        QObject::Dict(d) => Ok((graph.open_inline(&Args::new(d.clone())).await?, true)),
+        _ => Err(generic("Invalid node reference")),
+    }
 }
 
 async fn create_qcow2(graph: &Graph, opts: &Args) -> Result<(), Error> {
-    let (o, prealloc) = qcow2_options(opts)?;
-    let file = match opts.get("file") {
-        Some(QObject::String(name)) => graph.lookup(name)?,
-        Some(QObject::Dict(d)) => graph.open_inline(&Args::new(d.clone())).await?,
-        _ => return Err(generic("Parameter 'file' is missing")),
+    let mut o = qcow2_options(opts)?;
+    let Some(file_ref) = opts.get("file") else {
+        return Err(generic("Parameter 'file' is missing"));
     };
-    let hold = graph.attach(
-        &file,
-        "blockdev-create",
-        Perm::WRITE | Perm::RESIZE,
-        Perm::all(),
-    )?;
-    // Data clusters for falloc/full are allocated like for metadata; the file stays
-    // sparse under them (they read as zeroes either way).
-    let _ = prealloc;
+    let mut nodes = vec![named_node(graph, file_ref).await?];
+    if let Some(data_ref) = opts.get("data-file") {
+        match named_node(graph, data_ref).await {
+            Ok(n) => nodes.push(n),
+            Err(e) => {
+                release(graph, &nodes);
+                return Err(e);
+            }
+        }
+    }
+    let mut holds = Vec::new();
+    for (node, _) in &nodes {
+        match graph.attach(
+            node,
+            "blockdev-create",
+            Perm::WRITE | Perm::RESIZE,
+            Perm::all(),
+        ) {
+            Ok(h) => holds.push(h),
+            Err(e) => {
+                holds.into_iter().for_each(|h| graph.detach(h));
+                release(graph, &nodes);
+                return Err(e);
+            }
+        }
+    }
+    let file = nodes[0].0.clone();
+    let data = nodes.get(1).map(|(n, _)| n.clone());
+    o.data_file = data.as_ref().map(|d| d.filename());
     let r = async {
         format(&file, &o).await?;
+        if let Some(data) = &data {
+            // The data file holds the guest's bytes at their own offsets.
+            let io = |e: std::io::Error| generic(format!("Could not resize image: {}", os_msg(&e)));
+            data.truncate(o.size).await.map_err(io)?;
+            fill(data, 0, o.size, o.prealloc).await.map_err(io)?;
+            data.flush().await.map_err(io)?;
+        }
         file.flush()
             .await
             .map_err(|e| generic(format!("Could not flush: {}", os_msg(&e))))
     }
     .await;
-    graph.detach(hold);
-    graph.release_inline(&file);
+    holds.into_iter().for_each(|h| graph.detach(h));
+    release(graph, &nodes);
     r
+}
+
+/// Deletes the nodes a create opened inline.
+fn release(graph: &Graph, nodes: &[(Rc<Node>, bool)]) {
+    for (n, inline) in nodes {
+        if *inline {
+            graph.release_inline(n);
+        }
+    }
 }

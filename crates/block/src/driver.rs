@@ -149,6 +149,12 @@ pub trait Driver {
         Ok(())
     }
 
+    /// After a reopen from read-only to read-write: what must happen on disk before the
+    /// first change (qcow2: repair, autoclear bits, bitmaps marked in use).
+    fn prepare_writable<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Writes whole clusters compressed (formats that can; others write them plain).
     fn write_compressed<'a>(
         &'a self,

@@ -759,7 +759,25 @@ impl Graph {
         }
         for (node, opts, read_only) in plan {
             let _drained = self.drain(&node).await;
+            if read_only && !node.is_read_only() {
+                // Leaving read-write: caches written back and the image marked clean.
+                node.driver.close(&node).await.map_err(|e| {
+                    Error::generic(format!(
+                        "Could not write back before reopening read-only: {}",
+                        ferrite_qapi::os_msg(&e)
+                    ))
+                })?;
+            }
+            let was_read_only = node.is_read_only();
             node.driver.reopen_apply(&node, opts, read_only)?;
+            if was_read_only && !read_only {
+                node.driver.prepare_writable(&node).await.map_err(|e| {
+                    Error::generic(format!(
+                        "Could not prepare the image for writing: {}",
+                        ferrite_qapi::os_msg(&e)
+                    ))
+                })?;
+            }
             node.read_only.set(read_only);
             self.propagate(&node)?;
             node.detect_zeroes.set(match opts.opt_str("detect-zeroes") {

@@ -2,7 +2,9 @@
 //! refcounts of an image left dirty (lazy refcounts), and marking persistent bitmaps in use.
 
 use super::entry::{self, Cluster, OFFSET_MASK};
-use super::header::{self, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_FEATURE_TABLE, Header};
+use super::header::{
+    self, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, Header,
+};
 use super::meta::{Meta, get_be64, put_be64, read_at, set_refcount};
 use crate::driver::ReqFlags;
 use crate::node::Node;
@@ -22,8 +24,24 @@ pub(crate) struct CreateOpts {
     pub(crate) zstd: bool,
     pub(crate) backing_file: Option<String>,
     pub(crate) backing_fmt: Option<String>,
-    /// Allocate L2 tables and data clusters up front.
-    pub(crate) prealloc_metadata: bool,
+    /// What to allocate up front.
+    pub(crate) prealloc: Prealloc,
+    /// The external data file's name, recorded in the header.
+    pub(crate) data_file: Option<String>,
+    /// The external data file is also a valid raw image (`data-file-raw`).
+    pub(crate) data_file_raw: bool,
+}
+
+/// `preallocation` of a new image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prealloc {
+    Off,
+    /// L2 tables and data cluster mappings; the file stays sparse.
+    Metadata,
+    /// As metadata, and the storage under the data is allocated.
+    Falloc,
+    /// As metadata, and the data is written (as zeroes).
+    Full,
 }
 
 fn io_err(e: &io::Error) -> Error {
@@ -39,6 +57,9 @@ pub(crate) async fn format(file: &Node, o: &CreateOpts) -> Result<(), Error> {
     }
     if o.zstd {
         incompatible |= header::incompat::COMPRESSION;
+    }
+    if o.data_file.is_some() {
+        incompatible |= header::incompat::DATA_FILE;
     }
     let mut h = Header {
         version: o.version,
@@ -57,7 +78,11 @@ pub(crate) async fn format(file: &Node, o: &CreateOpts) -> Result<(), Error> {
         } else {
             0
         },
-        autoclear: 0,
+        autoclear: if o.data_file_raw {
+            header::autoclear::DATA_FILE_RAW
+        } else {
+            0
+        },
         refcount_order: o.refcount_order,
         header_length: if o.version >= 3 {
             header::V3_HEADER_LEN_CURRENT
@@ -74,6 +99,9 @@ pub(crate) async fn format(file: &Node, o: &CreateOpts) -> Result<(), Error> {
     }
     if let Some(fmt) = &o.backing_fmt {
         h.set_extension(EXT_BACKING_FORMAT, Some(fmt.as_bytes().to_vec()));
+    }
+    if let Some(name) = &o.data_file {
+        h.set_extension(EXT_DATA_FILE, Some(name.as_bytes().to_vec()));
     }
     let mut cluster0 = h.serialize()?;
     cluster0.resize(cs as usize, 0);
@@ -96,8 +124,8 @@ pub(crate) async fn format(file: &Node, o: &CreateOpts) -> Result<(), Error> {
     let grow = async {
         m.grow_l1(file, needed).await?;
         m.h.size = o.size;
-        if o.prealloc_metadata {
-            preallocate(file, &mut m, o.size).await?;
+        if o.prealloc != Prealloc::Off {
+            preallocate(file, &mut m, o).await?;
         }
         m.write_back(file, false).await?;
         m.write_header(file).await?;
@@ -107,17 +135,26 @@ pub(crate) async fn format(file: &Node, o: &CreateOpts) -> Result<(), Error> {
         .map_err(|e| Error::generic(format!("Could not resize image: {}", os_msg(&e))))
 }
 
-/// Allocates every L2 table and data cluster (`preallocation=metadata`), each L2 table
-/// followed by the data clusters it maps.
-async fn preallocate(file: &Node, m: &mut Meta, size: u64) -> io::Result<()> {
+/// Allocates every L2 table and data cluster, each L2 table followed by the data clusters
+/// it maps; with an external data file, each cluster maps to its own offset there.
+async fn preallocate(file: &Node, m: &mut Meta, o: &CreateOpts) -> io::Result<()> {
     let cs = m.cs();
     let per = m.l2_entries();
-    let clusters = size.div_ceil(cs);
+    let clusters = o.size.div_ceil(cs);
+    if o.data_file.is_none() && matches!(o.prealloc, Prealloc::Falloc | Prealloc::Full) {
+        return preallocate_data(file, m, o).await;
+    }
     let mut gc = 0;
     while gc < clusters {
         let n = (per - gc % per).min(clusters - gc);
         let (table, first) = m.l2_for_write(file, gc).await?;
-        let host = m.alloc(file, n).await?;
+        let host = if o.data_file.is_some() {
+            gc * cs
+        } else {
+            let host = m.alloc(file, n).await?;
+            fill(file, host, n * cs, o.prealloc).await?;
+            host
+        };
         for k in 0..n {
             let bitmap = if m.h.extended_l2() {
                 entry::SUB_ALL_ALLOC
@@ -133,6 +170,9 @@ async fn preallocate(file: &Node, m: &mut Meta, size: u64) -> io::Result<()> {
         }
         gc += n;
     }
+    if o.data_file.is_some() {
+        return Ok(());
+    }
     // The file covers the data, like QEMU's metadata preallocation.
     let end = m.alloc(file, 1).await?;
     m.free(end, 1, super::meta::FreeKind::Other);
@@ -140,6 +180,57 @@ async fn preallocate(file: &Node, m: &mut Meta, size: u64) -> io::Result<()> {
         file.truncate(end).await?;
     }
     Ok(())
+}
+
+/// Preallocation with storage (falloc, full), laid out as QEMU does: the refcount table
+/// moves past the initial metadata with room for everything to come, the data follows in
+/// one run, and the L2 tables take the first free clusters (the old table's place first).
+async fn preallocate_data(file: &Node, m: &mut Meta, o: &CreateOpts) -> io::Result<()> {
+    let cs = m.cs();
+    let per = m.l2_entries();
+    let clusters = o.size.div_ceil(cs);
+    let l2_tables = clusters.div_ceil(per) + 1;
+    let in_use = file.len().div_ceil(cs);
+    let per_block = cs * 8 / (1u64 << m.h.refcount_order);
+    let reftable_entries = (in_use + clusters + l2_tables + 1).div_ceil(per_block);
+    m.relocate_reftable(file, reftable_entries).await?;
+    let host = m.alloc(file, clusters).await?;
+    fill(file, host, clusters * cs, o.prealloc).await?;
+    let mut gc = 0;
+    while gc < clusters {
+        let n = (per - gc % per).min(clusters - gc);
+        let (table, first) = m.l2_for_write(file, gc).await?;
+        for k in 0..n {
+            let e = (host + (gc + k) * cs) | entry::COPIED;
+            let bitmap = if m.h.extended_l2() {
+                entry::SUB_ALL_ALLOC
+            } else {
+                0
+            };
+            m.set_l2(table, first + k as usize, e, bitmap);
+        }
+        gc += n;
+    }
+    Ok(())
+}
+
+/// Gives `len` bytes at `offset` of `node` storage as the preallocation mode asks.
+pub(crate) async fn fill(node: &Node, offset: u64, len: u64, mode: Prealloc) -> io::Result<()> {
+    match mode {
+        Prealloc::Off | Prealloc::Metadata => Ok(()),
+        Prealloc::Falloc => node.write_zeroes(offset, len, ReqFlags::empty()).await,
+        Prealloc::Full => {
+            const CHUNK: u64 = 1 << 20;
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(CHUNK);
+                node.write(offset + at, vec![0u8; n as usize], ReqFlags::empty())
+                    .await?;
+                at += n;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Clusters an image refers to, with the number of references each should have.

@@ -540,10 +540,17 @@ impl Meta {
     /// Replaces the refcount table with a bigger one of at least `min_entries`, placed past
     /// everything in use together with the refcount blocks that count it.
     async fn grow_reftable(&mut self, file: &Node, min_entries: u64) -> io::Result<()> {
+        let entries = min_entries.max(self.reftable.len() as u64 * 3 / 2);
+        self.relocate_reftable(file, entries).await
+    }
+
+    /// Writes the refcount table anew, with at least `entries` entries, past everything in
+    /// use, together with the refcount blocks that count it; the old table is freed.
+    pub(crate) async fn relocate_reftable(&mut self, file: &Node, entries: u64) -> io::Result<()> {
         let cs = self.cs();
         let per_cluster = cs / 8;
         let per = self.refcounts_per_block();
-        let mut entries = min_entries.max(self.reftable.len() as u64 * 3 / 2);
+        let mut entries = entries.max(self.reftable.len() as u64);
         let (start, table_clusters, new_blocks) = loop {
             let table_clusters = entries.div_ceil(per_cluster);
             let (start, missing) = self.find_run(file, table_clusters).await?;

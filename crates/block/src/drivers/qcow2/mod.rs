@@ -55,6 +55,7 @@ pub(crate) struct Qcow2Driver {
     read_only: Cell<bool>,
     /// Corruption was signalled; every request fails from now on when it was fatal.
     dead: Cell<bool>,
+
     lazy_refcounts: bool,
     discard_no_unref: bool,
     /// The dirty bit is set on disk (lazy refcounts after the first write).
@@ -354,7 +355,6 @@ impl Qcow2Driver {
             .claims
             .claim(offset / cs, (offset + len - 1) / cs)
             .await;
-        self.mark_dirty_once(file).await?;
         let mut pos = 0u64;
         while pos < len {
             let off = offset + pos;
@@ -464,6 +464,7 @@ impl Qcow2Driver {
         in_off: u64,
         data: &[u8],
     ) -> io::Result<()> {
+        self.mark_dirty_once(file).await?;
         let cs = self.cs();
         let start = gc * cs;
         let total = clusters * cs;
@@ -581,7 +582,8 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// With lazy refcounts, the dirty bit goes on disk before the first change.
+    /// With lazy refcounts, the dirty bit goes on disk before the first data cluster is
+    /// allocated (where QEMU defers refcount updates).
     async fn mark_dirty_once(&self, file: &Node) -> io::Result<()> {
         if !self.lazy_refcounts || self.dirty_set.get() {
             return Ok(());
@@ -650,7 +652,6 @@ impl Qcow2Driver {
         flags: ReqFlags,
     ) -> io::Result<()> {
         let _claim = self.claims.claim(first, last).await;
-        self.mark_dirty_once(file).await?;
         let unmap = flags.contains(ReqFlags::MAY_UNMAP) && !self.discard_no_unref;
         let mut m = self.meta.lock().await;
         for gc in first..=last {
@@ -705,7 +706,6 @@ impl Qcow2Driver {
             return Ok(());
         }
         let _claim = self.claims.claim(first, last_excl - 1).await;
-        self.mark_dirty_once(file).await?;
         let mut m = self.meta.lock().await;
         for gc in first..last_excl {
             let (old, obm) = m.l2_entry(file, gc).await?;
@@ -771,7 +771,6 @@ impl Qcow2Driver {
                 continue;
             };
             let _claim = self.claims.claim(gc, gc).await;
-            self.mark_dirty_once(file).await?;
             let clusters = (c.len() as u64).div_ceil(cs);
             let host = {
                 let mut m = self.meta.lock().await;
@@ -835,7 +834,17 @@ impl Qcow2Driver {
         m.write_back(file, true).await?;
         m.write_header(file).await?;
         file.flush().await?;
+        drop(m);
         self.size.set(size);
+        // The new area reads as zeroes even where a longer backing file has data.
+        if let Some(b) = node.child("backing")
+            && size > old
+            && b.len() > old
+        {
+            let end = size.min(b.len());
+            self.zero_impl(node, file, old, end - old, ReqFlags::empty())
+                .await?;
+        }
         Ok(())
     }
 
@@ -1058,6 +1067,15 @@ impl Driver for Qcow2Driver {
             let file = Self::file(node)?;
             let r = self.truncate_impl(node, &file, size).await;
             self.check(node, &file, r).await
+        })
+    }
+
+    fn prepare_writable<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            let was_dirty = m.h.incompatible & incompat::DIRTY != 0;
+            prepare_for_writing(&file, &mut m, was_dirty).await
         })
     }
 
