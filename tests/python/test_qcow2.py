@@ -465,3 +465,36 @@ def test_reopen_and_resize_over_a_longer_backing_file_match_qemu(both, tmp_path)
     for stages in infos:
         stages[3]["format-specific"]["data"].pop("bitmaps")
     assert ours == theirs
+
+
+def test_amend_matches_qemu(both, tmp_path):
+    """x-blockdev-amend runs as an `amend` job; qcow2 amends only encryption, which a
+    plain image refuses."""
+    def script(img):
+        return [
+            ("blockdev-add", {"node-name": "q", "driver": "qcow2",
+                              "file": {"driver": "file", "filename": str(img)}}),
+            ("blockdev-add", {"node-name": "n", "driver": "null-co"}),
+            ("x-blockdev-amend", {"job-id": "a1", "node-name": "q", "options": {"driver": "qcow2"}}),
+            ("x-blockdev-amend", {"job-id": "a2", "node-name": "q", "options": {
+                "driver": "qcow2", "encrypt": {"format": "luks", "state": "active",
+                                               "new-secret": "s"}}}),
+            ("x-blockdev-amend", {"job-id": "a3", "node-name": "nope",
+                                  "options": {"driver": "qcow2"}}),
+            ("x-blockdev-amend", {"job-id": "a4", "node-name": "q", "options": {"driver": "raw"}}),
+            ("x-blockdev-amend", {"job-id": "a5", "node-name": "n",
+                                  "options": {"driver": "null-co"}}),
+            ("x-blockdev-amend", {"job-id": "a1", "node-name": "q", "options": {"driver": "qcow2"}}),
+        ]
+    seen = []
+    for d in both():
+        img = d.workdir / "am.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+        q = d.connect()
+        replies = [q.cmd(name, args) for name, args in script(img)]
+        wait_for(lambda: all(j["status"] == "concluded"
+                             for j in q.cmd("query-jobs")["return"]), what="jobs")
+        events = [(e["event"], e["data"]) for e in q.events]
+        seen.append((replies, events, q.cmd("query-jobs")))
+    theirs, ours = seen
+    assert ours == theirs

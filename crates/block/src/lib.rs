@@ -8,6 +8,7 @@
 //! QEMU counterparts: `block.c`, `block/io.c`, `block/file-posix.c`, `block/raw-format.c`,
 //! `block/null.c`, `block/qapi.c`, `blockdev.c`.
 
+pub mod amend;
 pub mod create;
 pub mod driver;
 mod drivers;

@@ -161,6 +161,10 @@ impl Daemon {
             "blockdev-add" => blk::qmp_blockdev_add(&self.graph, &args).await,
             "blockdev-create" => ferrite_jobs::qmp_blockdev_create(&self.jobs, &self.graph, &args)
                 .and_then(|()| empty()),
+            "x-blockdev-amend" => {
+                ferrite_jobs::qmp_x_blockdev_amend(&self.jobs, &self.graph, &args)
+                    .and_then(|()| empty())
+            }
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),
