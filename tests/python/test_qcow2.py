@@ -498,3 +498,36 @@ def test_amend_matches_qemu(both, tmp_path):
         seen.append((replies, events, q.cmd("query-jobs")))
     theirs, ours = seen
     assert ours == theirs
+
+
+CACHE_OPTIONS = [
+    {"cache-clean-interval": -1},
+    {"cache-clean-interval": 1 << 32},
+    {"cache-clean-interval": (1 << 32) - 1},
+    {"cache-clean-interval": 0},
+    {"l2-cache-size": -5},
+    {"cache-size": 1 << 20, "l2-cache-size": 2 << 20},
+    {"cache-size": 1 << 20, "refcount-cache-size": 2 << 20},
+    {"cache-size": 1 << 20, "l2-cache-size": 1 << 19, "refcount-cache-size": 1 << 19},
+    {"cache-size": 1 << 20},
+    {"lazy-refcounts": True},
+]
+
+
+def test_cache_options_match_qemu(both):
+    seen = []
+    for d in both():
+        img = d.workdir / "c.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+        q = d.connect()
+        replies = []
+        for opts in CACHE_OPTIONS:
+            r = q.cmd("blockdev-add", dict(opts, **{
+                "driver": "qcow2", "node-name": "q",
+                "file": {"driver": "file", "filename": str(img)}}))
+            replies.append(r)
+            if "return" in r:
+                assert q.cmd("blockdev-del", {"node-name": "q"}) == {"return": {}}
+        seen.append(replies)
+    theirs, ours = seen
+    assert ours == theirs

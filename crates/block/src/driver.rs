@@ -180,8 +180,9 @@ pub trait Driver {
         None
     }
 
-    /// Drops clean cached metadata (`cache-clean-interval`).
-    fn drop_caches(&self) {}
+    /// Housekeeping tick: drops cached metadata left unused for the node's
+    /// `cache-clean-interval`.
+    fn clean_caches(&self, _now: std::time::Instant) {}
 
     /// Whether the driver can grow when a parent holding RESIZE writes past its end.
     fn can_grow(&self) -> bool {

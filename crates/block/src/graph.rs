@@ -856,6 +856,13 @@ impl Graph {
         }
     }
 
+    /// Housekeeping tick: every node drops the cached metadata it left unused.
+    pub fn clean_caches(&self, now: std::time::Instant) {
+        for n in self.nodes() {
+            n.driver.clean_caches(now);
+        }
+    }
+
     /// A `DeviceNotFound`-class lookup, for commands that say "Device 'x' not found".
     ///
     /// # Errors

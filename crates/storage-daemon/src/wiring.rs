@@ -175,6 +175,17 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
 /// Serves until `quit` or a signal, then shuts down in QEMU's order.
 pub(crate) async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: DaemonizeHandle) {
     handle.startup_done();
+    // Housekeeping: metadata caches left unused are dropped (cache-clean-interval).
+    let graph = Rc::downgrade(&daemon.graph);
+    tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(g) = graph.upgrade() else { break };
+            g.clean_caches(std::time::Instant::now());
+        }
+    });
     let signals = wait_for_signal();
     tokio::select! {
         _ = daemon.quit_requested() => {}

@@ -14,6 +14,8 @@ pub(crate) struct TableCache {
     slots: HashMap<u64, Slot>,
     capacity: usize,
     clock: u64,
+    /// The clock at the last [`TableCache::drop_unused`].
+    clean_mark: u64,
 }
 
 impl TableCache {
@@ -23,6 +25,7 @@ impl TableCache {
             slots: HashMap::new(),
             capacity: capacity.max(2),
             clock: 0,
+            clean_mark: 0,
         }
     }
 
@@ -113,8 +116,41 @@ impl TableCache {
         }
     }
 
-    /// Drops every clean table (cache-clean-interval).
-    pub(crate) fn drop_clean(&mut self) {
-        self.slots.retain(|_, s| s.dirty);
+    /// Drops the clean tables not used since the last call (`cache-clean-interval`).
+    pub(crate) fn drop_unused(&mut self) {
+        let mark = self.clean_mark;
+        self.slots.retain(|_, s| s.dirty || s.used > mark);
+        self.clean_mark = self.clock;
+    }
+
+    /// How many tables are cached.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TableCache;
+
+    #[test]
+    fn cleaning_drops_clean_tables_left_unused_since_the_last_cleaning() {
+        let mut c = TableCache::new(8);
+        c.insert(0, vec![0; 8], false);
+        c.insert(8, vec![0; 8], true);
+        c.insert(16, vec![0; 8], false);
+        c.drop_unused();
+        // All were used since the start.
+        assert_eq!(c.len(), 3);
+        c.get(16);
+        c.drop_unused();
+        // 0 was idle and clean; 8 is dirty; 16 was used.
+        assert_eq!(c.len(), 2);
+        assert!(c.get(0).is_none());
+        c.mark_clean(8);
+        c.drop_unused();
+        c.drop_unused();
+        assert_eq!(c.len(), 0);
     }
 }

@@ -756,10 +756,10 @@ impl Meta {
         file.write(0, bytes, ReqFlags::empty()).await
     }
 
-    /// Drops clean cached tables (`cache-clean-interval`).
-    pub(crate) fn drop_clean_tables(&mut self) {
-        self.l2.drop_clean();
-        self.rb.drop_clean();
+    /// Drops clean cached tables unused since the last cleaning (`cache-clean-interval`).
+    pub(crate) fn drop_unused_tables(&mut self) {
+        self.l2.drop_unused();
+        self.rb.drop_unused();
     }
 
     /// Replaces the L1 table with one of `entries` entries (bigger), in new clusters.

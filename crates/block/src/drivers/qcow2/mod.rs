@@ -29,6 +29,7 @@ use meta::{FreeKind, Meta, read_at};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 /// Called when corruption is found: the node, what, and whether it is fatal (the image was
 /// writable and is now marked corrupt).
@@ -36,6 +37,8 @@ pub(crate) type CorruptionHook = Rc<dyn Fn(&Node, &Corruption, bool)>;
 
 /// Default L2 cache limit (QEMU: `DEFAULT_L2_CACHE_MAX_SIZE`).
 const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+/// Seconds between cache cleanings unless `cache-clean-interval` says otherwise.
+const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
 /// Frees waiting for a write-back before one is forced.
 const MAX_PENDING_FREES: usize = 4096;
 
@@ -63,6 +66,9 @@ pub(crate) struct Qcow2Driver {
     backing: RefCell<Option<(String, Option<String>)>>,
     on_corruption: CorruptionHook,
     snapshots: u32,
+    /// Cached tables unused for this long are dropped (`cache-clean-interval`; zero: never).
+    clean_interval: Duration,
+    last_clean: Cell<Instant>,
     /// The image keeps its data in an external file (the `data-file` child).
     data_file: Option<DataFile>,
 }
@@ -137,6 +143,7 @@ impl Qcow2Driver {
         }
         let lazy = lazy_opt.unwrap_or(h.compatible & compat::LAZY_REFCOUNTS != 0);
         let (l2_tables, rb_tables) = cache_sizes(args, &h)?;
+        let clean_interval = clean_interval(args)?;
         let codec = if h.compression_type == 1 {
             Codec::Zstd
         } else {
@@ -177,6 +184,8 @@ impl Qcow2Driver {
             backing: RefCell::new(backing),
             on_corruption,
             snapshots,
+            clean_interval,
+            last_clean: Cell::new(Instant::now()),
             data_file,
         })
     }
@@ -889,6 +898,17 @@ async fn prepare_for_writing(file: &Node, m: &mut Meta, was_dirty: bool) -> io::
     Ok(())
 }
 
+/// `cache-clean-interval` in seconds; QEMU's default is ten minutes.
+fn clean_interval(args: &Args) -> Result<Duration, Error> {
+    match args.opt_i64("cache-clean-interval") {
+        None => Ok(Duration::from_secs(DEFAULT_CACHE_CLEAN_INTERVAL)),
+        Some(v) if v < 0 || v > i64::from(u32::MAX) => {
+            Err(Error::generic("Cache clean interval too big"))
+        }
+        Some(v) => Ok(Duration::from_secs(v as u64)),
+    }
+}
+
 /// Tables the L2 and refcount caches hold, from the options and the image (QEMU's rules).
 fn cache_sizes(args: &Args, h: &Header) -> Result<(usize, usize), Error> {
     let cs = h.cluster_size();
@@ -896,7 +916,7 @@ fn cache_sizes(args: &Args, h: &Header) -> Result<(usize, usize), Error> {
         match args.opt_i64(k) {
             None => Ok(None),
             Some(v) if v < 0 => Err(Error::generic(format!(
-                "Parameter '{k}' expects a non-negative value"
+                "Value '{v}' is out of range for parameter '{k}'"
             ))),
             Some(v) => Ok(Some(v as u64)),
         }
@@ -1184,9 +1204,15 @@ impl Driver for Qcow2Driver {
         })
     }
 
-    fn drop_caches(&self) {
+    fn clean_caches(&self, now: Instant) {
+        let interval = self.clean_interval;
+        if interval.is_zero() || now.duration_since(self.last_clean.get()) < interval {
+            return;
+        }
+        // Busy metadata is in use anyway; try again at the next tick.
         if let Ok(mut m) = self.meta.try_lock() {
-            m.drop_clean_tables();
+            m.drop_unused_tables();
+            self.last_clean.set(now);
         }
     }
 }
