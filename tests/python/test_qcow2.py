@@ -494,7 +494,10 @@ def test_amend_matches_qemu(both, tmp_path):
         replies = [q.cmd(name, args) for name, args in script(img)]
         wait_for(lambda: all(j["status"] == "concluded"
                              for j in q.cmd("query-jobs")["return"]), what="jobs")
-        events = [(e["event"], e["data"]) for e in q.events]
+        # Each job's own sequence; how two jobs interleave depends on timing.
+        events = sorted((e["data"]["id"], i, e["data"]["status"])
+                        for i, e in enumerate(q.events))
+        events = [(job, status) for job, _, status in events]
         seen.append((replies, events, q.cmd("query-jobs")))
     theirs, ours = seen
     assert ours == theirs

@@ -422,12 +422,15 @@ fn push_extension(b: &mut Vec<u8>, kind: u32, data: &[u8]) {
     b.resize(b.len().next_multiple_of(8), 0);
 }
 
+/// QEMU checks a table's alignment and that its end fits; ferrite also refuses a table that
+/// starts past the end of the file (QEMU would read it as zeroes and then write it there,
+/// growing the file to wherever the damaged offset points).
 fn check_table(offset: u64, bytes: u64, cs: u64, file_len: u64, msg: &str) -> Result<(), Error> {
-    let _ = file_len; // tables past the end read as zeroes; QEMU only checks alignment and overflow
     if offset % cs != 0
         || offset
             .checked_add(bytes)
             .is_none_or(|e| e > i64::MAX as u64)
+        || (bytes > 0 && offset >= file_len.next_multiple_of(cs))
     {
         return Err(bad(msg));
     }

@@ -85,7 +85,7 @@ impl Meta {
         let (e, bm) = self.l2_entry(file, gc).await?;
         let (src, mut run) = cluster_source(self, e, bm, in_off);
         if let Source::Data(h) = src {
-            self.check_data_cluster(gc, h - in_off)?;
+            self.check_data_cluster(file, gc, h - in_off)?;
         }
         if matches!(src, Source::Compressed { .. }) {
             return Ok((src, run.min(len)));
@@ -103,7 +103,7 @@ impl Meta {
                 break;
             }
             if let Source::Data(h) = next {
-                self.check_data_cluster(gc, h)?;
+                self.check_data_cluster(file, gc, h)?;
             }
             run += n;
             if n < cs {

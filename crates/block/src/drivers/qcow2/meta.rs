@@ -239,6 +239,7 @@ impl Meta {
         if self.l2.get(off).is_some() {
             return Ok(());
         }
+        self.check_in_file(file, off, "L2 table")?;
         let data = read_at(file, off, self.cs() as usize).await?;
         self.make_room(file, true).await?;
         self.l2.insert(off, data, false);
@@ -262,8 +263,21 @@ impl Meta {
         }
     }
 
-    /// Checks a data cluster offset from an L2 entry (alignment, not on metadata).
-    pub(crate) fn check_data_cluster(&mut self, gc: u64, host: u64) -> io::Result<()> {
+    /// A table read from disk must lie in the file: an offset past its end is damage, and
+    /// writing the table back there would grow the file without bound.
+    fn check_in_file(&mut self, file: &Node, off: u64, what: &str) -> io::Result<()> {
+        if off.saturating_add(self.cs()) > file.len().next_multiple_of(self.cs()) {
+            return Err(self.corruption(
+                format!("{what} offset {off:#x} past the end of the image file"),
+                Some(off),
+                Some(self.cs()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a data cluster offset from an L2 entry (alignment, within the file).
+    pub(crate) fn check_data_cluster(&mut self, file: &Node, gc: u64, host: u64) -> io::Result<()> {
         if host % self.cs() != 0 {
             let per = self.l2_entries();
             let l2 = self.l1.get((gc / per) as usize).copied().unwrap_or(0) & OFFSET_MASK;
@@ -274,6 +288,16 @@ impl Meta {
                 ),
                 None,
                 None,
+            ));
+        }
+        // Data in an external data file is checked by that file.
+        if self.h.incompatible & super::header::incompat::DATA_FILE == 0
+            && host >= file.len().next_multiple_of(self.cs())
+        {
+            return Err(self.corruption(
+                format!("Data cluster offset {host:#x} past the end of the image file"),
+                Some(host),
+                Some(self.cs()),
             ));
         }
         Ok(())
@@ -402,6 +426,7 @@ impl Meta {
         if self.rb.get(off).is_some() {
             return Ok(());
         }
+        self.check_in_file(file, off, "Refcount block")?;
         let data = read_at(file, off, self.cs() as usize).await?;
         self.make_room(file, false).await?;
         self.rb.insert(off, data, false);

@@ -412,7 +412,7 @@ impl Qcow2Driver {
                     }
                     {
                         let mut m = self.meta.lock().await;
-                        m.check_data_cluster(gc, host)?;
+                        m.check_data_cluster(file, gc, host)?;
                         m.check_overlap(host + in_off, run)?;
                     }
                     file.write(
@@ -552,7 +552,7 @@ impl Qcow2Driver {
         let all_data = (first..last).all(|i| entry::sub_state(bm, i) == entry::Sub::Data);
         {
             let mut m = self.meta.lock().await;
-            m.check_data_cluster(gc, host)?;
+            m.check_data_cluster(file, gc, host)?;
             m.check_overlap(host + in_off, data.len() as u64)?;
         }
         if all_data {
