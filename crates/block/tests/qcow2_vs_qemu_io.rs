@@ -378,8 +378,22 @@ const CONFIGS: &[(&str, &str)] = &[
     ("64k-zstd", "cluster_size=65536,compression_type=zstd"),
 ];
 
+/// Replays a qemu-io script a failure printed (one request per line), with the `create`
+/// options in `$QCOW2_REPLAY_OPTS` and a backing file if `$QCOW2_REPLAY_BACKING` is set.
+fn replay(script: &str) {
+    let script = std::fs::read_to_string(script).expect("script");
+    let ops: Vec<Op> = script.lines().filter_map(Op::parse).collect();
+    let opts = std::env::var("QCOW2_REPLAY_OPTS").unwrap_or_else(|_| "cluster_size=65536".into());
+    let backing = std::env::var("QCOW2_REPLAY_BACKING").is_ok();
+    assert_eq!(compare_case("replay", &opts, backing, &ops), Outcome::Equal);
+}
+
+/// The random sequences; with `$QCOW2_REPLAY` set, that script instead (a debugging aid).
 #[test]
 fn random_sequences_with_compression_and_resizes_match_qemu_io() {
+    if let Ok(script) = std::env::var("QCOW2_REPLAY") {
+        return replay(&script);
+    }
     let (mut equal, mut qemu_corrupted) = (0, 0);
     for (i, (name, opts)) in CONFIGS.iter().enumerate() {
         for backing in [false, true] {
@@ -396,22 +410,4 @@ fn random_sequences_with_compression_and_resizes_match_qemu_io() {
         equal >= 3 * qemu_corrupted,
         "too few comparable sequences: {equal} equal, {qemu_corrupted} where QEMU corrupted its image"
     );
-}
-
-/// Replays the qemu-io script in `$QCOW2_REPLAY` (one request per line; options from
-/// `$QCOW2_REPLAY_OPTS`, a backing file if `$QCOW2_REPLAY_BACKING` is set).
-#[test]
-#[ignore = "a debugging aid: replays a script a failure printed"]
-fn replay() {
-    let script = std::fs::read_to_string(std::env::var("QCOW2_REPLAY").expect("QCOW2_REPLAY"))
-        .expect("script");
-    let ops: Vec<Op> = script.lines().filter_map(Op::parse).collect();
-    let opts = std::env::var("QCOW2_REPLAY_OPTS").unwrap_or_else(|_| "cluster_size=65536".into());
-    let outcome = compare_case(
-        "replay",
-        &opts,
-        std::env::var("QCOW2_REPLAY_BACKING").is_ok(),
-        &ops,
-    );
-    assert_eq!(outcome, Outcome::Equal);
 }
