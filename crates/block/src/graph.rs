@@ -2,7 +2,9 @@
 //! permission checks, and deleting (QEMU: `block.c`).
 
 use crate::drivers::qcow2::{BackingSpec, Corruption, CorruptionHook, Qcow2Driver};
-use crate::drivers::{file::FileDriver, file::FileOpen, null::NullDriver, raw::RawDriver};
+use crate::drivers::{
+    cbw::CbwDriver, file::FileDriver, file::FileOpen, null::NullDriver, raw::RawDriver,
+};
 use crate::io::{IoBackend, ThreadPool, Uring};
 use crate::node::{Child, DetectZeroes, Drained, Node, NodeSettings, Parent, Use};
 use crate::perm::Perm;
@@ -58,6 +60,10 @@ pub struct Graph {
     threads: Rc<dyn IoBackend>,
     uring: RefCell<Option<Rc<dyn IoBackend>>>,
     events: Rc<dyn EventSink>,
+    /// The copy state the next `copy-before-write` node opened shares (a backup job's).
+    handoff_copy: RefCell<Option<Rc<crate::copy::BlockCopy>>>,
+    /// Nodes a block job is using, with why (QEMU's op blockers).
+    blockers: RefCell<Vec<(String, String)>>,
 }
 
 fn backing_error(path: &str, e: Error) -> Error {
@@ -85,6 +91,8 @@ impl Graph {
             threads: Rc::new(ThreadPool),
             uring: RefCell::new(None),
             events,
+            handoff_copy: RefCell::new(None),
+            blockers: RefCell::new(Vec::new()),
         })
     }
 
@@ -316,6 +324,22 @@ impl Graph {
                 }
                 Box::new(drv)
             }
+            "copy-before-write" => {
+                let file = self.required_child(opts, "file").await?;
+                opened.push(file.clone());
+                let target = self.required_child(opts, "target").await?;
+                opened.push(target.clone());
+                let copy = self.handoff_copy.borrow_mut().take();
+                let drv = CbwDriver::open(opts, &file, &target, copy)?;
+                for (name, node) in [("file", file), ("target", target)] {
+                    children.push(Child {
+                        name: name.into(),
+                        node,
+                        use_id: self.new_use_id(),
+                    });
+                }
+                Box::new(drv)
+            }
             other => {
                 return Err(Error::generic(format!(
                     "Driver '{other}' is not supported by ferrite yet"
@@ -527,7 +551,7 @@ impl Graph {
     }
 
     /// Replaces `old` with `new` under every parent of `old` (except `new` itself, when it
-    /// sits above `old` as a filter does), as one operation on a drained graph: node edges and
+    /// sits above `old` as a filter does, and nodes below `new`), as one operation on a drained graph: node edges and
     /// root users move together, and on a permission conflict nothing moves
     /// (QEMU: `bdrv_replace_node`).
     ///
@@ -536,10 +560,15 @@ impl Graph {
     pub async fn replace(&self, old: &Rc<Node>, new: &Rc<Node>) -> Result<(), Error> {
         let _old_drained = self.drain(old).await;
         let _new_drained = self.drain(new).await;
+        // A parent below `new` stays (moving it would make a loop: a fleecing target backed
+        // by the source it protects keeps that source as its backing).
         let moving: Vec<Use> = old
             .users()
             .into_iter()
-            .filter(|u| !matches!(&u.parent, Parent::Node { parent, .. } if *parent == new.name))
+            .filter(|u| match &u.parent {
+                Parent::Node { parent, .. } => !reaches(new, parent),
+                Parent::Root(_) => true,
+            })
             .collect();
         let r = self.move_uses(&moving, old, new);
         if r.is_err() {
@@ -682,6 +711,7 @@ impl Graph {
                 "Node {name} is not owned by the monitor"
             )));
         }
+        self.check_unblocked(&node)?;
         let users = node.users();
         if users.iter().any(|u| matches!(u.parent, Parent::Root(_))) {
             return Err(Error::generic(format!("Node {name} is in use")));
@@ -856,6 +886,73 @@ impl Graph {
         }
     }
 
+    /// Marks `node` as used by a block job: other jobs and deletion refuse it until
+    /// [`Graph::unblock`].
+    pub fn block(&self, node: &Node, reason: &str) {
+        self.blockers
+            .borrow_mut()
+            .push((node.name.clone(), reason.to_owned()));
+    }
+
+    /// Lifts one [`Graph::block`] of `node` for `reason`.
+    pub fn unblock(&self, node: &Node, reason: &str) {
+        let mut b = self.blockers.borrow_mut();
+        if let Some(i) = b.iter().position(|(n, r)| *n == node.name && r == reason) {
+            b.remove(i);
+        }
+    }
+
+    /// QEMU's "Node 'x' is busy: ..." when a block job uses `node`.
+    ///
+    /// # Errors
+    /// The first reason `node` is blocked.
+    pub fn check_unblocked(&self, node: &Node) -> Result<(), Error> {
+        match self.blockers.borrow().iter().find(|(n, _)| *n == node.name) {
+            Some((n, reason)) => Err(Error::generic(format!("Node '{n}' is busy: {reason}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts a `copy-before-write` filter sharing `copy` above `source`, writing to `target`:
+    /// every user of `source` goes through it from now on (a backup job's start).
+    ///
+    /// # Errors
+    /// Different sizes, a taken name, or a permission conflict.
+    pub async fn insert_copy_before_write(
+        &self,
+        source: &Rc<Node>,
+        target: &Rc<Node>,
+        name: Option<&str>,
+        copy: Rc<crate::copy::BlockCopy>,
+    ) -> Result<Rc<Node>, Error> {
+        let mut opts = QDict::new()
+            .with("driver", "copy-before-write")
+            .with("file", source.name())
+            .with("target", target.name());
+        if let Some(n) = name {
+            opts.insert("node-name", n);
+        }
+        *self.handoff_copy.borrow_mut() = Some(copy);
+        let r = self.open(&Args::new(opts)).await;
+        self.handoff_copy.borrow_mut().take();
+        let filter = r?;
+        if let Err(e) = self.replace(source, &filter).await {
+            self.forget_if_orphan(&filter);
+            return Err(e);
+        }
+        Ok(filter)
+    }
+
+    /// Takes a filter out again: its users go back to `source` and it is deleted.
+    ///
+    /// # Errors
+    /// A permission conflict moving the users back.
+    pub async fn remove_filter(&self, filter: &Rc<Node>, source: &Rc<Node>) -> Result<(), Error> {
+        self.replace(filter, source).await?;
+        self.forget_if_orphan(filter);
+        Ok(())
+    }
+
     /// Housekeeping tick: every node drops the cached metadata it left unused.
     pub fn clean_caches(&self, now: std::time::Instant) {
         for n in self.nodes() {
@@ -875,6 +972,11 @@ impl Graph {
             )
         })
     }
+}
+
+/// Whether `name` is `node` or a node below it.
+fn reaches(node: &Rc<Node>, name: &str) -> bool {
+    node.name == name || node.children().iter().any(|c| reaches(&c.node, name))
 }
 
 /// The options of a child given inline: what it does not set itself, it takes from its

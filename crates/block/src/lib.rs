@@ -9,6 +9,7 @@
 //! `block/null.c`, `block/qapi.c`, `blockdev.c`.
 
 pub mod amend;
+pub mod copy;
 pub mod create;
 pub mod driver;
 mod drivers;

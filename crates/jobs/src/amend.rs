@@ -57,6 +57,7 @@ pub fn qmp_x_blockdev_amend(
             id,
             auto_finalize: true,
             auto_dismiss: false,
+            speed: 0,
         },
         Rc::new(AmendJob {
             graph: graph.clone(),

@@ -47,6 +47,7 @@ pub fn qmp_blockdev_create(
             id,
             auto_finalize: true,
             auto_dismiss: false,
+            speed: 0,
         },
         Rc::new(CreateJob {
             graph: graph.clone(),

@@ -23,6 +23,12 @@ pub trait JobDriver {
     /// The main work. It should call [`Job::pause_point`] between steps so that pause and
     /// cancel take effect.
     fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture;
+
+    /// Block jobs (backup...) also show in `query-block-jobs`, answer `block-job-*` and emit
+    /// `BLOCK_JOB_*` events.
+    fn is_block_job(&self) -> bool {
+        false
+    }
 }
 
 /// One job.
@@ -41,7 +47,16 @@ pub struct Job {
     busy: Cell<bool>,
     wake: Notify,
     manager: std::rc::Weak<JobManager>,
+    /// Rate limit in bytes per second (0: none).
+    speed: Cell<u64>,
+    /// The current rate-limit slice: its start, its end and the bytes dispatched in it.
+    slice: Cell<(tokio::time::Instant, tokio::time::Instant, u64)>,
+    /// Set when the job has finished (concluded or gone).
+    done: Notify,
 }
+
+/// Rate limiting works in slices of this length (QEMU's).
+const SLICE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Job {
     /// The job ID.
@@ -65,18 +80,81 @@ impl Job {
         self.cancelled.get()
     }
 
+    /// The rate limit (bytes per second, 0 for none).
+    pub fn speed(&self) -> u64 {
+        self.speed.get()
+    }
+
+    /// Waits as long as the rate limit asks before moving `bytes`, then accounts them
+    /// (QEMU's ratelimit: 100 ms slices; a slice overrun by a big chunk stretches until the
+    /// average holds). Wakes early when the speed changes, or the job is cancelled or paused.
+    pub async fn rate_limit(&self, bytes: u64) {
+        loop {
+            let speed = self.speed.get();
+            if speed == 0 || self.cancelled.get() {
+                return;
+            }
+            let quota = (speed / 10).max(1);
+            let now = tokio::time::Instant::now();
+            let (mut start, mut end, mut used) = self.slice.get();
+            if end < now {
+                (start, end, used) = (now, now + SLICE, 0);
+            }
+            if used < quota {
+                self.slice.set((start, end, used + bytes));
+                return;
+            }
+            let slices = used as f64 / quota as f64;
+            end = start + SLICE.mul_f64(slices);
+            self.slice.set((start, end, used));
+            self.busy.set(false);
+            tokio::select! {
+                () = tokio::time::sleep_until(end) => {}
+                () = self.wake.notified() => {}
+            }
+            self.busy.set(true);
+            self.pause_point().await;
+        }
+    }
+
+    /// A pause and resume as QEMU's drain at a block job's start shows them to clients
+    /// (`paused`, `running`).
+    pub fn drain_blip(&self) {
+        if self.status.get() == Status::Running {
+            self.transition(Status::Paused);
+            self.transition(Status::Running);
+        }
+    }
+
+    /// Sleeps until cancelled (a job with nothing to do in the background), yielding to
+    /// pause requests.
+    pub async fn wait_cancelled(&self) {
+        while !self.cancelled.get() {
+            self.busy.set(false);
+            self.wake.notified().await;
+            self.busy.set(true);
+            self.pause_point().await;
+        }
+    }
+
     /// Where the job's work yields to pause requests: waits while paused.
     pub async fn pause_point(&self) {
         while self.pause_count.get() > 0 && !self.cancelled.get() {
-            let from = self.status.get();
-            if from == Status::Running {
-                self.transition(Status::Paused);
-            } else if from == Status::Ready {
-                self.transition(Status::Standby);
+            match self.status.get() {
+                Status::Running => self.transition(Status::Paused),
+                Status::Ready => self.transition(Status::Standby),
+                _ => {}
             }
             self.busy.set(false);
             self.wake.notified().await;
             self.busy.set(true);
+        }
+        self.unpause();
+    }
+
+    /// Back to running (or ready) once nothing holds the job paused.
+    fn unpause(&self) {
+        if self.pause_count.get() == 0 || self.cancelled.get() {
             match self.status.get() {
                 Status::Paused => self.transition(Status::Running),
                 Status::Standby => self.transition(Status::Ready),
@@ -112,6 +190,32 @@ impl Job {
         )))
     }
 
+    fn block_event_data(&self) -> QDict {
+        QDict::new()
+            .with("device", self.id.as_str())
+            .with("len", self.total.get())
+            .with("offset", self.current.get())
+            .with("speed", self.speed.get())
+            .with("type", self.driver.job_type())
+    }
+
+    /// `BlockJobInfo` for `query-block-jobs`.
+    pub fn block_info(&self) -> QDict {
+        let mut d = self
+            .block_event_data()
+            .with("busy", self.busy.get())
+            .with("paused", self.pause_count.get() > 0)
+            .with("io-status", "ok")
+            .with("ready", false)
+            .with("status", self.status.get().as_str())
+            .with("auto-finalize", self.auto_finalize)
+            .with("auto-dismiss", self.auto_dismiss);
+        if let Some(e) = self.error.borrow().as_ref() {
+            d.insert("error", e.as_str());
+        }
+        d
+    }
+
     /// `JobInfo` for `query-jobs`.
     pub fn info(&self) -> QDict {
         let mut d = QDict::new()
@@ -138,6 +242,8 @@ pub struct JobOptions {
     pub id: String,
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
+    /// Rate limit in bytes per second (block jobs; 0: none).
+    pub speed: u64,
 }
 
 impl JobManager {
@@ -201,6 +307,9 @@ impl JobManager {
             busy: Cell::new(true),
             wake: Notify::new(),
             manager: Rc::downgrade(self),
+            speed: Cell::new(opts.speed),
+            slice: Cell::new((tokio::time::Instant::now(), tokio::time::Instant::now(), 0)),
+            done: Notify::new(),
         });
         self.jobs.borrow_mut().push(job.clone());
         job.transition(Status::Created);
@@ -228,6 +337,13 @@ impl JobManager {
                 job.transition(Status::Pending);
                 if job.auto_finalize {
                     self.finalize(job);
+                } else if job.driver.is_block_job() {
+                    self.events.emit(
+                        "BLOCK_JOB_PENDING",
+                        QDict::new()
+                            .with("type", job.driver.job_type())
+                            .with("id", job.id.as_str()),
+                    );
                 }
             }
             Err(e) => {
@@ -237,17 +353,37 @@ impl JobManager {
                     *job.error.borrow_mut() = Some("Operation canceled".into());
                 }
                 job.transition(Status::Aborting);
+                self.announce_end(job);
                 self.conclude(job);
             }
         }
     }
 
     fn finalize(&self, job: &Rc<Job>) {
+        self.announce_end(job);
         self.conclude(job);
+    }
+
+    /// `BLOCK_JOB_COMPLETED` (success, or failure with its error) or `BLOCK_JOB_CANCELLED`.
+    fn announce_end(&self, job: &Job) {
+        if !job.driver.is_block_job() {
+            return;
+        }
+        if job.cancelled.get() {
+            self.events
+                .emit("BLOCK_JOB_CANCELLED", job.block_event_data());
+            return;
+        }
+        let mut d = job.block_event_data();
+        if let Some(e) = job.error.borrow().as_ref() {
+            d.insert("error", e.as_str());
+        }
+        self.events.emit("BLOCK_JOB_COMPLETED", d);
     }
 
     fn conclude(&self, job: &Rc<Job>) {
         job.transition(Status::Concluded);
+        job.done.notify_waiters();
         if job.auto_dismiss {
             self.dismiss_now(job);
         }
@@ -256,6 +392,99 @@ impl JobManager {
     fn dismiss_now(&self, job: &Rc<Job>) {
         job.transition(Status::Null);
         self.jobs.borrow_mut().retain(|j| !Rc::ptr_eq(j, job));
+    }
+
+    /// Cancels `job` and waits until it has concluded (QEMU's `job_cancel_sync`).
+    pub async fn cancel_sync(&self, job: &Rc<Job>) {
+        let done = job.done.notified();
+        if matches!(job.status.get(), Status::Concluded | Status::Null) {
+            return;
+        }
+        if job.check_verb(Verb::Cancel).is_ok() {
+            self.cancel_job(job);
+        }
+        if !matches!(job.status.get(), Status::Concluded | Status::Null) {
+            done.await;
+        }
+    }
+
+    /// At exit: force-cancels every job still running and waits for them (QSD's quit).
+    pub async fn cancel_all(&self) {
+        let jobs: Vec<Rc<Job>> = self.jobs.borrow().clone();
+        for j in &jobs {
+            self.cancel_sync(j).await;
+        }
+    }
+
+    /// `query-block-jobs`: the block jobs, newest first.
+    pub fn query_block(&self) -> QObject {
+        QObject::List(
+            self.jobs
+                .borrow()
+                .iter()
+                .rev()
+                .filter(|j| j.driver.is_block_job())
+                .map(|j| QObject::Dict(j.block_info()))
+                .collect(),
+        )
+    }
+
+    /// A block job by its device name (the job ID) for `block-job-*`.
+    ///
+    /// # Errors
+    /// QEMU's `DeviceNotActive` "Block job 'X' not found".
+    pub fn find_block(&self, id: &str) -> Result<Rc<Job>, Error> {
+        self.jobs
+            .borrow()
+            .iter()
+            .find(|j| j.id == id && j.driver.is_block_job())
+            .cloned()
+            .ok_or_else(|| {
+                Error::new(
+                    ferrite_qapi::ErrorClass::DeviceNotActive,
+                    format!("Block job '{id}' not found"),
+                )
+            })
+    }
+
+    /// `block-job-cancel`: without `force`, a job the user paused refuses.
+    ///
+    /// # Errors
+    /// Unknown job, the state's refusal, or a paused job without force.
+    pub fn block_cancel(&self, id: &str, force: bool) -> Result<(), Error> {
+        let job = self.find_block(id)?;
+        job.check_verb(Verb::Cancel)?;
+        if job.user_paused.get() && !force {
+            return Err(Error::generic(format!(
+                "The block job for device '{id}' is currently paused"
+            )));
+        }
+        self.cancel_job(&job);
+        Ok(())
+    }
+
+    /// `block-job-set-speed`.
+    ///
+    /// # Errors
+    /// Unknown job, a negative speed, or the state's refusal.
+    pub fn set_speed(&self, id: &str, speed: i64) -> Result<(), Error> {
+        let job = self.find_block(id)?;
+        let speed = u64::try_from(speed)
+            .map_err(|_| Error::generic("Parameter 'speed' expects a non-negative value"))?;
+        job.check_verb(Verb::SetSpeed)?;
+        job.speed.set(speed);
+        job.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// `block-job-change`: no job kind here has options to change (mirror's copy-mode would).
+    ///
+    /// # Errors
+    /// Unknown job, the state's refusal, or QEMU's "Job type does not support change".
+    pub fn change(&self, id: &str, _args: &ferrite_qapi::Args) -> Result<(), Error> {
+        let job = self.find_block(id)?;
+        job.check_verb(Verb::Change)?;
+        Err(Error::generic("Job type does not support change"))
     }
 
     /// `query-jobs`.
@@ -278,6 +507,11 @@ impl JobManager {
     pub fn cancel(&self, id: &str) -> Result<(), Error> {
         let job = self.find(id)?;
         job.check_verb(Verb::Cancel)?;
+        self.cancel_job(&job);
+        Ok(())
+    }
+
+    fn cancel_job(&self, job: &Rc<Job>) {
         job.cancelled.set(true);
         if job.user_paused.replace(false) {
             job.pause_count.set(job.pause_count.get().saturating_sub(1));
@@ -286,23 +520,32 @@ impl JobManager {
         if job.status.get() == Status::Pending {
             job.transition(Status::Aborting);
             *job.error.borrow_mut() = Some("Operation canceled".into());
-            self.conclude(&job);
+            self.announce_end(job);
+            self.conclude(job);
         }
-        Ok(())
     }
 
     /// `job-pause`.
     ///
     /// # Errors
     /// Unknown job, a state that does not accept pause, or a job already paused.
-    pub fn pause(&self, id: &str) -> Result<(), Error> {
-        let job = self.find(id)?;
+    pub fn pause(&self, id: &str, block: bool) -> Result<(), Error> {
+        let job = self.lookup(id, block)?;
         job.check_verb(Verb::Pause)?;
         if job.user_paused.get() {
             return Err(Error::generic("Job is already paused"));
         }
         job.user_paused.set(true);
         job.pause_count.set(job.pause_count.get() + 1);
+        // An idle job (sleeping, not in the middle of I/O) pauses at once.
+        if !job.busy.get() {
+            match job.status.get() {
+                Status::Running => job.transition(Status::Paused),
+                Status::Ready => job.transition(Status::Standby),
+                _ => {}
+            }
+        }
+        job.wake.notify_waiters();
         Ok(())
     }
 
@@ -310,24 +553,37 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, a state that does not accept resume, or a job not paused by the user.
-    pub fn resume(&self, id: &str) -> Result<(), Error> {
-        let job = self.find(id)?;
+    pub fn resume(&self, id: &str, block: bool) -> Result<(), Error> {
+        let job = self.lookup(id, block)?;
         job.check_verb(Verb::Resume)?;
         if !job.user_paused.get() {
             return Err(Error::generic("Can't resume a job that was not paused"));
         }
         job.user_paused.set(false);
         job.pause_count.set(job.pause_count.get().saturating_sub(1));
+        job.unpause();
         job.wake.notify_waiters();
         Ok(())
+    }
+
+    /// The job for a `block-job-*` verb, or for a `job-*` one.
+    ///
+    /// # Errors
+    /// The lookup's error.
+    pub fn lookup(&self, id: &str, block: bool) -> Result<Rc<Job>, Error> {
+        if block {
+            self.find_block(id)
+        } else {
+            self.find(id)
+        }
     }
 
     /// `job-complete`: no job kind here has a completion step yet.
     ///
     /// # Errors
     /// Unknown job, or the state's or the kind's refusal.
-    pub fn complete(&self, id: &str) -> Result<(), Error> {
-        let job = self.find(id)?;
+    pub fn complete(&self, id: &str, block: bool) -> Result<(), Error> {
+        let job = self.lookup(id, block)?;
         job.check_verb(Verb::Complete)?;
         Err(Error::generic(format!(
             "The active block job '{id}' cannot be completed"
@@ -338,8 +594,8 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, or not pending.
-    pub fn finalize_cmd(&self, id: &str) -> Result<(), Error> {
-        let job = self.find(id)?;
+    pub fn finalize_cmd(&self, id: &str, block: bool) -> Result<(), Error> {
+        let job = self.lookup(id, block)?;
         job.check_verb(Verb::Finalize)?;
         self.finalize(&job);
         Ok(())
@@ -349,8 +605,8 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, or not concluded.
-    pub fn dismiss(&self, id: &str) -> Result<(), Error> {
-        let job = self.find(id)?;
+    pub fn dismiss(&self, id: &str, block: bool) -> Result<(), Error> {
+        let job = self.lookup(id, block)?;
         job.check_verb(Verb::Dismiss)?;
         self.dismiss_now(&job);
         Ok(())

@@ -8,17 +8,33 @@ fn ok() -> Result<QObject, Error> {
     Ok(QDict::new().into())
 }
 
-/// Runs `job-*` command `name` or `query-jobs`; `None` if it is not one of them.
+/// Runs `job-*` or `block-job-*` command `name`, `query-jobs` or `query-block-jobs`; `None`
+/// if it is not one of them.
 pub fn run(jobs: &JobManager, name: &str, args: &Args) -> Option<Result<QObject, Error>> {
     let id = || args.str("id");
-    Some(match name {
-        "query-jobs" => Ok(jobs.query()),
-        "job-cancel" => id().and_then(|i| jobs.cancel(i)).and_then(|()| ok()),
-        "job-pause" => id().and_then(|i| jobs.pause(i)).and_then(|()| ok()),
-        "job-resume" => id().and_then(|i| jobs.resume(i)).and_then(|()| ok()),
-        "job-complete" => id().and_then(|i| jobs.complete(i)).and_then(|()| ok()),
-        "job-finalize" => id().and_then(|i| jobs.finalize_cmd(i)).and_then(|()| ok()),
-        "job-dismiss" => id().and_then(|i| jobs.dismiss(i)).and_then(|()| ok()),
+    let device = || args.str("device");
+    let r = match name {
+        "query-jobs" => return Some(Ok(jobs.query())),
+        "query-block-jobs" => return Some(Ok(jobs.query_block())),
+        "job-cancel" => id().and_then(|i| jobs.cancel(i)),
+        "job-pause" => id().and_then(|i| jobs.pause(i, false)),
+        "job-resume" => id().and_then(|i| jobs.resume(i, false)),
+        "job-complete" => id().and_then(|i| jobs.complete(i, false)),
+        "job-finalize" => id().and_then(|i| jobs.finalize_cmd(i, false)),
+        "job-dismiss" => id().and_then(|i| jobs.dismiss(i, false)),
+        "block-job-cancel" => {
+            device().and_then(|d| jobs.block_cancel(d, args.bool_or("force", false)))
+        }
+        "block-job-pause" => device().and_then(|d| jobs.pause(d, true)),
+        "block-job-resume" => device().and_then(|d| jobs.resume(d, true)),
+        "block-job-complete" => device().and_then(|d| jobs.complete(d, true)),
+        "block-job-finalize" => id().and_then(|i| jobs.finalize_cmd(i, true)),
+        "block-job-dismiss" => id().and_then(|i| jobs.dismiss(i, true)),
+        "block-job-set-speed" => {
+            device().and_then(|d| jobs.set_speed(d, args.opt_i64("speed").unwrap_or(0)))
+        }
+        "block-job-change" => id().and_then(|i| jobs.change(i, args)),
         _ => return None,
-    })
+    };
+    Some(r.and_then(|()| ok()))
 }

@@ -154,6 +154,8 @@ impl Daemon {
                 .get_or_init(|| introspect::schema_info(schema()))
                 .clone()),
             "quit" => {
+                // Running jobs are force-cancelled first, as QSD does at exit.
+                self.jobs.cancel_all().await;
                 self.close_exports_and_flush().await;
                 self.request_quit();
                 empty()
@@ -165,6 +167,9 @@ impl Daemon {
                 ferrite_jobs::qmp_x_blockdev_amend(&self.jobs, &self.graph, &args)
                     .and_then(|()| empty())
             }
+            "blockdev-backup" => ferrite_jobs::qmp_blockdev_backup(&self.jobs, &self.graph, &args)
+                .await
+                .and_then(|()| empty()),
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),

@@ -1,5 +1,6 @@
 //! The drivers: `file` (protocol), `raw` (format, with offset/size), `null-co`/`null-aio`.
 
+pub(crate) mod cbw;
 pub(crate) mod file;
 pub(crate) mod lock;
 pub(crate) mod null;

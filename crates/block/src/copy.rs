@@ -1,0 +1,249 @@
+//! Block copy: the clusters of a source still to be copied to a target, and the copying
+//! itself, shared by a `copy-before-write` filter (which copies what a write is about to
+//! change) and a backup job (which copies the rest in the background). A cluster is copied at
+//! most once, and a write waits for the copy of its clusters in flight (QEMU: block-copy.c).
+
+use crate::driver::ReqFlags;
+use crate::node::Node;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::rc::Rc;
+use tokio::sync::Notify;
+
+/// Most bytes one copy request moves.
+pub const MAX_CHUNK: u64 = 1 << 20;
+
+/// Default copy granularity when the target's is smaller or unknown (QEMU's).
+const DEFAULT_CLUSTER: u64 = 64 << 10;
+
+/// The copy granularity for a target: its cluster size, at least 64 KiB.
+pub fn cluster_size_for(target: &Node) -> u64 {
+    target
+        .driver
+        .cluster_size()
+        .unwrap_or(DEFAULT_CLUSTER)
+        .max(DEFAULT_CLUSTER)
+}
+
+/// The to-copy state of a source.
+pub struct BlockCopy {
+    cluster: u64,
+    len: u64,
+    /// One bit per cluster: still to copy.
+    dirty: RefCell<Vec<u64>>,
+    dirty_count: Cell<u64>,
+    /// Clusters being copied now, with whom to wake when done.
+    in_flight: RefCell<HashMap<u64, Rc<Notify>>>,
+    /// Write the target compressed (whole clusters).
+    compress: bool,
+    /// Bytes copied so far.
+    copied: Cell<u64>,
+}
+
+impl BlockCopy {
+    /// Every cluster of a `len`-byte source marked to copy, in clusters of `cluster` bytes.
+    pub fn new(len: u64, cluster: u64, compress: bool) -> Rc<BlockCopy> {
+        let clusters = len.div_ceil(cluster);
+        let mut dirty = vec![!0u64; clusters.div_ceil(64) as usize];
+        if clusters % 64 != 0
+            && let Some(last) = dirty.last_mut()
+        {
+            *last = (1u64 << (clusters % 64)) - 1;
+        }
+        Rc::new(BlockCopy {
+            cluster,
+            len,
+            dirty: RefCell::new(dirty),
+            dirty_count: Cell::new(clusters),
+            in_flight: RefCell::new(HashMap::new()),
+            compress,
+            copied: Cell::new(0),
+        })
+    }
+
+    /// The copy granularity in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster
+    }
+
+    /// The source's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing is left to copy.
+    pub fn is_empty(&self) -> bool {
+        self.dirty_count.get() == 0
+    }
+
+    /// Bytes still to copy.
+    pub fn dirty_bytes(&self) -> u64 {
+        (self.dirty_count.get() * self.cluster).min(self.len)
+    }
+
+    /// Bytes copied so far.
+    pub fn copied(&self) -> u64 {
+        self.copied.get()
+    }
+
+    fn bytes_of(&self, c: u64) -> u64 {
+        self.cluster.min(self.len - c * self.cluster)
+    }
+
+    /// Whether cluster `c` is still to copy.
+    pub fn is_dirty(&self, c: u64) -> bool {
+        self.dirty
+            .borrow()
+            .get((c / 64) as usize)
+            .is_some_and(|w| w & (1 << (c % 64)) != 0)
+    }
+
+    fn set(&self, c: u64, on: bool) {
+        let mut d = self.dirty.borrow_mut();
+        let Some(w) = d.get_mut((c / 64) as usize) else {
+            return;
+        };
+        let bit = 1u64 << (c % 64);
+        if (*w & bit != 0) != on {
+            *w ^= bit;
+            let n = self.dirty_count.get();
+            self.dirty_count.set(if on { n + 1 } else { n - 1 });
+        }
+    }
+
+    /// Unmarks the clusters wholly inside `offset..offset + len` (nothing to copy there).
+    pub fn skip(&self, offset: u64, len: u64) {
+        let first = offset.div_ceil(self.cluster);
+        let end = if offset + len >= self.len {
+            self.len.div_ceil(self.cluster)
+        } else {
+            (offset + len) / self.cluster
+        };
+        for c in first..end {
+            self.set(c, false);
+        }
+    }
+
+    /// The first cluster at or after `from` still to copy.
+    pub fn next_dirty(&self, from: u64) -> Option<u64> {
+        let d = self.dirty.borrow();
+        let clusters = self.len.div_ceil(self.cluster);
+        let mut c = from;
+        while c < clusters {
+            let w = d.get((c / 64) as usize).copied().unwrap_or(0) >> (c % 64);
+            if w == 0 {
+                c = (c / 64 + 1) * 64;
+                continue;
+            }
+            return Some(c + u64::from(w.trailing_zeros())).filter(|&c| c < clusters);
+        }
+        None
+    }
+
+    /// Copies every cluster of `offset..offset + len` still to copy from `source` to
+    /// `target`, waiting for those another request is copying. Returns the bytes this call
+    /// copied.
+    ///
+    /// # Errors
+    /// The source or the target failing; the clusters concerned stay to copy.
+    pub async fn copy(
+        &self,
+        source: &Node,
+        target: &Node,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<u64> {
+        if len == 0 || offset >= self.len {
+            return Ok(0);
+        }
+        let first = offset / self.cluster;
+        let end = (offset + len).min(self.len).div_ceil(self.cluster);
+        let mut done = 0;
+        let mut c = first;
+        while c < end {
+            let busy = self.in_flight.borrow().get(&c).cloned();
+            if let Some(n) = busy {
+                n.notified().await;
+                continue;
+            }
+            if !self.is_dirty(c) {
+                c += 1;
+                continue;
+            }
+            // A run of clusters to copy that nobody else is copying.
+            let mut n = 1;
+            while c + n < end
+                && n * self.cluster < MAX_CHUNK
+                && self.is_dirty(c + n)
+                && !self.in_flight.borrow().contains_key(&(c + n))
+            {
+                n += 1;
+            }
+            done += self.copy_run(source, target, c, n).await?;
+            c += n;
+        }
+        Ok(done)
+    }
+
+    async fn copy_run(&self, source: &Node, target: &Node, c: u64, n: u64) -> io::Result<u64> {
+        let notify = Rc::new(Notify::new());
+        for k in c..c + n {
+            self.in_flight.borrow_mut().insert(k, notify.clone());
+        }
+        let start = c * self.cluster;
+        let bytes: u64 = (c..c + n).map(|k| self.bytes_of(k)).sum();
+        let r = self.transfer(source, target, start, bytes).await;
+        for k in c..c + n {
+            self.in_flight.borrow_mut().remove(&k);
+            if r.is_ok() {
+                self.set(k, false);
+            }
+        }
+        notify.notify_waiters();
+        r?;
+        self.copied.set(self.copied.get() + bytes);
+        Ok(bytes)
+    }
+
+    /// Moves one range: zeroes as zeroes (never skipped: a target backed by the source
+    /// must not show the source's new data through), data as data, compressed if asked.
+    async fn transfer(
+        &self,
+        source: &Node,
+        target: &Node,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let data = source.read(offset, len as usize).await?;
+        if data.iter().all(|&b| b == 0) {
+            return target.write_zeroes(offset, len, ReqFlags::empty()).await;
+        }
+        if self.compress {
+            return target.write_compressed(offset, data).await;
+        }
+        target.write(offset, data, ReqFlags::empty()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlockCopy;
+
+    #[test]
+    fn marks_and_skips_whole_clusters() {
+        let b = BlockCopy::new(10 * 65536 + 100, 65536, false);
+        assert_eq!(b.dirty_bytes(), 10 * 65536 + 100);
+        assert_eq!(b.next_dirty(0), Some(0));
+        b.skip(100, 3 * 65536);
+        // Cluster 0 is only partly inside, 1 and 2 wholly, 3 partly.
+        assert!(b.is_dirty(0) && !b.is_dirty(1) && !b.is_dirty(2) && b.is_dirty(3));
+        assert_eq!(b.next_dirty(1), Some(3));
+        b.skip(9 * 65536, 65536 + 100);
+        assert_eq!(b.next_dirty(4), Some(4));
+        assert!(!b.is_dirty(9) && !b.is_dirty(10));
+        b.skip(0, 11 * 65536);
+        assert_eq!(b.next_dirty(0), None);
+        assert!(b.is_empty());
+    }
+}

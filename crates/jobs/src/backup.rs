@@ -1,0 +1,251 @@
+//! `blockdev-backup`: a point-in-time copy of a node to a target node. A `copy-before-write`
+//! filter goes above the source when the job starts, so every write first saves the old
+//! contents of the clusters it touches to the target; the job copies the rest in the
+//! background (sync `full`, or `top`: only what the top layer allocates) or nothing at all
+//! (sync `none`: the target is a fleecing overlay that only receives those old contents).
+
+use crate::job::{Job, JobDriver, JobFuture, JobManager, JobOptions};
+use ferrite_block::copy::{BlockCopy, MAX_CHUNK};
+use ferrite_block::{Graph, Node};
+use ferrite_qapi::{Args, Error};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// Why the target refuses other users while the job runs (QEMU's blocker text).
+const BLOCKED: &str = "block device is in use by block job: backup";
+
+/// What to copy in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    Full,
+    Top,
+    None,
+}
+
+struct BackupJob {
+    graph: Rc<Graph>,
+    source: Rc<Node>,
+    target: Rc<Node>,
+    copy: Rc<BlockCopy>,
+    sync: Sync,
+    /// The copy-before-write filter while it is in the graph.
+    filter: RefCell<Option<Rc<Node>>>,
+}
+
+impl BackupJob {
+    fn progress(&self, job: &Job) {
+        let done = self.copy.copied();
+        job.set_progress(done, done + self.copy.dirty_bytes());
+    }
+
+    /// For `top`: what the top layer does not allocate is not copied.
+    async fn skip_unallocated(&self, job: &Job) -> Result<(), String> {
+        let len = self.source.len();
+        let mut at = 0;
+        while at < len {
+            job.pause_point().await;
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            let e = self
+                .source
+                .block_status(at, len - at)
+                .await
+                .map_err(|e| ferrite_qapi::os_msg(&e))?;
+            if !e.allocated {
+                self.copy.skip(at, e.len);
+            }
+            at += e.len.max(1);
+        }
+        Ok(())
+    }
+
+    async fn copy_all(&self, job: &Job) -> Result<(), String> {
+        let cs = self.copy.cluster_size();
+        let mut next = 0;
+        while let Some(c) = self.copy.next_dirty(next) {
+            job.pause_point().await;
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            job.rate_limit(MAX_CHUNK.min(self.copy.len() - c * cs))
+                .await;
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            self.copy
+                .copy(&self.source, &self.target, c * cs, MAX_CHUNK)
+                .await
+                .map_err(|e| ferrite_qapi::os_msg(&e))?;
+            self.progress(job);
+            next = c + MAX_CHUNK / cs;
+        }
+        self.target
+            .flush()
+            .await
+            .map_err(|e| ferrite_qapi::os_msg(&e))
+    }
+
+    async fn work(&self, job: &Job) -> Result<(), String> {
+        self.progress(job);
+        match self.sync {
+            Sync::None => {
+                job.wait_cancelled().await;
+                Ok(())
+            }
+            Sync::Top => {
+                self.skip_unallocated(job).await?;
+                self.progress(job);
+                self.copy_all(job).await
+            }
+            Sync::Full => self.copy_all(job).await,
+        }
+    }
+
+    /// Takes the filter out: the source's users go back to it; the target is free again.
+    async fn remove_filter(&self) -> Result<(), String> {
+        let filter = self.filter.borrow_mut().take();
+        if let Some(f) = filter {
+            self.graph.unblock(&self.target, BLOCKED);
+            self.graph
+                .remove_filter(&f, &self.source)
+                .await
+                .map_err(|e| e.desc)?;
+        }
+        Ok(())
+    }
+}
+
+impl JobDriver for BackupJob {
+    fn job_type(&self) -> &'static str {
+        "backup"
+    }
+
+    fn is_block_job(&self) -> bool {
+        true
+    }
+
+    fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture {
+        Box::pin(async move {
+            let r = self.work(&job).await;
+            let removed = self.remove_filter().await;
+            r.and(removed)
+        })
+    }
+}
+
+/// `blockdev-backup`.
+///
+/// # Errors
+/// QEMU's texts for unknown nodes, bitmap options, the same or differently sized source and
+/// target, bad job IDs and permission conflicts.
+pub async fn qmp_blockdev_backup(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+) -> Result<(), Error> {
+    let lookup = |name: &str| {
+        graph.find(name).ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
+    };
+    let source = lookup(args.str("device")?)?;
+    let target = lookup(args.str("target")?)?;
+    let sync = check_sync(args)?;
+    let id = args.opt_str("job-id").unwrap_or("").to_owned();
+    if Rc::ptr_eq(&source, &target) {
+        return Err(Error::generic("Source and target cannot be the same"));
+    }
+    graph.check_unblocked(&source)?;
+    graph.check_unblocked(&target)?;
+    let speed = args.opt_i64("speed").unwrap_or(0);
+    let speed = u64::try_from(speed).map_err(|_| Error::generic("Invalid parameter 'speed'"))?;
+    if source.len() != target.len() {
+        return Err(Error::generic(
+            "Source and target image have different sizes",
+        ));
+    }
+    jobs.check_id(&id)?;
+    let compress = args.bool_or("compress", false);
+    let cluster = ferrite_block::copy::cluster_size_for(&target);
+    let copy = BlockCopy::new(source.len(), cluster, compress);
+    let filter = graph
+        .insert_copy_before_write(
+            &source,
+            &target,
+            args.opt_str("filter-node-name"),
+            copy.clone(),
+        )
+        .await?;
+    graph.block(&target, BLOCKED);
+    let driver = Rc::new(BackupJob {
+        graph: graph.clone(),
+        source,
+        target,
+        copy,
+        sync,
+        filter: RefCell::new(Some(filter)),
+    });
+    let started = jobs.start(
+        JobOptions {
+            id,
+            auto_finalize: args.bool_or("auto-finalize", true),
+            auto_dismiss: args.bool_or("auto-dismiss", true),
+            speed,
+        },
+        driver.clone(),
+    );
+    match started {
+        Ok(job) => {
+            // QEMU drains the graph while the job settles in; clients see it pause once.
+            job.drain_blip();
+            Ok(())
+        }
+        Err(e) => {
+            let _ = driver.remove_filter().await;
+            Err(e)
+        }
+    }
+}
+
+/// The sync mode and the bitmap options, checked in QEMU's order.
+fn check_sync(args: &Args) -> Result<Sync, Error> {
+    let sync = args.str("sync")?;
+    let bitmap = args.opt_str("bitmap");
+    let mode = args.opt_str("bitmap-mode");
+    if sync == "incremental" {
+        if bitmap.is_none() {
+            return Err(Error::generic(
+                "must provide a valid bitmap name for 'incremental' sync mode",
+            ));
+        }
+        if let Some(m) = mode
+            && m != "on-success"
+        {
+            return Err(Error::generic(format!(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental' (not '{m}')"
+            )));
+        }
+    }
+    if let Some(b) = bitmap {
+        // No bitmaps exist yet (dirty bitmaps come next).
+        return Err(Error::generic(format!("Bitmap '{b}' could not be found")));
+    }
+    if mode.is_some() {
+        return Err(Error::generic(
+            "Cannot specify bitmap sync mode without a bitmap",
+        ));
+    }
+    Ok(match sync {
+        "full" => Sync::Full,
+        "top" => Sync::Top,
+        "none" => Sync::None,
+        _ => {
+            return Err(Error::generic(
+                "must provide a valid bitmap name for 'bitmap' sync mode",
+            ));
+        }
+    })
+}
