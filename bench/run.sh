@@ -6,3 +6,4 @@ cargo build --release --locked -q
 python3 bench/qmp.py
 python3 bench/nbd_fio.py
 python3 bench/qcow2_fio.py
+python3 bench/backup.py

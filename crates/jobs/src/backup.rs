@@ -11,6 +11,9 @@ use ferrite_qapi::{Args, Error};
 use std::cell::RefCell;
 use std::rc::Rc;
 
+/// Chunks the background copy keeps in flight.
+const WORKERS: usize = 8;
+
 /// Why the target refuses other users while the job runs (QEMU's blocker text).
 const BLOCKED: &str = "block device is in use by block job: backup";
 
@@ -62,24 +65,42 @@ impl BackupJob {
 
     async fn copy_all(&self, job: &Job) -> Result<(), String> {
         let cs = self.copy.cluster_size();
+        let mut workers = tokio::task::JoinSet::new();
         let mut next = 0;
-        while let Some(c) = self.copy.next_dirty(next) {
+        loop {
+            // Keep up to WORKERS chunks in flight; the block-copy state keeps them (and the
+            // guest's copy-before-write) from copying a cluster twice.
+            while workers.len() >= WORKERS
+                || (self.copy.next_dirty(next).is_none() && !workers.is_empty())
+            {
+                match workers.join_next().await {
+                    Some(Ok(Ok(_))) => self.progress(job),
+                    Some(Ok(Err(e))) => return Err(ferrite_qapi::os_msg(&e)),
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => break,
+                }
+            }
+            let Some(c) = self.copy.next_dirty(next) else {
+                break;
+            };
             job.pause_point().await;
             if job.is_cancelled() {
+                workers.shutdown().await;
                 return Ok(());
             }
             job.rate_limit(MAX_CHUNK.min(self.copy.len() - c * cs))
                 .await;
             if job.is_cancelled() {
+                workers.shutdown().await;
                 return Ok(());
             }
-            self.copy
-                .copy(&self.source, &self.target, c * cs, MAX_CHUNK)
-                .await
-                .map_err(|e| ferrite_qapi::os_msg(&e))?;
-            self.progress(job);
+            let (copy, source, target) =
+                (self.copy.clone(), self.source.clone(), self.target.clone());
+            workers
+                .spawn_local(async move { copy.copy(&source, &target, c * cs, MAX_CHUNK).await });
             next = c + MAX_CHUNK / cs;
         }
+        self.progress(job);
         self.target
             .flush()
             .await

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Full backup of a fully allocated qcow2 image to a new qcow2 target, against
+ferrite-storage-daemon and qemu-storage-daemon in the same run: seconds from blockdev-backup
+to BLOCK_JOB_COMPLETED and peak memory; then the same while fio writes 4k randomly through
+an NBD export of the source (backup time, and the guest's write latency and IOPS).
+Ratios are qsd/ferrite for times and latency (higher: ferrite faster), ferrite/qsd for IOPS."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
+QSD = "qemu-storage-daemon"
+SIZE_MB = int(os.environ.get("BACKUP_SIZE_MB", "4096"))
+
+
+class Qmp:
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(path)
+        self.f = self.s.makefile("rwb")
+        self.f.readline()
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name, args=None):
+        req = {"execute": name}
+        if args is not None:
+            req["arguments"] = args
+        self.f.write(json.dumps(req).encode() + b"\n")
+        self.f.flush()
+        while True:
+            m = json.loads(self.f.readline())
+            if "event" not in m:
+                if "error" in m:
+                    raise RuntimeError(f"{name}: {m['error']}")
+                return m["return"]
+
+    def wait_event(self, name):
+        while True:
+            m = json.loads(self.f.readline())
+            if m.get("event") == name:
+                return m
+
+
+def peak_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def backup(binary, src, d, with_writer):
+    tgt = os.path.join(d, "tgt.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, f"{SIZE_MB}M"], check=True)
+    qmp_sock, nbd_sock = os.path.join(d, "qmp.sock"), os.path.join(d, "nbd.sock")
+    for p in (qmp_sock, nbd_sock):
+        if os.path.exists(p):
+            os.unlink(p)
+    args = [binary, "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off",
+            "--monitor", "chardev=m",
+            "--blockdev", f"driver=file,node-name=sf,filename={src}",
+            "--blockdev", "driver=qcow2,node-name=src,file=sf",
+            "--blockdev", f"driver=file,node-name=tf,filename={tgt}",
+            "--blockdev", "driver=qcow2,node-name=tgt,file=tf",
+            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
+            "--export", "nbd,id=e0,node-name=src,writable=on"]
+    with common.running(args, qmp_sock) as p:
+        q = Qmp(qmp_sock)
+        writer = None
+        if with_writer:
+            writer = subprocess.Popen(
+                ["fio", "--name=w", "--ioengine=nbd", f"--uri=nbd+unix:///src?socket={nbd_sock}",
+                 "--iodepth=16", "--rw=randwrite", "--bs=4k", f"--size={SIZE_MB}M",
+                 "--time_based", "--runtime=600", "--output-format=json"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(1)
+        start = time.monotonic()
+        q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                  "sync": "full"})
+        ev = q.wait_event("BLOCK_JOB_COMPLETED")
+        seconds = time.monotonic() - start
+        if "error" in ev["data"]:
+            raise RuntimeError(ev["data"]["error"])
+        lat_us = iops = None
+        if writer:
+            writer.send_signal(signal.SIGINT)
+            out = writer.communicate()[0]
+            job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+            lat_us = job["clat_ns"]["mean"] / 1000.0
+            iops = job["iops"]
+        return seconds, peak_kib(p.pid), lat_us, iops
+
+
+def main():
+    common.require_built(FERRITE)
+    print(f"full backup of a {SIZE_MB} MiB allocated qcow2 to a new qcow2 (one run)")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
+        src = os.path.join(d, "src.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, f"{SIZE_MB}M"], check=True)
+        subprocess.run(["qemu-io", "-c", f"write -P 0x5a 0 {SIZE_MB}M", src], check=True,
+                       capture_output=True)
+        print(f"{'row':<30}{'qsd':>12}{'ferrite':>12}{'ratio':>8}")
+        for with_writer in (False, True):
+            theirs = backup(QSD, src, d, with_writer)
+            ours = backup(FERRITE, src, d, with_writer)
+            tag = "with writer" if with_writer else "idle"
+            print(f"{'seconds, ' + tag:<30}{theirs[0]:>12.2f}{ours[0]:>12.2f}"
+                  f"{theirs[0] / ours[0]:>8.2f}")
+            print(f"{'peak MiB, ' + tag:<30}{theirs[1] / 1024:>12.1f}{ours[1] / 1024:>12.1f}"
+                  f"{theirs[1] / max(ours[1], 1):>8.2f}")
+            if with_writer:
+                print(f"{'guest write latency us':<30}{theirs[2]:>12.0f}{ours[2]:>12.0f}"
+                      f"{theirs[2] / ours[2]:>8.2f}")
+                print(f"{'guest write IOPS':<30}{theirs[3]:>12.0f}{ours[3]:>12.0f}"
+                      f"{ours[3] / theirs[3]:>8.2f}")
+        print(f"{'incremental after 5%':<30}{'n/a: dirty bitmaps are not implemented yet':>32}")
+
+
+if __name__ == "__main__":
+    main()
