@@ -76,6 +76,9 @@ pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
     if let Some(b) = node.child("backing") {
         d.insert("backing_file", b.filename());
     }
+    if let Some(bitmaps) = crate::bitmap_cmds::info(node) {
+        d.insert("dirty-bitmaps", bitmaps);
+    }
     d.insert("image", image_info(node, flat));
     d.insert(
         "cache",

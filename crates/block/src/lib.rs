@@ -9,6 +9,8 @@
 //! `block/null.c`, `block/qapi.c`, `blockdev.c`.
 
 pub mod amend;
+pub mod bitmap;
+pub mod bitmap_cmds;
 pub mod copy;
 pub mod create;
 pub mod driver;

@@ -1,6 +1,7 @@
 //! A node of the block graph and the request path through it (QEMU: `BlockDriverState`,
 //! `block/io.c`).
 
+use crate::bitmap::DirtyBitmap;
 use crate::driver::{Driver, Extent, ReqFlags};
 use crate::perm::Perm;
 use crate::stats::{IoKind, Stats};
@@ -92,6 +93,8 @@ pub struct Node {
     pub(crate) cache_no_flush: bool,
     pub(crate) write_threshold: Cell<u64>,
     pub(crate) threshold_hit: RefCell<Option<ThresholdHook>>,
+    /// Dirty bitmaps, newest first.
+    pub(crate) bitmaps: RefCell<Vec<Rc<DirtyBitmap>>>,
     in_flight: Cell<u64>,
     quiesce: Cell<u32>,
     idle: Notify,
@@ -170,6 +173,7 @@ impl Node {
             cache_no_flush: settings.cache_no_flush,
             write_threshold: Cell::new(0),
             threshold_hit: RefCell::new(None),
+            bitmaps: RefCell::new(Vec::new()),
             in_flight: Cell::new(0),
             quiesce: Cell::new(0),
             idle: Notify::new(),
@@ -225,6 +229,15 @@ impl Node {
     /// The user chose the backing child (or none) instead of the one the image names.
     fn backing_overridden(&self) -> bool {
         self.options.borrow().get("backing").is_some()
+    }
+
+    /// The dirty bitmap `name`.
+    pub fn bitmap(&self, name: &str) -> Option<Rc<DirtyBitmap>> {
+        self.bitmaps
+            .borrow()
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
     }
 
     /// The node name.
@@ -378,7 +391,7 @@ impl Node {
         let r = self.driver.write(self, offset, data, flags).await;
         self.account(IoKind::Write, len, started, &r);
         if r.is_ok() {
-            self.wrote(offset + len);
+            self.wrote(offset, len);
         }
         r
     }
@@ -399,7 +412,7 @@ impl Node {
         let r = self.driver.write_zeroes(self, offset, len, flags).await;
         self.account(IoKind::Write, len, started, &r);
         if r.is_ok() {
-            self.wrote(offset + len);
+            self.wrote(offset, len);
         }
         r
     }
@@ -418,7 +431,7 @@ impl Node {
         let r = self.driver.write_compressed(self, offset, data).await;
         self.account(IoKind::Write, len, started, &r);
         if r.is_ok() {
-            self.wrote(offset + len);
+            self.wrote(offset, len);
         }
         r
     }
@@ -460,6 +473,11 @@ impl Node {
         let started = Instant::now();
         let r = self.driver.discard(self, offset, len).await;
         self.account(IoKind::Unmap, len, started, &r);
+        if r.is_ok() {
+            for b in self.bitmaps.borrow().iter() {
+                b.note_write(offset, len);
+            }
+        }
         r
     }
 
@@ -501,7 +519,11 @@ impl Node {
         self.driver.truncate(self, size).await
     }
 
-    fn wrote(&self, end: u64) {
+    fn wrote(&self, offset: u64, len: u64) {
+        let end = offset + len;
+        for b in self.bitmaps.borrow().iter() {
+            b.note_write(offset, len);
+        }
         self.stats.borrow_mut().wrote_up_to(end);
         let threshold = self.write_threshold.get();
         if threshold > 0 && end > threshold {

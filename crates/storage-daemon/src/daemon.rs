@@ -1,7 +1,7 @@
 //! The daemon's state (everything the main loop owns) and its QMP command table.
 
 use crate::cli::help::{QEMU_VERSION, package};
-use ferrite_block::{EventSink, Graph, qmp_cmds as blk};
+use ferrite_block::{EventSink, Graph, bitmap_cmds as bm, qmp_cmds as blk};
 use ferrite_chardev::{Chardev, ChardevRegistry, qmp_cmds as chr};
 use ferrite_jobs::JobManager;
 use ferrite_nbd::{NbdService, qmp_cmds as nbd};
@@ -170,6 +170,17 @@ impl Daemon {
             "blockdev-backup" => ferrite_jobs::qmp_blockdev_backup(&self.jobs, &self.graph, &args)
                 .await
                 .and_then(|()| empty()),
+            "block-dirty-bitmap-add" => bm::add(&self.graph, &args).and_then(|_| empty()),
+            "block-dirty-bitmap-remove" => bm::remove(&self.graph, &args).and_then(|_| empty()),
+            "block-dirty-bitmap-clear" => bm::clear(&self.graph, &args).and_then(|_| empty()),
+            "block-dirty-bitmap-enable" => {
+                bm::set_enabled(&self.graph, &args, true).and_then(|_| empty())
+            }
+            "block-dirty-bitmap-disable" => {
+                bm::set_enabled(&self.graph, &args, false).and_then(|_| empty())
+            }
+            "block-dirty-bitmap-merge" => bm::merge(&self.graph, &args).and_then(|_| empty()),
+            "x-debug-block-dirty-bitmap-sha256" => bm::sha256(&self.graph, &args),
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),
