@@ -222,3 +222,93 @@ def test_quit_cancels_running_jobs(both):
         d.proc.wait(timeout=10)
     theirs, ours = seen
     assert ours == theirs
+
+
+def test_incremental_backup_rebased_onto_the_full_reproduces_the_source(ferrite, tmp_path):
+    src, full, inc = tmp_path / "src.qcow2", tmp_path / "full.qcow2", tmp_path / "inc.qcow2"
+    qcow2(src)
+    run("qemu-io", "-c", "write -P 0x22 0 3M", "-c", "write -P 0x33 4M 3M", src)
+    qcow2(full)
+    qcow2(inc, "8M", "-b", full.name, "-F", "qcow2")
+    d = ferrite()
+    q = d.connect()
+    add(q, "src", src)
+    add(q, "full", full)
+    add(q, "inc", inc, backing=None)
+    uri = export(q, d, "src", "src", True)
+    assert q.cmd("block-dirty-bitmap-add", {"node": "src", "name": "b0"}) == {"return": {}}
+    assert q.cmd("blockdev-backup", {"job-id": "f", "device": "src", "target": "full",
+                                     "sync": "full"}) == {"return": {}}
+    q.wait_event("BLOCK_JOB_COMPLETED")
+    wait_job_gone(q, "f")
+    qemu_io(uri, "write -P 0x44 100k 8k", "write -P 0x55 5M 1M", "write -z 6M 64k")
+    bitmaps = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+    count = next(n for n in bitmaps if n["node-name"] == "src")["dirty-bitmaps"][0]["count"]
+    assert count == (1 + 16 + 1) * 65536
+    assert q.cmd("blockdev-backup", {"job-id": "i", "device": "src", "target": "inc",
+                                     "sync": "incremental", "bitmap": "b0"}) == {"return": {}}
+    ev = q.wait_event("BLOCK_JOB_COMPLETED")
+    assert ev["data"]["len"] == count and "error" not in ev["data"], ev
+    wait_job_gone(q, "i")
+    bitmaps = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+    b0 = next(n for n in bitmaps if n["node-name"] == "src")["dirty-bitmaps"][0]
+    assert b0["count"] == 0 and not b0["busy"], b0
+    d.stop()
+    run("qemu-img", "check", inc)
+    # The incremental holds only the changed clusters; over the full it is the source.
+    assert run("qemu-img", "map", "--output=json", inc).stdout.count('"depth": 0') >= 1
+    r = run("qemu-img", "compare", src, inc, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_bitmap_outcomes_match_qemu(both):
+    """The user's bitmap after a bitmap backup that succeeds or is cancelled, for each
+    bitmap-mode, and the checks on bitmap options."""
+    seen = []
+    for d in both():
+        qcow2(d.workdir / "src.qcow2", "4M")
+        q = d.connect()
+        for name, args in script(d.workdir)[:1]:
+            q.cmd(name, args)
+        uri = export(q, d, "src", "src", True)
+        out = []
+        checks = [
+            {"sync": "bitmap", "bitmap": "b0"},
+            {"sync": "none", "bitmap": "b0", "bitmap-mode": "always"},
+            {"sync": "full", "bitmap": "b0", "bitmap-mode": "never"},
+            {"sync": "incremental", "bitmap": "b0", "bitmap-mode": "always"},
+            {"sync": "bitmap", "bitmap": "zz", "bitmap-mode": "always"},
+            {"sync": "bitmap"},
+            {"sync": "full", "bitmap-mode": "always"},
+        ]
+        qcow2(d.workdir / "t.qcow2", "4M")
+        add(q, "t", d.workdir / "t.qcow2")
+        q.cmd("block-dirty-bitmap-add", {"node": "src", "name": "b0"})
+        for c in checks:
+            out.append(q.cmd("blockdev-backup", dict(c, **{"job-id": "x", "device": "src",
+                                                          "target": "t"})))
+        q.cmd("block-dirty-bitmap-remove", {"node": "src", "name": "b0"})
+        for i, (mode, cancel) in enumerate([(m, c) for m in ("on-success", "never", "always")
+                                            for c in (False, True)]):
+            tgt = d.workdir / f"t{i}.qcow2"
+            qcow2(tgt, "4M")
+            add(q, f"t{i}", tgt)
+            q.cmd("block-dirty-bitmap-add", {"node": "src", "name": f"b{i}"})
+            qemu_io(uri, "write -P 1 0 64k", "write -P 2 1M 192k", "write -P 3 3M 64k")
+            out.append(q.cmd("blockdev-backup", {
+                "job-id": f"j{i}", "device": "src", "target": f"t{i}", "sync": "bitmap",
+                "bitmap": f"b{i}", "bitmap-mode": mode, "speed": 1 if cancel else 0}))
+            if cancel:
+                qemu_io(uri, "write -P 4 2M 64k", "write -P 5 0 64k")
+                out.append(q.cmd("block-dirty-bitmap-remove", {"node": "src", "name": f"b{i}"}))
+                out.append(q.cmd("block-job-cancel", {"device": f"j{i}", "force": True}))
+            wait_job_gone(q, f"j{i}")
+            nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+            out.append(next(n for n in nodes if n["node-name"] == "src")["dirty-bitmaps"])
+            out.append(q.cmd("x-debug-block-dirty-bitmap-sha256", {"node": "src",
+                                                                    "name": f"b{i}"}))
+            q.cmd("block-dirty-bitmap-remove", {"node": "src", "name": f"b{i}"})
+        seen.append(out)
+    theirs, ours = seen
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, i

@@ -62,6 +62,27 @@ impl BlockCopy {
         })
     }
 
+    /// Only what `bitmap` marks dirty is to copy (sync `bitmap`).
+    pub fn new_from_bitmap(
+        len: u64,
+        cluster: u64,
+        compress: bool,
+        bitmap: &crate::bitmap::DirtyBitmap,
+    ) -> Rc<BlockCopy> {
+        let b = BlockCopy::new(len, cluster, compress);
+        b.skip(0, len);
+        let mut at = 0;
+        while let Some((off, n)) = bitmap.next_dirty(at) {
+            let first = off / cluster;
+            let end = (off + n).min(len).div_ceil(cluster);
+            for c in first..end {
+                b.set(c, true);
+            }
+            at = off + n;
+        }
+        b
+    }
+
     /// The copy granularity in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.cluster

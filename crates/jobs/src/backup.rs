@@ -5,6 +5,7 @@
 //! (sync `none`: the target is a fleecing overlay that only receives those old contents).
 
 use crate::job::{Job, JobDriver, JobFuture, JobManager, JobOptions};
+use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, MAX_CHUNK};
 use ferrite_block::{Graph, Node};
 use ferrite_qapi::{Args, Error};
@@ -23,6 +24,8 @@ enum Sync {
     Full,
     Top,
     None,
+    /// What the user's bitmap marks dirty.
+    Bitmap,
 }
 
 struct BackupJob {
@@ -31,6 +34,8 @@ struct BackupJob {
     target: Rc<Node>,
     copy: Rc<BlockCopy>,
     sync: Sync,
+    /// The user's bitmap and what to do with it at the end.
+    bitmap: Option<(Rc<DirtyBitmap>, BitmapMode)>,
     /// The copy-before-write filter while it is in the graph.
     filter: RefCell<Option<Rc<Node>>>,
 }
@@ -119,7 +124,26 @@ impl BackupJob {
                 self.progress(job);
                 self.copy_all(job).await
             }
-            Sync::Full => self.copy_all(job).await,
+            Sync::Full | Sync::Bitmap => self.copy_all(job).await,
+        }
+    }
+
+    /// The user's bitmap after the job (QEMU's outcome table): only the writes made during
+    /// the job when it succeeded (unless `never`) or always; otherwise its old bits plus
+    /// those writes, and with `always` also what was not copied.
+    fn settle_bitmap(&self, success: bool) {
+        let Some((b, mode)) = &self.bitmap else {
+            return;
+        };
+        let replace = mode == &BitmapMode::Always || (success && mode != &BitmapMode::Never);
+        b.thaw(replace);
+        if *mode == BitmapMode::Always && !success {
+            let cs = self.copy.cluster_size();
+            let mut next = 0;
+            while let Some(c) = self.copy.next_dirty(next) {
+                b.set_range(c * cs, cs);
+                next = c + 1;
+            }
         }
     }
 
@@ -150,7 +174,9 @@ impl JobDriver for BackupJob {
         Box::pin(async move {
             let r = self.work(&job).await;
             let removed = self.remove_filter().await;
-            r.and(removed)
+            let r = r.and(removed);
+            self.settle_bitmap(r.is_ok() && !job.is_cancelled());
+            r
         })
     }
 }
@@ -174,7 +200,7 @@ pub async fn qmp_blockdev_backup(
     };
     let source = lookup(args.str("device")?)?;
     let target = lookup(args.str("target")?)?;
-    let sync = check_sync(args)?;
+    let (sync, bitmap) = check_sync(args, &source)?;
     let id = args.opt_str("job-id").unwrap_or("").to_owned();
     if Rc::ptr_eq(&source, &target) {
         return Err(Error::generic("Source and target cannot be the same"));
@@ -191,7 +217,12 @@ pub async fn qmp_blockdev_backup(
     jobs.check_id(&id)?;
     let compress = args.bool_or("compress", false);
     let cluster = ferrite_block::copy::cluster_size_for(&target);
-    let copy = BlockCopy::new(source.len(), cluster, compress);
+    let copy = match (&bitmap, sync) {
+        (Some((b, _)), Sync::Bitmap) => {
+            BlockCopy::new_from_bitmap(source.len(), cluster, compress, b)
+        }
+        _ => BlockCopy::new(source.len(), cluster, compress),
+    };
     let filter = graph
         .insert_copy_before_write(
             &source,
@@ -207,8 +238,12 @@ pub async fn qmp_blockdev_backup(
         target,
         copy,
         sync,
+        bitmap: bitmap.clone(),
         filter: RefCell::new(Some(filter)),
     });
+    if let Some((b, _)) = &bitmap {
+        b.freeze();
+    }
     let started = jobs.start(
         JobOptions {
             id,
@@ -226,47 +261,103 @@ pub async fn qmp_blockdev_backup(
         }
         Err(e) => {
             let _ = driver.remove_filter().await;
+            // The job never ran: the bitmap is as it was.
+            if let Some((b, _)) = &driver.bitmap {
+                b.thaw(false);
+            }
             Err(e)
         }
     }
 }
 
-/// The sync mode and the bitmap options, checked in QEMU's order.
-fn check_sync(args: &Args) -> Result<Sync, Error> {
-    let sync = args.str("sync")?;
+/// What happens to the user's bitmap when the job ends (`bitmap-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BitmapMode {
+    OnSuccess,
+    Never,
+    Always,
+}
+
+/// The sync mode and the bitmap (on the source) with its mode, checked in QEMU's order.
+fn check_sync(
+    args: &Args,
+    source: &Node,
+) -> Result<(Sync, Option<(Rc<DirtyBitmap>, BitmapMode)>), Error> {
+    let mut sync = args.str("sync")?;
     let bitmap = args.opt_str("bitmap");
-    let mode = args.opt_str("bitmap-mode");
+    let mut mode = args.opt_str("bitmap-mode");
     if sync == "incremental" {
         if bitmap.is_none() {
             return Err(Error::generic(
                 "must provide a valid bitmap name for 'incremental' sync mode",
             ));
         }
-        if let Some(m) = mode
-            && m != "on-success"
-        {
-            return Err(Error::generic(format!(
-                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental' (not '{m}')"
-            )));
-        }
-    }
-    if let Some(b) = bitmap {
-        // No bitmaps exist yet (dirty bitmaps come next).
-        return Err(Error::generic(format!("Bitmap '{b}' could not be found")));
-    }
-    if mode.is_some() {
-        return Err(Error::generic(
-            "Cannot specify bitmap sync mode without a bitmap",
-        ));
-    }
-    Ok(match sync {
-        "full" => Sync::Full,
-        "top" => Sync::Top,
-        "none" => Sync::None,
-        _ => {
+        if mode.is_some_and(|m| m != "on-success") {
             return Err(Error::generic(
-                "must provide a valid bitmap name for 'bitmap' sync mode",
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
             ));
         }
-    })
+        sync = "bitmap";
+        mode = Some("on-success");
+    }
+    let user_bitmap = match bitmap {
+        Some(name) => {
+            let b = source
+                .bitmap(name)
+                .ok_or_else(|| Error::generic(format!("Bitmap '{name}' could not be found")))?;
+            let Some(m) = mode else {
+                return Err(Error::generic(
+                    "Bitmap sync mode must be given when providing a bitmap",
+                ));
+            };
+            if b.is_busy() {
+                return Err(Error::generic(format!(
+                    "Bitmap '{name}' is currently in use by another operation and cannot be used"
+                )));
+            }
+            if b.is_inconsistent() {
+                return Err(Error::generic(format!(
+                    "Bitmap '{name}' is inconsistent and cannot be used"
+                )));
+            }
+            if sync == "none" {
+                return Err(Error::generic(
+                    "sync mode 'none' does not produce meaningful bitmap outputs",
+                ));
+            }
+            let m = match m {
+                "never" => BitmapMode::Never,
+                "always" => BitmapMode::Always,
+                _ => BitmapMode::OnSuccess,
+            };
+            if m == BitmapMode::Never && sync != "bitmap" {
+                return Err(Error::generic(format!(
+                    "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{sync}'"
+                )));
+            }
+            Some((b, m))
+        }
+        None => {
+            if mode.is_some() {
+                return Err(Error::generic(
+                    "Cannot specify bitmap sync mode without a bitmap",
+                ));
+            }
+            if sync == "bitmap" {
+                return Err(Error::generic(
+                    "must provide a valid bitmap name for 'bitmap' sync mode",
+                ));
+            }
+            None
+        }
+    };
+    Ok((
+        match sync {
+            "top" => Sync::Top,
+            "none" => Sync::None,
+            "bitmap" => Sync::Bitmap,
+            _ => Sync::Full,
+        },
+        user_bitmap,
+    ))
 }
