@@ -35,7 +35,7 @@ struct BackupJob {
     copy: Rc<BlockCopy>,
     sync: Sync,
     /// The user's bitmap and what to do with it at the end.
-    bitmap: Option<(Rc<DirtyBitmap>, BitmapMode)>,
+    bitmap: Option<UserBitmap>,
     /// The copy-before-write filter while it is in the graph.
     filter: RefCell<Option<Rc<Node>>>,
 }
@@ -270,6 +270,9 @@ pub async fn qmp_blockdev_backup(
     }
 }
 
+/// The user's bitmap of a backup, and its mode.
+type UserBitmap = (Rc<DirtyBitmap>, BitmapMode);
+
 /// What happens to the user's bitmap when the job ends (`bitmap-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BitmapMode {
@@ -282,7 +285,7 @@ enum BitmapMode {
 fn check_sync(
     args: &Args,
     source: &Node,
-) -> Result<(Sync, Option<(Rc<DirtyBitmap>, BitmapMode)>), Error> {
+) -> Result<(Sync, Option<UserBitmap>), Error> {
     let mut sync = args.str("sync")?;
     let bitmap = args.opt_str("bitmap");
     let mut mode = args.opt_str("bitmap-mode");
