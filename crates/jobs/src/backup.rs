@@ -4,7 +4,7 @@
 //! background (sync `full`, or `top`: only what the top layer allocates) or nothing at all
 //! (sync `none`: the target is a fleecing overlay that only receives those old contents).
 
-use crate::job::{Job, JobDriver, JobFuture, JobManager, JobOptions};
+use crate::job::{Job, JobDriver, JobFuture, JobManager, JobOptions, JobTxn};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, MAX_CHUNK};
 use ferrite_block::{Graph, Node};
@@ -181,16 +181,56 @@ impl JobDriver for BackupJob {
     }
 }
 
-/// `blockdev-backup`.
+/// `blockdev-backup`: prepared and started at once.
 ///
 /// # Errors
-/// QEMU's texts for unknown nodes, bitmap options, the same or differently sized source and
-/// target, bad job IDs and permission conflicts.
+/// As [`prepare`].
 pub async fn qmp_blockdev_backup(
     jobs: &Rc<JobManager>,
     graph: &Rc<Graph>,
     args: &Args,
 ) -> Result<(), Error> {
+    prepare(jobs, graph, args, None).await?.start(jobs);
+    Ok(())
+}
+
+/// A backup whose point in time is set (the filter is in place, the job created) but whose
+/// background copy has not started: a transaction's action between prepare and commit.
+pub(crate) struct Prepared {
+    job: Rc<Job>,
+    driver: Rc<BackupJob>,
+}
+
+impl Prepared {
+    /// Starts the job.
+    pub(crate) fn start(&self, jobs: &Rc<JobManager>) {
+        jobs.run_job(&self.job);
+        // QEMU drains the graph while the job settles in; clients see it pause once.
+        self.job.drain_blip();
+    }
+
+    /// Takes everything back (a later action of the transaction failed).
+    pub(crate) async fn abort(&self, jobs: &Rc<JobManager>) {
+        let _ = self.driver.remove_filter().await;
+        if let Some((b, _)) = &self.driver.bitmap {
+            b.thaw(false);
+        }
+        jobs.abort_unstarted(&self.job);
+    }
+}
+
+/// Checks a backup and sets its point in time: a copy-before-write filter above the source,
+/// the user's bitmap frozen, the job created (in `txn` when grouped).
+///
+/// # Errors
+/// QEMU's texts for unknown nodes, bitmap options, the same or differently sized source and
+/// target, busy nodes, bad job IDs and permission conflicts.
+pub(crate) async fn prepare(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+    txn: Option<Rc<JobTxn>>,
+) -> Result<Prepared, Error> {
     let lookup = |name: &str| {
         graph.find(name).ok_or_else(|| {
             Error::generic(format!(
@@ -244,7 +284,7 @@ pub async fn qmp_blockdev_backup(
     if let Some((b, _)) = &bitmap {
         b.freeze();
     }
-    let started = jobs.start(
+    let created = jobs.create(
         JobOptions {
             id,
             auto_finalize: args.bool_or("auto-finalize", true),
@@ -252,13 +292,10 @@ pub async fn qmp_blockdev_backup(
             speed,
         },
         driver.clone(),
+        txn,
     );
-    match started {
-        Ok(job) => {
-            // QEMU drains the graph while the job settles in; clients see it pause once.
-            job.drain_blip();
-            Ok(())
-        }
+    match created {
+        Ok(job) => Ok(Prepared { job, driver }),
         Err(e) => {
             let _ = driver.remove_filter().await;
             // The job never ran: the bitmap is as it was.
@@ -282,10 +319,7 @@ enum BitmapMode {
 }
 
 /// The sync mode and the bitmap (on the source) with its mode, checked in QEMU's order.
-fn check_sync(
-    args: &Args,
-    source: &Node,
-) -> Result<(Sync, Option<UserBitmap>), Error> {
+fn check_sync(args: &Args, source: &Node) -> Result<(Sync, Option<UserBitmap>), Error> {
     let mut sync = args.str("sync")?;
     let bitmap = args.opt_str("bitmap");
     let mut mode = args.opt_str("bitmap-mode");

@@ -53,6 +53,24 @@ pub struct Job {
     slice: Cell<(tokio::time::Instant, tokio::time::Instant, u64)>,
     /// Set when the job has finished (concluded or gone).
     done: Notify,
+    /// The jobs that complete or fail together with this one (`completion-mode: grouped`).
+    txn: Option<Rc<JobTxn>>,
+}
+
+/// Jobs that complete or fail as one (a grouped transaction's backups).
+#[derive(Default)]
+pub struct JobTxn {
+    jobs: RefCell<Vec<std::rc::Weak<Job>>>,
+}
+
+impl JobTxn {
+    fn members(&self) -> Vec<Rc<Job>> {
+        self.jobs
+            .borrow()
+            .iter()
+            .filter_map(std::rc::Weak::upgrade)
+            .collect()
+    }
 }
 
 /// Rate limiting works in slices of this length (QEMU's).
@@ -291,10 +309,26 @@ impl JobManager {
         opts: JobOptions,
         driver: Rc<dyn JobDriver>,
     ) -> Result<Rc<Job>, Error> {
+        let job = self.create(opts, driver, None)?;
+        self.run_job(&job);
+        Ok(job)
+    }
+
+    /// Creates a job (`created`) without starting it: a transaction starts its jobs only
+    /// once every action is prepared. Jobs sharing `txn` complete or fail together.
+    ///
+    /// # Errors
+    /// A bad or duplicate ID.
+    pub fn create(
+        self: &Rc<Self>,
+        opts: JobOptions,
+        driver: Rc<dyn JobDriver>,
+        txn: Option<Rc<JobTxn>>,
+    ) -> Result<Rc<Job>, Error> {
         self.check_id(&opts.id)?;
         let job = Rc::new(Job {
             id: opts.id,
-            driver: driver.clone(),
+            driver,
             status: Cell::new(Status::Undefined),
             current: Cell::new(0),
             total: Cell::new(0),
@@ -310,20 +344,43 @@ impl JobManager {
             speed: Cell::new(opts.speed),
             slice: Cell::new((tokio::time::Instant::now(), tokio::time::Instant::now(), 0)),
             done: Notify::new(),
+            txn: txn.clone(),
         });
+        if let Some(t) = &txn {
+            t.jobs.borrow_mut().push(Rc::downgrade(&job));
+        }
         self.jobs.borrow_mut().push(job.clone());
         job.transition(Status::Created);
+        Ok(job)
+    }
+
+    /// Starts a created job: `running`, then its work in the background.
+    pub fn run_job(self: &Rc<Self>, job: &Rc<Job>) {
         job.transition(Status::Running);
         let me = self.clone();
         let j = job.clone();
+        let driver = job.driver.clone();
         tokio::task::spawn_local(async move {
             let r = driver.run(j.clone()).await;
             me.finish(&j, r).await;
         });
-        Ok(job)
     }
 
-    /// After the work: waiting, pending, then finalize now or on `job-finalize`.
+    /// Drops a created job that never started (its transaction failed): it ends without
+    /// `BLOCK_JOB_*` events.
+    pub fn abort_unstarted(&self, job: &Rc<Job>) {
+        if job.status.get() != Status::Created {
+            return;
+        }
+        job.cancelled.set(true);
+        job.transition(Status::Aborting);
+        job.transition(Status::Concluded);
+        job.done.notify_waiters();
+        self.dismiss_now(job);
+    }
+
+    /// After the work: waiting, then (once every job of its transaction is waiting) pending
+    /// and finalize now or on `job-finalize`; a failure fails the whole transaction.
     async fn finish(&self, job: &Rc<Job>, r: Result<(), String>) {
         job.busy.set(false);
         let r = if job.cancelled.get() {
@@ -334,16 +391,17 @@ impl JobManager {
         match r {
             Ok(()) => {
                 job.transition(Status::Waiting);
-                job.transition(Status::Pending);
-                if job.auto_finalize {
-                    self.finalize(job);
-                } else if job.driver.is_block_job() {
-                    self.events.emit(
-                        "BLOCK_JOB_PENDING",
-                        QDict::new()
-                            .with("type", job.driver.job_type())
-                            .with("id", job.id.as_str()),
-                    );
+                let group = job
+                    .txn
+                    .as_ref()
+                    .map_or_else(|| vec![job.clone()], |t| t.members());
+                if group.iter().all(|j| j.status.get() == Status::Waiting) {
+                    for j in &group {
+                        j.transition(Status::Pending);
+                    }
+                    for j in &group {
+                        self.pending(j);
+                    }
                 }
             }
             Err(e) => {
@@ -353,8 +411,47 @@ impl JobManager {
                     *job.error.borrow_mut() = Some("Operation canceled".into());
                 }
                 job.transition(Status::Aborting);
+                self.fail_group(job);
                 self.announce_end(job);
                 self.conclude(job);
+            }
+        }
+    }
+
+    /// A pending job: finalized now, or announced and left for `job-finalize`.
+    fn pending(&self, job: &Rc<Job>) {
+        if job.auto_finalize {
+            self.finalize(job);
+        } else if job.driver.is_block_job() {
+            self.events.emit(
+                "BLOCK_JOB_PENDING",
+                QDict::new()
+                    .with("type", job.driver.job_type())
+                    .with("id", job.id.as_str()),
+            );
+        }
+    }
+
+    /// One job of a transaction failed: the others are cancelled; those already done with
+    /// their work end at once.
+    fn fail_group(&self, failed: &Rc<Job>) {
+        let Some(t) = &failed.txn else {
+            return;
+        };
+        for j in t.members() {
+            if Rc::ptr_eq(&j, failed) || j.cancelled.get() {
+                continue;
+            }
+            match j.status.get() {
+                Status::Waiting | Status::Pending => {
+                    j.cancelled.set(true);
+                    *j.error.borrow_mut() = Some("Operation canceled".into());
+                    j.transition(Status::Aborting);
+                    self.announce_end(&j);
+                    self.conclude(&j);
+                }
+                Status::Concluded | Status::Null | Status::Aborting => {}
+                _ => self.cancel_job(&j),
             }
         }
     }
@@ -520,6 +617,7 @@ impl JobManager {
         if job.status.get() == Status::Pending {
             job.transition(Status::Aborting);
             *job.error.borrow_mut() = Some("Operation canceled".into());
+            self.fail_group(job);
             self.announce_end(job);
             self.conclude(job);
         }
@@ -597,7 +695,14 @@ impl JobManager {
     pub fn finalize_cmd(&self, id: &str, block: bool) -> Result<(), Error> {
         let job = self.lookup(id, block)?;
         job.check_verb(Verb::Finalize)?;
-        self.finalize(&job);
+        // A transaction's jobs finalize together.
+        let group = job
+            .txn
+            .as_ref()
+            .map_or_else(|| vec![job.clone()], |t| t.members());
+        for j in group.iter().filter(|j| j.status.get() == Status::Pending) {
+            self.finalize(j);
+        }
         Ok(())
     }
 

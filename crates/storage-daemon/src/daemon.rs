@@ -181,6 +181,9 @@ impl Daemon {
             }
             "block-dirty-bitmap-merge" => bm::merge(&self.graph, &args).and_then(|_| empty()),
             "x-debug-block-dirty-bitmap-sha256" => bm::sha256(&self.graph, &args),
+            "transaction" => ferrite_jobs::qmp_transaction(&self.jobs, &self.graph, &args)
+                .await
+                .and_then(|()| empty()),
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),

@@ -1,0 +1,111 @@
+//! `transaction`: actions applied as one. The nodes they name are drained first; each
+//! action is prepared in order; the first failure takes back every action already
+//! prepared and is the one error reported. Backup jobs start only once all are prepared, and
+//! with `completion-mode: grouped` they complete or fail together.
+
+use crate::backup::{self, Prepared};
+use crate::job::{JobManager, JobTxn};
+use ferrite_block::bitmap_cmds::{self as bm, Undo};
+use ferrite_block::{Drained, Graph};
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::QObject;
+use std::rc::Rc;
+
+/// What a prepared action leaves to do: nothing more, or a backup to start (or abort).
+enum Done {
+    Undo(Undo),
+    Backup(Prepared),
+}
+
+/// `transaction`.
+///
+/// # Errors
+/// A grouped completion with an action that cannot join it, or the first action's error.
+pub async fn qmp_transaction(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+) -> Result<(), Error> {
+    let actions = match args.get("actions") {
+        Some(QObject::List(l)) => l.clone(),
+        _ => Vec::new(),
+    };
+    let grouped = args
+        .dict("properties")
+        .and_then(|p| p.opt_str("completion-mode").map(|m| m == "grouped"))
+        .unwrap_or(false);
+    let mut parsed = Vec::new();
+    for a in &actions {
+        let QObject::Dict(d) = a else { continue };
+        let a = Args::new(d.clone());
+        let kind = a.str("type")?.to_owned();
+        let data = a
+            .dict("data")
+            .unwrap_or_else(|| Args::new(Default::default()));
+        if grouped && !matches!(kind.as_str(), "blockdev-backup" | "drive-backup") {
+            return Err(Error::generic(format!(
+                "Action '{kind}' does not support transaction property completion-mode = grouped"
+            )));
+        }
+        parsed.push((kind, data));
+    }
+    let _drained = drain_named(graph, &parsed).await;
+    let txn = grouped.then(|| Rc::new(JobTxn::default()));
+    let mut done: Vec<Done> = Vec::new();
+    for (kind, data) in &parsed {
+        let r = match kind.as_str() {
+            "abort" => Err(Error::generic("Transaction aborted using Abort action")),
+            "block-dirty-bitmap-add" => bm::add(graph, data).map(Done::Undo),
+            "block-dirty-bitmap-remove" => bm::remove(graph, data).map(Done::Undo),
+            "block-dirty-bitmap-clear" => bm::clear(graph, data).map(Done::Undo),
+            "block-dirty-bitmap-enable" => bm::set_enabled(graph, data, true).map(Done::Undo),
+            "block-dirty-bitmap-disable" => bm::set_enabled(graph, data, false).map(Done::Undo),
+            "block-dirty-bitmap-merge" => bm::merge(graph, data).map(Done::Undo),
+            "blockdev-backup" => backup::prepare(jobs, graph, data, txn.clone())
+                .await
+                .map(Done::Backup),
+            other => Err(Error::generic(format!(
+                "Transaction action '{other}' is not supported by ferrite yet"
+            ))),
+        };
+        match r {
+            Ok(d) => done.push(d),
+            Err(e) => {
+                for d in done.into_iter().rev() {
+                    match d {
+                        Done::Undo(undo) => undo(),
+                        Done::Backup(b) => b.abort(jobs).await,
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    for d in &done {
+        if let Done::Backup(b) = d {
+            b.start(jobs);
+        }
+    }
+    Ok(())
+}
+
+/// Drains every node an action names, so that no write lands between two actions.
+async fn drain_named(graph: &Graph, actions: &[(String, Args)]) -> Vec<Drained> {
+    let mut names: Vec<String> = Vec::new();
+    for (_, data) in actions {
+        for key in ["node", "device", "target"] {
+            if let Some(n) = data.opt_str(key)
+                && !names.iter().any(|x| x == n)
+            {
+                names.push(n.to_owned());
+            }
+        }
+    }
+    let mut held = Vec::new();
+    for n in names {
+        if let Some(node) = graph.find(&n) {
+            held.push(graph.drain(&node).await);
+        }
+    }
+    held
+}

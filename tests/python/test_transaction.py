@@ -1,0 +1,107 @@
+"""transaction: bitmap actions and backups applied as one (rollback on the first failure,
+grouped completion), compared with qemu-storage-daemon; a full backup and a new bitmap taken
+atomically while a client writes give an incremental chain equal to the source."""
+import subprocess
+import threading
+
+from test_backup import add, export, qcow2, run, wait_job_gone
+
+
+def per_job(events):
+    """Each job's own event sequence (how jobs interleave depends on timing)."""
+    seq = {}
+    for e in events:
+        d = e["data"]
+        key = d.get("id") or d.get("device")
+        seq.setdefault(key, []).append((e["event"], d.get("status")))
+    return seq
+
+
+def test_transactions_match_qemu(both):
+    seen = []
+    for d in both():
+        for name in ("s", "t", "t2"):
+            qcow2(d.workdir / f"{name}.qcow2", "4M")
+        q = d.connect()
+        add(q, "src", d.workdir / "s.qcow2")
+        add(q, "tgt", d.workdir / "t.qcow2")
+        add(q, "tgt2", d.workdir / "t2.qcow2")
+        bitmap = {"node": "src", "name": "b0"}
+        backup = {"job-id": "j1", "device": "src", "target": "tgt", "sync": "full"}
+        out = [q.cmd("transaction", a) for a in [
+            {"actions": [{"type": "block-dirty-bitmap-add", "data": bitmap},
+                         {"type": "blockdev-backup", "data": backup},
+                         {"type": "abort", "data": {}}]},
+            {"actions": [{"type": "block-dirty-bitmap-add", "data": bitmap},
+                         {"type": "block-dirty-bitmap-add", "data": bitmap}]},
+            {"actions": [{"type": "block-dirty-bitmap-add", "data": bitmap}],
+             "properties": {"completion-mode": "grouped"}},
+            {"actions": []},
+            {"actions": [{"type": "block-dirty-bitmap-add", "data": bitmap},
+                         {"type": "block-dirty-bitmap-add",
+                          "data": {"node": "src", "name": "b1", "disabled": True}},
+                         {"type": "block-dirty-bitmap-merge",
+                          "data": {"node": "src", "target": "b1", "bitmaps": ["b0"]}},
+                         {"type": "block-dirty-bitmap-clear", "data": bitmap},
+                         {"type": "block-dirty-bitmap-remove", "data": {"node": "src",
+                                                                        "name": "zz"}}]},
+        ]]
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append([n.get("dirty-bitmaps") for n in nodes if n["node-name"] == "src"])
+        out.append(q.cmd("transaction", {"actions": [
+            {"type": "block-dirty-bitmap-add", "data": bitmap},
+            {"type": "blockdev-backup", "data": backup}]}))
+        wait_job_gone(q, "j1")
+        out.append(q.cmd("transaction", {"actions": [
+            {"type": "blockdev-backup", "data": {"job-id": "g1", "device": "src",
+                                                 "target": "tgt", "sync": "full", "speed": 1}},
+            {"type": "blockdev-backup", "data": {"job-id": "g2", "device": "src",
+                                                 "target": "tgt2", "sync": "full"}}],
+            "properties": {"completion-mode": "grouped"}}))
+        # g2 finishes its copy but waits for g1; cancelling g1 cancels both.
+        out.append(q.cmd("block-job-cancel", {"device": "g1", "force": True}))
+        wait_job_gone(q, "g1")
+        wait_job_gone(q, "g2")
+        seq = per_job(q.events)
+        for job in seq:
+            # QEMU's drains add paused/running pairs at various points.
+            seq[job] = [e for e in seq[job] if e[1] not in ("paused", "running")]
+        seen.append((out, seq))
+    theirs, ours = seen
+    assert ours[0] == theirs[0]
+    assert ours[1] == theirs[1]
+
+
+def test_atomic_full_backup_and_bitmap_under_writes_then_incremental(ferrite, tmp_path):
+    src, full, inc = tmp_path / "src.qcow2", tmp_path / "full.qcow2", tmp_path / "inc.qcow2"
+    qcow2(src, "16M")
+    run("qemu-io", "-c", "write -P 0x22 0 16M", src)
+    qcow2(full, "16M")
+    qcow2(inc, "16M", "-b", full.name, "-F", "qcow2")
+    d = ferrite()
+    q = d.connect()
+    add(q, "src", src)
+    add(q, "full", full)
+    add(q, "inc", inc, backing=None)
+    uri = export(q, d, "src", "src", True)
+    # A client keeps writing while the transaction runs.
+    writer = subprocess.Popen(
+        ["fio", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+         "--size=16M", "--iodepth=4", "--time_based", "--runtime=2", "--output-format=json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    threading.Event().wait(0.5)
+    r = q.cmd("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b0"}},
+        {"type": "blockdev-backup", "data": {"job-id": "f", "device": "src", "target": "full",
+                                             "sync": "full", "speed": 8 << 20}}]})
+    assert r == {"return": {}}, r
+    writer.wait(timeout=60)
+    q.cmd("block-job-set-speed", {"device": "f", "speed": 0})
+    wait_job_gone(q, "f")
+    r = q.cmd("blockdev-backup", {"job-id": "i", "device": "src", "target": "inc",
+                                  "sync": "incremental", "bitmap": "b0"})
+    assert r == {"return": {}}, r
+    wait_job_gone(q, "i")
+    d.stop()
+    r = run("qemu-img", "compare", src, inc, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
