@@ -87,3 +87,58 @@ def test_bitmap_commands_and_recording_match_qemu(both):
     theirs, ours = seen
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a == b, i
+
+
+def bitmap_state(q, node="q"):
+    nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+    bitmaps = next(n for n in nodes if n["node-name"] == node).get("dirty-bitmaps", [])
+    return [(b, q.cmd("x-debug-block-dirty-bitmap-sha256", {"node": node, "name": b["name"]}))
+            for b in bitmaps]
+
+
+def image_bitmaps(img):
+    import json
+    info = json.loads(run("qemu-img", "info", "-U", "--output=json", img).stdout)
+    return info["format-specific"]["data"].get("bitmaps")
+
+
+def test_persistent_bitmaps_survive_restart_like_qemu(both):
+    seen = []
+    for d in both():
+        img = d.workdir / "q.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, "4M")
+        # One bitmap QEMU made and filled.
+        run("qemu-img", "bitmap", "--add", "-g", "4096", img, "made")
+        run("qemu-io", "-c", "write 8k 4k", img)
+        out = []
+        q = d.connect()
+        q.cmd("blockdev-add", {"node-name": "q", "driver": "qcow2",
+                               "file": {"driver": "file", "filename": str(img)}})
+        out.append(bitmap_state(q))
+        out.append(image_bitmaps(img))
+        for args in [{"name": "p", "persistent": True},
+                     {"name": "d", "persistent": True, "disabled": True},
+                     {"name": "t"}]:
+            out.append(q.cmd("block-dirty-bitmap-add", dict(args, node="q")))
+        sock = str(d.workdir / "nbd.sock")
+        q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "q",
+                                   "writable": True})
+        nbd_writes(sock, ["write 0 512", "write 1M 100k", "write 4190208 4096"])
+        out.append(bitmap_state(q))
+        out.append(image_bitmaps(img))
+        q.cmd("quit")
+        d.proc.wait(timeout=10)
+        out.append(image_bitmaps(img))
+        run("qemu-img", "check", img)
+        seen.append(out)
+    for d in both():
+        # Each program reopens the image the other one wrote.
+        img = d.workdir.parent / ("ferrite0" if "qsd" in d.workdir.name else "qsd0") / "q.qcow2"
+        q = d.connect()
+        q.cmd("blockdev-add", {"node-name": "q", "driver": "qcow2", "read-only": True,
+                               "file": {"driver": "file", "filename": str(img)}})
+        seen.append(bitmap_state(q))
+    theirs, ours, qsd_reads_ours, ferrite_reads_qemus = seen
+    assert ours == theirs
+    assert qsd_reads_ours == ferrite_reads_qemus

@@ -82,6 +82,12 @@ pub fn add(graph: &Graph, args: &Args) -> Result<Undo, Error> {
             node.name()
         )));
     }
+    if persistent && let Err(why) = node.driver.can_store_bitmaps() {
+        return Err(Error::generic(format!(
+            "Can't make bitmap '{name}' persistent in '{}': {why}",
+            node.name()
+        )));
+    }
     if node.bitmap(name).is_some() {
         return Err(Error::generic(format!("Bitmap already exists: {name}")));
     }

@@ -184,6 +184,19 @@ pub trait Driver {
     /// `cache-clean-interval`.
     fn clean_caches(&self, _now: std::time::Instant) {}
 
+    /// Persistent dirty bitmaps the image holds, read at open (taken once by the node).
+    fn take_loaded_bitmaps(&self) -> Vec<std::rc::Rc<crate::bitmap::DirtyBitmap>> {
+        Vec::new()
+    }
+
+    /// Whether the image can store persistent bitmaps; why not otherwise.
+    ///
+    /// # Errors
+    /// The reason, for "Can't make bitmap 'x' persistent in 'y': ...".
+    fn can_store_bitmaps(&self) -> Result<(), String> {
+        Err("Operation not supported".into())
+    }
+
     /// Whether the driver can grow when a parent holding RESIZE writes past its end.
     fn can_grow(&self) -> bool {
         false

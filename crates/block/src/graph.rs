@@ -359,6 +359,7 @@ impl Graph {
             settings,
             children.clone(),
         );
+        *node.bitmaps.borrow_mut() = node.driver.take_loaded_bitmaps();
         let write_event = self.events.clone();
         *node.threshold_hit.borrow_mut() = Some(Box::new(move |n: &Node, exceeded, threshold| {
             write_event.emit(

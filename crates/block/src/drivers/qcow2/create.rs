@@ -372,7 +372,7 @@ pub(crate) async fn mark_bitmaps_in_use(file: &Node, m: &mut Meta) -> io::Result
     let mut changed = false;
     while at + 24 <= dir.len() {
         let flags = u32::from_be_bytes(dir[at + 12..at + 16].try_into().unwrap_or([0; 4]));
-        if flags & 2 != 0 && flags & 1 == 0 {
+        if flags & 1 == 0 {
             dir[at + 12..at + 16].copy_from_slice(&(flags | 1).to_be_bytes());
             changed = true;
         }

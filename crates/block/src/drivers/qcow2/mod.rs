@@ -5,6 +5,7 @@
 //! (guest-to-host mapping), `compress`, `claims` (request serialisation per guest
 //! cluster), `create` (formatting a new image). This file is the driver: the request paths.
 
+mod bitmaps;
 mod cache;
 mod claims;
 mod compress;
@@ -14,6 +15,7 @@ pub(crate) mod header;
 mod map;
 mod meta;
 
+use crate::bitmap::DirtyBitmap;
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
 use crate::node::Node;
 use crate::perm::Perm;
@@ -71,6 +73,8 @@ pub(crate) struct Qcow2Driver {
     last_clean: Cell<Instant>,
     /// The image keeps its data in an external file (the `data-file` child).
     data_file: Option<DataFile>,
+    /// Persistent bitmaps read at open, for the node to take.
+    loaded: RefCell<Vec<Rc<DirtyBitmap>>>,
 }
 
 /// What the header says about an external data file.
@@ -163,6 +167,12 @@ impl Qcow2Driver {
             .opt_bool("pass-discard-request")
             .unwrap_or(discard_unmap);
         meta.pass_discard_other = args.opt_bool("pass-discard-other").unwrap_or(false);
+        let loaded = bitmaps::load(file, &mut meta).await.map_err(|e| {
+            Error::generic(format!(
+                "Could not load the bitmaps of the image: {}",
+                ferrite_qapi::os_msg(&e)
+            ))
+        })?;
         if !read_only {
             prepare_for_writing(file, &mut meta, was_dirty)
                 .await
@@ -187,6 +197,7 @@ impl Qcow2Driver {
             clean_interval,
             last_clean: Cell::new(Instant::now()),
             data_file,
+            loaded: RefCell::new(loaded),
         })
     }
 
@@ -857,13 +868,15 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Writes everything back and marks the image clean.
-    async fn close_impl(&self, file: &Node) -> io::Result<()> {
+    /// Writes everything back, stores the persistent bitmaps and marks the image clean.
+    async fn close_impl(&self, node: &Node, file: &Node) -> io::Result<()> {
         if self.read_only.get() || self.dead.get() {
             return Ok(());
         }
         let mut m = self.meta.lock().await;
         m.write_back(file, true).await?;
+        let node_bitmaps = node.bitmaps.borrow().clone();
+        bitmaps::store(file, &mut m, &node_bitmaps).await?;
         if m.h.incompatible & incompat::DIRTY != 0 {
             m.h.incompatible &= !incompat::DIRTY;
             m.write_header(file).await?;
@@ -1102,7 +1115,7 @@ impl Driver for Qcow2Driver {
     fn close<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let file = Self::file(node)?;
-            self.close_impl(&file).await
+            self.close_impl(node, &file).await
         })
     }
 
@@ -1180,6 +1193,17 @@ impl Driver for Qcow2Driver {
 
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
+    }
+
+    fn take_loaded_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
+        std::mem::take(&mut *self.loaded.borrow_mut())
+    }
+
+    fn can_store_bitmaps(&self) -> Result<(), String> {
+        if self.version < 3 {
+            return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
+        }
+        Ok(())
     }
 
     fn is_passthrough(&self) -> bool {
