@@ -142,3 +142,47 @@ def test_persistent_bitmaps_survive_restart_like_qemu(both):
     theirs, ours, qsd_reads_ours, ferrite_reads_qemus = seen
     assert ours == theirs
     assert qsd_reads_ours == ferrite_reads_qemus
+
+
+def test_nbd_exports_bitmaps_like_qemu(both):
+    """Pull-mode incremental backup: a bitmap read over NBD as qemu:dirty-bitmap:NAME."""
+    seen = []
+    for d in both():
+        img = d.workdir / "q.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", img, "4M")
+        q = d.connect()
+        out = []
+        q.cmd("blockdev-add", {"node-name": "q", "driver": "qcow2",
+                               "file": {"driver": "file", "filename": str(img)}})
+        for args in [{"name": "b0"}, {"name": "b1", "granularity": 4096}]:
+            q.cmd("block-dirty-bitmap-add", dict(args, node="q"))
+        sock = str(d.workdir / "nbd.sock")
+        q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        q.cmd("block-export-add", {"type": "nbd", "id": "w", "node-name": "q", "name": "q",
+                                   "writable": True})
+        nbd_writes(sock, ["write 0 512", "write 1M 100k", "write 3M 4k"])
+        out.append(q.cmd("block-export-add", {"type": "nbd", "id": "r0", "node-name": "q",
+                                              "name": "r0", "bitmaps": ["b0"]}))
+        out.append(q.cmd("block-export-add", {"type": "nbd", "id": "r0", "node-name": "q",
+                                              "name": "r0", "bitmaps": ["nope"]}))
+        q.cmd("block-dirty-bitmap-disable", {"node": "q", "name": "b0"})
+        q.cmd("block-dirty-bitmap-disable", {"node": "q", "name": "b1"})
+        out.append(q.cmd("block-export-add", {
+            "type": "nbd", "id": "r", "node-name": "q", "name": "r",
+            "bitmaps": ["b0", {"node": "q", "name": "b1"}], "allocation-depth": True}))
+        out.append(q.cmd("block-dirty-bitmap-remove", {"node": "q", "name": "b0"}))
+        out.append(q.cmd("block-dirty-bitmap-clear", {"node": "q", "name": "b1"}))
+        uri = f"nbd+unix:///r?socket={sock}"
+        for ctx in ("qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"):
+            out.append(run("nbdinfo", f"--map={ctx}", uri).stdout)
+        out.append(run("nbdinfo", "--json", uri).stdout.count("qemu:dirty-bitmap:"))
+        out.append(q.cmd("block-export-del", {"id": "r"}))
+        wait_gone = []
+        while q.cmd("query-block-exports")["return"] != [] and len(wait_gone) < 100:
+            wait_gone.append(1)
+            q.cmd("block-export-del", {"id": "w"})
+        out.append(q.cmd("block-dirty-bitmap-remove", {"node": "q", "name": "b0"}))
+        seen.append(out)
+    theirs, ours = seen
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, i

@@ -20,6 +20,8 @@ pub struct DirtyBitmap {
     inconsistent: Cell<bool>,
     /// While a job uses the bitmap, new writes go here instead (QEMU's successor).
     successor: RefCell<Option<Rc<DirtyBitmap>>>,
+    /// Other users that need it unchanged (NBD exports).
+    users: Cell<u32>,
 }
 
 impl DirtyBitmap {
@@ -36,6 +38,7 @@ impl DirtyBitmap {
             persistent: Cell::new(false),
             inconsistent: Cell::new(false),
             successor: RefCell::new(None),
+            users: Cell::new(0),
         })
     }
 
@@ -90,14 +93,33 @@ impl DirtyBitmap {
         self.inconsistent.set(on);
     }
 
-    /// A job uses the bitmap (it has a successor taking new writes).
+    /// A job or an export uses the bitmap.
     pub fn is_busy(&self) -> bool {
-        self.successor.borrow().is_some()
+        self.successor.borrow().is_some() || self.users.get() > 0
+    }
+
+    /// An export starts (`true`) or stops using the bitmap.
+    pub fn set_in_use(&self, on: bool) {
+        let n = self.users.get();
+        self.users.set(if on { n + 1 } else { n.saturating_sub(1) });
+    }
+
+    /// Whether the granule at byte `offset` is dirty, and for how many bytes (at most
+    /// `max`) that stays so.
+    pub fn extent(&self, offset: u64, max: u64) -> (u64, bool) {
+        let g = offset / self.granularity;
+        let dirty = self.get(g);
+        let end = (offset + max).min(self.len());
+        let mut next = (g + 1) * self.granularity;
+        while next < end && self.get(next / self.granularity) == dirty {
+            next += self.granularity;
+        }
+        (next.min(end) - offset, dirty)
     }
 
     /// Whether it records writes now (enabled and not frozen by a job).
     pub fn is_recording(&self) -> bool {
-        self.enabled.get() && !self.is_busy()
+        self.enabled.get() && self.successor.borrow().is_none()
     }
 
     fn set_bit(&self, words: &mut [u64], g: u64, on: bool) {

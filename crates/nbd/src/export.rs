@@ -1,5 +1,6 @@
 //! Block exports: a node made available to NBD clients under a name.
 
+use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::{Node, RootUse};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -16,6 +17,8 @@ pub struct Export {
     pub(crate) writable: bool,
     pub(crate) writethrough: bool,
     pub(crate) allocation_depth: bool,
+    /// Bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (held busy while exported).
+    pub(crate) bitmaps: Vec<Rc<DirtyBitmap>>,
     pub(crate) clients: Cell<usize>,
     pub(crate) shutting_down: Cell<bool>,
     /// Tells the clients to hang up (hard removal, server stop).

@@ -12,13 +12,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub(crate) enum MetaContext {
     BaseAllocation,
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME` for the export's bitmap at this index.
+    DirtyBitmap(usize),
 }
 
 impl MetaContext {
-    fn name(self) -> &'static str {
+    fn name(self, export: &Export) -> String {
         match self {
-            MetaContext::BaseAllocation => "base:allocation",
-            MetaContext::AllocationDepth => "qemu:allocation-depth",
+            MetaContext::BaseAllocation => "base:allocation".into(),
+            MetaContext::AllocationDepth => "qemu:allocation-depth".into(),
+            MetaContext::DirtyBitmap(i) => format!(
+                "qemu:dirty-bitmap:{}",
+                export.bitmaps.get(i).map_or("", |b| b.name())
+            ),
         }
     }
 
@@ -26,8 +32,18 @@ impl MetaContext {
         match self {
             MetaContext::BaseAllocation => 0,
             MetaContext::AllocationDepth => 1,
+            MetaContext::DirtyBitmap(i) => 2 + i as u32,
         }
     }
+}
+
+/// Whether LIST query `q` names context `name`: exactly, or (when listing) as its namespace
+/// (`base:`, `qemu:`) or `qemu:dirty-bitmap:` for every bitmap.
+fn query_matches(q: &str, name: &str, listing: bool) -> bool {
+    q == name
+        || (listing
+            && (q == "qemu:dirty-bitmap:" && name.starts_with(q)
+                || (q.ends_with(':') && q.matches(':').count() == 1 && name.starts_with(q))))
 }
 
 /// What the handshake settled.
@@ -296,23 +312,20 @@ where
                 if export.allocation_depth {
                     available.push(MetaContext::AllocationDepth);
                 }
+                available.extend((0..export.bitmaps.len()).map(MetaContext::DirtyBitmap));
+                let listing = opt == OPT_LIST_META_CONTEXT;
                 let selected: Vec<MetaContext> = available
                     .into_iter()
                     .filter(|c| {
-                        (opt == OPT_LIST_META_CONTEXT && queries.is_empty())
-                            || queries.iter().any(|q| {
-                                q == c.name()
-                                    || (opt == OPT_LIST_META_CONTEXT
-                                        && c.name()
-                                            .split(':')
-                                            .next()
-                                            .is_some_and(|ns| q == &format!("{ns}:")))
-                            })
+                        (listing && queries.is_empty())
+                            || queries
+                                .iter()
+                                .any(|q| query_matches(q, &c.name(&export), listing))
                     })
                     .collect();
                 for c in &selected {
                     let mut p = c.id().to_be_bytes().to_vec();
-                    p.extend_from_slice(c.name().as_bytes());
+                    p.extend_from_slice(c.name(&export).as_bytes());
                     reply(w, opt, REP_META_CONTEXT, &p).await?;
                 }
                 if opt == OPT_SET_META_CONTEXT {

@@ -2,7 +2,8 @@
 
 use crate::export::Export;
 use crate::{handshake, transmission};
-use ferrite_block::{EventSink, Graph, Perm};
+use ferrite_block::bitmap::DirtyBitmap;
+use ferrite_block::{EventSink, Graph, Node, Perm};
 use ferrite_qapi::{Args, Error, os_msg};
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
@@ -272,27 +273,13 @@ impl NbdService {
                 "NBD server already has export named '{name}'"
             )));
         }
-        if let Some(b) = opts
-            .get("bitmaps")
-            .and_then(|b| b.as_list())
-            .and_then(|l| l.first())
-        {
-            let bname = b
-                .as_str()
-                .or_else(|| {
-                    b.as_dict()
-                        .and_then(|d| d.get("name"))
-                        .and_then(|n| n.as_str())
-                })
-                .unwrap_or_default();
-            return Err(Error::generic(format!("Bitmap '{bname}' is not found")));
-        }
+        let writable = opts.bool_or("writable", false);
+        let bitmaps = self.export_bitmaps(&node, opts, writable)?;
         if opts.has("iothread") {
             return Err(Error::generic(
                 "iothreads for exports are not supported by ferrite yet",
             ));
         }
-        let writable = opts.bool_or("writable", false);
         if writable && node.is_read_only() {
             return Err(Error::generic("Cannot export read-only node as writable"));
         }
@@ -311,13 +298,70 @@ impl NbdService {
             writable,
             writethrough: opts.bool_or("writethrough", false),
             allocation_depth: opts.bool_or("allocation-depth", false),
+            bitmaps: bitmaps.clone(),
             clients: Cell::new(0),
             shutting_down: Cell::new(false),
             kick: Default::default(),
             idle: Default::default(),
         });
+        for b in &bitmaps {
+            b.set_in_use(true);
+        }
         self.exports.borrow_mut().push(export);
         Ok(())
+    }
+
+    /// The bitmaps `bitmaps` names: a name alone is looked up on the node and down its
+    /// backing chain, `{node, name}` on that node (QEMU's rules and texts).
+    fn export_bitmaps(
+        &self,
+        node: &Rc<Node>,
+        opts: &Args,
+        writable: bool,
+    ) -> Result<Vec<Rc<DirtyBitmap>>, Error> {
+        let mut out = Vec::new();
+        let list = opts
+            .get("bitmaps")
+            .and_then(|b| b.as_list())
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
+        for item in &list {
+            let (bm, name) = if let Some(name) = item.as_str() {
+                let mut at = Some(node.clone());
+                let mut found = None;
+                while let Some(n) = at {
+                    if let Some(b) = n.bitmap(name) {
+                        found = Some(b);
+                        break;
+                    }
+                    at = n.child("backing").or_else(|| {
+                        (n.driver_name() == "copy-before-write")
+                            .then(|| n.child("file"))
+                            .flatten()
+                    });
+                }
+                (found, name.to_owned())
+            } else {
+                let d = item.as_dict().cloned().unwrap_or_default();
+                let a = Args::new(d);
+                let name = a.str("name")?.to_owned();
+                let n = self.graph.lookup(a.str("node")?)?;
+                (n.bitmap(&name), name)
+            };
+            let bm = bm.ok_or_else(|| Error::generic(format!("Bitmap '{name}' is not found")))?;
+            if bm.is_busy() || bm.is_inconsistent() {
+                return Err(Error::generic(format!(
+                    "Bitmap '{name}' is currently in use by another operation and cannot be used"
+                )));
+            }
+            if !writable && !node.is_read_only() && bm.is_enabled() {
+                return Err(Error::generic(format!(
+                    "Enabled bitmap '{name}' incompatible with readonly export"
+                )));
+            }
+            out.push(bm);
+        }
+        Ok(out)
     }
 
     /// Removes an export by id (`block-export-del`).
@@ -371,6 +415,9 @@ impl NbdService {
         export.disconnect_all().await;
         if let Some(hold) = export.hold.borrow_mut().take() {
             self.graph.detach(hold);
+            for b in &export.bitmaps {
+                b.set_in_use(false);
+            }
         }
         self.exports.borrow_mut().retain(|e| !Rc::ptr_eq(e, export));
         self.events.emit(

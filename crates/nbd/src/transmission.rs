@@ -411,6 +411,12 @@ async fn block_status(
                     (e.len, flags)
                 }),
                 MetaContext::AllocationDepth => node.allocation_depth(off, want).await,
+                MetaContext::DirtyBitmap(i) => {
+                    Ok(session.export.bitmaps.get(*i).map_or((want, 0), |b| {
+                        let (len, dirty) = b.extent(off, want);
+                        (len, u32::from(dirty))
+                    }))
+                }
             };
             let (len, flags) = match r {
                 Ok(x) => x,
