@@ -312,3 +312,58 @@ def test_bitmap_outcomes_match_qemu(both):
     theirs, ours = seen
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a == b, i
+
+
+def small_fs(path, size):
+    """A tmpfs of `size` at `path`, or a skip when this machine cannot mount one."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for ENOSPC ({r.stderr.strip()})")
+
+
+@pytest.mark.parametrize("policy", ["report", "stop", "enospc", "ignore"])
+def test_target_errors_follow_the_policy_like_qemu(both, tmp_path, policy):
+    """A target on a full filesystem: BLOCK_JOB_ERROR, then the job fails (report), or
+    pauses with io-status nospace (stop, enospc) or retries (ignore) until there is room."""
+    seen = []
+    mounts = []
+    try:
+        for d in both():
+            src = d.workdir / "src.qcow2"
+            qcow2(src, "8M")
+            run("qemu-io", "-c", "write -P 0x22 0 8M", src)
+            fs = d.workdir / "fs"
+            small_fs(fs, "3M")
+            mounts.append(fs)
+            qcow2(fs / "tgt.qcow2", "8M")
+            q = d.connect()
+            add(q, "src", src)
+            add(q, "tgt", fs / "tgt.qcow2")
+            out = [q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                             "sync": "full", "on-target-error": policy})]
+            err = q.wait_event("BLOCK_JOB_ERROR")["data"]
+            out.append(err)
+            if policy in ("stop", "enospc"):
+                wait_for(lambda: q.cmd("query-block-jobs")["return"][0]["status"] == "paused",
+                         what="the job to stop")
+                info = q.cmd("query-block-jobs")["return"][0]
+                out.append((info["status"], info["io-status"], info["paused"]))
+            if policy != "report":
+                run("mount", "-o", "remount,size=64M", fs)
+                if policy != "ignore":
+                    out.append(q.cmd("block-job-resume", {"device": "b"}))
+            end = q.wait_event("BLOCK_JOB_COMPLETED")["data"]
+            out.append((end.get("error"), end["offset"] == end["len"]))
+            wait_job_gone(q, "b")
+            d.stop()
+            if policy != "report":
+                r = run("qemu-img", "compare", src, fs / "tgt.qcow2", check=False)
+                out.append(r.returncode)
+            seen.append(out)
+    finally:
+        for m in mounts:
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)
+    theirs, ours = seen
+    assert ours == theirs

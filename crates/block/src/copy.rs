@@ -11,6 +11,20 @@ use std::io;
 use std::rc::Rc;
 use tokio::sync::Notify;
 
+/// A copy that failed: reading the source or writing the target.
+#[derive(Debug)]
+pub struct CopyError {
+    /// The source failed (else the target).
+    pub read: bool,
+    pub error: io::Error,
+}
+
+impl From<CopyError> for io::Error {
+    fn from(e: CopyError) -> io::Error {
+        e.error
+    }
+}
+
 /// Most bytes one copy request moves.
 pub const MAX_CHUNK: u64 = 1 << 20;
 
@@ -174,7 +188,7 @@ impl BlockCopy {
         target: &Node,
         offset: u64,
         len: u64,
-    ) -> io::Result<u64> {
+    ) -> Result<u64, CopyError> {
         if len == 0 || offset >= self.len {
             return Ok(0);
         }
@@ -207,7 +221,13 @@ impl BlockCopy {
         Ok(done)
     }
 
-    async fn copy_run(&self, source: &Node, target: &Node, c: u64, n: u64) -> io::Result<u64> {
+    async fn copy_run(
+        &self,
+        source: &Node,
+        target: &Node,
+        c: u64,
+        n: u64,
+    ) -> Result<u64, CopyError> {
         let notify = Rc::new(Notify::new());
         for k in c..c + n {
             self.in_flight.borrow_mut().insert(k, notify.clone());
@@ -235,15 +255,19 @@ impl BlockCopy {
         target: &Node,
         offset: u64,
         len: u64,
-    ) -> io::Result<()> {
-        let data = source.read(offset, len as usize).await?;
-        if data.iter().all(|&b| b == 0) {
-            return target.write_zeroes(offset, len, ReqFlags::empty()).await;
-        }
-        if self.compress {
-            return target.write_compressed(offset, data).await;
-        }
-        target.write(offset, data, ReqFlags::empty()).await
+    ) -> Result<(), CopyError> {
+        let data = source
+            .read(offset, len as usize)
+            .await
+            .map_err(|error| CopyError { read: true, error })?;
+        let r = if data.iter().all(|&b| b == 0) {
+            target.write_zeroes(offset, len, ReqFlags::empty()).await
+        } else if self.compress {
+            target.write_compressed(offset, data).await
+        } else {
+            target.write(offset, data, ReqFlags::empty()).await
+        };
+        r.map_err(|error| CopyError { read: false, error })
     }
 }
 

@@ -4,9 +4,9 @@
 //! background (sync `full`, or `top`: only what the top layer allocates) or nothing at all
 //! (sync `none`: the target is a fleecing overlay that only receives those old contents).
 
-use crate::job::{Job, JobDriver, JobFuture, JobManager, JobOptions, JobTxn};
+use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, JobManager, JobOptions, JobTxn};
 use ferrite_block::bitmap::DirtyBitmap;
-use ferrite_block::copy::{BlockCopy, MAX_CHUNK};
+use ferrite_block::copy::{BlockCopy, CopyError, MAX_CHUNK};
 use ferrite_block::{Graph, Node};
 use ferrite_qapi::{Args, Error};
 use std::cell::RefCell;
@@ -36,6 +36,8 @@ struct BackupJob {
     sync: Sync,
     /// The user's bitmap and what to do with it at the end.
     bitmap: Option<UserBitmap>,
+    on_source_error: ErrorPolicy,
+    on_target_error: ErrorPolicy,
     /// The copy-before-write filter while it is in the graph.
     filter: RefCell<Option<Rc<Node>>>,
 }
@@ -70,7 +72,7 @@ impl BackupJob {
 
     async fn copy_all(&self, job: &Job) -> Result<(), String> {
         let cs = self.copy.cluster_size();
-        let mut workers = tokio::task::JoinSet::new();
+        let mut workers: tokio::task::JoinSet<Result<u64, CopyError>> = tokio::task::JoinSet::new();
         let mut next = 0;
         loop {
             // Keep up to WORKERS chunks in flight; the block-copy state keeps them (and the
@@ -80,13 +82,31 @@ impl BackupJob {
             {
                 match workers.join_next().await {
                     Some(Ok(Ok(_))) => self.progress(job),
-                    Some(Ok(Err(e))) => return Err(ferrite_qapi::os_msg(&e)),
+                    Some(Ok(Err(e))) => {
+                        // What failed stays to copy; the policy says whether to retry, once
+                        // for everything in flight (the other chunks fail alike).
+                        while workers.join_next().await.is_some() {}
+                        self.progress(job);
+                        let policy = if e.read {
+                            self.on_source_error
+                        } else {
+                            self.on_target_error
+                        };
+                        job.io_error(e.read, &e.error, policy).await?;
+                        next = 0;
+                    }
                     Some(Err(e)) => return Err(e.to_string()),
                     None => break,
                 }
             }
-            let Some(c) = self.copy.next_dirty(next) else {
-                break;
+            let c = match self.copy.next_dirty(next) {
+                Some(c) => c,
+                // Retried clusters sit before the cursor.
+                None if !self.copy.is_empty() && workers.is_empty() => {
+                    next = 0;
+                    continue;
+                }
+                None => break,
             };
             job.pause_point().await;
             if job.is_cancelled() {
@@ -279,6 +299,8 @@ pub(crate) async fn prepare(
         copy,
         sync,
         bitmap: bitmap.clone(),
+        on_source_error: ErrorPolicy::parse(args.opt_str("on-source-error")),
+        on_target_error: ErrorPolicy::parse(args.opt_str("on-target-error")),
         filter: RefCell::new(Some(filter)),
     });
     if let Some((b, _)) = &bitmap {

@@ -55,6 +55,8 @@ pub struct Job {
     done: Notify,
     /// The jobs that complete or fail together with this one (`completion-mode: grouped`).
     txn: Option<Rc<JobTxn>>,
+    /// `ok`, or why the job stopped on an error (`failed`, `nospace`).
+    io_status: Cell<&'static str>,
 }
 
 /// Jobs that complete or fail as one (a grouped transaction's backups).
@@ -70,6 +72,31 @@ impl JobTxn {
             .iter()
             .filter_map(std::rc::Weak::upgrade)
             .collect()
+    }
+}
+
+/// What a block job does when a request fails (`on-source-error`, `on-target-error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorPolicy {
+    /// Fail the job (also `auto`: a storage daemon's devices report).
+    Report,
+    /// Carry on, retrying what failed.
+    Ignore,
+    /// Pause the job as if the user had, until `block-job-resume`.
+    Stop,
+    /// Stop on ENOSPC, report anything else.
+    Enospc,
+}
+
+impl ErrorPolicy {
+    /// From the QAPI value (absent: report).
+    pub fn parse(v: Option<&str>) -> ErrorPolicy {
+        match v {
+            Some("ignore") => ErrorPolicy::Ignore,
+            Some("stop") => ErrorPolicy::Stop,
+            Some("enospc") => ErrorPolicy::Enospc,
+            _ => ErrorPolicy::Report,
+        }
     }
 }
 
@@ -132,6 +159,53 @@ impl Job {
             }
             self.busy.set(true);
             self.pause_point().await;
+        }
+    }
+
+    /// A request failed: `BLOCK_JOB_ERROR`, then what `policy` says. `Ok` means retry
+    /// (after the user resumed a stopped job).
+    ///
+    /// # Errors
+    /// The error's text when the policy reports it.
+    pub async fn io_error(
+        &self,
+        read: bool,
+        error: &std::io::Error,
+        policy: ErrorPolicy,
+    ) -> Result<(), String> {
+        let nospace = error.raw_os_error() == Some(libc::ENOSPC);
+        let action = match policy {
+            ErrorPolicy::Ignore => "ignore",
+            ErrorPolicy::Stop => "stop",
+            ErrorPolicy::Enospc if nospace => "stop",
+            _ => "report",
+        };
+        if action == "stop" {
+            self.user_paused.set(true);
+            self.pause_count.set(self.pause_count.get() + 1);
+            self.io_status
+                .set(if nospace { "nospace" } else { "failed" });
+        }
+        if let Some(m) = self.manager.upgrade() {
+            m.events.emit(
+                "BLOCK_JOB_ERROR",
+                QDict::new()
+                    .with("device", self.id.as_str())
+                    .with("operation", if read { "read" } else { "write" })
+                    .with("action", action),
+            );
+        }
+        match action {
+            "report" => Err(ferrite_qapi::os_msg(error)),
+            "stop" => {
+                self.pause_point().await;
+                Ok(())
+            }
+            _ => {
+                // Retrying at once would spin on a lasting error.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                Ok(())
+            }
         }
     }
 
@@ -223,7 +297,7 @@ impl Job {
             .block_event_data()
             .with("busy", self.busy.get())
             .with("paused", self.pause_count.get() > 0)
-            .with("io-status", "ok")
+            .with("io-status", self.io_status.get())
             .with("ready", false)
             .with("status", self.status.get().as_str())
             .with("auto-finalize", self.auto_finalize)
@@ -345,6 +419,7 @@ impl JobManager {
             slice: Cell::new((tokio::time::Instant::now(), tokio::time::Instant::now(), 0)),
             done: Notify::new(),
             txn: txn.clone(),
+            io_status: Cell::new("ok"),
         });
         if let Some(t) = &txn {
             t.jobs.borrow_mut().push(Rc::downgrade(&job));
@@ -659,6 +734,7 @@ impl JobManager {
         }
         job.user_paused.set(false);
         job.pause_count.set(job.pause_count.get().saturating_sub(1));
+        job.io_status.set("ok");
         job.unpause();
         job.wake.notify_waiters();
         Ok(())

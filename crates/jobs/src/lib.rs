@@ -14,6 +14,6 @@ mod transaction;
 pub use amend::qmp_x_blockdev_amend;
 pub use backup::qmp_blockdev_backup;
 pub use create::qmp_blockdev_create;
-pub use job::{Job, JobDriver, JobFuture, JobManager, JobOptions, JobTxn};
+pub use job::{ErrorPolicy, Job, JobDriver, JobFuture, JobManager, JobOptions, JobTxn};
 pub use state::{Status, Verb};
 pub use transaction::qmp_transaction;
