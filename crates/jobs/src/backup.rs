@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 /// Chunks the background copy keeps in flight.
-const WORKERS: usize = 8;
+const WORKERS: usize = 16;
 
 /// Why the target refuses other users while the job runs (QEMU's blocker text).
 const BLOCKED: &str = "block device is in use by block job: backup";
