@@ -184,6 +184,17 @@ pub trait Driver {
     /// `cache-clean-interval`.
     fn clean_caches(&self, _now: std::time::Instant) {}
 
+    /// Records a new backing file name and format in the image (`change-backing-file`, an
+    /// external snapshot's overlay).
+    fn change_backing_file<'a>(
+        &'a self,
+        _node: &'a Node,
+        _name: Option<String>,
+        _format: Option<String>,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
     /// Persistent dirty bitmaps the image holds, read at open (taken once by the node).
     fn take_loaded_bitmaps(&self) -> Vec<std::rc::Rc<crate::bitmap::DirtyBitmap>> {
         Vec::new()

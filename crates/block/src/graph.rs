@@ -712,6 +712,12 @@ impl Graph {
                 "Node {name} is not owned by the monitor"
             )));
         }
+        if let Some(p) = self.backing_parent(&node) {
+            return Err(Error::generic(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                p.name
+            )));
+        }
         self.check_unblocked(&node)?;
         let users = node.users();
         if users.iter().any(|u| matches!(u.parent, Parent::Root(_))) {
@@ -951,6 +957,101 @@ impl Graph {
     pub async fn remove_filter(&self, filter: &Rc<Node>, source: &Rc<Node>) -> Result<(), Error> {
         self.replace(filter, source).await?;
         self.forget_if_orphan(filter);
+        Ok(())
+    }
+
+    /// Makes `node` the monitor's, as if `blockdev-add` had made it (`blockdev-del` can
+    /// delete it then).
+    pub fn own(&self, node: &Node) {
+        let mut owned = self.monitor_owned.borrow_mut();
+        if !owned.iter().any(|n| *n == node.name) {
+            owned.push(node.name.clone());
+        }
+    }
+
+    /// The node that has `node` as its backing child, if any.
+    pub fn backing_parent(&self, node: &Node) -> Option<Rc<Node>> {
+        node.users().iter().find_map(|u| match &u.parent {
+            Parent::Node { parent, child } if child == "backing" => self.find(parent),
+            _ => None,
+        })
+    }
+
+    /// An external snapshot's switch: `overlay` gets `node` as its backing file and takes
+    /// its place under every user, and `node` becomes read-only (QEMU's `bdrv_append`).
+    ///
+    /// # Errors
+    /// A permission conflict; nothing changed then.
+    pub async fn append_overlay(&self, node: &Rc<Node>, overlay: &Rc<Node>) -> Result<(), Error> {
+        let _drained = self.drain(node).await;
+        let use_id = self.new_use_id();
+        node.users.borrow_mut().push(Use {
+            id: use_id,
+            parent: Parent::Node {
+                parent: overlay.name.clone(),
+                child: "backing".into(),
+            },
+            perm: Perm::empty(),
+            shared: Perm::all(),
+        });
+        overlay.children.borrow_mut().push(Child {
+            name: "backing".into(),
+            node: node.clone(),
+            use_id,
+        });
+        let undo = |g: &Graph| {
+            overlay.children.borrow_mut().retain(|c| c.use_id != use_id);
+            node.users.borrow_mut().retain(|u| u.id != use_id);
+            let _ = g.propagate(node);
+        };
+        if let Err(e) = self.propagate(overlay) {
+            undo(self);
+            return Err(e);
+        }
+        if let Err(e) = self.replace(node, overlay).await {
+            undo(self);
+            return Err(e);
+        }
+        // Unless the overlay's header names this very node, its backing was chosen here
+        // (its file name then shows the choice, as QEMU's does).
+        let named = overlay.driver.backing_filename().and_then(|(f, _)| {
+            let image = overlay.child("file").map(|c| c.filename())?;
+            crate::filename::backing_path(&image, &f).ok()
+        });
+        if named.as_deref() != Some(node.filename().as_str()) {
+            overlay
+                .options
+                .borrow_mut()
+                .insert("backing", node.name.as_str());
+        }
+        // The old top is read-only from now on, its file too.
+        if !node.is_read_only() {
+            let _ = node.driver.close(node).await;
+            let _ = self.set_read_only(node, true);
+        }
+        Ok(())
+    }
+
+    /// Switches a node and its `file` child between read-only and read-write in place
+    /// (internal reopens: an external snapshot's old top, `change-backing-file`).
+    ///
+    /// # Errors
+    /// The storage refusing the mode.
+    pub fn set_read_only(&self, node: &Rc<Node>, read_only: bool) -> Result<(), Error> {
+        let file = node.child("file").filter(|f| f.users().len() == 1);
+        // Going read-only, the node drops its write permission before its file reopens;
+        // going read-write, the file reopens for writing first.
+        let order: Vec<&Rc<Node>> = if read_only {
+            std::iter::once(node).chain(file.iter()).collect()
+        } else {
+            file.iter().chain(std::iter::once(node)).collect()
+        };
+        for n in order {
+            n.driver
+                .reopen_apply(n, &Args::new(n.options()), read_only)?;
+            n.read_only.set(read_only);
+            self.propagate(n)?;
+        }
         Ok(())
     }
 

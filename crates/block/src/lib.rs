@@ -22,6 +22,7 @@ pub mod io;
 mod node;
 mod perm;
 pub mod qmp_cmds;
+pub mod snapshot_cmds;
 mod stats;
 
 pub use driver::{Extent, ReqFlags};

@@ -184,6 +184,21 @@ impl Daemon {
             "transaction" => ferrite_jobs::qmp_transaction(&self.jobs, &self.graph, &args)
                 .await
                 .and_then(|()| empty()),
+            "blockdev-snapshot" => {
+                ferrite_block::snapshot_cmds::blockdev_snapshot(&self.graph, &args)
+                    .await
+                    .and_then(|()| empty())
+            }
+            "blockdev-snapshot-sync" => {
+                ferrite_block::snapshot_cmds::blockdev_snapshot_sync(&self.graph, &args)
+                    .await
+                    .and_then(|()| empty())
+            }
+            "change-backing-file" => {
+                ferrite_block::snapshot_cmds::change_backing_file(&self.graph, &args)
+                    .await
+                    .and_then(|()| empty())
+            }
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),

@@ -1214,6 +1214,31 @@ impl Driver for Qcow2Driver {
         self.backing.borrow().clone()
     }
 
+    fn change_backing_file<'a>(
+        &'a self,
+        node: &'a Node,
+        name: Option<String>,
+        format: Option<String>,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            m.h.backing_file = name.clone();
+            m.h.set_extension(
+                header::EXT_BACKING_FORMAT,
+                format
+                    .clone()
+                    .filter(|_| name.is_some())
+                    .map(String::into_bytes),
+            );
+            m.write_header(&file).await?;
+            file.flush().await?;
+            *self.backing.borrow_mut() = name.map(|n| (n, format));
+            Ok(())
+        })
+    }
+
     fn write_compressed<'a>(
         &'a self,
         node: &'a Node,

@@ -1,0 +1,209 @@
+//! External snapshots and backing file names: `blockdev-snapshot` (a prepared overlay),
+//! `blockdev-snapshot-sync` (ferrite creates the overlay) and `change-backing-file`, with
+//! QEMU's checks and texts.
+
+use crate::graph::Graph;
+use crate::node::{Node, Parent};
+use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qobject::QDict;
+use std::rc::Rc;
+
+fn lookup_both(graph: &Graph, device: Option<&str>, node: Option<&str>) -> Result<Rc<Node>, Error> {
+    // A storage daemon has no devices: only node names find anything.
+    if let Some(n) = node
+        && device.is_none()
+        && let Some(found) = graph.find(n)
+    {
+        return Ok(found);
+    }
+    Err(Error::generic(format!(
+        "Cannot find device='{}' nor node-name='{}'",
+        device.unwrap_or(""),
+        node.unwrap_or("")
+    )))
+}
+
+/// QEMU's op blockers for taking a snapshot of `node`: a backing file, or a job's node.
+fn check_snapshot_allowed(graph: &Graph, node: &Node) -> Result<(), Error> {
+    if let Some(p) = graph.backing_parent(node) {
+        return Err(Error::generic(format!(
+            "Node '{}' is busy: node is used as backing hd of '{}'",
+            node.name(),
+            p.name()
+        )));
+    }
+    graph.check_unblocked(node)
+}
+
+/// The checks on an overlay before it goes on top.
+fn check_overlay(graph: &Graph, overlay: &Node) -> Result<(), Error> {
+    if overlay
+        .users()
+        .iter()
+        .any(|u| matches!(u.parent, Parent::Root(_)))
+    {
+        return Err(Error::generic("The overlay is already in use"));
+    }
+    graph.check_unblocked(overlay)?;
+    if overlay.child("backing").is_some() {
+        return Err(Error::generic("The overlay already has a backing image"));
+    }
+    if overlay.driver_name() != "qcow2" {
+        return Err(Error::generic(
+            "The overlay does not support backing images",
+        ));
+    }
+    Ok(())
+}
+
+/// `blockdev-snapshot`: `overlay` goes on top of `node`.
+///
+/// # Errors
+/// Unknown nodes, a node that cannot be snapshotted, an overlay that cannot take it.
+pub async fn blockdev_snapshot(graph: &Graph, args: &Args) -> Result<(), Error> {
+    let name = args.str("node")?;
+    let node = lookup_both(graph, None, Some(name)).map_err(|_| {
+        Error::generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        ))
+    })?;
+    check_snapshot_allowed(graph, &node)?;
+    let oname = args.str("overlay")?;
+    let overlay = graph.find(oname).ok_or_else(|| {
+        Error::generic(format!(
+            "Cannot find device='{oname}' nor node-name='{oname}'"
+        ))
+    })?;
+    check_overlay(graph, &overlay)?;
+    graph.append_overlay(&node, &overlay).await
+}
+
+/// `blockdev-snapshot-sync`: creates (mode `absolute-paths`) or opens (`existing`) the
+/// overlay file, then puts it on top of the node.
+///
+/// # Errors
+/// As `blockdev-snapshot`, and the overlay's creation or opening failing.
+pub async fn blockdev_snapshot_sync(graph: &Graph, args: &Args) -> Result<(), Error> {
+    let node = lookup_both(graph, args.opt_str("device"), args.opt_str("node-name"))?;
+    check_snapshot_allowed(graph, &node)?;
+    let file = args.str("snapshot-file")?.to_owned();
+    let new_name = args.opt_str("snapshot-node-name");
+    if let Some(n) = new_name
+        && graph.find(n).is_some()
+    {
+        return Err(Error::generic("New overlay node-name already in use"));
+    }
+    let format = args.opt_str("format").unwrap_or("qcow2");
+    if format != "qcow2" {
+        return Err(Error::generic(format!(
+            "Backing file not supported for file format '{format}'"
+        )));
+    }
+    if args.opt_str("mode") != Some("existing") {
+        create_overlay(graph, &node, &file).await?;
+    }
+    let mut opts = QDict::new()
+        .with("driver", format)
+        .with(
+            "file",
+            QDict::new()
+                .with("driver", "file")
+                .with("filename", file.as_str()),
+        )
+        .with("backing", ferrite_qobject::QObject::Null);
+    if let Some(n) = new_name {
+        opts.insert("node-name", n);
+    }
+    let overlay = graph.open_inline(&Args::new(opts)).await?;
+    // Opened without its backing: the node goes there.
+    overlay.options.borrow_mut().remove("backing");
+    if let Err(e) = check_overlay(graph, &overlay) {
+        graph.release_inline(&overlay);
+        return Err(e);
+    }
+    let r = graph.append_overlay(&node, &overlay).await;
+    match r {
+        // QEMU lists the new overlay among the monitor's nodes.
+        Ok(()) => graph.own(&overlay),
+        Err(_) => graph.release_inline(&overlay),
+    }
+    r
+}
+
+/// A new qcow2 image over `node`: same size, backing file and format from `node`.
+async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<(), Error> {
+    let file_opts = QDict::new()
+        .with("driver", "file")
+        .with("filename", file)
+        .with("size", 0u64);
+    crate::create::create(graph, &Args::new(file_opts)).await?;
+    let backing = node.filename();
+    let opts = QDict::new()
+        .with("driver", "qcow2")
+        .with(
+            "file",
+            QDict::new().with("driver", "file").with("filename", file),
+        )
+        .with("size", node.len())
+        .with("backing-file", backing.as_str())
+        .with("backing-fmt", node.driver_name());
+    crate::create::create(graph, &Args::new(opts)).await
+}
+
+/// `change-backing-file`: records a new backing file name in `image-node-name`, a node of
+/// `device`'s chain that has a backing file.
+///
+/// # Errors
+/// Unknown nodes, an image without a backing file or outside the chain, the write failing.
+pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<(), Error> {
+    let device = args.str("device")?;
+    let top = graph.lookup(device)?;
+    if top
+        .users()
+        .iter()
+        .any(|u| matches!(u.parent, Parent::Node { .. }))
+    {
+        return Err(Error::generic("Need a root block node"));
+    }
+    let iname = args.str("image-node-name")?;
+    let image = graph
+        .find(iname)
+        .ok_or_else(|| Error::generic(format!("Cannot find device='' nor node-name='{iname}'")))?;
+    let Some(backing) = image.child("backing") else {
+        return Err(Error::generic(
+            "not allowing backing file change on an image without a backing file",
+        ));
+    };
+    let mut at = Some(top);
+    let mut in_chain = false;
+    while let Some(n) = at {
+        if Rc::ptr_eq(&n, &image) {
+            in_chain = true;
+            break;
+        }
+        at = n.child("backing");
+    }
+    if !in_chain {
+        return Err(Error::generic("image file not found"));
+    }
+    let name = args.str("backing-file")?.to_owned();
+    // A read-only image is made writable for the header write only.
+    let was_read_only = image.is_read_only();
+    if was_read_only {
+        graph.set_read_only(&image, false)?;
+    }
+    let r = image
+        .driver
+        .change_backing_file(&image, Some(name), Some(backing.driver_name().to_owned()))
+        .await;
+    if was_read_only {
+        let _ = graph.set_read_only(&image, true);
+    }
+    r.map_err(|e| {
+        Error::generic(format!(
+            "Could not change backing file to '{}': {}",
+            args.str("backing-file").unwrap_or_default(),
+            os_msg(&e)
+        ))
+    })
+}
