@@ -964,7 +964,7 @@ impl Graph {
     /// delete it then).
     pub fn own(&self, node: &Node) {
         let mut owned = self.monitor_owned.borrow_mut();
-        if !owned.iter().any(|n| *n == node.name) {
+        if !owned.contains(&node.name) {
             owned.push(node.name.clone());
         }
     }
