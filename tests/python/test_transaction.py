@@ -105,3 +105,33 @@ def test_atomic_full_backup_and_bitmap_under_writes_then_incremental(ferrite, tm
     d.stop()
     r = run("qemu-img", "compare", src, inc, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_snapshot_actions_match_qemu(both):
+    seen = []
+    for d in both():
+        w = d.workdir
+        qcow2(w / "s.qcow2", "4M")
+        qcow2(w / "t.qcow2", "4M")
+        q = d.connect()
+        add(q, "src", w / "s.qcow2")
+        add(q, "tgt", w / "t.qcow2")
+        snap = {"node-name": "src", "snapshot-file": str(w / "o.qcow2"),
+                "snapshot-node-name": "o"}
+        out = [q.cmd("transaction", a) for a in [
+            {"actions": [{"type": "blockdev-snapshot-sync", "data": snap},
+                         {"type": "abort", "data": {}}]},
+            {"actions": [{"type": "blockdev-snapshot-sync", "data": snap}],
+             "properties": {"completion-mode": "grouped"}},
+            {"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "src",
+                                                                     "name": "b"}},
+                         {"type": "blockdev-snapshot-sync", "data": snap}]},
+            {"actions": [{"type": "blockdev-snapshot-sync", "data": snap}]},
+        ]]
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["node-name"], n["ro"], n.get("backing_file", "")
+                           .replace(str(w), "W"), n.get("dirty-bitmaps") is not None)
+                          for n in nodes if not n["node-name"].startswith("#")))
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs

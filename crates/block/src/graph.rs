@@ -707,10 +707,10 @@ impl Graph {
         let node = self.find(name).ok_or_else(|| {
             Error::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
-        if !self.monitor_owned.borrow().iter().any(|n| n == name) {
-            return Err(Error::generic(format!(
-                "Node {name} is not owned by the monitor"
-            )));
+        // QEMU's order: used by a device or export, blocked, not the monitor's, used.
+        let users = node.users();
+        if users.iter().any(|u| matches!(u.parent, Parent::Root(_))) {
+            return Err(Error::generic(format!("Node {name} is in use")));
         }
         if let Some(p) = self.backing_parent(&node) {
             return Err(Error::generic(format!(
@@ -719,9 +719,10 @@ impl Graph {
             )));
         }
         self.check_unblocked(&node)?;
-        let users = node.users();
-        if users.iter().any(|u| matches!(u.parent, Parent::Root(_))) {
-            return Err(Error::generic(format!("Node {name} is in use")));
+        if !self.monitor_owned.borrow().iter().any(|n| n == name) {
+            return Err(Error::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
         }
         if !users.is_empty() {
             return Err(Error::generic(format!("Block device {name} is in use")));
@@ -958,15 +959,6 @@ impl Graph {
         self.replace(filter, source).await?;
         self.forget_if_orphan(filter);
         Ok(())
-    }
-
-    /// Makes `node` the monitor's, as if `blockdev-add` had made it (`blockdev-del` can
-    /// delete it then).
-    pub fn own(&self, node: &Node) {
-        let mut owned = self.monitor_owned.borrow_mut();
-        if !owned.contains(&node.name) {
-            owned.push(node.name.clone());
-        }
     }
 
     /// The node that has `node` as its backing child, if any.

@@ -56,34 +56,65 @@ fn check_overlay(graph: &Graph, overlay: &Node) -> Result<(), Error> {
     Ok(())
 }
 
-/// `blockdev-snapshot`: `overlay` goes on top of `node`.
-///
-/// # Errors
-/// Unknown nodes, a node that cannot be snapshotted, an overlay that cannot take it.
-pub async fn blockdev_snapshot(graph: &Graph, args: &Args) -> Result<(), Error> {
-    let name = args.str("node")?;
-    let node = lookup_both(graph, None, Some(name)).map_err(|_| {
-        Error::generic(format!(
-            "Cannot find device='{name}' nor node-name='{name}'"
-        ))
-    })?;
-    check_snapshot_allowed(graph, &node)?;
-    let oname = args.str("overlay")?;
-    let overlay = graph.find(oname).ok_or_else(|| {
-        Error::generic(format!(
-            "Cannot find device='{oname}' nor node-name='{oname}'"
-        ))
-    })?;
-    check_overlay(graph, &overlay)?;
-    graph.append_overlay(&node, &overlay).await
+/// An external snapshot checked and its overlay ready, not yet on top (a transaction's
+/// action between prepare and commit).
+pub struct Prepared {
+    node: Rc<Node>,
+    overlay: Rc<Node>,
+    /// The overlay was opened for this snapshot (`-sync`): deleted again on abort.
+    opened_here: bool,
 }
 
-/// `blockdev-snapshot-sync`: creates (mode `absolute-paths`) or opens (`existing`) the
-/// overlay file, then puts it on top of the node.
+impl Prepared {
+    /// Puts the overlay on top.
+    ///
+    /// # Errors
+    /// A permission conflict.
+    pub async fn commit(&self, graph: &Graph) -> Result<(), Error> {
+        graph.append_overlay(&self.node, &self.overlay).await?;
+        if self.opened_here {
+            // The overlay lives as long as something uses it (QEMU drops its own reference).
+            graph.release_inline(&self.overlay);
+        }
+        Ok(())
+    }
+
+    /// Drops what prepare opened.
+    pub fn abort(&self, graph: &Graph) {
+        if self.opened_here {
+            graph.release_inline(&self.overlay);
+        }
+    }
+}
+
+/// `blockdev-snapshot` (`sync` false: a prepared overlay) or `blockdev-snapshot-sync`:
+/// the checks, and for `-sync` the overlay created (mode `absolute-paths`) or opened.
 ///
 /// # Errors
-/// As `blockdev-snapshot`, and the overlay's creation or opening failing.
-pub async fn blockdev_snapshot_sync(graph: &Graph, args: &Args) -> Result<(), Error> {
+/// Unknown nodes, a node that cannot be snapshotted, an overlay that cannot take it, the
+/// overlay's creation or opening failing.
+pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared, Error> {
+    if !sync {
+        let name = args.str("node")?;
+        let node = graph.find(name).ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })?;
+        check_snapshot_allowed(graph, &node)?;
+        let oname = args.str("overlay")?;
+        let overlay = graph.find(oname).ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{oname}' nor node-name='{oname}'"
+            ))
+        })?;
+        check_overlay(graph, &overlay)?;
+        return Ok(Prepared {
+            node,
+            overlay,
+            opened_here: false,
+        });
+    }
     let node = lookup_both(graph, args.opt_str("device"), args.opt_str("node-name"))?;
     check_snapshot_allowed(graph, &node)?;
     let file = args.str("snapshot-file")?.to_owned();
@@ -121,11 +152,22 @@ pub async fn blockdev_snapshot_sync(graph: &Graph, args: &Args) -> Result<(), Er
         graph.release_inline(&overlay);
         return Err(e);
     }
-    let r = graph.append_overlay(&node, &overlay).await;
-    match r {
-        // QEMU lists the new overlay among the monitor's nodes.
-        Ok(()) => graph.own(&overlay),
-        Err(_) => graph.release_inline(&overlay),
+    Ok(Prepared {
+        node,
+        overlay,
+        opened_here: true,
+    })
+}
+
+/// `blockdev-snapshot` and `blockdev-snapshot-sync`: prepared and committed at once.
+///
+/// # Errors
+/// As [`prepare`] and [`Prepared::commit`].
+pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<(), Error> {
+    let p = prepare(graph, args, sync).await?;
+    let r = p.commit(graph).await;
+    if r.is_err() {
+        p.abort(graph);
     }
     r
 }

@@ -6,15 +6,18 @@
 use crate::backup::{self, Prepared};
 use crate::job::{JobManager, JobTxn};
 use ferrite_block::bitmap_cmds::{self as bm, Undo};
+use ferrite_block::snapshot_cmds;
 use ferrite_block::{Drained, Graph};
 use ferrite_qapi::{Args, Error};
 use ferrite_qobject::QObject;
 use std::rc::Rc;
 
-/// What a prepared action leaves to do: nothing more, or a backup to start (or abort).
+/// What a prepared action leaves to do: nothing more, a backup to start or a snapshot to
+/// put on top (or either to abort).
 enum Done {
     Undo(Undo),
     Backup(Prepared),
+    Snapshot(snapshot_cmds::Prepared),
 }
 
 /// `transaction`.
@@ -64,6 +67,12 @@ pub async fn qmp_transaction(
             "blockdev-backup" => backup::prepare(jobs, graph, data, txn.clone())
                 .await
                 .map(Done::Backup),
+            "blockdev-snapshot" => snapshot_cmds::prepare(graph, data, false)
+                .await
+                .map(Done::Snapshot),
+            "blockdev-snapshot-sync" => snapshot_cmds::prepare(graph, data, true)
+                .await
+                .map(Done::Snapshot),
             other => Err(Error::generic(format!(
                 "Transaction action '{other}' is not supported by ferrite yet"
             ))),
@@ -75,25 +84,35 @@ pub async fn qmp_transaction(
                     match d {
                         Done::Undo(undo) => undo(),
                         Done::Backup(b) => b.abort(jobs).await,
+                        Done::Snapshot(s) => s.abort(graph),
                     }
                 }
                 return Err(e);
             }
         }
     }
+    // Commit, in order: snapshots go on top, backups start.
+    let mut result = Ok(());
     for d in &done {
-        if let Done::Backup(b) = d {
-            b.start(jobs);
+        match d {
+            Done::Backup(b) => b.start(jobs),
+            Done::Snapshot(s) => {
+                if let Err(e) = s.commit(graph).await {
+                    s.abort(graph);
+                    result = result.and(Err(e));
+                }
+            }
+            Done::Undo(_) => {}
         }
     }
-    Ok(())
+    result
 }
 
 /// Drains every node an action names, so that no write lands between two actions.
 async fn drain_named(graph: &Graph, actions: &[(String, Args)]) -> Vec<Drained> {
     let mut names: Vec<String> = Vec::new();
     for (_, data) in actions {
-        for key in ["node", "device", "target"] {
+        for key in ["node", "device", "target", "node-name"] {
             if let Some(n) = data.opt_str(key)
                 && !names.iter().any(|x| x == n)
             {

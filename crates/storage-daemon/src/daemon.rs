@@ -185,12 +185,12 @@ impl Daemon {
                 .await
                 .and_then(|()| empty()),
             "blockdev-snapshot" => {
-                ferrite_block::snapshot_cmds::blockdev_snapshot(&self.graph, &args)
+                ferrite_block::snapshot_cmds::snapshot(&self.graph, &args, false)
                     .await
                     .and_then(|()| empty())
             }
             "blockdev-snapshot-sync" => {
-                ferrite_block::snapshot_cmds::blockdev_snapshot_sync(&self.graph, &args)
+                ferrite_block::snapshot_cmds::snapshot(&self.graph, &args, true)
                     .await
                     .and_then(|()| empty())
             }
