@@ -367,3 +367,54 @@ def test_target_errors_follow_the_policy_like_qemu(both, tmp_path, policy):
             subprocess.run(["umount", "-l", str(m)], capture_output=True)
     theirs, ours = seen
     assert ours == theirs
+
+
+def test_drive_backup_matches_qemu(both):
+    """drive-backup creates the target (backed by the source for none; by the source's
+    backing file for top, which falls back to full without one), and drops its node at the
+    end; compared with qemu-storage-daemon."""
+    import re
+    seen = []
+    for d in both():
+        w = d.workdir
+        qcow2(w / "s.qcow2", "4M")
+        run("qemu-io", "-c", "write -P 1 0 1M", w / "s.qcow2")
+        q = d.connect()
+        add(q, "src", w / "s.qcow2")
+        out = []
+        for i, extra in enumerate([{"sync": "full"}, {"sync": "none"}, {"sync": "top"},
+                                   {"sync": "full", "mode": "existing"},
+                                   {"sync": "full", "format": "raw"}]):
+            target = str(w / (f"d{i}.raw" if extra.get("format") else f"d{i}.qcow2"))
+            out.append(q.cmd("drive-backup", dict(extra, **{"job-id": f"d{i}", "device": "src",
+                                                            "target": target})))
+        for i in (0, 2, 4):
+            wait_job_gone(q, f"d{i}")
+        # Only the fleecing job (none) runs on: its target and filter are in the graph.
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["drv"], n["image"]["filename"], n.get("backing_file"))
+                          for n in nodes))
+        q.cmd("block-job-cancel", {"device": "d1"})
+        wait_job_gone(q, "d1")
+        out.append(q.cmd("query-named-block-nodes", {"flat": True})["return"])
+        seq = {}
+        for e in q.events:
+            data = e["data"]
+            seq.setdefault(data.get("id") or data.get("device"), []).append(
+                (e["event"], data.get("status"), data.get("len"), data.get("error")))
+        for job in seq:
+            seq[job] = [x for x in seq[job] if x[1] not in ("paused", "running")]
+        out.append(seq)
+        d.stop()
+        for i in (0, 2):
+            r = run("qemu-img", "compare", w / "s.qcow2", w / f"d{i}.qcow2", check=False)
+            out.append(r.returncode)
+        r = run("qemu-img", "compare", w / "s.qcow2", w / "d4.raw", check=False)
+        out.append(r.returncode)
+        info = json.loads(run("qemu-img", "info", "--output=json", w / "d1.qcow2").stdout)
+        out.append(info.get("backing-filename"))
+        text = re.sub(r"#block\d+", "#block", json.dumps(out).replace(str(w), "W"))
+        seen.append(json.loads(re.sub(r'"actual-size": \d+', '"actual-size": 0', text)))
+    theirs, ours = seen
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, i

@@ -413,6 +413,17 @@ impl Graph {
         self.forget_if_orphan(node);
     }
 
+    /// As [`Graph::release_inline`] for a node that may have written: it is closed (caches
+    /// written back, image marked clean) before it goes.
+    pub async fn close_inline(&self, node: &Rc<Node>) {
+        let owned = self.monitor_owned.borrow().iter().any(|n| *n == node.name);
+        if !owned && node.users.borrow().is_empty() {
+            let _ = node.flush().await;
+            self.close_node(node).await;
+            self.forget_if_orphan(node);
+        }
+    }
+
     /// The external data file of a qcow2 image: the `data-file` option, or the file the
     /// header names (relative to the working directory, as QEMU takes it).
     async fn qcow2_data_file(
@@ -951,12 +962,15 @@ impl Graph {
         Ok(filter)
     }
 
-    /// Takes a filter out again: its users go back to `source` and it is deleted.
+    /// Takes a filter out again: its users go to what is below it now (the source, or
+    /// another filter inserted since) and it is deleted.
     ///
     /// # Errors
     /// A permission conflict moving the users back.
-    pub async fn remove_filter(&self, filter: &Rc<Node>, source: &Rc<Node>) -> Result<(), Error> {
-        self.replace(filter, source).await?;
+    pub async fn remove_filter(&self, filter: &Rc<Node>) -> Result<(), Error> {
+        if let Some(below) = filter.child("file") {
+            self.replace(filter, &below).await?;
+        }
         self.forget_if_orphan(filter);
         Ok(())
     }
@@ -969,6 +983,35 @@ impl Graph {
         })
     }
 
+    /// Gives `node` (a format node without one) `backing` as its backing child.
+    ///
+    /// # Errors
+    /// A permission conflict; nothing changed then.
+    pub fn attach_backing(&self, node: &Rc<Node>, backing: &Rc<Node>) -> Result<(), Error> {
+        let use_id = self.new_use_id();
+        backing.users.borrow_mut().push(Use {
+            id: use_id,
+            parent: Parent::Node {
+                parent: node.name.clone(),
+                child: "backing".into(),
+            },
+            perm: Perm::empty(),
+            shared: Perm::all(),
+        });
+        node.children.borrow_mut().push(Child {
+            name: "backing".into(),
+            node: backing.clone(),
+            use_id,
+        });
+        if let Err(e) = self.propagate(node) {
+            node.children.borrow_mut().retain(|c| c.use_id != use_id);
+            backing.users.borrow_mut().retain(|u| u.id != use_id);
+            let _ = self.propagate(backing);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// An external snapshot's switch: `overlay` gets `node` as its backing file and takes
     /// its place under every user, and `node` becomes read-only (QEMU's `bdrv_append`).
     ///
@@ -976,32 +1019,16 @@ impl Graph {
     /// A permission conflict; nothing changed then.
     pub async fn append_overlay(&self, node: &Rc<Node>, overlay: &Rc<Node>) -> Result<(), Error> {
         let _drained = self.drain(node).await;
-        let use_id = self.new_use_id();
-        node.users.borrow_mut().push(Use {
-            id: use_id,
-            parent: Parent::Node {
-                parent: overlay.name.clone(),
-                child: "backing".into(),
-            },
-            perm: Perm::empty(),
-            shared: Perm::all(),
-        });
-        overlay.children.borrow_mut().push(Child {
-            name: "backing".into(),
-            node: node.clone(),
-            use_id,
-        });
-        let undo = |g: &Graph| {
-            overlay.children.borrow_mut().retain(|c| c.use_id != use_id);
-            node.users.borrow_mut().retain(|u| u.id != use_id);
-            let _ = g.propagate(node);
-        };
-        if let Err(e) = self.propagate(overlay) {
-            undo(self);
-            return Err(e);
-        }
+        self.attach_backing(overlay, node)?;
         if let Err(e) = self.replace(node, overlay).await {
-            undo(self);
+            overlay
+                .children
+                .borrow_mut()
+                .retain(|c| c.name != "backing");
+            node.users.borrow_mut().retain(
+                |u| !matches!(&u.parent, Parent::Node { parent, .. } if *parent == overlay.name),
+            );
+            let _ = self.propagate(node);
             return Err(e);
         }
         // Unless the overlay's header names this very node, its backing was chosen here

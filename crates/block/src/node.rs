@@ -231,6 +231,11 @@ impl Node {
         self.options.borrow().get("backing").is_some()
     }
 
+    /// Forgets option `key` of the node (how it was opened no longer shows it).
+    pub fn remove_option(&self, key: &str) {
+        self.options.borrow_mut().remove(key);
+    }
+
     /// The dirty bitmap `name`.
     pub fn bitmap(&self, name: &str) -> Option<Rc<DirtyBitmap>> {
         self.bitmaps

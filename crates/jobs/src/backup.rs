@@ -7,7 +7,7 @@
 use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, JobManager, JobOptions, JobTxn};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, CopyError, MAX_CHUNK};
-use ferrite_block::{Graph, Node};
+use ferrite_block::{Graph, Node, Perm, RootUse};
 use ferrite_qapi::{Args, Error};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -38,8 +38,12 @@ struct BackupJob {
     bitmap: Option<UserBitmap>,
     on_source_error: ErrorPolicy,
     on_target_error: ErrorPolicy,
-    /// The copy-before-write filter while it is in the graph.
+    /// The copy-before-write filter while it is in the graph, and the job's hold on it
+    /// (it stays while other jobs' filters come and go above or below it).
     filter: RefCell<Option<Rc<Node>>>,
+    filter_hold: RefCell<Option<RootUse>>,
+    /// The target was opened for this job (drive-backup): it goes when the job does.
+    drop_target: bool,
 }
 
 impl BackupJob {
@@ -172,10 +176,13 @@ impl BackupJob {
         let filter = self.filter.borrow_mut().take();
         if let Some(f) = filter {
             self.graph.unblock(&self.target, BLOCKED);
-            self.graph
-                .remove_filter(&f, &self.source)
-                .await
-                .map_err(|e| e.desc)?;
+            if let Some(hold) = self.filter_hold.borrow_mut().take() {
+                self.graph.detach(hold);
+            }
+            self.graph.remove_filter(&f).await.map_err(|e| e.desc)?;
+            if self.drop_target {
+                self.graph.close_inline(&self.target).await;
+            }
         }
         Ok(())
     }
@@ -260,6 +267,20 @@ pub(crate) async fn prepare(
     };
     let source = lookup(args.str("device")?)?;
     let target = lookup(args.str("target")?)?;
+    prepare_nodes(jobs, graph, args, source, target, false, txn).await
+}
+
+/// A backup between two nodes; `drop_target`: the target was opened for this job (drive-
+/// backup) and goes away with it.
+async fn prepare_nodes(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+    source: Rc<Node>,
+    target: Rc<Node>,
+    drop_target: bool,
+    txn: Option<Rc<JobTxn>>,
+) -> Result<Prepared, Error> {
     let (sync, bitmap) = check_sync(args, &source)?;
     let id = args.opt_str("job-id").unwrap_or("").to_owned();
     if Rc::ptr_eq(&source, &target) {
@@ -291,6 +312,13 @@ pub(crate) async fn prepare(
             copy.clone(),
         )
         .await?;
+    let filter_hold = match graph.attach(&filter, "backup job", Perm::empty(), Perm::all()) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = graph.remove_filter(&filter).await;
+            return Err(e);
+        }
+    };
     graph.block(&target, BLOCKED);
     let driver = Rc::new(BackupJob {
         graph: graph.clone(),
@@ -302,6 +330,8 @@ pub(crate) async fn prepare(
         on_source_error: ErrorPolicy::parse(args.opt_str("on-source-error")),
         on_target_error: ErrorPolicy::parse(args.opt_str("on-target-error")),
         filter: RefCell::new(Some(filter)),
+        filter_hold: RefCell::new(Some(filter_hold)),
+        drop_target,
     });
     if let Some((b, _)) = &bitmap {
         b.freeze();
@@ -338,6 +368,119 @@ enum BitmapMode {
     OnSuccess,
     Never,
     Always,
+}
+
+/// `drive-backup`: the target is an image file ferrite creates (mode `absolute-paths`, the
+/// default) or opens (`existing`); for sync `top` it is backed by the source's backing
+/// file, for `none` by the source itself.
+///
+/// # Errors
+/// As `blockdev-backup`, and the target's creation or opening failing.
+pub(crate) async fn prepare_drive(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+    txn: Option<Rc<JobTxn>>,
+) -> Result<Prepared, Error> {
+    let name = args.str("device")?;
+    let source = graph.find(name).ok_or_else(|| {
+        Error::generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        ))
+    })?;
+    let file = args.str("target")?.to_owned();
+    let format = args
+        .opt_str("format")
+        .unwrap_or(source.driver_name())
+        .to_owned();
+    let mut sync = args.str("sync")?;
+    // Without a backing file, `top` is `full` (QEMU's rule for drive-backup).
+    if sync == "top" && source.child("backing").is_none() {
+        sync = "full";
+    }
+    let args = &Args::new(args.as_dict().clone().with("sync", sync));
+    // Which node the new target is backed by.
+    let backing = match sync {
+        "none" => Some(source.clone()),
+        "top" => source.child("backing"),
+        _ => None,
+    };
+    if args.opt_str("mode") != Some("existing") {
+        create_target(graph, &source, &file, &format, backing.as_deref()).await?;
+    }
+    let opts = ferrite_qobject::QDict::new()
+        .with("driver", format.as_str())
+        .with(
+            "file",
+            ferrite_qobject::QDict::new()
+                .with("driver", "file")
+                .with("filename", file.as_str()),
+        );
+    let opts = if format == "qcow2" {
+        opts.with("backing", ferrite_qobject::QObject::Null)
+    } else {
+        opts
+    };
+    let target = graph.open_inline(&Args::new(opts)).await?;
+    // Opened without its backing; the one it gets is the one its header names.
+    target.remove_option("backing");
+    if let Some(b) = &backing
+        && format == "qcow2"
+        && let Err(e) = graph.attach_backing(&target, b)
+    {
+        graph.release_inline(&target);
+        return Err(e);
+    }
+    let r = prepare_nodes(jobs, graph, args, source, target.clone(), true, txn).await;
+    if r.is_err() {
+        graph.release_inline(&target);
+    }
+    r
+}
+
+/// A new image for drive-backup: `format` over a new file, as big as the source, backed by
+/// `backing` (its file name and format) when given.
+async fn create_target(
+    graph: &Graph,
+    source: &Node,
+    file: &str,
+    format: &str,
+    backing: Option<&Node>,
+) -> Result<(), Error> {
+    use ferrite_qobject::QDict;
+    let file_opts = QDict::new()
+        .with("driver", "file")
+        .with("filename", file)
+        .with("size", if format == "raw" { source.len() } else { 0 });
+    ferrite_block::create::create(graph, &Args::new(file_opts)).await?;
+    if format == "raw" {
+        return Ok(());
+    }
+    let mut opts = QDict::new()
+        .with("driver", format)
+        .with(
+            "file",
+            QDict::new().with("driver", "file").with("filename", file),
+        )
+        .with("size", source.len());
+    if let Some(b) = backing {
+        opts.insert("backing-file", b.filename());
+        opts.insert("backing-fmt", b.driver_name());
+    }
+    ferrite_block::create::create(graph, &Args::new(opts)).await
+}
+
+/// `drive-backup`: prepared and started at once.
+///
+/// # Errors
+/// As [`prepare_drive`].
+pub async fn qmp_drive_backup(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+) -> Result<(), Error> {
+    prepare_drive(jobs, graph, args, None).await?.start(jobs);
+    Ok(())
 }
 
 /// The sync mode and the bitmap (on the source) with its mode, checked in QEMU's order.

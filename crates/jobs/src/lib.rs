@@ -12,7 +12,7 @@ mod state;
 mod transaction;
 
 pub use amend::qmp_x_blockdev_amend;
-pub use backup::qmp_blockdev_backup;
+pub use backup::{qmp_blockdev_backup, qmp_drive_backup};
 pub use create::qmp_blockdev_create;
 pub use job::{ErrorPolicy, Job, JobDriver, JobFuture, JobManager, JobOptions, JobTxn};
 pub use state::{Status, Verb};

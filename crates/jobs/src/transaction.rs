@@ -67,6 +67,9 @@ pub async fn qmp_transaction(
             "blockdev-backup" => backup::prepare(jobs, graph, data, txn.clone())
                 .await
                 .map(Done::Backup),
+            "drive-backup" => backup::prepare_drive(jobs, graph, data, txn.clone())
+                .await
+                .map(Done::Backup),
             "blockdev-snapshot" => snapshot_cmds::prepare(graph, data, false)
                 .await
                 .map(Done::Snapshot),

@@ -199,6 +199,9 @@ impl Daemon {
                     .await
                     .and_then(|()| empty())
             }
+            "drive-backup" => ferrite_jobs::qmp_drive_backup(&self.jobs, &self.graph, &args)
+                .await
+                .and_then(|()| empty()),
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),
