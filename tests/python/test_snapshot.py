@@ -72,3 +72,55 @@ def test_external_snapshots_match_qemu(both):
     for i, (a, b) in enumerate(zip(ours[0], theirs[0])):
         assert a == b, i
     assert ours[1] == theirs[1]
+
+
+def test_internal_snapshots_match_qemu(both):
+    """blockdev-snapshot-internal-sync and -delete-internal-sync: checks and texts, the
+    snapshot table qemu-img lists, a revert to the point in time, and no leaks."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        img = w / "i.qcow2"
+        qcow2(img, "4M", "-o", "cluster_size=4096")
+        run("qemu-io", "-c", "write -P 1 0 1M", "-c", "write -c -P 5 2M 64k", img)
+        q = d.connect()
+        out = []
+        c = lambda name, args=None: out.append(q.cmd(name, args))  # noqa: E731
+        c("blockdev-add", {"node-name": "q", "driver": "qcow2",
+                           "file": {"driver": "file", "filename": str(img)}})
+        c("blockdev-add", {"node-name": "n", "driver": "null-co"})
+        sock = str(w / "nbd.sock")
+        c("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        c("block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "writable": True})
+        uri = f"nbd+unix:///q?socket={sock}"
+        for args in [{"device": "q", "name": "s1"}, {"device": "q", "name": "s1"},
+                     {"device": "q", "name": ""}, {"device": "n", "name": "x"},
+                     {"device": "nope", "name": "x"}]:
+            c("blockdev-snapshot-internal-sync", args)
+        run("qemu-io", "-f", "raw", "-c", "write -P 2 0 64k", "-c", "write -P 3 1M 64k",
+            "-c", "write -z 2M 4k", uri)
+        c("transaction", {"actions": [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": "q", "name": "s2"}},
+            {"type": "abort", "data": {}}]})
+        c("blockdev-snapshot-internal-sync", {"device": "q", "name": "s3"})
+        run("qemu-io", "-f", "raw", "-c", "write -P 4 0 4k", uri)
+        c("query-named-block-nodes", {"flat": True})
+        for args in [{"device": "q", "name": "zz"}, {"device": "q"},
+                     {"device": "q", "id": "2", "name": "s3"}, {"device": "q", "id": "2"}]:
+            c("blockdev-snapshot-delete-internal-sync", args)
+        q.cmd("quit")
+        d.proc.wait(timeout=10)
+        check = json.loads(run("qemu-img", "check", "--output=json", img).stdout)
+        out.append({k: check.get(k, 0) for k in ("leaks", "corruptions", "check-errors")})
+        out.append([line.split()[1] for line in
+                    run("qemu-img", "snapshot", "-l", img).stdout.splitlines()[2:]])
+        run("qemu-img", "snapshot", "-a", "s1", img)
+        r = run("qemu-io", "-r", "-c", "read -P 1 0 1M", "-c", "read -P 5 2M 64k", img)
+        assert "Pattern verification failed" not in r.stdout, r.stdout
+        text = json.dumps(out).replace(str(w), "W")
+        text = re.sub(r'"(date-sec|date-nsec|vm-clock-sec|vm-clock-nsec|actual-size)": \d+',
+                      r'"\1": 0', text)
+        seen.append(json.loads(re.sub(r"#block\d+", "#block", text)))
+    theirs, ours = seen
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, i

@@ -195,6 +195,27 @@ pub trait Driver {
         Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
     }
 
+    /// The image's internal snapshots (`SnapshotInfo`), for `ImageInfo`.
+    fn snapshots_info(&self) -> Vec<QDict> {
+        Vec::new()
+    }
+
+    /// Takes internal snapshot `name`; returns its `SnapshotInfo`.
+    fn snapshot_create<'a>(&'a self, _node: &'a Node, _name: &'a str) -> BoxFut<'a, QDict> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
+    /// Deletes the internal snapshot with `id` and/or `name`; its `SnapshotInfo`, or `None`
+    /// if there is no such snapshot.
+    fn snapshot_delete<'a>(
+        &'a self,
+        _node: &'a Node,
+        _id: Option<&'a str>,
+        _name: Option<&'a str>,
+    ) -> BoxFut<'a, Option<QDict>> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
     /// Persistent dirty bitmaps the image holds, read at open (taken once by the node).
     fn take_loaded_bitmaps(&self) -> Vec<std::rc::Rc<crate::bitmap::DirtyBitmap>> {
         Vec::new()

@@ -26,6 +26,13 @@ pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
             d.insert("backing-filename-format", f);
         }
     }
+    let snapshots = node.driver.snapshots_info();
+    if !snapshots.is_empty() {
+        d.insert(
+            "snapshots",
+            QObject::List(snapshots.into_iter().map(QObject::Dict).collect()),
+        );
+    }
     if !flat && let Some(b) = node.child("backing") {
         d.insert("backing-image", image_info(&b, false));
     }

@@ -231,6 +231,17 @@ impl Node {
         self.options.borrow().get("backing").is_some()
     }
 
+    /// Deletes internal snapshot `id` (a transaction taking one back).
+    ///
+    /// # Errors
+    /// The image failing.
+    pub async fn driver_snapshot_delete(&self, id: &str) -> std::io::Result<()> {
+        self.driver
+            .snapshot_delete(self, Some(id), None)
+            .await
+            .map(|_| ())
+    }
+
     /// Forgets option `key` of the node (how it was opened no longer shows it).
     pub fn remove_option(&self, key: &str) {
         self.options.borrow_mut().remove(key);

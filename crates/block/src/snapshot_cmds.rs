@@ -249,3 +249,85 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<(), Error
         ))
     })
 }
+
+/// The node of an internal-snapshot command, with QEMU's checks before any change.
+fn internal_target(graph: &Graph, device: &str) -> Result<Rc<Node>, Error> {
+    let node = graph.lookup(device)?;
+    if node.is_read_only() {
+        return Err(Error::generic(format!("Device '{device}' is read only")));
+    }
+    if node.driver_name() != "qcow2" {
+        return Err(Error::generic(format!(
+            "Block format '{}' used by device '{device}' does not support internal snapshots",
+            node.driver_name()
+        )));
+    }
+    Ok(node)
+}
+
+/// `blockdev-snapshot-internal-sync`: returns the new snapshot's ID (for a transaction to
+/// take it back).
+///
+/// # Errors
+/// QEMU's texts for an unknown or read-only node, a format without internal snapshots, an
+/// empty or taken name; the image failing.
+pub async fn internal_sync(graph: &Graph, args: &Args) -> Result<(Rc<Node>, String), Error> {
+    let device = args.str("device")?;
+    let node = internal_target(graph, device)?;
+    let name = args.str("name")?;
+    if name.is_empty() {
+        return Err(Error::generic("Name is empty"));
+    }
+    if node
+        .driver
+        .snapshots_info()
+        .iter()
+        .any(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+    {
+        return Err(Error::generic(format!(
+            "Snapshot with name '{name}' already exists on device '{device}'"
+        )));
+    }
+    let info = node
+        .driver
+        .snapshot_create(&node, name)
+        .await
+        .map_err(|e| {
+            Error::generic(format!(
+                "Failed to create snapshot '{name}' on device '{device}': {}",
+                os_msg(&e)
+            ))
+        })?;
+    let id = info
+        .get("id")
+        .and_then(|i| i.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((node, id))
+}
+
+/// `blockdev-snapshot-delete-internal-sync`: the deleted snapshot's `SnapshotInfo`.
+///
+/// # Errors
+/// QEMU's texts for an unknown or read-only node, no name and no ID, no such snapshot.
+pub async fn delete_internal_sync(graph: &Graph, args: &Args) -> Result<QDict, Error> {
+    let device = args.str("device")?;
+    let id = args.opt_str("id");
+    let name = args.opt_str("name");
+    let node = internal_target(graph, device)?;
+    if id.is_none() && name.is_none() {
+        return Err(Error::generic("Name or id must be provided"));
+    }
+    let gone = node
+        .driver
+        .snapshot_delete(&node, id, name)
+        .await
+        .map_err(|e| Error::generic(os_msg(&e)))?;
+    gone.ok_or_else(|| {
+        Error::generic(format!(
+            "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
+            id.unwrap_or("null"),
+            name.unwrap_or("null")
+        ))
+    })
+}

@@ -18,6 +18,15 @@ enum Done {
     Undo(Undo),
     Backup(Prepared),
     Snapshot(snapshot_cmds::Prepared),
+    /// An internal snapshot taken (node, ID), deleted again on rollback.
+    Internal((Rc<ferrite_block::Node>, String)),
+}
+
+async fn internal_snapshot(
+    graph: &Graph,
+    data: &Args,
+) -> Result<(Rc<ferrite_block::Node>, String), Error> {
+    snapshot_cmds::internal_sync(graph, data).await
 }
 
 /// `transaction`.
@@ -70,6 +79,9 @@ pub async fn qmp_transaction(
             "drive-backup" => backup::prepare_drive(jobs, graph, data, txn.clone())
                 .await
                 .map(Done::Backup),
+            "blockdev-snapshot-internal-sync" => {
+                internal_snapshot(graph, data).await.map(Done::Internal)
+            }
             "blockdev-snapshot" => snapshot_cmds::prepare(graph, data, false)
                 .await
                 .map(Done::Snapshot),
@@ -88,6 +100,9 @@ pub async fn qmp_transaction(
                         Done::Undo(undo) => undo(),
                         Done::Backup(b) => b.abort(jobs).await,
                         Done::Snapshot(s) => s.abort(graph),
+                        Done::Internal((node, id)) => {
+                            let _ = node.driver_snapshot_delete(&id).await;
+                        }
                     }
                 }
                 return Err(e);
@@ -105,7 +120,7 @@ pub async fn qmp_transaction(
                     result = result.and(Err(e));
                 }
             }
-            Done::Undo(_) => {}
+            Done::Undo(_) | Done::Internal(_) => {}
         }
     }
     result

@@ -194,6 +194,16 @@ impl Daemon {
                     .await
                     .and_then(|()| empty())
             }
+            "blockdev-snapshot-internal-sync" => {
+                ferrite_block::snapshot_cmds::internal_sync(&self.graph, &args)
+                    .await
+                    .and_then(|_| empty())
+            }
+            "blockdev-snapshot-delete-internal-sync" => {
+                ferrite_block::snapshot_cmds::delete_internal_sync(&self.graph, &args)
+                    .await
+                    .map(QObject::Dict)
+            }
             "change-backing-file" => {
                 ferrite_block::snapshot_cmds::change_backing_file(&self.graph, &args)
                     .await

@@ -118,6 +118,13 @@ impl Driver for NullDriver {
         self.options.clone()
     }
 
+    /// Without options that change what it reads, QEMU names it `null-co://`.
+    fn plain_filename(&self) -> Option<String> {
+        self.options
+            .is_empty()
+            .then(|| format!("{}://", if self.aio { "null-aio" } else { "null-co" }))
+    }
+
     fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
         use ferrite_qobject::QObject;
         super::unchanged(

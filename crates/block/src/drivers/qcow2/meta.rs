@@ -449,7 +449,12 @@ impl Meta {
     }
 
     /// Adds `delta` to the refcount of host cluster index `c`.
-    async fn update_refcount(&mut self, file: &Node, c: u64, delta: i64) -> io::Result<u64> {
+    pub(crate) async fn update_refcount(
+        &mut self,
+        file: &Node,
+        c: u64,
+        delta: i64,
+    ) -> io::Result<u64> {
         let per = self.refcounts_per_block();
         let b = c / per;
         let off = match self.refblock_offset(b)? {

@@ -14,6 +14,7 @@ mod entry;
 pub(crate) mod header;
 mod map;
 mod meta;
+mod snapshot;
 
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
@@ -67,7 +68,8 @@ pub(crate) struct Qcow2Driver {
     dirty_set: Cell<bool>,
     backing: RefCell<Option<(String, Option<String>)>>,
     on_corruption: CorruptionHook,
-    snapshots: u32,
+    /// The internal snapshots (for queries; the table on disk is the truth).
+    snapshots: RefCell<Vec<snapshot::Snapshot>>,
     /// Cached tables unused for this long are dropped (`cache-clean-interval`; zero: never).
     clean_interval: Duration,
     last_clean: Cell<Instant>,
@@ -156,7 +158,6 @@ impl Qcow2Driver {
         let backing = h.backing_file.clone().map(|f| (f, h.backing_format()));
         let version = h.version;
         let extended = h.extended_l2();
-        let snapshots = h.nb_snapshots;
         let size = h.size;
         let was_dirty = h.incompatible & incompat::DIRTY != 0;
         let mut meta = Meta::load(file, h, l2_tables, rb_tables)
@@ -167,6 +168,10 @@ impl Qcow2Driver {
             .opt_bool("pass-discard-request")
             .unwrap_or(discard_unmap);
         meta.pass_discard_other = args.opt_bool("pass-discard-other").unwrap_or(false);
+        let snapshots = snapshot::list(file, &meta)
+            .await
+            .map(|(l, _)| l)
+            .unwrap_or_default();
         let loaded = bitmaps::load(file, &mut meta).await.map_err(|e| {
             Error::generic(format!(
                 "Could not load the bitmaps of the image: {}",
@@ -193,7 +198,7 @@ impl Qcow2Driver {
             dirty_set: Cell::new(false),
             backing: RefCell::new(backing),
             on_corruption,
-            snapshots,
+            snapshots: RefCell::new(snapshots),
             clean_interval,
             last_clean: Cell::new(Instant::now()),
             data_file,
@@ -820,7 +825,7 @@ impl Qcow2Driver {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         if size < old {
-            if self.snapshots > 0 {
+            if !self.snapshots.borrow().is_empty() {
                 return Err(enotsup());
             }
             // Drop everything past the new end.
@@ -885,6 +890,18 @@ impl Qcow2Driver {
         self.dirty_set.set(false);
         Ok(())
     }
+}
+
+/// `SnapshotInfo` of an internal snapshot.
+fn snapshot_info(s: &snapshot::Snapshot) -> QDict {
+    QDict::new()
+        .with("id", s.id.as_str())
+        .with("name", s.name.as_str())
+        .with("vm-state-size", s.vm_state_size)
+        .with("date-sec", u64::from(s.date_sec))
+        .with("date-nsec", u64::from(s.date_nsec))
+        .with("vm-clock-sec", s.vm_clock_nsec / 1_000_000_000)
+        .with("vm-clock-nsec", s.vm_clock_nsec % 1_000_000_000)
 }
 
 /// Before the first write: repair a dirty image, drop autoclear bits we do not know, and
@@ -1193,6 +1210,43 @@ impl Driver for Qcow2Driver {
 
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
+    }
+
+    fn snapshots_info(&self) -> Vec<QDict> {
+        self.snapshots.borrow().iter().map(snapshot_info).collect()
+    }
+
+    fn snapshot_create<'a>(&'a self, node: &'a Node, name: &'a str) -> BoxFut<'a, QDict> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            let r = snapshot::create(&file, &mut m, name).await;
+            drop(m);
+            let s = self.check(node, &file, r).await?;
+            self.snapshots.borrow_mut().push(s.clone());
+            Ok(snapshot_info(&s))
+        })
+    }
+
+    fn snapshot_delete<'a>(
+        &'a self,
+        node: &'a Node,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> BoxFut<'a, Option<QDict>> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            let r = snapshot::delete(&file, &mut m, id, name).await;
+            drop(m);
+            let gone = self.check(node, &file, r).await?;
+            if let Some(s) = &gone {
+                self.snapshots.borrow_mut().retain(|x| x.id != s.id);
+            }
+            Ok(gone.as_ref().map(snapshot_info))
+        })
     }
 
     fn take_loaded_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
