@@ -260,7 +260,7 @@ impl BlockCopy {
             .read(offset, len as usize)
             .await
             .map_err(|error| CopyError { read: true, error })?;
-        let r = if data.iter().all(|&b| b == 0) {
+        let r = if crate::io::is_zero(&data) {
             target.write_zeroes(offset, len, ReqFlags::empty()).await
         } else if self.compress {
             target.write_compressed(offset, data).await

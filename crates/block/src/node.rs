@@ -395,7 +395,7 @@ impl Node {
         let len = data.len() as u64;
         self.check_write_bounds(offset, len)?;
         self.check_writable()?;
-        if self.detect_zeroes.get() != DetectZeroes::Off && data.iter().all(|&b| b == 0) {
+        if self.detect_zeroes.get() != DetectZeroes::Off && crate::io::is_zero(&data) {
             let mut zflags = flags;
             if self.detect_zeroes.get() == DetectZeroes::Unmap && self.discard_unmap.get() {
                 zflags |= ReqFlags::MAY_UNMAP;

@@ -25,6 +25,7 @@ pub fn take(len: usize) -> Vec<u8> {
             Some(p.swap_remove(i))
         });
         if let Some(mut b) = reused {
+            // Shrinking keeps the old bytes; only growth is filled.
             b.resize(len, 0);
             return b;
         }
@@ -32,15 +33,15 @@ pub fn take(len: usize) -> Vec<u8> {
     vec![0u8; len]
 }
 
-/// Hands a buffer back for reuse.
-pub fn give(mut buf: Vec<u8>) {
+/// Hands a buffer back for reuse. Its bytes stay as they are: the next taker overwrites
+/// them, and not zeroing a megabyte per request is the point.
+pub fn give(buf: Vec<u8>) {
     if buf.capacity() < MIN_POOLED {
         return;
     }
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < MAX_POOLED {
-            buf.clear();
             p.push(buf);
         }
     });

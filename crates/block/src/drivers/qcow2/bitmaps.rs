@@ -149,7 +149,7 @@ async fn store_one(file: &Node, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Vec
     for k in 0..clusters as usize {
         let from = k * cs as usize;
         let mut chunk = bytes[from..bytes.len().min(from + cs as usize)].to_vec();
-        if chunk.iter().all(|&x| x == 0) {
+        if crate::io::is_zero(&chunk) {
             continue;
         }
         chunk.resize(cs as usize, 0);

@@ -494,19 +494,22 @@ impl Qcow2Driver {
         let start = gc * cs;
         let total = clusters * cs;
         let data_end = in_off + data.len() as u64;
-        let mut buf = vec![0u8; total as usize];
+        // A pooled buffer: every byte is written below.
+        let mut buf = crate::io::pool::take(total as usize);
         // Head and tail from the old content (backing file, compressed data, shared cluster).
         for (from, to) in [(0, in_off), (data_end, total)] {
             if from >= to {
                 continue;
             }
+            let part = &mut buf[from as usize..to as usize];
             if self.known_zero(node, file, start + from, to - from).await? {
+                part.fill(0);
                 continue;
             }
             let old = self
                 .read_guest(node, file, start + from, (to - from) as usize)
                 .await?;
-            buf[from as usize..to as usize].copy_from_slice(&old);
+            part.copy_from_slice(&old);
         }
         buf[in_off as usize..data_end as usize].copy_from_slice(data);
         let host = {
@@ -1021,6 +1024,7 @@ impl Driver for Qcow2Driver {
             self.alive()?;
             let file = Self::file(node)?;
             let r = self.write_impl(node, &file, offset, &data).await;
+            crate::io::pool::give(data);
             let r = self.check(node, &file, r).await;
             if r.is_ok() && flags.contains(ReqFlags::FUA) {
                 return self.flush(node).await;
