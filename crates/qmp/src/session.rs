@@ -199,6 +199,12 @@ impl Monitor {
                 session.wake_executor.notified().await;
                 continue;
             };
+            if session.outbox.is_closed() {
+                // Nobody reads the replies any more (the peer reset the connection): what
+                // is queued is dropped, as when the peer hangs up.
+                session.requests.borrow_mut().clear();
+                break;
+            }
             session.executing.set(true);
             if session.oob.get() {
                 session.wake_reader.notify_one();
