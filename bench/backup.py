@@ -57,21 +57,30 @@ def peak_kib(pid):
     return 0
 
 
-def backup(binary, src, d, with_writer):
-    tgt = os.path.join(d, "tgt.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, f"{SIZE_MB}M"], check=True)
+def daemon(binary, d, targets):
+    """A daemon with the source exported over NBD and a new qcow2 node per name in
+    `targets`: (its arguments, QMP socket, NBD socket)."""
     qmp_sock, nbd_sock = os.path.join(d, "qmp.sock"), os.path.join(d, "nbd.sock")
     for p in (qmp_sock, nbd_sock):
         if os.path.exists(p):
             os.unlink(p)
     args = [binary, "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off",
             "--monitor", "chardev=m",
-            "--blockdev", f"driver=file,node-name=sf,filename={src}",
-            "--blockdev", "driver=qcow2,node-name=src,file=sf",
-            "--blockdev", f"driver=file,node-name=tf,filename={tgt}",
-            "--blockdev", "driver=qcow2,node-name=tgt,file=tf",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
-            "--export", "nbd,id=e0,node-name=src,writable=on"]
+            "--blockdev", f"driver=file,node-name=sf,filename={os.path.join(d, 'src.qcow2')}",
+            "--blockdev", "driver=qcow2,node-name=src,file=sf"]
+    for name in targets:
+        path = os.path.join(d, f"{name}.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, f"{SIZE_MB}M"],
+                       check=True)
+        args += ["--blockdev", f"driver=file,node-name={name}-f,filename={path}",
+                 "--blockdev", f"driver=qcow2,node-name={name},file={name}-f"]
+    args += ["--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
+             "--export", "nbd,id=e0,node-name=src,writable=on"]
+    return args, qmp_sock, nbd_sock
+
+
+def backup(binary, d, with_writer):
+    args, qmp_sock, nbd_sock = daemon(binary, d, ["tgt"])
     with common.running(args, qmp_sock) as p:
         q = Qmp(qmp_sock)
         writer = None
@@ -99,26 +108,10 @@ def backup(binary, src, d, with_writer):
         return seconds, peak_kib(p.pid), lat_us, iops
 
 
-def incremental(binary, src, d):
+def incremental(binary, d):
     """Full backup with a new bitmap (one transaction), 5% of the clusters rewritten through
     NBD, then the incremental backup: its seconds."""
-    full, inc = os.path.join(d, "full.qcow2"), os.path.join(d, "inc.qcow2")
-    for t in (full, inc):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", t, f"{SIZE_MB}M"], check=True)
-    qmp_sock, nbd_sock = os.path.join(d, "qmp.sock"), os.path.join(d, "nbd.sock")
-    for p in (qmp_sock, nbd_sock):
-        if os.path.exists(p):
-            os.unlink(p)
-    args = [binary, "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off",
-            "--monitor", "chardev=m",
-            "--blockdev", f"driver=file,node-name=sf,filename={src}",
-            "--blockdev", "driver=qcow2,node-name=src,file=sf",
-            "--blockdev", f"driver=file,node-name=ff,filename={full}",
-            "--blockdev", "driver=qcow2,node-name=full,file=ff",
-            "--blockdev", f"driver=file,node-name=if,filename={inc}",
-            "--blockdev", "driver=qcow2,node-name=inc,file=if",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
-            "--export", "nbd,id=e0,node-name=src,writable=on"]
+    args, qmp_sock, nbd_sock = daemon(binary, d, ["full", "inc"])
     with common.running(args, qmp_sock):
         q = Qmp(qmp_sock)
         q.cmd("transaction", {"actions": [
@@ -150,8 +143,8 @@ def main():
                        capture_output=True)
         print(f"{'row':<30}{'qsd':>12}{'ferrite':>12}{'ratio':>8}")
         for with_writer in (False, True):
-            theirs = backup(QSD, src, d, with_writer)
-            ours = backup(FERRITE, src, d, with_writer)
+            theirs = backup(QSD, d, with_writer)
+            ours = backup(FERRITE, d, with_writer)
             tag = "with writer" if with_writer else "idle"
             print(f"{'seconds, ' + tag:<30}{theirs[0]:>12.2f}{ours[0]:>12.2f}"
                   f"{theirs[0] / ours[0]:>8.2f}")
@@ -162,7 +155,7 @@ def main():
                       f"{theirs[2] / ours[2]:>8.2f}")
                 print(f"{'guest write IOPS':<30}{theirs[3]:>12.0f}{ours[3]:>12.0f}"
                       f"{ours[3] / theirs[3]:>8.2f}")
-        theirs, ours = incremental(QSD, src, d), incremental(FERRITE, src, d)
+        theirs, ours = incremental(QSD, d), incremental(FERRITE, d)
         print(f"{'seconds, incremental 5%':<30}{theirs:>12.2f}{ours:>12.2f}{theirs / ours:>8.2f}")
 
 

@@ -224,18 +224,25 @@ def test_quit_cancels_running_jobs(both):
     assert ours == theirs
 
 
-def test_incremental_backup_rebased_onto_the_full_reproduces_the_source(ferrite, tmp_path):
+def incremental_chain(ferrite, tmp_path, size, *writes):
+    """A source (with `writes`), a full-backup target and an incremental target backed by
+    it, all added to a daemon that exports the source: (daemon, qmp, uri, source, inc)."""
     src, full, inc = tmp_path / "src.qcow2", tmp_path / "full.qcow2", tmp_path / "inc.qcow2"
-    qcow2(src)
-    run("qemu-io", "-c", "write -P 0x22 0 3M", "-c", "write -P 0x33 4M 3M", src)
-    qcow2(full)
-    qcow2(inc, "8M", "-b", full.name, "-F", "qcow2")
+    qcow2(src, size)
+    run("qemu-io", *[a for w in writes for a in ("-c", w)], src)
+    qcow2(full, size)
+    qcow2(inc, size, "-b", full.name, "-F", "qcow2")
     d = ferrite()
     q = d.connect()
     add(q, "src", src)
     add(q, "full", full)
     add(q, "inc", inc, backing=None)
-    uri = export(q, d, "src", "src", True)
+    return d, q, export(q, d, "src", "src", True), src, inc
+
+
+def test_incremental_backup_rebased_onto_the_full_reproduces_the_source(ferrite, tmp_path):
+    d, q, uri, src, inc = incremental_chain(ferrite, tmp_path, "8M", "write -P 0x22 0 3M",
+                                            "write -P 0x33 4M 3M")
     assert q.cmd("block-dirty-bitmap-add", {"node": "src", "name": "b0"}) == {"return": {}}
     assert q.cmd("blockdev-backup", {"job-id": "f", "device": "src", "target": "full",
                                      "sync": "full"}) == {"return": {}}

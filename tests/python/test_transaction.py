@@ -4,7 +4,7 @@ atomically while a client writes give an incremental chain equal to the source."
 import subprocess
 import threading
 
-from test_backup import add, export, qcow2, run, wait_job_gone
+from test_backup import add, export, incremental_chain, qcow2, run, wait_job_gone
 
 
 def per_job(events):
@@ -73,17 +73,7 @@ def test_transactions_match_qemu(both):
 
 
 def test_atomic_full_backup_and_bitmap_under_writes_then_incremental(ferrite, tmp_path):
-    src, full, inc = tmp_path / "src.qcow2", tmp_path / "full.qcow2", tmp_path / "inc.qcow2"
-    qcow2(src, "16M")
-    run("qemu-io", "-c", "write -P 0x22 0 16M", src)
-    qcow2(full, "16M")
-    qcow2(inc, "16M", "-b", full.name, "-F", "qcow2")
-    d = ferrite()
-    q = d.connect()
-    add(q, "src", src)
-    add(q, "full", full)
-    add(q, "inc", inc, backing=None)
-    uri = export(q, d, "src", "src", True)
+    d, q, uri, src, inc = incremental_chain(ferrite, tmp_path, "16M", "write -P 0x22 0 16M")
     # A client keeps writing while the transaction runs.
     writer = subprocess.Popen(
         ["fio", "--name=w", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",

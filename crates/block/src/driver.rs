@@ -10,6 +10,11 @@ use std::pin::Pin;
 /// A boxed future borrowing the driver and its node.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + 'a>>;
 
+/// The answer of a driver that cannot do what is asked (ENOTSUP).
+pub(crate) fn unsupported<'a, T: 'a>() -> BoxFut<'a, T> {
+    Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+}
+
 bitflags::bitflags! {
     /// Flags on a request (QEMU: `BdrvRequestFlags`).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -192,7 +197,7 @@ pub trait Driver {
         _name: Option<String>,
         _format: Option<String>,
     ) -> BoxFut<'a, ()> {
-        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
+        unsupported()
     }
 
     /// The image's internal snapshots (`SnapshotInfo`), for `ImageInfo`.
@@ -202,7 +207,7 @@ pub trait Driver {
 
     /// Takes internal snapshot `name`; returns its `SnapshotInfo`.
     fn snapshot_create<'a>(&'a self, _node: &'a Node, _name: &'a str) -> BoxFut<'a, QDict> {
-        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
+        unsupported()
     }
 
     /// Deletes the internal snapshot with `id` and/or `name`; its `SnapshotInfo`, or `None`
@@ -213,7 +218,7 @@ pub trait Driver {
         _id: Option<&'a str>,
         _name: Option<&'a str>,
     ) -> BoxFut<'a, Option<QDict>> {
-        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
+        unsupported()
     }
 
     /// Persistent dirty bitmaps the image holds, read at open (taken once by the node).

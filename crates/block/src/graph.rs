@@ -114,6 +114,15 @@ impl Graph {
         self.find(name).ok_or_else(|| node_not_found(name))
     }
 
+    /// A node by node name only, for commands without a device argument.
+    ///
+    /// # Errors
+    /// QEMU's "Cannot find device='' nor node-name='x'".
+    pub fn lookup_node(&self, name: &str) -> Result<Rc<Node>, Error> {
+        self.find(name)
+            .ok_or_else(|| Error::generic(format!("Cannot find device='' nor node-name='{name}'")))
+    }
+
     fn io_backend(&self, aio: &str) -> Rc<dyn IoBackend> {
         if aio == "threads" {
             return self.threads.clone();
@@ -1004,12 +1013,17 @@ impl Graph {
             use_id,
         });
         if let Err(e) = self.propagate(node) {
-            node.children.borrow_mut().retain(|c| c.use_id != use_id);
-            backing.users.borrow_mut().retain(|u| u.id != use_id);
-            let _ = self.propagate(backing);
+            self.detach_child(node, backing, use_id);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Takes back a child link made in place: the parent forgets it, the child its use.
+    fn detach_child(&self, parent: &Node, child: &Rc<Node>, use_id: u64) {
+        parent.children.borrow_mut().retain(|c| c.use_id != use_id);
+        child.users.borrow_mut().retain(|u| u.id != use_id);
+        let _ = self.propagate(child);
     }
 
     /// An external snapshot's switch: `overlay` gets `node` as its backing file and takes
@@ -1021,14 +1035,9 @@ impl Graph {
         let _drained = self.drain(node).await;
         self.attach_backing(overlay, node)?;
         if let Err(e) = self.replace(node, overlay).await {
-            overlay
-                .children
-                .borrow_mut()
-                .retain(|c| c.name != "backing");
-            node.users.borrow_mut().retain(
-                |u| !matches!(&u.parent, Parent::Node { parent, .. } if *parent == overlay.name),
-            );
-            let _ = self.propagate(node);
+            if let Some(c) = overlay.children().into_iter().find(|c| c.name == "backing") {
+                self.detach_child(overlay, node, c.use_id);
+            }
             return Err(e);
         }
         // Unless the overlay's header names this very node, its backing was chosen here

@@ -8,19 +8,18 @@ use ferrite_qapi::{Args, Error, os_msg};
 use ferrite_qobject::QDict;
 use std::rc::Rc;
 
+/// The node of `device`/`node-name`: a storage daemon has no devices, so only a node name
+/// alone finds anything (QEMU's text names both).
 fn lookup_both(graph: &Graph, device: Option<&str>, node: Option<&str>) -> Result<Rc<Node>, Error> {
-    // A storage daemon has no devices: only node names find anything.
-    if let Some(n) = node
-        && device.is_none()
-        && let Some(found) = graph.find(n)
-    {
-        return Ok(found);
-    }
-    Err(Error::generic(format!(
-        "Cannot find device='{}' nor node-name='{}'",
-        device.unwrap_or(""),
-        node.unwrap_or("")
-    )))
+    node.filter(|_| device.is_none())
+        .and_then(|n| graph.find(n))
+        .ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.unwrap_or(""),
+                node.unwrap_or("")
+            ))
+        })
 }
 
 /// QEMU's op blockers for taking a snapshot of `node`: a backing file, or a job's node.
@@ -95,19 +94,9 @@ impl Prepared {
 /// overlay's creation or opening failing.
 pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared, Error> {
     if !sync {
-        let name = args.str("node")?;
-        let node = graph.find(name).ok_or_else(|| {
-            Error::generic(format!(
-                "Cannot find device='{name}' nor node-name='{name}'"
-            ))
-        })?;
+        let node = graph.lookup(args.str("node")?)?;
         check_snapshot_allowed(graph, &node)?;
-        let oname = args.str("overlay")?;
-        let overlay = graph.find(oname).ok_or_else(|| {
-            Error::generic(format!(
-                "Cannot find device='{oname}' nor node-name='{oname}'"
-            ))
-        })?;
+        let overlay = graph.lookup(args.str("overlay")?)?;
         check_overlay(graph, &overlay)?;
         return Ok(Prepared {
             node,
@@ -207,10 +196,7 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<(), Error
     {
         return Err(Error::generic("Need a root block node"));
     }
-    let iname = args.str("image-node-name")?;
-    let image = graph
-        .find(iname)
-        .ok_or_else(|| Error::generic(format!("Cannot find device='' nor node-name='{iname}'")))?;
+    let image = graph.lookup_node(args.str("image-node-name")?)?;
     let Some(backing) = image.child("backing") else {
         return Err(Error::generic(
             "not allowing backing file change on an image without a backing file",

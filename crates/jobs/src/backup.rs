@@ -258,15 +258,8 @@ pub(crate) async fn prepare(
     args: &Args,
     txn: Option<Rc<JobTxn>>,
 ) -> Result<Prepared, Error> {
-    let lookup = |name: &str| {
-        graph.find(name).ok_or_else(|| {
-            Error::generic(format!(
-                "Cannot find device='{name}' nor node-name='{name}'"
-            ))
-        })
-    };
-    let source = lookup(args.str("device")?)?;
-    let target = lookup(args.str("target")?)?;
+    let source = graph.lookup(args.str("device")?)?;
+    let target = graph.lookup(args.str("target")?)?;
     prepare_nodes(jobs, graph, args, source, target, false, txn).await
 }
 
@@ -382,12 +375,7 @@ pub(crate) async fn prepare_drive(
     args: &Args,
     txn: Option<Rc<JobTxn>>,
 ) -> Result<Prepared, Error> {
-    let name = args.str("device")?;
-    let source = graph.find(name).ok_or_else(|| {
-        Error::generic(format!(
-            "Cannot find device='{name}' nor node-name='{name}'"
-        ))
-    })?;
+    let source = graph.lookup(args.str("device")?)?;
     let file = args.str("target")?.to_owned();
     let format = args
         .opt_str("format")

@@ -1,31 +1,9 @@
 //! `blockdev-create`: image creation run as a job of type `create`.
 
-use crate::job::{Job, JobDriver, JobFuture, JobManager, JobOptions};
+use crate::job::JobManager;
 use ferrite_block::Graph;
 use ferrite_qapi::{Args, Error};
 use std::rc::Rc;
-
-struct CreateJob {
-    graph: Rc<Graph>,
-    options: Args,
-}
-
-impl JobDriver for CreateJob {
-    fn job_type(&self) -> &'static str {
-        "create"
-    }
-
-    fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture {
-        Box::pin(async move {
-            job.set_progress(0, 1);
-            // Let `blockdev-create` return before the work starts, as in QEMU.
-            tokio::task::yield_now().await;
-            let r = ferrite_block::create::create(&self.graph, &self.options).await;
-            job.set_progress(1, 1);
-            r.map_err(|e| e.desc)
-        })
-    }
-}
 
 /// `blockdev-create`: starts a `create` job (manual dismiss, as in QEMU).
 ///
@@ -42,17 +20,11 @@ pub fn qmp_blockdev_create(
         .ok_or_else(|| Error::generic("Parameter 'options' is missing"))?;
     jobs.check_id(&id)?;
     ferrite_block::create::check_driver(&options)?;
-    jobs.start(
-        JobOptions {
-            id,
-            auto_finalize: true,
-            auto_dismiss: false,
-            speed: 0,
-        },
-        Rc::new(CreateJob {
-            graph: graph.clone(),
-            options,
-        }),
-    )?;
-    Ok(())
+    let graph = graph.clone();
+    crate::single_step::start(
+        jobs,
+        id,
+        "create",
+        Box::pin(async move { ferrite_block::create::create(&graph, &options).await }),
+    )
 }

@@ -8,6 +8,7 @@ mod backup;
 mod create;
 mod job;
 pub mod qmp_cmds;
+mod single_step;
 mod state;
 mod transaction;
 

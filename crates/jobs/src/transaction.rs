@@ -22,13 +22,6 @@ enum Done {
     Internal((Rc<ferrite_block::Node>, String)),
 }
 
-async fn internal_snapshot(
-    graph: &Graph,
-    data: &Args,
-) -> Result<(Rc<ferrite_block::Node>, String), Error> {
-    snapshot_cmds::internal_sync(graph, data).await
-}
-
 /// `transaction`.
 ///
 /// # Errors
@@ -79,9 +72,9 @@ pub async fn qmp_transaction(
             "drive-backup" => backup::prepare_drive(jobs, graph, data, txn.clone())
                 .await
                 .map(Done::Backup),
-            "blockdev-snapshot-internal-sync" => {
-                internal_snapshot(graph, data).await.map(Done::Internal)
-            }
+            "blockdev-snapshot-internal-sync" => snapshot_cmds::internal_sync(graph, data)
+                .await
+                .map(Done::Internal),
             "blockdev-snapshot" => snapshot_cmds::prepare(graph, data, false)
                 .await
                 .map(Done::Snapshot),

@@ -261,9 +261,7 @@ impl NbdService {
             )));
         }
         let node_name = opts.str("node-name")?;
-        let node = self.graph.find(node_name).ok_or_else(|| {
-            Error::generic(format!("Cannot find device='' nor node-name='{node_name}'"))
-        })?;
+        let node = self.graph.lookup_node(node_name)?;
         let name = opts.opt_str("name").unwrap_or(node_name).to_owned();
         if name.len() > crate::proto::MAX_STRING {
             return Err(Error::generic(format!("export name '{name}' too long")));

@@ -120,7 +120,7 @@ impl Driver for CbwDriver {
 
     fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
         // The point in time has a fixed size.
-        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+        crate::driver::unsupported()
     }
 
     fn child_perm(&self, name: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {

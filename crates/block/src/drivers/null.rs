@@ -111,7 +111,7 @@ impl Driver for NullDriver {
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
-        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
+        crate::driver::unsupported()
     }
 
     fn strong_options(&self) -> ferrite_qobject::QDict {

@@ -1,0 +1,63 @@
+//! Jobs whose work is one step (`blockdev-create`, `x-blockdev-amend`): progress 0 of 1, the
+//! work once the command has returned (as in QEMU), then 1 of 1; the user dismisses them.
+
+use crate::job::{Job, JobDriver, JobFuture, JobManager, JobOptions};
+use ferrite_qapi::Error;
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+/// The step itself.
+pub(crate) type Step = Pin<Box<dyn Future<Output = Result<(), Error>>>>;
+
+struct SingleStep {
+    kind: &'static str,
+    step: RefCell<Option<Step>>,
+}
+
+impl JobDriver for SingleStep {
+    fn job_type(&self) -> &'static str {
+        self.kind
+    }
+
+    fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture {
+        Box::pin(async move {
+            job.set_progress(0, 1);
+            // Let the command return before the work starts, as in QEMU.
+            tokio::task::yield_now().await;
+            let step = self.step.borrow_mut().take();
+            let r = match step {
+                Some(s) => s.await,
+                None => Ok(()),
+            };
+            job.set_progress(1, 1);
+            r.map_err(|e| e.desc)
+        })
+    }
+}
+
+/// Starts job `id` of type `kind` doing `step` (manual dismiss, as in QEMU).
+///
+/// # Errors
+/// A bad or duplicate job ID.
+pub(crate) fn start(
+    jobs: &Rc<JobManager>,
+    id: String,
+    kind: &'static str,
+    step: Step,
+) -> Result<(), Error> {
+    jobs.start(
+        JobOptions {
+            id,
+            auto_finalize: true,
+            auto_dismiss: false,
+            speed: 0,
+        },
+        Rc::new(SingleStep {
+            kind,
+            step: RefCell::new(Some(step)),
+        }),
+    )?;
+    Ok(())
+}
