@@ -134,6 +134,41 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks (`on`) or clears granule `g`.
+    pub fn set_granule(&self, g: u64, on: bool) {
+        let mut w = self.words.borrow_mut();
+        self.set_bit(&mut w, g, on);
+    }
+
+    /// Marks every granule.
+    pub fn fill(&self) {
+        let granules = self.granules();
+        let mut w = self.words.borrow_mut();
+        w.fill(!0);
+        if granules % 64 != 0
+            && let Some(last) = w.last_mut()
+        {
+            *last = (1u64 << (granules % 64)) - 1;
+        }
+        self.count.set(granules);
+    }
+
+    /// The first dirty granule at or after granule `from`.
+    pub fn next_dirty_granule(&self, from: u64) -> Option<u64> {
+        let words = self.words.borrow();
+        let granules = self.granules();
+        let mut g = from;
+        while g < granules {
+            let w = words.get((g / 64) as usize).copied().unwrap_or(0) >> (g % 64);
+            if w == 0 {
+                g = (g / 64 + 1) * 64;
+                continue;
+            }
+            return Some(g + u64::from(w.trailing_zeros())).filter(|&g| g < granules);
+        }
+        None
+    }
+
     /// Whether granule `g` is dirty.
     pub fn get(&self, g: u64) -> bool {
         self.words
@@ -198,18 +233,8 @@ impl DirtyBitmap {
     /// The next dirty byte range at or after byte `from`: (start, length), whole granules.
     pub fn next_dirty(&self, from: u64) -> Option<(u64, u64)> {
         let granules = self.granules();
-        let mut g = from / self.granularity;
-        while g < granules && !self.get(g) {
-            if g % 64 == 0 && self.words.borrow().get((g / 64) as usize) == Some(&0) {
-                g += 64;
-            } else {
-                g += 1;
-            }
-        }
-        if g >= granules {
-            return None;
-        }
-        let start = g;
+        let start = self.next_dirty_granule(from / self.granularity)?;
+        let mut g = start;
         while g < granules && self.get(g) {
             g += 1;
         }

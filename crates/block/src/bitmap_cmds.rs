@@ -206,8 +206,11 @@ pub(crate) fn info(node: &Node) -> Option<QObject> {
         .borrow()
         .iter()
         .map(|b| {
-            let mut d = QDict::new()
-                .with("name", b.name())
+            let mut d = QDict::new();
+            if !b.name().is_empty() {
+                d.insert("name", b.name());
+            }
+            d = d
                 .with("recording", b.is_recording())
                 .with("persistent", b.is_persistent())
                 .with("busy", b.is_busy())

@@ -3,6 +3,7 @@
 //! change) and a backup job (which copies the rest in the background). A cluster is copied at
 //! most once, and a write waits for the copy of its clusters in flight (QEMU: block-copy.c).
 
+use crate::bitmap::DirtyBitmap;
 use crate::driver::ReqFlags;
 use crate::node::Node;
 use std::cell::{Cell, RefCell};
@@ -40,17 +41,31 @@ pub fn cluster_size_for(target: &Node) -> u64 {
         .max(DEFAULT_CLUSTER)
 }
 
+/// `min-cluster-size`: a power of two, or zero for none.
+///
+/// # Errors
+/// QEMU's text for other values.
+pub fn min_cluster_size(v: Option<u64>) -> Result<u64, ferrite_qapi::Error> {
+    match v {
+        Some(v) if v != 0 && !v.is_power_of_two() => Err(ferrite_qapi::Error::generic(
+            "Cannot create block-copy-state: min-cluster-size needs to be a power of 2",
+        )),
+        v => Ok(v.unwrap_or(0)),
+    }
+}
+
 /// The to-copy state of a source.
 pub struct BlockCopy {
     cluster: u64,
     len: u64,
-    /// One bit per cluster: still to copy.
-    dirty: RefCell<Vec<u64>>,
-    dirty_count: Cell<u64>,
+    /// Clusters still to copy.
+    dirty: Rc<DirtyBitmap>,
     /// Clusters being copied now, with whom to wake when done.
     in_flight: RefCell<HashMap<u64, Rc<Notify>>>,
     /// Write the target compressed (whole clusters).
     compress: bool,
+    /// Discard what was copied from the source (backup's `discard-source`).
+    discard_source: Cell<bool>,
     /// Bytes copied so far.
     copied: Cell<u64>,
 }
@@ -58,43 +73,41 @@ pub struct BlockCopy {
 impl BlockCopy {
     /// Every cluster of a `len`-byte source marked to copy, in clusters of `cluster` bytes.
     pub fn new(len: u64, cluster: u64, compress: bool) -> Rc<BlockCopy> {
-        let clusters = len.div_ceil(cluster);
-        let mut dirty = vec![!0u64; clusters.div_ceil(64) as usize];
-        if clusters % 64 != 0
-            && let Some(last) = dirty.last_mut()
-        {
-            *last = (1u64 << (clusters % 64)) - 1;
-        }
+        let dirty = DirtyBitmap::new("", cluster, len, false);
+        dirty.fill();
         Rc::new(BlockCopy {
             cluster,
             len,
-            dirty: RefCell::new(dirty),
-            dirty_count: Cell::new(clusters),
+            dirty,
             in_flight: RefCell::new(HashMap::new()),
             compress,
+            discard_source: Cell::new(false),
             copied: Cell::new(0),
         })
     }
 
-    /// Only what `bitmap` marks dirty is to copy (sync `bitmap`).
+    /// Only what `bitmap` marks dirty is to copy (sync `bitmap`, a copy-before-write
+    /// filter's `bitmap`).
     pub fn new_from_bitmap(
         len: u64,
         cluster: u64,
         compress: bool,
-        bitmap: &crate::bitmap::DirtyBitmap,
+        bitmap: &DirtyBitmap,
     ) -> Rc<BlockCopy> {
         let b = BlockCopy::new(len, cluster, compress);
-        b.skip(0, len);
-        let mut at = 0;
-        while let Some((off, n)) = bitmap.next_dirty(at) {
-            let first = off / cluster;
-            let end = (off + n).min(len).div_ceil(cluster);
-            for c in first..end {
-                b.set(c, true);
-            }
-            at = off + n;
-        }
+        b.dirty.clear();
+        b.dirty.merge_from(bitmap);
         b
+    }
+
+    /// Discard each range from the source once it is copied.
+    pub fn set_discard_source(&self, on: bool) {
+        self.discard_source.set(on);
+    }
+
+    /// Whether copied ranges are discarded from the source.
+    pub fn discards_source(&self) -> bool {
+        self.discard_source.get()
     }
 
     /// The copy granularity in bytes.
@@ -109,17 +122,23 @@ impl BlockCopy {
 
     /// Whether nothing is left to copy.
     pub fn is_empty(&self) -> bool {
-        self.dirty_count.get() == 0
+        self.dirty.is_empty()
     }
 
     /// Bytes still to copy.
     pub fn dirty_bytes(&self) -> u64 {
-        (self.dirty_count.get() * self.cluster).min(self.len)
+        self.dirty.count().min(self.len)
     }
 
     /// Bytes copied so far.
     pub fn copied(&self) -> u64 {
         self.copied.get()
+    }
+
+    /// The clusters still to copy, as an anonymous bitmap (QEMU shows a copy-before-write
+    /// node's internal bitmaps in its `dirty-bitmaps`).
+    pub fn dirty_bitmap(&self) -> Rc<DirtyBitmap> {
+        self.dirty.clone()
     }
 
     fn bytes_of(&self, c: u64) -> u64 {
@@ -128,23 +147,7 @@ impl BlockCopy {
 
     /// Whether cluster `c` is still to copy.
     pub fn is_dirty(&self, c: u64) -> bool {
-        self.dirty
-            .borrow()
-            .get((c / 64) as usize)
-            .is_some_and(|w| w & (1 << (c % 64)) != 0)
-    }
-
-    fn set(&self, c: u64, on: bool) {
-        let mut d = self.dirty.borrow_mut();
-        let Some(w) = d.get_mut((c / 64) as usize) else {
-            return;
-        };
-        let bit = 1u64 << (c % 64);
-        if (*w & bit != 0) != on {
-            *w ^= bit;
-            let n = self.dirty_count.get();
-            self.dirty_count.set(if on { n + 1 } else { n - 1 });
-        }
+        self.dirty.get(c)
     }
 
     /// Unmarks the clusters wholly inside `offset..offset + len` (nothing to copy there).
@@ -156,24 +159,27 @@ impl BlockCopy {
             (offset + len) / self.cluster
         };
         for c in first..end {
-            self.set(c, false);
+            self.dirty.set_granule(c, false);
+        }
+    }
+
+    /// Waits until no copy of a cluster of `offset..offset + len` is in flight.
+    pub async fn wait_in_flight(&self, offset: u64, len: u64) {
+        let clusters = offset / self.cluster..(offset + len).div_ceil(self.cluster);
+        loop {
+            let busy = clusters
+                .clone()
+                .find_map(|c| self.in_flight.borrow().get(&c).cloned());
+            match busy {
+                Some(n) => n.notified().await,
+                None => return,
+            }
         }
     }
 
     /// The first cluster at or after `from` still to copy.
     pub fn next_dirty(&self, from: u64) -> Option<u64> {
-        let d = self.dirty.borrow();
-        let clusters = self.len.div_ceil(self.cluster);
-        let mut c = from;
-        while c < clusters {
-            let w = d.get((c / 64) as usize).copied().unwrap_or(0) >> (c % 64);
-            if w == 0 {
-                c = (c / 64 + 1) * 64;
-                continue;
-            }
-            return Some(c + u64::from(w.trailing_zeros())).filter(|&c| c < clusters);
-        }
-        None
+        self.dirty.next_dirty_granule(from)
     }
 
     /// Copies every cluster of `offset..offset + len` still to copy from `source` to
@@ -238,12 +244,16 @@ impl BlockCopy {
         for k in c..c + n {
             self.in_flight.borrow_mut().remove(&k);
             if r.is_ok() {
-                self.set(k, false);
+                self.dirty.set_granule(k, false);
             }
         }
         notify.notify_waiters();
         r?;
         self.copied.set(self.copied.get() + bytes);
+        if self.discard_source.get() {
+            // As QEMU: the source's answer does not matter, the copy is made.
+            let _ = source.discard(start, bytes).await;
+        }
         Ok(bytes)
     }
 

@@ -82,9 +82,10 @@ pub trait Driver {
     /// Changes the size.
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()>;
 
-    /// What to ask of child `name` given what this node's users take and share
-    /// (QEMU's `bdrv_child_perm`). The default passes everything through, as filters and raw do.
-    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
+    /// What to ask of child `name` given what this node's users take and share, and whether
+    /// it has users at all (QEMU's `bdrv_child_perm`). The default passes everything
+    /// through, as filters and raw do.
+    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
         (perm, shared)
     }
 
@@ -221,8 +222,9 @@ pub trait Driver {
         unsupported()
     }
 
-    /// Persistent dirty bitmaps the image holds, read at open (taken once by the node).
-    fn take_loaded_bitmaps(&self) -> Vec<std::rc::Rc<crate::bitmap::DirtyBitmap>> {
+    /// The bitmaps the node starts with, newest first (taken once by the node): the
+    /// persistent ones an image holds, or a filter's internal (anonymous) ones.
+    fn take_initial_bitmaps(&self) -> Vec<std::rc::Rc<crate::bitmap::DirtyBitmap>> {
         Vec::new()
     }
 
@@ -242,6 +244,37 @@ pub trait Driver {
     /// Whether the driver can make zeroes fast (for NBD_CMD_WRITE_ZEROES with FAST_ZERO).
     fn can_fast_zero(&self) -> bool {
         false
+    }
+
+    /// Reads the point in time a `copy-before-write` node keeps (for `snapshot-access`).
+    fn snapshot_read<'a>(
+        &'a self,
+        _node: &'a Node,
+        _offset: u64,
+        _len: usize,
+    ) -> BoxFut<'a, Vec<u8>> {
+        unsupported()
+    }
+
+    /// The status of the point in time at `offset`, at most `len` long.
+    fn snapshot_block_status<'a>(
+        &'a self,
+        _node: &'a Node,
+        _offset: u64,
+        _len: u64,
+    ) -> BoxFut<'a, Extent> {
+        unsupported()
+    }
+
+    /// Gives up the point in time of a range: it is no longer kept nor readable.
+    fn snapshot_discard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BoxFut<'a, ()> {
+        unsupported()
+    }
+
+    /// Whether queries show the image's cluster size and dirty flag (QEMU's `bdrv_get_info`
+    /// answers for it).
+    fn has_image_info(&self) -> bool {
+        true
     }
 
     /// Alignment every request must respect, in bytes.

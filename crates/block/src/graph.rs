@@ -3,7 +3,12 @@
 
 use crate::drivers::qcow2::{BackingSpec, Corruption, CorruptionHook, Qcow2Driver};
 use crate::drivers::{
-    cbw::CbwDriver, file::FileDriver, file::FileOpen, null::NullDriver, raw::RawDriver,
+    cbw::{CbwDriver, CbwOptions},
+    file::FileDriver,
+    file::FileOpen,
+    null::NullDriver,
+    raw::RawDriver,
+    snapshot_access::SnapshotAccessDriver,
 };
 use crate::io::{IoBackend, ThreadPool, Uring};
 use crate::node::{Child, DetectZeroes, Drained, Node, NodeSettings, Parent, Use};
@@ -199,6 +204,19 @@ impl Graph {
         }
     }
 
+    /// A copy-before-write filter's `bitmap` (`BlockDirtyBitmap`).
+    ///
+    /// # Errors
+    /// QEMU's texts for an unknown node or bitmap.
+    fn cbw_bitmap(&self, b: &Args) -> Result<Rc<crate::bitmap::DirtyBitmap>, Error> {
+        let (node, name) = (b.str("node")?, b.str("name")?);
+        let node = self
+            .find(node)
+            .ok_or_else(|| Error::generic(format!("Node '{node}' not found")))?;
+        node.bitmap(name)
+            .ok_or_else(|| Error::generic(format!("Dirty bitmap '{name}' not found")))
+    }
+
     /// The child `key` of `opts`, which must be there.
     async fn required_child(&self, opts: &Args, key: &str) -> Result<Rc<Node>, Error> {
         let v = opts
@@ -338,8 +356,12 @@ impl Graph {
                 opened.push(file.clone());
                 let target = self.required_child(opts, "target").await?;
                 opened.push(target.clone());
+                let bitmap = match opts.dict("bitmap") {
+                    Some(b) => Some(self.cbw_bitmap(&b)?),
+                    None => None,
+                };
                 let copy = self.handoff_copy.borrow_mut().take();
-                let drv = CbwDriver::open(opts, &file, &target, copy)?;
+                let drv = CbwDriver::open(opts, &file, &target, CbwOptions { copy, bitmap })?;
                 for (name, node) in [("file", file), ("target", target)] {
                     children.push(Child {
                         name: name.into(),
@@ -348,6 +370,16 @@ impl Graph {
                     });
                 }
                 Box::new(drv)
+            }
+            "snapshot-access" => {
+                let file = self.required_child(opts, "file").await?;
+                opened.push(file.clone());
+                children.push(Child {
+                    name: "file".into(),
+                    node: file,
+                    use_id: self.new_use_id(),
+                });
+                Box::new(SnapshotAccessDriver)
             }
             other => {
                 return Err(Error::generic(format!(
@@ -368,7 +400,7 @@ impl Graph {
             settings,
             children.clone(),
         );
-        *node.bitmaps.borrow_mut() = node.driver.take_loaded_bitmaps();
+        *node.bitmaps.borrow_mut() = node.driver.take_initial_bitmaps();
         let write_event = self.events.clone();
         *node.threshold_hit.borrow_mut() = Some(Box::new(move |n: &Node, exceeded, threshold| {
             write_event.emit(
@@ -381,7 +413,9 @@ impl Graph {
         }));
         // Attach the children with what this node (still unused) needs of them.
         for (i, c) in children.iter().enumerate() {
-            let (perm, shared) = node.driver.child_perm(&c.name, Perm::empty(), Perm::all());
+            let (perm, shared) = node
+                .driver
+                .child_perm(&c.name, Perm::empty(), Perm::all(), false);
             let u = Use {
                 id: c.use_id,
                 parent: Parent::Node {
@@ -629,12 +663,12 @@ impl Graph {
                 }
             }
         }
-        let r = uses
-            .iter()
-            .try_for_each(|u| self.check_conflicts(to, u.id))
-            .and_then(|()| self.propagate(to));
+        // `from` lets go first: what it asked of its own children for these users (a
+        // filter guarding its source) must not stand in their way at `to`.
         let _ = self.propagate(from);
-        r
+        uses.iter()
+            .try_for_each(|u| self.check_conflicts(to, u.id))
+            .and_then(|()| self.propagate(to))
     }
 
     /// Changes what one use of `node` takes and shares, checking the whole subgraph; on error
@@ -713,7 +747,8 @@ impl Graph {
         let (perm, shared) = node.cumulative_perms();
         node.driver.set_perm(perm, shared)?;
         for c in node.children() {
-            let (p, s) = node.driver.child_perm(&c.name, perm, shared);
+            let used = !node.users.borrow().is_empty();
+            let (p, s) = node.driver.child_perm(&c.name, perm, shared, used);
             self.update_use(&c.node, c.use_id, p, s)?;
         }
         Ok(())

@@ -40,7 +40,7 @@ pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
     if let Some(fs) = node.driver.format_specific() {
         d.insert("format-specific", fs);
     }
-    if !node.driver_name().starts_with("null") {
+    if node.driver.has_image_info() {
         d.insert("dirty-flag", false);
     }
     d
@@ -52,7 +52,7 @@ fn allocated_size(node: &Node) -> u64 {
     node.driver.actual_size(node).unwrap_or_else(|| {
         node.children()
             .iter()
-            .filter(|c| c.name != "backing")
+            .filter(|c| c.name != "backing" && c.name != "target")
             .map(|c| allocated_size(&c.node))
             .sum()
     })

@@ -252,7 +252,7 @@ impl Node {
         self.bitmaps
             .borrow()
             .iter()
-            .find(|b| b.name() == name)
+            .find(|b| !b.name().is_empty() && b.name() == name)
             .cloned()
     }
 
@@ -518,12 +518,49 @@ impl Node {
     /// # Errors
     /// EINVAL out of bounds; the driver's error.
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        self.check_status_range(offset, len)?;
+        let _f = self.begin().await;
+        self.driver.block_status(self, offset, len).await
+    }
+
+    /// Reads the point in time this node (a `copy-before-write` filter) keeps.
+    ///
+    /// # Errors
+    /// EINVAL out of bounds; EACCES for what the snapshot no longer holds; ENOTSUP from
+    /// other nodes.
+    pub async fn snapshot_read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.check_bounds(IoKind::Read, offset, len as u64)?;
+        let _f = self.begin().await;
+        self.driver.snapshot_read(self, offset, len).await
+    }
+
+    /// The status of the point in time at `offset`, at most `len` long.
+    ///
+    /// # Errors
+    /// As [`Node::snapshot_read`].
+    pub async fn snapshot_block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        self.check_status_range(offset, len)?;
+        let _f = self.begin().await;
+        self.driver.snapshot_block_status(self, offset, len).await
+    }
+
+    /// A block-status range: inside the node and not empty.
+    fn check_status_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.checked_add(len).ok_or_else(einval)?;
         if end > self.len() || len == 0 {
             return Err(einval());
         }
+        Ok(())
+    }
+
+    /// Gives up the point in time of a range (whole clusters of it).
+    ///
+    /// # Errors
+    /// As [`Node::snapshot_read`].
+    pub async fn snapshot_discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_bounds(IoKind::Unmap, offset, len)?;
         let _f = self.begin().await;
-        self.driver.block_status(self, offset, len).await
+        self.driver.snapshot_discard(self, offset, len).await
     }
 
     /// Changes the size.

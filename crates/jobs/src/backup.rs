@@ -12,8 +12,55 @@ use ferrite_qapi::{Args, Error};
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// Chunks the background copy keeps in flight.
+/// Chunks the background copy keeps in flight unless `x-perf` says otherwise.
 const WORKERS: usize = 16;
+
+/// `x-perf`: how the background copy runs.
+struct Perf {
+    max_workers: usize,
+    /// Largest request in bytes; 0 for the default.
+    max_chunk: u64,
+    min_cluster: u64,
+}
+
+impl Perf {
+    /// # Errors
+    /// QEMU's texts for values out of range.
+    fn parse(perf: Option<Args>) -> Result<Perf, Error> {
+        let perf = perf.unwrap_or_else(|| Args::new(ferrite_qobject::QDict::new()));
+        let max_workers = match perf.opt_i64("max-workers") {
+            None => WORKERS,
+            Some(n) if (1..=i64::from(i32::MAX)).contains(&n) => n as usize,
+            Some(_) => {
+                return Err(Error::generic(
+                    "max-workers must be between 1 and 2147483647",
+                ));
+            }
+        };
+        let max_chunk = u64::try_from(perf.opt_i64("max-chunk").unwrap_or(0)).map_err(|_| {
+            Error::generic("max-chunk must be zero (which means no limit) or positive")
+        })?;
+        let min_cluster =
+            ferrite_block::copy::min_cluster_size(perf.opt_u64("min-cluster-size"))
+                .map_err(|e| Error::generic(format!("Could not create node: {}", e.desc)))?;
+        Ok(Perf {
+            max_workers,
+            max_chunk,
+            min_cluster,
+        })
+    }
+
+    /// The request size for `cluster`-sized clusters: `max-chunk` in whole clusters, at
+    /// most a megabyte.
+    fn chunk(&self, cluster: u64) -> u64 {
+        let limit = if self.max_chunk == 0 {
+            MAX_CHUNK
+        } else {
+            self.max_chunk.min(MAX_CHUNK)
+        };
+        (limit / cluster * cluster).max(cluster)
+    }
+}
 
 /// Why the target refuses other users while the job runs (QEMU's blocker text).
 const BLOCKED: &str = "block device is in use by block job: backup";
@@ -44,6 +91,10 @@ struct BackupJob {
     filter_hold: RefCell<Option<RootUse>>,
     /// The target was opened for this job (drive-backup): it goes when the job does.
     drop_target: bool,
+    /// Chunks the background copy keeps in flight.
+    workers: usize,
+    /// Bytes one background request copies (whole clusters).
+    chunk: u64,
 }
 
 impl BackupJob {
@@ -79,9 +130,9 @@ impl BackupJob {
         let mut workers: tokio::task::JoinSet<Result<u64, CopyError>> = tokio::task::JoinSet::new();
         let mut next = 0;
         loop {
-            // Keep up to WORKERS chunks in flight; the block-copy state keeps them (and the
+            // Keep up to `workers` chunks in flight; the block-copy state keeps them (and the
             // guest's copy-before-write) from copying a cluster twice.
-            while workers.len() >= WORKERS
+            while workers.len() >= self.workers
                 || (self.copy.next_dirty(next).is_none() && !workers.is_empty())
             {
                 match workers.join_next().await {
@@ -117,17 +168,20 @@ impl BackupJob {
                 workers.shutdown().await;
                 return Ok(());
             }
-            job.rate_limit(MAX_CHUNK.min(self.copy.len() - c * cs))
+            job.rate_limit(self.chunk.min(self.copy.len() - c * cs))
                 .await;
             if job.is_cancelled() {
                 workers.shutdown().await;
                 return Ok(());
             }
-            let (copy, source, target) =
-                (self.copy.clone(), self.source.clone(), self.target.clone());
-            workers
-                .spawn_local(async move { copy.copy(&source, &target, c * cs, MAX_CHUNK).await });
-            next = c + MAX_CHUNK / cs;
+            let (copy, source, target, chunk) = (
+                self.copy.clone(),
+                self.source.clone(),
+                self.target.clone(),
+                self.chunk,
+            );
+            workers.spawn_local(async move { copy.copy(&source, &target, c * cs, chunk).await });
+            next = c + chunk / cs;
         }
         self.progress(job);
         self.target
@@ -279,24 +333,32 @@ async fn prepare_nodes(
     if Rc::ptr_eq(&source, &target) {
         return Err(Error::generic("Source and target cannot be the same"));
     }
+    let perf = Perf::parse(args.dict("x-perf"))?;
     graph.check_unblocked(&source)?;
     graph.check_unblocked(&target)?;
-    let speed = args.opt_i64("speed").unwrap_or(0);
-    let speed = u64::try_from(speed).map_err(|_| Error::generic("Invalid parameter 'speed'"))?;
     if source.len() != target.len() {
         return Err(Error::generic(
             "Source and target image have different sizes",
         ));
     }
+    let cluster = ferrite_block::copy::cluster_size_for(&target).max(perf.min_cluster);
+    if perf.max_chunk != 0 && perf.max_chunk < cluster {
+        return Err(Error::generic(format!(
+            "Required max-chunk ({}) is less than backup cluster size ({cluster})",
+            perf.max_chunk
+        )));
+    }
     jobs.check_id(&id)?;
+    let speed = args.opt_i64("speed").unwrap_or(0);
+    let speed = u64::try_from(speed).map_err(|_| Error::generic("Invalid parameter 'speed'"))?;
     let compress = args.bool_or("compress", false);
-    let cluster = ferrite_block::copy::cluster_size_for(&target);
     let copy = match (&bitmap, sync) {
         (Some((b, _)), Sync::Bitmap) => {
             BlockCopy::new_from_bitmap(source.len(), cluster, compress, b)
         }
         _ => BlockCopy::new(source.len(), cluster, compress),
     };
+    copy.set_discard_source(args.bool_or("discard-source", false));
     let filter = graph
         .insert_copy_before_write(
             &source,
@@ -325,6 +387,8 @@ async fn prepare_nodes(
         filter: RefCell::new(Some(filter)),
         filter_hold: RefCell::new(Some(filter_hold)),
         drop_target,
+        workers: perf.max_workers,
+        chunk: perf.chunk(cluster),
     });
     if let Some((b, _)) = &bitmap {
         b.freeze();

@@ -96,10 +96,11 @@ pub(crate) const MAX_STRING: usize = 4096;
 /// Longest option payload the server reads.
 pub(crate) const MAX_OPTION: u32 = 64 << 10;
 
-/// Maps an I/O error to the NBD error set.
+/// Maps an I/O error to the NBD error set; what the set lacks is EINVAL, as QEMU sends it
+/// (a snapshot range given up reads as EINVAL, not EPERM).
 pub(crate) fn errno_to_nbd(e: &std::io::Error) -> u32 {
     match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => EPERM,
+        Some(libc::EPERM) | Some(libc::EROFS) => EPERM,
         Some(libc::EIO) => EIO,
         Some(libc::ENOMEM) => ENOMEM,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
@@ -107,6 +108,7 @@ pub(crate) fn errno_to_nbd(e: &std::io::Error) -> u32 {
         Some(libc::ENOTSUP) => ENOTSUP,
         Some(libc::ESHUTDOWN) => ESHUTDOWN,
         Some(libc::EINVAL) => EINVAL,
-        _ => EIO,
+        Some(_) => EINVAL,
+        None => EIO,
     }
 }

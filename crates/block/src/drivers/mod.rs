@@ -1,4 +1,5 @@
-//! The drivers: `file` (protocol), `raw` (format, with offset/size), `null-co`/`null-aio`.
+//! The drivers: `file` (protocol), `raw` (format, with offset/size), `null-co`/`null-aio`,
+//! `qcow2`, and the `copy-before-write` filter with its `snapshot-access` view.
 
 pub(crate) mod cbw;
 pub(crate) mod file;
@@ -6,6 +7,7 @@ pub(crate) mod lock;
 pub(crate) mod null;
 pub(crate) mod qcow2;
 pub(crate) mod raw;
+pub(crate) mod snapshot_access;
 
 use ferrite_qapi::{Args, Error};
 use ferrite_qobject::QObject;

@@ -51,6 +51,10 @@ impl Driver for NullDriver {
         if self.aio { "null-aio" } else { "null-co" }
     }
 
+    fn has_image_info(&self) -> bool {
+        false
+    }
+
     fn len(&self, _node: &Node) -> u64 {
         self.size.get()
     }

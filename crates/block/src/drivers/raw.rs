@@ -129,7 +129,7 @@ impl Driver for RawDriver {
         })
     }
 
-    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
+    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
         // A window into the file cannot follow a resize of the file.
         if self.offset.get() != 0 || self.size.get().is_some() {
             (perm, shared - Perm::RESIZE)

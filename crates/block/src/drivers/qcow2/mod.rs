@@ -1140,7 +1140,7 @@ impl Driver for Qcow2Driver {
         })
     }
 
-    fn child_perm(&self, name: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
+    fn child_perm(&self, name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
         if name == "backing" {
             let shared = if shared.contains(Perm::WRITE) {
                 Perm::WRITE | Perm::RESIZE
@@ -1253,7 +1253,7 @@ impl Driver for Qcow2Driver {
         })
     }
 
-    fn take_loaded_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
+    fn take_initial_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
         std::mem::take(&mut *self.loaded.borrow_mut())
     }
 
