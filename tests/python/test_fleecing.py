@@ -5,6 +5,7 @@ and `min-cluster-size` options, and backup's `x-perf`; each compared with
 qemu-storage-daemon running the same session."""
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -12,9 +13,9 @@ from conftest import wait_for
 from test_backup import add, export, qcow2, run, small_fs, wait_job_gone
 
 
-def qemu_io_out(uri, *ops):
+def qemu_io_out(uri, *ops, read_only=False):
     """qemu-io's answers without timings: what each operation did, or its error."""
-    args = ["qemu-io", "-f", "raw"]
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
     for op in ops:
         args += ["-c", op]
     r = run(*args, uri, check=False)
@@ -275,8 +276,9 @@ def test_filter_bitmap_and_option_errors_like_qemu(both):
         out.append(node_view(q, {"c"}))
         out.append(qemu_io_out(guest, "write -P 5 0 2M", "write -P 5 3M 64k"))
         out.append(node_view(q, {"c"}))
-        out.append(qemu_io_out(snap_uri, "read -P 1 0 64k", "read -P 2 3M 64k"))
-        out.append(qemu_io_out(snap_uri, "read 64k 4k"))
+        out.append(qemu_io_out(snap_uri, "read -P 1 0 64k", "read -P 2 3M 64k",
+                               read_only=True))
+        out.append(qemu_io_out(snap_uri, "read 64k 4k", read_only=True))
         seen.append(neutral(out, d))
     theirs, ours = seen
     for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -321,5 +323,39 @@ def test_copy_failures_break_what_on_cbw_error_says_like_qemu(both, mode):
     finally:
         for m in mounts:
             subprocess.run(["umount", "-l", str(m)], capture_output=True)
+    theirs, ours = seen
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("mode", ["break-guest-write", "break-snapshot"])
+def test_cbw_timeout_like_qemu(both, mode):
+    """A copy slower than cbw-timeout (a target with 2 s latency, a 1 s limit) counts as
+    failed: the guest's write fails, or goes on and breaks the snapshot."""
+    seen = []
+    for d in both():
+        make_source(d)
+        q = d.connect()
+        add(q, "src", d.workdir / "src.qcow2")
+        r = q.cmd("blockdev-add", {"driver": "null-co", "node-name": "slow", "size": 4 << 20,
+                                   "latency-ns": 2_000_000_000, "read-zeroes": True})
+        assert r == {"return": {}}, r
+        r = q.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw",
+                                   "file": "src", "target": "slow", "cbw-timeout": 1,
+                                   "on-cbw-error": mode})
+        assert r == {"return": {}}, r
+        r = q.cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "acc",
+                                   "file": "cbw"})
+        assert r == {"return": {}}, r
+        guest = export(q, d, "cbw", "cbw", True)
+        snap = export(q, d, "acc", "acc", False)
+        started = time.monotonic()
+        out = [qemu_io_out(guest, "write -P 9 0 64k")]
+        # The copy goes on in the background.
+        out.append(qemu_io_out(snap, "read -P 1 64k 64k", read_only=True))
+        took = time.monotonic() - started
+        assert 0.9 < took < 1.9, took
+        out.append(qemu_io_out(snap, "read -P 1 0 64k", read_only=True))
+        out.append(qemu_io_out(guest, "read -P 9 0 64k"))
+        seen.append(neutral(out, d))
     theirs, ours = seen
     assert ours == theirs
