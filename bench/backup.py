@@ -83,6 +83,8 @@ def backup(binary, d, with_writer):
     args, qmp_sock, nbd_sock = daemon(binary, d, ["tgt"])
     with common.running(args, qmp_sock) as p:
         q = Qmp(qmp_sock)
+        # Start each run without the previous one's dirty pages to write back.
+        os.sync()
         writer = None
         if with_writer:
             writer = subprocess.Popen(
@@ -124,6 +126,7 @@ def incremental(binary, d):
                         f"--uri=nbd+unix:///src?socket={nbd_sock}", "--rw=randwrite",
                         "--bs=64k", f"--size={SIZE_MB}M", f"--number_ios={clusters // 20}",
                         "--norandommap=0", "--iodepth=16"], check=True, capture_output=True)
+        os.sync()
         start = time.monotonic()
         q.cmd("blockdev-backup", {"job-id": "i", "device": "src", "target": "inc",
                                   "sync": "incremental", "bitmap": "b0"})
@@ -139,8 +142,11 @@ def main():
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
         src = os.path.join(d, "src.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, f"{SIZE_MB}M"], check=True)
-        subprocess.run(["qemu-io", "-c", f"write -P 0x5a 0 {SIZE_MB}M", src], check=True,
-                       capture_output=True)
+        # qemu-io writes at most 2 GiB per request.
+        fill = []
+        for at in range(0, SIZE_MB, 1024):
+            fill += ["-c", f"write -P 0x5a {at}M {min(1024, SIZE_MB - at)}M"]
+        subprocess.run(["qemu-io", *fill, src], check=True, capture_output=True)
         print(f"{'row':<30}{'qsd':>12}{'ferrite':>12}{'ratio':>8}")
         for with_writer in (False, True):
             theirs = backup(QSD, d, with_writer)
