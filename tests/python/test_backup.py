@@ -425,3 +425,28 @@ def test_drive_backup_matches_qemu(both):
     theirs, ours = seen
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a == b, i
+
+
+def test_speed_holds_the_rate(both):
+    """A 16 MiB backup at 8 MiB/s takes about two seconds in either program, and the job's
+    offset grows at that rate meanwhile (block-job-set-speed changes it on the fly)."""
+    took = []
+    for d in both():
+        src, tgt = d.workdir / "src.qcow2", d.workdir / "tgt.qcow2"
+        qcow2(src, "16M")
+        run("qemu-io", "-c", "write -P 0x22 0 16M", src)
+        qcow2(tgt, "16M")
+        q = d.connect()
+        add(q, "src", src)
+        add(q, "tgt", tgt)
+        start = time.monotonic()
+        r = q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                      "sync": "full", "speed": 8 << 20})
+        assert r == {"return": {}}, r
+        time.sleep(1)
+        offset = q.cmd("query-block-jobs")["return"][0]["offset"]
+        assert 6 << 20 <= offset <= 11 << 20, (d.workdir.name, offset)
+        q.wait_event("BLOCK_JOB_COMPLETED")
+        took.append(time.monotonic() - start)
+    for t in took:
+        assert 1.6 < t < 2.6, took

@@ -170,6 +170,8 @@ impl BackupJob {
             }
             job.rate_limit(self.chunk.min(self.copy.len() - c * cs))
                 .await;
+            // Chunks finish while the limiter holds the next one back.
+            self.progress(job);
             if job.is_cancelled() {
                 workers.shutdown().await;
                 return Ok(());
