@@ -258,7 +258,9 @@ impl BlockCopy {
     }
 
     /// Moves one range: zeroes as zeroes (never skipped: a target backed by the source
-    /// must not show the source's new data through), data as data, compressed if asked.
+    /// must not show the source's new data through), data as data, compressed if asked. A
+    /// range bigger than a chunk (a huge `min-cluster-size`) moves a chunk at a time, so
+    /// memory stays bounded.
     async fn transfer(
         &self,
         source: &Node,
@@ -266,18 +268,27 @@ impl BlockCopy {
         offset: u64,
         len: u64,
     ) -> Result<(), CopyError> {
-        let data = source
-            .read(offset, len as usize)
-            .await
-            .map_err(|error| CopyError { read: true, error })?;
-        let r = if crate::io::is_zero(&data) {
-            target.write_zeroes(offset, len, ReqFlags::empty()).await
-        } else if self.compress {
-            target.write_compressed(offset, data).await
-        } else {
-            target.write(offset, data, ReqFlags::empty()).await
-        };
-        r.map_err(|error| CopyError { read: false, error })
+        // Whole target clusters per piece, for compressed writes.
+        let piece = MAX_CHUNK.max(target.driver.cluster_size().unwrap_or(0));
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = piece.min(end - at);
+            let data = source
+                .read(at, n as usize)
+                .await
+                .map_err(|error| CopyError { read: true, error })?;
+            let r = if crate::io::is_zero(&data) {
+                target.write_zeroes(at, n, ReqFlags::empty()).await
+            } else if self.compress {
+                target.write_compressed(at, data).await
+            } else {
+                target.write(at, data, ReqFlags::empty()).await
+            };
+            r.map_err(|error| CopyError { read: false, error })?;
+            at += n;
+        }
+        Ok(())
     }
 }
 

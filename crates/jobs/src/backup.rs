@@ -15,6 +15,9 @@ use std::rc::Rc;
 /// Chunks the background copy keeps in flight unless `x-perf` says otherwise.
 const WORKERS: usize = 16;
 
+/// Most buffer memory the background copy's chunks in flight may hold.
+const MAX_COPY_MEMORY: u64 = 128 << 20;
+
 /// `x-perf`: how the background copy runs.
 struct Perf {
     max_workers: usize,
@@ -48,6 +51,14 @@ impl Perf {
             max_chunk,
             min_cluster,
         })
+    }
+
+    /// Chunks in flight: `max-workers`, as long as their buffers stay within 128 MiB (QEMU
+    /// bounds block-copy memory the same way).
+    fn workers(&self, cluster: u64) -> usize {
+        let fit = (MAX_COPY_MEMORY / self.chunk(cluster)).max(1);
+        self.max_workers
+            .min(usize::try_from(fit).unwrap_or(usize::MAX))
     }
 
     /// The request size for `cluster`-sized clusters: `max-chunk` in whole clusters, at
@@ -389,7 +400,7 @@ async fn prepare_nodes(
         filter: RefCell::new(Some(filter)),
         filter_hold: RefCell::new(Some(filter_hold)),
         drop_target,
-        workers: perf.max_workers,
+        workers: perf.workers(cluster),
         chunk: perf.chunk(cluster),
     });
     if let Some((b, _)) = &bitmap {
