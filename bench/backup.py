@@ -2,8 +2,9 @@
 """Full backup of a fully allocated qcow2 image to a new qcow2 target, against
 ferrite-storage-daemon and qemu-storage-daemon in the same run: seconds from blockdev-backup
 to BLOCK_JOB_COMPLETED and peak memory; then the same while fio writes 4k randomly through
-an NBD export of the source (backup time, and the guest's write latency and IOPS); then an
-incremental backup after 5% of the clusters changed.
+an NBD export of the source as fast as it can (backup time, and the guest's write latency and
+IOPS) and at a fixed rate both programs can serve (backup time under the same guest load);
+then an incremental backup after 5% of the clusters changed.
 Ratios are qsd/ferrite for times and latency (higher: ferrite faster), ferrite/qsd for IOPS."""
 import json
 import os
@@ -79,7 +80,11 @@ def daemon(binary, d, targets):
     return args, qmp_sock, nbd_sock
 
 
-def backup(binary, d, with_writer):
+# The guest's rate in the equal-load row: below what either program serves during a backup.
+FIXED_IOPS = 500
+
+
+def backup(binary, d, with_writer, rate_iops=None):
     args, qmp_sock, nbd_sock = daemon(binary, d, ["tgt"])
     with common.running(args, qmp_sock) as p:
         q = Qmp(qmp_sock)
@@ -90,7 +95,8 @@ def backup(binary, d, with_writer):
             writer = subprocess.Popen(
                 ["fio", "--name=w", "--ioengine=nbd", f"--uri=nbd+unix:///src?socket={nbd_sock}",
                  "--iodepth=16", "--rw=randwrite", "--bs=4k", f"--size={SIZE_MB}M",
-                 "--time_based", "--runtime=600", "--output-format=json"],
+                 "--time_based", "--runtime=600", "--output-format=json"]
+                + ([f"--rate_iops={rate_iops}"] if rate_iops else []),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             time.sleep(1)
         start = time.monotonic()
@@ -161,6 +167,14 @@ def main():
                       f"{theirs[2] / ours[2]:>8.2f}")
                 print(f"{'guest write IOPS':<30}{theirs[3]:>12.0f}{ours[3]:>12.0f}"
                       f"{ours[3] / theirs[3]:>8.2f}")
+        # The same guest load on both: the backup's own speed under it.
+        theirs = backup(QSD, d, True, FIXED_IOPS)
+        ours = backup(FERRITE, d, True, FIXED_IOPS)
+        tag = f"writer at {FIXED_IOPS} IOPS"
+        print(f"{'seconds, ' + tag:<30}{theirs[0]:>12.2f}{ours[0]:>12.2f}"
+              f"{theirs[0] / ours[0]:>8.2f}")
+        print(f"{'write latency us, ' + tag:<30}{theirs[2]:>12.0f}{ours[2]:>12.0f}"
+              f"{theirs[2] / ours[2]:>8.2f}")
         theirs, ours = incremental(QSD, d), incremental(FERRITE, d)
         print(f"{'seconds, incremental 5%':<30}{theirs:>12.2f}{ours:>12.2f}{theirs / ours:>8.2f}")
 
