@@ -50,14 +50,6 @@ class Qmp:
                 return m
 
 
-def peak_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
 def daemon(binary, d, targets):
     """A daemon with the source exported over NBD and a new qcow2 node per name in
     `targets`: (its arguments, QMP socket, NBD socket)."""
@@ -113,7 +105,7 @@ def backup(binary, d, with_writer, rate_iops=None):
             job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
             lat_us = job["clat_ns"]["mean"] / 1000.0
             iops = job["iops"]
-        return seconds, peak_kib(p.pid), lat_us, iops
+        return seconds, common.peak_kib(p.pid), lat_us, iops
 
 
 def incremental(binary, d):

@@ -28,13 +28,23 @@ def require_built(binary):
         sys.exit(f"{binary} not built: run cargo build --release")
 
 
-def rss_kib(pid):
-    """Resident memory of process `pid`, in KiB."""
+def status_kib(pid, field):
+    """A memory figure of process `pid` from /proc (`VmRSS`, `VmHWM`...), in KiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid):
+    """Resident memory of process `pid`, in KiB."""
+    return status_kib(pid, "VmRSS")
+
+
+def peak_kib(pid):
+    """Peak resident memory of process `pid`, in KiB."""
+    return status_kib(pid, "VmHWM")
 
 
 def fio(uri, size, runtime, extra):

@@ -19,6 +19,11 @@ fn args(json: &str) -> Args {
     Args::new(from_json(json).unwrap().as_dict().unwrap().clone())
 }
 
+/// Adds a node that must open.
+async fn add(g: &Graph, json: &str) -> Rc<ferrite_block::Node> {
+    g.blockdev_add(&args(json)).await.unwrap()
+}
+
 fn graph() -> (Rc<Graph>, Rc<Events>) {
     let events = Rc::new(Events::default());
     (Graph::new(events.clone()), events)
@@ -27,9 +32,7 @@ fn graph() -> (Rc<Graph>, Rc<Events>) {
 #[tokio::test(flavor = "current_thread")]
 async fn node_names_follow_qemu_rules() {
     let (g, _) = graph();
-    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
-        .await
-        .unwrap();
+    add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
     for (j, want) in [
         (
             r#"{"driver":"null-co","node-name":"n0"}"#,
@@ -51,10 +54,7 @@ async fn node_names_follow_qemu_rules() {
 #[tokio::test(flavor = "current_thread")]
 async fn conflicting_users_are_refused_and_nothing_changes() {
     let (g, _) = graph();
-    let n = g
-        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
-        .await
-        .unwrap();
+    let n = add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
     let writer = g
         .attach(
             &n,
@@ -80,12 +80,11 @@ async fn conflicting_users_are_refused_and_nothing_changes() {
 #[tokio::test(flavor = "current_thread")]
 async fn read_only_nodes_refuse_writers() {
     let (g, _) = graph();
-    let n = g
-        .blockdev_add(&args(
-            r#"{"driver":"null-co","node-name":"n0","read-only":true}"#,
-        ))
-        .await
-        .unwrap();
+    let n = add(
+        &g,
+        r#"{"driver":"null-co","node-name":"n0","read-only":true}"#,
+    )
+    .await;
     let e = g.attach(&n, "w", Perm::WRITE, Perm::all()).unwrap_err();
     assert_eq!(e.desc, "Block node is read-only");
 }
@@ -93,17 +92,13 @@ async fn read_only_nodes_refuse_writers() {
 #[tokio::test(flavor = "current_thread")]
 async fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents() {
     let (g, _) = graph();
-    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
-        .await
-        .unwrap();
-    g.blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
-        .await
-        .unwrap();
-    g.blockdev_add(&args(
+    add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
+    add(&g, r#"{"driver":"raw","node-name":"r0","file":"n0"}"#).await;
+    add(
+        &g,
         r#"{"driver":"raw","node-name":"r1","file":{"driver":"null-co"}}"#,
-    ))
-    .await
-    .unwrap();
+    )
+    .await;
     assert_eq!(
         g.blockdev_del("n0").await.unwrap_err().desc,
         "Block device n0 is in use"
@@ -128,13 +123,8 @@ async fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents()
 #[tokio::test(flavor = "current_thread")]
 async fn raw_passes_user_permissions_to_its_file() {
     let (g, _) = graph();
-    g.blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
-        .await
-        .unwrap();
-    let r = g
-        .blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
-        .await
-        .unwrap();
+    add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
+    let r = add(&g, r#"{"driver":"raw","node-name":"r0","file":"n0"}"#).await;
     let hold = g
         .attach(
             &r,
@@ -161,12 +151,11 @@ async fn drain_waits_for_requests_and_holds_root_users() {
     local
         .run_until(async {
             let (g, _) = graph();
-            let n = g
-                .blockdev_add(&args(
-                    r#"{"driver":"null-co","node-name":"n0","latency-ns":20000000}"#,
-                ))
-                .await
-                .unwrap();
+            let n = add(
+                &g,
+                r#"{"driver":"null-co","node-name":"n0","latency-ns":20000000}"#,
+            )
+            .await;
             let n2 = n.clone();
             let req = tokio::task::spawn_local(async move { n2.read(0, 512).await });
             tokio::task::yield_now().await;
@@ -189,12 +178,7 @@ async fn drain_waits_for_requests_and_holds_root_users() {
 #[tokio::test(flavor = "current_thread")]
 async fn requests_past_the_end_fail_with_einval_and_are_counted() {
     let (g, _) = graph();
-    let n = g
-        .blockdev_add(&args(
-            r#"{"driver":"null-co","node-name":"n0","size":4096}"#,
-        ))
-        .await
-        .unwrap();
+    let n = add(&g, r#"{"driver":"null-co","node-name":"n0","size":4096}"#).await;
     let e = n.read(4000, 512).await.unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc_einval()));
     assert!(n.read(0, 4096).await.is_ok());
@@ -207,18 +191,9 @@ fn libc_einval() -> i32 {
 #[tokio::test(flavor = "current_thread")]
 async fn replace_moves_every_parent_at_once() {
     let (g, _) = graph();
-    let n0 = g
-        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
-        .await
-        .unwrap();
-    let n1 = g
-        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n1"}"#))
-        .await
-        .unwrap();
-    let r0 = g
-        .blockdev_add(&args(r#"{"driver":"raw","node-name":"r0","file":"n0"}"#))
-        .await
-        .unwrap();
+    let n0 = add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
+    let n1 = add(&g, r#"{"driver":"null-co","node-name":"n1"}"#).await;
+    let r0 = add(&g, r#"{"driver":"raw","node-name":"r0","file":"n0"}"#).await;
     let root = g
         .attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all())
         .unwrap();
@@ -233,17 +208,11 @@ async fn replace_moves_every_parent_at_once() {
 #[tokio::test(flavor = "current_thread")]
 async fn replace_with_a_filter_above_keeps_the_filter_edge() {
     let (g, _) = graph();
-    let n0 = g
-        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
-        .await
-        .unwrap();
+    let n0 = add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
     let root = g
         .attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all())
         .unwrap();
-    let f = g
-        .blockdev_add(&args(r#"{"driver":"raw","node-name":"f","file":"n0"}"#))
-        .await
-        .unwrap();
+    let f = add(&g, r#"{"driver":"raw","node-name":"f","file":"n0"}"#).await;
     g.replace(&n0, &f).await.unwrap();
     assert!(std::rc::Rc::ptr_eq(&root.node(), &f));
     assert!(std::rc::Rc::ptr_eq(&f.child("file").unwrap(), &n0));
@@ -255,16 +224,12 @@ async fn replace_with_a_filter_above_keeps_the_filter_edge() {
 #[tokio::test(flavor = "current_thread")]
 async fn replace_that_conflicts_moves_nothing() {
     let (g, _) = graph();
-    let n0 = g
-        .blockdev_add(&args(r#"{"driver":"null-co","node-name":"n0"}"#))
-        .await
-        .unwrap();
-    let ro = g
-        .blockdev_add(&args(
-            r#"{"driver":"null-co","node-name":"ro","read-only":true}"#,
-        ))
-        .await
-        .unwrap();
+    let n0 = add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
+    let ro = add(
+        &g,
+        r#"{"driver":"null-co","node-name":"ro","read-only":true}"#,
+    )
+    .await;
     let w = g.attach(&n0, "writer", Perm::WRITE, Perm::all()).unwrap();
     let e = g.replace(&n0, &ro).await.unwrap_err();
     assert_eq!(e.desc, "Block node is read-only");
