@@ -359,3 +359,30 @@ def test_cbw_timeout_like_qemu(both, mode):
         seen.append(neutral(out, d))
     theirs, ours = seen
     assert ours == theirs
+
+
+def test_x_perf_sets_chunk_and_cluster_like_qemu(both):
+    """x-perf takes effect: min-cluster-size sets the copy granularity (the backup filter's
+    bitmaps), max-chunk the size of one background request (under speed 1, only the first
+    request goes before the limiter holds the job)."""
+    seen = []
+    for d in both():
+        make_source(d)
+        qcow2(d.workdir / "tgt.qcow2", "4M")
+        q = d.connect()
+        add(q, "src", d.workdir / "src.qcow2")
+        add(q, "tgt", d.workdir / "tgt.qcow2")
+        out = [q.cmd("blockdev-backup", {
+            "job-id": "j", "device": "src", "target": "tgt", "sync": "full", "speed": 1,
+            "filter-node-name": "ff",
+            "x-perf": {"min-cluster-size": 131072, "max-chunk": 262144, "max-workers": 1}})]
+        time.sleep(0.5)
+        job = q.cmd("query-block-jobs")["return"][0]
+        out.append((job["offset"], job["len"]))
+        out.append(node_view(q, {"ff"}))
+        out.append(q.cmd("block-job-cancel", {"device": "j"}))
+        q.wait_event("BLOCK_JOB_CANCELLED")
+        seen.append(neutral(out, d))
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours[1] == [262144, 4 << 20], ours[1]
