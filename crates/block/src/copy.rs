@@ -4,6 +4,7 @@
 //! most once, and a write waits for the copy of its clusters in flight (QEMU: block-copy.c).
 
 use crate::bitmap::DirtyBitmap;
+use crate::child::Child;
 use crate::driver::ReqFlags;
 use crate::node::Node;
 use std::cell::{Cell, RefCell};
@@ -35,7 +36,6 @@ const DEFAULT_CLUSTER: u64 = 64 << 10;
 /// The copy granularity for a target: its cluster size, at least 64 KiB.
 pub fn cluster_size_for(target: &Node) -> u64 {
     target
-        .driver
         .cluster_size()
         .unwrap_or(DEFAULT_CLUSTER)
         .max(DEFAULT_CLUSTER)
@@ -190,8 +190,8 @@ impl BlockCopy {
     /// The source or the target failing; the clusters concerned stay to copy.
     pub async fn copy(
         &self,
-        source: &Node,
-        target: &Node,
+        source: &Child,
+        target: &Child,
         offset: u64,
         len: u64,
     ) -> Result<u64, CopyError> {
@@ -229,8 +229,8 @@ impl BlockCopy {
 
     async fn copy_run(
         &self,
-        source: &Node,
-        target: &Node,
+        source: &Child,
+        target: &Child,
         c: u64,
         n: u64,
     ) -> Result<u64, CopyError> {
@@ -263,13 +263,13 @@ impl BlockCopy {
     /// memory stays bounded.
     async fn transfer(
         &self,
-        source: &Node,
-        target: &Node,
+        source: &Child,
+        target: &Child,
         offset: u64,
         len: u64,
     ) -> Result<(), CopyError> {
         // Whole target clusters per piece, for compressed writes.
-        let piece = MAX_CHUNK.max(target.driver.cluster_size().unwrap_or(0));
+        let piece = MAX_CHUNK.max(target.node().cluster_size().unwrap_or(0));
         let end = offset + len;
         let mut at = offset;
         while at < end {

@@ -1,280 +1,61 @@
-//! Creating images (`blockdev-create`'s work, QEMU's `bdrv_co_create` per driver): `file`
-//! makes a file of a size with a preallocation; `qcow2` formats an image on a node.
+//! Creating and amending images through the driver registry: `blockdev-create`'s and
+//! `x-blockdev-amend`'s work (QEMU: `bdrv_co_create`, `bdrv_co_amend`).
 
-use crate::drivers::qcow2::create::{CreateOpts, Prealloc, fill, format};
 use crate::graph::Graph;
 use crate::node::Node;
-use crate::perm::Perm;
-use ferrite_qapi::{Args, Error, os_msg};
-use ferrite_qobject::QObject;
-use std::os::unix::fs::OpenOptionsExt;
+use crate::registry::DriverFactory;
+use ferrite_qapi::{Args, Error};
 use std::rc::Rc;
 
-fn generic(s: impl Into<String>) -> Error {
-    Error::generic(s)
+fn cannot_create() -> Error {
+    Error::generic("Driver does not support blockdev-create")
 }
 
-/// Checks the driver named in `BlockdevCreateOptions` before a job starts.
+/// The driver that creates the image `opts` (`BlockdevCreateOptions`) describes.
 ///
 /// # Errors
 /// QEMU's "Driver does not support blockdev-create".
-pub fn check_driver(opts: &Args) -> Result<(), Error> {
-    match opts.str("driver")? {
-        "file" | "qcow2" => Ok(()),
-        _ => Err(generic("Driver does not support blockdev-create")),
-    }
+pub fn check_driver(graph: &Graph, opts: &Args) -> Result<Rc<dyn DriverFactory>, Error> {
+    graph
+        .registry()
+        .get(opts.str("driver")?)
+        .filter(|f| f.can_create())
+        .ok_or_else(cannot_create)
 }
 
 /// Creates the image `opts` describes.
 ///
 /// # Errors
 /// QEMU's texts for bad options and for the storage failing.
-pub async fn create(graph: &Graph, opts: &Args) -> Result<(), Error> {
-    match opts.str("driver")? {
-        "file" => create_file(opts).await,
-        "qcow2" => create_qcow2(graph, opts).await,
-        _ => Err(generic("Driver does not support blockdev-create")),
-    }
+pub async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<(), Error> {
+    check_driver(graph, opts)?.create(graph, opts).await
 }
 
-async fn create_file(opts: &Args) -> Result<(), Error> {
-    let path = opts.str("filename")?.to_owned();
-    let size = opts.i64("size")?;
-    let size = u64::try_from(size).map_err(|_| generic("Invalid file size"))?;
-    let prealloc = opts.opt_str("preallocation").unwrap_or("off").to_owned();
-    if !matches!(prealloc.as_str(), "off" | "falloc" | "full") {
-        return Err(generic(format!(
-            "Unsupported preallocation mode: {prealloc}"
-        )));
+/// The checks `x-blockdev-amend` makes before its job starts.
+///
+/// # Errors
+/// QEMU's texts for another driver than the node's and for drivers that cannot amend.
+pub fn check_amend(
+    graph: &Graph,
+    node: &Node,
+    opts: &Args,
+) -> Result<Rc<dyn DriverFactory>, Error> {
+    if opts.str("driver")? != node.driver_name() {
+        return Err(Error::generic(
+            "x-blockdev-amend doesn't support changing the block driver",
+        ));
     }
-    let nocow = opts.bool_or("nocow", false);
-    let p = path.clone();
-    let make = move || -> Result<(), (String, std::io::Error)> {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&p)
-            .map_err(|e| ("create".to_owned(), e))?;
-        if nocow {
-            // Best effort, like QEMU: only btrfs knows the flag.
-            let _ = f.metadata();
-        }
-        f.set_len(0).map_err(|e| ("truncate".to_owned(), e))?;
-        match prealloc.as_str() {
-            "falloc" => {
-                use std::os::fd::AsRawFd;
-                // SAFETY: fallocate on a file descriptor we own, with no pointers involved.
-                let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
-                if rc != 0 {
-                    return Err(("preallocate".to_owned(), std::io::Error::last_os_error()));
-                }
-            }
-            "full" => {
-                use std::os::unix::fs::FileExt;
-                let zeroes = vec![0u8; 1 << 20];
-                let mut off = 0u64;
-                while off < size {
-                    let n = (size - off).min(zeroes.len() as u64) as usize;
-                    f.write_all_at(&zeroes[..n], off)
-                        .map_err(|e| ("preallocate".to_owned(), e))?;
-                    off += n as u64;
-                }
-            }
-            _ => {}
-        }
-        f.set_len(size).map_err(|e| ("truncate".to_owned(), e))?;
-        Ok(())
-    };
-    let r = crate::io::blocking(move || Ok(make()))
-        .await
-        .map_err(|e| generic(format!("Could not create '{path}': {}", os_msg(&e))))?;
-    r.map_err(|(what, e)| match what.as_str() {
-        "create" => generic(format!("Could not create '{path}': {}", os_msg(&e))),
-        "preallocate" => generic(format!(
-            "Could not preallocate data for the new file: {}",
-            os_msg(&e)
-        )),
-        _ => generic(format!("Could not resize file: {}", os_msg(&e))),
-    })
+    graph
+        .registry()
+        .get(node.driver_name())
+        .filter(|f| f.can_amend())
+        .ok_or_else(|| Error::generic("Driver does not support x-blockdev-amend"))
 }
 
-fn v3_only(what: &str) -> Error {
-    generic(format!(
-        "{what} only supported with compatibility level 1.1 and above (use version=v3 or greater)"
-    ))
-}
-
-/// Checks `BlockdevCreateOptionsQcow2` the way QEMU does, in its order.
-fn qcow2_options(opts: &Args) -> Result<CreateOpts, Error> {
-    let size = opts.i64("size")?;
-    if size < 0 || size % 512 != 0 {
-        return Err(generic("Image size must be a multiple of 512 bytes"));
-    }
-    let version = match opts.opt_str("version") {
-        Some("v2") => 2,
-        _ => 3,
-    };
-    let cluster_size = opts.opt_i64("cluster-size").unwrap_or(65536);
-    let extended_l2 = opts.bool_or("extended-l2", false);
-    if !(512..=2 << 20).contains(&cluster_size) || cluster_size.count_ones() != 1 {
-        return Err(generic(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
-    }
-    if extended_l2 {
-        if version < 3 {
-            return Err(generic(
-                "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-            ));
-        }
-        if cluster_size < 16384 {
-            return Err(generic(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
-        }
-    }
-    let lazy = opts.bool_or("lazy-refcounts", false);
-    if lazy && version < 3 {
-        return Err(v3_only("Lazy refcounts"));
-    }
-    let refcount_bits = opts.opt_i64("refcount-bits").unwrap_or(16);
-    if !(1..=64).contains(&refcount_bits) || refcount_bits.count_ones() != 1 {
-        return Err(generic(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
-    }
-    if version < 3 && refcount_bits != 16 {
-        return Err(generic(
-            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
-        ));
-    }
-    let backing_file = opts.opt_str("backing-file").map(str::to_owned);
-    let backing_fmt = opts.opt_str("backing-fmt").map(str::to_owned);
-    if backing_fmt.is_some() && backing_file.is_none() {
-        return Err(generic(
-            "Backing format cannot be used without backing file",
-        ));
-    }
-    let prealloc = opts.opt_str("preallocation").unwrap_or("off").to_owned();
-    if backing_file.is_some() && prealloc != "off" && !extended_l2 {
-        return Err(generic(
-            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
-        ));
-    }
-    let zstd = opts.opt_str("compression-type") == Some("zstd");
-    if zstd && version < 3 {
-        return Err(generic(
-            "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-        ));
-    }
-    if let Some(QObject::Dict(e)) = opts.get("encrypt") {
-        let _ = e;
-        return Err(generic(
-            "Encrypted qcow2 images are not supported by ferrite",
-        ));
-    }
-    let data_file_raw = opts.bool_or("data-file-raw", false);
-    match opts.get("data-file") {
-        None if data_file_raw => return Err(generic("data-file-raw requires data-file")),
-        Some(_) if version < 3 => {
-            return Err(generic(
-                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-            ));
-        }
-        _ => {}
-    }
-    let prealloc = match prealloc.as_str() {
-        "off" if data_file_raw => Prealloc::Metadata,
-        "off" => Prealloc::Off,
-        "metadata" => Prealloc::Metadata,
-        "falloc" => Prealloc::Falloc,
-        _ => Prealloc::Full,
-    };
-    Ok(CreateOpts {
-        size: size as u64,
-        version,
-        cluster_bits: cluster_size.trailing_zeros(),
-        refcount_order: refcount_bits.trailing_zeros(),
-        lazy_refcounts: lazy,
-        extended_l2,
-        zstd,
-        backing_file,
-        backing_fmt,
-        prealloc,
-        data_file: None,
-        data_file_raw,
-    })
-}
-
-/// A node a create option names: an existing one, or one opened from inline options.
-async fn named_node(graph: &Graph, value: &QObject) -> Result<(Rc<Node>, bool), Error> {
-    match value {
-        QObject::String(name) => Ok((graph.lookup(name)?, false)),
-        QObject::Dict(d) => Ok((graph.open_inline(&Args::new(d.clone())).await?, true)),
-        _ => Err(generic("Invalid node reference")),
-    }
-}
-
-async fn create_qcow2(graph: &Graph, opts: &Args) -> Result<(), Error> {
-    let mut o = qcow2_options(opts)?;
-    let Some(file_ref) = opts.get("file") else {
-        return Err(generic("Parameter 'file' is missing"));
-    };
-    let mut nodes = vec![named_node(graph, file_ref).await?];
-    if let Some(data_ref) = opts.get("data-file") {
-        match named_node(graph, data_ref).await {
-            Ok(n) => nodes.push(n),
-            Err(e) => {
-                release(graph, &nodes);
-                return Err(e);
-            }
-        }
-    }
-    let mut holds = Vec::new();
-    for (node, _) in &nodes {
-        match graph.attach(
-            node,
-            "blockdev-create",
-            Perm::WRITE | Perm::RESIZE,
-            Perm::all(),
-        ) {
-            Ok(h) => holds.push(h),
-            Err(e) => {
-                holds.into_iter().for_each(|h| graph.detach(h));
-                release(graph, &nodes);
-                return Err(e);
-            }
-        }
-    }
-    let file = nodes[0].0.clone();
-    let data = nodes.get(1).map(|(n, _)| n.clone());
-    o.data_file = data.as_ref().map(|d| d.filename());
-    let r = async {
-        format(&file, &o).await?;
-        if let Some(data) = &data {
-            // The data file holds the guest's bytes at their own offsets.
-            let io = |e: std::io::Error| generic(format!("Could not resize image: {}", os_msg(&e)));
-            data.truncate(o.size).await.map_err(io)?;
-            fill(data, 0, o.size, o.prealloc).await.map_err(io)?;
-            data.flush().await.map_err(io)?;
-        }
-        file.flush()
-            .await
-            .map_err(|e| generic(format!("Could not flush: {}", os_msg(&e))))
-    }
-    .await;
-    holds.into_iter().for_each(|h| graph.detach(h));
-    release(graph, &nodes);
-    r
-}
-
-/// Deletes the nodes a create opened inline.
-fn release(graph: &Graph, nodes: &[(Rc<Node>, bool)]) {
-    for (n, inline) in nodes {
-        if *inline {
-            graph.release_inline(n);
-        }
-    }
+/// Applies `opts` to `node`.
+///
+/// # Errors
+/// The driver refusing the change.
+pub async fn amend(graph: &Graph, node: &Rc<Node>, opts: &Args) -> Result<(), Error> {
+    check_amend(graph, node, opts)?.amend(node, opts).await
 }

@@ -10,8 +10,30 @@ use std::pin::Pin;
 /// A boxed future borrowing the driver and its node.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + 'a>>;
 
+/// Checks that each named option in `opts` has the value it had at open (`was`), treating an
+/// absent option as its default; QEMU's text otherwise (`blockdev-reopen`).
+///
+/// # Errors
+/// "Cannot change the option 'x'" for the first that changed.
+pub fn check_unchanged(
+    opts: &ferrite_qapi::Args,
+    was: &ferrite_qapi::Args,
+    names: &[(&str, ferrite_qobject::QObject)],
+) -> Result<(), ferrite_qapi::Error> {
+    for (name, default) in names {
+        let now = opts.get(name).unwrap_or(default);
+        let before = was.get(name).unwrap_or(default);
+        if now != before {
+            return Err(ferrite_qapi::Error::generic(format!(
+                "Cannot change the option '{name}'"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The answer of a driver that cannot do what is asked (ENOTSUP).
-pub(crate) fn unsupported<'a, T: 'a>() -> BoxFut<'a, T> {
+pub fn unsupported<'a, T: 'a>() -> BoxFut<'a, T> {
     Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
 }
 
@@ -42,7 +64,7 @@ pub struct Extent {
 }
 
 /// A driver instance (the state of one open node).
-pub trait Driver {
+pub trait Driver: std::any::Any {
     /// The driver name (`file`, `raw`, `null-co`).
     fn format_name(&self) -> &'static str;
 
@@ -244,31 +266,6 @@ pub trait Driver {
     /// Whether the driver can make zeroes fast (for NBD_CMD_WRITE_ZEROES with FAST_ZERO).
     fn can_fast_zero(&self) -> bool {
         false
-    }
-
-    /// Reads the point in time a `copy-before-write` node keeps (for `snapshot-access`).
-    fn snapshot_read<'a>(
-        &'a self,
-        _node: &'a Node,
-        _offset: u64,
-        _len: usize,
-    ) -> BoxFut<'a, Vec<u8>> {
-        unsupported()
-    }
-
-    /// The status of the point in time at `offset`, at most `len` long.
-    fn snapshot_block_status<'a>(
-        &'a self,
-        _node: &'a Node,
-        _offset: u64,
-        _len: u64,
-    ) -> BoxFut<'a, Extent> {
-        unsupported()
-    }
-
-    /// Gives up the point in time of a range: it is no longer kept nor readable.
-    fn snapshot_discard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BoxFut<'a, ()> {
-        unsupported()
     }
 
     /// Whether queries show the image's cluster size and dirty flag (QEMU's `bdrv_get_info`

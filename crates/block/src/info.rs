@@ -1,7 +1,8 @@
 //! What the query commands report about nodes (QEMU: `block/qapi.c`).
 
+use crate::child::{Child, VertexKind};
 use crate::graph::Graph;
-use crate::node::{Node, Parent};
+use crate::node::Node;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
@@ -52,8 +53,8 @@ fn allocated_size(node: &Node) -> u64 {
     node.driver.actual_size(node).unwrap_or_else(|| {
         node.children()
             .iter()
-            .filter(|c| c.name != "backing" && c.name != "target")
-            .map(|c| allocated_size(&c.node))
+            .filter(|c| c.name() != "backing" && c.name() != "target")
+            .map(|c| allocated_size(&c.node()))
             .sum()
     })
 }
@@ -109,10 +110,14 @@ pub(crate) fn named_block_nodes(graph: &Graph, flat: bool) -> QObject {
         .into()
 }
 
+/// Node-level `BlockStats`: as in QEMU, the counters belong to backends, so a node shows
+/// only how far it was written.
 fn block_stats(node: &Rc<Node>) -> QDict {
+    let mut stats = crate::stats::Stats::default().to_qdict();
+    stats.insert("wr_highest_offset", node.wr_highest_offset.get());
     let mut d = QDict::new()
         .with("node-name", node.name())
-        .with("stats", node.stats.borrow().to_qdict());
+        .with("stats", stats);
     if let Some(ds) = node.driver.driver_stats() {
         d.insert("driver-specific", ds);
     }
@@ -123,11 +128,32 @@ fn block_stats(node: &Rc<Node>) -> QDict {
     d
 }
 
-/// `query-blockstats`: with `query-nodes`, every node in creation order; otherwise the named
-/// block devices, of which a storage daemon has none.
+/// `query-blockstats`: with `query-nodes`, every node in creation order; otherwise the
+/// backends with a name or a device (a storage daemon has none), with their accounting.
 pub(crate) fn blockstats(graph: &Graph, query_nodes: bool) -> QObject {
     if !query_nodes {
-        return QObject::List(Vec::new());
+        return graph
+            .backends()
+            .iter()
+            .filter(|b| !b.name().is_empty() || b.device().is_some())
+            .map(|b| {
+                let mut d = QDict::new().with("device", b.name());
+                if let Some(n) = b.node() {
+                    d.insert("node-name", n.name());
+                }
+                let mut stats = b.stats();
+                stats.insert(
+                    "wr_highest_offset",
+                    b.node().map_or(0, |n| n.wr_highest_offset.get()),
+                );
+                d.insert("stats", stats);
+                if let Some(dev) = b.device() {
+                    d.insert("qdev", dev);
+                }
+                QObject::Dict(d)
+            })
+            .collect::<Vec<_>>()
+            .into();
     }
     graph
         .nodes()
@@ -137,9 +163,10 @@ pub(crate) fn blockstats(graph: &Graph, query_nodes: bool) -> QObject {
         .into()
 }
 
-/// `x-debug-query-block-graph`, numbered and ordered as QEMU does it: root users (block
-/// backends) first, then every node in creation order; an id is given when a node or backend
-/// is first met, as a vertex or as the child of an edge; both lists come out newest first.
+/// `x-debug-query-block-graph`, numbered and ordered as QEMU does it: backends in creation
+/// order, then jobs newest first, then every node in creation order with its children
+/// newest first; an id is given when a vertex is first met, as a vertex or as the child of
+/// an edge; both lists come out newest first.
 pub(crate) fn debug_graph(graph: &Graph) -> QObject {
     let nodes = graph.nodes();
     let mut ids: Vec<(*const Node, u64)> = Vec::new();
@@ -156,54 +183,69 @@ pub(crate) fn debug_graph(graph: &Graph) -> QObject {
     };
     let names =
         |p: crate::perm::Perm| QObject::List(p.names().into_iter().map(QObject::from).collect());
-    let edge = |parent: u64, child: u64, name: &str, u: &crate::node::Use| {
+    let edge = |parent: u64, child: u64, e: &Child| {
         QObject::Dict(
             QDict::new()
                 .with("parent", parent)
                 .with("child", child)
-                .with("name", name)
-                .with("perm", names(u.perm))
-                .with("shared-perm", names(u.shared)),
+                .with("name", e.name())
+                .with("perm", names(e.perm()))
+                .with("shared-perm", names(e.shared())),
+        )
+    };
+    let vertex = |id: u64, kind: &str, name: &str| {
+        QObject::Dict(
+            QDict::new()
+                .with("id", id)
+                .with("type", kind)
+                .with("name", name),
         )
     };
     let mut out_nodes = Vec::new();
     let mut edges = Vec::new();
-    // Root users, oldest first.
-    let mut roots: Vec<(crate::node::Use, Rc<Node>)> = nodes
+    // Root parents and their edges, grouped by parent.
+    let mut roots: Vec<(crate::child::Vertex, Vec<Rc<Child>>)> = Vec::new();
+    for e in nodes.iter().flat_map(|n| n.users()).filter(|e| e.is_root()) {
+        let Some(v) = e.root_parent().map(|p| p.vertex()) else {
+            continue;
+        };
+        match roots.iter_mut().find(|(w, _)| w.key == v.key) {
+            Some((_, list)) => list.push(e),
+            None => roots.push((v, vec![e])),
+        }
+    }
+    let mut backends: Vec<_> = roots
         .iter()
-        .flat_map(|n| {
-            n.users()
-                .into_iter()
-                .filter(|u| matches!(u.parent, Parent::Root(_)))
-                .map(move |u| (u, n.clone()))
-        })
+        .filter(|(v, _)| v.kind == VertexKind::BlockBackend)
         .collect();
-    roots.sort_by_key(|(u, _)| u.id);
-    for (u, n) in &roots {
+    backends.sort_by_key(|(v, _)| v.order);
+    let mut jobs: Vec<_> = roots
+        .iter()
+        .filter(|(v, _)| v.kind == VertexKind::BlockJob)
+        .collect();
+    jobs.sort_by_key(|(v, _)| std::cmp::Reverse(v.order));
+    for (v, list) in backends.into_iter().chain(jobs) {
         let id = next;
         next += 1;
-        out_nodes.push(QObject::Dict(
-            QDict::new()
-                .with("id", id)
-                .with("type", "block-backend")
-                .with("name", ""),
-        ));
-        let child = id_of(n, &mut next);
-        edges.push(edge(id, child, "root", u));
+        let kind = match v.kind {
+            VertexKind::BlockBackend => "block-backend",
+            VertexKind::BlockJob => "block-job",
+        };
+        out_nodes.push(vertex(id, kind, &v.name));
+        // A job's edges newest first (QEMU prepends them).
+        let mut list = list.clone();
+        list.sort_by_key(|e| std::cmp::Reverse(e.id));
+        for e in &list {
+            let child = id_of(&e.node(), &mut next);
+            edges.push(edge(id, child, e));
+        }
     }
     for n in &nodes {
         let id = id_of(n, &mut next);
-        out_nodes.push(QObject::Dict(
-            QDict::new()
-                .with("id", id)
-                .with("type", "block-driver")
-                .with("name", n.name()),
-        ));
-        for c in n.children() {
-            let child = id_of(&c.node, &mut next);
-            if let Some(u) = c.node.users().into_iter().find(|u| u.id == c.use_id) {
-                edges.push(edge(id, child, &c.name, &u));
-            }
+        out_nodes.push(vertex(id, "block-driver", n.name()));
+        for c in n.children().iter().rev() {
+            let child = id_of(&c.node(), &mut next);
+            edges.push(edge(id, child, c));
         }
     }
     out_nodes.reverse();

@@ -1,31 +1,44 @@
-//! The block layer: the graph of nodes, their permissions, drain and accounting, the driver
-//! interface and the `file`, `raw`, `null-co`/`null-aio` drivers, on an I/O backend that keeps
-//! file I/O off the main thread.
+//! The block layer: the graph of nodes, their edges and permissions, drained sections,
+//! `BlockBackend`, dirty bitmaps and accounting, the driver interface and registry, and the
+//! I/O backends that keep file I/O off the main thread.
 //!
 //! Everything here runs on the daemon's main thread (`Rc`, `RefCell`); only the I/O backends
 //! use other threads, and they own nothing of the graph.
 //!
-//! QEMU counterparts: `block.c`, `block/io.c`, `block/file-posix.c`, `block/raw-format.c`,
-//! `block/null.c`, `block/qapi.c`, `blockdev.c`.
+//! QEMU counterparts: `block.c`, `block/io.c`, `block/block-backend.c`, `block/qapi.c`,
+//! `blockdev.c`.
 
-pub mod amend;
+mod backend;
 pub mod bitmap;
 pub mod bitmap_cmds;
+mod child;
 pub mod copy;
 pub mod create;
+mod drain;
 pub mod driver;
-mod drivers;
+pub mod drivers;
+mod events;
 mod filename;
 mod graph;
 mod info;
 pub mod io;
 mod node;
+mod open;
 mod perm;
 pub mod qmp_cmds;
+mod registry;
+mod request;
 pub mod snapshot_cmds;
 mod stats;
 
+pub use backend::{BackendOwner, BlockBackend, IoStatus, Medium, OnError};
+pub use child::{Child, Parent, ParentRef, RootParent, Vertex, VertexKind};
+pub use drain::{Drained, drain, notify_progress};
 pub use driver::{Extent, ReqFlags};
-pub use graph::{EventSink, Graph, RootUse};
-pub use node::{Child, DetectZeroes, Drained, Node, Parent, Use};
+pub use events::EventSink;
+pub use graph::Graph;
+pub use node::{DetectZeroes, Node, NodeSettings};
+pub use open::OpenCtx;
 pub use perm::Perm;
+pub use registry::{DriverFactory, DriverKind, LocalFut, Registry};
+pub use request::MAX_REQUEST;

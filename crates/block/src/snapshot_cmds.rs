@@ -3,7 +3,7 @@
 //! QEMU's checks and texts.
 
 use crate::graph::Graph;
-use crate::node::{Node, Parent};
+use crate::node::Node;
 use ferrite_qapi::{Args, Error, os_msg};
 use ferrite_qobject::QDict;
 use std::rc::Rc;
@@ -36,11 +36,7 @@ fn check_snapshot_allowed(graph: &Graph, node: &Node) -> Result<(), Error> {
 
 /// The checks on an overlay before it goes on top.
 fn check_overlay(graph: &Graph, overlay: &Node) -> Result<(), Error> {
-    if overlay
-        .users()
-        .iter()
-        .any(|u| matches!(u.parent, Parent::Root(_)))
-    {
+    if overlay.has_root_user() {
         return Err(Error::generic("The overlay is already in use"));
     }
     graph.check_unblocked(overlay)?;
@@ -167,7 +163,7 @@ async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<(), Er
         .with("driver", "file")
         .with("filename", file)
         .with("size", 0u64);
-    crate::create::create(graph, &Args::new(file_opts)).await?;
+    crate::create::create(&graph.rc(), &Args::new(file_opts)).await?;
     let backing = node.filename();
     let opts = QDict::new()
         .with("driver", "qcow2")
@@ -178,7 +174,7 @@ async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<(), Er
         .with("size", node.len())
         .with("backing-file", backing.as_str())
         .with("backing-fmt", node.driver_name());
-    crate::create::create(graph, &Args::new(opts)).await
+    crate::create::create(&graph.rc(), &Args::new(opts)).await
 }
 
 /// `change-backing-file`: records a new backing file name in `image-node-name`, a node of
@@ -189,11 +185,7 @@ async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<(), Er
 pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<(), Error> {
     let device = args.str("device")?;
     let top = graph.lookup(device)?;
-    if top
-        .users()
-        .iter()
-        .any(|u| matches!(u.parent, Parent::Node { .. }))
-    {
+    if top.users().iter().any(|u| !u.is_root()) {
         return Err(Error::generic("Need a root block node"));
     }
     let image = graph.lookup_node(args.str("image-node-name")?)?;
@@ -316,4 +308,15 @@ pub async fn delete_internal_sync(graph: &Graph, args: &Args) -> Result<QDict, E
             name.unwrap_or("null")
         ))
     })
+}
+
+/// Deletes internal snapshot `id` of `node` (a transaction taking one back).
+///
+/// # Errors
+/// The image failing.
+pub async fn delete_internal_by_id(node: &Node, id: &str) -> std::io::Result<()> {
+    node.driver
+        .snapshot_delete(node, Some(id), None)
+        .await
+        .map(|_| ())
 }

@@ -1,4 +1,4 @@
-//! Per-node I/O accounting for `query-blockstats` (QEMU: `block/accounting.c`).
+//! Per-backend I/O accounting for `query-blockstats` (QEMU: `block/accounting.c`).
 
 use ferrite_qobject::{QDict, QObject};
 use std::time::{Duration, Instant};
@@ -25,14 +25,13 @@ struct Counter {
     total_time: Duration,
 }
 
-/// Counters for one node.
+/// Counters for one backend.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     rd: Counter,
     wr: Counter,
     flush: Counter,
     unmap: Counter,
-    wr_highest_offset: u64,
     last_io: Option<Instant>,
 }
 
@@ -64,11 +63,6 @@ impl Stats {
         self.counter(kind).invalid += 1;
     }
 
-    /// Notes the end of a write.
-    pub(crate) fn wrote_up_to(&mut self, end: u64) {
-        self.wr_highest_offset = self.wr_highest_offset.max(end);
-    }
-
     /// The `BlockDeviceStats` dict.
     pub(crate) fn to_qdict(&self) -> QDict {
         let ns = |d: Duration| QObject::from(d.as_nanos().min(u128::from(u64::MAX)) as u64);
@@ -95,7 +89,8 @@ impl Stats {
         ] {
             d.insert(k, 0i64);
         }
-        d.insert("wr_highest_offset", self.wr_highest_offset);
+        // The node's figure (QEMU keeps it in the node, not the backend); callers fill it.
+        d.insert("wr_highest_offset", 0u64);
         if let Some(t) = self.last_io {
             d.insert("idle_time_ns", ns(t.elapsed()));
         }

@@ -1,6 +1,6 @@
 //! Graph behaviour through the public API: naming, permissions, drain, deletion, locking.
 
-use ferrite_block::{EventSink, Graph, Perm, ReqFlags};
+use ferrite_block::{BlockBackend, EventSink, Graph, Perm, ReqFlags};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, from_json};
 use std::cell::RefCell;
@@ -26,7 +26,9 @@ async fn add(g: &Graph, json: &str) -> Rc<ferrite_block::Node> {
 
 fn graph() -> (Rc<Graph>, Rc<Events>) {
     let events = Rc::new(Events::default());
-    (Graph::new(events.clone()), events)
+    let registry = ferrite_block::Registry::new();
+    ferrite_block::drivers::register(&registry);
+    (Graph::new(events.clone(), registry), events)
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -55,16 +57,14 @@ async fn node_names_follow_qemu_rules() {
 async fn conflicting_users_are_refused_and_nothing_changes() {
     let (g, _) = graph();
     let n = add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
-    let writer = g
-        .attach(
-            &n,
-            "a",
-            Perm::CONSISTENT_READ | Perm::WRITE,
-            Perm::CONSISTENT_READ,
-        )
-        .unwrap();
-    let err = g
-        .attach(&n, "b", Perm::WRITE, Perm::all())
+    let writer = BlockBackend::new(
+        &g,
+        &n,
+        Perm::CONSISTENT_READ | Perm::WRITE,
+        Perm::CONSISTENT_READ,
+    )
+    .unwrap();
+    let err = BlockBackend::new(&g, &n, Perm::WRITE, Perm::all())
         .unwrap_err()
         .desc;
     assert!(
@@ -72,9 +72,9 @@ async fn conflicting_users_are_refused_and_nothing_changes() {
         "{err}"
     );
     assert_eq!(n.users().len(), 1);
-    g.detach(writer);
-    let again = g.attach(&n, "b", Perm::WRITE, Perm::all()).unwrap();
-    g.detach(again);
+    drop(writer);
+    let again = BlockBackend::new(&g, &n, Perm::WRITE, Perm::all()).unwrap();
+    drop(again);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -85,7 +85,7 @@ async fn read_only_nodes_refuse_writers() {
         r#"{"driver":"null-co","node-name":"n0","read-only":true}"#,
     )
     .await;
-    let e = g.attach(&n, "w", Perm::WRITE, Perm::all()).unwrap_err();
+    let e = BlockBackend::new(&g, &n, Perm::WRITE, Perm::all()).unwrap_err();
     assert_eq!(e.desc, "Block node is read-only");
 }
 
@@ -125,14 +125,13 @@ async fn raw_passes_user_permissions_to_its_file() {
     let (g, _) = graph();
     add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
     let r = add(&g, r#"{"driver":"raw","node-name":"r0","file":"n0"}"#).await;
-    let hold = g
-        .attach(
-            &r,
-            "exp",
-            Perm::CONSISTENT_READ | Perm::WRITE,
-            Perm::CONSISTENT_READ | Perm::WRITE,
-        )
-        .unwrap();
+    let hold = BlockBackend::new(
+        &g,
+        &r,
+        Perm::CONSISTENT_READ | Perm::WRITE,
+        Perm::CONSISTENT_READ | Perm::WRITE,
+    )
+    .unwrap();
     let n = g.find("n0").unwrap();
     assert_eq!(
         n.cumulative_perms(),
@@ -141,7 +140,7 @@ async fn raw_passes_user_permissions_to_its_file() {
             Perm::CONSISTENT_READ | Perm::WRITE
         )
     );
-    g.detach(hold);
+    drop(hold);
     assert_eq!(n.cumulative_perms().0, Perm::empty());
 }
 
@@ -156,21 +155,24 @@ async fn drain_waits_for_requests_and_holds_root_users() {
                 r#"{"driver":"null-co","node-name":"n0","latency-ns":20000000}"#,
             )
             .await;
-            let n2 = n.clone();
-            let req = tokio::task::spawn_local(async move { n2.read(0, 512).await });
+            let reader = BlockBackend::new(&g, &n, Perm::CONSISTENT_READ, Perm::all()).unwrap();
+            let r2 = reader.clone();
+            let req = tokio::task::spawn_local(async move { r2.read(0, 512).await });
             tokio::task::yield_now().await;
             let drained = g.drain(&n).await;
             // The request in flight finished before drain returned.
             assert!(req.is_finished());
             // A root user's next request waits until the drained section ends.
-            let n3 = n.clone();
-            let waiting = tokio::task::spawn_local(async move { n3.wait_unquiesced().await });
+            let r3 = reader.clone();
+            let waiting = tokio::task::spawn_local(async move { r3.read(0, 512).await });
             tokio::task::yield_now().await;
             assert!(!waiting.is_finished());
             // The drainer itself may still do I/O.
-            n.write(0, vec![1; 512], ReqFlags::empty()).await.unwrap();
+            let own = BlockBackend::new(&g, &n, Perm::WRITE, Perm::all()).unwrap();
+            own.set_queue_requests(false);
+            own.write(0, vec![1; 512], ReqFlags::empty()).await.unwrap();
             drop(drained);
-            waiting.await.unwrap();
+            waiting.await.unwrap().unwrap();
         })
         .await;
 }
@@ -179,9 +181,10 @@ async fn drain_waits_for_requests_and_holds_root_users() {
 async fn requests_past_the_end_fail_with_einval_and_are_counted() {
     let (g, _) = graph();
     let n = add(&g, r#"{"driver":"null-co","node-name":"n0","size":4096}"#).await;
-    let e = n.read(4000, 512).await.unwrap_err();
+    let blk = BlockBackend::new(&g, &n, Perm::CONSISTENT_READ, Perm::all()).unwrap();
+    let e = blk.read(4000, 512).await.unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc_einval()));
-    assert!(n.read(0, 4096).await.is_ok());
+    assert!(blk.read(0, 4096).await.is_ok());
 }
 
 fn libc_einval() -> i32 {
@@ -194,31 +197,27 @@ async fn replace_moves_every_parent_at_once() {
     let n0 = add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
     let n1 = add(&g, r#"{"driver":"null-co","node-name":"n1"}"#).await;
     let r0 = add(&g, r#"{"driver":"raw","node-name":"r0","file":"n0"}"#).await;
-    let root = g
-        .attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all())
-        .unwrap();
+    let root = BlockBackend::new(&g, &n0, Perm::CONSISTENT_READ, Perm::all()).unwrap();
     g.replace(&n0, &n1).await.unwrap();
     assert!(std::rc::Rc::ptr_eq(&r0.child("file").unwrap(), &n1));
-    assert!(std::rc::Rc::ptr_eq(&root.node(), &n1));
+    assert!(std::rc::Rc::ptr_eq(&root.node().unwrap(), &n1));
     assert!(n0.users().is_empty());
     assert_eq!(n1.users().len(), 2);
-    g.detach(root);
+    drop(root);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn replace_with_a_filter_above_keeps_the_filter_edge() {
     let (g, _) = graph();
     let n0 = add(&g, r#"{"driver":"null-co","node-name":"n0"}"#).await;
-    let root = g
-        .attach(&n0, "exp", Perm::CONSISTENT_READ, Perm::all())
-        .unwrap();
+    let root = BlockBackend::new(&g, &n0, Perm::CONSISTENT_READ, Perm::all()).unwrap();
     let f = add(&g, r#"{"driver":"raw","node-name":"f","file":"n0"}"#).await;
     g.replace(&n0, &f).await.unwrap();
-    assert!(std::rc::Rc::ptr_eq(&root.node(), &f));
+    assert!(std::rc::Rc::ptr_eq(&root.node().unwrap(), &f));
     assert!(std::rc::Rc::ptr_eq(&f.child("file").unwrap(), &n0));
     // The root user's permissions now pass through the filter to n0.
     assert_eq!(n0.cumulative_perms().0, Perm::CONSISTENT_READ);
-    g.detach(root);
+    drop(root);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -230,11 +229,11 @@ async fn replace_that_conflicts_moves_nothing() {
         r#"{"driver":"null-co","node-name":"ro","read-only":true}"#,
     )
     .await;
-    let w = g.attach(&n0, "writer", Perm::WRITE, Perm::all()).unwrap();
+    let w = BlockBackend::new(&g, &n0, Perm::WRITE, Perm::all()).unwrap();
     let e = g.replace(&n0, &ro).await.unwrap_err();
     assert_eq!(e.desc, "Block node is read-only");
-    assert!(std::rc::Rc::ptr_eq(&w.node(), &n0));
+    assert!(std::rc::Rc::ptr_eq(&w.node().unwrap(), &n0));
     assert!(ro.users().is_empty());
     assert_eq!(n0.users().len(), 1);
-    g.detach(w);
+    drop(w);
 }

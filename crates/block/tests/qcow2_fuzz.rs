@@ -5,7 +5,7 @@
 //! Seed images are made and filled by ferrite itself, then damaged by proptest: random bytes
 //! anywhere in the metadata area, and whole header fields set to hostile values.
 
-use ferrite_block::{EventSink, Graph, Perm, ReqFlags};
+use ferrite_block::{BlockBackend, EventSink, Graph, Perm, ReqFlags};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use proptest::prelude::*;
@@ -43,7 +43,7 @@ fn seed(dir: &Path, name: &str, create: QDict) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, b"").expect("create seed file");
     run_local(async {
-        let g = Graph::new(Rc::new(NoEvents));
+        let g = Graph::new(Rc::new(NoEvents), drivers());
         let opts = create
             .with("driver", "qcow2")
             .with("size", SIZE)
@@ -60,24 +60,23 @@ fn seed(dir: &Path, name: &str, create: QDict) -> PathBuf {
             ))
             .await
             .expect("open seed");
-        let hold = g
-            .attach(&node, "seed", Perm::WRITE | Perm::RESIZE, Perm::all())
-            .expect("attach");
-        node.write(0, vec![0x11; 96 << 10], ReqFlags::empty())
+        let hold =
+            BlockBackend::new(&g, &node, Perm::WRITE | Perm::RESIZE, Perm::all()).expect("attach");
+        hold.write(0, vec![0x11; 96 << 10], ReqFlags::empty())
             .await
             .expect("write");
-        node.write(300 << 10, vec![0x22; 5000], ReqFlags::empty())
+        hold.write(300 << 10, vec![0x22; 5000], ReqFlags::empty())
             .await
             .expect("write");
-        node.write_zeroes(600 << 10, 64 << 10, ReqFlags::MAY_UNMAP)
+        hold.write_zeroes(600 << 10, 64 << 10, ReqFlags::MAY_UNMAP)
             .await
             .expect("zero");
         let cs = 64 << 10;
         let compressible: Vec<u8> = (0..cs).map(|i| (i / 512) as u8).collect();
-        node.write_compressed(768 << 10, compressible)
+        hold.write_compressed(768 << 10, compressible)
             .await
             .expect("compressed");
-        g.detach(hold);
+        drop(hold);
         g.blockdev_del("seed").await.expect("close seed");
     });
     path
@@ -86,7 +85,7 @@ fn seed(dir: &Path, name: &str, create: QDict) -> PathBuf {
 /// Opens the damaged image and uses it; every step may fail, none may panic or hang.
 /// Returns how many of its reads succeeded (none if it did not open).
 async fn exercise(path: &Path) -> usize {
-    let g = Graph::new(Rc::new(NoEvents));
+    let g = Graph::new(Rc::new(NoEvents), drivers());
     let opts = QDict::new()
         .with("driver", "qcow2")
         .with("node-name", "q")
@@ -97,27 +96,31 @@ async fn exercise(path: &Path) -> usize {
     let size = node.len();
     let mut off = 0;
     let mut reads = 0;
+    let Ok(reader) = BlockBackend::new(&g, &node, Perm::CONSISTENT_READ, Perm::all()) else {
+        return 0;
+    };
     while off < size.min(4 * SIZE) {
         let n = (size - off).min(128 << 10);
-        reads += usize::from(node.read(off, n as usize).await.is_ok());
+        reads += usize::from(reader.read(off, n as usize).await.is_ok());
         let _ = node.block_status(off, n).await;
         off += n;
     }
-    if let Ok(hold) = g.attach(&node, "fuzz", Perm::WRITE | Perm::RESIZE, Perm::all()) {
+    if let Ok(hold) = BlockBackend::new(&g, &node, Perm::WRITE | Perm::RESIZE, Perm::all()) {
         let end = size.min(SIZE);
         if end > 8192 {
-            let _ = node.write(4096, vec![0x5a; 4096], ReqFlags::empty()).await;
-            let _ = node
+            let _ = hold.write(4096, vec![0x5a; 4096], ReqFlags::empty()).await;
+            let _ = hold
                 .write(end - 8192, vec![0xa5; 8192], ReqFlags::empty())
                 .await;
-            let _ = node.write_zeroes(0, 4096, ReqFlags::MAY_UNMAP).await;
-            let _ = node.discard(65536, 65536).await;
-            let _ = node.write_compressed(0, vec![7; 65536]).await;
+            let _ = hold.write_zeroes(0, 4096, ReqFlags::MAY_UNMAP).await;
+            let _ = hold.discard(65536, 65536).await;
+            let _ = hold.write_compressed(0, vec![7; 65536]).await;
         }
-        let _ = node.truncate(size + (64 << 10)).await;
-        let _ = node.read(0, 4096).await;
-        g.detach(hold);
+        let _ = hold.truncate(size + (64 << 10)).await;
+        let _ = hold.read(0, 4096).await;
+        drop(hold);
     }
+    drop(reader);
     let _ = g.blockdev_del("q").await;
     reads
 }
@@ -178,7 +181,7 @@ fn seeds() -> &'static (tempfile::TempDir, Vec<PathBuf>) {
 fn seeds_read_back_what_was_written() {
     for seed in &seeds().1 {
         let content = run_local(async {
-            let g = Graph::new(Rc::new(NoEvents));
+            let g = Graph::new(Rc::new(NoEvents), drivers());
             let node = g
                 .blockdev_add(&Args::new(
                     QDict::new()
@@ -189,7 +192,11 @@ fn seeds_read_back_what_was_written() {
                 ))
                 .await
                 .expect("open");
-            node.read(0, SIZE as usize).await.expect("read")
+            BlockBackend::new(&g, &node, Perm::CONSISTENT_READ, Perm::all())
+                .expect("attach")
+                .read(0, SIZE as usize)
+                .await
+                .expect("read")
         });
         assert!(content[..96 << 10].iter().all(|&b| b == 0x11));
         assert!(
@@ -314,4 +321,11 @@ proptest! {
             }
         })?;
     }
+}
+
+/// A registry with every driver of the crate.
+fn drivers() -> Rc<ferrite_block::Registry> {
+    let r = ferrite_block::Registry::new();
+    ferrite_block::drivers::register(&r);
+    r
 }

@@ -5,7 +5,7 @@
 //!
 //! Needs `qemu-img` and `qemu-io` (scripts/setup.sh installs them).
 
-use ferrite_block::{EventSink, Graph, Perm, ReqFlags};
+use ferrite_block::{BlockBackend, EventSink, Graph, Perm, ReqFlags};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::collections::HashSet;
@@ -186,7 +186,7 @@ fn compressible(len: u64, pattern: u8) -> Vec<u8> {
 }
 
 async fn apply_in_ferrite(path: &Path, ops: &[Op]) {
-    let g = Graph::new(Rc::new(NoEvents));
+    let g = Graph::new(Rc::new(NoEvents), drivers());
     let file = QDict::new()
         .with("driver", "file")
         .with("filename", path.to_str().unwrap_or_default());
@@ -200,13 +200,12 @@ async fn apply_in_ferrite(path: &Path, ops: &[Op]) {
         ))
         .await
         .expect("open in ferrite");
-    let hold = g
-        .attach(&node, "test", Perm::WRITE | Perm::RESIZE, Perm::all())
-        .expect("attach");
+    let hold =
+        BlockBackend::new(&g, &node, Perm::WRITE | Perm::RESIZE, Perm::all()).expect("attach");
     for op in ops {
         let r = match *op {
             Op::Write { off, len, pattern } => {
-                node.write(off, vec![pattern; len as usize], ReqFlags::empty())
+                hold.write(off, vec![pattern; len as usize], ReqFlags::empty())
                     .await
             }
             Op::Zero { off, len, unmap } => {
@@ -215,17 +214,17 @@ async fn apply_in_ferrite(path: &Path, ops: &[Op]) {
                 } else {
                     ReqFlags::empty()
                 };
-                node.write_zeroes(off, len, flags).await
+                hold.write_zeroes(off, len, flags).await
             }
-            Op::Discard { off, len } => node.discard(off, len).await,
+            Op::Discard { off, len } => hold.discard(off, len).await,
             Op::Compressed { off, len, pattern } => {
-                node.write_compressed(off, compressible(len, pattern)).await
+                hold.write_compressed(off, compressible(len, pattern)).await
             }
-            Op::Resize { size } => node.truncate(size).await,
+            Op::Resize { size } => hold.truncate(size).await,
         };
         r.unwrap_or_else(|e| panic!("ferrite failed {op:?}: {e}"));
     }
-    g.detach(hold);
+    drop(hold);
     g.blockdev_del("q").await.expect("close");
 }
 
@@ -410,4 +409,11 @@ fn random_sequences_with_compression_and_resizes_match_qemu_io() {
         equal >= 3 * qemu_corrupted,
         "too few comparable sequences: {equal} equal, {qemu_corrupted} where QEMU corrupted its image"
     );
+}
+
+/// A registry with every driver of the crate.
+fn drivers() -> Rc<ferrite_block::Registry> {
+    let r = ferrite_block::Registry::new();
+    ferrite_block::drivers::register(&r);
+    r
 }

@@ -1,7 +1,7 @@
 //! `x-blockdev-amend`: changing an open image's options, run as a job of type `amend`.
 
-use crate::job::JobManager;
-use ferrite_block::{Graph, Perm};
+use crate::manager::JobManager;
+use ferrite_block::{BlockBackend, Graph, Perm};
 use ferrite_qapi::{Args, Error};
 use std::rc::Rc;
 
@@ -19,7 +19,7 @@ pub fn qmp_x_blockdev_amend(
     let options = args
         .dict("options")
         .ok_or_else(|| Error::generic("Parameter 'options' is missing"))?;
-    ferrite_block::amend::check(&node, &options)?;
+    ferrite_block::create::check_amend(graph, &node, &options)?;
     jobs.check_id(&id)?;
     let graph = graph.clone();
     crate::single_step::start(
@@ -28,9 +28,9 @@ pub fn qmp_x_blockdev_amend(
         "amend",
         Box::pin(async move {
             // The image must not change under the amendment, nor go away.
-            let hold = graph.attach(&node, "x-blockdev-amend", Perm::WRITE, Perm::all())?;
-            let r = ferrite_block::amend::amend(&node, &options).await;
-            graph.detach(hold);
+            let hold = BlockBackend::new(&graph, &node, Perm::WRITE, Perm::all())?;
+            let r = ferrite_block::create::amend(&graph, &node, &options).await;
+            drop(hold);
             r
         }),
     )

@@ -4,10 +4,12 @@
 //! background (sync `full`, or `top`: only what the top layer allocates) or nothing at all
 //! (sync `none`: the target is a fleecing overlay that only receives those old contents).
 
-use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, JobManager, JobOptions, JobTxn};
+use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, JobTxn, PhaseFuture};
+use crate::manager::{JobManager, JobOptions};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, CopyError, MAX_CHUNK};
-use ferrite_block::{Graph, Node, Perm, RootUse};
+use ferrite_block::drivers::cbw::CbwFactory;
+use ferrite_block::{Child, Graph, Node, Perm};
 use ferrite_qapi::{Args, Error};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -96,10 +98,12 @@ struct BackupJob {
     bitmap: Option<UserBitmap>,
     on_source_error: ErrorPolicy,
     on_target_error: ErrorPolicy,
-    /// The copy-before-write filter while it is in the graph, and the job's hold on it
-    /// (it stays while other jobs' filters come and go above or below it).
+    /// The copy-before-write filter while it is in the graph (it stays while other jobs'
+    /// filters come and go above or below it).
     filter: RefCell<Option<Rc<Node>>>,
-    filter_hold: RefCell<Option<RootUse>>,
+    /// The filter's edges to the source and the target: the copies go through them.
+    source_edge: Rc<Child>,
+    target_edge: Rc<Child>,
     /// The target was opened for this job (drive-backup): it goes when the job does.
     drop_target: bool,
     /// Chunks the background copy keeps in flight.
@@ -189,15 +193,15 @@ impl BackupJob {
             }
             let (copy, source, target, chunk) = (
                 self.copy.clone(),
-                self.source.clone(),
-                self.target.clone(),
+                self.source_edge.clone(),
+                self.target_edge.clone(),
                 self.chunk,
             );
             workers.spawn_local(async move { copy.copy(&source, &target, c * cs, chunk).await });
             next = c + chunk / cs;
         }
         self.progress(job);
-        self.target
+        self.target_edge
             .flush()
             .await
             .map_err(|e| ferrite_qapi::os_msg(&e))
@@ -239,19 +243,17 @@ impl BackupJob {
     }
 
     /// Takes the filter out: the source's users go back to it; the target is free again.
-    async fn remove_filter(&self) -> Result<(), String> {
+    async fn remove_filter(&self) {
         let filter = self.filter.borrow_mut().take();
         if let Some(f) = filter {
             self.graph.unblock(&self.target, BLOCKED);
-            if let Some(hold) = self.filter_hold.borrow_mut().take() {
-                self.graph.detach(hold);
+            if let Err(e) = self.graph.remove_filter(&f).await {
+                tracing::warn!(error = %e, "taking the copy-before-write filter out failed");
             }
-            self.graph.remove_filter(&f).await.map_err(|e| e.desc)?;
             if self.drop_target {
                 self.graph.close_inline(&self.target).await;
             }
         }
-        Ok(())
     }
 }
 
@@ -265,51 +267,41 @@ impl JobDriver for BackupJob {
     }
 
     fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture {
+        Box::pin(async move { self.work(&job).await })
+    }
+
+    fn commit(self: Rc<Self>, _job: Rc<Job>) -> PhaseFuture<()> {
+        Box::pin(async move { self.settle_bitmap(true) })
+    }
+
+    fn abort(self: Rc<Self>, _job: Rc<Job>) -> PhaseFuture<()> {
+        Box::pin(async move { self.settle_bitmap(false) })
+    }
+
+    fn clean(self: Rc<Self>, job: Rc<Job>) -> PhaseFuture<()> {
         Box::pin(async move {
-            let r = self.work(&job).await;
-            let removed = self.remove_filter().await;
-            let r = r.and(removed);
-            self.settle_bitmap(r.is_ok() && !job.is_cancelled());
-            r
+            job.remove_nodes(&self.graph);
+            self.remove_filter().await;
         })
     }
-}
-
-/// `blockdev-backup`: prepared and started at once.
-///
-/// # Errors
-/// As [`prepare`].
-pub async fn qmp_blockdev_backup(
-    jobs: &Rc<JobManager>,
-    graph: &Rc<Graph>,
-    args: &Args,
-) -> Result<(), Error> {
-    prepare(jobs, graph, args, None).await?.start(jobs);
-    Ok(())
 }
 
 /// A backup whose point in time is set (the filter is in place, the job created) but whose
 /// background copy has not started: a transaction's action between prepare and commit.
 pub(crate) struct Prepared {
     job: Rc<Job>,
-    driver: Rc<BackupJob>,
 }
 
 impl Prepared {
     /// Starts the job.
     pub(crate) fn start(&self, jobs: &Rc<JobManager>) {
         jobs.run_job(&self.job);
-        // QEMU drains the graph while the job settles in; clients see it pause once.
-        self.job.drain_blip();
     }
 
-    /// Takes everything back (a later action of the transaction failed).
+    /// Takes everything back (a later action of the transaction failed): the job ends
+    /// without having started, through its abort and clean phases.
     pub(crate) async fn abort(&self, jobs: &Rc<JobManager>) {
-        let _ = self.driver.remove_filter().await;
-        if let Some((b, _)) = &self.driver.bitmap {
-            b.thaw(false);
-        }
-        jobs.abort_unstarted(&self.job);
+        jobs.abort_unstarted(&self.job).await;
     }
 }
 
@@ -372,33 +364,38 @@ async fn prepare_nodes(
         _ => BlockCopy::new(source.len(), cluster, compress),
     };
     copy.set_discard_source(args.bool_or("discard-source", false));
+    let mut filter_opts = ferrite_qobject::QDict::new()
+        .with("driver", "copy-before-write")
+        .with("file", source.name())
+        .with("target", target.name());
+    filter_opts.insert_opt("node-name", args.opt_str("filter-node-name"));
     let filter = graph
-        .insert_copy_before_write(
+        .insert_filter(
             &source,
-            &target,
-            args.opt_str("filter-node-name"),
-            copy.clone(),
+            &Args::new(filter_opts),
+            &CbwFactory::sharing(copy.clone()),
         )
         .await?;
-    let filter_hold = match graph.attach(&filter, "backup job", Perm::empty(), Perm::all()) {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = graph.remove_filter(&filter).await;
-            return Err(e);
-        }
+    let edges = filter.edge("file").zip(filter.edge("target"));
+    let Some((source_edge, target_edge)) = edges else {
+        let _ = graph.remove_filter(&filter).await;
+        return Err(Error::generic(
+            "The copy-before-write filter lost its children",
+        ));
     };
     graph.block(&target, BLOCKED);
     let driver = Rc::new(BackupJob {
         graph: graph.clone(),
         source,
-        target,
+        target: target.clone(),
         copy,
         sync,
         bitmap: bitmap.clone(),
         on_source_error: ErrorPolicy::parse(args.opt_str("on-source-error")),
         on_target_error: ErrorPolicy::parse(args.opt_str("on-target-error")),
-        filter: RefCell::new(Some(filter)),
-        filter_hold: RefCell::new(Some(filter_hold)),
+        filter: RefCell::new(Some(filter.clone())),
+        source_edge,
+        target_edge,
         drop_target,
         workers: perf.workers(cluster),
         chunk: perf.chunk(cluster),
@@ -416,17 +413,25 @@ async fn prepare_nodes(
         driver.clone(),
         txn,
     );
-    match created {
-        Ok(job) => Ok(Prepared { job, driver }),
+    let job = match created {
+        Ok(job) => job,
         Err(e) => {
-            let _ = driver.remove_filter().await;
+            driver.remove_filter().await;
             // The job never ran: the bitmap is as it was.
             if let Some((b, _)) = &driver.bitmap {
                 b.thaw(false);
             }
-            Err(e)
+            return Err(e);
+        }
+    };
+    // The job works on its filter and its target (QEMU's "main node" and "target").
+    for (node, name) in [(&filter, "main node"), (&target, "target")] {
+        if let Err(e) = job.add_node(graph, node, name, Perm::empty(), Perm::all()) {
+            jobs.abort_unstarted(&job).await;
+            return Err(e);
         }
     }
+    Ok(Prepared { job })
 }
 
 /// The user's bitmap of a backup, and its mode.
@@ -517,7 +522,7 @@ async fn create_target(
         .with("driver", "file")
         .with("filename", file)
         .with("size", if format == "raw" { source.len() } else { 0 });
-    ferrite_block::create::create(graph, &Args::new(file_opts)).await?;
+    ferrite_block::create::create(&graph.rc(), &Args::new(file_opts)).await?;
     if format == "raw" {
         return Ok(());
     }
@@ -532,20 +537,7 @@ async fn create_target(
         opts.insert("backing-file", b.filename());
         opts.insert("backing-fmt", b.driver_name());
     }
-    ferrite_block::create::create(graph, &Args::new(opts)).await
-}
-
-/// `drive-backup`: prepared and started at once.
-///
-/// # Errors
-/// As [`prepare_drive`].
-pub async fn qmp_drive_backup(
-    jobs: &Rc<JobManager>,
-    graph: &Rc<Graph>,
-    args: &Args,
-) -> Result<(), Error> {
-    prepare_drive(jobs, graph, args, None).await?.start(jobs);
-    Ok(())
+    ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await
 }
 
 /// The sync mode and the bitmap (on the source) with its mode, checked in QEMU's order.

@@ -1,6 +1,6 @@
 //! `blockdev-create`: image creation run as a job of type `create`.
 
-use crate::job::JobManager;
+use crate::manager::JobManager;
 use ferrite_block::Graph;
 use ferrite_qapi::{Args, Error};
 use std::rc::Rc;
@@ -19,7 +19,7 @@ pub fn qmp_blockdev_create(
         .dict("options")
         .ok_or_else(|| Error::generic("Parameter 'options' is missing"))?;
     jobs.check_id(&id)?;
-    ferrite_block::create::check_driver(&options)?;
+    ferrite_block::create::check_driver(graph, &options)?;
     let graph = graph.clone();
     crate::single_step::start(
         jobs,

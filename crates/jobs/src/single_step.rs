@@ -1,7 +1,8 @@
 //! Jobs whose work is one step (`blockdev-create`, `x-blockdev-amend`): progress 0 of 1, the
 //! work once the command has returned (as in QEMU), then 1 of 1; the user dismisses them.
 
-use crate::job::{Job, JobDriver, JobFuture, JobManager, JobOptions};
+use crate::job::{Job, JobDriver, JobFuture};
+use crate::manager::{JobManager, JobOptions};
 use ferrite_qapi::Error;
 use std::cell::RefCell;
 use std::future::Future;

@@ -4,7 +4,8 @@
 //! with `completion-mode: grouped` they complete or fail together.
 
 use crate::backup::{self, Prepared};
-use crate::job::{JobManager, JobTxn};
+use crate::job::JobTxn;
+use crate::manager::JobManager;
 use ferrite_block::bitmap_cmds::{self as bm, Undo};
 use ferrite_block::snapshot_cmds;
 use ferrite_block::{Drained, Graph};
@@ -20,6 +21,42 @@ enum Done {
     Snapshot(snapshot_cmds::Prepared),
     /// An internal snapshot taken (node, ID), deleted again on rollback.
     Internal((Rc<ferrite_block::Node>, String)),
+}
+
+/// `blockdev-backup`: a transaction of one action, as in QEMU.
+///
+/// # Errors
+/// As the action's prepare.
+pub async fn qmp_blockdev_backup(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+) -> Result<(), Error> {
+    run(
+        jobs,
+        graph,
+        vec![("blockdev-backup".into(), args.clone())],
+        false,
+    )
+    .await
+}
+
+/// `drive-backup`: a transaction of one action, as in QEMU.
+///
+/// # Errors
+/// As the action's prepare.
+pub async fn qmp_drive_backup(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+) -> Result<(), Error> {
+    run(
+        jobs,
+        graph,
+        vec![("drive-backup".into(), args.clone())],
+        false,
+    )
+    .await
 }
 
 /// `transaction`.
@@ -54,6 +91,17 @@ pub async fn qmp_transaction(
         }
         parsed.push((kind, data));
     }
+    run(jobs, graph, parsed, grouped).await
+}
+
+/// Prepares `actions` in order on drained nodes, rolls them all back on the first failure,
+/// and otherwise commits them.
+async fn run(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    parsed: Vec<(String, Args)>,
+    grouped: bool,
+) -> Result<(), Error> {
     let _drained = drain_named(graph, &parsed).await;
     let txn = grouped.then(|| Rc::new(JobTxn::default()));
     let mut done: Vec<Done> = Vec::new();
@@ -94,7 +142,7 @@ pub async fn qmp_transaction(
                         Done::Backup(b) => b.abort(jobs).await,
                         Done::Snapshot(s) => s.abort(graph),
                         Done::Internal((node, id)) => {
-                            let _ = node.driver_snapshot_delete(&id).await;
+                            let _ = snapshot_cmds::delete_internal_by_id(&node, &id).await;
                         }
                     }
                 }

@@ -1,8 +1,8 @@
 //! Block exports: a node made available to NBD clients under a name.
 
 use ferrite_block::bitmap::DirtyBitmap;
-use ferrite_block::{Node, RootUse};
-use std::cell::{Cell, RefCell};
+use ferrite_block::{BlockBackend, Node};
+use std::cell::Cell;
 use std::rc::Rc;
 use tokio::sync::Notify;
 
@@ -11,9 +11,11 @@ pub struct Export {
     pub(crate) id: String,
     pub(crate) name: String,
     pub(crate) description: Option<String>,
-    /// The node when the export was made; `hold` follows it if the graph replaces it.
+    /// The node when the export was made; `blk` follows it if the graph replaces it.
     pub(crate) initial_node: Rc<Node>,
-    pub(crate) hold: RefCell<Option<RootUse>>,
+    /// The export's way to its node; detached when the export is removed.
+    pub(crate) blk: Rc<BlockBackend>,
+    pub(crate) removed: Cell<bool>,
     pub(crate) writable: bool,
     pub(crate) writethrough: bool,
     pub(crate) allocation_depth: bool,
@@ -40,10 +42,7 @@ impl Export {
 
     /// The exported node (it changes if the graph replaces the node under the export).
     pub fn node(&self) -> Rc<Node> {
-        self.hold
-            .borrow()
-            .as_ref()
-            .map_or_else(|| self.initial_node.clone(), RootUse::node)
+        self.blk.node().unwrap_or_else(|| self.initial_node.clone())
     }
 
     pub(crate) fn client_joined(&self) {

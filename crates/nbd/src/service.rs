@@ -3,7 +3,7 @@
 use crate::export::Export;
 use crate::{handshake, transmission};
 use ferrite_block::bitmap::DirtyBitmap;
-use ferrite_block::{EventSink, Graph, Node, Perm};
+use ferrite_block::{BlockBackend, EventSink, Graph, Node, Perm};
 use ferrite_qapi::{Args, Error, os_msg};
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
@@ -286,13 +286,14 @@ impl NbdService {
             perm |= Perm::WRITE;
         }
         let shared = Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED;
-        let hold = self.graph.attach(&node, "block device", perm, shared)?;
+        let blk = BlockBackend::new(&self.graph, &node, perm, shared)?;
         let export = Rc::new(Export {
             id: id.to_owned(),
             name,
             description: opts.opt_str("description").map(str::to_owned),
             initial_node: node,
-            hold: RefCell::new(Some(hold)),
+            blk,
+            removed: Cell::new(false),
             writable,
             writethrough: opts.bool_or("writethrough", false),
             allocation_depth: opts.bool_or("allocation-depth", false),
@@ -411,8 +412,8 @@ impl NbdService {
     /// Disconnects an export's clients, releases its node and announces its end.
     async fn remove(&self, export: &Rc<Export>) {
         export.disconnect_all().await;
-        if let Some(hold) = export.hold.borrow_mut().take() {
-            self.graph.detach(hold);
+        if !export.removed.replace(true) {
+            export.blk.remove();
             for b in &export.bitmaps {
                 b.set_in_use(false);
             }

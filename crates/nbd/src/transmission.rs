@@ -2,7 +2,7 @@
 
 use crate::handshake::{MetaContext, Session};
 use crate::proto::*;
-use ferrite_block::{Node, ReqFlags};
+use ferrite_block::{BlockBackend, ReqFlags};
 use std::io;
 use std::rc::Rc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -257,8 +257,7 @@ async fn handle(
     if let Err((e, msg)) = validate(session, &req, payload.is_some()) {
         return send_outcome(session, &req, Outcome::Err(e, msg), w).await;
     }
-    let node = session.export.node();
-    node.wait_unquiesced().await;
+    let blk = &session.export.blk;
     let fua = req.flags & CMD_FLAG_FUA != 0 || session.export.writethrough;
     let flags = if fua {
         ReqFlags::FUA
@@ -272,14 +271,14 @@ async fn handle(
     let outcome = match req.ty {
         CMD_READ => {
             if session.structured && req.flags & CMD_FLAG_DF == 0 && req.len > 0 {
-                return sparse_read(&node, &req, w).await;
+                return sparse_read(blk, &req, w).await;
             }
-            match node.read(req.offset, req.len as usize).await {
+            match blk.read(req.offset, req.len as usize).await {
                 Ok(d) => Outcome::Data(d),
                 Err(e) => io_failure(&e),
             }
         }
-        CMD_WRITE => map(node
+        CMD_WRITE => map(blk
             .write(req.offset, payload.unwrap_or_default(), flags)
             .await),
         CMD_WRITE_ZEROES => {
@@ -288,24 +287,24 @@ async fn handle(
                 zf |= ReqFlags::MAY_UNMAP;
             }
             if req.flags & CMD_FLAG_FAST_ZERO != 0 {
-                if !node.can_fast_zero() {
+                if !blk.node().is_some_and(|n| n.can_fast_zero()) {
                     let out = Outcome::Err(ENOTSUP, String::new());
                     return send_outcome(session, &req, out, w).await;
                 }
                 zf |= ReqFlags::NO_FALLBACK;
             }
-            map(node.write_zeroes(req.offset, u64::from(req.len), zf).await)
+            map(blk.write_zeroes(req.offset, u64::from(req.len), zf).await)
         }
         CMD_TRIM => {
-            let r = node.discard(req.offset, u64::from(req.len)).await;
+            let r = blk.discard(req.offset, u64::from(req.len)).await;
             match r {
-                Ok(()) if fua => map(node.flush().await),
+                Ok(()) if fua => map(blk.flush().await),
                 other => map(other),
             }
         }
-        CMD_FLUSH => map(node.flush().await),
+        CMD_FLUSH => map(blk.flush().await),
         CMD_CACHE => Outcome::Ok,
-        CMD_BLOCK_STATUS => return block_status(session, &node, &req, w).await,
+        CMD_BLOCK_STATUS => return block_status(session, blk, &req, w).await,
         _ => Outcome::Err(EINVAL, String::new()),
     };
     send_outcome(session, &req, outcome, w).await
@@ -339,12 +338,12 @@ async fn send_outcome(
 }
 
 /// A structured read that sends holes as hole chunks instead of zeroes.
-async fn sparse_read(node: &Rc<Node>, req: &Request, w: &Replies) -> io::Result<()> {
+async fn sparse_read(blk: &BlockBackend, req: &Request, w: &Replies) -> io::Result<()> {
     let end = req.offset + u64::from(req.len);
     let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
     let mut off = req.offset;
     while off < end {
-        match node.block_status(off, end - off).await {
+        match blk.block_status(off, end - off).await {
             Ok(e) => {
                 let hole = e.zero && !e.data;
                 match pieces.last_mut() {
@@ -372,7 +371,7 @@ async fn sparse_read(node: &Rc<Node>, req: &Request, w: &Replies) -> io::Result<
             c.extend_from_slice(&(*len as u32).to_be_bytes());
             chunks.push(c);
         } else {
-            match node.read(*off, *len as usize).await {
+            match blk.read(*off, *len as usize).await {
                 Ok(data) => {
                     let mut c =
                         chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + *len as u32);
@@ -392,7 +391,7 @@ async fn sparse_read(node: &Rc<Node>, req: &Request, w: &Replies) -> io::Result<
 
 async fn block_status(
     session: &Session,
-    node: &Rc<Node>,
+    blk: &BlockBackend,
     req: &Request,
     w: &Replies,
 ) -> io::Result<()> {
@@ -405,12 +404,12 @@ async fn block_status(
         while off < end && descs.len() < MAX_EXTENTS {
             let want = (end - off).min(u64::from(u32::MAX) & !511);
             let r = match ctx {
-                MetaContext::BaseAllocation => node.block_status(off, want).await.map(|e| {
+                MetaContext::BaseAllocation => blk.block_status(off, want).await.map(|e| {
                     let flags = (if e.data { 0 } else { STATE_HOLE })
                         | (if e.zero { STATE_ZERO } else { 0 });
                     (e.len, flags)
                 }),
-                MetaContext::AllocationDepth => node.allocation_depth(off, want).await,
+                MetaContext::AllocationDepth => blk.allocation_depth(off, want).await,
                 MetaContext::DirtyBitmap(i) => {
                     Ok(session.export.bitmaps.get(*i).map_or((want, 0), |b| {
                         let (len, dirty) = b.extent(off, want);

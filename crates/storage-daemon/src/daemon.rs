@@ -85,7 +85,9 @@ impl Daemon {
         ]));
         let events = EventBus::new();
         let sink: Rc<dyn EventSink> = Rc::new(BusSink(events.clone()));
-        let graph = Graph::new(sink.clone());
+        let registry = ferrite_block::Registry::new();
+        ferrite_block::drivers::register(&registry);
+        let graph = Graph::new(sink.clone(), registry);
         let nbd = NbdService::new(graph.clone(), sink.clone());
         let jobs = JobManager::new(sink);
         Rc::new(Daemon {
@@ -242,11 +244,13 @@ impl Daemon {
             "qom-set" => qom::qmp_qom_set(&self.qom_root, &args),
             "qom-list-types" => Ok(qom::qmp_qom_list_types(&args)),
             "qom-list-properties" => qom::qmp_qom_list_properties(&args),
-            _ if let Some(r) = ferrite_jobs::qmp_cmds::run(&self.jobs, name, &args) => r,
-            _ => Err(Error::new(
-                ErrorClass::CommandNotFound,
-                format!("The command {name} has not been found"),
-            )),
+            _ => match ferrite_jobs::qmp_cmds::run(&self.jobs, name, &args).await {
+                Some(r) => r,
+                None => Err(Error::new(
+                    ErrorClass::CommandNotFound,
+                    format!("The command {name} has not been found"),
+                )),
+            },
         }
     }
 }

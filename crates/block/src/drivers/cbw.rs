@@ -3,16 +3,19 @@
 //! `target`. The target therefore keeps the source as it was when the filter was inserted
 //! (backup's point in time, and image fleecing).
 //!
-//! The filter also serves that point in time to a `snapshot-access` node above it: a
-//! cluster already copied is read from the target, any other from the source (a write
-//! waits until such reads are done). Discarding through the snapshot gives clusters up: they
-//! are no longer copied and can no longer be read.
+//! The filter also keeps that point in time readable ([`Snapshot`]) for a `snapshot-access`
+//! node above it: a cluster already copied is read from the target, any other from the
+//! source (a write waits until such reads are done). Discarding through the snapshot gives
+//! clusters up: they are no longer copied and can no longer be read.
 
 use crate::bitmap::DirtyBitmap;
+use crate::child::Child;
 use crate::copy::{BlockCopy, cluster_size_for, min_cluster_size};
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
 use crate::node::Node;
+use crate::open::OpenCtx;
 use crate::perm::Perm;
+use crate::registry::{DriverFactory, DriverKind, LocalFut};
 use ferrite_qapi::{Args, Error};
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -29,15 +32,65 @@ enum OnCbwError {
     BreakSnapshot,
 }
 
-/// How the filter was asked to start.
-pub(crate) struct CbwOptions {
-    /// A backup job's copy state to share (else the filter makes its own).
-    pub copy: Option<Rc<BlockCopy>>,
-    /// Copy only what this bitmap marks (the `bitmap` option).
-    pub bitmap: Option<Rc<DirtyBitmap>>,
+/// The `copy-before-write` factory: for `blockdev-add` (the filter makes its own copy
+/// state) or for a backup job (it shares the job's).
+pub struct CbwFactory {
+    copy: Option<Rc<BlockCopy>>,
 }
 
-pub(crate) struct CbwDriver {
+impl CbwFactory {
+    /// The factory `blockdev-add` uses.
+    pub(crate) fn new() -> Self {
+        CbwFactory { copy: None }
+    }
+
+    /// A factory for one filter sharing `copy` (a backup job's copy state).
+    pub fn sharing(copy: Rc<BlockCopy>) -> Self {
+        CbwFactory { copy: Some(copy) }
+    }
+}
+
+impl DriverFactory for CbwFactory {
+    fn name(&self) -> &'static str {
+        "copy-before-write"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Filter
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let file = ctx.open_child("file").await?;
+            let target = ctx.open_child("target").await?;
+            let bitmap = match ctx.opts().dict("bitmap") {
+                Some(b) => Some(bitmap_option(ctx, &b)?),
+                None => None,
+            };
+            let drv = CbwDriver::open(ctx.opts(), file, target, self.copy.clone(), bitmap)?;
+            Ok(Box::new(drv) as Box<dyn Driver>)
+        })
+    }
+}
+
+/// The filter's `bitmap` (`BlockDirtyBitmap`).
+///
+/// # Errors
+/// QEMU's texts for an unknown node or bitmap.
+fn bitmap_option(ctx: &OpenCtx<'_>, b: &Args) -> Result<Rc<DirtyBitmap>, Error> {
+    let (node, name) = (b.str("node")?, b.str("name")?);
+    let node = ctx
+        .graph()
+        .find(node)
+        .ok_or_else(|| Error::generic(format!("Node '{node}' not found")))?;
+    node.bitmap(name)
+        .ok_or_else(|| Error::generic(format!("Dirty bitmap '{name}' not found")))
+}
+
+/// The point in time a filter keeps, readable through `snapshot-access`.
+pub struct Snapshot {
+    source: Rc<Child>,
+    target: Rc<Child>,
     copy: Rc<BlockCopy>,
     /// Clusters the snapshot may be read from: all at first, less what was discarded
     /// through it, and with a `bitmap` only what it marked.
@@ -45,14 +98,19 @@ pub(crate) struct CbwDriver {
     /// Clusters the guest wrote since the point in time: the snapshot reads them from the
     /// target (every other cluster still holds it in the source).
     done: Rc<DirtyBitmap>,
-    on_error: OnCbwError,
-    /// Longest a copy may take before it counts as failed (`cbw-timeout`).
-    timeout: Option<Duration>,
     /// With break-snapshot, the first copy failure: the snapshot is gone.
     broken: Cell<Option<i32>>,
     /// Source ranges snapshot readers are reading now; writes there wait for them.
     reading: RefCell<Vec<(u64, u64)>>,
     read_done: Notify,
+}
+
+/// The filter.
+pub(crate) struct CbwDriver {
+    snap: Rc<Snapshot>,
+    on_error: OnCbwError,
+    /// Longest a copy may take before it counts as failed (`cbw-timeout`).
+    timeout: Option<Duration>,
     /// The source's cluster size, shown in queries (QEMU asks the filtered node).
     file_cluster: Option<u64>,
     /// Internal bitmaps, newest first, for the node's `dirty-bitmaps`.
@@ -61,17 +119,17 @@ pub(crate) struct CbwDriver {
 
 /// Marks a source range as being read for the snapshot until dropped.
 struct ReadGuard<'a> {
-    driver: &'a CbwDriver,
+    snap: &'a Snapshot,
     range: (u64, u64),
 }
 
 impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
-        let mut r = self.driver.reading.borrow_mut();
+        let mut r = self.snap.reading.borrow_mut();
         if let Some(i) = r.iter().position(|x| *x == self.range) {
             r.swap_remove(i);
         }
-        self.driver.read_done.notify_waiters();
+        self.snap.read_done.notify_waiters();
     }
 }
 
@@ -80,35 +138,37 @@ fn eacces() -> io::Error {
 }
 
 impl CbwDriver {
-    /// A filter over `file` copying to `target`.
+    /// A filter over `file` copying to `target`, with `copy` as its copy state or one of
+    /// its own.
     ///
     /// # Errors
     /// QEMU's texts for a bad `min-cluster-size` and a bitmap of another size. (A target
     /// of another size is accepted, as QEMU does: copies past its end fail.)
-    pub(crate) fn open(
+    fn open(
         args: &Args,
-        file: &Node,
-        target: &Node,
-        opts: CbwOptions,
+        file: Rc<Child>,
+        target: Rc<Child>,
+        copy: Option<Rc<BlockCopy>>,
+        bitmap: Option<Rc<DirtyBitmap>>,
     ) -> Result<Self, Error> {
-        let copy = match opts.copy {
+        let copy = match copy {
             Some(c) => c,
             None => {
                 let min = min_cluster_size(args.opt_u64("min-cluster-size"))?;
-                let cluster = cluster_size_for(target).max(min);
-                match &opts.bitmap {
-                    Some(b) if b.len() != file.len() => {
+                let cluster = cluster_size_for(&target.node()).max(min);
+                let len = file.len();
+                match &bitmap {
+                    Some(b) if b.len() != len => {
                         return Err(Error::generic(format!(
                             "Cannot create block-copy-state: Failed to merge bitmap '{}' to \
                              internal copy-bitmap: Bitmaps are of different sizes (destination \
-                             size is {}, source size is {}) and can't be merged",
+                             size is {len}, source size is {}) and can't be merged",
                             b.name(),
-                            file.len(),
                             b.len()
                         )));
                     }
-                    Some(b) => BlockCopy::new_from_bitmap(file.len(), cluster, false, b),
-                    None => BlockCopy::new(file.len(), cluster, false),
+                    Some(b) => BlockCopy::new_from_bitmap(len, cluster, false, b),
+                    None => BlockCopy::new(len, cluster, false),
                 }
             }
         };
@@ -124,77 +184,76 @@ impl CbwDriver {
             .opt_u64("cbw-timeout")
             .filter(|&s| s > 0)
             .map(Duration::from_secs);
+        let file_cluster = file.node().cluster_size();
         Ok(CbwDriver {
             bitmaps: RefCell::new(vec![access.clone(), done.clone(), dirty]),
-            copy,
-            access,
-            done,
+            snap: Rc::new(Snapshot {
+                source: file,
+                target,
+                copy,
+                access,
+                done,
+                broken: Cell::new(None),
+                reading: RefCell::new(Vec::new()),
+                read_done: Notify::new(),
+            }),
             on_error,
             timeout,
-            broken: Cell::new(None),
-            reading: RefCell::new(Vec::new()),
-            read_done: Notify::new(),
-            file_cluster: file.driver.cluster_size(),
+            file_cluster,
         })
     }
 
-    fn children(node: &Node) -> io::Result<(Rc<Node>, Rc<Node>)> {
-        let nomedium = || io::Error::from_raw_os_error(libc::ENOMEDIUM);
-        Ok((
-            node.child("file").ok_or_else(nomedium)?,
-            node.child("target").ok_or_else(nomedium)?,
-        ))
+    /// The point in time this filter keeps (for `snapshot-access`).
+    pub(crate) fn snapshot(&self) -> Rc<Snapshot> {
+        self.snap.clone()
     }
 
     /// Copies what `offset..offset + len` still holds of the point in time, then waits
     /// for snapshot readers of that range.
-    async fn before_write(&self, node: &Node, offset: u64, len: u64) -> io::Result<Rc<Node>> {
-        let (file, target) = Self::children(node)?;
-        match self.copy_in_time(&file, &target, offset, len).await {
-            Ok(()) => self.done.set_range(offset, len),
+    async fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        let snap = &self.snap;
+        match self.copy_in_time(offset, len).await {
+            Ok(()) => snap.done.set_range(offset, len),
             Err(e) if self.on_error == OnCbwError::BreakGuestWrite => return Err(e),
             Err(e) => {
-                if self.broken.get().is_none() {
-                    self.broken.set(Some(e.raw_os_error().unwrap_or(libc::EIO)));
+                if snap.broken.get().is_none() {
+                    snap.broken.set(Some(e.raw_os_error().unwrap_or(libc::EIO)));
                 }
             }
         }
         loop {
-            let done = self.read_done.notified();
+            let done = snap.read_done.notified();
             let end = offset + len;
-            let busy = self
+            let busy = snap
                 .reading
                 .borrow()
                 .iter()
                 .any(|&(o, l)| o < end && offset < o + l);
             if !busy {
-                break;
+                return Ok(());
             }
             done.await;
         }
-        Ok(file)
     }
 
     /// The copy, failing with ETIMEDOUT past `cbw-timeout` (the copy itself goes on, as
     /// other writes may wait for it).
-    async fn copy_in_time(
-        &self,
-        file: &Rc<Node>,
-        target: &Rc<Node>,
-        offset: u64,
-        len: u64,
-    ) -> io::Result<()> {
+    async fn copy_in_time(&self, offset: u64, len: u64) -> io::Result<()> {
+        let snap = &self.snap;
         let Some(limit) = self.timeout else {
-            return self
+            return snap
                 .copy
-                .copy(file, target, offset, len)
+                .copy(&snap.source, &snap.target, offset, len)
                 .await
                 .map(drop)
                 .map_err(Into::into);
         };
-        let (copy, file, target) = (self.copy.clone(), file.clone(), target.clone());
+        let snap = snap.clone();
         let task = tokio::task::spawn_local(async move {
-            copy.copy(&file, &target, offset, len).await.map(drop)
+            snap.copy
+                .copy(&snap.source, &snap.target, offset, len)
+                .await
+                .map(drop)
         });
         match tokio::time::timeout(limit, task).await {
             Ok(Ok(r)) => r.map_err(Into::into),
@@ -202,15 +261,26 @@ impl CbwDriver {
             Err(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
         }
     }
+}
 
+impl Snapshot {
     /// Clusters of `offset..offset + len`.
     fn clusters(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
         let cs = self.copy.cluster_size();
         offset / cs..(offset + len).div_ceil(cs)
     }
 
-    /// EACCES unless the whole range can be read from the snapshot.
+    /// The size of the point in time.
+    pub(crate) fn len(&self) -> u64 {
+        self.copy.len()
+    }
+
+    /// EINVAL outside the point in time, EACCES unless the whole range can be read from
+    /// it.
     fn check_access(&self, offset: u64, len: u64) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         if self.broken.get().is_some() || self.clusters(offset, len).any(|c| !self.access.get(c)) {
             return Err(eacces());
         }
@@ -232,9 +302,81 @@ impl CbwDriver {
     fn freeze_read(&self, offset: u64, len: u64) -> ReadGuard<'_> {
         self.reading.borrow_mut().push((offset, len));
         ReadGuard {
-            driver: self,
+            snap: self,
             range: (offset, len),
         }
+    }
+
+    /// Reads the point in time.
+    ///
+    /// # Errors
+    /// EINVAL out of bounds; EACCES for what the snapshot no longer holds; the source's
+    /// or the target's error.
+    pub(crate) async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.check_access(offset, len as u64)?;
+        let mut out: Vec<u8> = Vec::new();
+        let end = offset + len as u64;
+        let mut at = offset;
+        while at < end {
+            let (n, copied) = self.same_place(at, end - at);
+            let data = if copied {
+                self.target.read(at, n as usize).await?
+            } else {
+                let _reading = self.freeze_read(at, n);
+                self.source.read(at, n as usize).await?
+            };
+            if at == offset && n == len as u64 {
+                return Ok(data);
+            }
+            out.extend_from_slice(&data);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// The status of the point in time at `offset`, at most `len` long.
+    ///
+    /// # Errors
+    /// As [`Snapshot::read`], and EINVAL for an empty range.
+    pub(crate) async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.check_access(offset, len)?;
+        let (n, copied) = self.same_place(offset, len);
+        if copied {
+            self.target.block_status(offset, n).await
+        } else {
+            let _reading = self.freeze_read(offset, n);
+            self.source.block_status(offset, n).await
+        }
+    }
+
+    /// Gives up the point in time of a range (whole clusters of it: the last one whole
+    /// when the range reaches the end).
+    ///
+    /// # Errors
+    /// EINVAL out of bounds; the target's discard failing.
+    pub(crate) async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let cs = self.copy.cluster_size();
+        let start = offset.div_ceil(cs) * cs;
+        let end = if offset + len >= size {
+            size
+        } else {
+            (offset + len) / cs * cs
+        };
+        if start >= end {
+            return Ok(());
+        }
+        self.access.reset_range(start, end - start);
+        self.copy.skip(start, end - start);
+        // A copy under way would write the target after the discard.
+        self.copy.wait_in_flight(start, end - start).await;
+        self.target.discard(start, end - start).await
     }
 }
 
@@ -243,130 +385,61 @@ impl Driver for CbwDriver {
         "copy-before-write"
     }
 
-    fn len(&self, node: &Node) -> u64 {
-        node.child("file").map_or(0, |f| f.len())
+    fn len(&self, _node: &Node) -> u64 {
+        self.snap.source.len()
     }
 
-    fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(async move { Self::children(node)?.0.read(offset, len).await })
+    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move { self.snap.source.read(offset, len).await })
     }
 
     fn write<'a>(
         &'a self,
-        node: &'a Node,
+        _node: &'a Node,
         offset: u64,
         data: Vec<u8>,
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
-            let file = self.before_write(node, offset, data.len() as u64).await?;
-            file.write(offset, data, flags).await
+            self.before_write(offset, data.len() as u64).await?;
+            self.snap.source.write(offset, data, flags).await
         })
     }
 
     fn write_zeroes<'a>(
         &'a self,
-        node: &'a Node,
+        _node: &'a Node,
         offset: u64,
         len: u64,
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
-            let file = self.before_write(node, offset, len).await?;
-            file.write_zeroes(offset, len, flags).await
+            self.before_write(offset, len).await?;
+            self.snap.source.write_zeroes(offset, len, flags).await
         })
     }
 
-    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+    fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
         Box::pin(async move {
-            let file = self.before_write(node, offset, len).await?;
-            file.discard(offset, len).await
+            self.before_write(offset, len).await?;
+            self.snap.source.discard(offset, len).await
         })
     }
 
-    fn flush<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
-            let (file, target) = Self::children(node)?;
-            target.flush().await?;
-            file.flush().await
+            self.snap.target.flush().await?;
+            self.snap.source.flush().await
         })
     }
 
-    fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(async move { Self::children(node)?.0.block_status(offset, len).await })
+    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(async move { self.snap.source.block_status(offset, len).await })
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
         // The point in time has a fixed size.
         crate::driver::unsupported()
-    }
-
-    fn snapshot_read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(async move {
-            let (file, target) = Self::children(node)?;
-            self.check_access(offset, len as u64)?;
-            let mut out: Vec<u8> = Vec::new();
-            let end = offset + len as u64;
-            let mut at = offset;
-            while at < end {
-                let (n, copied) = self.same_place(at, end - at);
-                let data = if copied {
-                    target.read(at, n as usize).await?
-                } else {
-                    let _reading = self.freeze_read(at, n);
-                    file.read(at, n as usize).await?
-                };
-                if at == offset && n == len as u64 {
-                    return Ok(data);
-                }
-                out.extend_from_slice(&data);
-                at += n;
-            }
-            Ok(out)
-        })
-    }
-
-    fn snapshot_block_status<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: u64,
-    ) -> BoxFut<'a, Extent> {
-        Box::pin(async move {
-            let (file, target) = Self::children(node)?;
-            self.check_access(offset, len)?;
-            let (n, copied) = self.same_place(offset, len);
-            if copied {
-                target.block_status(offset, n).await
-            } else {
-                let _reading = self.freeze_read(offset, n);
-                file.block_status(offset, n).await
-            }
-        })
-    }
-
-    fn snapshot_discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            let (_, target) = Self::children(node)?;
-            // Only whole clusters are given up (the last one whole when the range reaches
-            // the end).
-            let cs = self.copy.cluster_size();
-            let size = self.copy.len();
-            let start = offset.div_ceil(cs) * cs;
-            let end = if offset + len >= size {
-                size
-            } else {
-                (offset + len) / cs * cs
-            };
-            if start >= end {
-                return Ok(());
-            }
-            self.access.reset_range(start, end - start);
-            self.copy.skip(start, end - start);
-            // A copy under way would write the target after the discard.
-            self.copy.wait_in_flight(start, end - start).await;
-            target.discard(start, end - start).await
-        })
     }
 
     fn take_initial_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
@@ -392,7 +465,7 @@ impl Driver for CbwDriver {
         let mut shared = shared;
         if used {
             perm |= Perm::CONSISTENT_READ;
-            if self.copy.discards_source() {
+            if self.snap.copy.discards_source() {
                 perm |= Perm::WRITE;
             }
             shared -= Perm::WRITE | Perm::RESIZE;

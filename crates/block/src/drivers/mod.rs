@@ -1,7 +1,7 @@
 //! The drivers: `file` (protocol), `raw` (format, with offset/size), `null-co`/`null-aio`,
 //! `qcow2`, and the `copy-before-write` filter with its `snapshot-access` view.
 
-pub(crate) mod cbw;
+pub mod cbw;
 pub(crate) mod file;
 pub(crate) mod lock;
 pub(crate) mod null;
@@ -9,18 +9,16 @@ pub(crate) mod qcow2;
 pub(crate) mod raw;
 pub(crate) mod snapshot_access;
 
-use ferrite_qapi::{Args, Error};
-use ferrite_qobject::QObject;
+use crate::registry::Registry;
+use std::rc::Rc;
 
-/// Checks that each named option in `opts` has the value it had at open (`was`), treating an
-/// absent option as its default; QEMU's text otherwise.
-pub(crate) fn unchanged(opts: &Args, was: &Args, names: &[(&str, QObject)]) -> Result<(), Error> {
-    for (name, default) in names {
-        let now = opts.get(name).unwrap_or(default);
-        let before = was.get(name).unwrap_or(default);
-        if now != before {
-            return Err(Error::generic(format!("Cannot change the option '{name}'")));
-        }
-    }
-    Ok(())
+/// Registers every driver of this crate.
+pub fn register(registry: &Registry) {
+    registry.register(Rc::new(file::FileFactory));
+    registry.register(Rc::new(raw::RawFactory));
+    registry.register(Rc::new(null::NullFactory { aio: false }));
+    registry.register(Rc::new(null::NullFactory { aio: true }));
+    registry.register(Rc::new(qcow2::Qcow2Factory));
+    registry.register(Rc::new(cbw::CbwFactory::new()));
+    registry.register(Rc::new(snapshot_access::SnapshotAccessFactory));
 }

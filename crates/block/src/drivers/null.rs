@@ -3,6 +3,8 @@
 
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
 use crate::node::Node;
+use crate::open::OpenCtx;
+use crate::registry::{DriverFactory, DriverKind, LocalFut};
 use ferrite_qapi::{Args, Error};
 use std::cell::Cell;
 use std::time::Duration;
@@ -17,6 +19,34 @@ pub(crate) struct NullDriver {
     read_zeroes: bool,
     /// The options given, for `json:` file names.
     options: ferrite_qobject::QDict,
+}
+
+/// The factory of `null-co` (`aio` false) or `null-aio`.
+pub(crate) struct NullFactory {
+    pub(crate) aio: bool,
+}
+
+impl DriverFactory for NullFactory {
+    fn name(&self) -> &'static str {
+        if self.aio { "null-aio" } else { "null-co" }
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Protocol
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let opts = ctx.opts();
+            let mut json = ferrite_qobject::QDict::new();
+            for key in ["size", "read-zeroes"] {
+                if let Some(v) = opts.get(key) {
+                    json.insert(key, v.clone());
+                }
+            }
+            Ok(Box::new(NullDriver::open(opts, self.aio, &json)?) as Box<dyn Driver>)
+        })
+    }
 }
 
 impl NullDriver {
@@ -131,7 +161,7 @@ impl Driver for NullDriver {
 
     fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
         use ferrite_qobject::QObject;
-        super::unchanged(
+        crate::driver::check_unchanged(
             opts,
             &Args::new(node.options()),
             &[

@@ -1,8 +1,11 @@
 //! `raw`: the bytes of its `file` child, optionally a window of them (`offset`, `size`).
 
+use crate::child::Child;
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
 use crate::node::Node;
+use crate::open::OpenCtx;
 use crate::perm::Perm;
+use crate::registry::{DriverFactory, DriverKind, LocalFut};
 use ferrite_qapi::{Args, Error};
 use ferrite_qobject::QDict;
 use std::cell::Cell;
@@ -15,8 +18,28 @@ pub(crate) struct RawDriver {
     size: Cell<Option<u64>>,
 }
 
+/// The `raw` driver's factory.
+pub(crate) struct RawFactory;
+
+impl DriverFactory for RawFactory {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let file = ctx.open_child("file").await?;
+            Ok(Box::new(RawDriver::open(ctx.opts(), &file)?) as Box<dyn Driver>)
+        })
+    }
+}
+
 impl RawDriver {
-    pub(crate) fn open(args: &Args, file: &Rc<Node>) -> Result<Self, Error> {
+    pub(crate) fn open(args: &Args, file: &Child) -> Result<Self, Error> {
         let offset = args.opt_i64("offset").unwrap_or(0);
         let offset =
             u64::try_from(offset).map_err(|_| Error::generic("offset cannot be negative"))?;
@@ -44,8 +67,8 @@ impl RawDriver {
         })
     }
 
-    fn file(&self, node: &Node) -> io::Result<Rc<Node>> {
-        node.child("file")
+    fn file(&self, node: &Node) -> io::Result<Rc<Child>> {
+        node.edge("file")
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
     }
 }

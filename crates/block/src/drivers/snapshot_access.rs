@@ -3,18 +3,53 @@
 //! writes the source). Reads never change; a discard gives a range up (it is no longer
 //! kept, and freed on the copy-before-write target); writes are refused.
 
+use super::cbw::{CbwDriver, Snapshot};
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
 use crate::node::Node;
+use crate::open::OpenCtx;
 use crate::perm::Perm;
+use crate::registry::{DriverFactory, DriverKind, LocalFut};
 use ferrite_qapi::{Args, Error};
+use std::any::Any;
 use std::io;
 use std::rc::Rc;
 
-pub(crate) struct SnapshotAccessDriver;
+/// The `snapshot-access` factory.
+pub(crate) struct SnapshotAccessFactory;
 
-fn file(node: &Node) -> io::Result<Rc<Node>> {
-    node.child("file")
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+impl DriverFactory for SnapshotAccessFactory {
+    fn name(&self) -> &'static str {
+        "snapshot-access"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Filter
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let file = ctx.open_child("file").await?;
+            // The point in time of the copy-before-write node below; over anything else
+            // every read fails (ENOTSUP), as in QEMU.
+            let node = file.node();
+            let any: &dyn Any = node.driver();
+            let snap = any.downcast_ref::<CbwDriver>().map(CbwDriver::snapshot);
+            Ok(Box::new(SnapshotAccessDriver { snap }) as Box<dyn Driver>)
+        })
+    }
+}
+
+/// A view of a copy-before-write node's point in time.
+pub(crate) struct SnapshotAccessDriver {
+    snap: Option<Rc<Snapshot>>,
+}
+
+impl SnapshotAccessDriver {
+    fn snap(&self) -> io::Result<&Snapshot> {
+        self.snap
+            .as_deref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
 }
 
 impl Driver for SnapshotAccessDriver {
@@ -23,11 +58,14 @@ impl Driver for SnapshotAccessDriver {
     }
 
     fn len(&self, node: &Node) -> u64 {
-        node.child("file").map_or(0, |f| f.len())
+        match &self.snap {
+            Some(s) => s.len(),
+            None => node.child("file").map_or(0, |f| f.len()),
+        }
     }
 
-    fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(async move { file(node)?.snapshot_read(offset, len).await })
+    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move { self.snap()?.read(offset, len).await })
     }
 
     fn write<'a>(
@@ -50,8 +88,8 @@ impl Driver for SnapshotAccessDriver {
         crate::driver::unsupported()
     }
 
-    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
-        Box::pin(async move { file(node)?.snapshot_discard(offset, len).await })
+    fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move { self.snap()?.discard(offset, len).await })
     }
 
     fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
@@ -59,9 +97,9 @@ impl Driver for SnapshotAccessDriver {
         Box::pin(async { Ok(()) })
     }
 
-    fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
         Box::pin(async move {
-            let mut e = file(node)?.snapshot_block_status(offset, len).await?;
+            let mut e = self.snap()?.block_status(offset, len).await?;
             // Everything the snapshot shows is its own (nothing comes from a backing file).
             e.allocated = true;
             Ok(e)

@@ -6,8 +6,8 @@
 use super::header::{EXT_BITMAPS, autoclear};
 use super::meta::{FreeKind, Meta, get_be64, put_be64, read_at};
 use crate::bitmap::DirtyBitmap;
+use crate::child::Child;
 use crate::driver::ReqFlags;
-use crate::node::Node;
 use std::io;
 use std::rc::Rc;
 
@@ -35,7 +35,7 @@ fn be32(b: &[u8], at: usize) -> u32 {
 }
 
 /// The directory the header points to (empty when there is none or it is stale).
-pub(crate) async fn directory(file: &Node, m: &Meta) -> io::Result<Vec<Entry>> {
+pub(crate) async fn directory(file: &Child, m: &Meta) -> io::Result<Vec<Entry>> {
     if m.h.autoclear & autoclear::BITMAPS == 0 {
         return Ok(Vec::new());
     }
@@ -84,7 +84,7 @@ fn invalid() -> io::Error {
 
 /// The bitmaps stored in the image: those left in use by a writer that did not close them
 /// come back inconsistent (empty, only removable), the others with their bits.
-pub(crate) async fn load(file: &Node, m: &mut Meta) -> io::Result<Vec<Rc<DirtyBitmap>>> {
+pub(crate) async fn load(file: &Child, m: &mut Meta) -> io::Result<Vec<Rc<DirtyBitmap>>> {
     let size = m.h.size;
     let cs = m.cs();
     let mut out = Vec::new();
@@ -124,7 +124,7 @@ pub(crate) async fn load(file: &Node, m: &mut Meta) -> io::Result<Vec<Rc<DirtyBi
 }
 
 /// The clusters an entry's bitmap occupies (its table and data clusters).
-async fn clusters_of(file: &Node, cs: u64, e: &Entry) -> io::Result<Vec<(u64, u64)>> {
+async fn clusters_of(file: &Child, cs: u64, e: &Entry) -> io::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     if e.table_offset == 0 || e.table_size == 0 {
         return Ok(out);
@@ -141,7 +141,7 @@ async fn clusters_of(file: &Node, cs: u64, e: &Entry) -> io::Result<Vec<(u64, u6
 }
 
 /// Writes one bitmap's data and table; returns its directory entry.
-async fn store_one(file: &Node, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Vec<u8>> {
+async fn store_one(file: &Child, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Vec<u8>> {
     let cs = m.cs();
     let bytes = b.to_bytes();
     let clusters = (bytes.len() as u64).div_ceil(cs);
@@ -177,7 +177,7 @@ async fn store_one(file: &Node, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Vec
 /// Stores the node's persistent bitmaps and drops the ones it no longer has; the image's
 /// bitmaps are then clean (not in use). Inconsistent bitmaps stay as they were on disk.
 pub(crate) async fn store(
-    file: &Node,
+    file: &Child,
     m: &mut Meta,
     bitmaps: &[Rc<DirtyBitmap>],
 ) -> io::Result<()> {

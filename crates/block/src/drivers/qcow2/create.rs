@@ -6,8 +6,8 @@ use super::header::{
     self, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, Header,
 };
 use super::meta::{Meta, get_be64, put_be64, read_at, set_refcount};
+use crate::child::Child;
 use crate::driver::ReqFlags;
-use crate::node::Node;
 use ferrite_qapi::{Error, os_msg};
 use std::collections::HashMap;
 use std::io;
@@ -49,7 +49,7 @@ fn io_err(e: &io::Error) -> Error {
 }
 
 /// Writes a new, empty image of `o.size` bytes onto `file` (which it overwrites).
-pub(crate) async fn format(file: &Node, o: &CreateOpts) -> Result<(), Error> {
+pub(crate) async fn format(file: &Child, o: &CreateOpts) -> Result<(), Error> {
     let cs = 1u64 << o.cluster_bits;
     let mut incompatible = 0;
     if o.extended_l2 {
@@ -137,7 +137,7 @@ pub(crate) async fn format(file: &Node, o: &CreateOpts) -> Result<(), Error> {
 
 /// Allocates every L2 table and data cluster, each L2 table followed by the data clusters
 /// it maps; with an external data file, each cluster maps to its own offset there.
-async fn preallocate(file: &Node, m: &mut Meta, o: &CreateOpts) -> io::Result<()> {
+async fn preallocate(file: &Child, m: &mut Meta, o: &CreateOpts) -> io::Result<()> {
     let cs = m.cs();
     let per = m.l2_entries();
     let clusters = o.size.div_ceil(cs);
@@ -185,7 +185,7 @@ async fn preallocate(file: &Node, m: &mut Meta, o: &CreateOpts) -> io::Result<()
 /// Preallocation with storage (falloc, full), laid out as QEMU does: the refcount table
 /// moves past the initial metadata with room for everything to come, the data follows in
 /// one run, and the L2 tables take the first free clusters (the old table's place first).
-async fn preallocate_data(file: &Node, m: &mut Meta, o: &CreateOpts) -> io::Result<()> {
+async fn preallocate_data(file: &Child, m: &mut Meta, o: &CreateOpts) -> io::Result<()> {
     let cs = m.cs();
     let per = m.l2_entries();
     let clusters = o.size.div_ceil(cs);
@@ -215,7 +215,7 @@ async fn preallocate_data(file: &Node, m: &mut Meta, o: &CreateOpts) -> io::Resu
 }
 
 /// Gives `len` bytes at `offset` of `node` storage as the preallocation mode asks.
-pub(crate) async fn fill(node: &Node, offset: u64, len: u64, mode: Prealloc) -> io::Result<()> {
+pub(crate) async fn fill(node: &Child, offset: u64, len: u64, mode: Prealloc) -> io::Result<()> {
     match mode {
         Prealloc::Off | Prealloc::Metadata => Ok(()),
         Prealloc::Falloc => node.write_zeroes(offset, len, ReqFlags::empty()).await,
@@ -234,7 +234,7 @@ pub(crate) async fn fill(node: &Node, offset: u64, len: u64, mode: Prealloc) -> 
 }
 
 /// Clusters an image refers to, with the number of references each should have.
-async fn references(file: &Node, m: &mut Meta) -> io::Result<HashMap<u64, u64>> {
+async fn references(file: &Child, m: &mut Meta) -> io::Result<HashMap<u64, u64>> {
     let cs = m.cs();
     let mut refs: HashMap<u64, u64> = HashMap::new();
     let add = |refs: &mut HashMap<u64, u64>, off: u64, len: u64| {
@@ -331,7 +331,7 @@ async fn references(file: &Node, m: &mut Meta) -> io::Result<HashMap<u64, u64>> 
 
 /// Sets every refcount to what the metadata says (QEMU's repair of an image left dirty by
 /// lazy refcounts): missing references added, leaks dropped.
-pub(crate) async fn rebuild_refcounts(file: &Node, m: &mut Meta) -> io::Result<()> {
+pub(crate) async fn rebuild_refcounts(file: &Child, m: &mut Meta) -> io::Result<()> {
     let refs = references(file, m).await?;
     let cs = m.cs();
     let last = refs
@@ -355,7 +355,7 @@ pub(crate) async fn rebuild_refcounts(file: &Node, m: &mut Meta) -> io::Result<(
 
 /// Sets the `in_use` flag of every enabled persistent bitmap, in place, the way QEMU does
 /// when it opens an image read-write: autoclear bit off, directory, autoclear bit on.
-pub(crate) async fn mark_bitmaps_in_use(file: &Node, m: &mut Meta) -> io::Result<()> {
+pub(crate) async fn mark_bitmaps_in_use(file: &Child, m: &mut Meta) -> io::Result<()> {
     let Some(ext) = m.h.extension(EXT_BITMAPS).map(<[u8]>::to_vec) else {
         return Ok(());
     };

@@ -4,7 +4,7 @@
 use super::entry::{self, COPIED, Cluster, Sub};
 use super::header::incompat;
 use super::meta::Meta;
-use crate::node::Node;
+use crate::child::Child;
 use std::io;
 
 /// Where the bytes of a guest range come from.
@@ -75,7 +75,7 @@ impl Meta {
     /// (contiguous data clusters merge into one run).
     pub(crate) async fn map(
         &mut self,
-        file: &Node,
+        file: &Child,
         offset: u64,
         len: u64,
     ) -> io::Result<(Source, u64)> {

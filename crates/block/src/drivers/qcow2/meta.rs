@@ -10,8 +10,8 @@
 use super::cache::TableCache;
 use super::entry::{self, OFFSET_MASK};
 use super::header::{Header, MAX_REFTABLE_BYTES};
+use crate::child::Child;
 use crate::driver::ReqFlags;
-use crate::node::Node;
 use std::collections::HashSet;
 use std::io;
 
@@ -55,7 +55,7 @@ fn eio() -> io::Error {
 }
 
 /// Reads `len` bytes at `offset` of `file`, past its end as zeroes.
-pub(crate) async fn read_at(file: &Node, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_at(file: &Child, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let flen = file.len();
     if offset + len as u64 <= flen {
         return file.read(offset, len).await;
@@ -110,7 +110,7 @@ pub(crate) fn set_refcount(b: &mut [u8], i: usize, order: u32, v: u64) {
 }
 
 /// Writes a cache's dirty tables back; whether there were any.
-async fn write_dirty(cache: &mut TableCache, file: &Node) -> io::Result<bool> {
+async fn write_dirty(cache: &mut TableCache, file: &Child) -> io::Result<bool> {
     let dirty = cache.dirty();
     for off in &dirty {
         if let Some(bytes) = cache.bytes(*off) {
@@ -124,7 +124,7 @@ async fn write_dirty(cache: &mut TableCache, file: &Node) -> io::Result<bool> {
 impl Meta {
     /// Loads the L1 and refcount tables of an image whose header was parsed.
     pub(crate) async fn load(
-        file: &Node,
+        file: &Child,
         h: Header,
         l2_cache_tables: usize,
         rb_cache_tables: usize,
@@ -195,7 +195,7 @@ impl Meta {
 
     /// Makes room in a cache of tables, writing a dirty victim back (L2 tables only after
     /// the refcount blocks they depend on).
-    async fn make_room(&mut self, file: &Node, l2: bool) -> io::Result<()> {
+    async fn make_room(&mut self, file: &Child, l2: bool) -> io::Result<()> {
         let cache = if l2 { &self.l2 } else { &self.rb };
         if !cache.is_full() {
             return Ok(());
@@ -235,7 +235,7 @@ impl Meta {
     }
 
     /// Makes sure the L2 table at `off` is cached.
-    async fn load_l2(&mut self, file: &Node, off: u64) -> io::Result<()> {
+    async fn load_l2(&mut self, file: &Child, off: u64) -> io::Result<()> {
         if self.l2.get(off).is_some() {
             return Ok(());
         }
@@ -248,7 +248,7 @@ impl Meta {
 
     /// The L2 entry (first word, and the subcluster bitmap with extended L2) of guest
     /// cluster `gc`.
-    pub(crate) async fn l2_entry(&mut self, file: &Node, gc: u64) -> io::Result<(u64, u64)> {
+    pub(crate) async fn l2_entry(&mut self, file: &Child, gc: u64) -> io::Result<(u64, u64)> {
         let per = self.l2_entries();
         let Some((off, _)) = self.l2_offset((gc / per) as usize)? else {
             return Ok((0, 0));
@@ -265,7 +265,7 @@ impl Meta {
 
     /// A table read from disk must lie in the file: an offset past its end is damage, and
     /// writing the table back there would grow the file without bound.
-    fn check_in_file(&mut self, file: &Node, off: u64, what: &str) -> io::Result<()> {
+    fn check_in_file(&mut self, file: &Child, off: u64, what: &str) -> io::Result<()> {
         if off.saturating_add(self.cs()) > file.len().next_multiple_of(self.cs()) {
             return Err(self.corruption(
                 format!("{what} offset {off:#x} past the end of the image file"),
@@ -277,7 +277,12 @@ impl Meta {
     }
 
     /// Checks a data cluster offset from an L2 entry (alignment, within the file).
-    pub(crate) fn check_data_cluster(&mut self, file: &Node, gc: u64, host: u64) -> io::Result<()> {
+    pub(crate) fn check_data_cluster(
+        &mut self,
+        file: &Child,
+        gc: u64,
+        host: u64,
+    ) -> io::Result<()> {
         if host % self.cs() != 0 {
             let per = self.l2_entries();
             let l2 = self.l1.get((gc / per) as usize).copied().unwrap_or(0) & OFFSET_MASK;
@@ -348,7 +353,7 @@ impl Meta {
 
     /// The L2 table for guest cluster `gc`, ready to be changed: allocated if missing,
     /// copied if shared with a snapshot. Returns its offset and the entry index.
-    pub(crate) async fn l2_for_write(&mut self, file: &Node, gc: u64) -> io::Result<(u64, usize)> {
+    pub(crate) async fn l2_for_write(&mut self, file: &Child, gc: u64) -> io::Result<(u64, usize)> {
         let per = self.l2_entries();
         let i = (gc / per) as usize;
         if i >= self.l1.len() {
@@ -384,7 +389,7 @@ impl Meta {
     }
 
     /// Sets L1 entry `i` and writes it through.
-    pub(crate) async fn set_l1(&mut self, file: &Node, i: usize, v: u64) -> io::Result<()> {
+    pub(crate) async fn set_l1(&mut self, file: &Child, i: usize, v: u64) -> io::Result<()> {
         self.l1[i] = v;
         let at = self.h.l1_table_offset + i as u64 * 8;
         file.write(at, v.to_be_bytes().to_vec(), ReqFlags::empty())
@@ -422,7 +427,7 @@ impl Meta {
         Ok(Some(off))
     }
 
-    async fn load_refblock(&mut self, file: &Node, off: u64) -> io::Result<()> {
+    async fn load_refblock(&mut self, file: &Child, off: u64) -> io::Result<()> {
         if self.rb.get(off).is_some() {
             return Ok(());
         }
@@ -434,7 +439,7 @@ impl Meta {
     }
 
     /// The refcount of host cluster index `c`.
-    pub(crate) async fn refcount(&mut self, file: &Node, c: u64) -> io::Result<u64> {
+    pub(crate) async fn refcount(&mut self, file: &Child, c: u64) -> io::Result<u64> {
         let per = self.refcounts_per_block();
         let Some(off) = self.refblock_offset(c / per)? else {
             return Ok(0);
@@ -451,7 +456,7 @@ impl Meta {
     /// Adds `delta` to the refcount of host cluster index `c`.
     pub(crate) async fn update_refcount(
         &mut self,
-        file: &Node,
+        file: &Child,
         c: u64,
         delta: i64,
     ) -> io::Result<u64> {
@@ -499,7 +504,7 @@ impl Meta {
 
     /// A new refcount block for block index `b`, placed at the first cluster it describes
     /// (free, since nothing counts it yet) so that it counts itself.
-    async fn new_refblock(&mut self, file: &Node, b: u64, at: Option<u64>) -> io::Result<u64> {
+    async fn new_refblock(&mut self, file: &Child, b: u64, at: Option<u64>) -> io::Result<u64> {
         let per = self.refcounts_per_block();
         let cs = self.cs();
         let at = at.unwrap_or(b * per * cs);
@@ -523,7 +528,7 @@ impl Meta {
     }
 
     /// Writes a new refcount block at `at` and caches it.
-    async fn place_refblock(&mut self, file: &Node, at: u64, data: Vec<u8>) -> io::Result<()> {
+    async fn place_refblock(&mut self, file: &Child, at: u64, data: Vec<u8>) -> io::Result<()> {
         file.write(at, data.clone(), ReqFlags::empty()).await?;
         self.make_room(file, false).await?;
         self.rb.insert(at, data, false);
@@ -532,7 +537,7 @@ impl Meta {
     }
 
     /// Points refcount table entry `b` at the block at `at`, on disk too.
-    async fn point_reftable(&mut self, file: &Node, b: u64, at: u64) -> io::Result<()> {
+    async fn point_reftable(&mut self, file: &Child, b: u64, at: u64) -> io::Result<()> {
         self.reftable[b as usize] = at;
         let entry_at = self.h.refcount_table_offset + b * 8;
         file.write(entry_at, at.to_be_bytes().to_vec(), ReqFlags::empty())
@@ -551,7 +556,7 @@ impl Meta {
 
     /// Free space for `n` clusters followed by one refcount block for each block index the
     /// whole run touches that has none yet. Returns the start and those block indexes.
-    async fn find_run(&mut self, file: &Node, n: u64) -> io::Result<(u64, Vec<u64>)> {
+    async fn find_run(&mut self, file: &Child, n: u64) -> io::Result<(u64, Vec<u64>)> {
         let per = self.refcounts_per_block();
         let mut extra = 0u64;
         loop {
@@ -569,14 +574,14 @@ impl Meta {
 
     /// Replaces the refcount table with a bigger one of at least `min_entries`, placed past
     /// everything in use together with the refcount blocks that count it.
-    async fn grow_reftable(&mut self, file: &Node, min_entries: u64) -> io::Result<()> {
+    async fn grow_reftable(&mut self, file: &Child, min_entries: u64) -> io::Result<()> {
         let entries = min_entries.max(self.reftable.len() as u64 * 3 / 2);
         self.relocate_reftable(file, entries).await
     }
 
     /// Writes the refcount table anew, with at least `entries` entries, past everything in
     /// use, together with the refcount blocks that count it; the old table is freed.
-    pub(crate) async fn relocate_reftable(&mut self, file: &Node, entries: u64) -> io::Result<()> {
+    pub(crate) async fn relocate_reftable(&mut self, file: &Child, entries: u64) -> io::Result<()> {
         let cs = self.cs();
         let per_cluster = cs / 8;
         let per = self.refcounts_per_block();
@@ -626,7 +631,7 @@ impl Meta {
     }
 
     /// First cluster index of `n` free clusters in a row.
-    async fn find_free(&mut self, file: &Node, n: u64) -> io::Result<u64> {
+    async fn find_free(&mut self, file: &Child, n: u64) -> io::Result<u64> {
         let per = self.refcounts_per_block();
         let mut start = self.free_hint;
         let mut c = start;
@@ -655,7 +660,7 @@ impl Meta {
     ///
     /// Ranges without a refcount block get one right after the run, filled in before the
     /// refcount table points to it, so the run stays contiguous whatever the cluster size.
-    pub(crate) async fn alloc(&mut self, file: &Node, n: u64) -> io::Result<u64> {
+    pub(crate) async fn alloc(&mut self, file: &Child, n: u64) -> io::Result<u64> {
         let per = self.refcounts_per_block();
         let cs = self.cs();
         loop {
@@ -693,7 +698,7 @@ impl Meta {
     /// a cluster of its range that nothing references (`refs`).
     pub(crate) async fn set_refcount_value(
         &mut self,
-        file: &Node,
+        file: &Child,
         c: u64,
         want: u64,
         refs: &std::collections::HashMap<u64, u64>,
@@ -729,17 +734,17 @@ impl Meta {
 
     // ----- write-back -----
 
-    async fn write_refblocks(&mut self, file: &Node) -> io::Result<bool> {
+    async fn write_refblocks(&mut self, file: &Child) -> io::Result<bool> {
         write_dirty(&mut self.rb, file).await
     }
 
-    async fn write_l2_tables(&mut self, file: &Node) -> io::Result<bool> {
+    async fn write_l2_tables(&mut self, file: &Child) -> io::Result<bool> {
         write_dirty(&mut self.l2, file).await
     }
 
     /// Writes every dirty table back in a safe order and applies the waiting frees; `sync`
     /// makes it durable.
-    pub(crate) async fn write_back(&mut self, file: &Node, sync: bool) -> io::Result<()> {
+    pub(crate) async fn write_back(&mut self, file: &Child, sync: bool) -> io::Result<()> {
         let rb_written = self.write_refblocks(file).await?;
         if rb_written && sync && !self.l2.dirty().is_empty() {
             file.flush().await?;
@@ -778,7 +783,7 @@ impl Meta {
     }
 
     /// Rewrites cluster 0 from the header.
-    pub(crate) async fn write_header(&mut self, file: &Node) -> io::Result<()> {
+    pub(crate) async fn write_header(&mut self, file: &Child) -> io::Result<()> {
         let bytes = self
             .h
             .serialize()
@@ -793,7 +798,7 @@ impl Meta {
     }
 
     /// Replaces the L1 table with one of `entries` entries (bigger), in new clusters.
-    pub(crate) async fn grow_l1(&mut self, file: &Node, entries: u64) -> io::Result<()> {
+    pub(crate) async fn grow_l1(&mut self, file: &Child, entries: u64) -> io::Result<()> {
         if entries * 8 > super::header::MAX_L1_BYTES {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }

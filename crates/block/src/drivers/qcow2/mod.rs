@@ -14,12 +14,17 @@ mod entry;
 pub(crate) mod header;
 mod map;
 mod meta;
+mod new_image;
 mod snapshot;
 
 use crate::bitmap::DirtyBitmap;
+use crate::child::Child;
 use crate::driver::{BoxFut, Driver, Extent, ReqFlags};
+use crate::graph::Graph;
 use crate::node::Node;
+use crate::open::OpenCtx;
 use crate::perm::Perm;
+use crate::registry::{DriverFactory, DriverKind, LocalFut};
 use claims::Claims;
 use compress::Codec;
 use entry::{COPIED, Cluster, SUB_ALL_ALLOC, SUB_ALL_ZERO, ZERO};
@@ -37,6 +42,143 @@ use std::time::{Duration, Instant};
 /// Called when corruption is found: the node, what, and whether it is fatal (the image was
 /// writable and is now marked corrupt).
 pub(crate) type CorruptionHook = Rc<dyn Fn(&Node, &Corruption, bool)>;
+
+/// `BLOCK_IMAGE_CORRUPTED` through `events`.
+fn corruption_event(events: Rc<dyn crate::events::EventSink>) -> CorruptionHook {
+    Rc::new(move |node: &Node, c: &Corruption, fatal: bool| {
+        let mut d = QDict::new()
+            .with("device", "")
+            .with("node-name", node.name())
+            .with("msg", c.msg.as_str());
+        d.insert_opt("offset", c.offset);
+        d.insert_opt("size", c.size);
+        d.insert("fatal", fatal);
+        events.emit("BLOCK_IMAGE_CORRUPTED", d);
+    })
+}
+
+/// The `qcow2` driver's factory.
+pub(crate) struct Qcow2Factory;
+
+impl DriverFactory for Qcow2Factory {
+    fn name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let opts = ctx.opts();
+            let read_only = ctx.settings().read_only;
+            let file = ctx.open_child("file").await?;
+            let drv =
+                Qcow2Driver::open(opts, &file, read_only, corruption_event(ctx.events())).await?;
+            open_data_file(ctx, &drv, read_only).await?;
+            ctx.take_position_now();
+            match opts.get("backing") {
+                Some(QObject::Null) => {}
+                Some(v) => {
+                    let v = v.clone();
+                    ctx.open_child_ref("backing", &v).await?;
+                }
+                None => {
+                    if let Some(spec) = drv.backing_spec() {
+                        open_backing(ctx, &file, spec).await?;
+                    }
+                }
+            }
+            Ok(Box::new(drv) as Box<dyn Driver>)
+        })
+    }
+
+    fn can_create(&self) -> bool {
+        true
+    }
+
+    fn create<'a>(&'a self, graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
+        Box::pin(new_image::create(graph, opts))
+    }
+
+    fn can_amend(&self) -> bool {
+        true
+    }
+
+    fn amend<'a>(&'a self, _node: &'a Rc<Node>, opts: &'a Args) -> LocalFut<'a, ()> {
+        // QEMU amends only encryption, and ferrite opens no encrypted image.
+        Box::pin(async move {
+            if opts.get("encrypt").is_some() {
+                return Err(Error::generic("image is not encrypted, can't amend"));
+            }
+            Ok(())
+        })
+    }
+
+    fn probe(&self, head: &[u8]) -> bool {
+        head.starts_with(b"QFI\xfb")
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+}
+
+/// The external data file of an image: the `data-file` option, or the file the header
+/// names (relative to the working directory, as QEMU takes it).
+async fn open_data_file(
+    ctx: &mut OpenCtx<'_>,
+    drv: &Qcow2Driver,
+    read_only: bool,
+) -> Result<(), Error> {
+    let opts = ctx.opts();
+    let Some(spec) = drv.data_file() else {
+        if opts.get("data-file").is_some() {
+            return Err(Error::generic(
+                "'data-file' can only be set for images with an external data file",
+            ));
+        }
+        return Ok(());
+    };
+    if let Some(v) = opts.get("data-file") {
+        let v = v.clone();
+        return ctx.open_child_ref("data-file", &v).await.map(drop);
+    }
+    let name = spec
+        .name
+        .ok_or_else(|| Error::generic("'data-file' is required for this image"))?;
+    let file_opts = QDict::new()
+        .with("driver", "file")
+        .with("filename", name.as_str())
+        .with("read-only", read_only);
+    ctx.open_child_opts("data-file", file_opts).await.map(drop)
+}
+
+/// Opens the backing file the header names: its path relative to the image's, its format
+/// from the header or probed, read-only.
+async fn open_backing(ctx: &mut OpenCtx<'_>, file: &Child, spec: BackingSpec) -> Result<(), Error> {
+    let path = crate::filename::backing_path(&file.node().filename(), &spec.filename)?;
+    let failed = |e: Error| {
+        Error::generic(format!(
+            "Could not open backing file: Could not open '{path}': {}",
+            e.desc
+        ))
+    };
+    let format = match spec.format {
+        Some(f) => f,
+        None => ctx.probe(&path).await.map_err(failed)?.to_owned(),
+    };
+    if ctx.graph().registry().get(&format).is_none() {
+        return Err(Error::generic(format!(
+            "Could not open backing file: Unknown driver '{format}'"
+        )));
+    }
+    ctx.open_image("backing", &path, &format, true)
+        .await
+        .map(drop)
+        .map_err(failed)
+}
 
 /// Default L2 cache limit (QEMU: `DEFAULT_L2_CACHE_MAX_SIZE`).
 const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -105,7 +247,7 @@ impl Qcow2Driver {
     /// Opens the image on `file`.
     pub(crate) async fn open(
         args: &Args,
-        file: &Rc<Node>,
+        file: &Child,
         read_only: bool,
         on_corruption: CorruptionHook,
     ) -> Result<Qcow2Driver, Error> {
@@ -224,8 +366,8 @@ impl Qcow2Driver {
         1 << self.cluster_bits
     }
 
-    fn file(node: &Node) -> io::Result<Rc<Node>> {
-        node.child("file")
+    fn file(node: &Node) -> io::Result<Rc<Child>> {
+        node.edge("file")
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
     }
 
@@ -238,7 +380,7 @@ impl Qcow2Driver {
 
     /// Reports corruption found during a request (once), and for a writable image marks
     /// it corrupt on disk and stops all further requests, as QEMU does.
-    async fn signal_corruption(&self, node: &Node, file: &Node, meta: &mut Meta) {
+    async fn signal_corruption(&self, node: &Node, file: &Child, meta: &mut Meta) {
         let Some(c) = meta.corrupt.clone() else {
             return;
         };
@@ -258,7 +400,7 @@ impl Qcow2Driver {
         (self.on_corruption)(node, &c, fatal);
     }
 
-    async fn check<T>(&self, node: &Node, file: &Node, r: io::Result<T>) -> io::Result<T> {
+    async fn check<T>(&self, node: &Node, file: &Child, r: io::Result<T>) -> io::Result<T> {
         if r.is_err() {
             let mut m = self.meta.lock().await;
             if m.corrupt.is_some() {
@@ -275,7 +417,7 @@ impl Qcow2Driver {
     async fn read_guest(
         &self,
         node: &Node,
-        file: &Node,
+        file: &Child,
         offset: u64,
         len: usize,
     ) -> io::Result<Vec<u8>> {
@@ -292,7 +434,7 @@ impl Qcow2Driver {
                 Source::Backing => self.read_backing(node, offset + pos as u64, run).await?,
                 Source::Data(host) => {
                     // Data clusters live in the external data file when there is one.
-                    let data = node.child("data-file");
+                    let data = node.edge("data-file");
                     Some(read_at(data.as_deref().unwrap_or(file), host, run).await?)
                 }
                 Source::Compressed {
@@ -323,7 +465,7 @@ impl Qcow2Driver {
         offset: u64,
         len: usize,
     ) -> io::Result<Option<Vec<u8>>> {
-        let Some(b) = node.child("backing") else {
+        let Some(b) = node.edge("backing") else {
             return Ok(None);
         };
         let blen = b.len();
@@ -339,7 +481,7 @@ impl Qcow2Driver {
         Ok(Some(v))
     }
 
-    async fn read_compressed(&self, file: &Node, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    async fn read_compressed(&self, file: &Child, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let raw = read_at(file, offset, len as usize).await?;
         compress::decompress(self.codec, &raw, self.cs() as usize)
     }
@@ -349,7 +491,7 @@ impl Qcow2Driver {
     async fn known_zero(
         &self,
         node: &Node,
-        file: &Node,
+        file: &Child,
         offset: u64,
         len: u64,
     ) -> io::Result<bool> {
@@ -370,7 +512,7 @@ impl Qcow2Driver {
     async fn write_impl(
         &self,
         node: &Node,
-        file: &Node,
+        file: &Child,
         offset: u64,
         data: &[u8],
     ) -> io::Result<()> {
@@ -483,7 +625,7 @@ impl Qcow2Driver {
     async fn write_allocating(
         &self,
         node: &Node,
-        file: &Node,
+        file: &Child,
         gc: u64,
         clusters: u64,
         in_off: u64,
@@ -543,7 +685,7 @@ impl Qcow2Driver {
         }
     }
 
-    async fn maybe_write_back(&self, file: &Node, m: &mut Meta) -> io::Result<()> {
+    async fn maybe_write_back(&self, file: &Child, m: &mut Meta) -> io::Result<()> {
         if m.frees_pending() >= MAX_PENDING_FREES {
             m.write_back(file, false).await?;
         }
@@ -556,7 +698,7 @@ impl Qcow2Driver {
     async fn write_subclusters(
         &self,
         node: &Node,
-        file: &Node,
+        file: &Child,
         gc: u64,
         host: u64,
         bm: u64,
@@ -612,7 +754,7 @@ impl Qcow2Driver {
 
     /// With lazy refcounts, the dirty bit goes on disk before the first data cluster is
     /// allocated (where QEMU defers refcount updates).
-    async fn mark_dirty_once(&self, file: &Node) -> io::Result<()> {
+    async fn mark_dirty_once(&self, file: &Child) -> io::Result<()> {
         if !self.lazy_refcounts || self.dirty_set.get() {
             return Ok(());
         }
@@ -631,7 +773,7 @@ impl Qcow2Driver {
     async fn zero_impl(
         &self,
         node: &Node,
-        file: &Node,
+        file: &Child,
         offset: u64,
         len: u64,
         flags: ReqFlags,
@@ -674,7 +816,7 @@ impl Qcow2Driver {
 
     async fn zero_clusters(
         &self,
-        file: &Node,
+        file: &Child,
         first: u64,
         last: u64,
         flags: ReqFlags,
@@ -711,7 +853,7 @@ impl Qcow2Driver {
     async fn discard_impl(
         &self,
         node: &Node,
-        file: &Node,
+        file: &Child,
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
@@ -780,7 +922,7 @@ impl Qcow2Driver {
     pub(crate) async fn write_compressed_impl(
         &self,
         node: &Node,
-        file: &Node,
+        file: &Child,
         offset: u64,
         data: &[u8],
     ) -> io::Result<()> {
@@ -822,7 +964,7 @@ impl Qcow2Driver {
 
     // ----- size -----
 
-    async fn truncate_impl(&self, node: &Node, file: &Node, size: u64) -> io::Result<()> {
+    async fn truncate_impl(&self, node: &Node, file: &Child, size: u64) -> io::Result<()> {
         let old = self.size.get();
         if size % 512 != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -877,7 +1019,7 @@ impl Qcow2Driver {
     }
 
     /// Writes everything back, stores the persistent bitmaps and marks the image clean.
-    async fn close_impl(&self, node: &Node, file: &Node) -> io::Result<()> {
+    async fn close_impl(&self, node: &Node, file: &Child) -> io::Result<()> {
         if self.read_only.get() || self.dead.get() {
             return Ok(());
         }
@@ -910,7 +1052,7 @@ fn snapshot_info(s: &snapshot::Snapshot) -> QDict {
 /// Before the first write: repair a dirty image, drop autoclear bits we do not know, and
 /// mark persistent bitmaps that writes would change as in use (QEMU then sees them as
 /// inconsistent, not stale).
-async fn prepare_for_writing(file: &Node, m: &mut Meta, was_dirty: bool) -> io::Result<()> {
+async fn prepare_for_writing(file: &Child, m: &mut Meta, was_dirty: bool) -> io::Result<()> {
     let mut header_changed = false;
     if was_dirty {
         create::rebuild_refcounts(file, m).await?;

@@ -7,8 +7,8 @@
 
 use super::entry::{self, COPIED, Cluster, OFFSET_MASK};
 use super::meta::{FreeKind, Meta, get_be64, read_at};
+use crate::child::Child;
 use crate::driver::ReqFlags;
-use crate::node::Node;
 use std::io;
 
 /// One entry of the snapshot table.
@@ -40,7 +40,7 @@ fn be32(b: &[u8], at: usize) -> u32 {
 }
 
 /// The snapshot table, and the bytes it occupies.
-pub(crate) async fn list(file: &Node, m: &Meta) -> io::Result<(Vec<Snapshot>, u64)> {
+pub(crate) async fn list(file: &Child, m: &Meta) -> io::Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::new();
     let mut at = m.h.snapshots_offset;
     for _ in 0..m.h.nb_snapshots {
@@ -96,7 +96,7 @@ fn serialize(list: &[Snapshot]) -> Vec<u8> {
 }
 
 /// Adds `delta` to the refcount of every L2 table and data cluster `l1` reaches.
-async fn add_references(file: &Node, m: &mut Meta, l1: &[u64], delta: i64) -> io::Result<()> {
+async fn add_references(file: &Child, m: &mut Meta, l1: &[u64], delta: i64) -> io::Result<()> {
     let cs = m.cs();
     let ext = m.h.extended_l2();
     for &e in l1 {
@@ -126,7 +126,7 @@ async fn add_references(file: &Node, m: &mut Meta, l1: &[u64], delta: i64) -> io
 }
 
 /// An L2 table's bytes, from the cache when it is there (it may be newer than the disk).
-async fn read_table(file: &Node, m: &mut Meta, off: u64) -> io::Result<Vec<u8>> {
+async fn read_table(file: &Child, m: &mut Meta, off: u64) -> io::Result<Vec<u8>> {
     match m.l2.bytes(off) {
         Some(b) => Ok(b),
         None => read_at(file, off, m.cs() as usize).await,
@@ -134,7 +134,7 @@ async fn read_table(file: &Node, m: &mut Meta, off: u64) -> io::Result<Vec<u8>> 
 }
 
 /// Sets COPIED on the active L1 and L2 entries exactly where the cluster has one reference.
-async fn recompute_copied(file: &Node, m: &mut Meta) -> io::Result<()> {
+async fn recompute_copied(file: &Child, m: &mut Meta) -> io::Result<()> {
     let cs = m.cs();
     let ext = m.h.extended_l2();
     let per = m.l2_entries();
@@ -174,7 +174,7 @@ async fn recompute_copied(file: &Node, m: &mut Meta) -> io::Result<()> {
 /// Writes `list` as the new snapshot table and points the header to it; the old table's
 /// clusters go afterwards.
 async fn replace_table(
-    file: &Node,
+    file: &Child,
     m: &mut Meta,
     list: &[Snapshot],
     old_len: u64,
@@ -204,7 +204,7 @@ async fn replace_table(
 }
 
 /// Takes snapshot `name` of the image as it is now.
-pub(crate) async fn create(file: &Node, m: &mut Meta, name: &str) -> io::Result<Snapshot> {
+pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result<Snapshot> {
     let cs = m.cs();
     m.write_back(file, true).await?;
     let (mut list, old_len) = list(file, m).await?;
@@ -274,7 +274,7 @@ pub(crate) async fn create(file: &Node, m: &mut Meta, name: &str) -> io::Result<
 
 /// Deletes the snapshot with `id` and/or `name`; `None` if there is none.
 pub(crate) async fn delete(
-    file: &Node,
+    file: &Child,
     m: &mut Meta,
     id: Option<&str>,
     name: Option<&str>,

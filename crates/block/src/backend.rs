@@ -1,0 +1,566 @@
+//! `BlockBackend` (QEMU: `block/block-backend.c`): how a root user reaches a node.
+//!
+//! An NBD export, a QMP command that reads or writes, a block job's target and, later, a
+//! guest device each hold a `BlockBackend`. It owns the root edge to its node and the
+//! permissions on it, holds back new requests while a drained section covers the node
+//! (unless its owner pauses by other means, as jobs do), counts its requests in flight for
+//! drains to wait on, and keeps the accounting `query-blockstats` reports for devices. It
+//! also carries what a guest device needs of its drive: a name, the removable medium's state,
+//! the error policy and status, and a throttle group.
+
+use crate::child::{Child, RootParent, Vertex, VertexKind};
+use crate::driver::{Extent, ReqFlags};
+use crate::graph::Graph;
+use crate::node::Node;
+use crate::perm::Perm;
+use crate::stats::{IoKind, Stats};
+use ferrite_qapi::Error;
+use ferrite_qobject::QDict;
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::{Rc, Weak};
+use std::time::Instant;
+use tokio::sync::Notify;
+
+/// What a request error does to a device (QAPI `BlockdevOnError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Report the error to the guest (or fail the job).
+    #[default]
+    Report,
+    /// Ignore it.
+    Ignore,
+    /// Stop on ENOSPC, report anything else.
+    Enospc,
+    /// Stop.
+    Stop,
+    /// What the backend says (for jobs: the device's policy).
+    Auto,
+}
+
+impl OnError {
+    /// From the QAPI name (absent: report).
+    pub fn parse(v: Option<&str>) -> OnError {
+        match v {
+            Some("ignore") => OnError::Ignore,
+            Some("enospc") => OnError::Enospc,
+            Some("stop") => OnError::Stop,
+            Some("auto") => OnError::Auto,
+            _ => OnError::Report,
+        }
+    }
+
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::Report => "report",
+            OnError::Ignore => "ignore",
+            OnError::Enospc => "enospc",
+            OnError::Stop => "stop",
+            OnError::Auto => "auto",
+        }
+    }
+}
+
+/// A device's I/O status (QAPI `BlockDeviceIoStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoStatus {
+    /// No error.
+    #[default]
+    Ok,
+    /// Stopped on an error.
+    Failed,
+    /// Stopped because the storage is full.
+    NoSpace,
+}
+
+impl IoStatus {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoStatus::Ok => "ok",
+            IoStatus::Failed => "failed",
+            IoStatus::NoSpace => "nospace",
+        }
+    }
+}
+
+/// The removable-medium state of a drive (trays of CD-ROM and floppy devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Medium {
+    /// The device has removable media.
+    pub removable: bool,
+    /// The tray is open.
+    pub tray_open: bool,
+    /// The guest locked the tray.
+    pub locked: bool,
+}
+
+/// What the owner of a backend (a device, a job) is told about drained sections (QEMU:
+/// `BlockDevOps`).
+pub trait BackendOwner {
+    /// A drained section began: stop issuing requests.
+    fn drained_begin(&self) {}
+    /// It ended.
+    fn drained_end(&self) {}
+    /// Whether the owner still has work the drain must wait for.
+    fn drained_poll(&self) -> bool {
+        false
+    }
+}
+
+/// A root user's way to a node.
+///
+/// # Invariants
+/// - `root` is the only edge the backend owns; permissions change through
+///   [`BlockBackend::set_perm`], which checks them against the node's other users.
+/// - `quiesce` counts the drained sections that reached the backend through its edge;
+///   requests (with queuing on) start only while it is zero.
+/// - `in_flight` counts requests between their start and their end, not while they wait.
+pub struct BlockBackend {
+    me: Weak<BlockBackend>,
+    graph: Weak<Graph>,
+    root: RefCell<Option<Rc<Child>>>,
+    name: RefCell<String>,
+    /// The qdev ID of the device the backend is attached to, if any.
+    device: RefCell<Option<String>>,
+    quiesce: Cell<u32>,
+    in_flight: Cell<u64>,
+    resumed: Notify,
+    /// Requests wait while drained (off for jobs, which pause at their pause points).
+    queue_requests: Cell<bool>,
+    owner: RefCell<Option<Weak<dyn BackendOwner>>>,
+    stats: RefCell<Stats>,
+    medium: Cell<Medium>,
+    on_read_error: Cell<OnError>,
+    on_write_error: Cell<OnError>,
+    iostatus: Cell<IoStatus>,
+    throttle_group: RefCell<Option<String>>,
+    order: u64,
+}
+
+impl std::fmt::Debug for BlockBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockBackend({:?})", self.name.borrow())
+    }
+}
+
+/// A backend request in flight.
+struct InFlight<'a>(&'a BlockBackend);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let n = self.0.in_flight.get() - 1;
+        self.0.in_flight.set(n);
+        if n == 0 {
+            crate::drain::notify_progress();
+        }
+    }
+}
+
+fn enomedium() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOMEDIUM)
+}
+
+impl BlockBackend {
+    /// A backend on `node` taking `perm` and sharing `shared`.
+    ///
+    /// # Errors
+    /// A permission conflict anywhere below, or a lock held by another process.
+    pub fn new(
+        graph: &Rc<Graph>,
+        node: &Rc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Rc<Self>, Error> {
+        let blk = Self::new_empty(graph);
+        blk.insert(node, perm, shared)?;
+        Ok(blk)
+    }
+
+    /// A backend without a node (a drive with no medium).
+    pub fn new_empty(graph: &Rc<Graph>) -> Rc<Self> {
+        let order = graph.next_id();
+        let blk = Rc::new_cyclic(|me| BlockBackend {
+            me: me.clone(),
+            graph: Rc::downgrade(graph),
+            root: RefCell::new(None),
+            name: RefCell::new(String::new()),
+            device: RefCell::new(None),
+            quiesce: Cell::new(0),
+            in_flight: Cell::new(0),
+            resumed: Notify::new(),
+            queue_requests: Cell::new(true),
+            owner: RefCell::new(None),
+            stats: RefCell::default(),
+            medium: Cell::new(Medium::default()),
+            on_read_error: Cell::new(OnError::Report),
+            on_write_error: Cell::new(OnError::Enospc),
+            iostatus: Cell::new(IoStatus::Ok),
+            throttle_group: RefCell::new(None),
+            order,
+        });
+        graph.register_backend(Rc::downgrade(&blk));
+        blk
+    }
+
+    /// Attaches the backend to `node` (inserting a medium).
+    ///
+    /// # Errors
+    /// A permission conflict; nothing changes then.
+    pub fn insert(&self, node: &Rc<Node>, perm: Perm, shared: Perm) -> Result<(), Error> {
+        let graph = self.graph()?;
+        let me: Weak<dyn RootParent> = self.me.clone();
+        let edge = graph.attach_root(node, me, "root", perm, shared)?;
+        if let Some(old) = self.root.replace(Some(edge)) {
+            graph.detach_edge(&old);
+        }
+        Ok(())
+    }
+
+    /// Detaches the backend from its node (removing the medium); requests fail with
+    /// ENOMEDIUM from now on.
+    pub fn remove(&self) {
+        if let Some(edge) = self.root.borrow_mut().take()
+            && let Some(g) = self.graph.upgrade()
+        {
+            g.detach_edge(&edge);
+        }
+    }
+
+    fn graph(&self) -> Result<Rc<Graph>, Error> {
+        self.graph
+            .upgrade()
+            .ok_or_else(|| Error::generic("The block graph is gone"))
+    }
+
+    /// The node the backend uses now (it follows the node when the graph replaces it).
+    pub fn node(&self) -> Option<Rc<Node>> {
+        self.root.borrow().as_ref().map(|e| e.node())
+    }
+
+    /// The root edge.
+    pub fn root(&self) -> Option<Rc<Child>> {
+        self.root.borrow().clone()
+    }
+
+    /// Changes what the backend takes and shares.
+    ///
+    /// # Errors
+    /// A permission conflict; nothing changes then.
+    pub fn set_perm(&self, perm: Perm, shared: Perm) -> Result<(), Error> {
+        let Some(edge) = self.root() else {
+            return Ok(());
+        };
+        self.graph()?.update_edge_perm(&edge, perm, shared)
+    }
+
+    /// What the backend takes and shares.
+    pub fn perm(&self) -> (Perm, Perm) {
+        self.root()
+            .map_or((Perm::empty(), Perm::all()), |e| (e.perm(), e.shared()))
+    }
+
+    /// The backend's name (a drive's ID; empty for exports and jobs).
+    pub fn name(&self) -> String {
+        self.name.borrow().clone()
+    }
+
+    /// Names the backend.
+    pub fn set_name(&self, name: &str) {
+        *self.name.borrow_mut() = name.to_owned();
+    }
+
+    /// The device the backend is attached to.
+    pub fn device(&self) -> Option<String> {
+        self.device.borrow().clone()
+    }
+
+    /// Attaches the backend to a device (or detaches it).
+    pub fn set_device(&self, device: Option<&str>) {
+        *self.device.borrow_mut() = device.map(str::to_owned);
+    }
+
+    /// Whether requests wait while a drain holds the node (default: yes). A job turns it
+    /// off: it stops at its pause points instead, and its own requests must not wait.
+    pub fn set_queue_requests(&self, on: bool) {
+        self.queue_requests.set(on);
+    }
+
+    /// Who hears about drained sections.
+    pub fn set_owner(&self, owner: Weak<dyn BackendOwner>) {
+        *self.owner.borrow_mut() = Some(owner);
+    }
+
+    fn owner(&self) -> Option<Rc<dyn BackendOwner>> {
+        self.owner.borrow().as_ref().and_then(Weak::upgrade)
+    }
+
+    /// The removable medium's state.
+    pub fn medium(&self) -> Medium {
+        self.medium.get()
+    }
+
+    /// Sets the removable medium's state.
+    pub fn set_medium(&self, m: Medium) {
+        self.medium.set(m);
+    }
+
+    /// The error policies for reads and writes.
+    pub fn on_error(&self) -> (OnError, OnError) {
+        (self.on_read_error.get(), self.on_write_error.get())
+    }
+
+    /// Sets the error policies (`rerror`, `werror`).
+    pub fn set_on_error(&self, read: OnError, write: OnError) {
+        self.on_read_error.set(read);
+        self.on_write_error.set(write);
+    }
+
+    /// The I/O status.
+    pub fn iostatus(&self) -> IoStatus {
+        self.iostatus.get()
+    }
+
+    /// Sets the I/O status.
+    pub fn set_iostatus(&self, s: IoStatus) {
+        self.iostatus.set(s);
+    }
+
+    /// The throttle group the backend's requests go through, if any.
+    pub fn throttle_group(&self) -> Option<String> {
+        self.throttle_group.borrow().clone()
+    }
+
+    /// Puts the backend in a throttle group (or takes it out).
+    pub fn set_throttle_group(&self, group: Option<&str>) {
+        *self.throttle_group.borrow_mut() = group.map(str::to_owned);
+    }
+
+    /// The accounting (`BlockDeviceStats`).
+    pub fn stats(&self) -> QDict {
+        self.stats.borrow().to_qdict()
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.get()
+    }
+
+    /// Whether a drained section holds the backend.
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesce.get() > 0
+    }
+
+    /// Starts a request: waits while drained (with queuing on), then counts it in flight.
+    async fn begin(&self) -> InFlight<'_> {
+        while self.queue_requests.get() && self.quiesce.get() > 0 {
+            let resumed = self.resumed.notified();
+            if self.quiesce.get() == 0 {
+                break;
+            }
+            resumed.await;
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+        InFlight(self)
+    }
+
+    /// The node for a request, with the request counted invalid when out of bounds.
+    fn target(&self, kind: IoKind, offset: u64, len: u64) -> io::Result<Rc<Node>> {
+        let node = self.node().ok_or_else(enomedium)?;
+        let r = match kind {
+            IoKind::Write => node.check_write_bounds(offset, len),
+            IoKind::Flush => Ok(()),
+            _ => node.check_bounds(offset, len),
+        };
+        if let Err(e) = r {
+            self.stats.borrow_mut().invalid(kind);
+            return Err(e);
+        }
+        Ok(node)
+    }
+
+    fn account<T>(&self, kind: IoKind, bytes: u64, started: Instant, r: &io::Result<T>) {
+        self.stats
+            .borrow_mut()
+            .done(kind, bytes, started, r.is_ok());
+    }
+
+    /// The node's size (0 without a medium).
+    pub fn len(&self) -> u64 {
+        self.node().map_or(0, |n| n.len())
+    }
+
+    /// Whether the node has no bytes (or there is none).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads `len` bytes at `offset`.
+    ///
+    /// # Errors
+    /// ENOMEDIUM without a node, EINVAL out of bounds; the driver's error otherwise.
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let _f = self.begin().await;
+        let node = self.target(IoKind::Read, offset, len as u64)?;
+        let started = Instant::now();
+        let r = node.read(offset, len).await;
+        self.account(IoKind::Read, len as u64, started, &r);
+        r
+    }
+
+    /// Writes `data` at `offset`.
+    ///
+    /// # Errors
+    /// As [`BlockBackend::read`]; EPERM when the node is read-only.
+    pub async fn write(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> io::Result<()> {
+        let _f = self.begin().await;
+        let len = data.len() as u64;
+        let node = self.target(IoKind::Write, offset, len)?;
+        let started = Instant::now();
+        let r = node.write(offset, data, flags).await;
+        self.account(IoKind::Write, len, started, &r);
+        r
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    ///
+    /// # Errors
+    /// As [`BlockBackend::write`]; ENOTSUP for `NO_FALLBACK` when zeroing would be slow.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+        let _f = self.begin().await;
+        let node = self.target(IoKind::Write, offset, len)?;
+        let started = Instant::now();
+        let r = node.write_zeroes(offset, len, flags).await;
+        self.account(IoKind::Write, len, started, &r);
+        r
+    }
+
+    /// Writes whole clusters compressed where the format can.
+    ///
+    /// # Errors
+    /// As [`BlockBackend::write`].
+    pub async fn write_compressed(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        let _f = self.begin().await;
+        let len = data.len() as u64;
+        let node = self.target(IoKind::Write, offset, len)?;
+        let started = Instant::now();
+        let r = node.write_compressed(offset, data).await;
+        self.account(IoKind::Write, len, started, &r);
+        r
+    }
+
+    /// Discards a range (a no-op unless the node has `discard=unmap`).
+    ///
+    /// # Errors
+    /// As [`BlockBackend::write`].
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _f = self.begin().await;
+        let node = self.target(IoKind::Unmap, offset, len)?;
+        let started = Instant::now();
+        let r = node.discard(offset, len).await;
+        self.account(IoKind::Unmap, len, started, &r);
+        r
+    }
+
+    /// Flushes.
+    ///
+    /// # Errors
+    /// ENOMEDIUM without a node; the driver's error.
+    pub async fn flush(&self) -> io::Result<()> {
+        let _f = self.begin().await;
+        let node = self.target(IoKind::Flush, 0, 0)?;
+        let started = Instant::now();
+        let r = node.flush().await;
+        self.account(IoKind::Flush, 0, started, &r);
+        r
+    }
+
+    /// The extent at `offset`, at most `len` long.
+    ///
+    /// # Errors
+    /// ENOMEDIUM without a node, EINVAL for a range outside the node or empty.
+    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let _f = self.begin().await;
+        let node = self.node().ok_or_else(enomedium)?;
+        node.block_status(offset, len).await
+    }
+
+    /// How deep in the backing chain the range at `offset` is allocated, and for how many
+    /// bytes (NBD's `qemu:allocation-depth`).
+    ///
+    /// # Errors
+    /// As [`BlockBackend::block_status`].
+    pub async fn allocation_depth(&self, offset: u64, len: u64) -> io::Result<(u64, u32)> {
+        let _f = self.begin().await;
+        let node = self.node().ok_or_else(enomedium)?;
+        node.allocation_depth(offset, len).await
+    }
+
+    /// Changes the node's size (the backend must hold the resize permission).
+    ///
+    /// # Errors
+    /// ENOMEDIUM without a node, EPERM without the resize permission; the driver's error.
+    pub async fn truncate(&self, size: u64) -> io::Result<()> {
+        let _f = self.begin().await;
+        let node = self.node().ok_or_else(enomedium)?;
+        if !self.perm().0.contains(Perm::RESIZE) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        node.truncate(size).await
+    }
+}
+
+impl RootParent for BlockBackend {
+    fn description(&self) -> String {
+        // QEMU: blk_root_get_parent_desc.
+        let name = self.name.borrow();
+        if !name.is_empty() {
+            return format!("block device '{name}'");
+        }
+        match self.device.borrow().as_deref() {
+            Some(dev) if !dev.is_empty() => format!("block device '{dev}'"),
+            _ => "an unnamed block device".to_owned(),
+        }
+    }
+
+    fn drained_begin(&self) {
+        let q = self.quiesce.get();
+        self.quiesce.set(q + 1);
+        if q == 0
+            && let Some(o) = self.owner()
+        {
+            o.drained_begin();
+        }
+    }
+
+    fn drained_end(&self) {
+        let q = self.quiesce.get().saturating_sub(1);
+        self.quiesce.set(q);
+        if q == 0 {
+            if let Some(o) = self.owner() {
+                o.drained_end();
+            }
+            self.resumed.notify_waiters();
+        }
+    }
+
+    fn drained_poll(&self) -> bool {
+        self.in_flight.get() > 0 || self.owner().is_some_and(|o| o.drained_poll())
+    }
+
+    fn vertex(&self) -> Vertex {
+        Vertex {
+            kind: VertexKind::BlockBackend,
+            name: self.name(),
+            key: self.me.as_ptr() as usize,
+            order: self.order,
+        }
+    }
+}
+
+impl Drop for BlockBackend {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

@@ -1,0 +1,215 @@
+//! Attaching, detaching and moving edges (QEMU: `bdrv_attach_child`, `bdrv_replace_node`,
+//! `bdrv_append`): the operations every graph change is made of. Moving an edge between
+//! drained nodes keeps its parent quiesced throughout (QEMU's `bdrv_replace_child_noperm`
+//! order: the new node's drain reaches the parent before the old one's lets go).
+
+use crate::child::{Child, ParentRef, RootParent};
+use crate::graph::Graph;
+use crate::node::Node;
+use crate::perm::Perm;
+use crate::registry::DriverFactory;
+use ferrite_qapi::{Args, Error};
+use std::rc::{Rc, Weak};
+
+/// Whether `name` is `node` or a node below it.
+fn reaches(node: &Rc<Node>, target: &Rc<Node>) -> bool {
+    Rc::ptr_eq(node, target) || node.children().iter().any(|c| reaches(&c.node(), target))
+}
+
+impl Graph {
+    /// Links a new edge into `node`'s users, quiescing its parent if `node` is drained.
+    fn link(&self, e: &Rc<Child>, node: &Rc<Node>) {
+        node.users.borrow_mut().push(Rc::downgrade(e));
+        if node.is_quiesced() && !e.quiesced_parent.get() {
+            e.parent_drained_begin();
+        }
+    }
+
+    /// Unlinks an edge from its node's users.
+    fn unlink(&self, e: &Rc<Child>, node: &Node) {
+        node.users
+            .borrow_mut()
+            .retain(|w| w.upgrade().is_some_and(|u| !Rc::ptr_eq(&u, e)));
+    }
+
+    /// A root user's edge to `node`, named `name`, taking `perm` and sharing `shared`.
+    ///
+    /// # Errors
+    /// A permission conflict anywhere below, or a lock held by another process; nothing
+    /// changes then.
+    pub fn attach_root(
+        &self,
+        node: &Rc<Node>,
+        parent: Weak<dyn RootParent>,
+        name: &str,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Rc<Child>, Error> {
+        let e = Child::new(name, node, ParentRef::Root(parent), self.next_id());
+        self.link(&e, node);
+        if let Err(err) = self.update_edge_perm(&e, perm, shared) {
+            self.detach_edge(&e);
+            return Err(err);
+        }
+        Ok(e)
+    }
+
+    /// A new edge from `parent` to `child`, named `name`, with what `parent`'s driver needs
+    /// of it for `parent`'s users.
+    ///
+    /// # Errors
+    /// A permission conflict; nothing changes then.
+    pub fn attach_child(
+        &self,
+        parent: &Rc<Node>,
+        child: &Rc<Node>,
+        name: &str,
+    ) -> Result<Rc<Child>, Error> {
+        let e = Child::new(
+            name,
+            child,
+            ParentRef::Node(Rc::downgrade(parent)),
+            self.next_id(),
+        );
+        self.link(&e, child);
+        parent.children.borrow_mut().push(e.clone());
+        let (perm, shared) = parent.cumulative_perms();
+        let used = !parent.users().is_empty();
+        let (p, s) = parent.driver.child_perm(name, perm, shared, used);
+        if let Err(err) = self.update_edge_perm(&e, p, s) {
+            self.detach_edge(&e);
+            return Err(err);
+        }
+        Ok(e)
+    }
+
+    /// Removes an edge: its parent forgets it and lets go of what it held; a parent
+    /// quiesced through it resumes. The child node stays (see
+    /// [`Graph::forget_if_orphan`]).
+    pub fn detach_edge(&self, e: &Rc<Child>) {
+        let node = e.node();
+        if let Some(p) = e.parent_node() {
+            p.children.borrow_mut().retain(|c| !Rc::ptr_eq(c, e));
+        }
+        self.unlink(e, &node);
+        e.parent_drained_end();
+        let _ = self.propagate(&node);
+    }
+
+    /// Points edge `e` at `to` instead, keeping its parent's quiescence consistent.
+    fn move_edge(&self, e: &Rc<Child>, to: &Rc<Node>) {
+        let from = e.node();
+        if to.is_quiesced() && !e.quiesced_parent.get() {
+            e.parent_drained_begin();
+        }
+        self.unlink(e, &from);
+        *e.node.borrow_mut() = to.clone();
+        to.users.borrow_mut().push(Rc::downgrade(e));
+        if !to.is_quiesced() && e.quiesced_parent.get() {
+            e.parent_drained_end();
+        }
+    }
+
+    /// Replaces `old` with `new` under every parent of `old` (except `new` itself, when it
+    /// sits above `old` as a filter does, and nodes below `new`), as one operation on drained
+    /// nodes: node edges and root users move together, and on a permission conflict nothing
+    /// moves (QEMU: `bdrv_replace_node`).
+    ///
+    /// # Errors
+    /// A permission conflict on `new`.
+    pub async fn replace(&self, old: &Rc<Node>, new: &Rc<Node>) -> Result<(), Error> {
+        let _old_drained = self.drain(old).await;
+        let _new_drained = self.drain(new).await;
+        // A parent below `new` stays (moving it would make a loop: a fleecing target backed
+        // by the source it protects keeps that source as its backing).
+        let moving: Vec<Rc<Child>> = old
+            .users()
+            .into_iter()
+            .filter(|u| u.parent_node().is_none_or(|p| !reaches(new, &p)))
+            .collect();
+        for e in &moving {
+            self.move_edge(e, new);
+        }
+        // `old` lets go first: what it asked of its own children for these users (a filter
+        // guarding its source) must not stand in their way at `new`.
+        let _ = self.propagate(old);
+        let r = self.check_node(new);
+        if r.is_err() {
+            for e in &moving {
+                self.move_edge(e, old);
+            }
+            let _ = self.propagate(new);
+            let _ = self.check_node(old);
+        }
+        r
+    }
+
+    /// Opens a filter node from `opts` with `factory` and puts it above `below`: every
+    /// user of `below` goes through it from now on (a backup job's copy-before-write).
+    ///
+    /// # Errors
+    /// The filter failing to open, or a permission conflict; nothing changes then.
+    pub async fn insert_filter(
+        &self,
+        below: &Rc<Node>,
+        opts: &Args,
+        factory: &dyn DriverFactory,
+    ) -> Result<Rc<Node>, Error> {
+        let filter = self.open_with(opts, factory).await?;
+        if let Err(e) = self.replace(below, &filter).await {
+            self.forget_if_orphan(&filter);
+            return Err(e);
+        }
+        Ok(filter)
+    }
+
+    /// Takes a filter out again: its users go to what is below it now (its `file` child:
+    /// the node it was put on, or another filter inserted since) and it is deleted.
+    ///
+    /// # Errors
+    /// A permission conflict moving the users back.
+    pub async fn remove_filter(&self, filter: &Rc<Node>) -> Result<(), Error> {
+        if let Some(below) = filter.child("file") {
+            self.replace(filter, &below).await?;
+        }
+        self.forget_if_orphan(filter);
+        Ok(())
+    }
+
+    /// Gives `node` (a format node without one) `backing` as its backing child.
+    ///
+    /// # Errors
+    /// A permission conflict; nothing changed then.
+    pub fn attach_backing(&self, node: &Rc<Node>, backing: &Rc<Node>) -> Result<(), Error> {
+        self.attach_child(node, backing, "backing").map(drop)
+    }
+
+    /// An external snapshot's switch: `overlay` gets `node` as its backing file and takes
+    /// its place under every user, and `node` becomes read-only (QEMU's `bdrv_append`).
+    ///
+    /// # Errors
+    /// A permission conflict; nothing changed then.
+    pub async fn append_overlay(&self, node: &Rc<Node>, overlay: &Rc<Node>) -> Result<(), Error> {
+        let _drained = self.drain(node).await;
+        let edge = self.attach_child(overlay, node, "backing")?;
+        if let Err(e) = self.replace(node, overlay).await {
+            self.detach_edge(&edge);
+            return Err(e);
+        }
+        // Unless the overlay's header names this very node, its backing was chosen here
+        // (its file name then shows the choice, as QEMU's does).
+        let named = overlay.driver.backing_filename().and_then(|(f, _)| {
+            let image = overlay.child("file").map(|c| c.filename())?;
+            crate::filename::backing_path(&image, &f).ok()
+        });
+        if named.as_deref() != Some(node.filename().as_str()) {
+            overlay.set_option("backing", node.name.as_str());
+        }
+        // The old top is read-only from now on, its file too.
+        if !node.is_read_only() {
+            let _ = node.driver.close(node).await;
+            let _ = self.set_read_only(node, true);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! Nodes coming and going (QEMU: `bdrv_open`, `bdrv_close`, `blockdev-del`): nodes added by
+//! the monitor, nodes opened for a command's own use, implicit nodes that go with their last
+//! user, and closing everything at exit.
+
+use crate::graph::Graph;
+use crate::node::Node;
+use ferrite_qapi::{Args, Error};
+use std::rc::Rc;
+
+impl Graph {
+    /// `blockdev-add`: opens a node (and any inline children) from checked `BlockdevOptions`.
+    ///
+    /// # Errors
+    /// A missing, malformed or duplicate node name, an unknown child, or the driver failing.
+    pub async fn blockdev_add(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+        if opts.opt_str("node-name").is_none() {
+            return Err(Error::generic(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        let node = self.open(opts).await?;
+        self.monitor_owned.borrow_mut().push(node.name.clone());
+        Ok(node)
+    }
+
+    /// Puts an opened node in the creation order, at `position` or last.
+    pub(crate) fn insert_node(&self, node: Rc<Node>, position: Option<usize>) {
+        let mut nodes = self.nodes.borrow_mut();
+        let at = position.unwrap_or(nodes.len()).min(nodes.len());
+        nodes.insert(at, node);
+    }
+
+    /// Opens a node from inline options for a command's own use (`blockdev-create`'s
+    /// `file`); [`Graph::release_inline`] deletes it again.
+    ///
+    /// # Errors
+    /// As `blockdev-add`.
+    pub async fn open_inline(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+        self.open(opts).await
+    }
+
+    /// Deletes a node opened with [`Graph::open_inline`] once nothing uses it.
+    pub fn release_inline(&self, node: &Rc<Node>) {
+        self.forget_if_orphan(node);
+    }
+
+    /// As [`Graph::release_inline`] for a node that may have written: it is closed (caches
+    /// written back, image marked clean) before it goes.
+    pub async fn close_inline(&self, node: &Rc<Node>) {
+        if !self.is_monitor_owned(node) && node.users().is_empty() {
+            let _ = node.flush().await;
+            self.close_node(node).await;
+            self.forget_if_orphan(node);
+        }
+    }
+
+    fn is_monitor_owned(&self, node: &Node) -> bool {
+        self.monitor_owned.borrow().contains(&node.name)
+    }
+
+    /// Deletes an implicitly created node that nothing uses any more.
+    pub fn forget_if_orphan(&self, node: &Rc<Node>) {
+        if !self.is_monitor_owned(node)
+            && node.users().is_empty()
+            && self.find(&node.name).is_some()
+        {
+            self.remove(node);
+        }
+    }
+
+    /// `blockdev-del`.
+    ///
+    /// # Errors
+    /// Unknown node, a node not added by `blockdev-add`, or one still in use.
+    pub async fn blockdev_del(&self, name: &str) -> Result<(), Error> {
+        let node = self.find(name).ok_or_else(|| {
+            Error::generic(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        // QEMU's order: used by a device or export, blocked, not the monitor's, used.
+        if node.has_root_user() {
+            return Err(Error::generic(format!("Node {name} is in use")));
+        }
+        if let Some(p) = self.backing_parent(&node) {
+            return Err(Error::generic(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                p.name
+            )));
+        }
+        self.check_unblocked(&node)?;
+        if !self.is_monitor_owned(&node) {
+            return Err(Error::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if !node.users().is_empty() {
+            return Err(Error::generic(format!("Block device {name} is in use")));
+        }
+        self.monitor_owned.borrow_mut().retain(|n| n != name);
+        let drained = self.drain(&node).await;
+        self.close_node(&node).await;
+        drop(drained);
+        self.remove(&node);
+        Ok(())
+    }
+
+    /// Takes a node out of the graph, releasing its children (deleting inline ones).
+    fn remove(&self, node: &Rc<Node>) {
+        self.nodes.borrow_mut().retain(|n| !Rc::ptr_eq(n, node));
+        let children = node.children();
+        for c in children {
+            let child = c.node();
+            self.detach_edge(&c);
+            self.forget_if_orphan(&child);
+        }
+    }
+
+    /// Writes a node's cached state back before it goes (`bdrv_close`).
+    pub(crate) async fn close_node(&self, node: &Rc<Node>) {
+        if let Err(e) = node.driver.close(node).await {
+            tracing::warn!(node = node.name(), error = %e, "closing failed");
+        }
+    }
+
+    /// Closes every node, parents before children (daemon exit, after the flush).
+    pub async fn close_all(&self) {
+        for node in self.nodes().iter().rev() {
+            self.close_node(node).await;
+        }
+    }
+
+    /// Flushes every node, parents before children (daemon exit).
+    pub async fn flush_all(&self) {
+        for node in self.nodes().iter().rev() {
+            if let Err(e) = node.flush().await {
+                tracing::warn!(node = node.name(), error = %e, "flush at exit failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The block graph (QEMU: `block.c`): every node by name, and the operations that change
+//! the graph. They live in one module each: `perm` (permission checks and their
+//! propagation), `edges` (attaching, detaching and moving edges: filters, overlays,
+//! replacement), `lifecycle` (adding, closing and deleting nodes), `reopen` (options and
+//! modes changed in place).
+//!
+//! Graph changes happen on the main thread only, and under a drained section of every node
+//! whose parents change (`Graph::drain`), so that no request crosses a changing edge.
+
+mod edges;
+mod lifecycle;
+mod perm;
+mod reopen;
+
+use crate::backend::BlockBackend;
+use crate::drain::Drained;
+use crate::events::EventSink;
+use crate::io::{IoBackend, ThreadPool, Uring};
+use crate::node::Node;
+use crate::registry::Registry;
+use ferrite_qapi::{Args, Error, ErrorClass, id_wellformed};
+use ferrite_qobject::QDict;
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+
+/// Longest node name QEMU accepts.
+const MAX_NODE_NAME: usize = 31;
+
+/// The block graph.
+///
+/// # Invariants
+/// - `nodes` holds every node in creation order (QEMU's listing order), each name once.
+/// - A node not in `monitor_owned` was opened for another node or a command, and goes away
+///   when its last user does.
+pub struct Graph {
+    me: Weak<Graph>,
+    nodes: RefCell<Vec<Rc<Node>>>,
+    /// Names of nodes created by `blockdev-add` itself (vs. inline children).
+    monitor_owned: RefCell<Vec<String>>,
+    next_auto: Cell<u64>,
+    next_id: Cell<u64>,
+    threads: Rc<dyn IoBackend>,
+    uring: RefCell<Option<Rc<dyn IoBackend>>>,
+    events: Rc<dyn EventSink>,
+    registry: Rc<Registry>,
+    /// Nodes a block job is using, with why (QEMU's op blockers).
+    blockers: RefCell<Vec<(String, String)>>,
+    /// Every `BlockBackend`, in creation order.
+    backends: RefCell<Vec<Weak<BlockBackend>>>,
+}
+
+fn node_not_found(name: &str) -> Error {
+    Error::generic(format!(
+        "Cannot find device='{name}' nor node-name='{name}'"
+    ))
+}
+
+impl Graph {
+    /// An empty graph whose nodes open with the drivers of `registry`.
+    pub fn new(events: Rc<dyn EventSink>, registry: Rc<Registry>) -> Rc<Graph> {
+        Rc::new_cyclic(|me| Graph {
+            me: me.clone(),
+            nodes: RefCell::new(Vec::new()),
+            monitor_owned: RefCell::new(Vec::new()),
+            next_auto: Cell::new(0),
+            next_id: Cell::new(1),
+            threads: Rc::new(ThreadPool),
+            uring: RefCell::new(None),
+            events,
+            registry,
+            blockers: RefCell::new(Vec::new()),
+            backends: RefCell::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn register_backend(&self, blk: Weak<BlockBackend>) {
+        let mut b = self.backends.borrow_mut();
+        b.retain(|w| w.strong_count() > 0);
+        b.push(blk);
+    }
+
+    /// Every `BlockBackend`, in creation order.
+    pub fn backends(&self) -> Vec<Rc<BlockBackend>> {
+        self.backends
+            .borrow()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// The graph as an `Rc` (for the objects that keep a weak reference to it).
+    pub fn rc(&self) -> Rc<Graph> {
+        self.me
+            .upgrade()
+            .expect("a graph method runs while the graph exists")
+    }
+
+    /// The driver registry.
+    pub fn registry(&self) -> &Rc<Registry> {
+        &self.registry
+    }
+
+    /// Where the block layer's events go.
+    pub fn events(&self) -> Rc<dyn EventSink> {
+        self.events.clone()
+    }
+
+    /// A number for ordering edges and backends by creation.
+    pub(crate) fn next_id(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        id
+    }
+
+    /// A node by name.
+    pub fn find(&self, name: &str) -> Option<Rc<Node>> {
+        self.nodes.borrow().iter().find(|n| n.name == name).cloned()
+    }
+
+    /// Every node, in creation order.
+    pub fn nodes(&self) -> Vec<Rc<Node>> {
+        self.nodes.borrow().clone()
+    }
+
+    pub(crate) fn node_count(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// A node by name, for commands that take a node (`Cannot find device=... nor node-name=...`).
+    ///
+    /// # Errors
+    /// QEMU's "Cannot find device='x' nor node-name='x'".
+    pub fn lookup(&self, name: &str) -> Result<Rc<Node>, Error> {
+        self.find(name).ok_or_else(|| node_not_found(name))
+    }
+
+    /// A node by node name only, for commands without a device argument.
+    ///
+    /// # Errors
+    /// QEMU's "Cannot find device='' nor node-name='x'".
+    pub fn lookup_node(&self, name: &str) -> Result<Rc<Node>, Error> {
+        self.find(name)
+            .ok_or_else(|| Error::generic(format!("Cannot find device='' nor node-name='{name}'")))
+    }
+
+    /// A lookup for commands that say "Device 'x' not found".
+    ///
+    /// # Errors
+    /// `GenericError` "Device 'x' not found" (QEMU uses the generic class here).
+    pub fn lookup_device(&self, name: &str) -> Result<Rc<Node>, Error> {
+        self.find(name).ok_or_else(|| {
+            Error::new(
+                ErrorClass::GenericError,
+                format!("Device '{name}' not found"),
+            )
+        })
+    }
+
+    pub(crate) fn check_name(&self, name: &str) -> Result<(), Error> {
+        if !id_wellformed(name) {
+            return Err(Error::generic(format!("Invalid node-name: '{name}'")));
+        }
+        if name.len() > MAX_NODE_NAME {
+            return Err(Error::generic("Node name too long"));
+        }
+        if self.find(name).is_some() {
+            return Err(Error::generic(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn auto_name(&self) -> String {
+        loop {
+            let n = self.next_auto.get();
+            self.next_auto.set(n + 1);
+            let name = format!("#block{n:03}");
+            if self.find(&name).is_none() {
+                return name;
+            }
+        }
+    }
+
+    /// The I/O backend for `aio`: the thread pool, or io_uring (falling back to the pool
+    /// where the kernel refuses a ring).
+    pub fn io_backend(&self, aio: &str) -> Rc<dyn IoBackend> {
+        if aio == "threads" {
+            return self.threads.clone();
+        }
+        if let Some(u) = self.uring.borrow().as_ref() {
+            return u.clone();
+        }
+        match Uring::new() {
+            Ok(u) => {
+                let u: Rc<dyn IoBackend> = Rc::new(u);
+                *self.uring.borrow_mut() = Some(u.clone());
+                u
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring is not available; using the thread pool");
+                self.threads.clone()
+            }
+        }
+    }
+
+    /// The format of the image a `file` node with `file_opts` would show, by its first
+    /// bytes.
+    ///
+    /// # Errors
+    /// The file failing to open.
+    pub(crate) async fn probe_format(&self, file_opts: &QDict) -> Result<&'static str, Error> {
+        let f = self.open(&Args::new(file_opts.clone())).await?;
+        let head = match BlockBackend::new(
+            &self.rc(),
+            &f,
+            crate::Perm::CONSISTENT_READ,
+            crate::Perm::all(),
+        ) {
+            Ok(blk) => {
+                let n = f.len().min(512) as usize;
+                let head = if n > 0 {
+                    blk.read(0, n).await.ok()
+                } else {
+                    None
+                };
+                drop(blk);
+                head
+            }
+            Err(_) => None,
+        };
+        self.forget_if_orphan(&f);
+        Ok(self.registry.probe(head.as_deref().unwrap_or_default()))
+    }
+
+    /// Drains a node: its parents, up to the root users, issue no new requests until the
+    /// section is dropped, and nothing is in flight when this returns.
+    pub async fn drain(&self, node: &Rc<Node>) -> Drained {
+        crate::drain::drain(node).await
+    }
+
+    /// Marks `node` as used by a block job: other jobs and deletion refuse it until
+    /// [`Graph::unblock`].
+    pub fn block(&self, node: &Node, reason: &str) {
+        self.blockers
+            .borrow_mut()
+            .push((node.name.clone(), reason.to_owned()));
+    }
+
+    /// Lifts one [`Graph::block`] of `node` for `reason`.
+    pub fn unblock(&self, node: &Node, reason: &str) {
+        let mut b = self.blockers.borrow_mut();
+        if let Some(i) = b.iter().position(|(n, r)| *n == node.name && r == reason) {
+            b.remove(i);
+        }
+    }
+
+    /// QEMU's "Node 'x' is busy: ..." when a block job uses `node`.
+    ///
+    /// # Errors
+    /// The first reason `node` is blocked.
+    pub fn check_unblocked(&self, node: &Node) -> Result<(), Error> {
+        match self.blockers.borrow().iter().find(|(n, _)| *n == node.name) {
+            Some((n, reason)) => Err(Error::generic(format!("Node '{n}' is busy: {reason}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The node that has `node` as its backing child, if any.
+    pub fn backing_parent(&self, node: &Node) -> Option<Rc<Node>> {
+        node.users()
+            .iter()
+            .filter(|u| u.name() == "backing")
+            .find_map(|u| u.parent_node())
+    }
+
+    /// Housekeeping tick: every node drops the cached metadata it left unused.
+    pub fn clean_caches(&self, now: std::time::Instant) {
+        for n in self.nodes() {
+            n.driver.clean_caches(now);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Permissions on edges (QEMU: `bdrv_check_perm`, `bdrv_child_perm`, block.c): a change
+//! to one edge is checked against every other user of its node, then pushed down to the
+//! node's driver (image locks) and, through the driver's `child_perm`, to its children's
+//! edges. Any conflict on the way undoes the change.
+
+use crate::child::Child;
+use crate::graph::Graph;
+use crate::node::Node;
+use crate::perm::Perm;
+use ferrite_qapi::Error;
+use std::rc::Rc;
+
+impl Graph {
+    /// Changes what edge `e` takes and shares, checking the whole subgraph below; on error
+    /// nothing changes.
+    ///
+    /// # Errors
+    /// A permission conflict anywhere below, or a lock held by another process.
+    pub(crate) fn update_edge_perm(
+        &self,
+        e: &Rc<Child>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<(), Error> {
+        let old = (e.perm.get(), e.shared.get());
+        e.perm.set(perm);
+        e.shared.set(shared);
+        let node = e.node();
+        let r = check_conflicts(&node).and_then(|()| self.propagate(&node));
+        if r.is_err() {
+            e.perm.set(old.0);
+            e.shared.set(old.1);
+            let _ = self.propagate(&node);
+        }
+        r
+    }
+
+    /// Pushes a node's cumulative permissions down to its driver (locks) and children.
+    pub(crate) fn propagate(&self, node: &Rc<Node>) -> Result<(), Error> {
+        let (perm, shared) = node.cumulative_perms();
+        node.driver.set_perm(perm, shared)?;
+        let used = !node.users().is_empty();
+        for c in node.children() {
+            let (p, s) = node.driver.child_perm(c.name(), perm, shared, used);
+            self.update_edge_perm(&c, p, s)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the users of `node` after edges moved to it.
+    pub(crate) fn check_node(&self, node: &Rc<Node>) -> Result<(), Error> {
+        check_conflicts(node).and_then(|()| self.propagate(node))
+    }
+}
+
+/// QEMU's compliance check between every pair of a node's users (newest first), then the
+/// read-only rule.
+fn check_conflicts(node: &Node) -> Result<(), Error> {
+    let users = node.users();
+    for a in users.iter().rev() {
+        for b in users.iter().rev() {
+            if Rc::ptr_eq(a, b) {
+                continue;
+            }
+            let denied = b.perm() - a.shared();
+            if !denied.is_empty() {
+                let names: Vec<&str> = Perm::NAMED
+                    .iter()
+                    .filter(|(p, _)| denied.contains(*p))
+                    .map(|(_, n)| *n)
+                    .collect();
+                return Err(Error::generic(format!(
+                    "Permission conflict on node '{}': permissions '{}' are both required by {} and unshared by {}.",
+                    node.name,
+                    names.join(", "),
+                    b.user_desc(),
+                    a.user_desc()
+                )));
+            }
+        }
+    }
+    let (perm, _) = node.cumulative_perms();
+    if node.read_only.get() && perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) {
+        return Err(Error::generic("Block node is read-only"));
+    }
+    Ok(())
+}

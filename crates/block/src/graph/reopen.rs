@@ -1,0 +1,135 @@
+//! Changing open nodes in place (QEMU: `bdrv_reopen_multiple`, `bdrv_co_truncate` from
+//! `block_resize`): `blockdev-reopen`, the internal switches between read-only and
+//! read-write, and resizing.
+
+use crate::backend::BlockBackend;
+use crate::driver::check_unchanged;
+use crate::graph::Graph;
+use crate::node::{DetectZeroes, Node};
+use crate::perm::Perm;
+use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qobject::{QDict, QObject};
+use std::rc::Rc;
+
+impl Graph {
+    /// `blockdev-reopen`: checks every entry first, then applies them all on drained nodes.
+    /// Options left out take their defaults, as in QEMU.
+    ///
+    /// # Errors
+    /// QEMU's texts for a missing or unknown node name and for options that cannot change;
+    /// "Block node is read-only" when a user still writes to a node made read-only.
+    pub async fn reopen(&self, list: &[Args]) -> Result<(), Error> {
+        let mut plan = Vec::new();
+        for opts in list {
+            let name = opts
+                .opt_str("node-name")
+                .ok_or_else(|| Error::generic("node-name not specified"))?;
+            let node = self.find(name).ok_or_else(|| {
+                Error::generic(format!("Failed to find node with node-name='{name}'"))
+            })?;
+            if opts.str("driver")? != node.driver_name() {
+                return Err(Error::generic("Cannot change the option 'driver'"));
+            }
+            check_unchanged(
+                opts,
+                &Args::new(node.options()),
+                &[("cache", QObject::Dict(QDict::new()))],
+            )?;
+            node.driver.reopen_check(&node, opts)?;
+            let read_only = opts.bool_or("read-only", false);
+            if opts.opt_str("detect-zeroes") == Some("unmap")
+                && opts.opt_str("discard") != Some("unmap")
+            {
+                return Err(Error::generic(
+                    "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+                ));
+            }
+            if read_only
+                && node
+                    .cumulative_perms()
+                    .0
+                    .intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
+            {
+                return Err(Error::generic("Block node is read-only"));
+            }
+            plan.push((node, opts, read_only));
+        }
+        for (node, opts, read_only) in plan {
+            let _drained = self.drain(&node).await;
+            if read_only && !node.is_read_only() {
+                // Leaving read-write: caches written back and the image marked clean.
+                node.driver.close(&node).await.map_err(|e| {
+                    Error::generic(format!(
+                        "Could not write back before reopening read-only: {}",
+                        os_msg(&e)
+                    ))
+                })?;
+            }
+            let was_read_only = node.is_read_only();
+            node.driver.reopen_apply(&node, opts, read_only)?;
+            if was_read_only && !read_only {
+                node.driver.prepare_writable(&node).await.map_err(|e| {
+                    Error::generic(format!(
+                        "Could not prepare the image for writing: {}",
+                        os_msg(&e)
+                    ))
+                })?;
+            }
+            node.read_only.set(read_only);
+            self.propagate(&node)?;
+            node.detect_zeroes
+                .set(DetectZeroes::parse(opts.opt_str("detect-zeroes")));
+            node.discard_unmap
+                .set(opts.opt_str("discard") == Some("unmap"));
+            *node.options.borrow_mut() = opts.as_dict().clone();
+        }
+        Ok(())
+    }
+
+    /// Switches a node and its `file` child between read-only and read-write in place
+    /// (internal reopens: an external snapshot's old top, `change-backing-file`).
+    ///
+    /// # Errors
+    /// The storage refusing the mode.
+    pub fn set_read_only(&self, node: &Rc<Node>, read_only: bool) -> Result<(), Error> {
+        let file = node.child("file").filter(|f| f.users().len() == 1);
+        // Going read-only, the node drops its write permission before its file reopens;
+        // going read-write, the file reopens for writing first.
+        let order: Vec<&Rc<Node>> = if read_only {
+            std::iter::once(node).chain(file.iter()).collect()
+        } else {
+            file.iter().chain(std::iter::once(node)).collect()
+        };
+        for n in order {
+            n.driver
+                .reopen_apply(n, &Args::new(n.options()), read_only)?;
+            n.read_only.set(read_only);
+            self.propagate(n)?;
+        }
+        Ok(())
+    }
+
+    /// `block_resize`: a backend holding the resize permission truncates the drained node.
+    ///
+    /// # Errors
+    /// QEMU's texts for a bad size, a read-only node, a driver that cannot resize, or a
+    /// permission conflict.
+    pub async fn resize(&self, node: &Rc<Node>, size: i64) -> Result<(), Error> {
+        let size = u64::try_from(size)
+            .map_err(|_| Error::generic("Parameter 'size' expects a >0 size"))?;
+        let blk = BlockBackend::new(&self.rc(), node, Perm::RESIZE, Perm::all())?;
+        if node.is_read_only() {
+            return Err(Error::generic("Image is read-only"));
+        }
+        // The resize runs inside its own drained section.
+        blk.set_queue_requests(false);
+        let drained = self.drain(node).await;
+        let r = blk.truncate(size).await;
+        drop(drained);
+        drop(blk);
+        r.map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTSUP) => Error::generic("Image format driver does not support resize"),
+            _ => Error::generic(format!("Could not resize: {}", os_msg(&e))),
+        })
+    }
+}

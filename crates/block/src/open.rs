@@ -1,0 +1,352 @@
+//! Opening nodes (QEMU: `bdrv_open_inherit`, `bdrv_open_child`): the options common to
+//! every node, then the driver's factory with an [`OpenCtx`] through which it opens or looks
+//! up its children and reads them. The node joins the graph only once its driver is open.
+
+use crate::child::{Child, ParentRef, RootParent, Vertex, VertexKind};
+use crate::driver::Driver;
+use crate::events::EventSink;
+use crate::graph::Graph;
+use crate::io::IoBackend;
+use crate::node::{DetectZeroes, Node, NodeSettings};
+use crate::perm::Perm;
+use crate::registry::DriverFactory;
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::{QDict, QObject};
+use std::rc::{Rc, Weak};
+
+/// The parent of a child edge while its node is being opened: the driver reads the child
+/// through the edge before the node exists; the edge then moves to the node.
+struct Opening {
+    name: String,
+}
+
+impl RootParent for Opening {
+    fn description(&self) -> String {
+        format!("node '{}'", self.name)
+    }
+    fn drained_begin(&self) {}
+    fn drained_end(&self) {}
+    fn drained_poll(&self) -> bool {
+        false
+    }
+    fn vertex(&self) -> Vertex {
+        Vertex {
+            kind: VertexKind::BlockBackend,
+            name: String::new(),
+            key: self as *const Self as usize,
+            order: 0,
+        }
+    }
+}
+
+/// Where a driver opening a node finds its options and opens its children.
+pub struct OpenCtx<'a> {
+    graph: &'a Graph,
+    opts: &'a Args,
+    name: String,
+    settings: NodeSettings,
+    opening: Rc<Opening>,
+    edges: Vec<Rc<Child>>,
+    position: Option<usize>,
+}
+
+impl<'a> OpenCtx<'a> {
+    /// The node's options (`BlockdevOptions`).
+    pub fn opts(&self) -> &'a Args {
+        self.opts
+    }
+
+    /// The new node's name.
+    pub fn node_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The common settings; a driver may change them (a file opened read-only after
+    /// `auto-read-only` fell back).
+    pub fn settings(&mut self) -> &mut NodeSettings {
+        &mut self.settings
+    }
+
+    /// The graph the node joins.
+    pub fn graph(&self) -> &'a Graph {
+        self.graph
+    }
+
+    /// Where events go (`BLOCK_IMAGE_CORRUPTED`).
+    pub fn events(&self) -> Rc<dyn EventSink> {
+        self.graph.events()
+    }
+
+    /// The I/O backend for `aio` (`threads`, `io_uring`, `native`).
+    pub fn io_backend(&self, aio: &str) -> Rc<dyn IoBackend> {
+        self.graph.io_backend(aio)
+    }
+
+    /// The node joins the graph's creation order here rather than after its last child
+    /// (QEMU lists a format node once its file is open, before its backing chain).
+    pub fn take_position_now(&mut self) {
+        self.position = Some(self.graph.node_count());
+    }
+
+    /// Attaches `node` as child `key` of the node being opened.
+    ///
+    /// # Errors
+    /// A permission conflict.
+    pub fn attach(&mut self, key: &str, node: &Rc<Node>) -> Result<Rc<Child>, Error> {
+        let parent: Weak<dyn RootParent> = Rc::downgrade(&self.opening) as Weak<dyn RootParent>;
+        let edge = self
+            .graph
+            .attach_root(node, parent, key, Perm::empty(), Perm::all())?;
+        self.edges.push(edge.clone());
+        Ok(edge)
+    }
+
+    /// Opens child `key`, which the options must give (a node name or inline options).
+    ///
+    /// # Errors
+    /// "Parameter 'key' is missing", an unknown node, the child failing to open.
+    pub async fn open_child(&mut self, key: &str) -> Result<Rc<Child>, Error> {
+        let v = self
+            .opts
+            .get(key)
+            .ok_or_else(|| Error::generic(format!("Parameter '{key}' is missing")))?
+            .clone();
+        self.open_child_ref(key, &v).await
+    }
+
+    /// Opens child `key` from a `BlockdevRef`: a node name, or inline options that take
+    /// from this node what they do not set (QEMU's inherited options).
+    ///
+    /// # Errors
+    /// An unknown node, the child failing to open.
+    pub async fn open_child_ref(&mut self, key: &str, value: &QObject) -> Result<Rc<Child>, Error> {
+        let node = match value {
+            QObject::String(name) => self.graph.lookup(name)?,
+            QObject::Dict(d) => self.graph.open(&Args::new(inherited(self.opts, d))).await?,
+            _ => return Err(Error::generic("Invalid child reference")),
+        };
+        let edge = self.attach(key, &node);
+        if edge.is_err() {
+            self.graph.forget_if_orphan(&node);
+        }
+        edge
+    }
+
+    /// Opens a node from `opts` (not inheriting anything) as child `key`.
+    ///
+    /// # Errors
+    /// The node failing to open.
+    pub async fn open_child_opts(&mut self, key: &str, opts: QDict) -> Result<Rc<Child>, Error> {
+        let node = self.graph.open(&Args::new(opts)).await?;
+        let edge = self.attach(key, &node);
+        if edge.is_err() {
+            self.graph.forget_if_orphan(&node);
+        }
+        edge
+    }
+
+    /// The options of a `file` node for image file `path` (read-only if `read_only`),
+    /// with this node's cache modes.
+    pub fn image_file_opts(&self, path: &str, read_only: bool) -> QDict {
+        let mut file_opts = QDict::new()
+            .with("driver", "file")
+            .with("filename", path)
+            .with("read-only", read_only);
+        if let Some(c) = self.opts.get("cache") {
+            file_opts.insert("cache", c.clone());
+        }
+        file_opts
+    }
+
+    /// The format of image file `path` by its first bytes (raw when no format claims it).
+    ///
+    /// # Errors
+    /// The file failing to open.
+    pub async fn probe(&self, path: &str) -> Result<&'static str, Error> {
+        self.graph
+            .probe_format(&self.image_file_opts(path, true))
+            .await
+    }
+
+    /// Opens image file `path` as child `key`: a `file` node under a node of `format`
+    /// (just the `file` node for format `file`), read-only if `read_only`.
+    ///
+    /// # Errors
+    /// An unknown format, the image failing to open.
+    pub async fn open_image(
+        &mut self,
+        key: &str,
+        path: &str,
+        format: &str,
+        read_only: bool,
+    ) -> Result<Rc<Child>, Error> {
+        if self.graph.registry().get(format).is_none() {
+            return Err(Error::generic(format!("Unknown driver '{format}'")));
+        }
+        let file_opts = self.image_file_opts(path, read_only);
+        let opts = if format == "file" {
+            file_opts
+        } else {
+            QDict::new()
+                .with("driver", format)
+                .with("file", file_opts)
+                .with("read-only", read_only)
+        };
+        self.open_child_opts(key, opts).await
+    }
+
+    /// Takes back what was opened for a node that failed to open.
+    fn abandon(self) {
+        for e in self.edges.iter().rev() {
+            let node = e.node();
+            self.graph.detach_edge(e);
+            self.graph.forget_if_orphan(&node);
+        }
+    }
+}
+
+/// The options of a child given inline: what it does not set itself, it takes from its
+/// parent (read-only, auto-read-only, cache modes), and it passes discards on, since the
+/// parent already applies its own discard policy (QEMU's inherited options).
+fn inherited(parent: &Args, child: &QDict) -> QDict {
+    let mut d = child.clone();
+    for key in ["read-only", "auto-read-only"] {
+        if d.get(key).is_none()
+            && let Some(v) = parent.get(key)
+        {
+            d.insert(key, v.clone());
+        }
+    }
+    if let Some(QObject::Dict(pc)) = parent.get("cache") {
+        let mut cache = match d.get("cache") {
+            Some(QObject::Dict(c)) => c.clone(),
+            _ => QDict::new(),
+        };
+        for key in ["direct", "no-flush"] {
+            if cache.get(key).is_none()
+                && let Some(v) = pc.get(key)
+            {
+                cache.insert(key, v.clone());
+            }
+        }
+        d.insert("cache", cache);
+    }
+    if d.get("discard").is_none() {
+        d.insert("discard", "unmap");
+    }
+    d
+}
+
+/// The settings every node has, from its options.
+///
+/// # Errors
+/// QEMU's text for `detect-zeroes=unmap` without `discard=unmap`.
+pub(crate) fn settings(opts: &Args) -> Result<NodeSettings, Error> {
+    let cache = opts.dict("cache").unwrap_or_default();
+    let s = NodeSettings {
+        read_only: opts.bool_or("read-only", false),
+        detect_zeroes: DetectZeroes::parse(opts.opt_str("detect-zeroes")),
+        discard_unmap: opts.opt_str("discard") == Some("unmap"),
+        cache_direct: cache.bool_or("direct", false),
+        cache_no_flush: cache.bool_or("no-flush", false),
+    };
+    if s.detect_zeroes == DetectZeroes::Unmap && !s.discard_unmap {
+        return Err(Error::generic(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        ));
+    }
+    Ok(s)
+}
+
+impl Graph {
+    /// Opens a node from checked `BlockdevOptions` with the driver the options name (boxed:
+    /// children open through it recursively).
+    pub(crate) fn open<'a>(&'a self, opts: &'a Args) -> crate::registry::LocalFut<'a, Rc<Node>> {
+        Box::pin(async move {
+            let driver = opts.str("driver")?;
+            let factory = self.registry().get(driver).ok_or_else(|| {
+                Error::generic(format!("Driver '{driver}' is not supported by ferrite yet"))
+            })?;
+            self.open_with(opts, factory.as_ref()).await
+        })
+    }
+
+    /// Opens a node from `opts` with `factory` (which need not be registered: a job's
+    /// filter with state it shares).
+    ///
+    /// # Errors
+    /// A malformed or taken node name, bad common options, the driver failing.
+    pub async fn open_with(
+        &self,
+        opts: &Args,
+        factory: &dyn DriverFactory,
+    ) -> Result<Rc<Node>, Error> {
+        let name = match opts.opt_str("node-name") {
+            Some(n) => {
+                self.check_name(n)?;
+                n.to_owned()
+            }
+            None => self.auto_name(),
+        };
+        let settings = settings(opts)?;
+        let mut ctx = OpenCtx {
+            graph: self,
+            opts,
+            opening: Rc::new(Opening { name: name.clone() }),
+            name,
+            settings,
+            edges: Vec::new(),
+            position: None,
+        };
+        match factory.open(&mut ctx).await {
+            Ok(driver) => self.finish_open(ctx, driver),
+            Err(e) => {
+                ctx.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the node of an opened driver: its children's edges move to it with what it
+    /// needs of them, and it joins the graph.
+    fn finish_open(&self, ctx: OpenCtx<'_>, driver: Box<dyn Driver>) -> Result<Rc<Node>, Error> {
+        // A name taken while this node's children opened.
+        if ctx.opts.opt_str("node-name").is_some() && self.find(&ctx.name).is_some() {
+            let e = Error::generic(format!("Duplicate nodes with node-name='{}'", ctx.name));
+            ctx.abandon();
+            return Err(e);
+        }
+        let node = Node::new(
+            ctx.name.clone(),
+            driver,
+            ctx.opts.as_dict().clone(),
+            ctx.settings,
+        );
+        *node.bitmaps.borrow_mut() = node.driver.take_initial_bitmaps();
+        let events = self.events();
+        *node.threshold_hit.borrow_mut() = Some(Box::new(move |n: &Node, exceeded, threshold| {
+            events.emit(
+                "BLOCK_WRITE_THRESHOLD",
+                QDict::new()
+                    .with("node-name", n.name())
+                    .with("amount-exceeded", exceeded)
+                    .with("write-threshold", threshold),
+            );
+        }));
+        for e in &ctx.edges {
+            *e.parent.borrow_mut() = ParentRef::Node(Rc::downgrade(&node));
+            node.children.borrow_mut().push(e.clone());
+        }
+        for e in &ctx.edges {
+            let (perm, shared) =
+                node.driver
+                    .child_perm(e.name(), Perm::empty(), Perm::all(), false);
+            if let Err(err) = self.update_edge_perm(e, perm, shared) {
+                ctx.abandon();
+                return Err(err);
+            }
+        }
+        self.insert_node(node.clone(), ctx.position);
+        Ok(node)
+    }
+}

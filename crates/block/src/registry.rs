@@ -1,0 +1,136 @@
+//! The driver registry: a factory per driver, registered by the program at start-up
+//! (QEMU: `BlockDriver` and `bdrv_register`). The core opens, creates, amends and probes
+//! images only through these factories; it names no driver itself.
+
+use crate::driver::Driver;
+use crate::graph::Graph;
+use crate::node::Node;
+use crate::open::OpenCtx;
+use ferrite_qapi::{Args, Error};
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+/// A boxed future of the registry's operations.
+pub type LocalFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + 'a>>;
+
+/// What a driver is, for listings and for the graph's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    /// Reaches storage itself (`file`, `null-co`, `nbd`).
+    Protocol,
+    /// Interprets its `file` child's bytes as an image (`raw`, `qcow2`).
+    Format,
+    /// Passes requests on to one child, doing something on the way (`copy-before-write`).
+    Filter,
+}
+
+/// A driver: how to open a node of it, and, where it can, create and amend images.
+pub trait DriverFactory {
+    /// The driver name (a `BlockdevDriver` value).
+    fn name(&self) -> &'static str;
+
+    /// What kind of driver it is.
+    fn kind(&self) -> DriverKind;
+
+    /// Opens a node from `ctx`'s options: opens the children it needs through `ctx` and
+    /// returns the driver instance.
+    ///
+    /// # Errors
+    /// QEMU's texts for bad options and for the storage failing.
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>>;
+
+    /// Whether `blockdev-create` can make images of this driver.
+    fn can_create(&self) -> bool {
+        false
+    }
+
+    /// Creates an image (`blockdev-create`'s `BlockdevCreateOptions`).
+    ///
+    /// # Errors
+    /// QEMU's texts for bad options and for the storage failing.
+    fn create<'a>(&'a self, _graph: &'a Rc<Graph>, _opts: &'a Args) -> LocalFut<'a, ()> {
+        Box::pin(async { Err(Error::generic("Driver does not support blockdev-create")) })
+    }
+
+    /// Whether `x-blockdev-amend` can change images of this driver.
+    fn can_amend(&self) -> bool {
+        false
+    }
+
+    /// Changes an open image's options (`x-blockdev-amend`).
+    ///
+    /// # Errors
+    /// QEMU's texts for changes the driver refuses.
+    fn amend<'a>(&'a self, _node: &'a Rc<Node>, _opts: &'a Args) -> LocalFut<'a, ()> {
+        Box::pin(async { Err(Error::generic("Driver does not support x-blockdev-amend")) })
+    }
+
+    /// Whether an image starting with `head` is of this format (probing an image whose
+    /// format is not given).
+    fn probe(&self, _head: &[u8]) -> bool {
+        false
+    }
+
+    /// Whether images of this format can have a backing file (an external snapshot's
+    /// overlay must).
+    fn supports_backing(&self) -> bool {
+        false
+    }
+}
+
+/// Every driver the program knows.
+#[derive(Default)]
+pub struct Registry {
+    factories: RefCell<Vec<Rc<dyn DriverFactory>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Rc<Registry> {
+        Rc::default()
+    }
+
+    /// Adds a driver.
+    pub fn register(&self, factory: Rc<dyn DriverFactory>) {
+        let mut f = self.factories.borrow_mut();
+        f.retain(|x| x.name() != factory.name());
+        f.push(factory);
+    }
+
+    /// The driver called `name`.
+    pub fn get(&self, name: &str) -> Option<Rc<dyn DriverFactory>> {
+        self.factories
+            .borrow()
+            .iter()
+            .find(|f| f.name() == name)
+            .cloned()
+    }
+
+    /// Every driver name, sorted (QEMU's `bdrv_iterate_format` order).
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut n: Vec<&'static str> = self.factories.borrow().iter().map(|f| f.name()).collect();
+        n.sort_unstable();
+        n
+    }
+
+    /// The format an image starting with `head` has: the first format that recognises it,
+    /// raw otherwise.
+    pub fn probe(&self, head: &[u8]) -> &'static str {
+        self.factories
+            .borrow()
+            .iter()
+            .find(|f| f.kind() == DriverKind::Format && f.probe(head))
+            .map_or("raw", |f| f.name())
+    }
+
+    /// What `-drive format=help` prints: the drivers that can be opened read-write, then
+    /// those that can only be read (none yet).
+    pub fn format_help(&self) -> String {
+        format!(
+            "Supported formats: {}\nSupported formats (read-only):\n",
+            self.names().join(" ")
+        )
+    }
+}

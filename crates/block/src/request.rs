@@ -1,0 +1,227 @@
+//! The request path through a node (QEMU: `block/io.c`): bounds and permission checks,
+//! detect-zeroes, requests counted in flight for drained sections, dirty bitmaps and the
+//! write threshold updated after writes.
+//!
+//! These methods are the core's own: drivers reach them through their child edges
+//! ([`Child`](crate::Child)), root users through a [`BlockBackend`](crate::BlockBackend).
+
+use crate::driver::{BoxFut, Extent, ReqFlags};
+use crate::node::{DetectZeroes, Node};
+use crate::perm::Perm;
+use std::io;
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// Largest request the layer accepts in one piece (QEMU's `BDRV_REQUEST_MAX_BYTES` is close).
+pub const MAX_REQUEST: u64 = 1 << 31;
+
+/// A request in flight on a node; its end may let a drain finish.
+struct InFlight<'a>(&'a Node);
+
+impl<'a> InFlight<'a> {
+    fn begin(node: &'a Node) -> Self {
+        node.in_flight.set(node.in_flight.get() + 1);
+        InFlight(node)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let n = self.0.in_flight.get() - 1;
+        self.0.in_flight.set(n);
+        if n == 0 {
+            crate::drain::notify_progress();
+        }
+    }
+}
+
+impl Node {
+    /// Checks that `offset..offset + len` lies inside the node.
+    pub(crate) fn check_bounds(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.checked_add(len).ok_or_else(einval)?;
+        if end > self.len() || len > MAX_REQUEST {
+            return Err(einval());
+        }
+        Ok(())
+    }
+
+    /// Bounds of a write: past the end only for a driver that grows, when a parent holds
+    /// the resize permission (a format writing new clusters to its file).
+    pub(crate) fn check_write_bounds(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.checked_add(len).ok_or_else(einval)?;
+        let grows = end > self.len()
+            && self.driver.can_grow()
+            && self.cumulative_perms().0.contains(Perm::RESIZE);
+        if len > MAX_REQUEST || (end > self.len() && !grows) {
+            return Err(einval());
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only.get() {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub(crate) async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.check_bounds(offset, len as u64)?;
+        let _f = InFlight::begin(self);
+        self.driver.read(self, offset, len).await
+    }
+
+    /// Writes `data` at `offset`.
+    pub(crate) async fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_write_bounds(offset, len)?;
+        self.check_writable()?;
+        if self.detect_zeroes.get() != DetectZeroes::Off && crate::io::is_zero(&data) {
+            let mut zflags = flags;
+            if self.detect_zeroes.get() == DetectZeroes::Unmap && self.discard_unmap.get() {
+                zflags |= ReqFlags::MAY_UNMAP;
+            }
+            return self.write_zeroes(offset, len, zflags).await;
+        }
+        let _f = InFlight::begin(self);
+        let r = self.driver.write(self, offset, data, flags).await;
+        if r.is_ok() {
+            self.wrote(offset, len);
+        }
+        r
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    pub(crate) async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        self.check_write_bounds(offset, len)?;
+        self.check_writable()?;
+        let mut flags = flags;
+        if !self.discard_unmap.get() {
+            flags.remove(ReqFlags::MAY_UNMAP);
+        }
+        let _f = InFlight::begin(self);
+        let r = self.driver.write_zeroes(self, offset, len, flags).await;
+        if r.is_ok() {
+            self.wrote(offset, len);
+        }
+        r
+    }
+
+    /// Writes whole clusters compressed where the format can.
+    pub(crate) async fn write_compressed(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_bounds(offset, len)?;
+        self.check_writable()?;
+        let _f = InFlight::begin(self);
+        let r = self.driver.write_compressed(self, offset, data).await;
+        if r.is_ok() {
+            self.wrote(offset, len);
+        }
+        r
+    }
+
+    /// How deep in the backing chain the range at `offset` is allocated (1 = this node, 0 =
+    /// nowhere), and for how many bytes that holds (NBD's `qemu:allocation-depth`).
+    ///
+    /// # Errors
+    /// As [`Node::block_status`].
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> BoxFut<'_, (u64, u32)> {
+        Box::pin(async move {
+            let e = self.block_status(offset, len).await?;
+            if e.allocated {
+                return Ok((e.len, 1));
+            }
+            match self.child("backing") {
+                Some(b) if offset < b.len() => {
+                    let (n, d) = b
+                        .allocation_depth(offset, e.len.min(b.len() - offset))
+                        .await?;
+                    Ok((n, if d == 0 { 0 } else { d + 1 }))
+                }
+                _ => Ok((e.len, 0)),
+            }
+        })
+    }
+
+    /// Discards a range; a no-op unless `discard=unmap`.
+    pub(crate) async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_bounds(offset, len)?;
+        self.check_writable()?;
+        if !self.discard_unmap.get() {
+            return Ok(());
+        }
+        let _f = InFlight::begin(self);
+        let r = self.driver.discard(self, offset, len).await;
+        if r.is_ok() {
+            for b in self.bitmaps.borrow().iter() {
+                b.note_write(offset, len);
+            }
+        }
+        r
+    }
+
+    /// Flushes; a no-op with `cache.no-flush=on`.
+    pub(crate) async fn flush(&self) -> io::Result<()> {
+        if self.cache_no_flush {
+            return Ok(());
+        }
+        let _f = InFlight::begin(self);
+        self.driver.flush(self).await
+    }
+
+    /// The extent at `offset`, at most `len` long. A query, not a change: jobs and exports
+    /// ask it of any node they see.
+    ///
+    /// # Errors
+    /// EINVAL out of bounds or for an empty range; the driver's error.
+    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        self.check_status_range(offset, len)?;
+        let _f = InFlight::begin(self);
+        self.driver.block_status(self, offset, len).await
+    }
+
+    /// A block-status range: inside the node and not empty.
+    pub(crate) fn check_status_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.checked_add(len).ok_or_else(einval)?;
+        if end > self.len() || len == 0 {
+            return Err(einval());
+        }
+        Ok(())
+    }
+
+    /// Changes the size.
+    pub(crate) async fn truncate(&self, size: u64) -> io::Result<()> {
+        let _f = InFlight::begin(self);
+        self.driver.truncate(self, size).await
+    }
+
+    fn wrote(&self, offset: u64, len: u64) {
+        let end = offset + len;
+        for b in self.bitmaps.borrow().iter() {
+            b.note_write(offset, len);
+        }
+        if end > self.wr_highest_offset.get() {
+            self.wr_highest_offset.set(end);
+        }
+        let threshold = self.write_threshold.get();
+        if threshold > 0 && end > threshold {
+            self.write_threshold.set(0);
+            if let Some(hit) = self.threshold_hit.borrow().as_ref() {
+                hit(self, end - threshold, threshold);
+            }
+        }
+    }
+}
