@@ -125,3 +125,68 @@ def test_snapshot_actions_match_qemu(both):
         seen.append(out)
     theirs, ours = seen
     assert ours == theirs
+
+
+def test_grouped_backup_failure_leaves_the_other_bitmaps_as_qemu(both, tmp_path):
+    """Three backups in a grouped transaction: two small ones with bitmaps finish their copy
+    and wait; the third fails (its target's filesystem is full). The waiting two are then
+    cancelled, and their bitmaps end as QEMU's abort phase leaves them (on-success: the old
+    bits and the writes since; always: the writes since and what was not copied), which
+    settling a bitmap at the end of the copy would get wrong."""
+    from test_backup import qemu_io, small_fs
+    seen = []
+    mounts = []
+    try:
+        for d in both():
+            w = d.workdir
+            for name in ("a", "b", "big"):
+                qcow2(w / f"{name}.qcow2", "8M")
+            run("qemu-io", "-c", "write -P 0x22 0 8M", w / "big.qcow2")
+            for name in ("ta", "tb"):
+                qcow2(w / f"{name}.qcow2", "8M")
+            fs = w / "fs"
+            small_fs(fs, "2M")
+            mounts.append(fs)
+            qcow2(fs / "tbig.qcow2", "8M")
+            q = d.connect()
+            for node, path in [("a", w / "a.qcow2"), ("b", w / "b.qcow2"),
+                               ("big", w / "big.qcow2"), ("ta", w / "ta.qcow2"),
+                               ("tb", w / "tb.qcow2"), ("tbig", fs / "tbig.qcow2")]:
+                add(q, node, path)
+            out = []
+            for node in ("a", "b"):
+                out.append(q.cmd("block-dirty-bitmap-add", {"node": node, "name": "bm"}))
+                uri = export(q, d, node, node, True)
+                qemu_io(uri, "write -P 1 0 64k", "write -P 2 1M 128k")
+            out.append(q.cmd("transaction", {"actions": [
+                {"type": "blockdev-backup", "data": {
+                    "job-id": "ja", "device": "a", "target": "ta", "sync": "bitmap",
+                    "bitmap": "bm", "bitmap-mode": "on-success"}},
+                {"type": "blockdev-backup", "data": {
+                    "job-id": "jb", "device": "b", "target": "tb", "sync": "bitmap",
+                    "bitmap": "bm", "bitmap-mode": "always"}},
+                {"type": "blockdev-backup", "data": {
+                    "job-id": "jbig", "device": "big", "target": "tbig", "sync": "full",
+                    "speed": 4 << 20}}],
+                "properties": {"completion-mode": "grouped"}}))
+            # Writes made while the group runs land in the bitmaps' successors.
+            qemu_io(f"nbd+unix:///a?socket={w / 'nbd.sock'}", "write -P 3 4M 64k")
+            qemu_io(f"nbd+unix:///b?socket={w / 'nbd.sock'}", "write -P 3 4M 64k")
+            for job in ("ja", "jb", "jbig"):
+                wait_job_gone(q, job)
+            nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+            for node in ("a", "b"):
+                out.append(next(n for n in nodes if n["node-name"] == node)["dirty-bitmaps"])
+                out.append(q.cmd("x-debug-block-dirty-bitmap-sha256",
+                                 {"node": node, "name": "bm"}))
+            seq = per_job(q.events)
+            for job in seq:
+                seq[job] = [e for e in seq[job] if e[1] not in ("paused", "running")]
+            out.append(seq)
+            seen.append(out)
+    finally:
+        for m in mounts:
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)
+    theirs, ours = seen
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, i

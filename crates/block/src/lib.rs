@@ -30,6 +30,8 @@ mod registry;
 mod request;
 pub mod snapshot_cmds;
 mod stats;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use backend::{BackendOwner, BlockBackend, IoStatus, Medium, OnError};
 pub use child::{Child, Parent, ParentRef, RootParent, Vertex, VertexKind};

@@ -336,6 +336,10 @@ impl Graph {
         for e in &ctx.edges {
             *e.parent.borrow_mut() = ParentRef::Node(Rc::downgrade(&node));
             node.children.borrow_mut().push(e.clone());
+            // A child drained while this node opened quiesces the node from now on.
+            if e.quiesced_parent.get() {
+                node.drained_begin();
+            }
         }
         for e in &ctx.edges {
             let (perm, shared) =

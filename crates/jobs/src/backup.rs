@@ -75,6 +75,12 @@ impl Perf {
     }
 }
 
+/// The job's progress: bytes copied, of those plus what is left to copy.
+fn report_progress(copy: &BlockCopy, job: &Job) {
+    let done = copy.copied();
+    job.set_progress(done, done + copy.dirty_bytes());
+}
+
 /// Why the target refuses other users while the job runs (QEMU's blocker text).
 const BLOCKED: &str = "block device is in use by block job: backup";
 
@@ -114,8 +120,7 @@ struct BackupJob {
 
 impl BackupJob {
     fn progress(&self, job: &Job) {
-        let done = self.copy.copied();
-        job.set_progress(done, done + self.copy.dirty_bytes());
+        report_progress(&self.copy, job);
     }
 
     /// For `top`: what the top layer does not allocate is not copied.
@@ -197,7 +202,15 @@ impl BackupJob {
                 self.target_edge.clone(),
                 self.chunk,
             );
-            workers.spawn_local(async move { copy.copy(&source, &target, c * cs, chunk).await });
+            let me = job.me.clone();
+            workers.spawn_local(async move {
+                let r = copy.copy(&source, &target, c * cs, chunk).await;
+                // Progress counts each chunk as it lands, as QEMU's block-copy callback does.
+                if let Some(job) = me.upgrade() {
+                    report_progress(&copy, &job);
+                }
+                r
+            });
             next = c + chunk / cs;
         }
         self.progress(job);

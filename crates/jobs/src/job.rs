@@ -373,8 +373,10 @@ impl Job {
             self.enter_pause();
             self.set_busy(false);
             self.wake.notified().await;
-            self.set_busy(true);
         }
+        // From here on the job runs again (it may have been resumed before it first ran,
+        // as a job started inside a drained section is).
+        self.busy.set(true);
         self.unpause();
     }
 

@@ -326,8 +326,14 @@ impl JobManager {
         self.cancel_async(job, force);
         if !job.started.get() {
             self.completed(job, Ok(())).await;
-        } else if job.deferred.get() && job.cancelled.get() {
-            self.txn_abort(job).await;
+        } else if job.deferred.get() {
+            if job.cancelled.get() {
+                self.txn_abort(job).await;
+            }
+        } else {
+            // QEMU enters the job at once: one that stops without waiting for I/O has ended
+            // (and said so) before the command returns.
+            tokio::task::yield_now().await;
         }
     }
 

@@ -452,11 +452,9 @@ impl Driver for CbwDriver {
 
     fn child_perm(&self, name: &str, perm: Perm, shared: Perm, used: bool) -> (Perm, Perm) {
         if name == "target" {
-            // Only this filter writes the target; readers of the point in time may share it.
-            return (
-                Perm::WRITE | Perm::CONSISTENT_READ,
-                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::WRITE,
-            );
+            // QEMU shares writes on the target (the guest's disk may be in its backing
+            // chain) but not resizes: the sizes are checked once, at the start.
+            return (Perm::WRITE, Perm::all() - Perm::RESIZE);
         }
         // The source: what the users need. Once the filter is used, nobody else may write
         // it nor change its size (that would go around the copy); discarding what was
