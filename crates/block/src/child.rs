@@ -128,6 +128,11 @@ impl Child {
         self.node.borrow().clone()
     }
 
+    /// The edge's creation number (edges are listed in this order).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// What the parent takes.
     pub fn perm(&self) -> Perm {
         self.perm.get()

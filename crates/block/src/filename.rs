@@ -7,7 +7,7 @@ use ferrite_qapi::Error;
 ///
 /// # Errors
 /// A relative name in an image that has no plain file name of its own.
-pub(crate) fn backing_path(image: &str, name: &str) -> Result<String, Error> {
+pub fn backing_path(image: &str, name: &str) -> Result<String, Error> {
     if name.starts_with('/') || name.contains(':') {
         return Ok(name.to_owned());
     }

@@ -10,26 +10,21 @@
 
 mod backend;
 pub mod bitmap;
-pub mod bitmap_cmds;
 mod child;
 pub mod copy;
 pub mod create;
 mod drain;
 pub mod driver;
-pub mod drivers;
 mod events;
-mod filename;
+pub mod filename;
 mod graph;
-mod info;
 pub mod io;
 mod node;
 mod open;
 mod perm;
-pub mod qmp_cmds;
 mod registry;
 mod request;
-pub mod snapshot_cmds;
-mod stats;
+pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 

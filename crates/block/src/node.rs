@@ -201,6 +201,26 @@ impl Node {
             .cloned()
     }
 
+    /// Adds a dirty bitmap (newest first).
+    pub fn add_bitmap(&self, b: Rc<DirtyBitmap>) {
+        self.insert_bitmap(0, b);
+    }
+
+    /// Puts a dirty bitmap back where it was (a removal taken back).
+    pub fn insert_bitmap(&self, at: usize, b: Rc<DirtyBitmap>) {
+        let mut v = self.bitmaps.borrow_mut();
+        let at = at.min(v.len());
+        v.insert(at, b);
+    }
+
+    /// Removes a dirty bitmap; returns where it was in the list.
+    pub fn remove_bitmap(&self, b: &Rc<DirtyBitmap>) -> Option<usize> {
+        let mut v = self.bitmaps.borrow_mut();
+        let at = v.iter().position(|x| Rc::ptr_eq(x, b))?;
+        v.remove(at);
+        Some(at)
+    }
+
     /// The node's dirty bitmaps, newest first.
     pub fn bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
         self.bitmaps.borrow().clone()
@@ -272,6 +292,16 @@ impl Node {
     /// Whether `discard=unmap` lets discards reach the storage.
     pub fn discard_unmap(&self) -> bool {
         self.discard_unmap.get()
+    }
+
+    /// `cache.direct` (O_DIRECT) and `cache.no-flush`.
+    pub fn cache_mode(&self) -> (bool, bool) {
+        (self.cache_direct, self.cache_no_flush)
+    }
+
+    /// The end of the furthest write (`wr_highest_offset`).
+    pub fn wr_highest_offset(&self) -> u64 {
+        self.wr_highest_offset.get()
     }
 
     /// The `detect-zeroes` setting.

@@ -3,6 +3,11 @@
 use ferrite_qobject::{QDict, QObject};
 use std::time::{Duration, Instant};
 
+/// `BlockDeviceStats` with nothing counted (what a node without a backend shows).
+pub fn empty() -> QDict {
+    Stats::default().to_qdict()
+}
+
 /// The kinds of request that are counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum IoKind {

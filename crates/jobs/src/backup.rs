@@ -8,8 +8,8 @@ use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, JobTxn, PhaseFuture};
 use crate::manager::{JobManager, JobOptions};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, CopyError, MAX_CHUNK};
-use ferrite_block::drivers::cbw::CbwFactory;
 use ferrite_block::{Child, Graph, Node, Perm};
+use ferrite_drivers::cbw::CbwFactory;
 use ferrite_qapi::{Args, Error};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -301,19 +301,19 @@ impl JobDriver for BackupJob {
 
 /// A backup whose point in time is set (the filter is in place, the job created) but whose
 /// background copy has not started: a transaction's action between prepare and commit.
-pub(crate) struct Prepared {
+pub struct Prepared {
     job: Rc<Job>,
 }
 
 impl Prepared {
     /// Starts the job.
-    pub(crate) fn start(&self, jobs: &Rc<JobManager>) {
+    pub fn start(&self, jobs: &Rc<JobManager>) {
         jobs.run_job(&self.job);
     }
 
     /// Takes everything back (a later action of the transaction failed): the job ends
     /// without having started, through its abort and clean phases.
-    pub(crate) async fn abort(&self, jobs: &Rc<JobManager>) {
+    pub async fn abort(&self, jobs: &Rc<JobManager>) {
         jobs.abort_unstarted(&self.job).await;
     }
 }
@@ -324,7 +324,7 @@ impl Prepared {
 /// # Errors
 /// QEMU's texts for unknown nodes, bitmap options, the same or differently sized source and
 /// target, busy nodes, bad job IDs and permission conflicts.
-pub(crate) async fn prepare(
+pub async fn prepare(
     jobs: &Rc<JobManager>,
     graph: &Rc<Graph>,
     args: &Args,
@@ -464,7 +464,7 @@ enum BitmapMode {
 ///
 /// # Errors
 /// As `blockdev-backup`, and the target's creation or opening failing.
-pub(crate) async fn prepare_drive(
+pub async fn prepare_drive(
     jobs: &Rc<JobManager>,
     graph: &Rc<Graph>,
     args: &Args,

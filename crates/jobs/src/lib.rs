@@ -1,11 +1,12 @@
 //! Jobs: the generic job state machine (QEMU's job.c: states, transitions, verbs, phases,
 //! transactions, events, `query-jobs`) and the jobs built on it (`blockdev-create`,
-//! `x-blockdev-amend`, `blockdev-backup`, `transaction`).
+//! `x-blockdev-amend`, and backup, whose QMP commands run as transactions in
+//! `ferrite-blockdev`).
 //!
 //! Everything runs on the daemon's main thread; a job's work is a local task.
 
 mod amend;
-mod backup;
+pub mod backup;
 mod completion;
 mod create;
 mod job;
@@ -13,11 +14,9 @@ mod manager;
 pub mod qmp_cmds;
 mod single_step;
 mod state;
-mod transaction;
 
 pub use amend::qmp_x_blockdev_amend;
 pub use create::qmp_blockdev_create;
 pub use job::{ErrorPolicy, Job, JobDriver, JobFuture, JobTxn, PhaseFuture};
 pub use manager::{JobManager, JobOptions};
 pub use state::{Status, Verb};
-pub use transaction::{qmp_blockdev_backup, qmp_drive_backup, qmp_transaction};

@@ -1,7 +1,8 @@
 //! The daemon's state (everything the main loop owns) and its QMP command table.
 
 use crate::cli::help::{QEMU_VERSION, package};
-use ferrite_block::{EventSink, Graph, bitmap_cmds as bm, qmp_cmds as blk};
+use ferrite_block::{EventSink, Graph};
+use ferrite_blockdev::{bitmap_cmds as bm, qmp_cmds as blk, snapshot_cmds, transaction};
 use ferrite_chardev::{Chardev, ChardevRegistry, qmp_cmds as chr};
 use ferrite_jobs::JobManager;
 use ferrite_nbd::{NbdService, qmp_cmds as nbd};
@@ -86,7 +87,8 @@ impl Daemon {
         let events = EventBus::new();
         let sink: Rc<dyn EventSink> = Rc::new(BusSink(events.clone()));
         let registry = ferrite_block::Registry::new();
-        ferrite_block::drivers::register(&registry);
+        ferrite_drivers::register(&registry);
+        ferrite_qcow2::register(&registry);
         let graph = Graph::new(sink.clone(), registry);
         let nbd = NbdService::new(graph.clone(), sink.clone());
         let jobs = JobManager::new(sink);
@@ -169,7 +171,7 @@ impl Daemon {
                 ferrite_jobs::qmp_x_blockdev_amend(&self.jobs, &self.graph, &args)
                     .and_then(|()| empty())
             }
-            "blockdev-backup" => ferrite_jobs::qmp_blockdev_backup(&self.jobs, &self.graph, &args)
+            "blockdev-backup" => transaction::qmp_blockdev_backup(&self.jobs, &self.graph, &args)
                 .await
                 .and_then(|()| empty()),
             "block-dirty-bitmap-add" => bm::add(&self.graph, &args).and_then(|_| empty()),
@@ -183,35 +185,27 @@ impl Daemon {
             }
             "block-dirty-bitmap-merge" => bm::merge(&self.graph, &args).and_then(|_| empty()),
             "x-debug-block-dirty-bitmap-sha256" => bm::sha256(&self.graph, &args),
-            "transaction" => ferrite_jobs::qmp_transaction(&self.jobs, &self.graph, &args)
+            "transaction" => transaction::qmp_transaction(&self.jobs, &self.graph, &args)
                 .await
                 .and_then(|()| empty()),
-            "blockdev-snapshot" => {
-                ferrite_block::snapshot_cmds::snapshot(&self.graph, &args, false)
-                    .await
-                    .and_then(|()| empty())
-            }
-            "blockdev-snapshot-sync" => {
-                ferrite_block::snapshot_cmds::snapshot(&self.graph, &args, true)
-                    .await
-                    .and_then(|()| empty())
-            }
-            "blockdev-snapshot-internal-sync" => {
-                ferrite_block::snapshot_cmds::internal_sync(&self.graph, &args)
-                    .await
-                    .and_then(|_| empty())
-            }
+            "blockdev-snapshot" => snapshot_cmds::snapshot(&self.graph, &args, false)
+                .await
+                .and_then(|()| empty()),
+            "blockdev-snapshot-sync" => snapshot_cmds::snapshot(&self.graph, &args, true)
+                .await
+                .and_then(|()| empty()),
+            "blockdev-snapshot-internal-sync" => snapshot_cmds::internal_sync(&self.graph, &args)
+                .await
+                .and_then(|_| empty()),
             "blockdev-snapshot-delete-internal-sync" => {
-                ferrite_block::snapshot_cmds::delete_internal_sync(&self.graph, &args)
+                snapshot_cmds::delete_internal_sync(&self.graph, &args)
                     .await
                     .map(QObject::Dict)
             }
-            "change-backing-file" => {
-                ferrite_block::snapshot_cmds::change_backing_file(&self.graph, &args)
-                    .await
-                    .and_then(|()| empty())
-            }
-            "drive-backup" => ferrite_jobs::qmp_drive_backup(&self.jobs, &self.graph, &args)
+            "change-backing-file" => snapshot_cmds::change_backing_file(&self.graph, &args)
+                .await
+                .and_then(|()| empty()),
+            "drive-backup" => transaction::qmp_drive_backup(&self.jobs, &self.graph, &args)
                 .await
                 .and_then(|()| empty()),
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,

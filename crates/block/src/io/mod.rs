@@ -64,7 +64,6 @@ pub trait IoBackend {
     fn name(&self) -> &'static str;
 }
 
-/// Runs a blocking file operation on the thread pool.
 /// Whether `buf` is all zero bytes (in 64-byte blocks the compiler vectorises).
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut blocks = buf.chunks_exact(64);
@@ -76,7 +75,8 @@ pub fn is_zero(buf: &[u8]) -> bool {
     blocks.remainder().iter().all(|&x| x == 0)
 }
 
-pub(crate) fn blocking<T: Send + 'static>(
+/// Runs a blocking file operation on the thread pool.
+pub fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> IoFuture<T> {
     Box::pin(async move {
@@ -88,7 +88,7 @@ pub(crate) fn blocking<T: Send + 'static>(
 
 /// `lseek(SEEK_DATA/SEEK_HOLE)`: the next offset at or after `offset` that starts data
 /// (`data == true`) or a hole. `None` past the end (ENXIO).
-pub(crate) fn seek(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
+pub fn seek(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
     let whence = if data {
         libc::SEEK_DATA
     } else {
@@ -108,7 +108,7 @@ pub(crate) fn seek(file: &File, offset: u64, data: bool) -> io::Result<Option<u6
 }
 
 /// `fallocate(2)`.
-pub(crate) fn fallocate_sync(file: &File, how: Fallocate, offset: u64, len: u64) -> io::Result<()> {
+pub fn fallocate_sync(file: &File, how: Fallocate, offset: u64, len: u64) -> io::Result<()> {
     let mode = how.mode();
     let (off, len) = (
         i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,

@@ -1,0 +1,257 @@
+//! What the query commands report about nodes (QEMU: `block/qapi.c`).
+
+use ferrite_block::Graph;
+use ferrite_block::Node;
+use ferrite_block::{Child, VertexKind};
+use ferrite_qobject::{QDict, QObject};
+use std::rc::Rc;
+
+/// `ImageInfo` for a node; unless `flat`, with its backing chain's (`backing-image`).
+pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
+    let mut d = QDict::new()
+        .with("virtual-size", node.len())
+        .with("filename", node.filename())
+        .with("format", node.driver_name());
+    if let Some(cs) = node.driver().cluster_size() {
+        d.insert("cluster-size", cs);
+    }
+    if let Some((name, format)) = node.driver().backing_filename() {
+        let image = node
+            .child("file")
+            .map_or_else(|| node.filename(), |f| f.filename());
+        if let Ok(full) = ferrite_block::filename::backing_path(&image, &name) {
+            d.insert("full-backing-filename", full);
+        }
+        d.insert("backing-filename", name);
+        if let Some(f) = format {
+            d.insert("backing-filename-format", f);
+        }
+    }
+    let snapshots = node.driver().snapshots_info();
+    if !snapshots.is_empty() {
+        d.insert(
+            "snapshots",
+            QObject::List(snapshots.into_iter().map(QObject::Dict).collect()),
+        );
+    }
+    if !flat && let Some(b) = node.child("backing") {
+        d.insert("backing-image", image_info(&b, false));
+    }
+    d.insert("actual-size", allocated_size(node));
+    if let Some(fs) = node.driver().format_specific() {
+        d.insert("format-specific", fs);
+    }
+    if node.driver().has_image_info() {
+        d.insert("dirty-flag", false);
+    }
+    d
+}
+
+/// Bytes a node occupies on its storage: the driver's own figure, or what its data and
+/// metadata children occupy (not its backing chain).
+fn allocated_size(node: &Node) -> u64 {
+    node.driver().actual_size(node).unwrap_or_else(|| {
+        node.children()
+            .iter()
+            .filter(|c| c.name() != "backing" && c.name() != "target")
+            .map(|c| allocated_size(&c.node()))
+            .sum()
+    })
+}
+
+/// `BlockDeviceInfo` for a node (QEMU counts the backing chain only when not `flat`).
+pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
+    let mut depth = 0i64;
+    if !flat {
+        let mut at = node.child("backing");
+        while let Some(b) = at {
+            depth += 1;
+            at = b.child("backing");
+        }
+    }
+    let mut d = QDict::new()
+        .with("file", node.filename())
+        .with("node-name", node.name())
+        .with("ro", node.is_read_only())
+        .with("drv", node.driver_name())
+        .with("backing_file_depth", depth)
+        .with("active", true)
+        .with("encrypted", false)
+        .with("detect_zeroes", node.detect_zeroes().as_str());
+    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+        d.insert(k, 0i64);
+    }
+    if let Some(b) = node.child("backing") {
+        d.insert("backing_file", b.filename());
+    }
+    if let Some(bitmaps) = crate::bitmap_cmds::info(node) {
+        d.insert("dirty-bitmaps", bitmaps);
+    }
+    d.insert("image", image_info(node, flat));
+    d.insert(
+        "cache",
+        QDict::new()
+            .with("writeback", true)
+            .with("direct", node.cache_mode().0)
+            .with("no-flush", node.cache_mode().1),
+    );
+    d.insert("write_threshold", node.write_threshold());
+    d
+}
+
+/// `query-named-block-nodes`: newest node first, as QEMU lists them.
+pub(crate) fn named_block_nodes(graph: &Graph, flat: bool) -> QObject {
+    graph
+        .nodes()
+        .iter()
+        .rev()
+        .map(|n| QObject::Dict(device_info(n, flat)))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// Node-level `BlockStats`: as in QEMU, the counters belong to backends, so a node shows
+/// only how far it was written.
+fn block_stats(node: &Rc<Node>) -> QDict {
+    let mut stats = ferrite_block::stats::empty();
+    stats.insert("wr_highest_offset", node.wr_highest_offset());
+    let mut d = QDict::new()
+        .with("node-name", node.name())
+        .with("stats", stats);
+    if let Some(ds) = node.driver().driver_stats() {
+        d.insert("driver-specific", ds);
+    }
+    // QEMU calls a node's `file` child its "parent" here.
+    if let Some(file) = node.child("file") {
+        d.insert("parent", block_stats(&file));
+    }
+    d
+}
+
+/// `query-blockstats`: with `query-nodes`, every node in creation order; otherwise the
+/// backends with a name or a device (a storage daemon has none), with their accounting.
+pub(crate) fn blockstats(graph: &Graph, query_nodes: bool) -> QObject {
+    if !query_nodes {
+        return graph
+            .backends()
+            .iter()
+            .filter(|b| !b.name().is_empty() || b.device().is_some())
+            .map(|b| {
+                let mut d = QDict::new().with("device", b.name());
+                if let Some(n) = b.node() {
+                    d.insert("node-name", n.name());
+                }
+                let mut stats = b.stats();
+                stats.insert(
+                    "wr_highest_offset",
+                    b.node().map_or(0, |n| n.wr_highest_offset()),
+                );
+                d.insert("stats", stats);
+                if let Some(dev) = b.device() {
+                    d.insert("qdev", dev);
+                }
+                QObject::Dict(d)
+            })
+            .collect::<Vec<_>>()
+            .into();
+    }
+    graph
+        .nodes()
+        .iter()
+        .map(|n| QObject::Dict(block_stats(n)))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// `x-debug-query-block-graph`, numbered and ordered as QEMU does it: backends in creation
+/// order, then jobs newest first, then every node in creation order with its children
+/// newest first; an id is given when a vertex is first met, as a vertex or as the child of
+/// an edge; both lists come out newest first.
+pub(crate) fn debug_graph(graph: &Graph) -> QObject {
+    let nodes = graph.nodes();
+    let mut ids: Vec<(*const Node, u64)> = Vec::new();
+    let mut next = 1u64;
+    let mut id_of = |n: &Rc<Node>, next: &mut u64| -> u64 {
+        let key = Rc::as_ptr(n);
+        if let Some((_, id)) = ids.iter().find(|(k, _)| *k == key) {
+            return *id;
+        }
+        let id = *next;
+        *next += 1;
+        ids.push((key, id));
+        id
+    };
+    let names =
+        |p: ferrite_block::Perm| QObject::List(p.names().into_iter().map(QObject::from).collect());
+    let edge = |parent: u64, child: u64, e: &Child| {
+        QObject::Dict(
+            QDict::new()
+                .with("parent", parent)
+                .with("child", child)
+                .with("name", e.name())
+                .with("perm", names(e.perm()))
+                .with("shared-perm", names(e.shared())),
+        )
+    };
+    let vertex = |id: u64, kind: &str, name: &str| {
+        QObject::Dict(
+            QDict::new()
+                .with("id", id)
+                .with("type", kind)
+                .with("name", name),
+        )
+    };
+    let mut out_nodes = Vec::new();
+    let mut edges = Vec::new();
+    // Root parents and their edges, grouped by parent.
+    let mut roots: Vec<(ferrite_block::Vertex, Vec<Rc<Child>>)> = Vec::new();
+    for e in nodes.iter().flat_map(|n| n.users()).filter(|e| e.is_root()) {
+        let Some(v) = e.root_parent().map(|p| p.vertex()) else {
+            continue;
+        };
+        match roots.iter_mut().find(|(w, _)| w.key == v.key) {
+            Some((_, list)) => list.push(e),
+            None => roots.push((v, vec![e])),
+        }
+    }
+    let mut backends: Vec<_> = roots
+        .iter()
+        .filter(|(v, _)| v.kind == VertexKind::BlockBackend)
+        .collect();
+    backends.sort_by_key(|(v, _)| v.order);
+    let mut jobs: Vec<_> = roots
+        .iter()
+        .filter(|(v, _)| v.kind == VertexKind::BlockJob)
+        .collect();
+    jobs.sort_by_key(|(v, _)| std::cmp::Reverse(v.order));
+    for (v, list) in backends.into_iter().chain(jobs) {
+        let id = next;
+        next += 1;
+        let kind = match v.kind {
+            VertexKind::BlockBackend => "block-backend",
+            VertexKind::BlockJob => "block-job",
+        };
+        out_nodes.push(vertex(id, kind, &v.name));
+        // A job's edges newest first (QEMU prepends them).
+        let mut list = list.clone();
+        list.sort_by_key(|e| std::cmp::Reverse(e.id()));
+        for e in &list {
+            let child = id_of(&e.node(), &mut next);
+            edges.push(edge(id, child, e));
+        }
+    }
+    for n in &nodes {
+        let id = id_of(n, &mut next);
+        out_nodes.push(vertex(id, "block-driver", n.name()));
+        for c in n.children().iter().rev() {
+            let child = id_of(&c.node(), &mut next);
+            edges.push(edge(id, child, c));
+        }
+    }
+    out_nodes.reverse();
+    edges.reverse();
+    QDict::new()
+        .with("nodes", out_nodes)
+        .with("edges", edges)
+        .into()
+}

@@ -1,0 +1,322 @@
+//! External snapshots and backing file names: `blockdev-snapshot` (a prepared overlay),
+//! `blockdev-snapshot-sync` (ferrite creates the overlay) and `change-backing-file`, with
+//! QEMU's checks and texts.
+
+use ferrite_block::Graph;
+use ferrite_block::Node;
+use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qobject::QDict;
+use std::rc::Rc;
+
+/// The node of `device`/`node-name`: a storage daemon has no devices, so only a node name
+/// alone finds anything (QEMU's text names both).
+fn lookup_both(graph: &Graph, device: Option<&str>, node: Option<&str>) -> Result<Rc<Node>, Error> {
+    node.filter(|_| device.is_none())
+        .and_then(|n| graph.find(n))
+        .ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.unwrap_or(""),
+                node.unwrap_or("")
+            ))
+        })
+}
+
+/// QEMU's op blockers for taking a snapshot of `node`: a backing file, or a job's node.
+fn check_snapshot_allowed(graph: &Graph, node: &Node) -> Result<(), Error> {
+    if let Some(p) = graph.backing_parent(node) {
+        return Err(Error::generic(format!(
+            "Node '{}' is busy: node is used as backing hd of '{}'",
+            node.name(),
+            p.name()
+        )));
+    }
+    graph.check_unblocked(node)
+}
+
+/// The checks on an overlay before it goes on top.
+fn check_overlay(graph: &Graph, overlay: &Node) -> Result<(), Error> {
+    if overlay.has_root_user() {
+        return Err(Error::generic("The overlay is already in use"));
+    }
+    graph.check_unblocked(overlay)?;
+    if overlay.child("backing").is_some() {
+        return Err(Error::generic("The overlay already has a backing image"));
+    }
+    if overlay.driver_name() != "qcow2" {
+        return Err(Error::generic(
+            "The overlay does not support backing images",
+        ));
+    }
+    Ok(())
+}
+
+/// An external snapshot checked and its overlay ready, not yet on top (a transaction's
+/// action between prepare and commit).
+pub struct Prepared {
+    node: Rc<Node>,
+    overlay: Rc<Node>,
+    /// The overlay was opened for this snapshot (`-sync`): deleted again on abort.
+    opened_here: bool,
+}
+
+impl Prepared {
+    /// Puts the overlay on top.
+    ///
+    /// # Errors
+    /// A permission conflict.
+    pub async fn commit(&self, graph: &Graph) -> Result<(), Error> {
+        graph.append_overlay(&self.node, &self.overlay).await?;
+        if self.opened_here {
+            // The overlay lives as long as something uses it (QEMU drops its own reference).
+            graph.release_inline(&self.overlay);
+        }
+        Ok(())
+    }
+
+    /// Drops what prepare opened.
+    pub fn abort(&self, graph: &Graph) {
+        if self.opened_here {
+            graph.release_inline(&self.overlay);
+        }
+    }
+}
+
+/// `blockdev-snapshot` (`sync` false: a prepared overlay) or `blockdev-snapshot-sync`:
+/// the checks, and for `-sync` the overlay created (mode `absolute-paths`) or opened.
+///
+/// # Errors
+/// Unknown nodes, a node that cannot be snapshotted, an overlay that cannot take it, the
+/// overlay's creation or opening failing.
+pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared, Error> {
+    if !sync {
+        let node = graph.lookup(args.str("node")?)?;
+        check_snapshot_allowed(graph, &node)?;
+        let overlay = graph.lookup(args.str("overlay")?)?;
+        check_overlay(graph, &overlay)?;
+        return Ok(Prepared {
+            node,
+            overlay,
+            opened_here: false,
+        });
+    }
+    let node = lookup_both(graph, args.opt_str("device"), args.opt_str("node-name"))?;
+    check_snapshot_allowed(graph, &node)?;
+    let file = args.str("snapshot-file")?.to_owned();
+    let new_name = args.opt_str("snapshot-node-name");
+    if let Some(n) = new_name
+        && graph.find(n).is_some()
+    {
+        return Err(Error::generic("New overlay node-name already in use"));
+    }
+    let format = args.opt_str("format").unwrap_or("qcow2");
+    if format != "qcow2" {
+        return Err(Error::generic(format!(
+            "Backing file not supported for file format '{format}'"
+        )));
+    }
+    if args.opt_str("mode") != Some("existing") {
+        create_overlay(graph, &node, &file).await?;
+    }
+    let mut opts = QDict::new()
+        .with("driver", format)
+        .with(
+            "file",
+            QDict::new()
+                .with("driver", "file")
+                .with("filename", file.as_str()),
+        )
+        .with("backing", ferrite_qobject::QObject::Null);
+    if let Some(n) = new_name {
+        opts.insert("node-name", n);
+    }
+    let overlay = graph.open_inline(&Args::new(opts)).await?;
+    // Opened without its backing: the node goes there.
+    overlay.remove_option("backing");
+    if let Err(e) = check_overlay(graph, &overlay) {
+        graph.release_inline(&overlay);
+        return Err(e);
+    }
+    Ok(Prepared {
+        node,
+        overlay,
+        opened_here: true,
+    })
+}
+
+/// `blockdev-snapshot` and `blockdev-snapshot-sync`: prepared and committed at once.
+///
+/// # Errors
+/// As [`prepare`] and [`Prepared::commit`].
+pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<(), Error> {
+    let p = prepare(graph, args, sync).await?;
+    let r = p.commit(graph).await;
+    if r.is_err() {
+        p.abort(graph);
+    }
+    r
+}
+
+/// A new qcow2 image over `node`: same size, backing file and format from `node`.
+async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<(), Error> {
+    let file_opts = QDict::new()
+        .with("driver", "file")
+        .with("filename", file)
+        .with("size", 0u64);
+    ferrite_block::create::create(&graph.rc(), &Args::new(file_opts)).await?;
+    let backing = node.filename();
+    let opts = QDict::new()
+        .with("driver", "qcow2")
+        .with(
+            "file",
+            QDict::new().with("driver", "file").with("filename", file),
+        )
+        .with("size", node.len())
+        .with("backing-file", backing.as_str())
+        .with("backing-fmt", node.driver_name());
+    ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await
+}
+
+/// `change-backing-file`: records a new backing file name in `image-node-name`, a node of
+/// `device`'s chain that has a backing file.
+///
+/// # Errors
+/// Unknown nodes, an image without a backing file or outside the chain, the write failing.
+pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<(), Error> {
+    let device = args.str("device")?;
+    let top = graph.lookup(device)?;
+    if top.users().iter().any(|u| !u.is_root()) {
+        return Err(Error::generic("Need a root block node"));
+    }
+    let image = graph.lookup_node(args.str("image-node-name")?)?;
+    let Some(backing) = image.child("backing") else {
+        return Err(Error::generic(
+            "not allowing backing file change on an image without a backing file",
+        ));
+    };
+    let mut at = Some(top);
+    let mut in_chain = false;
+    while let Some(n) = at {
+        if Rc::ptr_eq(&n, &image) {
+            in_chain = true;
+            break;
+        }
+        at = n.child("backing");
+    }
+    if !in_chain {
+        return Err(Error::generic("image file not found"));
+    }
+    let name = args.str("backing-file")?.to_owned();
+    // A read-only image is made writable for the header write only.
+    let was_read_only = image.is_read_only();
+    if was_read_only {
+        graph.set_read_only(&image, false)?;
+    }
+    let r = image
+        .driver()
+        .change_backing_file(&image, Some(name), Some(backing.driver_name().to_owned()))
+        .await;
+    if was_read_only {
+        let _ = graph.set_read_only(&image, true);
+    }
+    r.map_err(|e| {
+        Error::generic(format!(
+            "Could not change backing file to '{}': {}",
+            args.str("backing-file").unwrap_or_default(),
+            os_msg(&e)
+        ))
+    })
+}
+
+/// The node of an internal-snapshot command, with QEMU's checks before any change.
+fn internal_target(graph: &Graph, device: &str) -> Result<Rc<Node>, Error> {
+    let node = graph.lookup(device)?;
+    if node.is_read_only() {
+        return Err(Error::generic(format!("Device '{device}' is read only")));
+    }
+    if node.driver_name() != "qcow2" {
+        return Err(Error::generic(format!(
+            "Block format '{}' used by device '{device}' does not support internal snapshots",
+            node.driver_name()
+        )));
+    }
+    Ok(node)
+}
+
+/// `blockdev-snapshot-internal-sync`: returns the new snapshot's ID (for a transaction to
+/// take it back).
+///
+/// # Errors
+/// QEMU's texts for an unknown or read-only node, a format without internal snapshots, an
+/// empty or taken name; the image failing.
+pub async fn internal_sync(graph: &Graph, args: &Args) -> Result<(Rc<Node>, String), Error> {
+    let device = args.str("device")?;
+    let node = internal_target(graph, device)?;
+    let name = args.str("name")?;
+    if name.is_empty() {
+        return Err(Error::generic("Name is empty"));
+    }
+    if node
+        .driver()
+        .snapshots_info()
+        .iter()
+        .any(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+    {
+        return Err(Error::generic(format!(
+            "Snapshot with name '{name}' already exists on device '{device}'"
+        )));
+    }
+    let info = node
+        .driver()
+        .snapshot_create(&node, name)
+        .await
+        .map_err(|e| {
+            Error::generic(format!(
+                "Failed to create snapshot '{name}' on device '{device}': {}",
+                os_msg(&e)
+            ))
+        })?;
+    let id = info
+        .get("id")
+        .and_then(|i| i.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((node, id))
+}
+
+/// `blockdev-snapshot-delete-internal-sync`: the deleted snapshot's `SnapshotInfo`.
+///
+/// # Errors
+/// QEMU's texts for an unknown or read-only node, no name and no ID, no such snapshot.
+pub async fn delete_internal_sync(graph: &Graph, args: &Args) -> Result<QDict, Error> {
+    let device = args.str("device")?;
+    let id = args.opt_str("id");
+    let name = args.opt_str("name");
+    let node = internal_target(graph, device)?;
+    if id.is_none() && name.is_none() {
+        return Err(Error::generic("Name or id must be provided"));
+    }
+    let gone = node
+        .driver()
+        .snapshot_delete(&node, id, name)
+        .await
+        .map_err(|e| Error::generic(os_msg(&e)))?;
+    gone.ok_or_else(|| {
+        Error::generic(format!(
+            "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
+            id.unwrap_or("null"),
+            name.unwrap_or("null")
+        ))
+    })
+}
+
+/// Deletes internal snapshot `id` of `node` (a transaction taking one back).
+///
+/// # Errors
+/// The image failing.
+pub async fn delete_internal_by_id(node: &Node, id: &str) -> std::io::Result<()> {
+    node.driver()
+        .snapshot_delete(node, Some(id), None)
+        .await
+        .map(|_| ())
+}

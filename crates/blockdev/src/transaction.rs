@@ -1,0 +1,188 @@
+//! `transaction`: actions applied as one. The nodes they name are drained first; each
+//! action is prepared in order; the first failure takes back every action already
+//! prepared and is the one error reported. Backup jobs start only once all are prepared, and
+//! with `completion-mode: grouped` they complete or fail together.
+
+use crate::bitmap_cmds::{self as bm, Undo};
+use crate::snapshot_cmds;
+use ferrite_block::{Drained, Graph};
+use ferrite_jobs::backup::{self, Prepared};
+use ferrite_jobs::{JobManager, JobTxn};
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::QObject;
+use std::rc::Rc;
+
+/// What a prepared action leaves to do: nothing more, a backup to start or a snapshot to
+/// put on top (or either to abort).
+enum Done {
+    Undo(Undo),
+    Backup(Prepared),
+    Snapshot(snapshot_cmds::Prepared),
+    /// An internal snapshot taken (node, ID), deleted again on rollback.
+    Internal((Rc<ferrite_block::Node>, String)),
+}
+
+/// `blockdev-backup`: a transaction of one action, as in QEMU.
+///
+/// # Errors
+/// As the action's prepare.
+pub async fn qmp_blockdev_backup(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+) -> Result<(), Error> {
+    run(
+        jobs,
+        graph,
+        vec![("blockdev-backup".into(), args.clone())],
+        false,
+    )
+    .await
+}
+
+/// `drive-backup`: a transaction of one action, as in QEMU.
+///
+/// # Errors
+/// As the action's prepare.
+pub async fn qmp_drive_backup(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+) -> Result<(), Error> {
+    run(
+        jobs,
+        graph,
+        vec![("drive-backup".into(), args.clone())],
+        false,
+    )
+    .await
+}
+
+/// `transaction`.
+///
+/// # Errors
+/// A grouped completion with an action that cannot join it, or the first action's error.
+pub async fn qmp_transaction(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    args: &Args,
+) -> Result<(), Error> {
+    let actions = match args.get("actions") {
+        Some(QObject::List(l)) => l.clone(),
+        _ => Vec::new(),
+    };
+    let grouped = args
+        .dict("properties")
+        .and_then(|p| p.opt_str("completion-mode").map(|m| m == "grouped"))
+        .unwrap_or(false);
+    let mut parsed = Vec::new();
+    for a in &actions {
+        let QObject::Dict(d) = a else { continue };
+        let a = Args::new(d.clone());
+        let kind = a.str("type")?.to_owned();
+        let data = a
+            .dict("data")
+            .unwrap_or_else(|| Args::new(Default::default()));
+        if grouped && !matches!(kind.as_str(), "blockdev-backup" | "drive-backup") {
+            return Err(Error::generic(format!(
+                "Action '{kind}' does not support transaction property completion-mode = grouped"
+            )));
+        }
+        parsed.push((kind, data));
+    }
+    run(jobs, graph, parsed, grouped).await
+}
+
+/// Prepares `actions` in order on drained nodes, rolls them all back on the first failure,
+/// and otherwise commits them.
+async fn run(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    parsed: Vec<(String, Args)>,
+    grouped: bool,
+) -> Result<(), Error> {
+    let _drained = drain_named(graph, &parsed).await;
+    let txn = grouped.then(|| Rc::new(JobTxn::default()));
+    let mut done: Vec<Done> = Vec::new();
+    for (kind, data) in &parsed {
+        let r = match kind.as_str() {
+            "abort" => Err(Error::generic("Transaction aborted using Abort action")),
+            "block-dirty-bitmap-add" => bm::add(graph, data).map(Done::Undo),
+            "block-dirty-bitmap-remove" => bm::remove(graph, data).map(Done::Undo),
+            "block-dirty-bitmap-clear" => bm::clear(graph, data).map(Done::Undo),
+            "block-dirty-bitmap-enable" => bm::set_enabled(graph, data, true).map(Done::Undo),
+            "block-dirty-bitmap-disable" => bm::set_enabled(graph, data, false).map(Done::Undo),
+            "block-dirty-bitmap-merge" => bm::merge(graph, data).map(Done::Undo),
+            "blockdev-backup" => backup::prepare(jobs, graph, data, txn.clone())
+                .await
+                .map(Done::Backup),
+            "drive-backup" => backup::prepare_drive(jobs, graph, data, txn.clone())
+                .await
+                .map(Done::Backup),
+            "blockdev-snapshot-internal-sync" => snapshot_cmds::internal_sync(graph, data)
+                .await
+                .map(Done::Internal),
+            "blockdev-snapshot" => snapshot_cmds::prepare(graph, data, false)
+                .await
+                .map(Done::Snapshot),
+            "blockdev-snapshot-sync" => snapshot_cmds::prepare(graph, data, true)
+                .await
+                .map(Done::Snapshot),
+            other => Err(Error::generic(format!(
+                "Transaction action '{other}' is not supported by ferrite yet"
+            ))),
+        };
+        match r {
+            Ok(d) => done.push(d),
+            Err(e) => {
+                for d in done.into_iter().rev() {
+                    match d {
+                        Done::Undo(undo) => undo(),
+                        Done::Backup(b) => b.abort(jobs).await,
+                        Done::Snapshot(s) => s.abort(graph),
+                        Done::Internal((node, id)) => {
+                            let _ = snapshot_cmds::delete_internal_by_id(&node, &id).await;
+                        }
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    // Commit, in order: snapshots go on top, backups start.
+    let mut result = Ok(());
+    for d in &done {
+        match d {
+            Done::Backup(b) => b.start(jobs),
+            Done::Snapshot(s) => {
+                if let Err(e) = s.commit(graph).await {
+                    s.abort(graph);
+                    result = result.and(Err(e));
+                }
+            }
+            Done::Undo(_) | Done::Internal(_) => {}
+        }
+    }
+    result
+}
+
+/// Drains every node an action names, so that no write lands between two actions.
+async fn drain_named(graph: &Graph, actions: &[(String, Args)]) -> Vec<Drained> {
+    let mut names: Vec<String> = Vec::new();
+    for (_, data) in actions {
+        for key in ["node", "device", "target", "node-name"] {
+            if let Some(n) = data.opt_str(key)
+                && !names.iter().any(|x| x == n)
+            {
+                names.push(n.to_owned());
+            }
+        }
+    }
+    let mut held = Vec::new();
+    for n in names {
+        if let Some(node) = graph.find(&n) {
+            held.push(graph.drain(&node).await);
+        }
+    }
+    held
+}

@@ -1,0 +1,544 @@
+//! `file`: a regular file (or block device) through the I/O backend.
+
+use ferrite_block::Graph;
+use ferrite_block::Node;
+use ferrite_block::OpenCtx;
+use ferrite_block::Perm;
+use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::io::{Fallocate, IoBackend, seek};
+use ferrite_block::{DriverFactory, DriverKind, LocalFut};
+use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qobject::QDict;
+use std::cell::Cell;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// An open file.
+pub(crate) struct FileDriver {
+    path: String,
+    /// The open file; `blockdev-reopen` swaps it for one opened in the new mode.
+    file: std::cell::RefCell<Arc<File>>,
+    direct: bool,
+    /// Request alignment for O_DIRECT (1 without it).
+    align: u64,
+    /// Aligned ranges with a write in progress, in O_DIRECT mode: a read-modify-write must
+    /// not interleave with another write of the same blocks.
+    writing: std::cell::RefCell<Vec<(u64, u64)>>,
+    write_done: tokio::sync::Notify,
+    /// What the node's users hold, for locking a reopened file the same way.
+    perms: Cell<(Perm, Perm)>,
+    io: Rc<dyn IoBackend>,
+    size: Cell<u64>,
+    locking: bool,
+    discard_ok: Cell<u64>,
+    discard_bytes: Cell<u64>,
+    discard_failed: Cell<u64>,
+}
+
+/// The `file` driver's factory.
+pub(crate) struct FileFactory;
+
+impl DriverFactory for FileFactory {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Protocol
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let opts = ctx.opts();
+            let aio = opts.opt_str("aio").unwrap_or("threads");
+            let settings = *ctx.settings();
+            if aio == "native" && !settings.cache_direct {
+                return Err(Error::generic(
+                    "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+                ));
+            }
+            let (drv, ro) = FileDriver::open(FileOpen {
+                args: opts,
+                read_only: settings.read_only,
+                auto_read_only: opts.bool_or("auto-read-only", false),
+                direct: settings.cache_direct,
+                io: ctx.io_backend(aio),
+            })?;
+            ctx.settings().read_only = ro;
+            Ok(Box::new(drv) as Box<dyn Driver>)
+        })
+    }
+
+    fn can_create(&self) -> bool {
+        true
+    }
+
+    fn create<'a>(&'a self, _graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
+        Box::pin(create_file(opts))
+    }
+}
+
+fn generic(s: impl Into<String>) -> Error {
+    Error::generic(s)
+}
+
+/// `blockdev-create` of a file: made (or cut to nothing), preallocated, sized.
+///
+/// # Errors
+/// QEMU's texts for a bad size or preallocation mode and for the file system failing.
+pub(crate) async fn create_file(opts: &Args) -> Result<(), Error> {
+    let path = opts.str("filename")?.to_owned();
+    let size = opts.i64("size")?;
+    let size = u64::try_from(size).map_err(|_| generic("Invalid file size"))?;
+    let prealloc = opts.opt_str("preallocation").unwrap_or("off").to_owned();
+    if !matches!(prealloc.as_str(), "off" | "falloc" | "full") {
+        return Err(generic(format!(
+            "Unsupported preallocation mode: {prealloc}"
+        )));
+    }
+    let nocow = opts.bool_or("nocow", false);
+    let p = path.clone();
+    let make = move || -> Result<(), (String, std::io::Error)> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&p)
+            .map_err(|e| ("create".to_owned(), e))?;
+        if nocow {
+            // Best effort, like QEMU: only btrfs knows the flag.
+            let _ = f.metadata();
+        }
+        f.set_len(0).map_err(|e| ("truncate".to_owned(), e))?;
+        match prealloc.as_str() {
+            "falloc" => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: fallocate on a file descriptor we own, with no pointers involved.
+                let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
+                if rc != 0 {
+                    return Err(("preallocate".to_owned(), std::io::Error::last_os_error()));
+                }
+            }
+            "full" => {
+                use std::os::unix::fs::FileExt;
+                let zeroes = vec![0u8; 1 << 20];
+                let mut off = 0u64;
+                while off < size {
+                    let n = (size - off).min(zeroes.len() as u64) as usize;
+                    f.write_all_at(&zeroes[..n], off)
+                        .map_err(|e| ("preallocate".to_owned(), e))?;
+                    off += n as u64;
+                }
+            }
+            _ => {}
+        }
+        f.set_len(size).map_err(|e| ("truncate".to_owned(), e))?;
+        Ok(())
+    };
+    let r = ferrite_block::io::blocking(move || Ok(make()))
+        .await
+        .map_err(|e| generic(format!("Could not create '{path}': {}", os_msg(&e))))?;
+    r.map_err(|(what, e)| match what.as_str() {
+        "create" => generic(format!("Could not create '{path}': {}", os_msg(&e))),
+        "preallocate" => generic(format!(
+            "Could not preallocate data for the new file: {}",
+            os_msg(&e)
+        )),
+        _ => generic(format!("Could not resize file: {}", os_msg(&e))),
+    })
+}
+
+/// How the file is to be opened.
+pub(crate) struct FileOpen<'a> {
+    pub(crate) args: &'a Args,
+    pub(crate) read_only: bool,
+    pub(crate) auto_read_only: bool,
+    pub(crate) direct: bool,
+    pub(crate) io: Rc<dyn IoBackend>,
+}
+
+impl FileDriver {
+    /// Opens the file; returns it and whether it ended up read-only.
+    pub(crate) fn open(o: FileOpen<'_>) -> Result<(FileDriver, bool), Error> {
+        let path = o.args.str("filename")?.to_owned();
+        let locking = !matches!(o.args.opt_str("locking"), Some("off"));
+        let open = |write: bool| {
+            let mut opts = OpenOptions::new();
+            opts.read(true).write(write);
+            if o.direct {
+                opts.custom_flags(libc::O_DIRECT);
+            }
+            opts.open(&path)
+        };
+        let (file, read_only) = match open(!o.read_only) {
+            Ok(f) => (f, o.read_only),
+            Err(e)
+                if !o.read_only
+                    && o.auto_read_only
+                    && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) =>
+            {
+                (open(false).map_err(|e| open_error(&path, &e))?, true)
+            }
+            Err(e) => return Err(open_error(&path, &e)),
+        };
+        // Like QEMU, a node is a whole number of 512-byte sectors; the tail reads as zeroes.
+        let size = file_size(&file)
+            .map_err(|e| open_error(&path, &e))?
+            .next_multiple_of(512);
+        let align = if o.direct {
+            probe_direct_alignment(&file)
+        } else {
+            1
+        };
+        Ok((
+            FileDriver {
+                path,
+                file: std::cell::RefCell::new(Arc::new(file)),
+                direct: o.direct,
+                align,
+                writing: std::cell::RefCell::new(Vec::new()),
+                write_done: tokio::sync::Notify::new(),
+                perms: Cell::new((Perm::empty(), Perm::all())),
+                io: o.io,
+                size: Cell::new(size),
+                locking,
+                discard_ok: Cell::new(0),
+                discard_bytes: Cell::new(0),
+                discard_failed: Cell::new(0),
+            },
+            read_only,
+        ))
+    }
+}
+
+impl FileDriver {
+    /// Notes that a write reached `end` (a format growing its file).
+    fn grew_to(&self, end: u64) {
+        let end = end.next_multiple_of(512);
+        if end > self.size.get() {
+            self.size.set(end);
+        }
+    }
+}
+
+/// The extent at `offset` of a file: data, or a hole (which reads as zeroes). Every byte of a
+/// file counts as allocated at this layer, as QEMU reports it for protocol nodes.
+fn file_extent(file: &File, offset: u64, len: u64, size: u64) -> io::Result<Extent> {
+    let end = (offset + len).min(size);
+    let hole = |to: u64| Extent {
+        len: to - offset,
+        data: false,
+        zero: true,
+        allocated: true,
+    };
+    match seek(file, offset, true)? {
+        Some(d) if d > offset => Ok(hole(d.min(end))),
+        None => Ok(hole(end)),
+        Some(_) => {
+            let h = seek(file, offset, false)?.unwrap_or(end);
+            Ok(Extent {
+                len: h.clamp(offset + 1, end) - offset,
+                data: true,
+                zero: false,
+                allocated: true,
+            })
+        }
+    }
+}
+
+impl FileDriver {
+    fn fd(&self) -> Arc<File> {
+        self.file.borrow().clone()
+    }
+
+    /// The aligned range covering `[offset, offset + len)`.
+    fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
+        let a = self.align;
+        let start = offset / a * a;
+        let end = (offset + len).div_ceil(a) * a;
+        (start, end)
+    }
+
+    async fn read_direct(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let (start, end) = self.aligned(offset, len as u64);
+        if start == offset && end == offset + len as u64 {
+            return self.io.pread_direct(&self.fd(), offset, len).await;
+        }
+        let block = self
+            .io
+            .pread_direct(&self.fd(), start, (end - start) as usize)
+            .await?;
+        let from = (offset - start) as usize;
+        let mut out = ferrite_block::io::pool::take(len);
+        out.copy_from_slice(&block[from..from + len]);
+        ferrite_block::io::pool::give(block);
+        Ok(out)
+    }
+
+    /// A write in either mode; with O_DIRECT, unaligned writes read, patch and write back the
+    /// blocks they touch, one at a time per block range.
+    async fn pwrite(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        if !self.direct {
+            return self.io.pwrite(&self.fd(), offset, data).await;
+        }
+        let (start, end) = self.aligned(offset, data.len() as u64);
+        while self
+            .writing
+            .borrow()
+            .iter()
+            .any(|&(s, e)| s < end && start < e)
+        {
+            self.write_done.notified().await;
+        }
+        self.writing.borrow_mut().push((start, end));
+        let r = async {
+            if start == offset && end == offset + data.len() as u64 {
+                return self.io.pwrite_direct(&self.fd(), offset, data).await;
+            }
+            let mut block = self
+                .io
+                .pread_direct(&self.fd(), start, (end - start) as usize)
+                .await?;
+            let from = (offset - start) as usize;
+            block[from..from + data.len()].copy_from_slice(&data);
+            ferrite_block::io::pool::give(data);
+            self.io.pwrite_direct(&self.fd(), start, block).await
+        }
+        .await;
+        self.writing.borrow_mut().retain(|&r| r != (start, end));
+        self.write_done.notify_waiters();
+        r
+    }
+}
+
+/// The smallest O_DIRECT alignment the file accepts: 512 bytes where a 512-byte direct read
+/// works, else 4 KiB (QEMU probes the same way).
+fn probe_direct_alignment(file: &File) -> u64 {
+    let mut buf = ferrite_block::io::aligned::AlignedBuf::zeroed(512);
+    match file.read_at(buf.as_mut_slice(), 0) {
+        Ok(_) => 512,
+        Err(_) => ferrite_block::io::aligned::DIRECT_ALIGN as u64,
+    }
+}
+
+fn open_error(path: &str, e: &io::Error) -> Error {
+    Error::generic(format!("Could not open '{path}': {}", os_msg(e)))
+}
+
+/// The size of a regular file, or of a block device.
+fn file_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        return Ok(meta.len());
+    }
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(io::SeekFrom::End(0))
+}
+
+impl Driver for FileDriver {
+    fn format_name(&self) -> &'static str {
+        "file"
+    }
+
+    fn len(&self, _node: &Node) -> u64 {
+        self.size.get()
+    }
+
+    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        if self.direct {
+            return Box::pin(self.read_direct(offset, len));
+        }
+        self.io.pread(&self.fd(), offset, len)
+    }
+
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let end = offset + data.len() as u64;
+            self.pwrite(offset, data).await?;
+            self.grew_to(end);
+            if flags.contains(ReqFlags::FUA) && !node.cache_mode().1 {
+                self.io.fdatasync(&self.fd()).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let mut done = false;
+            if flags.contains(ReqFlags::MAY_UNMAP) {
+                done = self
+                    .io
+                    .fallocate(&self.fd(), Fallocate::PunchHole, offset, len)
+                    .await
+                    .is_ok();
+            }
+            if !done {
+                match self
+                    .io
+                    .fallocate(&self.fd(), Fallocate::ZeroRange, offset, len)
+                    .await
+                {
+                    Ok(()) => {
+                        self.grew_to(offset + len);
+                        done = true;
+                    }
+                    Err(e) if flags.contains(ReqFlags::NO_FALLBACK) => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            if !done {
+                // No fallocate support: write real zeroes, in bounded pieces.
+                let mut off = offset;
+                while off < offset + len {
+                    let n = (offset + len - off).min(1 << 20);
+                    self.pwrite(off, vec![0u8; n as usize]).await?;
+                    off += n;
+                    self.grew_to(off);
+                }
+            }
+            if flags.contains(ReqFlags::FUA) && !node.cache_mode().1 {
+                self.io.fdatasync(&self.fd()).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let r = self
+                .io
+                .fallocate(&self.fd(), Fallocate::PunchHole, offset, len)
+                .await;
+            match &r {
+                Ok(()) => {
+                    self.discard_ok.set(self.discard_ok.get() + 1);
+                    self.discard_bytes.set(self.discard_bytes.get() + len);
+                }
+                Err(_) => self.discard_failed.set(self.discard_failed.get() + 1),
+            }
+            // Discard is advisory: an unsupported punch is not an error for the caller.
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                other => other,
+            }
+        })
+    }
+
+    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        self.io.fdatasync(&self.fd())
+    }
+
+    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        // SEEK_DATA/SEEK_HOLE only consult the file system's extent map, so they run inline
+        // like QEMU's; a trip through the thread pool would cost more than the call.
+        let ext = file_extent(&self.fd(), offset, len, self.size.get());
+        Box::pin(async move {
+            // A file system without SEEK_DATA: everything is data.
+            Ok(ext.unwrap_or(Extent {
+                len,
+                data: true,
+                zero: false,
+                allocated: true,
+            }))
+        })
+    }
+
+    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        let file = self.fd();
+        Box::pin(async move {
+            ferrite_block::io::blocking(move || file.set_len(size)).await?;
+            self.size.set(size.next_multiple_of(512));
+            Ok(())
+        })
+    }
+
+    fn set_perm(&self, perm: Perm, shared: Perm) -> Result<(), Error> {
+        if !self.locking {
+            return Ok(());
+        }
+        super::lock::apply(&self.fd(), &self.path, perm, shared)?;
+        self.perms.set((perm, shared));
+        Ok(())
+    }
+
+    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+        use ferrite_qobject::QObject;
+        ferrite_block::driver::check_unchanged(
+            opts,
+            &Args::new(node.options()),
+            &[
+                ("filename", QObject::Null),
+                ("locking", QObject::from("auto")),
+                ("aio", QObject::from("threads")),
+                ("pr-manager", QObject::Null),
+            ],
+        )
+    }
+
+    fn reopen_apply(&self, _node: &Node, _opts: &Args, read_only: bool) -> Result<(), Error> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(!read_only);
+        if self.direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let file = Arc::new(o.open(&self.path).map_err(|e| open_error(&self.path, &e))?);
+        if self.locking {
+            let (perm, shared) = self.perms.get();
+            super::lock::apply(&file, &self.path, perm, shared)?;
+        }
+        *self.file.borrow_mut() = file;
+        Ok(())
+    }
+
+    fn plain_filename(&self) -> Option<String> {
+        Some(self.path.clone())
+    }
+
+    fn actual_size(&self, _node: &Node) -> Option<u64> {
+        self.fd().metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn format_specific(&self) -> Option<QDict> {
+        Some(QDict::new().with("type", "file").with("data", QDict::new()))
+    }
+
+    fn driver_stats(&self) -> Option<QDict> {
+        Some(
+            QDict::new()
+                .with("driver", "file")
+                .with("discard-nb-ok", self.discard_ok.get())
+                .with("discard-nb-failed", self.discard_failed.get())
+                .with("discard-bytes-ok", self.discard_bytes.get()),
+        )
+    }
+
+    fn can_grow(&self) -> bool {
+        true
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+
+    fn request_alignment(&self, _node: &Node) -> u64 {
+        self.align
+    }
+}

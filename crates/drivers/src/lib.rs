@@ -1,0 +1,27 @@
+//! Block drivers that are not image formats of their own: `file` (protocol: a regular file
+//! or block device through the I/O backend), `raw` (format: its child's bytes, or a window
+//! of them), `null-co`/`null-aio`, and the `copy-before-write` filter with its
+//! `snapshot-access` view. Each registers a factory with the core's registry.
+//!
+//! QEMU counterparts: `block/file-posix.c`, `block/raw-format.c`, `block/null.c`,
+//! `block/copy-before-write.c`, `block/snapshot-access.c`.
+
+pub mod cbw;
+mod file;
+mod lock;
+mod null;
+mod raw;
+mod snapshot_access;
+
+use ferrite_block::Registry;
+use std::rc::Rc;
+
+/// Registers every driver of this crate.
+pub fn register(registry: &Registry) {
+    registry.register(Rc::new(file::FileFactory));
+    registry.register(Rc::new(raw::RawFactory));
+    registry.register(Rc::new(null::NullFactory { aio: false }));
+    registry.register(Rc::new(null::NullFactory { aio: true }));
+    registry.register(Rc::new(cbw::CbwFactory::new()));
+    registry.register(Rc::new(snapshot_access::SnapshotAccessFactory));
+}

@@ -1,0 +1,207 @@
+//! `raw`: the bytes of its `file` child, optionally a window of them (`offset`, `size`).
+
+use ferrite_block::Child;
+use ferrite_block::Node;
+use ferrite_block::OpenCtx;
+use ferrite_block::Perm;
+use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::{DriverFactory, DriverKind, LocalFut};
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::QDict;
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+
+pub(crate) struct RawDriver {
+    offset: Cell<u64>,
+    /// A fixed size (`size=`), or `None` to follow the child.
+    size: Cell<Option<u64>>,
+}
+
+/// The `raw` driver's factory.
+pub(crate) struct RawFactory;
+
+impl DriverFactory for RawFactory {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let file = ctx.open_child("file").await?;
+            Ok(Box::new(RawDriver::open(ctx.opts(), &file)?) as Box<dyn Driver>)
+        })
+    }
+}
+
+impl RawDriver {
+    pub(crate) fn open(args: &Args, file: &Child) -> Result<Self, Error> {
+        let offset = args.opt_i64("offset").unwrap_or(0);
+        let offset =
+            u64::try_from(offset).map_err(|_| Error::generic("offset cannot be negative"))?;
+        let size = match args.opt_i64("size") {
+            Some(s) => {
+                Some(u64::try_from(s).map_err(|_| Error::generic("size cannot be negative"))?)
+            }
+            None => None,
+        };
+        let file_len = file.len();
+        if offset > file_len {
+            return Err(Error::generic(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({file_len})"
+            )));
+        }
+        let window = size.unwrap_or(0);
+        if offset.saturating_add(window) > file_len {
+            return Err(Error::generic(format!(
+                "The sum of offset ({offset}) and size ({window}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
+            )));
+        }
+        Ok(RawDriver {
+            offset: Cell::new(offset),
+            size: Cell::new(size),
+        })
+    }
+
+    fn file(&self, node: &Node) -> io::Result<Rc<Child>> {
+        node.edge("file")
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+    }
+}
+
+impl Driver for RawDriver {
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn len(&self, node: &Node) -> u64 {
+        match self.size.get() {
+            Some(s) => s,
+            None => node
+                .child("file")
+                .map_or(0, |f| f.len().saturating_sub(self.offset.get())),
+        }
+    }
+
+    fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move { self.file(node)?.read(self.offset.get() + offset, len).await })
+    }
+
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.file(node)?
+                .write(self.offset.get() + offset, data, flags)
+                .await
+        })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.file(node)?
+                .write_zeroes(self.offset.get() + offset, len, flags)
+                .await
+        })
+    }
+
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.file(node)?
+                .discard(self.offset.get() + offset, len)
+                .await
+        })
+    }
+
+    fn flush<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move { self.file(node)?.flush().await })
+    }
+
+    fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(async move {
+            let mut e = self
+                .file(node)?
+                .block_status(self.offset.get() + offset, len)
+                .await?;
+            // A raw node maps every byte to its file: all of it is "allocated" here.
+            e.allocated = true;
+            Ok(e)
+        })
+    }
+
+    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            if self.size.get().is_some() || self.offset.get() != 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+            }
+            self.file(node)?.truncate(size).await
+        })
+    }
+
+    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
+        // A window into the file cannot follow a resize of the file.
+        if self.offset.get() != 0 || self.size.get().is_some() {
+            (perm, shared - Perm::RESIZE)
+        } else {
+            (perm, shared)
+        }
+    }
+
+    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+        // The child stays the same node; a different one is not supported yet.
+        let same_child = match (opts.get("file"), node.child("file")) {
+            (Some(ferrite_qobject::QObject::String(name)), Some(c)) => c.name() == name,
+            _ => false,
+        };
+        if !same_child {
+            return Err(Error::generic("Cannot change the option 'file'"));
+        }
+        let file_len = node.child("file").map_or(0, |f| f.len());
+        let offset = opts.opt_i64("offset").unwrap_or(0).max(0) as u64;
+        let size = opts.opt_i64("size").map(|s| s.max(0) as u64);
+        if offset > file_len || offset + size.unwrap_or(0) > file_len {
+            return Err(Error::generic(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({file_len})"
+            )));
+        }
+        Ok(())
+    }
+
+    fn reopen_apply(&self, _node: &Node, opts: &Args, _read_only: bool) -> Result<(), Error> {
+        self.offset
+            .set(opts.opt_i64("offset").unwrap_or(0).max(0) as u64);
+        self.size.set(opts.opt_i64("size").map(|s| s.max(0) as u64));
+        Ok(())
+    }
+
+    fn is_passthrough(&self) -> bool {
+        self.offset.get() == 0 && self.size.get().is_none()
+    }
+
+    fn strong_options(&self) -> QDict {
+        let mut d = QDict::new();
+        if self.offset.get() != 0 {
+            d.insert("offset", self.offset.get());
+        }
+        d.insert_opt("size", self.size.get());
+        d
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,256 @@
+//! Persistent dirty bitmaps in a qcow2 image (the bitmaps extension, docs/interop/qcow2.txt
+//! "Bitmaps"): loaded at open, marked in use while the image is open read-write, stored
+//! back and marked clean at close, in QEMU's order (new data, tables and directory first,
+//! then the header switches to them, then the old clusters are freed).
+
+use super::header::{EXT_BITMAPS, autoclear};
+use super::meta::{FreeKind, Meta, get_be64, put_be64, read_at};
+use ferrite_block::Child;
+use ferrite_block::bitmap::DirtyBitmap;
+use ferrite_block::driver::ReqFlags;
+use std::io;
+use std::rc::Rc;
+
+const IN_USE: u32 = 1;
+const AUTO: u32 = 2;
+/// Most bitmaps and directory bytes QEMU accepts.
+const MAX_BITMAPS: u32 = 65535;
+const MAX_DIRECTORY: u64 = 64 << 20;
+const MAX_NAME: usize = 1023;
+
+/// One directory entry.
+#[derive(Clone)]
+pub(crate) struct Entry {
+    table_offset: u64,
+    table_size: u32,
+    flags: u32,
+    granularity_bits: u8,
+    name: String,
+    /// The entry as it is on disk (kept as is for bitmaps ferrite does not rewrite).
+    raw: Vec<u8>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The directory the header points to (empty when there is none or it is stale).
+pub(crate) async fn directory(file: &Child, m: &Meta) -> io::Result<Vec<Entry>> {
+    if m.h.autoclear & autoclear::BITMAPS == 0 {
+        return Ok(Vec::new());
+    }
+    let Some(ext) = m.h.extension(EXT_BITMAPS) else {
+        return Ok(Vec::new());
+    };
+    if ext.len() < 24 {
+        return Err(invalid());
+    }
+    let nb = be32(ext, 0);
+    let size = get_be64(ext, 1);
+    let offset = get_be64(ext, 2);
+    if nb > MAX_BITMAPS || size > MAX_DIRECTORY || offset % m.cs() != 0 {
+        return Err(invalid());
+    }
+    let dir = read_at(file, offset, size as usize).await?;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while out.len() < nb as usize {
+        if at + 24 > dir.len() {
+            return Err(invalid());
+        }
+        let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
+        let extra = be32(&dir, at + 20) as usize;
+        let len = (24 + extra + name_size).next_multiple_of(8);
+        if name_size == 0 || name_size > MAX_NAME || at + len > dir.len() {
+            return Err(invalid());
+        }
+        let name_at = at + 24 + extra;
+        out.push(Entry {
+            table_offset: get_be64(&dir[at..], 0),
+            table_size: be32(&dir, at + 8),
+            flags: be32(&dir, at + 12),
+            granularity_bits: dir[at + 17],
+            name: String::from_utf8_lossy(&dir[name_at..name_at + name_size]).into_owned(),
+            raw: dir[at..at + len].to_vec(),
+        });
+        at += len;
+    }
+    Ok(out)
+}
+
+fn invalid() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "invalid bitmap directory")
+}
+
+/// The bitmaps stored in the image: those left in use by a writer that did not close them
+/// come back inconsistent (empty, only removable), the others with their bits.
+pub(crate) async fn load(file: &Child, m: &mut Meta) -> io::Result<Vec<Rc<DirtyBitmap>>> {
+    let size = m.h.size;
+    let cs = m.cs();
+    let mut out = Vec::new();
+    for e in directory(file, m).await? {
+        if !(9..=31).contains(&e.granularity_bits) {
+            return Err(invalid());
+        }
+        let b = DirtyBitmap::new(&e.name, 1 << e.granularity_bits, size, e.flags & AUTO != 0);
+        b.set_persistent(true);
+        if e.flags & IN_USE != 0 {
+            b.set_inconsistent(true);
+        } else {
+            let bytes_needed = size.div_ceil(b.granularity()).div_ceil(8);
+            if u64::from(e.table_size) != bytes_needed.div_ceil(cs) || e.table_offset % cs != 0 {
+                return Err(invalid());
+            }
+            let table = read_at(file, e.table_offset, e.table_size as usize * 8).await?;
+            let mut bytes = Vec::with_capacity((bytes_needed.div_ceil(cs) * cs) as usize);
+            for k in 0..e.table_size as usize {
+                let t = get_be64(&table, k);
+                let host = t & 0x00ff_ffff_ffff_fe00;
+                if host == 0 {
+                    let fill = if t & 1 != 0 { 0xff } else { 0 };
+                    bytes.resize(bytes.len() + cs as usize, fill);
+                } else {
+                    bytes.extend_from_slice(&read_at(file, host, cs as usize).await?);
+                }
+            }
+            bytes.truncate(bytes_needed as usize);
+            b.load_bytes(&bytes);
+        }
+        out.push(b);
+    }
+    // The node lists the newest first; the directory has the oldest first.
+    out.reverse();
+    Ok(out)
+}
+
+/// The clusters an entry's bitmap occupies (its table and data clusters).
+async fn clusters_of(file: &Child, cs: u64, e: &Entry) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    if e.table_offset == 0 || e.table_size == 0 {
+        return Ok(out);
+    }
+    let table = read_at(file, e.table_offset, e.table_size as usize * 8).await?;
+    for k in 0..e.table_size as usize {
+        let host = get_be64(&table, k) & 0x00ff_ffff_ffff_fe00;
+        if host != 0 {
+            out.push((host, 1));
+        }
+    }
+    out.push((e.table_offset, (u64::from(e.table_size) * 8).div_ceil(cs)));
+    Ok(out)
+}
+
+/// Writes one bitmap's data and table; returns its directory entry.
+async fn store_one(file: &Child, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Vec<u8>> {
+    let cs = m.cs();
+    let bytes = b.to_bytes();
+    let clusters = (bytes.len() as u64).div_ceil(cs);
+    let mut table = vec![0u8; (clusters * 8).div_ceil(cs).max(1) as usize * cs as usize];
+    for k in 0..clusters as usize {
+        let from = k * cs as usize;
+        let mut chunk = bytes[from..bytes.len().min(from + cs as usize)].to_vec();
+        if ferrite_block::io::is_zero(&chunk) {
+            continue;
+        }
+        chunk.resize(cs as usize, 0);
+        let host = m.alloc(file, 1).await?;
+        file.write(host, chunk, ReqFlags::empty()).await?;
+        put_be64(&mut table, k, host);
+    }
+    let table_clusters = (clusters * 8).div_ceil(cs).max(1);
+    let table_offset = m.alloc(file, table_clusters).await?;
+    file.write(table_offset, table, ReqFlags::empty()).await?;
+    let name = b.name().as_bytes();
+    let mut e = vec![0u8; 24];
+    e[0..8].copy_from_slice(&table_offset.to_be_bytes());
+    e[8..12].copy_from_slice(&(clusters as u32).to_be_bytes());
+    let flags = if b.is_enabled() { AUTO } else { 0 };
+    e[12..16].copy_from_slice(&flags.to_be_bytes());
+    e[16] = 1;
+    e[17] = b.granularity().trailing_zeros() as u8;
+    e[18..20].copy_from_slice(&(name.len() as u16).to_be_bytes());
+    e.extend_from_slice(name);
+    e.resize(e.len().next_multiple_of(8), 0);
+    Ok(e)
+}
+
+/// Stores the node's persistent bitmaps and drops the ones it no longer has; the image's
+/// bitmaps are then clean (not in use). Inconsistent bitmaps stay as they were on disk.
+pub(crate) async fn store(
+    file: &Child,
+    m: &mut Meta,
+    bitmaps: &[Rc<DirtyBitmap>],
+) -> io::Result<()> {
+    let cs = m.cs();
+    let old = directory(file, m).await.unwrap_or_default();
+    // QEMU's order: bitmaps the directory already has keep their place, new ones follow
+    // newest first.
+    let mut persistent: Vec<&Rc<DirtyBitmap>> = old
+        .iter()
+        .filter_map(|e| {
+            bitmaps
+                .iter()
+                .find(|b| b.name() == e.name && b.is_persistent())
+        })
+        .collect();
+    for b in bitmaps.iter().filter(|b| b.is_persistent()) {
+        if !persistent.iter().any(|p| Rc::ptr_eq(p, b)) {
+            persistent.push(b);
+        }
+    }
+    if old.is_empty() && persistent.is_empty() {
+        return Ok(());
+    }
+    let mut dir = Vec::new();
+    let mut kept = Vec::new();
+    for b in &persistent {
+        if b.is_inconsistent() {
+            if let Some(e) = old.iter().find(|e| e.name == b.name()) {
+                dir.extend_from_slice(&e.raw);
+                kept.push(e.name.clone());
+            }
+            continue;
+        }
+        dir.extend(store_one(file, m, b).await?);
+    }
+    let count = persistent
+        .iter()
+        .filter(|b| !b.is_inconsistent() || kept.iter().any(|k| k == b.name()))
+        .count() as u32;
+    let old_dir =
+        m.h.extension(EXT_BITMAPS)
+            .map(|x| (get_be64(x, 2), get_be64(x, 1)));
+    if count == 0 {
+        m.h.set_extension(EXT_BITMAPS, None);
+        m.h.autoclear &= !autoclear::BITMAPS;
+    } else {
+        let dir_clusters = (dir.len() as u64).div_ceil(cs);
+        let dir_offset = m.alloc(file, dir_clusters).await?;
+        let dir_len = dir.len() as u64;
+        dir.resize((dir_clusters * cs) as usize, 0);
+        file.write(dir_offset, dir, ReqFlags::empty()).await?;
+        let mut ext = vec![0u8; 24];
+        ext[0..4].copy_from_slice(&count.to_be_bytes());
+        put_be64(&mut ext, 1, dir_len);
+        put_be64(&mut ext, 2, dir_offset);
+        m.h.set_extension(EXT_BITMAPS, Some(ext));
+        m.h.autoclear |= autoclear::BITMAPS;
+    }
+    // Everything new is on disk and counted before the header points to it.
+    m.write_back(file, true).await?;
+    m.write_header(file).await?;
+    file.flush().await?;
+    // Then the old bitmaps' clusters go.
+    for e in old.iter().filter(|e| !kept.contains(&e.name)) {
+        for (host, n) in clusters_of(file, cs, e).await.unwrap_or_default() {
+            m.free(host, n, FreeKind::Other);
+        }
+    }
+    if let Some((off, len)) = old_dir
+        && off != 0
+        && len != 0
+    {
+        m.free(off, len.div_ceil(cs), FreeKind::Other);
+    }
+    m.write_back(file, true).await
+}

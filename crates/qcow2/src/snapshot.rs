@@ -1,0 +1,305 @@
+//! Internal snapshots (docs/interop/qcow2.txt "Snapshots"): the snapshot table, and taking
+//! and deleting a snapshot of the active L1 table. A snapshot shares every cluster with the
+//! image: taking one adds a reference to each L2 table and data cluster and clears COPIED;
+//! deleting one drops them and sets COPIED again where a cluster is the image's alone.
+//! Refcounts always reach the disk before the snapshot table that needs them, and the table
+//! stops naming a snapshot before its references go, so a crash leaks at worst.
+
+use super::entry::{self, COPIED, Cluster, OFFSET_MASK};
+use super::meta::{FreeKind, Meta, get_be64, read_at};
+use ferrite_block::Child;
+use ferrite_block::driver::ReqFlags;
+use std::io;
+
+/// One entry of the snapshot table.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub(crate) l1_offset: u64,
+    pub(crate) l1_size: u32,
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) date_sec: u32,
+    pub(crate) date_nsec: u32,
+    pub(crate) vm_clock_nsec: u64,
+    pub(crate) vm_state_size: u64,
+    /// Extra data as stored (vm state size, disk size, icount, and what ferrite does not
+    /// know), kept as is.
+    extra: Vec<u8>,
+}
+
+fn invalid() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "invalid snapshot table")
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The snapshot table, and the bytes it occupies.
+pub(crate) async fn list(file: &Child, m: &Meta) -> io::Result<(Vec<Snapshot>, u64)> {
+    let mut out = Vec::new();
+    let mut at = m.h.snapshots_offset;
+    for _ in 0..m.h.nb_snapshots {
+        let fixed = read_at(file, at, 40).await?;
+        let id_len = usize::from(be16(&fixed, 12));
+        let name_len = usize::from(be16(&fixed, 14));
+        let extra_len = be32(&fixed, 36) as usize;
+        if extra_len > 1024 {
+            return Err(invalid());
+        }
+        let rest = read_at(file, at + 40, extra_len + id_len + name_len).await?;
+        let extra = rest[..extra_len].to_vec();
+        let vm_state_size = if extra_len >= 8 {
+            get_be64(&extra, 0)
+        } else {
+            u64::from(be32(&fixed, 32))
+        };
+        out.push(Snapshot {
+            l1_offset: get_be64(&fixed, 0),
+            l1_size: be32(&fixed, 8),
+            id: String::from_utf8_lossy(&rest[extra_len..extra_len + id_len]).into_owned(),
+            name: String::from_utf8_lossy(&rest[extra_len + id_len..]).into_owned(),
+            date_sec: be32(&fixed, 16),
+            date_nsec: be32(&fixed, 20),
+            vm_clock_nsec: get_be64(&fixed, 3),
+            vm_state_size,
+            extra,
+        });
+        at += (40 + extra_len + id_len + name_len).next_multiple_of(8) as u64;
+    }
+    Ok((out, at - m.h.snapshots_offset))
+}
+
+fn serialize(list: &[Snapshot]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for s in list {
+        let start = b.len();
+        b.extend_from_slice(&s.l1_offset.to_be_bytes());
+        b.extend_from_slice(&s.l1_size.to_be_bytes());
+        b.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
+        b.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
+        b.extend_from_slice(&s.date_sec.to_be_bytes());
+        b.extend_from_slice(&s.date_nsec.to_be_bytes());
+        b.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
+        b.extend_from_slice(&(s.vm_state_size.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+        b.extend_from_slice(&(s.extra.len() as u32).to_be_bytes());
+        b.extend_from_slice(&s.extra);
+        b.extend_from_slice(s.id.as_bytes());
+        b.extend_from_slice(s.name.as_bytes());
+        b.resize(start + (b.len() - start).next_multiple_of(8), 0);
+    }
+    b
+}
+
+/// Adds `delta` to the refcount of every L2 table and data cluster `l1` reaches.
+async fn add_references(file: &Child, m: &mut Meta, l1: &[u64], delta: i64) -> io::Result<()> {
+    let cs = m.cs();
+    let ext = m.h.extended_l2();
+    for &e in l1 {
+        let l2 = e & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let table = read_table(file, m, l2).await?;
+        let step = if ext { 2 } else { 1 };
+        for i in (0..(cs / 8) as usize).step_by(step) {
+            match entry::decode(get_be64(&table, i), m.h.cluster_bits, ext) {
+                Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
+                    m.update_refcount(file, host / cs, delta).await?;
+                }
+                Cluster::Compressed { offset, len } => {
+                    let (first, n) = entry::compressed_clusters(offset, len, cs);
+                    for c in 0..n {
+                        m.update_refcount(file, first / cs + c, delta).await?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        m.update_refcount(file, l2 / cs, delta).await?;
+    }
+    Ok(())
+}
+
+/// An L2 table's bytes, from the cache when it is there (it may be newer than the disk).
+async fn read_table(file: &Child, m: &mut Meta, off: u64) -> io::Result<Vec<u8>> {
+    match m.l2.bytes(off) {
+        Some(b) => Ok(b),
+        None => read_at(file, off, m.cs() as usize).await,
+    }
+}
+
+/// Sets COPIED on the active L1 and L2 entries exactly where the cluster has one reference.
+async fn recompute_copied(file: &Child, m: &mut Meta) -> io::Result<()> {
+    let cs = m.cs();
+    let ext = m.h.extended_l2();
+    let per = m.l2_entries();
+    for i in 0..m.l1.len() {
+        let l2 = m.l1[i] & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let own = m.refcount(file, l2 / cs).await? == 1;
+        let want = if own { l2 | COPIED } else { l2 };
+        if m.l1[i] != want {
+            m.set_l1(file, i, want).await?;
+        }
+        if !own {
+            continue;
+        }
+        let (table, _) = m.l2_for_write(file, i as u64 * per).await?;
+        let bytes = read_table(file, m, table).await?;
+        let step = if ext { 2 } else { 1 };
+        for (idx, word) in (0..(cs / 8) as usize).step_by(step).enumerate() {
+            let e = get_be64(&bytes, word);
+            let host = match entry::decode(e, m.h.cluster_bits, ext) {
+                Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => host,
+                _ => continue,
+            };
+            let single = m.refcount(file, host / cs).await? == 1;
+            let new = if single { e | COPIED } else { e & !COPIED };
+            if new != e {
+                let bm = if ext { get_be64(&bytes, word + 1) } else { 0 };
+                m.set_l2(table, idx, new, bm);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `list` as the new snapshot table and points the header to it; the old table's
+/// clusters go afterwards.
+async fn replace_table(
+    file: &Child,
+    m: &mut Meta,
+    list: &[Snapshot],
+    old_len: u64,
+) -> io::Result<()> {
+    let cs = m.cs();
+    let old_off = m.h.snapshots_offset;
+    let bytes = serialize(list);
+    let new_off = if bytes.is_empty() {
+        0
+    } else {
+        let n = (bytes.len() as u64).div_ceil(cs);
+        let off = m.alloc(file, n).await?;
+        let mut b = bytes;
+        b.resize((n * cs) as usize, 0);
+        file.write(off, b, ReqFlags::empty()).await?;
+        off
+    };
+    m.write_back(file, true).await?;
+    m.h.nb_snapshots = list.len() as u32;
+    m.h.snapshots_offset = new_off;
+    m.write_header(file).await?;
+    file.flush().await?;
+    if old_off != 0 && old_len != 0 {
+        m.free(old_off, old_len.div_ceil(cs), FreeKind::Other);
+    }
+    m.write_back(file, true).await
+}
+
+/// Takes snapshot `name` of the image as it is now.
+pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result<Snapshot> {
+    let cs = m.cs();
+    m.write_back(file, true).await?;
+    let (mut list, old_len) = list(file, m).await?;
+    let l1 = m.l1.clone();
+    add_references(file, m, &l1, 1).await?;
+    // Every active entry is shared now.
+    let per = m.l2_entries();
+    let ext = m.h.extended_l2();
+    for i in 0..m.l1.len() {
+        let l2 = m.l1[i] & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let bytes = read_table(file, m, l2).await?;
+        if m.l2.bytes(l2).is_none() {
+            // Bring it into the cache to change it there.
+            let _ = m.l2_entry(file, i as u64 * per).await?;
+        }
+        let step = if ext { 2 } else { 1 };
+        for (idx, word) in (0..(cs / 8) as usize).step_by(step).enumerate() {
+            let e = get_be64(&bytes, word);
+            if e & COPIED != 0 {
+                let bm = if ext { get_be64(&bytes, word + 1) } else { 0 };
+                m.set_l2(l2, idx, e & !COPIED, bm);
+            }
+        }
+        m.set_l1(file, i, l2).await?;
+    }
+    // The snapshot's own copy of the L1 table.
+    let l1_bytes: Vec<u8> = m.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+    let l1_clusters = (l1_bytes.len() as u64).div_ceil(cs).max(1);
+    let l1_offset = m.alloc(file, l1_clusters).await?;
+    let mut padded = l1_bytes;
+    padded.resize((l1_clusters * cs) as usize, 0);
+    file.write(l1_offset, padded, ReqFlags::empty()).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // QEMU stamps microseconds; with no guest, its VM clock reads the same.
+    let nsec = now.subsec_micros() * 1000;
+    let clock = now.as_secs() * 1_000_000_000 + u64::from(nsec);
+    let id = list
+        .iter()
+        .filter_map(|s| s.id.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut extra = Vec::with_capacity(24);
+    extra.extend_from_slice(&0u64.to_be_bytes());
+    extra.extend_from_slice(&m.h.size.to_be_bytes());
+    extra.extend_from_slice(&u64::MAX.to_be_bytes());
+    let snap = Snapshot {
+        l1_offset,
+        l1_size: m.l1.len() as u32,
+        id: id.to_string(),
+        name: name.to_owned(),
+        date_sec: now.as_secs() as u32,
+        date_nsec: nsec,
+        vm_clock_nsec: clock,
+        vm_state_size: 0,
+        extra,
+    };
+    list.push(snap.clone());
+    replace_table(file, m, &list, old_len).await?;
+    Ok(snap)
+}
+
+/// Deletes the snapshot with `id` and/or `name`; `None` if there is none.
+pub(crate) async fn delete(
+    file: &Child,
+    m: &mut Meta,
+    id: Option<&str>,
+    name: Option<&str>,
+) -> io::Result<Option<Snapshot>> {
+    let cs = m.cs();
+    m.write_back(file, true).await?;
+    let (mut list, old_len) = list(file, m).await?;
+    let Some(pos) = list
+        .iter()
+        .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+    else {
+        return Ok(None);
+    };
+    let snap = list.remove(pos);
+    // The table stops naming it first; then its references go.
+    replace_table(file, m, &list, old_len).await?;
+    let raw = read_at(file, snap.l1_offset, snap.l1_size as usize * 8).await?;
+    let l1: Vec<u64> = (0..snap.l1_size as usize)
+        .map(|i| get_be64(&raw, i))
+        .collect();
+    add_references(file, m, &l1, -1).await?;
+    let l1_clusters = (u64::from(snap.l1_size) * 8).div_ceil(cs).max(1);
+    m.free(snap.l1_offset, l1_clusters, FreeKind::Other);
+    m.write_back(file, true).await?;
+    recompute_copied(file, m).await?;
+    m.write_back(file, true).await?;
+    Ok(Some(snap))
+}
