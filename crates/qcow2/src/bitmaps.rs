@@ -3,84 +3,16 @@
 //! back and marked clean at close, in QEMU's order (new data, tables and directory first,
 //! then the header switches to them, then the old clusters are freed).
 
-use super::header::{EXT_BITMAPS, autoclear};
-use super::meta::{FreeKind, Meta, get_be64, put_be64, read_at};
+use crate::format::bitmap_dir::invalid;
+use crate::format::bitmap_dir::{self, AUTO, Entry, IN_USE};
+use crate::format::header::{EXT_BITMAPS, autoclear};
+use crate::format::{get_be64, put_be64, read_at};
+use crate::meta::{FreeKind, Meta};
 use ferrite_block::Child;
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::driver::ReqFlags;
 use std::io;
 use std::rc::Rc;
-
-const IN_USE: u32 = 1;
-const AUTO: u32 = 2;
-/// Most bitmaps and directory bytes QEMU accepts.
-const MAX_BITMAPS: u32 = 65535;
-const MAX_DIRECTORY: u64 = 64 << 20;
-const MAX_NAME: usize = 1023;
-
-/// One directory entry.
-#[derive(Clone)]
-pub(crate) struct Entry {
-    table_offset: u64,
-    table_size: u32,
-    flags: u32,
-    granularity_bits: u8,
-    name: String,
-    /// The entry as it is on disk (kept as is for bitmaps ferrite does not rewrite).
-    raw: Vec<u8>,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// The directory the header points to (empty when there is none or it is stale).
-pub(crate) async fn directory(file: &Child, m: &Meta) -> io::Result<Vec<Entry>> {
-    if m.h.autoclear & autoclear::BITMAPS == 0 {
-        return Ok(Vec::new());
-    }
-    let Some(ext) = m.h.extension(EXT_BITMAPS) else {
-        return Ok(Vec::new());
-    };
-    if ext.len() < 24 {
-        return Err(invalid());
-    }
-    let nb = be32(ext, 0);
-    let size = get_be64(ext, 1);
-    let offset = get_be64(ext, 2);
-    if nb > MAX_BITMAPS || size > MAX_DIRECTORY || offset % m.cs() != 0 {
-        return Err(invalid());
-    }
-    let dir = read_at(file, offset, size as usize).await?;
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while out.len() < nb as usize {
-        if at + 24 > dir.len() {
-            return Err(invalid());
-        }
-        let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-        let extra = be32(&dir, at + 20) as usize;
-        let len = (24 + extra + name_size).next_multiple_of(8);
-        if name_size == 0 || name_size > MAX_NAME || at + len > dir.len() {
-            return Err(invalid());
-        }
-        let name_at = at + 24 + extra;
-        out.push(Entry {
-            table_offset: get_be64(&dir[at..], 0),
-            table_size: be32(&dir, at + 8),
-            flags: be32(&dir, at + 12),
-            granularity_bits: dir[at + 17],
-            name: String::from_utf8_lossy(&dir[name_at..name_at + name_size]).into_owned(),
-            raw: dir[at..at + len].to_vec(),
-        });
-        at += len;
-    }
-    Ok(out)
-}
-
-fn invalid() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, "invalid bitmap directory")
-}
 
 /// The bitmaps stored in the image: those left in use by a writer that did not close them
 /// come back inconsistent (empty, only removable), the others with their bits.
@@ -88,7 +20,7 @@ pub(crate) async fn load(file: &Child, m: &mut Meta) -> io::Result<Vec<Rc<DirtyB
     let size = m.h.size;
     let cs = m.cs();
     let mut out = Vec::new();
-    for e in directory(file, m).await? {
+    for e in bitmap_dir::read(file, &m.h).await? {
         if !(9..=31).contains(&e.granularity_bits) {
             return Err(invalid());
         }
@@ -182,7 +114,7 @@ pub(crate) async fn store(
     bitmaps: &[Rc<DirtyBitmap>],
 ) -> io::Result<()> {
     let cs = m.cs();
-    let old = directory(file, m).await.unwrap_or_default();
+    let old = bitmap_dir::read(file, &m.h).await.unwrap_or_default();
     // QEMU's order: bitmaps the directory already has keep their place, new ones follow
     // newest first.
     let mut persistent: Vec<&Rc<DirtyBitmap>> = old

@@ -1,15 +1,12 @@
 //! Making and mending images: formatting a new image (blockdev-create), rebuilding the
 //! refcounts of an image left dirty (lazy refcounts), and marking persistent bitmaps in use.
 
-use super::entry::{self, Cluster, OFFSET_MASK};
-use super::header::{
-    self, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, Header,
-};
-use super::meta::{Meta, get_be64, put_be64, read_at, set_refcount};
+use crate::format::entry::{self};
+use crate::format::header::{self, EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, Header};
+use crate::meta::{Meta, put_be64, set_refcount};
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
 use ferrite_qapi::{Error, os_msg};
-use std::collections::HashMap;
 use std::io;
 
 /// What a new image looks like (`BlockdevCreateOptionsQcow2`, checked).
@@ -175,7 +172,7 @@ async fn preallocate(file: &Child, m: &mut Meta, o: &CreateOpts) -> io::Result<(
     }
     // The file covers the data, like QEMU's metadata preallocation.
     let end = m.alloc(file, 1).await?;
-    m.free(end, 1, super::meta::FreeKind::Other);
+    m.free(end, 1, crate::meta::FreeKind::Other);
     if file.len() < end {
         file.truncate(end).await?;
     }
@@ -231,164 +228,4 @@ pub(crate) async fn fill(node: &Child, offset: u64, len: u64, mode: Prealloc) ->
             Ok(())
         }
     }
-}
-
-/// Clusters an image refers to, with the number of references each should have.
-async fn references(file: &Child, m: &mut Meta) -> io::Result<HashMap<u64, u64>> {
-    let cs = m.cs();
-    let mut refs: HashMap<u64, u64> = HashMap::new();
-    let add = |refs: &mut HashMap<u64, u64>, off: u64, len: u64| {
-        if len == 0 {
-            return;
-        }
-        for c in off / cs..=(off + len - 1) / cs {
-            *refs.entry(c).or_default() += 1;
-        }
-    };
-    add(&mut refs, 0, cs);
-    add(&mut refs, m.h.l1_table_offset, u64::from(m.h.l1_size) * 8);
-    add(
-        &mut refs,
-        m.h.refcount_table_offset,
-        u64::from(m.h.refcount_table_clusters) * cs,
-    );
-    for e in m.reftable.clone() {
-        let off = e & !0x1ff;
-        if off != 0 {
-            add(&mut refs, off, cs);
-        }
-    }
-    let mut l1s = vec![m.l1.clone()];
-    // Snapshots: their table and L1 tables.
-    if m.h.nb_snapshots > 0 {
-        let mut at = m.h.snapshots_offset;
-        let start = at;
-        for _ in 0..m.h.nb_snapshots {
-            let fixed = read_at(file, at, 40).await?;
-            let l1_off = get_be64(&fixed, 0);
-            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or([0; 4]));
-            let id_len = u16::from_be_bytes([fixed[12], fixed[13]]);
-            let name_len = u16::from_be_bytes([fixed[14], fixed[15]]);
-            let extra = u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4]));
-            at += (40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len))
-                .next_multiple_of(8);
-            add(&mut refs, l1_off, u64::from(l1_size) * 8);
-            let raw = read_at(file, l1_off, l1_size as usize * 8).await?;
-            l1s.push((0..l1_size as usize).map(|i| get_be64(&raw, i)).collect());
-        }
-        add(&mut refs, start, at - start);
-    }
-    let ext = m.h.extended_l2();
-    for l1 in l1s {
-        for e in l1 {
-            let l2 = e & OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            add(&mut refs, l2, cs);
-            let t = read_at(file, l2, cs as usize).await?;
-            let step = if ext { 2 } else { 1 };
-            for i in (0..(cs / 8) as usize).step_by(step) {
-                match entry::decode(get_be64(&t, i), m.h.cluster_bits, ext) {
-                    Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
-                        add(&mut refs, host, cs)
-                    }
-                    Cluster::Compressed { offset, len } => add(&mut refs, offset, len),
-                    _ => {}
-                }
-            }
-        }
-    }
-    // Bitmaps: directory, tables, data.
-    if let Some(ext) = m.h.extension(EXT_BITMAPS).map(<[u8]>::to_vec)
-        && ext.len() >= 24
-        && m.h.autoclear & header::autoclear::BITMAPS != 0
-    {
-        let dir_size = get_be64(&ext, 1);
-        let dir_off = get_be64(&ext, 2);
-        add(&mut refs, dir_off, dir_size);
-        let dir = read_at(file, dir_off, dir_size as usize).await?;
-        let mut at = 0usize;
-        while at + 24 <= dir.len() {
-            let table_off = get_be64(&dir[at..], 0);
-            let table_size = u32::from_be_bytes(dir[at + 8..at + 12].try_into().unwrap_or([0; 4]));
-            let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-            let extra =
-                u32::from_be_bytes(dir[at + 20..at + 24].try_into().unwrap_or([0; 4])) as usize;
-            add(&mut refs, table_off, u64::from(table_size) * 8);
-            let t = read_at(file, table_off, table_size as usize * 8).await?;
-            for i in 0..table_size as usize {
-                let d = get_be64(&t, i) & OFFSET_MASK;
-                if d != 0 {
-                    add(&mut refs, d, cs);
-                }
-            }
-            at += (24 + extra + name_size).next_multiple_of(8);
-        }
-    }
-    Ok(refs)
-}
-
-/// Sets every refcount to what the metadata says (QEMU's repair of an image left dirty by
-/// lazy refcounts): missing references added, leaks dropped.
-pub(crate) async fn rebuild_refcounts(file: &Child, m: &mut Meta) -> io::Result<()> {
-    let refs = references(file, m).await?;
-    let cs = m.cs();
-    let last = refs
-        .keys()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(file.len().div_ceil(cs));
-    for c in 0..=last {
-        if m.is_refblock(c * cs) {
-            continue;
-        }
-        let want = refs.get(&c).copied().unwrap_or(0);
-        let have = m.refcount(file, c).await?;
-        if have != want {
-            m.set_refcount_value(file, c, want, &refs).await?;
-        }
-    }
-    m.write_back(file, true).await
-}
-
-/// Sets the `in_use` flag of every enabled persistent bitmap, in place, the way QEMU does
-/// when it opens an image read-write: autoclear bit off, directory, autoclear bit on.
-pub(crate) async fn mark_bitmaps_in_use(file: &Child, m: &mut Meta) -> io::Result<()> {
-    let Some(ext) = m.h.extension(EXT_BITMAPS).map(<[u8]>::to_vec) else {
-        return Ok(());
-    };
-    if ext.len() < 24 {
-        return Ok(());
-    }
-    let dir_size = get_be64(&ext, 1);
-    let dir_off = get_be64(&ext, 2);
-    if dir_size > 64 << 20 {
-        return Ok(());
-    }
-    let mut dir = read_at(file, dir_off, dir_size as usize).await?;
-    let mut at = 0usize;
-    let mut changed = false;
-    while at + 24 <= dir.len() {
-        let flags = u32::from_be_bytes(dir[at + 12..at + 16].try_into().unwrap_or([0; 4]));
-        if flags & 1 == 0 {
-            dir[at + 12..at + 16].copy_from_slice(&(flags | 1).to_be_bytes());
-            changed = true;
-        }
-        let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-        let extra = u32::from_be_bytes(dir[at + 20..at + 24].try_into().unwrap_or([0; 4])) as usize;
-        at += (24 + extra + name_size).next_multiple_of(8);
-    }
-    if !changed {
-        return Ok(());
-    }
-    m.h.autoclear &= !header::autoclear::BITMAPS;
-    m.write_header(file).await?;
-    file.flush().await?;
-    file.write(dir_off, dir, ReqFlags::empty()).await?;
-    file.flush().await?;
-    m.h.autoclear |= header::autoclear::BITMAPS;
-    m.write_header(file).await?;
-    file.flush().await
 }

@@ -1,9 +1,9 @@
 //! Guest-to-host mapping: what a guest range is (data at a host offset, zeroes, compressed,
 //! or left to the backing file), merged over contiguous clusters.
 
-use super::entry::{self, COPIED, Cluster, Sub};
-use super::header::incompat;
-use super::meta::Meta;
+use crate::format::entry::{self, COPIED, Cluster, Sub};
+use crate::format::header::incompat;
+use crate::meta::Meta;
 use ferrite_block::Child;
 use std::io;
 

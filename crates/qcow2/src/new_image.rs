@@ -1,7 +1,7 @@
 //! `blockdev-create` for qcow2 (QEMU: `qcow2_co_create_opts`): the options checked in
 //! QEMU's order, the file (and data file) opened or looked up and held, the image formatted.
 
-use super::create::{CreateOpts, Prealloc, fill, format};
+use crate::create::{CreateOpts, Prealloc, fill, format};
 use ferrite_block::BlockBackend;
 use ferrite_block::Graph;
 use ferrite_block::Node;

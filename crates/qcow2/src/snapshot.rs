@@ -5,95 +5,13 @@
 //! Refcounts always reach the disk before the snapshot table that needs them, and the table
 //! stops naming a snapshot before its references go, so a crash leaks at worst.
 
-use super::entry::{self, COPIED, Cluster, OFFSET_MASK};
-use super::meta::{FreeKind, Meta, get_be64, read_at};
+use crate::format::entry::{self, COPIED, Cluster, OFFSET_MASK};
+use crate::format::snapshot_table::{self, Snapshot, serialize};
+use crate::format::{get_be64, read_at};
+use crate::meta::{FreeKind, Meta};
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
 use std::io;
-
-/// One entry of the snapshot table.
-#[derive(Debug, Clone)]
-pub(crate) struct Snapshot {
-    pub(crate) l1_offset: u64,
-    pub(crate) l1_size: u32,
-    pub(crate) id: String,
-    pub(crate) name: String,
-    pub(crate) date_sec: u32,
-    pub(crate) date_nsec: u32,
-    pub(crate) vm_clock_nsec: u64,
-    pub(crate) vm_state_size: u64,
-    /// Extra data as stored (vm state size, disk size, icount, and what ferrite does not
-    /// know), kept as is.
-    extra: Vec<u8>,
-}
-
-fn invalid() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, "invalid snapshot table")
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// The snapshot table, and the bytes it occupies.
-pub(crate) async fn list(file: &Child, m: &Meta) -> io::Result<(Vec<Snapshot>, u64)> {
-    let mut out = Vec::new();
-    let mut at = m.h.snapshots_offset;
-    for _ in 0..m.h.nb_snapshots {
-        let fixed = read_at(file, at, 40).await?;
-        let id_len = usize::from(be16(&fixed, 12));
-        let name_len = usize::from(be16(&fixed, 14));
-        let extra_len = be32(&fixed, 36) as usize;
-        if extra_len > 1024 {
-            return Err(invalid());
-        }
-        let rest = read_at(file, at + 40, extra_len + id_len + name_len).await?;
-        let extra = rest[..extra_len].to_vec();
-        let vm_state_size = if extra_len >= 8 {
-            get_be64(&extra, 0)
-        } else {
-            u64::from(be32(&fixed, 32))
-        };
-        out.push(Snapshot {
-            l1_offset: get_be64(&fixed, 0),
-            l1_size: be32(&fixed, 8),
-            id: String::from_utf8_lossy(&rest[extra_len..extra_len + id_len]).into_owned(),
-            name: String::from_utf8_lossy(&rest[extra_len + id_len..]).into_owned(),
-            date_sec: be32(&fixed, 16),
-            date_nsec: be32(&fixed, 20),
-            vm_clock_nsec: get_be64(&fixed, 3),
-            vm_state_size,
-            extra,
-        });
-        at += (40 + extra_len + id_len + name_len).next_multiple_of(8) as u64;
-    }
-    Ok((out, at - m.h.snapshots_offset))
-}
-
-fn serialize(list: &[Snapshot]) -> Vec<u8> {
-    let mut b = Vec::new();
-    for s in list {
-        let start = b.len();
-        b.extend_from_slice(&s.l1_offset.to_be_bytes());
-        b.extend_from_slice(&s.l1_size.to_be_bytes());
-        b.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
-        b.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
-        b.extend_from_slice(&s.date_sec.to_be_bytes());
-        b.extend_from_slice(&s.date_nsec.to_be_bytes());
-        b.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
-        b.extend_from_slice(&(s.vm_state_size.min(u64::from(u32::MAX)) as u32).to_be_bytes());
-        b.extend_from_slice(&(s.extra.len() as u32).to_be_bytes());
-        b.extend_from_slice(&s.extra);
-        b.extend_from_slice(s.id.as_bytes());
-        b.extend_from_slice(s.name.as_bytes());
-        b.resize(start + (b.len() - start).next_multiple_of(8), 0);
-    }
-    b
-}
 
 /// Adds `delta` to the refcount of every L2 table and data cluster `l1` reaches.
 async fn add_references(file: &Child, m: &mut Meta, l1: &[u64], delta: i64) -> io::Result<()> {
@@ -207,7 +125,7 @@ async fn replace_table(
 pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result<Snapshot> {
     let cs = m.cs();
     m.write_back(file, true).await?;
-    let (mut list, old_len) = list(file, m).await?;
+    let (mut list, old_len) = snapshot_table::read(file, &m.h).await?;
     let l1 = m.l1.clone();
     add_references(file, m, &l1, 1).await?;
     // Every active entry is shared now.
@@ -281,7 +199,7 @@ pub(crate) async fn delete(
 ) -> io::Result<Option<Snapshot>> {
     let cs = m.cs();
     m.write_back(file, true).await?;
-    let (mut list, old_len) = list(file, m).await?;
+    let (mut list, old_len) = snapshot_table::read(file, &m.h).await?;
     let Some(pos) = list
         .iter()
         .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))

@@ -1,0 +1,280 @@
+//! The driver interface of an open image: each request checks the image is alive, runs its
+//! path (`read.rs`, `write.rs`, `zero.rs`...), and turns corruption found on the way into
+//! `BLOCK_IMAGE_CORRUPTED` (and, for a writable image, a corrupt mark and no more requests).
+
+use crate::Qcow2Driver;
+use crate::format::header::{self, incompat};
+use crate::info::snapshot_info;
+use crate::open::prepare_for_writing;
+use crate::snapshot;
+use ferrite_block::Node;
+use ferrite_block::Perm;
+use ferrite_block::bitmap::DirtyBitmap;
+use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::{QDict, QObject};
+use std::rc::Rc;
+use std::time::Instant;
+
+impl Driver for Qcow2Driver {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn len(&self, _node: &Node) -> u64 {
+        self.size.get()
+    }
+
+    fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let r = self.read_guest(node, &file, offset, len).await;
+            self.check(node, &file, r).await
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let r = self.write_impl(node, &file, offset, &data).await;
+            ferrite_block::io::pool::give(data);
+            let r = self.check(node, &file, r).await;
+            if r.is_ok() && flags.contains(ReqFlags::FUA) {
+                return self.flush(node).await;
+            }
+            r
+        })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let r = self.zero_impl(node, &file, offset, len, flags).await;
+            let r = self.check(node, &file, r).await;
+            if r.is_ok() && flags.contains(ReqFlags::FUA) {
+                return self.flush(node).await;
+            }
+            r
+        })
+    }
+
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let r = self.discard_impl(node, &file, offset, len).await;
+            self.check(node, &file, r).await
+        })
+    }
+
+    fn flush<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            if self.read_only.get() {
+                return Ok(());
+            }
+            let mut m = self.meta.lock().await;
+            m.write_back(&file, true).await
+        })
+    }
+
+    fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(self.block_status_impl(node, offset, len))
+    }
+
+    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let r = self.truncate_impl(node, &file, size).await;
+            self.check(node, &file, r).await
+        })
+    }
+
+    fn prepare_writable<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            let was_dirty = m.h.incompatible & incompat::DIRTY != 0;
+            prepare_for_writing(&file, &mut m, was_dirty).await
+        })
+    }
+
+    fn close<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let file = Self::file(node)?;
+            self.close_impl(node, &file).await
+        })
+    }
+
+    fn child_perm(&self, name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
+        if name == "backing" {
+            let shared = if shared.contains(Perm::WRITE) {
+                Perm::WRITE | Perm::RESIZE
+            } else {
+                Perm::empty()
+            } | Perm::CONSISTENT_READ
+                | Perm::WRITE_UNCHANGED;
+            return (perm & Perm::CONSISTENT_READ, shared);
+        }
+        let mut p = perm | Perm::CONSISTENT_READ;
+        if !self.read_only.get() {
+            p |= Perm::WRITE | Perm::RESIZE;
+        }
+        (p, shared - (Perm::WRITE | Perm::RESIZE))
+    }
+
+    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+        let same = |key: &str| match (opts.get(key), node.child(key)) {
+            (Some(QObject::String(name)), Some(c)) => c.name() == name,
+            (None, _) => key != "file",
+            (Some(QObject::Null), None) => true,
+            _ => false,
+        };
+        if !same("file") {
+            return Err(Error::generic("Cannot change the option 'file'"));
+        }
+        if opts.get("backing").is_some() && !same("backing") {
+            return Err(Error::generic(
+                "Changing the backing file of a qcow2 node is not supported by ferrite yet",
+            ));
+        }
+        Ok(())
+    }
+
+    fn reopen_apply(&self, _node: &Node, _opts: &Args, read_only: bool) -> Result<(), Error> {
+        self.read_only.set(read_only);
+        Ok(())
+    }
+
+    fn format_specific(&self) -> Option<QDict> {
+        self.format_specific_info()
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.cs())
+    }
+
+    fn snapshots_info(&self) -> Vec<QDict> {
+        self.snapshots.borrow().iter().map(snapshot_info).collect()
+    }
+
+    fn snapshot_create<'a>(&'a self, node: &'a Node, name: &'a str) -> BoxFut<'a, QDict> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            let r = snapshot::create(&file, &mut m, name).await;
+            drop(m);
+            let s = self.check(node, &file, r).await?;
+            self.snapshots.borrow_mut().push(s.clone());
+            Ok(snapshot_info(&s))
+        })
+    }
+
+    fn snapshot_delete<'a>(
+        &'a self,
+        node: &'a Node,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> BoxFut<'a, Option<QDict>> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            let r = snapshot::delete(&file, &mut m, id, name).await;
+            drop(m);
+            let gone = self.check(node, &file, r).await?;
+            if let Some(s) = &gone {
+                self.snapshots.borrow_mut().retain(|x| x.id != s.id);
+            }
+            Ok(gone.as_ref().map(snapshot_info))
+        })
+    }
+
+    fn take_initial_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
+        std::mem::take(&mut *self.loaded.borrow_mut())
+    }
+
+    fn can_store_bitmaps(&self) -> Result<(), String> {
+        if self.version < 3 {
+            return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
+        }
+        Ok(())
+    }
+
+    fn is_passthrough(&self) -> bool {
+        true
+    }
+
+    fn backing_filename(&self) -> Option<(String, Option<String>)> {
+        self.backing.borrow().clone()
+    }
+
+    fn change_backing_file<'a>(
+        &'a self,
+        node: &'a Node,
+        name: Option<String>,
+        format: Option<String>,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            m.h.backing_file = name.clone();
+            m.h.set_extension(
+                header::EXT_BACKING_FORMAT,
+                format
+                    .clone()
+                    .filter(|_| name.is_some())
+                    .map(String::into_bytes),
+            );
+            m.write_header(&file).await?;
+            file.flush().await?;
+            *self.backing.borrow_mut() = name.map(|n| (n, format));
+            Ok(())
+        })
+    }
+
+    fn write_compressed<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let r = self.write_compressed_impl(node, &file, offset, &data).await;
+            self.check(node, &file, r).await
+        })
+    }
+
+    fn clean_caches(&self, now: Instant) {
+        let interval = self.clean_interval;
+        if interval.is_zero() || now.duration_since(self.last_clean.get()) < interval {
+            return;
+        }
+        // Busy metadata is in use anyway; try again at the next tick.
+        if let Ok(mut m) = self.meta.try_lock() {
+            m.drop_unused_tables();
+            self.last_clean.set(now);
+        }
+    }
+}

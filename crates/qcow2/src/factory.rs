@@ -1,0 +1,148 @@
+//! The `qcow2` driver's factory: opening a node (its file, data file and backing file),
+//! creating images, amending them, and probing for the format.
+
+use crate::CorruptionHook;
+use crate::meta::Corruption;
+use crate::{BackingSpec, Qcow2Driver, new_image};
+use ferrite_block::driver::Driver;
+use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::{QDict, QObject};
+use std::rc::Rc;
+
+/// `BLOCK_IMAGE_CORRUPTED` through `events`.
+pub(crate) fn corruption_event(events: Rc<dyn ferrite_block::EventSink>) -> CorruptionHook {
+    Rc::new(move |node: &Node, c: &Corruption, fatal: bool| {
+        let mut d = QDict::new()
+            .with("device", "")
+            .with("node-name", node.name())
+            .with("msg", c.msg.as_str());
+        d.insert_opt("offset", c.offset);
+        d.insert_opt("size", c.size);
+        d.insert("fatal", fatal);
+        events.emit("BLOCK_IMAGE_CORRUPTED", d);
+    })
+}
+
+/// The `qcow2` driver's factory.
+pub(crate) struct Qcow2Factory;
+
+impl DriverFactory for Qcow2Factory {
+    fn name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let opts = ctx.opts();
+            let read_only = ctx.settings().read_only;
+            let file = ctx.open_child("file").await?;
+            let drv =
+                Qcow2Driver::open(opts, &file, read_only, corruption_event(ctx.events())).await?;
+            open_data_file(ctx, &drv, read_only).await?;
+            ctx.take_position_now();
+            match opts.get("backing") {
+                Some(QObject::Null) => {}
+                Some(v) => {
+                    let v = v.clone();
+                    ctx.open_child_ref("backing", &v).await?;
+                }
+                None => {
+                    if let Some(spec) = drv.backing_spec() {
+                        open_backing(ctx, &file, spec).await?;
+                    }
+                }
+            }
+            Ok(Box::new(drv) as Box<dyn Driver>)
+        })
+    }
+
+    fn can_create(&self) -> bool {
+        true
+    }
+
+    fn create<'a>(&'a self, graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
+        Box::pin(new_image::create(graph, opts))
+    }
+
+    fn can_amend(&self) -> bool {
+        true
+    }
+
+    fn amend<'a>(&'a self, _node: &'a Rc<Node>, opts: &'a Args) -> LocalFut<'a, ()> {
+        // QEMU amends only encryption, and ferrite opens no encrypted image.
+        Box::pin(async move {
+            if opts.get("encrypt").is_some() {
+                return Err(Error::generic("image is not encrypted, can't amend"));
+            }
+            Ok(())
+        })
+    }
+
+    fn probe(&self, head: &[u8]) -> bool {
+        head.starts_with(b"QFI\xfb")
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+}
+
+/// The external data file of an image: the `data-file` option, or the file the header
+/// names (relative to the working directory, as QEMU takes it).
+async fn open_data_file(
+    ctx: &mut OpenCtx<'_>,
+    drv: &Qcow2Driver,
+    read_only: bool,
+) -> Result<(), Error> {
+    let opts = ctx.opts();
+    let Some(spec) = drv.data_file() else {
+        if opts.get("data-file").is_some() {
+            return Err(Error::generic(
+                "'data-file' can only be set for images with an external data file",
+            ));
+        }
+        return Ok(());
+    };
+    if let Some(v) = opts.get("data-file") {
+        let v = v.clone();
+        return ctx.open_child_ref("data-file", &v).await.map(drop);
+    }
+    let name = spec
+        .name
+        .ok_or_else(|| Error::generic("'data-file' is required for this image"))?;
+    let file_opts = QDict::new()
+        .with("driver", "file")
+        .with("filename", name.as_str())
+        .with("read-only", read_only);
+    ctx.open_child_opts("data-file", file_opts).await.map(drop)
+}
+
+/// Opens the backing file the header names: its path relative to the image's, its format
+/// from the header or probed, read-only.
+async fn open_backing(ctx: &mut OpenCtx<'_>, file: &Child, spec: BackingSpec) -> Result<(), Error> {
+    let path = ferrite_block::filename::backing_path(&file.node().filename(), &spec.filename)?;
+    let failed = |e: Error| {
+        Error::generic(format!(
+            "Could not open backing file: Could not open '{path}': {}",
+            e.desc
+        ))
+    };
+    let format = match spec.format {
+        Some(f) => f,
+        None => ctx.probe(&path).await.map_err(failed)?.to_owned(),
+    };
+    if ctx.graph().registry().get(&format).is_none() {
+        return Err(Error::generic(format!(
+            "Could not open backing file: Unknown driver '{format}'"
+        )));
+    }
+    ctx.open_image("backing", &path, &format, true)
+        .await
+        .map(drop)
+        .map_err(failed)
+}

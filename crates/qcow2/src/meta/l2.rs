@@ -1,0 +1,143 @@
+//! The active L1 table and the L2 tables: looking entries up, getting a table ready to be
+//! changed (allocated, or copied when a snapshot shares it), growing the L1 table.
+
+use super::{FreeKind, Meta, eio, get_be64, put_be64, read_at};
+use crate::format::entry::{self, OFFSET_MASK};
+use ferrite_block::Child;
+use ferrite_block::driver::ReqFlags;
+use std::io;
+
+impl Meta {
+    /// The L2 table offset for L1 index `i`, checked; `None` when unallocated.
+    pub(super) fn l2_offset(&mut self, i: usize) -> io::Result<Option<(u64, bool)>> {
+        let e = self.l1.get(i).copied().unwrap_or(0);
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if off % self.cs() != 0 {
+            return Err(self.corruption(
+                format!("L2 table offset {off:#x} unaligned (L1 index: {i:#x})"),
+                Some(off),
+                None,
+            ));
+        }
+        Ok(Some((off, e & entry::COPIED != 0)))
+    }
+
+    /// Makes sure the L2 table at `off` is cached.
+    pub(super) async fn load_l2(&mut self, file: &Child, off: u64) -> io::Result<()> {
+        if self.l2.get(off).is_some() {
+            return Ok(());
+        }
+        self.check_in_file(file, off, "L2 table")?;
+        let data = read_at(file, off, self.cs() as usize).await?;
+        self.make_room(file, true).await?;
+        self.l2.insert(off, data, false);
+        Ok(())
+    }
+
+    /// The L2 entry (first word, and the subcluster bitmap with extended L2) of guest
+    /// cluster `gc`.
+    pub(crate) async fn l2_entry(&mut self, file: &Child, gc: u64) -> io::Result<(u64, u64)> {
+        let per = self.l2_entries();
+        let Some((off, _)) = self.l2_offset((gc / per) as usize)? else {
+            return Ok((0, 0));
+        };
+        self.load_l2(file, off).await?;
+        let idx = (gc % per) as usize;
+        let t = self.l2.get(off).unwrap_or(&[]);
+        if self.h.extended_l2() {
+            Ok((get_be64(t, 2 * idx), get_be64(t, 2 * idx + 1)))
+        } else {
+            Ok((get_be64(t, idx), 0))
+        }
+    }
+
+    /// The L2 table for guest cluster `gc`, ready to be changed: allocated if missing,
+    /// copied if shared with a snapshot. Returns its offset and the entry index.
+    pub(crate) async fn l2_for_write(&mut self, file: &Child, gc: u64) -> io::Result<(u64, usize)> {
+        let per = self.l2_entries();
+        let i = (gc / per) as usize;
+        if i >= self.l1.len() {
+            return Err(eio());
+        }
+        let idx = (gc % per) as usize;
+        match self.l2_offset(i)? {
+            Some((off, true)) => {
+                self.load_l2(file, off).await?;
+                Ok((off, idx))
+            }
+            old => {
+                let data = match old {
+                    Some((off, _)) => {
+                        self.load_l2(file, off).await?;
+                        self.l2.bytes(off).unwrap_or_default()
+                    }
+                    None => vec![0u8; self.cs() as usize],
+                };
+                let new = self.alloc(file, 1).await?;
+                // The new table's refcount first, then the table, then the L1 entry.
+                self.write_refblocks(file).await?;
+                file.write(new, data.clone(), ReqFlags::empty()).await?;
+                self.make_room(file, true).await?;
+                self.l2.insert(new, data, false);
+                self.set_l1(file, i, new | entry::COPIED).await?;
+                if let Some((off, _)) = old {
+                    self.free(off, 1, FreeKind::Other);
+                }
+                Ok((new, idx))
+            }
+        }
+    }
+
+    /// Sets L1 entry `i` and writes it through.
+    pub(crate) async fn set_l1(&mut self, file: &Child, i: usize, v: u64) -> io::Result<()> {
+        self.l1[i] = v;
+        let at = self.h.l1_table_offset + i as u64 * 8;
+        file.write(at, v.to_be_bytes().to_vec(), ReqFlags::empty())
+            .await
+    }
+
+    /// Sets an L2 entry of a table returned by [`Meta::l2_for_write`].
+    pub(crate) fn set_l2(&mut self, table: u64, idx: usize, e: u64, bitmap: u64) {
+        let ext = self.h.extended_l2();
+        if let Some(t) = self.l2.get_mut(table) {
+            if ext {
+                put_be64(t, 2 * idx, e);
+                put_be64(t, 2 * idx + 1, bitmap);
+            } else {
+                put_be64(t, idx, e);
+            }
+        }
+    }
+
+    /// Replaces the L1 table with one of `entries` entries (bigger), in new clusters.
+    pub(crate) async fn grow_l1(&mut self, file: &Child, entries: u64) -> io::Result<()> {
+        if entries * 8 > crate::format::header::MAX_L1_BYTES {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let cs = self.cs();
+        let clusters = (entries * 8).div_ceil(cs);
+        let new = self.alloc(file, clusters).await?;
+        let mut l1 = self.l1.clone();
+        l1.resize(entries as usize, 0);
+        let mut bytes = vec![0u8; (clusters * cs) as usize];
+        for (i, e) in l1.iter().enumerate() {
+            put_be64(&mut bytes, i, *e);
+        }
+        self.write_refblocks(file).await?;
+        file.write(new, bytes, ReqFlags::empty()).await?;
+        file.flush().await?;
+        let old_off = self.h.l1_table_offset;
+        let old_clusters = (u64::from(self.h.l1_size) * 8).div_ceil(cs);
+        self.h.l1_table_offset = new;
+        self.h.l1_size = entries as u32;
+        self.l1 = l1;
+        self.write_header(file).await?;
+        if old_clusters > 0 && old_off != 0 {
+            self.free(old_off, old_clusters, FreeKind::Other);
+        }
+        Ok(())
+    }
+}

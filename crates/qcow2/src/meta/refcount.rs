@@ -1,0 +1,344 @@
+//! Refcounts and allocation: refcount blocks and the refcount table (grown and moved as
+//! needed, in an order a crash leaves consistent), finding free clusters, and frees that
+//! wait until no table on disk points to them.
+
+use super::get_refcount;
+use super::set_refcount;
+use super::{FreeKind, Meta, put_be64, read_at};
+use crate::format::header::MAX_REFTABLE_BYTES;
+use ferrite_block::Child;
+use ferrite_block::driver::ReqFlags;
+use std::io;
+
+impl Meta {
+    pub(super) fn refblock_offset(&mut self, b: u64) -> io::Result<Option<u64>> {
+        let e = self.reftable.get(b as usize).copied().unwrap_or(0);
+        let off = e & !0x1ff;
+        if off == 0 {
+            return Ok(None);
+        }
+        if off % self.cs() != 0 {
+            return Err(self.corruption(
+                format!("Refblock offset {off:#x} unaligned (reftable index: {b:#x})"),
+                Some(off),
+                None,
+            ));
+        }
+        Ok(Some(off))
+    }
+
+    pub(super) async fn load_refblock(&mut self, file: &Child, off: u64) -> io::Result<()> {
+        if self.rb.get(off).is_some() {
+            return Ok(());
+        }
+        self.check_in_file(file, off, "Refcount block")?;
+        let data = read_at(file, off, self.cs() as usize).await?;
+        self.make_room(file, false).await?;
+        self.rb.insert(off, data, false);
+        Ok(())
+    }
+
+    /// The refcount of host cluster index `c`.
+    pub(crate) async fn refcount(&mut self, file: &Child, c: u64) -> io::Result<u64> {
+        let per = self.refcounts_per_block();
+        let Some(off) = self.refblock_offset(c / per)? else {
+            return Ok(0);
+        };
+        self.load_refblock(file, off).await?;
+        let order = self.h.refcount_order;
+        Ok(get_refcount(
+            self.rb.get(off).unwrap_or(&[]),
+            (c % per) as usize,
+            order,
+        ))
+    }
+
+    /// Adds `delta` to the refcount of host cluster index `c`.
+    pub(crate) async fn update_refcount(
+        &mut self,
+        file: &Child,
+        c: u64,
+        delta: i64,
+    ) -> io::Result<u64> {
+        let per = self.refcounts_per_block();
+        let b = c / per;
+        let off = match self.refblock_offset(b)? {
+            Some(o) => o,
+            None if delta > 0 => self.new_refblock(file, b, None).await?,
+            None => {
+                return Err(self.corruption(
+                    format!("Cannot decrease refcount of cluster {c:#x} below 0"),
+                    Some(c * self.cs()),
+                    None,
+                ));
+            }
+        };
+        self.load_refblock(file, off).await?;
+        let order = self.h.refcount_order;
+        let max = self.max_refcount();
+        let i = (c % per) as usize;
+        let old = get_refcount(self.rb.get(off).unwrap_or(&[]), i, order);
+        let new = if delta >= 0 {
+            old.checked_add(delta as u64).filter(|&v| v <= max)
+        } else {
+            old.checked_sub(delta.unsigned_abs())
+        };
+        let Some(new) = new else {
+            if delta < 0 {
+                return Err(self.corruption(
+                    format!("Cannot decrease refcount of cluster {c:#x} below 0"),
+                    Some(c * self.cs()),
+                    None,
+                ));
+            }
+            return Err(io::Error::from_raw_os_error(libc::ERANGE));
+        };
+        if let Some(t) = self.rb.get_mut(off) {
+            set_refcount(t, i, order, new);
+        }
+        if new == 0 && c < self.free_hint {
+            self.free_hint = c;
+        }
+        Ok(new)
+    }
+
+    /// A new refcount block for block index `b`, placed at the first cluster it describes
+    /// (free, since nothing counts it yet) so that it counts itself.
+    pub(super) async fn new_refblock(
+        &mut self,
+        file: &Child,
+        b: u64,
+        at: Option<u64>,
+    ) -> io::Result<u64> {
+        let per = self.refcounts_per_block();
+        let cs = self.cs();
+        let at = at.unwrap_or(b * per * cs);
+        let mut data = vec![0u8; cs as usize];
+        set_refcount(
+            &mut data,
+            (at / cs - b * per) as usize,
+            self.h.refcount_order,
+            1,
+        );
+        if b as usize >= self.reftable.len() {
+            Box::pin(self.grow_reftable(file, b + 1)).await?;
+            // Growing may itself have created this block.
+            if let Some(off) = self.refblock_offset(b)? {
+                return Ok(off);
+            }
+        }
+        self.place_refblock(file, at, data).await?;
+        self.point_reftable(file, b, at).await?;
+        Ok(at)
+    }
+
+    /// Writes a new refcount block at `at` and caches it.
+    pub(super) async fn place_refblock(
+        &mut self,
+        file: &Child,
+        at: u64,
+        data: Vec<u8>,
+    ) -> io::Result<()> {
+        file.write(at, data.clone(), ReqFlags::empty()).await?;
+        self.make_room(file, false).await?;
+        self.rb.insert(at, data, false);
+        self.refblocks.insert(at);
+        Ok(())
+    }
+
+    /// Points refcount table entry `b` at the block at `at`, on disk too.
+    pub(super) async fn point_reftable(&mut self, file: &Child, b: u64, at: u64) -> io::Result<()> {
+        self.reftable[b as usize] = at;
+        let entry_at = self.h.refcount_table_offset + b * 8;
+        file.write(entry_at, at.to_be_bytes().to_vec(), ReqFlags::empty())
+            .await
+    }
+
+    /// A new refcount block for block index `b` that counts the clusters of `run` in it.
+    pub(super) fn block_counting(&self, b: u64, run: std::ops::Range<u64>) -> Vec<u8> {
+        let per = self.refcounts_per_block();
+        let mut data = vec![0u8; self.cs() as usize];
+        for c in run.filter(|c| c / per == b) {
+            set_refcount(&mut data, (c % per) as usize, self.h.refcount_order, 1);
+        }
+        data
+    }
+
+    /// Free space for `n` clusters followed by one refcount block for each block index the
+    /// whole run touches that has none yet. Returns the start and those block indexes.
+    pub(super) async fn find_run(&mut self, file: &Child, n: u64) -> io::Result<(u64, Vec<u64>)> {
+        let per = self.refcounts_per_block();
+        let mut extra = 0u64;
+        loop {
+            let total = n + extra;
+            let start = self.find_free(file, total).await?;
+            let missing: Vec<u64> = (start / per..=(start + total - 1) / per)
+                .filter(|&b| self.reftable.get(b as usize).copied().unwrap_or(0) == 0)
+                .collect();
+            if missing.len() as u64 == extra {
+                return Ok((start, missing));
+            }
+            extra = missing.len() as u64;
+        }
+    }
+
+    /// Replaces the refcount table with a bigger one of at least `min_entries`, placed past
+    /// everything in use together with the refcount blocks that count it.
+    pub(super) async fn grow_reftable(&mut self, file: &Child, min_entries: u64) -> io::Result<()> {
+        let entries = min_entries.max(self.reftable.len() as u64 * 3 / 2);
+        self.relocate_reftable(file, entries).await
+    }
+
+    /// Writes the refcount table anew, with at least `entries` entries, past everything in
+    /// use, together with the refcount blocks that count it; the old table is freed.
+    pub(crate) async fn relocate_reftable(&mut self, file: &Child, entries: u64) -> io::Result<()> {
+        let cs = self.cs();
+        let per_cluster = cs / 8;
+        let per = self.refcounts_per_block();
+        let mut entries = entries.max(self.reftable.len() as u64);
+        let (start, table_clusters, new_blocks) = loop {
+            let table_clusters = entries.div_ceil(per_cluster);
+            let (start, missing) = self.find_run(file, table_clusters).await?;
+            let need = missing.iter().max().map_or(0, |&b| b + 1);
+            if need <= table_clusters * per_cluster {
+                break (start, table_clusters, missing);
+            }
+            entries = need.max(entries + per_cluster);
+        };
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let mut table = self.reftable.clone();
+        table.resize((table_clusters * per_cluster) as usize, 0);
+        // Layout: the table, then the new refcount blocks.
+        let run = start..start + table_clusters + new_blocks.len() as u64;
+        for (k, &b) in new_blocks.iter().enumerate() {
+            let at = (start + table_clusters + k as u64) * cs;
+            table[b as usize] = at;
+            let data = self.block_counting(b, run.clone());
+            self.place_refblock(file, at, data).await?;
+        }
+        for c in run.filter(|c| !new_blocks.contains(&(c / per))) {
+            self.update_refcount(file, c, 1).await?;
+        }
+        self.write_refblocks(file).await?;
+        let mut bytes = vec![0u8; (table_clusters * cs) as usize];
+        for (i, e) in table.iter().enumerate() {
+            put_be64(&mut bytes, i, *e);
+        }
+        file.write(start * cs, bytes, ReqFlags::empty()).await?;
+        file.flush().await?;
+        let old_off = self.h.refcount_table_offset;
+        let old_clusters = u64::from(self.h.refcount_table_clusters);
+        self.h.refcount_table_offset = start * cs;
+        self.h.refcount_table_clusters = table_clusters as u32;
+        self.reftable = table;
+        self.write_header(file).await?;
+        for c in 0..old_clusters {
+            self.update_refcount(file, old_off / cs + c, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// First cluster index of `n` free clusters in a row.
+    pub(super) async fn find_free(&mut self, file: &Child, n: u64) -> io::Result<u64> {
+        let per = self.refcounts_per_block();
+        let mut start = self.free_hint;
+        let mut c = start;
+        while c < start + n {
+            let b = c / per;
+            if self.refblock_offset(b)?.is_none() {
+                // A whole block's worth of free clusters.
+                c = (b + 1) * per;
+                continue;
+            }
+            if self.refcount(file, c).await? == 0 {
+                c += 1;
+            } else {
+                c += 1;
+                start = c;
+            }
+        }
+        if n == 1 || start == self.free_hint {
+            // Everything before `start` is in use.
+            self.free_hint = start;
+        }
+        Ok(start)
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1 each); returns the host offset.
+    ///
+    /// Ranges without a refcount block get one right after the run, filled in before the
+    /// refcount table points to it, so the run stays contiguous whatever the cluster size.
+    pub(crate) async fn alloc(&mut self, file: &Child, n: u64) -> io::Result<u64> {
+        let per = self.refcounts_per_block();
+        let cs = self.cs();
+        loop {
+            let (start, missing) = self.find_run(file, n).await?;
+            if let Some(&top) = missing.last()
+                && top as usize >= self.reftable.len()
+            {
+                Box::pin(self.grow_reftable(file, top + 1)).await?;
+                continue;
+            }
+            let total = n + missing.len() as u64;
+            // Every new block is on disk, complete, before the table points to any of them.
+            for (k, &b) in missing.iter().enumerate() {
+                let data = self.block_counting(b, start..start + total);
+                self.place_refblock(file, (start + n + k as u64) * cs, data)
+                    .await?;
+            }
+            for (k, &b) in missing.iter().enumerate() {
+                self.point_reftable(file, b, (start + n + k as u64) * cs)
+                    .await?;
+            }
+            for c in start..start + total {
+                if !missing.contains(&(c / per)) {
+                    self.update_refcount(file, c, 1).await?;
+                }
+            }
+            if self.free_hint == start {
+                self.free_hint = start + total;
+            }
+            return Ok(start * cs);
+        }
+    }
+
+    /// Sets the refcount of cluster `c` to `want` (repair). A missing refcount block goes to
+    /// a cluster of its range that nothing references (`refs`).
+    pub(crate) async fn set_refcount_value(
+        &mut self,
+        file: &Child,
+        c: u64,
+        want: u64,
+        refs: &std::collections::HashMap<u64, u64>,
+    ) -> io::Result<()> {
+        let per = self.refcounts_per_block();
+        let b = c / per;
+        if self.refblock_offset(b)?.is_none() {
+            let spot = (b * per..(b + 1) * per)
+                .find(|k| *k != c && !refs.contains_key(k))
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC))?;
+            self.new_refblock(file, b, Some(spot * self.cs())).await?;
+        }
+        let have = self.refcount(file, c).await?;
+        self.update_refcount(file, c, want as i64 - have as i64)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether a refcount block lives at `offset`.
+    pub(crate) fn is_refblock(&self, offset: u64) -> bool {
+        self.refblocks.contains(&offset)
+    }
+
+    /// Drops one reference to `n` clusters at `host` once the tables are written back.
+    pub(crate) fn free(&mut self, host: u64, n: u64, kind: FreeKind) {
+        self.pending_frees.push((host, n, kind));
+    }
+
+    /// Whether enough frees wait that a write-back is worth it.
+    pub(crate) fn frees_pending(&self) -> usize {
+        self.pending_frees.len()
+    }
+}

@@ -1,0 +1,109 @@
+//! Writing metadata back in the order crash safety needs: refcount blocks before the L2
+//! tables that depend on them, tables before the frees they allow, the header last.
+
+use super::{FreeKind, Meta};
+use crate::cache::TableCache;
+use ferrite_block::Child;
+use ferrite_block::driver::ReqFlags;
+use std::io;
+
+/// Writes a cache's dirty tables back; whether there were any.
+pub(super) async fn write_dirty(cache: &mut TableCache, file: &Child) -> io::Result<bool> {
+    let dirty = cache.dirty();
+    for off in &dirty {
+        if let Some(bytes) = cache.bytes(*off) {
+            file.write(*off, bytes, ReqFlags::empty()).await?;
+        }
+        cache.mark_clean(*off);
+    }
+    Ok(!dirty.is_empty())
+}
+
+impl Meta {
+    /// Makes room in a cache of tables, writing a dirty victim back (L2 tables only after
+    /// the refcount blocks they depend on).
+    pub(super) async fn make_room(&mut self, file: &Child, l2: bool) -> io::Result<()> {
+        let cache = if l2 { &self.l2 } else { &self.rb };
+        if !cache.is_full() {
+            return Ok(());
+        }
+        let Some((victim, dirty)) = cache.victim() else {
+            return Ok(());
+        };
+        if dirty {
+            if l2 {
+                self.write_refblocks(file).await?;
+            }
+            let cache = if l2 { &mut self.l2 } else { &mut self.rb };
+            if let Some(bytes) = cache.bytes(victim) {
+                file.write(victim, bytes, ReqFlags::empty()).await?;
+            }
+        }
+        let cache = if l2 { &mut self.l2 } else { &mut self.rb };
+        cache.remove(victim);
+        Ok(())
+    }
+
+    pub(super) async fn write_refblocks(&mut self, file: &Child) -> io::Result<bool> {
+        write_dirty(&mut self.rb, file).await
+    }
+
+    pub(super) async fn write_l2_tables(&mut self, file: &Child) -> io::Result<bool> {
+        write_dirty(&mut self.l2, file).await
+    }
+
+    /// Writes every dirty table back in a safe order and applies the waiting frees; `sync`
+    /// makes it durable.
+    pub(crate) async fn write_back(&mut self, file: &Child, sync: bool) -> io::Result<()> {
+        let rb_written = self.write_refblocks(file).await?;
+        if rb_written && sync && !self.l2.dirty().is_empty() {
+            file.flush().await?;
+        }
+        let l2_written = self.write_l2_tables(file).await?;
+        if !self.pending_frees.is_empty() {
+            if l2_written {
+                file.flush().await?;
+            }
+            let frees = std::mem::take(&mut self.pending_frees);
+            let cs = self.cs();
+            for (host, n, kind) in frees {
+                let mut punch = Vec::new();
+                for c in host / cs..host / cs + n {
+                    if self.update_refcount(file, c, -1).await? == 0 {
+                        self.l2.remove(c * cs);
+                        punch.push(c);
+                    }
+                }
+                let pass = match kind {
+                    FreeKind::Request => self.pass_discard_request,
+                    FreeKind::Other => self.pass_discard_other,
+                };
+                if pass {
+                    for c in punch {
+                        let _ = file.discard(c * cs, cs).await;
+                    }
+                }
+            }
+            self.write_refblocks(file).await?;
+        }
+        if sync {
+            file.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites cluster 0 from the header.
+    pub(crate) async fn write_header(&mut self, file: &Child) -> io::Result<()> {
+        let bytes = self
+            .h
+            .serialize()
+            .map_err(|_| io::Error::from_raw_os_error(libc::ENOSPC))?;
+        file.write(0, bytes, ReqFlags::empty()).await
+    }
+
+    /// Drops clean cached tables unused since the last cleaning (`cache-clean-interval`).
+    pub(crate) fn drop_unused_tables(&mut self) {
+        self.l2.drop_unused();
+        self.rb.drop_unused();
+    }
+}

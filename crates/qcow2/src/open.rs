@@ -1,0 +1,225 @@
+//! Opening an image (QEMU: `qcow2_do_open`): the header parsed, the options checked in
+//! QEMU's order (lazy refcounts, cache sizes, cache cleaning, discard passing), the
+//! metadata loaded, the snapshot table and persistent bitmaps read, and an image opened
+//! read-write made ready for writing (a dirty one repaired first).
+
+use crate::claims::Claims;
+use crate::compress::Codec;
+use crate::format::header::{Header, autoclear, compat, incompat};
+use crate::meta::{Meta, read_at};
+use crate::{CorruptionHook, DataFile, Qcow2Driver, bitmaps, repair};
+use ferrite_block::Child;
+use ferrite_qapi::{Args, Error};
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::time::{Duration, Instant};
+
+/// Default L2 cache limit (QEMU: `DEFAULT_L2_CACHE_MAX_SIZE`).
+const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+/// Seconds between cache cleanings unless `cache-clean-interval` says otherwise.
+const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
+
+fn open_err(e: &io::Error) -> Error {
+    Error::generic(format!(
+        "Could not read qcow2 header: {}",
+        ferrite_qapi::os_msg(e)
+    ))
+}
+
+impl Qcow2Driver {
+    /// Opens the image on `file`.
+    pub(crate) async fn open(
+        args: &Args,
+        file: &Child,
+        read_only: bool,
+        on_corruption: CorruptionHook,
+    ) -> Result<Qcow2Driver, Error> {
+        let probe = read_at(file, 0, Header::PROBE_LEN)
+            .await
+            .map_err(|e| open_err(&e))?;
+        let bits = Header::probe_cluster_bits(&probe)?;
+        let cs = 1u64 << bits;
+        let first = read_at(file, 0, cs.min(file.len().max(512)) as usize)
+            .await
+            .map_err(|e| open_err(&e))?;
+        let h = Header::parse(&first, file.len())?;
+        if h.crypt_method != 0 {
+            return Err(Error::generic(
+                "Encrypted qcow2 images are not supported by ferrite",
+            ));
+        }
+        let data_file = if h.incompatible & incompat::DATA_FILE != 0 {
+            if !read_only {
+                return Err(Error::generic(
+                    "ferrite opens qcow2 images with an external data file read-only only (for now); set 'read-only': true",
+                ));
+            }
+            Some(DataFile {
+                name: h.data_file_name(),
+                raw: h.autoclear & autoclear::DATA_FILE_RAW != 0,
+            })
+        } else {
+            None
+        };
+        if h.incompatible & incompat::CORRUPT != 0 && !read_only {
+            return Err(Error::generic(
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        let lazy_opt = args.opt_bool("lazy-refcounts");
+        if lazy_opt == Some(true) && h.version < 3 {
+            return Err(Error::generic(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
+        let lazy = lazy_opt.unwrap_or(h.compatible & compat::LAZY_REFCOUNTS != 0);
+        let (l2_tables, rb_tables) = cache_sizes(args, &h)?;
+        let clean_interval = clean_interval(args)?;
+        let codec = if h.compression_type == 1 {
+            Codec::Zstd
+        } else {
+            Codec::Deflate
+        };
+        let backing = h.backing_file.clone().map(|f| (f, h.backing_format()));
+        let version = h.version;
+        let extended = h.extended_l2();
+        let size = h.size;
+        let was_dirty = h.incompatible & incompat::DIRTY != 0;
+        let mut meta = Meta::load(file, h, l2_tables, rb_tables)
+            .await
+            .map_err(|e| open_err(&e))?;
+        let discard_unmap = args.opt_str("discard") == Some("unmap");
+        meta.pass_discard_request = args
+            .opt_bool("pass-discard-request")
+            .unwrap_or(discard_unmap);
+        meta.pass_discard_other = args.opt_bool("pass-discard-other").unwrap_or(false);
+        let snapshots = crate::format::snapshot_table::read(file, &meta.h)
+            .await
+            .map(|(l, _)| l)
+            .unwrap_or_default();
+        let loaded = bitmaps::load(file, &mut meta).await.map_err(|e| {
+            Error::generic(format!(
+                "Could not load the bitmaps of the image: {}",
+                ferrite_qapi::os_msg(&e)
+            ))
+        })?;
+        if !read_only {
+            prepare_for_writing(file, &mut meta, was_dirty)
+                .await
+                .map_err(|e| open_err(&e))?;
+        }
+        Ok(Qcow2Driver {
+            meta: tokio::sync::Mutex::new(meta),
+            claims: Claims::default(),
+            size: Cell::new(size),
+            cluster_bits: bits,
+            extended,
+            version,
+            codec,
+            read_only: Cell::new(read_only),
+            dead: Cell::new(false),
+            lazy_refcounts: lazy,
+            discard_no_unref: args.opt_bool("discard-no-unref").unwrap_or(false),
+            dirty_set: Cell::new(false),
+            backing: RefCell::new(backing),
+            on_corruption,
+            snapshots: RefCell::new(snapshots),
+            clean_interval,
+            last_clean: Cell::new(Instant::now()),
+            data_file,
+            loaded: RefCell::new(loaded),
+        })
+    }
+}
+
+/// Before the first write: repair a dirty image, drop autoclear bits we do not know, and
+/// mark persistent bitmaps that writes would change as in use (QEMU then sees them as
+/// inconsistent, not stale).
+pub(crate) async fn prepare_for_writing(
+    file: &Child,
+    m: &mut Meta,
+    was_dirty: bool,
+) -> io::Result<()> {
+    let mut header_changed = false;
+    if was_dirty {
+        repair::rebuild_refcounts(file, m).await?;
+        m.h.incompatible &= !incompat::DIRTY;
+        header_changed = true;
+    }
+    if m.h.autoclear & !autoclear::KNOWN != 0 {
+        m.h.autoclear &= autoclear::KNOWN;
+        header_changed = true;
+    }
+    if m.h.autoclear & autoclear::BITMAPS != 0 {
+        repair::mark_bitmaps_in_use(file, m).await?;
+    }
+    if header_changed {
+        m.write_header(file).await?;
+        file.flush().await?;
+    }
+    Ok(())
+}
+
+/// `cache-clean-interval` in seconds; QEMU's default is ten minutes.
+fn clean_interval(args: &Args) -> Result<Duration, Error> {
+    match args.opt_i64("cache-clean-interval") {
+        None => Ok(Duration::from_secs(DEFAULT_CACHE_CLEAN_INTERVAL)),
+        Some(v) if v < 0 || v > i64::from(u32::MAX) => {
+            Err(Error::generic("Cache clean interval too big"))
+        }
+        Some(v) => Ok(Duration::from_secs(v as u64)),
+    }
+}
+
+/// Tables the L2 and refcount caches hold, from the options and the image (QEMU's rules).
+fn cache_sizes(args: &Args, h: &Header) -> Result<(usize, usize), Error> {
+    let cs = h.cluster_size();
+    let get = |k: &str| -> Result<Option<u64>, Error> {
+        match args.opt_i64(k) {
+            None => Ok(None),
+            Some(v) if v < 0 => Err(Error::generic(format!(
+                "Value '{v}' is out of range for parameter '{k}'"
+            ))),
+            Some(v) => Ok(Some(v as u64)),
+        }
+    };
+    let total = get("cache-size")?;
+    let l2 = get("l2-cache-size")?;
+    let rc = get("refcount-cache-size")?;
+    let per_l2 = cs / h.l2_entry_size();
+    let max_l2 = h.size.div_ceil(cs).div_ceil(per_l2) * cs;
+    let (l2, rc) = match (total, l2, rc) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err(Error::generic(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+            ));
+        }
+        (Some(t), Some(l), None) => {
+            if l > t {
+                return Err(Error::generic("l2-cache-size may not exceed cache-size"));
+            }
+            (l, t - l)
+        }
+        (Some(t), None, Some(r)) => {
+            if r > t {
+                return Err(Error::generic(
+                    "refcount-cache-size may not exceed cache-size",
+                ));
+            }
+            (t - r, r)
+        }
+        (Some(t), None, None) => {
+            let l = t
+                .min(max_l2)
+                .min(t.saturating_sub(4 * cs))
+                .max(t / 2)
+                .min(t);
+            (l, t - l)
+        }
+        (None, l, r) => (
+            l.unwrap_or(max_l2.min(DEFAULT_L2_CACHE_MAX)),
+            r.unwrap_or(4 * cs),
+        ),
+    };
+    Ok((((l2 / cs) as usize).max(2), ((rc / cs) as usize).max(4)))
+}

@@ -1,0 +1,159 @@
+//! The read path: guest bytes through the mapping (data clusters, compressed clusters,
+//! zero clusters, the backing file), and block status.
+
+use crate::Qcow2Driver;
+use crate::compress;
+use crate::map::Source;
+use crate::meta::read_at;
+use ferrite_block::Child;
+use ferrite_block::Node;
+use ferrite_block::driver::Extent;
+use std::io;
+
+impl Qcow2Driver {
+    /// Reads guest bytes through the current mapping (the request path, and the source of
+    /// copy-on-write data).
+    pub(crate) async fn read_guest(
+        &self,
+        node: &Node,
+        file: &Child,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Vec<u8>> {
+        let mut out: Option<Vec<u8>> = None;
+        let mut pos = 0usize;
+        while pos < len {
+            let (src, run) = {
+                let mut m = self.meta.lock().await;
+                m.map(file, offset + pos as u64, (len - pos) as u64).await?
+            };
+            let run = run as usize;
+            let piece = match src {
+                Source::Zero => None,
+                Source::Backing => self.read_backing(node, offset + pos as u64, run).await?,
+                Source::Data(host) => {
+                    // Data clusters live in the external data file when there is one.
+                    let data = node.edge("data-file");
+                    Some(read_at(data.as_deref().unwrap_or(file), host, run).await?)
+                }
+                Source::Compressed {
+                    offset: co,
+                    len: cl,
+                    skip,
+                } => {
+                    let cluster = self.read_compressed(file, co, cl).await?;
+                    Some(cluster[skip as usize..skip as usize + run].to_vec())
+                }
+            };
+            if pos == 0 && run == len {
+                return Ok(piece.unwrap_or_else(|| vec![0u8; len]));
+            }
+            let buf = out.get_or_insert_with(|| vec![0u8; len]);
+            if let Some(p) = piece {
+                buf[pos..pos + run].copy_from_slice(&p);
+            }
+            pos += run;
+        }
+        Ok(out.unwrap_or_default())
+    }
+
+    /// Bytes of the backing file (zeroes past its end or without one); `None` for zeroes.
+    pub(crate) async fn read_backing(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let Some(b) = node.edge("backing") else {
+            return Ok(None);
+        };
+        let blen = b.len();
+        if offset >= blen {
+            return Ok(None);
+        }
+        if offset + len as u64 <= blen {
+            return Ok(Some(b.read(offset, len).await?));
+        }
+        let mut v = vec![0u8; len];
+        let got = b.read(offset, (blen - offset) as usize).await?;
+        v[..got.len()].copy_from_slice(&got);
+        Ok(Some(v))
+    }
+
+    pub(crate) async fn read_compressed(
+        &self,
+        file: &Child,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<u8>> {
+        let raw = read_at(file, offset, len as usize).await?;
+        compress::decompress(self.codec, &raw, self.cs() as usize)
+    }
+
+    /// Whether a guest range is known to read as zeroes without reading it: one mapping
+    /// covers it, and that is a zero cluster or nothing over no backing data.
+    pub(crate) async fn known_zero(
+        &self,
+        node: &Node,
+        file: &Child,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        let (src, run) = {
+            let mut m = self.meta.lock().await;
+            m.map(file, offset, len).await?
+        };
+        Ok(run == len
+            && match src {
+                Source::Zero => true,
+                Source::Backing => node.child("backing").is_none_or(|b| offset >= b.len()),
+                _ => false,
+            })
+    }
+
+    /// The extent at `offset`: data, zeroes, or what the backing file has there.
+    pub(crate) async fn block_status_impl(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Extent> {
+        self.alive()?;
+        let file = Self::file(node)?;
+        let r = {
+            let mut m = self.meta.lock().await;
+            m.map(&file, offset, len).await
+        };
+        let (src, run) = self.check(node, &file, r).await?;
+        Ok(match src {
+            Source::Data(_) | Source::Compressed { .. } => Extent {
+                len: run,
+                data: true,
+                zero: false,
+                allocated: true,
+            },
+            Source::Zero => Extent {
+                len: run,
+                data: false,
+                zero: true,
+                allocated: true,
+            },
+            Source::Backing => match node.child("backing") {
+                Some(b) if offset < b.len() => {
+                    let run = run.min(b.len() - offset);
+                    let e = b.block_status(offset, run).await?;
+                    Extent {
+                        allocated: false,
+                        ..e
+                    }
+                }
+                _ => Extent {
+                    len: run,
+                    data: false,
+                    zero: true,
+                    allocated: false,
+                },
+            },
+        })
+    }
+}

@@ -1,0 +1,274 @@
+//! The write path: writes to allocated clusters in place, allocating writes with
+//! copy-on-write of the untouched parts (from a backing file or a snapshot's shared
+//! cluster), subcluster writes with extended L2, and the dirty bit of lazy refcounts.
+
+use crate::MAX_PENDING_FREES;
+use crate::Qcow2Driver;
+use crate::format::entry::{self, COPIED, Cluster, SUB_ALL_ALLOC};
+use crate::format::header::incompat;
+use crate::meta::{FreeKind, Meta};
+use ferrite_block::Child;
+use ferrite_block::Node;
+use ferrite_block::driver::ReqFlags;
+use std::io;
+
+impl Qcow2Driver {
+    pub(crate) async fn write_impl(
+        &self,
+        node: &Node,
+        file: &Child,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let cs = self.cs();
+        let len = data.len() as u64;
+        let _claim = self
+            .claims
+            .claim(offset / cs, (offset + len - 1) / cs)
+            .await;
+        let mut pos = 0u64;
+        while pos < len {
+            let off = offset + pos;
+            let gc = off / cs;
+            let in_off = off % cs;
+            let (e, bm) = {
+                let mut m = self.meta.lock().await;
+                m.l2_entry(file, gc).await?
+            };
+            let kind = entry::decode(e, self.cluster_bits, self.extended);
+            let n = (cs - in_off).min(len - pos);
+            match kind {
+                Cluster::Normal { host, copied: true } => {
+                    if self.extended {
+                        self.write_subclusters(
+                            node,
+                            file,
+                            gc,
+                            host,
+                            bm,
+                            in_off,
+                            &data[pos as usize..(pos + n) as usize],
+                        )
+                        .await?;
+                        pos += n;
+                        continue;
+                    }
+                    // In place; extend over following clusters mapped contiguously.
+                    let mut run = n;
+                    loop {
+                        if pos + run >= len {
+                            break;
+                        }
+                        let (e2, _) = {
+                            let mut m = self.meta.lock().await;
+                            m.l2_entry(file, gc + run.div_ceil(cs)).await?
+                        };
+                        match entry::decode(e2, self.cluster_bits, false) {
+                            Cluster::Normal {
+                                host: h2,
+                                copied: true,
+                            } if h2 == host + (in_off + run) => {}
+                            _ => break,
+                        }
+                        run += cs.min(len - pos - run);
+                    }
+                    {
+                        let mut m = self.meta.lock().await;
+                        m.check_data_cluster(file, gc, host)?;
+                        m.check_overlap(host + in_off, run)?;
+                    }
+                    file.write(
+                        host + in_off,
+                        data[pos as usize..(pos + run) as usize].to_vec(),
+                        ReqFlags::empty(),
+                    )
+                    .await?;
+                    pos += run;
+                }
+                _ => {
+                    // Allocate: this cluster and following ones that also need it.
+                    let mut clusters = 1u64;
+                    if !self.extended {
+                        while pos + (cs - in_off) + (clusters - 1) * cs < len {
+                            let (e2, _) = {
+                                let mut m = self.meta.lock().await;
+                                m.l2_entry(file, gc + clusters).await?
+                            };
+                            if matches!(
+                                entry::decode(e2, self.cluster_bits, false),
+                                Cluster::Normal { copied: true, .. }
+                            ) {
+                                break;
+                            }
+                            clusters += 1;
+                            if clusters * cs >= 32 << 20 {
+                                break;
+                            }
+                        }
+                    }
+                    let end = (gc + clusters) * cs;
+                    let n = end.min(offset + len) - off;
+                    self.write_allocating(
+                        node,
+                        file,
+                        gc,
+                        clusters,
+                        in_off,
+                        &data[pos as usize..(pos + n) as usize],
+                    )
+                    .await?;
+                    pos += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `in_off` of guest cluster `gc` and on into `clusters` clusters that
+    /// all get new host clusters, filling what the data does not cover from the old content.
+    pub(crate) async fn write_allocating(
+        &self,
+        node: &Node,
+        file: &Child,
+        gc: u64,
+        clusters: u64,
+        in_off: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        self.mark_dirty_once(file).await?;
+        let cs = self.cs();
+        let start = gc * cs;
+        let total = clusters * cs;
+        let data_end = in_off + data.len() as u64;
+        // A pooled buffer: every byte is written below.
+        let mut buf = ferrite_block::io::pool::take(total as usize);
+        // Head and tail from the old content (backing file, compressed data, shared cluster).
+        for (from, to) in [(0, in_off), (data_end, total)] {
+            if from >= to {
+                continue;
+            }
+            let part = &mut buf[from as usize..to as usize];
+            if self.known_zero(node, file, start + from, to - from).await? {
+                part.fill(0);
+                continue;
+            }
+            let old = self
+                .read_guest(node, file, start + from, (to - from) as usize)
+                .await?;
+            part.copy_from_slice(&old);
+        }
+        buf[in_off as usize..data_end as usize].copy_from_slice(data);
+        let host = {
+            let mut m = self.meta.lock().await;
+            m.alloc(file, clusters).await?
+        };
+        file.write(host, buf, ReqFlags::empty()).await?;
+        let mut m = self.meta.lock().await;
+        for k in 0..clusters {
+            let (table, idx) = m.l2_for_write(file, gc + k).await?;
+            let (old, _) = m.l2_entry(file, gc + k).await?;
+            let bitmap = if self.extended { SUB_ALL_ALLOC } else { 0 };
+            m.set_l2(table, idx, (host + k * cs) | COPIED, bitmap);
+            self.release_old(&mut m, old, FreeKind::Other);
+        }
+        self.maybe_write_back(file, &mut m).await
+    }
+
+    /// Drops this layer's reference to what an L2 entry pointed to.
+    pub(crate) fn release_old(&self, m: &mut Meta, old: u64, kind: FreeKind) {
+        let cs = self.cs();
+        match entry::decode(old, self.cluster_bits, self.extended) {
+            Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
+                m.free(host, 1, kind);
+            }
+            Cluster::Compressed { offset, len } => {
+                let (first, n) = entry::compressed_clusters(offset, len, cs);
+                m.free(first, n, kind);
+            }
+            _ => {}
+        }
+    }
+
+    pub(crate) async fn maybe_write_back(&self, file: &Child, m: &mut Meta) -> io::Result<()> {
+        if m.frees_pending() >= MAX_PENDING_FREES {
+            m.write_back(file, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Extended L2: writes into an allocated cluster whose touched subclusters may not all
+    /// be allocated yet; partial subclusters are completed from the old content.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn write_subclusters(
+        &self,
+        node: &Node,
+        file: &Child,
+        gc: u64,
+        host: u64,
+        bm: u64,
+        in_off: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let cs = self.cs();
+        let scs = cs / 32;
+        let end = in_off + data.len() as u64;
+        let first = (in_off / scs) as u32;
+        let last = (end.div_ceil(scs)) as u32;
+        let all_data = (first..last).all(|i| entry::sub_state(bm, i) == entry::Sub::Data);
+        {
+            let mut m = self.meta.lock().await;
+            m.check_data_cluster(file, gc, host)?;
+            m.check_overlap(host + in_off, data.len() as u64)?;
+        }
+        if all_data {
+            return file
+                .write(host + in_off, data.to_vec(), ReqFlags::empty())
+                .await;
+        }
+        let from = u64::from(first) * scs;
+        let to = u64::from(last) * scs;
+        let mut buf = vec![0u8; (to - from) as usize];
+        let start = gc * cs;
+        if from < in_off {
+            let old = self
+                .read_guest(node, file, start + from, (in_off - from) as usize)
+                .await?;
+            buf[..old.len()].copy_from_slice(&old);
+        }
+        if end < to {
+            let old = self
+                .read_guest(node, file, start + end, (to - end) as usize)
+                .await?;
+            let at = (end - from) as usize;
+            buf[at..].copy_from_slice(&old);
+        }
+        buf[(in_off - from) as usize..(end - from) as usize].copy_from_slice(data);
+        file.write(host + from, buf, ReqFlags::empty()).await?;
+        let mut m = self.meta.lock().await;
+        let (table, idx) = m.l2_for_write(file, gc).await?;
+        let (e, bm) = m.l2_entry(file, gc).await?;
+        m.set_l2(
+            table,
+            idx,
+            e,
+            entry::sub_set(bm, first, last, entry::Sub::Data),
+        );
+        Ok(())
+    }
+
+    /// With lazy refcounts, the dirty bit goes on disk before the first data cluster is
+    /// allocated (where QEMU defers refcount updates).
+    pub(crate) async fn mark_dirty_once(&self, file: &Child) -> io::Result<()> {
+        if !self.lazy_refcounts || self.dirty_set.get() {
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        if m.h.incompatible & incompat::DIRTY == 0 {
+            m.h.incompatible |= incompat::DIRTY;
+            m.write_header(file).await?;
+            file.flush().await?;
+        }
+        self.dirty_set.set(true);
+        Ok(())
+    }
+}
