@@ -10,11 +10,11 @@
 
 use crate::child::{Child, RootParent, Vertex, VertexKind};
 use crate::driver::{Extent, ReqFlags};
+use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::Node;
 use crate::perm::Perm;
 use crate::stats::{IoKind, Stats};
-use ferrite_qapi::Error;
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -167,12 +167,7 @@ impl BlockBackend {
     ///
     /// # Errors
     /// A permission conflict anywhere below, or a lock held by another process.
-    pub fn new(
-        graph: &Rc<Graph>,
-        node: &Rc<Node>,
-        perm: Perm,
-        shared: Perm,
-    ) -> Result<Rc<Self>, Error> {
+    pub fn new(graph: &Rc<Graph>, node: &Rc<Node>, perm: Perm, shared: Perm) -> Result<Rc<Self>> {
         let blk = Self::new_empty(graph);
         blk.insert(node, perm, shared)?;
         Ok(blk)
@@ -208,7 +203,7 @@ impl BlockBackend {
     ///
     /// # Errors
     /// A permission conflict; nothing changes then.
-    pub fn insert(&self, node: &Rc<Node>, perm: Perm, shared: Perm) -> Result<(), Error> {
+    pub fn insert(&self, node: &Rc<Node>, perm: Perm, shared: Perm) -> Result<()> {
         let graph = self.graph()?;
         let me: Weak<dyn RootParent> = self.me.clone();
         let edge = graph.attach_root(node, me, "root", perm, shared)?;
@@ -228,10 +223,8 @@ impl BlockBackend {
         }
     }
 
-    fn graph(&self) -> Result<Rc<Graph>, Error> {
-        self.graph
-            .upgrade()
-            .ok_or_else(|| Error::generic("The block graph is gone"))
+    fn graph(&self) -> Result<Rc<Graph>> {
+        self.graph.upgrade().ok_or(Error::GraphGone)
     }
 
     /// The node the backend uses now (it follows the node when the graph replaces it).
@@ -248,7 +241,7 @@ impl BlockBackend {
     ///
     /// # Errors
     /// A permission conflict; nothing changes then.
-    pub fn set_perm(&self, perm: Perm, shared: Perm) -> Result<(), Error> {
+    pub fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
         let Some(edge) = self.root() else {
             return Ok(());
         };

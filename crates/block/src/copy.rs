@@ -45,11 +45,9 @@ pub fn cluster_size_for(target: &Node) -> u64 {
 ///
 /// # Errors
 /// QEMU's text for other values.
-pub fn min_cluster_size(v: Option<u64>) -> Result<u64, ferrite_qapi::Error> {
+pub fn min_cluster_size(v: Option<u64>) -> crate::Result<u64> {
     match v {
-        Some(v) if v != 0 && !v.is_power_of_two() => Err(ferrite_qapi::Error::generic(
-            "Cannot create block-copy-state: min-cluster-size needs to be a power of 2",
-        )),
+        Some(v) if v != 0 && !v.is_power_of_two() => Err(crate::Error::MinClusterSize),
         v => Ok(v.unwrap_or(0)),
     }
 }

@@ -1,33 +1,30 @@
 //! Creating and amending images through the driver registry: `blockdev-create`'s and
 //! `x-blockdev-amend`'s work (QEMU: `bdrv_co_create`, `bdrv_co_amend`).
 
+use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::Node;
 use crate::registry::DriverFactory;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::rc::Rc;
-
-fn cannot_create() -> Error {
-    Error::generic("Driver does not support blockdev-create")
-}
 
 /// The driver that creates the image `opts` (`BlockdevCreateOptions`) describes.
 ///
 /// # Errors
 /// QEMU's "Driver does not support blockdev-create".
-pub fn check_driver(graph: &Graph, opts: &Args) -> Result<Rc<dyn DriverFactory>, Error> {
+pub fn check_driver(graph: &Graph, opts: &Args) -> Result<Rc<dyn DriverFactory>> {
     graph
         .registry()
         .get(opts.str("driver")?)
         .filter(|f| f.can_create())
-        .ok_or_else(cannot_create)
+        .ok_or(Error::CannotCreate)
 }
 
 /// Creates the image `opts` describes.
 ///
 /// # Errors
 /// QEMU's texts for bad options and for the storage failing.
-pub async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<(), Error> {
+pub async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<()> {
     check_driver(graph, opts)?.create(graph, opts).await
 }
 
@@ -35,27 +32,21 @@ pub async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<(), Error> {
 ///
 /// # Errors
 /// QEMU's texts for another driver than the node's and for drivers that cannot amend.
-pub fn check_amend(
-    graph: &Graph,
-    node: &Node,
-    opts: &Args,
-) -> Result<Rc<dyn DriverFactory>, Error> {
+pub fn check_amend(graph: &Graph, node: &Node, opts: &Args) -> Result<Rc<dyn DriverFactory>> {
     if opts.str("driver")? != node.driver_name() {
-        return Err(Error::generic(
-            "x-blockdev-amend doesn't support changing the block driver",
-        ));
+        return Err(Error::AmendChangesDriver);
     }
     graph
         .registry()
         .get(node.driver_name())
         .filter(|f| f.can_amend())
-        .ok_or_else(|| Error::generic("Driver does not support x-blockdev-amend"))
+        .ok_or(Error::CannotAmend)
 }
 
 /// Applies `opts` to `node`.
 ///
 /// # Errors
 /// The driver refusing the change.
-pub async fn amend(graph: &Graph, node: &Rc<Node>, opts: &Args) -> Result<(), Error> {
+pub async fn amend(graph: &Graph, node: &Rc<Node>, opts: &Args) -> Result<()> {
     check_amend(graph, node, opts)?.amend(node, opts).await
 }

@@ -19,14 +19,12 @@ pub fn check_unchanged(
     opts: &ferrite_qapi::Args,
     was: &ferrite_qapi::Args,
     names: &[(&str, ferrite_qobject::QObject)],
-) -> Result<(), ferrite_qapi::Error> {
+) -> crate::Result<()> {
     for (name, default) in names {
         let now = opts.get(name).unwrap_or(default);
         let before = was.get(name).unwrap_or(default);
         if now != before {
-            return Err(ferrite_qapi::Error::generic(format!(
-                "Cannot change the option '{name}'"
-            )));
+            return Err(crate::Error::CannotChange((*name).to_owned()));
         }
     }
     Ok(())
@@ -115,7 +113,7 @@ pub trait Driver: std::any::Any {
     ///
     /// # Errors
     /// The text of the conflict, if the new permissions cannot be had.
-    fn set_perm(&self, _perm: Perm, _shared: Perm) -> Result<(), ferrite_qapi::Error> {
+    fn set_perm(&self, _perm: Perm, _shared: Perm) -> crate::Result<()> {
         Ok(())
     }
 
@@ -158,11 +156,7 @@ pub trait Driver: std::any::Any {
     ///
     /// # Errors
     /// The first option that cannot change.
-    fn reopen_check(
-        &self,
-        node: &Node,
-        opts: &ferrite_qapi::Args,
-    ) -> Result<(), ferrite_qapi::Error>;
+    fn reopen_check(&self, node: &Node, opts: &ferrite_qapi::Args) -> crate::Result<()>;
 
     /// `blockdev-reopen`: applies options already checked, and the new read-only state.
     ///
@@ -173,7 +167,7 @@ pub trait Driver: std::any::Any {
         _node: &Node,
         _opts: &ferrite_qapi::Args,
         _read_only: bool,
-    ) -> Result<(), ferrite_qapi::Error> {
+    ) -> crate::Result<()> {
         Ok(())
     }
 
@@ -248,6 +242,16 @@ pub trait Driver: std::any::Any {
     /// persistent ones an image holds, or a filter's internal (anonymous) ones.
     fn take_initial_bitmaps(&self) -> Vec<std::rc::Rc<crate::bitmap::DirtyBitmap>> {
         Vec::new()
+    }
+
+    /// Whether the format stores persistent bitmaps at all.
+    fn supports_persistent_bitmaps(&self) -> bool {
+        false
+    }
+
+    /// Whether the format keeps internal snapshots.
+    fn supports_internal_snapshots(&self) -> bool {
+        false
     }
 
     /// Whether the image can store persistent bitmaps; why not otherwise.

@@ -1,9 +1,97 @@
-//! Where the block layer's events go (the daemon's event bus).
+//! The block layer's events and where they go (the daemon's event bus).
 
+use ferrite_qapi::QapiEvent;
 use ferrite_qobject::QDict;
 
-/// Where the block layer sends its events (the daemon's event bus).
+/// Where the block layer sends its events.
 pub trait EventSink {
-    /// Emits event `name` with `data`.
-    fn emit(&self, name: &'static str, data: QDict);
+    /// Emits `event`.
+    fn emit(&self, event: &dyn QapiEvent);
+}
+
+/// `BLOCK_WRITE_THRESHOLD`: a write went past a node's write threshold.
+#[derive(Debug, Clone)]
+pub struct BlockWriteThreshold {
+    /// The node.
+    pub node_name: String,
+    /// How far past the threshold the write reached.
+    pub amount_exceeded: u64,
+    /// The threshold (now cleared).
+    pub write_threshold: u64,
+}
+
+impl QapiEvent for BlockWriteThreshold {
+    fn name(&self) -> &'static str {
+        "BLOCK_WRITE_THRESHOLD"
+    }
+
+    fn data(&self) -> Option<QDict> {
+        Some(
+            QDict::new()
+                .with("node-name", self.node_name.as_str())
+                .with("amount-exceeded", self.amount_exceeded)
+                .with("write-threshold", self.write_threshold),
+        )
+    }
+}
+
+/// `BLOCK_IMAGE_CORRUPTED`: a format driver found corruption in an image.
+#[derive(Debug, Clone)]
+pub struct BlockImageCorrupted {
+    /// The device (empty in a storage daemon).
+    pub device: String,
+    /// The node.
+    pub node_name: String,
+    /// What is wrong.
+    pub msg: String,
+    /// Where in the image file, if known.
+    pub offset: Option<u64>,
+    /// How many bytes, if known.
+    pub size: Option<u64>,
+    /// Whether the image was marked corrupt (it takes no more requests).
+    pub fatal: bool,
+}
+
+impl QapiEvent for BlockImageCorrupted {
+    fn name(&self) -> &'static str {
+        "BLOCK_IMAGE_CORRUPTED"
+    }
+
+    fn data(&self) -> Option<QDict> {
+        let mut d = QDict::new()
+            .with("device", self.device.as_str())
+            .with("node-name", self.node_name.as_str())
+            .with("msg", self.msg.as_str());
+        d.insert_opt("offset", self.offset);
+        d.insert_opt("size", self.size);
+        d.insert("fatal", self.fatal);
+        Some(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrite_qapi::check_event;
+
+    #[test]
+    fn every_event_matches_its_schema_declaration() {
+        check_event(&BlockWriteThreshold {
+            node_name: "n".into(),
+            amount_exceeded: 1,
+            write_threshold: 2,
+        })
+        .unwrap();
+        for (offset, size) in [(None, None), (Some(0), Some(512))] {
+            check_event(&BlockImageCorrupted {
+                device: String::new(),
+                node_name: "n".into(),
+                msg: "m".into(),
+                offset,
+                size,
+                fatal: true,
+            })
+            .unwrap();
+        }
+    }
 }

@@ -1,20 +1,18 @@
 //! Where a relative file name an image records (its backing file) points.
 
-use ferrite_qapi::Error;
+use crate::error::{Error, Result};
 
 /// The path of `name`, which the image whose own file is `image` records: absolute names and
 /// protocol names as they are, relative ones beside the image (QEMU's rule).
 ///
 /// # Errors
 /// A relative name in an image that has no plain file name of its own.
-pub fn backing_path(image: &str, name: &str) -> Result<String, Error> {
+pub fn backing_path(image: &str, name: &str) -> Result<String> {
     if name.starts_with('/') || name.contains(':') {
         return Ok(name.to_owned());
     }
     if image.starts_with("json:") {
-        return Err(Error::generic(format!(
-            "Cannot use relative backing file names for '{image}'"
-        )));
+        return Err(Error::RelativeBackingName(image.to_owned()));
     }
     Ok(match image.rfind('/') {
         Some(i) => format!("{}/{}", &image[..i], name),

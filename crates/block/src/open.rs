@@ -4,13 +4,14 @@
 
 use crate::child::{Child, ParentRef, RootParent, Vertex, VertexKind};
 use crate::driver::Driver;
+use crate::error::{Error, Result};
 use crate::events::EventSink;
 use crate::graph::Graph;
 use crate::io::IoBackend;
 use crate::node::{DetectZeroes, Node, NodeSettings};
 use crate::perm::Perm;
 use crate::registry::DriverFactory;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::{Rc, Weak};
 
@@ -92,7 +93,7 @@ impl<'a> OpenCtx<'a> {
     ///
     /// # Errors
     /// A permission conflict.
-    pub fn attach(&mut self, key: &str, node: &Rc<Node>) -> Result<Rc<Child>, Error> {
+    pub fn attach(&mut self, key: &str, node: &Rc<Node>) -> Result<Rc<Child>> {
         let parent: Weak<dyn RootParent> = Rc::downgrade(&self.opening) as Weak<dyn RootParent>;
         let edge = self
             .graph
@@ -105,11 +106,11 @@ impl<'a> OpenCtx<'a> {
     ///
     /// # Errors
     /// "Parameter 'key' is missing", an unknown node, the child failing to open.
-    pub async fn open_child(&mut self, key: &str) -> Result<Rc<Child>, Error> {
+    pub async fn open_child(&mut self, key: &str) -> Result<Rc<Child>> {
         let v = self
             .opts
             .get(key)
-            .ok_or_else(|| Error::generic(format!("Parameter '{key}' is missing")))?
+            .ok_or_else(|| Error::MissingChild(key.to_owned()))?
             .clone();
         self.open_child_ref(key, &v).await
     }
@@ -119,11 +120,11 @@ impl<'a> OpenCtx<'a> {
     ///
     /// # Errors
     /// An unknown node, the child failing to open.
-    pub async fn open_child_ref(&mut self, key: &str, value: &QObject) -> Result<Rc<Child>, Error> {
+    pub async fn open_child_ref(&mut self, key: &str, value: &QObject) -> Result<Rc<Child>> {
         let node = match value {
             QObject::String(name) => self.graph.lookup(name)?,
             QObject::Dict(d) => self.graph.open(&Args::new(inherited(self.opts, d))).await?,
-            _ => return Err(Error::generic("Invalid child reference")),
+            _ => return Err(Error::InvalidChildRef),
         };
         let edge = self.attach(key, &node);
         if edge.is_err() {
@@ -136,7 +137,7 @@ impl<'a> OpenCtx<'a> {
     ///
     /// # Errors
     /// The node failing to open.
-    pub async fn open_child_opts(&mut self, key: &str, opts: QDict) -> Result<Rc<Child>, Error> {
+    pub async fn open_child_opts(&mut self, key: &str, opts: QDict) -> Result<Rc<Child>> {
         let node = self.graph.open(&Args::new(opts)).await?;
         let edge = self.attach(key, &node);
         if edge.is_err() {
@@ -162,7 +163,7 @@ impl<'a> OpenCtx<'a> {
     ///
     /// # Errors
     /// The file failing to open.
-    pub async fn probe(&self, path: &str) -> Result<&'static str, Error> {
+    pub async fn probe(&self, path: &str) -> Result<&'static str> {
         self.graph
             .probe_format(&self.image_file_opts(path, true))
             .await
@@ -179,9 +180,9 @@ impl<'a> OpenCtx<'a> {
         path: &str,
         format: &str,
         read_only: bool,
-    ) -> Result<Rc<Child>, Error> {
+    ) -> Result<Rc<Child>> {
         if self.graph.registry().get(format).is_none() {
-            return Err(Error::generic(format!("Unknown driver '{format}'")));
+            return Err(Error::UnknownDriver(format.to_owned()));
         }
         let file_opts = self.image_file_opts(path, read_only);
         let opts = if format == "file" {
@@ -241,7 +242,7 @@ fn inherited(parent: &Args, child: &QDict) -> QDict {
 ///
 /// # Errors
 /// QEMU's text for `detect-zeroes=unmap` without `discard=unmap`.
-pub(crate) fn settings(opts: &Args) -> Result<NodeSettings, Error> {
+pub(crate) fn settings(opts: &Args) -> Result<NodeSettings> {
     let cache = opts.dict("cache").unwrap_or_default();
     let s = NodeSettings {
         read_only: opts.bool_or("read-only", false),
@@ -251,9 +252,7 @@ pub(crate) fn settings(opts: &Args) -> Result<NodeSettings, Error> {
         cache_no_flush: cache.bool_or("no-flush", false),
     };
     if s.detect_zeroes == DetectZeroes::Unmap && !s.discard_unmap {
-        return Err(Error::generic(
-            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
-        ));
+        return Err(Error::DetectZeroesUnmapWithoutDiscard);
     }
     Ok(s)
 }
@@ -264,9 +263,10 @@ impl Graph {
     pub(crate) fn open<'a>(&'a self, opts: &'a Args) -> crate::registry::LocalFut<'a, Rc<Node>> {
         Box::pin(async move {
             let driver = opts.str("driver")?;
-            let factory = self.registry().get(driver).ok_or_else(|| {
-                Error::generic(format!("Driver '{driver}' is not supported by ferrite yet"))
-            })?;
+            let factory = self
+                .registry()
+                .get(driver)
+                .ok_or_else(|| Error::UnsupportedDriver(driver.to_owned()))?;
             self.open_with(opts, factory.as_ref()).await
         })
     }
@@ -276,11 +276,7 @@ impl Graph {
     ///
     /// # Errors
     /// A malformed or taken node name, bad common options, the driver failing.
-    pub async fn open_with(
-        &self,
-        opts: &Args,
-        factory: &dyn DriverFactory,
-    ) -> Result<Rc<Node>, Error> {
+    pub async fn open_with(&self, opts: &Args, factory: &dyn DriverFactory) -> Result<Rc<Node>> {
         let name = match opts.opt_str("node-name") {
             Some(n) => {
                 self.check_name(n)?;
@@ -309,10 +305,10 @@ impl Graph {
 
     /// Makes the node of an opened driver: its children's edges move to it with what it
     /// needs of them, and it joins the graph.
-    fn finish_open(&self, ctx: OpenCtx<'_>, driver: Box<dyn Driver>) -> Result<Rc<Node>, Error> {
+    fn finish_open(&self, ctx: OpenCtx<'_>, driver: Box<dyn Driver>) -> Result<Rc<Node>> {
         // A name taken while this node's children opened.
         if ctx.opts.opt_str("node-name").is_some() && self.find(&ctx.name).is_some() {
-            let e = Error::generic(format!("Duplicate nodes with node-name='{}'", ctx.name));
+            let e = Error::DuplicateNodeName(ctx.name.clone());
             ctx.abandon();
             return Err(e);
         }
@@ -325,13 +321,11 @@ impl Graph {
         *node.bitmaps.borrow_mut() = node.driver.take_initial_bitmaps();
         let events = self.events();
         *node.threshold_hit.borrow_mut() = Some(Box::new(move |n: &Node, exceeded, threshold| {
-            events.emit(
-                "BLOCK_WRITE_THRESHOLD",
-                QDict::new()
-                    .with("node-name", n.name())
-                    .with("amount-exceeded", exceeded)
-                    .with("write-threshold", threshold),
-            );
+            events.emit(&crate::events::BlockWriteThreshold {
+                node_name: n.name().to_owned(),
+                amount_exceeded: exceeded,
+                write_threshold: threshold,
+            });
         }));
         for e in &ctx.edges {
             *e.parent.borrow_mut() = ParentRef::Node(Rc::downgrade(&node));

@@ -3,10 +3,11 @@
 //! images only through these factories; it names no driver itself.
 
 use crate::driver::Driver;
+use crate::error::Error;
 use crate::graph::Graph;
 use crate::node::Node;
 use crate::open::OpenCtx;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
@@ -51,7 +52,7 @@ pub trait DriverFactory {
     /// # Errors
     /// QEMU's texts for bad options and for the storage failing.
     fn create<'a>(&'a self, _graph: &'a Rc<Graph>, _opts: &'a Args) -> LocalFut<'a, ()> {
-        Box::pin(async { Err(Error::generic("Driver does not support blockdev-create")) })
+        Box::pin(async { Err(Error::CannotCreate) })
     }
 
     /// Whether `x-blockdev-amend` can change images of this driver.
@@ -64,7 +65,7 @@ pub trait DriverFactory {
     /// # Errors
     /// QEMU's texts for changes the driver refuses.
     fn amend<'a>(&'a self, _node: &'a Rc<Node>, _opts: &'a Args) -> LocalFut<'a, ()> {
-        Box::pin(async { Err(Error::generic("Driver does not support x-blockdev-amend")) })
+        Box::pin(async { Err(Error::CannotAmend) })
     }
 
     /// Whether an image starting with `head` is of this format (probing an image whose

@@ -6,7 +6,7 @@ use crate::events::EventSink;
 use crate::node::Node;
 use crate::open::OpenCtx;
 use crate::registry::{DriverFactory, DriverKind, LocalFut};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -154,7 +154,7 @@ impl Driver for Counting {
         })
     }
 
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> Result<(), Error> {
+    fn reopen_check(&self, _node: &Node, _opts: &Args) -> crate::Result<()> {
         Ok(())
     }
 
@@ -175,7 +175,12 @@ impl RecordedEvents {
 }
 
 impl EventSink for RecordedEvents {
-    fn emit(&self, name: &'static str, data: QDict) {
-        self.0.borrow_mut().push((name.to_owned(), data));
+    fn emit(&self, event: &dyn ferrite_qapi::QapiEvent) {
+        if let Err(e) = ferrite_qapi::check_event(event) {
+            panic!("an emitted event does not match the schema: {e}");
+        }
+        self.0
+            .borrow_mut()
+            .push((event.name().to_owned(), event.data().unwrap_or_default()));
     }
 }

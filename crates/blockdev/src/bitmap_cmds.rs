@@ -1,10 +1,11 @@
 //! The dirty bitmap commands (`block-dirty-bitmap-*`, `x-debug-block-dirty-bitmap-sha256`)
 //! with QEMU's checks and texts. Each change returns what undoes it, for transactions.
 
+use crate::error::{Error, Result};
 use ferrite_block::Graph;
 use ferrite_block::Node;
 use ferrite_block::bitmap::DirtyBitmap;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
@@ -15,7 +16,7 @@ const MAX_NAME: usize = 1023;
 pub type Undo = Box<dyn FnOnce()>;
 
 fn not_found(name: &str) -> Error {
-    Error::generic(format!("Dirty bitmap '{name}' not found"))
+    Error::BitmapNotFound(name.to_owned())
 }
 
 /// The node and bitmap `node`/`name` of a command.
@@ -29,18 +30,12 @@ pub fn lookup(graph: &Graph, node: &str, name: &str) -> Result<(Rc<Node>, Rc<Dir
 }
 
 /// QEMU's checks before a bitmap is changed or used by an operation.
-fn check_usable(b: &DirtyBitmap) -> Result<(), Error> {
+fn check_usable(b: &DirtyBitmap) -> Result<()> {
     if b.is_busy() {
-        return Err(Error::generic(format!(
-            "Bitmap '{}' is currently in use by another operation and cannot be used",
-            b.name()
-        )));
+        return Err(Error::BitmapBusy(b.name().to_owned()));
     }
     if b.is_inconsistent() {
-        return Err(Error::generic(format!(
-            "Bitmap '{}' is inconsistent and cannot be used",
-            b.name()
-        )));
+        return Err(Error::BitmapInconsistent(b.name().to_owned()));
     }
     Ok(())
 }
@@ -57,39 +52,35 @@ fn default_granularity(node: &Node) -> u64 {
 /// # Errors
 /// QEMU's texts for an empty or long name, an unknown node, a bad granularity, a persistent
 /// bitmap the node cannot store, and a name already taken.
-pub fn add(graph: &Graph, args: &Args) -> Result<Undo, Error> {
+pub fn add(graph: &Graph, args: &Args) -> Result<Undo> {
     let name = args.str("name")?;
     if name.is_empty() {
-        return Err(Error::generic("Bitmap name cannot be empty"));
+        return Err(Error::BitmapNameEmpty);
     }
     let node = graph.lookup(args.str("node")?)?;
     let granularity = match args.opt_i64("granularity") {
         Some(g) if !(512..=1 << 31).contains(&g) || g.count_ones() != 1 => {
-            return Err(Error::generic(
-                "Granularity must be power of 2 and at least 512",
-            ));
+            return Err(Error::Granularity);
         }
         Some(g) => g as u64,
         None => default_granularity(&node),
     };
     if name.len() > MAX_NAME {
-        return Err(Error::generic(format!("Bitmap name too long: {name}")));
+        return Err(Error::BitmapNameTooLong(name.to_owned()));
     }
     let persistent = args.bool_or("persistent", false);
-    if persistent && node.driver_name() != "qcow2" {
-        return Err(Error::generic(format!(
-            "Can't store persistent bitmaps to {}: Operation not supported",
-            node.name()
-        )));
+    if persistent && !node.driver().supports_persistent_bitmaps() {
+        return Err(Error::NoPersistentBitmaps(node.name().to_owned()));
     }
     if persistent && let Err(why) = node.driver().can_store_bitmaps() {
-        return Err(Error::generic(format!(
-            "Can't make bitmap '{name}' persistent in '{}': {why}",
-            node.name()
-        )));
+        return Err(Error::CannotPersist {
+            name: name.to_owned(),
+            node: node.name().to_owned(),
+            why,
+        });
     }
     if node.bitmap(name).is_some() {
-        return Err(Error::generic(format!("Bitmap already exists: {name}")));
+        return Err(Error::BitmapExists(name.to_owned()));
     }
     let b = DirtyBitmap::new(
         name,
@@ -108,7 +99,7 @@ pub fn add(graph: &Graph, args: &Args) -> Result<Undo, Error> {
 ///
 /// # Errors
 /// An unknown bitmap, or one in use.
-pub fn remove(graph: &Graph, args: &Args) -> Result<Undo, Error> {
+pub fn remove(graph: &Graph, args: &Args) -> Result<Undo> {
     let (node, b) = lookup(graph, args.str("node")?, args.str("name")?)?;
     if b.is_busy() {
         check_usable(&b)?;
@@ -121,7 +112,7 @@ pub fn remove(graph: &Graph, args: &Args) -> Result<Undo, Error> {
 ///
 /// # Errors
 /// An unknown, busy or inconsistent bitmap.
-pub fn clear(graph: &Graph, args: &Args) -> Result<Undo, Error> {
+pub fn clear(graph: &Graph, args: &Args) -> Result<Undo> {
     let (_, b) = lookup(graph, args.str("node")?, args.str("name")?)?;
     check_usable(&b)?;
     let before = b.to_bytes();
@@ -133,7 +124,7 @@ pub fn clear(graph: &Graph, args: &Args) -> Result<Undo, Error> {
 ///
 /// # Errors
 /// An unknown, busy or inconsistent bitmap.
-pub fn set_enabled(graph: &Graph, args: &Args, on: bool) -> Result<Undo, Error> {
+pub fn set_enabled(graph: &Graph, args: &Args, on: bool) -> Result<Undo> {
     let (_, b) = lookup(graph, args.str("node")?, args.str("name")?)?;
     check_usable(&b)?;
     let was = b.is_enabled();
@@ -145,7 +136,7 @@ pub fn set_enabled(graph: &Graph, args: &Args, on: bool) -> Result<Undo, Error> 
 ///
 /// # Errors
 /// Unknown bitmaps or nodes, a busy or inconsistent target, sizes that differ.
-pub fn merge(graph: &Graph, args: &Args) -> Result<Undo, Error> {
+pub fn merge(graph: &Graph, args: &Args) -> Result<Undo> {
     let node_name = args.str("node")?;
     let (_, target) = lookup(graph, node_name, args.str("target")?)?;
     check_usable(&target)?;
@@ -161,15 +152,13 @@ pub fn merge(graph: &Graph, args: &Args) -> Result<Undo, Error> {
                 let a = Args::new(d.clone());
                 lookup(graph, a.str("node")?, a.str("name")?)?.1
             }
-            _ => return Err(Error::generic("Invalid bitmap reference")),
+            _ => return Err(Error::InvalidBitmapReference),
         };
         if src.is_inconsistent() {
             check_usable(&src)?;
         }
         if src.len() != target.len() {
-            return Err(Error::generic(
-                "Bitmaps are incompatible and can't be merged",
-            ));
+            return Err(Error::BitmapsIncompatible);
         }
         sources.push(src);
     }
@@ -184,7 +173,7 @@ pub fn merge(graph: &Graph, args: &Args) -> Result<Undo, Error> {
 ///
 /// # Errors
 /// An unknown bitmap.
-pub fn sha256(graph: &Graph, args: &Args) -> Result<QObject, Error> {
+pub fn sha256(graph: &Graph, args: &Args) -> Result<QObject> {
     let (_, b) = lookup(graph, args.str("node")?, args.str("name")?)?;
     Ok(QDict::new().with("sha256", b.sha256()).into())
 }

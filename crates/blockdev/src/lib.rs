@@ -6,7 +6,10 @@
 //! none issues I/O itself.
 
 pub mod bitmap_cmds;
+mod error;
 mod info;
 pub mod qmp_cmds;
 pub mod snapshot_cmds;
 pub mod transaction;
+
+pub use error::{Error, Result};

@@ -56,9 +56,10 @@ pub async fn qmp_block_resize(graph: &Graph, args: &Args) -> Result<QObject, Err
         None
     };
     let node = node.ok_or_else(|| {
-        Error::generic(format!(
-            "Cannot find device='{device}' nor node-name='{node_name}'"
-        ))
+        Error::from(crate::Error::NotFound {
+            device: device.to_owned(),
+            node: node_name.to_owned(),
+        })
     })?;
     graph.resize(&node, args.i64("size")?).await?;
     ok()

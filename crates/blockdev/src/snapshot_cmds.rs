@@ -2,51 +2,55 @@
 //! `blockdev-snapshot-sync` (ferrite creates the overlay) and `change-backing-file`, with
 //! QEMU's checks and texts.
 
+use crate::error::{Error, Result};
 use ferrite_block::Graph;
 use ferrite_block::Node;
-use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::rc::Rc;
 
 /// The node of `device`/`node-name`: a storage daemon has no devices, so only a node name
 /// alone finds anything (QEMU's text names both).
-fn lookup_both(graph: &Graph, device: Option<&str>, node: Option<&str>) -> Result<Rc<Node>, Error> {
+fn lookup_both(graph: &Graph, device: Option<&str>, node: Option<&str>) -> Result<Rc<Node>> {
     node.filter(|_| device.is_none())
         .and_then(|n| graph.find(n))
-        .ok_or_else(|| {
-            Error::generic(format!(
-                "Cannot find device='{}' nor node-name='{}'",
-                device.unwrap_or(""),
-                node.unwrap_or("")
-            ))
+        .ok_or_else(|| Error::NotFound {
+            device: device.unwrap_or("").to_owned(),
+            node: node.unwrap_or("").to_owned(),
         })
 }
 
 /// QEMU's op blockers for taking a snapshot of `node`: a backing file, or a job's node.
-fn check_snapshot_allowed(graph: &Graph, node: &Node) -> Result<(), Error> {
+fn check_snapshot_allowed(graph: &Graph, node: &Node) -> Result<()> {
     if let Some(p) = graph.backing_parent(node) {
-        return Err(Error::generic(format!(
-            "Node '{}' is busy: node is used as backing hd of '{}'",
-            node.name(),
-            p.name()
-        )));
+        return Err(ferrite_block::Error::Busy {
+            node: node.name().to_owned(),
+            reason: format!("node is used as backing hd of '{}'", p.name()),
+        }
+        .into());
     }
-    graph.check_unblocked(node)
+    Ok(graph.check_unblocked(node)?)
+}
+
+/// Whether images of `format` can have a backing file.
+fn supports_backing(graph: &Graph, format: &str) -> bool {
+    graph
+        .registry()
+        .get(format)
+        .is_some_and(|f| f.supports_backing())
 }
 
 /// The checks on an overlay before it goes on top.
-fn check_overlay(graph: &Graph, overlay: &Node) -> Result<(), Error> {
+fn check_overlay(graph: &Graph, overlay: &Node) -> Result<()> {
     if overlay.has_root_user() {
-        return Err(Error::generic("The overlay is already in use"));
+        return Err(Error::OverlayInUse);
     }
     graph.check_unblocked(overlay)?;
     if overlay.child("backing").is_some() {
-        return Err(Error::generic("The overlay already has a backing image"));
+        return Err(Error::OverlayHasBacking);
     }
-    if overlay.driver_name() != "qcow2" {
-        return Err(Error::generic(
-            "The overlay does not support backing images",
-        ));
+    if !supports_backing(graph, overlay.driver_name()) {
+        return Err(Error::OverlayWithoutBacking);
     }
     Ok(())
 }
@@ -65,7 +69,7 @@ impl Prepared {
     ///
     /// # Errors
     /// A permission conflict.
-    pub async fn commit(&self, graph: &Graph) -> Result<(), Error> {
+    pub async fn commit(&self, graph: &Graph) -> Result<()> {
         graph.append_overlay(&self.node, &self.overlay).await?;
         if self.opened_here {
             // The overlay lives as long as something uses it (QEMU drops its own reference).
@@ -88,7 +92,7 @@ impl Prepared {
 /// # Errors
 /// Unknown nodes, a node that cannot be snapshotted, an overlay that cannot take it, the
 /// overlay's creation or opening failing.
-pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared, Error> {
+pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared> {
     if !sync {
         let node = graph.lookup(args.str("node")?)?;
         check_snapshot_allowed(graph, &node)?;
@@ -107,13 +111,11 @@ pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared,
     if let Some(n) = new_name
         && graph.find(n).is_some()
     {
-        return Err(Error::generic("New overlay node-name already in use"));
+        return Err(Error::OverlayNameInUse);
     }
     let format = args.opt_str("format").unwrap_or("qcow2");
-    if format != "qcow2" {
-        return Err(Error::generic(format!(
-            "Backing file not supported for file format '{format}'"
-        )));
+    if !supports_backing(graph, format) {
+        return Err(Error::FormatWithoutBacking(format.to_owned()));
     }
     if args.opt_str("mode") != Some("existing") {
         create_overlay(graph, &node, &file).await?;
@@ -148,7 +150,7 @@ pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared,
 ///
 /// # Errors
 /// As [`prepare`] and [`Prepared::commit`].
-pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<(), Error> {
+pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<()> {
     let p = prepare(graph, args, sync).await?;
     let r = p.commit(graph).await;
     if r.is_err() {
@@ -158,7 +160,7 @@ pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<(), Erro
 }
 
 /// A new qcow2 image over `node`: same size, backing file and format from `node`.
-async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<(), Error> {
+async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<()> {
     let file_opts = QDict::new()
         .with("driver", "file")
         .with("filename", file)
@@ -174,7 +176,7 @@ async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<(), Er
         .with("size", node.len())
         .with("backing-file", backing.as_str())
         .with("backing-fmt", node.driver_name());
-    ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await
+    Ok(ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await?)
 }
 
 /// `change-backing-file`: records a new backing file name in `image-node-name`, a node of
@@ -182,17 +184,15 @@ async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<(), Er
 ///
 /// # Errors
 /// Unknown nodes, an image without a backing file or outside the chain, the write failing.
-pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<(), Error> {
+pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<()> {
     let device = args.str("device")?;
     let top = graph.lookup(device)?;
     if top.users().iter().any(|u| !u.is_root()) {
-        return Err(Error::generic("Need a root block node"));
+        return Err(Error::NeedRootNode);
     }
     let image = graph.lookup_node(args.str("image-node-name")?)?;
     let Some(backing) = image.child("backing") else {
-        return Err(Error::generic(
-            "not allowing backing file change on an image without a backing file",
-        ));
+        return Err(Error::NoBackingFile);
     };
     let mut at = Some(top);
     let mut in_chain = false;
@@ -204,7 +204,7 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<(), Error
         at = n.child("backing");
     }
     if !in_chain {
-        return Err(Error::generic("image file not found"));
+        return Err(Error::ImageNotInChain);
     }
     let name = args.str("backing-file")?.to_owned();
     // A read-only image is made writable for the header write only.
@@ -219,26 +219,23 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<(), Error
     if was_read_only {
         let _ = graph.set_read_only(&image, true);
     }
-    r.map_err(|e| {
-        Error::generic(format!(
-            "Could not change backing file to '{}': {}",
-            args.str("backing-file").unwrap_or_default(),
-            os_msg(&e)
-        ))
+    r.map_err(|error| Error::ChangeBackingFile {
+        name: args.str("backing-file").unwrap_or_default().to_owned(),
+        error,
     })
 }
 
 /// The node of an internal-snapshot command, with QEMU's checks before any change.
-fn internal_target(graph: &Graph, device: &str) -> Result<Rc<Node>, Error> {
+fn internal_target(graph: &Graph, device: &str) -> Result<Rc<Node>> {
     let node = graph.lookup(device)?;
     if node.is_read_only() {
-        return Err(Error::generic(format!("Device '{device}' is read only")));
+        return Err(Error::DeviceReadOnly(device.to_owned()));
     }
-    if node.driver_name() != "qcow2" {
-        return Err(Error::generic(format!(
-            "Block format '{}' used by device '{device}' does not support internal snapshots",
-            node.driver_name()
-        )));
+    if !node.driver().supports_internal_snapshots() {
+        return Err(Error::NoInternalSnapshots {
+            format: node.driver_name().to_owned(),
+            device: device.to_owned(),
+        });
     }
     Ok(node)
 }
@@ -249,12 +246,12 @@ fn internal_target(graph: &Graph, device: &str) -> Result<Rc<Node>, Error> {
 /// # Errors
 /// QEMU's texts for an unknown or read-only node, a format without internal snapshots, an
 /// empty or taken name; the image failing.
-pub async fn internal_sync(graph: &Graph, args: &Args) -> Result<(Rc<Node>, String), Error> {
+pub async fn internal_sync(graph: &Graph, args: &Args) -> Result<(Rc<Node>, String)> {
     let device = args.str("device")?;
     let node = internal_target(graph, device)?;
     let name = args.str("name")?;
     if name.is_empty() {
-        return Err(Error::generic("Name is empty"));
+        return Err(Error::SnapshotNameEmpty);
     }
     if node
         .driver()
@@ -262,19 +259,19 @@ pub async fn internal_sync(graph: &Graph, args: &Args) -> Result<(Rc<Node>, Stri
         .iter()
         .any(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
     {
-        return Err(Error::generic(format!(
-            "Snapshot with name '{name}' already exists on device '{device}'"
-        )));
+        return Err(Error::SnapshotExists {
+            name: name.to_owned(),
+            device: device.to_owned(),
+        });
     }
     let info = node
         .driver()
         .snapshot_create(&node, name)
         .await
-        .map_err(|e| {
-            Error::generic(format!(
-                "Failed to create snapshot '{name}' on device '{device}': {}",
-                os_msg(&e)
-            ))
+        .map_err(|e| Error::SnapshotFailed {
+            name: name.to_owned(),
+            device: device.to_owned(),
+            error: e,
         })?;
     let id = info
         .get("id")
@@ -288,25 +285,23 @@ pub async fn internal_sync(graph: &Graph, args: &Args) -> Result<(Rc<Node>, Stri
 ///
 /// # Errors
 /// QEMU's texts for an unknown or read-only node, no name and no ID, no such snapshot.
-pub async fn delete_internal_sync(graph: &Graph, args: &Args) -> Result<QDict, Error> {
+pub async fn delete_internal_sync(graph: &Graph, args: &Args) -> Result<QDict> {
     let device = args.str("device")?;
     let id = args.opt_str("id");
     let name = args.opt_str("name");
     let node = internal_target(graph, device)?;
     if id.is_none() && name.is_none() {
-        return Err(Error::generic("Name or id must be provided"));
+        return Err(Error::NameOrIdRequired);
     }
     let gone = node
         .driver()
         .snapshot_delete(&node, id, name)
         .await
-        .map_err(|e| Error::generic(os_msg(&e)))?;
-    gone.ok_or_else(|| {
-        Error::generic(format!(
-            "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
-            id.unwrap_or("null"),
-            name.unwrap_or("null")
-        ))
+        .map_err(Error::SnapshotDeleteFailed)?;
+    gone.ok_or_else(|| Error::NoSuchSnapshot {
+        id: id.unwrap_or("null").to_owned(),
+        name: name.unwrap_or("null").to_owned(),
+        device: device.to_owned(),
     })
 }
 

@@ -4,11 +4,12 @@
 //! with `completion-mode: grouped` they complete or fail together.
 
 use crate::bitmap_cmds::{self as bm, Undo};
+use crate::error::{Error, Result};
 use crate::snapshot_cmds;
 use ferrite_block::{Drained, Graph};
 use ferrite_jobs::backup::{self, Prepared};
 use ferrite_jobs::{JobManager, JobTxn};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use std::rc::Rc;
 
@@ -30,7 +31,7 @@ pub async fn qmp_blockdev_backup(
     jobs: &Rc<JobManager>,
     graph: &Rc<Graph>,
     args: &Args,
-) -> Result<(), Error> {
+) -> Result<(), ferrite_qapi::Error> {
     run(
         jobs,
         graph,
@@ -38,6 +39,7 @@ pub async fn qmp_blockdev_backup(
         false,
     )
     .await
+    .map_err(Into::into)
 }
 
 /// `drive-backup`: a transaction of one action, as in QEMU.
@@ -48,7 +50,7 @@ pub async fn qmp_drive_backup(
     jobs: &Rc<JobManager>,
     graph: &Rc<Graph>,
     args: &Args,
-) -> Result<(), Error> {
+) -> Result<(), ferrite_qapi::Error> {
     run(
         jobs,
         graph,
@@ -56,6 +58,7 @@ pub async fn qmp_drive_backup(
         false,
     )
     .await
+    .map_err(Into::into)
 }
 
 /// `transaction`.
@@ -66,7 +69,7 @@ pub async fn qmp_transaction(
     jobs: &Rc<JobManager>,
     graph: &Rc<Graph>,
     args: &Args,
-) -> Result<(), Error> {
+) -> Result<(), ferrite_qapi::Error> {
     let actions = match args.get("actions") {
         Some(QObject::List(l)) => l.clone(),
         _ => Vec::new(),
@@ -84,13 +87,11 @@ pub async fn qmp_transaction(
             .dict("data")
             .unwrap_or_else(|| Args::new(Default::default()));
         if grouped && !matches!(kind.as_str(), "blockdev-backup" | "drive-backup") {
-            return Err(Error::generic(format!(
-                "Action '{kind}' does not support transaction property completion-mode = grouped"
-            )));
+            return Err(Error::NotGroupable(kind).into());
         }
         parsed.push((kind, data));
     }
-    run(jobs, graph, parsed, grouped).await
+    run(jobs, graph, parsed, grouped).await.map_err(Into::into)
 }
 
 /// Prepares `actions` in order on drained nodes, rolls them all back on the first failure,
@@ -100,13 +101,13 @@ async fn run(
     graph: &Rc<Graph>,
     parsed: Vec<(String, Args)>,
     grouped: bool,
-) -> Result<(), Error> {
+) -> Result<()> {
     let _drained = drain_named(graph, &parsed).await;
     let txn = grouped.then(|| Rc::new(JobTxn::default()));
     let mut done: Vec<Done> = Vec::new();
     for (kind, data) in &parsed {
         let r = match kind.as_str() {
-            "abort" => Err(Error::generic("Transaction aborted using Abort action")),
+            "abort" => Err(Error::Aborted),
             "block-dirty-bitmap-add" => bm::add(graph, data).map(Done::Undo),
             "block-dirty-bitmap-remove" => bm::remove(graph, data).map(Done::Undo),
             "block-dirty-bitmap-clear" => bm::clear(graph, data).map(Done::Undo),
@@ -115,10 +116,12 @@ async fn run(
             "block-dirty-bitmap-merge" => bm::merge(graph, data).map(Done::Undo),
             "blockdev-backup" => backup::prepare(jobs, graph, data, txn.clone())
                 .await
-                .map(Done::Backup),
+                .map(Done::Backup)
+                .map_err(Error::from),
             "drive-backup" => backup::prepare_drive(jobs, graph, data, txn.clone())
                 .await
-                .map(Done::Backup),
+                .map(Done::Backup)
+                .map_err(Error::from),
             "blockdev-snapshot-internal-sync" => snapshot_cmds::internal_sync(graph, data)
                 .await
                 .map(Done::Internal),
@@ -128,9 +131,7 @@ async fn run(
             "blockdev-snapshot-sync" => snapshot_cmds::prepare(graph, data, true)
                 .await
                 .map(Done::Snapshot),
-            other => Err(Error::generic(format!(
-                "Transaction action '{other}' is not supported by ferrite yet"
-            ))),
+            other => Err(Error::UnsupportedAction(other.to_owned())),
         };
         match r {
             Ok(d) => done.push(d),

@@ -8,6 +8,7 @@
 //! source (a write waits until such reads are done). Discarding through the snapshot gives
 //! clusters up: they are no longer copied and can no longer be read.
 
+use crate::error::Error;
 use ferrite_block::Child;
 use ferrite_block::Node;
 use ferrite_block::OpenCtx;
@@ -16,7 +17,7 @@ use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, cluster_size_for, min_cluster_size};
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
@@ -77,14 +78,14 @@ impl DriverFactory for CbwFactory {
 ///
 /// # Errors
 /// QEMU's texts for an unknown node or bitmap.
-fn bitmap_option(ctx: &OpenCtx<'_>, b: &Args) -> Result<Rc<DirtyBitmap>, Error> {
+fn bitmap_option(ctx: &OpenCtx<'_>, b: &Args) -> ferrite_block::Result<Rc<DirtyBitmap>> {
     let (node, name) = (b.str("node")?, b.str("name")?);
     let node = ctx
         .graph()
         .find(node)
-        .ok_or_else(|| Error::generic(format!("Node '{node}' not found")))?;
+        .ok_or_else(|| Error::BitmapNodeNotFound(node.to_owned()))?;
     node.bitmap(name)
-        .ok_or_else(|| Error::generic(format!("Dirty bitmap '{name}' not found")))
+        .ok_or_else(|| Error::BitmapNotFound(name.to_owned()).into())
 }
 
 /// The point in time a filter keeps, readable through `snapshot-access`.
@@ -150,7 +151,7 @@ impl CbwDriver {
         target: Rc<Child>,
         copy: Option<Rc<BlockCopy>>,
         bitmap: Option<Rc<DirtyBitmap>>,
-    ) -> Result<Self, Error> {
+    ) -> ferrite_block::Result<Self> {
         let copy = match copy {
             Some(c) => c,
             None => {
@@ -159,13 +160,12 @@ impl CbwDriver {
                 let len = file.len();
                 match &bitmap {
                     Some(b) if b.len() != len => {
-                        return Err(Error::generic(format!(
-                            "Cannot create block-copy-state: Failed to merge bitmap '{}' to \
-                             internal copy-bitmap: Bitmaps are of different sizes (destination \
-                             size is {len}, source size is {}) and can't be merged",
-                            b.name(),
-                            b.len()
-                        )));
+                        return Err(Error::BitmapSize {
+                            name: b.name().to_owned(),
+                            len,
+                            bitmap_len: b.len(),
+                        }
+                        .into());
                     }
                     Some(b) => BlockCopy::new_from_bitmap(len, cluster, false, b),
                     None => BlockCopy::new(len, cluster, false),
@@ -471,10 +471,8 @@ impl Driver for CbwDriver {
         (perm, shared)
     }
 
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> Result<(), Error> {
-        Err(Error::generic(
-            "Cannot change the options of a copy-before-write node",
-        ))
+    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
+        Err(Error::CbwReopen.into())
     }
 
     fn is_passthrough(&self) -> bool {

@@ -1,5 +1,6 @@
 //! `file`: a regular file (or block device) through the I/O backend.
 
+use crate::error::Error;
 use ferrite_block::Graph;
 use ferrite_block::Node;
 use ferrite_block::OpenCtx;
@@ -7,7 +8,7 @@ use ferrite_block::Perm;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::io::{Fallocate, IoBackend, seek};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
-use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
@@ -56,9 +57,7 @@ impl DriverFactory for FileFactory {
             let aio = opts.opt_str("aio").unwrap_or("threads");
             let settings = *ctx.settings();
             if aio == "native" && !settings.cache_direct {
-                return Err(Error::generic(
-                    "aio=native was specified, but it requires cache.direct=on, which was not specified.",
-                ));
+                return Err(Error::NativeAioWithoutDirect.into());
             }
             let (drv, ro) = FileDriver::open(FileOpen {
                 args: opts,
@@ -81,46 +80,44 @@ impl DriverFactory for FileFactory {
     }
 }
 
-fn generic(s: impl Into<String>) -> Error {
-    Error::generic(s)
-}
-
 /// `blockdev-create` of a file: made (or cut to nothing), preallocated, sized.
 ///
 /// # Errors
 /// QEMU's texts for a bad size or preallocation mode and for the file system failing.
-pub(crate) async fn create_file(opts: &Args) -> Result<(), Error> {
+pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
     let path = opts.str("filename")?.to_owned();
     let size = opts.i64("size")?;
-    let size = u64::try_from(size).map_err(|_| generic("Invalid file size"))?;
+    let size = u64::try_from(size).map_err(|_| Error::InvalidFileSize)?;
     let prealloc = opts.opt_str("preallocation").unwrap_or("off").to_owned();
     if !matches!(prealloc.as_str(), "off" | "falloc" | "full") {
-        return Err(generic(format!(
-            "Unsupported preallocation mode: {prealloc}"
-        )));
+        return Err(Error::UnsupportedPreallocation(prealloc).into());
     }
     let nocow = opts.bool_or("nocow", false);
     let p = path.clone();
-    let make = move || -> Result<(), (String, std::io::Error)> {
+    let make = move || -> Result<(), Error> {
+        let created = |error| Error::Create {
+            path: p.clone(),
+            error,
+        };
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
             .open(&p)
-            .map_err(|e| ("create".to_owned(), e))?;
+            .map_err(created)?;
         if nocow {
             // Best effort, like QEMU: only btrfs knows the flag.
             let _ = f.metadata();
         }
-        f.set_len(0).map_err(|e| ("truncate".to_owned(), e))?;
+        f.set_len(0).map_err(Error::ResizeFile)?;
         match prealloc.as_str() {
             "falloc" => {
                 use std::os::fd::AsRawFd;
                 // SAFETY: fallocate on a file descriptor we own, with no pointers involved.
                 let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
                 if rc != 0 {
-                    return Err(("preallocate".to_owned(), std::io::Error::last_os_error()));
+                    return Err(Error::Preallocate(std::io::Error::last_os_error()));
                 }
             }
             "full" => {
@@ -130,26 +127,19 @@ pub(crate) async fn create_file(opts: &Args) -> Result<(), Error> {
                 while off < size {
                     let n = (size - off).min(zeroes.len() as u64) as usize;
                     f.write_all_at(&zeroes[..n], off)
-                        .map_err(|e| ("preallocate".to_owned(), e))?;
+                        .map_err(Error::Preallocate)?;
                     off += n as u64;
                 }
             }
             _ => {}
         }
-        f.set_len(size).map_err(|e| ("truncate".to_owned(), e))?;
+        f.set_len(size).map_err(Error::ResizeFile)?;
         Ok(())
     };
     let r = ferrite_block::io::blocking(move || Ok(make()))
         .await
-        .map_err(|e| generic(format!("Could not create '{path}': {}", os_msg(&e))))?;
-    r.map_err(|(what, e)| match what.as_str() {
-        "create" => generic(format!("Could not create '{path}': {}", os_msg(&e))),
-        "preallocate" => generic(format!(
-            "Could not preallocate data for the new file: {}",
-            os_msg(&e)
-        )),
-        _ => generic(format!("Could not resize file: {}", os_msg(&e))),
-    })
+        .map_err(|error| Error::Create { path, error })?;
+    Ok(r?)
 }
 
 /// How the file is to be opened.
@@ -163,7 +153,7 @@ pub(crate) struct FileOpen<'a> {
 
 impl FileDriver {
     /// Opens the file; returns it and whether it ended up read-only.
-    pub(crate) fn open(o: FileOpen<'_>) -> Result<(FileDriver, bool), Error> {
+    pub(crate) fn open(o: FileOpen<'_>) -> ferrite_block::Result<(FileDriver, bool)> {
         let path = o.args.str("filename")?.to_owned();
         let locking = !matches!(o.args.opt_str("locking"), Some("off"));
         let open = |write: bool| {
@@ -181,13 +171,16 @@ impl FileDriver {
                     && o.auto_read_only
                     && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) =>
             {
-                (open(false).map_err(|e| open_error(&path, &e))?, true)
+                (
+                    open(false).map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?,
+                    true,
+                )
             }
-            Err(e) => return Err(open_error(&path, &e)),
+            Err(e) => return Err(open_error(&path, e).into()),
         };
         // Like QEMU, a node is a whole number of 512-byte sectors; the tail reads as zeroes.
         let size = file_size(&file)
-            .map_err(|e| open_error(&path, &e))?
+            .map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?
             .next_multiple_of(512);
         let align = if o.direct {
             probe_direct_alignment(&file)
@@ -325,8 +318,11 @@ fn probe_direct_alignment(file: &File) -> u64 {
     }
 }
 
-fn open_error(path: &str, e: &io::Error) -> Error {
-    Error::generic(format!("Could not open '{path}': {}", os_msg(e)))
+fn open_error(path: &str, error: io::Error) -> Error {
+    Error::Open {
+        path: path.to_owned(),
+        error,
+    }
 }
 
 /// The size of a regular file, or of a block device.
@@ -470,7 +466,7 @@ impl Driver for FileDriver {
         })
     }
 
-    fn set_perm(&self, perm: Perm, shared: Perm) -> Result<(), Error> {
+    fn set_perm(&self, perm: Perm, shared: Perm) -> ferrite_block::Result<()> {
         if !self.locking {
             return Ok(());
         }
@@ -479,7 +475,7 @@ impl Driver for FileDriver {
         Ok(())
     }
 
-    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+    fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
         use ferrite_qobject::QObject;
         ferrite_block::driver::check_unchanged(
             opts,
@@ -493,13 +489,18 @@ impl Driver for FileDriver {
         )
     }
 
-    fn reopen_apply(&self, _node: &Node, _opts: &Args, read_only: bool) -> Result<(), Error> {
+    fn reopen_apply(
+        &self,
+        _node: &Node,
+        _opts: &Args,
+        read_only: bool,
+    ) -> ferrite_block::Result<()> {
         let mut o = OpenOptions::new();
         o.read(true).write(!read_only);
         if self.direct {
             o.custom_flags(libc::O_DIRECT);
         }
-        let file = Arc::new(o.open(&self.path).map_err(|e| open_error(&self.path, &e))?);
+        let file = Arc::new(o.open(&self.path).map_err(|e| open_error(&self.path, e))?);
         if self.locking {
             let (perm, shared) = self.perms.get();
             super::lock::apply(&file, &self.path, perm, shared)?;

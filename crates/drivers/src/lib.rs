@@ -7,6 +7,7 @@
 //! `block/copy-before-write.c`, `block/snapshot-access.c`.
 
 pub mod cbw;
+mod error;
 mod file;
 mod lock;
 mod null;

@@ -5,8 +5,8 @@
 //! permission, and on byte 200+N while it does not let others have it. A conflict is someone
 //! else's lock on the byte that tells the opposite.
 
+use crate::error::Error;
 use ferrite_block::Perm;
-use ferrite_qapi::Error;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
@@ -43,12 +43,12 @@ fn taken_by_other(file: &File, byte: i64) -> bool {
     }
 }
 
-fn lock_error(what: &str, perm: Perm, path: &str) -> Error {
-    Error::generic(format!(
-        "Failed to get {what}\"{}\" lock",
-        perm.first_name()
-    ))
-    .with_hint(format!("Is another process using the image [{path}]?"))
+fn lock_error(what: &'static str, perm: Perm, path: &str) -> Error {
+    Error::Lock {
+        what,
+        perm: perm.first_name(),
+        path: path.to_owned(),
+    }
 }
 
 /// Checks for conflicts with other holders, then sets our lock bytes to `perm`/`shared`.
@@ -64,8 +64,9 @@ pub(crate) fn apply(file: &File, path: &str, perm: Perm, shared: Perm) -> Result
     }
     for (p, _) in Perm::NAMED {
         let bit = i64::from(p.bit());
-        let fail = |e: std::io::Error| {
-            Error::generic(format!("Failed to lock byte {}: {e}", PERM_BASE + bit))
+        let fail = |e: std::io::Error| Error::LockByte {
+            byte: PERM_BASE + bit,
+            error: e,
         };
         set(file, PERM_BASE + bit, perm.contains(p)).map_err(fail)?;
         set(file, SHARED_BASE + bit, !shared.contains(p)).map_err(fail)?;

@@ -1,11 +1,12 @@
 //! `null-co` and `null-aio`: a device of a given size that discards writes and reads zeroes
 //! (or leaves read buffers unset with `read-zeroes=off`; ferrite returns zeroes anyway).
 
+use crate::error::Error;
 use ferrite_block::Node;
 use ferrite_block::OpenCtx;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::cell::Cell;
 use std::time::Duration;
 
@@ -54,12 +55,11 @@ impl NullDriver {
         args: &Args,
         aio: bool,
         json_options: &ferrite_qobject::QDict,
-    ) -> Result<Self, Error> {
+    ) -> ferrite_block::Result<Self> {
         let size = args.opt_i64("size").unwrap_or(DEFAULT_SIZE);
-        let size = u64::try_from(size).map_err(|_| Error::generic("size must be non-negative"))?;
+        let size = u64::try_from(size).map_err(|_| Error::NegativeNullSize)?;
         let latency = args.opt_i64("latency-ns").unwrap_or(0);
-        let latency =
-            u64::try_from(latency).map_err(|_| Error::generic("latency-ns is invalid"))?;
+        let latency = u64::try_from(latency).map_err(|_| Error::InvalidLatency)?;
         Ok(NullDriver {
             aio,
             size: Cell::new(size),
@@ -159,7 +159,7 @@ impl Driver for NullDriver {
             .then(|| format!("{}://", if self.aio { "null-aio" } else { "null-co" }))
     }
 
-    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+    fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
         use ferrite_qobject::QObject;
         ferrite_block::driver::check_unchanged(
             opts,

@@ -1,12 +1,13 @@
 //! `raw`: the bytes of its `file` child, optionally a window of them (`offset`, `size`).
 
+use crate::error::Error;
 use ferrite_block::Child;
 use ferrite_block::Node;
 use ferrite_block::OpenCtx;
 use ferrite_block::Perm;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::cell::Cell;
 use std::io;
@@ -39,27 +40,25 @@ impl DriverFactory for RawFactory {
 }
 
 impl RawDriver {
-    pub(crate) fn open(args: &Args, file: &Child) -> Result<Self, Error> {
+    pub(crate) fn open(args: &Args, file: &Child) -> ferrite_block::Result<Self> {
         let offset = args.opt_i64("offset").unwrap_or(0);
-        let offset =
-            u64::try_from(offset).map_err(|_| Error::generic("offset cannot be negative"))?;
+        let offset = u64::try_from(offset).map_err(|_| Error::NegativeOffset)?;
         let size = match args.opt_i64("size") {
-            Some(s) => {
-                Some(u64::try_from(s).map_err(|_| Error::generic("size cannot be negative"))?)
-            }
+            Some(s) => Some(u64::try_from(s).map_err(|_| Error::NegativeSize)?),
             None => None,
         };
         let file_len = file.len();
         if offset > file_len {
-            return Err(Error::generic(format!(
-                "Offset ({offset}) cannot be greater than size of the containing file ({file_len})"
-            )));
+            return Err(Error::OffsetPastEnd { offset, file_len }.into());
         }
         let window = size.unwrap_or(0);
         if offset.saturating_add(window) > file_len {
-            return Err(Error::generic(format!(
-                "The sum of offset ({offset}) and size ({window}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
-            )));
+            return Err(Error::WindowPastEnd {
+                offset,
+                size: window,
+                file_len,
+            }
+            .into());
         }
         Ok(RawDriver {
             offset: Cell::new(offset),
@@ -161,27 +160,30 @@ impl Driver for RawDriver {
         }
     }
 
-    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+    fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
         // The child stays the same node; a different one is not supported yet.
         let same_child = match (opts.get("file"), node.child("file")) {
             (Some(ferrite_qobject::QObject::String(name)), Some(c)) => c.name() == name,
             _ => false,
         };
         if !same_child {
-            return Err(Error::generic("Cannot change the option 'file'"));
+            return Err(ferrite_block::Error::CannotChange("file".into()));
         }
         let file_len = node.child("file").map_or(0, |f| f.len());
         let offset = opts.opt_i64("offset").unwrap_or(0).max(0) as u64;
         let size = opts.opt_i64("size").map(|s| s.max(0) as u64);
         if offset > file_len || offset + size.unwrap_or(0) > file_len {
-            return Err(Error::generic(format!(
-                "Offset ({offset}) cannot be greater than size of the containing file ({file_len})"
-            )));
+            return Err(Error::OffsetPastEnd { offset, file_len }.into());
         }
         Ok(())
     }
 
-    fn reopen_apply(&self, _node: &Node, opts: &Args, _read_only: bool) -> Result<(), Error> {
+    fn reopen_apply(
+        &self,
+        _node: &Node,
+        opts: &Args,
+        _read_only: bool,
+    ) -> ferrite_block::Result<()> {
         self.offset
             .set(opts.opt_i64("offset").unwrap_or(0).max(0) as u64);
         self.size.set(opts.opt_i64("size").map(|s| s.max(0) as u64));

@@ -4,12 +4,13 @@
 //! kept, and freed on the copy-before-write target); writes are refused.
 
 use super::cbw::{CbwDriver, Snapshot};
+use crate::error::Error;
 use ferrite_block::Node;
 use ferrite_block::OpenCtx;
 use ferrite_block::Perm;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::any::Any;
 use std::io;
 use std::rc::Rc;
@@ -115,11 +116,8 @@ impl Driver for SnapshotAccessDriver {
         (Perm::empty(), Perm::all())
     }
 
-    fn reopen_check(&self, node: &Node, _opts: &Args) -> Result<(), Error> {
-        Err(Error::generic(format!(
-            "Block format 'snapshot-access' used by node '{}' does not support reopening files",
-            node.name()
-        )))
+    fn reopen_check(&self, node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
+        Err(Error::SnapshotAccessReopen(node.name().to_owned()).into())
     }
 
     fn is_passthrough(&self) -> bool {

@@ -4,13 +4,15 @@
 //! background (sync `full`, or `top`: only what the top layer allocates) or nothing at all
 //! (sync `none`: the target is a fleecing overlay that only receives those old contents).
 
+use crate::error::{Error, Result};
 use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, JobTxn, PhaseFuture};
 use crate::manager::{JobManager, JobOptions};
+use crate::types::{BitmapSyncMode, JobType, MirrorSyncMode};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, CopyError, MAX_CHUNK};
 use ferrite_block::{Child, Graph, Node, Perm};
 use ferrite_drivers::cbw::CbwFactory;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -31,23 +33,19 @@ struct Perf {
 impl Perf {
     /// # Errors
     /// QEMU's texts for values out of range.
-    fn parse(perf: Option<Args>) -> Result<Perf, Error> {
+    fn parse(perf: Option<Args>) -> Result<Perf> {
         let perf = perf.unwrap_or_else(|| Args::new(ferrite_qobject::QDict::new()));
         let max_workers = match perf.opt_i64("max-workers") {
             None => WORKERS,
             Some(n) if (1..=i64::from(i32::MAX)).contains(&n) => n as usize,
             Some(_) => {
-                return Err(Error::generic(
-                    "max-workers must be between 1 and 2147483647",
-                ));
+                return Err(Error::MaxWorkers);
             }
         };
-        let max_chunk = u64::try_from(perf.opt_i64("max-chunk").unwrap_or(0)).map_err(|_| {
-            Error::generic("max-chunk must be zero (which means no limit) or positive")
-        })?;
-        let min_cluster =
-            ferrite_block::copy::min_cluster_size(perf.opt_u64("min-cluster-size"))
-                .map_err(|e| Error::generic(format!("Could not create node: {}", e.desc)))?;
+        let max_chunk =
+            u64::try_from(perf.opt_i64("max-chunk").unwrap_or(0)).map_err(|_| Error::MaxChunk)?;
+        let min_cluster = ferrite_block::copy::min_cluster_size(perf.opt_u64("min-cluster-size"))
+            .map_err(Error::CreateNode)?;
         Ok(Perf {
             max_workers,
             max_chunk,
@@ -243,9 +241,10 @@ impl BackupJob {
         let Some((b, mode)) = &self.bitmap else {
             return;
         };
-        let replace = mode == &BitmapMode::Always || (success && mode != &BitmapMode::Never);
+        let replace =
+            mode == &BitmapSyncMode::Always || (success && mode != &BitmapSyncMode::Never);
         b.thaw(replace);
-        if *mode == BitmapMode::Always && !success {
+        if *mode == BitmapSyncMode::Always && !success {
             let cs = self.copy.cluster_size();
             let mut next = 0;
             while let Some(c) = self.copy.next_dirty(next) {
@@ -271,8 +270,8 @@ impl BackupJob {
 }
 
 impl JobDriver for BackupJob {
-    fn job_type(&self) -> &'static str {
-        "backup"
+    fn job_type(&self) -> JobType {
+        JobType::Backup
     }
 
     fn is_block_job(&self) -> bool {
@@ -329,7 +328,7 @@ pub async fn prepare(
     graph: &Rc<Graph>,
     args: &Args,
     txn: Option<Rc<JobTxn>>,
-) -> Result<Prepared, Error> {
+) -> Result<Prepared> {
     let source = graph.lookup(args.str("device")?)?;
     let target = graph.lookup(args.str("target")?)?;
     prepare_nodes(jobs, graph, args, source, target, false, txn).await
@@ -345,30 +344,28 @@ async fn prepare_nodes(
     target: Rc<Node>,
     drop_target: bool,
     txn: Option<Rc<JobTxn>>,
-) -> Result<Prepared, Error> {
+) -> Result<Prepared> {
     let (sync, bitmap) = check_sync(args, &source)?;
     let id = args.opt_str("job-id").unwrap_or("").to_owned();
     if Rc::ptr_eq(&source, &target) {
-        return Err(Error::generic("Source and target cannot be the same"));
+        return Err(Error::SameSourceAndTarget);
     }
     let perf = Perf::parse(args.dict("x-perf"))?;
     graph.check_unblocked(&source)?;
     graph.check_unblocked(&target)?;
     if source.len() != target.len() {
-        return Err(Error::generic(
-            "Source and target image have different sizes",
-        ));
+        return Err(Error::DifferentSizes);
     }
     let cluster = ferrite_block::copy::cluster_size_for(&target).max(perf.min_cluster);
     if perf.max_chunk != 0 && perf.max_chunk < cluster {
-        return Err(Error::generic(format!(
-            "Required max-chunk ({}) is less than backup cluster size ({cluster})",
-            perf.max_chunk
-        )));
+        return Err(Error::MaxChunkBelowCluster {
+            max_chunk: perf.max_chunk,
+            cluster,
+        });
     }
     jobs.check_id(&id)?;
     let speed = args.opt_i64("speed").unwrap_or(0);
-    let speed = u64::try_from(speed).map_err(|_| Error::generic("Invalid parameter 'speed'"))?;
+    let speed = u64::try_from(speed).map_err(|_| Error::InvalidSpeed)?;
     let compress = args.bool_or("compress", false);
     let copy = match (&bitmap, sync) {
         (Some((b, _)), Sync::Bitmap) => {
@@ -392,9 +389,7 @@ async fn prepare_nodes(
     let edges = filter.edge("file").zip(filter.edge("target"));
     let Some((source_edge, target_edge)) = edges else {
         let _ = graph.remove_filter(&filter).await;
-        return Err(Error::generic(
-            "The copy-before-write filter lost its children",
-        ));
+        return Err(Error::FilterLostChildren);
     };
     graph.block(&target, BLOCKED);
     let driver = Rc::new(BackupJob {
@@ -448,15 +443,7 @@ async fn prepare_nodes(
 }
 
 /// The user's bitmap of a backup, and its mode.
-type UserBitmap = (Rc<DirtyBitmap>, BitmapMode);
-
-/// What happens to the user's bitmap when the job ends (`bitmap-mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BitmapMode {
-    OnSuccess,
-    Never,
-    Always,
-}
+type UserBitmap = (Rc<DirtyBitmap>, BitmapSyncMode);
 
 /// `drive-backup`: the target is an image file ferrite creates (mode `absolute-paths`, the
 /// default) or opens (`existing`); for sync `top` it is backed by the source's backing
@@ -469,7 +456,7 @@ pub async fn prepare_drive(
     graph: &Rc<Graph>,
     args: &Args,
     txn: Option<Rc<JobTxn>>,
-) -> Result<Prepared, Error> {
+) -> Result<Prepared> {
     let source = graph.lookup(args.str("device")?)?;
     let file = args.str("target")?.to_owned();
     let format = args
@@ -512,7 +499,7 @@ pub async fn prepare_drive(
         && let Err(e) = graph.attach_backing(&target, b)
     {
         graph.release_inline(&target);
-        return Err(e);
+        return Err(e.into());
     }
     let r = prepare_nodes(jobs, graph, args, source, target.clone(), true, txn).await;
     if r.is_err() {
@@ -529,7 +516,7 @@ async fn create_target(
     file: &str,
     format: &str,
     backing: Option<&Node>,
-) -> Result<(), Error> {
+) -> Result<()> {
     use ferrite_qobject::QDict;
     let file_opts = QDict::new()
         .with("driver", "file")
@@ -550,85 +537,62 @@ async fn create_target(
         opts.insert("backing-file", b.filename());
         opts.insert("backing-fmt", b.driver_name());
     }
-    ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await
+    Ok(ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await?)
 }
 
 /// The sync mode and the bitmap (on the source) with its mode, checked in QEMU's order.
-fn check_sync(args: &Args, source: &Node) -> Result<(Sync, Option<UserBitmap>), Error> {
-    let mut sync = args.str("sync")?;
+fn check_sync(args: &Args, source: &Node) -> Result<(Sync, Option<UserBitmap>)> {
+    let mut sync = MirrorSyncMode::parse(args.str("sync")?).unwrap_or(MirrorSyncMode::Full);
     let bitmap = args.opt_str("bitmap");
-    let mut mode = args.opt_str("bitmap-mode");
-    if sync == "incremental" {
+    let mut mode = args.opt_str("bitmap-mode").and_then(BitmapSyncMode::parse);
+    if sync == MirrorSyncMode::Incremental {
         if bitmap.is_none() {
-            return Err(Error::generic(
-                "must provide a valid bitmap name for 'incremental' sync mode",
-            ));
+            return Err(Error::BitmapRequired("incremental"));
         }
-        if mode.is_some_and(|m| m != "on-success") {
-            return Err(Error::generic(
-                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
-            ));
+        if mode.is_some_and(|m| m != BitmapSyncMode::OnSuccess) {
+            return Err(Error::IncrementalMode);
         }
-        sync = "bitmap";
-        mode = Some("on-success");
+        sync = MirrorSyncMode::Bitmap;
+        mode = Some(BitmapSyncMode::OnSuccess);
     }
     let user_bitmap = match bitmap {
         Some(name) => {
             let b = source
                 .bitmap(name)
-                .ok_or_else(|| Error::generic(format!("Bitmap '{name}' could not be found")))?;
+                .ok_or_else(|| Error::BitmapNotFound(name.to_owned()))?;
             let Some(m) = mode else {
-                return Err(Error::generic(
-                    "Bitmap sync mode must be given when providing a bitmap",
-                ));
+                return Err(Error::BitmapModeRequired);
             };
             if b.is_busy() {
-                return Err(Error::generic(format!(
-                    "Bitmap '{name}' is currently in use by another operation and cannot be used"
-                )));
+                return Err(Error::BitmapBusy(name.to_owned()));
             }
             if b.is_inconsistent() {
-                return Err(Error::generic(format!(
-                    "Bitmap '{name}' is inconsistent and cannot be used"
-                )));
+                return Err(Error::BitmapInconsistent(name.to_owned()));
             }
-            if sync == "none" {
-                return Err(Error::generic(
-                    "sync mode 'none' does not produce meaningful bitmap outputs",
-                ));
+            if sync == MirrorSyncMode::None {
+                return Err(Error::BitmapWithSyncNone);
             }
-            let m = match m {
-                "never" => BitmapMode::Never,
-                "always" => BitmapMode::Always,
-                _ => BitmapMode::OnSuccess,
-            };
-            if m == BitmapMode::Never && sync != "bitmap" {
-                return Err(Error::generic(format!(
-                    "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{sync}'"
-                )));
+            if m == BitmapSyncMode::Never && sync != MirrorSyncMode::Bitmap {
+                return Err(Error::NeverWithoutBitmapSync(sync.as_str()));
             }
             Some((b, m))
         }
         None => {
             if mode.is_some() {
-                return Err(Error::generic(
-                    "Cannot specify bitmap sync mode without a bitmap",
-                ));
+                return Err(Error::BitmapModeWithoutBitmap);
             }
-            if sync == "bitmap" {
-                return Err(Error::generic(
-                    "must provide a valid bitmap name for 'bitmap' sync mode",
-                ));
+            if sync == MirrorSyncMode::Bitmap {
+                return Err(Error::BitmapRequired("bitmap"));
             }
             None
         }
     };
     Ok((
         match sync {
-            "top" => Sync::Top,
-            "none" => Sync::None,
-            "bitmap" => Sync::Bitmap,
-            _ => Sync::Full,
+            MirrorSyncMode::Top => Sync::Top,
+            MirrorSyncMode::None => Sync::None,
+            MirrorSyncMode::Bitmap | MirrorSyncMode::Incremental => Sync::Bitmap,
+            MirrorSyncMode::Full => Sync::Full,
         },
         user_bitmap,
     ))

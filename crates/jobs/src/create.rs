@@ -1,30 +1,27 @@
 //! `blockdev-create`: image creation run as a job of type `create`.
 
+use crate::error::Result;
 use crate::manager::JobManager;
 use ferrite_block::Graph;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::rc::Rc;
 
 /// `blockdev-create`: starts a `create` job (manual dismiss, as in QEMU).
 ///
 /// # Errors
 /// A bad job ID or a driver that cannot create images.
-pub fn qmp_blockdev_create(
-    jobs: &Rc<JobManager>,
-    graph: &Rc<Graph>,
-    args: &Args,
-) -> Result<(), Error> {
+pub fn qmp_blockdev_create(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &Args) -> Result<()> {
     let id = args.str("job-id")?.to_owned();
     let options = args
         .dict("options")
-        .ok_or_else(|| Error::generic("Parameter 'options' is missing"))?;
+        .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'options' is missing"))?;
     jobs.check_id(&id)?;
     ferrite_block::create::check_driver(graph, &options)?;
     let graph = graph.clone();
     crate::single_step::start(
         jobs,
         id,
-        "create",
+        crate::JobType::Create,
         Box::pin(async move { ferrite_block::create::create(&graph, &options).await }),
     )
 }

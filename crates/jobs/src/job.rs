@@ -7,10 +7,13 @@
 //! [`JobDriver`], in QEMU's phases: `run`, then `prepare`, then `commit` or `abort`, then
 //! `clean`; jobs that reach `ready` also answer `complete` and `change`.
 
+use crate::error::{Error, Result};
+use crate::events::{BlockJobError, BlockJobProgress, JobStatusChange};
 use crate::manager::JobManager;
 use crate::state::{Status, Verb};
+use crate::types::{BlockErrorAction, IoOperationType, JobType};
 use ferrite_block::{Child, Graph, IoStatus, Node, Perm, RootParent, Vertex, VertexKind};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -27,7 +30,7 @@ pub type PhaseFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 /// What a kind of job does; the state machine around it is [`Job`]'s.
 pub trait JobDriver {
     /// The `JobType` name (`create`, `backup`...).
-    fn job_type(&self) -> &'static str;
+    fn job_type(&self) -> JobType;
 
     /// Block jobs (backup...) also show in `query-block-jobs`, answer `block-job-*` and emit
     /// `BLOCK_JOB_*` events.
@@ -64,19 +67,16 @@ pub trait JobDriver {
     ///
     /// # Errors
     /// QEMU's text for jobs without a completion step.
-    fn complete(&self, job: &Job) -> Result<(), Error> {
-        Err(Error::generic(format!(
-            "The active block job '{}' cannot be completed",
-            job.id()
-        )))
+    fn complete(&self, job: &Job) -> Result<()> {
+        Err(Error::CannotComplete(job.id().to_owned()))
     }
 
     /// `block-job-change`.
     ///
     /// # Errors
     /// QEMU's text for jobs without options to change.
-    fn change(&self, _job: &Job, _opts: &Args) -> Result<(), Error> {
-        Err(Error::generic("Job type does not support change"))
+    fn change(&self, _job: &Job, _opts: &Args) -> Result<()> {
+        Err(Error::ChangeUnsupported)
     }
 
     /// A cancel request: returns whether it is forced. A job may turn a soft cancel into
@@ -253,7 +253,7 @@ impl Job {
         name: &str,
         perm: Perm,
         shared: Perm,
-    ) -> Result<(), Error> {
+    ) -> Result<()> {
         let me: Weak<dyn RootParent> = self.me.clone();
         let edge = graph.attach_root(node, me, name, perm, shared)?;
         self.edges.borrow_mut().push(edge);
@@ -314,12 +314,12 @@ impl Job {
         use ferrite_block::OnError;
         let nospace = error.raw_os_error() == Some(libc::ENOSPC);
         let action = match policy {
-            OnError::Ignore => "ignore",
-            OnError::Stop => "stop",
-            OnError::Enospc if nospace => "stop",
-            _ => "report",
+            OnError::Ignore => BlockErrorAction::Ignore,
+            OnError::Stop => BlockErrorAction::Stop,
+            OnError::Enospc if nospace => BlockErrorAction::Stop,
+            _ => BlockErrorAction::Report,
         };
-        if action == "stop" {
+        if action == BlockErrorAction::Stop {
             self.user_paused.set(true);
             self.pause_count.set(self.pause_count.get() + 1);
             self.io_status.set(if nospace {
@@ -329,21 +329,23 @@ impl Job {
             });
         }
         if let Some(m) = self.manager.upgrade() {
-            m.events.emit(
-                "BLOCK_JOB_ERROR",
-                QDict::new()
-                    .with("device", self.id.as_str())
-                    .with("operation", if read { "read" } else { "write" })
-                    .with("action", action),
-            );
+            m.events.emit(&BlockJobError {
+                device: self.id.clone(),
+                operation: if read {
+                    IoOperationType::Read
+                } else {
+                    IoOperationType::Write
+                },
+                action,
+            });
         }
         match action {
-            "report" => Err(ferrite_qapi::os_msg(error)),
-            "stop" => {
+            BlockErrorAction::Report => Err(ferrite_qapi::os_msg(error)),
+            BlockErrorAction::Stop => {
                 self.pause_point().await;
                 Ok(())
             }
-            _ => {
+            BlockErrorAction::Ignore => {
                 // Retrying at once would spin on a lasting error.
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 Ok(())
@@ -436,27 +438,24 @@ impl Job {
             return;
         }
         if let Some(m) = self.manager.upgrade() {
-            m.events.emit(
-                "JOB_STATUS_CHANGE",
-                QDict::new()
-                    .with("id", self.id.as_str())
-                    .with("status", to.as_str()),
-            );
+            m.events.emit(&JobStatusChange {
+                id: self.id.clone(),
+                status: to,
+            });
         }
     }
 
     /// QEMU's "Job 'x' in state 'y' cannot accept command verb 'z'".
-    pub(crate) fn check_verb(&self, verb: Verb) -> Result<(), Error> {
+    pub(crate) fn check_verb(&self, verb: Verb) -> Result<()> {
         let s = self.status.get();
         if s.accepts(verb) {
             return Ok(());
         }
-        Err(Error::generic(format!(
-            "Job '{}' in state '{}' cannot accept command verb '{}'",
-            self.id,
-            s.as_str(),
-            verb.as_str()
-        )))
+        Err(Error::VerbRefused {
+            id: self.id.clone(),
+            state: s.as_str(),
+            verb: verb.as_str(),
+        })
     }
 
     /// Records a failure (the first one's text stays).
@@ -467,19 +466,25 @@ impl Job {
         }
     }
 
-    pub(crate) fn block_event_data(&self) -> QDict {
-        QDict::new()
-            .with("device", self.id.as_str())
-            .with("len", self.total.get())
-            .with("offset", self.current.get())
-            .with("speed", self.speed.get())
-            .with("type", self.driver.job_type())
+    /// Where the block job is, as its events say it.
+    pub(crate) fn progress(&self) -> BlockJobProgress {
+        BlockJobProgress {
+            kind: self.driver.job_type(),
+            device: self.id.clone(),
+            len: self.total.get(),
+            offset: self.current.get(),
+            speed: self.speed.get(),
+        }
     }
 
     /// `BlockJobInfo` for `query-block-jobs`.
     pub fn block_info(&self) -> QDict {
-        let mut d = self
-            .block_event_data()
+        let mut d = QDict::new()
+            .with("device", self.id.as_str())
+            .with("len", self.total.get())
+            .with("offset", self.current.get())
+            .with("speed", self.speed.get())
+            .with("type", self.driver.job_type().as_str())
             .with("busy", self.busy.get())
             .with("paused", self.pause_count.get() > 0)
             .with("io-status", self.io_status.get().as_str())
@@ -505,7 +510,7 @@ impl Job {
     pub fn info(&self) -> QDict {
         let mut d = QDict::new()
             .with("id", self.id.as_str())
-            .with("type", self.driver.job_type())
+            .with("type", self.driver.job_type().as_str())
             .with("status", self.status.get().as_str())
             .with("current-progress", self.current.get())
             .with("total-progress", self.total.get());
@@ -519,7 +524,7 @@ impl Job {
 impl RootParent for Job {
     fn description(&self) -> String {
         // QEMU: child_job_get_parent_desc.
-        format!("{} job '{}'", self.driver.job_type(), self.id)
+        format!("{} job '{}'", self.driver.job_type().as_str(), self.id)
     }
 
     fn drained_begin(&self) {

@@ -2,11 +2,13 @@
 //! user's verbs, the queries, and what happens when a job's work returns (see
 //! `completion.rs`).
 
+use crate::error::{Error, Result};
+use crate::events::{BlockJobCancelled, BlockJobCompleted, BlockJobPending};
 use crate::job::{Job, JobDriver, JobTxn};
 use crate::state::{Status, Verb};
 use ferrite_block::{EventSink, IoStatus};
-use ferrite_qapi::{Error, id_wellformed};
-use ferrite_qobject::{QDict, QObject};
+use ferrite_qapi::id_wellformed;
+use ferrite_qobject::QObject;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
@@ -43,25 +45,25 @@ impl JobManager {
     ///
     /// # Errors
     /// QEMU's "Job not found".
-    pub fn find(&self, id: &str) -> Result<Rc<Job>, Error> {
+    pub fn find(&self, id: &str) -> Result<Rc<Job>> {
         self.jobs
             .borrow()
             .iter()
             .find(|j| j.id == id)
             .cloned()
-            .ok_or_else(|| Error::generic("Job not found"))
+            .ok_or(Error::JobNotFound)
     }
 
     /// Checks a new job's ID: well formed and unused.
     ///
     /// # Errors
     /// QEMU's "Invalid job ID" and "Job ID already in use".
-    pub fn check_id(&self, id: &str) -> Result<(), Error> {
+    pub fn check_id(&self, id: &str) -> Result<()> {
         if !id_wellformed(id) {
-            return Err(Error::generic(format!("Invalid job ID '{id}'")));
+            return Err(Error::InvalidJobId(id.to_owned()));
         }
         if self.jobs.borrow().iter().any(|j| j.id == id) {
-            return Err(Error::generic(format!("Job ID '{id}' already in use")));
+            return Err(Error::JobIdInUse(id.to_owned()));
         }
         Ok(())
     }
@@ -70,11 +72,7 @@ impl JobManager {
     ///
     /// # Errors
     /// A bad or duplicate ID.
-    pub fn start(
-        self: &Rc<Self>,
-        opts: JobOptions,
-        driver: Rc<dyn JobDriver>,
-    ) -> Result<Rc<Job>, Error> {
+    pub fn start(self: &Rc<Self>, opts: JobOptions, driver: Rc<dyn JobDriver>) -> Result<Rc<Job>> {
         let job = self.create(opts, driver, None)?;
         self.run_job(&job);
         Ok(job)
@@ -90,7 +88,7 @@ impl JobManager {
         opts: JobOptions,
         driver: Rc<dyn JobDriver>,
         txn: Option<Rc<JobTxn>>,
-    ) -> Result<Rc<Job>, Error> {
+    ) -> Result<Rc<Job>> {
         self.check_id(&opts.id)?;
         let txn = txn.unwrap_or_default();
         let order = self.next_order.get();
@@ -148,26 +146,22 @@ impl JobManager {
             return;
         }
         if job.cancelled.get() {
-            self.events
-                .emit("BLOCK_JOB_CANCELLED", job.block_event_data());
+            self.events.emit(&BlockJobCancelled(job.progress()));
             return;
         }
-        let mut d = job.block_event_data();
-        if let Some(e) = job.error.borrow().as_ref() {
-            d.insert("error", e.as_str());
-        }
-        self.events.emit("BLOCK_JOB_COMPLETED", d);
+        self.events.emit(&BlockJobCompleted {
+            progress: job.progress(),
+            error: job.error.borrow().clone(),
+        });
     }
 
     /// `BLOCK_JOB_PENDING`.
     pub(crate) fn announce_pending(&self, job: &Job) {
         if job.driver.is_block_job() {
-            self.events.emit(
-                "BLOCK_JOB_PENDING",
-                QDict::new()
-                    .with("type", job.driver.job_type())
-                    .with("id", job.id.as_str()),
-            );
+            self.events.emit(&BlockJobPending {
+                kind: job.driver.job_type(),
+                id: job.id.clone(),
+            });
         }
     }
 
@@ -228,31 +222,24 @@ impl JobManager {
     ///
     /// # Errors
     /// QEMU's `DeviceNotActive` "Block job 'X' not found".
-    pub fn find_block(&self, id: &str) -> Result<Rc<Job>, Error> {
+    pub fn find_block(&self, id: &str) -> Result<Rc<Job>> {
         self.jobs
             .borrow()
             .iter()
             .find(|j| j.id == id && j.driver.is_block_job())
             .cloned()
-            .ok_or_else(|| {
-                Error::new(
-                    ferrite_qapi::ErrorClass::DeviceNotActive,
-                    format!("Block job '{id}' not found"),
-                )
-            })
+            .ok_or_else(|| Error::BlockJobNotFound(id.to_owned()))
     }
 
     /// `block-job-cancel`: without `force`, a job the user paused refuses.
     ///
     /// # Errors
     /// Unknown job, the state's refusal, or a paused job without force.
-    pub async fn block_cancel(&self, id: &str, force: bool) -> Result<(), Error> {
+    pub async fn block_cancel(&self, id: &str, force: bool) -> Result<()> {
         let job = self.find_block(id)?;
         job.check_verb(Verb::Cancel)?;
         if job.user_paused.get() && !force {
-            return Err(Error::generic(format!(
-                "The block job for device '{id}' is currently paused"
-            )));
+            return Err(Error::PausedByUser(id.to_owned()));
         }
         self.cancel_job(&job, force).await;
         Ok(())
@@ -262,10 +249,9 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, a negative speed, or the state's refusal.
-    pub fn set_speed(&self, id: &str, speed: i64) -> Result<(), Error> {
+    pub fn set_speed(&self, id: &str, speed: i64) -> Result<()> {
         let job = self.find_block(id)?;
-        let speed = u64::try_from(speed)
-            .map_err(|_| Error::generic("Parameter 'speed' expects a non-negative value"))?;
+        let speed = u64::try_from(speed).map_err(|_| Error::NegativeSpeed)?;
         job.check_verb(Verb::SetSpeed)?;
         job.speed.set(speed);
         job.wake.notify_waiters();
@@ -276,7 +262,7 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, the state's refusal, or the job kind's.
-    pub fn change(&self, id: &str, args: &ferrite_qapi::Args) -> Result<(), Error> {
+    pub fn change(&self, id: &str, args: &ferrite_qapi::Args) -> Result<()> {
         let job = self.find_block(id)?;
         job.check_verb(Verb::Change)?;
         job.driver.change(&job, args)
@@ -299,7 +285,7 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, or a state that does not accept cancel.
-    pub async fn cancel(&self, id: &str) -> Result<(), Error> {
+    pub async fn cancel(&self, id: &str) -> Result<()> {
         let job = self.find(id)?;
         job.check_verb(Verb::Cancel)?;
         self.cancel_job(&job, true).await;
@@ -341,11 +327,11 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, a state that does not accept pause, or a job already paused.
-    pub fn pause(&self, id: &str, block: bool) -> Result<(), Error> {
+    pub fn pause(&self, id: &str, block: bool) -> Result<()> {
         let job = self.lookup(id, block)?;
         job.check_verb(Verb::Pause)?;
         if job.user_paused.get() {
-            return Err(Error::generic("Job is already paused"));
+            return Err(Error::AlreadyPaused);
         }
         job.user_paused.set(true);
         job.pause();
@@ -356,11 +342,11 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, a state that does not accept resume, or a job not paused by the user.
-    pub fn resume(&self, id: &str, block: bool) -> Result<(), Error> {
+    pub fn resume(&self, id: &str, block: bool) -> Result<()> {
         let job = self.lookup(id, block)?;
         job.check_verb(Verb::Resume)?;
         if !job.user_paused.get() {
-            return Err(Error::generic("Can't resume a job that was not paused"));
+            return Err(Error::NotPaused);
         }
         job.user_paused.set(false);
         job.io_status.set(IoStatus::Ok);
@@ -372,7 +358,7 @@ impl JobManager {
     ///
     /// # Errors
     /// The lookup's error.
-    pub fn lookup(&self, id: &str, block: bool) -> Result<Rc<Job>, Error> {
+    pub fn lookup(&self, id: &str, block: bool) -> Result<Rc<Job>> {
         if block {
             self.find_block(id)
         } else {
@@ -384,13 +370,11 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, the state's refusal, a job being cancelled, or the kind's refusal.
-    pub fn complete(&self, id: &str, block: bool) -> Result<(), Error> {
+    pub fn complete(&self, id: &str, block: bool) -> Result<()> {
         let job = self.lookup(id, block)?;
         job.check_verb(Verb::Complete)?;
         if job.cancelled.get() {
-            return Err(Error::generic(format!(
-                "The active block job '{id}' cannot be completed"
-            )));
+            return Err(Error::CannotComplete(id.to_owned()));
         }
         job.driver.complete(&job)
     }
@@ -399,7 +383,7 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, or not pending.
-    pub async fn finalize_cmd(&self, id: &str, block: bool) -> Result<(), Error> {
+    pub async fn finalize_cmd(&self, id: &str, block: bool) -> Result<()> {
         let job = self.lookup(id, block)?;
         job.check_verb(Verb::Finalize)?;
         self.do_finalize(&job).await;
@@ -410,7 +394,7 @@ impl JobManager {
     ///
     /// # Errors
     /// Unknown job, or not concluded.
-    pub fn dismiss(&self, id: &str, block: bool) -> Result<(), Error> {
+    pub fn dismiss(&self, id: &str, block: bool) -> Result<()> {
         let job = self.lookup(id, block)?;
         job.check_verb(Verb::Dismiss)?;
         self.dismiss_now(&job);

@@ -11,40 +11,37 @@ fn ok() -> Result<QObject, Error> {
 /// Runs `job-*` or `block-job-*` command `name`, `query-jobs` or `query-block-jobs`; `None`
 /// if it is not one of them.
 pub async fn run(jobs: &JobManager, name: &str, args: &Args) -> Option<Result<QObject, Error>> {
-    let id = || args.str("id");
-    let device = || args.str("device");
-    let r = match name {
-        "query-jobs" => return Some(Ok(jobs.query())),
-        "query-block-jobs" => return Some(Ok(jobs.query_block())),
-        "job-cancel" => match id() {
-            Ok(i) => jobs.cancel(i).await,
-            Err(e) => Err(e),
-        },
-        "job-pause" => id().and_then(|i| jobs.pause(i, false)),
-        "job-resume" => id().and_then(|i| jobs.resume(i, false)),
-        "job-complete" => id().and_then(|i| jobs.complete(i, false)),
-        "job-finalize" => match id() {
-            Ok(i) => jobs.finalize_cmd(i, false).await,
-            Err(e) => Err(e),
-        },
-        "job-dismiss" => id().and_then(|i| jobs.dismiss(i, false)),
-        "block-job-cancel" => match device() {
-            Ok(d) => jobs.block_cancel(d, args.bool_or("force", false)).await,
-            Err(e) => Err(e),
-        },
-        "block-job-pause" => device().and_then(|d| jobs.pause(d, true)),
-        "block-job-resume" => device().and_then(|d| jobs.resume(d, true)),
-        "block-job-complete" => device().and_then(|d| jobs.complete(d, true)),
-        "block-job-finalize" => match id() {
-            Ok(i) => jobs.finalize_cmd(i, true).await,
-            Err(e) => Err(e),
-        },
-        "block-job-dismiss" => id().and_then(|i| jobs.dismiss(i, true)),
-        "block-job-set-speed" => {
-            device().and_then(|d| jobs.set_speed(d, args.opt_i64("speed").unwrap_or(0)))
+    let r: crate::Result<()> = async {
+        let id = || args.str("id");
+        let device = || args.str("device");
+        match name {
+            "job-cancel" => jobs.cancel(id()?).await,
+            "job-pause" => jobs.pause(id()?, false),
+            "job-resume" => jobs.resume(id()?, false),
+            "job-complete" => jobs.complete(id()?, false),
+            "job-finalize" => jobs.finalize_cmd(id()?, false).await,
+            "job-dismiss" => jobs.dismiss(id()?, false),
+            "block-job-cancel" => {
+                jobs.block_cancel(device()?, args.bool_or("force", false))
+                    .await
+            }
+            "block-job-pause" => jobs.pause(device()?, true),
+            "block-job-resume" => jobs.resume(device()?, true),
+            "block-job-complete" => jobs.complete(device()?, true),
+            "block-job-finalize" => jobs.finalize_cmd(id()?, true).await,
+            "block-job-dismiss" => jobs.dismiss(id()?, true),
+            "block-job-set-speed" => jobs.set_speed(device()?, args.opt_i64("speed").unwrap_or(0)),
+            "block-job-change" => jobs.change(id()?, args),
+            _ => Err(crate::Error::JobNotFound),
         }
-        "block-job-change" => id().and_then(|i| jobs.change(i, args)),
-        _ => return None,
-    };
-    Some(r.and_then(|()| ok()))
+    }
+    .await;
+    match name {
+        "query-jobs" => Some(Ok(jobs.query())),
+        "query-block-jobs" => Some(Ok(jobs.query_block())),
+        n if n.starts_with("job-") || n.starts_with("block-job-") => {
+            Some(r.map_err(Into::into).and_then(|()| ok()))
+        }
+        _ => None,
+    }
 }

@@ -1,24 +1,25 @@
 //! Jobs whose work is one step (`blockdev-create`, `x-blockdev-amend`): progress 0 of 1, the
 //! work once the command has returned (as in QEMU), then 1 of 1; the user dismisses them.
 
+use crate::error::Error;
 use crate::job::{Job, JobDriver, JobFuture};
 use crate::manager::{JobManager, JobOptions};
-use ferrite_qapi::Error;
+use crate::types::JobType;
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 
 /// The step itself.
-pub(crate) type Step = Pin<Box<dyn Future<Output = Result<(), Error>>>>;
+pub(crate) type Step = Pin<Box<dyn Future<Output = ferrite_block::Result<()>>>>;
 
 struct SingleStep {
-    kind: &'static str,
+    kind: JobType,
     step: RefCell<Option<Step>>,
 }
 
 impl JobDriver for SingleStep {
-    fn job_type(&self) -> &'static str {
+    fn job_type(&self) -> JobType {
         self.kind
     }
 
@@ -33,7 +34,7 @@ impl JobDriver for SingleStep {
                 None => Ok(()),
             };
             job.set_progress(1, 1);
-            r.map_err(|e| e.desc)
+            r.map_err(|e| e.to_string())
         })
     }
 }
@@ -45,7 +46,7 @@ impl JobDriver for SingleStep {
 pub(crate) fn start(
     jobs: &Rc<JobManager>,
     id: String,
-    kind: &'static str,
+    kind: JobType,
     step: Step,
 ) -> Result<(), Error> {
     jobs.start(

@@ -1,40 +1,35 @@
 //! Job states, the transitions between them and the verbs each state accepts (QEMU's
 //! `JobStatus`, `JobVerb` and job.c's two tables).
 
-/// A job's state (`JobStatus`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Undefined,
-    Created,
-    Running,
-    Paused,
-    Ready,
-    Standby,
-    Waiting,
-    Pending,
-    Aborting,
-    Concluded,
-    Null,
+ferrite_qapi::qapi_enum! {
+    /// A job's state (`JobStatus`).
+    pub enum Status "JobStatus" {
+        /// Never visible.
+        Undefined = "undefined",
+        /// Exists, not started.
+        Created = "created",
+        /// Doing its work.
+        Running = "running",
+        /// Paused while running.
+        Paused = "paused",
+        /// Can be completed (mirror, active commit).
+        Ready = "ready",
+        /// Paused while ready.
+        Standby = "standby",
+        /// Done, waiting for the other jobs of its transaction.
+        Waiting = "waiting",
+        /// Done; the finalize step is still to run.
+        Pending = "pending",
+        /// Failing or cancelled.
+        Aborting = "aborting",
+        /// All done; waiting for dismiss.
+        Concluded = "concluded",
+        /// Being torn down.
+        Null = "null",
+    }
 }
 
 impl Status {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Undefined => "undefined",
-            Status::Created => "created",
-            Status::Running => "running",
-            Status::Paused => "paused",
-            Status::Ready => "ready",
-            Status::Standby => "standby",
-            Status::Waiting => "waiting",
-            Status::Pending => "pending",
-            Status::Aborting => "aborting",
-            Status::Concluded => "concluded",
-            Status::Null => "null",
-        }
-    }
-
     /// Whether the state machine allows going from `self` to `to`.
     pub fn can_become(self, to: Status) -> bool {
         use Status::*;
@@ -72,32 +67,25 @@ impl Status {
     }
 }
 
-/// A user command on a job (`JobVerb`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verb {
-    Cancel,
-    Pause,
-    Resume,
-    SetSpeed,
-    Change,
-    Complete,
-    Finalize,
-    Dismiss,
-}
-
-impl Verb {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verb::Cancel => "cancel",
-            Verb::Pause => "pause",
-            Verb::Resume => "resume",
-            Verb::SetSpeed => "set-speed",
-            Verb::Change => "change",
-            Verb::Complete => "complete",
-            Verb::Finalize => "finalize",
-            Verb::Dismiss => "dismiss",
-        }
+ferrite_qapi::qapi_enum! {
+    /// A user command on a job (`JobVerb`; not in the storage daemon's schema).
+    pub enum Verb "JobVerb" {
+        /// `job-cancel`, `block-job-cancel`.
+        Cancel = "cancel",
+        /// `job-pause`.
+        Pause = "pause",
+        /// `job-resume`.
+        Resume = "resume",
+        /// `block-job-set-speed`.
+        SetSpeed = "set-speed",
+        /// `block-job-change`.
+        Change = "change",
+        /// `job-complete`.
+        Complete = "complete",
+        /// `job-finalize`.
+        Finalize = "finalize",
+        /// `job-dismiss`.
+        Dismiss = "dismiss",
     }
 }
 

@@ -4,6 +4,7 @@
 //!
 //! QEMU counterparts: `nbd/server.c`, `blockdev-nbd.c`, `block/export/`.
 
+mod events;
 mod export;
 mod handshake;
 mod proto;
@@ -11,5 +12,6 @@ pub mod qmp_cmds;
 mod service;
 mod transmission;
 
+pub use events::BlockExportDeleted;
 pub use export::Export;
 pub use service::{NbdService, RemoveMode};

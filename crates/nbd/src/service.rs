@@ -419,10 +419,9 @@ impl NbdService {
             }
         }
         self.exports.borrow_mut().retain(|e| !Rc::ptr_eq(e, export));
-        self.events.emit(
-            "BLOCK_EXPORT_DELETED",
-            QDict::new().with("id", export.id.as_str()),
-        );
+        self.events.emit(&crate::events::BlockExportDeleted {
+            id: export.id.clone(),
+        });
     }
 
     /// Closes every export and the server (daemon exit).

@@ -12,13 +12,17 @@
 //! `qapi/qapi-visit-core.c`, `qapi/error.json`.
 
 mod args;
+mod enums;
 mod error;
+mod event;
 pub mod introspect;
 pub mod schema;
 pub mod visit;
 
 pub use args::Args;
+pub use enums::{QapiEnum, check_enum};
 pub use error::{Error, ErrorClass, os_msg};
+pub use event::{QapiEvent, check_event};
 pub use schema::{Schema, schema};
 
 /// QEMU's identifier rule (`id_wellformed`) for object ids, node names and job ids: a letter,

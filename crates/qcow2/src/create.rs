@@ -1,12 +1,12 @@
 //! Making and mending images: formatting a new image (blockdev-create), rebuilding the
 //! refcounts of an image left dirty (lazy refcounts), and marking persistent bitmaps in use.
 
+use crate::error::Error;
 use crate::format::entry::{self};
 use crate::format::header::{self, EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, Header};
 use crate::meta::{Meta, put_be64, set_refcount};
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
-use ferrite_qapi::{Error, os_msg};
 use std::io;
 
 /// What a new image looks like (`BlockdevCreateOptionsQcow2`, checked).
@@ -41,12 +41,12 @@ pub(crate) enum Prealloc {
     Full,
 }
 
-fn io_err(e: &io::Error) -> Error {
-    Error::generic(format!("Could not write qcow2 header: {}", os_msg(e)))
+fn io_err(e: io::Error) -> Error {
+    Error::WriteHeader(e)
 }
 
 /// Writes a new, empty image of `o.size` bytes onto `file` (which it overwrites).
-pub(crate) async fn format(file: &Child, o: &CreateOpts) -> Result<(), Error> {
+pub(crate) async fn format(file: &Child, o: &CreateOpts) -> ferrite_block::Result<()> {
     let cs = 1u64 << o.cluster_bits;
     let mut incompatible = 0;
     if o.extended_l2 {
@@ -111,12 +111,12 @@ pub(crate) async fn format(file: &Child, o: &CreateOpts) -> Result<(), Error> {
     let mut first = cluster0;
     first.extend_from_slice(&reftable);
     first.extend_from_slice(&refblock);
-    file.truncate(0).await.map_err(|e| io_err(&e))?;
+    file.truncate(0).await.map_err(io_err)?;
     file.write(0, first, ReqFlags::empty())
         .await
-        .map_err(|e| io_err(&e))?;
+        .map_err(io_err)?;
     // Size the image through the metadata code, as an open image grows.
-    let mut m = Meta::load(file, h, 16, 4).await.map_err(|e| io_err(&e))?;
+    let mut m = Meta::load(file, h, 16, 4).await.map_err(io_err)?;
     let needed = m.h.l1_needed(o.size).max(1);
     let grow = async {
         m.grow_l1(file, needed).await?;
@@ -128,8 +128,7 @@ pub(crate) async fn format(file: &Child, o: &CreateOpts) -> Result<(), Error> {
         m.write_header(file).await?;
         file.flush().await
     };
-    grow.await
-        .map_err(|e| Error::generic(format!("Could not resize image: {}", os_msg(&e))))
+    Ok(grow.await.map_err(Error::ResizeImage)?)
 }
 
 /// Allocates every L2 table and data cluster, each L2 table followed by the data clusters

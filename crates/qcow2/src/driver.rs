@@ -11,7 +11,7 @@ use ferrite_block::Node;
 use ferrite_block::Perm;
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 use std::time::Instant;
@@ -140,7 +140,7 @@ impl Driver for Qcow2Driver {
         (p, shared - (Perm::WRITE | Perm::RESIZE))
     }
 
-    fn reopen_check(&self, node: &Node, opts: &Args) -> Result<(), Error> {
+    fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
         let same = |key: &str| match (opts.get(key), node.child(key)) {
             (Some(QObject::String(name)), Some(c)) => c.name() == name,
             (None, _) => key != "file",
@@ -148,17 +148,20 @@ impl Driver for Qcow2Driver {
             _ => false,
         };
         if !same("file") {
-            return Err(Error::generic("Cannot change the option 'file'"));
+            return Err(ferrite_block::Error::CannotChange("file".into()));
         }
         if opts.get("backing").is_some() && !same("backing") {
-            return Err(Error::generic(
-                "Changing the backing file of a qcow2 node is not supported by ferrite yet",
-            ));
+            return Err(crate::error::Error::ChangeBacking.into());
         }
         Ok(())
     }
 
-    fn reopen_apply(&self, _node: &Node, _opts: &Args, read_only: bool) -> Result<(), Error> {
+    fn reopen_apply(
+        &self,
+        _node: &Node,
+        _opts: &Args,
+        read_only: bool,
+    ) -> ferrite_block::Result<()> {
         self.read_only.set(read_only);
         Ok(())
     }
@@ -210,6 +213,14 @@ impl Driver for Qcow2Driver {
 
     fn take_initial_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
         std::mem::take(&mut *self.loaded.borrow_mut())
+    }
+
+    fn supports_persistent_bitmaps(&self) -> bool {
+        true
+    }
+
+    fn supports_internal_snapshots(&self) -> bool {
+        true
     }
 
     fn can_store_bitmaps(&self) -> Result<(), String> {

@@ -2,25 +2,26 @@
 //! creating images, amending them, and probing for the format.
 
 use crate::CorruptionHook;
+use crate::error::Error;
 use crate::meta::Corruption;
 use crate::{BackingSpec, Qcow2Driver, new_image};
 use ferrite_block::driver::Driver;
 use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
 /// `BLOCK_IMAGE_CORRUPTED` through `events`.
 pub(crate) fn corruption_event(events: Rc<dyn ferrite_block::EventSink>) -> CorruptionHook {
     Rc::new(move |node: &Node, c: &Corruption, fatal: bool| {
-        let mut d = QDict::new()
-            .with("device", "")
-            .with("node-name", node.name())
-            .with("msg", c.msg.as_str());
-        d.insert_opt("offset", c.offset);
-        d.insert_opt("size", c.size);
-        d.insert("fatal", fatal);
-        events.emit("BLOCK_IMAGE_CORRUPTED", d);
+        events.emit(&ferrite_block::BlockImageCorrupted {
+            device: String::new(),
+            node_name: node.name().to_owned(),
+            msg: c.msg.clone(),
+            offset: c.offset,
+            size: c.size,
+            fatal,
+        });
     })
 }
 
@@ -77,7 +78,7 @@ impl DriverFactory for Qcow2Factory {
         // QEMU amends only encryption, and ferrite opens no encrypted image.
         Box::pin(async move {
             if opts.get("encrypt").is_some() {
-                return Err(Error::generic("image is not encrypted, can't amend"));
+                return Err(Error::AmendUnencrypted.into());
             }
             Ok(())
         })
@@ -98,13 +99,11 @@ async fn open_data_file(
     ctx: &mut OpenCtx<'_>,
     drv: &Qcow2Driver,
     read_only: bool,
-) -> Result<(), Error> {
+) -> ferrite_block::Result<()> {
     let opts = ctx.opts();
     let Some(spec) = drv.data_file() else {
         if opts.get("data-file").is_some() {
-            return Err(Error::generic(
-                "'data-file' can only be set for images with an external data file",
-            ));
+            return Err(Error::DataFileNotExpected.into());
         }
         return Ok(());
     };
@@ -112,9 +111,7 @@ async fn open_data_file(
         let v = v.clone();
         return ctx.open_child_ref("data-file", &v).await.map(drop);
     }
-    let name = spec
-        .name
-        .ok_or_else(|| Error::generic("'data-file' is required for this image"))?;
+    let name = spec.name.ok_or(Error::DataFileRequired)?;
     let file_opts = QDict::new()
         .with("driver", "file")
         .with("filename", name.as_str())
@@ -124,25 +121,25 @@ async fn open_data_file(
 
 /// Opens the backing file the header names: its path relative to the image's, its format
 /// from the header or probed, read-only.
-async fn open_backing(ctx: &mut OpenCtx<'_>, file: &Child, spec: BackingSpec) -> Result<(), Error> {
+async fn open_backing(
+    ctx: &mut OpenCtx<'_>,
+    file: &Child,
+    spec: BackingSpec,
+) -> ferrite_block::Result<()> {
     let path = ferrite_block::filename::backing_path(&file.node().filename(), &spec.filename)?;
-    let failed = |e: Error| {
-        Error::generic(format!(
-            "Could not open backing file: Could not open '{path}': {}",
-            e.desc
-        ))
+    let failed = |error| Error::OpenBacking {
+        path: path.clone(),
+        error,
     };
     let format = match spec.format {
         Some(f) => f,
         None => ctx.probe(&path).await.map_err(failed)?.to_owned(),
     };
     if ctx.graph().registry().get(&format).is_none() {
-        return Err(Error::generic(format!(
-            "Could not open backing file: Unknown driver '{format}'"
-        )));
+        return Err(Error::UnknownBackingFormat(format).into());
     }
     ctx.open_image("backing", &path, &format, true)
         .await
-        .map(drop)
-        .map_err(failed)
+        .map_err(failed)?;
+    Ok(())
 }

@@ -22,6 +22,7 @@ mod claims;
 mod compress;
 mod create;
 mod driver;
+mod error;
 mod factory;
 mod format;
 mod info;

@@ -2,29 +2,20 @@
 //! QEMU's order, the file (and data file) opened or looked up and held, the image formatted.
 
 use crate::create::{CreateOpts, Prealloc, fill, format};
+use crate::error::{CreateError, Error};
 use ferrite_block::BlockBackend;
 use ferrite_block::Graph;
 use ferrite_block::Node;
 use ferrite_block::Perm;
-use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use std::rc::Rc;
 
-fn generic(s: impl Into<String>) -> Error {
-    Error::generic(s)
-}
-
-fn v3_only(what: &str) -> Error {
-    generic(format!(
-        "{what} only supported with compatibility level 1.1 and above (use version=v3 or greater)"
-    ))
-}
-
 /// Checks `BlockdevCreateOptionsQcow2` the way QEMU does, in its order.
-fn qcow2_options(opts: &Args) -> Result<CreateOpts, Error> {
+fn qcow2_options(opts: &Args) -> ferrite_block::Result<CreateOpts> {
     let size = opts.i64("size")?;
     if size < 0 || size % 512 != 0 {
-        return Err(generic("Image size must be a multiple of 512 bytes"));
+        return Err(CreateError::Size.into());
     }
     let version = match opts.opt_str("version") {
         Some("v2") => 2,
@@ -33,69 +24,49 @@ fn qcow2_options(opts: &Args) -> Result<CreateOpts, Error> {
     let cluster_size = opts.opt_i64("cluster-size").unwrap_or(65536);
     let extended_l2 = opts.bool_or("extended-l2", false);
     if !(512..=2 << 20).contains(&cluster_size) || cluster_size.count_ones() != 1 {
-        return Err(generic(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
+        return Err(CreateError::ClusterSize.into());
     }
     if extended_l2 {
         if version < 3 {
-            return Err(generic(
-                "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-            ));
+            return Err(CreateError::ExtendedL2V2.into());
         }
         if cluster_size < 16384 {
-            return Err(generic(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
+            return Err(CreateError::ExtendedL2ClusterSize.into());
         }
     }
     let lazy = opts.bool_or("lazy-refcounts", false);
     if lazy && version < 3 {
-        return Err(v3_only("Lazy refcounts"));
+        return Err(CreateError::V3Only("Lazy refcounts").into());
     }
     let refcount_bits = opts.opt_i64("refcount-bits").unwrap_or(16);
     if !(1..=64).contains(&refcount_bits) || refcount_bits.count_ones() != 1 {
-        return Err(generic(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
+        return Err(CreateError::RefcountWidth.into());
     }
     if version < 3 && refcount_bits != 16 {
-        return Err(generic(
-            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
-        ));
+        return Err(CreateError::RefcountWidthV2.into());
     }
     let backing_file = opts.opt_str("backing-file").map(str::to_owned);
     let backing_fmt = opts.opt_str("backing-fmt").map(str::to_owned);
     if backing_fmt.is_some() && backing_file.is_none() {
-        return Err(generic(
-            "Backing format cannot be used without backing file",
-        ));
+        return Err(CreateError::BackingFormatWithoutFile.into());
     }
     let prealloc = opts.opt_str("preallocation").unwrap_or("off").to_owned();
     if backing_file.is_some() && prealloc != "off" && !extended_l2 {
-        return Err(generic(
-            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
-        ));
+        return Err(CreateError::BackingAndPreallocation.into());
     }
     let zstd = opts.opt_str("compression-type") == Some("zstd");
     if zstd && version < 3 {
-        return Err(generic(
-            "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-        ));
+        return Err(CreateError::CompressionV2.into());
     }
     if let Some(QObject::Dict(e)) = opts.get("encrypt") {
         let _ = e;
-        return Err(generic(
-            "Encrypted qcow2 images are not supported by ferrite",
-        ));
+        return Err(CreateError::Encrypted.into());
     }
     let data_file_raw = opts.bool_or("data-file-raw", false);
     match opts.get("data-file") {
-        None if data_file_raw => return Err(generic("data-file-raw requires data-file")),
+        None if data_file_raw => return Err(CreateError::DataFileRawWithoutFile.into()),
         Some(_) if version < 3 => {
-            return Err(generic(
-                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-            ));
+            return Err(CreateError::DataFileV2.into());
         }
         _ => {}
     }
@@ -123,11 +94,11 @@ fn qcow2_options(opts: &Args) -> Result<CreateOpts, Error> {
 }
 
 /// A node a create option names: an existing one, or one opened from inline options.
-async fn named_node(graph: &Graph, value: &QObject) -> Result<(Rc<Node>, bool), Error> {
+async fn named_node(graph: &Graph, value: &QObject) -> ferrite_block::Result<(Rc<Node>, bool)> {
     match value {
         QObject::String(name) => Ok((graph.lookup(name)?, false)),
         QObject::Dict(d) => Ok((graph.open_inline(&Args::new(d.clone())).await?, true)),
-        _ => Err(generic("Invalid node reference")),
+        _ => Err(CreateError::NodeReference.into()),
     }
 }
 
@@ -135,10 +106,10 @@ async fn named_node(graph: &Graph, value: &QObject) -> Result<(Rc<Node>, bool), 
 ///
 /// # Errors
 /// QEMU's texts for bad options, unknown nodes, permission conflicts, the storage failing.
-pub(crate) async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<(), Error> {
+pub(crate) async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
     let mut o = qcow2_options(opts)?;
     let Some(file_ref) = opts.get("file") else {
-        return Err(generic("Parameter 'file' is missing"));
+        return Err(ferrite_block::Error::MissingChild("file".into()));
     };
     let mut nodes = vec![named_node(graph, file_ref).await?];
     if let Some(data_ref) = opts.get("data-file") {
@@ -163,7 +134,7 @@ pub(crate) async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<(), Error> 
     }
     let edge = |i: usize| holds.get(i).and_then(|h| h.root());
     let Some(file) = edge(0) else {
-        return Err(generic("Parameter 'file' is missing"));
+        return Err(ferrite_block::Error::MissingChild("file".into()));
     };
     let data = edge(1);
     o.data_file = data.as_ref().map(|d| d.node().filename());
@@ -171,14 +142,12 @@ pub(crate) async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<(), Error> 
         format(&file, &o).await?;
         if let Some(data) = &data {
             // The data file holds the guest's bytes at their own offsets.
-            let io = |e: std::io::Error| generic(format!("Could not resize image: {}", os_msg(&e)));
+            let io = Error::ResizeImage;
             data.truncate(o.size).await.map_err(io)?;
             fill(data, 0, o.size, o.prealloc).await.map_err(io)?;
             data.flush().await.map_err(io)?;
         }
-        file.flush()
-            .await
-            .map_err(|e| generic(format!("Could not flush: {}", os_msg(&e))))
+        Ok(file.flush().await.map_err(Error::Flush)?)
     }
     .await;
     drop(holds);

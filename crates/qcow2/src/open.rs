@@ -5,11 +5,12 @@
 
 use crate::claims::Claims;
 use crate::compress::Codec;
+use crate::error::Error;
 use crate::format::header::{Header, autoclear, compat, incompat};
 use crate::meta::{Meta, read_at};
 use crate::{CorruptionHook, DataFile, Qcow2Driver, bitmaps, repair};
 use ferrite_block::Child;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::time::{Duration, Instant};
@@ -19,11 +20,8 @@ const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
 /// Seconds between cache cleanings unless `cache-clean-interval` says otherwise.
 const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
 
-fn open_err(e: &io::Error) -> Error {
-    Error::generic(format!(
-        "Could not read qcow2 header: {}",
-        ferrite_qapi::os_msg(e)
-    ))
+fn open_err(e: io::Error) -> Error {
+    Error::ReadHeader(e)
 }
 
 impl Qcow2Driver {
@@ -33,26 +31,22 @@ impl Qcow2Driver {
         file: &Child,
         read_only: bool,
         on_corruption: CorruptionHook,
-    ) -> Result<Qcow2Driver, Error> {
+    ) -> ferrite_block::Result<Qcow2Driver> {
         let probe = read_at(file, 0, Header::PROBE_LEN)
             .await
-            .map_err(|e| open_err(&e))?;
+            .map_err(open_err)?;
         let bits = Header::probe_cluster_bits(&probe)?;
         let cs = 1u64 << bits;
         let first = read_at(file, 0, cs.min(file.len().max(512)) as usize)
             .await
-            .map_err(|e| open_err(&e))?;
+            .map_err(open_err)?;
         let h = Header::parse(&first, file.len())?;
         if h.crypt_method != 0 {
-            return Err(Error::generic(
-                "Encrypted qcow2 images are not supported by ferrite",
-            ));
+            return Err(Error::Encrypted.into());
         }
         let data_file = if h.incompatible & incompat::DATA_FILE != 0 {
             if !read_only {
-                return Err(Error::generic(
-                    "ferrite opens qcow2 images with an external data file read-only only (for now); set 'read-only': true",
-                ));
+                return Err(Error::DataFileWritable.into());
             }
             Some(DataFile {
                 name: h.data_file_name(),
@@ -62,15 +56,11 @@ impl Qcow2Driver {
             None
         };
         if h.incompatible & incompat::CORRUPT != 0 && !read_only {
-            return Err(Error::generic(
-                "qcow2: Image is corrupt; cannot be opened read/write",
-            ));
+            return Err(Error::Corrupt.into());
         }
         let lazy_opt = args.opt_bool("lazy-refcounts");
         if lazy_opt == Some(true) && h.version < 3 {
-            return Err(Error::generic(
-                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
-            ));
+            return Err(Error::LazyRefcountsV2.into());
         }
         let lazy = lazy_opt.unwrap_or(h.compatible & compat::LAZY_REFCOUNTS != 0);
         let (l2_tables, rb_tables) = cache_sizes(args, &h)?;
@@ -87,7 +77,7 @@ impl Qcow2Driver {
         let was_dirty = h.incompatible & incompat::DIRTY != 0;
         let mut meta = Meta::load(file, h, l2_tables, rb_tables)
             .await
-            .map_err(|e| open_err(&e))?;
+            .map_err(open_err)?;
         let discard_unmap = args.opt_str("discard") == Some("unmap");
         meta.pass_discard_request = args
             .opt_bool("pass-discard-request")
@@ -97,16 +87,13 @@ impl Qcow2Driver {
             .await
             .map(|(l, _)| l)
             .unwrap_or_default();
-        let loaded = bitmaps::load(file, &mut meta).await.map_err(|e| {
-            Error::generic(format!(
-                "Could not load the bitmaps of the image: {}",
-                ferrite_qapi::os_msg(&e)
-            ))
-        })?;
+        let loaded = bitmaps::load(file, &mut meta)
+            .await
+            .map_err(Error::LoadBitmaps)?;
         if !read_only {
             prepare_for_writing(file, &mut meta, was_dirty)
                 .await
-                .map_err(|e| open_err(&e))?;
+                .map_err(open_err)?;
         }
         Ok(Qcow2Driver {
             meta: tokio::sync::Mutex::new(meta),
@@ -161,25 +148,25 @@ pub(crate) async fn prepare_for_writing(
 }
 
 /// `cache-clean-interval` in seconds; QEMU's default is ten minutes.
-fn clean_interval(args: &Args) -> Result<Duration, Error> {
+fn clean_interval(args: &Args) -> ferrite_block::Result<Duration> {
     match args.opt_i64("cache-clean-interval") {
         None => Ok(Duration::from_secs(DEFAULT_CACHE_CLEAN_INTERVAL)),
-        Some(v) if v < 0 || v > i64::from(u32::MAX) => {
-            Err(Error::generic("Cache clean interval too big"))
-        }
+        Some(v) if v < 0 || v > i64::from(u32::MAX) => Err(Error::CleanInterval.into()),
         Some(v) => Ok(Duration::from_secs(v as u64)),
     }
 }
 
 /// Tables the L2 and refcount caches hold, from the options and the image (QEMU's rules).
-fn cache_sizes(args: &Args, h: &Header) -> Result<(usize, usize), Error> {
+fn cache_sizes(args: &Args, h: &Header) -> ferrite_block::Result<(usize, usize)> {
     let cs = h.cluster_size();
-    let get = |k: &str| -> Result<Option<u64>, Error> {
+    let get = |k: &str| -> ferrite_block::Result<Option<u64>> {
         match args.opt_i64(k) {
             None => Ok(None),
-            Some(v) if v < 0 => Err(Error::generic(format!(
-                "Value '{v}' is out of range for parameter '{k}'"
-            ))),
+            Some(v) if v < 0 => Err(Error::OutOfRange {
+                value: v,
+                name: k.to_owned(),
+            }
+            .into()),
             Some(v) => Ok(Some(v as u64)),
         }
     };
@@ -190,21 +177,17 @@ fn cache_sizes(args: &Args, h: &Header) -> Result<(usize, usize), Error> {
     let max_l2 = h.size.div_ceil(cs).div_ceil(per_l2) * cs;
     let (l2, rc) = match (total, l2, rc) {
         (Some(_), Some(_), Some(_)) => {
-            return Err(Error::generic(
-                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
-            ));
+            return Err(Error::CacheSizes.into());
         }
         (Some(t), Some(l), None) => {
             if l > t {
-                return Err(Error::generic("l2-cache-size may not exceed cache-size"));
+                return Err(Error::L2CacheTooBig.into());
             }
             (l, t - l)
         }
         (Some(t), None, Some(r)) => {
             if r > t {
-                return Err(Error::generic(
-                    "refcount-cache-size may not exceed cache-size",
-                ));
+                return Err(Error::RefcountCacheTooBig.into());
             }
             (t - r, r)
         }

@@ -6,7 +6,7 @@ use ferrite_blockdev::{bitmap_cmds as bm, qmp_cmds as blk, snapshot_cmds, transa
 use ferrite_chardev::{Chardev, ChardevRegistry, qmp_cmds as chr};
 use ferrite_jobs::JobManager;
 use ferrite_nbd::{NbdService, qmp_cmds as nbd};
-use ferrite_qapi::{Args, Error, ErrorClass, introspect, schema};
+use ferrite_qapi::{Args, Error, ErrorClass, QapiEvent, introspect, schema};
 use ferrite_qmp::{CommandFuture, Commands, Event, EventBus, Monitor};
 use ferrite_qobject::{QDict, QObject};
 use ferrite_qom::{Container, ObjectRegistry, QomNode, qmp_cmds as qom};
@@ -33,12 +33,24 @@ pub(crate) struct Daemon {
 struct BusSink(Rc<EventBus>);
 
 impl EventSink for BusSink {
-    fn emit(&self, name: &'static str, data: QDict) {
+    fn emit(&self, event: &dyn QapiEvent) {
+        // Every event the layers emit is checked against the schema in debug builds (the
+        // whole test suite runs them).
+        debug_assert!(
+            ferrite_qapi::check_event(event).is_ok(),
+            "{:?}",
+            ferrite_qapi::check_event(event)
+        );
         self.0.emit(Event {
-            name,
-            data: Some(data),
+            name: event.name(),
+            data: event.data(),
         });
     }
+}
+
+/// A command that returns nothing (`{}`), its error turned into QMP's.
+fn done<T, E: Into<Error>>(r: Result<T, E>) -> Result<QObject, Error> {
+    r.map(|_| QObject::Dict(QDict::new())).map_err(Into::into)
 }
 
 /// A chardev as a QOM object under `/chardevs`.
@@ -165,49 +177,50 @@ impl Daemon {
                 empty()
             }
             "blockdev-add" => blk::qmp_blockdev_add(&self.graph, &args).await,
-            "blockdev-create" => ferrite_jobs::qmp_blockdev_create(&self.jobs, &self.graph, &args)
-                .and_then(|()| empty()),
-            "x-blockdev-amend" => {
-                ferrite_jobs::qmp_x_blockdev_amend(&self.jobs, &self.graph, &args)
-                    .and_then(|()| empty())
+            "blockdev-create" => done(ferrite_jobs::qmp_blockdev_create(
+                &self.jobs,
+                &self.graph,
+                &args,
+            )),
+            "x-blockdev-amend" => done(ferrite_jobs::qmp_x_blockdev_amend(
+                &self.jobs,
+                &self.graph,
+                &args,
+            )),
+            "blockdev-backup" => {
+                done(transaction::qmp_blockdev_backup(&self.jobs, &self.graph, &args).await)
             }
-            "blockdev-backup" => transaction::qmp_blockdev_backup(&self.jobs, &self.graph, &args)
-                .await
-                .and_then(|()| empty()),
-            "block-dirty-bitmap-add" => bm::add(&self.graph, &args).and_then(|_| empty()),
-            "block-dirty-bitmap-remove" => bm::remove(&self.graph, &args).and_then(|_| empty()),
-            "block-dirty-bitmap-clear" => bm::clear(&self.graph, &args).and_then(|_| empty()),
-            "block-dirty-bitmap-enable" => {
-                bm::set_enabled(&self.graph, &args, true).and_then(|_| empty())
+            "block-dirty-bitmap-add" => done(bm::add(&self.graph, &args)),
+            "block-dirty-bitmap-remove" => done(bm::remove(&self.graph, &args)),
+            "block-dirty-bitmap-clear" => done(bm::clear(&self.graph, &args)),
+            "block-dirty-bitmap-enable" => done(bm::set_enabled(&self.graph, &args, true)),
+            "block-dirty-bitmap-disable" => done(bm::set_enabled(&self.graph, &args, false)),
+            "block-dirty-bitmap-merge" => done(bm::merge(&self.graph, &args)),
+            "x-debug-block-dirty-bitmap-sha256" => {
+                bm::sha256(&self.graph, &args).map_err(Into::into)
             }
-            "block-dirty-bitmap-disable" => {
-                bm::set_enabled(&self.graph, &args, false).and_then(|_| empty())
+            "transaction" => {
+                done(transaction::qmp_transaction(&self.jobs, &self.graph, &args).await)
             }
-            "block-dirty-bitmap-merge" => bm::merge(&self.graph, &args).and_then(|_| empty()),
-            "x-debug-block-dirty-bitmap-sha256" => bm::sha256(&self.graph, &args),
-            "transaction" => transaction::qmp_transaction(&self.jobs, &self.graph, &args)
-                .await
-                .and_then(|()| empty()),
-            "blockdev-snapshot" => snapshot_cmds::snapshot(&self.graph, &args, false)
-                .await
-                .and_then(|()| empty()),
-            "blockdev-snapshot-sync" => snapshot_cmds::snapshot(&self.graph, &args, true)
-                .await
-                .and_then(|()| empty()),
-            "blockdev-snapshot-internal-sync" => snapshot_cmds::internal_sync(&self.graph, &args)
-                .await
-                .and_then(|_| empty()),
+            "blockdev-snapshot" => done(snapshot_cmds::snapshot(&self.graph, &args, false).await),
+            "blockdev-snapshot-sync" => {
+                done(snapshot_cmds::snapshot(&self.graph, &args, true).await)
+            }
+            "blockdev-snapshot-internal-sync" => {
+                done(snapshot_cmds::internal_sync(&self.graph, &args).await)
+            }
             "blockdev-snapshot-delete-internal-sync" => {
                 snapshot_cmds::delete_internal_sync(&self.graph, &args)
                     .await
                     .map(QObject::Dict)
+                    .map_err(Into::into)
             }
-            "change-backing-file" => snapshot_cmds::change_backing_file(&self.graph, &args)
-                .await
-                .and_then(|()| empty()),
-            "drive-backup" => transaction::qmp_drive_backup(&self.jobs, &self.graph, &args)
-                .await
-                .and_then(|()| empty()),
+            "change-backing-file" => {
+                done(snapshot_cmds::change_backing_file(&self.graph, &args).await)
+            }
+            "drive-backup" => {
+                done(transaction::qmp_drive_backup(&self.jobs, &self.graph, &args).await)
+            }
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),

@@ -38,6 +38,12 @@ impl From<Error> for CliError {
     }
 }
 
+impl From<ferrite_block::Error> for CliError {
+    fn from(e: ferrite_block::Error) -> Self {
+        CliError(Error::from(e).cli_text())
+    }
+}
+
 impl From<String> for CliError {
     fn from(s: String) -> Self {
         CliError(s)

@@ -4,11 +4,12 @@
 //! order: the new node's drain reaches the parent before the old one's lets go).
 
 use crate::child::{Child, ParentRef, RootParent};
+use crate::error::Result;
 use crate::graph::Graph;
 use crate::node::Node;
 use crate::perm::Perm;
 use crate::registry::DriverFactory;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::rc::{Rc, Weak};
 
 /// Whether `name` is `node` or a node below it.
@@ -44,7 +45,7 @@ impl Graph {
         name: &str,
         perm: Perm,
         shared: Perm,
-    ) -> Result<Rc<Child>, Error> {
+    ) -> Result<Rc<Child>> {
         let e = Child::new(name, node, ParentRef::Root(parent), self.next_id());
         self.link(&e, node);
         if let Err(err) = self.update_edge_perm(&e, perm, shared) {
@@ -64,7 +65,7 @@ impl Graph {
         parent: &Rc<Node>,
         child: &Rc<Node>,
         name: &str,
-    ) -> Result<Rc<Child>, Error> {
+    ) -> Result<Rc<Child>> {
         let e = Child::new(
             name,
             child,
@@ -117,7 +118,7 @@ impl Graph {
     ///
     /// # Errors
     /// A permission conflict on `new`.
-    pub async fn replace(&self, old: &Rc<Node>, new: &Rc<Node>) -> Result<(), Error> {
+    pub async fn replace(&self, old: &Rc<Node>, new: &Rc<Node>) -> Result<()> {
         let _old_drained = self.drain(old).await;
         let _new_drained = self.drain(new).await;
         // A parent below `new` stays (moving it would make a loop: a fleecing target backed
@@ -154,7 +155,7 @@ impl Graph {
         below: &Rc<Node>,
         opts: &Args,
         factory: &dyn DriverFactory,
-    ) -> Result<Rc<Node>, Error> {
+    ) -> Result<Rc<Node>> {
         let filter = self.open_with(opts, factory).await?;
         if let Err(e) = self.replace(below, &filter).await {
             self.forget_if_orphan(&filter);
@@ -168,7 +169,7 @@ impl Graph {
     ///
     /// # Errors
     /// A permission conflict moving the users back.
-    pub async fn remove_filter(&self, filter: &Rc<Node>) -> Result<(), Error> {
+    pub async fn remove_filter(&self, filter: &Rc<Node>) -> Result<()> {
         if let Some(below) = filter.child("file") {
             self.replace(filter, &below).await?;
         }
@@ -180,7 +181,7 @@ impl Graph {
     ///
     /// # Errors
     /// A permission conflict; nothing changed then.
-    pub fn attach_backing(&self, node: &Rc<Node>, backing: &Rc<Node>) -> Result<(), Error> {
+    pub fn attach_backing(&self, node: &Rc<Node>, backing: &Rc<Node>) -> Result<()> {
         self.attach_child(node, backing, "backing").map(drop)
     }
 
@@ -189,7 +190,7 @@ impl Graph {
     ///
     /// # Errors
     /// A permission conflict; nothing changed then.
-    pub async fn append_overlay(&self, node: &Rc<Node>, overlay: &Rc<Node>) -> Result<(), Error> {
+    pub async fn append_overlay(&self, node: &Rc<Node>, overlay: &Rc<Node>) -> Result<()> {
         let _drained = self.drain(node).await;
         let edge = self.attach_child(overlay, node, "backing")?;
         if let Err(e) = self.replace(node, overlay).await {

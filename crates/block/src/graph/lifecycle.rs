@@ -2,9 +2,10 @@
 //! the monitor, nodes opened for a command's own use, implicit nodes that go with their last
 //! user, and closing everything at exit.
 
+use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::Node;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::rc::Rc;
 
 impl Graph {
@@ -12,11 +13,9 @@ impl Graph {
     ///
     /// # Errors
     /// A missing, malformed or duplicate node name, an unknown child, or the driver failing.
-    pub async fn blockdev_add(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+    pub async fn blockdev_add(&self, opts: &Args) -> Result<Rc<Node>> {
         if opts.opt_str("node-name").is_none() {
-            return Err(Error::generic(
-                "'node-name' must be specified for the root node",
-            ));
+            return Err(Error::RootNodeNameMissing);
         }
         let node = self.open(opts).await?;
         self.monitor_owned.borrow_mut().push(node.name.clone());
@@ -35,7 +34,7 @@ impl Graph {
     ///
     /// # Errors
     /// As `blockdev-add`.
-    pub async fn open_inline(&self, opts: &Args) -> Result<Rc<Node>, Error> {
+    pub async fn open_inline(&self, opts: &Args) -> Result<Rc<Node>> {
         self.open(opts).await
     }
 
@@ -72,28 +71,26 @@ impl Graph {
     ///
     /// # Errors
     /// Unknown node, a node not added by `blockdev-add`, or one still in use.
-    pub async fn blockdev_del(&self, name: &str) -> Result<(), Error> {
-        let node = self.find(name).ok_or_else(|| {
-            Error::generic(format!("Failed to find node with node-name='{name}'"))
-        })?;
+    pub async fn blockdev_del(&self, name: &str) -> Result<()> {
+        let node = self
+            .find(name)
+            .ok_or_else(|| Error::NoSuchNode(name.to_owned()))?;
         // QEMU's order: used by a device or export, blocked, not the monitor's, used.
         if node.has_root_user() {
-            return Err(Error::generic(format!("Node {name} is in use")));
+            return Err(Error::InUseByRoot(name.to_owned()));
         }
         if let Some(p) = self.backing_parent(&node) {
-            return Err(Error::generic(format!(
-                "Node '{name}' is busy: node is used as backing hd of '{}'",
-                p.name
-            )));
+            return Err(Error::Busy {
+                node: name.to_owned(),
+                reason: format!("node is used as backing hd of '{}'", p.name),
+            });
         }
         self.check_unblocked(&node)?;
         if !self.is_monitor_owned(&node) {
-            return Err(Error::generic(format!(
-                "Node {name} is not owned by the monitor"
-            )));
+            return Err(Error::NotMonitorOwned(name.to_owned()));
         }
         if !node.users().is_empty() {
-            return Err(Error::generic(format!("Block device {name} is in use")));
+            return Err(Error::InUse(name.to_owned()));
         }
         self.monitor_owned.borrow_mut().retain(|n| n != name);
         let drained = self.drain(&node).await;

@@ -14,11 +14,12 @@ mod reopen;
 
 use crate::backend::BlockBackend;
 use crate::drain::Drained;
+use crate::error::{Error, Result};
 use crate::events::EventSink;
 use crate::io::{IoBackend, ThreadPool, Uring};
 use crate::node::Node;
 use crate::registry::Registry;
-use ferrite_qapi::{Args, Error, ErrorClass, id_wellformed};
+use ferrite_qapi::{Args, id_wellformed};
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -47,12 +48,6 @@ pub struct Graph {
     blockers: RefCell<Vec<(String, String)>>,
     /// Every `BlockBackend`, in creation order.
     backends: RefCell<Vec<Weak<BlockBackend>>>,
-}
-
-fn node_not_found(name: &str) -> Error {
-    Error::generic(format!(
-        "Cannot find device='{name}' nor node-name='{name}'"
-    ))
 }
 
 impl Graph {
@@ -130,43 +125,38 @@ impl Graph {
     ///
     /// # Errors
     /// QEMU's "Cannot find device='x' nor node-name='x'".
-    pub fn lookup(&self, name: &str) -> Result<Rc<Node>, Error> {
-        self.find(name).ok_or_else(|| node_not_found(name))
+    pub fn lookup(&self, name: &str) -> Result<Rc<Node>> {
+        self.find(name)
+            .ok_or_else(|| Error::NotFound(name.to_owned()))
     }
 
     /// A node by node name only, for commands without a device argument.
     ///
     /// # Errors
     /// QEMU's "Cannot find device='' nor node-name='x'".
-    pub fn lookup_node(&self, name: &str) -> Result<Rc<Node>, Error> {
+    pub fn lookup_node(&self, name: &str) -> Result<Rc<Node>> {
         self.find(name)
-            .ok_or_else(|| Error::generic(format!("Cannot find device='' nor node-name='{name}'")))
+            .ok_or_else(|| Error::NodeNotFound(name.to_owned()))
     }
 
     /// A lookup for commands that say "Device 'x' not found".
     ///
     /// # Errors
     /// `GenericError` "Device 'x' not found" (QEMU uses the generic class here).
-    pub fn lookup_device(&self, name: &str) -> Result<Rc<Node>, Error> {
-        self.find(name).ok_or_else(|| {
-            Error::new(
-                ErrorClass::GenericError,
-                format!("Device '{name}' not found"),
-            )
-        })
+    pub fn lookup_device(&self, name: &str) -> Result<Rc<Node>> {
+        self.find(name)
+            .ok_or_else(|| Error::DeviceNotFound(name.to_owned()))
     }
 
-    pub(crate) fn check_name(&self, name: &str) -> Result<(), Error> {
+    pub(crate) fn check_name(&self, name: &str) -> Result<()> {
         if !id_wellformed(name) {
-            return Err(Error::generic(format!("Invalid node-name: '{name}'")));
+            return Err(Error::InvalidNodeName(name.to_owned()));
         }
         if name.len() > MAX_NODE_NAME {
-            return Err(Error::generic("Node name too long"));
+            return Err(Error::NodeNameTooLong);
         }
         if self.find(name).is_some() {
-            return Err(Error::generic(format!(
-                "Duplicate nodes with node-name='{name}'"
-            )));
+            return Err(Error::DuplicateNodeName(name.to_owned()));
         }
         Ok(())
     }
@@ -209,7 +199,7 @@ impl Graph {
     ///
     /// # Errors
     /// The file failing to open.
-    pub(crate) async fn probe_format(&self, file_opts: &QDict) -> Result<&'static str, Error> {
+    pub(crate) async fn probe_format(&self, file_opts: &QDict) -> Result<&'static str> {
         let f = self.open(&Args::new(file_opts.clone())).await?;
         let head = match BlockBackend::new(
             &self.rc(),
@@ -259,9 +249,12 @@ impl Graph {
     ///
     /// # Errors
     /// The first reason `node` is blocked.
-    pub fn check_unblocked(&self, node: &Node) -> Result<(), Error> {
+    pub fn check_unblocked(&self, node: &Node) -> Result<()> {
         match self.blockers.borrow().iter().find(|(n, _)| *n == node.name) {
-            Some((n, reason)) => Err(Error::generic(format!("Node '{n}' is busy: {reason}"))),
+            Some((n, reason)) => Err(Error::Busy {
+                node: n.clone(),
+                reason: reason.clone(),
+            }),
             None => Ok(()),
         }
     }

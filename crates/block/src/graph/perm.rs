@@ -4,10 +4,10 @@
 //! edges. Any conflict on the way undoes the change.
 
 use crate::child::Child;
+use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::Node;
 use crate::perm::Perm;
-use ferrite_qapi::Error;
 use std::rc::Rc;
 
 impl Graph {
@@ -16,12 +16,7 @@ impl Graph {
     ///
     /// # Errors
     /// A permission conflict anywhere below, or a lock held by another process.
-    pub(crate) fn update_edge_perm(
-        &self,
-        e: &Rc<Child>,
-        perm: Perm,
-        shared: Perm,
-    ) -> Result<(), Error> {
+    pub(crate) fn update_edge_perm(&self, e: &Rc<Child>, perm: Perm, shared: Perm) -> Result<()> {
         let old = (e.perm.get(), e.shared.get());
         e.perm.set(perm);
         e.shared.set(shared);
@@ -36,7 +31,7 @@ impl Graph {
     }
 
     /// Pushes a node's cumulative permissions down to its driver (locks) and children.
-    pub(crate) fn propagate(&self, node: &Rc<Node>) -> Result<(), Error> {
+    pub(crate) fn propagate(&self, node: &Rc<Node>) -> Result<()> {
         let (perm, shared) = node.cumulative_perms();
         node.driver.set_perm(perm, shared)?;
         let used = !node.users().is_empty();
@@ -48,14 +43,14 @@ impl Graph {
     }
 
     /// Checks the users of `node` after edges moved to it.
-    pub(crate) fn check_node(&self, node: &Rc<Node>) -> Result<(), Error> {
+    pub(crate) fn check_node(&self, node: &Rc<Node>) -> Result<()> {
         check_conflicts(node).and_then(|()| self.propagate(node))
     }
 }
 
 /// QEMU's compliance check between every pair of a node's users (newest first), then the
 /// read-only rule.
-fn check_conflicts(node: &Node) -> Result<(), Error> {
+fn check_conflicts(node: &Node) -> Result<()> {
     let users = node.users();
     for a in users.iter().rev() {
         for b in users.iter().rev() {
@@ -69,19 +64,18 @@ fn check_conflicts(node: &Node) -> Result<(), Error> {
                     .filter(|(p, _)| denied.contains(*p))
                     .map(|(_, n)| *n)
                     .collect();
-                return Err(Error::generic(format!(
-                    "Permission conflict on node '{}': permissions '{}' are both required by {} and unshared by {}.",
-                    node.name,
-                    names.join(", "),
-                    b.user_desc(),
-                    a.user_desc()
-                )));
+                return Err(Error::PermissionConflict {
+                    node: node.name.clone(),
+                    perms: names.join(", "),
+                    user: b.user_desc(),
+                    other: a.user_desc(),
+                });
             }
         }
     }
     let (perm, _) = node.cumulative_perms();
     if node.read_only.get() && perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) {
-        return Err(Error::generic("Block node is read-only"));
+        return Err(Error::ReadOnly);
     }
     Ok(())
 }

@@ -4,10 +4,11 @@
 
 use crate::backend::BlockBackend;
 use crate::driver::check_unchanged;
+use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::{DetectZeroes, Node};
 use crate::perm::Perm;
-use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
@@ -18,17 +19,17 @@ impl Graph {
     /// # Errors
     /// QEMU's texts for a missing or unknown node name and for options that cannot change;
     /// "Block node is read-only" when a user still writes to a node made read-only.
-    pub async fn reopen(&self, list: &[Args]) -> Result<(), Error> {
+    pub async fn reopen(&self, list: &[Args]) -> Result<()> {
         let mut plan = Vec::new();
         for opts in list {
             let name = opts
                 .opt_str("node-name")
-                .ok_or_else(|| Error::generic("node-name not specified"))?;
-            let node = self.find(name).ok_or_else(|| {
-                Error::generic(format!("Failed to find node with node-name='{name}'"))
-            })?;
+                .ok_or_else(|| Error::ReopenNodeNameMissing)?;
+            let node = self
+                .find(name)
+                .ok_or_else(|| Error::NoSuchNode(name.to_owned()))?;
             if opts.str("driver")? != node.driver_name() {
-                return Err(Error::generic("Cannot change the option 'driver'"));
+                return Err(Error::CannotChange("driver".into()));
             }
             check_unchanged(
                 opts,
@@ -40,9 +41,7 @@ impl Graph {
             if opts.opt_str("detect-zeroes") == Some("unmap")
                 && opts.opt_str("discard") != Some("unmap")
             {
-                return Err(Error::generic(
-                    "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
-                ));
+                return Err(Error::DetectZeroesUnmapWithoutDiscard);
             }
             if read_only
                 && node
@@ -50,7 +49,7 @@ impl Graph {
                     .0
                     .intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
             {
-                return Err(Error::generic("Block node is read-only"));
+                return Err(Error::ReadOnly);
             }
             plan.push((node, opts, read_only));
         }
@@ -58,22 +57,15 @@ impl Graph {
             let _drained = self.drain(&node).await;
             if read_only && !node.is_read_only() {
                 // Leaving read-write: caches written back and the image marked clean.
-                node.driver.close(&node).await.map_err(|e| {
-                    Error::generic(format!(
-                        "Could not write back before reopening read-only: {}",
-                        os_msg(&e)
-                    ))
-                })?;
+                node.driver.close(&node).await.map_err(Error::WriteBack)?;
             }
             let was_read_only = node.is_read_only();
             node.driver.reopen_apply(&node, opts, read_only)?;
             if was_read_only && !read_only {
-                node.driver.prepare_writable(&node).await.map_err(|e| {
-                    Error::generic(format!(
-                        "Could not prepare the image for writing: {}",
-                        os_msg(&e)
-                    ))
-                })?;
+                node.driver
+                    .prepare_writable(&node)
+                    .await
+                    .map_err(Error::PrepareWritable)?;
             }
             node.read_only.set(read_only);
             self.propagate(&node)?;
@@ -91,7 +83,7 @@ impl Graph {
     ///
     /// # Errors
     /// The storage refusing the mode.
-    pub fn set_read_only(&self, node: &Rc<Node>, read_only: bool) -> Result<(), Error> {
+    pub fn set_read_only(&self, node: &Rc<Node>, read_only: bool) -> Result<()> {
         let file = node.child("file").filter(|f| f.users().len() == 1);
         // Going read-only, the node drops its write permission before its file reopens;
         // going read-write, the file reopens for writing first.
@@ -114,12 +106,11 @@ impl Graph {
     /// # Errors
     /// QEMU's texts for a bad size, a read-only node, a driver that cannot resize, or a
     /// permission conflict.
-    pub async fn resize(&self, node: &Rc<Node>, size: i64) -> Result<(), Error> {
-        let size = u64::try_from(size)
-            .map_err(|_| Error::generic("Parameter 'size' expects a >0 size"))?;
+    pub async fn resize(&self, node: &Rc<Node>, size: i64) -> Result<()> {
+        let size = u64::try_from(size).map_err(|_| Error::NegativeSize)?;
         let blk = BlockBackend::new(&self.rc(), node, Perm::RESIZE, Perm::all())?;
         if node.is_read_only() {
-            return Err(Error::generic("Image is read-only"));
+            return Err(Error::ImageReadOnly);
         }
         // The resize runs inside its own drained section.
         blk.set_queue_requests(false);
@@ -128,8 +119,8 @@ impl Graph {
         drop(drained);
         drop(blk);
         r.map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOTSUP) => Error::generic("Image format driver does not support resize"),
-            _ => Error::generic(format!("Could not resize: {}", os_msg(&e))),
+            Some(libc::ENOTSUP) => Error::ResizeUnsupported,
+            _ => Error::Resize(e),
         })
     }
 }

@@ -10,8 +10,10 @@ use std::rc::Rc;
 struct Events(RefCell<Vec<(String, QDict)>>);
 
 impl EventSink for Events {
-    fn emit(&self, name: &'static str, data: QDict) {
-        self.0.borrow_mut().push((name.to_owned(), data));
+    fn emit(&self, event: &dyn ferrite_qapi::QapiEvent) {
+        self.0
+            .borrow_mut()
+            .push((event.name().to_owned(), event.data().unwrap_or_default()));
     }
 }
 
@@ -49,7 +51,10 @@ async fn node_names_follow_qemu_rules() {
             "'node-name' must be specified for the root node",
         ),
     ] {
-        assert_eq!(g.blockdev_add(&args(j)).await.unwrap_err().desc, want);
+        assert_eq!(
+            g.blockdev_add(&args(j)).await.unwrap_err().to_string(),
+            want
+        );
     }
 }
 
@@ -66,7 +71,7 @@ async fn conflicting_users_are_refused_and_nothing_changes() {
     .unwrap();
     let err = BlockBackend::new(&g, &n, Perm::WRITE, Perm::all())
         .unwrap_err()
-        .desc;
+        .to_string();
     assert!(
         err.starts_with("Permission conflict on node 'n0': permissions 'write'"),
         "{err}"
@@ -86,7 +91,7 @@ async fn read_only_nodes_refuse_writers() {
     )
     .await;
     let e = BlockBackend::new(&g, &n, Perm::WRITE, Perm::all()).unwrap_err();
-    assert_eq!(e.desc, "Block node is read-only");
+    assert_eq!(e.to_string(), "Block node is read-only");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -100,7 +105,7 @@ async fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents()
     )
     .await;
     assert_eq!(
-        g.blockdev_del("n0").await.unwrap_err().desc,
+        g.blockdev_del("n0").await.unwrap_err().to_string(),
         "Block device n0 is in use"
     );
     let inline = g
@@ -110,7 +115,7 @@ async fn children_in_use_cannot_be_deleted_and_inline_children_go_with_parents()
         .cloned()
         .unwrap();
     assert_eq!(
-        g.blockdev_del(inline.name()).await.unwrap_err().desc,
+        g.blockdev_del(inline.name()).await.unwrap_err().to_string(),
         format!("Node {} is not owned by the monitor", inline.name())
     );
     g.blockdev_del("r1").await.unwrap();
@@ -231,7 +236,7 @@ async fn replace_that_conflicts_moves_nothing() {
     .await;
     let w = BlockBackend::new(&g, &n0, Perm::WRITE, Perm::all()).unwrap();
     let e = g.replace(&n0, &ro).await.unwrap_err();
-    assert_eq!(e.desc, "Block node is read-only");
+    assert_eq!(e.to_string(), "Block node is read-only");
     assert!(std::rc::Rc::ptr_eq(&w.node().unwrap(), &n0));
     assert!(ro.users().is_empty());
     assert_eq!(n0.users().len(), 1);

@@ -1,7 +1,7 @@
 //! The qcow2 header (cluster 0): the fixed fields, the header extensions and the backing file
 //! name; parsing with QEMU's checks and texts, and writing it back whole.
 
-use ferrite_qapi::Error;
+use crate::error::HeaderError;
 
 pub(crate) const MAGIC: u32 = 0x5146_49fb;
 const V2_HEADER_LEN: u32 = 72;
@@ -89,10 +89,6 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
 }
 
-fn bad(msg: impl Into<String>) -> Error {
-    Error::generic(msg)
-}
-
 /// QEMU's upper limits on table sizes.
 pub(crate) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
@@ -113,26 +109,26 @@ impl Header {
     }
 
     /// Cluster size from the first bytes of a file, to know how much of cluster 0 to read.
-    pub(crate) fn probe_cluster_bits(b: &[u8]) -> Result<u32, Error> {
+    pub(crate) fn probe_cluster_bits(b: &[u8]) -> Result<u32, HeaderError> {
         if b.len() < V2_HEADER_LEN as usize || be32(b, 0) != MAGIC {
-            return Err(bad("Image is not in qcow2 format"));
+            return Err(HeaderError::NotQcow2);
         }
         let version = be32(b, 4);
         if !(2..=3).contains(&version) {
             if version < 2 {
-                return Err(bad("Cluster size must be between 512 and 64k"));
+                return Err(HeaderError::OldVersion);
             }
-            return Err(bad(format!("Unsupported qcow2 version {version}")));
+            return Err(HeaderError::Version(version));
         }
         let bits = be32(b, 20);
         if !(9..=21).contains(&bits) {
-            return Err(bad(format!("Unsupported cluster size: 2^{bits}")));
+            return Err(HeaderError::ClusterBits(bits));
         }
         Ok(bits)
     }
 
     /// Parses cluster 0 (or as much of it as the file has), with QEMU's checks.
-    pub(crate) fn parse(b: &[u8], file_len: u64) -> Result<Header, Error> {
+    pub(crate) fn parse(b: &[u8], file_len: u64) -> Result<Header, HeaderError> {
         let cluster_bits = Header::probe_cluster_bits(b)?;
         let cs = 1u64 << cluster_bits;
         let version = be32(b, 4);
@@ -159,7 +155,7 @@ impl Header {
         };
         if version == 3 {
             if b.len() < V3_HEADER_LEN as usize {
-                return Err(bad("qcow2 header too short"));
+                return Err(HeaderError::TooShort);
             }
             h.incompatible = be64(b, 72);
             h.compatible = be64(b, 80);
@@ -167,13 +163,13 @@ impl Header {
             h.refcount_order = be32(b, 96);
             h.header_length = be32(b, 100);
             if h.header_length < V3_HEADER_LEN {
-                return Err(bad("qcow2 header too short"));
+                return Err(HeaderError::TooShort);
             }
             if u64::from(h.header_length) > cs {
-                return Err(bad("qcow2 header exceeds cluster size"));
+                return Err(HeaderError::TooLong);
             }
             if h.header_length as usize > b.len() {
-                return Err(bad("qcow2 header too short"));
+                return Err(HeaderError::TooShort);
             }
             if h.header_length > V3_HEADER_LEN {
                 h.compression_type = b[104];
@@ -186,7 +182,7 @@ impl Header {
         let backing_offset = be64(b, 8);
         let backing_size = be32(b, 16);
         if backing_offset > cs {
-            return Err(bad("Invalid backing file offset"));
+            return Err(HeaderError::BackingOffset);
         }
         // Extensions run from the end of the header to the backing file name (or the end of
         // the cluster).
@@ -197,92 +193,75 @@ impl Header {
         };
         h.extensions = parse_extensions(b, h.header_length as u64, ext_end.min(b.len() as u64))?;
         if h.incompatible & !incompat::KNOWN != 0 {
-            let unknown = h.incompatible & !incompat::KNOWN;
-            let names: Vec<String> = (0..64)
-                .filter(|i| unknown & (1 << i) != 0)
-                .map(|i| format!("Unknown incompatible feature: {:x}", 1u64 << i))
-                .collect();
-            return Err(bad(format!(
-                "Unsupported qcow2 feature(s): {}",
-                names.join(", ")
-            )));
+            return Err(HeaderError::UnknownFeatures(
+                h.incompatible & !incompat::KNOWN,
+            ));
         }
         if h.refcount_order > 6 {
-            return Err(bad(
-                "Reference count entry width too large; may not exceed 64 bits",
-            ));
+            return Err(HeaderError::RefcountWidth);
         }
         match h.compression_type {
             0 => {
                 if h.incompatible & incompat::COMPRESSION != 0 {
-                    return Err(bad(
-                        "qcow2: Compression type incompatible feature bit must not be set",
-                    ));
+                    return Err(HeaderError::CompressionBitSet);
                 }
             }
             1 => {
                 if h.incompatible & incompat::COMPRESSION == 0 {
-                    return Err(bad(
-                        "qcow2: Compression type incompatible feature bit must be set",
-                    ));
+                    return Err(HeaderError::CompressionBitUnset);
                 }
             }
-            t => return Err(bad(format!("qcow2: unknown compression type: {t}"))),
+            t => return Err(HeaderError::CompressionType(t)),
         }
         if h.crypt_method > 2 {
-            return Err(bad(format!(
-                "Unsupported encryption method {}",
-                h.crypt_method
-            )));
+            return Err(HeaderError::Encryption(h.crypt_method));
         }
         if h.extended_l2() && cluster_bits < 14 {
-            return Err(bad(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
+            return Err(HeaderError::ExtendedL2ClusterSize);
         }
         // Table offsets and sizes.
         let reftable_bytes = u64::from(h.refcount_table_clusters) << cluster_bits;
         if reftable_bytes > MAX_REFTABLE_BYTES {
-            return Err(bad("Reference count table too large"));
+            return Err(HeaderError::ReftableTooLarge);
         }
         if h.refcount_table_clusters == 0 {
-            return Err(bad("Image does not contain a reference count table"));
+            return Err(HeaderError::NoReftable);
         }
         check_table(
             h.refcount_table_offset,
             reftable_bytes,
             cs,
             file_len,
-            "Reference count table offset invalid",
+            HeaderError::ReftableOffset,
         )?;
         if h.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(bad("Snapshot table too large"));
+            return Err(HeaderError::SnapshotTableTooLarge);
         }
         if h.nb_snapshots > 0 && h.snapshots_offset % cs != 0 {
-            return Err(bad("Snapshot table offset invalid"));
+            return Err(HeaderError::SnapshotTableOffset);
         }
         if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(bad("Active L1 table too large"));
+            return Err(HeaderError::L1TooLarge);
         }
         check_table(
             h.l1_table_offset,
             u64::from(h.l1_size) * 8,
             cs,
             file_len,
-            "Active L1 table offset invalid",
+            HeaderError::L1Offset,
         )?;
         if h.size > (1u64 << 62) {
-            return Err(bad("Image is too big"));
+            return Err(HeaderError::TooBig);
         }
         if u64::from(h.l1_size) < h.l1_needed(h.size) {
-            return Err(bad("L1 table is too small"));
+            return Err(HeaderError::L1TooSmall);
         }
         if backing_offset != 0 && backing_size > 0 {
             if backing_size > 1023
                 || backing_offset + u64::from(backing_size) > cs
                 || (backing_offset + u64::from(backing_size)) as usize > b.len()
             {
-                return Err(bad("Backing file name too long"));
+                return Err(HeaderError::BackingNameTooLong);
             }
             let raw =
                 &b[backing_offset as usize..(backing_offset + u64::from(backing_size)) as usize];
@@ -368,7 +347,7 @@ impl Header {
     ///
     /// # Errors
     /// The whole does not fit in one cluster.
-    pub(crate) fn serialize(&self) -> Result<Vec<u8>, Error> {
+    pub(crate) fn serialize(&self) -> Result<Vec<u8>, HeaderError> {
         let mut b = Vec::with_capacity(4096);
         b.extend_from_slice(&MAGIC.to_be_bytes());
         b.extend_from_slice(&self.version.to_be_bytes());
@@ -407,9 +386,7 @@ impl Header {
             b.extend_from_slice(name.as_bytes());
         }
         if b.len() as u64 > self.cluster_size() {
-            return Err(bad(
-                "Cannot fit the header and its extensions in one cluster",
-            ));
+            return Err(HeaderError::DoesNotFit);
         }
         Ok(b)
     }
@@ -425,19 +402,25 @@ fn push_extension(b: &mut Vec<u8>, kind: u32, data: &[u8]) {
 /// QEMU checks a table's alignment and that its end fits; ferrite also refuses a table that
 /// starts past the end of the file (QEMU would read it as zeroes and then write it there,
 /// growing the file to wherever the damaged offset points).
-fn check_table(offset: u64, bytes: u64, cs: u64, file_len: u64, msg: &str) -> Result<(), Error> {
+fn check_table(
+    offset: u64,
+    bytes: u64,
+    cs: u64,
+    file_len: u64,
+    err: HeaderError,
+) -> Result<(), HeaderError> {
     if offset % cs != 0
         || offset
             .checked_add(bytes)
             .is_none_or(|e| e > i64::MAX as u64)
         || (bytes > 0 && offset >= file_len.next_multiple_of(cs))
     {
-        return Err(bad(msg));
+        return Err(err);
     }
     Ok(())
 }
 
-fn parse_extensions(b: &[u8], start: u64, end: u64) -> Result<Vec<Extension>, Error> {
+fn parse_extensions(b: &[u8], start: u64, end: u64) -> Result<Vec<Extension>, HeaderError> {
     let mut out: Vec<Extension> = Vec::new();
     let mut at = start as usize;
     let end = end as usize;
@@ -449,14 +432,12 @@ fn parse_extensions(b: &[u8], start: u64, end: u64) -> Result<Vec<Extension>, Er
             break;
         }
         if len > end - at {
-            return Err(bad("Invalid extension length"));
+            return Err(HeaderError::ExtensionLength);
         }
         let data = b[at..at + len].to_vec();
         at += len.next_multiple_of(8);
         if kind == EXT_BACKING_FORMAT && len > 1023 {
-            return Err(bad(format!(
-                "ERROR: ext_backing_format: len={len} too large (>=1023)"
-            )));
+            return Err(HeaderError::BackingFormatTooLong(len));
         }
         if out.iter().any(|e| e.kind == kind) {
             continue;
@@ -516,7 +497,7 @@ mod tests {
         let e = |off: usize, v: &[u8]| {
             let mut m = b.clone();
             m[off..off + v.len()].copy_from_slice(v);
-            Header::parse(&m, 1 << 20).unwrap_err().desc
+            Header::parse(&m, 1 << 20).unwrap_err().to_string()
         };
         assert_eq!(e(4, &4u32.to_be_bytes()), "Unsupported qcow2 version 4");
         assert_eq!(e(20, &8u32.to_be_bytes()), "Unsupported cluster size: 2^8");

@@ -17,7 +17,7 @@ use std::time::Duration;
 struct NoEvents;
 
 impl EventSink for NoEvents {
-    fn emit(&self, _name: &'static str, _data: QDict) {}
+    fn emit(&self, _event: &dyn ferrite_qapi::QapiEvent) {}
 }
 
 const SIZE: u64 = 1 << 20;

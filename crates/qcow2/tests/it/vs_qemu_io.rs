@@ -17,7 +17,7 @@ use std::rc::Rc;
 struct NoEvents;
 
 impl EventSink for NoEvents {
-    fn emit(&self, _name: &'static str, _data: QDict) {}
+    fn emit(&self, _event: &dyn ferrite_qapi::QapiEvent) {}
 }
 
 /// A request, as both sides apply it.

@@ -1,0 +1,194 @@
+//! The block core's errors. Each variant's text is QEMU's (observed on qemu-storage-daemon
+//! 10.0.2) and is written once, here; the QMP edge turns an [`Error`] into a
+//! `ferrite_qapi::Error` with its class.
+
+use ferrite_qapi::{ErrorClass, os_msg};
+use std::io;
+
+/// A failure of a block core operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A node looked up by a command that takes a device or a node name.
+    #[error("Cannot find device='{0}' nor node-name='{0}'")]
+    NotFound(String),
+    /// A node looked up by node name only.
+    #[error("Cannot find device='' nor node-name='{0}'")]
+    NodeNotFound(String),
+    /// A node looked up by a command that says "device".
+    #[error("Device '{0}' not found")]
+    DeviceNotFound(String),
+    /// `blockdev-del` and `blockdev-reopen` of an unknown node.
+    #[error("Failed to find node with node-name='{0}'")]
+    NoSuchNode(String),
+    /// A node name that breaks QEMU's identifier rule.
+    #[error("Invalid node-name: '{0}'")]
+    InvalidNodeName(String),
+    /// A node name over 31 bytes.
+    #[error("Node name too long")]
+    NodeNameTooLong,
+    /// A node name already taken.
+    #[error("Duplicate nodes with node-name='{0}'")]
+    DuplicateNodeName(String),
+    /// `blockdev-add` without a node name.
+    #[error("'node-name' must be specified for the root node")]
+    RootNodeNameMissing,
+    /// `blockdev-reopen` without a node name.
+    #[error("node-name not specified")]
+    ReopenNodeNameMissing,
+    /// A required child option that is absent.
+    #[error("Parameter '{0}' is missing")]
+    MissingChild(String),
+    /// A child given as neither a node name nor options.
+    #[error("Invalid child reference")]
+    InvalidChildRef,
+    /// A format no driver knows.
+    #[error("Unknown driver '{0}'")]
+    UnknownDriver(String),
+    /// A `BlockdevDriver` ferrite has no driver for.
+    #[error("Driver '{0}' is not supported by ferrite yet")]
+    UnsupportedDriver(String),
+    /// `detect-zeroes=unmap` without `discard=unmap`.
+    #[error(
+        "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+    )]
+    DetectZeroesUnmapWithoutDiscard,
+    /// A reopen that changes what cannot change.
+    #[error("Cannot change the option '{0}'")]
+    CannotChange(String),
+    /// Two users of a node that cannot both have what they take.
+    #[error(
+        "Permission conflict on node '{node}': permissions '{perms}' are both required by {user} and unshared by {other}."
+    )]
+    PermissionConflict {
+        /// The node.
+        node: String,
+        /// The permissions in conflict, named and joined.
+        perms: String,
+        /// Who takes them.
+        user: String,
+        /// Who does not share them.
+        other: String,
+    },
+    /// A writer on a read-only node.
+    #[error("Block node is read-only")]
+    ReadOnly,
+    /// A node a job or another operation holds (QEMU's op blockers).
+    #[error("Node '{node}' is busy: {reason}")]
+    Busy {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+    /// Writing back before a read-write to read-only reopen failed.
+    #[error("Could not write back before reopening read-only: {}", os_msg(.0))]
+    WriteBack(io::Error),
+    /// Preparing a read-only image for writing failed.
+    #[error("Could not prepare the image for writing: {}", os_msg(.0))]
+    PrepareWritable(io::Error),
+    /// `block_resize` to a negative size.
+    #[error("Parameter 'size' expects a >0 size")]
+    NegativeSize,
+    /// `block_resize` of a read-only node.
+    #[error("Image is read-only")]
+    ImageReadOnly,
+    /// A driver that cannot resize.
+    #[error("Image format driver does not support resize")]
+    ResizeUnsupported,
+    /// Resizing failed.
+    #[error("Could not resize: {}", os_msg(.0))]
+    Resize(io::Error),
+    /// `blockdev-del` of a node an export or a device uses.
+    #[error("Node {0} is in use")]
+    InUseByRoot(String),
+    /// `blockdev-del` of a node the monitor did not add.
+    #[error("Node {0} is not owned by the monitor")]
+    NotMonitorOwned(String),
+    /// `blockdev-del` of a node another node uses.
+    #[error("Block device {0} is in use")]
+    InUse(String),
+    /// `blockdev-create` with a driver that cannot create images.
+    #[error("Driver does not support blockdev-create")]
+    CannotCreate,
+    /// `x-blockdev-amend` naming another driver than the node's.
+    #[error("x-blockdev-amend doesn't support changing the block driver")]
+    AmendChangesDriver,
+    /// `x-blockdev-amend` with a driver that cannot amend.
+    #[error("Driver does not support x-blockdev-amend")]
+    CannotAmend,
+    /// A block-copy granularity that is not a power of two.
+    #[error("Cannot create block-copy-state: min-cluster-size needs to be a power of 2")]
+    MinClusterSize,
+    /// A backend outlived its graph.
+    #[error("The block graph is gone")]
+    GraphGone,
+    /// A relative backing file name for an image whose own name is not a plain path.
+    #[error("Cannot use relative backing file names for '{0}'")]
+    RelativeBackingName(String),
+    /// A driver's own error, as its text says, with advice for the command line.
+    #[error("{error}")]
+    Driver {
+        /// The driver's error.
+        error: Box<dyn std::error::Error>,
+        /// A line of advice the command line prints after the message (QEMU's hint).
+        hint: Option<String>,
+    },
+    /// An argument error from the QAPI layer.
+    #[error(transparent)]
+    Qapi(#[from] ferrite_qapi::Error),
+}
+
+impl Error {
+    /// A driver's error.
+    pub fn driver(e: impl std::error::Error + 'static) -> Error {
+        Error::Driver {
+            error: Box::new(e),
+            hint: None,
+        }
+    }
+
+    /// A driver's error with a line of advice for the command line.
+    pub fn driver_with_hint(e: impl std::error::Error + 'static, hint: String) -> Error {
+        Error::Driver {
+            error: Box::new(e),
+            hint: Some(hint),
+        }
+    }
+
+    /// Prefixes the text with context, as QEMU's `error_prepend` does (an error that stays
+    /// what it was, with more said first).
+    pub fn prepend(self, prefix: impl std::fmt::Display) -> Error {
+        let hint = match &self {
+            Error::Driver { hint, .. } => hint.clone(),
+            _ => None,
+        };
+        Error::Driver {
+            error: Box::new(Prepended(format!("{prefix}{self}"))),
+            hint,
+        }
+    }
+}
+
+/// An error text with context put before it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Prepended(String);
+
+impl From<Error> for ferrite_qapi::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Qapi(q) => q,
+            Error::Driver {
+                error,
+                hint: Some(hint),
+            } => ferrite_qapi::Error::new(ErrorClass::GenericError, error.to_string())
+                .with_hint(hint),
+            // QEMU answers every one of these with the generic class (even "Device 'x' not
+            // found", whose schema documents DeviceNotFound).
+            other => ferrite_qapi::Error::new(ErrorClass::GenericError, other.to_string()),
+        }
+    }
+}
+
+/// The result of a block core operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

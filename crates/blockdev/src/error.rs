@@ -1,0 +1,172 @@
+//! The block commands' errors, in QEMU's words (observed on qemu-storage-daemon 10.0.2);
+//! the QMP edge turns them into `ferrite_qapi::Error`.
+
+use ferrite_qapi::{ErrorClass, os_msg};
+use std::io;
+
+/// A refused block command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command naming a device and a node name, neither found.
+    #[error("Cannot find device='{device}' nor node-name='{node}'")]
+    NotFound {
+        /// The device given (empty if none).
+        device: String,
+        /// The node name given (empty if none).
+        node: String,
+    },
+    /// An action that cannot join a grouped transaction.
+    #[error("Action '{0}' does not support transaction property completion-mode = grouped")]
+    NotGroupable(String),
+    /// The `abort` action.
+    #[error("Transaction aborted using Abort action")]
+    Aborted,
+    /// A transaction action ferrite does not have.
+    #[error("Transaction action '{0}' is not supported by ferrite yet")]
+    UnsupportedAction(String),
+    /// A snapshot overlay already in use.
+    #[error("The overlay is already in use")]
+    OverlayInUse,
+    /// A snapshot overlay that has a backing file already.
+    #[error("The overlay already has a backing image")]
+    OverlayHasBacking,
+    /// A snapshot overlay of a format without backing files.
+    #[error("The overlay does not support backing images")]
+    OverlayWithoutBacking,
+    /// `snapshot-node-name` already taken.
+    #[error("New overlay node-name already in use")]
+    OverlayNameInUse,
+    /// `blockdev-snapshot-sync` with a format without backing files.
+    #[error("Backing file not supported for file format '{0}'")]
+    FormatWithoutBacking(String),
+    /// `change-backing-file` on a node that has parents.
+    #[error("Need a root block node")]
+    NeedRootNode,
+    /// `change-backing-file` on an image without a backing file.
+    #[error("not allowing backing file change on an image without a backing file")]
+    NoBackingFile,
+    /// `change-backing-file` naming a node outside the device's chain.
+    #[error("image file not found")]
+    ImageNotInChain,
+    /// Writing the new backing file name failed.
+    #[error("Could not change backing file to '{name}': {}", os_msg(.error))]
+    ChangeBackingFile {
+        /// The new name.
+        name: String,
+        /// Why.
+        error: io::Error,
+    },
+    /// An internal snapshot of a read-only node.
+    #[error("Device '{0}' is read only")]
+    DeviceReadOnly(String),
+    /// An internal snapshot of a format without them.
+    #[error(
+        "Block format '{format}' used by device '{device}' does not support internal snapshots"
+    )]
+    NoInternalSnapshots {
+        /// The node's format.
+        format: String,
+        /// The device given.
+        device: String,
+    },
+    /// An internal snapshot without a name.
+    #[error("Name is empty")]
+    SnapshotNameEmpty,
+    /// An internal snapshot name already taken.
+    #[error("Snapshot with name '{name}' already exists on device '{device}'")]
+    SnapshotExists {
+        /// The name.
+        name: String,
+        /// The device given.
+        device: String,
+    },
+    /// Taking an internal snapshot failed.
+    #[error("Failed to create snapshot '{name}' on device '{device}': {}", os_msg(.error))]
+    SnapshotFailed {
+        /// The name.
+        name: String,
+        /// The device given.
+        device: String,
+        /// Why.
+        error: io::Error,
+    },
+    /// Deleting an internal snapshot without a name or an ID.
+    #[error("Name or id must be provided")]
+    NameOrIdRequired,
+    /// Deleting an internal snapshot failed.
+    #[error("{}", os_msg(.0))]
+    SnapshotDeleteFailed(io::Error),
+    /// Deleting an internal snapshot that does not exist.
+    #[error("Snapshot with id '{id}' and name '{name}' does not exist on device '{device}'")]
+    NoSuchSnapshot {
+        /// The ID given, or "null".
+        id: String,
+        /// The name given, or "null".
+        name: String,
+        /// The device given.
+        device: String,
+    },
+    /// A bitmap that is not on the node.
+    #[error("Dirty bitmap '{0}' not found")]
+    BitmapNotFound(String),
+    /// A bitmap another operation holds.
+    #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
+    BitmapBusy(String),
+    /// A bitmap whose contents cannot be trusted.
+    #[error("Bitmap '{0}' is inconsistent and cannot be used")]
+    BitmapInconsistent(String),
+    /// `block-dirty-bitmap-add` without a name.
+    #[error("Bitmap name cannot be empty")]
+    BitmapNameEmpty,
+    /// A bitmap granularity that is not a power of two of at least 512.
+    #[error("Granularity must be power of 2 and at least 512")]
+    Granularity,
+    /// A bitmap name over 1023 bytes.
+    #[error("Bitmap name too long: {0}")]
+    BitmapNameTooLong(String),
+    /// A persistent bitmap on a node that cannot store any.
+    #[error("Can't store persistent bitmaps to {0}: Operation not supported")]
+    NoPersistentBitmaps(String),
+    /// A persistent bitmap on an image that cannot take it.
+    #[error("Can't make bitmap '{name}' persistent in '{node}': {why}")]
+    CannotPersist {
+        /// The bitmap.
+        name: String,
+        /// The node.
+        node: String,
+        /// Why.
+        why: String,
+    },
+    /// A bitmap name already taken on the node.
+    #[error("Bitmap already exists: {0}")]
+    BitmapExists(String),
+    /// A merge source that is neither a name nor `{node, name}`.
+    #[error("Invalid bitmap reference")]
+    InvalidBitmapReference,
+    /// Merging bitmaps of different granularity or size.
+    #[error("Bitmaps are incompatible and can't be merged")]
+    BitmapsIncompatible,
+    /// A failure of the block core.
+    #[error(transparent)]
+    Block(#[from] ferrite_block::Error),
+    /// A failure of a job's setup.
+    #[error(transparent)]
+    Job(#[from] ferrite_jobs::Error),
+    /// An argument error from the QAPI layer.
+    #[error(transparent)]
+    Qapi(#[from] ferrite_qapi::Error),
+}
+
+impl From<Error> for ferrite_qapi::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Qapi(q) => q,
+            Error::Block(b) => b.into(),
+            Error::Job(j) => j.into(),
+            other => ferrite_qapi::Error::new(ErrorClass::GenericError, other.to_string()),
+        }
+    }
+}
+
+/// The result of a block command.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

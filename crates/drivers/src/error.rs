@@ -1,0 +1,127 @@
+//! The drivers' errors, in QEMU's words; they reach the core as
+//! [`ferrite_block::Error::Driver`].
+
+use ferrite_qapi::os_msg;
+use std::io;
+
+/// A failure of one of this crate's drivers.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    /// A file that cannot be opened.
+    #[error("Could not open '{path}': {}", os_msg(.error))]
+    Open {
+        /// The file name.
+        path: String,
+        /// Why.
+        error: io::Error,
+    },
+    /// `aio=native` needs O_DIRECT.
+    #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
+    NativeAioWithoutDirect,
+    /// Another process holds a lock the node needs (QEMU's image locking).
+    #[error("Failed to get {what}\"{perm}\" lock")]
+    Lock {
+        /// `""` for a permission the node takes, `"shared "` for one it shares.
+        what: &'static str,
+        /// The permission's name.
+        perm: &'static str,
+        /// The image file.
+        path: String,
+    },
+    /// Setting a lock byte failed.
+    #[error("Failed to lock byte {byte}: {error}")]
+    LockByte {
+        /// The byte offset.
+        byte: i64,
+        /// Why.
+        error: io::Error,
+    },
+    /// `blockdev-create` of a file with a negative size.
+    #[error("Invalid file size")]
+    InvalidFileSize,
+    /// A preallocation mode the file driver does not have.
+    #[error("Unsupported preallocation mode: {0}")]
+    UnsupportedPreallocation(String),
+    /// Creating the file failed.
+    #[error("Could not create '{path}': {}", os_msg(.error))]
+    Create {
+        /// The file name.
+        path: String,
+        /// Why.
+        error: io::Error,
+    },
+    /// Preallocating the new file failed.
+    #[error("Could not preallocate data for the new file: {}", os_msg(.0))]
+    Preallocate(io::Error),
+    /// Sizing the new file failed.
+    #[error("Could not resize file: {}", os_msg(.0))]
+    ResizeFile(io::Error),
+    /// `null-co` with a negative size.
+    #[error("size must be non-negative")]
+    NegativeNullSize,
+    /// `null-co` with a negative latency.
+    #[error("latency-ns is invalid")]
+    InvalidLatency,
+    /// `raw` with a negative offset.
+    #[error("offset cannot be negative")]
+    NegativeOffset,
+    /// `raw` with a negative size.
+    #[error("size cannot be negative")]
+    NegativeSize,
+    /// A `raw` window starting past the end of its file.
+    #[error("Offset ({offset}) cannot be greater than size of the containing file ({file_len})")]
+    OffsetPastEnd {
+        /// The window's offset.
+        offset: u64,
+        /// The file's size.
+        file_len: u64,
+    },
+    /// A `raw` window reaching past the end of its file (QEMU's text, double space and all).
+    #[error(
+        "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
+    )]
+    WindowPastEnd {
+        /// The window's offset.
+        offset: u64,
+        /// The window's size.
+        size: u64,
+        /// The file's size.
+        file_len: u64,
+    },
+    /// A node named by the filter's `bitmap` that does not exist.
+    #[error("Node '{0}' not found")]
+    BitmapNodeNotFound(String),
+    /// A bitmap named by the filter's `bitmap` that does not exist.
+    #[error("Dirty bitmap '{0}' not found")]
+    BitmapNotFound(String),
+    /// The filter's `bitmap` covers another size than its source.
+    #[error(
+        "Cannot create block-copy-state: Failed to merge bitmap '{name}' to internal copy-bitmap: Bitmaps are of different sizes (destination size is {len}, source size is {bitmap_len}) and can't be merged"
+    )]
+    BitmapSize {
+        /// The bitmap's name.
+        name: String,
+        /// The source's size.
+        len: u64,
+        /// The bitmap's size.
+        bitmap_len: u64,
+    },
+    /// `blockdev-reopen` of a copy-before-write node.
+    #[error("Cannot change the options of a copy-before-write node")]
+    CbwReopen,
+    /// `blockdev-reopen` of a snapshot-access node.
+    #[error("Block format 'snapshot-access' used by node '{0}' does not support reopening files")]
+    SnapshotAccessReopen(String),
+}
+
+impl From<Error> for ferrite_block::Error {
+    fn from(e: Error) -> Self {
+        match &e {
+            Error::Lock { path, .. } => {
+                let hint = format!("Is another process using the image [{path}]?");
+                ferrite_block::Error::driver_with_hint(e, hint)
+            }
+            _ => ferrite_block::Error::driver(e),
+        }
+    }
+}
