@@ -13,10 +13,12 @@
 //! QEMU counterparts: `chardev/`, `qapi/char.json`.
 
 mod backend;
+mod error;
 mod opts;
 pub mod qmp_cmds;
 mod registry;
 
 pub use backend::{Connection, Reader, Writer};
+pub use error::{Error, Result};
 pub use opts::{ChardevOpts, backend_from_opts};
 pub use registry::{Chardev, ChardevRegistry, Origin};

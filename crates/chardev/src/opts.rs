@@ -1,6 +1,6 @@
 //! `--chardev` options (QEMU's QemuOpts syntax) turned into a `ChardevBackend`.
 
-use ferrite_qapi::Error;
+use crate::error::{Error, Result};
 use ferrite_qobject::{QDict, QObject};
 
 /// A parsed `--chardev`: its id, its `ChardevBackend` (unchecked), and whether startup must
@@ -51,13 +51,11 @@ fn keys_for(backend: &str) -> Option<&'static [&'static str]> {
     })
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, Error> {
+fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(Error::generic(format!(
-            "Parameter '{key}' expects 'on' or 'off'"
-        ))),
+        _ => Err(Error::ExpectsBool(key.to_owned())),
     }
 }
 
@@ -93,7 +91,7 @@ fn split_opts(text: &str) -> Vec<(String, Option<String>)> {
 ///
 /// # Errors
 /// QEMU's texts for an unknown backend, a missing id and unknown or ill-typed options.
-pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
+pub fn backend_from_opts(text: &str) -> Result<ChardevOpts> {
     let mut items = split_opts(text).into_iter();
     let mut opts: Vec<(String, String)> = Vec::new();
     if let Some((first, value)) = items.next() {
@@ -112,25 +110,20 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
             .find(|(key, _)| key == k)
             .map(|(_, v)| v.as_str())
     };
-    let backend = get("backend")
-        .ok_or_else(|| Error::generic("Parameter 'backend' is missing"))?
-        .to_owned();
-    let allowed = keys_for(&backend)
-        .ok_or_else(|| Error::generic(format!("'{backend}' is not a valid char driver name")))?;
+    let backend = get("backend").ok_or(Error::BackendMissing)?.to_owned();
+    let allowed = keys_for(&backend).ok_or_else(|| Error::UnknownBackend(backend.clone()))?;
     if let Some((bad, _)) = opts
         .iter()
         .find(|(k, _)| !COMMON_KEYS.contains(&k.as_str()) && !allowed.contains(&k.as_str()))
     {
-        return Err(Error::generic(format!("Invalid parameter '{bad}'")));
+        return Err(Error::InvalidParameter(bad.clone()));
     }
-    let id = get("id")
-        .ok_or_else(|| Error::generic("chardev: no id specified"))?
-        .to_owned();
+    let id = get("id").ok_or(Error::NoId)?.to_owned();
     if get("mux").map(|v| parse_bool("mux", v)).transpose()? == Some(true) {
-        return Err(Error::generic("mux chardevs are not supported by ferrite"));
+        return Err(Error::MuxUnsupported);
     }
     let mut data = QDict::new();
-    let flag = |data: &mut QDict, opt: &str, member: &str| -> Result<(), Error> {
+    let flag = |data: &mut QDict, opt: &str, member: &str| -> Result<()> {
         if let Some(v) = get(opt) {
             data.insert(member, parse_bool(opt, v)?);
         }
@@ -156,15 +149,12 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
                 flag(&mut u, "tight", "tight")?;
                 QDict::new().with("type", "unix").with("data", u)
             } else if get("host").is_some() || get("port").is_some() {
-                let port =
-                    get("port").ok_or_else(|| Error::generic("chardev: socket: no port given"))?;
+                let port = get("port").ok_or(Error::NoPort)?;
                 let mut i = QDict::new()
                     .with("host", get("host").unwrap_or(""))
                     .with("port", port);
                 if let Some(to) = get("to") {
-                    let to: i64 = to
-                        .parse()
-                        .map_err(|_| Error::generic("Parameter 'to' expects a number"))?;
+                    let to: i64 = to.parse().map_err(|_| Error::ExpectsNumber("to".into()))?;
                     i.insert("to", to);
                 }
                 flag(&mut i, "ipv4", "ipv4")?;
@@ -188,9 +178,9 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
             flag(&mut data, "websocket", "websocket")?;
             for key in ["reconnect", "reconnect-ms"] {
                 if let Some(v) = get(key) {
-                    let n: i64 = v.parse().map_err(|_| {
-                        Error::generic(format!("Parameter '{key}' expects a number"))
-                    })?;
+                    let n: i64 = v
+                        .parse()
+                        .map_err(|_| Error::ExpectsNumber(key.to_owned()))?;
                     data.insert(key, n);
                 }
             }
@@ -201,8 +191,7 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
             }
         }
         "file" => {
-            let path =
-                get("path").ok_or_else(|| Error::generic("chardev: file: no filename given"))?;
+            let path = get("path").ok_or(Error::NoFilename)?;
             data.insert("out", path);
             if let Some(p) = get("input-path") {
                 data.insert("in", p);
@@ -210,8 +199,7 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
             flag(&mut data, "append", "append")?;
         }
         "pipe" => {
-            let path =
-                get("path").ok_or_else(|| Error::generic("chardev: pipe: no device path given"))?;
+            let path = get("path").ok_or(Error::NoPipePath)?;
             data.insert("device", path);
         }
         "stdio" => flag(&mut data, "signal", "signal")?,
@@ -219,7 +207,7 @@ pub fn backend_from_opts(text: &str) -> Result<ChardevOpts, Error> {
             if let Some(size) = get("size") {
                 let size = ferrite_qapi::visit::parse_size(size)
                     .and_then(|s| i64::try_from(s).ok())
-                    .ok_or_else(|| Error::generic("Parameter 'size' expects a size"))?;
+                    .ok_or_else(|| Error::ExpectsSize("size".into()))?;
                 data.insert("size", size);
             }
         }
@@ -247,7 +235,7 @@ mod tests {
 
     #[test]
     fn errors_match_qemu() {
-        let e = |t: &str| backend_from_opts(t).unwrap_err().desc;
+        let e = |t: &str| backend_from_opts(t).unwrap_err().to_string();
         assert_eq!(e("nope,id=c"), "'nope' is not a valid char driver name");
         assert_eq!(e("null"), "chardev: no id specified");
         assert_eq!(e("null,id=c,bogus=1"), "Invalid parameter 'bogus'");

@@ -1,9 +1,10 @@
 //! The chardev QMP commands (QEMU: `chardev/char.c`, `chardev/char-ringbuf.c`).
 
+use crate::error::{Error, Result};
 use crate::registry::{ChardevRegistry, Origin};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use ferrite_qapi::{Args, Error, schema};
+use ferrite_qapi::{Args, schema};
 use ferrite_qobject::{QDict, QObject, lossy_from_bytes};
 
 fn backend_args(args: &Args) -> Args {
@@ -14,15 +15,14 @@ fn backend_args(args: &Args) -> Args {
 ///
 /// # Errors
 /// A duplicate id, or the backend failing to open (prefixed as QEMU prefixes it).
-pub fn qmp_chardev_add(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_chardev_add(reg: &ChardevRegistry, args: &Args) -> Result<QObject, ferrite_qapi::Error> {
     let id = args.str("id")?;
     if reg.get(id).is_some() {
-        return Err(Error::generic(format!(
-            "Chardev with id '{id}' already exists"
-        )));
+        return Err(Error::Exists(id.to_owned()).into());
     }
-    reg.add(id, &backend_args(args), Origin::Qmp)
-        .map_err(|e| e.prepend(format!("Failed to add chardev '{id}': ")))?;
+    reg.add(id, &backend_args(args), Origin::Qmp).map_err(|e| {
+        ferrite_qapi::Error::from(e).prepend(format!("Failed to add chardev '{id}': "))
+    })?;
     Ok(QDict::new().into())
 }
 
@@ -30,7 +30,10 @@ pub fn qmp_chardev_add(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Er
 ///
 /// # Errors
 /// Unknown id, a frontend that cannot follow, or the new backend failing to open.
-pub fn qmp_chardev_change(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_chardev_change(
+    reg: &ChardevRegistry,
+    args: &Args,
+) -> Result<QObject, ferrite_qapi::Error> {
     reg.change(args.str("id")?, &backend_args(args))?;
     Ok(QDict::new().into())
 }
@@ -39,7 +42,10 @@ pub fn qmp_chardev_change(reg: &ChardevRegistry, args: &Args) -> Result<QObject,
 ///
 /// # Errors
 /// Unknown id, or a frontend attached.
-pub fn qmp_chardev_remove(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_chardev_remove(
+    reg: &ChardevRegistry,
+    args: &Args,
+) -> Result<QObject, ferrite_qapi::Error> {
     reg.remove(args.str("id")?)?;
     Ok(QDict::new().into())
 }
@@ -49,10 +55,12 @@ pub fn qmp_chardev_remove(reg: &ChardevRegistry, args: &Args) -> Result<QObject,
 ///
 /// # Errors
 /// Unknown id.
-pub fn qmp_chardev_send_break(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_chardev_send_break(
+    reg: &ChardevRegistry,
+    args: &Args,
+) -> Result<QObject, ferrite_qapi::Error> {
     let id = args.str("id")?;
-    reg.get(id)
-        .ok_or_else(|| Error::generic(format!("Chardev '{id}' not found")))?;
+    reg.get(id).ok_or_else(|| Error::NotFound(id.to_owned()))?;
     Ok(QDict::new().into())
 }
 
@@ -85,13 +93,13 @@ pub fn qmp_query_chardev_backends() -> QObject {
 fn ring_dev<'a>(
     reg: &ChardevRegistry,
     args: &'a Args,
-) -> Result<(std::rc::Rc<crate::Chardev>, &'a str), Error> {
+) -> Result<(std::rc::Rc<crate::Chardev>, &'a str)> {
     let id = args.str("device")?;
     let dev = reg
         .get(id)
-        .ok_or_else(|| Error::generic(format!("Device '{id}' not found")))?;
+        .ok_or_else(|| Error::DeviceNotFound(id.to_owned()))?;
     if !dev.with_backend(|b| b.ring().is_some()) {
-        return Err(Error::generic(format!("{id} is not a ringbuf device")));
+        return Err(Error::NotRingbuf(id.to_owned()));
     }
     Ok((dev, id))
 }
@@ -100,7 +108,10 @@ fn ring_dev<'a>(
 ///
 /// # Errors
 /// Unknown or non-ring device, invalid base64.
-pub fn qmp_ringbuf_write(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_ringbuf_write(
+    reg: &ChardevRegistry,
+    args: &Args,
+) -> Result<QObject, ferrite_qapi::Error> {
     let (dev, _) = ring_dev(reg, args)?;
     let data = args.str("data")?;
     let bytes = match args.opt_str("format") {
@@ -115,13 +126,16 @@ pub fn qmp_ringbuf_write(reg: &ChardevRegistry, args: &Args) -> Result<QObject, 
 ///
 /// # Errors
 /// Unknown or non-ring device, negative size.
-pub fn qmp_ringbuf_read(reg: &ChardevRegistry, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_ringbuf_read(
+    reg: &ChardevRegistry,
+    args: &Args,
+) -> Result<QObject, ferrite_qapi::Error> {
     let (dev, _) = ring_dev(reg, args)?;
     let size = args.i64("size")?;
     let size = usize::try_from(size)
         .ok()
         .filter(|&s| s > 0)
-        .ok_or_else(|| Error::generic("size must be greater than zero"))?;
+        .ok_or(Error::ReadSize)?;
     let bytes = dev.with_backend(|b| b.ring().map(|r| r.read(size)).unwrap_or_default());
     Ok(match args.opt_str("format") {
         Some("base64") => QObject::from(STANDARD.encode(&bytes)),
@@ -135,12 +149,10 @@ pub fn qmp_ringbuf_read(reg: &ChardevRegistry, args: &Args) -> Result<QObject, E
 }
 
 /// Decodes base64 as QEMU's `qbase64_decode` accepts it.
-fn decode_base64(data: &str) -> Result<Vec<u8>, Error> {
+fn decode_base64(data: &str) -> Result<Vec<u8>> {
     let valid = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=');
     if !data.bytes().all(valid) {
-        return Err(Error::generic("Base64 data contains invalid characters"));
+        return Err(Error::Base64);
     }
-    STANDARD
-        .decode(data)
-        .map_err(|_| Error::generic("Base64 data contains invalid characters"))
+    STANDARD.decode(data).map_err(|_| Error::Base64)
 }

@@ -1,7 +1,8 @@
 //! The chardevs by id, and one chardev's frontend bookkeeping.
 
 use crate::backend::{Backend, Connection};
-use ferrite_qapi::{Args, Error};
+use crate::error::{Error, Result};
+use ferrite_qapi::Args;
 use indexmap::IndexMap;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -57,9 +58,9 @@ impl Chardev {
     ///
     /// # Errors
     /// "Chardev 'x' is busy" if one is attached already.
-    pub fn attach_frontend(&self) -> Result<(), Error> {
+    pub fn attach_frontend(&self) -> Result<()> {
         if self.frontend.replace(true) {
-            return Err(Error::generic(format!("Chardev '{}' is busy", self.id)));
+            return Err(Error::Busy(self.id.clone()));
         }
         Ok(())
     }
@@ -120,14 +121,12 @@ impl ChardevRegistry {
     ///
     /// # Errors
     /// A duplicate id (worded per `origin`'s QEMU text), or the backend failing to open.
-    pub fn add(&self, id: &str, backend: &Args, origin: Origin) -> Result<Rc<Chardev>, Error> {
+    pub fn add(&self, id: &str, backend: &Args, origin: Origin) -> Result<Rc<Chardev>> {
         if self.devs.borrow().contains_key(id) {
-            return Err(Error::generic(match origin {
-                Origin::Qmp => format!("Chardev with id '{id}' already exists"),
-                Origin::CommandLine => {
-                    format!("attempt to add duplicate property '{id}' to object (type 'container')")
-                }
-            }));
+            return Err(match origin {
+                Origin::Qmp => Error::Exists(id.to_owned()),
+                Origin::CommandLine => Error::DuplicateProperty(id.to_owned()),
+            });
         }
         let backend = Backend::open(backend, origin, self.stdio_in_use())?;
         let dev = Rc::new(Chardev {
@@ -145,14 +144,12 @@ impl ChardevRegistry {
     /// # Errors
     /// Unknown id, a frontend that cannot follow a backend change, or the new backend failing
     /// to open (the old one then stays).
-    pub fn change(&self, id: &str, backend: &Args) -> Result<(), Error> {
+    pub fn change(&self, id: &str, backend: &Args) -> Result<()> {
         let dev = self
             .get(id)
-            .ok_or_else(|| Error::generic(format!("Chardev '{id}' does not exist")))?;
+            .ok_or_else(|| Error::DoesNotExist(id.to_owned()))?;
         if dev.frontend.get() {
-            return Err(Error::generic(
-                "Chardev user does not support chardev hotswap",
-            ));
+            return Err(Error::NoHotswap);
         }
         let stdio_elsewhere = self.all().iter().any(|d| d.id != id && d.kind() == "stdio");
         let new = Backend::open(backend, Origin::Qmp, stdio_elsewhere)?;
@@ -165,12 +162,10 @@ impl ChardevRegistry {
     ///
     /// # Errors
     /// Unknown id, or a frontend still attached.
-    pub fn remove(&self, id: &str) -> Result<(), Error> {
-        let dev = self
-            .get(id)
-            .ok_or_else(|| Error::generic(format!("Chardev '{id}' not found")))?;
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let dev = self.get(id).ok_or_else(|| Error::NotFound(id.to_owned()))?;
         if dev.frontend.get() {
-            return Err(Error::generic(format!("Chardev '{id}' is busy")));
+            return Err(Error::Busy(id.to_owned()));
         }
         self.devs.borrow_mut().shift_remove(id);
         dev.backend.borrow().close();

@@ -4,6 +4,7 @@
 //!
 //! QEMU counterparts: `nbd/server.c`, `blockdev-nbd.c`, `block/export/`.
 
+mod error;
 mod events;
 mod export;
 mod handshake;
@@ -12,6 +13,7 @@ pub mod qmp_cmds;
 mod service;
 mod transmission;
 
+pub use error::{Error, Result};
 pub use events::BlockExportDeleted;
 pub use export::Export;
 pub use service::{NbdService, RemoveMode};

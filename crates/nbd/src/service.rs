@@ -1,10 +1,11 @@
 //! The NBD server and the export registry (QEMU: `blockdev-nbd.c`, `block/export/`).
 
+use crate::error::{Error, Result};
 use crate::export::Export;
 use crate::{handshake, transmission};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::{BlockBackend, EventSink, Graph, Node, Perm};
-use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -43,7 +44,7 @@ pub enum RemoveMode {
 }
 
 /// A listening address, in its flat or legacy (`data`-wrapped) form.
-fn parse_addr(addr: &Args) -> Result<(String, Args), Error> {
+fn parse_addr(addr: &Args) -> Result<(String, Args)> {
     let ty = addr.str("type")?.to_owned();
     let inner = addr.dict("data").unwrap_or_else(|| addr.clone());
     Ok((ty, inner))
@@ -93,14 +94,12 @@ impl NbdService {
     ///
     /// # Errors
     /// "NBD server already running", TLS (not supported yet), or the address failing.
-    pub fn start(self: &Rc<Self>, opts: &Args, from_cli: bool) -> Result<(), Error> {
+    pub fn start(self: &Rc<Self>, opts: &Args, from_cli: bool) -> Result<()> {
         if self.is_running() {
-            return Err(Error::generic("NBD server already running"));
+            return Err(Error::AlreadyRunning);
         }
         if opts.has("tls-creds") || opts.has("tls-authz") {
-            return Err(Error::generic(
-                "TLS for the NBD server is not supported by ferrite yet",
-            ));
+            return Err(Error::TlsUnsupported);
         }
         let max = opts.opt_u64("max-connections").unwrap_or(0) as usize;
         self.handshake_limit.set(
@@ -109,13 +108,14 @@ impl NbdService {
         );
         let addr = opts
             .dict("addr")
-            .ok_or_else(|| Error::generic("Parameter 'addr' is missing"))?;
+            .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'addr' is missing"))?;
         let (ty, a) = parse_addr(&addr)?;
         let (listener, unlink) = match ty.as_str() {
             "unix" => {
                 let path = a.str("path")?.to_owned();
-                let fail = |e: std::io::Error| {
-                    Error::generic(format!("Failed to bind socket to {path}: {}", os_msg(&e)))
+                let fail = |e: std::io::Error| Error::BindUnix {
+                    path: path.clone(),
+                    error: e,
                 };
                 let _ = std::fs::remove_file(&path);
                 let l = std::os::unix::net::UnixListener::bind(&path).map_err(fail)?;
@@ -127,9 +127,7 @@ impl NbdService {
             }
             "inet" => {
                 let target = format!("{}:{}", a.str("host")?, a.str("port")?);
-                let fail = |e: std::io::Error| {
-                    Error::generic(format!("Failed to bind socket: {}", os_msg(&e)))
-                };
+                let fail = |e: std::io::Error| Error::BindInet(e);
                 let l = std::net::TcpListener::bind(target.as_str()).map_err(fail)?;
                 l.set_nonblocking(true).map_err(fail)?;
                 (
@@ -138,11 +136,9 @@ impl NbdService {
                 )
             }
             "fd" if from_cli => {
-                return Err(Error::generic(
-                    "fd addresses for the NBD server are not supported by ferrite yet",
-                ));
+                return Err(Error::FdUnsupported);
             }
-            _ => return Err(Error::generic("only QEMU supports file descriptor passing")),
+            _ => return Err(Error::FdOverQmp),
         };
         let me = self.clone();
         let accept = tokio::task::spawn_local(async move { me.accept_loop(listener, max).await });
@@ -227,9 +223,9 @@ impl NbdService {
     ///
     /// # Errors
     /// "NBD server not running".
-    pub async fn stop(&self) -> Result<(), Error> {
+    pub async fn stop(&self) -> Result<()> {
         let Some(server) = self.server.borrow_mut().take() else {
-            return Err(Error::generic("NBD server not running"));
+            return Err(Error::NotRunning);
         };
         server.accept.abort();
         if let Some(path) = server.unlink {
@@ -247,39 +243,33 @@ impl NbdService {
     /// # Errors
     /// QEMU's texts for a missing server, duplicate id or name, unknown node, and permission
     /// conflicts (a writable export of a read-only node).
-    pub fn add(&self, opts: &Args) -> Result<(), Error> {
+    pub fn add(&self, opts: &Args) -> Result<()> {
         let id = opts.str("id")?;
         if !self.is_running() {
-            return Err(Error::generic("NBD server not running"));
+            return Err(Error::NotRunning);
         }
         if !ferrite_qapi::id_wellformed(id) {
-            return Err(Error::generic(format!("Invalid block export id '{id}'")));
+            return Err(Error::InvalidId(id.to_owned()));
         }
         if self.exports.borrow().iter().any(|e| e.id == id) {
-            return Err(Error::generic(format!(
-                "Block export id '{id}' is already in use"
-            )));
+            return Err(Error::IdInUse(id.to_owned()));
         }
         let node_name = opts.str("node-name")?;
         let node = self.graph.lookup_node(node_name)?;
         let name = opts.opt_str("name").unwrap_or(node_name).to_owned();
         if name.len() > crate::proto::MAX_STRING {
-            return Err(Error::generic(format!("export name '{name}' too long")));
+            return Err(Error::NameTooLong(name));
         }
         if self.exports.borrow().iter().any(|e| e.name == name) {
-            return Err(Error::generic(format!(
-                "NBD server already has export named '{name}'"
-            )));
+            return Err(Error::NameInUse(name));
         }
         let writable = opts.bool_or("writable", false);
         let bitmaps = self.export_bitmaps(&node, opts, writable)?;
         if opts.has("iothread") {
-            return Err(Error::generic(
-                "iothreads for exports are not supported by ferrite yet",
-            ));
+            return Err(Error::IothreadUnsupported);
         }
         if writable && node.is_read_only() {
-            return Err(Error::generic("Cannot export read-only node as writable"));
+            return Err(Error::ReadOnlyNode);
         }
         let mut perm = Perm::CONSISTENT_READ;
         if writable {
@@ -347,16 +337,12 @@ impl NbdService {
                 let n = self.graph.lookup(a.str("node")?)?;
                 (n.bitmap(&name), name)
             };
-            let bm = bm.ok_or_else(|| Error::generic(format!("Bitmap '{name}' is not found")))?;
+            let bm = bm.ok_or_else(|| Error::BitmapNotFound(name.clone()))?;
             if bm.is_busy() || bm.is_inconsistent() {
-                return Err(Error::generic(format!(
-                    "Bitmap '{name}' is currently in use by another operation and cannot be used"
-                )));
+                return Err(Error::BitmapBusy(name));
             }
             if !writable && !node.is_read_only() && bm.is_enabled() {
-                return Err(Error::generic(format!(
-                    "Enabled bitmap '{name}' incompatible with readonly export"
-                )));
+                return Err(Error::EnabledBitmapReadOnly(name));
             }
             out.push(bm);
         }
@@ -367,14 +353,14 @@ impl NbdService {
     ///
     /// # Errors
     /// Unknown id, or clients still connected in safe mode.
-    pub async fn del(&self, id: &str, mode: RemoveMode) -> Result<(), Error> {
+    pub async fn del(&self, id: &str, mode: RemoveMode) -> Result<()> {
         let export = self
             .exports
             .borrow()
             .iter()
             .find(|e| e.id == id)
             .cloned()
-            .ok_or_else(|| Error::generic(format!("Export '{id}' is not found")))?;
+            .ok_or_else(|| Error::ExportNotFound(id.to_owned()))?;
         self.del_export(&export, mode).await
     }
 
@@ -382,28 +368,22 @@ impl NbdService {
     ///
     /// # Errors
     /// As [`NbdService::del`], with QEMU's text for an unknown name.
-    pub async fn del_by_name(&self, name: &str, mode: RemoveMode) -> Result<(), Error> {
+    pub async fn del_by_name(&self, name: &str, mode: RemoveMode) -> Result<()> {
         if !self.is_running() {
-            return Err(Error::generic("NBD server not running"));
+            return Err(Error::NotRunning);
         }
         let export = self
             .export_by_name(name)
-            .ok_or_else(|| Error::generic(format!("Export '{name}' is not found")))?;
+            .ok_or_else(|| Error::ExportNotFound(name.to_owned()))?;
         self.del_export(&export, mode).await
     }
 
-    async fn del_export(&self, export: &Rc<Export>, mode: RemoveMode) -> Result<(), Error> {
+    async fn del_export(&self, export: &Rc<Export>, mode: RemoveMode) -> Result<()> {
         if export.shutting_down.get() {
-            return Err(Error::generic(format!(
-                "export '{}' is already shutting down",
-                export.id
-            )));
+            return Err(Error::ShuttingDown(export.id.clone()));
         }
         if mode == RemoveMode::Safe && export.clients.get() > 0 {
-            return Err(
-                Error::generic(format!("export '{}' still in use", export.id))
-                    .with_hint("Use mode='hard' to force client disconnect"),
-            );
+            return Err(Error::StillInUse(export.id.clone()));
         }
         self.remove(export).await;
         Ok(())

@@ -9,11 +9,13 @@
 //! QEMU counterparts: `qom/object.c`, `qom/qom-qmp-cmds.c`, `qom/object_interfaces.c`,
 //! `block/throttle-groups.c`, `crypto/secret*.c`, `iothread.c`.
 
+mod error;
 mod node;
 mod objects;
 pub mod qmp_cmds;
 mod types;
 
+pub use error::{Error, Result};
 pub use node::{Children, Container, PropInfo, QomNode, resolve_path};
 pub use objects::{
     ObjectRegistry, UserObject,

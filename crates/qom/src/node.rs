@@ -1,6 +1,6 @@
 //! The object tree: nodes, containers and path resolution.
 
-use ferrite_qapi::{Error, ErrorClass};
+use crate::error::{Error, Result};
 use ferrite_qobject::QObject;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -27,12 +27,12 @@ pub trait QomNode {
     }
 
     /// Reads a property other than `type`; `None` if there is no such property.
-    fn get(&self, _name: &str) -> Option<Result<QObject, Error>> {
+    fn get(&self, _name: &str) -> Option<Result<QObject>> {
         None
     }
 
     /// Writes a property; `None` if there is no such property.
-    fn set(&self, _name: &str, _value: &QObject) -> Option<Result<(), Error>> {
+    fn set(&self, _name: &str, _value: &QObject) -> Option<Result<()>> {
         None
     }
 }
@@ -78,10 +78,7 @@ impl QomNode for Container {
 }
 
 fn not_found(path: &str) -> Error {
-    Error::new(
-        ErrorClass::DeviceNotFound,
-        format!("Device '{path}' not found"),
-    )
+    Error::PathNotFound(path.to_owned())
 }
 
 /// Resolves an absolute path (`/objects/tg0`) or a partial one (`tg0`, matched by its end
@@ -89,7 +86,7 @@ fn not_found(path: &str) -> Error {
 ///
 /// # Errors
 /// `DeviceNotFound` "Device 'p' not found", or "Path 'p' does not uniquely identify an object".
-pub fn resolve_path(root: &Rc<dyn QomNode>, path: &str) -> Result<Rc<dyn QomNode>, Error> {
+pub fn resolve_path(root: &Rc<dyn QomNode>, path: &str) -> Result<Rc<dyn QomNode>> {
     if let Some(abs) = path.strip_prefix('/') {
         let mut cur = root.clone();
         for part in abs.split('/').filter(|p| !p.is_empty()) {
@@ -109,9 +106,7 @@ pub fn resolve_path(root: &Rc<dyn QomNode>, path: &str) -> Result<Rc<dyn QomNode
     match found.len() {
         0 => Err(not_found(path)),
         1 => Ok(found.remove(0)),
-        _ => Err(Error::generic(format!(
-            "Path '{path}' does not uniquely identify an object"
-        ))),
+        _ => Err(Error::AmbiguousPath(path.to_owned())),
     }
 }
 

@@ -1,9 +1,10 @@
 //! The QOM and user-object QMP commands (QEMU: `qom/qom-qmp-cmds.c`).
 
+use crate::error::{Error, Result};
 use crate::node::{QomNode, resolve_path};
 use crate::objects::ObjectRegistry;
 use crate::types::{all_props, find_type, type_list};
-use ferrite_qapi::{Args, Error, ErrorClass};
+use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
@@ -15,7 +16,7 @@ fn prop_entry(name: &str, ty: &str) -> QObject {
 ///
 /// # Errors
 /// An unknown or ambiguous path.
-pub fn qmp_qom_list(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_qom_list(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, ferrite_qapi::Error> {
     let node = resolve_path(root, args.str("path")?)?;
     let mut out: Vec<QObject> = match find_type(&node.type_name()) {
         Some(t) => all_props(t)
@@ -31,14 +32,17 @@ pub fn qmp_qom_list(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, Erro
 }
 
 fn prop_not_found(node: &dyn QomNode, name: &str) -> Error {
-    Error::generic(format!("Property '{}.{name}' not found", node.type_name()))
+    Error::TypedPropertyNotFound {
+        ty: node.type_name(),
+        name: name.to_owned(),
+    }
 }
 
 /// `qom-get`.
 ///
 /// # Errors
 /// An unknown path or property.
-pub fn qmp_qom_get(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_qom_get(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, ferrite_qapi::Error> {
     let node = resolve_path(root, args.str("path")?)?;
     let name = args.str("property")?;
     if name == "type" {
@@ -46,23 +50,23 @@ pub fn qmp_qom_get(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, Error
     }
     node.get(name)
         .unwrap_or_else(|| Err(prop_not_found(node.as_ref(), name)))
+        .map_err(Into::into)
 }
 
 /// `qom-set`.
 ///
 /// # Errors
 /// An unknown path or property, a wrong type, or the object refusing the value.
-pub fn qmp_qom_set(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_qom_set(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, ferrite_qapi::Error> {
     let node = resolve_path(root, args.str("path")?)?;
     let name = args.str("property")?;
     let value = args.get("value").cloned().unwrap_or(QObject::Null);
     if name == "type" {
-        return Err(Error::generic(
-            "Insufficient permission to perform this operation",
-        ));
+        return Err(Error::ReadOnlyProperty.into());
     }
     node.set(name, &value)
-        .unwrap_or_else(|| Err(prop_not_found(node.as_ref(), name)))?;
+        .unwrap_or_else(|| Err(prop_not_found(node.as_ref(), name)))
+        .map_err(ferrite_qapi::Error::from)?;
     Ok(QDict::new().into())
 }
 
@@ -86,14 +90,9 @@ pub fn qmp_qom_list_types(args: &Args) -> QObject {
 ///
 /// # Errors
 /// `DeviceNotFound` "Class 'x' not found".
-pub fn qmp_qom_list_properties(args: &Args) -> Result<QObject, Error> {
+pub fn qmp_qom_list_properties(args: &Args) -> Result<QObject, ferrite_qapi::Error> {
     let name = args.str("typename")?;
-    let ty = find_type(name).ok_or_else(|| {
-        Error::new(
-            ErrorClass::DeviceNotFound,
-            format!("Class '{name}' not found"),
-        )
-    })?;
+    let ty = find_type(name).ok_or_else(|| Error::ClassNotFound(name.to_owned()))?;
     Ok(all_props(ty)
         .iter()
         .map(|p| {
@@ -109,7 +108,10 @@ pub fn qmp_qom_list_properties(args: &Args) -> Result<QObject, Error> {
 ///
 /// # Errors
 /// As [`ObjectRegistry::add`].
-pub fn qmp_object_add(objects: &ObjectRegistry, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_object_add(
+    objects: &ObjectRegistry,
+    args: &Args,
+) -> Result<QObject, ferrite_qapi::Error> {
     objects.add(args)?;
     Ok(QDict::new().into())
 }
@@ -118,7 +120,10 @@ pub fn qmp_object_add(objects: &ObjectRegistry, args: &Args) -> Result<QObject, 
 ///
 /// # Errors
 /// As [`ObjectRegistry::del`].
-pub fn qmp_object_del(objects: &ObjectRegistry, args: &Args) -> Result<QObject, Error> {
+pub fn qmp_object_del(
+    objects: &ObjectRegistry,
+    args: &Args,
+) -> Result<QObject, ferrite_qapi::Error> {
     objects.del(args.str("id")?)?;
     Ok(QDict::new().into())
 }
@@ -127,7 +132,7 @@ pub fn qmp_object_del(objects: &ObjectRegistry, args: &Args) -> Result<QObject, 
 ///
 /// # Errors
 /// An unknown type.
-pub fn object_help(type_name: Option<&str>) -> Result<String, Error> {
+pub fn object_help(type_name: Option<&str>) -> Result<String> {
     let creatable = type_name
         .and_then(find_type)
         .filter(|t| crate::types::implements(t, "user-creatable") && !t.is_abstract);
@@ -146,7 +151,7 @@ pub fn object_help(type_name: Option<&str>) -> Result<String, Error> {
             Ok(out)
         }
         Some(name) => {
-            let ty = find_type(name).ok_or_else(|| Error::generic("unknown type"))?;
+            let ty = find_type(name).ok_or(Error::UnknownType)?;
             let mut props: Vec<_> = all_props(ty)
                 .into_iter()
                 .filter(|p| p.name != "type")

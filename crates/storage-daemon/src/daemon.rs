@@ -61,7 +61,7 @@ impl QomNode for ChardevNode {
         format!("chardev-{}", self.0.kind())
     }
 
-    fn get(&self, name: &str) -> Option<Result<QObject, Error>> {
+    fn get(&self, name: &str) -> Option<ferrite_qom::Result<QObject>> {
         match (self.0.kind(), name) {
             ("socket", "connected") => Some(Ok(self.0.frontend_open().into())),
             _ => None,

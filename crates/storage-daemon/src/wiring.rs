@@ -38,11 +38,23 @@ impl From<Error> for CliError {
     }
 }
 
-impl From<ferrite_block::Error> for CliError {
-    fn from(e: ferrite_block::Error) -> Self {
-        CliError(Error::from(e).cli_text())
-    }
+/// The layers' errors, as the command line prints them.
+macro_rules! cli_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for CliError {
+            fn from(e: $t) -> Self {
+                CliError(Error::from(e).cli_text())
+            }
+        }
+    )*};
 }
+
+cli_error_from!(
+    ferrite_block::Error,
+    ferrite_nbd::Error,
+    ferrite_chardev::Error,
+    ferrite_qom::Error
+);
 
 impl From<String> for CliError {
     fn from(s: String) -> Self {

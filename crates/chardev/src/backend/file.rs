@@ -2,7 +2,8 @@
 
 use super::log::LogFile;
 use super::{Connection, NoInput, Reader, Writer};
-use ferrite_qapi::{Args, Error, os_msg};
+use crate::error::{Error, Result};
+use ferrite_qapi::Args;
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::path::Path;
@@ -24,11 +25,14 @@ pub(crate) struct FileBackend {
 }
 
 fn open_err(path: &str, e: &std::io::Error) -> Error {
-    Error::generic(format!("Could not open '{path}': {}", os_msg(e)))
+    Error::Open {
+        path: path.to_owned(),
+        error: std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
 }
 
 impl FileBackend {
-    pub(crate) fn file(data: &Args, log: Option<LogFile>) -> Result<Self, Error> {
+    pub(crate) fn file(data: &Args, log: Option<LogFile>) -> Result<Self> {
         let out_path = data.str("out")?;
         let append = data.bool_or("append", false);
         let out = OpenOptions::new()
@@ -50,7 +54,7 @@ impl FileBackend {
     }
 
     /// `device.in` and `device.out` when both exist, else `device` for both directions.
-    pub(crate) fn pipe(data: &Args, log: Option<LogFile>) -> Result<Self, Error> {
+    pub(crate) fn pipe(data: &Args, log: Option<LogFile>) -> Result<Self> {
         let device = data.str("device")?;
         let (in_path, out_path) = (format!("{device}.in"), format!("{device}.out"));
         let (input, out) = if Path::new(&in_path).exists() && Path::new(&out_path).exists() {

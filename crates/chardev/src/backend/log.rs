@@ -1,6 +1,7 @@
 //! `logfile`/`logappend`: a copy of everything the frontend writes.
 
-use ferrite_qapi::{Args, Error};
+use crate::error::{Error, Result};
+use ferrite_qapi::Args;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use tokio::io::AsyncWrite;
 pub(crate) struct LogFile(Rc<File>);
 
 impl LogFile {
-    pub(crate) fn open(data: &Args) -> Result<Option<LogFile>, Error> {
+    pub(crate) fn open(data: &Args) -> Result<Option<LogFile>> {
         let Some(path) = data.opt_str("logfile") else {
             return Ok(None);
         };
@@ -24,11 +25,9 @@ impl LogFile {
             .append(append)
             .truncate(!append)
             .open(path)
-            .map_err(|e| {
-                Error::generic(format!(
-                    "Could not open '{path}': {}",
-                    ferrite_qapi::os_msg(&e)
-                ))
+            .map_err(|e| Error::Open {
+                path: path.to_owned(),
+                error: e,
             })?;
         Ok(Some(LogFile(Rc::new(file))))
     }

@@ -7,8 +7,9 @@ mod socket;
 
 pub(crate) use ringbuf::Ring;
 
+use crate::error::{Error, Result};
 use crate::registry::Origin;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -35,7 +36,7 @@ pub(crate) enum Backend {
 
 impl Backend {
     /// Opens the backend a checked `ChardevBackend` describes.
-    pub(crate) fn open(spec: &Args, origin: Origin, stdio_taken: bool) -> Result<Backend, Error> {
+    pub(crate) fn open(spec: &Args, origin: Origin, stdio_taken: bool) -> Result<Backend> {
         let kind = spec.str("type")?;
         let data = spec.dict("data").unwrap_or_default();
         let log = log::LogFile::open(&data)?;
@@ -45,18 +46,14 @@ impl Backend {
             "pipe" => Backend::File(file::FileBackend::pipe(&data, log)?),
             "stdio" => {
                 if stdio_taken {
-                    return Err(Error::generic(
-                        "cannot use stdio by multiple character devices",
-                    ));
+                    return Err(Error::StdioTwice);
                 }
                 Backend::File(file::FileBackend::stdio(log))
             }
             "null" => Backend::Null,
             "ringbuf" | "memory" => Backend::Ring(Ring::new(&data, kind == "memory")?),
             other => {
-                return Err(Error::generic(format!(
-                    "'{other}' is not a valid char driver name"
-                )));
+                return Err(Error::UnknownBackend(other.to_owned()));
             }
         })
     }

@@ -1,7 +1,8 @@
 //! `ringbuf` and `memory`: a fixed-size buffer keeping the newest bytes the frontend wrote.
 
 use super::{Connection, NoInput};
-use ferrite_qapi::{Args, Error};
+use crate::error::{Error, Result};
+use ferrite_qapi::Args;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -19,12 +20,12 @@ pub(crate) struct Ring {
 }
 
 impl Ring {
-    pub(crate) fn new(data: &Args, memory: bool) -> Result<Ring, Error> {
+    pub(crate) fn new(data: &Args, memory: bool) -> Result<Ring> {
         let size = data.opt_i64("size").unwrap_or(DEFAULT_SIZE);
         let size = usize::try_from(size)
             .ok()
             .filter(|s| s.is_power_of_two())
-            .ok_or_else(|| Error::generic("size of ringbuf chardev must be power of two"))?;
+            .ok_or(Error::RingbufSize)?;
         Ok(Ring {
             buf: Rc::default(),
             size,

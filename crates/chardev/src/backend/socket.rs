@@ -2,8 +2,9 @@
 
 use super::Connection;
 use super::log::LogFile;
+use crate::error::{Error, Result};
 use crate::registry::Origin;
-use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qapi::Args;
 use std::cell::{Cell, RefCell};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -26,10 +27,10 @@ enum Addr {
 }
 
 impl Addr {
-    fn parse(data: &Args) -> Result<Addr, Error> {
+    fn parse(data: &Args) -> Result<Addr> {
         let addr = data
             .dict("addr")
-            .ok_or_else(|| Error::generic("Parameter 'addr' is missing"))?;
+            .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'addr' is missing"))?;
         let inner = addr.dict("data").unwrap_or_default();
         Ok(match addr.str("type")? {
             "unix" => Addr::Unix {
@@ -85,12 +86,16 @@ pub(crate) struct Socket {
     unlink: Option<PathBuf>,
 }
 
-fn io_err(what: &str, target: &str, e: &std::io::Error) -> Error {
-    Error::generic(format!("{what} '{target}': {}", os_msg(e)))
+fn io_err(what: &'static str, target: &str, e: &std::io::Error) -> Error {
+    Error::Socket {
+        what,
+        target: target.to_owned(),
+        error: std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
 }
 
 impl Socket {
-    pub(crate) fn open(data: &Args, origin: Origin, log: Option<LogFile>) -> Result<Self, Error> {
+    pub(crate) fn open(data: &Args, origin: Origin, log: Option<LogFile>) -> Result<Self> {
         let addr = Addr::parse(data)?;
         // QMP's ChardevSocket defaults to a server; QemuOpts to a client.
         let server = data.bool_or("server", origin == Origin::Qmp);
@@ -101,18 +106,14 @@ impl Socket {
             .map(|ms| Duration::from_millis(ms as u64));
         for unsupported in ["tls-creds", "tls-authz"] {
             if data.has(unsupported) {
-                return Err(Error::generic(format!(
-                    "'{unsupported}' is not supported by ferrite yet"
-                )));
+                return Err(Error::SocketOptionUnsupported(unsupported.to_owned()));
             }
         }
         if data.bool_or("telnet", false)
             || data.bool_or("tn3270", false)
             || data.bool_or("websocket", false)
         {
-            return Err(Error::generic(
-                "telnet, tn3270 and websocket sockets are not supported by ferrite",
-            ));
+            return Err(Error::SocketProtocolUnsupported);
         }
         let mut sock = Socket {
             addr: addr.clone(),
@@ -126,7 +127,7 @@ impl Socket {
         };
         if let Addr::Fd(fd) = &addr {
             if origin == Origin::Qmp {
-                return Err(Error::generic("only QEMU supports file descriptor passing"));
+                return Err(Error::FdOverQmp);
             }
             sock.adopt_fd(fd, server)?;
         } else if server {
@@ -138,7 +139,7 @@ impl Socket {
         Ok(sock)
     }
 
-    fn listen(&mut self) -> Result<(), Error> {
+    fn listen(&mut self) -> Result<()> {
         match &self.addr {
             Addr::Unix { path, abstract_ns } => {
                 let std_listener = if *abstract_ns {
@@ -176,7 +177,7 @@ impl Socket {
         Ok(())
     }
 
-    fn connect_now(&self) -> Result<Connection, Error> {
+    fn connect_now(&self) -> Result<Connection> {
         let target = self.addr.target();
         let fail = |e: std::io::Error| io_err("Failed to connect to", &target, &e);
         match &self.addr {
@@ -202,21 +203,17 @@ impl Socket {
                 *self.peer.borrow_mut() = Some(tcp_desc(&s, false));
                 Ok(self.wrap_tcp(s))
             }
-            Addr::Fd(_) => Err(Error::generic("only QEMU supports file descriptor passing")),
+            Addr::Fd(_) => Err(Error::FdOverQmp),
         }
     }
 
     /// Takes over a socket the parent process left open as fd `fd`.
-    fn adopt_fd(&mut self, fd: &str, server: bool) -> Result<(), Error> {
-        let num: i32 = fd
-            .parse()
-            .map_err(|_| Error::generic(format!("Unable to parse FD number {fd}")))?;
-        let bad = || Error::generic(format!("File descriptor '{fd}' is not a socket"));
+    fn adopt_fd(&mut self, fd: &str, server: bool) -> Result<()> {
+        let num: i32 = fd.parse().map_err(|_| Error::FdNumber(fd.to_owned()))?;
+        let bad = || Error::FdNotSocket(fd.to_owned());
         // SAFETY: F_GETFD only reads the descriptor's flags; an invalid number fails with EBADF.
         if num < 0 || unsafe { libc::fcntl(num, libc::F_GETFD) } < 0 {
-            return Err(Error::generic(format!(
-                "File descriptor '{fd}' is not open"
-            )));
+            return Err(Error::FdNotOpen(fd.to_owned()));
         }
         let family = socket_family(num).ok_or_else(bad)?;
         // SAFETY: the descriptor is open (checked above), is a socket (getsockname succeeded)
@@ -322,7 +319,7 @@ impl Socket {
             tokio::time::sleep(delay).await;
             match self.connect_now() {
                 Ok(conn) => return Some(conn),
-                Err(e) => tracing::debug!(error = %e.desc, "chardev reconnect failed"),
+                Err(e) => tracing::debug!(error = %e, "chardev reconnect failed"),
             }
         }
     }

@@ -2,7 +2,8 @@
 //! these record their settings (visible through QOM) but create no threads.
 
 use super::{UserObject, check_prop};
-use ferrite_qapi::{Args, Error};
+use crate::error::Result;
+use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use indexmap::IndexMap;
 use std::any::Any;
@@ -51,11 +52,11 @@ impl UserObject for EventLoop {
         }
     }
 
-    fn get(&self, name: &str) -> Option<Result<QObject, Error>> {
+    fn get(&self, name: &str) -> Option<Result<QObject>> {
         self.values.borrow().get(name).map(|v| Ok(QObject::Int(*v)))
     }
 
-    fn set(&self, name: &str, value: &QObject) -> Option<Result<(), Error>> {
+    fn set(&self, name: &str, value: &QObject) -> Option<Result<()>> {
         let key = *self.values.borrow().keys().find(|k| **k == name)?;
         Some(check_prop(self.props_type(), name, value).map(|v| {
             if let Some(i) = v.as_i64() {

@@ -4,8 +4,9 @@ pub(crate) mod event_loop;
 pub(crate) mod secret;
 pub(crate) mod throttle;
 
+use crate::error::{Error, Result};
 use crate::node::QomNode;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use indexmap::IndexMap;
 use std::any::Any;
@@ -18,10 +19,10 @@ pub trait UserObject {
     fn type_name(&self) -> &'static str;
 
     /// Reads a property; `None` if there is no such property.
-    fn get(&self, name: &str) -> Option<Result<QObject, Error>>;
+    fn get(&self, name: &str) -> Option<Result<QObject>>;
 
     /// Writes a property after creation; `None` if there is no such property.
-    fn set(&self, name: &str, value: &QObject) -> Option<Result<(), Error>>;
+    fn set(&self, name: &str, value: &QObject) -> Option<Result<()>>;
 
     /// For the layers that use the object (a throttle filter, an encrypted image).
     fn as_any(&self) -> &dyn Any;
@@ -48,17 +49,13 @@ impl ObjectRegistry {
     ///
     /// # Errors
     /// A malformed or duplicate id, or the type's own validation.
-    pub fn add(&self, options: &Args) -> Result<(), Error> {
+    pub fn add(&self, options: &Args) -> Result<()> {
         let id = options.str("id")?;
         if !ferrite_qapi::id_wellformed(id) {
-            return Err(Error::generic("Parameter 'id' expects an identifier").with_hint(
-                "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
-            ));
+            return Err(Error::InvalidId);
         }
         if self.objects.borrow().contains_key(id) {
-            return Err(Error::generic(format!(
-                "attempt to add duplicate property '{id}' to object (type 'container')"
-            )));
+            return Err(Error::DuplicateId(id.to_owned()));
         }
         let obj: Rc<dyn UserObject> = match options.str("qom-type")? {
             "throttle-group" => Rc::new(throttle::ThrottleGroup::create(options)?),
@@ -71,11 +68,11 @@ impl ObjectRegistry {
                     .values()
                     .any(|o| o.type_name() == "main-loop")
                 {
-                    return Err(Error::generic("only one main-loop instance allowed"));
+                    return Err(Error::SecondMainLoop);
                 }
                 Rc::new(event_loop::EventLoop::create(options, false))
             }
-            other => return Err(Error::generic(format!("Invalid object type '{other}'"))),
+            other => return Err(Error::InvalidType(other.to_owned())),
         };
         self.objects.borrow_mut().insert(id.to_owned(), obj);
         Ok(())
@@ -85,15 +82,13 @@ impl ObjectRegistry {
     ///
     /// # Errors
     /// "object 'x' not found", or the object is still in use.
-    pub fn del(&self, id: &str) -> Result<(), Error> {
+    pub fn del(&self, id: &str) -> Result<()> {
         let obj = self
             .get(id)
-            .ok_or_else(|| Error::generic(format!("object '{id}' not found")))?;
+            .ok_or_else(|| Error::ObjectNotFound(id.to_owned()))?;
         // The registry holds one reference; any other holder is a user of the object.
         if Rc::strong_count(&obj) > 2 {
-            return Err(Error::generic(format!(
-                "object '{id}' is in use, can not be deleted"
-            )));
+            return Err(Error::InUse(id.to_owned()));
         }
         self.objects.borrow_mut().shift_remove(id);
         Ok(())
@@ -116,10 +111,10 @@ impl QomNode for ObjectNode {
     fn type_name(&self) -> String {
         self.0.type_name().into()
     }
-    fn get(&self, name: &str) -> Option<Result<QObject, Error>> {
+    fn get(&self, name: &str) -> Option<Result<QObject>> {
         self.0.get(name)
     }
-    fn set(&self, name: &str, value: &QObject) -> Option<Result<(), Error>> {
+    fn set(&self, name: &str, value: &QObject) -> Option<Result<()>> {
         self.0.set(name, value)
     }
 }
@@ -139,17 +134,19 @@ impl QomNode for ObjectRegistry {
 
 /// Checks a value being set on a property against the schema member of the same name in the
 /// object type's properties struct.
-pub(crate) fn check_prop(props_type: &str, name: &str, value: &QObject) -> Result<QObject, Error> {
+pub(crate) fn check_prop(props_type: &str, name: &str, value: &QObject) -> Result<QObject> {
     let schema = ferrite_qapi::schema();
     let member = schema
         .struct_members(props_type)
         .iter()
         .find(|m| m.name == name)
-        .ok_or_else(|| Error::generic(format!("Property '{name}' not found")))?;
-    ferrite_qapi::visit::check_member(schema, &member.ty, name, value)
+        .ok_or_else(|| Error::PropertyNotFound(name.to_owned()))?;
+    Ok(ferrite_qapi::visit::check_member(
+        schema, &member.ty, name, value,
+    )?)
 }
 
 /// "Property cannot be set after initialization": creation-time-only properties.
 pub(crate) fn frozen() -> Error {
-    Error::generic("Property cannot be set after initialization")
+    Error::SetAfterInit
 }

@@ -1,9 +1,10 @@
 //! `secret`: a named secret value for the layers that need one (TLS, encrypted images).
 
 use super::{UserObject, frozen};
+use crate::error::{Error, Result};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use std::any::Any;
 
@@ -16,27 +17,23 @@ pub struct Secret {
 }
 
 impl Secret {
-    pub(crate) fn create(options: &Args) -> Result<Secret, Error> {
+    pub(crate) fn create(options: &Args) -> Result<Secret> {
         let data = options.opt_str("data").map(str::to_owned);
         let file = options.opt_str("file").map(str::to_owned);
         let format = options.opt_str("format").unwrap_or("raw").to_owned();
         if options.has("keyid") || options.has("iv") {
-            return Err(Error::generic(
-                "encrypted secrets (keyid, iv) are not supported by ferrite yet",
-            ));
+            return Err(Error::EncryptedSecret);
         }
         let raw = match (&data, &file) {
             (Some(_), Some(_)) => {
-                return Err(Error::generic("'file' and 'data' are mutually exclusive"));
+                return Err(Error::SecretFileAndData);
             }
-            (None, None) => return Err(Error::generic("Either 'file' or 'data' must be provided")),
+            (None, None) => return Err(Error::SecretNoData),
             (Some(d), None) => d.as_bytes().to_vec(),
             // The message is glib's (g_file_get_contents), curly quotes included.
-            (None, Some(path)) => std::fs::read(path).map_err(|e| {
-                Error::generic(format!(
-                    "Unable to read {path}: Failed to open file \u{201c}{path}\u{201d}: {}",
-                    os_msg(&e)
-                ))
+            (None, Some(path)) => std::fs::read(path).map_err(|e| Error::SecretFile {
+                path: path.to_owned(),
+                error: e,
             })?,
         };
         let value = if format == "base64" {
@@ -58,14 +55,12 @@ impl Secret {
     }
 }
 
-fn decode(raw: &[u8]) -> Result<Vec<u8>, Error> {
+fn decode(raw: &[u8]) -> Result<Vec<u8>> {
     let valid = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=');
     if !raw.iter().all(valid) {
-        return Err(Error::generic("Base64 data contains invalid characters"));
+        return Err(Error::Base64);
     }
-    STANDARD
-        .decode(raw)
-        .map_err(|_| Error::generic("Base64 data contains invalid characters"))
+    STANDARD.decode(raw).map_err(|_| Error::Base64)
 }
 
 impl UserObject for Secret {
@@ -73,7 +68,7 @@ impl UserObject for Secret {
         "secret"
     }
 
-    fn get(&self, name: &str) -> Option<Result<QObject, Error>> {
+    fn get(&self, name: &str) -> Option<Result<QObject>> {
         let opt = |v: &Option<String>| QObject::from(v.clone().unwrap_or_default());
         Some(Ok(match name {
             "data" => opt(&self.data),
@@ -84,7 +79,7 @@ impl UserObject for Secret {
         }))
     }
 
-    fn set(&self, name: &str, _value: &QObject) -> Option<Result<(), Error>> {
+    fn set(&self, name: &str, _value: &QObject) -> Option<Result<()>> {
         match name {
             "data" | "file" | "format" | "keyid" | "iv" => Some(Err(frozen())),
             _ => None,

@@ -1,8 +1,9 @@
 //! `throttle-group`: I/O limits shared by the throttle filter nodes that name the group.
 
 use super::{UserObject, check_prop, frozen};
+use crate::error::{Error, Result};
 use crate::node::PropInfo;
-use ferrite_qapi::{Args, Error};
+use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::any::Any;
 use std::cell::RefCell;
@@ -107,7 +108,7 @@ impl ThrottleConfig {
     }
 
     /// QEMU's validity rules, in its order.
-    fn validate(&self) -> Result<(), Error> {
+    fn validate(&self) -> Result<()> {
         for kind in ["bps", "iops"] {
             let total = self.get(&format!("{kind}-total")) != 0
                 || self.get(&format!("{kind}-total-max")) != 0;
@@ -115,9 +116,7 @@ impl ThrottleConfig {
                 self.get(&format!("{kind}-{d}")) != 0 || self.get(&format!("{kind}-{d}-max")) != 0
             });
             if total && rw {
-                return Err(Error::generic(
-                    "bps/iops/max total values and read/write values cannot be used at the same time",
-                ));
+                return Err(Error::ThrottleTotalAndRw);
             }
         }
         for kind in ["bps", "iops"] {
@@ -126,35 +125,27 @@ impl ThrottleConfig {
                 if !(0..=THROTTLE_VALUE_MAX).contains(&b.avg)
                     || !(0..=THROTTLE_VALUE_MAX).contains(&b.max)
                 {
-                    return Err(Error::generic(format!(
-                        "bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
-                    )));
+                    return Err(Error::ThrottleRange(THROTTLE_VALUE_MAX));
                 }
                 if b.burst_length <= 0 {
-                    return Err(Error::generic("the burst length cannot be 0"));
+                    return Err(Error::BurstLengthZero);
                 }
                 if b.burst_length > 1 && b.max == 0 {
-                    return Err(Error::generic("burst length set without burst rate"));
+                    return Err(Error::BurstLengthWithoutRate);
                 }
                 if b.max != 0 && b.burst_length > THROTTLE_VALUE_MAX / b.max {
-                    return Err(Error::generic("burst length too high for this burst rate"));
+                    return Err(Error::BurstLengthTooHigh);
                 }
                 if b.max != 0 && b.avg == 0 {
-                    return Err(Error::generic(
-                        "bps_max/iops_max require corresponding bps/iops values",
-                    ));
+                    return Err(Error::MaxWithoutRate);
                 }
                 if b.max != 0 && b.max < b.avg {
-                    return Err(Error::generic(
-                        "bps_max/iops_max cannot be lower than bps/iops",
-                    ));
+                    return Err(Error::MaxBelowRate);
                 }
             }
         }
         if self.iops_size() < 0 {
-            return Err(Error::generic(format!(
-                "bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
-            )));
+            return Err(Error::ThrottleRange(THROTTLE_VALUE_MAX));
         }
         Ok(())
     }
@@ -174,7 +165,7 @@ pub struct ThrottleGroup {
 }
 
 impl ThrottleGroup {
-    pub(crate) fn create(options: &Args) -> Result<ThrottleGroup, Error> {
+    pub(crate) fn create(options: &Args) -> Result<ThrottleGroup> {
         let mut config = ThrottleConfig::default();
         for name in LIMITS {
             if let Some(v) = options.opt_i64(&format!("x-{name}")) {
@@ -201,7 +192,7 @@ impl UserObject for ThrottleGroup {
         "throttle-group"
     }
 
-    fn get(&self, name: &str) -> Option<Result<QObject, Error>> {
+    fn get(&self, name: &str) -> Option<Result<QObject>> {
         let config = self.config.borrow();
         if name == "limits" {
             return Some(Ok(config.to_qobject()));
@@ -210,7 +201,7 @@ impl UserObject for ThrottleGroup {
         ThrottleConfig::index(limit).map(|i| Ok(QObject::Int(config.values[i])))
     }
 
-    fn set(&self, name: &str, value: &QObject) -> Option<Result<(), Error>> {
+    fn set(&self, name: &str, value: &QObject) -> Option<Result<()>> {
         if name == "limits" {
             return Some(
                 check_prop("ThrottleGroupProperties", name, value).and_then(|v| {

@@ -1,0 +1,95 @@
+//! The NBD server's and exports' errors, in QEMU's words (observed on qemu-storage-daemon
+//! 10.0.2); the QMP edge turns them into `ferrite_qapi::Error`.
+
+use ferrite_qapi::{ErrorClass, os_msg};
+use std::io;
+
+/// A refused NBD server or export command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `nbd-server-start` twice.
+    #[error("NBD server already running")]
+    AlreadyRunning,
+    /// An export command without a server.
+    #[error("NBD server not running")]
+    NotRunning,
+    /// TLS options ferrite does not serve yet.
+    #[error("TLS for the NBD server is not supported by ferrite yet")]
+    TlsUnsupported,
+    /// Binding the unix socket failed.
+    #[error("Failed to bind socket to {path}: {}", os_msg(.error))]
+    BindUnix {
+        /// The socket path.
+        path: String,
+        /// Why.
+        error: io::Error,
+    },
+    /// Binding the TCP socket failed.
+    #[error("Failed to bind socket: {}", os_msg(.0))]
+    BindInet(io::Error),
+    /// An inherited listening socket on the command line (not yet).
+    #[error("fd addresses for the NBD server are not supported by ferrite yet")]
+    FdUnsupported,
+    /// An `fd` address in QMP.
+    #[error("only QEMU supports file descriptor passing")]
+    FdOverQmp,
+    /// An export ID that breaks QEMU's identifier rule.
+    #[error("Invalid block export id '{0}'")]
+    InvalidId(String),
+    /// An export ID already taken.
+    #[error("Block export id '{0}' is already in use")]
+    IdInUse(String),
+    /// An export name over NBD's 4096 bytes.
+    #[error("export name '{0}' too long")]
+    NameTooLong(String),
+    /// An export name already taken.
+    #[error("NBD server already has export named '{0}'")]
+    NameInUse(String),
+    /// Exports in iothreads (not yet).
+    #[error("iothreads for exports are not supported by ferrite yet")]
+    IothreadUnsupported,
+    /// A writable export of a read-only node.
+    #[error("Cannot export read-only node as writable")]
+    ReadOnlyNode,
+    /// An exported bitmap that does not exist.
+    #[error("Bitmap '{0}' is not found")]
+    BitmapNotFound(String),
+    /// An exported bitmap another operation holds.
+    #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
+    BitmapBusy(String),
+    /// An enabled bitmap on a read-only export of a writable node.
+    #[error("Enabled bitmap '{0}' incompatible with readonly export")]
+    EnabledBitmapReadOnly(String),
+    /// An unknown export.
+    #[error("Export '{0}' is not found")]
+    ExportNotFound(String),
+    /// Removing an export twice.
+    #[error("export '{0}' is already shutting down")]
+    ShuttingDown(String),
+    /// A safe removal of an export with clients.
+    #[error("export '{0}' still in use")]
+    StillInUse(String),
+    /// A failure of the block core.
+    #[error(transparent)]
+    Block(#[from] ferrite_block::Error),
+    /// An argument error from the QAPI layer.
+    #[error(transparent)]
+    Qapi(#[from] ferrite_qapi::Error),
+}
+
+impl From<Error> for ferrite_qapi::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Qapi(q) => q,
+            Error::Block(b) => b.into(),
+            Error::StillInUse(_) => {
+                ferrite_qapi::Error::new(ErrorClass::GenericError, e.to_string())
+                    .with_hint("Use mode='hard' to force client disconnect")
+            }
+            other => ferrite_qapi::Error::new(ErrorClass::GenericError, other.to_string()),
+        }
+    }
+}
+
+/// The result of an NBD command.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

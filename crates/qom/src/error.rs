@@ -1,0 +1,120 @@
+//! The QOM layer's errors, in QEMU's words (observed on qemu-storage-daemon 10.0.2); the
+//! QMP edge and the command line turn them into `ferrite_qapi::Error`.
+
+use ferrite_qapi::{ErrorClass, os_msg};
+use std::io;
+
+/// A refused object operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An object ID that is not an identifier (with QEMU's hint).
+    #[error("Parameter 'id' expects an identifier")]
+    InvalidId,
+    /// An object ID already taken.
+    #[error("attempt to add duplicate property '{0}' to object (type 'container')")]
+    DuplicateId(String),
+    /// A second `main-loop` object.
+    #[error("only one main-loop instance allowed")]
+    SecondMainLoop,
+    /// An object type ferrite does not have.
+    #[error("Invalid object type '{0}'")]
+    InvalidType(String),
+    /// `object-del` of an unknown object.
+    #[error("object '{0}' not found")]
+    ObjectNotFound(String),
+    /// `object-del` of an object something uses.
+    #[error("object '{0}' is in use, can not be deleted")]
+    InUse(String),
+    /// A property an object does not have.
+    #[error("Property '{0}' not found")]
+    PropertyNotFound(String),
+    /// A property of a type that does not have it (`qom-get`, `qom-set`).
+    #[error("Property '{ty}.{name}' not found")]
+    TypedPropertyNotFound {
+        /// The object's type.
+        ty: String,
+        /// The property.
+        name: String,
+    },
+    /// A property that can only be set at creation.
+    #[error("Property cannot be set after initialization")]
+    SetAfterInit,
+    /// Encrypted secrets (not yet).
+    #[error("encrypted secrets (keyid, iv) are not supported by ferrite yet")]
+    EncryptedSecret,
+    /// A secret with both `file` and `data`.
+    #[error("'file' and 'data' are mutually exclusive")]
+    SecretFileAndData,
+    /// A secret with neither.
+    #[error("Either 'file' or 'data' must be provided")]
+    SecretNoData,
+    /// A secret file that cannot be read (glib's text, curly quotes included).
+    #[error("Unable to read {path}: Failed to open file \u{201c}{path}\u{201d}: {}", os_msg(.error))]
+    SecretFile {
+        /// The file.
+        path: String,
+        /// Why.
+        error: io::Error,
+    },
+    /// Bad base64 in a secret.
+    #[error("Base64 data contains invalid characters")]
+    Base64,
+    /// Total and read/write throttle limits together.
+    #[error("bps/iops/max total values and read/write values cannot be used at the same time")]
+    ThrottleTotalAndRw,
+    /// A throttle limit out of range.
+    #[error("bps/iops/max values must be within [0, {0}]")]
+    ThrottleRange(i64),
+    /// A throttle burst length of 0.
+    #[error("the burst length cannot be 0")]
+    BurstLengthZero,
+    /// A burst length without a burst rate.
+    #[error("burst length set without burst rate")]
+    BurstLengthWithoutRate,
+    /// A burst too long for its rate.
+    #[error("burst length too high for this burst rate")]
+    BurstLengthTooHigh,
+    /// A burst rate without a base rate.
+    #[error("bps_max/iops_max require corresponding bps/iops values")]
+    MaxWithoutRate,
+    /// A burst rate below the base rate.
+    #[error("bps_max/iops_max cannot be lower than bps/iops")]
+    MaxBelowRate,
+    /// A QOM path that finds nothing (class `DeviceNotFound`).
+    #[error("Device '{0}' not found")]
+    PathNotFound(String),
+    /// A partial QOM path that finds more than one object.
+    #[error("Path '{0}' does not uniquely identify an object")]
+    AmbiguousPath(String),
+    /// A property that cannot be written.
+    #[error("Insufficient permission to perform this operation")]
+    ReadOnlyProperty,
+    /// `qom-list-properties` of an unknown type (class `DeviceNotFound`).
+    #[error("Class '{0}' not found")]
+    ClassNotFound(String),
+    /// An unknown type where one is needed.
+    #[error("unknown type")]
+    UnknownType,
+    /// An argument error from the QAPI layer.
+    #[error(transparent)]
+    Qapi(#[from] ferrite_qapi::Error),
+}
+
+impl From<Error> for ferrite_qapi::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Qapi(q) => q,
+            Error::InvalidId => ferrite_qapi::Error::new(ErrorClass::GenericError, e.to_string())
+                .with_hint(
+                    "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
+                ),
+            Error::PathNotFound(_) | Error::ClassNotFound(_) => {
+                ferrite_qapi::Error::new(ErrorClass::DeviceNotFound, e.to_string())
+            }
+            other => ferrite_qapi::Error::new(ErrorClass::GenericError, other.to_string()),
+        }
+    }
+}
+
+/// The result of a QOM operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
