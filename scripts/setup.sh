@@ -34,6 +34,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 qemu_ok || { echo "setup: qemu-storage-daemon 10.0.x is required as the test oracle" >&2; exit 1; }
 
+# The style checks need clippy and rustfmt next to cargo.
+for tool in clippy fmt; do
+  if ! cargo "$tool" --version >/dev/null 2>&1; then
+    command -v rustup >/dev/null && rustup component add "$([ $tool = fmt ] && echo rustfmt || echo clippy)"
+    cargo "$tool" --version >/dev/null 2>&1 || { echo "setup: cargo $tool is required for the style checks" >&2; exit 1; }
+  fi
+done
+
 venv="$top/.venv"
 if ! "$venv/bin/python" -c 'import qemu.qmp, pytest' 2>/dev/null; then
   echo "setup: creating Python venv with qemu.qmp and pytest"

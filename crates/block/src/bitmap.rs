@@ -42,10 +42,12 @@ impl DirtyBitmap {
         })
     }
 
+    /// The bitmap's name (unique on its node).
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Bytes one bit stands for (a power of two).
     pub fn granularity(&self) -> u64 {
         self.granularity
     }
@@ -69,26 +71,32 @@ impl DirtyBitmap {
         self.count.get() * self.granularity
     }
 
+    /// Whether writes mark the bitmap dirty.
     pub fn is_enabled(&self) -> bool {
         self.enabled.get()
     }
 
+    /// Starts or stops recording writes.
     pub fn set_enabled(&self, on: bool) {
         self.enabled.set(on);
     }
 
+    /// Whether the image stores the bitmap when the node closes.
     pub fn is_persistent(&self) -> bool {
         self.persistent.get()
     }
 
+    /// Makes the bitmap persistent or not.
     pub fn set_persistent(&self, on: bool) {
         self.persistent.set(on);
     }
 
+    /// Whether the stored copy was left in use (a crash): its content cannot be trusted.
     pub fn is_inconsistent(&self) -> bool {
         self.inconsistent.get()
     }
 
+    /// Marks the bitmap inconsistent or clears the mark.
     pub fn set_inconsistent(&self, on: bool) {
         self.inconsistent.set(on);
     }

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 pub struct CopyError {
     /// The source failed (else the target).
     pub read: bool,
+    /// What the failing side reported.
     pub error: io::Error,
 }
 

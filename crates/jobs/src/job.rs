@@ -125,7 +125,7 @@ const SLICE: std::time::Duration = std::time::Duration::from_millis(100);
 /// One job.
 ///
 /// # Invariants
-/// - `status` changes only through [`Job::transition`], along the table of
+/// - `status` changes only through `Job::transition`, along the table of
 ///   `Status::can_become`, each change announced with `JOB_STATUS_CHANGE`.
 /// - `pause_count` counts the user's pause (at most one, `user_paused`) and every drained
 ///   section that reached the job through one of its node edges.

@@ -1,7 +1,7 @@
 //! The QAPI layer: one schema for every QMP command, event and type, and what it drives.
 //!
 //! The schema is written once, in ferrite's own schema language (`schema/*.qapi`, described in
-//! [`schema`]), and from it come: argument checking with QEMU's error texts before any side
+//! [`schema()`]), and from it come: argument checking with QEMU's error texts before any side
 //! effect ([`visit`]), in strict (QMP) and keyval (command line) flavours; `query-commands`;
 //! and `query-qmp-schema` in QEMU's introspection format ([`introspect`]). There is no second
 //! list of commands anywhere.
