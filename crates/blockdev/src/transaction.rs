@@ -32,14 +32,7 @@ pub async fn qmp_blockdev_backup(
     graph: &Rc<Graph>,
     args: &Args,
 ) -> Result<(), ferrite_qapi::Error> {
-    run(
-        jobs,
-        graph,
-        vec![("blockdev-backup".into(), args.clone())],
-        false,
-    )
-    .await
-    .map_err(Into::into)
+    one_action(jobs, graph, "blockdev-backup", args).await
 }
 
 /// `drive-backup`: a transaction of one action, as in QEMU.
@@ -51,14 +44,19 @@ pub async fn qmp_drive_backup(
     graph: &Rc<Graph>,
     args: &Args,
 ) -> Result<(), ferrite_qapi::Error> {
-    run(
-        jobs,
-        graph,
-        vec![("drive-backup".into(), args.clone())],
-        false,
-    )
-    .await
-    .map_err(Into::into)
+    one_action(jobs, graph, "drive-backup", args).await
+}
+
+/// A command that QEMU runs as a transaction of one action (`action` with `args`).
+async fn one_action(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    action: &str,
+    args: &Args,
+) -> Result<(), ferrite_qapi::Error> {
+    run(jobs, graph, vec![(action.into(), args.clone())], false)
+        .await
+        .map_err(Into::into)
 }
 
 /// `transaction`.
