@@ -433,3 +433,52 @@ def test_tcp_listener(ferrite, tmp_path):
     # QMP can start a second server only after stopping the first.
     rsp = c.cmd("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
     assert rsp["error"]["desc"] == "NBD server already running"
+
+
+def test_zero_length_requests_on_qcow2_match_qsd(tmp_path):
+    """Requests of length 0 (at offset 0, where a cluster range has no last byte, and inside
+    the image) are answered as qemu-storage-daemon answers them, and the daemon keeps
+    serving: the write at offset 0 used to make ferrite spin on the main thread."""
+    requests = [(nc.CMD_WRITE, 0), (nc.CMD_WRITE, 4096), (nc.CMD_WRITE_ZEROES, 0),
+                (nc.CMD_WRITE_ZEROES, 65536), (nc.CMD_TRIM, 0), (nc.CMD_READ, 0),
+                (nc.CMD_CACHE, 0), (nc.CMD_WRITE, 1 << 20)]
+    seen = {}
+    for binary in (QSD, FERRITE):
+        sub = tmp_path / os.path.basename(binary)
+        sub.mkdir()
+        img = str(sub / "disk.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "4M"], check=True)
+        sock = str(sub / "nbd.sock")
+        d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=f0,filename={img}",
+                                       "--blockdev", "qcow2,node-name=d0,file=f0",
+                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                       "--export", "nbd,id=e0,node-name=d0,writable=on"])
+        try:
+            wait_for(lambda: os.path.exists(sock), what="NBD socket")
+            c = nc.Nbd(sock)
+            c.go("d0")
+            answers = []
+            for ty, offset in requests:
+                c.request(ty, offset, 0)
+                answers.append(c.simple_reply()[0])
+            c.request(nc.CMD_READ, 0, 4096)
+            answers.append(c.simple_reply(4096))
+            c.close()
+            q = d.connect()
+            stats = q.cmd("query-blockstats", {"query-nodes": True})["return"]
+            answers.append(sorted((s["node-name"], s["stats"]["wr_highest_offset"])
+                                  for s in stats))
+            # A new client is served too.
+            c = nc.Nbd(sock)
+            c.go("d0")
+            c.request(nc.CMD_FLUSH)
+            answers.append(c.simple_reply()[0])
+            c.close()
+            q.close()
+        finally:
+            rc = d.stop()
+        assert rc == 0
+        check = subprocess.run(["qemu-img", "check", img], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+        seen[binary] = answers
+    assert seen[FERRITE] == seen[QSD]

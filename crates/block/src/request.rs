@@ -70,6 +70,9 @@ impl Node {
     /// Reads `len` bytes at `offset`.
     pub(crate) async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         self.check_bounds(offset, len as u64)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
         let _f = InFlight::begin(self);
         self.driver.read(self, offset, len).await
     }
@@ -84,6 +87,11 @@ impl Node {
         let len = data.len() as u64;
         self.check_write_bounds(offset, len)?;
         self.check_writable()?;
+        if len == 0 {
+            // Nothing reaches the driver (drivers may assume a range has a last byte), and
+            // nothing counts as written (qemu-storage-daemon's wr_highest_offset stays).
+            return Ok(());
+        }
         if self.detect_zeroes.get() != DetectZeroes::Off && crate::io::is_zero(&data) {
             let mut zflags = flags;
             if self.detect_zeroes.get() == DetectZeroes::Unmap && self.discard_unmap.get() {
@@ -108,6 +116,9 @@ impl Node {
     ) -> io::Result<()> {
         self.check_write_bounds(offset, len)?;
         self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
         let mut flags = flags;
         if !self.discard_unmap.get() {
             flags.remove(ReqFlags::MAY_UNMAP);
@@ -125,6 +136,9 @@ impl Node {
         let len = data.len() as u64;
         self.check_bounds(offset, len)?;
         self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
         let _f = InFlight::begin(self);
         let r = self.driver.write_compressed(self, offset, data).await;
         if r.is_ok() {
@@ -160,7 +174,7 @@ impl Node {
     pub(crate) async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_bounds(offset, len)?;
         self.check_writable()?;
-        if !self.discard_unmap.get() {
+        if len == 0 || !self.discard_unmap.get() {
             return Ok(());
         }
         let _f = InFlight::begin(self);

@@ -18,10 +18,12 @@ async fn references(file: &Child, m: &mut Meta) -> io::Result<HashMap<u64, u64>>
     let cs = m.cs();
     let mut refs: HashMap<u64, u64> = HashMap::new();
     let add = |refs: &mut HashMap<u64, u64>, off: u64, len: u64| {
-        if len == 0 {
+        // Offsets and lengths come from the image: an empty or wrapping range refers to nothing.
+        let Some(end) = off.checked_add(len).filter(|_| len > 0) else {
             return;
-        }
-        for c in off / cs..=(off + len - 1) / cs {
+        };
+        let last = end - 1;
+        for c in off / cs..=last / cs {
             *refs.entry(c).or_default() += 1;
         }
     };

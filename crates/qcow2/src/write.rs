@@ -22,6 +22,9 @@ impl Qcow2Driver {
     ) -> io::Result<()> {
         let cs = self.cs();
         let len = data.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
         let _claim = self
             .claims
             .claim(offset / cs, (offset + len - 1) / cs)
