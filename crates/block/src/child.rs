@@ -54,6 +54,11 @@ pub trait RootParent {
     fn drained_poll(&self) -> bool;
     /// How the debug graph shows this parent.
     fn vertex(&self) -> Vertex;
+    /// Whether the edge stays at its node when the node is replaced (QEMU's `stay_at_node`:
+    /// a job keeps working on the nodes it named, a `BlockBackend` follows the graph).
+    fn stays_at_node(&self) -> bool {
+        false
+    }
 }
 
 /// Who owns an edge.

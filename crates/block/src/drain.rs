@@ -35,6 +35,11 @@ fn progress() -> Rc<Notify> {
 pub struct Drained(Rc<Node>);
 
 impl Drained {
+    /// The section of a node whose `drained_begin` was just called.
+    pub(crate) fn holding(node: Rc<Node>) -> Drained {
+        Drained(node)
+    }
+
     /// The drained node.
     pub fn node(&self) -> &Rc<Node> {
         &self.0

@@ -123,6 +123,13 @@ pub trait Driver: std::any::Any {
         None
     }
 
+    /// For a filter (a node that shows its child's data unchanged, doing something on the
+    /// way), the edge of the child it filters: `file` for most, `backing` for a mirror's
+    /// `mirror_top`. Other nodes have none.
+    fn filtered_child(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Whether the node is named after its `file` child: it presents the child's bytes
     /// unchanged (raw without a window) or is a format whose options add nothing (qcow2
     /// without encryption), unless its backing child was chosen by the user.

@@ -72,6 +72,10 @@ pub struct Node {
     /// The end of the furthest write (QEMU's `wr_highest_offset`, the one figure node-level
     /// `query-blockstats` reports).
     pub(crate) wr_highest_offset: Cell<u64>,
+    /// Requests that changed the node, and how many of them the last flush covered
+    /// (QEMU's `write_gen` and `flushed_gen`).
+    pub(crate) write_gen: Cell<u64>,
+    pub(crate) flushed_gen: Cell<u64>,
     pub(crate) in_flight: Cell<u64>,
     quiesce: Cell<u32>,
 }
@@ -122,6 +126,8 @@ impl Node {
             threshold_hit: RefCell::new(None),
             bitmaps: RefCell::new(Vec::new()),
             wr_highest_offset: Cell::new(0),
+            write_gen: Cell::new(0),
+            flushed_gen: Cell::new(0),
             in_flight: Cell::new(0),
             quiesce: Cell::new(0),
         })
@@ -130,6 +136,20 @@ impl Node {
     /// The options the node was opened (or last reopened) with (`BlockdevOptions`, as given).
     pub fn options(&self) -> QDict {
         self.options.borrow().clone()
+    }
+
+    /// The child a filter shows unchanged, if the node is a filter.
+    pub fn filtered(&self) -> Option<Rc<Node>> {
+        self.driver.filtered_child().and_then(|c| self.child(c))
+    }
+
+    /// The node below any filters (QEMU: `bdrv_skip_filters`).
+    pub fn skip_filters(self: &Rc<Self>) -> Rc<Node> {
+        let mut n = self.clone();
+        while let Some(f) = n.filtered() {
+            n = f;
+        }
+        n
     }
 
     /// The driver instance (for queries and for drivers that look at their children's).

@@ -37,9 +37,28 @@ impl Perm {
             .collect()
     }
 
-    /// The name of the lowest set permission.
+    /// How error messages name each permission (QEMU's `bdrv_perm_names`: words, where the
+    /// QAPI names have dashes).
+    const IN_MESSAGES: [(Perm, &'static str); 4] = [
+        (Perm::CONSISTENT_READ, "consistent read"),
+        (Perm::WRITE, "write"),
+        (Perm::WRITE_UNCHANGED, "write unchanged"),
+        (Perm::RESIZE, "resize"),
+    ];
+
+    /// The set permissions as error messages name them, lowest bit first, comma-separated.
+    pub fn message_names(self) -> String {
+        Self::IN_MESSAGES
+            .iter()
+            .filter(|(p, _)| self.contains(*p))
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// How error messages name the lowest set permission.
     pub fn first_name(self) -> &'static str {
-        Self::NAMED
+        Self::IN_MESSAGES
             .iter()
             .find(|(p, _)| self.contains(*p))
             .map_or("?", |(_, n)| n)

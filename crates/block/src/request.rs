@@ -101,6 +101,7 @@ impl Node {
         }
         let _f = InFlight::begin(self);
         let r = self.driver.write(self, offset, data, flags).await;
+        self.changed();
         if r.is_ok() {
             self.wrote(offset, len);
         }
@@ -125,6 +126,7 @@ impl Node {
         }
         let _f = InFlight::begin(self);
         let r = self.driver.write_zeroes(self, offset, len, flags).await;
+        self.changed();
         if r.is_ok() {
             self.wrote(offset, len);
         }
@@ -141,6 +143,7 @@ impl Node {
         }
         let _f = InFlight::begin(self);
         let r = self.driver.write_compressed(self, offset, data).await;
+        self.changed();
         if r.is_ok() {
             self.wrote(offset, len);
         }
@@ -179,6 +182,7 @@ impl Node {
         }
         let _f = InFlight::begin(self);
         let r = self.driver.discard(self, offset, len).await;
+        self.changed();
         if r.is_ok() {
             for b in self.bitmaps.borrow().iter() {
                 b.note_write(offset, len);
@@ -192,8 +196,18 @@ impl Node {
         if self.cache_no_flush {
             return Ok(());
         }
+        // A protocol node that nothing changed since its last flush has nothing to make
+        // durable (QEMU skips the disk flush the same way).
+        let generation = self.write_gen.get();
+        if self.flushed_gen.get() == generation && self.children().is_empty() {
+            return Ok(());
+        }
         let _f = InFlight::begin(self);
-        self.driver.flush(self).await
+        let r = self.driver.flush(self).await;
+        if r.is_ok() && generation > self.flushed_gen.get() {
+            self.flushed_gen.set(generation);
+        }
+        r
     }
 
     /// The extent at `offset`, at most `len` long. A query, not a change: jobs and exports
@@ -219,7 +233,14 @@ impl Node {
     /// Changes the size.
     pub(crate) async fn truncate(&self, size: u64) -> io::Result<()> {
         let _f = InFlight::begin(self);
-        self.driver.truncate(self, size).await
+        let r = self.driver.truncate(self, size).await;
+        self.changed();
+        r
+    }
+
+    /// A request that may have changed the node completed.
+    fn changed(&self) {
+        self.write_gen.set(self.write_gen.get() + 1);
     }
 
     fn wrote(&self, offset: u64, len: u64) {

@@ -81,7 +81,9 @@ pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
         d.insert(k, 0i64);
     }
-    if let Some(b) = node.child("backing") {
+    if let Some(b) = node.child("backing")
+        && node.driver().filtered_child() != Some("backing")
+    {
         d.insert("backing_file", b.filename());
     }
     if let Some(bitmaps) = crate::bitmap_cmds::info(node) {

@@ -100,6 +100,9 @@ async fn run(
     parsed: Vec<(String, Args)>,
     grouped: bool,
 ) -> Result<()> {
+    // Everything settles first (QEMU's `bdrv_drain_all`: running jobs pause and resume once),
+    // then the nodes the actions name stay drained until the end.
+    drop(graph.drain_all().await);
     let _drained = drain_named(graph, &parsed).await;
     let txn = grouped.then(|| Rc::new(JobTxn::default()));
     let mut done: Vec<Done> = Vec::new();
@@ -165,11 +168,19 @@ async fn run(
     result
 }
 
-/// Drains every node an action names, so that no write lands between two actions.
+/// Drains the node each action works on, as QEMU's actions do in their prepare step
+/// (backups their source, snapshots the node that gets an overlay or a snapshot): no
+/// write lands on it between two actions. Bitmap actions do not wait, so nothing can.
 async fn drain_named(graph: &Graph, actions: &[(String, Args)]) -> Vec<Drained> {
     let mut names: Vec<String> = Vec::new();
-    for (_, data) in actions {
-        for key in ["node", "device", "target", "node-name"] {
+    for (kind, data) in actions {
+        let keys: &[&str] = match kind.as_str() {
+            "blockdev-backup" | "drive-backup" | "blockdev-snapshot-internal-sync" => &["device"],
+            "blockdev-snapshot-sync" => &["device", "node-name"],
+            "blockdev-snapshot" => &["node"],
+            _ => continue,
+        };
+        for key in keys {
             if let Some(n) = data.opt_str(key)
                 && !names.iter().any(|x| x == n)
             {

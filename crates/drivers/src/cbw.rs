@@ -478,4 +478,8 @@ impl Driver for CbwDriver {
     fn is_passthrough(&self) -> bool {
         true
     }
+
+    fn filtered_child(&self) -> Option<&'static str> {
+        Some("file")
+    }
 }

@@ -510,7 +510,7 @@ pub async fn prepare_drive(
 
 /// A new image for drive-backup: `format` over a new file, as big as the source, backed by
 /// `backing` (its file name and format) when given.
-async fn create_target(
+pub(crate) async fn create_target(
     graph: &Graph,
     source: &Node,
     file: &str,

@@ -113,7 +113,7 @@ impl JobManager {
 /// A cancelled job counts as failed ("Operation canceled"); a failed job is `aborting`
 /// (QEMU: `job_update_rc`).
 fn update_rc(job: &Job) {
-    if !job.failed.get() && job.cancelled.get() {
+    if !job.failed.get() && job.is_cancelled() {
         job.fail("Operation canceled".into());
     }
     if job.failed.get() {

@@ -72,8 +72,8 @@ pub enum Error {
         /// The copy granularity.
         cluster: u64,
     },
-    /// The backup's filter came out without its children (a bug).
-    #[error("The copy-before-write filter lost its children")]
+    /// A job's filter came out without its children (a bug).
+    #[error("The job's filter lost its children")]
     FilterLostChildren,
     /// `sync: incremental` or `bitmap` without a bitmap.
     #[error("must provide a valid bitmap name for '{0}' sync mode")]
@@ -102,6 +102,50 @@ pub enum Error {
     /// A bitmap mode without a bitmap.
     #[error("Cannot specify bitmap sync mode without a bitmap")]
     BitmapModeWithoutBitmap,
+    /// Mirror with a sync mode it does not have (`incremental`, `bitmap`).
+    #[error("Sync mode '{0}' not supported")]
+    SyncModeNotSupported(&'static str),
+    /// A mirror granularity out of range.
+    #[error("Parameter 'granularity' expects a value in range [512B, 64MB]")]
+    GranularityRange,
+    /// A mirror granularity that is not a power of two.
+    #[error("Parameter 'granularity' expects a power of 2")]
+    GranularityPowerOfTwo,
+    /// A negative mirror `buf-size`.
+    #[error("Invalid parameter 'buf-size'")]
+    InvalidBufSize,
+    /// A mirror of a node to itself (through filters).
+    #[error("Can't mirror node into itself")]
+    MirrorIntoItself,
+    /// A mirror target that is a filter above a node of the source's chain.
+    #[error("Cannot mirror to a filter on top of a node in the source's backing chain")]
+    MirrorToFilterInChain,
+    /// `replaces` naming no node.
+    #[error("Failed to find node with node-name='{0}'")]
+    ReplaceNotFound(String),
+    /// `replaces` naming a node the mirror cannot stand in for.
+    #[error(
+        "Cannot replace '{node}' by a node mirrored from '{source_node}', because it cannot be \
+         guaranteed that doing so would not lead to an abrupt change of visible data"
+    )]
+    CannotReplace {
+        /// The node to replace.
+        node: String,
+        /// The mirror's source.
+        source_node: String,
+    },
+    /// `replaces` naming a node of another size.
+    #[error("cannot replace image with a mirror image of different size")]
+    ReplaceDifferentSize,
+    /// At completion, `replaces` names a node that went away.
+    #[error("Node name '{0}' not found")]
+    ReplacedNodeGone(String),
+    /// `block-job-change` to a copy mode that cannot be switched to.
+    #[error("Change to copy mode '{0}' is not implemented")]
+    CopyModeChange(&'static str),
+    /// drive-mirror `replaces` without `node-name`.
+    #[error("a node-name must be provided when replacing a named node of the graph")]
+    ReplacesWithoutNodeName,
     /// A failure of the block core.
     #[error(transparent)]
     Block(#[from] ferrite_block::Error),

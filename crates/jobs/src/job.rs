@@ -79,10 +79,23 @@ pub trait JobDriver {
         Err(Error::ChangeUnsupported)
     }
 
-    /// A cancel request: returns whether it is forced. A job may turn a soft cancel into
-    /// its own kind of ending (mirror after `ready` completes without switching).
-    fn cancel(&self, _job: &Job, force: bool) -> bool {
-        force
+    /// A cancel request: returns whether it is forced. Jobs without a soft cancel treat
+    /// every cancel as forced; mirror after `ready` turns a soft one into its own kind of
+    /// ending (it completes without switching).
+    fn cancel(&self, _job: &Job, _force: bool) -> bool {
+        true
+    }
+
+    /// Whether the job has requests of its own in flight that a drain must wait for even
+    /// while the job is paused (mirror's copies).
+    fn has_io_in_flight(&self) -> bool {
+        false
+    }
+
+    /// Whether the job itself holds the drained section that is asking (mirror converging
+    /// before it completes): it must not wait for itself.
+    fn in_own_drain(&self) -> bool {
+        false
     }
 
     /// Members `query-block-jobs` adds for this kind of job (mirror's `actively-synced`).
@@ -144,6 +157,8 @@ pub struct Job {
     pub(crate) auto_finalize: bool,
     pub(crate) auto_dismiss: bool,
     pub(crate) cancelled: Cell<bool>,
+    /// The cancel is forced (QEMU's `force_cancel`): the job stops without finishing.
+    pub(crate) force_cancel: Cell<bool>,
     pub(crate) user_paused: Cell<bool>,
     pub(crate) pause_count: Cell<u32>,
     pub(crate) busy: Cell<bool>,
@@ -189,6 +204,7 @@ impl Job {
             auto_finalize: opts.auto_finalize,
             auto_dismiss: opts.auto_dismiss,
             cancelled: Cell::new(false),
+            force_cancel: Cell::new(false),
             user_paused: Cell::new(false),
             pause_count: Cell::new(0),
             busy: Cell::new(false),
@@ -222,9 +238,75 @@ impl Job {
         self.total.set(total);
     }
 
-    /// Whether cancel was requested.
+    /// Whether the job was cancelled by force: it stops at once and ends cancelled (QEMU:
+    /// `job_is_cancelled`).
     pub fn is_cancelled(&self) -> bool {
+        self.force_cancel.get()
+    }
+
+    /// Whether any cancel was asked for, a soft one included (QEMU: `job_cancel_requested`).
+    pub fn cancel_requested(&self) -> bool {
         self.cancelled.get()
+    }
+
+    /// Whether the job is `ready` (or `standby`, ready but paused).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.status.get(), Status::Ready | Status::Standby)
+    }
+
+    /// Whether something (the user, a drain) asks the job to pause at its next pause point.
+    pub fn pause_requested(&self) -> bool {
+        self.should_pause()
+    }
+
+    /// Done `bytes` more of the work.
+    pub fn progress_update(&self, bytes: u64) {
+        self.current.set(self.current.get() + bytes);
+        if self.current.get() > self.total.get() {
+            self.total.set(self.current.get());
+        }
+    }
+
+    /// `bytes` of work remain (the total is what is done plus that).
+    pub fn progress_set_remaining(&self, bytes: u64) {
+        self.total.set(self.current.get() + bytes);
+    }
+
+    /// `bytes` more work turned up.
+    pub fn progress_increase_remaining(&self, bytes: u64) {
+        self.total.set(self.total.get() + bytes);
+    }
+
+    /// The job has converged: `ready` and `BLOCK_JOB_READY` (QEMU:
+    /// `job_transition_to_ready`).
+    pub fn transition_to_ready(&self) {
+        self.transition(Status::Ready);
+        if self.driver.is_block_job()
+            && let Some(m) = self.manager.upgrade()
+        {
+            m.events
+                .emit(&crate::events::BlockJobReady(self.progress()));
+        }
+    }
+
+    /// Sleeps up to `d`, not busy meanwhile; wakes early when the job is resumed, paused,
+    /// cancelled or completed, or `also` is notified (QEMU: `job_sleep_ns`).
+    pub async fn sleep(&self, d: std::time::Duration, also: &Notify) {
+        if self.is_cancelled() {
+            return;
+        }
+        self.set_busy(false);
+        tokio::select! {
+            () = tokio::time::sleep(d) => {}
+            () = self.wake.notified() => {}
+            () = also.notified() => {}
+        }
+        self.set_busy(true);
+    }
+
+    /// Wakes the job where it sleeps or waits to be resumed.
+    pub fn enter(&self) {
+        self.wake.notify_waiters();
     }
 
     /// Whether the job finished its work (QEMU: `job_is_completed`).
@@ -274,7 +356,7 @@ impl Job {
     pub async fn rate_limit(&self, bytes: u64) {
         loop {
             let speed = self.speed.get();
-            if speed == 0 || self.cancelled.get() {
+            if speed == 0 || self.is_cancelled() {
                 return;
             }
             let quota = (speed / 10).max(1);
@@ -366,7 +448,7 @@ impl Job {
 
     /// Whether the job should stop at its next pause point.
     fn should_pause(&self) -> bool {
-        self.pause_count.get() > 0 && !self.cancelled.get()
+        self.pause_count.get() > 0 && !self.is_cancelled()
     }
 
     /// Where the job's work yields to pause requests: waits while paused.
@@ -400,7 +482,7 @@ impl Job {
 
     /// Back to running (or ready) once nothing holds the job paused.
     pub(crate) fn unpause(&self) {
-        if self.pause_count.get() == 0 || self.cancelled.get() {
+        if self.pause_count.get() == 0 || self.is_cancelled() {
             match self.status.get() {
                 Status::Paused => self.transition(Status::Running),
                 Status::Standby => self.transition(Status::Ready),
@@ -537,8 +619,15 @@ impl RootParent for Job {
 
     fn drained_poll(&self) -> bool {
         // An idle or finished job sends no request before it pauses (QEMU:
-        // child_job_drained_poll).
-        self.busy.get() && !self.is_completed()
+        // child_job_drained_poll), unless requests it sent are still in flight.
+        if self.is_completed() {
+            return false;
+        }
+        (self.busy.get() && !self.driver.in_own_drain()) || self.driver.has_io_in_flight()
+    }
+
+    fn stays_at_node(&self) -> bool {
+        true
     }
 
     fn vertex(&self) -> Vertex {

@@ -1,7 +1,7 @@
 //! Jobs: the generic job state machine (QEMU's job.c: states, transitions, verbs, phases,
 //! transactions, events, `query-jobs`) and the jobs built on it (`blockdev-create`,
-//! `x-blockdev-amend`, and backup, whose QMP commands run as transactions in
-//! `ferrite-blockdev`).
+//! `x-blockdev-amend`, backup, whose QMP commands run as transactions in
+//! `ferrite-blockdev`, and mirror).
 //!
 //! Everything runs on the daemon's main thread; a job's work is a local task.
 
@@ -13,6 +13,7 @@ mod error;
 pub mod events;
 mod job;
 mod manager;
+pub mod mirror;
 pub mod qmp_cmds;
 mod single_step;
 mod state;
@@ -24,4 +25,6 @@ pub use error::{Error, Result};
 pub use job::{ErrorPolicy, Job, JobDriver, JobFuture, JobTxn, PhaseFuture};
 pub use manager::{JobManager, JobOptions};
 pub use state::{Status, Verb};
-pub use types::{BitmapSyncMode, BlockErrorAction, IoOperationType, JobType, MirrorSyncMode};
+pub use types::{
+    BitmapSyncMode, BlockErrorAction, IoOperationType, JobType, MirrorCopyMode, MirrorSyncMode,
+};

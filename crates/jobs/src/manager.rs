@@ -117,7 +117,7 @@ impl JobManager {
         job.started.set(true);
         job.busy.set(true);
         job.transition(Status::Running);
-        if job.pause_count.get() > 0 && !job.cancelled.get() {
+        if job.pause_count.get() > 0 && !job.is_cancelled() {
             job.enter_pause();
             job.set_busy(false);
         }
@@ -137,6 +137,7 @@ impl JobManager {
             return;
         }
         job.cancelled.set(true);
+        job.force_cancel.set(true);
         self.completed(job, Ok(())).await;
     }
 
@@ -145,7 +146,7 @@ impl JobManager {
         if !job.driver.is_block_job() || !job.started.get() {
             return;
         }
-        if job.cancelled.get() {
+        if job.is_cancelled() {
             self.events.emit(&BlockJobCancelled(job.progress()));
             return;
         }
@@ -171,6 +172,15 @@ impl JobManager {
         job.transition(Status::Concluded);
         job.changed.notify_waiters();
         if job.auto_dismiss || !job.started.get() {
+            self.dismiss_now(job);
+        }
+    }
+
+    /// Drops a created job whose setup failed after it was announced: straight to `null`
+    /// (QEMU: `job_early_fail`).
+    pub fn early_fail(&self, job: &Rc<Job>) {
+        if job.status.get() == Status::Created {
+            job.txn.remove(job);
             self.dismiss_now(job);
         }
     }
@@ -302,6 +312,8 @@ impl JobManager {
         }
         if force || !job.deferred.get() {
             job.cancelled.set(true);
+            // A soft cancel does not undo an earlier forced one.
+            job.force_cancel.set(job.force_cancel.get() || force);
         }
         job.wake.notify_waiters();
     }
@@ -313,7 +325,7 @@ impl JobManager {
         if !job.started.get() {
             self.completed(job, Ok(())).await;
         } else if job.deferred.get() {
-            if job.cancelled.get() {
+            if job.is_cancelled() {
                 self.txn_abort(job).await;
             }
         } else {

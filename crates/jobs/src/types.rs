@@ -74,6 +74,16 @@ ferrite_qapi::qapi_enum! {
     }
 }
 
+ferrite_qapi::qapi_enum! {
+    /// How a mirror keeps up with writes (`MirrorCopyMode`).
+    pub enum MirrorCopyMode "MirrorCopyMode" {
+        /// Writes mark the bitmap; the job copies them later.
+        Background = "background",
+        /// A write completes only once it is on the target too.
+        WriteBlocking = "write-blocking",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +97,7 @@ mod tests {
         check_enum::<BitmapSyncMode>().unwrap();
         check_enum::<BlockErrorAction>().unwrap();
         check_enum::<IoOperationType>().unwrap();
+        check_enum::<MirrorCopyMode>().unwrap();
         check_enum::<Status>().unwrap();
     }
 }

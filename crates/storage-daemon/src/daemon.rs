@@ -187,6 +187,14 @@ impl Daemon {
                 &self.graph,
                 &args,
             )),
+            "blockdev-mirror" => done(
+                ferrite_blockdev::mirror_cmds::qmp_blockdev_mirror(&self.jobs, &self.graph, &args)
+                    .await,
+            ),
+            "drive-mirror" => done(
+                ferrite_blockdev::mirror_cmds::qmp_drive_mirror(&self.jobs, &self.graph, &args)
+                    .await,
+            ),
             "blockdev-backup" => {
                 done(transaction::qmp_blockdev_backup(&self.jobs, &self.graph, &args).await)
             }

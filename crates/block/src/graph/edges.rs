@@ -123,10 +123,12 @@ impl Graph {
         let _new_drained = self.drain(new).await;
         // A parent below `new` stays (moving it would make a loop: a fleecing target backed
         // by the source it protects keeps that source as its backing).
+        // A job's edges stay where the job put them.
         let moving: Vec<Rc<Child>> = old
             .users()
             .into_iter()
             .filter(|u| u.parent_node().is_none_or(|p| !reaches(new, &p)))
+            .filter(|u| u.root_parent().is_none_or(|r| !r.stays_at_node()))
             .collect();
         for e in &moving {
             self.move_edge(e, new);
@@ -164,13 +166,15 @@ impl Graph {
         Ok(filter)
     }
 
-    /// Takes a filter out again: its users go to what is below it now (its `file` child:
-    /// the node it was put on, or another filter inserted since) and it is deleted.
+    /// Takes a filter out again: its users go to what is below it now (its filtered child,
+    /// `file` or `backing`: the node it was put on, or another filter inserted since) and
+    /// it is deleted.
     ///
     /// # Errors
     /// A permission conflict moving the users back.
     pub async fn remove_filter(&self, filter: &Rc<Node>) -> Result<()> {
-        if let Some(below) = filter.child("file") {
+        let filtered = filter.driver().filtered_child().unwrap_or("file");
+        if let Some(below) = filter.child(filtered) {
             self.replace(filter, &below).await?;
         }
         self.forget_if_orphan(filter);
@@ -183,6 +187,42 @@ impl Graph {
     /// A permission conflict; nothing changed then.
     pub fn attach_backing(&self, node: &Rc<Node>, backing: &Rc<Node>) -> Result<()> {
         self.attach_child(node, backing, "backing").map(drop)
+    }
+
+    /// Opens the backing file `node`'s image names and attaches it, if it has none yet
+    /// (QEMU: `bdrv_open_backing_file`, for an image first opened without one).
+    ///
+    /// # Errors
+    /// The backing file failing to open, or a permission conflict.
+    pub async fn open_backing_file(&self, node: &Rc<Node>) -> Result<()> {
+        if node.child("backing").is_some() {
+            return Ok(());
+        }
+        let Some((name, format)) = node.driver().backing_filename() else {
+            return Ok(());
+        };
+        let image = node
+            .child("file")
+            .map_or_else(|| node.filename(), |f| f.filename());
+        let path = crate::filename::backing_path(&image, &name)?;
+        let file_opts = ferrite_qobject::QDict::new()
+            .with("driver", "file")
+            .with("filename", path.as_str())
+            .with("read-only", true);
+        let format = match format {
+            Some(f) => f,
+            None => self.probe_format(&file_opts).await?.to_owned(),
+        };
+        let opts = ferrite_qobject::QDict::new()
+            .with("driver", format.as_str())
+            .with("file", file_opts)
+            .with("read-only", true);
+        let backing = self.open(&Args::new(opts)).await?;
+        let r = self.attach_backing(node, &backing);
+        if r.is_err() {
+            self.forget_if_orphan(&backing);
+        }
+        r
     }
 
     /// An external snapshot's switch: `overlay` gets `node` as its backing file and takes

@@ -199,6 +199,19 @@ impl Graph {
     ///
     /// # Errors
     /// The file failing to open.
+    /// The format of the image file at `path`, by its first bytes (raw when no format
+    /// claims it).
+    ///
+    /// # Errors
+    /// The file failing to open.
+    pub async fn probe_image(&self, path: &str) -> Result<&'static str> {
+        let file_opts = QDict::new()
+            .with("driver", "file")
+            .with("filename", path)
+            .with("read-only", true);
+        self.probe_format(&file_opts).await
+    }
+
     pub(crate) async fn probe_format(&self, file_opts: &QDict) -> Result<&'static str> {
         let f = self.open(&Args::new(file_opts.clone())).await?;
         let head = match BlockBackend::new(
@@ -227,6 +240,20 @@ impl Graph {
     /// section is dropped, and nothing is in flight when this returns.
     pub async fn drain(&self, node: &Rc<Node>) -> Drained {
         crate::drain::drain(node).await
+    }
+
+    /// Drains every node at once (QEMU: `bdrv_drain_all_begin`): nothing is in flight
+    /// anywhere and every job is paused until the sections are dropped.
+    pub async fn drain_all(&self) -> Vec<Drained> {
+        let nodes = self.nodes();
+        for n in &nodes {
+            n.drained_begin();
+        }
+        let held: Vec<Drained> = nodes.iter().map(|n| Drained::holding(n.clone())).collect();
+        for n in &nodes {
+            crate::drain::poll_until_quiet(n).await;
+        }
+        held
     }
 
     /// Marks `node` as used by a block job: other jobs and deletion refuse it until

@@ -42,6 +42,15 @@ impl Graph {
         Ok(())
     }
 
+    /// Asks `node`'s driver again what it needs of its children (its own state changed,
+    /// as a mirror filter's does when its job ends).
+    ///
+    /// # Errors
+    /// A permission conflict below.
+    pub fn refresh_perms(&self, node: &Rc<Node>) -> Result<()> {
+        self.propagate(node)
+    }
+
     /// Checks the users of `node` after edges moved to it.
     pub(crate) fn check_node(&self, node: &Rc<Node>) -> Result<()> {
         check_conflicts(node).and_then(|()| self.propagate(node))
@@ -59,14 +68,9 @@ fn check_conflicts(node: &Node) -> Result<()> {
             }
             let denied = b.perm() - a.shared();
             if !denied.is_empty() {
-                let names: Vec<&str> = Perm::NAMED
-                    .iter()
-                    .filter(|(p, _)| denied.contains(*p))
-                    .map(|(_, n)| *n)
-                    .collect();
                 return Err(Error::PermissionConflict {
                     node: node.name.clone(),
-                    perms: names.join(", "),
+                    perms: denied.message_names(),
                     user: b.user_desc(),
                     other: a.user_desc(),
                 });

@@ -1,0 +1,160 @@
+//! What a mirror job and its `mirror_top` filter share: the dirty bitmap of what the target
+//! still lacks, the chunks a copy or an active write is working on, the copy mode, and the
+//! failures the filter meets for the job to act on.
+
+use crate::job::Job;
+use crate::types::MirrorCopyMode;
+use ferrite_block::BlockBackend;
+use ferrite_block::bitmap::DirtyBitmap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, VecDeque};
+use std::io;
+use std::rc::{Rc, Weak};
+use tokio::sync::Notify;
+
+/// A request of the mirror that failed: its side and error, for the job's error policy.
+pub(crate) struct OpError {
+    /// Reading the source failed (else writing the target).
+    pub(crate) read: bool,
+    pub(crate) error: io::Error,
+}
+
+/// The chunks (granules of the dirty bitmap) that a copy or an active write holds: a
+/// second request on a held chunk waits, so that data reaches the target in the order it
+/// was read (QEMU's `in_flight_bitmap` with its waiting queues).
+#[derive(Default)]
+pub(crate) struct ChunkLocks {
+    held: RefCell<BTreeSet<u64>>,
+    released: Notify,
+}
+
+impl ChunkLocks {
+    /// Whether none of chunks `first..end` is held.
+    pub(crate) fn is_free(&self, first: u64, end: u64) -> bool {
+        self.held.borrow().range(first..end).next().is_none()
+    }
+
+    /// Whether chunk `c` is held.
+    pub(crate) fn is_held(&self, c: u64) -> bool {
+        self.held.borrow().contains(&c)
+    }
+
+    /// Waits until none of chunks `first..end` is held.
+    pub(crate) async fn wait_free(&self, first: u64, end: u64) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.is_free(first, end) {
+                return;
+            }
+            released.await;
+        }
+    }
+
+    /// Holds chunks `first..end`.
+    pub(crate) fn hold(&self, first: u64, end: u64) {
+        self.held.borrow_mut().extend(first..end);
+    }
+
+    /// Lets go of chunks `first..end`; whoever waits looks again.
+    pub(crate) fn release(&self, first: u64, end: u64) {
+        {
+            let mut held = self.held.borrow_mut();
+            for c in first..end {
+                held.remove(&c);
+            }
+        }
+        self.released.notify_waiters();
+    }
+}
+
+/// The state a mirror job shares with its filter.
+pub(crate) struct Shared {
+    /// What the target lacks: set by writes through the filter, cleared as the job copies.
+    /// Disabled (nothing marks it implicitly); it shows on the filter node, as in QEMU.
+    pub(crate) bitmap: Rc<DirtyBitmap>,
+    pub(crate) granularity: u64,
+    pub(crate) locks: ChunkLocks,
+    pub(crate) copy_mode: Cell<MirrorCopyMode>,
+    /// Write-blocking and converged: every write is on both sides when it completes.
+    pub(crate) actively_synced: Cell<bool>,
+    /// The job, once it copies; the filter only marks the bitmap before.
+    pub(crate) job: RefCell<Weak<Job>>,
+    /// The job's way to the target (released at the end, before the graph changes).
+    pub(crate) target: RefCell<Option<Rc<BlockBackend>>>,
+    /// The job is ending: the filter asks nothing of the source any more.
+    pub(crate) stop: Cell<bool>,
+    /// An active commit: the target is the source's backing file.
+    pub(crate) is_commit: bool,
+    /// The job failed (QEMU's `s->ret < 0`): active writes stop copying.
+    pub(crate) failed: Cell<bool>,
+    /// Failures waiting for the job's error policy.
+    pub(crate) errors: RefCell<VecDeque<OpError>>,
+    /// Raised when the bitmap gains dirty chunks or a failure is queued (wakes a job that
+    /// sleeps in `ready`).
+    pub(crate) dirtied: Notify,
+    /// Active writes in flight, and their bytes (QEMU: `in_active_write_counter`,
+    /// `active_write_bytes_in_flight`).
+    pub(crate) active_writes: Cell<u32>,
+    pub(crate) active_bytes: Cell<u64>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        bitmap: Rc<DirtyBitmap>,
+        copy_mode: MirrorCopyMode,
+        is_commit: bool,
+    ) -> Rc<Shared> {
+        Rc::new(Shared {
+            granularity: bitmap.granularity(),
+            bitmap,
+            locks: ChunkLocks::default(),
+            copy_mode: Cell::new(copy_mode),
+            actively_synced: Cell::new(false),
+            job: RefCell::new(Weak::new()),
+            target: RefCell::new(None),
+            stop: Cell::new(false),
+            is_commit,
+            failed: Cell::new(false),
+            errors: RefCell::new(VecDeque::new()),
+            dirtied: Notify::new(),
+            active_writes: Cell::new(0),
+            active_bytes: Cell::new(0),
+        })
+    }
+
+    /// The chunks `offset..offset + len` touches.
+    pub(crate) fn chunks(&self, offset: u64, len: u64) -> (u64, u64) {
+        (
+            offset / self.granularity,
+            (offset + len).div_ceil(self.granularity),
+        )
+    }
+
+    /// Marks a range the target lacks; a sleeping job wakes.
+    pub(crate) fn mark_dirty(&self, offset: u64, len: u64) {
+        self.bitmap.set_range(offset, len);
+        self.dirtied.notify_waiters();
+    }
+
+    /// A request failed: the job applies its policy at its next turn.
+    pub(crate) fn report(&self, read: bool, error: io::Error) {
+        self.errors.borrow_mut().push_back(OpError { read, error });
+        self.dirtied.notify_waiters();
+    }
+
+    /// The job, if it is running.
+    pub(crate) fn job(&self) -> Option<Rc<Job>> {
+        self.job.borrow().upgrade()
+    }
+
+    /// Whether a write through the filter must also reach the target before it completes
+    /// (QEMU: `should_copy_to_target`).
+    pub(crate) fn copies_writes(&self) -> bool {
+        self.copy_mode.get() == MirrorCopyMode::WriteBlocking
+            && !self.failed.get()
+            && !self.stop.get()
+            && self.job().is_some_and(|j| !j.is_cancelled())
+    }
+}
