@@ -2,54 +2,13 @@
 NBD (sync full, top and none with a fleecing export), block job verbs and events as
 qemu-storage-daemon gives them, rate limiting, and quit cancelling running jobs."""
 import json
-import os
-import shutil
 import subprocess
 import time
 
 import pytest
 
+from blockjobs import add, export, qcow2, qemu_io, run, small_fs, wait_job_gone
 from conftest import wait_for
-
-
-def run(*cmd, check=True):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=check,
-                          timeout=300)
-
-
-def qcow2(path, size="8M", *extra):
-    run("qemu-img", "create", "-q", "-f", "qcow2", *extra, path, size)
-
-
-def add(q, name, path, **extra):
-    r = q.cmd("blockdev-add", dict({"driver": "qcow2", "node-name": name,
-                                    "file": {"driver": "file", "filename": str(path)}}, **extra))
-    assert r == {"return": {}}, r
-
-
-def export(q, d, node, name, writable):
-    sock = str(d.workdir / "nbd.sock")
-    if not os.path.exists(sock):
-        assert q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) \
-            == {"return": {}}
-    r = q.cmd("block-export-add", {"type": "nbd", "id": name, "node-name": node,
-                                   "name": name, "writable": writable})
-    assert r == {"return": {}}, r
-    return f"nbd+unix:///{name}?socket={sock}"
-
-
-def qemu_io(uri, *ops, read_only=False):
-    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
-    for op in ops:
-        args += ["-c", op]
-    r = run(*args, uri)
-    assert "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
-    return r.stdout
-
-
-def wait_job_gone(q, job):
-    wait_for(lambda: all(j["device"] != job for j in q.cmd("query-block-jobs")["return"]),
-             timeout=60, what=f"job {job} to end")
 
 
 WRITES = [f"write -P {0x40 + i} {i * 700 * 1024} 300k" for i in range(10)]
@@ -319,15 +278,6 @@ def test_bitmap_outcomes_match_qemu(both):
     theirs, ours = seen
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a == b, i
-
-
-def small_fs(path, size):
-    """A tmpfs of `size` at `path`, or a skip when this machine cannot mount one."""
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs for ENOSPC ({r.stderr.strip()})")
 
 
 @pytest.mark.parametrize("policy", ["report", "stop", "enospc", "ignore"])

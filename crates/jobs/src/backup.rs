@@ -518,6 +518,15 @@ pub(crate) async fn create_target(
     backing: Option<&Node>,
 ) -> Result<()> {
     use ferrite_qobject::QDict;
+    // QEMU's `bdrv_img_create` checks the format before it touches a file. A raw image is
+    // just a file of the right size; other formats need their driver's create step.
+    match graph.registry().get(format) {
+        None => return Err(Error::UnknownFileFormat(format.to_owned())),
+        Some(f) if !f.can_create() && format != "raw" => {
+            return Err(Error::CannotCreateFormat(format.to_owned()));
+        }
+        Some(_) => {}
+    }
     let file_opts = QDict::new()
         .with("driver", "file")
         .with("filename", file)

@@ -143,6 +143,12 @@ pub enum Error {
     /// `block-job-change` to a copy mode that cannot be switched to.
     #[error("Change to copy mode '{0}' is not implemented")]
     CopyModeChange(&'static str),
+    /// A new image of a format ferrite does not know.
+    #[error("Unknown file format '{0}'")]
+    UnknownFileFormat(String),
+    /// A new image of a format that cannot be created.
+    #[error("Format driver '{0}' does not support image creation")]
+    CannotCreateFormat(String),
     /// drive-mirror `replaces` without `node-name`.
     #[error("a node-name must be provided when replacing a named node of the graph")]
     ReplacesWithoutNodeName,

@@ -393,6 +393,30 @@ impl Job {
         error: &std::io::Error,
         policy: ErrorPolicy,
     ) -> Result<(), String> {
+        match self.error_action(read, error, policy) {
+            BlockErrorAction::Report => Err(ferrite_qapi::os_msg(error)),
+            BlockErrorAction::Stop => {
+                self.pause_point().await;
+                Ok(())
+            }
+            BlockErrorAction::Ignore => {
+                // Retrying at once would spin on a lasting error.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// A request failed where the job's work cannot wait (one of several in flight):
+    /// `BLOCK_JOB_ERROR`, and for `stop` the job pauses at its next pause point, stopped
+    /// once however many requests fail (QEMU: `block_job_error_action`). The caller acts
+    /// on `report` and `ignore`.
+    pub fn error_action(
+        &self,
+        read: bool,
+        error: &std::io::Error,
+        policy: ErrorPolicy,
+    ) -> BlockErrorAction {
         use ferrite_block::OnError;
         let nospace = error.raw_os_error() == Some(libc::ENOSPC);
         let action = match policy {
@@ -402,8 +426,10 @@ impl Job {
             _ => BlockErrorAction::Report,
         };
         if action == BlockErrorAction::Stop {
-            self.user_paused.set(true);
-            self.pause_count.set(self.pause_count.get() + 1);
+            if !self.user_paused.get() {
+                self.user_paused.set(true);
+                self.pause_count.set(self.pause_count.get() + 1);
+            }
             self.io_status.set(if nospace {
                 IoStatus::NoSpace
             } else {
@@ -421,18 +447,7 @@ impl Job {
                 action,
             });
         }
-        match action {
-            BlockErrorAction::Report => Err(ferrite_qapi::os_msg(error)),
-            BlockErrorAction::Stop => {
-                self.pause_point().await;
-                Ok(())
-            }
-            BlockErrorAction::Ignore => {
-                // Retrying at once would spin on a lasting error.
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                Ok(())
-            }
-        }
+        action
     }
 
     /// Sleeps until cancelled (a job with nothing to do in the background), yielding to

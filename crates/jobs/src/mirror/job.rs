@@ -4,7 +4,7 @@
 //! the source's users to the target (`job-complete`) or leave the graph as it was.
 
 use super::state::Shared;
-use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, PhaseFuture};
+use crate::job::{Job, JobDriver, JobFuture, PhaseFuture};
 use crate::types::{JobType, MirrorCopyMode};
 use crate::{Error, Result};
 use ferrite_block::{Child, Drained, Graph, Node, ReqFlags};
@@ -91,8 +91,6 @@ pub(crate) struct MirrorJob {
     pub(crate) buf_size: u64,
     pub(crate) backing_mode: BackingMode,
     pub(crate) replaces: Option<String>,
-    pub(crate) on_source_error: ErrorPolicy,
-    pub(crate) on_target_error: ErrorPolicy,
     /// The target was opened for this job (drive-mirror): it goes if the job does not
     /// switch to it.
     pub(crate) drop_target: bool,
@@ -140,8 +138,6 @@ impl MirrorJob {
             buf_size: DEFAULT_BUF_SIZE,
             backing_mode: BackingMode::Leave,
             replaces: None,
-            on_source_error: ErrorPolicy::Report,
-            on_target_error: ErrorPolicy::Report,
             drop_target: false,
             base_ro: false,
             should_complete: Cell::new(false),
@@ -203,7 +199,7 @@ impl MirrorJob {
                 }
                 Err((read, e)) => {
                     me.shared.mark_dirty(offset, bytes);
-                    me.shared.report(read, e);
+                    me.shared.request_failed(read, &e);
                 }
             }
             me.in_flight.set(me.in_flight.get() - 1);
@@ -404,7 +400,7 @@ impl MirrorJob {
             while self.in_flight.get() >= MAX_IN_FLIGHT {
                 self.wait_for_op().await;
             }
-            if shared.failed.get() {
+            if shared.has_failed() {
                 break;
             }
             let io = io.min(len - offset);
@@ -438,7 +434,7 @@ impl MirrorJob {
             Ok(t) => match t.flush().await {
                 Ok(()) => true,
                 Err(e) => {
-                    self.shared.report(false, e);
+                    self.shared.request_failed(false, &e);
                     false
                 }
             },
@@ -446,21 +442,11 @@ impl MirrorJob {
         }
     }
 
-    /// Applies the error policy to every failure queued since the last look.
-    async fn handle_errors(&self, job: &Job) -> Result<(), String> {
-        loop {
-            let Some(e) = self.shared.errors.borrow_mut().pop_front() else {
-                return Ok(());
-            };
-            let policy = if e.read {
-                self.on_source_error
-            } else {
-                self.on_target_error
-            };
-            if let Err(text) = job.io_error(e.read, &e.error, policy).await {
-                self.shared.failed.set(true);
-                return Err(text);
-            }
+    /// The reported failure, if a request's error ended the job.
+    fn failure(&self) -> Result<(), String> {
+        match self.shared.failure.borrow().as_ref() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
         }
     }
 
@@ -468,6 +454,7 @@ impl MirrorJob {
         if job.is_cancelled() {
             return Ok(());
         }
+        *self.shared.job.borrow_mut() = Rc::downgrade(job);
         let len = self.source.len();
         self.len.set(len);
         let target = self
@@ -500,9 +487,9 @@ impl MirrorJob {
             }
         }
         // From now on active writes go to the target too.
-        *self.shared.job.borrow_mut() = Rc::downgrade(job);
+        self.shared.copying.set(true);
         loop {
-            self.handle_errors(job).await?;
+            self.failure()?;
             if job.pause_requested() {
                 self.wait_all_io().await;
             }
@@ -700,8 +687,10 @@ impl JobDriver for MirrorJob {
     fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture {
         Box::pin(async move {
             let r = self.work(&job).await;
-            if r.is_err() {
-                self.shared.failed.set(true);
+            if let Err(e) = &r
+                && self.shared.failure.borrow().is_none()
+            {
+                *self.shared.failure.borrow_mut() = Some(e.clone());
             }
             self.settle().await;
             r

@@ -145,8 +145,8 @@ pub(crate) async fn start_job(
     driver.buf_size = buf_size.next_multiple_of(granularity);
     driver.backing_mode = s.backing_mode;
     driver.replaces = s.replaces.clone();
-    driver.on_source_error = s.on_source_error;
-    driver.on_target_error = s.on_target_error;
+    shared.on_source_error.set(s.on_source_error);
+    shared.on_target_error.set(s.on_target_error);
     driver.drop_target = s.drop_target;
     driver.base_ro = s.base_ro;
     let driver = Rc::new(driver);

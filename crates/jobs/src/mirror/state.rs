@@ -1,23 +1,16 @@
 //! What a mirror job and its `mirror_top` filter share: the dirty bitmap of what the target
 //! still lacks, the chunks a copy or an active write is working on, the copy mode, and the
-//! failures the filter meets for the job to act on.
+//! error policies every failing request applies.
 
-use crate::job::Job;
-use crate::types::MirrorCopyMode;
+use crate::job::{ErrorPolicy, Job};
+use crate::types::{BlockErrorAction, MirrorCopyMode};
 use ferrite_block::BlockBackend;
 use ferrite_block::bitmap::DirtyBitmap;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::io;
 use std::rc::{Rc, Weak};
 use tokio::sync::Notify;
-
-/// A request of the mirror that failed: its side and error, for the job's error policy.
-pub(crate) struct OpError {
-    /// Reading the source failed (else writing the target).
-    pub(crate) read: bool,
-    pub(crate) error: io::Error,
-}
 
 /// The chunks (granules of the dirty bitmap) that a copy or an active write holds: a
 /// second request on a held chunk waits, so that data reaches the target in the order it
@@ -79,19 +72,23 @@ pub(crate) struct Shared {
     pub(crate) copy_mode: Cell<MirrorCopyMode>,
     /// Write-blocking and converged: every write is on both sides when it completes.
     pub(crate) actively_synced: Cell<bool>,
-    /// The job, once it copies; the filter only marks the bitmap before.
+    /// The job (for its error policy and progress).
     pub(crate) job: RefCell<Weak<Job>>,
+    /// The job has marked what the target lacks and copies: from now on, in write-blocking
+    /// mode, writes go to the target too (QEMU sets `bs_opaque->job` here).
+    pub(crate) copying: Cell<bool>,
+    pub(crate) on_source_error: Cell<ErrorPolicy>,
+    pub(crate) on_target_error: Cell<ErrorPolicy>,
     /// The job's way to the target (released at the end, before the graph changes).
     pub(crate) target: RefCell<Option<Rc<BlockBackend>>>,
     /// The job is ending: the filter asks nothing of the source any more.
     pub(crate) stop: Cell<bool>,
     /// An active commit: the target is the source's backing file.
     pub(crate) is_commit: bool,
-    /// The job failed (QEMU's `s->ret < 0`): active writes stop copying.
-    pub(crate) failed: Cell<bool>,
-    /// Failures waiting for the job's error policy.
-    pub(crate) errors: RefCell<VecDeque<OpError>>,
-    /// Raised when the bitmap gains dirty chunks or a failure is queued (wakes a job that
+    /// Why the job failed, once a request's failure was to be reported (QEMU's
+    /// `s->ret < 0`): active writes stop copying, the job ends.
+    pub(crate) failure: RefCell<Option<String>>,
+    /// Raised when the bitmap gains dirty chunks or a request fails (wakes a job that
     /// sleeps in `ready`).
     pub(crate) dirtied: Notify,
     /// Active writes in flight, and their bytes (QEMU: `in_active_write_counter`,
@@ -113,11 +110,13 @@ impl Shared {
             copy_mode: Cell::new(copy_mode),
             actively_synced: Cell::new(false),
             job: RefCell::new(Weak::new()),
+            copying: Cell::new(false),
+            on_source_error: Cell::new(ErrorPolicy::Report),
+            on_target_error: Cell::new(ErrorPolicy::Report),
             target: RefCell::new(None),
             stop: Cell::new(false),
             is_commit,
-            failed: Cell::new(false),
-            errors: RefCell::new(VecDeque::new()),
+            failure: RefCell::new(None),
             dirtied: Notify::new(),
             active_writes: Cell::new(0),
             active_bytes: Cell::new(0),
@@ -138,10 +137,28 @@ impl Shared {
         self.dirtied.notify_waiters();
     }
 
-    /// A request failed: the job applies its policy at its next turn.
-    pub(crate) fn report(&self, read: bool, error: io::Error) {
-        self.errors.borrow_mut().push_back(OpError { read, error });
+    /// A request failed (what it was to do is marked dirty again): `BLOCK_JOB_ERROR` and
+    /// the side's policy at once, as QEMU's requests apply it; `stop` pauses the job once
+    /// however many requests fail, `report` fails it.
+    pub(crate) fn request_failed(&self, read: bool, error: &io::Error) {
+        let policy = if read {
+            self.on_source_error.get()
+        } else {
+            self.on_target_error.get()
+        };
+        let action = match self.job() {
+            Some(job) => job.error_action(read, error, policy),
+            None => BlockErrorAction::Report,
+        };
+        if action == BlockErrorAction::Report && self.failure.borrow().is_none() {
+            *self.failure.borrow_mut() = Some(ferrite_qapi::os_msg(error));
+        }
         self.dirtied.notify_waiters();
+    }
+
+    /// Whether a request's failure was to be reported: the job fails.
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failure.borrow().is_some()
     }
 
     /// The job, if it is running.
@@ -153,7 +170,8 @@ impl Shared {
     /// (QEMU: `should_copy_to_target`).
     pub(crate) fn copies_writes(&self) -> bool {
         self.copy_mode.get() == MirrorCopyMode::WriteBlocking
-            && !self.failed.get()
+            && self.copying.get()
+            && !self.has_failed()
             && !self.stop.get()
             && self.job().is_some_and(|j| !j.is_cancelled())
     }

@@ -150,7 +150,7 @@ impl MirrorTop {
                 let from = at / g * g;
                 shared.mark_dirty(from, (at + n).next_multiple_of(g) - from);
                 shared.actively_synced.set(false);
-                shared.report(false, e);
+                shared.request_failed(false, &e);
             }
         }
     }
