@@ -28,6 +28,7 @@ mod request;
 pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod units;
 
 pub use backend::{BackendOwner, BlockBackend, IoStatus, Medium, OnError};
 pub use child::{Child, Parent, ParentRef, RootParent, Vertex, VertexKind};

@@ -299,9 +299,13 @@ impl Node {
             .collect()
     }
 
-    /// Whether a root user (an export, a job, a command) uses the node.
-    pub fn has_root_user(&self) -> bool {
-        self.users().iter().any(|u| u.is_root())
+    /// Whether a `BlockBackend` (an export, a device, a job's writer) uses the node (QEMU:
+    /// `bdrv_has_blk`); jobs' own edges do not count.
+    pub fn has_backend_user(&self) -> bool {
+        self.users().iter().any(|u| {
+            u.root_parent()
+                .is_some_and(|r| r.vertex().kind == crate::child::VertexKind::BlockBackend)
+        })
     }
 
     /// Whether drivers can zero ranges fast.

@@ -9,6 +9,7 @@ use crate::driver::{BoxFut, Extent, ReqFlags};
 use crate::node::{DetectZeroes, Node};
 use crate::perm::Perm;
 use std::io;
+use std::rc::Rc;
 
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
@@ -219,6 +220,48 @@ impl Node {
         self.check_status_range(offset, len)?;
         let _f = InFlight::begin(self);
         self.driver.block_status(self, offset, len).await
+    }
+
+    /// Whether `offset..offset + len` is allocated in this node or a node of its chain
+    /// (filters and backing files) above `base`, or in `base` itself with `include_base`,
+    /// and for how many bytes that holds (QEMU: `bdrv_is_allocated_above`).
+    ///
+    /// # Errors
+    /// A block-status query failing.
+    pub fn is_allocated_above<'a>(
+        self: &'a Rc<Self>,
+        base: Option<&'a Rc<Node>>,
+        include_base: bool,
+        offset: u64,
+        len: u64,
+    ) -> BoxFut<'a, (bool, u64)> {
+        Box::pin(async move {
+            let mut n = len;
+            let mut node = self.clone();
+            loop {
+                let at_base = base.is_some_and(|b| Rc::ptr_eq(b, &node));
+                if at_base && !include_base {
+                    return Ok((false, n));
+                }
+                if offset >= node.len() {
+                    return Ok((false, n));
+                }
+                let e = node
+                    .block_status(offset, n.min(node.len() - offset))
+                    .await?;
+                if e.allocated {
+                    return Ok((true, e.len));
+                }
+                n = e.len.min(n).max(1);
+                if at_base {
+                    return Ok((false, n));
+                }
+                match node.filtered().or_else(|| node.child("backing")) {
+                    Some(below) => node = below,
+                    None => return Ok((false, n)),
+                }
+            }
+        })
     }
 
     /// A block-status range: inside the node and not empty.

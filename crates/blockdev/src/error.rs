@@ -42,6 +42,55 @@ pub enum Error {
     /// `change-backing-file` on a node that has parents.
     #[error("Need a root block node")]
     NeedRootNode,
+    /// `block-stream` with two ways to name its base (QEMU's text names both).
+    #[error("'{0}' and '{1}' cannot be specified at the same time")]
+    Exclusive(&'static str, &'static str),
+    /// A backing file name found nowhere in the chain.
+    #[error("Can't find '{0}' in the backing chain")]
+    NotInChain(String),
+    /// `base-node` that is not below `device`.
+    #[error("Node '{node}' is not a backing image of '{device}'")]
+    NotABackingImage {
+        /// The base node.
+        node: String,
+        /// The device.
+        device: String,
+    },
+    /// A filter as `bottom`.
+    #[error("Node '{0}' is a filter, use a non-filter node as 'bottom'")]
+    BottomIsFilter(String),
+    /// `bottom` outside the device's chain.
+    #[error("Node '{bottom}' is not in a chain starting from '{device}'")]
+    BottomNotInChain {
+        /// The bottom node.
+        bottom: String,
+        /// The device.
+        device: String,
+    },
+    /// `backing-file` when streaming everything.
+    #[error("backing file specified, but streaming the entire chain")]
+    BackingFileWithoutBase,
+    /// `block-commit` of an unknown device (class `DeviceNotFound`, which libvirt probes).
+    #[error("Device '{0}' not found")]
+    CommitDeviceNotFound(String),
+    /// A node-name and a file name for the same end of a commit.
+    #[error("'{0}-node' and '{0}' are mutually exclusive")]
+    NodeAndFile(&'static str),
+    /// A commit end outside the device's chain.
+    #[error("'{0}' is not in this backing file chain")]
+    NotInThisChain(String),
+    /// A commit top given by a file name that nothing in the chain has.
+    #[error("Top image file {0} not found")]
+    TopNotFound(String),
+    /// A commit with nothing below its top.
+    #[error("There is no backimg image")]
+    NoBackingImage,
+    /// A commit of a node into itself.
+    #[error("cannot commit an image into itself")]
+    CommitIntoItself,
+    /// `backing-file` for an active commit.
+    #[error("'backing-file' specified, but 'top' {0}")]
+    BackingFileForActive(&'static str),
     /// `change-backing-file` on an image without a backing file.
     #[error("not allowing backing file change on an image without a backing file")]
     NoBackingFile,
@@ -163,6 +212,9 @@ impl From<Error> for ferrite_qapi::Error {
             Error::Qapi(q) => q,
             Error::Block(b) => b.into(),
             Error::Job(j) => j.into(),
+            Error::CommitDeviceNotFound(_) => {
+                ferrite_qapi::Error::new(ErrorClass::DeviceNotFound, e.to_string())
+            }
             other => ferrite_qapi::Error::new(ErrorClass::GenericError, other.to_string()),
         }
     }

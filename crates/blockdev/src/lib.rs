@@ -8,7 +8,7 @@
 pub mod bitmap_cmds;
 mod error;
 mod info;
-pub mod mirror_cmds;
+pub mod job_cmds;
 pub mod qmp_cmds;
 pub mod snapshot_cmds;
 pub mod transaction;

@@ -42,7 +42,7 @@ fn supports_backing(graph: &Graph, format: &str) -> bool {
 
 /// The checks on an overlay before it goes on top.
 fn check_overlay(graph: &Graph, overlay: &Node) -> Result<()> {
-    if overlay.has_root_user() {
+    if overlay.has_backend_user() {
         return Err(Error::OverlayInUse);
     }
     graph.check_unblocked(overlay)?;

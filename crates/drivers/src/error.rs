@@ -15,6 +15,12 @@ pub(crate) enum Error {
         /// Why.
         error: io::Error,
     },
+    /// A copy-on-read `bottom` that names no node.
+    #[error("Bottom node '{0}' not found")]
+    BottomNotFound(String),
+    /// A copy-on-read `bottom` that is a filter.
+    #[error("Bottom node '{0}' is a filter")]
+    BottomIsFilter(String),
     /// `aio=native` needs O_DIRECT.
     #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
     NativeAioWithoutDirect,

@@ -1,12 +1,14 @@
 //! Block drivers that are not image formats of their own: `file` (protocol: a regular file
 //! or block device through the I/O backend), `raw` (format: its child's bytes, or a window
-//! of them), `null-co`/`null-aio`, and the `copy-before-write` filter with its
-//! `snapshot-access` view. Each registers a factory with the core's registry.
+//! of them), `null-co`/`null-aio`, the `copy-before-write` filter with its
+//! `snapshot-access` view, and the `copy-on-read` filter. Each registers a factory with the
+//! core's registry.
 //!
 //! QEMU counterparts: `block/file-posix.c`, `block/raw-format.c`, `block/null.c`,
-//! `block/copy-before-write.c`, `block/snapshot-access.c`.
+//! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
 
 pub mod cbw;
+mod cor;
 mod error;
 mod file;
 mod lock;
@@ -25,4 +27,5 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(null::NullFactory { aio: true }));
     registry.register(Rc::new(cbw::CbwFactory::new()));
     registry.register(Rc::new(snapshot_access::SnapshotAccessFactory));
+    registry.register(Rc::new(cor::CorFactory));
 }

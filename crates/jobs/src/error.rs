@@ -149,6 +149,17 @@ pub enum Error {
     /// A new image of a format that cannot be created.
     #[error("Format driver '{0}' does not support image creation")]
     CannotCreateFormat(String),
+    /// A commit whose top and base are one node (through filters).
+    #[error("Invalid files for merge: top and base are the same")]
+    SameTopAndBase,
+    /// A stream base that is not below the node.
+    #[error("'{base}' is not in the backing chain of '{top}'")]
+    NotInBackingChain {
+        /// The base.
+        base: String,
+        /// The node streamed into.
+        top: String,
+    },
     /// drive-mirror `replaces` without `node-name`.
     #[error("a node-name must be provided when replacing a named node of the graph")]
     ReplacesWithoutNodeName,

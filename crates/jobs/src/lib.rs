@@ -7,6 +7,7 @@
 
 mod amend;
 pub mod backup;
+pub mod commit;
 mod completion;
 mod create;
 mod error;
@@ -17,6 +18,7 @@ pub mod mirror;
 pub mod qmp_cmds;
 mod single_step;
 mod state;
+pub mod stream;
 mod types;
 
 pub use amend::qmp_x_blockdev_amend;

@@ -188,12 +188,17 @@ impl Daemon {
                 &args,
             )),
             "blockdev-mirror" => done(
-                ferrite_blockdev::mirror_cmds::qmp_blockdev_mirror(&self.jobs, &self.graph, &args)
+                ferrite_blockdev::job_cmds::qmp_blockdev_mirror(&self.jobs, &self.graph, &args)
                     .await,
             ),
             "drive-mirror" => done(
-                ferrite_blockdev::mirror_cmds::qmp_drive_mirror(&self.jobs, &self.graph, &args)
-                    .await,
+                ferrite_blockdev::job_cmds::qmp_drive_mirror(&self.jobs, &self.graph, &args).await,
+            ),
+            "block-commit" => done(
+                ferrite_blockdev::job_cmds::qmp_block_commit(&self.jobs, &self.graph, &args).await,
+            ),
+            "block-stream" => done(
+                ferrite_blockdev::job_cmds::qmp_block_stream(&self.jobs, &self.graph, &args).await,
             ),
             "blockdev-backup" => {
                 done(transaction::qmp_blockdev_backup(&self.jobs, &self.graph, &args).await)

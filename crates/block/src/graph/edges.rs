@@ -189,6 +189,35 @@ impl Graph {
         self.attach_child(node, backing, "backing").map(drop)
     }
 
+    /// Makes `backing` (or nothing) `node`'s backing child in place of the one it has
+    /// (QEMU: `bdrv_set_backing_hd`), under drain. The old backing node stays open while
+    /// others use it; the caller records the change in the image.
+    ///
+    /// # Errors
+    /// A permission conflict; the old backing child is back then.
+    pub async fn set_backing(&self, node: &Rc<Node>, backing: Option<&Rc<Node>>) -> Result<()> {
+        let _drained = self.drain(node).await;
+        let old = node.edge("backing");
+        let old_node = old.as_ref().map(|e| e.node());
+        if let Some(e) = &old {
+            self.detach_edge(e);
+        }
+        if let Some(b) = backing
+            && let Err(err) = self.attach_child(node, b, "backing")
+        {
+            if let Some(o) = &old_node {
+                let _ = self.attach_child(node, o, "backing");
+            }
+            return Err(err);
+        }
+        // The image will name what it is backed by now.
+        node.remove_option("backing");
+        if let Some(o) = &old_node {
+            self.forget_if_orphan(o);
+        }
+        Ok(())
+    }
+
     /// Opens the backing file `node`'s image names and attaches it, if it has none yet
     /// (QEMU: `bdrv_open_backing_file`, for an image first opened without one).
     ///

@@ -53,7 +53,7 @@ impl Graph {
         }
     }
 
-    fn is_monitor_owned(&self, node: &Node) -> bool {
+    pub(crate) fn is_monitor_owned(&self, node: &Node) -> bool {
         self.monitor_owned.borrow().contains(&node.name)
     }
 
@@ -76,16 +76,17 @@ impl Graph {
             .find(name)
             .ok_or_else(|| Error::NoSuchNode(name.to_owned()))?;
         // QEMU's order: used by a device or export, blocked, not the monitor's, used.
-        if node.has_root_user() {
+        if node.has_backend_user() {
             return Err(Error::InUseByRoot(name.to_owned()));
         }
+        // The newest blocker speaks first: a job's, then the one of the node's overlay.
+        self.check_unblocked(&node)?;
         if let Some(p) = self.backing_parent(&node) {
             return Err(Error::Busy {
                 node: name.to_owned(),
                 reason: format!("node is used as backing hd of '{}'", p.name),
             });
         }
-        self.check_unblocked(&node)?;
         if !self.is_monitor_owned(&node) {
             return Err(Error::NotMonitorOwned(name.to_owned()));
         }

@@ -275,9 +275,15 @@ impl Graph {
     /// QEMU's "Node 'x' is busy: ..." when a block job uses `node`.
     ///
     /// # Errors
-    /// The first reason `node` is blocked.
+    /// The newest reason `node` is blocked (QEMU reports the last blocker added).
     pub fn check_unblocked(&self, node: &Node) -> Result<()> {
-        match self.blockers.borrow().iter().find(|(n, _)| *n == node.name) {
+        match self
+            .blockers
+            .borrow()
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == node.name)
+        {
             Some((n, reason)) => Err(Error::Busy {
                 node: n.clone(),
                 reason: reason.clone(),

@@ -84,7 +84,11 @@ impl Graph {
     /// # Errors
     /// The storage refusing the mode.
     pub fn set_read_only(&self, node: &Rc<Node>, read_only: bool) -> Result<()> {
-        let file = node.child("file").filter(|f| f.users().len() == 1);
+        // Only a file opened with the node (inline) follows it; one the user added keeps
+        // its own mode, as in QEMU, where only inherited options change with the parent.
+        let file = node
+            .child("file")
+            .filter(|f| f.users().len() == 1 && !self.is_monitor_owned(f));
         // Going read-only, the node drops its write permission before its file reopens;
         // going read-write, the file reopens for writing first.
         let order: Vec<&Rc<Node>> = if read_only {

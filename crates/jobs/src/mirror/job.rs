@@ -254,30 +254,6 @@ impl MirrorJob {
         self.target.discard_unmap() && !self.target.is_read_only()
     }
 
-    /// Whether `offset..offset + bytes` of the source is allocated in a layer above the
-    /// base, and for how long that holds.
-    async fn allocated_above(&self, offset: u64, bytes: u64) -> io::Result<(bool, u64)> {
-        let mut n = bytes;
-        let mut node = self.source.clone();
-        loop {
-            if self.base.as_ref().is_some_and(|b| Rc::ptr_eq(b, &node)) {
-                return Ok((false, n));
-            }
-            let e = node.block_status(offset, n).await?;
-            if e.allocated {
-                return Ok((true, e.len));
-            }
-            n = e.len.min(n).max(1);
-            match node.child("backing") {
-                Some(b) if offset < b.len() => {
-                    n = n.min(b.len() - offset);
-                    node = b;
-                }
-                _ => return Ok((false, n)),
-            }
-        }
-    }
-
     /// The job yields now and then even when it never waits (QEMU: `mirror_throttle`):
     /// once per slice.
     async fn throttle(&self, job: &Job) {
@@ -328,7 +304,8 @@ impl MirrorJob {
             }
             let bytes = (len - offset).min(SCAN_STEP / g * g);
             let (allocated, n) = self
-                .allocated_above(offset, bytes)
+                .source
+                .is_allocated_above(self.base.as_ref(), false, offset, bytes)
                 .await
                 .map_err(|e| ferrite_qapi::os_msg(&e))?;
             if allocated {
@@ -644,6 +621,11 @@ impl MirrorJob {
             let _ = self.graph.set_read_only(&self.target, true);
         }
         let switched = self.should_complete.get() && !abort && result.is_ok();
+        if switched {
+            // What the target replaced (and, for a commit, the layers above the base) goes
+            // unless the user added it.
+            self.graph.forget_if_orphan(&self.source);
+        }
         if self.drop_target && !switched {
             self.graph.close_inline(&self.target).await;
         } else if self.drop_target {

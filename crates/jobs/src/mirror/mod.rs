@@ -73,7 +73,7 @@ pub(crate) fn chain_contains(of: &Rc<Node>, node: &Rc<Node>) -> bool {
         if Rc::ptr_eq(&n, node) {
             return true;
         }
-        at = n.filtered().or_else(|| n.child("backing"));
+        at = below(&n);
     }
     false
 }
@@ -227,12 +227,50 @@ fn attach(
             Perm::empty(),
             Perm::WRITE_UNCHANGED | Perm::WRITE | Perm::CONSISTENT_READ,
         )
-        .and_then(|()| job.add_node(graph, &s.target, "target", Perm::empty(), Perm::all()));
+        .and_then(|()| job.add_node(graph, &s.target, "target", Perm::empty(), Perm::all()))
+        .and_then(|()| {
+            if target_is_backing {
+                hold_intermediates_from(graph, job, &s.source, &s.target)
+            } else {
+                Ok(())
+            }
+        });
     if let Err(e) = edges {
         blk.remove();
         return Err(e);
     }
     Ok(blk)
+}
+
+/// The nodes between the top and the base of a commit: they leave the chain, so the job
+/// holds them (sharing writes, which the base below needs; consistent reads only on the
+/// base's own filters).
+pub(crate) fn hold_intermediates_from(
+    graph: &Rc<Graph>,
+    job: &Rc<Job>,
+    top: &Rc<Node>,
+    base: &Rc<Node>,
+) -> Result<()> {
+    let unfiltered_base = base.skip_filters();
+    let mut shared = Perm::WRITE_UNCHANGED | Perm::WRITE;
+    let mut at = below(top);
+    while let Some(n) = at {
+        if Rc::ptr_eq(&n, base) {
+            break;
+        }
+        if Rc::ptr_eq(&n.skip_filters(), &unfiltered_base) {
+            shared |= Perm::CONSISTENT_READ;
+        }
+        job.add_node(graph, &n, "intermediate node", Perm::empty(), shared)?;
+        at = below(&n);
+    }
+    Ok(())
+}
+
+/// The next node down `node`'s chain: its filtered child or its backing file (QEMU:
+/// `bdrv_filter_or_cow_bs`).
+pub(crate) fn below(node: &Node) -> Option<Rc<Node>> {
+    node.filtered().or_else(|| node.child("backing"))
 }
 
 /// What `blockdev-mirror` and `drive-mirror` have in common (QEMU:

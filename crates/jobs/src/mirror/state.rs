@@ -6,61 +6,11 @@ use crate::job::{ErrorPolicy, Job};
 use crate::types::{BlockErrorAction, MirrorCopyMode};
 use ferrite_block::BlockBackend;
 use ferrite_block::bitmap::DirtyBitmap;
+use ferrite_block::units::UnitLocks;
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
 use std::io;
 use std::rc::{Rc, Weak};
 use tokio::sync::Notify;
-
-/// The chunks (granules of the dirty bitmap) that a copy or an active write holds: a
-/// second request on a held chunk waits, so that data reaches the target in the order it
-/// was read (QEMU's `in_flight_bitmap` with its waiting queues).
-#[derive(Default)]
-pub(crate) struct ChunkLocks {
-    held: RefCell<BTreeSet<u64>>,
-    released: Notify,
-}
-
-impl ChunkLocks {
-    /// Whether none of chunks `first..end` is held.
-    pub(crate) fn is_free(&self, first: u64, end: u64) -> bool {
-        self.held.borrow().range(first..end).next().is_none()
-    }
-
-    /// Whether chunk `c` is held.
-    pub(crate) fn is_held(&self, c: u64) -> bool {
-        self.held.borrow().contains(&c)
-    }
-
-    /// Waits until none of chunks `first..end` is held.
-    pub(crate) async fn wait_free(&self, first: u64, end: u64) {
-        loop {
-            let released = self.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            if self.is_free(first, end) {
-                return;
-            }
-            released.await;
-        }
-    }
-
-    /// Holds chunks `first..end`.
-    pub(crate) fn hold(&self, first: u64, end: u64) {
-        self.held.borrow_mut().extend(first..end);
-    }
-
-    /// Lets go of chunks `first..end`; whoever waits looks again.
-    pub(crate) fn release(&self, first: u64, end: u64) {
-        {
-            let mut held = self.held.borrow_mut();
-            for c in first..end {
-                held.remove(&c);
-            }
-        }
-        self.released.notify_waiters();
-    }
-}
 
 /// The state a mirror job shares with its filter.
 pub(crate) struct Shared {
@@ -68,7 +18,10 @@ pub(crate) struct Shared {
     /// Disabled (nothing marks it implicitly); it shows on the filter node, as in QEMU.
     pub(crate) bitmap: Rc<DirtyBitmap>,
     pub(crate) granularity: u64,
-    pub(crate) locks: ChunkLocks,
+    /// The chunks (granules of the bitmap) a copy or an active write works on: a second
+    /// request on a held chunk waits, so data reaches the target in the order it was read
+    /// (QEMU's `in_flight_bitmap`).
+    pub(crate) locks: UnitLocks,
     pub(crate) copy_mode: Cell<MirrorCopyMode>,
     /// Write-blocking and converged: every write is on both sides when it completes.
     pub(crate) actively_synced: Cell<bool>,
@@ -106,7 +59,7 @@ impl Shared {
         Rc::new(Shared {
             granularity: bitmap.granularity(),
             bitmap,
-            locks: ChunkLocks::default(),
+            locks: UnitLocks::default(),
             copy_mode: Cell::new(copy_mode),
             actively_synced: Cell::new(false),
             job: RefCell::new(Weak::new()),

@@ -1,0 +1,386 @@
+//! `block-stream` (QEMU: block/stream.c): copies the data of a node's backing files above
+//! a base into the node itself, through a `copy-on-read` filter put above it, while its
+//! users keep reading and writing; at the end the node is backed by the base directly and
+//! its image says so. There is no `ready` state: the job completes by itself.
+
+use crate::error::{Error, Result};
+use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, PhaseFuture};
+use crate::manager::{JobManager, JobOptions};
+use crate::mirror::below;
+use crate::types::{BlockErrorAction, JobType};
+use ferrite_block::{BlockBackend, Graph, Node, Perm};
+use ferrite_qapi::Args;
+use ferrite_qobject::QDict;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+/// How much one step looks at and copies (QEMU's `STREAM_CHUNK`).
+const STREAM_CHUNK: u64 = 512 * 1024;
+
+/// Why the job holds its nodes blocked (QEMU's blocker text).
+const BLOCKED: &str = "block device is in use by block job: stream";
+
+/// What `block-stream` was asked, checked by the QMP layer.
+pub struct StreamSetup {
+    /// The job ID.
+    pub job_id: String,
+    /// The node that receives the data.
+    pub node: Rc<Node>,
+    /// The first node not copied (`base`, `base-node`); none with `bottom` or for all.
+    pub base: Option<Rc<Node>>,
+    /// The last node copied (`bottom`).
+    pub bottom: Option<Rc<Node>>,
+    /// The backing file name to record (`backing-file`), instead of the base's own.
+    pub backing_file: Option<String>,
+    /// Record `raw` as the base's format when the base is a protocol node.
+    pub backing_mask_protocol: bool,
+    /// Bytes per second (negative: refused after the job is created, as QEMU does).
+    pub speed: i64,
+    /// The error policy.
+    pub on_error: ErrorPolicy,
+    /// The filter's node name.
+    pub filter_node_name: Option<String>,
+    /// `auto-finalize`.
+    pub auto_finalize: bool,
+    /// `auto-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+/// The node of `top`'s chain directly above `base` (or the last one when `base` is none):
+/// QEMU's `bdrv_find_overlay` and the stream's `above_base`.
+fn overlay_of(top: &Rc<Node>, base: Option<&Rc<Node>>) -> Option<Rc<Node>> {
+    let mut at = top.clone();
+    loop {
+        let next = below(&at);
+        match (&next, base) {
+            (Some(n), Some(b)) if Rc::ptr_eq(n, b) => return Some(at),
+            (None, None) => return Some(at),
+            (None, Some(_)) => return None,
+            (Some(n), _) => at = n.clone(),
+        }
+    }
+}
+
+/// Starts a stream job (QEMU: `stream_start`).
+///
+/// # Errors
+/// QEMU's texts; nothing stays behind on error.
+pub async fn start_stream(
+    jobs: &Rc<JobManager>,
+    graph: &Rc<Graph>,
+    s: StreamSetup,
+) -> Result<Rc<Job>> {
+    let node = s.node.clone();
+    let (base_overlay, above_base) = match &s.bottom {
+        Some(b) => (b.clone(), b.clone()),
+        None => {
+            let overlay =
+                overlay_of(&node, s.base.as_ref()).ok_or_else(|| Error::NotInBackingChain {
+                    base: s
+                        .base
+                        .as_ref()
+                        .map_or(String::new(), |b| b.name().to_owned()),
+                    top: node.name().to_owned(),
+                })?;
+            (overlay.clone(), overlay)
+        }
+    };
+    let was_read_only = node.is_read_only();
+    if was_read_only {
+        graph.set_read_only(&node, false)?;
+    }
+    let restore = |graph: &Graph| {
+        if was_read_only {
+            let _ = graph.set_read_only(&node, true);
+        }
+    };
+    let mut filter_opts = QDict::new()
+        .with("driver", "copy-on-read")
+        .with("file", node.name())
+        .with("bottom", base_overlay.name());
+    filter_opts.insert_opt("node-name", s.filter_node_name.as_deref());
+    let Some(cor) = graph.registry().get("copy-on-read") else {
+        restore(graph);
+        return Err(Error::UnknownFileFormat("copy-on-read".into()));
+    };
+    let filter = match graph
+        .insert_filter(&node, &Args::new(filter_opts), cor.as_ref())
+        .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            restore(graph);
+            return Err(Error::CreateNode(e));
+        }
+    };
+    let base = below(&above_base);
+    let driver = Rc::new(StreamJob {
+        graph: graph.clone(),
+        node: node.clone(),
+        filter: RefCell::new(Some(filter.clone())),
+        filter_node: filter.clone(),
+        base_overlay,
+        base: base.clone(),
+        backing_file: s.backing_file,
+        backing_mask_protocol: s.backing_mask_protocol,
+        on_error: s.on_error,
+        was_read_only,
+        blk: RefCell::new(None),
+        intermediates: RefCell::new(Vec::new()),
+        ended: Cell::new(false),
+    });
+    let job = match jobs.create(
+        JobOptions {
+            id: s.job_id,
+            auto_finalize: s.auto_finalize,
+            auto_dismiss: s.auto_dismiss,
+            speed: 0,
+        },
+        driver.clone(),
+        None,
+    ) {
+        Ok(j) => j,
+        Err(e) => {
+            driver.drop_filter().await;
+            restore(graph);
+            return Err(e);
+        }
+    };
+    if let Err(e) = attach(graph, &job, &driver, &filter, s.speed) {
+        jobs.early_fail(&job);
+        job.remove_nodes(graph);
+        if let Some(b) = driver.blk.borrow_mut().take() {
+            b.remove();
+        }
+        driver.drop_filter().await;
+        restore(graph);
+        return Err(e);
+    }
+    for n in std::iter::once(&filter)
+        .chain(std::iter::once(&node))
+        .chain(driver.intermediates.borrow().iter())
+    {
+        graph.block(n, BLOCKED);
+    }
+    jobs.run_job(&job);
+    tokio::task::yield_now().await;
+    Ok(job)
+}
+
+/// The job's speed, its reader and its edges, in QEMU's order.
+fn attach(
+    graph: &Rc<Graph>,
+    job: &Rc<Job>,
+    driver: &StreamJob,
+    filter: &Rc<Node>,
+    speed: i64,
+) -> Result<()> {
+    job.add_node(graph, filter, "main node", Perm::empty(), Perm::all())?;
+    job.speed
+        .set(u64::try_from(speed).map_err(|_| Error::NegativeSpeed)?);
+    let basic = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+    let blk = BlockBackend::new(graph, filter, Perm::CONSISTENT_READ, basic | Perm::WRITE)?;
+    // The job reports busy until its pause point: its reads must not wait for drains.
+    blk.set_queue_requests(false);
+    *driver.blk.borrow_mut() = Some(blk);
+    job.add_node(
+        graph,
+        &driver.node,
+        "active node",
+        Perm::empty(),
+        basic | Perm::WRITE,
+    )?;
+    let mut at = below(&driver.node);
+    while let Some(n) = at {
+        if driver.base.as_ref().is_some_and(|b| Rc::ptr_eq(b, &n)) {
+            break;
+        }
+        job.add_node(graph, &n, "intermediate node", Perm::empty(), basic)?;
+        driver.intermediates.borrow_mut().push(n.clone());
+        at = below(&n);
+    }
+    Ok(())
+}
+
+struct StreamJob {
+    graph: Rc<Graph>,
+    /// The node that receives the data.
+    node: Rc<Node>,
+    filter: RefCell<Option<Rc<Node>>>,
+    /// The filter, for lifting its blocker once it is gone.
+    filter_node: Rc<Node>,
+    /// The last node whose data is copied.
+    base_overlay: Rc<Node>,
+    /// What the node is backed by at the end.
+    base: Option<Rc<Node>>,
+    backing_file: Option<String>,
+    backing_mask_protocol: bool,
+    on_error: ErrorPolicy,
+    was_read_only: bool,
+    /// The job's reader, through the filter.
+    blk: RefCell<Option<Rc<BlockBackend>>>,
+    /// The nodes between the node and the base: they leave the chain.
+    intermediates: RefCell<Vec<Rc<Node>>>,
+    ended: Cell<bool>,
+}
+
+impl StreamJob {
+    async fn drop_filter(&self) {
+        let filter = self.filter.borrow_mut().take();
+        if let Some(f) = filter
+            && let Err(e) = self.graph.remove_filter(&f).await
+        {
+            tracing::warn!(error = %e, "stream: taking the copy-on-read filter out");
+        }
+    }
+
+    async fn work(&self, job: &Job) -> Result<(), String> {
+        let top = self.node.skip_filters();
+        if Rc::ptr_eq(&top, &self.base_overlay) {
+            return Ok(());
+        }
+        let len = self.node.len();
+        job.progress_set_remaining(len);
+        let blk = self.blk.borrow().clone();
+        let Some(blk) = blk else {
+            return Ok(());
+        };
+        let mut error: Option<String> = None;
+        let mut copied = 0;
+        let mut offset = 0;
+        while offset < len {
+            // Every step yields (QEMU's job sleeps, if only for no time, between steps).
+            tokio::task::yield_now().await;
+            job.rate_limit(copied).await;
+            job.pause_point().await;
+            if job.is_cancelled() {
+                break;
+            }
+            let want = STREAM_CHUNK.min(len - offset);
+            let step = async {
+                let e = top.block_status(offset, want).await?;
+                if e.allocated {
+                    return Ok((false, e.len));
+                }
+                match top.child("backing") {
+                    Some(b) if offset < b.len() => {
+                        let n = e.len.min(b.len() - offset);
+                        b.is_allocated_above(Some(&self.base_overlay), true, offset, n)
+                            .await
+                    }
+                    // Past the end of the backing file: nothing more to copy.
+                    _ => Ok((false, len - offset)),
+                }
+            };
+            let r = match step.await {
+                Ok((true, n)) => blk.read(offset, n as usize).await.map(|_| (true, n)),
+                other => other,
+            };
+            match r {
+                Ok((copy, n)) => {
+                    job.progress_update(n);
+                    copied = if copy { n } else { 0 };
+                    offset += n;
+                }
+                Err(e) => {
+                    copied = 0;
+                    match job.error_action(true, &e, self.on_error) {
+                        BlockErrorAction::Stop => continue,
+                        BlockErrorAction::Report => {
+                            error.get_or_insert_with(|| ferrite_qapi::os_msg(&e));
+                            break;
+                        }
+                        BlockErrorAction::Ignore => {
+                            // The job goes on but ends with the error: the chain stays.
+                            error.get_or_insert_with(|| ferrite_qapi::os_msg(&e));
+                            job.progress_update(want);
+                            offset += want;
+                        }
+                    }
+                }
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The node is backed by the base from now on, and its image says so (QEMU:
+    /// `stream_prepare`).
+    async fn switch_backing(&self) -> Result<(), String> {
+        self.drop_filter().await;
+        let top = self.node.skip_filters();
+        if top.child("backing").is_none() {
+            return Ok(());
+        }
+        let base = self.base.as_ref().map(|b| b.skip_filters());
+        let (name, format) = match &base {
+            Some(b) => {
+                let name = self.backing_file.clone().unwrap_or_else(|| b.filename());
+                let format = if self.backing_mask_protocol && b.children().is_empty() {
+                    "raw".to_owned()
+                } else {
+                    b.driver_name().to_owned()
+                };
+                (Some(name), Some(format))
+            }
+            None => (None, None),
+        };
+        let eperm = || ferrite_qapi::os_msg(&std::io::Error::from_raw_os_error(libc::EPERM));
+        if let Err(e) = self.graph.set_backing(&top, self.base.as_ref()).await {
+            tracing::error!(error = %e, "stream: setting the backing file");
+            return Err(eperm());
+        }
+        top.driver()
+            .change_backing_file(&top, name, format)
+            .await
+            .map_err(|e| ferrite_qapi::os_msg(&e))
+    }
+}
+
+impl JobDriver for StreamJob {
+    fn job_type(&self) -> JobType {
+        JobType::Stream
+    }
+
+    fn is_block_job(&self) -> bool {
+        true
+    }
+
+    fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture {
+        Box::pin(async move { self.work(&job).await })
+    }
+
+    fn prepare(self: Rc<Self>, _job: Rc<Job>) -> PhaseFuture<Result<(), String>> {
+        Box::pin(async move { self.switch_backing().await })
+    }
+
+    fn clean(self: Rc<Self>, job: Rc<Job>) -> PhaseFuture<()> {
+        Box::pin(async move {
+            if self.ended.replace(true) {
+                return;
+            }
+            self.drop_filter().await;
+            if let Some(b) = self.blk.borrow_mut().take() {
+                b.remove();
+            }
+            let intermediates = std::mem::take(&mut *self.intermediates.borrow_mut());
+            for n in std::iter::once(&self.filter_node)
+                .chain(std::iter::once(&self.node))
+                .chain(intermediates.iter())
+            {
+                self.graph.unblock(n, BLOCKED);
+            }
+            job.remove_nodes(&self.graph);
+            // The filter and the nodes that left the chain go unless the user added them.
+            self.graph.forget_if_orphan(&self.filter_node);
+            for n in &intermediates {
+                self.graph.forget_if_orphan(n);
+            }
+            if self.was_read_only {
+                let _ = self.graph.set_read_only(&self.node, true);
+            }
+        })
+    }
+}
