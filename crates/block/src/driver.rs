@@ -194,6 +194,12 @@ pub trait Driver: std::any::Any {
         self.write(node, offset, data, ReqFlags::empty())
     }
 
+    /// The node is activated again after another process may have changed its image:
+    /// drop and re-read what is cached (QEMU's `bdrv_co_invalidate_cache`).
+    fn invalidate_cache<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Writes cached state back before the node goes away (QEMU's `bdrv_close`).
     fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async { Ok(()) })
@@ -261,11 +267,12 @@ pub trait Driver: std::any::Any {
         false
     }
 
-    /// Whether the image can store persistent bitmaps; why not otherwise.
+    /// Whether the image can store a new persistent bitmap `name` of `granularity`; why
+    /// not otherwise.
     ///
     /// # Errors
     /// The reason, for "Can't make bitmap 'x' persistent in 'y': ...".
-    fn can_store_bitmaps(&self) -> Result<(), String> {
+    fn can_store_bitmap(&self, _name: &str, _granularity: u64) -> Result<(), String> {
         Err("Operation not supported".into())
     }
 

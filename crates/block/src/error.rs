@@ -92,11 +92,36 @@ pub enum Error {
     /// `block_resize` of a read-only node.
     #[error("Image is read-only")]
     ImageReadOnly,
+    /// A filter that a job inserts failed to open (QEMU's `bdrv_insert_node`).
+    #[error("Could not create node: {0}")]
+    CreateNode(Box<Error>),
+    /// Inactivating a node an active node uses.
+    #[error("Node has active parent node")]
+    ActiveParent,
+    /// Inactivating failed (EPERM: a user still writes the node).
+    #[error("Failed to inactivate node: {}", os_msg(.0))]
+    InactivateFailed(io::Error),
+    /// Activating failed (the image could not be read again).
+    #[error("Could not reopen image: {}", os_msg(.0))]
+    ActivateFailed(io::Error),
+    /// An inactive node as the child of an active one.
+    #[error("Inactive '{child}' can't be a {edge} child of active '{parent}'")]
+    InactiveChild {
+        /// The inactive node.
+        child: String,
+        /// The edge.
+        edge: String,
+        /// The active parent.
+        parent: String,
+    },
+    /// More than reading asked of an inactive node.
+    #[error("Permission '{0}' unavailable on inactive node")]
+    InactivePermission(String),
     /// A driver that cannot resize.
     #[error("Image format driver does not support resize")]
     ResizeUnsupported,
-    /// Resizing failed.
-    #[error("Could not resize: {}", os_msg(.0))]
+    /// Resizing failed: an OS error, or the driver's own reason (said as it is).
+    #[error("{}", resize_msg(.0))]
     Resize(io::Error),
     /// `blockdev-del` of a node an export or a device uses.
     #[error("Node {0} is in use")]
@@ -192,3 +217,11 @@ impl From<Error> for ferrite_qapi::Error {
 
 /// The result of a block core operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// "Could not resize: <strerror>" for an OS error; a driver's own message as it is.
+fn resize_msg(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(_) => format!("Could not resize: {}", os_msg(e)),
+        None => e.to_string(),
+    }
+}

@@ -57,6 +57,9 @@ pub struct Node {
     pub(crate) driver: Box<dyn Driver>,
     pub(crate) options: RefCell<QDict>,
     pub(crate) read_only: Cell<bool>,
+    /// Inactive (QEMU's `BDRV_O_INACTIVE`): another process may own the image, so the
+    /// node writes nothing and gives no writer to anyone until it is activated again.
+    pub(crate) inactive: Cell<bool>,
     /// Edges this node owns, to its children.
     pub(crate) children: RefCell<Vec<Rc<Child>>>,
     /// Edges pointing at this node (their parents own them).
@@ -116,6 +119,7 @@ impl Node {
             driver,
             options: RefCell::new(options),
             read_only: Cell::new(settings.read_only),
+            inactive: Cell::new(false),
             children: RefCell::new(Vec::new()),
             users: RefCell::new(Vec::new()),
             detect_zeroes: Cell::new(settings.detect_zeroes),
@@ -297,6 +301,11 @@ impl Node {
             .iter()
             .filter_map(Weak::upgrade)
             .collect()
+    }
+
+    /// Whether the node is active (see `blockdev-set-active`).
+    pub fn is_active(&self) -> bool {
+        !self.inactive.get()
     }
 
     /// Whether a `BlockBackend` (an export, a device, a job's writer) uses the node (QEMU:

@@ -312,6 +312,16 @@ impl Graph {
             ctx.abandon();
             return Err(e);
         }
+        // A new node is active: it cannot stand on an inactive one.
+        if let Some(e) = ctx.edges.iter().find(|e| !e.node().is_active()) {
+            let err = Error::InactiveChild {
+                child: e.node().name().to_owned(),
+                edge: e.name().to_owned(),
+                parent: ctx.name.clone(),
+            };
+            ctx.abandon();
+            return Err(err);
+        }
         let node = Node::new(
             ctx.name.clone(),
             driver,

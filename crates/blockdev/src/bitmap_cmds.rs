@@ -24,7 +24,9 @@ fn not_found(name: &str) -> Error {
 /// # Errors
 /// An unknown node or bitmap.
 pub fn lookup(graph: &Graph, node: &str, name: &str) -> Result<(Rc<Node>, Rc<DirtyBitmap>), Error> {
-    let n = graph.lookup(node)?;
+    let n = graph
+        .find(node)
+        .ok_or_else(|| Error::BitmapNodeNotFound(node.to_owned()))?;
     let b = n.bitmap(name).ok_or_else(|| not_found(name))?;
     Ok((n, b))
 }
@@ -65,22 +67,23 @@ pub fn add(graph: &Graph, args: &Args) -> Result<Undo> {
         Some(g) => g as u64,
         None => default_granularity(&node),
     };
-    if name.len() > MAX_NAME {
-        return Err(Error::BitmapNameTooLong(name.to_owned()));
-    }
     let persistent = args.bool_or("persistent", false);
     if persistent && !node.driver().supports_persistent_bitmaps() {
         return Err(Error::NoPersistentBitmaps(node.name().to_owned()));
     }
-    if persistent && let Err(why) = node.driver().can_store_bitmaps() {
+    if persistent && let Err(why) = node.driver().can_store_bitmap(name, granularity) {
         return Err(Error::CannotPersist {
             name: name.to_owned(),
             node: node.name().to_owned(),
             why,
         });
     }
+    // QEMU's order: the format's own limits, then a name taken, then the name's length.
     if node.bitmap(name).is_some() {
         return Err(Error::BitmapExists(name.to_owned()));
+    }
+    if name.len() > MAX_NAME {
+        return Err(Error::BitmapNameTooLong(name.to_owned()));
     }
     let b = DirtyBitmap::new(
         name,
@@ -145,6 +148,10 @@ pub fn merge(graph: &Graph, args: &Args) -> Result<Undo> {
         Some(QObject::List(l)) => l.clone(),
         _ => Vec::new(),
     };
+    // qemu-storage-daemon 10.0 crashes here; an empty merge is refused instead.
+    if list.is_empty() {
+        return Err(Error::NothingToMerge);
+    }
     for item in &list {
         let src = match item {
             QObject::String(name) => lookup(graph, node_name, name)?.1,

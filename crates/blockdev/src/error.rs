@@ -70,6 +70,44 @@ pub enum Error {
     /// `backing-file` when streaming everything.
     #[error("backing file specified, but streaming the entire chain")]
     BackingFileWithoutBase,
+    /// A bitmap command naming an unknown node.
+    #[error("Node '{0}' not found")]
+    BitmapNodeNotFound(String),
+    /// `block-dirty-bitmap-merge` with an empty `bitmaps` list.
+    #[error("Parameter 'bitmaps' expects a non-empty list of bitmaps to merge")]
+    NothingToMerge,
+    /// `x-blockdev-change` with both `child` and `node`.
+    #[error("The parameters child and node are in conflict")]
+    ChildAndNode,
+    /// `x-blockdev-change` with neither.
+    #[error("Either child or node must be specified")]
+    ChildOrNode,
+    /// `x-blockdev-change` naming a child the parent does not have.
+    #[error("Node '{parent}' does not have child '{child}'")]
+    NoSuchChild {
+        /// The parent.
+        parent: String,
+        /// The child's edge name.
+        child: String,
+    },
+    /// `x-blockdev-change` adding a child to a driver that takes no more.
+    #[error("The node {0} does not support adding a child")]
+    CannotAddChild(String),
+    /// `x-blockdev-change` removing a child from a driver that cannot lose one.
+    #[error("The node {0} does not support removing a child")]
+    CannotRemoveChild(String),
+    /// `x-blockdev-set-iothread` of a node a BlockBackend uses, without `force`.
+    #[error(
+        "Node {0} is associated with a BlockBackend and could be in use (use force=true to \
+         override this check)"
+    )]
+    NodeHasBackend(String),
+    /// `x-blockdev-set-iothread` naming no iothread.
+    #[error("Cannot find iothread {0}")]
+    NoSuchIothread(String),
+    /// `blockdev-set-active` of all nodes failing.
+    #[error("Failed to inactivate all nodes: {}", os_msg(.0))]
+    InactivateAllFailed(io::Error),
     /// `block-commit` of an unknown device (class `DeviceNotFound`, which libvirt probes).
     #[error("Device '{0}' not found")]
     CommitDeviceNotFound(String),

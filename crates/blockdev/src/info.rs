@@ -75,7 +75,7 @@ pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
         .with("ro", node.is_read_only())
         .with("drv", node.driver_name())
         .with("backing_file_depth", depth)
-        .with("active", true)
+        .with("active", node.is_active())
         .with("encrypted", false)
         .with("detect_zeroes", node.detect_zeroes().as_str());
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {

@@ -90,3 +90,85 @@ pub async fn qmp_blockdev_reopen(graph: &Graph, args: &Args) -> Result<QObject, 
     graph.reopen(&list).await?;
     ok()
 }
+
+/// `x-blockdev-change`: adds a child to or removes one from a node whose driver takes any
+/// number of children (QEMU's quorum). ferrite has no such driver yet, so after QEMU's
+/// checks every node answers as QEMU's other drivers do.
+///
+/// # Errors
+/// QEMU's texts.
+pub fn qmp_x_blockdev_change(graph: &Graph, args: &Args) -> Result<QObject, Error> {
+    let parent_name = args.str("parent")?;
+    let parent = graph.lookup(parent_name)?;
+    match (args.opt_str("child"), args.opt_str("node")) {
+        (Some(_), Some(_)) => Err(crate::Error::ChildAndNode.into()),
+        (None, None) => Err(crate::Error::ChildOrNode.into()),
+        (Some(child), None) => {
+            if parent.edge(child).is_none() {
+                return Err(crate::Error::NoSuchChild {
+                    parent: parent_name.to_owned(),
+                    child: child.to_owned(),
+                }
+                .into());
+            }
+            Err(crate::Error::CannotRemoveChild(parent.name().to_owned()).into())
+        }
+        (None, Some(node)) => {
+            if graph.find(node).is_none() {
+                return Err(crate::Error::BitmapNodeNotFound(node.to_owned()).into());
+            }
+            Err(crate::Error::CannotAddChild(parent.name().to_owned()).into())
+        }
+    }
+}
+
+/// `x-blockdev-set-iothread`: ferrite runs every node in its one main context, so moving
+/// a node to an iothread changes nothing, after QEMU's checks. `iothread_exists` says
+/// whether an `iothread` object has that ID.
+///
+/// # Errors
+/// QEMU's texts: an unknown node or iothread, a node a BlockBackend uses without `force`.
+pub fn qmp_x_blockdev_set_iothread(
+    graph: &Graph,
+    args: &Args,
+    iothread_exists: impl Fn(&str) -> bool,
+) -> Result<QObject, Error> {
+    let name = args.str("node-name")?;
+    let node = graph
+        .find(name)
+        .ok_or_else(|| ferrite_block::Error::NoSuchNode(name.to_owned()))?;
+    if !args.bool_or("force", false) && node.has_backend_user() {
+        return Err(crate::Error::NodeHasBackend(name.to_owned()).into());
+    }
+    if let Some(QObject::String(id)) = args.get("iothread")
+        && !iothread_exists(id)
+    {
+        return Err(crate::Error::NoSuchIothread(id.clone()).into());
+    }
+    Ok(QDict::new().into())
+}
+
+/// `blockdev-set-active`: one node (with the children only it keeps active), or all.
+///
+/// # Errors
+/// QEMU's texts: an unknown node, an active parent, a user still writing.
+pub async fn qmp_blockdev_set_active(graph: &Graph, args: &Args) -> crate::Result<()> {
+    let active = args.bool_or("active", true);
+    match args.opt_str("node-name") {
+        None if active => Ok(graph.activate_all().await?),
+        None => graph.inactivate_all().await.map_err(|e| match e {
+            ferrite_block::Error::InactivateFailed(io) => crate::Error::InactivateAllFailed(io),
+            other => other.into(),
+        }),
+        Some(name) => {
+            let node = graph
+                .find(name)
+                .ok_or_else(|| ferrite_block::Error::NoSuchNode(name.to_owned()))?;
+            if active {
+                Ok(graph.activate(&node).await?)
+            } else {
+                Ok(graph.inactivate(&node).await?)
+            }
+        }
+    }
+}

@@ -227,11 +227,12 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<()> {
 
 /// The node of an internal-snapshot command, with QEMU's checks before any change.
 fn internal_target(graph: &Graph, device: &str) -> Result<Rc<Node>> {
-    let node = graph.lookup(device)?;
+    let node = crate::job_cmds::root_node(graph, device)?;
     if node.is_read_only() {
         return Err(Error::DeviceReadOnly(device.to_owned()));
     }
-    if !node.driver().supports_internal_snapshots() {
+    // An inactive image cannot take a snapshot now (QEMU: `bdrv_can_snapshot`).
+    if !node.driver().supports_internal_snapshots() || !node.is_active() {
         return Err(Error::NoInternalSnapshots {
             format: node.driver_name().to_owned(),
             device: device.to_owned(),

@@ -223,6 +223,8 @@ impl BackupJob {
         match self.sync {
             Sync::None => {
                 job.wait_cancelled().await;
+                // What the filter copied before writes counts as done.
+                self.progress(job);
                 Ok(())
             }
             Sync::Top => {
@@ -365,7 +367,6 @@ async fn prepare_nodes(
     }
     jobs.check_id(&id)?;
     let speed = args.opt_i64("speed").unwrap_or(0);
-    let speed = u64::try_from(speed).map_err(|_| Error::InvalidSpeed)?;
     let compress = args.bool_or("compress", false);
     let copy = match (&bitmap, sync) {
         (Some((b, _)), Sync::Bitmap) => {
@@ -380,7 +381,7 @@ async fn prepare_nodes(
         .with("target", target.name());
     filter_opts.insert_opt("node-name", args.opt_str("filter-node-name"));
     let filter = graph
-        .insert_filter(
+        .insert_filter_node(
             &source,
             &Args::new(filter_opts),
             &CbwFactory::sharing(copy.clone()),
@@ -416,11 +417,22 @@ async fn prepare_nodes(
             id,
             auto_finalize: args.bool_or("auto-finalize", true),
             auto_dismiss: args.bool_or("auto-dismiss", true),
-            speed,
+            speed: 0,
         },
         driver.clone(),
         txn,
     );
+    // A negative speed is refused once the job exists (it announces itself, then goes).
+    let created = created.and_then(|job| match u64::try_from(speed) {
+        Ok(s) => {
+            job.speed.set(s);
+            Ok(job)
+        }
+        Err(_) => {
+            jobs.early_fail(&job);
+            Err(Error::NegativeSpeed)
+        }
+    });
     let job = match created {
         Ok(job) => job,
         Err(e) => {

@@ -34,9 +34,6 @@ pub enum Error {
     /// A negative `speed` for `block-job-set-speed`.
     #[error("Parameter 'speed' expects a non-negative value")]
     NegativeSpeed,
-    /// A negative `speed` when a job starts.
-    #[error("Invalid parameter 'speed'")]
-    InvalidSpeed,
     /// Pausing a job the user already paused.
     #[error("Job is already paused")]
     AlreadyPaused,

@@ -104,13 +104,13 @@ pub async fn start_stream(
         return Err(Error::UnknownFileFormat("copy-on-read".into()));
     };
     let filter = match graph
-        .insert_filter(&node, &Args::new(filter_opts), cor.as_ref())
+        .insert_filter_node(&node, &Args::new(filter_opts), cor.as_ref())
         .await
     {
         Ok(f) => f,
         Err(e) => {
             restore(graph);
-            return Err(Error::CreateNode(e));
+            return Err(e.into());
         }
     };
     let base = below(&above_base);

@@ -19,6 +19,8 @@ pub struct Export {
     pub(crate) writable: bool,
     pub(crate) writethrough: bool,
     pub(crate) allocation_depth: bool,
+    /// Whether clients are told they may spread requests over several connections.
+    pub(crate) multi_conn: bool,
     /// Bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (held busy while exported).
     pub(crate) bitmaps: Vec<Rc<DirtyBitmap>>,
     pub(crate) clients: Cell<usize>,

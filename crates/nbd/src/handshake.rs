@@ -82,7 +82,9 @@ pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
     }
     // Every connection goes through the same node and a flush flushes the whole node, so
     // the multi-conn guarantee holds for writable exports too.
-    flags |= FLAG_CAN_MULTI_CONN;
+    if export.multi_conn {
+        flags |= FLAG_CAN_MULTI_CONN;
+    }
     if structured {
         flags |= FLAG_SEND_DF;
     }

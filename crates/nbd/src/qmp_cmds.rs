@@ -38,8 +38,8 @@ pub async fn qmp_nbd_server_stop(nbd: &NbdService) -> Result<QObject, Error> {
 ///
 /// # Errors
 /// As [`NbdService::add`].
-pub fn qmp_block_export_add(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
-    nbd.add(args)?;
+pub async fn qmp_block_export_add(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
+    nbd.add(args).await?;
     ok()
 }
 
@@ -65,7 +65,7 @@ pub fn qmp_query_block_exports(nbd: &NbdService) -> QObject {
 ///
 /// # Errors
 /// As [`NbdService::add`]; a `bitmap` that does not exist.
-pub fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
+pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
     let device = args.str("device")?;
     let name = args.opt_str("name").unwrap_or(device);
     let mut opts = QDict::new()
@@ -78,7 +78,7 @@ pub fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject, Erro
     if let Some(b) = args.opt_str("bitmap") {
         opts.insert("bitmaps", vec![QObject::from(b)]);
     }
-    nbd.add(&Args::new(opts))?;
+    nbd.add(&Args::new(opts)).await?;
     ok()
 }
 

@@ -29,6 +29,8 @@ pub struct NbdService {
     connections: Cell<usize>,
     /// How long a client may take to finish the handshake (0: forever).
     handshake_limit: Cell<u64>,
+    /// The running server's `max-connections` (0: no limit).
+    max_connections: Cell<usize>,
 }
 
 /// QEMU's default limit on the handshake, in seconds.
@@ -65,6 +67,7 @@ impl NbdService {
             server: RefCell::new(None),
             connections: Cell::new(0),
             handshake_limit: Cell::new(DEFAULT_HANDSHAKE_SECONDS),
+            max_connections: Cell::new(0),
         })
     }
 
@@ -102,6 +105,7 @@ impl NbdService {
             return Err(Error::TlsUnsupported);
         }
         let max = opts.opt_u64("max-connections").unwrap_or(0) as usize;
+        self.max_connections.set(max);
         self.handshake_limit.set(
             opts.opt_u64("handshake-max-seconds")
                 .unwrap_or(DEFAULT_HANDSHAKE_SECONDS),
@@ -243,7 +247,7 @@ impl NbdService {
     /// # Errors
     /// QEMU's texts for a missing server, duplicate id or name, unknown node, and permission
     /// conflicts (a writable export of a read-only node).
-    pub fn add(&self, opts: &Args) -> Result<()> {
+    pub async fn add(&self, opts: &Args) -> Result<()> {
         let id = opts.str("id")?;
         if !self.is_running() {
             return Err(Error::NotRunning);
@@ -268,6 +272,11 @@ impl NbdService {
         if opts.has("iothread") {
             return Err(Error::IothreadUnsupported);
         }
+        // An inactive node becomes active for its export (QEMU's default without
+        // `allow-inactive`).
+        if !node.is_active() {
+            self.graph.activate(&node).await?;
+        }
         if writable && node.is_read_only() {
             return Err(Error::ReadOnlyNode);
         }
@@ -287,6 +296,9 @@ impl NbdService {
             writable,
             writethrough: opts.bool_or("writethrough", false),
             allocation_depth: opts.bool_or("allocation-depth", false),
+            // One connection at a time cannot make use of multi-conn (QEMU then does not
+            // offer it).
+            multi_conn: self.max_connections.get() != 1,
             bitmaps: bitmaps.clone(),
             clients: Cell::new(0),
             shutting_down: Cell::new(false),

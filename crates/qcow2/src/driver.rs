@@ -116,6 +116,13 @@ impl Driver for Qcow2Driver {
         })
     }
 
+    fn invalidate_cache<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let file = Self::file(node)?;
+            self.invalidate_impl(node, &file).await
+        })
+    }
+
     fn close<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let file = Self::file(node)?;
@@ -223,9 +230,16 @@ impl Driver for Qcow2Driver {
         true
     }
 
-    fn can_store_bitmaps(&self) -> Result<(), String> {
+    fn can_store_bitmap(&self, name: &str, _granularity: u64) -> Result<(), String> {
         if self.version < 3 {
             return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
+        }
+        // The bitmap directory's limit on names (docs/interop/qcow2.txt).
+        const MAX_NAME: usize = 1023;
+        if name.len() > MAX_NAME {
+            return Err(format!(
+                "Name length exceeds maximum ({MAX_NAME} characters)"
+            ));
         }
         Ok(())
     }

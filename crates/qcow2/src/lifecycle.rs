@@ -3,7 +3,6 @@
 
 use crate::Qcow2Driver;
 use crate::bitmaps;
-use crate::enotsup;
 use crate::format::header::incompat;
 use crate::meta::FreeKind;
 use ferrite_block::Child;
@@ -20,11 +19,27 @@ impl Qcow2Driver {
     ) -> io::Result<()> {
         let old = self.size.get();
         if size % 512 != 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "The new size must be a multiple of 512",
+            ));
+        }
+        let has_snapshots = !self.snapshots.borrow().is_empty();
+        // v2 snapshot entries may lack the size they had (QEMU refuses the same way).
+        if has_snapshots && self.version < 3 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Can't resize a v2 image which has snapshots",
+            ));
         }
         if size < old {
-            if !self.snapshots.borrow().is_empty() {
-                return Err(enotsup());
+            if has_snapshots {
+                // QEMU shrinks these; ferrite does not yet (the snapshots' tables would
+                // keep clusters past the new end).
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "Shrinking an image with internal snapshots is not supported by ferrite yet",
+                ));
             }
             // Drop everything past the new end.
             let cs = self.cs();
@@ -86,6 +101,35 @@ impl Qcow2Driver {
             file.flush().await?;
         }
         self.dirty_set.set(false);
+        Ok(())
+    }
+}
+
+impl Qcow2Driver {
+    /// Re-reads the image after another process may have changed it (activation after
+    /// `blockdev-set-active`): header, tables, snapshots and backing file as a fresh open
+    /// finds them (QEMU: `qcow2_co_invalidate_cache`, which reopens the image too).
+    pub(crate) async fn invalidate_impl(&self, node: &Node, file: &Child) -> io::Result<()> {
+        let fresh = Qcow2Driver::open(
+            &ferrite_qapi::Args::new(node.options()),
+            file,
+            self.read_only.get(),
+            self.on_corruption.clone(),
+        )
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        if (fresh.cluster_bits, fresh.version, fresh.extended)
+            != (self.cluster_bits, self.version, self.extended)
+        {
+            return Err(io::Error::other(
+                "the image's format changed while the node was inactive",
+            ));
+        }
+        *self.meta.lock().await = fresh.meta.into_inner();
+        self.size.set(fresh.size.get());
+        *self.snapshots.borrow_mut() = fresh.snapshots.take();
+        *self.backing.borrow_mut() = fresh.backing.take();
+        self.dirty_set.set(fresh.dirty_set.get());
         Ok(())
     }
 }

@@ -194,6 +194,14 @@ impl Daemon {
             "drive-mirror" => done(
                 ferrite_blockdev::job_cmds::qmp_drive_mirror(&self.jobs, &self.graph, &args).await,
             ),
+            "x-blockdev-change" => blk::qmp_x_blockdev_change(&self.graph, &args),
+            "x-blockdev-set-iothread" => {
+                blk::qmp_x_blockdev_set_iothread(&self.graph, &args, |id| {
+                    self.objects
+                        .get(id)
+                        .is_some_and(|o| o.type_name() == "iothread")
+                })
+            }
             "block-commit" => done(
                 ferrite_blockdev::job_cmds::qmp_block_commit(&self.jobs, &self.graph, &args).await,
             ),
@@ -244,9 +252,10 @@ impl Daemon {
             "x-debug-query-block-graph" => Ok(blk::qmp_x_debug_query_block_graph(&self.graph)),
             "nbd-server-start" => nbd::qmp_nbd_server_start(&self.nbd, &args),
             "nbd-server-stop" => nbd::qmp_nbd_server_stop(&self.nbd).await,
-            "nbd-server-add" => nbd::qmp_nbd_server_add(&self.nbd, &args),
+            "nbd-server-add" => nbd::qmp_nbd_server_add(&self.nbd, &args).await,
             "nbd-server-remove" => nbd::qmp_nbd_server_remove(&self.nbd, &args).await,
-            "block-export-add" => nbd::qmp_block_export_add(&self.nbd, &args),
+            "block-export-add" => nbd::qmp_block_export_add(&self.nbd, &args).await,
+            "blockdev-set-active" => done(blk::qmp_blockdev_set_active(&self.graph, &args).await),
             "block-export-del" => nbd::qmp_block_export_del(&self.nbd, &args).await,
             "query-block-exports" => Ok(nbd::qmp_query_block_exports(&self.nbd)),
             "chardev-add" => chr::qmp_chardev_add(&self.chardevs, &args),

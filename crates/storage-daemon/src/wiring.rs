@@ -145,7 +145,7 @@ pub(crate) async fn start(
             CliOption::Export(text) => {
                 let parsed = keyval::parse(text, Some("type")).map_err(|e| located(opt, e))?;
                 let args = checked(&parsed, "BlockExportOptions").map_err(|e| located(opt, e))?;
-                daemon.nbd.add(&args).map_err(|e| located(opt, e))?;
+                daemon.nbd.add(&args).await.map_err(|e| located(opt, e))?;
             }
             CliOption::Pidfile(path) => pidfile = Some(PathBuf::from(path)),
         }

@@ -4,7 +4,7 @@
 //! order: the new node's drain reaches the parent before the old one's lets go).
 
 use crate::child::{Child, ParentRef, RootParent};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::Node;
 use crate::perm::Perm;
@@ -46,6 +46,9 @@ impl Graph {
         perm: Perm,
         shared: Perm,
     ) -> Result<Rc<Child>> {
+        if !node.is_active() && !(perm - Perm::CONSISTENT_READ).is_empty() {
+            return Err(Error::InactivePermission(perm.message_names()));
+        }
         let e = Child::new(name, node, ParentRef::Root(parent), self.next_id());
         self.link(&e, node);
         if let Err(err) = self.update_edge_perm(&e, perm, shared) {
@@ -66,6 +69,13 @@ impl Graph {
         child: &Rc<Node>,
         name: &str,
     ) -> Result<Rc<Child>> {
+        if !child.is_active() && parent.is_active() {
+            return Err(Error::InactiveChild {
+                child: child.name().to_owned(),
+                edge: name.to_owned(),
+                parent: parent.name().to_owned(),
+            });
+        }
         let e = Child::new(
             name,
             child,
@@ -159,6 +169,29 @@ impl Graph {
         factory: &dyn DriverFactory,
     ) -> Result<Rc<Node>> {
         let filter = self.open_with(opts, factory).await?;
+        self.place_above(below, filter).await
+    }
+
+    /// As [`Graph::insert_filter`], with the wording of QEMU's `bdrv_insert_node`: a filter that
+    /// fails to open says "Could not create node: ..." (backup's and stream's filters).
+    ///
+    /// # Errors
+    /// As [`Graph::insert_filter`].
+    pub async fn insert_filter_node(
+        &self,
+        below: &Rc<Node>,
+        opts: &Args,
+        factory: &dyn DriverFactory,
+    ) -> Result<Rc<Node>> {
+        let filter = self
+            .open_with(opts, factory)
+            .await
+            .map_err(|e| Error::CreateNode(Box::new(e)))?;
+        self.place_above(below, filter).await
+    }
+
+    /// Puts an opened filter above `below`, or deletes it if that fails.
+    async fn place_above(&self, below: &Rc<Node>, filter: Rc<Node>) -> Result<Rc<Node>> {
         if let Err(e) = self.replace(below, &filter).await {
             self.forget_if_orphan(&filter);
             return Err(e);

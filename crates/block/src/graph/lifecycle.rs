@@ -114,6 +114,10 @@ impl Graph {
 
     /// Writes a node's cached state back before it goes (`bdrv_close`).
     pub(crate) async fn close_node(&self, node: &Rc<Node>) {
+        // An inactive node wrote everything back already and may not write any more.
+        if !node.is_active() {
+            return;
+        }
         if let Err(e) = node.driver.close(node).await {
             tracing::warn!(node = node.name(), error = %e, "closing failed");
         }
@@ -128,7 +132,7 @@ impl Graph {
 
     /// Flushes every node, parents before children (daemon exit).
     pub async fn flush_all(&self) {
-        for node in self.nodes().iter().rev() {
+        for node in self.nodes().iter().rev().filter(|n| n.is_active()) {
             if let Err(e) = node.flush().await {
                 tracing::warn!(node = node.name(), error = %e, "flush at exit failed");
             }

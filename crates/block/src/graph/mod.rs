@@ -2,11 +2,12 @@
 //! the graph. They live in one module each: `perm` (permission checks and their
 //! propagation), `edges` (attaching, detaching and moving edges: filters, overlays,
 //! replacement), `lifecycle` (adding, closing and deleting nodes), `reopen` (options and
-//! modes changed in place).
+//! modes changed in place), `active` (inactivation for migration, and back).
 //!
 //! Graph changes happen on the main thread only, and under a drained section of every node
 //! whose parents change (`Graph::drain`), so that no request crosses a changing edge.
 
+mod active;
 mod edges;
 mod lifecycle;
 mod perm;

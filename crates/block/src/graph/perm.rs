@@ -33,10 +33,22 @@ impl Graph {
     /// Pushes a node's cumulative permissions down to its driver (locks) and children.
     pub(crate) fn propagate(&self, node: &Rc<Node>) -> Result<()> {
         let (perm, shared) = node.cumulative_perms();
-        node.driver.set_perm(perm, shared)?;
+        let active = node.is_active();
+        // An inactive node lets go of its image (its locks) and asks its children only to
+        // read, sharing everything: another process may own the image meanwhile.
+        if active {
+            node.driver.set_perm(perm, shared)?;
+        } else {
+            node.driver.set_perm(Perm::empty(), Perm::all())?;
+        }
         let used = !node.users().is_empty();
         for c in node.children() {
             let (p, s) = node.driver.child_perm(c.name(), perm, shared, used);
+            let (p, s) = if active {
+                (p, s)
+            } else {
+                (p & Perm::CONSISTENT_READ, Perm::all())
+            };
             self.update_edge_perm(&c, p, s)?;
         }
         Ok(())

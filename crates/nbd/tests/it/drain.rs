@@ -37,6 +37,7 @@ async fn no_write_of_an_nbd_client_reaches_a_drained_node() {
             nbd.add(&args(
                 r#"{"type":"nbd","id":"e0","node-name":"n0","writable":true}"#,
             ))
+            .await
             .expect("export");
 
             let answered = Rc::new(Cell::new(0u64));

@@ -1,0 +1,113 @@
+//! Active and inactive nodes (QEMU: `bdrv_inactivate`, `bdrv_activate`,
+//! `blockdev-set-active`): an inactive node has written everything back and gives no writer
+//! to anyone, so another process (a migration's destination) may own the image meanwhile;
+//! activating it again re-reads what the driver caches. A node is inactivated with its
+//! children (those no other active node uses), after its parents; activated before them.
+
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::node::Node;
+use crate::perm::Perm;
+use std::rc::Rc;
+
+/// Whether a node (not a root user) that is itself active uses `node`.
+fn has_active_node_parent(node: &Node) -> bool {
+    node.users()
+        .iter()
+        .filter_map(|u| u.parent_node())
+        .any(|p| p.is_active())
+}
+
+impl Graph {
+    /// Inactivates `node` and the children only it keeps active.
+    ///
+    /// # Errors
+    /// "Node has active parent node", or EPERM when a user still writes it.
+    pub async fn inactivate(&self, node: &Rc<Node>) -> Result<()> {
+        if has_active_node_parent(node) {
+            return Err(Error::ActiveParent);
+        }
+        self.inactivate_recurse(node).await
+    }
+
+    /// Inactivates every node that no node uses, and so, their whole subgraphs.
+    ///
+    /// # Errors
+    /// The first node that cannot be inactivated.
+    pub async fn inactivate_all(&self) -> Result<()> {
+        for n in self.nodes() {
+            if n.users().iter().any(|u| u.parent_node().is_some()) {
+                continue;
+            }
+            self.inactivate_recurse(&n).await?;
+        }
+        Ok(())
+    }
+
+    fn inactivate_recurse<'a>(&'a self, node: &'a Rc<Node>) -> crate::registry::LocalFut<'a, ()> {
+        Box::pin(async move {
+            // A child goes with its last active parent.
+            if has_active_node_parent(node) || !node.is_active() {
+                return Ok(());
+            }
+            // Whoever still writes keeps the node active.
+            if node
+                .cumulative_perms()
+                .0
+                .intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
+            {
+                return Err(Error::InactivateFailed(std::io::Error::from_raw_os_error(
+                    libc::EPERM,
+                )));
+            }
+            let drained = self.drain(node).await;
+            // Everything goes back to the image, as when the node closes.
+            node.driver()
+                .close(node)
+                .await
+                .map_err(Error::InactivateFailed)?;
+            node.flush().await.map_err(Error::InactivateFailed)?;
+            node.inactive.set(true);
+            drop(drained);
+            // What it asks of its children loosens: they can go inactive too.
+            let _ = self.propagate(node);
+            for c in node.children() {
+                self.inactivate_recurse(&c.node()).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Activates `node`, its children first; the drivers re-read what they cache.
+    ///
+    /// # Errors
+    /// A driver failing to re-read its image.
+    pub fn activate<'a>(&'a self, node: &'a Rc<Node>) -> crate::registry::LocalFut<'a, ()> {
+        Box::pin(async move {
+            for c in node.children() {
+                self.activate(&c.node()).await?;
+            }
+            if node.is_active() {
+                return Ok(());
+            }
+            node.inactive.set(false);
+            if let Err(e) = node.driver().invalidate_cache(node).await {
+                node.inactive.set(true);
+                return Err(Error::ActivateFailed(e));
+            }
+            // Its users' permissions (and its image locks) hold again.
+            self.propagate(node)
+        })
+    }
+
+    /// Activates every node.
+    ///
+    /// # Errors
+    /// The first node that cannot be activated.
+    pub async fn activate_all(&self) -> Result<()> {
+        for n in self.nodes() {
+            self.activate(&n).await?;
+        }
+        Ok(())
+    }
+}
