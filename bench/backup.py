@@ -9,7 +9,6 @@ Ratios are qsd/ferrite for times and latency (higher: ferrite faster), ferrite/q
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,34 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
 QSD = "qemu-storage-daemon"
 SIZE_MB = int(os.environ.get("BACKUP_SIZE_MB", "4096"))
-
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.f = self.s.makefile("rwb")
-        self.f.readline()
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, args=None):
-        req = {"execute": name}
-        if args is not None:
-            req["arguments"] = args
-        self.f.write(json.dumps(req).encode() + b"\n")
-        self.f.flush()
-        while True:
-            m = json.loads(self.f.readline())
-            if "event" not in m:
-                if "error" in m:
-                    raise RuntimeError(f"{name}: {m['error']}")
-                return m["return"]
-
-    def wait_event(self, name):
-        while True:
-            m = json.loads(self.f.readline())
-            if m.get("event") == name:
-                return m
 
 
 def daemon(binary, d, targets):
@@ -79,7 +50,7 @@ FIXED_IOPS = 500
 def backup(binary, d, with_writer, rate_iops=None):
     args, qmp_sock, nbd_sock = daemon(binary, d, ["tgt"])
     with common.running(args, qmp_sock) as p:
-        q = Qmp(qmp_sock)
+        q = common.Qmp(qmp_sock)
         # Start each run without the previous one's dirty pages to write back.
         os.sync()
         writer = None
@@ -113,7 +84,7 @@ def incremental(binary, d):
     NBD, then the incremental backup: its seconds."""
     args, qmp_sock, nbd_sock = daemon(binary, d, ["full", "inc"])
     with common.running(args, qmp_sock):
-        q = Qmp(qmp_sock)
+        q = common.Qmp(qmp_sock)
         q.cmd("transaction", {"actions": [
             {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b0"}},
             {"type": "blockdev-backup", "data": {"job-id": "f", "device": "src",

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -56,3 +57,41 @@ def fio(uri, size, runtime, extra):
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
     return side["iops"], side["bw"] / 1024.0
+
+
+class Qmp:
+    """A QMP connection that keeps the events that arrive while it waits for replies."""
+
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(path)
+        self.f = self.s.makefile("rwb")
+        self.f.readline()
+        self.events = []
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name, args=None):
+        req = {"execute": name}
+        if args is not None:
+            req["arguments"] = args
+        self.f.write(json.dumps(req).encode() + b"\n")
+        self.f.flush()
+        while True:
+            m = json.loads(self.f.readline())
+            if "event" in m:
+                self.events.append(m)
+                continue
+            if "error" in m:
+                raise RuntimeError(f"{name}: {m['error']}")
+            return m["return"]
+
+    def wait_event(self, name):
+        for i, m in enumerate(self.events):
+            if m["event"] == name:
+                del self.events[:i + 1]
+                return m
+        while True:
+            m = json.loads(self.f.readline())
+            if m.get("event") == name:
+                self.events.clear()
+                return m

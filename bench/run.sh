@@ -7,3 +7,4 @@ python3 bench/qmp.py
 python3 bench/nbd_fio.py
 python3 bench/qcow2_fio.py
 python3 bench/backup.py
+python3 bench/blockjobs.py

@@ -91,7 +91,7 @@ impl Qcow2Driver {
             let mut full = chunk.to_vec();
             full.resize(cs as usize, 0);
             let Some(c) = compress(self.codec, &full) else {
-                self.write_impl(node, file, gc * cs, chunk).await?;
+                self.write_impl(node, file, gc * cs, chunk.to_vec()).await?;
                 continue;
             };
             let _claim = self.claims.claim(gc, gc).await;

@@ -44,8 +44,7 @@ impl Driver for Qcow2Driver {
         Box::pin(async move {
             self.alive()?;
             let file = Self::file(node)?;
-            let r = self.write_impl(node, &file, offset, &data).await;
-            ferrite_block::io::pool::give(data);
+            let r = self.write_impl(node, &file, offset, data).await;
             let r = self.check(node, &file, r).await;
             if r.is_ok() && flags.contains(ReqFlags::FUA) {
                 return self.flush(node).await;

@@ -13,12 +13,14 @@ use ferrite_block::driver::ReqFlags;
 use std::io;
 
 impl Qcow2Driver {
+    /// Writes `data` (owned: a request that maps to one run of clusters goes to the file
+    /// as it is, without a copy).
     pub(crate) async fn write_impl(
         &self,
         node: &Node,
         file: &Child,
         offset: u64,
-        data: &[u8],
+        mut data: Vec<u8>,
     ) -> io::Result<()> {
         let cs = self.cs();
         let len = data.len() as u64;
@@ -80,12 +82,12 @@ impl Qcow2Driver {
                         m.check_data_cluster(file, gc, host)?;
                         m.check_overlap(host + in_off, run)?;
                     }
-                    file.write(
-                        host + in_off,
-                        data[pos as usize..(pos + run) as usize].to_vec(),
-                        ReqFlags::empty(),
-                    )
-                    .await?;
+                    let part = if pos == 0 && run == len {
+                        std::mem::take(&mut data)
+                    } else {
+                        data[pos as usize..(pos + run) as usize].to_vec()
+                    };
+                    file.write(host + in_off, part, ReqFlags::empty()).await?;
                     pos += run;
                 }
                 _ => {
@@ -111,15 +113,21 @@ impl Qcow2Driver {
                     }
                     let end = (gc + clusters) * cs;
                     let n = end.min(offset + len) - off;
-                    self.write_allocating(
-                        node,
-                        file,
-                        gc,
-                        clusters,
-                        in_off,
-                        &data[pos as usize..(pos + n) as usize],
-                    )
-                    .await?;
+                    if pos == 0 && n == len && in_off == 0 && n == clusters * cs {
+                        // Whole new clusters: nothing old to keep, the request is the data.
+                        self.write_new_clusters(file, gc, clusters, std::mem::take(&mut data))
+                            .await?;
+                    } else {
+                        self.write_allocating(
+                            node,
+                            file,
+                            gc,
+                            clusters,
+                            in_off,
+                            &data[pos as usize..(pos + n) as usize],
+                        )
+                        .await?;
+                    }
                     pos += n;
                 }
             }
@@ -161,6 +169,20 @@ impl Qcow2Driver {
             part.copy_from_slice(&old);
         }
         buf[in_off as usize..data_end as usize].copy_from_slice(data);
+        self.write_new_clusters(file, gc, clusters, buf).await
+    }
+
+    /// Writes `buf` (exactly `clusters` clusters) into newly allocated host clusters and maps
+    /// guest clusters from `gc` on to them.
+    async fn write_new_clusters(
+        &self,
+        file: &Child,
+        gc: u64,
+        clusters: u64,
+        buf: Vec<u8>,
+    ) -> io::Result<()> {
+        self.mark_dirty_once(file).await?;
+        let cs = self.cs();
         let host = {
             let mut m = self.meta.lock().await;
             m.alloc(file, clusters).await?

@@ -48,7 +48,7 @@ impl Qcow2Driver {
             if flags.contains(ReqFlags::NO_FALLBACK) {
                 return Err(enotsup());
             }
-            self.write_impl(node, file, pos, &vec![0u8; (c_end - pos) as usize])
+            self.write_impl(node, file, pos, vec![0u8; (c_end - pos) as usize])
                 .await?;
             pos = c_end;
         }

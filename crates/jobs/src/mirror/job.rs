@@ -65,6 +65,22 @@ async fn next_turn() {
     tokio::time::sleep(Duration::ZERO).await;
 }
 
+/// How many writes to `target` the copies keep going at once: one into the page cache,
+/// where a file takes one buffered write at a time and further writers spin on its lock
+/// (taking the CPU the guest's requests need; measured with `bench/blockjobs.py`), more
+/// where the device queues them (O_DIRECT).
+fn writers_for(target: &Rc<Node>) -> usize {
+    let mut node = target.clone();
+    while let Some(f) = node.child("file") {
+        node = f;
+    }
+    if node.cache_mode().0 {
+        MAX_IN_FLIGHT
+    } else {
+        1
+    }
+}
+
 /// Why the job holds nodes of others blocked (QEMU's blocker texts).
 pub(crate) fn blocker(kind: JobType) -> String {
     format!("block device is in use by block job: {}", kind.as_str())
@@ -104,10 +120,15 @@ pub(crate) struct MirrorJob {
     prepared: Cell<bool>,
     initial_zeroing: Cell<bool>,
     len: Cell<u64>,
+    /// The granule after the last run copied: the next run starts there.
+    cursor: Cell<u64>,
     last_yield: Cell<tokio::time::Instant>,
     in_flight: Cell<usize>,
     bytes_in_flight: Cell<u64>,
     op_done: Notify,
+    /// Writes to the target at once: a file takes one buffered write at a time, and more
+    /// writers only spin on its lock (taking CPU from the guest's requests).
+    target_writers: tokio::sync::Semaphore,
 }
 
 impl MirrorJob {
@@ -123,6 +144,7 @@ impl MirrorJob {
         sync: Sync,
         base: Option<Rc<Node>>,
     ) -> MirrorJob {
+        let writers = writers_for(&target);
         MirrorJob {
             graph,
             kind,
@@ -147,10 +169,12 @@ impl MirrorJob {
             prepared: Cell::new(false),
             initial_zeroing: Cell::new(false),
             len: Cell::new(0),
+            cursor: Cell::new(0),
             last_yield: Cell::new(tokio::time::Instant::now()),
             in_flight: Cell::new(0),
             bytes_in_flight: Cell::new(0),
             op_done: Notify::new(),
+            target_writers: tokio::sync::Semaphore::new(writers),
         }
     }
 
@@ -228,6 +252,7 @@ impl MirrorJob {
                     .read(offset, bytes as usize)
                     .await
                     .map_err(|e| (true, e))?;
+                let _writer = self.target_writers.acquire().await;
                 target
                     .write(offset, data, ReqFlags::empty())
                     .await
@@ -321,7 +346,14 @@ impl MirrorJob {
         let shared = &self.shared;
         let g = shared.granularity;
         let len = self.len.get();
-        let Some(first) = shared.bitmap.next_dirty_granule(0) else {
+        // Onwards from where the last run ended, wrapping around (QEMU's dirty iterator):
+        // chunks written again behind the cursor wait for the next pass instead of the
+        // copies in flight.
+        let Some(first) = shared
+            .bitmap
+            .next_dirty_granule(self.cursor.get())
+            .or_else(|| shared.bitmap.next_dirty_granule(0))
+        else {
             return;
         };
         // Requests on the first chunk finish first; the run stops before any other chunk
@@ -339,6 +371,7 @@ impl MirrorJob {
             }
             chunks += 1;
         }
+        self.cursor.set(first + chunks);
         // Cleared before the status is asked: writes meanwhile mark their chunks again.
         let mut offset = first * g;
         shared.bitmap.reset_range(offset, chunks * g);
