@@ -96,8 +96,8 @@ impl CorDriver {
     }
 
     /// Reads whole clusters around the range and writes them into the child unchanged;
-    /// the range's bytes.
-    async fn copy_up(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    /// the range's bytes if `want` (a prefetch needs none and copies nothing more).
+    async fn copy_up(&self, offset: u64, len: u64, want: bool) -> io::Result<Vec<u8>> {
         let c = self.cluster();
         let size = self.file.len();
         let from = offset / c * c;
@@ -106,8 +106,12 @@ impl CorDriver {
         let _held = self.copying.claim(first, end).await;
         // Read after the claim: a write that finished first is what gets copied.
         let data = self.file.read(from, (to - from) as usize).await?;
-        let part = data[(offset - from) as usize..(offset - from + len) as usize].to_vec();
-        if data.iter().all(|&b| b == 0) {
+        let part = if want {
+            data[(offset - from) as usize..(offset - from + len) as usize].to_vec()
+        } else {
+            Vec::new()
+        };
+        if ferrite_block::io::is_zero(&data) {
             self.file
                 .write_zeroes(from, to - from, ReqFlags::empty())
                 .await?;
@@ -117,23 +121,50 @@ impl CorDriver {
         Ok(part)
     }
 
-    async fn read_impl(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    /// Reads the range, copying up what the child lacks; with `want` false (a prefetch)
+    /// only the copying is done.
+    async fn read_impl(&self, offset: u64, len: usize, want: bool) -> io::Result<Vec<u8>> {
         let end = offset + len as u64;
-        let mut out = Vec::with_capacity(len);
+        let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
             let (copy, n) = self.needs_copy(pos, end - pos).await?;
             let n = n.clamp(1, end - pos);
-            if copy {
-                out.extend(self.copy_up(pos, n).await?);
+            let piece = if copy {
+                self.copy_up(pos, n, want).await?
+            } else if want {
+                self.file.read(pos, n as usize).await?
             } else {
-                out.extend(self.file.read(pos, n as usize).await?);
+                Vec::new()
+            };
+            if want && pos == offset && n == len as u64 {
+                return Ok(piece);
             }
+            out.extend(piece);
             pos += n;
         }
         Ok(out)
     }
+}
 
+/// Copies what `node` (a `copy-on-read` node) lacks of `offset..offset + len` into its
+/// child without returning the data: the stream job's prefetch (QEMU's
+/// `BDRV_REQ_PREFETCH`).
+///
+/// # Errors
+/// EINVAL for another kind of node; the reads and writes failing.
+pub async fn populate(node: &Node, offset: u64, len: u64) -> io::Result<()> {
+    let any: &dyn std::any::Any = node.driver();
+    let cor = any
+        .downcast_ref::<CorDriver>()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    if offset.checked_add(len).is_none_or(|end| end > node.len()) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    cor.read_impl(offset, len as usize, false).await.map(drop)
+}
+
+impl CorDriver {
     /// A write (or zeroes, or discard) waits for copies of its clusters.
     async fn serialised<F: std::future::Future<Output = io::Result<()>>>(
         &self,
@@ -157,7 +188,7 @@ impl Driver for CorDriver {
     }
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(self.read_impl(offset, len))
+        Box::pin(self.read_impl(offset, len, true))
     }
 
     fn write<'a>(

@@ -8,7 +8,7 @@
 //! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
 
 pub mod cbw;
-mod cor;
+pub mod cor;
 mod error;
 mod file;
 mod lock;

@@ -241,10 +241,11 @@ impl StreamJob {
         }
         let len = self.node.len();
         job.progress_set_remaining(len);
-        let blk = self.blk.borrow().clone();
-        let Some(blk) = blk else {
+        // The copies go through the filter (its prefetch: nothing comes back); the job's
+        // reader holds the filter as QEMU's does.
+        if self.blk.borrow().is_none() {
             return Ok(());
-        };
+        }
         let mut error: Option<String> = None;
         let mut copied = 0;
         let mut offset = 0;
@@ -273,7 +274,9 @@ impl StreamJob {
                 }
             };
             let r = match step.await {
-                Ok((true, n)) => blk.read(offset, n as usize).await.map(|_| (true, n)),
+                Ok((true, n)) => ferrite_drivers::cor::populate(&self.filter_node, offset, n)
+                    .await
+                    .map(|()| (true, n)),
                 other => other,
             };
             match r {
