@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from blockjobs import export, qemu_io, run, wait_job_gone
+from conftest import wait_for
 
 
 def layer(path, size, backing=None, fmt="qcow2"):
@@ -226,6 +227,63 @@ def test_jobs_under_client_writes_keep_every_byte(both, job):
         assert "verification failed" not in r.stdout
         for f in ("top.qcow2", "l1.qcow2"):
             out.append(chain_of(w / f, w))
+        seen.append(out)
+    theirs, ours = seen
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, (i, a, b)
+
+
+@pytest.mark.parametrize("job", ["stream", "commit", "active-commit"])
+def test_job_verbs_in_every_state_match_qemu(both, job):
+    """A rate-limited stream or commit through its states: pause and resume, speed, a
+    complete it refuses (or, active, takes at ready), manual finalize and dismiss; replies,
+    query-block-jobs and events as qemu-storage-daemon gives them."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        chain(w)
+        q = d.connect()
+        open_chain(q, w)
+        common = {"job-id": "j", "device": "top", "speed": 65536, "auto-finalize": False,
+                  "auto-dismiss": False}
+        if job == "stream":
+            out = [q.cmd("block-stream", dict(common, **{"base-node": "base"}))]
+        elif job == "commit":
+            out = [q.cmd("block-commit", dict(common, **{"top-node": "l2"}))]
+        else:
+            out = [q.cmd("block-commit", common)]
+
+        def info():
+            jobs = q.cmd("query-block-jobs")["return"]
+            for j in jobs:
+                for k in ("offset", "len", "busy"):
+                    j.pop(k)
+            return jobs
+
+        def status(want):
+            wait_for(lambda: q.cmd("query-block-jobs")["return"][0]["status"] == want,
+                     what=f"the job to be {want}")
+
+        out.append(info())
+        out.append(q.cmd("block-job-complete", {"device": "j"}))
+        out.append(q.cmd("block-job-pause", {"device": "j"}))
+        status("paused")
+        out.append(info())
+        out.append(q.cmd("block-job-cancel", {"device": "j"}))
+        out.append(q.cmd("block-job-resume", {"device": "j"}))
+        out.append(q.cmd("block-job-set-speed", {"device": "j", "speed": 0}))
+        if job == "active-commit":
+            q.wait_event("BLOCK_JOB_READY")
+            out.append(info())
+            out.append(q.cmd("block-job-complete", {"device": "j"}))
+        q.wait_event("BLOCK_JOB_PENDING")
+        out.append(info())
+        out.append(q.cmd("block-job-dismiss", {"id": "j"}))
+        out.append(q.cmd("block-job-finalize", {"id": "j"}))
+        out.append(info())
+        out.append(q.cmd("block-job-dismiss", {"id": "j"}))
+        out.append(events(q))
+        out.append(nodes(q, w))
         seen.append(out)
     theirs, ours = seen
     for i, (a, b) in enumerate(zip(ours, theirs)):
