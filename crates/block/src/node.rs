@@ -147,6 +147,12 @@ impl Node {
         self.driver.filtered_child().and_then(|c| self.child(c))
     }
 
+    /// The next node down the chain: the filtered child, or the backing file (QEMU:
+    /// `bdrv_filter_or_cow_bs`).
+    pub fn below(&self) -> Option<Rc<Node>> {
+        self.filtered().or_else(|| self.child("backing"))
+    }
+
     /// The node below any filters (QEMU: `bdrv_skip_filters`).
     pub fn skip_filters(self: &Rc<Self>) -> Rc<Node> {
         let mut n = self.clone();

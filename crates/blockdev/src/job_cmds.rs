@@ -52,11 +52,6 @@ pub async fn qmp_drive_mirror(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
     Ok(())
 }
 
-/// The next node down `node`'s chain (QEMU: `bdrv_filter_or_cow_bs`).
-fn below(node: &Node) -> Option<Rc<Node>> {
-    node.filtered().or_else(|| node.child("backing"))
-}
-
 /// Whether `node` is `top` or down its chain.
 fn in_chain(top: &Rc<Node>, node: &Rc<Node>) -> bool {
     let mut at = Some(top.clone());
@@ -64,9 +59,18 @@ fn in_chain(top: &Rc<Node>, node: &Rc<Node>) -> bool {
         if Rc::ptr_eq(&n, node) {
             return true;
         }
-        at = below(&n);
+        at = n.below();
     }
     false
+}
+
+/// Node `name`, which must be `top` or down its chain (a commit's ends).
+fn node_in_chain(graph: &Graph, top: &Rc<Node>, name: &str) -> Result<Rc<Node>> {
+    let node = graph.lookup_node(name)?;
+    if !in_chain(top, &node) {
+        return Err(Error::NotInThisChain(name.to_owned()));
+    }
+    Ok(node)
 }
 
 /// The node of `top`'s chain that an image names `name` as its backing file, or whose
@@ -144,7 +148,7 @@ pub async fn qmp_block_stream(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
     }
     // Nothing the job would change may be in another's use.
     let end = match &bottom_bs {
-        Some(b) => below(b),
+        Some(b) => b.below(),
         None => base_bs.clone(),
     };
     let mut at = Some(node.clone());
@@ -153,7 +157,7 @@ pub async fn qmp_block_stream(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
             break;
         }
         graph.check_unblocked(&n)?;
-        at = below(&n);
+        at = n.below();
     }
     if base_bs.is_none() && args.opt_str("backing-file").is_some() {
         return Err(Error::BackingFileWithoutBase);
@@ -192,13 +196,7 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
     graph.check_unblocked(&node)?;
     let top = match (args.opt_str("top-node"), args.opt_str("top")) {
         (Some(_), Some(_)) => return Err(Error::NodeAndFile("top")),
-        (Some(t), None) => {
-            let t_node = graph.lookup_node(t)?;
-            if !in_chain(&node, &t_node) {
-                return Err(Error::NotInThisChain(t.to_owned()));
-            }
-            t_node
-        }
+        (Some(t), None) => node_in_chain(graph, &node, t)?,
         (None, Some(t)) if node.filename() != t => {
             find_backing_image(&node, t).ok_or_else(|| Error::TopNotFound(t.to_owned()))?
         }
@@ -206,13 +204,7 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
     };
     let base = match (args.opt_str("base-node"), args.opt_str("base")) {
         (Some(_), Some(_)) => return Err(Error::NodeAndFile("base")),
-        (Some(b), None) => {
-            let b_node = graph.lookup_node(b)?;
-            if !in_chain(&top, &b_node) {
-                return Err(Error::NotInThisChain(b.to_owned()));
-            }
-            b_node
-        }
+        (Some(b), None) => node_in_chain(graph, &top, b)?,
         (None, Some(b)) => {
             find_backing_image(&top, b).ok_or_else(|| Error::NotInChain(b.to_owned()))?
         }
@@ -226,14 +218,14 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
         }
     };
     // Everything from the top down to the base changes.
-    let end = below(&base);
+    let end = base.below();
     let mut at = Some(top.clone());
     while let Some(n) = at {
         if end.as_ref().is_some_and(|e| Rc::ptr_eq(e, &n)) {
             break;
         }
         graph.check_unblocked(&n)?;
-        at = below(&n);
+        at = n.below();
     }
     if Rc::ptr_eq(&top, &base) {
         return Err(Error::CommitIntoItself);
@@ -266,7 +258,7 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
     } else {
         // The overlay of the top changes its backing file.
         let mut overlay = node.clone();
-        while let Some(n) = below(&overlay) {
+        while let Some(n) = overlay.below() {
             if Rc::ptr_eq(&n, &top) {
                 break;
             }

@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, PhaseFuture};
 use crate::manager::{JobManager, JobOptions};
-use crate::mirror::{self, BackingMode, Setup, Sync, below};
+use crate::mirror::{self, BackingMode, Setup, Sync};
 use crate::types::{BlockErrorAction, JobType, MirrorCopyMode};
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags, unsupported};
 use ferrite_block::{
@@ -183,7 +183,7 @@ async fn setup(
     let overlay = {
         let mut at = d.top.clone();
         loop {
-            match below(&at) {
+            match at.below() {
                 Some(n) if Rc::ptr_eq(&n, &d.base) => break at,
                 Some(n) => at = n,
                 None => return Err(Error::SameTopAndBase),
@@ -228,7 +228,7 @@ async fn setup(
         if Rc::ptr_eq(&n, &d.base) {
             break;
         }
-        at = below(&n);
+        at = n.below();
     }
     for n in &blocked {
         graph.block(n, BLOCKED);

@@ -6,7 +6,6 @@
 use crate::error::{Error, Result};
 use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, PhaseFuture};
 use crate::manager::{JobManager, JobOptions};
-use crate::mirror::below;
 use crate::types::{BlockErrorAction, JobType};
 use ferrite_block::{BlockBackend, Graph, Node, Perm};
 use ferrite_qapi::Args;
@@ -51,7 +50,7 @@ pub struct StreamSetup {
 fn overlay_of(top: &Rc<Node>, base: Option<&Rc<Node>>) -> Option<Rc<Node>> {
     let mut at = top.clone();
     loop {
-        let next = below(&at);
+        let next = at.below();
         match (&next, base) {
             (Some(n), Some(b)) if Rc::ptr_eq(n, b) => return Some(at),
             (None, None) => return Some(at),
@@ -113,7 +112,7 @@ pub async fn start_stream(
             return Err(e.into());
         }
     };
-    let base = below(&above_base);
+    let base = above_base.below();
     let driver = Rc::new(StreamJob {
         graph: graph.clone(),
         node: node.clone(),
@@ -190,14 +189,14 @@ fn attach(
         Perm::empty(),
         basic | Perm::WRITE,
     )?;
-    let mut at = below(&driver.node);
+    let mut at = driver.node.below();
     while let Some(n) = at {
         if driver.base.as_ref().is_some_and(|b| Rc::ptr_eq(b, &n)) {
             break;
         }
         job.add_node(graph, &n, "intermediate node", Perm::empty(), basic)?;
         driver.intermediates.borrow_mut().push(n.clone());
-        at = below(&n);
+        at = n.below();
     }
     Ok(())
 }

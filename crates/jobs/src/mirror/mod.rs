@@ -73,7 +73,7 @@ pub(crate) fn chain_contains(of: &Rc<Node>, node: &Rc<Node>) -> bool {
         if Rc::ptr_eq(&n, node) {
             return true;
         }
-        at = below(&n);
+        at = n.below();
     }
     false
 }
@@ -253,7 +253,7 @@ pub(crate) fn hold_intermediates_from(
 ) -> Result<()> {
     let unfiltered_base = base.skip_filters();
     let mut shared = Perm::WRITE_UNCHANGED | Perm::WRITE;
-    let mut at = below(top);
+    let mut at = top.below();
     while let Some(n) = at {
         if Rc::ptr_eq(&n, base) {
             break;
@@ -262,15 +262,9 @@ pub(crate) fn hold_intermediates_from(
             shared |= Perm::CONSISTENT_READ;
         }
         job.add_node(graph, &n, "intermediate node", Perm::empty(), shared)?;
-        at = below(&n);
+        at = n.below();
     }
     Ok(())
-}
-
-/// The next node down `node`'s chain: its filtered child or its backing file (QEMU:
-/// `bdrv_filter_or_cow_bs`).
-pub(crate) fn below(node: &Node) -> Option<Rc<Node>> {
-    node.filtered().or_else(|| node.child("backing"))
 }
 
 /// What `blockdev-mirror` and `drive-mirror` have in common (QEMU:
