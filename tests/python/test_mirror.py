@@ -433,3 +433,54 @@ def test_mirror_block_graph_like_qemu(both):
         wait_job_gone(q, "m")
     theirs, ours = seen
     assert ours == theirs
+
+
+@pytest.mark.parametrize("job", ["mirror", "active-commit"])
+def test_pivot_while_a_client_writes_at_a_fixed_rate(both, job):
+    """A client writes the exported node every few milliseconds from before the job starts
+    until after job-complete has switched the export: every write lands (before, during and
+    after the switch) and reads back through the export and from the image left behind."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        q = d.connect()
+        if job == "mirror":
+            qcow2(w / "src.qcow2")
+            qcow2(w / "tgt.qcow2")
+            add(q, "src", w / "src.qcow2")
+            add(q, "tgt", w / "tgt.qcow2")
+            cmd = ("blockdev-mirror", {"job-id": "j", "device": "src", "target": "tgt",
+                                       "sync": "full"})
+            result, fmt = w / "tgt.qcow2", "qcow2"
+        else:
+            raw(w / "base.raw")
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+                w / "top.qcow2", "8M")
+            assert q.cmd("blockdev-add", {"driver": "raw", "node-name": "base",
+                                          "file": {"driver": "file",
+                                                   "filename": str(w / "base.raw")}}) \
+                == {"return": {}}
+            add(q, "src", w / "top.qcow2", backing="base")
+            cmd = ("block-commit", {"job-id": "j", "device": "src"})
+            result, fmt = w / "base.raw", "raw"
+        uri = export(q, d, "src", "e", True)
+        ops = []
+        for i in range(120):
+            ops += ["-c", f"write -P {i % 250 + 1} {i * 64}k 4k", "-c", "sleep 10"]
+        writer = subprocess.Popen(["qemu-io", "-f", "raw", *ops, uri],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out = [q.cmd(*cmd)]
+        q.wait_event("BLOCK_JOB_READY")
+        out.append(q.cmd("block-job-complete", {"device": "j"}))
+        wait_job_gone(q, "j")
+        log = writer.communicate(timeout=60)[0]
+        assert writer.returncode == 0 and "failed" not in log, log
+        reads = [op.replace("write", "read") for op in ops[1::4]]
+        qemu_io(uri, *reads, read_only=True)
+        out.append([(e["id"], e["node-name"]) for e in q.cmd("query-block-exports")["return"]])
+        d.stop()
+        r = run("qemu-io", "-f", fmt, *[a for op in reads for a in ("-c", op)], result)
+        assert "Pattern verification failed" not in r.stdout, r.stdout
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
