@@ -4,6 +4,7 @@ atomically while a client writes give an incremental chain equal to the source."
 import subprocess
 import threading
 
+from conftest import wait_for
 from test_backup import add, export, incremental_chain, qcow2, run, wait_job_gone
 
 
@@ -59,6 +60,9 @@ def test_transactions_match_qemu(both):
                                                  "target": "tgt2", "sync": "full"}}],
             "properties": {"completion-mode": "grouped"}}))
         # g2 finishes its copy but waits for g1; cancelling g1 cancels both.
+        wait_for(lambda: any(j["id"] == "g2" and j["status"] == "waiting"
+                             for j in q.cmd("query-jobs")["return"]),
+                 timeout=60, what="g2 to wait for g1")
         out.append(q.cmd("block-job-cancel", {"device": "g1", "force": True}))
         wait_job_gone(q, "g1")
         wait_job_gone(q, "g2")

@@ -36,15 +36,15 @@ impl Qcow2Driver {
             let off = offset + pos;
             let gc = off / cs;
             let in_off = off % cs;
-            let (e, bm) = {
-                let mut m = self.meta.lock().await;
-                m.l2_entry(file, gc).await?
-            };
+            // One hold of the metadata lock maps the whole run this step writes.
+            let mut m = self.meta.lock().await;
+            let (e, bm) = m.l2_entry(file, gc).await?;
             let kind = entry::decode(e, self.cluster_bits, self.extended);
             let n = (cs - in_off).min(len - pos);
             match kind {
                 Cluster::Normal { host, copied: true } => {
                     if self.extended {
+                        drop(m);
                         self.write_subclusters(
                             node,
                             file,
@@ -60,14 +60,8 @@ impl Qcow2Driver {
                     }
                     // In place; extend over following clusters mapped contiguously.
                     let mut run = n;
-                    loop {
-                        if pos + run >= len {
-                            break;
-                        }
-                        let (e2, _) = {
-                            let mut m = self.meta.lock().await;
-                            m.l2_entry(file, gc + run.div_ceil(cs)).await?
-                        };
+                    while pos + run < len {
+                        let (e2, _) = m.l2_entry(file, gc + run.div_ceil(cs)).await?;
                         match entry::decode(e2, self.cluster_bits, false) {
                             Cluster::Normal {
                                 host: h2,
@@ -77,11 +71,9 @@ impl Qcow2Driver {
                         }
                         run += cs.min(len - pos - run);
                     }
-                    {
-                        let mut m = self.meta.lock().await;
-                        m.check_data_cluster(file, gc, host)?;
-                        m.check_overlap(host + in_off, run)?;
-                    }
+                    m.check_data_cluster(file, gc, host)?;
+                    m.check_overlap(host + in_off, run)?;
+                    drop(m);
                     let part = if pos == 0 && run == len {
                         std::mem::take(&mut data)
                     } else {
@@ -95,10 +87,7 @@ impl Qcow2Driver {
                     let mut clusters = 1u64;
                     if !self.extended {
                         while pos + (cs - in_off) + (clusters - 1) * cs < len {
-                            let (e2, _) = {
-                                let mut m = self.meta.lock().await;
-                                m.l2_entry(file, gc + clusters).await?
-                            };
+                            let (e2, _) = m.l2_entry(file, gc + clusters).await?;
                             if matches!(
                                 entry::decode(e2, self.cluster_bits, false),
                                 Cluster::Normal { copied: true, .. }
@@ -111,6 +100,7 @@ impl Qcow2Driver {
                             }
                         }
                     }
+                    drop(m);
                     let end = (gc + clusters) * cs;
                     let n = end.min(offset + len) - off;
                     if pos == 0 && n == len && in_off == 0 && n == clusters * cs {

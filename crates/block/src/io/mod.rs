@@ -6,6 +6,8 @@
 //! across an await.
 
 pub mod aligned;
+mod lane;
+mod nowait;
 pub mod pool;
 mod threads;
 mod uring;
@@ -73,6 +75,31 @@ pub fn is_zero(buf: &[u8]) -> bool {
         }
     }
     blocks.remainder().iter().all(|&x| x == 0)
+}
+
+/// A buffered write: done on the calling thread when the page cache takes it at once (see
+/// [`nowait`]), otherwise (what is left of it) on the file's write lane (see [`lane`]).
+fn pwrite_buffered(file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
+    let mut done = 0;
+    if data.len() <= nowait::NOWAIT_MAX {
+        match nowait::write(file, offset, &data) {
+            Ok(p) => done = p.done,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        }
+    }
+    if done == data.len() {
+        pool::give(data);
+        return Box::pin(std::future::ready(Ok(())));
+    }
+    // Only a write the kernel cut short (dirty-page throttling) leaves a tail to copy.
+    let rest = if done == 0 {
+        data
+    } else {
+        data[done..].to_vec()
+    };
+    let w = lane::pwrite(file, offset + done as u64, rest);
+    // The buffer comes back so that it is freed (or reused) on the calling thread.
+    Box::pin(async move { w.await.map(pool::give) })
 }
 
 /// Runs a blocking file operation on the thread pool.

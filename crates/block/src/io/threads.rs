@@ -27,50 +27,6 @@ fn read_into(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads at most this much on the calling thread when the page cache has it.
-const NOWAIT_MAX: usize = 64 << 10;
-
-/// Reads what the page cache already holds without blocking (`RWF_NOWAIT`), so a cached read
-/// costs one syscall instead of a round trip through the thread pool. Returns how many bytes
-/// were read, stopping at the first byte that would need the disk, or at the end of the file
-/// (`eof`).
-fn read_cached(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-    use std::os::fd::AsRawFd;
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        let iov = libc::iovec {
-            iov_base: rest.as_mut_ptr().cast(),
-            iov_len: rest.len(),
-        };
-        // SAFETY: `iov` describes `rest`, a live, exclusively borrowed buffer of exactly
-        // `iov_len` bytes, and the descriptor belongs to `file`, open for the whole call.
-        let n = unsafe {
-            libc::preadv2(
-                file.as_raw_fd(),
-                &raw const iov,
-                1,
-                (offset + done as u64) as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        };
-        match n {
-            0 => return Ok((done, true)),
-            n if n > 0 => done += n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    // Not cached, or the kernel cannot tell without blocking.
-                    Some(libc::EAGAIN | libc::EOPNOTSUPP) => return Ok((done, false)),
-                    _ => return Err(e),
-                }
-            }
-        }
-    }
-    Ok((done, false))
-}
-
 impl IoBackend for ThreadPool {
     fn pread(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>> {
         let file = file.clone();
@@ -78,13 +34,13 @@ impl IoBackend for ThreadPool {
         // pile up in the worker threads' allocator arenas.
         let mut buf = super::pool::take(len);
         let mut done = 0;
-        if len <= NOWAIT_MAX {
-            match read_cached(&file, offset, &mut buf) {
-                Ok((n, eof)) if n == len || eof => {
-                    buf[n..].fill(0);
+        if len <= super::nowait::NOWAIT_MAX {
+            match super::nowait::read(&file, offset, &mut buf) {
+                Ok(p) if p.done == len || p.eof => {
+                    buf[p.done..].fill(0);
                     return Box::pin(async move { Ok(buf) });
                 }
-                Ok((n, _)) => done = n,
+                Ok(p) => done = p.done,
                 Err(e) => return Box::pin(async move { Err(e) }),
             }
         }
@@ -92,10 +48,7 @@ impl IoBackend for ThreadPool {
     }
 
     fn pwrite(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
-        let file = file.clone();
-        // Hand the buffer back so that it is freed on the main thread, like reads' buffers.
-        let w = blocking(move || file.write_all_at(&data, offset).map(|()| data));
-        Box::pin(async move { w.await.map(super::pool::give) })
+        super::pwrite_buffered(file, offset, data)
     }
 
     fn pread_direct(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>> {
@@ -135,7 +88,7 @@ impl IoBackend for ThreadPool {
 
 #[cfg(test)]
 mod tests {
-    use super::{IoBackend, ThreadPool, read_cached};
+    use super::{IoBackend, ThreadPool};
     use std::io::Write;
     use std::sync::Arc;
 
@@ -145,17 +98,6 @@ mod tests {
         t.flush().expect("flush");
         let f = Arc::new(std::fs::File::open(t.path()).expect("open"));
         (t, f)
-    }
-
-    #[test]
-    fn cached_reads_stop_at_the_end_of_the_file() {
-        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
-        let (_t, f) = file_with(&data);
-        let mut buf = vec![0xff; 4096];
-        // Just written, so cached: all of it, or (if the kernel cannot tell) nothing.
-        let (n, eof) = read_cached(&f, 8192, &mut buf).expect("read");
-        assert!(eof || n == 0, "read {n} bytes, eof {eof}");
-        assert_eq!(buf[..n], data[8192..8192 + n]);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -284,8 +284,10 @@ impl IoBackend for Uring {
     }
 
     fn pwrite(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
-        let f = self.submit(file, offset, Op::Write, data, OpKind::Write);
-        Box::pin(async move { f.await.map(drop) })
+        // Not through the ring: where the file system takes non-blocking buffered writes they
+        // are done inline, as io_uring would; where it does not, io_uring would punt them to
+        // its worker threads, and a write lane does the same for less (see `lane`).
+        super::pwrite_buffered(file, offset, data)
     }
 
     fn pread_direct(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>> {

@@ -1,0 +1,171 @@
+//! Page-cache I/O on the calling thread, without blocking (`RWF_NOWAIT`): what the page cache
+//! can serve or take right now costs one system call instead of a hand-off to another thread.
+//! Whatever would wait (data not cached, a lock held, dirty-page throttling) is left for the
+//! caller to hand off.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Weak};
+
+/// Requests at most this large are tried on the calling thread.
+pub(super) const NOWAIT_MAX: usize = 64 << 10;
+
+/// How far a non-blocking transfer got.
+pub(super) struct Partial {
+    /// Bytes transferred from the start.
+    pub done: usize,
+    /// A read reached the end of the file.
+    pub eof: bool,
+}
+
+fn transfer(
+    file: &Arc<File>,
+    offset: u64,
+    buf: *mut u8,
+    len: usize,
+    write: bool,
+) -> io::Result<Partial> {
+    let mut done = 0;
+    while done < len {
+        let iov = libc::iovec {
+            // SAFETY: `done < len`, so the pointer stays inside the caller's buffer.
+            iov_base: unsafe { buf.add(done) }.cast(),
+            iov_len: len - done,
+        };
+        let at = (offset + done as u64) as libc::off_t;
+        // SAFETY: `iov` describes the rest of a live buffer of `len` bytes that the caller
+        // borrows for this call (exclusively when reading), and the descriptor belongs to
+        // `file`, open for the whole call.
+        let n = unsafe {
+            if write {
+                libc::pwritev2(file.as_raw_fd(), &raw const iov, 1, at, libc::RWF_NOWAIT)
+            } else {
+                libc::preadv2(file.as_raw_fd(), &raw const iov, 1, at, libc::RWF_NOWAIT)
+            }
+        };
+        match n {
+            0 if !write => return Ok(Partial { done, eof: true }),
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    // Would block, or the file system cannot tell without blocking.
+                    Some(libc::EAGAIN) => return Ok(Partial { done, eof: false }),
+                    Some(libc::EOPNOTSUPP) => {
+                        if write {
+                            learn_refusal(file);
+                        }
+                        return Ok(Partial { done, eof: false });
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(Partial { done, eof: false })
+}
+
+/// Reads what the page cache already holds into `buf`, stopping at the first byte that would
+/// need the disk or at the end of the file.
+pub(super) fn read(file: &Arc<File>, offset: u64, buf: &mut [u8]) -> io::Result<Partial> {
+    transfer(file, offset, buf.as_mut_ptr(), buf.len(), false)
+}
+
+/// Writes as much of `data` as the page cache takes without blocking. File systems that
+/// refuse non-blocking buffered writes (ext4, tmpfs; XFS and btrfs take them) are remembered
+/// per descriptor and not asked again.
+pub(super) fn write(file: &Arc<File>, offset: u64, data: &[u8]) -> io::Result<Partial> {
+    if refuses_writes(file) {
+        return Ok(Partial {
+            done: 0,
+            eof: false,
+        });
+    }
+    // The kernel only reads through this pointer for a write.
+    transfer(file, offset, data.as_ptr().cast_mut(), data.len(), true)
+}
+
+thread_local! {
+    /// Files whose file system refused a non-blocking write, by descriptor. The weak
+    /// reference keeps the `File`'s allocation, so a pointer match means the same open file
+    /// even when the descriptor number has been reused.
+    static REFUSING: RefCell<HashMap<RawFd, Weak<File>>> = RefCell::new(HashMap::new());
+}
+
+/// Whether `file` is known to refuse non-blocking writes.
+fn refuses_writes(file: &Arc<File>) -> bool {
+    REFUSING.with(|r| {
+        r.borrow()
+            .get(&file.as_raw_fd())
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(file)))
+    })
+}
+
+/// Records that `file` refuses non-blocking writes.
+fn learn_refusal(file: &Arc<File>) {
+    REFUSING.with(|r| {
+        r.borrow_mut()
+            .insert(file.as_raw_fd(), Arc::downgrade(file))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+
+    fn file_with(data: &[u8]) -> (tempfile::NamedTempFile, Arc<std::fs::File>) {
+        let mut t = tempfile::NamedTempFile::new().expect("temp file");
+        t.write_all(data).expect("write");
+        t.flush().expect("flush");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(t.path())
+            .expect("open");
+        (t, Arc::new(f))
+    }
+
+    #[test]
+    fn cached_reads_stop_at_the_end_of_the_file() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let (_t, f) = file_with(&data);
+        let mut buf = vec![0xff; 4096];
+        // Just written, so cached: all of it, or (if the kernel cannot tell) nothing.
+        let p = super::read(&f, 8192, &mut buf).expect("read");
+        assert!(p.eof || p.done == 0, "read {} bytes, eof {}", p.done, p.eof);
+        assert_eq!(buf[..p.done], data[8192..8192 + p.done]);
+    }
+
+    #[test]
+    fn writes_land_whole_or_are_left_to_the_caller_and_refusal_is_remembered() {
+        let (_t, f) = file_with(&[0u8; 16384]);
+        for round in 0..2u8 {
+            let data = vec![round + 1; 4096];
+            let p = super::write(&f, 4096, &data).expect("write");
+            let mut got = vec![0u8; 4096];
+            f.read_exact_at(&mut got, 4096).expect("read back");
+            if p.done == 4096 {
+                assert_eq!(got, data);
+            } else {
+                // The file system refused (ext4, tmpfs) or would have blocked.
+                assert!(p.done < 4096);
+                assert_eq!(got[..p.done], data[..p.done]);
+            }
+        }
+        // Another open file on a reused descriptor number is asked afresh.
+        if super::refuses_writes(&f) {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*f);
+            drop(f);
+            let (_t2, g) = file_with(&[0u8; 4096]);
+            if std::os::fd::AsRawFd::as_raw_fd(&*g) == fd {
+                assert!(!super::refuses_writes(&g));
+            }
+        }
+    }
+}
