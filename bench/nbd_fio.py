@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """fio's nbd engine over a unix-socket NBD export of a raw file node, iodepth 16, against
 ferrite-storage-daemon and qemu-storage-daemon in the same run (default options and
-aio=io_uring). Prints IOPS / bandwidth and the ratio ferrite/qsd (higher is better), and
-resident memory with one export and one client."""
+aio=io_uring), with nbdkit's file plugin as a non-QEMU anchor (it has no aio choice: the same
+figure stands beside both). Prints IOPS / bandwidth and the ratio ferrite/qsd (higher is
+better), resident memory with one export and one client, and what fio reaches writing the
+file itself from one thread (no NBD), the ceiling a server's random writes are held to."""
 import os
 import subprocess
 import tempfile
@@ -33,18 +35,35 @@ def daemon_args(binary, d, img, aio, sock):
             "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
 
 
+def nbdkit_args(d, img, sock):
+    return ["nbdkit", "--foreground", "--unix", sock, "--exportname=d0", "file", f"file={img}"]
+
+
 def fio(sock, extra):
     return common.fio(f"nbd+unix:///d0?socket={sock}", SIZE, RUNTIME, extra)
 
 
+def image(d):
+    """A fully written image, so reads hit data rather than holes."""
+    img = os.path.join(d, "disk.raw")
+    subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=1024",
+                    "status=none"], check=True)
+    return img
+
+
+def direct_write(img):
+    """4k random writes by fio's psync engine from one thread, straight to the file."""
+    return common.fio_run(["--ioengine=psync", f"--filename={img}", f"--size={SIZE}",
+                           f"--runtime={RUNTIME}", "--rw=randwrite", "--bs=4k"])[0]
+
+
 def measure(binary, aio):
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
-        img = os.path.join(d, "disk.raw")
-        # A fully written image, so reads hit data rather than holes.
-        subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=1024",
-                        "status=none"], check=True)
+        img = image(d)
         sock = os.path.join(d, "nbd.sock")
-        with common.running(daemon_args(binary, d, img, aio, sock), sock) as p:
+        args = nbdkit_args(d, img, sock) if binary == "nbdkit" else \
+            daemon_args(binary, d, img, aio, sock)
+        with common.running(args, sock) as p:
             results = {}
             peak = [0]
             stop = threading.Event()
@@ -66,7 +85,8 @@ def measure(binary, aio):
 def main():
     common.require_built(FERRITE)
     print(f"fio nbd engine, iodepth 16, {RUNTIME}s per job, 1 GiB raw file node")
-    print(f"{'':26}{'ferrite':>14}{'qsd':>14}{'ratio':>8}")
+    print(f"{'':26}{'ferrite':>14}{'qsd':>14}{'ratio':>8}{'nbdkit':>14}")
+    k = measure("nbdkit", False)
     for aio in (False, True):
         label = "aio=io_uring" if aio else "default"
         q = measure(QSD, aio)
@@ -74,11 +94,20 @@ def main():
         for name, _ in JOBS:
             fi, fb = f[name]
             qi, qb = q[name]
+            ki, kb = k[name]
             if "1M" in name:
-                print(f"{label + ' ' + name:26}{fb:11.0f}MiB/s{qb:9.0f}MiB/s{fb / qb:8.2f}")
+                print(f"{label + ' ' + name:26}{fb:11.0f}MiB/s{qb:9.0f}MiB/s{fb / qb:8.2f}"
+                      f"{kb:9.0f}MiB/s")
             else:
-                print(f"{label + ' ' + name:26}{fi:10.0f}iops{qi:10.0f}iops{fi / qi:8.2f}")
-        print(f"{label + ' peak RSS (KiB)':26}{f['rss']:14d}{q['rss']:14d}{f['rss'] / q['rss']:8.2f}")
+                print(f"{label + ' ' + name:26}{fi:10.0f}iops{qi:10.0f}iops{fi / qi:8.2f}"
+                      f"{ki:10.0f}iops")
+        print(f"{label + ' peak RSS (KiB)':26}{f['rss']:14d}{q['rss']:14d}"
+              f"{f['rss'] / q['rss']:8.2f}{k['rss']:14d}")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
+        direct = direct_write(image(d))
+    ours = f["rand write 4k"][0]
+    print(f"{'fio psync 1 thread, file':26}{direct:10.0f}iops   (io_uring rand write 4k is "
+          f"{ours / direct:.2f} of it)")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 //! Block copy: the clusters of a source still to be copied to a target, and the copying
 //! itself, shared by a `copy-before-write` filter (which copies what a write is about to
 //! change) and a backup job (which copies the rest in the background). A cluster is copied at
-//! most once, and a write waits for the copy of its clusters in flight (QEMU: block-copy.c).
+//! at least once and counted once, and a write waits for the copy of its clusters in flight
+//! (QEMU: block-copy.c), but never for more than the copy of its own clusters: a write that
+//! finds its cluster inside a background run (up to a megabyte) copies that cluster itself as
+//! soon as the run has read it, instead of waiting for the run's whole write.
 
 use crate::bitmap::DirtyBitmap;
 use crate::child::Child;
 use crate::driver::ReqFlags;
 use crate::node::Node;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::rc::Rc;
 use tokio::sync::Notify;
@@ -53,14 +56,37 @@ pub fn min_cluster_size(v: Option<u64>) -> crate::Result<u64> {
     }
 }
 
+/// Clusters being copied by one request.
+struct Run {
+    clusters: u64,
+    /// The source has been read: the clusters' old data is safe in memory, and reading the
+    /// source again gives the same data until a write to them goes ahead.
+    read: Cell<bool>,
+    /// Woken when the read is done and when the run ends.
+    notify: Notify,
+}
+
+impl Run {
+    fn new(clusters: u64) -> Rc<Run> {
+        Rc::new(Run {
+            clusters,
+            read: Cell::new(false),
+            notify: Notify::new(),
+        })
+    }
+}
+
 /// The to-copy state of a source.
 pub struct BlockCopy {
     cluster: u64,
     len: u64,
     /// Clusters still to copy.
     dirty: Rc<DirtyBitmap>,
-    /// Clusters being copied now, with whom to wake when done.
-    in_flight: RefCell<HashMap<u64, Rc<Notify>>>,
+    /// Clusters being copied now, by the run copying them.
+    in_flight: RefCell<HashMap<u64, Rc<Run>>>,
+    /// Clusters a write copied itself while a run had them in flight: the run does not
+    /// count them again.
+    stolen: RefCell<HashSet<u64>>,
     /// Write the target compressed (whole clusters).
     compress: bool,
     /// Discard what was copied from the source (backup's `discard-source`).
@@ -79,6 +105,7 @@ impl BlockCopy {
             len,
             dirty,
             in_flight: RefCell::new(HashMap::new()),
+            stolen: RefCell::new(HashSet::new()),
             compress,
             discard_source: Cell::new(false),
             copied: Cell::new(0),
@@ -170,7 +197,7 @@ impl BlockCopy {
                 .clone()
                 .find_map(|c| self.in_flight.borrow().get(&c).cloned());
             match busy {
-                Some(n) => n.notified().await,
+                Some(run) => run.notify.notified().await,
                 None => return,
             }
         }
@@ -182,8 +209,8 @@ impl BlockCopy {
     }
 
     /// Copies every cluster of `offset..offset + len` still to copy from `source` to
-    /// `target`, waiting for those another request is copying. Returns the bytes this call
-    /// copied.
+    /// `target`, waiting for those another request is copying (the background copy).
+    /// Returns the bytes this call copied.
     ///
     /// # Errors
     /// The source or the target failing; the clusters concerned stay to copy.
@@ -194,6 +221,33 @@ impl BlockCopy {
         offset: u64,
         len: u64,
     ) -> Result<u64, CopyError> {
+        self.copy_range(source, target, offset, len, false).await
+    }
+
+    /// As [`BlockCopy::copy`], for a write about to change `offset..offset + len`: a
+    /// cluster that a longer run is copying is copied here as soon as the run has read it,
+    /// so the write waits for its own clusters' copy only.
+    ///
+    /// # Errors
+    /// As [`BlockCopy::copy`].
+    pub async fn copy_before_write(
+        &self,
+        source: &Child,
+        target: &Child,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, CopyError> {
+        self.copy_range(source, target, offset, len, true).await
+    }
+
+    async fn copy_range(
+        &self,
+        source: &Child,
+        target: &Child,
+        offset: u64,
+        len: u64,
+        steal: bool,
+    ) -> Result<u64, CopyError> {
         if len == 0 || offset >= self.len {
             return Ok(0);
         }
@@ -203,8 +257,15 @@ impl BlockCopy {
         let mut c = first;
         while c < end {
             let busy = self.in_flight.borrow().get(&c).cloned();
-            if let Some(n) = busy {
-                n.notified().await;
+            if let Some(run) = busy {
+                // Not with `discard-source`: the run discards its range from the source
+                // when it ends, which a second read must not see.
+                if steal && run.clusters > 1 && run.read.get() && !self.discard_source.get() {
+                    done += self.copy_stolen(source, target, c).await?;
+                    c += 1;
+                } else {
+                    run.notify.notified().await;
+                }
                 continue;
             }
             if !self.is_dirty(c) {
@@ -226,6 +287,28 @@ impl BlockCopy {
         Ok(done)
     }
 
+    /// Marks clusters `c..c + n` as copied by `run`.
+    fn start(&self, c: u64, n: u64) -> Rc<Run> {
+        let run = Run::new(n);
+        let mut in_flight = self.in_flight.borrow_mut();
+        for k in c..c + n {
+            in_flight.insert(k, run.clone());
+        }
+        run
+    }
+
+    /// Unmarks what `run` still holds of `c..c + n` and wakes its waiters.
+    fn finish(&self, run: &Rc<Run>, c: u64, n: u64) {
+        let mut in_flight = self.in_flight.borrow_mut();
+        for k in c..c + n {
+            if in_flight.get(&k).is_some_and(|r| Rc::ptr_eq(r, run)) {
+                in_flight.remove(&k);
+            }
+        }
+        drop(in_flight);
+        run.notify.notify_waiters();
+    }
+
     async fn copy_run(
         &self,
         source: &Child,
@@ -233,27 +316,52 @@ impl BlockCopy {
         c: u64,
         n: u64,
     ) -> Result<u64, CopyError> {
-        let notify = Rc::new(Notify::new());
-        for k in c..c + n {
-            self.in_flight.borrow_mut().insert(k, notify.clone());
-        }
+        let run = self.start(c, n);
         let start = c * self.cluster;
         let bytes: u64 = (c..c + n).map(|k| self.bytes_of(k)).sum();
-        let r = self.transfer(source, target, start, bytes).await;
+        let r = self
+            .transfer(source, target, start, bytes, Some(&run))
+            .await;
+        let mut counted = 0;
         for k in c..c + n {
-            self.in_flight.borrow_mut().remove(&k);
+            // A write copied this one itself meanwhile, and counted it.
+            if self.stolen.borrow_mut().remove(&k) {
+                continue;
+            }
             if r.is_ok() {
                 self.dirty.set_granule(k, false);
+                counted += self.bytes_of(k);
             }
         }
-        notify.notify_waiters();
+        self.finish(&run, c, n);
         r?;
-        self.copied.set(self.copied.get() + bytes);
+        self.copied.set(self.copied.get() + counted);
         if self.discard_source.get() {
             // As QEMU: the source's answer does not matter, the copy is made.
             let _ = source.discard(start, bytes).await;
         }
-        Ok(bytes)
+        Ok(counted)
+    }
+
+    /// Copies cluster `c`, which a longer run has read but not yet written, for a write that
+    /// must not wait for the rest of that run. The source still holds what the run read
+    /// (writes to `c` wait for this copy), so both copies write the same bytes and either
+    /// may land last.
+    async fn copy_stolen(&self, source: &Child, target: &Child, c: u64) -> Result<u64, CopyError> {
+        let mine = self.start(c, 1);
+        // The run skips the cluster when it ends (and removes this mark): whatever becomes
+        // of the run, this copy decides.
+        self.stolen.borrow_mut().insert(c);
+        let bytes = self.bytes_of(c);
+        let r = self
+            .transfer(source, target, c * self.cluster, bytes, None)
+            .await;
+        if r.is_ok() {
+            self.dirty.set_granule(c, false);
+            self.copied.set(self.copied.get() + bytes);
+        }
+        self.finish(&mine, c, 1);
+        r.map(|()| bytes)
     }
 
     /// Moves one range: zeroes as zeroes (never skipped: a target backed by the source
@@ -266,6 +374,7 @@ impl BlockCopy {
         target: &Child,
         offset: u64,
         len: u64,
+        run: Option<&Run>,
     ) -> Result<(), CopyError> {
         // Whole target clusters per piece, for compressed writes.
         let piece = MAX_CHUNK.max(target.node().cluster_size().unwrap_or(0));
@@ -277,6 +386,12 @@ impl BlockCopy {
                 .read(at, n as usize)
                 .await
                 .map_err(|error| CopyError { read: true, error })?;
+            if at + n == end {
+                if let Some(run) = run {
+                    run.read.set(true);
+                    run.notify.notify_waiters();
+                }
+            }
             let r = if crate::io::is_zero(&data) {
                 target.write_zeroes(at, n, ReqFlags::empty()).await
             } else if self.compress {

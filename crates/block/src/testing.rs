@@ -29,7 +29,8 @@ impl Counts {
 }
 
 /// The `counting` driver: a memory disk of `size` bytes (default 64 MiB) answering each
-/// request after `latency-ns`, counting what reaches it in the shared [`Counts`].
+/// request after `latency-ns`, and each write after `write-ns-per-kib` more per KiB (a
+/// device whose writes cost their size), counting what reaches it in the shared [`Counts`].
 pub struct CountingFactory {
     /// The counters every node of this factory adds to.
     pub counts: Rc<Counts>,
@@ -64,6 +65,7 @@ impl DriverFactory for CountingFactory {
             Ok(Box::new(Counting {
                 data: RefCell::new(vec![0; size as usize]),
                 latency: Duration::from_nanos(opts.opt_u64("latency-ns").unwrap_or(0)),
+                write_per_kib: Duration::from_nanos(opts.opt_u64("write-ns-per-kib").unwrap_or(0)),
                 counts: self.counts.clone(),
             }) as Box<dyn Driver>)
         })
@@ -73,6 +75,7 @@ impl DriverFactory for CountingFactory {
 struct Counting {
     data: RefCell<Vec<u8>>,
     latency: Duration,
+    write_per_kib: Duration,
     counts: Rc<Counts>,
 }
 
@@ -112,6 +115,10 @@ impl Driver for Counting {
         Box::pin(async move {
             self.counts.writes.set(self.counts.writes.get() + 1);
             self.delay().await;
+            let kib = u32::try_from(data.len() / 1024).unwrap_or(u32::MAX);
+            if !self.write_per_kib.is_zero() {
+                tokio::time::sleep(self.write_per_kib * kib).await;
+            }
             let o = offset as usize;
             self.data.borrow_mut()[o..o + data.len()].copy_from_slice(&data);
             Ok(())

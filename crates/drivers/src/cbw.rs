@@ -243,7 +243,7 @@ impl CbwDriver {
         let Some(limit) = self.timeout else {
             return snap
                 .copy
-                .copy(&snap.source, &snap.target, offset, len)
+                .copy_before_write(&snap.source, &snap.target, offset, len)
                 .await
                 .map(drop)
                 .map_err(Into::into);
@@ -251,7 +251,7 @@ impl CbwDriver {
         let snap = snap.clone();
         let task = tokio::task::spawn_local(async move {
             snap.copy
-                .copy(&snap.source, &snap.target, offset, len)
+                .copy_before_write(&snap.source, &snap.target, offset, len)
                 .await
                 .map(drop)
         });

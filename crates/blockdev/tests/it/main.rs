@@ -1,5 +1,6 @@
 //! The block commands and the jobs they start, through the public API, on fake drivers.
 
+mod cbw;
 mod drain;
 mod stack;
 
