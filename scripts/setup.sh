@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ferrite's tests need on a fresh machine of the project's kind (Debian 12, root):
-# the QEMU 10.0.2 tools (the oracle), libnbd tools, nbdkit, fio, and a Python venv with qemu.qmp.
+# the QEMU 10.0.2 tools (the oracle), libnbd tools, nbdkit, fio, xfsprogs, and a Python venv
+# with qemu.qmp.
 # Idempotent: what is already there is not installed again. Names no hosts: the backports suite
 # is derived from the machine's own apt sources (reference/dependencies.md §7).
 set -euo pipefail
@@ -12,6 +13,8 @@ qemu_ok || need_apt+=(qemu-utils)
 command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
 command -v nbdkit >/dev/null || need_apt+=(nbdkit)
 command -v fio >/dev/null || need_apt+=(fio)
+# XFS takes non-blocking buffered writes (ext4 does not): the write-path tests mount one.
+command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)
 [ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
