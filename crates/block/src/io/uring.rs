@@ -280,7 +280,36 @@ impl Inner {
 
 impl IoBackend for Uring {
     fn pread(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>> {
-        self.submit(file, offset, Op::Read, super::pool::take(len), OpKind::Read)
+        let mut buf = super::pool::take(len);
+        // What the page cache holds is copied at once, as the thread pool does: the ring
+        // would copy it at submission too, but report it only after an eventfd wake-up.
+        if len <= super::nowait::NOWAIT_MAX {
+            match super::nowait::read(file, offset, &mut buf) {
+                Ok(p) if p.done == len || p.eof => {
+                    buf[p.done..].fill(0);
+                    return Box::pin(std::future::ready(Ok(buf)));
+                }
+                Ok(p) if p.done > 0 => {
+                    // The rest from the ring, into the same buffer's tail.
+                    let head = p.done;
+                    let tail = self.submit(
+                        file,
+                        offset + head as u64,
+                        Op::Read,
+                        super::pool::take(len - head),
+                        OpKind::Read,
+                    );
+                    return Box::pin(async move {
+                        let t = tail.await?;
+                        buf[head..].copy_from_slice(&t);
+                        Ok(buf)
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => return Box::pin(std::future::ready(Err(e))),
+            }
+        }
+        self.submit(file, offset, Op::Read, buf, OpKind::Read)
     }
 
     fn pwrite(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
