@@ -357,3 +357,51 @@ impl IoBackend for Uring {
         "io_uring"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{IoBackend, Uring};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+
+    #[test]
+    fn reads_partly_cached_partly_not_come_back_whole() {
+        let data: Vec<u8> = (0..256 << 10).map(|i: u32| (i % 251) as u8).collect();
+        let mut t = tempfile::NamedTempFile::new().expect("temp file");
+        // In 4 KiB writes, so the page cache holds small folios that can leave one by one.
+        for chunk in data.chunks(4096) {
+            t.write_all(chunk).expect("write");
+        }
+        t.as_file().sync_all().expect("sync");
+        let f = Arc::new(std::fs::File::open(t.path()).expect("open"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let Ok(ring) = Uring::new() else {
+                eprintln!("skipped: io_uring is not available here");
+                return;
+            };
+            for (offset, len) in [(32 << 10, 64 << 10), (0, 4096), (250 << 10, 64 << 10)] {
+                // Written back, so the kernel may drop it: the second half of the range
+                // leaves the page cache, the first half stays.
+                // SAFETY: posix_fadvise on a descriptor `f` owns has no memory preconditions.
+                unsafe {
+                    libc::posix_fadvise(
+                        f.as_raw_fd(),
+                        (offset + len / 2) as libc::off_t,
+                        0,
+                        libc::POSIX_FADV_DONTNEED,
+                    )
+                };
+                let got = ring.pread(&f, offset as u64, len).await.expect("read");
+                let want: Vec<u8> = (offset..offset + len)
+                    .map(|i| data.get(i).copied().unwrap_or(0))
+                    .collect();
+                assert!(got == want, "offset {offset} len {len}");
+            }
+        });
+    }
+}
