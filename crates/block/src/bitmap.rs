@@ -96,9 +96,13 @@ impl DirtyBitmap {
         self.inconsistent.get()
     }
 
-    /// Marks the bitmap inconsistent or clears the mark.
+    /// Marks the bitmap inconsistent or clears the mark. An inconsistent bitmap stops
+    /// recording (QEMU disables it: recording into stale bits would look trustworthy).
     pub fn set_inconsistent(&self, on: bool) {
         self.inconsistent.set(on);
+        if on {
+            self.enabled.set(false);
+        }
     }
 
     /// A job or an export uses the bitmap.

@@ -3,8 +3,9 @@
 //! back and marked clean at close, in QEMU's order (new data, tables and directory first,
 //! then the header switches to them, then the old clusters are freed).
 
-use crate::format::bitmap_dir::invalid;
-use crate::format::bitmap_dir::{self, AUTO, Entry, IN_USE};
+use crate::format::bitmap_dir::{
+    self, AUTO, BitmapError, Entry, IN_USE, TABLE_ALL_ONES, TABLE_OFFSET,
+};
 use crate::format::header::{EXT_BITMAPS, autoclear};
 use crate::format::{get_be64, put_be64, read_at};
 use crate::meta::{FreeKind, Meta};
@@ -15,34 +16,38 @@ use std::io;
 use std::rc::Rc;
 
 /// The bitmaps stored in the image: those left in use by a writer that did not close them
-/// come back inconsistent (empty, only removable), the others with their bits.
-pub(crate) async fn load(file: &Child, m: &mut Meta) -> io::Result<Vec<Rc<DirtyBitmap>>> {
+/// come back inconsistent (empty, only removable), the others with their bits. An image
+/// whose bitmaps break QEMU's rules is refused, as QEMU refuses it: loading a damaged bitmap
+/// as clean would let an incremental backup miss data.
+pub(crate) async fn load(file: &Child, m: &mut Meta) -> Result<Vec<Rc<DirtyBitmap>>, BitmapError> {
     let size = m.h.size;
     let cs = m.cs();
     let mut out = Vec::new();
     for e in bitmap_dir::read(file, &m.h).await? {
-        if !(9..=31).contains(&e.granularity_bits) {
-            return Err(invalid());
-        }
         let b = DirtyBitmap::new(&e.name, 1 << e.granularity_bits, size, e.flags & AUTO != 0);
         b.set_persistent(true);
         if e.flags & IN_USE != 0 {
             b.set_inconsistent(true);
         } else {
+            let table = bitmap_dir::read_table(file, &e, cs).await?;
+            let data_error = |error| BitmapError::ReadData {
+                name: e.name.clone(),
+                error,
+            };
             let bytes_needed = size.div_ceil(b.granularity()).div_ceil(8);
-            if u64::from(e.table_size) != bytes_needed.div_ceil(cs) || e.table_offset % cs != 0 {
-                return Err(invalid());
+            if u64::from(e.table_size) != bytes_needed.div_ceil(cs) {
+                return Err(data_error(io::Error::from_raw_os_error(libc::EINVAL)));
             }
-            let table = read_at(file, e.table_offset, e.table_size as usize * 8).await?;
             let mut bytes = Vec::with_capacity((bytes_needed.div_ceil(cs) * cs) as usize);
-            for k in 0..e.table_size as usize {
-                let t = get_be64(&table, k);
-                let host = t & 0x00ff_ffff_ffff_fe00;
+            for t in table {
+                let host = t & TABLE_OFFSET;
                 if host == 0 {
-                    let fill = if t & 1 != 0 { 0xff } else { 0 };
+                    let fill = if t & TABLE_ALL_ONES != 0 { 0xff } else { 0 };
                     bytes.resize(bytes.len() + cs as usize, fill);
                 } else {
-                    bytes.extend_from_slice(&read_at(file, host, cs as usize).await?);
+                    bytes.extend_from_slice(
+                        &read_at(file, host, cs as usize).await.map_err(data_error)?,
+                    );
                 }
             }
             bytes.truncate(bytes_needed as usize);
@@ -63,7 +68,7 @@ async fn clusters_of(file: &Child, cs: u64, e: &Entry) -> io::Result<Vec<(u64, u
     }
     let table = read_at(file, e.table_offset, e.table_size as usize * 8).await?;
     for k in 0..e.table_size as usize {
-        let host = get_be64(&table, k) & 0x00ff_ffff_ffff_fe00;
+        let host = get_be64(&table, k) & TABLE_OFFSET;
         if host != 0 {
             out.push((host, 1));
         }

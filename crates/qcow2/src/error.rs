@@ -94,8 +94,8 @@ pub(crate) enum Error {
     Corrupt,
     #[error("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")]
     LazyRefcountsV2,
-    #[error("Could not load the bitmaps of the image: {}", os_msg(.0))]
-    LoadBitmaps(io::Error),
+    #[error(transparent)]
+    LoadBitmaps(#[from] crate::format::bitmap_dir::BitmapError),
     #[error("Cache clean interval too big")]
     CleanInterval,
     #[error("Value '{value}' is out of range for parameter '{name}'")]

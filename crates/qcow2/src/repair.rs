@@ -79,7 +79,7 @@ async fn references(file: &Child, m: &mut Meta) -> io::Result<HashMap<u64, u64>>
         add(&mut refs, get_be64(&ext, 2), get_be64(&ext, 1));
         for e in bitmap_dir::read(file, &m.h).await? {
             add(&mut refs, e.table_offset, u64::from(e.table_size) * 8);
-            for t in bitmap_dir::read_table(file, &e).await? {
+            for t in bitmap_dir::read_table(file, &e, cs).await? {
                 let d = t & OFFSET_MASK;
                 if d != 0 {
                     add(&mut refs, d, cs);
