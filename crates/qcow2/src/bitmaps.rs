@@ -8,6 +8,7 @@ use crate::format::bitmap_dir::{
 };
 use crate::format::header::{EXT_BITMAPS, autoclear};
 use crate::format::{get_be64, put_be64, read_at};
+use crate::meta::overlap::Metadata;
 use crate::meta::{FreeKind, Meta};
 use ferrite_block::Child;
 use ferrite_block::bitmap::DirtyBitmap;
@@ -91,11 +92,13 @@ async fn store_one(file: &Child, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Ve
         }
         chunk.resize(cs as usize, 0);
         let host = m.alloc(file, 1).await?;
+        m.check_data(file, host, cs).await?;
         file.write(host, chunk, ReqFlags::empty()).await?;
         put_be64(&mut table, k, host);
     }
     let table_clusters = (clusters * 8).div_ceil(cs).max(1);
     let table_offset = m.alloc(file, table_clusters).await?;
+    m.check_data(file, table_offset, table.len() as u64).await?;
     file.write(table_offset, table, ReqFlags::empty()).await?;
     let name = b.name().as_bytes();
     let mut e = vec![0u8; 24];
@@ -165,6 +168,13 @@ pub(crate) async fn store(
         let dir_offset = m.alloc(file, dir_clusters).await?;
         let dir_len = dir.len() as u64;
         dir.resize((dir_clusters * cs) as usize, 0);
+        m.check_write(
+            file,
+            dir_offset,
+            dir.len() as u64,
+            Metadata::BITMAP_DIRECTORY,
+        )
+        .await?;
         file.write(dir_offset, dir, ReqFlags::empty()).await?;
         let mut ext = vec![0u8; 24];
         ext[0..4].copy_from_slice(&count.to_be_bytes());

@@ -98,7 +98,9 @@ impl Qcow2Driver {
             let clusters = (c.len() as u64).div_ceil(cs);
             let host = {
                 let mut m = self.meta.lock().await;
-                m.alloc(file, clusters).await?
+                let host = m.alloc(file, clusters).await?;
+                m.check_data(file, host, c.len() as u64).await?;
+                host
             };
             let clen = c.len() as u64;
             file.write(host, c, ReqFlags::empty()).await?;

@@ -165,10 +165,14 @@ impl Driver for Qcow2Driver {
     fn reopen_apply(
         &self,
         _node: &Node,
-        _opts: &Args,
+        opts: &Args,
         read_only: bool,
     ) -> ferrite_block::Result<()> {
         self.read_only.set(read_only);
+        // Reopens happen drained: nothing holds the metadata.
+        if let Ok(mut m) = self.meta.try_lock() {
+            m.overlap_check = crate::open::overlap_check(opts);
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use crate::claims::Claims;
 use crate::compress::Codec;
 use crate::error::Error;
 use crate::format::header::{Header, autoclear, compat, incompat};
+use crate::meta::overlap::Metadata;
 use crate::meta::{Meta, read_at};
 use crate::{CorruptionHook, DataFile, Qcow2Driver, bitmaps, repair};
 use ferrite_block::Child;
@@ -83,10 +84,12 @@ impl Qcow2Driver {
             .opt_bool("pass-discard-request")
             .unwrap_or(discard_unmap);
         meta.pass_discard_other = args.opt_bool("pass-discard-other").unwrap_or(false);
-        let snapshots = crate::format::snapshot_table::read(file, &meta.h)
+        meta.overlap_check = overlap_check(args);
+        let (snapshots, table_len) = crate::format::snapshot_table::read(file, &meta.h)
             .await
-            .map(|(l, _)| l)
             .unwrap_or_default();
+        meta.snapshot_l1s = snapshots.iter().map(|s| (s.l1_offset, s.l1_size)).collect();
+        meta.snapshots_size = table_len;
         let loaded = bitmaps::load(file, &mut meta)
             .await
             .map_err(Error::LoadBitmaps)?;
@@ -157,6 +160,30 @@ fn clean_interval(args: &Args) -> ferrite_block::Result<Duration> {
 }
 
 /// Tables the L2 and refcount caches hold, from the options and the image (QEMU's rules).
+/// The `overlap-check` option: a template name, or a template (default `cached`) with kinds
+/// turned on or off one by one. (The schema has checked the names.)
+pub(crate) fn overlap_check(args: &Args) -> Metadata {
+    match args.get("overlap-check") {
+        Some(v) => match (v.as_str(), args.dict("overlap-check")) {
+            (Some(name), _) => Metadata::template(name).unwrap_or(Metadata::CACHED),
+            (None, Some(d)) => {
+                let base = d
+                    .opt_str("template")
+                    .and_then(Metadata::template)
+                    .unwrap_or(Metadata::CACHED);
+                Metadata::MEMBERS
+                    .iter()
+                    .fold(base, |acc, &(name, kind)| match d.opt_bool(name) {
+                        Some(on) => acc.with(kind, on),
+                        None => acc,
+                    })
+            }
+            (None, None) => Metadata::CACHED,
+        },
+        None => Metadata::CACHED,
+    }
+}
+
 fn cache_sizes(args: &Args, h: &Header) -> ferrite_block::Result<(usize, usize)> {
     let cs = h.cluster_size();
     let get = |k: &str| -> ferrite_block::Result<Option<u64>> {

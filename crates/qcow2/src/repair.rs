@@ -8,6 +8,7 @@ use crate::format::header::{EXT_BITMAPS, autoclear};
 use crate::format::snapshot_table;
 use crate::format::{get_be64, read_at};
 use crate::meta::Meta;
+use crate::meta::overlap::Metadata;
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
 use std::collections::HashMap;
@@ -136,6 +137,8 @@ pub(crate) async fn mark_bitmaps_in_use(file: &Child, m: &mut Meta) -> io::Resul
     m.h.autoclear &= !autoclear::BITMAPS;
     m.write_header(file).await?;
     file.flush().await?;
+    m.check_write(file, dir_off, dir.len() as u64, Metadata::BITMAP_DIRECTORY)
+        .await?;
     file.write(dir_off, dir, ReqFlags::empty()).await?;
     file.flush().await?;
     m.h.autoclear |= autoclear::BITMAPS;

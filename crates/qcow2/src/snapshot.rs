@@ -8,6 +8,7 @@
 use crate::format::entry::{self, COPIED, Cluster, OFFSET_MASK};
 use crate::format::snapshot_table::{self, Snapshot, serialize};
 use crate::format::{get_be64, read_at};
+use crate::meta::overlap::Metadata;
 use crate::meta::{FreeKind, Meta};
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
@@ -107,12 +108,17 @@ async fn replace_table(
         let off = m.alloc(file, n).await?;
         let mut b = bytes;
         b.resize((n * cs) as usize, 0);
+        m.check_write(file, off, b.len() as u64, Metadata::SNAPSHOT_TABLE)
+            .await?;
         file.write(off, b, ReqFlags::empty()).await?;
         off
     };
+    let table_len = serialize(list).len() as u64;
     m.write_back(file, true).await?;
     m.h.nb_snapshots = list.len() as u32;
     m.h.snapshots_offset = new_off;
+    m.snapshots_size = table_len;
+    m.snapshot_l1s = list.iter().map(|s| (s.l1_offset, s.l1_size)).collect();
     m.write_header(file).await?;
     file.flush().await?;
     if old_off != 0 && old_len != 0 {
@@ -157,6 +163,8 @@ pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result
     let l1_offset = m.alloc(file, l1_clusters).await?;
     let mut padded = l1_bytes;
     padded.resize((l1_clusters * cs) as usize, 0);
+    m.check_write(file, l1_offset, padded.len() as u64, Metadata::INACTIVE_L1)
+        .await?;
     file.write(l1_offset, padded, ReqFlags::empty()).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

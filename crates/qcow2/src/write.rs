@@ -72,7 +72,7 @@ impl Qcow2Driver {
                         run += cs.min(len - pos - run);
                     }
                     m.check_data_cluster(file, gc, host)?;
-                    m.check_overlap(host + in_off, run)?;
+                    m.check_data(file, host + in_off, run).await?;
                     drop(m);
                     let part = if pos == 0 && run == len {
                         std::mem::take(&mut data)
@@ -105,8 +105,15 @@ impl Qcow2Driver {
                     let n = end.min(offset + len) - off;
                     if pos == 0 && n == len && in_off == 0 && n == clusters * cs {
                         // Whole new clusters: nothing old to keep, the request is the data.
-                        self.write_new_clusters(file, gc, clusters, std::mem::take(&mut data))
-                            .await?;
+                        let whole = 0..len;
+                        self.write_new_clusters(
+                            file,
+                            gc,
+                            clusters,
+                            std::mem::take(&mut data),
+                            whole,
+                        )
+                        .await?;
                     } else {
                         self.write_allocating(
                             node,
@@ -159,23 +166,31 @@ impl Qcow2Driver {
             part.copy_from_slice(&old);
         }
         buf[in_off as usize..data_end as usize].copy_from_slice(data);
-        self.write_new_clusters(file, gc, clusters, buf).await
+        self.write_new_clusters(file, gc, clusters, buf, in_off..data_end)
+            .await
     }
 
-    /// Writes `buf` (exactly `clusters` clusters) into newly allocated host clusters and maps
-    /// guest clusters from `gc` on to them.
+    /// Writes `buf` (exactly `clusters` clusters, the guest's data at `data` in it) into
+    /// newly allocated host clusters and maps guest clusters from `gc` on to them.
     async fn write_new_clusters(
         &self,
         file: &Child,
         gc: u64,
         clusters: u64,
         buf: Vec<u8>,
+        data: std::ops::Range<u64>,
     ) -> io::Result<()> {
         self.mark_dirty_once(file).await?;
         let cs = self.cs();
         let host = {
             let mut m = self.meta.lock().await;
-            m.alloc(file, clusters).await?
+            let host = m.alloc(file, clusters).await?;
+            // Damaged refcounts can hand out a cluster that holds metadata. The guest's data
+            // first, as QEMU checks it (its range is what the corruption event reports).
+            m.check_data(file, host + data.start, data.end - data.start)
+                .await?;
+            m.check_data(file, host, buf.len() as u64).await?;
+            host
         };
         file.write(host, buf, ReqFlags::empty()).await?;
         let mut m = self.meta.lock().await;
@@ -233,7 +248,7 @@ impl Qcow2Driver {
         {
             let mut m = self.meta.lock().await;
             m.check_data_cluster(file, gc, host)?;
-            m.check_overlap(host + in_off, data.len() as u64)?;
+            m.check_data(file, host + in_off, data.len() as u64).await?;
         }
         if all_data {
             return file

@@ -1,6 +1,7 @@
 //! The active L1 table and the L2 tables: looking entries up, getting a table ready to be
 //! changed (allocated, or copied when a snapshot shares it), growing the L1 table.
 
+use super::overlap::Metadata;
 use super::{FreeKind, Meta, eio, get_be64, put_be64, read_at};
 use crate::format::entry::{self, OFFSET_MASK};
 use ferrite_block::Child;
@@ -79,6 +80,8 @@ impl Meta {
                 let new = self.alloc(file, 1).await?;
                 // The new table's refcount first, then the table, then the L1 entry.
                 self.write_refblocks(file).await?;
+                self.check_write(file, new, data.len() as u64, Metadata::ACTIVE_L2)
+                    .await?;
                 file.write(new, data.clone(), ReqFlags::empty()).await?;
                 self.make_room(file, true).await?;
                 self.l2.insert(new, data, false);
@@ -93,8 +96,9 @@ impl Meta {
 
     /// Sets L1 entry `i` and writes it through.
     pub(crate) async fn set_l1(&mut self, file: &Child, i: usize, v: u64) -> io::Result<()> {
-        self.l1[i] = v;
         let at = self.h.l1_table_offset + i as u64 * 8;
+        self.check_write(file, at, 8, Metadata::ACTIVE_L1).await?;
+        self.l1[i] = v;
         file.write(at, v.to_be_bytes().to_vec(), ReqFlags::empty())
             .await
     }
@@ -127,6 +131,8 @@ impl Meta {
             put_be64(&mut bytes, i, *e);
         }
         self.write_refblocks(file).await?;
+        self.check_write(file, new, bytes.len() as u64, Metadata::ACTIVE_L1)
+            .await?;
         file.write(new, bytes, ReqFlags::empty()).await?;
         file.flush().await?;
         let old_off = self.h.l1_table_offset;

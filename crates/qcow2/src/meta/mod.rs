@@ -8,7 +8,7 @@
 //!   frees wait in `pending_frees` until the next write-back of the L2 tables.
 
 mod l2;
-mod overlap;
+pub(crate) mod overlap;
 mod refcount;
 mod writeback;
 
@@ -52,6 +52,12 @@ pub(crate) struct Meta {
     pub(crate) corrupt: Option<Corruption>,
     pub(crate) pass_discard_request: bool,
     pub(crate) pass_discard_other: bool,
+    /// The metadata writes must not land on (`overlap-check`).
+    pub(crate) overlap_check: overlap::Metadata,
+    /// The internal snapshots' L1 tables (offset, entries) and the snapshot table's size in
+    /// bytes, for the overlap check.
+    pub(crate) snapshot_l1s: Vec<(u64, u32)>,
+    pub(crate) snapshots_size: u64,
 }
 
 pub(crate) fn eio() -> io::Error {
@@ -123,6 +129,9 @@ impl Meta {
             corrupt: None,
             pass_discard_request: false,
             pass_discard_other: false,
+            overlap_check: overlap::Metadata::CACHED,
+            snapshot_l1s: Vec::new(),
+            snapshots_size: 0,
         })
     }
 

@@ -3,6 +3,7 @@
 //! wait until no table on disk points to them.
 
 use super::get_refcount;
+use super::overlap::Metadata;
 use super::set_refcount;
 use super::{FreeKind, Meta, put_be64, read_at};
 use crate::format::header::MAX_REFTABLE_BYTES;
@@ -139,6 +140,8 @@ impl Meta {
         at: u64,
         data: Vec<u8>,
     ) -> io::Result<()> {
+        self.check_write(file, at, data.len() as u64, Metadata::REFCOUNT_BLOCK)
+            .await?;
         file.write(at, data.clone(), ReqFlags::empty()).await?;
         self.make_room(file, false).await?;
         self.rb.insert(at, data, false);
@@ -150,6 +153,8 @@ impl Meta {
     pub(super) async fn point_reftable(&mut self, file: &Child, b: u64, at: u64) -> io::Result<()> {
         self.reftable[b as usize] = at;
         let entry_at = self.h.refcount_table_offset + b * 8;
+        self.check_write(file, entry_at, 8, Metadata::REFCOUNT_TABLE)
+            .await?;
         file.write(entry_at, at.to_be_bytes().to_vec(), ReqFlags::empty())
             .await
     }
@@ -226,6 +231,13 @@ impl Meta {
         for (i, e) in table.iter().enumerate() {
             put_be64(&mut bytes, i, *e);
         }
+        self.check_write(
+            file,
+            start * cs,
+            bytes.len() as u64,
+            Metadata::REFCOUNT_TABLE,
+        )
+        .await?;
         file.write(start * cs, bytes, ReqFlags::empty()).await?;
         file.flush().await?;
         let old_off = self.h.refcount_table_offset;

@@ -1,25 +1,34 @@
 //! Writing metadata back in the order crash safety needs: refcount blocks before the L2
 //! tables that depend on them, tables before the frees they allow, the header last.
 
+use super::overlap::Metadata;
 use super::{FreeKind, Meta};
-use crate::cache::TableCache;
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
 use std::io;
 
-/// Writes a cache's dirty tables back; whether there were any.
-pub(super) async fn write_dirty(cache: &mut TableCache, file: &Child) -> io::Result<bool> {
-    let dirty = cache.dirty();
-    for off in &dirty {
-        if let Some(bytes) = cache.bytes(*off) {
-            file.write(*off, bytes, ReqFlags::empty()).await?;
-        }
-        cache.mark_clean(*off);
-    }
-    Ok(!dirty.is_empty())
-}
-
 impl Meta {
+    /// Writes a cache's dirty tables back (the L2 cache's, or the refcount blocks'); whether
+    /// there were any.
+    async fn write_dirty(&mut self, file: &Child, l2: bool) -> io::Result<bool> {
+        let (dirty, kind) = if l2 {
+            (self.l2.dirty(), Metadata::ACTIVE_L2)
+        } else {
+            (self.rb.dirty(), Metadata::REFCOUNT_BLOCK)
+        };
+        for off in &dirty {
+            let cache = if l2 { &self.l2 } else { &self.rb };
+            if let Some(bytes) = cache.bytes(*off) {
+                self.check_write(file, *off, bytes.len() as u64, kind)
+                    .await?;
+                file.write(*off, bytes, ReqFlags::empty()).await?;
+            }
+            let cache = if l2 { &mut self.l2 } else { &mut self.rb };
+            cache.mark_clean(*off);
+        }
+        Ok(!dirty.is_empty())
+    }
+
     /// Makes room in a cache of tables, writing a dirty victim back (L2 tables only after
     /// the refcount blocks they depend on).
     pub(super) async fn make_room(&mut self, file: &Child, l2: bool) -> io::Result<()> {
@@ -34,8 +43,15 @@ impl Meta {
             if l2 {
                 self.write_refblocks(file).await?;
             }
-            let cache = if l2 { &mut self.l2 } else { &mut self.rb };
+            let cache = if l2 { &self.l2 } else { &self.rb };
             if let Some(bytes) = cache.bytes(victim) {
+                let kind = if l2 {
+                    Metadata::ACTIVE_L2
+                } else {
+                    Metadata::REFCOUNT_BLOCK
+                };
+                self.check_write(file, victim, bytes.len() as u64, kind)
+                    .await?;
                 file.write(victim, bytes, ReqFlags::empty()).await?;
             }
         }
@@ -45,11 +61,11 @@ impl Meta {
     }
 
     pub(super) async fn write_refblocks(&mut self, file: &Child) -> io::Result<bool> {
-        write_dirty(&mut self.rb, file).await
+        self.write_dirty(file, false).await
     }
 
     pub(super) async fn write_l2_tables(&mut self, file: &Child) -> io::Result<bool> {
-        write_dirty(&mut self.l2, file).await
+        self.write_dirty(file, true).await
     }
 
     /// Writes every dirty table back in a safe order and applies the waiting frees; `sync`
