@@ -59,6 +59,27 @@ SEQUENCE = [
     ("object-add", {"qom-type": "iothread", "id": "io1", "bogus": 1}),
     ("object-add", {"qom-type": "main-loop", "id": "ml0", "thread-pool-max": 4}),
     ("qom-get", {"path": "/objects/ml0", "property": "thread-pool-max"}),
+    # Event loop parameters: never negative, and thread pool bounds that make a pool (a
+    # qom-set that breaks them fails, but QEMU keeps the value).
+    *[("object-add", {"qom-type": "iothread", "id": f"p{i}", prop: v})
+      for i, (prop, v) in enumerate((p, v) for p in ("poll-max-ns", "poll-grow", "poll-shrink",
+                                                      "aio-max-batch", "thread-pool-min",
+                                                      "thread-pool-max")
+                                    for v in (-1, 0, 1 << 31))],
+    ("object-add", {"qom-type": "iothread", "id": "x1", "thread-pool-min": 10,
+                    "thread-pool-max": 5}),
+    ("object-add", {"qom-type": "iothread", "id": "x2", "thread-pool-min": 5,
+                    "thread-pool-max": 10}),
+    ("qom-set", {"path": "/objects/x2", "property": "thread-pool-min", "value": 20}),
+    ("qom-get", {"path": "/objects/x2", "property": "thread-pool-min"}),
+    ("qom-set", {"path": "/objects/x2", "property": "poll-max-ns", "value": -5}),
+    ("qom-get", {"path": "/objects/x2", "property": "poll-max-ns"}),
+    ("object-add", {"qom-type": "main-loop", "id": "ml1", "thread-pool-max": 0}),
+    # Nodes longer than QEMU's largest (INT64_MAX rounded down to 1 GiB).
+    ("blockdev-add", {"driver": "null-co", "node-name": "big", "size": (1 << 63) - 1}),
+    ("blockdev-add", {"driver": "null-co", "node-name": "big", "size": (1 << 63) - (1 << 30)}),
+    ("blockdev-add", {"driver": "null-co", "node-name": "big2",
+                      "size": (1 << 63) - (1 << 30) + 512}),
     ("object-del", {"id": "nope"}),
     ("object-del", {"id": "io0"}),
     ("object-del", {"id": "io0"}),

@@ -26,6 +26,9 @@ pub enum Error {
     /// A node name over 31 bytes.
     #[error("Node name too long")]
     NodeNameTooLong,
+    /// A node longer than QEMU allows (`BDRV_MAX_LENGTH`).
+    #[error("Could not refresh total sector count: File too large")]
+    TooLarge,
     /// A node name already taken.
     #[error("Duplicate nodes with node-name='{0}'")]
     DuplicateNodeName(String),

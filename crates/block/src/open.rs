@@ -15,6 +15,9 @@ use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::{Rc, Weak};
 
+/// The longest node QEMU has: `INT64_MAX` rounded down to its largest alignment (1 GiB).
+const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 /// The parent of a child edge while its node is being opened: the driver reads the child
 /// through the edge before the node exists; the edge then moves to the node.
 struct Opening {
@@ -328,6 +331,10 @@ impl Graph {
             ctx.opts.as_dict().clone(),
             ctx.settings,
         );
+        if node.len() > MAX_LENGTH {
+            ctx.abandon();
+            return Err(Error::TooLarge);
+        }
         *node.bitmaps.borrow_mut() = node.driver.take_initial_bitmaps();
         let events = self.events();
         *node.threshold_hit.borrow_mut() = Some(Box::new(move |n: &Node, exceeded, threshold| {

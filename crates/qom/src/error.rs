@@ -39,6 +39,12 @@ pub enum Error {
     /// A property that can only be set at creation.
     #[error("Property cannot be set after initialization")]
     SetAfterInit,
+    /// A negative event loop parameter.
+    #[error("{0} value must be in range [0, 9223372036854775807]")]
+    NegativeParam(String),
+    /// Thread pool bounds that do not make a pool.
+    #[error("bad thread-pool-min/thread-pool-max values")]
+    ThreadPoolBounds,
     /// Encrypted secrets (not yet).
     #[error("encrypted secrets (keyid, iv) are not supported by ferrite yet")]
     EncryptedSecret,

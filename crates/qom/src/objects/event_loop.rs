@@ -2,7 +2,7 @@
 //! these record their settings (visible through QOM) but create no threads.
 
 use super::{UserObject, check_prop};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use indexmap::IndexMap;
@@ -21,17 +21,44 @@ const BASE: &[(&str, i64)] = &[
 ];
 const IOTHREAD: &[(&str, i64)] = &[("poll-max-ns", 32768), ("poll-grow", 0), ("poll-shrink", 0)];
 
+/// QEMU stores each parameter as an `int64` that may not be negative.
+fn non_negative(name: &str, v: i64) -> Result<i64> {
+    if v < 0 {
+        return Err(Error::NegativeParam(name.to_owned()));
+    }
+    Ok(v)
+}
+
 impl EventLoop {
-    pub(crate) fn create(options: &Args, iothread: bool) -> EventLoop {
+    /// # Errors
+    /// QEMU's texts for a negative parameter and for thread pool bounds that make no pool.
+    pub(crate) fn create(options: &Args, iothread: bool) -> Result<EventLoop> {
         let mut values = IndexMap::new();
         let extra = if iothread { IOTHREAD } else { &[] };
         for &(name, default) in BASE.iter().chain(extra) {
-            values.insert(name, options.opt_i64(name).unwrap_or(default));
+            let v = match options.opt_i64(name) {
+                Some(v) => non_negative(name, v)?,
+                None => default,
+            };
+            values.insert(name, v);
         }
-        EventLoop {
+        let me = EventLoop {
             iothread,
             values: RefCell::new(values),
+        };
+        me.check_thread_pool()?;
+        Ok(me)
+    }
+
+    /// The pool's bounds as QEMU checks them when it applies them.
+    fn check_thread_pool(&self) -> Result<()> {
+        let values = self.values.borrow();
+        let (min, max) = (values["thread-pool-min"], values["thread-pool-max"]);
+        let int_max = i64::from(i32::MAX);
+        if min > max || max <= 0 || min > int_max || max > int_max {
+            return Err(Error::ThreadPoolBounds);
         }
+        Ok(())
     }
 
     fn props_type(&self) -> &'static str {
@@ -58,10 +85,14 @@ impl UserObject for EventLoop {
 
     fn set(&self, name: &str, value: &QObject) -> Option<Result<()>> {
         let key = *self.values.borrow().keys().find(|k| **k == name)?;
-        Some(check_prop(self.props_type(), name, value).map(|v| {
+        Some(check_prop(self.props_type(), name, value).and_then(|v| {
             if let Some(i) = v.as_i64() {
+                let i = non_negative(name, i)?;
+                // As QEMU: the value stays even when applying it fails.
                 self.values.borrow_mut().insert(key, i);
+                self.check_thread_pool()?;
             }
+            Ok(())
         }))
     }
 

@@ -60,8 +60,11 @@ impl ObjectRegistry {
         let obj: Rc<dyn UserObject> = match options.str("qom-type")? {
             "throttle-group" => Rc::new(throttle::ThrottleGroup::create(options)?),
             "secret" => Rc::new(secret::Secret::create(options)?),
-            "iothread" => Rc::new(event_loop::EventLoop::create(options, true)),
+            "iothread" => Rc::new(event_loop::EventLoop::create(options, true)?),
             "main-loop" => {
+                // Properties are applied (and checked) before the object completes, where
+                // the second main loop is refused.
+                let main_loop = event_loop::EventLoop::create(options, false)?;
                 if self
                     .objects
                     .borrow()
@@ -70,7 +73,7 @@ impl ObjectRegistry {
                 {
                     return Err(Error::SecondMainLoop);
                 }
-                Rc::new(event_loop::EventLoop::create(options, false))
+                Rc::new(main_loop)
             }
             other => return Err(Error::InvalidType(other.to_owned())),
         };
