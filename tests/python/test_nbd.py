@@ -132,7 +132,8 @@ def test_read_only_export_refuses_writes(ferrite, tmp_path):
     c.go("d0")
     c.request(nc.CMD_WRITE, 0, 4, payload=b"abcd")
     chunk = c.chunks()
-    assert chunk[0][0] == 32769 and struct.unpack(">I", chunk[0][1][:4])[0] == 1  # EPERM
+    # EINVAL, as qemu-storage-daemon answers (test_read_only_export_refuses_like_qsd).
+    assert chunk[0][0] == 32769 and struct.unpack(">I", chunk[0][1][:4])[0] == 22
 
 
 class _Out(list):
@@ -196,7 +197,30 @@ def edge_transcript(sock):
     out.append(("cache", err_of(c.chunks())))
     c.request(99, 0, 0)
     out.append(("unknown command", err_of(c.chunks())))
-    c.request(nc.CMD_DISC)
+    # QEMU's order of checks: buffer length, read-only, bounds, flags, then the command's own.
+    for name, ty, off, ln, fl in [
+            ("flush past end", nc.CMD_FLUSH, 2 * size, 0, 0),
+            ("flush fua", nc.CMD_FLUSH, 0, 0, nc.FLAG_FUA),
+            ("cache fua", nc.CMD_CACHE, 0, 4096, nc.FLAG_FUA),
+            ("cache too big", nc.CMD_CACHE, 0, 33 << 20, 0),
+            ("block status fua", nc.CMD_BLOCK_STATUS, 0, 4096, nc.FLAG_FUA),
+            ("block status of nothing", nc.CMD_BLOCK_STATUS, 0, 0, 0),
+            ("fast zero of nothing", nc.CMD_WRITE_ZEROES, 0, 0, nc.FLAG_FAST_ZERO),
+            ("bad flag past end", nc.CMD_READ, size, 512, nc.FLAG_NO_HOLE),
+            ("unknown command past end", 99, size, 512, 0),
+            ("read of nothing", nc.CMD_READ, 0, 0, 0)]:
+        c.request(ty, off, ln, flags=fl)
+        got = c.chunks()
+        out.append((name, err_of(got) if got[-1][0] in ("simple", 32769) else got))
+    # A write too big for a buffer: refused, and the connection closes (its payload cannot
+    # be skipped safely).
+    c.request(nc.CMD_WRITE, 0, 33 << 20)
+    out.append(("write too big", err_of(c.chunks())))
+    try:
+        c.recv(1)
+        out.append(("after write too big", "answered"))
+    except (EOFError, ConnectionResetError):
+        out.append(("after write too big", "closed"))
     c.close()
     # EXPORT_NAME on an unknown export: the server hangs up.
     c = nc.Nbd(sock)
@@ -211,6 +235,38 @@ def edge_transcript(sock):
 
 def test_protocol_edge_cases_match_qsd(tmp_path):
     seen = [edge_transcript(sock) for _, sock in each_program(tmp_path)]
+    for want, got in zip(*seen):
+        assert got == want
+
+
+def read_only_transcript(sock):
+    out = []
+    for structured in (False, True):
+        c = nc.Nbd(sock)
+        if structured:
+            c.structured()
+        c.go("d0")
+        for name, ty, off, ln, fl, payload in [
+                ("write", nc.CMD_WRITE, 0, 512, 0, b"x" * 512),
+                ("write past end", nc.CMD_WRITE, 1 << 20, 512, 0, b"x" * 512),
+                ("write bad flag", nc.CMD_WRITE, 0, 512, nc.FLAG_DF, b"x" * 512),
+                ("trim fua", nc.CMD_TRIM, 0, 4096, nc.FLAG_FUA, b""),
+                ("zeroes", nc.CMD_WRITE_ZEROES, 0, 0, nc.FLAG_FAST_ZERO, b""),
+                ("flush", nc.CMD_FLUSH, 0, 0, 0, b"")]:
+            c.request(ty, off, ln, flags=fl, payload=payload)
+            if structured:
+                got = c.chunks()
+                out.append((name, [(t, p[:4].hex() + p[6:].decode(errors="replace"))
+                                   if t == 32769 else (t, p) for t, p in got]))
+            else:
+                out.append((name, c.simple_reply()[0]))
+        c.close()
+    return out
+
+
+def test_read_only_export_refuses_like_qsd(tmp_path):
+    seen = [read_only_transcript(sock)
+            for _, sock in each_program(tmp_path, export_opts=",writable=off")]
     for want, got in zip(*seen):
         assert got == want
 

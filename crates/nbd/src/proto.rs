@@ -70,6 +70,7 @@ pub(crate) const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Structured reply chunks.
 pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub(crate) const REPLY_TYPE_NONE: u16 = 0;
 pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub(crate) const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;

@@ -123,20 +123,14 @@ where
         if req.ty == CMD_DISC {
             break;
         }
-        // A write's payload follows its header; read it before the next request.
-        let payload = if req.ty == CMD_WRITE {
-            if req.len > MAX_BUFFER {
-                tokio::io::copy(
-                    &mut (&mut r).take(u64::from(req.len)),
-                    &mut tokio::io::sink(),
-                )
-                .await?;
-                None
-            } else {
-                let mut buf = ferrite_block::io::pool::take(req.len as usize);
-                r.read_exact(&mut buf).await?;
-                Some(buf)
-            }
+        // A write's payload follows its header; read it before the next request. One too
+        // big for a buffer is refused unread, and then the stream cannot be followed: the
+        // error goes out and the connection closes, as QEMU's does.
+        let unreadable = req.ty == CMD_WRITE && req.len > MAX_BUFFER;
+        let payload = if req.ty == CMD_WRITE && !unreadable {
+            let mut buf = ferrite_block::io::pool::take(req.len as usize);
+            r.read_exact(&mut buf).await?;
+            Some(buf)
         } else {
             None
         };
@@ -146,6 +140,9 @@ where
             let _permit = permit;
             let _ = handle(&session, req, payload, &w).await;
         });
+        if unreadable {
+            break;
+        }
     }
     // Let requests in flight finish and reply before the connection closes.
     let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
@@ -188,34 +185,27 @@ fn cmd_name(ty: u16) -> &'static str {
     }
 }
 
-/// Checks a request before it runs: QEMU's rules, errors and messages.
+/// Checks a request before it runs: QEMU's rules, in QEMU's order (length, read-only,
+/// bounds, then flags), each answered with EINVAL and QEMU's message.
 fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (u32, String)> {
     let export = &session.export;
-    let allowed = match req.ty {
-        CMD_READ => CMD_FLAG_DF | CMD_FLAG_FUA,
-        CMD_WRITE => CMD_FLAG_FUA,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-        CMD_TRIM => CMD_FLAG_FUA,
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-        CMD_FLUSH | CMD_CACHE => 0,
-        other => return Err((EINVAL, format!("invalid request type ({other}) received"))),
+    // (flags the command takes, whether its length is a buffer's, whether it writes)
+    let (valid, buffer, writes) = match req.ty {
+        CMD_READ if session.structured => (CMD_FLAG_FUA | CMD_FLAG_DF, true, false),
+        CMD_READ => (CMD_FLAG_FUA, true, false),
+        CMD_WRITE => (CMD_FLAG_FUA, true, true),
+        CMD_CACHE => (CMD_FLAG_FUA, true, false),
+        CMD_TRIM => (CMD_FLAG_FUA, false, true),
+        CMD_WRITE_ZEROES => (
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            false,
+            true,
+        ),
+        CMD_BLOCK_STATUS => (CMD_FLAG_FUA | CMD_FLAG_REQ_ONE, false, false),
+        // FLUSH, and unknown types (refused once the common checks pass).
+        _ => (CMD_FLAG_FUA, false, false),
     };
-    let allowed = if session.structured && req.ty == CMD_READ {
-        allowed
-    } else {
-        allowed & !CMD_FLAG_DF
-    };
-    if req.flags & !allowed != 0 {
-        return Err((
-            EINVAL,
-            format!(
-                "unsupported flags for command {} (got {:#x})",
-                cmd_name(req.ty),
-                req.flags & !allowed
-            ),
-        ));
-    }
-    if matches!(req.ty, CMD_READ | CMD_WRITE) && req.len > MAX_BUFFER {
+    if buffer && req.len > MAX_BUFFER {
         return Err((
             EINVAL,
             format!("len ({}) is larger than max len ({MAX_BUFFER})", req.len),
@@ -224,16 +214,11 @@ fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (
     if req.ty == CMD_WRITE && !has_payload {
         return Err((EINVAL, String::new()));
     }
-    if matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) && !export.writable {
-        return Err((EPERM, "export is read-only".into()));
+    if writes && !export.writable {
+        return Err((EINVAL, "Export is read-only".into()));
     }
     let size = export.node().len();
-    if req.ty != CMD_FLUSH
-        && req
-            .offset
-            .checked_add(u64::from(req.len))
-            .is_none_or(|end| end > size)
-    {
+    if req.offset > size || u64::from(req.len) > size - req.offset {
         return Err((
             EINVAL,
             format!(
@@ -242,10 +227,25 @@ fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (
             ),
         ));
     }
-    if req.ty == CMD_BLOCK_STATUS && session.contexts.is_empty() {
-        return Err((EINVAL, "need to negotiate meta context".into()));
+    if req.flags & !valid != 0 {
+        return Err((
+            EINVAL,
+            format!(
+                "unsupported flags for command {} (got {:#x})",
+                cmd_name(req.ty),
+                req.flags
+            ),
+        ));
     }
-    Ok(())
+    match req.ty {
+        CMD_READ | CMD_WRITE | CMD_CACHE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH => Ok(()),
+        CMD_BLOCK_STATUS if session.contexts.is_empty() => {
+            Err((EINVAL, "CMD_BLOCK_STATUS not negotiated".into()))
+        }
+        CMD_BLOCK_STATUS if req.len == 0 => Err((EINVAL, "need non-zero length".into())),
+        CMD_BLOCK_STATUS => Ok(()),
+        other => Err((EINVAL, format!("invalid request type ({other}) received"))),
+    }
 }
 
 async fn handle(
@@ -323,6 +323,15 @@ async fn send_outcome(
         // Like QEMU, a success without data gets a simple reply even in structured mode.
         (true, Outcome::Ok) => vec![simple_reply(req.cookie, 0)],
         (true, Outcome::Err(e, msg)) => vec![error_chunk(req.cookie, e, &msg)],
+        // A read of nothing: no data chunk, just the end (QEMU's NBD_REPLY_TYPE_NONE).
+        (true, Outcome::Data(d)) if d.is_empty() => {
+            vec![chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.cookie,
+                0,
+            )]
+        }
         (true, Outcome::Data(d)) => {
             let mut h = chunk_header(
                 REPLY_FLAG_DONE,
