@@ -239,6 +239,40 @@ def test_protocol_edge_cases_match_qsd(tmp_path):
         assert got == want
 
 
+def handshake_transcript(sock):
+    """Handshake corners: clients without fixed newstyle, meta contexts before structured
+    replies, NULs in export names."""
+    out = []
+    c = nc.Nbd.__new__(nc.Nbd)
+    c.s = connect_unix(sock)
+    c.s.settimeout(10)
+    c.recv(18)
+    c.s.sendall(struct.pack(">I", 2))  # no zeroes, but not fixed newstyle
+    c.option(nc.OPT_LIST)
+    try:
+        out.append(("not fixed newstyle", [t for t, _ in c.replies(nc.OPT_LIST)]))
+    except (EOFError, ConnectionResetError):
+        out.append(("not fixed newstyle", "closed"))
+    c = nc.Nbd(sock)
+    out.append(("list meta before structured",
+                [(t, d[4:]) for t, d in c.meta(nc.OPT_LIST_META_CONTEXT, "d0", [])]))
+    out.append(("set meta before structured",
+                [(t, d) for t, d in c.meta(nc.OPT_SET_META_CONTEXT, "d0", ["base:allocation"])]))
+    name = b"d0\0"
+    c.option(nc.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    out.append(("go with a NUL", c.replies(nc.OPT_GO)))
+    c = nc.Nbd(sock)
+    c.option(nc.OPT_EXPORT_NAME, name)
+    out.append(("export-name with a NUL", struct.unpack(">QH", c.recv(10))))
+    return out
+
+
+def test_handshake_corners_match_qsd(tmp_path):
+    seen = [handshake_transcript(sock) for _, sock in each_program(tmp_path)]
+    for want, got in zip(*seen):
+        assert got == want
+
+
 def read_only_transcript(sock):
     out = []
     for structured in (False, True):

@@ -154,6 +154,9 @@ where
         return Ok(None);
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    // Without fixed newstyle the client can only name its export (QEMU hangs up on any
+    // other option).
+    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
     let mut structured = false;
     let mut contexts: Vec<MetaContext> = Vec::new();
     loop {
@@ -169,11 +172,16 @@ where
             reply_err(w, opt, REP_ERR_TOO_BIG, "option payload too long").await?;
             continue;
         }
+        if !fixed && opt != OPT_EXPORT_NAME {
+            return Ok(None);
+        }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;
         match opt {
             OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data).into_owned();
+                // A C string, as QEMU reads it: a NUL ends the name.
+                let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+                let name = String::from_utf8_lossy(&data[..end]).into_owned();
                 let Some(export) = service.export_by_name(&name) else {
                     return Ok(None);
                 };
@@ -249,6 +257,12 @@ where
                     }
                     (at == data.len()).then_some((name, reqs))
                 })();
+                if parsed.as_ref().is_some_and(|(name, _)| name.contains('\0')) {
+                    let what = if opt == OPT_GO { "go" } else { "info" };
+                    let msg = format!("Unexpected embedded NUL in option {what}");
+                    reply_err(w, opt, REP_ERR_INVALID, &msg).await?;
+                    continue;
+                }
                 let Some((export, reqs)) = export_for(service, w, opt, parsed).await? else {
                     continue;
                 };
@@ -285,12 +299,13 @@ where
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                if !structured {
+                // Listing needs no structured replies; choosing does.
+                if opt == OPT_SET_META_CONTEXT && !structured {
                     reply_err(
                         w,
                         opt,
                         REP_ERR_INVALID,
-                        "use of meta contexts requires structured replies",
+                        "request option 'set meta context' when structured reply is not negotiated",
                     )
                     .await?;
                     continue;
