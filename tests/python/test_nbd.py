@@ -572,3 +572,40 @@ def test_zero_length_requests_on_qcow2_match_qsd(tmp_path):
         assert check.returncode == 0, check.stdout
         seen[binary] = answers
     assert seen[FERRITE] == seen[QSD]
+
+
+EXPORT_CHECKS = [
+    ("block-export-add", {"type": "nbd", "id": "e", "node-name": "nope"}),
+    ("block-export-add", {"type": "nbd", "id": "1bad", "node-name": "nope"}),
+    ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n0"}),
+    ("nbd-server-add", {"device": "nope"}),
+    ("nbd-server-add", {"device": "n0"}),
+    ("nbd-server-remove", {"name": "nope"}),
+    ("nbd-server-stop", None),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "SOCK"}}, "tls-authz": "a"}),
+    ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n0"}),
+    ("block-export-add", {"type": "nbd", "id": "e", "node-name": "nope"}),
+    ("nbd-server-add", {"device": "n0", "name": "n1"}),
+    ("nbd-server-remove", {"name": "nope"}),
+    ("nbd-server-remove", {"name": "n1"}),
+    ("query-block-exports", None),
+]
+
+
+def test_export_command_checks_match_qsd(both):
+    """Which check answers first: the export's id and node before the NBD server's state;
+    an unknown export name is "not found" whether or not a server runs."""
+    seen = []
+    for d in both(["--blockdev", "null-co,node-name=n0"]):
+        q = d.connect()
+        sock = str(d.workdir / "nbd.sock")
+        out = []
+        for name, args in EXPORT_CHECKS:
+            if args and "addr" in args:
+                args = dict(args, addr={"type": "unix", "data": {"path": sock}})
+            r = q.cmd(name, args)
+            out.append((name, r.get("error", {}).get("desc") if "error" in r else
+                        normalize(json.dumps(r["return"], sort_keys=True)).replace(sock, "S")))
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs

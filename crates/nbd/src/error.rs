@@ -34,7 +34,7 @@ pub enum Error {
     #[error("only QEMU supports file descriptor passing")]
     FdOverQmp,
     /// An export ID that breaks QEMU's identifier rule.
-    #[error("Invalid block export id '{0}'")]
+    #[error("Invalid block export id")]
     InvalidId(String),
     /// An export ID already taken.
     #[error("Block export id '{0}' is already in use")]

@@ -67,6 +67,8 @@ pub fn qmp_query_block_exports(nbd: &NbdService) -> QObject {
 /// As [`NbdService::add`]; a `bitmap` that does not exist.
 pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
     let device = args.str("device")?;
+    // As QEMU: the device is looked up first, by either kind of name.
+    nbd.graph().lookup(device)?;
     let name = args.opt_str("name").unwrap_or(device);
     let mut opts = QDict::new()
         .with("type", "nbd")

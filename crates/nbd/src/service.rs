@@ -93,6 +93,11 @@ impl NbdService {
         self.server.borrow().is_some()
     }
 
+    /// The block graph the exports are in.
+    pub fn graph(&self) -> &Rc<Graph> {
+        &self.graph
+    }
+
     /// Starts listening (`nbd-server-start`, `--nbd-server`).
     ///
     /// # Errors
@@ -101,7 +106,8 @@ impl NbdService {
         if self.is_running() {
             return Err(Error::AlreadyRunning);
         }
-        if opts.has("tls-creds") || opts.has("tls-authz") {
+        // `tls-authz` alone is accepted, as QEMU accepts it: it only acts with TLS.
+        if opts.has("tls-creds") {
             return Err(Error::TlsUnsupported);
         }
         let max = opts.opt_u64("max-connections").unwrap_or(0) as usize;
@@ -249,9 +255,8 @@ impl NbdService {
     /// conflicts (a writable export of a read-only node).
     pub async fn add(&self, opts: &Args) -> Result<()> {
         let id = opts.str("id")?;
-        if !self.is_running() {
-            return Err(Error::NotRunning);
-        }
+        // QEMU's order: the export's id and node first (any export type), then what the NBD
+        // server needs.
         if !ferrite_qapi::id_wellformed(id) {
             return Err(Error::InvalidId(id.to_owned()));
         }
@@ -260,6 +265,9 @@ impl NbdService {
         }
         let node_name = opts.str("node-name")?;
         let node = self.graph.lookup_node(node_name)?;
+        if !self.is_running() {
+            return Err(Error::NotRunning);
+        }
         let name = opts.opt_str("name").unwrap_or(node_name).to_owned();
         if name.len() > crate::proto::MAX_STRING {
             return Err(Error::NameTooLong(name));
@@ -381,9 +389,7 @@ impl NbdService {
     /// # Errors
     /// As [`NbdService::del`], with QEMU's text for an unknown name.
     pub async fn del_by_name(&self, name: &str, mode: RemoveMode) -> Result<()> {
-        if !self.is_running() {
-            return Err(Error::NotRunning);
-        }
+        // Without a server there are no NBD exports: QEMU answers "not found".
         let export = self
             .export_by_name(name)
             .ok_or_else(|| Error::ExportNotFound(name.to_owned()))?;
