@@ -14,8 +14,15 @@ use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
 use std::io;
 
-/// Adds `delta` to the refcount of every L2 table and data cluster `l1` reaches.
-async fn add_references(file: &Child, m: &mut Meta, l1: &[u64], delta: i64) -> io::Result<()> {
+/// Adds `delta` to the refcount of every L2 table and data cluster `l1` reaches, noting in
+/// `done` each cluster changed (so that a failure part way can be undone).
+async fn add_references(
+    file: &Child,
+    m: &mut Meta,
+    l1: &[u64],
+    delta: i64,
+    done: &mut Vec<u64>,
+) -> io::Result<()> {
     let cs = m.cs();
     let ext = m.h.extended_l2();
     for &e in l1 {
@@ -29,19 +36,29 @@ async fn add_references(file: &Child, m: &mut Meta, l1: &[u64], delta: i64) -> i
             match entry::decode(get_be64(&table, i), m.h.cluster_bits, ext) {
                 Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
                     m.update_refcount(file, host / cs, delta).await?;
+                    done.push(host / cs);
                 }
                 Cluster::Compressed { offset, len } => {
                     let (first, n) = entry::compressed_clusters(offset, len, cs);
                     for c in 0..n {
                         m.update_refcount(file, first / cs + c, delta).await?;
+                        done.push(first / cs + c);
                     }
                 }
                 _ => {}
             }
         }
         m.update_refcount(file, l2 / cs, delta).await?;
+        done.push(l2 / cs);
     }
     Ok(())
+}
+
+/// Takes back the references `add_references` added before it failed.
+async fn undo_references(file: &Child, m: &mut Meta, done: &[u64], delta: i64) {
+    for &c in done.iter().rev() {
+        let _ = m.update_refcount(file, c, -delta).await;
+    }
 }
 
 /// An L2 table's bytes, from the cache when it is there (it may be newer than the disk).
@@ -127,13 +144,43 @@ async fn replace_table(
     m.write_back(file, true).await
 }
 
-/// Takes snapshot `name` of the image as it is now.
+/// Takes snapshot `name` of the image as it is now. A failure part way (a refcount that
+/// would overflow, an allocation or a write failing) undoes what was done, so the image is
+/// left as it was, with a leak at worst (as QEMU leaves it).
 pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result<Snapshot> {
-    let cs = m.cs();
     m.write_back(file, true).await?;
-    let (mut list, old_len) = snapshot_table::read(file, &m.h).await?;
+    let (list, old_len) = snapshot_table::read(file, &m.h).await?;
+    let before = m.h.nb_snapshots;
     let l1 = m.l1.clone();
-    add_references(file, m, &l1, 1).await?;
+    let mut added = Vec::new();
+    let mut l1_copy = None;
+    let r = match add_references(file, m, &l1, 1, &mut added).await {
+        Ok(()) => share_and_record(file, m, name, list, old_len, &mut l1_copy).await,
+        Err(e) => Err(e),
+    };
+    // The table names the new snapshot once the header counts it: from then on it stands.
+    if r.is_err() && m.h.nb_snapshots == before {
+        undo_references(file, m, &added, 1).await;
+        if let Some((off, n)) = l1_copy {
+            m.free(off, n, FreeKind::Other);
+        }
+        let _ = recompute_copied(file, m).await;
+        let _ = m.write_back(file, true).await;
+    }
+    r
+}
+
+/// The rest of [`create`] once the references are taken: the active entries lose COPIED,
+/// the snapshot gets its copy of the L1 table (noted in `l1_copy`), and the table names it.
+async fn share_and_record(
+    file: &Child,
+    m: &mut Meta,
+    name: &str,
+    mut list: Vec<Snapshot>,
+    old_len: u64,
+    l1_copy: &mut Option<(u64, u64)>,
+) -> io::Result<Snapshot> {
+    let cs = m.cs();
     // Every active entry is shared now.
     let per = m.l2_entries();
     let ext = m.h.extended_l2();
@@ -161,6 +208,7 @@ pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result
     let l1_bytes: Vec<u8> = m.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
     let l1_clusters = (l1_bytes.len() as u64).div_ceil(cs).max(1);
     let l1_offset = m.alloc(file, l1_clusters).await?;
+    *l1_copy = Some((l1_offset, l1_clusters));
     let mut padded = l1_bytes;
     padded.resize((l1_clusters * cs) as usize, 0);
     m.check_write(file, l1_offset, padded.len() as u64, Metadata::INACTIVE_L1)
@@ -221,7 +269,8 @@ pub(crate) async fn delete(
     let l1: Vec<u64> = (0..snap.l1_size as usize)
         .map(|i| get_be64(&raw, i))
         .collect();
-    add_references(file, m, &l1, -1).await?;
+    // Past the table's change a failure here only leaks: nothing to undo.
+    add_references(file, m, &l1, -1, &mut Vec::new()).await?;
     let l1_clusters = (u64::from(snap.l1_size) * 8).div_ceil(cs).max(1);
     m.free(snap.l1_offset, l1_clusters, FreeKind::Other);
     m.write_back(file, true).await?;

@@ -92,7 +92,8 @@ impl Meta {
                     None,
                 ));
             }
-            return Err(io::Error::from_raw_os_error(libc::ERANGE));
+            // A refcount past its width: EINVAL, as QEMU reports it.
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
         if let Some(t) = self.rb.get_mut(off) {
             set_refcount(t, i, order, new);
