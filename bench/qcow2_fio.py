@@ -53,16 +53,20 @@ def fio(sock, extra):
     return common.fio(f"nbd+unix:///q?socket={sock}", f"{SIZE_MB}M", RUNTIME, extra)[0]
 
 
+def export_fio(binary, d, img, fmt, extra):
+    """fio against an NBD export (`q`) of `img` opened as `fmt` over a file node."""
+    sock = os.path.join(d, "nbd.sock")
+    args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
+            "--blockdev", f"driver={fmt},node-name=q,file=f0",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "nbd,id=e0,node-name=q,writable=on"]
+    with common.running(args, sock):
+        return fio(sock, extra)
+
+
 def measure(binary, kind, extra):
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
-        img = make_image(d, kind)
-        sock = os.path.join(d, "nbd.sock")
-        args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
-                "--blockdev", "driver=qcow2,node-name=q,file=f0",
-                "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", "nbd,id=e0,node-name=q,writable=on"]
-        with common.running(args, sock):
-            return fio(sock, extra)
+        return export_fio(binary, d, make_image(d, kind), "qcow2", extra)
 
 
 def raw_64k(binary):
@@ -74,13 +78,7 @@ def raw_64k(binary):
         subprocess.run(["qemu-img", "create", "-q", "-f", "raw", img, f"{SIZE_MB}M"], check=True)
         subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x33 0 {SIZE_MB}M", img],
                        check=True, capture_output=True)
-        sock = os.path.join(d, "nbd.sock")
-        args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
-                "--blockdev", "driver=raw,node-name=q,file=f0",
-                "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", "nbd,id=e0,node-name=q,writable=on"]
-        with common.running(args, sock):
-            return fio(sock, ["--rw=randwrite", "--bs=64k"])
+        return export_fio(binary, d, img, "raw", ["--rw=randwrite", "--bs=64k"])
 
 
 def main():

@@ -14,7 +14,8 @@ import time
 import pytest
 
 import nbdclient as nc
-from conftest import FERRITE, Daemon, wait_for
+from conftest import FERRITE
+from test_qcow2 import export
 
 SIZE = 32 << 20
 
@@ -73,17 +74,12 @@ def verify(img, writer, tmp_path):
             assert got == data, f"block {block}: an acknowledged FUA write is gone"
 
 
-def start(img, tmp_path, extra=()):
-    sock = str(tmp_path / "nbd.sock")
-    if os.path.exists(sock):
-        os.unlink(sock)
-    d = Daemon(FERRITE, tmp_path / "d", [
-        "--blockdev", f"driver=file,node-name=f0,filename={img}",
-        "--blockdev", f"driver=qcow2,node-name=q,file=f0{''.join(extra)}",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "nbd,id=e,node-name=q,writable=on"])
-    wait_for(lambda: os.path.exists(sock), what="NBD socket")
-    return d, sock
+def start(img, tmp_path):
+    # A killed daemon leaves its socket behind: wait for the new one.
+    sock = tmp_path / "nbd.sock"
+    if sock.exists():
+        sock.unlink()
+    return export(FERRITE, tmp_path, img)
 
 
 @pytest.mark.parametrize("scenario", ["allocation", "snapshots", "bitmaps", "lazy-refcounts"])

@@ -149,3 +149,18 @@ pub fn fallocate_sync(file: &File, how: Fallocate, offset: u64, len: u64) -> io:
         Ok(())
     }
 }
+
+/// A temporary file holding `data`, open for reading and writing (for the backends' tests).
+#[cfg(test)]
+pub(crate) fn file_with(data: &[u8]) -> (tempfile::NamedTempFile, Arc<File>) {
+    use std::io::Write;
+    let mut t = tempfile::NamedTempFile::new().expect("temp file");
+    t.write_all(data).expect("write");
+    t.flush().expect("flush");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(t.path())
+        .expect("open");
+    (t, Arc::new(f))
+}

@@ -115,21 +115,8 @@ fn learn_refusal(file: &Arc<File>) {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use crate::io::file_with;
     use std::os::unix::fs::FileExt;
-    use std::sync::Arc;
-
-    fn file_with(data: &[u8]) -> (tempfile::NamedTempFile, Arc<std::fs::File>) {
-        let mut t = tempfile::NamedTempFile::new().expect("temp file");
-        t.write_all(data).expect("write");
-        t.flush().expect("flush");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(t.path())
-            .expect("open");
-        (t, Arc::new(f))
-    }
 
     #[test]
     fn cached_reads_stop_at_the_end_of_the_file() {

@@ -89,16 +89,7 @@ impl IoBackend for ThreadPool {
 #[cfg(test)]
 mod tests {
     use super::{IoBackend, ThreadPool};
-    use std::io::Write;
-    use std::sync::Arc;
-
-    fn file_with(data: &[u8]) -> (tempfile::NamedTempFile, Arc<std::fs::File>) {
-        let mut t = tempfile::NamedTempFile::new().expect("temp file");
-        t.write_all(data).expect("write");
-        t.flush().expect("flush");
-        let f = Arc::new(std::fs::File::open(t.path()).expect("open"));
-        (t, f)
-    }
+    use crate::io::file_with;
 
     #[tokio::test(flavor = "current_thread")]
     async fn reads_across_the_end_of_the_file_fill_zeroes_whichever_path_serves_them() {
