@@ -62,7 +62,9 @@ struct Completions {
     notify: Notify,
 }
 
-static LANES_STATE: OnceLock<Vec<Arc<Lane>>> = OnceLock::new();
+/// The lanes, or `None` when their threads could not be started (the caller then uses the
+/// thread pool).
+static LANES_STATE: OnceLock<Option<Vec<Arc<Lane>>>> = OnceLock::new();
 
 thread_local! {
     /// This thread's collector, started on first use in the runtime that awaits the writes
@@ -77,29 +79,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn lanes() -> &'static [Arc<Lane>] {
-    LANES_STATE.get_or_init(|| {
-        (0..LANES)
-            .map(|i| {
-                let (tx, rx) = std::sync::mpsc::channel::<Arc<Lane>>();
-                let handle = std::thread::Builder::new()
-                    .name(format!("write-lane-{i}"))
-                    .spawn(move || {
-                        if let Ok(lane) = rx.recv() {
-                            run(&lane);
-                        }
-                    })
-                    .expect("spawning a write lane thread");
-                let lane = Arc::new(Lane {
-                    queue: Mutex::new(VecDeque::new()),
-                    parked: AtomicBool::new(false),
-                    thread: handle.thread().clone(),
-                });
-                let _ = tx.send(lane.clone());
-                lane
-            })
-            .collect()
-    })
+fn lanes() -> Option<&'static [Arc<Lane>]> {
+    LANES_STATE
+        .get_or_init(|| {
+            (0..LANES)
+                .map(|i| {
+                    let (tx, rx) = std::sync::mpsc::channel::<Arc<Lane>>();
+                    let handle = std::thread::Builder::new()
+                        .name(format!("write-lane-{i}"))
+                        .spawn(move || {
+                            if let Ok(lane) = rx.recv() {
+                                run(&lane);
+                            }
+                        })
+                        .map_err(|e| tracing::warn!(error = %e, "no write lanes"))
+                        .ok()?;
+                    let lane = Arc::new(Lane {
+                        queue: Mutex::new(VecDeque::new()),
+                        parked: AtomicBool::new(false),
+                        thread: handle.thread().clone(),
+                    });
+                    let _ = tx.send(lane.clone());
+                    Some(lane)
+                })
+                .collect()
+        })
+        .as_deref()
 }
 
 /// This thread's collector's queue, starting the collector if none runs.
@@ -172,7 +177,12 @@ async fn collect(completions: Arc<Completions>) {
 ///
 /// Must be awaited inside a `LocalSet`: the first call starts the collector there.
 pub(super) fn pwrite(file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<Vec<u8>> {
-    let lane = &lanes()[file.as_raw_fd().unsigned_abs() as usize % LANES];
+    let Some(lanes) = lanes() else {
+        // No lane threads (the system refused them): the thread pool does it.
+        let file = file.clone();
+        return super::blocking(move || file.write_all_at(&data, offset).map(|()| data));
+    };
+    let lane = &lanes[file.as_raw_fd().unsigned_abs() as usize % LANES];
     let (done, rx) = oneshot::channel();
     lock(&lane.queue).push_back(Job {
         file: file.clone(),
