@@ -128,9 +128,7 @@ where
         // error goes out and the connection closes, as QEMU's does.
         let unreadable = req.ty == CMD_WRITE && req.len > MAX_BUFFER;
         let payload = if req.ty == CMD_WRITE && !unreadable {
-            let mut buf = ferrite_block::io::pool::take(req.len as usize);
-            r.read_exact(&mut buf).await?;
-            Some(buf)
+            Some(read_payload(&mut r, req.len as usize).await?)
         } else {
             None
         };
@@ -149,6 +147,22 @@ where
     drop(w);
     let _ = writer.await;
     Ok(())
+}
+
+/// A write's payload. Small ones are read into fresh memory that is never zeroed first (the
+/// socket fills it); large ones into a pooled buffer, which saves page faults.
+async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    if len >= ferrite_block::io::pool::MIN_POOLED {
+        let mut buf = ferrite_block::io::pool::take(len);
+        r.read_exact(&mut buf).await?;
+        return Ok(buf);
+    }
+    let mut buf = Vec::with_capacity(len);
+    r.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf)
 }
 
 async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Request> {

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 
 /// Buffers smaller than this are left to the allocator.
-const MIN_POOLED: usize = 64 << 10;
+pub const MIN_POOLED: usize = 64 << 10;
 /// Buffers kept at most.
 const MAX_POOLED: usize = 24;
 
