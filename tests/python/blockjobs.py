@@ -54,3 +54,19 @@ def small_fs(path, size):
                        capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs for ENOSPC ({r.stderr.strip()})")
+
+
+def full_source_and_small_target(d, mounts):
+    """A QMP connection to `d` with `src` (8 MiB written) and `tgt` (8 MiB, on a 3 MiB file
+    system, added to `mounts` for the caller to unmount)."""
+    src = d.workdir / "src.qcow2"
+    qcow2(src, "8M")
+    run("qemu-io", "-c", "write -P 0x22 0 8M", src)
+    fs = d.workdir / "fs"
+    small_fs(fs, "3M")
+    mounts.append(fs)
+    qcow2(fs / "tgt.qcow2", "8M")
+    q = d.connect()
+    add(q, "src", src)
+    add(q, "tgt", fs / "tgt.qcow2")
+    return q

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from blockjobs import add, export, qcow2, qemu_io, run, small_fs, wait_job_gone
+from blockjobs import (add, export, full_source_and_small_target, qcow2, qemu_io, run,
+                       small_fs, wait_job_gone)
 from conftest import wait_for
 
 
@@ -370,16 +371,8 @@ def test_mirror_target_errors_follow_the_policy_like_qemu(both, tmp_path, policy
     mounts = []
     try:
         for d in both():
-            src = d.workdir / "src.qcow2"
-            qcow2(src, "8M")
-            run("qemu-io", "-c", "write -P 0x22 0 8M", src)
-            fs = d.workdir / "fs"
-            small_fs(fs, "3M")
-            mounts.append(fs)
-            qcow2(fs / "tgt.qcow2", "8M")
-            q = d.connect()
-            add(q, "src", src)
-            add(q, "tgt", fs / "tgt.qcow2")
+            q = full_source_and_small_target(d, mounts)
+            src, fs = d.workdir / "src.qcow2", mounts[-1]
             out = [q.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
                                              "sync": "full", "on-target-error": policy})]
             out.append(q.wait_event("BLOCK_JOB_ERROR")["data"])

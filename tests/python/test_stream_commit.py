@@ -40,6 +40,15 @@ def open_chain(q, w):
         assert q.cmd("blockdev-add", args) == {"return": {}}
 
 
+def started_chain(d):
+    """The chain made in `d`'s work directory and opened over a new QMP connection."""
+    w = d.workdir
+    chain(w)
+    q = d.connect()
+    open_chain(q, w)
+    return w, q
+
+
 def events(q):
     out = []
     for e in q.events:
@@ -86,10 +95,7 @@ def test_job_argument_errors_match_qemu(both):
     as it was (a read-only base goes back to read-only)."""
     seen = []
     for d in both():
-        w = d.workdir
-        chain(w)
-        q = d.connect()
-        open_chain(q, w)
+        w, q = started_chain(d)
         out = []
         for cmd, cases in (("block-stream", STREAM_ERRORS), ("block-commit", COMMIT_ERRORS)):
             for case in cases:
@@ -108,10 +114,7 @@ def test_stream_results_match_qemu(both):
     new backing file as QEMU writes it, then none; data and chains as QEMU leaves them."""
     seen = []
     for d in both():
-        w = d.workdir
-        chain(w)
-        q = d.connect()
-        open_chain(q, w)
+        w, q = started_chain(d)
         out = [q.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "l1"})]
         q.wait_event("BLOCK_JOB_COMPLETED")
         wait_job_gone(q, "s")
@@ -145,10 +148,7 @@ def test_commit_results_match_qemu(both):
     of top into the raw base (ready, complete: the export moves to the base)."""
     seen = []
     for d in both():
-        w = d.workdir
-        chain(w)
-        q = d.connect()
-        open_chain(q, w)
+        w, q = started_chain(d)
         uri = export(q, d, "top", "e", True)
         out = [q.cmd("block-commit", {"job-id": "c1", "device": "top", "top-node": "l2",
                                       "base-node": "l1"})]
@@ -189,10 +189,7 @@ def test_jobs_under_client_writes_keep_every_byte(both, job):
     QEMU's."""
     seen = []
     for d in both():
-        w = d.workdir
-        chain(w)
-        q = d.connect()
-        open_chain(q, w)
+        w, q = started_chain(d)
         uri = export(q, d, "top", "e", True)
         before = run("qemu-img", "convert", "-O", "raw", "-f", "raw", uri, w / "before.raw")
         assert before.returncode == 0
@@ -240,10 +237,7 @@ def test_job_verbs_in_every_state_match_qemu(both, job):
     query-block-jobs and events as qemu-storage-daemon gives them."""
     seen = []
     for d in both():
-        w = d.workdir
-        chain(w)
-        q = d.connect()
-        open_chain(q, w)
+        w, q = started_chain(d)
         common = {"job-id": "j", "device": "top", "speed": 65536, "auto-finalize": False,
                   "auto-dismiss": False}
         if job == "stream":

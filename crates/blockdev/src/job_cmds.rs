@@ -65,6 +65,20 @@ fn in_chain(top: &Rc<Node>, node: &Rc<Node>) -> bool {
 }
 
 /// Node `name`, which must be `top` or down its chain (a commit's ends).
+/// Checks that no other job or user holds a node from `top` down to `end` (not included;
+/// `None`: the bottom of the chain).
+fn check_unblocked_down_to(graph: &Graph, top: &Rc<Node>, end: Option<&Rc<Node>>) -> Result<()> {
+    let mut at = Some(top.clone());
+    while let Some(n) = at {
+        if end.is_some_and(|e| Rc::ptr_eq(e, &n)) {
+            break;
+        }
+        graph.check_unblocked(&n)?;
+        at = n.below();
+    }
+    Ok(())
+}
+
 fn node_in_chain(graph: &Graph, top: &Rc<Node>, name: &str) -> Result<Rc<Node>> {
     let node = graph.lookup_node(name)?;
     if !in_chain(top, &node) {
@@ -151,14 +165,7 @@ pub async fn qmp_block_stream(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
         Some(b) => b.below(),
         None => base_bs.clone(),
     };
-    let mut at = Some(node.clone());
-    while let Some(n) = at {
-        if end.as_ref().is_some_and(|e| Rc::ptr_eq(e, &n)) {
-            break;
-        }
-        graph.check_unblocked(&n)?;
-        at = n.below();
-    }
+    check_unblocked_down_to(graph, &node, end.as_ref())?;
     if base_bs.is_none() && args.opt_str("backing-file").is_some() {
         return Err(Error::BackingFileWithoutBase);
     }
@@ -219,14 +226,7 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
     };
     // Everything from the top down to the base changes.
     let end = base.below();
-    let mut at = Some(top.clone());
-    while let Some(n) = at {
-        if end.as_ref().is_some_and(|e| Rc::ptr_eq(e, &n)) {
-            break;
-        }
-        graph.check_unblocked(&n)?;
-        at = n.below();
-    }
+    check_unblocked_down_to(graph, &top, end.as_ref())?;
     if Rc::ptr_eq(&top, &base) {
         return Err(Error::CommitIntoItself);
     }
