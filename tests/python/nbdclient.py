@@ -1,4 +1,5 @@
-"""A small NBD client for protocol edge cases (fixed newstyle, structured replies)."""
+"""A small NBD client for protocol edge cases (fixed newstyle, structured replies, extended
+headers)."""
 import socket
 import struct
 
@@ -8,11 +9,13 @@ REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_MAGIC = 0x67446698
 STRUCTURED_MAGIC = 0x668E33EF
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_MAGIC = 0x6E8A278C
 
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY = 1, 2, 3, 6, 7, 8
-OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 9, 10
+OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_EXTENDED_HEADERS = 9, 10, 11
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
-FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = 1, 2, 4, 8, 16
+FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO, FLAG_PAYLOAD_LEN = 1, 2, 4, 8, 16, 32
 
 
 class Nbd:
@@ -24,6 +27,9 @@ class Nbd:
         assert magic == NBDMAGIC and opt == IHAVEOPT
         self.s.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
         self.cookie = 0
+        self.ext = False
+        # Offsets of the chunks of the last extended reply.
+        self.offsets = []
 
     def recv(self, n):
         buf = b""
@@ -52,6 +58,14 @@ class Nbd:
         self.option(OPT_STRUCTURED_REPLY)
         return self.replies(OPT_STRUCTURED_REPLY)
 
+    def extended(self):
+        """Asks for extended headers; requests use them once the server acks."""
+        self.option(OPT_EXTENDED_HEADERS)
+        r = self.replies(OPT_EXTENDED_HEADERS)
+        if r[-1][0] == 1:
+            self.ext = True
+        return r
+
     def go(self, name, opt=OPT_GO, infos=()):
         n = name.encode()
         self.option(opt, struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos))
@@ -72,8 +86,12 @@ class Nbd:
 
     def request(self, ty, offset=0, length=0, flags=0, payload=b""):
         self.cookie += 1
-        self.s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, ty, self.cookie, offset,
-                                   length) + payload)
+        if self.ext:
+            head = struct.pack(">IHHQQQ", EXTENDED_REQUEST_MAGIC, flags, ty, self.cookie, offset,
+                               length)
+        else:
+            head = struct.pack(">IHHQQI", REQUEST_MAGIC, flags, ty, self.cookie, offset, length)
+        self.s.sendall(head + payload)
         return self.cookie
 
     def simple_reply(self, read_len=0):
@@ -86,13 +104,18 @@ class Nbd:
         [("simple", error)] when the server answers with a simple reply (allowed for
         everything but reads)."""
         out = []
+        self.offsets = []
         while True:
             (magic,) = struct.unpack(">I", self.recv(4))
             if magic == SIMPLE_MAGIC:
                 err, _cookie = struct.unpack(">IQ", self.recv(12))
                 return [("simple", err)]
-            assert magic == STRUCTURED_MAGIC
-            flags, ty, cookie, ln = struct.unpack(">HHQI", self.recv(16))
+            if magic == EXTENDED_MAGIC:
+                flags, ty, cookie, offset, ln = struct.unpack(">HHQQQ", self.recv(28))
+                self.offsets.append(offset)
+            else:
+                assert magic == STRUCTURED_MAGIC
+                flags, ty, cookie, ln = struct.unpack(">HHQI", self.recv(16))
             out.append((ty, self.recv(ln)))
             if flags & 1:
                 return out

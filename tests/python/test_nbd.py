@@ -33,7 +33,7 @@ def serve(start, tmp, writable=True, extra_export="", size="64M", blockdev=None)
 
 
 def each_program(tmp_path, file_opts="", export_opts=",writable=on", size="1M", prepare=None,
-                 node="d0"):
+                 node="d0", raw_opts=""):
     """Runs qemu-storage-daemon, then ferrite, each exporting a raw node `d0` over a fresh
     image; yields (program, socket) while the daemon runs."""
     for binary in (QSD, FERRITE):
@@ -44,7 +44,7 @@ def each_program(tmp_path, file_opts="", export_opts=",writable=on", size="1M", 
             prepare(img)
         sock = str(sub / "nbd.sock")
         d = Daemon(binary, sub / "d", ["--blockdev", f"driver=file,node-name=f0,filename={img}{file_opts}",
-                                       "--blockdev", "raw,node-name=d0,file=f0",
+                                       "--blockdev", f"raw,node-name=d0,file=f0{raw_opts}",
                                        "--nbd-server", f"addr.type=unix,addr.path={sock}",
                                        "--export", f"nbd,id=e0,node-name={node}{export_opts}"])
         try:
@@ -152,9 +152,17 @@ def edge_transcript(sock):
     c = nc.Nbd(sock)
     out.append(("hflags", c.hflags))
     c.option(99, b"junk")
-    out.append(("unknown option", [t for t, _ in c.replies(99)]))
+    out.append(("unknown option", c.replies(99)))
     c.option(nc.OPT_LIST, b"x")
-    out.append(("list with payload", [t for t, _ in c.replies(nc.OPT_LIST)]))
+    out.append(("list with payload", c.replies(nc.OPT_LIST)))
+    c.option(nc.OPT_STRUCTURED_REPLY, b"xy")
+    out.append(("structured with payload", c.replies(nc.OPT_STRUCTURED_REPLY)))
+    c.option(5, b"tls")
+    out.append(("starttls with payload", c.replies(5)))
+    c.option(5)
+    out.append(("starttls", c.replies(5)))
+    c.option(99, b"z" * (100 << 10))
+    out.append(("unknown option, 100 KiB", c.replies(99)))
     out.append(("go unknown", [t for t, _ in c.go("nope")]))
     out.append(("info", [(t, d[:2]) for t, d in c.go("d0", nc.OPT_INFO, (1, 2, 3))]))
     out.append(("meta before structured",
@@ -269,6 +277,101 @@ def handshake_transcript(sock):
 
 def test_handshake_corners_match_qsd(tmp_path):
     seen = [handshake_transcript(sock) for _, sock in each_program(tmp_path)]
+    for want, got in zip(*seen):
+        assert got == want
+
+
+def extended_transcript(sock):
+    """Extended headers (64-bit requests and replies): the option's corners, every command
+    framed the new way, block status with 64-bit extents and with a payload choosing
+    contexts. The answers are compared with qemu-storage-daemon's."""
+    out = _Out()
+
+    def reply(c):
+        got = c.chunks()
+        return [(t, p.hex() if len(p) < 64 else len(p)) for t, p in got], list(c.offsets)
+
+    def closed(c):
+        try:
+            c.recv(1)
+            return "answered"
+        except (EOFError, ConnectionResetError):
+            return "closed"
+
+    c = nc.Nbd(sock)
+    c.option(nc.OPT_EXTENDED_HEADERS, b"x")
+    out.append(("with payload", c.replies(nc.OPT_EXTENDED_HEADERS)))
+    out.append(("extended", c.extended()))
+    out.append(("twice", c.extended()))
+    out.append(("structured after", c.structured()))
+    out.append(("info", [(t, d) for t, d in c.go("d0", nc.OPT_INFO, (1, 3))]))
+    out.append(("go", [(t, d) for t, d in c.go("d0")]))
+    for name, ty, off, ln, fl, payload in [
+            ("write announced", nc.CMD_WRITE, 0, 4096, nc.FLAG_PAYLOAD_LEN, b"a" * 4096),
+            ("write plain", nc.CMD_WRITE, 8192, 4096, 0, b"b" * 4096),
+            ("write fua", nc.CMD_WRITE, 1 << 20, 512, nc.FLAG_FUA, b"c" * 512),
+            ("sparse read", nc.CMD_READ, 0, 16384, 0, b""),
+            ("read df", nc.CMD_READ, 4096, 8192, nc.FLAG_DF, b""),
+            ("read fua", nc.CMD_READ, 0, 512, nc.FLAG_FUA, b""),
+            ("read of nothing", nc.CMD_READ, 0, 0, 0, b""),
+            ("flush", nc.CMD_FLUSH, 0, 0, 0, b""),
+            ("trim", nc.CMD_TRIM, 0, 4096, nc.FLAG_FUA, b""),
+            # Over 4 GiB, as holes (discard=unmap): nothing is written.
+            ("zeroes", nc.CMD_WRITE_ZEROES, 4096, (1 << 33) - 8192, 0, b""),
+            ("zeroes past end", nc.CMD_WRITE_ZEROES, 4096, 1 << 40, 0, b""),
+            ("block status unnegotiated", nc.CMD_BLOCK_STATUS, 0, 4096, 0, b""),
+            ("read with a payload", nc.CMD_READ, 0, 8, nc.FLAG_PAYLOAD_LEN, b"12345678"),
+            ("flush with a payload", nc.CMD_FLUSH, 0, 4, nc.FLAG_PAYLOAD_LEN, b"1234"),
+            ("read too big", nc.CMD_READ, 0, 33 << 20, 0, b""),
+            ("read past end", nc.CMD_READ, 1 << 40, 1 << 41, 0, b""),
+            ("cache", nc.CMD_CACHE, 0, 1 << 20, 0, b""),
+            ("unknown command", 99, 0, 0, 0, b"")]:
+        c.request(ty, off, ln, flags=fl, payload=payload)
+        out.append((name, reply(c)))
+    c.request(nc.CMD_TRIM, 0, 33 << 20, flags=nc.FLAG_PAYLOAD_LEN)
+    out.append(("trim with a huge payload", reply(c), closed(c)))
+    c.close()
+
+    c = nc.Nbd(sock)
+    c.extended()
+    out.append(("meta", c.meta(nc.OPT_SET_META_CONTEXT, "d0",
+                               ["base:allocation", "qemu:allocation-depth"])))
+    out.append(("go with contexts", [(t, d) for t, d in c.go("d0")]))
+    size = c.size
+    c.request(nc.CMD_WRITE, 3 << 20, 65536, payload=b"d" * 65536)
+    c.chunks()
+    for name, off, ln, fl, payload in [
+            ("whole disk", 0, size, 0, b""),
+            ("one", 0, size, nc.FLAG_REQ_ONE, b""),
+            ("past end", 0, size + 1, 0, b""),
+            ("depth only", 0, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">QI", size, 1)),
+            ("both, reversed", 0, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">QII", 1 << 22, 1, 0)),
+            ("payload past end", 1 << 20, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">QI", size, 0)),
+            ("payload length 0", 0, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">QI", 0, 0)),
+            ("duplicate id", 0, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">QII", 4096, 0, 0)),
+            ("unknown id", 0, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">QI", 4096, 77)),
+            ("no ids", 0, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">Q", 4096)),
+            ("ragged", 0, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">QH", 4096, 0)),
+            ("too many ids", 0, 0, nc.FLAG_PAYLOAD_LEN, struct.pack(">QIII", 4096, 0, 1, 0))]:
+        c.request(nc.CMD_BLOCK_STATUS, off, ln or len(payload), flags=fl, payload=payload)
+        out.append((name, reply(c)))
+    c.request(nc.CMD_BLOCK_STATUS, 0, 33 << 20, flags=nc.FLAG_PAYLOAD_LEN)
+    out.append(("huge payload", reply(c), closed(c)))
+    c.close()
+
+    c = nc.Nbd(sock)
+    c.extended()
+    c.option(nc.OPT_EXPORT_NAME, b"d0")
+    out.append(("export-name after extended", closed(c)))
+    return out
+
+
+def test_extended_headers_match_qsd(tmp_path):
+    seen = [extended_transcript(sock)
+            for _, sock in each_program(tmp_path, size="8G", file_opts=",discard=unmap",
+                                        raw_opts=",discard=unmap",
+                                        export_opts=",writable=on,allocation-depth=on")]
+    assert len(seen[0]) == len(seen[1])
     for want, got in zip(*seen):
         assert got == want
 

@@ -360,10 +360,23 @@ impl BlockBackend {
 
     /// The node for a request, with the request counted invalid when out of bounds.
     fn target(&self, kind: IoKind, offset: u64, len: u64) -> io::Result<Rc<Node>> {
+        self.target_span(kind, offset, len, true)
+    }
+
+    /// As [`Self::target`]; `buffer`: whether the request carries its bytes, which bounds
+    /// its length (zero writes and discards go in pieces instead).
+    fn target_span(
+        &self,
+        kind: IoKind,
+        offset: u64,
+        len: u64,
+        buffer: bool,
+    ) -> io::Result<Rc<Node>> {
         let node = self.node().ok_or_else(enomedium)?;
         let r = match kind {
-            IoKind::Write => node.check_write_bounds(offset, len),
             IoKind::Flush => Ok(()),
+            _ if !buffer => node.check_span(offset, len, kind == IoKind::Write),
+            IoKind::Write => node.check_write_bounds(offset, len),
             _ => node.check_bounds(offset, len),
         };
         if let Err(e) = r {
@@ -422,7 +435,7 @@ impl BlockBackend {
     /// As [`BlockBackend::write`]; ENOTSUP for `NO_FALLBACK` when zeroing would be slow.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
         let _f = self.begin().await;
-        let node = self.target(IoKind::Write, offset, len)?;
+        let node = self.target_span(IoKind::Write, offset, len, false)?;
         let started = Instant::now();
         let r = node.write_zeroes(offset, len, flags).await;
         self.account(IoKind::Write, len, started, &r);
@@ -449,7 +462,7 @@ impl BlockBackend {
     /// As [`BlockBackend::write`].
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let _f = self.begin().await;
-        let node = self.target(IoKind::Unmap, offset, len)?;
+        let node = self.target_span(IoKind::Unmap, offset, len, false)?;
         let started = Instant::now();
         let r = node.discard(offset, len).await;
         self.account(IoKind::Unmap, len, started, &r);

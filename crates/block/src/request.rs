@@ -18,6 +18,17 @@ fn einval() -> io::Error {
 /// Largest request the layer accepts in one piece (QEMU's `BDRV_REQUEST_MAX_BYTES` is close).
 pub const MAX_REQUEST: u64 = 1 << 31;
 
+/// `offset..offset + len` cut into requests of at most [`MAX_REQUEST`] bytes (one, empty,
+/// for an empty range, so that its checks still run).
+fn pieces(offset: u64, len: u64) -> io::Result<impl Iterator<Item = (u64, u64)>> {
+    let end = offset.checked_add(len).ok_or_else(einval)?;
+    let count = len.div_ceil(MAX_REQUEST).max(1);
+    Ok((0..count).map(move |i| {
+        let at = offset + i * MAX_REQUEST;
+        (at, (end - at).min(MAX_REQUEST))
+    }))
+}
+
 /// A request in flight on a node; its end may let a drain finish.
 struct InFlight<'a>(&'a Node);
 
@@ -41,8 +52,8 @@ impl Drop for InFlight<'_> {
 impl Node {
     /// Checks that `offset..offset + len` lies inside the node.
     pub(crate) fn check_bounds(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = offset.checked_add(len).ok_or_else(einval)?;
-        if end > self.len() || len > MAX_REQUEST {
+        self.check_span(offset, len, false)?;
+        if len > MAX_REQUEST {
             return Err(einval());
         }
         Ok(())
@@ -51,11 +62,20 @@ impl Node {
     /// Bounds of a write: past the end only for a driver that grows, when a parent holds
     /// the resize permission (a format writing new clusters to its file).
     pub(crate) fn check_write_bounds(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_span(offset, len, true)?;
+        if len > MAX_REQUEST {
+            return Err(einval());
+        }
+        Ok(())
+    }
+
+    /// Where a range of any length may lie: inside the node, or past its end for a write
+    /// (`write`) to a driver that grows while a parent holds the resize permission.
+    pub(crate) fn check_span(&self, offset: u64, len: u64, write: bool) -> io::Result<()> {
         let end = offset.checked_add(len).ok_or_else(einval)?;
-        let grows = end > self.len()
-            && self.driver.can_grow()
-            && self.cumulative_perms().0.contains(Perm::RESIZE);
-        if len > MAX_REQUEST || (end > self.len() && !grows) {
+        let grows =
+            write && self.driver.can_grow() && self.cumulative_perms().0.contains(Perm::RESIZE);
+        if end > self.len() && !grows {
             return Err(einval());
         }
         Ok(())
@@ -109,13 +129,22 @@ impl Node {
         r
     }
 
-    /// Makes `len` bytes at `offset` read as zeroes.
+    /// Makes `len` bytes at `offset` read as zeroes. Not bounded by a buffer, so longer than
+    /// one request may be: done in pieces (QEMU takes 64-bit zero writes the same way).
     pub(crate) async fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
         flags: ReqFlags,
     ) -> io::Result<()> {
+        self.check_span(offset, len, true)?;
+        for (at, n) in pieces(offset, len)? {
+            self.write_zeroes_piece(at, n, flags).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes_piece(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
         self.check_write_bounds(offset, len)?;
         self.check_writable()?;
         if len == 0 {
@@ -174,8 +203,17 @@ impl Node {
         })
     }
 
-    /// Discards a range; a no-op unless `discard=unmap`.
+    /// Discards a range; a no-op unless `discard=unmap`. In pieces, as
+    /// [`Node::write_zeroes`].
     pub(crate) async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_span(offset, len, false)?;
+        for (at, n) in pieces(offset, len)? {
+            self.discard_piece(at, n).await?;
+        }
+        Ok(())
+    }
+
+    async fn discard_piece(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_bounds(offset, len)?;
         self.check_writable()?;
         if len == 0 || !self.discard_unmap.get() {

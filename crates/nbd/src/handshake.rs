@@ -46,10 +46,22 @@ fn query_matches(q: &str, name: &str, listing: bool) -> bool {
                 || (q.ends_with(':') && q.matches(':').count() == 1 && name.starts_with(q))))
 }
 
+/// How requests and replies are framed; each mode builds on the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Mode {
+    /// 28-byte requests, simple replies.
+    Simple,
+    /// `NBD_OPT_STRUCTURED_REPLY`: replies to reads and errors in chunks.
+    Structured,
+    /// `NBD_OPT_EXTENDED_HEADERS`: 32-byte requests with 64-bit lengths, every reply a
+    /// 32-byte chunk header, 64-bit block status extents.
+    Extended,
+}
+
 /// What the handshake settled.
 pub(crate) struct Session {
     pub(crate) export: Rc<Export>,
-    pub(crate) structured: bool,
+    pub(crate) mode: Mode,
     pub(crate) contexts: Vec<MetaContext>,
 }
 
@@ -72,8 +84,9 @@ async fn reply_err<W: AsyncWrite + Unpin>(
     reply(w, opt, ty, msg.as_bytes()).await
 }
 
-/// Transmission flags for an export.
-pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
+/// Transmission flags for an export. `stat_payload`: whether to offer block status
+/// requests that name their contexts (extended headers only).
+pub(crate) fn transmission_flags(export: &Export, mode: Mode, stat_payload: bool) -> u16 {
     let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_CACHE | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
     if export.writable {
         flags |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
@@ -85,10 +98,38 @@ pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
     if export.multi_conn {
         flags |= FLAG_CAN_MULTI_CONN;
     }
-    if structured {
+    if mode >= Mode::Structured {
         flags |= FLAG_SEND_DF;
     }
+    if mode >= Mode::Extended && stat_payload {
+        flags |= FLAG_BLOCK_STAT_PAYLOAD;
+    }
     flags
+}
+
+/// An option's name in QEMU's messages.
+fn opt_name(opt: u32) -> &'static str {
+    match opt {
+        OPT_EXPORT_NAME => "export name",
+        OPT_ABORT => "abort",
+        OPT_LIST => "list",
+        OPT_STARTTLS => "starttls",
+        OPT_INFO => "info",
+        OPT_GO => "go",
+        OPT_STRUCTURED_REPLY => "structured reply",
+        OPT_LIST_META_CONTEXT => "list meta context",
+        OPT_SET_META_CONTEXT => "set meta context",
+        OPT_EXTENDED_HEADERS => "extended headers",
+        _ => "<unknown>",
+    }
+}
+
+/// Reads and drops `len` bytes of a payload the server does not use.
+pub(crate) async fn skip<R: AsyncRead + Unpin>(r: &mut R, len: u64) -> io::Result<()> {
+    if tokio::io::copy(&mut r.take(len), &mut tokio::io::sink()).await? < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 fn take_u32(data: &[u8], at: &mut usize) -> Option<u32> {
@@ -157,8 +198,13 @@ where
     // Without fixed newstyle the client can only name its export (QEMU hangs up on any
     // other option).
     let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let mut structured = false;
+    let mut mode = Mode::Simple;
     let mut contexts: Vec<MetaContext> = Vec::new();
+    // The export the contexts were chosen on: they do not carry over to another.
+    let mut contexts_of: Option<Rc<Export>> = None;
+    let keep_contexts_for = |export: &Rc<Export>, of: &Option<Rc<Export>>| {
+        of.as_ref().is_some_and(|e| Rc::ptr_eq(e, export))
+    };
     loop {
         w.flush().await?;
         if r.read_u64().await? != IHAVEOPT {
@@ -166,14 +212,40 @@ where
         }
         let opt = r.read_u32().await?;
         let len = r.read_u32().await?;
-        if len > MAX_OPTION {
-            // Skip what we will not hold, then refuse.
-            tokio::io::copy(&mut (&mut *r).take(u64::from(len)), &mut tokio::io::sink()).await?;
-            reply_err(w, opt, REP_ERR_TOO_BIG, "option payload too long").await?;
-            continue;
-        }
-        if !fixed && opt != OPT_EXPORT_NAME {
+        // QEMU hangs up on a payload over its buffer size, and on any option but
+        // EXPORT_NAME from a client without fixed newstyle.
+        if len > MAX_BUFFER || (!fixed && opt != OPT_EXPORT_NAME) {
             return Ok(None);
+        }
+        if opt == OPT_ABORT {
+            // Whatever its payload: acknowledged, and the connection ends.
+            let _ = reply(w, opt, REP_ACK, &[]).await;
+            let _ = w.flush().await;
+            return Ok(None);
+        }
+        // Options that take no payload: one is refused without holding it.
+        let empty_only = matches!(
+            opt,
+            OPT_LIST | OPT_STARTTLS | OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS
+        );
+        let parsed = matches!(
+            opt,
+            OPT_EXPORT_NAME | OPT_INFO | OPT_GO | OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT
+        );
+        if len > 0 && (empty_only || !parsed) || len > MAX_OPTION {
+            skip(r, u64::from(len)).await?;
+            if empty_only {
+                let msg = format!("option '{}' has unexpected length", opt_name(opt));
+                reply_err(w, opt, REP_ERR_INVALID, &msg).await?;
+            } else if parsed {
+                // Longer than any well-formed option of its kind: refused unread, where
+                // QEMU would read it all.
+                reply_err(w, opt, REP_ERR_TOO_BIG, "option payload too long").await?;
+            } else {
+                let msg = format!("Unsupported option {opt} ({})", opt_name(opt));
+                reply_err(w, opt, REP_ERR_UNSUP, &msg).await?;
+            }
+            continue;
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;
@@ -182,12 +254,20 @@ where
                 // A C string, as QEMU reads it: a NUL ends the name.
                 let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
                 let name = String::from_utf8_lossy(&data[..end]).into_owned();
+                // Its reply has no room for the framing extended headers need: QEMU hangs up.
+                if mode >= Mode::Extended {
+                    return Ok(None);
+                }
                 let Some(export) = service.export_by_name(&name) else {
                     return Ok(None);
                 };
+                if !keep_contexts_for(&export, &contexts_of) {
+                    contexts.clear();
+                }
                 let mut buf = Vec::with_capacity(134);
                 buf.extend_from_slice(&export.node().len().to_be_bytes());
-                buf.extend_from_slice(&transmission_flags(&export, structured).to_be_bytes());
+                let flags = transmission_flags(&export, mode, !contexts.is_empty());
+                buf.extend_from_slice(&flags.to_be_bytes());
                 if !no_zeroes {
                     buf.extend_from_slice(&[0u8; 124]);
                 }
@@ -195,26 +275,11 @@ where
                 w.flush().await?;
                 return Ok(Some(Session {
                     export,
-                    structured,
+                    mode,
                     contexts,
                 }));
             }
-            OPT_ABORT => {
-                let _ = reply(w, opt, REP_ACK, &[]).await;
-                let _ = w.flush().await;
-                return Ok(None);
-            }
             OPT_LIST => {
-                if !data.is_empty() {
-                    reply_err(
-                        w,
-                        opt,
-                        REP_ERR_INVALID,
-                        "no payload expected in 'list' option",
-                    )
-                    .await?;
-                    continue;
-                }
                 for e in service.exports() {
                     let mut payload = Vec::new();
                     payload.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
@@ -229,20 +294,31 @@ where
             OPT_STARTTLS => {
                 reply_err(w, opt, REP_ERR_POLICY, "TLS not configured").await?;
             }
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    reply_err(w, opt, REP_ERR_INVALID, "no payload expected in option").await?;
-                } else if structured {
-                    reply_err(
-                        w,
-                        opt,
-                        REP_ERR_INVALID,
-                        "structured reply already negotiated",
-                    )
-                    .await?;
+            OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS => {
+                let refusal = if mode >= Mode::Extended {
+                    // Asking for less than extended headers after them is a protocol
+                    // error of its own.
+                    let ty = if opt == OPT_STRUCTURED_REPLY {
+                        REP_ERR_EXT_HEADER_REQD
+                    } else {
+                        REP_ERR_INVALID
+                    };
+                    Some((ty, "extended headers already negotiated"))
+                } else if opt == OPT_STRUCTURED_REPLY && mode >= Mode::Structured {
+                    Some((REP_ERR_INVALID, "structured reply already negotiated"))
                 } else {
-                    structured = true;
-                    reply(w, opt, REP_ACK, &[]).await?;
+                    None
+                };
+                match refusal {
+                    Some((ty, msg)) => reply_err(w, opt, ty, msg).await?,
+                    None => {
+                        mode = if opt == OPT_STRUCTURED_REPLY {
+                            Mode::Structured
+                        } else {
+                            Mode::Extended
+                        };
+                        reply(w, opt, REP_ACK, &[]).await?;
+                    }
                 }
             }
             OPT_INFO | OPT_GO => {
@@ -266,6 +342,9 @@ where
                 let Some((export, reqs)) = export_for(service, w, opt, parsed).await? else {
                     continue;
                 };
+                if opt == OPT_GO && !keep_contexts_for(&export, &contexts_of) {
+                    contexts.clear();
+                }
                 if reqs.contains(&INFO_NAME) {
                     let mut p = INFO_NAME.to_be_bytes().to_vec();
                     p.extend_from_slice(export.name.as_bytes());
@@ -286,21 +365,23 @@ where
                 reply(w, opt, REP_INFO, &p).await?;
                 let mut p = INFO_EXPORT.to_be_bytes().to_vec();
                 p.extend_from_slice(&export.node().len().to_be_bytes());
-                p.extend_from_slice(&transmission_flags(&export, structured).to_be_bytes());
+                let stat_payload = !contexts.is_empty() || opt == OPT_INFO;
+                let flags = transmission_flags(&export, mode, stat_payload);
+                p.extend_from_slice(&flags.to_be_bytes());
                 reply(w, opt, REP_INFO, &p).await?;
                 reply(w, opt, REP_ACK, &[]).await?;
                 if opt == OPT_GO {
                     w.flush().await?;
                     return Ok(Some(Session {
                         export,
-                        structured,
+                        mode,
                         contexts,
                     }));
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 // Listing needs no structured replies; choosing does.
-                if opt == OPT_SET_META_CONTEXT && !structured {
+                if opt == OPT_SET_META_CONTEXT && mode < Mode::Structured {
                     reply_err(
                         w,
                         opt,
@@ -347,17 +428,13 @@ where
                 }
                 if opt == OPT_SET_META_CONTEXT {
                     contexts = selected;
+                    contexts_of = Some(export);
                 }
                 reply(w, opt, REP_ACK, &[]).await?;
             }
             _ => {
-                reply_err(
-                    w,
-                    opt,
-                    REP_ERR_UNSUP,
-                    &format!("Unsupported option {opt:#x}"),
-                )
-                .await?;
+                let msg = format!("Unsupported option {opt} ({})", opt_name(opt));
+                reply_err(w, opt, REP_ERR_UNSUP, &msg).await?;
             }
         }
     }

@@ -6,6 +6,8 @@ pub(crate) const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub(crate) const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub(crate) const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // Handshake flags (server) and client flags.
 pub(crate) const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -24,6 +26,7 @@ pub(crate) const FLAG_SEND_DF: u16 = 1 << 7;
 pub(crate) const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub(crate) const FLAG_SEND_CACHE: u16 = 1 << 10;
 pub(crate) const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+pub(crate) const FLAG_BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 
 // Options.
 pub(crate) const OPT_EXPORT_NAME: u32 = 1;
@@ -35,6 +38,7 @@ pub(crate) const OPT_GO: u32 = 7;
 pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
 pub(crate) const OPT_LIST_META_CONTEXT: u32 = 9;
 pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
+pub(crate) const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option replies.
 pub(crate) const REP_ACK: u32 = 1;
@@ -46,6 +50,7 @@ pub(crate) const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub(crate) const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub(crate) const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub(crate) const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+pub(crate) const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 
 // Info types.
 pub(crate) const INFO_EXPORT: u16 = 0;
@@ -67,6 +72,7 @@ pub(crate) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub(crate) const CMD_FLAG_DF: u16 = 1 << 2;
 pub(crate) const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub(crate) const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub(crate) const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Structured reply chunks.
 pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -74,6 +80,7 @@ pub(crate) const REPLY_TYPE_NONE: u16 = 0;
 pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub(crate) const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub(crate) const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub(crate) const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 // Block status flags.

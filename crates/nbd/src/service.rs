@@ -172,7 +172,7 @@ impl NbdService {
                     Ok((s, _)) => {
                         let (r, w) = s.into_split();
                         tokio::task::spawn_local(async move {
-                            me.client(r, w).await;
+                            me.serve_client(r, w).await;
                             drop(permit);
                         });
                     }
@@ -183,7 +183,7 @@ impl NbdService {
                         let _ = s.set_nodelay(true);
                         let (r, w) = s.into_split();
                         tokio::task::spawn_local(async move {
-                            me.client(r, w).await;
+                            me.serve_client(r, w).await;
                             drop(permit);
                         });
                     }
@@ -193,7 +193,9 @@ impl NbdService {
         }
     }
 
-    async fn client<R, W>(&self, r: R, w: W)
+    /// Serves one client on a connected stream: the handshake, then its requests, until
+    /// it hangs up (the accept loops call this for every connection).
+    pub async fn serve_client<R, W>(&self, r: R, w: W)
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin + 'static,

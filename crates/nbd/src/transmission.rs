@@ -1,6 +1,6 @@
 //! The transmission phase: requests in, replies out, up to `MAX_IN_FLIGHT` at a time.
 
-use crate::handshake::{MetaContext, Session};
+use crate::handshake::{MetaContext, Mode, Session, skip};
 use crate::proto::*;
 use ferrite_block::{BlockBackend, ReqFlags};
 use std::io;
@@ -10,15 +10,29 @@ use tokio::sync::{Semaphore, mpsc};
 
 /// Requests one client may have in flight (QEMU's server allows 16).
 const MAX_IN_FLIGHT: usize = 16;
-/// Most block status descriptors in one reply.
-const MAX_EXTENTS: usize = 1 << 16;
+/// Most block status descriptors in one reply (QEMU's: 1 MiB of them).
+const MAX_EXTENTS: usize = 1 << 17;
 
 struct Request {
     flags: u16,
     ty: u16,
     cookie: u64,
     offset: u64,
-    len: u32,
+    /// 32 bits on the wire, 64 with extended headers.
+    len: u64,
+    /// The contexts a block status request's payload chose (extended headers); `None`:
+    /// every negotiated one. Empty when the payload was not valid.
+    contexts: Option<Vec<MetaContext>>,
+}
+
+/// What followed a request's header on the wire.
+enum Body {
+    None,
+    /// A write's data.
+    Data(Vec<u8>),
+    /// A payload too big to take: refused unread, after which the stream cannot be
+    /// followed and the connection closes, as QEMU's does.
+    Unread,
 }
 
 /// Where replies go: each message is the buffers of one reply, written back to back by the
@@ -66,36 +80,52 @@ fn io_failure(e: &io::Error) -> Outcome {
     Outcome::Err(errno_to_nbd(e), ferrite_qapi::os_msg(e))
 }
 
+/// How a session's replies are framed.
+#[derive(Clone, Copy)]
+struct Framing(Mode);
+
+impl Framing {
+    /// A chunk header for `req`, with room for a small payload (data payloads are written
+    /// separately).
+    fn chunk(self, flags: u16, ty: u16, req: &Request, len: u64) -> Vec<u8> {
+        let mut h = Vec::with_capacity(32 + (len as usize).min(256));
+        if self.0 >= Mode::Extended {
+            h.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+            h.extend_from_slice(&flags.to_be_bytes());
+            h.extend_from_slice(&ty.to_be_bytes());
+            h.extend_from_slice(&req.cookie.to_be_bytes());
+            h.extend_from_slice(&req.offset.to_be_bytes());
+            h.extend_from_slice(&len.to_be_bytes());
+        } else {
+            h.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            h.extend_from_slice(&flags.to_be_bytes());
+            h.extend_from_slice(&ty.to_be_bytes());
+            h.extend_from_slice(&req.cookie.to_be_bytes());
+            h.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        h
+    }
+
+    fn error(self, req: &Request, error: u32, msg: &str) -> Vec<u8> {
+        let mut c = self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req, 6 + msg.len() as u64);
+        c.extend_from_slice(&error.to_be_bytes());
+        c.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        c.extend_from_slice(msg.as_bytes());
+        c
+    }
+
+    /// The end of a reply that carries nothing.
+    fn done(self, req: &Request) -> Vec<u8> {
+        self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0)
+    }
+}
+
 fn simple_reply(cookie: u64, error: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(16);
     h.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     h.extend_from_slice(&error.to_be_bytes());
     h.extend_from_slice(&cookie.to_be_bytes());
     h
-}
-
-/// A chunk header, with room for a small payload (data payloads are written separately).
-fn chunk_header(flags: u16, ty: u16, cookie: u64, len: u32) -> Vec<u8> {
-    let mut h = Vec::with_capacity(20 + (len as usize).min(256));
-    h.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    h.extend_from_slice(&flags.to_be_bytes());
-    h.extend_from_slice(&ty.to_be_bytes());
-    h.extend_from_slice(&cookie.to_be_bytes());
-    h.extend_from_slice(&len.to_be_bytes());
-    h
-}
-
-fn error_chunk(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
-    let mut c = chunk_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        cookie,
-        6 + msg.len() as u32,
-    );
-    c.extend_from_slice(&error.to_be_bytes());
-    c.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    c.extend_from_slice(msg.as_bytes());
-    c
 }
 
 /// Serves requests until the client disconnects or `kicked` resolves.
@@ -116,29 +146,23 @@ where
             .acquire_owned()
             .await
             .map_err(io::Error::other)?;
-        let req = tokio::select! {
-            r = read_request(&mut r) => r?,
+        let mut req = tokio::select! {
+            r = read_request(&mut r, session.mode) => r?,
             _ = export.kick.notified() => break,
         };
         if req.ty == CMD_DISC {
             break;
         }
-        // A write's payload follows its header; read it before the next request. One too
-        // big for a buffer is refused unread, and then the stream cannot be followed: the
-        // error goes out and the connection closes, as QEMU's does.
-        let unreadable = req.ty == CMD_WRITE && req.len > MAX_BUFFER;
-        let payload = if req.ty == CMD_WRITE && !unreadable {
-            Some(read_payload(&mut r, req.len as usize).await?)
-        } else {
-            None
-        };
+        // A payload follows its header; read it before the next request.
+        let body = read_body(&mut r, &session, &mut req).await?;
+        let unread = matches!(body, Body::Unread);
         let session = session.clone();
         let w = w.clone();
         tokio::task::spawn_local(async move {
             let _permit = permit;
-            let _ = handle(&session, req, payload, &w).await;
+            let _ = handle(&session, req, body, &w).await;
         });
-        if unreadable {
+        if unread {
             break;
         }
     }
@@ -147,6 +171,65 @@ where
     drop(w);
     let _ = writer.await;
     Ok(())
+}
+
+/// Reads what follows a request's header: a write's data, or (with extended headers) a
+/// payload the client announced with `NBD_CMD_FLAG_PAYLOAD_LEN`. A block status payload
+/// narrows the request to some of the negotiated contexts and gives its real length; any
+/// other command's payload is skipped and the request then fails on its flags, as QEMU's.
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    session: &Session,
+    req: &mut Request,
+) -> io::Result<Body> {
+    let announced = session.mode >= Mode::Extended && req.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    if req.ty != CMD_WRITE && !announced {
+        return Ok(Body::None);
+    }
+    if req.len > u64::from(MAX_BUFFER) {
+        return Ok(Body::Unread);
+    }
+    let len = req.len as usize;
+    if req.ty == CMD_WRITE {
+        return Ok(Body::Data(read_payload(r, len).await?));
+    }
+    if req.ty == CMD_BLOCK_STATUS {
+        // An effective length, then the ids of the contexts wanted, each once.
+        let fits = len % 4 == 0 && len >= 8 && len <= 8 + 4 * session.contexts.len();
+        if fits {
+            let bytes = read_payload(r, len).await?;
+            let ids: Vec<u32> = bytes[8..]
+                .chunks_exact(4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let known = ids
+                .iter()
+                .all(|id| session.contexts.iter().any(|c| c.id() == *id));
+            let mut unique = ids.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            if known && unique.len() == ids.len() {
+                req.len = u64::from_be_bytes(bytes[..8].try_into().unwrap_or_default());
+                req.contexts = Some(
+                    session
+                        .contexts
+                        .iter()
+                        .copied()
+                        .filter(|c| ids.contains(&c.id()))
+                        .collect(),
+                );
+                return Ok(Body::None);
+            }
+        } else {
+            skip(r, req.len).await?;
+        }
+        req.len = 0;
+        req.contexts = Some(Vec::new());
+        return Ok(Body::None);
+    }
+    skip(r, req.len).await?;
+    req.len = 0;
+    Ok(Body::None)
 }
 
 /// A write's payload. Small ones are read into fresh memory that is never zeroed first (the
@@ -165,22 +248,37 @@ async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> io::Result
     Ok(buf)
 }
 
-async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Request> {
-    let mut h = [0u8; 28];
-    r.read_exact(&mut h).await?;
+/// A request header: 28 bytes with a 32-bit length, or 32 with a 64-bit one once extended
+/// headers are negotiated (each mode has its own magic).
+async fn read_request<R: AsyncRead + Unpin>(r: &mut R, mode: Mode) -> io::Result<Request> {
+    let extended = mode >= Mode::Extended;
+    let mut h = [0u8; 32];
+    let h = &mut h[..if extended { 32 } else { 28 }];
+    r.read_exact(h).await?;
     let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
-    if magic != REQUEST_MAGIC {
+    let expected = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    if magic != expected {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "bad request magic",
         ));
     }
+    let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
     Ok(Request {
         flags: u16::from_be_bytes([h[4], h[5]]),
         ty: u16::from_be_bytes([h[6], h[7]]),
-        cookie: u64::from_be_bytes(h[8..16].try_into().unwrap_or_default()),
-        offset: u64::from_be_bytes(h[16..24].try_into().unwrap_or_default()),
-        len: u32::from_be_bytes([h[24], h[25], h[26], h[27]]),
+        cookie: be64(&h[8..16]),
+        offset: be64(&h[16..24]),
+        len: if extended {
+            be64(&h[24..32])
+        } else {
+            u64::from(u32::from_be_bytes([h[24], h[25], h[26], h[27]]))
+        },
+        contexts: None,
     })
 }
 
@@ -201,12 +299,14 @@ fn cmd_name(ty: u16) -> &'static str {
 
 /// Checks a request before it runs: QEMU's rules, in QEMU's order (length, read-only,
 /// bounds, then flags), each answered with EINVAL and QEMU's message.
-fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (u32, String)> {
+fn validate(session: &Session, req: &Request, body: &Body) -> Result<(), (u32, String)> {
     let export = &session.export;
+    let extended = session.mode >= Mode::Extended;
     // (flags the command takes, whether its length is a buffer's, whether it writes)
     let (valid, buffer, writes) = match req.ty {
-        CMD_READ if session.structured => (CMD_FLAG_FUA | CMD_FLAG_DF, true, false),
+        CMD_READ if session.mode >= Mode::Structured => (CMD_FLAG_FUA | CMD_FLAG_DF, true, false),
         CMD_READ => (CMD_FLAG_FUA, true, false),
+        CMD_WRITE if extended => (CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN, true, true),
         CMD_WRITE => (CMD_FLAG_FUA, true, true),
         CMD_CACHE => (CMD_FLAG_FUA, true, false),
         CMD_TRIM => (CMD_FLAG_FUA, false, true),
@@ -215,24 +315,26 @@ fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (
             false,
             true,
         ),
+        CMD_BLOCK_STATUS if req.contexts.is_some() => (
+            CMD_FLAG_FUA | CMD_FLAG_REQ_ONE | CMD_FLAG_PAYLOAD_LEN,
+            false,
+            false,
+        ),
         CMD_BLOCK_STATUS => (CMD_FLAG_FUA | CMD_FLAG_REQ_ONE, false, false),
         // FLUSH, and unknown types (refused once the common checks pass).
         _ => (CMD_FLAG_FUA, false, false),
     };
-    if buffer && req.len > MAX_BUFFER {
+    if (buffer || matches!(body, Body::Unread)) && req.len > u64::from(MAX_BUFFER) {
         return Err((
             EINVAL,
             format!("len ({}) is larger than max len ({MAX_BUFFER})", req.len),
         ));
     }
-    if req.ty == CMD_WRITE && !has_payload {
-        return Err((EINVAL, String::new()));
-    }
     if writes && !export.writable {
         return Err((EINVAL, "Export is read-only".into()));
     }
     let size = export.node().len();
-    if req.offset > size || u64::from(req.len) > size - req.offset {
+    if req.offset > size || req.len > size - req.offset {
         return Err((
             EINVAL,
             format!(
@@ -256,19 +358,17 @@ fn validate(session: &Session, req: &Request, has_payload: bool) -> Result<(), (
         CMD_BLOCK_STATUS if session.contexts.is_empty() => {
             Err((EINVAL, "CMD_BLOCK_STATUS not negotiated".into()))
         }
+        CMD_BLOCK_STATUS if req.contexts.as_ref().is_some_and(|c| c.is_empty()) => {
+            Err((EINVAL, "CMD_BLOCK_STATUS payload not valid".into()))
+        }
         CMD_BLOCK_STATUS if req.len == 0 => Err((EINVAL, "need non-zero length".into())),
         CMD_BLOCK_STATUS => Ok(()),
         other => Err((EINVAL, format!("invalid request type ({other}) received"))),
     }
 }
 
-async fn handle(
-    session: &Session,
-    req: Request,
-    payload: Option<Vec<u8>>,
-    w: &Replies,
-) -> io::Result<()> {
-    if let Err((e, msg)) = validate(session, &req, payload.is_some()) {
+async fn handle(session: &Session, req: Request, body: Body, w: &Replies) -> io::Result<()> {
+    if let Err((e, msg)) = validate(session, &req, &body) {
         return send_outcome(session, &req, Outcome::Err(e, msg), w).await;
     }
     let blk = &session.export.blk;
@@ -284,17 +384,26 @@ async fn handle(
     };
     let outcome = match req.ty {
         CMD_READ => {
-            if session.structured && req.flags & CMD_FLAG_DF == 0 && req.len > 0 {
-                return sparse_read(blk, &req, w).await;
+            // FUA on a read: what was written before it is made durable first (QEMU).
+            if req.flags & CMD_FLAG_FUA != 0
+                && let Err(e) = blk.flush().await
+            {
+                return send_outcome(session, &req, io_failure(&e), w).await;
+            }
+            if session.mode >= Mode::Structured && req.flags & CMD_FLAG_DF == 0 && req.len > 0 {
+                return sparse_read(session, blk, &req, w).await;
             }
             match blk.read(req.offset, req.len as usize).await {
                 Ok(d) => Outcome::Data(d),
                 Err(e) => io_failure(&e),
             }
         }
-        CMD_WRITE => map(blk
-            .write(req.offset, payload.unwrap_or_default(), flags)
-            .await),
+        CMD_WRITE => {
+            let Body::Data(data) = body else {
+                return Err(io::ErrorKind::InvalidInput.into());
+            };
+            map(blk.write(req.offset, data, flags).await)
+        }
         CMD_WRITE_ZEROES => {
             let mut zf = flags;
             if req.flags & CMD_FLAG_NO_HOLE == 0 {
@@ -307,10 +416,10 @@ async fn handle(
                 }
                 zf |= ReqFlags::NO_FALLBACK;
             }
-            map(blk.write_zeroes(req.offset, u64::from(req.len), zf).await)
+            map(blk.write_zeroes(req.offset, req.len, zf).await)
         }
         CMD_TRIM => {
-            let r = blk.discard(req.offset, u64::from(req.len)).await;
+            let r = blk.discard(req.offset, req.len).await;
             match r {
                 Ok(()) if fua => map(blk.flush().await),
                 other => map(other),
@@ -330,28 +439,24 @@ async fn send_outcome(
     outcome: Outcome,
     w: &Replies,
 ) -> io::Result<()> {
-    let parts = match (session.structured, outcome) {
-        (false, Outcome::Ok) => vec![simple_reply(req.cookie, 0)],
-        (false, Outcome::Err(e, _)) => vec![simple_reply(req.cookie, e)],
-        (false, Outcome::Data(d)) => vec![simple_reply(req.cookie, 0), d],
-        // Like QEMU, a success without data gets a simple reply even in structured mode.
-        (true, Outcome::Ok) => vec![simple_reply(req.cookie, 0)],
-        (true, Outcome::Err(e, msg)) => vec![error_chunk(req.cookie, e, &msg)],
+    let frame = Framing(session.mode);
+    let parts = match (session.mode, outcome) {
+        (Mode::Simple, Outcome::Ok) => vec![simple_reply(req.cookie, 0)],
+        (Mode::Simple, Outcome::Err(e, _)) => vec![simple_reply(req.cookie, e)],
+        (Mode::Simple, Outcome::Data(d)) => vec![simple_reply(req.cookie, 0), d],
+        // Like QEMU, a success without data gets a simple reply in structured mode; extended
+        // headers leave no simple replies.
+        (Mode::Structured, Outcome::Ok) => vec![simple_reply(req.cookie, 0)],
+        (Mode::Extended, Outcome::Ok) => vec![frame.done(req)],
+        (_, Outcome::Err(e, msg)) => vec![frame.error(req, e, &msg)],
         // A read of nothing: no data chunk, just the end (QEMU's NBD_REPLY_TYPE_NONE).
-        (true, Outcome::Data(d)) if d.is_empty() => {
-            vec![chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_NONE,
-                req.cookie,
-                0,
-            )]
-        }
-        (true, Outcome::Data(d)) => {
-            let mut h = chunk_header(
+        (_, Outcome::Data(d)) if d.is_empty() => vec![frame.done(req)],
+        (_, Outcome::Data(d)) => {
+            let mut h = frame.chunk(
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
-                req.cookie,
-                8 + d.len() as u32,
+                req,
+                8 + d.len() as u64,
             );
             h.extend_from_slice(&req.offset.to_be_bytes());
             vec![h, d]
@@ -361,8 +466,14 @@ async fn send_outcome(
 }
 
 /// A structured read that sends holes as hole chunks instead of zeroes.
-async fn sparse_read(blk: &BlockBackend, req: &Request, w: &Replies) -> io::Result<()> {
-    let end = req.offset + u64::from(req.len);
+async fn sparse_read(
+    session: &Session,
+    blk: &BlockBackend,
+    req: &Request,
+    w: &Replies,
+) -> io::Result<()> {
+    let frame = Framing(session.mode);
+    let end = req.offset + req.len;
     let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
     let mut off = req.offset;
     while off < end {
@@ -389,22 +500,21 @@ async fn sparse_read(blk: &BlockBackend, req: &Request, w: &Replies) -> io::Resu
             0
         };
         if *hole {
-            let mut c = chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+            let mut c = frame.chunk(flags, REPLY_TYPE_OFFSET_HOLE, req, 12);
             c.extend_from_slice(&off.to_be_bytes());
             c.extend_from_slice(&(*len as u32).to_be_bytes());
             chunks.push(c);
         } else {
             match blk.read(*off, *len as usize).await {
                 Ok(data) => {
-                    let mut c =
-                        chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + *len as u32);
+                    let mut c = frame.chunk(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + *len);
                     c.extend_from_slice(&off.to_be_bytes());
                     chunks.push(c);
                     chunks.push(data);
                 }
                 Err(e) => {
                     // Nothing has been sent yet: the whole read fails with one error chunk.
-                    return send(w, vec![error_chunk(req.cookie, errno_to_nbd(&e), "")]);
+                    return send(w, vec![frame.error(req, errno_to_nbd(&e), "")]);
                 }
             }
         }
@@ -412,20 +522,31 @@ async fn sparse_read(blk: &BlockBackend, req: &Request, w: &Replies) -> io::Resu
     send(w, chunks)
 }
 
+/// Block status: one chunk per context, 32-bit descriptors, or 64-bit ones with extended
+/// headers. With `NBD_CMD_FLAG_REQ_ONE` a context's answer is one descriptor, as long as
+/// the status stays the same.
 async fn block_status(
     session: &Session,
     blk: &BlockBackend,
     req: &Request,
     w: &Replies,
 ) -> io::Result<()> {
-    let end = req.offset + u64::from(req.len);
-    let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    let frame = Framing(session.mode);
+    let wide = session.mode >= Mode::Extended;
+    let end = req.offset + req.len;
+    let most = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    let longest = if wide { u64::MAX } else { u64::from(u32::MAX) };
+    let contexts = req.contexts.as_ref().unwrap_or(&session.contexts);
     let mut replies = Vec::new();
-    for ctx in &session.contexts {
-        let mut descs: Vec<(u32, u32)> = Vec::new();
+    for ctx in contexts {
+        let mut descs: Vec<(u64, u32)> = Vec::new();
         let mut off = req.offset;
-        while off < end && descs.len() < MAX_EXTENTS {
-            let want = (end - off).min(u64::from(u32::MAX) & !511);
+        while off < end {
+            let want = (end - off).min(longest & !511);
             let r = match ctx {
                 MetaContext::BaseAllocation => blk.block_status(off, want).await.map(|e| {
                     let flags = (if e.data { 0 } else { STATE_HOLE })
@@ -443,35 +564,41 @@ async fn block_status(
             let (len, flags) = match r {
                 Ok(x) => x,
                 Err(err) => {
-                    return send(w, vec![error_chunk(req.cookie, errno_to_nbd(&err), "")]);
+                    return send(w, vec![frame.error(req, errno_to_nbd(&err), "")]);
                 }
             };
+            let full = descs.len() == most;
             match descs.last_mut() {
-                Some(last) if last.1 == flags && u64::from(last.0) + len <= u64::from(u32::MAX) => {
-                    last.0 += len as u32;
-                }
-                _ => descs.push((len as u32, flags)),
+                Some(last) if last.1 == flags && last.0 + len <= longest => last.0 += len,
+                _ if full => break,
+                _ => descs.push((len, flags)),
             }
             off += len;
-            if one {
-                break;
-            }
         }
-        let mut c = chunk_header(
-            0,
-            REPLY_TYPE_BLOCK_STATUS,
-            req.cookie,
-            4 + 8 * descs.len() as u32,
-        );
+        let (ty, each) = if wide {
+            (REPLY_TYPE_BLOCK_STATUS_EXT, 16)
+        } else {
+            (REPLY_TYPE_BLOCK_STATUS, 8)
+        };
+        let head = if wide { 8 } else { 4 };
+        let mut c = frame.chunk(0, ty, req, head + each * descs.len() as u64);
         c.extend_from_slice(&ctx.id().to_be_bytes());
+        if wide {
+            c.extend_from_slice(&(descs.len() as u32).to_be_bytes());
+        }
         for (len, flags) in descs {
-            c.extend_from_slice(&len.to_be_bytes());
-            c.extend_from_slice(&flags.to_be_bytes());
+            if wide {
+                c.extend_from_slice(&len.to_be_bytes());
+                c.extend_from_slice(&u64::from(flags).to_be_bytes());
+            } else {
+                c.extend_from_slice(&(len as u32).to_be_bytes());
+                c.extend_from_slice(&flags.to_be_bytes());
+            }
         }
         replies.push(c);
     }
     if let Some(last) = replies.last_mut() {
-        // Set DONE on the final chunk (flags are bytes 4..6 of the header).
+        // Set DONE on the final chunk (flags are bytes 4..6 of either header).
         last[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
     }
     send(w, replies)
