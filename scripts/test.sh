@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: installs the peers the tests need (scripts/setup.sh), builds, checks style
 # (fmt, clippy with warnings as errors, docs of every public item), runs the Rust
-# unit/property tests and the Python suites that drive the real binary against
+# unit/property tests, a short run of every fuzz target, and the Python suites that drive the real binary against
 # qemu-storage-daemon. Prints each runner's summary; exits non-zero on any failure.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +17,7 @@ style() { # a check's output only when it fails
   "$@" >target/style.log 2>&1 || { cat target/style.log; echo "style check failed: $*" >&2; exit 1; }
 }
 style cargo fmt --all --check
+style cargo fmt --manifest-path fuzz/Cargo.toml --check
 style cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" style cargo doc --workspace --no-deps --locked
 echo "style: fmt, clippy and doc clean"
@@ -29,6 +30,16 @@ if grep -qE '^test result: FAILED|^error' target/cargo-test.log; then
 fi
 passed=$(grep -oE 'ok\. [0-9]+ passed' target/cargo-test.log | awk '{s+=$2} END {print s+0}')
 echo "cargo test: ${passed} passed, 0 failed"
+
+echo "== fuzz: libFuzzer, ${FUZZ_SECONDS:-45} s per target, sandboxed (fuzz/run.sh)"
+if ! bash fuzz/run.sh all "${FUZZ_SECONDS:-45}" >target/fuzz.log 2>&1; then
+  grep -E '^(== fuzz|fuzz:)|panicked|ERROR|SUMMARY' target/fuzz.log | tail -n 40
+  echo "fuzzing found something (target/fuzz.log; inputs under fuzz/work/*/artifacts)" >&2
+  exit 1
+fi
+awk '/^== fuzz/ {t=$3} /^stat::number_of_executed_units/ {n=$2}
+     /^stat::new_units_added/ {printf "fuzz %s: %s runs, %s new corpus units, no findings\n", t, n, $2}' \
+  target/fuzz.log
 
 echo "== pytest (tests/python, against the real binary and qemu-storage-daemon)"
 .venv/bin/python -m pytest tests/python -q -p no:cacheprovider -rfEs

@@ -261,12 +261,26 @@ impl Child {
         self.len() == 0
     }
 
-    /// Reads `len` bytes at `offset` of the child.
+    /// Reads `len` bytes at `offset` of the child. What lies past the child's end reads as
+    /// zeroes, as in QEMU's block layer: an image's last cluster may be only partly in its
+    /// file, and metadata may point past the end (QEMU returns zeroes there, not an error).
     ///
     /// # Errors
     /// As [`Node`]'s request checks and the driver's.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        self.node().read(offset, len).await
+        let node = self.node();
+        let size = node.len();
+        if offset.saturating_add(len as u64) <= size {
+            return node.read(offset, len).await;
+        }
+        let inside = size.saturating_sub(offset).min(len as u64) as usize;
+        let mut buf = if inside > 0 {
+            node.read(offset, inside).await?
+        } else {
+            Vec::new()
+        };
+        buf.resize(len, 0);
+        Ok(buf)
     }
 
     /// Writes `data` at `offset` of the child.

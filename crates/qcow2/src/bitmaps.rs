@@ -21,7 +21,8 @@ use std::rc::Rc;
 /// whose bitmaps break QEMU's rules is refused, as QEMU refuses it: loading a damaged bitmap
 /// as clean would let an incremental backup miss data.
 pub(crate) async fn load(file: &Child, m: &mut Meta) -> Result<Vec<Rc<DirtyBitmap>>, BitmapError> {
-    let size = m.h.size;
+    // Bitmaps cover the node's length: whole sectors, as in QEMU.
+    let size = m.h.size & !511;
     let cs = m.cs();
     let mut out = Vec::new();
     for e in bitmap_dir::read(file, &m.h).await? {

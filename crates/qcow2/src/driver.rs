@@ -111,7 +111,14 @@ impl Driver for Qcow2Driver {
             let file = Self::file(node)?;
             let mut m = self.meta.lock().await;
             let was_dirty = m.h.incompatible & incompat::DIRTY != 0;
-            prepare_for_writing(&file, &mut m, was_dirty).await
+            prepare_for_writing(&file, &mut m, was_dirty)
+                .await
+                .map_err(|e| match e {
+                    crate::error::Error::RepairDirty(e)
+                    | crate::error::Error::UpdateBitmapDirectory(e)
+                    | crate::error::Error::UpdateHeader(e) => e,
+                    other => std::io::Error::other(other.to_string()),
+                })
         })
     }
 

@@ -9,8 +9,6 @@ use std::io;
 pub(crate) enum HeaderError {
     #[error("Image is not in qcow2 format")]
     NotQcow2,
-    #[error("Cluster size must be between 512 and 64k")]
-    OldVersion,
     #[error("Unsupported qcow2 version {0}")]
     Version(u32),
     #[error("Unsupported cluster size: 2^{0}")]
@@ -21,8 +19,12 @@ pub(crate) enum HeaderError {
     TooLong,
     #[error("Invalid backing file offset")]
     BackingOffset,
-    #[error("Unsupported qcow2 feature(s): {}", unknown_features(*.0))]
-    UnknownFeatures(u64),
+    #[error("Unsupported qcow2 feature(s): {0}")]
+    UnknownFeatures(String),
+    #[error("qcow2: Image is corrupt; cannot be opened read/write")]
+    Corrupt,
+    #[error("Unsupported subcluster size: {0}")]
+    SubclusterSize(u64),
     #[error("Reference count entry width too large; may not exceed 64 bits")]
     RefcountWidth,
     #[error("qcow2: Compression type incompatible feature bit must not be set")]
@@ -31,10 +33,6 @@ pub(crate) enum HeaderError {
     CompressionBitUnset,
     #[error("qcow2: unknown compression type: {0}")]
     CompressionType(u8),
-    #[error("Unsupported encryption method {0}")]
-    Encryption(u32),
-    #[error("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")]
-    ExtendedL2ClusterSize,
     #[error("Reference count table too large")]
     ReftableTooLarge,
     #[error("Image does not contain a reference count table")]
@@ -55,21 +53,16 @@ pub(crate) enum HeaderError {
     L1TooSmall,
     #[error("Backing file name too long")]
     BackingNameTooLong,
-    #[error("Invalid extension length")]
-    ExtensionLength,
-    #[error("ERROR: ext_backing_format: len={0} too large (>=1023)")]
+    #[error("Header extension too large")]
+    ExtensionTooLarge,
+    #[error("CRYPTO header extension only expected with LUKS encryption method")]
+    CryptoUnexpected,
+    #[error(transparent)]
+    Bitmaps(#[from] crate::format::bitmap_dir::BitmapError),
+    #[error("ERROR: ext_backing_format: len={0} too large (>=16)")]
     BackingFormatTooLong(usize),
     #[error("Cannot fit the header and its extensions in one cluster")]
     DoesNotFit,
-}
-
-/// QEMU's list of unknown incompatible feature bits.
-fn unknown_features(bits: u64) -> String {
-    (0..64)
-        .filter(|i| bits & (1 << i) != 0)
-        .map(|i| format!("Unknown incompatible feature: {:x}", 1u64 << i))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// A failure of the qcow2 driver.
@@ -84,14 +77,28 @@ pub(crate) enum Error {
     /// Writing a new image's header failed.
     #[error("Could not write qcow2 header: {}", os_msg(.0))]
     WriteHeader(io::Error),
+    #[error(transparent)]
+    Snapshots(crate::format::snapshot_table::TableError),
+    #[error("Could not repair dirty image: {}", os_msg(.0))]
+    RepairDirty(io::Error),
+    #[error("Can't update bitmap directory: {}", os_msg(.0))]
+    UpdateBitmapDirectory(io::Error),
+    #[error("Could not update qcow2 header: {}", os_msg(.0))]
+    UpdateHeader(io::Error),
     #[error("Encrypted qcow2 images are not supported by ferrite")]
     Encrypted,
+    #[error("Parameter 'encrypt.key-secret' is required for cipher")]
+    KeySecretRequired,
+    #[error("Unsupported encryption method {0}")]
+    EncryptionMethod(i32),
+    #[error("Missing CRYPTO header for crypt method {0}")]
+    MissingCryptoHeader(u32),
+    #[error("data-file-raw requires a data file")]
+    DataFileRawWithout,
     #[error(
         "ferrite opens qcow2 images with an external data file read-only only (for now); set 'read-only': true"
     )]
     DataFileWritable,
-    #[error("qcow2: Image is corrupt; cannot be opened read/write")]
-    Corrupt,
     #[error("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")]
     LazyRefcountsV2,
     #[error(transparent)]
@@ -114,11 +121,9 @@ pub(crate) enum Error {
     DataFileNotExpected,
     #[error("'data-file' is required for this image")]
     DataFileRequired,
-    #[error("Could not open backing file: Could not open '{path}': {error}")]
-    OpenBacking {
-        path: String,
-        error: ferrite_block::Error,
-    },
+    /// `error` names the file itself ("Could not open 'PATH': ...").
+    #[error("Could not open backing file: {error}")]
+    OpenBacking { error: ferrite_block::Error },
     #[error("Could not open backing file: Unknown driver '{0}'")]
     UnknownBackingFormat(String),
     #[error("Could not resize image: {}", os_msg(.0))]

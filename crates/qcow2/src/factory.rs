@@ -42,9 +42,11 @@ impl DriverFactory for Qcow2Factory {
             let opts = ctx.opts();
             let read_only = ctx.settings().read_only;
             let file = ctx.open_child("file").await?;
-            let drv =
-                Qcow2Driver::open(opts, &file, read_only, corruption_event(ctx.events())).await?;
-            open_data_file(ctx, &drv, read_only).await?;
+            let opening = Qcow2Driver::begin_open(opts, &file, read_only).await?;
+            open_data_file(ctx, opening.data_file(), read_only).await?;
+            let drv = opening
+                .finish(opts, &file, corruption_event(ctx.events()))
+                .await?;
             ctx.take_position_now();
             match opts.get("backing") {
                 Some(QObject::Null) => {}
@@ -97,11 +99,11 @@ impl DriverFactory for Qcow2Factory {
 /// names (relative to the working directory, as QEMU takes it).
 async fn open_data_file(
     ctx: &mut OpenCtx<'_>,
-    drv: &Qcow2Driver,
+    spec: Option<crate::DataFile>,
     read_only: bool,
 ) -> ferrite_block::Result<()> {
     let opts = ctx.opts();
-    let Some(spec) = drv.data_file() else {
+    let Some(spec) = spec else {
         if opts.get("data-file").is_some() {
             return Err(Error::DataFileNotExpected.into());
         }
@@ -127,10 +129,7 @@ async fn open_backing(
     spec: BackingSpec,
 ) -> ferrite_block::Result<()> {
     let path = ferrite_block::filename::backing_path(&file.node().filename(), &spec.filename)?;
-    let failed = |error| Error::OpenBacking {
-        path: path.clone(),
-        error,
-    };
+    let failed = |error| Error::OpenBacking { error };
     let format = match spec.format {
         Some(f) => f,
         None => ctx.probe(&path).await.map_err(failed)?.to_owned(),

@@ -34,6 +34,7 @@ mod open;
 mod read;
 mod repair;
 mod snapshot;
+pub mod testing;
 mod write;
 mod zero;
 
@@ -122,11 +123,6 @@ impl Qcow2Driver {
             filename: f.clone(),
             format: fmt.clone(),
         })
-    }
-
-    /// The external data file, if the image has one.
-    pub(crate) fn data_file(&self) -> Option<DataFile> {
-        self.data_file.clone()
     }
 
     fn cs(&self) -> u64 {

@@ -83,33 +83,99 @@ impl Meta {
         let mut gc = offset / cs;
         let in_off = offset % cs;
         let (e, bm) = self.l2_entry(file, gc).await?;
+        self.check_entry(gc, e, bm, true)?;
         let (src, mut run) = cluster_source(self, e, bm, in_off);
-        if let Source::Data(h) = src {
-            self.check_data_cluster(file, gc, h - in_off)?;
-        }
         if matches!(src, Source::Compressed { .. }) {
             return Ok((src, run.min(len)));
         }
-        // Extend over following clusters with the same source.
+        // Extend over following clusters with the same source, and (as QEMU counts a run)
+        // the same kind of entry: host clusters contiguous after one with a host cluster,
+        // none after one without. A cluster that breaks the run starts the next one, and
+        // gets the first cluster's checks.
+        let mut host = self.entry_host(e);
         while run < len && run % cs == (cs - in_off) % cs {
             gc += 1;
             let (e, bm) = self.l2_entry(file, gc).await?;
+            self.check_entry(gc, e, bm, false)?;
             let (next, n) = cluster_source(self, e, bm, 0);
+            let next_host = self.entry_host(e);
             let same = match (src, next) {
                 (Source::Data(a), Source::Data(b)) => b == a + run,
                 (a, b) => a == b,
-            };
+            } && next_host == host.map(|h| h + cs);
             if !same {
                 break;
             }
-            if let Source::Data(h) = next {
-                self.check_data_cluster(file, gc, h)?;
-            }
+            host = next_host;
             run += n;
             if n < cs {
                 break;
             }
         }
         Ok((src, run.min(len)))
+    }
+
+    /// The host cluster an entry points at, if any (data, or preallocated zeroes).
+    fn entry_host(&self, e: u64) -> Option<u64> {
+        match entry::decode(e, self.h.cluster_bits, self.h.extended_l2()) {
+            Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => Some(host),
+            _ => None,
+        }
+    }
+
+    /// QEMU's checks of an L2 entry on the way to guest data, each marking the image
+    /// corrupt: an extended entry whose bitmap is contradictory (every entry of a run), and
+    /// for the first entry, a zero flag in a v2 image, a compressed cluster with an external
+    /// data file, an unaligned cluster, or one at another offset than its guest offset in
+    /// an external data file. A cluster past the end of the file is no error here: it
+    /// reads as zeroes, as in QEMU (writes refuse it, see `check_data_cluster`).
+    fn check_entry(&mut self, gc: u64, e: u64, bm: u64, first: bool) -> io::Result<()> {
+        let per = self.l2_entries();
+        let l2 = self.l1.get((gc / per) as usize).copied().unwrap_or(0) & entry::OFFSET_MASK;
+        let idx = gc % per;
+        let ext = self.h.extended_l2();
+        let c = entry::decode(e, self.h.cluster_bits, ext);
+        let invalid = ext
+            && match c {
+                Cluster::Normal { .. } => (bm >> 32) & bm != 0,
+                Cluster::Unallocated => bm & 0xffff_ffff != 0,
+                _ => false,
+            };
+        if invalid {
+            let msg =
+                format!("Invalid cluster entry found  (L2 offset: {l2:#x}, L2 index: {idx:#x})");
+            return Err(self.corruption(msg, None, None));
+        }
+        if !first {
+            return Ok(());
+        }
+        let data_file = self.h.incompatible & incompat::DATA_FILE != 0;
+        let msg = match c {
+            Cluster::Zero { .. } if self.h.version < 3 => format!(
+                "Zero cluster entry found in pre-v3 image (L2 offset: {l2:#x}, L2 index: {idx:#x})"
+            ),
+            Cluster::Compressed { .. } if data_file => format!(
+                "Compressed cluster entry found in image with external data file (L2 offset: \
+                 {l2:#x}, L2 index: {idx:#x})"
+            ),
+            Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
+                if host % self.cs() != 0 {
+                    format!(
+                        "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2:#x}, \
+                         L2 index: {idx:#x})"
+                    )
+                } else if data_file && host != gc * self.cs() {
+                    format!(
+                        "External data file host cluster offset {host:#x} does not match guest \
+                         cluster offset: {:#x}, L2 index: {idx:#x})",
+                        gc * self.cs()
+                    )
+                } else {
+                    return Ok(());
+                }
+            }
+            _ => return Ok(()),
+        };
+        Err(self.corruption(msg, None, None))
     }
 }

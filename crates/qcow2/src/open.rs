@@ -25,39 +25,65 @@ fn open_err(e: io::Error) -> Error {
     Error::ReadHeader(e)
 }
 
+/// An image part-way open: its header and options checked. QEMU opens the external data
+/// file at this point, before the encryption, the backing file name, the snapshot table and
+/// the bitmaps are looked at, so the factory does that between [`Qcow2Driver::begin_open`]
+/// and [`Opening::finish`].
+pub(crate) struct Opening {
+    h: Header,
+    cluster_bits: u32,
+    read_only: bool,
+    lazy: bool,
+    l2_tables: usize,
+    rb_tables: usize,
+    clean_interval: Duration,
+    key_secret: bool,
+    crypto_header: bool,
+    data_file: Option<DataFile>,
+}
+
+impl Opening {
+    /// The external data file the image needs, if any.
+    pub(crate) fn data_file(&self) -> Option<DataFile> {
+        self.data_file.clone()
+    }
+}
+
 impl Qcow2Driver {
-    /// Opens the image on `file`.
+    /// Opens the image on `file` whose data file (if it has one) is already open: both
+    /// halves at once.
     pub(crate) async fn open(
         args: &Args,
         file: &Child,
         read_only: bool,
         on_corruption: CorruptionHook,
     ) -> ferrite_block::Result<Qcow2Driver> {
+        Self::begin_open(args, file, read_only)
+            .await?
+            .finish(args, file, on_corruption)
+            .await
+    }
+
+    /// Starts opening the image on `file`: header, options and extensions.
+    pub(crate) async fn begin_open(
+        args: &Args,
+        file: &Child,
+        read_only: bool,
+    ) -> ferrite_block::Result<Opening> {
         let probe = read_at(file, 0, Header::PROBE_LEN)
             .await
             .map_err(open_err)?;
         let bits = Header::probe_cluster_bits(&probe)?;
         let cs = 1u64 << bits;
-        let first = read_at(file, 0, cs.min(file.len().max(512)) as usize)
-            .await
-            .map_err(open_err)?;
-        let h = Header::parse(&first, file.len())?;
-        if h.crypt_method != 0 {
-            return Err(Error::Encrypted.into());
-        }
-        let data_file = if h.incompatible & incompat::DATA_FILE != 0 {
-            if !read_only {
-                return Err(Error::DataFileWritable.into());
-            }
-            Some(DataFile {
-                name: h.data_file_name(),
-                raw: h.autoclear & autoclear::DATA_FILE_RAW != 0,
-            })
-        } else {
-            None
-        };
-        if h.incompatible & incompat::CORRUPT != 0 && !read_only {
-            return Err(Error::Corrupt.into());
+        // Cluster 0 whole (zeroes past the end of the file): header, extensions, backing
+        // file name. Checked in QEMU's order: the fixed fields, the options, then the rest.
+        let first = read_at(file, 0, cs as usize).await.map_err(open_err)?;
+        let mut h = Header::parse_fixed(&first, !read_only)?;
+        let key_secret = args
+            .dict("encrypt")
+            .is_some_and(|e| e.get("key-secret").is_some());
+        if h.crypt_method > 2 {
+            return Err(Error::EncryptionMethod(h.crypt_method as i32).into());
         }
         let lazy_opt = args.opt_bool("lazy-refcounts");
         if lazy_opt == Some(true) && h.version < 3 {
@@ -66,6 +92,64 @@ impl Qcow2Driver {
         let lazy = lazy_opt.unwrap_or(h.compatible & compat::LAZY_REFCOUNTS != 0);
         let (l2_tables, rb_tables) = cache_sizes(args, &h)?;
         let clean_interval = clean_interval(args)?;
+        h.parse_tail(&first)?;
+        let crypto_header = h.extension(crate::format::header::EXT_CRYPTO).is_some();
+        let data_file = if h.incompatible & incompat::DATA_FILE != 0 {
+            if !read_only {
+                return Err(Error::DataFileWritable.into());
+            }
+            Some(DataFile {
+                name: h.data_file_name(),
+                raw: h.autoclear & autoclear::DATA_FILE_RAW != 0,
+            })
+        } else if h.autoclear & autoclear::DATA_FILE_RAW != 0 {
+            return Err(Error::DataFileRawWithout.into());
+        } else {
+            None
+        };
+        Ok(Opening {
+            h,
+            cluster_bits: bits,
+            read_only,
+            lazy,
+            l2_tables,
+            rb_tables,
+            clean_interval,
+            key_secret,
+            crypto_header,
+            data_file,
+        })
+    }
+}
+
+impl Opening {
+    /// Finishes opening, after the data file: encryption, the rest of the metadata, the
+    /// snapshot table and bitmaps, and the preparation for writing.
+    pub(crate) async fn finish(
+        self,
+        args: &Args,
+        file: &Child,
+        on_corruption: CorruptionHook,
+    ) -> ferrite_block::Result<Qcow2Driver> {
+        let Opening {
+            h,
+            cluster_bits: bits,
+            read_only,
+            lazy,
+            l2_tables,
+            rb_tables,
+            clean_interval,
+            key_secret,
+            crypto_header,
+            data_file,
+        } = self;
+        match h.crypt_method {
+            1 if !key_secret => return Err(Error::KeySecretRequired.into()),
+            2 if !crypto_header => return Err(Error::MissingCryptoHeader(2).into()),
+            2 if !key_secret => return Err(Error::KeySecretRequired.into()),
+            0 => {}
+            _ => return Err(Error::Encrypted.into()),
+        }
         let codec = if h.compression_type == 1 {
             Codec::Zstd
         } else {
@@ -74,7 +158,9 @@ impl Qcow2Driver {
         let backing = h.backing_file.clone().map(|f| (f, h.backing_format()));
         let version = h.version;
         let extended = h.extended_l2();
-        let size = h.size;
+        // The block layer counts whole sectors: a size that is not a multiple of 512 is cut
+        // down (QEMU's `total_sectors`).
+        let size = h.size & !511;
         let was_dirty = h.incompatible & incompat::DIRTY != 0;
         let mut meta = Meta::load(file, h, l2_tables, rb_tables)
             .await
@@ -85,18 +171,16 @@ impl Qcow2Driver {
             .unwrap_or(discard_unmap);
         meta.pass_discard_other = args.opt_bool("pass-discard-other").unwrap_or(false);
         meta.overlap_check = overlap_check(args);
-        let (snapshots, table_len) = crate::format::snapshot_table::read(file, &meta.h)
+        let (snapshots, table_len) = crate::format::snapshot_table::read_checked(file, &meta.h)
             .await
-            .unwrap_or_default();
+            .map_err(Error::Snapshots)?;
         meta.snapshot_l1s = snapshots.iter().map(|s| (s.l1_offset, s.l1_size)).collect();
         meta.snapshots_size = table_len;
         let loaded = bitmaps::load(file, &mut meta)
             .await
             .map_err(Error::LoadBitmaps)?;
         if !read_only {
-            prepare_for_writing(file, &mut meta, was_dirty)
-                .await
-                .map_err(open_err)?;
+            prepare_for_writing(file, &mut meta, was_dirty).await?;
         }
         Ok(Qcow2Driver {
             meta: tokio::sync::Mutex::new(meta),
@@ -122,30 +206,35 @@ impl Qcow2Driver {
     }
 }
 
-/// Before the first write: repair a dirty image, drop autoclear bits we do not know, and
-/// mark persistent bitmaps that writes would change as in use (QEMU then sees them as
-/// inconsistent, not stale).
+/// Before the first write, in QEMU's order: drop autoclear bits we do not know, mark
+/// persistent bitmaps that writes would change as in use (QEMU then sees them as
+/// inconsistent, not stale), and repair a dirty image.
 pub(crate) async fn prepare_for_writing(
     file: &Child,
     m: &mut Meta,
     was_dirty: bool,
-) -> io::Result<()> {
+) -> Result<(), Error> {
     let mut header_changed = false;
-    if was_dirty {
-        repair::rebuild_refcounts(file, m).await?;
-        m.h.incompatible &= !incompat::DIRTY;
-        header_changed = true;
-    }
     if m.h.autoclear & !autoclear::KNOWN != 0 {
         m.h.autoclear &= autoclear::KNOWN;
         header_changed = true;
     }
     if m.h.autoclear & autoclear::BITMAPS != 0 {
-        repair::mark_bitmaps_in_use(file, m).await?;
+        repair::mark_bitmaps_in_use(file, m)
+            .await
+            .map_err(Error::UpdateBitmapDirectory)?;
     }
     if header_changed {
-        m.write_header(file).await?;
-        file.flush().await?;
+        m.write_header(file).await.map_err(Error::UpdateHeader)?;
+        file.flush().await.map_err(Error::UpdateHeader)?;
+    }
+    if was_dirty {
+        repair::rebuild_refcounts(file, m)
+            .await
+            .map_err(Error::RepairDirty)?;
+        m.h.incompatible &= !incompat::DIRTY;
+        m.write_header(file).await.map_err(Error::RepairDirty)?;
+        file.flush().await.map_err(Error::RepairDirty)?;
     }
     Ok(())
 }

@@ -17,12 +17,19 @@ use std::io;
 /// Clusters an image refers to, with the number of references each should have.
 async fn references(file: &Child, m: &mut Meta) -> io::Result<HashMap<u64, u64>> {
     let cs = m.cs();
+    let file_len = file.len();
     let mut refs: HashMap<u64, u64> = HashMap::new();
     let add = |refs: &mut HashMap<u64, u64>, off: u64, len: u64| {
-        // Offsets and lengths come from the image: an empty or wrapping range refers to nothing.
+        // Offsets and lengths come from the image: an empty or wrapping range refers to
+        // nothing, and neither does one reaching a cluster or more past the end of the file
+        // (QEMU's check counts that as corruption and skips it; only the last cluster may
+        // be partly there). So the work is bounded by the file's size.
         let Some(end) = off.checked_add(len).filter(|_| len > 0) else {
             return;
         };
+        if end.saturating_sub(file_len) >= cs {
+            return;
+        }
         let last = end - 1;
         for c in off / cs..=last / cs {
             *refs.entry(c).or_default() += 1;

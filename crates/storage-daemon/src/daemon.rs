@@ -156,7 +156,7 @@ impl Daemon {
     }
 
     /// Runs one checked command.
-    async fn run(&self, name: &str, args: Args) -> Result<QObject, Error> {
+    pub(crate) async fn run(&self, name: &str, args: Args) -> Result<QObject, Error> {
         let empty = || Ok(QObject::Dict(QDict::new()));
         match name {
             "query-version" => Ok(Self::version_info()),

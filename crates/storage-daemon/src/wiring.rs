@@ -78,6 +78,74 @@ fn checked(parsed: &keyval::Parsed, type_name: &str) -> Result<Args, Error> {
     .map(Args::new)
 }
 
+/// An option parsed and checked against its QAPI type: what start-up acts on.
+pub(crate) enum Checked {
+    /// Acted on before start-up (help, version, traces, daemonize).
+    Nothing,
+    Chardev {
+        id: String,
+        backend: Args,
+        wait: bool,
+    },
+    Monitor(Args),
+    /// `--object help` or `--object TYPE,help`.
+    ObjectHelp(Option<String>),
+    Object(Args),
+    Blockdev(Args),
+    NbdServer(Args),
+    Export(Args),
+    Pidfile(PathBuf),
+}
+
+/// Parses an option's text (keyval or JSON) and checks it against its QAPI type, acting on
+/// nothing.
+pub(crate) fn check(opt: &CliOption) -> Result<Checked, OptionError> {
+    let keyval = |text: &str, implied: Option<&str>, ty: &str| {
+        let parsed = keyval::parse(text, implied).map_err(|e| located(opt, e))?;
+        checked(&parsed, ty).map_err(|e| located(opt, e))
+    };
+    Ok(match opt {
+        CliOption::Help | CliOption::Version | CliOption::Trace(_) | CliOption::Daemonize => {
+            Checked::Nothing
+        }
+        CliOption::Chardev(text) => {
+            let parsed = backend_from_opts(text).map_err(|e| located(opt, e))?;
+            let backend = check_value(
+                schema(),
+                &TypeRef::Named("ChardevBackend".into()),
+                &QObject::Dict(parsed.backend),
+                Mode::Strict,
+            )
+            .map_err(|e| located(opt, e))?;
+            Checked::Chardev {
+                id: parsed.id,
+                backend: Args::new(backend.as_dict().cloned().unwrap_or_default()),
+                wait: parsed.wait,
+            }
+        }
+        CliOption::Monitor(text) => {
+            Checked::Monitor(keyval(text, Some("chardev"), "MonitorOptions")?)
+        }
+        CliOption::Object(text) => {
+            let parsed = keyval::parse(text, Some("qom-type")).map_err(|e| located(opt, e))?;
+            if parsed.help {
+                let ty = parsed.value.get("qom-type").and_then(QObject::as_str);
+                Checked::ObjectHelp(ty.map(str::to_owned))
+            } else {
+                Checked::Object(checked(&parsed, "ObjectOptions").map_err(|e| located(opt, e))?)
+            }
+        }
+        CliOption::Blockdev(text) => {
+            Checked::Blockdev(keyval(text, Some("driver"), "BlockdevOptions")?)
+        }
+        CliOption::NbdServer(text) => Checked::NbdServer(keyval(text, None, "NbdServerOptions")?),
+        CliOption::Export(text) => {
+            Checked::Export(keyval(text, Some("type"), "BlockExportOptions")?)
+        }
+        CliOption::Pidfile(path) => Checked::Pidfile(PathBuf::from(path)),
+    })
+}
+
 /// Processes the options in order (QEMU's `process_options`), then writes the pid file.
 pub(crate) async fn start(
     daemon: &Rc<Daemon>,
@@ -86,23 +154,14 @@ pub(crate) async fn start(
 ) -> Result<Startup, OptionError> {
     let mut pidfile: Option<PathBuf> = None;
     for opt in options {
-        match opt {
-            CliOption::Help | CliOption::Version | CliOption::Trace(_) | CliOption::Daemonize => {}
-            CliOption::Chardev(text) => {
-                let parsed = backend_from_opts(text).map_err(|e| located(opt, e))?;
-                let backend = check_value(
-                    schema(),
-                    &TypeRef::Named("ChardevBackend".into()),
-                    &QObject::Dict(parsed.backend),
-                    Mode::Strict,
-                )
-                .map_err(|e| located(opt, e))?;
-                let backend = Args::new(backend.as_dict().cloned().unwrap_or_default());
+        match check(opt)? {
+            Checked::Nothing => {}
+            Checked::Chardev { id, backend, wait } => {
                 let dev = daemon
                     .chardevs
-                    .add(&parsed.id, &backend, Origin::CommandLine)
+                    .add(&id, &backend, Origin::CommandLine)
                     .map_err(|e| located(opt, e))?;
-                if parsed.wait {
+                if wait {
                     eprintln!(
                         "{prog}: {}: info: waiting for connection on: {}",
                         opt.describe(),
@@ -111,43 +170,26 @@ pub(crate) async fn start(
                     dev.wait_for_client().await;
                 }
             }
-            CliOption::Monitor(text) => {
-                let parsed = keyval::parse(text, Some("chardev")).map_err(|e| located(opt, e))?;
-                let args = checked(&parsed, "MonitorOptions").map_err(|e| located(opt, e))?;
-                add_monitor(daemon, &args).map_err(|e| located(opt, e))?;
+            Checked::Monitor(args) => add_monitor(daemon, &args).map_err(|e| located(opt, e))?,
+            Checked::ObjectHelp(ty) => {
+                let text = ferrite_qom::qmp_cmds::object_help(ty.as_deref())
+                    .map_err(|e| located(opt, e))?;
+                print!("{text}");
+                return Ok(Startup::Exit);
             }
-            CliOption::Object(text) => {
-                let parsed = keyval::parse(text, Some("qom-type")).map_err(|e| located(opt, e))?;
-                if parsed.help {
-                    let ty = parsed.value.get("qom-type").and_then(QObject::as_str);
-                    let text =
-                        ferrite_qom::qmp_cmds::object_help(ty).map_err(|e| located(opt, e))?;
-                    print!("{text}");
-                    return Ok(Startup::Exit);
-                }
-                let args = checked(&parsed, "ObjectOptions").map_err(|e| located(opt, e))?;
-                daemon.objects.add(&args).map_err(|e| located(opt, e))?;
-            }
-            CliOption::Blockdev(text) => {
-                let parsed = keyval::parse(text, Some("driver")).map_err(|e| located(opt, e))?;
-                let args = checked(&parsed, "BlockdevOptions").map_err(|e| located(opt, e))?;
+            Checked::Object(args) => daemon.objects.add(&args).map_err(|e| located(opt, e))?,
+            Checked::Blockdev(args) => {
                 daemon
                     .graph
                     .blockdev_add(&args)
                     .await
                     .map_err(|e| located(opt, e))?;
             }
-            CliOption::NbdServer(text) => {
-                let parsed = keyval::parse(text, None).map_err(|e| located(opt, e))?;
-                let args = checked(&parsed, "NbdServerOptions").map_err(|e| located(opt, e))?;
-                daemon.nbd.start(&args, true).map_err(|e| located(opt, e))?;
+            Checked::NbdServer(args) => {
+                daemon.nbd.start(&args, true).map_err(|e| located(opt, e))?
             }
-            CliOption::Export(text) => {
-                let parsed = keyval::parse(text, Some("type")).map_err(|e| located(opt, e))?;
-                let args = checked(&parsed, "BlockExportOptions").map_err(|e| located(opt, e))?;
-                daemon.nbd.add(&args).await.map_err(|e| located(opt, e))?;
-            }
-            CliOption::Pidfile(path) => pidfile = Some(PathBuf::from(path)),
+            Checked::Export(args) => daemon.nbd.add(&args).await.map_err(|e| located(opt, e))?,
+            Checked::Pidfile(path) => pidfile = Some(path),
         }
     }
     let pidfile = match pidfile {

@@ -102,21 +102,21 @@ pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// The directory the header points to (empty when there is none, or when a program that
-/// knows nothing of bitmaps cleared the autoclear bit: they are all stale then), checked as
-/// QEMU checks it at open.
+/// The bitmaps extension checked as QEMU checks it while reading the header: the
+/// directory's size and offset, or `None` when a program that knows nothing of bitmaps
+/// cleared the autoclear bit (they are all stale then).
 ///
 /// # Errors
-/// QEMU's text for each way the extension, the directory or an entry breaks its rules.
-pub(crate) async fn read(file: &Child, h: &Header) -> Result<Vec<Entry>, BitmapError> {
-    let Some(ext) = h.extension(EXT_BITMAPS) else {
-        return Ok(Vec::new());
-    };
+/// QEMU's text for each way the extension breaks its rules.
+pub(crate) fn check_extension(
+    ext: &[u8],
+    h: &Header,
+) -> Result<Option<(u32, u64, u64)>, BitmapError> {
     if ext.len() != 24 {
         return Err(BitmapError::ExtensionLength);
     }
     if h.autoclear & autoclear::BITMAPS == 0 {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     if be32(ext, 4) != 0 {
         return Err(BitmapError::ExtensionReserved);
@@ -136,6 +136,22 @@ pub(crate) async fn read(file: &Child, h: &Header) -> Result<Vec<Entry>, BitmapE
     if size > MAX_DIRECTORY {
         return Err(BitmapError::DirectoryTooBig(size));
     }
+    Ok(Some((nb, size, offset)))
+}
+
+/// The directory the header points to (empty when there is none, or when a program that
+/// knows nothing of bitmaps cleared the autoclear bit: they are all stale then), checked as
+/// QEMU checks it at open.
+///
+/// # Errors
+/// QEMU's text for each way the extension, the directory or an entry breaks its rules.
+pub(crate) async fn read(file: &Child, h: &Header) -> Result<Vec<Entry>, BitmapError> {
+    let Some(ext) = h.extension(EXT_BITMAPS) else {
+        return Ok(Vec::new());
+    };
+    let Some((nb, size, offset)) = check_extension(ext, h)? else {
+        return Ok(Vec::new());
+    };
     if size == 0 {
         return Err(BitmapError::DirectoryEmpty);
     }
@@ -202,7 +218,7 @@ fn satisfies_constraints(e: &Entry, kind: u8, name_size: usize, h: &Header) -> b
     }
     // Bits the table can hold: phys * 8 granules (fits: phys is at most 2^29).
     let covers = u128::from(phys * 8) << e.granularity_bits;
-    e.flags & IN_USE != 0 || u128::from(h.size) <= covers
+    e.flags & IN_USE != 0 || u128::from(h.size & !511) <= covers
 }
 
 /// An entry's bitmap table: the host offsets of its data clusters, each checked as QEMU

@@ -115,9 +115,6 @@ impl Header {
         }
         let version = be32(b, 4);
         if !(2..=3).contains(&version) {
-            if version < 2 {
-                return Err(HeaderError::OldVersion);
-            }
             return Err(HeaderError::Version(version));
         }
         let bits = be32(b, 20);
@@ -127,8 +124,21 @@ impl Header {
         Ok(bits)
     }
 
-    /// Parses cluster 0 (or as much of it as the file has), with QEMU's checks.
-    pub(crate) fn parse(b: &[u8], file_len: u64) -> Result<Header, HeaderError> {
+    /// Parses cluster 0 (zeroes past the end of the file) whole: [`Header::parse_fixed`],
+    /// then [`Header::parse_tail`].
+    #[cfg(test)]
+    pub(crate) fn parse(b: &[u8], writable: bool) -> Result<Header, HeaderError> {
+        let mut h = Header::parse_fixed(b, writable)?;
+        h.parse_tail(b)?;
+        Ok(h)
+    }
+
+    /// The fixed fields of cluster 0 `b`, with QEMU's checks in QEMU's order up to the
+    /// tables' sizes; `writable`: whether the image is opened read-write (a corrupt image
+    /// is refused then). Extensions and the backing file name come after the options are
+    /// checked ([`Header::parse_tail`]). Tables past the end of the file are no error here,
+    /// as in QEMU (they read as zeroes); writing to them in place is refused.
+    pub(crate) fn parse_fixed(b: &[u8], writable: bool) -> Result<Header, HeaderError> {
         let cluster_bits = Header::probe_cluster_bits(b)?;
         let cs = 1u64 << cluster_bits;
         let version = be32(b, 4);
@@ -154,9 +164,6 @@ impl Header {
             backing_file: None,
         };
         if version == 3 {
-            if b.len() < V3_HEADER_LEN as usize {
-                return Err(HeaderError::TooShort);
-            }
             h.incompatible = be64(b, 72);
             h.compatible = be64(b, 80);
             h.autoclear = be64(b, 88);
@@ -165,116 +172,147 @@ impl Header {
             if h.header_length < V3_HEADER_LEN {
                 return Err(HeaderError::TooShort);
             }
-            if u64::from(h.header_length) > cs {
-                return Err(HeaderError::TooLong);
-            }
-            if h.header_length as usize > b.len() {
-                return Err(HeaderError::TooShort);
-            }
-            if h.header_length > V3_HEADER_LEN {
-                h.compression_type = b[104];
-            }
-            if h.header_length > V3_HEADER_LEN_CURRENT {
-                h.unknown_tail =
-                    b[V3_HEADER_LEN_CURRENT as usize..h.header_length as usize].to_vec();
-            }
         }
-        let backing_offset = be64(b, 8);
-        let backing_size = be32(b, 16);
-        if backing_offset > cs {
+        if u64::from(h.header_length) > cs || h.header_length as usize > b.len() {
+            return Err(HeaderError::TooLong);
+        }
+        if h.header_length > V3_HEADER_LEN {
+            h.compression_type = b[104];
+        }
+        if h.header_length > V3_HEADER_LEN_CURRENT {
+            h.unknown_tail = b[V3_HEADER_LEN_CURRENT as usize..h.header_length as usize].to_vec();
+        }
+        if be64(b, 8) > cs {
             return Err(HeaderError::BackingOffset);
         }
-        // Extensions run from the end of the header to the backing file name (or the end of
-        // the cluster).
-        let ext_end = if backing_offset != 0 {
-            backing_offset
-        } else {
-            cs
-        };
-        h.extensions = parse_extensions(b, h.header_length as u64, ext_end.min(b.len() as u64))?;
-        if h.incompatible & !incompat::KNOWN != 0 {
-            return Err(HeaderError::UnknownFeatures(
-                h.incompatible & !incompat::KNOWN,
-            ));
+        match h.compression_type {
+            0 if h.incompatible & incompat::COMPRESSION != 0 => {
+                return Err(HeaderError::CompressionBitSet);
+            }
+            1 if h.incompatible & incompat::COMPRESSION == 0 => {
+                return Err(HeaderError::CompressionBitUnset);
+            }
+            0 | 1 => {}
+            t => return Err(HeaderError::CompressionType(t)),
+        }
+        let unknown = h.incompatible & !incompat::KNOWN;
+        if unknown != 0 {
+            // Named from the image's own feature table where it has one (QEMU reads the
+            // extensions for it, ignoring their errors).
+            let (start, end) = (u64::from(h.header_length), h.extensions_end(b));
+            let table = extensions(b, start, end)
+                .into_iter()
+                .filter_map(Result::ok)
+                .find(|e| e.kind == EXT_FEATURE_TABLE);
+            return Err(HeaderError::UnknownFeatures(unsupported_features(
+                unknown,
+                table.as_ref().map_or(&[], |t| t.data.as_slice()),
+            )));
+        }
+        if h.incompatible & incompat::CORRUPT != 0 && writable {
+            return Err(HeaderError::Corrupt);
+        }
+        if h.extended_l2() && cluster_bits < 14 {
+            return Err(HeaderError::SubclusterSize(cs / 32));
         }
         if h.refcount_order > 6 {
             return Err(HeaderError::RefcountWidth);
         }
-        match h.compression_type {
-            0 => {
-                if h.incompatible & incompat::COMPRESSION != 0 {
-                    return Err(HeaderError::CompressionBitSet);
-                }
-            }
-            1 => {
-                if h.incompatible & incompat::COMPRESSION == 0 {
-                    return Err(HeaderError::CompressionBitUnset);
-                }
-            }
-            t => return Err(HeaderError::CompressionType(t)),
-        }
-        if h.crypt_method > 2 {
-            return Err(HeaderError::Encryption(h.crypt_method));
-        }
-        if h.extended_l2() && cluster_bits < 14 {
-            return Err(HeaderError::ExtendedL2ClusterSize);
-        }
-        // Table offsets and sizes.
-        let reftable_bytes = u64::from(h.refcount_table_clusters) << cluster_bits;
-        if reftable_bytes > MAX_REFTABLE_BYTES {
-            return Err(HeaderError::ReftableTooLarge);
-        }
         if h.refcount_table_clusters == 0 {
             return Err(HeaderError::NoReftable);
         }
-        check_table(
-            h.refcount_table_offset,
-            reftable_bytes,
+        let reftable = Table {
+            offset: h.refcount_table_offset,
+            entries: u64::from(h.refcount_table_clusters),
+            entry_len: cs,
+            max_bytes: MAX_REFTABLE_BYTES,
+        };
+        reftable.check(
             cs,
-            file_len,
+            HeaderError::ReftableTooLarge,
             HeaderError::ReftableOffset,
         )?;
-        if h.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(HeaderError::SnapshotTableTooLarge);
-        }
-        if h.nb_snapshots > 0 && h.snapshots_offset % cs != 0 {
-            return Err(HeaderError::SnapshotTableOffset);
-        }
-        if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(HeaderError::L1TooLarge);
-        }
-        check_table(
-            h.l1_table_offset,
-            u64::from(h.l1_size) * 8,
+        let snapshots = Table {
+            offset: h.snapshots_offset,
+            entries: u64::from(h.nb_snapshots),
+            entry_len: SNAPSHOT_HEADER_LEN,
+            max_bytes: SNAPSHOT_HEADER_LEN * u64::from(MAX_SNAPSHOTS),
+        };
+        snapshots.check(
             cs,
-            file_len,
-            HeaderError::L1Offset,
+            HeaderError::SnapshotTableTooLarge,
+            HeaderError::SnapshotTableOffset,
         )?;
-        if h.size > (1u64 << 62) {
+        let l1 = Table {
+            offset: h.l1_table_offset,
+            entries: u64::from(h.l1_size),
+            entry_len: 8,
+            max_bytes: MAX_L1_BYTES,
+        };
+        l1.check(cs, HeaderError::L1TooLarge, HeaderError::L1Offset)?;
+        let needed = h.l1_needed(h.size);
+        if needed > i32::MAX as u64 {
             return Err(HeaderError::TooBig);
         }
-        if u64::from(h.l1_size) < h.l1_needed(h.size) {
+        if u64::from(h.l1_size) < needed {
             return Err(HeaderError::L1TooSmall);
-        }
-        if backing_offset != 0 && backing_size > 0 {
-            if backing_size > 1023
-                || backing_offset + u64::from(backing_size) > cs
-                || (backing_offset + u64::from(backing_size)) as usize > b.len()
-            {
-                return Err(HeaderError::BackingNameTooLong);
-            }
-            let raw =
-                &b[backing_offset as usize..(backing_offset + u64::from(backing_size)) as usize];
-            h.backing_file = Some(String::from_utf8_lossy(raw).into_owned());
         }
         Ok(h)
     }
 
+    /// Where the extensions end: at the backing file name, or the end of cluster 0.
+    fn extensions_end(&self, b: &[u8]) -> u64 {
+        match be64(b, 8) {
+            0 => self.cluster_size(),
+            off => off,
+        }
+    }
+
+    /// The header extensions and the backing file name, after [`Header::parse_fixed`].
+    pub(crate) fn parse_tail(&mut self, b: &[u8]) -> Result<(), HeaderError> {
+        let (start, end) = (u64::from(self.header_length), self.extensions_end(b));
+        for e in extensions(b, start, end) {
+            // Each extension is checked as it is met, as QEMU reads them.
+            let e = e?;
+            match e.kind {
+                EXT_BACKING_FORMAT if e.data.len() >= MAX_BACKING_FORMAT => {
+                    return Err(HeaderError::BackingFormatTooLong(e.data.len()));
+                }
+                EXT_CRYPTO if self.crypt_method != 2 => return Err(HeaderError::CryptoUnexpected),
+                EXT_BITMAPS => {
+                    super::bitmap_dir::check_extension(&e.data, self)?;
+                }
+                _ => {}
+            }
+            // A later extension of a kind replaces an earlier one, as QEMU reads them.
+            self.extensions.retain(|x| x.kind != e.kind);
+            self.extensions.push(e);
+        }
+        let backing_offset = be64(b, 8);
+        let backing_size = u64::from(be32(b, 16));
+        if backing_offset != 0 {
+            if backing_size > 1023.min(self.cluster_size() - backing_offset) {
+                return Err(HeaderError::BackingNameTooLong);
+            }
+            let raw = b
+                .get(backing_offset as usize..(backing_offset + backing_size) as usize)
+                .unwrap_or_default();
+            // A C string: a NUL ends it, and an empty name is no backing file.
+            let name = raw.split(|&c| c == 0).next().unwrap_or_default();
+            if !name.is_empty() {
+                self.backing_file = Some(String::from_utf8_lossy(name).into_owned());
+            }
+        }
+        Ok(())
+    }
+
     /// L1 entries needed for `size` bytes.
     pub(crate) fn l1_needed(&self, size: u64) -> u64 {
-        let entries_per_l2 = self.cluster_size() / self.l2_entry_size();
-        let clusters = size.div_ceil(self.cluster_size());
-        clusters.div_ceil(entries_per_l2)
+        // QEMU's size_to_l1, whose rounding wraps for sizes near 2^64 (the block layer then
+        // refuses such a size as too large).
+        let shift =
+            self.cluster_bits + (self.cluster_size() / self.l2_entry_size()).trailing_zeros();
+        size.wrapping_add((1u64 << shift) - 1) >> shift
     }
 
     /// Bytes per L2 entry.
@@ -399,52 +437,94 @@ fn push_extension(b: &mut Vec<u8>, kind: u32, data: &[u8]) {
     b.resize(b.len().next_multiple_of(8), 0);
 }
 
-/// QEMU checks a table's alignment and that its end fits; ferrite also refuses a table that
-/// starts past the end of the file (QEMU would read it as zeroes and then write it there,
-/// growing the file to wherever the damaged offset points).
-fn check_table(
+/// A table the header places: QEMU's `qcow2_validate_table`.
+struct Table {
     offset: u64,
-    bytes: u64,
-    cs: u64,
-    file_len: u64,
-    err: HeaderError,
-) -> Result<(), HeaderError> {
-    if offset % cs != 0
-        || offset
-            .checked_add(bytes)
-            .is_none_or(|e| e > i64::MAX as u64)
-        || (bytes > 0 && offset >= file_len.next_multiple_of(cs))
-    {
-        return Err(err);
-    }
-    Ok(())
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
 }
 
-fn parse_extensions(b: &[u8], start: u64, end: u64) -> Result<Vec<Extension>, HeaderError> {
-    let mut out: Vec<Extension> = Vec::new();
-    let mut at = start as usize;
-    let end = end as usize;
-    while at + 8 <= end {
-        let kind = be32(b, at);
-        let len = be32(b, at + 4) as usize;
+impl Table {
+    /// Not more entries than QEMU allows; aligned to a cluster, and ending before 2^63.
+    fn check(
+        &self,
+        cs: u64,
+        too_large: HeaderError,
+        bad_offset: HeaderError,
+    ) -> Result<(), HeaderError> {
+        if self.entries > self.max_bytes / self.entry_len {
+            return Err(too_large);
+        }
+        let bytes = self.entries * self.entry_len;
+        if (i64::MAX as u64) - bytes < self.offset || self.offset % cs != 0 {
+            return Err(bad_offset);
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of a snapshot table entry's fixed part (QEMU: `QCowSnapshotHeader`).
+const SNAPSHOT_HEADER_LEN: u64 = 40;
+/// A backing format name must be shorter than this (QEMU's `backing_format` buffer).
+const MAX_BACKING_FORMAT: usize = 16;
+
+/// The header extensions from `start` to `end` of cluster 0 `b` (zeroes past its end), as
+/// QEMU walks them: each header must leave room for its data before `end`, else "Header
+/// extension too large"; the end marker stops the walk.
+fn extensions(b: &[u8], start: u64, end: u64) -> Vec<Result<Extension, HeaderError>> {
+    let byte_at = |i: u64| b.get(i as usize).copied().unwrap_or(0);
+    let word = |at: u64| {
+        u32::from_be_bytes([
+            byte_at(at),
+            byte_at(at + 1),
+            byte_at(at + 2),
+            byte_at(at + 3),
+        ])
+    };
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let kind = word(at);
+        let len = u64::from(word(at + 4));
         at += 8;
+        if at > end || len > end - at {
+            out.push(Err(HeaderError::ExtensionTooLarge));
+            break;
+        }
         if kind == EXT_END {
             break;
         }
-        if len > end - at {
-            return Err(HeaderError::ExtensionLength);
-        }
-        let data = b[at..at + len].to_vec();
+        let data = (at..at + len).map(byte_at).collect();
+        out.push(Ok(Extension { kind, data }));
         at += len.next_multiple_of(8);
-        if kind == EXT_BACKING_FORMAT && len > 1023 {
-            return Err(HeaderError::BackingFormatTooLong(len));
-        }
-        if out.iter().any(|e| e.kind == kind) {
-            continue;
-        }
-        out.push(Extension { kind, data });
     }
-    Ok(out)
+    out
+}
+
+/// QEMU's list of unsupported incompatible features: the names the image's feature table
+/// gives, in its order, then what is left as one hexadecimal mask.
+fn unsupported_features(mut mask: u64, table: &[u8]) -> String {
+    // A last entry cut short reads as if padded with zeroes, as QEMU's copy is.
+    let mut table = table.to_vec();
+    table.resize(table.len().next_multiple_of(48), 0);
+    let mut names: Vec<String> = Vec::new();
+    for e in table.chunks_exact(48) {
+        let name = &e[2..];
+        let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
+        if name.is_empty() {
+            break;
+        }
+        let bit = 1u64.checked_shl(u32::from(e[1])).unwrap_or(0);
+        if e[0] == 0 && mask & bit != 0 {
+            names.push(String::from_utf8_lossy(name).into_owned());
+            mask &= !bit;
+        }
+    }
+    if mask != 0 {
+        names.push(format!("Unknown incompatible feature: {mask:x}"));
+    }
+    names.join(", ")
 }
 
 #[cfg(test)]
@@ -483,7 +563,7 @@ mod tests {
         let mut h = minimal();
         h.set_extension(EXT_BACKING_FORMAT, Some(b"raw".to_vec()));
         let b = h.serialize().unwrap();
-        let p = Header::parse(&b, 1 << 20).unwrap();
+        let p = Header::parse(&b, true).unwrap();
         assert_eq!(p.extensions, h.extensions);
         assert_eq!(p.extensions[0].kind, EXT_BACKING_FORMAT);
         assert_eq!(p.backing_file.as_deref(), Some("base.img"));
@@ -497,7 +577,7 @@ mod tests {
         let e = |off: usize, v: &[u8]| {
             let mut m = b.clone();
             m[off..off + v.len()].copy_from_slice(v);
-            Header::parse(&m, 1 << 20).unwrap_err().to_string()
+            Header::parse(&m, true).unwrap_err().to_string()
         };
         assert_eq!(e(4, &4u32.to_be_bytes()), "Unsupported qcow2 version 4");
         assert_eq!(e(20, &8u32.to_be_bytes()), "Unsupported cluster size: 2^8");

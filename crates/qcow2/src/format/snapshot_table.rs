@@ -30,6 +30,29 @@ pub(crate) fn invalid() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "invalid snapshot table")
 }
 
+/// Why the snapshot table was refused, in QEMU's words.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TableError {
+    #[error("Too much extra metadata in snapshot table entry {0}")]
+    TooMuchExtra(u32),
+    #[error("Snapshot table is too big")]
+    TooBig,
+    #[error("Failed to read snapshot table: {}", ferrite_qapi::os_msg(.0))]
+    Read(io::Error),
+}
+
+impl From<TableError> for io::Error {
+    fn from(e: TableError) -> io::Error {
+        match e {
+            TableError::Read(e) => e,
+            _ => invalid(),
+        }
+    }
+}
+
+/// Most extra data a snapshot entry may have (QEMU: `QCOW_MAX_SNAPSHOT_EXTRA_DATA`).
+const MAX_EXTRA: usize = 1024;
+
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
@@ -39,22 +62,34 @@ fn be32(b: &[u8], at: usize) -> u32 {
 }
 
 /// The snapshot table the header points to, and the bytes it occupies; refused (as QEMU
-/// refuses it) past its limits.
+/// refuses it) past its limits. Open reads it with [`read_checked`] for QEMU's texts.
 pub(crate) async fn read(file: &Child, h: &Header) -> io::Result<(Vec<Snapshot>, u64)> {
+    Ok(read_checked(file, h).await?)
+}
+
+/// As [`read`], with QEMU's reasons for refusing the table.
+pub(crate) async fn read_checked(
+    file: &Child,
+    h: &Header,
+) -> Result<(Vec<Snapshot>, u64), TableError> {
     if h.nb_snapshots > MAX_SNAPSHOTS {
-        return Err(invalid());
+        return Err(TableError::TooBig);
     }
     let mut out = Vec::new();
     let mut at = h.snapshots_offset;
-    for _ in 0..h.nb_snapshots {
-        let fixed = read_at(file, at, 40).await?;
+    let mut table_len = 0u64;
+    for i in 0..h.nb_snapshots {
+        table_len = table_len.next_multiple_of(8);
+        let fixed = read_at(file, at, 40).await.map_err(TableError::Read)?;
         let id_len = usize::from(be16(&fixed, 12));
         let name_len = usize::from(be16(&fixed, 14));
         let extra_len = be32(&fixed, 36) as usize;
-        if extra_len > 1024 {
-            return Err(invalid());
+        if extra_len > MAX_EXTRA {
+            return Err(TableError::TooMuchExtra(i));
         }
-        let rest = read_at(file, at + 40, extra_len + id_len + name_len).await?;
+        let rest = read_at(file, at + 40, extra_len + id_len + name_len)
+            .await
+            .map_err(TableError::Read)?;
         let extra = rest[..extra_len].to_vec();
         let vm_state_size = if extra_len >= 8 {
             get_be64(&extra, 0)
@@ -72,10 +107,12 @@ pub(crate) async fn read(file: &Child, h: &Header) -> io::Result<(Vec<Snapshot>,
             vm_state_size,
             extra,
         });
-        at += (40 + extra_len + id_len + name_len).next_multiple_of(8) as u64;
-        if at - h.snapshots_offset > MAX_TABLE_BYTES {
-            return Err(invalid());
+        let entry = (40 + extra_len + id_len + name_len) as u64;
+        table_len += entry;
+        if table_len > MAX_TABLE_BYTES || table_len > i32::MAX as u64 {
+            return Err(TableError::TooBig);
         }
+        at += entry.next_multiple_of(8);
     }
     Ok((out, at - h.snapshots_offset))
 }

@@ -26,12 +26,12 @@ impl Meta {
         Ok(Some((off, e & entry::COPIED != 0)))
     }
 
-    /// Makes sure the L2 table at `off` is cached.
+    /// Makes sure the L2 table at `off` is cached. A table past the end of the file reads as
+    /// zeroes (QEMU's too); changing one in place is refused (`l2_for_write`).
     pub(super) async fn load_l2(&mut self, file: &Child, off: u64) -> io::Result<()> {
         if self.l2.get(off).is_some() {
             return Ok(());
         }
-        self.check_in_file(file, off, "L2 table")?;
         let data = read_at(file, off, self.cs() as usize).await?;
         self.make_room(file, true).await?;
         self.l2.insert(off, data, false);
@@ -66,6 +66,7 @@ impl Meta {
         let idx = (gc % per) as usize;
         match self.l2_offset(i)? {
             Some((off, true)) => {
+                self.check_in_file(file, off, "L2 table")?;
                 self.load_l2(file, off).await?;
                 Ok((off, idx))
             }
@@ -97,6 +98,9 @@ impl Meta {
     /// Sets L1 entry `i` and writes it through.
     pub(crate) async fn set_l1(&mut self, file: &Child, i: usize, v: u64) -> io::Result<()> {
         let at = self.h.l1_table_offset + i as u64 * 8;
+        // A damaged header may place the table anywhere: it is read as zeroes there, but
+        // not written there (QEMU would grow the file to it).
+        self.check_in_file(file, at - at % self.cs(), "L1 table")?;
         self.check_write(file, at, 8, Metadata::ACTIVE_L1).await?;
         self.l1[i] = v;
         file.write(at, v.to_be_bytes().to_vec(), ReqFlags::empty())

@@ -154,6 +154,8 @@ impl Meta {
     pub(super) async fn point_reftable(&mut self, file: &Child, b: u64, at: u64) -> io::Result<()> {
         self.reftable[b as usize] = at;
         let entry_at = self.h.refcount_table_offset + b * 8;
+        // As for the L1 table: read past the end of the file, never written there.
+        self.check_in_file(file, entry_at - entry_at % self.cs(), "Refcount table")?;
         self.check_write(file, entry_at, 8, Metadata::REFCOUNT_TABLE)
             .await?;
         file.write(entry_at, at.to_be_bytes().to_vec(), ReqFlags::empty())

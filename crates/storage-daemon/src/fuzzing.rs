@@ -1,0 +1,199 @@
+//! Entry points for the coverage-guided fuzz targets in `fuzz/`: the command-line parsers, a
+//! QMP session and an NBD connection on a daemon set up as a user would set it up, and a
+//! qcow2 image opened and used. Each takes the fuzzer's bytes and returns; a panic, a hang
+//! (reported as a panic after [`HANG`]) or unbounded memory is a finding.
+//!
+//! The QMP, NBD and qcow2 targets touch files: they work in the current directory, which
+//! they empty before every input, and refuse to run unless the rest of the file system is
+//! read-only (`fuzz/run.sh` runs them in a private mount namespace arranged that way), since
+//! a fuzzed command or image may name any path.
+
+use crate::cli::parse::parse_args;
+use crate::daemon::{Daemon, DaemonCommands};
+use crate::wiring;
+use ferrite_qapi::Args;
+use ferrite_qmp::{Monitor, MonitorOptions};
+use ferrite_qobject::{QDict, from_json};
+use std::future::Future;
+use std::io::Cursor;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// How long one input may take before it counts as a hang.
+pub const HANG: Duration = Duration::from_secs(20);
+
+/// The command line as the daemon reads it: NUL-separated arguments through getopt's rules,
+/// then every option through its keyval or JSON parser and its QAPI type. Nothing is acted
+/// on.
+pub fn command_line(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    let argv: Vec<String> = text.split('\0').map(str::to_owned).collect();
+    if let Ok(options) = parse_args(&argv) {
+        for opt in &options {
+            let _ = wiring::check(opt);
+        }
+    }
+}
+
+/// Whether the file system outside the working directory is read-only, as `fuzz/run.sh`
+/// arranges. The targets that touch files exit instead of running without it.
+pub fn require_sandbox() {
+    let probe = "/.ferrite-fuzz-probe";
+    match std::fs::File::create(probe) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        other => {
+            if other.is_ok() {
+                let _ = std::fs::remove_file(probe);
+            }
+            eprintln!(
+                "fuzzing: '/' is writable; fuzzed commands and images may name any path, so \
+                 this target runs only in the sandbox fuzz/run.sh sets up"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Empties the working directory: every input starts from the same files.
+fn fresh_dir() {
+    let Ok(entries) = std::fs::read_dir(".") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+}
+
+/// Runs `f` on a fresh single-threaded runtime, as the daemon's main loop; panics (a
+/// finding) when it takes longer than [`HANG`].
+fn run<F: Future>(f: impl FnOnce() -> F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    let out = local.block_on(&rt, async { tokio::time::timeout(HANG, f()).await });
+    drop(local);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    out.expect("the input hung the daemon")
+}
+
+/// The daemon a QMP or NBD input meets: null-co nodes `n0` (1 MiB) and `n1`, a qcow2 node
+/// `q0` over `q0.qcow2` with a dirty bitmap `b0`, an NBD server on `nbd.sock`, and exports
+/// `q0` (writable, with allocation depth and the bitmap), `n0` (writable) and `n1`.
+async fn set_up() -> Rc<Daemon> {
+    let daemon = Daemon::new();
+    std::fs::write("q0.qcow2", b"").expect("image file");
+    let create = r#"{"driver": "qcow2", "size": 1048576, "cluster-size": 4096,
+        "file": {"driver": "file", "filename": "q0.qcow2"}}"#;
+    ferrite_block::create::create(&daemon.graph, &args(create))
+        .await
+        .expect("qcow2 image");
+    for (cmd, json) in [
+        (
+            "blockdev-add",
+            r#"{"driver": "null-co", "node-name": "n0", "size": 1048576}"#,
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver": "null-co", "node-name": "n1", "read-zeroes": true}"#,
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver": "qcow2", "node-name": "q0",
+            "file": {"driver": "file", "filename": "q0.qcow2"}}"#,
+        ),
+        ("block-dirty-bitmap-add", r#"{"node": "q0", "name": "b0"}"#),
+        (
+            "nbd-server-start",
+            r#"{"addr": {"type": "unix", "path": "nbd.sock"}}"#,
+        ),
+        (
+            "block-export-add",
+            r#"{"type": "nbd", "id": "e0", "node-name": "q0",
+            "writable": true, "allocation-depth": true, "bitmaps": ["b0"]}"#,
+        ),
+        (
+            "block-export-add",
+            r#"{"type": "nbd", "id": "e1", "node-name": "n0", "writable": true}"#,
+        ),
+        (
+            "block-export-add",
+            r#"{"type": "nbd", "id": "e2", "node-name": "n1"}"#,
+        ),
+    ] {
+        daemon.run(cmd, args(json)).await.expect(cmd);
+    }
+    daemon
+}
+
+fn args(json: &str) -> Args {
+    let v = from_json(json).expect("setup JSON");
+    Args::new(v.as_dict().cloned().unwrap_or_else(QDict::new))
+}
+
+/// A QMP client sending `input` to a fresh daemon (after its greeting), then hanging up;
+/// the daemon then shuts down as after `quit`.
+pub fn qmp_session(input: &[u8]) {
+    fresh_dir();
+    let input = input.to_vec();
+    run(|| async move {
+        let daemon = set_up().await;
+        let monitor = Monitor::new(
+            Rc::new(DaemonCommands(daemon.clone())),
+            daemon.events.clone(),
+            Daemon::version_info(),
+            MonitorOptions {
+                pretty: false,
+                oob_offered: true,
+            },
+        );
+        monitor
+            .serve(Box::pin(Cursor::new(input)), Box::pin(tokio::io::sink()))
+            .await;
+        daemon.close_exports_and_flush().await;
+    });
+}
+
+/// An NBD client sending `input` (handshake and requests) to a fresh daemon's NBD server,
+/// then hanging up.
+pub fn nbd_session(input: &[u8]) {
+    fresh_dir();
+    let input = input.to_vec();
+    run(|| async move {
+        let daemon = set_up().await;
+        daemon
+            .nbd
+            .serve_client(Cursor::new(input), tokio::io::sink())
+            .await;
+        daemon.close_exports_and_flush().await;
+    });
+}
+
+/// `input` as a qcow2 image file, opened read-write and used
+/// ([`ferrite_qcow2::testing::exercise`]). Beside it are 1 MiB files `base.raw` and
+/// `data.raw`, which images may name as their backing or external data file.
+pub fn qcow2_image(input: &[u8]) {
+    fresh_dir();
+    let sparse = |name: &str| std::fs::File::create(name).and_then(|f| f.set_len(1 << 20));
+    if std::fs::write("image.qcow2", input).is_err()
+        || sparse("base.raw").is_err()
+        || sparse("data.raw").is_err()
+    {
+        return;
+    }
+    run(|| async {
+        let daemon = Daemon::new();
+        let file = QDict::new()
+            .with("driver", "file")
+            .with("filename", "image.qcow2");
+        ferrite_qcow2::testing::exercise(&daemon.graph, file).await;
+    });
+}

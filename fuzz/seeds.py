@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Writes the fuzz targets' seed corpora (fuzz/seeds/TARGET/NAME): QMP and NBD sessions,
+command lines, and small qcow2 images of every kind qemu-img makes. Run again after
+changing it; the seeds are committed so that a run needs neither this script nor qemu-img."""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEEDS = os.path.join(HERE, "seeds")
+
+
+def put(target, name, data):
+    d = os.path.join(SEEDS, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+
+
+# --- command lines: NUL-separated arguments -------------------------------------------
+
+COMMAND_LINES = {
+    "full": ["--blockdev", "driver=file,node-name=f,filename=x.qcow2,cache.direct=on,aio=io_uring",
+             "--blockdev", "qcow2,node-name=q,file=f,l2-cache-size=1M,overlap-check=all,discard=unmap",
+             "--nbd-server", "addr.type=unix,addr.path=nbd.sock,max-connections=4",
+             "--export", "nbd,id=e,node-name=q,writable=on,bitmaps.0=b,allocation-depth=on",
+             "--chardev", "socket,id=c,path=qmp.sock,server=on,wait=off",
+             "--monitor", "chardev=c,pretty=on", "--pidfile", "pid"],
+    "json": ["--blockdev", '{"driver": "null-co", "node-name": "n", "size": 1048576}',
+             "--export", '{"type": "nbd", "id": "e", "node-name": "n", "name": "x"}',
+             "--nbd-server", '{"addr": {"type": "inet", "host": "::1", "port": "10809"}}',
+             "--object", '{"qom-type": "iothread", "id": "io", "poll-max-ns": 0}'],
+    "objects": ["--object", "iothread,id=io0,poll-max-ns=10,poll-grow=2,aio-max-batch=8",
+                "--object", "secret,id=s0,data=c2VjcmV0,format=base64",
+                "--object", "throttle-group,id=t,x-bps-total=1000",
+                "--object", "help", "--object", "iothread,help"],
+    "chardevs": ["--chardev", "file,id=f,path=log,append=on", "--chardev", "null,id=n",
+                 "--chardev", "socket,id=t,host=localhost,port=4444,server=on,wait=off,nodelay=on",
+                 "--chardev", "pipe,id=p,path=fifo", "--chardev", "stdio,id=s,signal=off",
+                 "--chardev", "socket,id=fd,fd=3", "--monitor", "t,mode=control"],
+    "keyval": ["--blockdev", "raw,node-name=r,file.driver=file,file.filename=a,,b,offset=512,size=4096",
+               "--nbd-server", "addr.type=inet,addr.host=127.0.0.1,addr.port=0,tls-creds=t,tls-authz=a",
+               "--export", "type=nbd,id=e,node-name=r,bitmaps.0=a,bitmaps.1=b,description=d",
+               "--blockdev", "driver=qcow2,node-name=q,file=r,backing=null,encrypt.format=luks"],
+    "short": ["-h", "-V", "-T", "help", "--trace", "nbd_*", "--daemonize", "stray"],
+    "errors": ["--blockdev", "driver", "--export", "nbd,id=e,node-name", "--blockdev", "{",
+               "--object", "iothread,id=io,poll-max-ns=-1", "--bogus", "--pidfile"],
+}
+
+
+# --- QMP sessions ------------------------------------------------------------------------
+
+def qmp(*cmds, oob=False):
+    out = [json.dumps({"execute": "qmp_capabilities",
+                       "arguments": {"enable": ["oob"]} if oob else {}})]
+    for i, c in enumerate(cmds):
+        if isinstance(c, str):
+            out.append(c)
+            continue
+        name, args = c
+        out.append(json.dumps({"execute": name, "arguments": args, "id": i}))
+    return "\n".join(out) + "\n"
+
+
+def job(opts, jid):
+    return ("blockdev-create", {"job-id": jid, "options": opts})
+
+
+QMP_SESSIONS = {
+    "queries": qmp(*[(q, {}) for q in [
+        "query-block", "query-named-block-nodes", "query-block-jobs", "query-jobs",
+        "query-version", "query-commands", "query-block-exports", "query-blockstats",
+        "x-debug-query-block-graph", "query-iothreads", "query-chardev", "query-status",
+        "query-qmp-schema", "query-name"]]),
+    "bitmaps": qmp(
+        ("block-dirty-bitmap-add", {"node": "q0", "name": "b1", "granularity": 65536,
+                                    "persistent": True}),
+        ("block-dirty-bitmap-disable", {"node": "q0", "name": "b1"}),
+        ("block-dirty-bitmap-merge", {"node": "q0", "target": "b1", "bitmaps": ["b0"]}),
+        ("transaction", {"actions": [
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "q0", "name": "b0"}},
+            {"type": "block-dirty-bitmap-enable", "data": {"node": "q0", "name": "b1"}}]}),
+        ("x-debug-block-dirty-bitmap-sha256", {"node": "q0", "name": "b1"}),
+        ("block-dirty-bitmap-remove", {"node": "q0", "name": "b1"})),
+    "backup": qmp(
+        ("blockdev-add", {"driver": "null-co", "node-name": "t", "size": 1048576}),
+        ("blockdev-backup", {"job-id": "j", "device": "q0", "target": "t", "sync": "full",
+                             "auto-finalize": False, "x-perf": {"max-chunk": 65536}}),
+        ("query-jobs", {}), ("job-pause", {"id": "j"}), ("job-resume", {"id": "j"}),
+        ("block-job-set-speed", {"device": "j", "speed": 1}), ("job-finalize", {"id": "j"}),
+        ("blockdev-backup", {"job-id": "k", "device": "q0", "target": "t",
+                             "sync": "incremental", "bitmap": "b0"}),
+        ("job-cancel", {"id": "k"}), ("job-dismiss", {"id": "j"})),
+    "mirror": qmp(
+        ("blockdev-add", {"driver": "null-co", "node-name": "t", "size": 1048576}),
+        ("blockdev-mirror", {"job-id": "m", "device": "q0", "target": "t", "sync": "full",
+                             "granularity": 65536, "copy-mode": "write-blocking"}),
+        ("block-job-complete", {"device": "m"}), ("query-block-jobs", {}),
+        ("block-job-cancel", {"device": "m", "force": True})),
+    "chain": qmp(
+        job({"driver": "file", "filename": "top.qcow2", "size": 0}, "c1"),
+        ("job-dismiss", {"id": "c1"}),
+        ("blockdev-add", {"driver": "file", "node-name": "tf", "filename": "top.qcow2"}),
+        job({"driver": "qcow2", "file": "tf", "size": 1048576, "backing-file": "q0.qcow2",
+             "cluster-size": 65536}, "c2"),
+        ("job-dismiss", {"id": "c2"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": "tf", "backing": None}),
+        ("blockdev-snapshot", {"node": "q0", "overlay": "top"}),
+        ("block-stream", {"job-id": "s", "device": "top"}),
+        ("block-commit", {"job-id": "c", "device": "top", "top-node": "top", "base-node": "q0"}),
+        ("blockdev-del", {"node-name": "top"})),
+    "snapshots": qmp(
+        ("blockdev-snapshot-internal-sync", {"device": "q0", "name": "s1"}),
+        ("blockdev-snapshot-internal-sync", {"device": "q0", "name": "s1"}),
+        ("snapshot-save", {"job-id": "x", "tag": "t", "vmstate": "q0", "devices": ["q0"]}),
+        ("blockdev-snapshot-delete-internal-sync", {"device": "q0", "name": "s1"}),
+        ("block_resize", {"node-name": "q0", "size": 2097152}),
+        ("block-set-write-threshold", {"node-name": "q0", "write-threshold": 4096})),
+    "exports": qmp(
+        ("nbd-server-add", {"device": "n1", "name": "x", "writable": False}),
+        ("block-export-add", {"type": "nbd", "id": "e9", "node-name": "q0", "name": "y",
+                              "description": "d", "bitmaps": ["b0"]}),
+        ("query-block-exports", {}),
+        ("block-export-del", {"id": "e9", "mode": "hard"}),
+        ("nbd-server-remove", {"name": "x"}), ("nbd-server-stop", {}),
+        ("nbd-server-start", {"addr": {"type": "unix", "path": "b.sock"}, "max-connections": 2})),
+    "objects": qmp(
+        ("object-add", {"qom-type": "iothread", "id": "io0", "poll-max-ns": 1000}),
+        ("qom-list", {"path": "/objects"}), ("qom-get", {"path": "/objects/io0", "property": "poll-max-ns"}),
+        ("qom-set", {"path": "/objects/io0", "property": "poll-grow", "value": 2}),
+        ("x-blockdev-set-iothread", {"node-name": "n1", "iothread": "io0", "force": True}),
+        ("object-add", {"qom-type": "secret", "id": "s", "data": "eA==", "format": "base64"}),
+        ("object-del", {"id": "io0"}), ("qom-list-types", {}), ("qom-list-properties", {"typename": "iothread"})),
+    "chardevs": qmp(
+        ("chardev-add", {"id": "c", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": "c.sock"}}, "server": True, "wait": False}}}),
+        ("chardev-add", {"id": "f", "backend": {"type": "file", "data": {"out": "log"}}}),
+        ("query-chardev", {}), ("chardev-remove", {"id": "c"})),
+    "nodes": qmp(
+        ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "n1", "offset": 4096, "size": 8192}),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "r"}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "q0",
+                                          "file": "q0.qcow2", "read-only": True}]}),
+        ("block-latency-histogram-set", {"id": "q0", "boundaries": [10, 100]}),
+        ("blockdev-del", {"node-name": "cor"}), ("blockdev-del", {"node-name": "r"})),
+    "malformed": qmp(
+        '{"execute": "query-block", "arguments": {"x": 1}}',
+        '{"exec-oob": "query-status", "id": 1}',
+        '[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[',
+        '{"execute": 18446744073709551616}', '{"execute": "blockdev-add", "arguments": '
+        '{"driver": "qcow2", "node-name": "\\u0000", "file": {"driver": "null-co"}}}',
+        '\xff\xfe', '{"execute": "quit"}', oob=True),
+}
+
+
+# --- NBD sessions ------------------------------------------------------------------------
+
+IHAVEOPT = 0x49484156454F5054
+
+
+def opt(o, data=b""):
+    return struct.pack(">QII", IHAVEOPT, o, len(data)) + data
+
+
+def go(name, o=7, infos=(3, 1)):
+    n = name.encode()
+    return opt(o, struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos))
+               + b"".join(struct.pack(">H", i) for i in infos))
+
+
+def meta(o, name, queries):
+    n = name.encode()
+    d = struct.pack(">I", len(n)) + n + struct.pack(">I", len(queries))
+    for q in queries:
+        d += struct.pack(">I", len(q)) + q.encode()
+    return opt(o, d)
+
+
+def req(ty, off, ln, flags=0, cookie=1, payload=b"", ext=False):
+    if ext:
+        return struct.pack(">IHHQQQ", 0x21E41C71, flags, ty, cookie, off, ln) + payload
+    return struct.pack(">IHHQQI", 0x25609513, flags, ty, cookie, off, ln) + payload
+
+
+def requests(ext=False):
+    r = b""
+    r += req(1, 0, 4096, payload=b"\xab" * 4096, ext=ext)
+    r += req(1, 65536, 512, flags=1, payload=b"\x01" * 512, ext=ext)
+    r += req(0, 0, 8192, ext=ext) + req(0, 4096, 4096, flags=4, ext=ext)
+    r += req(7, 0, 1 << 20, ext=ext) + req(7, 0, 1 << 20, flags=8, ext=ext)
+    r += req(6, 8192, 8192, flags=2, ext=ext) + req(6, 0, 4096, flags=16, ext=ext)
+    r += req(4, 0, 4096, ext=ext) + req(3, 0, 0, ext=ext) + req(5, 0, 65536, ext=ext)
+    if ext:
+        r += req(7, 0, 12, flags=32, payload=struct.pack(">QI", 1 << 20, 0), ext=True)
+        r += req(0, 0, 8, flags=32, payload=b"12345678", ext=True)
+    r += req(2, 0, 0, ext=ext)
+    return r
+
+
+HELLO = struct.pack(">I", 3)
+CONTEXTS = ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"]
+NBD_SESSIONS = {
+    "structured": HELLO + opt(8) + meta(10, "q0", CONTEXTS) + go("q0") + requests(),
+    "extended": HELLO + opt(11) + meta(10, "q0", CONTEXTS) + go("q0") + requests(ext=True),
+    "simple": HELLO + opt(1, b"n0") + requests(),
+    "options": HELLO + opt(3) + go("q0", o=6) + meta(9, "q0", ["qemu:"]) + opt(5)
+    + opt(99, b"xyz") + go("nope") + opt(2),
+    "read-only": HELLO + opt(8) + go("n1") + requests(),
+    "oldclient": struct.pack(">I", 0) + opt(1, b"n1") + req(0, 0, 512),
+}
+
+
+# --- qcow2 images ------------------------------------------------------------------------
+
+def images():
+    tmp = tempfile.mkdtemp()
+    try:
+        made = {}
+
+        def img(name, opts, io=(), size="1M"):
+            path = os.path.join(tmp, name)
+            # In the image's directory: qemu-img and qemu-io find a data file named relative
+            # to theirs.
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, path, size],
+                           check=True, cwd=tmp)
+            for cmd in io:
+                subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, path], check=True,
+                               capture_output=True, cwd=tmp)
+            made[name] = path
+            return path
+
+        for f in ("base.raw", "data.raw"):
+            with open(os.path.join(tmp, f), "wb") as fh:
+                fh.truncate(1 << 20)
+        io = ["write -P 0x11 0 12k", "write -z 64k 8k", "write -c -P 0x22 128k 64k",
+              "discard 256k 4k", "write -P 0x33 1020k 4k"]
+        img("v3-4k", "cluster_size=4096", io)
+        img("v2-512", "compat=0.10,cluster_size=512", io[:2])
+        img("extl2-16k", "cluster_size=16384,extended_l2=on", io)
+        img("refcount1", "cluster_size=4096,refcount_bits=1", io[:2])
+        img("refcount64", "cluster_size=4096,refcount_bits=64", io[:2])
+        img("zstd", "cluster_size=4096,compression_type=zstd", io)
+        img("lazy", "cluster_size=4096,lazy_refcounts=on", io[:1])
+        p = img("snapshot", "cluster_size=4096", io[:1])
+        subprocess.run(["qemu-img", "snapshot", "-c", "s1", p], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 0 4k", p], check=True,
+                       capture_output=True)
+        p = img("bitmaps", "cluster_size=4096", io[:1])
+        subprocess.run(["qemu-img", "bitmap", "--add", "--granularity", "65536", p, "b0"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--add", "--disable", p, "b1"], check=True)
+        img("backing", "cluster_size=4096,backing_file=base.raw,backing_fmt=raw", io[:1])
+        img("datafile", "cluster_size=4096,data_file=data.raw,data_file_raw=on", io[:1])
+        img("prealloc", "cluster_size=4096,preallocation=metadata", size="64k")
+        for name, path in made.items():
+            with open(path, "rb") as f:
+                data = f.read()
+            if name == "lazy":
+                # The dirty bit (incompatible feature 0): opening it runs the repair.
+                data = data[:72] + struct.pack(">Q", 1) + data[80:]
+            put("qcow2_image", name, data)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def main():
+    shutil.rmtree(SEEDS, ignore_errors=True)
+    for name, argv in COMMAND_LINES.items():
+        put("command_line", name, "\0".join(argv))
+    for name, text in QMP_SESSIONS.items():
+        put("qmp_session", name, text)
+    for name, data in NBD_SESSIONS.items():
+        put("nbd_session", name, data)
+    images()
+
+
+if __name__ == "__main__":
+    main()
