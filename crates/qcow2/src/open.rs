@@ -131,22 +131,11 @@ impl Opening {
         file: &Child,
         on_corruption: CorruptionHook,
     ) -> ferrite_block::Result<Qcow2Driver> {
-        let Opening {
-            h,
-            cluster_bits: bits,
-            read_only,
-            lazy,
-            l2_tables,
-            rb_tables,
-            clean_interval,
-            key_secret,
-            crypto_header,
-            data_file,
-        } = self;
+        let h = self.h;
         match h.crypt_method {
-            1 if !key_secret => return Err(Error::KeySecretRequired.into()),
-            2 if !crypto_header => return Err(Error::MissingCryptoHeader(2).into()),
-            2 if !key_secret => return Err(Error::KeySecretRequired.into()),
+            1 if !self.key_secret => return Err(Error::KeySecretRequired.into()),
+            2 if !self.crypto_header => return Err(Error::MissingCryptoHeader(2).into()),
+            2 if !self.key_secret => return Err(Error::KeySecretRequired.into()),
             0 => {}
             _ => return Err(Error::Encrypted.into()),
         }
@@ -162,7 +151,7 @@ impl Opening {
         // down (QEMU's `total_sectors`).
         let size = h.size & !511;
         let was_dirty = h.incompatible & incompat::DIRTY != 0;
-        let mut meta = Meta::load(file, h, l2_tables, rb_tables)
+        let mut meta = Meta::load(file, h, self.l2_tables, self.rb_tables)
             .await
             .map_err(open_err)?;
         let discard_unmap = args.opt_str("discard") == Some("unmap");
@@ -179,28 +168,28 @@ impl Opening {
         let loaded = bitmaps::load(file, &mut meta)
             .await
             .map_err(Error::LoadBitmaps)?;
-        if !read_only {
+        if !self.read_only {
             prepare_for_writing(file, &mut meta, was_dirty).await?;
         }
         Ok(Qcow2Driver {
             meta: tokio::sync::Mutex::new(meta),
             claims: Claims::default(),
             size: Cell::new(size),
-            cluster_bits: bits,
+            cluster_bits: self.cluster_bits,
             extended,
             version,
             codec,
-            read_only: Cell::new(read_only),
+            read_only: Cell::new(self.read_only),
             dead: Cell::new(false),
-            lazy_refcounts: lazy,
+            lazy_refcounts: self.lazy,
             discard_no_unref: args.opt_bool("discard-no-unref").unwrap_or(false),
             dirty_set: Cell::new(false),
             backing: RefCell::new(backing),
             on_corruption,
             snapshots: RefCell::new(snapshots),
-            clean_interval,
+            clean_interval: self.clean_interval,
             last_clean: Cell::new(Instant::now()),
-            data_file,
+            data_file: self.data_file,
             loaded: RefCell::new(loaded),
         })
     }
