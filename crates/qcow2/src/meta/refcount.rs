@@ -342,6 +342,83 @@ impl Meta {
         Ok(())
     }
 
+    /// Replaces the refcount structure with a new one placed past everything the image
+    /// uses and past the end of the file, counting what `refs` says (cluster index to
+    /// references; QEMU's `rebuild_refcount_structure`, for a structure that cannot be
+    /// mended in place). The old blocks and table are left as leaks; the caller writes the
+    /// header that points to the new table.
+    ///
+    /// The new clusters lie past every reference and the end of the file, so they are
+    /// written without the overlap check, whose view of the old structure is what is broken.
+    pub(crate) async fn rebuild_refcount_structure(
+        &mut self,
+        file: &Child,
+        refs: &std::collections::HashMap<u64, u64>,
+    ) -> io::Result<()> {
+        let cs = self.cs();
+        let per = self.refcounts_per_block();
+        let order = self.h.refcount_order;
+        let max = if order >= 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << order)) - 1
+        };
+        let used_end = refs.keys().max().map_or(0, |c| c + 1);
+        let start = used_end.max(file.len().div_ceil(cs));
+        // Blocks and table sized for everything up to and including themselves.
+        let (mut blocks, mut table_clusters) = (1u64, 1u64);
+        loop {
+            let total = start + blocks + table_clusters;
+            let b = total.div_ceil(per);
+            let t = (b * 8).div_ceil(cs).max(1);
+            if (b, t) == (blocks, table_clusters) {
+                break;
+            }
+            (blocks, table_clusters) = (b, t);
+        }
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let structure = start..start + blocks + table_clusters;
+        // The file grows to hold them first (at open, before the node's users have taken
+        // the resize permission, a write past the end would be refused).
+        file.truncate(structure.end * cs).await?;
+        let mut table = vec![0u8; (table_clusters * cs) as usize];
+        for b in 0..blocks {
+            let mut block = vec![0u8; cs as usize];
+            for i in 0..per {
+                let c = b * per + i;
+                let v = if structure.contains(&c) {
+                    1
+                } else {
+                    refs.get(&c).copied().unwrap_or(0)
+                };
+                if v > 0 {
+                    set_refcount(&mut block, i as usize, order, v.min(max));
+                }
+            }
+            let at = (start + b) * cs;
+            file.write(at, block, ReqFlags::empty()).await?;
+            put_be64(&mut table, b as usize, at);
+        }
+        let table_at = (start + blocks) * cs;
+        file.write(table_at, table.clone(), ReqFlags::empty())
+            .await?;
+        file.flush().await?;
+        for old in std::mem::take(&mut self.refblocks) {
+            self.rb.remove(old);
+        }
+        self.h.refcount_table_offset = table_at;
+        self.h.refcount_table_clusters = table_clusters as u32;
+        self.reftable = table
+            .chunks_exact(8)
+            .map(|e| u64::from_be_bytes(e.try_into().unwrap_or([0; 8])))
+            .collect();
+        self.refblocks = self.reftable.iter().copied().filter(|&o| o != 0).collect();
+        self.free_hint = 0;
+        Ok(())
+    }
+
     /// Whether a refcount block lives at `offset`.
     pub(crate) fn is_refblock(&self, offset: u64) -> bool {
         self.refblocks.contains(&offset)
