@@ -15,6 +15,22 @@ pub(crate) enum Error {
         /// Why.
         error: io::Error,
     },
+    /// `file` on something that is not a regular file.
+    #[error("'{driver}' driver requires '{path}' to be a regular file")]
+    NotARegularFile {
+        /// The driver.
+        driver: &'static str,
+        /// The file name.
+        path: String,
+    },
+    /// `host_device` on something that is not a device.
+    #[error("'{driver}' driver requires '{path}' to be either a character or block device")]
+    NotADevice {
+        /// The driver.
+        driver: &'static str,
+        /// The file name.
+        path: String,
+    },
     /// A copy-on-read `bottom` that names no node.
     #[error("Bottom node '{0}' not found")]
     BottomNotFound(String),

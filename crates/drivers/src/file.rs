@@ -1,4 +1,6 @@
-//! `file`: a regular file (or block device) through the I/O backend.
+//! `file` (a regular file) and `host_device` (a block or character device: a disk, an LVM
+//! volume, a loop device) through the I/O backend. They differ where QEMU's do: the kind of
+//! file each accepts, and that a device does not grow.
 
 use crate::error::Error;
 use ferrite_block::Graph;
@@ -19,6 +21,8 @@ use std::sync::Arc;
 
 /// An open file.
 pub(crate) struct FileDriver {
+    /// `host_device` rather than `file`.
+    device: bool,
     path: String,
     /// The open file; `blockdev-reopen` swaps it for one opened in the new mode.
     file: std::cell::RefCell<Arc<File>>,
@@ -39,12 +43,20 @@ pub(crate) struct FileDriver {
     discard_failed: Cell<u64>,
 }
 
-/// The `file` driver's factory.
-pub(crate) struct FileFactory;
+/// The factory of `file` (`device` false) or `host_device` (`device` true).
+pub(crate) struct FileFactory {
+    pub(crate) device: bool,
+}
+
+impl FileFactory {
+    fn driver_name(&self) -> &'static str {
+        if self.device { "host_device" } else { "file" }
+    }
+}
 
 impl DriverFactory for FileFactory {
     fn name(&self) -> &'static str {
-        "file"
+        self.driver_name()
     }
 
     fn kind(&self) -> DriverKind {
@@ -60,6 +72,7 @@ impl DriverFactory for FileFactory {
                 return Err(Error::NativeAioWithoutDirect.into());
             }
             let (drv, ro) = FileDriver::open(FileOpen {
+                device: self.device,
                 args: opts,
                 read_only: settings.read_only,
                 auto_read_only: opts.bool_or("auto-read-only", false),
@@ -72,7 +85,7 @@ impl DriverFactory for FileFactory {
     }
 
     fn can_create(&self) -> bool {
-        true
+        !self.device
     }
 
     fn create<'a>(&'a self, _graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
@@ -144,6 +157,8 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
 
 /// How the file is to be opened.
 pub(crate) struct FileOpen<'a> {
+    /// `host_device`: the file must be a device.
+    pub(crate) device: bool,
     pub(crate) args: &'a Args,
     pub(crate) read_only: bool,
     pub(crate) auto_read_only: bool,
@@ -178,6 +193,18 @@ impl FileDriver {
             }
             Err(e) => return Err(open_error(&path, e).into()),
         };
+        let kind = file
+            .metadata()
+            .map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?
+            .file_type();
+        use std::os::unix::fs::FileTypeExt;
+        let driver = if o.device { "host_device" } else { "file" };
+        if o.device && !(kind.is_block_device() || kind.is_char_device()) {
+            return Err(Error::NotADevice { driver, path }.into());
+        }
+        if !o.device && !kind.is_file() {
+            return Err(Error::NotARegularFile { driver, path }.into());
+        }
         // Like QEMU, a node is a whole number of 512-byte sectors; the tail reads as zeroes.
         let size = file_size(&file)
             .map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?
@@ -189,6 +216,7 @@ impl FileDriver {
         };
         Ok((
             FileDriver {
+                device: o.device,
                 path,
                 file: std::cell::RefCell::new(Arc::new(file)),
                 direct: o.direct,
@@ -338,7 +366,7 @@ fn file_size(file: &File) -> io::Result<u64> {
 
 impl Driver for FileDriver {
     fn format_name(&self) -> &'static str {
-        "file"
+        if self.device { "host_device" } else { "file" }
     }
 
     fn len(&self, _node: &Node) -> u64 {
@@ -460,6 +488,17 @@ impl Driver for FileDriver {
     fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
         let file = self.fd();
         Box::pin(async move {
+            // A device keeps its size: growing it is refused, anything else changes
+            // nothing (QEMU's "Cannot grow device files").
+            if self.device {
+                if size > self.size.get() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "Cannot grow device files",
+                    ));
+                }
+                return Ok(());
+            }
             ferrite_block::io::blocking(move || file.set_len(size)).await?;
             self.size.set(size.next_multiple_of(512));
             Ok(())
@@ -532,7 +571,7 @@ impl Driver for FileDriver {
     }
 
     fn can_grow(&self) -> bool {
-        true
+        !self.device
     }
 
     fn can_fast_zero(&self) -> bool {

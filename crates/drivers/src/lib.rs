@@ -21,7 +21,8 @@ use std::rc::Rc;
 
 /// Registers every driver of this crate.
 pub fn register(registry: &Registry) {
-    registry.register(Rc::new(file::FileFactory));
+    registry.register(Rc::new(file::FileFactory { device: false }));
+    registry.register(Rc::new(file::FileFactory { device: true }));
     registry.register(Rc::new(raw::RawFactory));
     registry.register(Rc::new(null::NullFactory { aio: false }));
     registry.register(Rc::new(null::NullFactory { aio: true }));
