@@ -210,6 +210,12 @@ pub trait Driver: std::any::Any {
         None
     }
 
+    /// The unit of a compressed write, for a format that stores compressed clusters (QEMU's
+    /// `block_driver_can_compress`); `None` for the others.
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        None
+    }
+
     /// The backing file name and format the image names (formats with backing files).
     fn backing_filename(&self) -> Option<(String, Option<String>)> {
         None

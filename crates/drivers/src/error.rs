@@ -31,6 +31,9 @@ pub(crate) enum Error {
         /// The file name.
         path: String,
     },
+    /// A `compress` filter over a format that cannot store compressed clusters.
+    #[error("Compression is not supported for underlying format: {0}")]
+    CannotCompress(String),
     /// A copy-on-read `bottom` that names no node.
     #[error("Bottom node '{0}' not found")]
     BottomNotFound(String),

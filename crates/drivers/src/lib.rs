@@ -8,6 +8,7 @@
 //! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
 
 pub mod cbw;
+mod compress;
 pub mod cor;
 mod error;
 mod file;
@@ -21,6 +22,7 @@ use std::rc::Rc;
 
 /// Registers every driver of this crate.
 pub fn register(registry: &Registry) {
+    registry.register(Rc::new(compress::CompressFactory));
     registry.register(Rc::new(file::FileFactory { device: false }));
     registry.register(Rc::new(file::FileFactory { device: true }));
     registry.register(Rc::new(raw::RawFactory));

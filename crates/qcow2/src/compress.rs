@@ -95,6 +95,14 @@ impl Qcow2Driver {
                 continue;
             };
             let _claim = self.claims.claim(gc, gc).await;
+            {
+                // As QEMU's: a compressed cluster never overwrites one the image holds.
+                let mut m = self.meta.lock().await;
+                let (old, _) = m.l2_entry(file, gc).await?;
+                if old & entry::OFFSET_MASK != 0 {
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+            }
             let clusters = (c.len() as u64).div_ceil(cs);
             let host = {
                 let mut m = self.meta.lock().await;

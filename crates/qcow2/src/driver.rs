@@ -191,6 +191,10 @@ impl Driver for Qcow2Driver {
         Some(self.cs())
     }
 
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        Some(self.cs())
+    }
+
     fn snapshots_info(&self) -> Vec<QDict> {
         self.snapshots.borrow().iter().map(snapshot_info).collect()
     }
