@@ -63,3 +63,18 @@ def test_compress_needs_a_format_that_compresses(tmp_path):
         texts.append(r.stderr.split(": ", 2)[-1])
     assert texts[1] == texts[0]
     assert "Compression is not supported for underlying format: raw" in texts[0]
+
+
+def test_writer_needs_resize_when_the_size_is_not_a_multiple_of_a_cluster(tmp_path):
+    img = tmp_path / "u.qcow2"
+    texts = []
+    for binary in (QSD, FERRITE):
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "1040K")
+        r = run(binary, "--blockdev", f"driver=file,node-name=f,filename={img}",
+                "--blockdev", "qcow2,node-name=q,file=f",
+                "--blockdev", "compress,node-name=c,file=q",
+                "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'u.sock'}",
+                "--export", "nbd,id=e,node-name=c,writable=on")
+        texts.append(r.stderr.split(": ", 2)[-1])
+    assert texts[1] == texts[0]
+    assert "Image size is not a multiple of request alignment" in texts[0]

@@ -75,6 +75,12 @@ pub enum Error {
     /// A writer on a read-only node.
     #[error("Block node is read-only")]
     ReadOnly,
+    /// A writer without the resize permission on a node whose size is not a multiple of
+    /// its request alignment.
+    #[error(
+        "Cannot get 'write' permission without 'resize': Image size is not a multiple of request alignment"
+    )]
+    UnalignedSize,
     /// A node a job or another operation holds (QEMU's op blockers).
     #[error("Node '{node}' is busy: {reason}")]
     Busy {

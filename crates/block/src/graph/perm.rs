@@ -90,8 +90,18 @@ fn check_conflicts(node: &Node) -> Result<()> {
         }
     }
     let (perm, _) = node.cumulative_perms();
-    if node.read_only.get() && perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) {
+    let writes = perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED);
+    if node.read_only.get() && writes {
         return Err(Error::ReadOnly);
+    }
+    // A write is widened to the node's alignment (a compress filter's cluster), which may
+    // reach past the end of an image whose size is not a multiple of it: only a writer that
+    // may resize can have that (QEMU's rule).
+    if writes
+        && !perm.contains(Perm::RESIZE)
+        && node.len().next_multiple_of(512) % node.request_alignment().max(1) != 0
+    {
+        return Err(Error::UnalignedSize);
     }
     Ok(())
 }
