@@ -78,3 +78,33 @@ def test_writer_needs_resize_when_the_size_is_not_a_multiple_of_a_cluster(tmp_pa
         texts.append(r.stderr.split(": ", 2)[-1])
     assert texts[1] == texts[0]
     assert "Image size is not a multiple of request alignment" in texts[0]
+
+
+def test_compressed_clusters_are_packed(tmp_path):
+    """Several compressed clusters share a host cluster, as QEMU packs them: 64 clusters of
+    a pattern take a few host clusters, not 64."""
+    sizes = []
+    for binary in (QSD, FERRITE):
+        img = tmp_path / f"p-{os.path.basename(binary)}.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "4M")
+        sock = str(tmp_path / "p.sock")
+        d = Daemon(binary, tmp_path / f"d-{os.path.basename(binary)}",
+                   ["--blockdev", f"driver=file,node-name=f,filename={img}",
+                    "--blockdev", "qcow2,node-name=q,file=f",
+                    "--blockdev", "compress,node-name=c,file=q",
+                    "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                    "--export", "nbd,id=e,node-name=c,writable=on"])
+        try:
+            wait_for(lambda: os.path.exists(sock), what="NBD socket")
+            r = run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", f"nbd+unix:///c?socket={sock}")
+            assert "failed" not in r.stdout + r.stderr
+        finally:
+            d.stop()
+            if os.path.exists(sock):
+                os.unlink(sock)
+        check = json.loads(run("qemu-img", "check", "--output=json", img).stdout)
+        assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0
+        sizes.append(check["image-end-offset"])
+    # Header, L1, refcounts, an L2 and the data: a handful of clusters in both.
+    assert sizes[1] <= 8 * 65536, sizes
+    assert sizes[1] <= 2 * sizes[0], sizes

@@ -103,10 +103,9 @@ impl Qcow2Driver {
                     return Err(io::Error::from_raw_os_error(libc::EIO));
                 }
             }
-            let clusters = (c.len() as u64).div_ceil(cs);
             let host = {
                 let mut m = self.meta.lock().await;
-                let host = m.alloc(file, clusters).await?;
+                let host = m.alloc_bytes(file, c.len() as u64).await?;
                 m.check_data(file, host, c.len() as u64).await?;
                 host
             };

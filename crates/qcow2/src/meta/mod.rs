@@ -46,6 +46,9 @@ pub(crate) struct Meta {
     refblocks: HashSet<u64>,
     /// First cluster index that may be free.
     free_hint: u64,
+    /// Where the next compressed cluster may go in the cluster the last one ended in (0:
+    /// none), so that compressed clusters are packed as QEMU packs them.
+    free_byte_offset: u64,
     /// References to drop once the tables no longer pointing there are on disk.
     pending_frees: Vec<(u64, u64, FreeKind)>,
     /// Corruption found; the image takes no more writes.
@@ -125,6 +128,7 @@ impl Meta {
             reftable,
             refblocks,
             free_hint: 0,
+            free_byte_offset: 0,
             pending_frees: Vec::new(),
             corrupt: None,
             pass_discard_request: false,

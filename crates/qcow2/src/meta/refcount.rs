@@ -101,7 +101,44 @@ impl Meta {
         if new == 0 && c < self.free_hint {
             self.free_hint = c;
         }
+        if new == 0 && self.free_byte_offset / self.cs() == c {
+            // The cluster packed compressed data went to is free now: nothing goes after it.
+            self.free_byte_offset = 0;
+        }
         Ok(new)
+    }
+
+    /// `size` bytes for a compressed cluster, packed after the previous one as QEMU packs
+    /// them (`qcow2_alloc_bytes`): in the rest of the cluster the last one ended in, running
+    /// on into a new cluster when that one follows it, else at the start of a new cluster.
+    /// Every host cluster the range touches holds one reference for it.
+    pub(crate) async fn alloc_bytes(&mut self, file: &Child, size: u64) -> io::Result<u64> {
+        let cs = self.cs();
+        if size == 0 || size > cs {
+            return self.alloc(file, size.div_ceil(cs).max(1)).await;
+        }
+        let mut offset = self.free_byte_offset;
+        if offset != 0 && self.refcount(file, offset / cs).await? >= self.max_refcount() {
+            offset = 0;
+        }
+        let room = if offset == 0 { 0 } else { cs - offset % cs };
+        if offset != 0 && room >= size {
+            self.update_refcount(file, offset / cs, 1).await?;
+        } else {
+            let new = self.alloc(file, 1).await?;
+            if offset != 0 && offset.next_multiple_of(cs) == new {
+                // Runs on from the old cluster's tail into the new one (which alloc counted).
+                self.update_refcount(file, offset / cs, 1).await?;
+            } else {
+                offset = new;
+            }
+        }
+        self.free_byte_offset = if (offset + size) % cs == 0 {
+            0
+        } else {
+            offset + size
+        };
+        Ok(offset)
     }
 
     /// A new refcount block for block index `b`, placed at the first cluster it describes
