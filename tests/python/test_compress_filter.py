@@ -2,6 +2,7 @@
 whole clusters first; what qemu-storage-daemon makes of the same writes is the reference:
 the same image content and mapping, the same refusals (a compressed cluster never overwrites
 one the image holds), and the same open errors."""
+import contextlib
 import json
 import os
 import subprocess
@@ -17,26 +18,34 @@ def run(*cmd):
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120)
 
 
-def through_filter(binary, tmp):
-    tmp.mkdir()
-    img = tmp / "c.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "1M")
-    sock = str(tmp / "nbd.sock")
-    d = Daemon(binary, tmp / "d", ["--blockdev", f"driver=file,node-name=f,filename={img}",
-                                   "--blockdev", "qcow2,node-name=q,file=f",
-                                   "--blockdev", "compress,node-name=c,file=q",
-                                   "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                                   "--export", "nbd,id=e,node-name=c,writable=on"])
+@contextlib.contextmanager
+def compress_export(binary, workdir, size):
+    """A daemon of `binary` exporting a compress filter over a new qcow2 image (64 KiB
+    clusters) of `size`: yields (image, NBD URI)."""
+    workdir.mkdir()
+    img = workdir / "c.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, size)
+    sock = str(workdir / "nbd.sock")
+    d = Daemon(binary, workdir / "d", ["--blockdev", f"driver=file,node-name=f,filename={img}",
+                                       "--blockdev", "qcow2,node-name=q,file=f",
+                                       "--blockdev", "compress,node-name=c,file=q",
+                                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                       "--export", "nbd,id=e,node-name=c,writable=on"])
     try:
         wait_for(lambda: os.path.exists(sock), what="NBD socket")
-        outcomes = []
-        for w in WRITES:
-            r = run("qemu-io", "-f", "raw", "-c", w, f"nbd+unix:///c?socket={sock}")
-            outcomes.append((w, "failed" in r.stdout + r.stderr))
-        info = json.loads(run("nbdinfo", "--json", f"nbd+unix:///c?socket={sock}").stdout)
-        block_min = info["exports"][0]["block_size_minimum"]
+        yield img, f"nbd+unix:///c?socket={sock}"
     finally:
         d.stop()
+
+
+def through_filter(binary, tmp):
+    with compress_export(binary, tmp, "1M") as (img, uri):
+        outcomes = []
+        for w in WRITES:
+            r = run("qemu-io", "-f", "raw", "-c", w, uri)
+            outcomes.append((w, "failed" in r.stdout + r.stderr))
+        info = json.loads(run("nbdinfo", "--json", uri).stdout)
+        block_min = info["exports"][0]["block_size_minimum"]
     mapping = json.loads(run("qemu-img", "map", "--output=json", img).stdout)
     for m in mapping:
         m.pop("offset", None)
@@ -85,23 +94,9 @@ def test_compressed_clusters_are_packed(tmp_path):
     a pattern take a few host clusters, not 64."""
     sizes = []
     for binary in (QSD, FERRITE):
-        img = tmp_path / f"p-{os.path.basename(binary)}.qcow2"
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "4M")
-        sock = str(tmp_path / "p.sock")
-        d = Daemon(binary, tmp_path / f"d-{os.path.basename(binary)}",
-                   ["--blockdev", f"driver=file,node-name=f,filename={img}",
-                    "--blockdev", "qcow2,node-name=q,file=f",
-                    "--blockdev", "compress,node-name=c,file=q",
-                    "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                    "--export", "nbd,id=e,node-name=c,writable=on"])
-        try:
-            wait_for(lambda: os.path.exists(sock), what="NBD socket")
-            r = run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", f"nbd+unix:///c?socket={sock}")
+        with compress_export(binary, tmp_path / os.path.basename(binary), "4M") as (img, uri):
+            r = run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", uri)
             assert "failed" not in r.stdout + r.stderr
-        finally:
-            d.stop()
-            if os.path.exists(sock):
-                os.unlink(sock)
         check = json.loads(run("qemu-img", "check", "--output=json", img).stdout)
         assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0
         sizes.append(check["image-end-offset"])

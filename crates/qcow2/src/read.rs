@@ -71,13 +71,8 @@ impl Qcow2Driver {
         if offset >= blen {
             return Ok(None);
         }
-        if offset + len as u64 <= blen {
-            return Ok(Some(b.read(offset, len).await?));
-        }
-        let mut v = vec![0u8; len];
-        let got = b.read(offset, (blen - offset) as usize).await?;
-        v[..got.len()].copy_from_slice(&got);
-        Ok(Some(v))
+        // Past the backing file's end reads as zeroes (`Child::read` pads).
+        Ok(Some(b.read(offset, len).await?))
     }
 
     pub(crate) async fn read_compressed(

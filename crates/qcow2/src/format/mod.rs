@@ -11,18 +11,10 @@ pub(crate) mod snapshot_table;
 use ferrite_block::Child;
 use std::io;
 
-/// Reads `len` bytes at `offset` of `file`, past its end as zeroes.
+/// Reads `len` bytes at `offset` of `file`, past its end as zeroes (as every child read
+/// does: [`Child::read`]).
 pub(crate) async fn read_at(file: &Child, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let flen = file.len();
-    if offset + len as u64 <= flen {
-        return file.read(offset, len).await;
-    }
-    let mut v = vec![0u8; len];
-    if offset < flen {
-        let got = file.read(offset, (flen - offset) as usize).await?;
-        v[..got.len()].copy_from_slice(&got);
-    }
-    Ok(v)
+    file.read(offset, len).await
 }
 
 /// Big-endian 64-bit word `i` of `b`.
