@@ -8,3 +8,5 @@ python3 bench/nbd_fio.py
 python3 bench/qcow2_fio.py
 python3 bench/backup.py
 python3 bench/blockjobs.py
+python3 bench/fuse.py
+python3 bench/vhost_user_blk.py

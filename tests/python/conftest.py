@@ -177,6 +177,30 @@ def normalize(text):
     return text
 
 
+def recorder(conn, out):
+    """A `cmd(name, args)` that runs a QMP command on `conn` and appends its normalized
+    reply to the transcript `out`."""
+    def cmd(name, args):
+        r = conn.cmd(name, args)
+        out.append((name, json.loads(normalize(json.dumps(r, sort_keys=True)))))
+        return r
+    return cmd
+
+
+def assert_same_transcript(expected, got):
+    """Two daemons' transcripts agree entry by entry (the first difference is reported)."""
+    for e, g in zip(expected, got):
+        assert g == e
+    assert len(got) == len(expected)
+
+
+def assert_same_image(a, b, fmt="raw"):
+    """`qemu-img compare` finds the two images' data identical."""
+    r = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", fmt, str(a), str(b)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @contextlib.contextmanager
 def _daemons(binary, prefix, tmp_path):
     """A starter for daemons of one program; stops them all when the test ends."""

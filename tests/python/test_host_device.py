@@ -2,13 +2,12 @@
 what the node queries show, the refusals of the wrong kind of file by `file` and
 `host_device`, a device that does not grow, and data written and read through an NBD
 export, with block status and zeroes."""
-import json
 import subprocess
 
 import pytest
 
 import nbdclient as nc
-from conftest import normalize
+from conftest import recorder
 
 
 @pytest.fixture
@@ -31,10 +30,7 @@ def transcript(d, dev, regular):
     c = d.connect()
     out = []
 
-    def cmd(name, args):
-        r = c.cmd(name, args)
-        out.append((name, json.loads(normalize(json.dumps(r, sort_keys=True)))))
-        return r
+    cmd = recorder(c, out)
 
     cmd("blockdev-add", {"driver": "host_device", "node-name": "r", "filename": regular})
     cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": dev})

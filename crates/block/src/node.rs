@@ -348,6 +348,18 @@ impl Node {
         self.detect_zeroes.get()
     }
 
+    /// Bytes the node occupies on its storage: the driver's own figure, or what its data and
+    /// metadata children occupy, not its backing chain (QEMU: `bdrv_get_allocated_file_size`).
+    pub fn allocated_file_size(&self) -> u64 {
+        self.driver.actual_size(self).unwrap_or_else(|| {
+            self.children()
+                .iter()
+                .filter(|c| c.name() != "backing" && c.name() != "target")
+                .map(|c| c.node().allocated_file_size())
+                .sum()
+        })
+    }
+
     /// Request alignment in bytes.
     pub fn request_alignment(&self) -> u64 {
         self.driver.request_alignment(self)

@@ -37,7 +37,7 @@ pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
     if !flat && let Some(b) = node.child("backing") {
         d.insert("backing-image", image_info(&b, false));
     }
-    d.insert("actual-size", allocated_size(node));
+    d.insert("actual-size", node.allocated_file_size());
     if let Some(fs) = node.driver().format_specific() {
         d.insert("format-specific", fs);
     }
@@ -45,18 +45,6 @@ pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
         d.insert("dirty-flag", false);
     }
     d
-}
-
-/// Bytes a node occupies on its storage: the driver's own figure, or what its data and
-/// metadata children occupy (not its backing chain).
-fn allocated_size(node: &Node) -> u64 {
-    node.driver().actual_size(node).unwrap_or_else(|| {
-        node.children()
-            .iter()
-            .filter(|c| c.name() != "backing" && c.name() != "target")
-            .map(|c| allocated_size(&c.node()))
-            .sum()
-    })
 }
 
 /// `BlockDeviceInfo` for a node (QEMU counts the backing chain only when not `flat`).

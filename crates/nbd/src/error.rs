@@ -33,24 +33,15 @@ pub enum Error {
     /// An `fd` address in QMP.
     #[error("only QEMU supports file descriptor passing")]
     FdOverQmp,
-    /// An export ID that breaks QEMU's identifier rule.
-    #[error("Invalid block export id")]
-    InvalidId(String),
-    /// An export ID already taken.
-    #[error("Block export id '{0}' is already in use")]
-    IdInUse(String),
     /// An export name over NBD's 4096 bytes.
     #[error("export name '{0}' too long")]
     NameTooLong(String),
     /// An export name already taken.
     #[error("NBD server already has export named '{0}'")]
     NameInUse(String),
-    /// Exports in iothreads (not yet).
-    #[error("iothreads for exports are not supported by ferrite yet")]
-    IothreadUnsupported,
-    /// A writable export of a read-only node.
-    #[error("Cannot export read-only node as writable")]
-    ReadOnlyNode,
+    /// A description over NBD's 4096 bytes.
+    #[error("description '{0}' too long")]
+    DescriptionTooLong(String),
     /// An exported bitmap that does not exist.
     #[error("Bitmap '{0}' is not found")]
     BitmapNotFound(String),
@@ -63,18 +54,15 @@ pub enum Error {
     /// An unknown export.
     #[error("Export '{0}' is not found")]
     ExportNotFound(String),
-    /// Removing an export twice.
-    #[error("export '{0}' is already shutting down")]
-    ShuttingDown(String),
-    /// A safe removal of an export with clients.
-    #[error("export '{0}' still in use")]
-    StillInUse(String),
     /// A failure of the block core.
     #[error(transparent)]
     Block(#[from] ferrite_block::Error),
     /// An argument error from the QAPI layer.
     #[error(transparent)]
     Qapi(#[from] ferrite_qapi::Error),
+    /// The export list's refusal.
+    #[error(transparent)]
+    Export(#[from] ferrite_export::Error),
 }
 
 impl From<Error> for ferrite_qapi::Error {
@@ -82,10 +70,7 @@ impl From<Error> for ferrite_qapi::Error {
         match e {
             Error::Qapi(q) => q,
             Error::Block(b) => b.into(),
-            Error::StillInUse(_) => {
-                ferrite_qapi::Error::new(ErrorClass::GenericError, e.to_string())
-                    .with_hint("Use mode='hard' to force client disconnect")
-            }
+            Error::Export(x) => x.into(),
             other => ferrite_qapi::Error::new(ErrorClass::GenericError, other.to_string()),
         }
     }

@@ -1,4 +1,4 @@
-//! Block exports: a node made available to NBD clients under a name.
+//! NBD exports: a node made available to NBD clients under a name.
 
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::{BlockBackend, Node};
@@ -15,7 +15,6 @@ pub struct Export {
     pub(crate) initial_node: Rc<Node>,
     /// The export's way to its node; detached when the export is removed.
     pub(crate) blk: Rc<BlockBackend>,
-    pub(crate) removed: Cell<bool>,
     pub(crate) writable: bool,
     pub(crate) writethrough: bool,
     pub(crate) allocation_depth: bool,

@@ -5,7 +5,6 @@
 //! QEMU counterparts: `nbd/server.c`, `blockdev-nbd.c`, `block/export/`.
 
 mod error;
-mod events;
 mod export;
 mod handshake;
 mod proto;
@@ -14,6 +13,5 @@ mod service;
 mod transmission;
 
 pub use error::{Error, Result};
-pub use events::BlockExportDeleted;
 pub use export::Export;
-pub use service::{NbdService, RemoveMode};
+pub use service::NbdService;

@@ -1,19 +1,14 @@
-//! NBD and export QMP commands (QEMU: `blockdev-nbd.c`, `block/export/export.c`).
+//! The NBD server's QMP commands (QEMU: `blockdev-nbd.c`); the export commands every type
+//! shares are `ferrite_export::qmp_cmds`.
 
-use crate::service::{NbdService, RemoveMode};
+use crate::service::NbdService;
+use ferrite_export::RemoveMode;
 use ferrite_qapi::{Args, Error};
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
 fn ok() -> Result<QObject, Error> {
     Ok(QDict::new().into())
-}
-
-fn mode(args: &Args) -> RemoveMode {
-    match args.opt_str("mode") {
-        Some("hard") => RemoveMode::Hard,
-        _ => RemoveMode::Safe,
-    }
 }
 
 /// `nbd-server-start`.
@@ -34,37 +29,10 @@ pub async fn qmp_nbd_server_stop(nbd: &NbdService) -> Result<QObject, Error> {
     ok()
 }
 
-/// `block-export-add`.
-///
-/// # Errors
-/// As [`NbdService::add`].
-pub async fn qmp_block_export_add(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
-    nbd.add(args).await?;
-    ok()
-}
-
-/// `block-export-del`.
-///
-/// # Errors
-/// As [`NbdService::del`].
-pub async fn qmp_block_export_del(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
-    nbd.del(args.str("id")?, mode(args)).await?;
-    ok()
-}
-
-/// `query-block-exports`.
-pub fn qmp_query_block_exports(nbd: &NbdService) -> QObject {
-    nbd.query()
-        .into_iter()
-        .map(QObject::Dict)
-        .collect::<Vec<_>>()
-        .into()
-}
-
 /// `nbd-server-add` (deprecated): an export whose id is its name.
 ///
 /// # Errors
-/// As [`NbdService::add`]; a `bitmap` that does not exist.
+/// As `block-export-add`; a `bitmap` that does not exist.
 pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
     let device = args.str("device")?;
     // As QEMU: the device is looked up first, by either kind of name.
@@ -80,7 +48,7 @@ pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject
     if let Some(b) = args.opt_str("bitmap") {
         opts.insert("bitmaps", vec![QObject::from(b)]);
     }
-    nbd.add(&Args::new(opts)).await?;
+    nbd.all_exports().add(&Args::new(opts)).await?;
     ok()
 }
 
@@ -89,6 +57,7 @@ pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject
 /// # Errors
 /// As [`NbdService::del_by_name`].
 pub async fn qmp_nbd_server_remove(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
-    nbd.del_by_name(args.str("name")?, mode(args)).await?;
+    nbd.del_by_name(args.str("name")?, RemoveMode::parse(args.opt_str("mode")))
+        .await?;
     ok()
 }

@@ -4,11 +4,11 @@ use crate::error::{Error, Result};
 use crate::export::Export;
 use crate::{handshake, transmission};
 use ferrite_block::bitmap::DirtyBitmap;
-use ferrite_block::{BlockBackend, EventSink, Graph, Node, Perm};
+use ferrite_block::{Graph, Node, Perm};
+use ferrite_export::{ExportInstance, ExportSetup, ExportType, Exports, LocalFut, RemoveMode};
 use ferrite_qapi::Args;
-use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -20,10 +20,12 @@ struct Server {
     unlink: Option<String>,
 }
 
-/// The NBD service: the server (if started) and every export.
+/// The NBD service: the server (if started) and its exports (the `nbd` export type).
 pub struct NbdService {
+    me: Weak<NbdService>,
     graph: Rc<Graph>,
-    events: Rc<dyn EventSink>,
+    /// The export list of every type, which the NBD exports are also in.
+    all_exports: Weak<Exports>,
     exports: RefCell<Vec<Rc<Export>>>,
     server: RefCell<Option<Server>>,
     connections: Cell<usize>,
@@ -35,15 +37,6 @@ pub struct NbdService {
 
 /// QEMU's default limit on the handshake, in seconds.
 const DEFAULT_HANDSHAKE_SECONDS: u64 = 10;
-
-/// How an export is removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RemoveMode {
-    /// Refuse while clients are connected.
-    Safe,
-    /// Disconnect the clients.
-    Hard,
-}
 
 /// A listening address, in its flat or legacy (`data`-wrapped) form.
 fn parse_addr(addr: &Args) -> Result<(String, Args)> {
@@ -58,17 +51,27 @@ enum AnyListener {
 }
 
 impl NbdService {
-    /// A service with no server and no exports.
-    pub fn new(graph: Rc<Graph>, events: Rc<dyn EventSink>) -> Rc<NbdService> {
-        Rc::new(NbdService {
+    /// A service with no server and no exports, registered as the `nbd` export type.
+    pub fn new(graph: Rc<Graph>, all_exports: &Rc<Exports>) -> Rc<NbdService> {
+        let nbd = Rc::new_cyclic(|me| NbdService {
+            me: me.clone(),
             graph,
-            events,
+            all_exports: Rc::downgrade(all_exports),
             exports: RefCell::new(Vec::new()),
             server: RefCell::new(None),
             connections: Cell::new(0),
             handshake_limit: Cell::new(DEFAULT_HANDSHAKE_SECONDS),
             max_connections: Cell::new(0),
-        })
+        });
+        all_exports.register(nbd.clone());
+        nbd
+    }
+
+    /// The export list of every type.
+    pub fn all_exports(&self) -> Rc<Exports> {
+        self.all_exports
+            .upgrade()
+            .expect("the export list outlives the NBD service")
     }
 
     pub(crate) fn export_by_name(&self, name: &str) -> Option<Rc<Export>> {
@@ -243,68 +246,48 @@ impl NbdService {
         if let Some(path) = server.unlink {
             let _ = std::fs::remove_file(path);
         }
-        let all: Vec<Rc<Export>> = self.exports.borrow().iter().rev().cloned().collect();
-        for e in all {
-            self.remove(&e).await;
-        }
+        self.all_exports().remove_type("nbd").await;
         Ok(())
     }
 
-    /// Adds an export (`block-export-add`, `--export`, `nbd-server-add`).
+    /// Makes the NBD side of an export (`block-export-add`, `--export`, `nbd-server-add`)
+    /// once the checks every type shares are done.
     ///
     /// # Errors
-    /// QEMU's texts for a missing server, duplicate id or name, unknown node, and permission
-    /// conflicts (a writable export of a read-only node).
-    pub async fn add(&self, opts: &Args) -> Result<()> {
-        let id = opts.str("id")?;
-        // QEMU's order: the export's id and node first (any export type), then what the NBD
-        // server needs.
-        if !ferrite_qapi::id_wellformed(id) {
-            return Err(Error::InvalidId(id.to_owned()));
-        }
-        if self.exports.borrow().iter().any(|e| e.id == id) {
-            return Err(Error::IdInUse(id.to_owned()));
-        }
-        let node_name = opts.str("node-name")?;
-        let node = self.graph.lookup_node(node_name)?;
+    /// QEMU's texts for a missing server, a name too long or taken, bitmaps that cannot be
+    /// exported, and permission conflicts.
+    fn create_export(&self, setup: &ExportSetup<'_>) -> Result<Rc<Export>> {
         if !self.is_running() {
             return Err(Error::NotRunning);
         }
+        let opts = setup.opts;
+        let node_name = opts.str("node-name")?;
         let name = opts.opt_str("name").unwrap_or(node_name).to_owned();
         if name.len() > crate::proto::MAX_STRING {
             return Err(Error::NameTooLong(name));
         }
-        if self.exports.borrow().iter().any(|e| e.name == name) {
+        let description = opts.opt_str("description").map(str::to_owned);
+        if let Some(d) = description
+            .as_ref()
+            .filter(|d| d.len() > crate::proto::MAX_STRING)
+        {
+            return Err(Error::DescriptionTooLong(d.clone()));
+        }
+        if self.export_by_name(&name).is_some() {
             return Err(Error::NameInUse(name));
         }
-        let writable = opts.bool_or("writable", false);
-        let bitmaps = self.export_bitmaps(&node, opts, writable)?;
-        if opts.has("iothread") {
-            return Err(Error::IothreadUnsupported);
-        }
-        // An inactive node becomes active for its export (QEMU's default without
-        // `allow-inactive`).
-        if !node.is_active() {
-            self.graph.activate(&node).await?;
-        }
-        if writable && node.is_read_only() {
-            return Err(Error::ReadOnlyNode);
-        }
-        let mut perm = Perm::CONSISTENT_READ;
-        if writable {
-            perm |= Perm::WRITE;
-        }
-        let shared = Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED;
-        let blk = BlockBackend::new(&self.graph, &node, perm, shared)?;
+        // Clients may not resize the node under the export.
+        let (perm, shared) = setup.blk.perm();
+        setup.blk.set_perm(perm, shared - Perm::RESIZE)?;
+        let bitmaps = self.export_bitmaps(&setup.node, opts, setup.writable)?;
         let export = Rc::new(Export {
-            id: id.to_owned(),
+            id: setup.id.to_owned(),
             name,
-            description: opts.opt_str("description").map(str::to_owned),
-            initial_node: node,
-            blk,
-            removed: Cell::new(false),
-            writable,
-            writethrough: opts.bool_or("writethrough", false),
+            description,
+            initial_node: setup.node.clone(),
+            blk: setup.blk.clone(),
+            writable: setup.writable,
+            writethrough: setup.writethrough,
             allocation_depth: opts.bool_or("allocation-depth", false),
             // One connection at a time cannot make use of multi-conn (QEMU then does not
             // offer it).
@@ -318,8 +301,8 @@ impl NbdService {
         for b in &bitmaps {
             b.set_in_use(true);
         }
-        self.exports.borrow_mut().push(export);
-        Ok(())
+        self.exports.borrow_mut().push(export.clone());
+        Ok(export)
     }
 
     /// The bitmaps `bitmaps` names: a name alone is looked up on the node and down its
@@ -371,82 +354,74 @@ impl NbdService {
         Ok(out)
     }
 
-    /// Removes an export by id (`block-export-del`).
-    ///
-    /// # Errors
-    /// Unknown id, or clients still connected in safe mode.
-    pub async fn del(&self, id: &str, mode: RemoveMode) -> Result<()> {
-        let export = self
-            .exports
-            .borrow()
-            .iter()
-            .find(|e| e.id == id)
-            .cloned()
-            .ok_or_else(|| Error::ExportNotFound(id.to_owned()))?;
-        self.del_export(&export, mode).await
-    }
-
     /// Removes an export by NBD name (`nbd-server-remove`).
     ///
     /// # Errors
-    /// As [`NbdService::del`], with QEMU's text for an unknown name.
+    /// As [`Exports::del`], with QEMU's text for an unknown name.
     pub async fn del_by_name(&self, name: &str, mode: RemoveMode) -> Result<()> {
         // Without a server there are no NBD exports: QEMU answers "not found".
         let export = self
             .export_by_name(name)
             .ok_or_else(|| Error::ExportNotFound(name.to_owned()))?;
-        self.del_export(&export, mode).await
+        Ok(self.all_exports().del(&export.id, mode).await?)
     }
 
-    async fn del_export(&self, export: &Rc<Export>, mode: RemoveMode) -> Result<()> {
-        if export.shutting_down.get() {
-            return Err(Error::ShuttingDown(export.id.clone()));
-        }
-        if mode == RemoveMode::Safe && export.clients.get() > 0 {
-            return Err(Error::StillInUse(export.id.clone()));
-        }
-        self.remove(export).await;
-        Ok(())
-    }
-
-    /// Disconnects an export's clients, releases its node and announces its end.
-    async fn remove(&self, export: &Rc<Export>) {
+    /// Disconnects an export's clients and lets go of its bitmaps.
+    async fn shut_down(&self, export: &Rc<Export>) {
         export.disconnect_all().await;
-        if !export.removed.replace(true) {
-            export.blk.remove();
-            for b in &export.bitmaps {
-                b.set_in_use(false);
-            }
+        for b in &export.bitmaps {
+            b.set_in_use(false);
         }
         self.exports.borrow_mut().retain(|e| !Rc::ptr_eq(e, export));
-        self.events.emit(&crate::events::BlockExportDeleted {
-            id: export.id.clone(),
-        });
     }
 
-    /// Closes every export and the server (daemon exit).
-    pub async fn close_all(&self) {
-        if self.stop().await.is_err() {
-            let all: Vec<Rc<Export>> = self.exports.borrow().iter().rev().cloned().collect();
-            for e in all {
-                self.remove(&e).await;
+    /// Stops the server if it runs (daemon exit; the export list ends the exports).
+    pub async fn close(&self) {
+        let _ = self.stop().await;
+    }
+}
+
+impl ExportType for NbdService {
+    fn name(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn supports_inactive(&self) -> bool {
+        true
+    }
+
+    fn create<'a>(
+        &'a self,
+        setup: ExportSetup<'a>,
+    ) -> LocalFut<'a, Result<Rc<dyn ExportInstance>, ferrite_qapi::Error>> {
+        Box::pin(async move {
+            let export = self.create_export(&setup)?;
+            Ok(Rc::new(NbdExportHandle {
+                service: self.me.clone(),
+                export,
+            }) as Rc<dyn ExportInstance>)
+        })
+    }
+}
+
+/// An NBD export as the export list sees it.
+struct NbdExportHandle {
+    service: Weak<NbdService>,
+    export: Rc<Export>,
+}
+
+impl ExportInstance for NbdExportHandle {
+    fn in_use(&self) -> bool {
+        self.export.clients.get() > 0
+    }
+
+    fn shut_down(&self) -> LocalFut<'_, ()> {
+        Box::pin(async move {
+            if let Some(service) = self.service.upgrade() {
+                service.shut_down(&self.export).await;
+            } else {
+                self.export.disconnect_all().await;
             }
-        }
-    }
-
-    /// `query-block-exports`.
-    pub fn query(&self) -> Vec<QDict> {
-        self.exports
-            .borrow()
-            .iter()
-            .rev()
-            .map(|e| {
-                QDict::new()
-                    .with("id", e.id.as_str())
-                    .with("type", "nbd")
-                    .with("node-name", e.node().name())
-                    .with("shutting-down", e.shutting_down.get())
-            })
-            .collect()
+        })
     }
 }

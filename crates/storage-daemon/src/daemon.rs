@@ -4,6 +4,7 @@ use crate::cli::help::{QEMU_VERSION, package};
 use ferrite_block::{EventSink, Graph};
 use ferrite_blockdev::{bitmap_cmds as bm, qmp_cmds as blk, snapshot_cmds, transaction};
 use ferrite_chardev::{Chardev, ChardevRegistry, qmp_cmds as chr};
+use ferrite_export::{Exports, qmp_cmds as export};
 use ferrite_jobs::JobManager;
 use ferrite_nbd::{NbdService, qmp_cmds as nbd};
 use ferrite_qapi::{Args, Error, ErrorClass, QapiEvent, introspect, schema};
@@ -20,6 +21,7 @@ pub(crate) struct Daemon {
     pub(crate) chardevs: Rc<ChardevRegistry>,
     pub(crate) objects: Rc<ObjectRegistry>,
     pub(crate) graph: Rc<Graph>,
+    pub(crate) exports: Rc<Exports>,
     pub(crate) nbd: Rc<NbdService>,
     pub(crate) jobs: Rc<JobManager>,
     qom_root: Rc<dyn QomNode>,
@@ -102,13 +104,18 @@ impl Daemon {
         ferrite_drivers::register(&registry);
         ferrite_qcow2::register(&registry);
         let graph = Graph::new(sink.clone(), registry);
-        let nbd = NbdService::new(graph.clone(), sink.clone());
+        let exports = Exports::new(graph.clone(), sink.clone());
+        let nbd = NbdService::new(graph.clone(), &exports);
+        exports.register(ferrite_fuse::FuseExportType::new());
+        exports.register(ferrite_virtio_blk::VhostUserBlkExportType::new());
+        exports.register(ferrite_virtio_blk::VduseBlkExportType::new());
         let jobs = JobManager::new(sink);
         Rc::new(Daemon {
             events,
             chardevs,
             objects,
             graph,
+            exports,
             nbd,
             jobs,
             qom_root: root,
@@ -137,7 +144,8 @@ impl Daemon {
     /// The first part of shutting down, done before `quit` answers (QEMU announces the
     /// exports' end before the `quit` reply): exports closed, nodes flushed.
     pub(crate) async fn close_exports_and_flush(&self) {
-        self.nbd.close_all().await;
+        self.exports.close_all().await;
+        self.nbd.close().await;
         self.graph.flush_all().await;
         self.graph.close_all().await;
     }
@@ -254,10 +262,10 @@ impl Daemon {
             "nbd-server-stop" => nbd::qmp_nbd_server_stop(&self.nbd).await,
             "nbd-server-add" => nbd::qmp_nbd_server_add(&self.nbd, &args).await,
             "nbd-server-remove" => nbd::qmp_nbd_server_remove(&self.nbd, &args).await,
-            "block-export-add" => nbd::qmp_block_export_add(&self.nbd, &args).await,
+            "block-export-add" => export::qmp_block_export_add(&self.exports, &args).await,
             "blockdev-set-active" => done(blk::qmp_blockdev_set_active(&self.graph, &args).await),
-            "block-export-del" => nbd::qmp_block_export_del(&self.nbd, &args).await,
-            "query-block-exports" => Ok(nbd::qmp_query_block_exports(&self.nbd)),
+            "block-export-del" => export::qmp_block_export_del(&self.exports, &args).await,
+            "query-block-exports" => Ok(export::qmp_query_block_exports(&self.exports)),
             "chardev-add" => chr::qmp_chardev_add(&self.chardevs, &args),
             "chardev-change" => chr::qmp_chardev_change(&self.chardevs, &args),
             "chardev-remove" => chr::qmp_chardev_remove(&self.chardevs, &args),

@@ -52,6 +52,7 @@ macro_rules! cli_error_from {
 cli_error_from!(
     ferrite_block::Error,
     ferrite_nbd::Error,
+    ferrite_export::Error,
     ferrite_chardev::Error,
     ferrite_qom::Error
 );
@@ -188,7 +189,11 @@ pub(crate) async fn start(
             Checked::NbdServer(args) => {
                 daemon.nbd.start(&args, true).map_err(|e| located(opt, e))?
             }
-            Checked::Export(args) => daemon.nbd.add(&args).await.map_err(|e| located(opt, e))?,
+            Checked::Export(args) => daemon
+                .exports
+                .add(&args)
+                .await
+                .map_err(|e| located(opt, e))?,
             Checked::Pidfile(path) => pidfile = Some(path),
         }
     }

@@ -1,24 +1,22 @@
 //! Reuse of large request buffers. Large buffers come from mmap and go back to the system when
 //! freed (see the daemon's allocator set-up), which costs page faults on every request; the
 //! pool keeps a bounded number for reuse, so steady streaming reuses memory and memory use
-//! stays bounded when the stream stops.
+//! stays bounded when the stream stops. One pool serves every thread: a buffer filled on an
+//! export's own thread (FUSE, vhost-user) is often freed on the main thread.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 /// Buffers smaller than this are left to the allocator.
 pub const MIN_POOLED: usize = 64 << 10;
 /// Buffers kept at most.
 const MAX_POOLED: usize = 24;
 
-thread_local! {
-    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
+static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// A buffer of exactly `len` bytes, contents unspecified (callers overwrite it).
 pub fn take(len: usize) -> Vec<u8> {
     if len >= MIN_POOLED {
-        let reused = POOL.with(|p| {
-            let mut p = p.borrow_mut();
+        let reused = POOL.lock().ok().and_then(|mut p| {
             let i = p
                 .iter()
                 .position(|b| b.capacity() >= len && b.capacity() <= len * 2)?;
@@ -39,10 +37,9 @@ pub fn give(buf: Vec<u8>) {
     if buf.capacity() < MIN_POOLED {
         return;
     }
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
+    if let Ok(mut p) = POOL.lock() {
         if p.len() < MAX_POOLED {
             p.push(buf);
         }
-    });
+    }
 }

@@ -4,6 +4,7 @@
 use crate::{Client, args};
 use ferrite_block::testing::{CountingFactory, RecordedEvents};
 use ferrite_block::{Graph, Registry};
+use ferrite_export::Exports;
 use ferrite_nbd::NbdService;
 use std::cell::Cell;
 use std::rc::Rc;
@@ -28,17 +29,19 @@ async fn no_write_of_an_nbd_client_reaches_a_drained_node() {
                 ))
                 .await
                 .expect("add");
-            let nbd = NbdService::new(graph.clone(), events.clone());
+            let exports = Exports::new(graph.clone(), events.clone());
+            let nbd = NbdService::new(graph.clone(), &exports);
             nbd.start(
                 &args(&format!(r#"{{"addr":{{"type":"unix","path":"{sock}"}}}}"#)),
                 false,
             )
             .expect("server");
-            nbd.add(&args(
-                r#"{"type":"nbd","id":"e0","node-name":"n0","writable":true}"#,
-            ))
-            .await
-            .expect("export");
+            exports
+                .add(&args(
+                    r#"{"type":"nbd","id":"e0","node-name":"n0","writable":true}"#,
+                ))
+                .await
+                .expect("export");
 
             let answered = Rc::new(Cell::new(0u64));
             let a = answered.clone();

@@ -1,0 +1,254 @@
+//! The `vhost-user-blk` export type (QEMU: `vu_blk_exp_create`, `vhost_user_server_start`):
+//! a listening socket, one front end at a time (the next may connect once it left), and
+//! the requests of its queues answered on the main thread.
+
+mod backend;
+
+use crate::device::Device;
+use crate::request;
+use backend::{Backend, Job};
+use ferrite_block::BlockBackend;
+use ferrite_export::{ExportInstance, ExportSetup, ExportType, InFlight, LocalFut};
+use ferrite_qapi::{Args, Error, os_msg};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::task::JoinHandle;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// What `GET_ID` answers (QEMU's serial for this export).
+const SERIAL: &str = "vhost_user_blk";
+
+/// The `vhost-user-blk` export type.
+#[derive(Default)]
+pub struct VhostUserBlkExportType;
+
+impl VhostUserBlkExportType {
+    /// The type.
+    pub fn new() -> Rc<VhostUserBlkExportType> {
+        Rc::new(VhostUserBlkExportType)
+    }
+}
+
+/// The listening socket `addr` names: a unix socket bound here (an old socket file is
+/// replaced, as QEMU does), or an inherited one by number.
+fn listen(addr: &Args) -> Result<(UnixListener, Option<String>), Error> {
+    match addr.str("type")? {
+        "unix" => {
+            let path = addr.str("path")?;
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::generic(format!(
+                        "Failed to unlink socket {path}: {}",
+                        os_msg(&e)
+                    )));
+                }
+                _ => {}
+            }
+            let l = UnixListener::bind(path).map_err(|e| {
+                Error::generic(format!("Failed to bind socket to {path}: {}", os_msg(&e)))
+            })?;
+            Ok((l, Some(path.to_owned())))
+        }
+        "fd" => {
+            let name = addr.str("str")?;
+            let fd: i32 = name.parse().map_err(|_| {
+                Error::generic(format!("File descriptor named '{name}' has not been found"))
+            })?;
+            // SAFETY: fcntl(F_GETFD) only asks whether the number is an open descriptor.
+            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(Error::generic(format!(
+                    "File descriptor named '{name}' has not been found"
+                )));
+            }
+            // SAFETY: the descriptor is open and was handed to this process for the export,
+            // which from now on owns it.
+            Ok((unsafe { UnixListener::from_raw_fd(fd) }, None))
+        }
+        _ => Err(Error::generic(
+            "Only socket address types 'unix' and 'fd' are supported",
+        )),
+    }
+}
+
+/// Accepts front ends one after the other until told to stop; each connection gets a fresh
+/// `vhost-user-backend` daemon, so nothing of one front end's set-up reaches the next.
+fn accept_loop(
+    listener: UnixListener,
+    backend: Backend,
+    stop: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<ShutdownHandle>>>,
+) {
+    let mut listener = Listener::from(listener);
+    while !stop.load(Ordering::Acquire) {
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon =
+            match VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), memory) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "vhost-user-blk: cannot serve");
+                    return;
+                }
+            };
+        if daemon.start(&mut listener).is_err() {
+            // The socket was shut down: the export is ending.
+            return;
+        }
+        if let Ok(mut c) = current.lock() {
+            *c = daemon.shutdown_handle();
+        }
+        if stop.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+        }
+        if let Err(e) = daemon.wait() {
+            tracing::debug!(error = %e, "vhost-user-blk front end left");
+        }
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        if let Ok(mut c) = current.lock() {
+            *c = None;
+        }
+    }
+}
+
+/// Reads at least this long are copied into the guest's memory on the completing thread,
+/// beside the main thread, rather than on it.
+const COMPLETE_ASIDE: usize = 64 << 10;
+
+type Completion = (Job, Option<request::Outcome>);
+
+/// Answers the requests the back end hands over, many at a time.
+async fn serve(
+    blk: Rc<BlockBackend>,
+    device: Rc<Device>,
+    in_flight: Rc<InFlight>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
+    aside: std::sync::mpsc::Sender<Completion>,
+) {
+    while let Some(mut job) = jobs.recv().await {
+        let counted = in_flight.begin();
+        let (blk, device, aside) = (blk.clone(), device.clone(), aside.clone());
+        tokio::task::spawn_local(async move {
+            // A chain without its header or status byte is completed unanswered (QEMU
+            // drops it and leaves the driver waiting).
+            let outcome = match job.request.take() {
+                Some(r) => Some(request::process(&blk, &device, r).await),
+                None => None,
+            };
+            if outcome
+                .as_ref()
+                .is_some_and(|o| o.data.len() >= COMPLETE_ASIDE)
+            {
+                if let Err(back) = aside.send((job, outcome)) {
+                    let (job, outcome) = back.0;
+                    job.complete(outcome);
+                }
+            } else {
+                job.complete(outcome);
+            }
+            drop(counted);
+        });
+    }
+}
+
+/// Completes large reads off the main thread until the export ends.
+fn complete_aside(done: std::sync::mpsc::Receiver<Completion>) {
+    while let Ok((job, outcome)) = done.recv() {
+        job.complete(outcome);
+    }
+}
+
+impl ExportType for VhostUserBlkExportType {
+    fn name(&self) -> &'static str {
+        "vhost-user-blk"
+    }
+
+    fn create<'a>(
+        &'a self,
+        setup: ExportSetup<'a>,
+    ) -> LocalFut<'a, Result<Rc<dyn ExportInstance>, Error>> {
+        Box::pin(async move {
+            let device = Device::from_options(setup.opts, setup.writable, SERIAL)?;
+            let addr = setup
+                .opts
+                .dict("addr")
+                .ok_or_else(|| Error::generic("Parameter 'addr' is missing"))?;
+            let (listener, path) = listen(&addr)?;
+            let wake = OwnedFd::from(
+                listener
+                    .try_clone()
+                    .map_err(|e| Error::generic(os_msg(&e)))?,
+            );
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let backend = Backend::new(device.clone(), setup.blk.len(), tx);
+            let stop = Arc::new(AtomicBool::new(false));
+            let current = Arc::new(Mutex::new(None));
+            let (s, c) = (stop.clone(), current.clone());
+            std::thread::Builder::new()
+                .name("vhost-user-blk".into())
+                .spawn(move || accept_loop(listener, backend, s, c))
+                .map_err(|e| Error::generic(os_msg(&e)))?;
+            let (aside, done) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("vhost-user-blk-done".into())
+                .spawn(move || complete_aside(done))
+                .map_err(|e| Error::generic(os_msg(&e)))?;
+            let in_flight = Rc::new(InFlight::default());
+            let serving = tokio::task::spawn_local(serve(
+                setup.blk.clone(),
+                Rc::new(device),
+                in_flight.clone(),
+                rx,
+                aside,
+            ));
+            Ok(Rc::new(VhostUserBlkExport {
+                stop,
+                wake,
+                current,
+                serving,
+                in_flight,
+                path,
+            }) as Rc<dyn ExportInstance>)
+        })
+    }
+}
+
+/// A listening vhost-user-blk export.
+struct VhostUserBlkExport {
+    stop: Arc<AtomicBool>,
+    /// The listening socket, to wake the accepting thread with `shutdown`.
+    wake: OwnedFd,
+    /// The connected front end's connection, to end it.
+    current: Arc<Mutex<Option<ShutdownHandle>>>,
+    serving: JoinHandle<()>,
+    in_flight: Rc<InFlight>,
+    path: Option<String>,
+}
+
+impl ExportInstance for VhostUserBlkExport {
+    fn in_use(&self) -> bool {
+        // A connected front end does not hold the export (QEMU removes it in safe mode).
+        false
+    }
+
+    fn shut_down(&self) -> LocalFut<'_, ()> {
+        Box::pin(async move {
+            self.stop.store(true, Ordering::Release);
+            // SAFETY: shutdown on a descriptor this export owns; it wakes a blocked accept.
+            unsafe { libc::shutdown(self.wake.as_raw_fd(), libc::SHUT_RDWR) };
+            if let Some(h) = self.current.lock().ok().and_then(|mut c| c.take()) {
+                h.shutdown();
+            }
+            self.serving.abort();
+            self.in_flight.wait_idle().await;
+            if let Some(path) = &self.path {
+                let _ = std::fs::remove_file(path);
+            }
+        })
+    }
+}
