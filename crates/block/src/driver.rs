@@ -148,6 +148,12 @@ pub trait Driver: std::any::Any {
         None
     }
 
+    /// Whether the storage can say how much it occupies at all (QEMU answers ENOTSUP for
+    /// protocols without the figure, and queries leave `actual-size` out).
+    fn knows_allocated_size(&self) -> bool {
+        true
+    }
+
     /// `format-specific` in `ImageInfo`, if any.
     fn format_specific(&self) -> Option<QDict> {
         None

@@ -349,15 +349,22 @@ impl Node {
     }
 
     /// Bytes the node occupies on its storage: the driver's own figure, or what its data and
-    /// metadata children occupy, not its backing chain (QEMU: `bdrv_get_allocated_file_size`).
-    pub fn allocated_file_size(&self) -> u64 {
-        self.driver.actual_size(self).unwrap_or_else(|| {
+    /// metadata children occupy, not its backing chain (QEMU: `bdrv_get_allocated_file_size`);
+    /// `None` where the storage cannot say (a remote export).
+    pub fn allocated_file_size(&self) -> Option<u64> {
+        if let Some(n) = self.driver.actual_size(self) {
+            return Some(n);
+        }
+        if !self.driver.knows_allocated_size() {
+            return None;
+        }
+        Some(
             self.children()
                 .iter()
                 .filter(|c| c.name() != "backing" && c.name() != "target")
-                .map(|c| c.node().allocated_file_size())
-                .sum()
-        })
+                .filter_map(|c| c.node().allocated_file_size())
+                .sum(),
+        )
     }
 
     /// Request alignment in bytes.

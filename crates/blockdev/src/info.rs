@@ -37,7 +37,7 @@ pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
     if !flat && let Some(b) = node.child("backing") {
         d.insert("backing-image", image_info(&b, false));
     }
-    d.insert("actual-size", node.allocated_file_size());
+    d.insert_opt("actual-size", node.allocated_file_size());
     if let Some(fs) = node.driver().format_specific() {
         d.insert("format-specific", fs);
     }

@@ -147,8 +147,8 @@ impl FileState {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))?;
         let len = node.len();
         let allocated = match node.allocated_file_size() {
-            0 => len,
-            n => n,
+            None | Some(0) => len,
+            Some(n) => n,
         };
         let owner = *self.owner.borrow();
         let now = SystemTime::now();

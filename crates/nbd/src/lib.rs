@@ -4,6 +4,7 @@
 //!
 //! QEMU counterparts: `nbd/server.c`, `blockdev-nbd.c`, `block/export/`.
 
+pub mod client;
 mod error;
 mod export;
 mod handshake;

@@ -103,6 +103,7 @@ impl Daemon {
         let registry = ferrite_block::Registry::new();
         ferrite_drivers::register(&registry);
         ferrite_qcow2::register(&registry);
+        ferrite_nbd::client::register(&registry);
         let graph = Graph::new(sink.clone(), registry);
         let exports = Exports::new(graph.clone(), sink.clone());
         let nbd = NbdService::new(graph.clone(), &exports);

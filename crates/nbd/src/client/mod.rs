@@ -1,0 +1,476 @@
+//! The `nbd` block driver (QEMU: `block/nbd.c`, `nbd/client.c`): a node whose data is an
+//! export of an NBD server. `handshake.rs` negotiates, `session.rs` carries requests over
+//! one connection, and the driver here maps block requests to NBD commands and reconnects
+//! when the connection drops: within `reconnect-delay` requests wait and are sent again.
+
+mod handshake;
+mod session;
+
+use crate::proto::*;
+use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Registry};
+use ferrite_qapi::{Args, os_msg};
+use ferrite_qobject::QDict;
+use handshake::{HandshakeError, negotiate};
+use session::{Answer, Command, Failure, Session};
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Registers the `nbd` driver.
+pub fn register(registry: &Registry) {
+    registry.register(Rc::new(NbdClientFactory));
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone)]
+enum Server {
+    Unix(String),
+    Inet { host: String, port: String },
+}
+
+impl Server {
+    fn parse(opts: &Args) -> ferrite_block::Result<Server> {
+        let server = opts
+            .dict("server")
+            .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'server' is missing"))?;
+        let a = server;
+        match a.str("type")? {
+            "unix" => Ok(Server::Unix(a.str("path")?.to_owned())),
+            "inet" => Ok(Server::Inet {
+                host: a.str("host")?.to_owned(),
+                port: a.str("port")?.to_owned(),
+            }),
+            other => Err(ferrite_qapi::Error::generic(format!(
+                "NBD servers at '{other}' addresses are not supported by ferrite yet"
+            ))
+            .into()),
+        }
+    }
+
+    /// How QEMU names the address in errors.
+    fn describe(&self) -> String {
+        match self {
+            Server::Unix(path) => path.clone(),
+            Server::Inet { host, port } => format!("{host}:{port}"),
+        }
+    }
+
+    async fn connect(&self) -> io::Result<(session::Reader, session::Writer)> {
+        match self {
+            Server::Unix(path) => {
+                let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
+                Ok((Box::pin(r), Box::pin(w)))
+            }
+            Server::Inet { host, port } => {
+                let s = tokio::net::TcpStream::connect(format!("{host}:{port}")).await?;
+                let _ = s.set_nodelay(true);
+                let (r, w) = s.into_split();
+                Ok((Box::pin(r), Box::pin(w)))
+            }
+        }
+    }
+}
+
+/// Why a connection could not be made, in QEMU's words.
+fn connect_error(server: &Server, e: HandshakeError) -> ferrite_block::Error {
+    let text = match e {
+        HandshakeError::Io(e) => format!(
+            "Failed to connect to '{}': {}",
+            server.describe(),
+            os_msg(&e)
+        ),
+        HandshakeError::Refused(t) => t,
+    };
+    ferrite_qapi::Error::generic(text).into()
+}
+
+/// What the driver needs to (re)connect.
+struct Target {
+    server: Server,
+    export: String,
+    bitmap: Option<String>,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<Rc<Session>, HandshakeError> {
+        let (mut r, mut w) = self.server.connect().await?;
+        let info = negotiate(&mut r, &mut w, &self.export, self.bitmap.as_deref()).await?;
+        Ok(Session::new(info, r, w))
+    }
+}
+
+struct NbdClientFactory;
+
+impl DriverFactory for NbdClientFactory {
+    fn name(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Protocol
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let opts = ctx.opts();
+            let server = Server::parse(opts)?;
+            if let Some(id) = opts.opt_str("tls-creds") {
+                // ferrite has no TLS credential objects, so none by this id exists.
+                return Err(ferrite_qapi::Error::generic(format!(
+                    "No TLS credentials with id '{id}'"
+                ))
+                .into());
+            }
+            let target = Target {
+                server,
+                export: opts.opt_str("export").unwrap_or("").to_owned(),
+                bitmap: opts.opt_str("x-dirty-bitmap").map(str::to_owned),
+            };
+            let open_timeout = Duration::from_secs(opts.opt_u64("open-timeout").unwrap_or(0));
+            let deadline = Instant::now() + open_timeout;
+            let session = loop {
+                match target.connect().await {
+                    Ok(s) => break s,
+                    Err(HandshakeError::Io(_)) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(connect_error(&target.server, e)),
+                }
+            };
+            let read_only = session.info.flags & FLAG_READ_ONLY != 0;
+            if read_only && !ctx.settings().read_only {
+                if opts.bool_or("auto-read-only", false) {
+                    ctx.settings().read_only = true;
+                } else {
+                    return Err(ferrite_qapi::Error::generic("NBD export is read-only").into());
+                }
+            }
+            let mut strong = QDict::new();
+            for key in [
+                "server",
+                "export",
+                "tls-creds",
+                "tls-hostname",
+                "x-dirty-bitmap",
+            ] {
+                if let Some(v) = opts.get(key) {
+                    strong.insert(key, v.clone());
+                }
+            }
+            Ok(Box::new(NbdClient {
+                size: session.info.size,
+                target,
+                session: RefCell::new(Some(session)),
+                reconnect_delay: Duration::from_secs(opts.opt_u64("reconnect-delay").unwrap_or(0)),
+                lost_at: RefCell::new(None),
+                strong,
+            }) as Box<dyn Driver>)
+        })
+    }
+}
+
+/// An open `nbd` node.
+struct NbdClient {
+    target: Target,
+    size: u64,
+    session: RefCell<Option<Rc<Session>>>,
+    reconnect_delay: Duration,
+    /// When the connection was found lost (the reconnect window starts there).
+    lost_at: RefCell<Option<Instant>>,
+    strong: QDict,
+}
+
+impl NbdClient {
+    /// The session to send on: the current one, or a new connection. Within
+    /// `reconnect-delay` of losing the connection, waits for the server to come back.
+    async fn session(&self) -> io::Result<Rc<Session>> {
+        loop {
+            let current = self.session.borrow().clone();
+            if let Some(s) = current.filter(|s| s.is_alive()) {
+                return Ok(s);
+            }
+            let lost = *self.lost_at.borrow_mut().get_or_insert_with(Instant::now);
+            match self.target.connect().await {
+                Ok(s) => {
+                    tracing::info!(export = self.target.export, "NBD client reconnected");
+                    *self.session.borrow_mut() = Some(s.clone());
+                    *self.lost_at.borrow_mut() = None;
+                    return Ok(s);
+                }
+                Err(_) if lost.elapsed() < self.reconnect_delay => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(_) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            }
+        }
+    }
+
+    /// Sends `cmd`, again on a new connection if the connection fails and reconnecting is
+    /// allowed (QEMU's `nbd_co_request` loop).
+    async fn request(&self, cmd: Command, payload: &[u8]) -> io::Result<Answer> {
+        loop {
+            let s = self.session().await?;
+            match s.request(cmd, payload).await {
+                Ok(a) => return Ok(a),
+                Err(Failure::Server(e)) => return Err(e),
+                Err(Failure::Connection(e)) => {
+                    tracing::debug!(error = %e, "NBD client connection lost");
+                    if self.reconnect_delay.is_zero() {
+                        return Err(io::Error::from_raw_os_error(libc::EIO));
+                    }
+                }
+            }
+        }
+    }
+
+    fn flags(&self) -> u16 {
+        self.session.borrow().as_ref().map_or(0, |s| s.info.flags)
+    }
+
+    fn max_len(&self) -> u64 {
+        self.session
+            .borrow()
+            .as_ref()
+            .map_or(u64::from(MAX_BUFFER), |s| u64::from(s.info.max_block))
+    }
+
+    /// Splits `offset..offset + len` into requests the server takes.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let max = self.max_len().max(1);
+        let end = offset + len;
+        (0..)
+            .map(move |i| offset + i * max)
+            .take_while(move |&at| at < end)
+            .map(move |at| (at, max.min(end - at)))
+    }
+}
+
+fn cmd(ty: u16, flags: u16, offset: u64, len: u64) -> Command {
+    Command {
+        ty,
+        flags,
+        offset,
+        len,
+    }
+}
+
+impl Driver for NbdClient {
+    fn format_name(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn has_image_info(&self) -> bool {
+        false
+    }
+
+    fn knows_allocated_size(&self) -> bool {
+        false
+    }
+
+    fn len(&self, _node: &Node) -> u64 {
+        self.size
+    }
+
+    fn request_alignment(&self, _node: &Node) -> u64 {
+        self.session
+            .borrow()
+            .as_ref()
+            .map_or(1, |s| u64::from(s.info.min_block))
+    }
+
+    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move {
+            if (len as u64) <= self.max_len() {
+                return Ok(self
+                    .request(cmd(CMD_READ, 0, offset, len as u64), &[])
+                    .await?
+                    .data);
+            }
+            let mut out = Vec::with_capacity(len);
+            for (at, n) in self.pieces(offset, len as u64) {
+                let piece = self.request(cmd(CMD_READ, 0, at, n), &[]).await?.data;
+                out.extend_from_slice(&piece);
+                ferrite_block::io::pool::give(piece);
+            }
+            Ok(out)
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let fua = flags.contains(ReqFlags::FUA);
+            let native_fua = fua && self.flags() & FLAG_SEND_FUA != 0;
+            let f = if native_fua { CMD_FLAG_FUA } else { 0 };
+            for (at, n) in self.pieces(offset, data.len() as u64) {
+                let s = (at - offset) as usize;
+                self.request(cmd(CMD_WRITE, f, at, n), &data[s..s + n as usize])
+                    .await?;
+            }
+            ferrite_block::io::pool::give(data);
+            if fua && !native_fua {
+                self.flush_now().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let server = self.flags();
+            if server & FLAG_SEND_WRITE_ZEROES == 0 {
+                if flags.contains(ReqFlags::NO_FALLBACK) {
+                    return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+                }
+                for (at, n) in self.pieces(offset, len) {
+                    self.write(node, at, vec![0u8; n as usize], flags).await?;
+                }
+                return Ok(());
+            }
+            let mut f = 0;
+            if !flags.contains(ReqFlags::MAY_UNMAP) {
+                f |= CMD_FLAG_NO_HOLE;
+            }
+            if flags.contains(ReqFlags::NO_FALLBACK) {
+                if server & FLAG_SEND_FAST_ZERO == 0 {
+                    return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+                }
+                f |= CMD_FLAG_FAST_ZERO;
+            }
+            if flags.contains(ReqFlags::FUA) && server & FLAG_SEND_FUA != 0 {
+                f |= CMD_FLAG_FUA;
+            }
+            self.ranged(CMD_WRITE_ZEROES, f, offset, len).await
+        })
+    }
+
+    fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            if self.flags() & FLAG_SEND_TRIM == 0 {
+                return Ok(());
+            }
+            self.ranged(CMD_TRIM, 0, offset, len).await
+        })
+    }
+
+    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(self.flush_now())
+    }
+
+    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(async move {
+            let has_context = self
+                .session
+                .borrow()
+                .as_ref()
+                .is_some_and(|s| s.info.context.is_some());
+            if !has_context {
+                return Ok(Extent {
+                    len,
+                    data: true,
+                    zero: false,
+                    allocated: true,
+                });
+            }
+            let ask = len.min(self.max_unpayloaded());
+            let answer = self
+                .request(cmd(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, ask), &[])
+                .await?;
+            let Some((n, state)) = answer.extent.filter(|(n, _)| *n > 0) else {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            };
+            Ok(Extent {
+                len: n.min(len),
+                data: state & STATE_HOLE == 0,
+                zero: state & STATE_ZERO != 0,
+                allocated: true,
+            })
+        })
+    }
+
+    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            if size == self.size {
+                return Ok(());
+            }
+            Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+        })
+    }
+
+    fn plain_filename(&self) -> Option<String> {
+        let e = &self.target.export;
+        Some(match &self.target.server {
+            Server::Unix(path) => format!("nbd+unix:///{e}?socket={path}"),
+            Server::Inet { host, port } if e.is_empty() => format!("nbd://{host}:{port}"),
+            Server::Inet { host, port } => format!("nbd://{host}:{port}/{e}"),
+        })
+    }
+
+    fn strong_options(&self) -> QDict {
+        self.strong.clone()
+    }
+
+    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
+        Ok(())
+    }
+
+    fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let session = self.session.borrow_mut().take();
+            if let Some(s) = session {
+                s.disconnect().await;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl NbdClient {
+    /// The longest range a command without payload may name: the length field's limit
+    /// (32 bits, kept aligned, without extended headers).
+    fn max_unpayloaded(&self) -> u64 {
+        let extended = self
+            .session
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.info.framing == handshake::Framing::Extended);
+        if extended {
+            1 << 62
+        } else {
+            u64::from(u32::MAX) & !0xfff
+        }
+    }
+
+    /// A command on a range without payload (zeroing, trimming), in as many requests as its
+    /// length needs.
+    async fn ranged(&self, ty: u16, flags: u16, offset: u64, len: u64) -> io::Result<()> {
+        let max = self.max_unpayloaded();
+        let mut at = offset;
+        while at < offset + len {
+            let n = max.min(offset + len - at);
+            self.request(cmd(ty, flags, at, n), &[]).await?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    async fn flush_now(&self) -> io::Result<()> {
+        if self.flags() & FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        self.request(cmd(CMD_FLUSH, 0, 0, 0), &[]).await.map(|_| ())
+    }
+}

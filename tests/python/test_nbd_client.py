@@ -1,0 +1,267 @@
+"""The `nbd` block driver (an NBD client) against qemu-storage-daemon: the same node, refusals
+and data for an export of qemu-nbd; backups and mirrors to exports served by
+qemu-storage-daemon, nbdkit and ferrite itself (storage migration between machines); and a
+server killed and restarted in the middle of a backup with `reconnect-delay`."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from blockjobs import add, export, qcow2, run
+from conftest import assert_same_image, assert_same_transcript, recorder, wait_for
+
+MiB = 1 << 20
+
+
+def source_image(path, size="32M"):
+    qcow2(path, size)
+    run("qemu-io", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0xa5 9M 64k",
+        "-c", "write -z 12M 1M", "-c", "write -P 0x11 30M 2M", path)
+
+
+@pytest.fixture
+def qemu_nbd(tmp_path):
+    """Serves images with qemu-nbd on unix sockets; stops them at the end."""
+    procs = []
+
+    def serve(image, fmt="qcow2", name="", *extra):
+        sock = tmp_path / f"qemu-nbd{len(procs)}.sock"
+        p = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-f", fmt, "-x", name, "--shared=8",
+                              *extra, str(image)], stderr=subprocess.DEVNULL)
+        procs.append(p)
+        wait_for(lambda: sock.exists(), what="qemu-nbd socket")
+        return sock
+    yield serve
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def node_transcript(d, sock):
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    server = {"type": "unix", "path": str(sock)}
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "n", "server": server, "export": "img"})
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "n2", "server": server,
+                         "export": "nope"})
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "n3",
+                         "server": {"type": "unix", "path": "no-such.sock"}})
+    # QEMU says "Could not open image: Invalid argument"; ferrite names the bitmap.
+    r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": "n4", "server": server,
+                               "export": "img", "x-dirty-bitmap": "qemu:dirty-bitmap:none"})
+    out.append(("x-dirty-bitmap refused", r["error"]["class"]))
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "n5", "server": server, "export": "img",
+                         "tls-creds": "tls0"})
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "n6", "server": server})
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    for n in nodes:
+        n["image"]["filename"] = n["image"]["filename"].replace(str(sock), "SOCK")
+        n["file"] = n["file"].replace(str(sock), "SOCK")
+    out.append(("nodes", nodes))
+    cmd("x-debug-query-block-graph", {})
+    uri = export(c, d, "n", "n", True)
+    r = run("qemu-img", "map", "-f", "raw", "--output=json", uri)
+    out.append(("map", json.loads(r.stdout)))
+    r = run("qemu-io", "-f", "raw", "-c", "write -P 0x77 20M 1M", "-c", "write -z 1M 64k",
+            "-c", "discard 2M 64k", "-c", "flush", uri)
+    out.append(("io", r.returncode))
+    cmd("blockdev-del", {"node-name": "n"})
+    cmd("block-export-del", {"id": "n"})
+    c.wait_event("BLOCK_EXPORT_DELETED")
+    cmd("blockdev-del", {"node-name": "n"})
+    c.close()
+    return out
+
+
+def test_nbd_client_node_matches_qsd(both, qemu_nbd, tmp_path):
+    q, f = both()
+    expected, got = [], []
+    for d, out in ((q, expected), (f, got)):
+        img = d.workdir / "src.qcow2"
+        source_image(img)
+        out.extend(node_transcript(d, qemu_nbd(img, "qcow2", "img")))
+    assert_same_transcript(expected, got)
+    assert_same_image(q.workdir / "src.qcow2", f.workdir / "src.qcow2", "qcow2")
+
+
+def nbdkit_server(tmp_path, image, *extra):
+    sock = tmp_path / "nbdkit.sock"
+    p = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), *extra, "file", str(image)],
+                         stderr=subprocess.DEVNULL)
+    wait_for(lambda: sock.exists(), what="nbdkit socket")
+    return p, sock
+
+
+def target_server(kind, tmp_path, ferrite, qsd, size):
+    """A fresh empty target served over NBD by `kind`: (socket, export name, image, stop).
+    `nbdkit-simple` is nbdkit without structured replies (simple replies only)."""
+    if kind.startswith("nbdkit"):
+        img = tmp_path / "target.raw"
+        run("qemu-img", "create", "-q", "-f", "raw", img, size)
+        p, sock = nbdkit_server(tmp_path, img, *(["--no-sr"] if kind == "nbdkit-simple" else []))
+        return sock, "", img, "raw", lambda: (p.kill(), p.wait())
+    img = tmp_path / f"target-{kind}.qcow2"
+    qcow2(img, size)
+    d = (ferrite if kind == "ferrite" else qsd)()
+    c = d.connect()
+    add(c, "t", img)
+    uri = export(c, d, "t", "t", True)
+    sock = uri.split("socket=")[1]
+    return sock, "t", img, "qcow2", d.stop
+
+
+def run_job(c, start, args):
+    r = c.cmd(start, args)
+    assert r == {"return": {}}, r
+    ev = c.wait_event("BLOCK_JOB_COMPLETED", timeout=120)
+    assert "error" not in ev["data"], ev
+    return ev
+
+
+@pytest.mark.parametrize("server", ["qsd", "nbdkit", "nbdkit-simple", "ferrite"])
+def test_backup_to_a_remote_nbd_export(ferrite, qsd, tmp_path, server):
+    src = tmp_path / "src.qcow2"
+    source_image(src)
+    sock, name, target, fmt, stop = target_server(server, tmp_path, ferrite, qsd, "32M")
+    d = ferrite()
+    c = d.connect()
+    add(c, "src", src)
+    r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": "remote", "export": name,
+                               "server": {"type": "unix", "path": str(sock)}})
+    assert r == {"return": {}}, r
+    run_job(c, "blockdev-backup", {"job-id": "b", "device": "src", "target": "remote",
+                                   "sync": "full"})
+    # Read back through the client: every byte, and holes where the source has them.
+    uri = export(c, d, "remote", "remote", False)
+    r = run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", src, uri, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert c.cmd("block-export-del", {"id": "remote", "mode": "hard"}) == {"return": {}}
+    c.wait_event("BLOCK_EXPORT_DELETED")
+    assert c.cmd("blockdev-del", {"node-name": "remote"}) == {"return": {}}
+    c.close()
+    d.stop()
+    stop()
+    r = run("qemu-img", "compare", "-f", "qcow2", "-F", fmt, src, target, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_mirror_to_a_remote_nbd_export(ferrite, qsd, tmp_path):
+    src = tmp_path / "src.qcow2"
+    source_image(src)
+    sock, name, target, fmt, stop = target_server("qsd", tmp_path, ferrite, qsd, "32M")
+    d = ferrite()
+    c = d.connect()
+    add(c, "src", src)
+    r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": "remote", "export": name,
+                               "server": {"type": "unix", "path": str(sock)}})
+    assert r == {"return": {}}, r
+    # The guest's device: attached before the job, so the job's filter goes under it.
+    uri = export(c, d, "src", "src", True)
+    assert c.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "remote",
+                                     "sync": "full"}) == {"return": {}}
+    c.wait_event("BLOCK_JOB_READY", timeout=120)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x99 5M 2M", uri)
+    assert c.cmd("block-job-complete", {"device": "m"}) == {"return": {}}
+    ev = c.wait_event("BLOCK_JOB_COMPLETED", timeout=120)
+    assert "error" not in ev["data"], ev
+    c.close()
+    d.stop()
+    stop()
+    r = run("qemu-img", "compare", "-f", "qcow2", "-F", fmt, src, target, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_server_restarted_mid_backup_loses_nothing(ferrite, tmp_path):
+    """The target's server is killed while a backup writes to it and started again on the
+    same socket a second later: with `reconnect-delay` the requests wait and are sent again,
+    and the backup finishes with the whole image copied."""
+    src = tmp_path / "src.qcow2"
+    qcow2(src, "64M")
+    run("qemu-io", "-c", "write -P 0x3c 0 64M", src)
+    target = tmp_path / "target.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", target, "64M")
+    sock = tmp_path / "target.sock"
+
+    def serve():
+        p = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-f", "raw", "--shared=4",
+                              "--cache=writeback", str(target)], stderr=subprocess.DEVNULL)
+        wait_for(lambda: sock.exists(), what="qemu-nbd socket")
+        return p
+
+    server = serve()
+    d = ferrite()
+    c = d.connect()
+    add(c, "src", src)
+    r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": "remote", "reconnect-delay": 20,
+                               "server": {"type": "unix", "path": str(sock)}})
+    assert r == {"return": {}}, r
+    # 16 MiB/s: four seconds for the image, so the server dies in the middle of it.
+    assert c.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "remote",
+                                     "sync": "full", "speed": 16 * MiB}) == {"return": {}}
+    time.sleep(1.0)
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    os.unlink(sock)
+    time.sleep(1.0)
+    jobs = c.cmd("query-block-jobs")["return"]
+    assert jobs and jobs[0]["offset"] < 64 * MiB, jobs
+    server = serve()
+    ev = c.wait_event("BLOCK_JOB_COMPLETED", timeout=120)
+    assert "error" not in ev["data"], ev
+    assert c.cmd("blockdev-del", {"node-name": "remote"}) == {"return": {}}
+    c.close()
+    d.stop()
+    server.kill()
+    server.wait()
+    r = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, target, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_without_reconnect_delay_a_lost_server_fails_the_request(ferrite, tmp_path):
+    img = tmp_path / "t.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", img, "8M")
+    sock = tmp_path / "t.sock"
+    p = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-f", "raw", "--shared=4", str(img)],
+                         stderr=subprocess.DEVNULL)
+    wait_for(lambda: sock.exists(), what="qemu-nbd socket")
+    d = ferrite()
+    c = d.connect()
+    r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": "remote",
+                               "server": {"type": "unix", "path": str(sock)}})
+    assert r == {"return": {}}, r
+    uri = export(c, d, "remote", "remote", True)
+    assert "wrote" in run("qemu-io", "-f", "raw", "-c", "write 0 64k", uri).stdout
+    p.kill()
+    p.wait()
+    r = run("qemu-io", "-f", "raw", "-c", "write 0 64k", uri, check=False)
+    assert "Input/output error" in r.stdout + r.stderr, r.stdout + r.stderr
+    c.close()
+    d.stop()
+
+
+def test_open_timeout_waits_for_the_server(ferrite, tmp_path):
+    img = tmp_path / "t.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", img, "8M")
+    sock = tmp_path / "late.sock"
+    d = ferrite()
+    c = d.connect()
+    r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": "n0",
+                               "server": {"type": "unix", "path": str(sock)}})
+    assert r["error"]["desc"] == f"Failed to connect to '{sock}': No such file or directory"
+    late = subprocess.Popen(["sh", "-c", f"sleep 1; exec qemu-nbd -k {sock} -f raw {img}"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        started = time.monotonic()
+        r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": "n1", "open-timeout": 10,
+                                   "server": {"type": "unix", "path": str(sock)}})
+        assert r == {"return": {}}, r
+        assert time.monotonic() - started >= 0.5
+    finally:
+        late.kill()
+        late.wait()
+    c.close()
+    d.stop()
