@@ -6,7 +6,7 @@
 #
 #   fuzz/run.sh TARGET|all [SECONDS] [libFuzzer options...]
 #
-# TARGET: qmp_session, nbd_session, qcow2_image, command_line. SECONDS: per target (60).
+# TARGET: qmp_session, nbd_session, nbd_client, qcow2_image, command_line. SECONDS: per target (60).
 # Seeds come from fuzz/seeds/TARGET (written by fuzz/seeds.py) and fuzz/regressions/TARGET
 # (inputs that once found something, kept once fixed), both read only; new corpus entries,
 # crash and hang inputs go to fuzz/work/TARGET (FUZZ_WORK overrides fuzz/work). Exits
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TARGETS=(command_line qmp_session nbd_session qcow2_image)
+TARGETS=(command_line qmp_session nbd_session nbd_client qcow2_image)
 what=${1:?usage: fuzz/run.sh TARGET|all [SECONDS] [libFuzzer options...]}
 secs=${2:-60}
 shift $(( $# >= 2 ? 2 : 1 ))

@@ -265,6 +265,50 @@ def images():
         shutil.rmtree(tmp)
 
 
+# --- nbd_client: what a server says to ferrite's nbd driver -----------------------------
+
+REPLY_MAGIC = 0x3E889045565A9
+
+
+def orep(o, ty, data=b""):
+    return struct.pack(">QIII", REPLY_MAGIC, o, ty, len(data)) + data
+
+
+def chunk(cookie, ty, payload=b"", done=True, ext=False, off=0):
+    flags = 1 if done else 0
+    if ext:
+        return struct.pack(">IHHQQQ", 0x6E8A278C, flags, ty, cookie, off, len(payload)) + payload
+    return struct.pack(">IHHQI", 0x668E33EF, flags, ty, cookie, len(payload)) + payload
+
+
+def server(framing):
+    """A server's side of a session with the driver's requests in order: read, block
+    status, write, zeroes, trim, flush, a 1 MiB read."""
+    size, tflags = 1 << 20, 1 | 4 | 8 | 32 | 64
+    out = struct.pack(">QQH", 0x4E42444D41474943, IHAVEOPT, 3 if framing != "unfixed" else 0)
+    if framing == "unfixed":
+        return out + struct.pack(">QH", size, tflags) + b"\0" * 124 + b"".join(
+            struct.pack(">IIQ", 0x67446698, 0, c) + (b"\x11" * 4096 if c == 1 else b"")
+            for c in range(1, 8))
+    ext = framing == "extended"
+    out += orep(11, 1) if ext else orep(11, (1 << 31) + 1) + orep(8, 1)
+    ctx = b"base:allocation"
+    out += orep(10, 4, struct.pack(">I", 1) + ctx) + orep(10, 1)
+    out += orep(7, 3, struct.pack(">HQH", 0, size, tflags))
+    out += orep(7, 3, struct.pack(">HIII", 3, 1, 4096, 32 << 20)) + orep(7, 1)
+    out += chunk(1, 1, struct.pack(">Q", 0) + b"\x22" * 4096, ext=ext)
+    if ext:
+        out += chunk(2, 6, struct.pack(">IIQQ", 1, 1, size, 3), ext=True)
+    else:
+        out += chunk(2, 5, struct.pack(">III", 1, size, 3))
+    for cookie in (3, 4, 5, 6):
+        out += chunk(cookie, 0, ext=ext)
+    out += chunk(7, 2, struct.pack(">QI", 0, 1 << 19), done=False, ext=ext)
+    out += chunk(7, 1, struct.pack(">Q", 1 << 19) + b"\x33" * 64, done=False, ext=ext)
+    out += chunk(7, 32769, struct.pack(">IH", 5, 4) + b"oops", ext=ext)
+    return out
+
+
 def main():
     shutil.rmtree(SEEDS, ignore_errors=True)
     for name, argv in COMMAND_LINES.items():
@@ -273,6 +317,8 @@ def main():
         put("qmp_session", name, text)
     for name, data in NBD_SESSIONS.items():
         put("nbd_session", name, data)
+    for framing in ("structured", "extended", "unfixed"):
+        put("nbd_client", framing, server(framing))
     images()
 
 

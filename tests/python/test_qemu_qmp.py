@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
+from conftest import connect_unix
+
 
 def run(coro):
     return asyncio.run(coro)
@@ -38,6 +40,8 @@ def test_qmpclient_session(ferrite):
 
 def test_qmpclient_many_sessions_in_turn(ferrite):
     d = ferrite()
+    # The socket file appears at bind, a moment before listen: wait until it listens.
+    connect_unix(d.sock).close()
 
     async def one(i):
         qmp = QMPClient(f"c{i}")

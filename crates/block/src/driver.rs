@@ -123,6 +123,12 @@ pub trait Driver: std::any::Any {
         None
     }
 
+    /// Whether the plain file name is one of the node's options, so that `json:` names
+    /// carry it (a file's path; not `null-co://` or an NBD URI, which only describe).
+    fn filename_is_option(&self) -> bool {
+        true
+    }
+
     /// For a filter (a node that shows its child's data unchanged, doing something on the
     /// way), the edge of the child it filters: `file` for most, `backing` for a mirror's
     /// `mirror_top`. Other nodes have none.
@@ -303,6 +309,13 @@ pub trait Driver: std::any::Any {
     fn has_image_info(&self) -> bool {
         true
     }
+
+    /// The node is drained (the first drained section began): requests the driver holds
+    /// back itself must go now (QEMU's `bdrv_drain_begin`: the throttle filter).
+    fn drained_begin(&self) {}
+
+    /// The last drained section of the node ended.
+    fn drained_end(&self) {}
 
     /// Alignment every request must respect, in bytes.
     fn request_alignment(&self, _node: &Node) -> u64 {

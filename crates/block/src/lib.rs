@@ -28,6 +28,7 @@ mod request;
 pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod throttle;
 pub mod units;
 
 pub use backend::{BackendOwner, BlockBackend, IoStatus, Medium, OnError};

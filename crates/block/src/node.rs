@@ -190,7 +190,11 @@ impl Node {
         for (k, v) in self.driver.strong_options().iter() {
             d.insert(k, v.clone());
         }
-        if let Some(f) = self.driver.plain_filename() {
+        if let Some(f) = self
+            .driver
+            .plain_filename()
+            .filter(|_| self.driver.filename_is_option())
+        {
             d.insert("filename", f);
         }
         let overridden = self.backing_overridden();
@@ -411,6 +415,7 @@ impl Node {
         let q = self.quiesce.get();
         self.quiesce.set(q + 1);
         if q == 0 {
+            self.driver.drained_begin();
             for u in self.users() {
                 if !u.quiesced_parent.get() {
                     u.parent_drained_begin();
@@ -424,6 +429,7 @@ impl Node {
         let q = self.quiesce.get().saturating_sub(1);
         self.quiesce.set(q);
         if q == 0 {
+            self.driver.drained_end();
             for u in self.users() {
                 u.parent_drained_end();
             }

@@ -34,6 +34,9 @@ pub(crate) enum Error {
     /// A `compress` filter over a format that cannot store compressed clusters.
     #[error("Compression is not supported for underlying format: {0}")]
     CannotCompress(String),
+    /// A throttle filter naming a group that does not exist.
+    #[error("Throttle group '{0}' does not exist")]
+    NoThrottleGroup(String),
     /// A copy-on-read `bottom` that names no node.
     #[error("Bottom node '{0}' not found")]
     BottomNotFound(String),

@@ -14,8 +14,10 @@ mod error;
 mod file;
 mod lock;
 mod null;
+mod preallocate;
 mod raw;
 mod snapshot_access;
+mod throttle;
 
 use ferrite_block::Registry;
 use std::rc::Rc;
@@ -31,4 +33,6 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(cbw::CbwFactory::new()));
     registry.register(Rc::new(snapshot_access::SnapshotAccessFactory));
     registry.register(Rc::new(cor::CorFactory));
+    registry.register(Rc::new(throttle::ThrottleFactory));
+    registry.register(Rc::new(preallocate::PreallocateFactory));
 }

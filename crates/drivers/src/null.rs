@@ -152,6 +152,10 @@ impl Driver for NullDriver {
         self.options.clone()
     }
 
+    fn filename_is_option(&self) -> bool {
+        false
+    }
+
     /// Without options that change what it reads, QEMU names it `null-co://`.
     fn plain_filename(&self) -> Option<String> {
         self.options

@@ -177,6 +177,56 @@ pub fn nbd_session(input: &[u8]) {
     });
 }
 
+/// An NBD server that answers the `nbd` driver with `input` (its handshake and replies,
+/// whatever the client asked) and then hangs up: a node is opened on it and read, written,
+/// zeroed, trimmed, flushed and asked for block status through it.
+pub fn nbd_client(input: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fresh_dir();
+    let input = input.to_vec();
+    run(|| async move {
+        let daemon = Daemon::new();
+        let Ok(listener) = tokio::net::UnixListener::bind("server.sock") else {
+            return;
+        };
+        tokio::task::spawn_local(async move {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let (mut r, mut w) = s.into_split();
+            tokio::task::spawn_local(async move {
+                let mut sink = vec![0u8; 1 << 16];
+                while r.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            });
+            let _ = w.write_all(&input).await;
+            let _ = w.shutdown().await;
+        });
+        let add = r#"{"driver": "nbd", "node-name": "c", "export": "e",
+            "server": {"type": "unix", "path": "server.sock"}}"#;
+        let Ok(node) = daemon.graph.blockdev_add(&args(add)).await else {
+            return;
+        };
+        let perm = ferrite_block::Perm::CONSISTENT_READ | ferrite_block::Perm::WRITE;
+        let Ok(blk) = ferrite_block::BlockBackend::new(&daemon.graph, &node, perm, perm) else {
+            return;
+        };
+        let len = blk.len();
+        let at = |n: u64| if len == 0 { 0 } else { n % len };
+        let flags = ferrite_block::ReqFlags::empty();
+        let _ = blk.read(at(0), 4096.min(len as usize)).await;
+        let _ = blk.block_status(at(0), len.clamp(1, 1 << 20)).await;
+        let _ = blk
+            .write(at(4096), vec![0x5a; 512.min(len as usize)], flags)
+            .await;
+        let _ = blk.write_zeroes(at(8192), 4096.min(len), flags).await;
+        let _ = blk.discard(at(0), 4096.min(len)).await;
+        let _ = blk.flush().await;
+        let _ = blk.read(at(1 << 20), (1 << 20).min(len as usize)).await;
+        blk.remove();
+        daemon.close_exports_and_flush().await;
+    });
+}
+
 /// `input` as a qcow2 image file, opened read-write and used
 /// ([`ferrite_qcow2::testing::exercise`]). Beside it are 1 MiB files `base.raw` and
 /// `data.raw`, which images may name as their backing or external data file.

@@ -10,6 +10,7 @@ mod daemon;
 pub mod fuzzing;
 mod logging;
 mod process;
+mod throttle_groups;
 mod wiring;
 
 use cli::parse::{CliOption, parse_args};

@@ -49,9 +49,16 @@ pub struct Graph {
     blockers: RefCell<Vec<(String, String)>>,
     /// Every `BlockBackend`, in creation order.
     backends: RefCell<Vec<Weak<BlockBackend>>>,
+    /// The throttle groups throttle filters have joined.
+    throttle_groups: crate::throttle::ThrottleGroups,
 }
 
 impl Graph {
+    /// The throttle groups throttle filters join.
+    pub fn throttle_groups(&self) -> &crate::throttle::ThrottleGroups {
+        &self.throttle_groups
+    }
+
     /// An empty graph whose nodes open with the drivers of `registry`.
     pub fn new(events: Rc<dyn EventSink>, registry: Rc<Registry>) -> Rc<Graph> {
         Rc::new_cyclic(|me| Graph {
@@ -66,6 +73,7 @@ impl Graph {
             registry,
             blockers: RefCell::new(Vec::new()),
             backends: RefCell::new(Vec::new()),
+            throttle_groups: Default::default(),
         })
     }
 

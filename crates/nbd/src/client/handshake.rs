@@ -8,6 +8,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The option reply magic.
 const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// The largest minimum block size a server may ask for.
+const MAX_MIN_BLOCK: u32 = 64 << 10;
 /// Holes are all-zero for `base:allocation`.
 const BASE_ALLOCATION: &str = "base:allocation";
 
@@ -192,8 +194,19 @@ where
                     flags = u16::from_be_bytes([d[10], d[11]]);
                 }
                 INFO_BLOCK_SIZE if d.len() >= 14 => {
-                    min = u32::from_be_bytes(d[2..6].try_into().unwrap_or_default()).max(1);
+                    min = u32::from_be_bytes(d[2..6].try_into().unwrap_or_default());
                     max = u32::from_be_bytes(d[10..14].try_into().unwrap_or_default());
+                    // QEMU's checks: a power of two up to 64 KiB, and a maximum that is a
+                    // multiple of it.
+                    if !min.is_power_of_two() || min > MAX_MIN_BLOCK {
+                        return refused(format!("server minimum block size {min} is not valid"));
+                    }
+                    if max < min || max % min != 0 {
+                        return refused(format!(
+                            "server maximum block size {max} is not a multiple of the \
+                             minimum {min}"
+                        ));
+                    }
                 }
                 _ => {}
             },
@@ -201,7 +214,9 @@ where
                 let Some(size) = size else {
                     return refused("Server did not send export size");
                 };
-                return Ok(Some((size, flags, min, max.clamp(min, MAX_BUFFER))));
+                // Requests are split at 32 MiB whatever the server takes.
+                let max = max.min(MAX_BUFFER / min * min);
+                return Ok(Some((size, flags, min, max)));
             }
             REP_ERR_UNSUP => return Ok(None),
             ty if ty & (1 << 31) != 0 => return refused(option_error("NBD_OPT_GO", &reply)),

@@ -410,6 +410,10 @@ impl Driver for NbdClient {
         })
     }
 
+    fn filename_is_option(&self) -> bool {
+        false
+    }
+
     fn plain_filename(&self) -> Option<String> {
         let e = &self.target.export;
         Some(match &self.target.server {
