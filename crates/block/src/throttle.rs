@@ -458,4 +458,30 @@ mod tests {
             })
             .await;
     }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_drained_member_lets_its_queued_requests_go() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let g = groups(bps(100.0, 0.0, 1.0));
+                let m = Rc::new(g.join("tg").expect("group"));
+                // The first request fills the bucket; the next would wait about ten seconds.
+                m.intercept(Direction::Write, 1000).await;
+                let waiting = {
+                    let m = m.clone();
+                    tokio::task::spawn_local(async move { m.intercept(Direction::Write, 10).await })
+                };
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished());
+                let start = Instant::now();
+                m.drained_begin();
+                waiting.await.expect("task");
+                // Requests during the drain pass at once too.
+                m.intercept(Direction::Write, 1000).await;
+                assert!(start.elapsed() < Duration::from_millis(1));
+                m.drained_end();
+            })
+            .await;
+    }
 }
