@@ -61,6 +61,26 @@ pub struct Extent {
     pub allocated: bool,
 }
 
+/// Zeroes written as data, a megabyte at a time, for drivers with no zeroing of their own
+/// (QEMU's fallback in `bdrv_co_do_pwrite_zeroes`): `write(at, zeroes)` writes each piece.
+///
+/// # Errors
+/// The first write that fails.
+pub async fn write_zeroes_as_data<F, Fut>(offset: u64, len: u64, mut write: F) -> io::Result<()>
+where
+    F: FnMut(u64, Vec<u8>) -> Fut,
+    Fut: Future<Output = io::Result<()>>,
+{
+    const PIECE: u64 = 1 << 20;
+    let mut at = offset;
+    while at < offset + len {
+        let n = PIECE.min(offset + len - at);
+        write(at, vec![0u8; n as usize]).await?;
+        at += n;
+    }
+    Ok(())
+}
+
 /// A driver instance (the state of one open node).
 pub trait Driver: std::any::Any {
     /// The driver name (`file`, `raw`, `null-co`).
@@ -121,6 +141,11 @@ pub trait Driver: std::any::Any {
     /// their child's when they pass it through unchanged, or a `json:` description.
     fn plain_filename(&self) -> Option<String> {
         None
+    }
+
+    /// Whether the node's data is encrypted (queries say `encrypted`).
+    fn is_encrypted(&self) -> bool {
+        false
     }
 
     /// Whether the plain file name is one of the node's options, so that `json:` names

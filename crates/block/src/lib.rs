@@ -25,6 +25,7 @@ mod open;
 mod perm;
 mod registry;
 mod request;
+pub mod secrets;
 pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

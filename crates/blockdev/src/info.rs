@@ -44,6 +44,9 @@ pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
     if node.driver().has_image_info() {
         d.insert("dirty-flag", false);
     }
+    if node.driver().is_encrypted() {
+        d.insert("encrypted", true);
+    }
     d
 }
 
@@ -64,7 +67,7 @@ pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
         .with("drv", node.driver_name())
         .with("backing_file_depth", depth)
         .with("active", node.is_active())
-        .with("encrypted", false)
+        .with("encrypted", node.driver().is_encrypted())
         .with("detect_zeroes", node.detect_zeroes().as_str());
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
         d.insert(k, 0i64);

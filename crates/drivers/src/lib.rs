@@ -7,12 +7,14 @@
 //! QEMU counterparts: `block/file-posix.c`, `block/raw-format.c`, `block/null.c`,
 //! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
 
+mod blkverify;
 pub mod cbw;
 mod compress;
 pub mod cor;
 mod error;
 mod file;
 mod lock;
+mod luks;
 mod null;
 mod preallocate;
 mod raw;
@@ -35,4 +37,6 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(cor::CorFactory));
     registry.register(Rc::new(throttle::ThrottleFactory));
     registry.register(Rc::new(preallocate::PreallocateFactory));
+    registry.register(Rc::new(luks::LuksFactory));
+    registry.register(Rc::new(blkverify::BlkverifyFactory));
 }

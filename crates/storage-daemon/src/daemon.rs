@@ -105,7 +105,7 @@ impl Daemon {
         ferrite_qcow2::register(&registry);
         ferrite_nbd::client::register(&registry);
         let graph = Graph::new(sink.clone(), registry);
-        crate::throttle_groups::link(&graph, &objects);
+        crate::object_links::link(&graph, &objects);
         let exports = Exports::new(graph.clone(), sink.clone());
         let nbd = NbdService::new(graph.clone(), &exports);
         exports.register(ferrite_fuse::FuseExportType::new());

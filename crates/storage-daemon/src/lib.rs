@@ -9,8 +9,8 @@ mod cli;
 mod daemon;
 pub mod fuzzing;
 mod logging;
+mod object_links;
 mod process;
-mod throttle_groups;
 mod wiring;
 
 use cli::parse::{CliOption, parse_args};

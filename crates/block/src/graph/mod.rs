@@ -51,9 +51,16 @@ pub struct Graph {
     backends: RefCell<Vec<Weak<BlockBackend>>>,
     /// The throttle groups throttle filters have joined.
     throttle_groups: crate::throttle::ThrottleGroups,
+    /// The secrets drivers take by id.
+    secrets: crate::secrets::Secrets,
 }
 
 impl Graph {
+    /// The secrets drivers take by id (`key-secret`).
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        &self.secrets
+    }
+
     /// The throttle groups throttle filters join.
     pub fn throttle_groups(&self) -> &crate::throttle::ThrottleGroups {
         &self.throttle_groups
@@ -74,6 +81,7 @@ impl Graph {
             blockers: RefCell::new(Vec::new()),
             backends: RefCell::new(Vec::new()),
             throttle_groups: Default::default(),
+            secrets: Default::default(),
         })
     }
 

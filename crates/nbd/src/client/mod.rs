@@ -335,10 +335,10 @@ impl Driver for NbdClient {
                 if flags.contains(ReqFlags::NO_FALLBACK) {
                     return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
                 }
-                for (at, n) in self.pieces(offset, len) {
-                    self.write(node, at, vec![0u8; n as usize], flags).await?;
-                }
-                return Ok(());
+                return ferrite_block::driver::write_zeroes_as_data(offset, len, |at, zeroes| {
+                    self.write(node, at, zeroes, flags)
+                })
+                .await;
             }
             let mut f = 0;
             if !flags.contains(ReqFlags::MAY_UNMAP) {

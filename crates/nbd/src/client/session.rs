@@ -271,7 +271,8 @@ async fn read_one<R: AsyncRead + Unpin>(
             let at = r.read_u64().await?;
             let n = (len - 8) as usize;
             let start = at.checked_sub(cmd.offset).map(|s| s as usize);
-            match start.filter(|s| s + n <= answer.data.len()) {
+            let fits = |s: &usize| s.checked_add(n).is_some_and(|e| e <= answer.data.len());
+            match start.filter(fits) {
                 Some(s) => r.read_exact(&mut answer.data[s..s + n]).await?,
                 None => {
                     return Err(protocol_error(
@@ -284,7 +285,8 @@ async fn read_one<R: AsyncRead + Unpin>(
             let at = r.read_u64().await?;
             let n = r.read_u32().await? as usize;
             let start = at.checked_sub(cmd.offset).map(|s| s as usize);
-            match start.filter(|s| s + n <= answer.data.len()) {
+            let fits = |s: &usize| s.checked_add(n).is_some_and(|e| e <= answer.data.len());
+            match start.filter(fits) {
                 // The buffer starts zeroed; a hole leaves it so.
                 Some(_) => {}
                 None => {

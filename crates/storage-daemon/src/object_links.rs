@@ -1,9 +1,9 @@
-//! The link between `throttle-group` objects and the block layer's throttle groups: a
-//! throttle filter finds its group's limits through the object, and holding the object
-//! keeps `object-del` from removing a group in use (QEMU's text).
+//! What block drivers take from the program's objects: throttle filters find their
+//! `throttle-group` (holding the object keeps `object-del` from removing a group in use, as
+//! QEMU refuses it), and drivers with a `key-secret` its `secret`.
 
 use ferrite_block::throttle::{BucketKind, BucketLimits, LimitsSource, ThrottleLimits};
-use ferrite_qom::{ObjectRegistry, ThrottleGroup, UserObject};
+use ferrite_qom::{ObjectRegistry, Secret, ThrottleGroup, UserObject};
 use std::rc::{Rc, Weak};
 
 /// A `throttle-group` object as the block layer's source of limits.
@@ -38,12 +38,18 @@ impl LimitsSource for GroupObject {
     }
 }
 
-/// Lets throttle filters of `graph` find the `throttle-group` objects of `objects`.
+/// Lets the drivers of `graph` find the `throttle-group` and `secret` objects of `objects`.
 pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
-    let objects: Weak<ObjectRegistry> = Rc::downgrade(objects);
+    let groups: Weak<ObjectRegistry> = Rc::downgrade(objects);
     graph.throttle_groups().set_lookup(Rc::new(move |id: &str| {
-        let obj = objects.upgrade()?.get(id)?;
+        let obj = groups.upgrade()?.get(id)?;
         obj.as_any().downcast_ref::<ThrottleGroup>()?;
         Some(Rc::new(GroupObject(obj)) as Rc<dyn LimitsSource>)
+    }));
+    let secrets: Weak<ObjectRegistry> = Rc::downgrade(objects);
+    graph.secrets().set_lookup(Rc::new(move |id: &str| {
+        let obj = secrets.upgrade()?.get(id)?;
+        let secret = obj.as_any().downcast_ref::<Secret>()?;
+        Some(secret.value().to_vec())
     }));
 }

@@ -1,0 +1,40 @@
+//! Block encryption as QEMU does it (QEMU: `crypto/block-luks.c`, `crypto/afsplit.c`,
+//! `crypto/cipher*.c`): LUKS1 volumes, whose header names the cipher, the hash and up to
+//! eight key slots, each holding the master key split by the anti-forensic splitter and
+//! encrypted with a key derived from a password by PBKDF2.
+//!
+//! Only well-kept cryptography crates do the work (RustCrypto's `aes`, `xts-mode`,
+//! `pbkdf2`, `hmac`, `sha1`, `sha2`); this crate arranges them as LUKS does.
+//!
+//! - `luks.rs`: the header, unlocking a key slot, the master key check;
+//! - `af.rs`: the anti-forensic merge;
+//! - `cipher.rs`: the sector cipher (AES in XTS mode with `plain64` or `plain` IVs);
+//! - `hash.rs`: the hash algorithms a header may name.
+
+mod af;
+mod cipher;
+mod hash;
+mod luks;
+
+pub use cipher::{SECTOR, SectorCipher};
+pub use luks::{CreateOptions, HEADER_LEN, Header, KeySlot, LuksVolume, NewVolume};
+
+/// Why a volume cannot be opened, in QEMU's words where it has them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No LUKS magic.
+    #[error("Volume is not in LUKS format")]
+    NotLuks,
+    /// A LUKS version other than 1.
+    #[error("Unsupported LUKS version {0}")]
+    Version(u16),
+    /// A cipher, mode or hash ferrite cannot use.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A header field out of range.
+    #[error("LUKS header is damaged: {0}")]
+    Damaged(String),
+    /// No key slot opens with the password.
+    #[error("Invalid password, cannot unlock any keyslot")]
+    InvalidPassword,
+}

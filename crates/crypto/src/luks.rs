@@ -1,0 +1,396 @@
+//! LUKS1 volumes: the header (592 bytes, big-endian), unlocking a key slot with a password,
+//! and the master key check.
+
+use crate::cipher::{SECTOR, SectorCipher};
+use crate::hash::Hash;
+use crate::{Error, af};
+
+const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
+/// Bytes of the header proper.
+pub const HEADER_LEN: usize = 592;
+const SLOTS: usize = 8;
+const SLOT_ACTIVE: u32 = 0x00AC_71F3;
+const SLOT_INACTIVE: u32 = 0x0000_DEAD;
+const DIGEST_LEN: usize = 20;
+
+/// One key slot.
+#[derive(Debug, Clone)]
+pub struct KeySlot {
+    /// Whether the slot holds the master key.
+    pub active: bool,
+    /// PBKDF2 iterations of the slot's key.
+    pub iterations: u32,
+    salt: [u8; 32],
+    /// Where the slot's key material starts, in bytes.
+    pub key_offset: u64,
+    /// Anti-forensic stripes.
+    pub stripes: u32,
+}
+
+/// A LUKS1 header.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// `cipher-name` (`aes`).
+    pub cipher: String,
+    /// `cipher-mode` (`xts-plain64`).
+    pub mode: String,
+    /// `hash-spec` (`sha256`).
+    pub hash: String,
+    /// Where the encrypted data starts, in bytes.
+    pub payload_offset: u64,
+    /// Bytes of the master key.
+    pub key_bytes: usize,
+    mk_digest: [u8; DIGEST_LEN],
+    mk_salt: [u8; 32],
+    /// PBKDF2 iterations of the master key digest.
+    pub mk_iterations: u32,
+    /// The volume's UUID.
+    pub uuid: String,
+    /// The eight key slots.
+    pub slots: Vec<KeySlot>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn text(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+impl Header {
+    /// Parses the first [`HEADER_LEN`] bytes of a volume, with the checks that keep what
+    /// follows in bounds.
+    ///
+    /// # Errors
+    /// Not LUKS, another version, or fields out of range.
+    pub fn parse(b: &[u8]) -> Result<Header, Error> {
+        if b.len() < HEADER_LEN || &b[..6] != MAGIC {
+            return Err(Error::NotLuks);
+        }
+        let version = u16::from_be_bytes([b[6], b[7]]);
+        if version != 1 {
+            return Err(Error::Version(version));
+        }
+        let key_bytes = be32(b, 108) as usize;
+        if !(16..=64).contains(&key_bytes) {
+            return Err(Error::Damaged(format!("master key of {key_bytes} bytes")));
+        }
+        let mut slots = Vec::with_capacity(SLOTS);
+        for i in 0..SLOTS {
+            let s = 208 + i * 48;
+            let mut salt = [0u8; 32];
+            salt.copy_from_slice(&b[s + 8..s + 40]);
+            let stripes = be32(b, s + 44);
+            let active = be32(b, s) == SLOT_ACTIVE;
+            if active && !(1..=4000 * 16).contains(&stripes) {
+                return Err(Error::Damaged(format!(
+                    "key slot {i} with {stripes} stripes"
+                )));
+            }
+            slots.push(KeySlot {
+                active,
+                iterations: be32(b, s + 4),
+                salt,
+                key_offset: u64::from(be32(b, s + 40)) * SECTOR as u64,
+                stripes,
+            });
+        }
+        let mut mk_digest = [0u8; DIGEST_LEN];
+        mk_digest.copy_from_slice(&b[112..132]);
+        let mut mk_salt = [0u8; 32];
+        mk_salt.copy_from_slice(&b[132..164]);
+        Ok(Header {
+            cipher: text(&b[8..40]),
+            mode: text(&b[40..72]),
+            hash: text(&b[72..104]),
+            payload_offset: u64::from(be32(b, 104)) * SECTOR as u64,
+            key_bytes,
+            mk_digest,
+            mk_salt,
+            mk_iterations: be32(b, 164),
+            uuid: text(&b[168..208]),
+            slots,
+        })
+    }
+
+    /// Bytes of a slot's key material.
+    fn material_len(&self, slot: &KeySlot) -> usize {
+        (self.key_bytes * slot.stripes as usize).next_multiple_of(SECTOR)
+    }
+
+    /// The master key in `slot`, if `password` opens it.
+    fn try_slot(
+        &self,
+        hash: Hash,
+        area: &[u8],
+        slot: &KeySlot,
+        password: &[u8],
+    ) -> Option<Vec<u8>> {
+        let start = usize::try_from(slot.key_offset).ok()?;
+        let len = self.material_len(slot);
+        let mut material = area.get(start..start.checked_add(len)?)?.to_vec();
+        let mut key = vec![0u8; self.key_bytes];
+        hash.pbkdf2(password, &slot.salt, slot.iterations, &mut key);
+        SectorCipher::new(&self.cipher, &self.mode, &key)
+            .ok()?
+            .decrypt(&mut material, 0);
+        let master = af::merge(hash, &material, self.key_bytes, slot.stripes as usize);
+        let mut digest = [0u8; DIGEST_LEN];
+        hash.pbkdf2(&master, &self.mk_salt, self.mk_iterations, &mut digest);
+        (digest == self.mk_digest).then_some(master)
+    }
+}
+
+/// An unlocked volume: its header and the cipher of its data.
+#[derive(Debug)]
+pub struct LuksVolume {
+    /// The header.
+    pub header: Header,
+    /// The data's cipher, sector 0 the first of the payload.
+    pub cipher: SectorCipher,
+}
+
+impl LuksVolume {
+    /// Unlocks the volume whose first `payload_offset` bytes are `area` (header and key
+    /// material) with `password`, trying the active slots in order. Deriving keys takes as
+    /// long as the volume's iteration counts say (a second or more): call it off the main
+    /// thread.
+    ///
+    /// # Errors
+    /// As [`Header::parse`]; an unsupported cipher or hash; no slot opening.
+    pub fn unlock(area: &[u8], password: &[u8]) -> Result<LuksVolume, Error> {
+        let header = Header::parse(area)?;
+        let hash = Hash::parse(&header.hash)?;
+        // A cipher ferrite cannot use is said before any password is tried.
+        SectorCipher::new(&header.cipher, &header.mode, &vec![0u8; header.key_bytes])?;
+        for slot in header.slots.iter().filter(|s| s.active) {
+            if let Some(master) = header.try_slot(hash, area, slot, password) {
+                let cipher = SectorCipher::new(&header.cipher, &header.mode, &master)?;
+                return Ok(LuksVolume { header, cipher });
+            }
+        }
+        Err(Error::InvalidPassword)
+    }
+}
+
+/// How a new volume is made (QEMU's `QCryptoBlockCreateOptionsLUKS`).
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// `aes-128` or `aes-256`.
+    pub cipher_alg: String,
+    /// `xts`.
+    pub cipher_mode: String,
+    /// `plain64` or `plain`.
+    pub ivgen_alg: String,
+    /// `sha1`, `sha256` or `sha512`.
+    pub hash_alg: String,
+    /// Milliseconds of PBKDF2 a key check should take.
+    pub iter_time: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            cipher_alg: "aes-256".into(),
+            cipher_mode: "xts".into(),
+            ivgen_alg: "plain64".into(),
+            hash_alg: "sha256".into(),
+            iter_time: 2000,
+        }
+    }
+}
+
+/// A new volume's header area: the header at 0 and slot 0's key material, to be written
+/// before the payload (which starts at `payload_offset`).
+#[derive(Debug)]
+pub struct NewVolume {
+    /// The header (at offset 0).
+    pub header: Vec<u8>,
+    /// Slot 0's encrypted key material and where it goes.
+    pub material: (u64, Vec<u8>),
+    /// Where the payload starts.
+    pub payload_offset: u64,
+}
+
+const STRIPES: u32 = 4000;
+const MIN_ITERATIONS: u64 = 1000;
+const ALIGN: u64 = 4096;
+
+/// Bytes from the kernel's random source.
+fn random(n: usize) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        // SAFETY: the kernel writes at most `n - got` bytes into the buffer's unfilled end.
+        let r = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), n - got, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Unsupported(format!("no random numbers: {e}")));
+        }
+        got += r as usize;
+    }
+    Ok(buf)
+}
+
+/// PBKDF2 iterations that take about `ms` milliseconds with `hash` (QEMU calibrates the
+/// same way: time a run, scale it).
+fn iterations_for(hash: Hash, key_len: usize, ms: u64) -> u64 {
+    let mut rounds = 1u32 << 12;
+    loop {
+        let start = std::time::Instant::now();
+        let mut out = vec![0u8; key_len];
+        hash.pbkdf2(b"calibration", &[0u8; 32], rounds, &mut out);
+        let took = start.elapsed();
+        if took >= std::time::Duration::from_millis(50) || rounds >= 1 << 30 {
+            let per_ms = u64::from(rounds) * 1000 / took.as_micros().max(1) as u64;
+            return per_ms.saturating_mul(ms);
+        }
+        rounds *= 2;
+    }
+}
+
+fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+impl LuksVolume {
+    /// Makes a new volume's header and slot 0 for `password` (QEMU's layout: slots at
+    /// 4 KiB-aligned offsets from 4 KiB, the payload after all eight). Calibrating and
+    /// deriving keys take about `iter_time` each: call it off the main thread.
+    ///
+    /// # Errors
+    /// Options ferrite does not support.
+    pub fn create(password: &[u8], o: &CreateOptions) -> Result<NewVolume, Error> {
+        let key_bytes = match o.cipher_alg.as_str() {
+            "aes-128" => 32,
+            "aes-256" => 64,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "Cipher algorithm '{other}' is not supported by ferrite for LUKS"
+                )));
+            }
+        };
+        if o.cipher_mode != "xts" || !matches!(o.ivgen_alg.as_str(), "plain64" | "plain") {
+            return Err(Error::Unsupported(format!(
+                "Cipher mode '{}' with IV generator '{}' is not supported by ferrite for LUKS",
+                o.cipher_mode, o.ivgen_alg
+            )));
+        }
+        let hash = Hash::parse(&o.hash_alg)?;
+        let mode = format!("xts-{}", o.ivgen_alg);
+        let master = random(key_bytes)?;
+        let mk_salt = random(32)?;
+        let per_iter_time = iterations_for(hash, DIGEST_LEN, o.iter_time);
+        let mk_iterations = (per_iter_time / 8).clamp(MIN_ITERATIONS, u64::from(u32::MAX)) as u32;
+        let mut mk_digest = [0u8; DIGEST_LEN];
+        hash.pbkdf2(&master, &mk_salt, mk_iterations, &mut mk_digest);
+
+        let material_len = (key_bytes * STRIPES as usize) as u64;
+        let slot_span = material_len.next_multiple_of(ALIGN);
+        let first_slot = ALIGN;
+        let payload_offset = first_slot + 8 * slot_span;
+
+        // Slot 0: the master key split, encrypted with a key from the password.
+        let slot_iterations = iterations_for(hash, key_bytes, o.iter_time)
+            .clamp(MIN_ITERATIONS, u64::from(u32::MAX)) as u32;
+        let slot_salt = random(32)?;
+        let mut slot_key = vec![0u8; key_bytes];
+        hash.pbkdf2(password, &slot_salt, slot_iterations, &mut slot_key);
+        let split_random = random(key_bytes * (STRIPES as usize - 1))?;
+        let mut material = af::split(hash, &master, STRIPES as usize, &split_random);
+        material.resize((material_len as usize).next_multiple_of(SECTOR), 0);
+        SectorCipher::new("aes", &mode, &slot_key)?.encrypt(&mut material, 0);
+
+        let mut h = vec![0u8; HEADER_LEN];
+        put(&mut h, 0, MAGIC);
+        put(&mut h, 6, &1u16.to_be_bytes());
+        put(&mut h, 8, b"aes");
+        put(&mut h, 40, mode.as_bytes());
+        put(&mut h, 72, o.hash_alg.as_bytes());
+        put(
+            &mut h,
+            104,
+            &((payload_offset / SECTOR as u64) as u32).to_be_bytes(),
+        );
+        put(&mut h, 108, &(key_bytes as u32).to_be_bytes());
+        put(&mut h, 112, &mk_digest);
+        put(&mut h, 132, &mk_salt);
+        put(&mut h, 164, &mk_iterations.to_be_bytes());
+        let u = random(16)?;
+        let uuid = format!(
+            "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-4{:01x}{:02x}-{:02x}{:02x}-{}",
+            u[0],
+            u[1],
+            u[2],
+            u[3],
+            u[4],
+            u[5],
+            u[6] & 0xf,
+            u[7],
+            (u[8] & 0x3f) | 0x80,
+            u[9],
+            u[10..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        put(&mut h, 168, uuid.as_bytes());
+        for i in 0..8u64 {
+            let s = 208 + i as usize * 48;
+            let offset = first_slot + i * slot_span;
+            if i == 0 {
+                put(&mut h, s, &SLOT_ACTIVE.to_be_bytes());
+                put(&mut h, s + 4, &slot_iterations.to_be_bytes());
+                put(&mut h, s + 8, &slot_salt);
+            } else {
+                put(&mut h, s, &SLOT_INACTIVE.to_be_bytes());
+            }
+            put(
+                &mut h,
+                s + 40,
+                &((offset / SECTOR as u64) as u32).to_be_bytes(),
+            );
+            put(&mut h, s + 44, &STRIPES.to_be_bytes());
+        }
+        Ok(NewVolume {
+            header: h,
+            material: (first_slot, material),
+            payload_offset,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_volume_unlocks_with_its_password_only() {
+        let o = CreateOptions {
+            iter_time: 1,
+            ..CreateOptions::default()
+        };
+        let v = LuksVolume::create(b"secret", &o).expect("create");
+        let mut area = vec![0u8; v.payload_offset as usize];
+        area[..HEADER_LEN].copy_from_slice(&v.header);
+        let (at, m) = &v.material;
+        area[*at as usize..*at as usize + m.len()].copy_from_slice(m);
+        let vol = LuksVolume::unlock(&area, b"secret").expect("unlock");
+        assert_eq!(vol.header.payload_offset, 2068480);
+        assert_eq!(vol.header.slots[1].key_offset, 262144);
+        assert!(matches!(
+            LuksVolume::unlock(&area, b"wrong"),
+            Err(Error::InvalidPassword)
+        ));
+        let mut data = vec![7u8; 1024];
+        vol.cipher.encrypt(&mut data, 5);
+        assert_ne!(data, vec![7u8; 1024]);
+        vol.cipher.decrypt(&mut data, 5);
+        assert_eq!(data, vec![7u8; 1024]);
+    }
+}

@@ -1,0 +1,295 @@
+//! `luks`: a LUKS1 volume as a node (QEMU: block/crypto.c over crypto/block-luks.c). The
+//! header and key slots come first in the file; the node's bytes are the payload after
+//! them, each 512-byte sector encrypted with the master key (the first payload sector is
+//! sector 0). The password is a `secret` object named by `key-secret`.
+
+use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::{
+    BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx, Perm,
+};
+use ferrite_crypto::{CreateOptions, HEADER_LEN, LuksVolume, SECTOR};
+use ferrite_qapi::Args;
+use ferrite_qobject::{QDict, QObject};
+use std::io;
+use std::rc::Rc;
+
+/// The most header and key material ferrite reads to unlock a volume.
+const MAX_HEADER_AREA: u64 = 64 << 20;
+
+/// The `luks` driver's factory.
+pub(crate) struct LuksFactory;
+
+fn generic(text: impl Into<String>) -> ferrite_block::Error {
+    ferrite_qapi::Error::generic(text).into()
+}
+
+impl DriverFactory for LuksFactory {
+    fn name(&self) -> &'static str {
+        "luks"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+
+    fn probe(&self, head: &[u8]) -> bool {
+        head.starts_with(b"LUKS\xba\xbe")
+    }
+
+    fn can_create(&self) -> bool {
+        true
+    }
+
+    fn create<'a>(&'a self, graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
+        Box::pin(create(graph, opts))
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let file = ctx.open_child("file").await?;
+            let opts = ctx.opts();
+            if opts.has("header") {
+                return Err(generic(
+                    "detached LUKS headers are not supported by ferrite yet",
+                ));
+            }
+            let Some(secret_id) = opts.opt_str("key-secret") else {
+                return Err(generic("Parameter 'key-secret' is required for cipher"));
+            };
+            let password = ctx.graph().secrets().get(secret_id)?;
+            let not_luks = || generic(ferrite_crypto::Error::NotLuks.to_string());
+            if file.len() < HEADER_LEN as u64 {
+                return Err(not_luks());
+            }
+            let head = file.read(0, HEADER_LEN).await.map_err(|_| not_luks())?;
+            let header =
+                ferrite_crypto::Header::parse(&head).map_err(|e| generic(e.to_string()))?;
+            let area_len = header.payload_offset;
+            if area_len < HEADER_LEN as u64 || area_len > MAX_HEADER_AREA.min(file.len()) {
+                return Err(generic(format!(
+                    "LUKS payload offset {area_len} is beyond the volume"
+                )));
+            }
+            let area = file
+                .read(0, area_len as usize)
+                .await
+                .map_err(|e| generic(format!("Could not read LUKS header: {e}")))?;
+            // Deriving the keys takes as long as the volume says (seconds): off the main
+            // thread.
+            let volume = tokio::task::spawn_blocking(move || LuksVolume::unlock(&area, &password))
+                .await
+                .map_err(|_| generic("unlocking the LUKS volume failed"))?
+                .map_err(|e| generic(e.to_string()))?;
+            Ok(Box::new(Luks {
+                payload: volume.header.payload_offset,
+                volume,
+                file,
+                key_secret: secret_id.to_owned(),
+            }) as Box<dyn Driver>)
+        })
+    }
+}
+
+/// `blockdev-create` of a LUKS volume: the header and key slot 0 written at the start of
+/// the file, which is then sized to hold `size` bytes of payload.
+async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
+    if opts.has("header") {
+        return Err(generic(
+            "detached LUKS headers are not supported by ferrite yet",
+        ));
+    }
+    let size = u64::try_from(opts.i64("size")?).map_err(|_| generic("Invalid size"))?;
+    let Some(secret_id) = opts.opt_str("key-secret") else {
+        return Err(generic("Parameter 'key-secret' is required for cipher"));
+    };
+    let password = graph.secrets().get(secret_id)?;
+    let d = CreateOptions::default();
+    let o = CreateOptions {
+        cipher_alg: opts
+            .opt_str("cipher-alg")
+            .unwrap_or(&d.cipher_alg)
+            .to_owned(),
+        cipher_mode: opts
+            .opt_str("cipher-mode")
+            .unwrap_or(&d.cipher_mode)
+            .to_owned(),
+        ivgen_alg: opts.opt_str("ivgen-alg").unwrap_or(&d.ivgen_alg).to_owned(),
+        hash_alg: opts.opt_str("hash-alg").unwrap_or(&d.hash_alg).to_owned(),
+        iter_time: opts.opt_u64("iter-time").unwrap_or(d.iter_time),
+    };
+    let file = match opts.get("file") {
+        Some(QObject::String(name)) => graph.lookup(name)?,
+        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
+        _ => return Err(generic("Parameter 'file' is missing")),
+    };
+    let hold = BlockBackend::new(graph, &file, Perm::WRITE | Perm::RESIZE, Perm::all())?;
+    // Calibrating and deriving keys take the iteration time: off the main thread.
+    let volume = tokio::task::spawn_blocking(move || LuksVolume::create(&password, &o))
+        .await
+        .map_err(|_| generic("creating the LUKS volume failed"))?
+        .map_err(|e| generic(e.to_string()))?;
+    let io = |e: io::Error| generic(format!("Could not write LUKS header: {e}"));
+    hold.truncate(0).await.map_err(io)?;
+    hold.truncate(volume.payload_offset + size)
+        .await
+        .map_err(io)?;
+    hold.write(0, volume.header, ReqFlags::empty())
+        .await
+        .map_err(io)?;
+    let (at, material) = volume.material;
+    hold.write(at, material, ReqFlags::empty())
+        .await
+        .map_err(io)?;
+    hold.flush().await.map_err(io)?;
+    hold.remove();
+    Ok(())
+}
+
+struct Luks {
+    file: Rc<Child>,
+    volume: LuksVolume,
+    /// Where the payload starts in the file.
+    payload: u64,
+    key_secret: String,
+}
+
+impl Luks {
+    fn sector(offset: u64) -> u64 {
+        offset / SECTOR as u64
+    }
+
+    async fn write_encrypted(
+        &self,
+        offset: u64,
+        mut data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        self.volume.cipher.encrypt(&mut data, Self::sector(offset));
+        self.file.write(self.payload + offset, data, flags).await
+    }
+}
+
+impl Driver for Luks {
+    fn format_name(&self) -> &'static str {
+        "luks"
+    }
+
+    fn len(&self, _node: &Node) -> u64 {
+        self.file.len().saturating_sub(self.payload)
+    }
+
+    fn request_alignment(&self, _node: &Node) -> u64 {
+        SECTOR as u64
+    }
+
+    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move {
+            let mut data = self.file.read(self.payload + offset, len).await?;
+            self.volume.cipher.decrypt(&mut data, Self::sector(offset));
+            Ok(data)
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(self.write_encrypted(offset, data, flags))
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            // Encrypted zeroes are not zeroes on disk: they are written like data.
+            if flags.contains(ReqFlags::NO_FALLBACK) {
+                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+            }
+            let flags = flags - ReqFlags::MAY_UNMAP;
+            ferrite_block::driver::write_zeroes_as_data(offset, len, |at, zeroes| {
+                self.write_encrypted(at, zeroes, flags)
+            })
+            .await
+        })
+    }
+
+    fn discard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BoxFut<'a, ()> {
+        // What a discarded sector would read as is not zeroes once decrypted: QEMU's crypto
+        // driver does not pass discards on either.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(self.file.flush())
+    }
+
+    fn block_status<'a>(&'a self, _node: &'a Node, _offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(async move {
+            Ok(Extent {
+                len,
+                data: true,
+                zero: false,
+                allocated: true,
+            })
+        })
+    }
+
+    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        Box::pin(self.file.truncate(self.payload + size))
+    }
+
+    fn is_encrypted(&self) -> bool {
+        true
+    }
+
+    fn format_specific(&self) -> Option<QDict> {
+        let h = &self.volume.header;
+        let bits = h.key_bytes * 8 / 2;
+        let slots: Vec<QObject> = h
+            .slots
+            .iter()
+            .map(|s| {
+                let mut d = QDict::new().with("active", s.active);
+                if s.active {
+                    d.insert("iters", u64::from(s.iterations));
+                }
+                d.insert("key-offset", s.key_offset);
+                if s.active {
+                    d.insert("stripes", u64::from(s.stripes));
+                }
+                QObject::Dict(d)
+            })
+            .collect();
+        let (mode, ivgen) = h.mode.split_once('-').unwrap_or((h.mode.as_str(), ""));
+        let data = QDict::new()
+            .with("ivgen-alg", ivgen)
+            .with("detached-header", false)
+            .with("hash-alg", h.hash.as_str())
+            .with("cipher-alg", format!("{}-{bits}", h.cipher))
+            .with("uuid", h.uuid.as_str())
+            .with("cipher-mode", mode)
+            .with("slots", slots)
+            .with("payload-offset", h.payload_offset)
+            .with("master-key-iters", u64::from(h.mk_iterations));
+        Some(QDict::new().with("type", "luks").with("data", data))
+    }
+
+    fn strong_options(&self) -> QDict {
+        QDict::new().with("key-secret", self.key_secret.as_str())
+    }
+
+    fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
+        ferrite_block::driver::check_unchanged(
+            opts,
+            &Args::new(node.options()),
+            &[("key-secret", QObject::Null)],
+        )
+    }
+}
