@@ -54,11 +54,14 @@ def transcript(d, img):
     uri = export(c, d, "l", "l", True)
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x5c 1M 64k",
                         "-c", "write -P 0x77 3M 100k", "-c", "write -z 5M 64k",
-                        "-c", "read -P 0 5M 64k", uri], capture_output=True, text=True)
+                        "-c", "read -P 0 5M 64k", "-c", "write -P 0x21 6292456 3000",
+                        "-c", "read -P 0x21 6292456 3000", "-c", "read -P 0 6291456 1000",
+                        uri], capture_output=True, text=True)
     out.append(("io", [ln for ln in r.stdout.splitlines() if " ops; " not in ln]))
     c.close()
     d.stop()
-    out.append(("qemu-io", qemu_io(img, "read -P 0x77 3M 100k", "read -P 0 5M 64k")))
+    out.append(("qemu-io", qemu_io(img, "read -P 0x77 3M 100k", "read -P 0 5M 64k",
+                                   "read -P 0x21 6292456 3000")))
     return out
 
 

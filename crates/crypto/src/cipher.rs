@@ -72,9 +72,10 @@ impl SectorCipher {
         }
     }
 
-    /// Decrypts `data` (whole sectors) whose first sector is number `first`.
+    /// Decrypts `data` (whole sectors; a partial sector at the end is left as it is)
+    /// whose first sector is number `first`.
     pub fn decrypt(&self, data: &mut [u8], first: u64) {
-        for (i, s) in data.chunks_mut(SECTOR).enumerate() {
+        for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
             let tweak = xts_mode::get_tweak_default(self.tweak(first + i as u64));
             match &self.xts {
                 Xts::Aes128(x) => x.decrypt_sector(s, tweak),
@@ -83,9 +84,10 @@ impl SectorCipher {
         }
     }
 
-    /// Encrypts `data` (whole sectors) whose first sector is number `first`.
+    /// Encrypts `data` (whole sectors; a partial sector at the end is left as it is)
+    /// whose first sector is number `first`.
     pub fn encrypt(&self, data: &mut [u8], first: u64) {
-        for (i, s) in data.chunks_mut(SECTOR).enumerate() {
+        for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
             let tweak = xts_mode::get_tweak_default(self.tweak(first + i as u64));
             match &self.xts {
                 Xts::Aes128(x) => x.encrypt_sector(s, tweak),

@@ -4,6 +4,7 @@
 //! sector 0). The password is a `secret` object named by `key-secret`.
 
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::units::UnitLocks;
 use ferrite_block::{
     BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx, Perm,
 };
@@ -85,6 +86,7 @@ impl DriverFactory for LuksFactory {
                 volume,
                 file,
                 key_secret: secret_id.to_owned(),
+                sectors: UnitLocks::default(),
             }) as Box<dyn Driver>)
         })
     }
@@ -151,21 +153,48 @@ struct Luks {
     /// Where the payload starts in the file.
     payload: u64,
     key_secret: String,
+    /// Sectors a write is changing: a partial-sector write reads, patches and rewrites its
+    /// sectors, which no other write may change meanwhile.
+    sectors: UnitLocks,
 }
 
+const S: u64 = SECTOR as u64;
+
 impl Luks {
-    fn sector(offset: u64) -> u64 {
-        offset / SECTOR as u64
+    /// The whole sectors around `offset..offset + len`.
+    fn around(offset: u64, len: u64) -> (u64, u64) {
+        (offset / S * S, (offset + len).next_multiple_of(S))
     }
 
-    async fn write_encrypted(
-        &self,
-        offset: u64,
-        mut data: Vec<u8>,
-        flags: ReqFlags,
-    ) -> io::Result<()> {
-        self.volume.cipher.encrypt(&mut data, Self::sector(offset));
-        self.file.write(self.payload + offset, data, flags).await
+    /// Decrypted whole sectors `start..end` of the payload.
+    async fn read_sectors(&self, start: u64, end: u64) -> io::Result<Vec<u8>> {
+        let mut data = self
+            .file
+            .read(self.payload + start, (end - start) as usize)
+            .await?;
+        self.volume.cipher.decrypt(&mut data, start / S);
+        Ok(data)
+    }
+
+    /// Writes `data` at `offset`: whole sectors are encrypted and written; a request that
+    /// starts or ends inside a sector patches the decrypted sectors around it first.
+    async fn write_encrypted(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> io::Result<()> {
+        let len = data.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let (start, end) = Self::around(offset, len);
+        let _held = self.sectors.claim(start / S, end / S).await;
+        let mut whole = if start == offset && end == offset + len {
+            data
+        } else {
+            let mut around = self.read_sectors(start, end).await?;
+            let at = (offset - start) as usize;
+            around[at..at + data.len()].copy_from_slice(&data);
+            around
+        };
+        self.volume.cipher.encrypt(&mut whole, start / S);
+        self.file.write(self.payload + start, whole, flags).await
     }
 }
 
@@ -184,9 +213,13 @@ impl Driver for Luks {
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
         Box::pin(async move {
-            let mut data = self.file.read(self.payload + offset, len).await?;
-            self.volume.cipher.decrypt(&mut data, Self::sector(offset));
-            Ok(data)
+            let (start, end) = Self::around(offset, len as u64);
+            let data = self.read_sectors(start, end).await?;
+            if start == offset && data.len() == len {
+                return Ok(data);
+            }
+            let at = (offset - start) as usize;
+            Ok(data[at..at + len].to_vec())
         })
     }
 
