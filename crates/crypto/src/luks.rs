@@ -4,6 +4,7 @@
 use crate::cipher::{SECTOR, SectorCipher};
 use crate::hash::Hash;
 use crate::{Error, af};
+use ferrite_qobject::{QDict, QObject};
 
 const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 /// Bytes of the header proper.
@@ -113,6 +114,40 @@ impl Header {
             uuid: text(&b[168..208]),
             slots,
         })
+    }
+
+    /// What queries say of the volume (QEMU's `QCryptoBlockInfoLUKS`).
+    pub fn info(&self) -> QDict {
+        let bits = self.key_bytes * 8 / 2;
+        let slots: Vec<QObject> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let mut d = QDict::new().with("active", s.active);
+                if s.active {
+                    d.insert("iters", u64::from(s.iterations));
+                }
+                d.insert("key-offset", s.key_offset);
+                if s.active {
+                    d.insert("stripes", u64::from(s.stripes));
+                }
+                QObject::Dict(d)
+            })
+            .collect();
+        let (mode, ivgen) = self
+            .mode
+            .split_once('-')
+            .unwrap_or((self.mode.as_str(), ""));
+        QDict::new()
+            .with("ivgen-alg", ivgen)
+            .with("detached-header", false)
+            .with("hash-alg", self.hash.as_str())
+            .with("cipher-alg", format!("{}-{bits}", self.cipher))
+            .with("uuid", self.uuid.as_str())
+            .with("cipher-mode", mode)
+            .with("slots", slots)
+            .with("payload-offset", self.payload_offset)
+            .with("master-key-iters", u64::from(self.mk_iterations))
     }
 
     /// Bytes of a slot's key material.

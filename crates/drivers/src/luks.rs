@@ -283,35 +283,11 @@ impl Driver for Luks {
     }
 
     fn format_specific(&self) -> Option<QDict> {
-        let h = &self.volume.header;
-        let bits = h.key_bytes * 8 / 2;
-        let slots: Vec<QObject> = h
-            .slots
-            .iter()
-            .map(|s| {
-                let mut d = QDict::new().with("active", s.active);
-                if s.active {
-                    d.insert("iters", u64::from(s.iterations));
-                }
-                d.insert("key-offset", s.key_offset);
-                if s.active {
-                    d.insert("stripes", u64::from(s.stripes));
-                }
-                QObject::Dict(d)
-            })
-            .collect();
-        let (mode, ivgen) = h.mode.split_once('-').unwrap_or((h.mode.as_str(), ""));
-        let data = QDict::new()
-            .with("ivgen-alg", ivgen)
-            .with("detached-header", false)
-            .with("hash-alg", h.hash.as_str())
-            .with("cipher-alg", format!("{}-{bits}", h.cipher))
-            .with("uuid", h.uuid.as_str())
-            .with("cipher-mode", mode)
-            .with("slots", slots)
-            .with("payload-offset", h.payload_offset)
-            .with("master-key-iters", u64::from(h.mk_iterations));
-        Some(QDict::new().with("type", "luks").with("data", data))
+        Some(
+            QDict::new()
+                .with("type", "luks")
+                .with("data", self.volume.header.info()),
+        )
     }
 
     fn strong_options(&self) -> QDict {

@@ -187,6 +187,10 @@ impl Driver for Qcow2Driver {
         self.format_specific_info()
     }
 
+    fn is_encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
     }
@@ -259,7 +263,14 @@ impl Driver for Qcow2Driver {
     }
 
     fn is_passthrough(&self) -> bool {
-        true
+        // The secret that unlocks an encrypted image makes it more than its file.
+        self.key_secret.is_none()
+    }
+
+    fn strong_options(&self) -> QDict {
+        let mut d = QDict::new();
+        d.insert_opt("encrypt.key-secret", self.key_secret.as_deref());
+        d
     }
 
     fn backing_filename(&self) -> Option<(String, Option<String>)> {
@@ -299,6 +310,10 @@ impl Driver for Qcow2Driver {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.alive()?;
+            if self.crypto.is_some() {
+                // QEMU: compression and encryption do not mix.
+                return Err(std::io::Error::from_raw_os_error(libc::ENOTSUP));
+            }
             let file = Self::file(node)?;
             let r = self.write_compressed_impl(node, &file, offset, &data).await;
             self.check(node, &file, r).await

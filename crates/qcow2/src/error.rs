@@ -85,8 +85,11 @@ pub(crate) enum Error {
     UpdateBitmapDirectory(io::Error),
     #[error("Could not update qcow2 header: {}", os_msg(.0))]
     UpdateHeader(io::Error),
-    #[error("Encrypted qcow2 images are not supported by ferrite")]
-    Encrypted,
+    #[error(
+        "Encrypted qcow2 images with AES encryption, extended L2 entries or an external data \
+         file are not supported by ferrite"
+    )]
+    EncryptedLayout,
     #[error("Parameter 'encrypt.key-secret' is required for cipher")]
     KeySecretRequired,
     #[error("Unsupported encryption method {0}")]

@@ -42,8 +42,15 @@ impl DriverFactory for Qcow2Factory {
             let opts = ctx.opts();
             let read_only = ctx.settings().read_only;
             let file = ctx.open_child("file").await?;
-            let opening = Qcow2Driver::begin_open(opts, &file, read_only).await?;
+            let mut opening = Qcow2Driver::begin_open(opts, &file, read_only).await?;
             open_data_file(ctx, opening.data_file(), read_only).await?;
+            // The password of an encrypted image, from its `secret` object.
+            if let Some(id) = opts
+                .dict("encrypt")
+                .and_then(|e| e.opt_str("key-secret").map(str::to_owned))
+            {
+                opening.set_password(ctx.graph().secrets().get(&id)?);
+            }
             let drv = opening
                 .finish(opts, &file, corruption_event(ctx.events()))
                 .await?;

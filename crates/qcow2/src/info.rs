@@ -40,6 +40,13 @@ impl Qcow2Driver {
                 }
                 d.insert("data-file-raw", df.raw);
             }
+            if let Some(c) = &self.crypto {
+                let mut e = QDict::new().with("format", "luks");
+                for (k, v) in c.header.info().iter() {
+                    e.insert(k, v.clone());
+                }
+                d.insert("encrypt", e);
+            }
             d.insert("corrupt", h.incompatible & incompat::CORRUPT != 0);
             d.insert("extended-l2", h.extended_l2());
         } else {

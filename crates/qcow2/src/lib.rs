@@ -98,6 +98,11 @@ pub(crate) struct Qcow2Driver {
     data_file: Option<DataFile>,
     /// Persistent bitmaps read at open, for the node to take.
     loaded: RefCell<Vec<Rc<DirtyBitmap>>>,
+    /// The LUKS volume of an encrypted image: data clusters hold each 512-byte sector
+    /// encrypted with its sector number in the file (QEMU's physical offsets).
+    crypto: Option<Rc<ferrite_crypto::LuksVolume>>,
+    /// The `secret` the image was unlocked with (`encrypt.key-secret`).
+    key_secret: Option<String>,
 }
 
 /// What the header says about an external data file.

@@ -11,6 +11,7 @@ use crate::meta::overlap::Metadata;
 use crate::meta::{Meta, read_at};
 use crate::{CorruptionHook, DataFile, Qcow2Driver, bitmaps, repair};
 use ferrite_block::Child;
+use ferrite_crypto::LuksVolume;
 use ferrite_qapi::Args;
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -40,6 +41,7 @@ pub(crate) struct Opening {
     key_secret: bool,
     crypto_header: bool,
     data_file: Option<DataFile>,
+    password: Option<Vec<u8>>,
 }
 
 impl Opening {
@@ -47,6 +49,35 @@ impl Opening {
     pub(crate) fn data_file(&self) -> Option<DataFile> {
         self.data_file.clone()
     }
+
+    /// The password of an encrypted image (`encrypt.key-secret`'s secret).
+    pub(crate) fn set_password(&mut self, password: Vec<u8>) {
+        self.password = Some(password);
+    }
+}
+
+/// Unlocks the LUKS volume whose header and key material the crypto header extension
+/// points at (QEMU: `qcow2_crypto_hdr_read_func`), off the main thread.
+async fn unlock(file: &Child, h: &Header, password: Vec<u8>) -> ferrite_block::Result<LuksVolume> {
+    let generic = |t: String| -> ferrite_block::Error { ferrite_qapi::Error::generic(t).into() };
+    let ext = h
+        .extension(crate::format::header::EXT_CRYPTO)
+        .filter(|e| e.len() >= 16)
+        .ok_or(Error::MissingCryptoHeader(2))?;
+    let offset = u64::from_be_bytes(ext[0..8].try_into().unwrap_or_default());
+    let length = u64::from_be_bytes(ext[8..16].try_into().unwrap_or_default());
+    if length < ferrite_crypto::HEADER_LEN as u64 || length > 64 << 20 || offset > file.len() {
+        return Err(generic(format!(
+            "Invalid crypto header offset {offset} or length {length}"
+        )));
+    }
+    let area = read_at(file, offset, length as usize)
+        .await
+        .map_err(|e| generic(format!("Could not read encryption header: {e}")))?;
+    tokio::task::spawn_blocking(move || LuksVolume::unlock(&area, &password))
+        .await
+        .map_err(|_| generic("unlocking the encryption failed".into()))?
+        .map_err(|e| generic(e.to_string()))
 }
 
 impl Qcow2Driver {
@@ -118,6 +149,7 @@ impl Qcow2Driver {
             key_secret,
             crypto_header,
             data_file,
+            password: None,
         })
     }
 }
@@ -132,13 +164,17 @@ impl Opening {
         on_corruption: CorruptionHook,
     ) -> ferrite_block::Result<Qcow2Driver> {
         let h = self.h;
-        match h.crypt_method {
+        let crypto = match h.crypt_method {
             1 if !self.key_secret => return Err(Error::KeySecretRequired.into()),
             2 if !self.crypto_header => return Err(Error::MissingCryptoHeader(2).into()),
             2 if !self.key_secret => return Err(Error::KeySecretRequired.into()),
-            0 => {}
-            _ => return Err(Error::Encrypted.into()),
-        }
+            0 => None,
+            2 if !h.extended_l2() && self.data_file.is_none() => {
+                let password = self.password.clone().unwrap_or_default();
+                Some(std::rc::Rc::new(unlock(file, &h, password).await?))
+            }
+            _ => return Err(Error::EncryptedLayout.into()),
+        };
         let codec = if h.compression_type == 1 {
             Codec::Zstd
         } else {
@@ -191,6 +227,11 @@ impl Opening {
             last_clean: Cell::new(Instant::now()),
             data_file: self.data_file,
             loaded: RefCell::new(loaded),
+            key_secret: crypto.as_ref().and_then(|_| {
+                args.dict("encrypt")
+                    .and_then(|e| e.opt_str("key-secret").map(str::to_owned))
+            }),
+            crypto,
         })
     }
 }

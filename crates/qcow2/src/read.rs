@@ -10,6 +10,29 @@ use ferrite_block::Node;
 use ferrite_block::driver::Extent;
 use std::io;
 
+/// Guest bytes `guest..guest + len` of an encrypted image, stored at `host`: the whole
+/// sectors around them read and decrypted. A sector's number is where it lies in the file
+/// (QEMU's `crypt_physical_offset`, for LUKS).
+async fn read_decrypted(
+    src: &Child,
+    crypto: &ferrite_crypto::LuksVolume,
+    guest: u64,
+    host: u64,
+    len: usize,
+) -> io::Result<Vec<u8>> {
+    const S: u64 = ferrite_crypto::SECTOR as u64;
+    let start = guest / S * S;
+    let end = (guest + len as u64).next_multiple_of(S);
+    let skip = (guest - start) as usize;
+    let host_start = host - skip as u64;
+    let mut buf = read_at(src, host_start, (end - start) as usize).await?;
+    crypto.cipher.decrypt(&mut buf, host_start / S);
+    if skip == 0 && buf.len() == len {
+        return Ok(buf);
+    }
+    Ok(buf[skip..skip + len].to_vec())
+}
+
 impl Qcow2Driver {
     /// Reads guest bytes through the current mapping (the request path, and the source of
     /// copy-on-write data).
@@ -34,7 +57,11 @@ impl Qcow2Driver {
                 Source::Data(host) => {
                     // Data clusters live in the external data file when there is one.
                     let data = node.edge("data-file");
-                    Some(read_at(data.as_deref().unwrap_or(file), host, run).await?)
+                    let src = data.as_deref().unwrap_or(file);
+                    Some(match &self.crypto {
+                        None => read_at(src, host, run).await?,
+                        Some(c) => read_decrypted(src, c, offset + pos as u64, host, run).await?,
+                    })
                 }
                 Source::Compressed {
                     offset: co,

@@ -12,6 +12,9 @@ use ferrite_block::Node;
 use ferrite_block::driver::ReqFlags;
 use std::io;
 
+/// An encrypted image's unit.
+const SECTOR: u64 = ferrite_crypto::SECTOR as u64;
+
 impl Qcow2Driver {
     /// Writes `data` (owned: a request that maps to one run of clusters goes to the file
     /// as it is, without a copy).
@@ -20,7 +23,7 @@ impl Qcow2Driver {
         node: &Node,
         file: &Child,
         offset: u64,
-        mut data: Vec<u8>,
+        data: Vec<u8>,
     ) -> io::Result<()> {
         let cs = self.cs();
         let len = data.len() as u64;
@@ -31,6 +34,22 @@ impl Qcow2Driver {
             .claims
             .claim(offset / cs, (offset + len - 1) / cs)
             .await;
+        // An encrypted image stores whole sectors: a request that starts or ends inside one
+        // rewrites the sectors around it (they stay in the clusters claimed).
+        let (offset, mut data) = match &self.crypto {
+            Some(_) if offset % SECTOR != 0 || len % SECTOR != 0 => {
+                let start = offset / SECTOR * SECTOR;
+                let end = (offset + len).next_multiple_of(SECTOR);
+                let mut around = self
+                    .read_guest(node, file, start, (end - start) as usize)
+                    .await?;
+                let at = (offset - start) as usize;
+                around[at..at + data.len()].copy_from_slice(&data);
+                (start, around)
+            }
+            _ => (offset, data),
+        };
+        let len = data.len() as u64;
         let mut pos = 0u64;
         while pos < len {
             let off = offset + pos;
@@ -74,11 +93,14 @@ impl Qcow2Driver {
                     m.check_data_cluster(file, gc, host)?;
                     m.check_data(file, host + in_off, run).await?;
                     drop(m);
-                    let part = if pos == 0 && run == len {
+                    let mut part = if pos == 0 && run == len {
                         std::mem::take(&mut data)
                     } else {
                         data[pos as usize..(pos + run) as usize].to_vec()
                     };
+                    if let Some(c) = &self.crypto {
+                        c.cipher.encrypt(&mut part, (host + in_off) / SECTOR);
+                    }
                     file.write(host + in_off, part, ReqFlags::empty()).await?;
                     pos += run;
                 }
@@ -192,6 +214,10 @@ impl Qcow2Driver {
             m.check_data(file, host, buf.len() as u64).await?;
             host
         };
+        let mut buf = buf;
+        if let Some(c) = &self.crypto {
+            c.cipher.encrypt(&mut buf, host / SECTOR);
+        }
         file.write(host, buf, ReqFlags::empty()).await?;
         let mut m = self.meta.lock().await;
         for k in 0..clusters {
