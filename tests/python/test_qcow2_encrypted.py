@@ -87,3 +87,43 @@ def test_encrypted_qcow2_matches_qsd(both, images):
             shutil.copy(img, d.workdir / img.name)
         results.append(transcript(d))
     assert_same_transcript(*results)
+
+
+def created(d):
+    """An encrypted image made by `blockdev-create`, as qemu-img and qemu-io see it."""
+    img = d.workdir / "new.qcow2"
+    img.write_bytes(b"")
+    c = d.connect()
+    assert c.cmd("blockdev-add", {"driver": "file", "node-name": "f",
+                                  "filename": str(img)}) == {"return": {}}
+    out = []
+    for job, encrypt in (("bad", {"format": "luks"}),
+                         ("c", {"format": "luks", "key-secret": "s0", "iter-time": 10})):
+        r = c.cmd("blockdev-create", {"job-id": job, "options": {
+            "driver": "qcow2", "file": "f", "size": 8 << 20, "encrypt": encrypt}})
+        assert r == {"return": {}}, r
+        c.wait_event("JOB_STATUS_CHANGE", lambda e, j=job: e["data"]["id"] == j
+                     and e["data"]["status"] == "concluded")
+        out.append(c.cmd("query-jobs")["return"][-1].get("error"))
+        c.cmd("job-dismiss", {"id": job})
+    c.close()
+    d.stop()
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", "--object", SECRET, "--image-opts",
+         f"driver=qcow2,encrypt.key-secret=s0,file.filename={img}"],
+        capture_output=True, text=True, check=True).stdout)
+    enc = info["format-specific"]["data"]["encrypt"]
+    out.append((info["virtual-size"], info.get("encrypted"), enc["format"], enc["cipher-alg"],
+                enc["cipher-mode"], enc["ivgen-alg"], enc["hash-alg"],
+                [(s["active"], s["key-offset"]) for s in enc["slots"]]))
+    out.append(qemu_io(img, "write -P 0x42 0 64k", "read -P 0x42 0 64k"))
+    r = subprocess.run(["qemu-img", "check", "--object", SECRET, "--image-opts",
+                        f"driver=qcow2,encrypt.key-secret=s0,file.filename={img}"],
+                       capture_output=True, text=True)
+    out.append((r.returncode, r.stdout.splitlines()[:1]))
+    return out
+
+
+def test_blockdev_create_makes_what_qemu_makes(both):
+    q, f = both(SECRETS)
+    assert created(f) == created(q)

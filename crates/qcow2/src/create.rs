@@ -27,6 +27,8 @@ pub(crate) struct CreateOpts {
     pub(crate) data_file: Option<String>,
     /// The external data file is also a valid raw image (`data-file-raw`).
     pub(crate) data_file_raw: bool,
+    /// Encryption with LUKS: the password and how the volume is made.
+    pub(crate) encrypt: Option<(Vec<u8>, ferrite_crypto::CreateOptions)>,
 }
 
 /// `preallocation` of a new image.
@@ -128,7 +130,46 @@ pub(crate) async fn format(file: &Child, o: &CreateOpts) -> ferrite_block::Resul
         m.write_header(file).await?;
         file.flush().await
     };
-    Ok(grow.await.map_err(Error::ResizeImage)?)
+    grow.await.map_err(Error::ResizeImage)?;
+    if let Some((password, luks)) = &o.encrypt {
+        set_up_encryption(file, &mut m, password.clone(), luks.clone())
+            .await
+            .map_err(Error::ResizeImage)?;
+    }
+    Ok(())
+}
+
+/// Puts a new LUKS volume's header and key material in clusters of their own and records
+/// them in the crypto header extension (QEMU: `qcow2_set_up_encryption`, after the image
+/// got its size).
+async fn set_up_encryption(
+    file: &Child,
+    m: &mut Meta,
+    password: Vec<u8>,
+    luks: ferrite_crypto::CreateOptions,
+) -> io::Result<()> {
+    // Calibrating and deriving keys take the iteration time: off the main thread.
+    let volume =
+        tokio::task::spawn_blocking(move || ferrite_crypto::LuksVolume::create(&password, &luks))
+            .await
+            .map_err(|_| io::Error::other("creating the LUKS volume failed"))?
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let cs = m.cs();
+    let len = volume.payload_offset;
+    let clusters = len.div_ceil(cs);
+    let host = m.alloc(file, clusters).await?;
+    file.write_zeroes(host, clusters * cs, ReqFlags::empty())
+        .await?;
+    file.write(host, volume.header, ReqFlags::empty()).await?;
+    let (at, material) = volume.material;
+    file.write(host + at, material, ReqFlags::empty()).await?;
+    let mut ext = host.to_be_bytes().to_vec();
+    ext.extend_from_slice(&len.to_be_bytes());
+    m.h.set_extension(header::EXT_CRYPTO, Some(ext));
+    m.h.crypt_method = 2;
+    m.write_back(file, false).await?;
+    m.write_header(file).await?;
+    file.flush().await
 }
 
 /// Allocates every L2 table and data cluster, each L2 table followed by the data clusters

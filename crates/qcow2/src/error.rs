@@ -171,7 +171,7 @@ pub(crate) enum CreateError {
         "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"
     )]
     CompressionV2,
-    #[error("Encrypted qcow2 images are not supported by ferrite")]
+    #[error("Creating qcow2 images with AES encryption is not supported by ferrite")]
     Encrypted,
     #[error("data-file-raw requires data-file")]
     DataFileRawWithoutFile,

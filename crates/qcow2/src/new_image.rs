@@ -11,8 +11,35 @@ use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use std::rc::Rc;
 
+/// `encrypt` of a new image: LUKS with the password of its `key-secret`.
+fn encryption(
+    graph: &Graph,
+    e: &ferrite_qobject::QDict,
+) -> ferrite_block::Result<(Vec<u8>, ferrite_crypto::CreateOptions)> {
+    let e = Args::new(e.clone());
+    if e.opt_str("format") != Some("luks") {
+        return Err(CreateError::Encrypted.into());
+    }
+    let Some(id) = e.opt_str("key-secret") else {
+        return Err(Error::KeySecretRequired.into());
+    };
+    let password = graph.secrets().get(id)?;
+    let d = ferrite_crypto::CreateOptions::default();
+    let pick = |k: &str, default: &str| e.opt_str(k).unwrap_or(default).to_owned();
+    Ok((
+        password,
+        ferrite_crypto::CreateOptions {
+            cipher_alg: pick("cipher-alg", &d.cipher_alg),
+            cipher_mode: pick("cipher-mode", &d.cipher_mode),
+            ivgen_alg: pick("ivgen-alg", &d.ivgen_alg),
+            hash_alg: pick("hash-alg", &d.hash_alg),
+            iter_time: e.opt_u64("iter-time").unwrap_or(d.iter_time),
+        },
+    ))
+}
+
 /// Checks `BlockdevCreateOptionsQcow2` the way QEMU does, in its order.
-fn qcow2_options(opts: &Args) -> ferrite_block::Result<CreateOpts> {
+fn qcow2_options(graph: &Graph, opts: &Args) -> ferrite_block::Result<CreateOpts> {
     let size = opts.i64("size")?;
     if size < 0 || size % 512 != 0 {
         return Err(CreateError::Size.into());
@@ -58,10 +85,10 @@ fn qcow2_options(opts: &Args) -> ferrite_block::Result<CreateOpts> {
     if zstd && version < 3 {
         return Err(CreateError::CompressionV2.into());
     }
-    if let Some(QObject::Dict(e)) = opts.get("encrypt") {
-        let _ = e;
-        return Err(CreateError::Encrypted.into());
-    }
+    let encrypt = match opts.get("encrypt") {
+        Some(QObject::Dict(e)) => Some(encryption(graph, e)?),
+        _ => None,
+    };
     let data_file_raw = opts.bool_or("data-file-raw", false);
     match opts.get("data-file") {
         None if data_file_raw => return Err(CreateError::DataFileRawWithoutFile.into()),
@@ -90,6 +117,7 @@ fn qcow2_options(opts: &Args) -> ferrite_block::Result<CreateOpts> {
         prealloc,
         data_file: None,
         data_file_raw,
+        encrypt,
     })
 }
 
@@ -107,7 +135,7 @@ async fn named_node(graph: &Graph, value: &QObject) -> ferrite_block::Result<(Rc
 /// # Errors
 /// QEMU's texts for bad options, unknown nodes, permission conflicts, the storage failing.
 pub(crate) async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
-    let mut o = qcow2_options(opts)?;
+    let mut o = qcow2_options(graph, opts)?;
     let Some(file_ref) = opts.get("file") else {
         return Err(ferrite_block::Error::MissingChild("file".into()));
     };
