@@ -80,3 +80,25 @@ def test_host_device_matches_qsd(both, loop_device, tmp_path):
     assert len(seen[0]) == len(seen[1])
     for want, got in zip(*seen):
         assert got == want
+
+
+def test_host_cdrom_matches_qsd(both, loop_device, tmp_path):
+    """`host_cdrom`: a device only, and no image information of its own."""
+    regular = tmp_path / "regular.raw"
+    regular.write_bytes(b"\0" * 65536)
+    seen = []
+    for d in both():
+        c = d.connect()
+        out = []
+        cmd = recorder(c, out)
+        cmd("blockdev-add", {"driver": "host_cdrom", "node-name": "c0",
+                             "filename": str(regular)})
+        cmd("blockdev-add", {"driver": "host_cdrom", "node-name": "c1", "filename": "/nonexist"})
+        cmd("blockdev-add", {"driver": "host_cdrom", "node-name": "c2", "filename": loop_device,
+                             "read-only": True})
+        cmd("query-named-block-nodes", {"flat": True})
+        cmd("blockdev-del", {"node-name": "c2"})
+        c.close()
+        d.stop()
+        seen.append(out)
+    assert seen[1] == seen[0]

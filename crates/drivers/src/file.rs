@@ -1,6 +1,7 @@
-//! `file` (a regular file) and `host_device` (a block or character device: a disk, an LVM
-//! volume, a loop device) through the I/O backend. They differ where QEMU's do: the kind of
-//! file each accepts, and that a device does not grow.
+//! `file` (a regular file), `host_device` (a block or character device: a disk, an LVM
+//! volume, a loop device) and `host_cdrom` (a device as a CD-ROM drive) through the I/O
+//! backend. They differ where QEMU's do: the kind of file each accepts, that a device does
+//! not grow, and what queries say of them.
 
 use crate::error::Error;
 use ferrite_block::Graph;
@@ -19,10 +20,31 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::rc::Rc;
 use std::sync::Arc;
 
+/// Which of the three drivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    File,
+    HostDevice,
+    HostCdrom,
+}
+
+impl Flavor {
+    fn name(self) -> &'static str {
+        match self {
+            Flavor::File => "file",
+            Flavor::HostDevice => "host_device",
+            Flavor::HostCdrom => "host_cdrom",
+        }
+    }
+
+    fn is_device(self) -> bool {
+        self != Flavor::File
+    }
+}
+
 /// An open file.
 pub(crate) struct FileDriver {
-    /// `host_device` rather than `file`.
-    device: bool,
+    flavor: Flavor,
     path: String,
     /// The open file; `blockdev-reopen` swaps it for one opened in the new mode.
     file: std::cell::RefCell<Arc<File>>,
@@ -43,20 +65,14 @@ pub(crate) struct FileDriver {
     discard_failed: Cell<u64>,
 }
 
-/// The factory of `file` (`device` false) or `host_device` (`device` true).
+/// The factory of `file`, `host_device` or `host_cdrom`.
 pub(crate) struct FileFactory {
-    pub(crate) device: bool,
-}
-
-impl FileFactory {
-    fn driver_name(&self) -> &'static str {
-        if self.device { "host_device" } else { "file" }
-    }
+    pub(crate) flavor: Flavor,
 }
 
 impl DriverFactory for FileFactory {
     fn name(&self) -> &'static str {
-        self.driver_name()
+        self.flavor.name()
     }
 
     fn kind(&self) -> DriverKind {
@@ -72,7 +88,7 @@ impl DriverFactory for FileFactory {
                 return Err(Error::NativeAioWithoutDirect.into());
             }
             let (drv, ro) = FileDriver::open(FileOpen {
-                device: self.device,
+                flavor: self.flavor,
                 args: opts,
                 read_only: settings.read_only,
                 auto_read_only: opts.bool_or("auto-read-only", false),
@@ -85,7 +101,7 @@ impl DriverFactory for FileFactory {
     }
 
     fn can_create(&self) -> bool {
-        !self.device
+        !self.flavor.is_device()
     }
 
     fn create<'a>(&'a self, _graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
@@ -157,8 +173,8 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
 
 /// How the file is to be opened.
 pub(crate) struct FileOpen<'a> {
-    /// `host_device`: the file must be a device.
-    pub(crate) device: bool,
+    /// Which driver: a device for `host_device` and `host_cdrom`.
+    pub(crate) flavor: Flavor,
     pub(crate) args: &'a Args,
     pub(crate) read_only: bool,
     pub(crate) auto_read_only: bool,
@@ -198,11 +214,12 @@ impl FileDriver {
             .map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?
             .file_type();
         use std::os::unix::fs::FileTypeExt;
-        let driver = if o.device { "host_device" } else { "file" };
-        if o.device && !(kind.is_block_device() || kind.is_char_device()) {
+        let driver = o.flavor.name();
+        let device = o.flavor.is_device();
+        if device && !(kind.is_block_device() || kind.is_char_device()) {
             return Err(Error::NotADevice { driver, path }.into());
         }
-        if !o.device && !kind.is_file() {
+        if !device && !kind.is_file() {
             return Err(Error::NotARegularFile { driver, path }.into());
         }
         // Like QEMU, a node is a whole number of 512-byte sectors; the tail reads as zeroes.
@@ -216,7 +233,7 @@ impl FileDriver {
         };
         Ok((
             FileDriver {
-                device: o.device,
+                flavor: o.flavor,
                 path,
                 file: std::cell::RefCell::new(Arc::new(file)),
                 direct: o.direct,
@@ -366,7 +383,7 @@ fn file_size(file: &File) -> io::Result<u64> {
 
 impl Driver for FileDriver {
     fn format_name(&self) -> &'static str {
-        if self.device { "host_device" } else { "file" }
+        self.flavor.name()
     }
 
     fn len(&self, _node: &Node) -> u64 {
@@ -490,7 +507,7 @@ impl Driver for FileDriver {
         Box::pin(async move {
             // A device keeps its size: growing it is refused, anything else changes
             // nothing (QEMU's "Cannot grow device files").
-            if self.device {
+            if self.flavor.is_device() {
                 if size > self.size.get() {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
@@ -557,7 +574,13 @@ impl Driver for FileDriver {
     }
 
     fn format_specific(&self) -> Option<QDict> {
-        Some(QDict::new().with("type", "file").with("data", QDict::new()))
+        // QEMU's CD-ROM driver has no image information of its own.
+        (self.flavor != Flavor::HostCdrom)
+            .then(|| QDict::new().with("type", "file").with("data", QDict::new()))
+    }
+
+    fn has_image_info(&self) -> bool {
+        self.flavor != Flavor::HostCdrom
     }
 
     fn driver_stats(&self) -> Option<QDict> {
@@ -571,7 +594,7 @@ impl Driver for FileDriver {
     }
 
     fn can_grow(&self) -> bool {
-        !self.device
+        !self.flavor.is_device()
     }
 
     fn can_fast_zero(&self) -> bool {

@@ -27,8 +27,13 @@ use std::rc::Rc;
 /// Registers every driver of this crate.
 pub fn register(registry: &Registry) {
     registry.register(Rc::new(compress::CompressFactory));
-    registry.register(Rc::new(file::FileFactory { device: false }));
-    registry.register(Rc::new(file::FileFactory { device: true }));
+    for flavor in [
+        file::Flavor::File,
+        file::Flavor::HostDevice,
+        file::Flavor::HostCdrom,
+    ] {
+        registry.register(Rc::new(file::FileFactory { flavor }));
+    }
     registry.register(Rc::new(raw::RawFactory));
     registry.register(Rc::new(null::NullFactory { aio: false }));
     registry.register(Rc::new(null::NullFactory { aio: true }));
