@@ -1,11 +1,10 @@
 """The `blkverify` test driver against qemu-storage-daemon: the node and its graph, reads and
 writes that reach both children alike, and a mismatch reported with QEMU's line (QEMU then
 exits; ferrite fails the request with EIO and keeps serving)."""
-import json
 import subprocess
 
 from blockjobs import export
-from conftest import assert_same_transcript, normalize, recorder, wait_for
+from conftest import assert_same_transcript, recorder, wait_for
 
 
 def setup(d):
