@@ -1,11 +1,13 @@
 //! The driver interface: what a node's driver does for reads, writes and the rest.
 
+use crate::child::Child;
 use crate::node::Node;
 use crate::perm::Perm;
 use ferrite_qobject::QDict;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 
 /// A boxed future borrowing the driver and its node.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + 'a>>;
@@ -334,6 +336,24 @@ pub trait Driver: std::any::Any {
     fn has_image_info(&self) -> bool {
         true
     }
+
+    /// `x-blockdev-change` adding a child: the new edge's name, or why not (QEMU's texts);
+    /// `None` when the driver takes no children that way.
+    fn new_child_name(&self) -> Option<Result<String, String>> {
+        None
+    }
+
+    /// The edge `x-blockdev-change` attached under the name [`Driver::new_child_name`] gave.
+    fn child_added(&self, _edge: Rc<Child>) {}
+
+    /// `x-blockdev-change` removing child edge `name`: whether it may go (QEMU's texts);
+    /// `None` when the driver lets no child go that way.
+    fn check_remove_child(&self, _name: &str) -> Option<Result<(), String>> {
+        None
+    }
+
+    /// Child edge `name` is about to be detached: forget it.
+    fn child_removed(&self, _name: &str) {}
 
     /// The node is drained (the first drained section began): requests the driver holds
     /// back itself must go now (QEMU's `bdrv_drain_begin`: the throttle filter).

@@ -104,20 +104,39 @@ pub fn qmp_x_blockdev_change(graph: &Graph, args: &Args) -> Result<QObject, Erro
         (Some(_), Some(_)) => Err(crate::Error::ChildAndNode.into()),
         (None, None) => Err(crate::Error::ChildOrNode.into()),
         (Some(child), None) => {
-            if parent.edge(child).is_none() {
+            let Some(edge) = parent.edge(child) else {
                 return Err(crate::Error::NoSuchChild {
                     parent: parent_name.to_owned(),
                     child: child.to_owned(),
                 }
                 .into());
+            };
+            match parent.driver().check_remove_child(child) {
+                None => Err(crate::Error::CannotRemoveChild(parent.name().to_owned()).into()),
+                Some(Err(text)) => Err(Error::generic(text)),
+                Some(Ok(())) => {
+                    parent.driver().child_removed(child);
+                    let node = edge.node();
+                    graph.detach_edge(&edge);
+                    // A child opened inline with the parent goes with its edge (QEMU's unref).
+                    graph.forget_if_orphan(&node);
+                    Ok(QDict::new().into())
+                }
             }
-            Err(crate::Error::CannotRemoveChild(parent.name().to_owned()).into())
         }
         (None, Some(node)) => {
-            if graph.find(node).is_none() {
+            let Some(new) = graph.find(node) else {
                 return Err(crate::Error::BitmapNodeNotFound(node.to_owned()).into());
+            };
+            match parent.driver().new_child_name() {
+                None => Err(crate::Error::CannotAddChild(parent.name().to_owned()).into()),
+                Some(Err(text)) => Err(Error::generic(text)),
+                Some(Ok(name)) => {
+                    let edge = graph.attach_child(&parent, &new, &name)?;
+                    parent.driver().child_added(edge);
+                    Ok(QDict::new().into())
+                }
             }
-            Err(crate::Error::CannotAddChild(parent.name().to_owned()).into())
         }
     }
 }

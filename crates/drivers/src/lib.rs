@@ -17,6 +17,7 @@ mod lock;
 mod luks;
 mod null;
 mod preallocate;
+mod quorum;
 mod raw;
 mod snapshot_access;
 mod throttle;
@@ -44,4 +45,5 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(preallocate::PreallocateFactory));
     registry.register(Rc::new(luks::LuksFactory));
     registry.register(Rc::new(blkverify::BlkverifyFactory));
+    registry.register(Rc::new(quorum::QuorumFactory));
 }

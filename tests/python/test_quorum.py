@@ -1,0 +1,113 @@
+"""The `quorum` driver against qemu-storage-daemon: its option checks, reads voted on over
+three children (a corrupted child reported with QUORUM_REPORT_BAD, rewritten with
+`rewrite-corrupted`; no majority is QUORUM_FAILURE and EIO), writes to every child, and
+`read-pattern=fifo`."""
+import json
+import subprocess
+
+from blockjobs import export
+from conftest import assert_same_transcript, normalize, recorder
+
+
+def child(i):
+    return {"driver": "raw", "node-name": f"c{i}",
+            "file": {"driver": "file", "filename": f"c{i}.img", "locking": "off"}}
+
+
+def corrupt(d, i, pattern, offset="1M", length="64k"):
+    """Changes child i's file behind the daemon's back."""
+    subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} {length}",
+                    str(d.workdir / f"c{i}.img")], check=True, capture_output=True)
+
+
+def io(uri, *ops):
+    args = ["qemu-io", "-f", "raw"]
+    for op in ops:
+        args += ["-c", op]
+    r = subprocess.run(args + [uri], capture_output=True, text=True)
+    return [ln for ln in r.stdout.splitlines() if " ops; " not in ln]
+
+
+def events(c, name):
+    found = [e["data"] for e in c.events if e["event"] == name]
+    c.events = [e for e in c.events if e["event"] != name]
+    return found
+
+
+def transcript(d):
+    w = d.workdir
+    for i in range(3):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(w / f"c{i}.img"), "4M"],
+                       check=True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M",
+                        str(w / f"c{i}.img")], check=True, capture_output=True)
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    kids = [child(i) for i in range(3)]
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                         "children": []})
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 0,
+                         "children": kids})
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 4,
+                         "children": kids})
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                         "blkverify": True, "children": kids})
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                         "children": kids[:2], "blkverify": True, "rewrite-corrupted": True})
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                         "rewrite-corrupted": True, "children": kids})
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    text = normalize(json.dumps(nodes, sort_keys=True)).replace(str(w), "W")
+    out.append(("nodes", sorted((n["node-name"], n["drv"], n["image"]["virtual-size"])
+                                for n in json.loads(text)
+                                if not n["node-name"].startswith("#"))))
+    uri = export(c, d, "q", "q", True)
+    out.append(("read", io(uri, "read -P 0x5a 0 64k")))
+    out.append(("write", io(uri, "write -P 0x61 2M 64k")))
+    out.append(("children", [io(f"{w}/c{i}.img", "read -P 0x61 2M 64k") for i in range(3)]))
+    # One child disagrees: the majority wins, the child is reported and rewritten.
+    corrupt(d, 2, "0x13")
+    out.append(("outvoted", io(uri, "read -P 0x5a 1M 64k")))
+    c.cmd("query-version")
+    out.append(("bad", events(c, "QUORUM_REPORT_BAD")))
+    out.append(("rewritten", io(f"{w}/c2.img", "read -P 0x5a 1M 64k")))
+    # No two agree: the read fails.
+    corrupt(d, 1, "0x14")
+    corrupt(d, 2, "0x15")
+    out.append(("no majority", io(uri, "read 1M 64k")))
+    c.cmd("query-version")
+    out.append(("failure", events(c, "QUORUM_FAILURE")))
+    out.append(("bad2", events(c, "QUORUM_REPORT_BAD")))
+    cmd("block-export-del", {"id": "q", "mode": "hard"})
+    c.wait_event("BLOCK_EXPORT_DELETED")
+    # Children removed and added (x-blockdev-change), down to the vote threshold.
+    cmd("blockdev-add", child(3) | {"node-name": "c3", "file": {
+        "driver": "file", "filename": "c0.img", "locking": "off"}})
+    cmd("x-blockdev-change", {"parent": "q", "child": "children.2"})
+    cmd("x-blockdev-change", {"parent": "q", "child": "children.1"})
+    cmd("x-blockdev-change", {"parent": "q", "child": "children.7"})
+    cmd("x-blockdev-change", {"parent": "q", "node": "c3"})
+    cmd("x-blockdev-change", {"parent": "q", "child": "children.0"})
+    cmd("x-blockdev-change", {"parent": "c0", "node": "c3"})
+    g = c.cmd("x-debug-query-block-graph")["return"]
+    names = {n["id"]: n["name"] for n in g["nodes"]}
+    out.append(("edges", sorted((names[e["parent"]], e["name"], names[e["child"]])
+                                for e in g["edges"] if names[e["parent"]] == "q")))
+    out.append(("after change", io(export(c, d, "q", "q2", True), "read -P 0x5a 0 64k")))
+    cmd("block-export-del", {"id": "q2", "mode": "hard"})
+    c.wait_event("BLOCK_EXPORT_DELETED")
+    cmd("blockdev-del", {"node-name": "q"})
+    # fifo: the first child that answers.
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "f", "vote-threshold": 1,
+                         "read-pattern": "fifo", "children": [child(i) for i in (1, 0)]})
+    uri = export(c, d, "f", "f", True)
+    out.append(("fifo", io(uri, "read -P 0x14 1M 64k")))
+    c.close()
+    d.stop()
+    return out
+
+
+def test_quorum_matches_qsd(both):
+    q, f = both()
+    assert_same_transcript(transcript(q), transcript(f))
