@@ -65,14 +65,23 @@ pub struct Extent {
 
 /// Zeroes written as data, a megabyte at a time, for drivers with no zeroing of their own
 /// (QEMU's fallback in `bdrv_co_do_pwrite_zeroes`): `write(at, zeroes)` writes each piece.
+/// A request that must not fall back (`NO_FALLBACK`) is refused with ENOTSUP.
 ///
 /// # Errors
-/// The first write that fails.
-pub async fn write_zeroes_as_data<F, Fut>(offset: u64, len: u64, mut write: F) -> io::Result<()>
+/// ENOTSUP for `NO_FALLBACK`; the first write that fails.
+pub async fn write_zeroes_as_data<F, Fut>(
+    offset: u64,
+    len: u64,
+    flags: ReqFlags,
+    mut write: F,
+) -> io::Result<()>
 where
     F: FnMut(u64, Vec<u8>) -> Fut,
     Fut: Future<Output = io::Result<()>>,
 {
+    if flags.contains(ReqFlags::NO_FALLBACK) {
+        return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+    }
     const PIECE: u64 = 1 << 20;
     let mut at = offset;
     while at < offset + len {
@@ -81,6 +90,18 @@ where
         at += n;
     }
     Ok(())
+}
+
+impl Extent {
+    /// `len` bytes of data, allocated here: what a driver that cannot tell holes says.
+    pub fn data(len: u64) -> Extent {
+        Extent {
+            len,
+            data: true,
+            zero: false,
+            allocated: true,
+        }
+    }
 }
 
 /// A driver instance (the state of one open node).

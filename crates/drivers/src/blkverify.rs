@@ -119,12 +119,9 @@ impl Driver for Blkverify {
         // As in QEMU, which gives blkverify no zeroing of its own: zeroes are written as
         // data, so both children hold the same bytes.
         Box::pin(async move {
-            if flags.contains(ReqFlags::NO_FALLBACK) {
-                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
-            }
-            let flags = flags & ReqFlags::FUA;
-            ferrite_block::driver::write_zeroes_as_data(offset, len, |at, zeroes| {
-                self.write(node, at, zeroes, flags)
+            let write_flags = flags & ReqFlags::FUA;
+            ferrite_block::driver::write_zeroes_as_data(offset, len, flags, |at, zeroes| {
+                self.write(node, at, zeroes, write_flags)
             })
             .await
         })

@@ -4,6 +4,11 @@
 use ferrite_qapi::os_msg;
 use std::io;
 
+/// An error in QEMU's words that needs no variant of its own.
+pub(crate) fn generic(text: impl Into<String>) -> ferrite_block::Error {
+    ferrite_qapi::Error::generic(text).into()
+}
+
 /// A failure of one of this crate's drivers.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {

@@ -3,6 +3,7 @@
 //! them, each 512-byte sector encrypted with the master key (the first payload sector is
 //! sector 0). The password is a `secret` object named by `key-secret`.
 
+use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{
@@ -19,10 +20,6 @@ const MAX_HEADER_AREA: u64 = 64 << 20;
 
 /// The `luks` driver's factory.
 pub(crate) struct LuksFactory;
-
-fn generic(text: impl Into<String>) -> ferrite_block::Error {
-    ferrite_qapi::Error::generic(text).into()
-}
 
 impl DriverFactory for LuksFactory {
     fn name(&self) -> &'static str {
@@ -242,12 +239,9 @@ impl Driver for Luks {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             // Encrypted zeroes are not zeroes on disk: they are written like data.
-            if flags.contains(ReqFlags::NO_FALLBACK) {
-                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
-            }
-            let flags = flags - ReqFlags::MAY_UNMAP;
-            ferrite_block::driver::write_zeroes_as_data(offset, len, |at, zeroes| {
-                self.write_encrypted(at, zeroes, flags)
+            let write_flags = flags - ReqFlags::MAY_UNMAP;
+            ferrite_block::driver::write_zeroes_as_data(offset, len, flags, |at, zeroes| {
+                self.write_encrypted(at, zeroes, write_flags)
             })
             .await
         })
@@ -264,14 +258,7 @@ impl Driver for Luks {
     }
 
     fn block_status<'a>(&'a self, _node: &'a Node, _offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(async move {
-            Ok(Extent {
-                len,
-                data: true,
-                zero: false,
-                allocated: true,
-            })
-        })
+        Box::pin(async move { Ok(Extent::data(len)) })
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {

@@ -21,7 +21,7 @@ pub(crate) struct PreallocateFactory;
 fn options(opts: &Args, child: &Child) -> ferrite_block::Result<(u64, u64)> {
     let align = opts.opt_u64("prealloc-align").unwrap_or(1 << 20);
     let size = opts.opt_u64("prealloc-size").unwrap_or(128 << 20);
-    let fail = |t: String| Err(ferrite_qapi::Error::generic(t).into());
+    let fail = |t: String| Err(crate::error::generic(t));
     if align % SECTOR != 0 {
         return fail(format!(
             "prealloc-align parameter of preallocate filter is not aligned to {SECTOR}"

@@ -5,6 +5,7 @@
 //! too few agreeing is `QUORUM_FAILURE` and EIO. `read-pattern=fifo` reads the children in
 //! order until one succeeds. Writes and flushes succeed when `vote-threshold` children do.
 
+use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{Child, DriverFactory, DriverKind, EventSink, LocalFut, Node, OpenCtx};
 use ferrite_qapi::{Args, QapiEvent};
@@ -15,10 +16,6 @@ use std::rc::Rc;
 
 /// The `quorum` driver's factory.
 pub(crate) struct QuorumFactory;
-
-fn generic(text: impl Into<String>) -> ferrite_block::Error {
-    ferrite_qapi::Error::generic(text).into()
-}
 
 impl DriverFactory for QuorumFactory {
     fn name(&self) -> &'static str {
@@ -434,14 +431,7 @@ impl Driver for Quorum {
     }
 
     fn block_status<'a>(&'a self, _node: &'a Node, _offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(async move {
-            Ok(Extent {
-                len,
-                data: true,
-                zero: false,
-                allocated: true,
-            })
-        })
+        Box::pin(async move { Ok(Extent::data(len)) })
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {

@@ -332,12 +332,12 @@ impl Driver for NbdClient {
         Box::pin(async move {
             let server = self.flags();
             if server & FLAG_SEND_WRITE_ZEROES == 0 {
-                if flags.contains(ReqFlags::NO_FALLBACK) {
-                    return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
-                }
-                return ferrite_block::driver::write_zeroes_as_data(offset, len, |at, zeroes| {
-                    self.write(node, at, zeroes, flags)
-                })
+                return ferrite_block::driver::write_zeroes_as_data(
+                    offset,
+                    len,
+                    flags,
+                    |at, zeroes| self.write(node, at, zeroes, flags),
+                )
                 .await;
             }
             let mut f = 0;
@@ -378,12 +378,7 @@ impl Driver for NbdClient {
                 .as_ref()
                 .is_some_and(|s| s.info.context.is_some());
             if !has_context {
-                return Ok(Extent {
-                    len,
-                    data: true,
-                    zero: false,
-                    allocated: true,
-                });
+                return Ok(Extent::data(len));
             }
             let ask = len.min(self.max_unpayloaded());
             let answer = self
