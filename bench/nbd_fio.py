@@ -29,15 +29,6 @@ JOBS = [
 ]
 
 
-def drop_cache(img):
-    os.sync()
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def daemon_args(binary, d, img, aio, sock):
     qmp = os.path.join(d, "qmp.sock")
     return [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}" + (",aio=io_uring" if aio else ""),
@@ -63,17 +54,6 @@ def image(d):
     return img
 
 
-def direct_write(img, cold=False):
-    """4k random writes by fio's psync engine from one thread, straight to the file, with the
-    file's page cache as the servers found it (fio would drop it first, and a 4k write into
-    the large folios that dd leaves costs ext4 several times one into a small folio)."""
-    if cold:
-        drop_cache(img)
-    return common.fio_run(["--ioengine=psync", "--invalidate=0", f"--filename={img}",
-                           f"--size={SIZE}",
-                           f"--runtime={RUNTIME}", "--rw=randwrite", "--bs=4k"])[0]
-
-
 def measure(binary, aio):
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
         img = image(d)
@@ -93,7 +73,7 @@ def measure(binary, aio):
             t.start()
             for name, extra in JOBS:
                 if name.endswith("cold"):
-                    drop_cache(img)
+                    common.drop_cache(img)
                 results[name] = fio(sock, extra)
             stop.set()
             t.join()
@@ -124,7 +104,7 @@ def main():
               f"{f['rss'] / q['rss']:8.2f}{k['rss']:14d}")
     for cold in (False, True):
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
-            direct = direct_write(image(d), cold)
+            direct = common.direct_write(image(d), SIZE, RUNTIME, cold)
         name = "rand write 4k" + (", cold" if cold else "")
         print(f"{'fio psync 1 thread' + (', cold' if cold else ''):26}{direct:10.0f}iops"
               f"   (ferrite's io_uring {name}: {f[name][0] / direct:.2f} of it)")

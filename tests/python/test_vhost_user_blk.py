@@ -40,6 +40,16 @@ type:99
 type:2147483649
 write 2048 65536 7
 read 2048 65536
+write 8 2048 5
+write 12 2048 6
+write 0 65536 9
+read-scattered 8 4096
+read-scattered 2047 65536
+read-scattered 131070 1024
+read-scattered 131071 1024
+read 0 1048576
+read-scattered 0 1048576
+read-scattered 1 3
 """
 
 def client(sock, *args, stdin=None, check=True):

@@ -415,6 +415,21 @@ impl BlockBackend {
         r
     }
 
+    /// Reads `dest.len()` bytes at `offset` into memory the caller owns (a guest's RAM),
+    /// without a buffer in between where the drivers allow.
+    ///
+    /// # Errors
+    /// As [`BlockBackend::read`].
+    pub async fn read_into(&self, offset: u64, dest: &crate::io::ForeignBuf) -> io::Result<()> {
+        let _f = self.begin().await;
+        let len = dest.len() as u64;
+        let node = self.target(IoKind::Read, offset, len)?;
+        let started = Instant::now();
+        let r = node.read_into(offset, dest).await;
+        self.account(IoKind::Read, len, started, &r);
+        r
+    }
+
     /// Writes `data` at `offset`.
     ///
     /// # Errors

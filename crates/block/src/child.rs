@@ -283,6 +283,24 @@ impl Child {
         Ok(buf)
     }
 
+    /// Reads `dest.len()` bytes at `offset` of the child into `dest`; as [`Child::read`],
+    /// bytes past its end read as zero.
+    ///
+    /// # Errors
+    /// As [`Node`]'s request checks and the driver's.
+    pub async fn read_into(&self, offset: u64, dest: &crate::io::ForeignBuf) -> io::Result<()> {
+        let node = self.node();
+        let inside = node.len().saturating_sub(offset).min(dest.len() as u64) as usize;
+        if inside == dest.len() {
+            return node.read_into(offset, dest).await;
+        }
+        if inside > 0 {
+            node.read_into(offset, &dest.slice(0, inside)).await?;
+        }
+        dest.zero_from(inside);
+        Ok(())
+    }
+
     /// Writes `data` at `offset` of the child.
     ///
     /// # Errors

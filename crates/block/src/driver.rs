@@ -104,6 +104,21 @@ impl Extent {
     }
 }
 
+/// Awaits `read` and copies its bytes into `dest`: [`Driver::read_into`] for a driver that
+/// cannot read into caller memory directly.
+///
+/// # Errors
+/// The read's.
+pub async fn read_through_buffer(
+    read: BoxFut<'_, Vec<u8>>,
+    dest: &crate::io::ForeignBuf,
+) -> io::Result<()> {
+    let data = read.await?;
+    dest.write_at(0, &data);
+    crate::io::pool::give(data);
+    Ok(())
+}
+
 /// A driver instance (the state of one open node).
 pub trait Driver: std::any::Any {
     /// The driver name (`file`, `raw`, `null-co`).
@@ -114,6 +129,21 @@ pub trait Driver: std::any::Any {
 
     /// Reads `len` bytes at `offset` (within bounds).
     fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>>;
+
+    /// Reads `dest.len()` bytes at `offset` (within bounds) into memory the caller owns.
+    /// The default reads into a buffer and copies it over; drivers that can put the data
+    /// there directly (a file, raw over it) do.
+    fn read_into<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        dest: &'a crate::io::ForeignBuf,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(read_through_buffer(
+            self.read(node, offset, dest.len()),
+            dest,
+        ))
+    }
 
     /// Writes `data` at `offset` (within bounds).
     fn write<'a>(

@@ -6,6 +6,7 @@
 //! ([`Child`](crate::Child)), root users through a [`BlockBackend`](crate::BlockBackend).
 
 use crate::driver::{BoxFut, Extent, ReqFlags};
+use crate::io::ForeignBuf;
 use crate::node::{DetectZeroes, Node};
 use crate::perm::Perm;
 use std::io;
@@ -96,6 +97,16 @@ impl Node {
         }
         let _f = InFlight::begin(self);
         self.driver.read(self, offset, len).await
+    }
+
+    /// Reads `dest.len()` bytes at `offset` into `dest`.
+    pub(crate) async fn read_into(&self, offset: u64, dest: &ForeignBuf) -> io::Result<()> {
+        self.check_bounds(offset, dest.len() as u64)?;
+        if dest.is_empty() {
+            return Ok(());
+        }
+        let _f = InFlight::begin(self);
+        self.driver.read_into(self, offset, dest).await
     }
 
     /// Writes `data` at `offset`.

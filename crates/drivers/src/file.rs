@@ -397,6 +397,20 @@ impl Driver for FileDriver {
         self.io.pread(&self.fd(), offset, len)
     }
 
+    fn read_into<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        dest: &'a ferrite_block::io::ForeignBuf,
+    ) -> BoxFut<'a, ()> {
+        if self.direct {
+            // O_DIRECT needs aligned memory: through the bounce buffer, as reads are.
+            let read = self.read(node, offset, dest.len());
+            return Box::pin(ferrite_block::driver::read_through_buffer(read, dest));
+        }
+        self.io.pread_into(&self.fd(), offset, dest.clone())
+    }
+
     fn write<'a>(
         &'a self,
         node: &'a Node,

@@ -90,6 +90,19 @@ impl Driver for RawDriver {
         Box::pin(async move { self.file(node)?.read(self.offset.get() + offset, len).await })
     }
 
+    fn read_into<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        dest: &'a ferrite_block::io::ForeignBuf,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.file(node)?
+                .read_into(self.offset.get() + offset, dest)
+                .await
+        })
+    }
+
     fn write<'a>(
         &'a self,
         node: &'a Node,

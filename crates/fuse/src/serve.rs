@@ -98,7 +98,10 @@ impl FileState {
                 size,
                 reply,
             } => match self.read(offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    reply.data(&data);
+                    ferrite_block::io::pool::give(data);
+                }
                 Err(e) => reply.error(e),
             },
             Op::Write {

@@ -3,6 +3,7 @@
 //! flush, the serial for `GET_ID`, and one-segment discard and write-zeroes.
 
 use crate::device::{Device, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_BITS};
+use ferrite_block::io::ForeignBuf;
 use ferrite_block::{BlockBackend, ReqFlags};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -26,6 +27,9 @@ pub(crate) struct Request {
     pub(crate) payload: Vec<u8>,
     /// Room the driver left for data before the status byte.
     pub(crate) in_len: usize,
+    /// That room as memory a read may fill directly (the guest's RAM), when it can be
+    /// reached that way; otherwise a read's data comes back in [`Outcome::data`].
+    pub(crate) room: Option<ForeignBuf>,
 }
 
 /// How a request ended: what to copy to the driver before the status byte, and the status.
@@ -44,6 +48,7 @@ impl Request {
             sector: u64::from_le_bytes(s),
             payload,
             in_len,
+            room: None,
         }
     }
 }
@@ -79,7 +84,16 @@ pub(crate) async fn process(blk: &BlockBackend, dev: &Device, req: Request) -> O
             if !range_ok(blk, dev, req.sector, len) {
                 return status(VIRTIO_BLK_S_IOERR);
             }
-            match blk.read(req.sector << SECTOR_BITS, req.in_len).await {
+            let offset = req.sector << SECTOR_BITS;
+            if let Some(room) = &req.room {
+                let r = blk.read_into(offset, room).await;
+                return status(if r.is_ok() {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                });
+            }
+            match blk.read(offset, req.in_len).await {
                 Ok(data) => Outcome {
                     data,
                     status: VIRTIO_BLK_S_OK as u8,

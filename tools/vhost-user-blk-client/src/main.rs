@@ -32,6 +32,16 @@ const QUEUE_SIZE: u16 = 256;
 const RING_AREA: u64 = 64 << 10;
 const MAX_QUEUES: u64 = 8;
 const SLOTS: u64 = 64;
+/// What a request offers the device to fill.
+#[derive(Clone, Copy)]
+struct Room {
+    len: u32,
+    /// In two descriptors, the second half of the slot's data area before the first.
+    scattered: bool,
+}
+
+/// Descriptors a slot may use (header, two data buffers, status).
+const DESCS: u64 = 4;
 const SLOT_DATA: u64 = 1 << 20;
 const SLOT: u64 = SLOT_DATA + 4096;
 const MEM_SIZE: u64 = RING_AREA * MAX_QUEUES + SLOTS * SLOT;
@@ -154,7 +164,7 @@ impl Device {
     }
 
     /// Puts a request in queue `q` using slot `s`; `data` is written for a device-readable
-    /// payload, or `len` bytes are offered for the device to fill.
+    /// payload, or `room.len` bytes are offered for the device to fill.
     fn submit(
         &mut self,
         q: usize,
@@ -162,8 +172,9 @@ impl Device {
         kind: u32,
         sector: u64,
         out: Option<&[u8]>,
-        len: u32,
+        room: Room,
     ) -> Res<()> {
+        let Room { len, scattered } = room;
         let (hdr, status, data) = slot(s);
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&kind.to_le_bytes());
@@ -171,11 +182,17 @@ impl Device {
         self.mem.write_slice(&header, GuestAddress(hdr))?;
         self.mem.write_obj(0xffu8, GuestAddress(status))?;
         let queue = &mut self.queues[q];
-        let first = (s * 3) as u16 % QUEUE_SIZE;
+        let first = (s * DESCS) as u16 % QUEUE_SIZE;
         let mut descs = vec![(hdr, 16u32, 0u16)];
         if let Some(bytes) = out {
             self.mem.write_slice(bytes, GuestAddress(data))?;
             descs.push((data, bytes.len() as u32, 0));
+        } else if len > 0 && scattered {
+            // The second half first, then the first: the device must follow the chain's
+            // order, not the memory's.
+            let half = len / 2;
+            descs.push((data + u64::from(half), len - half, F_WRITE));
+            descs.push((data, half, F_WRITE));
         } else if len > 0 {
             descs.push((data, len, F_WRITE));
         }
@@ -217,7 +234,7 @@ impl Device {
                 let at = queue.used + 4 + u64::from(queue.last_used % QUEUE_SIZE) * 8;
                 let id: u32 = self.mem.read_obj(GuestAddress(at))?;
                 let len: u32 = self.mem.read_obj(GuestAddress(at + 4))?;
-                done.push((u64::from(id) / 3, len));
+                done.push((u64::from(id) / DESCS, len));
                 queue.last_used = queue.last_used.wrapping_add(1);
             }
             if !done.is_empty() || !wait {
@@ -288,7 +305,7 @@ fn run(dev: &mut Device) -> Res<()> {
             seg
         };
         let (kind, payload, room) = match op {
-            "read" => (0, None, len as u32),
+            "read" | "read-scattered" => (0, None, len as u32),
             "write" | "submit-write" => (1, Some(vec![byte; len as usize]), 0),
             "flush" => (4, None, 0),
             "get-id" => (8, None, len as u32),
@@ -302,7 +319,12 @@ fn run(dev: &mut Device) -> Res<()> {
         // A discard or write-zeroes names its range in its segment, not in the header.
         let segmented = op.starts_with("discard") || op.starts_with("zeroes");
         let sector = if segmented { 0 } else { sector };
-        dev.submit(0, s, kind, sector, payload.as_deref(), room)?;
+        let scattered = op == "read-scattered";
+        let offered = Room {
+            len: room,
+            scattered,
+        };
+        dev.submit(0, s, kind, sector, payload.as_deref(), offered)?;
         if op == "submit-write" {
             pending += 1;
             writeln!(out, "{line}: submitted")?;
@@ -318,7 +340,11 @@ fn run(dev: &mut Device) -> Res<()> {
         let status = dev.status(s)?;
         let mut answer = format!("{line}: status {status} used {used}");
         if room > 0 && status == 0 {
-            let data = dev.data(s, room as usize)?;
+            let mut data = dev.data(s, room as usize)?;
+            if scattered {
+                // Back into the chain's order.
+                data.rotate_left(room as usize / 2);
+            }
             if data.len() <= 32 {
                 answer += &format!(
                     " data {}",
@@ -364,6 +390,10 @@ fn bench(dev: &mut Device, rw: &str, bs: u32, depth: u64, seconds: u64, size: u6
             (Some(&payload[..]), 0)
         } else {
             (None, bs)
+        };
+        let room = Room {
+            len: room,
+            scattered: false,
         };
         dev.submit(q, s, u32::from(write), sector, out, room)
     };

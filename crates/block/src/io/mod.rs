@@ -6,6 +6,7 @@
 //! across an await.
 
 pub mod aligned;
+mod foreign;
 mod lane;
 mod nowait;
 pub mod pool;
@@ -19,6 +20,7 @@ use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use foreign::ForeignBuf;
 pub use threads::ThreadPool;
 pub use uring::Uring;
 
@@ -58,6 +60,25 @@ pub trait IoBackend {
     fn pread_direct(&self, file: &Arc<File>, offset: u64, len: usize) -> IoFuture<Vec<u8>>;
     /// Writes with O_DIRECT; alignment as for [`IoBackend::pread_direct`].
     fn pwrite_direct(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()>;
+    /// Reads `dest.len()` bytes at `offset` into `dest`; bytes past the end of the file read
+    /// as zero. What the page cache holds (up to 64 KiB) is read on the
+    /// calling thread, the rest on the thread pool, straight into `dest` either way.
+    fn pread_into(&self, file: &Arc<File>, offset: u64, dest: ForeignBuf) -> IoFuture<()> {
+        let mut done = 0;
+        if dest.len() <= nowait::NOWAIT_MAX {
+            match dest.pread(file, offset, true) {
+                Ok(n) if n == dest.len() => return Box::pin(std::future::ready(Ok(()))),
+                Ok(n) => done = n,
+                Err(e) => return Box::pin(std::future::ready(Err(e))),
+            }
+        }
+        let file = file.clone();
+        blocking(move || {
+            dest.slice(done, dest.len() - done)
+                .pread(&file, offset + done as u64, false)
+                .map(drop)
+        })
+    }
     /// Makes written data durable.
     fn fdatasync(&self, file: &Arc<File>) -> IoFuture<()>;
     /// Punches, zeroes or allocates a range.

@@ -4,6 +4,7 @@
 
 use crate::device::{CONFIG_LEN, CONFIG_WCE, Device};
 use crate::request::{Outcome, Request};
+use ferrite_block::io::ForeignBuf;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -69,7 +72,27 @@ impl Job {
                 at += n;
             }
         }
-        Some(Request::new(&header, payload, in_len - 1))
+        let mut request = Request::new(&header, payload, in_len - 1);
+        request.room = self.room(in_len - 1);
+        Some(request)
+    }
+
+    /// The first `len` driver-writable bytes as memory a read may fill in place, if each
+    /// buffer lies inside one region of guest memory.
+    fn room(&self, len: usize) -> Option<ForeignBuf> {
+        let mem = self.memory.memory();
+        let mut segments = Vec::with_capacity(self.writable.len());
+        for &(addr, l) in &self.writable {
+            let slice = mem.get_slice(addr, l).ok()?;
+            segments.push((slice.ptr_guard_mut().as_ptr(), l));
+        }
+        let keep: Arc<GuestMemoryMmap<()>> = mem.into_inner();
+        // SAFETY: each segment is a slice of guest memory mapped by `keep`'s regions, which
+        // stay mapped while `keep` lives (a new memory table maps new regions and leaves
+        // these to the last holder); the back end only reaches guest memory through raw
+        // pointers and volatile accesses, never Rust references.
+        let room = unsafe { ForeignBuf::new(segments, keep) };
+        Some(room.slice(0, len))
     }
 
     /// Copies the outcome into the driver's buffers, puts the chain in the used ring and

@@ -116,23 +116,16 @@ fn accept_loop(
     }
 }
 
-/// Reads at least this long are copied into the guest's memory on the completing thread,
-/// beside the main thread, rather than on it.
-const COMPLETE_ASIDE: usize = 64 << 10;
-
-type Completion = (Job, Option<request::Outcome>);
-
 /// Answers the requests the back end hands over, many at a time.
 async fn serve(
     blk: Rc<BlockBackend>,
     device: Rc<Device>,
     in_flight: Rc<InFlight>,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
-    aside: std::sync::mpsc::Sender<Completion>,
 ) {
     while let Some(mut job) = jobs.recv().await {
         let counted = in_flight.begin();
-        let (blk, device, aside) = (blk.clone(), device.clone(), aside.clone());
+        let (blk, device) = (blk.clone(), device.clone());
         tokio::task::spawn_local(async move {
             // A chain without its header or status byte is completed unanswered (QEMU
             // drops it and leaves the driver waiting).
@@ -140,26 +133,9 @@ async fn serve(
                 Some(r) => Some(request::process(&blk, &device, r).await),
                 None => None,
             };
-            if outcome
-                .as_ref()
-                .is_some_and(|o| o.data.len() >= COMPLETE_ASIDE)
-            {
-                if let Err(back) = aside.send((job, outcome)) {
-                    let (job, outcome) = back.0;
-                    job.complete(outcome);
-                }
-            } else {
-                job.complete(outcome);
-            }
+            job.complete(outcome);
             drop(counted);
         });
-    }
-}
-
-/// Completes large reads off the main thread until the export ends.
-fn complete_aside(done: std::sync::mpsc::Receiver<Completion>) {
-    while let Ok((job, outcome)) = done.recv() {
-        job.complete(outcome);
     }
 }
 
@@ -193,18 +169,12 @@ impl ExportType for VhostUserBlkExportType {
                 .name("vhost-user-blk".into())
                 .spawn(move || accept_loop(listener, backend, s, c))
                 .map_err(|e| Error::generic(os_msg(&e)))?;
-            let (aside, done) = std::sync::mpsc::channel();
-            std::thread::Builder::new()
-                .name("vhost-user-blk-done".into())
-                .spawn(move || complete_aside(done))
-                .map_err(|e| Error::generic(os_msg(&e)))?;
             let in_flight = Rc::new(InFlight::default());
             let serving = tokio::task::spawn_local(serve(
                 setup.blk.clone(),
                 Rc::new(device),
                 in_flight.clone(),
                 rx,
-                aside,
             ));
             Ok(Rc::new(VhostUserBlkExport {
                 stop,
