@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what ferrite's tests need on a fresh machine of the project's kind (Debian 12, root):
-# the QEMU 10.0.2 tools (the oracle), libnbd tools, nbdkit, fio, xfsprogs, and a Python venv
+# the QEMU 10.0.2 tools and qemu-system-x86_64 (the oracles), libnbd tools, nbdkit, fio, xfsprogs, and a Python venv
 # with qemu.qmp.
 # Idempotent: what is already there is not installed again. Names no hosts: the backports suite
 # is derived from the machine's own apt sources (reference/dependencies.md §7).
@@ -10,6 +10,9 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 need_apt=()
 qemu_ok() { qemu-storage-daemon --version 2>/dev/null | grep -q 'version 10\.0\.'; }
 qemu_ok || need_apt+=(qemu-utils)
+# qemu-system-x86_64 10.0 is the oracle of ferrite-system-x86_64 (run with -accel tcg -S).
+system_ok() { qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.0\.'; }
+system_ok || need_apt+=(qemu-system-x86)
 command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
 command -v nbdkit >/dev/null || need_apt+=(nbdkit)
 command -v fio >/dev/null || need_apt+=(fio)
@@ -25,12 +28,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
       | sed 's/^Suites:.*/Suites: bookworm-backports/' | $SUDO tee /etc/apt/sources.list.d/backports.sources >/dev/null
   fi
   $SUDO apt-get update -qq
-  # qemu-utils must come from backports (10.0.2); plain bookworm's 7.2 is not the oracle.
-  if printf '%s\n' "${need_apt[@]}" | grep -qx qemu-utils; then
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-utils
-  fi
+  # The QEMU packages must come from backports (10.0.2); plain bookworm's 7.2 is not the oracle.
+  backports=()
   rest=()
-  for p in "${need_apt[@]}"; do [ "$p" = qemu-utils ] || rest+=("$p"); done
+  for p in "${need_apt[@]}"; do
+    case "$p" in qemu-utils|qemu-system-x86) backports+=("$p") ;; *) rest+=("$p") ;; esac
+  done
+  if [ ${#backports[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports "${backports[@]}"
+  fi
   if [ ${#rest[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${rest[@]}"
   fi

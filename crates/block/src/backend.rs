@@ -135,6 +135,8 @@ pub struct BlockBackend {
     on_read_error: Cell<OnError>,
     on_write_error: Cell<OnError>,
     iostatus: Cell<IoStatus>,
+    /// Whether the device reports an I/O status (QEMU's `iostatus_enabled`).
+    iostatus_enabled: Cell<bool>,
     throttle_group: RefCell<Option<String>>,
     order: u64,
 }
@@ -192,6 +194,7 @@ impl BlockBackend {
             on_read_error: Cell::new(OnError::Report),
             on_write_error: Cell::new(OnError::Enospc),
             iostatus: Cell::new(IoStatus::Ok),
+            iostatus_enabled: Cell::new(false),
             throttle_group: RefCell::new(None),
             order,
         });
@@ -292,6 +295,17 @@ impl BlockBackend {
     /// The removable medium's state.
     pub fn medium(&self) -> Medium {
         self.medium.get()
+    }
+
+    /// Makes the backend report an I/O status (a device that can stop on errors does).
+    pub fn iostatus_enable(&self) {
+        self.iostatus_enabled.set(true);
+        self.iostatus.set(IoStatus::Ok);
+    }
+
+    /// Whether it reports one.
+    pub fn iostatus_enabled(&self) -> bool {
+        self.iostatus_enabled.get()
     }
 
     /// Sets the removable medium's state.

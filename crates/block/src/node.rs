@@ -318,6 +318,19 @@ impl Node {
         !self.inactive.get()
     }
 
+    /// The name of the first named `BlockBackend` on the node (QEMU's
+    /// `bdrv_get_device_name`; empty for a node without one, as every node of a storage
+    /// daemon is): what a block job without `job-id` is called.
+    pub fn device_name(&self) -> String {
+        self.users()
+            .iter()
+            .filter_map(|u| u.root_parent())
+            .map(|r| r.vertex())
+            .find(|v| v.kind == crate::child::VertexKind::BlockBackend && !v.name.is_empty())
+            .map(|v| v.name)
+            .unwrap_or_default()
+    }
+
     /// Whether a `BlockBackend` (an export, a device, a job's writer) uses the node (QEMU:
     /// `bdrv_has_blk`); jobs' own edges do not count.
     pub fn has_backend_user(&self) -> bool {

@@ -126,12 +126,11 @@ impl Registry {
             .map_or("raw", |f| f.name())
     }
 
-    /// What `-drive format=help` prints: the drivers that can be opened read-write, then
-    /// those that can only be read (none yet).
+    /// What `-drive format=help` prints: the drivers that may be opened read-write, then
+    /// those that may be opened read-only (every driver, both times, as a QEMU built
+    /// without a format whitelist says).
     pub fn format_help(&self) -> String {
-        format!(
-            "Supported formats: {}\nSupported formats (read-only):\n",
-            self.names().join(" ")
-        )
+        let names = self.names().join(" ");
+        format!("Supported formats: {names}\nSupported formats (read-only): {names}\n")
     }
 }

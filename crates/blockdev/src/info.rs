@@ -92,6 +92,39 @@ pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
     d
 }
 
+/// `query-block`: the backends that have a name or a device, in creation order, with their
+/// device's view (removable medium, I/O status) and the node inserted.
+pub(crate) fn block_info(graph: &Graph) -> QObject {
+    graph
+        .backends()
+        .iter()
+        .filter(|b| !b.name().is_empty() || b.device().is_some())
+        .map(|b| {
+            let medium = b.medium();
+            let mut d = QDict::new().with("device", b.name());
+            if let Some(dev) = b.device() {
+                d.insert("qdev", dev);
+            }
+            d.insert("type", "unknown");
+            // A drive without a device could take any medium (QEMU says removable); a tray
+            // is only reported for a device that has one.
+            d.insert("removable", medium.removable || b.device().is_none());
+            d.insert("locked", medium.locked);
+            if medium.removable {
+                d.insert("tray_open", medium.tray_open);
+            }
+            if b.iostatus_enabled() {
+                d.insert("io-status", b.iostatus().as_str());
+            }
+            if let Some(n) = b.node() {
+                d.insert("inserted", device_info(&n, false));
+            }
+            QObject::Dict(d)
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
 /// `query-named-block-nodes`: newest node first, as QEMU lists them.
 pub(crate) fn named_block_nodes(graph: &Graph, flat: bool) -> QObject {
     graph

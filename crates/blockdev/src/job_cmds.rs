@@ -172,7 +172,9 @@ pub async fn qmp_block_stream(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
     let setup = StreamSetup {
         // Without an ID a job is named after its device, which a storage daemon's nodes
         // never have: QEMU then refuses the empty ID.
-        job_id: args.opt_str("job-id").unwrap_or("").to_owned(),
+        job_id: args
+            .opt_str("job-id")
+            .map_or_else(|| node.device_name(), str::to_owned),
         node,
         base: base_bs,
         bottom: bottom_bs,
@@ -241,7 +243,9 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
         ));
     }
     let setup = CommitSetup {
-        job_id: args.opt_str("job-id").unwrap_or("").to_owned(),
+        job_id: args
+            .opt_str("job-id")
+            .map_or_else(|| node.device_name(), str::to_owned),
         device: node.clone(),
         top: top.clone(),
         base,

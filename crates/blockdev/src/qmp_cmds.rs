@@ -32,6 +32,11 @@ pub fn qmp_query_named_block_nodes(graph: &Graph, args: &Args) -> QObject {
     info::named_block_nodes(graph, args.bool_or("flat", false))
 }
 
+/// `query-block`.
+pub fn qmp_query_block(graph: &Graph) -> QObject {
+    info::block_info(graph)
+}
+
 /// `query-blockstats`.
 pub fn qmp_query_blockstats(graph: &Graph, args: &Args) -> QObject {
     info::blockstats(graph, args.bool_or("query-nodes", false))

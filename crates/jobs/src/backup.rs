@@ -186,7 +186,7 @@ impl BackupJob {
                 workers.shutdown().await;
                 return Ok(());
             }
-            job.rate_limit(self.chunk.min(self.copy.len() - c * cs))
+            job.rate_limit_before(self.chunk.min(self.copy.len() - c * cs))
                 .await;
             // Chunks finish while the limiter holds the next one back.
             self.progress(job);
@@ -348,7 +348,9 @@ async fn prepare_nodes(
     txn: Option<Rc<JobTxn>>,
 ) -> Result<Prepared> {
     let (sync, bitmap) = check_sync(args, &source)?;
-    let id = args.opt_str("job-id").unwrap_or("").to_owned();
+    let id = args
+        .opt_str("job-id")
+        .map_or_else(|| source.device_name(), str::to_owned);
     if Rc::ptr_eq(&source, &target) {
         return Err(Error::SameSourceAndTarget);
     }

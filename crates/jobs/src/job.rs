@@ -350,10 +350,25 @@ impl Job {
         }
     }
 
-    /// Waits as long as the rate limit asks before moving `bytes`, then accounts them
-    /// (QEMU's ratelimit: 100 ms slices; a slice overrun by a big chunk stretches until the
-    /// average holds). Wakes early when the speed changes, or the job is cancelled or paused.
+    /// Accounts `bytes` just moved and waits as long as the rate limit then asks (QEMU's
+    /// ratelimit, as stream, commit and mirror use it: 100 ms slices; a slice overrun by a
+    /// big chunk stretches until the average holds). Wakes early when the speed changes, or
+    /// the job is cancelled or paused.
     pub async fn rate_limit(&self, bytes: u64) {
+        self.limit(bytes, true).await;
+    }
+
+    /// Waits while the current slice is over its quota, then accounts `bytes` about to be
+    /// moved (block-copy's order, for backup: a chunk waits only for the chunks before it).
+    pub async fn rate_limit_before(&self, bytes: u64) {
+        self.limit(0, true).await;
+        self.limit(bytes, false).await;
+    }
+
+    async fn limit(&self, bytes: u64, wait: bool) {
+        // The bytes count in the slice they were moved in; whether that slice is then over
+        // its quota decides the wait (so even the first chunk of a slow job makes it wait).
+        let mut moved = bytes;
         loop {
             let speed = self.speed.get();
             if speed == 0 || self.is_cancelled() {
@@ -365,8 +380,9 @@ impl Job {
             if end < now {
                 (start, end, used) = (now, now + SLICE, 0);
             }
-            if used < quota {
-                self.slice.set((start, end, used + bytes));
+            used += std::mem::take(&mut moved);
+            if used < quota || !wait {
+                self.slice.set((start, end, used));
                 return;
             }
             let slices = used as f64 / quota as f64;

@@ -23,7 +23,7 @@ pub use args::Args;
 pub use enums::{QapiEnum, check_enum};
 pub use error::{Error, ErrorClass, os_msg};
 pub use event::{QapiEvent, check_event};
-pub use schema::{Schema, schema};
+pub use schema::{Schema, schema, use_system_schema};
 
 /// QEMU's identifier rule (`id_wellformed`) for object ids, node names and job ids: a letter,
 /// then letters, digits, `-`, `.` and `_`.

@@ -16,19 +16,30 @@ use std::rc::Rc;
 use tokio::sync::Notify;
 
 /// Everything the main loop owns (QEMU's global state, minus the globals).
-pub(crate) struct Daemon {
-    pub(crate) events: Rc<EventBus>,
-    pub(crate) chardevs: Rc<ChardevRegistry>,
-    pub(crate) objects: Rc<ObjectRegistry>,
-    pub(crate) graph: Rc<Graph>,
-    pub(crate) exports: Rc<Exports>,
-    pub(crate) nbd: Rc<NbdService>,
-    pub(crate) jobs: Rc<JobManager>,
+pub struct Daemon {
+    /// Where events go to the monitors.
+    pub events: Rc<EventBus>,
+    /// The character devices.
+    pub chardevs: Rc<ChardevRegistry>,
+    /// The user-created QOM objects.
+    pub objects: Rc<ObjectRegistry>,
+    /// The block graph.
+    pub graph: Rc<Graph>,
+    /// The block exports.
+    pub exports: Rc<Exports>,
+    /// The NBD server.
+    pub nbd: Rc<NbdService>,
+    /// The jobs.
+    pub jobs: Rc<JobManager>,
     qom_root: Rc<dyn QomNode>,
-    pub(crate) monitors: RefCell<Vec<Rc<Monitor>>>,
+    /// The QMP monitors.
+    pub monitors: RefCell<Vec<Rc<Monitor>>>,
     quit_requested: Cell<bool>,
     quit: Notify,
     schema_info: OnceCell<QObject>,
+    /// The command table monitors use: the daemon's own unless a front end set one that
+    /// adds its commands (the system front end's machine).
+    commands: RefCell<Option<Rc<dyn Commands>>>,
 }
 
 /// The block layer's events, delivered through the monitors' event bus.
@@ -72,7 +83,8 @@ impl QomNode for ChardevNode {
 }
 
 impl Daemon {
-    pub(crate) fn new() -> Rc<Daemon> {
+    /// The state at start-up: every driver and export type registered, nothing else.
+    pub fn new() -> Rc<Daemon> {
         let chardevs = Rc::new(ChardevRegistry::new());
         let objects = Rc::new(ObjectRegistry::new());
         let chardev_view = chardevs.clone();
@@ -125,11 +137,25 @@ impl Daemon {
             quit_requested: Cell::new(false),
             quit: Notify::new(),
             schema_info: OnceCell::new(),
+            commands: RefCell::new(None),
         })
     }
 
+    /// Makes `commands` the table the monitors attached from now on use.
+    pub fn set_commands(&self, commands: Rc<dyn Commands>) {
+        *self.commands.borrow_mut() = Some(commands);
+    }
+
+    /// The table a new monitor uses.
+    pub(crate) fn commands(self: &Rc<Self>) -> Rc<dyn Commands> {
+        self.commands
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| Rc::new(DaemonCommands(self.clone())))
+    }
+
     /// The `VersionInfo` of the greeting and `query-version`.
-    pub(crate) fn version_info() -> QObject {
+    pub fn version_info() -> QObject {
         let (major, minor, micro) = QEMU_VERSION;
         QDict::new()
             .with(
@@ -145,7 +171,7 @@ impl Daemon {
 
     /// The first part of shutting down, done before `quit` answers (QEMU announces the
     /// exports' end before the `quit` reply): exports closed, nodes flushed.
-    pub(crate) async fn close_exports_and_flush(&self) {
+    pub async fn close_exports_and_flush(&self) {
         self.exports.close_all().await;
         self.nbd.close().await;
         self.graph.flush_all().await;
@@ -153,7 +179,7 @@ impl Daemon {
     }
 
     /// Asks the main loop to shut down (`quit`, a signal).
-    pub(crate) fn request_quit(&self) {
+    pub fn request_quit(&self) {
         self.quit_requested.set(true);
         self.quit.notify_waiters();
     }
@@ -166,7 +192,7 @@ impl Daemon {
     }
 
     /// Runs one checked command.
-    pub(crate) async fn run(&self, name: &str, args: Args) -> Result<QObject, Error> {
+    pub async fn run(&self, name: &str, args: Args) -> Result<QObject, Error> {
         let empty = || Ok(QObject::Dict(QDict::new()));
         match name {
             "query-version" => Ok(Self::version_info()),
@@ -180,8 +206,11 @@ impl Daemon {
                 .get_or_init(|| introspect::schema_info(schema()))
                 .clone()),
             "quit" => {
-                // Running jobs are force-cancelled first, as QSD does at exit.
+                // Running jobs are force-cancelled first, as QSD does at exit, inside a drain
+                // of everything so that throttled requests do not hold the cancel back.
+                let drained = self.graph.drain_all().await;
                 self.jobs.cancel_all().await;
+                drop(drained);
                 self.close_exports_and_flush().await;
                 self.request_quit();
                 empty()
@@ -255,7 +284,7 @@ impl Daemon {
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
             "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),
-            "query-block" => Ok(QObject::List(Vec::new())),
+            "query-block" => Ok(blk::qmp_query_block(&self.graph)),
             "query-blockstats" => Ok(blk::qmp_query_blockstats(&self.graph, &args)),
             "block_resize" => blk::qmp_block_resize(&self.graph, &args).await,
             "block-set-write-threshold" => blk::qmp_block_set_write_threshold(&self.graph, &args),
@@ -295,7 +324,7 @@ impl Daemon {
 }
 
 /// The command table the monitors call into.
-pub(crate) struct DaemonCommands(pub(crate) Rc<Daemon>);
+pub struct DaemonCommands(pub Rc<Daemon>);
 
 impl Commands for DaemonCommands {
     fn run<'a>(&'a self, name: &'a str, args: Args) -> CommandFuture<'a> {

@@ -5,7 +5,7 @@
 //! the options in order (`wiring`) and serves until `quit` or a signal. `fuzzing` holds the
 //! entry points of the coverage-guided fuzz targets in `fuzz/`.
 
-mod cli;
+pub(crate) mod cli;
 mod daemon;
 pub mod fuzzing;
 mod logging;
@@ -14,6 +14,17 @@ mod process;
 mod wiring;
 
 use cli::parse::{CliOption, parse_args};
+
+/// What a second front end (`ferrite-system-x86_64`) builds on: the daemon's state and
+/// command table, its options and their processing in order, and its main loop.
+pub mod front_end {
+    pub use crate::cli::help::{QEMU_VERSION, package};
+    pub use crate::cli::keyval;
+    pub use crate::cli::parse::CliOption;
+    pub use crate::daemon::{Daemon, DaemonCommands};
+    pub use crate::process::{DaemonizeHandle, PidFile};
+    pub use crate::wiring::{OptionError, Startup, run, start};
+}
 use std::process::ExitCode;
 
 /// Large request buffers (NBD reads and writes of up to 32 MiB) are served by mmap and given

@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A written, locked pid file; removed when dropped.
-pub(crate) struct PidFile {
+pub struct PidFile {
     path: PathBuf,
     _file: File,
 }
@@ -58,7 +58,7 @@ impl Drop for PidFile {
 }
 
 /// The child's end of the start-up status pipe.
-pub(crate) struct DaemonizeHandle {
+pub struct DaemonizeHandle {
     status: Option<File>,
 }
 
@@ -107,7 +107,7 @@ pub(crate) fn daemonize() -> DaemonizeHandle {
 
 impl DaemonizeHandle {
     /// A handle for a process that did not daemonize.
-    pub(crate) fn none() -> Self {
+    pub fn none() -> Self {
         DaemonizeHandle { status: None }
     }
 

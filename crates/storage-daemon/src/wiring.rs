@@ -2,7 +2,7 @@
 
 use crate::cli::keyval;
 use crate::cli::parse::CliOption;
-use crate::daemon::{Daemon, DaemonCommands};
+use crate::daemon::Daemon;
 use crate::process::{DaemonizeHandle, PidFile};
 use ferrite_chardev::{Origin, backend_from_opts};
 use ferrite_qapi::schema::TypeRef;
@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 /// What start-up ended with.
-pub(crate) enum Startup {
+pub enum Startup {
     /// Running: serve until quit.
     Running(Option<PidFile>),
     /// A help text was asked for and printed.
@@ -23,7 +23,7 @@ pub(crate) enum Startup {
 }
 
 /// Start-up failed on an option: the message QEMU would print after the program name.
-pub(crate) struct OptionError(pub(crate) String);
+pub struct OptionError(pub String);
 
 fn located(opt: &CliOption, e: impl Into<CliError>) -> OptionError {
     OptionError(format!("{}: {}", opt.describe(), e.into().0))
@@ -148,7 +148,7 @@ pub(crate) fn check(opt: &CliOption) -> Result<Checked, OptionError> {
 }
 
 /// Processes the options in order (QEMU's `process_options`), then writes the pid file.
-pub(crate) async fn start(
+pub async fn start(
     daemon: &Rc<Daemon>,
     options: &[CliOption],
     prog: &str,
@@ -219,7 +219,7 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
     dev.attach_frontend()
         .map_err(|_| Error::generic(format!("chardev '{id}' is already in use")))?;
     let monitor = Monitor::new(
-        Rc::new(DaemonCommands(daemon.clone())),
+        daemon.commands(),
         daemon.events.clone(),
         Daemon::version_info(),
         MonitorOptions {
@@ -238,7 +238,7 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
 }
 
 /// Serves until `quit` or a signal, then shuts down in QEMU's order.
-pub(crate) async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: DaemonizeHandle) {
+pub async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: DaemonizeHandle) {
     handle.startup_done();
     // Housekeeping: metadata caches left unused are dropped (cache-clean-interval).
     let graph = Rc::downgrade(&daemon.graph);

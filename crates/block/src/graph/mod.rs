@@ -143,8 +143,21 @@ impl Graph {
     /// # Errors
     /// QEMU's "Cannot find device='x' nor node-name='x'".
     pub fn lookup(&self, name: &str) -> Result<Rc<Node>> {
-        self.find(name)
+        self.find_by_backend(name)
+            .or_else(|| self.find(name))
             .ok_or_else(|| Error::NotFound(name.to_owned()))
+    }
+
+    /// The node inserted in the backend called `name` (a drive of the system front end),
+    /// which commands that take a device find before a node of that name.
+    pub fn find_by_backend(&self, name: &str) -> Option<Rc<Node>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.backends()
+            .into_iter()
+            .find(|b| b.name() == name)
+            .and_then(|b| b.node())
     }
 
     /// A node by node name only, for commands without a device argument.
@@ -161,7 +174,8 @@ impl Graph {
     /// # Errors
     /// `GenericError` "Device 'x' not found" (QEMU uses the generic class here).
     pub fn lookup_device(&self, name: &str) -> Result<Rc<Node>> {
-        self.find(name)
+        self.find_by_backend(name)
+            .or_else(|| self.find(name))
             .ok_or_else(|| Error::DeviceNotFound(name.to_owned()))
     }
 

@@ -325,7 +325,9 @@ pub async fn start_mirror(
     let policy = |key| ErrorPolicy::parse(args.opt_str(key));
     let setup = Setup {
         kind: JobType::Mirror,
-        job_id: args.opt_str("job-id").unwrap_or("").to_owned(),
+        job_id: args
+            .opt_str("job-id")
+            .map_or_else(|| source.device_name(), str::to_owned),
         source,
         target,
         replaces,

@@ -172,6 +172,9 @@ pub struct Command {
     pub features: Vec<String>,
     /// Whether `exec-oob` may run it.
     pub allow_oob: bool,
+    /// Whether it takes members beyond those declared, checked by its handler (QEMU's
+    /// `'gen': false` commands, such as `device_add`).
+    pub open_args: bool,
 }
 
 /// A QMP event.
@@ -210,16 +213,39 @@ const SOURCES: &[(&str, &str)] = &[
     ("job.qapi", include_str!("../../schema/job.qapi")),
 ];
 
-/// The daemon's schema, parsed and checked on first use.
+/// What only a qemu-system front end has (the machine, its devices, HMP), read after
+/// [`SOURCES`] when [`use_system_schema`] was called.
+const SYSTEM_SOURCES: &[(&str, &str)] =
+    &[("machine.qapi", include_str!("../../schema/machine.qapi"))];
+
+/// Whether [`schema`] includes [`SYSTEM_SOURCES`].
+static SYSTEM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`schema`] the qemu-system front end's: the daemon's and the machine's. To be
+/// called before the schema is first used; returns whether that was still the case.
+pub fn use_system_schema() -> bool {
+    SYSTEM.store(true, std::sync::atomic::Ordering::SeqCst);
+    SCHEMA.get().is_none()
+}
+
+static SCHEMA: OnceLock<Schema> = OnceLock::new();
+
+/// The program's schema (the daemon's, or the system front end's), parsed and checked on
+/// first use.
 ///
 /// # Panics
 /// If the compiled-in schema is malformed; the `schema_loads` unit test keeps that from
 /// reaching a build.
 pub fn schema() -> &'static Schema {
-    static SCHEMA: OnceLock<Schema> = OnceLock::new();
-    SCHEMA.get_or_init(|| match Schema::from_sources(SOURCES) {
-        Ok(s) => s,
-        Err(e) => panic!("the compiled-in QAPI schema is invalid: {e}"),
+    SCHEMA.get_or_init(|| {
+        let mut sources = SOURCES.to_vec();
+        if SYSTEM.load(std::sync::atomic::Ordering::SeqCst) {
+            sources.extend_from_slice(SYSTEM_SOURCES);
+        }
+        match Schema::from_sources(&sources) {
+            Ok(s) => s,
+            Err(e) => panic!("the compiled-in QAPI schema is invalid: {e}"),
+        }
     })
 }
 
@@ -369,6 +395,11 @@ mod tests {
         let s = Schema::from_sources(SOURCES).unwrap();
         assert!(s.command("qmp_capabilities").is_some());
         assert!(s.command("query-qmp-schema").is_some());
+        assert!(s.command("stop").is_none());
+        let all = [SOURCES, SYSTEM_SOURCES].concat();
+        let s = Schema::from_sources(&all).unwrap();
+        assert!(s.command("stop").is_some());
+        assert!(s.command("device_add").is_some_and(|c| c.open_args));
     }
 
     #[test]

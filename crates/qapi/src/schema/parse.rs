@@ -256,7 +256,8 @@ impl Parser<'_> {
                 };
                 let mut features = self.features();
                 let allow_oob = features.iter().any(|f| f == "allow-oob");
-                features.retain(|f| f != "allow-oob");
+                let open_args = features.iter().any(|f| f == "open-args");
+                features.retain(|f| f != "allow-oob" && f != "open-args");
                 if self.schema.commands.contains_key(&name) {
                     return self.err(format!("command '{name}' is declared twice"));
                 }
@@ -268,6 +269,7 @@ impl Parser<'_> {
                         ret,
                         features,
                         allow_oob,
+                        open_args,
                     },
                 );
                 Ok(())

@@ -1,10 +1,10 @@
 //! The texts of `--help` and `--version`.
 
 /// The QEMU release whose interface ferrite implements.
-pub(crate) const QEMU_VERSION: (i64, i64, i64) = (10, 0, 2);
+pub const QEMU_VERSION: (i64, i64, i64) = (10, 0, 2);
 
 /// The package string in `query-version` and the greeting.
-pub(crate) fn package() -> String {
+pub fn package() -> String {
     format!("ferrite {}", env!("CARGO_PKG_VERSION"))
 }
 

@@ -8,11 +8,13 @@ use ferrite_qobject::{QDict, QObject, from_json};
 /// A parsed option: the value tree (scalars are strings in keyval form) and whether `help`
 /// was asked for.
 #[derive(Debug)]
-pub(crate) struct Parsed {
-    pub(crate) value: QDict,
-    pub(crate) help: bool,
+pub struct Parsed {
+    /// The value tree.
+    pub value: QDict,
+    /// Whether `help` was given.
+    pub help: bool,
     /// Whether it came as JSON (its scalars are typed and are checked strictly).
-    pub(crate) json: bool,
+    pub json: bool,
 }
 
 fn valid_fragment(f: &str) -> bool {
@@ -27,7 +29,7 @@ fn valid_fragment(f: &str) -> bool {
 /// # Errors
 /// QEMU's keyval texts: "Invalid parameter 'k'", "Expected '=' after parameter 'k'",
 /// "Parameters 'a.*' used inconsistently", JSON parse errors, and list index errors.
-pub(crate) fn parse(text: &str, implied: Option<&str>) -> Result<Parsed, Error> {
+pub fn parse(text: &str, implied: Option<&str>) -> Result<Parsed, Error> {
     if text.starts_with('{') {
         let v = from_json(text).map_err(|e| Error::generic(e.to_string()))?;
         return match v {

@@ -2,5 +2,5 @@
 //! `keyval` reads QEMU's option syntax; `help` holds the texts of `-h` and `-V`.
 
 pub(crate) mod help;
-pub(crate) mod keyval;
+pub mod keyval;
 pub(crate) mod parse;

@@ -3,23 +3,34 @@
 
 /// One command-line option, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum CliOption {
+pub enum CliOption {
+    /// `--help`.
     Help,
+    /// `--version`.
     Version,
+    /// `--trace`.
     Trace(String),
+    /// `--blockdev`.
     Blockdev(String),
+    /// `--chardev`.
     Chardev(String),
+    /// `--daemonize`.
     Daemonize,
+    /// `--export`.
     Export(String),
+    /// `--monitor` (qemu-system's `-mon`).
     Monitor(String),
+    /// `--nbd-server`.
     NbdServer(String),
+    /// `--object`.
     Object(String),
+    /// `--pidfile`.
     Pidfile(String),
 }
 
 impl CliOption {
     /// How the option is written in messages (`--object iothread,id=x`).
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             CliOption::Help => "--help".into(),
             CliOption::Version => "--version".into(),

@@ -1,0 +1,75 @@
+//! The system front end's command table: the machine's commands, then everything the
+//! storage daemon answers.
+
+use crate::System;
+use ferrite_qapi::{Args, Error};
+use ferrite_qmp::{CommandFuture, Commands};
+use ferrite_qobject::{QDict, QObject};
+use std::rc::Rc;
+
+fn empty() -> Result<QObject, Error> {
+    Ok(QObject::Dict(QDict::new()))
+}
+
+/// The table monitors of `ferrite-system-x86_64` call into.
+pub(crate) struct SystemCommands(pub(crate) Rc<System>);
+
+impl SystemCommands {
+    async fn run(&self, name: &str, args: Args) -> Result<QObject, Error> {
+        let sys = &self.0;
+        match name {
+            "query-status" => Ok(sys.machine.query_status()),
+            "stop" => {
+                sys.machine.stop();
+                empty()
+            }
+            "cont" => {
+                sys.machine.cont()?;
+                empty()
+            }
+            "system_reset" => {
+                sys.machine.system_reset();
+                empty()
+            }
+            "system_powerdown" => {
+                sys.machine.system_powerdown();
+                empty()
+            }
+            "query-name" => Ok(sys.machine.query_name()),
+            "query-kvm" => Ok(sys.machine.query_kvm()),
+            "device_add" => {
+                sys.devices.add(args.as_dict())?;
+                empty()
+            }
+            "device_del" => {
+                sys.devices.del(args.str("id")?)?;
+                empty()
+            }
+            "human-monitor-command" => {
+                let line = args.str("command-line")?.to_owned();
+                Ok(QObject::String(crate::hmp::run(self, &line).await))
+            }
+            "quit" => {
+                sys.machine.quit();
+                sys.daemon.run("quit", args).await
+            }
+            _ => sys.daemon.run(name, args).await,
+        }
+    }
+
+    /// Runs a command for the human monitor.
+    pub(crate) async fn run_for_hmp(&self, name: &str, args: QDict) -> Result<QObject, Error> {
+        Box::pin(self.run(name, Args::new(args))).await
+    }
+
+    /// The system the table serves.
+    pub(crate) fn system(&self) -> &Rc<System> {
+        &self.0
+    }
+}
+
+impl Commands for SystemCommands {
+    fn run<'a>(&'a self, name: &'a str, args: Args) -> CommandFuture<'a> {
+        Box::pin(SystemCommands::run(self, name, args))
+    }
+}

@@ -1,0 +1,547 @@
+//! Device stand-ins: what a guest would see of a disk, a CD-ROM or a floppy drive is here
+//! only as far as the block layer sees it. Each drive device holds a `BlockBackend` with the
+//! permissions the real device takes, a qdev id or a generated path, and (for CD-ROMs and
+//! floppies) a tray. `-device`, `device_add` and `device_del` go through [`Devices`].
+
+use crate::machine::Machine;
+use ferrite_block::{BlockBackend, Graph, Medium, Perm};
+use ferrite_qapi::{Error, ErrorClass};
+use ferrite_qmp::{Event, EventBus};
+use ferrite_qobject::{QDict, QObject};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+/// What kind of thing a model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A disk of its own on PCI (`virtio-blk-pci`).
+    VirtioBlk,
+    /// A SCSI controller on PCI: provides a SCSI bus.
+    VirtioScsi,
+    /// A PCI bridge.
+    PciBridge,
+    /// A disk or CD-ROM on a SCSI bus.
+    ScsiHd,
+    ScsiCd,
+    /// A disk or CD-ROM on an IDE bus.
+    IdeHd,
+    IdeCd,
+    /// A floppy drive.
+    Floppy,
+}
+
+impl Kind {
+    /// Whether the device takes a `drive` property.
+    fn has_drive(self) -> bool {
+        !matches!(self, Kind::VirtioScsi | Kind::PciBridge)
+    }
+
+    /// Whether its medium can be removed (a tray).
+    fn removable(self) -> bool {
+        matches!(self, Kind::ScsiCd | Kind::IdeCd | Kind::Floppy)
+    }
+
+    /// Whether it can work without a medium.
+    fn may_be_empty(self) -> bool {
+        self.removable()
+    }
+
+    /// Whether it only reads.
+    fn read_only(self) -> bool {
+        matches!(self, Kind::ScsiCd | Kind::IdeCd)
+    }
+
+    fn on_pci(self) -> bool {
+        matches!(self, Kind::VirtioBlk | Kind::VirtioScsi | Kind::PciBridge)
+    }
+}
+
+/// A device model `-device help` lists.
+pub(crate) struct Model {
+    pub(crate) name: &'static str,
+    pub(crate) alias: Option<&'static str>,
+    pub(crate) bus: &'static str,
+    pub(crate) category: &'static str,
+    pub(crate) desc: &'static str,
+    kind: Kind,
+    /// Properties beyond `drive`, `id` and `bus` it accepts.
+    props: &'static [&'static str],
+}
+
+const DRIVE_PROPS: &[&str] = &[
+    "share-rw",
+    "write-cache",
+    "serial",
+    "logical_block_size",
+    "physical_block_size",
+    "min_io_size",
+    "opt_io_size",
+    "discard_granularity",
+    "werror",
+    "rerror",
+    "bootindex",
+];
+
+const STORAGE: &str = "Storage devices";
+const BRIDGES: &str = "Controller/Bridge/Hub devices";
+
+/// The models there are.
+pub(crate) const MODELS: &[Model] = &[
+    Model {
+        name: "virtio-blk-pci",
+        alias: Some("virtio-blk"),
+        bus: "PCI",
+        category: STORAGE,
+        desc: "",
+        kind: Kind::VirtioBlk,
+        props: &[
+            "share-rw",
+            "write-cache",
+            "serial",
+            "logical_block_size",
+            "physical_block_size",
+            "discard_granularity",
+            "werror",
+            "rerror",
+            "bootindex",
+            "iothread",
+            "num-queues",
+            "queue-size",
+            "addr",
+            "config-wce",
+            "scsi",
+            "discard",
+            "write-zeroes",
+        ],
+    },
+    Model {
+        name: "virtio-scsi-pci",
+        alias: Some("virtio-scsi"),
+        bus: "PCI",
+        category: STORAGE,
+        desc: "",
+        kind: Kind::VirtioScsi,
+        props: &["iothread", "num_queues", "addr"],
+    },
+    Model {
+        name: "pci-bridge",
+        alias: None,
+        bus: "PCI",
+        category: BRIDGES,
+        desc: "Standard PCI Bridge",
+        kind: Kind::PciBridge,
+        props: &["chassis_nr", "addr", "shpc", "msi"],
+    },
+    Model {
+        name: "scsi-hd",
+        alias: None,
+        bus: "SCSI",
+        category: STORAGE,
+        desc: "virtual SCSI disk",
+        kind: Kind::ScsiHd,
+        props: DRIVE_PROPS,
+    },
+    Model {
+        name: "scsi-cd",
+        alias: None,
+        bus: "SCSI",
+        category: STORAGE,
+        desc: "virtual SCSI CD-ROM",
+        kind: Kind::ScsiCd,
+        props: DRIVE_PROPS,
+    },
+    Model {
+        name: "ide-hd",
+        alias: None,
+        bus: "IDE",
+        category: STORAGE,
+        desc: "virtual IDE disk",
+        kind: Kind::IdeHd,
+        props: DRIVE_PROPS,
+    },
+    Model {
+        name: "ide-cd",
+        alias: None,
+        bus: "IDE",
+        category: STORAGE,
+        desc: "virtual IDE CD-ROM",
+        kind: Kind::IdeCd,
+        props: DRIVE_PROPS,
+    },
+    Model {
+        name: "floppy",
+        alias: None,
+        bus: "floppy-bus",
+        category: STORAGE,
+        desc: "virtual floppy drive",
+        kind: Kind::Floppy,
+        props: &["unit", "drive-type"],
+    },
+];
+
+fn model(name: &str) -> Option<&'static Model> {
+    MODELS
+        .iter()
+        .find(|m| m.name == name || m.alias == Some(name))
+}
+
+/// A device on the machine.
+pub(crate) struct Device {
+    pub(crate) id: Option<String>,
+    pub(crate) model: &'static Model,
+    /// Its QOM path (`/machine/peripheral/ID` or `/machine/peripheral-anon/device[N]`).
+    pub(crate) path: String,
+    /// The drive it uses.
+    pub(crate) blk: Option<Rc<BlockBackend>>,
+    /// Whether the backend came from `-drive` and goes when the device goes (QEMU's
+    /// auto-deletion of legacy drives).
+    auto_del: bool,
+    /// A `device_del` waits for the guest (a PCI device: until the next reset here).
+    unplug_pending: Cell<bool>,
+    /// For a SCSI controller: its bus's name (`ID.0`).
+    bus_name: Option<String>,
+}
+
+impl Device {
+    /// The path query-block reports as `qdev`: the id, else the canonical path (of the
+    /// virtio device inside a virtio-blk proxy).
+    fn qdev(&self) -> String {
+        if self.model.kind == Kind::VirtioBlk {
+            return format!("{}/virtio-backend", self.path);
+        }
+        self.id.clone().unwrap_or_else(|| self.path.clone())
+    }
+}
+
+/// The machine's devices.
+pub(crate) struct Devices {
+    machine: Rc<Machine>,
+    graph: Rc<Graph>,
+    events: Rc<EventBus>,
+    list: RefCell<Vec<Rc<Device>>>,
+    /// Anonymous devices made so far (`device[N]` counts them all).
+    anon: Cell<u32>,
+}
+
+fn generic(text: impl Into<String>) -> Error {
+    Error::generic(text.into())
+}
+
+/// A property's value as the command line or QMP gave it.
+fn prop_str(v: &QObject) -> String {
+    match v {
+        QObject::String(s) => s.clone(),
+        QObject::Bool(b) => if *b { "on" } else { "off" }.into(),
+        other => ferrite_qobject::to_json(other),
+    }
+}
+
+fn prop_bool(model: &str, name: &str, v: &str) -> Result<bool, Error> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(generic(format!(
+            "Property '{model}.{name}' doesn't take value '{v}'"
+        ))),
+    }
+}
+
+impl Devices {
+    pub(crate) fn new(machine: Rc<Machine>, graph: Rc<Graph>, events: Rc<EventBus>) -> Rc<Self> {
+        let devices = Rc::new(Devices {
+            machine: machine.clone(),
+            graph,
+            events,
+            list: RefCell::new(Vec::new()),
+            anon: Cell::new(0),
+        });
+        let weak = Rc::downgrade(&devices);
+        machine.on_reset(Box::new(move || {
+            // The reset's unplugs happen after the command returns, as QEMU's main loop
+            // does them once the reset request is seen.
+            let weak = weak.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                if let Some(d) = weak.upgrade() {
+                    d.finish_unplugs();
+                }
+            });
+        }));
+        devices
+    }
+
+    /// The device with qdev id `id`.
+    pub(crate) fn find(&self, id: &str) -> Option<Rc<Device>> {
+        self.list
+            .borrow()
+            .iter()
+            .find(|d| d.id.as_deref() == Some(id))
+            .cloned()
+    }
+
+    /// `-device` or `device_add`: `props` holds `driver`, maybe `id` and `bus`, and the
+    /// model's properties.
+    ///
+    /// # Errors
+    /// QEMU's texts: an unknown model, a property the model lacks, a missing or unknown
+    /// drive, a drive in use, no bus for the device, a duplicate id.
+    pub(crate) fn add(&self, props: &QDict) -> Result<Rc<Device>, Error> {
+        let driver = props
+            .get("driver")
+            .map(prop_str)
+            .ok_or_else(|| generic("Parameter 'driver' is missing"))?;
+        let model = model(&driver)
+            .ok_or_else(|| generic(format!("'{driver}' is not a valid device model name")))?;
+        let mut values: Vec<(String, String)> = Vec::new();
+        for (k, v) in props.iter() {
+            if matches!(k, "driver" | "id" | "bus") {
+                continue;
+            }
+            let known = model.props.contains(&k) || (k == "drive" && model.kind.has_drive());
+            if !known {
+                return Err(generic(format!(
+                    "Property '{}.{k}' not found",
+                    if model.kind == Kind::VirtioBlk {
+                        "virtio-blk-pci"
+                    } else {
+                        model.name
+                    }
+                )));
+            }
+            values.push((k.to_owned(), prop_str(v)));
+        }
+        let get = |name: &str| {
+            values
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let id = props.get("id").map(prop_str);
+        if let Some(id) = &id {
+            if !ferrite_qapi::id_wellformed(id) {
+                return Err(generic("Parameter 'id' expects an identifier"));
+            }
+            if self.find(id).is_some() {
+                return Err(generic(format!("Duplicate device ID '{id}'")));
+            }
+        }
+        let bus = props.get("bus").map(prop_str);
+        self.check_bus(model, bus.as_deref())?;
+        // The drive, and the permissions the device takes on it.
+        let share_rw = get("share-rw")
+            .map(|v| prop_bool(model.name, "share-rw", v))
+            .transpose()?
+            .unwrap_or(false);
+        let inner = if model.kind == Kind::VirtioBlk {
+            "virtio-blk-device"
+        } else {
+            model.name
+        };
+        let (blk, auto_del) = match (model.kind.has_drive(), get("drive")) {
+            (false, _) => (None, false),
+            (true, None) if model.kind.may_be_empty() => {
+                (Some(BlockBackend::new_empty(&self.graph)), false)
+            }
+            (true, None) => return Err(generic("drive property not set")),
+            (true, Some(name)) => {
+                let (blk, legacy) = self.backend_for(inner, name)?;
+                (Some(blk), legacy)
+            }
+        };
+        if let Some(blk) = &blk
+            && let Some(node) = blk.node()
+        {
+            let read_only = model.kind.read_only() || node.is_read_only();
+            if read_only && matches!(model.kind, Kind::IdeHd) {
+                return Err(generic("Can't use a read-only drive"));
+            }
+            let mut perm = Perm::CONSISTENT_READ;
+            if !read_only {
+                perm |= Perm::WRITE;
+            }
+            let mut shared = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::RESIZE;
+            if share_rw {
+                shared |= Perm::WRITE;
+            }
+            blk.set_perm(perm, shared)
+                .map_err(|e| generic(Error::from(e).desc))?;
+        }
+        let path = match &id {
+            Some(id) => format!("/machine/peripheral/{id}"),
+            None => {
+                let n = self.anon.get();
+                self.anon.set(n + 1);
+                format!("/machine/peripheral-anon/device[{n}]")
+            }
+        };
+        let bus_name = (model.kind == Kind::VirtioScsi)
+            .then(|| format!("{}.0", id.clone().unwrap_or_else(|| path.clone())));
+        let device = Rc::new(Device {
+            id,
+            model,
+            path,
+            blk,
+            auto_del,
+            unplug_pending: Cell::new(false),
+            bus_name,
+        });
+        if let Some(blk) = &device.blk {
+            blk.set_device(Some(&device.qdev()));
+            if model.kind != Kind::Floppy {
+                blk.iostatus_enable();
+            }
+            if model.kind.removable() {
+                blk.set_medium(Medium {
+                    removable: true,
+                    tray_open: false,
+                    locked: false,
+                });
+            }
+        }
+        self.list.borrow_mut().push(device.clone());
+        Ok(device)
+    }
+
+    /// The backend for `drive=name`: a drive's backend (not yet attached to a device), or a
+    /// new one on the node of that name.
+    fn backend_for(&self, inner: &str, name: &str) -> Result<(Rc<BlockBackend>, bool), Error> {
+        let named = self.graph.backends().into_iter().find(|b| b.name() == name);
+        if let Some(blk) = named {
+            if blk.device().is_some() {
+                return Err(generic(format!(
+                    "Drive '{name}' is already in use by another device"
+                )));
+            }
+            return Ok((blk, true));
+        }
+        let Some(node) = self.graph.find(name) else {
+            return Err(generic(format!(
+                "Property '{inner}.drive' can't find value '{name}'"
+            )));
+        };
+        let blk = BlockBackend::new(&self.graph, &node, Perm::empty(), Perm::all())
+            .map_err(|e| generic(Error::from(e).desc))?;
+        Ok((blk, false))
+    }
+
+    /// Checks that the machine has a bus for `model` (`bus` names one).
+    fn check_bus(&self, model: &Model, bus: Option<&str>) -> Result<(), Error> {
+        let board = self.machine.kind.board;
+        let no_bus = || {
+            generic(format!(
+                "No '{}' bus found for device '{}'",
+                model.bus, model.name
+            ))
+        };
+        if let Some(bus) = bus {
+            let known = self
+                .list
+                .borrow()
+                .iter()
+                .any(|d| d.bus_name.as_deref() == Some(bus) || d.id.as_deref() == Some(bus))
+                || bus.starts_with("pci")
+                || bus.starts_with("ide.")
+                || bus == "pcie.0";
+            if !known {
+                return Err(generic(format!("Bus '{bus}' not found")));
+            }
+            return Ok(());
+        }
+        let ok = match model.kind {
+            k if k.on_pci() => board.has_pci(),
+            Kind::ScsiHd | Kind::ScsiCd => self
+                .list
+                .borrow()
+                .iter()
+                .any(|d| d.model.kind == Kind::VirtioScsi),
+            Kind::IdeHd | Kind::IdeCd => board.ide_buses() > 0,
+            Kind::Floppy => board.has_floppy(),
+            _ => true,
+        };
+        if ok { Ok(()) } else { Err(no_bus()) }
+    }
+
+    /// `device_del`: a device on a bus that unplugs at once goes now (DEVICE_DELETED); a PCI
+    /// device waits for the guest to let it go, which without a guest happens at the next
+    /// `system_reset`.
+    ///
+    /// # Errors
+    /// "Device 'x' not found" (DeviceNotFound), a bus without hot-unplug.
+    pub(crate) fn del(&self, id: &str) -> Result<(), Error> {
+        let Some(dev) = self.find(id) else {
+            return Err(Error::new(
+                ErrorClass::DeviceNotFound,
+                format!("Device '{id}' not found"),
+            ));
+        };
+        match dev.model.kind {
+            k if k.on_pci() => {
+                dev.unplug_pending.set(true);
+                Ok(())
+            }
+            Kind::ScsiHd | Kind::ScsiCd => {
+                self.remove(&dev);
+                Ok(())
+            }
+            Kind::IdeHd | Kind::IdeCd => Err(generic("Bus 'ide.0' does not support hotplugging")),
+            _ => Err(generic("Bus 'floppy-bus.0' does not support hotplugging")),
+        }
+    }
+
+    /// Unplugs the devices whose unplug waited for a reset.
+    fn finish_unplugs(&self) {
+        let pending: Vec<_> = self
+            .list
+            .borrow()
+            .iter()
+            .filter(|d| d.unplug_pending.get())
+            .cloned()
+            .collect();
+        for d in pending {
+            self.remove(&d);
+        }
+    }
+
+    /// Removes a device (and what sits on its bus), releasing its drive.
+    fn remove(&self, dev: &Rc<Device>) {
+        if dev.bus_name.is_some() {
+            // The SCSI devices sit on this controller's bus (the devices do not record
+            // which controller's when there are several: all of them go).
+            let children: Vec<_> = self
+                .list
+                .borrow()
+                .iter()
+                .filter(|d| matches!(d.model.kind, Kind::ScsiHd | Kind::ScsiCd))
+                .cloned()
+                .collect();
+            for c in children {
+                self.remove(&c);
+            }
+        }
+        self.list.borrow_mut().retain(|d| !Rc::ptr_eq(d, dev));
+        if let Some(blk) = &dev.blk {
+            blk.set_device(None);
+            blk.set_medium(Medium::default());
+            if dev.auto_del || blk.name().is_empty() {
+                blk.remove();
+                blk.set_name("");
+            }
+        }
+        if dev.model.kind == Kind::VirtioBlk {
+            self.emit_deleted(None, format!("{}/virtio-backend", dev.path));
+        }
+        self.emit_deleted(dev.id.clone(), dev.path.clone());
+    }
+
+    fn emit_deleted(&self, device: Option<String>, path: String) {
+        let mut data = QDict::new();
+        if let Some(d) = device {
+            data.insert("device", d);
+        }
+        data.insert("path", path);
+        self.events.emit(Event {
+            name: "DEVICE_DELETED",
+            data: Some(data),
+        });
+    }
+}

@@ -1,0 +1,257 @@
+//! `-drive` (QEMU: `blockdev.c`'s `drive_new`): the legacy way to make a drive. Its options
+//! become a format node over a protocol node, opened with the options QEMU derives from
+//! `cache`, `aio`, `readonly`...; the node is held by a `BlockBackend` named by `id`, and an
+//! interface other than `none` puts a device on the machine with it.
+
+use crate::devices::Devices;
+use ferrite_block::{BlockBackend, Graph, OnError, Perm};
+use ferrite_qapi::visit::{Mode, check_object};
+use ferrite_qapi::{Args, Error, schema};
+use ferrite_qobject::{QDict, QObject};
+use std::rc::Rc;
+
+/// What `-drive` made.
+pub(crate) struct Drive {
+    pub(crate) blk: Rc<BlockBackend>,
+}
+
+/// Interfaces and how their default ids are spelled.
+fn default_id(interface: &str, index: u32, media_cd: bool) -> String {
+    match interface {
+        "ide" => format!(
+            "ide{}-{}{}",
+            index / 2,
+            if media_cd { "cd" } else { "hd" },
+            index % 2
+        ),
+        "scsi" => format!("scsi0-{}{index}", if media_cd { "cd" } else { "hd" }),
+        other => format!("{other}{index}"),
+    }
+}
+
+fn generic(text: impl Into<String>) -> Error {
+    Error::generic(text.into())
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, Error> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(generic(format!("Parameter '{key}' expects 'on' or 'off'"))),
+    }
+}
+
+/// A child given by `filename` without a driver is a file, as `-drive` infers it (QEMU
+/// would look at a protocol prefix; ferrite has only the file protocol by name).
+fn default_protocols(node: &mut QDict) {
+    for key in ["file", "backing"] {
+        if let Some(QObject::Dict(child)) = node.get_mut(key) {
+            if child.get("driver").is_none() && child.get("filename").is_some() {
+                child.insert("driver", "file");
+            }
+            default_protocols(child);
+        }
+    }
+}
+
+/// Counts of drives per interface, for default ids and indexes.
+#[derive(Default)]
+pub(crate) struct DriveCounter {
+    used: std::collections::HashMap<String, u32>,
+}
+
+impl DriveCounter {
+    fn next(&mut self, interface: &str) -> u32 {
+        let n = self.used.entry(interface.to_owned()).or_insert(0);
+        let v = *n;
+        *n += 1;
+        v
+    }
+}
+
+/// Creates the drive `text` describes (and its device).
+///
+/// # Errors
+/// QEMU's texts where they are known ("Duplicate ID 'x' for drive", "unsupported bus type
+/// 'x'", "Unknown driver 'x'", the open failing).
+pub(crate) async fn add(
+    graph: &Rc<Graph>,
+    devices: &Devices,
+    counter: &mut DriveCounter,
+    text: &str,
+    snapshot_all: bool,
+) -> Result<Drive, Error> {
+    let parsed = ferrite_storage_daemon::front_end::keyval::parse(text, None)?;
+    let mut opts = parsed.value;
+    let file_is_name = matches!(opts.get("file"), Some(QObject::String(_)));
+    let mut take = |k: &str| {
+        opts.remove(k).map(|v| match v {
+            QObject::String(s) => s,
+            other => ferrite_qobject::to_json(&other),
+        })
+    };
+    let interface = take("if").unwrap_or_else(|| "ide".into());
+    if !matches!(
+        interface.as_str(),
+        "none" | "ide" | "scsi" | "floppy" | "virtio" | "pflash" | "mtd" | "sd" | "xen"
+    ) {
+        return Err(generic(format!("unsupported bus type '{interface}'")));
+    }
+    let media_cd = match take("media").as_deref() {
+        None | Some("disk") => false,
+        Some("cdrom") => true,
+        Some(m) => return Err(generic(format!("'{m}' invalid media"))),
+    };
+    let index = match take("index") {
+        Some(i) => i
+            .parse()
+            .map_err(|_| generic("Parameter 'index' expects a number"))?,
+        None => counter.next(&interface),
+    };
+    let id = take("id").unwrap_or_else(|| default_id(&interface, index, media_cd));
+    if graph.backends().iter().any(|b| b.name() == id) {
+        return Err(generic(format!("Duplicate ID '{id}' for drive")));
+    }
+    // `file` is the image's name, unless `file.*` options describe the protocol node.
+    let file = if file_is_name {
+        take("file").filter(|f| !f.is_empty())
+    } else {
+        None
+    };
+    let format = take("format").or_else(|| take("driver"));
+    let cache = take("cache");
+    let aio = take("aio");
+    let read_only = take("readonly")
+        .map(|v| on_off("readonly", &v))
+        .transpose()?
+        .unwrap_or(false)
+        || media_cd;
+    let snapshot = take("snapshot")
+        .map(|v| on_off("snapshot", &v))
+        .transpose()?
+        .unwrap_or(snapshot_all);
+    let werror = take("werror");
+    let rerror = take("rerror");
+    for k in ["bus", "unit", "serial", "addr", "copy-on-read"] {
+        take(k);
+    }
+    let blk = BlockBackend::new_empty(graph);
+    blk.set_name(&id);
+    blk.set_on_error(
+        OnError::parse(rerror.as_deref()),
+        OnError::parse(werror.as_deref().or(Some("enospc"))),
+    );
+    if snapshot {
+        return Err(generic(
+            "snapshot=on is not supported yet (a temporary overlay is not made)",
+        ));
+    }
+    // Without a file, the options may still describe a node (`driver=throttle,file.*`).
+    let describes_node = file.is_some() || format.is_some() || !opts.is_empty();
+    if describes_node {
+        let format = match format {
+            Some(f) => {
+                if graph.registry().get(&f).is_none() {
+                    return Err(generic(format!("Unknown driver '{f}'")));
+                }
+                f
+            }
+            None => match &file {
+                Some(path) => graph.probe_image(path).await?.to_owned(),
+                None => return Err(generic("Parameter 'driver' is missing")),
+            },
+        };
+        // The format node's options: what is left, with the protocol node under `file`.
+        let mut node = opts;
+        node.insert("driver", format.as_str());
+        let mut proto = match node.remove("file") {
+            Some(QObject::Dict(d)) => d,
+            _ => QDict::new(),
+        };
+        let protocol = matches!(format.as_str(), "file" | "host_device" | "host_cdrom");
+        match &file {
+            Some(path) if protocol => {
+                node.insert("filename", path.as_str());
+            }
+            Some(path) => {
+                if proto.get("driver").is_none() {
+                    proto.insert("driver", "file");
+                }
+                proto.insert("filename", path.as_str());
+                if let Some(a) = &aio {
+                    proto.insert("aio", a.as_str());
+                }
+                node.insert("file", proto);
+            }
+            None if !proto.is_empty() => {
+                node.insert("file", proto);
+            }
+            None => {}
+        }
+        if protocol && let Some(a) = &aio {
+            node.insert("aio", a.as_str());
+        }
+        if read_only {
+            node.insert("read-only", "on");
+        }
+        let (direct, no_flush) = match cache.as_deref() {
+            None | Some("writeback") | Some("writethrough") => (false, false),
+            Some("none") | Some("directsync") => (true, false),
+            Some("unsafe") => (false, true),
+            Some(c) => return Err(generic(format!("invalid cache option '{c}'"))),
+        };
+        if direct || no_flush {
+            node.insert(
+                "cache",
+                QDict::new()
+                    .with("direct", if direct { "on" } else { "off" })
+                    .with("no-flush", if no_flush { "on" } else { "off" }),
+            );
+        }
+        default_protocols(&mut node);
+        let checked = check_object(
+            schema(),
+            "BlockdevOptions",
+            &QObject::Dict(node),
+            Mode::Keyval,
+        )
+        .map_err(|e| match e.desc.strip_prefix("Parameter '") {
+            Some(rest) if rest.ends_with("' is unexpected") && !rest.contains('.') => {
+                let key = rest.trim_end_matches("' is unexpected");
+                generic(format!(
+                    "Block format '{format}' does not support the option '{key}'"
+                ))
+            }
+            _ => e,
+        })?;
+        let n = graph.open_inline(&Args::new(checked)).await?;
+        if let Err(e) = blk.insert(&n, Perm::empty(), Perm::all()) {
+            graph.release_inline(&n);
+            return Err(e.into());
+        }
+    }
+    let device = match interface.as_str() {
+        "virtio" => Some("virtio-blk-pci"),
+        "ide" if media_cd => Some("ide-cd"),
+        "ide" => Some("ide-hd"),
+        "floppy" => Some("floppy"),
+        "none" => None,
+        other => {
+            blk.remove();
+            return Err(generic(format!(
+                "interface '{other}' has no device stand-in yet"
+            )));
+        }
+    };
+    if let Some(model) = device {
+        let props = QDict::new()
+            .with("driver", model)
+            .with("drive", id.as_str());
+        if let Err(e) = devices.add(&props) {
+            blk.remove();
+            blk.set_name("");
+            return Err(e);
+        }
+    }
+    Ok(Drive { blk })
+}

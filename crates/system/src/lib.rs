@@ -1,0 +1,355 @@
+//! `ferrite-system-x86_64`: qemu-system's command line and monitor over ferrite's block
+//! layer, so that test harnesses written for `qemu-system-x86_64 -accel qtest` (QEMU's own
+//! iotests first) run against ferrite.
+//!
+//! There is no guest CPU: the machine (`machine`) is a board of device stand-ins
+//! (`devices`), each holding a `BlockBackend`, with a run state the monitor changes. The
+//! options (`cli`) the storage daemon also has are handed to its wiring in order; `-drive`
+//! (`drive`) and `-device` follow, then the monitors, the qtest channel (`qtest`) and the
+//! main loop. The monitors answer the machine's commands (`commands`, `hmp`) and every
+//! command of the storage daemon.
+
+mod cli;
+mod commands;
+mod devices;
+mod drive;
+mod help;
+mod hmp;
+mod machine;
+mod qtest;
+
+use cli::SysOption;
+use commands::SystemCommands;
+use devices::Devices;
+use ferrite_block::BlockBackend;
+use ferrite_storage_daemon::front_end::{CliOption, Daemon, DaemonizeHandle, OptionError, keyval};
+use machine::Machine;
+use qtest::VirtualClock;
+use std::cell::RefCell;
+use std::process::ExitCode;
+use std::rc::Rc;
+
+/// Everything the main loop owns: the storage daemon's state and the machine's.
+pub(crate) struct System {
+    pub(crate) daemon: Rc<Daemon>,
+    pub(crate) machine: Rc<Machine>,
+    pub(crate) devices: Rc<Devices>,
+    /// The drives `-drive` made (the graph keeps backends only weakly).
+    pub(crate) drives: RefCell<Vec<Rc<BlockBackend>>>,
+    pub(crate) clock: Rc<VirtualClock>,
+}
+
+/// A start-up failure, printed after the program name.
+struct Failure(String);
+
+fn failed(opt: &SysOption, e: impl std::fmt::Display) -> Failure {
+    Failure(format!("{}: {e}", opt.describe()))
+}
+
+/// An old-style character device spec (`-qmp unix:/path,server,nowait`, `stdio`,
+/// `tcp:host:port`) as `-chardev` options with `id`; `Err` names a backend there is not.
+fn legacy_chardev(spec: &str, id: &str) -> Result<Option<String>, String> {
+    if spec == "none" {
+        return Ok(None);
+    }
+    let (head, opts) = spec.split_once(',').unwrap_or((spec, ""));
+    let flags: Vec<String> = opts
+        .split(',')
+        .filter(|o| !o.is_empty())
+        .map(|o| match o {
+            "server" => "server=on".to_owned(),
+            "nowait" => "wait=off".to_owned(),
+            "wait" => "wait=on".to_owned(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let rest = if flags.is_empty() {
+        String::new()
+    } else {
+        format!(",{}", flags.join(","))
+    };
+    let text = if head == "stdio" {
+        format!("stdio,id={id}{rest}")
+    } else if let Some(path) = head.strip_prefix("unix:") {
+        format!("socket,id={id},path={path}{rest}")
+    } else if let Some(addr) = head.strip_prefix("tcp:") {
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| head.to_owned())?;
+        format!("socket,id={id},host={host},port={port}{rest}")
+    } else {
+        return Err(head.to_owned());
+    };
+    Ok(Some(text))
+}
+
+/// QEMU's two lines for a spec naming no backend.
+fn bad_spec(o: &SysOption, backend: &str, prog: &str) -> Failure {
+    let d = o.describe();
+    Failure(format!(
+        "{d}: '{backend}' is not a valid char driver\n{prog}: {d}: parse error: {}",
+        o.text()
+    ))
+}
+
+/// The machine type the options ask for, and a check of their accelerators as QEMU tries
+/// them: in order, the first that works is used and those after it are never looked at.
+fn machine_type(options: &[SysOption]) -> Result<&'static machine::MachineType, Failure> {
+    let mut kind = "pc".to_owned();
+    let mut accels: Vec<(&SysOption, String)> = Vec::new();
+    for o in options {
+        let (implied, key) = match o.name {
+            "machine" => ("type", "accel"),
+            "accel" => ("accel", "accel"),
+            _ => continue,
+        };
+        let parsed = keyval::parse(o.text(), Some(implied)).map_err(|e| failed(o, e.desc))?;
+        if o.name == "machine"
+            && let Some(t) = parsed.value.get("type").and_then(|v| v.as_str())
+        {
+            kind = t.to_owned();
+        }
+        if let Some(a) = parsed.value.get(key).and_then(|v| v.as_str()) {
+            accels.extend(a.split(':').map(|a| (o, a.to_owned())));
+        }
+    }
+    for (o, a) in accels {
+        if matches!(a.as_str(), "qtest" | "kvm" | "tcg") {
+            break;
+        }
+        return Err(failed(o, format!("invalid accelerator {a}")));
+    }
+    machine::machine_type(&kind).map_err(Failure)
+}
+
+/// What the legacy disk options mean as `-drive`.
+fn legacy_drive(o: &SysOption) -> Option<String> {
+    let file = o.text().replace(',', ",,");
+    Some(match o.name {
+        "hda" => format!("file={file},index=0,media=disk"),
+        "hdb" => format!("file={file},index=1,media=disk"),
+        "hdc" => format!("file={file},index=2,media=disk"),
+        "hdd" => format!("file={file},index=3,media=disk"),
+        "cdrom" => format!("file={file},index=2,media=cdrom"),
+        "fda" => format!("if=floppy,file={file},index=0"),
+        "fdb" => format!("if=floppy,file={file},index=1"),
+        "drive" => o.text().to_owned(),
+        _ => return None,
+    })
+}
+
+/// Runs one option the storage daemon also has through its wiring, with qemu-system's
+/// spelling of the option in a failure.
+async fn daemon_option(
+    daemon: &Rc<Daemon>,
+    o: &SysOption,
+    opt: CliOption,
+    prog: &str,
+) -> Result<(), Failure> {
+    match ferrite_storage_daemon::front_end::start(daemon, std::slice::from_ref(&opt), prog).await {
+        Ok(_) => Ok(()),
+        Err(OptionError(msg)) => {
+            let tail = msg
+                .strip_prefix(&opt.describe())
+                .and_then(|t| t.strip_prefix(": "))
+                .unwrap_or(&msg);
+            Err(failed(o, tail))
+        }
+    }
+}
+
+/// Acts on the options: backends, drives, devices, then monitors and qtest.
+async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bool, Failure> {
+    let daemon = &sys.daemon;
+    let mut monitors: Vec<(&SysOption, CliOption)> = Vec::new();
+    let mut qtest: Option<(&SysOption, String)> = None;
+    let (mut paused, mut incoming, mut snapshot) = (false, false, false);
+    let mut compat = 0;
+    // The backends, in order.
+    for o in options {
+        let v = o.text();
+        match o.name {
+            "chardev" => daemon_option(daemon, o, CliOption::Chardev(v.into()), prog).await?,
+            "object" => daemon_option(daemon, o, CliOption::Object(v.into()), prog).await?,
+            "blockdev" => daemon_option(daemon, o, CliOption::Blockdev(v.into()), prog).await?,
+            "mon" => monitors.push((o, CliOption::Monitor(v.into()))),
+            "qmp" | "qmp-pretty" => {
+                let id = format!("compat_monitor{compat}");
+                compat += 1;
+                if let Some(text) = legacy_chardev(v, &id).map_err(|b| bad_spec(o, &b, prog))? {
+                    daemon_option(daemon, o, CliOption::Chardev(text), prog).await?;
+                    let pretty = if o.name == "qmp-pretty" {
+                        ",pretty=on"
+                    } else {
+                        ""
+                    };
+                    monitors.push((
+                        o,
+                        CliOption::Monitor(format!("chardev={id},mode=control{pretty}")),
+                    ));
+                }
+            }
+            "monitor" if v != "none" => {
+                return Err(failed(
+                    o,
+                    "the human monitor on a character device is not supported yet (use human-monitor-command)",
+                ));
+            }
+            "qtest" => {
+                let id = match v.strip_prefix("chardev:") {
+                    Some(id) => id.to_owned(),
+                    None => {
+                        if let Some(text) =
+                            legacy_chardev(v, "qtest").map_err(|b| bad_spec(o, &b, prog))?
+                        {
+                            daemon_option(daemon, o, CliOption::Chardev(text), prog).await?;
+                        }
+                        "qtest".to_owned()
+                    }
+                };
+                qtest = Some((o, id));
+            }
+            "S" => paused = true,
+            "incoming" => incoming = true,
+            "snapshot" => snapshot = true,
+            "add-fd" => return Err(failed(o, "-add-fd is not supported yet")),
+            _ => {}
+        }
+    }
+    // Drives after every -blockdev, as QEMU configures them; then the devices.
+    let mut counter = drive::DriveCounter::default();
+    for o in options {
+        if let Some(text) = legacy_drive(o) {
+            if text.contains("format=help") {
+                print!("{}", daemon.graph.registry().format_help());
+                return Ok(false);
+            }
+            let d = drive::add(&daemon.graph, &sys.devices, &mut counter, &text, snapshot)
+                .await
+                .map_err(|e| failed(o, e.desc))?;
+            sys.drives.borrow_mut().push(d.blk);
+        }
+    }
+    for o in options.iter().filter(|o| o.name == "device") {
+        let parsed = keyval::parse(o.text(), Some("driver")).map_err(|e| failed(o, e.desc))?;
+        sys.devices
+            .add(&parsed.value)
+            .map_err(|e| failed(o, e.desc))?;
+    }
+    for (o, opt) in monitors {
+        daemon_option(daemon, o, opt, prog).await?;
+    }
+    if let Some((o, id)) = qtest {
+        let dev = daemon
+            .chardevs
+            .get(&id)
+            .ok_or_else(|| failed(o, format!("chardev '{id}' not found")))?;
+        dev.attach_frontend()
+            .map_err(|_| failed(o, format!("chardev '{id}' is already in use")))?;
+        qtest::serve(dev, sys.clock.clone());
+    }
+    sys.machine.start(paused, incoming);
+    Ok(true)
+}
+
+/// The program: parses `std::env::args`, runs the machine, and says how it ended.
+pub fn main() -> ExitCode {
+    ferrite_qapi::use_system_schema();
+    let argv: Vec<String> = std::env::args().collect();
+    let prog = argv
+        .first()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or("ferrite-system-x86_64")
+        .to_owned();
+    let options = match cli::parse_args(argv.get(1..).unwrap_or(&[])) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{prog}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Help options act when reached, before anything else runs.
+    for o in &options {
+        let text = o.text();
+        let help = text == "help" || text == "?";
+        match o.name {
+            "h" | "help" => {
+                print!("{}", help::help_text(&prog));
+                return ExitCode::SUCCESS;
+            }
+            "version" => {
+                print!("{}", help::version_text());
+                return ExitCode::SUCCESS;
+            }
+            "machine" if help || text.starts_with("help,") => {
+                print!("{}", help::machine_help());
+                return ExitCode::SUCCESS;
+            }
+            "device" if help => {
+                print!("{}", help::device_help());
+                return ExitCode::SUCCESS;
+            }
+            _ => {}
+        }
+    }
+    let kind = match machine_type(&options) {
+        Ok(k) => k,
+        Err(Failure(e)) => {
+            eprintln!("{prog}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let name = options.iter().rev().find(|o| o.name == "name").map(|o| {
+        let t = o.text();
+        t.strip_prefix("guest=")
+            .unwrap_or(t)
+            .split(',')
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    });
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{prog}: cannot start the main loop: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    let code = local.block_on(&runtime, async move {
+        let daemon = Daemon::new();
+        let machine = Machine::new(kind, name, daemon.events.clone());
+        let devices = Devices::new(machine.clone(), daemon.graph.clone(), daemon.events.clone());
+        let sys = Rc::new(System {
+            daemon: daemon.clone(),
+            machine,
+            devices,
+            drives: RefCell::new(Vec::new()),
+            clock: Rc::new(VirtualClock::default()),
+        });
+        daemon.set_commands(Rc::new(SystemCommands(sys.clone())));
+        match start(&sys, &options, &prog).await {
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => {
+                let run = ferrite_storage_daemon::front_end::run(
+                    daemon.clone(),
+                    None,
+                    DaemonizeHandle::none(),
+                );
+                let _: () = run.await;
+                ExitCode::SUCCESS
+            }
+            Err(Failure(msg)) => {
+                eprintln!("{prog}: {msg}");
+                daemon.close_exports_and_flush().await;
+                daemon.chardevs.close_all();
+                ExitCode::FAILURE
+            }
+        }
+    });
+    drop(local);
+    runtime.shutdown_background();
+    code
+}

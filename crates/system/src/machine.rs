@@ -1,0 +1,253 @@
+//! The machine: its type (which buses its board has), its name, and its run state, changed
+//! by `stop`, `cont`, `system_reset`, `system_powerdown` and `quit` with QEMU's events.
+//! There is no guest CPU: "running" means the devices would take requests from a guest.
+
+use ferrite_qapi::Error;
+use ferrite_qmp::{Event, EventBus};
+use ferrite_qobject::{QDict, QObject};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+/// A machine type `-machine help` lists.
+pub(crate) struct MachineType {
+    pub(crate) name: &'static str,
+    pub(crate) desc: &'static str,
+    pub(crate) board: Board,
+}
+
+/// What a machine's board carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Board {
+    /// i440FX: PCI, two IDE buses, a floppy controller.
+    Pc,
+    /// Q35: PCI Express, AHCI (IDE buses).
+    Q35,
+    /// Nothing at all.
+    None,
+}
+
+impl Board {
+    /// Whether the board has a PCI bus.
+    pub(crate) fn has_pci(self) -> bool {
+        self != Board::None
+    }
+
+    /// The IDE buses (`ide.0`, `ide.1`...), two units each.
+    pub(crate) fn ide_buses(self) -> u32 {
+        match self {
+            Board::Pc => 2,
+            Board::Q35 => 6,
+            Board::None => 0,
+        }
+    }
+
+    /// Whether the board has a floppy controller.
+    pub(crate) fn has_floppy(self) -> bool {
+        self == Board::Pc
+    }
+}
+
+/// The machine types, as `-machine help` lists them; the one marked "(default)" is what
+/// runs without `-machine`.
+pub(crate) const MACHINES: &[MachineType] = &[
+    MachineType {
+        name: "pc",
+        desc: "Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)",
+        board: Board::Pc,
+    },
+    MachineType {
+        name: "pc-i440fx-10.0",
+        desc: "Standard PC (i440FX + PIIX, 1996) (default)",
+        board: Board::Pc,
+    },
+    MachineType {
+        name: "q35",
+        desc: "Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)",
+        board: Board::Q35,
+    },
+    MachineType {
+        name: "pc-q35-10.0",
+        desc: "Standard PC (Q35 + ICH9, 2009)",
+        board: Board::Q35,
+    },
+    MachineType {
+        name: "none",
+        desc: "empty machine",
+        board: Board::None,
+    },
+];
+
+/// The machine type called `name`.
+///
+/// # Errors
+/// QEMU's text for an unknown type.
+pub(crate) fn machine_type(name: &str) -> Result<&'static MachineType, String> {
+    MACHINES.iter().find(|m| m.name == name).ok_or_else(|| {
+        format!(
+            "unsupported machine type: \"{name}\"\nUse -machine help to list supported machines"
+        )
+    })
+}
+
+/// QAPI `RunState`, the values a machine without a CPU reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunState {
+    /// Not started yet (`-S`, or reset while stopped).
+    Prelaunch,
+    /// Waiting for an incoming migration (`-incoming`).
+    InMigrate,
+    Running,
+    Paused,
+}
+
+impl RunState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunState::Prelaunch => "prelaunch",
+            RunState::InMigrate => "inmigrate",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+        }
+    }
+}
+
+/// The machine's state.
+pub(crate) struct Machine {
+    pub(crate) kind: &'static MachineType,
+    /// `-name`.
+    pub(crate) name: Option<String>,
+    state: Cell<RunState>,
+    /// Start when an incoming migration ends (cleared by `stop` while waiting for one).
+    autostart: Cell<bool>,
+    /// Whether KVM is enabled: never, without a guest CPU.
+    kvm_present: bool,
+    events: Rc<EventBus>,
+    /// Called by `system_reset` after the RESET event (devices finish their unplugs).
+    on_reset: RefCell<Vec<Box<dyn Fn()>>>,
+}
+
+impl Machine {
+    pub(crate) fn new(
+        kind: &'static MachineType,
+        name: Option<String>,
+        events: Rc<EventBus>,
+    ) -> Rc<Machine> {
+        Rc::new(Machine {
+            kind,
+            name,
+            state: Cell::new(RunState::Prelaunch),
+            autostart: Cell::new(true),
+            kvm_present: std::path::Path::new("/dev/kvm").exists(),
+            events,
+            on_reset: RefCell::new(Vec::new()),
+        })
+    }
+
+    fn emit(&self, name: &'static str, data: Option<QDict>) {
+        self.events.emit(Event { name, data });
+    }
+
+    /// Start-up is done: run, unless `-S` (stay in prelaunch) or `-incoming` (wait for it).
+    pub(crate) fn start(&self, paused: bool, incoming: bool) {
+        if incoming {
+            self.state.set(RunState::InMigrate);
+            self.autostart.set(!paused);
+        } else if !paused {
+            self.state.set(RunState::Running);
+        }
+    }
+
+    /// Whether the machine runs.
+    pub(crate) fn is_running(&self) -> bool {
+        self.state.get() == RunState::Running
+    }
+
+    /// Adds what `system_reset` does after its event.
+    pub(crate) fn on_reset(&self, f: Box<dyn Fn()>) {
+        self.on_reset.borrow_mut().push(f);
+    }
+
+    /// `query-status`.
+    pub(crate) fn query_status(&self) -> QObject {
+        QDict::new()
+            .with("running", self.is_running())
+            .with("status", self.state.get().as_str())
+            .into()
+    }
+
+    /// `stop`: a running machine pauses (STOP); one not yet started stays stopped when it
+    /// would have started.
+    pub(crate) fn stop(&self) {
+        match self.state.get() {
+            RunState::Running => {
+                self.state.set(RunState::Paused);
+                self.emit("STOP", None);
+            }
+            RunState::InMigrate => self.autostart.set(false),
+            RunState::Prelaunch | RunState::Paused => self.state.set(RunState::Paused),
+        }
+    }
+
+    /// `cont`.
+    pub(crate) fn cont(&self) -> Result<(), Error> {
+        match self.state.get() {
+            RunState::Running => {}
+            RunState::InMigrate => self.autostart.set(true),
+            RunState::Prelaunch | RunState::Paused => {
+                self.state.set(RunState::Running);
+                self.emit("RESUME", None);
+            }
+        }
+        Ok(())
+    }
+
+    /// `system_reset`: RESET; a machine that was not running goes back to prelaunch.
+    pub(crate) fn system_reset(&self) {
+        self.emit("RESET", Some(shutdown_data("host-qmp-system-reset")));
+        if !matches!(self.state.get(), RunState::Running | RunState::InMigrate) {
+            self.state.set(RunState::Prelaunch);
+        }
+        for f in self.on_reset.borrow().iter() {
+            f();
+        }
+    }
+
+    /// `system_powerdown`: the button is pressed (POWERDOWN); no guest answers it.
+    pub(crate) fn system_powerdown(&self) {
+        self.emit("POWERDOWN", None);
+    }
+
+    /// `quit`: SHUTDOWN, before the daemon's own shutdown.
+    pub(crate) fn quit(&self) {
+        self.emit("SHUTDOWN", Some(shutdown_data("host-qmp-quit")));
+    }
+
+    /// `query-name`.
+    pub(crate) fn query_name(&self) -> QObject {
+        let mut d = QDict::new();
+        if let Some(n) = &self.name {
+            d.insert("name", n.as_str());
+        }
+        d.into()
+    }
+
+    /// `query-kvm`.
+    pub(crate) fn query_kvm(&self) -> QObject {
+        QDict::new()
+            .with("enabled", false)
+            .with("present", self.kvm_present)
+            .into()
+    }
+
+    /// The HMP `info status` line.
+    pub(crate) fn status_line(&self) -> String {
+        match self.state.get() {
+            RunState::Running => "VM status: running\r\n".into(),
+            s => format!("VM status: paused ({})\r\n", s.as_str()).replace(" (paused)", ""),
+        }
+    }
+}
+
+fn shutdown_data(reason: &str) -> QDict {
+    QDict::new().with("guest", false).with("reason", reason)
+}

@@ -1,0 +1,217 @@
+"""ferrite-system-x86_64 against qemu-system-x86_64 10.0: the probes test harnesses make,
+command-line errors, and one QMP transcript (run state, drives, devices, hot-unplug, the human
+monitor, quit) with its events.
+
+Debian's qemu-system has no qtest accelerator, so QEMU runs with `-accel tcg -S`: its guest
+never starts (the machine stays in prelaunch or paused as the commands put it), which is
+what ferrite's machine without a CPU is. ferrite runs with `-accel qtest`, as QEMU's iotests
+start it."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, RawQmp, normalize, wait_for
+
+SYSTEM = os.environ.get(
+    "FERRITE_SYSTEM_BIN",
+    os.path.join(os.path.dirname(os.environ.get(
+        "FERRITE_BIN", str(ROOT / "target" / "debug" / "ferrite-storage-daemon"))),
+        "ferrite-system-x86_64"))
+QEMU = shutil.which("qemu-system-x86_64")
+
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 (the oracle) is missing; scripts/setup.sh installs it")
+
+
+def run(binary, *args):
+    r = subprocess.run([binary, *args], capture_output=True, text=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    prog = os.path.basename(binary)
+    return r.returncode, r.stdout.replace(prog, "PROG"), r.stderr.replace(prog, "PROG")
+
+
+def test_probes_name_what_qemu_names():
+    # The default machine, found as iotests' testenv finds it.
+    _, out, _ = run(SYSTEM, "-machine", "help")
+    _, qout, _ = run(QEMU, "-machine", "help")
+    for name in ["pc", "pc-i440fx-10.0", "q35", "pc-q35-10.0", "none"]:
+        mine = [l for l in out.splitlines() if l.split(" ", 1)[0] == name]
+        theirs = [l for l in qout.splitlines() if l.split(" ", 1)[0] == name]
+        assert mine == theirs, name
+    assert out.splitlines()[0] == "Supported machines are:"
+    # Each device line is QEMU's line for that model.
+    _, out, _ = run(SYSTEM, "-M", "none", "-device", "help")
+    _, qout, _ = run(QEMU, "-M", "none", "-device", "help")
+    lines = [l for l in out.splitlines() if l.startswith("name ")]
+    assert len(lines) == 8
+    for l in lines:
+        assert l in qout.splitlines(), l
+    # Two "Supported formats" lines, each naming drivers QEMU has too.
+    _, out, _ = run(SYSTEM, "-drive", "format=help")
+    _, qout, _ = run(QEMU, "-drive", "format=help")
+    mine, theirs = out.splitlines(), qout.splitlines()
+    assert [l.split(":")[0] for l in mine] == [l.split(":")[0] for l in theirs]
+    for m, t in zip(mine, theirs):
+        assert set(m.split(":")[1].split()) <= set(t.split(":")[1].split())
+        assert "qcow2" in m.split() and "raw" in m.split()
+    _, out, _ = run(SYSTEM, "-version")
+    assert re.match(r"QEMU emulator version 10\.0\.2 \(.*\)\n", out)
+
+
+ERRORS = [
+    ["-foo"],
+    ["-drive"],
+    ["-M", "foo"],
+    ["-M", "none", "-accel", "foo"],
+    ["-M", "none", "-device", "foo"],
+    ["-M", "none", "-drive", "if=foo,file=IMG"],
+    ["-M", "none", "-drive", "if=none,file=IMG,format=qcow2,bogus=1"],
+    ["-M", "none", "-drive", "if=none,file=IMG,format=nosuch"],
+    ["-M", "none", "-drive", "if=none,id=x,file=IMG,format=qcow2",
+     "-drive", "if=none,id=x,file=IMG,format=qcow2"],
+    ["-M", "none", "-drive", "if=virtio,file=IMG,format=qcow2"],
+    ["-M", "none", "-drive", "if=none,file=/nonexistent/img"],
+    ["-device", "virtio-blk-pci"],
+    ["-device", "virtio-blk-pci,drive=nosuch"],
+    ["-drive", "if=none,id=d,file=IMG,format=qcow2", "-device", "virtio-blk-pci,drive=d",
+     "-device", "virtio-blk-pci,drive=d"],
+    ["-qmp", "foo"],
+]
+
+
+@pytest.mark.parametrize("args", ERRORS, ids=lambda a: " ".join(a))
+def test_command_line_errors_read_as_qemus(tmp_path, args):
+    img = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    args = [a.replace("IMG", str(img)) for a in args]
+    # No accelerator of our own: the first that works is used, and an invalid one after
+    # it would go unnoticed.
+    base = ["-nodefaults", "-display", "none", "-S"]
+    q = run(QEMU, *base, *args)
+    f = run(SYSTEM, *base, *args)
+    assert q[0] == 1
+    assert f == q
+
+
+class Machine:
+    """A qemu-system-like program with a QMP monitor, stopped at start (-S)."""
+
+    def __init__(self, binary, accel, workdir, extra):
+        self.sock = str(workdir / "qmp.sock")
+        args = [binary, "-nodefaults", "-display", "none", "-accel", accel, "-S",
+                "-chardev", f"socket,id=mon,path={self.sock},server=on,wait=off",
+                "-mon", "chardev=mon,mode=control", *extra]
+        self.stderr = workdir / "stderr.txt"
+        self.proc = subprocess.Popen(args, cwd=workdir, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.stderr, "wb"))
+        wait_for(lambda: os.path.exists(self.sock) or self.proc.poll() is not None,
+                 what="QMP socket")
+        assert self.proc.poll() is None, self.stderr.read_text()
+        self.qmp = RawQmp(self.sock)
+        self.qmp.cmd("qmp_capabilities")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def hide(value):
+    """What legitimately differs: generated node names, timestamps, the package string."""
+    text = normalize(json.dumps(value, sort_keys=True))
+    text = re.sub(r"#block\d+", "#blockN", text)
+    text = re.sub(r'"actual-size": \d+', '"actual-size": 0', text)
+    text = re.sub(r'"offset": \d+', '"offset": 0', text)
+    text = re.sub(r'"busy": (true|false)', '"busy": false', text)
+    return json.loads(text)
+
+
+STEPS = [
+    ("query-status", None),
+    ("cont", None),
+    ("query-status", None),
+    ("stop", None),
+    ("stop", None),
+    ("query-status", None),
+    ("system_reset", None),
+    ("query-status", None),
+    ("system_powerdown", None),
+    ("query-name", None),
+    ("query-block", None),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "hot", "drive": "spare"}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "hot2", "drive": "spare"}),
+    ("device_add", {"driver": "nosuch"}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "x", "drive": "spare", "nope": 1}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "x"}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "hot", "drive": "n2"}),
+    ("query-block", None),
+    ("device_del", {"id": "hot"}),
+    ("device_del", {"id": "nosuch"}),
+    ("query-block", None),
+    ("system_reset", None),
+    # The unplug completes after the reset, soon after the command's return.
+    ("sleep", None),
+    ("query-block", None),
+    ("human-monitor-command", {"command-line": "info status"}),
+    ("human-monitor-command", {"command-line": "cont"}),
+    ("human-monitor-command", {"command-line": "info status"}),
+    ("human-monitor-command", {"command-line": "nosuch"}),
+    # A job named after its drive (no job-id), slowed so that it is still there at the end;
+    # how far it got is timing.
+    ("block-stream", {"device": "drive0", "speed": 1}),
+    ("query-block-jobs", None),
+]
+
+
+def transcript(binary, accel, workdir):
+    img = workdir / "disk.qcow2"
+    base = workdir / "base.qcow2"
+    spare = workdir / "spare.raw"
+    other = workdir / "other.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1M", str(base)],
+                   check=True, capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(img)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(spare), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "2M"], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-name", "guest=vm1",
+        "-drive", f"if=virtio,id=drive0,file={img},format=qcow2,cache=writeback,aio=threads",
+        "-drive", f"if=none,id=spare,file={spare},format=raw",
+        "-blockdev", f"driver=qcow2,node-name=n2,file.driver=file,file.filename={other}",
+        "-device", "virtio-blk-pci,id=vblk,drive=n2",
+    ])
+    out = []
+    try:
+        for name, args in STEPS:
+            if name == "sleep":
+                time.sleep(0.5)
+                continue
+            r = m.qmp.cmd(name, args)
+            out.append((name, args, hide(r)))
+            events = [hide({k: v for k, v in e.items() if k != "timestamp"})
+                      for e in m.qmp.events]
+            m.qmp.events.clear()
+            out.append(("events", events))
+        r = m.qmp.cmd("quit")
+        out.append(("quit", hide(r)))
+        m.proc.wait(10)
+        out.append(("exit", m.proc.returncode))
+    finally:
+        m.stop()
+    return out
+
+
+def test_machine_transcript_matches_qemu_system(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = transcript(QEMU, "tcg", tmp_path / "q")
+    got = transcript(SYSTEM, "qtest", tmp_path / "f")
+    for e, g in zip(expected, got):
+        assert json.loads(json.dumps(g).replace("/f/", "/q/")) == json.loads(json.dumps(e))
+    assert len(got) == len(expected)
