@@ -106,8 +106,10 @@ class Machine:
                 "-chardev", f"socket,id=mon,path={self.sock},server=on,wait=off",
                 "-mon", "chardev=mon,mode=control", *extra]
         self.stderr = workdir / "stderr.txt"
+        self.stdout = workdir / "stdout.txt"
         self.proc = subprocess.Popen(args, cwd=workdir, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.stderr, "wb"))
+                                     stdout=open(self.stdout, "wb"),
+                                     stderr=open(self.stderr, "wb"))
         wait_for(lambda: os.path.exists(self.sock) or self.proc.poll() is not None,
                  what="QMP socket")
         assert self.proc.poll() is None, self.stderr.read_text()
@@ -215,3 +217,60 @@ def test_machine_transcript_matches_qemu_system(tmp_path):
     for e, g in zip(expected, got):
         assert json.loads(json.dumps(g).replace("/f/", "/q/")) == json.loads(json.dumps(e))
     assert len(got) == len(expected)
+
+
+QEMU_IO = [
+    'qemu-io drive0 "write -P 0x5a 0 512"',
+    'qemu-io drive0 "read -P 0x5a 0 512"',
+    'qemu-io drive0 "read -P 0x5b 0 512"',
+    'qemu-io drive0 "aio_write -P 1 64k 64k"',
+    'qemu-io drive0 "aio_flush"',
+    'qemu-io drive0 "write -z 0 64k"',
+    'qemu-io drive0 "read -P 0 0 64k"',
+    'qemu-io drive0 "discard 0 64k"',
+    'qemu-io drive0 "flush"',
+    'qemu-io drive0 "bogus"',
+    'qemu-io drive0 "write 2M 512"',
+    'qemu-io nul "read 0 512"',
+    'qemu-io -d nosuch "read 0 512"',
+    'qemu-io nosuch "read 0 512"',
+    'qemu-io -d vblk "write -P 7 1k 1k"',
+    'qemu-io -d /machine/peripheral/vblk/virtio-backend "write -P 7 1k 1k"',
+    'qemu-io drive0 "read -v 60k 40"',
+    'qemu-io drive0 read 0 512',
+    'qemu-io drive0 "write -P 0x5a 0 512" extra',
+]
+
+
+def qemu_io_transcript(binary, accel, workdir):
+    img = workdir / "h.qcow2"
+    other = workdir / "o.qcow2"
+    for f in (img, other):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(f), "1M"], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-drive", f"if=none,id=drive0,file={img},format=qcow2",
+        "-blockdev", "driver=null-co,node-name=nul,size=1048576",
+        "-blockdev", f"driver=qcow2,node-name=o,file.driver=file,file.filename={other}",
+        "-device", "virtio-blk-pci,id=vblk,drive=o",
+    ])
+    try:
+        answers = [m.qmp.cmd("human-monitor-command", {"command-line": c}) for c in QEMU_IO]
+        m.qmp.cmd("quit")
+        m.proc.wait(10)
+    finally:
+        m.stop()
+    printed = re.sub(r"\d+ ops; [0-9:. ]+sec \([^)]*\)", "N ops; T", m.stdout.read_text())
+    check = subprocess.run(["qemu-img", "check", str(other)], capture_output=True, text=True)
+    dump = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 7 1k 1k", str(other)],
+                          capture_output=True, text=True).stdout
+    return answers, printed, check.returncode, dump.splitlines()[0]
+
+
+def test_hmp_qemu_io_prints_what_qemu_prints(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = qemu_io_transcript(QEMU, "tcg", tmp_path / "q")
+    got = qemu_io_transcript(SYSTEM, "qtest", tmp_path / "f")
+    assert got == expected
+    assert "Pattern verification failed" in got[1]
+    assert got[3] == "read 1024/1024 bytes at offset 1024"

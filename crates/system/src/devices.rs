@@ -279,6 +279,33 @@ impl Devices {
             .cloned()
     }
 
+    /// The drive of the device `id` (a qdev id or a QOM path, as QEMU's `blk_by_qdev_id`
+    /// finds it: a virtio-blk proxy has none, its `virtio-backend` child has).
+    ///
+    /// # Errors
+    /// QEMU's texts for no such device and for a device without a drive.
+    pub(crate) fn drive_of(&self, id: &str) -> Result<Rc<BlockBackend>, String> {
+        let list = self.list.borrow();
+        let by_id = list
+            .iter()
+            .find(|d| d.id.as_deref() == Some(id) || d.path == id);
+        let (dev, backend_child) = match by_id {
+            Some(d) => (d, false),
+            None => match list.iter().find(|d| {
+                d.model.kind == Kind::VirtioBlk && id == format!("{}/virtio-backend", d.path)
+            }) {
+                Some(d) => (d, true),
+                None => return Err(format!("Device '{id}' not found")),
+            },
+        };
+        if dev.model.kind == Kind::VirtioBlk && !backend_child {
+            return Err("Device does not have a block device backend".into());
+        }
+        dev.blk
+            .clone()
+            .ok_or_else(|| "Device does not have a block device backend".into())
+    }
+
     /// `-device` or `device_add`: `props` holds `driver`, maybe `id` and `bus`, and the
     /// model's properties.
     ///

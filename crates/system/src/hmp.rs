@@ -2,6 +2,7 @@
 //! there, answered with QEMU's text (lines end in CR LF).
 
 use crate::commands::SystemCommands;
+use crate::qemu_io;
 use ferrite_qobject::QDict;
 
 /// The output of one command line.
@@ -38,9 +39,10 @@ pub(crate) async fn run(cmds: &SystemCommands, line: &str) -> String {
                 }
             )
         }
+        ("qemu-io", _) => qemu_io(cmds, rest).await,
         (
-            "info" | "qemu-io" | "drive_add" | "drive_del" | "device_add" | "device_del" | "savevm"
-            | "loadvm" | "commit" | "change" | "eject" | "block_resize",
+            "info" | "drive_add" | "drive_del" | "device_add" | "device_del" | "savevm" | "loadvm"
+            | "commit" | "change" | "eject" | "block_resize",
             _,
         ) => format!(
             "Error: the human monitor command '{line}' is not implemented by ferrite yet\r\n"
@@ -48,3 +50,39 @@ pub(crate) async fn run(cmds: &SystemCommands, line: &str) -> String {
         _ => format!("unknown command: '{cmd}'\r\n"),
     }
 }
+
+/// `qemu-io [-d] DEVICE "COMMAND"`.
+async fn qemu_io(cmds: &SystemCommands, args: &str) -> String {
+    let (qdev, args) = match args.strip_prefix("-d") {
+        Some(rest) if rest.starts_with(char::is_whitespace) => (true, rest.trim_start()),
+        _ => (false, args),
+    };
+    let (device, command) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
+    let command = command.trim();
+    // One argument: a quoted string, or a single word.
+    let line = match command.strip_prefix('"') {
+        Some(q) => match q.find('"') {
+            Some(end) if q[end + 1..].trim().is_empty() => q[..end].to_owned(),
+            _ => return EXTRANEOUS.into(),
+        },
+        None if command.split_whitespace().count() > 1 => return EXTRANEOUS.into(),
+        None => command.to_owned(),
+    };
+    let sys = cmds.system();
+    let graph = &sys.daemon.graph;
+    let target = if qdev {
+        match sys.devices.drive_of(device) {
+            Ok(blk) => qemu_io::Target::Drive(blk),
+            Err(e) => return format!("Error: {e}\r\n"),
+        }
+    } else if let Some(blk) = graph.backends().into_iter().find(|b| b.name() == device) {
+        qemu_io::Target::Drive(blk)
+    } else if let Some(node) = graph.find(device) {
+        qemu_io::Target::Node(node)
+    } else {
+        return format!("Error: Cannot find device='' nor node-name='{device}'\r\n");
+    };
+    qemu_io::run(graph, target, &line).await
+}
+
+const EXTRANEOUS: &str = "qemu-io: extraneous characters at the end of line\r\nTry \"help qemu-io\" for more information\r\n";

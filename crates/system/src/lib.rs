@@ -16,6 +16,7 @@ mod drive;
 mod help;
 mod hmp;
 mod machine;
+mod qemu_io;
 mod qtest;
 
 use cli::SysOption;
@@ -111,10 +112,9 @@ fn machine_type(options: &[SysOption]) -> Result<&'static machine::MachineType, 
             accels.extend(a.split(':').map(|a| (o, a.to_owned())));
         }
     }
-    for (o, a) in accels {
-        if matches!(a.as_str(), "qtest" | "kvm" | "tcg") {
-            break;
-        }
+    if let Some((o, a)) = accels.first()
+        && !matches!(a.as_str(), "qtest" | "kvm" | "tcg")
+    {
         return Err(failed(o, format!("invalid accelerator {a}")));
     }
     machine::machine_type(&kind).map_err(Failure)

@@ -1,0 +1,242 @@
+//! The human monitor's `qemu-io DEVICE "COMMAND"`: one qemu-io command on a drive or node,
+//! its report printed on the program's standard output as qemu-io prints it (QEMU sends it
+//! there too, not to the monitor). Tests use it to write patterns into an image under a
+//! running machine and to check them.
+
+use ferrite_block::{BlockBackend, Graph, Perm, ReqFlags};
+use std::io::Write;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// What a command needs of the backend.
+fn perm_for(cmd: &str) -> Perm {
+    match cmd {
+        "read" | "aio_read" | "readv" => Perm::CONSISTENT_READ,
+        "write" | "aio_write" | "writev" | "discard" | "aio_discard" | "d" => Perm::WRITE,
+        _ => Perm::empty(),
+    }
+}
+
+/// qemu-io's size words: "512 bytes", "64 KiB", "1.500 MiB".
+fn cvtstr(value: f64) -> String {
+    const UNITS: [(f64, &str); 6] = [
+        ((1u64 << 60) as f64, "EiB"),
+        ((1u64 << 50) as f64, "PiB"),
+        ((1u64 << 40) as f64, "TiB"),
+        ((1u64 << 30) as f64, "GiB"),
+        ((1u64 << 20) as f64, "MiB"),
+        (1024.0, "KiB"),
+    ];
+    let (num, unit) = UNITS.iter().find(|(size, _)| value >= *size).map_or_else(
+        || (format!("{value:.6}"), "bytes"),
+        |(size, unit)| (format!("{:.3}", value / size), *unit),
+    );
+    match num.find(".000") {
+        Some(at) => format!("{} {unit}", &num[..at]),
+        None => format!("{num} {unit}"),
+    }
+}
+
+/// The report line after a transfer.
+fn report(op: &str, offset: u64, len: u64, started: Instant) -> String {
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    format!(
+        "{op} {len}/{len} bytes at offset {offset}\n{}, 1 ops; {:05.2} sec ({}/sec and {:.4} ops/sec)\n",
+        cvtstr(len as f64),
+        secs,
+        cvtstr(len as f64 / secs),
+        1.0 / secs
+    )
+}
+
+/// A number as qemu-io takes it: decimal, 0x hex, with k/M/G/T suffixes (`64k`, `1M`).
+fn number(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 10),
+        (i, 'm' | 'M') => (&s[..i], 20),
+        (i, 'g' | 'G') => (&s[..i], 30),
+        (i, 't' | 'T') => (&s[..i], 40),
+        (i, 'b' | 'B') => (&s[..i], 0),
+        _ => (s, 0),
+    };
+    let v = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(h) => u64::from_str_radix(h, 16).ok()?,
+        None => digits.parse().ok()?,
+    };
+    v.checked_mul(1u64 << shift)
+}
+
+/// The hex dump `read -v` prints.
+fn dump(offset: u64, data: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, row) in data.chunks(16).enumerate() {
+        out += &format!("{:08x}:  ", offset + (i * 16) as u64);
+        for b in row {
+            out += &format!("{b:02x} ");
+        }
+        out.push(' ');
+        for &b in row {
+            out.push(if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '.'
+            });
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Runs `line` (one qemu-io command) on `blk`; returns what qemu-io prints.
+async fn command(blk: &BlockBackend, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let Some((&cmd, args)) = words.split_first() else {
+        return String::new();
+    };
+    let mut pattern: Option<u8> = None;
+    let mut zero = false;
+    let mut flags = ReqFlags::empty();
+    let mut verbose = false;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(&a) = it.next() {
+        match a {
+            "-P" => pattern = it.next().and_then(|p| number(p)).map(|p| p as u8),
+            "-z" => zero = true,
+            "-u" => flags |= ReqFlags::MAY_UNMAP,
+            "-f" => flags |= ReqFlags::FUA,
+            "-v" => verbose = true,
+            "-q" => {}
+            _ => rest.push(a),
+        }
+    }
+    let range = || -> Option<(u64, u64)> {
+        match rest.as_slice() {
+            [o, l] => Some((number(o)?, number(l)?)),
+            _ => None,
+        }
+    };
+    let in_bounds = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= blk.len());
+    let eio = || std::io::Error::from_raw_os_error(libc::EIO);
+    let started = Instant::now();
+    match cmd {
+        "read" | "aio_read" => {
+            let Some((off, len)) = range() else {
+                return format!("{cmd}: invalid arguments\n");
+            };
+            let r = if in_bounds(off, len) {
+                blk.read(off, len as usize).await
+            } else {
+                Err(eio())
+            };
+            match r {
+                Ok(data) => {
+                    let mut out = String::new();
+                    if let Some(p) = pattern
+                        && data.iter().any(|&b| b != p)
+                    {
+                        out +=
+                            &format!("Pattern verification failed at offset {off}, {len} bytes\n");
+                    }
+                    if verbose {
+                        out += &dump(off, &data);
+                    }
+                    out + &report("read", off, len, started)
+                }
+                Err(e) => format!("read failed: {}\n", ferrite_qapi::os_msg(&e)),
+            }
+        }
+        "write" | "aio_write" => {
+            let Some((off, len)) = range() else {
+                return format!("{cmd}: invalid arguments\n");
+            };
+            let r = if !in_bounds(off, len) {
+                Err(eio())
+            } else if zero {
+                blk.write_zeroes(off, len, flags).await
+            } else {
+                blk.write(off, vec![pattern.unwrap_or(0xcd); len as usize], flags)
+                    .await
+            };
+            match r {
+                Ok(()) => report("wrote", off, len, started),
+                Err(e) => format!("write failed: {}\n", ferrite_qapi::os_msg(&e)),
+            }
+        }
+        "discard" | "aio_discard" | "d" => {
+            let Some((off, len)) = range() else {
+                return format!("{cmd}: invalid arguments\n");
+            };
+            match blk.discard(off, len).await {
+                Ok(()) => report("discard", off, len, started),
+                Err(e) => format!("discard failed: {}\n", ferrite_qapi::os_msg(&e)),
+            }
+        }
+        "flush" | "f" | "aio_flush" => match blk.flush().await {
+            Ok(()) => String::new(),
+            Err(e) => format!("{cmd} failed: {}\n", ferrite_qapi::os_msg(&e)),
+        },
+        _ => {
+            // qemu-io says this on standard error.
+            eprintln!("command \"{cmd}\" not found");
+            String::new()
+        }
+    }
+}
+
+/// Where `qemu-io [-d] NAME` runs: a drive (or with `-d`, a device's drive), else a node
+/// through a backend of its own for the command's length.
+pub(crate) enum Target {
+    Drive(Rc<BlockBackend>),
+    Node(Rc<ferrite_block::Node>),
+}
+
+/// Runs `line` on `target`, printing the report on standard output. Returns what the
+/// monitor answers (nothing, or an error).
+pub(crate) async fn run(graph: &Rc<Graph>, target: Target, line: &str) -> String {
+    let cmd = line.split_whitespace().next().unwrap_or("");
+    let need = perm_for(cmd);
+    let (blk, restore) = match target {
+        Target::Drive(blk) => {
+            let (perm, shared) = blk.perm();
+            if !perm.contains(need) && blk.set_perm(perm | need, shared).is_err() {
+                return format!("Error: could not take the permissions '{cmd}' needs\r\n");
+            }
+            let restore = (!perm.contains(need)).then_some((perm, shared));
+            (blk, restore)
+        }
+        Target::Node(node) => match BlockBackend::new(graph, &node, need, Perm::all()) {
+            Ok(b) => (b, None),
+            Err(e) => return format!("Error: {}\r\n", ferrite_qapi::Error::from(e).desc),
+        },
+    };
+    let out = command(&blk, line).await;
+    if let Some((perm, shared)) = restore {
+        let _ = blk.set_perm(perm, shared);
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+    String::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cvtstr, dump, number};
+
+    #[test]
+    fn sizes_and_numbers_as_qemu_io_writes_and_reads_them() {
+        assert_eq!(cvtstr(512.0), "512 bytes");
+        assert_eq!(cvtstr(65536.0), "64 KiB");
+        assert_eq!(cvtstr(1536.0), "1.500 KiB");
+        assert_eq!(cvtstr((1u64 << 20) as f64), "1 MiB");
+        assert_eq!(number("64k"), Some(65536));
+        assert_eq!(number("0x200"), Some(512));
+        assert_eq!(number("1M"), Some(1 << 20));
+        assert_eq!(number("x"), None);
+        assert_eq!(dump(16, b"AB"), "00000010:  41 42  AB\n");
+    }
+}
