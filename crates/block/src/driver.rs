@@ -119,6 +119,19 @@ pub async fn read_through_buffer(
     Ok(())
 }
 
+/// A breakpoint operation (see [`Driver::debug_breakpoint`]).
+#[derive(Debug, Clone, Copy)]
+pub enum DebugOp<'a> {
+    /// Suspend requests that raise the event (first) under the tag (second).
+    Break(&'a str, &'a str),
+    /// Remove the breakpoint with this tag (and let its suspended requests go).
+    Remove(&'a str),
+    /// Let the requests suspended under this tag go.
+    Resume(&'a str),
+    /// Whether a request is suspended under this tag.
+    IsSuspended(&'a str),
+}
+
 /// A driver instance (the state of one open node).
 pub trait Driver: std::any::Any {
     /// The driver name (`file`, `raw`, `null-co`).
@@ -126,6 +139,23 @@ pub trait Driver: std::any::Any {
 
     /// The node's size in bytes.
     fn len(&self, node: &Node) -> u64;
+
+    /// Whether the driver acts on debug events (blkdebug); others are never told of them.
+    fn handles_debug_events(&self) -> bool {
+        false
+    }
+
+    /// A debug event the node above raised on this node (QEMU's `BLKDBG_EVENT`): blkdebug
+    /// changes state, arms injected errors, or holds the request at a breakpoint.
+    fn debug_event<'a>(&'a self, _node: &'a Node, _event: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Breakpoints (qemu-io's `break`, `remove_break`, `resume`, `wait_break`): `None` when
+    /// the driver has none, so the request goes on to the node's primary child.
+    fn debug_breakpoint(&self, _op: DebugOp<'_>) -> Option<Result<bool, i32>> {
+        None
+    }
 
     /// Reads `len` bytes at `offset` (within bounds).
     fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>>;

@@ -172,11 +172,16 @@ impl Node {
         if let Some(f) = self.driver.plain_filename() {
             return f;
         }
+        // A format takes its file's name when that is a plain one; over a node that needs
+        // a `json:` name (a filter with options), it needs one of its own.
         if self.driver.is_passthrough()
             && !self.backing_overridden()
             && let Some(file) = self.child("file")
         {
-            return file.filename();
+            let name = file.filename();
+            if !name.starts_with("json:") {
+                return name;
+            }
         }
         format!(
             "json:{}",
@@ -316,6 +321,22 @@ impl Node {
     /// Whether the node is active (see `blockdev-set-active`).
     pub fn is_active(&self) -> bool {
         !self.inactive.get()
+    }
+
+    /// A breakpoint operation on the first node down the primary children (`file`, else
+    /// `image`) whose driver has breakpoints; `Err(ENOTSUP)` when none has (QEMU's
+    /// `bdrv_debug_breakpoint` and friends).
+    ///
+    /// # Errors
+    /// The driver's errno (ENOENT for an unknown tag), or ENOTSUP.
+    pub fn debug_breakpoint(&self, op: crate::driver::DebugOp<'_>) -> Result<bool, i32> {
+        if let Some(r) = self.driver().debug_breakpoint(op) {
+            return r;
+        }
+        match self.child("file").or_else(|| self.child("image")) {
+            Some(c) => c.debug_breakpoint(op),
+            None => Err(libc::ENOTSUP),
+        }
     }
 
     /// The name of the first named `BlockBackend` on the node (QEMU's

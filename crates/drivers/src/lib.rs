@@ -7,6 +7,7 @@
 //! QEMU counterparts: `block/file-posix.c`, `block/raw-format.c`, `block/null.c`,
 //! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
 
+mod blkdebug;
 mod blkverify;
 pub mod cbw;
 mod compress;
@@ -45,5 +46,6 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(preallocate::PreallocateFactory));
     registry.register(Rc::new(luks::LuksFactory));
     registry.register(Rc::new(blkverify::BlkverifyFactory));
+    registry.register(Rc::new(blkdebug::BlkdebugFactory));
     registry.register(Rc::new(quorum::QuorumFactory));
 }

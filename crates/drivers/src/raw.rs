@@ -87,7 +87,11 @@ impl Driver for RawDriver {
     }
 
     fn read<'a>(&'a self, node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(async move { self.file(node)?.read(self.offset.get() + offset, len).await })
+        Box::pin(async move {
+            let file = self.file(node)?;
+            file.debug_event("read_aio").await;
+            file.read(self.offset.get() + offset, len).await
+        })
     }
 
     fn read_into<'a>(
@@ -97,9 +101,9 @@ impl Driver for RawDriver {
         dest: &'a ferrite_block::io::ForeignBuf,
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
-            self.file(node)?
-                .read_into(self.offset.get() + offset, dest)
-                .await
+            let file = self.file(node)?;
+            file.debug_event("read_aio").await;
+            file.read_into(self.offset.get() + offset, dest).await
         })
     }
 
@@ -111,9 +115,9 @@ impl Driver for RawDriver {
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
-            self.file(node)?
-                .write(self.offset.get() + offset, data, flags)
-                .await
+            let file = self.file(node)?;
+            file.debug_event("write_aio").await;
+            file.write(self.offset.get() + offset, data, flags).await
         })
     }
 

@@ -58,6 +58,7 @@ impl Qcow2Driver {
                     // Data clusters live in the external data file when there is one.
                     let data = node.edge("data-file");
                     let src = data.as_deref().unwrap_or(file);
+                    file.debug_event("read_aio").await;
                     Some(match &self.crypto {
                         None => read_at(src, host, run).await?,
                         Some(c) => read_decrypted(src, c, offset + pos as u64, host, run).await?,

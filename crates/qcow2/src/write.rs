@@ -101,6 +101,7 @@ impl Qcow2Driver {
                     if let Some(c) = &self.crypto {
                         c.cipher.encrypt(&mut part, (host + in_off) / SECTOR);
                     }
+                    file.debug_event("write_aio").await;
                     file.write(host + in_off, part, ReqFlags::empty()).await?;
                     pos += run;
                 }
@@ -218,6 +219,7 @@ impl Qcow2Driver {
         if let Some(c) = &self.crypto {
             c.cipher.encrypt(&mut buf, host / SECTOR);
         }
+        file.debug_event("write_aio").await;
         file.write(host, buf, ReqFlags::empty()).await?;
         let mut m = self.meta.lock().await;
         for k in 0..clusters {
@@ -277,6 +279,7 @@ impl Qcow2Driver {
             m.check_data(file, host + in_off, data.len() as u64).await?;
         }
         if all_data {
+            file.debug_event("write_aio").await;
             return file
                 .write(host + in_off, data.to_vec(), ReqFlags::empty())
                 .await;
@@ -299,6 +302,7 @@ impl Qcow2Driver {
             buf[at..].copy_from_slice(&old);
         }
         buf[(in_off - from) as usize..(end - from) as usize].copy_from_slice(data);
+        file.debug_event("write_aio").await;
         file.write(host + from, buf, ReqFlags::empty()).await?;
         let mut m = self.meta.lock().await;
         let (table, idx) = m.l2_for_write(file, gc).await?;

@@ -44,7 +44,7 @@ fn on_off(key: &str, v: &str) -> Result<bool, Error> {
 /// A child given by `filename` without a driver is a file, as `-drive` infers it (QEMU
 /// would look at a protocol prefix; ferrite has only the file protocol by name).
 fn default_protocols(node: &mut QDict) {
-    for key in ["file", "backing"] {
+    for key in ["file", "backing", "image"] {
         if let Some(QObject::Dict(child)) = node.get_mut(key) {
             if child.get("driver").is_none() && child.get("filename").is_some() {
                 child.insert("driver", "file");
@@ -174,12 +174,25 @@ pub(crate) async fn add(
                 node.insert("filename", path.as_str());
             }
             Some(path) => {
-                if proto.get("driver").is_none() {
-                    proto.insert("driver", "file");
-                }
-                proto.insert("filename", path.as_str());
+                let mut file = QDict::new().with("driver", "file");
                 if let Some(a) = &aio {
-                    proto.insert("aio", a.as_str());
+                    file.insert("aio", a.as_str());
+                }
+                // `blkdebug:CONFIG:IMAGE` puts a blkdebug node over the image's file.
+                if let Some((config, image)) = path
+                    .strip_prefix("blkdebug:")
+                    .and_then(|rest| rest.split_once(':'))
+                {
+                    file.insert("filename", image);
+                    proto.insert("driver", "blkdebug");
+                    if !config.is_empty() {
+                        proto.insert("config", config);
+                    }
+                    proto.insert("image", file);
+                } else if proto.get("driver").is_none() {
+                    proto = file.with("filename", path.as_str());
+                } else {
+                    proto.insert("filename", path.as_str());
                 }
                 node.insert("file", proto);
             }

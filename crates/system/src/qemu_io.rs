@@ -3,6 +3,7 @@
 //! there too, not to the monitor). Tests use it to write patterns into an image under a
 //! running machine and to check them.
 
+use ferrite_block::driver::DebugOp;
 use ferrite_block::{BlockBackend, Graph, Perm, ReqFlags};
 use std::io::Write;
 use std::rc::Rc;
@@ -179,11 +180,55 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
             Ok(()) => String::new(),
             Err(e) => format!("{cmd} failed: {}\n", ferrite_qapi::os_msg(&e)),
         },
+        "break" | "remove_break" | "resume" | "wait_break" => breakpoint(blk, cmd, &rest).await,
         _ => {
             // qemu-io says this on standard error.
             eprintln!("command \"{cmd}\" not found");
             String::new()
         }
+    }
+}
+
+/// The blkdebug breakpoint commands, on the first node down the drive that has breakpoints.
+async fn breakpoint(blk: &BlockBackend, cmd: &str, args: &[&str]) -> String {
+    let Some(node) = blk.node() else {
+        return String::new();
+    };
+    let strerror = |e: i32| ferrite_qapi::os_msg(&std::io::Error::from_raw_os_error(e));
+    match (cmd, args) {
+        ("break", [event, tag]) => {
+            let known = ferrite_qapi::schema()
+                .enum_values("BlkdebugEvent")
+                .contains(event);
+            let r = if known {
+                node.debug_breakpoint(DebugOp::Break(event, tag))
+            } else {
+                Err(libc::ENOENT)
+            };
+            match r {
+                Ok(_) => String::new(),
+                Err(e) => format!("Could not set breakpoint: {}\n", strerror(e)),
+            }
+        }
+        ("remove_break", [tag]) => match node.debug_breakpoint(DebugOp::Remove(tag)) {
+            Ok(_) => String::new(),
+            Err(e) => format!("Could not remove breakpoint {tag}: {}\n", strerror(e)),
+        },
+        ("resume", [tag]) => match node.debug_breakpoint(DebugOp::Resume(tag)) {
+            Ok(_) => String::new(),
+            Err(e) => format!("Could not resume request: {}\n", strerror(e)),
+        },
+        ("wait_break", [tag]) => {
+            // As qemu-io: until a request is held there (the main loop keeps running).
+            while !node
+                .debug_breakpoint(DebugOp::IsSuspended(tag))
+                .unwrap_or(true)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            String::new()
+        }
+        _ => format!("{cmd}: invalid arguments\n"),
     }
 }
 
@@ -213,14 +258,39 @@ pub(crate) async fn run(graph: &Rc<Graph>, target: Target, line: &str) -> String
             Err(e) => return format!("Error: {}\r\n", ferrite_qapi::Error::from(e).desc),
         },
     };
-    let out = command(&blk, line).await;
-    if let Some((perm, shared)) = restore {
-        let _ = blk.set_perm(perm, shared);
+    let line = line.to_owned();
+    let finish = move |blk: Rc<BlockBackend>, out: String| {
+        if let Some((perm, shared)) = restore {
+            let _ = blk.set_perm(perm, shared);
+        }
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(out.as_bytes());
+        let _ = stdout.flush();
+    };
+    if matches!(cmd, "aio_read" | "aio_write" | "aio_discard") {
+        // As qemu-io: the command returns at once, the report comes when the request ends
+        // (a request held at a breakpoint must not hold the monitor).
+        AIO_IN_FLIGHT.with(|n| n.set(n.get() + 1));
+        tokio::task::spawn_local(async move {
+            let out = command(&blk, &line).await;
+            finish(blk, out);
+            AIO_IN_FLIGHT.with(|n| n.set(n.get() - 1));
+        });
+        return String::new();
     }
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
+    if cmd == "aio_flush" {
+        while AIO_IN_FLIGHT.with(std::cell::Cell::get) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+    let out = command(&blk, &line).await;
+    finish(blk, out);
     String::new()
+}
+
+thread_local! {
+    /// qemu-io's asynchronous requests still running (`aio_flush` waits for them).
+    static AIO_IN_FLIGHT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 #[cfg(test)]

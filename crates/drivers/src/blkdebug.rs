@@ -1,0 +1,511 @@
+//! `blkdebug` (QEMU: block/blkdebug.c): a test filter over its `image` child that acts on the
+//! debug events the format above raises (`read_aio`, `write_aio`, ...). Rules, from the
+//! options or a `config` file, inject errors (armed by their event, then failing the next
+//! matching requests, `once` or until the next event), move a state machine (`set-state`), and
+//! breakpoints (`break`) hold a request at its event until it is resumed.
+
+use crate::error::generic;
+use ferrite_block::driver::{BoxFut, DebugOp, Driver, Extent, ReqFlags};
+use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
+use ferrite_qapi::Args;
+use ferrite_qobject::QObject;
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::Rc;
+use tokio::sync::Notify;
+
+/// The kinds of request a rule may fail (QAPI `BlkdebugIOType`), as bits.
+const IO_READ: u32 = 1;
+const IO_WRITE: u32 = 2;
+const IO_WRITE_ZEROES: u32 = 4;
+const IO_DISCARD: u32 = 8;
+const IO_FLUSH: u32 = 16;
+const IO_BLOCK_STATUS: u32 = 32;
+
+fn iotype_bit(name: &str) -> Option<u32> {
+    Some(match name {
+        "read" => IO_READ,
+        "write" => IO_WRITE,
+        "write-zeroes" => IO_WRITE_ZEROES,
+        "discard" => IO_DISCARD,
+        "flush" => IO_FLUSH,
+        "block-status" => IO_BLOCK_STATUS,
+        _ => return None,
+    })
+}
+
+#[derive(Debug)]
+enum Action {
+    InjectError {
+        errno: i32,
+        /// The byte the rule hits (a request containing it fails), or any.
+        offset: Option<u64>,
+        once: bool,
+        iotypes: u32,
+    },
+    SetState {
+        new_state: i64,
+    },
+    Suspend {
+        tag: String,
+    },
+}
+
+#[derive(Debug)]
+struct Rule {
+    event: String,
+    /// Only in this state (0: any).
+    state: i64,
+    action: Action,
+}
+
+/// A request held at a breakpoint.
+struct Suspended {
+    tag: String,
+    resume: Rc<Notify>,
+    resumed: Rc<Cell<bool>>,
+}
+
+/// The `blkdebug` driver's factory.
+pub(crate) struct BlkdebugFactory;
+
+/// One `[section]` of a config file: its name and `key = "value"` pairs.
+type Section = (String, Vec<(String, String)>);
+
+/// QEMU's blkdebug config file: `[inject-error]` and `[set-state]` sections of
+/// `key = "value"` lines; `#` starts a comment.
+fn parse_config(text: &str) -> Result<Vec<Section>, String> {
+    let mut sections: Vec<Section> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            sections.push((name.trim().to_owned(), Vec::new()));
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("Could not parse blkdebug config line: {line}"))?;
+        let v = v.trim().trim_matches('"').to_owned();
+        match sections.last_mut() {
+            Some((_, pairs)) => pairs.push((k.trim().to_owned(), v)),
+            None => return Err(format!("Could not parse blkdebug config line: {line}")),
+        }
+    }
+    Ok(sections)
+}
+
+fn int(v: Option<&str>, key: &str) -> Result<Option<i64>, String> {
+    v.map(|s| {
+        s.parse::<i64>()
+            .map_err(|_| format!("Parameter '{key}' expects a number"))
+    })
+    .transpose()
+}
+
+fn flag(v: Option<&str>) -> bool {
+    matches!(v, Some("on" | "true" | "yes"))
+}
+
+/// A rule from string options (a config section or a keyval list entry).
+fn rule_from(kind: &str, get: &dyn Fn(&str) -> Option<String>) -> Result<Rule, String> {
+    let event = get("event").ok_or("Missing event name for rule")?;
+    let state = int(get("state").as_deref(), "state")?.unwrap_or(0);
+    let action = if kind == "inject-error" {
+        let iotypes = match get("iotype") {
+            Some(t) => iotype_bit(&t).ok_or_else(|| format!("Invalid parameter '{t}'"))?,
+            None => IO_READ | IO_WRITE | IO_WRITE_ZEROES | IO_DISCARD | IO_FLUSH,
+        };
+        let sector = int(get("sector").as_deref(), "sector")?.unwrap_or(-1);
+        Action::InjectError {
+            errno: int(get("errno").as_deref(), "errno")?.unwrap_or(i64::from(libc::EIO)) as i32,
+            offset: u64::try_from(sector).ok().map(|s| s.saturating_mul(512)),
+            once: flag(get("once").as_deref()),
+            iotypes,
+        }
+    } else {
+        let new_state = int(get("new_state").as_deref(), "new_state")?
+            .ok_or("Parameter 'new_state' is missing")?;
+        Action::SetState { new_state }
+    };
+    Ok(Rule {
+        event,
+        state,
+        action,
+    })
+}
+
+/// A scalar option as a string (keyval gives strings, JSON typed values).
+fn scalar(v: &QObject) -> String {
+    match v {
+        QObject::String(s) => s.clone(),
+        QObject::Bool(b) => b.to_string(),
+        other => ferrite_qobject::to_json(other),
+    }
+}
+
+/// QEMU's strong options of a blkdebug node, the rule lists flattened (`inject-error.0.event`).
+fn strong_options(opts: &Args) -> ferrite_qobject::QDict {
+    let mut d = ferrite_qobject::QDict::new();
+    for key in [
+        "config",
+        "align",
+        "max-transfer",
+        "opt-write-zero",
+        "max-write-zero",
+        "opt-discard",
+        "max-discard",
+    ] {
+        if let Some(v) = opts.get(key) {
+            d.insert(key, v.clone());
+        }
+    }
+    for list in ["inject-error", "set-state"] {
+        let Some(QObject::List(items)) = opts.get(list) else {
+            continue;
+        };
+        for (i, item) in items.iter().enumerate() {
+            for (k, v) in item.as_dict().into_iter().flat_map(|d| d.iter()) {
+                d.insert(format!("{list}.{i}.{k}"), v.clone());
+            }
+        }
+    }
+    d
+}
+
+impl DriverFactory for BlkdebugFactory {
+    fn name(&self) -> &'static str {
+        "blkdebug"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Filter
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let opts = ctx.opts().clone();
+            let mut rules = Vec::new();
+            if let Some(path) = opts.opt_str("config") {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    generic(format!(
+                        "Could not read blkdebug config file: {}",
+                        ferrite_qapi::os_msg(&e)
+                    ))
+                })?;
+                for (kind, pairs) in parse_config(&text).map_err(generic)? {
+                    if kind != "inject-error" && kind != "set-state" {
+                        continue;
+                    }
+                    let get = |k: &str| {
+                        pairs
+                            .iter()
+                            .find(|(key, _)| key == k)
+                            .map(|(_, v)| v.clone())
+                    };
+                    rules.push(rule_from(&kind, &get).map_err(generic)?);
+                }
+            }
+            for kind in ["inject-error", "set-state"] {
+                let Some(QObject::List(list)) = opts.get(kind) else {
+                    continue;
+                };
+                for item in list {
+                    let Some(d) = item.as_dict() else { continue };
+                    let get = |k: &str| d.get(k).map(scalar);
+                    rules.push(rule_from(kind, &get).map_err(generic)?);
+                }
+            }
+            let align = opts.opt_u64("align").unwrap_or(1);
+            if align == 0 || !align.is_power_of_two() {
+                return Err(generic(format!(
+                    "Cannot meet constraints with align {align}"
+                )));
+            }
+            let strong = strong_options(&opts);
+            let image = ctx.open_child("image").await?;
+            Ok(Box::new(BlkdebugDriver {
+                image,
+                rules: RefCell::new(rules.into_iter().map(Rc::new).collect()),
+                active: RefCell::new(Vec::new()),
+                state: Cell::new(1),
+                suspended: RefCell::new(Vec::new()),
+                align,
+                strong,
+            }) as Box<dyn Driver>)
+        })
+    }
+}
+
+struct BlkdebugDriver {
+    image: Rc<Child>,
+    rules: RefCell<Vec<Rc<Rule>>>,
+    /// Error rules armed by their event, newest first.
+    active: RefCell<Vec<Rc<Rule>>>,
+    state: Cell<i64>,
+    suspended: RefCell<Vec<Suspended>>,
+    align: u64,
+    /// The options that make the node what it is (its `json:` file name shows them).
+    strong: ferrite_qobject::QDict,
+}
+
+impl BlkdebugDriver {
+    /// The error an armed rule injects into a request of `iotype` over `offset..+len`.
+    fn check(&self, iotype: u32, offset: u64, len: u64) -> io::Result<()> {
+        let hit = self.active.borrow().iter().find_map(|r| match &r.action {
+            Action::InjectError {
+                errno,
+                offset: at,
+                once,
+                iotypes,
+            } if iotypes & iotype != 0
+                && at.is_none_or(|a| len > 0 && a >= offset && a < offset + len) =>
+            {
+                Some((r.clone(), *errno, *once))
+            }
+            _ => None,
+        });
+        let Some((rule, errno, once)) = hit else {
+            return Ok(());
+        };
+        if once {
+            self.active.borrow_mut().retain(|r| !Rc::ptr_eq(r, &rule));
+            self.rules.borrow_mut().retain(|r| !Rc::ptr_eq(r, &rule));
+        }
+        Err(io::Error::from_raw_os_error(errno))
+    }
+
+    fn breakpoint(&self, op: DebugOp<'_>) -> Result<bool, i32> {
+        match op {
+            DebugOp::Break(event, tag) => {
+                self.rules.borrow_mut().push(Rc::new(Rule {
+                    event: event.to_owned(),
+                    state: 0,
+                    action: Action::Suspend {
+                        tag: tag.to_owned(),
+                    },
+                }));
+                Ok(true)
+            }
+            DebugOp::Remove(tag) => {
+                let before = self.rules.borrow().len();
+                self.rules
+                    .borrow_mut()
+                    .retain(|r| !matches!(&r.action, Action::Suspend { tag: t } if t == tag));
+                let removed = self.rules.borrow().len() < before;
+                let resumed = self.resume(tag);
+                if removed || resumed {
+                    Ok(true)
+                } else {
+                    Err(libc::ENOENT)
+                }
+            }
+            DebugOp::Resume(tag) => {
+                if self.resume(tag) {
+                    Ok(true)
+                } else {
+                    Err(libc::ENOENT)
+                }
+            }
+            DebugOp::IsSuspended(tag) => Ok(self.suspended.borrow().iter().any(|s| s.tag == tag)),
+        }
+    }
+
+    /// Lets the requests held under `tag` go; whether there were any.
+    fn resume(&self, tag: &str) -> bool {
+        let mut held = self.suspended.borrow_mut();
+        let before = held.len();
+        held.retain(|s| {
+            if s.tag == tag {
+                s.resumed.set(true);
+                s.resume.notify_one();
+                false
+            } else {
+                true
+            }
+        });
+        held.len() < before
+    }
+
+    async fn event(&self, event: &str) {
+        let mut new_state = self.state.get();
+        let mut injected = false;
+        let mut holds: Vec<String> = Vec::new();
+        let matching: Vec<Rc<Rule>> = self
+            .rules
+            .borrow()
+            .iter()
+            .filter(|r| r.event == event && (r.state == 0 || r.state == self.state.get()))
+            .cloned()
+            .collect();
+        for rule in matching {
+            match &rule.action {
+                Action::InjectError { .. } => {
+                    if !injected {
+                        self.active.borrow_mut().clear();
+                        injected = true;
+                    }
+                    self.active.borrow_mut().insert(0, rule.clone());
+                }
+                Action::SetState { new_state: s } => new_state = *s,
+                Action::Suspend { tag } => {
+                    // A breakpoint holds one request, then is gone.
+                    self.rules.borrow_mut().retain(|r| !Rc::ptr_eq(r, &rule));
+                    holds.push(tag.clone());
+                }
+            }
+        }
+        self.state.set(new_state);
+        for tag in holds {
+            // QEMU's blkdebug says so on standard output; tests wait for these lines.
+            println!("blkdebug: Suspended request '{tag}'");
+            let resume = Rc::new(Notify::new());
+            let resumed = Rc::new(Cell::new(false));
+            self.suspended.borrow_mut().push(Suspended {
+                tag: tag.clone(),
+                resume: resume.clone(),
+                resumed: resumed.clone(),
+            });
+            while !resumed.get() {
+                resume.notified().await;
+            }
+            println!("blkdebug: Resuming request '{tag}'");
+        }
+    }
+}
+
+impl Driver for BlkdebugDriver {
+    fn format_name(&self) -> &'static str {
+        "blkdebug"
+    }
+
+    fn len(&self, _node: &Node) -> u64 {
+        self.image.len()
+    }
+
+    fn has_image_info(&self) -> bool {
+        false
+    }
+
+    fn handles_debug_events(&self) -> bool {
+        true
+    }
+
+    fn can_grow(&self) -> bool {
+        // Writes past the end reach the image, which grows if it can (a format above
+        // allocating clusters).
+        self.image.node().driver().can_grow()
+    }
+
+    fn debug_event<'a>(&'a self, _node: &'a Node, event: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.event(event).await;
+            Ok(())
+        })
+    }
+
+    fn debug_breakpoint(&self, op: DebugOp<'_>) -> Option<Result<bool, i32>> {
+        Some(self.breakpoint(op))
+    }
+
+    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move {
+            self.check(IO_READ, offset, len as u64)?;
+            self.image.read(offset, len).await
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.check(IO_WRITE, offset, data.len() as u64)?;
+            self.image.write(offset, data, flags).await
+        })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.check(IO_WRITE_ZEROES, offset, len)?;
+            self.image.write_zeroes(offset, len, flags).await
+        })
+    }
+
+    fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.check(IO_DISCARD, offset, len)?;
+            self.image.discard(offset, len).await
+        })
+    }
+
+    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.check(IO_FLUSH, 0, 0)?;
+            self.image.flush().await
+        })
+    }
+
+    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(async move {
+            self.check(IO_BLOCK_STATUS, offset, len)?;
+            self.image.block_status(offset, len).await
+        })
+    }
+
+    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        Box::pin(self.image.truncate(size))
+    }
+
+    fn filtered_child(&self) -> Option<&'static str> {
+        Some("image")
+    }
+
+    fn strong_options(&self) -> ferrite_qobject::QDict {
+        self.strong.clone()
+    }
+
+    fn request_alignment(&self, _node: &Node) -> u64 {
+        self.align
+    }
+
+    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
+        Ok(())
+    }
+
+    fn reopen_apply(
+        &self,
+        _node: &Node,
+        _opts: &Args,
+        _read_only: bool,
+    ) -> ferrite_block::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_config;
+
+    #[test]
+    fn config_files_read_as_qemu_reads_them() {
+        let text = "# errors\n[inject-error]\nevent = \"read_aio\"\nerrno = \"28\"\n\n[set-state]\nstate = \"1\"\nevent = \"write_aio\"\nnew_state = \"2\"\n";
+        let s = parse_config(text).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].0, "inject-error");
+        assert_eq!(s[0].1[1], ("errno".to_owned(), "28".to_owned()));
+        assert_eq!(s[1].1[2], ("new_state".to_owned(), "2".to_owned()));
+        assert!(parse_config("event = x\n").is_err());
+    }
+}

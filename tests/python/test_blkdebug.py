@@ -1,0 +1,136 @@
+"""The `blkdebug` driver against qemu-storage-daemon: options, a config file, errors armed
+by the events qcow2 and raw raise (`read_aio`, `write_aio`) with `sector`, `iotype`, `once`
+and `errno`, and `set-state` rules moving the state machine that gates them; seen by NBD
+clients through an export of the format node above. (Breakpoints need qemu-io in the human
+monitor: test_system.py compares them with qemu-system.)"""
+import json
+import subprocess
+
+from blockjobs import export
+from conftest import assert_same_transcript, normalize, recorder
+
+
+def io(uri, *ops):
+    # A json: name carries its own driver; an NBD export is raw.
+    args = ["qemu-io"] + ([] if uri.startswith("json:") else ["-f", "raw"])
+    for op in ops:
+        args += ["-c", op]
+    r = subprocess.run(args + [uri], capture_output=True, text=True)
+    # qemu-io's own flush when it closes an image whose writes fail is not the node's doing
+    # (through NBD the server flushes, unseen).
+    return [ln for ln in (r.stdout + r.stderr).splitlines()
+            if " ops; " not in ln and not ln.startswith("qemu-io: Failed to flush")]
+
+
+CONFIG = """# armed by the first write, fails reads of sector 8 in state 2 only
+[set-state]
+state = "1"
+event = "write_aio"
+new_state = "2"
+
+[inject-error]
+event = "read_aio"
+state = "2"
+sector = "8"
+errno = "28"
+"""
+
+
+def stack(top, debug):
+    return {"driver": top, "node-name": "top",
+            "file": {"driver": "blkdebug", "node-name": "dbg", **debug,
+                     "image": {"driver": "file", "filename": "disk.img"}}}
+
+
+def transcript(d):
+    """Refusals and what the queries say of a blkdebug node."""
+    w = d.workdir
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "disk.img"), "4M"],
+                   check=True)
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("blockdev-add", stack("qcow2", {"align": 3}))
+    cmd("blockdev-add", stack("qcow2", {"config": "nosuch.cfg"}))
+    cmd("blockdev-add", stack("qcow2", {"inject-error": [{"event": "nosuch"}]}))
+    cmd("blockdev-add", stack("qcow2", {"set-state": [{"event": "read_aio"}]}))
+    cmd("blockdev-add", stack("qcow2", RULES))
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    text = normalize(json.dumps(nodes, sort_keys=True)).replace(str(w), "W")
+    # json: file names compared as objects: QEMU's member order for the flattened rule
+    # options is its hash table's, not reproduced here.
+    out.append(("nodes", sorted((n["node-name"], n["drv"],
+                                 json.loads(n["file"][5:]) if n["file"].startswith("json:")
+                                 else n["file"])
+                                for n in json.loads(text)
+                                if not n["node-name"].startswith("#"))))
+    c.close()
+    d.stop()
+    return out
+
+
+def test_blkdebug_options_and_queries_match_qsd(both):
+    q, f = both()
+    assert_same_transcript(transcript(q), transcript(f))
+
+
+# Reads fail once with ENOSPC after a read armed the rule; writes fail with EIO where they
+# touch sector 16.
+RULES = {"inject-error": [
+    {"event": "read_aio", "iotype": "read", "errno": 28, "once": True},
+    {"event": "write_aio", "iotype": "write", "sector": 16, "errno": 5},
+]}
+OPS = ["write -P 1 0 4k", "write -P 2 8k 4k", "write -P 3 12k 8k", "read -P 1 0 4k",
+       "read -P 1 0 4k", "read -P 2 8k 4k", "read 64k 4k", "write -P 4 6k 4k",
+       "read -P 4 6k 4k"]
+CONFIG_OPS = ["read 4k 4k", "read 0 512", "write -P 7 0 512", "read 4k 512", "read 4k 4k",
+              "read 3k 2k", "write -P 7 0 512", "read -P 7 0 512"]
+
+
+def semantics(ferrite, tmp_path, top, debug, ops):
+    """The same operations through QEMU's blkdebug (qemu-io on a json: file name) and through
+    ferrite's (an NBD export of the same stack): the same answers. (qemu-storage-daemon's NBD
+    server drops the client when a read fails, so it cannot be the other side here.)"""
+    results = []
+    for side in ("qemu", "ferrite"):
+        w = tmp_path / side
+        w.mkdir()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "disk.img"), "4M"],
+                       check=True)
+        (w / "rules.cfg").write_text(CONFIG)
+        opts = stack(top, debug)
+        opts["file"]["image"]["filename"] = str(w / "disk.img")
+        if "config" in debug:
+            opts["file"]["config"] = str(w / "rules.cfg")
+        if side == "qemu":
+            del opts["node-name"], opts["file"]["node-name"]
+            results.append(io("json:" + json.dumps(opts), *ops))
+        else:
+            d = ferrite()
+            c = d.connect()
+            assert c.cmd("blockdev-add", opts) == {"return": {}}
+            results.append(io(export(c, d, "top", "top", True), *ops))
+            c.close()
+    assert results[1] == results[0]
+    return results[0]
+
+
+def test_injected_errors_as_qemus_blkdebug(ferrite, tmp_path):
+    # Under raw, guest offsets are the blkdebug node's: the write at 8k meets sector 16.
+    got = semantics(ferrite, tmp_path, "raw", RULES, OPS)
+    assert got.count("read failed: No space left on device") == 1
+    assert got.count("write failed: Input/output error") == 2
+
+
+def test_events_raised_by_qcow2_as_qemus(ferrite, tmp_path):
+    # Armed by qcow2's first data write, which it then fails, as every later write; reads
+    # of what was never written read no data, so raise no read_aio.
+    rules = {"inject-error": [RULES["inject-error"][0],
+                              {"event": "write_aio", "iotype": "write", "errno": 5}]}
+    got = semantics(ferrite, tmp_path, "qcow2", rules, ["write -P 1 0 4k"] + OPS)
+    assert got.count("write failed: Input/output error") == 5
+
+
+def test_state_machine_from_a_config_file_as_qemus(ferrite, tmp_path):
+    got = semantics(ferrite, tmp_path, "raw", {"config": "rules.cfg"}, CONFIG_OPS)
+    assert got.count("read failed: No space left on device") == 3
