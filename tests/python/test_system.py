@@ -239,16 +239,29 @@ QEMU_IO = [
     'qemu-io drive0 "read -v 60k 40"',
     'qemu-io drive0 read 0 512',
     'qemu-io drive0 "write -P 0x5a 0 512" extra',
+    # blkdebug breakpoints: a request held at its event, the monitor free meanwhile.
+    'qemu-io dbg "break write_aio bp0"',
+    'qemu-io dbg "break nosuch bp1"',
+    'qemu-io dbg "aio_write -P 9 0 512"',
+    'qemu-io dbg "wait_break bp0"',
+    'qemu-io dbg "resume bp0"',
+    'qemu-io dbg "aio_flush"',
+    'qemu-io dbg "resume bp0"',
+    'qemu-io dbg "remove_break bp0"',
+    'qemu-io drive0 "break write_aio bp2"',
+    'qemu-io dbg "read -P 9 0 512"',
 ]
 
 
 def qemu_io_transcript(binary, accel, workdir):
     img = workdir / "h.qcow2"
     other = workdir / "o.qcow2"
-    for f in (img, other):
+    debugged = workdir / "d.qcow2"
+    for f in (img, other, debugged):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(f), "1M"], check=True)
     m = Machine(binary, accel, workdir, [
         "-drive", f"if=none,id=drive0,file={img},format=qcow2",
+        "-drive", f"if=none,id=dbg,file=blkdebug::{debugged},format=qcow2",
         "-blockdev", "driver=null-co,node-name=nul,size=1048576",
         "-blockdev", f"driver=qcow2,node-name=o,file.driver=file,file.filename={other}",
         "-device", "virtio-blk-pci,id=vblk,drive=o",
