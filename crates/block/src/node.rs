@@ -218,7 +218,13 @@ impl Node {
 
     /// The user chose the backing child (or none) instead of the one the image names.
     fn backing_overridden(&self) -> bool {
-        self.options.borrow().get("backing").is_some()
+        // Options for the backing file the image names (no driver of their own) keep it the
+        // image's choice.
+        match self.options.borrow().get("backing") {
+            None => false,
+            Some(QObject::Dict(b)) => b.get("driver").is_some(),
+            Some(_) => true,
+        }
     }
 
     /// Forgets option `key` of the node (how it was opened no longer shows it).

@@ -184,11 +184,28 @@ impl<'a> OpenCtx<'a> {
         format: &str,
         read_only: bool,
     ) -> Result<Rc<Child>> {
+        self.open_image_with(key, path, format, read_only, QDict::new())
+            .await
+    }
+
+    /// As [`OpenCtx::open_image`], with options of the user's on top (`node-name`, the
+    /// image's own backing options, `file.*` for its file).
+    ///
+    /// # Errors
+    /// As [`OpenCtx::open_image`].
+    pub async fn open_image_with(
+        &mut self,
+        key: &str,
+        path: &str,
+        format: &str,
+        read_only: bool,
+        extra: QDict,
+    ) -> Result<Rc<Child>> {
         if self.graph.registry().get(format).is_none() {
             return Err(Error::UnknownDriver(format.to_owned()));
         }
         let file_opts = self.image_file_opts(path, read_only);
-        let opts = if format == "file" {
+        let mut opts = if format == "file" {
             file_opts
         } else {
             QDict::new()
@@ -196,6 +213,18 @@ impl<'a> OpenCtx<'a> {
                 .with("file", file_opts)
                 .with("read-only", read_only)
         };
+        for (k, v) in extra {
+            match (opts.get_mut(&k), v) {
+                (Some(QObject::Dict(mine)), QObject::Dict(theirs)) => {
+                    for (k2, v2) in theirs {
+                        mine.insert(k2, v2);
+                    }
+                }
+                (_, v) => {
+                    opts.insert(k, v);
+                }
+            }
+        }
         self.open_child_opts(key, opts).await
     }
 

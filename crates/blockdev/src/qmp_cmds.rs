@@ -54,12 +54,13 @@ pub fn qmp_x_debug_query_block_graph(graph: &Graph) -> QObject {
 pub async fn qmp_block_resize(graph: &Graph, args: &Args) -> Result<QObject, Error> {
     let device = args.opt_str("device").unwrap_or("");
     let node_name = args.opt_str("node-name").unwrap_or("");
-    // A storage daemon has no named block devices: only node names can match.
-    let node = if device.is_empty() {
-        graph.find(node_name)
-    } else {
-        None
-    };
+    // QEMU's bdrv_lookup_bs: a drive by its name first (a storage daemon has none), then a
+    // node.
+    let node = graph.find_by_backend(device).or_else(|| {
+        (!node_name.is_empty())
+            .then(|| graph.find(node_name))
+            .flatten()
+    });
     let node = node.ok_or_else(|| {
         Error::from(crate::Error::NotFound {
             device: device.to_owned(),

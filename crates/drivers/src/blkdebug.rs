@@ -66,6 +66,21 @@ struct Suspended {
     resumed: Rc<Cell<bool>>,
 }
 
+/// Whether the program runs under the qtest accelerator, where blkdebug says nothing of the
+/// requests it holds (QEMU checks `qtest_enabled()`).
+static QTEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells blkdebug that the qtest accelerator runs (a system front end's `-accel qtest`).
+pub fn set_qtest(enabled: bool) {
+    QTEST.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn announce(text: std::fmt::Arguments<'_>) {
+    if !QTEST.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("{text}");
+    }
+}
+
 /// The `blkdebug` driver's factory.
 pub(crate) struct BlkdebugFactory;
 
@@ -360,7 +375,7 @@ impl BlkdebugDriver {
         self.state.set(new_state);
         for tag in holds {
             // QEMU's blkdebug says so on standard output; tests wait for these lines.
-            println!("blkdebug: Suspended request '{tag}'");
+            announce(format_args!("blkdebug: Suspended request '{tag}'"));
             let resume = Rc::new(Notify::new());
             let resumed = Rc::new(Cell::new(false));
             self.suspended.borrow_mut().push(Suspended {
@@ -371,7 +386,7 @@ impl BlkdebugDriver {
             while !resumed.get() {
                 resume.notified().await;
             }
-            println!("blkdebug: Resuming request '{tag}'");
+            announce(format_args!("blkdebug: Resuming request '{tag}'"));
         }
     }
 }

@@ -8,6 +8,7 @@
 //! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
 
 mod blkdebug;
+pub use blkdebug::set_qtest;
 mod blkverify;
 pub mod cbw;
 mod compress;

@@ -150,8 +150,11 @@ impl BackupJob {
         loop {
             // Keep up to `workers` chunks in flight; the block-copy state keeps them (and the
             // guest's copy-before-write) from copying a cluster twice.
+            // A job asked to pause lets what it has in flight land first, so that a paused
+            // job makes no progress (QEMU cancels its block-copy call and waits for it).
             while workers.len() >= self.workers
                 || (self.copy.next_dirty(next).is_none() && !workers.is_empty())
+                || (job.pause_requested() && !workers.is_empty())
             {
                 match workers.join_next().await {
                     Some(Ok(Ok(_))) => self.progress(job),

@@ -57,13 +57,21 @@ impl DriverFactory for Qcow2Factory {
             ctx.take_position_now();
             match opts.get("backing") {
                 Some(QObject::Null) => {}
+                // Options for the backing file the header names, without a driver (what
+                // `-drive ...,backing.node-name=x` gives): that file, with these options.
+                Some(QObject::Dict(extra)) if extra.get("driver").is_none() => {
+                    let extra = extra.clone();
+                    if let Some(spec) = drv.backing_spec() {
+                        open_backing(ctx, &file, spec, extra).await?;
+                    }
+                }
                 Some(v) => {
                     let v = v.clone();
                     ctx.open_child_ref("backing", &v).await?;
                 }
                 None => {
                     if let Some(spec) = drv.backing_spec() {
-                        open_backing(ctx, &file, spec).await?;
+                        open_backing(ctx, &file, spec, QDict::new()).await?;
                     }
                 }
             }
@@ -129,11 +137,12 @@ async fn open_data_file(
 }
 
 /// Opens the backing file the header names: its path relative to the image's, its format
-/// from the header or probed, read-only.
+/// from the header or probed, read-only, with `extra` options of the user's.
 async fn open_backing(
     ctx: &mut OpenCtx<'_>,
     file: &Child,
     spec: BackingSpec,
+    extra: QDict,
 ) -> ferrite_block::Result<()> {
     let path = ferrite_block::filename::backing_path(&file.node().filename(), &spec.filename)?;
     let failed = |error| Error::OpenBacking { error };
@@ -144,7 +153,7 @@ async fn open_backing(
     if ctx.graph().registry().get(&format).is_none() {
         return Err(Error::UnknownBackingFormat(format).into());
     }
-    ctx.open_image("backing", &path, &format, true)
+    ctx.open_image_with("backing", &path, &format, true, extra)
         .await
         .map_err(failed)?;
     Ok(())

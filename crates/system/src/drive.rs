@@ -222,6 +222,12 @@ pub(crate) async fn add(
             );
         }
         default_protocols(&mut node);
+        // Options for the backing file the image names come without a driver, which the
+        // schema wants: they go to the format as they are.
+        let implicit_backing = match node.get("backing") {
+            Some(QObject::Dict(b)) if b.get("driver").is_none() => node.remove("backing"),
+            _ => None,
+        };
         let checked = check_object(
             schema(),
             "BlockdevOptions",
@@ -237,6 +243,10 @@ pub(crate) async fn add(
             }
             _ => e,
         })?;
+        let mut checked = checked;
+        if let Some(b) = implicit_backing {
+            checked.insert("backing", b);
+        }
         let n = graph.open_inline(&Args::new(checked)).await?;
         if let Err(e) = blk.insert(&n, Perm::empty(), Perm::all()) {
             graph.release_inline(&n);

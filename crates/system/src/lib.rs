@@ -93,6 +93,7 @@ fn bad_spec(o: &SysOption, backend: &str, prog: &str) -> Failure {
 
 /// The machine type the options ask for, and a check of their accelerators as QEMU tries
 /// them: in order, the first that works is used and those after it are never looked at.
+/// Tells blkdebug whether that is qtest.
 fn machine_type(options: &[SysOption]) -> Result<&'static machine::MachineType, Failure> {
     let mut kind = "pc".to_owned();
     let mut accels: Vec<(&SysOption, String)> = Vec::new();
@@ -117,6 +118,7 @@ fn machine_type(options: &[SysOption]) -> Result<&'static machine::MachineType, 
     {
         return Err(failed(o, format!("invalid accelerator {a}")));
     }
+    ferrite_drivers::set_qtest(accels.first().is_some_and(|(_, a)| a == "qtest"));
     machine::machine_type(&kind).map_err(Failure)
 }
 
