@@ -1,6 +1,26 @@
 //! Where a relative file name an image records (its backing file) points.
 
 use crate::error::{Error, Result};
+use ferrite_qobject::QDict;
+
+/// The options of the protocol node a file name stands for: `blkdebug:CONFIG:IMAGE` is a
+/// blkdebug node over the image's file, anything else a file (QEMU's protocol prefixes,
+/// for those ferrite has).
+pub fn protocol_options(name: &str) -> QDict {
+    if let Some((config, image)) = name
+        .strip_prefix("blkdebug:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        let mut d = QDict::new()
+            .with("driver", "blkdebug")
+            .with("image", protocol_options(image));
+        if !config.is_empty() {
+            d.insert("config", config);
+        }
+        return d;
+    }
+    QDict::new().with("driver", "file").with("filename", name)
+}
 
 /// The path of `name`, which the image whose own file is `image` records: absolute names and
 /// protocol names as they are, relative ones beside the image (QEMU's rule).

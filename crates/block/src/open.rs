@@ -152,10 +152,7 @@ impl<'a> OpenCtx<'a> {
     /// The options of a `file` node for image file `path` (read-only if `read_only`),
     /// with this node's cache modes.
     pub fn image_file_opts(&self, path: &str, read_only: bool) -> QDict {
-        let mut file_opts = QDict::new()
-            .with("driver", "file")
-            .with("filename", path)
-            .with("read-only", read_only);
+        let mut file_opts = crate::filename::protocol_options(path).with("read-only", read_only);
         if let Some(c) = self.opts.get("cache") {
             file_opts.insert("cache", c.clone());
         }

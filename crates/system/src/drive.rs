@@ -174,25 +174,23 @@ pub(crate) async fn add(
                 node.insert("filename", path.as_str());
             }
             Some(path) => {
-                let mut file = QDict::new().with("driver", "file");
+                // `blkdebug:CONFIG:IMAGE` names a blkdebug node over the image's file.
+                let mut file = ferrite_block::filename::protocol_options(path);
                 if let Some(a) = &aio {
-                    file.insert("aio", a.as_str());
-                }
-                // `blkdebug:CONFIG:IMAGE` puts a blkdebug node over the image's file.
-                if let Some((config, image)) = path
-                    .strip_prefix("blkdebug:")
-                    .and_then(|rest| rest.split_once(':'))
-                {
-                    file.insert("filename", image);
-                    proto.insert("driver", "blkdebug");
-                    if !config.is_empty() {
-                        proto.insert("config", config);
+                    match file.get_mut("image") {
+                        Some(QObject::Dict(image)) => image.insert("aio", a.as_str()),
+                        _ => file.insert("aio", a.as_str()),
                     }
-                    proto.insert("image", file);
-                } else if proto.get("driver").is_none() {
-                    proto = file.with("filename", path.as_str());
+                }
+                if proto.is_empty() {
+                    proto = file;
                 } else {
-                    proto.insert("filename", path.as_str());
+                    // `file.*` options on top of what the name says.
+                    for (k, v) in file {
+                        if proto.get(&k).is_none() {
+                            proto.insert(k, v);
+                        }
+                    }
                 }
                 node.insert("file", proto);
             }
