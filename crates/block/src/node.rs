@@ -60,6 +60,9 @@ pub struct Node {
     /// Inactive (QEMU's `BDRV_O_INACTIVE`): another process may own the image, so the
     /// node writes nothing and gives no writer to anyone until it is activated again.
     pub(crate) inactive: Cell<bool>,
+    /// A filter a job put in without a name from the user (QEMU's `implicit`): queries of
+    /// the drive look through it.
+    pub(crate) implicit: Cell<bool>,
     /// Edges this node owns, to its children.
     pub(crate) children: RefCell<Vec<Rc<Child>>>,
     /// Edges pointing at this node (their parents own them).
@@ -120,6 +123,7 @@ impl Node {
             options: RefCell::new(options),
             read_only: Cell::new(settings.read_only),
             inactive: Cell::new(false),
+            implicit: Cell::new(false),
             children: RefCell::new(Vec::new()),
             users: RefCell::new(Vec::new()),
             detect_zeroes: Cell::new(settings.detect_zeroes),
@@ -157,6 +161,22 @@ impl Node {
     pub fn skip_filters(self: &Rc<Self>) -> Rc<Node> {
         let mut n = self.clone();
         while let Some(f) = n.filtered() {
+            n = f;
+        }
+        n
+    }
+
+    /// Marks the node as a filter a job made without a user's name for it.
+    pub fn set_implicit(&self) {
+        self.implicit.set(true);
+    }
+
+    /// Below the implicit filters at the top (what `query-block` shows of a drive).
+    pub fn skip_implicit_filters(self: &Rc<Self>) -> Rc<Node> {
+        let mut n = self.clone();
+        while n.implicit.get()
+            && let Some(f) = n.filtered()
+        {
             n = f;
         }
         n

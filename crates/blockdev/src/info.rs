@@ -117,7 +117,7 @@ pub(crate) fn block_info(graph: &Graph) -> QObject {
                 d.insert("io-status", b.iostatus().as_str());
             }
             if let Some(n) = b.node() {
-                d.insert("inserted", device_info(&n, false));
+                d.insert("inserted", device_info(&n.skip_implicit_filters(), false));
             }
             QObject::Dict(d)
         })

@@ -177,6 +177,9 @@ async fn setup(
     let filter = graph
         .insert_filter(&d.top, &Args::new(opts), &CommitTopFactory)
         .await?;
+    if filter_node_name.is_none() {
+        filter.set_implicit();
+    }
     *d.filter.borrow_mut() = Some(filter.clone());
     *d.filter_node.borrow_mut() = Some(filter.clone());
     // Everything between the top and the base leaves the chain.

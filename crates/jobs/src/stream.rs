@@ -112,6 +112,9 @@ pub async fn start_stream(
             return Err(e.into());
         }
     };
+    if s.filter_node_name.is_none() {
+        filter.set_implicit();
+    }
     let base = above_base.below();
     let driver = Rc::new(StreamJob {
         graph: graph.clone(),

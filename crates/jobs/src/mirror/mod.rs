@@ -122,6 +122,9 @@ pub(crate) async fn start_job(
             &MirrorTopFactory(shared.clone()),
         )
         .await?;
+    if s.filter_node_name.is_none() {
+        filter.set_implicit();
+    }
     let source_edge = match filter.edge("backing") {
         Some(e) => e,
         None => {
