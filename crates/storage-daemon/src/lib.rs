@@ -24,13 +24,14 @@ pub mod front_end {
     pub use crate::daemon::{Daemon, DaemonCommands};
     pub use crate::process::{DaemonizeHandle, PidFile};
     pub use crate::wiring::{OptionError, Startup, run, start};
+    pub use crate::{main_loop, tune_allocator};
 }
 use std::process::ExitCode;
 
 /// Large request buffers (NBD reads and writes of up to 32 MiB) are served by mmap and given
 /// back to the system when freed. Without a fixed threshold glibc raises it after the first
 /// frees and keeps such buffers on the heap, which then stays resident.
-fn tune_allocator() {
+pub fn tune_allocator() {
     // SAFETY: mallopt only adjusts allocator parameters; it is called before any thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
@@ -89,20 +90,7 @@ pub fn main() -> ExitCode {
     } else {
         process::DaemonizeHandle::none()
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        // The I/O thread pool: QEMU's aio=threads pool also stops at 64 workers.
-        .max_blocking_threads(64)
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{prog}: cannot start the main loop: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    let code = local.block_on(&runtime, async move {
+    main_loop(&prog.clone(), async move {
         let daemon = daemon::Daemon::new();
         match wiring::start(&daemon, &options, &prog).await {
             Ok(wiring::Startup::Exit) => ExitCode::SUCCESS,
@@ -118,7 +106,26 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    });
+    })
+}
+
+/// Runs `body` on QEMU's main loop (a single-threaded runtime with the I/O thread pool) and
+/// says how the program ended.
+pub fn main_loop(prog: &str, body: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        // The I/O thread pool: QEMU's aio=threads pool also stops at 64 workers.
+        .max_blocking_threads(64)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{prog}: cannot start the main loop: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    let code = local.block_on(&runtime, body);
     // A stdio monitor leaves a blocking read of stdin in flight; do not wait for it.
     drop(local);
     runtime.shutdown_background();

@@ -254,6 +254,7 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
 
 /// The program: parses `std::env::args`, runs the machine, and says how it ended.
 pub fn main() -> ExitCode {
+    ferrite_storage_daemon::front_end::tune_allocator();
     ferrite_qapi::use_system_schema();
     let argv: Vec<String> = std::env::args().collect();
     let prog = argv
@@ -308,19 +309,7 @@ pub fn main() -> ExitCode {
             .unwrap_or("")
             .to_owned()
     });
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(64)
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{prog}: cannot start the main loop: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    let code = local.block_on(&runtime, async move {
+    ferrite_storage_daemon::front_end::main_loop(&prog.clone(), async move {
         let daemon = Daemon::new();
         let machine = Machine::new(kind, name, daemon.events.clone());
         let devices = Devices::new(machine.clone(), daemon.graph.clone(), daemon.events.clone());
@@ -350,8 +339,5 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    });
-    drop(local);
-    runtime.shutdown_background();
-    code
+    })
 }
