@@ -1,12 +1,49 @@
 //! Where a relative file name an image records (its backing file) points.
 
 use crate::error::{Error, Result};
-use ferrite_qobject::QDict;
+use ferrite_qobject::{QDict, QObject};
 
-/// The options of the protocol node a file name stands for: `blkdebug:CONFIG:IMAGE` is a
-/// blkdebug node over the image's file, anything else a file (QEMU's protocol prefixes,
-/// for those ferrite has).
+/// `json:{...}` options as a tree: dotted keys (`file.filename`) become nested dicts, as
+/// QEMU's `qdict_crumple` makes them. `None` when the text is not a JSON object.
+fn json_options(text: &str) -> Option<QDict> {
+    let QObject::Dict(flat) = ferrite_qobject::from_json(text).ok()? else {
+        return None;
+    };
+    let mut out = QDict::new();
+    for (key, value) in flat {
+        let value = match value {
+            QObject::Dict(d) => {
+                QObject::Dict(json_options(&ferrite_qobject::to_json(&QObject::Dict(d)))?)
+            }
+            v => v,
+        };
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop()?;
+        let mut at = &mut out;
+        for p in parts {
+            if !matches!(at.get(p), Some(QObject::Dict(_))) {
+                at.insert(p, QDict::new());
+            }
+            let Some(QObject::Dict(next)) = at.get_mut(p) else {
+                return None;
+            };
+            at = next;
+        }
+        at.insert(last, value);
+    }
+    Some(out)
+}
+
+/// The options of the protocol node a file name stands for: `json:{...}` says them all,
+/// `blkdebug:CONFIG:IMAGE` is a blkdebug node over the image's file, `null-co://` a null
+/// node, anything else a file (QEMU's protocol prefixes, for those ferrite has).
 pub fn protocol_options(name: &str) -> QDict {
+    if let Some(d) = name.strip_prefix("json:").and_then(json_options) {
+        return d;
+    }
+    if name == "null-co://" || name == "null-aio://" {
+        return QDict::new().with("driver", name.trim_end_matches("://"));
+    }
     if let Some((config, image)) = name
         .strip_prefix("blkdebug:")
         .and_then(|rest| rest.split_once(':'))
@@ -43,6 +80,30 @@ pub fn backing_path(image: &str, name: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::backing_path;
+
+    #[test]
+    fn protocol_names_open_what_they_name() {
+        use ferrite_qobject::QObject;
+        let image_filename = |d: &ferrite_qobject::QDict| match d.get("image") {
+            Some(QObject::Dict(i)) => i
+                .get("filename")
+                .and_then(QObject::as_str)
+                .map(str::to_owned),
+            _ => None,
+        };
+        let d = super::protocol_options(
+            r#"json:{"driver": "blkdebug", "image.driver": "file", "image.filename": "/x"}"#,
+        );
+        assert_eq!(d.get("driver").and_then(QObject::as_str), Some("blkdebug"));
+        assert_eq!(image_filename(&d).as_deref(), Some("/x"));
+        let d = super::protocol_options("blkdebug::/img");
+        assert_eq!(d.get("driver").and_then(QObject::as_str), Some("blkdebug"));
+        assert_eq!(image_filename(&d).as_deref(), Some("/img"));
+        let d = super::protocol_options("null-co://");
+        assert_eq!(d.get("driver").and_then(QObject::as_str), Some("null-co"));
+        let d = super::protocol_options("/plain:name");
+        assert_eq!(d.get("driver").and_then(QObject::as_str), Some("file"));
+    }
 
     #[test]
     fn relative_names_sit_beside_the_image() {

@@ -169,7 +169,20 @@ pub(crate) async fn add(
             _ => QDict::new(),
         };
         let protocol = matches!(format.as_str(), "file" | "host_device" | "host_cdrom");
+        // A name whose protocol is the driver itself (`driver=blkdebug`,
+        // `file=blkdebug::IMAGE`) describes that node, not its file.
+        let named = file
+            .as_deref()
+            .map(ferrite_block::filename::protocol_options)
+            .filter(|o| o.get("driver").and_then(QObject::as_str) == Some(format.as_str()));
         match &file {
+            Some(_) if named.is_some() && !protocol => {
+                for (k, v) in named.unwrap_or_default() {
+                    if node.get(&k).is_none() {
+                        node.insert(k, v);
+                    }
+                }
+            }
             Some(path) if protocol => {
                 node.insert("filename", path.as_str());
             }

@@ -236,10 +236,7 @@ impl Graph {
     /// # Errors
     /// The file failing to open.
     pub async fn probe_image(&self, path: &str) -> Result<&'static str> {
-        let file_opts = QDict::new()
-            .with("driver", "file")
-            .with("filename", path)
-            .with("read-only", true);
+        let file_opts = crate::filename::protocol_options(path).with("read-only", true);
         self.probe_format(&file_opts).await
     }
 
