@@ -5,18 +5,23 @@ use crate::devices::MODELS;
 use crate::machine::MACHINES;
 use ferrite_storage_daemon::front_end::{QEMU_VERSION, package};
 
-/// `-version`.
-pub(crate) fn version_text() -> String {
+/// The version as QEMU words it after "version": `10.0.2 (package)`.
+pub(crate) fn version() -> String {
     let (major, minor, micro) = QEMU_VERSION;
     let pkg = package();
-    let pkg = if pkg.is_empty() {
-        String::new()
+    if pkg.is_empty() {
+        format!("{major}.{minor}.{micro}")
     } else {
-        format!(" ({pkg})")
-    };
+        format!("{major}.{minor}.{micro} ({pkg})")
+    }
+}
+
+/// `-version`.
+pub(crate) fn version_text() -> String {
     format!(
-        "QEMU emulator version {major}.{minor}.{micro}{pkg}\n\
-         Copyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers\n"
+        "QEMU emulator version {}\n\
+         Copyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers\n",
+        version()
     )
 }
 

@@ -27,18 +27,7 @@ pub(crate) async fn run(cmds: &SystemCommands, line: &str) -> String {
             Some(n) => format!("{n}\r\n"),
             None => String::new(),
         },
-        ("info", "version") => {
-            let (a, b, c) = ferrite_storage_daemon::front_end::QEMU_VERSION;
-            let pkg = ferrite_storage_daemon::front_end::package();
-            format!(
-                "{a}.{b}.{c}{}\r\n",
-                if pkg.is_empty() {
-                    pkg
-                } else {
-                    format!(" ({pkg})")
-                }
-            )
-        }
+        ("info", "version") => format!("{}\r\n", crate::help::version()),
         ("qemu-io", _) => qemu_io(cmds, rest).await,
         (
             "info" | "drive_add" | "drive_del" | "device_add" | "device_del" | "savevm" | "loadvm"
