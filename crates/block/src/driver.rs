@@ -448,3 +448,84 @@ pub trait Driver: std::any::Any {
         1
     }
 }
+
+/// Writes a filter driver's `Driver` methods that hand the request unchanged to one child:
+/// `forward_to_child!(self.file; len, read, write, flush)` inside an `impl Driver`. The
+/// methods a filter changes it writes itself; the rest come from here, so a filter reads as
+/// what it does differently. Names: `len`, `read`, `write`, `write_zeroes`, `discard`,
+/// `flush`, `block_status`, `truncate`.
+#[macro_export]
+macro_rules! forward_to_child {
+    ($this:ident . $($field:tt).+ ; $method:ident $(, $rest:ident)* $(,)?) => {
+        $crate::forward_to_child!(@one $method, $this, $($field).+);
+        $crate::forward_to_child!($this . $($field).+ ; $($rest),*);
+    };
+    ($this:ident . $($field:tt).+ ; ) => {};
+    (@one len, $this:ident, $($field:tt).+) => {
+        fn len(&$this, _node: &$crate::Node) -> u64 {
+            $this.$($field).+.len()
+        }
+    };
+    (@one read, $this:ident, $($field:tt).+) => {
+        fn read<'a>(
+            &'a $this,
+            _node: &'a $crate::Node,
+            offset: u64,
+            len: usize,
+        ) -> $crate::driver::BoxFut<'a, Vec<u8>> {
+            Box::pin($this.$($field).+.read(offset, len))
+        }
+    };
+    (@one write, $this:ident, $($field:tt).+) => {
+        fn write<'a>(
+            &'a $this,
+            _node: &'a $crate::Node,
+            offset: u64,
+            data: Vec<u8>,
+            flags: $crate::driver::ReqFlags,
+        ) -> $crate::driver::BoxFut<'a, ()> {
+            Box::pin($this.$($field).+.write(offset, data, flags))
+        }
+    };
+    (@one write_zeroes, $this:ident, $($field:tt).+) => {
+        fn write_zeroes<'a>(
+            &'a $this,
+            _node: &'a $crate::Node,
+            offset: u64,
+            len: u64,
+            flags: $crate::driver::ReqFlags,
+        ) -> $crate::driver::BoxFut<'a, ()> {
+            Box::pin($this.$($field).+.write_zeroes(offset, len, flags))
+        }
+    };
+    (@one discard, $this:ident, $($field:tt).+) => {
+        fn discard<'a>(
+            &'a $this,
+            _node: &'a $crate::Node,
+            offset: u64,
+            len: u64,
+        ) -> $crate::driver::BoxFut<'a, ()> {
+            Box::pin($this.$($field).+.discard(offset, len))
+        }
+    };
+    (@one flush, $this:ident, $($field:tt).+) => {
+        fn flush<'a>(&'a $this, _node: &'a $crate::Node) -> $crate::driver::BoxFut<'a, ()> {
+            Box::pin($this.$($field).+.flush())
+        }
+    };
+    (@one block_status, $this:ident, $($field:tt).+) => {
+        fn block_status<'a>(
+            &'a $this,
+            _node: &'a $crate::Node,
+            offset: u64,
+            len: u64,
+        ) -> $crate::driver::BoxFut<'a, $crate::driver::Extent> {
+            Box::pin($this.$($field).+.block_status(offset, len))
+        }
+    };
+    (@one truncate, $this:ident, $($field:tt).+) => {
+        fn truncate<'a>(&'a $this, _node: &'a $crate::Node, size: u64) -> $crate::driver::BoxFut<'a, ()> {
+            Box::pin($this.$($field).+.truncate(size))
+        }
+    };
+}

@@ -392,12 +392,10 @@ impl BlkdebugDriver {
 }
 
 impl Driver for BlkdebugDriver {
+    ferrite_block::forward_to_child!(self.image; len, truncate);
+
     fn format_name(&self) -> &'static str {
         "blkdebug"
-    }
-
-    fn len(&self, _node: &Node) -> u64 {
-        self.image.len()
     }
 
     fn has_image_info(&self) -> bool {
@@ -477,10 +475,6 @@ impl Driver for BlkdebugDriver {
             self.check(IO_BLOCK_STATUS, offset, len)?;
             self.image.block_status(offset, len).await
         })
-    }
-
-    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
-        Box::pin(self.image.truncate(size))
     }
 
     fn filtered_child(&self) -> Option<&'static str> {

@@ -5,7 +5,7 @@
 //! Where QEMU prints the mismatch and exits the process, ferrite prints the same line and
 //! fails the request with EIO: a daemon serving other nodes keeps running.
 
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
 use ferrite_qapi::Args;
 use std::io;
@@ -68,6 +68,8 @@ impl Blkverify {
 }
 
 impl Driver for Blkverify {
+    ferrite_block::forward_to_child!(self.raw; block_status);
+
     fn format_name(&self) -> &'static str {
         "blkverify"
     }
@@ -135,10 +137,6 @@ impl Driver for Blkverify {
     fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         // QEMU flushes only the test image, assuming the raw one is safe.
         Box::pin(self.test.flush())
-    }
-
-    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(self.raw.block_status(offset, len))
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {

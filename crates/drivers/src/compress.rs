@@ -4,7 +4,7 @@
 //! as QEMU's block layer pads a request to the filter's alignment (the child's cluster).
 
 use crate::error::Error;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
 use ferrite_qapi::Args;
@@ -68,16 +68,10 @@ impl CompressDriver {
 }
 
 impl Driver for CompressDriver {
+    ferrite_block::forward_to_child!(self.file; len, read, discard, flush, block_status, truncate);
+
     fn format_name(&self) -> &'static str {
         "compress"
-    }
-
-    fn len(&self, _node: &Node) -> u64 {
-        self.file.len()
-    }
-
-    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(self.file.read(offset, len))
     }
 
     fn write<'a>(
@@ -107,22 +101,6 @@ impl Driver for CompressDriver {
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
         Box::pin(self.file.write_zeroes(offset, len, flags))
-    }
-
-    fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
-        Box::pin(self.file.discard(offset, len))
-    }
-
-    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        Box::pin(self.file.flush())
-    }
-
-    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(self.file.block_status(offset, len))
-    }
-
-    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
-        Box::pin(self.file.truncate(size))
     }
 
     fn filtered_child(&self) -> Option<&'static str> {

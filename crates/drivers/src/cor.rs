@@ -4,7 +4,7 @@
 //! stream job populates its image through one.
 
 use crate::error::Error;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Perm};
 use ferrite_qapi::Args;
@@ -179,12 +179,10 @@ impl CorDriver {
 }
 
 impl Driver for CorDriver {
+    ferrite_block::forward_to_child!(self.file; len, flush, block_status, truncate);
+
     fn format_name(&self) -> &'static str {
         "copy-on-read"
-    }
-
-    fn len(&self, _node: &Node) -> u64 {
-        self.file.len()
     }
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
@@ -214,18 +212,6 @@ impl Driver for CorDriver {
 
     fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
         Box::pin(self.serialised(offset, len, self.file.discard(offset, len)))
-    }
-
-    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        Box::pin(self.file.flush())
-    }
-
-    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(self.file.block_status(offset, len))
-    }
-
-    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
-        Box::pin(self.file.truncate(size))
     }
 
     fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {

@@ -196,6 +196,8 @@ impl Luks {
 }
 
 impl Driver for Luks {
+    ferrite_block::forward_to_child!(self.file; flush);
+
     fn format_name(&self) -> &'static str {
         "luks"
     }
@@ -251,10 +253,6 @@ impl Driver for Luks {
         // What a discarded sector would read as is not zeroes once decrypted: QEMU's crypto
         // driver does not pass discards on either.
         Box::pin(async { Ok(()) })
-    }
-
-    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        Box::pin(self.file.flush())
     }
 
     fn block_status<'a>(&'a self, _node: &'a Node, _offset: u64, len: u64) -> BoxFut<'a, Extent> {

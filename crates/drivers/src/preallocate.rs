@@ -4,7 +4,7 @@
 //! size is where the data ends, and the file is cut back to it when the node closes or its
 //! users stop writing (QEMU: block/preallocate.c).
 
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Perm};
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
@@ -147,6 +147,8 @@ impl State {
 }
 
 impl Driver for Preallocate {
+    ferrite_block::forward_to_child!(self.0.file; discard, flush, block_status);
+
     fn format_name(&self) -> &'static str {
         "preallocate"
     }
@@ -194,18 +196,6 @@ impl Driver for Preallocate {
             }
             self.0.file.write_zeroes(offset, len, flags).await
         })
-    }
-
-    fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
-        Box::pin(self.0.file.discard(offset, len))
-    }
-
-    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        Box::pin(self.0.file.flush())
-    }
-
-    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(self.0.file.block_status(offset, len))
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {

@@ -4,7 +4,7 @@
 //! the limits.
 
 use crate::error::Error;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::throttle::{Direction, GroupMember};
 use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
 use ferrite_qapi::Args;
@@ -74,12 +74,10 @@ impl ThrottleDriver {
 }
 
 impl Driver for ThrottleDriver {
+    ferrite_block::forward_to_child!(self.file; len, flush, block_status, truncate);
+
     fn format_name(&self) -> &'static str {
         "throttle"
-    }
-
-    fn len(&self, _node: &Node) -> u64 {
-        self.file.len()
     }
 
     fn has_image_info(&self) -> bool {
@@ -124,18 +122,6 @@ impl Driver for ThrottleDriver {
             self.admit(Direction::Write, len).await;
             self.file.discard(offset, len).await
         })
-    }
-
-    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        Box::pin(self.file.flush())
-    }
-
-    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(self.file.block_status(offset, len))
-    }
-
-    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
-        Box::pin(self.file.truncate(size))
     }
 
     fn filtered_child(&self) -> Option<&'static str> {

@@ -10,7 +10,7 @@ use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, PhaseFuture};
 use crate::manager::{JobManager, JobOptions};
 use crate::mirror::{self, BackingMode, Setup, Sync};
 use crate::types::{BlockErrorAction, JobType, MirrorCopyMode};
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags, unsupported};
+use ferrite_block::driver::{BoxFut, Driver, ReqFlags, unsupported};
 use ferrite_block::{
     BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx, Perm,
 };
@@ -439,16 +439,10 @@ struct CommitTop {
 }
 
 impl Driver for CommitTop {
+    ferrite_block::forward_to_child!(self.top; len, read, block_status);
+
     fn format_name(&self) -> &'static str {
         "commit_top"
-    }
-
-    fn len(&self, _node: &Node) -> u64 {
-        self.top.len()
-    }
-
-    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(self.top.read(offset, len))
     }
 
     fn write<'a>(
@@ -477,10 +471,6 @@ impl Driver for CommitTop {
 
     fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async { Ok(()) })
-    }
-
-    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(self.top.block_status(offset, len))
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {

@@ -4,7 +4,7 @@
 //! Its child is named `backing`, as QEMU names it.
 
 use super::state::Shared;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags, unsupported};
+use ferrite_block::driver::{BoxFut, Driver, ReqFlags, unsupported};
 use ferrite_block::{Child, Node, OpenCtx, Perm};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
 use std::io;
@@ -157,16 +157,10 @@ impl MirrorTop {
 }
 
 impl Driver for MirrorTop {
+    ferrite_block::forward_to_child!(self.source; len, read, flush, block_status);
+
     fn format_name(&self) -> &'static str {
         "mirror_top"
-    }
-
-    fn len(&self, _node: &Node) -> u64 {
-        self.source.len()
-    }
-
-    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(self.source.read(offset, len))
     }
 
     fn write<'a>(
@@ -192,14 +186,6 @@ impl Driver for MirrorTop {
 
     fn discard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, ()> {
         Box::pin(self.do_write(Write::Discard, offset, len, ReqFlags::empty()))
-    }
-
-    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        Box::pin(self.source.flush())
-    }
-
-    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(self.source.block_status(offset, len))
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
