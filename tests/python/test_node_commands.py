@@ -175,3 +175,30 @@ def test_empty_bitmap_merge_is_refused(ferrite):
     assert r["error"]["desc"] == \
         "Parameter 'bitmaps' expects a non-empty list of bitmaps to merge", r
     assert "return" in q.cmd("query-version")
+
+
+def test_force_share_like_qemu(both, tmp_path):
+    """force-share: refused on a writable node, inherited by the node's file, and what lets
+    a read-only node open an image a writer holds (unless its file says otherwise)."""
+    def steps(img):
+        file = {"driver": "file", "filename": str(img)}
+        return [
+            {"driver": "qcow2", "node-name": "w", "file": file},
+            {"driver": "qcow2", "node-name": "bad", "force-share": True, "file": file},
+            {"driver": "qcow2", "node-name": "r1", "read-only": True, "file": file},
+            {"driver": "qcow2", "node-name": "r2", "read-only": True, "force-share": True,
+             "file": file},
+            {"driver": "qcow2", "node-name": "r3", "read-only": True, "force-share": True,
+             "file": dict(file, **{"force-share": False})},
+            {"driver": "raw", "node-name": "r4", "force-share": True, "read-only": True,
+             "file": {"driver": "file", "filename": str(img), "read-only": False}},
+        ]
+    seen = []
+    for i, d in enumerate(both()):
+        img = tmp_path / f"shared{i}.qcow2"
+        qcow2(img, "1M")
+        q = d.connect()
+        nodes = [(re.sub(r"#block\d+", "#block", n), a, ro) for n, a, ro in state(q)]
+        seen.append([q.cmd("blockdev-add", s) for s in steps(img)] + [sorted(nodes)])
+    assert seen[1] == seen[0]
+    assert "error" not in seen[0][3]

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, RawQmp, normalize, wait_for
+from conftest import ROOT, RawQmp, assert_same_transcript, normalize, wait_for
 
 SYSTEM = os.environ.get(
     "FERRITE_SYSTEM_BIN",
@@ -188,9 +188,14 @@ def transcript(binary, accel, workdir):
         "-blockdev", f"driver=qcow2,node-name=n2,file.driver=file,file.filename={other}",
         "-device", "virtio-blk-pci,id=vblk,drive=n2",
     ])
+    return run_steps(m, STEPS)
+
+
+def run_steps(m, steps):
+    """Runs `steps` on machine `m`, then quits it: each reply and the events it caused."""
     out = []
     try:
-        for name, args in STEPS:
+        for name, args in steps:
             if name == "sleep":
                 time.sleep(0.5)
                 continue
@@ -209,14 +214,115 @@ def transcript(binary, accel, workdir):
     return out
 
 
+def same_dirs(got):
+    """ferrite's transcript with its work directory named as QEMU's."""
+    return json.loads(json.dumps(got).replace("/f/", "/q/"))
+
+
 def test_machine_transcript_matches_qemu_system(tmp_path):
     (tmp_path / "q").mkdir()
     (tmp_path / "f").mkdir()
     expected = transcript(QEMU, "tcg", tmp_path / "q")
     got = transcript(SYSTEM, "qtest", tmp_path / "f")
-    for e, g in zip(expected, got):
-        assert json.loads(json.dumps(g).replace("/f/", "/q/")) == json.loads(json.dumps(e))
-    assert len(got) == len(expected)
+    assert_same_transcript(json.loads(json.dumps(expected)), same_dirs(got))
+
+
+# Removable media: trays, media in and out, what each refusal says, and the tray events.
+MEDIA_STEPS = [
+    ("query-block", None),
+    ("blockdev-open-tray", {"id": "cd0"}),
+    ("blockdev-open-tray", {"id": "cd0"}),
+    ("blockdev-remove-medium", {"id": "cd0"}),
+    ("query-block", None),
+    ("blockdev-insert-medium", {"id": "cd0", "node-name": "new"}),
+    ("blockdev-insert-medium", {"id": "cd0", "node-name": "new"}),
+    ("blockdev-close-tray", {"id": "cd0"}),
+    ("blockdev-close-tray", {"id": "cd0"}),
+    ("query-block", None),
+    ("blockdev-remove-medium", {"id": "cd0"}),
+    ("eject", {"id": "cd0"}),
+    ("eject", {"device": "cdrive"}),
+    ("blockdev-close-tray", {"device": "cdrive"}),
+    ("blockdev-change-medium", {"id": "cd0", "filename": "@old@", "format": "qcow2"}),
+    ("blockdev-change-medium", {"id": "cd0", "filename": "@raw@"}),
+    ("query-block", None),
+    # Devices made on a node and without a drive.
+    ("blockdev-open-tray", {"id": "scd"}),
+    ("blockdev-remove-medium", {"id": "scd"}),
+    ("blockdev-close-tray", {"id": "scd"}),
+    ("blockdev-change-medium", {"id": "empty", "filename": "@raw@", "format": "raw"}),
+    ("query-block", None),
+    # A floppy drive has no tray: media go straight in and out.
+    ("blockdev-open-tray", {"id": "fd"}),
+    ("blockdev-remove-medium", {"id": "fd"}),
+    ("query-block", None),
+    ("blockdev-insert-medium", {"id": "fd", "node-name": "ro"}),
+    ("query-block", None),
+    ("blockdev-change-medium", {"id": "fd", "filename": "@old@", "format": "qcow2",
+                                "read-only-mode": "read-write"}),
+    ("blockdev-change-medium", {"id": "fd", "filename": "@raw@", "format": "raw"}),
+    ("query-block", None),
+    # Refusals.
+    ("eject", {"id": "hd"}),
+    ("blockdev-open-tray", {"id": "hd"}),
+    ("blockdev-close-tray", {"id": "hd"}),
+    ("blockdev-remove-medium", {"id": "hd"}),
+    ("blockdev-insert-medium", {"id": "hd", "node-name": "spare"}),
+    ("blockdev-open-tray", {}),
+    ("blockdev-open-tray", {"id": "cd0", "device": "cdrive"}),
+    ("blockdev-open-tray", {"id": "nosuch"}),
+    ("blockdev-open-tray", {"device": "nosuch"}),
+    ("blockdev-open-tray", {"id": "vscsi"}),
+    ("blockdev-insert-medium", {"id": "cd0", "node-name": "nosuch"}),
+    ("blockdev-insert-medium", {"id": "cd0", "node-name": "n-hd"}),
+    ("blockdev-change-medium", {"id": "cd0", "filename": "/nonexistent.img"}),
+    ("blockdev-change-medium", {"id": "cd0", "filename": "@raw@", "format": "nosuch"}),
+    ("blockdev-remove-medium", {"id": "nosuch"}),
+    # A drive without a device: no tray to open, the medium simply goes.
+    ("blockdev-open-tray", {"device": "lone"}),
+    ("eject", {"device": "lone"}),
+    ("query-block", None),
+    ("block_resize", {"device": "lone", "size": 65536}),
+]
+
+
+def media_transcript(binary, accel, workdir):
+    old = workdir / "old.qcow2"
+    new = workdir / "new.qcow2"
+    raw = workdir / "cd.raw"
+    for path, fmt, size in [(old, "qcow2", "1440k"), (new, "qcow2", "1440k"),
+                            (raw, "raw", "1M")]:
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), size], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-drive", f"if=none,id=cdrive,file={old},format=qcow2,media=cdrom",
+        "-device", "ide-cd,drive=cdrive,id=cd0",
+        "-device", "ide-cd,id=empty",
+        "-blockdev", f"driver=raw,node-name=n-scd,file.driver=file,file.filename={raw},read-only=on",
+        "-device", "virtio-scsi-pci,id=vscsi",
+        "-device", "scsi-cd,drive=n-scd,id=scd",
+        "-drive", f"if=none,id=fdrive,file={raw},format=raw,force-share=on,read-only=on",
+        "-device", "floppy,drive=fdrive,id=fd",
+        "-blockdev", f"driver=qcow2,node-name=n-hd,file.driver=file,file.filename={new}",
+        "-device", "ide-hd,drive=n-hd,id=hd,bus=ide.0",
+        "-drive", f"if=none,id=lone,file={raw},format=raw,force-share=on,read-only=on",
+        "-blockdev", f"driver=qcow2,node-name=new,file.driver=file,file.filename={new},"
+                     "force-share=on,read-only=on",
+        "-blockdev", f"driver=raw,node-name=ro,read-only=on,file.driver=file,"
+                     f"file.filename={raw}",
+        "-blockdev", "driver=null-co,node-name=spare",
+    ])
+    subst = {"@old@": str(old), "@raw@": str(raw)}
+    steps = [(n, None if a is None else {k: subst.get(v, v) for k, v in a.items()})
+             for n, a in MEDIA_STEPS]
+    return run_steps(m, steps)
+
+
+def test_removable_media_match_qemu_system(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = media_transcript(QEMU, "tcg", tmp_path / "q")
+    got = media_transcript(SYSTEM, "qtest", tmp_path / "f")
+    assert_same_transcript(json.loads(json.dumps(expected)), same_dirs(got))
 
 
 QEMU_IO = [

@@ -90,10 +90,33 @@ impl IoStatus {
 pub struct Medium {
     /// The device has removable media.
     pub removable: bool,
+    /// The device has a tray (CD-ROMs; a floppy drive's medium goes in and out without).
+    pub has_tray: bool,
     /// The tray is open.
     pub tray_open: bool,
     /// The guest locked the tray.
     pub locked: bool,
+}
+
+/// How a drive opens the media put into it by name (QEMU's `BlockBackendRootState`): what
+/// the drive was configured with, updated from the medium in it whenever one is changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootState {
+    /// Media open read-only.
+    pub read_only: bool,
+    /// Media detect zero writes.
+    pub detect_zeroes: bool,
+}
+
+impl Default for RootState {
+    /// A backend made without a drive's options opens what it is given read-only, as
+    /// QEMU's zeroed root state does.
+    fn default() -> Self {
+        RootState {
+            read_only: true,
+            detect_zeroes: false,
+        }
+    }
 }
 
 /// What the owner of a backend (a device, a job) is told about drained sections (QEMU:
@@ -132,6 +155,7 @@ pub struct BlockBackend {
     owner: RefCell<Option<Weak<dyn BackendOwner>>>,
     stats: RefCell<Stats>,
     medium: Cell<Medium>,
+    root_state: Cell<RootState>,
     on_read_error: Cell<OnError>,
     on_write_error: Cell<OnError>,
     iostatus: Cell<IoStatus>,
@@ -191,6 +215,7 @@ impl BlockBackend {
             owner: RefCell::new(None),
             stats: RefCell::default(),
             medium: Cell::new(Medium::default()),
+            root_state: Cell::new(RootState::default()),
             on_read_error: Cell::new(OnError::Report),
             on_write_error: Cell::new(OnError::Enospc),
             iostatus: Cell::new(IoStatus::Ok),
@@ -306,6 +331,22 @@ impl BlockBackend {
     /// Whether it reports one.
     pub fn iostatus_enabled(&self) -> bool {
         self.iostatus_enabled.get()
+    }
+
+    /// How media changed by name open: the configured state, or the present medium's.
+    pub fn root_state(&self) -> RootState {
+        let mut state = self.root_state.get();
+        if let Some(node) = self.node() {
+            state.read_only = node.is_read_only();
+            state.detect_zeroes = node.detect_zeroes() != crate::DetectZeroes::Off;
+            self.root_state.set(state);
+        }
+        state
+    }
+
+    /// Sets the state a drive was configured with.
+    pub fn set_root_state(&self, state: RootState) {
+        self.root_state.set(state);
     }
 
     /// Sets the removable medium's state.

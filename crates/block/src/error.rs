@@ -55,6 +55,9 @@ pub enum Error {
         "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
     )]
     DetectZeroesUnmapWithoutDiscard,
+    /// `force-share=on` on a writable node.
+    #[error("force-share=on can only be used with read-only images")]
+    ForceShareWritable,
     /// A reopen that changes what cannot change.
     #[error("Cannot change the option '{0}'")]
     CannotChange(String),

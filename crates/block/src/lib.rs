@@ -32,7 +32,7 @@ pub mod testing;
 pub mod throttle;
 pub mod units;
 
-pub use backend::{BackendOwner, BlockBackend, IoStatus, Medium, OnError};
+pub use backend::{BackendOwner, BlockBackend, IoStatus, Medium, OnError, RootState};
 pub use child::{Child, Parent, ParentRef, RootParent, Vertex, VertexKind};
 pub use drain::{Drained, drain, notify_progress};
 pub use driver::{Extent, ReqFlags};

@@ -71,6 +71,7 @@ pub struct Node {
     pub(crate) discard_unmap: Cell<bool>,
     pub(crate) cache_direct: bool,
     pub(crate) cache_no_flush: bool,
+    pub(crate) force_share: bool,
     pub(crate) write_threshold: Cell<u64>,
     pub(crate) threshold_hit: RefCell<Option<ThresholdHook>>,
     /// Dirty bitmaps, newest first.
@@ -102,6 +103,9 @@ pub struct NodeSettings {
     pub cache_direct: bool,
     /// `cache.no-flush`.
     pub cache_no_flush: bool,
+    /// `force-share`: the node's parents share everything with others (read-only nodes
+    /// only), so it reads an image another writer holds.
+    pub force_share: bool,
 }
 
 impl std::fmt::Debug for Node {
@@ -130,6 +134,7 @@ impl Node {
             discard_unmap: Cell::new(settings.discard_unmap),
             cache_direct: settings.cache_direct,
             cache_no_flush: settings.cache_no_flush,
+            force_share: settings.force_share,
             write_threshold: Cell::new(0),
             threshold_hit: RefCell::new(None),
             bitmaps: RefCell::new(Vec::new()),
@@ -400,6 +405,11 @@ impl Node {
     /// `cache.direct` (O_DIRECT) and `cache.no-flush`.
     pub fn cache_mode(&self) -> (bool, bool) {
         (self.cache_direct, self.cache_no_flush)
+    }
+
+    /// `force-share`: whatever its parents take, they share everything.
+    pub fn force_share(&self) -> bool {
+        self.force_share
     }
 
     /// The end of the furthest write (`wr_highest_offset`).

@@ -236,11 +236,11 @@ impl<'a> OpenCtx<'a> {
 }
 
 /// The options of a child given inline: what it does not set itself, it takes from its
-/// parent (read-only, auto-read-only, cache modes), and it passes discards on, since the
+/// parent (read-only, auto-read-only, force-share, cache modes), and it passes discards on, since the
 /// parent already applies its own discard policy (QEMU's inherited options).
 fn inherited(parent: &Args, child: &QDict) -> QDict {
     let mut d = child.clone();
-    for key in ["read-only", "auto-read-only"] {
+    for key in ["read-only", "auto-read-only", "force-share"] {
         if d.get(key).is_none()
             && let Some(v) = parent.get(key)
         {
@@ -279,7 +279,11 @@ pub(crate) fn settings(opts: &Args) -> Result<NodeSettings> {
         discard_unmap: opts.opt_str("discard") == Some("unmap"),
         cache_direct: cache.bool_or("direct", false),
         cache_no_flush: cache.bool_or("no-flush", false),
+        force_share: opts.bool_or("force-share", false),
     };
+    if s.force_share && !s.read_only {
+        return Err(Error::ForceShareWritable);
+    }
     if s.detect_zeroes == DetectZeroes::Unmap && !s.discard_unmap {
         return Err(Error::DetectZeroesUnmapWithoutDiscard);
     }

@@ -70,6 +70,9 @@ pub enum Error {
     /// `backing-file` when streaming everything.
     #[error("backing file specified, but streaming the entire chain")]
     BackingFileWithoutBase,
+    /// A command naming a drive without a medium.
+    #[error("Device '{0}' has no medium")]
+    NoMedium(String),
     /// A bitmap command naming an unknown node.
     #[error("Node '{0}' not found")]
     BitmapNodeNotFound(String),

@@ -110,7 +110,7 @@ pub(crate) fn block_info(graph: &Graph) -> QObject {
             // is only reported for a device that has one.
             d.insert("removable", medium.removable || b.device().is_none());
             d.insert("locked", medium.locked);
-            if medium.removable {
+            if medium.has_tray {
                 d.insert("tray_open", medium.tray_open);
             }
             if b.iostatus_enabled() {

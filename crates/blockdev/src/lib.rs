@@ -14,3 +14,26 @@ pub mod snapshot_cmds;
 pub mod transaction;
 
 pub use error::{Error, Result};
+
+use ferrite_block::{Graph, Node};
+use std::rc::Rc;
+
+/// The node a command's `device` and `node-name` arguments name (QEMU's `bdrv_lookup_bs`):
+/// the medium of the drive called `device`, else the node called `node`.
+///
+/// # Errors
+/// "Device 'x' has no medium" for an empty drive, else "Cannot find device='x' nor
+/// node-name='y'".
+pub fn lookup_bs(graph: &Graph, device: Option<&str>, node: Option<&str>) -> Result<Rc<Node>> {
+    if let Some(d) = device.filter(|d| !d.is_empty())
+        && let Some(blk) = graph.backends().into_iter().find(|b| b.name() == d)
+    {
+        return blk.node().ok_or_else(|| Error::NoMedium(d.to_owned()));
+    }
+    node.filter(|n| !n.is_empty())
+        .and_then(|n| graph.find(n))
+        .ok_or_else(|| Error::NotFound {
+            device: device.unwrap_or("").to_owned(),
+            node: node.unwrap_or("").to_owned(),
+        })
+}

@@ -52,21 +52,7 @@ pub fn qmp_x_debug_query_block_graph(graph: &Graph) -> QObject {
 /// # Errors
 /// An unknown node or what [`Graph::resize`] reports.
 pub async fn qmp_block_resize(graph: &Graph, args: &Args) -> Result<QObject, Error> {
-    let device = args.opt_str("device").unwrap_or("");
-    let node_name = args.opt_str("node-name").unwrap_or("");
-    // QEMU's bdrv_lookup_bs: a drive by its name first (a storage daemon has none), then a
-    // node.
-    let node = graph.find_by_backend(device).or_else(|| {
-        (!node_name.is_empty())
-            .then(|| graph.find(node_name))
-            .flatten()
-    });
-    let node = node.ok_or_else(|| {
-        Error::from(crate::Error::NotFound {
-            device: device.to_owned(),
-            node: node_name.to_owned(),
-        })
-    })?;
+    let node = crate::lookup_bs(graph, args.opt_str("device"), args.opt_str("node-name"))?;
     graph.resize(&node, args.i64("size")?).await?;
     ok()
 }

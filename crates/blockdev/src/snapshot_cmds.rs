@@ -11,15 +11,6 @@ use std::rc::Rc;
 
 /// The node of `device`/`node-name`: a storage daemon has no devices, so only a node name
 /// alone finds anything (QEMU's text names both).
-fn lookup_both(graph: &Graph, device: Option<&str>, node: Option<&str>) -> Result<Rc<Node>> {
-    node.filter(|_| device.is_none())
-        .and_then(|n| graph.find(n))
-        .ok_or_else(|| Error::NotFound {
-            device: device.unwrap_or("").to_owned(),
-            node: node.unwrap_or("").to_owned(),
-        })
-}
-
 /// QEMU's op blockers for taking a snapshot of `node`: a backing file, or a job's node.
 fn check_snapshot_allowed(graph: &Graph, node: &Node) -> Result<()> {
     if let Some(p) = graph.backing_parent(node) {
@@ -104,7 +95,7 @@ pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared>
             opened_here: false,
         });
     }
-    let node = lookup_both(graph, args.opt_str("device"), args.opt_str("node-name"))?;
+    let node = crate::lookup_bs(graph, args.opt_str("device"), args.opt_str("node-name"))?;
     check_snapshot_allowed(graph, &node)?;
     let file = args.str("snapshot-file")?.to_owned();
     let new_name = args.opt_str("snapshot-node-name");

@@ -53,7 +53,10 @@ impl SystemCommands {
                 sys.machine.quit();
                 sys.daemon.run("quit", args).await
             }
-            _ => sys.daemon.run(name, args).await,
+            _ => match sys.devices.run_medium_command(name, &args).await {
+                Some(r) => r,
+                None => sys.daemon.run(name, args).await,
+            },
         }
     }
 

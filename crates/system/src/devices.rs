@@ -11,6 +11,8 @@ use ferrite_qobject::{QDict, QObject};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+mod medium;
+
 /// What kind of thing a model is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -41,6 +43,15 @@ impl Kind {
         matches!(self, Kind::ScsiCd | Kind::IdeCd | Kind::Floppy)
     }
 
+    fn is_ide(self) -> bool {
+        matches!(self, Kind::IdeHd | Kind::IdeCd)
+    }
+
+    /// Whether the medium goes in through a tray (CD-ROMs; floppy disks go in without).
+    fn has_tray(self) -> bool {
+        matches!(self, Kind::ScsiCd | Kind::IdeCd)
+    }
+
     /// Whether it can work without a medium.
     fn may_be_empty(self) -> bool {
         self.removable()
@@ -49,6 +60,19 @@ impl Kind {
     /// Whether it only reads.
     fn read_only(self) -> bool {
         matches!(self, Kind::ScsiCd | Kind::IdeCd)
+    }
+
+    /// What the device takes and shares of the medium `node`.
+    fn perms(self, share_rw: bool, node: &ferrite_block::Node) -> (Perm, Perm) {
+        let mut perm = Perm::CONSISTENT_READ;
+        if !self.read_only() && !node.is_read_only() {
+            perm |= Perm::WRITE;
+        }
+        let mut shared = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::RESIZE;
+        if share_rw {
+            shared |= Perm::WRITE;
+        }
+        (perm, shared)
     }
 
     fn on_pci(self) -> bool {
@@ -200,6 +224,10 @@ pub(crate) struct Device {
     unplug_pending: Cell<bool>,
     /// For a SCSI controller: its bus's name (`ID.0`).
     bus_name: Option<String>,
+    /// Others may write the drive too.
+    share_rw: bool,
+    /// An IDE device's bus and unit.
+    ide_slot: Option<(String, u32)>,
 }
 
 impl Device {
@@ -283,8 +311,8 @@ impl Devices {
     /// finds it: a virtio-blk proxy has none, its `virtio-backend` child has).
     ///
     /// # Errors
-    /// QEMU's texts for no such device and for a device without a drive.
-    pub(crate) fn drive_of(&self, id: &str) -> Result<Rc<BlockBackend>, String> {
+    /// QEMU's texts for no such device (DeviceNotFound) and for a device without a drive.
+    pub(crate) fn drive_of(&self, id: &str) -> Result<Rc<BlockBackend>, Error> {
         let list = self.list.borrow();
         let by_id = list
             .iter()
@@ -295,15 +323,20 @@ impl Devices {
                 d.model.kind == Kind::VirtioBlk && id == format!("{}/virtio-backend", d.path)
             }) {
                 Some(d) => (d, true),
-                None => return Err(format!("Device '{id}' not found")),
+                None => {
+                    return Err(Error::new(
+                        ErrorClass::DeviceNotFound,
+                        format!("Device '{id}' not found"),
+                    ));
+                }
             },
         };
         if dev.model.kind == Kind::VirtioBlk && !backend_child {
-            return Err("Device does not have a block device backend".into());
+            return Err(generic("Device does not have a block device backend"));
         }
         dev.blk
             .clone()
-            .ok_or_else(|| "Device does not have a block device backend".into())
+            .ok_or_else(|| generic("Device does not have a block device backend"))
     }
 
     /// `-device` or `device_add`: `props` holds `driver`, maybe `id` and `bus`, and the
@@ -324,7 +357,9 @@ impl Devices {
             if matches!(k, "driver" | "id" | "bus") {
                 continue;
             }
-            let known = model.props.contains(&k) || (k == "drive" && model.kind.has_drive());
+            let known = model.props.contains(&k)
+                || (k == "drive" && model.kind.has_drive())
+                || (k == "unit" && model.kind.is_ide());
             if !known {
                 return Err(generic(format!(
                     "Property '{}.{k}' not found",
@@ -354,6 +389,11 @@ impl Devices {
         }
         let bus = props.get("bus").map(prop_str);
         self.check_bus(model, bus.as_deref())?;
+        let ide_slot = if model.kind.is_ide() {
+            Some(self.ide_slot(bus.as_deref(), get("unit"))?)
+        } else {
+            None
+        };
         // The drive, and the permissions the device takes on it.
         let share_rw = get("share-rw")
             .map(|v| prop_bool(model.name, "share-rw", v))
@@ -378,18 +418,10 @@ impl Devices {
         if let Some(blk) = &blk
             && let Some(node) = blk.node()
         {
-            let read_only = model.kind.read_only() || node.is_read_only();
-            if read_only && matches!(model.kind, Kind::IdeHd) {
+            if matches!(model.kind, Kind::IdeHd) && node.is_read_only() {
                 return Err(generic("Can't use a read-only drive"));
             }
-            let mut perm = Perm::CONSISTENT_READ;
-            if !read_only {
-                perm |= Perm::WRITE;
-            }
-            let mut shared = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::RESIZE;
-            if share_rw {
-                shared |= Perm::WRITE;
-            }
+            let (perm, shared) = model.kind.perms(share_rw, &node);
             blk.set_perm(perm, shared)
                 .map_err(|e| generic(Error::from(e).desc))?;
         }
@@ -411,6 +443,8 @@ impl Devices {
             auto_del,
             unplug_pending: Cell::new(false),
             bus_name,
+            share_rw,
+            ide_slot,
         });
         if let Some(blk) = &device.blk {
             blk.set_device(Some(&device.qdev()));
@@ -420,6 +454,7 @@ impl Devices {
             if model.kind.removable() {
                 blk.set_medium(Medium {
                     removable: true,
+                    has_tray: model.kind.has_tray(),
                     tray_open: false,
                     locked: false,
                 });
@@ -449,6 +484,42 @@ impl Devices {
         let blk = BlockBackend::new(&self.graph, &node, Perm::empty(), Perm::all())
             .map_err(|e| generic(Error::from(e).desc))?;
         Ok((blk, false))
+    }
+
+    /// The unit an IDE device takes on `bus` (when not named, the bus QEMU's search finds
+    /// first: the last one): `unit`, or the master's place, or the slave's when the master
+    /// is taken.
+    ///
+    /// # Errors
+    /// QEMU's texts for a unit beyond the two a bus has and for a unit in use.
+    fn ide_slot(&self, bus: Option<&str>, unit: Option<&str>) -> Result<(String, u32), Error> {
+        let board = self.machine.kind.board;
+        let bus = bus.map_or_else(
+            || format!("ide.{}", board.ide_buses().saturating_sub(1)),
+            str::to_owned,
+        );
+        let units = board.ide_units();
+        let used = |u: u32| {
+            self.list
+                .borrow()
+                .iter()
+                .any(|d| d.ide_slot.as_ref() == Some(&(bus.clone(), u)))
+        };
+        let unit = match unit {
+            Some(u) => u
+                .parse::<u32>()
+                .map_err(|_| generic("Parameter 'unit' expects integer"))?,
+            None => u32::from(used(0)),
+        };
+        if unit >= units {
+            return Err(generic(format!(
+                "Can't create IDE unit {unit}, bus supports only {units} units"
+            )));
+        }
+        if used(unit) {
+            return Err(generic(format!("IDE unit {unit} is in use")));
+        }
+        Ok((bus, unit))
     }
 
     /// Checks that the machine has a bus for `model` (`bus` names one).

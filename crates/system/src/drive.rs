@@ -4,7 +4,7 @@
 //! interface other than `none` puts a device on the machine with it.
 
 use crate::devices::Devices;
-use ferrite_block::{BlockBackend, Graph, OnError, Perm};
+use ferrite_block::{BlockBackend, Graph, OnError, Perm, RootState};
 use ferrite_qapi::visit::{Mode, check_object};
 use ferrite_qapi::{Args, Error, schema};
 use ferrite_qobject::{QDict, QObject};
@@ -137,6 +137,14 @@ pub(crate) async fn add(
     }
     let blk = BlockBackend::new_empty(graph);
     blk.set_name(&id);
+    let detect_zeroes = opts
+        .get("detect-zeroes")
+        .and_then(QObject::as_str)
+        .is_some_and(|v| v != "off");
+    blk.set_root_state(RootState {
+        read_only,
+        detect_zeroes,
+    });
     blk.set_on_error(
         OnError::parse(rerror.as_deref()),
         OnError::parse(werror.as_deref().or(Some("enospc"))),
@@ -278,9 +286,14 @@ pub(crate) async fn add(
         }
     };
     if let Some(model) = device {
-        let props = QDict::new()
+        let mut props = QDict::new()
             .with("driver", model)
             .with("drive", id.as_str());
+        if interface == "ide" {
+            // QEMU's -drive if=ide: two units on each bus, by index.
+            props.insert("bus", format!("ide.{}", index / 2));
+            props.insert("unit", (index % 2).to_string());
+        }
         if let Err(e) = devices.add(&props) {
             blk.remove();
             blk.set_name("");

@@ -62,7 +62,7 @@ async fn qemu_io(cmds: &SystemCommands, args: &str) -> String {
     let target = if qdev {
         match sys.devices.drive_of(device) {
             Ok(blk) => qemu_io::Target::Drive(blk),
-            Err(e) => return format!("Error: {e}\r\n"),
+            Err(e) => return format!("Error: {}\r\n", e.desc),
         }
     } else if let Some(blk) = graph.backends().into_iter().find(|b| b.name() == device) {
         qemu_io::Target::Drive(blk)

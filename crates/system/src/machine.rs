@@ -32,7 +32,13 @@ impl Board {
         self != Board::None
     }
 
-    /// The IDE buses (`ide.0`, `ide.1`...), two units each.
+    /// The units on each IDE bus: master and slave on the PIIX controller, one port each
+    /// on the AHCI one.
+    pub(crate) fn ide_units(self) -> u32 {
+        if self == Board::Q35 { 1 } else { 2 }
+    }
+
+    /// The IDE buses (`ide.0`, `ide.1`...).
     pub(crate) fn ide_buses(self) -> u32 {
         match self {
             Board::Pc => 2,

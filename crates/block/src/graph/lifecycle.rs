@@ -38,6 +38,41 @@ impl Graph {
         self.open(opts).await
     }
 
+    /// Opens the image file `path` names (a protocol prefix such as `nbd:` or `json:` is
+    /// understood) for a command's own use, as QEMU's `bdrv_open` of a file name: a node of
+    /// `format` (probed from the image when `None`) over the protocol node, or just the
+    /// protocol node when `format` is a protocol driver. `extra` options go on the top node.
+    ///
+    /// # Errors
+    /// An unknown format, the probe or the open failing.
+    pub async fn open_image(
+        &self,
+        path: &str,
+        format: Option<&str>,
+        extra: ferrite_qobject::QDict,
+    ) -> Result<Rc<Node>> {
+        let format = match format {
+            Some(f) => f.to_owned(),
+            None => self.probe_image(path).await?.to_owned(),
+        };
+        let factory = self
+            .registry()
+            .get(&format)
+            .ok_or_else(|| Error::UnknownDriver(format.clone()))?;
+        let file = crate::filename::protocol_options(path);
+        let mut opts = if factory.kind() == crate::registry::DriverKind::Protocol {
+            file.with("driver", format.as_str())
+        } else {
+            ferrite_qobject::QDict::new()
+                .with("driver", format.as_str())
+                .with("file", file)
+        };
+        for (k, v) in extra {
+            opts.insert(k, v);
+        }
+        self.open_inline(&Args::new(opts)).await
+    }
+
     /// Deletes a node opened with [`Graph::open_inline`] once nothing uses it.
     pub fn release_inline(&self, node: &Rc<Node>) {
         self.forget_if_orphan(node);

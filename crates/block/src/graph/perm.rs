@@ -18,9 +18,16 @@ impl Graph {
     /// A permission conflict anywhere below, or a lock held by another process.
     pub(crate) fn update_edge_perm(&self, e: &Rc<Child>, perm: Perm, shared: Perm) -> Result<()> {
         let old = (e.perm.get(), e.shared.get());
+        let node = e.node();
+        // A node's parents share everything with others when it says so (QEMU applies
+        // force-share to node parents, not to users such as devices).
+        let shared = if node.force_share() && e.parent_node().is_some() {
+            Perm::all()
+        } else {
+            shared
+        };
         e.perm.set(perm);
         e.shared.set(shared);
-        let node = e.node();
         let r = check_conflicts(&node).and_then(|()| self.propagate(&node));
         if r.is_err() {
             e.perm.set(old.0);

@@ -76,23 +76,20 @@ async fn open_target(
     format: Option<&str>,
     node_name: Option<&str>,
 ) -> Result<Rc<Node>> {
-    let file_opts = QDict::new().with("driver", "file").with("filename", file);
     let format = match format {
         Some(f) => f.to_owned(),
         None => graph.probe_image(file).await?.to_owned(),
     };
-    let mut opts = QDict::new()
-        .with("driver", format.as_str())
-        .with("file", file_opts);
+    let mut extra = QDict::new();
     if graph
         .registry()
         .get(&format)
         .is_some_and(|f| f.supports_backing())
     {
-        opts.insert("backing", QObject::Null);
+        extra.insert("backing", QObject::Null);
     }
-    opts.insert_opt("node-name", node_name);
-    let target = graph.open_inline(&Args::new(opts)).await?;
+    extra.insert_opt("node-name", node_name);
+    let target = graph.open_image(file, Some(&format), extra).await?;
     // Opened without its backing; the one it gets is the one its image names or the job's.
     target.remove_option("backing");
     Ok(target)
