@@ -80,6 +80,15 @@ ERRORS = [
     ["-drive", "if=none,id=d,file=IMG,format=qcow2", "-device", "virtio-blk-pci,drive=d",
      "-device", "virtio-blk-pci,drive=d"],
     ["-qmp", "foo"],
+    ["-drive", "if=none,file=IMG,format=qcow2,throttling.iops-total=abc"],
+    ["-drive", "if=none,file=IMG,format=qcow2,throttling.bps-total=1,throttling.bps-read=1"],
+    ["-drive", "if=none,file=IMG,format=qcow2,throttling.nosuch=1"],
+    ["-drive", "if=none,file=IMG,format=qcow2,throttling.iops-size=5"],
+    ["-drive", "if=none,file=IMG,format=qcow2,throttling.bps-total=5,throttling.bps-total-max=1"],
+    ["-device", "ide-cd,id=a", "-device", "ide-cd,id=b", "-device", "ide-cd,id=c"],
+    ["-M", "q35", "-device", "ide-cd,id=a", "-device", "ide-cd,id=b"],
+    ["-device", "ide-cd,id=a,unit=2"],
+    ["-device", "ide-cd,id=a,bus=ide.1", "-device", "ide-cd,id=b,bus=ide.1,unit=0"],
 ]
 
 
@@ -323,6 +332,106 @@ def test_removable_media_match_qemu_system(tmp_path):
     expected = media_transcript(QEMU, "tcg", tmp_path / "q")
     got = media_transcript(SYSTEM, "qtest", tmp_path / "f")
     assert_same_transcript(json.loads(json.dumps(expected)), same_dirs(got))
+
+
+# A drive's own I/O limits: from -drive throttling.*, changed, moved to another group, refused,
+# turned off; query-block reports them.
+THROTTLE_STEPS = [
+    ("query-block", None),
+    ("block_set_io_throttle", {"device": "drive0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                               "iops": 100, "iops_rd": 0, "iops_wr": 0}),
+    ("query-block", None),
+    ("block_set_io_throttle", {"id": "/machine/peripheral/vd/virtio-backend", "bps": 1000000,
+                               "bps_rd": 0, "bps_wr": 0, "iops": 10, "iops_rd": 0, "iops_wr": 0,
+                               "bps_max": 2000000, "bps_max_length": 3, "iops_size": 4096,
+                               "group": "g2"}),
+    ("query-block", None),
+    ("block_set_io_throttle", {"id": "vd", "bps": 1, "bps_rd": 0, "bps_wr": 0, "iops": 0,
+                               "iops_rd": 0, "iops_wr": 0}),
+    ("block_set_io_throttle", {"device": "drive0", "bps": 1, "bps_rd": 1, "bps_wr": 0,
+                               "iops": 0, "iops_rd": 0, "iops_wr": 0}),
+    ("block_set_io_throttle", {"device": "drive0", "bps": 10, "bps_rd": 0, "bps_wr": 0,
+                               "iops": 0, "iops_rd": 0, "iops_wr": 0, "bps_max": 5}),
+    ("block_set_io_throttle", {"device": "drive0", "bps": -1, "bps_rd": 0, "bps_wr": 0,
+                               "iops": 0, "iops_rd": 0, "iops_wr": 0}),
+    ("block_set_io_throttle", {"device": "drive0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                               "iops": 0, "iops_rd": 0, "iops_wr": 0, "iops_size": 512}),
+    ("block_set_io_throttle", {"device": "empty", "bps": 1, "bps_rd": 0, "bps_wr": 0,
+                               "iops": 0, "iops_rd": 0, "iops_wr": 0}),
+    ("block_set_io_throttle", {"device": "nosuch", "bps": 1, "bps_rd": 0, "bps_wr": 0,
+                               "iops": 0, "iops_rd": 0, "iops_wr": 0}),
+    ("block_set_io_throttle", {"bps": 1, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0,
+                               "iops_wr": 0}),
+    ("block_set_io_throttle", {"device": "drive0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                               "iops": 0, "iops_rd": 0, "iops_wr": 0}),
+    ("query-block", None),
+]
+
+# Requests held by the limits: each op's time as qemu-io reports it (the first of a burst
+# goes at once, the next wait for the bucket to drain).
+THROTTLED_IO = [
+    'qemu-io drive0 "write 0 512k"',
+    'qemu-io drive0 "write 0 512k"',
+    'qemu-io drive0 "read 0 512k"',
+    "block_set_io_throttle iops=4",
+    'qemu-io drive0 "write 0 4k"',
+    'qemu-io drive0 "write 0 4k"',
+    'qemu-io drive0 "read 0 4k"',
+]
+
+
+def throttle_transcript(binary, accel, workdir):
+    img = workdir / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-drive", f"if=none,id=drive0,file={img},format=qcow2,throttling.iops-total=50,"
+                  "throttling.group=gx",
+        "-drive", "if=none,id=empty",
+        "-device", "virtio-blk-pci,id=vd,drive=drive0",
+    ])
+    return run_steps(m, THROTTLE_STEPS)
+
+
+def throttled_op_times(binary, accel, workdir):
+    raw = workdir / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "1M"], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-drive", f"if=none,id=drive0,file={raw},format=raw,throttling.bps-total=1048576",
+    ])
+    try:
+        for line in THROTTLED_IO:
+            if line.startswith("block_set_io_throttle"):
+                limits = {k: 0 for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd",
+                                         "iops_wr"]}
+                limits["iops"] = 4
+                assert m.qmp.cmd("block_set_io_throttle", dict(limits, device="drive0")) \
+                    == {"return": {}}
+                continue
+            assert m.qmp.cmd("human-monitor-command", {"command-line": line}) \
+                == {"return": ""}
+    finally:
+        m.stop()
+    return [float(t) for t in re.findall(r"ops; (\d+\.\d+) sec", m.stdout.read_text())]
+
+
+def test_drive_io_limits_match_qemu_system(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = throttle_transcript(QEMU, "tcg", tmp_path / "q")
+    got = throttle_transcript(SYSTEM, "qtest", tmp_path / "f")
+    assert_same_transcript(json.loads(json.dumps(expected)), same_dirs(got))
+
+
+def test_drive_io_limits_hold_requests_as_qemus_do(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = throttled_op_times(QEMU, "tcg", tmp_path / "q")
+    got = throttled_op_times(SYSTEM, "qtest", tmp_path / "f")
+    assert len(expected) == len(got) == 6
+    # 0, 0.4, 0.5 s at 1 MiB/s; 0, 0.15, 0.25 s at 4 IOPS.
+    assert expected[1] > 0.3
+    for e, g in zip(expected, got):
+        assert abs(e - g) < 0.1, (expected, got)
 
 
 QEMU_IO = [

@@ -15,6 +15,7 @@ use crate::graph::Graph;
 use crate::node::Node;
 use crate::perm::Perm;
 use crate::stats::{IoKind, Stats};
+use crate::throttle::{Direction, GroupMember, ThrottleGroup};
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -161,7 +162,7 @@ pub struct BlockBackend {
     iostatus: Cell<IoStatus>,
     /// Whether the device reports an I/O status (QEMU's `iostatus_enabled`).
     iostatus_enabled: Cell<bool>,
-    throttle_group: RefCell<Option<String>>,
+    throttle: RefCell<Option<Rc<GroupMember>>>,
     order: u64,
 }
 
@@ -220,7 +221,7 @@ impl BlockBackend {
             on_write_error: Cell::new(OnError::Enospc),
             iostatus: Cell::new(IoStatus::Ok),
             iostatus_enabled: Cell::new(false),
-            throttle_group: RefCell::new(None),
+            throttle: RefCell::new(None),
             order,
         });
         graph.register_backend(Rc::downgrade(&blk));
@@ -375,14 +376,32 @@ impl BlockBackend {
         self.iostatus.set(s);
     }
 
-    /// The throttle group the backend's requests go through, if any.
-    pub fn throttle_group(&self) -> Option<String> {
-        self.throttle_group.borrow().clone()
+    /// The throttle group the backend's reads and writes go through, if any (QEMU's I/O
+    /// limits of a drive).
+    pub fn throttle_group(&self) -> Option<Rc<ThrottleGroup>> {
+        self.throttle.borrow().as_ref().map(|m| m.group().clone())
     }
 
-    /// Puts the backend in a throttle group (or takes it out).
-    pub fn set_throttle_group(&self, group: Option<&str>) {
-        *self.throttle_group.borrow_mut() = group.map(str::to_owned);
+    /// Puts the backend's requests through a throttle group's limits, or lets them go
+    /// unthrottled (`None`); requests waiting in the old group go on at once.
+    pub fn set_throttle(&self, member: Option<GroupMember>) {
+        let old = self.throttle.replace(member.map(Rc::new));
+        if let Some(old) = old {
+            old.drained_begin();
+        }
+        if self.quiesce.get() > 0
+            && let Some(m) = self.throttle.borrow().as_ref()
+        {
+            m.drained_begin();
+        }
+    }
+
+    /// Waits for the throttle group's leave to run a request of `bytes` in `dir`.
+    async fn throttle(&self, dir: Direction, bytes: u64) {
+        let member = self.throttle.borrow().clone();
+        if let Some(m) = member {
+            m.intercept(dir, bytes).await;
+        }
     }
 
     /// The accounting (`BlockDeviceStats`).
@@ -464,6 +483,7 @@ impl BlockBackend {
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let _f = self.begin().await;
         let node = self.target(IoKind::Read, offset, len as u64)?;
+        self.throttle(Direction::Read, len as u64).await;
         let started = Instant::now();
         let r = node.read(offset, len).await;
         self.account(IoKind::Read, len as u64, started, &r);
@@ -479,6 +499,7 @@ impl BlockBackend {
         let _f = self.begin().await;
         let len = dest.len() as u64;
         let node = self.target(IoKind::Read, offset, len)?;
+        self.throttle(Direction::Read, len).await;
         let started = Instant::now();
         let r = node.read_into(offset, dest).await;
         self.account(IoKind::Read, len, started, &r);
@@ -493,6 +514,7 @@ impl BlockBackend {
         let _f = self.begin().await;
         let len = data.len() as u64;
         let node = self.target(IoKind::Write, offset, len)?;
+        self.throttle(Direction::Write, len).await;
         let started = Instant::now();
         let r = node.write(offset, data, flags).await;
         self.account(IoKind::Write, len, started, &r);
@@ -506,6 +528,7 @@ impl BlockBackend {
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
         let _f = self.begin().await;
         let node = self.target_span(IoKind::Write, offset, len, false)?;
+        self.throttle(Direction::Write, len).await;
         let started = Instant::now();
         let r = node.write_zeroes(offset, len, flags).await;
         self.account(IoKind::Write, len, started, &r);
@@ -603,10 +626,14 @@ impl RootParent for BlockBackend {
     fn drained_begin(&self) {
         let q = self.quiesce.get();
         self.quiesce.set(q + 1);
-        if q == 0
-            && let Some(o) = self.owner()
-        {
-            o.drained_begin();
+        if q == 0 {
+            // Throttled requests go now, so that the drain does not wait for the limits.
+            if let Some(m) = self.throttle.borrow().as_ref() {
+                m.drained_begin();
+            }
+            if let Some(o) = self.owner() {
+                o.drained_begin();
+            }
         }
     }
 
@@ -614,6 +641,9 @@ impl RootParent for BlockBackend {
         let q = self.quiesce.get().saturating_sub(1);
         self.quiesce.set(q);
         if q == 0 {
+            if let Some(m) = self.throttle.borrow().as_ref() {
+                m.drained_end();
+            }
             if let Some(o) = self.owner() {
                 o.drained_end();
             }

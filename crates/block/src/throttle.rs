@@ -87,6 +87,24 @@ impl Direction {
 pub trait LimitsSource {
     /// The limits now.
     fn limits(&self) -> ThrottleLimits;
+
+    /// Sets new limits (a drive's `block_set_io_throttle`).
+    fn set_limits(&self, limits: ThrottleLimits);
+}
+
+/// The limits of a group no object describes: a drive's own (`-drive throttling.*`,
+/// `block_set_io_throttle`), which QEMU keeps in an internal group named after the drive.
+#[derive(Default)]
+struct OwnLimits(Cell<ThrottleLimits>);
+
+impl LimitsSource for OwnLimits {
+    fn limits(&self) -> ThrottleLimits {
+        self.0.get()
+    }
+
+    fn set_limits(&self, limits: ThrottleLimits) {
+        self.0.set(limits);
+    }
 }
 
 /// A bucket's levels.
@@ -218,6 +236,18 @@ impl ThrottleGroup {
         &self.name
     }
 
+    /// The group's limits now.
+    pub fn limits(&self) -> ThrottleLimits {
+        let source = self.state.borrow().source.clone();
+        source.limits()
+    }
+
+    /// Gives the group new limits; they apply from the next request.
+    pub fn set_limits(&self, limits: ThrottleLimits) {
+        let source = self.state.borrow().source.clone();
+        source.set_limits(limits);
+    }
+
     /// Serves the next queued request of `dir`, round-robin over the members from the one
     /// after the last served, or arms the timer when the buckets are still full.
     fn schedule_next(self: &Rc<Self>, dir: Direction) {
@@ -323,38 +353,61 @@ impl ThrottleGroups {
 
     /// Joins group `name`; `None` when there is no such group.
     pub fn join(&self, name: &str) -> Option<GroupMember> {
-        let existing = self.groups.borrow().get(name).and_then(Weak::upgrade);
-        let group = match existing {
+        let group = match self.existing(name) {
             Some(g) => g,
             None => {
                 let lookup = self.lookup.borrow().clone()?;
-                let source = lookup(name)?;
-                let limits = source.limits();
-                let g = Rc::new(ThrottleGroup {
-                    name: name.to_owned(),
-                    state: RefCell::new(GroupState {
-                        source,
-                        limits,
-                        levels: [Level::default(); BUCKETS],
-                        previous_leak: Instant::now(),
-                        members: Vec::new(),
-                        token: [0; 2],
-                        timer: [false; 2],
-                    }),
-                });
-                self.groups
-                    .borrow_mut()
-                    .insert(name.to_owned(), Rc::downgrade(&g));
-                g
+                self.create(name, lookup(name)?)
             }
         };
+        Some(Self::member(group))
+    }
+
+    /// Joins group `name`, which is made with limits of its own when neither a group in use
+    /// nor an object has that name (QEMU's groups of drives).
+    pub fn join_or_create(&self, name: &str) -> GroupMember {
+        let group = self.existing(name).unwrap_or_else(|| {
+            let lookup = self.lookup.borrow().clone();
+            let source = lookup
+                .and_then(|l| l(name))
+                .unwrap_or_else(|| Rc::new(OwnLimits::default()));
+            self.create(name, source)
+        });
+        Self::member(group)
+    }
+
+    fn existing(&self, name: &str) -> Option<Rc<ThrottleGroup>> {
+        self.groups.borrow().get(name).and_then(Weak::upgrade)
+    }
+
+    fn create(&self, name: &str, source: Rc<dyn LimitsSource>) -> Rc<ThrottleGroup> {
+        let limits = source.limits();
+        let g = Rc::new(ThrottleGroup {
+            name: name.to_owned(),
+            state: RefCell::new(GroupState {
+                source,
+                limits,
+                levels: [Level::default(); BUCKETS],
+                previous_leak: Instant::now(),
+                members: Vec::new(),
+                token: [0; 2],
+                timer: [false; 2],
+            }),
+        });
+        self.groups
+            .borrow_mut()
+            .insert(name.to_owned(), Rc::downgrade(&g));
+        g
+    }
+
+    fn member(group: Rc<ThrottleGroup>) -> GroupMember {
         let queues = Rc::new(MemberQueues::default());
         group
             .state
             .borrow_mut()
             .members
             .push(Rc::downgrade(&queues));
-        Some(GroupMember { group, queues })
+        GroupMember { group, queues }
     }
 }
 
@@ -368,6 +421,8 @@ mod tests {
         fn limits(&self) -> ThrottleLimits {
             self.0
         }
+
+        fn set_limits(&self, _limits: ThrottleLimits) {}
     }
 
     fn groups(limits: ThrottleLimits) -> ThrottleGroups {

@@ -2,6 +2,7 @@
 
 use ferrite_block::Graph;
 use ferrite_block::Node;
+use ferrite_block::throttle::{BucketKind, ThrottleGroup};
 use ferrite_block::{Child, VertexKind};
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
@@ -50,8 +51,48 @@ pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
     d
 }
 
-/// `BlockDeviceInfo` for a node (QEMU counts the backing chain only when not `flat`).
-pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
+/// The I/O limits `query-block` reports for a drive: the averages always (0 when
+/// unthrottled), bursts, their lengths, `iops_size` and the group only when set.
+fn throttle_info(d: &mut QDict, group: Option<&ThrottleGroup>, averages: bool) {
+    const NAMES: [(&str, BucketKind); 6] = [
+        ("bps", BucketKind::BpsTotal),
+        ("bps_rd", BucketKind::BpsRead),
+        ("bps_wr", BucketKind::BpsWrite),
+        ("iops", BucketKind::OpsTotal),
+        ("iops_rd", BucketKind::OpsRead),
+        ("iops_wr", BucketKind::OpsWrite),
+    ];
+    let limits = group.map(ThrottleGroup::limits).unwrap_or_default();
+    if averages {
+        for (name, kind) in NAMES {
+            d.insert(name, limits.buckets[kind as usize].avg as i64);
+        }
+        return;
+    }
+    let Some(group) = group else {
+        return;
+    };
+    for (name, kind) in NAMES {
+        let b = limits.buckets[kind as usize];
+        if b.max > 0.0 {
+            d.insert(format!("{name}_max"), b.max as i64);
+        }
+    }
+    for (name, kind) in NAMES {
+        let b = limits.buckets[kind as usize];
+        if b.max > 0.0 {
+            d.insert(format!("{name}_max_length"), b.burst_length as i64);
+        }
+    }
+    if limits.op_size > 0 {
+        d.insert("iops_size", limits.op_size);
+    }
+    d.insert("group", group.name());
+}
+
+/// `BlockDeviceInfo` for a node (QEMU counts the backing chain only when not `flat`), with
+/// the I/O limits of the drive it is inserted in.
+pub(crate) fn device_info(node: &Node, flat: bool, throttle: Option<&ThrottleGroup>) -> QDict {
     let mut depth = 0i64;
     if !flat {
         let mut at = node.child("backing");
@@ -69,9 +110,7 @@ pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
         .with("active", node.is_active())
         .with("encrypted", node.driver().is_encrypted())
         .with("detect_zeroes", node.detect_zeroes().as_str());
-    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
-        d.insert(k, 0i64);
-    }
+    throttle_info(&mut d, throttle, true);
     if let Some(b) = node.child("backing")
         && node.driver().filtered_child() != Some("backing")
     {
@@ -81,6 +120,7 @@ pub(crate) fn device_info(node: &Node, flat: bool) -> QDict {
         d.insert("dirty-bitmaps", bitmaps);
     }
     d.insert("image", image_info(node, flat));
+    throttle_info(&mut d, throttle, false);
     d.insert(
         "cache",
         QDict::new()
@@ -117,7 +157,14 @@ pub(crate) fn block_info(graph: &Graph) -> QObject {
                 d.insert("io-status", b.iostatus().as_str());
             }
             if let Some(n) = b.node() {
-                d.insert("inserted", device_info(&n.skip_implicit_filters(), false));
+                d.insert(
+                    "inserted",
+                    device_info(
+                        &n.skip_implicit_filters(),
+                        false,
+                        b.throttle_group().as_deref(),
+                    ),
+                );
             }
             QObject::Dict(d)
         })
@@ -131,7 +178,7 @@ pub(crate) fn named_block_nodes(graph: &Graph, flat: bool) -> QObject {
         .nodes()
         .iter()
         .rev()
-        .map(|n| QObject::Dict(device_info(n, flat)))
+        .map(|n| QObject::Dict(device_info(n, flat, None)))
         .collect::<Vec<_>>()
         .into()
 }

@@ -68,6 +68,9 @@ pub enum Error {
     /// Total and read/write throttle limits together.
     #[error("bps/iops/max total values and read/write values cannot be used at the same time")]
     ThrottleTotalAndRw,
+    /// `iops-size` without an iops limit.
+    #[error("iops size requires an iops value to be set")]
+    IopsSizeWithoutIops,
     /// A throttle limit out of range.
     #[error("bps/iops/max values must be within [0, {0}]")]
     ThrottleRange(i64),

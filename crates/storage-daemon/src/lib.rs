@@ -22,6 +22,7 @@ pub mod front_end {
     pub use crate::cli::keyval;
     pub use crate::cli::parse::CliOption;
     pub use crate::daemon::{Daemon, DaemonCommands};
+    pub use crate::object_links::{throttle_config, throttle_limits};
     pub use crate::process::{DaemonizeHandle, PidFile};
     pub use crate::wiring::{OptionError, Startup, run, start};
     pub use crate::{main_loop, tune_allocator};

@@ -3,39 +3,73 @@
 //! QEMU refuses it), and drivers with a `key-secret` its `secret`.
 
 use ferrite_block::throttle::{BucketKind, BucketLimits, LimitsSource, ThrottleLimits};
-use ferrite_qom::{ObjectRegistry, Secret, ThrottleGroup, UserObject};
+use ferrite_qom::{ObjectRegistry, Secret, ThrottleConfig, ThrottleGroup, UserObject};
 use std::rc::{Rc, Weak};
 
 /// A `throttle-group` object as the block layer's source of limits.
 struct GroupObject(Rc<dyn UserObject>);
 
+impl GroupObject {
+    fn group(&self) -> Option<&ThrottleGroup> {
+        self.0.as_any().downcast_ref::<ThrottleGroup>()
+    }
+}
+
 impl LimitsSource for GroupObject {
     fn limits(&self) -> ThrottleLimits {
-        let Some(group) = self.0.as_any().downcast_ref::<ThrottleGroup>() else {
-            return ThrottleLimits::default();
-        };
-        let config = group.config();
-        let mut limits = ThrottleLimits {
-            op_size: u64::try_from(config.iops_size()).unwrap_or(0),
-            ..ThrottleLimits::default()
-        };
-        for (kind, name, dir) in [
-            (BucketKind::BpsTotal, "bps", "total"),
-            (BucketKind::BpsRead, "bps", "read"),
-            (BucketKind::BpsWrite, "bps", "write"),
-            (BucketKind::OpsTotal, "iops", "total"),
-            (BucketKind::OpsRead, "iops", "read"),
-            (BucketKind::OpsWrite, "iops", "write"),
-        ] {
-            let b = config.bucket(name, dir);
-            limits.buckets[kind as usize] = BucketLimits {
-                avg: b.avg as f64,
-                max: b.max as f64,
-                burst_length: b.burst_length as f64,
-            };
-        }
-        limits
+        self.group()
+            .map_or_else(ThrottleLimits::default, |g| throttle_limits(&g.config()))
     }
+
+    fn set_limits(&self, limits: ThrottleLimits) {
+        if let Some(g) = self.group() {
+            g.set_config(throttle_config(&limits));
+        }
+    }
+}
+
+/// The buckets and the names of their limits.
+const BUCKETS: [(BucketKind, &str); 6] = [
+    (BucketKind::BpsTotal, "bps-total"),
+    (BucketKind::BpsRead, "bps-read"),
+    (BucketKind::BpsWrite, "bps-write"),
+    (BucketKind::OpsTotal, "iops-total"),
+    (BucketKind::OpsRead, "iops-read"),
+    (BucketKind::OpsWrite, "iops-write"),
+];
+
+/// The block layer's form of a group's limits.
+pub fn throttle_limits(config: &ThrottleConfig) -> ThrottleLimits {
+    let mut limits = ThrottleLimits {
+        op_size: u64::try_from(config.iops_size()).unwrap_or(0),
+        ..ThrottleLimits::default()
+    };
+    for (kind, name) in BUCKETS {
+        let (unit, dir) = name.split_once('-').unwrap_or((name, ""));
+        let b = config.bucket(unit, dir);
+        limits.buckets[kind as usize] = BucketLimits {
+            avg: b.avg as f64,
+            max: b.max as f64,
+            burst_length: b.burst_length as f64,
+        };
+    }
+    limits
+}
+
+/// The object's form of the block layer's limits.
+pub fn throttle_config(limits: &ThrottleLimits) -> ThrottleConfig {
+    let mut config = ThrottleConfig::default();
+    for (kind, name) in BUCKETS {
+        let b = limits.buckets[kind as usize];
+        config.set_value(name, b.avg as i64);
+        config.set_value(&format!("{name}-max"), b.max as i64);
+        config.set_value(&format!("{name}-max-length"), b.burst_length as i64);
+    }
+    config.set_value(
+        "iops-size",
+        i64::try_from(limits.op_size).unwrap_or(i64::MAX),
+    );
+    config
 }
 
 /// Lets the drivers of `graph` find the `throttle-group` and `secret` objects of `objects`.

@@ -45,6 +45,13 @@ impl SystemCommands {
                 sys.devices.del(args.str("id")?)?;
                 empty()
             }
+            "block_set_io_throttle" => {
+                let blk = sys
+                    .devices
+                    .named_drive(args.opt_str("device"), args.opt_str("id"))?;
+                crate::io_limits::qmp_block_set_io_throttle(&sys.daemon.graph, &blk, &args)?;
+                empty()
+            }
             "human-monitor-command" => {
                 let line = args.str("command-line")?.to_owned();
                 Ok(QObject::String(crate::hmp::run(self, &line).await))

@@ -339,6 +339,33 @@ impl Devices {
             .ok_or_else(|| generic("Device does not have a block device backend"))
     }
 
+    /// The drive a command names by `device` (a drive's name) or `id` (its device's):
+    /// exactly one of them (QEMU's `qmp_get_blk`).
+    ///
+    /// # Errors
+    /// QEMU's texts for both or neither given, and for no such drive or device.
+    pub(crate) fn named_drive(
+        &self,
+        device: Option<&str>,
+        id: Option<&str>,
+    ) -> Result<Rc<BlockBackend>, Error> {
+        match (device, id) {
+            (None, Some(id)) => self.drive_of(id),
+            (Some(name), None) => self
+                .graph
+                .backends()
+                .into_iter()
+                .find(|b| !name.is_empty() && b.name() == name)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorClass::DeviceNotFound,
+                        format!("Device '{name}' not found"),
+                    )
+                }),
+            _ => Err(generic("Need exactly one of 'device' and 'id'")),
+        }
+    }
+
     /// `-device` or `device_add`: `props` holds `driver`, maybe `id` and `bus`, and the
     /// model's properties.
     ///

@@ -74,6 +74,35 @@ impl DriveCounter {
 /// # Errors
 /// QEMU's texts where they are known ("Duplicate ID 'x' for drive", "unsupported bus type
 /// 'x'", "Unknown driver 'x'", the open failing).
+/// `-drive` is QEMU's flat option syntax, where `file=NAME` and `file.KEY=VALUE` options of
+/// the same protocol node come together; keyval would take them for one key used two ways.
+/// Returns the text without the `file=` item when both kinds are there, and the name.
+fn take_file_name(text: &str) -> (String, Option<String>) {
+    let mut items: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                cur.push_str(",,");
+            }
+            ',' => items.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    items.push(cur);
+    let has_file_opts = items.iter().any(|i| i.starts_with("file."));
+    let Some(at) = items.iter().position(|i| i.starts_with("file=")) else {
+        return (text.to_owned(), None);
+    };
+    if !has_file_opts {
+        return (text.to_owned(), None);
+    }
+    let name = items.remove(at)["file=".len()..].replace(",,", ",");
+    (items.join(","), Some(name))
+}
+
 pub(crate) async fn add(
     graph: &Rc<Graph>,
     devices: &Devices,
@@ -81,9 +110,10 @@ pub(crate) async fn add(
     text: &str,
     snapshot_all: bool,
 ) -> Result<Drive, Error> {
-    let parsed = ferrite_storage_daemon::front_end::keyval::parse(text, None)?;
+    let (text, file_name) = take_file_name(text);
+    let parsed = ferrite_storage_daemon::front_end::keyval::parse(&text, None)?;
     let mut opts = parsed.value;
-    let file_is_name = matches!(opts.get("file"), Some(QObject::String(_)));
+    let file_is_name = file_name.is_some() || matches!(opts.get("file"), Some(QObject::String(_)));
     let mut take = |k: &str| {
         opts.remove(k).map(|v| match v {
             QObject::String(s) => s,
@@ -114,7 +144,7 @@ pub(crate) async fn add(
     }
     // `file` is the image's name, unless `file.*` options describe the protocol node.
     let file = if file_is_name {
-        take("file").filter(|f| !f.is_empty())
+        file_name.or_else(|| take("file")).filter(|f| !f.is_empty())
     } else {
         None
     };
@@ -135,6 +165,8 @@ pub(crate) async fn add(
     for k in ["bus", "unit", "serial", "addr", "copy-on-read"] {
         take(k);
     }
+    let throttling =
+        crate::io_limits::config_from_drive(&mut opts, format.as_deref().unwrap_or("raw"))?;
     let blk = BlockBackend::new_empty(graph);
     blk.set_name(&id);
     let detect_zeroes = opts
@@ -198,9 +230,21 @@ pub(crate) async fn add(
                 // `blkdebug:CONFIG:IMAGE` names a blkdebug node over the image's file.
                 let mut file = ferrite_block::filename::protocol_options(path);
                 if let Some(a) = &aio {
+                    // `aio` is a POSIX file's option; other protocols have no such choice.
+                    let posix = |d: &QDict| {
+                        matches!(
+                            d.get("driver").and_then(QObject::as_str),
+                            Some("file" | "host_device" | "host_cdrom")
+                        )
+                    };
+                    let top_posix = posix(&file);
                     match file.get_mut("image") {
-                        Some(QObject::Dict(image)) => image.insert("aio", a.as_str()),
-                        _ => file.insert("aio", a.as_str()),
+                        Some(QObject::Dict(image)) if posix(image) => {
+                            image.insert("aio", a.as_str())
+                        }
+                        Some(_) => {}
+                        None if top_posix => file.insert("aio", a.as_str()),
+                        None => {}
                     }
                 }
                 if proto.is_empty() {
@@ -271,6 +315,13 @@ pub(crate) async fn add(
             graph.release_inline(&n);
             return Err(e.into());
         }
+    }
+    if let Some((config, group)) = throttling
+        && let Err(e) = crate::io_limits::apply(graph, &blk, &config, group.as_deref(), &id)
+    {
+        blk.remove();
+        blk.set_name("");
+        return Err(e);
     }
     let device = match interface.as_str() {
         "virtio" => Some("virtio-blk-pci"),

@@ -15,6 +15,7 @@ mod devices;
 mod drive;
 mod help;
 mod hmp;
+mod io_limits;
 mod machine;
 mod qemu_io;
 mod qtest;

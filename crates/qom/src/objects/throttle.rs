@@ -94,6 +94,17 @@ impl ThrottleConfig {
         }
     }
 
+    /// Sets limit `name` (`bps-total`, `iops-read-max`...); false for a name there is not.
+    pub fn set_value(&mut self, name: &str, value: i64) -> bool {
+        match Self::index(name) {
+            Some(i) => {
+                self.values[i] = value;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Bytes per I/O operation for iops accounting (0: every request counts once).
     pub fn iops_size(&self) -> i64 {
         self.get("iops-size")
@@ -108,16 +119,25 @@ impl ThrottleConfig {
     }
 
     /// QEMU's validity rules, in its order.
-    fn validate(&self) -> Result<()> {
-        for kind in ["bps", "iops"] {
-            let total = self.get(&format!("{kind}-total")) != 0
-                || self.get(&format!("{kind}-total-max")) != 0;
-            let rw = ["read", "write"].iter().any(|d| {
-                self.get(&format!("{kind}-{d}")) != 0 || self.get(&format!("{kind}-{d}-max")) != 0
-            });
-            if total && rw {
-                return Err(Error::ThrottleTotalAndRw);
+    ///
+    /// # Errors
+    /// QEMU's text for the first rule broken.
+    pub fn validate(&self) -> Result<()> {
+        // Totals beside per-direction limits, averages and bursts each on their own.
+        for field in ["", "-max"] {
+            for kind in ["bps", "iops"] {
+                let set = |dir: &str| self.get(&format!("{kind}-{dir}{field}")) != 0;
+                if set("total") && (set("read") || set("write")) {
+                    return Err(Error::ThrottleTotalAndRw);
+                }
             }
+        }
+        if self.iops_size() != 0
+            && ["total", "read", "write"]
+                .iter()
+                .all(|dir| self.bucket("iops", dir).avg == 0)
+        {
+            return Err(Error::IopsSizeWithoutIops);
         }
         for kind in ["bps", "iops"] {
             for dir in ["total", "read", "write"] {
@@ -184,6 +204,11 @@ impl ThrottleGroup {
     /// The current limits.
     pub fn config(&self) -> ThrottleConfig {
         self.config.borrow().clone()
+    }
+
+    /// Replaces the limits (a drive's `block_set_io_throttle` naming the group).
+    pub fn set_config(&self, config: ThrottleConfig) {
+        *self.config.borrow_mut() = config;
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::{Device, Devices, Kind, generic};
 use ferrite_block::{BlockBackend, Node, Perm};
-use ferrite_qapi::{Args, Error, ErrorClass};
+use ferrite_qapi::{Args, Error};
 use ferrite_qmp::Event;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
@@ -64,26 +64,10 @@ fn read_only_for(mode: Option<&str>, retained: bool) -> bool {
 }
 
 impl Devices {
-    /// The drive `device` (a drive name) or `id` (a device) names: exactly one of them.
+    /// The drive `device` (a drive name) or `id` (a device) names, and its device.
     fn slot(&self, device: Option<&str>, id: Option<&str>) -> Result<Slot, Error> {
-        let (blk, label) = match (device, id) {
-            (None, Some(id)) => (self.drive_of(id)?, id),
-            (Some(name), None) => {
-                let blk = self
-                    .graph
-                    .backends()
-                    .into_iter()
-                    .find(|b| !name.is_empty() && b.name() == name)
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorClass::DeviceNotFound,
-                            format!("Device '{name}' not found"),
-                        )
-                    })?;
-                (blk, name)
-            }
-            _ => return Err(generic("Need exactly one of 'device' and 'id'")),
-        };
+        let blk = self.named_drive(device, id)?;
+        let label = id.or(device).unwrap_or_default();
         let device = self
             .list
             .borrow()
