@@ -11,6 +11,7 @@
 mod backend;
 pub mod bitmap;
 mod child;
+pub mod clock;
 pub mod copy;
 pub mod create;
 mod drain;

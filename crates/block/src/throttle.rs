@@ -8,11 +8,12 @@
 //! limits come from the group object (`throttle-group`) each time they are needed, so that
 //! a live change (`qom-set`) takes effect at the next request.
 
+use crate::clock;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::{Rc, Weak};
+use std::time::Duration;
 use tokio::sync::oneshot;
-use tokio::time::{Duration, Instant};
 
 /// One leaky bucket's limits: average rate, burst rate and how long a burst may last.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -153,7 +154,8 @@ struct GroupState {
     source: Rc<dyn LimitsSource>,
     limits: ThrottleLimits,
     levels: [Level; BUCKETS],
-    previous_leak: Instant,
+    /// When the buckets last leaked, on [`clock::now`]'s scale.
+    previous_leak: Duration,
     members: Vec<Weak<MemberQueues>>,
     /// Per direction: the member served last (round-robin).
     token: [usize; 2],
@@ -164,7 +166,7 @@ struct GroupState {
 impl GroupState {
     /// Leaks every bucket for the time since the last leak; new limits (a live change)
     /// start from empty buckets, as QEMU's `throttle_config` does.
-    fn leak(&mut self, now: Instant) {
+    fn leak(&mut self, now: Duration) {
         let limits = self.source.limits();
         if limits != self.limits {
             self.limits = limits;
@@ -172,9 +174,7 @@ impl GroupState {
             self.previous_leak = now;
             return;
         }
-        let seconds = now
-            .saturating_duration_since(self.previous_leak)
-            .as_secs_f64();
+        let seconds = now.saturating_sub(self.previous_leak).as_secs_f64();
         self.previous_leak = now;
         for (level, b) in self.levels.iter_mut().zip(&self.limits.buckets) {
             level.leak(b, seconds);
@@ -182,12 +182,17 @@ impl GroupState {
     }
 
     /// Seconds a request of `dir` must wait now.
-    fn wait(&mut self, dir: Direction, now: Instant) -> f64 {
+    /// How long a request of `dir` must wait now, in whole nanoseconds as QEMU's timers
+    /// count (less than one is no wait: a clock that does not move by itself would wait
+    /// for ever on it).
+    fn wait(&mut self, dir: Direction, now: Duration) -> Duration {
         self.leak(now);
-        dir.buckets()
+        let seconds = dir
+            .buckets()
             .iter()
             .map(|(k, _)| self.levels[*k as usize].wait(&self.limits.buckets[*k as usize]))
-            .fold(0.0, f64::max)
+            .fold(0.0, f64::max);
+        Duration::from_nanos((seconds * 1e9) as u64)
     }
 
     /// Counts a request of `bytes` (QEMU's `throttle_account`).
@@ -266,13 +271,13 @@ impl ThrottleGroup {
         else {
             return;
         };
-        let wait = st.wait(dir, Instant::now());
-        if wait > 0.0 {
+        let wait = st.wait(dir, clock::now());
+        if !wait.is_zero() {
             if !st.timer[d] {
                 st.timer[d] = true;
                 let me = self.clone();
                 tokio::task::spawn_local(async move {
-                    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+                    clock::sleep(wait).await;
                     me.state.borrow_mut().timer[d] = false;
                     me.schedule_next(dir);
                 });
@@ -298,7 +303,7 @@ impl GroupMember {
         if self.queues.disabled.get() == 0 {
             let must_wait = {
                 let mut st = self.group.state.borrow_mut();
-                st.wait(dir, Instant::now()) > 0.0 || !self.queues.waiting[d].borrow().is_empty()
+                !st.wait(dir, clock::now()).is_zero() || !self.queues.waiting[d].borrow().is_empty()
             };
             if must_wait {
                 let (tx, rx) = oneshot::channel();
@@ -388,7 +393,7 @@ impl ThrottleGroups {
                 source,
                 limits,
                 levels: [Level::default(); BUCKETS],
-                previous_leak: Instant::now(),
+                previous_leak: clock::now(),
                 members: Vec::new(),
                 token: [0; 2],
                 timer: [false; 2],
@@ -414,6 +419,7 @@ impl ThrottleGroups {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::Instant;
 
     struct Fixed(ThrottleLimits);
 

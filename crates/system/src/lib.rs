@@ -24,9 +24,9 @@ use cli::SysOption;
 use commands::SystemCommands;
 use devices::Devices;
 use ferrite_block::BlockBackend;
+use ferrite_block::clock::VirtualClock;
 use ferrite_storage_daemon::front_end::{CliOption, Daemon, DaemonizeHandle, OptionError, keyval};
 use machine::Machine;
-use qtest::VirtualClock;
 use std::cell::RefCell;
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -94,8 +94,8 @@ fn bad_spec(o: &SysOption, backend: &str, prog: &str) -> Failure {
 
 /// The machine type the options ask for, and a check of their accelerators as QEMU tries
 /// them: in order, the first that works is used and those after it are never looked at.
-/// Tells blkdebug whether that is qtest.
-fn machine_type(options: &[SysOption]) -> Result<&'static machine::MachineType, Failure> {
+/// Tells blkdebug whether that is qtest, and says so: qtest runs the virtual clock.
+fn machine_type(options: &[SysOption]) -> Result<(&'static machine::MachineType, bool), Failure> {
     let mut kind = "pc".to_owned();
     let mut accels: Vec<(&SysOption, String)> = Vec::new();
     for o in options {
@@ -119,8 +119,9 @@ fn machine_type(options: &[SysOption]) -> Result<&'static machine::MachineType, 
     {
         return Err(failed(o, format!("invalid accelerator {a}")));
     }
-    ferrite_drivers::set_qtest(accels.first().is_some_and(|(_, a)| a == "qtest"));
-    machine::machine_type(&kind).map_err(Failure)
+    let qtest = accels.first().is_some_and(|(_, a)| a == "qtest");
+    ferrite_drivers::set_qtest(qtest);
+    Ok((machine::machine_type(&kind).map_err(Failure)?, qtest))
 }
 
 /// What the legacy disk options mean as `-drive`.
@@ -294,7 +295,7 @@ pub fn main() -> ExitCode {
             _ => {}
         }
     }
-    let kind = match machine_type(&options) {
+    let (kind, qtest) = match machine_type(&options) {
         Ok(k) => k,
         Err(Failure(e)) => {
             eprintln!("{prog}: {e}");
@@ -321,6 +322,10 @@ pub fn main() -> ExitCode {
             drives: RefCell::new(Vec::new()),
             clock: Rc::new(VirtualClock::default()),
         });
+        if qtest {
+            // Under qtest, time is what the test makes it (throttled requests wait on it).
+            ferrite_block::clock::use_virtual(sys.clock.clone());
+        }
         daemon.set_commands(Rc::new(SystemCommands(sys.clone())));
         match start(&sys, &options, &prog).await {
             Ok(false) => ExitCode::SUCCESS,

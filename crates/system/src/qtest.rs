@@ -1,43 +1,35 @@
 //! The qtest protocol (`-qtest chardev:ID`): a line-based channel a test uses beside QMP to
-//! drive the machine's clock. There is no guest memory or I/O space to reach, so only the
-//! clock commands act; the others answer FAIL as QEMU does for what it does not know.
+//! drive the machine's clock (the block layer's virtual clock: throttled requests wait on
+//! it). There is no guest memory or I/O space to reach, so only the clock commands act; the
+//! others answer FAIL as QEMU does for what it does not know.
 
+use ferrite_block::clock::VirtualClock;
 use ferrite_chardev::Chardev;
-use std::cell::Cell;
 use std::rc::Rc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// The virtual clock (nanoseconds) `clock_step` and `clock_set` move.
-#[derive(Default)]
-pub(crate) struct VirtualClock {
-    now: Cell<i64>,
-}
-
-impl VirtualClock {
-    /// The clock's time.
-    pub(crate) fn now(&self) -> i64 {
-        self.now.get()
-    }
-}
-
 /// The answer to one command line.
-fn answer(clock: &VirtualClock, line: &str) -> String {
+async fn answer(clock: &VirtualClock, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["clock_step"] => format!("OK {}", clock.now()),
-        ["clock_step", ns] => match ns.parse::<i64>() {
-            Ok(n) if n >= 0 => {
-                clock.now.set(clock.now().saturating_add(n));
-                format!("OK {}", clock.now())
+        // Without an amount: to the next timer, if one waits.
+        ["clock_step"] => {
+            if let Some(deadline) = clock.next_deadline() {
+                clock.advance_to(deadline).await;
+            }
+            format!("OK {}", clock.now_ns())
+        }
+        ["clock_step", ns] => match ns.parse::<u64>() {
+            Ok(n) => {
+                clock.advance_to(clock.now_ns().saturating_add(n)).await;
+                format!("OK {}", clock.now_ns())
             }
             _ => "FAIL invalid clock_step argument".into(),
         },
         ["clock_set", ns] => match ns.parse::<i64>() {
             Ok(n) => {
-                if n > clock.now() {
-                    clock.now.set(n);
-                }
-                format!("OK {}", clock.now())
+                clock.advance_to(u64::try_from(n).unwrap_or(0)).await;
+                format!("OK {}", clock.now_ns())
             }
             _ => "FAIL invalid clock_set argument".into(),
         },
@@ -54,7 +46,7 @@ pub(crate) fn serve(dev: Rc<Chardev>, clock: Rc<VirtualClock>) {
             let mut lines = BufReader::new(conn.reader).lines();
             let mut writer = conn.writer;
             while let Ok(Some(line)) = lines.next_line().await {
-                let reply = answer(&clock, &line) + "\n";
+                let reply = answer(&clock, &line).await + "\n";
                 if writer.write_all(reply.as_bytes()).await.is_err() {
                     break;
                 }
@@ -67,15 +59,23 @@ pub(crate) fn serve(dev: Rc<Chardev>, clock: Rc<VirtualClock>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{VirtualClock, answer};
+    use super::answer;
+    use ferrite_block::clock::VirtualClock;
 
-    #[test]
-    fn the_clock_moves_forward_only() {
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_clock_moves_forward_only() {
         let c = VirtualClock::default();
-        assert_eq!(answer(&c, "clock_step 100"), "OK 100");
-        assert_eq!(answer(&c, "clock_set 50"), "OK 100");
-        assert_eq!(answer(&c, "clock_set 1000"), "OK 1000");
-        assert_eq!(answer(&c, "clock_step"), "OK 1000");
-        assert_eq!(answer(&c, "outb 0x10 1"), "FAIL Unknown command 'outb'");
+        assert_eq!(answer(&c, "clock_step 100").await, "OK 100");
+        assert_eq!(answer(&c, "clock_set 50").await, "OK 100");
+        assert_eq!(answer(&c, "clock_set 1000").await, "OK 1000");
+        assert_eq!(answer(&c, "clock_step").await, "OK 1000");
+        assert_eq!(
+            answer(&c, "clock_step -1").await,
+            "FAIL invalid clock_step argument"
+        );
+        assert_eq!(
+            answer(&c, "outb 0x10 1").await,
+            "FAIL Unknown command 'outb'"
+        );
     }
 }
