@@ -214,7 +214,7 @@ impl BlockBackend {
             resumed: Notify::new(),
             queue_requests: Cell::new(true),
             owner: RefCell::new(None),
-            stats: RefCell::default(),
+            stats: RefCell::new(Stats::for_backend()),
             medium: Cell::new(Medium::default()),
             root_state: Cell::new(RootState::default()),
             on_read_error: Cell::new(OnError::Report),
@@ -402,6 +402,11 @@ impl BlockBackend {
         if let Some(m) = member {
             m.intercept(dir, bytes).await;
         }
+    }
+
+    /// Whether invalid and failed requests are accounted (a drive's `stats-account-*`).
+    pub fn set_accounting(&self, invalid: bool, failed: bool) {
+        self.stats.borrow_mut().set_accounting(invalid, failed);
     }
 
     /// The accounting (`BlockDeviceStats`).

@@ -38,9 +38,30 @@ pub(crate) struct Stats {
     flush: Counter,
     unmap: Counter,
     last_io: Option<Instant>,
+    /// Invalid requests count as I/O for the idle time (QEMU's `account_invalid`).
+    account_invalid: bool,
+    /// Failed requests count for the total time and the idle time (`account_failed`).
+    account_failed: bool,
 }
 
 impl Stats {
+    /// A backend's counters: invalid and failed requests accounted, as QEMU's
+    /// `block_acct_init` sets it.
+    pub(crate) fn for_backend() -> Stats {
+        Stats {
+            account_invalid: true,
+            account_failed: true,
+            ..Stats::default()
+        }
+    }
+
+    /// Whether invalid and failed requests are accounted (`stats-account-invalid`,
+    /// `stats-account-failed`).
+    pub(crate) fn set_accounting(&mut self, invalid: bool, failed: bool) {
+        self.account_invalid = invalid;
+        self.account_failed = failed;
+    }
+
     fn counter(&mut self, kind: IoKind) -> &mut Counter {
         match kind {
             IoKind::Read => &mut self.rd,
@@ -52,20 +73,26 @@ impl Stats {
 
     /// Records a finished request.
     pub(crate) fn done(&mut self, kind: IoKind, bytes: u64, started: Instant, ok: bool) {
+        let account_failed = self.account_failed;
         let c = self.counter(kind);
         if ok {
             c.ops += 1;
             c.bytes += bytes;
-            c.total_time += started.elapsed();
         } else {
             c.failed += 1;
         }
-        self.last_io = Some(Instant::now());
+        if ok || account_failed {
+            c.total_time += started.elapsed();
+            self.last_io = Some(Instant::now());
+        }
     }
 
     /// Records a request refused before it started (out of bounds, misaligned).
     pub(crate) fn invalid(&mut self, kind: IoKind) {
         self.counter(kind).invalid += 1;
+        if self.account_invalid {
+            self.last_io = Some(Instant::now());
+        }
     }
 
     /// The `BlockDeviceStats` dict.
@@ -99,8 +126,8 @@ impl Stats {
         if let Some(t) = self.last_io {
             d.insert("idle_time_ns", ns(t.elapsed()));
         }
-        d.insert("account_invalid", false);
-        d.insert("account_failed", false);
+        d.insert("account_invalid", self.account_invalid);
+        d.insert("account_failed", self.account_failed);
         d.insert("timed_stats", QObject::List(Vec::new()));
         d
     }

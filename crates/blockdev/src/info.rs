@@ -1,14 +1,16 @@
 //! What the query commands report about nodes (QEMU: `block/qapi.c`).
 
-use ferrite_block::Graph;
 use ferrite_block::Node;
 use ferrite_block::throttle::{BucketKind, ThrottleGroup};
+use ferrite_block::{BlockBackend, Graph};
 use ferrite_block::{Child, VertexKind};
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
-/// `ImageInfo` for a node; unless `flat`, with its backing chain's (`backing-image`).
-pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
+/// `ImageInfo` for a node; unless `flat`, with its backing chain's (`backing-image`), which
+/// leaves out the filters jobs put in that the user never named when `skip_implicit` (what
+/// `query-block` shows of a drive).
+fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
     let mut d = QDict::new()
         .with("virtual-size", node.len())
         .with("filename", node.filename())
@@ -36,7 +38,12 @@ pub(crate) fn image_info(node: &Node, flat: bool) -> QDict {
         );
     }
     if !flat && let Some(b) = node.child("backing") {
-        d.insert("backing-image", image_info(&b, false));
+        let b = if skip_implicit {
+            b.skip_implicit_filters()
+        } else {
+            b
+        };
+        d.insert("backing-image", image_info(&b, false, skip_implicit));
     }
     d.insert_opt("actual-size", node.allocated_file_size());
     if let Some(fs) = node.driver().format_specific() {
@@ -90,14 +97,23 @@ fn throttle_info(d: &mut QDict, group: Option<&ThrottleGroup>, averages: bool) {
     d.insert("group", group.name());
 }
 
-/// `BlockDeviceInfo` for a node (QEMU counts the backing chain only when not `flat`), with
-/// the I/O limits of the drive it is inserted in.
-pub(crate) fn device_info(node: &Node, flat: bool, throttle: Option<&ThrottleGroup>) -> QDict {
+/// `BlockDeviceInfo` for a node (QEMU counts the backing chain only when not `flat`); for
+/// the medium of `drive`, with the drive's I/O limits and the chain as its user sees it
+/// (without implicit filters).
+pub(crate) fn device_info(node: &Node, flat: bool, drive: Option<&BlockBackend>) -> QDict {
+    let throttle = drive.and_then(BlockBackend::throttle_group);
+    let throttle = throttle.as_deref();
     let mut depth = 0i64;
     if !flat {
         let mut at = node.child("backing");
+        // A job's implicit filter in a drive's chain (commit's) is not a layer of it.
         while let Some(b) = at {
             depth += 1;
+            let b = if drive.is_some() {
+                b.skip_implicit_filters()
+            } else {
+                b
+            };
             at = b.child("backing");
         }
     }
@@ -119,7 +135,7 @@ pub(crate) fn device_info(node: &Node, flat: bool, throttle: Option<&ThrottleGro
     if let Some(bitmaps) = crate::bitmap_cmds::info(node) {
         d.insert("dirty-bitmaps", bitmaps);
     }
-    d.insert("image", image_info(node, flat));
+    d.insert("image", image_info(node, flat, drive.is_some()));
     throttle_info(&mut d, throttle, false);
     d.insert(
         "cache",
@@ -159,11 +175,7 @@ pub(crate) fn block_info(graph: &Graph) -> QObject {
             if let Some(n) = b.node() {
                 d.insert(
                     "inserted",
-                    device_info(
-                        &n.skip_implicit_filters(),
-                        false,
-                        b.throttle_group().as_deref(),
-                    ),
+                    device_info(&n.skip_implicit_filters(), false, Some(b)),
                 );
             }
             QObject::Dict(d)
@@ -185,18 +197,29 @@ pub(crate) fn named_block_nodes(graph: &Graph, flat: bool) -> QObject {
 
 /// Node-level `BlockStats`: as in QEMU, the counters belong to backends, so a node shows
 /// only how far it was written.
-fn block_stats(node: &Rc<Node>) -> QDict {
+/// `BlockStats` of a node: its file's as its "parent" (QEMU's name); for a drive's medium
+/// (`drive_level`), the implicit filters jobs put in are left out and the backing chain
+/// (or a filter's child) follows as "backing".
+fn block_stats(node: &Rc<Node>, drive_level: bool) -> QDict {
+    let node = if drive_level {
+        node.skip_implicit_filters()
+    } else {
+        node.clone()
+    };
     let mut stats = ferrite_block::stats::empty();
     stats.insert("wr_highest_offset", node.wr_highest_offset());
     let mut d = QDict::new()
         .with("node-name", node.name())
         .with("stats", stats);
+    let filtered = node.driver().filtered_child();
+    if let Some(file) = node.child(filtered.unwrap_or("file")) {
+        d.insert("parent", block_stats(&file, drive_level));
+    }
+    if drive_level && let Some(below) = node.child(filtered.unwrap_or("backing")) {
+        d.insert("backing", block_stats(&below, drive_level));
+    }
     if let Some(ds) = node.driver().driver_stats() {
         d.insert("driver-specific", ds);
-    }
-    // QEMU calls a node's `file` child its "parent" here.
-    if let Some(file) = node.child("file") {
-        d.insert("parent", block_stats(&file));
     }
     d
 }
@@ -211,17 +234,24 @@ pub(crate) fn blockstats(graph: &Graph, query_nodes: bool) -> QObject {
             .filter(|b| !b.name().is_empty() || b.device().is_some())
             .map(|b| {
                 let mut d = QDict::new().with("device", b.name());
-                if let Some(n) = b.node() {
-                    d.insert("node-name", n.name());
+                if let Some(dev) = b.device() {
+                    d.insert("qdev", dev);
                 }
                 let mut stats = b.stats();
                 stats.insert(
                     "wr_highest_offset",
-                    b.node().map_or(0, |n| n.wr_highest_offset()),
+                    b.node()
+                        .map_or(0, |n| n.skip_implicit_filters().wr_highest_offset()),
                 );
+                // The medium's node stats, with the drive's accounting as its "stats".
+                let mut medium = b.node().map(|n| block_stats(&n, true)).unwrap_or_default();
+                if let Some(n) = medium.remove("node-name") {
+                    d.insert("node-name", n);
+                }
+                medium.remove("stats");
                 d.insert("stats", stats);
-                if let Some(dev) = b.device() {
-                    d.insert("qdev", dev);
+                for (k, v) in medium {
+                    d.insert(k, v);
                 }
                 QObject::Dict(d)
             })
@@ -231,7 +261,7 @@ pub(crate) fn blockstats(graph: &Graph, query_nodes: bool) -> QObject {
     graph
         .nodes()
         .iter()
-        .map(|n| QObject::Dict(block_stats(n)))
+        .map(|n| QObject::Dict(block_stats(n, false)))
         .collect::<Vec<_>>()
         .into()
 }

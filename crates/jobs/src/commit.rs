@@ -347,10 +347,31 @@ impl CommitJob {
         }
         for o in &overlays {
             o.remove_option("backing");
-            o.driver()
-                .change_backing_file(o, Some(name.clone()), Some(format.clone()))
-                .await
-                .map_err(|e| ferrite_qapi::os_msg(&e))?;
+            // A read-only overlay is reopened read-write for the update and back after;
+            // an update that fails leaves the graph linked and the job successful, as
+            // QEMU's `bdrv_child_cb_update_filename` reports and goes on.
+            let read_only = o.is_read_only();
+            let r = match read_only {
+                true => self
+                    .graph
+                    .set_read_only(o, false)
+                    .map_err(|e| e.to_string()),
+                false => Ok(()),
+            };
+            let r = match r {
+                Ok(()) => o
+                    .driver()
+                    .change_backing_file(o, Some(name.clone()), Some(format.clone()))
+                    .await
+                    .map_err(|e| ferrite_qapi::os_msg(&e)),
+                Err(e) => Err(e),
+            };
+            if read_only {
+                let _ = self.graph.set_read_only(o, true);
+            }
+            if let Err(e) = r {
+                tracing::error!(node = o.name(), "Could not update backing file link: {e}");
+            }
         }
         *self.filter.borrow_mut() = None;
         Ok(())

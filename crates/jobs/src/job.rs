@@ -342,6 +342,14 @@ impl Job {
         Ok(())
     }
 
+    /// Whether the job works on `node` (QEMU: `block_job_has_bdrv`).
+    pub fn has_node(&self, node: &ferrite_block::Node) -> bool {
+        self.edges
+            .borrow()
+            .iter()
+            .any(|e| std::ptr::eq(Rc::as_ptr(&e.node()), node))
+    }
+
     /// Lets go of every node the job works on (QEMU: `block_job_remove_all_bdrv`).
     pub fn remove_nodes(&self, graph: &Graph) {
         let edges = std::mem::take(&mut *self.edges.borrow_mut());

@@ -335,6 +335,21 @@ impl JobManager {
         }
     }
 
+    /// Cancels the jobs that work on `node` (QEMU's `blockdev_mark_auto_del`: a drive
+    /// going with its device takes its jobs with it).
+    pub async fn cancel_jobs_on(&self, node: &ferrite_block::Node) {
+        let jobs: Vec<_> = self
+            .jobs
+            .borrow()
+            .iter()
+            .filter(|j| j.has_node(node))
+            .cloned()
+            .collect();
+        for job in jobs {
+            self.cancel_job(&job, false).await;
+        }
+    }
+
     /// `job-pause`.
     ///
     /// # Errors

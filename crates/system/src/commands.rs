@@ -42,7 +42,7 @@ impl SystemCommands {
                 empty()
             }
             "device_del" => {
-                sys.devices.del(args.str("id")?)?;
+                sys.devices.del(args.str("id")?).await?;
                 empty()
             }
             "block_set_io_throttle" => {

@@ -246,6 +246,8 @@ pub(crate) struct Devices {
     machine: Rc<Machine>,
     graph: Rc<Graph>,
     events: Rc<EventBus>,
+    /// Jobs on a drive that goes with its device are cancelled.
+    jobs: Rc<ferrite_jobs::JobManager>,
     list: RefCell<Vec<Rc<Device>>>,
     /// Anonymous devices made so far (`device[N]` counts them all).
     anon: Cell<u32>,
@@ -275,11 +277,17 @@ fn prop_bool(model: &str, name: &str, v: &str) -> Result<bool, Error> {
 }
 
 impl Devices {
-    pub(crate) fn new(machine: Rc<Machine>, graph: Rc<Graph>, events: Rc<EventBus>) -> Rc<Self> {
+    pub(crate) fn new(
+        machine: Rc<Machine>,
+        graph: Rc<Graph>,
+        events: Rc<EventBus>,
+        jobs: Rc<ferrite_jobs::JobManager>,
+    ) -> Rc<Self> {
         let devices = Rc::new(Devices {
             machine: machine.clone(),
             graph,
             events,
+            jobs,
             list: RefCell::new(Vec::new()),
             anon: Cell::new(0),
         });
@@ -291,7 +299,7 @@ impl Devices {
             tokio::task::spawn_local(async move {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 if let Some(d) = weak.upgrade() {
-                    d.finish_unplugs();
+                    d.finish_unplugs().await;
                 }
             });
         }));
@@ -592,7 +600,7 @@ impl Devices {
     ///
     /// # Errors
     /// "Device 'x' not found" (DeviceNotFound), a bus without hot-unplug.
-    pub(crate) fn del(&self, id: &str) -> Result<(), Error> {
+    pub(crate) async fn del(&self, id: &str) -> Result<(), Error> {
         let Some(dev) = self.find(id) else {
             return Err(Error::new(
                 ErrorClass::DeviceNotFound,
@@ -605,7 +613,7 @@ impl Devices {
                 Ok(())
             }
             Kind::ScsiHd | Kind::ScsiCd => {
-                self.remove(&dev);
+                self.remove(&dev).await;
                 Ok(())
             }
             Kind::IdeHd | Kind::IdeCd => Err(generic("Bus 'ide.0' does not support hotplugging")),
@@ -614,7 +622,7 @@ impl Devices {
     }
 
     /// Unplugs the devices whose unplug waited for a reset.
-    fn finish_unplugs(&self) {
+    async fn finish_unplugs(&self) {
         let pending: Vec<_> = self
             .list
             .borrow()
@@ -623,12 +631,21 @@ impl Devices {
             .cloned()
             .collect();
         for d in pending {
-            self.remove(&d);
+            self.remove(&d).await;
         }
     }
 
-    /// Removes a device (and what sits on its bus), releasing its drive.
-    fn remove(&self, dev: &Rc<Device>) {
+    /// Removes a device (and what sits on its bus), releasing its drive; a node only the
+    /// device's drive held that the monitor did not add (an overlay `blockdev-snapshot-sync`
+    /// made, a `-drive`'s image) is closed and goes, as QEMU's last reference does.
+    fn remove<'a>(
+        &'a self,
+        dev: &'a Rc<Device>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>> {
+        Box::pin(self.remove_now(dev))
+    }
+
+    async fn remove_now(&self, dev: &Rc<Device>) {
         if dev.bus_name.is_some() {
             // The SCSI devices sit on this controller's bus (the devices do not record
             // which controller's when there are several: all of them go).
@@ -640,7 +657,7 @@ impl Devices {
                 .cloned()
                 .collect();
             for c in children {
-                self.remove(&c);
+                self.remove(&c).await;
             }
         }
         self.list.borrow_mut().retain(|d| !Rc::ptr_eq(d, dev));
@@ -648,8 +665,17 @@ impl Devices {
             blk.set_device(None);
             blk.set_medium(Medium::default());
             if dev.auto_del || blk.name().is_empty() {
+                let node = blk.node();
+                if dev.auto_del
+                    && let Some(node) = &node
+                {
+                    self.jobs.cancel_jobs_on(node).await;
+                }
                 blk.remove();
                 blk.set_name("");
+                if let Some(node) = node {
+                    self.graph.close_inline(&node).await;
+                }
             }
         }
         if dev.model.kind == Kind::VirtioBlk {

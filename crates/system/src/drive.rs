@@ -160,6 +160,14 @@ pub(crate) async fn add(
         .map(|v| on_off("snapshot", &v))
         .transpose()?
         .unwrap_or(snapshot_all);
+    let account_invalid = take("stats-account-invalid")
+        .map(|v| on_off("stats-account-invalid", &v))
+        .transpose()?
+        .unwrap_or(true);
+    let account_failed = take("stats-account-failed")
+        .map(|v| on_off("stats-account-failed", &v))
+        .transpose()?
+        .unwrap_or(true);
     let werror = take("werror");
     let rerror = take("rerror");
     for k in ["bus", "unit", "serial", "addr", "copy-on-read"] {
@@ -169,6 +177,7 @@ pub(crate) async fn add(
         crate::io_limits::config_from_drive(&mut opts, format.as_deref().unwrap_or("raw"))?;
     let blk = BlockBackend::new_empty(graph);
     blk.set_name(&id);
+    blk.set_accounting(account_invalid, account_failed);
     let detect_zeroes = opts
         .get("detect-zeroes")
         .and_then(QObject::as_str)

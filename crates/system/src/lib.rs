@@ -314,7 +314,12 @@ pub fn main() -> ExitCode {
     ferrite_storage_daemon::front_end::main_loop(&prog.clone(), async move {
         let daemon = Daemon::new();
         let machine = Machine::new(kind, name, daemon.events.clone());
-        let devices = Devices::new(machine.clone(), daemon.graph.clone(), daemon.events.clone());
+        let devices = Devices::new(
+            machine.clone(),
+            daemon.graph.clone(),
+            daemon.events.clone(),
+            daemon.jobs.clone(),
+        );
         let sys = Rc::new(System {
             daemon: daemon.clone(),
             machine,
