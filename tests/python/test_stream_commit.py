@@ -282,3 +282,39 @@ def test_job_verbs_in_every_state_match_qemu(both, job):
     theirs, ours = seen
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a == b, (i, a, b)
+
+
+def test_stream_into_read_only_intermediate_keeps_its_data(both):
+    """An inline backing chain opens read-only (QEMU's default for backing files); streaming
+    into the middle layer reopens it read-write and back, and what was copied must be in
+    its image after the program ends (the layer's metadata written before it went
+    read-only again), as QEMU leaves it."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        chain(w)
+        q = d.connect()
+        inline = {"driver": "raw", "node-name": "base",
+                  "file": {"driver": "file", "filename": str(w / "base.raw")}}
+        for name in ["l1", "l2", "top"]:
+            inline = {"driver": "qcow2", "node-name": name, "backing": inline,
+                      "file": {"driver": "file", "filename": str(w / f"{name}.qcow2")}}
+        assert q.cmd("blockdev-add", inline) == {"return": {}}
+        out = [sorted((n["node-name"], n["ro"])
+                      for n in q.cmd("query-named-block-nodes", {"flat": True})["return"]
+                      if not n["node-name"].startswith("#"))]
+        out.append(q.cmd("block-stream", {"job-id": "s", "device": "l2"}))
+        q.wait_event("BLOCK_JOB_COMPLETED")
+        wait_job_gone(q, "s")
+        d.stop()
+        out.append(run("qemu-io", "-f", "qcow2", "-c", "map", w / "l2.qcow2").stdout)
+        out.append(chain_of(w / "l2.qcow2", w))
+        r = run("qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 512k",
+                "-c", "read -P 0x22 512k 512k", "-c", "read -P 0x33 1M 1M",
+                "-c", "read -P 0x11 2M 1M", w / "l2.qcow2")
+        out.append(r.stdout.count("verification failed"))
+        out.append(run("qemu-img", "check", w / "l2.qcow2").returncode)
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+    assert "allocated at offset 0" in ours[2] and "not allocated" not in ours[2].split("\n")[0]

@@ -126,7 +126,11 @@ impl<'a> OpenCtx<'a> {
     pub async fn open_child_ref(&mut self, key: &str, value: &QObject) -> Result<Rc<Child>> {
         let node = match value {
             QObject::String(name) => self.graph.lookup(name)?,
-            QObject::Dict(d) => self.graph.open(&Args::new(inherited(self.opts, d))).await?,
+            QObject::Dict(d) => {
+                self.graph
+                    .open(&Args::new(inherited(self.opts, d, key == "backing")))
+                    .await?
+            }
             _ => return Err(Error::InvalidChildRef),
         };
         let edge = self.attach(key, &node);
@@ -236,11 +240,22 @@ impl<'a> OpenCtx<'a> {
 }
 
 /// The options of a child given inline: what it does not set itself, it takes from its
-/// parent (read-only, auto-read-only, force-share, cache modes), and it passes discards on, since the
-/// parent already applies its own discard policy (QEMU's inherited options).
-fn inherited(parent: &Args, child: &QDict) -> QDict {
+/// parent (read-only, auto-read-only, force-share, cache modes), and it passes discards on,
+/// since the parent already applies its own discard policy (QEMU's inherited options). A
+/// backing file (`cow`) opens read-only unless it says otherwise, whatever its parent is.
+fn inherited(parent: &Args, child: &QDict, cow: bool) -> QDict {
     let mut d = child.clone();
-    for key in ["read-only", "auto-read-only", "force-share"] {
+    let modes: &[&str] = if cow {
+        for (key, default) in [("read-only", true), ("auto-read-only", false)] {
+            if d.get(key).is_none() {
+                d.insert(key, default);
+            }
+        }
+        &["force-share"]
+    } else {
+        &["read-only", "auto-read-only", "force-share"]
+    };
+    for &key in modes {
         if d.get(key).is_none()
             && let Some(v) = parent.get(key)
         {

@@ -208,7 +208,7 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<()> {
         .change_backing_file(&image, Some(name), Some(backing.driver_name().to_owned()))
         .await;
     if was_read_only {
-        let _ = graph.set_read_only(&image, true);
+        let _ = graph.reopen_read_only(&image).await;
     }
     r.map_err(|error| Error::ChangeBackingFile {
         name: args.str("backing-file").unwrap_or_default().to_owned(),

@@ -145,7 +145,7 @@ pub async fn start_commit(
         jobs.early_fail(&job);
         driver.undo(&job).await;
         if driver.base_ro.get() {
-            let _ = graph.set_read_only(&driver.base, true);
+            let _ = graph.reopen_read_only(&driver.base).await;
         }
         return Err(e);
     }
@@ -367,7 +367,7 @@ impl CommitJob {
                 Err(e) => Err(e),
             };
             if read_only {
-                let _ = self.graph.set_read_only(o, true);
+                let _ = self.graph.reopen_read_only(o).await;
             }
             if let Err(e) = r {
                 tracing::error!(node = o.name(), "Could not update backing file link: {e}");
@@ -427,7 +427,7 @@ impl JobDriver for CommitJob {
             // The committed layers go unless the user added them.
             self.graph.forget_if_orphan(&self.top);
             if self.base_ro.get() {
-                let _ = self.graph.set_read_only(&self.base, true);
+                let _ = self.graph.reopen_read_only(&self.base).await;
             }
         })
     }

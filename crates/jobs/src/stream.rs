@@ -384,7 +384,7 @@ impl JobDriver for StreamJob {
                 self.graph.forget_if_orphan(n);
             }
             if self.was_read_only {
-                let _ = self.graph.set_read_only(&self.node, true);
+                let _ = self.graph.reopen_read_only(&self.node).await;
             }
         })
     }

@@ -309,10 +309,7 @@ impl Graph {
             overlay.set_option("backing", node.name.as_str());
         }
         // The old top is read-only from now on, its file too.
-        if !node.is_read_only() {
-            let _ = node.driver.close(node).await;
-            let _ = self.set_read_only(node, true);
-        }
+        let _ = self.reopen_read_only(node).await;
         Ok(())
     }
 }

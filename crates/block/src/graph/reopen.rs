@@ -105,6 +105,20 @@ impl Graph {
         Ok(())
     }
 
+    /// Reopens a node that may have written read-only: its image is brought up to date
+    /// and marked clean first (QEMU's qcow2 does this when a reopen drops write access),
+    /// then [`Graph::set_read_only`].
+    ///
+    /// # Errors
+    /// As [`Graph::set_read_only`].
+    pub async fn reopen_read_only(&self, node: &Rc<Node>) -> Result<()> {
+        if node.is_read_only() {
+            return Ok(());
+        }
+        let _ = node.driver.close(node).await;
+        self.set_read_only(node, true)
+    }
+
     /// `block_resize`: a backend holding the resize permission truncates the drained node.
     ///
     /// # Errors

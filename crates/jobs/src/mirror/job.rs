@@ -651,7 +651,7 @@ impl MirrorJob {
             tracing::warn!(error = %e, "mirror: taking the filter out");
         }
         if abort && self.base_ro && !self.target.is_read_only() {
-            let _ = self.graph.set_read_only(&self.target, true);
+            let _ = self.graph.reopen_read_only(&self.target).await;
         }
         let switched = self.should_complete.get() && !abort && result.is_ok();
         if switched {
