@@ -57,12 +57,16 @@ pub struct Node {
     pub(crate) driver: Box<dyn Driver>,
     pub(crate) options: RefCell<QDict>,
     pub(crate) read_only: Cell<bool>,
+    /// Its read-only mode came from its parent (an inline child that did not set its
+    /// own), so it follows the parent's internal reopens.
+    pub(crate) inherits_read_only: Cell<bool>,
     /// Inactive (QEMU's `BDRV_O_INACTIVE`): another process may own the image, so the
     /// node writes nothing and gives no writer to anyone until it is activated again.
     pub(crate) inactive: Cell<bool>,
     /// A filter a job put in without a name from the user (QEMU's `implicit`): queries of
     /// the drive look through it.
     pub(crate) implicit: Cell<bool>,
+    never_freeze: Cell<bool>,
     /// Edges this node owns, to its children.
     pub(crate) children: RefCell<Vec<Rc<Child>>>,
     /// Edges pointing at this node (their parents own them).
@@ -126,8 +130,10 @@ impl Node {
             driver,
             options: RefCell::new(options),
             read_only: Cell::new(settings.read_only),
+            inherits_read_only: Cell::new(false),
             inactive: Cell::new(false),
             implicit: Cell::new(false),
+            never_freeze: Cell::new(false),
             children: RefCell::new(Vec::new()),
             users: RefCell::new(Vec::new()),
             detect_zeroes: Cell::new(settings.detect_zeroes),
@@ -169,6 +175,17 @@ impl Node {
             n = f;
         }
         n
+    }
+
+    /// Marks the node as one no other job may hold a link to (a commit filter, which goes
+    /// when its job ends; QEMU's `never_freeze`).
+    pub fn set_never_freeze(&self) {
+        self.never_freeze.set(true);
+    }
+
+    /// Whether links to the node may not be frozen by a job.
+    pub fn never_freeze(&self) -> bool {
+        self.never_freeze.get()
     }
 
     /// Marks the node as a filter a job made without a user's name for it.

@@ -127,9 +127,14 @@ impl<'a> OpenCtx<'a> {
         let node = match value {
             QObject::String(name) => self.graph.lookup(name)?,
             QObject::Dict(d) => {
-                self.graph
-                    .open(&Args::new(inherited(self.opts, d, key == "backing")))
-                    .await?
+                let cow = key == "backing";
+                let node = self
+                    .graph
+                    .open(&Args::new(inherited(self.opts, d, cow)))
+                    .await?;
+                node.inherits_read_only
+                    .set(!cow && d.get("read-only").is_none());
+                node
             }
             _ => return Err(Error::InvalidChildRef),
         };
@@ -146,6 +151,8 @@ impl<'a> OpenCtx<'a> {
     /// The node failing to open.
     pub async fn open_child_opts(&mut self, key: &str, opts: QDict) -> Result<Rc<Child>> {
         let node = self.graph.open(&Args::new(opts)).await?;
+        // Made by this node for itself: its mode is this node's.
+        node.inherits_read_only.set(true);
         let edge = self.attach(key, &node);
         if edge.is_err() {
             self.graph.forget_if_orphan(&node);
@@ -205,10 +212,12 @@ impl<'a> OpenCtx<'a> {
         if self.graph.registry().get(format).is_none() {
             return Err(Error::UnknownDriver(format.to_owned()));
         }
-        let file_opts = self.image_file_opts(path, read_only);
+        let mut file_opts = self.image_file_opts(path, read_only);
         let mut opts = if format == "file" {
             file_opts
         } else {
+            // The image's file takes its mode from the image (and follows its reopens).
+            file_opts.remove("read-only");
             QDict::new()
                 .with("driver", format)
                 .with("file", file_opts)

@@ -224,7 +224,10 @@ async fn setup(
     let top_blk = BlockBackend::new(graph, &d.top, Perm::empty(), Perm::all())?;
     top_blk.set_queue_requests(false);
     *d.top_blk.borrow_mut() = Some(top_blk);
-    let mut blocked = vec![device.clone(), filter];
+    // The filter is not blocked (QEMU adds only the nodes the job holds); nobody may freeze
+    // a link to it instead, since it leaves the chain with the job.
+    filter.set_never_freeze();
+    let mut blocked = vec![device.clone()];
     let mut at = Some(d.top.clone());
     while let Some(n) = at {
         blocked.push(n.clone());

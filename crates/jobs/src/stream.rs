@@ -45,19 +45,68 @@ pub struct StreamSetup {
     pub auto_dismiss: bool,
 }
 
-/// The node of `top`'s chain directly above `base` (or the last one when `base` is none):
-/// QEMU's `bdrv_find_overlay` and the stream's `above_base`.
-fn overlay_of(top: &Rc<Node>, base: Option<&Rc<Node>>) -> Option<Rc<Node>> {
-    let mut at = top.clone();
+/// The image of `top`'s chain whose backing file is `base` (or the last image when `base` is
+/// none), looking through filters (QEMU: `bdrv_find_overlay`): the last layer streamed.
+fn find_overlay(top: &Rc<Node>, base: Option<&Rc<Node>>) -> Option<Rc<Node>> {
+    let base = base.map(|b| b.skip_filters());
+    let mut active = top.skip_filters();
     loop {
-        let next = at.below();
-        match (&next, base) {
-            (Some(n), Some(b)) if Rc::ptr_eq(n, b) => return Some(at),
-            (None, None) => return Some(at),
+        let next = active.child("backing").map(|b| b.skip_filters());
+        match (&next, &base) {
+            (Some(n), Some(b)) if Rc::ptr_eq(n, b) => return Some(active),
+            (None, None) => return Some(active),
             (None, Some(_)) => return None,
-            (Some(n), _) => at = n.clone(),
+            (Some(n), _) => active = n.clone(),
         }
     }
+}
+
+/// The node directly above `base` below `overlay`: the overlay itself, or a filter between
+/// the two (QEMU's `above_base`); what is below it backs the streamed node at the end.
+fn above_base(overlay: &Rc<Node>, base: Option<&Rc<Node>>) -> Rc<Node> {
+    let is_base = |n: &Option<Rc<Node>>| match (n, base) {
+        (Some(n), Some(b)) => Rc::ptr_eq(n, b),
+        (None, None) => true,
+        _ => false,
+    };
+    let cow = overlay.child("backing");
+    if is_base(&cow) {
+        return overlay.clone();
+    }
+    let Some(mut at) = cow else {
+        return overlay.clone();
+    };
+    while !is_base(&at.filtered()) {
+        match at.filtered() {
+            Some(f) => at = f,
+            None => break,
+        }
+    }
+    at
+}
+
+/// Checks that the links from `top` down to `bottom` may be held by the job: none may point
+/// at a node that leaves the chain with another job (QEMU: `bdrv_freeze_backing_chain`).
+fn check_freezable(top: &Rc<Node>, bottom: &Rc<Node>) -> Result<()> {
+    let mut at = top.clone();
+    while !Rc::ptr_eq(&at, bottom) {
+        let name = match at.driver().filtered_child() {
+            Some(f) => f,
+            None => "backing",
+        };
+        let Some(edge) = at.edge(name) else {
+            break;
+        };
+        let below = edge.node();
+        if below.never_freeze() {
+            return Err(Error::CannotFreeze {
+                link: name.to_owned(),
+                node: below.name().to_owned(),
+            });
+        }
+        at = below;
+    }
+    Ok(())
 }
 
 /// Starts a stream job (QEMU: `stream_start`).
@@ -74,17 +123,22 @@ pub async fn start_stream(
         Some(b) => (b.clone(), b.clone()),
         None => {
             let overlay =
-                overlay_of(&node, s.base.as_ref()).ok_or_else(|| Error::NotInBackingChain {
+                find_overlay(&node, s.base.as_ref()).ok_or_else(|| Error::NotInBackingChain {
                     base: s
                         .base
                         .as_ref()
                         .map_or(String::new(), |b| b.name().to_owned()),
                     top: node.name().to_owned(),
                 })?;
-            (overlay.clone(), overlay)
+            let above = above_base(&overlay, s.base.as_ref());
+            (overlay, above)
         }
     };
     let was_read_only = node.is_read_only();
+    // QEMU holds the chain while it reopens a read-only node (its filter holds it after).
+    if was_read_only {
+        check_freezable(&node, &above_base)?;
+    }
     if was_read_only {
         graph.set_read_only(&node, false)?;
     }
@@ -122,7 +176,7 @@ pub async fn start_stream(
         filter: RefCell::new(Some(filter.clone())),
         filter_node: filter.clone(),
         base_overlay,
-        base: base.clone(),
+        above_base: above_base.clone(),
         backing_file: s.backing_file,
         backing_mask_protocol: s.backing_mask_protocol,
         on_error: s.on_error,
@@ -148,7 +202,7 @@ pub async fn start_stream(
             return Err(e);
         }
     };
-    if let Err(e) = attach(graph, &job, &driver, &filter, s.speed) {
+    if let Err(e) = attach(graph, &job, &driver, &filter, s.speed, base.as_ref()) {
         jobs.early_fail(&job);
         job.remove_nodes(graph);
         if let Some(b) = driver.blk.borrow_mut().take() {
@@ -176,6 +230,7 @@ fn attach(
     driver: &StreamJob,
     filter: &Rc<Node>,
     speed: i64,
+    base: Option<&Rc<Node>>,
 ) -> Result<()> {
     job.add_node(graph, filter, "main node", Perm::empty(), Perm::all())?;
     job.speed
@@ -194,7 +249,7 @@ fn attach(
     )?;
     let mut at = driver.node.below();
     while let Some(n) = at {
-        if driver.base.as_ref().is_some_and(|b| Rc::ptr_eq(b, &n)) {
+        if base.is_some_and(|b| Rc::ptr_eq(b, &n)) {
             break;
         }
         job.add_node(graph, &n, "intermediate node", Perm::empty(), basic)?;
@@ -213,8 +268,9 @@ struct StreamJob {
     filter_node: Rc<Node>,
     /// The last node whose data is copied.
     base_overlay: Rc<Node>,
-    /// What the node is backed by at the end.
-    base: Option<Rc<Node>>,
+    /// The node directly above the base: what is below it at the end (another job may
+    /// have changed it meanwhile) backs the node from then on.
+    above_base: Rc<Node>,
     backing_file: Option<String>,
     backing_mask_protocol: bool,
     on_error: ErrorPolicy,
@@ -319,7 +375,8 @@ impl StreamJob {
         if top.child("backing").is_none() {
             return Ok(());
         }
-        let base = self.base.as_ref().map(|b| b.skip_filters());
+        let below = self.above_base.below();
+        let base = below.as_ref().map(|b| b.skip_filters());
         let (name, format) = match &base {
             Some(b) => {
                 let name = self.backing_file.clone().unwrap_or_else(|| b.filename());
@@ -333,7 +390,7 @@ impl StreamJob {
             None => (None, None),
         };
         let eperm = || ferrite_qapi::os_msg(&std::io::Error::from_raw_os_error(libc::EPERM));
-        if let Err(e) = self.graph.set_backing(&top, self.base.as_ref()).await {
+        if let Err(e) = self.graph.set_backing(&top, below.as_ref()).await {
             tracing::error!(error = %e, "stream: setting the backing file");
             return Err(eperm());
         }

@@ -54,6 +54,31 @@ fn default_protocols(node: &mut QDict) {
     }
 }
 
+/// Children of a node that takes several (quorum's `children.N`) given by their file
+/// alone: their format is the image's, probed (QEMU probes such data children).
+async fn probe_children(graph: &Graph, node: &mut QDict) -> Result<(), Error> {
+    let Some(QObject::List(children)) = node.get_mut("children") else {
+        return Ok(());
+    };
+    for child in children.iter_mut() {
+        let QObject::Dict(child) = child else {
+            continue;
+        };
+        if child.get("driver").is_some() {
+            continue;
+        }
+        let filename = match child.get("file") {
+            Some(QObject::Dict(f)) => f.get("filename").and_then(QObject::as_str),
+            _ => None,
+        };
+        if let Some(path) = filename.map(str::to_owned) {
+            let format = graph.probe_image(&path).await?;
+            child.insert("driver", format);
+        }
+    }
+    Ok(())
+}
+
 /// Counts of drives per interface, for default ids and indexes.
 #[derive(Default)]
 pub(crate) struct DriveCounter {
@@ -293,7 +318,15 @@ pub(crate) async fn add(
                     .with("no-flush", if no_flush { "on" } else { "off" }),
             );
         }
+        probe_children(graph, &mut node).await?;
         default_protocols(&mut node);
+        if let Some(QObject::List(children)) = node.get_mut("children") {
+            for c in children.iter_mut() {
+                if let QObject::Dict(c) = c {
+                    default_protocols(c);
+                }
+            }
+        }
         // Options for the backing file the image names come without a driver, which the
         // schema wants: they go to the format as they are.
         let implicit_backing = match node.get("backing") {

@@ -312,8 +312,11 @@ impl Graph {
             .rev()
             .find(|(n, _)| *n == node.name)
         {
+            // Named as QEMU's `bdrv_get_device_or_node_name` does: its drive's name first.
             Some((n, reason)) => Err(Error::Busy {
-                node: n.clone(),
+                node: Some(node.device_name())
+                    .filter(|d| !d.is_empty())
+                    .unwrap_or_else(|| n.clone()),
                 reason: reason.clone(),
             }),
             None => Ok(()),

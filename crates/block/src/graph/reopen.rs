@@ -84,11 +84,12 @@ impl Graph {
     /// # Errors
     /// The storage refusing the mode.
     pub fn set_read_only(&self, node: &Rc<Node>, read_only: bool) -> Result<()> {
-        // Only a file opened with the node (inline) follows it; one the user added keeps
-        // its own mode, as in QEMU, where only inherited options change with the parent.
-        let file = node
-            .child("file")
-            .filter(|f| f.users().len() == 1 && !self.is_monitor_owned(f));
+        // Only a file opened with the node (inline) that took its mode from it follows it;
+        // one the user added or gave its own mode keeps it, as in QEMU, where only
+        // inherited options change with the parent.
+        let file = node.child("file").filter(|f| {
+            f.users().len() == 1 && !self.is_monitor_owned(f) && f.inherits_read_only.get()
+        });
         // Going read-only, the node drops its write permission before its file reopens;
         // going read-write, the file reopens for writing first.
         let order: Vec<&Rc<Node>> = if read_only {
@@ -96,11 +97,27 @@ impl Graph {
         } else {
             file.iter().chain(std::iter::once(node)).collect()
         };
+        let mut done: Vec<&Rc<Node>> = Vec::new();
         for n in order {
-            n.driver
-                .reopen_apply(n, &Args::new(n.options()), read_only)?;
-            n.read_only.set(read_only);
-            self.propagate(n)?;
+            let r = n
+                .driver
+                .reopen_apply(n, &Args::new(n.options()), read_only)
+                .and_then(|()| {
+                    n.read_only.set(read_only);
+                    self.propagate(n)
+                });
+            if let Err(e) = r {
+                // Back to where it was: this node and those already switched.
+                for m in std::iter::once(n).chain(done.into_iter().rev()) {
+                    let _ = m
+                        .driver
+                        .reopen_apply(m, &Args::new(m.options()), !read_only);
+                    m.read_only.set(!read_only);
+                    let _ = self.propagate(m);
+                }
+                return Err(e);
+            }
+            done.push(n);
         }
         Ok(())
     }

@@ -114,6 +114,9 @@ pub(crate) struct MirrorJob {
     pub(crate) base_ro: bool,
     pub(crate) should_complete: Cell<bool>,
     to_replace: RefCell<Option<Rc<Node>>>,
+    /// The nodes the job keeps others' jobs and commands off (its filter, source, target
+    /// and, committing, the layers between): QEMU blocks every node a job holds.
+    pub(crate) blocked: RefCell<Vec<Rc<Node>>>,
     /// The job drains its own source to finish: it must not wait for itself.
     in_drain: Cell<bool>,
     held: RefCell<Vec<Drained>>,
@@ -156,6 +159,7 @@ impl MirrorJob {
             sync,
             base,
             zero_target: false,
+            blocked: RefCell::new(Vec::new()),
             unmap: true,
             buf_size: DEFAULT_BUF_SIZE,
             backing_mode: BackingMode::Leave,
@@ -672,8 +676,8 @@ impl MirrorJob {
     /// Lets go of every node the job held and blocked.
     fn release_nodes(&self, job: &Job) {
         let reason = blocker(self.kind);
-        for n in [&self.filter, &self.source, &self.target] {
-            self.graph.unblock(n, &reason);
+        for n in std::mem::take(&mut *self.blocked.borrow_mut()) {
+            self.graph.unblock(&n, &reason);
         }
         job.remove_nodes(&self.graph);
     }

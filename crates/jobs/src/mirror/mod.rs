@@ -183,9 +183,18 @@ pub(crate) async fn start_job(
     blk.set_queue_requests(false);
     *shared.target.borrow_mut() = Some(blk);
     let reason = job::blocker(s.kind);
-    for n in [&filter, &s.source, &s.target] {
+    let mut blocked = vec![filter.clone(), s.source.clone(), s.target.clone()];
+    if target_is_backing {
+        let mut at = s.source.below();
+        while let Some(n) = at.filter(|n| !Rc::ptr_eq(n, &s.target)) {
+            at = n.below();
+            blocked.push(n);
+        }
+    }
+    for n in &blocked {
         graph.block(n, &reason);
     }
+    *driver.blocked.borrow_mut() = blocked;
     jobs.run_job(&job);
     // QEMU enters the job before the command returns: what it does before its first wait
     // (a sync that has nothing to copy goes `ready`) happens first.
