@@ -90,10 +90,7 @@ fn above_base(overlay: &Rc<Node>, base: Option<&Rc<Node>>) -> Rc<Node> {
 fn check_freezable(top: &Rc<Node>, bottom: &Rc<Node>) -> Result<()> {
     let mut at = top.clone();
     while !Rc::ptr_eq(&at, bottom) {
-        let name = match at.driver().filtered_child() {
-            Some(f) => f,
-            None => "backing",
-        };
+        let name = at.driver().filtered_child().unwrap_or("backing");
         let Some(edge) = at.edge(name) else {
             break;
         };
