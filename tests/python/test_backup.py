@@ -334,11 +334,12 @@ def test_drive_backup_matches_qemu(both):
         out = []
         for i, extra in enumerate([{"sync": "full"}, {"sync": "none"}, {"sync": "top"},
                                    {"sync": "full", "mode": "existing"},
-                                   {"sync": "full", "format": "raw"}]):
+                                   {"sync": "full", "format": "raw"},
+                                   {"sync": "full", "format": "file"}]):
             target = str(w / (f"d{i}.raw" if extra.get("format") else f"d{i}.qcow2"))
             out.append(q.cmd("drive-backup", dict(extra, **{"job-id": f"d{i}", "device": "src",
                                                             "target": target})))
-        for i in (0, 2, 4):
+        for i in (0, 2, 4, 5):
             wait_job_gone(q, f"d{i}")
         # Only the fleecing job (none) runs on: its target and filter are in the graph.
         nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]

@@ -55,6 +55,17 @@ def transcript(d):
     cmd("blockdev-add", stack("qcow2", {"inject-error": [{"event": "nosuch"}]}))
     cmd("blockdev-add", stack("qcow2", {"set-state": [{"event": "read_aio"}]}))
     cmd("blockdev-add", stack("qcow2", RULES))
+    # Permissions taken and kept from others on the image: a second user that needs what
+    # is not shared is refused.
+    cmd("blockdev-add", {"driver": "blkdebug", "node-name": "unshare", "image": "top",
+                         "unshare-child-perms": ["consistent-read", "write"]})
+    cmd("blockdev-add", {"driver": "raw", "node-name": "reader", "file": "top"})
+    cmd("blockdev-del", {"node-name": "unshare"})
+    cmd("blockdev-add", {"driver": "blkdebug", "node-name": "taker", "image": "top",
+                         "take-child-perms": ["write", "resize"]})
+    cmd("blockdev-add", {"driver": "raw", "node-name": "ro-user", "file": "top",
+                         "read-only": True})
+    cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "ro-user"})
     nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
     text = normalize(json.dumps(nodes, sort_keys=True)).replace(str(w), "W")
     # json: file names compared as objects: QEMU's member order for the flattened rule

@@ -481,6 +481,16 @@ def test_qtest_clock_drives_throttled_requests(tmp_path):
         # Without an amount, the clock goes to the next timer: one more request.
         assert qtest("clock_step").startswith("OK 10")
         assert read_bytes() - start - done == 4096
+        # QEMU's qtest log on standard error: the channel opening, each command and answer,
+        # and the channel closing.
+        qtf.close()
+        qt.close()
+        wait_for(lambda: "CLOSED" in m.stderr.read_text(), what="qtest log")
+        log = m.stderr.read_text().splitlines()
+        assert re.fullmatch(r"\[I \d+\.\d{6}\] OPENED", log[0]), log
+        assert re.fullmatch(r"\[R \+\d+\.\d{6}\] clock_step 5000000000", log[1]), log
+        assert re.fullmatch(r"\[S \+\d+\.\d{6}\] OK 5000000000", log[2]), log
+        assert re.fullmatch(r"\[I \+\d+\.\d{6}\] CLOSED", log[-1]), log
     finally:
         m.stop()
 
@@ -503,6 +513,9 @@ QEMU_IO = [
     'qemu-io -d vblk "write -P 7 1k 1k"',
     'qemu-io -d /machine/peripheral/vblk/virtio-backend "write -P 7 1k 1k"',
     'qemu-io drive0 "read -v 60k 40"',
+    'qemu-io drive0 "write -P0x3c 4k 512"',
+    'qemu-io drive0 "read -P0x3c 4k 512"',
+    'qemu-io drive0 "write -zu 8k 4k"',
     'qemu-io drive0 read 0 512',
     'qemu-io drive0 "write -P 0x5a 0 512" extra',
     # blkdebug breakpoints: a request held at its event, the monitor free meanwhile.

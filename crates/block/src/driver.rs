@@ -402,6 +402,14 @@ pub trait Driver: std::any::Any {
         Err("Operation not supported".into())
     }
 
+    /// Whether replacing `to_replace` by a node showing this node's data (a mirror's target
+    /// at completion) leaves what this node shows unchanged, for a driver that knows its
+    /// children's roles (QEMU: `bdrv_recurse_can_replace`; the caller looks through
+    /// filters).
+    fn can_replace_child(&self, _node: &Node, _to_replace: &Rc<Node>) -> bool {
+        false
+    }
+
     /// Whether the driver can grow when a parent holding RESIZE writes past its end.
     fn can_grow(&self) -> bool {
         false

@@ -25,6 +25,7 @@ mod node;
 mod open;
 mod perm;
 mod registry;
+pub mod report;
 mod request;
 pub mod secrets;
 pub mod stats;

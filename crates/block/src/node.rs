@@ -211,6 +211,12 @@ impl Node {
 
     /// The file name QEMU shows for the node (`bdrv_refresh_filename`).
     pub fn filename(&self) -> String {
+        // A filter a job put in without a name is its child as far as names go.
+        if self.implicit.get()
+            && let Some(child) = self.filtered()
+        {
+            return child.filename();
+        }
         if let Some(f) = self.driver.plain_filename() {
             return f;
         }
@@ -233,6 +239,11 @@ impl Node {
 
     /// The options that recreate this node and its children (`json:` file names).
     pub fn full_options(&self) -> QDict {
+        if self.implicit.get()
+            && let Some(child) = self.filtered()
+        {
+            return child.full_options();
+        }
         let mut d = QDict::new().with("driver", self.driver_name());
         for (k, v) in self.driver.strong_options().iter() {
             d.insert(k, v.clone());
@@ -258,14 +269,22 @@ impl Node {
         d
     }
 
-    /// The user chose the backing child (or none) instead of the one the image names.
+    /// The backing child is not the file the image names, or there is none where the image
+    /// names one (QEMU: `bdrv_backing_overridden`). As in QEMU, a backing file opened from
+    /// the image's header alone is the image's choice; one the user named or described is
+    /// compared by file name with the header's text as written.
     fn backing_overridden(&self) -> bool {
-        // Options for the backing file the image names (no driver of their own) keep it the
-        // image's choice.
-        match self.options.borrow().get("backing") {
-            None => false,
-            Some(QObject::Dict(b)) => b.get("driver").is_some(),
-            Some(_) => true,
+        let named = self
+            .driver
+            .backing_filename()
+            .map(|(n, _)| n)
+            .filter(|n| !n.is_empty());
+        let implicit = self.options.borrow().get("backing").is_none();
+        match (self.child("backing"), named) {
+            (Some(_), _) if implicit => false,
+            (Some(_), None) => true,
+            (Some(b), Some(name)) => name != b.filename(),
+            (None, named) => named.is_some(),
         }
     }
 

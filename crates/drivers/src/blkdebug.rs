@@ -6,7 +6,7 @@
 
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, DebugOp, Driver, Extent, ReqFlags};
-use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
+use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Perm};
 use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use std::cell::{Cell, RefCell};
@@ -240,6 +240,20 @@ impl DriverFactory for BlkdebugFactory {
                 )));
             }
             let strong = strong_options(&opts);
+            // Permissions taken on or kept from others on the image beyond the usual (tests
+            // of permission conflicts).
+            let perms = |key: &str| {
+                let mut p = Perm::empty();
+                if let Some(QObject::List(list)) = opts.get(key) {
+                    for name in list.iter().filter_map(QObject::as_str) {
+                        if let Some((perm, _)) = Perm::NAMED.iter().find(|(_, n)| *n == name) {
+                            p |= *perm;
+                        }
+                    }
+                }
+                p
+            };
+            let (take, unshare) = (perms("take-child-perms"), perms("unshare-child-perms"));
             let image = ctx.open_child("image").await?;
             Ok(Box::new(BlkdebugDriver {
                 image,
@@ -249,6 +263,8 @@ impl DriverFactory for BlkdebugFactory {
                 suspended: RefCell::new(Vec::new()),
                 align,
                 strong,
+                take,
+                unshare,
             }) as Box<dyn Driver>)
         })
     }
@@ -264,6 +280,10 @@ struct BlkdebugDriver {
     align: u64,
     /// The options that make the node what it is (its `json:` file name shows them).
     strong: ferrite_qobject::QDict,
+    /// `take-child-perms`: taken on the image whatever the users need.
+    take: Perm,
+    /// `unshare-child-perms`: never shared with the image's other users.
+    unshare: Perm,
 }
 
 impl BlkdebugDriver {
@@ -404,6 +424,10 @@ impl Driver for BlkdebugDriver {
 
     fn handles_debug_events(&self) -> bool {
         true
+    }
+
+    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
+        ((perm | self.take), shared & !self.unshare)
     }
 
     fn can_grow(&self) -> bool {

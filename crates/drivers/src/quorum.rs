@@ -342,6 +342,16 @@ impl Driver for Quorum {
         self.children.borrow_mut().push(edge);
     }
 
+    fn can_replace_child(&self, _node: &Node, to_replace: &Rc<Node>) -> bool {
+        // A child may be replaced by a node with the quorum's data (repairing a broken
+        // child is what a mirror from the quorum is for), as long as nothing else uses
+        // it: other users could see its data change.
+        self.children
+            .borrow()
+            .iter()
+            .any(|c| Rc::ptr_eq(&c.node(), to_replace) && to_replace.users().len() == 1)
+    }
+
     fn check_remove_child(&self, _name: &str) -> Option<Result<(), String>> {
         if self.children.borrow().len() <= self.threshold {
             return Some(Err(format!(

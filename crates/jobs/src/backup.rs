@@ -495,20 +495,12 @@ pub async fn prepare_drive(
     if args.opt_str("mode") != Some("existing") {
         create_target(graph, &source, &file, &format, backing.as_deref()).await?;
     }
-    let opts = ferrite_qobject::QDict::new()
-        .with("driver", format.as_str())
-        .with(
-            "file",
-            ferrite_qobject::QDict::new()
-                .with("driver", "file")
-                .with("filename", file.as_str()),
-        );
-    let opts = if format == "qcow2" {
-        opts.with("backing", ferrite_qobject::QObject::Null)
+    let extra = if format == "qcow2" {
+        ferrite_qobject::QDict::new().with("backing", ferrite_qobject::QObject::Null)
     } else {
-        opts
+        ferrite_qobject::QDict::new()
     };
-    let target = graph.open_inline(&Args::new(opts)).await?;
+    let target = graph.open_image(&file, Some(&format), extra).await?;
     // Opened without its backing; the one it gets is the one its header names.
     target.remove_option("backing");
     if let Some(b) = &backing
@@ -537,19 +529,20 @@ pub(crate) async fn create_target(
     use ferrite_qobject::QDict;
     // QEMU's `bdrv_img_create` checks the format before it touches a file. A raw image is
     // just a file of the right size; other formats need their driver's create step.
-    match graph.registry().get(format) {
+    // A raw image, or the file itself (format `file`), is just a file of the right size.
+    let plain = match graph.registry().get(format) {
         None => return Err(Error::UnknownFileFormat(format.to_owned())),
         Some(f) if !f.can_create() && format != "raw" => {
             return Err(Error::CannotCreateFormat(format.to_owned()));
         }
-        Some(_) => {}
-    }
+        Some(f) => format == "raw" || f.kind() == ferrite_block::DriverKind::Protocol,
+    };
     let file_opts = QDict::new()
         .with("driver", "file")
         .with("filename", file)
-        .with("size", if format == "raw" { source.len() } else { 0 });
+        .with("size", if plain { source.len() } else { 0 });
     ferrite_block::create::create(&graph.rc(), &Args::new(file_opts)).await?;
-    if format == "raw" {
+    if plain {
         return Ok(());
     }
     let mut opts = QDict::new()

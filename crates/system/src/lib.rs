@@ -39,6 +39,8 @@ pub(crate) struct System {
     /// The drives `-drive` made (the graph keeps backends only weakly).
     pub(crate) drives: RefCell<Vec<Rc<BlockBackend>>>,
     pub(crate) clock: Rc<VirtualClock>,
+    /// The qtest channel's log, closed at exit.
+    pub(crate) qtest_log: RefCell<Option<Rc<qtest::QtestLog>>>,
 }
 
 /// A start-up failure, printed after the program name.
@@ -165,6 +167,7 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
     let daemon = &sys.daemon;
     let mut monitors: Vec<(&SysOption, CliOption)> = Vec::new();
     let mut qtest: Option<(&SysOption, String)> = None;
+    let mut qtest_log: Option<&str> = None;
     let (mut paused, mut incoming, mut snapshot) = (false, false, false);
     let mut compat = 0;
     // The backends, in order.
@@ -197,6 +200,7 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
                     "the human monitor on a character device is not supported yet (use human-monitor-command)",
                 ));
             }
+            "qtest-log" => qtest_log = Some(v),
             "qtest" => {
                 let id = match v.strip_prefix("chardev:") {
                     Some(id) => id.to_owned(),
@@ -248,7 +252,11 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             .ok_or_else(|| failed(o, format!("chardev '{id}' not found")))?;
         dev.attach_frontend()
             .map_err(|_| failed(o, format!("chardev '{id}' is already in use")))?;
-        qtest::serve(dev, sys.clock.clone());
+        let log = Rc::new(
+            qtest::QtestLog::open(qtest_log).map_err(|e| failed(o, format!("qtest log: {e}")))?,
+        );
+        *sys.qtest_log.borrow_mut() = Some(log.clone());
+        qtest::serve(dev, sys.clock.clone(), log);
     }
     sys.machine.start(paused, incoming);
     Ok(true)
@@ -326,6 +334,7 @@ pub fn main() -> ExitCode {
             devices,
             drives: RefCell::new(Vec::new()),
             clock: Rc::new(VirtualClock::default()),
+            qtest_log: RefCell::new(None),
         });
         if qtest {
             // Under qtest, time is what the test makes it (throttled requests wait on it).
@@ -341,6 +350,9 @@ pub fn main() -> ExitCode {
                     DaemonizeHandle::none(),
                 );
                 let _: () = run.await;
+                if let Some(log) = sys.qtest_log.borrow().as_ref() {
+                    log.closed();
+                }
                 ExitCode::SUCCESS
             }
             Err(Failure(msg)) => {

@@ -103,15 +103,31 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
     let mut verbose = false;
     let mut rest = Vec::new();
     let mut it = args.iter();
+    // getopt's way: flags may come together (`-zu`) and a value may follow its option
+    // directly (`-P0x9a`).
     while let Some(&a) = it.next() {
-        match a {
-            "-P" => pattern = it.next().and_then(|p| number(p)).map(|p| p as u8),
-            "-z" => zero = true,
-            "-u" => flags |= ReqFlags::MAY_UNMAP,
-            "-f" => flags |= ReqFlags::FUA,
-            "-v" => verbose = true,
-            "-q" => {}
-            _ => rest.push(a),
+        let Some(opts) = a.strip_prefix('-').filter(|o| !o.is_empty()) else {
+            rest.push(a);
+            continue;
+        };
+        for (i, c) in opts.char_indices() {
+            match c {
+                'P' => {
+                    let attached = &opts[i + 1..];
+                    let value = if attached.is_empty() {
+                        it.next().copied()
+                    } else {
+                        Some(attached)
+                    };
+                    pattern = value.and_then(number).map(|p| p as u8);
+                    break;
+                }
+                'z' => zero = true,
+                'u' => flags |= ReqFlags::MAY_UNMAP,
+                'f' => flags |= ReqFlags::FUA,
+                'v' => verbose = true,
+                _ => {}
+            }
         }
     }
     let range = || -> Option<(u64, u64)> {

@@ -39,19 +39,84 @@ async fn answer(clock: &VirtualClock, line: &str) -> String {
     }
 }
 
+/// QEMU's qtest log (`-qtest-log`, standard error by default): the channel opening and
+/// closing, each command received and each answer, timed from the server's start.
+pub(crate) struct QtestLog {
+    out: Option<std::cell::RefCell<Box<dyn std::io::Write>>>,
+    start: std::time::SystemTime,
+    /// A test is connected: its channel closes (and says so) at the latest at exit.
+    opened: std::cell::Cell<bool>,
+}
+
+impl QtestLog {
+    /// The log `-qtest-log` names (`none` for none), standard error without it.
+    pub(crate) fn open(target: Option<&str>) -> std::io::Result<QtestLog> {
+        let out: Option<Box<dyn std::io::Write>> = match target {
+            None => Some(Box::new(std::io::stderr())),
+            Some("none") => None,
+            Some(path) => Some(Box::new(std::fs::File::create(path)?)),
+        };
+        Ok(QtestLog {
+            out: out.map(std::cell::RefCell::new),
+            start: std::time::SystemTime::now(),
+            opened: std::cell::Cell::new(false),
+        })
+    }
+
+    fn opened(&self) {
+        self.opened.set(true);
+        self.line(format_args!("[I {}] OPENED", self.time(false)));
+    }
+
+    /// The channel closed (the test went, or the program ends).
+    pub(crate) fn closed(&self) {
+        if self.opened.replace(false) {
+            self.line(format_args!("[I +{}] CLOSED", self.time(true)));
+        }
+    }
+
+    fn line(&self, text: std::fmt::Arguments<'_>) {
+        if let Some(out) = &self.out {
+            let mut out = out.borrow_mut();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        }
+    }
+
+    /// `sec.usec`, since the start (`relative`) or of the start itself.
+    fn time(&self, relative: bool) -> String {
+        let d = if relative {
+            self.start.elapsed().unwrap_or_default()
+        } else {
+            self.start
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+        };
+        format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+    }
+}
+
 /// Serves the protocol on `dev`'s connections until the program ends.
-pub(crate) fn serve(dev: Rc<Chardev>, clock: Rc<VirtualClock>) {
+pub(crate) fn serve(dev: Rc<Chardev>, clock: Rc<VirtualClock>, log: Rc<QtestLog>) {
     tokio::task::spawn_local(async move {
         while let Some(conn) = dev.accept().await {
+            log.opened();
             let mut lines = BufReader::new(conn.reader).lines();
             let mut writer = conn.writer;
             while let Ok(Some(line)) = lines.next_line().await {
-                let reply = answer(&clock, &line).await + "\n";
-                if writer.write_all(reply.as_bytes()).await.is_err() {
+                log.line(format_args!("[R +{}] {line}", log.time(true)));
+                let reply = answer(&clock, &line).await;
+                log.line(format_args!("[S +{}] {reply}", log.time(true)));
+                if writer
+                    .write_all(format!("{reply}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 let _ = writer.flush().await;
             }
+            log.closed();
             dev.disconnected();
         }
     });

@@ -60,7 +60,7 @@ impl Graph {
             .get(&format)
             .ok_or_else(|| Error::UnknownDriver(format.clone()))?;
         let file = crate::filename::protocol_options(path);
-        let mut opts = if factory.kind() == crate::registry::DriverKind::Protocol {
+        let mut opts = if factory.kind() == crate::DriverKind::Protocol {
             file.with("driver", format.as_str())
         } else {
             ferrite_qobject::QDict::new()

@@ -641,7 +641,7 @@ impl MirrorJob {
                 ))
             };
             if let Err(e) = r {
-                tracing::error!("{e}");
+                ferrite_block::report::error_report(&e);
                 result = Err(ferrite_qapi::os_msg(&io::Error::from_raw_os_error(
                     libc::EPERM,
                 )));
@@ -689,9 +689,10 @@ pub(crate) fn can_replace(source: &Rc<Node>, to_replace: &Rc<Node>) -> bool {
     if Rc::ptr_eq(source, to_replace) {
         return true;
     }
-    source
-        .filtered()
-        .is_some_and(|f| can_replace(&f, to_replace))
+    match source.filtered() {
+        Some(f) => can_replace(&f, to_replace),
+        None => source.driver().can_replace_child(source, to_replace),
+    }
 }
 
 impl JobDriver for MirrorJob {

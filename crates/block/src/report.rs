@@ -1,0 +1,17 @@
+//! Messages for the person running the program, on its standard error, as QEMU's
+//! `error_report` prints them: the program's name, then the message. For what fails
+//! where no command is there to return an error (a job's completion step).
+
+/// Prints `msg` as the program's error message.
+pub fn error_report(msg: &str) {
+    eprintln!("{}: {msg}", program());
+}
+
+fn program() -> String {
+    std::env::args()
+        .next()
+        .as_deref()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or("ferrite")
+        .to_owned()
+}
