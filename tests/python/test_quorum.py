@@ -111,3 +111,55 @@ def transcript(d):
 def test_quorum_matches_qsd(both):
     q, f = both()
     assert_same_transcript(transcript(q), transcript(f))
+
+
+def repair(d, other_user):
+    """A mirror from a quorum replaces one of its children on completion (QEMU's way to
+    repair a broken child); with another user of that child added meanwhile it can no
+    longer, says so on stderr, and the job fails."""
+    w = d.workdir
+    for i in range(3):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(w / f"c{i}.img"), "4M"],
+                       check=True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 5 0 1M", str(w / f"c{i}.img")],
+                       check=True, capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(w / "new.img"), "4M"],
+                   check=True)
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                         "children": [child(i) for i in range(3)]})
+    cmd("blockdev-add", {"driver": "raw", "node-name": "repair",
+                         "file": {"driver": "file", "filename": "new.img"}})
+    cmd("blockdev-mirror", {"job-id": "m", "device": "q", "target": "repair",
+                            "sync": "full", "replaces": "c0"})
+    cmd("blockdev-mirror", {"job-id": "m2", "device": "q", "target": "repair",
+                            "sync": "full", "replaces": "nosuch"})
+    c.wait_event("BLOCK_JOB_READY")
+    if other_user:
+        cmd("nbd-server-start", {"addr": {"type": "unix",
+                                          "data": {"path": str(w / "nbd.sock")}}})
+        cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "c0"})
+    cmd("block-job-complete", {"device": "m"})
+    done = c.wait_event("BLOCK_JOB_COMPLETED")
+    out.append(("completed", done["data"].get("error")))
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    out.append(("nodes", sorted("#" if n["node-name"].startswith("#") else n["node-name"]
+                                for n in nodes)))
+    graph = c.cmd("x-debug-query-block-graph")["return"]
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    out.append(("quorum edges", sorted((e["name"], names[e["child"]]) for e in graph["edges"]
+                                       if names[e["parent"]] == "q")))
+    c.close()
+    d.stop()
+    stderr = d.stderr_path.read_text()
+    out.append(("stderr", [ln.split(": ", 1)[1] for ln in stderr.splitlines()
+                           if "replace" in ln]))
+    return out
+
+
+def test_repairing_a_quorum_child_matches_qsd(both):
+    for other_user in (False, True):
+        q, f = both()
+        assert_same_transcript(repair(q, other_user), repair(f, other_user))

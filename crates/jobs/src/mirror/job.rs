@@ -647,8 +647,9 @@ impl MirrorJob {
                 )));
             }
         }
-        if let Some(n) = self.to_replace.borrow_mut().take() {
-            self.graph.unblock(&n, COMPLETE_BLOCKER);
+        let replaced = self.to_replace.borrow_mut().take();
+        if let Some(n) = &replaced {
+            self.graph.unblock(n, COMPLETE_BLOCKER);
         }
         self.release_nodes(job);
         if let Err(e) = self.graph.remove_filter(&self.filter).await {
@@ -662,6 +663,9 @@ impl MirrorJob {
             // What the target replaced (and, for a commit, the layers above the base) goes
             // unless the user added it.
             self.graph.forget_if_orphan(&self.source);
+            if let Some(n) = &replaced {
+                self.graph.close_inline(n).await;
+            }
         }
         if self.drop_target && !switched {
             self.graph.close_inline(&self.target).await;
