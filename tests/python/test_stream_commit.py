@@ -10,6 +10,14 @@ from blockjobs import export, qemu_io, run, wait_job_gone
 from conftest import wait_for
 
 
+def assert_same_runs(seen):
+    """qemu-storage-daemon's run and ferrite's (in that order) agree step by step."""
+    theirs, ours = seen
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, (i, a, b)
+    assert len(ours) == len(theirs)
+
+
 def layer(path, size, backing=None, fmt="qcow2"):
     extra = ["-b", backing[0], "-F", backing[1]] if backing else []
     run("qemu-img", "create", "-q", "-f", "qcow2", *extra, path, size)
@@ -138,9 +146,7 @@ def test_stream_results_match_qemu(both):
         out.append(r.stdout.count("verification failed"))
         out.append(run("qemu-img", "check", w / "top.qcow2").returncode)
         seen.append(out)
-    theirs, ours = seen
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert a == b, i
+    assert_same_runs(seen)
 
 
 def test_commit_results_match_qemu(both):
@@ -174,9 +180,7 @@ def test_commit_results_match_qemu(both):
                 "-c", "read -P 0x44 3M 512k", w / "base.raw")
         out.append(r.stdout.count("verification failed"))
         seen.append(out)
-    theirs, ours = seen
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert a == b, i
+    assert_same_runs(seen)
 
 
 WRITES = [f"write -P {0x80 + i} {i * 400 * 1024} 100k" for i in range(10)]
@@ -225,9 +229,7 @@ def test_jobs_under_client_writes_keep_every_byte(both, job):
         for f in ("top.qcow2", "l1.qcow2"):
             out.append(chain_of(w / f, w))
         seen.append(out)
-    theirs, ours = seen
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert a == b, (i, a, b)
+    assert_same_runs(seen)
 
 
 @pytest.mark.parametrize("job", ["stream", "commit", "active-commit"])
@@ -279,9 +281,7 @@ def test_job_verbs_in_every_state_match_qemu(both, job):
         out.append(events(q))
         out.append(nodes(q, w))
         seen.append(out)
-    theirs, ours = seen
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert a == b, (i, a, b)
+    assert_same_runs(seen)
 
 
 def test_stream_into_read_only_intermediate_keeps_its_data(both):
@@ -364,7 +364,4 @@ def test_jobs_sharing_a_chain_match_qemu(both):
                 "-c", "read -P 0x44 3M 512k", w / "top.qcow2")
         out.append(r.stdout.count("verification failed"))
         seen.append(out)
-    theirs, ours = seen
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert a == b, i
-    assert len(ours) == len(theirs)
+    assert_same_runs(seen)

@@ -229,12 +229,18 @@ def same_dirs(got):
     return json.loads(json.dumps(got).replace("/f/", "/q/"))
 
 
-def test_machine_transcript_matches_qemu_system(tmp_path):
+def compare_with_qemu(tmp_path, transcript_of):
+    """Runs `transcript_of(binary, accel, workdir)` for qemu-system and for ferrite, each in
+    its own directory, and compares what they said."""
     (tmp_path / "q").mkdir()
     (tmp_path / "f").mkdir()
-    expected = transcript(QEMU, "tcg", tmp_path / "q")
-    got = transcript(SYSTEM, "qtest", tmp_path / "f")
+    expected = transcript_of(QEMU, "tcg", tmp_path / "q")
+    got = transcript_of(SYSTEM, "qtest", tmp_path / "f")
     assert_same_transcript(json.loads(json.dumps(expected)), same_dirs(got))
+
+
+def test_machine_transcript_matches_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, transcript)
 
 
 # Removable media: trays, media in and out, what each refusal says, and the tray events.
@@ -328,11 +334,7 @@ def media_transcript(binary, accel, workdir):
 
 
 def test_removable_media_match_qemu_system(tmp_path):
-    (tmp_path / "q").mkdir()
-    (tmp_path / "f").mkdir()
-    expected = media_transcript(QEMU, "tcg", tmp_path / "q")
-    got = media_transcript(SYSTEM, "qtest", tmp_path / "f")
-    assert_same_transcript(json.loads(json.dumps(expected)), same_dirs(got))
+    compare_with_qemu(tmp_path, media_transcript)
 
 
 # A drive's own I/O limits: from -drive throttling.*, changed, moved to another group, refused,
@@ -416,11 +418,7 @@ def throttled_op_times(binary, accel, workdir):
 
 
 def test_drive_io_limits_match_qemu_system(tmp_path):
-    (tmp_path / "q").mkdir()
-    (tmp_path / "f").mkdir()
-    expected = throttle_transcript(QEMU, "tcg", tmp_path / "q")
-    got = throttle_transcript(SYSTEM, "qtest", tmp_path / "f")
-    assert_same_transcript(json.loads(json.dumps(expected)), same_dirs(got))
+    compare_with_qemu(tmp_path, throttle_transcript)
 
 
 def test_drive_io_limits_hold_requests_as_qemus_do(tmp_path):
