@@ -6,6 +6,7 @@ import re
 import subprocess
 
 from blockjobs import qcow2, run
+from conftest import wait_for
 
 
 def blockdev(q, w, *names):
@@ -238,5 +239,26 @@ def test_chain_file_names_match_qemu(both):
                                str(w), "W"))
                           for n in q.cmd("query-named-block-nodes", {"flat": True})["return"]))
         q.cmd("block-job-cancel", {"device": "m", "force": True})
+        wait_for(lambda: not q.cmd("query-block-jobs")["return"], what="job gone")
+        # A backing file opened from the header alone ("file:" prefix and all) is the
+        # image's; once the header says something else, the header's text is compared.
+        run("qemu-img", "create", "-q", "-f", "qcow2", w / "b2.qcow2", "1M")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"file:{w / 'b2.qcow2'}",
+            "-F", "qcow2", w / "imp.qcow2", "1M")
+        assert q.cmd("blockdev-add", {"node-name": "imp", "driver": "qcow2",
+                                      "file": {"driver": "file",
+                                               "filename": str(w / "imp.qcow2")}}) \
+            == {"return": {}}
+
+        def names():
+            info = next(n for n in q.cmd("query-named-block-nodes")["return"]
+                        if n["node-name"] == "imp")
+            return (info["file"].replace(str(w), "W"),
+                    info["image"].get("backing-filename", "").replace(str(w), "W"))
+        out.append(names())
+        for name in ["null-co://", str(w / "b2.qcow2"), f"file:{w / 'b2.qcow2'}"]:
+            out.append(q.cmd("change-backing-file", {"device": "imp", "image-node-name": "imp",
+                                                     "backing-file": name}))
+            out.append(names())
         seen.append(out)
     assert seen[1] == seen[0]

@@ -493,6 +493,35 @@ def test_qtest_clock_drives_throttled_requests(tmp_path):
         m.stop()
 
 
+def test_graph_changes_release_throttled_requests_below(tmp_path):
+    """A graph change drains the nodes it touches; requests held below them by a throttle
+    (waiting on a clock only the test moves, under qtest) go on instead of holding the
+    drain for ever (QEMU's iotest 255: a commit started over throttled reads)."""
+    base, mid, top = (tmp_path / n for n in ("base", "mid", "top"))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "8M"], check=True)
+    for img in (mid, top):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M"], check=True)
+    m = Machine(SYSTEM, "qtest", tmp_path, [
+        "-object", "throttle-group,x-bps-read=4096,id=throttle0",
+        "-blockdev", f"file,filename={base},node-name=base",
+        "-blockdev", "throttle,throttle-group=throttle0,file=base,node-name=throttled",
+        "-blockdev", f"file,filename={mid},node-name=mid-file",
+        "-blockdev", "qcow2,file=mid-file,node-name=mid,backing=throttled",
+        "-drive", f"if=none,id=overlay,driver=qcow2,file={top},backing=mid",
+    ])
+    try:
+        for _ in range(2):
+            assert m.qmp.cmd("human-monitor-command",
+                             {"command-line": 'qemu-io overlay "aio_read 0 4k"'}) \
+                == {"return": ""}
+        # The second read waits in the throttle; the commit's graph change must not.
+        assert m.qmp.cmd("block-commit", {"job-id": "job0", "device": "overlay",
+                                          "top-node": "mid"}) == {"return": {}}
+        m.qmp.cmd("block-job-cancel", {"device": "job0", "force": True})
+    finally:
+        m.stop()
+
+
 QEMU_IO = [
     'qemu-io drive0 "write -P 0x5a 0 512"',
     'qemu-io drive0 "read -P 0x5a 0 512"',

@@ -32,12 +32,12 @@ fn progress() -> Rc<Notify> {
 /// A drained section of a node: its parents (and theirs, up to the root users) issue no new
 /// requests until it is dropped. The holder itself may still issue requests below it.
 #[must_use = "the node stays quiesced only while this is held"]
-pub struct Drained(Rc<Node>);
+pub struct Drained(Rc<Node>, Vec<Rc<Node>>);
 
 impl Drained {
     /// The section of a node whose `drained_begin` was just called.
     pub(crate) fn holding(node: Rc<Node>) -> Drained {
-        Drained(node)
+        Drained(node, Vec::new())
     }
 
     /// The drained node.
@@ -55,14 +55,35 @@ impl std::fmt::Debug for Drained {
 impl Drop for Drained {
     fn drop(&mut self) {
         self.0.drained_end();
+        for n in self.1.iter().rev() {
+            n.driver().drained_end();
+        }
     }
+}
+
+/// The nodes below `node` (each once), whose drivers are told of the drain: requests held
+/// below it by their own limits (a throttle filter's queue) must go on, or the drain would
+/// wait for the limits (for ever on a clock a test moves; QEMU's graph changes drain every
+/// node, which releases them too).
+fn release_below(node: &Rc<Node>) -> Vec<Rc<Node>> {
+    let mut seen: Vec<Rc<Node>> = Vec::new();
+    let mut todo: Vec<Rc<Node>> = node.children().iter().map(|c| c.node()).collect();
+    while let Some(n) = todo.pop() {
+        if seen.iter().any(|s| Rc::ptr_eq(s, &n)) {
+            continue;
+        }
+        todo.extend(n.children().iter().map(|c| c.node()));
+        n.driver().drained_begin();
+        seen.push(n);
+    }
+    seen
 }
 
 /// Begins a drained section of `node` and waits until it holds: nothing in flight on the
 /// node or any quiesced parent, every job above idle.
 pub async fn drain(node: &Rc<Node>) -> Drained {
     node.drained_begin();
-    let held = Drained(node.clone());
+    let held = Drained(node.clone(), release_below(node));
     poll_until_quiet(node).await;
     held
 }

@@ -36,13 +36,20 @@ fn json_options(text: &str) -> Option<QDict> {
 
 /// The options of the protocol node a file name stands for: `json:{...}` says them all,
 /// `blkdebug:CONFIG:IMAGE` is a blkdebug node over the image's file, `null-co://` a null
-/// node, anything else a file (QEMU's protocol prefixes, for those ferrite has).
+/// node, `file:PATH` a file, anything else a file (QEMU's protocol prefixes, for those
+/// ferrite has).
 pub fn protocol_options(name: &str) -> QDict {
     if let Some(d) = name.strip_prefix("json:").and_then(json_options) {
         return d;
     }
     if name == "null-co://" || name == "null-aio://" {
         return QDict::new().with("driver", name.trim_end_matches("://"));
+    }
+    // `file:PATH` (and the host device prefixes) name the protocol outright.
+    for driver in ["file", "host_device", "host_cdrom"] {
+        if let Some(path) = name.strip_prefix(driver).and_then(|r| r.strip_prefix(':')) {
+            return QDict::new().with("driver", driver).with("filename", path);
+        }
     }
     if let Some((config, image)) = name
         .strip_prefix("blkdebug:")
@@ -99,6 +106,12 @@ mod tests {
         let d = super::protocol_options("blkdebug::/img");
         assert_eq!(d.get("driver").and_then(QObject::as_str), Some("blkdebug"));
         assert_eq!(image_filename(&d).as_deref(), Some("/img"));
+        let f = super::protocol_options("file:/x/y:z.img");
+        assert_eq!(f.get("driver").and_then(QObject::as_str), Some("file"));
+        assert_eq!(
+            f.get("filename").and_then(QObject::as_str),
+            Some("/x/y:z.img")
+        );
         let d = super::protocol_options("null-co://");
         assert_eq!(d.get("driver").and_then(QObject::as_str), Some("null-co"));
         let d = super::protocol_options("/plain:name");

@@ -67,6 +67,10 @@ pub struct Node {
     /// the drive look through it.
     pub(crate) implicit: Cell<bool>,
     never_freeze: Cell<bool>,
+    /// The backing file name the node's choice is judged by (QEMU's `auto_backing_file`):
+    /// the backing node's own name when it was opened from the header alone, else (`None`)
+    /// the header's text as written.
+    auto_backing: RefCell<Option<String>>,
     /// Edges this node owns, to its children.
     pub(crate) children: RefCell<Vec<Rc<Child>>>,
     /// Edges pointing at this node (their parents own them).
@@ -134,6 +138,7 @@ impl Node {
             inactive: Cell::new(false),
             implicit: Cell::new(false),
             never_freeze: Cell::new(false),
+            auto_backing: RefCell::new(None),
             children: RefCell::new(Vec::new()),
             users: RefCell::new(Vec::new()),
             detect_zeroes: Cell::new(settings.detect_zeroes),
@@ -270,22 +275,46 @@ impl Node {
     }
 
     /// The backing child is not the file the image names, or there is none where the image
-    /// names one (QEMU: `bdrv_backing_overridden`). As in QEMU, a backing file opened from
-    /// the image's header alone is the image's choice; one the user named or described is
-    /// compared by file name with the header's text as written.
+    /// names one (QEMU: `bdrv_backing_overridden`): the backing node's name compared with
+    /// the header's text as written, or, for a backing file opened from the header alone,
+    /// with that file's name at the time.
     fn backing_overridden(&self) -> bool {
-        let named = self
-            .driver
-            .backing_filename()
-            .map(|(n, _)| n)
-            .filter(|n| !n.is_empty());
-        let implicit = self.options.borrow().get("backing").is_none();
+        let named = self.auto_backing.borrow().clone().or_else(|| {
+            self.driver
+                .backing_filename()
+                .map(|(n, _)| n)
+                .filter(|n| !n.is_empty())
+        });
         match (self.child("backing"), named) {
-            (Some(_), _) if implicit => false,
             (Some(_), None) => true,
             (Some(b), Some(name)) => name != b.filename(),
             (None, named) => named.is_some(),
         }
+    }
+
+    /// The node was opened: a backing file it opened from its header alone (no `backing`
+    /// option) is its own choice by name.
+    pub(crate) fn note_implicit_backing(&self) {
+        if self.options.borrow().get("backing").is_none()
+            && let Some(b) = self.child("backing")
+        {
+            *self.auto_backing.borrow_mut() = Some(b.filename());
+        }
+    }
+
+    /// Writes a new backing file name into the image's header; from then on the header's
+    /// text is what the backing node is judged by.
+    ///
+    /// # Errors
+    /// The driver's (ENOTSUP for formats without backing files).
+    pub async fn change_backing_file(
+        &self,
+        name: Option<String>,
+        format: Option<String>,
+    ) -> std::io::Result<()> {
+        self.driver.change_backing_file(self, name, format).await?;
+        *self.auto_backing.borrow_mut() = None;
+        Ok(())
     }
 
     /// Forgets option `key` of the node (how it was opened no longer shows it).

@@ -415,6 +415,7 @@ impl Graph {
                 return Err(err);
             }
         }
+        node.note_implicit_backing();
         self.insert_node(node.clone(), ctx.position);
         Ok(node)
     }

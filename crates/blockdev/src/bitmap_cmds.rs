@@ -24,8 +24,10 @@ fn not_found(name: &str) -> Error {
 /// # Errors
 /// An unknown node or bitmap.
 pub fn lookup(graph: &Graph, node: &str, name: &str) -> Result<(Rc<Node>, Rc<DirtyBitmap>), Error> {
+    // A drive's name first, then a node's (QEMU's `bdrv_lookup_bs(node, node)`).
     let n = graph
-        .find(node)
+        .find_by_backend(node)
+        .or_else(|| graph.find(node))
         .ok_or_else(|| Error::BitmapNodeNotFound(node.to_owned()))?;
     let b = n.bitmap(name).ok_or_else(|| not_found(name))?;
     Ok((n, b))

@@ -204,8 +204,7 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<()> {
         graph.set_read_only(&image, false)?;
     }
     let r = image
-        .driver()
-        .change_backing_file(&image, Some(name), Some(backing.driver_name().to_owned()))
+        .change_backing_file(Some(name), Some(backing.driver_name().to_owned()))
         .await;
     if was_read_only {
         let _ = graph.reopen_read_only(&image).await;

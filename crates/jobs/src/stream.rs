@@ -391,8 +391,7 @@ impl StreamJob {
             tracing::error!(error = %e, "stream: setting the backing file");
             return Err(eperm());
         }
-        top.driver()
-            .change_backing_file(&top, name, format)
+        top.change_backing_file(name, format)
             .await
             .map_err(|e| ferrite_qapi::os_msg(&e))
     }
