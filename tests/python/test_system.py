@@ -172,6 +172,9 @@ STEPS = [
     ("human-monitor-command", {"command-line": "cont"}),
     ("human-monitor-command", {"command-line": "info status"}),
     ("human-monitor-command", {"command-line": "nosuch"}),
+    # Bitmap commands find a drive by its name.
+    ("block-dirty-bitmap-add", {"node": "drive0", "name": "b0"}),
+    ("x-debug-block-dirty-bitmap-sha256", {"node": "drive0", "name": "b0"}),
     # A job named after its drive (no job-id), slowed so that it is still there at the end;
     # how far it got is timing.
     ("block-stream", {"device": "drive0", "speed": 1}),

@@ -278,7 +278,7 @@ impl Node {
     /// names one (QEMU: `bdrv_backing_overridden`): the backing node's name compared with
     /// the header's text as written, or, for a backing file opened from the header alone,
     /// with that file's name at the time.
-    fn backing_overridden(&self) -> bool {
+    pub fn backing_overridden(&self) -> bool {
         let named = self.auto_backing.borrow().clone().or_else(|| {
             self.driver
                 .backing_filename()

@@ -102,9 +102,8 @@ pub(crate) fn find_backing_image(top: &Rc<Node>, name: &str) -> Option<Rc<Node>>
             .and_then(|r| ferrite_block::filename::backing_path(&image, r).ok());
         // A backing node other than the one the image names (overridden by options) is
         // found by its own file name only.
-        let overridden = full.as_deref() != Some(next.filename().as_str());
-        let named =
-            !overridden && (recorded.as_deref() == Some(name) || full.as_deref() == Some(name));
+        let named = !at.backing_overridden()
+            && (recorded.as_deref() == Some(name) || full.as_deref() == Some(name));
         if next.filename() == name || named {
             return Some(next);
         }
