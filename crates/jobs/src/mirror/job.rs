@@ -7,6 +7,7 @@ use super::state::Shared;
 use crate::job::{Job, JobDriver, JobFuture, PhaseFuture};
 use crate::types::{JobType, MirrorCopyMode};
 use crate::{Error, Result};
+use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::{Child, Drained, Graph, Node, ReqFlags};
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
@@ -132,6 +133,18 @@ pub(crate) struct MirrorJob {
     /// Writes to the target at once: a file takes one buffered write at a time, and more
     /// writers only spin on its lock (taking CPU from the guest's requests).
     target_writers: tokio::sync::Semaphore,
+    /// Set when the target must be written whole clusters at a time (see
+    /// [`MirrorJob::whole_clusters`]).
+    cow: RefCell<Option<WholeClusters>>,
+}
+
+/// A target that names a backing file it has not opened fills the rest of a cluster it
+/// allocates with zeroes, not with the backing file's data: until the job has written a
+/// cluster once, it copies the whole cluster (QEMU: `cow_bitmap`, `mirror_cow_align`).
+struct WholeClusters {
+    cluster: u64,
+    /// The chunks the job has written to the target.
+    written: Rc<DirtyBitmap>,
 }
 
 impl MirrorJob {
@@ -179,7 +192,42 @@ impl MirrorJob {
             bytes_in_flight: Cell::new(0),
             op_done: Notify::new(),
             target_writers: tokio::sync::Semaphore::new(writers),
+            cow: RefCell::new(None),
         }
+    }
+
+    /// Copies whole target clusters where the target cannot fill a partly written one
+    /// itself: it names a backing file but has none open, and its clusters are larger than
+    /// the job's chunks.
+    fn whole_clusters(&self, len: u64) -> Option<WholeClusters> {
+        let g = self.shared.granularity;
+        let cluster = self.target.driver().cluster_size().unwrap_or(0);
+        let names_backing = self
+            .target
+            .driver()
+            .backing_filename()
+            .is_some_and(|(name, _)| !name.is_empty());
+        (names_backing && self.target.child("backing").is_none() && cluster > g).then(|| {
+            WholeClusters {
+                cluster,
+                written: DirtyBitmap::new("", g, len, false),
+            }
+        })
+    }
+
+    /// The chunks `first..end` widened to whole target clusters, if the target needs them
+    /// and the job has not written both ends yet; clipped to the image.
+    fn cow_span(&self, first: u64, end: u64) -> Option<(u64, u64)> {
+        let cow = self.cow.borrow();
+        let cow = cow.as_ref()?;
+        if cow.written.get(first) && cow.written.get(end - 1) {
+            return None;
+        }
+        let g = self.shared.granularity;
+        let from = first * g / cow.cluster * cow.cluster;
+        let to = (end * g).div_ceil(cow.cluster) * cow.cluster;
+        let to = to.min(self.len.get());
+        Some((from / g, to.div_ceil(g)))
     }
 
     fn target_backend(&self) -> io::Result<Rc<ferrite_block::BlockBackend>> {
@@ -219,6 +267,9 @@ impl MirrorJob {
             let r = me.transfer(offset, bytes, method).await;
             match r {
                 Ok(()) => {
+                    if let Some(cow) = me.cow.borrow().as_ref() {
+                        cow.written.set_range(offset, bytes);
+                    }
                     if !me.initial_zeroing.get()
                         && let Some(j) = job.upgrade()
                     {
@@ -367,6 +418,7 @@ impl MirrorJob {
         if !shared.bitmap.get(first) {
             return;
         }
+        let mut first = first;
         let mut chunks = 1;
         while (chunks + 1) * g <= self.buf_size.max(g) {
             let next = first + chunks;
@@ -374,6 +426,15 @@ impl MirrorJob {
                 break;
             }
             chunks += 1;
+        }
+        if let Some((from, end)) = self.cow_span(first, first + chunks) {
+            if (from..end).any(|c| shared.locks.is_held(c)) {
+                // The next turn looks again once the neighbours' copies are done.
+                shared.locks.wait_free(from, end).await;
+                return;
+            }
+            first = from;
+            chunks = end - from;
         }
         self.cursor.set(first + chunks);
         // Cleared before the status is asked: writes meanwhile mark their chunks again.
@@ -485,6 +546,7 @@ impl MirrorJob {
         } else if len != target.len() {
             return Err(Error::DifferentSizes.to_string());
         }
+        *self.cow.borrow_mut() = self.whole_clusters(len);
         if len == 0 {
             job.transition_to_ready();
             self.shared.actively_synced.set(true);
