@@ -163,6 +163,9 @@ pub struct BlockBackend {
     /// Whether the device reports an I/O status (QEMU's `iostatus_enabled`).
     iostatus_enabled: Cell<bool>,
     throttle: RefCell<Option<Rc<GroupMember>>>,
+    /// Whether a write may complete before it is on stable storage (QEMU's
+    /// `enable_write_cache`; `cache=writethrough` turns it off: every write is FUA).
+    write_cache: Cell<bool>,
     order: u64,
 }
 
@@ -222,6 +225,7 @@ impl BlockBackend {
             iostatus: Cell::new(IoStatus::Ok),
             iostatus_enabled: Cell::new(false),
             throttle: RefCell::new(None),
+            write_cache: Cell::new(true),
             order,
         });
         graph.register_backend(Rc::downgrade(&blk));
@@ -511,11 +515,31 @@ impl BlockBackend {
         r
     }
 
+    /// Whether writes may complete before they are on stable storage.
+    pub fn write_cache(&self) -> bool {
+        self.write_cache.get()
+    }
+
+    /// Sets [`BlockBackend::write_cache`].
+    pub fn set_write_cache(&self, on: bool) {
+        self.write_cache.set(on);
+    }
+
+    /// `flags` for a write: FUA without a write cache.
+    fn write_flags(&self, flags: ReqFlags) -> ReqFlags {
+        if self.write_cache.get() {
+            flags
+        } else {
+            flags | ReqFlags::FUA
+        }
+    }
+
     /// Writes `data` at `offset`.
     ///
     /// # Errors
     /// As [`BlockBackend::read`]; EPERM when the node is read-only.
     pub async fn write(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> io::Result<()> {
+        let flags = self.write_flags(flags);
         let _f = self.begin().await;
         let len = data.len() as u64;
         let node = self.target(IoKind::Write, offset, len)?;
@@ -531,6 +555,7 @@ impl BlockBackend {
     /// # Errors
     /// As [`BlockBackend::write`]; ENOTSUP for `NO_FALLBACK` when zeroing would be slow.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+        let flags = self.write_flags(flags);
         let _f = self.begin().await;
         let node = self.target_span(IoKind::Write, offset, len, false)?;
         self.throttle(Direction::Write, len).await;

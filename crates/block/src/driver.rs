@@ -205,6 +205,13 @@ pub trait Driver: std::any::Any {
     /// Changes the size.
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()>;
 
+    /// Drops everything the image holds, so that it reads as its backing file (QEMU:
+    /// `bdrv_make_empty`, after a commit into the backing file). ENOTSUP where the format
+    /// cannot.
+    fn make_empty<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
     /// What to ask of child `name` given what this node's users take and share, and whether
     /// it has users at all (QEMU's `bdrv_child_perm`). The default passes everything
     /// through, as filters and raw do.

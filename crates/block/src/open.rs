@@ -212,29 +212,46 @@ impl<'a> OpenCtx<'a> {
         if self.graph.registry().get(format).is_none() {
             return Err(Error::UnknownDriver(format.to_owned()));
         }
-        let mut file_opts = self.image_file_opts(path, read_only);
-        let mut opts = if format == "file" {
-            file_opts
-        } else {
-            // The image's file takes its mode from the image (and follows its reopens).
-            file_opts.remove("read-only");
-            QDict::new()
-                .with("driver", format)
-                .with("file", file_opts)
-                .with("read-only", read_only)
-        };
-        for (k, v) in extra {
-            match (opts.get_mut(&k), v) {
-                (Some(QObject::Dict(mine)), QObject::Dict(theirs)) => {
-                    for (k2, v2) in theirs {
-                        mine.insert(k2, v2);
-                    }
-                }
-                (_, v) => {
-                    opts.insert(k, v);
-                }
+        // `-drive`'s options for the image (strings): typed now that its format is known.
+        let extra = if !extra.is_empty() && all_strings(&extra) {
+            let mut o = extra.with("driver", format);
+            let placeholder = o.get("file").is_none();
+            if placeholder {
+                o.insert("file", "");
             }
-        }
+            let mut typed = self.graph.check_cli_options(&o)?;
+            typed.remove("driver");
+            if placeholder {
+                typed.remove("file");
+            }
+            typed
+        } else {
+            extra
+        };
+        let mut file_opts = self.image_file_opts(path, read_only);
+        let opts = if format == "file" {
+            merge(file_opts, extra)
+        } else {
+            // The image's file takes its mode from the image (and follows its reopens), and
+            // its cache modes from the image's, which the user's options may change.
+            file_opts.remove("read-only");
+            let mut opts = QDict::new()
+                .with("driver", format)
+                .with("read-only", read_only);
+            if let Some(c) = file_opts.get("cache") {
+                opts.insert("cache", c.clone());
+            }
+            let mut opts = merge(opts, extra);
+            if let Some(c) = opts.get("cache") {
+                file_opts.insert("cache", c.clone());
+            }
+            let file = match opts.remove("file") {
+                Some(QObject::Dict(theirs)) => merge(file_opts, theirs),
+                _ => file_opts,
+            };
+            opts.insert("file", file);
+            opts
+        };
         self.open_child_opts(key, opts).await
     }
 
@@ -246,6 +263,75 @@ impl<'a> OpenCtx<'a> {
             self.graph.forget_if_orphan(&node);
         }
     }
+}
+
+impl Graph {
+    /// Options from the command line (every scalar a string, QEMU's `-drive`) for a node:
+    /// typed by the schema, an option its driver lacks named as QEMU names it ("Block
+    /// format 'qcow2' does not support the option 'x'", "Block protocol 'file' doesn't
+    /// support the option 'x'" for one under `file.`).
+    ///
+    /// # Errors
+    /// The schema's error, or the texts above.
+    pub fn check_cli_options(&self, opts: &QDict) -> Result<QDict> {
+        let driver = opts.get("driver").and_then(QObject::as_str).unwrap_or("");
+        let wording = |d: &str, key: &str| {
+            let protocol = self
+                .registry()
+                .get(d)
+                .is_some_and(|f| f.kind() == crate::DriverKind::Protocol);
+            if protocol {
+                format!("Block protocol '{d}' doesn't support the option '{key}'")
+            } else {
+                format!("Block format '{d}' does not support the option '{key}'")
+            }
+        };
+        ferrite_qapi::visit::check_object(
+            ferrite_qapi::schema(),
+            "BlockdevOptions",
+            &QObject::Dict(opts.clone()),
+            ferrite_qapi::visit::Mode::Keyval,
+        )
+        .map_err(|e| {
+            let key = e
+                .desc
+                .strip_prefix("Parameter '")
+                .and_then(|r| r.strip_suffix("' is unexpected"));
+            let file_driver = match opts.get("file") {
+                Some(QObject::Dict(f)) => f.get("driver").and_then(QObject::as_str),
+                _ => None,
+            };
+            let text = match (key, key.and_then(|k| k.strip_prefix("file.")), file_driver) {
+                (_, Some(rest), Some(d)) => wording(d, rest),
+                (Some(k), _, _) => wording(driver, k),
+                (None, _, _) => return Error::Qapi(e),
+            };
+            Error::Qapi(ferrite_qapi::Error::generic(text))
+        })
+    }
+}
+
+/// Whether every scalar in `d` is a string (options from the command line).
+fn all_strings(d: &QDict) -> bool {
+    d.iter().all(|(_, v)| match v {
+        QObject::String(_) => true,
+        QObject::Dict(inner) => all_strings(inner),
+        _ => false,
+    })
+}
+
+/// `base` with `over` on top, dictionaries merged key by key.
+fn merge(mut base: QDict, over: QDict) -> QDict {
+    for (k, v) in over {
+        let v = match (base.remove(&k), v) {
+            (Some(QObject::Dict(mine)), QObject::Dict(theirs)) => {
+                QObject::Dict(merge(mine, theirs))
+            }
+            (_, v) => v,
+        };
+        base.insert(k, v);
+    }
+    base
 }
 
 /// The options of a child given inline: what it does not set itself, it takes from its

@@ -140,7 +140,7 @@ pub(crate) fn device_info(node: &Node, flat: bool, drive: Option<&BlockBackend>)
     d.insert(
         "cache",
         QDict::new()
-            .with("writeback", true)
+            .with("writeback", drive.is_none_or(BlockBackend::write_cache))
             .with("direct", node.cache_mode().0)
             .with("no-flush", node.cache_mode().1),
     );

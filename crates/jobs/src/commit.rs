@@ -439,7 +439,7 @@ impl JobDriver for CommitJob {
 /// `commit_top`: the filter an intermediate commit puts above `top` (QEMU's
 /// `bdrv_commit_top`): it reads through, and asks nothing of the chain below, so the base
 /// stays writable for the job.
-struct CommitTopFactory;
+pub(crate) struct CommitTopFactory;
 
 impl DriverFactory for CommitTopFactory {
     fn name(&self) -> &'static str {

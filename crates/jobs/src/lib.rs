@@ -8,6 +8,7 @@
 mod amend;
 pub mod backup;
 pub mod commit;
+mod commit_now;
 mod completion;
 mod create;
 mod error;
@@ -22,6 +23,7 @@ pub mod stream;
 mod types;
 
 pub use amend::qmp_x_blockdev_amend;
+pub use commit_now::commit_now;
 pub use create::qmp_blockdev_create;
 pub use error::{Error, Result};
 pub use job::{ErrorPolicy, Job, JobDriver, JobFuture, JobTxn, PhaseFuture};

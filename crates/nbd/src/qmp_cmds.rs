@@ -35,13 +35,14 @@ pub async fn qmp_nbd_server_stop(nbd: &NbdService) -> Result<QObject, Error> {
 /// As `block-export-add`; a `bitmap` that does not exist.
 pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
     let device = args.str("device")?;
-    // As QEMU: the device is looked up first, by either kind of name.
-    nbd.graph().lookup(device)?;
+    // As QEMU: the device is looked up first, by either kind of name; the export is of
+    // the node found.
+    let node = nbd.graph().lookup(device)?;
     let name = args.opt_str("name").unwrap_or(device);
     let mut opts = QDict::new()
         .with("type", "nbd")
         .with("id", name)
-        .with("node-name", device)
+        .with("node-name", node.name())
         .with("name", name)
         .with("writable", args.bool_or("writable", false));
     opts.insert_opt("description", args.opt_str("description"));

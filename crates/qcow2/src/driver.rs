@@ -76,7 +76,18 @@ impl Driver for Qcow2Driver {
         Box::pin(async move {
             self.alive()?;
             let file = Self::file(node)?;
-            let r = self.discard_impl(node, &file, offset, len).await;
+            let r = self.discard_impl(node, &file, offset, len, false).await;
+            self.check(node, &file, r).await
+        })
+    }
+
+    fn make_empty<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let r = self
+                .discard_impl(node, &file, 0, self.size.get(), true)
+                .await;
             self.check(node, &file, r).await
         })
     }

@@ -61,8 +61,22 @@ impl DriverFactory for Qcow2Factory {
                 // `-drive ...,backing.node-name=x` gives): that file, with these options.
                 Some(QObject::Dict(extra)) if extra.get("driver").is_none() => {
                     let extra = extra.clone();
-                    if let Some(spec) = drv.backing_spec() {
-                        open_backing(ctx, &file, spec, extra).await?;
+                    // A file name among them replaces the header's (its format stays).
+                    let named = match extra.get("file") {
+                        Some(QObject::Dict(f)) => f
+                            .get("filename")
+                            .and_then(QObject::as_str)
+                            .map(str::to_owned),
+                        _ => None,
+                    };
+                    let spec = drv.backing_spec();
+                    match (named, spec) {
+                        (Some(filename), spec) => {
+                            let format = spec.and_then(|s| s.format);
+                            open_named_backing(ctx, &filename, format, extra).await?;
+                        }
+                        (None, Some(spec)) => open_backing(ctx, &file, spec, extra).await?,
+                        (None, None) => {}
                     }
                 }
                 Some(v) => {
@@ -134,6 +148,25 @@ async fn open_data_file(
         .with("filename", name.as_str())
         .with("read-only", read_only);
     ctx.open_child_opts("data-file", file_opts).await.map(drop)
+}
+
+/// Opens backing file `filename` the user's options name (relative to the working
+/// directory, not the image), of the header's format or probed.
+async fn open_named_backing(
+    ctx: &mut OpenCtx<'_>,
+    filename: &str,
+    format: Option<String>,
+    extra: QDict,
+) -> ferrite_block::Result<()> {
+    let failed = |error| Error::OpenBacking { error };
+    let format = match format {
+        Some(f) => f,
+        None => ctx.probe(filename).await.map_err(failed)?.to_owned(),
+    };
+    ctx.open_image_with("backing", filename, &format, true, extra)
+        .await
+        .map_err(failed)?;
+    Ok(())
 }
 
 /// Opens the backing file the header names: its path relative to the image's, its format

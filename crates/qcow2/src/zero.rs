@@ -91,12 +91,15 @@ impl Qcow2Driver {
         self.maybe_write_back(file, &mut m).await
     }
 
+    /// Discards whole clusters: they read as zeroes where a backing file or an allocation
+    /// would show otherwise, or (`full`, emptying the image) become unallocated.
     pub(crate) async fn discard_impl(
         &self,
         node: &Node,
         file: &Child,
         offset: u64,
         len: u64,
+        full: bool,
     ) -> io::Result<()> {
         let cs = self.cs();
         // Only whole clusters (and the partial last one of the image) are discarded.
@@ -111,7 +114,7 @@ impl Qcow2Driver {
             return Ok(());
         }
         let has_backing = node.child("backing").is_some();
-        if has_backing && self.version < 3 {
+        if has_backing && self.version < 3 && !full {
             // v2 has no zero clusters: discarding would expose the backing file's data,
             // so QEMU leaves such clusters alone.
             return Ok(());
@@ -124,6 +127,7 @@ impl Qcow2Driver {
             let allocated = !matches!(kind, Cluster::Unallocated | Cluster::Zero { host: None })
                 || (self.extended && obm != 0);
             if self.discard_no_unref
+                && !full
                 && let Cluster::Normal { host, copied: true } | Cluster::Zero { host: Some(host) } =
                     kind
             {
@@ -135,7 +139,9 @@ impl Qcow2Driver {
                 }
                 continue;
             }
-            let (e, bm) = if has_backing || allocated {
+            let (e, bm) = if full {
+                (0, 0)
+            } else if has_backing || allocated {
                 if self.extended {
                     (0, SUB_ALL_ZERO)
                 } else if self.version >= 3 {

@@ -3,6 +3,7 @@
 //! permissions the real device takes, a qdev id or a generated path, and (for CD-ROMs and
 //! floppies) a tray. `-device`, `device_add` and `device_del` go through [`Devices`].
 
+use crate::drive::{DriveDevice, MadeBy};
 use crate::machine::Machine;
 use ferrite_block::{BlockBackend, Graph, Medium, Perm};
 use ferrite_qapi::{Error, ErrorClass};
@@ -381,6 +382,58 @@ impl Devices {
     /// QEMU's texts: an unknown model, a property the model lacks, a missing or unknown
     /// drive, a drive in use, no bus for the device, a duplicate id.
     pub(crate) fn add(&self, props: &QDict) -> Result<Rc<Device>, Error> {
+        self.add_at(props, None)
+    }
+
+    /// `drive_del`: the drive's medium goes (its nodes close if nothing else holds them)
+    /// and so does its name; a device keeps the backend, empty (QEMU hides it).
+    pub(crate) async fn drive_del(&self, blk: &Rc<BlockBackend>) {
+        let node = blk.node();
+        blk.remove();
+        blk.set_name("");
+        if let Some(node) = node {
+            self.graph.close_inline(&node).await;
+        }
+    }
+
+    /// IDE units on each bus of the machine.
+    pub(crate) fn ide_units(&self) -> u32 {
+        self.machine.kind.board.ide_units()
+    }
+
+    /// Makes the devices the board makes for `-drive if=ide|floppy`, once every drive is
+    /// known: IDE devices by index, then floppies, under `/machine/unattached` (numbered
+    /// after the board's own devices there, as QEMU's `pc` and `q35` number them).
+    ///
+    /// # Errors
+    /// The first device that cannot be made; the drives are left to the caller.
+    pub(crate) fn add_board_devices(&self, mut wanted: Vec<&DriveDevice>) -> Result<(), Error> {
+        wanted.sort_by_key(|d| (d.made_by, d.index));
+        let floppy = |d: &DriveDevice| d.made_by == MadeBy::BoardFloppy;
+        let ide = wanted.iter().filter(|d| !floppy(d)).count() as u32;
+        let floppies = wanted.len() as u32 - ide;
+        let q35 = self.machine.kind.board == crate::machine::Board::Q35;
+        let (ide_base, floppy_base) = if q35 {
+            (13 + if floppies > 0 { floppies + 1 } else { 0 }, 9)
+        } else {
+            (4, 10 + ide)
+        };
+        let (mut next_ide, mut next_floppy) = (ide_base, floppy_base);
+        for d in wanted {
+            let counter = if floppy(d) {
+                &mut next_floppy
+            } else {
+                &mut next_ide
+            };
+            let path = format!("/machine/unattached/device[{counter}]");
+            *counter += 1;
+            self.add_at(&d.props, Some(path))?;
+        }
+        Ok(())
+    }
+
+    /// [`Devices::add`], at a path the board chose.
+    fn add_at(&self, props: &QDict, board_path: Option<String>) -> Result<Rc<Device>, Error> {
         let driver = props
             .get("driver")
             .map(prop_str)
@@ -451,18 +504,25 @@ impl Devices {
             }
         };
         if let Some(blk) = &blk
+            && blk.node().is_none()
+            && !model.kind.may_be_empty()
+        {
+            return Err(generic("Device needs media, but drive is empty"));
+        }
+        if let Some(blk) = &blk
             && let Some(node) = blk.node()
         {
             if matches!(model.kind, Kind::IdeHd) && node.is_read_only() {
-                return Err(generic("Can't use a read-only drive"));
+                return Err(generic("Block node is read-only"));
             }
             let (perm, shared) = model.kind.perms(share_rw, &node);
             blk.set_perm(perm, shared)
                 .map_err(|e| generic(Error::from(e).desc))?;
         }
-        let path = match &id {
-            Some(id) => format!("/machine/peripheral/{id}"),
-            None => {
+        let path = match (&id, board_path) {
+            (_, Some(path)) => path,
+            (Some(id), None) => format!("/machine/peripheral/{id}"),
+            (None, None) => {
                 let n = self.anon.get();
                 self.anon.set(n + 1);
                 format!("/machine/peripheral-anon/device[{n}]")

@@ -5,24 +5,43 @@
 
 use crate::devices::Devices;
 use ferrite_block::{BlockBackend, Graph, OnError, Perm, RootState};
-use ferrite_qapi::visit::{Mode, check_object};
-use ferrite_qapi::{Args, Error, schema};
+use ferrite_qapi::{Args, Error};
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
 /// What `-drive` made.
 pub(crate) struct Drive {
     pub(crate) blk: Rc<BlockBackend>,
+    /// The device its interface puts on the machine, made once every drive is known.
+    pub(crate) device: Option<DriveDevice>,
 }
 
-/// Interfaces and how their default ids are spelled.
-fn default_id(interface: &str, index: u32, media_cd: bool) -> String {
+/// Who makes a drive's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum MadeBy {
+    /// The board's init, by index: IDE devices first, then floppies, unattached to any
+    /// `-device`.
+    BoardIde,
+    BoardFloppy,
+    /// A `-device` of its own, after the command line's (`if=virtio`).
+    Device,
+}
+
+/// The device for a drive's interface.
+pub(crate) struct DriveDevice {
+    pub(crate) props: QDict,
+    pub(crate) made_by: MadeBy,
+    pub(crate) index: u32,
+}
+
+/// Interfaces and how their default ids are spelled (`units`: IDE units on each bus).
+fn default_id(interface: &str, index: u32, media_cd: bool, units: u32) -> String {
     match interface {
         "ide" => format!(
             "ide{}-{}{}",
-            index / 2,
+            index / units,
             if media_cd { "cd" } else { "hd" },
-            index % 2
+            index % units
         ),
         "scsi" => format!("scsi0-{}{index}", if media_cd { "cd" } else { "hd" }),
         other => format!("{other}{index}"),
@@ -38,6 +57,16 @@ fn on_off(key: &str, v: &str) -> Result<bool, Error> {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),
         _ => Err(generic(format!("Parameter '{key}' expects 'on' or 'off'"))),
+    }
+}
+
+/// `cache=`: whether it bypasses the host's cache and whether it ignores flushes.
+fn cache_flags(cache: Option<&str>) -> Result<(bool, bool), Error> {
+    match cache {
+        None | Some("writeback") | Some("writethrough") => Ok((false, false)),
+        Some("none") | Some("directsync") => Ok((true, false)),
+        Some("unsafe") => Ok((false, true)),
+        Some(_) => Err(generic("invalid cache option")),
     }
 }
 
@@ -99,10 +128,11 @@ impl DriveCounter {
 /// # Errors
 /// QEMU's texts where they are known ("Duplicate ID 'x' for drive", "unsupported bus type
 /// 'x'", "Unknown driver 'x'", the open failing).
-/// `-drive` is QEMU's flat option syntax, where `file=NAME` and `file.KEY=VALUE` options of
-/// the same protocol node come together; keyval would take them for one key used two ways.
-/// Returns the text without the `file=` item when both kinds are there, and the name.
-fn take_file_name(text: &str) -> (String, Option<String>) {
+/// `-drive` is QEMU's flat option syntax, where `KEY=VALUE` and `KEY.SUB=VALUE` come together
+/// (`file=NAME` beside `file.locking=off`, `cache=none` beside `cache.writeback=off`); keyval
+/// would take them for one key used two ways. Returns the text without the `KEY=` item when
+/// both kinds are there, and its value.
+fn take_flat(text: &str, key: &str) -> (String, Option<String>) {
     let mut items: Vec<String> = Vec::new();
     let mut cur = String::new();
     let mut chars = text.chars().peekable();
@@ -117,15 +147,17 @@ fn take_file_name(text: &str) -> (String, Option<String>) {
         }
     }
     items.push(cur);
-    let has_file_opts = items.iter().any(|i| i.starts_with("file."));
-    let Some(at) = items.iter().position(|i| i.starts_with("file=")) else {
+    let nested = format!("{key}.");
+    let flat = format!("{key}=");
+    let has_nested = items.iter().any(|i| i.starts_with(&nested));
+    let Some(at) = items.iter().position(|i| i.starts_with(&flat)) else {
         return (text.to_owned(), None);
     };
-    if !has_file_opts {
+    if !has_nested {
         return (text.to_owned(), None);
     }
-    let name = items.remove(at)["file=".len()..].replace(",,", ",");
-    (items.join(","), Some(name))
+    let value = items.remove(at)[flat.len()..].replace(",,", ",");
+    (items.join(","), Some(value))
 }
 
 pub(crate) async fn add(
@@ -135,10 +167,23 @@ pub(crate) async fn add(
     text: &str,
     snapshot_all: bool,
 ) -> Result<Drive, Error> {
-    let (text, file_name) = take_file_name(text);
+    let (text, file_name) = take_flat(text, "file");
+    let (text, flat_cache) = take_flat(&text, "cache");
     let parsed = ferrite_storage_daemon::front_end::keyval::parse(&text, None)?;
     let mut opts = parsed.value;
     let file_is_name = file_name.is_some() || matches!(opts.get("file"), Some(QObject::String(_)));
+    let cache_is_mode = matches!(opts.get("cache"), Some(QObject::String(_)));
+    // `cache.writeback` is the drive's, not the node's.
+    let writeback = match opts.get_mut("cache") {
+        Some(QObject::Dict(c)) => {
+            let v = c.remove("writeback");
+            if c.is_empty() {
+                opts.remove("cache");
+            }
+            v
+        }
+        _ => None,
+    };
     let mut take = |k: &str| {
         opts.remove(k).map(|v| match v {
             QObject::String(s) => s,
@@ -163,7 +208,8 @@ pub(crate) async fn add(
             .map_err(|_| generic("Parameter 'index' expects a number"))?,
         None => counter.next(&interface),
     };
-    let id = take("id").unwrap_or_else(|| default_id(&interface, index, media_cd));
+    let units = devices.ide_units();
+    let id = take("id").unwrap_or_else(|| default_id(&interface, index, media_cd, units));
     if graph.backends().iter().any(|b| b.name() == id) {
         return Err(generic(format!("Duplicate ID '{id}' for drive")));
     }
@@ -174,7 +220,18 @@ pub(crate) async fn add(
         None
     };
     let format = take("format").or_else(|| take("driver"));
-    let cache = take("cache");
+    // `cache=MODE`; `cache.*` alone stay for the node.
+    let cache = match flat_cache {
+        Some(c) => Some(c),
+        None if cache_is_mode => take("cache"),
+        None => None,
+    };
+    cache_flags(cache.as_deref())?;
+    let writeback = match writeback {
+        Some(QObject::String(v)) => on_off("cache.writeback", &v)?,
+        Some(_) => return Err(generic("Parameter 'cache.writeback' expects 'on' or 'off'")),
+        None => !matches!(cache.as_deref(), Some("writethrough" | "directsync")),
+    };
     let aio = take("aio");
     let read_only = take("readonly")
         .map(|v| on_off("readonly", &v))
@@ -203,6 +260,7 @@ pub(crate) async fn add(
     let blk = BlockBackend::new_empty(graph);
     blk.set_name(&id);
     blk.set_accounting(account_invalid, account_failed);
+    blk.set_write_cache(writeback);
     let detect_zeroes = opts
         .get("detect-zeroes")
         .and_then(QObject::as_str)
@@ -304,19 +362,19 @@ pub(crate) async fn add(
         if read_only {
             node.insert("read-only", "on");
         }
-        let (direct, no_flush) = match cache.as_deref() {
-            None | Some("writeback") | Some("writethrough") => (false, false),
-            Some("none") | Some("directsync") => (true, false),
-            Some("unsafe") => (false, true),
-            Some(c) => return Err(generic(format!("invalid cache option '{c}'"))),
-        };
+        let (direct, no_flush) = cache_flags(cache.as_deref())?;
         if direct || no_flush {
-            node.insert(
-                "cache",
-                QDict::new()
-                    .with("direct", if direct { "on" } else { "off" })
-                    .with("no-flush", if no_flush { "on" } else { "off" }),
-            );
+            // `cache=` gives the defaults; `cache.direct`, `cache.no-flush` win.
+            let mut given = match node.remove("cache") {
+                Some(QObject::Dict(c)) => c,
+                _ => QDict::new(),
+            };
+            for (key, on) in [("direct", direct), ("no-flush", no_flush)] {
+                if given.get(key).is_none() {
+                    given.insert(key, if on { "on" } else { "off" });
+                }
+            }
+            node.insert("cache", given);
         }
         probe_children(graph, &mut node).await?;
         default_protocols(&mut node);
@@ -333,21 +391,7 @@ pub(crate) async fn add(
             Some(QObject::Dict(b)) if b.get("driver").is_none() => node.remove("backing"),
             _ => None,
         };
-        let checked = check_object(
-            schema(),
-            "BlockdevOptions",
-            &QObject::Dict(node),
-            Mode::Keyval,
-        )
-        .map_err(|e| match e.desc.strip_prefix("Parameter '") {
-            Some(rest) if rest.ends_with("' is unexpected") && !rest.contains('.') => {
-                let key = rest.trim_end_matches("' is unexpected");
-                generic(format!(
-                    "Block format '{format}' does not support the option '{key}'"
-                ))
-            }
-            _ => e,
-        })?;
+        let checked = graph.check_cli_options(&node)?;
         let mut checked = checked;
         if let Some(b) = implicit_backing {
             checked.insert("backing", b);
@@ -378,20 +422,25 @@ pub(crate) async fn add(
             )));
         }
     };
-    if let Some(model) = device {
+    let device = device.map(|model| {
         let mut props = QDict::new()
             .with("driver", model)
             .with("drive", id.as_str());
         if interface == "ide" {
-            // QEMU's -drive if=ide: two units on each bus, by index.
-            props.insert("bus", format!("ide.{}", index / 2));
-            props.insert("unit", (index % 2).to_string());
+            // QEMU's -drive if=ide: the units of each bus in turn, by index.
+            props.insert("bus", format!("ide.{}", index / units));
+            props.insert("unit", (index % units).to_string());
         }
-        if let Err(e) = devices.add(&props) {
-            blk.remove();
-            blk.set_name("");
-            return Err(e);
+        let made_by = match interface.as_str() {
+            "ide" => MadeBy::BoardIde,
+            "floppy" => MadeBy::BoardFloppy,
+            _ => MadeBy::Device,
+        };
+        DriveDevice {
+            props,
+            made_by,
+            index,
         }
-    }
-    Ok(Drive { blk })
+    });
+    Ok(Drive { blk, device })
 }

@@ -7,13 +7,18 @@ use ferrite_storage_daemon::front_end::{QEMU_VERSION, package};
 
 /// The version as QEMU words it after "version": `10.0.2 (package)`.
 pub(crate) fn version() -> String {
-    let (major, minor, micro) = QEMU_VERSION;
     let pkg = package();
     if pkg.is_empty() {
-        format!("{major}.{minor}.{micro}")
+        qemu_version()
     } else {
-        format!("{major}.{minor}.{micro} ({pkg})")
+        format!("{} ({pkg})", qemu_version())
     }
+}
+
+/// The QEMU version alone (the human monitor's banner names no package).
+pub(crate) fn qemu_version() -> String {
+    let (major, minor, micro) = QEMU_VERSION;
+    format!("{major}.{minor}.{micro}")
 }
 
 /// `-version`.

@@ -166,6 +166,7 @@ async fn daemon_option(
 async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bool, Failure> {
     let daemon = &sys.daemon;
     let mut monitors: Vec<(&SysOption, CliOption)> = Vec::new();
+    let mut human_monitors: Vec<(&SysOption, String)> = Vec::new();
     let mut qtest: Option<(&SysOption, String)> = None;
     let mut qtest_log: Option<&str> = None;
     let (mut paused, mut incoming, mut snapshot) = (false, false, false);
@@ -177,7 +178,19 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             "chardev" => daemon_option(daemon, o, CliOption::Chardev(v.into()), prog).await?,
             "object" => daemon_option(daemon, o, CliOption::Object(v.into()), prog).await?,
             "blockdev" => daemon_option(daemon, o, CliOption::Blockdev(v.into()), prog).await?,
-            "mon" => monitors.push((o, CliOption::Monitor(v.into()))),
+            "mon" => {
+                // qemu-system's monitors are human ones unless they say `mode=control`.
+                let parsed = keyval::parse(v, Some("chardev")).map_err(|e| failed(o, e.desc))?;
+                match parsed.value.get("mode").and_then(|m| m.as_str()) {
+                    Some("control") => monitors.push((o, CliOption::Monitor(v.into()))),
+                    None | Some("readline") => {
+                        let id = parsed.value.get("chardev").and_then(|c| c.as_str());
+                        let id = id.ok_or_else(|| failed(o, "Parameter 'chardev' is missing"))?;
+                        human_monitors.push((o, id.to_owned()));
+                    }
+                    Some(m) => return Err(failed(o, format!("unknown monitor mode \"{m}\""))),
+                }
+            }
             "qmp" | "qmp-pretty" => {
                 let id = format!("compat_monitor{compat}");
                 compat += 1;
@@ -194,11 +207,13 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
                     ));
                 }
             }
-            "monitor" if v != "none" => {
-                return Err(failed(
-                    o,
-                    "the human monitor on a character device is not supported yet (use human-monitor-command)",
-                ));
+            "monitor" => {
+                let id = format!("compat_monitor{compat}");
+                compat += 1;
+                if let Some(text) = legacy_chardev(v, &id).map_err(|b| bad_spec(o, &b, prog))? {
+                    daemon_option(daemon, o, CliOption::Chardev(text), prog).await?;
+                    human_monitors.push((o, id));
+                }
             }
             "qtest-log" => qtest_log = Some(v),
             "qtest" => {
@@ -222,8 +237,9 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             _ => {}
         }
     }
-    // Drives after every -blockdev, as QEMU configures them; then the devices.
+    // Drives after every -blockdev, as QEMU configures them.
     let mut counter = drive::DriveCounter::default();
+    let mut drive_devices = Vec::new();
     for o in options {
         if let Some(text) = legacy_drive(o) {
             if text.contains("format=help") {
@@ -234,16 +250,38 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
                 .await
                 .map_err(|e| failed(o, e.desc))?;
             sys.drives.borrow_mut().push(d.blk);
+            drive_devices.extend(d.device.map(|dev| (o, dev)));
         }
     }
+    // The monitors greet before the devices are made: a device's error comes after the
+    // human monitor's banner, as in QEMU.
+    for (o, opt) in monitors {
+        daemon_option(daemon, o, opt, prog).await?;
+    }
+    for (o, id) in human_monitors {
+        let dev = daemon
+            .chardevs
+            .get(&id)
+            .ok_or_else(|| failed(o, format!("chardev \"{id}\" not found")))?;
+        dev.attach_frontend()
+            .map_err(|_| failed(o, format!("chardev '{id}' is already in use")))?;
+        hmp::readline::serve(dev, Rc::new(SystemCommands(sys.clone()))).await;
+    }
+    // The board's devices, then -device, then the drives' own -device (if=virtio).
+    let (board, own): (Vec<_>, Vec<_>) = drive_devices
+        .iter()
+        .partition(|(_, d)| d.made_by != drive::MadeBy::Device);
+    sys.devices
+        .add_board_devices(board.into_iter().map(|(_, d)| d).collect())
+        .map_err(|e| Failure(e.desc))?;
     for o in options.iter().filter(|o| o.name == "device") {
         let parsed = keyval::parse(o.text(), Some("driver")).map_err(|e| failed(o, e.desc))?;
         sys.devices
             .add(&parsed.value)
             .map_err(|e| failed(o, e.desc))?;
     }
-    for (o, opt) in monitors {
-        daemon_option(daemon, o, opt, prog).await?;
+    for (o, d) in own {
+        sys.devices.add(&d.props).map_err(|e| failed(o, e.desc))?;
     }
     if let Some((o, id)) = qtest {
         let dev = daemon

@@ -130,6 +130,11 @@ pub(crate) struct Machine {
     events: Rc<EventBus>,
     /// Called by `system_reset` after the RESET event (devices finish their unplugs).
     on_reset: RefCell<Vec<Box<dyn Fn()>>>,
+    /// `quit` was asked: the program is ending.
+    quitting: Cell<bool>,
+    /// Start-up is over (the human monitor shows its prompt from then on).
+    started: Cell<bool>,
+    started_notify: tokio::sync::Notify,
 }
 
 impl Machine {
@@ -146,6 +151,9 @@ impl Machine {
             kvm_present: std::path::Path::new("/dev/kvm").exists(),
             events,
             on_reset: RefCell::new(Vec::new()),
+            quitting: Cell::new(false),
+            started: Cell::new(false),
+            started_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -155,11 +163,26 @@ impl Machine {
 
     /// Start-up is done: run, unless `-S` (stay in prelaunch) or `-incoming` (wait for it).
     pub(crate) fn start(&self, paused: bool, incoming: bool) {
+        self.started.set(true);
+        self.started_notify.notify_waiters();
         if incoming {
             self.state.set(RunState::InMigrate);
             self.autostart.set(!paused);
         } else if !paused {
             self.state.set(RunState::Running);
+        }
+    }
+
+    /// Waits until start-up is over.
+    pub(crate) async fn started(&self) {
+        while !self.started.get() {
+            let n = self.started_notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.started.get() {
+                return;
+            }
+            n.await;
         }
     }
 
@@ -225,7 +248,13 @@ impl Machine {
 
     /// `quit`: SHUTDOWN, before the daemon's own shutdown.
     pub(crate) fn quit(&self) {
+        self.quitting.set(true);
         self.emit("SHUTDOWN", Some(shutdown_data("host-qmp-quit")));
+    }
+
+    /// Whether `quit` was asked.
+    pub(crate) fn is_quitting(&self) -> bool {
+        self.quitting.get()
     }
 
     /// `query-name`.

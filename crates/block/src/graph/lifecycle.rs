@@ -88,7 +88,8 @@ impl Graph {
         }
     }
 
-    pub(crate) fn is_monitor_owned(&self, node: &Node) -> bool {
+    /// Whether the monitor added `node` (`blockdev-add`) and holds it for the user.
+    pub fn is_monitor_owned(&self, node: &Node) -> bool {
         self.monitor_owned.borrow().contains(&node.name)
     }
 

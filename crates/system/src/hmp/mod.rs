@@ -1,12 +1,26 @@
 //! The human monitor through `human-monitor-command`: the commands a block-layer test sends
 //! there, answered with QEMU's text (lines end in CR LF).
 
+mod args;
+mod block;
+mod info_block;
+pub(crate) mod readline;
+
 use crate::commands::SystemCommands;
 use crate::qemu_io;
 use ferrite_qobject::QDict;
 
-/// The output of one command line.
+/// The output of one command line; lines end in CR LF, as every human monitor writes them.
 pub(crate) async fn run(cmds: &SystemCommands, line: &str) -> String {
+    crlf(&answer(cmds, line).await)
+}
+
+/// `text` with each line ending in CR LF.
+fn crlf(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\n', "\r\n")
+}
+
+async fn answer(cmds: &SystemCommands, line: &str) -> String {
     let line = line.trim();
     let (cmd, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
     let rest = rest.trim();
@@ -18,6 +32,7 @@ pub(crate) async fn run(cmds: &SystemCommands, line: &str) -> String {
     };
     match (cmd, rest) {
         ("", _) => String::new(),
+        ("quit" | "q", _) => simple("quit").await,
         ("stop" | "s", _) => simple("stop").await,
         ("cont" | "c", _) => simple("cont").await,
         ("system_reset", _) => simple("system_reset").await,
@@ -27,13 +42,14 @@ pub(crate) async fn run(cmds: &SystemCommands, line: &str) -> String {
             Some(n) => format!("{n}\r\n"),
             None => String::new(),
         },
+        ("info", "block-jobs") => info_block::info_block_jobs(cmds).await,
+        ("info", block) if block == "block" || block.starts_with("block ") => {
+            info_block::info_block(cmds, &block[5..]).await
+        }
         ("info", "version") => format!("{}\r\n", crate::help::version()),
         ("qemu-io", _) => qemu_io(cmds, rest).await,
-        (
-            "info" | "drive_add" | "drive_del" | "device_add" | "device_del" | "savevm" | "loadvm"
-            | "commit" | "change" | "eject" | "block_resize",
-            _,
-        ) => format!(
+        (cmd, rest) if let Some(out) = block::run(cmds, cmd, rest).await => out,
+        ("info" | "device_add" | "device_del" | "savevm" | "loadvm", _) => format!(
             "Error: the human monitor command '{line}' is not implemented by ferrite yet\r\n"
         ),
         _ => format!("unknown command: '{cmd}'\r\n"),
