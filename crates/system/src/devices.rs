@@ -482,6 +482,17 @@ impl Devices {
         } else {
             None
         };
+        // `write-cache`: the device's choice over the drive's, unless `auto`.
+        let write_cache = match get("write-cache") {
+            None | Some("auto") => None,
+            Some("on") => Some(true),
+            Some("off") => Some(false),
+            Some(v) => {
+                return Err(generic(format!(
+                    "Parameter 'write-cache' does not accept value '{v}'"
+                )));
+            }
+        };
         // The drive, and the permissions the device takes on it.
         let share_rw = get("share-rw")
             .map(|v| prop_bool(model.name, "share-rw", v))
@@ -543,6 +554,9 @@ impl Devices {
         });
         if let Some(blk) = &device.blk {
             blk.set_device(Some(&device.qdev()));
+            if let Some(on) = write_cache {
+                blk.set_write_cache(on);
+            }
             if model.kind != Kind::Floppy {
                 blk.iostatus_enable();
             }

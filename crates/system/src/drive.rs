@@ -415,10 +415,19 @@ pub(crate) async fn add(
         "ide" => Some("ide-hd"),
         "floppy" => Some("floppy"),
         "none" => None,
-        other => {
+        "xen" => {
             blk.remove();
+            return Err(generic("No 'xen-bus' bus found for device 'xen-disk'"));
+        }
+        "pflash" => None,
+        other => {
+            // The boards have no SCSI controller, SD card or MTD of their own.
+            blk.remove();
+            let units = if other == "scsi" { 7 } else { 1 };
             return Err(generic(format!(
-                "interface '{other}' has no device stand-in yet"
+                "machine type does not support if={other},bus={},unit={}",
+                index / units,
+                index % units
             )));
         }
     };

@@ -197,12 +197,88 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
             Err(e) => format!("{cmd} failed: {}\n", ferrite_qapi::os_msg(&e)),
         },
         "break" | "remove_break" | "resume" | "wait_break" => breakpoint(blk, cmd, &rest).await,
+        "length" => format!("{}\n", cvtstr(blk.len() as f64)),
+        "map" => map(blk).await,
+        "alloc" => {
+            let (off, len) = match rest.as_slice() {
+                [o] => (number(o), Some(512)),
+                [o, l] => (number(o), number(l)),
+                _ => return format!("{cmd}: invalid arguments\n"),
+            };
+            let (Some(off), Some(len)) = (off, len) else {
+                return format!("{cmd}: invalid arguments\n");
+            };
+            alloc(blk, off, len).await
+        }
         _ => {
             // qemu-io says this on standard error.
             eprintln!("command \"{cmd}\" not found");
             String::new()
         }
     }
+}
+
+/// Whether the drive's top layer allocates `offset` (its backing files do not count), and
+/// for how many bytes that holds.
+async fn top_allocated(blk: &BlockBackend, offset: u64, len: u64) -> std::io::Result<(bool, u64)> {
+    let node = blk
+        .node()
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEDIUM))?;
+    let backing = node.child("backing");
+    let (allocated, n) = node
+        .is_allocated_above(backing.as_ref(), false, offset, len)
+        .await?;
+    Ok((allocated, n.clamp(1, len)))
+}
+
+/// `map`: the runs of the image its top layer allocates and does not.
+async fn map(blk: &BlockBackend) -> String {
+    let len = blk.len();
+    let mut out = String::new();
+    let mut offset = 0;
+    while offset < len {
+        let (allocated, mut n) = match top_allocated(blk, offset, len - offset).await {
+            Ok(r) => r,
+            Err(e) => return format!("{out}map failed: {}\n", ferrite_qapi::os_msg(&e)),
+        };
+        // Runs of the same kind are one line.
+        while offset + n < len {
+            match top_allocated(blk, offset + n, len - offset - n).await {
+                Ok((a, more)) if a == allocated => n += more,
+                _ => break,
+            }
+        }
+        out += &format!(
+            "{} (0x{n:x}) bytes {} allocated at offset {} (0x{offset:x})\n",
+            cvtstr(n as f64),
+            if allocated { "   " } else { "not" },
+            cvtstr(offset as f64),
+        );
+        offset += n;
+    }
+    out
+}
+
+/// `alloc OFFSET [COUNT]`: how much of a range the top layer allocates.
+async fn alloc(blk: &BlockBackend, offset: u64, count: u64) -> String {
+    let end = offset.saturating_add(count).min(blk.len());
+    let (mut at, mut sum) = (offset, 0);
+    while at < end {
+        match top_allocated(blk, at, end - at).await {
+            Ok((allocated, n)) => {
+                if allocated {
+                    sum += n;
+                }
+                at += n;
+            }
+            Err(e) => return format!("alloc failed: {}\n", ferrite_qapi::os_msg(&e)),
+        }
+    }
+    format!(
+        "{sum}/{} bytes allocated at offset {}\n",
+        end.saturating_sub(offset),
+        cvtstr(offset as f64)
+    )
 }
 
 /// The blkdebug breakpoint commands, on the first node down the drive that has breakpoints.
