@@ -14,6 +14,8 @@ pub(crate) struct Drive {
     pub(crate) blk: Rc<BlockBackend>,
     /// The device its interface puts on the machine, made once every drive is known.
     pub(crate) device: Option<DriveDevice>,
+    /// Why no device can take it (an interface the board lacks).
+    pub(crate) orphan: Option<String>,
 }
 
 /// Who makes a drive's device.
@@ -421,14 +423,18 @@ pub(crate) async fn add(
         }
         "pflash" => None,
         other => {
-            // The boards have no SCSI controller, SD card or MTD of their own.
-            blk.remove();
+            // The boards have no SCSI controller, SD card or MTD of their own: the drive
+            // is an orphan, which QEMU reports once the machine is made.
             let units = if other == "scsi" { 7 } else { 1 };
-            return Err(generic(format!(
-                "machine type does not support if={other},bus={},unit={}",
-                index / units,
-                index % units
-            )));
+            return Ok(Drive {
+                blk,
+                device: None,
+                orphan: Some(format!(
+                    "machine type does not support if={other},bus={},unit={}",
+                    index / units,
+                    index % units
+                )),
+            });
         }
     };
     let device = device.map(|model| {
@@ -451,5 +457,9 @@ pub(crate) async fn add(
             index,
         }
     });
-    Ok(Drive { blk, device })
+    Ok(Drive {
+        blk,
+        device,
+        orphan: None,
+    })
 }

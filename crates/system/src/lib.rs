@@ -240,6 +240,7 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
     // Drives after every -blockdev, as QEMU configures them.
     let mut counter = drive::DriveCounter::default();
     let mut drive_devices = Vec::new();
+    let mut orphans = Vec::new();
     for o in options {
         if let Some(text) = legacy_drive(o) {
             if text.contains("format=help") {
@@ -251,6 +252,7 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
                 .map_err(|e| failed(o, e.desc))?;
             sys.drives.borrow_mut().push(d.blk);
             drive_devices.extend(d.device.map(|dev| (o, dev)));
+            orphans.extend(d.orphan.map(|why| (o, why)));
         }
     }
     // The monitors greet before the devices are made: a device's error comes after the
@@ -266,6 +268,9 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
         dev.attach_frontend()
             .map_err(|_| failed(o, format!("chardev '{id}' is already in use")))?;
         hmp::readline::serve(dev, Rc::new(SystemCommands(sys.clone()))).await;
+    }
+    if let Some((o, why)) = orphans.first() {
+        return Err(failed(o, why));
     }
     // The board's devices, then -device, then the drives' own -device (if=virtio).
     let (board, own): (Vec<_>, Vec<_>) = drive_devices
