@@ -168,3 +168,20 @@ def test_start_up_errors_come_where_qemus_do(tmp_path, args):
     # under qtest (iotest 051's output); ferrite runs as under qtest.
     q = (q[0], q[1].replace("(qemu) PROG: Block node is read-only", "PROG: Block node is read-only"))
     assert f == q
+
+
+def three_levels(d):
+    img(d, "base.qcow2", "-f", "qcow2")
+    img(d, "mid.qcow2", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2")
+    img(d, "top.qcow2", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2")
+
+
+def test_drive_options_reach_every_backing_level(tmp_path):
+    """`backing.backing.node-name` names the backing file's backing file (each level's
+    options are typed once its format is read from the image above)."""
+    args = ["-drive", "if=none,id=d,file=top.qcow2,format=qcow2,node-name=top,"
+                      "backing.node-name=mid,backing.backing.node-name=base,"
+                      "backing.backing.cache.direct=on"]
+    (q, _), (f, _) = both(tmp_path, three_levels, args, ["info block -n", "info block d"])
+    assert f == q
+    assert "base: base.qcow2 (qcow2, read-only)" in f[1]

@@ -219,10 +219,18 @@ impl<'a> OpenCtx<'a> {
             if placeholder {
                 o.insert("file", "");
             }
+            // Options for its own backing file (no driver either) are typed when it opens.
+            let nested = match o.get("backing") {
+                Some(QObject::Dict(b)) if b.get("driver").is_none() => o.remove("backing"),
+                _ => None,
+            };
             let mut typed = self.graph.check_cli_options(&o)?;
             typed.remove("driver");
             if placeholder {
                 typed.remove("file");
+            }
+            if let Some(b) = nested {
+                typed.insert("backing", b);
             }
             typed
         } else {
