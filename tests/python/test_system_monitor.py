@@ -185,3 +185,69 @@ def test_drive_options_reach_every_backing_level(tmp_path):
     (q, _), (f, _) = both(tmp_path, three_levels, args, ["info block -n", "info block d"])
     assert f == q
     assert "base: base.qcow2 (qcow2, read-only)" in f[1]
+
+
+def qmp_stdio(binary, workdir, args, commands):
+    """Everything the program writes with `commands` (JSON, then `quit`) on `-qmp stdio`,
+    standard error merged in the order it came, timestamps and the greeting left out."""
+    accel = "tcg" if binary == QEMU else "qtest"
+    text = "".join(c + "\n" for c in ['{"execute":"qmp_capabilities"}', *commands,
+                                      '{"execute":"quit"}'])
+    r = subprocess.run([binary, "-accel", accel, "-nodefaults", "-display", "none",
+                        "-qmp", "stdio", *args], input=text.encode(),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60,
+                       cwd=workdir)
+    lines = r.stdout.decode().replace(str(workdir), "W").splitlines()[1:]
+    return [re.sub(r'"timestamp": \{[^}]*\}, ', "", line) for line in lines]
+
+
+def poke(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def corrupt_images(d):
+    # A refcount table entry of zero (writing the first cluster overlaps the table), and
+    # an L1 entry that is not cluster aligned.
+    img(d, "rt.qcow2", "-f", "qcow2", size="64M")
+    poke(d / "rt.qcow2", 0x10000, b"\0" * 8)
+    img(d, "l1.qcow2", "-f", "qcow2", size="64M")
+    poke(d / "l1.qcow2", 0x30000, b"\0\0\0\0\x2a\x2a\x2a\x2a")
+
+
+@pytest.mark.parametrize("case", ["write", "incoming"])
+def test_corruption_is_reported_as_qemu_reports_it(tmp_path, case):
+    """qcow2's message on standard error before the event, the drive's name in the event,
+    a finding on an inactive image (`-incoming`) not fatal and not marked on disk."""
+    if case == "write":
+        args = ["-drive", "if=none,node-name=drive,file=rt.qcow2,driver=qcow2"]
+        cmd = 'qemu-io drive \\"write 0 512\\"'
+    else:
+        args = ["-blockdev", '{"node-name": "drive", "driver": "qcow2", "file": '
+                             '{"driver": "file", "filename": "l1.qcow2"}}',
+                "-incoming", "defer"]
+        cmd = 'qemu-io drive \\"read 0 512\\"'
+    hmp = '{"execute":"human-monitor-command","arguments":{"command-line":"%s"}}' % cmd
+    seen = []
+    for binary, name in ((QEMU, "q"), (SYSTEM, "f")):
+        d = tmp_path / name
+        d.mkdir()
+        corrupt_images(d)
+        out = qmp_stdio(binary, d, args, [hmp])
+        info = subprocess.run(["qemu-img", "info", "-U", str(d / f"{'rt' if case == 'write' else 'l1'}.qcow2")],
+                              capture_output=True, text=True).stdout
+        seen.append((out, "corrupt: true" in info))
+    assert seen[1] == seen[0]
+    assert any("BLOCK_IMAGE_CORRUPTED" in line for line in seen[1][0])
+
+
+def test_incoming_images_start_inactive_and_an_export_may_write_them(tmp_path):
+    """With `-incoming defer` the drives' images are inactive; an IDE disk shares its image
+    until the migration ends, so `nbd_server_add -w` of its drive works (iotest 192)."""
+    args = ["-drive", "if=ide,id=drive0,file=top.qcow2,format=qcow2", "-incoming", "defer"]
+    (q, _), (f, _) = both(tmp_path, chain, args, [
+        "info status", "info block -n", "nbd_server_start unix:nbd.sock",
+        "nbd_server_add -w drive0", "info block -n", "info status"])
+    assert f == q
+    assert "inactive" in f[1]

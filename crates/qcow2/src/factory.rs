@@ -14,8 +14,20 @@ use std::rc::Rc;
 /// `BLOCK_IMAGE_CORRUPTED` through `events`.
 pub(crate) fn corruption_event(events: Rc<dyn ferrite_block::EventSink>) -> CorruptionHook {
     Rc::new(move |node: &Node, c: &Corruption, fatal: bool| {
+        // QEMU's qcow2 says so on standard error too, without the program's name.
+        if fatal {
+            eprintln!(
+                "qcow2: Marking image as corrupt: {}; further corruption events will be suppressed",
+                c.msg
+            );
+        } else {
+            eprintln!(
+                "qcow2: Image is corrupt: {}; further non-fatal corruption events will be suppressed",
+                c.msg
+            );
+        }
         events.emit(&ferrite_block::BlockImageCorrupted {
-            device: String::new(),
+            device: node.device_name(),
             node_name: node.name().to_owned(),
             msg: c.msg.clone(),
             offset: c.offset,

@@ -83,6 +83,9 @@ pub(crate) struct Qcow2Driver {
     read_only: Cell<bool>,
     /// Corruption was signalled; every request fails from now on when it was fatal.
     dead: Cell<bool>,
+    /// Corruption was reported: later non-fatal findings are not (QEMU's
+    /// `signaled_corruption`).
+    signaled: Cell<bool>,
     lazy_refcounts: bool,
     discard_no_unref: bool,
     /// The dirty bit is set on disk (lazy refcounts after the first write).
@@ -155,14 +158,20 @@ impl Qcow2Driver {
         if self.dead.get() || meta.h.incompatible & incompat::CORRUPT != 0 {
             return;
         }
-        let fatal = !self.read_only.get();
+        // An inactive image is as good as read-only: nothing is marked on it.
+        let fatal = !self.read_only.get() && node.is_active();
+        if self.signaled.get() && !fatal {
+            meta.corrupt = None;
+            return;
+        }
+        self.signaled.set(true);
         if fatal {
             meta.h.incompatible |= incompat::CORRUPT;
             let _ = meta.write_header(file).await;
             let _ = file.flush().await;
             self.dead.set(true);
         } else {
-            // Report each read-only finding once; the next one may be different.
+            // Read-only: the image stays usable, the next finding is looked at again.
             meta.corrupt = None;
         }
         (self.on_corruption)(node, &c, fatal);

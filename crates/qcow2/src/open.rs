@@ -217,6 +217,7 @@ impl Opening {
             codec,
             read_only: Cell::new(self.read_only),
             dead: Cell::new(false),
+            signaled: Cell::new(false),
             lazy_refcounts: self.lazy,
             discard_no_unref: args.opt_bool("discard-no-unref").unwrap_or(false),
             dirty_set: Cell::new(false),

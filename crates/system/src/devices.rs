@@ -252,6 +252,8 @@ pub(crate) struct Devices {
     list: RefCell<Vec<Rc<Device>>>,
     /// Anonymous devices made so far (`device[N]` counts them all).
     anon: Cell<u32>,
+    /// The machine waits for an incoming migration (`-incoming`).
+    incoming: Cell<bool>,
 }
 
 fn generic(text: impl Into<String>) -> Error {
@@ -291,6 +293,7 @@ impl Devices {
             jobs,
             list: RefCell::new(Vec::new()),
             anon: Cell::new(0),
+            incoming: Cell::new(false),
         });
         let weak = Rc::downgrade(&devices);
         machine.on_reset(Box::new(move || {
@@ -394,6 +397,11 @@ impl Devices {
         if let Some(node) = node {
             self.graph.close_inline(&node).await;
         }
+    }
+
+    /// Devices made from now on are for a machine waiting for an incoming migration.
+    pub(crate) fn set_incoming(&self, on: bool) {
+        self.incoming.set(on);
     }
 
     /// IDE units on each bus of the machine.
@@ -527,6 +535,13 @@ impl Devices {
                 return Err(generic("Block node is read-only"));
             }
             let (perm, shared) = model.kind.perms(share_rw, &node);
+            // During an incoming migration a device shares everything: an export may write
+            // the image before the guest owns it (QEMU defers its shared permissions).
+            let shared = if self.incoming.get() {
+                Perm::all()
+            } else {
+                shared
+            };
             blk.set_perm(perm, shared)
                 .map_err(|e| generic(Error::from(e).desc))?;
         }

@@ -255,6 +255,16 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             orphans.extend(d.orphan.map(|why| (o, why)));
         }
     }
+    // An incoming migration's destination does not own its images yet: they start
+    // inactive (written by nobody until the migration, or an export, activates them).
+    if incoming {
+        daemon
+            .graph
+            .inactivate_all()
+            .await
+            .map_err(|e| Failure(ferrite_qapi::Error::from(e).desc))?;
+        sys.devices.set_incoming(true);
+    }
     // The monitors greet before the devices are made: a device's error comes after the
     // human monitor's banner, as in QEMU.
     for (o, opt) in monitors {

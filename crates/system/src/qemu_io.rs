@@ -4,7 +4,7 @@
 //! running machine and to check them.
 
 use ferrite_block::driver::DebugOp;
-use ferrite_block::{BlockBackend, Graph, Perm, ReqFlags};
+use ferrite_block::{BlockBackend, Perm, ReqFlags};
 use std::io::Write;
 use std::rc::Rc;
 use std::time::Instant;
@@ -333,7 +333,12 @@ pub(crate) enum Target {
 
 /// Runs `line` on `target`, printing the report on standard output. Returns what the
 /// monitor answers (nothing, or an error).
-pub(crate) async fn run(graph: &Rc<Graph>, target: Target, line: &str) -> String {
+pub(crate) async fn run(
+    daemon: &Rc<ferrite_storage_daemon::front_end::Daemon>,
+    target: Target,
+    line: &str,
+) -> String {
+    let graph = &daemon.graph;
     let cmd = line.split_whitespace().next().unwrap_or("");
     let need = perm_for(cmd);
     let (blk, restore) = match target {
@@ -351,9 +356,20 @@ pub(crate) async fn run(graph: &Rc<Graph>, target: Target, line: &str) -> String
         },
     };
     let line = line.to_owned();
-    let finish = move |blk: Rc<BlockBackend>, out: String| {
+    let monitors = daemon.monitors.borrow().clone();
+    // What the monitors owe from before (a reply) is out before anything the request
+    // prints on standard error, as QEMU's monitors write at once.
+    for m in &monitors {
+        m.flush_all().await;
+    }
+    let finish = async move |blk: Rc<BlockBackend>, out: String| {
         if let Some((perm, shared)) = restore {
             let _ = blk.set_perm(perm, shared);
+        }
+        // What the request made the monitors say (a corruption event) comes first, as
+        // QEMU's events are out before qemu-io prints.
+        for m in &monitors {
+            m.flush_all().await;
         }
         let mut stdout = std::io::stdout().lock();
         let _ = stdout.write_all(out.as_bytes());
@@ -365,7 +381,7 @@ pub(crate) async fn run(graph: &Rc<Graph>, target: Target, line: &str) -> String
         AIO_IN_FLIGHT.with(|n| n.set(n.get() + 1));
         tokio::task::spawn_local(async move {
             let out = command(&blk, &line).await;
-            finish(blk, out);
+            finish(blk, out).await;
             AIO_IN_FLIGHT.with(|n| n.set(n.get() - 1));
         });
         return String::new();
@@ -376,7 +392,7 @@ pub(crate) async fn run(graph: &Rc<Graph>, target: Target, line: &str) -> String
         }
     }
     let out = command(&blk, &line).await;
-    finish(blk, out);
+    finish(blk, out).await;
     String::new()
 }
 

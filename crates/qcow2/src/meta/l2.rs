@@ -19,7 +19,7 @@ impl Meta {
         if off % self.cs() != 0 {
             return Err(self.corruption(
                 format!("L2 table offset {off:#x} unaligned (L1 index: {i:#x})"),
-                Some(off),
+                None,
                 None,
             ));
         }

@@ -27,6 +27,23 @@ pub(crate) struct Corruption {
     pub(crate) size: Option<u64>,
 }
 
+/// `msg` with each `0x0` number written as C's `%#x` writes zero: `0`.
+fn c_hex_zeroes(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(at) = rest.find("0x0") {
+        let before = rest[..at].chars().last();
+        let after = rest[at + 3..].chars().next();
+        let alone = !before.is_some_and(|c| c.is_ascii_alphanumeric())
+            && !after.is_some_and(|c| c.is_ascii_hexdigit());
+        out.push_str(&rest[..at]);
+        out.push_str(if alone { "0" } else { "0x0" });
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Kinds of freed space, for the `pass-discard-*` options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FreeKind {
@@ -168,6 +185,8 @@ impl Meta {
         size: Option<u64>,
     ) -> io::Error {
         tracing::warn!(%msg, "qcow2 image corrupted");
+        // QEMU prints its numbers with C's `%#x`, which writes zero as "0", not "0x0".
+        let msg = c_hex_zeroes(&msg);
         if self.corrupt.is_none() {
             self.corrupt = Some(Corruption { msg, offset, size });
         }
@@ -178,6 +197,15 @@ impl Meta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_reads_as_c_writes_it() {
+        assert_eq!(
+            c_hex_zeroes("L2 table offset 0x2a2a2a00 unaligned (L1 index: 0x0)"),
+            "L2 table offset 0x2a2a2a00 unaligned (L1 index: 0)"
+        );
+        assert_eq!(c_hex_zeroes("0x0, 0x0a, 0x10"), "0, 0x0a, 0x10");
+    }
 
     #[test]
     fn refcount_widths() {

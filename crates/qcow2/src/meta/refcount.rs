@@ -21,7 +21,7 @@ impl Meta {
         if off % self.cs() != 0 {
             return Err(self.corruption(
                 format!("Refblock offset {off:#x} unaligned (reftable index: {b:#x})"),
-                Some(off),
+                None,
                 None,
             ));
         }

@@ -87,7 +87,7 @@ async fn qemu_io(cmds: &SystemCommands, args: &str) -> String {
     } else {
         return format!("Error: Cannot find device='' nor node-name='{device}'\r\n");
     };
-    qemu_io::run(graph, target, &line).await
+    qemu_io::run(&sys.daemon, target, &line).await
 }
 
 const EXTRANEOUS: &str = "qemu-io: extraneous characters at the end of line\r\nTry \"help qemu-io\" for more information\r\n";
