@@ -712,3 +712,18 @@ def test_export_command_checks_match_qsd(both):
         seen.append(out)
     theirs, ours = seen
     assert ours == theirs
+
+
+def test_unknown_export_names_are_quoted_as_qsd_quotes_them(tmp_path):
+    """The server's reply to an unknown name quotes it, cut at 80 bytes (a name may be
+    4 KiB long)."""
+    seen = []
+    for _, sock in each_program(tmp_path):
+        said = []
+        for name in ("no_such_export", "a" * 4095 + "1", "b" * 79, "c" * 80):
+            r = run("qemu-io", "-f", "raw", "-c", "read 0 512", uri(sock, name), check=False)
+            said.append([line.replace(sock, "S") for line in r.stderr.splitlines()
+                         if "server reported" in line])
+        seen.append(said)
+    assert seen[1] == seen[0]
+    assert seen[1][1] == ["server reported: export '" + "a" * 80 + "...' not present"]

@@ -166,7 +166,7 @@ async fn export_for<W: AsyncWrite + Unpin, T>(
             w,
             opt,
             REP_ERR_UNKNOWN,
-            &format!("export '{name}' not present"),
+            &format!("export '{}' not present", sanitize_name(&name)),
         )
         .await?;
         return Ok(None);
@@ -438,4 +438,17 @@ where
             }
         }
     }
+}
+
+/// An export name as an error reply quotes it: cut at 80 bytes, with "..." after (a
+/// client may send 4 KiB of name; QEMU's server cuts it the same way).
+fn sanitize_name(name: &str) -> String {
+    if name.len() < 80 {
+        return name.to_owned();
+    }
+    let mut end = 80;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &name[..end])
 }

@@ -344,8 +344,11 @@ pub(crate) async fn run(
     let (blk, restore) = match target {
         Target::Drive(blk) => {
             let (perm, shared) = blk.perm();
-            if !perm.contains(need) && blk.set_perm(perm | need, shared).is_err() {
-                return format!("Error: could not take the permissions '{cmd}' needs\r\n");
+            if !perm.contains(need)
+                && let Err(e) = blk.set_perm(perm | need, shared)
+            {
+                // As QEMU's qemu-io prints the refusal: its text alone.
+                return format!("{}\r\n", ferrite_qapi::Error::from(e).desc);
             }
             let restore = (!perm.contains(need)).then_some((perm, shared));
             (blk, restore)
