@@ -251,3 +251,33 @@ def test_incoming_images_start_inactive_and_an_export_may_write_them(tmp_path):
         "nbd_server_add -w drive0", "info block -n", "info status"])
     assert f == q
     assert "inactive" in f[1]
+
+
+def test_an_export_of_a_drive_ends_with_its_medium(tmp_path):
+    """`nbd-server-add` of a drive: ejecting the medium ends the export (QEMU's eject
+    notifier, iotest 140); clients are then told the export is not there."""
+    from test_system import Machine
+    seen = []
+    for binary, accel, name in ((QEMU, "tcg", "q"), (SYSTEM, "qtest", "f")):
+        d = tmp_path / name
+        d.mkdir()
+        img(d, "cd.raw", "-f", "raw", size="1M")
+        m = Machine(binary, accel, d, ["-drive", "if=none,media=cdrom,id=drv,file=cd.raw,format=raw"])
+        sock = str(d / "nbd.sock")
+        nbd = f"nbd+unix:///drv?socket={sock}"
+        try:
+            out = [m.qmp.cmd("nbd-server-start",
+                             {"addr": {"type": "unix", "data": {"path": sock}}}),
+                   m.qmp.cmd("nbd-server-add", {"device": "drv"})]
+            r = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read 0 512", nbd],
+                               capture_output=True, text=True)
+            out.append(r.returncode)
+            out.append(m.qmp.cmd("eject", {"device": "drv"}))
+            out.append(m.qmp.wait_event("BLOCK_EXPORT_DELETED")["data"])
+            r = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "close", nbd],
+                               capture_output=True, text=True)
+            out.append(r.stderr.replace(sock, "S").splitlines())
+        finally:
+            m.stop()
+        seen.append(out)
+    assert seen[1] == seen[0]

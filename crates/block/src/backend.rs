@@ -166,6 +166,9 @@ pub struct BlockBackend {
     /// Whether a write may complete before it is on stable storage (QEMU's
     /// `enable_write_cache`; `cache=writethrough` turns it off: every write is FUA).
     write_cache: Cell<bool>,
+    /// Called when the medium goes (QEMU's remove-bs notifiers: an export of a drive ends
+    /// with it).
+    on_medium_removed: RefCell<Vec<Box<dyn Fn()>>>,
     order: u64,
 }
 
@@ -226,6 +229,7 @@ impl BlockBackend {
             iostatus_enabled: Cell::new(false),
             throttle: RefCell::new(None),
             write_cache: Cell::new(true),
+            on_medium_removed: RefCell::new(Vec::new()),
             order,
         });
         graph.register_backend(Rc::downgrade(&blk));
@@ -249,11 +253,20 @@ impl BlockBackend {
     /// Detaches the backend from its node (removing the medium); requests fail with
     /// ENOMEDIUM from now on.
     pub fn remove(&self) {
-        if let Some(edge) = self.root.borrow_mut().take()
-            && let Some(g) = self.graph.upgrade()
-        {
-            g.detach_edge(&edge);
+        let edge = self.root.borrow_mut().take();
+        if let Some(edge) = edge {
+            if let Some(g) = self.graph.upgrade() {
+                g.detach_edge(&edge);
+            }
+            for f in self.on_medium_removed.borrow().iter() {
+                f();
+            }
         }
+    }
+
+    /// Adds what happens when the medium goes.
+    pub fn on_medium_removed(&self, f: Box<dyn Fn()>) {
+        self.on_medium_removed.borrow_mut().push(f);
     }
 
     fn graph(&self) -> Result<Rc<Graph>> {

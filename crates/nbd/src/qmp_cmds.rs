@@ -50,6 +50,24 @@ pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject
         opts.insert("bitmaps", vec![QObject::from(b)]);
     }
     nbd.all_exports().add(&Args::new(opts)).await?;
+    // The export of a drive ends when its medium goes (QEMU's eject notifier).
+    if let Some(blk) = nbd
+        .graph()
+        .backends()
+        .into_iter()
+        .find(|b| b.name() == device)
+    {
+        let exports = Rc::downgrade(&nbd.all_exports());
+        let id = name.to_owned();
+        blk.on_medium_removed(Box::new(move || {
+            let (exports, id) = (exports.clone(), id.clone());
+            tokio::task::spawn_local(async move {
+                if let Some(e) = exports.upgrade() {
+                    let _ = e.del(&id, RemoveMode::Hard).await;
+                }
+            });
+        }));
+    }
     ok()
 }
 
