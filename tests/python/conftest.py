@@ -59,9 +59,10 @@ class Daemon:
                      "--chardev", f"socket,id=qmp0,path={self.sock},server=on,wait=off",
                      "--monitor", "qmp0" + monitor_opts, *extra]
         self.stderr_path = self.workdir / "stderr.txt"
+        self.stdout_path = self.workdir / "stdout.txt"
         self.proc = subprocess.Popen(self.args, cwd=self.workdir,
                                      stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
+                                     stdout=open(self.stdout_path, "wb"),
                                      stderr=open(self.stderr_path, "wb"))
         wait_for(lambda: os.path.exists(self.sock) or self.proc.poll() is not None,
                  what="QMP socket")

@@ -501,3 +501,35 @@ def test_block_graph_shows_the_job_like_qemu(both):
         seen.append(re.sub(r"#block\d+", "#block", json.dumps([graph, after], sort_keys=True)))
     theirs, ours = seen
     assert ours == theirs
+
+
+def test_images_a_command_makes_are_announced_as_qsd_announces_them(both):
+    """drive-backup, drive-mirror and blockdev-snapshot-sync say "Formatting 'FILE', fmt=..."
+    on standard output for each image they make, with the format's creation options."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "sb.qcow2"), "1M"],
+                       check=True)
+        q = d.connect()
+        q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q",
+                               "file": {"driver": "file", "filename": str(w / "sb.qcow2")}})
+        out = [q.cmd("drive-backup", {"job-id": "b", "device": "q", "sync": "full",
+                                      "target": str(w / "bk.raw"), "format": "raw"})]
+        wait_job_gone(q, "b")
+        out.append(q.cmd("drive-backup", {"job-id": "b2", "device": "q", "sync": "top",
+                                          "target": str(w / "bk.qcow2")}))
+        wait_job_gone(q, "b2")
+        out.append(q.cmd("drive-mirror", {"job-id": "m", "device": "q", "sync": "full",
+                                          "target": str(w / "mi.qcow2")}))
+        q.wait_event("BLOCK_JOB_READY")
+        q.cmd("block-job-cancel", {"device": "m"})
+        wait_job_gone(q, "m")
+        out.append(q.cmd("blockdev-snapshot-sync", {"node-name": "q", "snapshot-node-name": "o",
+                                                    "snapshot-file": str(w / "ov.qcow2")}))
+        d.stop()
+        out.append(d.stdout_path.read_text().replace(str(w), "W").splitlines())
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+    assert len(ours[-1]) == 4

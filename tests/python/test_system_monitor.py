@@ -21,12 +21,16 @@ def monitor_session(binary, workdir, args, commands):
     names that differ between the two programs and runs made alike."""
     accel = "tcg" if binary == QEMU else "qtest"
     text = "".join(c + "\n" for c in commands) + "quit\n"
+    # Temporary snapshots go to the work directory (TMPDIR), where the test can look.
+    env = dict(os.environ, TMPDIR=str(workdir))
     r = subprocess.run([binary, "-accel", accel, "-S", "-nodefaults", "-display", "none",
                         "-monitor", "stdio", *args],
-                       input=text.encode(), capture_output=True, timeout=60, cwd=workdir)
+                       input=text.encode(), capture_output=True, timeout=60, cwd=workdir,
+                       env=env)
     out = (r.stdout + r.stderr).decode()
     out = out.replace(os.path.basename(binary), "PROG").replace(str(workdir), "W")
     out = re.sub(r"#block\d+", "#blockN", out)
+    out = re.sub(r"vl\.[A-Za-z0-9]{6}", "vl.XXXXXX", out)
     out = re.sub(r"\d+ ops; [0-9:. ]+sec \([^)]*\)", "N ops; T", out)
     return r.returncode, out
 
@@ -281,3 +285,21 @@ def test_an_export_of_a_drive_ends_with_its_medium(tmp_path):
             m.stop()
         seen.append(out)
     assert seen[1] == seen[0]
+
+
+@pytest.mark.parametrize("how", [["-snapshot"], []])
+def test_snapshot_mode_writes_to_a_temporary_overlay(tmp_path, how):
+    """`-snapshot` or `snapshot=on`: the image is opened read-only under a qcow2 overlay in
+    the temporary directory, which takes the writes and is gone afterwards."""
+    drive = "if=none,id=d,file=top.qcow2" + ("" if how else ",snapshot=on")
+    seen = []
+    for (code, out), d in both(tmp_path, chain, ["-drive", drive, *how],
+                               ['qemu-io d "write -P 0x77 0 64k"',
+                                'qemu-io d "read -P 0x77 0 64k"', "info block"]):
+        r = subprocess.run(["qemu-io", "-c", "read -P 0x11 0 64k", str(d / "top.qcow2")],
+                           capture_output=True, text=True)
+        left = sorted(p.name for p in d.iterdir() if p.name.startswith("vl."))
+        seen.append((code, out, "verification failed" in r.stdout, left))
+    assert seen[1] == seen[0]
+    assert seen[1][2] is False and seen[1][3] == []
+    assert "vl.XXXXXX" in seen[1][1]

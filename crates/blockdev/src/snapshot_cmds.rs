@@ -109,7 +109,7 @@ pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared>
         return Err(Error::FormatWithoutBacking(format.to_owned()));
     }
     if args.opt_str("mode") != Some("existing") {
-        create_overlay(graph, &node, &file).await?;
+        create_overlay(graph, &node, &file, true).await?;
     }
     let mut opts = QDict::new()
         .with("driver", format)
@@ -150,24 +150,23 @@ pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<()> {
     r
 }
 
-/// A new qcow2 image over `node`: same size, backing file and format from `node`.
-async fn create_overlay(graph: &Graph, node: &Node, file: &str) -> Result<()> {
-    let file_opts = QDict::new()
-        .with("driver", "file")
-        .with("filename", file)
-        .with("size", 0u64);
-    ferrite_block::create::create(&graph.rc(), &Args::new(file_opts)).await?;
-    let backing = node.filename();
-    let opts = QDict::new()
-        .with("driver", "qcow2")
-        .with(
-            "file",
-            QDict::new().with("driver", "file").with("filename", file),
-        )
-        .with("size", node.len())
-        .with("backing-file", backing.as_str())
-        .with("backing-fmt", node.driver_name());
-    Ok(ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await?)
+/// A new qcow2 image over `node`: its size, and (`name_backing`) `node` recorded as its
+/// backing file; without, the caller attaches `node` itself (a temporary snapshot, made
+/// without a word).
+///
+/// # Errors
+/// The file or the image failing to be made.
+pub async fn create_overlay(
+    graph: &Graph,
+    node: &Node,
+    file: &str,
+    name_backing: bool,
+) -> Result<()> {
+    let backing = name_backing.then_some(node);
+    Ok(
+        ferrite_jobs::backup::create_target(graph, node, file, "qcow2", backing, !name_backing)
+            .await?,
+    )
 }
 
 /// `change-backing-file`: records a new backing file name in `image-node-name`, a node of

@@ -493,7 +493,7 @@ pub async fn prepare_drive(
         _ => None,
     };
     if args.opt_str("mode") != Some("existing") {
-        create_target(graph, &source, &file, &format, backing.as_deref()).await?;
+        create_target(graph, &source, &file, &format, backing.as_deref(), false).await?;
     }
     let extra = if format == "qcow2" {
         ferrite_qobject::QDict::new().with("backing", ferrite_qobject::QObject::Null)
@@ -517,19 +517,25 @@ pub async fn prepare_drive(
     r
 }
 
-/// A new image for drive-backup: `format` over a new file, as big as the source, backed by
-/// `backing` (its file name and format) when given.
-pub(crate) async fn create_target(
+/// A new image for drive-backup, drive-mirror and external snapshots: `format` over a new
+/// file, as big as `source`, backed by `backing` (its file name and format) when given.
+/// The image is announced on standard output as QEMU announces what it formats, unless
+/// `quiet` (a temporary snapshot).
+///
+/// # Errors
+/// An unknown format or one that cannot create images, the file or image failing.
+pub async fn create_target(
     graph: &Graph,
     source: &Node,
     file: &str,
     format: &str,
     backing: Option<&Node>,
+    quiet: bool,
 ) -> Result<()> {
     use ferrite_qobject::QDict;
-    // QEMU's `bdrv_img_create` checks the format before it touches a file. A raw image is
-    // just a file of the right size; other formats need their driver's create step.
-    // A raw image, or the file itself (format `file`), is just a file of the right size.
+    // QEMU's `bdrv_img_create` checks the format before it touches a file. A raw image, or
+    // the file itself (format `file`), is just a file of the right size; other formats need
+    // their driver's create step.
     let plain = match graph.registry().get(format) {
         None => return Err(Error::UnknownFileFormat(format.to_owned())),
         Some(f) if !f.can_create() && format != "raw" => {
@@ -537,6 +543,9 @@ pub(crate) async fn create_target(
         }
         Some(f) => format == "raw" || f.kind() == ferrite_block::DriverKind::Protocol,
     };
+    if !quiet {
+        println!("{}", formatting_line(file, format, source.len(), backing));
+    }
     let file_opts = QDict::new()
         .with("driver", "file")
         .with("filename", file)
@@ -557,6 +566,28 @@ pub(crate) async fn create_target(
         opts.insert("backing-fmt", b.driver_name());
     }
     Ok(ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await?)
+}
+
+/// QEMU's "Formatting 'FILE', fmt=..." line: the format's creation options with the values
+/// ferrite uses (qcow2's defaults; every other format has only a size).
+fn formatting_line(file: &str, format: &str, size: u64, backing: Option<&Node>) -> String {
+    let backing = backing
+        .map(|b| {
+            format!(
+                " backing_file={} backing_fmt={}",
+                b.filename(),
+                b.driver_name()
+            )
+        })
+        .unwrap_or_default();
+    if format == "qcow2" {
+        format!(
+            "Formatting '{file}', fmt=qcow2 cluster_size=65536 extended_l2=off \
+             compression_type=zlib size={size}{backing} lazy_refcounts=off refcount_bits=16"
+        )
+    } else {
+        format!("Formatting '{file}', fmt={format} size={size}{backing}")
+    }
 }
 
 /// The sync mode and the bitmap (on the source) with its mode, checked in QEMU's order.

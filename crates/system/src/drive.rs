@@ -62,6 +62,52 @@ fn on_off(key: &str, v: &str) -> Result<bool, Error> {
     }
 }
 
+/// `snapshot=on` (and `-snapshot`): a qcow2 overlay over `image` in the temporary
+/// directory takes the writes, and goes with the program (QEMU's temporary snapshot). Its
+/// file is unlinked once open, so nothing is left behind whatever way the program ends.
+async fn temporary_overlay(
+    graph: &Rc<Graph>,
+    image: &Rc<ferrite_block::Node>,
+) -> Result<Rc<ferrite_block::Node>, Error> {
+    let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
+    let path = (0..100)
+        .map(|i| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            // Six characters after `vl.`, as QEMU's temporary files are named.
+            let mut n = u64::from(nanos ^ std::process::id()).wrapping_mul(0x9e37_79b9) + i;
+            let tail: String = (0..6)
+                .map(|_| {
+                    const ALNUM: &[u8] =
+                        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+                    let c = ALNUM[(n % 62) as usize] as char;
+                    n /= 62;
+                    c
+                })
+                .collect();
+            format!("{dir}/vl.{tail}")
+        })
+        .find(|p| !std::path::Path::new(p).exists())
+        .ok_or_else(|| generic("Could not get temporary filename"))?;
+    ferrite_blockdev::snapshot_cmds::create_overlay(graph, image, &path, false)
+        .await
+        .map_err(|e| generic(format!("Could not create temporary overlay '{path}': {e}")))?;
+    let opts = QDict::new()
+        .with("driver", "qcow2")
+        .with(
+            "file",
+            QDict::new()
+                .with("driver", "file")
+                .with("filename", path.as_str()),
+        )
+        .with("backing", image.name())
+        .with("cache", QDict::new().with("no-flush", true));
+    let overlay = graph.open_inline(&Args::new(opts)).await;
+    let _ = std::fs::remove_file(&path);
+    Ok(overlay?)
+}
+
 /// `cache=`: whether it bypasses the host's cache and whether it ignores flushes.
 fn cache_flags(cache: Option<&str>) -> Result<(bool, bool), Error> {
     match cache {
@@ -275,11 +321,6 @@ pub(crate) async fn add(
         OnError::parse(rerror.as_deref()),
         OnError::parse(werror.as_deref().or(Some("enospc"))),
     );
-    if snapshot {
-        return Err(generic(
-            "snapshot=on is not supported yet (a temporary overlay is not made)",
-        ));
-    }
     // Without a file, the options may still describe a node (`driver=throttle,file.*`).
     let describes_node = file.is_some() || format.is_some() || !opts.is_empty();
     if describes_node {
@@ -393,12 +434,27 @@ pub(crate) async fn add(
             Some(QObject::Dict(b)) if b.get("driver").is_none() => node.remove("backing"),
             _ => None,
         };
+        if snapshot {
+            // The image is only read: writes go to the temporary overlay.
+            node.insert("read-only", "on");
+        }
         let checked = graph.check_cli_options(&node)?;
         let mut checked = checked;
         if let Some(b) = implicit_backing {
             checked.insert("backing", b);
         }
         let n = graph.open_inline(&Args::new(checked)).await?;
+        let n = if snapshot {
+            match temporary_overlay(graph, &n).await {
+                Ok(top) => top,
+                Err(e) => {
+                    graph.release_inline(&n);
+                    return Err(e);
+                }
+            }
+        } else {
+            n
+        };
         if let Err(e) = blk.insert(&n, Perm::empty(), Perm::all()) {
             graph.release_inline(&n);
             return Err(e.into());

@@ -48,7 +48,7 @@ pub async fn start_drive_mirror(
             (Some(b), "top" | "none") => Some(b.clone()),
             _ => None,
         };
-        create_target(graph, &source, file, format, backing.as_deref()).await?;
+        create_target(graph, &source, file, format, backing.as_deref(), false).await?;
     }
     let target = open_target(graph, file, format.as_deref(), args.opt_str("node-name")).await?;
     // A new image reads as zeroes already; an existing one is zeroed where the source is.
