@@ -29,6 +29,9 @@ def transcript(d):
                          "file": {"driver": "null-co", "node-name": "n1"}})
     nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
     out.append(("nodes", json.loads(normalize(json.dumps(nodes, sort_keys=True)))))
+    # Not flat: a filter's child shows as its backing image and counts in the depth.
+    nodes = c.cmd("query-named-block-nodes")["return"]
+    out.append(("chain", json.loads(normalize(json.dumps(nodes, sort_keys=True)))))
     cmd("x-debug-query-block-graph", {})
     cmd("object-del", {"id": "tg0"})
     cmd("qom-set", {"path": "/objects/tg0", "property": "limits",

@@ -37,7 +37,8 @@ fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
             QObject::List(snapshots.into_iter().map(QObject::Dict).collect()),
         );
     }
-    if !flat && let Some(b) = node.child("backing") {
+    // A filter's child counts as its backing image here, as in QEMU's query.
+    if !flat && let Some(b) = node.below() {
         let b = if skip_implicit {
             b.skip_implicit_filters()
         } else {
@@ -105,8 +106,10 @@ pub(crate) fn device_info(node: &Node, flat: bool, drive: Option<&BlockBackend>)
     let throttle = throttle.as_deref();
     let mut depth = 0i64;
     if !flat {
-        let mut at = node.child("backing");
-        // A job's implicit filter in a drive's chain (commit's) is not a layer of it.
+        // Every layer down the chain counts, a filter's child too (QEMU's
+        // `bdrv_filter_or_cow_bs`); a job's implicit filter in a drive's chain (commit's)
+        // is not a layer of it.
+        let mut at = node.below();
         while let Some(b) = at {
             depth += 1;
             let b = if drive.is_some() {
@@ -114,7 +117,7 @@ pub(crate) fn device_info(node: &Node, flat: bool, drive: Option<&BlockBackend>)
             } else {
                 b
             };
-            at = b.child("backing");
+            at = b.below();
         }
     }
     let mut d = QDict::new()
