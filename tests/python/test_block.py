@@ -144,6 +144,15 @@ def reopen_seq(img):
                                           "detect-zeroes": "on"}]}),
         ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0", "file": "f0"}]}),
         ("query-named-block-nodes", None),
+        # Cache modes may change: O_DIRECT on the file, flushes ignored above it.
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0", "file": "f0",
+                                          "cache": {"no-flush": True}}]}),
+        ("blockdev-reopen", {"options": [{"driver": "file", "node-name": "f0", "filename": img,
+                                          "cache": {"direct": True}}]}),
+        ("query-named-block-nodes", None),
+        ("blockdev-reopen", {"options": [{"driver": "file", "node-name": "f0", "filename": img,
+                                          "read-only": False, "cache": {"direct": False}}]}),
+        ("query-named-block-nodes", None),
     ]
 
 

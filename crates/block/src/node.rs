@@ -77,8 +77,9 @@ pub struct Node {
     pub(crate) users: RefCell<Vec<Weak<Child>>>,
     pub(crate) detect_zeroes: Cell<DetectZeroes>,
     pub(crate) discard_unmap: Cell<bool>,
-    pub(crate) cache_direct: bool,
-    pub(crate) cache_no_flush: bool,
+    /// `cache.direct` and `cache.no-flush` (a reopen may change them).
+    pub(crate) cache_direct: Cell<bool>,
+    pub(crate) cache_no_flush: Cell<bool>,
     pub(crate) force_share: bool,
     pub(crate) write_threshold: Cell<u64>,
     pub(crate) threshold_hit: RefCell<Option<ThresholdHook>>,
@@ -143,8 +144,8 @@ impl Node {
             users: RefCell::new(Vec::new()),
             detect_zeroes: Cell::new(settings.detect_zeroes),
             discard_unmap: Cell::new(settings.discard_unmap),
-            cache_direct: settings.cache_direct,
-            cache_no_flush: settings.cache_no_flush,
+            cache_direct: Cell::new(settings.cache_direct),
+            cache_no_flush: Cell::new(settings.cache_no_flush),
             force_share: settings.force_share,
             write_threshold: Cell::new(0),
             threshold_hit: RefCell::new(None),
@@ -469,7 +470,7 @@ impl Node {
 
     /// `cache.direct` (O_DIRECT) and `cache.no-flush`.
     pub fn cache_mode(&self) -> (bool, bool) {
-        (self.cache_direct, self.cache_no_flush)
+        (self.cache_direct.get(), self.cache_no_flush.get())
     }
 
     /// `force-share`: whatever its parents take, they share everything.

@@ -243,7 +243,7 @@ impl Node {
 
     /// Flushes; a no-op with `cache.no-flush=on`.
     pub(crate) async fn flush(&self) -> io::Result<()> {
-        if self.cache_no_flush {
+        if self.cache_no_flush.get() {
             return Ok(());
         }
         // A protocol node that nothing changed since its last flush has nothing to make

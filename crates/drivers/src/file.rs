@@ -48,9 +48,10 @@ pub(crate) struct FileDriver {
     path: String,
     /// The open file; `blockdev-reopen` swaps it for one opened in the new mode.
     file: std::cell::RefCell<Arc<File>>,
-    direct: bool,
+    /// O_DIRECT (`cache.direct`; a reopen may change it).
+    direct: Cell<bool>,
     /// Request alignment for O_DIRECT (1 without it).
-    align: u64,
+    align: Cell<u64>,
     /// Aligned ranges with a write in progress, in O_DIRECT mode: a read-modify-write must
     /// not interleave with another write of the same blocks.
     writing: std::cell::RefCell<Vec<(u64, u64)>>,
@@ -236,8 +237,8 @@ impl FileDriver {
                 flavor: o.flavor,
                 path,
                 file: std::cell::RefCell::new(Arc::new(file)),
-                direct: o.direct,
-                align,
+                direct: Cell::new(o.direct),
+                align: Cell::new(align),
                 writing: std::cell::RefCell::new(Vec::new()),
                 write_done: tokio::sync::Notify::new(),
                 perms: Cell::new((Perm::empty(), Perm::all())),
@@ -295,7 +296,7 @@ impl FileDriver {
 
     /// The aligned range covering `[offset, offset + len)`.
     fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
-        let a = self.align;
+        let a = self.align.get();
         let start = offset / a * a;
         let end = (offset + len).div_ceil(a) * a;
         (start, end)
@@ -320,7 +321,7 @@ impl FileDriver {
     /// A write in either mode; with O_DIRECT, unaligned writes read, patch and write back the
     /// blocks they touch, one at a time per block range.
     async fn pwrite(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
-        if !self.direct {
+        if !self.direct.get() {
             return self.io.pwrite(&self.fd(), offset, data).await;
         }
         let (start, end) = self.aligned(offset, data.len() as u64);
@@ -391,7 +392,7 @@ impl Driver for FileDriver {
     }
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        if self.direct {
+        if self.direct.get() {
             return Box::pin(self.read_direct(offset, len));
         }
         self.io.pread(&self.fd(), offset, len)
@@ -403,7 +404,7 @@ impl Driver for FileDriver {
         offset: u64,
         dest: &'a ferrite_block::io::ForeignBuf,
     ) -> BoxFut<'a, ()> {
-        if self.direct {
+        if self.direct.get() {
             // O_DIRECT needs aligned memory: through the bounce buffer, as reads are.
             let read = self.read(node, offset, dest.len());
             return Box::pin(ferrite_block::driver::read_through_buffer(read, dest));
@@ -562,20 +563,38 @@ impl Driver for FileDriver {
     fn reopen_apply(
         &self,
         _node: &Node,
-        _opts: &Args,
+        opts: &Args,
         read_only: bool,
     ) -> ferrite_block::Result<()> {
+        // `cache.direct` may change: the file is opened again with or without O_DIRECT.
+        let direct = opts
+            .dict("cache")
+            .is_some_and(|c| c.bool_or("direct", false));
         let mut o = OpenOptions::new();
         o.read(true).write(!read_only);
-        if self.direct {
+        if direct {
             o.custom_flags(libc::O_DIRECT);
         }
         let file = Arc::new(o.open(&self.path).map_err(|e| open_error(&self.path, e))?);
         if self.locking {
+            // The old descriptor lets go of its lock bytes first: OFD locks of two
+            // descriptors of one process conflict like anyone's.
             let (perm, shared) = self.perms.get();
-            super::lock::apply(&file, &self.path, perm, shared)?;
+            let old = self.fd();
+            let _ = super::lock::apply(&old, &self.path, Perm::empty(), Perm::all());
+            if let Err(e) = super::lock::apply(&file, &self.path, perm, shared) {
+                let _ = super::lock::apply(&old, &self.path, perm, shared);
+                return Err(e.into());
+            }
         }
+        let align = if direct {
+            probe_direct_alignment(&file)
+        } else {
+            1
+        };
         *self.file.borrow_mut() = file;
+        self.direct.set(direct);
+        self.align.set(align);
         Ok(())
     }
 
@@ -616,6 +635,6 @@ impl Driver for FileDriver {
     }
 
     fn request_alignment(&self, _node: &Node) -> u64 {
-        self.align
+        self.align.get()
     }
 }

@@ -3,13 +3,11 @@
 //! read-write, and resizing.
 
 use crate::backend::BlockBackend;
-use crate::driver::check_unchanged;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::{DetectZeroes, Node};
 use crate::perm::Perm;
 use ferrite_qapi::Args;
-use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
 impl Graph {
@@ -31,11 +29,6 @@ impl Graph {
             if opts.str("driver")? != node.driver_name() {
                 return Err(Error::CannotChange("driver".into()));
             }
-            check_unchanged(
-                opts,
-                &Args::new(node.options()),
-                &[("cache", QObject::Dict(QDict::new()))],
-            )?;
             node.driver.reopen_check(&node, opts)?;
             let read_only = opts.bool_or("read-only", false);
             if opts.opt_str("detect-zeroes") == Some("unmap")
@@ -73,6 +66,9 @@ impl Graph {
                 .set(DetectZeroes::parse(opts.opt_str("detect-zeroes")));
             node.discard_unmap
                 .set(opts.opt_str("discard") == Some("unmap"));
+            let cache = opts.dict("cache").unwrap_or_default();
+            node.cache_direct.set(cache.bool_or("direct", false));
+            node.cache_no_flush.set(cache.bool_or("no-flush", false));
             *node.options.borrow_mut() = opts.as_dict().clone();
         }
         Ok(())
