@@ -303,3 +303,35 @@ def test_snapshot_mode_writes_to_a_temporary_overlay(tmp_path, how):
     assert seen[1] == seen[0]
     assert seen[1][2] is False and seen[1][3] == []
     assert "vl.XXXXXX" in seen[1][1]
+
+
+@pytest.mark.parametrize("option,reopen", [
+    ("cache.direct=on", "-c none"),
+    ("file.cache.direct=on", "-c writethrough"),
+    ("backing.cache.no-flush=on", "-o cache.direct=on"),
+    ("cache=none", "-o backing.cache.direct=off"),
+    ("cache=none", "-o file.cache.direct=off,file.cache.no-flush=on"),
+    ("cache=unsafe", "-o backing.detect-zeroes=on"),
+    ("cache=none", "-r"),
+    ("cache=none", "-x"),
+])
+def test_hmp_qemu_io_reopen_changes_what_qemus_does(tmp_path, option, reopen):
+    """qemu-io's `reopen`: the options given change (a child's by its path), the others
+    stay; a cache mode passes to the children that took theirs from the node."""
+    cmds = [f'qemu-io none0 "reopen {reopen}"', 'qemu-io none0 "reopen -c none"', *INFO_EACH]
+    (q, _), (f, _) = both(tmp_path, chain, ["-drive", f"{NODES},{option}"], cmds)
+    assert cache_lines(f[1]) == cache_lines(q[1])
+    assert [line for line in f[1].splitlines() if "reopen" not in line and "Cache" not in line] == \
+        [line for line in q[1].splitlines() if "reopen" not in line and "Cache" not in line]
+
+
+def test_a_child_given_its_own_cache_mode_keeps_it(tmp_path):
+    """A child whose options set its cache mode (here in a `json:` name) does not follow
+    its parent's reopen."""
+    drive = ('if=none,file=blkdebug::json:{"filename":"base.qcow2",,"cache":{"direct":false}},'
+             'node-name=image,file.node-name=blkdebug,file.image.node-name=file')
+    cmds = ['qemu-io none0 "reopen -o cache.direct=on,cache.no-flush=on"',
+            "info block none0", "info block image", "info block blkdebug", "info block file"]
+    (q, _), (f, _) = both(tmp_path, chain, ["-drive", drive], cmds)
+    assert cache_lines(f[1]) == cache_lines(q[1])
+    assert len(cache_lines(f[1])) == 4

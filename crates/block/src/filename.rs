@@ -39,7 +39,11 @@ fn json_options(text: &str) -> Option<QDict> {
 /// node, `file:PATH` a file, anything else a file (QEMU's protocol prefixes, for those
 /// ferrite has).
 pub fn protocol_options(name: &str) -> QDict {
-    if let Some(d) = name.strip_prefix("json:").and_then(json_options) {
+    if let Some(mut d) = name.strip_prefix("json:").and_then(json_options) {
+        // A file name alone names a file (QEMU finds the protocol from the name).
+        if d.get("driver").is_none() && d.get("filename").is_some() {
+            d.insert("driver", "file");
+        }
         return d;
     }
     if name == "null-co://" || name == "null-aio://" {

@@ -60,6 +60,9 @@ pub struct Node {
     /// Its read-only mode came from its parent (an inline child that did not set its
     /// own), so it follows the parent's internal reopens.
     pub(crate) inherits_read_only: Cell<bool>,
+    /// Whether its `cache.direct` and `cache.no-flush` came from its parent (not given
+    /// for it): a parent's change of cache mode passes on to it.
+    pub(crate) inherits_cache: Cell<(bool, bool)>,
     /// Inactive (QEMU's `BDRV_O_INACTIVE`): another process may own the image, so the
     /// node writes nothing and gives no writer to anyone until it is activated again.
     pub(crate) inactive: Cell<bool>,
@@ -136,6 +139,7 @@ impl Node {
             options: RefCell::new(options),
             read_only: Cell::new(settings.read_only),
             inherits_read_only: Cell::new(false),
+            inherits_cache: Cell::new((false, false)),
             inactive: Cell::new(false),
             implicit: Cell::new(false),
             never_freeze: Cell::new(false),
@@ -166,6 +170,22 @@ impl Node {
     /// The child a filter shows unchanged, if the node is a filter.
     pub fn filtered(&self) -> Option<Rc<Node>> {
         self.driver.filtered_child().and_then(|c| self.child(c))
+    }
+
+    /// Whether `cache.direct` and `cache.no-flush` came from the parent that opened it.
+    pub fn inherits_cache(&self) -> (bool, bool) {
+        self.inherits_cache.get()
+    }
+
+    /// Whether its read-only mode came from the parent that opened it.
+    pub fn inherits_read_only(&self) -> bool {
+        self.inherits_read_only.get()
+    }
+
+    /// Marks cache modes as the node's own from now on (a reopen named them for it).
+    pub fn keep_own_cache(&self, direct: bool, no_flush: bool) {
+        let (d, n) = self.inherits_cache.get();
+        self.inherits_cache.set((d && !direct, n && !no_flush));
     }
 
     /// The next node down the chain: the filtered child, or the backing file (QEMU:

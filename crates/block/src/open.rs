@@ -134,6 +134,7 @@ impl<'a> OpenCtx<'a> {
                     .await?;
                 node.inherits_read_only
                     .set(!cow && d.get("read-only").is_none());
+                node.inherits_cache.set(cache_given(d));
                 node
             }
             _ => return Err(Error::InvalidChildRef),
@@ -236,6 +237,8 @@ impl<'a> OpenCtx<'a> {
         } else {
             extra
         };
+        // What the user set of the image's cache modes (the rest it takes from here).
+        let extra_cache = extra.clone();
         let mut file_opts = self.image_file_opts(path, read_only);
         let opts = if format == "file" {
             merge(file_opts, extra)
@@ -253,12 +256,23 @@ impl<'a> OpenCtx<'a> {
             if let Some(c) = opts.get("cache") {
                 file_opts.insert("cache", c.clone());
             }
-            let file = match opts.remove("file") {
-                Some(QObject::Dict(theirs)) => merge(file_opts, theirs),
-                _ => file_opts,
+            let theirs_file = match opts.remove("file") {
+                Some(QObject::Dict(theirs)) => Some(theirs),
+                _ => None,
+            };
+            let file_inherits = theirs_file.as_ref().map_or((true, true), cache_given);
+            let file = match theirs_file {
+                Some(theirs) => merge(file_opts, theirs),
+                None => file_opts,
             };
             opts.insert("file", file);
-            opts
+            let edge = self.open_child_opts(key, opts).await?;
+            let node = edge.node();
+            node.inherits_cache.set(cache_given(&extra_cache));
+            if let Some(f) = node.child("file") {
+                f.inherits_cache.set(file_inherits);
+            }
+            return Ok(edge);
         };
         self.open_child_opts(key, opts).await
     }
@@ -326,6 +340,14 @@ fn all_strings(d: &QDict) -> bool {
         QObject::Dict(inner) => all_strings(inner),
         _ => false,
     })
+}
+
+/// Which of the cache modes a child's own options leave to its parent: (`direct`,
+/// `no-flush`), true where not given.
+fn cache_given(child: &QDict) -> (bool, bool) {
+    let cache = child.get("cache").and_then(QObject::as_dict);
+    let unset = |key: &str| cache.is_none_or(|c| c.get(key).is_none());
+    (unset("direct"), unset("no-flush"))
 }
 
 /// `base` with `over` on top, dictionaries merged key by key.

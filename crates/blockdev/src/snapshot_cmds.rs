@@ -123,6 +123,17 @@ pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared>
     if let Some(n) = new_name {
         opts.insert("node-name", n);
     }
+    // The overlay takes the old top's cache modes (QEMU opens it with the old top's flags).
+    let (direct, no_flush) = node.cache_mode();
+    if direct || no_flush {
+        let cache = QDict::new()
+            .with("direct", direct)
+            .with("no-flush", no_flush);
+        if let Some(ferrite_qobject::QObject::Dict(f)) = opts.get_mut("file") {
+            f.insert("cache", cache.clone());
+        }
+        opts.insert("cache", cache);
+    }
     let overlay = graph.open_inline(&Args::new(opts)).await?;
     // Opened without its backing: the node goes there.
     overlay.remove_option("backing");

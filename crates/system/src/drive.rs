@@ -62,6 +62,34 @@ fn on_off(key: &str, v: &str) -> Result<bool, Error> {
     }
 }
 
+/// `d` with every scalar as the command line spells it (a `json:` name's typed values
+/// join `-drive`'s text options).
+fn as_text(d: QDict) -> QDict {
+    let mut out = QDict::new();
+    for (k, v) in d {
+        let v = match v {
+            QObject::Dict(inner) => QObject::Dict(as_text(inner)),
+            QObject::Bool(b) => QObject::String(if b { "on" } else { "off" }.into()),
+            QObject::String(t) => QObject::String(t),
+            other => QObject::String(ferrite_qobject::to_json(&other)),
+        };
+        out.insert(k, v);
+    }
+    out
+}
+
+/// Adds to `given` what `from` has and it lacks, level by level (a name's options under
+/// the user's).
+fn fill_in(given: &mut QDict, from: QDict) {
+    for (k, v) in from {
+        match (given.get_mut(&k), v) {
+            (Some(QObject::Dict(mine)), QObject::Dict(theirs)) => fill_in(mine, theirs),
+            (Some(_), _) => {}
+            (None, v) => given.insert(k, v),
+        }
+    }
+}
+
 /// `snapshot=on` (and `-snapshot`): a qcow2 overlay over `image` in the temporary
 /// directory takes the writes, and goes with the program (QEMU's temporary snapshot). Its
 /// file is unlinked once open, so nothing is left behind whatever way the program ends.
@@ -348,7 +376,7 @@ pub(crate) async fn add(
         // `file=blkdebug::IMAGE`) describes that node, not its file.
         let named = file
             .as_deref()
-            .map(ferrite_block::filename::protocol_options)
+            .map(|p| as_text(ferrite_block::filename::protocol_options(p)))
             .filter(|o| o.get("driver").and_then(QObject::as_str) == Some(format.as_str()));
         match &file {
             Some(_) if named.is_some() && !protocol => {
@@ -363,7 +391,7 @@ pub(crate) async fn add(
             }
             Some(path) => {
                 // `blkdebug:CONFIG:IMAGE` names a blkdebug node over the image's file.
-                let mut file = ferrite_block::filename::protocol_options(path);
+                let mut file = as_text(ferrite_block::filename::protocol_options(path));
                 if let Some(a) = &aio {
                     // `aio` is a POSIX file's option; other protocols have no such choice.
                     let posix = |d: &QDict| {
@@ -386,11 +414,7 @@ pub(crate) async fn add(
                     proto = file;
                 } else {
                     // `file.*` options on top of what the name says.
-                    for (k, v) in file {
-                        if proto.get(&k).is_none() {
-                            proto.insert(k, v);
-                        }
-                    }
+                    fill_in(&mut proto, file);
                 }
                 node.insert("file", proto);
             }

@@ -3,6 +3,8 @@
 //! there too, not to the monitor). Tests use it to write patterns into an image under a
 //! running machine and to check them.
 
+mod reopen;
+
 use ferrite_block::driver::DebugOp;
 use ferrite_block::{BlockBackend, Perm, ReqFlags};
 use std::io::Write;
@@ -378,6 +380,12 @@ pub(crate) async fn run(
         let _ = stdout.write_all(out.as_bytes());
         let _ = stdout.flush();
     };
+    if cmd == "reopen" {
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let out = reopen::run(graph, &blk, &words).await;
+        finish(blk, out).await;
+        return String::new();
+    }
     if matches!(cmd, "aio_read" | "aio_write" | "aio_discard") {
         // As qemu-io: the command returns at once, the report comes when the request ends
         // (a request held at a breakpoint must not hold the monitor).

@@ -18,6 +18,12 @@ impl Graph {
     /// QEMU's texts for a missing or unknown node name and for options that cannot change;
     /// "Block node is read-only" when a user still writes to a node made read-only.
     pub async fn reopen(&self, list: &[Args]) -> Result<()> {
+        // Nodes this reopen makes read-only: their own writes to their children end with it.
+        let going_read_only: Vec<&str> = list
+            .iter()
+            .filter(|o| o.bool_or("read-only", false))
+            .filter_map(|o| o.opt_str("node-name"))
+            .collect();
         let mut plan = Vec::new();
         for opts in list {
             let name = opts
@@ -36,12 +42,13 @@ impl Graph {
             {
                 return Err(Error::DetectZeroesUnmapWithoutDiscard);
             }
-            if read_only
-                && node
-                    .cumulative_perms()
-                    .0
-                    .intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
-            {
+            let writers = node.users().into_iter().filter(|u| {
+                u.perm().intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
+                    && !u
+                        .parent_node()
+                        .is_some_and(|p| going_read_only.contains(&p.name()))
+            });
+            if read_only && writers.count() > 0 {
                 return Err(Error::ReadOnly);
             }
             plan.push((node, opts, read_only));
