@@ -18,6 +18,7 @@ mod drain;
 pub mod driver;
 mod error;
 mod events;
+pub mod fdset;
 pub mod filename;
 mod graph;
 pub mod io;

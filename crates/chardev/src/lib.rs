@@ -18,7 +18,7 @@ mod opts;
 pub mod qmp_cmds;
 mod registry;
 
-pub use backend::{Connection, Reader, Writer};
+pub use backend::{Connection, PassedFds, Reader, Writer};
 pub use error::{Error, Result};
 pub use opts::{ChardevOpts, backend_from_opts};
 pub use registry::{Chardev, ChardevRegistry, Origin};

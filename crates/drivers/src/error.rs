@@ -20,6 +20,9 @@ pub(crate) enum Error {
         /// Why.
         error: io::Error,
     },
+    /// A descriptor set (`/dev/fdset/N`) that cannot give the file, in QEMU's words.
+    #[error("{0}")]
+    Fdset(String),
     /// `file` on something that is not a regular file.
     #[error("'{driver}' driver requires '{path}' to be a regular file")]
     NotARegularFile {

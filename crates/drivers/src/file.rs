@@ -9,6 +9,7 @@ use ferrite_block::Node;
 use ferrite_block::OpenCtx;
 use ferrite_block::Perm;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::fdset;
 use ferrite_block::io::{Fallocate, IoBackend, seek};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
 use ferrite_qapi::Args;
@@ -48,6 +49,9 @@ pub(crate) struct FileDriver {
     path: String,
     /// The open file; `blockdev-reopen` swaps it for one opened in the new mode.
     file: std::cell::RefCell<Arc<File>>,
+    /// Where the file is a duplicate from a descriptor set (`/dev/fdset/N`), the set's record
+    /// of it.
+    fdset_dup: std::cell::RefCell<Option<fdset::Dup>>,
     /// O_DIRECT (`cache.direct`; a reopen may change it).
     direct: Cell<bool>,
     /// Request alignment for O_DIRECT (1 without it).
@@ -188,27 +192,17 @@ impl FileDriver {
     pub(crate) fn open(o: FileOpen<'_>) -> ferrite_block::Result<(FileDriver, bool)> {
         let path = o.args.str("filename")?.to_owned();
         let locking = !matches!(o.args.opt_str("locking"), Some("off"));
-        let open = |write: bool| {
-            let mut opts = OpenOptions::new();
-            opts.read(true).write(write);
-            if o.direct {
-                opts.custom_flags(libc::O_DIRECT);
-            }
-            opts.open(&path)
-        };
-        let (file, read_only) = match open(!o.read_only) {
+        let open = |write: bool| HostFile::open(&path, write, o.direct);
+        let (HostFile { file, fdset_dup }, read_only) = match open(!o.read_only) {
             Ok(f) => (f, o.read_only),
             Err(e)
                 if !o.read_only
                     && o.auto_read_only
-                    && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) =>
+                    && matches!(e.errno(), libc::EACCES | libc::EROFS) =>
             {
-                (
-                    open(false).map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?,
-                    true,
-                )
+                (open(false).map_err(|e| e.into_error(&path))?, true)
             }
-            Err(e) => return Err(open_error(&path, e).into()),
+            Err(e) => return Err(e.into_error(&path).into()),
         };
         let kind = file
             .metadata()
@@ -237,6 +231,7 @@ impl FileDriver {
                 flavor: o.flavor,
                 path,
                 file: std::cell::RefCell::new(Arc::new(file)),
+                fdset_dup: std::cell::RefCell::new(fdset_dup),
                 direct: Cell::new(o.direct),
                 align: Cell::new(align),
                 writing: std::cell::RefCell::new(Vec::new()),
@@ -361,6 +356,58 @@ fn probe_direct_alignment(file: &File) -> u64 {
     match file.read_at(buf.as_mut_slice(), 0) {
         Ok(_) => 512,
         Err(_) => ferrite_block::io::aligned::DIRECT_ALIGN as u64,
+    }
+}
+
+/// A file opened by name, or taken from the descriptor set the name gives.
+struct HostFile {
+    file: File,
+    fdset_dup: Option<fdset::Dup>,
+}
+
+/// Why a [`HostFile`] could not be had.
+enum OpenFailure {
+    Os(io::Error),
+    Fdset(fdset::OpenError),
+}
+
+impl OpenFailure {
+    fn errno(&self) -> i32 {
+        match self {
+            OpenFailure::Os(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            OpenFailure::Fdset(e) => e.errno,
+        }
+    }
+
+    fn into_error(self, path: &str) -> Error {
+        match self {
+            OpenFailure::Os(e) => open_error(path, e),
+            OpenFailure::Fdset(e) => Error::Fdset(e.text),
+        }
+    }
+}
+
+impl HostFile {
+    fn open(path: &str, write: bool, direct: bool) -> Result<HostFile, OpenFailure> {
+        let direct_flag = if direct { libc::O_DIRECT } else { 0 };
+        let access = if write { libc::O_RDWR } else { libc::O_RDONLY };
+        if let Some(r) = fdset::open(path, access | direct_flag) {
+            let (file, dup) = r.map_err(OpenFailure::Fdset)?;
+            return Ok(HostFile {
+                file,
+                fdset_dup: Some(dup),
+            });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(direct_flag)
+            .open(path)
+            .map_err(OpenFailure::Os)?;
+        Ok(HostFile {
+            file,
+            fdset_dup: None,
+        })
     }
 }
 
@@ -570,12 +617,9 @@ impl Driver for FileDriver {
         let direct = opts
             .dict("cache")
             .is_some_and(|c| c.bool_or("direct", false));
-        let mut o = OpenOptions::new();
-        o.read(true).write(!read_only);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        let file = Arc::new(o.open(&self.path).map_err(|e| open_error(&self.path, e))?);
+        let HostFile { file, fdset_dup } =
+            HostFile::open(&self.path, !read_only, direct).map_err(|e| e.into_error(&self.path))?;
+        let file = Arc::new(file);
         if self.locking {
             // The old descriptor lets go of its lock bytes first: OFD locks of two
             // descriptors of one process conflict like anyone's.
@@ -593,6 +637,7 @@ impl Driver for FileDriver {
             1
         };
         *self.file.borrow_mut() = file;
+        *self.fdset_dup.borrow_mut() = fdset_dup;
         self.direct.set(direct);
         self.align.set(align);
         Ok(())

@@ -8,11 +8,13 @@
 //!
 //! QEMU counterparts: `monitor/qmp.c`, `monitor/monitor.c`, `qapi/qmp-dispatch.c`.
 
+mod context;
 mod dispatch;
 mod events;
 mod outbox;
 mod session;
 
+pub use context::{FdSource, NamedFds, SessionContext, current_session};
 pub use dispatch::{CommandFuture, Commands};
 pub use events::{Event, EventBus};
 pub use session::{Monitor, MonitorOptions};

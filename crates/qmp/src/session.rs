@@ -1,5 +1,6 @@
 //! One monitor and its sessions: greeting, negotiation, request checks, dispatch.
 
+use crate::context::{FdSource, NamedFds, in_session};
 use crate::dispatch::Commands;
 use crate::events::{EventBus, wire_text};
 use crate::outbox::Outbox;
@@ -36,6 +37,7 @@ pub struct Monitor {
     options: MonitorOptions,
     open_sessions: RefCell<Vec<Rc<Outbox>>>,
     session_closed: Notify,
+    named_fds: Rc<NamedFds>,
 }
 
 type Request = Result<QObject, ParseError>;
@@ -50,6 +52,7 @@ struct Session {
     reader_done: Cell<bool>,
     wake_executor: Notify,
     wake_reader: Notify,
+    passed_fds: Option<FdSource>,
 }
 
 fn error_response(err: &Error, id: Option<QObject>) -> QObject {
@@ -78,6 +81,7 @@ impl Monitor {
             options,
             open_sessions: RefCell::new(Vec::new()),
             session_closed: Notify::new(),
+            named_fds: Rc::default(),
         })
     }
 
@@ -86,6 +90,17 @@ impl Monitor {
         self: &Rc<Self>,
         reader: Pin<Box<dyn AsyncRead>>,
         writer: Pin<Box<dyn AsyncWrite>>,
+    ) {
+        self.serve_passing_fds(reader, writer, None).await;
+    }
+
+    /// Serves one connection on which the client may pass descriptors (`fds` takes the
+    /// last one passed), for `getfd` and `add-fd`.
+    pub async fn serve_passing_fds(
+        self: &Rc<Self>,
+        reader: Pin<Box<dyn AsyncRead>>,
+        writer: Pin<Box<dyn AsyncWrite>>,
+        fds: Option<FdSource>,
     ) {
         let outbox = Outbox::new(self.options.pretty);
         self.open_sessions.borrow_mut().push(outbox.clone());
@@ -98,6 +113,7 @@ impl Monitor {
             reader_done: Cell::new(false),
             wake_executor: Notify::new(),
             wake_reader: Notify::new(),
+            passed_fds: fds,
         };
         let caps: Vec<QObject> = if self.options.oob_offered {
             vec!["oob".into()]
@@ -301,7 +317,8 @@ impl Monitor {
         if name == "qmp_capabilities" {
             return self.qmp_capabilities(session, &Args::new(args));
         }
-        self.commands.run(name, Args::new(args)).await
+        let run = self.commands.run(name, Args::new(args));
+        in_session(session.passed_fds.clone(), self.named_fds.clone(), run).await
     }
 
     fn qmp_capabilities(&self, session: &Session, args: &Args) -> Result<QObject, Error> {

@@ -230,7 +230,12 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
     daemon.monitors.borrow_mut().push(monitor.clone());
     tokio::task::spawn_local(async move {
         while let Some(conn) = dev.accept().await {
-            monitor.serve(conn.reader, conn.writer).await;
+            let fds = conn
+                .fds
+                .map(|f| -> ferrite_qmp::FdSource { Rc::new(move || f.take()) });
+            monitor
+                .serve_passing_fds(conn.reader, conn.writer, fds)
+                .await;
             dev.disconnected();
         }
     });

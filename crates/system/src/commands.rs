@@ -60,6 +60,7 @@ impl SystemCommands {
                 sys.machine.quit();
                 sys.daemon.run("quit", args).await
             }
+            _ if let Some(r) = crate::fds::run(name, &args) => r,
             _ => match sys.devices.run_medium_command(name, &args).await {
                 Some(r) => r,
                 None => sys.daemon.run(name, args).await,

@@ -13,6 +13,7 @@ mod cli;
 mod commands;
 mod devices;
 mod drive;
+mod fds;
 mod help;
 mod hmp;
 mod io_limits;
@@ -72,8 +73,12 @@ fn legacy_chardev(spec: &str, id: &str) -> Result<Option<String>, String> {
     } else {
         format!(",{}", flags.join(","))
     };
-    let text = if head == "stdio" {
-        format!("stdio,id={id}{rest}")
+    let text = if head == "stdio" || head == "null" {
+        format!("{head},id={id}{rest}")
+    } else if let Some(path) = head.strip_prefix("file:") {
+        format!("file,id={id},path={path}{rest}")
+    } else if let Some(path) = head.strip_prefix("pipe:") {
+        format!("pipe,id={id},path={path}{rest}")
     } else if let Some(path) = head.strip_prefix("unix:") {
         format!("socket,id={id},path={path}{rest}")
     } else if let Some(addr) = head.strip_prefix("tcp:") {
@@ -106,7 +111,7 @@ fn machine_type(options: &[SysOption]) -> Result<(&'static machine::MachineType,
             "accel" => ("accel", "accel"),
             _ => continue,
         };
-        let parsed = keyval::parse(o.text(), Some(implied)).map_err(|e| failed(o, e.desc))?;
+        let parsed = keyval::parse(o.text(), Some(implied)).map_err(|e| failed(o, e.cli_text()))?;
         if o.name == "machine"
             && let Some(t) = parsed.value.get("type").and_then(|v| v.as_str())
         {
@@ -171,6 +176,10 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
     let mut qtest_log: Option<&str> = None;
     let (mut paused, mut incoming, mut snapshot) = (false, false, false);
     let mut compat = 0;
+    // Descriptor sets first: any file name may refer to one.
+    for o in options.iter().filter(|o| o.name == "add-fd") {
+        fds::add_from_command_line(o.text()).map_err(|e| failed(o, e))?;
+    }
     // The backends, in order.
     for o in options {
         let v = o.text();
@@ -180,7 +189,8 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             "blockdev" => daemon_option(daemon, o, CliOption::Blockdev(v.into()), prog).await?,
             "mon" => {
                 // qemu-system's monitors are human ones unless they say `mode=control`.
-                let parsed = keyval::parse(v, Some("chardev")).map_err(|e| failed(o, e.desc))?;
+                let parsed =
+                    keyval::parse(v, Some("chardev")).map_err(|e| failed(o, e.cli_text()))?;
                 match parsed.value.get("mode").and_then(|m| m.as_str()) {
                     Some("control") => monitors.push((o, CliOption::Monitor(v.into()))),
                     None | Some("readline") => {
@@ -233,7 +243,6 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             "S" => paused = true,
             "incoming" => incoming = true,
             "snapshot" => snapshot = true,
-            "add-fd" => return Err(failed(o, "-add-fd is not supported yet")),
             _ => {}
         }
     }
@@ -249,7 +258,7 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             }
             let d = drive::add(&daemon.graph, &sys.devices, &mut counter, &text, snapshot)
                 .await
-                .map_err(|e| failed(o, e.desc))?;
+                .map_err(|e| failed(o, e.cli_text()))?;
             sys.drives.borrow_mut().push(d.blk);
             drive_devices.extend(d.device.map(|dev| (o, dev)));
             orphans.extend(d.orphan.map(|why| (o, why)));
@@ -288,15 +297,18 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
         .partition(|(_, d)| d.made_by != drive::MadeBy::Device);
     sys.devices
         .add_board_devices(board.into_iter().map(|(_, d)| d).collect())
-        .map_err(|e| Failure(e.desc))?;
+        .map_err(|e| Failure(e.cli_text()))?;
     for o in options.iter().filter(|o| o.name == "device") {
-        let parsed = keyval::parse(o.text(), Some("driver")).map_err(|e| failed(o, e.desc))?;
+        let parsed =
+            keyval::parse(o.text(), Some("driver")).map_err(|e| failed(o, e.cli_text()))?;
         sys.devices
             .add(&parsed.value)
-            .map_err(|e| failed(o, e.desc))?;
+            .map_err(|e| failed(o, e.cli_text()))?;
     }
     for (o, d) in own {
-        sys.devices.add(&d.props).map_err(|e| failed(o, e.desc))?;
+        sys.devices
+            .add(&d.props)
+            .map_err(|e| failed(o, e.cli_text()))?;
     }
     if let Some((o, id)) = qtest {
         let dev = daemon

@@ -119,6 +119,7 @@ impl FileBackend {
         Some(Connection {
             reader,
             writer: LogFile::tee(self.log.clone(), writer),
+            fds: None,
         })
     }
 }

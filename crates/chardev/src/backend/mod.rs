@@ -3,9 +3,11 @@
 mod file;
 mod log;
 mod ringbuf;
+mod scm;
 mod socket;
 
 pub(crate) use ringbuf::Ring;
+pub use scm::PassedFds;
 
 use crate::error::{Error, Result};
 use crate::registry::Origin;
@@ -24,6 +26,8 @@ pub struct Connection {
     pub reader: Reader,
     /// Bytes to the peer.
     pub writer: Writer,
+    /// Descriptors the peer passed (unix sockets only).
+    pub fds: Option<std::rc::Rc<PassedFds>>,
 }
 
 /// An open backend.
@@ -134,5 +138,6 @@ fn idle_once() -> Option<Connection> {
     Some(Connection {
         reader: Box::pin(NoInput),
         writer: Box::pin(tokio::io::sink()),
+        fds: None,
     })
 }

@@ -56,6 +56,7 @@ impl Ring {
                 buf: self.buf.clone(),
                 size: self.size,
             }),
+            fds: None,
         })
     }
 }

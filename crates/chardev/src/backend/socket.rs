@@ -251,9 +251,11 @@ impl Socket {
 
     fn wrap_unix(&self, s: UnixStream) -> Connection {
         let (r, w) = s.into_split();
+        let fds = std::rc::Rc::new(super::PassedFds::default());
         Connection {
-            reader: Box::pin(r),
+            reader: Box::pin(super::scm::ScmReader::new(r, fds.clone())),
             writer: LogFile::tee(self.log.clone(), Box::pin(w)),
+            fds: Some(fds),
         }
     }
 
@@ -262,6 +264,7 @@ impl Socket {
         Connection {
             reader: Box::pin(r),
             writer: LogFile::tee(self.log.clone(), Box::pin(w)),
+            fds: None,
         }
     }
 
