@@ -20,6 +20,24 @@ pub enum Error {
     /// `blockdev-del` and `blockdev-reopen` of an unknown node.
     #[error("Failed to find node with node-name='{0}'")]
     NoSuchNode(String),
+    /// A reopen making a node a child of one of its own children.
+    #[error("Making '{child}' a {edge} child of '{parent}' would create a cycle")]
+    ChildCycle {
+        /// The would-be child.
+        child: String,
+        /// The edge (`file`).
+        edge: String,
+        /// The node reopened.
+        parent: String,
+    },
+    /// A reopen replacing a child a job put in.
+    #[error("Cannot replace implicit {edge} child of {parent}")]
+    ImplicitChild {
+        /// The edge (`file`).
+        edge: String,
+        /// The node reopened.
+        parent: String,
+    },
     /// A node name that breaks QEMU's identifier rule.
     #[error("Invalid node-name: '{0}'")]
     InvalidNodeName(String),

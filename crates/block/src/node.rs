@@ -214,6 +214,11 @@ impl Node {
         self.never_freeze.get()
     }
 
+    /// Whether a job put the node in without a user's name for it.
+    pub fn is_implicit(&self) -> bool {
+        self.implicit.get()
+    }
+
     /// Marks the node as a filter a job made without a user's name for it.
     pub fn set_implicit(&self) {
         self.implicit.set(true);
@@ -246,16 +251,14 @@ impl Node {
         if let Some(f) = self.driver.plain_filename() {
             return f;
         }
-        // A format takes its file's name when that is a plain one; over a node that needs
-        // a `json:` name (a filter with options), it needs one of its own.
+        // A format takes its file's name when the file is a protocol node with a plain
+        // one; over anything else (a filter, another format) it needs a `json:` name.
         if self.driver.is_passthrough()
             && !self.backing_overridden()
             && let Some(file) = self.child("file")
+            && let Some(name) = file.driver.plain_filename()
         {
-            let name = file.filename();
-            if !name.starts_with("json:") {
-                return name;
-            }
+            return name;
         }
         format!(
             "json:{}",

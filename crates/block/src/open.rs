@@ -165,8 +165,11 @@ impl<'a> OpenCtx<'a> {
     /// with this node's cache modes.
     pub fn image_file_opts(&self, path: &str, read_only: bool) -> QDict {
         let mut file_opts = crate::filename::protocol_options(path).with("read-only", read_only);
-        if let Some(c) = self.opts.get("cache") {
-            file_opts.insert("cache", c.clone());
+        // Cache modes and force-share pass down to what the node opens, as in QEMU.
+        for key in ["cache", "force-share"] {
+            if let Some(v) = self.opts.get(key) {
+                file_opts.insert(key, v.clone());
+            }
         }
         file_opts
     }
@@ -249,8 +252,10 @@ impl<'a> OpenCtx<'a> {
             let mut opts = QDict::new()
                 .with("driver", format)
                 .with("read-only", read_only);
-            if let Some(c) = file_opts.get("cache") {
-                opts.insert("cache", c.clone());
+            for key in ["cache", "force-share"] {
+                if let Some(v) = file_opts.get(key) {
+                    opts.insert(key, v.clone());
+                }
             }
             let mut opts = merge(opts, extra);
             if let Some(c) = opts.get("cache") {

@@ -211,6 +211,11 @@ impl Driver for RawDriver {
         self.offset.get() == 0 && self.size.get().is_none()
     }
 
+    fn can_grow(&self) -> bool {
+        // Without a window, a write past the end goes to the file, which decides.
+        self.is_passthrough()
+    }
+
     fn strong_options(&self) -> QDict {
         let mut d = QDict::new();
         if self.offset.get() != 0 {

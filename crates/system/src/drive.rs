@@ -412,6 +412,14 @@ pub(crate) async fn add(
                 }
                 if proto.is_empty() {
                     proto = file;
+                } else if proto
+                    .get("driver")
+                    .and_then(QObject::as_str)
+                    .and_then(|d| graph.registry().get(d))
+                    .is_some_and(|f| f.kind() != ferrite_block::DriverKind::Protocol)
+                {
+                    // `file.driver=FORMAT`: the name is that format's own file.
+                    proto.insert("file", file);
                 } else {
                     // `file.*` options on top of what the name says.
                     fill_in(&mut proto, file);

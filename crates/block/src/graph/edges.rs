@@ -13,7 +13,7 @@ use ferrite_qapi::Args;
 use std::rc::{Rc, Weak};
 
 /// Whether `name` is `node` or a node below it.
-fn reaches(node: &Rc<Node>, target: &Rc<Node>) -> bool {
+pub(crate) fn reaches(node: &Rc<Node>, target: &Rc<Node>) -> bool {
     Rc::ptr_eq(node, target) || node.children().iter().any(|c| reaches(&c.node(), target))
 }
 
@@ -155,6 +155,36 @@ impl Graph {
             let _ = self.check_node(old);
         }
         r
+    }
+
+    /// Points `node`'s edge `name` at `to` (a reopen's new `file`), on drained nodes; the
+    /// node it left is closed if nothing else uses it.
+    ///
+    /// # Errors
+    /// A permission conflict on `to`; the edge stays where it was then.
+    pub(crate) async fn retarget_child(
+        &self,
+        node: &Rc<Node>,
+        name: &str,
+        to: &Rc<Node>,
+    ) -> Result<()> {
+        let Some(e) = node.edge(name) else {
+            return Ok(());
+        };
+        let from = e.node();
+        let _from_drained = self.drain(&from).await;
+        let _to_drained = self.drain(to).await;
+        self.move_edge(&e, to);
+        let _ = self.propagate(&from);
+        if let Err(err) = self.check_node(to) {
+            self.move_edge(&e, &from);
+            let _ = self.propagate(to);
+            let _ = self.check_node(&from);
+            return Err(err);
+        }
+        drop(_from_drained);
+        self.forget_if_orphan(&from);
+        Ok(())
     }
 
     /// Opens a filter node from `opts` with `factory` and puts it above `below`: every

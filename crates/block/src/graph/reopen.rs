@@ -5,10 +5,19 @@
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
+use crate::graph::edges::reaches;
 use crate::node::{DetectZeroes, Node};
 use crate::perm::Perm;
 use ferrite_qapi::Args;
+use ferrite_qobject::QObject;
 use std::rc::Rc;
+
+/// A reopen's entries with the children's own, and the `file` edges to move.
+struct Expanded {
+    list: Vec<Args>,
+    /// Nodes whose `file` becomes another node.
+    new_files: Vec<(Rc<Node>, Rc<Node>)>,
+}
 
 impl Graph {
     /// `blockdev-reopen`: checks every entry first, then applies them all on drained nodes.
@@ -18,6 +27,8 @@ impl Graph {
     /// QEMU's texts for a missing or unknown node name and for options that cannot change;
     /// "Block node is read-only" when a user still writes to a node made read-only.
     pub async fn reopen(&self, list: &[Args]) -> Result<()> {
+        let Expanded { list, new_files } = self.expand_file_children(list)?;
+        let list = &list[..];
         // Nodes this reopen makes read-only: their own writes to their children end with it.
         let going_read_only: Vec<&str> = list
             .iter()
@@ -53,6 +64,9 @@ impl Graph {
             }
             plan.push((node, opts, read_only));
         }
+        for (node, new_file) in new_files {
+            self.retarget_child(&node, "file", &new_file).await?;
+        }
         for (node, opts, read_only) in plan {
             let _drained = self.drain(&node).await;
             if read_only && !node.is_read_only() {
@@ -79,6 +93,111 @@ impl Graph {
             *node.options.borrow_mut() = opts.as_dict().clone();
         }
         Ok(())
+    }
+
+    /// QEMU's handling of `file` in a reopen's options: options for the child a node
+    /// opened itself (a dict) reopen that child too, read-only mode and cache modes passing
+    /// down as at open (a child made writable before its parent, made read-only after it);
+    /// another node's name makes that node the file (returned to do once all is checked).
+    fn expand_file_children(&self, list: &[Args]) -> Result<Expanded> {
+        let mut out = Vec::new();
+        let mut new_files = Vec::new();
+        for opts in list {
+            let (Some(name), Some(file)) = (opts.opt_str("node-name"), opts.get("file")) else {
+                out.push(opts.clone());
+                continue;
+            };
+            let Some(node) = self.find(name) else {
+                out.push(opts.clone());
+                continue;
+            };
+            let current = node.child("file");
+            let mut parent = opts.as_dict().clone();
+            match (file, &current) {
+                (QObject::String(wanted), Some(cur)) if wanted != cur.name() => {
+                    let new = self
+                        .find(wanted)
+                        .ok_or_else(|| Error::NodeNotFound(wanted.clone()))?;
+                    if Rc::ptr_eq(&cur.skip_implicit_filters(), &new) {
+                        parent.insert("file", cur.name());
+                    } else {
+                        if reaches(&new, &node) {
+                            return Err(Error::ChildCycle {
+                                child: wanted.clone(),
+                                edge: "file".into(),
+                                parent: name.to_owned(),
+                            });
+                        }
+                        if cur.is_implicit() {
+                            return Err(Error::ImplicitChild {
+                                edge: "file".into(),
+                                parent: name.to_owned(),
+                            });
+                        }
+                        parent.insert("file", cur.name());
+                        new_files.push((node.clone(), new));
+                    }
+                    out.push(Args::new(parent));
+                }
+                (QObject::Dict(child_opts), Some(cur))
+                    if cur.users().len() == 1 && !self.is_monitor_owned(cur) =>
+                {
+                    let mut child = child_opts.clone();
+                    if child
+                        .get("node-name")
+                        .is_some_and(|n| n.as_str() != Some(cur.name()))
+                    {
+                        return Err(Error::CannotChange("file.node-name".into()));
+                    }
+                    child.insert("node-name", cur.name());
+                    if cur.inherits_read_only()
+                        && child.get("read-only").is_none()
+                        && let Some(ro) = opts.get("read-only")
+                    {
+                        child.insert("read-only", ro.clone());
+                    }
+                    let (inherits_direct, inherits_no_flush) = cur.inherits_cache();
+                    if let Some(cache) = opts.dict("cache") {
+                        let mut c = child
+                            .get("cache")
+                            .and_then(QObject::as_dict)
+                            .cloned()
+                            .unwrap_or_default();
+                        for (key, inherits) in
+                            [("direct", inherits_direct), ("no-flush", inherits_no_flush)]
+                        {
+                            if let (true, None, Some(v)) = (inherits, c.get(key), cache.get(key)) {
+                                c.insert(key, v.clone());
+                            }
+                        }
+                        child.insert("cache", c);
+                    }
+                    if child.get("discard").is_none() {
+                        child.insert("discard", "unmap");
+                    }
+                    parent.insert("file", cur.name());
+                    let child_ro = child
+                        .get("read-only")
+                        .and_then(QObject::as_bool)
+                        .unwrap_or(false);
+                    // A writable child before its parent needs it; a read-only one after the
+                    // parent has written back what it held.
+                    if child_ro {
+                        out.push(Args::new(parent));
+                        out.push(Args::new(child));
+                    } else {
+                        out.push(Args::new(child));
+                        out.push(Args::new(parent));
+                    }
+                }
+                (QObject::Dict(_), _) => return Err(Error::CannotChange("file".into())),
+                _ => out.push(opts.clone()),
+            }
+        }
+        Ok(Expanded {
+            list: out,
+            new_files,
+        })
     }
 
     /// Switches a node and its `file` child between read-only and read-write in place
