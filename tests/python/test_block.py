@@ -167,6 +167,62 @@ def test_reopen_matches_qsd(both):
         assert got == want, (i, reopen_seq("IMG")[i][0])
 
 
+def reopen_file_seq(img):
+    """`file` in a reopen: options for the child the node opened (its mode follows), another
+    node's name (the edge moves), and what is refused; persistent bitmaps of an image opened
+    read-only cannot be changed until it is writable."""
+    inline = {"driver": "file", "filename": img}
+    fmt = {"driver": "qcow2", "node-name": "fmt"}
+    return [
+        ("blockdev-add", {**fmt, "read-only": True, "file": {**inline, "node-name": "f0"}}),
+        ("block-dirty-bitmap-remove", {"node": "fmt", "name": "b0"}),
+        ("block-dirty-bitmap-clear", {"node": "fmt", "name": "b0"}),
+        ("block-dirty-bitmap-disable", {"node": "fmt", "name": "b0"}),
+        ("block-dirty-bitmap-add", {"node": "fmt", "name": "b1"}),
+        ("block-dirty-bitmap-merge", {"node": "fmt", "target": "b0", "bitmaps": ["b1"]}),
+        ("blockdev-reopen", {"options": [{**fmt, "file": inline, "read-only": False}]}),
+        ("query-named-block-nodes", None),
+        ("block-dirty-bitmap-clear", {"node": "fmt", "name": "b0"}),
+        ("blockdev-reopen", {"options": [{**fmt, "file": inline, "read-only": True}]}),
+        ("query-named-block-nodes", None),
+        ("blockdev-reopen", {"options": [{**fmt, "file": inline, "read-only": False}]}),
+        ("block-dirty-bitmap-remove", {"node": "fmt", "name": "b0"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "f0"}),
+        ("blockdev-reopen", {"options": [{**fmt, "file": "nope"}]}),
+        ("blockdev-reopen", {"options": [{**fmt, "file": "fmt"}]}),
+        ("blockdev-reopen", {"options": [{**fmt, "file": "r0"}]}),
+        ("x-debug-query-block-graph", None),
+        ("query-named-block-nodes", None),
+        ("blockdev-reopen", {"options": [{**fmt, "file": "f0"}]}),
+        ("x-debug-query-block-graph", None),
+        ("blockdev-del", {"node-name": "r0"}),
+    ]
+
+
+def test_reopen_of_file_children_matches_qsd(both):
+    qsd, ferrite = both()
+    out = []
+    for d in (qsd, ferrite):
+        img = os.path.join(str(d.workdir), "img.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--add", img, "b0"], check=True)
+        c = d.connect()
+        out.append([canon(modes_only(n, c.cmd(n, a)), d.workdir)
+                    for n, a in reopen_file_seq(img)])
+    for i, (want, got) in enumerate(zip(*out)):
+        assert got == want, (i, reopen_file_seq("IMG")[i][0])
+
+
+def modes_only(name, rsp):
+    """What a reopen changes in `query-named-block-nodes`: each node's mode and files, and
+    the image's bitmaps (where the two programs put a stored bitmap in the file differs)."""
+    if name != "query-named-block-nodes" or "return" not in rsp:
+        return rsp
+    return [{"node-name": n["node-name"], "ro": n["ro"], "file": n["file"],
+             "bitmaps": n["image"].get("format-specific", {}).get("data", {}).get("bitmaps")}
+            for n in rsp["return"]]
+
+
 def test_reopen_read_write_lets_an_export_write(ferrite, tmp_path):
     img = image(str(tmp_path))
     sock = str(tmp_path / "nbd.sock")

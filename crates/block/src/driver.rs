@@ -395,6 +395,12 @@ pub trait Driver: std::any::Any {
         false
     }
 
+    /// Takes persistent bitmap `name` out of the image now (`block-dirty-bitmap-remove`),
+    /// so that it does not come back after a crash. Nothing for a format without them.
+    fn remove_stored_bitmap<'a>(&'a self, _node: &'a Node, _name: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether the format keeps internal snapshots.
     fn supports_internal_snapshots(&self) -> bool {
         false

@@ -44,6 +44,23 @@ fn check_usable(b: &DirtyBitmap) -> Result<()> {
     Ok(())
 }
 
+/// QEMU's checks before a bitmap is modified: those of [`check_usable`] and that it is
+/// not one stored in an image opened read-only (QEMU marks those read-only).
+fn check_writable(node: &Node, b: &DirtyBitmap) -> Result<()> {
+    if b.is_busy() {
+        return Err(Error::BitmapBusy(b.name().to_owned()));
+    }
+    check_not_read_only(node, b)?;
+    check_usable(b)
+}
+
+fn check_not_read_only(node: &Node, b: &DirtyBitmap) -> Result<()> {
+    if b.is_persistent() && node.is_read_only() {
+        return Err(Error::BitmapReadOnly(b.name().to_owned()));
+    }
+    Ok(())
+}
+
 /// The granularity a new bitmap gets: the node's cluster size within 4 KiB..64 KiB.
 fn default_granularity(node: &Node) -> u64 {
     node.driver()
@@ -109,6 +126,7 @@ pub fn remove(graph: &Graph, args: &Args) -> Result<Undo> {
     if b.is_busy() {
         check_usable(&b)?;
     }
+    check_not_read_only(&node, &b)?;
     let at = node.remove_bitmap(&b).unwrap_or(0);
     Ok(Box::new(move || node.insert_bitmap(at, b)))
 }
@@ -118,8 +136,8 @@ pub fn remove(graph: &Graph, args: &Args) -> Result<Undo> {
 /// # Errors
 /// An unknown, busy or inconsistent bitmap.
 pub fn clear(graph: &Graph, args: &Args) -> Result<Undo> {
-    let (_, b) = lookup(graph, args.str("node")?, args.str("name")?)?;
-    check_usable(&b)?;
+    let (node, b) = lookup(graph, args.str("node")?, args.str("name")?)?;
+    check_writable(&node, &b)?;
     let before = b.to_bytes();
     b.clear();
     Ok(Box::new(move || b.load_bytes(&before)))
@@ -143,8 +161,8 @@ pub fn set_enabled(graph: &Graph, args: &Args, on: bool) -> Result<Undo> {
 /// Unknown bitmaps or nodes, a busy or inconsistent target, sizes that differ.
 pub fn merge(graph: &Graph, args: &Args) -> Result<Undo> {
     let node_name = args.str("node")?;
-    let (_, target) = lookup(graph, node_name, args.str("target")?)?;
-    check_usable(&target)?;
+    let (target_node, target) = lookup(graph, node_name, args.str("target")?)?;
+    check_writable(&target_node, &target)?;
     let mut sources = Vec::new();
     let list = match args.get("bitmaps") {
         Some(QObject::List(l)) => l.clone(),

@@ -202,6 +202,9 @@ pub enum Error {
     /// A bitmap another operation holds.
     #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
     BitmapBusy(String),
+    /// A bitmap stored in an image opened read-only.
+    #[error("Bitmap '{0}' is readonly and cannot be modified")]
+    BitmapReadOnly(String),
     /// A bitmap whose contents cannot be trusted.
     #[error("Bitmap '{0}' is inconsistent and cannot be used")]
     BitmapInconsistent(String),

@@ -115,6 +115,71 @@ async fn store_one(file: &Child, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Ve
     Ok(e)
 }
 
+/// Takes bitmap `name` out of the image's directory and frees its clusters; the others stay
+/// as they are on disk (flags included). A new directory is written before the header
+/// points to it, as in [`store`].
+pub(crate) async fn remove_entry(file: &Child, m: &mut Meta, name: &str) -> io::Result<()> {
+    let cs = m.cs();
+    let entries = bitmap_dir::read(file, &m.h)
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let Some(victim) = entries.iter().find(|e| e.name == name) else {
+        return Ok(());
+    };
+    let old_dir =
+        m.h.extension(EXT_BITMAPS)
+            .map(|x| (get_be64(x, 2), get_be64(x, 1)));
+    let rest: Vec<&Entry> = entries.iter().filter(|e| e.name != name).collect();
+    if rest.is_empty() {
+        m.h.set_extension(EXT_BITMAPS, None);
+        m.h.autoclear &= !autoclear::BITMAPS;
+    } else {
+        let mut dir: Vec<u8> = rest.iter().flat_map(|e| e.raw.iter().copied()).collect();
+        let dir_len = dir.len() as u64;
+        let dir_clusters = dir_len.div_ceil(cs);
+        let dir_offset = m.alloc(file, dir_clusters).await?;
+        dir.resize((dir_clusters * cs) as usize, 0);
+        m.check_write(
+            file,
+            dir_offset,
+            dir.len() as u64,
+            Metadata::BITMAP_DIRECTORY,
+        )
+        .await?;
+        file.write(dir_offset, dir, ReqFlags::empty()).await?;
+        let mut ext = vec![0u8; 24];
+        ext[0..4].copy_from_slice(&(rest.len() as u32).to_be_bytes());
+        put_be64(&mut ext, 1, dir_len);
+        put_be64(&mut ext, 2, dir_offset);
+        m.h.set_extension(EXT_BITMAPS, Some(ext));
+    }
+    m.write_back(file, true).await?;
+    m.write_header(file).await?;
+    file.flush().await?;
+    for (host, n) in clusters_of(file, cs, victim).await.unwrap_or_default() {
+        m.free(host, n, FreeKind::Other);
+    }
+    if let Some((off, len)) = old_dir
+        && off != 0
+        && len != 0
+    {
+        m.free(off, len.div_ceil(cs), FreeKind::Other);
+    }
+    m.write_back(file, true).await?;
+    refresh_info(file, m).await;
+    Ok(())
+}
+
+/// Reads the image's bitmap directory again for queries (`bitmaps` in the format-specific
+/// information), after it was written.
+pub(crate) async fn refresh_info(file: &Child, m: &mut Meta) {
+    let entries = bitmap_dir::read(file, &m.h).await.unwrap_or_default();
+    m.bitmap_info = entries
+        .into_iter()
+        .map(|e| (e.name, 1u64 << e.granularity_bits, e.flags))
+        .collect();
+}
+
 /// Stores the node's persistent bitmaps and drops the ones it no longer has; the image's
 /// bitmaps are then clean (not in use). Inconsistent bitmaps stay as they were on disk.
 pub(crate) async fn store(

@@ -122,14 +122,16 @@ impl Driver for Qcow2Driver {
             let file = Self::file(node)?;
             let mut m = self.meta.lock().await;
             let was_dirty = m.h.incompatible & incompat::DIRTY != 0;
-            prepare_for_writing(&file, &mut m, was_dirty)
+            let r = prepare_for_writing(&file, &mut m, was_dirty)
                 .await
                 .map_err(|e| match e {
                     crate::error::Error::RepairDirty(e)
                     | crate::error::Error::UpdateBitmapDirectory(e)
                     | crate::error::Error::UpdateHeader(e) => e,
                     other => std::io::Error::other(other.to_string()),
-                })
+                });
+            crate::bitmaps::refresh_info(&file, &mut m).await;
+            r
         })
     }
 
@@ -253,6 +255,17 @@ impl Driver for Qcow2Driver {
 
     fn supports_persistent_bitmaps(&self) -> bool {
         true
+    }
+
+    fn remove_stored_bitmap<'a>(&'a self, node: &'a Node, name: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            if self.read_only.get() {
+                return Ok(());
+            }
+            let file = Self::file(node)?;
+            let mut m = self.meta.lock().await;
+            crate::bitmaps::remove_entry(&file, &mut m, name).await
+        })
     }
 
     fn supports_internal_snapshots(&self) -> bool {

@@ -2,7 +2,7 @@
 
 use crate::Qcow2Driver;
 use crate::format::header::{compat, incompat};
-use ferrite_qobject::QDict;
+use ferrite_qobject::{QDict, QObject};
 
 /// `SnapshotInfo` of an internal snapshot.
 pub(crate) fn snapshot_info(s: &crate::format::snapshot_table::Snapshot) -> QDict {
@@ -14,6 +14,27 @@ pub(crate) fn snapshot_info(s: &crate::format::snapshot_table::Snapshot) -> QDic
         .with("date-nsec", u64::from(s.date_nsec))
         .with("vm-clock-sec", s.vm_clock_nsec / 1_000_000_000)
         .with("vm-clock-nsec", s.vm_clock_nsec % 1_000_000_000)
+}
+
+/// `Qcow2BitmapInfo` of each bitmap in the directory, in QEMU's member order.
+fn bitmap_list(info: &[(String, u64, u32)]) -> Vec<QObject> {
+    use crate::format::bitmap_dir::{AUTO, IN_USE};
+    info.iter()
+        .map(|(name, granularity, flags)| {
+            let mut names: Vec<QObject> = Vec::new();
+            if flags & IN_USE != 0 {
+                names.push("in-use".into());
+            }
+            if flags & AUTO != 0 {
+                names.push("auto".into());
+            }
+            QDict::new()
+                .with("flags", names)
+                .with("name", name.as_str())
+                .with("granularity", *granularity)
+                .into()
+        })
+        .collect()
 }
 
 impl Qcow2Driver {
@@ -33,6 +54,9 @@ impl Qcow2Driver {
                 },
             );
             d.insert("lazy-refcounts", h.compatible & compat::LAZY_REFCOUNTS != 0);
+            if !m.bitmap_info.is_empty() {
+                d.insert("bitmaps", bitmap_list(&m.bitmap_info));
+            }
             d.insert("refcount-bits", 1u64 << h.refcount_order);
             if let Some(df) = &self.data_file {
                 if let Some(name) = &df.name {

@@ -95,6 +95,7 @@ impl Qcow2Driver {
         m.write_back(file, true).await?;
         let node_bitmaps = node.bitmaps();
         bitmaps::store(file, &mut m, &node_bitmaps).await?;
+        bitmaps::refresh_info(file, &mut m).await;
         if m.h.incompatible & incompat::DIRTY != 0 {
             m.h.incompatible &= !incompat::DIRTY;
             m.write_header(file).await?;

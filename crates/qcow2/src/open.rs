@@ -207,6 +207,7 @@ impl Opening {
         if !self.read_only {
             prepare_for_writing(file, &mut meta, was_dirty).await?;
         }
+        bitmaps::refresh_info(file, &mut meta).await;
         Ok(Qcow2Driver {
             meta: tokio::sync::Mutex::new(meta),
             claims: Claims::default(),

@@ -251,7 +251,26 @@ impl Daemon {
                 done(transaction::qmp_blockdev_backup(&self.jobs, &self.graph, &args).await)
             }
             "block-dirty-bitmap-add" => done(bm::add(&self.graph, &args)),
-            "block-dirty-bitmap-remove" => done(bm::remove(&self.graph, &args)),
+            "block-dirty-bitmap-remove" => {
+                // A persistent bitmap leaves the image at once, as in QEMU.
+                let (node, name) = (args.str("node")?, args.str("name")?);
+                let stored = bm::lookup(&self.graph, node, name)
+                    .ok()
+                    .filter(|(_, b)| b.is_persistent());
+                drop(bm::remove(&self.graph, &args)?);
+                if let Some((node, _)) = stored {
+                    node.driver()
+                        .remove_stored_bitmap(&node, name)
+                        .await
+                        .map_err(|e| {
+                            Error::generic(format!(
+                                "Failed to remove bitmap '{name}' from the image: {}",
+                                ferrite_qapi::os_msg(&e)
+                            ))
+                        })?;
+                }
+                Ok(QObject::Dict(QDict::new()))
+            }
             "block-dirty-bitmap-clear" => done(bm::clear(&self.graph, &args)),
             "block-dirty-bitmap-enable" => done(bm::set_enabled(&self.graph, &args, true)),
             "block-dirty-bitmap-disable" => done(bm::set_enabled(&self.graph, &args, false)),

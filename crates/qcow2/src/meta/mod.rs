@@ -78,6 +78,8 @@ pub(crate) struct Meta {
     /// bytes, for the overlap check.
     pub(crate) snapshot_l1s: Vec<(u64, u32)>,
     pub(crate) snapshots_size: u64,
+    /// The image's bitmap directory as queries show it: name, granularity, flags.
+    pub(crate) bitmap_info: Vec<(String, u64, u32)>,
 }
 
 pub(crate) fn eio() -> io::Error {
@@ -153,6 +155,7 @@ impl Meta {
             overlap_check: overlap::Metadata::CACHED,
             snapshot_l1s: Vec::new(),
             snapshots_size: 0,
+            bitmap_info: Vec::new(),
         })
     }
 
