@@ -258,6 +258,12 @@ pub trait Driver: std::any::Any {
         false
     }
 
+    /// For a passthrough node that is not a format: it shows its file's name, `json:` or
+    /// not (QEMU's filters that refresh their name from their file's).
+    fn shows_file_name(&self) -> bool {
+        false
+    }
+
     /// The options that make this node what it is, for `json:` file names (QEMU's "strong
     /// options"): the driver's own, not the common ones.
     fn strong_options(&self) -> QDict {

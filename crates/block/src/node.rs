@@ -251,14 +251,20 @@ impl Node {
         if let Some(f) = self.driver.plain_filename() {
             return f;
         }
-        // A format takes its file's name when the file is a protocol node with a plain
-        // one; over anything else (a filter, another format) it needs a `json:` name.
+        // A filter that adds nothing to its file's data (copy-before-write, snapshot-access)
+        // shows the file's name, whatever it is. A format takes its file's name when the
+        // file is a protocol node with a plain one; over anything else (a filter, another
+        // format) it needs a `json:` name.
         if self.driver.is_passthrough()
             && !self.backing_overridden()
             && let Some(file) = self.child("file")
-            && let Some(name) = file.driver.plain_filename()
         {
-            return name;
+            if self.driver.shows_file_name() {
+                return file.filename();
+            }
+            if let Some(name) = file.driver.plain_filename() {
+                return name;
+            }
         }
         format!(
             "json:{}",

@@ -30,6 +30,9 @@ pub enum Error {
     /// A snapshot overlay that has a backing file already.
     #[error("The overlay already has a backing image")]
     OverlayHasBacking,
+    /// A filter node as a snapshot overlay.
+    #[error("Filters cannot be used as overlays")]
+    OverlayIsFilter,
     /// A snapshot overlay of a format without backing files.
     #[error("The overlay does not support backing images")]
     OverlayWithoutBacking,

@@ -33,8 +33,17 @@ fn supports_backing(graph: &Graph, format: &str) -> bool {
 
 /// The checks on an overlay before it goes on top.
 fn check_overlay(graph: &Graph, overlay: &Node) -> Result<()> {
-    if overlay.has_backend_user() {
+    // A parent that reads it as an image already (not a mirror's write-only target) would
+    // see its data change under it.
+    if overlay
+        .cumulative_perms()
+        .0
+        .contains(ferrite_block::Perm::CONSISTENT_READ)
+    {
         return Err(Error::OverlayInUse);
+    }
+    if overlay.filtered().is_some() {
+        return Err(Error::OverlayIsFilter);
     }
     graph.check_unblocked(overlay)?;
     if overlay.child("backing").is_some() {

@@ -479,6 +479,10 @@ impl Driver for CbwDriver {
         true
     }
 
+    fn shows_file_name(&self) -> bool {
+        true
+    }
+
     fn filtered_child(&self) -> Option<&'static str> {
         Some("file")
     }

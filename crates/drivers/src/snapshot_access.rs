@@ -124,6 +124,10 @@ impl Driver for SnapshotAccessDriver {
         true
     }
 
+    fn shows_file_name(&self) -> bool {
+        true
+    }
+
     fn has_image_info(&self) -> bool {
         false
     }
