@@ -20,7 +20,7 @@ pub enum Error {
     /// `blockdev-del` and `blockdev-reopen` of an unknown node.
     #[error("Failed to find node with node-name='{0}'")]
     NoSuchNode(String),
-    /// A reopen making a node a child of one of its own children.
+    /// A reopen or a snapshot making a node a child of itself or of one below it.
     #[error("Making '{child}' a {edge} child of '{parent}' would create a cycle")]
     ChildCycle {
         /// The would-be child.

@@ -69,6 +69,14 @@ impl Graph {
         child: &Rc<Node>,
         name: &str,
     ) -> Result<Rc<Child>> {
+        // A node under itself would make every walk down the graph endless.
+        if reaches(child, parent) {
+            return Err(Error::ChildCycle {
+                child: child.name().to_owned(),
+                edge: name.to_owned(),
+                parent: parent.name().to_owned(),
+            });
+        }
         if !child.is_active() && parent.is_active() {
             return Err(Error::InactiveChild {
                 child: child.name().to_owned(),
