@@ -727,3 +727,32 @@ def test_unknown_export_names_are_quoted_as_qsd_quotes_them(tmp_path):
         seen.append(said)
     assert seen[1] == seen[0]
     assert seen[1][1] == ["server reported: export '" + "a" * 80 + "...' not present"]
+
+
+def test_export_bitmap_checks_match_qsd(both):
+    """Bitmaps an export names: alone (looked up down the chain; an enabled one on a
+    writable node is refused for a read-only export) or with their node (not checked so)."""
+    seen = []
+    for d in both():
+        c = d.connect()
+        sock = str(d.workdir / "nbd.sock")
+        out = [c.cmd(n, a) for n, a in [
+            ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "n"}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "other"}),
+            ("block-dirty-bitmap-add", {"node": "other", "name": "b3"}),
+            ("block-dirty-bitmap-add", {"node": "n", "name": "b"}),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n",
+                                  "bitmaps": [{"node": "other", "name": "zz"}]}),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n",
+                                  "bitmaps": [{"node": "nonode", "name": "zz"}]}),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n",
+                                  "bitmaps": ["b"]}),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n",
+                                  "bitmaps": [{"node": "other", "name": "b3"}]}),
+            ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "n",
+                                  "bitmaps": [{"node": "other", "name": "b3"}]}),
+            ("query-block-exports", None),
+        ]]
+        seen.append(out)
+    assert seen[1] == seen[0]

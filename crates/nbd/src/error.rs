@@ -45,6 +45,12 @@ pub enum Error {
     /// An exported bitmap that does not exist.
     #[error("Bitmap '{0}' is not found")]
     BitmapNotFound(String),
+    /// A bitmap named with its node (`{node, name}`) that the node lacks.
+    #[error("Dirty bitmap '{0}' not found")]
+    NodeBitmapNotFound(String),
+    /// The node of a bitmap named with its node.
+    #[error("Node '{0}' not found")]
+    BitmapNodeNotFound(String),
     /// An exported bitmap another operation holds.
     #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
     BitmapBusy(String),

@@ -325,7 +325,7 @@ impl NbdService {
                 let mut found = None;
                 while let Some(n) = at {
                     if let Some(b) = n.bitmap(name) {
-                        found = Some(b);
+                        found = Some((b, n));
                         break;
                     }
                     at = n.child("backing").or_else(|| {
@@ -334,20 +334,30 @@ impl NbdService {
                             .flatten()
                     });
                 }
-                (found, name.to_owned())
+                let (bm, holder) = found.ok_or_else(|| Error::BitmapNotFound(name.to_owned()))?;
+                // A read-only export of a bitmap that writes to its node keep changing
+                // would not show a point in time (QEMU asks only of bitmaps named alone).
+                if !writable && !holder.is_read_only() && holder.is_active() && bm.is_enabled() {
+                    return Err(Error::EnabledBitmapReadOnly(name.to_owned()));
+                }
+                (bm, name.to_owned())
             } else {
                 let d = item.as_dict().cloned().unwrap_or_default();
                 let a = Args::new(d);
                 let name = a.str("name")?.to_owned();
-                let n = self.graph.lookup(a.str("node")?)?;
-                (n.bitmap(&name), name)
+                let node_name = a.str("node")?;
+                let n = self
+                    .graph
+                    .find_by_backend(node_name)
+                    .or_else(|| self.graph.find(node_name))
+                    .ok_or_else(|| Error::BitmapNodeNotFound(node_name.to_owned()))?;
+                let bm = n
+                    .bitmap(&name)
+                    .ok_or_else(|| Error::NodeBitmapNotFound(name.clone()))?;
+                (bm, name)
             };
-            let bm = bm.ok_or_else(|| Error::BitmapNotFound(name.clone()))?;
             if bm.is_busy() || bm.is_inconsistent() {
                 return Err(Error::BitmapBusy(name));
-            }
-            if !writable && !node.is_read_only() && bm.is_enabled() {
-                return Err(Error::EnabledBitmapReadOnly(name));
             }
             out.push(bm);
         }
