@@ -99,6 +99,8 @@ async fn store_one(file: &Child, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Ve
     }
     let table_clusters = (clusters * 8).div_ceil(cs).max(1);
     let table_offset = m.alloc(file, table_clusters).await?;
+    // Only the entries are written, as QEMU writes them (the file ends where they do).
+    table.truncate((clusters * 8).max(8) as usize);
     m.check_data(file, table_offset, table.len() as u64).await?;
     file.write(table_offset, table, ReqFlags::empty()).await?;
     let name = b.name().as_bytes();
@@ -134,11 +136,10 @@ pub(crate) async fn remove_entry(file: &Child, m: &mut Meta, name: &str) -> io::
         m.h.set_extension(EXT_BITMAPS, None);
         m.h.autoclear &= !autoclear::BITMAPS;
     } else {
-        let mut dir: Vec<u8> = rest.iter().flat_map(|e| e.raw.iter().copied()).collect();
+        let dir: Vec<u8> = rest.iter().flat_map(|e| e.raw.iter().copied()).collect();
         let dir_len = dir.len() as u64;
         let dir_clusters = dir_len.div_ceil(cs);
         let dir_offset = m.alloc(file, dir_clusters).await?;
-        dir.resize((dir_clusters * cs) as usize, 0);
         m.check_write(
             file,
             dir_offset,
@@ -233,7 +234,6 @@ pub(crate) async fn store(
         let dir_clusters = (dir.len() as u64).div_ceil(cs);
         let dir_offset = m.alloc(file, dir_clusters).await?;
         let dir_len = dir.len() as u64;
-        dir.resize((dir_clusters * cs) as usize, 0);
         m.check_write(
             file,
             dir_offset,

@@ -161,6 +161,9 @@ impl Graph {
 
     /// Closes every node, parents before children (daemon exit, after the flush).
     pub async fn close_all(&self) {
+        if self.closed.replace(true) {
+            return;
+        }
         for node in self.nodes().iter().rev() {
             self.close_node(node).await;
         }

@@ -53,6 +53,8 @@ pub struct Graph {
     throttle_groups: crate::throttle::ThrottleGroups,
     /// The secrets drivers take by id.
     secrets: crate::secrets::Secrets,
+    /// Every node was closed (exit): closing again would store bitmaps twice.
+    closed: Cell<bool>,
 }
 
 impl Graph {
@@ -82,6 +84,7 @@ impl Graph {
             backends: RefCell::new(Vec::new()),
             throttle_groups: Default::default(),
             secrets: Default::default(),
+            closed: Cell::new(false),
         })
     }
 
