@@ -127,6 +127,10 @@ def test_persistent_bitmaps_survive_restart_like_qemu(both):
         nbd_writes(sock, ["write 0 512", "write 1M 100k", "write 4190208 4096"])
         out.append(bitmap_state(q))
         out.append(image_bitmaps(img))
+        # Bitmaps follow their node when it grows (stored for the new size).
+        q.cmd("block-export-del", {"id": "e"})
+        out.append(q.cmd("block_resize", {"node-name": "q", "size": 6 << 20}))
+        out.append(bitmap_state(q))
         q.cmd("quit")
         d.proc.wait(timeout=10)
         out.append(image_bitmaps(img))

@@ -213,6 +213,27 @@ impl DirtyBitmap {
         }
     }
 
+    /// Follows its node to a new length: new granules start clean, those past a shrunken
+    /// end are dropped (QEMU's `bdrv_dirty_bitmap_truncate`); a job's successor too.
+    pub fn truncate(&self, len: u64) {
+        let granules = len.div_ceil(self.granularity);
+        {
+            let mut w = self.words.borrow_mut();
+            w.resize(granules.div_ceil(64) as usize, 0);
+            if granules % 64 != 0
+                && let Some(last) = w.last_mut()
+            {
+                *last &= (1u64 << (granules % 64)) - 1;
+            }
+            self.count
+                .set(w.iter().map(|x| u64::from(x.count_ones())).sum());
+        }
+        self.len.set(len);
+        if let Some(s) = self.successor.borrow().as_ref() {
+            s.truncate(len);
+        }
+    }
+
     /// Clears everything.
     pub fn clear(&self) {
         self.words.borrow_mut().fill(0);
@@ -311,6 +332,21 @@ impl DirtyBitmap {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn truncation_keeps_what_remains_and_grows_clean() {
+        let b = DirtyBitmap::new("b", 512, 100 * 512, true);
+        b.set_range(0, 100 * 512);
+        b.truncate(70 * 512 + 100);
+        // `count` is in bytes: whole granules.
+        assert_eq!((b.count(), b.len()), (71 * 512, 70 * 512 + 100));
+        b.truncate(200 * 512);
+        assert_eq!(b.count(), 71 * 512);
+        assert_eq!(b.next_dirty_granule(71), None);
+        b.set_range(199 * 512, 512);
+        assert_eq!(b.count(), 72 * 512);
+    }
+
     use super::DirtyBitmap;
 
     #[test]

@@ -327,6 +327,13 @@ impl Node {
         let _f = InFlight::begin(self);
         let r = self.driver.truncate(self, size).await;
         self.changed();
+        if r.is_ok() {
+            // Bitmaps cover whole sectors of the node, as in QEMU.
+            let len = self.len() & !511;
+            for b in self.bitmaps.borrow().iter() {
+                b.truncate(len);
+            }
+        }
         r
     }
 
