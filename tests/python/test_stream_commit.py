@@ -365,3 +365,35 @@ def test_jobs_sharing_a_chain_match_qemu(both):
         out.append(r.stdout.count("verification failed"))
         seen.append(out)
     assert_same_runs(seen)
+
+
+def test_commit_over_a_short_intermediate_writes_its_zeroes(both):
+    """A layer shorter than the one above reads as zeroes past its end, and those zeroes are
+    its own: committing the top into the base must write them there, not let the base's
+    data show through."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        layer(w / "base.qcow2", "2M")
+        run("qemu-io", "-c", "write -P 1 0 2M", w / "base.qcow2")
+        layer(w / "mid.qcow2", "1M", ("base.qcow2", "qcow2"))
+        layer(w / "top.qcow2", "2M", ("mid.qcow2", "qcow2"))
+        q = d.connect()
+        for name, backing in [("base", None), ("mid", "base"), ("top", "mid")]:
+            q.cmd("blockdev-add", {"node-name": name, "driver": "qcow2",
+                                   "backing": backing,
+                                   "file": {"driver": "file",
+                                            "filename": str(w / f"{name}.qcow2")}})
+        out = [q.cmd("block-commit", {"job-id": "c", "device": "top", "base-node": "base"})]
+        q.wait_event("BLOCK_JOB_READY")
+        out.append(q.cmd("block-job-complete", {"device": "c"}))
+        wait_job_gone(q, "c")
+        out.append(events(q))
+        q.cmd("quit")
+        d.proc.wait(timeout=10)
+        for pattern, start in [(1, 0), (0, 1 << 20)]:
+            r = run("qemu-io", "-r", "-c", f"read -P {pattern} {start} 1M", w / "base.qcow2")
+            out.append("Pattern verification failed" not in r.stdout)
+        seen.append(out)
+    assert_same_runs(seen)
+    assert all(x is True for x in seen[1][-2:])

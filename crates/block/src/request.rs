@@ -293,7 +293,9 @@ impl Node {
                     return Ok((false, n));
                 }
                 if offset >= node.len() {
-                    return Ok((false, n));
+                    // A layer shorter than the one above reads as zeroes there, and those
+                    // zeroes are its own: what is below does not show through.
+                    return Ok((!Rc::ptr_eq(&node, self), n));
                 }
                 let e = node
                     .block_status(offset, n.min(node.len() - offset))
