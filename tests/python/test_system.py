@@ -602,3 +602,40 @@ def test_hmp_qemu_io_prints_what_qemu_prints(tmp_path):
         "blkdebug: Resuming request 'bp0'\n", "")
     assert "Pattern verification failed" in got[1]
     assert got[3] == "read 1024/1024 bytes at offset 1024"
+
+
+IOTHREAD_STEPS = [
+    ("blockdev-add", {"driver": "null-co", "node-name": "hd0", "read-zeroes": True,
+                      "read-only": True}),
+    ("blockdev-add", {"driver": "raw", "node-name": "over", "file": "hd0",
+                      "read-only": True}),
+    ("object-add", {"qom-type": "iothread", "id": "io0"}),
+    ("object-add", {"qom-type": "iothread", "id": "io1"}),
+    ("device_add", {"driver": "virtio-scsi", "id": "scsi0", "iothread": "io0"}),
+    ("device_add", {"driver": "virtio-scsi", "id": "scsi1", "iothread": "io1"}),
+    ("device_add", {"driver": "scsi-hd", "id": "a", "drive": "hd0", "bus": "scsi0.0"}),
+    # The same node, or one above it, cannot go into another iothread meanwhile.
+    ("device_add", {"driver": "scsi-hd", "id": "b", "drive": "hd0", "bus": "scsi1.0"}),
+    ("device_add", {"driver": "scsi-hd", "id": "b", "drive": "over", "bus": "scsi1.0"}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "v", "drive": "hd0"}),
+    ("device_add", {"driver": "scsi-hd", "id": "c", "drive": "hd0", "bus": "scsi0.0"}),
+    ("device_del", {"id": "a"}),
+    ("device_del", {"id": "c"}),
+    ("device_add", {"driver": "scsi-hd", "id": "b", "drive": "hd0", "bus": "scsi1.0"}),
+    ("query-block", None),
+]
+
+
+def test_iothreads_of_devices_sharing_a_node_follow_qtest(tmp_path):
+    """Under -accel qtest, QEMU's virtio devices really run in their iothreads (qtest allows
+    ioeventfd; TCG does not, so qemu-system under TCG is no oracle here): a node in use by a
+    device in one iothread cannot be taken into another, as iotest 240's golden output says,
+    until that device is gone."""
+    m = Machine(SYSTEM, "qtest", tmp_path, [])
+    got = [r for step in run_steps(m, IOTHREAD_STEPS) if step[0] != "events"
+           for r in [step[-1]]]
+    clash = {"error": {"class": "GenericError",
+                       "desc": "Cannot change iothread of active block backend"}}
+    ok = {"return": {}}
+    assert got[:14] == [ok] * 7 + [clash, clash, clash, ok, ok, ok, ok]
+    assert len(got[14]["return"]) == 1 and got[14]["return"][0]["qdev"] == "b"

@@ -229,6 +229,9 @@ pub(crate) struct Device {
     share_rw: bool,
     /// An IDE device's bus and unit.
     ide_slot: Option<(String, u32)>,
+    /// The iothread its requests run in (its own `iothread`, or its SCSI controller's):
+    /// the nodes it uses are in that iothread for as long as it uses them.
+    iothread: Option<String>,
 }
 
 impl Device {
@@ -254,6 +257,11 @@ pub(crate) struct Devices {
     anon: Cell<u32>,
     /// The machine waits for an incoming migration (`-incoming`).
     incoming: Cell<bool>,
+}
+
+/// Whether `to` is `from` or below it.
+fn reaches(from: &Rc<ferrite_block::Node>, to: &Rc<ferrite_block::Node>) -> bool {
+    Rc::ptr_eq(from, to) || from.children().iter().any(|c| reaches(&c.node(), to))
 }
 
 fn generic(text: impl Into<String>) -> Error {
@@ -528,6 +536,16 @@ impl Devices {
         {
             return Err(generic("Device needs media, but drive is empty"));
         }
+        let iothread = match model.kind {
+            Kind::VirtioBlk | Kind::VirtioScsi => get("iothread").map(str::to_owned),
+            Kind::ScsiHd | Kind::ScsiCd => self
+                .scsi_controller(bus.as_deref())
+                .and_then(|c| c.iothread.clone()),
+            _ => None,
+        };
+        if let Some(node) = blk.as_ref().and_then(|b| b.node()) {
+            self.check_iothread(&node, iothread.as_deref())?;
+        }
         if let Some(blk) = &blk
             && let Some(node) = blk.node()
         {
@@ -566,6 +584,7 @@ impl Devices {
             bus_name,
             share_rw,
             ide_slot,
+            iothread,
         });
         if let Some(blk) = &device.blk {
             blk.set_device(Some(&device.qdev()));
@@ -647,6 +666,44 @@ impl Devices {
     }
 
     /// Checks that the machine has a bus for `model` (`bus` names one).
+    /// The SCSI controller of bus `bus` (`ID.0`), or the first one.
+    fn scsi_controller(&self, bus: Option<&str>) -> Option<Rc<Device>> {
+        self.list
+            .borrow()
+            .iter()
+            .find(|d| {
+                d.model.kind == Kind::VirtioScsi
+                    && bus.is_none_or(|b| {
+                        d.bus_name.as_deref() == Some(b) || d.id.as_deref() == Some(b)
+                    })
+            })
+            .cloned()
+    }
+
+    /// A node and the nodes connected to it run in one iothread: a device may not take it
+    /// into another while a device elsewhere uses it (QEMU's AioContext rule; exports
+    /// follow the devices).
+    fn check_iothread(
+        &self,
+        node: &Rc<ferrite_block::Node>,
+        iothread: Option<&str>,
+    ) -> Result<(), Error> {
+        let connected =
+            |other: &Rc<ferrite_block::Node>| reaches(other, node) || reaches(node, other);
+        let clash = self.list.borrow().iter().any(|d| {
+            d.iothread.as_deref() != iothread
+                && d.model.kind.has_drive()
+                && d.blk
+                    .as_ref()
+                    .and_then(|b| b.node())
+                    .is_some_and(|n| connected(&n))
+        });
+        if clash {
+            return Err(generic("Cannot change iothread of active block backend"));
+        }
+        Ok(())
+    }
+
     fn check_bus(&self, model: &Model, bus: Option<&str>) -> Result<(), Error> {
         let board = self.machine.kind.board;
         let no_bus = || {
