@@ -223,6 +223,63 @@ def modes_only(name, rsp):
             for n in rsp["return"]]
 
 
+def reopen_backing_seq(w):
+    """`backing` in a reopen: required where there is one, another node's name or null
+    changes it (the image's header stays), a cycle or an unknown node is refused."""
+    top = {"driver": "qcow2", "node-name": "top", "file": "tf"}
+    return [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "other",
+                          "file": {"driver": "file", "filename": f"{w}/other.qcow2"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                          "file": {"driver": "file", "node-name": "tf",
+                                   "filename": f"{w}/top.qcow2"}}),
+        ("blockdev-reopen", {"options": [top]}),
+        ("blockdev-reopen", {"options": [{**top, "backing": "nope"}]}),
+        ("blockdev-reopen", {"options": [{**top, "backing": "top"}]}),
+        ("blockdev-reopen", {"options": [{**top, "backing": "other"}]}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-reopen", {"options": [{**top, "backing": "other", "read-only": True}]}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "other",
+                                          "file": {"driver": "file",
+                                                   "filename": f"{w}/other.qcow2"},
+                                          "backing": "top"}]}),
+        ("blockdev-reopen", {"options": [{**top, "backing": None}]}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-reopen", {"options": [top]}),
+        ("blockdev-del", {"node-name": "other"}),
+        # A file named as it is follows its node to read-only and keeps that mode.
+        ("blockdev-add", {"driver": "qcow2", "node-name": "t2",
+                          "file": {"driver": "file", "node-name": "tf2",
+                                   "filename": f"{w}/t2.qcow2"}}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "t2",
+                                          "file": "tf2", "read-only": True}]}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "t2",
+                                          "file": "tf2"}]}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-reopen", {"options": [{"driver": "file", "node-name": "tf2",
+                                          "filename": f"{w}/t2.qcow2"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "t2",
+                                          "file": "tf2"}]}),
+        ("query-named-block-nodes", {"flat": True}),
+    ]
+
+
+def test_reopen_of_backing_files_matches_qsd(both):
+    qsd, ferrite = both()
+    out = []
+    for d in (qsd, ferrite):
+        w = d.workdir
+        for name, backing in [("base", None), ("other", None), ("t2", None),
+                              ("top", "base.qcow2")]:
+            extra = ["-b", backing, "-F", "qcow2"] if backing else []
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *extra,
+                            str(w / f"{name}.qcow2"), "1M"], check=True, cwd=w)
+        c = d.connect()
+        out.append([canon(c.cmd(n, a), w) for n, a in reopen_backing_seq(w)])
+    for i, (want, got) in enumerate(zip(*out)):
+        assert got == want, (i, reopen_backing_seq("W")[i][0])
+
+
 def test_reopen_read_write_lets_an_export_write(ferrite, tmp_path):
     img = image(str(tmp_path))
     sock = str(tmp_path / "nbd.sock")

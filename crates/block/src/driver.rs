@@ -396,6 +396,17 @@ pub trait Driver: std::any::Any {
         Vec::new()
     }
 
+    /// Whether a writable node takes write access to its `file` whoever uses it (a format
+    /// that updates its metadata), not only for its users' writes.
+    fn writes_file_when_writable(&self) -> bool {
+        false
+    }
+
+    /// Whether the node may have a backing file (a `backing` child).
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
     /// Whether the format stores persistent bitmaps at all.
     fn supports_persistent_bitmaps(&self) -> bool {
         false

@@ -30,6 +30,19 @@ pub enum Error {
         /// The node reopened.
         parent: String,
     },
+    /// A reopen changing a backing link a job relies on.
+    #[error("Cannot change frozen '{edge}' link from '{parent}' to '{child}'")]
+    FrozenChild {
+        /// The edge (`backing`).
+        edge: String,
+        /// The node reopened.
+        parent: String,
+        /// Its child now.
+        child: String,
+    },
+    /// A reopen of a node with a backing file that does not say what becomes of it.
+    #[error("backing is missing for '{0}'")]
+    BackingMissing(String),
     /// A reopen replacing a child a job put in.
     #[error("Cannot replace implicit {edge} child of {parent}")]
     ImplicitChild {

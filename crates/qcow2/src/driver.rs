@@ -176,9 +176,6 @@ impl Driver for Qcow2Driver {
         if !same("file") {
             return Err(ferrite_block::Error::CannotChange("file".into()));
         }
-        if opts.get("backing").is_some() && !same("backing") {
-            return Err(crate::error::Error::ChangeBacking.into());
-        }
         Ok(())
     }
 
@@ -254,6 +251,14 @@ impl Driver for Qcow2Driver {
     }
 
     fn supports_persistent_bitmaps(&self) -> bool {
+        true
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
+    fn writes_file_when_writable(&self) -> bool {
         true
     }
 

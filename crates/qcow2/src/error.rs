@@ -116,8 +116,6 @@ pub(crate) enum Error {
     L2CacheTooBig,
     #[error("refcount-cache-size may not exceed cache-size")]
     RefcountCacheTooBig,
-    #[error("Changing the backing file of a qcow2 node is not supported by ferrite yet")]
-    ChangeBacking,
     #[error("image is not encrypted, can't amend")]
     AmendUnencrypted,
     #[error("'data-file' can only be set for images with an external data file")]

@@ -9,14 +9,65 @@ use crate::graph::edges::reaches;
 use crate::node::{DetectZeroes, Node};
 use crate::perm::Perm;
 use ferrite_qapi::Args;
-use ferrite_qobject::QObject;
+use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
-/// A reopen's entries with the children's own, and the `file` edges to move.
+/// A reopen's entries with the children's own, and the edges to move.
 struct Expanded {
     list: Vec<Args>,
-    /// Nodes whose `file` becomes another node.
-    new_files: Vec<(Rc<Node>, Rc<Node>)>,
+    moves: Vec<Move>,
+    /// Children whose read-only mode becomes their own once the reopen is done.
+    now_own_mode: Vec<Rc<Node>>,
+}
+
+/// A child edge a reopen points at another node (or, for `backing`, at none).
+struct Move {
+    node: Rc<Node>,
+    edge: &'static str,
+    to: Option<Rc<Node>>,
+}
+
+/// The reopen options of child `cur` given inline as `child_opts` under `parent_opts`: its
+/// own name, and what it takes from its parent when it does not set it (read-only mode,
+/// cache modes; a file passes discards on).
+fn inherited_reopen(
+    parent_opts: &Args,
+    cur: &Rc<Node>,
+    child_opts: &QDict,
+    edge: &str,
+) -> Result<QDict> {
+    let mut child = child_opts.clone();
+    if child
+        .get("node-name")
+        .is_some_and(|n| n.as_str() != Some(cur.name()))
+    {
+        return Err(Error::CannotChange(format!("{edge}.node-name")));
+    }
+    child.insert("node-name", cur.name());
+    if cur.inherits_read_only()
+        && child.get("read-only").is_none()
+        && let Some(ro) = parent_opts.get("read-only")
+    {
+        child.insert("read-only", ro.clone());
+    }
+    let (inherits_direct, inherits_no_flush) = cur.inherits_cache();
+    if let Some(cache) = parent_opts.dict("cache") {
+        let mut c = child
+            .get("cache")
+            .and_then(QObject::as_dict)
+            .cloned()
+            .unwrap_or_default();
+        for (key, inherits) in [("direct", inherits_direct), ("no-flush", inherits_no_flush)] {
+            if let (true, None, Some(v)) = (inherits, c.get(key), cache.get(key)) {
+                c.insert(key, v.clone());
+            }
+        }
+        child.insert("cache", c);
+    }
+    if edge == "file" && child.get("discard").is_none() {
+        child.insert("discard", "unmap");
+    }
+    Ok(child)
 }
 
 impl Graph {
@@ -27,7 +78,11 @@ impl Graph {
     /// QEMU's texts for a missing or unknown node name and for options that cannot change;
     /// "Block node is read-only" when a user still writes to a node made read-only.
     pub async fn reopen(&self, list: &[Args]) -> Result<()> {
-        let Expanded { list, new_files } = self.expand_file_children(list)?;
+        let Expanded {
+            list,
+            moves,
+            now_own_mode,
+        } = self.expand_children(list)?;
         let list = &list[..];
         // Nodes this reopen makes read-only: their own writes to their children end with it.
         let going_read_only: Vec<&str> = list
@@ -62,10 +117,28 @@ impl Graph {
             if read_only && writers.count() > 0 {
                 return Err(Error::ReadOnly);
             }
+            // A format made writable writes its file: the file must be writable after
+            // this reopen too (checked now, so that a refusal changes nothing).
+            if !read_only
+                && node.driver.writes_file_when_writable()
+                && let Some(file) = node.child("file")
+            {
+                let file_read_only = list
+                    .iter()
+                    .find(|o| o.opt_str("node-name") == Some(file.name()))
+                    .map_or(file.is_read_only(), |o| o.bool_or("read-only", false));
+                if file_read_only {
+                    return Err(Error::ReadOnly);
+                }
+            }
             plan.push((node, opts, read_only));
         }
-        for (node, new_file) in new_files {
-            self.retarget_child(&node, "file", &new_file).await?;
+        for m in moves {
+            match (m.edge, m.to) {
+                ("backing", to) => self.set_backing(&m.node, to.as_ref()).await?,
+                (edge, Some(to)) => self.retarget_child(&m.node, edge, &to).await?,
+                _ => {}
+            }
         }
         for (node, opts, read_only) in plan {
             let _drained = self.drain(&node).await;
@@ -92,112 +165,161 @@ impl Graph {
             node.cache_no_flush.set(cache.bool_or("no-flush", false));
             *node.options.borrow_mut() = opts.as_dict().clone();
         }
+        for child in now_own_mode {
+            child.inherits_read_only.set(false);
+        }
         Ok(())
     }
 
-    /// QEMU's handling of `file` in a reopen's options: options for the child a node
-    /// opened itself (a dict) reopen that child too, read-only mode and cache modes passing
-    /// down as at open (a child made writable before its parent, made read-only after it);
-    /// another node's name makes that node the file (returned to do once all is checked).
-    fn expand_file_children(&self, list: &[Args]) -> Result<Expanded> {
+    /// QEMU's handling of `file` and `backing` in a reopen's options: options for a child
+    /// the node opened itself (a dict) reopen that child too, read-only mode and cache modes
+    /// passing down as at open (a child made writable before its parent, made read-only
+    /// after it); another node's name makes that node the child, `null` drops the backing
+    /// file (the edges move once all is checked). A node with a backing file must say what
+    /// becomes of it.
+    fn expand_children(&self, list: &[Args]) -> Result<Expanded> {
         let mut out = Vec::new();
-        let mut new_files = Vec::new();
+        let mut moves = Vec::new();
+        let mut now_own_mode = Vec::new();
         for opts in list {
-            let (Some(name), Some(file)) = (opts.opt_str("node-name"), opts.get("file")) else {
+            let Some(node) = opts.opt_str("node-name").and_then(|n| self.find(n)) else {
                 out.push(opts.clone());
                 continue;
             };
-            let Some(node) = self.find(name) else {
-                out.push(opts.clone());
-                continue;
-            };
-            let current = node.child("file");
+            if opts.get("backing").is_none()
+                && node.driver.supports_backing()
+                && (node.child("backing").is_some() || node.driver.backing_filename().is_some())
+            {
+                return Err(Error::BackingMissing(node.name().to_owned()));
+            }
             let mut parent = opts.as_dict().clone();
-            match (file, &current) {
-                (QObject::String(wanted), Some(cur)) if wanted != cur.name() => {
-                    let new = self
-                        .find(wanted)
-                        .ok_or_else(|| Error::NodeNotFound(wanted.clone()))?;
-                    if Rc::ptr_eq(&cur.skip_implicit_filters(), &new) {
-                        parent.insert("file", cur.name());
-                    } else {
+            let mut before = Vec::new();
+            let mut after = Vec::new();
+            for edge in ["backing", "file"] {
+                let Some(given) = opts.get(edge) else {
+                    continue;
+                };
+                let current = node.child(edge);
+                match (given, &current) {
+                    (QObject::Null, None) => {}
+                    (QObject::Null, Some(cur)) if edge == "backing" => {
+                        self.check_replaceable(&node, edge, cur)?;
+                        moves.push(Move {
+                            node: node.clone(),
+                            edge,
+                            to: None,
+                        });
+                    }
+                    // The child named as it is, opened by this node and taking its mode
+                    // from it, follows the node to read-only, and keeps that mode as its
+                    // own from then on (QEMU keeps the child's options, inherited ones
+                    // included).
+                    (QObject::String(wanted), Some(cur))
+                        if wanted == cur.name()
+                            && edge == "file"
+                            && opts.bool_or("read-only", false)
+                            && !cur.is_read_only()
+                            && cur.inherits_read_only()
+                            && !self.is_monitor_owned(cur)
+                            && !list
+                                .iter()
+                                .any(|o| o.opt_str("node-name") == Some(cur.name())) =>
+                    {
+                        let mut child = cur.options();
+                        child.insert("node-name", cur.name());
+                        child.insert("driver", cur.driver_name());
+                        child.insert("read-only", true);
+                        after.push(Args::new(child));
+                        now_own_mode.push(cur.clone());
+                    }
+                    (QObject::String(wanted), _)
+                        if current.as_ref().is_none_or(|c| wanted != c.name()) =>
+                    {
+                        let new = self
+                            .find(wanted)
+                            .ok_or_else(|| Error::NodeNotFound(wanted.clone()))?;
+                        if current
+                            .as_ref()
+                            .is_some_and(|c| Rc::ptr_eq(&c.skip_implicit_filters(), &new))
+                        {
+                            continue;
+                        }
                         if reaches(&new, &node) {
                             return Err(Error::ChildCycle {
                                 child: wanted.clone(),
-                                edge: "file".into(),
-                                parent: name.to_owned(),
+                                edge: edge.into(),
+                                parent: node.name().to_owned(),
                             });
                         }
-                        if cur.is_implicit() {
-                            return Err(Error::ImplicitChild {
-                                edge: "file".into(),
-                                parent: name.to_owned(),
-                            });
+                        if let Some(cur) = &current {
+                            self.check_replaceable(&node, edge, cur)?;
                         }
-                        parent.insert("file", cur.name());
-                        new_files.push((node.clone(), new));
+                        moves.push(Move {
+                            node: node.clone(),
+                            edge,
+                            to: Some(new),
+                        });
                     }
-                    out.push(Args::new(parent));
-                }
-                (QObject::Dict(child_opts), Some(cur))
-                    if cur.users().len() == 1 && !self.is_monitor_owned(cur) =>
-                {
-                    let mut child = child_opts.clone();
-                    if child
-                        .get("node-name")
-                        .is_some_and(|n| n.as_str() != Some(cur.name()))
+                    (QObject::Dict(child_opts), Some(cur))
+                        if cur.users().len() == 1 && !self.is_monitor_owned(cur) =>
                     {
-                        return Err(Error::CannotChange("file.node-name".into()));
-                    }
-                    child.insert("node-name", cur.name());
-                    if cur.inherits_read_only()
-                        && child.get("read-only").is_none()
-                        && let Some(ro) = opts.get("read-only")
-                    {
-                        child.insert("read-only", ro.clone());
-                    }
-                    let (inherits_direct, inherits_no_flush) = cur.inherits_cache();
-                    if let Some(cache) = opts.dict("cache") {
-                        let mut c = child
-                            .get("cache")
-                            .and_then(QObject::as_dict)
-                            .cloned()
-                            .unwrap_or_default();
-                        for (key, inherits) in
-                            [("direct", inherits_direct), ("no-flush", inherits_no_flush)]
+                        let child = inherited_reopen(opts, cur, child_opts, edge)?;
+                        parent.insert(edge, cur.name());
+                        // A writable child before its parent needs it; a read-only one
+                        // after the parent has written back what it held.
+                        if child
+                            .get("read-only")
+                            .and_then(QObject::as_bool)
+                            .unwrap_or(false)
                         {
-                            if let (true, None, Some(v)) = (inherits, c.get(key), cache.get(key)) {
-                                c.insert(key, v.clone());
-                            }
+                            after.push(Args::new(child));
+                        } else {
+                            before.push(Args::new(child));
                         }
-                        child.insert("cache", c);
                     }
-                    if child.get("discard").is_none() {
-                        child.insert("discard", "unmap");
+                    (QObject::Dict(_), _) => {
+                        return Err(Error::CannotChange(edge.into()));
                     }
-                    parent.insert("file", cur.name());
-                    let child_ro = child
-                        .get("read-only")
-                        .and_then(QObject::as_bool)
-                        .unwrap_or(false);
-                    // A writable child before its parent needs it; a read-only one after the
-                    // parent has written back what it held.
-                    if child_ro {
-                        out.push(Args::new(parent));
-                        out.push(Args::new(child));
-                    } else {
-                        out.push(Args::new(child));
-                        out.push(Args::new(parent));
-                    }
+                    _ => {}
                 }
-                (QObject::Dict(_), _) => return Err(Error::CannotChange("file".into())),
-                _ => out.push(opts.clone()),
             }
+            // The driver checks what it is left with: the children it has now.
+            for edge in ["backing", "file"] {
+                if let Some(cur) = node.child(edge)
+                    && opts.get(edge).is_some()
+                {
+                    parent.insert(edge, cur.name());
+                }
+            }
+            out.extend(before);
+            out.push(Args::new(parent));
+            out.extend(after);
         }
         Ok(Expanded {
             list: out,
-            new_files,
+            moves,
+            now_own_mode,
         })
+    }
+
+    /// A child edge a reopen may point elsewhere: not one a job froze, not one a job put in.
+    fn check_replaceable(&self, node: &Rc<Node>, edge: &str, cur: &Rc<Node>) -> Result<()> {
+        if cur.is_implicit() {
+            return Err(Error::ImplicitChild {
+                edge: edge.into(),
+                parent: node.name().to_owned(),
+            });
+        }
+        if edge == "backing"
+            && (self.check_unblocked(node).is_err() || self.check_unblocked(cur).is_err())
+        {
+            return Err(Error::FrozenChild {
+                edge: edge.into(),
+                parent: node.name().to_owned(),
+                child: cur.name().to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// Switches a node and its `file` child between read-only and read-write in place

@@ -201,9 +201,10 @@ pub(crate) async fn run(graph: &Rc<Graph>, blk: &BlockBackend, args: &[&str]) ->
             let mut opts = node.options();
             opts.insert("node-name", node.name());
             opts.insert("driver", node.driver_name());
-            // Children stay as they are: named, as a reopen refers to them.
+            // Children stay as they are: named, as a reopen refers to them (a backing file
+            // always, as a reopen must say what becomes of it).
             for c in node.children() {
-                if opts.get(c.name()).is_some() {
+                if opts.get(c.name()).is_some() || c.name() == "backing" {
                     opts.insert(c.name(), c.node().name());
                 }
             }
