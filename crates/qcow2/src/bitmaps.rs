@@ -121,52 +121,15 @@ async fn store_one(file: &Child, m: &mut Meta, b: &DirtyBitmap) -> io::Result<Ve
 /// as they are on disk (flags included). A new directory is written before the header
 /// points to it, as in [`store`].
 pub(crate) async fn remove_entry(file: &Child, m: &mut Meta, name: &str) -> io::Result<()> {
-    let cs = m.cs();
     let entries = bitmap_dir::read(file, &m.h)
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;
     let Some(victim) = entries.iter().find(|e| e.name == name) else {
         return Ok(());
     };
-    let old_dir =
-        m.h.extension(EXT_BITMAPS)
-            .map(|x| (get_be64(x, 2), get_be64(x, 1)));
     let rest: Vec<&Entry> = entries.iter().filter(|e| e.name != name).collect();
-    if rest.is_empty() {
-        m.h.set_extension(EXT_BITMAPS, None);
-        m.h.autoclear &= !autoclear::BITMAPS;
-    } else {
-        let dir: Vec<u8> = rest.iter().flat_map(|e| e.raw.iter().copied()).collect();
-        let dir_len = dir.len() as u64;
-        let dir_clusters = dir_len.div_ceil(cs);
-        let dir_offset = m.alloc(file, dir_clusters).await?;
-        m.check_write(
-            file,
-            dir_offset,
-            dir.len() as u64,
-            Metadata::BITMAP_DIRECTORY,
-        )
-        .await?;
-        file.write(dir_offset, dir, ReqFlags::empty()).await?;
-        let mut ext = vec![0u8; 24];
-        ext[0..4].copy_from_slice(&(rest.len() as u32).to_be_bytes());
-        put_be64(&mut ext, 1, dir_len);
-        put_be64(&mut ext, 2, dir_offset);
-        m.h.set_extension(EXT_BITMAPS, Some(ext));
-    }
-    m.write_back(file, true).await?;
-    m.write_header(file).await?;
-    file.flush().await?;
-    for (host, n) in clusters_of(file, cs, victim).await.unwrap_or_default() {
-        m.free(host, n, FreeKind::Other);
-    }
-    if let Some((off, len)) = old_dir
-        && off != 0
-        && len != 0
-    {
-        m.free(off, len.div_ceil(cs), FreeKind::Other);
-    }
-    m.write_back(file, true).await?;
+    let dir: Vec<u8> = rest.iter().flat_map(|e| e.raw.iter().copied()).collect();
+    replace_directory(file, m, dir, rest.len() as u32, &[victim]).await?;
     refresh_info(file, m).await;
     Ok(())
 }
@@ -188,7 +151,6 @@ pub(crate) async fn store(
     m: &mut Meta,
     bitmaps: &[Rc<DirtyBitmap>],
 ) -> io::Result<()> {
-    let cs = m.cs();
     let old = bitmap_dir::read(file, &m.h).await.unwrap_or_default();
     // QEMU's order: bitmaps the directory already has keep their place, new ones follow
     // newest first.
@@ -224,6 +186,21 @@ pub(crate) async fn store(
         .iter()
         .filter(|b| !b.is_inconsistent() || kept.iter().any(|k| k == b.name()))
         .count() as u32;
+    let freed: Vec<&Entry> = old.iter().filter(|e| !kept.contains(&e.name)).collect();
+    replace_directory(file, m, dir, count, &freed).await
+}
+
+/// Makes `dir` (`count` entries) the image's bitmap directory: written to new clusters and
+/// counted before the header points to it, then the old directory's clusters and those of
+/// the `freed` bitmaps go. An empty directory removes the extension.
+async fn replace_directory(
+    file: &Child,
+    m: &mut Meta,
+    dir: Vec<u8>,
+    count: u32,
+    freed: &[&Entry],
+) -> io::Result<()> {
+    let cs = m.cs();
     let old_dir =
         m.h.extension(EXT_BITMAPS)
             .map(|x| (get_be64(x, 2), get_be64(x, 1)));
@@ -231,16 +208,10 @@ pub(crate) async fn store(
         m.h.set_extension(EXT_BITMAPS, None);
         m.h.autoclear &= !autoclear::BITMAPS;
     } else {
-        let dir_clusters = (dir.len() as u64).div_ceil(cs);
-        let dir_offset = m.alloc(file, dir_clusters).await?;
         let dir_len = dir.len() as u64;
-        m.check_write(
-            file,
-            dir_offset,
-            dir.len() as u64,
-            Metadata::BITMAP_DIRECTORY,
-        )
-        .await?;
+        let dir_offset = m.alloc(file, dir_len.div_ceil(cs)).await?;
+        m.check_write(file, dir_offset, dir_len, Metadata::BITMAP_DIRECTORY)
+            .await?;
         file.write(dir_offset, dir, ReqFlags::empty()).await?;
         let mut ext = vec![0u8; 24];
         ext[0..4].copy_from_slice(&count.to_be_bytes());
@@ -249,12 +220,10 @@ pub(crate) async fn store(
         m.h.set_extension(EXT_BITMAPS, Some(ext));
         m.h.autoclear |= autoclear::BITMAPS;
     }
-    // Everything new is on disk and counted before the header points to it.
     m.write_back(file, true).await?;
     m.write_header(file).await?;
     file.flush().await?;
-    // Then the old bitmaps' clusters go.
-    for e in old.iter().filter(|e| !kept.contains(&e.name)) {
+    for e in freed {
         for (host, n) in clusters_of(file, cs, e).await.unwrap_or_default() {
             m.free(host, n, FreeKind::Other);
         }
