@@ -639,3 +639,24 @@ def test_iothreads_of_devices_sharing_a_node_follow_qtest(tmp_path):
     ok = {"return": {}}
     assert got[:14] == [ok] * 7 + [clash, clash, clash, ok, ok, ok, ok]
     assert len(got[14]["return"]) == 1 and got[14]["return"][0]["qdev"] == "b"
+
+
+def test_hmp_qemu_io_patterns_land_as_qemu_io_writes_them(tmp_path):
+    """`-P0xab` is the byte 0xab and `0x3ff0000` an offset (hex digits include `b`, which is
+    no size suffix there), as the installed qemu-io reads the image back."""
+    img = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    m = Machine(SYSTEM, "qtest", tmp_path, [
+        "-blockdev", f"driver=qcow2,file.driver=file,file.filename={img},node-name=src"])
+    try:
+        for cmd in ["write -P0xab 0 64k", "write -P0xd5 0x3ff0000 64k", "write -P 010 1M 4k"]:
+            # qemu-io prints on standard output, not to the monitor.
+            r = m.qmp.cmd("human-monitor-command", {"command-line": f'qemu-io src "{cmd}"'})
+            assert r == {"return": ""}, r
+        m.qmp.cmd("quit")
+        m.proc.wait(10)
+    finally:
+        m.stop()
+    for check in ["read -P0xab 0 64k", "read -P0xd5 0x3ff0000 64k", "read -P8 1M 4k"]:
+        r = subprocess.run(["qemu-io", "-c", check, str(img)], capture_output=True, text=True)
+        assert "Pattern verification failed" not in r.stdout, (check, r.stdout)

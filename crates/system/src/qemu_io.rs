@@ -52,24 +52,43 @@ fn report(op: &str, offset: u64, len: u64, started: Instant) -> String {
     )
 }
 
-/// A number as qemu-io takes it: decimal, 0x hex, with k/M/G/T suffixes (`64k`, `1M`).
+/// A number as qemu-io takes it: decimal with k/M/G/T suffixes (`64k`, `1M`), or 0x hex
+/// (whose digits include `b`: `0xab` is 171, not 0xa bytes).
 fn number(s: &str) -> Option<u64> {
-    let (digits, shift) = match s.char_indices().last()? {
-        (i, 'k' | 'K') => (&s[..i], 10),
-        (i, 'm' | 'M') => (&s[..i], 20),
-        (i, 'g' | 'G') => (&s[..i], 30),
-        (i, 't' | 'T') => (&s[..i], 40),
-        (i, 'b' | 'B') => (&s[..i], 0),
-        _ => (s, 0),
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        let end = hex
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .unwrap_or(hex.len());
+        let v = u64::from_str_radix(&hex[..end], 16).ok()?;
+        return v.checked_mul(1u64 << suffix_shift(&hex[end..])?);
+    }
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let v: u64 = s[..end].parse().ok()?;
+    v.checked_mul(1u64 << suffix_shift(&s[end..])?)
+}
+
+/// The power of two a size suffix stands for.
+fn suffix_shift(suffix: &str) -> Option<u32> {
+    Some(match suffix {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        _ => return None,
+    })
+}
+
+/// A pattern byte as qemu-io reads it (C's `strtol` with base 0: decimal, 0x hex, 0 octal).
+fn pattern_byte(s: &str) -> Option<u8> {
+    let v = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        i64::from_str_radix(hex, 16).ok()?
+    } else if s.len() > 1 && s.starts_with('0') {
+        i64::from_str_radix(&s[1..], 8).ok()?
+    } else {
+        s.parse().ok()?
     };
-    let v = match digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        Some(h) => u64::from_str_radix(h, 16).ok()?,
-        None => digits.parse().ok()?,
-    };
-    v.checked_mul(1u64 << shift)
+    Some(v as u8)
 }
 
 /// The hex dump `read -v` prints.
@@ -121,7 +140,7 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
                     } else {
                         Some(attached)
                     };
-                    pattern = value.and_then(number).map(|p| p as u8);
+                    pattern = value.and_then(pattern_byte);
                     break;
                 }
                 'z' => zero = true,
@@ -414,7 +433,7 @@ thread_local! {
 
 #[cfg(test)]
 mod tests {
-    use super::{cvtstr, dump, number};
+    use super::{cvtstr, dump, number, pattern_byte};
 
     #[test]
     fn sizes_and_numbers_as_qemu_io_writes_and_reads_them() {
@@ -427,5 +446,20 @@ mod tests {
         assert_eq!(number("1M"), Some(1 << 20));
         assert_eq!(number("x"), None);
         assert_eq!(dump(16, b"AB"), "00000010:  41 42  AB\n");
+    }
+
+    #[test]
+    fn numbers_and_patterns_read_as_qemu_io_reads_them() {
+        assert_eq!(number("0xab"), Some(0xab));
+        assert_eq!(number("0x3ff0000"), Some(0x3ff_0000));
+        assert_eq!(number("64k"), Some(65536));
+        assert_eq!(number("512b"), Some(512));
+        assert_eq!(number("32M"), Some(32 << 20));
+        assert_eq!(number("1x"), None);
+        assert_eq!(pattern_byte("0xab"), Some(0xab));
+        assert_eq!(pattern_byte("0xd5"), Some(0xd5));
+        assert_eq!(pattern_byte("42"), Some(42));
+        assert_eq!(pattern_byte("010"), Some(8));
+        assert_eq!(pattern_byte("0"), Some(0));
     }
 }
