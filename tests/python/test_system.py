@@ -660,3 +660,33 @@ def test_hmp_qemu_io_patterns_land_as_qemu_io_writes_them(tmp_path):
     for check in ["read -P0xab 0 64k", "read -P0xd5 0x3ff0000 64k", "read -P8 1M 4k"]:
         r = subprocess.run(["qemu-io", "-c", check, str(img)], capture_output=True, text=True)
         assert "Pattern verification failed" not in r.stdout, (check, r.stdout)
+
+
+QOM_DRIVE_STEPS = [
+    ("qom-get", {"path": "/machine/peripheral/sda", "property": "drive"}),
+    ("qom-get", {"path": "/machine/peripheral/hd", "property": "drive"}),
+    ("qom-set", {"path": "/machine/peripheral/sda", "property": "drive", "value": "nope"}),
+    ("qom-set", {"path": "/machine/peripheral/sda", "property": "drive", "value": "n1"}),
+    ("qom-get", {"path": "/machine/peripheral/sda", "property": "drive"}),
+    ("query-block", None),
+    ("qom-set", {"path": "/machine/peripheral/sda", "property": "drive", "value": "n0"}),
+    ("qom-get", {"path": "/machine/peripheral/sda", "property": "drive"}),
+]
+
+
+def qom_drive_transcript(binary, accel, workdir):
+    disk = workdir / "d0.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "1M"], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-blockdev", "driver=null-co,node-name=n0,read-zeroes=on",
+        "-blockdev", "driver=null-co,node-name=n1,read-zeroes=on",
+        "-drive", f"if=none,id=d0,file={disk},format=raw",
+        "-device", "virtio-scsi", "-device", "scsi-hd,id=sda,drive=n0",
+        "-device", "scsi-hd,id=hd,drive=d0"])
+    return run_steps(m, QOM_DRIVE_STEPS)
+
+
+def test_qom_drive_of_devices_matches_qemu_system(tmp_path):
+    """A device's `drive` property: read as its drive's name (or its node's), and set to
+    another node while the device is in use (fleecing puts a filter in front this way)."""
+    compare_with_qemu(tmp_path, qom_drive_transcript)

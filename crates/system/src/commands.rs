@@ -61,6 +61,11 @@ impl SystemCommands {
                 sys.daemon.run("quit", args).await
             }
             _ if let Some(r) = crate::fds::run(name, &args) => r,
+            "qom-get" | "qom-set"
+                if let Some(r) = sys.devices.qom_drive(&args, name == "qom-set").await =>
+            {
+                r
+            }
             _ => match sys.devices.run_medium_command(name, &args).await {
                 Some(r) => r,
                 None => sys.daemon.run(name, args).await,

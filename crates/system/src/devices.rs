@@ -327,6 +327,56 @@ impl Devices {
             .cloned()
     }
 
+    /// `qom-get` and `qom-set` of a device's `drive` property (`None` for any other path or
+    /// property, which the object tree answers): the backend's name, or its node's; a new
+    /// node for the device's backend, under QEMU's checks.
+    pub(crate) async fn qom_drive(
+        &self,
+        args: &ferrite_qapi::Args,
+        set: bool,
+    ) -> Option<Result<QObject, Error>> {
+        let path = args.opt_str("path")?;
+        if args.opt_str("property")? != "drive" {
+            return None;
+        }
+        let dev = self
+            .list
+            .borrow()
+            .iter()
+            .find(|d| d.path == path || (!path.starts_with('/') && d.id.as_deref() == Some(path)))
+            .cloned()?;
+        let blk = dev.blk.clone()?;
+        if !set {
+            let name = blk.name();
+            let name = if name.is_empty() {
+                blk.node().map(|n| n.name().to_owned()).unwrap_or_default()
+            } else {
+                name
+            };
+            return Some(Ok(QObject::from(name)));
+        }
+        let Some(value) = args.get("value").and_then(QObject::as_str) else {
+            return Some(Err(generic(
+                "Invalid parameter type for 'drive', expected: string",
+            )));
+        };
+        let Some(node) = self.graph.find(value) else {
+            return Some(Err(generic(format!(
+                "Cannot find device='' nor node-name='{value}'"
+            ))));
+        };
+        let Some(root) = blk.root() else {
+            return Some(Err(generic("Device needs media, but drive is empty")));
+        };
+        Some(
+            self.graph
+                .retarget_edge(&root, &node)
+                .await
+                .map(|()| QObject::Dict(QDict::new()))
+                .map_err(Error::from),
+        )
+    }
+
     /// The drive of the device `id` (a qdev id or a QOM path, as QEMU's `blk_by_qdev_id`
     /// finds it: a virtio-blk proxy has none, its `virtio-backend` child has).
     ///

@@ -176,21 +176,43 @@ impl Graph {
         name: &str,
         to: &Rc<Node>,
     ) -> Result<()> {
-        let Some(e) = node.edge(name) else {
-            return Ok(());
-        };
+        match node.edge(name) {
+            Some(e) => self.retarget_edge(&e, to).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Points edge `e` (a node's child, or a root user's: a device's drive changed with
+    /// `qom-set`) at `to`, on drained nodes; the node it left is closed if nothing else
+    /// uses it.
+    ///
+    /// # Errors
+    /// A cycle, or a permission conflict on `to`; the edge stays where it was then.
+    pub async fn retarget_edge(&self, e: &Rc<Child>, to: &Rc<Node>) -> Result<()> {
+        if let Some(parent) = e.parent_node()
+            && reaches(to, &parent)
+        {
+            return Err(Error::ChildCycle {
+                child: to.name().to_owned(),
+                edge: e.name().to_owned(),
+                parent: parent.name().to_owned(),
+            });
+        }
         let from = e.node();
-        let _from_drained = self.drain(&from).await;
+        if Rc::ptr_eq(&from, to) {
+            return Ok(());
+        }
+        let from_drained = self.drain(&from).await;
         let _to_drained = self.drain(to).await;
-        self.move_edge(&e, to);
+        self.move_edge(e, to);
         let _ = self.propagate(&from);
         if let Err(err) = self.check_node(to) {
-            self.move_edge(&e, &from);
+            self.move_edge(e, &from);
             let _ = self.propagate(to);
             let _ = self.check_node(&from);
             return Err(err);
         }
-        drop(_from_drained);
+        drop(from_drained);
         self.forget_if_orphan(&from);
         Ok(())
     }
