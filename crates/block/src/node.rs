@@ -188,6 +188,12 @@ impl Node {
         self.inherits_cache.set((d && !direct, n && !no_flush));
     }
 
+    /// Whether `target` is this node or a node below it (a new edge from `target` down to
+    /// this node would make a cycle).
+    pub fn reaches(self: &Rc<Self>, target: &Rc<Node>) -> bool {
+        Rc::ptr_eq(self, target) || self.children().iter().any(|c| c.node().reaches(target))
+    }
+
     /// The next node down the chain: the filtered child, or the backing file (QEMU:
     /// `bdrv_filter_or_cow_bs`).
     pub fn below(&self) -> Option<Rc<Node>> {

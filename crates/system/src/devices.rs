@@ -259,11 +259,6 @@ pub(crate) struct Devices {
     incoming: Cell<bool>,
 }
 
-/// Whether `to` is `from` or below it.
-fn reaches(from: &Rc<ferrite_block::Node>, to: &Rc<ferrite_block::Node>) -> bool {
-    Rc::ptr_eq(from, to) || from.children().iter().any(|c| reaches(&c.node(), to))
-}
-
 fn generic(text: impl Into<String>) -> Error {
     Error::generic(text.into())
 }
@@ -739,7 +734,7 @@ impl Devices {
         iothread: Option<&str>,
     ) -> Result<(), Error> {
         let connected =
-            |other: &Rc<ferrite_block::Node>| reaches(other, node) || reaches(node, other);
+            |other: &Rc<ferrite_block::Node>| other.reaches(node) || node.reaches(other);
         let clash = self.list.borrow().iter().any(|d| {
             d.iothread.as_deref() != iothread
                 && d.model.kind.has_drive()

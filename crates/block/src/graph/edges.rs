@@ -12,11 +12,6 @@ use crate::registry::DriverFactory;
 use ferrite_qapi::Args;
 use std::rc::{Rc, Weak};
 
-/// Whether `name` is `node` or a node below it.
-pub(crate) fn reaches(node: &Rc<Node>, target: &Rc<Node>) -> bool {
-    Rc::ptr_eq(node, target) || node.children().iter().any(|c| reaches(&c.node(), target))
-}
-
 impl Graph {
     /// Links a new edge into `node`'s users, quiescing its parent if `node` is drained.
     fn link(&self, e: &Rc<Child>, node: &Rc<Node>) {
@@ -70,7 +65,7 @@ impl Graph {
         name: &str,
     ) -> Result<Rc<Child>> {
         // A node under itself would make every walk down the graph endless.
-        if reaches(child, parent) {
+        if child.reaches(parent) {
             return Err(Error::ChildCycle {
                 child: child.name().to_owned(),
                 edge: name.to_owned(),
@@ -145,7 +140,7 @@ impl Graph {
         let moving: Vec<Rc<Child>> = old
             .users()
             .into_iter()
-            .filter(|u| u.parent_node().is_none_or(|p| !reaches(new, &p)))
+            .filter(|u| u.parent_node().is_none_or(|p| !new.reaches(&p)))
             .filter(|u| u.root_parent().is_none_or(|r| !r.stays_at_node()))
             .collect();
         for e in &moving {
@@ -190,7 +185,7 @@ impl Graph {
     /// A cycle, or a permission conflict on `to`; the edge stays where it was then.
     pub async fn retarget_edge(&self, e: &Rc<Child>, to: &Rc<Node>) -> Result<()> {
         if let Some(parent) = e.parent_node()
-            && reaches(to, &parent)
+            && to.reaches(&parent)
         {
             return Err(Error::ChildCycle {
                 child: to.name().to_owned(),

@@ -5,7 +5,6 @@
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::graph::edges::reaches;
 use crate::node::{DetectZeroes, Node};
 use crate::perm::Perm;
 use ferrite_qapi::Args;
@@ -244,7 +243,7 @@ impl Graph {
                         {
                             continue;
                         }
-                        if reaches(&new, &node) {
+                        if new.reaches(&node) {
                             return Err(Error::ChildCycle {
                                 child: wanted.clone(),
                                 edge: edge.into(),
