@@ -299,3 +299,89 @@ def test_reopen_read_write_lets_an_export_write(ferrite, tmp_path):
     assert rsp["error"]["desc"] == "Block node is read-only"
     subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x77 0 4k", img], check=True,
                    capture_output=True)
+
+
+def as_nobody():
+    """For `preexec_fn`: drops root, which ignores file permissions, to user nobody."""
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
+
+
+def auto_read_only_seq(w):
+    """`auto-read-only` on an image nobody may write: a file node stays writable (its
+    descriptor is opened for writing only for a writer, which is then refused); a format
+    over it, or a writable export of it, fails at once."""
+    return [
+        ("blockdev-add", {"driver": "file", "node-name": "f", "filename": f"{w}/ro.img",
+                          "auto-read-only": True}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "f"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q", "auto-read-only": True,
+                          "file": {"driver": "file", "filename": f"{w}/ro.qcow2"}}),
+        ("blockdev-add", {"driver": "file", "node-name": "plain", "filename": f"{w}/ro.img"}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{w}/nbd.sock"}}}),
+        ("block-export-add", {"type": "nbd", "id": "e", "node-name": "r", "writable": True}),
+        ("block-export-add", {"type": "nbd", "id": "e", "node-name": "r"}),
+        ("query-named-block-nodes", {"flat": True}),
+        # A writable image: read-only until a writer comes, then written.
+        ("blockdev-add", {"driver": "file", "node-name": "w", "filename": f"{w}/rw.img",
+                          "auto-read-only": True}),
+        ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "w", "writable": True}),
+        ("query-named-block-nodes", {"flat": True}),
+    ]
+
+
+def test_auto_read_only_of_a_file_matches_qsd(tmp_path):
+    import tempfile
+    from conftest import FERRITE, QSD
+    out = []
+    for binary in (QSD, FERRITE):
+        w = tempfile.mkdtemp(dir="/tmp")
+        os.chmod(w, 0o777)
+        image(w, "ro.img")
+        image(w, "rw.img")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", f"{w}/ro.qcow2", "1M"],
+                       check=True)
+        for name in ("ro.img", "ro.qcow2"):
+            os.chmod(f"{w}/{name}", 0o444)
+        os.chmod(f"{w}/rw.img", 0o666)
+        lines = [json.dumps({"execute": "qmp_capabilities"})]
+        lines += [json.dumps({"execute": n, "arguments": a}) for n, a in auto_read_only_seq(w)]
+        lines.append(json.dumps({"execute": "quit"}))
+        p = subprocess.run([binary, "--chardev", "stdio,id=m", "--monitor", "m"],
+                           input="\n".join(lines) + "\n", capture_output=True, text=True,
+                           timeout=30, preexec_fn=as_nobody, check=False)
+        replies = [json.loads(line) for line in p.stdout.splitlines()]
+        replies = [r for r in replies if "event" not in r and "QMP" not in r]
+        for r in replies:
+            if isinstance(r.get("return"), list):
+                r["return"] = sorted((n["node-name"], n["ro"]) for n in r["return"])
+        out.append(normalize(json.dumps(replies).replace(w, "W")))
+    assert out[1] == out[0]
+    assert "Could not open 'W/ro.img': Permission denied" in out[0]
+
+
+def test_a_file_grown_from_nothing_has_its_first_block_as_qsd_gives_it(both):
+    """QEMU writes zeroes over the first block of a file that grows from nothing (for the
+    alignment probe of a later O_DIRECT open); `stat` shows it, and iotest 175 counts it."""
+    blocks = []
+    for d in both():
+        w = str(d.workdir)
+        for name in ("grown4k", "grown1m"):
+            image(w, name, "0")
+        c = d.connect()
+        for name, size in (("grown4k", 4096), ("grown1m", 1 << 20)):
+            assert c.cmd("blockdev-add", {"driver": "file", "node-name": name,
+                                          "filename": f"{w}/{name}",
+                                          "cache": {"direct": True}}) == {"return": {}}
+            assert c.cmd("block_resize", {"node-name": name, "size": size}) == {"return": {}}
+        for name, size in (("made", 1 << 20), ("made100", 100)):
+            c.cmd("blockdev-create", {"job-id": name, "options": {
+                "driver": "file", "filename": f"{w}/{name}", "size": size}})
+            c.wait_event("JOB_STATUS_CHANGE", lambda e, n=name: e["data"] == {
+                "id": n, "status": "concluded"})
+            c.cmd("job-dismiss", {"id": name})
+        blocks.append({n: (os.stat(f"{w}/{n}").st_size, os.stat(f"{w}/{n}").st_blocks)
+                       for n in ("grown4k", "grown1m", "made", "made100")})
+    assert blocks[1] == blocks[0]
+    assert blocks[0]["grown1m"][1] > 0

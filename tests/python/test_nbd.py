@@ -756,3 +756,66 @@ def test_export_bitmap_checks_match_qsd(both):
         ]]
         seen.append(out)
     assert seen[1] == seen[0]
+
+
+def test_server_socket_outlives_the_process_but_not_nbd_server_stop(tmp_path, qsd, ferrite):
+    """`nbd-server-stop` removes the unix socket's file; `quit` leaves it, as QEMU's programs
+    do (iotest 205 removes it itself after shutting the VM down)."""
+    seen = {}
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        kept = str(tmp_path / f"{name}-kept.sock")
+        stopped = str(tmp_path / f"{name}-stopped.sock")
+        d = start(["--nbd-server", f"addr.type=unix,addr.path={kept}"])
+        c = d.connect()
+        assert os.path.exists(kept)
+        c.cmd("nbd-server-stop")
+        assert not os.path.exists(kept)
+        c.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": stopped}}})
+        c.cmd("quit")
+        assert d.proc.wait(10) == 0
+        seen[name] = (os.path.exists(kept), os.path.exists(stopped))
+    assert seen["ferrite"] == seen["qsd"] == (False, True)
+
+
+def test_export_iothreads_match_qsd(both):
+    """`iothread` of an export: the object must exist; the node moves there unless an export
+    fixed in another iothread holds it, which refuses a fixed export and lets an unfixed one
+    run where the node is; exports of every type follow the same rule."""
+    seen = []
+    for d in both():
+        c = d.connect()
+        sock = str(d.workdir / "nbd.sock")
+        vsock = str(d.workdir / "vhost.sock")
+        out = [c.cmd(n, a) for n, a in [
+            ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}),
+            ("object-add", {"qom-type": "iothread", "id": "io0"}),
+            ("object-add", {"qom-type": "iothread", "id": "io1"}),
+            ("object-add", {"qom-type": "main-loop", "id": "ml"}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "n"}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "n"}),
+            ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "n",
+                                  "iothread": "nope"}),
+            ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "n",
+                                  "iothread": "ml"}),
+            ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "n",
+                                  "iothread": "io0", "fixed-iothread": True}),
+            # `r` is connected to `n`: the same iothread.
+            ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "r",
+                                  "iothread": "io1", "fixed-iothread": True}),
+            ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "r",
+                                  "iothread": "io1"}),
+            ("block-export-add", {"type": "vhost-user-blk", "id": "v", "node-name": "r",
+                                  "addr": {"type": "unix", "path": vsock},
+                                  "iothread": "io1", "fixed-iothread": True}),
+            ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "r", "name": "e2",
+                                  "iothread": "io0", "fixed-iothread": True}),
+            ("block-export-del", {"id": "e0"}),
+            ("block-export-del", {"id": "e2"}),
+            # Only unfixed exports are left: the node may move again.
+            ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "n", "name": "e3",
+                                  "iothread": "io1", "fixed-iothread": True}),
+            ("query-block-exports", None),
+        ]]
+        seen.append(out)
+    assert seen[1] == seen[0]
+    assert "Cannot change iothread of active block backend" in json.dumps(seen[0])

@@ -690,3 +690,31 @@ def test_qom_drive_of_devices_matches_qemu_system(tmp_path):
     """A device's `drive` property: read as its drive's name (or its node's), and set to
     another node while the device is in use (fleecing puts a filter in front this way)."""
     compare_with_qemu(tmp_path, qom_drive_transcript)
+
+
+def info_block(binary, accel, *drive_args):
+    """`info block` of a machine made with `drive_args`, as the human monitor prints it."""
+    r = subprocess.run([binary, "-accel", accel, "-S", "-nodefaults", "-display", "none",
+                        "-monitor", "stdio", *drive_args], input="info block\nquit\n",
+                       capture_output=True, text=True, timeout=30)
+    prog = os.path.basename(binary)
+    out = re.sub(r"\x1b\[[0-9]*[A-Za-z]", "", r.stdout)
+    out = re.sub(r"#block\d+", "#blockN", out)
+    lines = [ln for ln in out.splitlines() if not ln.startswith("(qemu)")]
+    return r.returncode, lines, r.stderr.replace(prog, "PROG")
+
+
+@pytest.mark.parametrize("drive", [
+    # -drive keeps its options as text: `json:` names show "on" where -blockdev shows true.
+    "if=none,driver=null-co,read-zeroes=on",
+    # QEMU's option lists take what the schema does not: size suffixes, discard=on|off.
+    "if=none,driver=null-co,read-zeroes=on,size=1M,discard=on",
+    "if=none,driver=null-co,discard=off,size=64k",
+    "if=none,driver=null-co,discard=nope",
+    # The board's firmware flash.
+    "if=pflash,driver=null-co,read-zeroes=on,size=1M",
+])
+def test_drive_options_read_and_show_as_qemus(drive):
+    want = info_block(QEMU, "tcg", "-drive", drive)
+    got = info_block(SYSTEM, "qtest", "-drive", drive)
+    assert got == want

@@ -169,6 +169,10 @@ pub struct BlockBackend {
     /// Called when the medium goes (QEMU's remove-bs notifiers: an export of a drive ends
     /// with it).
     on_medium_removed: RefCell<Vec<Box<dyn Fn()>>>,
+    /// The iothread its user runs in (`None`: the main loop), and whether the user stays
+    /// there when its node is moved (see `graph/iothread.rs`).
+    pub(crate) iothread: RefCell<Option<String>>,
+    pub(crate) fixed_iothread: Cell<bool>,
     order: u64,
 }
 
@@ -230,6 +234,8 @@ impl BlockBackend {
             throttle: RefCell::new(None),
             write_cache: Cell::new(true),
             on_medium_removed: RefCell::new(Vec::new()),
+            iothread: RefCell::new(None),
+            fixed_iothread: Cell::new(false),
             order,
         });
         graph.register_backend(Rc::downgrade(&blk));

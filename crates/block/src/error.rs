@@ -8,6 +8,9 @@ use std::io;
 /// A failure of a block core operation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A node moved to another iothread while a user that stays in its own uses it.
+    #[error("Cannot change iothread of active block backend")]
+    IothreadInUse,
     /// A node looked up by a command that takes a device or a node name.
     #[error("Cannot find device='{0}' nor node-name='{0}'")]
     NotFound(String),

@@ -74,6 +74,12 @@ pub struct Node {
     /// the backing node's own name when it was opened from the header alone, else (`None`)
     /// the header's text as written.
     auto_backing: RefCell<Option<String>>,
+    /// The options as `-drive` wrote them, all text: QEMU keeps a command line's options
+    /// as given, so a `json:` name shows `"read-zeroes": "on"` where `blockdev-add`'s
+    /// shows `true`. Gone at the first reopen, which gives typed options.
+    cli_text: RefCell<Option<QDict>>,
+    /// The iothread the node runs in (`None`: the main loop; see `graph/iothread.rs`).
+    pub(crate) iothread: RefCell<Option<String>>,
     /// Edges this node owns, to its children.
     pub(crate) children: RefCell<Vec<Rc<Child>>>,
     /// Edges pointing at this node (their parents own them).
@@ -144,6 +150,8 @@ impl Node {
             implicit: Cell::new(false),
             never_freeze: Cell::new(false),
             auto_backing: RefCell::new(None),
+            cli_text: RefCell::new(None),
+            iothread: RefCell::new(None),
             children: RefCell::new(Vec::new()),
             users: RefCell::new(Vec::new()),
             detect_zeroes: Cell::new(settings.detect_zeroes),
@@ -165,6 +173,22 @@ impl Node {
     /// The options the node was opened (or last reopened) with (`BlockdevOptions`, as given).
     pub fn options(&self) -> QDict {
         self.options.borrow().clone()
+    }
+
+    /// Records the command line's text of the options of this node and of the children
+    /// they describe inline (see `cli_text`).
+    pub fn keep_cli_text(&self, text: &QDict) {
+        for c in self.children() {
+            if let Some(QObject::Dict(t)) = text.get(c.name()) {
+                c.node().keep_cli_text(t);
+            }
+        }
+        *self.cli_text.borrow_mut() = Some(text.clone());
+    }
+
+    /// Forgets the command line's text: the node's options are typed from now on.
+    pub(crate) fn forget_cli_text(&self) {
+        self.cli_text.borrow_mut().take();
     }
 
     /// The child a filter shows unchanged, if the node is a filter.
@@ -286,8 +310,13 @@ impl Node {
             return child.full_options();
         }
         let mut d = QDict::new().with("driver", self.driver_name());
+        let text = self.cli_text.borrow();
         for (k, v) in self.driver.strong_options().iter() {
-            d.insert(k, v.clone());
+            let given = text
+                .as_ref()
+                .and_then(|t| t.get(k))
+                .filter(|t| matches!(t, QObject::String(_)));
+            d.insert(k, given.unwrap_or(v).clone());
         }
         if let Some(f) = self
             .driver

@@ -228,7 +228,7 @@ impl<'a> OpenCtx<'a> {
                 Some(QObject::Dict(b)) if b.get("driver").is_none() => o.remove("backing"),
                 _ => None,
             };
-            let mut typed = self.graph.check_cli_options(&o)?;
+            let mut typed = self.graph.check_drive_options(&o)?;
             typed.remove("driver");
             if placeholder {
                 typed.remove("file");
@@ -292,7 +292,66 @@ impl<'a> OpenCtx<'a> {
     }
 }
 
+/// Options QEMU's drivers declare as sizes in their `-drive` option lists (`QEMU_OPT_SIZE`),
+/// which take a suffix there (`size=1M`) though the schema's keyval reading does not.
+const DRIVE_SIZE_OPTIONS: &[(&str, &str)] = &[
+    ("null-co", "size"),
+    ("null-aio", "size"),
+    ("qcow2", "cache-size"),
+    ("qcow2", "l2-cache-size"),
+    ("qcow2", "l2-cache-entry-size"),
+    ("qcow2", "refcount-cache-size"),
+    ("blkdebug", "align"),
+    ("blkdebug", "max-transfer"),
+    ("blkdebug", "opt-write-zero"),
+    ("blkdebug", "max-write-zero"),
+    ("blkdebug", "opt-discard"),
+    ("blkdebug", "max-discard"),
+    ("preallocate", "prealloc-align"),
+    ("preallocate", "prealloc-size"),
+];
+
+/// `-drive` options as QEMU's drivers read them from their option lists, which take more than
+/// the schema does: sizes with a suffix, and `discard=on|off` for `unmap|ignore` (anything
+/// else is QEMU's "Invalid discard option").
+fn drive_leniency(d: &QDict) -> Result<QDict> {
+    let driver = d.get("driver").and_then(QObject::as_str).unwrap_or("");
+    let mut out = QDict::new();
+    for (k, v) in d.iter() {
+        let v = match v {
+            QObject::Dict(inner) => QObject::Dict(drive_leniency(inner)?),
+            QObject::String(s) if k == "discard" => QObject::from(match s.as_str() {
+                "on" | "unmap" => "unmap",
+                "off" | "ignore" => "ignore",
+                _ => {
+                    return Err(Error::Qapi(ferrite_qapi::Error::generic(
+                        "Invalid discard option",
+                    )));
+                }
+            }),
+            QObject::String(s) if DRIVE_SIZE_OPTIONS.contains(&(driver, k)) => {
+                match ferrite_qapi::visit::parse_size(s) {
+                    Some(n) => QObject::from(n.to_string()),
+                    None => v.clone(),
+                }
+            }
+            other => other.clone(),
+        };
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
 impl Graph {
+    /// [`Graph::check_cli_options`] for `-drive`'s options, read with the leniency of
+    /// QEMU's option lists (sizes with suffixes, `discard=on|off`).
+    ///
+    /// # Errors
+    /// As [`Graph::check_cli_options`].
+    pub fn check_drive_options(&self, opts: &QDict) -> Result<QDict> {
+        self.check_cli_options(&drive_leniency(opts)?)
+    }
+
     /// Options from the command line (every scalar a string, QEMU's `-drive`) for a node:
     /// typed by the schema, an option its driver lacks named as QEMU names it ("Block
     /// format 'qcow2' does not support the option 'x'", "Block protocol 'file' doesn't

@@ -62,6 +62,12 @@ pub(crate) struct FileDriver {
     write_done: tokio::sync::Notify,
     /// What the node's users hold, for locking a reopened file the same way.
     perms: Cell<(Perm, Perm)>,
+    /// `auto-read-only` on a node that may write: the descriptor is opened for writing only
+    /// while some parent takes a writing permission, and refusing that is the failure of the
+    /// permission (QEMU's file-posix; the node itself never turns read-only).
+    dynamic_ro: Cell<bool>,
+    /// Whether the descriptor is open for writing.
+    fd_writable: Cell<bool>,
     io: Rc<dyn IoBackend>,
     size: Cell<u64>,
     locking: bool,
@@ -168,12 +174,28 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
             _ => {}
         }
         f.set_len(size).map_err(Error::ResizeFile)?;
+        if prealloc != "full" {
+            allocate_first_block(&f, size);
+        }
         Ok(())
     };
     let r = ferrite_block::io::blocking(move || Ok(make()))
         .await
         .map_err(|error| Error::Create { path, error })?;
     Ok(r?)
+}
+
+/// Writes zeroes over the start of a file that has just grown from nothing, as QEMU does so
+/// that the alignment probe of a later `O_DIRECT` open finds an allocated block (its reads
+/// of a hole would succeed at any alignment): 512 bytes for an image under 4 KiB, else
+/// 4 KiB. Only an optimisation, so a failure is ignored; but it is visible in the blocks
+/// the file takes, which tools compare.
+fn allocate_first_block(f: &std::fs::File, size: u64) {
+    use std::os::unix::fs::FileExt;
+    let len = if size < 4096 { 512 } else { 4096 };
+    // Aligned, for a file open with O_DIRECT.
+    let zeroes = ferrite_block::io::aligned::AlignedBuf::zeroed(len);
+    let _ = f.write_all_at(zeroes.as_slice(), 0);
 }
 
 /// How the file is to be opened.
@@ -192,18 +214,13 @@ impl FileDriver {
     pub(crate) fn open(o: FileOpen<'_>) -> ferrite_block::Result<(FileDriver, bool)> {
         let path = o.args.str("filename")?.to_owned();
         let locking = !matches!(o.args.opt_str("locking"), Some("off"));
-        let open = |write: bool| HostFile::open(&path, write, o.direct);
-        let (HostFile { file, fdset_dup }, read_only) = match open(!o.read_only) {
-            Ok(f) => (f, o.read_only),
-            Err(e)
-                if !o.read_only
-                    && o.auto_read_only
-                    && matches!(e.errno(), libc::EACCES | libc::EROFS) =>
-            {
-                (open(false).map_err(|e| e.into_error(&path))?, true)
-            }
-            Err(e) => return Err(e.into_error(&path).into()),
-        };
+        // Nobody writes yet: with `auto-read-only`, the descriptor waits for a writer to
+        // be opened for writing.
+        let dynamic_ro = o.auto_read_only && !o.read_only;
+        let write = !o.read_only && !dynamic_ro;
+        let HostFile { file, fdset_dup } =
+            HostFile::open(&path, write, o.direct).map_err(|e| e.into_error(&path))?;
+        let read_only = o.read_only;
         let kind = file
             .metadata()
             .map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?
@@ -237,6 +254,8 @@ impl FileDriver {
                 writing: std::cell::RefCell::new(Vec::new()),
                 write_done: tokio::sync::Notify::new(),
                 perms: Cell::new((Perm::empty(), Perm::all())),
+                dynamic_ro: Cell::new(dynamic_ro),
+                fd_writable: Cell::new(write),
                 io: o.io,
                 size: Cell::new(size),
                 locking,
@@ -249,7 +268,54 @@ impl FileDriver {
     }
 }
 
+/// Whether parents holding `perm` may change the file (QEMU's file-posix opens the file for
+/// writing for them).
+fn has_writers(perm: Perm) -> bool {
+    perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED | Perm::RESIZE)
+}
+
 impl FileDriver {
+    /// Opens the file again, for writing or not and with or without O_DIRECT, locked for
+    /// `perm` and `shared`, in place of the current descriptor (which requests in flight
+    /// keep until they end).
+    ///
+    /// # Errors
+    /// The open failing ("Could not open 'PATH': Permission denied") or the locks; the
+    /// current descriptor then stays, with its locks.
+    fn replace_fd(
+        &self,
+        write: bool,
+        direct: bool,
+        perm: Perm,
+        shared: Perm,
+    ) -> ferrite_block::Result<()> {
+        let HostFile { file, fdset_dup } =
+            HostFile::open(&self.path, write, direct).map_err(|e| e.into_error(&self.path))?;
+        let file = Arc::new(file);
+        if self.locking {
+            // The old descriptor lets go of its lock bytes first: OFD locks of two
+            // descriptors of one process conflict like anyone's.
+            let (held, held_shared) = self.perms.get();
+            let old = self.fd();
+            let _ = super::lock::apply(&old, &self.path, Perm::empty(), Perm::all());
+            if let Err(e) = super::lock::apply(&file, &self.path, perm, shared) {
+                let _ = super::lock::apply(&old, &self.path, held, held_shared);
+                return Err(e.into());
+            }
+        }
+        let align = if direct {
+            probe_direct_alignment(&file)
+        } else {
+            1
+        };
+        *self.file.borrow_mut() = file;
+        *self.fdset_dup.borrow_mut() = fdset_dup;
+        self.direct.set(direct);
+        self.align.set(align);
+        self.fd_writable.set(write);
+        Ok(())
+    }
+
     /// Notes that a write reached `end` (a format growing its file).
     fn grew_to(&self, end: u64) {
         let end = end.next_multiple_of(512);
@@ -372,13 +438,6 @@ enum OpenFailure {
 }
 
 impl OpenFailure {
-    fn errno(&self) -> i32 {
-        match self {
-            OpenFailure::Os(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            OpenFailure::Fdset(e) => e.errno,
-        }
-    }
-
     fn into_error(self, path: &str) -> Error {
         match self {
             OpenFailure::Os(e) => open_error(path, e),
@@ -578,17 +637,31 @@ impl Driver for FileDriver {
                 }
                 return Ok(());
             }
-            ferrite_block::io::blocking(move || file.set_len(size)).await?;
+            ferrite_block::io::blocking(move || {
+                let grows_from_nothing = file.metadata()?.len() == 0 && size > 0;
+                file.set_len(size)?;
+                if grows_from_nothing {
+                    allocate_first_block(&file, size);
+                }
+                Ok(())
+            })
+            .await?;
             self.size.set(size.next_multiple_of(512));
             Ok(())
         })
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> ferrite_block::Result<()> {
-        if !self.locking {
-            return Ok(());
+        let write = if self.dynamic_ro.get() {
+            has_writers(perm)
+        } else {
+            self.fd_writable.get()
+        };
+        if write != self.fd_writable.get() {
+            self.replace_fd(write, self.direct.get(), perm, shared)?;
+        } else if self.locking {
+            super::lock::apply(&self.fd(), &self.path, perm, shared)?;
         }
-        super::lock::apply(&self.fd(), &self.path, perm, shared)?;
         self.perms.set((perm, shared));
         Ok(())
     }
@@ -617,29 +690,11 @@ impl Driver for FileDriver {
         let direct = opts
             .dict("cache")
             .is_some_and(|c| c.bool_or("direct", false));
-        let HostFile { file, fdset_dup } =
-            HostFile::open(&self.path, !read_only, direct).map_err(|e| e.into_error(&self.path))?;
-        let file = Arc::new(file);
-        if self.locking {
-            // The old descriptor lets go of its lock bytes first: OFD locks of two
-            // descriptors of one process conflict like anyone's.
-            let (perm, shared) = self.perms.get();
-            let old = self.fd();
-            let _ = super::lock::apply(&old, &self.path, Perm::empty(), Perm::all());
-            if let Err(e) = super::lock::apply(&file, &self.path, perm, shared) {
-                let _ = super::lock::apply(&old, &self.path, perm, shared);
-                return Err(e.into());
-            }
-        }
-        let align = if direct {
-            probe_direct_alignment(&file)
-        } else {
-            1
-        };
-        *self.file.borrow_mut() = file;
-        *self.fdset_dup.borrow_mut() = fdset_dup;
-        self.direct.set(direct);
-        self.align.set(align);
+        let dynamic_ro = !read_only && opts.bool_or("auto-read-only", false);
+        let (perm, shared) = self.perms.get();
+        let write = !read_only && (!dynamic_ro || has_writers(perm));
+        self.replace_fd(write, direct, perm, shared)?;
+        self.dynamic_ro.set(dynamic_ro);
         Ok(())
     }
 

@@ -15,9 +15,9 @@ pub enum Error {
     /// A writable export of a read-only node.
     #[error("Cannot export read-only node as writable")]
     ReadOnlyNode,
-    /// Exports in iothreads (not yet).
-    #[error("iothreads for exports are not supported by ferrite yet")]
-    IothreadUnsupported,
+    /// `iothread` naming no iothread object.
+    #[error("iothread \"{0}\" not found")]
+    NoSuchIothread(String),
     /// `allow-inactive` for a type that needs an active node.
     #[error("Export type does not support inactive exports")]
     InactiveUnsupported,

@@ -154,8 +154,17 @@ impl Exports {
         if writable && node.is_read_only() {
             return Err(Error::ReadOnlyNode);
         }
-        if opts.has("iothread") {
-            return Err(Error::IothreadUnsupported);
+        // The node moves to the export's iothread; where a user keeps it in another, the
+        // export runs there instead, unless it must have its own (`fixed-iothread`).
+        let fixed_iothread = opts.bool_or("fixed-iothread", false);
+        if let Some(iothread) = opts.opt_str("iothread") {
+            if !self.graph.iothread_exists(iothread) {
+                return Err(Error::NoSuchIothread(iothread.to_owned()));
+            }
+            let moved = self.graph.move_to_iothread(&node, Some(iothread), None);
+            if fixed_iothread {
+                moved?;
+            }
         }
         if opts.bool_or("allow-inactive", false) {
             if !ty.supports_inactive() {
@@ -169,6 +178,8 @@ impl Exports {
             perm |= Perm::WRITE;
         }
         let blk = BlockBackend::new(&self.graph, &node, perm, Perm::all())?;
+        blk.set_iothread(self.graph.iothread_of(&node).as_deref());
+        blk.set_fixed_iothread(fixed_iothread);
         let setup = ExportSetup {
             id,
             node: node.clone(),

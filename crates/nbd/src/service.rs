@@ -239,11 +239,17 @@ impl NbdService {
     /// # Errors
     /// "NBD server not running".
     pub async fn stop(&self) -> Result<()> {
+        self.stop_server(true).await
+    }
+
+    /// Stops accepting and removes the exports; `nbd-server-stop` also removes a unix
+    /// socket's file, the process's exit leaves it (as QEMU's programs do).
+    async fn stop_server(&self, unlink: bool) -> Result<()> {
         let Some(server) = self.server.borrow_mut().take() else {
             return Err(Error::NotRunning);
         };
         server.accept.abort();
-        if let Some(path) = server.unlink {
+        if let Some(path) = server.unlink.filter(|_| unlink) {
             let _ = std::fs::remove_file(path);
         }
         self.all_exports().remove_type("nbd").await;
@@ -387,7 +393,7 @@ impl NbdService {
 
     /// Stops the server if it runs (daemon exit; the export list ends the exports).
     pub async fn close(&self) {
-        let _ = self.stop().await;
+        let _ = self.stop_server(false).await;
     }
 }
 

@@ -72,7 +72,8 @@ pub fn throttle_config(limits: &ThrottleLimits) -> ThrottleConfig {
     config
 }
 
-/// Lets the drivers of `graph` find the `throttle-group` and `secret` objects of `objects`.
+/// Lets the drivers of `graph` find the `throttle-group` and `secret` objects of `objects`,
+/// and the graph its `iothread` objects.
 pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
     let groups: Weak<ObjectRegistry> = Rc::downgrade(objects);
     graph.throttle_groups().set_lookup(Rc::new(move |id: &str| {
@@ -85,5 +86,12 @@ pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
         let obj = secrets.upgrade()?.get(id)?;
         let secret = obj.as_any().downcast_ref::<Secret>()?;
         Some(secret.value().to_vec())
+    }));
+    let iothreads: Weak<ObjectRegistry> = Rc::downgrade(objects);
+    graph.set_iothread_lookup(Rc::new(move |id: &str| {
+        iothreads
+            .upgrade()
+            .and_then(|o| o.get(id))
+            .is_some_and(|obj| obj.type_name() == "iothread")
     }));
 }

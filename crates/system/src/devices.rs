@@ -263,6 +263,16 @@ fn generic(text: impl Into<String>) -> Error {
     Error::generic(text.into())
 }
 
+/// A block layer failure as a device reports it: a `GenericError` with the block layer's
+/// text, and its hint for the command line ("Is another process using the image ...?").
+pub(crate) fn block_error(e: ferrite_block::Error) -> Error {
+    let e = Error::from(e);
+    Error {
+        class: ferrite_qapi::ErrorClass::GenericError,
+        ..e
+    }
+}
+
 /// A property's value as the command line or QMP gave it.
 fn prop_str(v: &QObject) -> String {
     match v {
@@ -457,6 +467,11 @@ impl Devices {
         self.incoming.set(on);
     }
 
+    /// The board's firmware flash devices.
+    pub(crate) fn flash_slots(&self) -> u32 {
+        self.machine.kind.board.flash_slots()
+    }
+
     /// IDE units on each bus of the machine.
     pub(crate) fn ide_units(&self) -> u32 {
         self.machine.kind.board.ide_units()
@@ -588,8 +603,12 @@ impl Devices {
                 .and_then(|c| c.iothread.clone()),
             _ => None,
         };
-        if let Some(node) = blk.as_ref().and_then(|b| b.node()) {
-            self.check_iothread(&node, iothread.as_deref())?;
+        if let Some(blk) = &blk
+            && let Some(node) = blk.node()
+        {
+            self.graph
+                .move_to_iothread(&node, iothread.as_deref(), Some(blk))
+                .map_err(block_error)?;
         }
         if let Some(blk) = &blk
             && let Some(node) = blk.node()
@@ -605,8 +624,7 @@ impl Devices {
             } else {
                 shared
             };
-            blk.set_perm(perm, shared)
-                .map_err(|e| generic(Error::from(e).desc))?;
+            blk.set_perm(perm, shared).map_err(block_error)?;
         }
         let path = match (&id, board_path) {
             (_, Some(path)) => path,
@@ -670,7 +688,7 @@ impl Devices {
             )));
         };
         let blk = BlockBackend::new(&self.graph, &node, Perm::empty(), Perm::all())
-            .map_err(|e| generic(Error::from(e).desc))?;
+            .map_err(block_error)?;
         Ok((blk, false))
     }
 
@@ -723,30 +741,6 @@ impl Devices {
                     })
             })
             .cloned()
-    }
-
-    /// A node and the nodes connected to it run in one iothread: a device may not take it
-    /// into another while a device elsewhere uses it (QEMU's AioContext rule; exports
-    /// follow the devices).
-    fn check_iothread(
-        &self,
-        node: &Rc<ferrite_block::Node>,
-        iothread: Option<&str>,
-    ) -> Result<(), Error> {
-        let connected =
-            |other: &Rc<ferrite_block::Node>| other.reaches(node) || node.reaches(other);
-        let clash = self.list.borrow().iter().any(|d| {
-            d.iothread.as_deref() != iothread
-                && d.model.kind.has_drive()
-                && d.blk
-                    .as_ref()
-                    .and_then(|b| b.node())
-                    .is_some_and(|n| connected(&n))
-        });
-        if clash {
-            return Err(generic("Cannot change iothread of active block backend"));
-        }
-        Ok(())
     }
 
     fn check_bus(&self, model: &Model, bus: Option<&str>) -> Result<(), Error> {

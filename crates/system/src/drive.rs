@@ -437,6 +437,10 @@ pub(crate) async fn add(
         if read_only {
             node.insert("read-only", "on");
         }
+        // A drive falls back to reading an image it may not write (QEMU's -drive default).
+        if node.get("auto-read-only").is_none() {
+            node.insert("auto-read-only", "on");
+        }
         let (direct, no_flush) = cache_flags(cache.as_deref())?;
         if direct || no_flush {
             // `cache=` gives the defaults; `cache.direct`, `cache.no-flush` win.
@@ -470,12 +474,13 @@ pub(crate) async fn add(
             // The image is only read: writes go to the temporary overlay.
             node.insert("read-only", "on");
         }
-        let checked = graph.check_cli_options(&node)?;
+        let checked = graph.check_drive_options(&node)?;
         let mut checked = checked;
         if let Some(b) = implicit_backing {
             checked.insert("backing", b);
         }
         let n = graph.open_inline(&Args::new(checked)).await?;
+        n.keep_cli_text(&node);
         let n = if snapshot {
             match temporary_overlay(graph, &n).await {
                 Ok(top) => top,
@@ -509,7 +514,23 @@ pub(crate) async fn add(
             blk.remove();
             return Err(generic("No 'xen-bus' bus found for device 'xen-disk'"));
         }
-        "pflash" => None,
+        "pflash" if index < devices.flash_slots() => {
+            // The board's firmware flash reads and writes the drive itself, sharing it with
+            // anyone; it has no tray and keeps no I/O status.
+            if let Some(node) = blk.node() {
+                let mut perm = Perm::CONSISTENT_READ;
+                if !node.is_read_only() {
+                    perm |= Perm::WRITE;
+                }
+                if let Err(e) = blk.set_perm(perm, Perm::all()) {
+                    blk.remove();
+                    blk.set_name("");
+                    return Err(generic(Error::from(e).desc));
+                }
+            }
+            blk.set_device(Some(&format!("/machine/system.flash{index}")));
+            None
+        }
         other => {
             // The boards have no SCSI controller, SD card or MTD of their own: the drive
             // is an orphan, which QEMU reports once the machine is made.

@@ -47,6 +47,11 @@ impl Board {
         }
     }
 
+    /// The flash devices for firmware (`system.flash0`, `system.flash1` on the PC boards).
+    pub(crate) fn flash_slots(self) -> u32 {
+        if self.has_pci() { 2 } else { 0 }
+    }
+
     /// Whether the board has a floppy controller.
     pub(crate) fn has_floppy(self) -> bool {
         self == Board::Pc

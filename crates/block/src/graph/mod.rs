@@ -9,6 +9,7 @@
 
 mod active;
 mod edges;
+mod iothread;
 mod lifecycle;
 mod perm;
 mod reopen;
@@ -55,6 +56,8 @@ pub struct Graph {
     secrets: crate::secrets::Secrets,
     /// Every node was closed (exit): closing again would store bitmaps twice.
     closed: Cell<bool>,
+    /// Whether an `iothread` object of a given id exists (the program's objects).
+    iothread_lookup: RefCell<Option<iothread::Lookup>>,
 }
 
 impl Graph {
@@ -85,6 +88,7 @@ impl Graph {
             throttle_groups: Default::default(),
             secrets: Default::default(),
             closed: Cell::new(false),
+            iothread_lookup: RefCell::new(None),
         })
     }
 

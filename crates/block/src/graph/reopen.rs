@@ -163,6 +163,7 @@ impl Graph {
             node.cache_direct.set(cache.bool_or("direct", false));
             node.cache_no_flush.set(cache.bool_or("no-flush", false));
             *node.options.borrow_mut() = opts.as_dict().clone();
+            node.forget_cli_text();
         }
         for child in now_own_mode {
             child.inherits_read_only.set(false);

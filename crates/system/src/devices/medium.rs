@@ -3,7 +3,7 @@
 //! `blockdev-insert-medium`, `blockdev-change-medium`), with `DEVICE_TRAY_MOVED` when a
 //! tray moves. Without a guest nothing locks a tray, so a tray opens when asked.
 
-use super::{Device, Devices, Kind, generic};
+use super::{Device, Devices, Kind, block_error, generic};
 use ferrite_block::{BlockBackend, Node, Perm};
 use ferrite_qapi::{Args, Error};
 use ferrite_qmp::Event;
@@ -97,9 +97,7 @@ impl Devices {
                 Some(node) if load => dev.model.kind.perms(dev.share_rw, &node),
                 _ => (Perm::empty(), Perm::all()),
             };
-            slot.blk
-                .set_perm(perm, shared)
-                .map_err(|e| generic(Error::from(e).desc))?;
+            slot.blk.set_perm(perm, shared).map_err(block_error)?;
         } else {
             let mut medium = slot.blk.medium();
             medium.tray_open = !load;
@@ -178,9 +176,7 @@ impl Devices {
         let Some(node) = slot.blk.node() else {
             return Ok(());
         };
-        self.graph
-            .check_unblocked(&node)
-            .map_err(|e| generic(Error::from(e).desc))?;
+        self.graph.check_unblocked(&node).map_err(block_error)?;
         slot.blk.remove();
         // The nodes a drive opened itself go with it.
         self.graph.close_inline(&node).await;
@@ -207,9 +203,13 @@ impl Devices {
             Some(d) => d.model.kind.perms(d.share_rw, node),
             None => (Perm::empty(), Perm::all()),
         };
-        slot.blk
-            .insert(node, perm, shared)
-            .map_err(|e| generic(Error::from(e).desc))?;
+        if let Some(d) = &slot.device {
+            // The medium joins the device's iothread.
+            self.graph
+                .move_to_iothread(node, d.iothread.as_deref(), Some(&slot.blk))
+                .map_err(block_error)?;
+        }
+        slot.blk.insert(node, perm, shared).map_err(block_error)?;
         if !slot.has_tray()
             && let Err(e) = self.change_media(slot, true)
         {

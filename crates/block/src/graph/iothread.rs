@@ -1,0 +1,132 @@
+//! Which iothread nodes run in (QEMU's AioContext of a node, `bdrv_try_change_aio_context`).
+//!
+//! ferrite serves every request on its one thread, but it keeps QEMU's rule of who may move
+//! what, because users see it: a node and every node connected to it (children and parents,
+//! transitively) are in one iothread, and moving them there asks every `BlockBackend` using
+//! them. A backend whose user stays in its own iothread (a device's; an export's with
+//! `fixed-iothread`) refuses ("Cannot change iothread of active block backend"); the others
+//! (exports without it, drives without a device, jobs) follow the nodes.
+//!
+//! A new edge between nodes of different iothreads moves nothing (QEMU would try to move one
+//! side): the iothread of a node that joins a graph is that of the main loop until a user
+//! moves it.
+
+use super::Graph;
+use crate::backend::BlockBackend;
+use crate::child::ParentRef;
+use crate::error::{Error, Result};
+use crate::node::Node;
+use std::rc::Rc;
+
+impl BlockBackend {
+    /// The iothread the backend's user runs in (`None`: the main loop).
+    pub fn iothread(&self) -> Option<String> {
+        self.iothread.borrow().clone()
+    }
+
+    /// Puts the backend's user in `iothread` (a new user of a node: the node's).
+    pub fn set_iothread(&self, iothread: Option<&str>) {
+        *self.iothread.borrow_mut() = iothread.map(str::to_owned);
+    }
+
+    /// Makes the backend stay in its iothread when its node is moved (an export with
+    /// `fixed-iothread`), or follow its node (the default).
+    pub fn set_fixed_iothread(&self, fixed: bool) {
+        self.fixed_iothread.set(fixed);
+    }
+
+    /// Whether the backend refuses to leave its iothread: its user said so, or it is a
+    /// device's (QEMU lets a backend with a device move only with that device).
+    fn stays_in_iothread(&self) -> bool {
+        self.fixed_iothread.get() || self.device().is_some()
+    }
+}
+
+/// Whether an `iothread` object of the given id exists.
+pub(crate) type Lookup = Rc<dyn Fn(&str) -> bool>;
+
+impl Graph {
+    /// Lets the graph find the program's `iothread` objects.
+    pub fn set_iothread_lookup(&self, lookup: Rc<dyn Fn(&str) -> bool>) {
+        *self.iothread_lookup.borrow_mut() = Some(lookup);
+    }
+
+    /// Whether the `iothread` object `id` exists.
+    pub fn iothread_exists(&self, id: &str) -> bool {
+        self.iothread_lookup
+            .borrow()
+            .as_ref()
+            .is_some_and(|f| f(id))
+    }
+
+    /// `node` and every node connected to it through edges, either way.
+    fn connected(node: &Rc<Node>) -> Vec<Rc<Node>> {
+        let mut seen: Vec<Rc<Node>> = vec![node.clone()];
+        let mut i = 0;
+        while i < seen.len() {
+            let n = seen[i].clone();
+            i += 1;
+            let parents = n
+                .users()
+                .into_iter()
+                .filter_map(|c| match &*c.parent.borrow() {
+                    ParentRef::Node(p) => p.upgrade(),
+                    ParentRef::Root(_) => None,
+                });
+            let children = n.children().into_iter().map(|c| c.node());
+            for m in parents.chain(children).collect::<Vec<_>>() {
+                if !seen.iter().any(|s| Rc::ptr_eq(s, &m)) {
+                    seen.push(m);
+                }
+            }
+        }
+        seen
+    }
+
+    /// The iothread `node` runs in (`None`: the main loop).
+    pub fn iothread_of(&self, node: &Node) -> Option<String> {
+        node.iothread.borrow().clone()
+    }
+
+    /// Moves `node` and the nodes connected to it into `iothread` (`None`: the main loop)
+    /// for `requester`, which takes that iothread too; the other backends using them follow,
+    /// unless one stays in another iothread, which refuses the move.
+    ///
+    /// # Errors
+    /// [`Error::IothreadInUse`]; nothing has moved then.
+    pub fn move_to_iothread(
+        &self,
+        node: &Rc<Node>,
+        iothread: Option<&str>,
+        requester: Option<&BlockBackend>,
+    ) -> Result<()> {
+        let nodes = Self::connected(node);
+        let in_component = |b: &BlockBackend| {
+            b.node()
+                .is_some_and(|n| nodes.iter().any(|m| Rc::ptr_eq(m, &n)))
+        };
+        let is_requester = |b: &BlockBackend| requester.is_some_and(|r| std::ptr::eq(r, b));
+        let users: Vec<Rc<BlockBackend>> = self
+            .backends()
+            .into_iter()
+            .filter(|b| in_component(b) && !is_requester(b))
+            .collect();
+        let refuses = users
+            .iter()
+            .any(|b| b.stays_in_iothread() && b.iothread.borrow().as_deref() != iothread);
+        if refuses {
+            return Err(Error::IothreadInUse);
+        }
+        let to = iothread.map(str::to_owned);
+        for n in &nodes {
+            *n.iothread.borrow_mut() = to.clone();
+        }
+        for b in &users {
+            *b.iothread.borrow_mut() = to.clone();
+        }
+        if let Some(r) = requester {
+            *r.iothread.borrow_mut() = to;
+        }
+        Ok(())
+    }
+}
