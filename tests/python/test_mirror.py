@@ -513,3 +513,78 @@ def test_pivot_while_a_client_writes_at_a_fixed_rate(both, job):
         seen.append(out)
     theirs, ours = seen
     assert ours == theirs
+
+
+def test_a_target_too_small_for_its_image_stops_the_job_until_reopened_like_qemu(both):
+    """iotest 248's case: the target's qcow2 sits on a raw window shorter than its data, so
+    writes past the window fail with ENOSPC (not corruption) and stop the job; reopening
+    the window's inline options (two levels down) without `size` lets it go on."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        qcow2(w / "src.qcow2", "5M")
+        run("qemu-io", "-c", "write -P 0x5a 0 5M", w / "src.qcow2")
+        qcow2(w / "tgt.qcow2", "5M")
+        run("qemu-io", "-c", "write 0 5M", w / "tgt.qcow2")
+        q = d.connect()
+        add(q, "src", w / "src.qcow2")
+        tgt = {"driver": "qcow2", "node-name": "tgt",
+               "file": {"driver": "raw", "size": 2 << 20,
+                        "file": {"driver": "file", "filename": str(w / "tgt.qcow2")}}}
+        out = [q.cmd("blockdev-add", tgt),
+               q.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                         "sync": "full", "on-target-error": "enospc"})]
+        wait_for(lambda: q.cmd("query-block-jobs")["return"][0]["status"] == "paused",
+                 what="the job to stop")
+        info = q.cmd("query-block-jobs")["return"][0]
+        out.append((info["io-status"], info["paused"]))
+        del tgt["file"]["size"]
+        out.append(q.cmd("blockdev-reopen", {"options": [tgt]}))
+        out.append(q.cmd("block-job-resume", {"device": "m"}))
+        q.wait_event("BLOCK_JOB_READY")
+        out.append(q.cmd("block-job-complete", {"device": "m"}))
+        wait_job_gone(q, "m")
+        settle(q)
+        out.append(sorted({e for e, _ in events(q)}))
+        d.stop()
+        out.append(run("qemu-img", "compare", w / "src.qcow2", w / "tgt.qcow2",
+                       check=False).returncode)
+        out.append(run("qemu-img", "check", w / "tgt.qcow2", check=False).returncode)
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours[2] == ("nospace", True) and ours[-2:] == [0, 0]
+
+
+def test_drive_mirror_onto_an_existing_image_opens_its_protocol_backing_like_qemu(both):
+    """mode=existing: the target's own backing file opens at completion, a protocol name
+    (`null-co://`) included; a snapshot may give a busy target its backing meanwhile."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        qcow2(w / "src.qcow2", "1M")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "null-co://", "-F", "raw",
+            w / "tgt.qcow2", "1M")
+        q = d.connect()
+        add(q, "src", w / "src.qcow2")
+        out = [q.cmd("drive-mirror", {"job-id": "m", "device": "src", "sync": "full",
+                                      "target": str(w / "tgt.qcow2"), "format": "qcow2",
+                                      "mode": "existing", "node-name": "tgt"})]
+        q.wait_event("BLOCK_JOB_READY")
+        out.append(q.cmd("block-job-complete", {"device": "m"}))
+        wait_job_gone(q, "m")
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["drv"], n["file"].replace(str(w), "W")) for n in nodes))
+        # blockdev-snapshot onto a mirror's target while the job runs.
+        qcow2(w / "t2.qcow2", "1M")
+        add(q, "t2", w / "t2.qcow2", backing=None)
+        out.append(q.cmd("blockdev-mirror", {"job-id": "m2", "device": "src", "target": "t2",
+                                             "sync": "full"}))
+        q.wait_event("BLOCK_JOB_READY")
+        out.append(q.cmd("blockdev-add", {"driver": "null-co", "node-name": "nb"}))
+        out.append(q.cmd("blockdev-snapshot", {"node": "nb", "overlay": "t2"}))
+        out.append(q.cmd("block-job-cancel", {"device": "m2"}))
+        wait_job_gone(q, "m2")
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs

@@ -74,12 +74,18 @@ impl Node {
     /// (`write`) to a driver that grows while a parent holds the resize permission.
     pub(crate) fn check_span(&self, offset: u64, len: u64, write: bool) -> io::Result<()> {
         let end = offset.checked_add(len).ok_or_else(einval)?;
-        let grows =
-            write && self.driver.can_grow() && self.cumulative_perms().0.contains(Perm::RESIZE);
-        if end > self.len() && !grows {
-            return Err(einval());
+        if end <= self.len() {
+            return Ok(());
         }
-        Ok(())
+        // A parent that may resize the node writes past its end; a driver that cannot grow
+        // (a raw window, a device) has no space for it.
+        if write && self.cumulative_perms().0.contains(Perm::RESIZE) {
+            if self.driver.can_grow() {
+                return Ok(());
+            }
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Err(einval())
     }
 
     fn check_writable(&self) -> io::Result<()> {

@@ -322,10 +322,8 @@ impl Graph {
             .child("file")
             .map_or_else(|| node.filename(), |f| f.filename());
         let path = crate::filename::backing_path(&image, &name)?;
-        let file_opts = ferrite_qobject::QDict::new()
-            .with("driver", "file")
-            .with("filename", path.as_str())
-            .with("read-only", true);
+        // A protocol name (`null-co://`, `json:{...}`) says what opens it.
+        let file_opts = crate::filename::protocol_options(&path).with("read-only", true);
         let format = match format {
             Some(f) => f,
             None => self.probe_format(&file_opts).await?.to_owned(),

@@ -267,14 +267,18 @@ impl Graph {
                         parent.insert(edge, cur.name());
                         // A writable child before its parent needs it; a read-only one
                         // after the parent has written back what it held.
-                        if child
+                        let read_only = child
                             .get("read-only")
                             .and_then(QObject::as_bool)
-                            .unwrap_or(false)
-                        {
-                            after.push(Args::new(child));
+                            .unwrap_or(false);
+                        // Its own inline children's options, in turn.
+                        let nested = self.expand_children(&[Args::new(child)])?;
+                        moves.extend(nested.moves);
+                        now_own_mode.extend(nested.now_own_mode);
+                        if read_only {
+                            after.extend(nested.list);
                         } else {
-                            before.push(Args::new(child));
+                            before.extend(nested.list);
                         }
                     }
                     (QObject::Dict(_), _) => {

@@ -127,8 +127,12 @@ impl Meta {
                 None,
             ));
         }
-        // Data in an external data file is checked by that file.
+        // Data in an external data file is checked by that file. A file that cannot grow
+        // (a raw window, a device) refuses the write itself, as under QEMU (ENOSPC); one
+        // that can would grow without bound for a damaged entry, which ferrite calls
+        // corruption where QEMU writes.
         if self.h.incompatible & crate::format::header::incompat::DATA_FILE == 0
+            && file.node().driver().can_grow()
             && host >= file.len().next_multiple_of(self.cs())
         {
             return Err(self.corruption(
