@@ -814,6 +814,11 @@ def test_export_iothreads_match_qsd(both):
             # Only unfixed exports are left: the node may move again.
             ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "n", "name": "e3",
                                   "iothread": "io1", "fixed-iothread": True}),
+            # x-blockdev-set-iothread asks the same users, `force` or not.
+            ("x-blockdev-set-iothread", {"node-name": "r", "iothread": "io0", "force": True}),
+            ("x-blockdev-set-iothread", {"node-name": "r", "iothread": "io1", "force": True}),
+            ("block-export-del", {"id": "e3"}),
+            ("x-blockdev-set-iothread", {"node-name": "r", "iothread": None, "force": True}),
             ("query-block-exports", None),
         ]]
         seen.append(out)

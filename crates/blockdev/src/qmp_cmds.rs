@@ -133,17 +133,14 @@ pub fn qmp_x_blockdev_change(graph: &Graph, args: &Args) -> Result<QObject, Erro
     }
 }
 
-/// `x-blockdev-set-iothread`: ferrite runs every node in its one main context, so moving
-/// a node to an iothread changes nothing, after QEMU's checks. `iothread_exists` says
-/// whether an `iothread` object has that ID.
+/// `x-blockdev-set-iothread`: the node and those connected to it move to the iothread
+/// (`null`: the main loop), after QEMU's checks; a user that stays in its own iothread (a
+/// device) refuses, `force` or not.
 ///
 /// # Errors
-/// QEMU's texts: an unknown node or iothread, a node a BlockBackend uses without `force`.
-pub fn qmp_x_blockdev_set_iothread(
-    graph: &Graph,
-    args: &Args,
-    iothread_exists: impl Fn(&str) -> bool,
-) -> Result<QObject, Error> {
+/// QEMU's texts: an unknown node or iothread, a node a BlockBackend uses without `force`,
+/// a user that refuses the move.
+pub fn qmp_x_blockdev_set_iothread(graph: &Graph, args: &Args) -> Result<QObject, Error> {
     let name = args.str("node-name")?;
     let node = graph
         .find(name)
@@ -151,11 +148,18 @@ pub fn qmp_x_blockdev_set_iothread(
     if !args.bool_or("force", false) && node.has_backend_user() {
         return Err(crate::Error::NodeHasBackend(name.to_owned()).into());
     }
-    if let Some(QObject::String(id)) = args.get("iothread")
-        && !iothread_exists(id)
-    {
-        return Err(crate::Error::NoSuchIothread(id.clone()).into());
-    }
+    let iothread = match args.get("iothread") {
+        Some(QObject::String(id)) => {
+            if !graph.iothread_exists(id) {
+                return Err(crate::Error::NoSuchIothread(id.clone()).into());
+            }
+            Some(id.as_str())
+        }
+        _ => None,
+    };
+    graph
+        .move_to_iothread(&node, iothread, None)
+        .map_err(|e| Error::from(crate::Error::from(e)))?;
     Ok(QDict::new().into())
 }
 

@@ -234,13 +234,7 @@ impl Daemon {
                 ferrite_blockdev::job_cmds::qmp_drive_mirror(&self.jobs, &self.graph, &args).await,
             ),
             "x-blockdev-change" => blk::qmp_x_blockdev_change(&self.graph, &args),
-            "x-blockdev-set-iothread" => {
-                blk::qmp_x_blockdev_set_iothread(&self.graph, &args, |id| {
-                    self.objects
-                        .get(id)
-                        .is_some_and(|o| o.type_name() == "iothread")
-                })
-            }
+            "x-blockdev-set-iothread" => blk::qmp_x_blockdev_set_iothread(&self.graph, &args),
             "block-commit" => done(
                 ferrite_blockdev::job_cmds::qmp_block_commit(&self.jobs, &self.graph, &args).await,
             ),
