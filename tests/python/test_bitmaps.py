@@ -287,3 +287,28 @@ def test_damaged_bitmaps_are_refused_like_qemu(both, tmp_path):
         assert o == t
     # Most are refused: none of those may open in ferrite.
     assert sum(1 for t in theirs if t[1] != "opened") >= 20
+
+
+def test_stored_bitmaps_load_under_auto_read_only_as_qsd_loads_them(both):
+    """An image with stored bitmaps opened with `auto-read-only` (what `-drive` does): the
+    image writes its bitmaps' in-use flags as it opens, through a file whose descriptor is
+    otherwise opened for writing only for a writer."""
+    seen = []
+    for d in both():
+        img = d.workdir / "b.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+        run("qemu-img", "bitmap", "--add", img, "b0")
+        q = d.connect()
+        out = [q.cmd("blockdev-add", {"node-name": "q", "driver": "qcow2",
+                                      "auto-read-only": True,
+                                      "file": {"driver": "file", "filename": str(img)}})]
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["node-name"], n["ro"], [b["name"] for b in n["dirty-bitmaps"]])
+                          for n in nodes if not n["node-name"].startswith("#")))
+        info = run("qemu-img", "info", "-U", "--output=json", img).stdout
+        out.append("in-use" in info)
+        d.stop()
+        out.append(run("qemu-img", "check", img).returncode)
+        seen.append(out)
+    assert seen[1] == seen[0]
+    assert seen[0][0] == {"return": {}} and seen[0][2]

@@ -105,6 +105,23 @@ impl<'a> OpenCtx<'a> {
         Ok(edge)
     }
 
+    /// A format's metadata child: the format takes reading and, when it may write, writing
+    /// and resizing on it at once (unsharing those), as QEMU's `bdrv_default_perms_for_storage`
+    /// does when the child is attached, so that it may write its metadata while it opens
+    /// (the file's descriptor is opened for writing for it).
+    ///
+    /// # Errors
+    /// A permission conflict, or the file refusing to be written.
+    pub fn claim_for_metadata(&self, edge: &Rc<Child>, writable: bool) -> Result<()> {
+        let own = Perm::WRITE | Perm::RESIZE;
+        let perm = if writable {
+            Perm::CONSISTENT_READ | own
+        } else {
+            Perm::CONSISTENT_READ
+        };
+        self.graph.update_edge_perm(edge, perm, Perm::all() - own)
+    }
+
     /// Opens child `key`, which the options must give (a node name or inline options).
     ///
     /// # Errors
