@@ -265,3 +265,30 @@ def test_open_timeout_waits_for_the_server(ferrite, tmp_path):
         late.wait()
     c.close()
     d.stop()
+
+
+def test_nbd_names_of_backing_files_open_the_client_like_qsd(both, tmp_path, qemu_nbd):
+    """A backing file named by an NBD URI or the older `nbd:` syntax opens through the NBD
+    client, as QEMU parses the name: the same chain, file names and data on both daemons."""
+    src = tmp_path / "src.qcow2"
+    source_image(src)
+    sock = qemu_nbd(src, "qcow2", "img", "--persistent")
+    names = [f"nbd+unix:///img?socket={sock}", f"nbd:unix:{sock}:exportname=img"]
+    seen = []
+    for d in both():
+        c = d.connect()
+        out = []
+        for i, name in enumerate(names):
+            top = d.workdir / f"top{i}.qcow2"
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw",
+                top, "32M")
+            out.append(c.cmd("blockdev-add", {"driver": "qcow2", "node-name": f"t{i}",
+                                              "file": {"driver": "file",
+                                                       "filename": str(top)}}))
+        nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["drv"], n["file"].replace(str(d.workdir), "W"))
+                          for n in nodes))
+        seen.append(out)
+        d.stop()
+    assert seen[1] == seen[0]
+    assert seen[0][0] == {"return": {}} and ("nbd", names[0]) in seen[0][2]

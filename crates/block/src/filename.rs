@@ -46,6 +46,9 @@ pub fn protocol_options(name: &str) -> QDict {
         }
         return d;
     }
+    if let Some(d) = nbd_options(name) {
+        return d;
+    }
     if name == "null-co://" || name == "null-aio://" {
         return QDict::new().with("driver", name.trim_end_matches("://"));
     }
@@ -70,6 +73,57 @@ pub fn protocol_options(name: &str) -> QDict {
     QDict::new().with("driver", "file").with("filename", name)
 }
 
+/// The NBD client's options for an NBD name (QEMU's `nbd_parse_filename`): a URI
+/// (`nbd://HOST[:PORT]/EXPORT`, `nbd+tcp://...`, `nbd+unix:///EXPORT?socket=PATH`) or the
+/// older `nbd:unix:PATH[:exportname=EXPORT]` and `nbd:HOST:PORT[:exportname=EXPORT]`.
+/// `None` for anything else, or a name that does not parse (it then opens as a file, and
+/// fails as one).
+fn nbd_options(name: &str) -> Option<QDict> {
+    let nbd = |server: QDict, export: &str| {
+        let d = QDict::new().with("driver", "nbd").with("server", server);
+        if export.is_empty() {
+            d
+        } else {
+            d.with("export", export)
+        }
+    };
+    let inet = |host: &str, port: &str| {
+        QDict::new()
+            .with("type", "inet")
+            .with("host", host)
+            .with("port", if port.is_empty() { "10809" } else { port })
+    };
+    let unix = |path: &str| QDict::new().with("type", "unix").with("path", path);
+    if let Some(rest) = name.strip_prefix("nbd+unix://") {
+        let (path, query) = rest.split_once('?')?;
+        let export = path.strip_prefix('/').unwrap_or(path);
+        let socket = query.strip_prefix("socket=")?;
+        return Some(nbd(unix(socket), export));
+    }
+    if let Some(rest) = name
+        .strip_prefix("nbd://")
+        .or_else(|| name.strip_prefix("nbd+tcp://"))
+    {
+        let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (h, p),
+            _ => (authority, ""),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        return Some(nbd(inet(host, port), export));
+    }
+    let rest = name.strip_prefix("nbd:")?;
+    let (rest, export) = match rest.split_once(":exportname=") {
+        Some((r, e)) => (r, e),
+        None => (rest, ""),
+    };
+    if let Some(path) = rest.strip_prefix("unix:") {
+        return Some(nbd(unix(path), export));
+    }
+    let (host, port) = rest.rsplit_once(':')?;
+    Some(nbd(inet(host, port), export))
+}
+
 /// The path of `name`, which the image whose own file is `image` records: absolute names and
 /// protocol names as they are, relative ones beside the image (QEMU's rule).
 ///
@@ -91,6 +145,44 @@ pub fn backing_path(image: &str, name: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::backing_path;
+
+    #[test]
+    fn nbd_names_open_the_nbd_client() {
+        use super::protocol_options;
+        use ferrite_qobject::{from_json, to_json};
+        let j = |n: &str| to_json(&protocol_options(n).into());
+        let canon = |t: &str| to_json(&from_json(t).expect("json"));
+        assert_eq!(
+            j("nbd+unix:///exp?socket=/s/nbd"),
+            canon(
+                r#"{"driver": "nbd", "server": {"type": "unix", "path": "/s/nbd"}, "export": "exp"}"#
+            )
+        );
+        assert_eq!(
+            j("nbd+unix:///?socket=/s"),
+            canon(r#"{"driver": "nbd", "server": {"type": "unix", "path": "/s"}}"#)
+        );
+        assert_eq!(
+            j("nbd://h:1234/e"),
+            canon(
+                r#"{"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "1234"}, "export": "e"}"#
+            )
+        );
+        assert_eq!(
+            j("nbd://h"),
+            canon(r#"{"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "10809"}}"#)
+        );
+        assert_eq!(
+            j("nbd:unix:/s:exportname=x"),
+            canon(r#"{"driver": "nbd", "server": {"type": "unix", "path": "/s"}, "export": "x"}"#)
+        );
+        assert_eq!(
+            j("nbd:localhost:10810"),
+            canon(
+                r#"{"driver": "nbd", "server": {"type": "inet", "host": "localhost", "port": "10810"}}"#
+            )
+        );
+    }
 
     #[test]
     fn protocol_names_open_what_they_name() {

@@ -105,21 +105,18 @@ impl<'a> OpenCtx<'a> {
         Ok(edge)
     }
 
-    /// A format's metadata child: the format takes reading and, when it may write, writing
-    /// and resizing on it at once (unsharing those), as QEMU's `bdrv_default_perms_for_storage`
+    /// A format's metadata child, of a format that may write: the format takes writing and
+    /// resizing on it at once (unsharing those), as QEMU's `bdrv_default_perms_for_storage`
     /// does when the child is attached, so that it may write its metadata while it opens
-    /// (the file's descriptor is opened for writing for it).
+    /// (the file's descriptor is opened for writing for it). A read-only format writes
+    /// nothing while it opens and takes its permissions with the rest of the graph.
     ///
     /// # Errors
     /// A permission conflict, or the file refusing to be written.
-    pub fn claim_for_metadata(&self, edge: &Rc<Child>, writable: bool) -> Result<()> {
+    pub fn claim_for_metadata(&self, edge: &Rc<Child>) -> Result<()> {
         let own = Perm::WRITE | Perm::RESIZE;
-        let perm = if writable {
-            Perm::CONSISTENT_READ | own
-        } else {
-            Perm::CONSISTENT_READ
-        };
-        self.graph.update_edge_perm(edge, perm, Perm::all() - own)
+        self.graph
+            .update_edge_perm(edge, Perm::CONSISTENT_READ | own, Perm::all() - own)
     }
 
     /// Opens child `key`, which the options must give (a node name or inline options).

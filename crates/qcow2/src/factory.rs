@@ -54,7 +54,9 @@ impl DriverFactory for Qcow2Factory {
             let opts = ctx.opts();
             let read_only = ctx.settings().read_only;
             let file = ctx.open_child("file").await?;
-            ctx.claim_for_metadata(&file, !read_only)?;
+            if !read_only {
+                ctx.claim_for_metadata(&file)?;
+            }
             let mut opening = Qcow2Driver::begin_open(opts, &file, read_only).await?;
             open_data_file(ctx, opening.data_file(), read_only).await?;
             // The password of an encrypted image, from its `secret` object.
