@@ -596,3 +596,27 @@ def test_writes_onto_metadata_are_refused_like_qemu(tmp_path, name, damage, opts
         theirs[k], ours[k] = strip(theirs[k]), strip(ours[k])
     assert ours["events"] == theirs["events"]
     assert ours == theirs
+
+
+def test_blockdev_create_over_a_file_that_keeps_its_size_like_qsd(both):
+    """qcow2's blockdev-create writes over what its file holds, without cutting it first
+    (a raw window, a device or a fixed FUSE export cannot be cut: iotest 108)."""
+    seen = []
+    for d in both():
+        big = d.workdir / "big"
+        subprocess.run(["truncate", "-s", "8M", str(big)], check=True)
+        q = d.connect()
+        out = [q.cmd("blockdev-add", {"driver": "raw", "node-name": "w", "size": 4 << 20,
+                                      "file": {"driver": "file", "filename": str(big)}}),
+               q.cmd("blockdev-create", {"job-id": "c", "options": {
+                   "driver": "qcow2", "file": "w", "size": 1 << 20}})]
+        q.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+        out.append([j.get("error") for j in q.cmd("query-jobs")["return"]])
+        d.stop()
+        out.append(os.path.getsize(big))
+        check = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(big)],
+                               capture_output=True, text=True)
+        out.append((check.returncode, check.stdout.splitlines()[-1]))
+        seen.append(out)
+    assert seen[1] == seen[0]
+    assert seen[0][2] == [None]

@@ -113,7 +113,8 @@ pub(crate) async fn format(file: &Child, o: &CreateOpts) -> ferrite_block::Resul
     let mut first = cluster0;
     first.extend_from_slice(&reftable);
     first.extend_from_slice(&refblock);
-    file.truncate(0).await.map_err(io_err)?;
+    // Written over what the file holds, which keeps its size (QEMU does not cut it first,
+    // so a file that cannot change size, a device or a fixed FUSE export, takes an image).
     file.write(0, first, ReqFlags::empty())
         .await
         .map_err(io_err)?;
