@@ -32,6 +32,7 @@ impl Meta {
         if self.l2.get(off).is_some() {
             return Ok(());
         }
+        file.debug_event("l2_load").await;
         let data = read_at(file, off, self.cs() as usize).await?;
         self.make_room(file, true).await?;
         self.l2.insert(off, data, false);
