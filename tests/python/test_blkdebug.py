@@ -145,3 +145,37 @@ def test_events_raised_by_qcow2_as_qemus(ferrite, tmp_path):
 def test_state_machine_from_a_config_file_as_qemus(ferrite, tmp_path):
     got = semantics(ferrite, tmp_path, "raw", {"config": "rules.cfg"}, CONFIG_OPS)
     assert got.count("read failed: No space left on device") == 3
+
+
+def test_l2_loads_raise_their_event_as_qemus(tmp_path):
+    """`l2_load`: raised as qcow2 reads an L2 table it does not hold; the error injected
+    then fails that table's read (once), and the next read loads it again. qemu-io opens
+    the stack itself; ferrite-system-x86_64 runs the same commands through HMP `qemu-io`
+    (through an NBD export the server's block status would load the table first)."""
+    import os
+    from test_system import SYSTEM
+    ops = ["read -P 9 0 4k", "read -P 9 0 4k"]
+    debug = {"inject-error": [{"event": "l2_load", "errno": 5, "once": True}]}
+    results = []
+    for side in ("qemu", "ferrite"):
+        w = tmp_path / side
+        w.mkdir()
+        img = w / "disk.img"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 64k", str(img)],
+                       check=True, capture_output=True)
+        opts = stack("qcow2", debug)
+        opts["file"]["image"]["filename"] = str(img)
+        if side == "qemu":
+            del opts["node-name"], opts["file"]["node-name"]
+            results.append(io("json:" + json.dumps(opts), *ops))
+            continue
+        script = "".join(f'qemu-io top "{op}"\n' for op in ops) + "quit\n"
+        r = subprocess.run([SYSTEM, "-accel", "qtest", "-nodefaults", "-display", "none",
+                            "-monitor", "stdio", "-blockdev", json.dumps(opts)],
+                           input=script, capture_output=True, text=True, timeout=30)
+        assert os.path.basename(SYSTEM) not in r.stderr, r.stderr
+        results.append([ln for ln in r.stdout.splitlines()
+                        if ln.startswith("read ") and " ops; " not in ln])
+    assert results[1] == results[0]
+    assert results[0][0] == "read failed: Input/output error"
