@@ -98,7 +98,7 @@ impl DriverFactory for FileFactory {
             if aio == "native" && !settings.cache_direct {
                 return Err(Error::NativeAioWithoutDirect.into());
             }
-            let (drv, ro) = FileDriver::open(FileOpen {
+            let drv = FileDriver::open(FileOpen {
                 flavor: self.flavor,
                 args: opts,
                 read_only: settings.read_only,
@@ -106,7 +106,6 @@ impl DriverFactory for FileFactory {
                 direct: settings.cache_direct,
                 io: ctx.io_backend(aio),
             })?;
-            ctx.settings().read_only = ro;
             Ok(Box::new(drv) as Box<dyn Driver>)
         })
     }
@@ -210,8 +209,9 @@ pub(crate) struct FileOpen<'a> {
 }
 
 impl FileDriver {
-    /// Opens the file; returns it and whether it ended up read-only.
-    pub(crate) fn open(o: FileOpen<'_>) -> ferrite_block::Result<(FileDriver, bool)> {
+    /// Opens the file (read-only as asked: `auto-read-only` decides only how its descriptor
+    /// is opened, see `dynamic_ro`).
+    pub(crate) fn open(o: FileOpen<'_>) -> ferrite_block::Result<FileDriver> {
         let path = o.args.str("filename")?.to_owned();
         let locking = !matches!(o.args.opt_str("locking"), Some("off"));
         // Nobody writes yet: with `auto-read-only`, the descriptor waits for a writer to
@@ -220,7 +220,6 @@ impl FileDriver {
         let write = !o.read_only && !dynamic_ro;
         let HostFile { file, fdset_dup } =
             HostFile::open(&path, write, o.direct).map_err(|e| e.into_error(&path))?;
-        let read_only = o.read_only;
         let kind = file
             .metadata()
             .map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?
@@ -243,28 +242,25 @@ impl FileDriver {
         } else {
             1
         };
-        Ok((
-            FileDriver {
-                flavor: o.flavor,
-                path,
-                file: std::cell::RefCell::new(Arc::new(file)),
-                fdset_dup: std::cell::RefCell::new(fdset_dup),
-                direct: Cell::new(o.direct),
-                align: Cell::new(align),
-                writing: std::cell::RefCell::new(Vec::new()),
-                write_done: tokio::sync::Notify::new(),
-                perms: Cell::new((Perm::empty(), Perm::all())),
-                dynamic_ro: Cell::new(dynamic_ro),
-                fd_writable: Cell::new(write),
-                io: o.io,
-                size: Cell::new(size),
-                locking,
-                discard_ok: Cell::new(0),
-                discard_bytes: Cell::new(0),
-                discard_failed: Cell::new(0),
-            },
-            read_only,
-        ))
+        Ok(FileDriver {
+            flavor: o.flavor,
+            path,
+            file: std::cell::RefCell::new(Arc::new(file)),
+            fdset_dup: std::cell::RefCell::new(fdset_dup),
+            direct: Cell::new(o.direct),
+            align: Cell::new(align),
+            writing: std::cell::RefCell::new(Vec::new()),
+            write_done: tokio::sync::Notify::new(),
+            perms: Cell::new((Perm::empty(), Perm::all())),
+            dynamic_ro: Cell::new(dynamic_ro),
+            fd_writable: Cell::new(write),
+            io: o.io,
+            size: Cell::new(size),
+            locking,
+            discard_ok: Cell::new(0),
+            discard_bytes: Cell::new(0),
+            discard_failed: Cell::new(0),
+        })
     }
 }
 

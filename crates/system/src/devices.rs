@@ -609,10 +609,6 @@ impl Devices {
             self.graph
                 .move_to_iothread(&node, iothread.as_deref(), Some(blk))
                 .map_err(block_error)?;
-        }
-        if let Some(blk) = &blk
-            && let Some(node) = blk.node()
-        {
             if matches!(model.kind, Kind::IdeHd) && node.is_read_only() {
                 return Err(generic("Block node is read-only"));
             }

@@ -525,7 +525,7 @@ pub(crate) async fn add(
                 if let Err(e) = blk.set_perm(perm, Perm::all()) {
                     blk.remove();
                     blk.set_name("");
-                    return Err(generic(Error::from(e).desc));
+                    return Err(crate::devices::block_error(e));
                 }
             }
             blk.set_device(Some(&format!("/machine/system.flash{index}")));
