@@ -25,6 +25,7 @@ use std::thread::Thread;
 use tokio::sync::{Notify, oneshot};
 
 use super::IoFuture;
+use super::placement::FileWrites;
 
 /// How many lanes there are. Files map to lanes by descriptor, so up to this many files are
 /// written in parallel.
@@ -33,6 +34,8 @@ const LANES: usize = 4;
 /// A write waiting in a lane.
 struct Job {
     file: Arc<File>,
+    /// The file's record: what this write cost, and that it is done.
+    writes: Arc<FileWrites>,
     /// Where to report: the collector of the thread that made the request.
     to: Arc<Completions>,
     offset: u64,
@@ -133,6 +136,7 @@ fn run(lane: &Lane) {
         let job = lock(&lane.queue).pop_front();
         let Some(Job {
             file,
+            writes,
             to,
             offset,
             data,
@@ -150,13 +154,22 @@ fn run(lane: &Lane) {
             lane.parked.store(false, Ordering::SeqCst);
             continue;
         };
-        let result = file.write_all_at(&data, offset).map(|()| data);
+        let result = write(&file, &writes, offset, data);
         drop(file);
         lock(&to.done).push(Done { result, done });
         if !to.pending.swap(true, Ordering::SeqCst) {
             to.notify.notify_one();
         }
     }
+}
+
+/// Writes `data` at `offset`, recording what it cost; resolves to the buffer.
+fn write(file: &File, writes: &FileWrites, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
+    let started = std::time::Instant::now();
+    let result = file.write_all_at(&data, offset).map(|()| data);
+    writes.record(started.elapsed());
+    writes.dequeued();
+    result
 }
 
 /// The main thread's side: passes finished writes' results to their requests.
@@ -176,16 +189,23 @@ async fn collect(completions: Arc<Completions>) {
 /// caller frees or reuses it on its own thread.
 ///
 /// Must be awaited inside a `LocalSet`: the first call starts the collector there.
-pub(super) fn pwrite(file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<Vec<u8>> {
+pub(super) fn pwrite(
+    file: &Arc<File>,
+    writes: Arc<FileWrites>,
+    offset: u64,
+    data: Vec<u8>,
+) -> IoFuture<Vec<u8>> {
+    writes.queued();
     let Some(lanes) = lanes() else {
         // No lane threads (the system refused them): the thread pool does it.
         let file = file.clone();
-        return super::blocking(move || file.write_all_at(&data, offset).map(|()| data));
+        return super::blocking(move || write(&file, &writes, offset, data));
     };
     let lane = &lanes[file.as_raw_fd().unsigned_abs() as usize % LANES];
     let (done, rx) = oneshot::channel();
     lock(&lane.queue).push_back(Job {
         file: file.clone(),
+        writes,
         to: completions(),
         offset,
         data,
@@ -222,7 +242,14 @@ mod tests {
         run_local(async {
             // All queued before any is awaited: the lane must still apply them in order.
             let writes: Vec<_> = (0..2000u32)
-                .map(|i| pwrite(&f, u64::from(i % 7) * 512, i.to_le_bytes().repeat(128)))
+                .map(|i| {
+                    pwrite(
+                        &f,
+                        Default::default(),
+                        u64::from(i % 7) * 512,
+                        i.to_le_bytes().repeat(128),
+                    )
+                })
                 .collect();
             for w in writes {
                 w.await.expect("write");
@@ -242,7 +269,9 @@ mod tests {
         let f: Arc<File> = Arc::new(tempfile::tempfile().expect("temp file"));
         for round in 0..3u8 {
             run_local(async {
-                pwrite(&f, 0, vec![round; 4096]).await.expect("write");
+                pwrite(&f, Default::default(), 0, vec![round; 4096])
+                    .await
+                    .expect("write");
             });
             let mut got = vec![0u8; 4096];
             f.read_exact_at(&mut got, 0).expect("read");
@@ -254,7 +283,8 @@ mod tests {
     fn failures_come_back_to_the_request() {
         let path = tempfile::NamedTempFile::new().expect("temp file");
         let ro = Arc::new(File::open(path.path()).expect("open read-only"));
-        let e = run_local(async { pwrite(&ro, 0, vec![1; 512]).await }).expect_err("EBADF");
+        let e = run_local(async { pwrite(&ro, Default::default(), 0, vec![1; 512]).await })
+            .expect_err("EBADF");
         assert_eq!(e.raw_os_error(), Some(libc::EBADF));
     }
 }

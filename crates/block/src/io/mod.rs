@@ -9,6 +9,7 @@ pub mod aligned;
 mod foreign;
 mod lane;
 mod nowait;
+mod placement;
 pub mod pool;
 mod threads;
 mod uring;
@@ -99,13 +100,26 @@ pub fn is_zero(buf: &[u8]) -> bool {
 }
 
 /// A buffered write: done on the calling thread when the page cache takes it at once (see
-/// [`nowait`]), otherwise (what is left of it) on the file's write lane (see [`lane`]).
+/// [`nowait`]) or the file's recent writes were cheap (see [`placement`]), otherwise (what is
+/// left of it) on the file's write lane (see [`lane`]).
 fn pwrite_buffered(file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()> {
+    let writes = placement::of(file);
     let mut done = 0;
     if data.len() <= nowait::NOWAIT_MAX {
-        match nowait::write(file, offset, &data) {
+        match nowait::write(&writes, file, offset, &data) {
             Ok(p) => done = p.done,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
+        }
+        if done < data.len() && writes.inline(offset + done as u64, data.len() - done) {
+            let started = std::time::Instant::now();
+            let result = std::os::unix::fs::FileExt::write_all_at(
+                &**file,
+                &data[done..],
+                offset + done as u64,
+            );
+            writes.record(started.elapsed());
+            pool::give(data);
+            return Box::pin(std::future::ready(result));
         }
     }
     if done == data.len() {
@@ -118,7 +132,7 @@ fn pwrite_buffered(file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()>
     } else {
         data[done..].to_vec()
     };
-    let w = lane::pwrite(file, offset + done as u64, rest);
+    let w = lane::pwrite(file, writes, offset + done as u64, rest);
     // The buffer comes back so that it is freed (or reused) on the calling thread.
     Box::pin(async move { w.await.map(pool::give) })
 }
@@ -184,4 +198,43 @@ pub(crate) fn file_with(data: &[u8]) -> (tempfile::NamedTempFile, Arc<File>) {
         .open(t.path())
         .expect("open");
     (t, Arc::new(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn writes_on_the_calling_thread_never_overtake_the_lanes() {
+        const PAGES: u32 = 256;
+        let (_t, f) = super::file_with(&vec![0u8; PAGES as usize * 4096]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            // In each page a partial write (which goes to the lane) and then a write of the
+            // whole page (which could run at once), all made before any is awaited.
+            let mut writes = Vec::new();
+            for page in 0..PAGES {
+                let at = u64::from(page) * 4096;
+                writes.push(super::pwrite_buffered(&f, at + 100, vec![1; 300]));
+                writes.push(super::pwrite_buffered(
+                    &f,
+                    at,
+                    page.to_le_bytes().repeat(1024),
+                ));
+            }
+            for w in writes {
+                w.await.expect("write");
+            }
+        });
+        for page in 0..PAGES {
+            let mut got = vec![0u8; 4096];
+            f.read_exact_at(&mut got, u64::from(page) * 4096)
+                .expect("read");
+            let whole = got == page.to_le_bytes().repeat(1024);
+            assert!(whole, "page {page}: the partial write landed last");
+        }
+    }
 }

@@ -3,12 +3,13 @@
 //! Whatever would wait (data not cached, a lock held, dirty-page throttling) is left for the
 //! caller to hand off.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Weak};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::placement::FileWrites;
 
 /// Requests at most this large are tried on the calling thread.
 pub(super) const NOWAIT_MAX: usize = 64 << 10;
@@ -26,7 +27,7 @@ fn transfer(
     offset: u64,
     buf: *mut u8,
     len: usize,
-    write: bool,
+    write: Option<&FileWrites>,
 ) -> io::Result<Partial> {
     let mut done = 0;
     while done < len {
@@ -40,14 +41,14 @@ fn transfer(
         // borrows for this call (exclusively when reading), and the descriptor belongs to
         // `file`, open for the whole call.
         let n = unsafe {
-            if write {
+            if write.is_some() {
                 libc::pwritev2(file.as_raw_fd(), &raw const iov, 1, at, libc::RWF_NOWAIT)
             } else {
                 libc::preadv2(file.as_raw_fd(), &raw const iov, 1, at, libc::RWF_NOWAIT)
             }
         };
         match n {
-            0 if !write => return Ok(Partial { done, eof: true }),
+            0 if write.is_none() => return Ok(Partial { done, eof: true }),
             n if n > 0 => done += n as usize,
             _ => {
                 let e = io::Error::last_os_error();
@@ -56,8 +57,8 @@ fn transfer(
                     // Would block, or the file system cannot tell without blocking.
                     Some(libc::EAGAIN) => return Ok(Partial { done, eof: false }),
                     Some(libc::EOPNOTSUPP) => {
-                        if write {
-                            learn_refusal(file);
+                        if let Some(w) = write {
+                            w.refuses_nowait.store(true, Ordering::Relaxed);
                         }
                         return Ok(Partial { done, eof: false });
                     }
@@ -72,45 +73,32 @@ fn transfer(
 /// Reads what the page cache already holds into `buf`, stopping at the first byte that would
 /// need the disk or at the end of the file.
 pub(super) fn read(file: &Arc<File>, offset: u64, buf: &mut [u8]) -> io::Result<Partial> {
-    transfer(file, offset, buf.as_mut_ptr(), buf.len(), false)
+    transfer(file, offset, buf.as_mut_ptr(), buf.len(), None)
 }
 
 /// Writes as much of `data` as the page cache takes without blocking. File systems that
 /// refuse non-blocking buffered writes (ext4, tmpfs; XFS and btrfs take them) are remembered
-/// per descriptor and not asked again.
-pub(super) fn write(file: &Arc<File>, offset: u64, data: &[u8]) -> io::Result<Partial> {
-    if refuses_writes(file) {
+/// in `writes` and not asked again.
+pub(super) fn write(
+    writes: &FileWrites,
+    file: &Arc<File>,
+    offset: u64,
+    data: &[u8],
+) -> io::Result<Partial> {
+    if writes.refuses_nowait.load(Ordering::Relaxed) {
         return Ok(Partial {
             done: 0,
             eof: false,
         });
     }
     // The kernel only reads through this pointer for a write.
-    transfer(file, offset, data.as_ptr().cast_mut(), data.len(), true)
-}
-
-thread_local! {
-    /// Files whose file system refused a non-blocking write, by descriptor. The weak
-    /// reference keeps the `File`'s allocation, so a pointer match means the same open file
-    /// even when the descriptor number has been reused.
-    static REFUSING: RefCell<HashMap<RawFd, Weak<File>>> = RefCell::new(HashMap::new());
-}
-
-/// Whether `file` is known to refuse non-blocking writes.
-fn refuses_writes(file: &Arc<File>) -> bool {
-    REFUSING.with(|r| {
-        r.borrow()
-            .get(&file.as_raw_fd())
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(file)))
-    })
-}
-
-/// Records that `file` refuses non-blocking writes.
-fn learn_refusal(file: &Arc<File>) {
-    REFUSING.with(|r| {
-        r.borrow_mut()
-            .insert(file.as_raw_fd(), Arc::downgrade(file))
-    });
+    transfer(
+        file,
+        offset,
+        data.as_ptr().cast_mut(),
+        data.len(),
+        Some(writes),
+    )
 }
 
 #[cfg(test)]
@@ -132,9 +120,10 @@ mod tests {
     #[test]
     fn writes_land_whole_or_are_left_to_the_caller_and_refusal_is_remembered() {
         let (_t, f) = file_with(&[0u8; 16384]);
+        let writes = crate::io::placement::FileWrites::default();
         for round in 0..2u8 {
             let data = vec![round + 1; 4096];
-            let p = super::write(&f, 4096, &data).expect("write");
+            let p = super::write(&writes, &f, 4096, &data).expect("write");
             let mut got = vec![0u8; 4096];
             f.read_exact_at(&mut got, 4096).expect("read back");
             if p.done == 4096 {
@@ -143,15 +132,6 @@ mod tests {
                 // The file system refused (ext4, tmpfs) or would have blocked.
                 assert!(p.done < 4096);
                 assert_eq!(got[..p.done], data[..p.done]);
-            }
-        }
-        // Another open file on a reused descriptor number is asked afresh.
-        if super::refuses_writes(&f) {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&*f);
-            drop(f);
-            let (_t2, g) = file_with(&[0u8; 4096]);
-            if std::os::fd::AsRawFd::as_raw_fd(&*g) == fd {
-                assert!(!super::refuses_writes(&g));
             }
         }
     }
