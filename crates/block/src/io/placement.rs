@@ -91,12 +91,14 @@ fn page_size() -> u64 {
     })
 }
 
+/// An open file (by the allocation its weak reference keeps) and its record.
+type Entry = (Weak<File>, Arc<FileWrites>);
+
 thread_local! {
     /// Each open file's record, by descriptor. The weak reference keeps the `File`'s
     /// allocation, so a pointer match means the same open file even when the descriptor
     /// number has been reused.
-    static FILES: RefCell<HashMap<RawFd, (Weak<File>, Arc<FileWrites>)>> =
-        RefCell::new(HashMap::new());
+    static FILES: RefCell<HashMap<RawFd, Entry>> = RefCell::new(HashMap::new());
 }
 
 /// `file`'s record on this thread.
