@@ -45,8 +45,9 @@ def daemon(binary, d, targets, cluster="64k"):
     return args, qmp_sock, nbd_sock
 
 
-# The guest's rate in the equal-load row: below what either program serves during a backup.
-FIXED_IOPS = 500
+# The guest's rate in the equal-load row: below what either program serves during a backup
+# (qemu-storage-daemon reached 200-240 of 500 asked, here).
+FIXED_IOPS = 200
 
 
 def backup(binary, d, with_writer, rate_iops=None, cluster="64k"):

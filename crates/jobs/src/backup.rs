@@ -204,14 +204,14 @@ impl BackupJob {
                 self.chunk,
             );
             let me = job.me.clone();
-            workers.spawn_local(async move {
+            workers.spawn_local(ferrite_block::io::background(async move {
                 let r = copy.copy(&source, &target, c * cs, chunk).await;
                 // Progress counts each chunk as it lands, as QEMU's block-copy callback does.
                 if let Some(job) = me.upgrade() {
                     report_progress(&copy, &job);
                 }
                 r
-            });
+            }));
             next = c + chunk / cs;
         }
         self.progress(job);

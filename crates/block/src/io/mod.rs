@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use foreign::ForeignBuf;
+pub use lane::background;
 pub use threads::ThreadPool;
 pub use uring::Uring;
 

@@ -263,7 +263,7 @@ impl MirrorJob {
         let me = self.clone();
         let job = Rc::downgrade(job);
         let locked = method != Method::Zero || !self.initial_zeroing.get();
-        tokio::task::spawn_local(async move {
+        tokio::task::spawn_local(ferrite_block::io::background(async move {
             let r = me.transfer(offset, bytes, method).await;
             match r {
                 Ok(()) => {
@@ -289,7 +289,7 @@ impl MirrorJob {
             }
             me.op_done.notify_waiters();
             ferrite_block::notify_progress();
-        });
+        }));
     }
 
     /// One request's I/O; the error says whether reading the source failed.
