@@ -247,6 +247,9 @@ def test_bitmap_outcomes_match_qemu(both):
             {"sync": "bitmap", "bitmap": "zz", "bitmap-mode": "always"},
             {"sync": "bitmap"},
             {"sync": "full", "bitmap-mode": "always"},
+            # Without a bitmap, the sync mode's need for one is told first (iotest 257).
+            {"sync": "bitmap", "bitmap-mode": "never"},
+            {"sync": "incremental", "bitmap-mode": "always"},
         ]
         qcow2(d.workdir / "t.qcow2", "4M")
         add(q, "t", d.workdir / "t.qcow2")
@@ -533,3 +536,35 @@ def test_images_a_command_makes_are_announced_as_qsd_announces_them(both):
     theirs, ours = seen
     assert ours == theirs
     assert len(ours[-1]) == 4
+
+
+def test_a_read_error_fails_only_the_extent_it_hits_like_qsd(both):
+    """Each copy stops where the source's mapping does (QEMU's block-copy asks block status
+    first): on an image whose clusters lie out of order in the file, a read error on the
+    second read leaves the first extent copied, and the job's offset says so (iotest 257)."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        img = w / "src.qcow2"
+        qcow2(img, "4M")
+        # Guest clusters 1, 0, then 2-3: three host runs in the first megabyte.
+        run("qemu-io", "-c", "write -P 1 64k 64k", "-c", "write -P 2 0 64k",
+            "-c", "write -P 3 128k 128k", img)
+        qcow2(w / "tgt.qcow2", "4M")
+        q = d.connect()
+        q.cmd("blockdev-add", {
+            "node-name": "src", "driver": "qcow2", "file": {
+                "driver": "blkdebug",
+                "set-state": [{"event": "read_aio", "state": 1, "new_state": 2}],
+                "inject-error": [{"event": "read_aio", "state": 2, "errno": 5,
+                                  "once": True}],
+                "image": {"driver": "file", "filename": str(img)}}})
+        add(q, "tgt", w / "tgt.qcow2", backing=None)
+        q.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                  "sync": "full", "x-perf": {"max-workers": 1}})
+        ev = q.wait_event("BLOCK_JOB_COMPLETED")
+        del ev["timestamp"]
+        seen.append(ev)
+    theirs, ours = seen
+    assert ours == theirs
+    assert theirs["data"]["offset"] == 65536 and "error" in theirs["data"]

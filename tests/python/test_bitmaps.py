@@ -312,3 +312,46 @@ def test_stored_bitmaps_load_under_auto_read_only_as_qsd_loads_them(both):
         seen.append(out)
     assert seen[1] == seen[0]
     assert seen[0][0] == {"return": {}} and seen[0][2]
+
+
+def test_a_bitmap_a_backup_uses_records_through_its_successor_like_qemu(both):
+    """While a backup uses a bitmap, the bitmap is busy and still `recording` (its successor
+    records, listed as an anonymous bitmap just before it, iotests 124 and 257); a disabled
+    bitmap's successor records nothing. What the successor recorded joins the bitmap when
+    the job ends."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        for name in ("q", "t1", "t2"):
+            run("qemu-img", "create", "-q", "-f", "qcow2", w / f"{name}.qcow2", "4M")
+        q = d.connect()
+        out = []
+        state = lambda: out.append(  # noqa: E731
+            next(n for n in q.cmd("query-named-block-nodes", {"flat": True})["return"]
+                 if n["node-name"] == "q").get("dirty-bitmaps"))
+        for name in ("q", "t1", "t2"):
+            q.cmd("blockdev-add", {"node-name": name, "driver": "qcow2", "file": {
+                "driver": "file", "filename": str(w / f"{name}.qcow2")}})
+        q.cmd("block-dirty-bitmap-add", {"node": "q", "name": "on"})
+        q.cmd("block-dirty-bitmap-add", {"node": "q", "name": "off", "disabled": True})
+        sock = str(w / "nbd.sock")
+        q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        q.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "q",
+                                   "writable": True})
+        nbd_writes(sock, ["write 0 64k", "write 1M 128k"])
+        for bitmap, target in (("on", "t1"), ("off", "t2")):
+            out.append(q.cmd("blockdev-backup", {
+                "job-id": "j", "device": "q", "target": target, "sync": "bitmap",
+                "bitmap": bitmap, "bitmap-mode": "on-success", "auto-finalize": False}))
+            q.wait_event("BLOCK_JOB_PENDING")
+            state()
+            nbd_writes(sock, ["write 2M 64k", "write 3M 4k"])
+            state()
+            q.cmd("block-job-finalize", {"id": "j"})
+            q.wait_event("BLOCK_JOB_COMPLETED")
+            state()
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+    # The enabled bitmap kept the writes made while the job used it.
+    assert theirs[3][0]["count"] == 2 * 65536

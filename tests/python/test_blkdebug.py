@@ -4,6 +4,8 @@ and `errno`, and `set-state` rules moving the state machine that gates them; see
 clients through an export of the format node above. (Breakpoints need qemu-io in the human
 monitor: test_system.py compares them with qemu-system.)"""
 import json
+
+import pytest
 import subprocess
 
 from blockjobs import export
@@ -147,15 +149,13 @@ def test_state_machine_from_a_config_file_as_qemus(ferrite, tmp_path):
     assert got.count("read failed: No space left on device") == 3
 
 
-def test_l2_loads_raise_their_event_as_qemus(tmp_path):
-    """`l2_load`: raised as qcow2 reads an L2 table it does not hold; the error injected
-    then fails that table's read (once), and the next read loads it again. qemu-io opens
-    the stack itself; ferrite-system-x86_64 runs the same commands through HMP `qemu-io`
-    (through an NBD export the server's block status would load the table first)."""
+def hmp_and_qemu_io(tmp_path, debug, ops):
+    """What qemu-io prints for `ops` on qcow2 over blkdebug (`debug`) over a 64k-written
+    image, and what ferrite-system-x86_64's HMP `qemu-io` prints for them on the same stack
+    (through an NBD export the server's own requests, block status or flushes, would raise
+    events first)."""
     import os
     from test_system import SYSTEM
-    ops = ["read -P 9 0 4k", "read -P 9 0 4k"]
-    debug = {"inject-error": [{"event": "l2_load", "errno": 5, "once": True}]}
     results = []
     for side in ("qemu", "ferrite"):
         w = tmp_path / side
@@ -176,6 +176,35 @@ def test_l2_loads_raise_their_event_as_qemus(tmp_path):
                            input=script, capture_output=True, text=True, timeout=30)
         assert os.path.basename(SYSTEM) not in r.stderr, r.stderr
         results.append([ln for ln in r.stdout.splitlines()
-                        if ln.startswith("read ") and " ops; " not in ln])
-    assert results[1] == results[0]
-    assert results[0][0] == "read failed: Input/output error"
+                        if ln.split(" ")[0] in ("read", "wrote", "write", "flush")
+                        and " ops; " not in ln])
+    return results
+
+
+def test_l2_loads_raise_their_event_as_qemus(tmp_path):
+    """`l2_load`: raised as qcow2 reads an L2 table it does not hold; the error injected
+    then fails that table's read (once), and the next read loads it again."""
+    ops = ["read -P 9 0 4k", "read -P 9 0 4k"]
+    debug = {"inject-error": [{"event": "l2_load", "errno": 5, "once": True}]}
+    qemu, ferrite = hmp_and_qemu_io(tmp_path, debug, ops)
+    assert ferrite == qemu
+    assert qemu[0] == "read failed: Input/output error"
+
+
+@pytest.mark.parametrize("event,ops,fails", [
+    # A flush after a write reaches the disk: both events.
+    ("flush_to_disk", ["write -P 1 0 4k", "flush", "read -P 1 0 4k", "read -P 1 0 4k"], True),
+    # Nothing written since the image was opened: nothing to make durable, no flush_to_disk.
+    ("flush_to_disk", ["flush", "read -P 9 0 4k"], False),
+    # But a flush always writes the format's caches back to the OS.
+    ("flush_to_os", ["flush", "read -P 9 0 4k", "read -P 9 0 4k"], True),
+])
+def test_flushes_raise_their_events_as_qemus(tmp_path, event, ops, fails):
+    """`flush_to_os` and `flush_to_disk`, raised on the flushed node's primary child (iotests
+    124 and 257 arm their read errors with them): a rule set off by the event fails the
+    next read once."""
+    debug = {"set-state": [{"event": event, "state": 1, "new_state": 2}],
+             "inject-error": [{"event": "read_aio", "errno": 5, "state": 2, "once": True}]}
+    qemu, ferrite = hmp_and_qemu_io(tmp_path, debug, ops)
+    assert ferrite == qemu
+    assert ("read failed: Input/output error" in qemu) == fails, qemu

@@ -22,7 +22,13 @@ pub struct DirtyBitmap {
     successor: RefCell<Option<Rc<DirtyBitmap>>>,
     /// Other users that need it unchanged (NBD exports).
     users: Cell<u32>,
+    /// When it was made, among all bitmaps (QEMU lists a node's bitmaps newest first); a
+    /// bitmap that becomes its successor takes the successor's.
+    born: Cell<u64>,
 }
+
+/// The next bitmap's `born`.
+static BORN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl DirtyBitmap {
     /// An empty bitmap over `len` bytes.
@@ -39,6 +45,7 @@ impl DirtyBitmap {
             inconsistent: Cell::new(false),
             successor: RefCell::new(None),
             users: Cell::new(0),
+            born: Cell::new(BORN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
         })
     }
 
@@ -129,9 +136,24 @@ impl DirtyBitmap {
         (next.min(end) - offset, dirty)
     }
 
-    /// Whether it records writes now (enabled and not frozen by a job).
+    /// Whether writes are recorded for it now: by itself, or while a job uses it by its
+    /// successor, which records when the bitmap did (QEMU's `recording`).
     pub fn is_recording(&self) -> bool {
-        self.enabled.get() && self.successor.borrow().is_none()
+        match self.successor.borrow().as_ref() {
+            Some(s) => s.enabled.get(),
+            None => self.enabled.get(),
+        }
+    }
+
+    /// The bitmap that records writes while a job uses this one (QEMU lists it as an
+    /// anonymous bitmap of the node).
+    pub fn successor(&self) -> Option<Rc<DirtyBitmap>> {
+        self.successor.borrow().clone()
+    }
+
+    /// Whether it was made after `other`.
+    pub fn is_newer_than(&self, other: &DirtyBitmap) -> bool {
+        self.born.get() > other.born.get()
     }
 
     fn set_bit(&self, words: &mut [u64], g: u64, on: bool) {
@@ -244,7 +266,9 @@ impl DirtyBitmap {
     /// while a job uses the bitmap.
     pub fn note_write(&self, offset: u64, len: u64) {
         if let Some(s) = self.successor.borrow().as_ref() {
-            s.set_range(offset, len);
+            if s.enabled.get() {
+                s.set_range(offset, len);
+            }
         } else if self.enabled.get() {
             self.set_range(offset, len);
         }
@@ -311,9 +335,10 @@ impl DirtyBitmap {
         }
     }
 
-    /// Starts a job's use: new writes go to a fresh successor from now on.
+    /// Starts a job's use: new writes go to a fresh successor from now on (none, for a
+    /// disabled bitmap: its successor is disabled too).
     pub fn freeze(&self) {
-        let s = DirtyBitmap::new(&self.name, self.granularity, self.len(), true);
+        let s = DirtyBitmap::new("", self.granularity, self.len(), self.enabled.get());
         *self.successor.borrow_mut() = Some(s);
     }
 
@@ -325,6 +350,7 @@ impl DirtyBitmap {
         };
         if replace {
             self.clear();
+            self.born.set(s.born.get());
         }
         self.merge_from(&s);
     }
@@ -376,7 +402,8 @@ mod tests {
         let b = DirtyBitmap::new("b", 512, 1 << 20, true);
         b.set_range(0, 512);
         b.freeze();
-        assert!(b.is_busy() && !b.is_recording());
+        // Still recording, through the successor (QEMU's `recording: true`).
+        assert!(b.is_busy() && b.is_recording());
         b.note_write(4096, 512);
         assert!(!b.get(8));
         b.thaw(false);
@@ -385,6 +412,13 @@ mod tests {
         b.note_write(8192, 1);
         b.thaw(true);
         assert!(!b.get(0) && !b.get(8) && b.get(16));
+        // A disabled bitmap's successor records nothing either.
+        b.set_enabled(false);
+        b.freeze();
+        assert!(!b.is_recording());
+        b.note_write(0, 512);
+        b.thaw(false);
+        assert!(!b.get(0));
     }
 
     #[test]

@@ -304,10 +304,7 @@ impl Child {
     /// Raises debug event `event` on the child (QEMU's `BLKDBG_EVENT`): nothing happens
     /// unless the child is a blkdebug node.
     pub async fn debug_event(&self, event: &str) {
-        let node = self.node();
-        if node.driver().handles_debug_events() {
-            let _ = node.driver().debug_event(&node, event).await;
-        }
+        self.node().debug_event(event).await;
     }
 
     /// Writes `data` at `offset` of the child.

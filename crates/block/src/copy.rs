@@ -281,10 +281,27 @@ impl BlockCopy {
             {
                 n += 1;
             }
+            let n = self.within_extent(source, c, n).await;
             done += self.copy_run(source, target, c, n).await?;
             c += n;
         }
         Ok(done)
+    }
+
+    /// How many of the `n` clusters from `c` lie in the source's extent at `c` (at least
+    /// one): as QEMU's block-copy, a run stops where the source's block status changes, so
+    /// one read never spans two extents (data and zeroes, or two host runs of a qcow2
+    /// image), and a read error fails only the run it hits. A failed query leaves `n`.
+    async fn within_extent(&self, source: &Child, c: u64, n: u64) -> u64 {
+        if n == 1 {
+            return 1;
+        }
+        let start = c * self.cluster;
+        let bytes: u64 = (c..c + n).map(|k| self.bytes_of(k)).sum();
+        match source.block_status(start, bytes).await {
+            Ok(e) => e.len.div_ceil(self.cluster).clamp(1, n),
+            Err(_) => n,
+        }
     }
 
     /// Marks clusters `c..c + n` as copied by `run`.

@@ -426,6 +426,36 @@ impl Node {
         self.bitmaps.borrow().clone()
     }
 
+    /// The node's dirty bitmaps as QEMU lists them: with the successors of those a job
+    /// uses, each where its making puts it among the others (newest first).
+    pub fn listed_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
+        let mut all = self.bitmaps();
+        let successors: Vec<_> = all.iter().filter_map(|b| b.successor()).collect();
+        for s in successors {
+            let at = all
+                .iter()
+                .position(|b| s.is_newer_than(b))
+                .unwrap_or(all.len());
+            all.insert(at, s);
+        }
+        all
+    }
+
+    /// Moves `b`, which has just taken its successor's place (a job's bitmap after it),
+    /// to where its successor stood in [`Node::listed_bitmaps`].
+    pub fn replace_bitmap_by_successor(&self, b: &Rc<DirtyBitmap>) {
+        if self.remove_bitmap(b).is_none() {
+            return;
+        }
+        let at = self
+            .bitmaps
+            .borrow()
+            .iter()
+            .position(|x| b.is_newer_than(x))
+            .unwrap_or(usize::MAX);
+        self.insert_bitmap(at, b.clone());
+    }
+
     /// The node name.
     pub fn name(&self) -> &str {
         &self.name

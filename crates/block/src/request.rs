@@ -247,8 +247,26 @@ impl Node {
         r
     }
 
-    /// Flushes; a no-op with `cache.no-flush=on`.
+    /// Raises debug event `event` on this node (QEMU's `BLKDBG_EVENT` on an edge to it):
+    /// nothing happens unless it is a blkdebug node.
+    pub async fn debug_event(&self, event: &str) {
+        if self.driver().handles_debug_events() {
+            let _ = self.driver().debug_event(self, event).await;
+        }
+    }
+
+    /// Flushes; a no-op with `cache.no-flush=on`. Raises `flush_to_os` on the primary child
+    /// of a writable node, and `flush_to_disk` when something changed since the last flush,
+    /// as QEMU's flush does.
     pub(crate) async fn flush(&self) -> io::Result<()> {
+        let primary = if self.is_read_only() {
+            None
+        } else {
+            self.child("file").or_else(|| self.child("image"))
+        };
+        if let Some(p) = &primary {
+            p.debug_event("flush_to_os").await;
+        }
         if self.cache_no_flush.get() {
             return Ok(());
         }
@@ -257,6 +275,11 @@ impl Node {
         let generation = self.write_gen.get();
         if self.flushed_gen.get() == generation && self.children().is_empty() {
             return Ok(());
+        }
+        if let Some(p) = &primary
+            && self.flushed_gen.get() != generation
+        {
+            p.debug_event("flush_to_disk").await;
         }
         let _f = InFlight::begin(self);
         let r = self.driver.flush(self).await;

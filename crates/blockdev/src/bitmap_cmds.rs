@@ -207,8 +207,8 @@ pub fn sha256(graph: &Graph, args: &Args) -> Result<QObject> {
 
 /// `dirty-bitmaps` in `BlockDeviceInfo`, newest first; `None` without bitmaps.
 pub(crate) fn info(node: &Node) -> Option<QObject> {
-    let list: Vec<QObject> = node
-        .bitmaps()
+    let all = node.listed_bitmaps();
+    let list: Vec<QObject> = all
         .iter()
         .map(|b| {
             let mut d = QDict::new();

@@ -152,6 +152,10 @@ impl CbwDriver {
         copy: Option<Rc<BlockCopy>>,
         bitmap: Option<Rc<DirtyBitmap>>,
     ) -> ferrite_block::Result<Self> {
+        // A backup job hands over its copy state already narrowed to what it copies; QEMU
+        // narrows it only after the filter exists, whose snapshot therefore keeps every
+        // cluster readable.
+        let shared = copy.is_some();
         let copy = match copy {
             Some(c) => c,
             None => {
@@ -175,7 +179,11 @@ impl CbwDriver {
         let access = DirtyBitmap::new("", copy.cluster_size(), copy.len(), false);
         let done = DirtyBitmap::new("", copy.cluster_size(), copy.len(), false);
         let dirty = copy.dirty_bitmap();
-        access.merge_from(&dirty);
+        if shared {
+            access.fill();
+        } else {
+            access.merge_from(&dirty);
+        }
         let on_error = match args.opt_str("on-cbw-error") {
             Some("break-snapshot") => OnCbwError::BreakSnapshot,
             _ => OnCbwError::BreakGuestWrite,

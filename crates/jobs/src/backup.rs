@@ -249,6 +249,10 @@ impl BackupJob {
         let replace =
             mode == &BitmapSyncMode::Always || (success && mode != &BitmapSyncMode::Never);
         b.thaw(replace);
+        if replace {
+            // QEMU deletes the bitmap and gives its name to the successor.
+            self.source.replace_bitmap_by_successor(b);
+        }
         if *mode == BitmapSyncMode::Always && !success {
             let cs = self.copy.cluster_size();
             let mut next = 0;
@@ -628,11 +632,11 @@ fn check_sync(args: &Args, source: &Node) -> Result<(Sync, Option<UserBitmap>)> 
             Some((b, m))
         }
         None => {
-            if mode.is_some() {
-                return Err(Error::BitmapModeWithoutBitmap);
-            }
             if sync == MirrorSyncMode::Bitmap {
                 return Err(Error::BitmapRequired("bitmap"));
+            }
+            if mode.is_some() {
+                return Err(Error::BitmapModeWithoutBitmap);
             }
             None
         }
