@@ -91,27 +91,65 @@ fn virtual_clock() -> Option<Rc<VirtualClock>> {
     VIRTUAL.with(|v| v.borrow().clone())
 }
 
-/// The time now, from a fixed start.
-pub fn now() -> Duration {
-    match virtual_clock() {
-        Some(c) => Duration::from_nanos(c.now_ns()),
-        None => {
-            static START: OnceLock<Instant> = OnceLock::new();
-            START.get_or_init(Instant::now).elapsed()
+/// Which clock timed work waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// The host's monotonic clock.
+    Host,
+    /// This thread's virtual clock, where one is installed (else the host's).
+    Test,
+}
+
+impl Clock {
+    /// This thread's clock now: the virtual one under qtest.
+    pub fn current() -> Clock {
+        if virtual_clock().is_some() {
+            Clock::Test
+        } else {
+            Clock::Host
+        }
+    }
+
+    fn virtual_clock(self) -> Option<Rc<VirtualClock>> {
+        match self {
+            Clock::Host => None,
+            Clock::Test => virtual_clock(),
+        }
+    }
+
+    /// The time now, from a fixed start.
+    pub fn now(self) -> Duration {
+        match self.virtual_clock() {
+            Some(c) => Duration::from_nanos(c.now_ns()),
+            None => {
+                static START: OnceLock<Instant> = OnceLock::new();
+                START.get_or_init(Instant::now).elapsed()
+            }
+        }
+    }
+
+    /// Waits `d` on this clock.
+    pub async fn sleep(self, d: Duration) {
+        match self.virtual_clock() {
+            Some(c) => {
+                let rx = c.timer(d);
+                // A clock that goes away takes its timers with it: nothing waits forever
+                // then.
+                let _ = rx.await;
+            }
+            None => tokio::time::sleep(d).await,
         }
     }
 }
 
+/// The time now on this thread's clock, from a fixed start.
+pub fn now() -> Duration {
+    Clock::current().now()
+}
+
 /// Waits `d` on this thread's clock.
 pub async fn sleep(d: Duration) {
-    match virtual_clock() {
-        Some(c) => {
-            let rx = c.timer(d);
-            // A clock that goes away takes its timers with it: nothing waits forever then.
-            let _ = rx.await;
-        }
-        None => tokio::time::sleep(d).await,
-    }
+    Clock::current().sleep(d).await;
 }
 
 #[cfg(test)]

@@ -138,7 +138,11 @@ impl Node {
             return self.write_zeroes(offset, len, zflags).await;
         }
         let _f = InFlight::begin(self);
+        // QEMU's generic write path raises these on the node written (a blkdebug node
+        // acts on them; no other driver listens).
+        self.debug_event("pwritev").await;
         let r = self.driver.write(self, offset, data, flags).await;
+        self.debug_event("pwritev_done").await;
         self.changed();
         if r.is_ok() {
             self.wrote(offset, len);
@@ -172,7 +176,9 @@ impl Node {
             flags.remove(ReqFlags::MAY_UNMAP);
         }
         let _f = InFlight::begin(self);
+        self.debug_event("pwritev_zero").await;
         let r = self.driver.write_zeroes(self, offset, len, flags).await;
+        self.debug_event("pwritev_done").await;
         self.changed();
         if r.is_ok() {
             self.wrote(offset, len);

@@ -91,6 +91,12 @@ pub trait LimitsSource {
 
     /// Sets new limits (a drive's `block_set_io_throttle`).
     fn set_limits(&self, limits: ThrottleLimits);
+
+    /// The clock the group's buckets leak on: this thread's, unless the source was made
+    /// before the virtual clock was (QEMU picks a group's clock as it creates the group).
+    fn clock(&self) -> clock::Clock {
+        clock::Clock::current()
+    }
 }
 
 /// The limits of a group no object describes: a drive's own (`-drive throttling.*`,
@@ -154,7 +160,9 @@ struct GroupState {
     source: Rc<dyn LimitsSource>,
     limits: ThrottleLimits,
     levels: [Level; BUCKETS],
-    /// When the buckets last leaked, on [`clock::now`]'s scale.
+    /// The clock the buckets leak on.
+    clock: clock::Clock,
+    /// When the buckets last leaked, on `clock`'s scale.
     previous_leak: Duration,
     members: Vec<Weak<MemberQueues>>,
     /// Per direction: the member served last (round-robin).
@@ -271,13 +279,15 @@ impl ThrottleGroup {
         else {
             return;
         };
-        let wait = st.wait(dir, clock::now());
+        let now = st.clock.now();
+        let wait = st.wait(dir, now);
         if !wait.is_zero() {
             if !st.timer[d] {
                 st.timer[d] = true;
                 let me = self.clone();
+                let clock = st.clock;
                 tokio::task::spawn_local(async move {
-                    clock::sleep(wait).await;
+                    clock.sleep(wait).await;
                     me.state.borrow_mut().timer[d] = false;
                     me.schedule_next(dir);
                 });
@@ -303,7 +313,8 @@ impl GroupMember {
         if self.queues.disabled.get() == 0 {
             let must_wait = {
                 let mut st = self.group.state.borrow_mut();
-                !st.wait(dir, clock::now()).is_zero() || !self.queues.waiting[d].borrow().is_empty()
+                let now = st.clock.now();
+                !st.wait(dir, now).is_zero() || !self.queues.waiting[d].borrow().is_empty()
             };
             if must_wait {
                 let (tx, rx) = oneshot::channel();
@@ -387,13 +398,15 @@ impl ThrottleGroups {
 
     fn create(&self, name: &str, source: Rc<dyn LimitsSource>) -> Rc<ThrottleGroup> {
         let limits = source.limits();
+        let clock = source.clock();
         let g = Rc::new(ThrottleGroup {
             name: name.to_owned(),
             state: RefCell::new(GroupState {
                 source,
                 limits,
                 levels: [Level::default(); BUCKETS],
-                previous_leak: clock::now(),
+                clock,
+                previous_leak: clock.now(),
                 members: Vec::new(),
                 token: [0; 2],
                 timer: [false; 2],

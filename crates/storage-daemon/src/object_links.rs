@@ -2,6 +2,7 @@
 //! `throttle-group` (holding the object keeps `object-del` from removing a group in use, as
 //! QEMU refuses it), and drivers with a `key-secret` its `secret`.
 
+use ferrite_block::clock::Clock;
 use ferrite_block::throttle::{BucketKind, BucketLimits, LimitsSource, ThrottleLimits};
 use ferrite_qom::{ObjectRegistry, Secret, ThrottleConfig, ThrottleGroup, UserObject};
 use std::rc::{Rc, Weak};
@@ -24,6 +25,13 @@ impl LimitsSource for GroupObject {
     fn set_limits(&self, limits: ThrottleLimits) {
         if let Some(g) = self.group() {
             g.set_config(throttle_config(&limits));
+        }
+    }
+
+    fn clock(&self) -> Clock {
+        match self.group() {
+            Some(g) if g.host_clock() => Clock::Host,
+            _ => Clock::current(),
         }
     }
 }

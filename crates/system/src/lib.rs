@@ -168,6 +168,26 @@ async fn daemon_option(
 }
 
 /// Acts on the options: backends, drives, devices, then monitors and qtest.
+/// A `throttle-group` made by `-object` keeps the host's clock under qtest: QEMU makes
+/// command-line objects before the accelerator, and a group picks its clock as it is made
+/// (iotest stream-error-on-reset relies on it).
+fn keep_host_clock(daemon: &Daemon, text: &str) {
+    let Ok(parsed) = keyval::parse(text, Some("qom-type")) else {
+        return;
+    };
+    if parsed.value.get("qom-type").and_then(|t| t.as_str()) != Some("throttle-group") {
+        return;
+    }
+    let Some(id) = parsed.value.get("id").and_then(|i| i.as_str()) else {
+        return;
+    };
+    if let Some(obj) = daemon.objects.get(id)
+        && let Some(g) = obj.as_any().downcast_ref::<ferrite_qom::ThrottleGroup>()
+    {
+        g.set_host_clock();
+    }
+}
+
 async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bool, Failure> {
     let daemon = &sys.daemon;
     let mut monitors: Vec<(&SysOption, CliOption)> = Vec::new();
@@ -185,7 +205,10 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
         let v = o.text();
         match o.name {
             "chardev" => daemon_option(daemon, o, CliOption::Chardev(v.into()), prog).await?,
-            "object" => daemon_option(daemon, o, CliOption::Object(v.into()), prog).await?,
+            "object" => {
+                daemon_option(daemon, o, CliOption::Object(v.into()), prog).await?;
+                keep_host_clock(daemon, v);
+            }
             "blockdev" => daemon_option(daemon, o, CliOption::Blockdev(v.into()), prog).await?,
             "mon" => {
                 // qemu-system's monitors are human ones unless they say `mode=control`.

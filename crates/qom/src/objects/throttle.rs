@@ -182,6 +182,9 @@ impl ThrottleConfig {
 /// A throttle group.
 pub struct ThrottleGroup {
     config: RefCell<ThrottleConfig>,
+    /// Made on qemu-system's command line, before the accelerator: its buckets leak on the
+    /// host's clock even under qtest (QEMU's `-object` groups are made that early).
+    host_clock: std::cell::Cell<bool>,
 }
 
 impl ThrottleGroup {
@@ -198,12 +201,23 @@ impl ThrottleGroup {
         config.validate()?;
         Ok(ThrottleGroup {
             config: RefCell::new(config),
+            host_clock: std::cell::Cell::new(false),
         })
     }
 
     /// The current limits.
     pub fn config(&self) -> ThrottleConfig {
         self.config.borrow().clone()
+    }
+
+    /// Whether the group keeps the host's clock under qtest.
+    pub fn host_clock(&self) -> bool {
+        self.host_clock.get()
+    }
+
+    /// Keeps the host's clock under qtest (made before the accelerator).
+    pub fn set_host_clock(&self) {
+        self.host_clock.set(true);
     }
 
     /// Replaces the limits (a drive's `block_set_io_throttle` naming the group).
