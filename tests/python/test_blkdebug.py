@@ -198,8 +198,11 @@ def test_l2_loads_raise_their_event_as_qemus(tmp_path):
     ("flush_to_disk", ["flush", "read -P 9 0 4k"], False),
     # But a flush always writes the format's caches back to the OS.
     ("flush_to_os", ["flush", "read -P 9 0 4k", "read -P 9 0 4k"], True),
+    # Raised by the generic write path on the node written (iotest stream-error-on-reset).
+    ("pwritev", ["write -P 1 0 4k", "read -P 1 0 4k", "read -P 1 0 4k"], True),
+    ("pwritev_done", ["read -P 9 0 4k", "write -P 1 0 4k", "read -P 1 0 4k"], True),
 ])
-def test_flushes_raise_their_events_as_qemus(tmp_path, event, ops, fails):
+def test_flushes_and_writes_raise_their_events_as_qemus(tmp_path, event, ops, fails):
     """`flush_to_os` and `flush_to_disk`, raised on the flushed node's primary child (iotests
     124 and 257 arm their read errors with them): a rule set off by the event fails the
     next read once."""
