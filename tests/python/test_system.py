@@ -718,3 +718,21 @@ def test_drive_options_read_and_show_as_qemus(drive):
     want = info_block(QEMU, "tcg", "-drive", drive)
     got = info_block(SYSTEM, "qtest", "-drive", drive)
     assert got == want
+
+
+def test_command_line_throttle_groups_keep_the_host_clock_under_qtest():
+    """QEMU makes `-object` throttle groups before the accelerator, so under qtest they leak
+    in real time (iotest stream-error-on-reset relies on it; the installed qemu-system has no
+    qtest accelerator to compare with): three 64 KiB reads at 64 KiB/s take about two
+    seconds instead of waiting for a `clock_step` that never comes."""
+    script = 'qemu-io th "read 0 64k"\n' * 3 + "quit\n"
+    started = time.monotonic()
+    r = subprocess.run([SYSTEM, "-accel", "qtest", "-nodefaults", "-display", "none",
+                        "-monitor", "stdio",
+                        "-object", "throttle-group,id=t,x-bps-total=65536",
+                        "-blockdev", "null-co,node-name=n,size=1048576,read-zeroes=on",
+                        "-blockdev", "throttle,node-name=th,throttle-group=t,file=n"],
+                       input=script, capture_output=True, text=True, timeout=30)
+    took = time.monotonic() - started
+    assert r.stdout.count("read 65536/65536 bytes at offset 0") == 3, r.stdout + r.stderr
+    assert 1.5 < took < 10, took

@@ -229,9 +229,7 @@ fn run(lane: &Lane) {
 
 /// Writes `data` at `offset`, recording what it cost; resolves to the buffer.
 fn write(file: &File, writes: &FileWrites, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
-    let started = std::time::Instant::now();
-    let result = file.write_all_at(&data, offset).map(|()| data);
-    writes.record(started.elapsed());
+    let result = writes.timed(|| file.write_all_at(&data, offset).map(|()| data));
     writes.dequeued();
     result
 }

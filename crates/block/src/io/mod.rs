@@ -112,13 +112,13 @@ fn pwrite_buffered(file: &Arc<File>, offset: u64, data: Vec<u8>) -> IoFuture<()>
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         }
         if done < data.len() && writes.inline(offset + done as u64, data.len() - done) {
-            let started = std::time::Instant::now();
-            let result = std::os::unix::fs::FileExt::write_all_at(
-                &**file,
-                &data[done..],
-                offset + done as u64,
-            );
-            writes.record(started.elapsed());
+            let result = writes.timed(|| {
+                std::os::unix::fs::FileExt::write_all_at(
+                    &**file,
+                    &data[done..],
+                    offset + done as u64,
+                )
+            });
             pool::give(data);
             return Box::pin(std::future::ready(result));
         }

@@ -55,6 +55,14 @@ impl FileWrites {
             && self.cost_ns.load(Ordering::Relaxed) <= INLINE_MAX_COST.as_nanos() as u32
     }
 
+    /// Runs `write` and records what it cost.
+    pub(super) fn timed<T>(&self, write: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let r = write();
+        self.record(started.elapsed());
+        r
+    }
+
     /// Records what a write cost.
     pub(super) fn record(&self, took: Duration) {
         let sample = u32::try_from(took.as_nanos()).unwrap_or(u32::MAX);
