@@ -67,6 +67,30 @@ struct Device {
     fe: Frontend,
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
+    /// Where guest memory is mapped in this process (the front end's addresses).
+    hva: u64,
+}
+
+/// Gives the back end queue `q`'s size, rings, first index and eventfds.
+fn setup_queue(fe: &mut Frontend, hva: u64, q: &Queue, base: u16) -> Res<()> {
+    let index = q.index;
+    fe.set_vring_num(index, QUEUE_SIZE)?;
+    fe.set_vring_addr(
+        index,
+        &VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: hva + q.desc,
+            used_ring_addr: hva + q.used,
+            avail_ring_addr: hva + q.avail,
+            log_addr: None,
+        },
+    )?;
+    fe.set_vring_base(index, base)?;
+    fe.set_vring_call(index, &q.call)?;
+    fe.set_vring_kick(index, &q.kick)?;
+    Ok(())
 }
 
 /// Where slot `s` keeps its header, status byte and data.
@@ -137,22 +161,7 @@ impl Device {
                 kick: EventFd::new(0)?,
                 call: EventFd::new(0)?,
             };
-            fe.set_vring_num(index, QUEUE_SIZE)?;
-            fe.set_vring_addr(
-                index,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: hva + q.desc,
-                    used_ring_addr: hva + q.used,
-                    avail_ring_addr: hva + q.avail,
-                    log_addr: None,
-                },
-            )?;
-            fe.set_vring_base(index, 0)?;
-            fe.set_vring_call(index, &q.call)?;
-            fe.set_vring_kick(index, &q.kick)?;
+            setup_queue(&mut fe, hva, &q, 0)?;
             queues.push(q);
         }
         if ack & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
@@ -160,7 +169,30 @@ impl Device {
                 fe.set_vring_enable(q.index, true)?;
             }
         }
-        Ok((Device { fe, mem, queues }, info))
+        Ok((
+            Device {
+                fe,
+                mem,
+                queues,
+                hva,
+            },
+            info,
+        ))
+    }
+
+    /// Stops queue `q` (`GET_VRING_BASE`, as a driver's reset does); returns where the back
+    /// end stopped.
+    fn stop(&mut self, q: usize) -> Res<u32> {
+        Ok(self.fe.get_vring_base(q)?)
+    }
+
+    /// Starts queue `q` again at `base` with a new kick eventfd, and kicks it once.
+    fn start(&mut self, q: usize, base: u32) -> Res<()> {
+        self.queues[q].kick = EventFd::new(0)?;
+        setup_queue(&mut self.fe, self.hva, &self.queues[q], base as u16)?;
+        self.fe.set_vring_enable(q, true)?;
+        self.queues[q].kick.write(1)?;
+        Ok(())
     }
 
     /// Puts a request in queue `q` using slot `s`; `data` is written for a device-readable
@@ -286,15 +318,61 @@ fn run(dev: &mut Device) -> Res<()> {
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
     let mut pending = 0u64;
+    let mut answers = Vec::new();
     for line in stdin.lock().lines() {
         let line = line?;
         let f: Vec<&str> = line.split_whitespace().collect();
         let Some(&op) = f.first() else { continue };
-        if op == "exit" {
-            // Leave with whatever is in flight.
-            std::process::exit(0);
-        }
         let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match op {
+            // Leave with whatever is in flight.
+            "exit" => std::process::exit(0),
+            "stop" => {
+                let base = dev.stop(0)?;
+                writeln!(out, "stop: base {base}")?;
+                out.flush()?;
+                continue;
+            }
+            "start" => {
+                dev.start(0, num(1) as u32)?;
+                writeln!(out, "start: done")?;
+                out.flush()?;
+                continue;
+            }
+            "disable" | "enable" => {
+                dev.fe.set_vring_enable(0, op == "enable")?;
+                // A request with a reply: the back end has taken the one above by now.
+                dev.fe.get_features()?;
+                writeln!(out, "{op}: done")?;
+                out.flush()?;
+                continue;
+            }
+            "answered" => {
+                // How many of the requests submitted without waiting are answered by now.
+                answers.extend(dev.reap(0, false)?);
+                writeln!(out, "answered: {}", answers.len())?;
+                out.flush()?;
+                continue;
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_millis(num(1)));
+                continue;
+            }
+            "wait" => {
+                // Answers of the requests submitted without waiting, in slot order.
+                while answers.len() < pending as usize {
+                    answers.extend(dev.reap(0, true)?);
+                }
+                answers.sort();
+                for (s, used) in answers.drain(..) {
+                    writeln!(out, "wait: slot {s} status {} used {used}", dev.status(s)?)?;
+                }
+                pending = 0;
+                out.flush()?;
+                continue;
+            }
+            _ => {}
+        }
         let (sector, len, byte) = (num(1), num(2), num(3) as u8);
         let s = 1 + pending;
         let segment = |flags: u32| {

@@ -1,24 +1,27 @@
 //! The `vhost-user-blk` export type (QEMU: `vu_blk_exp_create`, `vhost_user_server_start`):
-//! a listening socket, one front end at a time (the next may connect once it left), and
-//! the requests of its queues answered on the main thread.
+//! a listening socket, one front end at a time (the next may connect once it left), the
+//! protocol on a thread of its own and the queues served on the main thread.
 
 mod backend;
+mod queue;
+mod vring;
 
 use crate::device::Device;
-use crate::request;
-use backend::{Backend, Job};
-use ferrite_block::BlockBackend;
+use backend::Backend;
 use ferrite_export::{ExportInstance, ExportSetup, ExportType, InFlight, LocalFut};
 use ferrite_qapi::{Args, Error, os_msg};
+use queue::Served;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::task::{JoinHandle, JoinSet};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vring::QueueSlot;
 
 /// What `GET_ID` answers (QEMU's serial for this export).
 const SERIAL: &str = "vhost_user_blk";
@@ -82,6 +85,7 @@ fn accept_loop(
     backend: Backend,
     stop: Arc<AtomicBool>,
     current: Arc<Mutex<Option<ShutdownHandle>>>,
+    queues: UnboundedSender<Vec<Arc<QueueSlot>>>,
 ) {
     let mut listener = Listener::from(listener);
     while !stop.load(Ordering::Acquire) {
@@ -94,6 +98,10 @@ fn accept_loop(
                     return;
                 }
             };
+        let slots = vring::take_made();
+        if queues.send(slots.clone()).is_err() {
+            return;
+        }
         if daemon.start(&mut listener).is_err() {
             // The socket was shut down: the export is ending.
             return;
@@ -110,32 +118,24 @@ fn accept_loop(
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        for slot in &slots {
+            slot.close();
+        }
         if let Ok(mut c) = current.lock() {
             *c = None;
         }
     }
 }
 
-/// Answers the requests the back end hands over, many at a time.
-async fn serve(
-    blk: Rc<BlockBackend>,
-    device: Rc<Device>,
-    in_flight: Rc<InFlight>,
-    mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
-) {
-    while let Some(mut job) = jobs.recv().await {
-        let counted = in_flight.begin();
-        let (blk, device) = (blk.clone(), device.clone());
-        tokio::task::spawn_local(async move {
-            // A chain without its header or status byte is completed unanswered (QEMU
-            // drops it and leaves the driver waiting).
-            let outcome = match job.request.take() {
-                Some(r) => Some(request::process(&blk, &device, r).await),
-                None => None,
-            };
-            job.complete(outcome);
-            drop(counted);
-        });
+/// Serves the queues of each front end that connects, on the main thread.
+async fn serve(served: Rc<Served>, mut queues: UnboundedReceiver<Vec<Arc<QueueSlot>>>) {
+    // Dropped (the export ends) with the tasks it holds.
+    let mut tasks = JoinSet::new();
+    while let Some(slots) = queues.recv().await {
+        while tasks.try_join_next().is_some() {}
+        for slot in slots {
+            tasks.spawn_local(queue::serve(slot, served.clone()));
+        }
     }
 }
 
@@ -161,21 +161,22 @@ impl ExportType for VhostUserBlkExportType {
                     .map_err(|e| Error::generic(os_msg(&e)))?,
             );
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let backend = Backend::new(device.clone(), setup.blk.len(), tx);
+            let backend = Backend::new(device.clone(), setup.blk.len());
             let stop = Arc::new(AtomicBool::new(false));
             let current = Arc::new(Mutex::new(None));
-            let (s, c) = (stop.clone(), current.clone());
+            let (s, c, b) = (stop.clone(), current.clone(), backend.clone());
             std::thread::Builder::new()
                 .name("vhost-user-blk".into())
-                .spawn(move || accept_loop(listener, backend, s, c))
+                .spawn(move || accept_loop(listener, b, s, c, tx))
                 .map_err(|e| Error::generic(os_msg(&e)))?;
             let in_flight = Rc::new(InFlight::default());
-            let serving = tokio::task::spawn_local(serve(
-                setup.blk.clone(),
-                Rc::new(device),
-                in_flight.clone(),
-                rx,
-            ));
+            let served = Rc::new(Served {
+                blk: setup.blk.clone(),
+                device: Rc::new(device),
+                in_flight: in_flight.clone(),
+                backend,
+            });
+            let serving = tokio::task::spawn_local(serve(served, rx));
             Ok(Rc::new(VhostUserBlkExport {
                 stop,
                 wake,
