@@ -2,10 +2,11 @@
 command and event lists, blockdev-set-active (inactive nodes refuse writers, filters and
 resizes; exports activate them), x-blockdev-change and x-blockdev-set-iothread, and small
 answers found to differ (bitmap texts, root-node checks, speed, resize, multi-conn)."""
+import json
 import re
 import subprocess
 
-from blockjobs import qcow2, run
+from blockjobs import export, qcow2, qemu_io, run
 from conftest import wait_for
 
 
@@ -262,3 +263,40 @@ def test_chain_file_names_match_qemu(both):
             out.append(names())
         seen.append(out)
     assert seen[1] == seen[0]
+
+
+def test_blockdev_del_writes_back_an_image_opened_inline_below_it(both):
+    """`blockdev-del` of a filter over a qcow2 image opened inline (no node name of its own):
+    the image goes with it, and its metadata is written back first, as QEMU's close does.
+    The writes here are a copy-on-read filter's, made while a read-only client reads, so no
+    client's flush writes the metadata back. (ferrite used to drop the inline image unclosed:
+    the copied clusters were leaked and unreachable.)"""
+    def transcript(d):
+        w = d.workdir
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "b.qcow2"), "4M"],
+                       check=True)
+        subprocess.run(["qemu-io", "-c", "write -P 7 0 2M", str(w / "b.qcow2")], check=True,
+                       capture_output=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F",
+                        "qcow2", str(w / "x.qcow2")], check=True, cwd=w)
+        c = d.connect()
+        c.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "top", "file": {
+            "driver": "qcow2", "file": {"driver": "file", "filename": "x.qcow2"}}})
+        uri = export(c, d, "top", "top", False)
+        qemu_io(uri, "read -P 7 0 2M", read_only=True)
+        c.cmd("block-export-del", {"id": "top"})
+        c.wait_event("BLOCK_EXPORT_DELETED")
+        out = [c.cmd("blockdev-del", {"node-name": "top"})]
+        c.close()
+        r = subprocess.run(["qemu-img", "check", str(w / "x.qcow2")], capture_output=True,
+                           text=True)
+        out.append((r.returncode, r.stdout.count("leaked")))
+        r = subprocess.run(["qemu-img", "map", "--output=json", str(w / "x.qcow2")],
+                           capture_output=True, text=True)
+        out.append([(e["start"], e["length"], e["depth"]) for e in json.loads(r.stdout)])
+        return out
+
+    q, f = both()
+    expected = transcript(q)
+    assert expected[1] == (0, 0) and expected[2][0] == (0, 2 << 20, 0), expected
+    assert transcript(f) == expected

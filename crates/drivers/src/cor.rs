@@ -79,12 +79,14 @@ impl CorDriver {
     /// Whether the range (at most `len` at `offset`) must be copied up, and for how long
     /// that holds.
     async fn needs_copy(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
-        let node = self.file.node();
-        let e = node.block_status(offset, len).await?;
+        // Filters and raw nodes without a window map offsets unchanged: ask the node below
+        // them what it holds itself.
+        let top = cow_node(&self.file.node());
+        let e = top.block_status(offset, len).await?;
         if e.allocated {
             return Ok((false, e.len));
         }
-        let below = node.skip_filters().child("backing");
+        let below = top.child("backing");
         match below {
             Some(b) if offset < b.len() => {
                 let n = e.len.min(b.len() - offset);
@@ -145,6 +147,23 @@ impl CorDriver {
         }
         Ok(out)
     }
+}
+
+/// The node below `node` whose backing chain the unallocated data comes from: through filters
+/// and through raw nodes without a window, whose allocation is their file's (QEMU's generic
+/// copy-on-read sees it through them).
+fn cow_node(node: &Rc<Node>) -> Rc<Node> {
+    let mut n = node.skip_filters();
+    while n.child("backing").is_none()
+        && n.driver().format_name() == "raw"
+        && n.driver().is_passthrough()
+    {
+        match n.child("file") {
+            Some(f) => n = f.skip_filters(),
+            None => break,
+        }
+    }
+    n
 }
 
 /// Copies what `node` (a `copy-on-read` node) lacks of `offset..offset + len` into its

@@ -82,8 +82,7 @@ impl Graph {
     /// written back, image marked clean) before it goes.
     pub async fn close_inline(&self, node: &Rc<Node>) {
         if !self.is_monitor_owned(node) && node.users().is_empty() {
-            let _ = node.flush().await;
-            self.close_node(node).await;
+            self.close_subtree(node).await;
             self.forget_if_orphan(node);
         }
     }
@@ -131,7 +130,7 @@ impl Graph {
         }
         self.monitor_owned.borrow_mut().retain(|n| n != name);
         let drained = self.drain(&node).await;
-        self.close_node(&node).await;
+        self.close_subtree(&node).await;
         drop(drained);
         self.remove(&node);
         Ok(())
@@ -156,6 +155,27 @@ impl Graph {
         }
         if let Err(e) = node.driver.close(node).await {
             tracing::warn!(node = node.name(), error = %e, "closing failed");
+        }
+    }
+
+    /// Flushes `node` and closes it with the implicitly created nodes below it that go with
+    /// it (only it uses them), parents before children: an image opened inline under a
+    /// filter writes its caches back too (QEMU's `bdrv_close` flushes and closes each node
+    /// whose last reference goes).
+    async fn close_subtree(&self, node: &Rc<Node>) {
+        if node.is_active() {
+            // As QEMU's close, a failed flush does not stop the node from going.
+            let _ = node.flush().await;
+        }
+        let mut closing = vec![node.clone()];
+        while let Some(n) = closing.pop() {
+            self.close_node(&n).await;
+            for c in n.children() {
+                let child = c.node();
+                if !self.is_monitor_owned(&child) && child.users().len() == 1 {
+                    closing.push(child);
+                }
+            }
         }
     }
 
