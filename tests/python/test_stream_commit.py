@@ -397,3 +397,44 @@ def test_commit_over_a_short_intermediate_writes_its_zeroes(both):
         seen.append(out)
     assert_same_runs(seen)
     assert all(x is True for x in seen[1][-2:])
+
+
+def test_commit_into_a_base_with_a_filter_under_its_format(both):
+    """The base is reopened read-write for a commit with everything opened inline below it:
+    here raw over a throttle filter over the file (iotest 258). ferrite used to reopen only
+    the base's own file child and refused with "Block node is read-only"."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        # No backing file in the headers: the chain is the options' (with one in the
+        # header, QEMU would also take its name for the filtered base, and refuse).
+        run("qemu-img", "create", "-q", "-f", "raw", w / "base.raw", "2M")
+        layer(w / "mid.qcow2", "2M")
+        run("qemu-io", "-c", "write -P 5 0 1M", w / "mid.qcow2")
+        layer(w / "top.qcow2", "2M")
+        q = d.connect()
+        q.cmd("object-add", {"qom-type": "throttle-group", "id": "tg"})
+        base = {"node-name": "base", "driver": "raw", "file": {
+            "driver": "throttle", "throttle-group": "tg",
+            "file": {"driver": "file", "filename": str(w / "base.raw")}}}
+        mid = {"node-name": "mid", "driver": "qcow2", "backing": base,
+               "file": {"driver": "file", "filename": str(w / "mid.qcow2")}}
+        out = [q.cmd("blockdev-add", {"node-name": "top", "driver": "qcow2", "backing": mid,
+                                      "file": {"driver": "file",
+                                               "filename": str(w / "top.qcow2")}})]
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["drv"], n["ro"]) for n in nodes))
+        out.append(q.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "mid",
+                                          "base-node": "base"}))
+        wait_job_gone(q, "c")
+        out.append(events(q))
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["drv"], n["ro"]) for n in nodes))
+        q.cmd("quit")
+        d.proc.wait(timeout=10)
+        r = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 5 0 1M",
+                            str(w / "base.raw")], capture_output=True, text=True)
+        out.append("failed" not in r.stdout + r.stderr)
+        seen.append(out)
+    assert_same_runs(seen)
+    assert seen[1][2] == {"return": {}} and seen[1][-1] is True

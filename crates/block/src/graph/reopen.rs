@@ -326,7 +326,8 @@ impl Graph {
         Ok(())
     }
 
-    /// Switches a node and its `file` child between read-only and read-write in place
+    /// Switches a node and the inline `file` children below it between read-only and
+    /// read-write in place
     /// (internal reopens: an external snapshot's old top, `change-backing-file`).
     ///
     /// # Errors
@@ -335,15 +336,22 @@ impl Graph {
         // Only a file opened with the node (inline) that took its mode from it follows it;
         // one the user added or gave its own mode keeps it, as in QEMU, where only
         // inherited options change with the parent.
-        let file = node.child("file").filter(|f| {
+        // That goes on down: a filter opened inline between a format and its file (raw over
+        // throttle over file) passes the mode on to its own file.
+        let mut files = Vec::new();
+        let mut at = node.clone();
+        while let Some(f) = at.child("file").filter(|f| {
             f.users().len() == 1 && !self.is_monitor_owned(f) && f.inherits_read_only.get()
-        });
-        // Going read-only, the node drops its write permission before its file reopens;
-        // going read-write, the file reopens for writing first.
+        }) {
+            files.push(f.clone());
+            at = f;
+        }
+        // Going read-only, each node drops its write permission before its file reopens;
+        // going read-write, the files reopen for writing first, the lowest first.
         let order: Vec<&Rc<Node>> = if read_only {
-            std::iter::once(node).chain(file.iter()).collect()
+            std::iter::once(node).chain(files.iter()).collect()
         } else {
-            file.iter().chain(std::iter::once(node)).collect()
+            files.iter().rev().chain(std::iter::once(node)).collect()
         };
         let mut done: Vec<&Rc<Node>> = Vec::new();
         for n in order {
