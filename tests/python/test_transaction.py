@@ -121,7 +121,23 @@ def test_snapshot_actions_match_qemu(both):
                                                                      "name": "b"}},
                          {"type": "blockdev-snapshot-sync", "data": snap}]},
             {"actions": [{"type": "blockdev-snapshot-sync", "data": snap}]},
+            # The same node twice in one transaction: the first action's overlay is on it
+            # by the second's turn (iotest 281); nothing of either stays.
+            {"actions": [{"type": "blockdev-snapshot-sync", "data": {
+                "node-name": "tgt", "snapshot-file": str(w / "p1.qcow2"),
+                "snapshot-node-name": "p1"}},
+                         {"type": "blockdev-snapshot-sync", "data": {
+                             "node-name": "tgt", "snapshot-file": str(w / "p2.qcow2"),
+                             "snapshot-node-name": "p2"}}]},
+            # An overlay of an overlay made in the same transaction.
+            {"actions": [{"type": "blockdev-snapshot-sync", "data": {
+                "node-name": "tgt", "snapshot-file": str(w / "p1.qcow2"),
+                "snapshot-node-name": "p1"}},
+                         {"type": "blockdev-snapshot-sync", "data": {
+                             "node-name": "p1", "snapshot-file": str(w / "p2.qcow2"),
+                             "snapshot-node-name": "p2"}}]},
         ]]
+        out.append(sorted(p.name for p in w.glob("p*.qcow2")))
         nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
         out.append(sorted((n["node-name"], n["ro"], n.get("backing_file", "")
                            .replace(str(w), "W"), n.get("dirty-bitmaps") is not None)

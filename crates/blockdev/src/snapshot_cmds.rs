@@ -11,9 +11,15 @@ use std::rc::Rc;
 
 /// The node of `device`/`node-name`: a storage daemon has no devices, so only a node name
 /// alone finds anything (QEMU's text names both).
-/// QEMU's op blockers for taking a snapshot of `node`: a backing file, or a job's node.
-fn check_snapshot_allowed(graph: &Graph, node: &Node) -> Result<()> {
-    if let Some(p) = graph.backing_parent(node) {
+/// QEMU's op blockers for taking a snapshot of `node`: a backing file (also of an overlay
+/// an earlier action of the same transaction put on it: QEMU puts it there in the action's
+/// prepare step), or a job's node.
+fn check_snapshot_allowed(graph: &Graph, node: &Rc<Node>, earlier: &[&Prepared]) -> Result<()> {
+    let pending = earlier
+        .iter()
+        .find(|p| Rc::ptr_eq(&p.node, node))
+        .map(|p| p.overlay.clone());
+    if let Some(p) = pending.or_else(|| graph.backing_parent(node)) {
         return Err(ferrite_block::Error::Busy {
             node: node.name().to_owned(),
             reason: format!("node is used as backing hd of '{}'", p.name()),
@@ -88,15 +94,21 @@ impl Prepared {
 }
 
 /// `blockdev-snapshot` (`sync` false: a prepared overlay) or `blockdev-snapshot-sync`:
-/// the checks, and for `-sync` the overlay created (mode `absolute-paths`) or opened.
+/// the checks, and for `-sync` the overlay created (mode `absolute-paths`) or opened;
+/// `earlier` are the snapshots a transaction prepared before this one.
 ///
 /// # Errors
 /// Unknown nodes, a node that cannot be snapshotted, an overlay that cannot take it, the
 /// overlay's creation or opening failing.
-pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared> {
+pub async fn prepare(
+    graph: &Graph,
+    args: &Args,
+    sync: bool,
+    earlier: &[&Prepared],
+) -> Result<Prepared> {
     if !sync {
         let node = graph.lookup(args.str("node")?)?;
-        check_snapshot_allowed(graph, &node)?;
+        check_snapshot_allowed(graph, &node, earlier)?;
         let overlay = graph.lookup(args.str("overlay")?)?;
         check_overlay(graph, &overlay)?;
         return Ok(Prepared {
@@ -106,7 +118,7 @@ pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared>
         });
     }
     let node = crate::lookup_bs(graph, args.opt_str("device"), args.opt_str("node-name"))?;
-    check_snapshot_allowed(graph, &node)?;
+    check_snapshot_allowed(graph, &node, earlier)?;
     let file = args.str("snapshot-file")?.to_owned();
     let new_name = args.opt_str("snapshot-node-name");
     if let Some(n) = new_name
@@ -163,7 +175,7 @@ pub async fn prepare(graph: &Graph, args: &Args, sync: bool) -> Result<Prepared>
 /// # Errors
 /// As [`prepare`] and [`Prepared::commit`].
 pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<()> {
-    let p = prepare(graph, args, sync).await?;
+    let p = prepare(graph, args, sync, &[]).await?;
     let r = p.commit(graph).await;
     if r.is_err() {
         p.abort(graph);

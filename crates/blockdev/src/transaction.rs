@@ -107,6 +107,13 @@ async fn run(
     let txn = grouped.then(|| Rc::new(JobTxn::default()));
     let mut done: Vec<Done> = Vec::new();
     for (kind, data) in &parsed {
+        let snapshots: Vec<&snapshot_cmds::Prepared> = done
+            .iter()
+            .filter_map(|d| match d {
+                Done::Snapshot(s) => Some(s),
+                _ => None,
+            })
+            .collect();
         let r = match kind.as_str() {
             "abort" => Err(Error::Aborted),
             "block-dirty-bitmap-add" => bm::add(graph, data).map(Done::Undo),
@@ -126,10 +133,10 @@ async fn run(
             "blockdev-snapshot-internal-sync" => snapshot_cmds::internal_sync(graph, data)
                 .await
                 .map(Done::Internal),
-            "blockdev-snapshot" => snapshot_cmds::prepare(graph, data, false)
+            "blockdev-snapshot" => snapshot_cmds::prepare(graph, data, false, &snapshots)
                 .await
                 .map(Done::Snapshot),
-            "blockdev-snapshot-sync" => snapshot_cmds::prepare(graph, data, true)
+            "blockdev-snapshot-sync" => snapshot_cmds::prepare(graph, data, true, &snapshots)
                 .await
                 .map(Done::Snapshot),
             other => Err(Error::UnsupportedAction(other.to_owned())),
