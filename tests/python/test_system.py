@@ -736,3 +736,32 @@ def test_command_line_throttle_groups_keep_the_host_clock_under_qtest():
     took = time.monotonic() - started
     assert r.stdout.count("read 65536/65536 bytes at offset 0") == 3, r.stdout + r.stderr
     assert 1.5 < took < 10, took
+
+
+def names_and_aes_transcript(binary, accel, workdir):
+    """A node name a -drive's id already has (iotest 087), and an AES-encrypted qcow2 image,
+    which QEMU's system emulators refuse (its tools still open them)."""
+    aes = workdir / "aes.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "--object", "secret,id=s,data=123456", "-f",
+                    "qcow2", "-o", "encryption=on,encrypt.key-secret=s", str(aes), "1M"],
+                   check=True)
+    raw = workdir / "d.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "1M"], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-drive", f"driver=raw,id=disk,node-name=test-node,file={raw}"])
+    return run_steps(m, [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "disk",
+                          "file": {"driver": "null-co"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "test-node",
+                          "file": {"driver": "null-co"}}),
+        ("object-add", {"qom-type": "secret", "id": "sec0", "data": "123456"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a",
+                          "file": {"driver": "file", "filename": str(aes)},
+                          "encrypt": {"format": "aes", "key-secret": "sec0"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a",
+                          "file": {"driver": "file", "filename": str(aes)}}),
+    ])
+
+
+def test_node_names_and_aes_images_are_refused_as_qemu_system_refuses_them(tmp_path):
+    compare_with_qemu(tmp_path, names_and_aes_transcript)

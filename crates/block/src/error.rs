@@ -63,6 +63,9 @@ pub enum Error {
     /// A node longer than QEMU allows (`BDRV_MAX_LENGTH`).
     #[error("Could not refresh total sector count: File too large")]
     TooLarge,
+    /// A node name a device (a named block backend) already has.
+    #[error("node-name={0} is conflicting with a device id")]
+    NodeNameIsDeviceId(String),
     /// A node name already taken.
     #[error("Duplicate nodes with node-name='{0}'")]
     DuplicateNodeName(String),

@@ -85,12 +85,25 @@ pub trait DriverFactory {
 #[derive(Default)]
 pub struct Registry {
     factories: RefCell<Vec<Rc<dyn DriverFactory>>>,
+    /// Images are opened for a system emulator, which refuses what QEMU keeps only for its
+    /// tools (QEMU's `bdrv_uses_whitelist`: AES-encrypted qcow2).
+    for_emulator: std::cell::Cell<bool>,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new() -> Rc<Registry> {
         Rc::default()
+    }
+
+    /// Marks the registry as a system emulator's (see [`Registry::for_emulator`]).
+    pub fn set_for_emulator(&self) {
+        self.for_emulator.set(true);
+    }
+
+    /// Whether images are opened for a system emulator (QEMU's `bdrv_uses_whitelist`).
+    pub fn for_emulator(&self) -> bool {
+        self.for_emulator.get()
     }
 
     /// Adds a driver.

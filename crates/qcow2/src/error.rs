@@ -90,6 +90,8 @@ pub(crate) enum Error {
          file are not supported by ferrite"
     )]
     EncryptedLayout,
+    #[error("Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators")]
+    AesInEmulator,
     #[error("Parameter 'encrypt.key-secret' is required for cipher")]
     KeySecretRequired,
     #[error("Unsupported encryption method {0}")]

@@ -58,6 +58,9 @@ impl DriverFactory for Qcow2Factory {
                 ctx.claim_for_metadata(&file)?;
             }
             let mut opening = Qcow2Driver::begin_open(opts, &file, read_only).await?;
+            if opening.aes_encrypted() && ctx.graph().registry().for_emulator() {
+                return Err(Error::AesInEmulator.into());
+            }
             open_data_file(ctx, opening.data_file(), read_only).await?;
             // The password of an encrypted image, from its `secret` object.
             if let Some(id) = opts

@@ -45,6 +45,11 @@ pub(crate) struct Opening {
 }
 
 impl Opening {
+    /// Whether the image uses the legacy AES-CBC encryption (`crypt_method` 1).
+    pub(crate) fn aes_encrypted(&self) -> bool {
+        self.h.crypt_method == 1
+    }
+
     /// The external data file the image needs, if any.
     pub(crate) fn data_file(&self) -> Option<DataFile> {
         self.data_file.clone()

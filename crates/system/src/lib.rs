@@ -409,6 +409,7 @@ pub fn main() -> ExitCode {
     });
     ferrite_storage_daemon::front_end::main_loop(&prog.clone(), async move {
         let daemon = Daemon::new();
+        daemon.graph.registry().set_for_emulator();
         let machine = Machine::new(kind, name, daemon.events.clone());
         let devices = Devices::new(
             machine.clone(),

@@ -190,11 +190,15 @@ impl Graph {
         if !id_wellformed(name) {
             return Err(Error::InvalidNodeName(name.to_owned()));
         }
-        if name.len() > MAX_NODE_NAME {
-            return Err(Error::NodeNameTooLong);
+        // QEMU's order: a device's name, another node's, then the length.
+        if self.backends().iter().any(|b| b.name() == name) {
+            return Err(Error::NodeNameIsDeviceId(name.to_owned()));
         }
         if self.find(name).is_some() {
             return Err(Error::DuplicateNodeName(name.to_owned()));
+        }
+        if name.len() > MAX_NODE_NAME {
+            return Err(Error::NodeNameTooLong);
         }
         Ok(())
     }
