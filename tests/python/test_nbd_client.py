@@ -175,10 +175,13 @@ def test_mirror_to_a_remote_nbd_export(ferrite, qsd, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_a_server_restarted_mid_backup_loses_nothing(ferrite, tmp_path):
+@pytest.mark.parametrize("shared", [4, 1])
+def test_a_server_restarted_mid_backup_loses_nothing(ferrite, tmp_path, shared):
     """The target's server is killed while a backup writes to it and started again on the
     same socket a second later: with `reconnect-delay` the requests wait and are sent again,
-    and the backup finishes with the whole image copied."""
+    and the backup finishes with the whole image copied. Also with a server that takes one
+    client (qemu-nbd's default, iotest 264): the requests that wait reconnect once, not each
+    on a connection of its own that the server never answers (ferrite used to hang so)."""
     src = tmp_path / "src.qcow2"
     qcow2(src, "64M")
     run("qemu-io", "-c", "write -P 0x3c 0 64M", src)
@@ -187,7 +190,7 @@ def test_a_server_restarted_mid_backup_loses_nothing(ferrite, tmp_path):
     sock = tmp_path / "target.sock"
 
     def serve():
-        p = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-f", "raw", "--shared=4",
+        p = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-f", "raw", f"--shared={shared}",
                               "--cache=writeback", str(target)], stderr=subprocess.DEVNULL)
         wait_for(lambda: sock.exists(), what="qemu-nbd socket")
         return p
@@ -219,6 +222,44 @@ def test_a_server_restarted_mid_backup_loses_nothing(ferrite, tmp_path):
     server.wait()
     r = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, target, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("job", ["blockdev-backup", "blockdev-mirror"])
+def test_a_forced_cancel_stops_waiting_for_a_lost_server(both, tmp_path, job):
+    """A job whose target's server went away, with a long `reconnect-delay`, ends at once
+    when cancelled by force: the requests waiting for the server fail (QEMU's
+    `bdrv_cancel_in_flight`; iotest 264)."""
+    for d in both():
+        w = d.workdir
+        src = w / "src.qcow2"
+        qcow2(src, "32M")
+        run("qemu-io", "-c", "write -P 0x3c 0 32M", src)
+        target = w / "target.raw"
+        run("qemu-img", "create", "-q", "-f", "raw", target, "32M")
+        sock = w / "t.sock"
+        server = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-f", "raw", str(target)],
+                                  stderr=subprocess.DEVNULL)
+        wait_for(lambda: sock.exists(), what="qemu-nbd socket")
+        c = d.connect()
+        add(c, "src", src)
+        assert c.cmd("blockdev-add", {"driver": "raw", "node-name": "remote", "file": {
+            "driver": "nbd", "reconnect-delay": 30,
+            "server": {"type": "unix", "path": str(sock)}}}) == {"return": {}}
+        assert c.cmd(job, {"job-id": "j", "device": "src", "target": "remote",
+                           "sync": "full", "speed": 4 * MiB}) == {"return": {}}
+        wait_for(lambda: c.cmd("query-block-jobs")["return"][0]["offset"] > 0,
+                 what="progress")
+        server.kill()
+        server.wait()
+        c.cmd("block-job-set-speed", {"device": "j", "speed": 0})
+        time.sleep(1.0)
+        start = time.monotonic()
+        assert c.cmd("block-job-cancel", {"device": "j", "force": True}) == {"return": {}}
+        ev = c.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+        assert ev["data"]["device"] == "j"
+        assert time.monotonic() - start < 5.0, (d, time.monotonic() - start)
+        c.close()
+        d.stop()
 
 
 def test_without_reconnect_delay_a_lost_server_fails_the_request(ferrite, tmp_path):

@@ -333,6 +333,11 @@ pub trait Driver: std::any::Any {
         Box::pin(async { Ok(()) })
     }
 
+    /// A job that stops by force gives up on what it waits for here: requests waiting to be
+    /// sent again (an NBD client reconnecting) fail at once instead (QEMU's
+    /// `bdrv_cancel_in_flight`).
+    fn cancel_in_flight(&self, _node: &Node) {}
+
     /// Writes cached state back before the node goes away (QEMU's `bdrv_close`).
     fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async { Ok(()) })

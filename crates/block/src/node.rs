@@ -270,6 +270,11 @@ impl Node {
         self.driver.as_ref()
     }
 
+    /// Stops waiting on what cannot come soon (see [`Driver::cancel_in_flight`]).
+    pub fn cancel_in_flight(&self) {
+        self.driver.cancel_in_flight(self);
+    }
+
     /// The file name QEMU shows for the node (`bdrv_refresh_filename`).
     pub fn filename(&self) -> String {
         // A filter a job put in without a name is its child as far as names go.

@@ -77,6 +77,12 @@ impl Driver for RawDriver {
         "raw"
     }
 
+    fn cancel_in_flight(&self, node: &Node) {
+        if let Some(f) = node.child("file") {
+            f.cancel_in_flight();
+        }
+    }
+
     fn len(&self, node: &Node) -> u64 {
         match self.size.get() {
             Some(s) => s,

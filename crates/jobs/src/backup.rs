@@ -287,6 +287,11 @@ impl JobDriver for BackupJob {
         true
     }
 
+    fn cancel(&self, _job: &Job, _force: bool) -> bool {
+        self.target.cancel_in_flight();
+        true
+    }
+
     fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture {
         Box::pin(async move { self.work(&job).await })
     }

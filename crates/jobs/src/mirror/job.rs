@@ -829,7 +829,11 @@ impl JobDriver for MirrorJob {
     fn cancel(&self, job: &Job, force: bool) -> bool {
         // Before `ready` every cancel is forced; after it, a soft one completes without
         // switching.
-        force || !job.is_ready()
+        let force = force || !job.is_ready();
+        if force {
+            self.target.cancel_in_flight();
+        }
+        force
     }
 
     fn has_io_in_flight(&self) -> bool {

@@ -13,10 +13,11 @@ use ferrite_qapi::{Args, os_msg};
 use ferrite_qobject::QDict;
 use handshake::{HandshakeError, negotiate};
 use session::{Answer, Command, Failure, Session};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// Registers the `nbd` driver.
 pub fn register(registry: &Registry) {
@@ -165,6 +166,9 @@ impl DriverFactory for NbdClientFactory {
                 session: RefCell::new(Some(session)),
                 reconnect_delay: Duration::from_secs(opts.opt_u64("reconnect-delay").unwrap_or(0)),
                 lost_at: RefCell::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                no_wait: Cell::new(false),
+                gave_up: Notify::new(),
                 strong,
             }) as Box<dyn Driver>)
         })
@@ -179,6 +183,14 @@ struct NbdClient {
     reconnect_delay: Duration,
     /// When the connection was found lost (the reconnect window starts there).
     lost_at: RefCell<Option<Instant>>,
+    /// One connection attempt at a time; the other requests wait for its outcome (a server
+    /// that serves one client, `qemu-nbd` without `-e`, leaves a second attempt unanswered).
+    connecting: tokio::sync::Mutex<()>,
+    /// A job that stopped by force gave up waiting: until a connection is made, requests
+    /// fail at once instead of waiting for one (QEMU's `NBD_CLIENT_CONNECTING_NOWAIT`).
+    no_wait: Cell<bool>,
+    /// Wakes the requests waiting for a connection when `no_wait` is set.
+    gave_up: Notify,
     strong: QDict,
 }
 
@@ -187,24 +199,40 @@ impl NbdClient {
     /// `reconnect-delay` of losing the connection, waits for the server to come back.
     async fn session(&self) -> io::Result<Rc<Session>> {
         loop {
-            let current = self.session.borrow().clone();
-            if let Some(s) = current.filter(|s| s.is_alive()) {
+            if let Some(s) = self.alive() {
+                return Ok(s);
+            }
+            let turn = self.connecting.lock().await;
+            // Another request's attempt may have made one meanwhile.
+            if let Some(s) = self.alive() {
                 return Ok(s);
             }
             let lost = *self.lost_at.borrow_mut().get_or_insert_with(Instant::now);
-            match self.target.connect().await {
-                Ok(s) => {
-                    tracing::info!(export = self.target.export, "NBD client reconnected");
-                    *self.session.borrow_mut() = Some(s.clone());
-                    *self.lost_at.borrow_mut() = None;
-                    return Ok(s);
-                }
-                Err(_) if lost.elapsed() < self.reconnect_delay => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(_) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            let attempt = tokio::select! {
+                r = self.target.connect() => r.ok(),
+                () = self.gave_up.notified() => None,
+            };
+            if let Some(s) = attempt {
+                tracing::info!(export = self.target.export, "NBD client reconnected");
+                *self.session.borrow_mut() = Some(s.clone());
+                *self.lost_at.borrow_mut() = None;
+                self.no_wait.set(false);
+                return Ok(s);
+            }
+            drop(turn);
+            if self.no_wait.get() || lost.elapsed() >= self.reconnect_delay {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = self.gave_up.notified() => {}
             }
         }
+    }
+
+    /// The current connection, if it still stands.
+    fn alive(&self) -> Option<Rc<Session>> {
+        self.session.borrow().clone().filter(|s| s.is_alive())
     }
 
     /// Sends `cmd`, again on a new connection if the connection fails and reconnecting is
@@ -259,6 +287,13 @@ fn cmd(ty: u16, flags: u16, offset: u64, len: u64) -> Command {
 impl Driver for NbdClient {
     fn format_name(&self) -> &'static str {
         "nbd"
+    }
+
+    fn cancel_in_flight(&self, _node: &Node) {
+        if self.alive().is_none() {
+            self.no_wait.set(true);
+            self.gave_up.notify_waiters();
+        }
     }
 
     fn has_image_info(&self) -> bool {
