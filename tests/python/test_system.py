@@ -713,6 +713,9 @@ def info_block(binary, accel, *drive_args):
     "if=none,driver=null-co,discard=nope",
     # The board's firmware flash.
     "if=pflash,driver=null-co,read-zeroes=on,size=1M",
+    # The old names of the I/O limits (iotest mirror-change-copy-mode), and both names.
+    "if=none,id=d,driver=null-co,iops_wr=16,iops_wr_max=16,bps=1048576,group=g",
+    "if=none,id=d,driver=null-co,iops_wr=16,throttling.iops-write=3",
 ])
 def test_drive_options_read_and_show_as_qemus(drive):
     want = info_block(QEMU, "tcg", "-drive", drive)
