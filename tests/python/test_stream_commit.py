@@ -3,6 +3,7 @@ chains and data they leave (three qcow2 layers over a raw base), and both under 
 writing the top through NBD."""
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -438,3 +439,43 @@ def test_commit_into_a_base_with_a_filter_under_its_format(both):
         seen.append(out)
     assert_same_runs(seen)
     assert seen[1][2] == {"return": {}} and seen[1][-1] is True
+
+
+def test_commit_copies_what_the_images_hold_not_a_filter_over_the_base(both):
+    """A throttle filter between the committed image and the base shows the base's data;
+    that data is not the image's own and is not copied: an empty image commits at once,
+    not at the filter's rate (QEMU's `bdrv_find_overlay` skips filters; iotest 255)."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        run("qemu-img", "create", "-q", "-f", "raw", w / "base.raw", "64M")
+        run("qemu-io", "-f", "raw", "-c", "write -P 9 0 64M", w / "base.raw")
+        layer(w / "mid.qcow2", "64M")
+        run("qemu-io", "-c", "write -P 5 1M 1M", w / "mid.qcow2")
+        layer(w / "top.qcow2", "64M")
+        q = d.connect()
+        q.cmd("object-add", {"qom-type": "throttle-group", "id": "tg",
+                             "limits": {"bps-read": 4096}})
+        for node in ({"driver": "file", "node-name": "base", "filename": str(w / "base.raw")},
+                     {"driver": "throttle", "node-name": "throttled", "throttle-group": "tg",
+                      "file": "base"},
+                     {"driver": "qcow2", "node-name": "mid", "backing": "throttled",
+                      "file": {"driver": "file", "filename": str(w / "mid.qcow2")}},
+                     {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                      "file": {"driver": "file", "filename": str(w / "top.qcow2")}}):
+            assert q.cmd("blockdev-add", node) == {"return": {}}
+        start = time.monotonic()
+        out = [q.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "mid"})]
+        wait_job_gone(q, "c")
+        out.append(time.monotonic() - start < 10)
+        out.append(events(q))
+        q.cmd("quit")
+        d.proc.wait(timeout=10)
+        for pattern, at in ((9, 0), (5, 1), (9, 2)):
+            r = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c",
+                                f"read -P {pattern} {at}M 1M", str(w / "base.raw")],
+                               capture_output=True, text=True)
+            out.append("failed" not in r.stdout + r.stderr)
+        seen.append(out)
+    assert_same_runs(seen)
+    assert all(x is True for x in seen[1][-3:]) and seen[1][1] is True

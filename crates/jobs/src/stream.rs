@@ -46,8 +46,9 @@ pub struct StreamSetup {
 }
 
 /// The image of `top`'s chain whose backing file is `base` (or the last image when `base` is
-/// none), looking through filters (QEMU: `bdrv_find_overlay`): the last layer streamed.
-fn find_overlay(top: &Rc<Node>, base: Option<&Rc<Node>>) -> Option<Rc<Node>> {
+/// none), looking through filters (QEMU: `bdrv_find_overlay`): the last layer streamed, or
+/// committed.
+pub(crate) fn find_overlay(top: &Rc<Node>, base: Option<&Rc<Node>>) -> Option<Rc<Node>> {
     let base = base.map(|b| b.skip_filters());
     let mut active = top.skip_filters();
     loop {
