@@ -157,11 +157,24 @@ fn default_protocols(node: &mut QDict) {
             default_protocols(child);
         }
     }
+    if let Some(QObject::List(children)) = node.get_mut("children") {
+        for c in children.iter_mut() {
+            if let QObject::Dict(c) = c {
+                default_protocols(c);
+            }
+        }
+    }
 }
 
 /// Children of a node that takes several (quorum's `children.N`) given by their file
 /// alone: their format is the image's, probed (QEMU probes such data children).
 async fn probe_children(graph: &Graph, node: &mut QDict) -> Result<(), Error> {
+    // Also below the node: a quorum under a raw node (`file.children.N...`).
+    for key in ["file", "backing", "image"] {
+        if let Some(QObject::Dict(child)) = node.get_mut(key) {
+            Box::pin(probe_children(graph, child)).await?;
+        }
+    }
     let Some(QObject::List(children)) = node.get_mut("children") else {
         return Ok(());
     };
@@ -499,13 +512,6 @@ pub(crate) async fn add(
         }
         probe_children(graph, &mut node).await?;
         default_protocols(&mut node);
-        if let Some(QObject::List(children)) = node.get_mut("children") {
-            for c in children.iter_mut() {
-                if let QObject::Dict(c) = c {
-                    default_protocols(c);
-                }
-            }
-        }
         // Options for the backing file the image names come without a driver, which the
         // schema wants: they go to the format as they are.
         let implicit_backing = match node.get("backing") {
