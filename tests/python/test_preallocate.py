@@ -56,3 +56,35 @@ def transcript(d):
 def test_preallocate_matches_qsd(both):
     q, f = both()
     assert_same_transcript(transcript(q), transcript(f))
+
+
+def test_a_snapshot_cuts_the_old_top_back_as_qsd(both):
+    """An external snapshot makes the old top read-only with the filter and file opened
+    under it: the filter cuts its file back to the data first, while it still may (iotest
+    298). ferrite reopened the file read-only before the cut, which then failed."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "x.qcow2"), "64M"],
+                       check=True)
+        c = d.connect()
+        c.cmd("blockdev-add", {"driver": "qcow2", "node-name": "disk", "file": {
+            "driver": "preallocate", "node-name": "filter",
+            "file": {"driver": "file", "node-name": "file", "filename": "x.qcow2"}}})
+        uri = export(c, d, "disk", "disk", True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 1M", uri], check=True,
+                       capture_output=True)
+        c.cmd("block-export-del", {"id": "disk"})
+        c.wait_event("BLOCK_EXPORT_DELETED")
+        out = [os.stat(w / "x.qcow2").st_size > 64 * MiB]
+        out.append(c.cmd("blockdev-snapshot-sync", {"node-name": "disk",
+                                                    "snapshot-file": str(w / "o.qcow2"),
+                                                    "snapshot-node-name": "o"}))
+        time.sleep(0.2)
+        out.append(os.stat(w / "x.qcow2").st_size < 10 * MiB)
+        nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["node-name"], n["ro"]) for n in nodes))
+        c.close()
+        seen.append(out)
+    assert seen[1] == seen[0]
+    assert seen[0][0] is True and seen[0][2] is True, seen[0]

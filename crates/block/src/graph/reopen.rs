@@ -326,26 +326,14 @@ impl Graph {
         Ok(())
     }
 
-    /// Switches a node and the inline `file` children below it between read-only and
-    /// read-write in place
-    /// (internal reopens: an external snapshot's old top, `change-backing-file`).
+    /// Switches a node and the inline `file` children below it that take their mode from
+    /// it ([`Graph::inherited_files`]) between read-only and read-write in place (internal
+    /// reopens: an external snapshot's old top, `change-backing-file`).
     ///
     /// # Errors
     /// The storage refusing the mode.
     pub fn set_read_only(&self, node: &Rc<Node>, read_only: bool) -> Result<()> {
-        // Only a file opened with the node (inline) that took its mode from it follows it;
-        // one the user added or gave its own mode keeps it, as in QEMU, where only
-        // inherited options change with the parent.
-        // That goes on down: a filter opened inline between a format and its file (raw over
-        // throttle over file) passes the mode on to its own file.
-        let mut files = Vec::new();
-        let mut at = node.clone();
-        while let Some(f) = at.child("file").filter(|f| {
-            f.users().len() == 1 && !self.is_monitor_owned(f) && f.inherits_read_only.get()
-        }) {
-            files.push(f.clone());
-            at = f;
-        }
+        let files = self.inherited_files(node);
         // Going read-only, each node drops its write permission before its file reopens;
         // going read-write, the files reopen for writing first, the lowest first.
         let order: Vec<&Rc<Node>> = if read_only {
@@ -388,8 +376,29 @@ impl Graph {
         if node.is_read_only() {
             return Ok(());
         }
-        let _ = node.driver.close(node).await;
+        // Each node that goes read-only with it writes its state back first (a preallocate
+        // filter cuts its file back while it still may).
+        for n in std::iter::once(node.clone()).chain(self.inherited_files(node)) {
+            let _ = n.driver.close(&n).await;
+        }
         self.set_read_only(node, true)
+    }
+
+    /// The nodes below `node` that switch between read-only and read-write with it: its
+    /// `file` child if opened with it (inline) and taking its mode from it, and so on down (a
+    /// filter opened inline between a format and its file, raw over throttle over file,
+    /// passes the mode on to its own file). One the user added or gave its own mode keeps
+    /// it, as in QEMU, where only inherited options change with the parent.
+    fn inherited_files(&self, node: &Rc<Node>) -> Vec<Rc<Node>> {
+        let mut files = Vec::new();
+        let mut at = node.clone();
+        while let Some(f) = at.child("file").filter(|f| {
+            f.users().len() == 1 && !self.is_monitor_owned(f) && f.inherits_read_only.get()
+        }) {
+            files.push(f.clone());
+            at = f;
+        }
+        files
     }
 
     /// `block_resize`: a backend holding the resize permission truncates the drained node.
