@@ -175,6 +175,16 @@ def test_mirror_to_a_remote_nbd_export(ferrite, qsd, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def job_images(w, size):
+    """A job's source (qcow2, every byte written) and an empty raw target of `size`."""
+    src = w / "src.qcow2"
+    qcow2(src, size)
+    run("qemu-io", "-c", f"write -P 0x3c 0 {size}", src)
+    target = w / "target.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", target, size)
+    return src, target
+
+
 @pytest.mark.parametrize("shared", [4, 1])
 def test_a_server_restarted_mid_backup_loses_nothing(ferrite, tmp_path, shared):
     """The target's server is killed while a backup writes to it and started again on the
@@ -182,11 +192,7 @@ def test_a_server_restarted_mid_backup_loses_nothing(ferrite, tmp_path, shared):
     and the backup finishes with the whole image copied. Also with a server that takes one
     client (qemu-nbd's default, iotest 264): the requests that wait reconnect once, not each
     on a connection of its own that the server never answers (ferrite used to hang so)."""
-    src = tmp_path / "src.qcow2"
-    qcow2(src, "64M")
-    run("qemu-io", "-c", "write -P 0x3c 0 64M", src)
-    target = tmp_path / "target.raw"
-    run("qemu-img", "create", "-q", "-f", "raw", target, "64M")
+    src, target = job_images(tmp_path, "64M")
     sock = tmp_path / "target.sock"
 
     def serve():
@@ -231,11 +237,7 @@ def test_a_forced_cancel_stops_waiting_for_a_lost_server(both, tmp_path, job):
     `bdrv_cancel_in_flight`; iotest 264)."""
     for d in both():
         w = d.workdir
-        src = w / "src.qcow2"
-        qcow2(src, "32M")
-        run("qemu-io", "-c", "write -P 0x3c 0 32M", src)
-        target = w / "target.raw"
-        run("qemu-img", "create", "-q", "-f", "raw", target, "32M")
+        src, target = job_images(w, "32M")
         sock = w / "t.sock"
         server = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-f", "raw", str(target)],
                                   stderr=subprocess.DEVNULL)
