@@ -787,3 +787,29 @@ def test_drive_children_given_by_file_name_open_as_qemus(tmp_path):
     got = without_json(info_block(SYSTEM, "qtest", "-drive", drive))
     assert want[0] == 0, want
     assert got == want
+
+
+def test_quit_on_a_stdio_monitor_exits_at_once(tmp_path):
+    """After `quit` over a stdio monitor the program ends at once and its images are free:
+    iotest 312 runs `qemu-img map` on the mirror's target right after the answer. (ferrite
+    waited 200 ms for the client to hang up, which a stdio client never does.)"""
+    img = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    p = subprocess.Popen([SYSTEM, "-nodefaults", "-display", "none", "-accel", "qtest",
+                          "-qmp", "stdio", "-drive", f"if=virtio,file={img},format=qcow2"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        p.stdout.readline()
+        p.stdin.write('{"execute": "qmp_capabilities"}\n')
+        p.stdin.flush()
+        p.stdout.readline()
+        p.stdin.write('{"execute": "quit"}\n')
+        p.stdin.flush()
+        while '"return"' not in p.stdout.readline():
+            pass
+        answered = time.monotonic()
+        p.wait(timeout=10)
+        assert time.monotonic() - answered < 0.15
+    finally:
+        p.kill()
+        p.wait()

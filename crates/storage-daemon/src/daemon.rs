@@ -34,6 +34,8 @@ pub struct Daemon {
     qom_root: Rc<dyn QomNode>,
     /// The QMP monitors.
     pub monitors: RefCell<Vec<Rc<Monitor>>>,
+    /// The monitors on sockets, whose clients the exit waits a moment for to hang up.
+    pub socket_monitors: RefCell<Vec<Rc<Monitor>>>,
     quit_requested: Cell<bool>,
     quit: Notify,
     schema_info: OnceCell<QObject>,
@@ -134,6 +136,7 @@ impl Daemon {
             jobs,
             qom_root: root,
             monitors: RefCell::new(Vec::new()),
+            socket_monitors: RefCell::new(Vec::new()),
             quit_requested: Cell::new(false),
             quit: Notify::new(),
             schema_info: OnceCell::new(),

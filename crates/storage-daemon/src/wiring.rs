@@ -228,6 +228,9 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
         },
     );
     daemon.monitors.borrow_mut().push(monitor.clone());
+    if dev.kind() == "socket" {
+        daemon.socket_monitors.borrow_mut().push(monitor.clone());
+    }
     tokio::task::spawn_local(async move {
         while let Some(conn) = dev.accept().await {
             let fds = conn
@@ -273,8 +276,11 @@ pub async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: Daemo
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), flush).await;
+    // A socket's client may hang up first; a stdio or pipe client cannot, and the images
+    // stay locked until the exit (a test runs `qemu-img` right after `quit`).
+    let sockets = daemon.socket_monitors.borrow().clone();
     let hang_ups = async {
-        for m in &monitors {
+        for m in &sockets {
             m.sessions_closed().await;
         }
     };
