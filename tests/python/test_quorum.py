@@ -163,3 +163,34 @@ def test_repairing_a_quorum_child_matches_qsd(both):
     for other_user in (False, True):
         q, f = both()
         assert_same_transcript(repair(q, other_user), repair(f, other_user))
+
+
+def test_block_status_of_a_quorum_matches_qsd(both):
+    """A quorum reports data where any child holds data and zeroes where all read zeroes,
+    so a mirror of it skips what is zero (iotest 312): `qemu-img map` over an NBD export."""
+    writes = [  # (child, qemu-io command)
+        (0, "write -P 1 64k 64k"), (1, "write -P 1 64k 192k"),
+        (0, "write -z 1M 64k"), (1, "write -z 1M 192k"), (2, "write -z 1M 128k"),
+        (0, "write -P 0 2M 64k"), (1, "write -z 2M 192k"), (2, "write -P 0 2M 128k"),
+    ]
+    seen = []
+    for d in both():
+        w = d.workdir
+        for i in range(3):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / f"c{i}.qcow2"),
+                            "4M"], check=True)
+        for i, op in writes:
+            subprocess.run(["qemu-io", "-c", op, str(w / f"c{i}.qcow2")], check=True,
+                           capture_output=True)
+        c = d.connect()
+        assert c.cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                                      "children": [{"driver": "qcow2", "file": {
+                                          "driver": "file", "filename": f"c{i}.qcow2"}}
+                                          for i in range(3)]}) == {"return": {}}
+        uri = export(c, d, "q", "q", False)
+        r = subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", uri],
+                           capture_output=True, text=True, check=True)
+        seen.append([(e["start"], e["length"], e["data"], e["zero"])
+                     for e in json.loads(r.stdout)])
+        c.close()
+    assert seen[1] == seen[0]

@@ -440,8 +440,31 @@ impl Driver for Quorum {
         })
     }
 
-    fn block_status<'a>(&'a self, _node: &'a Node, _offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(async move { Ok(Extent::data(len)) })
+    /// Data where any child holds data, zeroes where every child reads zeroes (QEMU's
+    /// `quorum_co_block_status`): the children may disagree on where an extent ends, so
+    /// data runs as far as the longest says and zeroes as far as the shortest. A child
+    /// whose query fails is left out.
+    fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(async move {
+            let children = self.children.borrow().clone();
+            let (mut zero_len, mut data_len) = (len, 0);
+            for c in &children {
+                match c.block_status(offset, len).await {
+                    Ok(e) if e.zero => zero_len = zero_len.min(e.len),
+                    Ok(e) => data_len = data_len.max(e.len),
+                    Err(_) => {}
+                }
+            }
+            if data_len > 0 {
+                return Ok(Extent::data(data_len));
+            }
+            Ok(Extent {
+                len: zero_len.max(1),
+                data: false,
+                zero: true,
+                allocated: true,
+            })
+        })
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
