@@ -327,7 +327,7 @@ impl Graph {
     }
 
     /// Switches a node and the inline `file` children below it that take their mode from
-    /// it ([`Graph::inherited_files`]) between read-only and read-write in place (internal
+    /// it (see `inherited_files`) between read-only and read-write in place (internal
     /// reopens: an external snapshot's old top, `change-backing-file`).
     ///
     /// # Errors
