@@ -224,6 +224,23 @@ impl Node {
         self.filtered().or_else(|| self.child("backing"))
     }
 
+    /// The image of this node's chain whose backing file is `base` (or the last image when
+    /// `base` is none), looking through filters (QEMU: `bdrv_find_overlay`): the last layer a
+    /// stream or commit works on. `None` when `base` is not in the chain.
+    pub fn find_overlay(self: &Rc<Self>, base: Option<&Rc<Node>>) -> Option<Rc<Node>> {
+        let base = base.map(|b| b.skip_filters());
+        let mut active = self.skip_filters();
+        loop {
+            let next = active.child("backing").map(|b| b.skip_filters());
+            match (&next, &base) {
+                (Some(n), Some(b)) if Rc::ptr_eq(n, b) => return Some(active),
+                (None, None) => return Some(active),
+                (None, Some(_)) => return None,
+                (Some(n), _) => active = n.clone(),
+            }
+        }
+    }
+
     /// The node below any filters (QEMU: `bdrv_skip_filters`).
     pub fn skip_filters(self: &Rc<Self>) -> Rc<Node> {
         let mut n = self.clone();

@@ -185,8 +185,10 @@ async fn setup(
     // What the job copies is what the images above the base hold themselves, down to the
     // last one above it, filters between them and the base not counted (a throttle filter
     // over the base shows the base's data, which is there already).
-    let overlay =
-        crate::stream::find_overlay(&d.top, Some(&d.base)).ok_or(Error::SameTopAndBase)?;
+    let overlay = d
+        .top
+        .find_overlay(Some(&d.base))
+        .ok_or(Error::SameTopAndBase)?;
     *d.base_overlay.borrow_mut() = Some(overlay);
     let top_shared = if Rc::ptr_eq(&d.top.skip_filters(), &d.base.skip_filters()) {
         Perm::WRITE_UNCHANGED | Perm::WRITE | Perm::CONSISTENT_READ

@@ -45,23 +45,6 @@ pub struct StreamSetup {
     pub auto_dismiss: bool,
 }
 
-/// The image of `top`'s chain whose backing file is `base` (or the last image when `base` is
-/// none), looking through filters (QEMU: `bdrv_find_overlay`): the last layer streamed, or
-/// committed.
-pub(crate) fn find_overlay(top: &Rc<Node>, base: Option<&Rc<Node>>) -> Option<Rc<Node>> {
-    let base = base.map(|b| b.skip_filters());
-    let mut active = top.skip_filters();
-    loop {
-        let next = active.child("backing").map(|b| b.skip_filters());
-        match (&next, &base) {
-            (Some(n), Some(b)) if Rc::ptr_eq(n, b) => return Some(active),
-            (None, None) => return Some(active),
-            (None, Some(_)) => return None,
-            (Some(n), _) => active = n.clone(),
-        }
-    }
-}
-
 /// The node directly above `base` below `overlay`: the overlay itself, or a filter between
 /// the two (QEMU's `above_base`); what is below it backs the streamed node at the end.
 fn above_base(overlay: &Rc<Node>, base: Option<&Rc<Node>>) -> Rc<Node> {
@@ -121,13 +104,14 @@ pub async fn start_stream(
         Some(b) => (b.clone(), b.clone()),
         None => {
             let overlay =
-                find_overlay(&node, s.base.as_ref()).ok_or_else(|| Error::NotInBackingChain {
-                    base: s
-                        .base
-                        .as_ref()
-                        .map_or(String::new(), |b| b.name().to_owned()),
-                    top: node.name().to_owned(),
-                })?;
+                node.find_overlay(s.base.as_ref())
+                    .ok_or_else(|| Error::NotInBackingChain {
+                        base: s
+                            .base
+                            .as_ref()
+                            .map_or(String::new(), |b| b.name().to_owned()),
+                        top: node.name().to_owned(),
+                    })?;
             let above = above_base(&overlay, s.base.as_ref());
             (overlay, above)
         }

@@ -249,47 +249,6 @@ fn take_flat(text: &str, key: &str) -> (String, Option<String>) {
     (items.join(","), Some(value))
 }
 
-/// `-drive`'s old names of the I/O limits (`iops_wr=...`) become their `throttling.*`
-/// names, as QEMU renames them before anything else; giving both is refused.
-///
-/// # Errors
-/// QEMU's text for an option given under both names.
-fn rename_legacy_limits(opts: &mut QDict) -> Result<(), Error> {
-    const RENAMES: [(&str, &str); 14] = [
-        ("iops", "iops-total"),
-        ("iops_rd", "iops-read"),
-        ("iops_wr", "iops-write"),
-        ("bps", "bps-total"),
-        ("bps_rd", "bps-read"),
-        ("bps_wr", "bps-write"),
-        ("iops_max", "iops-total-max"),
-        ("iops_rd_max", "iops-read-max"),
-        ("iops_wr_max", "iops-write-max"),
-        ("bps_max", "bps-total-max"),
-        ("bps_rd_max", "bps-read-max"),
-        ("bps_wr_max", "bps-write-max"),
-        ("iops_size", "iops-size"),
-        ("group", "group"),
-    ];
-    for (from, to) in RENAMES {
-        let Some(value) = opts.remove(from) else {
-            continue;
-        };
-        if !matches!(opts.get("throttling"), Some(QObject::Dict(_))) {
-            opts.insert("throttling", QDict::new());
-        }
-        if let Some(QObject::Dict(t)) = opts.get_mut("throttling") {
-            if t.get(to).is_some() {
-                return Err(generic(format!(
-                    "'throttling.{to}' and its alias '{from}' can't be used at the same time"
-                )));
-            }
-            t.insert(to, value);
-        }
-    }
-    Ok(())
-}
-
 pub(crate) async fn add(
     graph: &Rc<Graph>,
     devices: &Devices,
@@ -301,7 +260,7 @@ pub(crate) async fn add(
     let (text, flat_cache) = take_flat(&text, "cache");
     let parsed = ferrite_storage_daemon::front_end::keyval::parse(&text, None)?;
     let mut opts = parsed.value;
-    rename_legacy_limits(&mut opts)?;
+    crate::io_limits::rename_legacy_limits(&mut opts)?;
     let file_is_name = file_name.is_some() || matches!(opts.get("file"), Some(QObject::String(_)));
     let cache_is_mode = matches!(opts.get("cache"), Some(QObject::String(_)));
     // `cache.writeback` is the drive's, not the node's.

@@ -110,6 +110,50 @@ pub(crate) fn qmp_block_set_io_throttle(
     )
 }
 
+/// `-drive`'s old names of the I/O limits (`iops_wr=...`) become their `throttling.*`
+/// names, as QEMU renames them before anything else; giving both is refused.
+///
+/// # Errors
+/// QEMU's text for an option given under both names.
+pub(crate) fn rename_legacy_limits(opts: &mut ferrite_qobject::QDict) -> Result<(), Error> {
+    const RENAMES: [(&str, &str); 14] = [
+        ("iops", "iops-total"),
+        ("iops_rd", "iops-read"),
+        ("iops_wr", "iops-write"),
+        ("bps", "bps-total"),
+        ("bps_rd", "bps-read"),
+        ("bps_wr", "bps-write"),
+        ("iops_max", "iops-total-max"),
+        ("iops_rd_max", "iops-read-max"),
+        ("iops_wr_max", "iops-write-max"),
+        ("bps_max", "bps-total-max"),
+        ("bps_rd_max", "bps-read-max"),
+        ("bps_wr_max", "bps-write-max"),
+        ("iops_size", "iops-size"),
+        ("group", "group"),
+    ];
+    for (from, to) in RENAMES {
+        let Some(value) = opts.remove(from) else {
+            continue;
+        };
+        if !matches!(
+            opts.get("throttling"),
+            Some(ferrite_qobject::QObject::Dict(_))
+        ) {
+            opts.insert("throttling", ferrite_qobject::QDict::new());
+        }
+        if let Some(ferrite_qobject::QObject::Dict(t)) = opts.get_mut("throttling") {
+            if t.get(to).is_some() {
+                return Err(Error::generic(format!(
+                    "'throttling.{to}' and its alias '{from}' can't be used at the same time"
+                )));
+            }
+            t.insert(to, value);
+        }
+    }
+    Ok(())
+}
+
 /// The limits of `-drive throttling.NAME=VALUE` options (taken out of `opts`) and the
 /// group they name.
 ///

@@ -87,6 +87,12 @@ impl Graph {
         }
     }
 
+    /// Whether `child` was opened with its one parent (inline) and goes with it: nothing
+    /// else uses it and the user did not add it.
+    pub(crate) fn goes_with_parent(&self, child: &Node) -> bool {
+        !self.is_monitor_owned(child) && child.users().len() == 1
+    }
+
     /// Whether the monitor added `node` (`blockdev-add`) and holds it for the user.
     pub fn is_monitor_owned(&self, node: &Node) -> bool {
         self.monitor_owned.borrow().contains(&node.name)
@@ -172,7 +178,7 @@ impl Graph {
             self.close_node(&n).await;
             for c in n.children() {
                 let child = c.node();
-                if !self.is_monitor_owned(&child) && child.users().len() == 1 {
+                if self.goes_with_parent(&child) {
                     closing.push(child);
                 }
             }

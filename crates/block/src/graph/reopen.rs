@@ -392,9 +392,10 @@ impl Graph {
     fn inherited_files(&self, node: &Rc<Node>) -> Vec<Rc<Node>> {
         let mut files = Vec::new();
         let mut at = node.clone();
-        while let Some(f) = at.child("file").filter(|f| {
-            f.users().len() == 1 && !self.is_monitor_owned(f) && f.inherits_read_only.get()
-        }) {
+        while let Some(f) = at
+            .child("file")
+            .filter(|f| self.goes_with_parent(f) && f.inherits_read_only.get())
+        {
             files.push(f.clone());
             at = f;
         }
