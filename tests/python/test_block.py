@@ -385,3 +385,68 @@ def test_a_file_grown_from_nothing_has_its_first_block_as_qsd_gives_it(both):
                        for n in ("grown4k", "grown1m", "made", "made100")})
     assert blocks[1] == blocks[0]
     assert blocks[0]["grown1m"][1] > 0
+
+
+def reopen_reset_seq(img, qimg):
+    """Options left out of a reopen go back to their defaults where the driver lets them
+    (QEMU's mutable options: a file's x-check-cache-dropped, raw's offset and size,
+    qcow2's caches and checks) and are refused otherwise (a file's locking, null-co's
+    size)."""
+    f = {"driver": "file", "node-name": "f0", "filename": img}
+    return [
+        ("blockdev-add", {**f, "locking": "off", "x-check-cache-dropped": True}),
+        ("blockdev-reopen", {"options": [{**f, "locking": "off"}]}),
+        ("blockdev-reopen", {"options": [{**f, "locking": "on"}]}),
+        ("blockdev-reopen", {"options": [f]}),
+        ("blockdev-reopen", {"options": [{**f, "locking": "off", "aio": "threads"}]}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "f0",
+                          "offset": 512, "size": 4096}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0", "file": "f0"}]}),
+        ("query-named-block-nodes", None),
+        ("blockdev-add", {"driver": "null-co", "node-name": "n0", "size": 1 << 20}),
+        ("blockdev-reopen", {"options": [{"driver": "null-co", "node-name": "n0"}]}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q0", "cache-clean-interval": 5,
+                          "overlap-check": {"template": "all", "main-header": False},
+                          "file": {"driver": "file", "filename": qimg, "node-name": "qf"}}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "q0",
+                                          "file": "qf"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "q0", "file": "qf",
+                                          "lazy-refcounts": True}]}),
+    ]
+
+
+def test_reopen_resets_to_defaults_as_qsd(both):
+    qsd, ferrite = both()
+    out = []
+    for d in (qsd, ferrite):
+        img = image(str(d.workdir))
+        qimg = str(d.workdir / "q.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qimg, "1M"], check=True)
+        c = d.connect()
+        out.append([canon(c.cmd(n, a), d.workdir) for n, a in reopen_reset_seq(img, qimg)])
+    for i, (want, got) in enumerate(zip(*out)):
+        assert got == want, (i, reopen_reset_seq("IMG", "Q")[i][0])
+
+
+def test_the_newest_backing_parent_is_named_as_qsd_names_it(both):
+    """A node that is the backing file of two images: deleting it is refused naming the one
+    that took it last (QEMU reports the newest of a node's blockers)."""
+    qsd, ferrite = both()
+    out = []
+    for d in (qsd, ferrite):
+        c = d.connect()
+        steps = []
+        for i in range(3):
+            img = str(d.workdir / f"h{i}.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+            steps.append(c.cmd("blockdev-add", {
+                "driver": "qcow2", "node-name": f"h{i}", "backing": None,
+                "file": {"driver": "file", "filename": img, "node-name": f"h{i}-file"}}))
+        for parent in ("h1", "h0"):
+            steps.append(c.cmd("blockdev-reopen", {"options": [
+                {"driver": "qcow2", "node-name": parent, "file": f"{parent}-file",
+                 "backing": "h2"}]}))
+        steps.append(c.cmd("blockdev-del", {"node-name": "h2"}))
+        out.append(steps)
+    assert out[1] == out[0]
+    assert "backing hd of 'h0'" in out[0][-1]["error"]["desc"]

@@ -335,3 +335,98 @@ def test_nbd_names_of_backing_files_open_the_client_like_qsd(both, tmp_path, qem
         d.stop()
     assert seen[1] == seen[0]
     assert seen[0][0] == {"return": {}} and ("nbd", names[0]) in seen[0][2]
+
+
+def addresses_transcript(d, sock, bare_sock, tcp_port):
+    """Servers named by inet with `ipv4`, by plain inet and by a unix socket without an
+    export: the node opens and reads, and its file name is what QEMU makes of the address
+    (a URL where one says it all, else `json:`). A descriptor by name is refused: the
+    storage daemon's monitor keeps none (qemu-system's test passes one)."""
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "byfd", "export": "img",
+                         "server": {"type": "fd", "str": "nbd-conn"}})
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "v4",
+                         "server": {"type": "inet", "host": "127.0.0.1",
+                                    "port": str(tcp_port), "ipv4": True}})
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "plain",
+                         "server": {"type": "inet", "host": "127.0.0.1",
+                                    "port": str(tcp_port)}})
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "noexport",
+                         "server": {"type": "unix", "path": str(bare_sock)}})
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "named", "export": "img",
+                         "server": {"type": "unix", "path": str(sock)}})
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    text = json.dumps(sorted((n["node-name"], n["image"]["filename"]) for n in nodes))
+    text = text.replace(str(bare_sock), "BARE").replace(str(sock), "S")
+    out.append(("names", json.loads(text.replace(str(tcp_port), "PORT"))))
+    uri = export(c, d, "v4", "v4", False)
+    r = run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x5a 1M 64k", uri)
+    out.append(("read through inet", r.returncode, "failed" in r.stdout))
+    cmd("block-export-del", {"id": "v4"})
+    c.wait_event("BLOCK_EXPORT_DELETED")
+    for n in ("v4", "plain", "noexport", "named"):
+        cmd("blockdev-del", {"node-name": n})
+    c.close()
+    return out
+
+
+def test_server_addresses_of_every_type_match_qsd(both, qemu_nbd, tmp_path):
+    q, f = both()
+    expected, got = [], []
+    for i, (d, out) in enumerate(((q, expected), (f, got))):
+        # One image each: every server locks its own.
+        img, tcp_img, bare_img = (d.workdir / f"{n}.qcow2" for n in ("src", "tcp", "bare"))
+        for image in (img, tcp_img, bare_img):
+            source_image(image)
+        port = 10809 + 100 + i
+        tcp = subprocess.Popen(["qemu-nbd", "-t", "-b", "127.0.0.1", "-p", str(port),
+                                "-f", "qcow2", "--shared=8", str(tcp_img)],
+                               stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: subprocess.run(["qemu-img", "info", f"nbd://127.0.0.1:{port}"],
+                                            capture_output=True).returncode == 0,
+                     what="qemu-nbd on tcp")
+            out.extend(addresses_transcript(d, qemu_nbd(img, "qcow2", "img"),
+                                            qemu_nbd(bare_img, "qcow2", ""), port))
+        finally:
+            tcp.kill()
+            tcp.wait()
+    assert_same_transcript(expected, got)
+
+
+def ready_order(d, sock):
+    """A mirror of an image with nothing to copy (sync=top over an empty overlay) to an NBD
+    target: the command's return comes before BLOCK_JOB_READY, because the flush before
+    `ready` goes to the server (QEMU flushes an NBD node every time, written or not)."""
+    w = d.workdir
+    qcow2(w / "src.qcow2", "64M")
+    c = d.connect()
+    add(c, "src", w / "src.qcow2")
+    assert c.cmd("blockdev-add", {"driver": "nbd", "node-name": "tgt", "export": "img",
+                                  "server": {"type": "unix", "path": str(sock)}}) \
+        == {"return": {}}
+    c.send(json.dumps({"execute": "blockdev-mirror",
+                       "arguments": {"job-id": "m", "device": "src", "target": "tgt",
+                                     "sync": "top"}}).encode())
+    seen = []
+    while "BLOCK_JOB_READY" not in seen:
+        msg = json.loads(c.recv_raw())
+        if msg.get("event") != "JOB_STATUS_CHANGE":
+            seen.append(msg.get("event", "return"))
+    c.cmd("block-job-cancel", {"device": "m"})
+    c.wait_event("BLOCK_JOB_COMPLETED")
+    c.close()
+    return seen
+
+
+def test_a_mirror_to_nbd_goes_ready_after_its_command_returns_as_qsd(both, qemu_nbd,
+                                                                     tmp_path):
+    q, f = both()
+    target = tmp_path / "target.qcow2"
+    qcow2(target, "64M")
+    sock = qemu_nbd(target, "qcow2", "img")
+    expected = ready_order(q, sock)
+    assert expected == ["return", "BLOCK_JOB_READY"]
+    assert ready_order(f, sock) == expected

@@ -620,3 +620,38 @@ def test_blockdev_create_over_a_file_that_keeps_its_size_like_qsd(both):
         seen.append(out)
     assert seen[1] == seen[0]
     assert seen[0][2] == [None]
+
+
+def test_blockdev_create_sizes_are_refused_as_qsd_refuses_them(both):
+    """blockdev-create's sizes are QAPI `size`: lengths past INT64_MAX and past the block
+    layer's maximum are refused by the job in QEMU's words, as is an L1 table that cannot
+    grow; a file preallocated with falloc at size 0 is made (iotest 206)."""
+    seen = []
+    for d in both():
+        q = d.connect()
+        img = str(d.workdir / "t.qcow2")
+        out = []
+
+        def create(job, options):
+            out.append(q.cmd("blockdev-create", {"job-id": job, "options": options}))
+            if "error" not in out[-1]:
+                q.wait_event("JOB_STATUS_CHANGE",
+                             lambda e: e["data"]["status"] == "concluded"
+                             and e["data"]["id"] == job)
+                out.append([j.get("error") for j in q.cmd("query-jobs")["return"]
+                            if j["id"] == job])
+                q.cmd("job-dismiss", {"id": job})
+        create("f", {"driver": "file", "filename": img, "size": 0, "preallocation": "falloc"})
+        out.append(q.cmd("blockdev-add", {"driver": "file", "node-name": "n", "filename": img}))
+        for i, (size, cluster) in enumerate([(18446744073709551104, None),
+                                             (9223372036854775808, None),
+                                             (9223372036854775296, None),
+                                             (9223372035781033984, None),
+                                             (281474976710656, 512)]):
+            opts = {"driver": "qcow2", "file": "n", "size": size}
+            if cluster:
+                opts["cluster-size"] = cluster
+            create(f"q{i}", opts)
+        seen.append(out)
+    assert seen[1] == seen[0]
+    assert seen[0][1] == [None]

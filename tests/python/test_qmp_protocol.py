@@ -75,6 +75,12 @@ CASES = [
     b'{"execute":"object-add","arguments":{"qom-type":"throttle-group","id":"t","limits":{"iops-total":"x"}}}',
     b'{"execute":"object-add","arguments":{"qom-type":"throttle-group","id":"t","limits":[]}}',
     b'{"execute":"qom-set","arguments":{"path":"x","property":"y"}}',
+    # An alternate of the wrong type is named by its member alone, or "null" in a list.
+    b'{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"x","file":null}}',
+    b'{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"y","file":"f",'
+    b'"backing":5}}',
+    b'{"execute":"block-dirty-bitmap-merge","arguments":{"node":"x","target":"b",'
+    b'"bitmaps":[5]}}',
 ]
 
 

@@ -4,6 +4,7 @@ three children (a corrupted child reported with QUORUM_REPORT_BAD, rewritten wit
 `read-pattern=fifo`."""
 import json
 import subprocess
+import time
 
 from blockjobs import export
 from conftest import assert_same_transcript, normalize, recorder
@@ -34,13 +35,19 @@ def events(c, name):
     return found
 
 
-def transcript(d):
-    w = d.workdir
+def children_with_data(w):
+    """Three 4 MiB raw children, each all 0x5a (data, not holes: an NBD server reads no
+    hole)."""
     for i in range(3):
         subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(w / f"c{i}.img"), "4M"],
                        check=True)
         subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M",
                         str(w / f"c{i}.img")], check=True, capture_output=True)
+
+
+def transcript(d):
+    w = d.workdir
+    children_with_data(w)
     c = d.connect()
     out = []
     cmd = recorder(c, out)
@@ -194,3 +201,45 @@ def test_block_status_of_a_quorum_matches_qsd(both):
                      for e in json.loads(r.stdout)])
         c.close()
     assert seen[1] == seen[0]
+
+
+def rate_limit(d):
+    """QUORUM_REPORT_BAD goes out at most once a second per child: errors in a burst give
+    one event at once and the last one held back a second later; another child's error is
+    not held back by the first's."""
+    children_with_data(d.workdir)
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+
+    def failing(i, sector):
+        return {"driver": "raw", "node-name": f"c{i}",
+                "file": {"driver": "blkdebug",
+                         "inject-error": [{"event": "read_aio", "errno": 5,
+                                           "sector": sector}],
+                         "image": {"driver": "file", "filename": f"c{i}.img"}}}
+    cmd("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                         "children": [failing(0, 2048), failing(1, 4096), child(2)]})
+    uri = export(c, d, "q", "q", True)
+
+    def bad():
+        c.cmd("query-version")
+        return [(e["node-name"], e["sector-num"]) for e in events(c, "QUORUM_REPORT_BAD")]
+    out.append(("burst", io(uri, *["read 1M 512"] * 4)))
+    out.append(("at once", bad()))
+    out.append(("other child", io(uri, "read 2M 512")))
+    out.append(("not held back", bad()))
+    time.sleep(1.5)
+    out.append(("held back one", bad()))
+    time.sleep(1.2)
+    out.append(("nothing more", bad()))
+    out.append(("a second later", io(uri, "read 1M 512")))
+    out.append(("at once again", bad()))
+    c.close()
+    d.stop()
+    return out
+
+
+def test_report_bad_is_rate_limited_as_qsd(both):
+    q, f = both()
+    assert_same_transcript(rate_limit(q), rate_limit(f))

@@ -479,3 +479,50 @@ def test_commit_copies_what_the_images_hold_not_a_filter_over_the_base(both):
         seen.append(out)
     assert_same_runs(seen)
     assert all(x is True for x in seen[1][-3:]) and seen[1][1] is True
+
+
+def committed_overlay(d):
+    """An overlay that blockdev-snapshot-sync made (the daemon's, not the user's) takes
+    writes through an export, then an active commit folds it into its base: once the job is
+    done the overlay goes, written back first, so its file is a sound image that holds what
+    was written (qemu-img check, read), as QEMU leaves it."""
+    w = d.workdir
+    layer(w / "base.qcow2", "4M")
+    q = d.connect()
+    assert q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                                  "file": {"driver": "file",
+                                           "filename": str(w / "base.qcow2")}}) \
+        == {"return": {}}
+    # The export's user keeps the overlay (a node without users would not).
+    uri = export(q, d, "base", "e", True)
+    assert q.cmd("blockdev-snapshot-sync", {"node-name": "base", "snapshot-node-name": "top",
+                                            "snapshot-file": str(w / "top.qcow2"),
+                                            "format": "qcow2"}) == {"return": {}}
+    # Without a flush (libnbd sends none unless asked): the overlay's new clusters stay in
+    # its caches. The system's Python has libnbd's module.
+    run("/usr/bin/python3", "-c",
+        "import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); "
+        "h.pwrite(b'\\x33' * (1 << 20), 64 * 1024); h.pwrite(b'\\x44' * 65536, 2 << 20); "
+        "h.shutdown()", uri)
+    assert q.cmd("block-commit", {"job-id": "c", "device": "top"}) == {"return": {}}
+    q.wait_event("BLOCK_JOB_READY")
+    assert q.cmd("block-job-complete", {"device": "c"}) == {"return": {}}
+    q.wait_event("BLOCK_JOB_COMPLETED")
+    wait_job_gone(q, "c")
+    assert q.cmd("block-export-del", {"id": "e"}) == {"return": {}}
+    q.wait_event("BLOCK_EXPORT_DELETED")
+    nodes = sorted(n["node-name"] for n in q.cmd("query-named-block-nodes")["return"]
+                   if not n["node-name"].startswith("#"))
+    check = run("qemu-img", "check", "-U", str(w / "top.qcow2"))
+    data = run("qemu-io", "-U", "-f", "qcow2", "-r", "-c", "read -P 0x33 64k 1M",
+               "-c", "read -P 0x44 2M 64k", str(w / "top.qcow2"))
+    q.close()
+    verdict = [ln for ln in check.stdout.splitlines() if re.search(r"error|leak|corrupt", ln)]
+    return nodes, check.returncode, verdict, "failed" in data.stdout
+
+
+def test_an_overlay_the_daemon_made_is_written_back_when_a_commit_drops_it(both):
+    q, f = both()
+    expected = committed_overlay(q)
+    assert expected[1:] == (0, ["No errors were found on the image."], False)
+    assert committed_overlay(f) == expected

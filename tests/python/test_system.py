@@ -437,6 +437,21 @@ def test_drive_io_limits_hold_requests_as_qemus_do(tmp_path):
         assert abs(e - g) < 0.1, (expected, got)
 
 
+def qtest_channel(path):
+    """A connection to a qtest socket: a function that sends a line and returns the
+    answer, and the file and socket under it."""
+    import socket
+    qt = socket.socket(socket.AF_UNIX)
+    qt.connect(path)
+    qtf = qt.makefile("rw")
+
+    def qtest(line):
+        qtf.write(line + "\n")
+        qtf.flush()
+        return qtf.readline().strip()
+    return qtest, qtf, qt
+
+
 def test_qtest_clock_drives_throttled_requests(tmp_path):
     """Under -accel qtest throttled requests wait on the virtual clock, as in QEMU: nothing
     held moves while the test does not step the clock, and a step of N seconds lets N
@@ -450,15 +465,7 @@ def test_qtest_clock_drives_throttled_requests(tmp_path):
                   "throttling.bps-total=40960",
     ])
     try:
-        import socket
-        qt = socket.socket(socket.AF_UNIX)
-        qt.connect(qtest_sock)
-        qtf = qt.makefile("rw")
-
-        def qtest(line):
-            qtf.write(line + "\n")
-            qtf.flush()
-            return qtf.readline().strip()
+        qtest, qtf, qt = qtest_channel(qtest_sock)
 
         def read_bytes():
             stats = m.qmp.cmd("query-blockstats")["return"]
@@ -813,3 +820,203 @@ def test_quit_on_a_stdio_monitor_exits_at_once(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+BLKDEBUG_ERRORS = """
+[inject-error]
+event = "read_aio"
+errno = "5"
+sector = "64"
+
+[inject-error]
+event = "write_aio"
+errno = "5"
+sector = "64"
+"""
+
+STATS_IO = ["aio_read 0 512", "aio_write 0 4096", "aio_read -i 0 512", "aio_write -i 0 512",
+            "aio_read 32768 512", "aio_write 32768 512", "aio_flush"]
+
+
+def stats_machine(binary, accel, workdir, extra_opts="", qtest_sock=None):
+    conf = workdir / "blkdebug.conf"
+    conf.write_text(BLKDEBUG_ERRORS)
+    qtest = ["-chardev", f"socket,id=qt,path={qtest_sock},server=on,wait=off",
+             "-qtest", "chardev:qt"] if qtest_sock else []
+    return Machine(binary, accel, workdir, qtest + [
+        "-drive", f"if=none,id=drive0,file=blkdebug:{conf}:null-co://,format=raw,"
+                  "file.image.read-zeroes=on,stats-intervals.0=10,stats-intervals.1=60"
+                  + extra_opts])
+
+
+def drive_stats(m):
+    return next(s["stats"] for s in m.qmp.cmd("query-blockstats")["return"]
+                if s["device"] == "drive0")
+
+
+def stats_transcript(binary, accel, workdir):
+    """What query-blockstats shows after reads, writes, invalid and failed requests and a
+    flush through a drive with two stats intervals; times by whether they are 0."""
+    out = []
+    for opts in (",stats-account-invalid=on,stats-account-failed=off",
+                 ",stats-account-invalid=off,stats-account-failed=on"):
+        d = workdir / str(len(out))
+        d.mkdir()
+        m = stats_machine(binary, accel, d, opts)
+        try:
+            out.append(("idle", "idle_time_ns" in drive_stats(m)))
+            for op in STATS_IO:
+                m.qmp.cmd("human-monitor-command",
+                          {"command-line": f'qemu-io drive0 "{op}"'})
+            stats = drive_stats(m)
+            out.append(sorted((k, v if not re.search(r"time_ns|latency|depth", k) else v > 0)
+                              for k, v in stats.items() if k != "timed_stats"))
+            out.append([sorted((k, v if k == "interval_length" else v > 0)
+                               for k, v in t.items()) for t in stats["timed_stats"]])
+        finally:
+            m.stop()
+        out.append(("printed", sorted(set(
+            re.sub(r"\d+ ops; .*", "", m.stdout.read_text()).splitlines()))))
+    for bad in ("0", "x", "4294967296"):
+        r = subprocess.run([binary, "-nodefaults", "-display", "none", "-accel", accel, "-S",
+                            "-drive", f"if=none,id=d,driver=null-co,stats-intervals.0={bad}"],
+                           capture_output=True, text=True, timeout=20)
+        out.append((bad, r.returncode, re.sub(r"^[^:]*: -drive [^:]*: ", "", r.stderr)))
+    return out
+
+
+def test_blockstats_match_qemu_system(tmp_path):
+    """query-blockstats of a drive as qemu-system's: counts and bytes of reads, writes and
+    flushes, invalid ones (qemu-io's -i) and failed ones (blkdebug), what
+    stats-account-invalid and -failed leave out of the times, wr_highest_offset (failed
+    writes count there too), the intervals of stats-intervals and their refusals."""
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = stats_transcript(QEMU, "tcg", tmp_path / "q")
+    got = stats_transcript(SYSTEM, "tcg", tmp_path / "f")
+    assert got == expected
+
+
+def test_blockstats_under_qtest_count_a_millisecond_per_request(tmp_path):
+    """Under qtest the figures are exact, as QEMU's are there (iotest 136): every request
+    takes 1 ms and the times run on the virtual clock."""
+    qtest_sock = str(tmp_path / "qtest.sock")
+    m = stats_machine(SYSTEM, "qtest", tmp_path, qtest_sock=qtest_sock)
+    try:
+        qtest = qtest_channel(qtest_sock)[0]
+        assert qtest("clock_step 1000000000") == "OK 1000000000"
+        for op in STATS_IO:
+            m.qmp.cmd("human-monitor-command", {"command-line": f'qemu-io drive0 "{op}"'})
+        assert qtest("clock_step 2000000000") == "OK 3000000000"
+        s = drive_stats(m)
+        # One read and one write done, one of each failed (accounted by default), a flush.
+        assert (s["rd_total_time_ns"], s["wr_total_time_ns"], s["flush_total_time_ns"]) == \
+            (2_000_000, 2_000_000, 1_000_000)
+        assert s["idle_time_ns"] == 2_000_000_000
+        assert s["wr_highest_offset"] == 32768 + 512
+        ten, sixty = s["timed_stats"]
+        assert (ten["interval_length"], sixty["interval_length"]) == (10, 60)
+        for k in ("rd", "wr", "flush"):
+            assert ten[f"min_{k}_latency_ns"] == ten[f"max_{k}_latency_ns"] == \
+                ten[f"avg_{k}_latency_ns"] == 1_000_000
+        assert ten["avg_rd_queue_depth"] > 0
+        # Past both windows of the 10 s interval, it is empty; the 60 s one is not.
+        assert qtest("clock_step 20000000000") == "OK 23000000000"
+        ten, sixty = drive_stats(m)["timed_stats"]
+        assert ten["max_rd_latency_ns"] == 0 and ten["avg_rd_queue_depth"] == 0
+        assert sixty["max_rd_latency_ns"] == 1_000_000
+    finally:
+        m.stop()
+
+
+def nbd_fd_transcript(binary, accel, workdir):
+    """An NBD client on a socket the monitor was handed (`getfd`, server type `fd`): it opens
+    and reads, its file name is a `json:` one, and the name is used up."""
+    import socket
+    img = workdir / "src.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "1M"], check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", str(img)],
+                   check=True, capture_output=True)
+    sock = workdir / "nbd.sock"
+    server = subprocess.Popen(["qemu-nbd", "-t", "-k", str(sock), "-f", "raw", "-x", "img",
+                               str(img)], stderr=subprocess.DEVNULL)
+    m = Machine(binary, accel, workdir, [])
+    out = []
+    try:
+        wait_for(lambda: sock.exists(), what="qemu-nbd socket")
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(str(sock))
+        socket.send_fds(m.qmp.s, [b" "], [conn.fileno()])
+        conn.close()
+        steps = [("getfd", {"fdname": "nbd-conn"})]
+        for name in ("byfd", "again"):
+            steps.append(("blockdev-add", {"driver": "nbd", "node-name": name,
+                                           "export": "img",
+                                           "server": {"type": "fd", "str": "nbd-conn"}}))
+        steps.append(("blockdev-add", {"driver": "nbd", "node-name": "bynumber",
+                                       "server": {"type": "fd", "str": "7"}}))
+        for name, args in steps:
+            out.append((name, m.qmp.cmd(name, args)))
+        nodes = m.qmp.cmd("query-named-block-nodes")["return"]
+        out.append([(n["node-name"], n["image"]["filename"]) for n in nodes])
+        out.append(m.qmp.cmd("human-monitor-command",
+                             {"command-line": 'qemu-io byfd "read -P 0x5a 0 64k"'}))
+        out.append(m.qmp.cmd("blockdev-del", {"node-name": "byfd"}))
+        m.qmp.cmd("quit")
+        m.proc.wait(10)
+    finally:
+        m.stop()
+        server.kill()
+        server.wait()
+    printed = re.sub(r"\d+ ops; .*", "", m.stdout.read_text())
+    return out, printed
+
+
+def test_nbd_client_on_a_passed_socket_matches_qemu_system(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = nbd_fd_transcript(QEMU, "tcg", tmp_path / "q")
+    got = nbd_fd_transcript(SYSTEM, "tcg", tmp_path / "f")
+    assert got == expected
+    assert "read 65536/65536 bytes at offset 0" in got[1]
+
+
+def quit_with_job_transcript(binary, accel, workdir):
+    """`quit` with a running backup that drive-backup started on a drive: the events from
+    the command to the end, as qemu-system sends them (the machine's own drain at shutdown,
+    then the daemon's, each pausing and resuming the job, then the cancel)."""
+    img = workdir / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 8M", str(img)],
+                   check=True, capture_output=True)
+    m = Machine(binary, accel, workdir, ["-drive", f"file={img},if=none,id=disk"])
+    try:
+        r = m.qmp.cmd("drive-backup", {"device": "disk", "target": str(workdir / "copy.qcow2"),
+                                       "format": "qcow2", "sync": "full", "speed": 65536})
+        out = [r]
+        time.sleep(0.5)
+        m.qmp.cmd("quit")
+        m.proc.wait(20)
+        # Everything the monitor sent after the command: QMP events until the socket
+        # closes.
+        while True:
+            try:
+                msg = m.qmp.recv_msgs(1)[0]
+            except Exception:
+                break
+            m.qmp.events.append(msg)
+        for e in m.qmp.events:
+            data = e.get("data", {})
+            out.append((e["event"], data.get("status"), data.get("reason"), data.get("len")))
+    finally:
+        m.stop()
+    return out
+
+
+def test_quit_with_a_running_job_matches_qemu_system(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = quit_with_job_transcript(QEMU, "tcg", tmp_path / "q")
+    got = quit_with_job_transcript(SYSTEM, "tcg", tmp_path / "f")
+    assert got == expected
+    assert [e[1] for e in got[1:]].count("paused") == 3

@@ -20,7 +20,6 @@ use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::{Rc, Weak};
-use std::time::Instant;
 use tokio::sync::Notify;
 
 /// What a request error does to a device (QAPI `BlockdevOnError`).
@@ -432,6 +431,17 @@ impl BlockBackend {
         self.stats.borrow_mut().set_accounting(invalid, failed);
     }
 
+    /// Adds an interval (seconds, not 0) that `query-blockstats` reports figures over (a
+    /// drive's `stats-intervals`).
+    pub fn add_stats_interval(&self, seconds: u32) {
+        self.stats.borrow_mut().add_interval(seconds);
+    }
+
+    /// Counts a request its issuer found invalid before sending it (qemu-io's `-i`).
+    pub fn account_invalid(&self, kind: IoKind) {
+        self.stats.borrow_mut().invalid(kind);
+    }
+
     /// The accounting (`BlockDeviceStats`).
     pub fn stats(&self) -> QDict {
         self.stats.borrow().to_qdict()
@@ -488,7 +498,7 @@ impl BlockBackend {
         Ok(node)
     }
 
-    fn account<T>(&self, kind: IoKind, bytes: u64, started: Instant, r: &io::Result<T>) {
+    fn account<T>(&self, kind: IoKind, bytes: u64, started: u64, r: &io::Result<T>) {
         self.stats
             .borrow_mut()
             .done(kind, bytes, started, r.is_ok());
@@ -512,7 +522,7 @@ impl BlockBackend {
         let _f = self.begin().await;
         let node = self.target(IoKind::Read, offset, len as u64)?;
         self.throttle(Direction::Read, len as u64).await;
-        let started = Instant::now();
+        let started = crate::stats::now_ns();
         let r = node.read(offset, len).await;
         self.account(IoKind::Read, len as u64, started, &r);
         r
@@ -528,7 +538,7 @@ impl BlockBackend {
         let len = dest.len() as u64;
         let node = self.target(IoKind::Read, offset, len)?;
         self.throttle(Direction::Read, len).await;
-        let started = Instant::now();
+        let started = crate::stats::now_ns();
         let r = node.read_into(offset, dest).await;
         self.account(IoKind::Read, len, started, &r);
         r
@@ -563,7 +573,7 @@ impl BlockBackend {
         let len = data.len() as u64;
         let node = self.target(IoKind::Write, offset, len)?;
         self.throttle(Direction::Write, len).await;
-        let started = Instant::now();
+        let started = crate::stats::now_ns();
         let r = node.write(offset, data, flags).await;
         self.account(IoKind::Write, len, started, &r);
         r
@@ -578,7 +588,7 @@ impl BlockBackend {
         let _f = self.begin().await;
         let node = self.target_span(IoKind::Write, offset, len, false)?;
         self.throttle(Direction::Write, len).await;
-        let started = Instant::now();
+        let started = crate::stats::now_ns();
         let r = node.write_zeroes(offset, len, flags).await;
         self.account(IoKind::Write, len, started, &r);
         r
@@ -592,7 +602,7 @@ impl BlockBackend {
         let _f = self.begin().await;
         let len = data.len() as u64;
         let node = self.target(IoKind::Write, offset, len)?;
-        let started = Instant::now();
+        let started = crate::stats::now_ns();
         let r = node.write_compressed(offset, data).await;
         self.account(IoKind::Write, len, started, &r);
         r
@@ -605,7 +615,7 @@ impl BlockBackend {
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let _f = self.begin().await;
         let node = self.target_span(IoKind::Unmap, offset, len, false)?;
-        let started = Instant::now();
+        let started = crate::stats::now_ns();
         let r = node.discard(offset, len).await;
         self.account(IoKind::Unmap, len, started, &r);
         r
@@ -618,7 +628,7 @@ impl BlockBackend {
     pub async fn flush(&self) -> io::Result<()> {
         let _f = self.begin().await;
         let node = self.target(IoKind::Flush, 0, 0)?;
-        let started = Instant::now();
+        let started = crate::stats::now_ns();
         let r = node.flush().await;
         self.account(IoKind::Flush, 0, started, &r);
         r

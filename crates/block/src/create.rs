@@ -47,6 +47,8 @@ pub fn check_amend(graph: &Graph, node: &Node, opts: &Args) -> Result<Rc<dyn Dri
 ///
 /// # Errors
 /// The driver refusing the change.
-pub async fn amend(graph: &Graph, node: &Rc<Node>, opts: &Args) -> Result<()> {
-    check_amend(graph, node, opts)?.amend(node, opts).await
+pub async fn amend(graph: &Graph, node: &Rc<Node>, opts: &Args, force: bool) -> Result<()> {
+    check_amend(graph, node, opts)?
+        .amend(graph, node, opts, force)
+        .await
 }

@@ -12,20 +12,22 @@ use std::rc::Rc;
 /// A boxed future borrowing the driver and its node.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + 'a>>;
 
-/// Checks that each named option in `opts` has the value it had at open (`was`), treating an
-/// absent option as its default; QEMU's text otherwise (`blockdev-reopen`).
+/// Checks that each named option given in `opts` is one the node was opened with (`was`),
+/// with the same value: as QEMU compares the options a driver does not handle on reopen, an
+/// option given now that was not given then has changed, even to its default (one left
+/// out now is the reset check's business, before this).
 ///
 /// # Errors
 /// "Cannot change the option 'x'" for the first that changed.
 pub fn check_unchanged(
     opts: &ferrite_qapi::Args,
     was: &ferrite_qapi::Args,
-    names: &[(&str, ferrite_qobject::QObject)],
+    names: &[&str],
 ) -> crate::Result<()> {
-    for (name, default) in names {
-        let now = opts.get(name).unwrap_or(default);
-        let before = was.get(name).unwrap_or(default);
-        if now != before {
+    for name in names {
+        if let Some(now) = opts.get(name)
+            && was.get(name) != Some(now)
+        {
             return Err(crate::Error::CannotChange((*name).to_owned()));
         }
     }
@@ -199,6 +201,19 @@ pub trait Driver: std::any::Any {
     /// Makes completed writes durable.
     fn flush<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()>;
 
+    /// The driver as its own type, for its factory's operations on an open node
+    /// (`x-blockdev-amend`); `None` where the factory needs no such access.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
+    /// Whether every flush reaches the driver, even with nothing written since the last
+    /// one: its flush hands the data on to another party (QEMU's `flush_to_os`, an NBD
+    /// server's), which may hold writes of others.
+    fn flushes_every_time(&self) -> bool {
+        false
+    }
+
     /// The extent at `offset`, at most `len` long.
     fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent>;
 
@@ -297,6 +312,13 @@ pub trait Driver: std::any::Any {
     /// # Errors
     /// The first option that cannot change.
     fn reopen_check(&self, node: &Node, opts: &ferrite_qapi::Args) -> crate::Result<()>;
+
+    /// The options a `blockdev-reopen` may leave out to reset them to their defaults
+    /// (QEMU's `mutable_opts`, flat names: `overlap-check.template`); any other option the
+    /// node was opened with must be given again.
+    fn mutable_options(&self) -> &'static [&'static str] {
+        &[]
+    }
 
     /// `blockdev-reopen`: applies options already checked, and the new read-only state.
     ///

@@ -98,6 +98,9 @@ pub enum Error {
     /// A reopen that changes what cannot change.
     #[error("Cannot change the option '{0}'")]
     CannotChange(String),
+    /// A reopen that leaves out an option that has no default to go back to.
+    #[error("Option '{0}' cannot be reset to its default value")]
+    CannotReset(String),
     /// Two users of a node that cannot both have what they take.
     #[error(
         "Permission conflict on node '{node}': permissions '{perms}' are both required by {user} and unshared by {other}."

@@ -282,6 +282,12 @@ impl Node {
         n
     }
 
+    /// The driver as its own type, where the driver shows it ([`Driver::as_any`]): its
+    /// factory's operations on an open node (`x-blockdev-amend`).
+    pub fn driver_as<T: 'static>(&self) -> Option<&T> {
+        self.driver.as_any()?.downcast_ref()
+    }
+
     /// The driver instance (for queries and for drivers that look at their children's).
     pub fn driver(&self) -> &dyn Driver {
         self.driver.as_ref()

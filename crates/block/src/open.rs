@@ -16,7 +16,7 @@ use ferrite_qobject::{QDict, QObject};
 use std::rc::{Rc, Weak};
 
 /// The longest node QEMU has: `INT64_MAX` rounded down to its largest alignment (1 GiB).
-const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+pub const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 
 /// The parent of a child edge while its node is being opened: the driver reads the child
 /// through the edge before the node exists; the edge then moves to the node.

@@ -60,11 +60,18 @@ pub trait DriverFactory {
         false
     }
 
-    /// Changes an open image's options (`x-blockdev-amend`).
+    /// Changes an open image's options (`x-blockdev-amend`); `force` lets through what
+    /// QEMU refuses without it (overwriting or erasing the last key slot).
     ///
     /// # Errors
     /// QEMU's texts for changes the driver refuses.
-    fn amend<'a>(&'a self, _node: &'a Rc<Node>, _opts: &'a Args) -> LocalFut<'a, ()> {
+    fn amend<'a>(
+        &'a self,
+        _graph: &'a Graph,
+        _node: &'a Rc<Node>,
+        _opts: &'a Args,
+        _force: bool,
+    ) -> LocalFut<'a, ()> {
         Box::pin(async { Err(Error::CannotAmend) })
     }
 

@@ -144,9 +144,8 @@ impl Node {
         let r = self.driver.write(self, offset, data, flags).await;
         self.debug_event("pwritev_done").await;
         self.changed();
-        if r.is_ok() {
-            self.wrote(offset, len);
-        }
+        // Failed or not, as QEMU's: a failed write may have changed some of the range.
+        self.wrote(offset, len);
         r
     }
 
@@ -180,9 +179,8 @@ impl Node {
         let r = self.driver.write_zeroes(self, offset, len, flags).await;
         self.debug_event("pwritev_done").await;
         self.changed();
-        if r.is_ok() {
-            self.wrote(offset, len);
-        }
+        // Failed or not, as QEMU's: a failed write may have changed some of the range.
+        self.wrote(offset, len);
         r
     }
 
@@ -197,9 +195,8 @@ impl Node {
         let _f = InFlight::begin(self);
         let r = self.driver.write_compressed(self, offset, data).await;
         self.changed();
-        if r.is_ok() {
-            self.wrote(offset, len);
-        }
+        // Failed or not, as QEMU's: a failed write may have changed some of the range.
+        self.wrote(offset, len);
         r
     }
 
@@ -279,7 +276,10 @@ impl Node {
         // A protocol node that nothing changed since its last flush has nothing to make
         // durable (QEMU skips the disk flush the same way).
         let generation = self.write_gen.get();
-        if self.flushed_gen.get() == generation && self.children().is_empty() {
+        if self.flushed_gen.get() == generation
+            && self.children().is_empty()
+            && !self.driver.flushes_every_time()
+        {
             return Ok(());
         }
         if let Some(p) = &primary

@@ -197,7 +197,8 @@ async fn drain_named(graph: &Graph, actions: &[(String, Args)]) -> Vec<Drained> 
     }
     let mut held = Vec::new();
     for n in names {
-        if let Some(node) = graph.find(&n) {
+        // A drive's name or a node's, as the actions look them up.
+        if let Ok(node) = graph.lookup(&n) {
             held.push(graph.drain(&node).await);
         }
     }

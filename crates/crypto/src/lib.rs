@@ -8,14 +8,17 @@
 //!
 //! - `luks.rs`: the header, unlocking a key slot, the master key check;
 //! - `af.rs`: the anti-forensic merge;
+//! - `amend.rs`: key slots added and erased (`x-blockdev-amend`);
 //! - `cipher.rs`: the sector cipher (AES in XTS mode with `plain64` or `plain` IVs);
 //! - `hash.rs`: the hash algorithms a header may name.
 
 mod af;
+mod amend;
 mod cipher;
 mod hash;
 mod luks;
 
+pub use amend::{Secret, SlotChange, Writes, amend_key_slots};
 pub use cipher::{SECTOR, SectorCipher};
 pub use luks::{CreateOptions, HEADER_LEN, Header, KeySlot, LuksVolume, NewVolume};
 
@@ -34,6 +37,9 @@ pub enum Error {
     /// A header field out of range.
     #[error("LUKS header is damaged: {0}")]
     Damaged(String),
+    /// A key slot change refused (`x-blockdev-amend`), in QEMU's words.
+    #[error("{0}")]
+    Refused(String),
     /// No key slot opens with the password.
     #[error("Invalid password, cannot unlock any keyslot")]
     InvalidPassword,

@@ -9,7 +9,7 @@ use ferrite_qobject::{QDict, QObject};
 const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 /// Bytes of the header proper.
 pub const HEADER_LEN: usize = 592;
-const SLOTS: usize = 8;
+pub(crate) const SLOTS: usize = 8;
 const SLOT_ACTIVE: u32 = 0x00AC_71F3;
 const SLOT_INACTIVE: u32 = 0x0000_DEAD;
 const DIGEST_LEN: usize = 20;
@@ -118,7 +118,12 @@ impl Header {
 
     /// What queries say of the volume (QEMU's `QCryptoBlockInfoLUKS`).
     pub fn info(&self) -> QDict {
-        let bits = self.key_bytes * 8 / 2;
+        // XTS keys are two AES keys.
+        let bits = if self.mode.starts_with("xts") {
+            self.key_bytes * 8 / 2
+        } else {
+            self.key_bytes * 8
+        };
         let slots: Vec<QObject> = self
             .slots
             .iter()
@@ -138,9 +143,15 @@ impl Header {
             .mode
             .split_once('-')
             .unwrap_or((self.mode.as_str(), ""));
-        QDict::new()
-            .with("ivgen-alg", ivgen)
-            .with("detached-header", false)
+        let mut d = QDict::new();
+        match ivgen.split_once(':') {
+            Some((alg, hash)) => {
+                d.insert("ivgen-alg", alg);
+                d.insert("ivgen-hash-alg", hash);
+            }
+            None => d.insert("ivgen-alg", ivgen),
+        }
+        d.with("detached-header", false)
             .with("hash-alg", self.hash.as_str())
             .with("cipher-alg", format!("{}-{bits}", self.cipher))
             .with("uuid", self.uuid.as_str())
@@ -148,6 +159,68 @@ impl Header {
             .with("slots", slots)
             .with("payload-offset", self.payload_offset)
             .with("master-key-iters", u64::from(self.mk_iterations))
+    }
+
+    /// The master key, from the first active slot `password` opens.
+    ///
+    /// # Errors
+    /// No slot opens; an unsupported hash.
+    pub(crate) fn master_key(&self, area: &[u8], password: &[u8]) -> Result<Vec<u8>, Error> {
+        let hash = Hash::parse(&self.hash)?;
+        self.slots
+            .iter()
+            .filter(|s| s.active)
+            .find_map(|s| self.try_slot(hash, area, s, password))
+            .ok_or(Error::InvalidPassword)
+    }
+
+    /// Whether slot `slot` is active and `password` opens it.
+    pub(crate) fn slot_opens(&self, area: &[u8], slot: usize, password: &[u8]) -> bool {
+        let Ok(hash) = Hash::parse(&self.hash) else {
+            return false;
+        };
+        self.slots
+            .get(slot)
+            .filter(|s| s.active)
+            .is_some_and(|s| self.try_slot(hash, area, s, password).is_some())
+    }
+
+    /// Marks slot `slot` unused in the header bytes `head` (its salt and count zeroed).
+    pub(crate) fn clear_slot(&self, head: &mut [u8], slot: usize) {
+        let s = 208 + slot * 48;
+        put(head, s, &SLOT_INACTIVE.to_be_bytes());
+        put(head, s + 4, &0u32.to_be_bytes());
+        put(head, s + 8, &[0u8; 32]);
+    }
+
+    /// The writes that put `master` in slot `slot` under `password`: its key material, then
+    /// the header naming it (QEMU's `qcrypto_block_luks_store_key`), with PBKDF2 iterations
+    /// for about `iter_time` milliseconds.
+    ///
+    /// # Errors
+    /// An unsupported hash or cipher; no random numbers.
+    pub(crate) fn store_key(
+        &self,
+        area: &[u8],
+        slot: usize,
+        password: &[u8],
+        master: &[u8],
+        iter_time: u64,
+    ) -> Result<crate::amend::Writes, Error> {
+        let sealed = SealedSlot::new(
+            Hash::parse(&self.hash)?,
+            &self.mode,
+            master,
+            password,
+            iter_time,
+        )?;
+        let mut head = area[..HEADER_LEN].to_vec();
+        sealed.activate(&mut head, slot);
+        put(&mut head, 208 + slot * 48 + 44, &STRIPES.to_be_bytes());
+        Ok(vec![
+            (self.slots[slot].key_offset, sealed.material),
+            (0, head),
+        ])
     }
 
     /// Bytes of a slot's key material.
@@ -181,13 +254,27 @@ impl Header {
 /// An unlocked volume: its header and the cipher of its data.
 #[derive(Debug)]
 pub struct LuksVolume {
-    /// The header.
-    pub header: Header,
+    /// The header, as the key slots are now (`x-blockdev-amend` changes them).
+    header: std::cell::RefCell<Header>,
     /// The data's cipher, sector 0 the first of the payload.
     pub cipher: SectorCipher,
 }
 
 impl LuksVolume {
+    /// The header.
+    pub fn header(&self) -> std::cell::Ref<'_, Header> {
+        self.header.borrow()
+    }
+
+    /// Takes the header again from the area after a change of its key slots.
+    ///
+    /// # Errors
+    /// As [`Header::parse`].
+    pub fn reread_header(&self, area: &[u8]) -> Result<(), Error> {
+        *self.header.borrow_mut() = Header::parse(area)?;
+        Ok(())
+    }
+
     /// Unlocks the volume whose first `payload_offset` bytes are `area` (header and key
     /// material) with `password`, trying the active slots in order. Deriving keys takes as
     /// long as the volume's iteration counts say (a second or more): call it off the main
@@ -203,7 +290,10 @@ impl LuksVolume {
         for slot in header.slots.iter().filter(|s| s.active) {
             if let Some(master) = header.try_slot(hash, area, slot, password) {
                 let cipher = SectorCipher::new(&header.cipher, &header.mode, &master)?;
-                return Ok(LuksVolume { header, cipher });
+                return Ok(LuksVolume {
+                    header: std::cell::RefCell::new(header),
+                    cipher,
+                });
             }
         }
         Err(Error::InvalidPassword)
@@ -217,12 +307,30 @@ pub struct CreateOptions {
     pub cipher_alg: String,
     /// `xts`.
     pub cipher_mode: String,
-    /// `plain64` or `plain`.
+    /// `plain64`, `plain` or `essiv`.
     pub ivgen_alg: String,
+    /// The hash of `essiv` (`sha256`).
+    pub ivgen_hash_alg: String,
     /// `sha1`, `sha256` or `sha512`.
     pub hash_alg: String,
     /// Milliseconds of PBKDF2 a key check should take.
     pub iter_time: u64,
+}
+
+impl CreateOptions {
+    /// The options QAPI's `QCryptoBlockCreateOptionsLUKS` names (`cipher-alg`, ...), each
+    /// from `opt` where given, else the default.
+    pub fn from_options(opt: impl Fn(&str) -> Option<String>, iter_time: Option<u64>) -> Self {
+        let d = CreateOptions::default();
+        CreateOptions {
+            cipher_alg: opt("cipher-alg").unwrap_or(d.cipher_alg),
+            cipher_mode: opt("cipher-mode").unwrap_or(d.cipher_mode),
+            ivgen_alg: opt("ivgen-alg").unwrap_or(d.ivgen_alg),
+            ivgen_hash_alg: opt("ivgen-hash-alg").unwrap_or(d.ivgen_hash_alg),
+            hash_alg: opt("hash-alg").unwrap_or(d.hash_alg),
+            iter_time: iter_time.unwrap_or(d.iter_time),
+        }
+    }
 }
 
 impl Default for CreateOptions {
@@ -231,6 +339,7 @@ impl Default for CreateOptions {
             cipher_alg: "aes-256".into(),
             cipher_mode: "xts".into(),
             ivgen_alg: "plain64".into(),
+            ivgen_hash_alg: "sha256".into(),
             hash_alg: "sha256".into(),
             iter_time: 2000,
         }
@@ -254,7 +363,7 @@ const MIN_ITERATIONS: u64 = 1000;
 const ALIGN: u64 = 4096;
 
 /// Bytes from the kernel's random source.
-fn random(n: usize) -> Result<Vec<u8>, Error> {
+pub(crate) fn random(n: usize) -> Result<Vec<u8>, Error> {
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {
@@ -289,6 +398,51 @@ fn iterations_for(hash: Hash, key_len: usize, ms: u64) -> u64 {
     }
 }
 
+/// A key slot's contents: the master key split and encrypted with a key PBKDF2 derives from
+/// the password (QEMU's `qcrypto_block_luks_store_key`).
+struct SealedSlot {
+    iterations: u32,
+    salt: Vec<u8>,
+    /// The encrypted key material, whole sectors.
+    material: Vec<u8>,
+}
+
+impl SealedSlot {
+    /// Seals `master` under `password` for a volume whose data is AES in `mode`, with
+    /// PBKDF2 iterations for about `iter_time` milliseconds.
+    fn new(
+        hash: Hash,
+        mode: &str,
+        master: &[u8],
+        password: &[u8],
+        iter_time: u64,
+    ) -> Result<SealedSlot, Error> {
+        let key_bytes = master.len();
+        let iterations = iterations_for(hash, key_bytes, iter_time)
+            .clamp(MIN_ITERATIONS, u64::from(u32::MAX)) as u32;
+        let salt = random(32)?;
+        let mut slot_key = vec![0u8; key_bytes];
+        hash.pbkdf2(password, &salt, iterations, &mut slot_key);
+        let noise = random(key_bytes * (STRIPES as usize - 1))?;
+        let mut material = af::split(hash, master, STRIPES as usize, &noise);
+        material.resize(material.len().next_multiple_of(SECTOR), 0);
+        SectorCipher::new("aes", mode, &slot_key)?.encrypt(&mut material, 0);
+        Ok(SealedSlot {
+            iterations,
+            salt,
+            material,
+        })
+    }
+
+    /// Marks slot `slot` active with this slot's count and salt in the header bytes `head`.
+    fn activate(&self, head: &mut [u8], slot: usize) {
+        let s = 208 + slot * 48;
+        put(head, s, &SLOT_ACTIVE.to_be_bytes());
+        put(head, s + 4, &self.iterations.to_be_bytes());
+        put(head, s + 8, &self.salt);
+    }
+}
+
 fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
     buf[at..at + bytes.len()].copy_from_slice(bytes);
 }
@@ -301,23 +455,36 @@ impl LuksVolume {
     /// # Errors
     /// Options ferrite does not support.
     pub fn create(password: &[u8], o: &CreateOptions) -> Result<NewVolume, Error> {
-        let key_bytes = match o.cipher_alg.as_str() {
-            "aes-128" => 32,
-            "aes-256" => 64,
+        let aes_key = match o.cipher_alg.as_str() {
+            "aes-128" => 16,
+            "aes-256" => 32,
             other => {
                 return Err(Error::Unsupported(format!(
                     "Cipher algorithm '{other}' is not supported by ferrite for LUKS"
                 )));
             }
         };
-        if o.cipher_mode != "xts" || !matches!(o.ivgen_alg.as_str(), "plain64" | "plain") {
-            return Err(Error::Unsupported(format!(
-                "Cipher mode '{}' with IV generator '{}' is not supported by ferrite for LUKS",
-                o.cipher_mode, o.ivgen_alg
-            )));
-        }
+        // XTS takes two keys.
+        let key_bytes = if o.cipher_mode == "xts" {
+            2 * aes_key
+        } else {
+            aes_key
+        };
+        let ivgen = match o.ivgen_alg.as_str() {
+            "essiv" => format!("essiv:{}", o.ivgen_hash_alg),
+            other => other.to_owned(),
+        };
+        let mode = format!("{}-{ivgen}", o.cipher_mode);
         let hash = Hash::parse(&o.hash_alg)?;
-        let mode = format!("xts-{}", o.ivgen_alg);
+        let unsupported = Error::Unsupported(format!(
+            "Cipher mode '{}' with IV generator '{}' is not supported by ferrite for LUKS",
+            o.cipher_mode, o.ivgen_alg
+        ));
+        if !matches!(o.cipher_mode.as_str(), "xts" | "cbc") {
+            return Err(unsupported);
+        }
+        // The sector cipher says whether it takes the mode (an ESSIV hash it has not).
+        SectorCipher::new("aes", &mode, &vec![0u8; key_bytes]).map_err(|_| unsupported)?;
         let master = random(key_bytes)?;
         let mk_salt = random(32)?;
         let per_iter_time = iterations_for(hash, DIGEST_LEN, o.iter_time);
@@ -331,15 +498,7 @@ impl LuksVolume {
         let payload_offset = first_slot + 8 * slot_span;
 
         // Slot 0: the master key split, encrypted with a key from the password.
-        let slot_iterations = iterations_for(hash, key_bytes, o.iter_time)
-            .clamp(MIN_ITERATIONS, u64::from(u32::MAX)) as u32;
-        let slot_salt = random(32)?;
-        let mut slot_key = vec![0u8; key_bytes];
-        hash.pbkdf2(password, &slot_salt, slot_iterations, &mut slot_key);
-        let split_random = random(key_bytes * (STRIPES as usize - 1))?;
-        let mut material = af::split(hash, &master, STRIPES as usize, &split_random);
-        material.resize((material_len as usize).next_multiple_of(SECTOR), 0);
-        SectorCipher::new("aes", &mode, &slot_key)?.encrypt(&mut material, 0);
+        let slot0 = SealedSlot::new(hash, &mode, &master, password, o.iter_time)?;
 
         let mut h = vec![0u8; HEADER_LEN];
         put(&mut h, 0, MAGIC);
@@ -379,9 +538,7 @@ impl LuksVolume {
             let s = 208 + i as usize * 48;
             let offset = first_slot + i * slot_span;
             if i == 0 {
-                put(&mut h, s, &SLOT_ACTIVE.to_be_bytes());
-                put(&mut h, s + 4, &slot_iterations.to_be_bytes());
-                put(&mut h, s + 8, &slot_salt);
+                slot0.activate(&mut h, 0);
             } else {
                 put(&mut h, s, &SLOT_INACTIVE.to_be_bytes());
             }
@@ -394,7 +551,7 @@ impl LuksVolume {
         }
         Ok(NewVolume {
             header: h,
-            material: (first_slot, material),
+            material: (first_slot, slot0.material),
             payload_offset,
         })
     }
@@ -416,8 +573,8 @@ mod tests {
         let (at, m) = &v.material;
         area[*at as usize..*at as usize + m.len()].copy_from_slice(m);
         let vol = LuksVolume::unlock(&area, b"secret").expect("unlock");
-        assert_eq!(vol.header.payload_offset, 2068480);
-        assert_eq!(vol.header.slots[1].key_offset, 262144);
+        assert_eq!(vol.header().payload_offset, 2068480);
+        assert_eq!(vol.header().slots[1].key_offset, 262144);
         assert!(matches!(
             LuksVolume::unlock(&area, b"wrong"),
             Err(Error::InvalidPassword)

@@ -125,8 +125,10 @@ impl DriverFactory for FileFactory {
 /// QEMU's texts for a bad size or preallocation mode and for the file system failing.
 pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
     let path = opts.str("filename")?.to_owned();
-    let size = opts.i64("size")?;
-    let size = u64::try_from(size).map_err(|_| Error::InvalidFileSize)?;
+    let size = opts.u64("size")?;
+    if i64::try_from(size).is_err() {
+        return Err(Error::InvalidFileSize.into());
+    }
     let prealloc = opts.opt_str("preallocation").unwrap_or("off").to_owned();
     if !matches!(prealloc.as_str(), "off" | "falloc" | "full") {
         return Err(Error::UnsupportedPreallocation(prealloc).into());
@@ -151,7 +153,8 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
         }
         f.set_len(0).map_err(Error::ResizeFile)?;
         match prealloc.as_str() {
-            "falloc" => {
+            // Nothing to allocate in an empty file (fallocate refuses a length of 0).
+            "falloc" if size > 0 => {
                 use std::os::fd::AsRawFd;
                 // SAFETY: fallocate on a file descriptor we own, with no pointers involved.
                 let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
@@ -662,17 +665,15 @@ impl Driver for FileDriver {
         Ok(())
     }
 
+    fn mutable_options(&self) -> &'static [&'static str] {
+        &["x-check-cache-dropped"]
+    }
+
     fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
-        use ferrite_qobject::QObject;
         ferrite_block::driver::check_unchanged(
             opts,
             &Args::new(node.options()),
-            &[
-                ("filename", QObject::Null),
-                ("locking", QObject::from("auto")),
-                ("aio", QObject::from("threads")),
-                ("pr-manager", QObject::Null),
-            ],
+            &["filename", "locking", "aio", "pr-manager"],
         )
     }
 

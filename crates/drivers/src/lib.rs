@@ -17,6 +17,7 @@ mod error;
 mod file;
 mod lock;
 mod luks;
+pub use luks::amend_key_slots;
 mod null;
 mod preallocate;
 mod quorum;

@@ -5,6 +5,7 @@
 
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::region::RewriteError;
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{
     BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx, Perm,
@@ -40,6 +41,36 @@ impl DriverFactory for LuksFactory {
 
     fn create<'a>(&'a self, graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
         Box::pin(create(graph, opts))
+    }
+
+    fn can_amend(&self) -> bool {
+        true
+    }
+
+    fn amend<'a>(
+        &'a self,
+        graph: &'a Graph,
+        node: &'a Rc<Node>,
+        opts: &'a Args,
+        force: bool,
+    ) -> LocalFut<'a, ()> {
+        Box::pin(async move {
+            let luks = node
+                .driver_as::<Luks>()
+                .ok_or(ferrite_block::Error::CannotAmend)?;
+            let area_len = luks.payload as usize;
+            amend_key_slots(
+                graph,
+                &luks.file,
+                0,
+                area_len,
+                &luks.volume,
+                opts,
+                &luks.key_secret,
+                force,
+            )
+            .await
+        })
     }
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
@@ -78,8 +109,9 @@ impl DriverFactory for LuksFactory {
                 .await
                 .map_err(|_| generic("unlocking the LUKS volume failed"))?
                 .map_err(|e| generic(e.to_string()))?;
+            let payload = volume.header().payload_offset;
             Ok(Box::new(Luks {
-                payload: volume.header.payload_offset,
+                payload,
                 volume,
                 file,
                 key_secret: secret_id.to_owned(),
@@ -102,20 +134,10 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
         return Err(generic("Parameter 'key-secret' is required for cipher"));
     };
     let password = graph.secrets().get(secret_id)?;
-    let d = CreateOptions::default();
-    let o = CreateOptions {
-        cipher_alg: opts
-            .opt_str("cipher-alg")
-            .unwrap_or(&d.cipher_alg)
-            .to_owned(),
-        cipher_mode: opts
-            .opt_str("cipher-mode")
-            .unwrap_or(&d.cipher_mode)
-            .to_owned(),
-        ivgen_alg: opts.opt_str("ivgen-alg").unwrap_or(&d.ivgen_alg).to_owned(),
-        hash_alg: opts.opt_str("hash-alg").unwrap_or(&d.hash_alg).to_owned(),
-        iter_time: opts.opt_u64("iter-time").unwrap_or(d.iter_time),
-    };
+    let o = CreateOptions::from_options(
+        |k| opts.opt_str(k).map(str::to_owned),
+        opts.opt_u64("iter-time"),
+    );
     let file = match opts.get("file") {
         Some(QObject::String(name)) => graph.lookup(name)?,
         Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
@@ -142,6 +164,50 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
     hold.flush().await.map_err(io)?;
     hold.remove();
     Ok(())
+}
+
+/// Changes the key slots of the volume whose header area is `len` bytes at `base` in `file`
+/// (`x-blockdev-amend`; `opts`: `QCryptoBlockAmendOptionsLUKS`), keeping `volume`'s header
+/// up to date. Encrypted qcow2 images (their area inside the image) use it too.
+///
+/// # Errors
+/// QEMU's refusals; the file failing.
+#[allow(clippy::too_many_arguments)]
+pub async fn amend_key_slots(
+    graph: &Graph,
+    file: &Child,
+    base: u64,
+    len: usize,
+    volume: &LuksVolume,
+    opts: &Args,
+    opened_with: &str,
+    force: bool,
+) -> ferrite_block::Result<()> {
+    let change = ferrite_crypto::SlotChange::from_options(
+        |k| opts.opt_str(k).map(str::to_owned),
+        |k| opts.opt_i64(k),
+        |id| {
+            graph
+                .secrets()
+                .get(id)
+                .map_err(|e| ferrite_qapi::Error::from(e).desc)
+        },
+        Some(opened_with),
+    );
+    let area = ferrite_block::region::rewrite_region(file, base, len, move |area| {
+        ferrite_crypto::amend_key_slots(area, &change, force).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| match e {
+        RewriteError::Io(e) => generic(format!(
+            "Could not read encryption header: {}",
+            ferrite_qapi::os_msg(&e)
+        )),
+        RewriteError::Refused(text) => generic(text),
+    })?;
+    volume
+        .reread_header(&area)
+        .map_err(|e| generic(e.to_string()))
 }
 
 struct Luks {
@@ -197,6 +263,10 @@ impl Luks {
 
 impl Driver for Luks {
     ferrite_block::forward_to_child!(self.file; flush);
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 
     fn format_name(&self) -> &'static str {
         "luks"
@@ -271,7 +341,7 @@ impl Driver for Luks {
         Some(
             QDict::new()
                 .with("type", "luks")
-                .with("data", self.volume.header.info()),
+                .with("data", self.volume.header().info()),
         )
     }
 
@@ -280,10 +350,6 @@ impl Driver for Luks {
     }
 
     fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
-        ferrite_block::driver::check_unchanged(
-            opts,
-            &Args::new(node.options()),
-            &[("key-secret", QObject::Null)],
-        )
+        ferrite_block::driver::check_unchanged(opts, &Args::new(node.options()), &["key-secret"])
     }
 }

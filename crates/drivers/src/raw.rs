@@ -183,6 +183,10 @@ impl Driver for RawDriver {
         }
     }
 
+    fn mutable_options(&self) -> &'static [&'static str] {
+        &["offset", "size"]
+    }
+
     fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
         // The child stays the same node; a different one is not supported yet.
         let same_child = match (opts.get("file"), node.child("file")) {

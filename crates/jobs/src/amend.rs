@@ -17,6 +17,7 @@ pub fn qmp_x_blockdev_amend(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &Arg
         .dict("options")
         .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'options' is missing"))?;
     ferrite_block::create::check_amend(graph, &node, &options)?;
+    let force = args.bool_or("force", false);
     jobs.check_id(&id)?;
     let graph = graph.clone();
     crate::single_step::start(
@@ -26,7 +27,7 @@ pub fn qmp_x_blockdev_amend(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &Arg
         Box::pin(async move {
             // The image must not change under the amendment, nor go away.
             let hold = BlockBackend::new(&graph, &node, Perm::WRITE, Perm::all())?;
-            let r = ferrite_block::create::amend(&graph, &node, &options).await;
+            let r = ferrite_block::create::amend(&graph, &node, &options, force).await;
             drop(hold);
             r
         }),

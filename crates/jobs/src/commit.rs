@@ -424,7 +424,7 @@ impl JobDriver for CommitJob {
         Box::pin(async move {
             self.undo(&job).await;
             // The committed layers go unless the user added them.
-            self.graph.forget_if_orphan(&self.top);
+            self.graph.close_inline(&self.top).await;
             if self.base_ro.get() {
                 let _ = self.graph.reopen_read_only(&self.base).await;
             }

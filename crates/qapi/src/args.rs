@@ -60,6 +60,14 @@ impl Args {
         self.0.get(name).and_then(QObject::as_i64)
     }
 
+    /// A required unsigned integer member.
+    ///
+    /// # Errors
+    /// When it is missing.
+    pub fn u64(&self, name: &str) -> Result<u64, Error> {
+        self.opt_u64(name).ok_or_else(|| missing(name))
+    }
+
     /// An optional unsigned integer member (negative input was wrapped by the checker).
     pub fn opt_u64(&self, name: &str) -> Option<u64> {
         self.0.get(name).and_then(QObject::as_u64)

@@ -88,6 +88,15 @@ impl Path<'_> {
         }
     }
 
+    /// The member's own name, or "null" for a list element or the root (what QEMU's
+    /// generated alternate visitors name in their type errors).
+    fn last(&self) -> String {
+        match self {
+            Path::Member(_, name) => (*name).to_owned(),
+            Path::Root | Path::Index(..) => "null".to_owned(),
+        }
+    }
+
     fn full(&self) -> String {
         match self {
             Path::Root => "null".to_owned(),
@@ -178,7 +187,12 @@ impl Visitor<'_> {
                 let choice = choices
                     .iter()
                     .find(|c| self.accepts(c, value))
-                    .ok_or_else(|| wrong_type(path, name))?;
+                    .ok_or_else(|| {
+                        Error::generic(format!(
+                            "Invalid parameter type for '{}', expected: {name}",
+                            path.last()
+                        ))
+                    })?;
                 self.visit(choice, value, path)
             }
         }

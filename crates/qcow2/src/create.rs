@@ -7,6 +7,7 @@ use crate::format::header::{self, EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE
 use crate::meta::{Meta, put_be64, set_refcount};
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
+use ferrite_qapi::os_msg;
 use std::io;
 
 /// What a new image looks like (`BlockdevCreateOptionsQcow2`, checked).
@@ -118,11 +119,25 @@ pub(crate) async fn format(file: &Child, o: &CreateOpts) -> ferrite_block::Resul
     file.write(0, first, ReqFlags::empty())
         .await
         .map_err(io_err)?;
-    // Size the image through the metadata code, as an open image grows.
+    // Size the image through the metadata code, as an open image grows, with QEMU's
+    // checks of a new length.
+    if o.size > i64::MAX as u64 {
+        return Err(Error::ResizeRefused("Image size cannot be negative".into()).into());
+    }
+    if o.size > ferrite_block::MAX_LENGTH {
+        return Err(Error::ResizeRefused(format!(
+            "offset({}) exceeds maximum({})",
+            o.size,
+            ferrite_block::MAX_LENGTH
+        ))
+        .into());
+    }
     let mut m = Meta::load(file, h, 16, 4).await.map_err(io_err)?;
     let needed = m.h.l1_needed(o.size).max(1);
+    m.grow_l1(file, needed).await.map_err(|e| {
+        Error::ResizeRefused(format!("Failed to grow the L1 table: {}", os_msg(&e)))
+    })?;
     let grow = async {
-        m.grow_l1(file, needed).await?;
         m.h.size = o.size;
         if o.prealloc != Prealloc::Off {
             preallocate(file, &mut m, o).await?;

@@ -17,6 +17,10 @@ use std::rc::Rc;
 use std::time::Instant;
 
 impl Driver for Qcow2Driver {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
@@ -164,6 +168,32 @@ impl Driver for Qcow2Driver {
             p |= Perm::WRITE | Perm::RESIZE;
         }
         (p, shared - (Perm::WRITE | Perm::RESIZE))
+    }
+
+    fn mutable_options(&self) -> &'static [&'static str] {
+        &[
+            "lazy-refcounts",
+            "pass-discard-request",
+            "pass-discard-snapshot",
+            "pass-discard-other",
+            "discard-no-unref",
+            "overlap-check",
+            "overlap-check.template",
+            "overlap-check.main-header",
+            "overlap-check.active-l1",
+            "overlap-check.active-l2",
+            "overlap-check.refcount-table",
+            "overlap-check.refcount-block",
+            "overlap-check.snapshot-table",
+            "overlap-check.inactive-l1",
+            "overlap-check.inactive-l2",
+            "overlap-check.bitmap-directory",
+            "cache-size",
+            "l2-cache-size",
+            "l2-cache-entry-size",
+            "refcount-cache-size",
+            "cache-clean-interval",
+        ]
     }
 
     fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {

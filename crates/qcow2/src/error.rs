@@ -131,6 +131,9 @@ pub(crate) enum Error {
     UnknownBackingFormat(String),
     #[error("Could not resize image: {}", os_msg(.0))]
     ResizeImage(io::Error),
+    /// A new length refused, in QEMU's words.
+    #[error("Could not resize image: {0}")]
+    ResizeRefused(String),
     #[error("Could not flush: {}", os_msg(.0))]
     Flush(io::Error),
     /// `blockdev-create` option checks.

@@ -123,13 +123,22 @@ impl DriverFactory for Qcow2Factory {
         true
     }
 
-    fn amend<'a>(&'a self, _node: &'a Rc<Node>, opts: &'a Args) -> LocalFut<'a, ()> {
-        // QEMU amends only encryption, and ferrite opens no encrypted image.
+    fn amend<'a>(
+        &'a self,
+        graph: &'a Graph,
+        node: &'a Rc<Node>,
+        opts: &'a Args,
+        force: bool,
+    ) -> LocalFut<'a, ()> {
+        // QEMU amends only the key slots of a LUKS-encrypted image.
         Box::pin(async move {
-            if opts.get("encrypt").is_some() {
-                return Err(Error::AmendUnencrypted.into());
-            }
-            Ok(())
+            let Some(encrypt) = opts.dict("encrypt") else {
+                return Ok(());
+            };
+            let drv = node
+                .driver_as::<crate::Qcow2Driver>()
+                .ok_or(ferrite_block::Error::CannotAmend)?;
+            drv.amend_key_slots(graph, node, &encrypt, force).await
         })
     }
 

@@ -66,7 +66,7 @@ impl Qcow2Driver {
             }
             if let Some(c) = &self.crypto {
                 let mut e = QDict::new().with("format", "luks");
-                for (k, v) in c.header.info().iter() {
+                for (k, v) in c.header().info().iter() {
                     e.insert(k, v.clone());
                 }
                 d.insert("encrypt", e);

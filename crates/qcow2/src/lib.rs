@@ -16,6 +16,7 @@
 //!   unclean shutdown with lazy refcounts), `create` and `new_image` (`blockdev-create`),
 //!   `claims` (requests serialised per guest cluster).
 
+mod amend;
 mod bitmaps;
 mod cache;
 mod claims;

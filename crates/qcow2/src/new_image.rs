@@ -24,24 +24,19 @@ fn encryption(
         return Err(Error::KeySecretRequired.into());
     };
     let password = graph.secrets().get(id)?;
-    let d = ferrite_crypto::CreateOptions::default();
-    let pick = |k: &str, default: &str| e.opt_str(k).unwrap_or(default).to_owned();
     Ok((
         password,
-        ferrite_crypto::CreateOptions {
-            cipher_alg: pick("cipher-alg", &d.cipher_alg),
-            cipher_mode: pick("cipher-mode", &d.cipher_mode),
-            ivgen_alg: pick("ivgen-alg", &d.ivgen_alg),
-            hash_alg: pick("hash-alg", &d.hash_alg),
-            iter_time: e.opt_u64("iter-time").unwrap_or(d.iter_time),
-        },
+        ferrite_crypto::CreateOptions::from_options(
+            |k| e.opt_str(k).map(str::to_owned),
+            e.opt_u64("iter-time"),
+        ),
     ))
 }
 
 /// Checks `BlockdevCreateOptionsQcow2` the way QEMU does, in its order.
 fn qcow2_options(graph: &Graph, opts: &Args) -> ferrite_block::Result<CreateOpts> {
-    let size = opts.i64("size")?;
-    if size < 0 || size % 512 != 0 {
+    let size = opts.u64("size")?;
+    if size % 512 != 0 {
         return Err(CreateError::Size.into());
     }
     let version = match opts.opt_str("version") {
@@ -105,7 +100,7 @@ fn qcow2_options(graph: &Graph, opts: &Args) -> ferrite_block::Result<CreateOpts
         _ => Prealloc::Full,
     };
     Ok(CreateOpts {
-        size: size as u64,
+        size,
         version,
         cluster_bits: cluster_size.trailing_zeros(),
         refcount_order: refcount_bits.trailing_zeros(),

@@ -65,12 +65,7 @@ impl Opening {
 /// points at (QEMU: `qcow2_crypto_hdr_read_func`), off the main thread.
 async fn unlock(file: &Child, h: &Header, password: Vec<u8>) -> ferrite_block::Result<LuksVolume> {
     let generic = |t: String| -> ferrite_block::Error { ferrite_qapi::Error::generic(t).into() };
-    let ext = h
-        .extension(crate::format::header::EXT_CRYPTO)
-        .filter(|e| e.len() >= 16)
-        .ok_or(Error::MissingCryptoHeader(2))?;
-    let offset = u64::from_be_bytes(ext[0..8].try_into().unwrap_or_default());
-    let length = u64::from_be_bytes(ext[8..16].try_into().unwrap_or_default());
+    let (offset, length) = crypto_area(h)?;
     if length < ferrite_crypto::HEADER_LEN as u64 || length > 64 << 20 || offset > file.len() {
         return Err(generic(format!(
             "Invalid crypto header offset {offset} or length {length}"
@@ -83,6 +78,17 @@ async fn unlock(file: &Child, h: &Header, password: Vec<u8>) -> ferrite_block::R
         .await
         .map_err(|_| generic("unlocking the encryption failed".into()))?
         .map_err(|e| generic(e.to_string()))
+}
+
+/// Where the LUKS header area is in the file, as the crypto header extension says
+/// (offset, length).
+pub(crate) fn crypto_area(h: &Header) -> Result<(u64, u64), Error> {
+    let ext = h
+        .extension(crate::format::header::EXT_CRYPTO)
+        .filter(|e| e.len() >= 16)
+        .ok_or(Error::MissingCryptoHeader(2))?;
+    let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
+    Ok((be64(&ext[0..8]), be64(&ext[8..16])))
 }
 
 impl Qcow2Driver {

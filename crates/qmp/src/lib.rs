@@ -16,5 +16,5 @@ mod session;
 
 pub use context::{FdSource, NamedFds, SessionContext, current_session};
 pub use dispatch::{CommandFuture, Commands};
-pub use events::{Event, EventBus};
+pub use events::{Event, EventBus, Sleep};
 pub use session::{Monitor, MonitorOptions};

@@ -93,14 +93,18 @@ impl Outbox {
                     failed = true;
                     break;
                 }
-                self.queued_bytes.set(self.queued_bytes.get() - msg.len());
             }
+            // Counted out only once flushed: a writer that buffers (standard output's does,
+            // on a thread of its own) has not written it before, and an exit waiting for
+            // the outbox to drain would lose it.
             if failed || writer.flush().await.is_err() {
                 self.queue.borrow_mut().clear();
                 self.queued_bytes.set(0);
                 self.close();
                 break;
             }
+            let written: usize = batch.iter().map(|m| m.len()).sum();
+            self.queued_bytes.set(self.queued_bytes.get() - written);
             if self.queue.borrow().is_empty() {
                 self.drained.notify_waiters();
             }

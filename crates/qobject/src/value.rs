@@ -144,6 +144,11 @@ impl From<u64> for QObject {
         }
     }
 }
+impl From<f64> for QObject {
+    fn from(f: f64) -> Self {
+        QObject::Double(f)
+    }
+}
 impl From<QDict> for QObject {
     fn from(d: QDict) -> Self {
         QObject::Dict(d)

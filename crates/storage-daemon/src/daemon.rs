@@ -113,6 +113,15 @@ impl Daemon {
             ),
         ]));
         let events = EventBus::new();
+        // The storage daemon's monitors keep no descriptors by name (a front end with
+        // `getfd` installs its own lookup): a socket address of type `fd` in a command is
+        // refused as qemu-storage-daemon refuses it.
+        ferrite_block::monitor_fd::set_lookup(Rc::new(|_| {
+            ferrite_qmp::current_session()
+                .map(|_| Err("only QEMU supports file descriptor passing".to_owned()))
+        }));
+        // Rate limits run on the block layer's clock: the virtual one under qtest.
+        events.set_sleep(Rc::new(|d| Box::pin(ferrite_block::clock::sleep(d))));
         let sink: Rc<dyn EventSink> = Rc::new(BusSink(events.clone()));
         let registry = ferrite_block::Registry::new();
         ferrite_drivers::register(&registry);

@@ -58,6 +58,11 @@ impl SystemCommands {
             }
             "quit" => {
                 sys.machine.quit();
+                // The machine stops first (QEMU's vm_shutdown): everything drained once and
+                // written back, so a running job pauses and resumes before the daemon's own
+                // shutdown drains again and cancels it.
+                drop(sys.daemon.graph.drain_all().await);
+                sys.daemon.graph.flush_all().await;
                 sys.daemon.run("quit", args).await
             }
             _ if let Some(r) = crate::fds::run(name, &args) => r,

@@ -394,8 +394,13 @@ impl Devices {
             .find(|d| d.id.as_deref() == Some(id) || d.path == id);
         let (dev, backend_child) = match by_id {
             Some(d) => (d, false),
+            // The virtio-blk device inside the proxy, by its path or relative to the
+            // devices' container (QEMU resolves `ID/virtio-backend` there).
             None => match list.iter().find(|d| {
-                d.model.kind == Kind::VirtioBlk && id == format!("{}/virtio-backend", d.path)
+                d.model.kind == Kind::VirtioBlk
+                    && id
+                        .strip_suffix("/virtio-backend")
+                        .is_some_and(|p| p == d.path || d.id.as_deref() == Some(p))
             }) {
                 Some(d) => (d, true),
                 None => {

@@ -249,6 +249,40 @@ fn take_flat(text: &str, key: &str) -> (String, Option<String>) {
     (items.join(","), Some(value))
 }
 
+/// A drive's `stats-intervals.N` (seconds), in order.
+fn stats_intervals(value: Option<QObject>) -> Result<Vec<u32>, Error> {
+    let items = match value {
+        None => return Ok(Vec::new()),
+        Some(QObject::List(items)) => items,
+        Some(QObject::Dict(mut d)) => {
+            let mut items = Vec::new();
+            while let Some(v) = d.remove(&items.len().to_string()) {
+                items.push(v);
+            }
+            if let Some((k, _)) = d.iter().next() {
+                return Err(generic(format!("Invalid option stats-intervals.{k}")));
+            }
+            items
+        }
+        Some(_) => return Err(generic("The specification of stats-intervals is invalid")),
+    };
+    items
+        .into_iter()
+        .map(|v| match v {
+            QObject::String(s) => s
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0 && s.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| generic(format!("Invalid interval length: {s}"))),
+            QObject::Int(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| generic(format!("Invalid interval length: {n}"))),
+            _ => Err(generic("The specification of stats-intervals is invalid")),
+        })
+        .collect()
+}
+
 pub(crate) async fn add(
     graph: &Rc<Graph>,
     devices: &Devices,
@@ -274,6 +308,7 @@ pub(crate) async fn add(
         }
         _ => None,
     };
+    let stats_intervals = stats_intervals(opts.remove("stats-intervals"))?;
     let mut take = |k: &str| {
         opts.remove(k).map(|v| match v {
             QObject::String(s) => s,
@@ -350,6 +385,9 @@ pub(crate) async fn add(
     let blk = BlockBackend::new_empty(graph);
     blk.set_name(&id);
     blk.set_accounting(account_invalid, account_failed);
+    for seconds in stats_intervals {
+        blk.add_stats_interval(seconds);
+    }
     blk.set_write_cache(writeback);
     let detect_zeroes = opts
         .get("detect-zeroes")

@@ -79,6 +79,20 @@ fn getfd(args: &Args) -> Result<QObject, Error> {
     Ok(QDict::new().into())
 }
 
+/// Socket addresses of type `fd` in a command name what the command's monitor keeps
+/// (`getfd`), as QEMU's do.
+pub(crate) fn use_named_fds_for_sockets() {
+    ferrite_block::monitor_fd::set_lookup(std::rc::Rc::new(|name| {
+        let session = ferrite_qmp::current_session()?;
+        Some(
+            session
+                .named_fds()
+                .take(name)
+                .ok_or_else(|| format!("File descriptor named '{name}' has not been found")),
+        )
+    }));
+}
+
 fn closefd(args: &Args) -> Result<QObject, Error> {
     let name = args.str("fdname")?;
     session()?

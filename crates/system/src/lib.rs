@@ -410,6 +410,7 @@ pub fn main() -> ExitCode {
     ferrite_storage_daemon::front_end::main_loop(&prog.clone(), async move {
         let daemon = Daemon::new();
         daemon.graph.registry().set_for_emulator();
+        crate::fds::use_named_fds_for_sockets();
         let machine = Machine::new(kind, name, daemon.events.clone());
         let devices = Devices::new(
             machine.clone(),

@@ -6,6 +6,7 @@
 mod reopen;
 
 use ferrite_block::driver::DebugOp;
+use ferrite_block::stats::IoKind;
 use ferrite_block::{BlockBackend, Perm, ReqFlags};
 use std::io::Write;
 use std::rc::Rc;
@@ -147,6 +148,15 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
                 'u' => flags |= ReqFlags::MAY_UNMAP,
                 'f' => flags |= ReqFlags::FUA,
                 'v' => verbose = true,
+                // qemu-io's way to exercise the accounting: nothing is sent.
+                'i' if cmd == "aio_read" => {
+                    blk.account_invalid(IoKind::Read);
+                    return "injecting invalid read request\n".into();
+                }
+                'i' if cmd == "aio_write" => {
+                    blk.account_invalid(IoKind::Write);
+                    return "injecting invalid write request\n".into();
+                }
                 _ => {}
             }
         }
@@ -184,7 +194,10 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
                     }
                     out + &report("read", off, len, started)
                 }
-                Err(e) => format!("read failed: {}\n", ferrite_qapi::os_msg(&e)),
+                Err(e) => {
+                    let what = if cmd == "aio_read" { "readv" } else { "read" };
+                    format!("{what} failed: {}\n", ferrite_qapi::os_msg(&e))
+                }
             }
         }
         "write" | "aio_write" => {
@@ -201,7 +214,7 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
             };
             match r {
                 Ok(()) => report("wrote", off, len, started),
-                Err(e) => format!("write failed: {}\n", ferrite_qapi::os_msg(&e)),
+                Err(e) => format!("{cmd} failed: {}\n", ferrite_qapi::os_msg(&e)),
             }
         }
         "discard" | "aio_discard" | "d" => {

@@ -208,7 +208,8 @@ impl Graph {
             return Err(err);
         }
         drop(from_drained);
-        self.forget_if_orphan(&from);
+        // Written back before it goes: it may be an image a device wrote through.
+        self.close_inline(&from).await;
         Ok(())
     }
 
@@ -301,7 +302,7 @@ impl Graph {
         // The image will name what it is backed by now.
         node.remove_option("backing");
         if let Some(o) = &old_node {
-            self.forget_if_orphan(o);
+            self.close_inline(o).await;
         }
         Ok(())
     }

@@ -334,12 +334,14 @@ impl Graph {
         }
     }
 
-    /// The node that has `node` as its backing child, if any.
+    /// The node that has `node` as its backing child, if any: of several, the one that
+    /// took it last (QEMU names the newest of a node's blockers).
     pub fn backing_parent(&self, node: &Node) -> Option<Rc<Node>> {
         node.users()
             .iter()
             .filter(|u| u.name() == "backing")
-            .find_map(|u| u.parent_node())
+            .filter_map(|u| u.parent_node())
+            .next_back()
     }
 
     /// Housekeeping tick: every node drops the cached metadata it left unused.

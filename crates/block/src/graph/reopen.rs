@@ -40,7 +40,9 @@ fn inherited_reopen(
         .get("node-name")
         .is_some_and(|n| n.as_str() != Some(cur.name()))
     {
-        return Err(Error::CannotChange(format!("{edge}.node-name")));
+        // The child's own check speaks, as in QEMU, where the child is reopened after its
+        // parent, with the options the parent passes down.
+        return Err(Error::CannotChange("node-name".into()));
     }
     child.insert("node-name", cur.name());
     if cur.inherits_read_only()
@@ -100,6 +102,7 @@ impl Graph {
             if opts.str("driver")? != node.driver_name() {
                 return Err(Error::CannotChange("driver".into()));
             }
+            check_resets(&node, opts)?;
             node.driver.reopen_check(&node, opts)?;
             let read_only = opts.bool_or("read-only", false);
             if opts.opt_str("detect-zeroes") == Some("unmap")
@@ -281,8 +284,16 @@ impl Graph {
                             before.extend(nested.list);
                         }
                     }
-                    (QObject::Dict(_), _) => {
-                        return Err(Error::CannotChange(edge.into()));
+                    // Options for a child this node did not open stay with the node, where
+                    // QEMU finds the first of them (in its dict's order) changed.
+                    (QObject::Dict(child_opts), _) => {
+                        let mut flat = QDict::new();
+                        flatten_into(&mut flat, child_opts, &format!("{edge}."));
+                        let first = flat
+                            .iter_qemu_order()
+                            .next()
+                            .map_or_else(|| edge.to_owned(), |(k, _)| k.to_owned());
+                        return Err(Error::CannotChange(first));
                     }
                     _ => {}
                 }
@@ -423,5 +434,55 @@ impl Graph {
             Some(libc::ENOTSUP) => Error::ResizeUnsupported,
             _ => Error::Resize(e),
         })
+    }
+}
+
+/// The flat names of the options in `d` (`cache.direct`), children's left out.
+fn flat_names(node: &Node, d: &QDict) -> Vec<String> {
+    let mut own = QDict::new();
+    for (k, v) in d.iter() {
+        // Children (and `backing: null`, which is not an option the node keeps) are
+        // reopened or replaced as edges, not compared here.
+        let child_like = matches!(v, QObject::Null | QObject::List(_))
+            || matches!(k, "file" | "backing" | "data-file");
+        if node.edge(k).is_none() && !child_like {
+            own.insert(k, v.clone());
+        }
+    }
+    let mut flat = QDict::new();
+    flatten_into(&mut flat, &own, "");
+    flat.keys().map(str::to_owned).collect()
+}
+
+/// Every option `node` was opened with is in `opts` again, unless the block layer handles
+/// it or the driver lets it go back to its default (QEMU's `bdrv_reset_options_allowed`).
+fn check_resets(node: &Node, opts: &Args) -> Result<()> {
+    const COMMON: [&str; 7] = [
+        "node-name",
+        "discard",
+        "cache.direct",
+        "cache.no-flush",
+        "read-only",
+        "auto-read-only",
+        "detect-zeroes",
+    ];
+    let was = flat_names(node, &node.options());
+    let now = flat_names(node, opts.as_dict());
+    let mutable = node.driver.mutable_options();
+    match was.into_iter().find(|k| {
+        !now.contains(k) && !COMMON.contains(&k.as_str()) && !mutable.contains(&k.as_str())
+    }) {
+        Some(k) => Err(Error::CannotReset(k)),
+        None => Ok(()),
+    }
+}
+
+/// `d`'s options as flat names under `prefix` (`backing.file.driver`).
+fn flatten_into(out: &mut QDict, d: &QDict, prefix: &str) {
+    for (k, v) in d.iter() {
+        match v {
+            QObject::Dict(inner) => flatten_into(out, inner, &format!("{prefix}{k}.")),
+            _ => out.insert(format!("{prefix}{k}"), v.clone()),
+        }
     }
 }

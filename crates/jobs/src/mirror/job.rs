@@ -724,7 +724,8 @@ impl MirrorJob {
         if switched {
             // What the target replaced (and, for a commit, the layers above the base) goes
             // unless the user added it.
-            self.graph.forget_if_orphan(&self.source);
+            // The source was written up to the switch: its caches go to disk first.
+            self.graph.close_inline(&self.source).await;
             if let Some(n) = &replaced {
                 self.graph.close_inline(n).await;
             }

@@ -15,6 +15,7 @@ use handshake::{HandshakeError, negotiate};
 use session::{Answer, Command, Failure, Session};
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -28,7 +29,17 @@ pub fn register(registry: &Registry) {
 #[derive(Debug, Clone)]
 enum Server {
     Unix(String),
-    Inet { host: String, port: String },
+    Inet {
+        host: String,
+        port: String,
+        /// Without `ipv4`, `ipv6` or `to`: the address fits an `nbd://` file name.
+        plain: bool,
+    },
+    /// A connected socket handed over by name or number: usable once (no reconnection).
+    Fd {
+        name: String,
+        fd: Rc<RefCell<Option<OwnedFd>>>,
+    },
 }
 
 impl Server {
@@ -42,7 +53,17 @@ impl Server {
             "inet" => Ok(Server::Inet {
                 host: a.str("host")?.to_owned(),
                 port: a.str("port")?.to_owned(),
+                plain: ["ipv4", "ipv6", "to"].iter().all(|k| !a.has(k)),
             }),
+            "fd" => {
+                let name = a.str("str")?.to_owned();
+                let fd = ferrite_block::monitor_fd::take_socket(&name)
+                    .map_err(ferrite_qapi::Error::generic)?;
+                Ok(Server::Fd {
+                    name,
+                    fd: Rc::new(RefCell::new(Some(fd))),
+                })
+            }
             other => Err(ferrite_qapi::Error::generic(format!(
                 "NBD servers at '{other}' addresses are not supported by ferrite yet"
             ))
@@ -54,7 +75,8 @@ impl Server {
     fn describe(&self) -> String {
         match self {
             Server::Unix(path) => path.clone(),
-            Server::Inet { host, port } => format!("{host}:{port}"),
+            Server::Inet { host, port, .. } => format!("{host}:{port}"),
+            Server::Fd { name, .. } => name.clone(),
         }
     }
 
@@ -64,10 +86,22 @@ impl Server {
                 let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
                 Ok((Box::pin(r), Box::pin(w)))
             }
-            Server::Inet { host, port } => {
+            Server::Inet { host, port, .. } => {
                 let s = tokio::net::TcpStream::connect(format!("{host}:{port}")).await?;
                 let _ = s.set_nodelay(true);
                 let (r, w) = s.into_split();
+                Ok((Box::pin(r), Box::pin(w)))
+            }
+            Server::Fd { fd, .. } => {
+                // Once connected, the socket is the connection's; a lost one cannot be
+                // made again.
+                let fd = fd
+                    .borrow_mut()
+                    .take()
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED))?;
+                let std = std::os::unix::net::UnixStream::from(fd);
+                std.set_nonblocking(true)?;
+                let (r, w) = tokio::net::UnixStream::from_std(std)?.into_split();
                 Ok((Box::pin(r), Box::pin(w)))
             }
         }
@@ -148,14 +182,14 @@ impl DriverFactory for NbdClientFactory {
                     return Err(ferrite_qapi::Error::generic("NBD export is read-only").into());
                 }
             }
+            // As the node keeps them (QEMU's options are flat there): `server.host`...
             let mut strong = QDict::new();
-            for key in [
-                "server",
-                "export",
-                "tls-creds",
-                "tls-hostname",
-                "x-dirty-bitmap",
-            ] {
+            if let Some(server) = opts.dict("server") {
+                for (k, v) in server.as_dict().iter() {
+                    strong.insert(format!("server.{k}"), v.clone());
+                }
+            }
+            for key in ["export", "tls-creds", "tls-hostname", "x-dirty-bitmap"] {
                 if let Some(v) = opts.get(key) {
                     strong.insert(key, v.clone());
                 }
@@ -405,6 +439,10 @@ impl Driver for NbdClient {
         Box::pin(self.flush_now())
     }
 
+    fn flushes_every_time(&self) -> bool {
+        true
+    }
+
     fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
         Box::pin(async move {
             let has_context = self
@@ -447,9 +485,20 @@ impl Driver for NbdClient {
     fn plain_filename(&self) -> Option<String> {
         let e = &self.target.export;
         Some(match &self.target.server {
+            Server::Unix(path) if e.is_empty() => format!("nbd+unix://?socket={path}"),
             Server::Unix(path) => format!("nbd+unix:///{e}?socket={path}"),
-            Server::Inet { host, port } if e.is_empty() => format!("nbd://{host}:{port}"),
-            Server::Inet { host, port } => format!("nbd://{host}:{port}/{e}"),
+            Server::Inet {
+                host,
+                port,
+                plain: true,
+            } if e.is_empty() => format!("nbd://{host}:{port}"),
+            Server::Inet {
+                host,
+                port,
+                plain: true,
+            } => format!("nbd://{host}:{port}/{e}"),
+            // Not representable as a URL: the options say it.
+            Server::Inet { .. } | Server::Fd { .. } => return None,
         })
     }
 

@@ -11,7 +11,7 @@ use backend::Backend;
 use ferrite_export::{ExportInstance, ExportSetup, ExportType, InFlight, LocalFut};
 use ferrite_qapi::{Args, Error, os_msg};
 use queue::Served;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,19 +58,9 @@ fn listen(addr: &Args) -> Result<(UnixListener, Option<String>), Error> {
             Ok((l, Some(path.to_owned())))
         }
         "fd" => {
-            let name = addr.str("str")?;
-            let fd: i32 = name.parse().map_err(|_| {
-                Error::generic(format!("File descriptor named '{name}' has not been found"))
-            })?;
-            // SAFETY: fcntl(F_GETFD) only asks whether the number is an open descriptor.
-            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-                return Err(Error::generic(format!(
-                    "File descriptor named '{name}' has not been found"
-                )));
-            }
-            // SAFETY: the descriptor is open and was handed to this process for the export,
-            // which from now on owns it.
-            Ok((unsafe { UnixListener::from_raw_fd(fd) }, None))
+            let fd =
+                ferrite_block::monitor_fd::take_socket(addr.str("str")?).map_err(Error::generic)?;
+            Ok((UnixListener::from(fd), None))
         }
         _ => Err(Error::generic(
             "Only socket address types 'unix' and 'fd' are supported",
