@@ -100,6 +100,9 @@ pub struct Child {
     pub(crate) perm: Cell<Perm>,
     pub(crate) shared: Cell<Perm>,
     pub(crate) quiesced_parent: Cell<bool>,
+    /// How many jobs hold the link where it is (QEMU's `frozen`): it may not be pointed
+    /// elsewhere until they let go.
+    pub(crate) frozen: Cell<u32>,
     /// Creation order, for listings.
     pub(crate) id: u64,
 }
@@ -119,8 +122,14 @@ impl Child {
             perm: Cell::new(Perm::empty()),
             shared: Cell::new(Perm::all()),
             quiesced_parent: Cell::new(false),
+            frozen: Cell::new(0),
             id,
         })
+    }
+
+    /// Whether a job holds the link where it is (see [`crate::graph::FrozenChain`]).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.get() > 0
     }
 
     /// The edge name (`file`, `backing`, `root`).

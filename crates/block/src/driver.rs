@@ -308,10 +308,22 @@ pub trait Driver: std::any::Any {
 
     /// `blockdev-reopen`: checks the driver's options in `opts` against the open node (QEMU's
     /// "Cannot change the option 'x'" for what cannot change), without changing anything.
+    /// A driver that does not say how it reopens cannot (QEMU's drivers without
+    /// `bdrv_reopen_prepare`).
     ///
     /// # Errors
-    /// The first option that cannot change.
-    fn reopen_check(&self, node: &Node, opts: &ferrite_qapi::Args) -> crate::Result<()>;
+    /// The first option that cannot change; QEMU's refusal for a driver that cannot reopen.
+    fn reopen_check(&self, node: &Node, _opts: &ferrite_qapi::Args) -> crate::Result<()> {
+        let device = node.device_name();
+        Err(crate::Error::ReopenUnsupported {
+            format: node.driver_name().to_owned(),
+            node: if device.is_empty() {
+                node.name().to_owned()
+            } else {
+                device
+            },
+        })
+    }
 
     /// The options a `blockdev-reopen` may leave out to reset them to their defaults
     /// (QEMU's `mutable_opts`, flat names: `overlap-check.template`); any other option the

@@ -43,6 +43,25 @@ pub enum Error {
         /// Its child now.
         child: String,
     },
+    /// A job's chain runs through a link that leaves the graph with another job (a commit's
+    /// filter).
+    #[error("Cannot freeze '{link}' link to '{node}'")]
+    CannotFreeze {
+        /// The link's name (`backing`, `file`).
+        link: String,
+        /// The node it points to.
+        node: String,
+    },
+    /// A job's chain runs through a link another job holds already.
+    #[error("Cannot change '{edge}' link from '{parent}' to '{child}'")]
+    ChainFrozen {
+        /// The link's name (`backing`, `file`).
+        edge: String,
+        /// The node above it.
+        parent: String,
+        /// The node it points to.
+        child: String,
+    },
     /// A reopen of a node with a backing file that does not say what becomes of it.
     #[error("backing is missing for '{0}'")]
     BackingMissing(String),
@@ -95,6 +114,15 @@ pub enum Error {
     /// `force-share=on` on a writable node.
     #[error("force-share=on can only be used with read-only images")]
     ForceShareWritable,
+    /// `blockdev-reopen` of a node whose driver cannot reopen (QEMU's drivers without
+    /// `bdrv_reopen_prepare`: quorum, blkverify, the job filters...).
+    #[error("Block format '{format}' used by node '{node}' does not support reopening files")]
+    ReopenUnsupported {
+        /// The node's driver.
+        format: String,
+        /// The node's drive name, else its node name.
+        node: String,
+    },
     /// A reopen that changes what cannot change.
     #[error("Cannot change the option '{0}'")]
     CannotChange(String),
@@ -115,6 +143,9 @@ pub enum Error {
         /// Who does not share them.
         other: String,
     },
+    /// A reopen making a node read-only while a user still writes to it.
+    #[error("Read-only block node '{0}' cannot support read-write users")]
+    ReadOnlyWithWriters(String),
     /// A writer on a read-only node.
     #[error("Block node is read-only")]
     ReadOnly,

@@ -70,6 +70,10 @@ pub struct Node {
     /// the drive look through it.
     pub(crate) implicit: Cell<bool>,
     never_freeze: Cell<bool>,
+    /// The node that opened this one as its child and whose options it takes, if that
+    /// node is still above it (QEMU's `inherits_from`): a reopen of that node reopens this
+    /// one with the options given inline for it.
+    pub(crate) inherits_from: RefCell<Weak<Node>>,
     /// The backing file name the node's choice is judged by (QEMU's `auto_backing_file`):
     /// the backing node's own name when it was opened from the header alone, else (`None`)
     /// the header's text as written.
@@ -149,6 +153,7 @@ impl Node {
             inactive: Cell::new(false),
             implicit: Cell::new(false),
             never_freeze: Cell::new(false),
+            inherits_from: RefCell::new(Weak::new()),
             auto_backing: RefCell::new(None),
             cli_text: RefCell::new(None),
             iothread: RefCell::new(None),
@@ -248,6 +253,27 @@ impl Node {
             n = f;
         }
         n
+    }
+
+    /// The node whose inline options this node takes (see `inherits_from`).
+    pub fn inherits_from(&self) -> Option<Rc<Node>> {
+        self.inherits_from.borrow().upgrade()
+    }
+
+    /// Whether following `inherits_from` up from this node reaches `ancestor` (QEMU's
+    /// `bdrv_inherits_from_recursive`).
+    pub(crate) fn inherits_from_recursive(&self, ancestor: &Node) -> bool {
+        if std::ptr::eq(self, ancestor) {
+            return true;
+        }
+        let mut at = self.inherits_from();
+        while let Some(n) = at {
+            if std::ptr::eq(n.as_ref(), ancestor) {
+                return true;
+            }
+            at = n.inherits_from();
+        }
+        false
     }
 
     /// Marks the node as one no other job may hold a link to (a commit filter, which goes

@@ -51,6 +51,8 @@ pub struct OpenCtx<'a> {
     settings: NodeSettings,
     opening: Rc<Opening>,
     edges: Vec<Rc<Child>>,
+    /// The children it opened from inline options: they take their options from it.
+    inline: Vec<Rc<Node>>,
     position: Option<usize>,
 }
 
@@ -149,6 +151,7 @@ impl<'a> OpenCtx<'a> {
                 node.inherits_read_only
                     .set(!cow && d.get("read-only").is_none());
                 node.inherits_cache.set(cache_given(d));
+                self.inline.push(node.clone());
                 node
             }
             _ => return Err(Error::InvalidChildRef),
@@ -168,6 +171,7 @@ impl<'a> OpenCtx<'a> {
         let node = self.graph.open(&Args::new(opts)).await?;
         // Made by this node for itself: its mode is this node's.
         node.inherits_read_only.set(true);
+        self.inline.push(node.clone());
         let edge = self.attach(key, &node);
         if edge.is_err() {
             self.graph.forget_if_orphan(&node);
@@ -543,6 +547,7 @@ impl Graph {
             name,
             settings,
             edges: Vec::new(),
+            inline: Vec::new(),
             position: None,
         };
         match factory.open(&mut ctx).await {
@@ -608,6 +613,9 @@ impl Graph {
                 ctx.abandon();
                 return Err(err);
             }
+        }
+        for child in &ctx.inline {
+            *child.inherits_from.borrow_mut() = Rc::downgrade(&node);
         }
         node.note_implicit_backing();
         self.insert_node(node.clone(), ctx.position);

@@ -161,18 +161,21 @@ fn scalar(v: &QObject) -> String {
     }
 }
 
+/// The options that set a blkdebug node's limits and where its rules come from.
+const SETTINGS: [&str; 7] = [
+    "config",
+    "align",
+    "max-transfer",
+    "opt-write-zero",
+    "max-write-zero",
+    "opt-discard",
+    "max-discard",
+];
+
 /// QEMU's strong options of a blkdebug node, the rule lists flattened (`inject-error.0.event`).
 fn strong_options(opts: &Args) -> ferrite_qobject::QDict {
     let mut d = ferrite_qobject::QDict::new();
-    for key in [
-        "config",
-        "align",
-        "max-transfer",
-        "opt-write-zero",
-        "max-write-zero",
-        "opt-discard",
-        "max-discard",
-    ] {
+    for key in SETTINGS {
         if let Some(v) = opts.get(key) {
             d.insert(key, v.clone());
         }
@@ -513,8 +516,20 @@ impl Driver for BlkdebugDriver {
         self.align
     }
 
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
+    fn reopen_check(&self, node: &Node, opts: &Args) -> ferrite_block::Result<()> {
+        // QEMU's blkdebug reopens with the options it has, changing none.
+        let was = Args::new(node.options());
+        ferrite_block::driver::check_unchanged(opts, &was, &SETTINGS)?;
+        ferrite_block::driver::check_unchanged(
+            opts,
+            &was,
+            &[
+                "inject-error",
+                "set-state",
+                "take-child-perms",
+                "unshare-child-perms",
+            ],
+        )
     }
 
     fn reopen_apply(

@@ -7,7 +7,6 @@
 
 use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
-use ferrite_qapi::Args;
 use std::io;
 use std::rc::Rc;
 
@@ -145,9 +144,5 @@ impl Driver for Blkverify {
 
     fn filtered_child(&self) -> Option<&'static str> {
         Some("raw")
-    }
-
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
     }
 }

@@ -479,10 +479,6 @@ impl Driver for CbwDriver {
         (perm, shared)
     }
 
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Err(Error::CbwReopen.into())
-    }
-
     fn is_passthrough(&self) -> bool {
         true
     }

@@ -7,7 +7,6 @@ use crate::error::Error;
 use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
-use ferrite_qapi::Args;
 use std::io;
 use std::rc::Rc;
 
@@ -105,10 +104,6 @@ impl Driver for CompressDriver {
 
     fn filtered_child(&self) -> Option<&'static str> {
         Some("file")
-    }
-
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
     }
 
     fn request_alignment(&self, _node: &Node) -> u64 {

@@ -7,7 +7,6 @@ use crate::error::Error;
 use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Perm};
-use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::io;
 use std::rc::Rc;
@@ -250,9 +249,5 @@ impl Driver for CorDriver {
         let mut d = QDict::new();
         d.insert_opt("bottom", self.bottom.as_ref().map(|b| b.name()));
         d
-    }
-
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
     }
 }

@@ -142,12 +142,6 @@ pub(crate) enum Error {
         /// The bitmap's size.
         bitmap_len: u64,
     },
-    /// `blockdev-reopen` of a copy-before-write node.
-    #[error("Cannot change the options of a copy-before-write node")]
-    CbwReopen,
-    /// `blockdev-reopen` of a snapshot-access node.
-    #[error("Block format 'snapshot-access' used by node '{0}' does not support reopening files")]
-    SnapshotAccessReopen(String),
 }
 
 impl From<Error> for ferrite_block::Error {

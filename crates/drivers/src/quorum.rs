@@ -8,7 +8,7 @@
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{Child, DriverFactory, DriverKind, EventSink, LocalFut, Node, OpenCtx};
-use ferrite_qapi::{Args, QapiEvent};
+use ferrite_qapi::QapiEvent;
 use ferrite_qobject::{QDict, QObject};
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -473,9 +473,5 @@ impl Driver for Quorum {
 
     fn strong_options(&self) -> QDict {
         QDict::new().with("vote-threshold", self.threshold as u64)
-    }
-
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
     }
 }

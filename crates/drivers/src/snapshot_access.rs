@@ -4,13 +4,11 @@
 //! kept, and freed on the copy-before-write target); writes are refused.
 
 use super::cbw::{CbwDriver, Snapshot};
-use crate::error::Error;
 use ferrite_block::Node;
 use ferrite_block::OpenCtx;
 use ferrite_block::Perm;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
-use ferrite_qapi::Args;
 use std::any::Any;
 use std::io;
 use std::rc::Rc;
@@ -114,10 +112,6 @@ impl Driver for SnapshotAccessDriver {
     fn child_perm(&self, _name: &str, _perm: Perm, _shared: Perm, _used: bool) -> (Perm, Perm) {
         // The copy-before-write node keeps the point in time whatever its users do.
         (Perm::empty(), Perm::all())
-    }
-
-    fn reopen_check(&self, node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Err(Error::SnapshotAccessReopen(node.name().to_owned()).into())
     }
 
     fn is_passthrough(&self) -> bool {

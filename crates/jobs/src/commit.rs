@@ -128,6 +128,7 @@ pub async fn start_commit(
         on_error: s.on_error,
         base_ro: Cell::new(false),
         base_blk: RefCell::new(None),
+        frozen: RefCell::new(None),
         top_blk: RefCell::new(None),
         blocked: RefCell::new(Vec::new()),
     });
@@ -203,6 +204,7 @@ async fn setup(
         top_shared,
     )?;
     mirror::hold_intermediates_from(graph, job, &d.top, &d.base)?;
+    *d.frozen.borrow_mut() = Some(graph.freeze_chain(&filter, Some(&d.base))?);
     job.add_node(graph, &d.base, "base", Perm::empty(), Perm::all())?;
     let base_perm = if d.base.len() < d.top.len() {
         Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE
@@ -253,6 +255,8 @@ struct CommitJob {
     on_error: ErrorPolicy,
     base_ro: Cell<bool>,
     base_blk: RefCell<Option<Rc<BlockBackend>>>,
+    /// The chain from the filter down to the base, held while the job runs.
+    frozen: RefCell<Option<ferrite_block::FrozenChain>>,
     top_blk: RefCell<Option<Rc<BlockBackend>>>,
     blocked: RefCell<Vec<Rc<Node>>>,
 }
@@ -317,6 +321,7 @@ impl CommitJob {
     /// The overlay of `top` is backed by the base now, and its image says so; `top` and
     /// the layers below it leave the chain (QEMU: `bdrv_drop_intermediate`).
     async fn drop_intermediate(&self) -> Result<(), String> {
+        self.frozen.borrow_mut().take();
         if let Some(b) = self.base_blk.borrow_mut().take() {
             b.remove();
         }
@@ -378,6 +383,7 @@ impl CommitJob {
 
     /// Releases what the job held, takes the filter out if it is still there.
     async fn undo(&self, job: &Job) {
+        self.frozen.borrow_mut().take();
         for b in [&self.base_blk, &self.top_blk] {
             if let Some(b) = b.borrow_mut().take() {
                 b.remove();
@@ -511,9 +517,5 @@ impl Driver for CommitTop {
 
     fn filtered_child(&self) -> Option<&'static str> {
         Some("backing")
-    }
-
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
     }
 }

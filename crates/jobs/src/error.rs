@@ -149,14 +149,6 @@ pub enum Error {
     /// A commit whose top and base are one node (through filters).
     #[error("Invalid files for merge: top and base are the same")]
     SameTopAndBase,
-    /// A job's chain runs through a link another job's filter needs free.
-    #[error("Cannot freeze '{link}' link to '{node}'")]
-    CannotFreeze {
-        /// The link's name (`backing`, `file`).
-        link: String,
-        /// The node it points to.
-        node: String,
-    },
     /// A stream base that is not below the node.
     #[error("'{base}' is not in the backing chain of '{top}'")]
     NotInBackingChain {

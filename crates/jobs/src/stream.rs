@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::job::{ErrorPolicy, Job, JobDriver, JobFuture, PhaseFuture};
 use crate::manager::{JobManager, JobOptions};
 use crate::types::{BlockErrorAction, JobType};
-use ferrite_block::{BlockBackend, Graph, Node, Perm};
+use ferrite_block::{BlockBackend, FrozenChain, Graph, Node, Perm};
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::cell::{Cell, RefCell};
@@ -69,27 +69,6 @@ fn above_base(overlay: &Rc<Node>, base: Option<&Rc<Node>>) -> Rc<Node> {
     at
 }
 
-/// Checks that the links from `top` down to `bottom` may be held by the job: none may point
-/// at a node that leaves the chain with another job (QEMU: `bdrv_freeze_backing_chain`).
-fn check_freezable(top: &Rc<Node>, bottom: &Rc<Node>) -> Result<()> {
-    let mut at = top.clone();
-    while !Rc::ptr_eq(&at, bottom) {
-        let name = at.driver().filtered_child().unwrap_or("backing");
-        let Some(edge) = at.edge(name) else {
-            break;
-        };
-        let below = edge.node();
-        if below.never_freeze() {
-            return Err(Error::CannotFreeze {
-                link: name.to_owned(),
-                node: below.name().to_owned(),
-            });
-        }
-        at = below;
-    }
-    Ok(())
-}
-
 /// Starts a stream job (QEMU: `stream_start`).
 ///
 /// # Errors
@@ -119,9 +98,7 @@ pub async fn start_stream(
     let was_read_only = node.is_read_only();
     // QEMU holds the chain while it reopens a read-only node (its filter holds it after).
     if was_read_only {
-        check_freezable(&node, &above_base)?;
-    }
-    if was_read_only {
+        let _held = graph.freeze_chain(&node, Some(&above_base))?;
         graph.set_read_only(&node, false)?;
     }
     let restore = |graph: &Graph| {
@@ -151,11 +128,22 @@ pub async fn start_stream(
     if s.filter_node_name.is_none() {
         filter.set_implicit();
     }
+    // The filter holds the chain down to the node above the base, as QEMU's does from its
+    // `bottom`.
+    let frozen = match graph.freeze_chain(&filter, Some(&base_overlay)) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = graph.remove_filter(&filter).await;
+            restore(graph);
+            return Err(ferrite_block::Error::CreateNode(Box::new(e)).into());
+        }
+    };
     let base = above_base.below();
     let driver = Rc::new(StreamJob {
         graph: graph.clone(),
         node: node.clone(),
         filter: RefCell::new(Some(filter.clone())),
+        frozen: RefCell::new(Some(frozen)),
         filter_node: filter.clone(),
         base_overlay,
         above_base: above_base.clone(),
@@ -257,6 +245,8 @@ struct StreamJob {
     backing_mask_protocol: bool,
     on_error: ErrorPolicy,
     was_read_only: bool,
+    /// The chain the filter holds while it is there.
+    frozen: RefCell<Option<FrozenChain>>,
     /// The job's reader, through the filter.
     blk: RefCell<Option<Rc<BlockBackend>>>,
     /// The nodes between the node and the base: they leave the chain.
@@ -266,6 +256,7 @@ struct StreamJob {
 
 impl StreamJob {
     async fn drop_filter(&self) {
+        self.frozen.borrow_mut().take();
         let filter = self.filter.borrow_mut().take();
         if let Some(f) = filter
             && let Err(e) = self.graph.remove_filter(&f).await

@@ -117,6 +117,11 @@ impl TableCache {
     }
 
     /// Drops the clean tables not used since the last call (`cache-clean-interval`).
+    /// Forgets every table not waiting to be written.
+    pub(crate) fn drop_clean(&mut self) {
+        self.slots.retain(|_, s| s.dirty);
+    }
+
     pub(crate) fn drop_unused(&mut self) {
         let mark = self.clean_mark;
         self.slots.retain(|_, s| s.dirty || s.used > mark);

@@ -206,6 +206,9 @@ impl Driver for Qcow2Driver {
         if !same("file") {
             return Err(ferrite_block::Error::CannotChange("file".into()));
         }
+        let entry = if self.extended { 16 } else { 8 };
+        crate::open::cache_sizes(opts, 1 << self.cluster_bits, entry, self.size.get())?;
+        crate::open::clean_interval(opts)?;
         Ok(())
     }
 
@@ -219,6 +222,8 @@ impl Driver for Qcow2Driver {
         // Reopens happen drained: nothing holds the metadata.
         if let Ok(mut m) = self.meta.try_lock() {
             m.overlap_check = crate::open::overlap_check(opts);
+            // QEMU starts with new caches at each reopen.
+            m.drop_clean_tables();
         }
         Ok(())
     }

@@ -118,6 +118,8 @@ pub(crate) enum Error {
     L2CacheTooBig,
     #[error("refcount-cache-size may not exceed cache-size")]
     RefcountCacheTooBig,
+    #[error("L2 cache entry size must be a power of two between 512 and the cluster size ({0})")]
+    L2CacheEntrySize(u64),
     #[error("image is not encrypted, can't amend")]
     AmendUnencrypted,
     #[error("'data-file' can only be set for images with an external data file")]

@@ -132,7 +132,8 @@ impl Qcow2Driver {
             return Err(Error::LazyRefcountsV2.into());
         }
         let lazy = lazy_opt.unwrap_or(h.compatible & compat::LAZY_REFCOUNTS != 0);
-        let (l2_tables, rb_tables) = cache_sizes(args, &h)?;
+        let (l2_tables, rb_tables) =
+            cache_sizes(args, h.cluster_size(), h.l2_entry_size(), h.size)?;
         let clean_interval = clean_interval(args)?;
         h.parse_tail(&first)?;
         let crypto_header = h.extension(crate::format::header::EXT_CRYPTO).is_some();
@@ -283,7 +284,7 @@ pub(crate) async fn prepare_for_writing(
 }
 
 /// `cache-clean-interval` in seconds; QEMU's default is ten minutes.
-fn clean_interval(args: &Args) -> ferrite_block::Result<Duration> {
+pub(crate) fn clean_interval(args: &Args) -> ferrite_block::Result<Duration> {
     match args.opt_i64("cache-clean-interval") {
         None => Ok(Duration::from_secs(DEFAULT_CACHE_CLEAN_INTERVAL)),
         Some(v) if v < 0 || v > i64::from(u32::MAX) => Err(Error::CleanInterval.into()),
@@ -316,8 +317,15 @@ pub(crate) fn overlap_check(args: &Args) -> Metadata {
     }
 }
 
-fn cache_sizes(args: &Args, h: &Header) -> ferrite_block::Result<(usize, usize)> {
-    let cs = h.cluster_size();
+/// The L2 and refcount block caches' sizes in tables, from the cache options (QEMU's
+/// `read_cache_sizes` and its checks), for an image of `size` bytes in clusters of `cs`
+/// with L2 entries of `l2_entry_size` bytes.
+pub(crate) fn cache_sizes(
+    args: &Args,
+    cs: u64,
+    l2_entry_size: u64,
+    size: u64,
+) -> ferrite_block::Result<(usize, usize)> {
     let get = |k: &str| -> ferrite_block::Result<Option<u64>> {
         match args.opt_i64(k) {
             None => Ok(None),
@@ -332,8 +340,8 @@ fn cache_sizes(args: &Args, h: &Header) -> ferrite_block::Result<(usize, usize)>
     let total = get("cache-size")?;
     let l2 = get("l2-cache-size")?;
     let rc = get("refcount-cache-size")?;
-    let per_l2 = cs / h.l2_entry_size();
-    let max_l2 = h.size.div_ceil(cs).div_ceil(per_l2) * cs;
+    let per_l2 = cs / l2_entry_size;
+    let max_l2 = size.div_ceil(cs).div_ceil(per_l2) * cs;
     let (l2, rc) = match (total, l2, rc) {
         (Some(_), Some(_), Some(_)) => {
             return Err(Error::CacheSizes.into());
@@ -363,5 +371,10 @@ fn cache_sizes(args: &Args, h: &Header) -> ferrite_block::Result<(usize, usize)>
             r.unwrap_or(4 * cs),
         ),
     };
+    // Tables are cached whole here; the entry size is checked as QEMU checks it.
+    let entry = get("l2-cache-entry-size")?.unwrap_or(cs);
+    if !(512..=cs).contains(&entry) || !entry.is_power_of_two() {
+        return Err(Error::L2CacheEntrySize(cs).into());
+    }
     Ok((((l2 / cs) as usize).max(2), ((rc / cs) as usize).max(4)))
 }

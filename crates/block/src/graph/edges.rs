@@ -57,7 +57,8 @@ impl Graph {
     /// of it for `parent`'s users.
     ///
     /// # Errors
-    /// A permission conflict; nothing changes then.
+    /// A cycle, parent and child held in different iothreads, or a permission conflict;
+    /// nothing changes then.
     pub fn attach_child(
         &self,
         parent: &Rc<Node>,
@@ -78,6 +79,16 @@ impl Graph {
                 edge: name.to_owned(),
                 parent: parent.name().to_owned(),
             });
+        }
+        // Parent and child run in one iothread: the child moves to the parent's, else the
+        // parent to the child's (QEMU's `bdrv_attach_child_common`; its error is the
+        // child's).
+        let (at_parent, at_child) = (self.iothread_of(parent), self.iothread_of(child));
+        if at_parent != at_child
+            && let Err(e) = self.move_to_iothread(child, at_parent.as_deref(), None)
+        {
+            self.move_to_iothread(parent, at_child.as_deref(), None)
+                .map_err(|_| e)?;
         }
         let e = Child::new(
             name,
@@ -104,6 +115,7 @@ impl Graph {
         let node = e.node();
         if let Some(p) = e.parent_node() {
             p.children.borrow_mut().retain(|c| !Rc::ptr_eq(c, e));
+            unset_inherits_from(&p, &node);
         }
         self.unlink(e, &node);
         e.parent_drained_end();
@@ -160,23 +172,6 @@ impl Graph {
         r
     }
 
-    /// Points `node`'s edge `name` at `to` (a reopen's new `file`), on drained nodes; the
-    /// node it left is closed if nothing else uses it.
-    ///
-    /// # Errors
-    /// A permission conflict on `to`; the edge stays where it was then.
-    pub(crate) async fn retarget_child(
-        &self,
-        node: &Rc<Node>,
-        name: &str,
-        to: &Rc<Node>,
-    ) -> Result<()> {
-        match node.edge(name) {
-            Some(e) => self.retarget_edge(&e, to).await,
-            None => Ok(()),
-        }
-    }
-
     /// Points edge `e` (a node's child, or a root user's: a device's drive changed with
     /// `qom-set`) at `to`, on drained nodes; the node it left is closed if nothing else
     /// uses it.
@@ -184,32 +179,63 @@ impl Graph {
     /// # Errors
     /// A cycle, or a permission conflict on `to`; the edge stays where it was then.
     pub async fn retarget_edge(&self, e: &Rc<Child>, to: &Rc<Node>) -> Result<()> {
-        if let Some(parent) = e.parent_node()
-            && to.reaches(&parent)
-        {
-            return Err(Error::ChildCycle {
-                child: to.name().to_owned(),
-                edge: e.name().to_owned(),
-                parent: parent.name().to_owned(),
-            });
+        self.retarget_edges(&[(e.clone(), to.clone())]).await
+    }
+
+    /// Points each edge at its new node as one change (a reopen that swaps two images'
+    /// files): permissions are checked once all have moved, and on a conflict all go back.
+    /// Nodes left without users are closed.
+    ///
+    /// # Errors
+    /// A cycle, or a permission conflict; no edge has moved then.
+    pub(crate) async fn retarget_edges(&self, moves: &[(Rc<Child>, Rc<Node>)]) -> Result<()> {
+        let moves: Vec<(Rc<Child>, Rc<Node>, Rc<Node>)> = moves
+            .iter()
+            .map(|(e, to)| (e.clone(), e.node(), to.clone()))
+            .filter(|(_, from, to)| !Rc::ptr_eq(from, to))
+            .collect();
+        for (e, _, to) in &moves {
+            if let Some(parent) = e.parent_node()
+                && to.reaches(&parent)
+            {
+                return Err(Error::ChildCycle {
+                    child: to.name().to_owned(),
+                    edge: e.name().to_owned(),
+                    parent: parent.name().to_owned(),
+                });
+            }
         }
-        let from = e.node();
-        if Rc::ptr_eq(&from, to) {
-            return Ok(());
+        let mut drained = Vec::new();
+        for (_, from, to) in &moves {
+            drained.push(self.drain(from).await);
+            drained.push(self.drain(to).await);
         }
-        let from_drained = self.drain(&from).await;
-        let _to_drained = self.drain(to).await;
-        self.move_edge(e, to);
-        let _ = self.propagate(&from);
-        if let Err(err) = self.check_node(to) {
-            self.move_edge(e, &from);
-            let _ = self.propagate(to);
-            let _ = self.check_node(&from);
+        for (e, _, to) in &moves {
+            self.move_edge(e, to);
+        }
+        for (_, from, _) in &moves {
+            let _ = self.propagate(from);
+        }
+        if let Err(err) = moves.iter().try_for_each(|(_, _, to)| self.check_node(to)) {
+            for (e, from, _) in &moves {
+                self.move_edge(e, from);
+            }
+            for (_, from, to) in &moves {
+                let _ = self.propagate(to);
+                let _ = self.check_node(from);
+            }
             return Err(err);
         }
-        drop(from_drained);
-        // Written back before it goes: it may be an image a device wrote through.
-        self.close_inline(&from).await;
+        for (e, from, to) in &moves {
+            if let Some(parent) = e.parent_node() {
+                relink_inherits_from(&parent, from, to);
+            }
+        }
+        drop(drained);
+        for (_, from, _) in &moves {
+            // Written back before it goes: it may be an image a device wrote through.
+            self.close_inline(from).await;
+        }
         Ok(())
     }
 
@@ -288,6 +314,7 @@ impl Graph {
         let _drained = self.drain(node).await;
         let old = node.edge("backing");
         let old_node = old.as_ref().map(|e| e.node());
+        let inherits = backing.is_some_and(|b| b.inherits_from_recursive(node));
         if let Some(e) = &old {
             self.detach_edge(e);
         }
@@ -298,6 +325,11 @@ impl Graph {
                 let _ = self.attach_child(node, o, "backing");
             }
             return Err(err);
+        }
+        if let Some(b) = backing
+            && inherits
+        {
+            *b.inherits_from.borrow_mut() = Rc::downgrade(node);
         }
         // The image will name what it is backed by now.
         node.remove_option("backing");
@@ -335,8 +367,9 @@ impl Graph {
             .with("read-only", true);
         let backing = self.open(&Args::new(opts)).await?;
         let r = self.attach_backing(node, &backing);
-        if r.is_err() {
-            self.forget_if_orphan(&backing);
+        match r {
+            Ok(()) => *backing.inherits_from.borrow_mut() = Rc::downgrade(node),
+            Err(_) => self.forget_if_orphan(&backing),
         }
         r
     }
@@ -365,5 +398,34 @@ impl Graph {
         // The old top is read-only from now on, its file too.
         let _ = self.reopen_read_only(node).await;
         Ok(())
+    }
+}
+
+/// `parent` lets go of `child`: nodes below `child` that took their options from `parent`
+/// take them from nobody now, unless `parent` still has `child` under another edge
+/// (QEMU's `bdrv_unset_inherits_from`).
+fn unset_inherits_from(parent: &Rc<Node>, child: &Rc<Node>) {
+    if child
+        .inherits_from()
+        .is_some_and(|p| Rc::ptr_eq(&p, parent))
+        && !parent
+            .children()
+            .iter()
+            .any(|c| Rc::ptr_eq(&c.node(), child))
+    {
+        *child.inherits_from.borrow_mut() = Weak::new();
+    }
+    for c in child.children() {
+        unset_inherits_from(parent, &c.node());
+    }
+}
+
+/// `parent`'s edge went from `from` to `to`: `to` takes its options from `parent` if it
+/// took them from it through nodes between (QEMU's `bdrv_set_file_or_backing_noperm`).
+fn relink_inherits_from(parent: &Rc<Node>, from: &Rc<Node>, to: &Rc<Node>) {
+    let inherits = to.inherits_from_recursive(parent);
+    unset_inherits_from(parent, from);
+    if inherits {
+        *to.inherits_from.borrow_mut() = Rc::downgrade(parent);
     }
 }

@@ -1,7 +1,8 @@
 //! The block graph (QEMU: `block.c`): every node by name, and the operations that change
 //! the graph. They live in one module each: `perm` (permission checks and their
 //! propagation), `edges` (attaching, detaching and moving edges: filters, overlays,
-//! replacement), `lifecycle` (adding, closing and deleting nodes), `reopen` (options and
+//! replacement), `frozen` (links a job holds),
+//! `lifecycle` (adding, closing and deleting nodes), `reopen` (options and
 //! modes changed in place), `active` (inactivation for migration, and back).
 //!
 //! Graph changes happen on the main thread only, and under a drained section of every node
@@ -9,10 +10,13 @@
 
 mod active;
 mod edges;
+mod frozen;
 mod iothread;
 mod lifecycle;
 mod perm;
 mod reopen;
+
+pub use frozen::FrozenChain;
 
 use crate::backend::BlockBackend;
 use crate::drain::Drained;

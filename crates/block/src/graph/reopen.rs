@@ -41,10 +41,24 @@ fn inherited_reopen(
         .is_some_and(|n| n.as_str() != Some(cur.name()))
     {
         // The child's own check speaks, as in QEMU, where the child is reopened after its
-        // parent, with the options the parent passes down.
-        return Err(Error::CannotChange("node-name".into()));
+        // parent, with the options the parent passes down: of what it cannot take (another
+        // name, options for children it did not open), the first in QEMU's dict order.
+        let mut left = QDict::new().with("node-name", true);
+        for edge in ["backing", "file"] {
+            if let Some(QObject::Dict(grandchild)) = child.get(edge)
+                && !cur.child(edge).is_some_and(|g| inherits_from(&g, cur))
+            {
+                flatten_into(&mut left, grandchild, &format!("{edge}."));
+            }
+        }
+        let first = left.iter_qemu_order().next().map(|(k, _)| k.to_owned());
+        return Err(Error::CannotChange(first.unwrap_or_default()));
     }
     child.insert("node-name", cur.name());
+    // A backing file is read-only unless it says otherwise, as at open.
+    if edge == "backing" && child.get("read-only").is_none() {
+        child.insert("read-only", true);
+    }
     if cur.inherits_read_only()
         && child.get("read-only").is_none()
         && let Some(ro) = parent_opts.get("read-only")
@@ -77,7 +91,8 @@ impl Graph {
     ///
     /// # Errors
     /// QEMU's texts for a missing or unknown node name and for options that cannot change;
-    /// "Block node is read-only" when a user still writes to a node made read-only.
+    /// "Read-only block node 'x' cannot support read-write users" when a user still writes
+    /// to a node made read-only.
     pub async fn reopen(&self, list: &[Args]) -> Result<()> {
         let Expanded {
             list,
@@ -104,6 +119,17 @@ impl Graph {
             }
             check_resets(&node, opts)?;
             node.driver.reopen_check(&node, opts)?;
+            // The block layer's own options that never change (QEMU compares what is left),
+            // and children other than `file` and `backing`, which stay where they are.
+            crate::driver::check_unchanged(opts, &Args::new(node.options()), &["force-share"])?;
+            for e in node.children() {
+                if let Some(QObject::String(wanted)) = opts.get(e.name())
+                    && !matches!(e.name(), "file" | "backing")
+                    && *wanted != e.node().name()
+                {
+                    return Err(Error::CannotChange(e.name().to_owned()));
+                }
+            }
             let read_only = opts.bool_or("read-only", false);
             if opts.opt_str("detect-zeroes") == Some("unmap")
                 && opts.opt_str("discard") != Some("unmap")
@@ -117,7 +143,11 @@ impl Graph {
                         .is_some_and(|p| going_read_only.contains(&p.name()))
             });
             if read_only && writers.count() > 0 {
-                return Err(Error::ReadOnly);
+                return Err(if node.is_read_only() {
+                    Error::ReadOnly
+                } else {
+                    Error::ReadOnlyWithWriters(node.name().to_owned())
+                });
             }
             // A format made writable writes its file: the file must be writable after
             // this reopen too (checked now, so that a refusal changes nothing).
@@ -135,13 +165,25 @@ impl Graph {
             }
             plan.push((node, opts, read_only));
         }
+        // A node whose file changes writes back what it holds to the file it has now first
+        // (QEMU flushes a qcow2 image's caches in its reopen-prepare, before the new file).
+        for m in moves
+            .iter()
+            .filter(|m| m.edge != "backing" && m.to.is_some())
+        {
+            let _drained = self.drain(&m.node).await;
+            m.node.flush().await.map_err(Error::WriteBack)?;
+        }
+        // Other children move together: two images may swap their files.
+        let mut others = Vec::new();
         for m in moves {
             match (m.edge, m.to) {
                 ("backing", to) => self.set_backing(&m.node, to.as_ref()).await?,
-                (edge, Some(to)) => self.retarget_child(&m.node, edge, &to).await?,
+                (edge, Some(to)) => others.extend(m.node.edge(edge).map(|e| (e, to))),
                 _ => {}
             }
         }
+        self.retarget_edges(&others).await?;
         for (node, opts, read_only) in plan {
             let _drained = self.drain(&node).await;
             if read_only && !node.is_read_only() {
@@ -263,9 +305,7 @@ impl Graph {
                             to: Some(new),
                         });
                     }
-                    (QObject::Dict(child_opts), Some(cur))
-                        if cur.users().len() == 1 && !self.is_monitor_owned(cur) =>
-                    {
+                    (QObject::Dict(child_opts), Some(cur)) if inherits_from(cur, &node) => {
                         let child = inherited_reopen(opts, cur, child_opts, edge)?;
                         parent.insert(edge, cur.name());
                         // A writable child before its parent needs it; a read-only one
@@ -317,7 +357,7 @@ impl Graph {
         })
     }
 
-    /// A child edge a reopen may point elsewhere: not one a job froze, not one a job put in.
+    /// A child edge a reopen may point elsewhere: not one a job put in, not one a job holds.
     fn check_replaceable(&self, node: &Rc<Node>, edge: &str, cur: &Rc<Node>) -> Result<()> {
         if cur.is_implicit() {
             return Err(Error::ImplicitChild {
@@ -325,9 +365,7 @@ impl Graph {
                 parent: node.name().to_owned(),
             });
         }
-        if edge == "backing"
-            && (self.check_unblocked(node).is_err() || self.check_unblocked(cur).is_err())
-        {
+        if node.edge(edge).is_some_and(|e| e.is_frozen()) {
             return Err(Error::FrozenChild {
                 edge: edge.into(),
                 parent: node.name().to_owned(),
@@ -435,6 +473,14 @@ impl Graph {
             _ => Error::Resize(e),
         })
     }
+}
+
+/// Whether `child` takes its options from `parent` (a reopen of `parent` reopens it with
+/// the options given inline for it; other children's options stay with `parent`).
+fn inherits_from(child: &Node, parent: &Rc<Node>) -> bool {
+    child
+        .inherits_from()
+        .is_some_and(|p| Rc::ptr_eq(&p, parent))
 }
 
 /// The flat names of the options in `d` (`cache.direct`), children's left out.

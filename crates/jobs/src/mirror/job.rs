@@ -118,6 +118,8 @@ pub(crate) struct MirrorJob {
     /// The nodes the job keeps others' jobs and commands off (its filter, source, target
     /// and, committing, the layers between): QEMU blocks every node a job holds.
     pub(crate) blocked: RefCell<Vec<Rc<Node>>>,
+    /// The chain down to a target in the source's backing chain, held while the job runs.
+    pub(crate) frozen: RefCell<Option<ferrite_block::FrozenChain>>,
     /// The job drains its own source to finish: it must not wait for itself.
     in_drain: Cell<bool>,
     held: RefCell<Vec<Drained>>,
@@ -173,6 +175,7 @@ impl MirrorJob {
             base,
             zero_target: false,
             blocked: RefCell::new(Vec::new()),
+            frozen: RefCell::new(None),
             unmap: true,
             buf_size: DEFAULT_BUF_SIZE,
             backing_mode: BackingMode::Leave,
@@ -643,6 +646,7 @@ impl MirrorJob {
             return Ok(());
         }
         let mut result = Ok(());
+        self.frozen.borrow_mut().take();
         self.filter.remove_bitmap(&self.shared.bitmap);
         // The target's writer goes before the target takes the source's place, where it
         // may not have the same permissions.

@@ -170,7 +170,14 @@ pub(crate) async fn start_job(
             return Err(e);
         }
     };
-    let attached = attach(graph, &job, &s, &filter, target_is_backing);
+    // A commit of the active layer holds the chain down to its base (QEMU freezes it
+    // once the job holds the nodes between).
+    let attached = attach(graph, &job, &s, &filter, target_is_backing).and_then(|blk| {
+        if target_is_backing {
+            *driver.frozen.borrow_mut() = Some(graph.freeze_chain(&filter, Some(&s.target))?);
+        }
+        Ok(blk)
+    });
     let blk = match attached {
         Ok(blk) => blk,
         Err(e) => {

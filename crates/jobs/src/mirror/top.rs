@@ -220,8 +220,4 @@ impl Driver for MirrorTop {
     fn filtered_child(&self) -> Option<&'static str> {
         Some("backing")
     }
-
-    fn reopen_check(&self, _node: &Node, _opts: &ferrite_qapi::Args) -> ferrite_block::Result<()> {
-        Ok(())
-    }
 }

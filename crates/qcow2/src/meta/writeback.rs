@@ -118,6 +118,13 @@ impl Meta {
     }
 
     /// Drops clean cached tables unused since the last cleaning (`cache-clean-interval`).
+    /// Forgets the cached tables already on disk: they are read again from the file the
+    /// image has from now on (a reopen may give it another).
+    pub(crate) fn drop_clean_tables(&mut self) {
+        self.l2.drop_clean();
+        self.rb.drop_clean();
+    }
+
     pub(crate) fn drop_unused_tables(&mut self) {
         self.l2.drop_unused();
         self.rb.drop_unused();
