@@ -80,16 +80,7 @@ impl Graph {
                 parent: parent.name().to_owned(),
             });
         }
-        // Parent and child run in one iothread: the child moves to the parent's, else the
-        // parent to the child's (QEMU's `bdrv_attach_child_common`; its error is the
-        // child's).
-        let (at_parent, at_child) = (self.iothread_of(parent), self.iothread_of(child));
-        if at_parent != at_child
-            && let Err(e) = self.move_to_iothread(child, at_parent.as_deref(), None)
-        {
-            self.move_to_iothread(parent, at_child.as_deref(), None)
-                .map_err(|_| e)?;
-        }
+        self.join_iothreads(parent, child)?;
         let e = Child::new(
             name,
             child,
@@ -203,6 +194,11 @@ impl Graph {
                     edge: e.name().to_owned(),
                     parent: parent.name().to_owned(),
                 });
+            }
+        }
+        for (e, _, to) in &moves {
+            if let Some(parent) = e.parent_node() {
+                self.join_iothreads(&parent, to)?;
             }
         }
         let mut drained = Vec::new();

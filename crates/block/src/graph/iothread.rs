@@ -83,6 +83,25 @@ impl Graph {
         seen
     }
 
+    /// Puts `parent` and a new `child` in one iothread: the child moves to the parent's,
+    /// else the parent to the child's (QEMU's `bdrv_attach_child_common`).
+    ///
+    /// # Errors
+    /// [`Error::IothreadInUse`] when neither can move (the child's refusal); nothing has
+    /// moved then.
+    pub(crate) fn join_iothreads(&self, parent: &Rc<Node>, child: &Rc<Node>) -> Result<()> {
+        let (at_parent, at_child) = (self.iothread_of(parent), self.iothread_of(child));
+        if at_parent == at_child {
+            return Ok(());
+        }
+        match self.move_to_iothread(child, at_parent.as_deref(), None) {
+            Ok(()) => Ok(()),
+            Err(e) => self
+                .move_to_iothread(parent, at_child.as_deref(), None)
+                .map_err(|_| e),
+        }
+    }
+
     /// The iothread `node` runs in (`None`: the main loop).
     pub fn iothread_of(&self, node: &Node) -> Option<String> {
         node.iothread.borrow().clone()

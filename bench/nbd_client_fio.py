@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Storage reached over the network and served again: fio's nbd engine (iodepth 16) against an
+NBD export of a raw node stacked on the nbd client, which reaches a second daemon of the same
+program exporting a raw file (ferrite -> ferrite and qemu-storage-daemon ->
+qemu-storage-daemon, in the same run). The nbd client is what a backup to a remote machine or
+a storage migration writes through. Prints IOPS / bandwidth and the ratio ferrite/qsd (higher
+is better), with nbdkit's nbd plugin in front of nbdkit's file plugin as a non-QEMU anchor."""
+import os
+import subprocess
+import tempfile
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
+QSD = "qemu-storage-daemon"
+RUNTIME = os.environ.get("FIO_RUNTIME", "8")
+SIZE = "1G"
+
+JOBS = [
+    ("seq read 1M", ["--rw=read", "--bs=1M"]),
+    ("seq write 1M", ["--rw=write", "--bs=1M"]),
+    ("rand read 4k", ["--rw=randread", "--bs=4k"]),
+    ("rand write 4k", ["--rw=randwrite", "--bs=4k"]),
+]
+
+
+def back_args(binary, d, img, sock):
+    """The remote side: a raw file exported over NBD."""
+    qmp = os.path.join(d, "back-qmp.sock")
+    return [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
+            "--blockdev", "raw,node-name=d0,file=f0",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "nbd,id=e0,node-name=d0,writable=on",
+            "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
+
+
+def front_args(binary, d, remote, sock):
+    """The local side: the nbd client to the remote export, exported again."""
+    qmp = os.path.join(d, "front-qmp.sock")
+    return [binary,
+            "--blockdev", f"driver=nbd,node-name=n0,server.type=unix,server.path={remote},"
+                          "export=d0",
+            "--blockdev", "raw,node-name=d0,file=n0",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "nbd,id=e0,node-name=d0,writable=on",
+            "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
+
+
+def nbdkit_back(img, sock):
+    return ["nbdkit", "--foreground", "--unix", sock, "--exportname=d0", "file", f"file={img}"]
+
+
+def nbdkit_front(remote, sock):
+    return ["nbdkit", "--foreground", "--unix", sock, "--exportname=d0", "nbd",
+            f"socket={remote}", "export=d0"]
+
+
+def image(d):
+    """A fully written image, so reads hit data rather than holes."""
+    img = os.path.join(d, "disk.raw")
+    subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=1024",
+                    "status=none"], check=True)
+    return img
+
+
+def measure(binary):
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
+        img = image(d)
+        remote = os.path.join(d, "back.sock")
+        sock = os.path.join(d, "front.sock")
+        if binary == "nbdkit":
+            back, front = nbdkit_back(img, remote), nbdkit_front(remote, sock)
+        else:
+            back, front = back_args(binary, d, img, remote), front_args(binary, d, remote, sock)
+        with common.running(back, remote), common.running(front, sock):
+            return {name: common.fio(f"nbd+unix:///d0?socket={sock}", SIZE, RUNTIME, extra)
+                    for name, extra in JOBS}
+
+
+def main():
+    common.require_built(FERRITE)
+    print(f"fio nbd engine, iodepth 16, {RUNTIME}s per job, 1 GiB raw file behind an nbd "
+          "client node, each program to itself")
+    print(f"{'':26}{'ferrite':>14}{'qsd':>14}{'ratio':>8}{'nbdkit':>14}")
+    k = measure("nbdkit")
+    q = measure(QSD)
+    f = measure(FERRITE)
+    for name, _ in JOBS:
+        (fi, fb), (qi, qb), (ki, kb) = f[name], q[name], k[name]
+        if "1M" in name:
+            print(f"{name:26}{fb:11.0f}MiB/s{qb:9.0f}MiB/s{fb / qb:8.2f}{kb:9.0f}MiB/s")
+        else:
+            print(f"{name:26}{fi:10.0f}iops{qi:10.0f}iops{fi / qi:8.2f}{ki:10.0f}iops")
+
+
+if __name__ == "__main__":
+    main()
