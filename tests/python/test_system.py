@@ -453,42 +453,58 @@ def qtest_channel(path):
 
 
 def test_qtest_clock_drives_throttled_requests(tmp_path):
-    """Under -accel qtest throttled requests wait on the virtual clock, as in QEMU: nothing
-    held moves while the test does not step the clock, and a step of N seconds lets N
-    seconds' worth through (093's check: within 10%). qemu-system here has no qtest, so the
-    figures are the throttle's own."""
+    """Under -accel qtest, limits set once the machine runs (`block_set_io_throttle`) hold
+    requests on the virtual clock: nothing moves while the test does not step it, and a
+    step of N seconds lets N seconds' worth through (093's check: within 10%). A command
+    line's `-drive` limits keep the host's clock, as QEMU makes those drives before its
+    accelerator (measured with qemu-system-x86_64 10.0.2 built with qtest: 2 requests at
+    once, 10 more in a second of real time, 1 more for a 5 s step; iotest
+    mirror-change-copy-mode relies on it)."""
     qtest_sock = str(tmp_path / "qtest.sock")
     m = Machine(SYSTEM, "qtest", tmp_path, [
         "-chardev", f"socket,id=qt,path={qtest_sock},server=on,wait=off",
         "-qtest", "chardev:qt",
-        "-drive", "if=none,id=drive0,file=null-co://,format=raw,file.read-zeroes=on,"
+        "-drive", "if=none,id=drive0,file=null-co://,format=raw,file.read-zeroes=on",
+        "-drive", "if=none,id=host,file=null-co://,format=raw,file.read-zeroes=on,"
                   "throttling.bps-total=40960",
     ])
     try:
         qtest, qtf, qt = qtest_channel(qtest_sock)
 
-        def read_bytes():
+        def read_bytes(drive):
             stats = m.qmp.cmd("query-blockstats")["return"]
-            return next(s["stats"]["rd_bytes"] for s in stats if s["device"] == "drive0")
+            return next(s["stats"]["rd_bytes"] for s in stats if s["device"] == drive)
 
+        def reads(drive, n):
+            for _ in range(n):
+                assert m.qmp.cmd("human-monitor-command",
+                                 {"command-line": f'qemu-io {drive} "aio_read 0 4096"'}) \
+                    == {"return": ""}
+
+        limits = {k: 0 for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"]}
+        assert m.qmp.cmd("block_set_io_throttle",
+                         dict(limits, bps=40960, device="drive0")) == {"return": {}}
         assert qtest("clock_step 5000000000") == "OK 5000000000"
-        for _ in range(100):
-            assert m.qmp.cmd("human-monitor-command",
-                             {"command-line": 'qemu-io drive0 "aio_read 0 4096"'}) \
-                == {"return": ""}
-        start = read_bytes()
+        reads("drive0", 100)
+        reads("host", 100)
+        start = read_bytes("drive0")
+        host_start = read_bytes("host")
         # The first requests go at once (a tenth of a second's worth); then nothing moves
-        # while the clock stands still.
+        # while the clock stands still, except on the host's clock.
         assert 0 < start <= 2 * 4096
-        time.sleep(0.5)
-        assert read_bytes() == start
+        assert 0 < host_start <= 2 * 4096
+        time.sleep(1)
+        assert read_bytes("drive0") == start
+        host_later = read_bytes("host")
+        assert 7 * 4096 <= host_later - host_start <= 14 * 4096, host_later - host_start
         assert qtest("clock_step 5000000000") == "OK 10000000000"
-        done = read_bytes() - start
-        # 40960 bytes/s for 5 s: 50 requests of 4 KiB.
+        done = read_bytes("drive0") - start
+        # 40960 bytes/s for 5 s: 50 requests of 4 KiB; the host's clock did not jump.
         assert 45 * 4096 <= done <= 55 * 4096, done
+        assert read_bytes("host") - host_later <= 3 * 4096
         # Without an amount, the clock goes to the next timer: one more request.
         assert qtest("clock_step").startswith("OK 10")
-        assert read_bytes() - start - done == 4096
+        assert read_bytes("drive0") - start - done == 4096
         # QEMU's qtest log on standard error: the channel opening, each command and answer,
         # and the channel closing.
         qtf.close()

@@ -100,17 +100,24 @@ pub trait LimitsSource {
 }
 
 /// The limits of a group no object describes: a drive's own (`-drive throttling.*`,
-/// `block_set_io_throttle`), which QEMU keeps in an internal group named after the drive.
-#[derive(Default)]
-struct OwnLimits(Cell<ThrottleLimits>);
+/// `block_set_io_throttle`), which QEMU keeps in an internal group named after the drive,
+/// and the clock it was made with.
+struct OwnLimits {
+    limits: Cell<ThrottleLimits>,
+    clock: clock::Clock,
+}
 
 impl LimitsSource for OwnLimits {
     fn limits(&self) -> ThrottleLimits {
-        self.0.get()
+        self.limits.get()
     }
 
     fn set_limits(&self, limits: ThrottleLimits) {
-        self.0.set(limits);
+        self.limits.set(limits);
+    }
+
+    fn clock(&self) -> clock::Clock {
+        self.clock
     }
 }
 
@@ -379,14 +386,17 @@ impl ThrottleGroups {
         Some(Self::member(group))
     }
 
-    /// Joins group `name`, which is made with limits of its own when neither a group in use
-    /// nor an object has that name (QEMU's groups of drives).
-    pub fn join_or_create(&self, name: &str) -> GroupMember {
+    /// Joins group `name`, which is made with limits of its own, leaking on `clock`, when
+    /// neither a group in use nor an object has that name (QEMU's groups of drives).
+    pub fn join_or_create(&self, name: &str, clock: clock::Clock) -> GroupMember {
         let group = self.existing(name).unwrap_or_else(|| {
             let lookup = self.lookup.borrow().clone();
-            let source = lookup
-                .and_then(|l| l(name))
-                .unwrap_or_else(|| Rc::new(OwnLimits::default()));
+            let source = lookup.and_then(|l| l(name)).unwrap_or_else(|| {
+                Rc::new(OwnLimits {
+                    limits: Cell::new(ThrottleLimits::default()),
+                    clock,
+                })
+            });
             self.create(name, source)
         });
         Self::member(group)

@@ -4,6 +4,7 @@
 //! interface other than `none` puts a device on the machine with it.
 
 use crate::devices::Devices;
+use ferrite_block::clock::Clock;
 use ferrite_block::{BlockBackend, Graph, OnError, Perm, RootState};
 use ferrite_qapi::{Args, Error};
 use ferrite_qobject::{QDict, QObject};
@@ -543,7 +544,17 @@ pub(crate) async fn add(
         }
     }
     if let Some((config, group)) = throttling
-        && let Err(e) = crate::io_limits::apply(graph, &blk, &config, group.as_deref(), &id)
+        && let Err(e) = crate::io_limits::apply(
+            graph,
+            &blk,
+            &config,
+            group.as_deref(),
+            &id,
+            // QEMU makes a command line's drives before its accelerator: their groups
+            // keep the host's clock under qtest (iotest mirror-change-copy-mode relies on
+            // it), as `-object throttle-group` ones do.
+            Clock::Host,
+        )
     {
         blk.remove();
         blk.set_name("");

@@ -2,6 +2,7 @@
 //! `-drive throttling.*` options put a drive's reads and writes through a throttle group,
 //! by default one of its own named after the drive, that `query-block` reports.
 
+use ferrite_block::clock::Clock;
 use ferrite_block::{BlockBackend, Graph};
 use ferrite_qapi::{Args, Error};
 use ferrite_qom::ThrottleConfig;
@@ -52,7 +53,8 @@ fn enabled(config: &ThrottleConfig) -> bool {
 
 /// Gives `blk` the limits `config` (checked first): a drive not yet throttled joins
 /// `group`, or `default_group` when none is named; a throttled one moves to `group` when
-/// one is named; limits of all zero take the drive out of its group.
+/// one is named; limits of all zero take the drive out of its group. A group made here leaks
+/// on `clock`.
 ///
 /// # Errors
 /// QEMU's texts for limits that do not make sense.
@@ -62,6 +64,7 @@ pub(crate) fn apply(
     config: &ThrottleConfig,
     group: Option<&str>,
     default_group: &str,
+    clock: Clock,
 ) -> Result<(), Error> {
     config
         .validate()
@@ -77,7 +80,7 @@ pub(crate) fn apply(
         _ => None,
     };
     if let Some(name) = join {
-        blk.set_throttle(Some(graph.throttle_groups().join_or_create(name)));
+        blk.set_throttle(Some(graph.throttle_groups().join_or_create(name, clock)));
     }
     if let Some(g) = blk.throttle_group() {
         g.set_limits(throttle_limits(config));
@@ -107,6 +110,8 @@ pub(crate) fn qmp_block_set_io_throttle(
         &config_from_qmp(args),
         args.opt_str("group"),
         default_group,
+        // Made now, on the clock the program runs on (the virtual one under qtest).
+        Clock::current(),
     )
 }
 

@@ -8,34 +8,44 @@ use ferrite_chardev::Chardev;
 use std::rc::Rc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// The answer to one command line.
+/// The answer to one command line, in QEMU's words.
 async fn answer(clock: &VirtualClock, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         // Without an amount: to the next timer, if one waits.
-        ["clock_step"] => {
-            if let Some(deadline) = clock.next_deadline() {
-                clock.advance_to(deadline).await;
-            }
-            format!("OK {}", clock.now_ns())
-        }
+        ["clock_step"] => match clock.next_deadline() {
+            Some(deadline) => step(clock, deadline).await,
+            None => "FAIL cannot advance clock to the next deadline because there is no \
+                     pending deadline"
+                .into(),
+        },
         ["clock_step", ns] => match ns.parse::<u64>() {
-            Ok(n) => {
-                clock.advance_to(clock.now_ns().saturating_add(n)).await;
-                format!("OK {}", clock.now_ns())
-            }
+            Ok(n) => step(clock, clock.now_ns().saturating_add(n)).await,
             _ => "FAIL invalid clock_step argument".into(),
         },
+        // QEMU says FAIL when the clock is past the time already (it stays where it is).
         ["clock_set", ns] => match ns.parse::<i64>() {
             Ok(n) => {
-                clock.advance_to(u64::try_from(n).unwrap_or(0)).await;
-                format!("OK {}", clock.now_ns())
+                let target = u64::try_from(n).unwrap_or(0);
+                clock.advance_to(target).await;
+                let now = clock.now_ns();
+                format!("{} {now}", if now == target { "OK" } else { "FAIL" })
             }
             _ => "FAIL invalid clock_set argument".into(),
         },
         ["endianness"] => "OK little".into(),
         [] => "FAIL empty command".into(),
         [cmd, ..] => format!("FAIL Unknown command '{cmd}'"),
+    }
+}
+
+/// `clock_step` to `target`: QEMU's answer when the clock did not move.
+async fn step(clock: &VirtualClock, target: u64) -> String {
+    let before = clock.now_ns();
+    clock.advance_to(target).await;
+    match clock.now_ns() {
+        now if now > before => format!("OK {now}"),
+        _ => "FAIL could not advance time".into(),
     }
 }
 
@@ -130,10 +140,19 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn the_clock_moves_forward_only() {
         let c = VirtualClock::default();
+        // qemu-system-x86_64 10.0.2 under qtest answers these so.
         assert_eq!(answer(&c, "clock_step 100").await, "OK 100");
-        assert_eq!(answer(&c, "clock_set 50").await, "OK 100");
+        assert_eq!(answer(&c, "clock_set 50").await, "FAIL 100");
         assert_eq!(answer(&c, "clock_set 1000").await, "OK 1000");
-        assert_eq!(answer(&c, "clock_step").await, "OK 1000");
+        assert_eq!(
+            answer(&c, "clock_step 0").await,
+            "FAIL could not advance time"
+        );
+        assert_eq!(
+            answer(&c, "clock_step").await,
+            "FAIL cannot advance clock to the next deadline because there is no pending \
+             deadline"
+        );
         assert_eq!(
             answer(&c, "clock_step -1").await,
             "FAIL invalid clock_step argument"
