@@ -73,6 +73,28 @@ pub fn protocol_options(name: &str) -> QDict {
     QDict::new().with("driver", "file").with("filename", name)
 }
 
+/// The protocol prefix of `name` when ferrite has no such protocol (QEMU's "Unknown
+/// protocol"): a name whose first `:` comes before any `/` names its protocol
+/// (`foo:bar`), other names are files.
+pub fn unknown_protocol(name: &str) -> Option<&str> {
+    const KNOWN: [&str; 11] = [
+        "file",
+        "host_device",
+        "host_cdrom",
+        "nbd",
+        "nbd+tcp",
+        "nbd+unix",
+        "null-co",
+        "null-aio",
+        "blkdebug",
+        "blkverify",
+        "json",
+    ];
+    let at = name.find([':', '/'])?;
+    let protocol = &name[..at];
+    (name[at..].starts_with(':') && !KNOWN.contains(&protocol)).then_some(protocol)
+}
+
 /// The NBD client's options for an NBD name (QEMU's `nbd_parse_filename`): a URI
 /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+tcp://...`, `nbd+unix:///EXPORT?socket=PATH`) or the
 /// older `nbd:unix:PATH[:exportname=EXPORT]` and `nbd:HOST:PORT[:exportname=EXPORT]`.
@@ -145,6 +167,16 @@ pub fn backing_path(image: &str, name: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::backing_path;
+
+    #[test]
+    fn unknown_protocols_are_named_as_qemu_names_them() {
+        assert_eq!(super::unknown_protocol("foo:bar"), Some("foo"));
+        assert_eq!(super::unknown_protocol("/a/foo:bar"), None);
+        assert_eq!(super::unknown_protocol("./foo:bar"), None);
+        assert_eq!(super::unknown_protocol("file:/a"), None);
+        assert_eq!(super::unknown_protocol("nbd+unix:///e?socket=/s"), None);
+        assert_eq!(super::unknown_protocol("disk.img"), None);
+    }
 
     #[test]
     fn nbd_names_open_the_nbd_client() {

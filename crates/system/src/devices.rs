@@ -19,8 +19,10 @@ mod medium;
 pub(crate) enum Kind {
     /// A disk of its own on PCI (`virtio-blk-pci`).
     VirtioBlk,
-    /// A SCSI controller on PCI: provides a SCSI bus.
+    /// A SCSI controller on PCI: provides a SCSI bus (runs in an iothread if asked).
     VirtioScsi,
+    /// The LSI 53C895A SCSI controller on PCI: a SCSI bus in the main loop.
+    Lsi,
     /// A PCI bridge.
     PciBridge,
     /// A disk or CD-ROM on a SCSI bus.
@@ -36,7 +38,12 @@ pub(crate) enum Kind {
 impl Kind {
     /// Whether the device takes a `drive` property.
     fn has_drive(self) -> bool {
-        !matches!(self, Kind::VirtioScsi | Kind::PciBridge)
+        !matches!(self, Kind::VirtioScsi | Kind::Lsi | Kind::PciBridge)
+    }
+
+    /// Whether it provides a SCSI bus.
+    fn is_scsi_host(self) -> bool {
+        matches!(self, Kind::VirtioScsi | Kind::Lsi)
     }
 
     /// Whether its medium can be removed (a tray).
@@ -77,7 +84,10 @@ impl Kind {
     }
 
     fn on_pci(self) -> bool {
-        matches!(self, Kind::VirtioBlk | Kind::VirtioScsi | Kind::PciBridge)
+        matches!(
+            self,
+            Kind::VirtioBlk | Kind::VirtioScsi | Kind::Lsi | Kind::PciBridge
+        )
     }
 }
 
@@ -147,6 +157,15 @@ pub(crate) const MODELS: &[Model] = &[
         desc: "",
         kind: Kind::VirtioScsi,
         props: &["iothread", "num_queues", "addr"],
+    },
+    Model {
+        name: "lsi53c895a",
+        alias: None,
+        bus: "PCI",
+        category: STORAGE,
+        desc: "",
+        kind: Kind::Lsi,
+        props: &["addr"],
     },
     Model {
         name: "pci-bridge",
@@ -611,9 +630,27 @@ impl Devices {
         if let Some(blk) = &blk
             && let Some(node) = blk.node()
         {
-            self.graph
-                .move_to_iothread(&node, iothread.as_deref(), Some(blk))
-                .map_err(block_error)?;
+            // Where the device runs its I/O (QEMU's AioContext rules): a SCSI disk's drive
+            // stays where its node is unless its HBA runs in an iothread (one that cannot,
+            // LSI, refuses a node in one); other devices take their drive into the main loop
+            // first, and into their own iothread after.
+            let at = self.graph.iothread_of(&node);
+            let moves: Vec<Option<String>> = match model.kind {
+                Kind::ScsiHd | Kind::ScsiCd => match self.scsi_controller(bus.as_deref()) {
+                    Some(hba) if hba.model.kind == Kind::Lsi && at.is_some() => {
+                        return Err(generic("HBA does not support iothreads"));
+                    }
+                    Some(hba) if hba.iothread.is_some() => vec![hba.iothread.clone()],
+                    _ => vec![],
+                },
+                Kind::VirtioBlk if iothread.is_some() => vec![None, iothread.clone()],
+                _ => vec![None],
+            };
+            for iothread in moves {
+                self.graph
+                    .move_to_iothread(&node, iothread.as_deref(), Some(blk))
+                    .map_err(block_error)?;
+            }
             if matches!(model.kind, Kind::IdeHd) && node.is_read_only() {
                 return Err(generic("Block node is read-only"));
             }
@@ -636,7 +673,9 @@ impl Devices {
                 format!("/machine/peripheral-anon/device[{n}]")
             }
         };
-        let bus_name = (model.kind == Kind::VirtioScsi)
+        let bus_name = model
+            .kind
+            .is_scsi_host()
             .then(|| format!("{}.0", id.clone().unwrap_or_else(|| path.clone())));
         let device = Rc::new(Device {
             id,
@@ -736,7 +775,7 @@ impl Devices {
             .borrow()
             .iter()
             .find(|d| {
-                d.model.kind == Kind::VirtioScsi
+                d.model.kind.is_scsi_host()
                     && bus.is_none_or(|b| {
                         d.bus_name.as_deref() == Some(b) || d.id.as_deref() == Some(b)
                     })
@@ -772,7 +811,7 @@ impl Devices {
                 .list
                 .borrow()
                 .iter()
-                .any(|d| d.model.kind == Kind::VirtioScsi),
+                .any(|d| d.model.kind.is_scsi_host()),
             Kind::IdeHd | Kind::IdeCd => board.ide_buses() > 0,
             Kind::Floppy => board.has_floppy(),
             _ => true,

@@ -97,6 +97,7 @@ fn fill_in(given: &mut QDict, from: QDict) {
 async fn temporary_overlay(
     graph: &Rc<Graph>,
     image: &Rc<ferrite_block::Node>,
+    read_only: bool,
 ) -> Result<Rc<ferrite_block::Node>, Error> {
     let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
     let path = (0..100)
@@ -119,6 +120,17 @@ async fn temporary_overlay(
         })
         .find(|p| !std::path::Path::new(p).exists())
         .ok_or_else(|| generic("Could not get temporary filename"))?;
+    // Made as mkstemp makes it first (QEMU's words when that fails).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| {
+            generic(format!(
+                "Could not open temporary file '{path}': {}",
+                ferrite_qapi::os_msg(&e)
+            ))
+        })?;
     ferrite_blockdev::snapshot_cmds::create_overlay(graph, image, &path, false)
         .await
         .map_err(|e| generic(format!("Could not create temporary overlay '{path}': {e}")))?;
@@ -131,6 +143,7 @@ async fn temporary_overlay(
                 .with("filename", path.as_str()),
         )
         .with("backing", image.name())
+        .with("read-only", read_only)
         .with("cache", QDict::new().with("no-flush", true));
     let overlay = graph.open_inline(&Args::new(opts)).await;
     let _ = std::fs::remove_file(&path);
@@ -284,6 +297,60 @@ fn stats_intervals(value: Option<QObject>) -> Result<Vec<u32>, Error> {
         .collect()
 }
 
+/// What QEMU's `bdrv_open` says of options `opts` (for child `key`) that cannot open a node:
+/// a protocol without its file name or server, a format or filter without its file; the
+/// file is looked at first, as QEMU opens it first.
+fn missing_child(opts: &QDict, key: &str) -> Option<Error> {
+    let driver = opts.get("driver").and_then(QObject::as_str);
+    let has_filename = opts
+        .get("filename")
+        .and_then(QObject::as_str)
+        .is_some_and(|f| !f.is_empty());
+    match driver {
+        Some(d @ ("file" | "host_device" | "host_cdrom")) if !has_filename => Some(generic(
+            format!("The '{d}' block driver requires a file name"),
+        )),
+        Some("nbd") if opts.get("server").is_none() && !has_filename => {
+            Some(generic("NBD server address missing"))
+        }
+        // Protocols, and drivers whose children have other names.
+        Some(
+            "file" | "host_device" | "host_cdrom" | "nbd" | "null-co" | "null-aio" | "blkdebug"
+            | "blkverify" | "quorum",
+        ) => None,
+        _ => match opts.get("file") {
+            Some(QObject::Dict(child)) => missing_child(child, "file"),
+            Some(_) => None,
+            None if driver.is_none() && has_filename => None,
+            None => Some(generic(format!(
+                "A block device must be specified for \"{key}\""
+            ))),
+        },
+    }
+}
+
+/// QEMU's refusal of backing options for a node (or its file) whose driver has no backing
+/// file, which it gives once the node is open.
+fn backing_unsupported(opts: &QDict) -> Option<Error> {
+    let with_backing = ["qcow2", "qcow", "qed", "vmdk"];
+    let driver = opts.get("driver").and_then(QObject::as_str);
+    if let Some(QObject::Dict(file)) = opts.get("file")
+        && let Some(e) = backing_unsupported(file)
+    {
+        return Some(e);
+    }
+    (opts.get("backing").is_some() && driver.is_some_and(|d| !with_backing.contains(&d)))
+        .then(|| generic("Driver doesn't support backing files"))
+}
+
+/// The file a protocol node's options name, for probing the format of what it holds.
+fn image_path(proto: &QDict) -> Result<String, Error> {
+    match proto.get("filename").and_then(QObject::as_str) {
+        Some(path) => Ok(path.to_owned()),
+        None => Err(generic("Must specify either driver or file")),
+    }
+}
+
 pub(crate) async fn add(
     graph: &Rc<Graph>,
     devices: &Devices,
@@ -296,6 +363,15 @@ pub(crate) async fn add(
     let parsed = ferrite_storage_daemon::front_end::keyval::parse(&text, None)?;
     let mut opts = parsed.value;
     crate::io_limits::rename_legacy_limits(&mut opts)?;
+    // `readonly` is the old name of `read-only`, which QEMU renames after the limits.
+    if let Some(v) = opts.remove("read-only") {
+        if opts.get("readonly").is_some() {
+            return Err(generic(
+                "'read-only' and its alias 'readonly' can't be used at the same time",
+            ));
+        }
+        opts.insert("readonly", v);
+    }
     let file_is_name = file_name.is_some() || matches!(opts.get("file"), Some(QObject::String(_)));
     let cache_is_mode = matches!(opts.get("cache"), Some(QObject::String(_)));
     // `cache.writeback` is the drive's, not the node's.
@@ -345,7 +421,16 @@ pub(crate) async fn add(
     } else {
         None
     };
-    let format = take("format").or_else(|| take("driver"));
+    let format = match (take("format"), take("driver")) {
+        (Some(_), Some(_)) => return Err(generic("Cannot specify both 'driver' and 'format'")),
+        (format, driver) => format.or(driver),
+    };
+    if let Some(protocol) = file
+        .as_deref()
+        .and_then(ferrite_block::filename::unknown_protocol)
+    {
+        return Err(generic(format!("Unknown protocol '{protocol}'")));
+    }
     // `cache=MODE`; `cache.*` alone stay for the node.
     let cache = match flat_cache {
         Some(c) => Some(c),
@@ -414,7 +499,15 @@ pub(crate) async fn add(
             }
             None => match &file {
                 Some(path) => graph.probe_image(path).await?.to_owned(),
-                None => return Err(generic("Parameter 'driver' is missing")),
+                None => match opts.get("file") {
+                    // The image's file is opened first, then its format is probed.
+                    Some(QObject::Dict(proto)) => {
+                        let path =
+                            missing_child(proto, "file").map_or_else(|| image_path(proto), Err)?;
+                        graph.probe_image(&path).await?.to_owned()
+                    }
+                    _ => return Err(generic("Must specify either driver or file")),
+                },
             },
         };
         // The format node's options: what is left, with the protocol node under `file`.
@@ -508,8 +601,16 @@ pub(crate) async fn add(
             }
             node.insert("cache", given);
         }
+        if file.is_none()
+            && let Some(e) = missing_child(&node, "file")
+        {
+            return Err(e);
+        }
         probe_children(graph, &mut node).await?;
         default_protocols(&mut node);
+        if let Some(e) = backing_unsupported(&node) {
+            return Err(e);
+        }
         // Options for the backing file the image names come without a driver, which the
         // schema wants: they go to the format as they are.
         let implicit_backing = match node.get("backing") {
@@ -528,7 +629,7 @@ pub(crate) async fn add(
         let n = graph.open_inline(&Args::new(checked)).await?;
         n.keep_cli_text(&node);
         let n = if snapshot {
-            match temporary_overlay(graph, &n).await {
+            match temporary_overlay(graph, &n, read_only).await {
                 Ok(top) => top,
                 Err(e) => {
                     graph.release_inline(&n);

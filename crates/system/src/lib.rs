@@ -324,9 +324,20 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
     for o in options.iter().filter(|o| o.name == "device") {
         let parsed =
             keyval::parse(o.text(), Some("driver")).map_err(|e| failed(o, e.cli_text()))?;
-        sys.devices
-            .add(&parsed.value)
-            .map_err(|e| failed(o, e.cli_text()))?;
+        if let Err(e) = sys.devices.add(&parsed.value) {
+            let text = e.cli_text();
+            if matches!(
+                text.as_str(),
+                "Cannot change iothread of active block backend" | "HBA does not support iothreads"
+            ) {
+                // QEMU polls its main loop while it moves nodes between iothreads: the
+                // human monitor's prompt is out before the error.
+                sys.machine.let_monitors_prompt();
+                let shown = sys.machine.prompt_shown();
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(200), shown).await;
+            }
+            return Err(failed(o, text));
+        }
     }
     for (o, d) in own {
         sys.devices

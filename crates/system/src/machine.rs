@@ -139,6 +139,11 @@ pub(crate) struct Machine {
     quitting: Cell<bool>,
     /// Start-up is over (the human monitor shows its prompt from then on).
     started: Cell<bool>,
+    /// The human monitors may show their prompt although start-up goes on (QEMU polled its
+    /// main loop meanwhile).
+    prompt_early: Cell<bool>,
+    /// A human monitor's prompt is out.
+    prompt_shown: Cell<bool>,
     started_notify: tokio::sync::Notify,
 }
 
@@ -158,6 +163,8 @@ impl Machine {
             on_reset: RefCell::new(Vec::new()),
             quitting: Cell::new(false),
             started: Cell::new(false),
+            prompt_early: Cell::new(false),
+            prompt_shown: Cell::new(false),
             started_notify: tokio::sync::Notify::new(),
         })
     }
@@ -180,11 +187,39 @@ impl Machine {
 
     /// Waits until start-up is over.
     pub(crate) async fn started(&self) {
-        while !self.started.get() {
+        self.wait_for(|| self.started.get()).await;
+    }
+
+    /// Lets the human monitors show their prompt before start-up is over: QEMU runs its
+    /// main loop while it moves nodes between iothreads, and the prompt goes out then.
+    pub(crate) fn let_monitors_prompt(&self) {
+        self.prompt_early.set(true);
+        self.started_notify.notify_waiters();
+    }
+
+    /// Waits until the human monitors may show their prompt.
+    pub(crate) async fn prompt_allowed(&self) {
+        self.wait_for(|| self.started.get() || self.prompt_early.get())
+            .await;
+    }
+
+    /// A human monitor has shown its prompt.
+    pub(crate) fn prompt_is_out(&self) {
+        self.prompt_shown.set(true);
+        self.started_notify.notify_waiters();
+    }
+
+    /// Waits until a human monitor has shown its prompt.
+    pub(crate) async fn prompt_shown(&self) {
+        self.wait_for(|| self.prompt_shown.get()).await;
+    }
+
+    async fn wait_for(&self, done: impl Fn() -> bool) {
+        while !done() {
             let n = self.started_notify.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            if self.started.get() {
+            if done() {
                 return;
             }
             n.await;

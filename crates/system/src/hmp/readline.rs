@@ -136,11 +136,13 @@ pub(crate) async fn serve(dev: Rc<Chardev>, cmds: Rc<SystemCommands>) {
 /// Shows the prompt once start-up is over, then reads and runs command lines until the
 /// connection closes (true) or `quit` (false).
 async fn run_session(mut s: Session, cmds: &SystemCommands) -> bool {
-    cmds.system().machine.started().await;
+    cmds.system().machine.prompt_allowed().await;
     if s.writer.write_all(PROMPT.as_bytes()).await.is_err() {
         return true;
     }
     let _ = s.writer.flush().await;
+    cmds.system().machine.prompt_is_out();
+    cmds.system().machine.started().await;
     let mut editor = LineEditor::default();
     let mut buf = [0u8; 4096];
     loop {
