@@ -160,7 +160,7 @@ pub(crate) const MODELS: &[Model] = &[
     },
     Model {
         name: "lsi53c895a",
-        alias: None,
+        alias: Some("lsi"),
         bus: "PCI",
         category: STORAGE,
         desc: "",
