@@ -6,16 +6,10 @@ qemu-storage-daemon, in the same run). The nbd client is what a backup to a remo
 a storage migration writes through. Prints IOPS / bandwidth and the ratio ferrite/qsd (higher
 is better), with nbdkit's nbd plugin in front of nbdkit's file plugin as a non-QEMU anchor."""
 import os
-import subprocess
 import tempfile
 
 import common
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
-QSD = "qemu-storage-daemon"
-RUNTIME = os.environ.get("FIO_RUNTIME", "8")
-SIZE = "1G"
+from nbd_fio import FERRITE, QSD, RUNTIME, SIZE, image, nbdkit_args
 
 JOBS = [
     ("seq read 1M", ["--rw=read", "--bs=1M"]),
@@ -47,21 +41,9 @@ def front_args(binary, d, remote, sock):
             "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
 
 
-def nbdkit_back(img, sock):
-    return ["nbdkit", "--foreground", "--unix", sock, "--exportname=d0", "file", f"file={img}"]
-
-
 def nbdkit_front(remote, sock):
     return ["nbdkit", "--foreground", "--unix", sock, "--exportname=d0", "nbd",
             f"socket={remote}", "export=d0"]
-
-
-def image(d):
-    """A fully written image, so reads hit data rather than holes."""
-    img = os.path.join(d, "disk.raw")
-    subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=1024",
-                    "status=none"], check=True)
-    return img
 
 
 def measure(binary):
@@ -70,7 +52,7 @@ def measure(binary):
         remote = os.path.join(d, "back.sock")
         sock = os.path.join(d, "front.sock")
         if binary == "nbdkit":
-            back, front = nbdkit_back(img, remote), nbdkit_front(remote, sock)
+            back, front = nbdkit_args(d, img, remote), nbdkit_front(remote, sock)
         else:
             back, front = back_args(binary, d, img, remote), front_args(binary, d, remote, sock)
         with common.running(back, remote), common.running(front, sock):
