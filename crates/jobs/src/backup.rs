@@ -191,10 +191,6 @@ impl BackupJob {
             }
             job.rate_limit_before(self.chunk.min(self.copy.len() - c * cs))
                 .await;
-            // Asked to pause meanwhile: what is in flight lands first (the loop's top).
-            if job.pause_requested() {
-                continue;
-            }
             // Chunks finish while the limiter holds the next one back.
             self.progress(job);
             if job.is_cancelled() {

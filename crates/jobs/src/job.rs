@@ -363,19 +363,17 @@ impl Job {
     /// big chunk stretches until the average holds). Wakes early when the speed changes, or
     /// the job is cancelled or paused.
     pub async fn rate_limit(&self, bytes: u64) {
-        self.limit(bytes, true, true).await;
+        self.limit(bytes, true).await;
     }
 
     /// Waits while the current slice is over its quota, then accounts `bytes` about to be
     /// moved (block-copy's order, for backup: a chunk waits only for the chunks before it).
-    /// The wait is no pause point: a job with copies in flight lets them land before it
-    /// pauses (QEMU's block-copy sleeps outside the job's pause points).
     pub async fn rate_limit_before(&self, bytes: u64) {
-        self.limit(0, true, false).await;
-        self.limit(bytes, false, false).await;
+        self.limit(0, true).await;
+        self.limit(bytes, false).await;
     }
 
-    async fn limit(&self, bytes: u64, wait: bool, pause: bool) {
+    async fn limit(&self, bytes: u64, wait: bool) {
         // The bytes count in the slice they were moved in; whether that slice is then over
         // its quota decides the wait (so even the first chunk of a slow job makes it wait).
         let mut moved = bytes;
@@ -404,11 +402,7 @@ impl Job {
                 () = self.wake.notified() => {}
             }
             self.set_busy(true);
-            if pause {
-                self.pause_point().await;
-            } else if self.pause_requested() {
-                return;
-            }
+            self.pause_point().await;
         }
     }
 
