@@ -568,3 +568,33 @@ def test_a_read_error_fails_only_the_extent_it_hits_like_qsd(both):
     theirs, ours = seen
     assert ours == theirs
     assert theirs["data"]["offset"] == 65536 and "error" in theirs["data"]
+
+
+def test_a_paused_backup_copies_nothing_more_like_qemu(both):
+    """iotest 055's pause check: a rate-limited backup asked to pause, then unlimited, stops
+    (paused and not busy) only once what it had in flight has landed, so its offset stands
+    still until it is resumed (ferrite pauses inside its rate-limit wait with chunks still in flight; their
+    progress no longer moves the offset of a paused job)."""
+    for d in both():
+        w = d.workdir
+        qcow2(w / "src.qcow2", "64M")
+        run("qemu-io", "-c", "write -P 0x5a 0 64M", w / "src.qcow2")
+        qcow2(w / "tgt.qcow2", "64M")
+        q = d.connect()
+        add(q, "src", w / "src.qcow2")
+        add(q, "tgt", w / "tgt.qcow2")
+        assert q.cmd("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt",
+                                         "sync": "full", "speed": 64 * 1024}) == {"return": {}}
+        assert q.cmd("block-job-pause", {"device": "j"}) == {"return": {}}
+        assert q.cmd("block-job-set-speed", {"device": "j", "speed": 0}) == {"return": {}}
+        # Paused, and no longer busy: iotests' pause_wait.
+        wait_for(lambda: (lambda j: j["paused"] and not j["busy"])(
+            q.cmd("query-block-jobs")["return"][0]), what="paused")
+        offsets = []
+        for _ in range(5):
+            offsets.append(q.cmd("query-block-jobs")["return"][0]["offset"])
+            time.sleep(0.1)
+        assert len(set(offsets)) == 1, (d.binary, offsets)
+        assert q.cmd("block-job-resume", {"device": "j"}) == {"return": {}}
+        wait_job_gone(q, "j")
+        d.stop()

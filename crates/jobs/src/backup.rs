@@ -206,8 +206,15 @@ impl BackupJob {
             let me = job.me.clone();
             workers.spawn_local(ferrite_block::io::background(async move {
                 let r = copy.copy(&source, &target, c * cs, chunk).await;
-                // Progress counts each chunk as it lands, as QEMU's block-copy callback does.
-                if let Some(job) = me.upgrade() {
+                // Progress counts each chunk as it lands, as QEMU's block-copy callback does;
+                // not while the job is paused, which QEMU only is once its copies landed
+                // (the job's loop counts them when it runs again).
+                if let Some(job) = me.upgrade()
+                    && !matches!(
+                        job.status(),
+                        crate::state::Status::Paused | crate::state::Status::Standby
+                    )
+                {
                     report_progress(&copy, &job);
                 }
                 r
