@@ -1102,3 +1102,25 @@ def test_quit_with_a_running_job_matches_qemu_system(tmp_path):
     got = quit_with_job_transcript(SYSTEM, "tcg", tmp_path / "f")
     assert got == expected
     assert [e[1] for e in got[1:]].count("paused") == 3
+
+
+def test_a_device_refused_between_iothreads_speaks_after_the_prompt(tmp_path):
+    """QEMU runs its main loop while it moves nodes between iothreads, so a human monitor on
+    stdio shows its prompt before such a -device refusal (iotest 051); other refusals come
+    straight after the banner."""
+    img = tmp_path / "p.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    args = ["-nodefaults", "-display", "none", "-S", "-monitor", "stdio",
+            "-drive", f"file={img},if=none,node-name=disk", "-object", "iothread,id=t0",
+            "-device", "virtio-scsi,iothread=t0,id=s0",
+            "-device", "scsi-hd,bus=s0.0,drive=disk,share-rw=on",
+            "-device", "lsi53c895a,id=lsi0",
+            "-device", "scsi-hd,bus=lsi0.0,drive=disk,share-rw=on"]
+
+    def merged(binary):
+        r = subprocess.run([binary, *args], input="quit\n", stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=30)
+        return r.returncode, r.stdout.replace(os.path.basename(binary), "PROG")
+    q = merged(QEMU)
+    assert "(qemu) PROG: -device scsi-hd,bus=lsi0.0" in q[1]
+    assert merged(SYSTEM) == q
