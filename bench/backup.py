@@ -6,10 +6,13 @@ an NBD export of the source as fast as it can (backup time, and the guest's writ
 IOPS), also to a target with 1 MiB clusters (copy-before-write copies whole target clusters),
 and at a fixed rate both programs can serve (backup time under the same guest load);
 then an incremental backup after 5% of the clusters changed.
+Each figure is the median of BACKUP_ROUNDS (3) rounds in which the two programs alternate:
+one run of each varies by up to 2x here with the state of the page cache and write-back.
 Ratios are qsd/ferrite for times and latency (higher: ferrite faster), ferrite/qsd for IOPS."""
 import json
 import os
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -20,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
 QSD = "qemu-storage-daemon"
 SIZE_MB = int(os.environ.get("BACKUP_SIZE_MB", "4096"))
+ROUNDS = int(os.environ.get("BACKUP_ROUNDS", "3"))
 
 
 def daemon(binary, d, targets, cluster="64k"):
@@ -108,9 +112,30 @@ def incremental(binary, d):
         return time.monotonic() - start
 
 
+def median(values):
+    return statistics.median(values)
+
+
+def rounds(run):
+    """`run(binary)` for qemu-storage-daemon then ferrite, ROUNDS times alternating (so
+    neither always meets the page cache and write-back the other left): per program, the
+    median of each figure `run` returns (a tuple)."""
+    got = {QSD: [], FERRITE: []}
+    for _ in range(ROUNDS):
+        for binary in (QSD, FERRITE):
+            got[binary].append(run(binary))
+    return tuple(tuple(median(col) for col in zip(*got[b])) for b in (QSD, FERRITE))
+
+
+def row(name, theirs, ours, higher_is_better=False):
+    ratio = ours / theirs if higher_is_better else theirs / ours
+    print(f"{name:<34}{theirs:>12.2f}{ours:>12.2f}{ratio:>8.2f}")
+
+
 def main():
     common.require_built(FERRITE)
-    print(f"full backup of a {SIZE_MB} MiB allocated qcow2 to a new qcow2 (one run)")
+    print(f"full backup of a {SIZE_MB} MiB allocated qcow2 to a new qcow2; median of {ROUNDS} "
+          "rounds, the programs alternating")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
         src = os.path.join(d, "src.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, f"{SIZE_MB}M"], check=True)
@@ -119,39 +144,24 @@ def main():
         for at in range(0, SIZE_MB, 1024):
             fill += ["-c", f"write -P 0x5a {at}M {min(1024, SIZE_MB - at)}M"]
         subprocess.run(["qemu-io", *fill, src], check=True, capture_output=True)
-        print(f"{'row':<30}{'qsd':>12}{'ferrite':>12}{'ratio':>8}")
-        for with_writer in (False, True):
-            theirs = backup(QSD, d, with_writer)
-            ours = backup(FERRITE, d, with_writer)
-            tag = "with writer" if with_writer else "idle"
-            print(f"{'seconds, ' + tag:<30}{theirs[0]:>12.2f}{ours[0]:>12.2f}"
-                  f"{theirs[0] / ours[0]:>8.2f}")
-            print(f"{'peak MiB, ' + tag:<30}{theirs[1] / 1024:>12.1f}{ours[1] / 1024:>12.1f}"
-                  f"{theirs[1] / max(ours[1], 1):>8.2f}")
-            if with_writer:
-                print(f"{'guest write latency us':<30}{theirs[2]:>12.0f}{ours[2]:>12.0f}"
-                      f"{theirs[2] / ours[2]:>8.2f}")
-                print(f"{'guest write IOPS':<30}{theirs[3]:>12.0f}{ours[3]:>12.0f}"
-                      f"{ours[3] / theirs[3]:>8.2f}")
-        # Copy-before-write in whole target clusters of a megabyte.
-        theirs = backup(QSD, d, True, cluster="1M")
-        ours = backup(FERRITE, d, True, cluster="1M")
-        print(f"{'seconds, writer, 1M clusters':<30}{theirs[0]:>12.2f}{ours[0]:>12.2f}"
-              f"{theirs[0] / ours[0]:>8.2f}")
-        print(f"{'latency us, 1M clusters':<30}{theirs[2]:>12.0f}{ours[2]:>12.0f}"
-              f"{theirs[2] / ours[2]:>8.2f}")
-        print(f"{'guest IOPS, 1M clusters':<30}{theirs[3]:>12.0f}{ours[3]:>12.0f}"
-              f"{ours[3] / theirs[3]:>8.2f}")
+        print(f"{'row':<34}{'qsd':>12}{'ferrite':>12}{'ratio':>8}")
+        q, f = rounds(lambda b: backup(b, d, False)[:2])
+        row("seconds, idle", q[0], f[0])
+        row("peak MiB, idle", q[1] / 1024, f[1] / 1024)
+        for cluster in ("64k", "1M"):
+            q, f = rounds(lambda b: backup(b, d, True, cluster=cluster))
+            tag = f"writer, {cluster} clusters"
+            row(f"seconds, {tag}", q[0], f[0])
+            row(f"peak MiB, {tag}", q[1] / 1024, f[1] / 1024)
+            row(f"guest write latency us, {cluster}", q[2], f[2])
+            row(f"guest write IOPS, {cluster}", q[3], f[3], higher_is_better=True)
         # The same guest load on both: the backup's own speed under it.
-        theirs = backup(QSD, d, True, FIXED_IOPS)
-        ours = backup(FERRITE, d, True, FIXED_IOPS)
+        q, f = rounds(lambda b: backup(b, d, True, FIXED_IOPS))
         tag = f"writer at {FIXED_IOPS} IOPS"
-        print(f"{'seconds, ' + tag:<30}{theirs[0]:>12.2f}{ours[0]:>12.2f}"
-              f"{theirs[0] / ours[0]:>8.2f}")
-        print(f"{'write latency us, ' + tag:<30}{theirs[2]:>12.0f}{ours[2]:>12.0f}"
-              f"{theirs[2] / ours[2]:>8.2f}")
-        theirs, ours = incremental(QSD, d), incremental(FERRITE, d)
-        print(f"{'seconds, incremental 5%':<30}{theirs:>12.2f}{ours:>12.2f}{theirs / ours:>8.2f}")
+        row(f"seconds, {tag}", q[0], f[0])
+        row(f"write latency us, {tag}", q[2], f[2])
+        q, f = rounds(lambda b: (incremental(b, d),))
+        row("seconds, incremental 5%", q[0], f[0])
 
 
 if __name__ == "__main__":
