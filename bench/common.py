@@ -86,6 +86,15 @@ def direct_write(img, size, runtime, cold=False):
                     f"--runtime={runtime}", "--rw=randwrite", "--bs=4k"])[0]
 
 
+def cached_read(img, size, runtime, threads):
+    """1 MiB sequential reads of `img` (already in the page cache) by fio's psync engine from
+    `threads` threads, no server between: what copying cached data into a process's memory
+    reaches on this machine, the ceiling of a server's large reads. IOPS."""
+    return fio_run(["--ioengine=psync", "--invalidate=0", f"--filename={img}", f"--size={size}",
+                    f"--runtime={runtime}", "--rw=read", "--bs=1M", f"--numjobs={threads}",
+                    "--group_reporting"])[0]
+
+
 class Qmp:
     """A QMP connection that keeps the events that arrive while it waits for replies."""
 

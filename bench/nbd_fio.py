@@ -4,7 +4,9 @@ ferrite-storage-daemon and qemu-storage-daemon in the same run (default options 
 aio=io_uring), with nbdkit's file plugin as a non-QEMU anchor (it has no aio choice: the same
 figure stands beside both). Prints IOPS / bandwidth and the ratio ferrite/qsd (higher is
 better), resident memory with one export and one client, and what fio reaches writing the
-file itself from one thread (no NBD), the ceiling a server's random writes are held to."""
+file itself from one thread (no NBD), the ceiling a server's random writes are held to; and
+what fio's nbd engine reaches against ferrite's export of a `null-co` node, which does no I/O:
+the ceiling of the client and the NBD path on this machine (fio takes one of its cores)."""
 import os
 import subprocess
 import tempfile
@@ -52,6 +54,17 @@ def image(d):
     subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=1024",
                     "status=none"], check=True)
     return img
+
+
+def null_ceiling():
+    """4k random writes to ferrite's export of a null-co node: IOPS."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
+        sock = os.path.join(d, "nbd.sock")
+        args = [FERRITE, "--blockdev", "null-co,node-name=d0,size=1073741824",
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "nbd,id=e0,node-name=d0,writable=on"]
+        with common.running(args, sock):
+            return fio(sock, ["--rw=randwrite", "--bs=4k"])[0]
 
 
 def measure(binary, aio):
@@ -108,6 +121,9 @@ def main():
         name = "rand write 4k" + (", cold" if cold else "")
         print(f"{'fio psync 1 thread' + (', cold' if cold else ''):26}{direct:10.0f}iops"
               f"   (ferrite's io_uring {name}: {f[name][0] / direct:.2f} of it)")
+    ceiling = null_ceiling()
+    print(f"{'null-co export (no I/O)':26}{ceiling:10.0f}iops   (fio's nbd engine's ceiling; "
+          f"ferrite's io_uring cold row: {f['rand write 4k, cold'][0] / ceiling:.2f} of it)")
 
 
 if __name__ == "__main__":
