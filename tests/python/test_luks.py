@@ -196,3 +196,120 @@ def test_amending_key_slots_matches_qsd(both):
     assert amend_transcript(f, "qcow2") == expected
     f2 = both(AMEND_SECRETS)[1]
     assert amend_transcript(f2, "luks") == expected
+
+
+def sharing_transcript(a, b, fmt):
+    """Two daemons of one program open the same image; x-blockdev-amend and qemu-img amend
+    try to rewrite its key slots while the other holds it (iotest 296's scenario, the
+    refusals only: qemu-storage-daemon 10.0.2 aborts once a luks amendment runs). Replies,
+    the job's status events, and qemu-img's answer."""
+    img = a.workdir / f"shared.{fmt}"
+    pfx, extra = ("encrypt.", ["-o", "encrypt.format=luks"]) if fmt == "qcow2" else ("", [])
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, "--object",
+                    "secret,id=s0,data=hunter2", "-o", f"{pfx}key-secret=s0,{pfx}iter-time=10",
+                    *extra, str(img), "1M"], check=True)
+    ca, cb = a.connect(), b.connect()
+    out = []
+
+    def node(read_only=False):
+        n = {"driver": fmt, "node-name": "n", "read-only": read_only,
+             "file": {"driver": "file", "filename": str(img)}}
+        n.update({"encrypt": {"format": "luks", "key-secret": "s0"}} if fmt == "qcow2"
+                  else {"key-secret": "s0"})
+        return n
+
+    def amend(c, who):
+        luks = {"state": "active", "new-secret": "s1", "iter-time": 10}
+        options = {"driver": fmt, **({"encrypt": {"format": "luks", **luks}} if fmt == "qcow2"
+                                     else luks)}
+        r = c.cmd("x-blockdev-amend", {"job-id": "j", "node-name": "n", "options": options})
+        statuses = [e["data"]["status"] for e in c.events if e["event"] == "JOB_STATUS_CHANGE"]
+        c.events.clear()
+        out.append((who, r.get("error", r.get("return")), statuses))
+
+    def qemu_img_amend():
+        r = subprocess.run(["qemu-img", "amend", "--object", "secret,id=s0,data=hunter2",
+                            "--object", "secret,id=s1,data=other", "-o", f"{pfx}state=active",
+                            "-o", f"{pfx}new-secret=s1", "-o", f"{pfx}iter-time=10",
+                            "--image-opts", f"driver={fmt},{pfx}key-secret=s0,file.filename={img}"],
+                           capture_output=True, text=True)
+        out.append(("qemu-img", r.returncode, r.stderr.replace(str(img), "IMG")))
+
+    out.append(("a add", ca.cmd("blockdev-add", node(read_only=True))))
+    out.append(("b add", cb.cmd("blockdev-add", node())))
+    amend(ca, "a (read-only)")
+    amend(cb, "b (a holds the image)")
+    qemu_img_amend()
+    out.append(("a reopen", ca.cmd("blockdev-reopen", {"options": [node()]})))
+    amend(ca, "a (b holds the image)")
+    amend(cb, "b (a holds the image)")
+    ca.close()
+    cb.close()
+    return out
+
+
+def test_key_slots_change_only_while_nobody_else_holds_the_image_like_qsd(both):
+    q1, f1 = both(AMEND_SECRETS)
+    q2, f2 = both(AMEND_SECRETS)
+    expected = sharing_transcript(q1, q2, "luks")
+    assert ("a (b holds the image)",
+            {"class": "GenericError", "desc": 'Failed to get shared "consistent read" lock'},
+            ["created", "null"]) in expected
+    assert sharing_transcript(f1, f2, "luks") == expected
+
+
+def test_a_luks_amendment_runs_once_the_other_holder_lets_go(ferrite, tmp_path):
+    """What qemu-storage-daemon 10.0.2 cannot show (it aborts): the amendment that was
+    refused runs once the other daemon closes the image, takes the file to itself only
+    while it runs, and the new password opens the volume."""
+    img = tmp_path / "v.luks"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object",
+                    "secret,id=s0,data=hunter2", "-o", "key-secret=s0,iter-time=10",
+                    str(img), "1M"], check=True)
+    a, b = ferrite(AMEND_SECRETS), ferrite(AMEND_SECRETS)
+    ca, cb = a.connect(), b.connect()
+    node = {"driver": "luks", "node-name": "n", "key-secret": "s0",
+            "file": {"driver": "file", "filename": str(img)}}
+    assert ca.cmd("blockdev-add", node) == {"return": {}}
+    assert cb.cmd("blockdev-add", node) == {"return": {}}
+    args = {"job-id": "j", "node-name": "n",
+            "options": {"driver": "luks", "state": "active", "new-secret": "s1",
+                        "iter-time": 10}}
+    assert "error" in ca.cmd("x-blockdev-amend", args)
+    assert cb.cmd("blockdev-del", {"node-name": "n"}) == {"return": {}}
+    assert ca.cmd("x-blockdev-amend", args) == {"return": {}}
+    ca.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+    assert "error" not in ca.cmd("query-jobs")["return"][0]
+    assert ca.cmd("job-dismiss", {"id": "j"}) == {"return": {}}
+    # The amendment over, the image can be shared again.
+    assert cb.cmd("blockdev-add", node) == {"return": {}}
+    for c in (ca, cb):
+        assert c.cmd("blockdev-del", {"node-name": "n"}) == {"return": {}}
+        c.close()
+    r = subprocess.run(["qemu-io", "--object", "secret,id=k,data=other", "-c", "read 0 512",
+                        "--image-opts", f"driver=luks,key-secret=k,file.filename={img}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_amending_a_read_only_encrypted_qcow2_fails_in_its_job_like_qsd(both):
+    q, f = both(AMEND_SECRETS)
+    results = []
+    for d in (q, f):
+        img = d.workdir / "ro.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object",
+                        "secret,id=s0,data=hunter2", "-o",
+                        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                        str(img), "1M"], check=True)
+        c = d.connect()
+        c.cmd("blockdev-add", {"driver": "qcow2", "node-name": "n", "read-only": True,
+                               "encrypt": {"format": "luks", "key-secret": "s0"},
+                               "file": {"driver": "file", "filename": str(img)}})
+        r = c.cmd("x-blockdev-amend", {"job-id": "j", "node-name": "n", "options": {
+            "driver": "qcow2", "encrypt": {"format": "luks", "state": "active",
+                                           "new-secret": "s1", "iter-time": 10}}})
+        c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+        results.append((r, c.cmd("query-jobs")["return"][0].get("error")))
+        c.close()
+    assert results[0][1] == "Could not read encryption header: Operation not permitted"
+    assert results[1] == results[0]

@@ -75,6 +75,19 @@ pub trait DriverFactory {
         Box::pin(async { Err(Error::CannotAmend) })
     }
 
+    /// Readies `node` for an amendment before its job runs, when `x-blockdev-amend` is
+    /// given (QEMU's `bdrv_amend_pre_run`): a refusal here fails the command itself. What
+    /// it sets up lasts until [`DriverFactory::amend_cleanup`].
+    ///
+    /// # Errors
+    /// The permissions the amendment needs cannot be had.
+    fn amend_prepare(&self, _graph: &Graph, _node: &Rc<Node>) -> crate::Result<()> {
+        Ok(())
+    }
+
+    /// Undoes [`DriverFactory::amend_prepare`] once the amendment ended or was dropped.
+    fn amend_cleanup(&self, _graph: &Graph, _node: &Rc<Node>) {}
+
     /// Whether an image starting with `head` is of this format (probing an image whose
     /// format is not given).
     fn probe(&self, _head: &[u8]) -> bool {

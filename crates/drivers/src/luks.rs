@@ -13,6 +13,7 @@ use ferrite_block::{
 use ferrite_crypto::{CreateOptions, HEADER_LEN, LuksVolume, SECTOR};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
+use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
 
@@ -73,6 +74,25 @@ impl DriverFactory for LuksFactory {
         })
     }
 
+    fn amend_prepare(&self, graph: &Graph, node: &Rc<Node>) -> ferrite_block::Result<()> {
+        let luks = node
+            .driver_as::<Luks>()
+            .ok_or(ferrite_block::Error::CannotAmend)?;
+        luks.updating_keys.set(true);
+        graph.refresh_perms(node).inspect_err(|_| {
+            luks.updating_keys.set(false);
+            let _ = graph.refresh_perms(node);
+        })
+    }
+
+    fn amend_cleanup(&self, graph: &Graph, node: &Rc<Node>) {
+        if let Some(luks) = node.driver_as::<Luks>() {
+            luks.updating_keys.set(false);
+            // Giving permissions back cannot conflict.
+            let _ = graph.refresh_perms(node);
+        }
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let file = ctx.open_child("file").await?;
@@ -116,6 +136,7 @@ impl DriverFactory for LuksFactory {
                 file,
                 key_secret: secret_id.to_owned(),
                 sectors: UnitLocks::default(),
+                updating_keys: Cell::new(false),
             }) as Box<dyn Driver>)
         })
     }
@@ -219,6 +240,8 @@ struct Luks {
     /// Sectors a write is changing: a partial-sector write reads, patches and rewrites its
     /// sectors, which no other write may change meanwhile.
     sectors: UnitLocks,
+    /// An amendment is rewriting the key slots: the file is this node's alone meanwhile.
+    updating_keys: Cell<bool>,
 }
 
 const S: u64 = SECTOR as u64;
@@ -278,6 +301,22 @@ impl Driver for Luks {
 
     fn request_alignment(&self, _node: &Node) -> u64 {
         SECTOR as u64
+    }
+
+    /// As QEMU's crypto driver: the header must stay readable, so the file is always read
+    /// consistently, and writes and resizes are asked for only as the node's users ask;
+    /// while key slots are rewritten, nobody else may read or write the file (another
+    /// process holding the image open makes the amendment fail, and the reverse).
+    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
+        let perm = perm | Perm::CONSISTENT_READ;
+        if self.updating_keys.get() {
+            (
+                perm | Perm::WRITE,
+                shared - (Perm::CONSISTENT_READ | Perm::WRITE),
+            )
+        } else {
+            (perm, shared)
+        }
     }
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {

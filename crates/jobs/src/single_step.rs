@@ -49,7 +49,23 @@ pub(crate) fn start(
     kind: JobType,
     step: Step,
 ) -> Result<(), Error> {
-    jobs.start(
+    let job = create(jobs, id, kind, step)?;
+    jobs.run_job(&job);
+    Ok(())
+}
+
+/// Creates job `id` of type `kind` that will do `step`, announced (`created`) but not
+/// started: the caller runs it, or drops it early.
+///
+/// # Errors
+/// A bad or duplicate job ID.
+pub(crate) fn create(
+    jobs: &Rc<JobManager>,
+    id: String,
+    kind: JobType,
+    step: Step,
+) -> Result<Rc<Job>, Error> {
+    jobs.create(
         JobOptions {
             id,
             auto_finalize: true,
@@ -60,6 +76,6 @@ pub(crate) fn start(
             kind,
             step: RefCell::new(Some(step)),
         }),
-    )?;
-    Ok(())
+        None,
+    )
 }
