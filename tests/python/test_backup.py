@@ -598,3 +598,57 @@ def test_a_paused_backup_copies_nothing_more_like_qemu(both):
         assert q.cmd("block-job-resume", {"device": "j"}) == {"return": {}}
         wait_job_gone(q, "j")
         d.stop()
+
+
+def test_compressed_backup_needs_a_target_that_stores_compressed_clusters_like_qsd(both):
+    """blockdev-backup with compress: refused for a target whose driver cannot store
+    compressed clusters (a file, raw over qcow2, the compress filter: QEMU's text, with
+    the target's device name, empty for a node), taken through filters that pass compressed
+    writes on to a qcow2 image (throttle, copy-on-read), whose clusters then are
+    compressed (qemu-img check's figures)."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        qcow2(w / "s.qcow2", "4M")
+        run("qemu-io", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 2M 512k", w / "s.qcow2")
+        q = d.connect()
+        add(q, "src", w / "s.qcow2")
+        out = []
+        q.cmd("object-add", {"qom-type": "throttle-group", "id": "g", "limits": {}})
+        targets = {}
+        for name, wrap in [("file", None), ("raw", "raw"), ("throttle", "throttle"),
+                           ("cor", "copy-on-read"), ("compress", "compress"), ("qcow2", "")]:
+            img = w / f"t-{name}.qcow2"
+            if name == "file":
+                run("qemu-img", "create", "-q", "-f", "raw", img, "4M")
+                out.append(q.cmd("blockdev-add", {"driver": "file", "node-name": "t-file",
+                                                  "filename": str(img)}))
+            else:
+                qcow2(img, "4M")
+                add(q, f"q-{name}", img)
+                if wrap:
+                    opts = {"driver": wrap, "node-name": f"t-{name}", "file": f"q-{name}"}
+                    if wrap == "throttle":
+                        opts["throttle-group"] = "g"
+                    out.append(q.cmd("blockdev-add", opts))
+            targets[name] = img
+            node = f"t-{name}" if name == "file" or wrap else f"q-{name}"
+            r = q.cmd("blockdev-backup", {"job-id": f"j-{name}", "device": "src",
+                                          "target": node, "sync": "full", "compress": True})
+            out.append((name, r))
+            if "return" in r:
+                wait_job_gone(q, f"j-{name}")
+        for name in ("throttle", "cor", "qcow2"):
+            q.cmd("blockdev-del", {"node-name": f"t-{name}"}) if name != "qcow2" else None
+            q.cmd("blockdev-del", {"node-name": f"q-{name}"})
+            check = run("qemu-img", "check", targets[name]).stdout
+            out.append((name, [line for line in check.splitlines() if "clusters" in line],
+                        run("qemu-img", "compare", w / "s.qcow2", targets[name],
+                            check=False).returncode))
+        seen.append(out)
+        d.stop()
+    theirs, ours = seen
+    assert ("file", {"error": {"class": "GenericError",
+                               "desc": "Compression is not supported for this drive "}}) in theirs
+    assert any("compressed" in line for line in theirs[-1][1])
+    assert ours == theirs

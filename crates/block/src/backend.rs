@@ -471,8 +471,8 @@ impl BlockBackend {
     }
 
     /// The node for a request, with the request counted invalid when out of bounds.
-    fn target(&self, kind: IoKind, offset: u64, len: u64) -> io::Result<Rc<Node>> {
-        self.target_span(kind, offset, len, true)
+    fn target(&self, kind: IoKind, offset: u64, len: u64, account: bool) -> io::Result<Rc<Node>> {
+        self.target_span(kind, offset, len, true, account)
     }
 
     /// As [`Self::target`]; `buffer`: whether the request carries its bytes, which bounds
@@ -483,6 +483,7 @@ impl BlockBackend {
         offset: u64,
         len: u64,
         buffer: bool,
+        account: bool,
     ) -> io::Result<Rc<Node>> {
         let node = self.node().ok_or_else(enomedium)?;
         let r = match kind {
@@ -492,16 +493,26 @@ impl BlockBackend {
             _ => node.check_bounds(offset, len),
         };
         if let Err(e) = r {
-            self.stats.borrow_mut().invalid(kind);
+            if account {
+                self.stats.borrow_mut().invalid(kind);
+            }
             return Err(e);
         }
         Ok(node)
     }
 
-    fn account<T>(&self, kind: IoKind, bytes: u64, started: u64, r: &io::Result<T>) {
-        self.stats
-            .borrow_mut()
-            .done(kind, bytes, started, r.is_ok());
+    fn account<T>(&self, kind: IoKind, bytes: u64, started: u64, r: &io::Result<T>, on: bool) {
+        if on {
+            self.stats
+                .borrow_mut()
+                .done(kind, bytes, started, r.is_ok());
+        }
+    }
+
+    /// The same requests, left out of the accounting (QEMU accounts what devices ask, and
+    /// qemu-io's synchronous commands, which bypass it).
+    pub fn unaccounted(&self) -> Unaccounted<'_> {
+        Unaccounted(self)
     }
 
     /// The node's size (0 without a medium).
@@ -519,12 +530,16 @@ impl BlockBackend {
     /// # Errors
     /// ENOMEDIUM without a node, EINVAL out of bounds; the driver's error otherwise.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.read_as(offset, len, true).await
+    }
+
+    async fn read_as(&self, offset: u64, len: usize, account: bool) -> io::Result<Vec<u8>> {
         let _f = self.begin().await;
-        let node = self.target(IoKind::Read, offset, len as u64)?;
+        let node = self.target(IoKind::Read, offset, len as u64, account)?;
         self.throttle(Direction::Read, len as u64).await;
         let started = crate::stats::now_ns();
         let r = node.read(offset, len).await;
-        self.account(IoKind::Read, len as u64, started, &r);
+        self.account(IoKind::Read, len as u64, started, &r, account);
         r
     }
 
@@ -536,11 +551,11 @@ impl BlockBackend {
     pub async fn read_into(&self, offset: u64, dest: &crate::io::ForeignBuf) -> io::Result<()> {
         let _f = self.begin().await;
         let len = dest.len() as u64;
-        let node = self.target(IoKind::Read, offset, len)?;
+        let node = self.target(IoKind::Read, offset, len, true)?;
         self.throttle(Direction::Read, len).await;
         let started = crate::stats::now_ns();
         let r = node.read_into(offset, dest).await;
-        self.account(IoKind::Read, len, started, &r);
+        self.account(IoKind::Read, len, started, &r, true);
         r
     }
 
@@ -568,14 +583,24 @@ impl BlockBackend {
     /// # Errors
     /// As [`BlockBackend::read`]; EPERM when the node is read-only.
     pub async fn write(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> io::Result<()> {
+        self.write_as(offset, data, flags, true).await
+    }
+
+    async fn write_as(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+        account: bool,
+    ) -> io::Result<()> {
         let flags = self.write_flags(flags);
         let _f = self.begin().await;
         let len = data.len() as u64;
-        let node = self.target(IoKind::Write, offset, len)?;
+        let node = self.target(IoKind::Write, offset, len, account)?;
         self.throttle(Direction::Write, len).await;
         let started = crate::stats::now_ns();
         let r = node.write(offset, data, flags).await;
-        self.account(IoKind::Write, len, started, &r);
+        self.account(IoKind::Write, len, started, &r, account);
         r
     }
 
@@ -584,13 +609,23 @@ impl BlockBackend {
     /// # Errors
     /// As [`BlockBackend::write`]; ENOTSUP for `NO_FALLBACK` when zeroing would be slow.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+        self.write_zeroes_as(offset, len, flags, true).await
+    }
+
+    async fn write_zeroes_as(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+        account: bool,
+    ) -> io::Result<()> {
         let flags = self.write_flags(flags);
         let _f = self.begin().await;
-        let node = self.target_span(IoKind::Write, offset, len, false)?;
+        let node = self.target_span(IoKind::Write, offset, len, false, account)?;
         self.throttle(Direction::Write, len).await;
         let started = crate::stats::now_ns();
         let r = node.write_zeroes(offset, len, flags).await;
-        self.account(IoKind::Write, len, started, &r);
+        self.account(IoKind::Write, len, started, &r, account);
         r
     }
 
@@ -599,12 +634,21 @@ impl BlockBackend {
     /// # Errors
     /// As [`BlockBackend::write`].
     pub async fn write_compressed(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        self.write_compressed_as(offset, data, true).await
+    }
+
+    async fn write_compressed_as(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        account: bool,
+    ) -> io::Result<()> {
         let _f = self.begin().await;
         let len = data.len() as u64;
-        let node = self.target(IoKind::Write, offset, len)?;
+        let node = self.target(IoKind::Write, offset, len, account)?;
         let started = crate::stats::now_ns();
         let r = node.write_compressed(offset, data).await;
-        self.account(IoKind::Write, len, started, &r);
+        self.account(IoKind::Write, len, started, &r, account);
         r
     }
 
@@ -613,11 +657,15 @@ impl BlockBackend {
     /// # Errors
     /// As [`BlockBackend::write`].
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.discard_as(offset, len, true).await
+    }
+
+    async fn discard_as(&self, offset: u64, len: u64, account: bool) -> io::Result<()> {
         let _f = self.begin().await;
-        let node = self.target_span(IoKind::Unmap, offset, len, false)?;
+        let node = self.target_span(IoKind::Unmap, offset, len, false, account)?;
         let started = crate::stats::now_ns();
         let r = node.discard(offset, len).await;
-        self.account(IoKind::Unmap, len, started, &r);
+        self.account(IoKind::Unmap, len, started, &r, account);
         r
     }
 
@@ -626,11 +674,15 @@ impl BlockBackend {
     /// # Errors
     /// ENOMEDIUM without a node; the driver's error.
     pub async fn flush(&self) -> io::Result<()> {
+        self.flush_as(true).await
+    }
+
+    async fn flush_as(&self, account: bool) -> io::Result<()> {
         let _f = self.begin().await;
-        let node = self.target(IoKind::Flush, 0, 0)?;
+        let node = self.target(IoKind::Flush, 0, 0, account)?;
         let started = crate::stats::now_ns();
         let r = node.flush().await;
-        self.account(IoKind::Flush, 0, started, &r);
+        self.account(IoKind::Flush, 0, started, &r, account);
         r
     }
 
@@ -666,6 +718,38 @@ impl BlockBackend {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
         node.truncate(size).await
+    }
+}
+
+/// A [`BlockBackend`]'s requests without accounting ([`BlockBackend::unaccounted`]); each
+/// is as the backend's method of the same name.
+#[derive(Clone, Copy)]
+pub struct Unaccounted<'a>(&'a BlockBackend);
+
+#[allow(clippy::missing_errors_doc)]
+impl Unaccounted<'_> {
+    pub async fn read(self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.0.read_as(offset, len, false).await
+    }
+
+    pub async fn write(self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> io::Result<()> {
+        self.0.write_as(offset, data, flags, false).await
+    }
+
+    pub async fn write_zeroes(self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+        self.0.write_zeroes_as(offset, len, flags, false).await
+    }
+
+    pub async fn write_compressed(self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        self.0.write_compressed_as(offset, data, false).await
+    }
+
+    pub async fn discard(self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.discard_as(offset, len, false).await
+    }
+
+    pub async fn flush(self) -> io::Result<()> {
+        self.0.flush_as(false).await
     }
 }
 

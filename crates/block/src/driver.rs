@@ -351,14 +351,23 @@ pub trait Driver: std::any::Any {
         Box::pin(async { Ok(()) })
     }
 
-    /// Writes whole clusters compressed (formats that can; others write them plain).
+    /// Writes whole clusters compressed: formats that store compressed clusters, and the
+    /// filters that pass such writes on (see [`Driver::can_write_compressed`]); ENOTSUP
+    /// from the others, as in QEMU.
     fn write_compressed<'a>(
         &'a self,
-        node: &'a Node,
-        offset: u64,
-        data: Vec<u8>,
+        _node: &'a Node,
+        _offset: u64,
+        _data: Vec<u8>,
     ) -> BoxFut<'a, ()> {
-        self.write(node, offset, data, ReqFlags::empty())
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
+    /// Whether the driver takes compressed writes (QEMU's `block_driver_can_compress`): a
+    /// format that stores compressed clusters, or a filter that passes them on to its child
+    /// (which must take them too: [`Node::supports_compressed_writes`]).
+    fn can_write_compressed(&self) -> bool {
+        self.compressed_cluster_size().is_some()
     }
 
     /// The node is activated again after another process may have changed its image:

@@ -535,6 +535,18 @@ impl Node {
         self.read_only.get()
     }
 
+    /// Whether compressed writes reach a format that stores them (QEMU's
+    /// `bdrv_supports_compressed_writes`): the driver takes them, and a filter's child too.
+    pub fn supports_compressed_writes(&self) -> bool {
+        if !self.driver.can_write_compressed() {
+            return false;
+        }
+        match self.driver.filtered_child().and_then(|c| self.child(c)) {
+            Some(filtered) => filtered.supports_compressed_writes(),
+            None => true,
+        }
+    }
+
     /// The node on child edge `name`.
     pub fn child(&self, name: &str) -> Option<Rc<Node>> {
         self.edge(name).map(|c| c.node())

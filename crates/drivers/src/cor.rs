@@ -218,6 +218,20 @@ impl Driver for CorDriver {
         Box::pin(self.serialised(offset, len, self.file.write(offset, data, flags)))
     }
 
+    fn write_compressed<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> BoxFut<'a, ()> {
+        let len = data.len() as u64;
+        Box::pin(self.serialised(offset, len, self.file.write_compressed(offset, data)))
+    }
+
+    fn can_write_compressed(&self) -> bool {
+        true
+    }
+
     fn write_zeroes<'a>(
         &'a self,
         _node: &'a Node,

@@ -104,6 +104,22 @@ impl Driver for ThrottleDriver {
         })
     }
 
+    fn write_compressed<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.admit(Direction::Write, data.len() as u64).await;
+            self.file.write_compressed(offset, data).await
+        })
+    }
+
+    fn can_write_compressed(&self) -> bool {
+        true
+    }
+
     fn write_zeroes<'a>(
         &'a self,
         _node: &'a Node,

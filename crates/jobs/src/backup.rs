@@ -373,6 +373,10 @@ async fn prepare_nodes(
     if Rc::ptr_eq(&source, &target) {
         return Err(Error::SameSourceAndTarget);
     }
+    let compress = args.bool_or("compress", false);
+    if compress && !target.supports_compressed_writes() {
+        return Err(Error::CannotCompress(target.device_name()));
+    }
     let perf = Perf::parse(args.dict("x-perf"))?;
     graph.check_unblocked(&source)?;
     graph.check_unblocked(&target)?;
@@ -388,7 +392,6 @@ async fn prepare_nodes(
     }
     jobs.check_id(&id)?;
     let speed = args.opt_i64("speed").unwrap_or(0);
-    let compress = args.bool_or("compress", false);
     let copy = match (&bitmap, sync) {
         (Some((b, _)), Sync::Bitmap) => {
             BlockCopy::new_from_bitmap(source.len(), cluster, compress, b)

@@ -58,6 +58,10 @@ pub enum Error {
     /// A backup of a node to itself.
     #[error("Source and target cannot be the same")]
     SameSourceAndTarget,
+    /// `compress` asked of a backup whose target cannot store compressed clusters (its
+    /// device name, empty for a plain node).
+    #[error("Compression is not supported for this drive {0}")]
+    CannotCompress(String),
     /// A backup between nodes of different sizes.
     #[error("Source and target image have different sizes")]
     DifferentSizes,

@@ -113,14 +113,47 @@ fn dump(offset: u64, data: &[u8]) -> String {
     out
 }
 
+/// qemu-io's complaint when command `cmd` has `n` words after it (options included) and
+/// takes fewer or more; nothing for commands it does not know.
+fn argument_count(cmd: &str, n: usize) -> Option<String> {
+    let (min, max) = match cmd {
+        "read" | "readv" | "write" | "writev" | "aio_read" | "aio_write" | "discard" | "d" => {
+            (2, None)
+        }
+        "flush" | "f" | "aio_flush" | "length" | "map" => (0, Some(0)),
+        "alloc" => (1, Some(2)),
+        "break" => (2, Some(2)),
+        "remove_break" | "resume" | "wait_break" => (1, Some(1)),
+        _ => return None,
+    };
+    if n >= min && max.is_none_or(|max| n <= max) {
+        return None;
+    }
+    Some(match max {
+        None => format!("bad argument count {n} to {cmd}, expected at least {min} arguments"),
+        Some(max) if max == min => {
+            format!("bad argument count {n} to {cmd}, expected {min} arguments")
+        }
+        Some(max) => {
+            format!("bad argument count {n} to {cmd}, expected between {min} and {max} arguments")
+        }
+    })
+}
+
 /// Runs `line` (one qemu-io command) on `blk`; returns what qemu-io prints.
 async fn command(blk: &BlockBackend, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     let Some((&cmd, args)) = words.split_first() else {
         return String::new();
     };
+    if let Some(complaint) = argument_count(cmd, args.len()) {
+        // qemu-io says this on standard error.
+        eprintln!("{complaint}");
+        return String::new();
+    }
     let mut pattern: Option<u8> = None;
     let mut zero = false;
+    let mut compressed = false;
     let mut flags = ReqFlags::empty();
     let mut verbose = false;
     let mut rest = Vec::new();
@@ -145,6 +178,7 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
                     break;
                 }
                 'z' => zero = true,
+                'c' => compressed = true,
                 'u' => flags |= ReqFlags::MAY_UNMAP,
                 'f' => flags |= ReqFlags::FUA,
                 'v' => verbose = true,
@@ -161,24 +195,38 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
             }
         }
     }
+    // `readv` and `writev` take several lengths, one buffer each, end to end.
+    let vectored = matches!(cmd, "readv" | "writev");
     let range = || -> Option<(u64, u64)> {
         match rest.as_slice() {
             [o, l] => Some((number(o)?, number(l)?)),
+            [o, lens @ ..] if vectored && !lens.is_empty() => {
+                let total = lens
+                    .iter()
+                    .try_fold(0u64, |sum, l| sum.checked_add(number(l)?))?;
+                Some((number(o)?, total))
+            }
             _ => None,
         }
     };
     let in_bounds = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= blk.len());
+    // qemu-io accounts its asynchronous reads, writes of data and flushes as a device
+    // would; its synchronous commands and zero writes bypass the accounting.
+    let accounted = matches!(cmd, "aio_read" | "aio_flush") || (cmd == "aio_write" && !zero);
+    let quiet = blk.unaccounted();
     let eio = || std::io::Error::from_raw_os_error(libc::EIO);
     let started = Instant::now();
     match cmd {
-        "read" | "aio_read" => {
+        "read" | "aio_read" | "readv" => {
             let Some((off, len)) = range() else {
                 return format!("{cmd}: invalid arguments\n");
             };
-            let r = if in_bounds(off, len) {
+            let r = if !in_bounds(off, len) {
+                Err(eio())
+            } else if accounted {
                 blk.read(off, len as usize).await
             } else {
-                Err(eio())
+                quiet.read(off, len as usize).await
             };
             match r {
                 Ok(data) => {
@@ -195,41 +243,54 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
                     out + &report("read", off, len, started)
                 }
                 Err(e) => {
-                    let what = if cmd == "aio_read" { "readv" } else { "read" };
+                    let what = if cmd == "read" { "read" } else { "readv" };
                     format!("{what} failed: {}\n", ferrite_qapi::os_msg(&e))
                 }
             }
         }
-        "write" | "aio_write" => {
+        "write" | "aio_write" | "writev" => {
             let Some((off, len)) = range() else {
                 return format!("{cmd}: invalid arguments\n");
             };
             let r = if !in_bounds(off, len) {
                 Err(eio())
             } else if zero {
-                blk.write_zeroes(off, len, flags).await
+                quiet.write_zeroes(off, len, flags).await
             } else {
-                blk.write(off, vec![pattern.unwrap_or(0xcd); len as usize], flags)
-                    .await
+                let data = vec![pattern.unwrap_or(0xcd); len as usize];
+                if compressed {
+                    quiet.write_compressed(off, data).await
+                } else if accounted {
+                    blk.write(off, data, flags).await
+                } else {
+                    quiet.write(off, data, flags).await
+                }
             };
             match r {
                 Ok(()) => report("wrote", off, len, started),
                 Err(e) => format!("{cmd} failed: {}\n", ferrite_qapi::os_msg(&e)),
             }
         }
-        "discard" | "aio_discard" | "d" => {
+        "discard" | "d" => {
             let Some((off, len)) = range() else {
                 return format!("{cmd}: invalid arguments\n");
             };
-            match blk.discard(off, len).await {
+            match quiet.discard(off, len).await {
                 Ok(()) => report("discard", off, len, started),
                 Err(e) => format!("discard failed: {}\n", ferrite_qapi::os_msg(&e)),
             }
         }
-        "flush" | "f" | "aio_flush" => match blk.flush().await {
-            Ok(()) => String::new(),
-            Err(e) => format!("{cmd} failed: {}\n", ferrite_qapi::os_msg(&e)),
-        },
+        "flush" | "f" | "aio_flush" => {
+            let r = if accounted {
+                blk.flush().await
+            } else {
+                quiet.flush().await
+            };
+            match r {
+                Ok(()) => String::new(),
+                Err(e) => format!("{cmd} failed: {}\n", ferrite_qapi::os_msg(&e)),
+            }
+        }
         "break" | "remove_break" | "resume" | "wait_break" => breakpoint(blk, cmd, &rest).await,
         "length" => format!("{}\n", cvtstr(blk.len() as f64)),
         "map" => map(blk).await,
