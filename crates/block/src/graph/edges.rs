@@ -80,6 +80,7 @@ impl Graph {
                 parent: parent.name().to_owned(),
             });
         }
+        let iothreads = self.iothread_snapshot([parent, child]);
         self.join_iothreads(parent, child)?;
         let e = Child::new(
             name,
@@ -94,6 +95,7 @@ impl Graph {
         let (p, s) = parent.driver.child_perm(name, perm, shared, used);
         if let Err(err) = self.update_edge_perm(&e, p, s) {
             self.detach_edge(&e);
+            iothreads.restore();
             return Err(err);
         }
         Ok(e)
@@ -196,9 +198,17 @@ impl Graph {
                 });
             }
         }
+        let parents: Vec<Rc<Node>> = moves
+            .iter()
+            .filter_map(|(e, _, _)| e.parent_node())
+            .collect();
+        let iothreads = self.iothread_snapshot(parents.iter().chain(moves.iter().map(|m| &m.2)));
         for (e, _, to) in &moves {
-            if let Some(parent) = e.parent_node() {
-                self.join_iothreads(&parent, to)?;
+            if let Some(parent) = e.parent_node()
+                && let Err(err) = self.join_iothreads(&parent, to)
+            {
+                iothreads.restore();
+                return Err(err);
             }
         }
         let mut drained = Vec::new();
@@ -220,6 +230,7 @@ impl Graph {
                 let _ = self.propagate(to);
                 let _ = self.check_node(from);
             }
+            iothreads.restore();
             return Err(err);
         }
         for (e, from, to) in &moves {

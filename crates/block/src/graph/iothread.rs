@@ -83,6 +83,47 @@ impl Graph {
         seen
     }
 
+    /// Where `nodes`, every node connected to them and the backends using those run now,
+    /// to put back if what moved them fails later ([`IothreadSnapshot::restore`]).
+    pub(crate) fn iothread_snapshot<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a Rc<Node>>,
+    ) -> IothreadSnapshot {
+        let mut all: Vec<Rc<Node>> = Vec::new();
+        for n in nodes {
+            if all.iter().any(|m| Rc::ptr_eq(m, n)) {
+                continue;
+            }
+            for m in Self::connected(n) {
+                if !all.iter().any(|k| Rc::ptr_eq(k, &m)) {
+                    all.push(m);
+                }
+            }
+        }
+        let backends = self
+            .backends()
+            .into_iter()
+            .filter(|b| {
+                b.node()
+                    .is_some_and(|n| all.iter().any(|m| Rc::ptr_eq(m, &n)))
+            })
+            .map(|b| {
+                let at = b.iothread();
+                (b, at)
+            })
+            .collect();
+        IothreadSnapshot {
+            nodes: all
+                .into_iter()
+                .map(|n| {
+                    let at = self.iothread_of(&n);
+                    (n, at)
+                })
+                .collect(),
+            backends,
+        }
+    }
+
     /// Puts `parent` and a new `child` in one iothread: the child moves to the parent's,
     /// else the parent to the child's (QEMU's `bdrv_attach_child_common`).
     ///
@@ -147,5 +188,24 @@ impl Graph {
             *r.iothread.borrow_mut() = to;
         }
         Ok(())
+    }
+}
+
+/// Nodes' and backends' iothreads as they were ([`Graph::iothread_snapshot`]).
+pub(crate) struct IothreadSnapshot {
+    nodes: Vec<(Rc<Node>, Option<String>)>,
+    backends: Vec<(Rc<BlockBackend>, Option<String>)>,
+}
+
+impl IothreadSnapshot {
+    /// Puts every node and backend back where it was (QEMU rolls a failed graph change's
+    /// AioContext moves back with it).
+    pub(crate) fn restore(self) {
+        for (n, at) in self.nodes {
+            *n.iothread.borrow_mut() = at;
+        }
+        for (b, at) in self.backends {
+            *b.iothread.borrow_mut() = at;
+        }
     }
 }

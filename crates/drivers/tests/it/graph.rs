@@ -242,3 +242,30 @@ async fn replace_that_conflicts_moves_nothing() {
     assert_eq!(n0.users().len(), 1);
     drop(w);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_reopen_refused_for_its_permissions_leaves_every_node_in_its_iothread() {
+    let (g, _) = graph();
+    // `a` runs in io0, held there by a user that stays and lets nobody else write.
+    let a = add(&g, r#"{"driver":"null-co","node-name":"a"}"#).await;
+    let pinned =
+        BlockBackend::new(&g, &a, Perm::CONSISTENT_READ, Perm::all() - Perm::WRITE).unwrap();
+    pinned.set_fixed_iothread(true);
+    g.move_to_iothread(&a, Some("io0"), Some(&pinned)).unwrap();
+    // `p` writes to its file, in the main loop.
+    add(&g, r#"{"driver":"null-co","node-name":"f"}"#).await;
+    let p = add(&g, r#"{"driver":"raw","node-name":"p","file":"f"}"#).await;
+    let writer = BlockBackend::new(&g, &p, Perm::WRITE, Perm::all()).unwrap();
+    // Pointing p's file at `a` would take p into io0 (a cannot move), then a writer onto
+    // a node whose user lets nobody write: refused, and p stays where it ran.
+    let err = g
+        .reopen(&[args(r#"{"driver":"raw","node-name":"p","file":"a"}"#)])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("Permission conflict on node 'a'"), "{err}");
+    assert_eq!(p.child("file").unwrap().name(), "f");
+    assert_eq!(g.iothread_of(&p), None);
+    assert_eq!(writer.iothread(), None);
+    assert_eq!(g.iothread_of(&a).as_deref(), Some("io0"));
+}
