@@ -211,3 +211,35 @@ def test_flushes_and_writes_raise_their_events_as_qemus(tmp_path, event, ops, fa
     qemu, ferrite = hmp_and_qemu_io(tmp_path, debug, ops)
     assert ferrite == qemu
     assert ("read failed: Input/output error" in qemu) == fails, qemu
+
+
+def close_transcript(d, rules, ops):
+    """A qcow2 image over blkdebug with `rules`, NBD clients running `ops`, then quit: what
+    the clients saw and what the daemon said on its standard error as it closed the image
+    (its own name left out)."""
+    w = d.workdir
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "disk.img"), "4M"],
+                   check=True)
+    c = d.connect()
+    assert c.cmd("blockdev-add", stack("qcow2", rules)) == {"return": {}}
+    uri = export(c, d, "top", "top", True)
+    seen = [io(uri, op) for op in ops]
+    c.cmd("quit")
+    d.proc.wait(10)
+    said = [ln.split(": ", 1)[1] for ln in d.stderr_path.read_text().splitlines()]
+    return seen, said
+
+
+@pytest.mark.parametrize("rules,ops", [
+    # A write arms an error for flushes that stays armed (not `once`): the client's flush
+    # fails, and so does the one at close, which both caches report.
+    ({"inject-error": [{"event": "write_aio", "iotype": "flush"}]},
+     ["read 0 512", "write 0 512"]),
+    # Nothing written since the last flush: an error armed for every request (by the L2
+    # table's load) never meets a flush.
+    ({"inject-error": [{"event": "l2_load"}]}, ["read 0 512"]),
+], ids=["written", "only-read"])
+def test_caches_that_cannot_be_written_back_at_close_are_reported_as_qsd(both, rules, ops):
+    q, f = both()
+    expected = close_transcript(q, rules, ops)
+    assert close_transcript(f, rules, ops) == expected

@@ -375,6 +375,13 @@ impl Node {
     }
 
     /// A request that may have changed the node completed.
+    /// Whether anything was written through the node since its last successful flush
+    /// (QEMU's `write_gen != flushed_gen`): a flush with nothing to make durable skips the
+    /// node's own disk flush and only passes on to its children.
+    pub fn written_since_flush(&self) -> bool {
+        self.write_gen.get() != self.flushed_gen.get()
+    }
+
     fn changed(&self) {
         self.write_gen.set(self.write_gen.get() + 1);
     }

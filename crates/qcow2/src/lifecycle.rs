@@ -87,12 +87,27 @@ impl Qcow2Driver {
     }
 
     /// Writes everything back, stores the persistent bitmaps and marks the image clean.
+    /// What fails is said on standard error as QEMU says it (nobody else would learn of it
+    /// at quit), and the image stays marked dirty.
     pub(crate) async fn close_impl(&self, node: &Node, file: &Child) -> io::Result<()> {
         if self.read_only.get() || self.dead.get() {
             return Ok(());
         }
         let mut m = self.meta.lock().await;
-        m.write_back(file, true).await?;
+        // QEMU writes its L2 table cache (the refcount blocks it depends on first) and
+        // flushes the file, then its refcount block cache and flushes again.
+        let tables = m.write_back(file, true).await;
+        if let Err(e) = &tables {
+            report_close_failure("L2 table", e);
+        }
+        let refblocks = match m.write_back(file, false).await {
+            Ok(()) => file.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &refblocks {
+            report_close_failure("refcount block", e);
+        }
+        tables.and(refblocks)?;
         let node_bitmaps = node.bitmaps();
         bitmaps::store(file, &mut m, &node_bitmaps).await?;
         bitmaps::refresh_info(file, &mut m).await;
@@ -104,6 +119,14 @@ impl Qcow2Driver {
         self.dirty_set.set(false);
         Ok(())
     }
+}
+
+/// QEMU's words when a cache cannot be written back at close.
+fn report_close_failure(cache: &str, e: &io::Error) {
+    ferrite_block::report::error_report(&format!(
+        "Failed to flush the {cache} cache: {}",
+        ferrite_qapi::os_msg(e)
+    ));
 }
 
 impl Qcow2Driver {
