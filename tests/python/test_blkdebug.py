@@ -243,3 +243,42 @@ def test_caches_that_cannot_be_written_back_at_close_are_reported_as_qsd(both, r
     q, f = both()
     expected = close_transcript(q, rules, ops)
     assert close_transcript(f, rules, ops) == expected
+
+
+def names_transcript(d):
+    """The file names query-named-block-nodes shows for blkdebug nodes: `blkdebug:CONFIG:IMAGE`
+    where the image has a plain name and nothing but a config file is set, `json:`
+    otherwise; formats above take the plain name."""
+    w = d.workdir
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "t.qcow2"), "1M"],
+                   check=True)
+    (w / "rules.conf").write_text("")
+    (w / "other.raw").write_bytes(bytes(65536))
+    img = {"driver": "file", "filename": str(w / "t.qcow2")}
+    c = d.connect()
+    for name, o in [
+        ("a", {"driver": "qcow2", "file": {"driver": "blkdebug", "image": img}}),
+        ("b", {"driver": "qcow2", "file": {"driver": "blkdebug", "image": img,
+                                           "config": str(w / "rules.conf")}}),
+        ("c", {"driver": "qcow2", "file": {"driver": "blkdebug", "align": 4096,
+                                           "image": img}}),
+        ("d", {"driver": "blkdebug", "image": {"driver": "qcow2", "file": img}}),
+        ("e", {"driver": "raw", "file": {"driver": "blkdebug",
+                                         "image": {"driver": "blkdebug", "image": img}}}),
+        ("f", {"driver": "blkdebug", "image": {"driver": "null-co"}}),
+        ("g", {"driver": "blkdebug", "take-child-perms": ["resize"],
+               "image": {"driver": "file", "filename": str(w / "other.raw")}}),
+    ]:
+        assert c.cmd("blockdev-add", dict(o, **{"node-name": name, "read-only": True})) \
+            == {"return": {}}
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    c.close()
+    return sorted((n["node-name"] if not n["node-name"].startswith("#") else "#", n["drv"],
+                   n["file"].replace(str(w), "W")) for n in nodes)
+
+
+def test_blkdebug_nodes_are_named_as_qsd_names_them(both):
+    q, f = both()
+    expected = names_transcript(q)
+    assert ("a", "qcow2", "blkdebug::W/t.qcow2") in expected
+    assert names_transcript(f) == expected

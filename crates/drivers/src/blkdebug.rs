@@ -516,6 +516,27 @@ impl Driver for BlkdebugDriver {
         self.strong.clone()
     }
 
+    /// `blkdebug:CONFIG:IMAGE`, as QEMU names a blkdebug node whose image has a plain name
+    /// and that has no options but its config file (the name opens the same node again);
+    /// rules or limits given as options need a `json:` name.
+    fn plain_filename(&self) -> Option<String> {
+        if self.strong.iter().any(|(k, _)| k != "config") {
+            return None;
+        }
+        // The image's own plain name (QEMU's `exact_filename`): none where it needs `json:`.
+        let image = Some(self.image.node().filename()).filter(|f| !f.starts_with("json:"))?;
+        let config = self
+            .strong
+            .get("config")
+            .and_then(QObject::as_str)
+            .unwrap_or_default();
+        Some(format!("blkdebug:{config}:{image}"))
+    }
+
+    fn filename_is_option(&self) -> bool {
+        false
+    }
+
     fn request_alignment(&self, _node: &Node) -> u64 {
         self.align
     }
