@@ -35,7 +35,8 @@ fn json_options(text: &str) -> Option<QDict> {
 }
 
 /// The options of the protocol node a file name stands for: `json:{...}` says them all,
-/// `blkdebug:CONFIG:IMAGE` is a blkdebug node over the image's file, `null-co://` a null
+/// `blkdebug:CONFIG:IMAGE` is a blkdebug node over the image's file, `blkverify:RAW:TEST` a
+/// blkverify node over both (the image under test by name only), `null-co://` a null
 /// node, `file:PATH` a file, anything else a file (QEMU's protocol prefixes, for those
 /// ferrite has).
 pub fn protocol_options(name: &str) -> QDict {
@@ -69,6 +70,17 @@ pub fn protocol_options(name: &str) -> QDict {
             d.insert("config", config);
         }
         return d;
+    }
+    // `blkverify:RAW:TEST`: the raw copy by its file name, the image under test by its
+    // name too, its format probed when the node opens.
+    if let Some((raw, test)) = name
+        .strip_prefix("blkverify:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        return QDict::new()
+            .with("driver", "blkverify")
+            .with("raw", protocol_options(raw))
+            .with("test", QDict::new().with("filename", test));
     }
     QDict::new().with("driver", "file").with("filename", name)
 }

@@ -7,6 +7,7 @@
 
 use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
+use ferrite_qobject::QObject;
 use std::io;
 use std::rc::Rc;
 
@@ -25,7 +26,23 @@ impl DriverFactory for BlkverifyFactory {
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let raw = ctx.open_child("raw").await?;
-            let test = ctx.open_child("test").await?;
+            // The image under test given by name alone (`blkverify:RAW:TEST`) is opened in
+            // the format it shows, as QEMU probes such data children.
+            let named = match ctx.opts().get("test") {
+                Some(QObject::Dict(d)) if d.get("driver").is_none() => d
+                    .get("filename")
+                    .and_then(QObject::as_str)
+                    .map(str::to_owned),
+                _ => None,
+            };
+            let test = match named {
+                Some(path) => {
+                    let format = ctx.probe(&path).await?;
+                    let read_only = ctx.settings().read_only;
+                    ctx.open_image("test", &path, format, read_only).await?
+                }
+                None => ctx.open_child("test").await?,
+            };
             Ok(Box::new(Blkverify { raw, test }) as Box<dyn Driver>)
         })
     }
@@ -71,6 +88,20 @@ impl Driver for Blkverify {
 
     fn format_name(&self) -> &'static str {
         "blkverify"
+    }
+
+    /// `blkverify:RAW:TEST`, as QEMU names the node when both children have plain names.
+    fn plain_filename(&self) -> Option<String> {
+        let plain = |c: &Child| Some(c.node().filename()).filter(|f| !f.starts_with("json:"));
+        Some(format!(
+            "blkverify:{}:{}",
+            plain(&self.raw)?,
+            plain(&self.test)?
+        ))
+    }
+
+    fn filename_is_option(&self) -> bool {
+        false
     }
 
     fn has_image_info(&self) -> bool {

@@ -163,7 +163,7 @@ fn cache_flags(cache: Option<&str>) -> Result<(bool, bool), Error> {
 /// A child given by `filename` without a driver is a file, as `-drive` infers it (QEMU
 /// would look at a protocol prefix; ferrite has only the file protocol by name).
 fn default_protocols(node: &mut QDict) {
-    for key in ["file", "backing", "image"] {
+    for key in ["file", "backing", "image", "raw", "test"] {
         if let Some(QObject::Dict(child)) = node.get_mut(key) {
             if child.get("driver").is_none() && child.get("filename").is_some() {
                 child.insert("driver", "file");
@@ -184,30 +184,49 @@ fn default_protocols(node: &mut QDict) {
 /// alone: their format is the image's, probed (QEMU probes such data children).
 async fn probe_children(graph: &Graph, node: &mut QDict) -> Result<(), Error> {
     // Also below the node: a quorum under a raw node (`file.children.N...`).
-    for key in ["file", "backing", "image"] {
+    for key in ["file", "backing", "image", "raw", "test"] {
         if let Some(QObject::Dict(child)) = node.get_mut(key) {
             Box::pin(probe_children(graph, child)).await?;
         }
+    }
+    // blkverify's image under test is such a child too.
+    if node.get("driver").and_then(QObject::as_str) == Some("blkverify")
+        && let Some(QObject::Dict(test)) = node.get_mut("test")
+    {
+        probe_data_child(graph, test).await?;
     }
     let Some(QObject::List(children)) = node.get_mut("children") else {
         return Ok(());
     };
     for child in children.iter_mut() {
-        let QObject::Dict(child) = child else {
-            continue;
-        };
-        if child.get("driver").is_some() {
-            continue;
-        }
-        let filename = match child.get("file") {
-            Some(QObject::Dict(f)) => f.get("filename").and_then(QObject::as_str),
-            _ => None,
-        };
-        if let Some(path) = filename.map(str::to_owned) {
-            let format = graph.probe_image(&path).await?;
-            child.insert("driver", format);
+        if let QObject::Dict(child) = child {
+            probe_data_child(graph, child).await?;
         }
     }
+    Ok(())
+}
+
+/// A data child given without a driver: its format probed from its file, which is given
+/// by name (`filename`, or `file.filename`) or by options (`file.driver=blkdebug,...`).
+async fn probe_data_child(graph: &Graph, child: &mut QDict) -> Result<(), Error> {
+    if child.get("driver").is_some() {
+        return Ok(());
+    }
+    if let Some(path) = child.remove("filename") {
+        child.insert("file", QDict::new().with("filename", path));
+    }
+    let Some(QObject::Dict(file)) = child.get_mut("file") else {
+        return Ok(());
+    };
+    let format = match file.get("filename").and_then(QObject::as_str) {
+        Some(path) if file.get("driver").is_none() => graph.probe_image(path).await?,
+        _ if file.get("driver").is_some() => {
+            default_protocols(file);
+            graph.probe_cli_options(file).await?
+        }
+        _ => return Ok(()),
+    };
+    child.insert("driver", format);
     Ok(())
 }
 
@@ -502,9 +521,21 @@ pub(crate) async fn add(
                 None => match opts.get("file") {
                     // The image's file is opened first, then its format is probed.
                     Some(QObject::Dict(proto)) => {
-                        let path =
-                            missing_child(proto, "file").map_or_else(|| image_path(proto), Err)?;
-                        graph.probe_image(&path).await?.to_owned()
+                        if let Some(e) = missing_child(proto, "file") {
+                            return Err(e);
+                        }
+                        match image_path(proto) {
+                            Ok(path) => graph.probe_image(&path).await?.to_owned(),
+                            // A protocol node described by its options (`file.driver=
+                            // blkdebug,file.image.filename=...`): opened, then probed.
+                            Err(_) if proto.get("driver").is_some() => {
+                                let mut proto = proto.clone();
+                                probe_children(graph, &mut proto).await?;
+                                default_protocols(&mut proto);
+                                graph.probe_cli_options(&proto).await?.to_owned()
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     _ => return Err(generic("Must specify either driver or file")),
                 },

@@ -255,6 +255,25 @@ impl Graph {
         self.probe_format(&file_opts).await
     }
 
+    /// The format of the image a node opened from command-line options `file_opts` (every
+    /// scalar a string, a `-drive`'s `file.*`) shows, by its first bytes: the node is opened
+    /// read-only for the look and closed again (QEMU opens a drive's file, then probes).
+    ///
+    /// # Errors
+    /// The options refused, the node failing to open.
+    pub async fn probe_cli_options(&self, file_opts: &QDict) -> Result<&'static str> {
+        // Typed as the file of a raw node, as a drive's file would be.
+        let drive = QDict::new()
+            .with("driver", "raw")
+            .with("file", file_opts.clone());
+        let typed = self.check_drive_options(&drive)?;
+        let Some(ferrite_qobject::QObject::Dict(file)) = typed.get("file") else {
+            return Err(Error::MissingChild("file".into()));
+        };
+        self.probe_format(&file.clone().with("read-only", true))
+            .await
+    }
+
     pub(crate) async fn probe_format(&self, file_opts: &QDict) -> Result<&'static str> {
         let f = self.open(&Args::new(file_opts.clone())).await?;
         let head = match BlockBackend::new(
