@@ -356,6 +356,12 @@ impl Node {
         )
     }
 
+    /// The node's plain file name, if it has one (QEMU's `exact_filename`): none where
+    /// only a `json:` name describes it.
+    pub fn exact_filename(&self) -> Option<String> {
+        Some(self.filename()).filter(|f| !f.starts_with("json:"))
+    }
+
     /// The options that recreate this node and its children (`json:` file names).
     pub fn full_options(&self) -> QDict {
         if self.implicit.get()

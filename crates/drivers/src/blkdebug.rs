@@ -524,7 +524,7 @@ impl Driver for BlkdebugDriver {
             return None;
         }
         // The image's own plain name (QEMU's `exact_filename`): none where it needs `json:`.
-        let image = Some(self.image.node().filename()).filter(|f| !f.starts_with("json:"))?;
+        let image = self.image.node().exact_filename()?;
         let config = self
             .strong
             .get("config")

@@ -92,11 +92,10 @@ impl Driver for Blkverify {
 
     /// `blkverify:RAW:TEST`, as QEMU names the node when both children have plain names.
     fn plain_filename(&self) -> Option<String> {
-        let plain = |c: &Child| Some(c.node().filename()).filter(|f| !f.starts_with("json:"));
         Some(format!(
             "blkverify:{}:{}",
-            plain(&self.raw)?,
-            plain(&self.test)?
+            self.raw.node().exact_filename()?,
+            self.test.node().exact_filename()?
         ))
     }
 
