@@ -427,6 +427,10 @@ def test_a_mirror_to_nbd_goes_ready_after_its_command_returns_as_qsd(both, qemu_
     target = tmp_path / "target.qcow2"
     qcow2(target, "64M")
     sock = qemu_nbd(target, "qcow2", "img")
+    # qemu-storage-daemon returns first when its flush before `ready` waits on the server,
+    # as it does on an idle machine; under load its command may still be finishing when the
+    # job gets there (seen once in CI: READY, then the return), so its order is looked at
+    # only for READY itself and ferrite is held to the order of the idle case.
     expected = ready_order(q, sock)
-    assert expected == ["return", "BLOCK_JOB_READY"]
-    assert ready_order(f, sock) == expected
+    assert "BLOCK_JOB_READY" in expected
+    assert ready_order(f, sock) == ["return", "BLOCK_JOB_READY"]
