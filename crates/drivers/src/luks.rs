@@ -79,10 +79,9 @@ impl DriverFactory for LuksFactory {
             .driver_as::<Luks>()
             .ok_or(ferrite_block::Error::CannotAmend)?;
         luks.updating_keys.set(true);
-        graph.refresh_perms(node).inspect_err(|_| {
-            luks.updating_keys.set(false);
-            let _ = graph.refresh_perms(node);
-        })
+        graph
+            .refresh_perms(node)
+            .inspect_err(|_| self.amend_cleanup(graph, node))
     }
 
     fn amend_cleanup(&self, graph: &Graph, node: &Rc<Node>) {

@@ -25,8 +25,6 @@ pub fn qmp_x_blockdev_amend(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &Arg
         graph: graph.clone(),
         node: node.clone(),
     };
-    let g = graph.clone();
-    let n = node.clone();
     let job = crate::single_step::create(
         jobs,
         id,
@@ -34,8 +32,9 @@ pub fn qmp_x_blockdev_amend(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &Arg
         Box::pin(async move {
             // The node must not go away under the amendment; what it may do to the image
             // is for the driver to ask (QEMU's amend job takes no permission either).
-            let hold = BlockBackend::new(&g, &n, Perm::empty(), Perm::all())?;
-            let r = ferrite_block::create::amend(&g, &n, &options, force).await;
+            let (g, n) = (&prepared.graph, &prepared.node);
+            let hold = BlockBackend::new(g, n, Perm::empty(), Perm::all())?;
+            let r = ferrite_block::create::amend(g, n, &options, force).await;
             drop(hold);
             drop(prepared);
             r

@@ -218,16 +218,26 @@ async fn probe_data_child(graph: &Graph, child: &mut QDict) -> Result<(), Error>
     let Some(QObject::Dict(file)) = child.get_mut("file") else {
         return Ok(());
     };
-    let format = match file.get("filename").and_then(QObject::as_str) {
-        Some(path) if file.get("driver").is_none() => graph.probe_image(path).await?,
-        _ if file.get("driver").is_some() => {
-            default_protocols(file);
-            graph.probe_cli_options(file).await?
-        }
-        _ => return Ok(()),
+    let format = match (
+        file.get("driver"),
+        file.get("filename").and_then(QObject::as_str),
+    ) {
+        (Some(_), _) => probe_described(graph, file).await?,
+        (None, Some(path)) => graph.probe_image(path).await?,
+        (None, None) => return Ok(()),
     };
     child.insert("driver", format);
     Ok(())
+}
+
+/// The format of what a protocol node described by its options shows (`file.driver=
+/// blkdebug,file.image.filename=...`): the node opened, with its children's drivers filled
+/// in as the drive's will be, then probed.
+async fn probe_described(graph: &Graph, proto: &QDict) -> Result<&'static str, Error> {
+    let mut proto = proto.clone();
+    Box::pin(probe_children(graph, &mut proto)).await?;
+    default_protocols(&mut proto);
+    Ok(graph.probe_cli_options(&proto).await?)
 }
 
 /// Counts of drives per interface, for default ids and indexes.
@@ -526,13 +536,8 @@ pub(crate) async fn add(
                         }
                         match image_path(proto) {
                             Ok(path) => graph.probe_image(&path).await?.to_owned(),
-                            // A protocol node described by its options (`file.driver=
-                            // blkdebug,file.image.filename=...`): opened, then probed.
                             Err(_) if proto.get("driver").is_some() => {
-                                let mut proto = proto.clone();
-                                probe_children(graph, &mut proto).await?;
-                                default_protocols(&mut proto);
-                                graph.probe_cli_options(&proto).await?.to_owned()
+                                probe_described(graph, proto).await?.to_owned()
                             }
                             Err(e) => return Err(e),
                         }
