@@ -152,6 +152,21 @@ pub async fn sleep(d: Duration) {
     Clock::current().sleep(d).await;
 }
 
+/// The machine's virtual clock as a snapshot records it (QEMU's `QEMU_CLOCK_VIRTUAL`): this
+/// thread's virtual clock under qtest; elsewhere, with no guest CPU to count it, the host's
+/// real time since the epoch in whole microseconds, which is what qemu-storage-daemon
+/// records.
+pub fn vm_clock_ns() -> u64 {
+    match virtual_clock() {
+        Some(c) => c.now_ns(),
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| {
+                u64::try_from(d.as_micros() * 1000).unwrap_or(u64::MAX)
+            }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,40 @@ pub fn check_unchanged(
     Ok(())
 }
 
+/// What a new internal snapshot records of the moment it is taken (QEMU's
+/// `QEMUSnapshotInfo` as `savevm` and `blockdev-snapshot-internal-sync` fill it); a VM
+/// snapshot gives every image the same.
+#[derive(Debug, Clone)]
+pub struct NewSnapshot {
+    /// Its name (the tag).
+    pub name: String,
+    /// When it was taken: seconds since the epoch...
+    pub date_sec: u32,
+    /// ...and the nanoseconds (QEMU stamps whole microseconds).
+    pub date_nsec: u32,
+    /// The machine's virtual clock then.
+    pub vm_clock_nsec: u64,
+    /// How much VM state the image's VM state area holds for it (0: a disk-only snapshot).
+    pub vm_state_size: u64,
+}
+
+impl NewSnapshot {
+    /// A snapshot called `name` taken now, at `vm_clock_nsec` on the machine's clock,
+    /// without VM state.
+    pub fn now(name: &str, vm_clock_nsec: u64) -> NewSnapshot {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        NewSnapshot {
+            name: name.to_owned(),
+            date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
+            date_nsec: now.subsec_micros() * 1000,
+            vm_clock_nsec,
+            vm_state_size: 0,
+        }
+    }
+}
+
 /// The answer of a driver that cannot do what is asked (ENOTSUP).
 pub fn unsupported<'a, T: 'a>() -> BoxFut<'a, T> {
     Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
@@ -422,8 +456,27 @@ pub trait Driver: std::any::Any {
         Vec::new()
     }
 
-    /// Takes internal snapshot `name`; returns its `SnapshotInfo`.
-    fn snapshot_create<'a>(&'a self, _node: &'a Node, _name: &'a str) -> BoxFut<'a, QDict> {
+    /// Takes internal snapshot `snap` of the image as it is now (with the VM state saved
+    /// before it, if `snap.vm_state_size` says so); returns its `SnapshotInfo`.
+    fn snapshot_create<'a>(&'a self, _node: &'a Node, _snap: &'a NewSnapshot) -> BoxFut<'a, QDict> {
+        unsupported()
+    }
+
+    /// Makes the image what it was when internal snapshot `id_or_name` (an ID first, then
+    /// a name) was taken; `Ok(false)` if there is no such snapshot.
+    fn snapshot_goto<'a>(&'a self, _node: &'a Node, _id_or_name: &'a str) -> BoxFut<'a, bool> {
+        unsupported()
+    }
+
+    /// Writes `data` at `pos` of the image's VM state area: where `savevm` puts the
+    /// machine's state before the snapshot that keeps it is taken.
+    fn save_vmstate<'a>(&'a self, _node: &'a Node, _pos: u64, _data: Vec<u8>) -> BoxFut<'a, ()> {
+        unsupported()
+    }
+
+    /// Reads `len` bytes at `pos` of the VM state area (after `snapshot_goto`, the state
+    /// the snapshot kept).
+    fn load_vmstate<'a>(&'a self, _node: &'a Node, _pos: u64, _len: usize) -> BoxFut<'a, Vec<u8>> {
         unsupported()
     }
 

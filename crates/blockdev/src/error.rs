@@ -24,6 +24,52 @@ pub enum Error {
     /// A transaction action ferrite does not have.
     #[error("Transaction action '{0}' is not supported by ferrite yet")]
     UnsupportedAction(String),
+    /// A VM snapshot given an empty device list.
+    #[error("At least one device is required for snapshot")]
+    VmSnapshotNoDevices,
+    /// A VM snapshot's device list naming a node there is not.
+    #[error("No block device node '{0}'")]
+    VmSnapshotNoSuchNode(String),
+    /// A node a VM snapshot covers that cannot take one.
+    #[error("Device '{0}' is writable but does not support snapshots")]
+    VmSnapshotUnsupported(String),
+    /// Deleting a VM snapshot failed on a node.
+    #[error(
+        "Could not delete snapshot '{name}' on '{device}': Failed to remove snapshot from snapshot list"
+    )]
+    VmSnapshotDelete {
+        /// The snapshot.
+        name: String,
+        /// The node's drive or node name.
+        device: String,
+    },
+    /// Taking a VM snapshot failed on a node.
+    #[error("Could not create snapshot '{name}' on '{device}'")]
+    VmSnapshotCreate {
+        /// The snapshot.
+        name: String,
+        /// The node's drive or node name.
+        device: String,
+    },
+    /// Loading a VM snapshot failed on a node.
+    #[error("Could not load snapshot '{name}' on '{device}': {reason}")]
+    VmSnapshotLoad {
+        /// The snapshot.
+        name: String,
+        /// The node's drive or node name.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+    /// `vmstate` naming a node that cannot take snapshots.
+    #[error("vmstate block device '{0}' does not support snapshots")]
+    VmStateUnsupported(String),
+    /// `vmstate` naming a node there is not.
+    #[error("vmstate block device '{0}' does not exist")]
+    VmStateMissing(String),
+    /// No node can take the VM state.
+    #[error("no block device can store vmstate for snapshot")]
+    NoVmStateNode,
     /// A snapshot overlay already in use.
     #[error("The overlay is already in use")]
     OverlayInUse,

@@ -12,6 +12,7 @@ pub mod job_cmds;
 pub mod qmp_cmds;
 pub mod snapshot_cmds;
 pub mod transaction;
+pub mod vm_snapshot;
 
 pub use error::{Error, Result};
 

@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use ferrite_block::Graph;
 use ferrite_block::Node;
+use ferrite_block::driver::NewSnapshot;
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::rc::Rc;
@@ -289,7 +290,10 @@ pub async fn internal_sync(graph: &Graph, args: &Args) -> Result<(Rc<Node>, Stri
     }
     let info = node
         .driver()
-        .snapshot_create(&node, name)
+        .snapshot_create(
+            &node,
+            &NewSnapshot::now(name, ferrite_block::clock::vm_clock_ns()),
+        )
         .await
         .map_err(|e| Error::SnapshotFailed {
             name: name.to_owned(),

@@ -10,7 +10,7 @@ use crate::snapshot;
 use ferrite_block::Node;
 use ferrite_block::Perm;
 use ferrite_block::bitmap::DirtyBitmap;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, Extent, NewSnapshot, ReqFlags};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
@@ -248,16 +248,74 @@ impl Driver for Qcow2Driver {
         self.snapshots.borrow().iter().map(snapshot_info).collect()
     }
 
-    fn snapshot_create<'a>(&'a self, node: &'a Node, name: &'a str) -> BoxFut<'a, QDict> {
+    fn snapshot_create<'a>(&'a self, node: &'a Node, snap: &'a NewSnapshot) -> BoxFut<'a, QDict> {
         Box::pin(async move {
             self.alive()?;
+            self.no_data_file()?;
             let file = Self::file(node)?;
             let mut m = self.meta.lock().await;
-            let r = snapshot::create(&file, &mut m, name).await;
+            let r = snapshot::create(&file, &mut m, snap).await;
             drop(m);
             let s = self.check(node, &file, r).await?;
             self.snapshots.borrow_mut().push(s.clone());
+            // The snapshot keeps the VM state; the active image needs it no more, and
+            // keeping it would make the next one copy it (QEMU drops it too).
+            if snap.vm_state_size > 0 {
+                let len = snap.vm_state_size.next_multiple_of(self.cs());
+                let r = self
+                    .discard_impl(node, &file, self.vm_state_offset(), len, false)
+                    .await;
+                let _ = self.check(node, &file, r).await;
+            }
             Ok(snapshot_info(&s))
+        })
+    }
+
+    fn snapshot_goto<'a>(&'a self, node: &'a Node, id_or_name: &'a str) -> BoxFut<'a, bool> {
+        Box::pin(async move {
+            self.alive()?;
+            self.no_data_file()?;
+            let file = Self::file(node)?;
+            let size = {
+                let list = self.snapshots.borrow();
+                list.iter()
+                    .find(|s| s.id == id_or_name)
+                    .or_else(|| list.iter().find(|s| s.name == id_or_name))
+                    .map(|s| s.disk_size())
+            };
+            let Some(size) = size else {
+                return Ok(false);
+            };
+            if let Some(size) = size.filter(|s| *s != self.size.get()) {
+                let r = self.truncate_impl(node, &file, size).await;
+                self.check(node, &file, r).await?;
+            }
+            let mut m = self.meta.lock().await;
+            let r = snapshot::goto(&file, &mut m, id_or_name).await;
+            drop(m);
+            Ok(self.check(node, &file, r).await?.is_some())
+        })
+    }
+
+    fn save_vmstate<'a>(&'a self, node: &'a Node, pos: u64, data: Vec<u8>) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let at = self.vm_state_at(pos, data.len())?;
+            file.debug_event("vmstate_save").await;
+            let r = self.write_impl(node, &file, at, data).await;
+            self.check(node, &file, r).await
+        })
+    }
+
+    fn load_vmstate<'a>(&'a self, node: &'a Node, pos: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move {
+            self.alive()?;
+            let file = Self::file(node)?;
+            let at = self.vm_state_at(pos, len)?;
+            file.debug_event("vmstate_load").await;
+            let r = self.read_guest(node, &file, at, len).await;
+            self.check(node, &file, r).await
         })
     }
 

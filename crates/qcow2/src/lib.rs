@@ -143,6 +143,35 @@ impl Qcow2Driver {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
     }
 
+    /// Where the VM state area starts in the guest's address space: at the first L1 entry
+    /// past the disk (QEMU's `qcow2_vm_state_offset`), so that it moves with no resize
+    /// that keeps the L1 table's size.
+    fn vm_state_offset(&self) -> u64 {
+        let entry_bytes = if self.extended { 16 } else { 8 };
+        let per_l1 = self.cs() * (self.cs() / entry_bytes);
+        self.size.get().div_ceil(per_l1) * per_l1
+    }
+
+    /// The guest offset of `len` bytes at `pos` of the VM state area.
+    fn vm_state_at(&self, pos: u64, len: usize) -> io::Result<u64> {
+        self.vm_state_offset()
+            .checked_add(pos)
+            .filter(|at| {
+                at.checked_add(len as u64)
+                    .is_some_and(|end| end <= i64::MAX as u64)
+            })
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    /// Internal snapshots keep the image's L1 tables, which do not reach an external data
+    /// file: QEMU refuses them there.
+    fn no_data_file(&self) -> io::Result<()> {
+        if self.data_file.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
+        Ok(())
+    }
+
     fn alive(&self) -> io::Result<()> {
         if self.dead.get() {
             return Err(io::Error::from_raw_os_error(libc::ENOMEDIUM));

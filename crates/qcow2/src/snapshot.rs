@@ -11,7 +11,7 @@ use crate::format::{get_be64, read_at};
 use crate::meta::overlap::Metadata;
 use crate::meta::{FreeKind, Meta};
 use ferrite_block::Child;
-use ferrite_block::driver::ReqFlags;
+use ferrite_block::driver::{NewSnapshot, ReqFlags};
 use std::io;
 
 /// Adds `delta` to the refcount of every L2 table and data cluster `l1` reaches, noting in
@@ -147,7 +147,7 @@ async fn replace_table(
 /// Takes snapshot `name` of the image as it is now. A failure part way (a refcount that
 /// would overflow, an allocation or a write failing) undoes what was done, so the image is
 /// left as it was, with a leak at worst (as QEMU leaves it).
-pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result<Snapshot> {
+pub(crate) async fn create(file: &Child, m: &mut Meta, new: &NewSnapshot) -> io::Result<Snapshot> {
     m.write_back(file, true).await?;
     let (list, old_len) = snapshot_table::read(file, &m.h).await?;
     let before = m.h.nb_snapshots;
@@ -155,7 +155,7 @@ pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result
     let mut added = Vec::new();
     let mut l1_copy = None;
     let r = match add_references(file, m, &l1, 1, &mut added).await {
-        Ok(()) => share_and_record(file, m, name, list, old_len, &mut l1_copy).await,
+        Ok(()) => share_and_record(file, m, new, list, old_len, &mut l1_copy).await,
         Err(e) => Err(e),
     };
     // The table names the new snapshot once the header counts it: from then on it stands.
@@ -175,7 +175,7 @@ pub(crate) async fn create(file: &Child, m: &mut Meta, name: &str) -> io::Result
 async fn share_and_record(
     file: &Child,
     m: &mut Meta,
-    name: &str,
+    new: &NewSnapshot,
     mut list: Vec<Snapshot>,
     old_len: u64,
     l1_copy: &mut Option<(u64, u64)>,
@@ -214,12 +214,6 @@ async fn share_and_record(
     m.check_write(file, l1_offset, padded.len() as u64, Metadata::INACTIVE_L1)
         .await?;
     file.write(l1_offset, padded, ReqFlags::empty()).await?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    // QEMU stamps microseconds; with no guest, its VM clock reads the same.
-    let nsec = now.subsec_micros() * 1000;
-    let clock = now.as_secs() * 1_000_000_000 + u64::from(nsec);
     let id = list
         .iter()
         .filter_map(|s| s.id.parse::<u64>().ok())
@@ -227,18 +221,18 @@ async fn share_and_record(
         .unwrap_or(0)
         + 1;
     let mut extra = Vec::with_capacity(24);
-    extra.extend_from_slice(&0u64.to_be_bytes());
+    extra.extend_from_slice(&new.vm_state_size.to_be_bytes());
     extra.extend_from_slice(&m.h.size.to_be_bytes());
     extra.extend_from_slice(&u64::MAX.to_be_bytes());
     let snap = Snapshot {
         l1_offset,
         l1_size: m.l1.len() as u32,
         id: id.to_string(),
-        name: name.to_owned(),
-        date_sec: now.as_secs() as u32,
-        date_nsec: nsec,
-        vm_clock_nsec: clock,
-        vm_state_size: 0,
+        name: new.name.clone(),
+        date_sec: new.date_sec,
+        date_nsec: new.date_nsec,
+        vm_clock_nsec: new.vm_clock_nsec,
+        vm_state_size: new.vm_state_size,
         extra,
     };
     list.push(snap.clone());
@@ -274,6 +268,59 @@ pub(crate) async fn delete(
     let l1_clusters = (u64::from(snap.l1_size) * 8).div_ceil(cs).max(1);
     m.free(snap.l1_offset, l1_clusters, FreeKind::Other);
     m.write_back(file, true).await?;
+    recompute_copied(file, m).await?;
+    m.write_back(file, true).await?;
+    Ok(Some(snap))
+}
+
+/// Makes the active image what snapshot `id_or_name` (an ID first, then a name) holds, as
+/// QEMU's `qcow2_snapshot_goto` does: the snapshot's clusters gain a reference before the
+/// active L1 table is overwritten with its copy, and the old active clusters lose theirs
+/// after. `None` if there is no such snapshot. The caller resizes the image first where the
+/// snapshot's disk size differs ([`Snapshot::disk_size`]).
+pub(crate) async fn goto(
+    file: &Child,
+    m: &mut Meta,
+    id_or_name: &str,
+) -> io::Result<Option<Snapshot>> {
+    let cs = m.cs();
+    m.write_back(file, true).await?;
+    let (list, _) = snapshot_table::read(file, &m.h).await?;
+    let Some(snap) = list
+        .iter()
+        .find(|s| s.id == id_or_name)
+        .or_else(|| list.iter().find(|s| s.name == id_or_name))
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    if snap.l1_offset % cs != 0 || snap.l1_offset == 0 {
+        return Err(snapshot_table::invalid());
+    }
+    let mut l1 = snapshot_table::read_l1(file, &snap).await?;
+    if l1.len() > m.l1.len() {
+        m.grow_l1(file, l1.len() as u64).await?;
+    }
+    l1.resize(m.l1.len(), 0);
+    let mut added = Vec::new();
+    if let Err(e) = add_references(file, m, &l1, 1, &mut added).await {
+        undo_references(file, m, &added, 1).await;
+        return Err(e);
+    }
+    let bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+    let at = m.h.l1_table_offset;
+    // The new references reach the disk before the table that needs them.
+    m.write_back(file, true).await?;
+    m.check_write(file, at, bytes.len() as u64, Metadata::ACTIVE_L1)
+        .await?;
+    file.write(at, bytes, ReqFlags::empty()).await?;
+    file.flush().await?;
+    // The disk names the snapshot's tables now: the old ones lose the active reference.
+    let old = std::mem::replace(&mut m.l1, l1);
+    add_references(file, m, &old, -1, &mut Vec::new()).await?;
+    m.write_back(file, true).await?;
+    // Tables freed above may come back as anything: no cached copy may answer for them.
+    m.drop_clean_tables();
     recompute_copied(file, m).await?;
     m.write_back(file, true).await?;
     Ok(Some(snap))

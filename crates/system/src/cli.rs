@@ -60,11 +60,13 @@ const OPTIONS: &[(&str, bool)] = &[
     ("fdb", true),
     ("device", true),
     ("global", true),
+    ("set", true),
     ("S", false),
     ("snapshot", false),
     ("name", true),
     ("add-fd", true),
     ("incoming", true),
+    ("loadvm", true),
     ("m", true),
     ("smp", true),
     ("cpu", true),
@@ -131,9 +133,98 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Vec<SysOption>, String> {
     Ok(out)
 }
 
+/// The `id=` of an option's value (QEMU's `QemuOpts` id), commas doubled to escape them.
+fn option_id(value: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+                continue;
+            }
+            parts.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+        .into_iter()
+        .find_map(|p| p.strip_prefix("id=").map(str::to_owned))
+}
+
+/// The option groups `-set` cannot change: those read as QAPI rather than `QemuOpts`.
+const NOT_SETTABLE: &[&str] = &["object", "audiodev", "machine", "smp-opts", "boot-opts"];
+
+/// Applies each `-set GROUP.ID.PROP=VALUE` to the option of group `GROUP` with `id=ID`
+/// given before it, as qemu-system's option loop does: the property is added to it (a
+/// later value of a property wins).
+///
+/// # Errors
+/// The `-set` option that failed and qemu-system's text for why.
+pub(crate) fn apply_sets(options: &mut [SysOption]) -> Result<(), (SysOption, String)> {
+    for k in 0..options.len() {
+        if options[k].name != "set" {
+            continue;
+        }
+        let set = options[k].clone();
+        let text = set.text();
+        let parsed = text.split_once('=').and_then(|(path, value)| {
+            let mut it = path.splitn(3, '.');
+            let (g, id, prop) = (it.next()?, it.next()?, it.next()?);
+            (!g.is_empty() && !id.is_empty() && !prop.is_empty()).then_some((g, id, prop, value))
+        });
+        let Some((group, id, prop, value)) = parsed else {
+            return Err((set.clone(), format!("can't parse: \"{text}\"")));
+        };
+        if NOT_SETTABLE.contains(&group) {
+            return Err((set.clone(), format!("-set is not supported with {group}")));
+        }
+        if !OPTIONS.iter().any(|(n, takes)| *n == group && *takes) {
+            return Err((set.clone(), format!("There is no option group '{group}'")));
+        }
+        let target = options[..k]
+            .iter_mut()
+            .rev()
+            .find(|o| o.name == group && option_id(o.text()).as_deref() == Some(id));
+        let Some(target) = target else {
+            return Err((set.clone(), format!("there is no {group} \"{id}\" defined")));
+        };
+        let old = target.text().to_owned();
+        target.value = Some(format!("{old},{prop}={}", value.replace(',', ",,")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_args;
+    use super::{apply_sets, parse_args};
+
+    #[test]
+    fn set_adds_a_property_to_the_option_with_that_id() {
+        let mut o = parse_args(&args(&[
+            "-device",
+            "virtio-scsi,id=hba0",
+            "-set",
+            "device.hba0.iothread=io0",
+        ]))
+        .unwrap();
+        apply_sets(&mut o).unwrap();
+        assert_eq!(o[0].text(), "virtio-scsi,id=hba0,iothread=io0");
+        let mut o = parse_args(&args(&["-set", "device.nope.x=1"])).unwrap();
+        assert_eq!(
+            apply_sets(&mut o).unwrap_err().1,
+            "there is no device \"nope\" defined"
+        );
+        let mut o = parse_args(&args(&["-set", "device.nope"])).unwrap();
+        assert_eq!(
+            apply_sets(&mut o).unwrap_err().1,
+            "can't parse: \"device.nope\""
+        );
+    }
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| (*s).to_owned()).collect()

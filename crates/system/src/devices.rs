@@ -342,6 +342,16 @@ impl Devices {
         devices
     }
 
+    /// Every device, in the order they were made.
+    pub(crate) fn all(&self) -> Vec<Rc<Device>> {
+        self.list.borrow().clone()
+    }
+
+    /// The device at QOM path `path`.
+    pub(crate) fn find_by_path(&self, path: &str) -> Option<Rc<Device>> {
+        self.list.borrow().iter().find(|d| d.path == path).cloned()
+    }
+
     /// The device with qdev id `id`.
     pub(crate) fn find(&self, id: &str) -> Option<Rc<Device>> {
         self.list

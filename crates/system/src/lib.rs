@@ -20,6 +20,8 @@ mod io_limits;
 mod machine;
 mod qemu_io;
 mod qtest;
+mod savevm;
+mod vmstate;
 
 use cli::SysOption;
 use commands::SystemCommands;
@@ -195,6 +197,20 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
     let mut qtest: Option<(&SysOption, String)> = None;
     let mut qtest_log: Option<&str> = None;
     let (mut paused, mut incoming, mut snapshot) = (false, false, false);
+    let loadvm = options.iter().rev().find(|o| o.name == "loadvm");
+    if loadvm.is_some() {
+        let given = |name: &str| options.iter().any(|o| o.name == name);
+        if given("incoming") {
+            return Err(Failure(
+                "'incoming' and 'loadvm' options are mutually exclusive".into(),
+            ));
+        }
+        if given("preconfig") {
+            return Err(Failure(
+                "'preconfig' and 'loadvm' options are mutually exclusive".into(),
+            ));
+        }
+    }
     let mut compat = 0;
     // Descriptor sets first: any file name may refer to one.
     for o in options.iter().filter(|o| o.name == "add-fd") {
@@ -357,8 +373,27 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
         *sys.qtest_log.borrow_mut() = Some(log.clone());
         qtest::serve(dev, sys.clock.clone(), log);
     }
+    if let Some(o) = loadvm {
+        load_at_start(sys, o.text(), prog).await?;
+    }
     sys.machine.start(paused, incoming);
     Ok(true)
+}
+
+/// `-loadvm NAME`: the machine starts from snapshot `name`. A failure ends the program
+/// once the human monitors have shown their prompt (QEMU loads it with its main loop
+/// running), with what was wrong with the VM state first.
+async fn load_at_start(sys: &Rc<System>, name: &str, prog: &str) -> Result<(), Failure> {
+    let Err(f) = savevm::load(sys, name, None, None).await else {
+        return Ok(());
+    };
+    sys.machine.let_monitors_prompt();
+    let shown = sys.machine.prompt_shown();
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), shown).await;
+    if let Some(report) = f.report {
+        eprintln!("{prog}: {report}");
+    }
+    Err(Failure(f.error.desc))
 }
 
 /// The program: parses `std::env::args`, runs the machine, and says how it ended.
@@ -371,13 +406,17 @@ pub fn main() -> ExitCode {
         .and_then(|a| a.rsplit('/').next())
         .unwrap_or("ferrite-system-x86_64")
         .to_owned();
-    let options = match cli::parse_args(argv.get(1..).unwrap_or(&[])) {
+    let mut options = match cli::parse_args(argv.get(1..).unwrap_or(&[])) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("{prog}: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Err((o, e)) = cli::apply_sets(&mut options) {
+        eprintln!("{prog}: {}", failed(&o, e).0);
+        return ExitCode::FAILURE;
+    }
     // Help options act when reached, before anything else runs.
     for o in &options {
         let text = o.text();

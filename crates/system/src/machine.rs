@@ -15,6 +15,16 @@ pub(crate) struct MachineType {
     pub(crate) board: Board,
 }
 
+impl MachineType {
+    /// The name of the machine type itself: the versioned one an alias stands for.
+    pub(crate) fn canonical_name(&self) -> &'static str {
+        self.desc
+            .split_once("(alias of ")
+            .and_then(|(_, rest)| rest.strip_suffix(')'))
+            .unwrap_or(self.name)
+    }
+}
+
 /// What a machine's board carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Board {
@@ -109,6 +119,10 @@ pub(crate) enum RunState {
     InMigrate,
     Running,
     Paused,
+    /// Stopped while `savevm` saves the machine.
+    SaveVm,
+    /// Stopped while `loadvm` restores the machine (and left so when it fails).
+    RestoreVm,
 }
 
 impl RunState {
@@ -118,6 +132,8 @@ impl RunState {
             RunState::InMigrate => "inmigrate",
             RunState::Running => "running",
             RunState::Paused => "paused",
+            RunState::SaveVm => "save-vm",
+            RunState::RestoreVm => "restore-vm",
         }
     }
 }
@@ -226,6 +242,11 @@ impl Machine {
         }
     }
 
+    /// Its run state.
+    pub(crate) fn status(&self) -> RunState {
+        self.state.get()
+    }
+
     /// Whether the machine runs.
     pub(crate) fn is_running(&self) -> bool {
         self.state.get() == RunState::Running
@@ -253,7 +274,32 @@ impl Machine {
                 self.emit("STOP", None);
             }
             RunState::InMigrate => self.autostart.set(false),
-            RunState::Prelaunch | RunState::Paused => self.state.set(RunState::Paused),
+            RunState::Prelaunch | RunState::Paused | RunState::SaveVm | RunState::RestoreVm => {
+                self.state.set(RunState::Paused);
+            }
+        }
+    }
+
+    /// Stops a running machine for a VM snapshot (QEMU's `vm_stop(state)`): it goes to
+    /// `state`, with STOP; a machine that is not running stays as it is. Returns the state
+    /// to go back to ([`Machine::resume`]).
+    pub(crate) fn stop_for(&self, state: RunState) -> RunState {
+        let was = self.state.get();
+        if was == RunState::Running {
+            self.state.set(state);
+            self.emit("STOP", None);
+        }
+        was
+    }
+
+    /// Goes back to `was` after a VM snapshot (QEMU's `vm_resume`): running again, with
+    /// RESUME, or in that state.
+    pub(crate) fn resume(&self, was: RunState) {
+        if was != RunState::Running {
+            self.state.set(was);
+        } else if self.state.get() != RunState::Running {
+            self.state.set(RunState::Running);
+            self.emit("RESUME", None);
         }
     }
 
@@ -262,7 +308,7 @@ impl Machine {
         match self.state.get() {
             RunState::Running => {}
             RunState::InMigrate => self.autostart.set(true),
-            RunState::Prelaunch | RunState::Paused => {
+            RunState::Prelaunch | RunState::Paused | RunState::SaveVm | RunState::RestoreVm => {
                 self.state.set(RunState::Running);
                 self.emit("RESUME", None);
             }
@@ -276,6 +322,12 @@ impl Machine {
         if !matches!(self.state.get(), RunState::Running | RunState::InMigrate) {
             self.state.set(RunState::Prelaunch);
         }
+        self.reset_devices();
+    }
+
+    /// Resets the devices without a RESET event, as loading a VM snapshot does before its
+    /// state is read (QEMU's reset for `snapshot-load`).
+    pub(crate) fn reset_devices(&self) {
         for f in self.on_reset.borrow().iter() {
             f();
         }

@@ -98,6 +98,25 @@ impl Graph {
         self.monitor_owned.borrow().contains(&node.name)
     }
 
+    /// The top-level nodes, each once (QEMU's `bdrv_first`/`bdrv_next`): the roots of the
+    /// `BlockBackend`s in their order, then the nodes the monitor added that no backend
+    /// uses, in the order they were added.
+    pub fn top_level_nodes(&self) -> Vec<Rc<Node>> {
+        let mut out: Vec<Rc<Node>> = Vec::new();
+        for node in self.backends().iter().filter_map(|b| b.node()) {
+            if !out.iter().any(|n| Rc::ptr_eq(n, &node)) {
+                out.push(node);
+            }
+        }
+        let owned = self.monitor_owned.borrow().clone();
+        for node in owned.iter().filter_map(|name| self.find(name)) {
+            if !node.has_backend_user() && !out.iter().any(|n| Rc::ptr_eq(n, &node)) {
+                out.push(node);
+            }
+        }
+        out
+    }
+
     /// Deletes an implicitly created node that nothing uses any more.
     pub fn forget_if_orphan(&self, node: &Rc<Node>) {
         if !self.is_monitor_owned(node)

@@ -26,6 +26,14 @@ pub(crate) struct Snapshot {
     pub(crate) extra: Vec<u8>,
 }
 
+impl Snapshot {
+    /// The image's virtual size when the snapshot was taken, where its extra data records
+    /// it (images of old QEMU versions do not: their snapshots have the image's size).
+    pub(crate) fn disk_size(&self) -> Option<u64> {
+        (self.extra.len() >= 16).then(|| get_be64(&self.extra, 1))
+    }
+}
+
 pub(crate) fn invalid() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "invalid snapshot table")
 }

@@ -2,7 +2,7 @@
 //! changed (allocated, or copied when a snapshot shares it), growing the L1 table.
 
 use super::overlap::Metadata;
-use super::{FreeKind, Meta, eio, get_be64, put_be64, read_at};
+use super::{FreeKind, Meta, get_be64, put_be64, read_at};
 use crate::format::entry::{self, OFFSET_MASK};
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
@@ -62,7 +62,14 @@ impl Meta {
         let per = self.l2_entries();
         let i = (gc / per) as usize;
         if i >= self.l1.len() {
-            return Err(eio());
+            // Only the VM state area lies past the disk: the table grows for it, by half
+            // again each time as QEMU's does, so that a VM state written in pieces does not
+            // move it at each one.
+            let mut entries = (self.l1.len() as u64).max(1);
+            while entries <= i as u64 {
+                entries = (entries * 3).div_ceil(2);
+            }
+            self.grow_l1(file, entries).await?;
         }
         let idx = (gc % per) as usize;
         match self.l2_offset(i)? {

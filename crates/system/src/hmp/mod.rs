@@ -5,6 +5,7 @@ mod args;
 mod block;
 mod info_block;
 pub(crate) mod readline;
+mod vm_snapshots;
 
 use crate::commands::SystemCommands;
 use crate::qemu_io;
@@ -48,8 +49,10 @@ async fn answer(cmds: &SystemCommands, line: &str) -> String {
         }
         ("info", "version") => format!("{}\r\n", crate::help::version()),
         ("qemu-io", _) => qemu_io(cmds, rest).await,
+        ("info", "snapshots") => crate::savevm::info(cmds.system()),
+        ("savevm" | "loadvm" | "delvm", _) => vm_snapshots::run(cmds.system(), cmd, rest).await,
         (cmd, rest) if let Some(out) = block::run(cmds, cmd, rest).await => out,
-        ("info" | "device_add" | "device_del" | "savevm" | "loadvm", _) => format!(
+        ("info" | "device_add" | "device_del", _) => format!(
             "Error: the human monitor command '{line}' is not implemented by ferrite yet\r\n"
         ),
         _ => format!("unknown command: '{cmd}'\r\n"),

@@ -1,0 +1,211 @@
+//! The machine's state as `savevm` keeps it in an image's VM state area and `loadvm` reads
+//! it back. The layout is QEMU's migration stream: the magic and version, a configuration
+//! section naming the machine type, one full section per device (its QOM path and model
+//! as the section's name, its state as JSON), and the end mark. ferrite's machine has no
+//! CPU and no RAM, so its devices' state is all there is: a tray's position and lock.
+//!
+//! Reading refuses what QEMU refuses, in its words: a stream of another machine type, and
+//! a section for a device this machine does not have (every stream QEMU writes starts with
+//! sections ferrite has no device for, and QEMU refuses ferrite's sections the same way).
+
+use crate::devices::Devices;
+use ferrite_block::Medium;
+use ferrite_qobject::{QDict, QObject};
+
+/// `QEMU_VM_FILE_MAGIC` ("QEVM").
+const MAGIC: u32 = 0x5145_564d;
+/// `QEMU_VM_FILE_VERSION`.
+const VERSION: u32 = 3;
+const SECTION_FULL: u8 = 0x04;
+const SECTION_FOOTER: u8 = 0x7e;
+const CONFIGURATION: u8 = 0x07;
+const EOF: u8 = 0x10;
+/// The version of ferrite's device sections.
+const DEVICE_VERSION: u32 = 1;
+
+/// Why a stream was refused: what QEMU reports, and the errno its loader returns.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct LoadError {
+    pub(crate) report: String,
+    pub(crate) errno: i32,
+}
+
+fn invalid(report: impl Into<String>) -> LoadError {
+    LoadError {
+        report: report.into(),
+        errno: libc::EINVAL,
+    }
+}
+
+/// The name a device's section goes by: its QOM path and its model.
+fn section_name(path: &str, model: &str) -> String {
+    format!("{path}/{model}")
+}
+
+/// The stream of the machine `machine` (its type's name) and its devices now.
+pub(crate) fn save(machine: &str, devices: &Devices) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC.to_be_bytes());
+    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.push(CONFIGURATION);
+    out.extend_from_slice(&(machine.len() as u32).to_be_bytes());
+    out.extend_from_slice(machine.as_bytes());
+    for (id, dev) in devices.all().iter().enumerate() {
+        let id = id as u32;
+        let name = section_name(&dev.path, dev.model.name);
+        let mut state = QDict::new();
+        if let Some(blk) = &dev.blk {
+            let m = blk.medium();
+            state.insert("tray-open", m.tray_open);
+            state.insert("tray-locked", m.locked);
+        }
+        let json = ferrite_qobject::to_json(&QObject::from(state));
+        out.push(SECTION_FULL);
+        out.extend_from_slice(&id.to_be_bytes());
+        // A section name is at most 255 bytes long (its length is one byte).
+        let name = &name.as_bytes()[..name.len().min(255)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&DEVICE_VERSION.to_be_bytes());
+        out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        out.extend_from_slice(json.as_bytes());
+        out.push(SECTION_FOOTER);
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    out.push(EOF);
+    out
+}
+
+/// A cursor over a stream; running off its end is QEMU's `-EIO` from a short read.
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], LoadError> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.b.len());
+        let Some(end) = end else {
+            return Err(LoadError {
+                report: "Unexpected end of the VM state".into(),
+                errno: libc::EIO,
+            });
+        };
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, LoadError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, LoadError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+/// A device's state as its section holds it.
+pub(crate) struct DeviceState {
+    /// The device's QOM path.
+    pub(crate) path: String,
+    tray: Option<(bool, bool)>,
+}
+
+impl DeviceState {
+    /// Puts the saved tray position and lock back into `medium`.
+    pub(crate) fn restore(&self, medium: &mut Medium) {
+        if let Some((open, locked)) = self.tray
+            && medium.has_tray
+        {
+            medium.tray_open = open;
+            medium.locked = locked;
+        }
+    }
+}
+
+/// Reads a stream `bytes` long (the rest of the area is not looked at) for the machine
+/// `machine` with `devices`: the state of each device it has a section for.
+///
+/// # Errors
+/// QEMU's reports for a stream that is not one, another machine type, a section for no
+/// device here, a section cut short.
+pub(crate) fn load(
+    bytes: &[u8],
+    machine: &str,
+    devices: &Devices,
+) -> Result<Vec<DeviceState>, LoadError> {
+    let mut r = Reader { b: bytes, at: 0 };
+    if r.u32()? != MAGIC {
+        return Err(invalid("Not a migration stream"));
+    }
+    match r.u32()? {
+        VERSION => {}
+        2 => {
+            return Err(invalid(
+                "SaveVM v2 format is obsolete and don't work anymore",
+            ));
+        }
+        _ => return Err(invalid("Unsupported migration stream version")),
+    }
+    if r.u8()? != CONFIGURATION {
+        return Err(invalid("Configuration section missing"));
+    }
+    let len = r.u32()? as usize;
+    let theirs = String::from_utf8_lossy(r.take(len)?).into_owned();
+    if theirs != machine {
+        return Err(invalid(format!(
+            "Machine type received is '{theirs}' and local is '{machine}'"
+        )));
+    }
+    let here = devices.all();
+    let mut out = Vec::new();
+    loop {
+        match r.u8()? {
+            EOF => return Ok(out),
+            SECTION_FULL => {
+                let id = r.u32()?;
+                let name_len = usize::from(r.u8()?);
+                let name = String::from_utf8_lossy(r.take(name_len)?).into_owned();
+                let instance = r.u32()?;
+                let version = r.u32()?;
+                let dev = here
+                    .iter()
+                    .find(|d| section_name(&d.path, d.model.name) == name && instance == 0);
+                let Some(dev) = dev else {
+                    return Err(invalid(format!(
+                        "Unknown savevm section or instance '{name}' {instance}. Make sure \
+                         that your current VM setup matches your saved VM setup, including \
+                         any hotplugged devices"
+                    )));
+                };
+                if version > DEVICE_VERSION {
+                    return Err(invalid(format!(
+                        "savevm: unsupported version {version} for '{name}' v{DEVICE_VERSION}"
+                    )));
+                }
+                let len = r.u32()? as usize;
+                let json = r.take(len)?;
+                let state = std::str::from_utf8(json)
+                    .ok()
+                    .and_then(|t| ferrite_qobject::from_json(t).ok());
+                let Some(QObject::Dict(state)) = state else {
+                    return Err(invalid(format!(
+                        "error while loading state for instance 0x0 of device '{name}'"
+                    )));
+                };
+                if r.u8()? != SECTION_FOOTER || r.u32()? != id {
+                    return Err(invalid(format!("Missing section footer for {name}")));
+                }
+                let flag = |k: &str| state.get(k).and_then(QObject::as_bool);
+                out.push(DeviceState {
+                    path: dev.path.clone(),
+                    tray: flag("tray-open").zip(flag("tray-locked")),
+                });
+            }
+            other => return Err(invalid(format!("Unknown savevm section type {other}"))),
+        }
+    }
+}
