@@ -33,11 +33,12 @@ pub fn qmp_x_blockdev_amend(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &Arg
             // The node must not go away under the amendment; what it may do to the image
             // is for the driver to ask (QEMU's amend job takes no permission either).
             let (g, n) = (&prepared.graph, &prepared.node);
-            let hold = BlockBackend::new(g, n, Perm::empty(), Perm::all())?;
+            let hold =
+                BlockBackend::new(g, n, Perm::empty(), Perm::all()).map_err(|e| e.to_string())?;
             let r = ferrite_block::create::amend(g, n, &options, force).await;
             drop(hold);
             drop(prepared);
-            r
+            r.map_err(|e| e.to_string())
         }),
     )?;
     // As QEMU: the job is announced, then the driver readies the node; a refusal drops the

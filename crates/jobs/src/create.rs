@@ -22,6 +22,10 @@ pub fn qmp_blockdev_create(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &Args
         jobs,
         id,
         crate::JobType::Create,
-        Box::pin(async move { ferrite_block::create::create(&graph, &options).await }),
+        Box::pin(async move {
+            ferrite_block::create::create(&graph, &options)
+                .await
+                .map_err(|e| e.to_string())
+        }),
     )
 }

@@ -18,6 +18,7 @@ mod manager;
 pub mod mirror;
 pub mod qmp_cmds;
 mod single_step;
+pub use single_step::{Step as OneStep, start as start_one_step};
 mod state;
 pub mod stream;
 mod types;

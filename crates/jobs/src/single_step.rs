@@ -1,5 +1,6 @@
-//! Jobs whose work is one step (`blockdev-create`, `x-blockdev-amend`): progress 0 of 1, the
-//! work once the command has returned (as in QEMU), then 1 of 1; the user dismisses them.
+//! Jobs whose work is one step (`blockdev-create`, `x-blockdev-amend`, the VM snapshot
+//! jobs): progress 0 of 1, the work once the command has returned (as in QEMU), then 1 of
+//! 1; the user dismisses them.
 
 use crate::error::Error;
 use crate::job::{Job, JobDriver, JobFuture};
@@ -10,8 +11,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 
-/// The step itself.
-pub(crate) type Step = Pin<Box<dyn Future<Output = ferrite_block::Result<()>>>>;
+/// The step itself; its error is the job's `error`.
+pub type Step = Pin<Box<dyn Future<Output = Result<(), String>>>>;
 
 struct SingleStep {
     kind: JobType,
@@ -34,7 +35,7 @@ impl JobDriver for SingleStep {
                 None => Ok(()),
             };
             job.set_progress(1, 1);
-            r.map_err(|e| e.to_string())
+            r
         })
     }
 }
@@ -43,12 +44,7 @@ impl JobDriver for SingleStep {
 ///
 /// # Errors
 /// A bad or duplicate job ID.
-pub(crate) fn start(
-    jobs: &Rc<JobManager>,
-    id: String,
-    kind: JobType,
-    step: Step,
-) -> Result<(), Error> {
+pub fn start(jobs: &Rc<JobManager>, id: String, kind: JobType, step: Step) -> Result<(), Error> {
     let job = create(jobs, id, kind, step)?;
     jobs.run_job(&job);
     Ok(())

@@ -52,6 +52,10 @@ impl SystemCommands {
                 crate::io_limits::qmp_block_set_io_throttle(&sys.daemon.graph, &blk, &args)?;
                 empty()
             }
+            "snapshot-save" | "snapshot-load" | "snapshot-delete" => {
+                crate::savevm::start_job(sys, name, &args)?;
+                empty()
+            }
             "human-monitor-command" => {
                 let line = args.str("command-line")?.to_owned();
                 Ok(QObject::String(crate::hmp::run(self, &line).await))
@@ -91,6 +95,10 @@ impl SystemCommands {
 
 impl Commands for SystemCommands {
     fn run<'a>(&'a self, name: &'a str, args: Args) -> CommandFuture<'a> {
-        Box::pin(SystemCommands::run(self, name, args))
+        Box::pin(async move {
+            // QEMU reads its monitors once start-up (a `-loadvm` included) is over.
+            self.0.machine.started().await;
+            SystemCommands::run(self, name, args).await
+        })
     }
 }

@@ -401,11 +401,7 @@ pub fn main() -> ExitCode {
     ferrite_storage_daemon::front_end::tune_allocator();
     ferrite_qapi::use_system_schema();
     let argv: Vec<String> = std::env::args().collect();
-    let prog = argv
-        .first()
-        .and_then(|a| a.rsplit('/').next())
-        .unwrap_or("ferrite-system-x86_64")
-        .to_owned();
+    let prog = help::program_name();
     let mut options = match cli::parse_args(argv.get(1..).unwrap_or(&[])) {
         Ok(o) => o,
         Err(e) => {

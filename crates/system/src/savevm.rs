@@ -9,8 +9,10 @@ use crate::machine::RunState;
 use crate::vmstate;
 use ferrite_block::driver::NewSnapshot;
 use ferrite_blockdev::vm_snapshot;
-use ferrite_qapi::Error;
+use ferrite_jobs::{JobType, OneStep};
+use ferrite_qapi::{Args, Error};
 use ferrite_qobject::QDict;
+use ferrite_qobject::QObject;
 use std::rc::Rc;
 
 /// Which images a snapshot command names: all of them (`None`), or these nodes.
@@ -199,6 +201,61 @@ pub(crate) async fn delete(
     vm_snapshot::delete_all(graph, name, devices)
         .await
         .map_err(block)
+}
+
+/// `snapshot-save`, `snapshot-load` and `snapshot-delete`: the work of `savevm`, `loadvm`
+/// and `delvm` as a job of that type, on the images `devices` names, the VM state in node
+/// `vmstate`; a save never replaces a snapshot (QEMU's snapshot jobs).
+///
+/// # Errors
+/// A bad or duplicate job ID; what the job finds goes into its `error`.
+pub(crate) fn start_job(sys: &Rc<System>, command: &str, args: &Args) -> Result<(), Error> {
+    let id = args.str("job-id")?.to_owned();
+    let tag = args.str("tag")?.to_owned();
+    let vmstate = args.opt_str("vmstate").map(str::to_owned);
+    let devices: Vec<String> = match args.get("devices") {
+        Some(QObject::List(l)) => l
+            .iter()
+            .filter_map(|d| d.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let jobs = sys.daemon.jobs.clone();
+    let sys = sys.clone();
+    let (kind, step): (JobType, OneStep) = match command {
+        "snapshot-save" => (
+            JobType::SnapshotSave,
+            Box::pin(async move {
+                save(&sys, Some(&tag), false, vmstate.as_deref(), Some(&devices))
+                    .await
+                    .map_err(|e| e.desc)
+            }),
+        ),
+        "snapshot-load" => (
+            JobType::SnapshotLoad,
+            Box::pin(async move {
+                let was = sys.machine.status();
+                sys.machine.stop_for(RunState::RestoreVm);
+                match load(&sys, &tag, vmstate.as_deref(), Some(&devices)).await {
+                    Ok(()) => {
+                        sys.machine.resume(was);
+                        Ok(())
+                    }
+                    Err(f) => {
+                        if let Some(r) = f.report {
+                            eprintln!("{}: {r}", crate::help::program_name());
+                        }
+                        Err(f.error.desc)
+                    }
+                }
+            }),
+        ),
+        _ => (
+            JobType::SnapshotDelete,
+            Box::pin(async move { delete(&sys, &tag, Some(&devices)).await.map_err(|e| e.desc) }),
+        ),
+    };
+    ferrite_jobs::start_one_step(&jobs, id, kind, step).map_err(Error::from)
 }
 
 /// QEMU's `size_to_str`: three significant digits and a binary unit ("603 KiB").

@@ -1,7 +1,8 @@
 //! The machine's state as `savevm` keeps it in an image's VM state area and `loadvm` reads
 //! it back. The layout is QEMU's migration stream: the magic and version, a configuration
 //! section naming the machine type, one full section per device (its QOM path and model
-//! as the section's name, its state as JSON), and the end mark. ferrite's machine has no
+//! as the section's name, its state as JSON), the end mark and the description of the
+//! sections that follows it. ferrite's machine has no
 //! CPU and no RAM, so its devices' state is all there is: a tray's position and lock.
 //!
 //! Reading refuses what QEMU refuses, in its words: a stream of another machine type, and
@@ -16,10 +17,12 @@ use ferrite_qobject::{QDict, QObject};
 const MAGIC: u32 = 0x5145_564d;
 /// `QEMU_VM_FILE_VERSION`.
 const VERSION: u32 = 3;
+const SECTION_START: u8 = 0x01;
 const SECTION_FULL: u8 = 0x04;
 const SECTION_FOOTER: u8 = 0x7e;
+const VMDESCRIPTION: u8 = 0x06;
 const CONFIGURATION: u8 = 0x07;
-const EOF: u8 = 0x10;
+const EOF: u8 = 0x00;
 /// The version of ferrite's device sections.
 const DEVICE_VERSION: u32 = 1;
 
@@ -74,6 +77,26 @@ pub(crate) fn save(machine: &str, devices: &Devices) -> Vec<u8> {
         out.extend_from_slice(&id.to_be_bytes());
     }
     out.push(EOF);
+    // What the sections were, for tools that read streams (QEMU expects it after the end).
+    let described: Vec<QObject> = devices
+        .all()
+        .iter()
+        .map(|d| {
+            QDict::new()
+                .with("name", section_name(&d.path, d.model.name))
+                .with("instance_id", 0u64)
+                .into()
+        })
+        .collect();
+    let description = ferrite_qobject::to_json(
+        &QDict::new()
+            .with("page_size", 4096u64)
+            .with("devices", QObject::List(described))
+            .into(),
+    );
+    out.push(VMDESCRIPTION);
+    out.extend_from_slice(&(description.len() as u32).to_be_bytes());
+    out.extend_from_slice(description.as_bytes());
     out
 }
 
@@ -165,15 +188,18 @@ pub(crate) fn load(
     loop {
         match r.u8()? {
             EOF => return Ok(out),
-            SECTION_FULL => {
+            // A section that starts an iteration (QEMU's RAM) has the same header.
+            kind @ (SECTION_FULL | SECTION_START) => {
                 let id = r.u32()?;
                 let name_len = usize::from(r.u8()?);
                 let name = String::from_utf8_lossy(r.take(name_len)?).into_owned();
                 let instance = r.u32()?;
                 let version = r.u32()?;
-                let dev = here
-                    .iter()
-                    .find(|d| section_name(&d.path, d.model.name) == name && instance == 0);
+                let dev = here.iter().find(|d| {
+                    kind == SECTION_FULL
+                        && section_name(&d.path, d.model.name) == name
+                        && instance == 0
+                });
                 let Some(dev) = dev else {
                     return Err(invalid(format!(
                         "Unknown savevm section or instance '{name}' {instance}. Make sure \

@@ -98,9 +98,12 @@ impl Graph {
         self.monitor_owned.borrow().contains(&node.name)
     }
 
-    /// The top-level nodes, each once (QEMU's `bdrv_first`/`bdrv_next`): the roots of the
-    /// `BlockBackend`s in their order, then the nodes the monitor added that no backend
-    /// uses, in the order they were added.
+    /// The top-level nodes, each once, as QEMU's `bdrv_first`/`bdrv_next` walk them: the
+    /// roots of the `BlockBackend`s in their order, then the nodes the monitor added that
+    /// no backend uses. QEMU goes on through the monitor's nodes from where the last root
+    /// stands in that list, so when there are roots it reaches only the monitor's nodes
+    /// added after the last root, and none if that root is not one of the monitor's (a
+    /// `-drive`'s): a VM snapshot leaves those images out, and so does ferrite's.
     pub fn top_level_nodes(&self) -> Vec<Rc<Node>> {
         let mut out: Vec<Rc<Node>> = Vec::new();
         for node in self.backends().iter().filter_map(|b| b.node()) {
@@ -109,7 +112,14 @@ impl Graph {
             }
         }
         let owned = self.monitor_owned.borrow().clone();
-        for node in owned.iter().filter_map(|name| self.find(name)) {
+        let from = match out.last() {
+            None => 0,
+            Some(last) => match owned.iter().position(|n| *n == last.name) {
+                Some(i) => i + 1,
+                None => owned.len(),
+            },
+        };
+        for node in owned[from..].iter().filter_map(|name| self.find(name)) {
             if !node.has_backend_user() && !out.iter().any(|n| Rc::ptr_eq(n, &node)) {
                 out.push(node);
             }
