@@ -33,15 +33,8 @@ impl Qcow2Driver {
             ));
         }
         if size < old {
-            if has_snapshots {
-                // QEMU shrinks these; ferrite does not yet (the snapshots' tables would
-                // keep clusters past the new end).
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "Shrinking an image with internal snapshots is not supported by ferrite yet",
-                ));
-            }
-            // Drop everything past the new end.
+            // Drop everything past the new end. What a snapshot shares loses the active
+            // image's reference only: the snapshot's own tables keep it.
             let cs = self.cs();
             let from = size.div_ceil(cs) * cs;
             if size % cs != 0 {

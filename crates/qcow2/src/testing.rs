@@ -1,6 +1,7 @@
 //! A workout for an image of unknown health, shared by the damaged-image property tests and
 //! the coverage-guided fuzz target: every step may fail, none may panic or hang.
 
+use ferrite_block::driver::NewSnapshot;
 use ferrite_block::{BlockBackend, Graph, Perm, ReqFlags};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
@@ -12,9 +13,9 @@ const READ_SPAN: u64 = 4 << 20;
 const WRITE_SPAN: u64 = 1 << 20;
 
 /// Opens a qcow2 node `q` over `file` (a protocol node's options) and uses it: reads and
-/// block status over its start, then writes, zeroes, a discard, a compressed write, a resize,
-/// and a read, and closes it. Returns how many of the reads succeeded (none if it did not
-/// open).
+/// block status over its start, then writes, zeroes, a discard, a compressed write, a VM
+/// snapshot taken and gone back to, a resize, and a read, and closes it. Returns how many
+/// of the reads succeeded (none if it did not open).
 pub async fn exercise(g: &Rc<Graph>, file: QDict) -> usize {
     let opts = QDict::new()
         .with("driver", "qcow2")
@@ -44,6 +45,17 @@ pub async fn exercise(g: &Rc<Graph>, file: QDict) -> usize {
             let _ = hold.write_zeroes(0, 4096, ReqFlags::MAY_UNMAP).await;
             let _ = hold.discard(65536, 65536).await;
             let _ = hold.write_compressed(0, vec![7; 65536]).await;
+            // A VM snapshot: state past the disk, a snapshot keeping it, back to it.
+            let d = node.driver();
+            let _ = d.save_vmstate(&node, 0, vec![9; 70_000]).await;
+            let snap = NewSnapshot {
+                vm_state_size: 70_000,
+                ..NewSnapshot::now("fz", 0)
+            };
+            let _ = d.snapshot_create(&node, &snap).await;
+            let _ = hold.write(4096, vec![0x3c; 4096], ReqFlags::empty()).await;
+            let _ = d.snapshot_goto(&node, "fz").await;
+            let _ = d.load_vmstate(&node, 0, 70_000).await;
         }
         let _ = hold.truncate(size + (64 << 10)).await;
         let _ = hold.read(0, 4096).await;

@@ -2,6 +2,7 @@
 //! same requests through ferrite and qemu-io compared.
 
 mod fuzz;
+mod snapshots;
 mod vs_qemu_io;
 
 use std::rc::Rc;
