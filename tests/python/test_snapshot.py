@@ -136,6 +136,40 @@ def test_internal_snapshots_match_qemu(both):
         assert a == b, i
 
 
+def test_an_image_with_internal_snapshots_shrinks_as_qemus(both):
+    """block_resize to a smaller size keeps the snapshots whole: the image is clean, the
+    active layer is shorter, and going back to the snapshot brings its size and data back."""
+    seen = []
+    for d in both():
+        img = d.workdir / "s.qcow2"
+        qcow2(img, "4M")
+        run("qemu-io", "-c", "write -P 1 0 4M", img)
+        run("qemu-img", "snapshot", "-c", "snap", img)
+        run("qemu-io", "-c", "write -P 2 0 4M", img)
+        q = d.connect()
+        out = [q.cmd("blockdev-add", {"node-name": "n", "driver": "qcow2",
+                                      "file": {"driver": "file", "filename": str(img)}}),
+               q.cmd("block_resize", {"node-name": "n", "size": 1 << 20})]
+        q.cmd("quit")
+        d.proc.wait(timeout=10)
+        check = json.loads(run("qemu-img", "check", "--output=json", img).stdout)
+        out.append({k: check.get(k, 0) for k in ("leaks", "corruptions", "check-errors")})
+        out.append(json.loads(run("qemu-img", "info", "--output=json", img).stdout)
+                   ["virtual-size"])
+        r = run("qemu-io", "-r", "-c", "read -P 2 0 1M", img)
+        assert "Pattern verification failed" not in r.stdout, r.stdout
+        run("qemu-img", "snapshot", "-a", "snap", img)
+        out.append(json.loads(run("qemu-img", "info", "--output=json", img).stdout)
+                   ["virtual-size"])
+        r = run("qemu-io", "-r", "-c", "read -P 1 0 4M", img)
+        assert "Pattern verification failed" not in r.stdout, r.stdout
+        check = json.loads(run("qemu-img", "check", "--output=json", img).stdout)
+        out.append({k: check.get(k, 0) for k in ("leaks", "corruptions", "check-errors")})
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+
+
 def _refcount_image(path, bits, bump_last):
     """An image with 2-bit or 1-bit refcounts and 100 KiB of data; `bump_last` gives the
     last data cluster a refcount of 3 (a leak that a snapshot's +1 overflows, part way)."""
