@@ -85,6 +85,64 @@ def test_inactive_nodes_like_qemu(both):
         assert a == b
 
 
+def test_nodes_opened_inactive_and_exports_that_allow_it_like_qemu(both):
+    """blockdev-add with active=off opens a node inactive (its image untouched); an export
+    with allow-inactive leaves it so and serves only reads (EPERM for the rest) while one
+    without refuses the inactivation; an active overlay over an inactive image goes
+    inactive with it."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        q = d.connect()
+        qcow2(w / "a.qcow2", "4M")
+        run("qemu-io", "-c", "write -P 7 0 64k", w / "a.qcow2")
+        qcow2(w / "o.qcow2", "4M")
+        before = (w / "a.qcow2").read_bytes()
+        steps = [
+            ("blockdev-add", {"driver": "file", "node-name": "af",
+                              "filename": str(w / "a.qcow2")}),
+            ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": "af",
+                              "active": False}),
+            ("blockdev-add", {"driver": "file", "node-name": "of",
+                              "filename": str(w / "o.qcow2")}),
+            ("blockdev-add", {"driver": "qcow2", "node-name": "o", "file": "of",
+                              "backing": None}),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "a",
+                                  "writable": True, "allow-inactive": True}),
+        ]
+        sock = str(w / "nbd.sock")
+        assert q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) \
+            == {"return": {}}
+        out = []
+        for name, args in steps:
+            out.append((name, normalized(q.cmd(name, args)), state(q)))
+        uri = f"nbd+unix:///a?socket={sock}"
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 7 0 64k",
+                            "-c", "write 0 4k", "-c", "write -z 0 4k", "-c", "discard 0 64k",
+                            uri], capture_output=True, text=True)
+        out.append([re.sub(r"\d+ ops; .*", "", line) for line in r.stdout.splitlines()
+                    if "bytes at" not in line])
+        out.append((w / "a.qcow2").read_bytes() == before)
+        for name, args in [
+            ("block-export-del", {"id": "e"}),
+            ("blockdev-set-active", {"node-name": "a", "active": True}),
+            ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "a",
+                                  "writable": True}),
+            ("blockdev-set-active", {"node-name": "a", "active": False}),
+            ("block-export-del", {"id": "e2"}),
+            ("blockdev-set-active", {"node-name": "a", "active": False}),
+            ("blockdev-snapshot", {"node": "a", "overlay": "o"}),
+        ]:
+            out.append((name, normalized(q.cmd(name, args)), state(q)))
+            if name == "block-export-del":
+                q.wait_event("BLOCK_EXPORT_DELETED")
+        seen.append(out)
+    theirs, ours = seen
+    for a, b in zip(ours, theirs):
+        assert a == b
+    assert len(ours) == len(theirs)
+
+
 def test_x_blockdev_change_and_set_iothread_like_qemu(both):
     seen = []
     for d in both():

@@ -172,6 +172,14 @@ pub struct BlockBackend {
     /// there when its node is moved (see `graph/iothread.rs`).
     pub(crate) iothread: RefCell<Option<String>>,
     pub(crate) fixed_iothread: Cell<bool>,
+    /// What the user takes and shares (QEMU's `blk->perm`, `blk->shared_perm`): on its
+    /// edge, unless the node is inactive and the backend may stay there without them
+    /// (`perm_disabled`, QEMU's `disable_perm`).
+    wanted: Cell<(Perm, Perm)>,
+    perm_disabled: Cell<bool>,
+    /// The backend may stay on an inactive node whatever it wants (an export with
+    /// `allow-inactive`).
+    force_allow_inactivate: Cell<bool>,
     order: u64,
 }
 
@@ -235,6 +243,9 @@ impl BlockBackend {
             on_medium_removed: RefCell::new(Vec::new()),
             iothread: RefCell::new(None),
             fixed_iothread: Cell::new(false),
+            wanted: Cell::new((Perm::empty(), Perm::all())),
+            perm_disabled: Cell::new(false),
+            force_allow_inactivate: Cell::new(false),
             order,
         });
         graph.register_backend(Rc::downgrade(&blk));
@@ -248,11 +259,36 @@ impl BlockBackend {
     pub fn insert(&self, node: &Rc<Node>, perm: Perm, shared: Perm) -> Result<()> {
         let graph = self.graph()?;
         let me: Weak<dyn RootParent> = self.me.clone();
-        let edge = graph.attach_root(node, me, "root", perm, shared)?;
+        // On an inactive node a backend that may stay there waits for its permissions
+        // until the node is activated (QEMU's `blk_insert_bs`).
+        let disabled = !node.is_active() && self.can_inactivate(perm);
+        let (p, s) = if disabled {
+            (Perm::empty(), Perm::all())
+        } else {
+            (perm, shared)
+        };
+        let edge = graph.attach_root(node, me, "root", p, s)?;
+        self.wanted.set((perm, shared));
+        self.perm_disabled.set(disabled);
         if let Some(old) = self.root.replace(Some(edge)) {
             graph.detach_edge(&old);
         }
         Ok(())
+    }
+
+    /// Lets the backend stay on an inactive node whatever it takes (QEMU's
+    /// `blk_set_force_allow_inactivate`: an export with `allow-inactive`).
+    pub fn set_force_allow_inactivate(&self) {
+        self.force_allow_inactivate.set(true);
+    }
+
+    /// Whether the backend may stay on an inactive node (QEMU's `blk_can_inactivate`): a
+    /// device's or a named drive's, one that only reads, or one told it may.
+    fn can_inactivate(&self, perm: Perm) -> bool {
+        self.device.borrow().is_some()
+            || !self.name.borrow().is_empty()
+            || (perm - Perm::CONSISTENT_READ).is_empty()
+            || self.force_allow_inactivate.get()
     }
 
     /// Detaches the backend from its node (removing the medium); requests fail with
@@ -294,15 +330,22 @@ impl BlockBackend {
     /// A permission conflict; nothing changes then.
     pub fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
         let Some(edge) = self.root() else {
+            self.wanted.set((perm, shared));
             return Ok(());
         };
-        self.graph()?.update_edge_perm(&edge, perm, shared)
+        if !self.perm_disabled.get() {
+            self.graph()?.update_edge_perm(&edge, perm, shared)?;
+        }
+        self.wanted.set((perm, shared));
+        Ok(())
     }
 
     /// What the backend takes and shares.
     pub fn perm(&self) -> (Perm, Perm) {
-        self.root()
-            .map_or((Perm::empty(), Perm::all()), |e| (e.perm(), e.shared()))
+        match self.root() {
+            None => (Perm::empty(), Perm::all()),
+            Some(_) => self.wanted.get(),
+        }
     }
 
     /// The backend's name (a drive's ID; empty for exports and jobs).
@@ -754,6 +797,33 @@ impl Unaccounted<'_> {
 }
 
 impl RootParent for BlockBackend {
+    fn inactivate(&self) -> bool {
+        if self.perm_disabled.get() {
+            return true;
+        }
+        if !self.can_inactivate(self.wanted.get().0) {
+            return false;
+        }
+        self.perm_disabled.set(true);
+        if let (Some(edge), Ok(g)) = (self.root(), self.graph()) {
+            // Taking nothing and sharing everything cannot conflict.
+            let _ = g.update_edge_perm(&edge, Perm::empty(), Perm::all());
+        }
+        true
+    }
+
+    fn activate(&self) -> Result<()> {
+        if !self.perm_disabled.get() {
+            return Ok(());
+        }
+        let (perm, shared) = self.wanted.get();
+        if let (Some(edge), Ok(g)) = (self.root(), self.graph()) {
+            g.update_edge_perm(&edge, perm, shared)?;
+        }
+        self.perm_disabled.set(false);
+        Ok(())
+    }
+
     fn description(&self) -> String {
         // QEMU: blk_root_get_parent_desc.
         let name = self.name.borrow();

@@ -59,6 +59,18 @@ pub trait RootParent {
     fn stays_at_node(&self) -> bool {
         false
     }
+    /// The node goes inactive: a user that may stay on it gives up its permissions
+    /// (QEMU's `inactivate` of a parent); `false` refuses the inactivation.
+    fn inactivate(&self) -> bool {
+        true
+    }
+    /// The node is active again: the user takes its permissions back.
+    ///
+    /// # Errors
+    /// A permission conflict.
+    fn activate(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 /// Who owns an edge.

@@ -568,8 +568,10 @@ impl Graph {
             ctx.abandon();
             return Err(e);
         }
-        // A new node is active: it cannot stand on an inactive one.
-        if let Some(e) = ctx.edges.iter().find(|e| !e.node().is_active()) {
+        // A new node is active (unless `active=off` opens it inactive): an active one
+        // cannot stand on an inactive one.
+        let active = ctx.opts.opt_bool("active") != Some(false);
+        if let Some(e) = ctx.edges.iter().find(|e| active && !e.node().is_active()) {
             let err = Error::InactiveChild {
                 child: e.node().name().to_owned(),
                 edge: e.name().to_owned(),
@@ -605,10 +607,17 @@ impl Graph {
                 node.drained_begin();
             }
         }
+        node.inactive.set(!active);
         for e in &ctx.edges {
             let (perm, shared) =
                 node.driver
                     .child_perm(e.name(), Perm::empty(), Perm::all(), false);
+            // An inactive node only reads its children, and shares them.
+            let (perm, shared) = if active {
+                (perm, shared)
+            } else {
+                (perm & Perm::CONSISTENT_READ, Perm::all())
+            };
             if let Err(err) = self.update_edge_perm(e, perm, shared) {
                 ctx.abandon();
                 return Err(err);

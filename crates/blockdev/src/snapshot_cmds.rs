@@ -78,6 +78,12 @@ impl Prepared {
     /// # Errors
     /// A permission conflict.
     pub async fn commit(&self, graph: &Graph) -> Result<()> {
+        // An active overlay over an inactive image goes inactive with it, as QEMU keeps
+        // allowing it (a VM snapshot by migration to a file, then an external snapshot
+        // while the images are inactive).
+        if !self.node.is_active() && self.overlay.is_active() {
+            graph.inactivate(&self.overlay).await?;
+        }
         graph.append_overlay(&self.node, &self.overlay).await?;
         if self.opened_here {
             // The overlay lives as long as something uses it (QEMU drops its own reference).

@@ -177,7 +177,11 @@ impl Exports {
         if writable {
             perm |= Perm::WRITE;
         }
-        let blk = BlockBackend::new(&self.graph, &node, perm, Perm::all())?;
+        let blk = BlockBackend::new_empty(&self.graph);
+        if opts.bool_or("allow-inactive", false) {
+            blk.set_force_allow_inactivate();
+        }
+        blk.insert(&node, perm, Perm::all())?;
         blk.set_iothread(self.graph.iothread_of(&node).as_deref());
         blk.set_fixed_iothread(fixed_iothread);
         let setup = ExportSetup {

@@ -228,6 +228,19 @@ impl JobManager {
         )
     }
 
+    /// Every block job's I/O status goes back to ok (`cont`, QEMU's
+    /// `block_job_iostatus_reset`); a job an error paused stays paused.
+    pub fn reset_block_iostatus(&self) {
+        for j in self
+            .jobs
+            .borrow()
+            .iter()
+            .filter(|j| j.driver.is_block_job())
+        {
+            j.io_status.set(IoStatus::Ok);
+        }
+    }
+
     /// A block job by its device name (the job ID) for `block-job-*`.
     ///
     /// # Errors

@@ -372,6 +372,11 @@ async fn handle(session: &Session, req: Request, body: Body, w: &Replies) -> io:
         return send_outcome(session, &req, Outcome::Err(e, msg), w).await;
     }
     let blk = &session.export.blk;
+    // An export of an inactive node (`allow-inactive`) only reads (QEMU's server).
+    if req.ty != CMD_READ && blk.node().is_some_and(|n| !n.is_active()) {
+        let refused = Outcome::Err(EPERM, "export is inactive".into());
+        return send_outcome(session, &req, refused, w).await;
+    }
     let fua = req.flags & CMD_FLAG_FUA != 0 || session.export.writethrough;
     let flags = if fua {
         ReqFlags::FUA

@@ -127,8 +127,11 @@ impl Qcow2Driver {
     /// `blockdev-set-active`): header, tables, snapshots and backing file as a fresh open
     /// finds them (QEMU: `qcow2_co_invalidate_cache`, which reopens the image too).
     pub(crate) async fn invalidate_impl(&self, node: &Node, file: &Child) -> io::Result<()> {
+        // Opened again as an active image, whatever `active` it was first opened with.
+        let mut options = node.options();
+        options.remove("active");
         let fresh = Qcow2Driver::open(
-            &ferrite_qapi::Args::new(node.options()),
+            &ferrite_qapi::Args::new(options),
             file,
             self.read_only.get(),
             self.on_corruption.clone(),

@@ -216,7 +216,9 @@ impl Opening {
         let loaded = bitmaps::load(file, &mut meta)
             .await
             .map_err(Error::LoadBitmaps)?;
-        if !self.read_only {
+        // An image opened inactive (`active=off`) belongs to someone else for now: nothing
+        // is written to it until it is activated (which opens it again).
+        if !self.read_only && args.opt_bool("active") != Some(false) {
             prepare_for_writing(file, &mut meta, was_dirty).await?;
         }
         bitmaps::refresh_info(file, &mut meta).await;

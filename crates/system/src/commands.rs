@@ -24,6 +24,21 @@ impl SystemCommands {
                 empty()
             }
             "cont" => {
+                // QEMU: every drive's I/O status starts again from ok; images a finished
+                // migration (or `active=off`) left inactive come back first.
+                for blk in sys.daemon.graph.backends() {
+                    if blk.iostatus_enabled() {
+                        blk.set_iostatus(ferrite_block::IoStatus::Ok);
+                    }
+                }
+                sys.daemon.jobs.reset_block_iostatus();
+                if sys.machine.status() != crate::machine::RunState::InMigrate {
+                    sys.daemon
+                        .graph
+                        .activate_all()
+                        .await
+                        .map_err(ferrite_qapi::Error::from)?;
+                }
                 sys.machine.cont()?;
                 empty()
             }

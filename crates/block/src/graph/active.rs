@@ -50,6 +50,17 @@ impl Graph {
             if has_active_node_parent(node) || !node.is_active() {
                 return Ok(());
             }
+            // Root users that may stay give their permissions up (QEMU asks each parent);
+            // one that may not refuses the inactivation.
+            for u in node.users() {
+                if let Some(root) = u.root_parent()
+                    && !root.inactivate()
+                {
+                    return Err(Error::InactivateFailed(std::io::Error::from_raw_os_error(
+                        libc::EPERM,
+                    )));
+                }
+            }
             // Whoever still writes keeps the node active.
             if node
                 .cumulative_perms()
@@ -96,7 +107,13 @@ impl Graph {
                 return Err(Error::ActivateFailed(e));
             }
             // Its users' permissions (and its image locks) hold again.
-            self.propagate(node)
+            self.propagate(node)?;
+            for u in node.users() {
+                if let Some(root) = u.root_parent() {
+                    root.activate()?;
+                }
+            }
+            Ok(())
         })
     }
 

@@ -402,8 +402,11 @@ impl Graph {
         if named.as_deref() != Some(node.filename().as_str()) {
             overlay.set_option("backing", node.name.as_str());
         }
-        // The old top is read-only from now on, its file too.
-        let _ = self.reopen_read_only(node).await;
+        // The old top is read-only from now on, its file too; an inactive one may not
+        // write its state back for that, and stays as it is (QEMU's reopen fails there).
+        if node.is_active() {
+            let _ = self.reopen_read_only(node).await;
+        }
         Ok(())
     }
 }
