@@ -1170,3 +1170,35 @@ def test_drives_over_blkdebug_and_blkverify_probe_and_name_as_qemus(verify_image
     # Standard error left out: QEMU warns there of a format probed as raw (and restricts
     # writes to its first sector), which ferrite does not do yet.
     assert got[:2] == expected[:2]
+
+
+def reopen_drive_transcript(binary, accel, workdir):
+    imgs = [workdir / f"d{i}.qcow2" for i in range(3)]
+    for img in imgs:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-drive", f"if=none,id=drive0,file={imgs[0]},format=qcow2,cache=writeback,aio=threads,"
+                  "node-name=node0,readonly=on",
+        "-drive", f"if=none,id=drive1,file={imgs[1]},format=qcow2,aio=native,cache.direct=on,"
+                  "node-name=node1,readonly=on",
+        # Two drives reading one image: neither may become writable.
+        "-drive", f"if=none,id=drive2,file={imgs[2]},format=qcow2,node-name=node2,readonly=on",
+        "-drive", f"if=none,id=drive3,file={imgs[2]},format=qcow2,node-name=node3,readonly=on",
+    ])
+    reopen = lambda node, img, **extra: {"options": [dict({  # noqa: E731
+        "node-name": node, "driver": "qcow2",
+        "file": {"driver": "file", "filename": str(img)}}, **extra)]}
+    steps = [
+        ("blockdev-reopen", reopen("node0", imgs[0], **{"read-only": False})),
+        ("blockdev-reopen", reopen("node1", imgs[1], **{"read-only": True})),
+        ("blockdev-reopen", reopen("node2", imgs[2], **{"read-only": False})),
+        ("query-named-block-nodes", {"flat": True}),
+    ]
+    return run_steps(m, steps)
+
+
+def test_a_drives_aio_is_not_an_option_a_reopen_must_repeat(tmp_path):
+    """`-drive aio=` is an open flag in QEMU: reopening the drive's nodes without it is
+    no reset (iotest 165 reopens a drive read-write so). A reopen refused for a lock
+    changes nothing, the file below included."""
+    compare_with_qemu(tmp_path, reopen_drive_transcript)

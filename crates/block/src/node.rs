@@ -82,6 +82,9 @@ pub struct Node {
     /// as given, so a `json:` name shows `"read-zeroes": "on"` where `blockdev-add`'s
     /// shows `true`. Gone at the first reopen, which gives typed options.
     cli_text: RefCell<Option<QDict>>,
+    /// Options a front end set as QEMU sets open flags rather than options (`-drive
+    /// aio=`): a reopen may leave them out without resetting them.
+    flag_options: RefCell<Vec<String>>,
     /// The iothread the node runs in (`None`: the main loop; see `graph/iothread.rs`).
     pub(crate) iothread: RefCell<Option<String>>,
     /// Edges this node owns, to its children.
@@ -156,6 +159,7 @@ impl Node {
             inherits_from: RefCell::new(Weak::new()),
             auto_backing: RefCell::new(None),
             cli_text: RefCell::new(None),
+            flag_options: RefCell::new(Vec::new()),
             iothread: RefCell::new(None),
             children: RefCell::new(Vec::new()),
             users: RefCell::new(Vec::new()),
@@ -189,6 +193,22 @@ impl Node {
             }
         }
         *self.cli_text.borrow_mut() = Some(text.clone());
+    }
+
+    /// Marks option `key` of this node and of the children opened with it as one a front
+    /// end set as QEMU sets an open flag (see `flag_options`).
+    pub fn mark_flag_option(&self, key: &str) {
+        if self.options.borrow().get(key).is_some() {
+            self.flag_options.borrow_mut().push(key.to_owned());
+        }
+        for c in self.children() {
+            c.node().mark_flag_option(key);
+        }
+    }
+
+    /// Whether option `key` is one a front end set as an open flag.
+    pub fn is_flag_option(&self, key: &str) -> bool {
+        self.flag_options.borrow().iter().any(|k| k == key)
     }
 
     /// Forgets the command line's text: the node's options are typed from now on.

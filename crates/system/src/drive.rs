@@ -664,6 +664,10 @@ pub(crate) async fn add(
         }
         let n = graph.open_inline(&Args::new(checked)).await?;
         n.keep_cli_text(&node);
+        // QEMU turns `aio` into an open flag, not an option a reopen must give again.
+        if aio.is_some() {
+            n.mark_flag_option("aio");
+        }
         let n = if snapshot {
             match temporary_overlay(graph, &n, read_only).await {
                 Ok(top) => top,

@@ -184,36 +184,68 @@ impl Graph {
             }
         }
         self.retarget_edges(&others).await?;
-        for (node, opts, read_only) in plan {
-            let _drained = self.drain(&node).await;
-            if read_only && !node.is_read_only() {
-                // Leaving read-write: caches written back and the image marked clean.
-                node.driver.close(&node).await.map_err(Error::WriteBack)?;
+        // Applied node by node; a failure (a lock another process or node holds) puts back
+        // every node already changed, as QEMU's reopen aborts as a whole.
+        let mut applied: Vec<(Rc<Node>, Saved)> = Vec::new();
+        for (node, opts, read_only) in &plan {
+            applied.push((node.clone(), Saved::of(node)));
+            if let Err(e) = self.apply_reopen(node, opts, *read_only).await {
+                for (n, saved) in applied.iter().rev() {
+                    self.restore_reopened(n, saved).await;
+                }
+                return Err(e);
             }
-            let was_read_only = node.is_read_only();
-            node.driver.reopen_apply(&node, opts, read_only)?;
-            if was_read_only && !read_only {
-                node.driver
-                    .prepare_writable(&node)
-                    .await
-                    .map_err(Error::PrepareWritable)?;
-            }
-            node.read_only.set(read_only);
-            self.propagate(&node)?;
-            node.detect_zeroes
-                .set(DetectZeroes::parse(opts.opt_str("detect-zeroes")));
-            node.discard_unmap
-                .set(opts.opt_str("discard") == Some("unmap"));
-            let cache = opts.dict("cache").unwrap_or_default();
-            node.cache_direct.set(cache.bool_or("direct", false));
-            node.cache_no_flush.set(cache.bool_or("no-flush", false));
-            *node.options.borrow_mut() = opts.as_dict().clone();
+        }
+        for (node, _, _) in &plan {
             node.forget_cli_text();
         }
         for child in now_own_mode {
             child.inherits_read_only.set(false);
         }
         Ok(())
+    }
+
+    /// Gives `node` its new options and mode.
+    async fn apply_reopen(&self, node: &Rc<Node>, opts: &Args, read_only: bool) -> Result<()> {
+        let _drained = self.drain(node).await;
+        if read_only && !node.is_read_only() {
+            // Leaving read-write: caches written back and the image marked clean.
+            node.driver.close(node).await.map_err(Error::WriteBack)?;
+        }
+        let was_read_only = node.is_read_only();
+        node.driver.reopen_apply(node, opts, read_only)?;
+        if was_read_only && !read_only {
+            node.driver
+                .prepare_writable(node)
+                .await
+                .map_err(Error::PrepareWritable)?;
+        }
+        node.read_only.set(read_only);
+        self.propagate(node)?;
+        node.detect_zeroes
+            .set(DetectZeroes::parse(opts.opt_str("detect-zeroes")));
+        node.discard_unmap
+            .set(opts.opt_str("discard") == Some("unmap"));
+        let cache = opts.dict("cache").unwrap_or_default();
+        node.cache_direct.set(cache.bool_or("direct", false));
+        node.cache_no_flush.set(cache.bool_or("no-flush", false));
+        *node.options.borrow_mut() = opts.as_dict().clone();
+        Ok(())
+    }
+
+    /// Puts back what [`Graph::apply_reopen`] changed of `node`, best effort.
+    async fn restore_reopened(&self, node: &Rc<Node>, saved: &Saved) {
+        let _drained = self.drain(node).await;
+        let _ = node
+            .driver
+            .reopen_apply(node, &Args::new(saved.options.clone()), saved.read_only);
+        node.read_only.set(saved.read_only);
+        let _ = self.propagate(node);
+        node.detect_zeroes.set(saved.detect_zeroes);
+        node.discard_unmap.set(saved.discard_unmap);
+        node.cache_direct.set(saved.cache.0);
+        node.cache_no_flush.set(saved.cache.1);
+        *node.options.borrow_mut() = saved.options.clone();
     }
 
     /// QEMU's handling of `file` and `backing` in a reopen's options: options for a child
@@ -500,6 +532,27 @@ fn flat_names(node: &Node, d: &QDict) -> Vec<String> {
     flat.keys().map(str::to_owned).collect()
 }
 
+/// What a reopen changes of a node, to put back when another node's change fails.
+struct Saved {
+    read_only: bool,
+    options: QDict,
+    detect_zeroes: DetectZeroes,
+    discard_unmap: bool,
+    cache: (bool, bool),
+}
+
+impl Saved {
+    fn of(node: &Node) -> Saved {
+        Saved {
+            read_only: node.is_read_only(),
+            options: node.options(),
+            detect_zeroes: node.detect_zeroes(),
+            discard_unmap: node.discard_unmap(),
+            cache: node.cache_mode(),
+        }
+    }
+}
+
 /// Every option `node` was opened with is in `opts` again, unless the block layer handles
 /// it or the driver lets it go back to its default (QEMU's `bdrv_reset_options_allowed`).
 fn check_resets(node: &Node, opts: &Args) -> Result<()> {
@@ -516,7 +569,10 @@ fn check_resets(node: &Node, opts: &Args) -> Result<()> {
     let now = flat_names(node, opts.as_dict());
     let mutable = node.driver.mutable_options();
     match was.into_iter().find(|k| {
-        !now.contains(k) && !COMMON.contains(&k.as_str()) && !mutable.contains(&k.as_str())
+        !now.contains(k)
+            && !COMMON.contains(&k.as_str())
+            && !mutable.contains(&k.as_str())
+            && !node.is_flag_option(k)
     }) {
         Some(k) => Err(Error::CannotReset(k)),
         None => Ok(()),
