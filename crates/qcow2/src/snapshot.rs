@@ -30,16 +30,21 @@ async fn add_references(
         if l2 == 0 {
             continue;
         }
+        // A reference past the end of the file is damage: counting it would grow the
+        // refcount structures out to it.
+        m.check_in_file(file, l2, "L2 table")?;
         let table = read_table(file, m, l2).await?;
         let step = if ext { 2 } else { 1 };
         for i in (0..(cs / 8) as usize).step_by(step) {
             match entry::decode(get_be64(&table, i), m.h.cluster_bits, ext) {
                 Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
+                    m.check_in_file(file, host, "Data cluster")?;
                     m.update_refcount(file, host / cs, delta).await?;
                     done.push(host / cs);
                 }
                 Cluster::Compressed { offset, len } => {
                     let (first, n) = entry::compressed_clusters(offset, len, cs);
+                    m.check_in_file(file, first + (n.max(1) - 1) * cs, "Compressed cluster")?;
                     for c in 0..n {
                         m.update_refcount(file, first / cs + c, delta).await?;
                         done.push(first / cs + c);

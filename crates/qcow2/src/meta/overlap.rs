@@ -97,7 +97,7 @@ impl Metadata {
 impl Meta {
     /// A table read from disk must lie in the file: an offset past its end is damage, and
     /// writing the table back there would grow the file without bound.
-    pub(super) fn check_in_file(&mut self, file: &Child, off: u64, what: &str) -> io::Result<()> {
+    pub(crate) fn check_in_file(&mut self, file: &Child, off: u64, what: &str) -> io::Result<()> {
         if off.saturating_add(self.cs()) > file.len().next_multiple_of(self.cs()) {
             return Err(self.corruption(
                 format!("{what} offset {off:#x} past the end of the image file"),
