@@ -135,6 +135,15 @@ def test_injected_errors_as_qemus_blkdebug(ferrite, tmp_path):
     assert got.count("write failed: Input/output error") == 2
 
 
+def test_rules_of_event_none_apply_from_the_start_as_qemus(ferrite, tmp_path):
+    """QEMU's blkdebug raises `none` when it opens: such errors fail every request of their
+    kind at once (iotest file-io-error writes through a FUSE export of such a node)."""
+    rules = {"inject-error": [{"event": "none", "iotype": "write"}]}
+    got = semantics(ferrite, tmp_path, "raw", rules, ["write -P 1 0 4k", "read 0 4k"])
+    assert got[0] == "write failed: Input/output error", got
+    assert got[1].startswith("read 4096/4096"), got
+
+
 def test_events_raised_by_qcow2_as_qemus(ferrite, tmp_path):
     # Armed by qcow2's first data write, which it then fails, as every later write; reads
     # of what was never written read no data, so raise no read_aio.

@@ -258,7 +258,7 @@ impl DriverFactory for BlkdebugFactory {
             };
             let (take, unshare) = (perms("take-child-perms"), perms("unshare-child-perms"));
             let image = ctx.open_child("image").await?;
-            Ok(Box::new(BlkdebugDriver {
+            let driver = BlkdebugDriver {
                 image,
                 rules: RefCell::new(rules.into_iter().map(Rc::new).collect()),
                 active: RefCell::new(Vec::new()),
@@ -268,7 +268,10 @@ impl DriverFactory for BlkdebugFactory {
                 strong,
                 take,
                 unshare,
-            }) as Box<dyn Driver>)
+            };
+            // The rules of event `none` apply from the start (QEMU raises it at open).
+            driver.event("none").await;
+            Ok(Box::new(driver) as Box<dyn Driver>)
         })
     }
 }
