@@ -207,6 +207,40 @@ def test_fuse_export_matches_qsd(both):
     assert_same_image(q.workdir / "img.qcow2", f.workdir / "img.qcow2", "qcow2")
 
 
+def fallocate_transcript(d):
+    """fallocate past the end of a raw file's export grows it allocated (iotest 308)."""
+    w = d.workdir
+    img = w / "img.raw"
+    img.write_bytes(b"\x11" * 65536)
+    (w / "mnt").write_bytes(b"")
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+    cmd("block-export-add", {"type": "fuse", "id": "e", "node-name": "f",
+                             "mountpoint": "mnt", "writable": True})
+    used = os.stat(img).st_blocks
+    fd = os.open(w / "mnt", os.O_RDWR)
+    try:
+        out.append(("inside", fallocate(fd, 0, 0, 4096)))
+        out.append(("at-end", fallocate(fd, 0, 65536, 65536), os.fstat(fd).st_size))
+        out.append(("after-gap", fallocate(fd, 0, 196608, 65536), os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+    # 128 KiB were allocated: 256 sectors more, at least (file systems may add metadata).
+    out.append(("grew", os.stat(img).st_blocks - used >= 256))
+    cmd("block-export-del", {"id": "e"})
+    c.wait_event("BLOCK_EXPORT_DELETED")
+    c.close()
+    d.stop()
+    return out
+
+
+def test_fallocate_past_the_end_allocates_as_qsd(both):
+    q, f = both()
+    assert_same_transcript(fallocate_transcript(q), fallocate_transcript(f))
+
+
 def test_a_killed_daemon_leaves_no_mount_in_the_way(ferrite, tmp_path):
     """SIGKILL leaves a dead mount (the kernel answers ENOTCONN); the next daemon exporting
     there detaches it and mounts (qemu-storage-daemon fails to stat it instead)."""

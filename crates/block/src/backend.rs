@@ -755,12 +755,25 @@ impl BlockBackend {
     /// # Errors
     /// ENOMEDIUM without a node, EPERM without the resize permission; the driver's error.
     pub async fn truncate(&self, size: u64) -> io::Result<()> {
+        self.truncate_prealloc(size, crate::driver::Prealloc::Off)
+            .await
+    }
+
+    /// Changes the node's size, the added part allocated as `prealloc` says.
+    ///
+    /// # Errors
+    /// As [`BlockBackend::truncate`]; ENOTSUP where the driver cannot preallocate.
+    pub async fn truncate_prealloc(
+        &self,
+        size: u64,
+        prealloc: crate::driver::Prealloc,
+    ) -> io::Result<()> {
         let _f = self.begin().await;
         let node = self.node().ok_or_else(enomedium)?;
         if !self.perm().0.contains(Perm::RESIZE) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        node.truncate(size).await
+        node.truncate_prealloc(size, prealloc).await
     }
 }
 

@@ -383,4 +383,16 @@ impl Child {
     pub async fn truncate(&self, size: u64) -> io::Result<()> {
         self.node().truncate(size).await
     }
+
+    /// Changes the child's size, the added part allocated as `prealloc` says.
+    ///
+    /// # Errors
+    /// The driver's error (ENOTSUP where it cannot preallocate).
+    pub async fn truncate_prealloc(
+        &self,
+        size: u64,
+        prealloc: crate::driver::Prealloc,
+    ) -> io::Result<()> {
+        self.node().truncate_prealloc(size, prealloc).await
+    }
 }

@@ -34,6 +34,16 @@ pub fn check_unchanged(
     Ok(())
 }
 
+/// How a resize fills the part it adds (QEMU's `PreallocMode`, as far as resizes here
+/// take one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prealloc {
+    /// Nothing allocated: the new part is a hole.
+    Off,
+    /// The new part allocated in the file system (`fallocate`).
+    Falloc,
+}
+
 /// What a new internal snapshot records of the moment it is taken (QEMU's
 /// `QEMUSnapshotInfo` as `savevm` and `blockdev-snapshot-internal-sync` fill it); a VM
 /// snapshot gives every image the same.
@@ -253,6 +263,22 @@ pub trait Driver: std::any::Any {
 
     /// Changes the size.
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()>;
+
+    /// Changes the size with the added part allocated as `prealloc` says (QEMU's
+    /// truncate with a `PreallocMode`); drivers that cannot preallocate refuse ENOTSUP.
+    fn truncate_prealloc<'a>(
+        &'a self,
+        node: &'a Node,
+        size: u64,
+        prealloc: Prealloc,
+    ) -> BoxFut<'a, ()> {
+        match prealloc {
+            Prealloc::Off => self.truncate(node, size),
+            Prealloc::Falloc => {
+                Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+            }
+        }
+    }
 
     /// Drops everything the image holds, so that it reads as its backing file (QEMU:
     /// `bdrv_make_empty`, after a commit into the backing file). ENOTSUP where the format
@@ -665,6 +691,14 @@ macro_rules! forward_to_child {
     (@one truncate, $this:ident, $($field:tt).+) => {
         fn truncate<'a>(&'a $this, _node: &'a $crate::Node, size: u64) -> $crate::driver::BoxFut<'a, ()> {
             Box::pin($this.$($field).+.truncate(size))
+        }
+        fn truncate_prealloc<'a>(
+            &'a $this,
+            _node: &'a $crate::Node,
+            size: u64,
+            prealloc: $crate::driver::Prealloc,
+        ) -> $crate::driver::BoxFut<'a, ()> {
+            Box::pin($this.$($field).+.truncate_prealloc(size, prealloc))
         }
     };
 }

@@ -361,8 +361,18 @@ impl Node {
 
     /// Changes the size.
     pub(crate) async fn truncate(&self, size: u64) -> io::Result<()> {
+        self.truncate_prealloc(size, crate::driver::Prealloc::Off)
+            .await
+    }
+
+    /// Changes the size, the added part allocated as `prealloc` says.
+    pub(crate) async fn truncate_prealloc(
+        &self,
+        size: u64,
+        prealloc: crate::driver::Prealloc,
+    ) -> io::Result<()> {
         let _f = InFlight::begin(self);
-        let r = self.driver.truncate(self, size).await;
+        let r = self.driver.truncate_prealloc(self, size, prealloc).await;
         self.changed();
         if r.is_ok() {
             // Bitmaps cover whole sectors of the node, as in QEMU.

@@ -8,7 +8,7 @@ use ferrite_block::Graph;
 use ferrite_block::Node;
 use ferrite_block::OpenCtx;
 use ferrite_block::Perm;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
 use ferrite_block::fdset;
 use ferrite_block::io::{Fallocate, IoBackend, seek};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
@@ -619,6 +619,34 @@ impl Driver for FileDriver {
                 zero: false,
                 allocated: true,
             }))
+        })
+    }
+
+    fn truncate_prealloc<'a>(
+        &'a self,
+        node: &'a Node,
+        size: u64,
+        prealloc: Prealloc,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let old = self.size.get();
+            self.truncate(node, size).await?;
+            if prealloc == Prealloc::Falloc && size > old && !self.flavor.is_device() {
+                let file = self.fd();
+                ferrite_block::io::blocking(move || {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: fallocate on a descriptor this driver owns; no pointers.
+                    let rc = unsafe {
+                        libc::fallocate(file.as_raw_fd(), 0, old as i64, (size - old) as i64)
+                    };
+                    if rc < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+            Ok(())
         })
     }
 

@@ -5,7 +5,7 @@ use ferrite_block::Child;
 use ferrite_block::Node;
 use ferrite_block::OpenCtx;
 use ferrite_block::Perm;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut};
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
@@ -166,11 +166,20 @@ impl Driver for RawDriver {
     }
 
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        self.truncate_prealloc(node, size, Prealloc::Off)
+    }
+
+    fn truncate_prealloc<'a>(
+        &'a self,
+        node: &'a Node,
+        size: u64,
+        prealloc: Prealloc,
+    ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             if self.size.get().is_some() || self.offset.get() != 0 {
                 return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
             }
-            self.file(node)?.truncate(size).await
+            self.file(node)?.truncate_prealloc(size, prealloc).await
         })
     }
 

@@ -4,6 +4,7 @@
 //! status, and the file's mode and owner kept by the export).
 
 use crate::kernel::{AttrChange, MAX_READ, Op};
+use ferrite_block::driver::Prealloc;
 use ferrite_block::{BlockBackend, ReqFlags};
 use ferrite_export::InFlight;
 use fuser::{Errno, FileAttr, FileType, INodeNo};
@@ -277,11 +278,20 @@ impl FileState {
         }
         let end = offset.saturating_add(length);
         if mode == 0 {
-            // Allocation is only possible past the end, by growing the node.
+            // Allocation is only possible past the end, by growing the node with the new
+            // part allocated (QEMU's export: a gap before it is grown without).
             if offset < len {
                 return Err(Errno::from_i32(libc::EOPNOTSUPP));
             }
-            return self.truncate(end).await;
+            if offset > len {
+                self.truncate(offset).await?;
+            }
+            return match self.blk.truncate_prealloc(end, Prealloc::Falloc).await {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+                    Err(Errno::from_i32(libc::EOPNOTSUPP))
+                }
+                r => r.map_err(|e| errno(&e)),
+            };
         }
         let r = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
             if mode & FALLOC_FL_KEEP_SIZE == 0 {

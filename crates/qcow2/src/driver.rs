@@ -121,6 +121,17 @@ impl Driver for Qcow2Driver {
         })
     }
 
+    fn truncate_prealloc<'a>(
+        &'a self,
+        node: &'a Node,
+        size: u64,
+        _prealloc: ferrite_block::driver::Prealloc,
+    ) -> BoxFut<'a, ()> {
+        // QEMU allocates the added clusters for `falloc`; ferrite grows the image without
+        // them: the new part reads as zeroes either way, only the file's use differs.
+        self.truncate(node, size)
+    }
+
     fn prepare_writable<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let file = Self::file(node)?;
