@@ -655,3 +655,31 @@ def test_blockdev_create_sizes_are_refused_as_qsd_refuses_them(both):
         seen.append(out)
     assert seen[1] == seen[0]
     assert seen[0][1] == [None]
+
+
+def test_a_backing_file_named_by_a_json_name_with_its_format_opens_as_qsd(both):
+    """A backing file string `json:{"driver": "qcow2", "file": {...}}` with backing format
+    qcow2 names the image node itself (iotest backing-file-invalidation's chain), not a
+    qcow2 node over another."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        imgs = [w / f"{i}.qcow2" for i in range(3)]
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(imgs[0]), "1M"],
+                       check=True)
+        subprocess.run(["qemu-io", "-c", "write -P 9 0 64k", str(imgs[0])], check=True,
+                       capture_output=True)
+        for i in (1, 2):
+            backing = {"driver": "qcow2", "file": {"driver": "file", "filename": str(imgs[i - 1])}}
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                            "json:" + json.dumps(backing), str(imgs[i]), "1M"], check=True)
+        q = d.connect()
+        out = [q.cmd("blockdev-add", {"node-name": "top", "driver": "qcow2",
+                                      "file": {"driver": "file", "filename": str(imgs[2])}})]
+        nodes = q.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append(sorted((n["drv"], n["backing_file_depth"], n["file"].replace(str(w), "W"))
+                          for n in nodes))
+        q.cmd("quit")
+        d.proc.wait(10)
+        seen.append(out)
+    assert seen[1] == seen[0]

@@ -116,9 +116,19 @@ impl<'a> OpenCtx<'a> {
     /// # Errors
     /// A permission conflict, or the file refusing to be written.
     pub fn claim_for_metadata(&self, edge: &Rc<Child>) -> Result<()> {
+        // An inactive node writes nothing: the image is someone else's for now.
+        if !self.opens_active() {
+            return Ok(());
+        }
         let own = Perm::WRITE | Perm::RESIZE;
         self.graph
             .update_edge_perm(edge, Perm::CONSISTENT_READ | own, Perm::all() - own)
+    }
+
+    /// Whether the node opens active: not `active=off`, nor while the graph opens every
+    /// node inactive (an incoming migration awaited).
+    pub fn opens_active(&self) -> bool {
+        self.opts.opt_bool("active") != Some(false) && !self.graph.opens_inactive()
     }
 
     /// Opens child `key`, which the options must give (a node name or inline options).
@@ -261,6 +271,30 @@ impl<'a> OpenCtx<'a> {
         // What the user set of the image's cache modes (the rest it takes from here).
         let extra_cache = extra.clone();
         let mut file_opts = self.image_file_opts(path, read_only);
+        // A `json:` name that describes the image node (its format, its file): its file is
+        // the file, its other options the image's, the format given winning (QEMU merges
+        // them into the options).
+        let mut extra = extra;
+        let describes_format = path.starts_with("json:")
+            && file_opts
+                .get("driver")
+                .and_then(QObject::as_str)
+                .and_then(|d| self.graph.registry().get(d))
+                .is_some_and(|f| f.kind() != crate::DriverKind::Protocol);
+        if describes_format && format != "file" {
+            let mut described = crate::filename::protocol_options(path);
+            described.remove("driver");
+            if let Some(QObject::Dict(inner)) = described.remove("file") {
+                let mut inner = inner.with("read-only", read_only);
+                for key in ["cache", "force-share"] {
+                    if let Some(v) = file_opts.get(key) {
+                        inner.insert(key, v.clone());
+                    }
+                }
+                file_opts = inner;
+            }
+            extra = merge(described, extra);
+        }
         let opts = if format == "file" {
             merge(file_opts, extra)
         } else {
@@ -570,7 +604,7 @@ impl Graph {
         }
         // A new node is active (unless `active=off` opens it inactive): an active one
         // cannot stand on an inactive one.
-        let active = ctx.opts.opt_bool("active") != Some(false);
+        let active = ctx.opens_active();
         if let Some(e) = ctx.edges.iter().find(|e| active && !e.node().is_active()) {
             let err = Error::InactiveChild {
                 child: e.node().name().to_owned(),

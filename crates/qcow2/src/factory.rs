@@ -69,8 +69,16 @@ impl DriverFactory for Qcow2Factory {
             {
                 opening.set_password(ctx.graph().secrets().get(&id)?);
             }
+            // Opened inactive, the image is only read (as `active=off` says to `finish`).
+            let inactive;
+            let finish_opts = if ctx.opens_active() {
+                opts
+            } else {
+                inactive = Args::new(opts.as_dict().clone().with("active", false));
+                &inactive
+            };
             let drv = opening
-                .finish(opts, &file, corruption_event(ctx.events()))
+                .finish(finish_opts, &file, corruption_event(ctx.events()))
                 .await?;
             ctx.take_position_now();
             match opts.get("backing") {

@@ -67,6 +67,21 @@ impl SystemCommands {
                 crate::io_limits::qmp_block_set_io_throttle(&sys.daemon.graph, &blk, &args)?;
                 empty()
             }
+            "migrate-set-capabilities" => {
+                crate::migration::set_capabilities(sys, &args)?;
+                empty()
+            }
+            "query-migrate-capabilities" => Ok(crate::migration::query_capabilities(sys)),
+            "query-migrate" => Ok(crate::migration::query(sys)),
+            "migrate" => {
+                crate::migration::migrate(sys, &args)?;
+                empty()
+            }
+            "migrate-incoming" => {
+                crate::migration::incoming(sys, args.str("uri")?)?;
+                empty()
+            }
+            "migrate_cancel" => empty(),
             "snapshot-save" | "snapshot-load" | "snapshot-delete" => {
                 crate::savevm::start_job(sys, name, &args)?;
                 empty()

@@ -18,6 +18,7 @@ mod help;
 mod hmp;
 mod io_limits;
 mod machine;
+mod migration;
 mod qemu_io;
 mod qtest;
 mod savevm;
@@ -44,6 +45,8 @@ pub(crate) struct System {
     pub(crate) clock: Rc<VirtualClock>,
     /// The qtest channel's log, closed at exit.
     pub(crate) qtest_log: RefCell<Option<Rc<qtest::QtestLog>>>,
+    /// Where a migration to or from this machine stands.
+    pub(crate) migration: migration::MigrationState,
 }
 
 /// A start-up failure, printed after the program name.
@@ -212,6 +215,11 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
         }
     }
     let mut compat = 0;
+    // A machine waiting for an incoming migration opens its images inactive: they are
+    // the source's until the migration is over.
+    if options.iter().any(|o| o.name == "incoming") {
+        daemon.graph.set_open_inactive(true);
+    }
     // Descriptor sets first: any file name may refer to one.
     for o in options.iter().filter(|o| o.name == "add-fd") {
         fds::add_from_command_line(o.text()).map_err(|e| failed(o, e))?;
@@ -377,6 +385,12 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
         load_at_start(sys, o.text(), prog).await?;
     }
     sys.machine.start(paused, incoming);
+    // `-incoming URI` waits for the state there at once (`defer`: for migrate-incoming).
+    if let Some(o) = options.iter().rev().find(|o| o.name == "incoming")
+        && o.text() != "defer"
+    {
+        migration::incoming(sys, o.text()).map_err(|e| failed(o, e.desc))?;
+    }
     Ok(true)
 }
 
@@ -471,6 +485,7 @@ pub fn main() -> ExitCode {
             drives: RefCell::new(Vec::new()),
             clock: Rc::new(VirtualClock::default()),
             qtest_log: RefCell::new(None),
+            migration: migration::MigrationState::default(),
         });
         if qtest {
             // Under qtest, time is what the test makes it (throttled requests wait on it).

@@ -123,10 +123,31 @@ pub(crate) enum RunState {
     SaveVm,
     /// Stopped while `loadvm` restores the machine (and left so when it fails).
     RestoreVm,
+    /// Stopped while a migration sends the machine's state.
+    FinishMigrate,
+    /// After a migration sent the machine away.
+    PostMigrate,
 }
 
 impl RunState {
-    fn as_str(self) -> &'static str {
+    /// The run state QAPI name `name` stands for, of those this machine reaches.
+    pub(crate) fn parse(name: &str) -> Option<RunState> {
+        [
+            RunState::Prelaunch,
+            RunState::InMigrate,
+            RunState::Running,
+            RunState::Paused,
+            RunState::SaveVm,
+            RunState::RestoreVm,
+            RunState::FinishMigrate,
+            RunState::PostMigrate,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+
+    /// Its QAPI name.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RunState::Prelaunch => "prelaunch",
             RunState::InMigrate => "inmigrate",
@@ -134,6 +155,8 @@ impl RunState {
             RunState::Paused => "paused",
             RunState::SaveVm => "save-vm",
             RunState::RestoreVm => "restore-vm",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::PostMigrate => "postmigrate",
         }
     }
 }
@@ -242,6 +265,21 @@ impl Machine {
         }
     }
 
+    /// Whether the machine runs once its incoming migration is over (no `-S`, or `cont`
+    /// while it waited).
+    pub(crate) fn autostart(&self) -> bool {
+        self.autostart.get()
+    }
+
+    /// The incoming migration is over: the machine goes to `state` (running: with
+    /// RESUME).
+    pub(crate) fn incoming_done(&self, state: RunState) {
+        self.state.set(state);
+        if state == RunState::Running {
+            self.emit("RESUME", None);
+        }
+    }
+
     /// Its run state.
     pub(crate) fn status(&self) -> RunState {
         self.state.get()
@@ -274,7 +312,12 @@ impl Machine {
                 self.emit("STOP", None);
             }
             RunState::InMigrate => self.autostart.set(false),
-            RunState::Prelaunch | RunState::Paused | RunState::SaveVm | RunState::RestoreVm => {
+            RunState::Prelaunch
+            | RunState::Paused
+            | RunState::SaveVm
+            | RunState::RestoreVm
+            | RunState::FinishMigrate
+            | RunState::PostMigrate => {
                 self.state.set(RunState::Paused);
             }
         }
@@ -308,7 +351,12 @@ impl Machine {
         match self.state.get() {
             RunState::Running => {}
             RunState::InMigrate => self.autostart.set(true),
-            RunState::Prelaunch | RunState::Paused | RunState::SaveVm | RunState::RestoreVm => {
+            RunState::Prelaunch
+            | RunState::Paused
+            | RunState::SaveVm
+            | RunState::RestoreVm
+            | RunState::FinishMigrate
+            | RunState::PostMigrate => {
                 self.state.set(RunState::Running);
                 self.emit("RESUME", None);
             }

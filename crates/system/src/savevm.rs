@@ -87,7 +87,12 @@ pub(crate) async fn save(
         Some(n) => n.to_owned(),
         None => local_time(i64::from(now.date_sec), c"vm-%Y%m%d%H%M%S"),
     };
-    let state = vmstate::save(sys.machine.kind.canonical_name(), &sys.devices);
+    // QEMU records the run state from before the machine stopped for the snapshot.
+    let state = vmstate::save(
+        sys.machine.kind.canonical_name(),
+        was.as_str(),
+        &sys.devices,
+    );
     let snap = NewSnapshot {
         name,
         vm_state_size: state.len() as u64,
@@ -171,9 +176,9 @@ async fn restore(
         .map_err(|e| bad_state(None, e.raw_os_error().unwrap_or(libc::EIO)))?;
     // The devices start from their reset state, as the stream then describes them.
     sys.machine.reset_devices();
-    let states = vmstate::load(&bytes, sys.machine.kind.canonical_name(), &sys.devices)
+    let loaded = vmstate::load(&bytes, sys.machine.kind.canonical_name(), &sys.devices)
         .map_err(|e| bad_state(Some(e.report), e.errno))?;
-    for s in states {
+    for s in loaded.devices {
         if let Some(blk) = sys
             .devices
             .find_by_path(&s.path)

@@ -45,16 +45,50 @@ fn section_name(path: &str, model: &str) -> String {
     format!("{path}/{model}")
 }
 
-/// The stream of the machine `machine` (its type's name) and its devices now.
-pub(crate) fn save(machine: &str, devices: &Devices) -> Vec<u8> {
+/// The name of QEMU's section for the run state the machine had (`globalstate`).
+const GLOBAL_STATE: &str = "globalstate";
+
+/// QEMU's `globalstate` section's body: the run state's name NUL-terminated in 32 bytes
+/// after its length, whether the machine was suspended, and padding (104 bytes).
+fn global_state(runstate: &str) -> Vec<u8> {
+    let name = &runstate.as_bytes()[..runstate.len().min(31)];
+    let mut b = Vec::with_capacity(104);
+    b.extend_from_slice(&(name.len() as u32 + 1).to_be_bytes());
+    let mut field = [0u8; 32];
+    field[..name.len()].copy_from_slice(name);
+    b.extend_from_slice(&field);
+    b.extend_from_slice(&[1, 0]);
+    b.extend_from_slice(&[0u8; 66]);
+    b
+}
+
+/// Starts a full section named `name`.
+fn section_header(out: &mut Vec<u8>, id: u32, name: &str, version: u32) {
+    out.push(SECTION_FULL);
+    out.extend_from_slice(&id.to_be_bytes());
+    // A section name is at most 255 bytes long (its length is one byte).
+    let name = &name.as_bytes()[..name.len().min(255)];
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
+}
+
+/// The stream of the machine `machine` (its type's name) in run state `runstate` and its
+/// devices now.
+pub(crate) fn save(machine: &str, runstate: &str, devices: &Devices) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC.to_be_bytes());
     out.extend_from_slice(&VERSION.to_be_bytes());
     out.push(CONFIGURATION);
     out.extend_from_slice(&(machine.len() as u32).to_be_bytes());
     out.extend_from_slice(machine.as_bytes());
+    section_header(&mut out, 0, GLOBAL_STATE, 1);
+    out.extend_from_slice(&global_state(runstate));
+    out.push(SECTION_FOOTER);
+    out.extend_from_slice(&0u32.to_be_bytes());
     for (id, dev) in devices.all().iter().enumerate() {
-        let id = id as u32;
+        let id = id as u32 + 1;
         let name = section_name(&dev.path, dev.model.name);
         let mut state = QDict::new();
         if let Some(blk) = &dev.blk {
@@ -63,14 +97,7 @@ pub(crate) fn save(machine: &str, devices: &Devices) -> Vec<u8> {
             state.insert("tray-locked", m.locked);
         }
         let json = ferrite_qobject::to_json(&QObject::from(state));
-        out.push(SECTION_FULL);
-        out.extend_from_slice(&id.to_be_bytes());
-        // A section name is at most 255 bytes long (its length is one byte).
-        let name = &name.as_bytes()[..name.len().min(255)];
-        out.push(name.len() as u8);
-        out.extend_from_slice(name);
-        out.extend_from_slice(&0u32.to_be_bytes());
-        out.extend_from_slice(&DEVICE_VERSION.to_be_bytes());
+        section_header(&mut out, id, &name, DEVICE_VERSION);
         out.extend_from_slice(&(json.len() as u32).to_be_bytes());
         out.extend_from_slice(json.as_bytes());
         out.push(SECTION_FOOTER);
@@ -149,17 +176,21 @@ impl DeviceState {
     }
 }
 
+/// What a stream held: the run state the machine had (QEMU's global state) and the state
+/// of each device it has a section for.
+#[derive(Default)]
+pub(crate) struct Loaded {
+    pub(crate) runstate: Option<String>,
+    pub(crate) devices: Vec<DeviceState>,
+}
+
 /// Reads a stream `bytes` long (the rest of the area is not looked at) for the machine
 /// `machine` with `devices`: the state of each device it has a section for.
 ///
 /// # Errors
 /// QEMU's reports for a stream that is not one, another machine type, a section for no
 /// device here, a section cut short.
-pub(crate) fn load(
-    bytes: &[u8],
-    machine: &str,
-    devices: &Devices,
-) -> Result<Vec<DeviceState>, LoadError> {
+pub(crate) fn load(bytes: &[u8], machine: &str, devices: &Devices) -> Result<Loaded, LoadError> {
     let mut r = Reader { b: bytes, at: 0 };
     if r.u32()? != MAGIC {
         return Err(invalid("Not a migration stream"));
@@ -184,7 +215,7 @@ pub(crate) fn load(
         )));
     }
     let here = devices.all();
-    let mut out = Vec::new();
+    let mut out = Loaded::default();
     loop {
         match r.u8()? {
             EOF => return Ok(out),
@@ -195,6 +226,16 @@ pub(crate) fn load(
                 let name = String::from_utf8_lossy(r.take(name_len)?).into_owned();
                 let instance = r.u32()?;
                 let version = r.u32()?;
+                if kind == SECTION_FULL && name == GLOBAL_STATE {
+                    let body = r.take(104)?;
+                    let field = &body[4..36];
+                    let end = field.iter().position(|b| *b == 0).unwrap_or(field.len());
+                    out.runstate = Some(String::from_utf8_lossy(&field[..end]).into_owned());
+                    if r.u8()? != SECTION_FOOTER || r.u32()? != id {
+                        return Err(invalid(format!("Missing section footer for {name}")));
+                    }
+                    continue;
+                }
                 let dev = here.iter().find(|d| {
                     kind == SECTION_FULL
                         && section_name(&d.path, d.model.name) == name
@@ -226,7 +267,7 @@ pub(crate) fn load(
                     return Err(invalid(format!("Missing section footer for {name}")));
                 }
                 let flag = |k: &str| state.get(k).and_then(QObject::as_bool);
-                out.push(DeviceState {
+                out.devices.push(DeviceState {
                     path: dev.path.clone(),
                     tray: flag("tray-open").zip(flag("tray-locked")),
                 });

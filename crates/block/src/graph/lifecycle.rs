@@ -60,7 +60,15 @@ impl Graph {
             .get(&format)
             .ok_or_else(|| Error::UnknownDriver(format.clone()))?;
         let file = crate::filename::protocol_options(path);
-        let mut opts = if factory.kind() == crate::DriverKind::Protocol {
+        // A `json:` name describes the node itself (its format too): the options merge,
+        // the format given winning (QEMU's `bdrv_fill_options`).
+        let describes_format = path.starts_with("json:")
+            && file
+                .get("driver")
+                .and_then(|d| d.as_str())
+                .and_then(|d| self.registry().get(d))
+                .is_some_and(|f| f.kind() != crate::DriverKind::Protocol);
+        let mut opts = if describes_format || factory.kind() == crate::DriverKind::Protocol {
             file.with("driver", format.as_str())
         } else {
             ferrite_qobject::QDict::new()

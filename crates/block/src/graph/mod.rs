@@ -62,6 +62,9 @@ pub struct Graph {
     closed: Cell<bool>,
     /// Whether an `iothread` object of a given id exists (the program's objects).
     iothread_lookup: RefCell<Option<iothread::Lookup>>,
+    /// New nodes open inactive (a machine waiting for an incoming migration: the images
+    /// are the source's until it is over).
+    open_inactive: Cell<bool>,
 }
 
 impl Graph {
@@ -93,6 +96,7 @@ impl Graph {
             secrets: Default::default(),
             closed: Cell::new(false),
             iothread_lookup: RefCell::new(None),
+            open_inactive: Cell::new(false),
         })
     }
 
@@ -100,6 +104,17 @@ impl Graph {
         let mut b = self.backends.borrow_mut();
         b.retain(|w| w.strong_count() > 0);
         b.push(blk);
+    }
+
+    /// Makes new nodes open inactive, or active again (QEMU opens every image inactive
+    /// while an incoming migration is awaited).
+    pub fn set_open_inactive(&self, on: bool) {
+        self.open_inactive.set(on);
+    }
+
+    /// Whether new nodes open inactive.
+    pub fn opens_inactive(&self) -> bool {
+        self.open_inactive.get()
     }
 
     /// Every `BlockBackend`, in creation order.

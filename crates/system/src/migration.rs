@@ -1,0 +1,420 @@
+//! Migration of the machine to another process (QEMU: `migration/`): `migrate` stops the
+//! machine, sends its state (`vmstate`, QEMU's stream layout) down a channel, gives its
+//! images up (inactive) and ends in `postmigrate`; `-incoming URI` or `migrate-incoming`
+//! receives a state, takes the images over (active) and runs the machine if it was to
+//! start. The capabilities are kept, `events` makes each status change a `MIGRATION`
+//! event, `query-migrate` says where it stands.
+//!
+//! ferrite's machine has no RAM: the state goes in one piece, with nothing to iterate over.
+//! Channels: `exec:CMD`, `unix:PATH`, `tcp:HOST:PORT`, `file:PATH`.
+
+use crate::System;
+use crate::machine::RunState;
+use ferrite_qapi::{Args, Error};
+use ferrite_qmp::Event;
+use ferrite_qobject::{QDict, QObject};
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::Rc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// QAPI `MigrationCapability`, in its order.
+const CAPABILITIES: &[&str] = &[
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+    "switchover-ack",
+    "dirty-limit",
+    "mapped-ram",
+];
+
+/// Where the machine's migration stands.
+#[derive(Default)]
+pub(crate) struct MigrationState {
+    caps: RefCell<Vec<&'static str>>,
+    /// QAPI `MigrationStatus` of the migration out (empty: none)...
+    status: Cell<&'static str>,
+    /// ...and of the one coming in.
+    incoming_status: Cell<&'static str>,
+    error: RefCell<Option<String>>,
+    started: Cell<Option<Instant>>,
+    total_ms: Cell<Option<u64>>,
+    /// An incoming migration was asked for (`-incoming` or `migrate-incoming`).
+    incoming_started: Cell<bool>,
+}
+
+impl MigrationState {
+    fn has(&self, cap: &str) -> bool {
+        self.caps.borrow().contains(&cap)
+    }
+
+    /// What query-migrate reports: the migration out, else the one in (QEMU's).
+    fn status(&self) -> &'static str {
+        match (self.status.get(), self.incoming_status.get()) {
+            ("", "") => "none",
+            ("", s) | (s, _) => s,
+        }
+    }
+
+    /// Whether a migration out is under way.
+    fn in_progress(&self) -> bool {
+        matches!(
+            self.status.get(),
+            "setup" | "active" | "device" | "cancelling"
+        )
+    }
+}
+
+/// A migration channel, as the URI names it.
+enum Channel {
+    Exec(String),
+    Unix(String),
+    Tcp(String),
+    File(String),
+}
+
+fn channel(uri: &str) -> Result<Channel, Error> {
+    let (proto, rest) = uri.split_once(':').unwrap_or((uri, ""));
+    Ok(match proto {
+        "exec" => Channel::Exec(rest.to_owned()),
+        "unix" => Channel::Unix(rest.to_owned()),
+        "tcp" => Channel::Tcp(rest.to_owned()),
+        "file" => Channel::File(rest.split(',').next().unwrap_or("").to_owned()),
+        _ => {
+            return Err(Error::generic(format!("unknown migration protocol: {uri}")));
+        }
+    })
+}
+
+fn shell(cmd: &str) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("/bin/sh");
+    c.arg("-c").arg(cmd).kill_on_drop(true);
+    c
+}
+
+/// Sends `bytes` down `ch`.
+async fn send(ch: Channel, bytes: Vec<u8>) -> io::Result<()> {
+    match ch {
+        Channel::Exec(cmd) => {
+            let mut child = shell(&cmd).stdin(std::process::Stdio::piped()).spawn()?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(&bytes).await?;
+                stdin.shutdown().await?;
+            }
+            child.wait().await?;
+            Ok(())
+        }
+        Channel::Unix(path) => {
+            let mut s = tokio::net::UnixStream::connect(path).await?;
+            s.write_all(&bytes).await?;
+            s.shutdown().await
+        }
+        Channel::Tcp(addr) => {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(&bytes).await?;
+            s.shutdown().await
+        }
+        Channel::File(path) => tokio::fs::write(path, bytes).await,
+    }
+}
+
+/// Where an incoming state comes from, ready to be read (a listener already bound, so
+/// that the source may connect as soon as the command returns).
+enum Source {
+    Exec(String),
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+    File(String),
+}
+
+fn listen(ch: Channel) -> io::Result<Source> {
+    Ok(match ch {
+        Channel::Exec(cmd) => Source::Exec(cmd),
+        Channel::Unix(path) => Source::Unix(tokio::net::UnixListener::bind(path)?),
+        Channel::Tcp(addr) => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Source::Tcp(tokio::net::TcpListener::from_std(l)?)
+        }
+        Channel::File(path) => Source::File(path),
+    })
+}
+
+async fn receive(src: Source) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    match src {
+        Source::Exec(cmd) => {
+            let mut child = shell(&cmd).stdout(std::process::Stdio::piped()).spawn()?;
+            if let Some(mut stdout) = child.stdout.take() {
+                stdout.read_to_end(&mut out).await?;
+            }
+            child.wait().await?;
+        }
+        Source::Unix(l) => {
+            let (mut s, _) = l.accept().await?;
+            s.read_to_end(&mut out).await?;
+        }
+        Source::Tcp(l) => {
+            let (mut s, _) = l.accept().await?;
+            s.read_to_end(&mut out).await?;
+        }
+        Source::File(path) => out = tokio::fs::read(path).await?,
+    }
+    Ok(out)
+}
+
+fn set_status(sys: &System, status: &'static str) {
+    sys.migration.status.set(status);
+    announce(sys, status);
+}
+
+fn set_incoming_status(sys: &System, status: &'static str) {
+    sys.migration.incoming_status.set(status);
+    announce(sys, status);
+}
+
+/// A `MIGRATION` event, where the `events` capability asks for them.
+fn announce(sys: &System, status: &'static str) {
+    let m = &sys.migration;
+    if m.has("events") {
+        sys.daemon.events.emit(Event {
+            name: "MIGRATION",
+            data: Some(QDict::new().with("status", status)),
+        });
+    }
+}
+
+fn failed(sys: &System, why: String, incoming: bool) {
+    *sys.migration.error.borrow_mut() = Some(why);
+    if incoming {
+        set_incoming_status(sys, "failed");
+    } else {
+        set_status(sys, "failed");
+    }
+}
+
+/// `migrate-set-capabilities`.
+///
+/// # Errors
+/// A migration in progress.
+pub(crate) fn set_capabilities(sys: &System, args: &Args) -> Result<(), Error> {
+    let m = &sys.migration;
+    if m.in_progress() {
+        return Err(Error::generic("There's a migration process in progress"));
+    }
+    let Some(QObject::List(list)) = args.get("capabilities") else {
+        return Ok(());
+    };
+    let mut caps = m.caps.borrow_mut();
+    for c in list {
+        let Some(d) = c.as_dict() else { continue };
+        let name = d.get("capability").and_then(QObject::as_str).unwrap_or("");
+        let Some(&cap) = CAPABILITIES.iter().find(|n| **n == name) else {
+            continue;
+        };
+        let on = d.get("state").and_then(QObject::as_bool).unwrap_or(false);
+        caps.retain(|c| *c != cap);
+        if on {
+            caps.push(cap);
+        }
+    }
+    Ok(())
+}
+
+/// `query-migrate-capabilities`.
+pub(crate) fn query_capabilities(sys: &System) -> QObject {
+    QObject::List(
+        CAPABILITIES
+            .iter()
+            .map(|c| {
+                QDict::new()
+                    .with("capability", *c)
+                    .with("state", sys.migration.has(c))
+                    .into()
+            })
+            .collect(),
+    )
+}
+
+/// `query-migrate`.
+pub(crate) fn query(sys: &System) -> QObject {
+    let m = &sys.migration;
+    let mut d = QDict::new();
+    if m.status() == "none" {
+        return d.into();
+    }
+    d.insert("status", m.status());
+    if let Some(ms) = m.total_ms.get() {
+        d.insert("total-time", ms);
+    } else if let Some(t) = m.started.get() {
+        d.insert("total-time", t.elapsed().as_millis() as u64);
+    }
+    if let Some(e) = m.error.borrow().as_ref() {
+        d.insert("error-desc", e.as_str());
+    }
+    d.into()
+}
+
+/// `migrate`: the machine's state goes to `uri` once the command has returned.
+///
+/// # Errors
+/// A migration in progress, a machine waiting for one, an unknown channel.
+pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
+    let m = &sys.migration;
+    if m.in_progress() {
+        return Err(Error::generic("There's a migration process in progress"));
+    }
+    if sys.machine.status() == RunState::InMigrate {
+        return Err(Error::generic("Guest is waiting for an incoming migration"));
+    }
+    let ch = channel(args.str("uri")?)?;
+    *m.error.borrow_mut() = None;
+    m.total_ms.set(None);
+    m.started.set(Some(Instant::now()));
+    set_status(sys, "setup");
+    let sys = sys.clone();
+    tokio::task::spawn_local(async move {
+        if let Err(why) = run_outgoing(&sys, ch).await {
+            failed(&sys, why, false);
+        }
+        let m = &sys.migration;
+        m.total_ms
+            .set(m.started.get().map(|t| t.elapsed().as_millis() as u64));
+    });
+    Ok(())
+}
+
+async fn run_outgoing(sys: &Rc<System>, ch: Channel) -> Result<(), String> {
+    tokio::task::yield_now().await;
+    set_status(sys, "active");
+    let was = sys.machine.stop_for(RunState::FinishMigrate);
+    set_status(sys, "device");
+    // The destination takes up the run state the machine had (QEMU's global state).
+    let state = crate::vmstate::save(
+        sys.machine.kind.canonical_name(),
+        was.as_str(),
+        &sys.devices,
+    );
+    // The images go to the destination: everything written back and given up.
+    let graph = &sys.daemon.graph;
+    drop(graph.drain_all().await);
+    graph.flush_all().await;
+    if let Err(e) = graph.inactivate_all().await {
+        let _ = graph.activate_all().await;
+        sys.machine.resume(was);
+        return Err(ferrite_qapi::Error::from(e).desc);
+    }
+    if let Err(e) = send(ch, state).await {
+        let _ = graph.activate_all().await;
+        sys.machine.resume(was);
+        return Err(format!(
+            "Unable to write to socket: {}",
+            ferrite_qapi::os_msg(&e)
+        ));
+    }
+    sys.machine.resume(RunState::PostMigrate);
+    set_status(sys, "completed");
+    Ok(())
+}
+
+/// `-incoming URI` at start-up, and `migrate-incoming`: waits for the state at `uri`.
+///
+/// # Errors
+/// No `-incoming` given, one already started, an unknown channel, a channel that cannot
+/// listen.
+pub(crate) fn incoming(sys: &Rc<System>, uri: &str) -> Result<(), Error> {
+    let m = &sys.migration;
+    if sys.machine.status() != RunState::InMigrate {
+        return Err(Error::generic(
+            "'-incoming' was not specified on the command line",
+        ));
+    }
+    if m.incoming_started.get() {
+        return Err(Error::generic(
+            "The incoming migration has already been started",
+        ));
+    }
+    let source = listen(channel(uri)?).map_err(|e| {
+        Error::generic(format!(
+            "Failed to listen for the incoming migration: {}",
+            ferrite_qapi::os_msg(&e)
+        ))
+    })?;
+    m.incoming_started.set(true);
+    set_incoming_status(sys, "setup");
+    let sys = sys.clone();
+    tokio::task::spawn_local(async move {
+        if let Err(why) = run_incoming(&sys, source).await {
+            failed(&sys, why.clone(), true);
+            // QEMU's destination gives up and exits.
+            eprintln!(
+                "{}: load of migration failed: {why}",
+                crate::help::program_name()
+            );
+            std::process::exit(1);
+        }
+    });
+    Ok(())
+}
+
+async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
+    let bytes = receive(source)
+        .await
+        .map_err(|e| ferrite_qapi::os_msg(&e))?;
+    set_incoming_status(sys, "active");
+    let loaded = crate::vmstate::load(&bytes, sys.machine.kind.canonical_name(), &sys.devices)
+        .map_err(|e| e.report)?;
+    for s in &loaded.devices {
+        if let Some(blk) = sys
+            .devices
+            .find_by_path(&s.path)
+            .and_then(|d| d.blk.clone())
+        {
+            let mut medium = blk.medium();
+            s.restore(&mut medium);
+            blk.set_medium(medium);
+        }
+    }
+    sys.daemon.graph.set_open_inactive(false);
+    sys.devices.set_incoming(false);
+    // QEMU 10: a machine that ran at the source runs here if it is to start, its images
+    // taken over first; else it waits paused, and one that did not run takes the source's
+    // run state. Images not taken over here wait for `cont`.
+    let was_running = loaded.runstate.as_deref().is_none_or(|s| s == "running");
+    if was_running && sys.machine.autostart() {
+        if sys.daemon.graph.activate_all().await.is_ok() {
+            sys.machine.incoming_done(RunState::Running);
+        }
+    } else if was_running {
+        sys.machine.incoming_done(RunState::Paused);
+    } else {
+        let state = loaded
+            .runstate
+            .as_deref()
+            .and_then(RunState::parse)
+            .unwrap_or(RunState::Paused);
+        sys.machine.incoming_done(state);
+    }
+    set_incoming_status(sys, "completed");
+    Ok(())
+}

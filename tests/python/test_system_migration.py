@@ -1,0 +1,98 @@
+"""Migration between two ferrite-system-x86_64 processes against the same between two
+qemu-system-x86_64 10.0 processes: capabilities, MIGRATION events on both sides, run states
+and query-migrate after, the images given up by the source and taken over by the
+destination (inactive, then active), and `cont` on the source taking them back.
+
+QEMU runs with `-accel tcg -S`, ferrite with `-accel qtest -S`, as in test_system.py."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import wait_for
+from test_system import QEMU, SYSTEM, Machine, hide, same_dirs
+
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 (the oracle) is missing; scripts/setup.sh installs it")
+
+
+def active(m):
+    return [(n["node-name"], n["active"])
+            for n in m.qmp.cmd("query-named-block-nodes", {"flat": True})["return"]
+            if not n["node-name"].startswith("#")]
+
+
+def statuses(m, until):
+    """The MIGRATION statuses `m` announces up to `until` (or `failed`)."""
+    seen = []
+    while not seen or seen[-1] not in (until, "failed"):
+        seen.append(m.qmp.wait_event("MIGRATION", timeout=60)["data"]["status"])
+    return seen
+
+
+def migration_transcript(binary, accel, workdir, uri_of):
+    img = workdir / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 5 0 64k", str(img)],
+                   check=True, capture_output=True)
+    drive = ["-blockdev", f"driver=file,node-name=disk-file,filename={img}",
+             "-blockdev", "driver=qcow2,node-name=disk,file=disk-file"]
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    uri, src_uri = uri_of(workdir)
+    b = Machine(binary, accel, workdir / "b", [*drive, "-incoming", uri])
+    a = Machine(binary, accel, workdir / "a", drive)
+    out = []
+    try:
+        caps = [{"capability": "events", "state": True}]
+        for m in (a, b):
+            out.append(m.qmp.cmd("migrate-set-capabilities", {"capabilities": caps}))
+        out.append(("caps", [c for c in a.qmp.cmd("query-migrate-capabilities")["return"]
+                             if c["state"]]))
+        out.append(("b before", b.qmp.cmd("query-status"), active(b)))
+        out.append(a.qmp.cmd("migrate-incoming", {"uri": uri}))
+        out.append(b.qmp.cmd("migrate-incoming", {"uri": uri}))
+        out.append(b.qmp.cmd("migrate", {"uri": uri}))
+        out.append(a.qmp.cmd("migrate", {"uri": src_uri}))
+        out.append(("a", statuses(a, "completed")))
+        out.append(("b", statuses(b, "completed")))
+        wait_for(lambda: b.qmp.cmd("query-status")["return"]["status"] != "inmigrate",
+                 what="the destination to leave inmigrate")
+        for name, m in (("a", a), ("b", b)):
+            out.append((name, m.qmp.cmd("query-status"),
+                        m.qmp.cmd("query-migrate")["return"]["status"], active(m)))
+        out.append(a.qmp.cmd("migrate-set-capabilities", {"capabilities": caps}))
+        out.append(b.qmp.cmd("cont"))
+        out.append(("b after cont", b.qmp.cmd("query-status"), active(b)))
+        b.qmp.cmd("quit")
+        b.proc.wait(10)
+        out.append(a.qmp.cmd("cont"))
+        out.append(("a after cont", a.qmp.cmd("query-status"), active(a)))
+        a.qmp.cmd("quit")
+        a.proc.wait(10)
+    finally:
+        a.stop()
+        b.stop()
+    out.append(("check", subprocess.run(["qemu-img", "check", str(img)],
+                                        capture_output=True).returncode))
+    return hide(out)
+
+
+def unix_channel(w):
+    return f"unix:{w}/mig.sock", f"unix:{w}/mig.sock"
+
+
+def exec_channel(w):
+    os.mkfifo(w / "fifo")
+    return f"exec:cat '{w}/fifo'", f"exec:cat >'{w}/fifo'"
+
+
+@pytest.mark.parametrize("uri_of", [unix_channel, exec_channel], ids=["unix", "exec"])
+def test_migration_matches_qemu_system(tmp_path, uri_of):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    expected = migration_transcript(QEMU, "tcg", tmp_path / "q", uri_of)
+    got = migration_transcript(SYSTEM, "qtest", tmp_path / "f", uri_of)
+    for e, g in zip(json.loads(json.dumps(expected)), same_dirs(got)):
+        assert g == e
+    assert len(got) == len(expected)
