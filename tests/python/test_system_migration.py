@@ -4,14 +4,13 @@ and query-migrate after, the images given up by the source and taken over by the
 destination (inactive, then active), and `cont` on the source taking them back.
 
 QEMU runs with `-accel tcg -S`, ferrite with `-accel qtest -S`, as in test_system.py."""
-import json
 import os
 import subprocess
 
 import pytest
 
 from conftest import wait_for
-from test_system import QEMU, SYSTEM, Machine, hide, same_dirs
+from test_system import QEMU, SYSTEM, Machine, compare_with_qemu, hide
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 (the oracle) is missing; scripts/setup.sh installs it")
 
@@ -89,10 +88,4 @@ def exec_channel(w):
 
 @pytest.mark.parametrize("uri_of", [unix_channel, exec_channel], ids=["unix", "exec"])
 def test_migration_matches_qemu_system(tmp_path, uri_of):
-    (tmp_path / "q").mkdir()
-    (tmp_path / "f").mkdir()
-    expected = migration_transcript(QEMU, "tcg", tmp_path / "q", uri_of)
-    got = migration_transcript(SYSTEM, "qtest", tmp_path / "f", uri_of)
-    for e, g in zip(json.loads(json.dumps(expected)), same_dirs(got)):
-        assert g == e
-    assert len(got) == len(expected)
+    compare_with_qemu(tmp_path, lambda b, a, w: migration_transcript(b, a, w, uri_of))

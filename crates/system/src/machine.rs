@@ -312,14 +312,7 @@ impl Machine {
                 self.emit("STOP", None);
             }
             RunState::InMigrate => self.autostart.set(false),
-            RunState::Prelaunch
-            | RunState::Paused
-            | RunState::SaveVm
-            | RunState::RestoreVm
-            | RunState::FinishMigrate
-            | RunState::PostMigrate => {
-                self.state.set(RunState::Paused);
-            }
+            _ => self.state.set(RunState::Paused),
         }
     }
 
@@ -351,12 +344,7 @@ impl Machine {
         match self.state.get() {
             RunState::Running => {}
             RunState::InMigrate => self.autostart.set(true),
-            RunState::Prelaunch
-            | RunState::Paused
-            | RunState::SaveVm
-            | RunState::RestoreVm
-            | RunState::FinishMigrate
-            | RunState::PostMigrate => {
+            _ => {
                 self.state.set(RunState::Running);
                 self.emit("RESUME", None);
             }

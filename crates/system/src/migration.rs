@@ -384,17 +384,7 @@ async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
     set_incoming_status(sys, "active");
     let loaded = crate::vmstate::load(&bytes, sys.machine.kind.canonical_name(), &sys.devices)
         .map_err(|e| e.report)?;
-    for s in &loaded.devices {
-        if let Some(blk) = sys
-            .devices
-            .find_by_path(&s.path)
-            .and_then(|d| d.blk.clone())
-        {
-            let mut medium = blk.medium();
-            s.restore(&mut medium);
-            blk.set_medium(medium);
-        }
-    }
+    loaded.restore(&sys.devices);
     sys.daemon.graph.set_open_inactive(false);
     sys.devices.set_incoming(false);
     // QEMU 10: a machine that ran at the source runs here if it is to start, its images

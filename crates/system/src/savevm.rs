@@ -178,17 +178,7 @@ async fn restore(
     sys.machine.reset_devices();
     let loaded = vmstate::load(&bytes, sys.machine.kind.canonical_name(), &sys.devices)
         .map_err(|e| bad_state(Some(e.report), e.errno))?;
-    for s in loaded.devices {
-        if let Some(blk) = sys
-            .devices
-            .find_by_path(&s.path)
-            .and_then(|d| d.blk.clone())
-        {
-            let mut m = blk.medium();
-            s.restore(&mut m);
-            blk.set_medium(m);
-        }
-    }
+    loaded.restore(&sys.devices);
     Ok(())
 }
 

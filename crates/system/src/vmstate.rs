@@ -176,6 +176,19 @@ impl DeviceState {
     }
 }
 
+impl Loaded {
+    /// Puts each device's saved state back.
+    pub(crate) fn restore(&self, devices: &Devices) {
+        for s in &self.devices {
+            if let Some(blk) = devices.find_by_path(&s.path).and_then(|d| d.blk.clone()) {
+                let mut medium = blk.medium();
+                s.restore(&mut medium);
+                blk.set_medium(medium);
+            }
+        }
+    }
+}
+
 /// What a stream held: the run state the machine had (QEMU's global state) and the state
 /// of each device it has a section for.
 #[derive(Default)]
