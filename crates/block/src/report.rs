@@ -7,7 +7,8 @@ pub fn error_report(msg: &str) {
     eprintln!("{}: {msg}", program());
 }
 
-fn program() -> String {
+/// The program's name as its messages start with it: its file name as it was run.
+pub fn program() -> String {
     std::env::args()
         .next()
         .as_deref()

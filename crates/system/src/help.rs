@@ -5,16 +5,6 @@ use crate::devices::MODELS;
 use crate::machine::MACHINES;
 use ferrite_storage_daemon::front_end::{QEMU_VERSION, package};
 
-/// The program's name as messages start with it: its file name as it was run.
-pub(crate) fn program_name() -> String {
-    std::env::args()
-        .next()
-        .as_deref()
-        .and_then(|a| a.rsplit('/').next())
-        .unwrap_or("ferrite-system-x86_64")
-        .to_owned()
-}
-
 /// The version as QEMU words it after "version": `10.0.2 (package)`.
 pub(crate) fn version() -> String {
     let pkg = package();

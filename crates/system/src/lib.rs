@@ -415,7 +415,7 @@ pub fn main() -> ExitCode {
     ferrite_storage_daemon::front_end::tune_allocator();
     ferrite_qapi::use_system_schema();
     let argv: Vec<String> = std::env::args().collect();
-    let prog = help::program_name();
+    let prog = ferrite_block::report::program();
     let mut options = match cli::parse_args(argv.get(1..).unwrap_or(&[])) {
         Ok(o) => o,
         Err(e) => {

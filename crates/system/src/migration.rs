@@ -56,8 +56,6 @@ pub(crate) struct MigrationState {
     error: RefCell<Option<String>>,
     started: Cell<Option<Instant>>,
     total_ms: Cell<Option<u64>>,
-    /// An incoming migration was asked for (`-incoming` or `migrate-incoming`).
-    incoming_started: Cell<bool>,
 }
 
 impl MigrationState {
@@ -349,7 +347,7 @@ pub(crate) fn incoming(sys: &Rc<System>, uri: &str) -> Result<(), Error> {
             "'-incoming' was not specified on the command line",
         ));
     }
-    if m.incoming_started.get() {
+    if !m.incoming_status.get().is_empty() {
         return Err(Error::generic(
             "The incoming migration has already been started",
         ));
@@ -360,17 +358,13 @@ pub(crate) fn incoming(sys: &Rc<System>, uri: &str) -> Result<(), Error> {
             ferrite_qapi::os_msg(&e)
         ))
     })?;
-    m.incoming_started.set(true);
     set_incoming_status(sys, "setup");
     let sys = sys.clone();
     tokio::task::spawn_local(async move {
         if let Err(why) = run_incoming(&sys, source).await {
             failed(&sys, why.clone(), true);
             // QEMU's destination gives up and exits.
-            eprintln!(
-                "{}: load of migration failed: {why}",
-                crate::help::program_name()
-            );
+            ferrite_block::report::error_report(&format!("load of migration failed: {why}"));
             std::process::exit(1);
         }
     });

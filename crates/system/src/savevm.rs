@@ -33,10 +33,6 @@ impl From<Error> for LoadFailure {
     }
 }
 
-fn block(e: ferrite_blockdev::Error) -> Error {
-    Error::generic(e.to_string())
-}
-
 /// The local time of `secs` since the epoch, as `strftime` formats it with `fmt`.
 fn local_time(secs: i64, fmt: &std::ffi::CStr) -> String {
     let t: libc::time_t = secs;
@@ -67,19 +63,19 @@ pub(crate) async fn save(
     devices: DeviceList<'_>,
 ) -> Result<(), Error> {
     let graph = &sys.daemon.graph;
-    vm_snapshot::check_all_can_snapshot(graph, devices).map_err(block)?;
+    vm_snapshot::check_all_can_snapshot(graph, devices).map_err(Error::from)?;
     if let Some(name) = name {
         if overwrite {
             vm_snapshot::delete_all(graph, name, devices)
                 .await
-                .map_err(block)?;
-        } else if vm_snapshot::all_have(graph, name, devices).map_err(block)? {
+                .map_err(Error::from)?;
+        } else if vm_snapshot::all_have(graph, name, devices).map_err(Error::from)? {
             return Err(Error::generic(format!(
                 "Snapshot '{name}' already exists in one or more devices"
             )));
         }
     }
-    let target = vm_snapshot::vmstate_node(graph, vmstate, devices).map_err(block)?;
+    let target = vm_snapshot::vmstate_node(graph, vmstate, devices).map_err(Error::from)?;
     let was = sys.machine.stop_for(RunState::SaveVm);
     let drained = graph.drain_all().await;
     let now = NewSnapshot::now("", ferrite_block::clock::vm_clock_ns());
@@ -107,7 +103,7 @@ pub(crate) async fn save(
             Ok(()) => Ok(()),
             Err(e) => {
                 let _ = vm_snapshot::delete_all(graph, &snap.name, devices).await;
-                Err(block(e))
+                Err(Error::from(e))
             }
         },
     };
@@ -131,14 +127,14 @@ pub(crate) async fn load(
     devices: DeviceList<'_>,
 ) -> Result<(), LoadFailure> {
     let graph = &sys.daemon.graph;
-    vm_snapshot::check_all_can_snapshot(graph, devices).map_err(block)?;
-    if !vm_snapshot::all_have(graph, name, devices).map_err(block)? {
+    vm_snapshot::check_all_can_snapshot(graph, devices).map_err(Error::from)?;
+    if !vm_snapshot::all_have(graph, name, devices).map_err(Error::from)? {
         return Err(Error::generic(format!(
             "Snapshot '{name}' does not exist in one or more devices"
         ))
         .into());
     }
-    let source = vm_snapshot::vmstate_node(graph, vmstate, devices).map_err(block)?;
+    let source = vm_snapshot::vmstate_node(graph, vmstate, devices).map_err(Error::from)?;
     let size = match vm_snapshot::find(&source, name) {
         None => return Err(Error::generic("Snapshot can not be found").into()),
         Some(s) => s.get("vm-state-size").and_then(|v| v.as_u64()).unwrap_or(0),
@@ -165,7 +161,7 @@ async fn restore(
 ) -> Result<(), LoadFailure> {
     vm_snapshot::goto_all(&sys.daemon.graph, name, devices)
         .await
-        .map_err(block)?;
+        .map_err(Error::from)?;
     let bad_state = |report: Option<String>, errno: i32| LoadFailure {
         report,
         error: Error::generic(format!("Error {} while loading VM state", -errno)),
@@ -192,10 +188,10 @@ pub(crate) async fn delete(
     devices: DeviceList<'_>,
 ) -> Result<(), Error> {
     let graph = &sys.daemon.graph;
-    vm_snapshot::check_all_can_snapshot(graph, devices).map_err(block)?;
+    vm_snapshot::check_all_can_snapshot(graph, devices).map_err(Error::from)?;
     vm_snapshot::delete_all(graph, name, devices)
         .await
-        .map_err(block)
+        .map_err(Error::from)
 }
 
 /// `snapshot-save`, `snapshot-load` and `snapshot-delete`: the work of `savevm`, `loadvm`
@@ -238,7 +234,7 @@ pub(crate) fn start_job(sys: &Rc<System>, command: &str, args: &Args) -> Result<
                     }
                     Err(f) => {
                         if let Some(r) = f.report {
-                            eprintln!("{}: {r}", crate::help::program_name());
+                            ferrite_block::report::error_report(&r);
                         }
                         Err(f.error.desc)
                     }
