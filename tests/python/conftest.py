@@ -230,6 +230,15 @@ def qsd(tmp_path):
         yield start
 
 
+def _exit_status(proc, grace=5):
+    """The process's exit status, waiting up to `grace` seconds for it: a client sees the
+    socket close before the kernel has finished tearing a crashed process down."""
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def qsd_reference(qsd, scenario, attempts=3):
     """`scenario(daemon)` run on a fresh qemu-storage-daemon, again if that daemon died of a
     signal (qsd 10.0.2 segfaults, in qemu_mutex_lock_impl, in about one of 40 pivots of a job
@@ -240,7 +249,7 @@ def qsd_reference(qsd, scenario, attempts=3):
         try:
             return scenario(d)
         except Exception:
-            signal = -(d.proc.poll() or 0)
+            signal = -(_exit_status(d.proc) or 0)
             if signal <= 0 or attempt == attempts:
                 raise
             print(f"qemu-storage-daemon died of signal {signal}; running its side again")
