@@ -386,8 +386,13 @@ async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
     // run state. Images not taken over here wait for `cont`.
     let was_running = loaded.runstate.as_deref().is_none_or(|s| s == "running");
     if was_running && sys.machine.autostart() {
-        if sys.daemon.graph.activate_all().await.is_ok() {
-            sys.machine.incoming_done(RunState::Running);
+        // An image that cannot be taken over is reported; the machine waits paused.
+        match sys.daemon.graph.activate_all().await {
+            Ok(()) => sys.machine.incoming_done(RunState::Running),
+            Err(e) => {
+                ferrite_block::report::error_report(&e.to_string());
+                sys.machine.incoming_done(RunState::Paused);
+            }
         }
     } else if was_running {
         sys.machine.incoming_done(RunState::Paused);

@@ -101,13 +101,19 @@ impl Graph {
             if node.is_active() {
                 return Ok(());
             }
+            // Its users' permissions (and its image locks) hold again before the driver
+            // re-reads its image, which may write to it (a qcow2 header's autoclear bits).
             node.inactive.set(false);
+            if let Err(e) = self.propagate(node) {
+                node.inactive.set(true);
+                let _ = self.propagate(node);
+                return Err(e);
+            }
             if let Err(e) = node.driver().invalidate_cache(node).await {
                 node.inactive.set(true);
+                let _ = self.propagate(node);
                 return Err(Error::ActivateFailed(e));
             }
-            // Its users' permissions (and its image locks) hold again.
-            self.propagate(node)?;
             for u in node.users() {
                 if let Some(root) = u.root_parent() {
                     root.activate()?;
