@@ -141,12 +141,14 @@ class RawQmp:
             self.events.append(msg)
 
     def wait_event(self, name, pred=None, timeout=30):
-        """The first event `name` (matching `pred`) seen since the last one taken."""
+        """The first event `name` (or one of the names in a tuple; matching `pred`) seen
+        since the last one taken."""
+        names = (name,) if isinstance(name, str) else name
         self.s.settimeout(timeout)
         try:
             while True:
                 for i, ev in enumerate(self.events):
-                    if ev["event"] == name and (pred is None or pred(ev)):
+                    if ev["event"] in names and (pred is None or pred(ev)):
                         del self.events[:i + 1]
                         return ev
                 msg = json.loads(self.recv_raw())

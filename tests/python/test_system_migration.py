@@ -102,3 +102,88 @@ def exec_channel(w):
 def test_migration_matches_qemu_system(tmp_path, uri_of, drive_args):
     compare_with_qemu(tmp_path,
                       lambda b, a, w: migration_transcript(b, a, w, uri_of, drive_args))
+
+
+def run_state_events(m, until):
+    """The MIGRATION statuses and STOP/RESUME events `m` sends, in order, up to the
+    MIGRATION status `until` (or `failed`)."""
+    seen = []
+    while not seen or seen[-1] not in (until, "failed"):
+        ev = m.qmp.wait_event(("MIGRATION", "STOP", "RESUME"), timeout=60)
+        seen.append(ev["data"]["status"] if ev["event"] == "MIGRATION" else ev["event"])
+    return seen
+
+
+def switchover_transcript(binary, accel, w):
+    """Channels that cannot be opened; pause-before-switchover: migrate-continue and
+    migrate_cancel in pre-switchover; a
+    backup job writing its target keeps the images, so the switch-over fails (iotest
+    migrate-during-backup) and the machine runs on; a continued migration completes."""
+    img, target = w / "a.qcow2", w / "t.qcow2"
+    for f in (img, target):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(f), "1M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 0 1M", str(img)],
+                   check=True, capture_output=True)
+    m = Machine(binary, accel, w, ["-drive", f"if=none,id=drive0,file={img},format=qcow2"])
+    q = m.qmp
+    caps = [{"capability": "events", "state": True},
+            {"capability": "pause-before-switchover", "state": True}]
+    out = []
+    try:
+        out.append(q.cmd("cont"))
+        out.append(q.cmd("migrate-continue", {"state": "pre-switchover"}))
+        out.append(q.cmd("migrate-set-capabilities", {"capabilities": caps}))
+        # Channels that cannot be opened: a socket fails once the command returned, a file
+        # at once; the machine never stops.
+        out.append(q.cmd("migrate", {"uri": f"unix:{w}/nobody.sock"}))
+        out.append(("refused", run_state_events(m, "failed"), q.cmd("query-migrate")))
+        out.append(q.cmd("migrate", {"uri": f"file:{w}/no/such/dir"}))
+        out.append(("no file", run_state_events(m, "failed"), q.cmd("query-migrate")))
+        # Cancelled while paused before the switch-over.
+        out.append(q.cmd("migrate", {"uri": f"exec:cat > '{w}/m1'"}))
+        out.append(("paused", run_state_events(m, "pre-switchover"), q.cmd("query-status"),
+                    active(m)))
+        out.append(q.cmd("migrate-continue", {"state": "device"}))
+        out.append(q.cmd("migrate-set-capabilities", {"capabilities": caps}))
+        out.append(q.cmd("migrate", {"uri": f"exec:cat > '{w}/m1'"}))
+        out.append(q.cmd("migrate_cancel"))
+        out.append(("cancelled", run_state_events(m, "cancelled"), q.cmd("query-migrate"),
+                    q.cmd("query-status"), active(m)))
+        # A backup writing its target: the images cannot be given up.
+        out.append(q.cmd("blockdev-add", {"node-name": "target", "driver": "qcow2",
+                                          "file": {"driver": "file",
+                                                   "filename": str(target)}}))
+        out.append(q.cmd("blockdev-backup", {"job-id": "j", "device": "drive0",
+                                             "target": "target", "sync": "full",
+                                             "speed": 1,
+                                             "x-perf": {"max-workers": 1,
+                                                        "max-chunk": 65536}}))
+        out.append(q.cmd("job-pause", {"id": "j"}))
+        out.append(q.cmd("migrate", {"uri": f"exec:cat > '{w}/m2'"}))
+        out.append(("paused", run_state_events(m, "pre-switchover")))
+        out.append(q.cmd("migrate-continue", {"state": "pre-switchover"}))
+        out.append(("failed", run_state_events(m, "failed"), q.cmd("query-migrate"),
+                    q.cmd("query-status"), active(m)))
+        out.append(q.cmd("block-job-set-speed", {"device": "j", "speed": 0}))
+        out.append(q.cmd("job-resume", {"id": "j"}))
+        done = q.wait_event("BLOCK_JOB_COMPLETED")["data"]
+        out.append(("backup", done.get("error"), done["offset"] == done["len"]))
+        # Continued: the migration completes.
+        out.append(q.cmd("migrate", {"uri": f"exec:cat > '{w}/m3'"}))
+        out.append(("paused", run_state_events(m, "pre-switchover")))
+        out.append(q.cmd("migrate-continue", {"state": "pre-switchover"}))
+        out.append(("completed", run_state_events(m, "completed"),
+                    q.cmd("query-migrate")["return"]["status"], q.cmd("query-status"),
+                    active(m)))
+        # The target stayed with the source (QEMU's walk misses it): `quit` writes it back.
+        q.cmd("quit")
+        m.proc.wait(10)
+    finally:
+        m.stop()
+    out.append(subprocess.run(["qemu-img", "compare", str(img), str(target)],
+                              capture_output=True, text=True).stdout)
+    return hide(out)
+
+
+def test_switchover_pause_cancel_and_failure_match_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, switchover_transcript)

@@ -294,6 +294,13 @@ pub trait Driver: std::any::Any {
         (perm, shared)
     }
 
+    /// What this node still asks of child `name` while it is inactive, beyond reading. Most
+    /// drivers ask nothing more (their image is given up); a backup filter keeps writing
+    /// its target, so an inactivation that would reach that target fails, as in QEMU.
+    fn child_perm_inactive(&self, _name: &str) -> Perm {
+        Perm::empty()
+    }
+
     /// Called after the permissions this node's users hold changed (file locking).
     ///
     /// # Errors

@@ -458,6 +458,14 @@ impl Driver for CbwDriver {
         self.file_cluster
     }
 
+    fn child_perm_inactive(&self, name: &str) -> Perm {
+        if name == "target" {
+            Perm::WRITE
+        } else {
+            Perm::empty()
+        }
+    }
+
     fn child_perm(&self, name: &str, perm: Perm, shared: Perm, used: bool) -> (Perm, Perm) {
         if name == "target" {
             // QEMU shares writes on the target (the guest's disk may be in its backing

@@ -496,6 +496,14 @@ impl Driver for FileDriver {
         self.size.get()
     }
 
+    fn invalidate_cache<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        // Another process (a migration's source) may have grown the file meanwhile.
+        Box::pin(async move {
+            self.size.set(file_size(&self.fd())?.next_multiple_of(512));
+            Ok(())
+        })
+    }
+
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
         if self.direct.get() {
             return Box::pin(self.read_direct(offset, len));

@@ -81,7 +81,14 @@ impl SystemCommands {
                 crate::migration::incoming(sys, args.str("uri")?)?;
                 empty()
             }
-            "migrate_cancel" => empty(),
+            "migrate_cancel" => {
+                crate::migration::cancel(sys);
+                empty()
+            }
+            "migrate-continue" => {
+                crate::migration::continue_from(sys, args.str("state")?)?;
+                empty()
+            }
             "snapshot-save" | "snapshot-load" | "snapshot-delete" => {
                 crate::savevm::start_job(sys, name, &args)?;
                 empty()

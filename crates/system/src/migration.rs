@@ -56,6 +56,8 @@ pub(crate) struct MigrationState {
     error: RefCell<Option<String>>,
     started: Cell<Option<Instant>>,
     total_ms: Cell<Option<u64>>,
+    /// Wakes a migration out waiting in `pre-switchover` (migrate-continue) or cancelled.
+    go_on: tokio::sync::Notify,
 }
 
 impl MigrationState {
@@ -75,7 +77,7 @@ impl MigrationState {
     fn in_progress(&self) -> bool {
         matches!(
             self.status.get(),
-            "setup" | "active" | "device" | "cancelling"
+            "setup" | "active" | "pre-switchover" | "device" | "cancelling"
         )
     }
 }
@@ -107,29 +109,92 @@ fn shell(cmd: &str) -> tokio::process::Command {
     c
 }
 
-/// Sends `bytes` down `ch`.
-async fn send(ch: Channel, bytes: Vec<u8>) -> io::Result<()> {
-    match ch {
-        Channel::Exec(cmd) => {
-            let mut child = shell(&cmd).stdin(std::process::Stdio::piped()).spawn()?;
-            if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(&bytes).await?;
-                stdin.shutdown().await?;
+/// Where a migration out writes, opened when it starts (QEMU creates the file, runs the
+/// command and connects the socket before it stops the machine).
+enum Sink {
+    Exec(tokio::process::Child),
+    Unix(String),
+    Tcp(String),
+    File(std::fs::File),
+}
+
+/// A connected socket, ready for the state.
+enum Connected {
+    Exec(tokio::process::Child),
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+    File(tokio::fs::File),
+}
+
+/// Opens what must be opened before `migrate` returns.
+///
+/// # Errors
+/// QEMU's text for a file that cannot be created, or a command that cannot run.
+fn open_sink(ch: Channel) -> Result<Sink, String> {
+    Ok(match ch {
+        Channel::Exec(cmd) => Sink::Exec(
+            shell(&cmd)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("Could not run '{cmd}': {}", ferrite_qapi::os_msg(&e)))?,
+        ),
+        Channel::Unix(path) => Sink::Unix(path),
+        Channel::Tcp(addr) => Sink::Tcp(addr),
+        Channel::File(path) => Sink::File(
+            std::fs::File::create(&path)
+                .map_err(|e| format!("Could not create '{path}': {}", ferrite_qapi::os_msg(&e)))?,
+        ),
+    })
+}
+
+impl Sink {
+    /// Connects the sockets (QEMU does so once `migrate` has returned).
+    async fn connect(self) -> Result<Connected, String> {
+        let refused = |to: &str, e: io::Error| {
+            format!("Failed to connect to '{to}': {}", ferrite_qapi::os_msg(&e))
+        };
+        Ok(match self {
+            Sink::Exec(child) => Connected::Exec(child),
+            Sink::Unix(path) => Connected::Unix(
+                tokio::net::UnixStream::connect(&path)
+                    .await
+                    .map_err(|e| refused(&path, e))?,
+            ),
+            Sink::Tcp(addr) => Connected::Tcp(
+                tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| refused(&addr, e))?,
+            ),
+            Sink::File(f) => Connected::File(tokio::fs::File::from_std(f)),
+        })
+    }
+}
+
+impl Connected {
+    /// Sends `bytes` and closes the channel.
+    async fn send(self, bytes: Vec<u8>) -> io::Result<()> {
+        match self {
+            Connected::Exec(mut child) => {
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(&bytes).await?;
+                    stdin.shutdown().await?;
+                }
+                child.wait().await?;
+                Ok(())
             }
-            child.wait().await?;
-            Ok(())
+            Connected::Unix(mut s) => {
+                s.write_all(&bytes).await?;
+                s.shutdown().await
+            }
+            Connected::Tcp(mut s) => {
+                s.write_all(&bytes).await?;
+                s.shutdown().await
+            }
+            Connected::File(mut f) => {
+                f.write_all(&bytes).await?;
+                f.flush().await
+            }
         }
-        Channel::Unix(path) => {
-            let mut s = tokio::net::UnixStream::connect(path).await?;
-            s.write_all(&bytes).await?;
-            s.shutdown().await
-        }
-        Channel::Tcp(addr) => {
-            let mut s = tokio::net::TcpStream::connect(addr).await?;
-            s.write_all(&bytes).await?;
-            s.shutdown().await
-        }
-        Channel::File(path) => tokio::fs::write(path, bytes).await,
     }
 }
 
@@ -262,10 +327,18 @@ pub(crate) fn query(sys: &System) -> QObject {
         return d.into();
     }
     d.insert("status", m.status());
-    if let Some(ms) = m.total_ms.get() {
-        d.insert("total-time", ms);
-    } else if let Some(t) = m.started.get() {
-        d.insert("total-time", t.elapsed().as_millis() as u64);
+    // QEMU times a migration out while it runs and once it completed, not one that failed,
+    // was cancelled or has yet to start; nor one coming in.
+    let timed = matches!(
+        m.status.get(),
+        "active" | "cancelling" | "pre-switchover" | "device" | "completed"
+    );
+    if timed {
+        if let Some(ms) = m.total_ms.get() {
+            d.insert("total-time", ms);
+        } else if let Some(t) = m.started.get() {
+            d.insert("total-time", t.elapsed().as_millis() as u64);
+        }
     }
     if let Some(e) = m.error.borrow().as_ref() {
         d.insert("error-desc", e.as_str());
@@ -290,9 +363,17 @@ pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
     m.total_ms.set(None);
     m.started.set(Some(Instant::now()));
     set_status(sys, "setup");
+    let sink = match open_sink(ch) {
+        Ok(sink) => sink,
+        Err(why) => {
+            failed(sys, why.clone(), false);
+            return Err(Error::generic(why));
+        }
+    };
     let sys = sys.clone();
     tokio::task::spawn_local(async move {
-        if let Err(why) = run_outgoing(&sys, ch).await {
+        if let Err(why) = run_outgoing(&sys, sink).await {
+            ferrite_block::report::error_report(&why);
             failed(&sys, why, false);
         }
         let m = &sys.migration;
@@ -302,10 +383,84 @@ pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
     Ok(())
 }
 
-async fn run_outgoing(sys: &Rc<System>, ch: Channel) -> Result<(), String> {
+/// How a migration out ended, short of completing.
+enum Abort {
+    /// `migrate_cancel`.
+    Cancelled,
+    /// An error, with the text query-migrate reports.
+    Failed(String),
+}
+
+fn cancelled(sys: &System) -> bool {
+    sys.migration.status.get() == "cancelling"
+}
+
+/// Waits for `fut`, or for the migration to be cancelled first.
+async fn unless_cancelled<T>(sys: &System, fut: impl Future<Output = T>) -> Result<T, Abort> {
+    let m = &sys.migration;
+    tokio::pin!(fut);
+    loop {
+        if cancelled(sys) {
+            return Err(Abort::Cancelled);
+        }
+        let woken = m.go_on.notified();
+        tokio::select! {
+            v = &mut fut => return if cancelled(sys) { Err(Abort::Cancelled) } else { Ok(v) },
+            () = woken => {}
+        }
+    }
+}
+
+async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
     tokio::task::yield_now().await;
+    let ch = match unless_cancelled(sys, sink.connect()).await {
+        Ok(ch) => ch?,
+        Err(_) => {
+            set_status(sys, "cancelled");
+            return Ok(());
+        }
+    };
     set_status(sys, "active");
     let was = sys.machine.stop_for(RunState::FinishMigrate);
+    let graph = &sys.daemon.graph;
+    match switch_over(sys, ch, was).await {
+        Ok(()) => {
+            sys.machine.resume(RunState::PostMigrate);
+            set_status(sys, "completed");
+            Ok(())
+        }
+        // QEMU: the images come back and the machine runs again as it did, announced
+        // after the failure, before the cancellation ends.
+        Err(Abort::Failed(why)) => {
+            let _ = graph.activate_all().await;
+            failed(sys, why, false);
+            sys.machine.resume(was);
+            Ok(())
+        }
+        Err(Abort::Cancelled) => {
+            let _ = graph.activate_all().await;
+            sys.machine.resume(was);
+            // What QEMU reports once the channel it was writing is shut.
+            *sys.migration.error.borrow_mut() = Some("Channel error: Input/output error".into());
+            set_status(sys, "cancelled");
+            Ok(())
+        }
+    }
+}
+
+/// The stopped machine's switch-over: a pause for `migrate-continue` where asked, then its
+/// images given up and its state sent.
+async fn switch_over(sys: &Rc<System>, ch: Connected, was: RunState) -> Result<(), Abort> {
+    let m = &sys.migration;
+    if m.has("pause-before-switchover") {
+        set_status(sys, "pre-switchover");
+        unless_cancelled(sys, async {
+            while m.status.get() == "pre-switchover" {
+                m.go_on.notified().await;
+            }
+        })
+        .await?;
+    }
     set_status(sys, "device");
     // The destination takes up the run state the machine had (QEMU's global state).
     let state = crate::vmstate::save(
@@ -313,25 +468,56 @@ async fn run_outgoing(sys: &Rc<System>, ch: Channel) -> Result<(), String> {
         was.as_str(),
         &sys.devices,
     );
-    // The images go to the destination: everything written back and given up.
+    // The images go to the destination: everything written back and given up. One still
+    // written (a job's target) keeps them all here.
     let graph = &sys.daemon.graph;
     drop(graph.drain_all().await);
     graph.flush_all().await;
     if let Err(e) = graph.inactivate_all().await {
-        let _ = graph.activate_all().await;
-        sys.machine.resume(was);
-        return Err(ferrite_qapi::Error::from(e).desc);
+        ferrite_block::report::error_report(&format!(
+            "Could not give the images up to the destination: {}",
+            ferrite_qapi::Error::from(e).desc
+        ));
+        let why = "Error in migration completion: Bad address";
+        ferrite_block::report::error_report(why);
+        return Err(Abort::Failed(why.to_owned()));
     }
-    if let Err(e) = send(ch, state).await {
-        let _ = graph.activate_all().await;
-        sys.machine.resume(was);
-        return Err(format!(
+    unless_cancelled(sys, ch.send(state)).await?.map_err(|e| {
+        Abort::Failed(format!(
             "Unable to write to socket: {}",
             ferrite_qapi::os_msg(&e)
-        ));
+        ))
+    })
+}
+
+/// `migrate_cancel`: a migration out under way stops; its machine runs again as it did.
+pub(crate) fn cancel(sys: &System) {
+    let m = &sys.migration;
+    if m.in_progress() && !cancelled(sys) {
+        set_status(sys, "cancelling");
+        m.go_on.notify_waiters();
     }
-    sys.machine.resume(RunState::PostMigrate);
-    set_status(sys, "completed");
+}
+
+/// `migrate-continue`: a migration out paused in `state` goes on.
+///
+/// # Errors
+/// The migration is not in `state`.
+pub(crate) fn continue_from(sys: &System, state: &str) -> Result<(), Error> {
+    let m = &sys.migration;
+    let now = match m.status.get() {
+        "" => "none",
+        s => s,
+    };
+    if now != state {
+        return Err(Error::generic(format!(
+            "Migration not in expected state: {now}"
+        )));
+    }
+    if now == "pre-switchover" {
+        m.status.set("device");
+        m.go_on.notify_waiters();
+    }
     Ok(())
 }
 

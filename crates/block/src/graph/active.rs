@@ -30,12 +30,15 @@ impl Graph {
         self.inactivate_recurse(node).await
     }
 
-    /// Inactivates every node that no node uses, and so, their whole subgraphs.
+    /// Inactivates the top-level nodes that no node uses, and so, their whole subgraphs.
+    /// They are walked as QEMU's `bdrv_inactivate_all` walks them (`top_level_nodes`), so
+    /// the nodes that walk misses (the monitor's nodes added before the last backend's
+    /// root) stay active here too: a migration leaves them to the source.
     ///
     /// # Errors
     /// The first node that cannot be inactivated.
     pub async fn inactivate_all(&self) -> Result<()> {
-        for n in self.nodes() {
+        for n in self.top_level_nodes() {
             if n.users().iter().any(|u| u.parent_node().is_some()) {
                 continue;
             }

@@ -42,7 +42,8 @@ impl Graph {
         let (perm, shared) = node.cumulative_perms();
         let active = node.is_active();
         // An inactive node lets go of its image (its locks) and asks its children only to
-        // read, sharing everything: another process may own the image meanwhile.
+        // read (and what its driver still needs), sharing everything: another process may
+        // own the image meanwhile.
         if active {
             node.driver.set_perm(perm, shared)?;
         } else {
@@ -54,7 +55,10 @@ impl Graph {
             let (p, s) = if active {
                 (p, s)
             } else {
-                (p & Perm::CONSISTENT_READ, Perm::all())
+                (
+                    p & (Perm::CONSISTENT_READ | node.driver.child_perm_inactive(c.name())),
+                    Perm::all(),
+                )
             };
             self.update_edge_perm(&c, p, s)?;
         }
