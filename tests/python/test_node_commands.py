@@ -143,6 +143,50 @@ def test_nodes_opened_inactive_and_exports_that_allow_it_like_qemu(both):
     assert len(ours) == len(theirs)
 
 
+def test_activating_an_image_writes_its_header_and_takes_its_bitmaps_like_qemu(both):
+    """Activating a qcow2 node may write its header at once (unknown autoclear bits are
+    dropped, persistent bitmaps are marked in use). Its persistent bitmaps go to the image
+    when it goes inactive and come back from it when it is activated (a node opened
+    inactive has none until then); a bitmap of this process only stays."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        q = d.connect()
+        img = w / "a.qcow2"
+        qcow2(img, "4M")
+        run("qemu-img", "bitmap", "--add", img, "b0")
+        with open(img, "r+b") as f:
+            f.seek(88)
+            f.write(b"\x7f" + bytes(6) + b"\x01")  # autoclear: unknown bits and bitmaps
+
+        def bitmaps():
+            return sorted((b["name"], b["persistent"])
+                          for n in q.cmd("query-named-block-nodes", {"flat": True})["return"]
+                          for b in n.get("dirty-bitmaps", []))
+        out = []
+        for name, args in [
+            ("blockdev-add", {"driver": "file", "node-name": "af", "filename": str(img),
+                              "active": False}),
+            ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": "af",
+                              "active": False}),
+            ("blockdev-set-active", {"node-name": "a", "active": True}),
+            ("block-dirty-bitmap-add", {"node": "a", "name": "b1", "persistent": True}),
+            ("block-dirty-bitmap-add", {"node": "a", "name": "t"}),
+            ("blockdev-set-active", {"node-name": "a", "active": False}),
+            ("blockdev-set-active", {"active": True}),
+        ]:
+            out.append((name, q.cmd(name, args), state(q), img.read_bytes()[88:96].hex(),
+                        bitmaps()))
+        assert q.cmd("blockdev-del", {"node-name": "a"}) == {"return": {}}
+        out.append(json.loads(run("qemu-img", "info", "--output=json", img).stdout)
+                   ["format-specific"]["data"]["bitmaps"])
+        seen.append(out)
+    theirs, ours = seen
+    for a, b in zip(ours, theirs):
+        assert a == b
+    assert len(ours) == len(theirs)
+
+
 def test_an_image_handed_over_between_daemons_like_qemu(tmp_path, ferrite, qsd):
     """As iotest qsd-migrate: one daemon writes an image and gives it up, another that
     opened it inactive takes it over and must see what was written, even where the image

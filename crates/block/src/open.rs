@@ -624,7 +624,12 @@ impl Graph {
             ctx.abandon();
             return Err(Error::TooLarge);
         }
-        *node.bitmaps.borrow_mut() = node.driver.take_initial_bitmaps();
+        // An inactive node takes its image's bitmaps up when it is activated (QEMU does not
+        // load them before: they may be migrating, or change meanwhile).
+        let initial = node.driver.take_initial_bitmaps();
+        if active {
+            *node.bitmaps.borrow_mut() = initial;
+        }
         let events = self.events();
         *node.threshold_hit.borrow_mut() = Some(Box::new(move |n: &Node, exceeded, threshold| {
             events.emit(&crate::events::BlockWriteThreshold {

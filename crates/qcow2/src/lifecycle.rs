@@ -150,6 +150,8 @@ impl Qcow2Driver {
         *self.snapshots.borrow_mut() = fresh.snapshots.take();
         *self.backing.borrow_mut() = fresh.backing.take();
         self.dirty_set.set(fresh.dirty_set.get());
+        // The persistent bitmaps as the image has them now, for the node to take up.
+        *self.loaded.borrow_mut() = fresh.loaded.take();
         Ok(())
     }
 }

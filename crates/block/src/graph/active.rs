@@ -81,6 +81,15 @@ impl Graph {
                 .await
                 .map_err(Error::InactivateFailed)?;
             node.flush().await.map_err(Error::InactivateFailed)?;
+            // The persistent bitmaps just stored are the image's now, not this process's:
+            // whoever activates the image next loads them (QEMU releases them too).
+            if node.driver().supports_persistent_bitmaps() {
+                for b in node.bitmaps() {
+                    if b.is_persistent() && !b.is_inconsistent() && !b.is_busy() {
+                        node.remove_bitmap(&b);
+                    }
+                }
+            }
             node.inactive.set(true);
             drop(drained);
             // What it asks of its children loosens: they can go inactive too.
@@ -116,6 +125,13 @@ impl Graph {
                 node.inactive.set(true);
                 let _ = self.propagate(node);
                 return Err(Error::ActivateFailed(e));
+            }
+            // The image's persistent bitmaps come (back) in, where none of the same name is
+            // here already (QEMU skips those as well).
+            for b in node.driver().take_initial_bitmaps().into_iter().rev() {
+                if node.bitmap(b.name()).is_none() {
+                    node.add_bitmap(b);
+                }
             }
             for u in node.users() {
                 if let Some(root) = u.root_parent() {
