@@ -16,6 +16,9 @@ pub struct DirtyBitmap {
     /// Recording guest writes (`recording` in queries; disabled bitmaps do not).
     enabled: Cell<bool>,
     persistent: Cell<bool>,
+    /// Migrating to another process, which stores it instead: the image keeps what it
+    /// had (QEMU's `skip_store`, until the node is activated again).
+    skip_store: Cell<bool>,
     /// Stored in use and never cleanly closed: the contents cannot be trusted.
     inconsistent: Cell<bool>,
     /// While a job uses the bitmap, new writes go here instead (QEMU's successor).
@@ -42,6 +45,7 @@ impl DirtyBitmap {
             count: Cell::new(0),
             enabled: Cell::new(enabled),
             persistent: Cell::new(false),
+            skip_store: Cell::new(false),
             inconsistent: Cell::new(false),
             successor: RefCell::new(None),
             users: Cell::new(0),
@@ -96,6 +100,36 @@ impl DirtyBitmap {
     /// Makes the bitmap persistent or not.
     pub fn set_persistent(&self, on: bool) {
         self.persistent.set(on);
+    }
+
+    /// Whether the image is to store the bitmap now: persistent, and not migrating.
+    pub fn is_stored(&self) -> bool {
+        self.persistent.get() && !self.skip_store.get()
+    }
+
+    /// Keeps the bitmap from being stored (it is migrating), or lets it be again.
+    pub fn set_skip_store(&self, on: bool) {
+        self.skip_store.set(on);
+    }
+
+    /// The words (64 granules each, bit 0 first) from word `from`, at most `n` of them: the
+    /// layout of QEMU's bitmap serialization.
+    pub fn words(&self, from: usize, n: usize) -> Vec<u64> {
+        let w = self.words.borrow();
+        let from = from.min(w.len());
+        w[from..(from + n).min(w.len())].to_vec()
+    }
+
+    /// Sets the granules that `words` (from word `from`) has set.
+    pub fn or_words(&self, from: usize, words: &[u64]) {
+        for (i, word) in words.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = u64::from(bits.trailing_zeros());
+                self.set_granule((from + i) as u64 * 64 + b, true);
+                bits &= bits - 1;
+            }
+        }
     }
 
     /// Whether the stored copy was left in use (a crash): its content cannot be trusted.

@@ -145,7 +145,8 @@ pub(crate) async fn refresh_info(file: &Child, m: &mut Meta) {
 }
 
 /// Stores the node's persistent bitmaps and drops the ones it no longer has; the image's
-/// bitmaps are then clean (not in use). Inconsistent bitmaps stay as they were on disk.
+/// bitmaps are then clean (not in use). Inconsistent and migrating bitmaps stay as they
+/// were on disk.
 pub(crate) async fn store(
     file: &Child,
     m: &mut Meta,
@@ -173,7 +174,8 @@ pub(crate) async fn store(
     let mut dir = Vec::new();
     let mut kept = Vec::new();
     for b in &persistent {
-        if b.is_inconsistent() {
+        // A migrating bitmap is stored by the destination: the image keeps its copy.
+        if b.is_inconsistent() || !b.is_stored() {
             if let Some(e) = old.iter().find(|e| e.name == b.name()) {
                 dir.extend_from_slice(&e.raw);
                 kept.push(e.name.clone());
@@ -184,7 +186,7 @@ pub(crate) async fn store(
     }
     let count = persistent
         .iter()
-        .filter(|b| !b.is_inconsistent() || kept.iter().any(|k| k == b.name()))
+        .filter(|b| (!b.is_inconsistent() && b.is_stored()) || kept.iter().any(|k| k == b.name()))
         .count() as u32;
     let freed: Vec<&Entry> = old.iter().filter(|e| !kept.contains(&e.name)).collect();
     replace_directory(file, m, dir, count, &freed).await

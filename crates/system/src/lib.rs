@@ -9,6 +9,7 @@
 //! main loop. The monitors answer the machine's commands (`commands`, `hmp`) and every
 //! command of the storage daemon.
 
+mod bitmap_migration;
 mod cli;
 mod commands;
 mod devices;

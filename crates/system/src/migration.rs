@@ -420,10 +420,20 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
             return Ok(());
         }
     };
+    // The bitmaps that go with the machine are chosen as it starts (QEMU's setup).
+    let bitmaps = if sys.migration.has("dirty-bitmaps") {
+        crate::bitmap_migration::select(&sys.daemon.graph)?
+    } else {
+        Vec::new()
+    };
     set_status(sys, "active");
     let was = sys.machine.stop_for(RunState::FinishMigrate);
     let graph = &sys.daemon.graph;
-    match switch_over(sys, ch, was).await {
+    let outcome = switch_over(sys, ch, was, &bitmaps).await;
+    if outcome.is_err() {
+        crate::bitmap_migration::stay(&bitmaps);
+    }
+    match outcome {
         Ok(()) => {
             sys.machine.resume(RunState::PostMigrate);
             set_status(sys, "completed");
@@ -450,7 +460,12 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
 
 /// The stopped machine's switch-over: a pause for `migrate-continue` where asked, then its
 /// images given up and its state sent.
-async fn switch_over(sys: &Rc<System>, ch: Connected, was: RunState) -> Result<(), Abort> {
+async fn switch_over(
+    sys: &Rc<System>,
+    ch: Connected,
+    was: RunState,
+    bitmaps: &[crate::bitmap_migration::Outgoing],
+) -> Result<(), Abort> {
     let m = &sys.migration;
     if m.has("pause-before-switchover") {
         set_status(sys, "pre-switchover");
@@ -467,6 +482,7 @@ async fn switch_over(sys: &Rc<System>, ch: Connected, was: RunState) -> Result<(
         sys.machine.kind.canonical_name(),
         was.as_str(),
         &sys.devices,
+        bitmaps,
     );
     // The images go to the destination: everything written back and given up. One still
     // written (a job's target) keeps them all here.
@@ -565,6 +581,9 @@ async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
     let loaded = crate::vmstate::load(&bytes, sys.machine.kind.canonical_name(), &sys.devices)
         .map_err(|e| e.report)?;
     loaded.restore(&sys.devices);
+    // Bitmaps that came along are made before the images are taken over (their stored
+    // copies of the same names are then left alone).
+    crate::bitmap_migration::apply(&sys.daemon.graph, loaded.bitmaps.bitmaps)?;
     sys.daemon.graph.set_open_inactive(false);
     sys.devices.set_incoming(false);
     // QEMU 10: a machine that ran at the source runs here if it is to start, its images

@@ -88,6 +88,7 @@ pub(crate) async fn save(
         sys.machine.kind.canonical_name(),
         was.as_str(),
         &sys.devices,
+        &[],
     );
     let snap = NewSnapshot {
         name,

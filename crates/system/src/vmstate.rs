@@ -9,6 +9,7 @@
 //! a section for a device this machine does not have (every stream QEMU writes starts with
 //! sections ferrite has no device for, and QEMU refuses ferrite's sections the same way).
 
+use crate::bitmap_migration;
 use crate::devices::Devices;
 use ferrite_block::Medium;
 use ferrite_qobject::{QDict, QObject};
@@ -18,6 +19,8 @@ const MAGIC: u32 = 0x5145_564d;
 /// `QEMU_VM_FILE_VERSION`.
 const VERSION: u32 = 3;
 const SECTION_START: u8 = 0x01;
+const SECTION_PART: u8 = 0x02;
+const SECTION_END: u8 = 0x03;
 const SECTION_FULL: u8 = 0x04;
 const SECTION_FOOTER: u8 = 0x7e;
 const VMDESCRIPTION: u8 = 0x06;
@@ -64,7 +67,11 @@ fn global_state(runstate: &str) -> Vec<u8> {
 
 /// Starts a full section named `name`.
 fn section_header(out: &mut Vec<u8>, id: u32, name: &str, version: u32) {
-    out.push(SECTION_FULL);
+    section_header_of(out, SECTION_FULL, id, name, version);
+}
+
+fn section_header_of(out: &mut Vec<u8>, kind: u8, id: u32, name: &str, version: u32) {
+    out.push(kind);
     out.extend_from_slice(&id.to_be_bytes());
     // A section name is at most 255 bytes long (its length is one byte).
     let name = &name.as_bytes()[..name.len().min(255)];
@@ -75,14 +82,32 @@ fn section_header(out: &mut Vec<u8>, id: u32, name: &str, version: u32) {
 }
 
 /// The stream of the machine `machine` (its type's name) in run state `runstate` and its
-/// devices now.
-pub(crate) fn save(machine: &str, runstate: &str, devices: &Devices) -> Vec<u8> {
+/// devices now, with the dirty bitmaps that migrate (QEMU's live `dirty-bitmap` section:
+/// started, then ended, before the devices' sections).
+pub(crate) fn save(
+    machine: &str,
+    runstate: &str,
+    devices: &Devices,
+    bitmaps: &[bitmap_migration::Outgoing],
+) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC.to_be_bytes());
     out.extend_from_slice(&VERSION.to_be_bytes());
     out.push(CONFIGURATION);
     out.extend_from_slice(&(machine.len() as u32).to_be_bytes());
     out.extend_from_slice(machine.as_bytes());
+    if !bitmaps.is_empty() {
+        let id = devices.all().len() as u32 + 1;
+        section_header_of(&mut out, SECTION_START, id, bitmap_migration::SECTION, 1);
+        out.extend_from_slice(&bitmap_migration::start_body(bitmaps));
+        out.push(SECTION_FOOTER);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.push(SECTION_END);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&bitmap_migration::end_body(bitmaps));
+        out.push(SECTION_FOOTER);
+        out.extend_from_slice(&id.to_be_bytes());
+    }
     section_header(&mut out, 0, GLOBAL_STATE, 1);
     out.extend_from_slice(&global_state(runstate));
     out.push(SECTION_FOOTER);
@@ -157,6 +182,28 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl bitmap_migration::Source for Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        Reader::take(self, n).ok()
+    }
+}
+
+/// Reads a live section's part for the bitmaps and its footer.
+fn bitmap_part(
+    r: &mut Reader<'_>,
+    bitmaps: &mut bitmap_migration::Loader,
+    id: u32,
+) -> Result<(), LoadError> {
+    bitmaps.read(r).map_err(invalid)?;
+    if r.u8()? != SECTION_FOOTER || r.u32()? != id {
+        return Err(invalid(format!(
+            "Missing section footer for {}",
+            bitmap_migration::SECTION
+        )));
+    }
+    Ok(())
+}
+
 /// A device's state as its section holds it.
 pub(crate) struct DeviceState {
     /// The device's QOM path.
@@ -195,6 +242,8 @@ impl Loaded {
 pub(crate) struct Loaded {
     pub(crate) runstate: Option<String>,
     pub(crate) devices: Vec<DeviceState>,
+    /// The dirty bitmaps that came with the machine.
+    pub(crate) bitmaps: bitmap_migration::Loader,
 }
 
 /// Reads a stream `bytes` long (the rest of the area is not looked at) for the machine
@@ -229,9 +278,17 @@ pub(crate) fn load(bytes: &[u8], machine: &str, devices: &Devices) -> Result<Loa
     }
     let here = devices.all();
     let mut out = Loaded::default();
+    let mut bitmap_section = None;
     loop {
         match r.u8()? {
             EOF => return Ok(out),
+            SECTION_PART | SECTION_END => {
+                let id = r.u32()?;
+                if bitmap_section != Some(id) {
+                    return Err(invalid(format!("Unknown savevm section {id}")));
+                }
+                bitmap_part(&mut r, &mut out.bitmaps, id)?;
+            }
             // A section that starts an iteration (QEMU's RAM) has the same header.
             kind @ (SECTION_FULL | SECTION_START) => {
                 let id = r.u32()?;
@@ -239,6 +296,11 @@ pub(crate) fn load(bytes: &[u8], machine: &str, devices: &Devices) -> Result<Loa
                 let name = String::from_utf8_lossy(r.take(name_len)?).into_owned();
                 let instance = r.u32()?;
                 let version = r.u32()?;
+                if kind == SECTION_START && name == bitmap_migration::SECTION {
+                    bitmap_section = Some(id);
+                    bitmap_part(&mut r, &mut out.bitmaps, id)?;
+                    continue;
+                }
                 if kind == SECTION_FULL && name == GLOBAL_STATE {
                     let body = r.take(104)?;
                     let field = &body[4..36];

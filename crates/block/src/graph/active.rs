@@ -85,7 +85,7 @@ impl Graph {
             // whoever activates the image next loads them (QEMU releases them too).
             if node.driver().supports_persistent_bitmaps() {
                 for b in node.bitmaps() {
-                    if b.is_persistent() && !b.is_inconsistent() && !b.is_busy() {
+                    if b.is_stored() && !b.is_inconsistent() && !b.is_busy() {
                         node.remove_bitmap(&b);
                     }
                 }
@@ -126,8 +126,12 @@ impl Graph {
                 let _ = self.propagate(node);
                 return Err(Error::ActivateFailed(e));
             }
-            // The image's persistent bitmaps come (back) in, where none of the same name is
-            // here already (QEMU skips those as well).
+            // Bitmaps that were migrating are stored here again; the image's persistent
+            // bitmaps come (back) in, where none of the same name is here already (QEMU
+            // skips those as well).
+            for b in node.bitmaps() {
+                b.set_skip_store(false);
+            }
             for b in node.driver().take_initial_bitmaps().into_iter().rev() {
                 if node.bitmap(b.name()).is_none() {
                     node.add_bitmap(b);
