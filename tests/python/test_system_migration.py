@@ -4,6 +4,7 @@ and query-migrate after, the images given up by the source and taken over by the
 destination (inactive, then active), and `cont` on the source taking them back.
 
 QEMU runs with `-accel tcg -S`, ferrite with `-accel qtest -S`, as in test_system.py."""
+import json
 import os
 import subprocess
 
@@ -187,3 +188,89 @@ def switchover_transcript(binary, accel, w):
 
 def test_switchover_pause_cancel_and_failure_match_qemu_system(tmp_path):
     compare_with_qemu(tmp_path, switchover_transcript)
+
+
+def bitmaps_of(m):
+    """Each named bitmap: where, what, and its bits' hash."""
+    out = []
+    for n in m.qmp.cmd("query-named-block-nodes", {"flat": True})["return"]:
+        for b in n.get("dirty-bitmaps", []):
+            sha = m.qmp.cmd("x-debug-block-dirty-bitmap-sha256",
+                            {"node": n["node-name"], "name": b["name"]})
+            out.append((n["node-name"], b["name"], b["granularity"], b["count"],
+                        b["recording"], b["persistent"], b["busy"], sha))
+    return sorted(out, key=lambda b: (b[0].startswith("#"), b[1]))
+
+
+def bitmap_migration_transcript(binary, accel, w):
+    """The dirty-bitmaps capability: a drive's bitmaps (persistent or not, recording or
+    not) and a node's go to the destination, which stores the persistent ones in its own
+    images; the source keeps them (not stored there); a bitmap on a node with a generated
+    name cannot migrate."""
+    (w / "a").mkdir()
+    (w / "b").mkdir()
+    imgs = {}
+    for side in ("a", "b"):
+        for name in ("d", "n"):
+            imgs[side, name] = w / side / f"{name}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                            str(imgs[side, name]), "1M"], check=True)
+
+    def args(side):
+        return ["-drive", f"if=none,id=drive0,file={imgs[side, 'd']},format=qcow2",
+                "-blockdev", f"driver=file,node-name=nf,filename={imgs[side, 'n']}",
+                "-blockdev", "driver=qcow2,node-name=n1,file=nf"]
+    uri = f"unix:{w}/mig.sock"
+    b = Machine(binary, accel, w / "b", [*args("b"), "-incoming", uri])
+    a = Machine(binary, accel, w / "a", args("a"))
+    caps = [{"capability": "events", "state": True},
+            {"capability": "dirty-bitmaps", "state": True}]
+    hmp = lambda m, line: m.qmp.cmd("human-monitor-command", {"command-line": line})
+    out = []
+    try:
+        for m in (a, b):
+            out.append(m.qmp.cmd("migrate-set-capabilities", {"capabilities": caps}))
+        out.append(a.qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "r",
+                                              "file": {"driver": "null-co",
+                                                       "size": 1048576}}))
+        gen = [n["node-name"] for n in a.qmp.cmd("query-named-block-nodes")["return"]
+               if n["drv"] == "null-co"][0]
+        out.append(a.qmp.cmd("block-dirty-bitmap-add", {"node": gen, "name": "g"}))
+        out.append(a.qmp.cmd("migrate", {"uri": f"exec:cat > '{w}/refused'"}))
+        out.append(("refused", statuses(a, "failed"), a.qmp.cmd("query-migrate")))
+        out.append(a.qmp.cmd("block-dirty-bitmap-remove", {"node": gen, "name": "g"}))
+        for node, name, extra in [("drive0", "p", {"persistent": True, "granularity": 512}),
+                                  ("drive0", "t", {"granularity": 65536}),
+                                  ("drive0", "off", {"disabled": True}),
+                                  ("n1", "q", {"persistent": True})]:
+            out.append(a.qmp.cmd("block-dirty-bitmap-add", {"node": node, "name": name,
+                                                            **extra}))
+        for line in ['qemu-io drive0 "write 0 64k"', 'qemu-io drive0 "write 960k 4k"',
+                     'qemu-io drive0 "write 655873 4096"', 'qemu-io n1 "write 128k 192k"']:
+            out.append(hmp(a, line))
+        out.append(("source before", bitmaps_of(a)))
+        out.append(a.qmp.cmd("migrate", {"uri": uri}))
+        out.append(("a", statuses(a, "completed")))
+        out.append(("b", statuses(b, "completed")))
+        wait_for(lambda: b.qmp.cmd("query-status")["return"]["status"] != "inmigrate",
+                 what="the destination to leave inmigrate")
+        out.append(("destination", bitmaps_of(b)))
+        out.append(("source after", bitmaps_of(a)))
+        out.append(b.qmp.cmd("cont"))
+        out.append(hmp(b, 'qemu-io drive0 "write 512k 64k"'))
+        out.append(("destination running", bitmaps_of(b)))
+        for m in (a, b):
+            m.qmp.cmd("quit")
+            m.proc.wait(10)
+    finally:
+        a.stop()
+        b.stop()
+    for key in sorted(imgs):
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(imgs[key])],
+                                         capture_output=True, text=True).stdout)
+        out.append((key, info["format-specific"]["data"].get("bitmaps")))
+    return hide(out)
+
+
+def test_dirty_bitmap_migration_matches_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, bitmap_migration_transcript)

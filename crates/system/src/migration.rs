@@ -420,13 +420,13 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
             return Ok(());
         }
     };
-    // The bitmaps that go with the machine are chosen as it starts (QEMU's setup).
+    set_status(sys, "active");
+    // The bitmaps that go with the machine are chosen before it stops.
     let bitmaps = if sys.migration.has("dirty-bitmaps") {
         crate::bitmap_migration::select(&sys.daemon.graph)?
     } else {
         Vec::new()
     };
-    set_status(sys, "active");
     let was = sys.machine.stop_for(RunState::FinishMigrate);
     let graph = &sys.daemon.graph;
     let outcome = switch_over(sys, ch, was, &bitmaps).await;

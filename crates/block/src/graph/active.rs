@@ -146,12 +146,15 @@ impl Graph {
         })
     }
 
-    /// Activates every node.
+    /// Activates the top-level nodes and everything below them, walked as QEMU's
+    /// `bdrv_activate_all` walks them (`top_level_nodes`): the monitor's nodes that walk
+    /// misses stay inactive, as in QEMU (all of them when the last backend's root is a
+    /// `-drive`'s), until `blockdev-set-active` names them.
     ///
     /// # Errors
     /// The first node that cannot be activated.
     pub async fn activate_all(&self) -> Result<()> {
-        for n in self.nodes() {
+        for n in self.top_level_nodes() {
             self.activate(&n).await?;
         }
         Ok(())
