@@ -6,6 +6,7 @@ destination (inactive, then active), and `cont` on the source taking them back.
 QEMU runs with `-accel tcg -S`, ferrite with `-accel qtest -S`, as in test_system.py."""
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -274,3 +275,73 @@ def bitmap_migration_transcript(binary, accel, w):
 
 def test_dirty_bitmap_migration_matches_qemu_system(tmp_path):
     compare_with_qemu(tmp_path, bitmap_migration_transcript)
+
+
+def mapping_section(hmp_text):
+    """The block-bitmap-mapping part of `info migrate_parameters`."""
+    m = re.search(r"^block-bitmap-mapping:\r?(\n  .*)*\n", hmp_text, flags=re.MULTILINE)
+    return m.group(0).replace("\r", "") if m else None
+
+
+def bitmap_mapping_transcript(binary, accel, w):
+    """block-bitmap-mapping: QEMU's checks of a mapping, how queries show it, and a
+    migration where the source and the destination each map names to shared aliases (one
+    bitmap's persistence changed by a transform, one left unmapped at the source); a
+    bitmap the destination does not map is reported there and the migration completes."""
+    (w / "a").mkdir()
+    (w / "b").mkdir()
+    uri = f"unix:{w}/mig.sock"
+    for side in ("a", "b"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / side / "d.qcow2"),
+                        "4M"], check=True)
+    node = lambda side, name: ["-blockdev", f"driver=qcow2,node-name={name},file.driver=file,"
+                                            f"file.filename={w / side / 'd.qcow2'}"]
+    b = Machine(binary, accel, w / "b", [*node("b", "dst"), "-incoming", uri])
+    a = Machine(binary, accel, w / "a", node("a", "src"))
+    caps = [{"capability": "events", "state": True},
+            {"capability": "dirty-bitmaps", "state": True}]
+    hmp = lambda m, line: m.qmp.cmd("human-monitor-command", {"command-line": line})
+
+    def mapping(node, alias, *bitmaps):
+        return [{"node-name": node, "alias": alias,
+                 "bitmaps": [{"name": n, "alias": al, **extra} for n, al, extra in bitmaps]}]
+    out = []
+    try:
+        for bad in [mapping("src", "1x"), mapping("src", "a" * 256),
+                    mapping("s" * 40, "x"),
+                    mapping("src", "x", ("b", "a" * 256, {})),
+                    mapping("src", "x", ("b", "y", {}), ("b", "z", {})),
+                    mapping("src", "x", ("b", "y", {}), ("c", "y", {})),
+                    mapping("src", "x") + mapping("src", "y"),
+                    mapping("src", "x") + mapping("other", "x")]:
+            out.append(a.qmp.cmd("migrate-set-parameters", {"block-bitmap-mapping": bad}))
+        src_map = mapping("src", "shared", ("b0", "one", {}),
+                          ("b1", "two", {"transform": {"persistent": False}}))
+        dst_map = mapping("dst", "shared", ("c0", "one", {}))
+        for m, mp in ((a, src_map), (b, dst_map)):
+            out.append(m.qmp.cmd("migrate-set-capabilities", {"capabilities": caps}))
+            out.append(m.qmp.cmd("migrate-set-parameters", {"block-bitmap-mapping": mp}))
+            out.append(m.qmp.cmd("query-migrate-parameters")["return"]
+                       .get("block-bitmap-mapping"))
+            out.append(mapping_section(hmp(m, "info migrate_parameters")["return"]))
+        for name in ("b0", "b1", "left"):
+            out.append(a.qmp.cmd("block-dirty-bitmap-add", {"node": "src", "name": name,
+                                                            "granularity": 65536,
+                                                            "persistent": True}))
+        for line in ['qemu-io src "write 0 1M"', 'qemu-io src "write 3M 64k"']:
+            out.append(hmp(a, line))
+        out.append(a.qmp.cmd("migrate", {"uri": uri}))
+        out.append(("a", statuses(a, "completed")))
+        out.append(("b", statuses(b, "completed")))
+        out.append(("destination", bitmaps_of(b)))
+        out.append(("source", bitmaps_of(a)))
+    finally:
+        a.stop()
+        b.stop()
+    out.append([line.split(": ", 1)[1] for line in
+                (w / "b" / "stderr.txt").read_text().splitlines() if "alias" in line])
+    return hide(out)
+
+
+def test_block_bitmap_mapping_matches_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, bitmap_mapping_transcript)

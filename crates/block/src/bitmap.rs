@@ -126,7 +126,9 @@ impl DirtyBitmap {
             let mut bits = *word;
             while bits != 0 {
                 let b = u64::from(bits.trailing_zeros());
-                self.set_granule((from + i) as u64 * 64 + b, true);
+                let word = (from as u64).saturating_add(i as u64);
+                // Past the end (a damaged stream) is ignored, as set_granule does.
+                self.set_granule(word.saturating_mul(64).saturating_add(b), true);
                 bits &= bits - 1;
             }
         }

@@ -6,11 +6,200 @@
 //! bitmap there. A migrating bitmap is not stored in its image by the source: the
 //! destination stores it.
 //!
-//! Not done: `block-bitmap-mapping` (aliases), postcopy.
+//! The `block-bitmap-mapping` parameter replaces those names: a source sends only the
+//! nodes and bitmaps it maps, under their aliases; a destination finds them by alias.
+//!
+//! Not done: postcopy.
 
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::{Graph, Node};
+use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
+
+/// A bitmap's alias in `block-bitmap-mapping`.
+#[derive(Clone)]
+pub(crate) struct BitmapAlias {
+    name: String,
+    alias: String,
+    /// `transform.persistent`: the persistence the bitmap takes on the destination.
+    persistent: Option<bool>,
+}
+
+/// A node's alias in `block-bitmap-mapping`, with its bitmaps'.
+#[derive(Clone)]
+pub(crate) struct NodeAlias {
+    node: String,
+    alias: String,
+    bitmaps: Vec<BitmapAlias>,
+}
+
+/// The `block-bitmap-mapping` migration parameter.
+#[derive(Clone, Default)]
+pub(crate) struct Mapping(Vec<NodeAlias>);
+
+/// QEMU's `id_wellformed`: a letter, then letters, digits, '-', '.' and '_'.
+fn well_formed(id: &str) -> bool {
+    let mut c = id.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// The longest node name QEMU keeps, and bitmap name it takes.
+const MAX_NODE_NAME: usize = 31;
+const MAX_BITMAP_NAME: usize = 1023;
+
+impl Mapping {
+    /// Reads the parameter's value (the schema checked its shape) and checks it both ways,
+    /// as QEMU does: each name and alias used once, aliases short and well-formed.
+    ///
+    /// # Errors
+    /// QEMU's "Invalid mapping given for block-bitmap-mapping: ...".
+    pub(crate) fn parse(v: &QObject) -> Result<Mapping, String> {
+        let str_of = |d: &QDict, k: &str| {
+            d.get(k)
+                .and_then(QObject::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let mut nodes = Vec::new();
+        for n in v.as_list().unwrap_or_default() {
+            let Some(n) = n.as_dict() else { continue };
+            let bitmaps = n
+                .get("bitmaps")
+                .and_then(QObject::as_list)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(QObject::as_dict)
+                .map(|b| BitmapAlias {
+                    name: str_of(b, "name"),
+                    alias: str_of(b, "alias"),
+                    persistent: b
+                        .get("transform")
+                        .and_then(QObject::as_dict)
+                        .and_then(|t| t.get("persistent"))
+                        .and_then(QObject::as_bool),
+                })
+                .collect();
+            nodes.push(NodeAlias {
+                node: str_of(n, "node-name"),
+                alias: str_of(n, "alias"),
+                bitmaps,
+            });
+        }
+        let m = Mapping(nodes);
+        m.check(true)
+            .and_then(|()| m.check(false))
+            .map_err(|e| format!("Invalid mapping given for block-bitmap-mapping: {e}"))?;
+        Ok(m)
+    }
+
+    /// QEMU's `construct_alias_map` checks, from names to aliases (`out`) or back.
+    fn check(&self, out: bool) -> Result<(), String> {
+        let mut seen_nodes: Vec<&str> = Vec::new();
+        for n in &self.0 {
+            if !well_formed(&n.alias) {
+                return Err(format!("The node alias '{}' is not well-formed", n.alias));
+            }
+            if n.alias.len() > 255 {
+                return Err(format!(
+                    "The node alias '{}' is longer than 255 bytes",
+                    n.alias
+                ));
+            }
+            if n.node.len() > MAX_NODE_NAME {
+                return Err(format!(
+                    "The node name '{}' is longer than {MAX_NODE_NAME} bytes",
+                    n.node
+                ));
+            }
+            let key = if out { &n.node } else { &n.alias };
+            if seen_nodes.contains(&key.as_str()) {
+                return Err(if out {
+                    format!("The node name '{}' is mapped twice", n.node)
+                } else {
+                    format!("The node alias '{}' is used twice", n.alias)
+                });
+            }
+            seen_nodes.push(key);
+            let mut seen: Vec<&str> = Vec::new();
+            for b in &n.bitmaps {
+                if b.alias.len() > 255 {
+                    return Err(format!(
+                        "The bitmap alias '{}' is longer than 255 bytes",
+                        b.alias
+                    ));
+                }
+                if b.name.len() > MAX_BITMAP_NAME {
+                    return Err(format!(
+                        "The bitmap name '{}' is longer than {MAX_BITMAP_NAME} bytes",
+                        b.name
+                    ));
+                }
+                let key = if out { &b.name } else { &b.alias };
+                if seen.contains(&key.as_str()) {
+                    return Err(if out {
+                        format!("The bitmap '{}'/'{}' is mapped twice", n.node, b.name)
+                    } else {
+                        format!("The bitmap alias '{}'/'{}' is used twice", n.alias, b.alias)
+                    });
+                }
+                seen.push(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The parameter as `query-migrate-parameters` shows it.
+    pub(crate) fn to_qobject(&self) -> QObject {
+        QObject::List(
+            self.0
+                .iter()
+                .map(|n| {
+                    let bitmaps = n
+                        .bitmaps
+                        .iter()
+                        .map(|b| {
+                            let mut d = QDict::new()
+                                .with("name", b.name.as_str())
+                                .with("alias", b.alias.as_str());
+                            if let Some(p) = b.persistent {
+                                d.insert("transform", QDict::new().with("persistent", p));
+                            }
+                            d.into()
+                        })
+                        .collect();
+                    QDict::new()
+                        .with("node-name", n.node.as_str())
+                        .with("alias", n.alias.as_str())
+                        .with("bitmaps", QObject::List(bitmaps))
+                        .into()
+                })
+                .collect(),
+        )
+    }
+
+    /// The parameter as HMP's `info migrate_parameters` prints it.
+    pub(crate) fn hmp(&self) -> String {
+        let mut s = "block-bitmap-mapping:\r\n".to_owned();
+        for n in &self.0 {
+            s += &format!("  '{}' -> '{}'\r\n", n.node, n.alias);
+            for b in &n.bitmaps {
+                s += &format!("    '{}' -> '{}'\r\n", b.name, b.alias);
+            }
+        }
+        s
+    }
+
+    /// The alias node `name` goes by, if mapped.
+    fn node_alias(&self, name: &str) -> Option<&NodeAlias> {
+        self.0.iter().find(|n| n.node == name)
+    }
+
+    /// The node that goes by `alias`, if mapped.
+    fn node_named(&self, alias: &str) -> Option<&NodeAlias> {
+        self.0.iter().find(|n| n.alias == alias)
+    }
+}
 
 /// The section's name in the stream.
 pub(crate) const SECTION: &str = "dirty-bitmap";
@@ -39,6 +228,8 @@ const SECTOR: u64 = 512;
 pub(crate) struct Outgoing {
     node: Rc<Node>,
     alias: String,
+    bitmap_alias: String,
+    persistent: bool,
     bitmap: Rc<DirtyBitmap>,
 }
 
@@ -48,9 +239,21 @@ pub(crate) struct Outgoing {
 /// # Errors
 /// QEMU's texts for a bitmap on a node without a name, or with a generated one, or one
 /// whose name is too long; a bitmap in use or inconsistent.
-pub(crate) fn select(graph: &Graph) -> Result<Vec<Outgoing>, String> {
+pub(crate) fn select(graph: &Graph, mapping: Option<&Mapping>) -> Result<Vec<Outgoing>, String> {
     let mut out = Vec::new();
     let mut done: Vec<Rc<Node>> = Vec::new();
+    if let Some(map) = mapping {
+        // Only what is mapped goes, under its alias.
+        for node in graph.nodes() {
+            if let Some(n) = map.node_alias(node.name()) {
+                add(&mut out, &node, &n.alias, Some(&n.bitmaps))?;
+            }
+        }
+        for o in &out {
+            o.bitmap.set_skip_store(true);
+        }
+        return Ok(out);
+    }
     for blk in graph.backends() {
         let name = blk.name();
         let Some(mut node) = blk.node() else { continue };
@@ -64,13 +267,13 @@ pub(crate) fn select(graph: &Graph) -> Result<Vec<Outgoing>, String> {
             node = below;
         }
         if node.filtered().is_none() {
-            add(&mut out, &node, &name)?;
+            add(&mut out, &node, &name, None)?;
             done.push(node);
         }
     }
     for node in graph.nodes() {
         if !done.iter().any(|d| Rc::ptr_eq(d, &node)) {
-            add(&mut out, &node, node.name())?;
+            add(&mut out, &node, node.name(), None)?;
         }
     }
     for o in &out {
@@ -86,7 +289,12 @@ pub(crate) fn stay(bitmaps: &[Outgoing]) {
     }
 }
 
-fn add(out: &mut Vec<Outgoing>, node: &Rc<Node>, alias: &str) -> Result<(), String> {
+fn add(
+    out: &mut Vec<Outgoing>,
+    node: &Rc<Node>,
+    alias: &str,
+    aliases: Option<&[BitmapAlias]>,
+) -> Result<(), String> {
     let named: Vec<_> = node
         .bitmaps()
         .into_iter()
@@ -120,15 +328,28 @@ fn add(out: &mut Vec<Outgoing>, node: &Rc<Node>, alias: &str) -> Result<(), Stri
                 b.name()
             ));
         }
-        if b.name().len() > 255 {
-            return Err(format!(
-                "Cannot migrate bitmap '{}' on node '{alias}': Name is longer than 255 bytes",
-                b.name()
-            ));
-        }
+        let (bitmap_alias, persistent) = match aliases {
+            // Unmapped bitmaps stay.
+            Some(list) => match list.iter().find(|a| a.name == b.name()) {
+                Some(a) => (a.alias.clone(), a.persistent.unwrap_or(b.is_persistent())),
+                None => continue,
+            },
+            None => {
+                if b.name().len() > 255 {
+                    return Err(format!(
+                        "Cannot migrate bitmap '{}' on node '{alias}': Name is longer than \
+                         255 bytes",
+                        b.name()
+                    ));
+                }
+                (b.name().to_owned(), b.is_persistent())
+            }
+        };
         out.push(Outgoing {
             node: node.clone(),
             alias: alias.to_owned(),
+            bitmap_alias,
+            persistent,
             bitmap: b,
         });
     }
@@ -147,7 +368,7 @@ impl Writer {
         let (last_node, last_bitmap) = self.last.take().unzip();
         let mut flags = flags;
         let new_node = last_node.as_deref() != Some(o.alias.as_str());
-        let new_bitmap = new_node || last_bitmap.as_deref() != Some(o.bitmap.name());
+        let new_bitmap = new_node || last_bitmap.as_deref() != Some(o.bitmap_alias.as_str());
         if new_node {
             flags |= DEVICE_NAME;
         }
@@ -159,9 +380,9 @@ impl Writer {
             counted(&mut self.out, &o.alias);
         }
         if new_bitmap {
-            counted(&mut self.out, o.bitmap.name());
+            counted(&mut self.out, &o.bitmap_alias);
         }
-        self.last = Some((o.alias.clone(), o.bitmap.name().to_owned()));
+        self.last = Some((o.alias.clone(), o.bitmap_alias.clone()));
     }
 }
 
@@ -182,7 +403,7 @@ pub(crate) fn start_body(bitmaps: &[Outgoing]) -> Vec<u8> {
         if o.bitmap.is_enabled() {
             flags |= START_ENABLED;
         }
-        if o.bitmap.is_persistent() {
+        if o.persistent {
             flags |= START_PERSISTENT;
         }
         w.out.push(flags);
@@ -364,31 +585,151 @@ impl Loader {
     }
 }
 
-/// Makes the bitmaps that came in on the nodes going by their names.
+/// Makes the bitmaps that came in on the nodes going by their names (or aliases). A name
+/// that leads nowhere is reported and no bitmap is made, as QEMU cancels its bitmap
+/// migration (dropping those it made); the machine's migration goes on.
 ///
 /// # Errors
-/// QEMU's reports for a name no node goes by, a bitmap already there, a bad granularity.
-pub(crate) fn apply(graph: &Graph, bitmaps: Vec<Incoming>) -> Result<(), String> {
-    for b in bitmaps {
-        let node = graph.lookup(&b.alias).map_err(|e| e.to_string())?;
-        if node.bitmap(&b.name).is_some() {
+/// QEMU's reports for a bitmap already there or a bad granularity: the migration fails.
+pub(crate) fn apply(
+    graph: &Graph,
+    bitmaps: Vec<Incoming>,
+    mapping: Option<&Mapping>,
+) -> Result<(), String> {
+    let mut placed = Vec::new();
+    for b in &bitmaps {
+        match resolve(graph, b, mapping) {
+            Ok(found) => placed.push(found),
+            Err(why) => {
+                ferrite_block::report::error_report(&why);
+                return Ok(());
+            }
+        }
+    }
+    for (b, (node, name, persistent)) in bitmaps.into_iter().zip(placed) {
+        if node.bitmap(&name).is_some() {
             return Err(format!(
-                "Bitmap with the same name ('{}') already exists on destination",
-                b.name
+                "Bitmap with the same name ('{name}') already exists on destination"
             ));
         }
         if !b.granularity.is_power_of_two() || !(512..=1 << 31).contains(&b.granularity) {
             return Err(format!(
-                "Granularity must be power of 2 between 512 and 2147483648 (bitmap '{}')",
-                b.name
+                "Granularity must be power of 2 between 512 and 2147483648 (bitmap '{name}')"
             ));
         }
-        let bitmap = DirtyBitmap::new(&b.name, b.granularity, node.len(), b.enabled);
-        bitmap.set_persistent(b.persistent);
+        let bitmap = DirtyBitmap::new(&name, b.granularity, node.len(), b.enabled);
+        bitmap.set_persistent(persistent);
         for (from, words) in &b.words {
             bitmap.or_words(*from, words);
         }
         node.add_bitmap(bitmap);
     }
     Ok(())
+}
+
+/// The node, name and persistence an incoming bitmap takes here.
+fn resolve(
+    graph: &Graph,
+    b: &Incoming,
+    mapping: Option<&Mapping>,
+) -> Result<(Rc<Node>, String, bool), String> {
+    let Some(map) = mapping else {
+        let node = graph.lookup(&b.alias).map_err(|e| e.to_string())?;
+        return Ok((node, b.name.clone(), b.persistent));
+    };
+    let n = map
+        .node_named(&b.alias)
+        .ok_or_else(|| format!("Error: Unknown node alias '{}'", b.alias))?;
+    let node = graph.lookup_node(&n.node).map_err(|e| e.to_string())?;
+    let a = n
+        .bitmaps
+        .iter()
+        .find(|a| a.alias == b.name)
+        .ok_or_else(|| {
+            format!(
+                "Error: Unknown bitmap alias '{}' on node '{}' (alias '{}')",
+                b.name, n.node, b.alias
+            )
+        })?;
+    Ok((node, a.name.clone(), a.persistent.unwrap_or(b.persistent)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Bytes<'a>(&'a [u8]);
+
+    impl Source for Bytes<'_> {
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            if n > self.0.len() {
+                return None;
+            }
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            Some(a)
+        }
+    }
+
+    /// A START chunk for `node`/`name` at 64 KiB granularity, enabled and persistent,
+    /// then one BITS chunk with granules 0 and 65 set, a ZEROES chunk and the end.
+    fn stream() -> Vec<u8> {
+        let mut s = vec![START | DEVICE_NAME | BITMAP_NAME, 4];
+        s.extend_from_slice(b"node");
+        s.push(2);
+        s.extend_from_slice(b"b0");
+        s.extend_from_slice(&65536u32.to_be_bytes());
+        s.push(START_ENABLED | START_PERSISTENT);
+        s.push(BITS);
+        s.extend_from_slice(&0u64.to_be_bytes());
+        s.extend_from_slice(&1024u32.to_be_bytes());
+        s.extend_from_slice(&32u64.to_be_bytes());
+        s.extend_from_slice(&1u64.to_le_bytes());
+        s.extend_from_slice(&2u64.to_le_bytes());
+        s.extend_from_slice(&[0; 16]);
+        s.push(BITS | ZEROES);
+        s.extend_from_slice(&1024u64.to_be_bytes());
+        s.extend_from_slice(&1024u32.to_be_bytes());
+        s.push(COMPLETE | EOS);
+        s
+    }
+
+    #[test]
+    fn reads_qemu_chunks() {
+        let mut l = Loader::default();
+        l.read(&mut Bytes(&stream())).unwrap();
+        let [b] = &l.bitmaps[..] else {
+            panic!("one bitmap")
+        };
+        assert_eq!((b.alias.as_str(), b.name.as_str()), ("node", "b0"));
+        assert!(b.enabled && b.persistent && b.granularity == 65536);
+        assert_eq!(b.words, vec![(0, vec![1, 2, 0, 0])]);
+    }
+
+    #[test]
+    fn cut_or_damaged_streams_are_errors_not_panics() {
+        let s = stream();
+        for n in 0..s.len() {
+            assert!(
+                Loader::default().read(&mut Bytes(&s[..n])).is_err(),
+                "cut at {n}"
+            );
+        }
+        for i in 0..s.len() {
+            for v in [0x00, 0x7f, 0x80, 0xff] {
+                let mut d = s.clone();
+                d[i] = v;
+                let _ = Loader::default().read(&mut Bytes(&d));
+            }
+        }
+        let mut twice = stream();
+        twice.pop();
+        twice.push(COMPLETE);
+        twice.push(START | BITMAP_NAME);
+        twice.extend_from_slice(&[2, b'b', b'0', 0, 1, 0, 0, 0, EOS]);
+        assert_eq!(
+            Loader::default().read(&mut Bytes(&twice)),
+            Err("Bitmap with the same name ('b0') already exists on destination".into())
+        );
+    }
 }

@@ -72,6 +72,11 @@ impl SystemCommands {
                 empty()
             }
             "query-migrate-capabilities" => Ok(crate::migration::query_capabilities(sys)),
+            "migrate-set-parameters" => {
+                crate::migration::set_parameters(sys, &args)?;
+                empty()
+            }
+            "query-migrate-parameters" => Ok(crate::migration::query_parameters(sys)),
             "query-migrate" => Ok(crate::migration::query(sys)),
             "migrate" => {
                 crate::migration::migrate(sys, &args)?;

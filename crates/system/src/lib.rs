@@ -505,7 +505,11 @@ pub fn main() -> ExitCode {
                 if let Some(log) = sys.qtest_log.borrow().as_ref() {
                     log.closed();
                 }
-                ExitCode::SUCCESS
+                if sys.migration.exit_failure.get() {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                }
             }
             Err(Failure(msg)) => {
                 eprintln!("{prog}: {msg}");

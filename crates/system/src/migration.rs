@@ -58,6 +58,10 @@ pub(crate) struct MigrationState {
     total_ms: Cell<Option<u64>>,
     /// Wakes a migration out waiting in `pre-switchover` (migrate-continue) or cancelled.
     go_on: tokio::sync::Notify,
+    /// An incoming migration failed: the process ends, and with a failure.
+    pub(crate) exit_failure: Cell<bool>,
+    /// The `block-bitmap-mapping` parameter.
+    mapping: RefCell<Option<crate::bitmap_migration::Mapping>>,
 }
 
 impl MigrationState {
@@ -210,7 +214,14 @@ enum Source {
 fn listen(ch: Channel) -> io::Result<Source> {
     Ok(match ch {
         Channel::Exec(cmd) => Source::Exec(cmd),
-        Channel::Unix(path) => Source::Unix(tokio::net::UnixListener::bind(path)?),
+        Channel::Unix(path) => {
+            // A socket left at the path goes first, as QEMU does.
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            Source::Unix(tokio::net::UnixListener::bind(path)?)
+        }
         Channel::Tcp(addr) => {
             let addr: std::net::SocketAddr = addr
                 .parse()
@@ -302,6 +313,37 @@ pub(crate) fn set_capabilities(sys: &System, args: &Args) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// `migrate-set-parameters`: of QEMU's parameters, ferrite has `block-bitmap-mapping`.
+///
+/// # Errors
+/// An invalid mapping.
+pub(crate) fn set_parameters(sys: &System, args: &Args) -> Result<(), Error> {
+    if let Some(v) = args.get("block-bitmap-mapping") {
+        let m = crate::bitmap_migration::Mapping::parse(v).map_err(Error::generic)?;
+        *sys.migration.mapping.borrow_mut() = Some(m);
+    }
+    Ok(())
+}
+
+/// `query-migrate-parameters`.
+pub(crate) fn query_parameters(sys: &System) -> QObject {
+    let mut d = QDict::new();
+    if let Some(m) = sys.migration.mapping.borrow().as_ref() {
+        d.insert("block-bitmap-mapping", m.to_qobject());
+    }
+    d.into()
+}
+
+/// HMP `info migrate_parameters`.
+pub(crate) fn info_parameters(sys: &System) -> String {
+    sys.migration
+        .mapping
+        .borrow()
+        .as_ref()
+        .map(crate::bitmap_migration::Mapping::hmp)
+        .unwrap_or_default()
 }
 
 /// `query-migrate-capabilities`.
@@ -423,7 +465,8 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
     set_status(sys, "active");
     // The bitmaps that go with the machine are chosen before it stops.
     let bitmaps = if sys.migration.has("dirty-bitmaps") {
-        crate::bitmap_migration::select(&sys.daemon.graph)?
+        let mapping = sys.migration.mapping.borrow().clone();
+        crate::bitmap_migration::select(&sys.daemon.graph, mapping.as_ref())?
     } else {
         Vec::new()
     };
@@ -565,9 +608,10 @@ pub(crate) fn incoming(sys: &Rc<System>, uri: &str) -> Result<(), Error> {
     tokio::task::spawn_local(async move {
         if let Err(why) = run_incoming(&sys, source).await {
             failed(&sys, why.clone(), true);
-            // QEMU's destination gives up and exits.
+            // QEMU's destination gives up and exits (its monitors told first).
             ferrite_block::report::error_report(&format!("load of migration failed: {why}"));
-            std::process::exit(1);
+            sys.migration.exit_failure.set(true);
+            sys.daemon.request_quit();
         }
     });
     Ok(())
@@ -583,7 +627,8 @@ async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
     loaded.restore(&sys.devices);
     // Bitmaps that came along are made before the images are taken over (their stored
     // copies of the same names are then left alone).
-    crate::bitmap_migration::apply(&sys.daemon.graph, loaded.bitmaps.bitmaps)?;
+    let mapping = sys.migration.mapping.borrow().clone();
+    crate::bitmap_migration::apply(&sys.daemon.graph, loaded.bitmaps.bitmaps, mapping.as_ref())?;
     sys.daemon.graph.set_open_inactive(false);
     sys.devices.set_incoming(false);
     // QEMU 10: a machine that ran at the source runs here if it is to start, its images

@@ -50,6 +50,7 @@ async fn answer(cmds: &SystemCommands, line: &str) -> String {
         ("info", "version") => format!("{}\r\n", crate::help::version()),
         ("qemu-io", _) => qemu_io(cmds, rest).await,
         ("info", "snapshots") => crate::savevm::info(cmds.system()),
+        ("info", "migrate_parameters") => crate::migration::info_parameters(cmds.system()),
         ("savevm" | "loadvm" | "delvm", _) => vm_snapshots::run(cmds.system(), cmd, rest).await,
         (cmd, rest) if let Some(out) = block::run(cmds, cmd, rest).await => out,
         ("info" | "device_add" | "device_del", _) => format!(
