@@ -77,6 +77,10 @@ impl SystemCommands {
                 empty()
             }
             "query-migrate-parameters" => Ok(crate::migration::query_parameters(sys)),
+            "migrate-start-postcopy" => {
+                crate::migration::start_postcopy(sys)?;
+                empty()
+            }
             "query-migrate" => Ok(crate::migration::query(sys)),
             "migrate" => {
                 crate::migration::migrate(sys, &args)?;

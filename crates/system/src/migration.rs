@@ -62,7 +62,14 @@ pub(crate) struct MigrationState {
     pub(crate) exit_failure: Cell<bool>,
     /// The `block-bitmap-mapping` parameter.
     mapping: RefCell<Option<crate::bitmap_migration::Mapping>>,
+    /// The `max-bandwidth` parameter, bytes per second (0: QEMU's default).
+    max_bandwidth: Cell<u64>,
+    /// `migrate-start-postcopy` was asked for the migration under way.
+    start_postcopy: Cell<bool>,
 }
+
+/// QEMU's default `max-bandwidth`: 128 MiB/s.
+const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
 
 impl MigrationState {
     fn has(&self, cap: &str) -> bool {
@@ -74,6 +81,14 @@ impl MigrationState {
         match (self.status.get(), self.incoming_status.get()) {
             ("", "") => "none",
             ("", s) | (s, _) => s,
+        }
+    }
+
+    /// Bytes per second a migration out may send.
+    fn bandwidth(&self) -> u64 {
+        match self.max_bandwidth.get() {
+            0 => DEFAULT_MAX_BANDWIDTH,
+            bw => bw,
         }
     }
 
@@ -174,28 +189,46 @@ impl Sink {
     }
 }
 
+/// Writes `bytes` to `w` at no more than `rate` bytes per second: QEMU's limiter lets a
+/// tenth of a second's worth through at a time.
+async fn write_limited(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes: &[u8],
+    rate: u64,
+) -> io::Result<()> {
+    let slice = usize::try_from((rate / 10).max(1)).unwrap_or(usize::MAX);
+    let mut chunks = bytes.chunks(slice).peekable();
+    while let Some(chunk) = chunks.next() {
+        w.write_all(chunk).await?;
+        if chunks.peek().is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 impl Connected {
-    /// Sends `bytes` and closes the channel.
-    async fn send(self, bytes: Vec<u8>) -> io::Result<()> {
+    /// Sends `bytes` at `rate` bytes per second at most and closes the channel.
+    async fn send(self, bytes: Vec<u8>, rate: u64) -> io::Result<()> {
         match self {
             Connected::Exec(mut child) => {
                 if let Some(mut stdin) = child.stdin.take() {
-                    stdin.write_all(&bytes).await?;
+                    write_limited(&mut stdin, &bytes, rate).await?;
                     stdin.shutdown().await?;
                 }
                 child.wait().await?;
                 Ok(())
             }
             Connected::Unix(mut s) => {
-                s.write_all(&bytes).await?;
+                write_limited(&mut s, &bytes, rate).await?;
                 s.shutdown().await
             }
             Connected::Tcp(mut s) => {
-                s.write_all(&bytes).await?;
+                write_limited(&mut s, &bytes, rate).await?;
                 s.shutdown().await
             }
             Connected::File(mut f) => {
-                f.write_all(&bytes).await?;
+                write_limited(&mut f, &bytes, rate).await?;
                 f.flush().await
             }
         }
@@ -320,6 +353,16 @@ pub(crate) fn set_capabilities(sys: &System, args: &Args) -> Result<(), Error> {
 /// # Errors
 /// An invalid mapping.
 pub(crate) fn set_parameters(sys: &System, args: &Args) -> Result<(), Error> {
+    if let Some(bw) = args.get("max-bandwidth").and_then(QObject::as_u64) {
+        // QEMU's bound: what fits its rate limiter's size_t per 100 ms.
+        if bw > i64::MAX as u64 / 10 {
+            return Err(Error::generic(
+                "Parameter 'max_bandwidth' expects an integer in the range of 0 to \
+                 922337203685477580 bytes/second",
+            ));
+        }
+        sys.migration.max_bandwidth.set(bw);
+    }
     if let Some(v) = args.get("block-bitmap-mapping") {
         let m = crate::bitmap_migration::Mapping::parse(v).map_err(Error::generic)?;
         *sys.migration.mapping.borrow_mut() = Some(m);
@@ -329,7 +372,7 @@ pub(crate) fn set_parameters(sys: &System, args: &Args) -> Result<(), Error> {
 
 /// `query-migrate-parameters`.
 pub(crate) fn query_parameters(sys: &System) -> QObject {
-    let mut d = QDict::new();
+    let mut d = QDict::new().with("max-bandwidth", sys.migration.bandwidth());
     if let Some(m) = sys.migration.mapping.borrow().as_ref() {
         d.insert("block-bitmap-mapping", m.to_qobject());
     }
@@ -402,6 +445,7 @@ pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
     }
     let ch = channel(args.str("uri")?)?;
     *m.error.borrow_mut() = None;
+    m.start_postcopy.set(false);
     m.total_ms.set(None);
     m.started.set(Some(Instant::now()));
     set_status(sys, "setup");
@@ -541,12 +585,69 @@ async fn switch_over(
         ferrite_block::report::error_report(why);
         return Err(Abort::Failed(why.to_owned()));
     }
-    unless_cancelled(sys, ch.send(state)).await?.map_err(|e| {
-        Abort::Failed(format!(
-            "Unable to write to socket: {}",
-            ferrite_qapi::os_msg(&e)
-        ))
-    })
+    unless_cancelled(sys, ch.send(state, m.bandwidth()))
+        .await?
+        .map_err(|e| {
+            Abort::Failed(format!(
+                "Unable to write to socket: {}",
+                ferrite_qapi::os_msg(&e)
+            ))
+        })
+}
+
+/// `migrate-start-postcopy`. ferrite's machine has no RAM: everything goes at the
+/// switch-over, so nothing is left for a postcopy phase and the migration completes as
+/// a precopy one does (QEMU does the same when nothing is pending by then).
+///
+/// # Errors
+/// QEMU's texts when neither `postcopy-ram` nor `dirty-bitmaps` is on, or no migration
+/// was started.
+pub(crate) fn start_postcopy(sys: &System) -> Result<(), Error> {
+    let m = &sys.migration;
+    if !m.has("postcopy-ram") && !m.has("dirty-bitmaps") {
+        return Err(Error::generic(
+            "Enable postcopy with migrate_set_capability before the start of migration",
+        ));
+    }
+    if m.status.get().is_empty() {
+        return Err(Error::generic(
+            "Postcopy must be started after migration has been started",
+        ));
+    }
+    m.start_postcopy.set(true);
+    Ok(())
+}
+
+/// Whether a migration out is under way (HMP `migrate` waits on it).
+pub(crate) fn in_progress(sys: &System) -> bool {
+    sys.migration.in_progress()
+}
+
+/// Why the last migration out failed, if it did.
+pub(crate) fn failure(sys: &System) -> Option<String> {
+    let m = &sys.migration;
+    (m.status.get() == "failed")
+        .then(|| m.error.borrow().clone())
+        .flatten()
+}
+
+/// HMP `info migrate`.
+pub(crate) fn info(sys: &System) -> String {
+    let q = query(sys);
+    let Some(d) = q.as_dict() else {
+        return String::new();
+    };
+    let Some(status) = d.get("status").and_then(QObject::as_str) else {
+        return String::new();
+    };
+    let mut s = format!("Migration status: {status}");
+    match d.get("error-desc").and_then(QObject::as_str) {
+        Some(e) if status == "failed" => s += &format!(" ({e})\r\n"),
+        _ => s += "\r\n",
+    }
+    let total = d.get("total-time").and_then(QObject::as_u64).unwrap_or(0);
+    s += &format!("total time: {total} ms\r\n");
+    s
 }
 
 /// `migrate_cancel`: a migration out under way stops; its machine runs again as it did.

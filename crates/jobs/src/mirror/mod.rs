@@ -238,6 +238,12 @@ fn attach(
         return Err(Error::MirrorToFilterInChain);
     }
     let blk = BlockBackend::new(graph, &s.target, perm, shared)?;
+    // A mirror's target may be the NBD export of a migration's destination: the job is
+    // drained and the machine stopped when the images are given up, so the target may go
+    // inactive with them (QEMU allows it too). A commit's may not.
+    if s.kind == JobType::Mirror {
+        blk.set_force_allow_inactivate();
+    }
     let edges = job
         .add_node(
             graph,

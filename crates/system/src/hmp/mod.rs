@@ -4,6 +4,7 @@
 mod args;
 mod block;
 mod info_block;
+mod migration;
 pub(crate) mod readline;
 mod vm_snapshots;
 
@@ -51,6 +52,8 @@ async fn answer(cmds: &SystemCommands, line: &str) -> String {
         ("qemu-io", _) => qemu_io(cmds, rest).await,
         ("info", "snapshots") => crate::savevm::info(cmds.system()),
         ("info", "migrate_parameters") => crate::migration::info_parameters(cmds.system()),
+        ("info", "migrate") => crate::migration::info(cmds.system()),
+        (cmd, rest) if let Some(out) = migration::run(cmds, cmd, rest).await => out,
         ("savevm" | "loadvm" | "delvm", _) => vm_snapshots::run(cmds.system(), cmd, rest).await,
         (cmd, rest) if let Some(out) = block::run(cmds, cmd, rest).await => out,
         ("info" | "device_add" | "device_del", _) => format!(
