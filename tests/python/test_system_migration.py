@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -345,3 +346,65 @@ def bitmap_mapping_transcript(binary, accel, w):
 
 def test_block_bitmap_mapping_matches_qemu_system(tmp_path):
     compare_with_qemu(tmp_path, bitmap_mapping_transcript)
+
+
+def hmp_migration_transcript(binary, accel, w):
+    """The migration commands of the human monitor, and postcopy requested: QEMU's checks,
+    then a migration that completes (nothing is pending when postcopy is asked for)."""
+    m = Machine(binary, accel, w, [])
+    hmp = lambda line: m.qmp.cmd("human-monitor-command", {"command-line": line})
+    out = []
+    try:
+        out.append(m.qmp.cmd("migrate-start-postcopy"))
+        out.append(hmp("migrate_start_postcopy"))
+        out.append(hmp("migrate_set_capability events on"))
+        out.append(hmp("migrate_set_capability dirty-bitmaps on"))
+        out.append(m.qmp.cmd("migrate-start-postcopy"))
+        out.append(hmp("migrate_set_parameter max-bandwidth 1G"))
+        out.append(m.qmp.cmd("query-migrate-parameters")["return"]["max-bandwidth"])
+        out.append(m.qmp.cmd("migrate-set-parameters", {"max-bandwidth": 134217728}))
+        out.append([c for c in m.qmp.cmd("query-migrate-capabilities")["return"]
+                    if c["state"]])
+        out.append(hmp(f"migrate -d exec:cat>'{w}/state'"))
+        out.append(m.qmp.cmd("migrate-start-postcopy"))
+        out.append(("statuses", statuses(m, "completed")))
+        out.append([line for line in hmp("info migrate")["return"].splitlines()
+                    if line.startswith("Migration status")])
+        out.append(hmp("migrate_continue pre-switchover"))
+        out.append(hmp(f"migrate exec:cat>'{w}/again'"))
+        out.append(hmp("cont"))
+        out.append(hmp(f"migrate exec:cat>'{w}/again'"))
+        out.append(("again", statuses(m, "completed")))
+        out.append([line for line in hmp("info migrate")["return"].splitlines()
+                    if line.startswith("Migration status")])
+    finally:
+        m.stop()
+    return hide(out)
+
+
+def test_hmp_migration_and_postcopy_requests_match_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, hmp_migration_transcript)
+
+
+def test_max_bandwidth_limits_how_fast_the_state_goes(tmp_path):
+    """ferrite's state is small (a few hundred bytes): at 100 bytes/s it takes seconds,
+    at the default rate next to no time. (QEMU's own state is far bigger: not compared.)"""
+    m = Machine(SYSTEM, "qtest", tmp_path, [])
+    try:
+        caps = [{"capability": "events", "state": True}]
+        assert m.qmp.cmd("migrate-set-capabilities", {"capabilities": caps}) == {"return": {}}
+        took = []
+        for rate in (100, 134217728):
+            assert m.qmp.cmd("migrate-set-parameters", {"max-bandwidth": rate}) \
+                == {"return": {}}
+            start = time.monotonic()
+            assert m.qmp.cmd("migrate", {"uri": f"exec:cat > '{tmp_path}/s{rate}'"}) \
+                == {"return": {}}
+            assert statuses(m, "completed")[-1] == "completed"
+            took.append(time.monotonic() - start)
+            size = (tmp_path / f"s{rate}").stat().st_size
+            assert m.qmp.cmd("cont") == {"return": {}}
+        assert took[0] >= (size // 10 // 10) * 0.1 and took[0] > 1.0, (took, size)
+        assert took[1] < 0.5, took
+    finally:
+        m.stop()

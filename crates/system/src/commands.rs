@@ -104,7 +104,7 @@ impl SystemCommands {
             }
             "human-monitor-command" => {
                 let line = args.str("command-line")?.to_owned();
-                Ok(QObject::String(crate::hmp::run(self, &line).await))
+                Ok(QObject::String(crate::hmp::run(self, &line, false).await))
             }
             "quit" => {
                 sys.machine.quit();

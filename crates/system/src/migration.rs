@@ -443,6 +443,12 @@ pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
     if sys.machine.status() == RunState::InMigrate {
         return Err(Error::generic("Guest is waiting for an incoming migration"));
     }
+    // Its images belong to the destination now.
+    if sys.machine.status() == RunState::PostMigrate {
+        return Err(Error::generic(
+            "Can't migrate the vm that was paused due to previous migration",
+        ));
+    }
     let ch = channel(args.str("uri")?)?;
     *m.error.borrow_mut() = None;
     m.start_postcopy.set(false);

@@ -1,12 +1,18 @@
 //! The human monitor's migration commands (QEMU: `migration/migration-hmp-cmds.c`): each
-//! runs the QMP command of the same meaning; `migrate` without `-d` waits for the end.
+//! runs the QMP command of the same meaning; `migrate` without `-d` waits for the end on
+//! a terminal (`human-monitor-command` cannot wait: the migration goes on detached).
 
 use super::args::parse;
 use crate::commands::SystemCommands;
 use ferrite_qobject::{QDict, QObject};
 
 /// Runs migration command `cmd` with the text after its name, if it is one.
-pub(crate) async fn run(cmds: &SystemCommands, cmd: &str, rest: &str) -> Option<String> {
+pub(crate) async fn run(
+    cmds: &SystemCommands,
+    cmd: &str,
+    rest: &str,
+    terminal: bool,
+) -> Option<String> {
     let (signature, qmp) = match cmd {
         "migrate" => ("detach:-d,resume:-r,uri:s", "migrate"),
         "migrate_incoming" => ("uri:s", "migrate-incoming"),
@@ -56,6 +62,11 @@ pub(crate) async fn run(cmds: &SystemCommands, cmd: &str, rest: &str) -> Option<
     };
     if let Err(e) = cmds.run_for_hmp(qmp, qargs).await {
         return Some(format!("Error: {}\r\n", e.desc));
+    }
+    if cmd == "migrate" && !args.flag("detach") && !terminal {
+        return Some(
+            "terminal does not allow synchronous migration, continuing detached\r\n".into(),
+        );
     }
     if cmd == "migrate" && !args.flag("detach") {
         // The monitor waits for the migration to end, and says why it failed.

@@ -13,8 +13,8 @@ use crate::qemu_io;
 use ferrite_qobject::QDict;
 
 /// The output of one command line; lines end in CR LF, as every human monitor writes them.
-pub(crate) async fn run(cmds: &SystemCommands, line: &str) -> String {
-    crlf(&answer(cmds, line).await)
+pub(crate) async fn run(cmds: &SystemCommands, line: &str, terminal: bool) -> String {
+    crlf(&answer(cmds, line, terminal).await)
 }
 
 /// `text` with each line ending in CR LF.
@@ -22,7 +22,9 @@ fn crlf(text: &str) -> String {
     text.replace("\r\n", "\n").replace('\n', "\r\n")
 }
 
-async fn answer(cmds: &SystemCommands, line: &str) -> String {
+/// `terminal`: a monitor on a character device, which can wait for a command to end
+/// (`human-monitor-command` cannot).
+async fn answer(cmds: &SystemCommands, line: &str, terminal: bool) -> String {
     let line = line.trim();
     let (cmd, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
     let rest = rest.trim();
@@ -53,7 +55,7 @@ async fn answer(cmds: &SystemCommands, line: &str) -> String {
         ("info", "snapshots") => crate::savevm::info(cmds.system()),
         ("info", "migrate_parameters") => crate::migration::info_parameters(cmds.system()),
         ("info", "migrate") => crate::migration::info(cmds.system()),
-        (cmd, rest) if let Some(out) = migration::run(cmds, cmd, rest).await => out,
+        (cmd, rest) if let Some(out) = migration::run(cmds, cmd, rest, terminal).await => out,
         ("savevm" | "loadvm" | "delvm", _) => vm_snapshots::run(cmds.system(), cmd, rest).await,
         (cmd, rest) if let Some(out) = block::run(cmds, cmd, rest).await => out,
         ("info" | "device_add" | "device_del", _) => format!(

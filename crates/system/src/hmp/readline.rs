@@ -161,7 +161,7 @@ async fn run_session(mut s: Session, cmds: &SystemCommands) -> bool {
             }
             let _ = s.writer.flush().await;
             out.clear();
-            out.extend_from_slice(super::run(cmds, &line).await.as_bytes());
+            out.extend_from_slice(super::run(cmds, &line, true).await.as_bytes());
             if cmds.system().machine.is_quitting() {
                 let _ = s.writer.write_all(&out).await;
                 let _ = s.writer.flush().await;
