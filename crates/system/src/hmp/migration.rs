@@ -46,9 +46,9 @@ pub(crate) async fn run(
             ("max-bandwidth", v) => match ferrite_qapi::visit::parse_size(&v) {
                 Some(n) => QDict::new().with("max-bandwidth", n),
                 None => {
-                    return Some(format!(
-                        "Error: Parameter 'max-bandwidth' expects a size value\r\n"
-                    ));
+                    return Some(
+                        "Error: Parameter 'max-bandwidth' expects a size value\r\n".into(),
+                    );
                 }
             },
             (p, _) => {
