@@ -44,6 +44,14 @@ fn well_formed(id: &str) -> bool {
         && c.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
+/// QEMU's refusal of a `what` longer than `max` bytes.
+fn at_most(what: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!("The {what} '{value}' is longer than {max} bytes"));
+    }
+    Ok(())
+}
+
 /// The longest node name QEMU keeps, and bitmap name it takes.
 const MAX_NODE_NAME: usize = 31;
 const MAX_BITMAP_NAME: usize = 1023;
@@ -100,18 +108,8 @@ impl Mapping {
             if !well_formed(&n.alias) {
                 return Err(format!("The node alias '{}' is not well-formed", n.alias));
             }
-            if n.alias.len() > 255 {
-                return Err(format!(
-                    "The node alias '{}' is longer than 255 bytes",
-                    n.alias
-                ));
-            }
-            if n.node.len() > MAX_NODE_NAME {
-                return Err(format!(
-                    "The node name '{}' is longer than {MAX_NODE_NAME} bytes",
-                    n.node
-                ));
-            }
+            at_most("node alias", &n.alias, 255)?;
+            at_most("node name", &n.node, MAX_NODE_NAME)?;
             let key = if out { &n.node } else { &n.alias };
             if seen_nodes.contains(&key.as_str()) {
                 return Err(if out {
@@ -123,18 +121,8 @@ impl Mapping {
             seen_nodes.push(key);
             let mut seen: Vec<&str> = Vec::new();
             for b in &n.bitmaps {
-                if b.alias.len() > 255 {
-                    return Err(format!(
-                        "The bitmap alias '{}' is longer than 255 bytes",
-                        b.alias
-                    ));
-                }
-                if b.name.len() > MAX_BITMAP_NAME {
-                    return Err(format!(
-                        "The bitmap name '{}' is longer than {MAX_BITMAP_NAME} bytes",
-                        b.name
-                    ));
-                }
+                at_most("bitmap alias", &b.alias, 255)?;
+                at_most("bitmap name", &b.name, MAX_BITMAP_NAME)?;
                 let key = if out { &b.name } else { &b.alias };
                 if seen.contains(&key.as_str()) {
                     return Err(if out {
