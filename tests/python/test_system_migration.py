@@ -453,3 +453,18 @@ def test_a_damaged_incoming_state_is_refused_without_a_crash(tmp_path):
             continue
         assert "panicked" not in err and p.returncode == 1, (n, p.returncode, err)
         assert "load of migration failed" in err, (n, err)
+
+
+def empty_exec_transcript(binary, accel, w):
+    m = Machine(binary, accel, w, ["-incoming", "exec:cat /dev/null"])
+    try:
+        time.sleep(0.5)
+        return [m.qmp.cmd("query-status"), m.qmp.cmd("query-migrate")]
+    finally:
+        m.stop()
+
+
+def test_a_command_that_sends_nothing_leaves_the_migration_in_setup_like_qemu(tmp_path):
+    """QEMU never sees `exec:cat /dev/null` become readable: no failure, no exit (iotest
+    060 relies on it)."""
+    compare_with_qemu(tmp_path, empty_exec_transcript)

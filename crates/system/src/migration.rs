@@ -276,6 +276,12 @@ async fn receive(src: Source) -> io::Result<Vec<u8>> {
                 stdout.read_to_end(&mut out).await?;
             }
             child.wait().await?;
+            // QEMU waits for the command's output to become readable, and a command that
+            // ends without writing anything never makes it so: the migration stays in
+            // `setup` (iotest 060 starts a machine with `exec:cat /dev/null`).
+            if out.is_empty() {
+                std::future::pending::<()>().await;
+            }
         }
         Source::Unix(l) => {
             let (mut s, _) = l.accept().await?;
