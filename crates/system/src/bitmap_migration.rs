@@ -228,20 +228,30 @@ pub(crate) struct Outgoing {
 /// QEMU's texts for a bitmap on a node without a name, or with a generated one, or one
 /// whose name is too long; a bitmap in use or inconsistent.
 pub(crate) fn select(graph: &Graph, mapping: Option<&Mapping>) -> Result<Vec<Outgoing>, String> {
+    let out = match mapping {
+        // Only what is mapped goes, under its alias.
+        Some(map) => {
+            let mut out = Vec::new();
+            for node in graph.nodes() {
+                if let Some(n) = map.node_alias(node.name()) {
+                    add(&mut out, &node, &n.alias, Some(&n.bitmaps))?;
+                }
+            }
+            out
+        }
+        None => by_name(graph)?,
+    };
+    for o in &out {
+        o.bitmap.set_skip_store(true);
+    }
+    Ok(out)
+}
+
+/// Without a mapping: named drives' bitmaps under the drive's name, then every other
+/// node's under the node's.
+fn by_name(graph: &Graph) -> Result<Vec<Outgoing>, String> {
     let mut out = Vec::new();
     let mut done: Vec<Rc<Node>> = Vec::new();
-    if let Some(map) = mapping {
-        // Only what is mapped goes, under its alias.
-        for node in graph.nodes() {
-            if let Some(n) = map.node_alias(node.name()) {
-                add(&mut out, &node, &n.alias, Some(&n.bitmaps))?;
-            }
-        }
-        for o in &out {
-            o.bitmap.set_skip_store(true);
-        }
-        return Ok(out);
-    }
     for blk in graph.backends() {
         let name = blk.name();
         let Some(mut node) = blk.node() else { continue };
@@ -263,9 +273,6 @@ pub(crate) fn select(graph: &Graph, mapping: Option<&Mapping>) -> Result<Vec<Out
         if !done.iter().any(|d| Rc::ptr_eq(d, &node)) {
             add(&mut out, &node, node.name(), None)?;
         }
-    }
-    for o in &out {
-        o.bitmap.set_skip_store(true);
     }
     Ok(out)
 }

@@ -64,8 +64,6 @@ pub(crate) struct MigrationState {
     mapping: RefCell<Option<crate::bitmap_migration::Mapping>>,
     /// The `max-bandwidth` parameter, bytes per second (0: QEMU's default).
     max_bandwidth: Cell<u64>,
-    /// `migrate-start-postcopy` was asked for the migration under way.
-    start_postcopy: Cell<bool>,
 }
 
 /// QEMU's default `max-bandwidth`: 128 MiB/s.
@@ -128,21 +126,19 @@ fn shell(cmd: &str) -> tokio::process::Command {
     c
 }
 
-/// Where a migration out writes, opened when it starts (QEMU creates the file, runs the
-/// command and connects the socket before it stops the machine).
-enum Sink {
-    Exec(tokio::process::Child),
-    Unix(String),
-    Tcp(String),
-    File(std::fs::File),
+/// Where a migration out writes: a stream, and the command behind it (`exec:`), which
+/// is waited for once the stream is closed.
+struct Connected {
+    w: std::pin::Pin<Box<dyn tokio::io::AsyncWrite>>,
+    child: Option<tokio::process::Child>,
 }
 
-/// A connected socket, ready for the state.
-enum Connected {
-    Exec(tokio::process::Child),
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
-    File(tokio::fs::File),
+/// A channel opened when the migration starts (QEMU creates the file and runs the command
+/// before `migrate` returns), or a socket to connect once it has returned.
+enum Sink {
+    Open(Connected),
+    Unix(String),
+    Tcp(String),
 }
 
 /// Opens what must be opened before `migrate` returns.
@@ -151,18 +147,27 @@ enum Connected {
 /// QEMU's text for a file that cannot be created, or a command that cannot run.
 fn open_sink(ch: Channel) -> Result<Sink, String> {
     Ok(match ch {
-        Channel::Exec(cmd) => Sink::Exec(
-            shell(&cmd)
+        Channel::Exec(cmd) => {
+            let mut child = shell(&cmd)
                 .stdin(std::process::Stdio::piped())
                 .spawn()
-                .map_err(|e| format!("Could not run '{cmd}': {}", ferrite_qapi::os_msg(&e)))?,
-        ),
+                .map_err(|e| format!("Could not run '{cmd}': {}", ferrite_qapi::os_msg(&e)))?;
+            let stdin = child.stdin.take().ok_or("the command has no input")?;
+            Sink::Open(Connected {
+                w: Box::pin(stdin),
+                child: Some(child),
+            })
+        }
         Channel::Unix(path) => Sink::Unix(path),
         Channel::Tcp(addr) => Sink::Tcp(addr),
-        Channel::File(path) => Sink::File(
-            std::fs::File::create(&path)
-                .map_err(|e| format!("Could not create '{path}': {}", ferrite_qapi::os_msg(&e)))?,
-        ),
+        Channel::File(path) => {
+            let f = std::fs::File::create(&path)
+                .map_err(|e| format!("Could not create '{path}': {}", ferrite_qapi::os_msg(&e)))?;
+            Sink::Open(Connected {
+                w: Box::pin(tokio::fs::File::from_std(f)),
+                child: None,
+            })
+        }
     })
 }
 
@@ -172,66 +177,42 @@ impl Sink {
         let refused = |to: &str, e: io::Error| {
             format!("Failed to connect to '{to}': {}", ferrite_qapi::os_msg(&e))
         };
-        Ok(match self {
-            Sink::Exec(child) => Connected::Exec(child),
-            Sink::Unix(path) => Connected::Unix(
+        let w: std::pin::Pin<Box<dyn tokio::io::AsyncWrite>> = match self {
+            Sink::Open(c) => return Ok(c),
+            Sink::Unix(path) => Box::pin(
                 tokio::net::UnixStream::connect(&path)
                     .await
                     .map_err(|e| refused(&path, e))?,
             ),
-            Sink::Tcp(addr) => Connected::Tcp(
+            Sink::Tcp(addr) => Box::pin(
                 tokio::net::TcpStream::connect(&addr)
                     .await
                     .map_err(|e| refused(&addr, e))?,
             ),
-            Sink::File(f) => Connected::File(tokio::fs::File::from_std(f)),
-        })
+        };
+        Ok(Connected { w, child: None })
     }
-}
-
-/// Writes `bytes` to `w` at no more than `rate` bytes per second: QEMU's limiter lets a
-/// tenth of a second's worth through at a time.
-async fn write_limited(
-    w: &mut (impl tokio::io::AsyncWrite + Unpin),
-    bytes: &[u8],
-    rate: u64,
-) -> io::Result<()> {
-    let slice = usize::try_from((rate / 10).max(1)).unwrap_or(usize::MAX);
-    let mut chunks = bytes.chunks(slice).peekable();
-    while let Some(chunk) = chunks.next() {
-        w.write_all(chunk).await?;
-        if chunks.peek().is_some() {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    }
-    Ok(())
 }
 
 impl Connected {
-    /// Sends `bytes` at `rate` bytes per second at most and closes the channel.
-    async fn send(self, bytes: Vec<u8>, rate: u64) -> io::Result<()> {
-        match self {
-            Connected::Exec(mut child) => {
-                if let Some(mut stdin) = child.stdin.take() {
-                    write_limited(&mut stdin, &bytes, rate).await?;
-                    stdin.shutdown().await?;
-                }
-                child.wait().await?;
-                Ok(())
-            }
-            Connected::Unix(mut s) => {
-                write_limited(&mut s, &bytes, rate).await?;
-                s.shutdown().await
-            }
-            Connected::Tcp(mut s) => {
-                write_limited(&mut s, &bytes, rate).await?;
-                s.shutdown().await
-            }
-            Connected::File(mut f) => {
-                write_limited(&mut f, &bytes, rate).await?;
-                f.flush().await
+    /// Sends `bytes` at no more than `rate` bytes per second and closes the channel: QEMU's
+    /// limiter lets a tenth of a second's worth through at a time.
+    async fn send(mut self, bytes: Vec<u8>, rate: u64) -> io::Result<()> {
+        let slice = usize::try_from((rate / 10).max(1)).unwrap_or(usize::MAX);
+        let mut chunks = bytes.chunks(slice).peekable();
+        while let Some(chunk) = chunks.next() {
+            self.w.write_all(chunk).await?;
+            if chunks.peek().is_some() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
+        // Flushes a file, ends a socket; closing the pipe ends a command's input.
+        self.w.shutdown().await?;
+        drop(self.w);
+        if let Some(mut child) = self.child {
+            child.wait().await?;
+        }
+        Ok(())
     }
 }
 
@@ -354,7 +335,8 @@ pub(crate) fn set_capabilities(sys: &System, args: &Args) -> Result<(), Error> {
     Ok(())
 }
 
-/// `migrate-set-parameters`: of QEMU's parameters, ferrite has `block-bitmap-mapping`.
+/// `migrate-set-parameters`: of QEMU's parameters, ferrite has `max-bandwidth` and
+/// `block-bitmap-mapping`.
 ///
 /// # Errors
 /// An invalid mapping.
@@ -457,7 +439,6 @@ pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
     }
     let ch = channel(args.str("uri")?)?;
     *m.error.borrow_mut() = None;
-    m.start_postcopy.set(false);
     m.total_ms.set(None);
     m.started.set(Some(Instant::now()));
     set_status(sys, "setup");
@@ -626,7 +607,6 @@ pub(crate) fn start_postcopy(sys: &System) -> Result<(), Error> {
             "Postcopy must be started after migration has been started",
         ));
     }
-    m.start_postcopy.set(true);
     Ok(())
 }
 

@@ -31,9 +31,9 @@ impl Graph {
     }
 
     /// Inactivates the top-level nodes that no node uses, and so, their whole subgraphs.
-    /// They are walked as QEMU's `bdrv_inactivate_all` walks them (`top_level_nodes`), so
-    /// the nodes that walk misses (the monitor's nodes added before the last backend's
-    /// root) stay active here too: a migration leaves them to the source.
+    /// They are walked as QEMU's `bdrv_inactivate_all` walks them (`top_level_nodes`, which
+    /// says which of the monitor's nodes that walk misses): those stay active here too,
+    /// and a migration leaves them to the source.
     ///
     /// # Errors
     /// The first node that cannot be inactivated.
@@ -116,15 +116,19 @@ impl Graph {
             // Its users' permissions (and its image locks) hold again before the driver
             // re-reads its image, which may write to it (a qcow2 header's autoclear bits).
             node.inactive.set(false);
-            if let Err(e) = self.propagate(node) {
+            let reread = match self.propagate(node) {
+                Ok(()) => node
+                    .driver()
+                    .invalidate_cache(node)
+                    .await
+                    .map_err(Error::ActivateFailed),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = reread {
+                // Inactive again, asking nothing of its image.
                 node.inactive.set(true);
                 let _ = self.propagate(node);
                 return Err(e);
-            }
-            if let Err(e) = node.driver().invalidate_cache(node).await {
-                node.inactive.set(true);
-                let _ = self.propagate(node);
-                return Err(Error::ActivateFailed(e));
             }
             // Bitmaps that were migrating are stored here again; the image's persistent
             // bitmaps come (back) in, where none of the same name is here already (QEMU
