@@ -468,3 +468,23 @@ def test_a_command_that_sends_nothing_leaves_the_migration_in_setup_like_qemu(tm
     """QEMU never sees `exec:cat /dev/null` become readable: no failure, no exit (iotest
     060 relies on it)."""
     compare_with_qemu(tmp_path, empty_exec_transcript)
+
+
+def snapshot_incoming_transcript(binary, accel, w):
+    img = w / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    m = Machine(binary, accel, w, ["-drive", f"if=none,id=d0,file={img},driver=qcow2",
+                                   "-snapshot", "-incoming", "defer"])
+    try:
+        nodes = m.qmp.cmd("query-named-block-nodes", {"flat": True})["return"]
+        return [m.qmp.cmd("query-status"),
+                [(n["drv"], n["active"], n["ro"]) for n in nodes]]
+    finally:
+        m.stop()
+
+
+def test_snapshot_overlay_is_made_while_an_incoming_migration_is_awaited(tmp_path):
+    """`-snapshot` makes its temporary overlay even while every image opens inactive: the
+    file is created active, as QEMU's `bdrv_create` does, and the overlay then opens
+    inactive with the rest (iotest 145)."""
+    compare_with_qemu(tmp_path, snapshot_incoming_transcript)

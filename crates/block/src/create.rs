@@ -25,7 +25,9 @@ pub fn check_driver(graph: &Graph, opts: &Args) -> Result<Rc<dyn DriverFactory>>
 /// # Errors
 /// QEMU's texts for bad options and for the storage failing.
 pub async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<()> {
-    check_driver(graph, opts)?.create(graph, opts).await
+    let factory = check_driver(graph, opts)?;
+    let _own_nodes = graph.creation_scope();
+    factory.create(graph, opts).await
 }
 
 /// The checks `x-blockdev-amend` makes before its job starts.

@@ -65,6 +65,18 @@ pub struct Graph {
     /// New nodes open inactive (a machine waiting for an incoming migration: the images
     /// are the source's until it is over).
     open_inactive: Cell<bool>,
+    /// Images being created: the nodes a creation opens are its own and open active even
+    /// while the rest open inactive (QEMU's `bdrv_create` opens with flags of its own).
+    creating: Cell<u32>,
+}
+
+/// See [`Graph::creation_scope`].
+pub(crate) struct CreationScope<'a>(&'a Graph);
+
+impl Drop for CreationScope<'_> {
+    fn drop(&mut self) {
+        self.0.creating.set(self.0.creating.get() - 1);
+    }
 }
 
 impl Graph {
@@ -97,6 +109,7 @@ impl Graph {
             closed: Cell::new(false),
             iothread_lookup: RefCell::new(None),
             open_inactive: Cell::new(false),
+            creating: Cell::new(0),
         })
     }
 
@@ -114,7 +127,15 @@ impl Graph {
 
     /// Whether new nodes open inactive.
     pub fn opens_inactive(&self) -> bool {
-        self.open_inactive.get()
+        self.open_inactive.get() && self.creating.get() == 0
+    }
+
+    /// While the returned guard lives, nodes open active: an image is being created on
+    /// them. (Another command opening a node meanwhile, on an incoming migration's
+    /// destination, would open it active too; QEMU's main loop has the same window.)
+    pub(crate) fn creation_scope(&self) -> CreationScope<'_> {
+        self.creating.set(self.creating.get() + 1);
+        CreationScope(self)
     }
 
     /// Every `BlockBackend`, in creation order.
