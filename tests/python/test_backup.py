@@ -374,6 +374,37 @@ def test_drive_backup_matches_qemu(both):
         assert a == b, i
 
 
+def test_drive_backup_to_an_existing_image_probes_its_format(both):
+    """drive-backup with mode=existing and no format opens the target as what it is, not as
+    the source's format: a raw source backs up compressed into an existing qcow2 image
+    (iotest 055 with raw images). Compared with qemu-storage-daemon."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        run("qemu-img", "create", "-q", "-f", "raw", w / "s.raw", "4M")
+        run("qemu-io", "-f", "raw", "-c", "write -P 7 64k 1M", w / "s.raw")
+        qcow2(w / "t.qcow2", "4M")
+        q = d.connect()
+        assert q.cmd("blockdev-add", {"driver": "raw", "node-name": "src", "file": {
+            "driver": "file", "filename": str(w / "s.raw")}}) == {"return": {}}
+        out = [q.cmd("drive-backup", {"job-id": "b", "device": "src", "sync": "full",
+                                      "compress": True, "mode": "existing",
+                                      "target": str(w / "t.qcow2")})]
+        wait_job_gone(q, "b")
+        out.append([(e["event"], e["data"].get("error")) for e in q.events
+                    if e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")])
+        out.append(q.cmd("drive-backup", {"job-id": "c", "device": "src", "sync": "full",
+                                          "mode": "existing", "target": str(w / "none.qcow2")}))
+        d.stop()
+        out.append(run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", w / "s.raw",
+                       w / "t.qcow2", check=False).returncode)
+        info = json.loads(run("qemu-img", "check", "--output=json", w / "t.qcow2").stdout)
+        out.append(info.get("compressed-clusters", 0) > 0)
+        seen.append(json.loads(json.dumps(out).replace(str(w), "W")))
+    theirs, ours = seen
+    assert ours == theirs
+
+
 def test_speed_holds_the_rate(both):
     """A 16 MiB backup at 8 MiB/s takes about two seconds in either program, and the job's
     offset grows at that rate meanwhile (block-job-set-speed changes it on the fly)."""

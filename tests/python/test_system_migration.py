@@ -488,3 +488,49 @@ def test_snapshot_overlay_is_made_while_an_incoming_migration_is_awaited(tmp_pat
     file is created active, as QEMU's `bdrv_create` does, and the overlay then opens
     inactive with the rest (iotest 145)."""
     compare_with_qemu(tmp_path, snapshot_incoming_transcript)
+
+
+def locked(img):
+    """Whether another process holds `img` so that qemu-io cannot write it."""
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "quit", str(img)],
+                       capture_output=True, text=True)
+    return r.returncode != 0 and "Is another process using the image" in r.stdout + r.stderr
+
+
+def device_permissions_transcript(binary, accel, w, dest_runs):
+    img = w / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "1M"], check=True)
+    disk = ["-blockdev", f"file,node-name=prot,filename={img}",
+            "-blockdev", "raw,node-name=fmt,file=prot", "-device", "virtio-blk,drive=fmt"]
+    (w / "a").mkdir()
+    (w / "b").mkdir()
+    uri = f"unix:{w}/mig.sock"
+    b = Machine(binary, accel, w / "b", [*disk, "-incoming", uri], paused=not dest_runs)
+    a = Machine(binary, accel, w / "a", disk)
+    try:
+        caps = [{"capability": "events", "state": True}]
+        for m in (a, b):
+            m.qmp.cmd("migrate-set-capabilities", {"capabilities": caps})
+        a.qmp.cmd("cont")
+        out = [("before", locked(img))]
+        out.append(a.qmp.cmd("migrate", {"uri": uri}))
+        out.append(("a", statuses(a, "completed")))
+        out.append(("b", statuses(b, "completed")))
+        wait_for(lambda: b.qmp.cmd("query-status")["return"]["status"] != "inmigrate",
+                 what="the destination to leave inmigrate")
+        out.append(("after", b.qmp.cmd("query-status"), active(b), locked(img)))
+        out.append(b.qmp.cmd("cont"))
+        out.append(("running", b.qmp.cmd("query-status"), active(b), locked(img)))
+        return hide(out)
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize("dest_runs", [True, False], ids=["runs", "paused"])
+def test_a_device_unshares_writing_again_once_migrated_in(tmp_path, dest_runs):
+    """A device on the destination shares writing only while the migration lasts; once
+    the machine runs (at once, or after `cont`), another program cannot write its image
+    (iotest migration-permissions)."""
+    compare_with_qemu(tmp_path, lambda b, a, w: device_permissions_transcript(b, a, w,
+                                                                              dest_runs))

@@ -495,10 +495,13 @@ pub async fn prepare_drive(
 ) -> Result<Prepared> {
     let source = graph.lookup(args.str("device")?)?;
     let file = args.str("target")?.to_owned();
-    let format = args
-        .opt_str("format")
-        .unwrap_or(source.driver_name())
-        .to_owned();
+    let existing = args.opt_str("mode") == Some("existing");
+    // An existing image without a format given is probed; a new one takes the source's.
+    let format = match args.opt_str("format") {
+        Some(f) => f.to_owned(),
+        None if existing => graph.probe_image(&file).await?.to_owned(),
+        None => source.driver_name().to_owned(),
+    };
     let mut sync = args.str("sync")?;
     // Without a backing file, `top` is `full` (QEMU's rule for drive-backup).
     if sync == "top" && source.child("backing").is_none() {
@@ -511,7 +514,7 @@ pub async fn prepare_drive(
         "top" => source.child("backing"),
         _ => None,
     };
-    if args.opt_str("mode") != Some("existing") {
+    if !existing {
         create_target(graph, &source, &file, &format, backing.as_deref(), false).await?;
     }
     let extra = if format == "qcow2" {

@@ -501,6 +501,22 @@ impl Devices {
         self.incoming.set(on);
     }
 
+    /// The incoming migration is over (the machine left `inmigrate`): each device stops
+    /// sharing what it shared only for the migration's sake, as QEMU's BlockBackends do
+    /// when the run state changes. A node still inactive takes the device's permissions
+    /// when it is activated. A conflict is reported and the device keeps sharing.
+    pub(crate) fn migration_done(&self) {
+        self.incoming.set(false);
+        for dev in self.all() {
+            let Some(blk) = &dev.blk else { continue };
+            let Some(node) = blk.node() else { continue };
+            let (perm, shared) = dev.model.kind.perms(dev.share_rw, &node);
+            if let Err(e) = blk.set_perm(perm, shared) {
+                ferrite_block::report::error_report(&block_error(e).desc);
+            }
+        }
+    }
+
     /// The board's firmware flash devices.
     pub(crate) fn flash_slots(&self) -> u32 {
         self.machine.kind.board.flash_slots()

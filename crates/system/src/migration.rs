@@ -723,7 +723,6 @@ async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
     let mapping = sys.migration.mapping.borrow().clone();
     crate::bitmap_migration::apply(&sys.daemon.graph, loaded.bitmaps.bitmaps, mapping.as_ref())?;
     sys.daemon.graph.set_open_inactive(false);
-    sys.devices.set_incoming(false);
     // QEMU 10: a machine that ran at the source runs here if it is to start, its images
     // taken over first; else it waits paused, and one that did not run takes the source's
     // run state. Images not taken over here wait for `cont`.
@@ -747,6 +746,7 @@ async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
             .unwrap_or(RunState::Paused);
         sys.machine.incoming_done(state);
     }
+    sys.devices.migration_done();
     set_incoming_status(sys, "completed");
     Ok(())
 }

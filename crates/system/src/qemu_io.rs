@@ -436,7 +436,9 @@ pub(crate) async fn run(
     let graph = &daemon.graph;
     let cmd = line.split_whitespace().next().unwrap_or("");
     let need = perm_for(cmd);
-    let (blk, restore) = match target {
+    let blk = match target {
+        // A drive keeps what a command took: QEMU cannot know when the requests a command
+        // started (aio_write) are over, so it never gives the permissions back.
         Target::Drive(blk) => {
             let (perm, shared) = blk.perm();
             if !perm.contains(need)
@@ -445,11 +447,10 @@ pub(crate) async fn run(
                 // As QEMU's qemu-io prints the refusal: its text alone.
                 return format!("{}\r\n", ferrite_qapi::Error::from(e).desc);
             }
-            let restore = (!perm.contains(need)).then_some((perm, shared));
-            (blk, restore)
+            blk
         }
         Target::Node(node) => match BlockBackend::new(graph, &node, need, Perm::all()) {
-            Ok(b) => (b, None),
+            Ok(b) => b,
             Err(e) => return format!("Error: {}\r\n", ferrite_qapi::Error::from(e).desc),
         },
     };
@@ -460,10 +461,8 @@ pub(crate) async fn run(
     for m in &monitors {
         m.flush_all().await;
     }
-    let finish = async move |blk: Rc<BlockBackend>, out: String| {
-        if let Some((perm, shared)) = restore {
-            let _ = blk.set_perm(perm, shared);
-        }
+    // The backend lives until the report is out (a node's own one goes then).
+    let finish = async move |_blk: Rc<BlockBackend>, out: String| {
         // What the request made the monitors say (a corruption event) comes first, as
         // QEMU's events are out before qemu-io prints.
         for m in &monitors {
