@@ -1240,3 +1240,37 @@ def test_a_drives_aio_is_not_an_option_a_reopen_must_repeat(tmp_path):
     no reset (iotest 165 reopens a drive read-write so). A reopen refused for a lock
     changes nothing, the file below included."""
     compare_with_qemu(tmp_path, reopen_drive_transcript)
+
+
+def probed_raw_transcript(binary, accel, workdir):
+    """A `-drive` whose raw format was probed: QEMU's warning, and its first sector kept
+    from turning into another format's header (whole or in part), through an NBD export."""
+    img = workdir / "c.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), "1M"], check=True)
+    header = workdir / "hdr"
+    header.write_bytes(b"QFI\xfb\0\0\0\3" + bytes(504))
+    magic = workdir / "magic"
+    magic.write_bytes(b"QFI\xfb\0\0\0\3")
+    m = Machine(binary, accel, workdir, ["-drive", f"if=none,id=d0,file={img}"])
+    out = []
+    try:
+        node = m.qmp.cmd("query-block")["return"][0]["inserted"]["node-name"]
+        sock = str(workdir / "nbd.sock")
+        m.qmp.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        out.append(m.qmp.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node,
+                                                  "name": "e", "writable": True}))
+        for op in ("write -P 0x11 0 512", f"write -s {header} 0 512", f"write -s {magic} 0 8",
+                   f"write -s {magic} 1 8", f"write -s {header} 512 512", "read -P 0x11 0 512"):
+            r = subprocess.run(["qemu-io", "-f", "raw", "-c", op,
+                                f"nbd+unix:///e?socket={sock}"], capture_output=True, text=True)
+            out.append((op.replace(str(workdir), "W"), r.stdout.splitlines()[:1]))
+        m.qmp.cmd("quit")
+        m.proc.wait(10)
+    finally:
+        m.stop()
+    out.append(m.stderr.read_text().replace(str(workdir), "W"))
+    return out
+
+
+def test_a_probed_raw_drive_warns_and_guards_its_first_sector_as_qemus(tmp_path):
+    compare_with_qemu(tmp_path, probed_raw_transcript)

@@ -110,6 +110,9 @@ pub struct Node {
     pub(crate) flushed_gen: Cell<u64>,
     pub(crate) in_flight: Cell<u64>,
     quiesce: Cell<u32>,
+    /// Its format was probed, not given (QEMU's `probed`): a raw image then keeps
+    /// anything that would look like another format out of its first sector.
+    probed: Cell<bool>,
 }
 
 /// Called when a write crosses the node's write threshold: (node, bytes past it, threshold).
@@ -176,6 +179,7 @@ impl Node {
             flushed_gen: Cell::new(0),
             in_flight: Cell::new(0),
             quiesce: Cell::new(0),
+            probed: Cell::new(false),
         })
     }
 
@@ -554,6 +558,15 @@ impl Node {
     /// Whether the node has no bytes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether its format was probed rather than given.
+    pub fn probed(&self) -> bool {
+        self.probed.get()
+    }
+
+    pub(crate) fn set_probed(&self) {
+        self.probed.set(true);
     }
 
     /// Whether the node is read-only.

@@ -32,8 +32,9 @@ impl DriverFactory for LuksFactory {
         DriverKind::Format
     }
 
+    /// QEMU's test: the magic and version 1.
     fn probe(&self, head: &[u8]) -> bool {
-        head.starts_with(b"LUKS\xba\xbe")
+        head.len() >= 8 && head.starts_with(b"LUKS\xba\xbe") && head[6..8] == [0, 1]
     }
 
     fn can_create(&self) -> bool {

@@ -17,6 +17,8 @@ pub(crate) struct RawDriver {
     offset: Cell<u64>,
     /// A fixed size (`size=`), or `None` to follow the child.
     size: Cell<Option<u64>>,
+    /// The formats: a probed image's first sector must not come to look like one of them.
+    formats: Rc<ferrite_block::Registry>,
 }
 
 /// The `raw` driver's factory.
@@ -34,13 +36,18 @@ impl DriverFactory for RawFactory {
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let file = ctx.open_child("file").await?;
-            Ok(Box::new(RawDriver::open(ctx.opts(), &file)?) as Box<dyn Driver>)
+            let formats = ctx.graph().registry().clone();
+            Ok(Box::new(RawDriver::open(ctx.opts(), &file, formats)?) as Box<dyn Driver>)
         })
     }
 }
 
 impl RawDriver {
-    pub(crate) fn open(args: &Args, file: &Child) -> ferrite_block::Result<Self> {
+    pub(crate) fn open(
+        args: &Args,
+        file: &Child,
+        formats: Rc<ferrite_block::Registry>,
+    ) -> ferrite_block::Result<Self> {
         let offset = args.opt_i64("offset").unwrap_or(0);
         let offset = u64::try_from(offset).map_err(|_| Error::NegativeOffset)?;
         let size = match args.opt_i64("size") {
@@ -63,7 +70,40 @@ impl RawDriver {
         Ok(RawDriver {
             offset: Cell::new(offset),
             size: Cell::new(size),
+            formats,
         })
+    }
+
+    /// A write of `data` at `offset` to a probed image: refused (EPERM) when it would make
+    /// the first sector probe as another format, as QEMU's raw driver guards it.
+    async fn check_probed_write(
+        &self,
+        node: &Node,
+        file: &Child,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        const SECTOR: u64 = 512;
+        if !node.probed() || offset >= SECTOR || data.is_empty() {
+            return Ok(());
+        }
+        let start = self.offset.get();
+        let mut sector = if offset == 0 && data.len() as u64 >= SECTOR {
+            Vec::new()
+        } else {
+            let len = SECTOR.min(file.len().saturating_sub(start)) as usize;
+            file.read(start, len).await?
+        };
+        let at = offset as usize;
+        let end = (at + data.len()).min(SECTOR as usize);
+        if sector.len() < end {
+            sector.resize(end, 0);
+        }
+        sector[at..end].copy_from_slice(&data[..end - at]);
+        if self.formats.probe(&sector) != "raw" {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
     }
 
     fn file(&self, node: &Node) -> io::Result<Rc<Child>> {
@@ -122,6 +162,7 @@ impl Driver for RawDriver {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let file = self.file(node)?;
+            self.check_probed_write(node, &file, offset, &data).await?;
             file.debug_event("write_aio").await;
             file.write(self.offset.get() + offset, data, flags).await
         })

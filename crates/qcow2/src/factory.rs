@@ -150,8 +150,12 @@ impl DriverFactory for Qcow2Factory {
         })
     }
 
+    /// QEMU's test: a whole header (112 bytes) with the magic and a version of 2 or more.
     fn probe(&self, head: &[u8]) -> bool {
-        head.starts_with(b"QFI\xfb")
+        const HEADER_LEN: usize = 112;
+        head.len() >= HEADER_LEN
+            && head.starts_with(b"QFI\xfb")
+            && u32::from_be_bytes([head[4], head[5], head[6], head[7]]) >= 2
     }
 
     fn supports_backing(&self) -> bool {

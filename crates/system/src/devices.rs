@@ -12,7 +12,9 @@ use ferrite_qobject::{QDict, QObject};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+mod floppy;
 mod medium;
+pub(crate) mod qtree;
 
 /// What kind of thing a model is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,7 +221,20 @@ pub(crate) const MODELS: &[Model] = &[
         category: STORAGE,
         desc: "virtual floppy drive",
         kind: Kind::Floppy,
-        props: &["unit", "drive-type"],
+        props: &[
+            "unit",
+            "drive-type",
+            "share-rw",
+            "write-cache",
+            "logical_block_size",
+            "physical_block_size",
+            "min_io_size",
+            "opt_io_size",
+            "discard_granularity",
+            "backend_defaults",
+            "account-invalid",
+            "account-failed",
+        ],
     },
 ];
 
@@ -251,6 +266,22 @@ pub(crate) struct Device {
     /// The iothread its requests run in (its own `iothread`, or its SCSI controller's):
     /// the nodes it uses are in that iothread for as long as it uses them.
     iothread: Option<String>,
+    /// The bus it was put on, if one was named.
+    bus: Option<String>,
+    /// The properties it was given (by `-device`, the board or `-global`), as given.
+    pub(crate) given: Vec<(String, String)>,
+    /// A floppy drive's unit and drive type.
+    pub(crate) floppy: Option<(u32, &'static str)>,
+}
+
+impl Device {
+    /// The value given for property `name`.
+    pub(crate) fn given(&self, name: &str) -> Option<&str> {
+        self.given
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl Device {
@@ -276,6 +307,15 @@ pub(crate) struct Devices {
     anon: Cell<u32>,
     /// The machine waits for an incoming migration (`-incoming`).
     incoming: Cell<bool>,
+    /// `-global DRIVER.PROPERTY=VALUE`: defaults for every device of a model.
+    globals: RefCell<Vec<(String, String, String)>>,
+    /// Drives whose `-drive` interface is not `none`: the board connects them itself.
+    auto_connected: RefCell<Vec<String>>,
+    /// Whether the board has a floppy controller (the PC always; the Q35 when a floppy
+    /// drive is given).
+    fdc: Cell<bool>,
+    /// Whether the board has a parallel port (the default one).
+    pub(crate) parallel: Cell<bool>,
 }
 
 fn generic(text: impl Into<String>) -> Error {
@@ -290,6 +330,42 @@ pub(crate) fn block_error(e: ferrite_block::Error) -> Error {
         class: ferrite_qapi::ErrorClass::GenericError,
         ..e
     }
+}
+
+/// A drive device's `logical_block_size` and `physical_block_size` (512 unless given).
+///
+/// # Errors
+/// QEMU's texts for a size that is not a power of two in range, and for a logical size
+/// over the physical one.
+fn block_sizes<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<(u64, u64), Error> {
+    const MIN: u64 = 512;
+    const MAX: u64 = 2 << 20;
+    let size = |name: &str| -> Result<u64, Error> {
+        let Some(v) = get(name) else { return Ok(MIN) };
+        let n = ferrite_qapi::visit::parse_size(v).ok_or_else(|| {
+            generic(format!(
+                "Parameter '{name}' expects a non-negative number below 2^64\n\
+                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                 and exabytes, respectively.\n"
+            ))
+        })?;
+        if n == 0 {
+            return Ok(MIN);
+        }
+        if !(MIN..=MAX).contains(&n) || !n.is_power_of_two() {
+            return Err(generic(format!(
+                "parameter {name} must be a power of 2 between {MIN} and {MAX}"
+            )));
+        }
+        Ok(n)
+    };
+    let (logical, physical) = (size("logical_block_size")?, size("physical_block_size")?);
+    if logical > physical {
+        return Err(generic(
+            "logical_block_size > physical_block_size not supported",
+        ));
+    }
+    Ok((logical, physical))
 }
 
 /// A property's value as the command line or QMP gave it.
@@ -326,6 +402,10 @@ impl Devices {
             list: RefCell::new(Vec::new()),
             anon: Cell::new(0),
             incoming: Cell::new(false),
+            globals: RefCell::new(Vec::new()),
+            auto_connected: RefCell::new(Vec::new()),
+            fdc: Cell::new(machine.kind.board.has_floppy()),
+            parallel: Cell::new(false),
         });
         let weak = Rc::downgrade(&devices);
         machine.on_reset(Box::new(move || {
@@ -496,6 +576,23 @@ impl Devices {
         }
     }
 
+    /// `-global DRIVER.PROPERTY=VALUE`, in the order given.
+    pub(crate) fn add_global(&self, driver: &str, property: &str, value: &str) {
+        self.globals
+            .borrow_mut()
+            .push((driver.into(), property.into(), value.into()));
+    }
+
+    /// Drive `name` came with an interface: the board connects it to a device of its own.
+    pub(crate) fn note_auto_connected(&self, name: &str) {
+        self.auto_connected.borrow_mut().push(name.into());
+    }
+
+    /// The board gets a floppy controller (a Q35 given a floppy drive).
+    pub(crate) fn add_floppy_controller(&self) {
+        self.fdc.set(true);
+    }
+
     /// Devices made from now on are for a machine waiting for an incoming migration.
     pub(crate) fn set_incoming(&self, on: bool) {
         self.incoming.set(on);
@@ -539,10 +636,16 @@ impl Devices {
         let ide = wanted.iter().filter(|d| !floppy(d)).count() as u32;
         let floppies = wanted.len() as u32 - ide;
         let q35 = self.machine.kind.board == crate::machine::Board::Q35;
+        // The parallel port comes before the floppy drives (and on the Q35 before the
+        // IDE ones).
+        let parallel = u32::from(self.parallel.get());
         let (ide_base, floppy_base) = if q35 {
-            (13 + if floppies > 0 { floppies + 1 } else { 0 }, 9)
+            (
+                13 + parallel + if floppies > 0 { floppies + 1 } else { 0 },
+                9 + parallel,
+            )
         } else {
-            (4, 10 + ide)
+            (4, 10 + ide + parallel)
         };
         let (mut next_ide, mut next_floppy) = (ide_base, floppy_base);
         for d in wanted {
@@ -566,25 +669,62 @@ impl Devices {
             .ok_or_else(|| generic("Parameter 'driver' is missing"))?;
         let model = model(&driver)
             .ok_or_else(|| generic(format!("'{driver}' is not a valid device model name")))?;
+        let known = |k: &str| {
+            if model.props.contains(&k)
+                || (k == "drive" && model.kind.has_drive())
+                || (k == "unit" && model.kind.is_ide())
+            {
+                return Ok(());
+            }
+            Err(generic(format!(
+                "Property '{}.{k}' not found",
+                if model.kind == Kind::VirtioBlk {
+                    "virtio-blk-pci"
+                } else {
+                    model.name
+                }
+            )))
+        };
         let mut values: Vec<(String, String)> = Vec::new();
         for (k, v) in props.iter() {
             if matches!(k, "driver" | "id" | "bus") {
                 continue;
             }
-            let known = model.props.contains(&k)
-                || (k == "drive" && model.kind.has_drive())
-                || (k == "unit" && model.kind.is_ide());
-            if !known {
-                return Err(generic(format!(
-                    "Property '{}.{k}' not found",
-                    if model.kind == Kind::VirtioBlk {
-                        "virtio-blk-pci"
-                    } else {
-                        model.name
-                    }
-                )));
-            }
+            known(k)?;
             values.push((k.to_owned(), prop_str(v)));
+        }
+        // `-global`s of the model, under what the device is given (a drive excepted:
+        // both is a conflict, found once the global's drive is taken).
+        let globals: Vec<(String, String)> = self
+            .globals
+            .borrow()
+            .iter()
+            .filter(|(driver, _, _)| driver == model.name)
+            .map(|(_, p, v)| (p.clone(), v.clone()))
+            .collect();
+        let global_drive = globals
+            .iter()
+            .find(|(p, _)| p == "drive")
+            .map(|(_, v)| v.clone());
+        for (p, v) in &globals {
+            known(p).map_err(|e| {
+                generic(format!(
+                    "can't apply global {}.{p}={v}: {}",
+                    model.name, e.desc
+                ))
+            })?;
+            if p != "drive" && !values.iter().any(|(k, _)| k == p) {
+                values.push((p.clone(), v.clone()));
+            }
+        }
+        let user_drive = values
+            .iter()
+            .find(|(k, _)| k == "drive")
+            .map(|(_, v)| v.clone());
+        if let Some(d) = &global_drive
+            && user_drive.is_none()
+        {
+            values.push(("drive".into(), d.clone()));
         }
         let get = |name: &str| {
             values
@@ -629,6 +769,26 @@ impl Devices {
         } else {
             model.name
         };
+        let drive_type = match (model.kind, get("drive-type")) {
+            (Kind::Floppy, t) => Some(floppy::parse_type(t.unwrap_or("auto"))?),
+            _ => None,
+        };
+        let block_sizes = block_sizes(&get)?;
+        if let Some(d) = &global_drive {
+            // QEMU sets a device's globals as it makes it, before what it is given.
+            self.backend_for(inner, d).map_err(|e| {
+                generic(format!(
+                    "can't apply global {}.drive={d}: {}",
+                    model.name, e.desc
+                ))
+            })?;
+            if let Some(u) = &user_drive {
+                return Err(generic(format!(
+                    "-global {}.drive=... conflicts with drive={u}",
+                    model.name
+                )));
+            }
+        }
         let (blk, auto_del) = match (model.kind.has_drive(), get("drive")) {
             (false, _) => (None, false),
             (true, None) if model.kind.may_be_empty() => {
@@ -639,6 +799,21 @@ impl Devices {
                 let (blk, legacy) = self.backend_for(inner, name)?;
                 (Some(blk), legacy)
             }
+        };
+        let floppy = match drive_type {
+            Some(wanted) => {
+                let unit = floppy::unit(get("unit"), |u| {
+                    self.list
+                        .borrow()
+                        .iter()
+                        .any(|d| d.floppy.is_some_and(|(x, _)| x == u))
+                })?;
+                let (logical, physical) = block_sizes;
+                floppy::check_block_sizes(logical, physical)?;
+                let len = blk.as_ref().and_then(|b| b.node()).map(|n| n.len());
+                Some((unit, floppy::pick_type(wanted, len)))
+            }
+            None => None,
         };
         if let Some(blk) = &blk
             && blk.node().is_none()
@@ -714,6 +889,9 @@ impl Devices {
             share_rw,
             ide_slot,
             iothread,
+            bus,
+            given: values,
+            floppy,
         });
         if let Some(blk) = &device.blk {
             blk.set_device(Some(&device.qdev()));
@@ -742,6 +920,13 @@ impl Devices {
         let named = self.graph.backends().into_iter().find(|b| b.name() == name);
         if let Some(blk) = named {
             if blk.device().is_some() {
+                if self.auto_connected.borrow().iter().any(|n| n == name) {
+                    return Err(generic(format!(
+                        "Drive '{name}' is already in use because it has been automatically \
+                         connected to another device (did you need 'if=none' in the drive \
+                         options?)"
+                    )));
+                }
                 return Err(generic(format!(
                     "Drive '{name}' is already in use by another device"
                 )));
@@ -839,7 +1024,7 @@ impl Devices {
                 .iter()
                 .any(|d| d.model.kind.is_scsi_host()),
             Kind::IdeHd | Kind::IdeCd => board.ide_buses() > 0,
-            Kind::Floppy => board.has_floppy(),
+            Kind::Floppy => self.fdc.get(),
             _ => true,
         };
         if ok { Ok(()) } else { Err(no_bus()) }

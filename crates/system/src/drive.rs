@@ -244,6 +244,8 @@ async fn probe_described(graph: &Graph, proto: &QDict) -> Result<&'static str, E
 #[derive(Default)]
 pub(crate) struct DriveCounter {
     used: std::collections::HashMap<String, u32>,
+    /// The interfaces and indexes drives have taken.
+    taken: Vec<(String, u32)>,
 }
 
 impl DriveCounter {
@@ -252,6 +254,18 @@ impl DriveCounter {
         let v = *n;
         *n += 1;
         v
+    }
+
+    /// Whether a drive has taken `index` on `interface`.
+    pub(crate) fn taken(&self, interface: &str, index: u32) -> bool {
+        self.taken
+            .iter()
+            .any(|(i, n)| i == interface && *n == index)
+    }
+
+    /// Whether a drive has `interface`.
+    pub(crate) fn any(&self, interface: &str) -> bool {
+        self.taken.iter().any(|(i, _)| i == interface)
     }
 }
 
@@ -444,6 +458,7 @@ pub(crate) async fn add(
     if graph.backends().iter().any(|b| b.name() == id) {
         return Err(generic(format!("Duplicate ID '{id}' for drive")));
     }
+    counter.taken.push((interface.clone(), index));
     // `file` is the image's name, unless `file.*` options describe the protocol node.
     let file = if file_is_name {
         file_name.or_else(|| take("file")).filter(|f| !f.is_empty())
@@ -519,6 +534,7 @@ pub(crate) async fn add(
     // Without a file, the options may still describe a node (`driver=throttle,file.*`).
     let describes_node = file.is_some() || format.is_some() || !opts.is_empty();
     if describes_node {
+        let probed = format.is_none();
         let format = match format {
             Some(f) => {
                 if graph.registry().get(&f).is_none() {
@@ -663,6 +679,9 @@ pub(crate) async fn add(
             checked.insert("backing", b);
         }
         let n = graph.open_inline(&Args::new(checked)).await?;
+        if probed {
+            graph.opened_probed(&n);
+        }
         n.keep_cli_text(&node);
         // QEMU turns `aio` into an open flag, not an option a reopen must give again.
         if aio.is_some() {
@@ -700,6 +719,9 @@ pub(crate) async fn add(
         blk.remove();
         blk.set_name("");
         return Err(e);
+    }
+    if interface != "none" {
+        devices.note_auto_connected(&id);
     }
     let device = match interface.as_str() {
         "virtio" => Some("virtio-blk-pci"),
@@ -751,6 +773,9 @@ pub(crate) async fn add(
             // QEMU's -drive if=ide: the units of each bus in turn, by index.
             props.insert("bus", format!("ide.{}", index / units));
             props.insert("unit", (index % units).to_string());
+        }
+        if interface == "floppy" {
+            props.insert("unit", index.to_string());
         }
         let made_by = match interface.as_str() {
             "ide" => MadeBy::BoardIde,

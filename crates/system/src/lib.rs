@@ -12,6 +12,7 @@
 mod bitmap_migration;
 mod cli;
 mod commands;
+mod defaults;
 mod devices;
 mod drive;
 mod fds;
@@ -294,24 +295,57 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             _ => {}
         }
     }
-    // Drives after every -blockdev, as QEMU configures them.
+    for o in options.iter().filter(|o| o.name == "global") {
+        let (driver, property, value) =
+            defaults::parse_global(o.text()).map_err(|e| failed(o, e))?;
+        sys.devices.add_global(&driver, &property, &value);
+    }
+    // Drives after every -blockdev, as QEMU configures them, then the default ones where
+    // the command line put none.
+    let board = sys.machine.kind.board;
+    let wanted = defaults::Defaults::of(options, board);
     let mut counter = drive::DriveCounter::default();
+    let mut default_options = Vec::new();
     let mut drive_devices = Vec::new();
     let mut orphans = Vec::new();
+    let mut made = Vec::new();
     for o in options {
         if let Some(text) = legacy_drive(o) {
             if text.contains("format=help") {
                 print!("{}", daemon.graph.registry().format_help());
                 return Ok(false);
             }
-            let d = drive::add(&daemon.graph, &sys.devices, &mut counter, &text, snapshot)
-                .await
-                .map_err(|e| failed(o, e.cli_text()))?;
-            sys.drives.borrow_mut().push(d.blk);
-            drive_devices.extend(d.device.map(|dev| (o, dev)));
-            orphans.extend(d.orphan.map(|why| (o, why)));
+            made.push((o, add_drive(sys, &mut counter, o, &text, snapshot).await?));
         }
     }
+    for (on, interface, index, text) in [
+        (wanted.cdrom, "ide", 2, defaults::CDROM),
+        (wanted.floppy, "floppy", 0, defaults::FLOPPY),
+    ] {
+        if on && !counter.taken(interface, index) {
+            default_options.push(SysOption {
+                name: "drive",
+                value: Some(text.to_owned()),
+            });
+        }
+    }
+    for o in &default_options {
+        made.push((
+            o,
+            add_drive(sys, &mut counter, o, o.text(), snapshot).await?,
+        ));
+    }
+    for (o, d) in made {
+        sys.drives.borrow_mut().push(d.blk);
+        drive_devices.extend(d.device.map(|dev| (o, dev)));
+        orphans.extend(d.orphan.map(|why| (o, why)));
+    }
+    if counter.any("floppy") {
+        sys.devices.add_floppy_controller();
+    }
+    sys.devices
+        .parallel
+        .set(board != machine::Board::None && defaults::has_parallel(options, wanted));
     // An incoming migration's destination does not own its images yet: they start
     // inactive (written by nobody until the migration, or an export, activates them).
     if incoming {
@@ -393,6 +427,19 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
         migration::incoming(sys, o.text()).map_err(|e| failed(o, e.desc))?;
     }
     Ok(true)
+}
+
+/// One `-drive` (or legacy disk option) `o`, whose `-drive` text is `text`.
+async fn add_drive(
+    sys: &Rc<System>,
+    counter: &mut drive::DriveCounter,
+    o: &SysOption,
+    text: &str,
+    snapshot: bool,
+) -> Result<drive::Drive, Failure> {
+    drive::add(&sys.daemon.graph, &sys.devices, counter, text, snapshot)
+        .await
+        .map_err(|e| failed(o, e.cli_text()))
 }
 
 /// `-loadvm NAME`: the machine starts from snapshot `name`. A failure ends the program

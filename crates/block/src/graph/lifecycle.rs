@@ -51,6 +51,7 @@ impl Graph {
         format: Option<&str>,
         extra: ferrite_qobject::QDict,
     ) -> Result<Rc<Node>> {
+        let probed = format.is_none();
         let format = match format {
             Some(f) => f.to_owned(),
             None => self.probe_image(path).await?.to_owned(),
@@ -78,7 +79,25 @@ impl Graph {
         for (k, v) in extra {
             opts.insert(k, v);
         }
-        self.open_inline(&Args::new(opts)).await
+        let node = self.open_inline(&Args::new(opts)).await?;
+        if probed {
+            self.opened_probed(&node);
+        }
+        Ok(node)
+    }
+
+    /// `node` was opened with a probed format: a writable raw node says what that costs
+    /// (QEMU's warning, on standard error) and guards its first sector.
+    pub fn opened_probed(&self, node: &Node) {
+        node.set_probed();
+        if node.driver_name() == "raw" && !node.is_read_only() {
+            let file = node.child("file").map(|f| f.filename()).unwrap_or_default();
+            eprintln!(
+                "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
+                 Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+                 Specify the 'raw' format explicitly to remove the restrictions."
+            );
+        }
     }
 
     /// Deletes a node opened with [`Graph::open_inline`] once nothing uses it.

@@ -51,6 +51,7 @@ async fn answer(cmds: &SystemCommands, line: &str, terminal: bool) -> String {
             info_block::info_block(cmds, &block[5..]).await
         }
         ("info", "version") => format!("{}\r\n", crate::help::version()),
+        ("info", "qtree") => cmds.system().devices.qtree(),
         ("qemu-io", _) => qemu_io(cmds, rest).await,
         ("info", "snapshots") => crate::savevm::info(cmds.system()),
         ("info", "migrate_parameters") => crate::migration::info_parameters(cmds.system()),
