@@ -121,6 +121,42 @@ def test_blockdev_create_makes_what_qemu_makes(both, tmp_path, extra):
                                                                 **extra)
 
 
+def refusals_transcript(d):
+    """blockdev-create's refusals in QEMU's order (the file before the key, the size once
+    the header's is known: nothing written then), and block_resize past the longest node
+    (iotest 210)."""
+    img = d.workdir / "r.luks"
+    img.write_bytes(b"")
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+
+    def create(job, **options):
+        cmd("blockdev-create", {"job-id": job, "options": dict({"driver": "luks"}, **options)})
+        c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+        out.append((job, c.cmd("query-jobs")["return"][0].get("error")))
+        c.cmd("job-dismiss", {"id": job})
+    create("nofile", file="nosuch", size=MiB)
+    create("nokey", file="f", size=MiB)
+    create("ok", file="f", size=0, **{"key-secret": "s0", "iter-time": 10})
+    for i, size in enumerate((2**64 - 512, 2**63, 2**63 - 512)):
+        create(f"big{i}", file="f", size=size, **{"key-secret": "s0", "iter-time": 10})
+    cmd("blockdev-add", {"driver": "luks", "node-name": "l", "file": "f", "key-secret": "s0"})
+    for size in (2**63 - 512, 2**63, 2**64 - 512, -2**63, MiB):
+        cmd("block_resize", {"node-name": "l", "size": size})
+    out.append(c.cmd("query-named-block-nodes", {"flat": True})["return"][0]["image"]
+               ["virtual-size"])
+    c.close()
+    d.stop()
+    return out
+
+
+def test_create_refusals_and_oversized_resizes_match_qsd(both):
+    q, f = both(SECRETS)
+    assert_same_transcript(refusals_transcript(q), refusals_transcript(f))
+
+
 AMEND_SECRETS = SECRETS + ["--object", "secret,id=s1,data=other", "--object",
                            "secret,id=s2,data=third"]
 

@@ -175,6 +175,9 @@ pub enum Error {
     /// `block_resize` of a read-only node.
     #[error("Image is read-only")]
     ImageReadOnly,
+    /// A size past the longest node QEMU has (`BDRV_MAX_LENGTH`).
+    #[error("offset({0}) exceeds maximum({max})", max = crate::MAX_LENGTH)]
+    OffsetTooLarge(u64),
     /// A filter that a job inserts failed to open (QEMU's `bdrv_insert_node`).
     #[error("Could not create node: {0}")]
     CreateNode(Box<Error>),

@@ -150,7 +150,14 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
             "detached LUKS headers are not supported by ferrite yet",
         ));
     }
-    let size = u64::try_from(opts.i64("size")?).map_err(|_| generic("Invalid size"))?;
+    // The size is the schema's `size` (unsigned); QEMU looks at the file first, then at
+    // the key, and at the size only once it knows how big the header is.
+    let size = opts.u64("size")?;
+    let file = match opts.get("file") {
+        Some(QObject::String(name)) => graph.lookup(name)?,
+        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
+        _ => return Err(generic("Parameter 'file' is missing")),
+    };
     let Some(secret_id) = opts.opt_str("key-secret") else {
         return Err(generic("Parameter 'key-secret' is required for cipher"));
     };
@@ -159,22 +166,20 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
         |k| opts.opt_str(k).map(str::to_owned),
         opts.opt_u64("iter-time"),
     );
-    let file = match opts.get("file") {
-        Some(QObject::String(name)) => graph.lookup(name)?,
-        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
-        _ => return Err(generic("Parameter 'file' is missing")),
-    };
     let hold = BlockBackend::new(graph, &file, Perm::WRITE | Perm::RESIZE, Perm::all())?;
     // Calibrating and deriving keys take the iteration time: off the main thread.
     let volume = tokio::task::spawn_blocking(move || LuksVolume::create(&password, &o))
         .await
         .map_err(|_| generic("creating the LUKS volume failed"))?
         .map_err(|e| generic(e.to_string()))?;
+    // Nothing is written when the volume could not be that big.
+    let total = i64::try_from(size)
+        .ok()
+        .and_then(|s| s.checked_add(i64::try_from(volume.payload_offset).ok()?))
+        .ok_or_else(|| generic("The requested file size is too large"))?;
     let io = |e: io::Error| generic(format!("Could not write LUKS header: {e}"));
     hold.truncate(0).await.map_err(io)?;
-    hold.truncate(volume.payload_offset + size)
-        .await
-        .map_err(io)?;
+    hold.truncate(total as u64).await.map_err(io)?;
     hold.write(0, volume.header, ReqFlags::empty())
         .await
         .map_err(io)?;

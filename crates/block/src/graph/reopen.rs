@@ -491,6 +491,9 @@ impl Graph {
     pub async fn resize(&self, node: &Rc<Node>, size: i64) -> Result<()> {
         let size = u64::try_from(size).map_err(|_| Error::NegativeSize)?;
         let blk = BlockBackend::new(&self.rc(), node, Perm::RESIZE, Perm::all())?;
+        if size > crate::MAX_LENGTH {
+            return Err(Error::OffsetTooLarge(size));
+        }
         if node.is_read_only() {
             return Err(Error::ImageReadOnly);
         }
