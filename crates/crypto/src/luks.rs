@@ -151,7 +151,8 @@ impl Header {
             }
             None => d.insert("ivgen-alg", ivgen),
         }
-        d.with("detached-header", false)
+        // QEMU's test: a payload at 0 cannot share its file with the header.
+        d.with("detached-header", self.payload_offset == 0)
             .with("hash-alg", self.hash.as_str())
             .with("cipher-alg", format!("{}-{bits}", self.cipher))
             .with("uuid", self.uuid.as_str())
@@ -315,6 +316,8 @@ pub struct CreateOptions {
     pub hash_alg: String,
     /// Milliseconds of PBKDF2 a key check should take.
     pub iter_time: u64,
+    /// The header goes in a file of its own: the payload starts at 0 of the data file.
+    pub detached: bool,
 }
 
 impl CreateOptions {
@@ -329,6 +332,7 @@ impl CreateOptions {
             ivgen_hash_alg: opt("ivgen-hash-alg").unwrap_or(d.ivgen_hash_alg),
             hash_alg: opt("hash-alg").unwrap_or(d.hash_alg),
             iter_time: iter_time.unwrap_or(d.iter_time),
+            detached: false,
         }
     }
 }
@@ -342,6 +346,7 @@ impl Default for CreateOptions {
             ivgen_hash_alg: "sha256".into(),
             hash_alg: "sha256".into(),
             iter_time: 2000,
+            detached: false,
         }
     }
 }
@@ -354,8 +359,10 @@ pub struct NewVolume {
     pub header: Vec<u8>,
     /// Slot 0's encrypted key material and where it goes.
     pub material: (u64, Vec<u8>),
-    /// Where the payload starts.
+    /// Where the payload starts (0 with a detached header).
     pub payload_offset: u64,
+    /// The header area's length: the header and the eight slots' key material.
+    pub header_len: u64,
 }
 
 const STRIPES: u32 = 4000;
@@ -495,7 +502,8 @@ impl LuksVolume {
         let material_len = (key_bytes * STRIPES as usize) as u64;
         let slot_span = material_len.next_multiple_of(ALIGN);
         let first_slot = ALIGN;
-        let payload_offset = first_slot + 8 * slot_span;
+        let header_len = first_slot + 8 * slot_span;
+        let payload_offset = if o.detached { 0 } else { header_len };
 
         // Slot 0: the master key split, encrypted with a key from the password.
         let slot0 = SealedSlot::new(hash, &mode, &master, password, o.iter_time)?;
@@ -553,6 +561,7 @@ impl LuksVolume {
             header: h,
             material: (first_slot, slot0.material),
             payload_offset,
+            header_len,
         })
     }
 }
@@ -584,5 +593,26 @@ mod tests {
         assert_ne!(data, vec![7u8; 1024]);
         vol.cipher.decrypt(&mut data, 5);
         assert_eq!(data, vec![7u8; 1024]);
+    }
+
+    #[test]
+    fn a_detached_header_puts_the_payload_at_the_start_of_the_data() {
+        let o = CreateOptions {
+            iter_time: 1,
+            detached: true,
+            ..CreateOptions::default()
+        };
+        let v = LuksVolume::create(b"secret", &o).expect("create");
+        assert_eq!((v.payload_offset, v.header_len), (0, 2068480));
+        let mut area = vec![0u8; v.header_len as usize];
+        area[..HEADER_LEN].copy_from_slice(&v.header);
+        let (at, m) = &v.material;
+        area[*at as usize..*at as usize + m.len()].copy_from_slice(m);
+        let vol = LuksVolume::unlock(&area, b"secret").expect("unlock");
+        assert_eq!(vol.header().payload_offset, 0);
+        assert_eq!(
+            vol.header().info().get("detached-header"),
+            Some(&QObject::Bool(true))
+        );
     }
 }

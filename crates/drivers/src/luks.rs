@@ -1,10 +1,11 @@
 //! `luks`: a LUKS1 volume as a node (QEMU: block/crypto.c over crypto/block-luks.c). The
-//! header and key slots come first in the file; the node's bytes are the payload after
-//! them, each 512-byte sector encrypted with the master key (the first payload sector is
+//! header and key slots come first in the file, or in a `header` child of their own (a
+//! detached header: the payload then starts at 0 of the file); the node's bytes are the
+//! payload, each 512-byte sector encrypted with the master key (the first payload sector is
 //! sector 0). The password is a `secret` object named by `key-secret`.
 
 use crate::error::generic;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
 use ferrite_block::region::RewriteError;
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{
@@ -60,12 +61,12 @@ impl DriverFactory for LuksFactory {
             let luks = node
                 .driver_as::<Luks>()
                 .ok_or(ferrite_block::Error::CannotAmend)?;
-            let area_len = luks.payload as usize;
+            let (header, area_len) = luks.header_area();
             amend_key_slots(
                 graph,
-                &luks.file,
+                header,
                 0,
-                area_len,
+                area_len as usize,
                 &luks.volume,
                 opts,
                 &luks.key_secret,
@@ -96,30 +97,41 @@ impl DriverFactory for LuksFactory {
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let file = ctx.open_child("file").await?;
+            let detached = match ctx.opts().get("header").cloned() {
+                Some(h) => Some(ctx.open_child_ref("header", &h).await?),
+                None => None,
+            };
             let opts = ctx.opts();
-            if opts.has("header") {
-                return Err(generic(
-                    "detached LUKS headers are not supported by ferrite yet",
-                ));
-            }
             let Some(secret_id) = opts.opt_str("key-secret") else {
                 return Err(generic("Parameter 'key-secret' is required for cipher"));
             };
             let password = ctx.graph().secrets().get(secret_id)?;
             let not_luks = || generic(ferrite_crypto::Error::NotLuks.to_string());
-            if file.len() < HEADER_LEN as u64 {
+            let holder = detached.as_ref().unwrap_or(&file);
+            if holder.len() < HEADER_LEN as u64 {
                 return Err(not_luks());
             }
-            let head = file.read(0, HEADER_LEN).await.map_err(|_| not_luks())?;
+            let head = holder.read(0, HEADER_LEN).await.map_err(|_| not_luks())?;
             let header =
                 ferrite_crypto::Header::parse(&head).map_err(|e| generic(e.to_string()))?;
-            let area_len = header.payload_offset;
-            if area_len < HEADER_LEN as u64 || area_len > MAX_HEADER_AREA.min(file.len()) {
-                return Err(generic(format!(
-                    "LUKS payload offset {area_len} is beyond the volume"
-                )));
-            }
-            let area = file
+            // A detached header's area is its whole file (its key material after it); an
+            // attached one's ends where the payload starts.
+            let area_len = match &detached {
+                Some(h) => h.len().min(MAX_HEADER_AREA),
+                None => {
+                    let end = header.payload_offset;
+                    if end < HEADER_LEN as u64 {
+                        return Err(generic("LUKS payload is overlapping with the header"));
+                    }
+                    if end > MAX_HEADER_AREA.min(file.len()) {
+                        return Err(generic(format!(
+                            "LUKS payload offset {end} is beyond the volume"
+                        )));
+                    }
+                    end
+                }
+            };
+            let area = holder
                 .read(0, area_len as usize)
                 .await
                 .map_err(|e| generic(format!("Could not read LUKS header: {e}")))?;
@@ -134,6 +146,7 @@ impl DriverFactory for LuksFactory {
                 payload,
                 volume,
                 file,
+                header: detached,
                 key_secret: secret_id.to_owned(),
                 sectors: UnitLocks::default(),
                 updating_keys: Cell::new(false),
@@ -143,43 +156,80 @@ impl DriverFactory for LuksFactory {
 }
 
 /// `blockdev-create` of a LUKS volume: the header and key slot 0 written at the start of
-/// the file, which is then sized to hold `size` bytes of payload.
+/// the file, which is then sized to hold `size` bytes of payload; or, with `header`, written
+/// to that node alone, the file (if any) sized to `size` for the payload.
 async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
-    if opts.has("header") {
-        return Err(generic(
-            "detached LUKS headers are not supported by ferrite yet",
-        ));
-    }
-    // The size is the schema's `size` (unsigned); QEMU looks at the file first, then at
+    // The size is the schema's `size` (unsigned); QEMU looks at the nodes first, then at
     // the key, and at the size only once it knows how big the header is.
     let size = opts.u64("size")?;
-    let file = match opts.get("file") {
-        Some(QObject::String(name)) => graph.lookup(name)?,
-        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
-        _ => return Err(generic("Parameter 'file' is missing")),
+    let (has_file, has_header) = (opts.has("file"), opts.has("header"));
+    if !has_file && !has_header {
+        return Err(generic(
+            "Either the parameter 'header' or 'file' must be specified",
+        ));
+    }
+    let prealloc = match opts.opt_str("preallocation").unwrap_or("off") {
+        "off" => None,
+        "falloc" | "full" if !has_file => {
+            return Err(generic(
+                "Parameter 'preallocation' requires 'file' to be specified for formatting \
+                 LUKS disk",
+            ));
+        }
+        // The payload's blocks are allocated; what they hold is unwritten either way.
+        "falloc" | "full" => Some(Prealloc::Falloc),
+        other => {
+            return Err(generic(format!("Unsupported preallocation mode: {other}")));
+        }
+    };
+    let node_of = async |key: &str| -> ferrite_block::Result<Rc<Node>> {
+        match opts.get(key) {
+            Some(QObject::String(name)) => Ok(graph.lookup(name)?),
+            Some(QObject::Dict(inline)) => {
+                Ok(graph.open_inline(&Args::new(inline.clone())).await?)
+            }
+            _ => Err(generic(format!("Parameter '{key}' is missing"))),
+        }
+    };
+    let header_node = if has_header {
+        node_of("header").await?
+    } else {
+        node_of("file").await?
     };
     let Some(secret_id) = opts.opt_str("key-secret") else {
         return Err(generic("Parameter 'key-secret' is required for cipher"));
     };
     let password = graph.secrets().get(secret_id)?;
-    let o = CreateOptions::from_options(
+    let mut o = CreateOptions::from_options(
         |k| opts.opt_str(k).map(str::to_owned),
         opts.opt_u64("iter-time"),
     );
-    let hold = BlockBackend::new(graph, &file, Perm::WRITE | Perm::RESIZE, Perm::all())?;
+    o.detached = has_header;
+    let hold = BlockBackend::new(graph, &header_node, Perm::WRITE | Perm::RESIZE, Perm::all())?;
     // Calibrating and deriving keys take the iteration time: off the main thread.
     let volume = tokio::task::spawn_blocking(move || LuksVolume::create(&password, &o))
         .await
         .map_err(|_| generic("creating the LUKS volume failed"))?
         .map_err(|e| generic(e.to_string()))?;
-    // Nothing is written when the volume could not be that big.
-    let total = i64::try_from(size)
-        .ok()
-        .and_then(|s| s.checked_add(i64::try_from(volume.payload_offset).ok()?))
-        .ok_or_else(|| generic("The requested file size is too large"))?;
+    let too_large = || generic("The requested file size is too large");
+    // An attached header's file holds the payload after it; a detached header's only the
+    // header. Nothing is written when the volume could not be that big.
+    let header_file_len = if has_header {
+        volume.header_len
+    } else {
+        i64::try_from(size)
+            .ok()
+            .and_then(|s| s.checked_add(i64::try_from(volume.header_len).ok()?))
+            .ok_or_else(too_large)? as u64
+    };
     let io = |e: io::Error| generic(format!("Could not write LUKS header: {e}"));
     hold.truncate(0).await.map_err(io)?;
-    hold.truncate(total as u64).await.map_err(io)?;
+    let header_prealloc = if has_header { None } else { prealloc };
+    match header_prealloc {
+        Some(p) => hold.truncate_prealloc(header_file_len, p).await,
+        None => hold.truncate(header_file_len).await,
+    }
+    .map_err(io)?;
     hold.write(0, volume.header, ReqFlags::empty())
         .await
         .map_err(io)?;
@@ -189,6 +239,23 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
         .map_err(io)?;
     hold.flush().await.map_err(io)?;
     hold.remove();
+    if has_header && has_file {
+        // The payload: as big as asked, from offset 0.
+        if i64::try_from(size).is_err() {
+            return Err(too_large());
+        }
+        let file = node_of("file").await?;
+        let payload = BlockBackend::new(graph, &file, Perm::WRITE | Perm::RESIZE, Perm::all())?;
+        let r = match prealloc {
+            Some(p) => payload.truncate_prealloc(size, p).await,
+            None => payload.truncate(size).await,
+        };
+        payload.remove();
+        r.map_err(|e| match e.raw_os_error() {
+            Some(libc::EFBIG) => too_large(),
+            _ => generic(format!("Could not resize the LUKS payload: {e}")),
+        })?;
+    }
     Ok(())
 }
 
@@ -238,6 +305,8 @@ pub async fn amend_key_slots(
 
 struct Luks {
     file: Rc<Child>,
+    /// A detached header's file.
+    header: Option<Rc<Child>>,
     volume: LuksVolume,
     /// Where the payload starts in the file.
     payload: u64,
@@ -250,6 +319,16 @@ struct Luks {
 }
 
 const S: u64 = SECTOR as u64;
+
+impl Luks {
+    /// Where the header and key material are, and how long that area is.
+    fn header_area(&self) -> (&Child, u64) {
+        match &self.header {
+            Some(h) => (h, h.len().min(MAX_HEADER_AREA)),
+            None => (&self.file, self.payload),
+        }
+    }
+}
 
 impl Luks {
     /// The whole sectors around `offset..offset + len`.
