@@ -534,3 +534,103 @@ def test_a_device_unshares_writing_again_once_migrated_in(tmp_path, dest_runs):
     (iotest migration-permissions)."""
     compare_with_qemu(tmp_path, lambda b, a, w: device_permissions_transcript(b, a, w,
                                                                               dest_runs))
+
+
+def postcopy_pair(tmp_path, size="64G"):
+    """A source with three 512-byte-granularity bitmaps on a large image (their bits are
+    more than QEMU's default limits let go within the downtime limit) and a destination
+    waiting for it, over an `exec:` pipe; both running."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for n in "ab":
+        (tmp_path / n).mkdir()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / f"{n}.qcow2"),
+                        size], check=True)
+    drive = "if=none,id=drive0,file={},format=qcow2,discard=unmap"
+    b = Machine(SYSTEM, "qtest", tmp_path / "b",
+                ["-drive", drive.format(tmp_path / "b.qcow2"), "-incoming", f"exec:cat '{fifo}'"],
+                paused=False)
+    a = Machine(SYSTEM, "qtest", tmp_path / "a", ["-drive", drive.format(tmp_path / "a.qcow2")],
+                paused=False)
+    for i in range(3):
+        a.qmp.cmd("block-dirty-bitmap-add", {"node": "drive0", "name": f"b{i}",
+                                             "granularity": 512, "persistent": True})
+    a.qmp.cmd("human-monitor-command", {"command-line": 'qemu-io drive0 "discard 0 1G"'})
+    a.qmp.cmd("block-dirty-bitmap-disable", {"node": "drive0", "name": "b1"})
+    caps = [{"capability": "dirty-bitmaps", "state": True}, {"capability": "events", "state": True}]
+    for m in (a, b):
+        m.qmp.cmd("migrate-set-capabilities", {"capabilities": caps})
+    # A tenth of the bits a second: the postcopy phase lasts long enough to be seen.
+    a.qmp.cmd("migrate-set-parameters", {"max-bandwidth": 4 << 20})
+    return a, b, f"exec:cat>'{fifo}'"
+
+
+def bitmap_counts(m):
+    info = m.qmp.cmd("query-block")["return"][0]["inserted"]
+    return {b["name"]: b["count"] for b in info.get("dirty-bitmaps", [])}
+
+
+def stored_bitmaps(img):
+    r = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)],
+                       capture_output=True, text=True, check=True)
+    data = json.loads(r.stdout).get("format-specific", {}).get("data", {})
+    return sorted(b["name"] for b in data.get("bitmaps", []))
+
+
+def test_postcopy_bitmaps_come_after_the_destination_runs(tmp_path):
+    """ferrite alone (QEMU's own scenario is iotest migrate-bitmaps-postcopy-test): bitmaps
+    too big for the downtime limit keep the migration active until migrate-start-postcopy;
+    then the destination runs at once, its bitmaps in use and recording its writes while
+    their bits come, and complete with the source's bits and its own; the source stores
+    none of them."""
+    a, b, uri = postcopy_pair(tmp_path)
+    try:
+        assert a.qmp.cmd("migrate", {"uri": uri}) == {"return": {}}
+        time.sleep(0.5)
+        # Nothing converges without postcopy: the machine still runs at the source.
+        assert a.qmp.cmd("query-migrate")["return"]["status"] == "active"
+        assert a.qmp.cmd("query-status")["return"]["running"]
+        assert a.qmp.cmd("migrate-start-postcopy") == {"return": {}}
+        assert b.qmp.wait_event("RESUME", timeout=30)
+        assert statuses(a, "postcopy-active")[-1] == "postcopy-active"
+        assert a.qmp.cmd("query-migrate")["return"]["status"] == "postcopy-active"
+        for m in (a, b):
+            r = m.qmp.cmd("block-dirty-bitmap-remove", {"node": "drive0", "name": "b0"})
+            assert r["error"]["desc"] == ("Bitmap 'b0' is currently in use by another "
+                                          "operation and cannot be used")
+        # Written at the destination while the bits are on their way.
+        b.qmp.cmd("human-monitor-command", {"command-line": 'qemu-io drive0 "discard 2G 1G"'})
+        statuses(b, "completed")
+        assert statuses(a, "completed")[-1] == "completed"
+        assert bitmap_counts(b) == {"b0": 2 << 30, "b1": 1 << 30, "b2": 2 << 30}
+        for m in (a, b):
+            m.qmp.cmd("quit")
+            m.proc.wait(10)
+    finally:
+        a.stop()
+        b.stop()
+    assert stored_bitmaps(tmp_path / "a.qcow2") == []
+    assert stored_bitmaps(tmp_path / "b.qcow2") == ["b0", "b1", "b2"]
+
+
+def test_postcopy_bitmaps_are_dropped_when_the_destination_goes_first(tmp_path):
+    """A destination that quits before the bits came keeps none of the bitmaps; the source
+    waits stopped (QEMU's postcopy-paused) with its images given up, and stores none."""
+    a, b, uri = postcopy_pair(tmp_path)
+    try:
+        a.qmp.cmd("migrate-set-parameters", {"max-bandwidth": 64 << 10})
+        a.qmp.cmd("migrate", {"uri": uri})
+        a.qmp.cmd("migrate-start-postcopy")
+        assert b.qmp.wait_event("RESUME", timeout=30)
+        b.qmp.cmd("quit")
+        b.proc.wait(10)
+        wait_for(lambda: a.qmp.cmd("query-migrate")["return"]["status"] == "postcopy-paused",
+                 timeout=30, what="the source to pause")
+        assert not a.qmp.cmd("query-status")["return"]["running"]
+        a.qmp.cmd("quit")
+        a.proc.wait(10)
+    finally:
+        a.stop()
+        b.stop()
+    assert stored_bitmaps(tmp_path / "a.qcow2") == []
+    assert stored_bitmaps(tmp_path / "b.qcow2") == []

@@ -36,12 +36,13 @@ static BORN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0)
 impl DirtyBitmap {
     /// An empty bitmap over `len` bytes.
     pub fn new(name: &str, granularity: u64, len: u64, enabled: bool) -> Rc<DirtyBitmap> {
-        let granules = len.div_ceil(granularity);
         Rc::new(DirtyBitmap {
             name: name.to_owned(),
             granularity,
             len: Cell::new(len),
-            words: RefCell::new(vec![0; granules.div_ceil(64) as usize]),
+            // Allocated at the first dirty granule: a clean bitmap of a large disk costs
+            // nothing (a migrating one is made before its bits come).
+            words: RefCell::new(Vec::new()),
             count: Cell::new(0),
             enabled: Cell::new(enabled),
             persistent: Cell::new(false),
@@ -116,8 +117,27 @@ impl DirtyBitmap {
     /// layout of QEMU's bitmap serialization.
     pub fn words(&self, from: usize, n: usize) -> Vec<u64> {
         let w = self.words.borrow();
-        let from = from.min(w.len());
-        w[from..(from + n).min(w.len())].to_vec()
+        let total = self.word_count();
+        let from = from.min(total);
+        let end = (from + n).min(total);
+        if w.is_empty() {
+            return vec![0; end - from];
+        }
+        w[from..end].to_vec()
+    }
+
+    /// Words the bitmap has (64 granules each).
+    fn word_count(&self) -> usize {
+        self.granules().div_ceil(64) as usize
+    }
+
+    /// The words, allocated (all clean) if they were not yet.
+    fn words_mut(&self) -> std::cell::RefMut<'_, Vec<u64>> {
+        let mut w = self.words.borrow_mut();
+        if w.is_empty() {
+            w.resize(self.word_count(), 0);
+        }
+        w
     }
 
     /// Sets the granules that `words` (from word `from`) has set.
@@ -206,14 +226,17 @@ impl DirtyBitmap {
 
     /// Marks (`on`) or clears granule `g`.
     pub fn set_granule(&self, g: u64, on: bool) {
-        let mut w = self.words.borrow_mut();
+        if !on && self.count.get() == 0 {
+            return;
+        }
+        let mut w = self.words_mut();
         self.set_bit(&mut w, g, on);
     }
 
     /// Marks every granule.
     pub fn fill(&self) {
         let granules = self.granules();
-        let mut w = self.words.borrow_mut();
+        let mut w = self.words_mut();
         w.fill(!0);
         if granules % 64 != 0
             && let Some(last) = w.last_mut()
@@ -253,7 +276,7 @@ impl DirtyBitmap {
             return;
         }
         let end = (offset + len).min(self.len.get());
-        let mut w = self.words.borrow_mut();
+        let mut w = self.words_mut();
         for g in offset / self.granularity..end.div_ceil(self.granularity) {
             self.set_bit(&mut w, g, true);
         }
@@ -262,6 +285,9 @@ impl DirtyBitmap {
     /// Clears every granule `offset..offset + len` touches.
     pub fn reset_range(&self, offset: u64, len: u64) {
         if len == 0 || offset >= self.len.get() {
+            return;
+        }
+        if self.count.get() == 0 {
             return;
         }
         let end = (offset + len).min(self.len.get());
@@ -275,7 +301,7 @@ impl DirtyBitmap {
     /// end are dropped (QEMU's `bdrv_dirty_bitmap_truncate`); a job's successor too.
     pub fn truncate(&self, len: u64) {
         let granules = len.div_ceil(self.granularity);
-        {
+        if !self.words.borrow().is_empty() {
             let mut w = self.words.borrow_mut();
             w.resize(granules.div_ceil(64) as usize, 0);
             if granules % 64 != 0
@@ -338,7 +364,17 @@ impl DirtyBitmap {
     /// SHA-256 of the words, as QEMU's debug command computes it.
     pub fn sha256(&self) -> String {
         let mut h = Sha256::new();
-        for w in self.words.borrow().iter() {
+        let words = self.words.borrow();
+        if words.is_empty() {
+            let zeros = [0u8; 4096];
+            let mut left = self.word_count() * 8;
+            while left > 0 {
+                let n = left.min(zeros.len());
+                h.update(&zeros[..n]);
+                left -= n;
+            }
+        }
+        for w in words.iter() {
             h.update(w.to_le_bytes());
         }
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
@@ -346,13 +382,13 @@ impl DirtyBitmap {
 
     /// The bitmap's bytes (bit `i` is bit `i % 8` of byte `i / 8`), for storing.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out: Vec<u8> = self
-            .words
-            .borrow()
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
-        out.truncate(self.granules().div_ceil(8) as usize);
+        let len = self.granules().div_ceil(8) as usize;
+        let words = self.words.borrow();
+        if words.is_empty() {
+            return vec![0; len];
+        }
+        let mut out: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(len);
         out
     }
 
@@ -360,7 +396,10 @@ impl DirtyBitmap {
     pub fn load_bytes(&self, bytes: &[u8]) {
         self.clear();
         let granules = self.granules();
-        let mut w = self.words.borrow_mut();
+        if bytes.iter().all(|b| *b == 0) {
+            return;
+        }
+        let mut w = self.words_mut();
         for (i, b) in bytes.iter().enumerate() {
             for bit in 0..8 {
                 let g = i as u64 * 8 + bit;

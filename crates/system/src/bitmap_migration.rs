@@ -284,6 +284,24 @@ pub(crate) fn stay(bitmaps: &[Outgoing]) {
     }
 }
 
+/// Marks the migrating bitmaps in use (nobody may change or remove them while they go), or
+/// lets them be again.
+pub(crate) fn set_migrating(bitmaps: &[Outgoing], on: bool) {
+    for o in bitmaps {
+        o.bitmap.set_in_use(on);
+    }
+}
+
+/// What is left to send of the bitmaps, in bytes of bits (QEMU's `dirty_bitmap_state_pending`:
+/// what could go after the destination runs).
+pub(crate) fn pending_bytes(bitmaps: &[Outgoing]) -> u64 {
+    bitmaps
+        .iter()
+        .map(|o| (o.node.len() / SECTOR * SECTOR).div_ceil(o.bitmap.granularity()))
+        .sum::<u64>()
+        .div_ceil(8)
+}
+
 fn add(
     out: &mut Vec<Outgoing>,
     node: &Rc<Node>,
@@ -454,6 +472,8 @@ pub(crate) struct Incoming {
     persistent: bool,
     /// Granule words set, by word index.
     words: Vec<(usize, Vec<u64>)>,
+    /// Its end came (all its bits are in).
+    complete: bool,
 }
 
 /// Reads the bitmaps' chunks up to the end of a section's body.
@@ -534,12 +554,13 @@ impl Loader {
                     ));
                 }
                 self.bitmaps.push(Incoming {
-                    alias: node,
-                    name,
+                    alias: node.clone(),
+                    name: name.clone(),
                     granularity,
                     enabled: start_flags & START_ENABLED != 0,
                     persistent: start_flags & START_PERSISTENT != 0,
                     words: Vec::new(),
+                    complete: false,
                 });
             } else if flags & BITS != 0 {
                 let sector = be64(r).ok_or_else(short)?;
@@ -572,7 +593,14 @@ impl Loader {
                     this.words.push(((first_granule / 64) as usize, words));
                 }
             }
-            // COMPLETE needs nothing more: the bitmap is made once the stream is read.
+            if flags & COMPLETE != 0
+                && let Some(this) = self
+                    .bitmaps
+                    .iter_mut()
+                    .find(|b| b.alias == node && b.name == name)
+            {
+                this.complete = true;
+            }
             if flags & EOS != 0 {
                 return Ok(());
             }
@@ -580,9 +608,9 @@ impl Loader {
     }
 }
 
-/// Makes the bitmaps that came in on the nodes going by their names (or aliases). A name
-/// that leads nowhere is reported and no bitmap is made, as QEMU cancels its bitmap
-/// migration (dropping those it made); the machine's migration goes on.
+/// Makes the bitmaps that came in on the nodes going by their names (or aliases), with
+/// their bits. A name that leads nowhere is reported and no bitmap is made, as QEMU cancels
+/// its bitmap migration (dropping those it made); the machine's migration goes on.
 ///
 /// # Errors
 /// QEMU's reports for a bitmap already there or a bad granularity: the migration fails.
@@ -591,17 +619,39 @@ pub(crate) fn apply(
     bitmaps: Vec<Incoming>,
     mapping: Option<&Mapping>,
 ) -> Result<(), String> {
-    let mut placed = Vec::new();
-    for b in &bitmaps {
+    let placed = place(graph, &bitmaps, mapping)?;
+    fill(&placed, &bitmaps);
+    Ok(())
+}
+
+/// A bitmap made here for one that is coming in.
+pub(crate) struct Placed {
+    node: Rc<Node>,
+    bitmap: Rc<DirtyBitmap>,
+}
+
+/// Makes the bitmaps announced so far, empty, on their nodes (each recording writes if the
+/// source's did); see [`apply`]. A postcopy migration's come before their bits.
+///
+/// # Errors
+/// As [`apply`].
+pub(crate) fn place(
+    graph: &Graph,
+    bitmaps: &[Incoming],
+    mapping: Option<&Mapping>,
+) -> Result<Vec<Placed>, String> {
+    let mut found = Vec::new();
+    for b in bitmaps {
         match resolve(graph, b, mapping) {
-            Ok(found) => placed.push(found),
+            Ok(f) => found.push(f),
             Err(why) => {
                 ferrite_block::report::error_report(&why);
-                return Ok(());
+                return Ok(Vec::new());
             }
         }
     }
-    for (b, (node, name, persistent)) in bitmaps.into_iter().zip(placed) {
+    let mut placed = Vec::new();
+    for (b, (node, name, persistent)) in bitmaps.iter().zip(found) {
         if node.bitmap(&name).is_some() {
             return Err(format!(
                 "Bitmap with the same name ('{name}') already exists on destination"
@@ -614,12 +664,42 @@ pub(crate) fn apply(
         }
         let bitmap = DirtyBitmap::new(&name, b.granularity, node.len(), b.enabled);
         bitmap.set_persistent(persistent);
-        for (from, words) in &b.words {
-            bitmap.or_words(*from, words);
-        }
-        node.add_bitmap(bitmap);
+        node.add_bitmap(bitmap.clone());
+        placed.push(Placed { node, bitmap });
     }
-    Ok(())
+    Ok(placed)
+}
+
+/// Sets the bits that came in on the bitmaps made for them.
+pub(crate) fn fill(placed: &[Placed], bitmaps: &[Incoming]) {
+    for (p, b) in placed.iter().zip(bitmaps) {
+        for (from, words) in &b.words {
+            p.bitmap.or_words(*from, words);
+        }
+    }
+}
+
+/// A postcopy migration's bitmaps are in use, and not stored, until their bits are in.
+pub(crate) fn set_arriving(placed: &[Placed], on: bool) {
+    for p in placed {
+        p.bitmap.set_in_use(on);
+        p.bitmap.set_skip_store(on);
+    }
+}
+
+/// The end of a postcopy migration's stream: complete bitmaps take their bits and are free;
+/// the others (the source went away first) are dropped, as QEMU cancels them.
+pub(crate) fn finish(placed: &[Placed], bitmaps: &[Incoming]) {
+    set_arriving(placed, false);
+    for (p, b) in placed.iter().zip(bitmaps) {
+        if b.complete {
+            for (from, words) in &b.words {
+                p.bitmap.or_words(*from, words);
+            }
+        } else {
+            p.node.remove_bitmap(&p.bitmap);
+        }
+    }
 }
 
 /// The node, name and persistence an incoming bitmap takes here.

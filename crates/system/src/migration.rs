@@ -64,7 +64,13 @@ pub(crate) struct MigrationState {
     mapping: RefCell<Option<crate::bitmap_migration::Mapping>>,
     /// The `max-bandwidth` parameter, bytes per second (0: QEMU's default).
     max_bandwidth: Cell<u64>,
+    /// `migrate-start-postcopy` was given for the migration out under way.
+    postcopy: Cell<bool>,
 }
+
+/// QEMU's default `downtime-limit`: what may be left to send once the machine stops is
+/// what goes in this long at the allowed bandwidth.
+const DOWNTIME_LIMIT_MS: u64 = 300;
 
 /// QEMU's default `max-bandwidth`: 128 MiB/s.
 const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
@@ -94,7 +100,13 @@ impl MigrationState {
     fn in_progress(&self) -> bool {
         matches!(
             self.status.get(),
-            "setup" | "active" | "pre-switchover" | "device" | "cancelling"
+            "setup"
+                | "active"
+                | "pre-switchover"
+                | "device"
+                | "cancelling"
+                | "postcopy-active"
+                | "postcopy-paused"
         )
     }
 }
@@ -195,9 +207,9 @@ impl Sink {
 }
 
 impl Connected {
-    /// Sends `bytes` at no more than `rate` bytes per second and closes the channel: QEMU's
-    /// limiter lets a tenth of a second's worth through at a time.
-    async fn send(mut self, bytes: Vec<u8>, rate: u64) -> io::Result<()> {
+    /// Sends `bytes` at no more than `rate` bytes per second: QEMU's limiter lets a tenth of
+    /// a second's worth through at a time.
+    async fn write(&mut self, bytes: &[u8], rate: u64) -> io::Result<()> {
         let slice = usize::try_from((rate / 10).max(1)).unwrap_or(usize::MAX);
         let mut chunks = bytes.chunks(slice).peekable();
         while let Some(chunk) = chunks.next() {
@@ -206,6 +218,11 @@ impl Connected {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
+        self.w.flush().await
+    }
+
+    /// Closes the channel (and waits for an `exec:` command to end).
+    async fn close(mut self) -> io::Result<()> {
         // Flushes a file, ends a socket; closing the pipe ends a command's input.
         self.w.shutdown().await?;
         drop(self.w);
@@ -248,33 +265,72 @@ fn listen(ch: Channel) -> io::Result<Source> {
     })
 }
 
-async fn receive(src: Source) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    match src {
-        Source::Exec(cmd) => {
-            let mut child = shell(&cmd).stdout(std::process::Stdio::piped()).spawn()?;
-            if let Some(mut stdout) = child.stdout.take() {
-                stdout.read_to_end(&mut out).await?;
+/// An incoming state being read: the channel, and for `exec:` the command behind it.
+struct Input {
+    r: std::pin::Pin<Box<dyn tokio::io::AsyncRead>>,
+    child: Option<tokio::process::Child>,
+    exec: bool,
+}
+
+impl Input {
+    /// Opens the channel the state comes over (a connection accepted, a command started).
+    async fn open(src: Source) -> io::Result<Input> {
+        Ok(match src {
+            Source::Exec(cmd) => {
+                let mut child = shell(&cmd).stdout(std::process::Stdio::piped()).spawn()?;
+                let out = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| io::Error::other("no output"))?;
+                Input {
+                    r: Box::pin(out),
+                    child: Some(child),
+                    exec: true,
+                }
             }
-            child.wait().await?;
-            // QEMU waits for the command's output to become readable, and a command that
-            // ends without writing anything never makes it so: the migration stays in
-            // `setup` (iotest 060 starts a machine with `exec:cat /dev/null`).
-            if out.is_empty() {
-                std::future::pending::<()>().await;
-            }
-        }
-        Source::Unix(l) => {
-            let (mut s, _) = l.accept().await?;
-            s.read_to_end(&mut out).await?;
-        }
-        Source::Tcp(l) => {
-            let (mut s, _) = l.accept().await?;
-            s.read_to_end(&mut out).await?;
-        }
-        Source::File(path) => out = tokio::fs::read(path).await?,
+            Source::Unix(l) => Input {
+                r: Box::pin(l.accept().await?.0),
+                child: None,
+                exec: false,
+            },
+            Source::Tcp(l) => Input {
+                r: Box::pin(l.accept().await?.0),
+                child: None,
+                exec: false,
+            },
+            Source::File(path) => Input {
+                r: Box::pin(tokio::fs::File::open(path).await?),
+                child: None,
+                exec: false,
+            },
+        })
     }
-    Ok(out)
+
+    /// Appends what comes next to `buf`: how much (0 at the end of the stream).
+    async fn more(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        let at = buf.len();
+        buf.resize(at + (256 << 10), 0);
+        let n = self.r.read(&mut buf[at..]).await;
+        buf.truncate(at + *n.as_ref().unwrap_or(&0));
+        let n = n?;
+        // QEMU waits for the command's output to become readable, and a command that ends
+        // without writing anything never makes it so: the migration stays in `setup`
+        // (iotest 060 starts a machine with `exec:cat /dev/null`).
+        if n == 0 && at == 0 && self.exec {
+            std::future::pending::<()>().await;
+        }
+        Ok(n)
+    }
+
+    /// Reads the rest of the stream into `buf`, and waits for the command to end.
+    async fn finish(mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let r = self.r.read_to_end(buf).await;
+        drop(self.r);
+        if let Some(mut child) = self.child.take() {
+            child.wait().await?;
+        }
+        r.map(|_| ())
+    }
 }
 
 fn set_status(sys: &System, status: &'static str) {
@@ -441,6 +497,7 @@ pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
     *m.error.borrow_mut() = None;
     m.total_ms.set(None);
     m.started.set(Some(Instant::now()));
+    m.postcopy.set(false);
     set_status(sys, "setup");
     let sink = match open_sink(ch) {
         Ok(sink) => sink,
@@ -468,6 +525,9 @@ enum Abort {
     Cancelled,
     /// An error, with the text query-migrate reports.
     Failed(String),
+    /// An error once the destination runs (postcopy): the machine and its images are
+    /// the destination's now; the source waits, stopped (QEMU's `postcopy-paused`).
+    Paused(String),
 }
 
 fn cancelled(sys: &System) -> bool {
@@ -500,17 +560,46 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
         }
     };
     set_status(sys, "active");
-    // The bitmaps that go with the machine are chosen before it stops.
+    // The bitmaps that go with the machine are chosen before it stops, and nobody may
+    // change them while they go.
     let bitmaps = if sys.migration.has("dirty-bitmaps") {
         let mapping = sys.migration.mapping.borrow().clone();
         crate::bitmap_migration::select(&sys.daemon.graph, mapping.as_ref())?
     } else {
         Vec::new()
     };
-    let was = sys.machine.stop_for(RunState::FinishMigrate);
+    crate::bitmap_migration::set_migrating(&bitmaps, true);
     let graph = &sys.daemon.graph;
-    let outcome = switch_over(sys, ch, was, &bitmaps).await;
-    if outcome.is_err() {
+    // QEMU's convergence: what is left must go within the downtime limit, else the
+    // migration goes on until it may switch to postcopy (the bitmaps can go after the
+    // destination runs).
+    let m = &sys.migration;
+    let threshold = m.bandwidth() * DOWNTIME_LIMIT_MS / 1000;
+    let postcopy = crate::bitmap_migration::pending_bytes(&bitmaps) > threshold;
+    let waited = if postcopy {
+        unless_cancelled(sys, async {
+            while !m.postcopy.get() {
+                m.go_on.notified().await;
+            }
+        })
+        .await
+    } else {
+        Ok(())
+    };
+    // The run state to go back to: the one the switch-over stopped (a migration cancelled
+    // before it leaves the machine as it is).
+    let mut was = None;
+    let outcome = match waited {
+        Ok(()) => {
+            let before = sys.machine.stop_for(RunState::FinishMigrate);
+            was = Some(before);
+            switch_over(sys, ch, before, &bitmaps, postcopy).await
+        }
+        Err(e) => Err(e),
+    };
+    let was = was.unwrap_or_else(|| sys.machine.status());
+    crate::bitmap_migration::set_migrating(&bitmaps, false);
+    if matches!(outcome, Err(Abort::Failed(_) | Abort::Cancelled)) {
         crate::bitmap_migration::stay(&bitmaps);
     }
     match outcome {
@@ -525,6 +614,12 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
             let _ = graph.activate_all().await;
             failed(sys, why, false);
             sys.machine.resume(was);
+            Ok(())
+        }
+        Err(Abort::Paused(why)) => {
+            ferrite_block::report::error_report(&why);
+            *sys.migration.error.borrow_mut() = Some(why);
+            set_status(sys, "postcopy-paused");
             Ok(())
         }
         Err(Abort::Cancelled) => {
@@ -542,9 +637,10 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
 /// images given up and its state sent.
 async fn switch_over(
     sys: &Rc<System>,
-    ch: Connected,
+    mut ch: Connected,
     was: RunState,
     bitmaps: &[crate::bitmap_migration::Outgoing],
+    postcopy: bool,
 ) -> Result<(), Abort> {
     let m = &sys.migration;
     if m.has("pause-before-switchover") {
@@ -556,13 +652,22 @@ async fn switch_over(
         })
         .await?;
     }
-    set_status(sys, "device");
-    // The destination takes up the run state the machine had (QEMU's global state).
-    let state = crate::vmstate::save(
+    set_status(
+        sys,
+        if postcopy {
+            "postcopy-active"
+        } else {
+            "device"
+        },
+    );
+    // The destination takes up the run state the machine had (QEMU's global state). In
+    // postcopy, it runs once it has the first part; the bitmaps' bits follow.
+    let state = crate::vmstate::save_first(
         sys.machine.kind.canonical_name(),
         was.as_str(),
         &sys.devices,
         bitmaps,
+        postcopy,
     );
     // The images go to the destination: everything written back and given up. One still
     // written (a job's target) keeps them all here.
@@ -578,14 +683,29 @@ async fn switch_over(
         ferrite_block::report::error_report(why);
         return Err(Abort::Failed(why.to_owned()));
     }
-    unless_cancelled(sys, ch.send(state, m.bandwidth()))
+    let send_failed = |e: io::Error| {
+        Abort::Failed(format!(
+            "Unable to write to socket: {}",
+            ferrite_qapi::os_msg(&e)
+        ))
+    };
+    unless_cancelled(sys, ch.write(&state, m.bandwidth()))
         .await?
-        .map_err(|e| {
-            Abort::Failed(format!(
-                "Unable to write to socket: {}",
-                ferrite_qapi::os_msg(&e)
-            ))
-        })
+        .map_err(send_failed)?;
+    // The bitmaps' bits are gathered once the destination has what it runs with.
+    let rest = unless_cancelled(sys, async {
+        let rest = crate::vmstate::save_end(&sys.devices, bitmaps, postcopy);
+        ch.write(&rest, m.bandwidth()).await?;
+        ch.close().await
+    })
+    .await?;
+    match rest {
+        Err(e) if postcopy => match send_failed(e) {
+            Abort::Failed(why) => Err(Abort::Paused(why)),
+            other => Err(other),
+        },
+        r => r.map_err(send_failed),
+    }
 }
 
 /// `migrate-start-postcopy`. ferrite's machine has no RAM: everything goes at the
@@ -607,6 +727,8 @@ pub(crate) fn start_postcopy(sys: &System) -> Result<(), Error> {
             "Postcopy must be started after migration has been started",
         ));
     }
+    m.postcopy.set(true);
+    m.go_on.notify_waiters();
     Ok(())
 }
 
@@ -711,22 +833,70 @@ pub(crate) fn incoming(sys: &Rc<System>, uri: &str) -> Result<(), Error> {
 }
 
 async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
-    let bytes = receive(source)
-        .await
-        .map_err(|e| ferrite_qapi::os_msg(&e))?;
-    set_incoming_status(sys, "active");
-    let loaded = crate::vmstate::load(&bytes, sys.machine.kind.canonical_name(), &sys.devices)
-        .map_err(|e| e.report)?;
+    let os = |e: io::Error| ferrite_qapi::os_msg(&e);
+    let mut input = Input::open(source).await.map_err(os)?;
+    // The stream is read as it comes: a postcopy one's first part is loaded (and the
+    // machine runs) before the rest arrives. Loading is tried again each time the data has
+    // doubled, and at its end.
+    let mut buf = Vec::new();
+    let mut tried = 0;
+    let machine = sys.machine.kind.canonical_name();
+    let loaded = loop {
+        let n = input.more(&mut buf).await.map_err(os)?;
+        if !buf.is_empty() && sys.migration.incoming_status.get() != "active" {
+            set_incoming_status(sys, "active");
+        }
+        if n != 0 && buf.len() < tried * 2 {
+            continue;
+        }
+        tried = buf.len();
+        match crate::vmstate::load(&buf, machine, &sys.devices) {
+            Ok(loaded) => break loaded,
+            Err(e) if e.short && n != 0 => {}
+            Err(e) => return Err(e.report),
+        }
+    };
     loaded.restore(&sys.devices);
-    // Bitmaps that came along are made before the images are taken over (their stored
-    // copies of the same names are then left alone).
+    let graph = &sys.daemon.graph;
     let mapping = sys.migration.mapping.borrow().clone();
-    crate::bitmap_migration::apply(&sys.daemon.graph, loaded.bitmaps.bitmaps, mapping.as_ref())?;
+    let Some((rest_at, section)) = loaded.postcopy else {
+        input.finish(&mut buf).await.map_err(os)?;
+        // Bitmaps that came along are made before the images are taken over (their stored
+        // copies of the same names are then left alone).
+        crate::bitmap_migration::apply(graph, loaded.bitmaps.bitmaps, mapping.as_ref())?;
+        take_over(sys, loaded.runstate.as_deref()).await;
+        set_incoming_status(sys, "completed");
+        return Ok(());
+    };
+    // Postcopy: the bitmaps are made now, in use and empty (those that record take the
+    // writes from now on); the machine runs; their bits follow.
+    let mut loader = loaded.bitmaps;
+    let placed = crate::bitmap_migration::place(graph, &loader.bitmaps, mapping.as_ref())?;
+    set_incoming_status(sys, "postcopy-active");
+    take_over(sys, loaded.runstate.as_deref()).await;
+    // After the images are taken over, which makes their bitmaps storable again.
+    crate::bitmap_migration::set_arriving(&placed, true);
+    let mut rest = buf.split_off(rest_at.min(buf.len()));
+    let read = input.finish(&mut rest).await;
+    // A source that went away first leaves its bitmaps incomplete: they are dropped.
+    if let Err(e) = read
+        .map_err(os)
+        .and_then(|()| crate::vmstate::load_rest(&rest, section, &mut loader).map_err(|e| e.report))
+    {
+        ferrite_block::report::error_report(&format!("dirty bitmaps migration failed: {e}"));
+    }
+    crate::bitmap_migration::finish(&placed, &loader.bitmaps);
+    set_incoming_status(sys, "completed");
+    Ok(())
+}
+
+/// The destination takes the machine over: its images, and the run state the source had.
+async fn take_over(sys: &Rc<System>, runstate: Option<&str>) {
     sys.daemon.graph.set_open_inactive(false);
     // QEMU 10: a machine that ran at the source runs here if it is to start, its images
     // taken over first; else it waits paused, and one that did not run takes the source's
     // run state. Images not taken over here wait for `cont`.
-    let was_running = loaded.runstate.as_deref().is_none_or(|s| s == "running");
+    let was_running = runstate.is_none_or(|s| s == "running");
     if was_running && sys.machine.autostart() {
         // An image that cannot be taken over is reported; the machine waits paused.
         match sys.daemon.graph.activate_all().await {
@@ -739,14 +909,10 @@ async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
     } else if was_running {
         sys.machine.incoming_done(RunState::Paused);
     } else {
-        let state = loaded
-            .runstate
-            .as_deref()
+        let state = runstate
             .and_then(RunState::parse)
             .unwrap_or(RunState::Paused);
         sys.machine.incoming_done(state);
     }
     sys.devices.migration_done();
-    set_incoming_status(sys, "completed");
-    Ok(())
 }

@@ -25,6 +25,10 @@ const SECTION_FULL: u8 = 0x04;
 const SECTION_FOOTER: u8 = 0x7e;
 const VMDESCRIPTION: u8 = 0x06;
 const CONFIGURATION: u8 = 0x07;
+/// `QEMU_VM_COMMAND`: a command to the destination in the stream.
+const COMMAND: u8 = 0x08;
+/// `MIG_CMD_POSTCOPY_RUN`: the destination runs now; the rest of the stream follows.
+const POSTCOPY_RUN: u16 = 5;
 const EOF: u8 = 0x00;
 /// The version of ferrite's device sections.
 const DEVICE_VERSION: u32 = 1;
@@ -34,12 +38,15 @@ const DEVICE_VERSION: u32 = 1;
 pub(crate) struct LoadError {
     pub(crate) report: String,
     pub(crate) errno: i32,
+    /// The stream ended before it was whole (more of it may be on its way).
+    pub(crate) short: bool,
 }
 
 fn invalid(report: impl Into<String>) -> LoadError {
     LoadError {
         report: report.into(),
         errno: libc::EINVAL,
+        short: false,
     }
 }
 
@@ -90,23 +97,52 @@ pub(crate) fn save(
     devices: &Devices,
     bitmaps: &[bitmap_migration::Outgoing],
 ) -> Vec<u8> {
+    let mut out = save_first(machine, runstate, devices, bitmaps, false);
+    out.extend(save_end(devices, bitmaps, false));
+    out
+}
+
+/// The bitmaps' section id: after the devices'.
+fn bitmap_section_id(devices: &Devices) -> u32 {
+    devices.all().len() as u32 + 1
+}
+
+/// The section that ends the bitmaps' migration: their bits, then each one's end.
+fn bitmap_end(out: &mut Vec<u8>, devices: &Devices, bitmaps: &[bitmap_migration::Outgoing]) {
+    let id = bitmap_section_id(devices);
+    out.push(SECTION_END);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&bitmap_migration::end_body(bitmaps));
+    out.push(SECTION_FOOTER);
+    out.extend_from_slice(&id.to_be_bytes());
+}
+
+/// What the destination needs before it runs: the whole stream but its end, or for a
+/// postcopy migration with bitmaps everything but their bits, closed by QEMU's
+/// `POSTCOPY_RUN` command ([`save_end`] is the rest).
+pub(crate) fn save_first(
+    machine: &str,
+    runstate: &str,
+    devices: &Devices,
+    bitmaps: &[bitmap_migration::Outgoing],
+    postcopy: bool,
+) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC.to_be_bytes());
     out.extend_from_slice(&VERSION.to_be_bytes());
     out.push(CONFIGURATION);
     out.extend_from_slice(&(machine.len() as u32).to_be_bytes());
     out.extend_from_slice(machine.as_bytes());
+    let id = bitmap_section_id(devices);
+    let postcopy = postcopy && !bitmaps.is_empty();
     if !bitmaps.is_empty() {
-        let id = devices.all().len() as u32 + 1;
         section_header_of(&mut out, SECTION_START, id, bitmap_migration::SECTION, 1);
         out.extend_from_slice(&bitmap_migration::start_body(bitmaps));
         out.push(SECTION_FOOTER);
         out.extend_from_slice(&id.to_be_bytes());
-        out.push(SECTION_END);
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(&bitmap_migration::end_body(bitmaps));
-        out.push(SECTION_FOOTER);
-        out.extend_from_slice(&id.to_be_bytes());
+        if !postcopy {
+            bitmap_end(&mut out, devices, bitmaps);
+        }
     }
     section_header(&mut out, 0, GLOBAL_STATE, 1);
     out.extend_from_slice(&global_state(runstate));
@@ -128,7 +164,27 @@ pub(crate) fn save(
         out.push(SECTION_FOOTER);
         out.extend_from_slice(&id.to_be_bytes());
     }
-    out.push(EOF);
+    if postcopy {
+        out.push(COMMAND);
+        out.extend_from_slice(&POSTCOPY_RUN.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+    }
+    out
+}
+
+/// The rest of the stream after [`save_first`]: a postcopy migration's bitmaps, then the
+/// end mark and the description of the sections.
+pub(crate) fn save_end(
+    devices: &Devices,
+    bitmaps: &[bitmap_migration::Outgoing],
+    postcopy: bool,
+) -> Vec<u8> {
+    let mut rest = Vec::new();
+    if postcopy && !bitmaps.is_empty() {
+        bitmap_end(&mut rest, devices, bitmaps);
+    }
+    let out_end = &mut rest;
+    out_end.push(EOF);
     // What the sections were, for tools that read streams (QEMU expects it after the end).
     let described: Vec<QObject> = devices
         .all()
@@ -146,16 +202,18 @@ pub(crate) fn save(
             .with("devices", QObject::List(described))
             .into(),
     );
-    out.push(VMDESCRIPTION);
-    out.extend_from_slice(&(description.len() as u32).to_be_bytes());
-    out.extend_from_slice(description.as_bytes());
-    out
+    out_end.push(VMDESCRIPTION);
+    out_end.extend_from_slice(&(description.len() as u32).to_be_bytes());
+    out_end.extend_from_slice(description.as_bytes());
+    rest
 }
 
 /// A cursor over a stream; running off its end is QEMU's `-EIO` from a short read.
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
+    /// A read ran past the end (an error it led to may say otherwise).
+    ran_short: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -165,6 +223,7 @@ impl<'a> Reader<'a> {
             return Err(LoadError {
                 report: "Unexpected end of the VM state".into(),
                 errno: libc::EIO,
+                short: true,
             });
         };
         let s = &self.b[self.at..end];
@@ -184,7 +243,9 @@ impl<'a> Reader<'a> {
 
 impl bitmap_migration::Source for Reader<'_> {
     fn take(&mut self, n: usize) -> Option<&[u8]> {
-        Reader::take(self, n).ok()
+        let got = Reader::take(self, n).ok();
+        self.ran_short |= got.is_none();
+        got
     }
 }
 
@@ -202,6 +263,30 @@ fn bitmap_part(
         )));
     }
     Ok(())
+}
+
+/// Reads the second part of a postcopy stream `bytes` (from [`Loaded::postcopy`]): the
+/// bitmaps' section `id`'s parts up to the end of the stream, into `bitmaps`.
+///
+/// # Errors
+/// QEMU's reports for a section it cannot take; a stream cut short.
+pub(crate) fn load_rest(
+    bytes: &[u8],
+    id: u32,
+    bitmaps: &mut bitmap_migration::Loader,
+) -> Result<(), LoadError> {
+    let mut r = Reader {
+        b: bytes,
+        at: 0,
+        ran_short: false,
+    };
+    loop {
+        match r.u8()? {
+            EOF => return Ok(()),
+            SECTION_PART | SECTION_END if r.u32()? == id => bitmap_part(&mut r, bitmaps, id)?,
+            other => return Err(invalid(format!("Unknown savevm section type {other}"))),
+        }
+    }
 }
 
 /// A device's state as its section holds it.
@@ -244,6 +329,9 @@ pub(crate) struct Loaded {
     pub(crate) devices: Vec<DeviceState>,
     /// The dirty bitmaps that came with the machine.
     pub(crate) bitmaps: bitmap_migration::Loader,
+    /// A postcopy stream: where its second part starts (after `POSTCOPY_RUN`), and the id
+    /// of the bitmaps' section, whose parts follow there.
+    pub(crate) postcopy: Option<(usize, u32)>,
 }
 
 /// Reads a stream `bytes` long (the rest of the area is not looked at) for the machine
@@ -253,7 +341,28 @@ pub(crate) struct Loaded {
 /// QEMU's reports for a stream that is not one, another machine type, a section for no
 /// device here, a section cut short.
 pub(crate) fn load(bytes: &[u8], machine: &str, devices: &Devices) -> Result<Loaded, LoadError> {
-    let mut r = Reader { b: bytes, at: 0 };
+    let mut r = Reader {
+        b: bytes,
+        at: 0,
+        ran_short: false,
+    };
+    let mut out = Loaded::default();
+    match load_from(&mut r, machine, devices, &mut out) {
+        Ok(()) => Ok(out),
+        Err(e) => Err(LoadError {
+            short: e.short || r.ran_short,
+            ..e
+        }),
+    }
+}
+
+/// [`load`] on a reader.
+fn load_from(
+    r: &mut Reader<'_>,
+    machine: &str,
+    devices: &Devices,
+    out: &mut Loaded,
+) -> Result<(), LoadError> {
     if r.u32()? != MAGIC {
         return Err(invalid("Not a migration stream"));
     }
@@ -277,17 +386,34 @@ pub(crate) fn load(bytes: &[u8], machine: &str, devices: &Devices) -> Result<Loa
         )));
     }
     let here = devices.all();
-    let mut out = Loaded::default();
     let mut bitmap_section = None;
     loop {
         match r.u8()? {
-            EOF => return Ok(out),
+            EOF => return Ok(()),
             SECTION_PART | SECTION_END => {
                 let id = r.u32()?;
                 if bitmap_section != Some(id) {
                     return Err(invalid(format!("Unknown savevm section {id}")));
                 }
-                bitmap_part(&mut r, &mut out.bitmaps, id)?;
+                bitmap_part(r, &mut out.bitmaps, id)?;
+            }
+            COMMAND => {
+                let b = r.take(4)?;
+                let (cmd, len) = (
+                    u16::from_be_bytes([b[0], b[1]]),
+                    u16::from_be_bytes([b[2], b[3]]),
+                );
+                match (cmd, len, bitmap_section) {
+                    (POSTCOPY_RUN, 0, Some(id)) => {
+                        out.postcopy = Some((r.at, id));
+                        return Ok(());
+                    }
+                    _ => {
+                        return Err(invalid(format!(
+                            "Unknown or unsupported migration command {cmd} (length {len})"
+                        )));
+                    }
+                }
             }
             // A section that starts an iteration (QEMU's RAM) has the same header.
             kind @ (SECTION_FULL | SECTION_START) => {
@@ -298,7 +424,7 @@ pub(crate) fn load(bytes: &[u8], machine: &str, devices: &Devices) -> Result<Loa
                 let version = r.u32()?;
                 if kind == SECTION_START && name == bitmap_migration::SECTION {
                     bitmap_section = Some(id);
-                    bitmap_part(&mut r, &mut out.bitmaps, id)?;
+                    bitmap_part(r, &mut out.bitmaps, id)?;
                     continue;
                 }
                 if kind == SECTION_FULL && name == GLOBAL_STATE {
