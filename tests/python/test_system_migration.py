@@ -18,6 +18,13 @@ from test_system import QEMU, SYSTEM, Machine, compare_with_qemu, hide
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 (the oracle) is missing; scripts/setup.sh installs it")
 
 
+def quit_all(*machines):
+    """Quits each machine and waits for it to end."""
+    for m in machines:
+        m.qmp.cmd("quit")
+        m.proc.wait(10)
+
+
 def active(m):
     return [(n["node-name"], n["active"])
             for n in m.qmp.cmd("query-named-block-nodes", {"flat": True})["return"]
@@ -261,9 +268,7 @@ def bitmap_migration_transcript(binary, accel, w):
         out.append(b.qmp.cmd("cont"))
         out.append(hmp(b, 'qemu-io drive0 "write 512k 64k"'))
         out.append(("destination running", bitmaps_of(b)))
-        for m in (a, b):
-            m.qmp.cmd("quit")
-            m.proc.wait(10)
+        quit_all(a, b)
     finally:
         a.stop()
         b.stop()
@@ -603,9 +608,7 @@ def test_postcopy_bitmaps_come_after_the_destination_runs(tmp_path):
         statuses(b, "completed")
         assert statuses(a, "completed")[-1] == "completed"
         assert bitmap_counts(b) == {"b0": 2 << 30, "b1": 1 << 30, "b2": 2 << 30}
-        for m in (a, b):
-            m.qmp.cmd("quit")
-            m.proc.wait(10)
+        quit_all(a, b)
     finally:
         a.stop()
         b.stop()
