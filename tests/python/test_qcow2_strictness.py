@@ -212,17 +212,24 @@ def test_damaged_images_are_decided_like_qemu(tmp_path, monkeypatch):
     want = _decisions(QSD, tmp_path / "qsd", images)
     got = _decisions(FERRITE, tmp_path / "ferrite", images)
     repairs, wrong = [], []
+    qsd_hung = []
     for name, _ in images:
         w, g = want[name], got[name]
         if w == g:
             continue
-        if w[0] == g[0] == "open" and w[1] == g[1] and _repair_no_worse(w[2], g[2]):
+        if w[0] == "no answer" and g[0] != "no answer":
+            # qemu-storage-daemon stopped answering (15 s; it happens now and then while it
+            # repairs a dirty image under load): nothing to compare, and ferrite answered.
+            qsd_hung.append(name)
+        elif w[0] == g[0] == "open" and w[1] == g[1] and _repair_no_worse(w[2], g[2]):
             repairs.append((name, w[2], g[2]))
         else:
             wrong.append((name, w, g))
     print(f"{len(images)} damaged images: {len(images) - len(repairs) - len(wrong)} decided "
           f"alike; {len(repairs)} dirty images repaired differently, never worse: "
-          + ", ".join(f"{n}: qsd {w} / ferrite {g}" for n, w, g in repairs))
+          + ", ".join(f"{n}: qsd {w} / ferrite {g}" for n, w, g in repairs)
+          + f"; qemu-storage-daemon gave no answer on: {qsd_hung}")
+    assert len(qsd_hung) * 100 < len(images), qsd_hung
     assert not wrong, "\n".join(f"{n}\n  qsd     {w}\n  ferrite {g}" for n, w, g in wrong[:10])
     assert len(repairs) * 50 < len(images)
 
