@@ -1251,6 +1251,9 @@ def probed_raw_transcript(binary, accel, workdir):
     header.write_bytes(b"QFI\xfb\0\0\0\3" + bytes(504))
     magic = workdir / "magic"
     magic.write_bytes(b"QFI\xfb\0\0\0\3")
+    # The magic with version 0 is no qcow2 header to QEMU's probe: it may be written.
+    not_qcow2 = workdir / "v0"
+    not_qcow2.write_bytes(b"QFI\xfb" + bytes(508))
     m = Machine(binary, accel, workdir, ["-drive", f"if=none,id=d0,file={img}"])
     out = []
     try:
@@ -1260,7 +1263,8 @@ def probed_raw_transcript(binary, accel, workdir):
         out.append(m.qmp.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node,
                                                   "name": "e", "writable": True}))
         for op in ("write -P 0x11 0 512", f"write -s {header} 0 512", f"write -s {magic} 0 8",
-                   f"write -s {magic} 1 8", f"write -s {header} 512 512", "read -P 0x11 0 512"):
+                   f"write -s {magic} 1 8", f"write -s {header} 512 512", "read -P 0x11 0 512",
+                   f"write -s {not_qcow2} 0 512"):
             r = subprocess.run(["qemu-io", "-f", "raw", "-c", op,
                                 f"nbd+unix:///e?socket={sock}"], capture_output=True, text=True)
             out.append((op.replace(str(workdir), "W"), r.stdout.splitlines()[:1]))

@@ -620,7 +620,9 @@ pub(crate) fn apply(
     mapping: Option<&Mapping>,
 ) -> Result<(), String> {
     let placed = place(graph, &bitmaps, mapping)?;
-    fill(&placed, &bitmaps);
+    for (p, b) in placed.iter().zip(&bitmaps) {
+        p.take_bits(b);
+    }
     Ok(())
 }
 
@@ -670,11 +672,11 @@ pub(crate) fn place(
     Ok(placed)
 }
 
-/// Sets the bits that came in on the bitmaps made for them.
-pub(crate) fn fill(placed: &[Placed], bitmaps: &[Incoming]) {
-    for (p, b) in placed.iter().zip(bitmaps) {
+impl Placed {
+    /// Sets the bits that came in for it.
+    fn take_bits(&self, b: &Incoming) {
         for (from, words) in &b.words {
-            p.bitmap.or_words(*from, words);
+            self.bitmap.or_words(*from, words);
         }
     }
 }
@@ -693,9 +695,7 @@ pub(crate) fn finish(placed: &[Placed], bitmaps: &[Incoming]) {
     set_arriving(placed, false);
     for (p, b) in placed.iter().zip(bitmaps) {
         if b.complete {
-            for (from, words) in &b.words {
-                p.bitmap.or_words(*from, words);
-            }
+            p.take_bits(b);
         } else {
             p.node.remove_bitmap(&p.bitmap);
         }
