@@ -72,7 +72,7 @@ def migration_transcript(binary, accel, workdir, uri_of, drive_args):
         wait_for(lambda: b.qmp.cmd("query-status")["return"]["status"] != "inmigrate",
                  what="the destination to leave inmigrate")
         for name, m in (("a", a), ("b", b)):
-            out.append((name, m.qmp.cmd("query-status"),
+            out.append((name, settled_status(m),
                         m.qmp.cmd("query-migrate")["return"]["status"], active(m)))
         out.append(a.qmp.cmd("migrate-set-capabilities", {"capabilities": caps}))
         # As iotest 196: autoclear bits nobody knows appear while no process owns the image;
@@ -124,6 +124,14 @@ def run_state_events(m, until):
     return seen
 
 
+def settled_status(m):
+    """query-status once the machine has left `finish-migrate`: QEMU sends a migration's
+    last status before its main loop moves the machine on."""
+    wait_for(lambda: m.qmp.cmd("query-status")["return"]["status"] != "finish-migrate",
+             what="the machine to leave finish-migrate")
+    return m.qmp.cmd("query-status")
+
+
 def switchover_transcript(binary, accel, w):
     """Channels that cannot be opened; pause-before-switchover: migrate-continue and
     migrate_cancel in pre-switchover; a
@@ -172,8 +180,9 @@ def switchover_transcript(binary, accel, w):
         out.append(q.cmd("migrate", {"uri": f"exec:cat > '{w}/m2'"}))
         out.append(("paused", run_state_events(m, "pre-switchover")))
         out.append(q.cmd("migrate-continue", {"state": "pre-switchover"}))
-        out.append(("failed", run_state_events(m, "failed"), q.cmd("query-migrate"),
-                    q.cmd("query-status"), active(m)))
+        # QEMU sends `failed` before it restarts the machine: the RESUME follows.
+        out.append(("failed", run_state_events(m, "failed"), q.wait_event("RESUME")["event"],
+                    q.cmd("query-migrate"), q.cmd("query-status"), active(m)))
         out.append(q.cmd("block-job-set-speed", {"device": "j", "speed": 0}))
         out.append(q.cmd("job-resume", {"id": "j"}))
         done = q.wait_event("BLOCK_JOB_COMPLETED")["data"]
@@ -183,7 +192,7 @@ def switchover_transcript(binary, accel, w):
         out.append(("paused", run_state_events(m, "pre-switchover")))
         out.append(q.cmd("migrate-continue", {"state": "pre-switchover"}))
         out.append(("completed", run_state_events(m, "completed"),
-                    q.cmd("query-migrate")["return"]["status"], q.cmd("query-status"),
+                    q.cmd("query-migrate")["return"]["status"], settled_status(m),
                     active(m)))
         # The target stayed with the source (QEMU's walk misses it): `quit` writes it back.
         q.cmd("quit")
