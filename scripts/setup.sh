@@ -16,6 +16,8 @@ system_ok || need_apt+=(qemu-system-x86)
 command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
 command -v nbdkit >/dev/null || need_apt+=(nbdkit)
 command -v fio >/dev/null || need_apt+=(fio)
+# certtool makes the certificates of the NBD-over-TLS tests (as QEMU's iotests make theirs).
+command -v certtool >/dev/null || need_apt+=(gnutls-bin)
 # XFS takes non-blocking buffered writes (ext4 does not): the write-path tests mount one.
 command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)
 [ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)

@@ -1278,3 +1278,37 @@ def probed_raw_transcript(binary, accel, workdir):
 
 def test_a_probed_raw_drive_warns_and_guards_its_first_sector_as_qemus(tmp_path):
     compare_with_qemu(tmp_path, probed_raw_transcript)
+
+
+ROOT_PORT_STEPS = [
+    ("query-block", None),
+    ("device_add", {"driver": "pcie-root-port", "id": "root1", "bus": "pcie.0", "chassis": 2}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "vb", "drive": "spare", "bus": "root1"}),
+    ("device_add", {"driver": "pcie-root-port", "id": "r2", "nope": 1}),
+    ("query-block", None),
+]
+
+
+def root_port_transcript(binary, accel, workdir):
+    """Q35 with PCI Express root ports (iotest nbd-tls-iothread's machine): devices behind
+    them, from the command line and hot-plugged."""
+    img = workdir / "disk.qcow2"
+    spare = workdir / "spare.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(spare), "1M"], check=True)
+    m = Machine(binary, accel, workdir, [
+        "-machine", "q35", "-object", "iothread,id=iothread0",
+        "-device", '{"driver":"pcie-root-port", "id":"root0", "multifunction":true, '
+                   '"bus":"pcie.0"}',
+        "-device", '{"driver":"virtio-scsi-pci", "id":"vscsi", "bus":"root0", '
+                   '"iothread":"iothread0"}',
+        "-device", '{"driver":"scsi-hd", "id":"image1", "drive":"disk", "bus":"vscsi.0"}',
+        "-blockdev", f'{{"driver":"qcow2", "node-name":"disk", "file":{{"driver":"file", '
+                     f'"filename":"{img}"}}}}',
+        "-drive", f"if=none,id=spare,file={spare},format=raw",
+    ])
+    return run_steps(m, ROOT_PORT_STEPS)
+
+
+def test_pcie_root_ports_match_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, root_port_transcript)

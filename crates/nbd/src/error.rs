@@ -13,9 +13,9 @@ pub enum Error {
     /// An export command without a server.
     #[error("NBD server not running")]
     NotRunning,
-    /// TLS options ferrite does not serve yet.
-    #[error("TLS for the NBD server is not supported by ferrite yet")]
-    TlsUnsupported,
+    /// `tls-creds` that are not a server's credentials (QEMU's texts, from `ferrite-tls`).
+    #[error("{0}")]
+    Tls(String),
     /// Binding the unix socket failed.
     #[error("Failed to bind socket to {path}: {}", os_msg(.error))]
     BindUnix {

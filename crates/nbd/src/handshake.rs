@@ -174,12 +174,39 @@ async fn export_for<W: AsyncWrite + Unpin, T>(
     Ok(Some((export, rest)))
 }
 
-/// Runs the handshake. `Ok(None)`: the client went away or aborted.
-pub(crate) async fn negotiate<R, W>(
-    service: &NbdService,
-    r: &mut R,
-    w: &mut W,
-) -> io::Result<Option<Session>>
+/// What the client said in its greeting.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Greeting {
+    /// Fixed newstyle: options may be refused and retried.
+    fixed: bool,
+    /// The 124 zero bytes after an `EXPORT_NAME` reply are left out.
+    no_zeroes: bool,
+}
+
+/// Where the connection stands on TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tls {
+    /// The server has no credentials: STARTTLS is refused.
+    Off,
+    /// The server has credentials and the client has not started TLS: every option but
+    /// STARTTLS is refused.
+    Required,
+    /// The connection is encrypted.
+    Done,
+}
+
+/// How the option haggling ended.
+pub(crate) enum Outcome {
+    /// An export was picked.
+    Session(Session),
+    /// The client asked for TLS and was told yes: the TLS handshake comes next.
+    StartTls,
+    /// The client went away or aborted, or was dropped.
+    Closed,
+}
+
+/// Sends the server's greeting and reads the client's. `Ok(None)`: flags QEMU refuses.
+pub(crate) async fn greet<R, W>(r: &mut R, w: &mut W) -> io::Result<Option<Greeting>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -194,10 +221,99 @@ where
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Ok(None);
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-    // Without fixed newstyle the client can only name its export (QEMU hangs up on any
-    // other option).
-    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
+    Ok(Some(Greeting {
+        // Without fixed newstyle the client can only name its export (QEMU hangs up on
+        // any other option).
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+    }))
+}
+
+/// Runs the whole handshake of a server without TLS. `Ok(None)`: the client went away or
+/// aborted.
+pub(crate) async fn negotiate<R, W>(
+    service: &NbdService,
+    r: &mut R,
+    w: &mut W,
+) -> io::Result<Option<Session>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(greeting) = greet(r, w).await? else {
+        return Ok(None);
+    };
+    Ok(match options(service, r, w, greeting, Tls::Off).await? {
+        Outcome::Session(session) => Some(session),
+        Outcome::StartTls | Outcome::Closed => None,
+    })
+}
+
+/// Before TLS, QEMU answers every option but STARTTLS with `TLS_REQD`. `Some`: how the
+/// haggling ends here; `None`: the client may go on.
+async fn before_tls<R, W>(
+    r: &mut R,
+    w: &mut W,
+    greeting: Greeting,
+    opt: u32,
+    len: u32,
+) -> io::Result<Option<Outcome>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if !greeting.fixed {
+        return Ok(Some(Outcome::Closed));
+    }
+    match opt {
+        OPT_STARTTLS if len > 0 => {
+            // A client that cannot start TLS properly is dropped.
+            skip(r, u64::from(len)).await?;
+            reply_err(
+                w,
+                opt,
+                REP_ERR_INVALID,
+                "option 'starttls' has unexpected length",
+            )
+            .await?;
+            w.flush().await?;
+            Ok(Some(Outcome::Closed))
+        }
+        OPT_STARTTLS => {
+            reply(w, opt, REP_ACK, &[]).await?;
+            w.flush().await?;
+            Ok(Some(Outcome::StartTls))
+        }
+        // No way to answer: the connection ends.
+        OPT_EXPORT_NAME => Ok(Some(Outcome::Closed)),
+        _ => {
+            skip(r, u64::from(len)).await?;
+            let msg = format!("Option 0x{opt:x} not permitted before TLS");
+            let sent = reply_err(w, opt, REP_ERR_TLS_REQD, &msg).await;
+            if opt == OPT_ABORT {
+                let _ = w.flush().await;
+                return Ok(Some(Outcome::Closed));
+            }
+            sent?;
+            Ok(None)
+        }
+    }
+}
+
+/// Haggles over options until the client picks an export, asks for TLS (`tls` is
+/// `Required`) or leaves.
+pub(crate) async fn options<R, W>(
+    service: &NbdService,
+    r: &mut R,
+    w: &mut W,
+    greeting: Greeting,
+    tls: Tls,
+) -> io::Result<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Greeting { fixed, no_zeroes } = greeting;
     let mut mode = Mode::Simple;
     let mut contexts: Vec<MetaContext> = Vec::new();
     // The export the contexts were chosen on: they do not carry over to another.
@@ -208,20 +324,29 @@ where
     loop {
         w.flush().await?;
         if r.read_u64().await? != IHAVEOPT {
-            return Ok(None);
+            return Ok(Outcome::Closed);
         }
         let opt = r.read_u32().await?;
         let len = r.read_u32().await?;
-        // QEMU hangs up on a payload over its buffer size, and on any option but
-        // EXPORT_NAME from a client without fixed newstyle.
-        if len > MAX_BUFFER || (!fixed && opt != OPT_EXPORT_NAME) {
-            return Ok(None);
+        if len > MAX_BUFFER {
+            return Ok(Outcome::Closed);
+        }
+        if tls == Tls::Required {
+            match before_tls(r, w, greeting, opt, len).await? {
+                Some(outcome) => return Ok(outcome),
+                None => continue,
+            }
+        }
+        // QEMU hangs up on any option but EXPORT_NAME from a client without fixed
+        // newstyle.
+        if !fixed && opt != OPT_EXPORT_NAME {
+            return Ok(Outcome::Closed);
         }
         if opt == OPT_ABORT {
             // Whatever its payload: acknowledged, and the connection ends.
             let _ = reply(w, opt, REP_ACK, &[]).await;
             let _ = w.flush().await;
-            return Ok(None);
+            return Ok(Outcome::Closed);
         }
         // Options that take no payload: one is refused without holding it.
         let empty_only = matches!(
@@ -256,10 +381,10 @@ where
                 let name = String::from_utf8_lossy(&data[..end]).into_owned();
                 // Its reply has no room for the framing extended headers need: QEMU hangs up.
                 if mode >= Mode::Extended {
-                    return Ok(None);
+                    return Ok(Outcome::Closed);
                 }
                 let Some(export) = service.export_by_name(&name) else {
-                    return Ok(None);
+                    return Ok(Outcome::Closed);
                 };
                 if !keep_contexts_for(&export, &contexts_of) {
                     contexts.clear();
@@ -273,7 +398,7 @@ where
                 }
                 w.write_all(&buf).await?;
                 w.flush().await?;
-                return Ok(Some(Session {
+                return Ok(Outcome::Session(Session {
                     export,
                     mode,
                     contexts,
@@ -290,6 +415,9 @@ where
                     reply(w, opt, REP_SERVER, &payload).await?;
                 }
                 reply(w, opt, REP_ACK, &[]).await?;
+            }
+            OPT_STARTTLS if tls == Tls::Done => {
+                reply_err(w, opt, REP_ERR_INVALID, "TLS already enabled").await?;
             }
             OPT_STARTTLS => {
                 reply_err(w, opt, REP_ERR_POLICY, "TLS not configured").await?;
@@ -372,7 +500,7 @@ where
                 reply(w, opt, REP_ACK, &[]).await?;
                 if opt == OPT_GO {
                     w.flush().await?;
-                    return Ok(Some(Session {
+                    return Ok(Outcome::Session(Session {
                         export,
                         mode,
                         contexts,

@@ -2,11 +2,13 @@
 
 use crate::error::{Error, Result};
 use crate::export::Export;
+use crate::handshake::{Outcome, Session, Tls};
 use crate::{handshake, transmission};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::{Graph, Node, Perm};
 use ferrite_export::{ExportInstance, ExportSetup, ExportType, Exports, LocalFut, RemoveMode};
 use ferrite_qapi::Args;
+use ferrite_tls::{Endpoint, Objects, X509Creds};
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
@@ -18,6 +20,12 @@ use tokio::task::JoinHandle;
 struct Server {
     accept: JoinHandle<()>,
     unlink: Option<String>,
+}
+
+/// A server's TLS: its credentials and the authorization object clients must pass.
+struct ServerTls {
+    creds: Rc<X509Creds>,
+    authz: Option<String>,
 }
 
 /// The NBD service: the server (if started) and its exports (the `nbd` export type).
@@ -33,6 +41,8 @@ pub struct NbdService {
     handshake_limit: Cell<u64>,
     /// The running server's `max-connections` (0: no limit).
     max_connections: Cell<usize>,
+    /// How `tls-creds` and `tls-authz` ids are found.
+    tls_objects: RefCell<Objects>,
 }
 
 /// QEMU's default limit on the handshake, in seconds.
@@ -62,9 +72,15 @@ impl NbdService {
             connections: Cell::new(0),
             handshake_limit: Cell::new(DEFAULT_HANDSHAKE_SECONDS),
             max_connections: Cell::new(0),
+            tls_objects: RefCell::new(Objects::none()),
         });
         all_exports.register(nbd.clone());
         nbd
+    }
+
+    /// Lets `nbd-server-start` find the program's TLS objects.
+    pub fn set_tls_objects(&self, objects: Objects) {
+        *self.tls_objects.borrow_mut() = objects;
     }
 
     /// The export list of every type.
@@ -104,14 +120,11 @@ impl NbdService {
     /// Starts listening (`nbd-server-start`, `--nbd-server`).
     ///
     /// # Errors
-    /// "NBD server already running", TLS (not supported yet), or the address failing.
+    /// "NBD server already running", the address failing, or credentials that are not a
+    /// server's.
     pub fn start(self: &Rc<Self>, opts: &Args, from_cli: bool) -> Result<()> {
         if self.is_running() {
             return Err(Error::AlreadyRunning);
-        }
-        // `tls-authz` alone is accepted, as QEMU accepts it: it only acts with TLS.
-        if opts.has("tls-creds") {
-            return Err(Error::TlsUnsupported);
         }
         let max = opts.opt_u64("max-connections").unwrap_or(0) as usize;
         self.max_connections.set(max);
@@ -153,13 +166,37 @@ impl NbdService {
             }
             _ => return Err(Error::FdOverQmp),
         };
+        // As QEMU: the address is bound before the credentials are looked up. `tls-authz`
+        // alone is accepted: it only acts with TLS.
+        let tls = match opts.opt_str("tls-creds") {
+            Some(id) => {
+                let creds = self.tls_objects.borrow().creds_for(id, Endpoint::Server);
+                let creds = creds.map_err(|e| {
+                    if let Some(path) = &unlink {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    Error::Tls(e)
+                })?;
+                Some(Rc::new(ServerTls {
+                    creds,
+                    authz: opts.opt_str("tls-authz").map(str::to_owned),
+                }))
+            }
+            None => None,
+        };
         let me = self.clone();
-        let accept = tokio::task::spawn_local(async move { me.accept_loop(listener, max).await });
+        let accept =
+            tokio::task::spawn_local(async move { me.accept_loop(listener, max, tls).await });
         *self.server.borrow_mut() = Some(Server { accept, unlink });
         Ok(())
     }
 
-    async fn accept_loop(self: Rc<Self>, listener: AnyListener, max: usize) {
+    async fn accept_loop(
+        self: Rc<Self>,
+        listener: AnyListener,
+        max: usize,
+        tls: Option<Rc<ServerTls>>,
+    ) {
         let limit = std::sync::Arc::new(Semaphore::new(if max == 0 {
             Semaphore::MAX_PERMITS
         } else {
@@ -170,12 +207,18 @@ impl NbdService {
                 return;
             };
             let me = self.clone();
+            let tls = tls.clone();
             match &listener {
                 AnyListener::Unix(l) => match l.accept().await {
                     Ok((s, _)) => {
-                        let (r, w) = s.into_split();
                         tokio::task::spawn_local(async move {
-                            me.serve_client(r, w).await;
+                            match tls {
+                                Some(tls) => me.serve_tls_client(s, &tls).await,
+                                None => {
+                                    let (r, w) = s.into_split();
+                                    me.serve_client(r, w).await;
+                                }
+                            }
                             drop(permit);
                         });
                     }
@@ -184,9 +227,14 @@ impl NbdService {
                 AnyListener::Tcp(l) => match l.accept().await {
                     Ok((s, _)) => {
                         let _ = s.set_nodelay(true);
-                        let (r, w) = s.into_split();
                         tokio::task::spawn_local(async move {
-                            me.serve_client(r, w).await;
+                            match tls {
+                                Some(tls) => me.serve_tls_client(s, &tls).await,
+                                None => {
+                                    let (r, w) = s.into_split();
+                                    me.serve_client(r, w).await;
+                                }
+                            }
                             drop(permit);
                         });
                     }
@@ -194,6 +242,84 @@ impl NbdService {
                 },
             }
         }
+    }
+
+    /// Runs `handshake` within the server's `handshake-max-seconds`, so that a client that
+    /// does not finish cannot hold a connection slot forever.
+    async fn within_handshake_limit<T>(
+        &self,
+        handshake: impl Future<Output = std::io::Result<Option<T>>>,
+    ) -> std::io::Result<Option<T>> {
+        match self.handshake_limit.get() {
+            0 => handshake.await,
+            limit => tokio::time::timeout(std::time::Duration::from_secs(limit), handshake)
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+        }
+    }
+
+    /// Serves one client of a server with TLS: the options before STARTTLS, the TLS
+    /// handshake and QEMU's checks of the client, then the handshake and requests inside.
+    async fn serve_tls_client<S>(&self, mut stream: S, tls: &ServerTls)
+    where
+        S: AsyncRead + AsyncWrite + std::os::fd::AsFd + Unpin + 'static,
+    {
+        self.connections.set(self.connections.get() + 1);
+        let negotiated = self
+            .within_handshake_limit(async {
+                let greeting = {
+                    // Unbuffered: nothing the client sends after STARTTLS may be read here.
+                    let (mut r, mut w) = tokio::io::split(&mut stream);
+                    let Some(greeting) = handshake::greet(&mut r, &mut w).await? else {
+                        return Ok(None);
+                    };
+                    match handshake::options(self, &mut r, &mut w, greeting, Tls::Required).await? {
+                        Outcome::StartTls => greeting,
+                        Outcome::Session(_) | Outcome::Closed => return Ok(None),
+                    }
+                };
+                let authz = self.tls_objects.borrow().authz.clone();
+                let checked = tls.authz.as_deref().map(|id| (id, &authz));
+                let secured = match ferrite_tls::accept(&tls.creds, stream, checked).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // What QEMU's server prints when a negotiation fails.
+                        let msg = format!("option negotiation failed: {e}");
+                        ferrite_block::report::error_report(&msg);
+                        return Ok(None);
+                    }
+                };
+                let (r, w) = tokio::io::split(secured);
+                let mut r = BufReader::with_capacity(256 << 10, r);
+                let mut w = BufWriter::with_capacity(256 << 10, w);
+                Ok(
+                    match handshake::options(self, &mut r, &mut w, greeting, Tls::Done).await? {
+                        Outcome::Session(session) => Some((session, r, w)),
+                        Outcome::StartTls | Outcome::Closed => None,
+                    },
+                )
+            })
+            .await;
+        match negotiated {
+            Ok(Some((session, r, w))) => Self::transmit(session, r, w).await,
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "NBD handshake ended"),
+        }
+        self.connections.set(self.connections.get() - 1);
+    }
+
+    /// Serves an export's requests to a client that finished the handshake.
+    async fn transmit<R, W>(session: Session, r: R, w: W)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin + 'static,
+    {
+        let export = session.export.clone();
+        export.client_joined();
+        if let Err(e) = transmission::serve(session, r, w).await {
+            tracing::debug!(error = %e, "NBD client ended");
+        }
+        export.client_left();
     }
 
     /// Serves one client on a connected stream: the handshake, then its requests, until
@@ -206,28 +332,11 @@ impl NbdService {
         self.connections.set(self.connections.get() + 1);
         let mut r = BufReader::with_capacity(256 << 10, r);
         let mut w = BufWriter::with_capacity(256 << 10, w);
-        // A client that does not finish the handshake in time is dropped, so that it cannot
-        // hold a connection slot forever.
-        let limit = self.handshake_limit.get();
-        let negotiated = if limit == 0 {
-            handshake::negotiate(self, &mut r, &mut w).await
-        } else {
-            tokio::time::timeout(
-                std::time::Duration::from_secs(limit),
-                handshake::negotiate(self, &mut r, &mut w),
-            )
-            .await
-            .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)))
-        };
+        let negotiated = self
+            .within_handshake_limit(handshake::negotiate(self, &mut r, &mut w))
+            .await;
         match negotiated {
-            Ok(Some(session)) => {
-                let export = session.export.clone();
-                export.client_joined();
-                if let Err(e) = transmission::serve(session, r, w).await {
-                    tracing::debug!(error = %e, "NBD client ended");
-                }
-                export.client_left();
-            }
+            Ok(Some(session)) => Self::transmit(session, r, w).await,
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "NBD handshake ended"),
         }

@@ -19,6 +19,25 @@ pub enum Error {
     /// An object type ferrite does not have.
     #[error("Invalid object type '{0}'")]
     InvalidType(String),
+    /// A type name QEMU's QAPI has and its QOM does not (`authz-listfile`).
+    #[error("invalid object type: {0}")]
+    NoSuchType(String),
+    /// TLS credentials that do not load (`ferrite-tls` words them as QEMU does).
+    #[error("{0}")]
+    Tls(String),
+    /// A GnuTLS priority string: rustls has no such language.
+    #[error(
+        "TLS priority strings are GnuTLS's: ferrite (rustls) cannot apply '{0}'; leave 'priority' out"
+    )]
+    TlsPriority(String),
+    /// A password for the private key.
+    #[error("encrypted TLS private keys (passwordid) are not supported by ferrite yet")]
+    TlsKeyPassword,
+    /// Credentials without certificates.
+    #[error(
+        "{0} is not supported by ferrite: its TLS library (rustls) has no pre-shared-key or anonymous cipher suites; use tls-creds-x509"
+    )]
+    TlsCredsUnsupported(String),
     /// `object-del` of an unknown object.
     #[error("object '{0}' not found")]
     ObjectNotFound(String),

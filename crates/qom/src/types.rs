@@ -58,6 +58,19 @@ const SECRET_COMMON_PROPS: &[PropInfo] = &[
     p("iv", "string"),
 ];
 const SECRET_PROPS: &[PropInfo] = &[p("data", "string"), p("file", "string")];
+// In the order QEMU lists them.
+const TLS_CREDS_PROPS: &[PropInfo] = &[
+    p("endpoint", "QCryptoTLSCredsEndpoint"),
+    p("dir", "string"),
+    p("verify-peer", "bool"),
+    p("priority", "string"),
+];
+const TLS_CREDS_X509_PROPS: &[PropInfo] = &[p("sanity-check", "bool"), p("passwordid", "string")];
+const AUTHZ_SIMPLE_PROPS: &[PropInfo] = &[p("identity", "string")];
+const AUTHZ_LIST_PROPS: &[PropInfo] = &[
+    p("policy", "QAuthZListPolicy"),
+    p("rules", "QAuthZListRule"),
+];
 const SOCKET_PROPS: &[PropInfo] = &[p("connected", "bool"), p("addr", "SocketAddress")];
 
 /// Every type, parents before children.
@@ -96,6 +109,17 @@ static TYPES: &[TypeInfo] = &[
         UC,
         crate::objects::throttle::PROPS,
     ),
+    t("tls-creds", Some("object"), true, &[], TLS_CREDS_PROPS),
+    t(
+        "tls-creds-x509",
+        Some("tls-creds"),
+        false,
+        UC,
+        TLS_CREDS_X509_PROPS,
+    ),
+    t("authz", Some("object"), true, &[], &[]),
+    t("authz-simple", Some("authz"), false, UC, AUTHZ_SIMPLE_PROPS),
+    t("authz-list", Some("authz"), false, UC, AUTHZ_LIST_PROPS),
     t("chardev", Some("object"), true, &[], &[]),
     t("chardev-fd", Some("chardev"), true, &[], &[]),
     t("chardev-file", Some("chardev-fd"), false, &[], &[]),

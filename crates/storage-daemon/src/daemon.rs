@@ -126,11 +126,13 @@ impl Daemon {
         let registry = ferrite_block::Registry::new();
         ferrite_drivers::register(&registry);
         ferrite_qcow2::register(&registry);
-        ferrite_nbd::client::register(&registry);
+        let tls = crate::object_links::tls_objects(&objects);
+        ferrite_nbd::client::register(&registry, tls.clone());
         let graph = Graph::new(sink.clone(), registry);
         crate::object_links::link(&graph, &objects);
         let exports = Exports::new(graph.clone(), sink.clone());
         let nbd = NbdService::new(graph.clone(), &exports);
+        nbd.set_tls_objects(tls);
         exports.register(ferrite_fuse::FuseExportType::new());
         exports.register(ferrite_virtio_blk::VhostUserBlkExportType::new());
         exports.register(ferrite_virtio_blk::VduseBlkExportType::new());

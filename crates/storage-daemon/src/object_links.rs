@@ -4,7 +4,10 @@
 
 use ferrite_block::clock::Clock;
 use ferrite_block::throttle::{BucketKind, BucketLimits, LimitsSource, ThrottleLimits};
-use ferrite_qom::{ObjectRegistry, Secret, ThrottleConfig, ThrottleGroup, UserObject};
+use ferrite_qom::{
+    AuthzObject, ObjectRegistry, Secret, ThrottleConfig, ThrottleGroup, TlsCredsX509, UserObject,
+};
+use ferrite_tls::{Found, Objects};
 use std::rc::{Rc, Weak};
 
 /// A `throttle-group` object as the block layer's source of limits.
@@ -102,4 +105,32 @@ pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
             .and_then(|o| o.get(id))
             .is_some_and(|obj| obj.type_name() == "iothread")
     }));
+}
+
+/// The `tls-creds-x509` and authorization objects of `objects`, as the NBD server and client
+/// look them up by id (holding nothing: QEMU lets `object-del` remove credentials in use,
+/// and what uses them keeps its own reference).
+pub(crate) fn tls_objects(objects: &Rc<ObjectRegistry>) -> Objects {
+    let creds_in: Weak<ObjectRegistry> = Rc::downgrade(objects);
+    let authz_in: Weak<ObjectRegistry> = Rc::downgrade(objects);
+    Objects {
+        creds: Rc::new(move |id: &str| {
+            let Some(obj) = creds_in.upgrade().and_then(|o| o.get(id)) else {
+                return Found::Missing;
+            };
+            match obj.as_any().downcast_ref::<TlsCredsX509>() {
+                Some(creds) => Found::Yes(creds.creds()),
+                None => Found::OtherType,
+            }
+        }),
+        authz: Rc::new(move |id: &str| {
+            let Some(obj) = authz_in.upgrade().and_then(|o| o.get(id)) else {
+                return Found::Missing;
+            };
+            match obj.as_any().downcast_ref::<AuthzObject>() {
+                Some(authz) => Found::Yes(authz.authz()),
+                None => Found::OtherType,
+            }
+        }),
+    }
 }

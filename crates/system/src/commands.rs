@@ -53,7 +53,7 @@ impl SystemCommands {
             "query-name" => Ok(sys.machine.query_name()),
             "query-kvm" => Ok(sys.machine.query_kvm()),
             "device_add" => {
-                sys.devices.add(args.as_dict())?;
+                sys.devices.hotplug(args.as_dict())?;
                 empty()
             }
             "device_del" => {

@@ -179,6 +179,27 @@ pub(crate) const MODELS: &[Model] = &[
         props: &["chassis_nr", "addr", "shpc", "msi"],
     },
     Model {
+        name: "pcie-root-port",
+        alias: None,
+        bus: "PCI",
+        category: BRIDGES,
+        desc: "PCI Express Root Port",
+        kind: Kind::PciBridge,
+        props: &[
+            "chassis",
+            "slot",
+            "port",
+            "addr",
+            "multifunction",
+            "bus-reserve",
+            "io-reserve",
+            "mem-reserve",
+            "pref32-reserve",
+            "pref64-reserve",
+            "hotplug",
+        ],
+    },
+    Model {
         name: "scsi-hd",
         alias: None,
         bus: "SCSI",
@@ -563,6 +584,24 @@ impl Devices {
     /// drive, a drive in use, no bus for the device, a duplicate id.
     pub(crate) fn add(&self, props: &QDict) -> Result<Rc<Device>, Error> {
         self.add_at(props, None)
+    }
+
+    /// `device_add` on a running board: as `add`, except that a PCI Express root port
+    /// cannot come after the machine is made (its root bus takes no hot-plugged ports).
+    ///
+    /// # Errors
+    /// As `add`, and "Bus 'pcie.0' does not support hotplugging".
+    pub(crate) fn hotplug(&self, props: &QDict) -> Result<Rc<Device>, Error> {
+        if props.get("driver").map(prop_str).as_deref() == Some("pcie-root-port") {
+            let root = if self.machine.kind.board == crate::machine::Board::Q35 {
+                "pcie.0"
+            } else {
+                "pci.0"
+            };
+            let bus = props.get("bus").map_or_else(|| root.to_owned(), prop_str);
+            return Err(generic(format!("Bus '{bus}' does not support hotplugging")));
+        }
+        self.add(props)
     }
 
     /// `drive_del`: the drive's medium goes (its nodes close if nothing else holds them)

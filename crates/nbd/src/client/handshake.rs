@@ -97,6 +97,8 @@ fn option_error(option: &str, reply: &OptionReply) -> String {
     };
     match reply.ty {
         REP_ERR_UNKNOWN => "Requested export not available".to_owned(),
+        // The server wants TLS first: QEMU's words, which name the option by number.
+        REP_ERR_TLS_REQD => "TLS negotiation required before option 7 (go)".to_owned(),
         REP_ERR_POLICY => format!("Server refused the option {option} by policy{detail}"),
         REP_ERR_INVALID => format!("Server considers the option {option} invalid{detail}"),
         _ => format!(
@@ -225,14 +227,17 @@ where
     }
 }
 
-/// Runs the handshake for `export`, with block status from `context` (`base:allocation`
-/// unless a dirty bitmap is read through it).
-pub(crate) async fn negotiate<R, W>(
-    r: &mut R,
-    w: &mut W,
-    export: &str,
-    bitmap: Option<&str>,
-) -> Result<Negotiated>
+/// What the server's greeting offered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offer {
+    /// Fixed newstyle: options may be refused and others tried.
+    fixed: bool,
+    /// The zeroes after an `EXPORT_NAME` reply are left out.
+    no_zeroes: bool,
+}
+
+/// Reads the server's greeting and answers it.
+pub(crate) async fn greet<R, W>(r: &mut R, w: &mut W) -> Result<Offer>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -255,10 +260,54 @@ where
         client_flags |= FLAG_C_NO_ZEROES;
     }
     w.write_all(&client_flags.to_be_bytes()).await?;
+    w.flush().await?;
+    Ok(Offer {
+        fixed: server_flags & FLAG_FIXED_NEWSTYLE != 0,
+        no_zeroes,
+    })
+}
+
+/// Asks the server to start TLS (`NBD_OPT_STARTTLS`); on `Ok` the TLS handshake follows.
+pub(crate) async fn start_tls<R, W>(r: &mut R, w: &mut W, offer: Offer) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if !offer.fixed {
+        return refused("Server does not support STARTTLS");
+    }
+    send_option(w, OPT_STARTTLS, &[]).await?;
+    let reply = read_reply(r, OPT_STARTTLS).await?;
+    let refusal = match reply.ty {
+        REP_ACK => return Ok(()),
+        REP_ERR_UNSUP => "Server don't support STARTTLS option",
+        REP_ERR_POLICY => "Denied by server for option 5 (starttls)",
+        REP_ERR_INVALID => "Invalid parameters for option 5 (starttls)",
+        REP_ERR_PLATFORM => "Server lacks support for option 5 (starttls)",
+        _ => "Unknown error code when asking for option 5 (starttls)",
+    };
+    // As QEMU's client: the server is told the haggling is over.
+    let _ = send_option(w, OPT_ABORT, &[]).await;
+    refused(refusal)
+}
+
+/// Runs the rest of the handshake for `export`, with block status from `context`
+/// (`base:allocation` unless a dirty bitmap is read through it).
+pub(crate) async fn negotiate<R, W>(
+    r: &mut R,
+    w: &mut W,
+    offer: Offer,
+    export: &str,
+    bitmap: Option<&str>,
+) -> Result<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Offer { fixed, no_zeroes } = offer;
     if export.len() > MAX_STRING {
         return refused("export name too long to send to server");
     }
-    let fixed = server_flags & FLAG_FIXED_NEWSTYLE != 0;
     let framing = if fixed {
         negotiate_framing(r, w).await?
     } else {

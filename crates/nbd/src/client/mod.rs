@@ -11,7 +11,8 @@ use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Registry};
 use ferrite_qapi::{Args, os_msg};
 use ferrite_qobject::QDict;
-use handshake::{HandshakeError, negotiate};
+use ferrite_tls::{Endpoint, Objects, X509Creds};
+use handshake::{HandshakeError, greet, negotiate, start_tls};
 use session::{Answer, Command, Failure, Session};
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -20,9 +21,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Registers the `nbd` driver.
-pub fn register(registry: &Registry) {
-    registry.register(Rc::new(NbdClientFactory));
+/// Registers the `nbd` driver, which finds `tls-creds` through `tls`.
+pub fn register(registry: &Registry, tls: Objects) {
+    registry.register(Rc::new(NbdClientFactory { tls }));
 }
 
 /// Where the server listens.
@@ -80,17 +81,13 @@ impl Server {
         }
     }
 
-    async fn connect(&self) -> io::Result<(session::Reader, session::Writer)> {
+    async fn connect(&self) -> io::Result<Stream> {
         match self {
-            Server::Unix(path) => {
-                let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
-                Ok((Box::pin(r), Box::pin(w)))
-            }
+            Server::Unix(path) => Ok(Stream::Unix(tokio::net::UnixStream::connect(path).await?)),
             Server::Inet { host, port, .. } => {
                 let s = tokio::net::TcpStream::connect(format!("{host}:{port}")).await?;
                 let _ = s.set_nodelay(true);
-                let (r, w) = s.into_split();
-                Ok((Box::pin(r), Box::pin(w)))
+                Ok(Stream::Tcp(s))
             }
             Server::Fd { fd, .. } => {
                 // Once connected, the socket is the connection's; a lost one cannot be
@@ -101,11 +98,86 @@ impl Server {
                     .ok_or_else(|| io::Error::from_raw_os_error(libc::ECONNREFUSED))?;
                 let std = std::os::unix::net::UnixStream::from(fd);
                 std.set_nonblocking(true)?;
-                let (r, w) = tokio::net::UnixStream::from_std(std)?.into_split();
-                Ok((Box::pin(r), Box::pin(w)))
+                Ok(Stream::Unix(tokio::net::UnixStream::from_std(std)?))
             }
         }
     }
+}
+
+/// A connection to the server.
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+/// The client's TLS: its credentials and the name the server's certificate must have.
+struct ClientTls {
+    creds: Rc<X509Creds>,
+    hostname: Option<String>,
+}
+
+/// Runs the handshake on a plain stream, split without a lock.
+async fn handshake_plain<R, W>(r: R, w: W, target: &Target) -> Result<Rc<Session>, HandshakeError>
+where
+    R: tokio::io::AsyncRead + 'static,
+    W: tokio::io::AsyncWrite + 'static,
+{
+    let mut r: session::Reader = Box::pin(r);
+    let mut w: session::Writer = Box::pin(w);
+    let offer = greet(&mut r, &mut w).await?;
+    let info = negotiate(
+        &mut r,
+        &mut w,
+        offer,
+        &target.export,
+        target.bitmap.as_deref(),
+    )
+    .await?;
+    Ok(Session::new(info, r, w))
+}
+
+/// Greets, starts TLS and runs the rest of the handshake inside it.
+async fn handshake_tls<S>(
+    mut stream: S,
+    target: &Target,
+    tls: &ClientTls,
+) -> Result<Rc<Session>, HandshakeError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let offer = {
+        let (mut r, mut w) = tokio::io::split(&mut stream);
+        let offer = greet(&mut r, &mut w).await?;
+        start_tls(&mut r, &mut w, offer).await?;
+        offer
+    };
+    let secured = ferrite_tls::connect(&tls.creds, stream, tls.hostname.as_deref())
+        .await
+        .map_err(HandshakeError::Refused)?;
+    let (r, w) = tokio::io::split(secured);
+    let mut r: session::Reader = Box::pin(r);
+    let mut w: session::Writer = Box::pin(w);
+    let info = negotiate(
+        &mut r,
+        &mut w,
+        offer,
+        &target.export,
+        target.bitmap.as_deref(),
+    )
+    .await
+    .map_err(|e| match e {
+        // A server that judged this client and refused it hangs up without ending TLS:
+        // QEMU's words for it.
+        HandshakeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            HandshakeError::Refused(
+                "Failed to read option reply: Cannot read from TLS channel: The TLS \
+                     connection was non-properly terminated."
+                    .into(),
+            )
+        }
+        other => other,
+    })?;
+    Ok(Session::new(info, r, w))
 }
 
 /// Why a connection could not be made, in QEMU's words.
@@ -126,17 +198,30 @@ struct Target {
     server: Server,
     export: String,
     bitmap: Option<String>,
+    tls: Option<ClientTls>,
 }
 
 impl Target {
     async fn connect(&self) -> Result<Rc<Session>, HandshakeError> {
-        let (mut r, mut w) = self.server.connect().await?;
-        let info = negotiate(&mut r, &mut w, &self.export, self.bitmap.as_deref()).await?;
-        Ok(Session::new(info, r, w))
+        let stream = self.server.connect().await?;
+        match (stream, &self.tls) {
+            (Stream::Unix(s), None) => {
+                let (r, w) = s.into_split();
+                handshake_plain(r, w, self).await
+            }
+            (Stream::Tcp(s), None) => {
+                let (r, w) = s.into_split();
+                handshake_plain(r, w, self).await
+            }
+            (Stream::Unix(s), Some(tls)) => handshake_tls(s, self, tls).await,
+            (Stream::Tcp(s), Some(tls)) => handshake_tls(s, self, tls).await,
+        }
     }
 }
 
-struct NbdClientFactory;
+struct NbdClientFactory {
+    tls: Objects,
+}
 
 impl DriverFactory for NbdClientFactory {
     fn name(&self) -> &'static str {
@@ -151,17 +236,28 @@ impl DriverFactory for NbdClientFactory {
         Box::pin(async move {
             let opts = ctx.opts();
             let server = Server::parse(opts)?;
-            if let Some(id) = opts.opt_str("tls-creds") {
-                // ferrite has no TLS credential objects, so none by this id exists.
-                return Err(ferrite_qapi::Error::generic(format!(
-                    "No TLS credentials with id '{id}'"
-                ))
-                .into());
-            }
+            let tls = match opts.opt_str("tls-creds") {
+                Some(id) => Some(ClientTls {
+                    creds: self
+                        .tls
+                        .creds_for(id, Endpoint::Client)
+                        .map_err(ferrite_qapi::Error::generic)?,
+                    // Without `tls-hostname`, an inet server's host is the name to check.
+                    hostname: opts
+                        .opt_str("tls-hostname")
+                        .map(str::to_owned)
+                        .or(match &server {
+                            Server::Inet { host, .. } => Some(host.clone()),
+                            _ => None,
+                        }),
+                }),
+                None => None,
+            };
             let target = Target {
                 server,
                 export: opts.opt_str("export").unwrap_or("").to_owned(),
                 bitmap: opts.opt_str("x-dirty-bitmap").map(str::to_owned),
+                tls,
             };
             let open_timeout = Duration::from_secs(opts.opt_u64("open-timeout").unwrap_or(0));
             let deadline = Instant::now() + open_timeout;

@@ -3,6 +3,7 @@
 pub(crate) mod event_loop;
 pub(crate) mod secret;
 pub(crate) mod throttle;
+pub(crate) mod tls;
 
 use crate::error::{Error, Result};
 use crate::node::QomNode;
@@ -60,6 +61,14 @@ impl ObjectRegistry {
         let obj: Rc<dyn UserObject> = match options.str("qom-type")? {
             "throttle-group" => Rc::new(throttle::ThrottleGroup::create(options)?),
             "secret" => Rc::new(secret::Secret::create(options)?),
+            "tls-creds-x509" => Rc::new(tls::TlsCredsX509::create(options)?),
+            "authz-simple" => Rc::new(tls::AuthzObject::simple(options)?),
+            "authz-list" => Rc::new(tls::AuthzObject::list(options)?),
+            // QEMU's type of this name is `authz-list-file`: it cannot make one either.
+            "authz-listfile" => return Err(Error::NoSuchType("authz-listfile".into())),
+            kind @ ("tls-creds-anon" | "tls-creds-psk") => {
+                return Err(Error::TlsCredsUnsupported(kind.to_owned()));
+            }
             "iothread" => Rc::new(event_loop::EventLoop::create(options, true)?),
             "main-loop" => {
                 // Properties are applied (and checked) before the object completes, where

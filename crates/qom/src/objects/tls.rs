@@ -1,0 +1,142 @@
+//! `tls-creds-x509` (QEMU: `crypto/tlscredsx509.c`), the TLS credentials the NBD server and
+//! client take by id, and the authorization objects `authz-simple` and `authz-list`
+//! (`authz/`) a server's `tls-authz` names. `ferrite-tls` loads and judges; these are the
+//! objects around it.
+
+use super::{UserObject, frozen};
+use crate::error::{Error, Result};
+use ferrite_qapi::Args;
+use ferrite_qobject::{QDict, QObject};
+use ferrite_tls::{Authz, AuthzList, AuthzSimple, Endpoint, X509Creds, X509Options};
+use std::any::Any;
+use std::rc::Rc;
+
+/// A `tls-creds-x509` object.
+pub struct TlsCredsX509 {
+    creds: Rc<X509Creds>,
+}
+
+impl TlsCredsX509 {
+    pub(crate) fn create(options: &Args) -> Result<TlsCredsX509> {
+        if let Some(p) = options.opt_str("priority") {
+            return Err(Error::TlsPriority(p.to_owned()));
+        }
+        if options.has("passwordid") {
+            return Err(Error::TlsKeyPassword);
+        }
+        let endpoint = match options.opt_str("endpoint") {
+            Some("server") => Endpoint::Server,
+            _ => Endpoint::Client,
+        };
+        let creds = X509Creds::load(X509Options {
+            dir: options.opt_str("dir").map(str::to_owned),
+            endpoint,
+            verify_peer: options.opt_bool("verify-peer").unwrap_or(true),
+            sanity_check: options.opt_bool("sanity-check").unwrap_or(true),
+        })
+        .map_err(Error::Tls)?;
+        Ok(TlsCredsX509 {
+            creds: Rc::new(creds),
+        })
+    }
+
+    /// The loaded credentials.
+    pub fn creds(&self) -> Rc<X509Creds> {
+        self.creds.clone()
+    }
+}
+
+impl UserObject for TlsCredsX509 {
+    fn type_name(&self) -> &'static str {
+        "tls-creds-x509"
+    }
+
+    fn get(&self, name: &str) -> Option<Result<QObject>> {
+        let o = self.creds.options();
+        Some(Ok(match name {
+            "verify-peer" => QObject::from(o.verify_peer),
+            "dir" => QObject::from(o.dir.clone().unwrap_or_default()),
+            "endpoint" => QObject::from(o.endpoint.as_str()),
+            "priority" | "passwordid" => QObject::from(""),
+            "sanity-check" => QObject::from(o.sanity_check),
+            _ => return None,
+        }))
+    }
+
+    fn set(&self, name: &str, _value: &QObject) -> Option<Result<()>> {
+        match name {
+            "verify-peer" | "dir" | "endpoint" | "priority" | "passwordid" | "sanity-check" => {
+                Some(Err(frozen()))
+            }
+            _ => None,
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `authz-simple` or `authz-list`.
+pub struct AuthzObject {
+    type_name: &'static str,
+    authz: Rc<dyn Authz>,
+    /// The properties it was created with, for `qom-get`.
+    props: QDict,
+}
+
+impl AuthzObject {
+    pub(crate) fn simple(options: &Args) -> Result<AuthzObject> {
+        let identity = options.str("identity")?.to_owned();
+        Ok(AuthzObject {
+            type_name: "authz-simple",
+            props: QDict::new().with("identity", identity.as_str()),
+            authz: Rc::new(AuthzSimple(identity)),
+        })
+    }
+
+    pub(crate) fn list(options: &Args) -> Result<AuthzObject> {
+        let list = AuthzList::from_qobject(&QObject::Dict(options.as_dict().clone()));
+        let rules: Vec<QObject> = list
+            .rules
+            .iter()
+            .map(|r| {
+                QDict::new()
+                    .with("match", r.pattern.as_str())
+                    .with("policy", r.policy.as_str())
+                    .with("format", if r.glob { "glob" } else { "exact" })
+                    .into()
+            })
+            .collect();
+        Ok(AuthzObject {
+            type_name: "authz-list",
+            props: QDict::new()
+                .with("policy", list.policy.as_str())
+                .with("rules", rules),
+            authz: Rc::new(list),
+        })
+    }
+
+    /// The authorization it gives.
+    pub fn authz(&self) -> Rc<dyn Authz> {
+        self.authz.clone()
+    }
+}
+
+impl UserObject for AuthzObject {
+    fn type_name(&self) -> &'static str {
+        self.type_name
+    }
+
+    fn get(&self, name: &str) -> Option<Result<QObject>> {
+        self.props.get(name).cloned().map(Ok)
+    }
+
+    fn set(&self, name: &str, _value: &QObject) -> Option<Result<()>> {
+        self.props.get(name).map(|_| Err(frozen()))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,81 @@
+//! TLS as QEMU's programs do it (QEMU: `crypto/tlscreds*.c`, `crypto/tlssession.c`,
+//! `authz/`), for NBD's STARTTLS on both ends.
+//!
+//! - `creds.rs`: `tls-creds-x509`: the files of a directory, checked at creation as QEMU
+//!   checks them, and the rustls configurations made from them;
+//! - `sanity.rs`: the checks of the program's own certificates (times, constraints,
+//!   usage, purpose, the pair) with QEMU's texts;
+//! - `peer.rs`: what QEMU checks of the peer once the handshake is done (trust, times, the
+//!   authorization of a client's name, a server's host name);
+//! - `dn.rs`: a certificate's distinguished name as GnuTLS writes it (the identity
+//!   authorization lists judge);
+//! - `authz.rs`: `authz-simple` and `authz-list`;
+//! - `session.rs`: the handshake on a stream, server and client.
+//!
+//! rustls does the protocol. It checks nothing of the peer during the handshake beyond the
+//! handshake signatures: the peer is judged afterwards by QEMU's rules (`peer.rs`), so that
+//! a refusal is the same one QEMU makes, at the same moment.
+
+mod authz;
+mod creds;
+mod dn;
+mod peer;
+mod sanity;
+mod session;
+
+pub use authz::{Authz, AuthzList, AuthzRule, AuthzSimple, Policy};
+pub use creds::{Endpoint, X509Creds, X509Options};
+pub use session::{ClientStream, ServerStream, accept, connect};
+
+use std::rc::Rc;
+
+/// What an id names among the program's objects.
+pub enum Found<T> {
+    /// An object of the kind looked for.
+    Yes(T),
+    /// An object of another kind.
+    OtherType,
+    /// No object.
+    Missing,
+}
+
+/// Finds credentials by id.
+pub type CredsLookup = Rc<dyn Fn(&str) -> Found<Rc<X509Creds>>>;
+/// Finds authorization objects by id.
+pub type AuthzLookup = Rc<dyn Fn(&str) -> Found<Rc<dyn Authz>>>;
+
+/// The program's TLS objects, as the layers that take them by id (`tls-creds`,
+/// `tls-authz`) find them.
+#[derive(Clone)]
+pub struct Objects {
+    /// Credentials.
+    pub creds: CredsLookup,
+    /// Authorization objects.
+    pub authz: AuthzLookup,
+}
+
+impl Objects {
+    /// A program without TLS objects.
+    pub fn none() -> Objects {
+        Objects {
+            creds: Rc::new(|_| Found::Missing),
+            authz: Rc::new(|_| Found::Missing),
+        }
+    }
+
+    /// The credentials `id`, for `endpoint`.
+    ///
+    /// # Errors
+    /// QEMU's texts: no such object, not credentials, the other endpoint's.
+    pub fn creds_for(&self, id: &str, endpoint: Endpoint) -> Result<Rc<X509Creds>, String> {
+        match (self.creds)(id) {
+            Found::Yes(c) if c.endpoint() == endpoint => Ok(c),
+            Found::Yes(_) => Err(format!(
+                "Expected TLS credentials for a {} endpoint",
+                endpoint.as_str()
+            )),
+            Found::OtherType => Err(format!("Object with id '{id}' is not TLS credentials")),
+            Found::Missing => Err(format!("No TLS credentials with id '{id}'")),
+        }
+    }
+}

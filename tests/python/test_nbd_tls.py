@@ -1,0 +1,486 @@
+"""NBD over TLS (`tls-creds-x509`, `nbd-server-start tls-creds`, `tls-authz`, the `nbd`
+driver's `tls-creds` and `tls-hostname`) against qemu-storage-daemon: the same objects and
+refusals, the same answers to QEMU's own clients (qemu-io, qemu-img) and to libnbd's
+`nbdinfo`, the same bytes on the wire before STARTTLS, and ferrite's client against
+qemu-nbd's and its own TLS servers. Certificates are made with GnuTLS's certtool, as QEMU's
+iotests make theirs."""
+import json
+import shutil
+import socket
+import struct
+import subprocess
+
+import pytest
+
+from blockjobs import add, qcow2, run
+from conftest import assert_same_image, assert_same_transcript, connect_unix, wait_for
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(shutil.which("certtool") is None,
+                                reason="certtool (gnutls-bin) makes the test certificates")
+
+
+def certtool(*args):
+    subprocess.run(["certtool", *args], check=True, capture_output=True)
+
+
+def make_ca(d, key, name):
+    (d / "ca.info").write_text(f"cn = {name}\nca\ncert_signing_key\n")
+    certtool("--generate-self-signed", "--load-privkey", key, "--template", d / "ca.info",
+             "--outfile", d / f"{name}.pem")
+    return d / f"{name}.pem"
+
+
+def make_cert(d, key, ca, out, template):
+    (d / "cert.info").write_text(template)
+    certtool("--generate-certificate", "--load-ca-privkey", key, "--load-ca-certificate", ca,
+             "--load-privkey", key, "--template", d / "cert.info", "--outfile", out)
+
+
+def cred_dir(d, ca, files):
+    d.mkdir()
+    shutil.copy(ca, d / "ca-cert.pem")
+    for name, src in files.items():
+        shutil.copy(src, d / name)
+    return d
+
+
+SERVER = ("organization = Test server\ncn = iotests.qemu.org\nip_address = 127.0.0.1\n"
+          "ip_address = ::1\ntls_www_server\nencryption_key\nsigning_key\n")
+CLIENT = ("country = South Pacific\nlocality =  R'lyeh\norganization = Test client {n}\n"
+          "cn = localhost\ntls_www_client\nencryption_key\nsigning_key\n")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """Credential directories: a server's and two clients' of one CA, a client with no
+    certificate, a server of another CA, and sets QEMU's sanity check refuses."""
+    d = tmp_path_factory.mktemp("pki")
+    key = d / "key.pem"
+    certtool("--generate-privkey", "--key-type=rsa", "--bits=2048", "--outfile", key)
+    ca = make_ca(d, key, "ca1")
+    other_ca = make_ca(d, key, "ca2")
+    make_cert(d, key, ca, d / "server.pem", SERVER)
+    make_cert(d, key, other_ca, d / "server2.pem", SERVER)
+    make_cert(d, key, ca, d / "client1.pem", CLIENT.format(n=1))
+    make_cert(d, key, ca, d / "client2.pem", CLIENT.format(n=2))
+    dirs = {
+        "server": cred_dir(d / "server", ca, {"server-cert.pem": d / "server.pem",
+                                              "server-key.pem": key}),
+        "server-ca2": cred_dir(d / "server-ca2", other_ca, {"server-cert.pem": d / "server2.pem",
+                                                            "server-key.pem": key}),
+        "client1": cred_dir(d / "client1", ca, {"client-cert.pem": d / "client1.pem",
+                                                "client-key.pem": key}),
+        "client2": cred_dir(d / "client2", ca, {"client-cert.pem": d / "client2.pem",
+                                                "client-key.pem": key}),
+        "anonymous": cred_dir(d / "anonymous", ca, {}),
+        # The CA's own certificate offered as the server's.
+        "ca-as-server": cred_dir(d / "ca-as-server", ca, {"server-cert.pem": ca,
+                                                          "server-key.pem": key}),
+        # A server certificate signed by a CA the directory does not trust.
+        "foreign-server": cred_dir(d / "foreign-server", ca,
+                                   {"server-cert.pem": d / "server2.pem",
+                                    "server-key.pem": key}),
+        "no-key": cred_dir(d / "no-key", ca, {"server-cert.pem": d / "server.pem"}),
+    }
+    return dirs
+
+
+def creds(kind, d, id="tls0", **extra):
+    return {"qom-type": "tls-creds-x509", "id": id, "dir": str(d),
+            "endpoint": kind, **extra}
+
+
+def objects_transcript(d, pki, tmp):
+    """object-add and the commands that take credentials by id."""
+    c = d.connect()
+    out = []
+
+    def cmd(name, args):
+        r = c.cmd(name, args)
+        out.append((name, json.loads(json.dumps(r).replace(str(tmp), "TMP"))))
+        return r
+    cmd("object-add", creds("server", pki["server"], "srv"))
+    cmd("object-add", creds("client", pki["client1"], "cli"))
+    cmd("object-add", creds("client", pki["anonymous"], "anon"))
+    cmd("object-add", {"qom-type": "tls-creds-x509", "id": "nodir"})
+    cmd("object-add", {"qom-type": "tls-creds-x509", "id": "nodir2", "endpoint": "server"})
+    cmd("object-add", creds("client", tmp / "nonexistent", "missing"))
+    cmd("object-add", creds("server", pki["client1"], "wrongend"))
+    cmd("object-add", creds("server", pki["no-key"], "nokey"))
+    cmd("object-add", creds("server", pki["ca-as-server"], "caserver"))
+    cmd("object-add", creds("server", pki["ca-as-server"], "caserver-unchecked",
+                            **{"sanity-check": False}))
+    cmd("object-add", creds("server", pki["foreign-server"], "foreign"))
+    cmd("object-add", creds("server", pki["server"], "unverified", **{"verify-peer": False}))
+    cmd("object-add", {"qom-type": "tls-creds-x509", "id": "bad", "endpoint": "middle"})
+    cmd("object-add", {"qom-type": "authz-simple", "id": "az"})
+    cmd("object-add", {"qom-type": "authz-simple", "id": "az1", "identity": "CN=x"})
+    cmd("object-add", {"qom-type": "authz-list", "id": "al", "policy": "allow",
+                       "rules": [{"match": "CN=*", "policy": "deny", "format": "glob"}]})
+    cmd("object-add", {"qom-type": "authz-list", "id": "al2",
+                       "rules": [{"match": "CN=*", "policy": "maybe"}]})
+    cmd("object-add", {"qom-type": "authz-listfile", "id": "alf", "filename": "/x"})
+    cmd("object-add", {"qom-type": "secret", "id": "sec", "data": "x"})
+    for obj, prop in [("srv", "endpoint"), ("srv", "verify-peer"), ("srv", "sanity-check"),
+                      ("cli", "endpoint"), ("unverified", "verify-peer"), ("az1", "identity"),
+                      ("al", "policy")]:
+        cmd("qom-get", {"path": f"/objects/{obj}", "property": prop})
+    for t in ("tls-creds-x509", "authz-simple", "authz-list"):
+        cmd("qom-list-properties", {"typename": t})
+    addr = {"type": "unix", "data": {"path": str(d.workdir / "nbd.sock")}}
+    for ident in ("nosuch", "sec", "cli", "az1"):
+        cmd("nbd-server-start", {"addr": addr, "tls-creds": ident})
+    cmd("nbd-server-start", {"addr": addr, "tls-creds": "srv", "tls-authz": "nosuch"})
+    cmd("nbd-server-stop", {})
+    srv = {"type": "unix", "path": str(d.workdir / "nbd.sock")}
+    for ident in ("nosuch", "sec", "srv"):
+        cmd("blockdev-add", {"driver": "nbd", "node-name": "n", "server": srv,
+                             "tls-creds": ident})
+    cmd("object-del", {"id": "srv"})
+    cmd("object-del", {"id": "az1"})
+    c.close()
+    return out
+
+
+def test_tls_objects_and_refusals_match_qsd(both, pki, tmp_path):
+    q, f = both()
+    expected = objects_transcript(q, pki, tmp_path)
+    got = objects_transcript(f, pki, tmp_path)
+    assert_same_transcript(expected, got)
+
+
+def test_credentials_ferrite_cannot_take_are_refused_clearly(ferrite, pki):
+    """PSK and anonymous credentials need cipher suites rustls does not have, and GnuTLS
+    priority strings mean nothing to it: each is refused by name, never ignored."""
+    c = ferrite().connect()
+    for obj in [{"qom-type": "tls-creds-psk", "id": "p", "dir": str(pki["server"]),
+                 "endpoint": "server"},
+                {"qom-type": "tls-creds-anon", "id": "a", "endpoint": "server"},
+                creds("server", pki["server"], "prio", priority="NORMAL")]:
+        r = c.cmd("object-add", obj)
+        assert r["error"]["class"] == "GenericError", r
+        desc = r["error"]["desc"]
+        assert "ferrite" in desc and ("tls-creds-x509" in desc or "priority" in desc), desc
+    assert [p for p in c.cmd("qom-list", {"path": "/objects"})["return"]
+            if p["type"].startswith("child<")] == []
+
+
+def serve(d, pki, *, authz=None, verify=True, writable=True):
+    """Serves a fresh 16 MiB qcow2 image over TLS as export `d`; returns its socket."""
+    c = d.connect()
+    img = d.workdir / "d.qcow2"
+    qcow2(img, "16M")
+    run("qemu-io", "-c", "write -P 7 0 1M", "-c", "write -P 3 15M 1M", img)
+    r = c.cmd("object-add", creds("server", pki["server"], **{"verify-peer": verify}))
+    assert r == {"return": {}}, r
+    if authz:
+        assert c.cmd("object-add", {"id": "authz0", **authz}) == {"return": {}}
+    add(c, "d", img)
+    sock = d.workdir / "nbd.sock"
+    args = {"addr": {"type": "unix", "data": {"path": str(sock)}}, "tls-creds": "tls0"}
+    if authz:
+        args["tls-authz"] = "authz0"
+    assert c.cmd("nbd-server-start", args) == {"return": {}}
+    r = c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "d", "name": "d",
+                                   "writable": writable})
+    assert r == {"return": {}}, r
+    return c, sock
+
+
+def qemu_client(tool, sock, cred, *ops, hostname="127.0.0.1"):
+    """Runs a QEMU tool as a TLS client of export `d`: (exit status, output lines without
+    timings)."""
+    opts = f"driver=nbd,server.type=unix,server.path={sock},export=d"
+    obj = []
+    if cred is not None:
+        obj = ["--object", f"tls-creds-x509,id=tls0,dir={cred},endpoint=client"]
+        opts += ",tls-creds=tls0"
+        if hostname:
+            opts += f",tls-hostname={hostname}"
+    # qemu-img takes its options after the subcommand.
+    head, ops = ([ops[0]], ops[1:]) if tool == "qemu-img" else ([], ops)
+    r = subprocess.run([tool, *head, *obj, "--image-opts", opts, *ops], capture_output=True,
+                       text=True, timeout=60)
+    lines = [dropped(ln.replace(str(sock), "SOCK")) for ln in (r.stdout + r.stderr).splitlines()
+             if "ops/sec" not in ln]
+    return r.returncode, lines
+
+
+def dropped(line):
+    """A connection the server cut off: whether the client saw it as a reset, a broken pipe
+    or an end of stream depends on timing, in QEMU's programs as in ferrite's."""
+    for sign in ("Connection reset by peer", "Broken pipe", "non-properly terminated"):
+        if sign in line:
+            return "<the server dropped the connection>"
+    return line
+
+
+def clients_transcript(d, pki, authz=None, verify=True):
+    c, sock = serve(d, pki, authz=authz, verify=verify)
+    out = []
+    io = lambda cred, *ops, **kw: out.append(qemu_client("qemu-io", sock, cred, *ops, **kw))
+    io(pki["client1"], "-c", "read -P 7 0 1M", "-c", "write -P 9 1M 64k",
+       "-c", "read -P 9 1M 64k", "-c", "read -P 3 15M 1M")
+    io(pki["client2"], "-c", "read -P 7 0 64k")
+    io(pki["anonymous"], "-c", "read 0 4k")
+    io(pki["client1"], "-c", "read 0 4k", hostname="localhost")
+    io(pki["client1"], "-c", "read 0 4k", hostname="IOTESTS.qemu.org")
+    io(pki["client1"], "-c", "read 0 4k", hostname=None)
+    io(None, "-c", "read 0 4k")
+    out.append(qemu_client("qemu-img", sock, pki["client1"], "info", "--output=json"))
+    r = subprocess.run(["nbdinfo", "--json", f"nbds+unix:///d?socket={sock}"
+                        f"&tls-certificates={pki['client1']}"], capture_output=True, text=True)
+    info = json.loads(r.stdout)["exports"][0] if r.returncode == 0 else r.returncode
+    out.append(("nbdinfo", {k: info[k] for k in ("export-size", "is_read_only",
+                                                 "contexts")} if isinstance(info, dict)
+                else info))
+    c.close()
+    return out
+
+
+@pytest.mark.parametrize("authz", [
+    None,
+    {"qom-type": "authz-simple",
+     "identity": "C=South Pacific,L=R'lyeh,O=Test client 1,CN=localhost"},
+    {"qom-type": "authz-list", "policy": "deny",
+     "rules": [{"match": "C=South Pacific,*,O=Test client 2,*", "policy": "allow",
+                "format": "glob"}]},
+    {"qom-type": "authz-list", "policy": "allow",
+     "rules": [{"match": "C=South Pacific,L=R'lyeh,O=Test client 2,CN=localhost",
+                "policy": "deny"}]},
+], ids=["no-authz", "simple", "list-glob", "list-exact"])
+def test_qemu_clients_see_the_same_tls_server(both, pki, authz):
+    q, f = both()
+    expected = clients_transcript(q, pki, authz)
+    got = clients_transcript(f, pki, authz)
+    assert_same_transcript(expected, got)
+    # Some client got in, one way or another.
+    assert any(e[0] == 0 for e in got if isinstance(e[0], int)), got
+
+
+def test_a_server_that_does_not_verify_takes_any_client(both, pki):
+    q, f = both()
+    assert_same_transcript(clients_transcript(q, pki, verify=False),
+                           clients_transcript(f, pki, verify=False))
+
+
+def option(opt, data=b""):
+    return struct.pack(">QII", 0x49484156454F5054, opt, len(data)) + data
+
+
+def read_reply(s):
+    """One option reply, or None once the server has closed (or reset) the connection."""
+    head = b""
+    while len(head) < 20:
+        try:
+            chunk = s.recv(20 - len(head))
+        except ConnectionResetError:
+            return None
+        if not chunk:
+            return None
+        head += chunk
+    _, opt, ty, length = struct.unpack(">QIII", head)
+    body = b""
+    while len(body) < length:
+        body += s.recv(length - len(body))
+    return opt, ty, body.decode()
+
+
+def wire_transcript(d, pki):
+    """Options before STARTTLS, byte for byte."""
+    c, sock = serve(d, pki)
+    out = []
+
+    def session(*opts, flags=3):
+        s = connect_unix(str(sock))
+        s.settimeout(10)
+        hello = s.recv(18)
+        s.sendall(struct.pack(">I", flags))
+        replies = []
+        for o in opts:
+            try:
+                s.sendall(o)
+            except BrokenPipeError:
+                replies.append("closed")
+                break
+            r = read_reply(s)
+            replies.append(r if r is not None else "closed")
+            if r is None:
+                break
+        s.close()
+        out.append((hello.hex(), replies))
+    # LIST, INFO, STRUCTURED_REPLY, an unknown option, then STARTTLS acknowledged.
+    session(option(3), option(6, b"\0\0\0\1d\0\0"), option(8), option(99, b"xyz"), option(5))
+    session(option(5, b"x"))           # STARTTLS with a payload: refused, dropped
+    session(option(1, b"d"))           # EXPORT_NAME: dropped unanswered
+    session(option(2), option(3))      # ABORT: TLS_REQD, then dropped
+    session(option(3), flags=2)        # without fixed newstyle: dropped
+    c.close()
+    return out
+
+
+def test_options_before_starttls_are_answered_as_qsd(both, pki):
+    q, f = both()
+    assert_same_transcript(wire_transcript(q, pki), wire_transcript(f, pki))
+
+
+@pytest.fixture
+def qemu_nbd_tls(tmp_path, pki):
+    procs = []
+
+    def start(image, cred="server", *extra):
+        sock = tmp_path / f"qemu-nbd{len(procs)}.sock"
+        p = subprocess.Popen(["qemu-nbd", "-k", str(sock), "-f", "qcow2", "-x", "d",
+                              "--shared=8", "--object",
+                              f"tls-creds-x509,id=tls0,dir={pki[cred]},endpoint=server",
+                              "--tls-creds", "tls0", *extra, str(image)],
+                             stderr=subprocess.DEVNULL)
+        procs.append(p)
+        wait_for(lambda: sock.exists(), what="qemu-nbd socket")
+        return sock
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def driver_transcript(d, pki, tls_sock, plain_sock, foreign_sock):
+    """The `nbd` driver with TLS: the node, and why connections are refused."""
+    c = d.connect()
+    out = []
+
+    def cmd(name, args):
+        r = c.cmd(name, args)
+        text = json.dumps(r)
+        for s, name_ in ((tls_sock, "TLS"), (plain_sock, "PLAIN"), (foreign_sock, "FOREIGN")):
+            text = text.replace(str(s), name_)
+        r = json.loads(text)
+        if "error" in r:
+            r["error"]["desc"] = dropped(r["error"]["desc"])
+        out.append((name, r))
+        return r
+    cmd("object-add", creds("client", pki["client1"]))
+    cmd("object-add", creds("client", pki["anonymous"], "anon"))
+    cmd("object-add", creds("client", pki["client1"], "lax", **{"verify-peer": False}))
+
+    def node(name, sock, **extra):
+        return cmd("blockdev-add", {"driver": "nbd", "node-name": name, "export": "d",
+                                    "server": {"type": "unix", "path": str(sock)}, **extra})
+    node("n", tls_sock, **{"tls-creds": "tls0", "tls-hostname": "127.0.0.1"})
+    node("n2", tls_sock, **{"tls-creds": "tls0", "tls-hostname": "localhost"})
+    node("n3", tls_sock, **{"tls-creds": "tls0"})
+    node("n4", tls_sock)
+    node("n5", plain_sock, **{"tls-creds": "tls0", "tls-hostname": "127.0.0.1"})
+    node("n6", foreign_sock, **{"tls-creds": "tls0", "tls-hostname": "127.0.0.1"})
+    node("n7", foreign_sock, **{"tls-creds": "lax"})
+    node("n8", tls_sock, **{"tls-creds": "anon", "tls-hostname": "iotests.qemu.org"})
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    out.append(sorted((n["node-name"], n["drv"], n["image"]["virtual-size"]) for n in nodes))
+    c.close()
+    return out
+
+
+def test_nbd_driver_over_tls_matches_qsd(both, pki, qemu_nbd_tls, tmp_path):
+    imgs = [tmp_path / f"src{i}.qcow2" for i in range(3)]
+    for img in imgs:
+        qcow2(img, "16M")
+    tls_sock = qemu_nbd_tls(imgs[0], "server", "--persistent")
+    foreign_sock = qemu_nbd_tls(imgs[1], "server-ca2", "--persistent")
+    plain_sock = tmp_path / "plain.sock"
+    p = subprocess.Popen(["qemu-nbd", "-k", str(plain_sock), "-f", "qcow2", "-x", "d",
+                          "--shared=8", "--persistent", str(imgs[2])],
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: plain_sock.exists(), what="qemu-nbd socket")
+        q, f = both()
+        expected = driver_transcript(q, pki, tls_sock, plain_sock, foreign_sock)
+        got = driver_transcript(f, pki, tls_sock, plain_sock, foreign_sock)
+    finally:
+        p.kill()
+        p.wait()
+    assert_same_transcript(expected, got)
+
+
+@pytest.mark.parametrize("server", ["qemu-nbd", "ferrite", "qsd"])
+def test_backup_and_mirror_into_a_tls_export(ferrite, qsd, pki, qemu_nbd_tls, tmp_path, server):
+    """Storage migration over TLS (iotest nbd-tls-iothread's scenario): ferrite's client
+    backs up and mirrors into an export another program serves with TLS; the data arrives."""
+    src = tmp_path / "src.qcow2"
+    qcow2(src, "32M")
+    run("qemu-io", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0xa5 9M 64k",
+        "-c", "write -P 0x11 30M 2M", src)
+    targets = []
+    for job in ("backup", "mirror"):
+        tgt = tmp_path / f"{job}.qcow2"
+        qcow2(tgt, "32M")
+        if server == "qemu-nbd":
+            sock = qemu_nbd_tls(tgt)
+        else:
+            d = (ferrite if server == "ferrite" else qsd)()
+            c = d.connect()
+            assert c.cmd("object-add", creds("server", pki["server"])) == {"return": {}}
+            add(c, "t", tgt)
+            sock = d.workdir / "nbd.sock"
+            assert c.cmd("nbd-server-start", {"addr": {"type": "unix",
+                                                       "data": {"path": str(sock)}},
+                                              "tls-creds": "tls0"}) == {"return": {}}
+            assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "t",
+                                              "name": "d", "writable": True}) == {"return": {}}
+        targets.append((tgt, sock))
+    d = ferrite()
+    c = d.connect()
+    assert c.cmd("object-add", creds("client", pki["client1"])) == {"return": {}}
+    add(c, "src", src)
+    for (tgt, sock), job in zip(targets, ("backup", "mirror")):
+        r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": job, "export": "d",
+                                   "tls-creds": "tls0", "tls-hostname": "127.0.0.1",
+                                   "server": {"type": "unix", "path": str(sock)}})
+        assert r == {"return": {}}, r
+    r = c.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "backup",
+                                  "sync": "full"})
+    assert r == {"return": {}}, r
+    ev = c.wait_event("BLOCK_JOB_COMPLETED", timeout=120)
+    assert "error" not in ev["data"], ev
+    r = c.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "mirror",
+                                  "sync": "full"})
+    assert r == {"return": {}}, r
+    c.wait_event("BLOCK_JOB_READY", timeout=120)
+    assert c.cmd("block-job-complete", {"device": "m"}) == {"return": {}}
+    ev = c.wait_event("BLOCK_JOB_COMPLETED", timeout=120)
+    assert "error" not in ev["data"], ev
+    for job in ("backup", "mirror"):
+        assert c.cmd("blockdev-del", {"node-name": job}) == {"return": {}}
+    c.close()
+    for tgt, _ in targets:
+        r = run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", src, tgt,
+                check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_large_transfers_and_many_clients_over_tls(ferrite, pki, tmp_path):
+    """Whole images through ferrite's TLS server in both directions, four clients at
+    once: what arrives is what was sent."""
+    d = ferrite()
+    c, sock = serve(d, pki)
+    src = tmp_path / "data.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", src, "16M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 5M", "-c", "write -P 0x17 7M 9M", src)
+    opts = (f"driver=nbd,server.type=unix,server.path={sock},export=d,tls-creds=tls0,"
+            "tls-hostname=127.0.0.1")
+    obj = f"tls-creds-x509,id=tls0,dir={pki['client1']},endpoint=client"
+    run("qemu-img", "convert", "-n", "-f", "raw", "--object", obj, "--target-image-opts",
+        src, opts)
+    procs = [subprocess.Popen(["qemu-io", "--object", obj, "--image-opts", opts,
+                               "-c", f"write -P {0x60 + i} {i * 4}M 1M"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(4)]
+    for p in procs:
+        assert p.wait(60) == 0, p.stderr.read()
+    for i in range(4):
+        run("qemu-io", "-f", "raw", "-c", f"write -P {0x60 + i} {i * 4}M 1M", src)
+    out = tmp_path / "back.raw"
+    run("qemu-img", "convert", "-O", "raw", "--object", obj, "--image-opts", opts, out)
+    assert_same_image(src, out)
+    c.close()
