@@ -484,3 +484,64 @@ def test_large_transfers_and_many_clients_over_tls(ferrite, pki, tmp_path):
     run("qemu-img", "convert", "-O", "raw", "--object", obj, "--image-opts", opts, out)
     assert_same_image(src, out)
     c.close()
+
+
+@pytest.fixture(scope="module")
+def encrypted_key_dir(pki, tmp_path_factory):
+    """The server's credentials with its key PKCS #8 encrypted under the password `pw`."""
+    d = tmp_path_factory.mktemp("enc") / "server"
+    shutil.copytree(pki["server"], d)
+    certtool("--load-privkey", pki["server"] / "server-key.pem", "--to-p8", "--password", "pw",
+             "--outfile", d / "server-key.pem")
+    assert "ENCRYPTED PRIVATE KEY" in (d / "server-key.pem").read_text()
+    # OpenSSL writes the same structure with a NULL after the PRF's OID, and AES-256.
+    o = d.parent / "openssl"
+    shutil.copytree(pki["server"], o)
+    subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-passout", "pass:pw",
+                    "-in", pki["server"] / "server-key.pem", "-out", o / "server-key.pem"],
+                   check=True, capture_output=True)
+    return d
+
+
+def password_transcript(d, server_dir, pki):
+    c = d.connect()
+    out = []
+    for obj in [{"qom-type": "secret", "id": "pw", "data": "pw"},
+                {"qom-type": "secret", "id": "wrong", "data": "nope"},
+                {"qom-type": "secret", "id": "latin1", "data": "w8k=", "format": "base64"},
+                creds("server", server_dir, "nopw"),
+                creds("server", server_dir, "nosecret", passwordid="nosuch"),
+                creds("server", server_dir, "notsecret", passwordid="nopw"),
+                creds("server", server_dir, "notutf8", passwordid="latin1"),
+                creds("server", server_dir, "badpw", passwordid="wrong"),
+                # Looked up only when the key is read: a missing directory comes first.
+                creds("server", server_dir / "nonexistent", "nodir", passwordid="nosuch"),
+                creds("server", pki["server"], "plain", passwordid="pw"),
+                creds("server", server_dir.parent / "openssl", "openssl", passwordid="pw"),
+                creds("server", server_dir, "tls0", passwordid="pw")]:
+        r = c.cmd("object-add", obj)
+        out.append(json.loads(json.dumps(r).replace(str(server_dir.parent), "DIR")))
+    out.append(c.cmd("qom-get", {"path": "/objects/tls0", "property": "passwordid"}))
+    return c, out
+
+
+def test_encrypted_private_keys_with_a_password_secret(both, encrypted_key_dir, pki, tmp_path):
+    """`passwordid`: the key decrypted with a secret's text, refused as QEMU refuses it;
+    and the server then serves over TLS with that key."""
+    q, f = both()
+    results = []
+    for d in (q, f):
+        c, out = password_transcript(d, encrypted_key_dir, pki)
+        img = d.workdir / "d.qcow2"
+        qcow2(img, "1M")
+        add(c, "d", img)
+        sock = d.workdir / "nbd.sock"
+        assert c.cmd("nbd-server-start", {"addr": {"type": "unix",
+                                                   "data": {"path": str(sock)}},
+                                          "tls-creds": "tls0"}) == {"return": {}}
+        assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "d",
+                                          "name": "d"}) == {"return": {}}
+        out.append(qemu_client("qemu-io", sock, pki["client1"], "-r", "-c", "read -P 0 0 4k"))
+        results.append(out)
+    assert_same_transcript(*results)
+    assert results[1][-1][0] == 0, results[1][-1]

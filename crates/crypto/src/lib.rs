@@ -10,17 +10,20 @@
 //! - `af.rs`: the anti-forensic merge;
 //! - `amend.rs`: key slots added and erased (`x-blockdev-amend`);
 //! - `cipher.rs`: the sector cipher (AES in XTS mode with `plain64` or `plain` IVs);
-//! - `hash.rs`: the hash algorithms a header may name.
+//! - `hash.rs`: the hash algorithms a header may name;
+//! - `pkcs8.rs`: password-encrypted PKCS #8 private keys (PBES2), as TLS credentials keep them.
 
 mod af;
 mod amend;
 mod cipher;
 mod hash;
 mod luks;
+mod pkcs8;
 
 pub use amend::{Secret, SlotChange, Writes, amend_key_slots};
 pub use cipher::{SECTOR, SectorCipher};
 pub use luks::{CreateOptions, HEADER_LEN, Header, KeySlot, LuksVolume, NewVolume};
+pub use pkcs8::{Pkcs8Error, decrypt_pkcs8};
 
 /// Why a volume cannot be opened, in QEMU's words where it has them.
 #[derive(Debug, thiserror::Error)]

@@ -30,9 +30,9 @@ pub enum Error {
         "TLS priority strings are GnuTLS's: ferrite (rustls) cannot apply '{0}'; leave 'priority' out"
     )]
     TlsPriority(String),
-    /// A password for the private key.
-    #[error("encrypted TLS private keys (passwordid) are not supported by ferrite yet")]
-    TlsKeyPassword,
+    /// A secret looked up by id that is not there or not usable (QEMU's texts).
+    #[error("{0}")]
+    SecretLookup(String),
     /// Credentials without certificates.
     #[error(
         "{0} is not supported by ferrite: its TLS library (rustls) has no pre-shared-key or anonymous cipher suites; use tls-creds-x509"

@@ -4,6 +4,7 @@
 
 use crate::peer;
 use crate::sanity;
+use ferrite_crypto::Pkcs8Error;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -40,6 +41,9 @@ pub struct X509Options {
     pub verify_peer: bool,
     /// Whether the program's own certificates are checked at load (default: yes).
     pub sanity_check: bool,
+    /// The password of an encrypted private key (`passwordid`'s secret), or why it could
+    /// not be had: QEMU looks it up only once it reads the key.
+    pub key_password: Option<Result<String, String>>,
 }
 
 pub(crate) const CA_CERT: &str = "ca-cert.pem";
@@ -154,13 +158,20 @@ impl X509Creds {
         }
         let cas = pem_certs(&cacert)
             .map_err(|e| format!("Cannot load CA certificate '{cacert}': {e}"))?;
-        let own = match (&cert, &key) {
-            (Some(cert), Some(key)) => Some(
-                load_pair(cert, key)
-                    .map_err(|e| format!("Cannot load certificate '{cert}' & key '{key}': {e}"))?,
-            ),
-            _ => None,
-        };
+        let own =
+            match (&cert, &key) {
+                (Some(cert), Some(key)) => {
+                    let password = match &options.key_password {
+                        Some(Err(e)) => return Err(e.clone()),
+                        Some(Ok(p)) => Some(p.as_str()),
+                        None => None,
+                    };
+                    Some(load_pair(cert, key, password).map_err(|e| {
+                        format!("Cannot load certificate '{cert}' & key '{key}': {e}")
+                    })?)
+                }
+                _ => None,
+            };
         let crls = match &cacrl {
             Some(path) => load_crls(path).map_err(|e| format!("Cannot load CRL '{path}': {e}"))?,
             None => Vec::new(),
@@ -268,17 +279,38 @@ impl X509Creds {
     }
 }
 
+/// GnuTLS's words for a key it could not decrypt.
+const DECRYPTION_FAILED: &str = "Decryption has failed.";
+
+/// A private key from its PEM file: plain, or PKCS #8 encrypted with `password` (PBES2, as
+/// `certtool --to-p8 --password` and `openssl pkcs8 -topk8` write them).
+fn private_key(bytes: &[u8], password: Option<&str>) -> Result<PrivateKeyDer<'static>, String> {
+    let encrypted = x509_parser::pem::Pem::iter_from_buffer(bytes)
+        .filter_map(Result::ok)
+        .find(|pem| pem.label == "ENCRYPTED PRIVATE KEY");
+    let Some(pem) = encrypted else {
+        return PrivateKeyDer::from_pem_slice(bytes)
+            .map_err(|_| "The requested data were not available.".to_owned());
+    };
+    let password = password.ok_or(DECRYPTION_FAILED)?;
+    match ferrite_crypto::decrypt_pkcs8(&pem.contents, password.as_bytes()) {
+        Ok(der) => Ok(PrivateKeyDer::Pkcs8(der.into())),
+        Err(Pkcs8Error::WrongPassword) => Err(DECRYPTION_FAILED.to_owned()),
+        Err(Pkcs8Error::Malformed) => Err("ASN1 parser: Error in DER parsing.".to_owned()),
+        Err(Pkcs8Error::Unsupported(oid)) => Err(format!(
+            "the key is encrypted with {oid}, which ferrite cannot decrypt (it takes PBES2 with PBKDF2 and AES-CBC)"
+        )),
+    }
+}
+
 fn load_pair(
     cert: &str,
     key: &str,
+    password: Option<&str>,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let chain = pem_certs(cert)?;
     let bytes = std::fs::read(key).map_err(|_| FILE_ERROR.to_owned())?;
-    if String::from_utf8_lossy(&bytes).contains("ENCRYPTED PRIVATE KEY") {
-        return Err("the key is encrypted; ferrite takes unencrypted keys only".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|_| "The requested data were not available.".to_owned())?;
+    let key = private_key(&bytes, password)?;
     // A key that does not fit the certificate would only fail at the first handshake.
     let signing = provider()
         .key_provider

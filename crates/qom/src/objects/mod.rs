@@ -61,7 +61,9 @@ impl ObjectRegistry {
         let obj: Rc<dyn UserObject> = match options.str("qom-type")? {
             "throttle-group" => Rc::new(throttle::ThrottleGroup::create(options)?),
             "secret" => Rc::new(secret::Secret::create(options)?),
-            "tls-creds-x509" => Rc::new(tls::TlsCredsX509::create(options)?),
+            "tls-creds-x509" => Rc::new(tls::TlsCredsX509::create(options, |id| {
+                self.secret_text(id)
+            })?),
             "authz-simple" => Rc::new(tls::AuthzObject::simple(options)?),
             "authz-list" => Rc::new(tls::AuthzObject::list(options)?),
             // QEMU's type of this name is `authz-list-file`: it cannot make one either.
@@ -88,6 +90,22 @@ impl ObjectRegistry {
         };
         self.objects.borrow_mut().insert(id.to_owned(), obj);
         Ok(())
+    }
+
+    /// The text of the `secret` object `id` (QEMU's `qcrypto_secret_lookup_as_utf8`).
+    ///
+    /// # Errors
+    /// No such object, not a secret, not UTF-8: QEMU's texts.
+    pub fn secret_text(&self, id: &str) -> Result<String> {
+        let obj = self
+            .get(id)
+            .ok_or_else(|| Error::SecretLookup(format!("No secret with id '{id}'")))?;
+        let secret = obj
+            .as_any()
+            .downcast_ref::<secret::Secret>()
+            .ok_or_else(|| Error::SecretLookup(format!("Object with id '{id}' is not a secret")))?;
+        String::from_utf8(secret.value().to_vec())
+            .map_err(|_| Error::SecretLookup(format!("Data from secret {id} is not valid UTF-8")))
     }
 
     /// Deletes an object.

@@ -14,16 +14,21 @@ use std::rc::Rc;
 /// A `tls-creds-x509` object.
 pub struct TlsCredsX509 {
     creds: Rc<X509Creds>,
+    passwordid: Option<String>,
 }
 
 impl TlsCredsX509 {
-    pub(crate) fn create(options: &Args) -> Result<TlsCredsX509> {
+    /// Loads the credentials; `secret` finds the password `passwordid` names.
+    pub(crate) fn create(
+        options: &Args,
+        secret: impl Fn(&str) -> Result<String>,
+    ) -> Result<TlsCredsX509> {
         if let Some(p) = options.opt_str("priority") {
             return Err(Error::TlsPriority(p.to_owned()));
         }
-        if options.has("passwordid") {
-            return Err(Error::TlsKeyPassword);
-        }
+        let key_password = options
+            .opt_str("passwordid")
+            .map(|id| secret(id).map_err(|e| e.to_string()));
         let endpoint = match options.opt_str("endpoint") {
             Some("server") => Endpoint::Server,
             _ => Endpoint::Client,
@@ -33,10 +38,12 @@ impl TlsCredsX509 {
             endpoint,
             verify_peer: options.opt_bool("verify-peer").unwrap_or(true),
             sanity_check: options.opt_bool("sanity-check").unwrap_or(true),
+            key_password,
         })
         .map_err(Error::Tls)?;
         Ok(TlsCredsX509 {
             creds: Rc::new(creds),
+            passwordid: options.opt_str("passwordid").map(str::to_owned),
         })
     }
 
@@ -57,7 +64,8 @@ impl UserObject for TlsCredsX509 {
             "verify-peer" => QObject::from(o.verify_peer),
             "dir" => QObject::from(o.dir.clone().unwrap_or_default()),
             "endpoint" => QObject::from(o.endpoint.as_str()),
-            "priority" | "passwordid" => QObject::from(""),
+            "priority" => QObject::from(""),
+            "passwordid" => QObject::from(self.passwordid.clone().unwrap_or_default()),
             "sanity-check" => QObject::from(o.sanity_check),
             _ => return None,
         }))
