@@ -103,6 +103,10 @@ impl Driver for Qcow2Driver {
             if self.read_only.get() {
                 return Ok(());
             }
+            // The data before the metadata that points to it.
+            if let Some(data) = self.data_edge(node) {
+                data.flush().await?;
+            }
             let mut m = self.meta.lock().await;
             m.write_back(&file, true).await
         })
@@ -443,8 +447,8 @@ impl Driver for Qcow2Driver {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.alive()?;
-            if self.crypto.is_some() {
-                // QEMU: compression and encryption do not mix.
+            if self.crypto.is_some() || self.data_file.is_some() {
+                // QEMU: compression mixes with neither encryption nor a data file.
                 return Err(std::io::Error::from_raw_os_error(libc::ENOTSUP));
             }
             let file = Self::file(node)?;

@@ -100,10 +100,6 @@ pub(crate) enum Error {
     MissingCryptoHeader(u32),
     #[error("data-file-raw requires a data file")]
     DataFileRawWithout,
-    #[error(
-        "ferrite opens qcow2 images with an external data file read-only only (for now); set 'read-only': true"
-    )]
-    DataFileWritable,
     #[error("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")]
     LazyRefcountsV2,
     #[error(transparent)]

@@ -182,10 +182,16 @@ async fn open_data_file(
         return ctx.open_child_ref("data-file", &v).await.map(drop);
     }
     let name = spec.name.ok_or(Error::DataFileRequired)?;
+    // A child QEMU opens for the node: its cache modes, and discards passed on.
     let file_opts = QDict::new()
         .with("driver", "file")
         .with("filename", name.as_str())
-        .with("read-only", read_only);
+        .with("read-only", read_only)
+        .with("discard", "unmap");
+    let file_opts = ["cache", "force-share"]
+        .into_iter()
+        .filter_map(|k| opts.get(k).map(|v| (k, v.clone())))
+        .fold(file_opts, |d, (k, v)| d.with(k, v));
     ctx.open_child_opts("data-file", file_opts).await.map(drop)
 }
 

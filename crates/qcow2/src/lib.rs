@@ -9,7 +9,8 @@
 //!   allocation, write-back order, overlap checks; with `cache` (tables in memory) and
 //!   `map` (guest offset to host offset);
 //! - the request paths: `read`, `write` (and copy-on-write), `zero` (and discard),
-//!   `compress` (codecs and compressed writes), `lifecycle` (resize, close);
+//!   `compress` (codecs and compressed writes), `lifecycle` (resize, close), `data_file`
+//!   (what changes when data clusters live in an external data file);
 //! - `open` (options and loading), `factory` (the node's children, create, amend, probe),
 //!   `driver` (the driver interface), `info` (what queries show);
 //! - `snapshot` (internal snapshots), `bitmaps` (persistent bitmaps), `repair` (after an
@@ -22,6 +23,7 @@ mod cache;
 mod claims;
 mod compress;
 mod create;
+mod data_file;
 mod driver;
 mod error;
 mod factory;
@@ -100,6 +102,8 @@ pub(crate) struct Qcow2Driver {
     last_clean: Cell<Instant>,
     /// The image keeps its data in an external file (the `data-file` child).
     data_file: Option<DataFile>,
+    /// Data-file clusters given back, waiting to be discarded there.
+    data_discards: RefCell<Vec<u64>>,
     /// Persistent bitmaps read at open, for the node to take.
     loaded: RefCell<Vec<Rc<DirtyBitmap>>>,
     /// The LUKS volume of an encrypted image: data clusters hold each 512-byte sector

@@ -54,13 +54,21 @@ impl Qcow2Driver {
                     m.set_l2(table, idx, 0, 0);
                     self.release_old(&mut m, e, FreeKind::Other);
                 }
+                drop(m);
+                self.pass_data_discards(node).await;
             }
         }
-        let mut m = self.meta.lock().await;
-        let needed = m.h.l1_needed(size);
-        if needed > u64::from(m.h.l1_size) {
-            m.grow_l1(file, needed).await?;
+        {
+            let mut m = self.meta.lock().await;
+            let needed = m.h.l1_needed(size);
+            if needed > u64::from(m.h.l1_size) {
+                m.grow_l1(file, needed).await?;
+            }
         }
+        if size > old {
+            self.grow_data_file(node, file, old, size).await?;
+        }
+        let mut m = self.meta.lock().await;
         m.h.size = size;
         m.write_back(file, true).await?;
         m.write_header(file).await?;

@@ -1,7 +1,7 @@
 //! Guest-to-host mapping: what a guest range is (data at a host offset, zeroes, compressed,
 //! or left to the backing file), merged over contiguous clusters.
 
-use crate::format::entry::{self, COPIED, Cluster, Sub};
+use crate::format::entry::{self, Cluster, Sub};
 use crate::format::header::incompat;
 use crate::meta::Meta;
 use ferrite_block::Child;
@@ -27,16 +27,10 @@ fn cluster_source(m: &Meta, e: u64, bm: u64, in_off: u64) -> (Source, u64) {
     let cs = m.cs();
     let ext = m.h.extended_l2();
     let whole = cs - in_off;
-    let c = match entry::decode(e, m.h.cluster_bits, ext) {
-        // Offset 0 is a real data cluster in an external data file; COPIED tells it from
-        // an unallocated entry there (every data-file cluster has refcount 1).
-        Cluster::Unallocated if e & COPIED != 0 && m.h.incompatible & incompat::DATA_FILE != 0 => {
-            Cluster::Normal {
-                host: 0,
-                copied: true,
-            }
-        }
-        c => c,
+    let c = if m.h.incompatible & incompat::DATA_FILE != 0 {
+        entry::decode_external(e, m.h.cluster_bits, ext)
+    } else {
+        entry::decode(e, m.h.cluster_bits, ext)
     };
     match c {
         Cluster::Compressed { offset, len } => (

@@ -138,9 +138,6 @@ impl Qcow2Driver {
         h.parse_tail(&first)?;
         let crypto_header = h.extension(crate::format::header::EXT_CRYPTO).is_some();
         let data_file = if h.incompatible & incompat::DATA_FILE != 0 {
-            if !read_only {
-                return Err(Error::DataFileWritable.into());
-            }
             Some(DataFile {
                 name: h.data_file_name(),
                 raw: h.autoclear & autoclear::DATA_FILE_RAW != 0,
@@ -242,6 +239,7 @@ impl Opening {
             clean_interval: self.clean_interval,
             last_clean: Cell::new(Instant::now()),
             data_file: self.data_file,
+            data_discards: RefCell::default(),
             loaded: RefCell::new(loaded),
             key_secret: crypto.as_ref().and_then(|_| {
                 args.dict("encrypt")

@@ -126,12 +126,29 @@ impl Qcow2Driver {
             let mut m = self.meta.lock().await;
             m.map(file, offset, len).await?
         };
-        Ok(run == len
-            && match src {
-                Source::Zero => true,
-                Source::Backing => node.child("backing").is_none_or(|b| offset >= b.len()),
-                _ => false,
-            })
+        if run != len {
+            return Ok(false);
+        }
+        match src {
+            Source::Zero => Ok(true),
+            Source::Backing => match node.child("backing") {
+                Some(b) if offset < b.len() => {
+                    // What the backing chain says about it (zeroes past its end).
+                    let end = (offset + len).min(b.len());
+                    let mut at = offset;
+                    while at < end {
+                        let e = b.block_status(at, end - at).await?;
+                        if !e.zero || e.len == 0 {
+                            return Ok(false);
+                        }
+                        at += e.len;
+                    }
+                    Ok(true)
+                }
+                _ => Ok(true),
+            },
+            _ => Ok(false),
+        }
     }
 
     /// The extent at `offset`: data, zeroes, or what the backing file has there.

@@ -58,7 +58,7 @@ impl Qcow2Driver {
             // One hold of the metadata lock maps the whole run this step writes.
             let mut m = self.meta.lock().await;
             let (e, bm) = m.l2_entry(file, gc).await?;
-            let kind = entry::decode(e, self.cluster_bits, self.extended);
+            let kind = self.decode(e);
             let n = (cs - in_off).min(len - pos);
             match kind {
                 Cluster::Normal { host, copied: true } => {
@@ -81,7 +81,7 @@ impl Qcow2Driver {
                     let mut run = n;
                     while pos + run < len {
                         let (e2, _) = m.l2_entry(file, gc + run.div_ceil(cs)).await?;
-                        match entry::decode(e2, self.cluster_bits, false) {
+                        match self.decode(e2) {
                             Cluster::Normal {
                                 host: h2,
                                 copied: true,
@@ -91,7 +91,10 @@ impl Qcow2Driver {
                         run += cs.min(len - pos - run);
                     }
                     m.check_data_cluster(file, gc, host)?;
-                    m.check_data(file, host + in_off, run).await?;
+                    let data_file = self.data_edge(node);
+                    if data_file.is_none() {
+                        m.check_data(file, host + in_off, run).await?;
+                    }
                     drop(m);
                     let mut part = if pos == 0 && run == len {
                         std::mem::take(&mut data)
@@ -102,7 +105,11 @@ impl Qcow2Driver {
                         c.cipher.encrypt(&mut part, (host + in_off) / SECTOR);
                     }
                     file.debug_event("write_aio").await;
-                    file.write(host + in_off, part, ReqFlags::empty()).await?;
+                    data_file
+                        .as_deref()
+                        .unwrap_or(file)
+                        .write(host + in_off, part, ReqFlags::empty())
+                        .await?;
                     pos += run;
                 }
                 _ => {
@@ -111,10 +118,7 @@ impl Qcow2Driver {
                     if !self.extended {
                         while pos + (cs - in_off) + (clusters - 1) * cs < len {
                             let (e2, _) = m.l2_entry(file, gc + clusters).await?;
-                            if matches!(
-                                entry::decode(e2, self.cluster_bits, false),
-                                Cluster::Normal { copied: true, .. }
-                            ) {
+                            if matches!(self.decode(e2), Cluster::Normal { copied: true, .. }) {
                                 break;
                             }
                             clusters += 1;
@@ -130,6 +134,7 @@ impl Qcow2Driver {
                         // Whole new clusters: nothing old to keep, the request is the data.
                         let whole = 0..len;
                         self.write_new_clusters(
+                            node,
                             file,
                             gc,
                             clusters,
@@ -189,7 +194,7 @@ impl Qcow2Driver {
             part.copy_from_slice(&old);
         }
         buf[in_off as usize..data_end as usize].copy_from_slice(data);
-        self.write_new_clusters(file, gc, clusters, buf, in_off..data_end)
+        self.write_new_clusters(node, file, gc, clusters, buf, in_off..data_end)
             .await
     }
 
@@ -197,6 +202,7 @@ impl Qcow2Driver {
     /// newly allocated host clusters and maps guest clusters from `gc` on to them.
     async fn write_new_clusters(
         &self,
+        node: &Node,
         file: &Child,
         gc: u64,
         clusters: u64,
@@ -205,7 +211,11 @@ impl Qcow2Driver {
     ) -> io::Result<()> {
         self.mark_dirty_once(file).await?;
         let cs = self.cs();
-        let host = {
+        let data_file = self.data_edge(node);
+        let host = if data_file.is_some() {
+            // Each guest cluster has its own place in the data file.
+            gc * cs
+        } else {
             let mut m = self.meta.lock().await;
             let host = m.alloc(file, clusters).await?;
             // Damaged refcounts can hand out a cluster that holds metadata. The guest's data
@@ -220,14 +230,21 @@ impl Qcow2Driver {
             c.cipher.encrypt(&mut buf, host / SECTOR);
         }
         file.debug_event("write_aio").await;
-        file.write(host, buf, ReqFlags::empty()).await?;
+        data_file
+            .as_deref()
+            .unwrap_or(file)
+            .write(host, buf, ReqFlags::empty())
+            .await?;
         let mut m = self.meta.lock().await;
         for k in 0..clusters {
             let (table, idx) = m.l2_for_write(file, gc + k).await?;
             let (old, _) = m.l2_entry(file, gc + k).await?;
             let bitmap = if self.extended { SUB_ALL_ALLOC } else { 0 };
             m.set_l2(table, idx, (host + k * cs) | COPIED, bitmap);
-            self.release_old(&mut m, old, FreeKind::Other);
+            // In a data file the old cluster, if any, is the one just written.
+            if data_file.is_none() {
+                self.release_old(&mut m, old, FreeKind::Other);
+            }
         }
         self.maybe_write_back(file, &mut m).await
     }
@@ -235,7 +252,12 @@ impl Qcow2Driver {
     /// Drops this layer's reference to what an L2 entry pointed to.
     pub(crate) fn release_old(&self, m: &mut Meta, old: u64, kind: FreeKind) {
         let cs = self.cs();
-        match entry::decode(old, self.cluster_bits, self.extended) {
+        match self.decode(old) {
+            Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) }
+                if self.data_file.is_some() =>
+            {
+                self.release_data_cluster(m, host, kind);
+            }
             Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
                 m.free(host, 1, kind);
             }
@@ -273,14 +295,18 @@ impl Qcow2Driver {
         let first = (in_off / scs) as u32;
         let last = (end.div_ceil(scs)) as u32;
         let all_data = (first..last).all(|i| entry::sub_state(bm, i) == entry::Sub::Data);
+        let data_file = self.data_edge(node);
         {
             let mut m = self.meta.lock().await;
             m.check_data_cluster(file, gc, host)?;
-            m.check_data(file, host + in_off, data.len() as u64).await?;
+            if data_file.is_none() {
+                m.check_data(file, host + in_off, data.len() as u64).await?;
+            }
         }
+        let dst = data_file.as_deref().unwrap_or(file);
         if all_data {
             file.debug_event("write_aio").await;
-            return file
+            return dst
                 .write(host + in_off, data.to_vec(), ReqFlags::empty())
                 .await;
         }
@@ -303,7 +329,7 @@ impl Qcow2Driver {
         }
         buf[(in_off - from) as usize..(end - from) as usize].copy_from_slice(data);
         file.debug_event("write_aio").await;
-        file.write(host + from, buf, ReqFlags::empty()).await?;
+        dst.write(host + from, buf, ReqFlags::empty()).await?;
         let mut m = self.meta.lock().await;
         let (table, idx) = m.l2_for_write(file, gc).await?;
         let (e, bm) = m.l2_entry(file, gc).await?;

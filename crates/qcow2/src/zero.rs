@@ -3,7 +3,7 @@
 
 use crate::Qcow2Driver;
 use crate::enotsup;
-use crate::format::entry::{self, COPIED, Cluster, SUB_ALL_ZERO, ZERO};
+use crate::format::entry::{self, COPIED, Cluster, SUB_ALL_ZERO, Sub, ZERO};
 use crate::meta::FreeKind;
 use ferrite_block::Child;
 use ferrite_block::Node;
@@ -36,11 +36,23 @@ impl Qcow2Driver {
                 if c_end == self.size.get() && c_end % cs != 0 {
                     last = gc;
                 }
-                self.zero_clusters(file, gc, last, flags).await?;
+                self.zero_clusters(node, file, gc, last, flags).await?;
                 pos = ((last + 1) * cs).min(end);
                 continue;
             }
-            // A partial cluster: nothing to do if it already reads as zeroes.
+            if self.extended {
+                self.zero_in_cluster(node, file, pos, c_end, flags).await?;
+                pos = c_end;
+                continue;
+            }
+            // A partial cluster whose other bytes read as zeroes becomes a zero cluster
+            // where it holds no data (QEMU's rule: the map shows it allocated as zeroes).
+            if zero_clusters && self.rest_is_zero(node, file, pos, c_end, cs).await? {
+                self.zero_clusters(node, file, gc, gc, flags).await?;
+                pos = c_end;
+                continue;
+            }
+            // Otherwise nothing to do if it already reads as zeroes.
             if self.known_zero(node, file, pos, c_end - pos).await? {
                 pos = c_end;
                 continue;
@@ -55,19 +67,142 @@ impl Qcow2Driver {
         Ok(())
     }
 
+    /// Whether the `unit` (a cluster, or a subcluster of an extended entry) around
+    /// `from..to` holds no data and reads as zeroes outside that range.
+    async fn rest_is_zero(
+        &self,
+        node: &Node,
+        file: &Child,
+        from: u64,
+        to: u64,
+        unit: u64,
+    ) -> io::Result<bool> {
+        let cs = self.cs();
+        let start = from / unit * unit;
+        let end = (start + unit).min(self.size.get());
+        let (e, bm) = self.meta.lock().await.l2_entry(file, start / cs).await?;
+        let no_data = match self.decode(e) {
+            Cluster::Compressed { .. } => false,
+            _ if self.extended => matches!(
+                entry::sub_state(bm, ((start % cs) / unit) as u32),
+                Sub::Unallocated | Sub::Zero
+            ),
+            c => matches!(c, Cluster::Unallocated | Cluster::Zero { .. }),
+        };
+        if !no_data {
+            return Ok(false);
+        }
+        for (a, b) in [(start, from), (to, end)] {
+            if a < b && !self.known_zero(node, file, a, b - a).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Extended L2: zeroes `from..to` inside one cluster, whole subclusters by their
+    /// bitmap bits, a partial one as well where the rest of it reads as zeroes and it
+    /// holds no data (QEMU's rule), by writing zeroes otherwise.
+    async fn zero_in_cluster(
+        &self,
+        node: &Node,
+        file: &Child,
+        from: u64,
+        to: u64,
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        let scs = self.cs() / 32;
+        let size = self.size.get();
+        let mut pos = from;
+        while pos < to {
+            let sc_start = pos / scs * scs;
+            let sc_end = (sc_start + scs).min(size);
+            let piece_end = sc_end.min(to);
+            let whole = pos == sc_start && piece_end == sc_end;
+            if whole || self.rest_is_zero(node, file, pos, piece_end, scs).await? {
+                if !self
+                    .zero_subclusters(node, file, sc_start, sc_end, flags)
+                    .await?
+                {
+                    self.write_zeroes_as_data(node, file, pos, piece_end, flags)
+                        .await?;
+                }
+            } else {
+                self.write_zeroes_as_data(node, file, pos, piece_end, flags)
+                    .await?;
+            }
+            pos = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Zeroes written as data, where no zero flag can say it.
+    async fn write_zeroes_as_data(
+        &self,
+        node: &Node,
+        file: &Child,
+        from: u64,
+        to: u64,
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        if flags.contains(ReqFlags::NO_FALLBACK) {
+            return Err(enotsup());
+        }
+        self.write_impl(node, file, from, vec![0u8; (to - from) as usize])
+            .await
+    }
+
+    /// Extended L2: marks the subclusters of `start..end` (in one cluster) as zeroes;
+    /// `false` for a compressed cluster, which has no subclusters.
+    async fn zero_subclusters(
+        &self,
+        node: &Node,
+        file: &Child,
+        start: u64,
+        end: u64,
+        flags: ReqFlags,
+    ) -> io::Result<bool> {
+        let cs = self.cs();
+        let scs = cs / 32;
+        let gc = start / cs;
+        let _claim = self.claims.claim(gc, gc).await;
+        let mut m = self.meta.lock().await;
+        let (e, _) = m.l2_entry(file, gc).await?;
+        if matches!(self.decode(e), Cluster::Compressed { .. }) {
+            return Ok(false);
+        }
+        drop(m);
+        self.zero_raw_data(node, start, end - start, flags).await?;
+        let mut m = self.meta.lock().await;
+        let (e, bm2) = m.l2_entry(file, gc).await?;
+        let first = ((start % cs) / scs) as u32;
+        let last = (end - gc * cs).div_ceil(scs) as u32;
+        let new = entry::sub_set(bm2, first, last, Sub::Zero);
+        if new != bm2 {
+            let (table, idx) = m.l2_for_write(file, gc).await?;
+            m.set_l2(table, idx, e, new);
+        }
+        self.maybe_write_back(file, &mut m).await?;
+        Ok(true)
+    }
+
     pub(crate) async fn zero_clusters(
         &self,
+        node: &Node,
         file: &Child,
         first: u64,
         last: u64,
         flags: ReqFlags,
     ) -> io::Result<()> {
         let _claim = self.claims.claim(first, last).await;
+        let cs = self.cs();
+        self.zero_raw_data(node, first * cs, (last + 1 - first) * cs, flags)
+            .await?;
         let unmap = flags.contains(ReqFlags::MAY_UNMAP) && !self.discard_no_unref;
         let mut m = self.meta.lock().await;
         for gc in first..=last {
             let (old, _) = m.l2_entry(file, gc).await?;
-            let kind = entry::decode(old, self.cluster_bits, self.extended);
+            let kind = self.decode(old);
             let keep = match kind {
                 Cluster::Normal { host, copied: true } if !unmap => Some(host),
                 Cluster::Zero { host: Some(host) } if !unmap => Some(host),
@@ -88,7 +223,10 @@ impl Qcow2Driver {
                 self.release_old(&mut m, old, FreeKind::Request);
             }
         }
-        self.maybe_write_back(file, &mut m).await
+        self.maybe_write_back(file, &mut m).await?;
+        drop(m);
+        self.pass_data_discards(node).await;
+        Ok(())
     }
 
     /// Discards whole clusters: they read as zeroes where a backing file or an allocation
@@ -123,7 +261,7 @@ impl Qcow2Driver {
         let mut m = self.meta.lock().await;
         for gc in first..last_excl {
             let (old, obm) = m.l2_entry(file, gc).await?;
-            let kind = entry::decode(old, self.cluster_bits, self.extended);
+            let kind = self.decode(old);
             let allocated = !matches!(kind, Cluster::Unallocated | Cluster::Zero { host: None })
                 || (self.extended && obm != 0);
             if self.discard_no_unref
@@ -150,7 +288,9 @@ impl Qcow2Driver {
                     (0, 0)
                 }
             } else {
-                (0, 0)
+                // Already reads as zeroes, nothing to give back: left as it is (a zero
+                // cluster stays one, as in QEMU).
+                (old, obm)
             };
             if e == old && bm == obm {
                 continue;
@@ -159,6 +299,9 @@ impl Qcow2Driver {
             m.set_l2(table, idx, e, bm);
             self.release_old(&mut m, old, FreeKind::Request);
         }
-        self.maybe_write_back(file, &mut m).await
+        self.maybe_write_back(file, &mut m).await?;
+        drop(m);
+        self.pass_data_discards(node).await;
+        Ok(())
     }
 }

@@ -49,6 +49,19 @@ pub(crate) fn decode(entry: u64, cluster_bits: u32, extended: bool) -> Cluster {
     }
 }
 
+/// [`decode`] for an image whose data clusters live in an external data file: there each
+/// guest cluster maps to its own offset, so offset 0 is a real cluster (guest cluster 0),
+/// told from an unallocated entry by COPIED (every data-file cluster has refcount 1).
+pub(crate) fn decode_external(entry: u64, cluster_bits: u32, extended: bool) -> Cluster {
+    match decode(entry, cluster_bits, extended) {
+        Cluster::Unallocated if entry & COPIED != 0 => Cluster::Normal {
+            host: 0,
+            copied: true,
+        },
+        c => c,
+    }
+}
+
 /// Bits that address the byte offset of a compressed cluster.
 pub(crate) fn compressed_offset_bits(cluster_bits: u32) -> u32 {
     62 - (cluster_bits - 8)
