@@ -110,6 +110,12 @@ def test_random_requests_match_qemu(tmp_path, name, opts, backing):
     (_, _, theirs), (_, _, ours) = imgs
     r = run("qemu-img", "compare", theirs, ours, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+    # Where ferrite allocates less than QEMU, on purpose, the maps differ: zeroes on a v2
+    # image over a backing file that already reads as zeroes there (QEMU writes them as
+    # data), and a zero request that starts or ends in part of a compressed cluster with
+    # extended L2 (QEMU then writes the whole request as data).
+    if not (backing and name in ("4k-v2", "64k-ext-l2")):
+        assert guest_map(ours) == guest_map(theirs)
     check_clean(ours)
 
 
@@ -307,9 +313,11 @@ def test_blockdev_create_matches_qemu(tmp_path):
         assert ours == theirs, CREATE_CASES[i]
 
 
-def test_crash_leaves_at_most_leaks_and_flushed_data(tmp_path):
+@pytest.mark.parametrize("data_file", [False, True], ids=["image", "data-file"])
+def test_crash_leaves_at_most_leaks_and_flushed_data(tmp_path, data_file):
     img = tmp_path / "k.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, "64M")
+    opts = "cluster_size=4096" + (f",data_file={tmp_path / 'k.raw'}" if data_file else "")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, img, "64M")
     d, sock = export(FERRITE, tmp_path, img)
     # A flushed write that must survive.
     run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 1M", "-c", "flush", uri(sock))
@@ -459,10 +467,7 @@ def test_external_data_file_writes_match_qemu(tmp_path, name, opts, backing):
     (theirs, their_data), (ours, our_data) = imgs
     r = run("qemu-img", "compare", theirs, ours, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    if "extended_l2=on" not in opts:
-        # (With subclusters, a write into a zero cluster allocates all of it in ferrite and
-        # only the subclusters it touches in QEMU: same content, another map.)
-        assert guest_map(ours) == guest_map(theirs)
+    assert guest_map(ours) == guest_map(theirs)
     assert os.path.getsize(our_data) == os.path.getsize(their_data)
     check_clean(ours)
     if "data_file_raw=on" in opts:

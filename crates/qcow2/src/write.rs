@@ -112,6 +112,18 @@ impl Qcow2Driver {
                         .await?;
                     pos += run;
                 }
+                Cluster::Unallocated if self.extended && self.crypto.is_none() => {
+                    drop(m);
+                    self.write_new_subclusters(
+                        node,
+                        file,
+                        gc,
+                        in_off,
+                        &data[pos as usize..(pos + n) as usize],
+                    )
+                    .await?;
+                    pos += n;
+                }
                 _ => {
                     // Allocate: this cluster and following ones that also need it.
                     let mut clusters = 1u64;
@@ -246,6 +258,65 @@ impl Qcow2Driver {
                 self.release_old(&mut m, old, FreeKind::Other);
             }
         }
+        self.maybe_write_back(file, &mut m).await
+    }
+
+    /// Extended L2: writes `data` at `in_off` of guest cluster `gc`, which has no host
+    /// cluster yet, into a new one. Only the subclusters it touches are filled (their
+    /// untouched parts from the old content) and become allocated; the others keep what
+    /// they were (unallocated or zero), as QEMU leaves them.
+    async fn write_new_subclusters(
+        &self,
+        node: &Node,
+        file: &Child,
+        gc: u64,
+        in_off: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        self.mark_dirty_once(file).await?;
+        let cs = self.cs();
+        let scs = cs / 32;
+        let end = in_off + data.len() as u64;
+        let (first, last) = (in_off / scs, end.div_ceil(scs));
+        let (from, to) = (first * scs, last * scs);
+        let start = gc * cs;
+        let mut buf = ferrite_block::io::pool::take((to - from) as usize);
+        for (a, b) in [(from, in_off), (end, to)] {
+            if a >= b {
+                continue;
+            }
+            let part = &mut buf[(a - from) as usize..(b - from) as usize];
+            if self.known_zero(node, file, start + a, b - a).await? {
+                part.fill(0);
+            } else {
+                let old = self
+                    .read_guest(node, file, start + a, (b - a) as usize)
+                    .await?;
+                part.copy_from_slice(&old);
+            }
+        }
+        buf[(in_off - from) as usize..(end - from) as usize].copy_from_slice(data);
+        let data_file = self.data_edge(node);
+        let host = if data_file.is_some() {
+            start
+        } else {
+            let mut m = self.meta.lock().await;
+            let host = m.alloc(file, 1).await?;
+            m.check_data(file, host + in_off, data.len() as u64).await?;
+            m.check_data(file, host + from, to - from).await?;
+            host
+        };
+        file.debug_event("write_aio").await;
+        data_file
+            .as_deref()
+            .unwrap_or(file)
+            .write(host + from, buf, ReqFlags::empty())
+            .await?;
+        let mut m = self.meta.lock().await;
+        let (table, idx) = m.l2_for_write(file, gc).await?;
+        let (_, bm) = m.l2_entry(file, gc).await?;
+        let bitmap = entry::sub_set(bm, first as u32, last as u32, entry::Sub::Data);
+        m.set_l2(table, idx, host | COPIED, bitmap);
         self.maybe_write_back(file, &mut m).await
     }
 

@@ -20,7 +20,14 @@ impl Qcow2Driver {
         flags: ReqFlags,
     ) -> io::Result<()> {
         let cs = self.cs();
-        let zero_clusters = self.version >= 3 || self.extended;
+        // v2 has no zero flag; without a backing file an unallocated cluster reads as
+        // zeroes, so whole clusters are discarded instead (as QEMU does).
+        // (Not with discard-no-unref, whose v2 discards leave the data in place.)
+        let v2_discard = self.version < 3
+            && !self.extended
+            && !self.discard_no_unref
+            && node.child("backing").is_none();
+        let zero_clusters = self.version >= 3 || self.extended || v2_discard;
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -36,7 +43,8 @@ impl Qcow2Driver {
                 if c_end == self.size.get() && c_end % cs != 0 {
                     last = gc;
                 }
-                self.zero_clusters(node, file, gc, last, flags).await?;
+                self.zero_whole(node, file, gc, last, flags, v2_discard)
+                    .await?;
                 pos = ((last + 1) * cs).min(end);
                 continue;
             }
@@ -48,7 +56,8 @@ impl Qcow2Driver {
             // A partial cluster whose other bytes read as zeroes becomes a zero cluster
             // where it holds no data (QEMU's rule: the map shows it allocated as zeroes).
             if zero_clusters && self.rest_is_zero(node, file, pos, c_end, cs).await? {
-                self.zero_clusters(node, file, gc, gc, flags).await?;
+                self.zero_whole(node, file, gc, gc, flags, v2_discard)
+                    .await?;
                 pos = c_end;
                 continue;
             }
@@ -65,6 +74,26 @@ impl Qcow2Driver {
             pos = c_end;
         }
         Ok(())
+    }
+
+    /// Clusters `first..=last` made to read as zeroes: zero clusters, or (`discard`, v2
+    /// without a backing file) unallocated ones.
+    async fn zero_whole(
+        &self,
+        node: &Node,
+        file: &Child,
+        first: u64,
+        last: u64,
+        flags: ReqFlags,
+        discard: bool,
+    ) -> io::Result<()> {
+        if !discard {
+            return self.zero_clusters(node, file, first, last, flags).await;
+        }
+        let cs = self.cs();
+        let end = ((last + 1) * cs).min(self.size.get());
+        self.discard_impl(node, file, first * cs, end - first * cs, false)
+            .await
     }
 
     /// Whether the `unit` (a cluster, or a subcluster of an extended entry) around
@@ -262,8 +291,9 @@ impl Qcow2Driver {
         for gc in first..last_excl {
             let (old, obm) = m.l2_entry(file, gc).await?;
             let kind = self.decode(old);
-            let allocated = !matches!(kind, Cluster::Unallocated | Cluster::Zero { host: None })
-                || (self.extended && obm != 0);
+            // As QEMU counts it: an extended entry without a host cluster is unallocated,
+            // whatever its zero bits say.
+            let allocated = !matches!(kind, Cluster::Unallocated | Cluster::Zero { host: None });
             if self.discard_no_unref
                 && !full
                 && let Cluster::Normal { host, copied: true } | Cluster::Zero { host: Some(host) } =
