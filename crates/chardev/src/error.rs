@@ -25,9 +25,10 @@ pub enum Error {
         /// Why.
         error: io::Error,
     },
-    /// A socket option ferrite does not have.
-    #[error("'{0}' is not supported by ferrite yet")]
-    SocketOptionUnsupported(String),
+    /// TLS asked of a socket that cannot have it, or credentials that will not do (QEMU's
+    /// texts).
+    #[error("{0}")]
+    Tls(String),
     /// telnet, tn3270 and websocket sockets.
     #[error("telnet, tn3270 and websocket sockets are not supported by ferrite")]
     SocketProtocolUnsupported,

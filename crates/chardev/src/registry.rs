@@ -99,12 +99,26 @@ impl Chardev {
 #[derive(Default)]
 pub struct ChardevRegistry {
     devs: RefCell<IndexMap<String, Rc<Chardev>>>,
+    /// The program's TLS objects, for sockets with `tls-creds`.
+    tls: RefCell<Option<ferrite_tls::Objects>>,
 }
 
 impl ChardevRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How `tls-creds` and `tls-authz` find the program's objects.
+    pub fn set_tls_objects(&self, objects: ferrite_tls::Objects) {
+        *self.tls.borrow_mut() = Some(objects);
+    }
+
+    fn tls_objects(&self) -> ferrite_tls::Objects {
+        self.tls
+            .borrow()
+            .clone()
+            .unwrap_or_else(ferrite_tls::Objects::none)
     }
 
     /// A chardev by id.
@@ -128,7 +142,7 @@ impl ChardevRegistry {
                 Origin::CommandLine => Error::DuplicateProperty(id.to_owned()),
             });
         }
-        let backend = Backend::open(backend, origin, self.stdio_in_use())?;
+        let backend = Backend::open(backend, origin, self.stdio_in_use(), &self.tls_objects())?;
         let dev = Rc::new(Chardev {
             id: id.to_owned(),
             backend: RefCell::new(Rc::new(backend)),
@@ -152,7 +166,7 @@ impl ChardevRegistry {
             return Err(Error::NoHotswap);
         }
         let stdio_elsewhere = self.all().iter().any(|d| d.id != id && d.kind() == "stdio");
-        let new = Backend::open(backend, Origin::Qmp, stdio_elsewhere)?;
+        let new = Backend::open(backend, Origin::Qmp, stdio_elsewhere, &self.tls_objects())?;
         let old = dev.backend.replace(Rc::new(new));
         old.close();
         Ok(())

@@ -127,6 +127,7 @@ impl Daemon {
         ferrite_drivers::register(&registry);
         ferrite_qcow2::register(&registry);
         let tls = crate::object_links::tls_objects(&objects);
+        chardevs.set_tls_objects(tls.clone());
         ferrite_nbd::client::register(&registry, tls.clone());
         let graph = Graph::new(sink.clone(), registry);
         crate::object_links::link(&graph, &objects);

@@ -1,5 +1,5 @@
 //! TLS as QEMU's programs do it (QEMU: `crypto/tlscreds*.c`, `crypto/tlssession.c`,
-//! `authz/`), for NBD's STARTTLS on both ends.
+//! `authz/`), for NBD's STARTTLS on both ends and for socket chardevs (QMP over TLS).
 //!
 //! - `creds.rs`: `tls-creds-x509`: the files of a directory, checked at creation as QEMU
 //!   checks them, and the rustls configurations made from them;

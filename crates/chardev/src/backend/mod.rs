@@ -32,7 +32,7 @@ pub struct Connection {
 
 /// An open backend.
 pub(crate) enum Backend {
-    Socket(socket::Socket),
+    Socket(Box<socket::Socket>),
     File(file::FileBackend),
     Null,
     Ring(Ring),
@@ -40,12 +40,17 @@ pub(crate) enum Backend {
 
 impl Backend {
     /// Opens the backend a checked `ChardevBackend` describes.
-    pub(crate) fn open(spec: &Args, origin: Origin, stdio_taken: bool) -> Result<Backend> {
+    pub(crate) fn open(
+        spec: &Args,
+        origin: Origin,
+        stdio_taken: bool,
+        tls: &ferrite_tls::Objects,
+    ) -> Result<Backend> {
         let kind = spec.str("type")?;
         let data = spec.dict("data").unwrap_or_default();
         let log = log::LogFile::open(&data)?;
         Ok(match kind {
-            "socket" => Backend::Socket(socket::Socket::open(&data, origin, log)?),
+            "socket" => Backend::Socket(Box::new(socket::Socket::open(&data, origin, log, tls)?)),
             "file" => Backend::File(file::FileBackend::file(&data, log)?),
             "pipe" => Backend::File(file::FileBackend::pipe(&data, log)?),
             "stdio" => {

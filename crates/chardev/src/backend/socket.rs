@@ -1,4 +1,6 @@
-//! `socket`: listen on or connect to a unix or TCP address, or use an inherited socket fd.
+//! `socket`: listen on or connect to a unix or TCP address, or use an inherited socket fd;
+//! with `tls-creds`, each connection runs TLS (QEMU's rules: TCP or an inherited listening
+//! fd only; a handshake that fails drops that connection, the chardev waits for the next).
 
 use super::Connection;
 use super::log::LogFile;
@@ -6,9 +8,12 @@ use crate::error::{Error, Result};
 use crate::registry::Origin;
 use ferrite_qapi::Args;
 use std::cell::{Cell, RefCell};
+use std::os::fd::AsFd;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 /// Where the socket is, as the user gave it.
@@ -70,6 +75,22 @@ enum Listener {
     Tcp(TcpListener),
 }
 
+/// A connected socket before anything runs on it.
+enum Raw {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+/// TLS on every connection (`tls-creds`, `tls-authz`).
+struct Tls {
+    creds: Rc<ferrite_tls::X509Creds>,
+    /// The authorization object a server judges clients by.
+    authz: Option<String>,
+    objects: ferrite_tls::Objects,
+    /// The name a client expects in the server's certificate (the address's host).
+    hostname: Option<String>,
+}
+
 /// A socket chardev.
 pub(crate) struct Socket {
     addr: Addr,
@@ -84,6 +105,9 @@ pub(crate) struct Socket {
     log: Option<LogFile>,
     /// A unix socket path this chardev created and removes on close.
     unlink: Option<PathBuf>,
+    tls: Option<Tls>,
+    /// Client mode with TLS: the connection made at creation, its handshake still to run.
+    pending_raw: RefCell<Option<Raw>>,
 }
 
 fn io_err(what: &'static str, target: &str, e: &std::io::Error) -> Error {
@@ -95,7 +119,12 @@ fn io_err(what: &'static str, target: &str, e: &std::io::Error) -> Error {
 }
 
 impl Socket {
-    pub(crate) fn open(data: &Args, origin: Origin, log: Option<LogFile>) -> Result<Self> {
+    pub(crate) fn open(
+        data: &Args,
+        origin: Origin,
+        log: Option<LogFile>,
+        objects: &ferrite_tls::Objects,
+    ) -> Result<Self> {
         let addr = Addr::parse(data)?;
         // QMP's ChardevSocket defaults to a server; QemuOpts to a client.
         let server = data.bool_or("server", origin == Origin::Qmp);
@@ -104,17 +133,13 @@ impl Socket {
             .or_else(|| data.opt_i64("reconnect").map(|s| s.saturating_mul(1000)))
             .filter(|&ms| ms > 0)
             .map(|ms| Duration::from_millis(ms as u64));
-        for unsupported in ["tls-creds", "tls-authz"] {
-            if data.has(unsupported) {
-                return Err(Error::SocketOptionUnsupported(unsupported.to_owned()));
-            }
-        }
         if data.bool_or("telnet", false)
             || data.bool_or("tn3270", false)
             || data.bool_or("websocket", false)
         {
             return Err(Error::SocketProtocolUnsupported);
         }
+        let tls = Tls::from_options(data, &addr, server, objects)?;
         let mut sock = Socket {
             addr: addr.clone(),
             listener: None,
@@ -124,6 +149,8 @@ impl Socket {
             used: Cell::new(false),
             log,
             unlink: None,
+            tls,
+            pending_raw: RefCell::new(None),
         };
         if let Addr::Fd(fd) = &addr {
             if origin == Origin::Qmp {
@@ -132,6 +159,9 @@ impl Socket {
             sock.adopt_fd(fd, server)?;
         } else if server {
             sock.listen()?;
+        } else if sock.tls.is_some() {
+            let raw = sock.connect_raw()?;
+            *sock.pending_raw.borrow_mut() = Some(raw);
         } else {
             let conn = sock.connect_now()?;
             *sock.pending.borrow_mut() = Some(conn);
@@ -178,6 +208,13 @@ impl Socket {
     }
 
     fn connect_now(&self) -> Result<Connection> {
+        Ok(match self.connect_raw()? {
+            Raw::Unix(s) => self.wrap_unix(s),
+            Raw::Tcp(s) => self.wrap_tcp(s),
+        })
+    }
+
+    fn connect_raw(&self) -> Result<Raw> {
         let target = self.addr.target();
         let fail = |e: std::io::Error| io_err("Failed to connect to", &target, &e);
         match &self.addr {
@@ -193,7 +230,7 @@ impl Socket {
                 .map_err(fail)?;
                 s.set_nonblocking(true).map_err(fail)?;
                 *self.peer.borrow_mut() = Some(format!("unix:{path}"));
-                Ok(self.wrap_unix(UnixStream::from_std(s).map_err(fail)?))
+                Ok(Raw::Unix(UnixStream::from_std(s).map_err(fail)?))
             }
             Addr::Inet { nodelay, .. } => {
                 let s = std::net::TcpStream::connect(target.as_str()).map_err(fail)?;
@@ -201,7 +238,7 @@ impl Socket {
                 let s = TcpStream::from_std(s).map_err(fail)?;
                 let _ = s.set_nodelay(*nodelay);
                 *self.peer.borrow_mut() = Some(tcp_desc(&s, false));
-                Ok(self.wrap_tcp(s))
+                Ok(Raw::Tcp(s))
             }
             Addr::Fd(_) => Err(Error::FdOverQmp),
         }
@@ -287,18 +324,23 @@ impl Socket {
             let result = match self.listener.as_ref()? {
                 Listener::Unix(l) => l.accept().await.map(|(s, _)| {
                     *self.peer.borrow_mut() = Some(format!("{},server=on", self.addr.describe()));
-                    self.wrap_unix(s)
+                    Raw::Unix(s)
                 }),
                 Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
                     if let Addr::Inet { nodelay: true, .. } = self.addr {
                         let _ = s.set_nodelay(true);
                     }
                     *self.peer.borrow_mut() = Some(tcp_desc(&s, true));
-                    self.wrap_tcp(s)
+                    Raw::Tcp(s)
                 }),
             };
             match result {
-                Ok(conn) => return Some(conn),
+                Ok(raw) => {
+                    // A client whose handshake fails is dropped; the next one is awaited.
+                    if let Some(conn) = self.start(raw).await {
+                        return Some(conn);
+                    }
+                }
                 // Transient accept failures (EMFILE, ECONNABORTED) must not end the chardev.
                 Err(e) => {
                     tracing::warn!(error = %e, "chardev accept failed");
@@ -316,14 +358,72 @@ impl Socket {
         if self.is_server() {
             return self.accept_listener().await;
         }
+        let made = self.pending_raw.borrow_mut().take();
+        if let Some(raw) = made {
+            self.used.set(true);
+            if let Some(conn) = self.start(raw).await {
+                return Some(conn);
+            }
+        }
         // Client mode: the connection made at creation is gone; reconnect if asked to.
         let delay = self.reconnect?;
         loop {
             tokio::time::sleep(delay).await;
-            match self.connect_now() {
-                Ok(conn) => return Some(conn),
+            match self.connect_raw() {
+                Ok(raw) => {
+                    if let Some(conn) = self.start(raw).await {
+                        return Some(conn);
+                    }
+                }
                 Err(e) => tracing::debug!(error = %e, "chardev reconnect failed"),
             }
+        }
+    }
+
+    /// A connection ready for its frontend: as it is, or once its TLS handshake is done
+    /// (`None` when that fails, as QEMU's chardev disconnects).
+    async fn start(&self, raw: Raw) -> Option<Connection> {
+        let Some(tls) = &self.tls else {
+            return Some(match raw {
+                Raw::Unix(s) => self.wrap_unix(s),
+                Raw::Tcp(s) => self.wrap_tcp(s),
+            });
+        };
+        let result = match raw {
+            Raw::Unix(s) => self.handshake(tls, s).await,
+            Raw::Tcp(s) => self.handshake(tls, s).await,
+        };
+        match result {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                tracing::warn!(error = %e, "chardev TLS handshake failed");
+                *self.peer.borrow_mut() = None;
+                None
+            }
+        }
+    }
+
+    async fn handshake<S>(&self, tls: &Tls, s: S) -> std::result::Result<Connection, String>
+    where
+        S: AsyncRead + AsyncWrite + AsFd + Unpin + 'static,
+    {
+        if self.is_server() {
+            let authz = tls.authz.as_deref().map(|id| (id, &tls.objects.authz));
+            let stream = ferrite_tls::accept(&tls.creds, s, authz).await?;
+            Ok(self.wrap_stream(stream))
+        } else {
+            let stream = ferrite_tls::connect(&tls.creds, s, tls.hostname.as_deref()).await?;
+            Ok(self.wrap_stream(stream))
+        }
+    }
+
+    /// A stream that carries no descriptors (TLS).
+    fn wrap_stream<S: AsyncRead + AsyncWrite + 'static>(&self, s: S) -> Connection {
+        let (r, w) = tokio::io::split(s);
+        Connection {
+            reader: Box::pin(r),
+            writer: LogFile::tee(self.log.clone(), Box::pin(w)),
+            fds: None,
         }
     }
 
@@ -343,6 +443,59 @@ impl Socket {
         if let Some(path) = &self.unlink {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+impl Tls {
+    /// The TLS a socket's options ask for, checked in QEMU's order with its texts.
+    fn from_options(
+        data: &Args,
+        addr: &Addr,
+        server: bool,
+        objects: &ferrite_tls::Objects,
+    ) -> Result<Option<Tls>> {
+        let creds = data.opt_str("tls-creds");
+        if creds.is_some() {
+            match addr {
+                Addr::Unix { .. } => {
+                    return Err(Error::Tls(
+                        "'tls_creds' option is incompatible with 'unix' address type".into(),
+                    ));
+                }
+                Addr::Fd(_) if !server => {
+                    return Err(Error::Tls(
+                        "'tls_creds' option is incompatible with 'fd' address type as client"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let authz = data.opt_str("tls-authz").map(str::to_owned);
+        let Some(id) = creds else {
+            if authz.is_some() {
+                return Err(Error::Tls(
+                    "'tls_authz' option requires 'tls_creds' option".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let endpoint = if server {
+            ferrite_tls::Endpoint::Server
+        } else {
+            ferrite_tls::Endpoint::Client
+        };
+        let creds = objects.creds_for(id, endpoint).map_err(Error::Tls)?;
+        let hostname = match addr {
+            Addr::Inet { host, .. } => Some(host.clone()),
+            _ => None,
+        };
+        Ok(Some(Tls {
+            creds,
+            authz,
+            objects: objects.clone(),
+            hostname,
+        }))
     }
 }
 
