@@ -60,23 +60,30 @@ impl Qcow2Driver {
             let (e, bm) = m.l2_entry(file, gc).await?;
             let kind = self.decode(e);
             let n = (cs - in_off).min(len - pos);
+            // Extended L2: subclusters are written and allocated one cluster at a time.
+            if self.extended
+                && matches!(
+                    kind,
+                    Cluster::Normal { copied: true, .. } | Cluster::Unallocated
+                )
+            {
+                drop(m);
+                let piece = &data[pos as usize..(pos + n) as usize];
+                match kind {
+                    Cluster::Normal { host, .. } => {
+                        self.write_subclusters(node, file, gc, host, bm, in_off, piece)
+                            .await?
+                    }
+                    _ => {
+                        self.write_new_subclusters(node, file, gc, in_off, piece)
+                            .await?
+                    }
+                }
+                pos += n;
+                continue;
+            }
             match kind {
                 Cluster::Normal { host, copied: true } => {
-                    if self.extended {
-                        drop(m);
-                        self.write_subclusters(
-                            node,
-                            file,
-                            gc,
-                            host,
-                            bm,
-                            in_off,
-                            &data[pos as usize..(pos + n) as usize],
-                        )
-                        .await?;
-                        pos += n;
-                        continue;
-                    }
                     // In place; extend over following clusters mapped contiguously.
                     let mut run = n;
                     while pos + run < len {
@@ -111,18 +118,6 @@ impl Qcow2Driver {
                         .write(host + in_off, part, ReqFlags::empty())
                         .await?;
                     pos += run;
-                }
-                Cluster::Unallocated if self.extended && self.crypto.is_none() => {
-                    drop(m);
-                    self.write_new_subclusters(
-                        node,
-                        file,
-                        gc,
-                        in_off,
-                        &data[pos as usize..(pos + n) as usize],
-                    )
-                    .await?;
-                    pos += n;
                 }
                 _ => {
                     // Allocate: this cluster and following ones that also need it.

@@ -66,10 +66,7 @@ impl Qcow2Driver {
                 pos = c_end;
                 continue;
             }
-            if flags.contains(ReqFlags::NO_FALLBACK) {
-                return Err(enotsup());
-            }
-            self.write_impl(node, file, pos, vec![0u8; (c_end - pos) as usize])
+            self.write_zeroes_as_data(node, file, pos, c_end, flags)
                 .await?;
             pos = c_end;
         }
@@ -148,15 +145,11 @@ impl Qcow2Driver {
             let sc_end = (sc_start + scs).min(size);
             let piece_end = sc_end.min(to);
             let whole = pos == sc_start && piece_end == sc_end;
-            if whole || self.rest_is_zero(node, file, pos, piece_end, scs).await? {
-                if !self
+            let flagged = (whole || self.rest_is_zero(node, file, pos, piece_end, scs).await?)
+                && self
                     .zero_subclusters(node, file, sc_start, sc_end, flags)
-                    .await?
-                {
-                    self.write_zeroes_as_data(node, file, pos, piece_end, flags)
-                        .await?;
-                }
-            } else {
+                    .await?;
+            if !flagged {
                 self.write_zeroes_as_data(node, file, pos, piece_end, flags)
                     .await?;
             }
