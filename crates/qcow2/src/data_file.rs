@@ -33,7 +33,7 @@ impl Qcow2Driver {
         self.data_file.as_ref().is_some_and(|d| d.raw)
     }
 
-    /// A data cluster of guest cluster `gc`, no longer mapped: its place in the data file
+    /// A data-file cluster at `host` no longer mapped: its place in the data file
     /// is discarded later ([`Self::pass_data_discards`]) if the options pass `kind` down.
     pub(crate) fn release_data_cluster(&self, m: &Meta, host: u64, kind: FreeKind) {
         let pass = match kind {

@@ -56,7 +56,7 @@ impl Qcow2Driver {
                 Source::Backing => self.read_backing(node, offset + pos as u64, run).await?,
                 Source::Data(host) => {
                     // Data clusters live in the external data file when there is one.
-                    let data = node.edge("data-file");
+                    let data = self.data_edge(node);
                     let src = data.as_deref().unwrap_or(file);
                     file.debug_event("read_aio").await;
                     Some(match &self.crypto {

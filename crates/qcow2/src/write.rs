@@ -183,24 +183,10 @@ impl Qcow2Driver {
         let start = gc * cs;
         let total = clusters * cs;
         let data_end = in_off + data.len() as u64;
-        // A pooled buffer: every byte is written below.
-        let mut buf = ferrite_block::io::pool::take(total as usize);
         // Head and tail from the old content (backing file, compressed data, shared cluster).
-        for (from, to) in [(0, in_off), (data_end, total)] {
-            if from >= to {
-                continue;
-            }
-            let part = &mut buf[from as usize..to as usize];
-            if self.known_zero(node, file, start + from, to - from).await? {
-                part.fill(0);
-                continue;
-            }
-            let old = self
-                .read_guest(node, file, start + from, (to - from) as usize)
-                .await?;
-            part.copy_from_slice(&old);
-        }
-        buf[in_off as usize..data_end as usize].copy_from_slice(data);
+        let buf = self
+            .with_old_around(node, file, start, total, in_off, data)
+            .await?;
         self.write_new_clusters(node, file, gc, clusters, buf, in_off..data_end)
             .await
     }
@@ -256,6 +242,37 @@ impl Qcow2Driver {
         self.maybe_write_back(file, &mut m).await
     }
 
+    /// `len` guest bytes from `at`: `data` at `data_at` in them, the rest the old content
+    /// (zeroes where it is known to read as zeroes). A pooled buffer, every byte written.
+    async fn with_old_around(
+        &self,
+        node: &Node,
+        file: &Child,
+        at: u64,
+        len: u64,
+        data_at: u64,
+        data: &[u8],
+    ) -> io::Result<Vec<u8>> {
+        let data_end = data_at + data.len() as u64;
+        let mut buf = ferrite_block::io::pool::take(len as usize);
+        for (from, to) in [(0, data_at), (data_end, len)] {
+            if from >= to {
+                continue;
+            }
+            let part = &mut buf[from as usize..to as usize];
+            if self.known_zero(node, file, at + from, to - from).await? {
+                part.fill(0);
+            } else {
+                let old = self
+                    .read_guest(node, file, at + from, (to - from) as usize)
+                    .await?;
+                part.copy_from_slice(&old);
+            }
+        }
+        buf[data_at as usize..data_end as usize].copy_from_slice(data);
+        Ok(buf)
+    }
+
     /// Extended L2: writes `data` at `in_off` of guest cluster `gc`, which has no host
     /// cluster yet, into a new one. Only the subclusters it touches are filled (their
     /// untouched parts from the old content) and become allocated; the others keep what
@@ -275,22 +292,9 @@ impl Qcow2Driver {
         let (first, last) = (in_off / scs, end.div_ceil(scs));
         let (from, to) = (first * scs, last * scs);
         let start = gc * cs;
-        let mut buf = ferrite_block::io::pool::take((to - from) as usize);
-        for (a, b) in [(from, in_off), (end, to)] {
-            if a >= b {
-                continue;
-            }
-            let part = &mut buf[(a - from) as usize..(b - from) as usize];
-            if self.known_zero(node, file, start + a, b - a).await? {
-                part.fill(0);
-            } else {
-                let old = self
-                    .read_guest(node, file, start + a, (b - a) as usize)
-                    .await?;
-                part.copy_from_slice(&old);
-            }
-        }
-        buf[(in_off - from) as usize..(end - from) as usize].copy_from_slice(data);
+        let buf = self
+            .with_old_around(node, file, start + from, to - from, in_off - from, data)
+            .await?;
         let data_file = self.data_edge(node);
         let host = if data_file.is_some() {
             start

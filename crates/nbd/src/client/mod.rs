@@ -12,7 +12,7 @@ use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Registry
 use ferrite_qapi::{Args, os_msg};
 use ferrite_qobject::QDict;
 use ferrite_tls::{Endpoint, Objects, X509Creds};
-use handshake::{HandshakeError, greet, negotiate, start_tls};
+use handshake::{HandshakeError, Offer, greet, negotiate, start_tls};
 use session::{Answer, Command, Failure, Session};
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -125,6 +125,16 @@ where
     let mut r: session::Reader = Box::pin(r);
     let mut w: session::Writer = Box::pin(w);
     let offer = greet(&mut r, &mut w).await?;
+    open_session(r, w, offer, target).await
+}
+
+/// Negotiates the export after the greeting (and STARTTLS) and makes the session.
+async fn open_session(
+    mut r: session::Reader,
+    mut w: session::Writer,
+    offer: Offer,
+    target: &Target,
+) -> Result<Rc<Session>, HandshakeError> {
     let info = negotiate(
         &mut r,
         &mut w,
@@ -155,29 +165,20 @@ where
         .await
         .map_err(HandshakeError::Refused)?;
     let (r, w) = tokio::io::split(secured);
-    let mut r: session::Reader = Box::pin(r);
-    let mut w: session::Writer = Box::pin(w);
-    let info = negotiate(
-        &mut r,
-        &mut w,
-        offer,
-        &target.export,
-        target.bitmap.as_deref(),
-    )
-    .await
-    .map_err(|e| match e {
-        // A server that judged this client and refused it hangs up without ending TLS:
-        // QEMU's words for it.
-        HandshakeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            HandshakeError::Refused(
-                "Failed to read option reply: Cannot read from TLS channel: The TLS \
+    open_session(Box::pin(r), Box::pin(w), offer, target)
+        .await
+        .map_err(|e| match e {
+            // A server that judged this client and refused it hangs up without ending TLS:
+            // QEMU's words for it.
+            HandshakeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                HandshakeError::Refused(
+                    "Failed to read option reply: Cannot read from TLS channel: The TLS \
                      connection was non-properly terminated."
-                    .into(),
-            )
-        }
-        other => other,
-    })?;
-    Ok(Session::new(info, r, w))
+                        .into(),
+                )
+            }
+            other => other,
+        })
 }
 
 /// Why a connection could not be made, in QEMU's words.
