@@ -55,14 +55,14 @@ async fn references(file: &Child, m: &mut Meta, structure: bool) -> io::Result<H
             m.h.refcount_table_offset,
             u64::from(m.h.refcount_table_clusters) * cs,
         );
-        for e in m.reftable.clone() {
+        for e in m.reftable.to_vec() {
             let off = e & !0x1ff;
             if off != 0 {
                 refs.add(off, cs);
             }
         }
     }
-    let mut l1s = vec![m.l1.clone()];
+    let mut l1s = vec![m.l1.to_vec()];
     // Snapshots: their table and L1 tables.
     if m.h.nb_snapshots > 0 {
         let (snapshots, table_len) = snapshot_table::read(file, &m.h).await?;

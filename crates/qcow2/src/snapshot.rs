@@ -156,7 +156,7 @@ pub(crate) async fn create(file: &Child, m: &mut Meta, new: &NewSnapshot) -> io:
     m.write_back(file, true).await?;
     let (list, old_len) = snapshot_table::read(file, &m.h).await?;
     let before = m.h.nb_snapshots;
-    let l1 = m.l1.clone();
+    let l1 = m.l1.to_vec();
     let mut added = Vec::new();
     let mut l1_copy = None;
     let r = match add_references(file, m, &l1, 1, &mut added).await {
@@ -321,7 +321,7 @@ pub(crate) async fn goto(
     file.write(at, bytes, ReqFlags::empty()).await?;
     file.flush().await?;
     // The disk names the snapshot's tables now: the old ones lose the active reference.
-    let old = std::mem::replace(&mut m.l1, l1);
+    let old = m.l1.replace(l1);
     add_references(file, m, &old, -1, &mut Vec::new()).await?;
     m.write_back(file, true).await?;
     // Tables freed above may come back as anything: no cached copy may answer for them.

@@ -110,7 +110,7 @@ impl Meta {
         // not written there (QEMU would grow the file to it).
         self.check_in_file(file, at - at % self.cs(), "L1 table")?;
         self.check_write(file, at, 8, Metadata::ACTIVE_L1).await?;
-        self.l1[i] = v;
+        self.l1.set(i, v);
         file.write(at, v.to_be_bytes().to_vec(), ReqFlags::empty())
             .await
     }
@@ -136,7 +136,7 @@ impl Meta {
         let cs = self.cs();
         let clusters = (entries * 8).div_ceil(cs);
         let new = self.alloc(file, clusters).await?;
-        let mut l1 = self.l1.clone();
+        let mut l1 = self.l1.to_vec();
         l1.resize(entries as usize, 0);
         let mut bytes = vec![0u8; (clusters * cs) as usize];
         for (i, e) in l1.iter().enumerate() {
@@ -151,7 +151,7 @@ impl Meta {
         let old_clusters = (u64::from(self.h.l1_size) * 8).div_ceil(cs);
         self.h.l1_table_offset = new;
         self.h.l1_size = entries as u32;
-        self.l1 = l1;
+        self.l1.replace(l1);
         self.write_header(file).await?;
         if old_clusters > 0 && old_off != 0 {
             self.free(old_off, old_clusters, FreeKind::Other);

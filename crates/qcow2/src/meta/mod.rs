@@ -9,6 +9,7 @@
 
 mod l2;
 pub(crate) mod overlap;
+mod pointers;
 mod refcount;
 mod writeback;
 
@@ -56,10 +57,10 @@ pub(crate) enum FreeKind {
 /// The open image's metadata.
 pub(crate) struct Meta {
     pub(crate) h: Header,
-    pub(crate) l1: Vec<u64>,
+    pub(crate) l1: pointers::PointerTable,
     pub(crate) l2: TableCache,
     rb: TableCache,
-    pub(crate) reftable: Vec<u64>,
+    pub(crate) reftable: pointers::PointerTable,
     refblocks: HashSet<u64>,
     /// First cluster index that may be free.
     free_hint: u64,
@@ -141,10 +142,10 @@ impl Meta {
             .collect();
         Ok(Meta {
             h,
-            l1,
+            l1: pointers::PointerTable::new(l1),
             l2: TableCache::new(l2_cache_tables),
             rb: TableCache::new(rb_cache_tables),
-            reftable,
+            reftable: pointers::PointerTable::new(reftable),
             refblocks,
             free_hint: 0,
             free_byte_offset: 0,

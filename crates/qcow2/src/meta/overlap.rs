@@ -228,20 +228,10 @@ impl Meta {
         {
             return Some(Metadata::INACTIVE_L1);
         }
-        if chk.contains(Metadata::ACTIVE_L2)
-            && self.l1.iter().any(|&e| {
-                let at = e & OFFSET_MASK;
-                at != 0 && hits(at, cs)
-            })
-        {
+        if chk.contains(Metadata::ACTIVE_L2) && self.l1.points_into(start, end, cs) {
             return Some(Metadata::ACTIVE_L2);
         }
-        if chk.contains(Metadata::REFCOUNT_BLOCK)
-            && self.reftable.iter().any(|&at| {
-                let at = at & OFFSET_MASK;
-                at != 0 && hits(at, cs)
-            })
-        {
+        if chk.contains(Metadata::REFCOUNT_BLOCK) && self.reftable.points_into(start, end, cs) {
             return Some(Metadata::REFCOUNT_BLOCK);
         }
         if chk.contains(Metadata::BITMAP_DIRECTORY) && self.h.autoclear & autoclear::BITMAPS != 0 {

@@ -189,7 +189,7 @@ impl Meta {
 
     /// Points refcount table entry `b` at the block at `at`, on disk too.
     pub(super) async fn point_reftable(&mut self, file: &Child, b: u64, at: u64) -> io::Result<()> {
-        self.reftable[b as usize] = at;
+        self.reftable.set(b as usize, at);
         let entry_at = self.h.refcount_table_offset + b * 8;
         // As for the L1 table: read past the end of the file, never written there.
         self.check_in_file(file, entry_at - entry_at % self.cs(), "Refcount table")?;
@@ -253,7 +253,7 @@ impl Meta {
         if table_clusters * cs > MAX_REFTABLE_BYTES {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }
-        let mut table = self.reftable.clone();
+        let mut table = self.reftable.to_vec();
         table.resize((table_clusters * per_cluster) as usize, 0);
         // Layout: the table, then the new refcount blocks.
         let run = start..start + table_clusters + new_blocks.len() as u64;
@@ -284,7 +284,7 @@ impl Meta {
         let old_clusters = u64::from(self.h.refcount_table_clusters);
         self.h.refcount_table_offset = start * cs;
         self.h.refcount_table_clusters = table_clusters as u32;
-        self.reftable = table;
+        self.reftable.replace(table);
         self.write_header(file).await?;
         for c in 0..old_clusters {
             self.update_refcount(file, old_off / cs + c, -1).await?;
@@ -447,10 +447,12 @@ impl Meta {
         }
         self.h.refcount_table_offset = table_at;
         self.h.refcount_table_clusters = table_clusters as u32;
-        self.reftable = table
-            .chunks_exact(8)
-            .map(|e| u64::from_be_bytes(e.try_into().unwrap_or([0; 8])))
-            .collect();
+        self.reftable.replace(
+            table
+                .chunks_exact(8)
+                .map(|e| u64::from_be_bytes(e.try_into().unwrap_or([0; 8])))
+                .collect(),
+        );
         self.refblocks = self.reftable.iter().copied().filter(|&o| o != 0).collect();
         self.free_hint = 0;
         Ok(())
