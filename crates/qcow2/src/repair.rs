@@ -55,7 +55,7 @@ async fn references(file: &Child, m: &mut Meta, structure: bool) -> io::Result<H
             m.h.refcount_table_offset,
             u64::from(m.h.refcount_table_clusters) * cs,
         );
-        for e in m.reftable.to_vec() {
+        for &e in m.reftable.iter() {
             let off = e & !0x1ff;
             if off != 0 {
                 refs.add(off, cs);

@@ -84,7 +84,7 @@ mod tests {
 
     #[test]
     fn points_into_matches_a_scan_of_the_entries() {
-        let mut t = PointerTable::new(vec![0, 3 * CS, 0, 7 * CS | 1 << 63, 3 * CS]);
+        let mut t = PointerTable::new(vec![0, 3 * CS, 0, (7 * CS) | (1 << 63), 3 * CS]);
         t.set(1, 9 * CS);
         t.set(2, 0);
         let scan = |t: &PointerTable, s: u64, e: u64| {
@@ -106,7 +106,10 @@ mod tests {
         assert!(t.points_into(3 * CS, 3 * CS + 1, CS));
         t.set(4, 0);
         assert!(!t.points_into(3 * CS, 4 * CS, CS));
-        assert_eq!(t.replace(vec![CS]), vec![0, 9 * CS, 0, 7 * CS | 1 << 63, 0]);
+        assert_eq!(
+            t.replace(vec![CS]),
+            vec![0, 9 * CS, 0, (7 * CS) | (1 << 63), 0]
+        );
         assert!(t.points_into(0, CS + 1, CS));
         assert!(!t.points_into(2 * CS, 9 * CS + 1, CS));
     }
