@@ -4,11 +4,11 @@
 //! key (`essiv:sha256`), the modes LUKS1 volumes name.
 
 use crate::Error;
+use crate::xts::Xts as Xts128;
 use aes::cipher::block_padding::NoPadding;
 use aes::cipher::{BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt, KeyInit, KeyIvInit};
 use aes::{Aes128, Aes256};
 use sha2::Digest;
-use xts_mode::Xts128;
 
 /// Sectors are 512 bytes (LUKS1).
 pub const SECTOR: usize = 512;
@@ -122,8 +122,8 @@ impl SectorCipher {
         for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
             let iv = self.iv(first + i as u64);
             match &self.mode {
-                Mode::Xts(Xts::Aes128(x)) => x.decrypt_sector(s, iv.into()),
-                Mode::Xts(Xts::Aes256(x)) => x.decrypt_sector(s, iv.into()),
+                Mode::Xts(Xts::Aes128(x)) => x.decrypt_sector(s, iv),
+                Mode::Xts(Xts::Aes256(x)) => x.decrypt_sector(s, iv),
                 // Whole blocks without padding cannot fail.
                 Mode::Cbc(CbcKey::Aes128(k)) => {
                     if let Ok(d) = cbc::Decryptor::<Aes128>::new_from_slices(k, &iv) {
@@ -145,8 +145,8 @@ impl SectorCipher {
         for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
             let iv = self.iv(first + i as u64);
             match &self.mode {
-                Mode::Xts(Xts::Aes128(x)) => x.encrypt_sector(s, iv.into()),
-                Mode::Xts(Xts::Aes256(x)) => x.encrypt_sector(s, iv.into()),
+                Mode::Xts(Xts::Aes128(x)) => x.encrypt_sector(s, iv),
+                Mode::Xts(Xts::Aes256(x)) => x.encrypt_sector(s, iv),
                 Mode::Cbc(CbcKey::Aes128(k)) => {
                     if let Ok(e) = cbc::Encryptor::<Aes128>::new_from_slices(k, &iv) {
                         let _ = e.encrypt_padded::<NoPadding>(s, SECTOR);

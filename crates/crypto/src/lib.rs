@@ -3,13 +3,16 @@
 //! eight key slots, each holding the master key split by the anti-forensic splitter and
 //! encrypted with a key derived from a password by PBKDF2.
 //!
-//! Only well-kept cryptography crates do the work (RustCrypto's `aes`, `xts-mode`,
-//! `pbkdf2`, `hmac`, `sha1`, `sha2`); this crate arranges them as LUKS does.
+//! Only well-kept cryptography crates do the work (RustCrypto's `aes`, `pbkdf2`, `hmac`,
+//! `sha1`, `sha2`); this crate arranges them as LUKS does. The one mode written here is
+//! XTS, so that AES sees a sector's blocks at once (`xts-mode` feeds it one at a time);
+//! its tests hold it to `xts-mode`.
 //!
 //! - `luks.rs`: the header, unlocking a key slot, the master key check;
 //! - `af.rs`: the anti-forensic merge;
 //! - `amend.rs`: key slots added and erased (`x-blockdev-amend`);
 //! - `cipher.rs`: the sector cipher (AES in XTS mode with `plain64` or `plain` IVs);
+//! - `xts.rs`: XTS over whole sectors, their blocks pipelined through AES;
 //! - `hash.rs`: the hash algorithms a header may name;
 //! - `pkcs8.rs`: password-encrypted PKCS #8 private keys (PBES2), as TLS credentials keep them.
 
@@ -19,6 +22,7 @@ mod cipher;
 mod hash;
 mod luks;
 mod pkcs8;
+mod xts;
 
 pub use amend::{Secret, SlotChange, Writes, amend_key_slots};
 pub use cipher::{SECTOR, SectorCipher};
