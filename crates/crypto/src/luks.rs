@@ -370,7 +370,10 @@ const MIN_ITERATIONS: u64 = 1000;
 const ALIGN: u64 = 4096;
 
 /// Bytes from the kernel's random source.
-pub(crate) fn random(n: usize) -> Result<Vec<u8>, Error> {
+///
+/// # Errors
+/// The kernel has none to give.
+pub fn random(n: usize) -> Result<Vec<u8>, Error> {
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {

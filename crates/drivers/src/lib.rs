@@ -1,7 +1,8 @@
 //! Block drivers that are not image formats of their own: `file` (protocol: a regular file
 //! or block device through the I/O backend), `raw` (format: its child's bytes, or a window
 //! of them), `null-co`/`null-aio`, the `copy-before-write` filter with its
-//! `snapshot-access` view, and the `copy-on-read` filter. Each registers a factory with the
+//! `snapshot-access` view, and the `copy-on-read` filter; and the image formats small
+//! enough to need no crate of their own (`luks`, `vdi`). Each registers a factory with the
 //! core's registry.
 //!
 //! QEMU counterparts: `block/file-posix.c`, `block/raw-format.c`, `block/null.c`,
@@ -24,6 +25,7 @@ mod quorum;
 mod raw;
 mod snapshot_access;
 mod throttle;
+mod vdi;
 
 use ferrite_block::Registry;
 use std::rc::Rc;
@@ -50,4 +52,5 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(blkverify::BlkverifyFactory));
     registry.register(Rc::new(blkdebug::BlkdebugFactory));
     registry.register(Rc::new(quorum::QuorumFactory));
+    registry.register(Rc::new(vdi::VdiFactory));
 }

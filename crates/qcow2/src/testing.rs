@@ -17,8 +17,14 @@ const WRITE_SPAN: u64 = 1 << 20;
 /// snapshot taken and gone back to, a resize, and a read, and closes it. Returns how many
 /// of the reads succeeded (none if it did not open).
 pub async fn exercise(g: &Rc<Graph>, file: QDict) -> usize {
+    exercise_format(g, "qcow2", file).await
+}
+
+/// [`exercise`] for a node of format `driver` (another format fails the qcow2-only steps,
+/// which is part of the workout).
+pub async fn exercise_format(g: &Rc<Graph>, driver: &str, file: QDict) -> usize {
     let opts = QDict::new()
-        .with("driver", "qcow2")
+        .with("driver", driver)
         .with("node-name", "q")
         .with("file", QObject::Dict(file));
     let Ok(node) = g.blockdev_add(&Args::new(opts)).await else {

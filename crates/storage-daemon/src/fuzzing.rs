@@ -228,8 +228,9 @@ pub fn nbd_client(input: &[u8]) {
 }
 
 /// `input` as a qcow2 image file, opened read-write and used
-/// ([`ferrite_qcow2::testing::exercise`]). Beside it are 1 MiB files `base.raw` and
-/// `data.raw`, which images may name as their backing or external data file.
+/// ([`ferrite_qcow2::testing::exercise`]); or as a VDI image when it carries VDI's
+/// signature. Beside it are 1 MiB files `base.raw` and `data.raw`, which images may name
+/// as their backing or external data file.
 pub fn qcow2_image(input: &[u8]) {
     fresh_dir();
     let sparse = |name: &str| std::fs::File::create(name).and_then(|f| f.set_len(1 << 20));
@@ -244,6 +245,8 @@ pub fn qcow2_image(input: &[u8]) {
         let file = QDict::new()
             .with("driver", "file")
             .with("filename", "image.qcow2");
-        ferrite_qcow2::testing::exercise(&daemon.graph, file).await;
+        let vdi = input.get(0x40..0x44) == Some(&0xbeda_107f_u32.to_le_bytes()[..]);
+        let driver = if vdi { "vdi" } else { "qcow2" };
+        ferrite_qcow2::testing::exercise_format(&daemon.graph, driver, file).await;
     });
 }
