@@ -261,12 +261,13 @@ def images():
                 # The dirty bit (incompatible feature 0): opening it runs the repair.
                 data = data[:72] + struct.pack(">Q", 1) + data[80:]
             put("qcow2_image", name, data)
-        # VDI images go through the same target (it picks the driver by signature): an
-        # empty dynamic one, header and block map only.
-        vdi = os.path.join(tmp, "empty.vdi")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", vdi, "3M"], check=True)
-        with open(vdi, "rb") as f:
-            put("qcow2_image", "vdi-empty", f.read())
+        # VDI and VHD images go through the same target (it picks the driver by
+        # signature): empty dynamic ones, metadata only.
+        for fmt, seed in (("vdi", "vdi-empty"), ("vpc", "vpc-empty")):
+            other = os.path.join(tmp, f"empty.{fmt}")
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, other, "3M"], check=True)
+            with open(other, "rb") as f:
+                put("qcow2_image", seed, f.read())
     finally:
         shutil.rmtree(tmp)
 

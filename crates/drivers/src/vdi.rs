@@ -495,6 +495,11 @@ impl Driver for Vdi {
         (perm, shared - own)
     }
 
+    /// No options of its own to change; the graph moves the `file` edge itself.
+    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
+        Ok(())
+    }
+
     fn reopen_apply(
         &self,
         _node: &Node,

@@ -228,8 +228,8 @@ pub fn nbd_client(input: &[u8]) {
 }
 
 /// `input` as a qcow2 image file, opened read-write and used
-/// ([`ferrite_qcow2::testing::exercise`]); or as a VDI image when it carries VDI's
-/// signature. Beside it are 1 MiB files `base.raw` and `data.raw`, which images may name
+/// ([`ferrite_qcow2::testing::exercise`]); or as a VDI or VHD image when it carries
+/// their signature. Beside it are 1 MiB files `base.raw` and `data.raw`, which images may name
 /// as their backing or external data file.
 pub fn qcow2_image(input: &[u8]) {
     fresh_dir();
@@ -246,7 +246,13 @@ pub fn qcow2_image(input: &[u8]) {
             .with("driver", "file")
             .with("filename", "image.qcow2");
         let vdi = input.get(0x40..0x44) == Some(&0xbeda_107f_u32.to_le_bytes()[..]);
-        let driver = if vdi { "vdi" } else { "qcow2" };
+        let driver = if vdi {
+            "vdi"
+        } else if input.starts_with(b"conectix") {
+            "vpc"
+        } else {
+            "qcow2"
+        };
         ferrite_qcow2::testing::exercise_format(&daemon.graph, driver, file).await;
     });
 }
