@@ -182,3 +182,26 @@ def test_damaged_images_are_refused_as_qemu_refuses_them(both, tmp_path, name, c
             out.append(("io", [ln for ln in r.stdout.splitlines() if " ops; " not in ln]))
         results.append(out)
     assert_same_transcript(*results)
+
+
+def test_a_refused_size_leaves_the_new_empty_file_empty(both):
+    """iotest 266's shape: `blockdev-create` of an empty file (over an old one), then of a
+    VHD image whose size CHS cannot say: nothing is written, the file stays empty."""
+    sizes = []
+    for d in both():
+        img = d.workdir / "t.vpc"
+        img.write_bytes(b"x" * 100000)
+        c = d.connect()
+        for opts in ({"driver": "file", "filename": str(img), "size": 0},
+                     {"driver": "vpc", "file": "p", "size": MiB, "force-size": False}):
+            assert c.cmd("blockdev-create", {"job-id": "j", "options": opts}) == {"return": {}}
+            c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+            sizes.append((c.cmd("query-jobs")["return"][0].get("error"), img.stat().st_size))
+            c.cmd("job-dismiss", {"id": "j"})
+            if opts["driver"] == "file":
+                assert c.cmd("blockdev-add", {"driver": "file", "filename": str(img),
+                                              "node-name": "p"}) == {"return": {}}
+        c.close()
+    assert sizes[2:] == sizes[:2]
+    assert sizes[:2] == [(None, 0), ("The requested image size cannot be represented in CHS "
+                                     "geometry", 0)]

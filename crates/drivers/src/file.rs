@@ -176,7 +176,8 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
             _ => {}
         }
         f.set_len(size).map_err(Error::ResizeFile)?;
-        if prealloc != "full" {
+        // Only a file that grows from nothing: an empty one stays empty.
+        if prealloc != "full" && size > 0 {
             allocate_first_block(&f, size);
         }
         Ok(())
