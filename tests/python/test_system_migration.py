@@ -646,3 +646,33 @@ def test_postcopy_bitmaps_are_dropped_when_the_destination_goes_first(tmp_path):
         b.stop()
     assert stored_bitmaps(tmp_path / "a.qcow2") == []
     assert stored_bitmaps(tmp_path / "b.qcow2") == []
+
+
+def blocker_transcript(binary, accel, w):
+    """A machine with VDI and VHD images: query-migrate lists their blockers, `migrate`
+    and `savevm` refuse with the newest; the blockers go with their nodes."""
+    vdi, vpc, qcow = w / "d.vdi", w / "d.vpc", w / "d.qcow2"
+    for img, fmt in ((vdi, "vdi"), (vpc, "vpc"), (qcow, "qcow2")):
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), "4M"], check=True)
+    m = Machine(binary, accel, w, [
+        "-blockdev", f"driver=file,node-name=qf,filename={qcow}",
+        "-blockdev", "driver=qcow2,node-name=q,file=qf",
+        "-blockdev", f"driver=vdi,node-name=v0,file.driver=file,file.filename={vdi}"])
+    try:
+        out = [m.qmp.cmd("query-migrate")]
+        out.append(m.qmp.cmd("blockdev-add", {"driver": "vpc", "node-name": "p0", "file": {
+            "driver": "file", "filename": str(vpc)}}))
+        out.append(m.qmp.cmd("query-migrate"))
+        out.append(m.qmp.cmd("migrate", {"uri": "exec:cat > /dev/null"}))
+        out.append(m.qmp.cmd("human-monitor-command", {"command-line": "savevm s1"}))
+        out.append(m.qmp.cmd("blockdev-del", {"node-name": "p0"}))
+        out.append(m.qmp.cmd("migrate", {"uri": "exec:cat > /dev/null"}))
+        out.append(m.qmp.cmd("blockdev-del", {"node-name": "v0"}))
+        out.append(m.qmp.cmd("query-migrate"))
+        return hide(out)
+    finally:
+        m.stop()
+
+
+def test_formats_that_cannot_migrate_block_it_as_in_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, blocker_transcript)

@@ -574,6 +574,13 @@ pub trait Driver: std::any::Any {
         false
     }
 
+    /// Why a machine using this node cannot migrate, if it cannot (QEMU's migration
+    /// blocker, added when a driver such as `vdi` opens): `migrate` and `snapshot-save`
+    /// refuse with it, `query-migrate` lists it.
+    fn migration_blocker(&self) -> Option<&str> {
+        None
+    }
+
     /// Whether the driver can grow when a parent holding RESIZE writes past its end.
     fn can_grow(&self) -> bool {
         false

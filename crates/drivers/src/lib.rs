@@ -31,6 +31,11 @@ mod vpc;
 use ferrite_block::Registry;
 use std::rc::Rc;
 
+/// QEMU's migration blocker text for a format that cannot migrate.
+fn blocker(format: &str, node: &str) -> String {
+    format!("The {format} format used by node '{node}' does not support live migration")
+}
+
 /// Registers every driver of this crate.
 pub fn register(registry: &Registry) {
     registry.register(Rc::new(compress::CompressFactory));

@@ -8,6 +8,7 @@
 //! As under QEMU: no resize, no discard (a no-op), zeroes written as data, no backing file.
 //! Unlike QEMU, a block being allocated holds only that block: writes elsewhere go on.
 
+use crate::blocker;
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::units::UnitLocks;
@@ -124,6 +125,7 @@ impl DriverFactory for VdiFactory {
                 allocating: UnitLocks::default(),
                 metadata: tokio::sync::Mutex::new(()),
                 read_only: Cell::new(read_only),
+                blocker: blocker("vdi", ctx.node_name()),
             }) as Box<dyn Driver>)
         })
     }
@@ -265,6 +267,8 @@ struct Vdi {
     /// Header and block map writes, one at a time, each of the latest state.
     metadata: tokio::sync::Mutex<()>,
     read_only: Cell<bool>,
+    /// QEMU's migration blocker, named after the node as it opened.
+    blocker: String,
 }
 
 impl Vdi {
@@ -475,6 +479,10 @@ impl Driver for Vdi {
 
     fn cluster_size(&self) -> Option<u64> {
         Some(BLOCK)
+    }
+
+    fn migration_blocker(&self) -> Option<&str> {
+        Some(&self.blocker)
     }
 
     /// No options of its own: the node is named after its file.

@@ -11,6 +11,7 @@
 //! zeroes written as data, no differencing images; a written block's bitmap says every
 //! sector is present, and reads ignore the bitmap.
 
+use crate::blocker;
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{
@@ -146,6 +147,7 @@ impl DriverFactory for VpcFactory {
                 footer,
                 layout,
                 read_only: Cell::new(read_only),
+                blocker: blocker("vpc", ctx.node_name()),
             }) as Box<dyn Driver>)
         })
     }
@@ -373,6 +375,8 @@ struct Vpc {
     /// A dynamic image's table; none for a fixed one (its data is the file's start).
     layout: Option<Dynamic>,
     read_only: Cell<bool>,
+    /// QEMU's migration blocker, named after the node as it opened.
+    blocker: String,
 }
 
 impl Vpc {
@@ -503,6 +507,10 @@ impl Driver for Vpc {
 
     fn cluster_size(&self) -> Option<u64> {
         self.layout.as_ref().map(|d| d.block_size)
+    }
+
+    fn migration_blocker(&self) -> Option<&str> {
+        Some(&self.blocker)
     }
 
     /// No options of its own: the node is named after its file.

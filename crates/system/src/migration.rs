@@ -448,10 +448,39 @@ pub(crate) fn query_capabilities(sys: &System) -> QObject {
     )
 }
 
+/// Why the machine cannot migrate (the nodes' migration blockers), oldest first.
+pub(crate) fn blockers(sys: &System) -> Vec<String> {
+    sys.daemon
+        .graph
+        .nodes()
+        .iter()
+        .filter_map(|n| n.driver().migration_blocker().map(str::to_owned))
+        .collect()
+}
+
+/// QEMU's refusal of `migrate` and `snapshot-save` while something blocks migration: the
+/// newest blocker.
+///
+/// # Errors
+/// That blocker's text.
+pub(crate) fn check_not_blocked(sys: &System) -> Result<(), Error> {
+    match blockers(sys).pop() {
+        Some(why) => Err(Error::generic(why)),
+        None => Ok(()),
+    }
+}
+
 /// `query-migrate`.
 pub(crate) fn query(sys: &System) -> QObject {
     let m = &sys.migration;
     let mut d = QDict::new();
+    let blocked = blockers(sys);
+    if !blocked.is_empty() {
+        d.insert(
+            "blocked-reasons",
+            QObject::List(blocked.into_iter().map(QObject::from).collect()),
+        );
+    }
     if m.status() == "none" {
         return d.into();
     }
@@ -493,6 +522,7 @@ pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
             "Can't migrate the vm that was paused due to previous migration",
         ));
     }
+    check_not_blocked(sys)?;
     let ch = channel(args.str("uri")?)?;
     *m.error.borrow_mut() = None;
     m.total_ms.set(None);

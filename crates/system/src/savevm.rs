@@ -63,6 +63,7 @@ pub(crate) async fn save(
     devices: DeviceList<'_>,
 ) -> Result<(), Error> {
     let graph = &sys.daemon.graph;
+    crate::migration::check_not_blocked(sys)?;
     vm_snapshot::check_all_can_snapshot(graph, devices).map_err(Error::from)?;
     if let Some(name) = name {
         if overwrite {
