@@ -4,15 +4,14 @@ bytes on disk, block for block (blocks are placed in the order they are first wr
 the files must be identical); images `blockdev-create` makes, the same but for their random
 UUIDs; damaged headers refused in the same words; and concurrent writes into one new block
 placing it once."""
-import json
-import shutil
 import struct
 import subprocess
 
 import pytest
 
+import image_formats
 from blockjobs import export
-from conftest import assert_same_transcript, normalize, recorder
+from image_formats import assert_same_use, opened_read_only, qemu_img
 
 MiB = 1 << 20
 
@@ -29,10 +28,6 @@ IO = ["write -P 0x22 3M 100k", "write -P 0x33 1047000 3000", "write -z 6M 1M",
       "read -P 0x44 8M 1M", "read -P 0 6M 1M", "read -P 0 4M 1M"]
 
 
-def qemu_img(*args):
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=True)
-
-
 @pytest.fixture(scope="module", params=["dynamic", "static"])
 def image(tmp_path_factory, request):
     """A 12 MiB VDI image qemu-img made, with a pattern at 1 MiB."""
@@ -44,59 +39,14 @@ def image(tmp_path_factory, request):
     return img
 
 
-def transcript(d, img):
-    c = d.connect()
-    out = []
-    cmd = recorder(c, out)
-    cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
-    cmd("blockdev-add", {"driver": "vdi", "node-name": "v", "file": "f"})
-    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
-    text = normalize(json.dumps(nodes, sort_keys=True)).replace(str(img), "IMG")
-    out.append(("nodes", json.loads(text)))
-    cmd("block_resize", {"node-name": "v", "size": 16 * MiB})
-    uri = export(c, d, "v", "v", True)
-    args = ["qemu-io", "-f", "raw"]
-    for op in IO:
-        args += ["-c", op]
-    r = subprocess.run(args + [uri], capture_output=True, text=True)
-    out.append(("io", [ln for ln in r.stdout.splitlines() if " ops; " not in ln]))
-    r = subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", uri],
-                       capture_output=True, text=True)
-    out.append(("map", r.stdout))
-    c.close()
-    d.stop()
-    out.append(("check", qemu_img("check", "-f", "vdi", str(img)).stdout))
-    return out
-
-
 def test_vdi_image_matches_qsd(both, image):
-    q, f = both()
-    results, files = [], []
-    for d in (q, f):
-        img = d.workdir / "v.vdi"
-        shutil.copy(image, img)
-        results.append(transcript(d, img))
-        files.append(img.read_bytes())
-    assert_same_transcript(*results)
-    assert files[1] == files[0]
+    assert_same_use(both, image, "vdi", IO, 16 * MiB)
 
 
 def created(d, **options):
-    """blockdev-create of a VDI image on an empty file: the job's error (or None), and the
-    file with its two random UUIDs blanked."""
-    img = d.workdir / "n.vdi"
-    img.write_bytes(b"")
-    c = d.connect()
-    assert c.cmd("blockdev-add", {"driver": "file", "node-name": "f",
-                                  "filename": str(img)}) == {"return": {}}
-    r = c.cmd("blockdev-create", {"job-id": "c", "options": {"driver": "vdi", "file": "f",
-                                                             **options}})
-    assert r == {"return": {}}, r
-    c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
-    error = c.cmd("query-jobs")["return"][0].get("error")
-    c.close()
-    d.stop()
-    data = bytearray(img.read_bytes())
+    """blockdev-create of a VDI image: the job's error (or None), and the file with its two
+    random UUIDs blanked."""
+    error, data = image_formats.created(d, "vdi", **options)
     if len(data) >= 512:
         uuids = data[UUID_IMAGE:UUID_LINK]
         # Random, and version 4 as QEMU writes it (the third field little-endian).
@@ -142,27 +92,7 @@ def test_damaged_headers_are_refused_as_qemu_refuses_them(both, tmp_path, name, 
     subprocess.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x11 0 4k", str(base)],
                    check=True, capture_output=True)
     damaged(base, field, value, fmt)
-    q, f = both()
-    results = []
-    for d in (q, f):
-        c = d.connect()
-        out = []
-        cmd = recorder(c, out)
-        cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(base),
-                             "read-only": True})
-        cmd("blockdev-add", {"driver": "vdi", "node-name": "v", "file": "f",
-                             "read-only": True})
-        if "error" not in out[-1][1]:
-            out.append(("size", [n["image"]["virtual-size"] for n in
-                                 c.cmd("query-named-block-nodes", {"flat": True})["return"]
-                                 if n["node-name"] == "v"]))
-            uri = export(c, d, "v", "v", False)
-            r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x11 0 4k",
-                                "-c", "read -P 0x11 5M 4k", uri], capture_output=True,
-                               text=True)
-            out.append(("io", [ln for ln in r.stdout.splitlines() if " ops; " not in ln]))
-        results.append(out)
-    assert_same_transcript(*results)
+    opened_read_only(both, base, "vdi", ["read -P 0x11 0 4k", "read -P 0x11 5M 4k"])
 
 
 def test_concurrent_writes_into_one_new_block_place_it_once(ferrite, tmp_path):

@@ -5,15 +5,13 @@ the footer moved after the last, so the files must be identical); images `blockd
 makes, the same but for their random UUID, timestamp and checksum; damaged images refused in
 the same words; the size taken from CHS or from `current_size` by the creator, as QEMU takes
 it."""
-import json
-import shutil
 import struct
 import subprocess
 
 import pytest
 
-from blockjobs import export
-from conftest import assert_same_transcript, normalize, recorder
+import image_formats
+from image_formats import assert_same_use, opened_read_only, qemu_img
 
 MiB = 1 << 20
 
@@ -26,10 +24,6 @@ IO = ["write -P 0x22 3M 100k", "write -P 0x33 2096000 3000", "write -z 6M 1M",
       "discard 1M 4k", "write -P 0x44 8M 2M", "read -P 0x11 1M 4k",
       "read -P 0x33 2096000 3000", "read -P 0 9437184 1000", "read -P 0x44 8M 1M",
       "read -P 0 6M 1M", "read -P 0 4M 1M", "read -P 0 12M 64k"]
-
-
-def qemu_img(*args):
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=True)
 
 
 def checksum(footer):
@@ -50,60 +44,15 @@ def image(tmp_path_factory, request):
     return img
 
 
-def transcript(d, img):
-    c = d.connect()
-    out = []
-    cmd = recorder(c, out)
-    cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
-    cmd("blockdev-add", {"driver": "vpc", "node-name": "v", "file": "f"})
-    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
-    text = normalize(json.dumps(nodes, sort_keys=True)).replace(str(img), "IMG")
-    out.append(("nodes", json.loads(text)))
-    cmd("block_resize", {"node-name": "v", "size": 32 * MiB})
-    uri = export(c, d, "v", "v", True)
-    args = ["qemu-io", "-f", "raw"]
-    for op in IO:
-        args += ["-c", op]
-    r = subprocess.run(args + [uri], capture_output=True, text=True)
-    out.append(("io", [ln for ln in r.stdout.splitlines() if " ops; " not in ln]))
-    r = subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", uri],
-                       capture_output=True, text=True)
-    out.append(("map", r.stdout))
-    c.close()
-    d.stop()
-    out.append(("check", subprocess.run(["qemu-img", "check", "-f", "vpc", str(img)],
-                                        capture_output=True, text=True).stdout))
-    return out
-
-
 def test_vpc_image_matches_qsd(both, image):
-    q, f = both()
-    results, files = [], []
-    for d in (q, f):
-        img = d.workdir / "v.vpc"
-        shutil.copy(image, img)
-        results.append(transcript(d, img))
-        files.append(img.read_bytes())
-    assert_same_transcript(*results)
-    assert files[1] == files[0]
+    assert_same_use(both, image, "vpc", IO, 32 * MiB)
 
 
 def created(d, **options):
-    """blockdev-create of a VHD image on an empty file: the job's error (or None), and the
-    file with the footer's timestamp, UUID and checksum blanked (the checksum checked)."""
-    img = d.workdir / "n.vpc"
-    img.write_bytes(b"")
-    c = d.connect()
-    assert c.cmd("blockdev-add", {"driver": "file", "node-name": "f",
-                                  "filename": str(img)}) == {"return": {}}
-    r = c.cmd("blockdev-create", {"job-id": "c", "options": {"driver": "vpc", "file": "f",
-                                                             **options}})
-    assert r == {"return": {}}, r
-    c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
-    error = c.cmd("query-jobs")["return"][0].get("error")
-    c.close()
-    d.stop()
-    data = bytearray(img.read_bytes())
+    """blockdev-create of a VHD image: the job's error (or None), where footers are, and
+    the file with the footers' timestamp, UUID and checksum blanked (the checksum
+    checked)."""
+    error, data = image_formats.created(d, "vpc", **options)
     footers = [at for at in range(0, len(data) - 511, 512) if data[at:at + 8] == b"conectix"]
     for at in footers:
         footer = data[at:at + 512]
@@ -161,27 +110,7 @@ def test_damaged_images_are_refused_as_qemu_refuses_them(both, tmp_path, name, c
     subprocess.run(["qemu-io", "-f", "vpc", "-c", "write -P 0x11 0 4k", str(base)],
                    check=True, capture_output=True)
     damage(base, changes, fix)
-    q, f = both()
-    results = []
-    for d in (q, f):
-        c = d.connect()
-        out = []
-        cmd = recorder(c, out)
-        cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(base),
-                             "read-only": True})
-        cmd("blockdev-add", {"driver": "vpc", "node-name": "v", "file": "f",
-                             "read-only": True})
-        if "error" not in out[-1][1]:
-            out.append(("size", [n["image"]["virtual-size"] for n in
-                                 c.cmd("query-named-block-nodes", {"flat": True})["return"]
-                                 if n["node-name"] == "v"]))
-            uri = export(c, d, "v", "v", False)
-            r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x11 0 4k",
-                                "-c", "read -P 0 5M 4k", uri], capture_output=True,
-                               text=True)
-            out.append(("io", [ln for ln in r.stdout.splitlines() if " ops; " not in ln]))
-        results.append(out)
-    assert_same_transcript(*results)
+    opened_read_only(both, base, "vpc", ["read -P 0x11 0 4k", "read -P 0 5M 4k"])
 
 
 def test_a_refused_size_leaves_the_new_empty_file_empty(both):

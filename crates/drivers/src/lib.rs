@@ -11,6 +11,7 @@
 mod blkdebug;
 pub use blkdebug::set_qtest;
 mod blkverify;
+mod blockmap;
 pub mod cbw;
 mod compress;
 pub mod cor;
@@ -30,11 +31,6 @@ mod vpc;
 
 use ferrite_block::Registry;
 use std::rc::Rc;
-
-/// QEMU's migration blocker text for a format that cannot migrate.
-fn blocker(format: &str, node: &str) -> String {
-    format!("The {format} format used by node '{node}' does not support live migration")
-}
 
 /// Registers every driver of this crate.
 pub fn register(registry: &Registry) {

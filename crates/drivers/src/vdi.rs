@@ -8,15 +8,14 @@
 //! As under QEMU: no resize, no discard (a no-op), zeroes written as data, no backing file.
 //! Unlike QEMU, a block being allocated holds only that block: writes elsewhere go on.
 
-use crate::blocker;
+use crate::blockmap::{self, block_mapped_driver, blocker};
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{
-    BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx, Perm,
+    BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx,
 };
 use ferrite_qapi::Args;
-use ferrite_qobject::QObject;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
@@ -103,11 +102,7 @@ impl DriverFactory for VdiFactory {
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
-            let read_only = ctx.settings().read_only;
-            let file = ctx.open_child("file").await?;
-            if !read_only {
-                ctx.claim_for_metadata(&file)?;
-            }
+            let (file, read_only) = blockmap::open_file(ctx).await?;
             let mut header = file
                 .read(0, SECTOR as usize)
                 .await
@@ -277,21 +272,6 @@ impl Vdi {
         self.offset_data + u64::from(entry) * BLOCK
     }
 
-    /// The pieces of `offset..offset + len` within one block each: (block, offset in it,
-    /// length).
-    fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> {
-        let end = offset + len;
-        let mut at = offset;
-        std::iter::from_fn(move || {
-            (at < end).then(|| {
-                let (block, inner) = (at / BLOCK, at % BLOCK);
-                let n = (BLOCK - inner).min(end - at);
-                at += n;
-                (block, inner, n)
-            })
-        })
-    }
-
     /// Writes `data` into block `block` at `inner`, placing the block first if it has no
     /// place yet: then it is written whole, zeroes around the data. Returns whether it
     /// placed the block.
@@ -353,7 +333,7 @@ impl Vdi {
         let mut placed: Option<(u64, u64)> = None;
         let mut done = 0usize;
         let mut result = Ok(());
-        for (block, inner, n) in Self::pieces(offset, data.len() as u64) {
+        for (block, inner, n) in blockmap::pieces(offset, data.len() as u64, BLOCK) {
             let piece = &data[done..done + n as usize];
             done += n as usize;
             match self.write_piece(block, inner, piece, flags).await {
@@ -375,72 +355,17 @@ impl Vdi {
 
 impl Driver for Vdi {
     ferrite_block::forward_to_child!(self.file; flush);
-
-    fn format_name(&self) -> &'static str {
-        "vdi"
-    }
+    block_mapped_driver!("vdi");
 
     fn len(&self, _node: &Node) -> u64 {
         self.size
     }
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
-        Box::pin(async move {
-            let mut out = ferrite_block::io::pool::take(len);
-            let mut done = 0usize;
-            for (block, inner, n) in Self::pieces(offset, len as u64) {
-                let dest = &mut out[done..done + n as usize];
-                let entry = self.map.get(block);
-                if is_allocated(entry) {
-                    let data = self
-                        .file
-                        .read(self.data_at(entry) + inner, n as usize)
-                        .await?;
-                    dest.copy_from_slice(&data);
-                    ferrite_block::io::pool::give(data);
-                } else {
-                    dest.fill(0);
-                }
-                done += n as usize;
-            }
-            Ok(out)
-        })
-    }
-
-    fn write<'a>(
-        &'a self,
-        _node: &'a Node,
-        offset: u64,
-        data: Vec<u8>,
-        flags: ReqFlags,
-    ) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            let r = self.write_impl(offset, &data, flags).await;
-            ferrite_block::io::pool::give(data);
-            r
-        })
-    }
-
-    fn write_zeroes<'a>(
-        &'a self,
-        _node: &'a Node,
-        offset: u64,
-        len: u64,
-        flags: ReqFlags,
-    ) -> BoxFut<'a, ()> {
-        // No zeroing of its own (as QEMU's): the zeroes are written, placing blocks.
-        let write_flags = flags - ReqFlags::MAY_UNMAP - ReqFlags::NO_FALLBACK;
-        Box::pin(ferrite_block::driver::write_zeroes_as_data(
-            offset,
-            len,
-            flags,
-            move |at, zeroes| async move { self.write_impl(at, &zeroes, write_flags).await },
-        ))
-    }
-
-    fn discard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BoxFut<'a, ()> {
-        // QEMU's driver has no discard: the request succeeds and nothing changes.
-        Box::pin(async { Ok(()) })
+        Box::pin(blockmap::read(&self.file, offset, len, BLOCK, |block| {
+            let entry = self.map.get(block);
+            is_allocated(entry).then(|| self.data_at(entry))
+        }))
     }
 
     fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
@@ -449,73 +374,18 @@ impl Driver for Vdi {
             let n = (BLOCK - inner).min(len);
             let entry = self.map.get(block);
             if !is_allocated(entry) {
-                return Ok(Extent {
-                    len: n,
-                    data: false,
-                    zero: true,
-                    allocated: true,
-                });
+                return Ok(blockmap::unplaced(n));
             }
             if !self.is_static {
                 return Ok(Extent::data(n));
             }
             // A static image's blocks are all placed: the file says which read as zeroes.
-            let file = self
-                .file
-                .block_status(self.data_at(entry) + inner, n)
-                .await?;
-            Ok(Extent {
-                len: file.len.min(n),
-                data: true,
-                zero: file.zero,
-                allocated: true,
-            })
+            blockmap::placed_per_file(&self.file, self.data_at(entry) + inner, n).await
         })
-    }
-
-    fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
-        ferrite_block::driver::unsupported()
     }
 
     fn cluster_size(&self) -> Option<u64> {
         Some(BLOCK)
-    }
-
-    fn migration_blocker(&self) -> Option<&str> {
-        Some(&self.blocker)
-    }
-
-    /// No options of its own: the node is named after its file.
-    fn is_passthrough(&self) -> bool {
-        true
-    }
-
-    /// As QEMU's formats: the file is read consistently, written and grown by this node
-    /// alone while it may write.
-    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
-        let own = Perm::WRITE | Perm::RESIZE;
-        let perm = perm | Perm::CONSISTENT_READ;
-        let perm = if self.read_only.get() {
-            perm
-        } else {
-            perm | own
-        };
-        (perm, shared - own)
-    }
-
-    /// No options of its own to change; the graph moves the `file` edge itself.
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
-    }
-
-    fn reopen_apply(
-        &self,
-        _node: &Node,
-        _opts: &Args,
-        read_only: bool,
-    ) -> ferrite_block::Result<()> {
-        self.read_only.set(read_only);
-        Ok(())
     }
 }
 
@@ -534,15 +404,10 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
             "Unsupported VDI image size (size is {size:#x}, max supported is {MAX_DISK_SIZE:#x})"
         )));
     }
-    let file = match opts.get("file") {
-        Some(QObject::String(name)) => graph.lookup(name)?,
-        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
-        _ => return Err(generic("Parameter 'file' is missing")),
-    };
-    let blk = BlockBackend::new(graph, &file, Perm::WRITE | Perm::RESIZE, Perm::all())?;
-    let r = write_new_image(&blk, size, is_static).await;
-    blk.remove();
-    r
+    blockmap::create_on_file(graph, opts, async |blk| {
+        write_new_image(&blk, size, is_static).await
+    })
+    .await
 }
 
 async fn write_new_image(
@@ -657,11 +522,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn pieces_split_at_block_boundaries() {
-        let p: Vec<_> = Vdi::pieces(BLOCK - 10, BLOCK + 20).collect();
-        assert_eq!(p, vec![(0, BLOCK - 10, 10), (1, 0, BLOCK), (2, 0, 10)]);
     }
 }

@@ -11,14 +11,13 @@
 //! zeroes written as data, no differencing images; a written block's bitmap says every
 //! sector is present, and reads ignore the bitmap.
 
-use crate::blocker;
+use crate::blockmap::{self, block_mapped_driver, blocker};
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{
-    BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx, Perm,
+    BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx,
 };
 use ferrite_qapi::Args;
-use ferrite_qobject::QObject;
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::io;
@@ -122,11 +121,7 @@ impl DriverFactory for VpcFactory {
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
-            let read_only = ctx.settings().read_only;
-            let file = ctx.open_child("file").await?;
-            if !read_only {
-                ctx.claim_for_metadata(&file)?;
-            }
+            let (file, read_only) = blockmap::open_file(ctx).await?;
             let footer = find_footer(&file).await?;
             let sectors = disk_sectors(&footer);
             if sectors > MAX_SECTORS {
@@ -308,21 +303,6 @@ impl Dynamic {
         (e != UNALLOCATED).then(|| u64::from(e) * SECTOR + self.bitmap_size)
     }
 
-    /// The pieces of `offset..offset + len` within one block each: (block, offset in it,
-    /// length).
-    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> + use<> {
-        let (bs, end) = (self.block_size, offset + len);
-        let mut at = offset;
-        std::iter::from_fn(move || {
-            (at < end).then(|| {
-                let (block, inner) = (at / bs, at % bs);
-                let n = (bs - inner).min(end - at);
-                at += n;
-                (block, inner, n)
-            })
-        })
-    }
-
     /// Block `block`'s data offset for a write: a new block gets its place at the end of
     /// the file (bitmap, then the footer moved past the block, then its table entry, each
     /// durable before the next, as QEMU orders them); a block first written by this node
@@ -387,7 +367,7 @@ impl Vpc {
             return self.file.write(offset, buf, flags).await;
         };
         let mut done = 0usize;
-        for (block, inner, n) in d.pieces(offset, data.len() as u64) {
+        for (block, inner, n) in blockmap::pieces(offset, data.len() as u64, d.block_size) {
             let at = d.place_for_write(&self.file, &self.footer, block).await?;
             let mut buf = ferrite_block::io::pool::take(n as usize);
             buf.copy_from_slice(&data[done..done + n as usize]);
@@ -400,10 +380,7 @@ impl Vpc {
 
 impl Driver for Vpc {
     ferrite_block::forward_to_child!(self.file; flush);
-
-    fn format_name(&self) -> &'static str {
-        "vpc"
-    }
+    block_mapped_driver!("vpc");
 
     fn len(&self, _node: &Node) -> u64 {
         self.size
@@ -411,77 +388,22 @@ impl Driver for Vpc {
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
         Box::pin(async move {
-            let Some(d) = &self.layout else {
-                return self.file.read(offset, len).await;
-            };
-            let mut out = ferrite_block::io::pool::take(len);
-            let mut done = 0usize;
-            for (block, inner, n) in d.pieces(offset, len as u64) {
-                let dest = &mut out[done..done + n as usize];
-                match d.data_at(block) {
-                    Some(at) => {
-                        let data = self.file.read(at + inner, n as usize).await?;
-                        dest.copy_from_slice(&data);
-                        ferrite_block::io::pool::give(data);
-                    }
-                    None => dest.fill(0),
+            match &self.layout {
+                None => self.file.read(offset, len).await,
+                Some(d) => {
+                    blockmap::read(&self.file, offset, len, d.block_size, |b| d.data_at(b)).await
                 }
-                done += n as usize;
             }
-            Ok(out)
         })
-    }
-
-    fn write<'a>(
-        &'a self,
-        _node: &'a Node,
-        offset: u64,
-        data: Vec<u8>,
-        flags: ReqFlags,
-    ) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            let r = self.write_impl(offset, &data, flags).await;
-            ferrite_block::io::pool::give(data);
-            r
-        })
-    }
-
-    fn write_zeroes<'a>(
-        &'a self,
-        _node: &'a Node,
-        offset: u64,
-        len: u64,
-        flags: ReqFlags,
-    ) -> BoxFut<'a, ()> {
-        // No zeroing of its own (as QEMU's): the zeroes are written, placing blocks.
-        let write_flags = flags - ReqFlags::MAY_UNMAP - ReqFlags::NO_FALLBACK;
-        Box::pin(ferrite_block::driver::write_zeroes_as_data(
-            offset,
-            len,
-            flags,
-            move |at, zeroes| async move { self.write_impl(at, &zeroes, write_flags).await },
-        ))
-    }
-
-    fn discard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BoxFut<'a, ()> {
-        // QEMU's driver has no discard: the request succeeds and nothing changes.
-        Box::pin(async { Ok(()) })
     }
 
     fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
         Box::pin(async move {
             let Some(d) = &self.layout else {
-                // The file says which parts read as zeroes.
-                let file = self.file.block_status(offset, len).await?;
-                return Ok(Extent {
-                    len: file.len.min(len),
-                    data: true,
-                    zero: file.zero,
-                    allocated: true,
-                });
+                return blockmap::placed_per_file(&self.file, offset, len).await;
             };
             let mut n = 0;
-            for (block, _, piece) in d.pieces(offset, len) {
+            for (block, _, piece) in blockmap::pieces(offset, len, d.block_size) {
                 let placed = d.data_at(block).is_some();
                 if placed && n == 0 {
                     // One block at most: its bitmap separates it from the next.
@@ -492,58 +414,12 @@ impl Driver for Vpc {
                 }
                 n += piece;
             }
-            Ok(Extent {
-                len: n,
-                data: false,
-                zero: true,
-                allocated: true,
-            })
+            Ok(blockmap::unplaced(n))
         })
-    }
-
-    fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
-        ferrite_block::driver::unsupported()
     }
 
     fn cluster_size(&self) -> Option<u64> {
         self.layout.as_ref().map(|d| d.block_size)
-    }
-
-    fn migration_blocker(&self) -> Option<&str> {
-        Some(&self.blocker)
-    }
-
-    /// No options of its own: the node is named after its file.
-    fn is_passthrough(&self) -> bool {
-        true
-    }
-
-    /// As QEMU's formats: the file is read consistently, written and grown by this node
-    /// alone while it may write.
-    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
-        let own = Perm::WRITE | Perm::RESIZE;
-        let perm = perm | Perm::CONSISTENT_READ;
-        let perm = if self.read_only.get() {
-            perm
-        } else {
-            perm | own
-        };
-        (perm, shared - own)
-    }
-
-    /// No options of its own to change; the graph moves the `file` edge itself.
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
-    }
-
-    fn reopen_apply(
-        &self,
-        _node: &Node,
-        _opts: &Args,
-        read_only: bool,
-    ) -> ferrite_block::Result<()> {
-        self.read_only.set(read_only);
-        Ok(())
     }
 }
 
@@ -605,15 +481,10 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
     let size = opts.u64("size")?;
     let fixed = opts.opt_str("subformat") == Some("fixed");
     let force_size = opts.opt_bool("force-size").unwrap_or(false);
-    let file = match opts.get("file") {
-        Some(QObject::String(name)) => graph.lookup(name)?,
-        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
-        _ => return Err(generic("Parameter 'file' is missing")),
-    };
-    let blk = BlockBackend::new(graph, &file, Perm::WRITE | Perm::RESIZE, Perm::all())?;
-    let r = write_new_image(&blk, size, fixed, force_size).await;
-    blk.remove();
-    r
+    blockmap::create_on_file(graph, opts, async |blk| {
+        write_new_image(&blk, size, fixed, force_size).await
+    })
+    .await
 }
 
 async fn write_new_image(

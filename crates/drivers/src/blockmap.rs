@@ -1,0 +1,242 @@
+//! What the simple block-mapped formats (`vdi`, `vpc`) share: the disk cut into blocks of
+//! one size, each placed somewhere in the file or nowhere (reading as zeroes); reads
+//! gathered block by block; the `Driver` methods such formats answer alike (QEMU's drivers
+//! for them have no discard, no zeroing, no resize, no options of their own, and block
+//! migration); and `blockdev-create`'s opening of the file.
+
+use crate::error::generic;
+use ferrite_block::driver::Extent;
+use ferrite_block::{BlockBackend, Child, Graph, OpenCtx, Perm};
+use ferrite_qapi::Args;
+use ferrite_qobject::QObject;
+use std::io;
+use std::rc::Rc;
+
+/// The pieces of `offset..offset + len` within one block of `block` bytes each: (block,
+/// offset in it, length).
+pub(crate) fn pieces(offset: u64, len: u64, block: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        (at < end).then(|| {
+            let (index, inner) = (at / block, at % block);
+            let n = (block - inner).min(end - at);
+            at += n;
+            (index, inner, n)
+        })
+    })
+}
+
+/// Reads `len` bytes at `offset` of a disk of `block`-byte blocks from `file`: `place`
+/// says where a block's data starts in the file, or that it has no place (zeroes).
+pub(crate) async fn read(
+    file: &Child,
+    offset: u64,
+    len: usize,
+    block: u64,
+    place: impl Fn(u64) -> Option<u64>,
+) -> io::Result<Vec<u8>> {
+    let mut out = ferrite_block::io::pool::take(len);
+    let mut done = 0usize;
+    for (index, inner, n) in pieces(offset, len as u64, block) {
+        let dest = &mut out[done..done + n as usize];
+        match place(index) {
+            Some(at) => {
+                let data = file.read(at + inner, n as usize).await?;
+                dest.copy_from_slice(&data);
+                ferrite_block::io::pool::give(data);
+            }
+            None => dest.fill(0),
+        }
+        done += n as usize;
+    }
+    Ok(out)
+}
+
+/// Opens the format's `file` child, claiming it for metadata when the node may write:
+/// (the child, whether the node is read-only).
+///
+/// # Errors
+/// The child's, or a permission conflict.
+pub(crate) async fn open_file(ctx: &mut OpenCtx<'_>) -> ferrite_block::Result<(Rc<Child>, bool)> {
+    let read_only = ctx.settings().read_only;
+    let file = ctx.open_child("file").await?;
+    if !read_only {
+        ctx.claim_for_metadata(&file)?;
+    }
+    Ok((file, read_only))
+}
+
+/// `len` bytes with no place in the file: zeroes (QEMU counts them as allocated, the
+/// format having said what they read as).
+pub(crate) fn unplaced(len: u64) -> Extent {
+    Extent {
+        len,
+        data: false,
+        zero: true,
+        allocated: true,
+    }
+}
+
+/// Data placed at `at` in `file` for `len` bytes of the disk, where the file says which
+/// part reads as zeroes (QEMU's `BDRV_BLOCK_RECURSE`, for images allocated in full).
+pub(crate) async fn placed_per_file(file: &Child, at: u64, len: u64) -> io::Result<Extent> {
+    let f = file.block_status(at, len).await?;
+    Ok(Extent {
+        len: f.len.min(len),
+        data: true,
+        zero: f.zero,
+        allocated: true,
+    })
+}
+
+/// QEMU's migration blocker text for a format that cannot migrate.
+pub(crate) fn blocker(format: &str, node: &str) -> String {
+    format!("The {format} format used by node '{node}' does not support live migration")
+}
+
+/// `blockdev-create`'s `file` (a node name or inline options) opened for writing and
+/// resizing, handed to `write`, and let go whatever `write` returns.
+///
+/// # Errors
+/// No such node, or `write`'s error.
+pub(crate) async fn create_on_file<F>(
+    graph: &Rc<Graph>,
+    opts: &Args,
+    write: impl FnOnce(Rc<BlockBackend>) -> F,
+) -> ferrite_block::Result<()>
+where
+    F: Future<Output = ferrite_block::Result<()>>,
+{
+    let file = match opts.get("file") {
+        Some(QObject::String(name)) => graph.lookup(name)?,
+        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
+        _ => return Err(generic("Parameter 'file' is missing")),
+    };
+    let blk = BlockBackend::new(graph, &file, Perm::WRITE | Perm::RESIZE, Perm::all())?;
+    let r = write(blk.clone()).await;
+    blk.remove();
+    r
+}
+
+/// The `Driver` methods a block-mapped format answers as QEMU's `vdi` and `vpc` do. The
+/// driver type has `read_only: Cell<bool>`, `blocker: String` and
+/// `async fn write_impl(&self, offset: u64, data: &[u8], flags: ReqFlags) -> io::Result<()>`.
+macro_rules! block_mapped_driver {
+    ($format:literal) => {
+        fn format_name(&self) -> &'static str {
+            $format
+        }
+
+        fn write<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            offset: u64,
+            data: Vec<u8>,
+            flags: ferrite_block::ReqFlags,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            Box::pin(async move {
+                let r = self.write_impl(offset, &data, flags).await;
+                ferrite_block::io::pool::give(data);
+                r
+            })
+        }
+
+        /// No zeroing of its own (as QEMU's): the zeroes are written, placing blocks.
+        fn write_zeroes<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            offset: u64,
+            len: u64,
+            flags: ferrite_block::ReqFlags,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            let write_flags =
+                flags - ferrite_block::ReqFlags::MAY_UNMAP - ferrite_block::ReqFlags::NO_FALLBACK;
+            Box::pin(ferrite_block::driver::write_zeroes_as_data(
+                offset,
+                len,
+                flags,
+                move |at, zeroes| async move { self.write_impl(at, &zeroes, write_flags).await },
+            ))
+        }
+
+        /// QEMU's driver has no discard: the request succeeds and nothing changes.
+        fn discard<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            _offset: u64,
+            _len: u64,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn truncate<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            _size: u64,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            ferrite_block::driver::unsupported()
+        }
+
+        fn migration_blocker(&self) -> Option<&str> {
+            Some(&self.blocker)
+        }
+
+        /// No options of its own: the node is named after its file.
+        fn is_passthrough(&self) -> bool {
+            true
+        }
+
+        /// As QEMU's formats: the file is read consistently, written and grown by this
+        /// node alone while it may write.
+        fn child_perm(
+            &self,
+            _name: &str,
+            perm: ferrite_block::Perm,
+            shared: ferrite_block::Perm,
+            _used: bool,
+        ) -> (ferrite_block::Perm, ferrite_block::Perm) {
+            let own = ferrite_block::Perm::WRITE | ferrite_block::Perm::RESIZE;
+            let perm = perm | ferrite_block::Perm::CONSISTENT_READ;
+            let perm = if self.read_only.get() {
+                perm
+            } else {
+                perm | own
+            };
+            (perm, shared - own)
+        }
+
+        /// No options of its own to change; the graph moves the `file` edge itself.
+        fn reopen_check(
+            &self,
+            _node: &ferrite_block::Node,
+            _opts: &ferrite_qapi::Args,
+        ) -> ferrite_block::Result<()> {
+            Ok(())
+        }
+
+        fn reopen_apply(
+            &self,
+            _node: &ferrite_block::Node,
+            _opts: &ferrite_qapi::Args,
+            read_only: bool,
+        ) -> ferrite_block::Result<()> {
+            self.read_only.set(read_only);
+            Ok(())
+        }
+    };
+}
+pub(crate) use block_mapped_driver;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_block_boundaries() {
+        const B: u64 = 1 << 20;
+        let p: Vec<_> = pieces(B - 10, B + 20, B).collect();
+        assert_eq!(p, vec![(0, B - 10, 10), (1, 0, B), (2, 0, 10)]);
+        assert_eq!(pieces(5, 0, B).count(), 0);
+    }
+}

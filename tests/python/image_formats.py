@@ -1,0 +1,96 @@
+"""What the tests of the simple image formats (`vdi`, `vpc`) do alike against
+qemu-storage-daemon: an image used through an NBD export and compared byte for byte,
+`blockdev-create` on an empty file, and damaged images opened read-only."""
+import json
+import shutil
+import subprocess
+
+from blockjobs import export
+from conftest import assert_same_transcript, normalize, recorder
+
+
+def qemu_img(*args):
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=True)
+
+
+def qemu_io_lines(*args):
+    """qemu-io's output without its timing lines."""
+    r = subprocess.run(["qemu-io", *args], capture_output=True, text=True)
+    return [ln for ln in r.stdout.splitlines() if " ops; " not in ln]
+
+
+def used_through_nbd(d, img, fmt, io, resize_to):
+    """The node's information, a refused resize, `io` (qemu-io commands) through a writable
+    export, the export's map, then `qemu-img check` of the file once the daemon stopped."""
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+    cmd("blockdev-add", {"driver": fmt, "node-name": "v", "file": "f"})
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    text = normalize(json.dumps(nodes, sort_keys=True)).replace(str(img), "IMG")
+    out.append(("nodes", json.loads(text)))
+    cmd("block_resize", {"node-name": "v", "size": resize_to})
+    uri = export(c, d, "v", "v", True)
+    out.append(("io", qemu_io_lines("-f", "raw", *[a for op in io for a in ("-c", op)], uri)))
+    r = subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", uri],
+                       capture_output=True, text=True)
+    out.append(("map", r.stdout))
+    c.close()
+    d.stop()
+    out.append(("check", subprocess.run(["qemu-img", "check", "-f", fmt, str(img)],
+                                        capture_output=True, text=True).stdout))
+    return out
+
+
+def assert_same_use(both, image, fmt, io, resize_to):
+    """The same image used the same way by both daemons: same transcript, same file."""
+    q, f = both()
+    results, files = [], []
+    for d in (q, f):
+        img = d.workdir / image.name
+        shutil.copy(image, img)
+        results.append(used_through_nbd(d, img, fmt, io, resize_to))
+        files.append(img.read_bytes())
+    assert_same_transcript(*results)
+    assert files[1] == files[0]
+
+
+def created(d, fmt, **options):
+    """blockdev-create of a `fmt` image on an empty file: the job's error (or None), and
+    the file's bytes."""
+    img = d.workdir / f"n.{fmt}"
+    img.write_bytes(b"")
+    c = d.connect()
+    assert c.cmd("blockdev-add", {"driver": "file", "node-name": "f",
+                                  "filename": str(img)}) == {"return": {}}
+    r = c.cmd("blockdev-create", {"job-id": "c", "options": {"driver": fmt, "file": "f",
+                                                             **options}})
+    assert r == {"return": {}}, r
+    c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+    error = c.cmd("query-jobs")["return"][0].get("error")
+    c.close()
+    d.stop()
+    return error, bytearray(img.read_bytes())
+
+
+def opened_read_only(both, img, fmt, reads):
+    """Both daemons open a (damaged) image read-only: the replies, and if it opened, its
+    size and `reads` (qemu-io commands) through a read-only export."""
+    results = []
+    for d in both():
+        c = d.connect()
+        out = []
+        cmd = recorder(c, out)
+        cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img),
+                             "read-only": True})
+        cmd("blockdev-add", {"driver": fmt, "node-name": "v", "file": "f", "read-only": True})
+        if "error" not in out[-1][1]:
+            out.append(("size", [n["image"]["virtual-size"] for n in
+                                 c.cmd("query-named-block-nodes", {"flat": True})["return"]
+                                 if n["node-name"] == "v"]))
+            uri = export(c, d, "v", "v", False)
+            out.append(("io", qemu_io_lines("-r", "-f", "raw",
+                                            *[a for op in reads for a in ("-c", op)], uri)))
+        results.append(out)
+    assert_same_transcript(*results)
