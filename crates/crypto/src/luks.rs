@@ -369,11 +369,20 @@ const STRIPES: u32 = 4000;
 const MIN_ITERATIONS: u64 = 1000;
 const ALIGN: u64 = 4096;
 
-/// Bytes from the kernel's random source.
+/// A random (version 4) UUID, its bytes in RFC 4122 order.
 ///
 /// # Errors
-/// The kernel has none to give.
-pub fn random(n: usize) -> Result<Vec<u8>, Error> {
+/// The kernel has no random bytes to give.
+pub fn random_uuid() -> Result<[u8; 16], Error> {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&random(16)?);
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    Ok(u)
+}
+
+/// Bytes from the kernel's random source.
+pub(crate) fn random(n: usize) -> Result<Vec<u8>, Error> {
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {
@@ -526,23 +535,17 @@ impl LuksVolume {
         put(&mut h, 112, &mk_digest);
         put(&mut h, 132, &mk_salt);
         put(&mut h, 164, &mk_iterations.to_be_bytes());
-        let u = random(16)?;
+        let u = random_uuid()?;
+        let hex = |r: std::ops::Range<usize>| -> String {
+            u[r].iter().map(|b| format!("{b:02x}")).collect()
+        };
         let uuid = format!(
-            "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-4{:01x}{:02x}-{:02x}{:02x}-{}",
-            u[0],
-            u[1],
-            u[2],
-            u[3],
-            u[4],
-            u[5],
-            u[6] & 0xf,
-            u[7],
-            (u[8] & 0x3f) | 0x80,
-            u[9],
-            u[10..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
+            "{}-{}-{}-{}-{}",
+            hex(0..4),
+            hex(4..6),
+            hex(6..8),
+            hex(8..10),
+            hex(10..16)
         );
         put(&mut h, 168, uuid.as_bytes());
         for i in 0..8u64 {

@@ -11,6 +11,7 @@
 use crate::blockmap::{self, block_mapped_driver, blocker};
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::io::pool;
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{
     BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx,
@@ -108,7 +109,7 @@ impl DriverFactory for VdiFactory {
                 .await
                 .map_err(|e| generic(ferrite_qapi::os_msg(&e)))?;
             let geometry = check_header(&mut header)?;
-            let map = BlockMap::read(&file, &header, geometry.blocks_used).await?;
+            let map = Bmap::read(&file, &header, geometry.blocks_used).await?;
             Ok(Box::new(Vdi {
                 file,
                 size: geometry.size,
@@ -199,12 +200,12 @@ fn check_header(h: &mut [u8]) -> ferrite_block::Result<Geometry> {
 /// The block map entries for the blocks the disk uses. Entries the file does not hold (a
 /// damaged header can claim any number) read as 0, as QEMU reads them past the end of the
 /// file; they take memory only once a write places them.
-struct BlockMap {
+struct Bmap {
     entries: RefCell<Vec<u32>>,
 }
 
-impl BlockMap {
-    async fn read(file: &Child, h: &[u8], blocks_used: u64) -> ferrite_block::Result<BlockMap> {
+impl Bmap {
+    async fn read(file: &Child, h: &[u8], blocks_used: u64) -> ferrite_block::Result<Bmap> {
         let offset = u64::from(le32(h, at::OFFSET_BMAP));
         let in_file = file.len().saturating_sub(offset) / 4;
         let n = blocks_used.min(in_file);
@@ -213,7 +214,7 @@ impl BlockMap {
             .await
             .map_err(|e| generic(ferrite_qapi::os_msg(&e)))?;
         let entries = bytes.chunks_exact(4).map(|c| le32(c, 0)).collect();
-        Ok(BlockMap {
+        Ok(Bmap {
             entries: RefCell::new(entries),
         })
     }
@@ -255,7 +256,7 @@ struct Vdi {
     is_static: bool,
     /// The header as it goes back to the file (its count of allocated blocks changes).
     header: RefCell<Vec<u8>>,
-    map: BlockMap,
+    map: Bmap,
     /// Blocks a write is placing: another write to the same block waits, then finds it
     /// placed.
     allocating: UnitLocks,
@@ -296,7 +297,7 @@ impl Vdi {
                 if !is_allocated(new) {
                     return Err(io::Error::from_raw_os_error(libc::ENOSPC));
                 }
-                let mut whole = ferrite_block::io::pool::take(BLOCK as usize);
+                let mut whole = pool::take(BLOCK as usize);
                 whole.fill(0);
                 whole[inner as usize..inner as usize + data.len()].copy_from_slice(data);
                 self.file.write(self.data_at(new), whole, flags).await?;
@@ -304,10 +305,8 @@ impl Vdi {
                 return Ok(true);
             }
         }
-        let mut buf = ferrite_block::io::pool::take(data.len());
-        buf.copy_from_slice(data);
         self.file
-            .write(self.data_at(entry) + inner, buf, flags)
+            .write(self.data_at(entry) + inner, pool::copy_of(data), flags)
             .await
             .map(|()| false)
     }
@@ -469,11 +468,7 @@ async fn write_new_image(
 /// A random (version 4) UUID as VDI headers keep them: the first three fields
 /// little-endian.
 fn random_uuid() -> ferrite_block::Result<[u8; 16]> {
-    let r = ferrite_crypto::random(16).map_err(|e| generic(e.to_string()))?;
-    let mut u = [0u8; 16];
-    u.copy_from_slice(&r);
-    u[6] = (u[6] & 0x0f) | 0x40;
-    u[8] = (u[8] & 0x3f) | 0x80;
+    let mut u = ferrite_crypto::random_uuid().map_err(|e| generic(e.to_string()))?;
     u[0..4].reverse();
     u[4..6].reverse();
     u[6..8].reverse();

@@ -14,6 +14,7 @@
 use crate::blockmap::{self, block_mapped_driver, blocker};
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::io::pool;
 use ferrite_block::{
     BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx,
 };
@@ -362,16 +363,13 @@ struct Vpc {
 impl Vpc {
     async fn write_impl(&self, offset: u64, data: &[u8], flags: ReqFlags) -> io::Result<()> {
         let Some(d) = &self.layout else {
-            let mut buf = ferrite_block::io::pool::take(data.len());
-            buf.copy_from_slice(data);
-            return self.file.write(offset, buf, flags).await;
+            return self.file.write(offset, pool::copy_of(data), flags).await;
         };
         let mut done = 0usize;
         for (block, inner, n) in blockmap::pieces(offset, data.len() as u64, d.block_size) {
             let at = d.place_for_write(&self.file, &self.footer, block).await?;
-            let mut buf = ferrite_block::io::pool::take(n as usize);
-            buf.copy_from_slice(&data[done..done + n as usize]);
-            self.file.write(at + inner, buf, flags).await?;
+            let piece = pool::copy_of(&data[done..done + n as usize]);
+            self.file.write(at + inner, piece, flags).await?;
             done += n as usize;
         }
         Ok(())
@@ -532,9 +530,7 @@ async fn write_new_image(
         at::TYPE,
         &(if fixed { FIXED } else { DYNAMIC }).to_be_bytes(),
     );
-    let mut uuid = ferrite_crypto::random(16).map_err(|e| generic(e.to_string()))?;
-    uuid[6] = (uuid[6] & 0x0f) | 0x40;
-    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    let uuid = ferrite_crypto::random_uuid().map_err(|e| generic(e.to_string()))?;
     put(&mut f, at::UUID, &uuid);
     let sum = checksum(&f, at::CHECKSUM);
     put(&mut f, at::CHECKSUM, &sum.to_be_bytes());

@@ -161,11 +161,9 @@ impl Filesystem for Forwarder {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let mut copy = ferrite_block::io::pool::take(data.len());
-        copy.copy_from_slice(data);
         self.forward(Op::Write {
             offset,
-            data: copy,
+            data: ferrite_block::io::pool::copy_of(data),
             reply,
         });
     }

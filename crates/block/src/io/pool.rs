@@ -31,6 +31,13 @@ pub fn take(len: usize) -> Vec<u8> {
     vec![0u8; len]
 }
 
+/// A buffer holding a copy of `data` (a request's bytes lent only for a while).
+pub fn copy_of(data: &[u8]) -> Vec<u8> {
+    let mut buf = take(data.len());
+    buf.copy_from_slice(data);
+    buf
+}
+
 /// Hands a buffer back for reuse. Its bytes stay as they are: the next taker overwrites
 /// them, and not zeroing a megabyte per request is the point.
 pub fn give(buf: Vec<u8>) {
