@@ -268,6 +268,19 @@ def images():
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, other, "3M"], check=True)
             with open(other, "rb") as f:
                 put("qcow2_image", seed, f.read())
+        # VMDK too: a monolithic sparse image, and a stream-optimized one with a
+        # compressed grain.
+        for seed, opts, write in (("vmdk-empty", [], None),
+                                  ("vmdk-stream", ["-o", "subformat=streamOptimized"],
+                                   "write -P 0x11 0 64k")):
+            other = os.path.join(tmp, f"{seed}.vmdk")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", *opts, other, "1M"],
+                           check=True)
+            if write:
+                subprocess.run(["qemu-io", "-f", "vmdk", "-c", write, other], check=True,
+                               capture_output=True)
+            with open(other, "rb") as f:
+                put("qcow2_image", seed, f.read())
     finally:
         shutil.rmtree(tmp)
 

@@ -26,7 +26,9 @@ mod xts;
 
 pub use amend::{Secret, SlotChange, Writes, amend_key_slots};
 pub use cipher::{SECTOR, SectorCipher};
-pub use luks::{CreateOptions, HEADER_LEN, Header, KeySlot, LuksVolume, NewVolume, random_uuid};
+pub use luks::{
+    CreateOptions, HEADER_LEN, Header, KeySlot, LuksVolume, NewVolume, random, random_uuid,
+};
 pub use pkcs8::{Pkcs8Error, decrypt_pkcs8};
 
 /// Why a volume cannot be opened, in QEMU's words where it has them.

@@ -382,7 +382,7 @@ pub fn random_uuid() -> Result<[u8; 16], Error> {
 }
 
 /// Bytes from the kernel's random source.
-pub(crate) fn random(n: usize) -> Result<Vec<u8>, Error> {
+pub fn random(n: usize) -> Result<Vec<u8>, Error> {
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {

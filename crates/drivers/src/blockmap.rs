@@ -108,15 +108,30 @@ pub(crate) async fn create_on_file<F>(
 where
     F: Future<Output = ferrite_block::Result<()>>,
 {
-    let file = match opts.get("file") {
-        Some(QObject::String(name)) => graph.lookup(name)?,
-        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
-        _ => return Err(generic("Parameter 'file' is missing")),
-    };
-    let blk = BlockBackend::new(graph, &file, Perm::WRITE | Perm::RESIZE, Perm::all())?;
+    let blk = open_for_create(graph, opts.get("file"), Perm::WRITE | Perm::RESIZE)
+        .await?
+        .ok_or_else(|| generic("Parameter 'file' is missing"))?;
     let r = write(blk.clone()).await;
     blk.remove();
     r
+}
+
+/// A `BlockdevRef` of `blockdev-create`'s options (a node name or inline options) opened
+/// with `perm`, sharing all; `None` for something else. The caller removes the backend.
+///
+/// # Errors
+/// No such node, or the inline node failing to open.
+pub(crate) async fn open_for_create(
+    graph: &Rc<Graph>,
+    value: Option<&QObject>,
+    perm: Perm,
+) -> ferrite_block::Result<Option<Rc<BlockBackend>>> {
+    let node = match value {
+        Some(QObject::String(name)) => graph.lookup(name)?,
+        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
+        _ => return Ok(None),
+    };
+    BlockBackend::new(graph, &node, perm, Perm::all()).map(Some)
 }
 
 /// The `Driver` methods a block-mapped format answers as QEMU's `vdi` and `vpc` do. The

@@ -2,7 +2,7 @@
 //! or block device through the I/O backend), `raw` (format: its child's bytes, or a window
 //! of them), `null-co`/`null-aio`, the `copy-before-write` filter with its
 //! `snapshot-access` view, and the `copy-on-read` filter; and the image formats small
-//! enough to need no crate of their own (`luks`, `vdi`, `vpc`). Each registers a factory with the
+//! enough to need no crate of their own (`luks`, `vdi`, `vmdk`, `vpc`). Each registers a factory with the
 //! core's registry.
 //!
 //! QEMU counterparts: `block/file-posix.c`, `block/raw-format.c`, `block/null.c`,
@@ -27,6 +27,7 @@ mod raw;
 mod snapshot_access;
 mod throttle;
 mod vdi;
+mod vmdk;
 mod vpc;
 
 use ferrite_block::Registry;
@@ -55,5 +56,6 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(blkdebug::BlkdebugFactory));
     registry.register(Rc::new(quorum::QuorumFactory));
     registry.register(Rc::new(vdi::VdiFactory));
+    registry.register(Rc::new(vmdk::VmdkFactory));
     registry.register(Rc::new(vpc::VpcFactory));
 }

@@ -250,6 +250,8 @@ pub fn qcow2_image(input: &[u8]) {
             "vdi"
         } else if input.starts_with(b"conectix") {
             "vpc"
+        } else if input.starts_with(b"KDMV") || input.starts_with(b"COWD") {
+            "vmdk"
         } else {
             "qcow2"
         };
