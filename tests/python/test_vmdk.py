@@ -52,7 +52,7 @@ SUBFORMATS = {
 
 def masked(data):
     """`data` (a whole file) with its descriptor's content id blanked and the bytes after
-    its text zeroed."""
+    its text zeroed; of a descriptor file, just its text."""
     data = bytearray(data)
     if data[:4] == b"KDMV":
         start, end = DESC_AT, DESC_AT + DESC_LEN
@@ -63,6 +63,9 @@ def masked(data):
     region = bytes(data[start:end])
     text = region.split(b"\0")[0]
     text = re.sub(rb"(^|\n)CID=[0-9a-f]+\n", rb"\1CID=X\n", text, count=1)
+    if start == 0:
+        # A descriptor file: its length follows the id's.
+        return text
     data[start:end] = (text + bytes(len(region)))[:len(region)]
     return bytes(data)
 

@@ -148,6 +148,29 @@ impl Extent {
             allocated: true,
         }
     }
+
+    /// Up to `len` bytes at `offset` that a format leaves to the layer below: as its
+    /// backing file has them, zeroes past that file's end or without one.
+    ///
+    /// # Errors
+    /// The backing file's block status.
+    pub async fn below(node: &Node, offset: u64, len: u64) -> io::Result<Extent> {
+        match node.child("backing") {
+            Some(b) if offset < b.len() => {
+                let e = b.block_status(offset, len.min(b.len() - offset)).await?;
+                Ok(Extent {
+                    allocated: false,
+                    ..e
+                })
+            }
+            _ => Ok(Extent {
+                len,
+                data: false,
+                zero: true,
+                allocated: false,
+            }),
+        }
+    }
 }
 
 /// Awaits `read` and copies its bytes into `dest`: [`Driver::read_into`] for a driver that

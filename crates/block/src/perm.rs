@@ -19,6 +19,22 @@ bitflags! {
 }
 
 impl Perm {
+    /// What a format node takes and shares of its backing file, given what its own
+    /// parents take and share (QEMU's `bdrv_default_perms` for a COW child): at most a
+    /// consistent read; it lets others write and resize only when its parents let others
+    /// write to it.
+    pub fn for_backing(perm: Perm, shared: Perm) -> (Perm, Perm) {
+        let writers = if shared.contains(Perm::WRITE) {
+            Perm::WRITE | Perm::RESIZE
+        } else {
+            Perm::empty()
+        };
+        (
+            perm & Perm::CONSISTENT_READ,
+            writers | Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        )
+    }
+
     /// The permissions QEMU defines, with their QAPI names, in bit order.
     pub const NAMED: [(Perm, &'static str); 4] = [
         (Perm::CONSISTENT_READ, "consistent-read"),

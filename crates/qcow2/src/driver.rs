@@ -170,13 +170,7 @@ impl Driver for Qcow2Driver {
 
     fn child_perm(&self, name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
         if name == "backing" {
-            let shared = if shared.contains(Perm::WRITE) {
-                Perm::WRITE | Perm::RESIZE
-            } else {
-                Perm::empty()
-            } | Perm::CONSISTENT_READ
-                | Perm::WRITE_UNCHANGED;
-            return (perm & Perm::CONSISTENT_READ, shared);
+            return Perm::for_backing(perm, shared);
         }
         let mut p = perm | Perm::CONSISTENT_READ;
         if !self.read_only.get() {

@@ -178,22 +178,7 @@ impl Qcow2Driver {
                 zero: true,
                 allocated: true,
             },
-            Source::Backing => match node.child("backing") {
-                Some(b) if offset < b.len() => {
-                    let run = run.min(b.len() - offset);
-                    let e = b.block_status(offset, run).await?;
-                    Extent {
-                        allocated: false,
-                        ..e
-                    }
-                }
-                _ => Extent {
-                    len: run,
-                    data: false,
-                    zero: true,
-                    allocated: false,
-                },
-            },
+            Source::Backing => Extent::below(node, offset, run).await?,
         })
     }
 }

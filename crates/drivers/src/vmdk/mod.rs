@@ -703,26 +703,6 @@ impl Vmdk {
     }
 }
 
-/// `len` bytes at `offset` this layer leaves to the one below: as the backing file has
-/// them, zeroes past its end or without one.
-async fn below(node: &Node, offset: u64, len: u64) -> io::Result<Status> {
-    match node.child("backing") {
-        Some(b) if offset < b.len() => {
-            let e = b.block_status(offset, len.min(b.len() - offset)).await?;
-            Ok(Status {
-                allocated: false,
-                ..e
-            })
-        }
-        _ => Ok(Status {
-            len,
-            data: false,
-            zero: true,
-            allocated: false,
-        }),
-    }
-}
-
 fn allocated_compressed() -> io::Error {
     tracing::error!("Could not write to allocated cluster for streamOptimized");
     errno(libc::EIO)
@@ -764,12 +744,17 @@ impl Driver for Vmdk {
         node: &'a Node,
         offset: u64,
         data: Vec<u8>,
-        _flags: ReqFlags,
+        flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let r = self.write_impl(node, offset, &data).await;
             pool::give(data);
-            r
+            r?;
+            // No FUA of its own: durable by a flush, as QEMU's block layer makes it.
+            if flags.contains(ReqFlags::FUA) {
+                self.flush(node).await?;
+            }
+            Ok(())
         })
     }
 
@@ -824,7 +809,7 @@ impl Driver for Vmdk {
                 Layout::Flat { start } => blockmap::placed_per_file(&e.file, start + rel, n).await,
                 Layout::Sparse(s) => Ok(match s.lookup(&e.file, rel).await.0 {
                     Grain::Unknown => return Err(errno(libc::EIO)),
-                    Grain::Unallocated => return below(node, offset, n).await,
+                    Grain::Unallocated => return Status::below(node, offset, n).await,
                     Grain::Zeroed => Status {
                         len: n,
                         data: false,
@@ -888,13 +873,7 @@ impl Driver for Vmdk {
 
     fn child_perm(&self, name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
         if name == "backing" {
-            let shared = if shared.contains(Perm::WRITE) {
-                Perm::WRITE | Perm::RESIZE
-            } else {
-                Perm::empty()
-            } | Perm::CONSISTENT_READ
-                | Perm::WRITE_UNCHANGED;
-            return (perm & Perm::CONSISTENT_READ, shared);
+            return Perm::for_backing(perm, shared);
         }
         let own = Perm::WRITE | Perm::RESIZE;
         let perm = perm | Perm::CONSISTENT_READ;
