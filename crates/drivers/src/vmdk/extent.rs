@@ -86,7 +86,7 @@ pub(super) struct Slot {
     l1_index: usize,
     l2_index: usize,
     /// The grain table's first sector.
-    table: u32,
+    table: u64,
 }
 
 /// A sparse extent's geometry and tables.
@@ -99,9 +99,11 @@ pub(super) struct Sparse {
     l1_entry_sectors: u64,
     /// Entries the directory has (those past the end of the file read as 0).
     l1_size: usize,
-    l1: Vec<u32>,
+    l1: Vec<u64>,
     /// The redundant directory, kept in step on every change.
-    l1_backup: Option<Vec<u32>>,
+    l1_backup: Option<Vec<u64>>,
+    /// ESXi's 64-bit encoding of the tables, read only.
+    se: Option<SeSparse>,
     /// Entries per grain table.
     l2_size: usize,
     tables: RefCell<Tables>,
@@ -113,7 +115,7 @@ pub(super) struct Sparse {
 /// copy may be older than the change.
 #[derive(Default)]
 struct Tables {
-    by_sector: HashMap<u32, Rc<Vec<u32>>>,
+    by_sector: HashMap<u64, Rc<Vec<u64>>>,
     changes: u64,
 }
 
@@ -128,6 +130,33 @@ pub(super) struct SparseGeometry {
     pub(super) compressed: bool,
     pub(super) has_marker: bool,
     pub(super) has_zero_grain: bool,
+    pub(super) se: Option<SeSparse>,
+}
+
+/// Where an seSparse extent's grain tables and grains start, in sectors.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SeSparse {
+    pub(super) tables: u64,
+    pub(super) grains: u64,
+}
+
+/// The little-endian entries of a table of `width`-byte entries.
+fn entries(bytes: &[u8], width: usize) -> Vec<u64> {
+    bytes
+        .chunks_exact(width)
+        .map(|c| {
+            let mut e = [0u8; 8];
+            e[..width].copy_from_slice(c);
+            u64::from_le_bytes(e)
+        })
+        .collect()
+}
+
+impl SparseGeometry {
+    /// Bytes per table entry.
+    fn entry_width(&self) -> usize {
+        if self.se.is_some() { 8 } else { 4 }
+    }
 }
 
 /// QEMU's `ROUND_UP`, a mask: exact for the powers of two images use.
@@ -147,16 +176,13 @@ impl Sparse {
         }
         let file_sectors = file.len().div_ceil(SECTOR);
         let l1_size = g.l1_size as usize;
+        let width = g.entry_width();
         let read_table = async |at: u64, what: &str| {
             // Entries past the end of the file read as 0: only those in it take memory.
-            let in_file = (file.len().saturating_sub(at) / 4).min(g.l1_size) as usize;
-            file.read(at, in_file * 4)
+            let in_file = (file.len().saturating_sub(at) / width as u64).min(g.l1_size) as usize;
+            file.read(at, in_file * width)
                 .await
-                .map(|b| {
-                    b.chunks_exact(4)
-                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect::<Vec<_>>()
-                })
+                .map(|b| entries(&b, width))
                 .map_err(|e| {
                     format!(
                         "Could not read {what} from extent '{}': {}",
@@ -179,6 +205,7 @@ impl Sparse {
             l1_size,
             l1,
             l1_backup,
+            se: g.se,
             l2_size: g.l2_size as usize,
             tables: RefCell::default(),
             next_cluster_sector: Cell::new(round_up(file_sectors, g.grain_sectors)),
@@ -198,7 +225,20 @@ impl Sparse {
             return (Grain::Unknown, None);
         }
         let l1_index = l1_index as usize;
-        let table = self.l1.get(l1_index).copied().unwrap_or(0);
+        let raw = self.l1.get(l1_index).copied().unwrap_or(0);
+        let table = match self.se {
+            None => raw,
+            Some(_) if raw == 0 => 0,
+            // An allocated seSparse table's entry is 0x1000_0000 in its top half.
+            Some(_) if raw >> 32 != 0x1000_0000 => return (Grain::Unknown, None),
+            Some(se) => {
+                let t = (raw & 0xffff_ffff) * (self.l2_size as u64 * 8) / SECTOR;
+                match se.tables.checked_add(t) {
+                    Some(t) if t <= u64::from(u32::MAX) => t,
+                    _ => return (Grain::Unknown, None),
+                }
+            }
+        };
         if table == 0 {
             return (Grain::Unallocated, None);
         }
@@ -212,28 +252,49 @@ impl Sparse {
             table,
         };
         let entry = entries.get(l2_index).copied().unwrap_or(0);
-        let grain = match entry {
-            GTE_ZEROED if self.has_zero_grain => Grain::Zeroed,
-            0 => Grain::Unallocated,
-            e => Grain::At(u64::from(e) * SECTOR),
+        let grain = match self.se {
+            Some(se) => self.se_grain(se, entry),
+            None => match entry {
+                e if e == u64::from(GTE_ZEROED) && self.has_zero_grain => Grain::Zeroed,
+                0 => Grain::Unallocated,
+                e => Grain::At(e * SECTOR),
+            },
         };
         (grain, Some(slot))
     }
 
-    async fn table(&self, file: &Child, table: u32) -> io::Result<Rc<Vec<u32>>> {
+    /// An seSparse grain table entry: its top four bits say what it is (QEMU's reading).
+    fn se_grain(&self, se: SeSparse, e: u64) -> Grain {
+        match e >> 60 {
+            0 if e == 0 => Grain::Unallocated,
+            // Unmapped (1) and zeroed (2) grains read as zeroes.
+            1 | 2 => Grain::Zeroed,
+            3 => {
+                let index =
+                    ((e & 0x0fff_0000_0000_0000) >> 48) | ((e & 0x0000_ffff_ffff_ffff) << 12);
+                index
+                    .checked_mul(self.grain_sectors)
+                    .and_then(|s| s.checked_add(se.grains))
+                    .and_then(|s| s.checked_mul(SECTOR))
+                    .map_or(Grain::Unknown, Grain::At)
+            }
+            _ => Grain::Unknown,
+        }
+    }
+
+    /// Whether the extent is ESXi's seSparse, which QEMU only reads.
+    pub(super) fn is_se_sparse(&self) -> bool {
+        self.se.is_some()
+    }
+
+    async fn table(&self, file: &Child, table: u64) -> io::Result<Rc<Vec<u64>>> {
         if let Some(t) = self.tables.borrow().by_sector.get(&table) {
             return Ok(t.clone());
         }
         let changes = self.tables.borrow().changes;
-        let bytes = file
-            .read(u64::from(table) * SECTOR, self.l2_size * 4)
-            .await?;
-        let entries: Rc<Vec<u32>> = Rc::new(
-            bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        );
+        let width = if self.se.is_some() { 8 } else { 4 };
+        let bytes = file.read(table * SECTOR, self.l2_size * width).await?;
+        let entries = Rc::new(entries(&bytes, width));
         pool::give(bytes);
         let mut t = self.tables.borrow_mut();
         if t.changes == changes {
@@ -249,12 +310,12 @@ impl Sparse {
     /// `vmdk_L2update`).
     pub(super) async fn set_entry(&self, file: &Child, slot: Slot, value: u32) -> io::Result<()> {
         let bytes = value.to_le_bytes().to_vec();
-        let at = |table: u32| u64::from(table) * SECTOR + slot.l2_index as u64 * 4;
+        let at = |table: u64| table * SECTOR + slot.l2_index as u64 * 4;
         {
             let mut t = self.tables.borrow_mut();
             t.changes += 1;
             if let Some(entries) = t.by_sector.get_mut(&slot.table) {
-                Rc::make_mut(entries)[slot.l2_index] = value;
+                Rc::make_mut(entries)[slot.l2_index] = u64::from(value);
             }
         }
         file.write(at(slot.table), bytes.clone(), Default::default())

@@ -197,6 +197,85 @@ pub(super) fn footer_header(f: &[u8]) -> Option<Vmdk4Header> {
     sound.then(|| Vmdk4Header::parse(&header[4..]))
 }
 
+/// The fields of an seSparse extent's constant header that say where things are.
+pub(super) struct SeSparseHeader {
+    pub(super) capacity: u64,
+    pub(super) grain_sectors: u64,
+    pub(super) grain_table_sectors: u64,
+    pub(super) volatile_header_offset: u64,
+    pub(super) grain_dir_offset: u64,
+    pub(super) grain_dir_sectors: u64,
+    pub(super) grain_tables_offset: u64,
+    pub(super) grains_offset: u64,
+}
+
+/// The seSparse headers' magic numbers.
+const SE_CONST_MAGIC: u64 = 0xcafe_babe;
+const SE_VOLATILE_MAGIC: u64 = 0xcafe_cafe;
+
+impl SeSparseHeader {
+    /// QEMU's strict checks of the constant header (the format has no public
+    /// description), in its order and words.
+    pub(super) fn parse(b: &[u8]) -> Result<SeSparseHeader, String> {
+        let magic = le64(b, 0);
+        if magic != SE_CONST_MAGIC {
+            return Err(format!("Bad const header magic: 0x{magic:016x}"));
+        }
+        let version = le64(b, 8);
+        if version != 0x0000_0002_0000_0001 {
+            return Err(format!("Unsupported version: 0x{version:016x}"));
+        }
+        let grain_size = le64(b, 24);
+        if grain_size != 8 {
+            return Err(format!("Unsupported grain size: {grain_size}"));
+        }
+        let table_size = le64(b, 32);
+        if table_size != 64 {
+            return Err(format!("Unsupported grain table size: {table_size}"));
+        }
+        let flags = le64(b, 40);
+        if flags != 0 {
+            return Err(format!("Unsupported flags: 0x{flags:016x}"));
+        }
+        let reserved = [le64(b, 48), le64(b, 56), le64(b, 64), le64(b, 72)];
+        if reserved.iter().any(|&r| r != 0) {
+            return Err(format!(
+                "Unsupported reserved bits: 0x{:016x} 0x{:016x} 0x{:016x} 0x{:016x}",
+                reserved[0], reserved[1], reserved[2], reserved[3]
+            ));
+        }
+        if b[208..512].iter().any(|&x| x != 0) {
+            return Err("Unsupported non-zero const header padding".into());
+        }
+        Ok(SeSparseHeader {
+            capacity: le64(b, 16),
+            grain_sectors: grain_size,
+            grain_table_sectors: table_size,
+            volatile_header_offset: le64(b, 80),
+            grain_dir_offset: le64(b, 128),
+            grain_dir_sectors: le64(b, 136),
+            grain_tables_offset: le64(b, 144),
+            grains_offset: le64(b, 192),
+        })
+    }
+
+    /// QEMU's checks of the volatile header: an image with a journal to replay is
+    /// refused.
+    pub(super) fn check_volatile(b: &[u8]) -> Result<(), String> {
+        let magic = le64(b, 0);
+        if magic != SE_VOLATILE_MAGIC {
+            return Err(format!("Bad volatile header magic: 0x{magic:016x}"));
+        }
+        if le64(b, 24) != 0 {
+            return Err("Image is dirty, Replaying journal not supported".into());
+        }
+        if b[32..512].iter().any(|&x| x != 0) {
+            return Err("Unsupported non-zero volatile header padding".into());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,15 +21,15 @@ mod header;
 use crate::blockmap::{self, blocker};
 use crate::error::generic;
 use descriptor::{ExtentLine, c_text};
-use extent::{Extent, GTE_ZEROED, Grain, Layout, Sparse, SparseGeometry};
+use extent::{Extent, GTE_ZEROED, Grain, Layout, SeSparse, Sparse, SparseGeometry};
 use ferrite_block::driver::{BoxFut, Driver, Extent as Status, ReqFlags};
 use ferrite_block::io::pool;
 use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx, Perm};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use header::{
-    DESC_SECTORS, FOOTER_LEN, GD_AT_END, SECTOR, VMDK3_HEADER_LEN, VMDK3_MAGIC, VMDK4_HEADER_LEN,
-    VMDK4_MAGIC, Vmdk3Header, Vmdk4Header,
+    DESC_SECTORS, FOOTER_LEN, GD_AT_END, SECTOR, SeSparseHeader, VMDK3_HEADER_LEN, VMDK3_MAGIC,
+    VMDK4_HEADER_LEN, VMDK4_MAGIC, Vmdk3Header, Vmdk4Header,
 };
 use std::cell::Cell;
 use std::io;
@@ -111,6 +111,30 @@ struct Opening {
 impl Opening {
     fn next_start(&self) -> u64 {
         self.extents.last().map_or(0, Extent::end)
+    }
+
+    /// Adds the next extent, of `sectors` sectors. The disk's bytes must be counted in
+    /// an `i64`, as QEMU counts them.
+    fn push(
+        &mut self,
+        file: &Rc<Child>,
+        sectors: u64,
+        layout: Layout,
+    ) -> ferrite_block::Result<()> {
+        let start = self.next_start();
+        sectors
+            .checked_mul(SECTOR)
+            .and_then(|n| n.checked_add(start))
+            .filter(|&end| end <= i64::MAX as u64)
+            .ok_or_else(|| generic("Invalid extent size, image may be corrupt"))?;
+        self.extents.push(Extent {
+            file: file.clone(),
+            kind: None,
+            sectors,
+            start,
+            layout,
+        });
+        Ok(())
     }
 }
 
@@ -227,6 +251,7 @@ async fn open_sparse(
                 compressed: false,
                 has_marker: false,
                 has_zero_grain: false,
+                se: None,
             }
         }
         VMDK4_MAGIC => {
@@ -256,7 +281,7 @@ async fn open_sparse(
                 h = header::footer_header(&footer).ok_or_else(|| generic("Invalid footer"))?;
             }
             check_vmdk4(&h, o.read_only, file)?;
-            let l1_entry_sectors = (u64::from(h.gtes_per_gt) * h.granularity) as u32;
+            let l1_entry_sectors = u64::from(h.gtes_per_gt).wrapping_mul(h.granularity) as u32;
             let l1_size = h.capacity.div_ceil(u64::from(l1_entry_sectors)) as u32;
             if h.compressed() && top {
                 o.create_type = "streamOptimized".into();
@@ -271,19 +296,13 @@ async fn open_sparse(
                 compressed: h.compressed(),
                 has_marker: h.has_marker(),
                 has_zero_grain: h.has_zero_grain(),
+                se: None,
             }
         }
         _ => return Err(generic("Image not in VMDK format")),
     };
     let sparse = Sparse::open(file, &geometry).await.map_err(generic)?;
-    let start = o.next_start();
-    o.extents.push(Extent {
-        file: file.clone(),
-        kind: None,
-        sectors: geometry.capacity,
-        start,
-        layout: Layout::Sparse(sparse),
-    });
+    o.push(file, geometry.capacity, Layout::Sparse(sparse))?;
     Ok(None)
 }
 
@@ -298,7 +317,7 @@ fn check_vmdk4(h: &Vmdk4Header, read_only: bool, file: &Child) -> ferrite_block:
     if h.gtes_per_gt > 512 {
         return Err(generic("L2 table size too big"));
     }
-    if (u64::from(h.gtes_per_gt) * h.granularity) as u32 == 0 {
+    if u64::from(h.gtes_per_gt).wrapping_mul(h.granularity) as u32 == 0 {
         return Err(generic("L1 entry size is invalid"));
     }
     if file.len().div_ceil(SECTOR) < h.grain_offset {
@@ -358,21 +377,16 @@ async fn open_extent(
     let key = format!("extents.{}", o.extents.len());
     let opts = ctx.image_file_opts(&path, o.read_only);
     let file = ctx.open_child_opts(&key, opts).await?;
-    let start = o.next_start();
     match line.kind.as_str() {
-        "FLAT" | "VMFS" => o.extents.push(Extent {
-            file,
-            kind: None,
-            sectors: line.sectors,
-            start,
-            layout: Layout::Flat {
-                start: line.flat_offset.saturating_mul(SECTOR),
-            },
-        }),
+        "FLAT" | "VMFS" => {
+            let start = line.flat_offset.saturating_mul(SECTOR);
+            o.push(&file, line.sectors, Layout::Flat { start })?;
+        }
         "SPARSE" | "VMFSSPARSE" => {
             let head = read_head(&file, 0).await?;
             open_sparse(o, &file, &head, false).await?;
         }
+        "SESPARSE" => open_se_sparse(ctx, o, &file).await?,
         other => {
             return Err(generic(format!("Unsupported extent type '{other}'")));
         }
@@ -380,6 +394,52 @@ async fn open_extent(
     if let Some(e) = o.extents.last_mut() {
         e.kind = Some(line.kind);
     }
+    Ok(())
+}
+
+/// Opens an ESXi seSparse extent, read-only as under QEMU (`auto-read-only` makes the
+/// node so).
+async fn open_se_sparse(
+    ctx: &mut OpenCtx<'_>,
+    o: &mut Opening,
+    file: &Rc<Child>,
+) -> ferrite_block::Result<()> {
+    if !o.read_only {
+        if !ctx.opts().opt_bool("auto-read-only").unwrap_or(false) {
+            return Err(generic("No write support for seSparse images available"));
+        }
+        ctx.settings().read_only = true;
+        o.read_only = true;
+    }
+    let read = async |at: u64, what: &str| {
+        file.read(at, SECTOR as usize).await.map_err(|e| {
+            generic(format!(
+                "Could not read {what} header from file '{}': {}",
+                file.node().filename(),
+                ferrite_qapi::os_msg(&e)
+            ))
+        })
+    };
+    let h = SeSparseHeader::parse(&read(0, "const").await?).map_err(generic)?;
+    let at = h.volatile_header_offset.saturating_mul(SECTOR);
+    SeSparseHeader::check_volatile(&read(at, "volatile").await?).map_err(generic)?;
+    let geometry = SparseGeometry {
+        capacity: h.capacity,
+        l1_offset: h.grain_dir_offset.saturating_mul(SECTOR),
+        l1_backup_offset: None,
+        l1_size: h.grain_dir_sectors.saturating_mul(SECTOR) / 8,
+        l2_size: h.grain_table_sectors * SECTOR / 8,
+        grain_sectors: h.grain_sectors,
+        compressed: false,
+        has_marker: false,
+        has_zero_grain: false,
+        se: Some(SeSparse {
+            tables: h.grain_tables_offset,
+            grains: h.grains_offset,
+        }),
+    };
+    let sparse = Sparse::open(file, &geometry).await.map_err(generic)?;
+    o.push(file, geometry.capacity, Layout::Sparse(sparse))?;
     Ok(())
 }
 
@@ -460,7 +520,7 @@ impl Vmdk {
             let inner = rel % e.cluster_bytes();
             let n = (e.cluster_bytes() - inner).min((len - done) as u64) as usize;
             let data = match &e.layout {
-                Layout::Flat { start } => Some(e.file.read(start + rel, n).await?),
+                Layout::Flat { start } => Some(e.file.read(start.saturating_add(rel), n).await?),
                 Layout::Sparse(s) => match s.lookup(&e.file, rel).await.0 {
                     Grain::At(pos) if s.compressed => {
                         Some(s.read_compressed(&e.file, pos, inner, n).await?)
@@ -508,11 +568,16 @@ impl Vmdk {
             let cluster = e.cluster_bytes();
             let inner = rel % cluster;
             let mut n = (cluster - inner).min(len - done);
+            if e.sparse().is_some_and(Sparse::is_se_sparse) {
+                return Err(errno(libc::ENOTSUP));
+            }
             match (&e.layout, data) {
                 (Layout::Flat { .. }, None) => return Err(errno(libc::ENOTSUP)),
                 (Layout::Flat { start }, Some(d)) => {
                     let piece = pool::copy_of(&d[done as usize..(done + n) as usize]);
-                    e.file.write(start + rel, piece, ReqFlags::empty()).await?;
+                    e.file
+                        .write(start.saturating_add(rel), piece, ReqFlags::empty())
+                        .await?;
                 }
                 (Layout::Sparse(s), None) => {
                     let (grain, slot) = s.lookup(&e.file, rel).await;
@@ -806,7 +871,9 @@ impl Driver for Vmdk {
             let inner = rel % e.cluster_bytes();
             let n = (e.cluster_bytes() - inner).min(len);
             match &e.layout {
-                Layout::Flat { start } => blockmap::placed_per_file(&e.file, start + rel, n).await,
+                Layout::Flat { start } => {
+                    blockmap::placed_per_file(&e.file, start.saturating_add(rel), n).await
+                }
                 Layout::Sparse(s) => Ok(match s.lookup(&e.file, rel).await.0 {
                     Grain::Unknown => return Err(errno(libc::EIO)),
                     Grain::Unallocated => return Status::below(node, offset, n).await,
