@@ -9,6 +9,7 @@ python3 bench/nbd_client_fio.py
 python3 bench/nbd_tls_fio.py
 python3 bench/qcow2_fio.py
 python3 bench/luks_fio.py
+python3 bench/image_formats.py
 python3 bench/backup.py
 python3 bench/blockjobs.py
 python3 bench/fuse.py

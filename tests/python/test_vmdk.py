@@ -350,10 +350,17 @@ def test_compressed_backup_into_a_stream_optimized_image(both):
 
 
 def test_concurrent_writes_into_new_grains_land_whole(both):
-    """Writes in flight together into the same new grains (and the grains around them):
-    each grain is placed once, every byte written reads back, as under qsd."""
+    """Writes in flight together into the same new grains (and the grains around them),
+    then into placed grains beside writes placing new ones: each grain is placed once,
+    every byte written reads back, as under qsd."""
     io = [f"aio_write -P {0x40 + i} {i * 20000} 20000" for i in range(12)] + ["aio_flush"]
     io += [f"read -P {0x40 + i} {i * 20000} 20000" for i in range(12)]
+    # Then writes into placed grains (which need not wait) beside writes placing new ones.
+    io += [f"aio_write -P {0x60 + i} {i * 20000 + 5000} 10000" for i in range(12)]
+    io += [f"aio_write -P {0x80 + i} {300000 + i * 20000} 20000" for i in range(6)]
+    io += ["aio_flush"]
+    io += [f"read -P {0x60 + i} {i * 20000 + 5000} 10000" for i in range(12)]
+    io += [f"read -P {0x80 + i} {300000 + i * 20000} 20000" for i in range(6)]
     results, images = [], []
     for d in both():
         img = d.workdir / "v.vmdk"
@@ -371,8 +378,8 @@ def test_concurrent_writes_into_new_grains_land_whole(both):
                            text=True)
         assert r.returncode == 0, r.stdout
         images.append(img)
-        # Four grains written, each placed once: the file grew by exactly four grains.
-        assert img.stat().st_size == 64 * 1024 + 4 * 64 * 1024
+        # Seven grains written, each placed once: the file grew by exactly seven grains.
+        assert img.stat().st_size == 64 * 1024 + 7 * 64 * 1024
     assert_same_transcript(*results)
     assert_same_image(images[0], images[1], "vmdk")
 

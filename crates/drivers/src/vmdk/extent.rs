@@ -354,32 +354,52 @@ impl Sparse {
     ) -> io::Result<Vec<u8>> {
         let grain = self.grain_bytes() as usize;
         let window = (2 * grain as u64).min(file.len().saturating_sub(at)) as usize;
-        let buf = file.read(at, window).await?;
-        let (data, data_len) = if self.has_marker {
-            let len = buf
-                .get(8..12)
-                .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            (buf.get(MARKER_LEN..).unwrap_or(&[]), len as usize)
+        // QEMU reads two grains' worth; the marker says how much there is, so a first read
+        // of a few kilobytes holds all of a grain that compressed well.
+        let first = if self.has_marker {
+            window.min(16 << 10)
         } else {
-            (&buf[..], grain)
+            window
         };
-        if data_len == 0 || data_len > 2 * grain {
-            return Err(einval());
+        let mut buf = file.read(at, first).await?;
+        let marked = buf
+            .get(8..12)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let needed = (MARKER_LEN + marked).min(window);
+        if self.has_marker && needed > first {
+            let rest = file.read(at + first as u64, needed - first).await?;
+            buf.extend_from_slice(&rest);
+            pool::give(rest);
         }
-        let data = &data[..data_len.min(data.len())];
-        let mut out = Vec::with_capacity(grain);
-        let mut z = flate2::Decompress::new(true);
-        let status = z
-            .decompress_vec(data, &mut out, flate2::FlushDecompress::Finish)
-            .map_err(|_| einval())?;
-        pool::give(buf);
-        if status != flate2::Status::StreamEnd
-            || out.len() > grain
-            || inner as usize + len > out.len()
-        {
-            return Err(einval());
-        }
-        Ok(out[inner as usize..inner as usize + len].to_vec())
+        let has_marker = self.has_marker;
+        // Inflating takes longer than the read: off the main thread, beside other requests.
+        ferrite_block::io::blocking(move || {
+            let (data, data_len) = if has_marker {
+                let len = buf
+                    .get(8..12)
+                    .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                (buf.get(MARKER_LEN..).unwrap_or(&[]), len as usize)
+            } else {
+                (&buf[..], grain)
+            };
+            if data_len == 0 || data_len > 2 * grain {
+                return Err(einval());
+            }
+            let data = &data[..data_len.min(data.len())];
+            let mut out = Vec::with_capacity(grain);
+            let mut z = flate2::Decompress::new(true);
+            let status = z
+                .decompress_vec(data, &mut out, flate2::FlushDecompress::Finish)
+                .map_err(|_| einval())?;
+            let (inner, end) = (inner as usize, inner as usize + len);
+            if status != flate2::Status::StreamEnd || out.len() > grain || end > out.len() {
+                return Err(einval());
+            }
+            out.truncate(end);
+            out.drain(..inner);
+            Ok(out)
+        })
+        .await
     }
 
     /// The marker and zlib stream a compressed grain is written as: `lba` is the disk
