@@ -2,7 +2,8 @@
 """fio's nbd engine over an NBD export of the simple image formats (VMDK, VDI, VHD; iodepth
 16), against ferrite-storage-daemon and qemu-storage-daemon in the same run: 4k random reads
 and writes on a fully allocated image, 64k random writes into an empty one (placing
-grains/blocks), and for VMDK 1M sequential reads of a stream-optimized (compressed) image.
+grains/blocks), and for VMDK 1M sequential reads of a stream-optimized (compressed) image; compressed qcow2
+images (what cloud images are) read sequentially and randomly.
 Prints IOPS and the ratio ferrite/qsd (higher is better)."""
 import os
 import subprocess
@@ -23,6 +24,8 @@ ROWS = [
     ("vmdk empty: rand write 64k", "vmdk", [], "empty", ["--rw=randwrite", "--bs=64k"]),
     ("vmdk stream: seq read 1M", "vmdk", ["-o", "subformat=streamOptimized"], "full",
      ["--rw=read", "--bs=1M"]),
+    ("qcow2 compressed: seq read 1M", "qcow2", ["-c"], "full", ["--rw=read", "--bs=1M"]),
+    ("qcow2 compressed: rand read 4k", "qcow2", ["-c"], "full", ["--rw=randread", "--bs=4k"]),
     ("vdi full: rand write 4k", "vdi", [], "full", ["--rw=randwrite", "--bs=4k"]),
     ("vdi empty: rand write 64k", "vdi", [], "empty", ["--rw=randwrite", "--bs=64k"]),
     ("vpc full: rand write 4k", "vpc", [], "full", ["--rw=randwrite", "--bs=4k"]),

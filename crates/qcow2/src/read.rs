@@ -110,7 +110,9 @@ impl Qcow2Driver {
         len: u64,
     ) -> io::Result<Vec<u8>> {
         let raw = read_at(file, offset, len as usize).await?;
-        compress::decompress(self.codec, &raw, self.cs() as usize)
+        let (codec, cluster) = (self.codec, self.cs() as usize);
+        // Inflating takes longer than the read: off the main thread, beside other requests.
+        ferrite_block::io::blocking(move || compress::decompress(codec, &raw, cluster)).await
     }
 
     /// Whether a guest range is known to read as zeroes without reading it: one mapping
