@@ -447,3 +447,39 @@ def test_se_sparse_images_open_read_only(both):
         c.close()
     assert results[1] == results[0]
     assert results[0][2] == [True], results[0]
+
+
+def test_images_made_by_name_as_qemu_makes_them(both):
+    """`drive-backup` to new VDI, VHD and VMDK targets and `blockdev-snapshot-sync` to a
+    VMDK overlay, where QEMU makes the image by file name: its "Formatting" lines, VHD's
+    size rounded to its geometry (so the backup is refused), and the overlay of an open
+    VMDK image refused (its parent cannot be opened beside it), no node left behind."""
+    results = []
+    for d in both():
+        base = d.workdir / "base.vmdk"
+        qemu_img("create", "-q", "-f", "vmdk", str(base), "4M")
+        c = d.connect()
+        out = []
+        out.append(c.cmd("blockdev-add", {"driver": "null-co", "node-name": "n",
+                                          "size": 4 * MiB, "read-zeroes": True}))
+        for fmt in ("vdi", "vpc", "vmdk"):
+            out.append(c.cmd("drive-backup", {"device": "n", "job-id": fmt, "sync": "full",
+                                              "target": str(d.workdir / f"t.{fmt}"),
+                                              "format": fmt}))
+            if "return" in out[-1]:
+                c.wait_event("JOB_STATUS_CHANGE",
+                             lambda e, f=fmt: e["data"] == {"id": f, "status": "null"})
+        out.append(c.cmd("blockdev-add", {"driver": "vmdk", "node-name": "v", "file": {
+            "driver": "file", "filename": str(base)}}))
+        out.append(c.cmd("blockdev-snapshot-sync", {"node-name": "v", "format": "vmdk",
+                                                    "snapshot-file": str(d.workdir / "s.vmdk"),
+                                                    "snapshot-node-name": "s"}))
+        out.append(len(c.cmd("query-named-block-nodes")["return"]))
+        c.close()
+        d.stop()
+        out.append((d.workdir / "stdout.txt").read_text().replace(str(d.workdir), "DIR"))
+        for fmt in ("vdi", "vmdk"):
+            out.append(qemu_io_lines("-f", fmt, "-c", "read -P 0 0 4M",
+                                     str(d.workdir / f"t.{fmt}")))
+        results.append(out)
+    assert_same_transcript(*results)

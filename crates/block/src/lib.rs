@@ -47,5 +47,5 @@ pub use graph::{FrozenChain, Graph};
 pub use node::{DetectZeroes, Node, NodeSettings};
 pub use open::{MAX_LENGTH, OpenCtx};
 pub use perm::Perm;
-pub use registry::{DriverFactory, DriverKind, LocalFut, Registry};
+pub use registry::{DriverFactory, DriverKind, LocalFut, Registry, backing_options};
 pub use request::MAX_REQUEST;

@@ -8,6 +8,7 @@ use crate::graph::Graph;
 use crate::node::Node;
 use crate::open::OpenCtx;
 use ferrite_qapi::Args;
+use ferrite_qobject::QDict;
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
@@ -53,6 +54,25 @@ pub trait DriverFactory {
     /// QEMU's texts for bad options and for the storage failing.
     fn create<'a>(&'a self, _graph: &'a Rc<Graph>, _opts: &'a Args) -> LocalFut<'a, ()> {
         Box::pin(async { Err(Error::CannotCreate) })
+    }
+
+    /// The options QEMU's image creation by file name (`bdrv_img_create`, for
+    /// `drive-backup`, `drive-mirror` and `blockdev-snapshot-sync` targets) gives this
+    /// format's create, made from `blockdev-create`'s (`driver`, `file`, `size`, and
+    /// `backing-file`/`backing-fmt` for an overlay): what that path rounds or checks
+    /// that `blockdev-create` does not.
+    ///
+    /// # Errors
+    /// QEMU's texts for what that path refuses.
+    fn by_name_create_options(&self, opts: QDict) -> crate::Result<QDict> {
+        Ok(opts)
+    }
+
+    /// The creation options QEMU's "Formatting 'FILE', fmt=FORMAT ..." line shows after
+    /// the format for an image of `size` bytes over `backing` (file name, format): those
+    /// with values, in the format's own order.
+    fn formatting_options(&self, size: u64, backing: Option<(&str, &str)>) -> String {
+        format!("size={size}{}", backing_options(backing))
     }
 
     /// Whether `x-blockdev-amend` can change images of this driver.
@@ -166,4 +186,12 @@ impl Registry {
         let names = self.names().join(" ");
         format!("Supported formats: {names}\nSupported formats (read-only): {names}\n")
     }
+}
+
+/// `backing_file=... backing_fmt=...` for a "Formatting" line, led by a space; nothing
+/// without a backing file.
+pub fn backing_options(backing: Option<(&str, &str)>) -> String {
+    backing
+        .map(|(file, format)| format!(" backing_file={file} backing_fmt={format}"))
+        .unwrap_or_default()
 }

@@ -138,7 +138,7 @@ pub async fn prepare(
         return Err(Error::FormatWithoutBacking(format.to_owned()));
     }
     if args.opt_str("mode") != Some("existing") {
-        create_overlay(graph, &node, &file, true).await?;
+        create_overlay(graph, &node, &file, format, true).await?;
     }
     let mut opts = QDict::new()
         .with("driver", format)
@@ -190,9 +190,9 @@ pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<()> {
     r
 }
 
-/// A new qcow2 image over `node`: its size, and (`name_backing`) `node` recorded as its
-/// backing file; without, the caller attaches `node` itself (a temporary snapshot, made
-/// without a word).
+/// A new image of `format` over `node`: its size, and (`name_backing`) `node` recorded
+/// as its backing file; without, the caller attaches `node` itself (a temporary snapshot,
+/// made without a word).
 ///
 /// # Errors
 /// The file or the image failing to be made.
@@ -200,11 +200,12 @@ pub async fn create_overlay(
     graph: &Graph,
     node: &Node,
     file: &str,
+    format: &str,
     name_backing: bool,
 ) -> Result<()> {
     let backing = name_backing.then_some(node);
     Ok(
-        ferrite_jobs::backup::create_target(graph, node, file, "qcow2", backing, !name_backing)
+        ferrite_jobs::backup::create_target(graph, node, file, format, backing, !name_backing)
             .await?,
     )
 }

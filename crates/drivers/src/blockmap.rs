@@ -6,7 +6,7 @@
 
 use crate::error::generic;
 use ferrite_block::driver::Extent;
-use ferrite_block::{BlockBackend, Child, Graph, OpenCtx, Perm};
+use ferrite_block::{BlockBackend, Child, Graph, Node, OpenCtx, Perm};
 use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
 use std::io;
@@ -108,30 +108,56 @@ pub(crate) async fn create_on_file<F>(
 where
     F: Future<Output = ferrite_block::Result<()>>,
 {
-    let blk = open_for_create(graph, opts.get("file"), Perm::WRITE | Perm::RESIZE)
+    let target = CreateTarget::open(graph, opts.get("file"), Perm::WRITE | Perm::RESIZE)
         .await?
         .ok_or_else(|| generic("Parameter 'file' is missing"))?;
-    let r = write(blk.clone()).await;
-    blk.remove();
+    let r = write(target.blk.clone()).await;
+    target.release(graph);
     r
 }
 
-/// A `BlockdevRef` of `blockdev-create`'s options (a node name or inline options) opened
-/// with `perm`, sharing all; `None` for something else. The caller removes the backend.
-///
-/// # Errors
-/// No such node, or the inline node failing to open.
-pub(crate) async fn open_for_create(
-    graph: &Rc<Graph>,
-    value: Option<&QObject>,
-    perm: Perm,
-) -> ferrite_block::Result<Option<Rc<BlockBackend>>> {
-    let node = match value {
-        Some(QObject::String(name)) => graph.lookup(name)?,
-        Some(QObject::Dict(inline)) => graph.open_inline(&Args::new(inline.clone())).await?,
-        _ => return Ok(None),
-    };
-    BlockBackend::new(graph, &node, perm, Perm::all()).map(Some)
+/// A node `blockdev-create` writes an image to, through a backend of its own.
+pub(crate) struct CreateTarget {
+    pub(crate) blk: Rc<BlockBackend>,
+    node: Rc<Node>,
+    /// Opened from inline options for the create alone.
+    inline: bool,
+}
+
+impl CreateTarget {
+    /// A `BlockdevRef` of the create's options (a node name or inline options) opened
+    /// with `perm`, sharing all; `None` for something else.
+    ///
+    /// # Errors
+    /// No such node, the inline node failing to open, or a permission conflict.
+    pub(crate) async fn open(
+        graph: &Rc<Graph>,
+        value: Option<&QObject>,
+        perm: Perm,
+    ) -> ferrite_block::Result<Option<CreateTarget>> {
+        let (node, inline) = match value {
+            Some(QObject::String(name)) => (graph.lookup(name)?, false),
+            Some(QObject::Dict(d)) => (graph.open_inline(&Args::new(d.clone())).await?, true),
+            _ => return Ok(None),
+        };
+        match BlockBackend::new(graph, &node, perm, Perm::all()) {
+            Ok(blk) => Ok(Some(CreateTarget { blk, node, inline })),
+            Err(e) => {
+                if inline {
+                    graph.release_inline(&node);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Lets the node go: the backend, and the node itself if the create opened it.
+    pub(crate) fn release(self, graph: &Graph) {
+        self.blk.remove();
+        if self.inline {
+            graph.release_inline(&self.node);
+        }
+    }
 }
 
 /// The `Driver` methods a block-mapped format answers as QEMU's `vdi` and `vpc` do. The

@@ -101,6 +101,10 @@ impl DriverFactory for VdiFactory {
         Box::pin(create(graph, opts))
     }
 
+    fn formatting_options(&self, size: u64, _backing: Option<(&str, &str)>) -> String {
+        format!("size={size} static=off")
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let (file, read_only) = blockmap::open_file(ctx).await?;

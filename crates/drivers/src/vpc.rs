@@ -19,6 +19,7 @@ use ferrite_block::{
     BlockBackend, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx,
 };
 use ferrite_qapi::Args;
+use ferrite_qobject::{QDict, QObject};
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::io;
@@ -118,6 +119,21 @@ impl DriverFactory for VpcFactory {
 
     fn create<'a>(&'a self, graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
         Box::pin(create(graph, opts))
+    }
+
+    /// By name, QEMU rounds the size up to a sector, then (without `force_size`) up to
+    /// the size its CHS geometry stands for.
+    fn by_name_create_options(&self, mut opts: QDict) -> ferrite_block::Result<QDict> {
+        let size = opts.get("size").and_then(QObject::as_u64).unwrap_or(0);
+        let size = size.next_multiple_of(SECTOR);
+        let force = opts.get("force-size").and_then(QObject::as_bool) == Some(true);
+        let size = if force {
+            size
+        } else {
+            new_geometry(size, false)?.1 * SECTOR
+        };
+        opts.insert("size", size);
+        Ok(opts)
     }
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {

@@ -558,15 +558,21 @@ pub async fn create_target(
     // QEMU's `bdrv_img_create` checks the format before it touches a file. A raw image, or
     // the file itself (format `file`), is just a file of the right size; other formats need
     // their driver's create step.
-    let plain = match graph.registry().get(format) {
+    let factory = match graph.registry().get(format) {
         None => return Err(Error::UnknownFileFormat(format.to_owned())),
         Some(f) if !f.can_create() && format != "raw" => {
             return Err(Error::CannotCreateFormat(format.to_owned()));
         }
-        Some(f) => format == "raw" || f.kind() == ferrite_block::DriverKind::Protocol,
+        Some(f) => f,
     };
+    let plain = format == "raw" || factory.kind() == ferrite_block::DriverKind::Protocol;
+    let backing_names = backing.map(|b| (b.filename(), b.driver_name().to_owned()));
+    let named = backing_names
+        .as_ref()
+        .map(|(f, d)| (f.as_str(), d.as_str()));
     if !quiet {
-        println!("{}", formatting_line(file, format, source.len(), backing));
+        let options = factory.formatting_options(source.len(), named);
+        println!("Formatting '{file}', fmt={format} {options}");
     }
     let file_opts = QDict::new()
         .with("driver", "file")
@@ -583,33 +589,12 @@ pub async fn create_target(
             QDict::new().with("driver", "file").with("filename", file),
         )
         .with("size", source.len());
-    if let Some(b) = backing {
-        opts.insert("backing-file", b.filename());
-        opts.insert("backing-fmt", b.driver_name());
+    if let Some((f, d)) = named {
+        opts.insert("backing-file", f);
+        opts.insert("backing-fmt", d);
     }
+    let opts = factory.by_name_create_options(opts)?;
     Ok(ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await?)
-}
-
-/// QEMU's "Formatting 'FILE', fmt=..." line: the format's creation options with the values
-/// ferrite uses (qcow2's defaults; every other format has only a size).
-fn formatting_line(file: &str, format: &str, size: u64, backing: Option<&Node>) -> String {
-    let backing = backing
-        .map(|b| {
-            format!(
-                " backing_file={} backing_fmt={}",
-                b.filename(),
-                b.driver_name()
-            )
-        })
-        .unwrap_or_default();
-    if format == "qcow2" {
-        format!(
-            "Formatting '{file}', fmt=qcow2 cluster_size=65536 extended_l2=off \
-             compression_type=zlib size={size}{backing} lazy_refcounts=off refcount_bits=16"
-        )
-    } else {
-        format!("Formatting '{file}', fmt={format} size={size}{backing}")
-    }
 }
 
 /// The sync mode and the bitmap (on the source) with its mode, checked in QEMU's order.

@@ -161,6 +161,15 @@ impl DriverFactory for Qcow2Factory {
     fn supports_backing(&self) -> bool {
         true
     }
+
+    /// qcow2's creation options as ferrite makes images by name (QEMU's defaults).
+    fn formatting_options(&self, size: u64, backing: Option<(&str, &str)>) -> String {
+        format!(
+            "cluster_size=65536 extended_l2=off compression_type=zlib size={size}{} \
+             lazy_refcounts=off refcount_bits=16",
+            ferrite_block::backing_options(backing)
+        )
+    }
 }
 
 /// The external data file of an image: the `data-file` option, or the file the header

@@ -131,7 +131,7 @@ async fn temporary_overlay(
                 ferrite_qapi::os_msg(&e)
             ))
         })?;
-    ferrite_blockdev::snapshot_cmds::create_overlay(graph, image, &path, false)
+    ferrite_blockdev::snapshot_cmds::create_overlay(graph, image, &path, "qcow2", false)
         .await
         .map_err(|e| generic(format!("Could not create temporary overlay '{path}': {e}")))?;
     let opts = QDict::new()

@@ -5,7 +5,7 @@
 use super::descriptor::NewDescriptor;
 use super::header::{SECTOR, Vmdk4Header};
 use super::{Vmdk, rand_u32};
-use crate::blockmap::open_for_create;
+use crate::blockmap::CreateTarget;
 use crate::error::generic;
 use ferrite_block::{BlockBackend, Graph, Perm, ReqFlags};
 use ferrite_qapi::Args;
@@ -66,14 +66,14 @@ pub(super) async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Res
         &mut opened,
     )
     .await;
-    for blk in opened {
-        blk.remove();
+    for target in opened {
+        target.release(graph);
     }
     r
 }
 
 /// The files opened for writing, each let go by the caller.
-type Opened = Vec<Rc<BlockBackend>>;
+type Opened = Vec<CreateTarget>;
 
 #[allow(clippy::too_many_arguments)]
 async fn write_image(
@@ -174,9 +174,12 @@ async fn open(
     opened: &mut Opened,
 ) -> ferrite_block::Result<Option<Rc<BlockBackend>>> {
     let perm = Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE;
-    let blk = open_for_create(graph, value, perm).await?;
-    opened.extend(blk.clone());
-    Ok(blk)
+    let Some(target) = CreateTarget::open(graph, value, perm).await? else {
+        return Ok(None);
+    };
+    let blk = target.blk.clone();
+    opened.push(target);
+    Ok(Some(blk))
 }
 
 async fn truncate(blk: &BlockBackend, len: u64) -> ferrite_block::Result<()> {

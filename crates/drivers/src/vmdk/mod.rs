@@ -80,6 +80,25 @@ impl DriverFactory for VmdkFactory {
         true
     }
 
+    /// By name, QEMU rounds the size up to a sector and takes only a VMDK backing file.
+    fn by_name_create_options(&self, mut opts: QDict) -> ferrite_block::Result<QDict> {
+        if let Some(format) = opts.remove("backing-fmt")
+            && format.as_str() != Some("vmdk")
+        {
+            return Err(generic("backing_file must be a vmdk image"));
+        }
+        let size = opts.get("size").and_then(QObject::as_u64).unwrap_or(0);
+        opts.insert("size", size.next_multiple_of(SECTOR));
+        Ok(opts)
+    }
+
+    fn formatting_options(&self, size: u64, backing: Option<(&str, &str)>) -> String {
+        format!(
+            "size={size}{} compat6=off hwversion=undefined",
+            ferrite_block::backing_options(backing)
+        )
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move { Ok(Box::new(open(ctx).await?) as Box<dyn Driver>) })
     }
