@@ -455,3 +455,26 @@ def test_amending_a_read_only_encrypted_qcow2_fails_in_its_job_like_qsd(both):
         c.close()
     assert results[0][1] == "Could not read encryption header: Operation not permitted"
     assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("fmt,extra", [
+    ("luks", {"key-secret": "s", "iter-time": 10}), ("luks", {"key-secret": "nope"}),
+    ("vdi", {}), ("vpc", {}), ("vmdk", {})], ids=["luks", "luks-no-secret", "vdi", "vpc",
+                                                   "vmdk"])
+def test_blockdev_create_lets_go_of_its_inline_file(both, fmt, extra):
+    """A `file` given inline to `blockdev-create` is the job's own: no node is left once
+    it ends, made or refused, as under qsd."""
+    results = []
+    for d in both():
+        c = d.connect()
+        c.cmd("object-add", {"qom-type": "secret", "id": "s", "data": "pw"})
+        img = d.workdir / f"i.{fmt}"
+        img.write_bytes(b"")
+        assert c.cmd("blockdev-create", {"job-id": "j", "options": {
+            "driver": fmt, "size": 1 << 20, **extra,
+            "file": {"driver": "file", "filename": str(img)}}}) == {"return": {}}
+        c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+        results.append((c.cmd("query-jobs")["return"][0].get("error"),
+                        c.cmd("query-named-block-nodes")["return"]))
+        c.close()
+    assert results[1] == results[0]

@@ -14,7 +14,7 @@ use ferrite_block::{
 use ferrite_crypto::{CreateOptions, HEADER_LEN, LuksVolume, SECTOR};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 
@@ -159,6 +159,20 @@ impl DriverFactory for LuksFactory {
 /// the file, which is then sized to hold `size` bytes of payload; or, with `header`, written
 /// to that node alone, the file (if any) sized to `size` for the payload.
 async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
+    let inline = RefCell::new(Vec::new());
+    let r = create_volume(graph, opts, &inline).await;
+    // Nodes opened from inline options were the create's own: they go with it.
+    for node in inline.into_inner() {
+        graph.release_inline(&node);
+    }
+    r
+}
+
+async fn create_volume(
+    graph: &Rc<Graph>,
+    opts: &Args,
+    inline: &RefCell<Vec<Rc<Node>>>,
+) -> ferrite_block::Result<()> {
     // The size is the schema's `size` (unsigned); QEMU looks at the nodes first, then at
     // the key, and at the size only once it knows how big the header is.
     let size = opts.u64("size")?;
@@ -185,8 +199,10 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
     let node_of = async |key: &str| -> ferrite_block::Result<Rc<Node>> {
         match opts.get(key) {
             Some(QObject::String(name)) => Ok(graph.lookup(name)?),
-            Some(QObject::Dict(inline)) => {
-                Ok(graph.open_inline(&Args::new(inline.clone())).await?)
+            Some(QObject::Dict(d)) => {
+                let node = graph.open_inline(&Args::new(d.clone())).await?;
+                inline.borrow_mut().push(node.clone());
+                Ok(node)
             }
             _ => Err(generic(format!("Parameter '{key}' is missing"))),
         }
@@ -205,40 +221,45 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
         opts.opt_u64("iter-time"),
     );
     o.detached = has_header;
-    let hold = BlockBackend::new(graph, &header_node, Perm::WRITE | Perm::RESIZE, Perm::all())?;
-    // Calibrating and deriving keys take the iteration time: off the main thread.
-    let volume = tokio::task::spawn_blocking(move || LuksVolume::create(&password, &o))
-        .await
-        .map_err(|_| generic("creating the LUKS volume failed"))?
-        .map_err(|e| generic(e.to_string()))?;
     let too_large = || generic("The requested file size is too large");
-    // An attached header's file holds the payload after it; a detached header's only the
-    // header. Nothing is written when the volume could not be that big.
-    let header_file_len = if has_header {
-        volume.header_len
-    } else {
-        i64::try_from(size)
-            .ok()
-            .and_then(|s| s.checked_add(i64::try_from(volume.header_len).ok()?))
-            .ok_or_else(too_large)? as u64
-    };
-    let io = |e: io::Error| generic(format!("Could not write LUKS header: {e}"));
-    hold.truncate(0).await.map_err(io)?;
-    let header_prealloc = if has_header { None } else { prealloc };
-    match header_prealloc {
-        Some(p) => hold.truncate_prealloc(header_file_len, p).await,
-        None => hold.truncate(header_file_len).await,
+    let hold = BlockBackend::new(graph, &header_node, Perm::WRITE | Perm::RESIZE, Perm::all())?;
+    let written = async {
+        // Calibrating and deriving keys take the iteration time: off the main thread.
+        let volume = tokio::task::spawn_blocking(move || LuksVolume::create(&password, &o))
+            .await
+            .map_err(|_| generic("creating the LUKS volume failed"))?
+            .map_err(|e| generic(e.to_string()))?;
+        // An attached header's file holds the payload after it; a detached header's only the
+        // header. Nothing is written when the volume could not be that big.
+        let header_file_len = if has_header {
+            volume.header_len
+        } else {
+            i64::try_from(size)
+                .ok()
+                .and_then(|s| s.checked_add(i64::try_from(volume.header_len).ok()?))
+                .ok_or_else(too_large)? as u64
+        };
+        let io = |e: io::Error| generic(format!("Could not write LUKS header: {e}"));
+        hold.truncate(0).await.map_err(io)?;
+        let header_prealloc = if has_header { None } else { prealloc };
+        match header_prealloc {
+            Some(p) => hold.truncate_prealloc(header_file_len, p).await,
+            None => hold.truncate(header_file_len).await,
+        }
+        .map_err(io)?;
+        hold.write(0, volume.header, ReqFlags::empty())
+            .await
+            .map_err(io)?;
+        let (at, material) = volume.material;
+        hold.write(at, material, ReqFlags::empty())
+            .await
+            .map_err(io)?;
+        hold.flush().await.map_err(io)?;
+        Ok::<(), ferrite_block::Error>(())
     }
-    .map_err(io)?;
-    hold.write(0, volume.header, ReqFlags::empty())
-        .await
-        .map_err(io)?;
-    let (at, material) = volume.material;
-    hold.write(at, material, ReqFlags::empty())
-        .await
-        .map_err(io)?;
-    hold.flush().await.map_err(io)?;
+    .await;
     hold.remove();
+    written?;
     if has_header && has_file {
         // The payload: as big as asked, from offset 0.
         if i64::try_from(size).is_err() {
