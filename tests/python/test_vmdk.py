@@ -483,3 +483,28 @@ def test_images_made_by_name_as_qemu_makes_them(both):
                                      str(d.workdir / f"t.{fmt}")))
         results.append(out)
     assert_same_transcript(*results)
+
+
+def test_extents_beside_a_descriptor_under_a_filter(both, tmp_path):
+    """A descriptor file reached through filters (blkdebug, throttle): its extents are
+    found beside the file at the bottom, as QEMU finds them (`bdrv_dirname`)."""
+    img = tmp_path / "v.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", str(img),
+             "4M")
+    subprocess.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x11 0 64k", str(img)],
+                   check=True, capture_output=True)
+    results = []
+    for d in both():
+        c = d.connect()
+        out = [c.cmd("object-add", {"qom-type": "throttle-group", "id": "t"})]
+        out.append(c.cmd("blockdev-add", {
+            "driver": "vmdk", "node-name": "v", "read-only": True,
+            "file": {"driver": "throttle", "throttle-group": "t", "file": {
+                "driver": "blkdebug", "image": {"driver": "file", "read-only": True,
+                                                "filename": str(img)}}}}))
+        uri = export(c, d, "v", "v", False)
+        out.append(qemu_io_lines("-r", "-f", "raw", "-c", "read -P 0x11 0 64k", uri))
+        c.close()
+        results.append(out)
+    assert_same_transcript(*results)
+    assert results[0][1] == {"return": {}}

@@ -236,6 +236,9 @@ pub enum Error {
     /// A relative backing file name for an image whose own name is not a plain path.
     #[error("Cannot use relative backing file names for '{0}'")]
     RelativeBackingName(String),
+    /// No file under a node names the directory relative names are taken from.
+    #[error("Cannot generate a base directory for {0} nodes")]
+    NoBaseDirectory(String),
     /// A driver's own error, as its text says, with advice for the command line.
     #[error("{error}")]
     Driver {

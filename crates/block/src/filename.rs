@@ -176,6 +176,25 @@ pub fn backing_path(image: &str, name: &str) -> Result<String> {
     })
 }
 
+/// The directory names relative to `node`'s image are taken from, ending in `/` (empty for
+/// the working directory): that of the file under its filters and formats (QEMU's
+/// `bdrv_dirname`).
+///
+/// # Errors
+/// No file names it (the bottom node's name is not a plain path).
+pub fn base_directory(node: &crate::Node) -> Result<String> {
+    if let Some(child) = node.filtered().or_else(|| node.child("file")) {
+        return base_directory(&child);
+    }
+    let name = node.filename();
+    if name.is_empty() || name.starts_with("json:") {
+        return Err(Error::NoBaseDirectory(node.driver_name().to_owned()));
+    }
+    Ok(name
+        .rfind('/')
+        .map_or_else(String::new, |i| name[..=i].to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::backing_path;

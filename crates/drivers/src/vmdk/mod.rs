@@ -230,7 +230,11 @@ async fn open_backing(
             let Some(hint) = hint else {
                 return Ok(());
             };
-            let path = ferrite_block::filename::backing_path(&file.node().filename(), hint)?;
+            let path = if hint.starts_with('/') {
+                hint.to_owned()
+            } else {
+                ferrite_block::filename::base_directory(&file.node())? + hint
+            };
             ctx.open_image("backing", &path, "vmdk", true)
                 .await
                 .map(drop)
@@ -387,12 +391,17 @@ async fn open_extent(
     desc_file: &Child,
     line: ExtentLine,
 ) -> ferrite_block::Result<()> {
-    let desc_name = desc_file.node().filename();
-    let path = ferrite_block::filename::backing_path(&desc_name, &line.file).map_err(|e| {
-        generic(format!(
-            "Cannot use relative paths with VMDK descriptor file '{desc_name}': {e}"
-        ))
-    })?;
+    let path = if line.file.starts_with('/') {
+        line.file.clone()
+    } else {
+        let dir = ferrite_block::filename::base_directory(&desc_file.node()).map_err(|e| {
+            generic(format!(
+                "Cannot use relative paths with VMDK descriptor file '{}': {e}",
+                desc_file.node().filename()
+            ))
+        })?;
+        format!("{dir}{}", line.file)
+    };
     let key = format!("extents.{}", o.extents.len());
     let opts = ctx.image_file_opts(&path, o.read_only);
     let file = ctx.open_child_opts(&key, opts).await?;
