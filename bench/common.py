@@ -55,6 +55,18 @@ def fio(uri, size, runtime, extra):
                     f"--runtime={runtime}", *extra])
 
 
+def export_fio(binary, d, img, fmt, size, runtime, extra):
+    """fio against an NBD export (`q`, on a unix socket in `d`) of `img` opened as `fmt`
+    over a file node by `binary`: (IOPS, MiB/s)."""
+    sock = os.path.join(d, "nbd.sock")
+    args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
+            "--blockdev", f"driver={fmt},node-name=q,file=f0",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "nbd,id=e0,node-name=q,writable=on"]
+    with running(args, sock):
+        return fio(f"nbd+unix:///q?socket={sock}", size, runtime, extra)
+
+
 def fio_run(args):
     """fio with `args` after a sync, time based: (IOPS, MiB/s) of the side that moved data."""
     os.sync()

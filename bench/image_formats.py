@@ -52,14 +52,7 @@ def make_image(d, fmt, opts, state):
 def measure(binary, fmt, opts, state, extra):
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
         img = make_image(d, fmt, opts, state)
-        sock = os.path.join(d, "nbd.sock")
-        args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
-                "--blockdev", f"driver={fmt},node-name=q,file=f0",
-                "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", "nbd,id=e0,node-name=q,writable=on"]
-        with common.running(args, sock):
-            return common.fio(f"nbd+unix:///q?socket={sock}", f"{SIZE_MB}M", RUNTIME,
-                              extra)[0]
+        return common.export_fio(binary, d, img, fmt, f"{SIZE_MB}M", RUNTIME, extra)[0]
 
 
 def main():

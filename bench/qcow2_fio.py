@@ -49,19 +49,9 @@ def make_image(d, kind):
     return img
 
 
-def fio(sock, extra):
-    return common.fio(f"nbd+unix:///q?socket={sock}", f"{SIZE_MB}M", RUNTIME, extra)[0]
-
-
 def export_fio(binary, d, img, fmt, extra):
     """fio against an NBD export (`q`) of `img` opened as `fmt` over a file node."""
-    sock = os.path.join(d, "nbd.sock")
-    args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
-            "--blockdev", f"driver={fmt},node-name=q,file=f0",
-            "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", "nbd,id=e0,node-name=q,writable=on"]
-    with common.running(args, sock):
-        return fio(sock, extra)
+    return common.export_fio(binary, d, img, fmt, f"{SIZE_MB}M", RUNTIME, extra)[0]
 
 
 def measure(binary, kind, extra):
