@@ -160,8 +160,9 @@ impl CreateTarget {
     }
 }
 
-/// The `Driver` methods a block-mapped format answers as QEMU's `vdi` and `vpc` do. The
-/// driver type has `read_only: Cell<bool>`, `blocker: String` and
+/// The `Driver` methods a block-mapped format answers as QEMU's `vdi` and `vpc` do (those
+/// of [`simple_format_answers`], and writes). The driver type has `read_only: Cell<bool>`,
+/// `blocker: String` and
 /// `async fn write_impl(&self, offset: u64, data: &[u8], flags: ReqFlags) -> io::Result<()>`.
 macro_rules! block_mapped_driver {
     ($format:literal) => {
@@ -201,6 +202,16 @@ macro_rules! block_mapped_driver {
             ))
         }
 
+        $crate::blockmap::simple_format_answers!();
+    };
+}
+pub(crate) use block_mapped_driver;
+
+/// The `Driver` methods QEMU's simple formats (`vdi`, `vpc`, `vmdk`) answer alike: no
+/// discard (a no-op), no resize, migration blocked, no options of their own. The driver
+/// type has `read_only: Cell<bool>` and `blocker: String`.
+macro_rules! simple_format_answers {
+    () => {
         /// QEMU's driver has no discard: the request succeeds and nothing changes.
         fn discard<'a>(
             &'a self,
@@ -229,14 +240,17 @@ macro_rules! block_mapped_driver {
         }
 
         /// As QEMU's formats: the file is read consistently, written and grown by this
-        /// node alone while it may write.
+        /// node alone while it may write; a backing file only read.
         fn child_perm(
             &self,
-            _name: &str,
+            name: &str,
             perm: ferrite_block::Perm,
             shared: ferrite_block::Perm,
             _used: bool,
         ) -> (ferrite_block::Perm, ferrite_block::Perm) {
+            if name == "backing" {
+                return ferrite_block::Perm::for_backing(perm, shared);
+            }
             let own = ferrite_block::Perm::WRITE | ferrite_block::Perm::RESIZE;
             let perm = perm | ferrite_block::Perm::CONSISTENT_READ;
             let perm = if self.read_only.get() {
@@ -267,7 +281,7 @@ macro_rules! block_mapped_driver {
         }
     };
 }
-pub(crate) use block_mapped_driver;
+pub(crate) use simple_format_answers;
 
 #[cfg(test)]
 mod tests {

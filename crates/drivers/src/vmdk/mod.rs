@@ -24,7 +24,7 @@ use descriptor::{ExtentLine, c_text};
 use extent::{Extent, GTE_ZEROED, Grain, Layout, SeSparse, Sparse, SparseGeometry};
 use ferrite_block::driver::{BoxFut, Driver, Extent as Status, ReqFlags};
 use ferrite_block::io::pool;
-use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx, Perm};
+use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use header::{
@@ -856,6 +856,7 @@ fn same_layout(a: &Extent, b: &Extent) -> bool {
 }
 
 impl Driver for Vmdk {
+    crate::blockmap::simple_format_answers!();
     fn format_name(&self) -> &'static str {
         "vmdk"
     }
@@ -899,11 +900,6 @@ impl Driver for Vmdk {
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
         Box::pin(self.zero_impl(node, offset, len, flags))
-    }
-
-    /// QEMU's driver has no discard: the request succeeds and nothing changes.
-    fn discard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BoxFut<'a, ()> {
-        Box::pin(async { Ok(()) })
     }
 
     /// The image file and every extent file.
@@ -957,10 +953,6 @@ impl Driver for Vmdk {
         })
     }
 
-    fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
-        ferrite_block::driver::unsupported()
-    }
-
     fn cluster_size(&self) -> Option<u64> {
         let first = self.extents.first()?;
         if !self.extents.iter().all(|e| same_layout(first, e)) {
@@ -991,46 +983,9 @@ impl Driver for Vmdk {
         true
     }
 
-    /// No options of its own: the node is named after its file.
-    fn is_passthrough(&self) -> bool {
-        true
-    }
-
     fn backing_filename(&self) -> Option<(String, Option<String>)> {
         self.parent_hint
             .clone()
             .map(|h| (h, Some("vmdk".to_owned())))
-    }
-
-    fn migration_blocker(&self) -> Option<&str> {
-        Some(&self.blocker)
-    }
-
-    fn child_perm(&self, name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
-        if name == "backing" {
-            return Perm::for_backing(perm, shared);
-        }
-        let own = Perm::WRITE | Perm::RESIZE;
-        let perm = perm | Perm::CONSISTENT_READ;
-        let perm = if self.read_only.get() {
-            perm
-        } else {
-            perm | own
-        };
-        (perm, shared - own)
-    }
-
-    fn reopen_check(&self, _node: &Node, _opts: &Args) -> ferrite_block::Result<()> {
-        Ok(())
-    }
-
-    fn reopen_apply(
-        &self,
-        _node: &Node,
-        _opts: &Args,
-        read_only: bool,
-    ) -> ferrite_block::Result<()> {
-        self.read_only.set(read_only);
-        Ok(())
     }
 }
