@@ -614,6 +614,11 @@ pub trait Driver: std::any::Any {
         false
     }
 
+    /// The image's dirty flag as queries show it (qed's need-check flag).
+    fn dirty_flag(&self) -> bool {
+        false
+    }
+
     /// Whether queries show the image's cluster size and dirty flag (QEMU's `bdrv_get_info`
     /// answers for it).
     fn has_image_info(&self) -> bool {
@@ -644,6 +649,13 @@ pub trait Driver: std::any::Any {
 
     /// The last drained section of the node ended.
     fn drained_end(&self) {}
+
+    /// Whether work the driver began on its own (no request's: qed's header update when
+    /// its timer fires) is still going; a drain waits for it, and the driver calls
+    /// `notify_progress` when it ends (QEMU counts such work as in flight).
+    fn busy(&self) -> bool {
+        false
+    }
 
     /// Alignment every request must respect, in bytes.
     fn request_alignment(&self, _node: &Node) -> u64 {

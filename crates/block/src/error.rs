@@ -239,6 +239,13 @@ pub enum Error {
     /// No file under a node names the directory relative names are taken from.
     #[error("Cannot generate a base directory for {0} nodes")]
     NoBaseDirectory(String),
+    /// The backing file an image names failed to open (the error names the file itself:
+    /// "Could not open 'PATH': ...").
+    #[error("Could not open backing file: {0}")]
+    BackingOpen(Box<Error>),
+    /// The backing file format an image names is not one ferrite has.
+    #[error("Could not open backing file: Unknown driver '{0}'")]
+    UnknownBackingDriver(String),
     /// A driver's own error, as its text says, with advice for the command line.
     #[error("{error}")]
     Driver {

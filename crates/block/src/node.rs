@@ -775,6 +775,7 @@ impl Node {
     /// `bdrv_drain_poll`).
     pub(crate) fn drain_poll(&self) -> bool {
         self.in_flight.get() > 0
+            || self.driver.busy()
             || self
                 .users()
                 .iter()

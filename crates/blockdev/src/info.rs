@@ -51,7 +51,7 @@ fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
         d.insert("format-specific", fs);
     }
     if node.driver().has_image_info() {
-        d.insert("dirty-flag", false);
+        d.insert("dirty-flag", node.driver().dirty_flag());
     }
     if node.driver().is_encrypted() {
         d.insert("encrypted", true);

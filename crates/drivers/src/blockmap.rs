@@ -207,8 +207,8 @@ macro_rules! block_mapped_driver {
 }
 pub(crate) use block_mapped_driver;
 
-/// The `Driver` methods QEMU's simple formats (`vdi`, `vpc`, `vmdk`) answer alike: no
-/// discard (a no-op), no resize, migration blocked, no options of their own. The driver
+/// The `Driver` methods QEMU's simple formats (`vdi`, `vpc`, `vmdk`) answer alike: those of
+/// [`format_child_answers`], no discard (a no-op), no resize, migration blocked. The driver
 /// type has `read_only: Cell<bool>` and `blocker: String`.
 macro_rules! simple_format_answers {
     () => {
@@ -234,13 +234,22 @@ macro_rules! simple_format_answers {
             Some(&self.blocker)
         }
 
+        $crate::blockmap::format_child_answers!();
+    };
+}
+pub(crate) use simple_format_answers;
+
+/// The `Driver` methods an image format with no options of its own answers as QEMU's
+/// `bdrv_default_perms` and reopen stubs do (`vdi`, `vpc`, `vmdk`, `qed`): named after its
+/// file, its file read consistently and written and grown by this node alone while it
+/// may write, a backing file only read. The driver type has `read_only: Cell<bool>`.
+macro_rules! format_child_answers {
+    () => {
         /// No options of its own: the node is named after its file.
         fn is_passthrough(&self) -> bool {
             true
         }
 
-        /// As QEMU's formats: the file is read consistently, written and grown by this
-        /// node alone while it may write; a backing file only read.
         fn child_perm(
             &self,
             name: &str,
@@ -281,7 +290,7 @@ macro_rules! simple_format_answers {
         }
     };
 }
-pub(crate) use simple_format_answers;
+pub(crate) use format_child_answers;
 
 #[cfg(test)]
 mod tests {

@@ -122,11 +122,6 @@ pub(crate) enum Error {
     DataFileNotExpected,
     #[error("'data-file' is required for this image")]
     DataFileRequired,
-    /// `error` names the file itself ("Could not open 'PATH': ...").
-    #[error("Could not open backing file: {error}")]
-    OpenBacking { error: ferrite_block::Error },
-    #[error("Could not open backing file: Unknown driver '{0}'")]
-    UnknownBackingFormat(String),
     #[error("Could not resize image: {}", os_msg(.0))]
     ResizeImage(io::Error),
     /// A new length refused, in QEMU's words.

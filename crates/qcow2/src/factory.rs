@@ -4,11 +4,11 @@
 use crate::CorruptionHook;
 use crate::error::Error;
 use crate::meta::Corruption;
-use crate::{BackingSpec, Qcow2Driver, new_image};
+use crate::{Qcow2Driver, new_image};
 use ferrite_block::driver::Driver;
-use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
+use ferrite_block::{DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
 use ferrite_qapi::Args;
-use ferrite_qobject::{QDict, QObject};
+use ferrite_qobject::QDict;
 use std::rc::Rc;
 
 /// `BLOCK_IMAGE_CORRUPTED` through `events`.
@@ -81,40 +81,7 @@ impl DriverFactory for Qcow2Factory {
                 .finish(finish_opts, &file, corruption_event(ctx.events()))
                 .await?;
             ctx.take_position_now();
-            match opts.get("backing") {
-                Some(QObject::Null) => {}
-                // Options for the backing file the header names, without a driver (what
-                // `-drive ...,backing.node-name=x` gives): that file, with these options.
-                Some(QObject::Dict(extra)) if extra.get("driver").is_none() => {
-                    let extra = extra.clone();
-                    // A file name among them replaces the header's (its format stays).
-                    let named = match extra.get("file") {
-                        Some(QObject::Dict(f)) => f
-                            .get("filename")
-                            .and_then(QObject::as_str)
-                            .map(str::to_owned),
-                        _ => None,
-                    };
-                    let spec = drv.backing_spec();
-                    match (named, spec) {
-                        (Some(filename), spec) => {
-                            let format = spec.and_then(|s| s.format);
-                            open_named_backing(ctx, &filename, format, extra).await?;
-                        }
-                        (None, Some(spec)) => open_backing(ctx, &file, spec, extra).await?,
-                        (None, None) => {}
-                    }
-                }
-                Some(v) => {
-                    let v = v.clone();
-                    ctx.open_child_ref("backing", &v).await?;
-                }
-                None => {
-                    if let Some(spec) = drv.backing_spec() {
-                        open_backing(ctx, &file, spec, QDict::new()).await?;
-                    }
-                }
-            }
+            ctx.open_backing(&file, drv.backing_filename()).await?;
             Ok(Box::new(drv) as Box<dyn Driver>)
         })
     }
@@ -202,46 +169,4 @@ async fn open_data_file(
         .filter_map(|k| opts.get(k).map(|v| (k, v.clone())))
         .fold(file_opts, |d, (k, v)| d.with(k, v));
     ctx.open_child_opts("data-file", file_opts).await.map(drop)
-}
-
-/// Opens backing file `filename` the user's options name (relative to the working
-/// directory, not the image), of the header's format or probed.
-async fn open_named_backing(
-    ctx: &mut OpenCtx<'_>,
-    filename: &str,
-    format: Option<String>,
-    extra: QDict,
-) -> ferrite_block::Result<()> {
-    let failed = |error| Error::OpenBacking { error };
-    let format = match format {
-        Some(f) => f,
-        None => ctx.probe(filename).await.map_err(failed)?.to_owned(),
-    };
-    ctx.open_image_with("backing", filename, &format, true, extra)
-        .await
-        .map_err(failed)?;
-    Ok(())
-}
-
-/// Opens the backing file the header names: its path relative to the image's, its format
-/// from the header or probed, read-only, with `extra` options of the user's.
-async fn open_backing(
-    ctx: &mut OpenCtx<'_>,
-    file: &Child,
-    spec: BackingSpec,
-    extra: QDict,
-) -> ferrite_block::Result<()> {
-    let path = ferrite_block::filename::backing_path(&file.node().filename(), &spec.filename)?;
-    let failed = |error| Error::OpenBacking { error };
-    let format = match spec.format {
-        Some(f) => f,
-        None => ctx.probe(&path).await.map_err(failed)?.to_owned(),
-    };
-    if ctx.graph().registry().get(&format).is_none() {
-        return Err(Error::UnknownBackingFormat(format).into());
-    }
-    ctx.open_image_with("backing", &path, &format, true, extra)
-        .await
-        .map_err(failed)?;
-    Ok(())
 }

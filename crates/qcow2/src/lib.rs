@@ -122,22 +122,8 @@ pub(crate) struct DataFile {
     pub(crate) raw: bool,
 }
 
-/// What the graph needs to know to finish opening: the backing file the header names.
-pub(crate) struct BackingSpec {
-    pub(crate) filename: String,
-    pub(crate) format: Option<String>,
-}
 
 impl Qcow2Driver {
-    /// The backing file named in the header, for the graph to open when the options do
-    /// not say otherwise.
-    pub(crate) fn backing_spec(&self) -> Option<BackingSpec> {
-        self.backing.borrow().as_ref().map(|(f, fmt)| BackingSpec {
-            filename: f.clone(),
-            format: fmt.clone(),
-        })
-    }
-
     fn cs(&self) -> u64 {
         1 << self.cluster_bits
     }
