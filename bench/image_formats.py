@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""fio's nbd engine over an NBD export of the simple image formats (VMDK, VDI, VHD; iodepth
+"""fio's nbd engine over an NBD export of the simple image formats (VMDK, QED, VDI, VHD; iodepth
 16), against ferrite-storage-daemon and qemu-storage-daemon in the same run: 4k random reads
 and writes on a fully allocated image, 64k random writes into an empty one (placing
 grains/blocks), and for VMDK 1M sequential reads of a stream-optimized (compressed) image; compressed qcow2
@@ -26,6 +26,9 @@ ROWS = [
      ["--rw=read", "--bs=1M"]),
     ("qcow2 compressed: seq read 1M", "qcow2", ["-c"], "full", ["--rw=read", "--bs=1M"]),
     ("qcow2 compressed: rand read 4k", "qcow2", ["-c"], "full", ["--rw=randread", "--bs=4k"]),
+    ("qed full: rand read 4k", "qed", [], "full", ["--rw=randread", "--bs=4k"]),
+    ("qed full: rand write 4k", "qed", [], "full", ["--rw=randwrite", "--bs=4k"]),
+    ("qed empty: rand write 64k", "qed", [], "empty", ["--rw=randwrite", "--bs=64k"]),
     ("vdi full: rand write 4k", "vdi", [], "full", ["--rw=randwrite", "--bs=4k"]),
     ("vdi empty: rand write 64k", "vdi", [], "empty", ["--rw=randwrite", "--bs=64k"]),
     ("vpc full: rand write 4k", "vpc", [], "full", ["--rw=randwrite", "--bs=4k"]),

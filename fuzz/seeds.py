@@ -281,6 +281,17 @@ def images():
                                capture_output=True)
             with open(other, "rb") as f:
                 put("qcow2_image", seed, f.read())
+        # QED: small clusters and tables, a cluster written, the need-check flag set (so
+        # that opening runs the check and repair).
+        other = os.path.join(tmp, "qed.qed")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qed", "-o",
+                        "cluster_size=4096,table_size=2", other, "1M"], check=True)
+        subprocess.run(["qemu-io", "-f", "qed", "-c", "write -P 0x11 4k 8k", other],
+                       check=True, capture_output=True)
+        with open(other, "rb") as f:
+            data = bytearray(f.read())
+        data[16] |= 2
+        put("qcow2_image", "qed-need-check", bytes(data))
     finally:
         shutil.rmtree(tmp)
 

@@ -517,7 +517,12 @@ pub async fn prepare_drive(
     if !existing {
         create_target(graph, &source, &file, &format, backing.as_deref(), false).await?;
     }
-    let extra = if format == "qcow2" {
+    // A format with backing files opens the target without one, then gets the node.
+    let cow = graph
+        .registry()
+        .get(&format)
+        .is_some_and(|f| f.supports_backing());
+    let extra = if cow {
         ferrite_qobject::QDict::new().with("backing", ferrite_qobject::QObject::Null)
     } else {
         ferrite_qobject::QDict::new()
@@ -526,7 +531,7 @@ pub async fn prepare_drive(
     // Opened without its backing; the one it gets is the one its header names.
     target.remove_option("backing");
     if let Some(b) = &backing
-        && format == "qcow2"
+        && cow
         && let Err(e) = graph.attach_backing(&target, b)
     {
         graph.release_inline(&target);

@@ -122,7 +122,6 @@ pub(crate) struct DataFile {
     pub(crate) raw: bool,
 }
 
-
 impl Qcow2Driver {
     fn cs(&self) -> u64 {
         1 << self.cluster_bits

@@ -252,6 +252,8 @@ pub fn qcow2_image(input: &[u8]) {
             "vpc"
         } else if input.starts_with(b"KDMV") || input.starts_with(b"COWD") {
             "vmdk"
+        } else if input.starts_with(b"QED\0") {
+            "qed"
         } else {
             "qcow2"
         };

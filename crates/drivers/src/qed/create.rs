@@ -77,7 +77,11 @@ async fn write_new_image(
         .await
         .map_err(failed)?;
     let l1_len = u64::from(h.cluster_size) * u64::from(h.table_size);
-    blk.write(h.l1_table_offset, vec![0; l1_len as usize], ReqFlags::empty())
-        .await
-        .map_err(failed)
+    blk.write(
+        h.l1_table_offset,
+        vec![0; l1_len as usize],
+        ReqFlags::empty(),
+    )
+    .await
+    .map_err(failed)
 }

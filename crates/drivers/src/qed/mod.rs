@@ -184,7 +184,9 @@ impl State {
                 write_header_bytes(&file, &h).await?;
                 file.flush().await
             };
-            written.await.map_err(|_| generic("Failed to update header"))?;
+            written
+                .await
+                .map_err(|_| generic("Failed to update header"))?;
         }
         let tables = Tables::read(&file, &h)
             .await
@@ -218,7 +220,8 @@ impl State {
     /// nothing is left to fix.
     async fn check_and_repair(&self) -> io::Result<()> {
         let l1_offset = self.header.borrow().l1_table_offset;
-        let report = check::check(&self.tables, &self.file, l1_offset, self.file_size.get()).await?;
+        let report =
+            check::check(&self.tables, &self.file, l1_offset, self.file_size.get()).await?;
         if report.corruptions == 0 {
             self.file.flush().await?;
             self.set_need_check(false, true).await?;
@@ -321,21 +324,23 @@ async fn read_backing_name(file: &Child, h: &Header) -> ferrite_block::Result<Ba
     }
     let end = (u64::from(at) + u64::from(len)).min(file.len());
     let bytes = match end.checked_sub(at.into()) {
-        Some(n) => file.read(at.into(), n as usize).await.map_err(|_| failed())?,
+        Some(n) => file
+            .read(at.into(), n as usize)
+            .await
+            .map_err(|_| failed())?,
         None => Vec::new(),
     };
     // A C string: up to its first NUL.
     let name = bytes.split(|&b| b == 0).next().unwrap_or_default();
-    let format = h
-        .has(F_BACKING_FORMAT_NO_PROBE)
-        .then(|| "raw".to_owned());
+    let format = h.has(F_BACKING_FORMAT_NO_PROBE).then(|| "raw".to_owned());
     Ok((String::from_utf8_lossy(name).into_owned(), format))
 }
 
 /// The header structure alone, over the file's first bytes (QEMU's
 /// `qed_write_header_sync`).
 async fn write_header_bytes(file: &Child, h: &Header) -> io::Result<()> {
-    file.write(0, h.to_bytes().to_vec(), ReqFlags::empty()).await
+    file.write(0, h.to_bytes().to_vec(), ReqFlags::empty())
+        .await
 }
 
 /// What a write puts in the clusters it covers.
@@ -358,9 +363,12 @@ impl Qed {
     }
 
     /// `len` bytes the backing file holds at `pos`, zeroes without one.
-    async fn read_backing(node: &Node, pos: u64, len: usize) -> io::Result<Vec<u8>> {
+    async fn read_backing(&self, node: &Node, pos: u64, len: usize) -> io::Result<Vec<u8>> {
         match node.edge("backing") {
-            Some(b) => b.read(pos, len).await,
+            Some(b) => {
+                self.s.file.debug_event("read_backing_aio").await;
+                b.read(pos, len).await
+            }
             None => {
                 let mut z = pool::take(len);
                 z.fill(0);
@@ -377,9 +385,12 @@ impl Qed {
             let (run, n, _) = self.s.find(at, (len - done) as u64).await?;
             let n = n as usize;
             let piece = match run {
-                Run::Found(file_at) => Some(self.s.file.read(file_at, n).await?),
+                Run::Found(file_at) => {
+                    self.s.file.debug_event("read_aio").await;
+                    Some(self.s.file.read(file_at, n).await?)
+                }
                 Run::Zero => None,
-                Run::NoCluster | Run::NoTable => Some(Self::read_backing(node, at, n).await?),
+                Run::NoCluster | Run::NoTable => Some(self.read_backing(node, at, n).await?),
             };
             // One piece for the whole request: its buffer is the answer.
             if n == len
@@ -419,10 +430,12 @@ impl Qed {
                 let done = (at - offset) as usize;
                 match (run, payload) {
                     (Run::Found(file_at), Payload::Data(d)) => {
+                        s.file.debug_event("write_aio").await;
                         let piece = pool::copy_of(&d[done..done + n as usize]);
                         s.file.write(file_at, piece, ReqFlags::empty()).await?;
                     }
                     (Run::Found(file_at), Payload::Zeroes) => {
+                        s.file.debug_event("write_aio").await;
                         s.file
                             .write(file_at, vec![0; n as usize], ReqFlags::empty())
                             .await?;
@@ -451,10 +464,7 @@ impl Qed {
             Ok(())
         }
         .await;
-        if placing.take().is_some()
-            && s.waiting.get() == 0
-            && s.header.borrow().has(F_NEED_CHECK)
-        {
+        if placing.take().is_some() && s.waiting.get() == 0 && s.header.borrow().has(F_NEED_CHECK) {
             s.arm_timer();
         }
         result
@@ -473,8 +483,8 @@ impl Qed {
     ) -> io::Result<()> {
         let s = &self.s;
         let g = s.geometry();
-        let start = pos - g.into_cluster(pos);
-        let clusters = (g.into_cluster(pos) + len).div_ceil(g.cluster);
+        let start = pos - g.in_cluster(pos);
+        let clusters = (g.in_cluster(pos) + len).div_ceil(g.cluster);
         let entry = match payload {
             Payload::Zeroes => ZERO_CLUSTER,
             Payload::Data(_) => {
@@ -498,14 +508,21 @@ impl Qed {
             if run == Run::Zero {
                 whole.fill(0);
             } else {
-                let head = Self::read_backing(node, start, inner).await?;
+                let head = self.read_backing(node, start, inner).await?;
                 whole[..inner].copy_from_slice(&head);
                 pool::give(head);
-                let back = Self::read_backing(node, tail, whole_len - inner - data.len()).await?;
+                let back = self
+                    .read_backing(node, tail, whole_len - inner - data.len())
+                    .await?;
                 whole[inner + data.len()..].copy_from_slice(&back);
                 pool::give(back);
             }
             whole[inner..inner + data.len()].copy_from_slice(data);
+            // QEMU writes the copied parts first (`cow_write`), then the new data.
+            if whole_len != data.len() {
+                s.file.debug_event("cow_write").await;
+            }
+            s.file.debug_event("write_aio").await;
             s.file.write(entry, whole, ReqFlags::empty()).await?;
             if backing {
                 // Before the L2 entry: a crash must not leave an entry pointing to a
@@ -545,6 +562,7 @@ impl Qed {
                 s.file_size.set(table_at + g.table_bytes());
                 let mut t = vec![0u64; g.entries];
                 fill(&mut t);
+                s.file.debug_event("l2_update").await;
                 Tables::write(&s.file, table_at, &t, 0, g.entries).await?;
                 s.file.flush().await?;
                 let t = Rc::new(RefCell::new(t));
@@ -552,6 +570,7 @@ impl Qed {
                 let index = g.l1_index(pos);
                 s.tables.changing();
                 s.tables.l1.borrow_mut()[index] = table_at;
+                s.file.debug_event("l1_update").await;
                 let r = s.tables.write_l1(&s.file, index, 1).await;
                 drop(t);
                 r
@@ -561,6 +580,7 @@ impl Qed {
                 fill(&mut t.borrow_mut());
                 let entries = t.borrow().clone();
                 let l2_at = s.tables.l1.borrow()[g.l1_index(pos)];
+                s.file.debug_event("l2_update").await;
                 let r = Tables::write(&s.file, l2_at, &entries, first, n).await;
                 drop(t);
                 r
@@ -581,7 +601,8 @@ impl Qed {
                 continue;
             }
             if from == a && to == b {
-                self.write_impl(node, from, to - from, Payload::Zeroes).await?;
+                self.write_impl(node, from, to - from, Payload::Zeroes)
+                    .await?;
             } else {
                 ferrite_block::driver::write_zeroes_as_data(from, to - from, flags, |at, z| {
                     let len = z.len() as u64;
@@ -627,6 +648,14 @@ impl Driver for Qed {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let len = data.len() as u64;
+            // Into clusters placed in one run: the caller's buffer goes to the file as is.
+            if let (Run::Found(at), n, _) = self.s.find(offset, len).await?
+                && n == len
+            {
+                self.s.file.debug_event("write_aio").await;
+                self.s.file.write(at, data, ReqFlags::empty()).await?;
+                return self.honour_fua(flags).await;
+            }
             let r = self
                 .write_impl(node, offset, len, Payload::Data(&data))
                 .await;
@@ -698,9 +727,9 @@ impl Driver for Qed {
     ) -> BoxFut<'a, ()> {
         match prealloc {
             Prealloc::Off => self.truncate(node, size),
-            Prealloc::Falloc => Box::pin(async {
-                Err(io::Error::other("Unsupported preallocation mode 'falloc'"))
-            }),
+            Prealloc::Falloc => {
+                Box::pin(async { Err(io::Error::other("Unsupported preallocation mode 'falloc'")) })
+            }
         }
     }
 
@@ -748,9 +777,7 @@ impl Driver for Qed {
             buf.extend_from_slice(bytes);
             s.file.write(0, buf, ReqFlags::empty()).await?;
             s.file.flush().await?;
-            let format = h
-                .has(F_BACKING_FORMAT_NO_PROBE)
-                .then(|| "raw".to_owned());
+            let format = h.has(F_BACKING_FORMAT_NO_PROBE).then(|| "raw".to_owned());
             *s.header.borrow_mut() = h;
             *s.backing.borrow_mut() = name.map(|n| (n, format));
             Ok(())
@@ -831,15 +858,12 @@ mod tests {
         let l2_span = 32768 * 65536u64;
         assert_eq!(g.l1_index(l2_span * 3 + 5), 3);
         assert_eq!(g.l2_index(l2_span * 3 + 65536 * 7 + 5), 7);
-        assert_eq!(g.to_l2_end(l2_span - 10), 10);
+        assert_eq!(g.left_in_l2(l2_span - 10), 10);
         assert!(g.table_valid(65536, 5 * 65536));
         assert!(!g.table_valid(65536, 4 * 65536));
         assert!(!g.cluster_valid(65536 + 512, 1 << 30));
         // One-cluster tables: QEMU's check refuses every one; this one is sound.
-        let g1 = Geometry::new(&Header {
-            table_size: 1,
-            ..h
-        });
+        let g1 = Geometry::new(&Header { table_size: 1, ..h });
         assert!(g1.table_valid(65536, 2 * 65536));
     }
 }

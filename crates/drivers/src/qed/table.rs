@@ -60,18 +60,18 @@ impl Geometry {
         ((pos >> self.l2_shift) as usize) & (self.entries - 1)
     }
 
-    pub(super) fn into_cluster(&self, pos: u64) -> u64 {
+    pub(super) fn in_cluster(&self, pos: u64) -> u64 {
         pos & (self.cluster - 1)
     }
 
     /// Bytes from `pos` to the end of the stretch its L2 table covers.
-    pub(super) fn to_l2_end(&self, pos: u64) -> u64 {
+    pub(super) fn left_in_l2(&self, pos: u64) -> u64 {
         (((pos >> self.l1_shift) + 1) << self.l1_shift) - pos
     }
 
     /// A data cluster's place: aligned, past the header, inside the file.
     pub(super) fn cluster_valid(&self, offset: u64, file_size: u64) -> bool {
-        self.into_cluster(offset) == 0 && offset >= self.header_bytes && offset < file_size
+        self.in_cluster(offset) == 0 && offset >= self.header_bytes && offset < file_size
     }
 
     /// A table's place: each of its clusters valid. (QEMU also refuses every table of one
@@ -157,6 +157,7 @@ impl Tables {
                 return Ok(t);
             }
             let changes = self.changes.get();
+            file.debug_event("l2_load").await;
             let bytes = file
                 .read(offset, self.geometry.table_bytes() as usize)
                 .await?;
@@ -221,7 +222,7 @@ impl Tables {
         len: u64,
     ) -> io::Result<(Run, u64, Option<L2>)> {
         let g = self.geometry;
-        let len = len.min(g.to_l2_end(pos));
+        let len = len.min(g.left_in_l2(pos));
         let l2_offset = self.l1.borrow()[g.l1_index(pos)];
         if l2_offset == 0 {
             return Ok((Run::NoTable, len, None));
@@ -233,7 +234,7 @@ impl Tables {
         let (run, clusters) = {
             let t = table.borrow();
             let first = g.l2_index(pos);
-            let want = (g.into_cluster(pos) + len).div_ceil(g.cluster) as usize;
+            let want = (g.in_cluster(pos) + len).div_ceil(g.cluster) as usize;
             let end = (first + want).min(g.entries);
             let head = t[first];
             let same = |i: usize| match head {
@@ -244,12 +245,12 @@ impl Tables {
             let run = match head {
                 0 => Run::NoCluster,
                 ZERO_CLUSTER => Run::Zero,
-                at if g.cluster_valid(at, file_size) => Run::Found(at + g.into_cluster(pos)),
+                at if g.cluster_valid(at, file_size) => Run::Found(at + g.in_cluster(pos)),
                 _ => return Err(einval()),
             };
             (run, n as u64)
         };
-        let len = len.min(clusters * g.cluster - g.into_cluster(pos));
+        let len = len.min(clusters * g.cluster - g.in_cluster(pos));
         Ok((run, len, Some(table)))
     }
 
