@@ -126,10 +126,9 @@ struct State {
     allocating: tokio::sync::Mutex<()>,
     /// Requests waiting to place clusters.
     waiting: Cell<usize>,
-    /// The need-check timer: its generation (a new one cancels the old) and whether one
-    /// is pending.
-    timer: Cell<u64>,
-    armed: Cell<bool>,
+    /// When the need-check timer fires, if it is pending; and whether its task runs.
+    deadline: Cell<Option<Duration>>,
+    timer_task: Cell<bool>,
     /// The flag is being cleared outside any request (a drain waits).
     clearing: Cell<bool>,
 }
@@ -199,8 +198,8 @@ impl State {
             backing: RefCell::new(backing),
             allocating: tokio::sync::Mutex::new(()),
             waiting: Cell::new(0),
-            timer: Cell::new(0),
-            armed: Cell::new(false),
+            deadline: Cell::new(None),
+            timer_task: Cell::new(false),
             clearing: Cell::new(false),
         };
         if fix && s.header.borrow().has(F_NEED_CHECK) {
@@ -260,26 +259,39 @@ impl State {
         self.file.write(0, sector, ReqFlags::empty()).await
     }
 
-    /// Starts (again) the wait after which the need-check flag is cleared.
+    /// Starts (again) the wait after which the need-check flag is cleared: one task
+    /// sleeps until the latest deadline.
     fn arm_timer(self: &Rc<State>) {
-        let generation = self.timer.get() + 1;
-        self.timer.set(generation);
-        self.armed.set(true);
+        self.deadline
+            .set(Some(ferrite_block::clock::now() + NEED_CHECK_DELAY));
+        if self.timer_task.replace(true) {
+            return;
+        }
         let weak = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
-            ferrite_block::clock::sleep(NEED_CHECK_DELAY).await;
-            if let Some(s) = weak.upgrade()
-                && s.timer.get() == generation
-            {
-                s.armed.set(false);
-                s.clear_need_check().await;
+            loop {
+                let Some(s) = weak.upgrade() else {
+                    return;
+                };
+                let Some(deadline) = s.deadline.get() else {
+                    s.timer_task.set(false);
+                    return;
+                };
+                let now = ferrite_block::clock::now();
+                if now >= deadline {
+                    s.deadline.set(None);
+                    s.timer_task.set(false);
+                    s.clear_need_check().await;
+                    return;
+                }
+                drop(s);
+                ferrite_block::clock::sleep(deadline - now).await;
             }
         });
     }
 
     fn cancel_timer(&self) {
-        self.timer.set(self.timer.get() + 1);
-        self.armed.set(false);
+        self.deadline.set(None);
     }
 
     /// The timer's work: unless a write is placing clusters, the file made durable, then
@@ -298,7 +310,7 @@ impl State {
 
     /// The timer's work now, as a drain begins, which waits for it.
     fn clear_now(self: &Rc<State>) {
-        if !self.armed.get() {
+        if self.deadline.get().is_none() {
             return;
         }
         self.cancel_timer();

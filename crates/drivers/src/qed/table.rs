@@ -223,7 +223,7 @@ impl Tables {
     ) -> io::Result<(Run, u64, Option<L2>)> {
         let g = self.geometry;
         let len = len.min(g.left_in_l2(pos));
-        let l2_offset = self.l1.borrow()[g.l1_index(pos)];
+        let l2_offset = *self.l1.borrow().get(g.l1_index(pos)).ok_or_else(einval)?;
         if l2_offset == 0 {
             return Ok((Run::NoTable, len, None));
         }
