@@ -13,8 +13,9 @@
 //! - an image opened writable with the flag set is checked and repaired first ([`check`]);
 //! - zeroes written over whole clusters make zero clusters; only growing resizes.
 //!
-//! Unlike QEMU: writes into clusters already placed, and reads, never wait for a write
-//! placing clusters; a partial write into a zero cluster fills the rest of the cluster
+//! Unlike QEMU (one request placing clusters at a time, to its end): writes placing
+//! different clusters go on together, only their table updates taking turns; writes into
+//! placed clusters, and reads, never wait for them; a partial write into a zero cluster fills the rest of the cluster
 //! with zeroes (QEMU copies the backing file's bytes there, which then show through);
 //! images of one-cluster tables open (QEMU refuses them all).
 
@@ -27,6 +28,7 @@ use crate::blockmap;
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
 use ferrite_block::io::pool;
+use ferrite_block::units::UnitLocks;
 use ferrite_block::{
     BackingName, Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx,
 };
@@ -122,10 +124,14 @@ struct State {
     file_size: Cell<u64>,
     /// The backing file the header names.
     backing: RefCell<Option<BackingName>>,
-    /// One request places clusters at a time (QEMU's `allocating_acb`), to its end.
-    allocating: tokio::sync::Mutex<()>,
-    /// Requests waiting to place clusters.
-    waiting: Cell<usize>,
+    /// Clusters a request is placing (by index): another request waits for them.
+    claims: UnitLocks,
+    /// Table and header updates, one at a time.
+    meta: tokio::sync::Mutex<()>,
+    /// Runs of clusters being placed.
+    placing: Cell<usize>,
+    /// The need-check flag is being cleared (under `meta`).
+    flag_clearing: Cell<bool>,
     /// When the need-check timer fires, if it is pending; and whether its task runs.
     deadline: Cell<Option<Duration>>,
     timer_task: Cell<bool>,
@@ -196,8 +202,10 @@ impl State {
             tables,
             file_size: Cell::new(file_size),
             backing: RefCell::new(backing),
-            allocating: tokio::sync::Mutex::new(()),
-            waiting: Cell::new(0),
+            claims: UnitLocks::default(),
+            meta: tokio::sync::Mutex::new(()),
+            placing: Cell::new(0),
+            flag_clearing: Cell::new(false),
             deadline: Cell::new(None),
             timer_task: Cell::new(false),
             clearing: Cell::new(false),
@@ -297,9 +305,19 @@ impl State {
     /// The timer's work: unless a write is placing clusters, the file made durable, then
     /// the flag cleared (QEMU's `qed_need_check_timer`). Failures leave the flag set.
     async fn clear_need_check(&self) {
-        let Ok(_plugged) = self.allocating.try_lock() else {
+        if self.placing.get() > 0 {
+            return;
+        }
+        let Ok(_plugged) = self.meta.try_lock() else {
             return;
         };
+        // Placements that start now wait for the flag's new state.
+        self.flag_clearing.set(true);
+        self.clear_flag().await;
+        self.flag_clearing.set(false);
+    }
+
+    async fn clear_flag(&self) {
         if self.file.flush().await.is_err() {
             return;
         }
@@ -424,8 +442,8 @@ impl Qed {
     }
 
     /// Writes `len` bytes at `offset` (QEMU's `qed_aio_next_io` for writes): in place where
-    /// clusters are found, else placing clusters, one request at a time, which holds the
-    /// right to place them until it ends.
+    /// clusters are found, else placing them, each run of clusters claimed by one request
+    /// at a time.
     async fn write_impl(
         &self,
         node: &Node,
@@ -434,69 +452,94 @@ impl Qed {
         payload: Payload<'_>,
     ) -> io::Result<()> {
         let s = &self.s;
-        let mut placing = None;
+        let cluster = s.geometry().cluster;
         let mut at = offset;
-        let result = async {
-            while at < offset + len {
-                let (run, n, table) = s.find(at, offset + len - at).await?;
-                let done = (at - offset) as usize;
-                match (run, payload) {
-                    (Run::Found(file_at), Payload::Data(d)) => {
-                        s.file.debug_event("write_aio").await;
-                        let piece = pool::copy_of(&d[done..done + n as usize]);
-                        s.file.write(file_at, piece, ReqFlags::empty()).await?;
-                    }
-                    (Run::Found(file_at), Payload::Zeroes) => {
-                        s.file.debug_event("write_aio").await;
-                        s.file
-                            .write(file_at, vec![0; n as usize], ReqFlags::empty())
-                            .await?;
-                    }
-                    (Run::Zero, Payload::Zeroes) => {}
-                    _ if placing.is_none() => {
-                        // Wait for the right to place clusters, then look again: another
-                        // request may have placed these.
-                        s.cancel_timer();
-                        s.waiting.set(s.waiting.get() + 1);
-                        let guard = s.allocating.lock().await;
-                        s.waiting.set(s.waiting.get() - 1);
-                        placing = Some(guard);
+        while at < offset + len {
+            let (run, n, _) = s.find(at, offset + len - at).await?;
+            let done = (at - offset) as usize;
+            match (run, payload) {
+                (Run::Found(file_at), Payload::Data(d)) => {
+                    s.file.debug_event("write_aio").await;
+                    let piece = pool::copy_of(&d[done..done + n as usize]);
+                    s.file.write(file_at, piece, ReqFlags::empty()).await?;
+                }
+                (Run::Found(file_at), Payload::Zeroes) => {
+                    s.file.debug_event("write_aio").await;
+                    s.file
+                        .write(file_at, vec![0; n as usize], ReqFlags::empty())
+                        .await?;
+                }
+                (Run::Zero, Payload::Zeroes) => {}
+                _ => {
+                    // Claim the clusters, then look again: another request may have
+                    // placed them while this one waited.
+                    let (first, end) = (at / cluster, (at + n).div_ceil(cluster));
+                    let _claim = s.claims.claim(first, end).await;
+                    let (run, n, _) = s.find(at, n).await?;
+                    if matches!(
+                        (run, payload),
+                        (Run::Found(_), _) | (Run::Zero, Payload::Zeroes)
+                    ) {
                         continue;
                     }
-                    _ => {
-                        let piece = match payload {
-                            Payload::Data(d) => Payload::Data(&d[done..done + n as usize]),
-                            Payload::Zeroes => Payload::Zeroes,
-                        };
-                        self.place(node, at, n, run, table, piece).await?;
-                    }
+                    let piece = match payload {
+                        Payload::Data(d) => Payload::Data(&d[done..done + n as usize]),
+                        Payload::Zeroes => Payload::Zeroes,
+                    };
+                    self.place(node, at, n, run, piece).await?;
+                    at += n;
+                    continue;
                 }
-                at += n;
             }
-            Ok(())
+            at += n;
         }
-        .await;
-        if placing.take().is_some() && s.waiting.get() == 0 && s.header.borrow().has(F_NEED_CHECK) {
-            s.arm_timer();
-        }
-        result
+        Ok(())
     }
 
     /// Places the clusters of `pos..pos + len` (one run of `run`'s kind in one L2 table,
-    /// `table` if it exists) and writes `payload` there (QEMU's `qed_aio_write_alloc`).
+    /// claimed by the caller) and writes `payload` there (QEMU's `qed_aio_write_alloc`).
+    /// Placements of other clusters go on meanwhile; their table updates take turns.
     async fn place(
         &self,
         node: &Node,
         pos: u64,
         len: u64,
         run: Run,
-        table: Option<table::L2>,
+        payload: Payload<'_>,
+    ) -> io::Result<()> {
+        let s = &self.s;
+        s.cancel_timer();
+        s.placing.set(s.placing.get() + 1);
+        let r = self.place_claimed(node, pos, len, run, payload).await;
+        let left = s.placing.get() - 1;
+        s.placing.set(left);
+        if left == 0 && s.header.borrow().has(F_NEED_CHECK) {
+            s.arm_timer();
+        }
+        r
+    }
+
+    async fn place_claimed(
+        &self,
+        node: &Node,
+        pos: u64,
+        len: u64,
+        run: Run,
         payload: Payload<'_>,
     ) -> io::Result<()> {
         let s = &self.s;
         let g = s.geometry();
         let start = pos - g.in_cluster(pos);
         let clusters = (g.in_cluster(pos) + len).div_ceil(g.cluster);
+        let backing = Self::has_backing(node);
+        // Without a backing file the flag says the tables may not match the file; it is
+        // on disk before any new cluster, and not cleared while clusters are placed.
+        if !backing && (!s.header.borrow().has(F_NEED_CHECK) || s.flag_clearing.get()) {
+            let _meta = s.meta.lock().await;
+            if !s.header.borrow().has(F_NEED_CHECK) {
+                s.set_need_check(true, false).await?;
+            }
+        }
         let entry = match payload {
             Payload::Zeroes => ZERO_CLUSTER,
             Payload::Data(_) => {
@@ -505,11 +548,6 @@ impl Qed {
                 at
             }
         };
-        let backing = Self::has_backing(node);
-        // Without a backing file the flag says the tables may not match the file.
-        if !backing && !s.header.borrow().has(F_NEED_CHECK) {
-            s.set_need_check(true, false).await?;
-        }
         if let Payload::Data(data) = payload {
             let whole_len = (clusters * g.cluster) as usize;
             let inner = (pos - start) as usize;
@@ -542,19 +580,15 @@ impl Qed {
                 s.file.flush().await?;
             }
         }
-        self.link(pos, clusters, entry, run, table).await
+        let _meta = s.meta.lock().await;
+        self.link(pos, clusters, entry).await
     }
 
     /// Points the L2 entries of `clusters` clusters from `pos` to `entry` (and the
-    /// clusters after it), making the L2 table first when there is none.
-    async fn link(
-        &self,
-        pos: u64,
-        clusters: u64,
-        entry: u64,
-        run: Run,
-        table: Option<table::L2>,
-    ) -> io::Result<()> {
+    /// clusters after it), making the L2 table first when there is none. Table updates
+    /// take turns (the caller holds `meta`), so each write of a table's sector has the
+    /// latest entries.
+    async fn link(&self, pos: u64, clusters: u64, entry: u64) -> io::Result<()> {
         let s = &self.s;
         let g = s.geometry();
         let first = g.l2_index(pos);
@@ -568,36 +602,33 @@ impl Qed {
                 };
             }
         };
-        match (run, table) {
-            (Run::NoTable, _) | (_, None) => {
-                let table_at = s.file_size.get();
-                s.file_size.set(table_at + g.table_bytes());
-                let mut t = vec![0u64; g.entries];
-                fill(&mut t);
-                s.file.debug_event("l2_update").await;
-                Tables::write(&s.file, table_at, &t, 0, g.entries).await?;
-                s.file.flush().await?;
-                let t = Rc::new(RefCell::new(t));
-                s.tables.insert(table_at, t.clone());
-                let index = g.l1_index(pos);
-                s.tables.changing();
-                s.tables.l1.borrow_mut()[index] = table_at;
-                s.file.debug_event("l1_update").await;
-                let r = s.tables.write_l1(&s.file, index, 1).await;
-                drop(t);
-                r
-            }
-            (_, Some(t)) => {
-                s.tables.changing();
-                fill(&mut t.borrow_mut());
-                let entries = t.borrow().clone();
-                let l2_at = s.tables.l1.borrow()[g.l1_index(pos)];
-                s.file.debug_event("l2_update").await;
-                let r = Tables::write(&s.file, l2_at, &entries, first, n).await;
-                drop(t);
-                r
-            }
+        let index = g.l1_index(pos);
+        let l2_at = s.tables.l1.borrow()[index];
+        if l2_at == 0 {
+            let table_at = s.file_size.get();
+            s.file_size.set(table_at + g.table_bytes());
+            let mut t = vec![0u64; g.entries];
+            fill(&mut t);
+            s.file.debug_event("l2_update").await;
+            Tables::write(&s.file, table_at, &t, 0, g.entries).await?;
+            s.file.flush().await?;
+            let t = Rc::new(RefCell::new(t));
+            s.tables.insert(table_at, t.clone());
+            s.tables.changing();
+            s.tables.l1.borrow_mut()[index] = table_at;
+            s.file.debug_event("l1_update").await;
+            let r = s.tables.write_l1(&s.file, index, 1).await;
+            drop(t);
+            return r;
         }
+        let t = s.tables.l2(&s.file, l2_at).await?;
+        s.tables.changing();
+        fill(&mut t.borrow_mut());
+        let entries = t.borrow().clone();
+        s.file.debug_event("l2_update").await;
+        let r = Tables::write(&s.file, l2_at, &entries, first, n).await;
+        drop(t);
+        r
     }
 
     /// Zeroes `offset..offset + len`: whole clusters as zero clusters, the unaligned ends
