@@ -149,6 +149,22 @@ impl Extent {
         }
     }
 
+    /// Data a format placed at `at` in `file` for `len` bytes of its disk, where the file
+    /// says which part reads as zeroes (QEMU's `BDRV_BLOCK_OFFSET_VALID` with the file
+    /// asked, as for images allocated in full).
+    ///
+    /// # Errors
+    /// The file's block status.
+    pub async fn placed(file: &crate::Child, at: u64, len: u64) -> io::Result<Extent> {
+        let f = file.block_status(at, len).await?;
+        Ok(Extent {
+            len: f.len.min(len),
+            data: true,
+            zero: f.zero,
+            allocated: true,
+        })
+    }
+
     /// Up to `len` bytes at `offset` that a format leaves to the layer below: as its
     /// backing file has them, zeroes past that file's end or without one.
     ///

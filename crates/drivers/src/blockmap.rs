@@ -78,18 +78,6 @@ pub(crate) fn unplaced(len: u64) -> Extent {
     }
 }
 
-/// Data placed at `at` in `file` for `len` bytes of the disk, where the file says which
-/// part reads as zeroes (QEMU's `BDRV_BLOCK_RECURSE`, for images allocated in full).
-pub(crate) async fn placed_per_file(file: &Child, at: u64, len: u64) -> io::Result<Extent> {
-    let f = file.block_status(at, len).await?;
-    Ok(Extent {
-        len: f.len.min(len),
-        data: true,
-        zero: f.zero,
-        allocated: true,
-    })
-}
-
 /// QEMU's migration blocker text for a format that cannot migrate.
 pub(crate) fn blocker(format: &str, node: &str) -> String {
     format!("The {format} format used by node '{node}' does not support live migration")
@@ -100,7 +88,7 @@ pub(crate) fn blocker(format: &str, node: &str) -> String {
 ///
 /// # Errors
 /// No such node, or `write`'s error.
-pub(crate) async fn create_on_file<F>(
+pub async fn create_on_file<F>(
     graph: &Rc<Graph>,
     opts: &Args,
     write: impl FnOnce(Rc<BlockBackend>) -> F,
@@ -202,7 +190,7 @@ macro_rules! block_mapped_driver {
             ))
         }
 
-        $crate::blockmap::simple_format_answers!();
+        $crate::simple_format_answers!();
     };
 }
 pub(crate) use block_mapped_driver;
@@ -210,6 +198,7 @@ pub(crate) use block_mapped_driver;
 /// The `Driver` methods QEMU's simple formats (`vdi`, `vpc`, `vmdk`) answer alike: those of
 /// [`format_child_answers`], no discard (a no-op), no resize, migration blocked. The driver
 /// type has `read_only: Cell<bool>` and `blocker: String`.
+#[macro_export]
 macro_rules! simple_format_answers {
     () => {
         /// QEMU's driver has no discard: the request succeeds and nothing changes.
@@ -234,15 +223,15 @@ macro_rules! simple_format_answers {
             Some(&self.blocker)
         }
 
-        $crate::blockmap::format_child_answers!();
+        $crate::format_child_answers!();
     };
 }
-pub(crate) use simple_format_answers;
 
 /// The `Driver` methods an image format with no options of its own answers as QEMU's
 /// `bdrv_default_perms` and reopen stubs do (`vdi`, `vpc`, `vmdk`, `qed`): named after its
 /// file, its file read consistently and written and grown by this node alone while it
 /// may write, a backing file only read. The driver type has `read_only: Cell<bool>`.
+#[macro_export]
 macro_rules! format_child_answers {
     () => {
         /// No options of its own: the node is named after its file.
@@ -290,7 +279,6 @@ macro_rules! format_child_answers {
         }
     };
 }
-pub(crate) use format_child_answers;
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,7 @@ mod blkdebug;
 pub use blkdebug::set_qtest;
 mod blkverify;
 mod blockmap;
+pub use blockmap::create_on_file;
 pub mod cbw;
 mod compress;
 pub mod cor;

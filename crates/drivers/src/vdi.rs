@@ -383,7 +383,7 @@ impl Driver for Vdi {
                 return Ok(Extent::data(n));
             }
             // A static image's blocks are all placed: the file says which read as zeroes.
-            blockmap::placed_per_file(&self.file, self.data_at(entry) + inner, n).await
+            Extent::placed(&self.file, self.data_at(entry) + inner, n).await
         })
     }
 

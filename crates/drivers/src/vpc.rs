@@ -414,7 +414,7 @@ impl Driver for Vpc {
     fn block_status<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {
         Box::pin(async move {
             let Some(d) = &self.layout else {
-                return blockmap::placed_per_file(&self.file, offset, len).await;
+                return Extent::placed(&self.file, offset, len).await;
             };
             let mut n = 0;
             for (block, _, piece) in blockmap::pieces(offset, len, d.block_size) {

@@ -15,7 +15,8 @@
 //!   `driver` (the driver interface), `info` (what queries show);
 //! - `snapshot` (internal snapshots), `bitmaps` (persistent bitmaps), `repair` (after an
 //!   unclean shutdown with lazy refcounts), `create` and `new_image` (`blockdev-create`),
-//!   `claims` (requests serialised per guest cluster).
+//!   `claims` (requests serialised per guest cluster);
+//! - `qcow1`: the `qcow` driver, version 1 of the format, sharing the codecs.
 
 mod amend;
 mod bitmaps;
@@ -34,6 +35,7 @@ mod map;
 mod meta;
 mod new_image;
 mod open;
+mod qcow1;
 mod read;
 mod repair;
 mod snapshot;
@@ -56,6 +58,7 @@ use std::time::{Duration, Instant};
 /// Registers the `qcow2` driver.
 pub fn register(registry: &ferrite_block::Registry) {
     registry.register(Rc::new(factory::Qcow2Factory));
+    registry.register(Rc::new(qcow1::QcowFactory));
 }
 
 /// Called when corruption is found: the node, what, and whether it is fatal (the image was

@@ -668,7 +668,7 @@ impl Qed {
 
 impl Driver for Qed {
     ferrite_block::forward_to_child!(self.s.file; flush);
-    blockmap::format_child_answers!();
+    crate::format_child_answers!();
 
     fn format_name(&self) -> &'static str {
         "qed"
@@ -730,7 +730,7 @@ impl Driver for Qed {
         Box::pin(async move {
             let (run, n, _) = self.s.find(offset, len).await?;
             match run {
-                Run::Found(at) => blockmap::placed_per_file(&self.s.file, at, n).await,
+                Run::Found(at) => Extent::placed(&self.s.file, at, n).await,
                 Run::Zero => Ok(blockmap::unplaced(n)),
                 Run::NoCluster | Run::NoTable => Extent::below(node, offset, n).await,
             }

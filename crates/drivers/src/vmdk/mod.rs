@@ -856,7 +856,7 @@ fn same_layout(a: &Extent, b: &Extent) -> bool {
 }
 
 impl Driver for Vmdk {
-    crate::blockmap::simple_format_answers!();
+    crate::simple_format_answers!();
     fn format_name(&self) -> &'static str {
         "vmdk"
     }
@@ -936,7 +936,7 @@ impl Driver for Vmdk {
             let n = (e.cluster_bytes() - inner).min(len);
             match &e.layout {
                 Layout::Flat { start } => {
-                    blockmap::placed_per_file(&e.file, start.saturating_add(rel), n).await
+                    Status::placed(&e.file, start.saturating_add(rel), n).await
                 }
                 Layout::Sparse(s) => Ok(match s.lookup(&e.file, rel).await.0 {
                     Grain::Unknown => return Err(errno(libc::EIO)),
