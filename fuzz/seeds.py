@@ -292,6 +292,13 @@ def images():
             data = bytearray(f.read())
         data[16] |= 2
         put("qcow2_image", "qed-need-check", bytes(data))
+        # qcow (version 1): a cluster written, and an L2 table.
+        other = os.path.join(tmp, "v1.qcow")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow", other, "1M"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow", "-c", "write -P 0x11 4k 8k", other],
+                       check=True, capture_output=True)
+        with open(other, "rb") as f:
+            put("qcow2_image", "qcow1", f.read())
     finally:
         shutil.rmtree(tmp)
 

@@ -254,6 +254,8 @@ pub fn qcow2_image(input: &[u8]) {
             "vmdk"
         } else if input.starts_with(b"QED\0") {
             "qed"
+        } else if input.starts_with(b"QFI\xfb\0\0\0\x01") {
+            "qcow"
         } else {
             "qcow2"
         };
