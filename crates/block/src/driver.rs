@@ -138,6 +138,23 @@ where
     Ok(())
 }
 
+/// A write of a driver with no FUA of its own, made durable as QEMU's block layer makes
+/// it: `write`, then (when `flags` ask for FUA) a flush of `file`.
+///
+/// # Errors
+/// The write's or the flush's.
+pub async fn flush_for_fua(
+    file: &crate::Child,
+    flags: ReqFlags,
+    write: impl Future<Output = io::Result<()>>,
+) -> io::Result<()> {
+    write.await?;
+    if flags.contains(ReqFlags::FUA) {
+        file.flush().await?;
+    }
+    Ok(())
+}
+
 impl Extent {
     /// `len` bytes of data, allocated here: what a driver that cannot tell holes says.
     pub fn data(len: u64) -> Extent {

@@ -584,15 +584,15 @@ impl Driver for Qcow {
         data: Vec<u8>,
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            let r = self.write_impl(node, offset, &data).await;
-            pool::give(data);
-            r?;
-            if flags.contains(ReqFlags::FUA) {
-                self.file.flush().await?;
-            }
-            Ok(())
-        })
+        Box::pin(ferrite_block::driver::flush_for_fua(
+            &self.file,
+            flags,
+            async move {
+                let r = self.write_impl(node, offset, &data).await;
+                pool::give(data);
+                r
+            },
+        ))
     }
 
     /// No zeroing of its own (as QEMU's): the zeroes are written, placing clusters.
@@ -603,16 +603,15 @@ impl Driver for Qcow {
         len: u64,
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            ferrite_block::driver::write_zeroes_as_data(offset, len, flags, |at, z| async move {
-                self.write_impl(node, at, &z).await
-            })
-            .await?;
-            if flags.contains(ReqFlags::FUA) {
-                self.file.flush().await?;
-            }
-            Ok(())
-        })
+        let zeroes = ferrite_block::driver::write_zeroes_as_data(
+            offset,
+            len,
+            flags,
+            move |at, z| async move { self.write_impl(node, at, &z).await },
+        );
+        Box::pin(ferrite_block::driver::flush_for_fua(
+            &self.file, flags, zeroes,
+        ))
     }
 
     fn block_status<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFut<'a, Extent> {

@@ -26,7 +26,7 @@ mod table;
 
 use crate::blockmap;
 use crate::error::generic;
-use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags, flush_for_fua};
 use ferrite_block::io::pool;
 use ferrite_block::units::UnitLocks;
 use ferrite_block::{
@@ -656,14 +656,6 @@ impl Qed {
         }
         Ok(())
     }
-
-    /// QEMU's block layer flushes after a write with FUA for a driver without it.
-    async fn honour_fua(&self, flags: ReqFlags) -> io::Result<()> {
-        if flags.contains(ReqFlags::FUA) {
-            self.s.file.flush().await?;
-        }
-        Ok(())
-    }
 }
 
 impl Driver for Qed {
@@ -689,23 +681,21 @@ impl Driver for Qed {
         data: Vec<u8>,
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
-        Box::pin(async move {
+        Box::pin(flush_for_fua(&self.s.file, flags, async move {
             let len = data.len() as u64;
             // Into clusters placed in one run: the caller's buffer goes to the file as is.
             if let (Run::Found(at), n, _) = self.s.find(offset, len).await?
                 && n == len
             {
                 self.s.file.debug_event("write_aio").await;
-                self.s.file.write(at, data, ReqFlags::empty()).await?;
-                return self.honour_fua(flags).await;
+                return self.s.file.write(at, data, ReqFlags::empty()).await;
             }
             let r = self
                 .write_impl(node, offset, len, Payload::Data(&data))
                 .await;
             pool::give(data);
-            r?;
-            self.honour_fua(flags).await
-        })
+            r
+        }))
     }
 
     fn write_zeroes<'a>(
@@ -715,10 +705,11 @@ impl Driver for Qed {
         len: u64,
         flags: ReqFlags,
     ) -> BoxFut<'a, ()> {
-        Box::pin(async move {
-            self.zeroes(node, offset, len, flags).await?;
-            self.honour_fua(flags).await
-        })
+        Box::pin(flush_for_fua(
+            &self.s.file,
+            flags,
+            self.zeroes(node, offset, len, flags),
+        ))
     }
 
     /// QEMU's driver has no discard: the request succeeds and nothing changes.
