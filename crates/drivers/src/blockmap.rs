@@ -196,7 +196,7 @@ macro_rules! block_mapped_driver {
 pub(crate) use block_mapped_driver;
 
 /// The `Driver` methods QEMU's simple formats (`vdi`, `vpc`, `vmdk`) answer alike: those of
-/// [`format_child_answers`], no discard (a no-op), no resize, migration blocked. The driver
+/// [`format_child_answers!`](crate::format_child_answers), no discard (a no-op), no resize, migration blocked. The driver
 /// type has `read_only: Cell<bool>` and `blocker: String`.
 #[macro_export]
 macro_rules! simple_format_answers {
