@@ -299,6 +299,18 @@ def images():
                        check=True, capture_output=True)
         with open(other, "rb") as f:
             put("qcow2_image", "qcow1", f.read())
+        # Parallels: 4 KiB clusters, two written, marked in use (so that opening repairs
+        # it) and one entry shared (so that the repair moves a cluster).
+        other = os.path.join(tmp, "p.prl")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "parallels", "-o",
+                        "cluster_size=4k", other, "1M"], check=True)
+        subprocess.run(["qemu-io", "-f", "parallels", "-c", "write -P 0x11 4k 8k", other],
+                       check=True, capture_output=True)
+        with open(other, "rb") as f:
+            data = bytearray(f.read())
+        data[44:48] = (0x746F6E59).to_bytes(4, "little")
+        data[64 + 4 * 9:64 + 4 * 10] = data[64 + 4:64 + 8]
+        put("qcow2_image", "parallels-unclean", bytes(data))
     finally:
         shutil.rmtree(tmp)
 

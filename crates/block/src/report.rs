@@ -16,3 +16,8 @@ pub fn program() -> String {
         .unwrap_or("ferrite")
         .to_owned()
 }
+
+/// Prints `msg` as the program's warning (QEMU's `warn_report`).
+pub fn warn_report(msg: &str) {
+    eprintln!("{}: warning: {msg}", program());
+}

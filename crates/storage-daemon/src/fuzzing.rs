@@ -256,6 +256,8 @@ pub fn qcow2_image(input: &[u8]) {
             "qed"
         } else if input.starts_with(b"QFI\xfb\0\0\0\x01") {
             "qcow"
+        } else if input.starts_with(b"WithoutFreeSpace") || input.starts_with(b"WithouFreSpacExt") {
+            "parallels"
         } else {
             "qcow2"
         };
