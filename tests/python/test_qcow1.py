@@ -154,3 +154,20 @@ def test_a_compressed_backup_into_qcow_works(both, tmp_path):
                         "-c", "read -P 0x22 300k 8k", str(d.workdir / "t.qcow")],
                        capture_output=True, text=True)
     assert "fail" not in r.stdout + r.stderr and "differ" not in r.stdout, r.stdout
+
+
+def test_encryption_options_on_a_plain_image_are_refused_as_qemu_refuses_them(both, tmp_path):
+    img = tmp_path / "p.qcow"
+    qemu_img("create", "-q", "-f", "qcow", str(img), "4M")
+    results = []
+    for d in both():
+        c = d.connect()
+        results.append([c.cmd("blockdev-add", {
+            "driver": "qcow", "node-name": f"n{i}", "encrypt": encrypt,
+            "file": {"driver": "file", "filename": str(img)}})
+            for i, encrypt in enumerate([{"format": "aes"},
+                                         {"format": "aes", "key-secret": "nosuch"}])])
+        c.close()
+        d.stop()
+    assert results[1] == results[0]
+    assert "No encryption in image header" in json.dumps(results[0])

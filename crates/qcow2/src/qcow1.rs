@@ -100,6 +100,11 @@ impl DriverFactory for QcowFactory {
             }
             ctx.take_position_now();
             let q = Qcow::open(file.clone(), read_only, ctx.node_name()).await?;
+            if q.crypt_method == 0 && ctx.opts().get("encrypt").is_some() {
+                return Err(generic(
+                    "No encryption in image header, but options specified format 'aes'",
+                ));
+            }
             if q.crypt_method == 1 && ctx.graph().registry().for_emulator() {
                 return Err(ferrite_block::Error::Driver {
                     error: Box::new(io::Error::other(
