@@ -7,6 +7,7 @@ not trust repaired on a writable open in the same words and to the same bytes;
 durable flushes and FUA writes (BAT included) across SIGKILL; and what ferrite does better:
 no second new cluster placed over the disk's first after repairing an image not closed
 cleanly (QEMU's used-cluster map is left empty there)."""
+import hashlib
 import json
 import shutil
 import signal
@@ -376,3 +377,111 @@ def test_concurrent_writes_into_new_clusters_place_each_once(ferrite, tmp_path):
     r = subprocess.run(["qemu-io", "-f", "parallels", *reads, str(img)], capture_output=True,
                        text=True)
     assert "failed" not in r.stdout + r.stderr and "differ" not in r.stdout, r.stdout
+
+
+EXT_MAGIC, BITMAP_FEATURE = 0xAB234CEF23DCEA87, 0x20385FAE252CB34A
+UUID = bytes(range(0xa0, 0xb0))
+UUID_TEXT = "a0a1a2a3-a4a5-a6a7-a8a9-aaabacadaeaf"
+
+
+def with_extension(tmp_path, name, damage=None):
+    """A 4 MiB image of 64 KiB clusters with a format extension holding one dirty bitmap
+    (64 KiB granularity; granules 5, 6, 10-12 and 30 set) in a cluster of its own, then
+    `damage` (field: value) done to the extension."""
+    damage = damage or {}
+    img = tmp_path / f"{name}.prl"
+    qemu_img("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", str(img), "4M")
+    subprocess.run(["qemu-io", "-f", "parallels", "-c", "write -P 0x11 0 64k", str(img)],
+                   check=True, capture_output=True)
+    data = bytearray(img.read_bytes())
+    c = 65536
+    ext_at, bits_at = len(data), len(data) + c
+    l1 = damage.get("l1", [bits_at // 512])
+    feature = struct.pack("<Q16sII", damage.get("size", 8192), damage.get("uuid", UUID),
+                          damage.get("granularity", 128), damage.get("l1_size", len(l1)))
+    feature += struct.pack(f"<{len(l1)}Q", *l1)
+    features = struct.pack("<QQII", damage.get("feature", BITMAP_FEATURE),
+                           damage.get("flags", 0), len(feature), 0) + feature
+    features += bytes(-len(features) % 8)
+    if damage.get("twice"):
+        features *= 2
+    features += bytes(24)  # end of features
+    body = features + bytes(c - 24 - len(features))
+    digest = hashlib.md5(body).digest()
+    if damage.get("checksum"):
+        digest = bytes(16)
+    ext = struct.pack("<Q", damage.get("magic", EXT_MAGIC)) + digest + body
+    bits = 0
+    for g in (5, 6, 10, 11, 12, 30):
+        bits |= 1 << g
+    data += ext + struct.pack("<Q", bits) + bytes(c - 8)
+    struct.pack_into("<Q", data, EXT_OFF, ext_at // 512)
+    img.write_bytes(bytes(data))
+    return img
+
+
+EXT_DAMAGE = {
+    "good": {}, "magic": {"magic": 1}, "checksum": {"checksum": True},
+    "flags": {"flags": 1}, "unknown-feature": {"feature": 7},
+    "size": {"size": 4096}, "l1-size": {"l1_size": 2}, "l1-past-feature": {"l1_size": 9000},
+    "all-set": {"l1": [1]}, "all-clear": {"l1": [0]}, "twice": {"twice": True},
+}
+
+
+@pytest.mark.parametrize("name", list(EXT_DAMAGE))
+def test_format_extension_bitmaps_are_read_only_and_exported_as_qemus(both, tmp_path, name):
+    """Opened read-only, the extension's bitmap becomes a read-only bitmap of the node
+    named by its UUID, exported over NBD with the same dirty areas; a damaged extension
+    is refused in QEMU's words. Opened writable, the extension is ignored with QEMU's
+    warning."""
+    img = with_extension(tmp_path, name, EXT_DAMAGE[name])
+    results = []
+    for d in both():
+        c = d.connect()
+        out = []
+        cmd = recorder(c, out)
+        cmd("blockdev-add", {"driver": "parallels", "node-name": "v", "read-only": True,
+                             "file": {"driver": "file", "filename": str(img),
+                                      "read-only": True}})
+        if "error" not in out[-1][1]:
+            out.append(("bitmaps", [n.get("dirty-bitmaps") for n in
+                                    c.cmd("query-named-block-nodes", {"flat": True})["return"]
+                                    if n["node-name"] == "v"]))
+            cmd("block-dirty-bitmap-clear", {"node": "v", "name": UUID_TEXT})
+            sock = str(d.workdir / "nbd.sock")
+            cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+            cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "v",
+                                     "bitmaps": [UUID_TEXT]})
+            r = subprocess.run(["qemu-img", "map", "--output=json", "--image-opts",
+                                f"driver=nbd,export=v,server.type=unix,server.path={sock},"
+                                f"x-dirty-bitmap=qemu:dirty-bitmap:{UUID_TEXT}"],
+                               capture_output=True, text=True)
+            out.append(("map", r.stdout, r.stderr))
+            cmd("block-export-del", {"id": "e"})
+            c.wait_event("BLOCK_EXPORT_DELETED")
+            cmd("blockdev-del", {"node-name": "v"})
+        copy = d.workdir / "w.prl"
+        shutil.copy(img, copy)
+        cmd("blockdev-add", {"driver": "parallels", "node-name": "w",
+                             "file": {"driver": "file", "filename": str(copy)}})
+        c.close()
+        d.stop()
+        out.append(("stderr", [ln.split(": ", 1)[-1]
+                               for ln in d.stderr_path.read_text().splitlines()]))
+        results.append(out)
+    assert_same_transcript(*results)
+
+
+def test_a_bitmap_granularity_qemu_aborts_on_is_refused(ferrite, tmp_path):
+    """A granularity that is not a power of two: qemu-storage-daemon aborts on an
+    assertion; ferrite refuses the image."""
+    img = with_extension(tmp_path, "g", {"granularity": 3})
+    d = ferrite()
+    c = d.connect()
+    r = c.cmd("blockdev-add", {"driver": "parallels", "node-name": "v", "read-only": True,
+                               "file": {"driver": "file", "filename": str(img),
+                                        "read-only": True}})
+    assert "not a power of 2" in r["error"]["desc"], r
+    assert "return" in c.cmd("query-version")
+    c.close()
+    d.stop()

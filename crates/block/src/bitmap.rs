@@ -16,6 +16,9 @@ pub struct DirtyBitmap {
     /// Recording guest writes (`recording` in queries; disabled bitmaps do not).
     enabled: Cell<bool>,
     persistent: Cell<bool>,
+    /// Loaded from an image that keeps it read-only (QEMU's `readonly`): it cannot be
+    /// changed.
+    read_only: Cell<bool>,
     /// Migrating to another process, which stores it instead: the image keeps what it
     /// had (QEMU's `skip_store`, until the node is activated again).
     skip_store: Cell<bool>,
@@ -46,6 +49,7 @@ impl DirtyBitmap {
             count: Cell::new(0),
             enabled: Cell::new(enabled),
             persistent: Cell::new(false),
+            read_only: Cell::new(false),
             skip_store: Cell::new(false),
             inconsistent: Cell::new(false),
             successor: RefCell::new(None),
@@ -91,6 +95,16 @@ impl DirtyBitmap {
     /// Starts or stops recording writes.
     pub fn set_enabled(&self, on: bool) {
         self.enabled.set(on);
+    }
+
+    /// Whether the bitmap cannot be changed (loaded read-only from its image).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.get()
+    }
+
+    /// Marks the bitmap as one that cannot be changed.
+    pub fn set_read_only(&self, on: bool) {
+        self.read_only.set(on);
     }
 
     /// Whether the image stores the bitmap when the node closes.

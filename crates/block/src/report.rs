@@ -17,7 +17,8 @@ pub fn program() -> String {
         .to_owned()
 }
 
-/// Prints `msg` as the program's warning (QEMU's `warn_report`).
+/// Prints `msg` as a warning raised by a monitor command (QEMU's `warn_report` while a
+/// monitor is current, which leaves out the program's name).
 pub fn warn_report(msg: &str) {
-    eprintln!("{}: warning: {msg}", program());
+    eprintln!("warning: {msg}");
 }

@@ -55,7 +55,7 @@ fn check_writable(node: &Node, b: &DirtyBitmap) -> Result<()> {
 }
 
 fn check_not_read_only(node: &Node, b: &DirtyBitmap) -> Result<()> {
-    if b.is_persistent() && node.is_read_only() {
+    if (b.is_persistent() && node.is_read_only()) || b.is_read_only() {
         return Err(Error::BitmapReadOnly(b.name().to_owned()));
     }
     Ok(())

@@ -77,3 +77,20 @@ mod tests {
         );
     }
 }
+
+/// The MD5 digest of `bytes` (Parallels images checksum their format extension with it).
+pub fn md5(bytes: &[u8]) -> [u8; 16] {
+    md5::Md5::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod md5_tests {
+    #[test]
+    fn md5_of_abc_is_rfc_1321s() {
+        let hex: String = super::md5(b"abc")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, "900150983cd24fb0d6963f7d28e17f72");
+    }
+}

@@ -26,6 +26,7 @@ mod xts;
 
 pub use amend::{Secret, SlotChange, Writes, amend_key_slots};
 pub use cipher::{SECTOR, SectorCipher};
+pub use hash::md5;
 pub use luks::{
     CreateOptions, HEADER_LEN, Header, KeySlot, LuksVolume, NewVolume, random, random_uuid,
 };

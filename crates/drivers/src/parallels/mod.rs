@@ -12,7 +12,9 @@
 //!   later clusters fill; the file is cut back to its last cluster at close;
 //! - BAT entries reach the file when the node is flushed (or closed);
 //! - zeroes over whole clusters, and discards of whole clusters, drop the clusters (no
-//!   backing file only); other zeroes are written as data.
+//!   backing file only); other zeroes are written as data;
+//! - the format extension's dirty bitmaps become read-only bitmaps of a node opened
+//!   read-only ([`ext`]); opened writable, the extension is ignored with a warning.
 //!
 //! Unlike QEMU: reads and writes into placed clusters never wait for clusters being
 //! placed; a backing file's data for a new cluster goes to that cluster (QEMU writes it
@@ -22,11 +24,13 @@
 
 mod check;
 mod create;
+mod ext;
 mod header;
 mod used;
 
 use crate::blockmap;
 use crate::error::generic;
+use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::io::pool;
 use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
@@ -150,6 +154,8 @@ struct State {
     unclean: Cell<bool>,
     /// One placement at a time (QEMU's lock, which every request takes).
     alloc: tokio::sync::Mutex<()>,
+    /// The format extension's bitmaps, until the node takes them.
+    bitmaps: RefCell<Vec<Rc<DirtyBitmap>>>,
 }
 
 impl State {
@@ -213,9 +219,12 @@ impl State {
         let unclean = h.inuse == INUSE;
         let (data_start, data_off_ok) = h.data_start(file_sectors);
         let mut need_check = unclean || !data_off_ok;
+        let mut bitmaps = Vec::new();
         if h.ext_off != 0 && !read_only {
             // QEMU's driver has always ignored the extension when writing.
             ferrite_block::report::warn_report("Format Extension ignored in RW mode");
+        } else if h.ext_off != 0 {
+            bitmaps = ext::read_bitmaps(&file, h.ext_off * SECTOR, g).await?;
         }
         let s = State {
             file,
@@ -228,6 +237,7 @@ impl State {
             data_end: Cell::new(data_start),
             unclean: Cell::new(unclean),
             alloc: tokio::sync::Mutex::new(()),
+            bitmaps: RefCell::new(bitmaps),
         };
         if writable {
             s.header.borrow_mut().inuse = INUSE;
@@ -677,6 +687,10 @@ impl Driver for Parallels {
 
     fn migration_blocker(&self) -> Option<&str> {
         Some(&self.blocker)
+    }
+
+    fn take_initial_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
+        std::mem::take(&mut *self.s.bitmaps.borrow_mut())
     }
 
     /// QEMU's driver answers no `bdrv_get_info`: no cluster size, no dirty flag.
