@@ -2,6 +2,7 @@
 """Writes the fuzz targets' seed corpora (fuzz/seeds/TARGET/NAME): QMP and NBD sessions,
 command lines, and small qcow2 images of every kind qemu-img makes. Run again after
 changing it; the seeds are committed so that a run needs neither this script nor qemu-img."""
+import hashlib
 import json
 import os
 import shutil
@@ -311,6 +312,21 @@ def images():
         data[44:48] = (0x746F6E59).to_bytes(4, "little")
         data[64 + 4 * 9:64 + 4 * 10] = data[64 + 4:64 + 8]
         put("qcow2_image", "parallels-unclean", bytes(data))
+        # Parallels with a format extension holding a dirty bitmap (read when opened
+        # read-only): 4 KiB clusters, the extension and the bitmap's cluster at the end.
+        subprocess.run(["qemu-img", "create", "-q", "-f", "parallels", "-o",
+                        "cluster_size=4k", other, "1M"], check=True)
+        with open(other, "rb") as f:
+            data = bytearray(f.read())
+        c, ext_at = 4096, len(data)
+        feature = struct.pack("<Q16sIIQ", 2048, bytes(range(16)), 8, 1, (ext_at + c) // 512)
+        body = struct.pack("<QQII", 0x20385FAE252CB34A, 0, len(feature), 0) + feature
+        body += bytes(24)
+        body += bytes(c - 24 - len(body))
+        data += struct.pack("<Q", 0xAB234CEF23DCEA87) + hashlib.md5(body).digest() + body
+        data += b"\x21" + bytes(c - 1)
+        struct.pack_into("<Q", data, 56, ext_at // 512)
+        put("qcow2_image", "parallels-bitmap", bytes(data))
     finally:
         shutil.rmtree(tmp)
 

@@ -228,8 +228,8 @@ pub fn nbd_client(input: &[u8]) {
 }
 
 /// `input` as a qcow2 image file, opened read-write and used
-/// ([`ferrite_qcow2::testing::exercise`]); or as a VDI or VHD image when it carries
-/// their signature. Beside it are 1 MiB files `base.raw` and `data.raw`, which images may name
+/// ([`ferrite_qcow2::testing::exercise`]); or as an image of another format when it
+/// carries its signature (a Parallels image opened read-only first). Beside it are 1 MiB files `base.raw` and `data.raw`, which images may name
 /// as their backing or external data file.
 pub fn qcow2_image(input: &[u8]) {
     fresh_dir();
@@ -261,6 +261,17 @@ pub fn qcow2_image(input: &[u8]) {
         } else {
             "qcow2"
         };
+        if driver == "parallels" {
+            // Read-only first: the format extension is read only then.
+            let opts = QDict::new()
+                .with("driver", driver)
+                .with("node-name", "ro")
+                .with("read-only", true)
+                .with("file", file.clone().with("read-only", true));
+            if daemon.graph.blockdev_add(&Args::new(opts)).await.is_ok() {
+                let _ = daemon.graph.blockdev_del("ro").await;
+            }
+        }
         ferrite_qcow2::testing::exercise_format(&daemon.graph, driver, file).await;
     });
 }
