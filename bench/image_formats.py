@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""fio's nbd engine over an NBD export of the simple image formats (VMDK, QED, VDI, VHD; iodepth
-16), against ferrite-storage-daemon and qemu-storage-daemon in the same run: 4k random reads
-and writes on a fully allocated image, 64k random writes into an empty one (placing
-grains/blocks), and for VMDK 1M sequential reads of a stream-optimized (compressed) image; compressed qcow2
-images (what cloud images are) read sequentially and randomly.
+"""fio's nbd engine over an NBD export of the simple image formats (VMDK, QED, VDI, VHD,
+Parallels; iodepth 16), against ferrite-storage-daemon and qemu-storage-daemon in the same
+run: 4k random reads and writes on a fully allocated image, 64k random writes into an
+empty one (placing grains/blocks/clusters), and for VMDK 1M sequential reads of a
+stream-optimized (compressed) image; compressed qcow2 images (what cloud images are) read
+sequentially and randomly.
 Prints IOPS and the ratio ferrite/qsd (higher is better)."""
 import os
 import subprocess
@@ -33,6 +34,11 @@ ROWS = [
     ("vdi empty: rand write 64k", "vdi", [], "empty", ["--rw=randwrite", "--bs=64k"]),
     ("vpc full: rand write 4k", "vpc", [], "full", ["--rw=randwrite", "--bs=4k"]),
     ("vpc empty: rand write 64k", "vpc", [], "empty", ["--rw=randwrite", "--bs=64k"]),
+    ("parallels full: rand read 4k", "parallels", [], "full", ["--rw=randread", "--bs=4k"]),
+    ("parallels full: rand write 4k", "parallels", [], "full",
+     ["--rw=randwrite", "--bs=4k"]),
+    ("parallels empty: rand write 64k", "parallels", [], "empty",
+     ["--rw=randwrite", "--bs=64k"]),
 ]
 
 
@@ -61,11 +67,11 @@ def measure(binary, fmt, opts, state, extra):
 def main():
     common.require_built(FERRITE)
     print(f"image formats over NBD (fio iodepth 16, {RUNTIME}s per row, {SIZE_MB} MiB image)")
-    print(f"{'row':<28}{'qsd IOPS':>12}{'ferrite IOPS':>14}{'ratio':>8}")
+    print(f"{'row':<32}{'qsd IOPS':>12}{'ferrite IOPS':>14}{'ratio':>8}")
     for row, fmt, opts, state, extra in ROWS:
         theirs = measure(QSD, fmt, opts, state, extra)
         ours = measure(FERRITE, fmt, opts, state, extra)
-        print(f"{row:<28}{theirs:>12.0f}{ours:>14.0f}{ours / theirs:>8.2f}")
+        print(f"{row:<32}{theirs:>12.0f}{ours:>14.0f}{ours / theirs:>8.2f}")
 
 
 if __name__ == "__main__":

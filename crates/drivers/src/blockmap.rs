@@ -53,6 +53,39 @@ pub(crate) async fn read(
     Ok(out)
 }
 
+/// Reads `len` bytes at `offset` piece by piece: `piece(at, max)` answers how many bytes
+/// from `at` (at most `max`) it covers and their bytes, or `None` for zeroes. A request one
+/// piece answers whole gets that piece's buffer, copied nowhere.
+///
+/// # Errors
+/// The first piece's error.
+pub(crate) async fn gather<F, Fut>(offset: u64, len: usize, mut piece: F) -> io::Result<Vec<u8>>
+where
+    F: FnMut(u64, usize) -> Fut,
+    Fut: Future<Output = io::Result<(usize, Option<Vec<u8>>)>>,
+{
+    let mut out: Option<Vec<u8>> = None;
+    let mut done = 0usize;
+    while done < len {
+        let (n, bytes) = piece(offset + done as u64, len - done).await?;
+        if n == len
+            && let Some(p) = bytes
+        {
+            return Ok(p);
+        }
+        let dest = out.get_or_insert_with(|| ferrite_block::io::pool::take(len));
+        match bytes {
+            Some(p) => {
+                dest[done..done + n].copy_from_slice(&p[..n]);
+                ferrite_block::io::pool::give(p);
+            }
+            None => dest[done..done + n].fill(0),
+        }
+        done += n;
+    }
+    Ok(out.unwrap_or_default())
+}
+
 /// Opens the format's `file` child, claiming it for metadata when the node may write:
 /// (the child, whether the node is read-only).
 ///

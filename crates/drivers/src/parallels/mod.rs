@@ -484,35 +484,17 @@ struct Parallels {
 impl Parallels {
     async fn read_impl(&self, node: &Node, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let s = &self.s;
-        let mut out: Option<Vec<u8>> = None;
-        let mut done = 0usize;
-        while done < len {
-            let at = offset + done as u64;
-            let (host, n) = s.find(at, (len - done) as u64);
+        blockmap::gather(offset, len, async |at, max| {
+            let (host, n) = s.find(at, max as u64);
             let n = n as usize;
-            let piece = match host {
-                Some(h) => Some(s.file.read(h, n).await?),
-                None => match node.edge("backing") {
-                    Some(b) => Some(b.read(at, n).await?),
-                    None => None,
-                },
+            let bytes = match (host, node.edge("backing")) {
+                (Some(h), _) => Some(s.file.read(h, n).await?),
+                (None, Some(b)) => Some(b.read(at, n).await?),
+                (None, None) => None,
             };
-            if n == len
-                && let Some(p) = piece
-            {
-                return Ok(p);
-            }
-            let dest = out.get_or_insert_with(|| pool::take(len));
-            match piece {
-                Some(p) => {
-                    dest[done..done + n].copy_from_slice(&p);
-                    pool::give(p);
-                }
-                None => dest[done..done + n].fill(0),
-            }
-            done += n;
-        }
-        Ok(out.unwrap_or_default())
+            Ok((n, bytes))
+        })
+        .await
     }
 
     async fn write_impl(&self, node: &Node, offset: u64, data: &[u8]) -> io::Result<()> {

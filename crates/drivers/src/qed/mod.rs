@@ -408,13 +408,10 @@ impl Qed {
     }
 
     async fn read_impl(&self, node: &Node, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut out: Option<Vec<u8>> = None;
-        let mut done = 0usize;
-        while done < len {
-            let at = offset + done as u64;
-            let (run, n, _) = self.s.find(at, (len - done) as u64).await?;
+        blockmap::gather(offset, len, async |at, max| {
+            let (run, n, _) = self.s.find(at, max as u64).await?;
             let n = n as usize;
-            let piece = match run {
+            let bytes = match run {
                 Run::Found(file_at) => {
                     self.s.file.debug_event("read_aio").await;
                     Some(self.s.file.read(file_at, n).await?)
@@ -422,23 +419,9 @@ impl Qed {
                 Run::Zero => None,
                 Run::NoCluster | Run::NoTable => Some(self.read_backing(node, at, n).await?),
             };
-            // One piece for the whole request: its buffer is the answer.
-            if n == len
-                && let Some(p) = piece
-            {
-                return Ok(p);
-            }
-            let dest = out.get_or_insert_with(|| pool::take(len));
-            match piece {
-                Some(p) => {
-                    dest[done..done + n].copy_from_slice(&p);
-                    pool::give(p);
-                }
-                None => dest[done..done + n].fill(0),
-            }
-            done += n;
-        }
-        Ok(out.unwrap_or_default())
+            Ok((n, bytes))
+        })
+        .await
     }
 
     /// Writes `len` bytes at `offset` (QEMU's `qed_aio_next_io` for writes): in place where
