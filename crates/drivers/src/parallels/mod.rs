@@ -245,10 +245,15 @@ impl State {
                 .await
                 .map_err(|e| generic(ferrite_qapi::os_msg(&e)))?;
         }
-        let end = (0..g.entries)
+        // Where the last cluster ends; an entry pointing nowhere counts as a cluster at
+        // the file's start, as in QEMU.
+        let mut end = (0..s.held())
             .map(|i| s.sector_of(i) + g.cluster / SECTOR)
             .max()
             .unwrap_or(0);
+        if s.held() < g.entries {
+            end = end.max(g.cluster / SECTOR);
+        }
         s.data_end.set(s.data_end.get().max(end));
         need_check |= s.data_end.get() > file_sectors;
         if !need_check {
@@ -264,6 +269,11 @@ impl State {
             })?;
         }
         Ok(Rc::new(s))
+    }
+
+    /// How many BAT entries the file holds (those after it point nowhere).
+    fn held(&self) -> u32 {
+        (self.bat.borrow().len() as u32).min(self.g.entries)
     }
 
     /// BAT entry `i` (0 past what the file holds).
@@ -321,7 +331,7 @@ impl State {
         let mut used = Used::new(payload.div_ceil(self.g.cluster));
         let mut r = Ok(());
         if used.len() > 0 {
-            for i in 0..self.g.entries {
+            for i in 0..self.held() {
                 if let Some(host) = self.host_of(i)
                     && let Err(e) = used.claim(self.used_index(host), 1)
                     && r.is_ok()
