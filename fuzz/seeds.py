@@ -327,6 +327,13 @@ def images():
         data += b"\x21" + bytes(c - 1)
         struct.pack_into("<Q", data, 56, ext_at // 512)
         put("qcow2_image", "parallels-bitmap", bytes(data))
+        # Bochs (read-only): 4 KiB extents, two of them written, one sector each.
+        head = struct.pack("<32s16s16sIIIIIIQ", b"Bochs Virtual HD Image", b"Redolog",
+                           b"Growing", 0x00020000, 512, 8, 512, 4096, 0, 8 * 4096)
+        head += bytes(512 - len(head))
+        catalog = struct.pack("<8I", 1, *[0xFFFFFFFF] * 4, 0, 0xFFFFFFFF, 0xFFFFFFFF)
+        area = bytes([0x81]) + bytes(511) + b"\x42" * 4096
+        put("qcow2_image", "bochs", head + catalog + area + area)
     finally:
         shutil.rmtree(tmp)
 

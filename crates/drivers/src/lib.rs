@@ -2,13 +2,14 @@
 //! or block device through the I/O backend), `raw` (format: its child's bytes, or a window
 //! of them), `null-co`/`null-aio`, the `copy-before-write` filter with its
 //! `snapshot-access` view, and the `copy-on-read` filter; and the image formats small
-//! enough to need no crate of their own (`luks`, `parallels`, `qed`, `vdi`, `vmdk`,
-//! `vpc`). Each registers a factory with the core's registry.
+//! enough to need no crate of their own (`bochs`, `luks`, `parallels`, `qed`, `vdi`,
+//! `vmdk`, `vpc`). Each registers a factory with the core's registry.
 //!
 //! QEMU counterparts: `block/file-posix.c`, `block/raw-format.c`, `block/null.c`,
 //! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
 
 mod blkdebug;
+mod bochs;
 pub use blkdebug::set_qtest;
 mod blkverify;
 mod blockmap;
@@ -57,6 +58,7 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(luks::LuksFactory));
     registry.register(Rc::new(blkverify::BlkverifyFactory));
     registry.register(Rc::new(blkdebug::BlkdebugFactory));
+    registry.register(Rc::new(bochs::BochsFactory));
     registry.register(Rc::new(parallels::ParallelsFactory));
     registry.register(Rc::new(qed::QedFactory));
     registry.register(Rc::new(quorum::QuorumFactory));

@@ -2,7 +2,7 @@
 //! the coverage-guided fuzz target: every step may fail, none may panic or hang.
 
 use ferrite_block::driver::NewSnapshot;
-use ferrite_block::{BlockBackend, Graph, Perm, ReqFlags};
+use ferrite_block::{BlockBackend, Graph, Node, Perm, ReqFlags};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
@@ -20,6 +20,24 @@ pub async fn exercise(g: &Rc<Graph>, file: QDict) -> usize {
     exercise_format(g, "qcow2", file).await
 }
 
+/// Reads and asks the block status of a node's start (up to [`READ_SPAN`]) through a
+/// backend of its own; returns how many reads succeeded.
+pub async fn read_start(g: &Rc<Graph>, node: &Rc<Node>) -> usize {
+    let size = node.len();
+    let mut reads = 0;
+    if let Ok(reader) = BlockBackend::new(g, node, Perm::CONSISTENT_READ, Perm::all()) {
+        let mut off = 0;
+        while off < size.min(READ_SPAN) {
+            let n = (size - off).min(128 << 10);
+            reads += usize::from(reader.read(off, n as usize).await.is_ok());
+            let _ = node.block_status(off, n).await;
+            off += n;
+        }
+        reader.remove();
+    }
+    reads
+}
+
 /// [`exercise`] for a node of format `driver` (another format fails the qcow2-only steps,
 /// which is part of the workout).
 pub async fn exercise_format(g: &Rc<Graph>, driver: &str, file: QDict) -> usize {
@@ -31,16 +49,7 @@ pub async fn exercise_format(g: &Rc<Graph>, driver: &str, file: QDict) -> usize 
         return 0;
     };
     let size = node.len();
-    let mut reads = 0;
-    if let Ok(reader) = BlockBackend::new(g, &node, Perm::CONSISTENT_READ, Perm::all()) {
-        let mut off = 0;
-        while off < size.min(READ_SPAN) {
-            let n = (size - off).min(128 << 10);
-            reads += usize::from(reader.read(off, n as usize).await.is_ok());
-            let _ = node.block_status(off, n).await;
-            off += n;
-        }
-    }
+    let reads = read_start(g, &node).await;
     if let Ok(hold) = BlockBackend::new(g, &node, Perm::WRITE | Perm::RESIZE, Perm::all()) {
         let end = size.min(WRITE_SPAN);
         if end > 8192 {

@@ -258,17 +258,22 @@ pub fn qcow2_image(input: &[u8]) {
             "qcow"
         } else if input.starts_with(b"WithoutFreeSpace") || input.starts_with(b"WithouFreSpacExt") {
             "parallels"
+        } else if input.starts_with(b"Bochs Virtual HD Image\0") {
+            "bochs"
         } else {
             "qcow2"
         };
-        if driver == "parallels" {
-            // Read-only first: the format extension is read only then.
+        if matches!(driver, "parallels" | "bochs") {
+            // Read-only first: a Parallels format extension is read only then, and Bochs
+            // images open no other way.
             let opts = QDict::new()
                 .with("driver", driver)
                 .with("node-name", "ro")
                 .with("read-only", true)
                 .with("file", file.clone().with("read-only", true));
-            if daemon.graph.blockdev_add(&Args::new(opts)).await.is_ok() {
+            if let Ok(node) = daemon.graph.blockdev_add(&Args::new(opts)).await {
+                ferrite_qcow2::testing::read_start(&daemon.graph, &node).await;
+                drop(node);
                 let _ = daemon.graph.blockdev_del("ro").await;
             }
         }
