@@ -382,6 +382,14 @@ impl Qcow {
     }
 
     /// Writes the 8-byte table entry at `at`, made durable (QEMU's `bdrv_pwrite_sync`).
+    /// Where entry `index` of a table at `table` is; EINVAL past the 64-bit range (a
+    /// damaged table or header).
+    fn entry_at(table: u64, index: usize) -> io::Result<u64> {
+        table
+            .checked_add(index as u64 * 8)
+            .ok_or_else(|| errno(libc::EINVAL))
+    }
+
     async fn write_entry(&self, at: u64, value: u64) -> io::Result<()> {
         self.file
             .write(at, value.to_be_bytes().to_vec(), ReqFlags::empty())
@@ -413,7 +421,8 @@ impl Qcow {
         let at = self.next_place();
         self.l1.borrow_mut()[l1] = at;
         self.file.debug_event("l1_update").await;
-        self.write_entry(self.l1_offset + l1 as u64 * 8, at).await?;
+        self.write_entry(Self::entry_at(self.l1_offset, l1)?, at)
+            .await?;
         let zeroes = vec![0u8; self.l2_bytes()];
         self.file.write(at, zeroes, ReqFlags::empty()).await?;
         self.file.flush().await?;
@@ -429,7 +438,7 @@ impl Qcow {
         self.changes.set(self.changes.get() + 1);
         t.borrow_mut()[l2] = value;
         self.file.debug_event("l2_update").await;
-        self.write_entry(table_at + l2 as u64 * 8, value).await
+        self.write_entry(Self::entry_at(table_at, l2)?, value).await
     }
 
     /// The cluster holding `offset`, placed for a write of `inner..end` within it (QEMU's
@@ -708,7 +717,7 @@ impl Driver for Qcow {
                 .write(self.l1_offset, vec![0; n * 8], ReqFlags::empty())
                 .await?;
             self.file.flush().await?;
-            let end = self.l1_offset + n as u64 * 8;
+            let end = Self::entry_at(self.l1_offset, n)?;
             self.file.truncate(end).await?;
             self.file_end.set(end);
             self.cache.borrow_mut().clear();
