@@ -406,7 +406,7 @@ impl DirtyBitmap {
         out
     }
 
-    /// Loads stored bytes (as [`DirtyBitmap::to_bytes`] writes them).
+    /// Loads stored bytes (as [`DirtyBitmap::to_bytes`] writes them), a word at a time.
     pub fn load_bytes(&self, bytes: &[u8]) {
         self.clear();
         let granules = self.granules();
@@ -414,14 +414,20 @@ impl DirtyBitmap {
             return;
         }
         let mut w = self.words_mut();
-        for (i, b) in bytes.iter().enumerate() {
-            for bit in 0..8 {
-                let g = i as u64 * 8 + bit;
-                if g < granules && b & (1 << bit) != 0 {
-                    self.set_bit(&mut w, g, true);
-                }
+        let mut count = 0u64;
+        for (i, (word, chunk)) in w.iter_mut().zip(bytes.chunks(8)).enumerate() {
+            let mut le = [0u8; 8];
+            le[..chunk.len()].copy_from_slice(chunk);
+            let mut v = u64::from_le_bytes(le);
+            // Bits past the last granule are not the bitmap's.
+            let first = i as u64 * 64;
+            if granules < first + 64 {
+                v &= (1u64 << (granules - first)) - 1;
             }
+            *word = v;
+            count += u64::from(v.count_ones());
         }
+        self.count.set(count);
     }
 
     /// Starts a job's use: new writes go to a fresh successor from now on (none, for a
@@ -519,5 +525,16 @@ mod tests {
         c.load_bytes(&b.to_bytes());
         assert_eq!(c.sha256(), b.sha256());
         assert_eq!(c.count(), 2 * 512);
+    }
+
+    #[test]
+    fn loaded_bytes_past_the_last_granule_are_ignored() {
+        // 100 granules: the second word holds 36 of them, the rest of its bits are not.
+        let b = DirtyBitmap::new("b", 512, 100 * 512, true);
+        b.load_bytes(&[0xff; 16]);
+        assert_eq!(b.count(), 100 * 512);
+        assert!(b.get(99));
+        assert_eq!(b.to_bytes().len(), 13);
+        assert_eq!(b.to_bytes()[12], 0x0f);
     }
 }

@@ -24,8 +24,8 @@ const FEATURE_HEADER: usize = 24;
 /// A bitmap feature's fields before its L1 table.
 const BITMAP_HEADER: usize = 32;
 /// Beyond QEMU (which would try to allocate it): the most bitmap bytes read, enough for a
-/// 4 TiB disk at 512-byte granularity, 512 TiB at 64 KiB.
-const MAX_BITMAP_BYTES: u64 = 1 << 30;
+/// 1 TiB disk at 512-byte granularity, 128 TiB at 64 KiB.
+const MAX_BITMAP_BYTES: u64 = 256 << 20;
 
 fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
