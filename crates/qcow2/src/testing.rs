@@ -20,7 +20,7 @@ pub async fn exercise(g: &Rc<Graph>, file: QDict) -> usize {
     exercise_format(g, "qcow2", file).await
 }
 
-/// Reads and asks the block status of a node's start (up to [`READ_SPAN`]) through a
+/// Reads and asks the block status of a node's start (its first 4 MiB) through a
 /// backend of its own; returns how many reads succeeded.
 pub async fn read_start(g: &Rc<Graph>, node: &Rc<Node>) -> usize {
     let size = node.len();
