@@ -639,15 +639,16 @@ impl Driver for Parallels {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             if !self.drop_clusters(node, offset, len).await? {
-                let write_flags = flags - ReqFlags::MAY_UNMAP - ReqFlags::NO_FALLBACK;
                 ferrite_block::driver::write_zeroes_as_data(
                     offset,
                     len,
                     flags,
-                    |at, z| async move { self.write_durable(node, at, &z, write_flags).await },
+                    |at, z| async move { self.write_impl(node, at, &z).await },
                 )
                 .await?;
-            } else if flags.contains(ReqFlags::FUA) {
+            }
+            // Durable once, whichever way the zeroes went.
+            if flags.contains(ReqFlags::FUA) {
                 self.s.flush().await?;
             }
             Ok(())
