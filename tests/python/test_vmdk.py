@@ -225,7 +225,8 @@ def test_blockdev_create_names_a_vmdk_parent(both):
         assert b"parentCID=" + cid + b"\n" in text
         assert b'parentFileNameHint="p.vmdk"\n' in text
         cid_at = text.index(b"parentCID=")
-        results.append((error, text[:cid_at], text[text.index(b"\n", cid_at):]))
+        # The parent's id is printed without padding, so the zeroes after the text vary.
+        results.append((error, text[:cid_at], text[text.index(b"\n", cid_at):].rstrip(b"\0")))
     assert results[2:] == results[:2]
 
 
