@@ -155,7 +155,15 @@ impl FileState {
             Some(n) => n,
         };
         let owner = *self.owner.borrow();
-        let now = SystemTime::now();
+        // Whole seconds, as QEMU's export reports them: the kernel drops its cache of the
+        // file whenever the modification time changes, which at nanoseconds is at every
+        // `getattr` (each write then also emptied the page cache behind it).
+        let now = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            );
         Ok(FileAttr {
             ino: INodeNo(1),
             size: len,
