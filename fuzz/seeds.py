@@ -334,8 +334,60 @@ def images():
         catalog = struct.pack("<8I", 1, *[0xFFFFFFFF] * 4, 0, 0xFFFFFFFF, 0xFFFFFFFF)
         area = bytes([0x81]) + bytes(511) + b"\x42" * 4096
         put("qcow2_image", "bochs", head + catalog + area + area)
+        put("qcow2_image", "vhdx", vhdx_seed())
     finally:
         shutil.rmtree(tmp)
+
+
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def sealed(buf):
+    """`buf` with its CRC-32C at byte 4."""
+    buf = bytearray(buf)
+    buf[4:8] = bytes(4)
+    struct.pack_into("<I", buf, 4, crc32c(buf))
+    return bytes(buf)
+
+
+def vhdx_seed():
+    """A compact VHDX image (qemu-img's start at 8 MiB): 2 MiB in 1 MiB blocks, the BAT
+    and metadata right after the first region table, the (empty) log at 4 MiB, block 0 in
+    the ZERO state and block 1 not present."""
+    k, mib = 1024, 1 << 20
+    data = bytearray(264 * k)
+    data[0:8] = b"vhdxfile"
+    for i, at in enumerate((64 * k, 128 * k)):
+        head = struct.pack("<4sIQ16s16s16sHHIQ", b"head", 0, i + 1, bytes(range(16)),
+                           bytes(range(16, 32)), bytes(16), 0, 1, mib, 4 * mib)
+        data[at:at + 4096] = sealed(head + bytes(4096 - len(head)))
+    bat_guid = bytes.fromhex("6677c22d23f600429d64115e9bfd4a08")
+    meta_guid = bytes.fromhex("06a27c8b90479a4bb8fe575f050f886e")
+    rt = struct.pack("<4sIII", b"regi", 0, 2, 0)
+    rt += struct.pack("<16sQII", bat_guid, 256 * k, 4096, 1)
+    rt += struct.pack("<16sQII", meta_guid, 260 * k, 64 * k, 1)
+    data[192 * k:256 * k] = sealed(rt + bytes(64 * k - len(rt)))
+    struct.pack_into("<QQ", data, 256 * k, 2, 0)
+    items = [("3767a1ca36fa434db3b633f0aa44e76b", 8, 4, struct.pack("<II", mib, 0)),
+             ("2442a52f1bcd7648b2115dbed83bf4b8", 8, 6, struct.pack("<Q", 2 * mib)),
+             ("ab12cabee6b2234593efc309e000c746", 16, 6, bytes(range(16))),
+             ("1dbf41816fa90947ba47f233a8faab5f", 4, 6, struct.pack("<I", 512)),
+             ("c748a3cd5d447144 9cc9e9885251c556".replace(" ", ""), 4, 6,
+              struct.pack("<I", 512))]
+    table = struct.pack("<8sHH20s", b"metadata", 0, len(items), bytes(20))
+    at = 1024
+    for guid, length, flags, value in items:
+        table += struct.pack("<16sIIII", bytes.fromhex(guid), at, length, flags, 0)
+        data[260 * k + at:260 * k + at + length] = value
+        at += length
+    data[260 * k:260 * k + len(table)] = table
+    return bytes(data)
 
 
 # --- nbd_client: what a server says to ferrite's nbd driver -----------------------------

@@ -74,9 +74,10 @@ def created(d, fmt, **options):
     return error, bytearray(img.read_bytes())
 
 
-def opened_read_only(both, img, fmt, reads):
+def opened_read_only(both, img, fmt, reads, stderr_with=None):
     """Both daemons open a (damaged) image read-only: the replies, and if it opened, its
-    size and `reads` (qemu-io commands) through a read-only export."""
+    size and `reads` (qemu-io commands) through a read-only export; with `stderr_with`,
+    also the lines of standard error holding it."""
     results = []
     for d in both():
         c = d.connect()
@@ -92,5 +93,10 @@ def opened_read_only(both, img, fmt, reads):
             uri = export(c, d, "v", "v", False)
             out.append(("io", qemu_io_lines("-r", "-f", "raw",
                                             *[a for op in reads for a in ("-c", op)], uri)))
-        results.append(out)
+        if stderr_with is not None:
+            c.close()
+            d.stop()
+            out.append(("stderr", [ln for ln in d.stderr_path.read_text().splitlines()
+                                   if stderr_with in ln]))
+        results.append(json.loads(json.dumps(out).replace(str(img), "IMG")))
     assert_same_transcript(*results)

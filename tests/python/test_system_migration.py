@@ -649,10 +649,12 @@ def test_postcopy_bitmaps_are_dropped_when_the_destination_goes_first(tmp_path):
 
 
 def blocker_transcript(binary, accel, w):
-    """A machine with VDI, VHD and Parallels images: query-migrate lists their blockers,
+    """A machine with VDI, VHD, Parallels and VHDX images: query-migrate lists their blockers,
     `migrate` and `savevm` refuse with the newest; the blockers go with their nodes."""
     vdi, vpc, qcow, prl = w / "d.vdi", w / "d.vpc", w / "d.qcow2", w / "d.prl"
-    for img, fmt in ((vdi, "vdi"), (vpc, "vpc"), (qcow, "qcow2"), (prl, "parallels")):
+    vhdx = w / "d.vhdx"
+    for img, fmt in ((vdi, "vdi"), (vpc, "vpc"), (qcow, "qcow2"), (prl, "parallels"),
+                     (vhdx, "vhdx")):
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), "4M"], check=True)
     m = Machine(binary, accel, w, [
         "-blockdev", f"driver=file,node-name=qf,filename={qcow}",
@@ -669,6 +671,11 @@ def blocker_transcript(binary, accel, w):
                                               "file": {"driver": "file",
                                                        "filename": str(prl)}}))
         out.append(m.qmp.cmd("migrate", {"uri": "exec:cat > /dev/null"}))
+        out.append(m.qmp.cmd("blockdev-add", {"driver": "vhdx", "node-name": "x0",
+                                              "file": {"driver": "file",
+                                                       "filename": str(vhdx)}}))
+        out.append(m.qmp.cmd("query-migrate"))
+        out.append(m.qmp.cmd("blockdev-del", {"node-name": "x0"}))
         out.append(m.qmp.cmd("blockdev-del", {"node-name": "r0"}))
         out.append(m.qmp.cmd("blockdev-del", {"node-name": "p0"}))
         out.append(m.qmp.cmd("migrate", {"uri": "exec:cat > /dev/null"}))

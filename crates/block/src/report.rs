@@ -17,6 +17,12 @@ pub fn program() -> String {
         .to_owned()
 }
 
+/// Prints `msg` as an error reported while a monitor command runs (QEMU's `error_report`
+/// with a monitor current, which leaves out the program's name).
+pub fn command_error_report(msg: &str) {
+    eprintln!("{msg}");
+}
+
 /// Prints `msg` as a warning raised by a monitor command (QEMU's `warn_report` while a
 /// monitor is current, which leaves out the program's name).
 pub fn warn_report(msg: &str) {

@@ -31,6 +31,7 @@ mod raw;
 mod snapshot_access;
 mod throttle;
 mod vdi;
+mod vhdx;
 mod vmdk;
 mod vpc;
 
@@ -63,6 +64,7 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(qed::QedFactory));
     registry.register(Rc::new(quorum::QuorumFactory));
     registry.register(Rc::new(vdi::VdiFactory));
+    registry.register(Rc::new(vhdx::VhdxFactory));
     registry.register(Rc::new(vmdk::VmdkFactory));
     registry.register(Rc::new(vpc::VpcFactory));
 }

@@ -260,12 +260,14 @@ pub fn qcow2_image(input: &[u8]) {
             "parallels"
         } else if input.starts_with(b"Bochs Virtual HD Image\0") {
             "bochs"
+        } else if input.starts_with(b"vhdxfile") {
+            "vhdx"
         } else {
             "qcow2"
         };
-        if matches!(driver, "parallels" | "bochs") {
-            // Read-only first: a Parallels format extension is read only then, and Bochs
-            // images open no other way.
+        if matches!(driver, "parallels" | "bochs" | "vhdx") {
+            // Read-only first: a Parallels format extension is read only then, Bochs
+            // images open no other way, and a VHDX log is searched but not replayed.
             let opts = QDict::new()
                 .with("driver", driver)
                 .with("node-name", "ro")
