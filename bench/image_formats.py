@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """fio's nbd engine over an NBD export of the simple image formats (VMDK, QED, VDI, VHD,
-Parallels; iodepth 16), against ferrite-storage-daemon and qemu-storage-daemon in the same
-run: 4k random reads and writes on a fully allocated image, 64k random writes into an
-empty one (placing grains/blocks/clusters), and for VMDK 1M sequential reads of a
+Parallels, VHDX; iodepth 16), against ferrite-storage-daemon and qemu-storage-daemon in
+the same run: 4k random reads and writes on a fully allocated image, 64k random writes into
+an empty one (placing grains/blocks/clusters), and for VMDK 1M sequential reads of a
 stream-optimized (compressed) image; compressed qcow2 images (what cloud images are) read
-sequentially and randomly.
+sequentially and randomly. FORMAT_ROWS=prefix runs only the rows starting with it.
 Prints IOPS and the ratio ferrite/qsd (higher is better)."""
 import os
 import subprocess
@@ -39,6 +39,10 @@ ROWS = [
      ["--rw=randwrite", "--bs=4k"]),
     ("parallels empty: rand write 64k", "parallels", [], "empty",
      ["--rw=randwrite", "--bs=64k"]),
+    ("vhdx full: rand read 4k", "vhdx", [], "full", ["--rw=randread", "--bs=4k"]),
+    ("vhdx full: rand write 4k", "vhdx", [], "full", ["--rw=randwrite", "--bs=4k"]),
+    ("vhdx empty: rand write 64k", "vhdx", ["-o", "block_size=1M"], "empty",
+     ["--rw=randwrite", "--bs=64k"]),
 ]
 
 
@@ -68,7 +72,10 @@ def main():
     common.require_built(FERRITE)
     print(f"image formats over NBD (fio iodepth 16, {RUNTIME}s per row, {SIZE_MB} MiB image)")
     print(f"{'row':<32}{'qsd IOPS':>12}{'ferrite IOPS':>14}{'ratio':>8}")
+    only = os.environ.get("FORMAT_ROWS")
     for row, fmt, opts, state, extra in ROWS:
+        if only and not row.startswith(only):
+            continue
         theirs = measure(QSD, fmt, opts, state, extra)
         ours = measure(FERRITE, fmt, opts, state, extra)
         print(f"{row:<32}{theirs:>12.0f}{ours:>14.0f}{ours / theirs:>8.2f}")
