@@ -9,6 +9,7 @@ number) and what depends on them are masked before comparing, and so is the padd
 a log entry's descriptors, where QEMU leaves whatever its heap held (guest data of earlier
 requests, of any image: ferrite writes zeroes)."""
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -16,7 +17,7 @@ import subprocess
 import pytest
 
 from blockjobs import export
-from conftest import assert_same_transcript, recorder
+from conftest import FERRITE, QSD, assert_same_transcript, recorder
 from image_formats import opened_read_only, qemu_img, qemu_io_lines, used_through_nbd
 
 MiB = 1 << 20
@@ -493,3 +494,18 @@ def test_an_image_created_by_name_matches_qemu_system(tmp_path):
         got = backup_by_name(SYSTEM, tmp_path / name / "f", options)
         assert got == expected
         assert got[-1][-1] == 0
+
+
+@pytest.mark.parametrize("name", ["bat-past-end", "region-overlap"])
+def test_a_damaged_image_on_the_command_line_is_reported_as_qsd_reports_it(tmp_path, name):
+    """From `--blockdev`, QEMU's messages name the program and the option first (from a
+    monitor command, nothing)."""
+    img = damaged(tmp_path, name, DAMAGE[name])
+    seen = []
+    for binary in (QSD, FERRITE):
+        r = subprocess.run([binary, "--blockdev", f"file,node-name=f,filename={img}",
+                            "--blockdev", "vhdx,node-name=v,file=f"],
+                           capture_output=True, text=True, timeout=30)
+        seen.append((r.returncode, r.stderr.replace(os.path.basename(binary), "PROG")))
+    assert seen[1] == seen[0]
+    assert seen[1][1].startswith("PROG: --blockdev vhdx,node-name=v,file=f: VHDX")

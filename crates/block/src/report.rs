@@ -1,10 +1,25 @@
 //! Messages for the person running the program, on its standard error, as QEMU's
-//! `error_report` prints them: the program's name, then the message. For what fails
-//! where no command is there to return an error (a job's completion step).
+//! `error_report` and `warn_report` print them. Where they come from decides how they
+//! start: from the main loop (a job's completion step), with the program's name; from a
+//! command-line option being processed, with the program's name and the option; from a
+//! monitor command, with nothing (QEMU leaves out its location while a monitor is
+//! current).
 
-/// Prints `msg` as the program's error message.
-pub fn error_report(msg: &str) {
-    eprintln!("{}: {msg}", program());
+use std::future::Future;
+
+tokio::task_local! {
+    /// The command-line option being processed (`--blockdev driver=...`).
+    static OPTION: String;
+}
+
+/// Runs `fut` as the processing of the command-line option written `describe`: what it
+/// reports names the program and the option first. Within another option's processing
+/// (a front end's option handed to the daemon's), the outer one is named.
+pub async fn at_option<F: Future>(describe: String, fut: F) -> F::Output {
+    if OPTION.try_with(|_| ()).is_ok() {
+        return fut.await;
+    }
+    OPTION.scope(describe, fut).await
 }
 
 /// The program's name as its messages start with it: its file name as it was run.
@@ -17,14 +32,28 @@ pub fn program() -> String {
         .to_owned()
 }
 
-/// Prints `msg` as an error reported while a monitor command runs (QEMU's `error_report`
-/// with a monitor current, which leaves out the program's name).
-pub fn command_error_report(msg: &str) {
-    eprintln!("{msg}");
+/// `prog: option: ` while an option is processed, else nothing.
+fn option_prefix() -> String {
+    OPTION
+        .try_with(|o| format!("{}: {o}: ", program()))
+        .unwrap_or_default()
 }
 
-/// Prints `msg` as a warning raised by a monitor command (QEMU's `warn_report` while a
-/// monitor is current, which leaves out the program's name).
+/// Prints `msg` as the program's error message, from the main loop (or an option).
+pub fn error_report(msg: &str) {
+    match OPTION.try_with(String::clone) {
+        Ok(o) => eprintln!("{}: {o}: {msg}", program()),
+        Err(_) => eprintln!("{}: {msg}", program()),
+    }
+}
+
+/// Prints `msg` as an error found while a request runs: a monitor command's (no prefix)
+/// or a command-line option's.
+pub fn command_error_report(msg: &str) {
+    eprintln!("{}{msg}", option_prefix());
+}
+
+/// Prints `msg` as a warning raised while a request runs (see [`command_error_report`]).
 pub fn warn_report(msg: &str) {
-    eprintln!("warning: {msg}");
+    eprintln!("{}warning: {msg}", option_prefix());
 }

@@ -180,9 +180,8 @@ pub async fn start(
             }
             Checked::Object(args) => daemon.objects.add(&args).map_err(|e| located(opt, e))?,
             Checked::Blockdev(args) => {
-                daemon
-                    .graph
-                    .blockdev_add(&args)
+                let adding = daemon.graph.blockdev_add(&args);
+                ferrite_block::report::at_option(opt.describe(), adding)
                     .await
                     .map_err(|e| located(opt, e))?;
             }

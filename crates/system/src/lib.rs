@@ -162,7 +162,9 @@ async fn daemon_option(
     opt: CliOption,
     prog: &str,
 ) -> Result<(), Failure> {
-    match ferrite_storage_daemon::front_end::start(daemon, std::slice::from_ref(&opt), prog).await {
+    let starting =
+        ferrite_storage_daemon::front_end::start(daemon, std::slice::from_ref(&opt), prog);
+    match ferrite_block::report::at_option(o.describe(), starting).await {
         Ok(_) => Ok(()),
         Err(OptionError(msg)) => {
             let tail = msg
