@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = os.path.join(HERE, "seeds")
@@ -335,6 +336,18 @@ def images():
         area = bytes([0x81]) + bytes(511) + b"\x42" * 4096
         put("qcow2_image", "bochs", head + catalog + area + area)
         put("qcow2_image", "vhdx", vhdx_seed())
+        # cloop: four 4 KiB blocks, each compressed on its own.
+        magic = (b"#!/bin/sh\n#V2.0 Format\n"
+                 b"modprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n")
+        packed = [zlib.compress(bytes([i + 1]) * 2048 + bytes(range(256)) * 8)
+                  for i in range(4)]
+        at, offsets = 128 + 8 + 8 * 5, []
+        for p in packed:
+            offsets.append(at)
+            at += len(p)
+        offsets.append(at)
+        put("qcow2_image", "cloop", magic + bytes(128 - len(magic))
+            + struct.pack(">II5Q", 4096, 4, *offsets) + b"".join(packed))
     finally:
         shutil.rmtree(tmp)
 

@@ -100,3 +100,49 @@ def opened_read_only(both, img, fmt, reads, stderr_with=None):
                                    if stderr_with in ln]))
         results.append(json.loads(json.dumps(out).replace(str(img), "IMG")))
     assert_same_transcript(*results)
+
+
+def assert_writable_opens_refused_or_made_read_only(both, img, fmt):
+    """A format QEMU only reads: a writable open refused, one with `auto-read-only` made
+    read-only, and a resize of it refused, alike in both daemons."""
+    results = []
+    for d in both():
+        c = d.connect()
+        out = []
+        cmd = recorder(c, out)
+        cmd("blockdev-add", {"driver": fmt, "node-name": "w",
+                             "file": {"driver": "file", "filename": str(img)}})
+        cmd("blockdev-add", {"driver": fmt, "node-name": "a", "auto-read-only": True,
+                             "file": {"driver": "file", "filename": str(img),
+                                      "auto-read-only": True}})
+        out.append(("ro", [n["ro"] for n in c.cmd("query-named-block-nodes")["return"]
+                           if n["node-name"] == "a"]))
+        cmd("block_resize", {"node-name": "a", "size": 1 << 20})
+        c.close()
+        d.stop()
+        results.append(out)
+    assert_same_transcript(*results)
+
+
+def read_through_export(both, img, fmt, reads):
+    """Both daemons open an image read-only and read it through a read-only export: the
+    same node information, the same `reads` (qemu-io commands); ferrite's transcript."""
+    results = []
+    for d in both():
+        c = d.connect()
+        out = []
+        cmd = recorder(c, out)
+        cmd("blockdev-add", {"driver": fmt, "node-name": "v", "read-only": True,
+                             "file": {"driver": "file", "filename": str(img),
+                                      "read-only": True}})
+        out.append(("nodes", [{k: n[k] for k in ("ro", "drv", "image")}
+                              for n in c.cmd("query-named-block-nodes", {"flat": True})
+                              ["return"] if n["node-name"] == "v"]))
+        uri = export(c, d, "v", "v", False)
+        out.append(("io", qemu_io_lines("-r", "-f", "raw",
+                                        *[a for r in reads for a in ("-c", r)], uri)))
+        c.close()
+        d.stop()
+        results.append(out)
+    assert_same_transcript(*results)
+    return results[1]

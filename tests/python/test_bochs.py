@@ -7,9 +7,8 @@ import struct
 
 import pytest
 
-from blockjobs import export
-from conftest import assert_same_transcript, recorder
-from image_formats import opened_read_only, qemu_io_lines
+from image_formats import (assert_writable_opens_refused_or_made_read_only, opened_read_only,
+                           read_through_export)
 
 EXTENT = 65536
 SECTORS = EXTENT // 512
@@ -54,46 +53,12 @@ READS = ["read -P 0 0 512", "read -P 9 4608 512", "read -P 0 5120 1k",
 @pytest.mark.parametrize("version", [2, 1])
 def test_bochs_image_reads_as_under_qsd(both, tmp_path, version):
     img = bochs_image(tmp_path / "b.bochs", version=version)
-    results = []
-    for d in both():
-        c = d.connect()
-        out = []
-        cmd = recorder(c, out)
-        cmd("blockdev-add", {"driver": "bochs", "node-name": "v", "read-only": True,
-                             "file": {"driver": "file", "filename": str(img),
-                                      "read-only": True}})
-        out.append(("nodes", [{k: n[k] for k in ("ro", "drv", "image")}
-                              for n in c.cmd("query-named-block-nodes", {"flat": True})
-                              ["return"] if n["node-name"] == "v"]))
-        uri = export(c, d, "v", "v", False)
-        out.append(("io", qemu_io_lines("-r", "-f", "raw",
-                                        *[a for r in READS for a in ("-c", r)], uri)))
-        c.close()
-        d.stop()
-        results.append(out)
-    assert_same_transcript(*results)
-    assert not [ln for ln in results[1][-1][1] if "fail" in ln or "error" in ln]
+    ours = read_through_export(both, img, "bochs", READS)
+    assert not [ln for ln in ours[-1][1] if "fail" in ln or "error" in ln]
 
 
 def test_writable_opens_are_refused_or_made_read_only(both, tmp_path):
-    img = bochs_image(tmp_path / "b.bochs")
-    results = []
-    for d in both():
-        c = d.connect()
-        out = []
-        cmd = recorder(c, out)
-        cmd("blockdev-add", {"driver": "bochs", "node-name": "w",
-                             "file": {"driver": "file", "filename": str(img)}})
-        cmd("blockdev-add", {"driver": "bochs", "node-name": "a", "auto-read-only": True,
-                             "file": {"driver": "file", "filename": str(img),
-                                      "auto-read-only": True}})
-        out.append(("ro", [n["ro"] for n in c.cmd("query-named-block-nodes")["return"]
-                           if n["node-name"] == "a"]))
-        cmd("block_resize", {"node-name": "a", "size": 1 << 20})
-        c.close()
-        d.stop()
-        results.append(out)
-    assert_same_transcript(*results)
+    assert_writable_opens_refused_or_made_read_only(both, bochs_image(tmp_path / "b.bochs"), "bochs")
 
 
 DAMAGE = {

@@ -100,6 +100,22 @@ pub(crate) async fn open_file(ctx: &mut OpenCtx<'_>) -> ferrite_block::Result<(R
     Ok((file, read_only))
 }
 
+/// Opens the `file` child of a format QEMU only reads (`bochs`, `cloop`): a writable node
+/// is made read-only if `auto-read-only` allows it, else refused (QEMU's
+/// `bdrv_apply_auto_read_only`).
+///
+/// # Errors
+/// "Image is read-only", or the child's error.
+pub(crate) async fn open_read_only_file(ctx: &mut OpenCtx<'_>) -> ferrite_block::Result<Rc<Child>> {
+    if !ctx.settings().read_only {
+        if !ctx.opts().opt_bool("auto-read-only").unwrap_or(false) {
+            return Err(ferrite_block::Error::ImageReadOnly);
+        }
+        ctx.settings().read_only = true;
+    }
+    Ok(open_file(ctx).await?.0)
+}
+
 /// `len` bytes with no place in the file: zeroes (QEMU counts them as allocated, the
 /// format having said what they read as).
 pub(crate) fn unplaced(len: u64) -> Extent {
@@ -227,6 +243,83 @@ macro_rules! block_mapped_driver {
     };
 }
 pub(crate) use block_mapped_driver;
+
+/// The `Driver` methods of a format QEMU only reads (`bochs`, `cloop`): no writes of any
+/// kind, nothing to flush, no resize, no block status of its own (all data), 512-byte
+/// requests, no `bdrv_get_info`. The driver type has `read_only: Cell<bool>`.
+macro_rules! read_only_format_answers {
+    ($format:literal) => {
+        $crate::format_child_answers!();
+
+        fn format_name(&self) -> &'static str {
+            $format
+        }
+
+        fn write<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            _offset: u64,
+            _data: Vec<u8>,
+            _flags: ferrite_block::ReqFlags,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            ferrite_block::driver::unsupported()
+        }
+
+        fn write_zeroes<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            _offset: u64,
+            _len: u64,
+            _flags: ferrite_block::ReqFlags,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            ferrite_block::driver::unsupported()
+        }
+
+        fn discard<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            _offset: u64,
+            _len: u64,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            ferrite_block::driver::unsupported()
+        }
+
+        fn flush<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        /// QEMU's driver answers no block status: all of it is data.
+        fn block_status<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            _offset: u64,
+            len: u64,
+        ) -> ferrite_block::driver::BoxFut<'a, ferrite_block::driver::Extent> {
+            Box::pin(async move { Ok(ferrite_block::driver::Extent::data(len)) })
+        }
+
+        fn truncate<'a>(
+            &'a self,
+            _node: &'a ferrite_block::Node,
+            _size: u64,
+        ) -> ferrite_block::driver::BoxFut<'a, ()> {
+            ferrite_block::driver::unsupported()
+        }
+
+        fn request_alignment(&self, _node: &ferrite_block::Node) -> u64 {
+            512
+        }
+
+        /// QEMU's driver answers no `bdrv_get_info`: no cluster size.
+        fn has_image_info(&self) -> bool {
+            false
+        }
+    };
+}
+pub(crate) use read_only_format_answers;
 
 /// The `Driver` methods QEMU's simple formats (`vdi`, `vpc`, `vmdk`) answer alike: those of
 /// [`format_child_answers!`](crate::format_child_answers), no discard (a no-op), no resize, migration blocked. The driver

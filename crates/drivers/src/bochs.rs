@@ -8,7 +8,7 @@
 
 use crate::blockmap;
 use crate::error::generic;
-use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
+use ferrite_block::driver::{BoxFut, Driver};
 use ferrite_block::io::pool;
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
 use std::cell::Cell;
@@ -62,14 +62,7 @@ impl DriverFactory for BochsFactory {
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
-            // No writing: a writable node is made read-only if it may be, else refused.
-            if !ctx.settings().read_only {
-                if !ctx.opts().opt_bool("auto-read-only").unwrap_or(false) {
-                    return Err(ferrite_block::Error::ImageReadOnly);
-                }
-                ctx.settings().read_only = true;
-            }
-            let (file, _) = blockmap::open_file(ctx).await?;
+            let file = blockmap::open_read_only_file(ctx).await?;
             Ok(Box::new(Bochs::open(file).await?) as Box<dyn Driver>)
         })
     }
@@ -199,11 +192,7 @@ impl Bochs {
 }
 
 impl Driver for Bochs {
-    crate::format_child_answers!();
-
-    fn format_name(&self) -> &'static str {
-        "bochs"
-    }
+    blockmap::read_only_format_answers!("bochs");
 
     fn len(&self, _node: &Node) -> u64 {
         self.size
@@ -211,50 +200,5 @@ impl Driver for Bochs {
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
         Box::pin(self.read_impl(offset, len))
-    }
-
-    fn write<'a>(
-        &'a self,
-        _node: &'a Node,
-        _offset: u64,
-        _data: Vec<u8>,
-        _flags: ReqFlags,
-    ) -> BoxFut<'a, ()> {
-        ferrite_block::driver::unsupported()
-    }
-
-    fn write_zeroes<'a>(
-        &'a self,
-        _node: &'a Node,
-        _offset: u64,
-        _len: u64,
-        _flags: ReqFlags,
-    ) -> BoxFut<'a, ()> {
-        ferrite_block::driver::unsupported()
-    }
-
-    fn discard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BoxFut<'a, ()> {
-        ferrite_block::driver::unsupported()
-    }
-
-    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        Box::pin(async { Ok(()) })
-    }
-
-    /// QEMU's driver answers no block status: all of it is data.
-    fn block_status<'a>(&'a self, _node: &'a Node, _offset: u64, len: u64) -> BoxFut<'a, Extent> {
-        Box::pin(async move { Ok(Extent::data(len)) })
-    }
-
-    fn truncate<'a>(&'a self, _node: &'a Node, _size: u64) -> BoxFut<'a, ()> {
-        ferrite_block::driver::unsupported()
-    }
-
-    fn request_alignment(&self, _node: &Node) -> u64 {
-        SECTOR
-    }
-
-    fn has_image_info(&self) -> bool {
-        false
     }
 }

@@ -15,6 +15,7 @@ mod blkverify;
 mod blockmap;
 pub use blockmap::create_on_file;
 pub mod cbw;
+mod cloop;
 mod compress;
 pub mod cor;
 mod error;
@@ -60,6 +61,7 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(blkverify::BlkverifyFactory));
     registry.register(Rc::new(blkdebug::BlkdebugFactory));
     registry.register(Rc::new(bochs::BochsFactory));
+    registry.register(Rc::new(cloop::CloopFactory));
     registry.register(Rc::new(parallels::ParallelsFactory));
     registry.register(Rc::new(qed::QedFactory));
     registry.register(Rc::new(quorum::QuorumFactory));

@@ -262,12 +262,14 @@ pub fn qcow2_image(input: &[u8]) {
             "bochs"
         } else if input.starts_with(b"vhdxfile") {
             "vhdx"
+        } else if input.starts_with(b"#!/bin/sh\n#V2.0 Format\n") {
+            "cloop"
         } else {
             "qcow2"
         };
-        if matches!(driver, "parallels" | "bochs" | "vhdx") {
-            // Read-only first: a Parallels format extension is read only then, Bochs
-            // images open no other way, and a VHDX log is searched but not replayed.
+        if matches!(driver, "parallels" | "bochs" | "cloop" | "vhdx") {
+            // Read-only first: a Parallels format extension is read only then, Bochs and
+            // cloop images open no other way, and a VHDX log is searched but not replayed.
             let opts = QDict::new()
                 .with("driver", driver)
                 .with("node-name", "ro")
