@@ -398,6 +398,8 @@ DAMAGE = {
     "log-length-odd": lambda d: (header(68, "<I", MiB + 4096)(d),
                                  header(48, "16s", bytes(range(1, 17)))(d)),
     "log-guid-no-entries": header(48, "16s", bytes(range(1, 17))),
+    "log-offset-huge": lambda d: (header(72, "<Q", 0xFFFFFFFFFFF00000)(d),
+                                  header(48, "16s", bytes(range(1, 17)))(d)),
     "region-checksum": lambda d: d.__setitem__(slice((192 << 10) + 4, (192 << 10) + 8), b"XXXX"),
     "region-count": region(-1, 8, "<I", 2048),
     "region-overlap": region(1, 16, "<Q", 2 * MiB),

@@ -138,6 +138,15 @@ impl Log {
         }
     }
 
+    /// Where position `pos` of the log is in the file; EIO past the largest offset a
+    /// request may reach (QEMU's request check), where a damaged header may place the log.
+    fn at(&self, pos: u64) -> io::Result<u64> {
+        self.offset
+            .checked_add(pos)
+            .filter(|&at| at <= i64::MAX as u64 - SECTOR)
+            .ok_or_else(|| errno(libc::EIO))
+    }
+
     fn next(&self, at: u64) -> u64 {
         let at = at + SECTOR;
         if at >= self.length { 0 } else { at }
@@ -156,7 +165,7 @@ impl Log {
         if read == self.write {
             return Err(errno(libc::EINVAL));
         }
-        let b = file.read(self.offset + read, ENTRY_HEADER_LEN).await?;
+        let b = file.read(self.at(read)?, ENTRY_HEADER_LEN).await?;
         Ok(EntryHeader::parse(&b))
     }
 
@@ -165,7 +174,7 @@ impl Log {
     async fn read_sectors(&mut self, file: &Child, n: u64) -> io::Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         while (out.len() as u64) < n && self.read != self.write {
-            out.push(file.read(self.offset + self.read, SECTOR as usize).await?);
+            out.push(file.read(self.at(self.read)?, SECTOR as usize).await?);
             self.read = self.next(self.read);
         }
         Ok(out)
@@ -260,7 +269,7 @@ impl Log {
         loop {
             let tail = cur.read;
             // Past the file's end every sector reads as zeroes: no entry can start there.
-            if self.offset + cur.read >= file_len {
+            if self.at(cur.read)? >= file_len {
                 break;
             }
             if let Some(h) = cur.validate(file, log_guid, 0).await? {
@@ -351,7 +360,9 @@ impl Log {
             self.sequence = 1;
         }
         let first = offset - offset % SECTOR;
-        let end = offset + data.len() as u64;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| errno(libc::EINVAL))?;
         let count = (end - first).div_ceil(SECTOR);
         let desc_sectors = descriptor_sectors(count as u32);
         let total = desc_sectors + count;
@@ -398,7 +409,7 @@ impl Log {
         seal(&mut entry, 4);
         let mut write = self.write;
         for sector in entry.chunks(SECTOR as usize) {
-            let at = self.offset + write;
+            let at = self.at(write)?;
             write = self.next(write);
             if write == self.read {
                 // The log is full: QEMU stops here and fails the write.

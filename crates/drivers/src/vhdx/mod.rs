@@ -321,7 +321,8 @@ async fn read_metadata(file: &Child, region: &format::Region) -> io::Result<Layo
         return Err(errno(libc::ENOTSUP));
     };
     let item = async |e: format::MetaEntry, len: usize| {
-        file.read(region.offset + u64::from(e.offset), len).await
+        file.read(region.offset.saturating_add(u64::from(e.offset)), len)
+            .await
     };
     let p = item(params, 8).await?;
     let (block_size, bits) = (u64::from(le32(&p, 0)), le32(&p, 4));
@@ -583,8 +584,8 @@ impl State {
         let guid = random_guid()?;
         self.headers.update(false, Some(guid)).await?;
         let mut log = self.log.get();
-        log.append(f, &guid, self.bat_offset + 8 * i, &v.to_le_bytes(), f.len())
-            .await?;
+        let at = self.bat_offset.saturating_add(8 * i);
+        log.append(f, &guid, at, &v.to_le_bytes(), f.len()).await?;
         self.log.set(log);
         let mut run = log.pending();
         f.flush().await?;
