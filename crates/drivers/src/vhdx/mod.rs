@@ -202,10 +202,14 @@ impl Headers {
         self.update_one(new_data_guid, log_guid).await
     }
 
-    /// Before the first guest-visible change: new data write GUIDs.
+    /// Before the first guest-visible change: new data write GUIDs. The flag clears once
+    /// the headers are written, so that writes checking it meanwhile wait for them (the
+    /// caller holds the allocation lock); QEMU clears it first and does not try again
+    /// after a failed update.
     async fn visible_write(&self) -> io::Result<()> {
-        if self.first_visible_write.replace(false) {
+        if self.first_visible_write.get() {
             self.update(true, None).await?;
+            self.first_visible_write.set(false);
         }
         Ok(())
     }
