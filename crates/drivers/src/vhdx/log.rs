@@ -169,15 +169,14 @@ impl Log {
         Ok(EntryHeader::parse(&b))
     }
 
-    /// Up to `n` sectors from the read position (fewer where the writes end), read moving
-    /// past them.
-    async fn read_sectors(&mut self, file: &Child, n: u64) -> io::Result<Vec<Vec<u8>>> {
-        let mut out = Vec::new();
-        while (out.len() as u64) < n && self.read != self.write {
-            out.push(file.read(self.at(self.read)?, SECTOR as usize).await?);
-            self.read = self.next(self.read);
+    /// The sector at the read position, read moving past it; `None` where the writes end.
+    async fn read_sector(&mut self, file: &Child) -> io::Result<Option<Vec<u8>>> {
+        if self.read == self.write {
+            return Ok(None);
         }
-        Ok(out)
+        let sector = file.read(self.at(self.read)?, SECTOR as usize).await?;
+        self.read = self.next(self.read);
+        Ok(Some(sector))
     }
 
     fn header_is_valid(&self, h: &EntryHeader, log_guid: &Guid) -> bool {
@@ -207,7 +206,7 @@ impl Log {
         // Sector by sector, so that a count the file cannot back fails before it takes
         // memory.
         while (sectors.len() as u64) < n {
-            let Some(s) = self.read_sectors(file, 1).await?.pop() else {
+            let Some(s) = self.read_sector(file).await? else {
                 return Err(errno(libc::EINVAL));
             };
             let first = if sectors.is_empty() { 2 } else { 0 };
@@ -243,7 +242,7 @@ impl Log {
         let mut entry: Vec<u8> = sectors.concat();
         let total = u64::from(h.entry_length) / SECTOR;
         for _ in sectors.len() as u64..total {
-            let Some(s) = self.read_sectors(file, 1).await?.pop() else {
+            let Some(s) = self.read_sector(file).await? else {
                 return Ok(None);
             };
             entry.extend_from_slice(&s);
@@ -318,7 +317,7 @@ impl Log {
                         .await?;
                     continue;
                 }
-                let Some(data) = run.cursor.read_sectors(file, 1).await?.pop() else {
+                let Some(data) = run.cursor.read_sector(file).await? else {
                     return Err(errno(libc::EINVAL));
                 };
                 let seq = (u64::from(le32(&data, 4)) << 32) | u64::from(le32(&data, 4092));
