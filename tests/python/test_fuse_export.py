@@ -243,6 +243,45 @@ def test_fallocate_past_the_end_allocates_as_qsd(both):
     assert_same_transcript(fallocate_transcript(q), fallocate_transcript(f))
 
 
+def open_file_transcript(d):
+    """The export's end while a process holds the file open: the mount goes at once, both
+    on `block-export-del` and on SIGTERM (a plain unmount would fail with EBUSY and leave a
+    dead mount behind the daemon: iotests' FUSE runs of 060 and 080 found it)."""
+    w = d.workdir
+    img = w / "img.raw"
+    img.write_bytes(b"\x11" * MiB)
+    (w / "mnt").write_bytes(b"")
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+    export = {"type": "fuse", "node-name": "f", "mountpoint": "mnt", "writable": True}
+    cmd("block-export-add", {"id": "e", **export})
+    fd = os.open(w / "mnt", os.O_RDWR)
+    try:
+        cmd("block-export-del", {"id": "e"})
+        out.append(("event", c.wait_event("BLOCK_EXPORT_DELETED")["data"]))
+        out.append(("mounted-after-del", mounted(w / "mnt"), os.stat(w / "mnt").st_size))
+    finally:
+        out.append(("close-after-del", errname(lambda: os.close(fd))))
+    cmd("block-export-add", {"id": "e2", **export})
+    fd = os.open(w / "mnt", os.O_RDWR)
+    try:
+        out.append(("read", os.pread(fd, 4, 0)))
+        c.close()
+        d.stop()
+        out.append(("mounted-after-exit", mounted(w / "mnt"), os.stat(w / "mnt").st_size))
+        out.append(("held-file", errname(lambda: os.pread(fd, 4, 512 * 1024))))
+    finally:
+        out.append(("close-after-exit", errname(lambda: os.close(fd))))
+    return out
+
+
+def test_the_mount_goes_while_a_file_is_open_as_qsd(both):
+    q, f = both()
+    assert_same_transcript(open_file_transcript(q), open_file_transcript(f))
+
+
 def test_a_killed_daemon_leaves_no_mount_in_the_way(ferrite, tmp_path):
     """SIGKILL leaves a dead mount (the kernel answers ENOTCONN); the next daemon exporting
     there detaches it and mounts (qemu-storage-daemon fails to stat it instead)."""

@@ -2,7 +2,7 @@
 //! `fuse_export_delete`).
 
 use crate::kernel::Op;
-use crate::mount::{mount, stat_clearing_dead_mount};
+use crate::mount::{detach, mount, stat_clearing_dead_mount};
 use crate::serve::FileState;
 use ferrite_block::Perm;
 use ferrite_export::{ExportInstance, ExportSetup, ExportType, LocalFut};
@@ -110,8 +110,11 @@ impl ExportInstance for FuseExport {
     fn shut_down(&self) -> LocalFut<'_, ()> {
         Box::pin(async move {
             // Unmounted (detached) first, so no new file can be opened; requests the
-            // kernel still sends for files already open are answered EIO.
-            drop(self.session.borrow_mut().take());
+            // kernel still sends for files already open are answered ENOTCONN.
+            if let Some(session) = self.session.borrow_mut().take() {
+                detach(&self.mountpoint);
+                drop(session);
+            }
             self.serving.abort();
             self.state.quiesce().await;
             self.mountpoints.borrow_mut().remove(&self.mountpoint);

@@ -60,15 +60,18 @@ pub(crate) struct Forwarder {
 }
 
 impl Forwarder {
-    /// Hands `op` to the main thread; once the export is ending, answers EIO instead.
+    /// Hands `op` to the main thread. Once the export has ended, files still open on the
+    /// detached mount get ENOTCONN, as QEMU's clients do when its closed session aborts
+    /// the connection.
     fn forward(&self, op: Op) {
+        const ENDED: Errno = Errno::ENOTCONN;
         if let Err(unsent) = self.ops.send(op) {
             match unsent.0 {
-                Op::GetAttr(r) | Op::SetAttr(_, r) => r.error(Errno::EIO),
-                Op::Read { reply, .. } => reply.error(Errno::EIO),
-                Op::Write { reply, .. } => reply.error(Errno::EIO),
-                Op::Fallocate { reply, .. } | Op::Flush(reply) => reply.error(Errno::EIO),
-                Op::Lseek { reply, .. } => reply.error(Errno::EIO),
+                Op::GetAttr(r) | Op::SetAttr(_, r) => r.error(ENDED),
+                Op::Read { reply, .. } => reply.error(ENDED),
+                Op::Write { reply, .. } => reply.error(ENDED),
+                Op::Fallocate { reply, .. } | Op::Flush(reply) => reply.error(ENDED),
+                Op::Lseek { reply, .. } => reply.error(ENDED),
             }
         }
     }

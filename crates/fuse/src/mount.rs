@@ -29,6 +29,20 @@ pub(crate) fn mount(
     Session::new(Forwarder { ops }, mountpoint, &config)?.spawn()
 }
 
+/// Detaches the mount lazily, as QEMU's export does: the mount point is free at once even
+/// while a file on it is still open (a plain unmount, fuser's way as root, fails with EBUSY
+/// then, and the mount outlives the daemon as a dead one). Without the privilege, fuser's
+/// own unmount on drop goes through `fusermount -u -z`, which is lazy too.
+pub(crate) fn detach(mountpoint: &str) {
+    let Ok(path) = std::ffi::CString::new(mountpoint) else {
+        return;
+    };
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        tracing::debug!(mountpoint, error = %io::Error::last_os_error(), "lazy unmount");
+    }
+}
+
 /// `stat` of the mount point; a FUSE mount whose daemon died (the kernel answers
 /// ENOTCONN) is detached first, so that a daemon killed with its exports mounted does not
 /// keep the next one from exporting there.
