@@ -108,6 +108,11 @@ pub struct Node {
     /// (QEMU's `write_gen` and `flushed_gen`).
     pub(crate) write_gen: Cell<u64>,
     pub(crate) flushed_gen: Cell<u64>,
+    /// Flushes of the node go one at a time, in the order they came (QEMU's
+    /// `active_flush_req` and `flush_queue`).
+    pub(crate) flush_turn: tokio::sync::Mutex<()>,
+    /// While the driver flushes: whether writes the flush is to cover were not flushed yet.
+    pub(crate) flush_pending: Cell<bool>,
     pub(crate) in_flight: Cell<u64>,
     quiesce: Cell<u32>,
     /// Its format was probed, not given (QEMU's `probed`): a raw image then keeps
@@ -177,6 +182,8 @@ impl Node {
             wr_highest_offset: Cell::new(0),
             write_gen: Cell::new(0),
             flushed_gen: Cell::new(0),
+            flush_turn: tokio::sync::Mutex::new(()),
+            flush_pending: Cell::new(false),
             in_flight: Cell::new(0),
             quiesce: Cell::new(0),
             probed: Cell::new(false),
@@ -687,15 +694,19 @@ impl Node {
         self.detect_zeroes.get()
     }
 
-    /// Bytes the node occupies on its storage: the driver's own figure, or what its data and
-    /// metadata children occupy, not its backing chain (QEMU: `bdrv_get_allocated_file_size`);
-    /// `None` where the storage cannot say (a remote export).
+    /// Bytes the node occupies on its storage: the driver's own figure, a filter's filtered
+    /// child's, or what its data and metadata children occupy, not its backing chain (QEMU:
+    /// `bdrv_get_allocated_file_size`); `None` where the storage cannot say (a remote
+    /// export).
     pub fn allocated_file_size(&self) -> Option<u64> {
         if let Some(n) = self.driver.actual_size(self) {
             return Some(n);
         }
         if !self.driver.knows_allocated_size() {
             return None;
+        }
+        if let Some(name) = self.driver.filtered_child() {
+            return self.child(name)?.allocated_file_size();
         }
         Some(
             self.children()

@@ -260,8 +260,15 @@ impl Node {
 
     /// Flushes; a no-op with `cache.no-flush=on`. Raises `flush_to_os` on the primary child
     /// of a writable node, and `flush_to_disk` when something changed since the last flush,
-    /// as QEMU's flush does.
-    pub(crate) async fn flush(&self) -> io::Result<()> {
+    /// as QEMU's flush does. Public for drivers that make a FUA request durable by
+    /// flushing their own node afterwards, as QEMU's block layer does for them.
+    ///
+    /// Flushes of one node go one at a time, in the order they came, each covering the
+    /// writes completed when it came: one that finds those already flushed by the one
+    /// before leaves the node's own flush out (QEMU's `current_gen`).
+    pub async fn flush(&self) -> io::Result<()> {
+        let generation = self.write_gen.get();
+        let _turn = self.flush_turn.lock().await;
         let primary = if self.is_read_only() {
             None
         } else {
@@ -275,19 +282,17 @@ impl Node {
         }
         // A protocol node that nothing changed since its last flush has nothing to make
         // durable (QEMU skips the disk flush the same way).
-        let generation = self.write_gen.get();
-        if self.flushed_gen.get() == generation
-            && self.children().is_empty()
-            && !self.driver.flushes_every_time()
-        {
+        let pending = self.flushed_gen.get() != generation;
+        if !pending && self.children().is_empty() && !self.driver.flushes_every_time() {
             return Ok(());
         }
         if let Some(p) = &primary
-            && self.flushed_gen.get() != generation
+            && pending
         {
             p.debug_event("flush_to_disk").await;
         }
         let _f = InFlight::begin(self);
+        self.flush_pending.set(pending);
         let r = self.driver.flush(self).await;
         if r.is_ok() && generation > self.flushed_gen.get() {
             self.flushed_gen.set(generation);
@@ -385,11 +390,11 @@ impl Node {
     }
 
     /// A request that may have changed the node completed.
-    /// Whether anything was written through the node since its last successful flush
-    /// (QEMU's `write_gen != flushed_gen`): a flush with nothing to make durable skips the
-    /// node's own disk flush and only passes on to its children.
+    /// For a driver's flush: whether writes the flush is to cover were not flushed yet
+    /// (QEMU's `flushed_gen != current_gen`). Without them the driver skips its own disk
+    /// flush and only passes the flush on to its children, as QEMU's block layer does.
     pub fn written_since_flush(&self) -> bool {
-        self.write_gen.get() != self.flushed_gen.get()
+        self.flush_pending.get()
     }
 
     fn changed(&self) {
