@@ -9,6 +9,7 @@
 //! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
 
 mod blkdebug;
+mod blklogwrites;
 mod bochs;
 pub use blkdebug::set_qtest;
 mod blkverify;
@@ -59,6 +60,7 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(preallocate::PreallocateFactory));
     registry.register(Rc::new(luks::LuksFactory));
     registry.register(Rc::new(blkverify::BlkverifyFactory));
+    registry.register(Rc::new(blklogwrites::BlkLogWritesFactory));
     registry.register(Rc::new(blkdebug::BlkdebugFactory));
     registry.register(Rc::new(bochs::BochsFactory));
     registry.register(Rc::new(cloop::CloopFactory));
