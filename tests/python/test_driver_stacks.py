@@ -2,6 +2,7 @@
 host device, and a LUKS volume read through an NBD client from a remote server; the same
 graph, the same data through an NBD export, and the images equal afterwards."""
 import json
+import re
 import subprocess
 
 import pytest
@@ -113,3 +114,46 @@ def luks_over_nbd(d, tmp_path, name):
 def test_luks_over_an_nbd_client(both, tmp_path):
     q, f = both(["--object", SECRET])
     assert_same_transcript(luks_over_nbd(q, tmp_path, "q"), luks_over_nbd(f, tmp_path, "f"))
+
+
+def filters_queried(d):
+    """Every filter over a qcow2 image, and the test drivers: what query-named-block-nodes
+    shows of each (a filter has no cluster size, dirty flag or allocated size of its own:
+    its filtered child's are shown; blkdebug and blkverify, protocols in QEMU, show none)."""
+    w = d.workdir
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "t.qcow2"), "1M"],
+                   check=True)
+    (w / "raw").write_bytes(b"\0" * 65536)
+    (w / "log").write_bytes(b"")
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+
+    def qcow2():
+        return {"driver": "qcow2",
+                "file": {"driver": "file", "filename": "t.qcow2", "locking": "off"}}
+
+    cmd("object-add", {"qom-type": "throttle-group", "id": "tg"})
+    cmd("blockdev-add", {"driver": "throttle", "node-name": "thr", "throttle-group": "tg",
+                         "file": qcow2()})
+    cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": qcow2()})
+    cmd("blockdev-add", {"driver": "compress", "node-name": "cmp", "file": qcow2()})
+    cmd("blockdev-add", {"driver": "preallocate", "node-name": "pre",
+                         "file": {"driver": "file", "filename": "raw"}})
+    cmd("blockdev-add", {"driver": "blklogwrites", "node-name": "blw", "file": qcow2(),
+                         "log": {"driver": "file", "filename": "log"}})
+    cmd("blockdev-add", {"driver": "blkdebug", "node-name": "dbg", "image": qcow2()})
+    cmd("blockdev-add", {"driver": "blkverify", "node-name": "ver", "test": qcow2(),
+                         "raw": {"driver": "file", "filename": "raw", "locking": "off"}})
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    # Generated node names count differently in the two programs.
+    text = re.sub(r"#block\d+", "#block", normalize(json.dumps(nodes)))
+    out.append(("nodes", json.loads(text.replace(str(w), "W"))))
+    c.close()
+    d.stop()
+    return out
+
+
+def test_filters_show_their_filtered_childs_image_info_as_qsd(both):
+    q, f = both()
+    assert_same_transcript(filters_queried(q), filters_queried(f))

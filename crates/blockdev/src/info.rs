@@ -7,6 +7,20 @@ use ferrite_block::{Child, VertexKind};
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
+/// The node below `node` whose cluster size and dirty flag a query shows for it: a filter
+/// has none of its own and answers with its filtered child's, down to a node that is not a
+/// filter (QEMU's `bdrv_get_info`). `None`: `node` itself.
+fn info_source(node: &Node) -> Option<Rc<Node>> {
+    let mut source: Option<Rc<Node>> = None;
+    loop {
+        let n = source.as_deref().unwrap_or(node);
+        let Some(child) = n.driver().filtered_child().and_then(|c| n.child(c)) else {
+            return source;
+        };
+        source = Some(child);
+    }
+}
+
 /// `ImageInfo` for a node; unless `flat`, with its backing chain's (`backing-image`), which
 /// leaves out the filters jobs put in that the user never named when `skip_implicit` (what
 /// `query-block` shows of a drive).
@@ -15,7 +29,9 @@ fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
         .with("virtual-size", node.len())
         .with("filename", node.filename())
         .with("format", node.driver_name());
-    if let Some(cs) = node.driver().cluster_size() {
+    let info = info_source(node);
+    let info = info.as_deref().unwrap_or(node);
+    if let Some(cs) = info.driver().cluster_size() {
         d.insert("cluster-size", cs);
     }
     if let Some((name, format)) = node.driver().backing_filename() {
@@ -50,8 +66,8 @@ fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
     if let Some(fs) = node.driver().format_specific() {
         d.insert("format-specific", fs);
     }
-    if node.driver().has_image_info() {
-        d.insert("dirty-flag", node.driver().dirty_flag());
+    if info.driver().has_image_info() {
+        d.insert("dirty-flag", info.driver().dirty_flag());
     }
     if node.driver().is_encrypted() {
         d.insert("encrypted", true);

@@ -204,6 +204,8 @@ impl DriverFactory for BlkdebugFactory {
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
+            // A protocol driver in QEMU: the node is listed before the children it opens.
+            ctx.take_position_now();
             let opts = ctx.opts().clone();
             let mut rules = Vec::new();
             if let Some(path) = opts.opt_str("config") {
@@ -424,7 +426,8 @@ impl Driver for BlkdebugDriver {
         "blkdebug"
     }
 
-    fn has_image_info(&self) -> bool {
+    /// A protocol driver in QEMU, which cannot say what it occupies: no `actual-size`.
+    fn knows_allocated_size(&self) -> bool {
         false
     }
 

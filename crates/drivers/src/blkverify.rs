@@ -25,6 +25,8 @@ impl DriverFactory for BlkverifyFactory {
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
+            // A protocol driver in QEMU: the node is listed before the children it opens.
+            ctx.take_position_now();
             let raw = ctx.open_child("raw").await?;
             // The image under test given by name alone (`blkverify:RAW:TEST`) is opened in
             // the format it shows, as QEMU probes such data children.
@@ -103,7 +105,8 @@ impl Driver for Blkverify {
         false
     }
 
-    fn has_image_info(&self) -> bool {
+    /// A protocol driver in QEMU, which cannot say what it occupies: no `actual-size`.
+    fn knows_allocated_size(&self) -> bool {
         false
     }
 

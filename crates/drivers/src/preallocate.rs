@@ -153,10 +153,6 @@ impl Driver for Preallocate {
         "preallocate"
     }
 
-    fn has_image_info(&self) -> bool {
-        false
-    }
-
     fn len(&self, _node: &Node) -> u64 {
         self.0.data_end.get().unwrap_or_else(|| self.0.file.len())
     }

@@ -80,10 +80,6 @@ impl Driver for ThrottleDriver {
         "throttle"
     }
 
-    fn has_image_info(&self) -> bool {
-        false
-    }
-
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
         Box::pin(async move {
             self.admit(Direction::Read, len as u64).await;
