@@ -55,12 +55,14 @@ def fio(uri, size, runtime, extra):
                     f"--runtime={runtime}", *extra])
 
 
-def export_fio(binary, d, img, fmt, size, runtime, extra):
+def export_fio(binary, d, img, fmt, size, runtime, extra, nodes=None):
     """fio against an NBD export (`q`, on a unix socket in `d`) of `img` opened as `fmt`
-    over a file node by `binary`: (IOPS, MiB/s)."""
+    over a file node (`f0`) by `binary`, or as the `--blockdev` options `nodes` say:
+    (IOPS, MiB/s)."""
     sock = os.path.join(d, "nbd.sock")
+    nodes = nodes or [f"driver={fmt},node-name=q,file=f0"]
     args = [binary, "--blockdev", f"driver=file,node-name=f0,filename={img}",
-            "--blockdev", f"driver={fmt},node-name=q,file=f0",
+            *[a for n in nodes for a in ("--blockdev", n)],
             "--nbd-server", f"addr.type=unix,addr.path={sock}",
             "--export", "nbd,id=e0,node-name=q,writable=on"]
     with running(args, sock):

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """fio's nbd engine over an NBD export of the simple image formats (VMDK, QED, VDI, VHD,
-Parallels, VHDX; iodepth 16), against ferrite-storage-daemon and qemu-storage-daemon in
+Parallels, VHDX; iodepth 16; and the blklogwrites filter over a raw image), against ferrite-storage-daemon and qemu-storage-daemon in
 the same run: 4k random reads and writes on a fully allocated image, 64k random writes into
 an empty one (placing grains/blocks/clusters), and for VMDK 1M sequential reads of a
 stream-optimized (compressed) image; compressed qcow2 images (what cloud images are) read
@@ -43,10 +43,20 @@ ROWS = [
     ("vhdx full: rand write 4k", "vhdx", [], "full", ["--rw=randwrite", "--bs=4k"]),
     ("vhdx empty: rand write 64k", "vhdx", ["-o", "block_size=1M"], "empty",
      ["--rw=randwrite", "--bs=64k"]),
+    # The blklogwrites filter over a raw image, its log a file beside it.
+    ("blklogwrites: rand write 4k", "blklogwrites", [], "full", ["--rw=randwrite", "--bs=4k"]),
+    ("blklogwrites: seq write 1M", "blklogwrites", [], "full", ["--rw=write", "--bs=1M"]),
 ]
+
+# Filters, whose image is raw: the nodes over `f0` (the image's file node).
+FILTER_NODES = {
+    "blklogwrites": lambda d: [f"driver=file,node-name=l0,filename={os.path.join(d, 'log')}",
+                               "driver=blklogwrites,node-name=q,file=f0,log=l0"],
+}
 
 
 def make_image(d, fmt, opts, state):
+    fmt = "raw" if fmt in FILTER_NODES else fmt
     img = os.path.join(d, f"disk.{fmt}")
     if state == "empty":
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, img, f"{SIZE_MB}M"],
@@ -65,7 +75,11 @@ def make_image(d, fmt, opts, state):
 def measure(binary, fmt, opts, state, extra):
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
         img = make_image(d, fmt, opts, state)
-        return common.export_fio(binary, d, img, fmt, f"{SIZE_MB}M", RUNTIME, extra)[0]
+        nodes = FILTER_NODES[fmt](d) if fmt in FILTER_NODES else None
+        if nodes:
+            open(os.path.join(d, "log"), "wb").close()
+        return common.export_fio(binary, d, img, fmt, f"{SIZE_MB}M", RUNTIME, extra,
+                                 nodes)[0]
 
 
 def main():
