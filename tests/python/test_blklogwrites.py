@@ -63,7 +63,9 @@ def logged(d, ops, options=None, cache="writethrough", seed_log=b""):
                          "log": "l", "discard": "unmap", **(options or {})})
     uri = export(c, d, "x", "x", True)
     out.append(("io", qemu_io(uri, ops, cache)))
-    cmd("block-export-del", {"id": "x"})
+    # qemu-io has gone, but its connection's end may not have been seen yet: a safe-mode
+    # delete would then be refused as still in use.
+    cmd("block-export-del", {"id": "x", "mode": "hard"})
     c.wait_event("BLOCK_EXPORT_DELETED")
     # Deleting the node flushes it: a write since the last flush logs one more entry.
     cmd("blockdev-del", {"node-name": "x"})

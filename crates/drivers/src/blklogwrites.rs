@@ -282,13 +282,15 @@ impl BlkLogWrites {
         let seq = self.entries.get() + 1;
         self.entries.set(seq);
         self.end.set(start.wrapping_add(sectors));
+        // QEMU's 64-bit shift: a log appended to past 2^64 bytes wraps (and fails).
         let offset = start << self.bits();
-        let zeroes_at = offset + record.len() as u64;
+        let record_len = record.len() as u64;
         self.log.write(offset, record, ReqFlags::empty()).await?;
         if zeroes > 0 {
-            self.log
-                .write_zeroes(zeroes_at, zeroes, ReqFlags::empty())
-                .await?;
+            let at = offset
+                .checked_add(record_len)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
+            self.log.write_zeroes(at, zeroes, ReqFlags::empty()).await?;
         }
         if flags & FLUSH != 0 || seq % self.interval == 0 {
             self.update_superblock(seq).await?;
