@@ -705,8 +705,8 @@ impl Node {
         if !self.driver.knows_allocated_size() {
             return None;
         }
-        if let Some(name) = self.driver.filtered_child() {
-            return self.child(name)?.allocated_file_size();
+        if self.driver.filtered_child().is_some() {
+            return self.filtered()?.allocated_file_size();
         }
         Some(
             self.children()

@@ -389,7 +389,6 @@ impl Node {
         r
     }
 
-    /// A request that may have changed the node completed.
     /// For a driver's flush: whether writes the flush is to cover were not flushed yet
     /// (QEMU's `flushed_gen != current_gen`). Without them the driver skips its own disk
     /// flush and only passes the flush on to its children, as QEMU's block layer does.
@@ -397,6 +396,7 @@ impl Node {
         self.flush_pending.get()
     }
 
+    /// A request that may have changed the node completed.
     fn changed(&self) {
         self.write_gen.set(self.write_gen.get() + 1);
     }

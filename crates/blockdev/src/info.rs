@@ -7,20 +7,6 @@ use ferrite_block::{Child, VertexKind};
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
-/// The node below `node` whose cluster size and dirty flag a query shows for it: a filter
-/// has none of its own and answers with its filtered child's, down to a node that is not a
-/// filter (QEMU's `bdrv_get_info`). `None`: `node` itself.
-fn info_source(node: &Node) -> Option<Rc<Node>> {
-    let mut source: Option<Rc<Node>> = None;
-    loop {
-        let n = source.as_deref().unwrap_or(node);
-        let Some(child) = n.driver().filtered_child().and_then(|c| n.child(c)) else {
-            return source;
-        };
-        source = Some(child);
-    }
-}
-
 /// `ImageInfo` for a node; unless `flat`, with its backing chain's (`backing-image`), which
 /// leaves out the filters jobs put in that the user never named when `skip_implicit` (what
 /// `query-block` shows of a drive).
@@ -29,8 +15,10 @@ fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
         .with("virtual-size", node.len())
         .with("filename", node.filename())
         .with("format", node.driver_name());
-    let info = info_source(node);
-    let info = info.as_deref().unwrap_or(node);
+    // A filter has no cluster size or dirty flag of its own: the node below its filters
+    // answers (QEMU's `bdrv_get_info`).
+    let below_filters = node.filtered().map(|f| f.skip_filters());
+    let info = below_filters.as_deref().unwrap_or(node);
     if let Some(cs) = info.driver().cluster_size() {
         d.insert("cluster-size", cs);
     }

@@ -323,18 +323,24 @@ impl BlkLogWrites {
         r
     }
 
-    /// Does `file_op`, then logs `entry` with `zeroes` zeroed bytes of data (even when the
-    /// file failed, as QEMU does); the log's failure wins.
+    /// Does `file_op`, then logs `record` (flags `flags`) and `zeroes` zeroed bytes after
+    /// it, even when the file failed, as QEMU does; the log's failure wins.
     async fn file_and_log(
         &self,
         file_op: impl Future<Output = io::Result<()>>,
-        entry: Entry,
+        flags: u64,
+        record: Vec<u8>,
         zeroes: u64,
     ) -> io::Result<()> {
         let file = file_op.await;
-        self.log(entry.flags, entry.with_data(self.sector_size, &[]), zeroes)
-            .await?;
+        self.log(flags, record, zeroes).await?;
         file
+    }
+
+    /// The record of a request that logs no data of its own.
+    fn header(&self, offset: u64, len: u64, flags: u64) -> Vec<u8> {
+        self.entry(offset, len, flags)
+            .with_data(self.sector_size, &[])
     }
 
     fn entry(&self, offset: u64, len: u64, flags: u64) -> Entry {
@@ -357,9 +363,8 @@ impl BlkLogWrites {
         let record = self
             .entry(offset, data.len() as u64, 0)
             .with_data(self.sector_size, &data);
-        let file = self.file.write(offset, data, ReqFlags::empty()).await;
-        self.log(0, record, 0).await?;
-        file?;
+        let write = self.file.write(offset, data, ReqFlags::empty());
+        self.file_and_log(write, 0, record, 0).await?;
         self.fua(node, flags).await
     }
 
@@ -425,8 +430,8 @@ impl BlkLogWrites {
         let piece_max = MAX_ZEROES & !(self.sector_size - 1);
         while at < offset + len {
             let n = piece_max.min(offset + len - at);
-            let entry = self.entry(at, n, 0);
-            self.file_and_log(self.file.write_zeroes(at, n, ReqFlags::empty()), entry, n)
+            let zeroing = self.file.write_zeroes(at, n, ReqFlags::empty());
+            self.file_and_log(zeroing, 0, self.header(at, n, 0), n)
                 .await?;
             at += n;
         }
@@ -548,9 +553,9 @@ impl Driver for BlkLogWrites {
             if end <= start {
                 return Ok(());
             }
-            let entry = self.entry(start, end - start, DISCARD);
+            let record = self.header(start, end - start, DISCARD);
             let _side_by_side = self.padding.read().await;
-            self.file_and_log(self.file.discard(start, end - start), entry, 0)
+            self.file_and_log(self.file.discard(start, end - start), DISCARD, record, 0)
                 .await
         })
     }
@@ -561,8 +566,9 @@ impl Driver for BlkLogWrites {
     fn flush<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             if node.written_since_flush() {
-                let entry = self.entry(0, 0, FLUSH);
-                self.file_and_log(self.file.flush(), entry, 0).await?;
+                let record = self.header(0, 0, FLUSH);
+                self.file_and_log(self.file.flush(), FLUSH, record, 0)
+                    .await?;
             }
             self.file.flush().await?;
             self.log.flush().await

@@ -34,13 +34,20 @@ pub(crate) fn mount(
 /// then, and the mount outlives the daemon as a dead one). Without the privilege, fuser's
 /// own unmount on drop goes through `fusermount -u -z`, which is lazy too.
 pub(crate) fn detach(mountpoint: &str) {
-    let Ok(path) = std::ffi::CString::new(mountpoint) else {
-        return;
-    };
+    if let Err(error) = umount_lazily(mountpoint) {
+        tracing::debug!(mountpoint, %error, "lazy unmount");
+    }
+}
+
+/// `umount2(mountpoint, MNT_DETACH)`.
+fn umount_lazily(mountpoint: &str) -> io::Result<()> {
+    let path = std::ffi::CString::new(mountpoint)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
     if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-        tracing::debug!(mountpoint, error = %io::Error::last_os_error(), "lazy unmount");
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// `stat` of the mount point; a FUSE mount whose daemon died (the kernel answers
@@ -50,12 +57,7 @@ pub(crate) fn stat_clearing_dead_mount(mountpoint: &str) -> io::Result<std::fs::
     match std::fs::metadata(mountpoint) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             tracing::warn!(mountpoint, "detaching a dead FUSE mount");
-            let path = std::ffi::CString::new(mountpoint)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
-            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-                return Err(e);
-            }
+            umount_lazily(mountpoint).map_err(|_| e)?;
             std::fs::metadata(mountpoint)
         }
         r => r,
