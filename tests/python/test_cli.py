@@ -172,3 +172,30 @@ def test_trace_output_goes_to_stderr_only(tmp_path):
     for line in p.stdout.split(b"\r\n"):
         if line:
             assert line.startswith(b"{")
+
+
+@pytest.mark.parametrize("binary", [QSD, FERRITE])
+def test_commands_wait_until_the_command_line_is_acted_on(binary, tmp_path):
+    # A LUKS image slow to open (a second of PBKDF2): a client connecting as soon as the
+    # monitor's socket is there finds the node the later --blockdev opens. ferrite answered
+    # during the open, with the half-made graph (only the image's file node).
+    image = str(tmp_path / "slow.luks")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s,data=pw",
+                    "-o", "key-secret=s,iter-time=1000", image, "1M"], check=True)
+    sock = str(tmp_path / "m.sock")
+    p = subprocess.Popen([binary, "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
+                          "--monitor", "m", "--object", "secret,id=s,data=pw",
+                          "--blockdev", f"luks,node-name=l,key-secret=s,file.driver=file,"
+                                        f"file.filename={image}"])
+    try:
+        wait_for(lambda: os.path.exists(sock), what="socket")
+        c = RawQmp(sock)
+        c.send(b'{"execute":"qmp_capabilities"}')
+        assert c.recv_msgs(1) == [{"return": {}}]
+        nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+        assert "l" in {n["node-name"] for n in nodes}
+        c.cmd("quit")
+        assert p.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -116,6 +116,16 @@ ERRORS = [
      "-device", "virtio-scsi,iothread=t0,id=s0",
      "-device", "scsi-hd,bus=s0.0,drive=disk,share-rw=on",
      "-device", "virtio-blk-pci,drive=disk,iothread=t0,share-rw=on"],
+    # -object: parsing errors name the option (a duplicate id among them found as they are
+    # parsed); what making the object finds does not.
+    ["-object", "secret,id=k,data=x", "-object", "secret,id=k,data=y"],
+    ["-object", "iothread,id=1i"],
+    ["-object", "secret_keyring,id=k"],
+    ["-object", "secret,id=k"],
+    ["-object", "secret_keyring,id=k,serial=1"],
+    ["-object", "secret,id=k,data=x,keyid=nope"],
+    ["-object", "throttle-group,id=t,x-iops-total=-1"],
+    ["-object", "iothread,id=i,thread-pool-min=5,thread-pool-max=2"],
 ]
 
 

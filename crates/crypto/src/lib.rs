@@ -16,6 +16,7 @@
 //! - `hash.rs`: the hash algorithms a header may name;
 //! - `pkcs8.rs`: password-encrypted PKCS #8 private keys (PBES2), as TLS credentials keep them.
 
+mod aes_cbc;
 mod af;
 mod amend;
 mod cipher;
@@ -24,6 +25,7 @@ mod luks;
 mod pkcs8;
 mod xts;
 
+pub use aes_cbc::{AES_BLOCK, aes_cbc_decrypt};
 pub use amend::{Secret, SlotChange, Writes, amend_key_slots};
 pub use cipher::{SECTOR, SectorCipher};
 pub use hash::md5;

@@ -8,10 +8,6 @@
 //! refuses; both forms are valid DER for this structure.
 
 use crate::hash::Hash;
-use aes::cipher::BlockModeDecrypt;
-use aes::cipher::KeyIvInit;
-use aes::cipher::block_padding::NoPadding;
-use aes::{Aes128, Aes192, Aes256};
 
 /// Why a key could not be decrypted.
 #[derive(Debug, PartialEq, Eq)]
@@ -130,25 +126,10 @@ fn aes_cbc_key_len(oid: &[u8]) -> Option<usize> {
     }
 }
 
-/// Decrypts `data` in place with AES-CBC and strips the PKCS #7 padding.
-fn aes_cbc_decrypt(key: &[u8], iv: &[u8], mut data: Vec<u8>) -> Result<Vec<u8>, Pkcs8Error> {
-    fn run<C>(key: &[u8], iv: &[u8], data: &mut [u8]) -> Result<(), Pkcs8Error>
-    where
-        cbc::Decryptor<C>: KeyIvInit + BlockModeDecrypt,
-        C: aes::cipher::BlockCipherDecrypt,
-    {
-        let d = cbc::Decryptor::<C>::new_from_slices(key, iv).map_err(|_| Pkcs8Error::Malformed)?;
-        d.decrypt_padded::<NoPadding>(data)
-            .map(|_| ())
-            .map_err(|_| Pkcs8Error::Malformed)
-    }
-    if data.is_empty() || data.len() % 16 != 0 {
+/// Decrypts `data` with AES-CBC and strips the PKCS #7 padding.
+fn decrypt_padded(key: &[u8], iv: &[u8], mut data: Vec<u8>) -> Result<Vec<u8>, Pkcs8Error> {
+    if data.is_empty() || !crate::aes_cbc::aes_cbc_decrypt(key, iv, &mut data) {
         return Err(Pkcs8Error::Malformed);
-    }
-    match key.len() {
-        16 => run::<Aes128>(key, iv, &mut data)?,
-        24 => run::<Aes192>(key, iv, &mut data)?,
-        _ => run::<Aes256>(key, iv, &mut data)?,
     }
     let pad = usize::from(*data.last().unwrap_or(&0));
     let body_len = data
@@ -212,7 +193,7 @@ pub fn decrypt_pkcs8(der: &[u8], password: &[u8]) -> Result<Vec<u8>, Pkcs8Error>
 
     let mut key = vec![0u8; aes_len];
     hash.pbkdf2(password, salt, rounds, &mut key);
-    let plain = aes_cbc_decrypt(&key, iv, encrypted.to_vec())?;
+    let plain = decrypt_padded(&key, iv, encrypted.to_vec())?;
     // A wrong password passes the padding check one time in about 256: the result is then
     // no DER sequence filling the whole buffer.
     let mut whole = Der(&plain);
@@ -225,7 +206,9 @@ pub fn decrypt_pkcs8(der: &[u8], password: &[u8]) -> Result<Vec<u8>, Pkcs8Error>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aes::cipher::BlockModeEncrypt;
+    use aes::Aes256;
+    use aes::cipher::block_padding::NoPadding;
+    use aes::cipher::{BlockModeEncrypt, KeyIvInit};
 
     /// An `EncryptedPrivateKeyInfo` of `plain` as GnuTLS writes one (PRF without NULL).
     fn encrypt(plain: &[u8], password: &[u8], hash: Hash, prf: &[u8]) -> Vec<u8> {

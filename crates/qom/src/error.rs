@@ -64,9 +64,35 @@ pub enum Error {
     /// Thread pool bounds that do not make a pool.
     #[error("bad thread-pool-min/thread-pool-max values")]
     ThreadPoolBounds,
-    /// Encrypted secrets (not yet).
-    #[error("encrypted secrets (keyid, iv) are not supported by ferrite yet")]
-    EncryptedSecret,
+    /// An encrypted secret's key (`keyid`) that is not an AES-256 key.
+    #[error("Key should be 32 bytes in length")]
+    SecretKeyLength,
+    /// An encrypted secret without its IV.
+    #[error("IV is required to decrypt secret")]
+    SecretIvMissing,
+    /// An IV of another length than a block.
+    #[error("IV should be 16 bytes in length not {0}")]
+    SecretIvLength(usize),
+    /// Encrypted data that is not whole blocks.
+    #[error("Length {0} must be a multiple of block size 16")]
+    CipherLength(usize),
+    /// Encrypted data of no blocks at all (QEMU reads out of bounds there).
+    #[error("Encrypted secret data is empty: there is not even its padding")]
+    SecretCiphertextEmpty,
+    /// Decrypted data whose last byte is not a padding length.
+    #[error("Incorrect number of padding bytes ({0}) found on decrypted data")]
+    SecretPadding(u8),
+    /// A `secret_keyring` of serial 0.
+    #[error("'serial' should not be equal to 0")]
+    KeyringSerialZero,
+    /// A key the keyrings do not give.
+    #[error("Unable to read serial key {serial:08x}: {reason}")]
+    KeyringRead {
+        /// The key's serial number.
+        serial: i32,
+        /// Why, as strerror words it.
+        reason: String,
+    },
     /// A secret with both `file` and `data`.
     #[error("'file' and 'data' are mutually exclusive")]
     SecretFileAndData,
@@ -84,6 +110,9 @@ pub enum Error {
     /// Bad base64 in a secret.
     #[error("Base64 data contains invalid characters")]
     Base64,
+    /// A negative `x-` limit of a throttle group.
+    #[error("Property values cannot be negative")]
+    NegativeThrottleProperty,
     /// Total and read/write throttle limits together.
     #[error("bps/iops/max total values and read/write values cannot be used at the same time")]
     ThrottleTotalAndRw,

@@ -52,12 +52,14 @@ const IOTHREAD_PROPS: &[PropInfo] = &[
     p("poll-grow", "int"),
     p("poll-shrink", "int"),
 ];
+// In the order QEMU lists them.
 const SECRET_COMMON_PROPS: &[PropInfo] = &[
-    p("format", "QCryptoSecretFormat"),
-    p("keyid", "string"),
     p("iv", "string"),
+    p("keyid", "string"),
+    p("format", "QCryptoSecretFormat"),
 ];
-const SECRET_PROPS: &[PropInfo] = &[p("data", "string"), p("file", "string")];
+const SECRET_PROPS: &[PropInfo] = &[p("file", "string"), p("data", "string")];
+const SECRET_KEYRING_PROPS: &[PropInfo] = &[p("serial", "int32_t")];
 // In the order QEMU lists them.
 const TLS_CREDS_PROPS: &[PropInfo] = &[
     p("endpoint", "QCryptoTLSCredsEndpoint"),
@@ -102,6 +104,13 @@ static TYPES: &[TypeInfo] = &[
         SECRET_COMMON_PROPS,
     ),
     t("secret", Some("secret_common"), false, &[], SECRET_PROPS),
+    t(
+        "secret_keyring",
+        Some("secret_common"),
+        false,
+        &[],
+        SECRET_KEYRING_PROPS,
+    ),
     t(
         "throttle-group",
         Some("object"),

@@ -1,6 +1,7 @@
 //! The daemon's state (everything the main loop owns) and its QMP command table.
 
 use crate::cli::help::{QEMU_VERSION, package};
+use crate::latch::Latch;
 use ferrite_block::{EventSink, Graph};
 use ferrite_blockdev::{bitmap_cmds as bm, qmp_cmds as blk, snapshot_cmds, transaction};
 use ferrite_chardev::{Chardev, ChardevRegistry, qmp_cmds as chr};
@@ -11,9 +12,8 @@ use ferrite_qapi::{Args, Error, ErrorClass, QapiEvent, introspect, schema};
 use ferrite_qmp::{CommandFuture, Commands, Event, EventBus, Monitor};
 use ferrite_qobject::{QDict, QObject};
 use ferrite_qom::{Container, ObjectRegistry, QomNode, qmp_cmds as qom};
-use std::cell::{Cell, OnceCell, RefCell};
+use std::cell::{OnceCell, RefCell};
 use std::rc::Rc;
-use tokio::sync::Notify;
 
 /// Everything the main loop owns (QEMU's global state, minus the globals).
 pub struct Daemon {
@@ -36,8 +36,10 @@ pub struct Daemon {
     pub monitors: RefCell<Vec<Rc<Monitor>>>,
     /// The monitors on sockets, whose clients the exit waits a moment for to hang up.
     pub socket_monitors: RefCell<Vec<Rc<Monitor>>>,
-    quit_requested: Cell<bool>,
-    quit: Notify,
+    quit: Latch,
+    /// Open once the command line has been acted on: no command runs before (QEMU's
+    /// monitors dispatch nothing before its main loop).
+    started: Latch,
     schema_info: OnceCell<QObject>,
     /// The command table monitors use: the daemon's own unless a front end set one that
     /// adds its commands (the system front end's machine).
@@ -149,8 +151,8 @@ impl Daemon {
             qom_root: root,
             monitors: RefCell::new(Vec::new()),
             socket_monitors: RefCell::new(Vec::new()),
-            quit_requested: Cell::new(false),
-            quit: Notify::new(),
+            quit: Latch::default(),
+            started: Latch::default(),
             schema_info: OnceCell::new(),
             commands: RefCell::new(None),
         })
@@ -195,15 +197,17 @@ impl Daemon {
 
     /// Asks the main loop to shut down (`quit`, a signal).
     pub fn request_quit(&self) {
-        self.quit_requested.set(true);
-        self.quit.notify_waiters();
+        self.quit.open();
     }
 
     /// Waits until shutdown is requested.
     pub(crate) async fn quit_requested(&self) {
-        while !self.quit_requested.get() {
-            self.quit.notified().await;
-        }
+        self.quit.wait().await;
+    }
+
+    /// Lets the monitors' commands run: the command line has been acted on.
+    pub fn start_commands(&self) {
+        self.started.open();
     }
 
     /// Runs one checked command.
@@ -356,7 +360,10 @@ pub struct DaemonCommands(pub Rc<Daemon>);
 
 impl Commands for DaemonCommands {
     fn run<'a>(&'a self, name: &'a str, args: Args) -> CommandFuture<'a> {
-        Box::pin(self.0.run(name, args))
+        Box::pin(async move {
+            self.0.started.wait().await;
+            self.0.run(name, args).await
+        })
     }
 }
 

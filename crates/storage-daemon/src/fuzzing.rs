@@ -90,6 +90,7 @@ fn run<F: Future>(f: impl FnOnce() -> F) -> F::Output {
 /// `q0` (writable, with allocation depth and the bitmap), `n0` (writable) and `n1`.
 async fn set_up() -> Rc<Daemon> {
     let daemon = Daemon::new();
+    daemon.start_commands();
     std::fs::write("q0.qcow2", b"").expect("image file");
     let create = r#"{"driver": "qcow2", "size": 1048576, "cluster-size": 4096,
         "file": {"driver": "file", "filename": "q0.qcow2"}}"#;

@@ -8,6 +8,7 @@
 pub(crate) mod cli;
 mod daemon;
 pub mod fuzzing;
+mod latch;
 mod logging;
 mod object_links;
 mod process;
@@ -24,7 +25,7 @@ pub mod front_end {
     pub use crate::daemon::{Daemon, DaemonCommands};
     pub use crate::object_links::{throttle_config, throttle_limits};
     pub use crate::process::{DaemonizeHandle, PidFile};
-    pub use crate::wiring::{OptionError, Startup, run, start};
+    pub use crate::wiring::{OptionError, Startup, object_options, run, start};
     pub use crate::{main_loop, tune_allocator};
 }
 use std::process::ExitCode;

@@ -147,6 +147,18 @@ pub(crate) fn check(opt: &CliOption) -> Result<Checked, OptionError> {
     })
 }
 
+/// The options of an `--object` as `object-add` takes them, for a front end that makes the
+/// object itself; `None` where it is not one to make (help, or a text that does not parse
+/// or whose id is not an identifier: [`start`] reports those).
+pub fn object_options(text: &str) -> Option<Args> {
+    match check(&CliOption::Object(text.to_owned())) {
+        Ok(Checked::Object(args)) if args.str("id").is_ok_and(ferrite_qapi::id_wellformed) => {
+            Some(args)
+        }
+        _ => None,
+    }
+}
+
 /// Processes the options in order (QEMU's `process_options`), then writes the pid file.
 pub async fn start(
     daemon: &Rc<Daemon>,
@@ -247,6 +259,7 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
 /// Serves until `quit` or a signal, then shuts down in QEMU's order.
 pub async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: DaemonizeHandle) {
     handle.startup_done();
+    daemon.start_commands();
     // Housekeeping: metadata caches left unused are dropped (cache-clean-interval).
     let graph = Rc::downgrade(&daemon.graph);
     tokio::task::spawn_local(async move {

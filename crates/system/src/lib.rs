@@ -224,6 +224,16 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
     if options.iter().any(|o| o.name == "incoming") {
         daemon.graph.set_open_inactive(true);
     }
+    // qemu-system keeps -object options by id as it parses them, before making any.
+    let mut object_ids = std::collections::HashSet::new();
+    for o in options.iter().filter(|o| o.name == "object") {
+        if let Some(args) = ferrite_storage_daemon::front_end::object_options(o.text())
+            && let Ok(id) = args.str("id")
+            && !object_ids.insert(id.to_owned())
+        {
+            return Err(failed(o, format!("Duplicate ID '{id}' for object")));
+        }
+    }
     // Descriptor sets first: any file name may refer to one.
     for o in options.iter().filter(|o| o.name == "add-fd") {
         fds::add_from_command_line(o.text()).map_err(|e| failed(o, e))?;
@@ -234,7 +244,15 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
         match o.name {
             "chardev" => daemon_option(daemon, o, CliOption::Chardev(v.into()), prog).await?,
             "object" => {
-                daemon_option(daemon, o, CliOption::Object(v.into()), prog).await?;
+                match ferrite_storage_daemon::front_end::object_options(v) {
+                    // qemu-system reports what making the object finds without the option
+                    // (only parsing errors name it).
+                    Some(args) => daemon
+                        .objects
+                        .add(&args)
+                        .map_err(|e| Failure(ferrite_qapi::Error::from(e).cli_text()))?,
+                    None => daemon_option(daemon, o, CliOption::Object(v.into()), prog).await?,
+                }
                 keep_host_clock(daemon, v);
             }
             "blockdev" => daemon_option(daemon, o, CliOption::Blockdev(v.into()), prog).await?,

@@ -29,6 +29,17 @@ fn non_negative(name: &str, v: i64) -> Result<i64> {
     Ok(v)
 }
 
+/// The parameters' values as QEMU checks them while it sets them, before the object has
+/// its id.
+pub(crate) fn check_values(options: &Args) -> Result<()> {
+    for &(name, _) in BASE.iter().chain(IOTHREAD) {
+        if let Some(v) = options.opt_i64(name) {
+            non_negative(name, v)?;
+        }
+    }
+    Ok(())
+}
+
 impl EventLoop {
     /// # Errors
     /// QEMU's texts for a negative parameter and for thread pool bounds that make no pool.

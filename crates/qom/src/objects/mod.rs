@@ -55,12 +55,23 @@ impl ObjectRegistry {
         if !ferrite_qapi::id_wellformed(id) {
             return Err(Error::InvalidId);
         }
+        // QEMU sets the properties, then adds the object under its id, then completes it:
+        // a bad property value is reported before a duplicate id, a failure to complete
+        // after.
+        match options.str("qom-type")? {
+            "throttle-group" => throttle::check_values(options)?,
+            "iothread" | "main-loop" => event_loop::check_values(options)?,
+            "secret_keyring" => secret::check_values(options)?,
+            _ => {}
+        }
         if self.objects.borrow().contains_key(id) {
             return Err(Error::DuplicateId(id.to_owned()));
         }
         let obj: Rc<dyn UserObject> = match options.str("qom-type")? {
             "throttle-group" => Rc::new(throttle::ThrottleGroup::create(options)?),
-            "secret" => Rc::new(secret::Secret::create(options)?),
+            "secret" | "secret_keyring" => {
+                Rc::new(secret::Secret::create(options, |id| self.secret_bytes(id))?)
+            }
             "tls-creds-x509" => Rc::new(tls::TlsCredsX509::create(options, |id| {
                 self.secret_text(id)
             })?),
@@ -92,11 +103,12 @@ impl ObjectRegistry {
         Ok(())
     }
 
-    /// The text of the `secret` object `id` (QEMU's `qcrypto_secret_lookup_as_utf8`).
+    /// The bytes of the `secret` or `secret_keyring` object `id` (QEMU's
+    /// `qcrypto_secret_lookup`).
     ///
     /// # Errors
-    /// No such object, not a secret, not UTF-8: QEMU's texts.
-    pub fn secret_text(&self, id: &str) -> Result<String> {
+    /// No such object, or not a secret: QEMU's texts.
+    pub fn secret_bytes(&self, id: &str) -> Result<Vec<u8>> {
         let obj = self
             .get(id)
             .ok_or_else(|| Error::SecretLookup(format!("No secret with id '{id}'")))?;
@@ -104,7 +116,15 @@ impl ObjectRegistry {
             .as_any()
             .downcast_ref::<secret::Secret>()
             .ok_or_else(|| Error::SecretLookup(format!("Object with id '{id}' is not a secret")))?;
-        String::from_utf8(secret.value().to_vec())
+        Ok(secret.value().to_vec())
+    }
+
+    /// The text of the secret `id` (QEMU's `qcrypto_secret_lookup_as_utf8`).
+    ///
+    /// # Errors
+    /// No such object, not a secret, not UTF-8: QEMU's texts.
+    pub fn secret_text(&self, id: &str) -> Result<String> {
+        String::from_utf8(self.secret_bytes(id)?)
             .map_err(|_| Error::SecretLookup(format!("Data from secret {id} is not valid UTF-8")))
     }
 

@@ -187,6 +187,15 @@ pub struct ThrottleGroup {
     host_clock: std::cell::Cell<bool>,
 }
 
+/// The `x-` limits as QEMU checks them while it sets them, before the group has its id.
+pub(crate) fn check_values(options: &Args) -> Result<()> {
+    let negative = |name: &&str| options.opt_i64(&format!("x-{name}")).is_some_and(|v| v < 0);
+    if LIMITS.iter().any(negative) {
+        return Err(Error::NegativeThrottleProperty);
+    }
+    Ok(())
+}
+
 impl ThrottleGroup {
     pub(crate) fn create(options: &Args) -> Result<ThrottleGroup> {
         let mut config = ThrottleConfig::default();
