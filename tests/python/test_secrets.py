@@ -91,6 +91,9 @@ def test_encrypted_secrets_open_images_as_qsd(both, tmp_path):
         opens(short, "e1"),
         ("object-del", {"id": "master"}),
         opens(block, "e2"),
+        # A password naming no object, or an object that is not a secret.
+        opens(short, "nope"),
+        opens(short, "tg"),
     ]
     extra = ["--object", "throttle-group,id=tg"]
     qsd, ferrite = both(extra)

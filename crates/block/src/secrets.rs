@@ -4,8 +4,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// Finds a secret's bytes by id.
-pub type SecretLookup = Rc<dyn Fn(&str) -> Option<Vec<u8>>>;
+/// Finds a secret's bytes by id, or says why there are none (QEMU's texts).
+pub type SecretLookup = Rc<dyn Fn(&str) -> Result<Vec<u8>, String>>;
 
 /// The secrets of the program's objects.
 #[derive(Default)]
@@ -22,11 +22,13 @@ impl Secrets {
     /// The secret `id`.
     ///
     /// # Errors
-    /// QEMU's "No secret with id 'x'".
+    /// QEMU's "No secret with id 'x'", or what the lookup says ("Object with id 'x' is not
+    /// a secret").
     pub fn get(&self, id: &str) -> crate::Result<Vec<u8>> {
         let lookup = self.lookup.borrow().clone();
         lookup
+            .ok_or_else(|| format!("No secret with id '{id}'"))
             .and_then(|f| f(id))
-            .ok_or_else(|| ferrite_qapi::Error::generic(format!("No secret with id '{id}'")).into())
+            .map_err(|text| ferrite_qapi::Error::generic(text).into())
     }
 }

@@ -5,7 +5,7 @@
 use ferrite_block::clock::Clock;
 use ferrite_block::throttle::{BucketKind, BucketLimits, LimitsSource, ThrottleLimits};
 use ferrite_qom::{
-    AuthzObject, ObjectRegistry, Secret, ThrottleConfig, ThrottleGroup, TlsCredsX509, UserObject,
+    AuthzObject, ObjectRegistry, ThrottleConfig, ThrottleGroup, TlsCredsX509, UserObject,
 };
 use ferrite_tls::{Found, Objects};
 use std::rc::{Rc, Weak};
@@ -94,9 +94,10 @@ pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
     }));
     let secrets: Weak<ObjectRegistry> = Rc::downgrade(objects);
     graph.secrets().set_lookup(Rc::new(move |id: &str| {
-        let obj = secrets.upgrade()?.get(id)?;
-        let secret = obj.as_any().downcast_ref::<Secret>()?;
-        Some(secret.value().to_vec())
+        let objects = secrets
+            .upgrade()
+            .ok_or_else(|| format!("No secret with id '{id}'"))?;
+        objects.secret_bytes(id).map_err(|e| e.to_string())
     }));
     let iothreads: Weak<ObjectRegistry> = Rc::downgrade(objects);
     graph.set_iothread_lookup(Rc::new(move |id: &str| {
