@@ -180,6 +180,13 @@ def normalize(text):
     return text
 
 
+def replies(d, seq):
+    """The replies of daemon `d` to the commands `seq` ((name, arguments) pairs), each as
+    normalized JSON text, for comparing two programs command by command."""
+    c = d.connect()
+    return [normalize(json.dumps(c.cmd(n, a), sort_keys=True)) for n, a in seq]
+
+
 def recorder(conn, out):
     """A `cmd(name, args)` that runs a QMP command on `conn` and appends its normalized
     reply to the transcript `out`."""

@@ -1,7 +1,7 @@
 """User objects and the QOM commands, compared with qemu-storage-daemon."""
 import json
 
-from conftest import normalize
+from conftest import replies
 
 OBJECTS = ["--object", "throttle-group,id=tg0,x-iops-total=100",
            "--object", "secret,id=s0,data=aGVsbG8=,format=base64",
@@ -96,14 +96,9 @@ SEQUENCE = [
 ]
 
 
-def run(d, seq):
-    c = d.connect()
-    return [normalize(json.dumps(c.cmd(n, a), sort_keys=True)) for n, a in seq]
-
-
 def test_sequence_matches_qsd(both):
     qsd, ferrite = both(OBJECTS)
-    assert run(ferrite, SEQUENCE) == run(qsd, SEQUENCE)
+    assert replies(ferrite, SEQUENCE) == replies(qsd, SEQUENCE)
 
 
 def as_set(rsp):

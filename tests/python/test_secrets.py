@@ -4,13 +4,12 @@ kernel's keyrings (`secret_keyring`). Each secret is put to use as the password 
 image, which opens only with the right bytes."""
 import base64
 import ctypes
-import json
 import os
 import subprocess
 
 import pytest
 
-from conftest import FERRITE, QSD, normalize
+from conftest import FERRITE, QSD, replies
 
 # A fixed AES-256 key and IV, and two passwords encrypted with them (PKCS #7 padding, by
 # `openssl enc -aes-256-cbc`): "hunter2" (9 bytes of padding) and a whole block
@@ -32,11 +31,6 @@ def luks_image(path, password):
 def opens(image, secret):
     return ("blockdev-add", {"driver": "luks", "node-name": f"n-{secret}", "key-secret": secret,
                              "file": {"driver": "file", "filename": image}})
-
-
-def run(d, seq):
-    c = d.connect()
-    return [normalize(json.dumps(c.cmd(n, a), sort_keys=True)) for n, a in seq]
 
 
 def encrypted(id, **props):
@@ -97,7 +91,7 @@ def test_encrypted_secrets_open_images_as_qsd(both, tmp_path):
     ]
     extra = ["--object", "throttle-group,id=tg"]
     qsd, ferrite = both(extra)
-    assert run(ferrite, seq) == run(qsd, seq)
+    assert replies(ferrite, seq) == replies(qsd, seq)
 
 
 def test_an_empty_encrypted_secret_is_refused(ferrite, tmp_path):
@@ -171,7 +165,7 @@ def test_keyring_secrets_as_qsd(both, tmp_path):
         opens(image, "plain"),
     ]
     qsd, ferrite = both()
-    assert run(ferrite, seq) == run(qsd, seq)
+    assert replies(ferrite, seq) == replies(qsd, seq)
     # On the command line, the image opened by --blockdev.
     extra = ["--object", f"secret_keyring,id=k,serial={plain}",
              "--blockdev", f"luks,node-name=l,key-secret=k,file.driver=file,"
