@@ -187,6 +187,21 @@ def replies(d, seq):
     return [normalize(json.dumps(c.cmd(n, a), sort_keys=True)) for n, a in seq]
 
 
+def chardev_transcript(d, seq):
+    """Daemon `d`'s replies to `seq` for comparing chardev commands: query-chardev sorted by
+    label (QEMU lists chardevs in hash-table order), the daemon's directory and
+    pseudo-terminal numbers hidden."""
+    c = d.connect()
+    out = []
+    for name, args in seq:
+        rsp = c.cmd(name, args)
+        if name == "query-chardev":
+            rsp["return"] = sorted(rsp["return"], key=lambda x: x["label"])
+        text = normalize(json.dumps(rsp, sort_keys=True)).replace(str(d.workdir), "W")
+        out.append(re.sub(r"/dev/pts/\d+", "PTS", text))
+    return out
+
+
 def recorder(conn, out):
     """A `cmd(name, args)` that runs a QMP command on `conn` and appends its normalized
     reply to the transcript `out`."""

@@ -89,21 +89,97 @@ pub enum Error {
     /// A number option with another value.
     #[error("Parameter '{0}' expects a number")]
     ExpectsNumber(String),
+    /// A number option beyond 64 bits.
+    #[error("Value '{value}' is too large for parameter '{key}'")]
+    NumberTooLarge {
+        /// The text given.
+        value: String,
+        /// The option.
+        key: String,
+    },
     /// A size option with another value.
-    #[error("Parameter '{0}' expects a size")]
+    #[error("Parameter '{0}' expects {hint}", hint = ferrite_qapi::visit::SIZE_HINT.trim_end())]
     ExpectsSize(String),
-    /// `--chardev` without a backend.
-    #[error("Parameter 'backend' is missing")]
-    BackendMissing,
+    /// `--chardev` without a backend (named by the chardev's id).
+    #[error("chardev: \"{0}\" missing backend")]
+    BackendMissing(String),
     /// An option the backend does not take.
     #[error("Invalid parameter '{0}'")]
     InvalidParameter(String),
     /// `--chardev` without an ID.
     #[error("chardev: no id specified")]
     NoId,
-    /// Multiplexed chardevs (not in ferrite).
-    #[error("mux chardevs are not supported by ferrite")]
-    MuxUnsupported,
+    /// A serial chardev without a device.
+    #[error("chardev: serial/tty: no device path given")]
+    NoSerialPath,
+    /// A parallel chardev without a device.
+    #[error("chardev: parallel: no device path given")]
+    NoParallelPath,
+    /// A device that is not a parallel port.
+    #[error("not a parallel port: {}", os_msg(.0))]
+    NotParallel(io::Error),
+    /// A UDP chardev without a remote port.
+    #[error("chardev: udp: remote port not specified")]
+    NoUdpPort,
+    /// A UDP address that is not an inet one.
+    #[error("socket type unsupported for datagram")]
+    NotDatagram,
+    /// An inet address with both IPv4 and IPv6 turned off.
+    #[error("Cannot disable IPv4 and IPv6 at same time")]
+    NoAddressFamily,
+    /// A host and port that do not resolve.
+    #[error("address resolution failed for {host}:{port}: {reason}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// The port.
+        port: String,
+        /// `getaddrinfo`'s words.
+        reason: String,
+    },
+    /// A system call that failed, with QEMU's words for what it was doing.
+    #[error("{what}: {}", os_msg(.error))]
+    Os {
+        /// What failed.
+        what: String,
+        /// Why.
+        error: io::Error,
+    },
+    /// The pseudo-terminal could not be made.
+    #[error("Failed to create PTY: {}", os_msg(.0))]
+    Pty(io::Error),
+    /// The pseudo-terminal's link could not be made.
+    #[error("Failed to create PTY symlink: {}", os_msg(.0))]
+    PtySymlink(io::Error),
+    /// A mux chardev without a base.
+    #[error("chardev: mux: no chardev given")]
+    NoMuxBase,
+    /// A mux whose base does not exist.
+    #[error("mux: base chardev {0} not found")]
+    MuxBaseNotFound(String),
+    /// A chardev that already has a frontend (a monitor, a mux, a hub).
+    #[error("chardev '{0}' is already in use")]
+    InUse(String),
+    /// A fifth frontend on a mux.
+    #[error("too many uses of multiplexed chardev '{0}' (maximum is 4)")]
+    MuxTooMany(String),
+    /// A hub without members.
+    #[error("hub: 'chardevs' list is not defined")]
+    HubEmpty,
+    /// A hub member that does not exist.
+    #[error("hub: chardev can't be found by id '{0}'")]
+    HubMemberNotFound(String),
+    /// A hub over a hub or a mux.
+    #[error(
+        "hub: multiplexers and hub devices can't be stacked, check chardev '{0}', chardev should not be a hub device or have 'mux=on' enabled"
+    )]
+    HubStacked(String),
+    /// A hub of more than four members (named by the hub's id).
+    #[error("hub: too many uses of chardevs '{0}' (maximum is 4)")]
+    HubTooMany(String),
+    /// `chardev-change` of a mux or a hub.
+    #[error("For mux or hub device hotswap is not supported yet")]
+    NoHotswapOfMux,
     /// A TCP socket without a port.
     #[error("chardev: socket: no port given")]
     NoPort,

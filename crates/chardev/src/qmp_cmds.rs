@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use crate::registry::{ChardevRegistry, Origin};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use ferrite_qapi::{Args, schema};
+use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject, lossy_from_bytes};
 
 fn backend_args(args: &Args) -> Args {
@@ -20,22 +20,37 @@ pub fn qmp_chardev_add(reg: &ChardevRegistry, args: &Args) -> Result<QObject, fe
     if reg.get(id).is_some() {
         return Err(Error::Exists(id.to_owned()).into());
     }
-    reg.add(id, &backend_args(args), Origin::Qmp).map_err(|e| {
-        ferrite_qapi::Error::from(e).prepend(format!("Failed to add chardev '{id}': "))
-    })?;
-    Ok(QDict::new().into())
+    add(reg, id, args)
 }
 
-/// `chardev-change`.
+fn add(reg: &ChardevRegistry, id: &str, args: &Args) -> Result<QObject, ferrite_qapi::Error> {
+    let dev = reg.add(id, &backend_args(args), Origin::Qmp).map_err(|e| {
+        ferrite_qapi::Error::from(e).prepend(format!("Failed to add chardev '{id}': "))
+    })?;
+    Ok(chardev_return(&dev))
+}
+
+/// `ChardevReturn`: the terminal of a `pty`.
+fn chardev_return(dev: &crate::Chardev) -> QObject {
+    let mut ret = QDict::new();
+    if let Some(pty) = dev.with_backend(|b| b.pty_device().map(str::to_owned)) {
+        ret.insert("pty", pty);
+    }
+    ret.into()
+}
+
+/// `chardev-change`: without a frontend, a remove and an add.
 ///
 /// # Errors
-/// Unknown id, a frontend that cannot follow, or the new backend failing to open.
+/// Unknown id, a mux or hub, a frontend that cannot follow, or the new backend failing to
+/// open (the chardev is then gone, as in QEMU).
 pub fn qmp_chardev_change(
     reg: &ChardevRegistry,
     args: &Args,
 ) -> Result<QObject, ferrite_qapi::Error> {
-    reg.change(args.str("id")?, &backend_args(args))?;
-    Ok(QDict::new().into())
+    let id = args.str("id")?;
+    reg.remove_for_change(id)?;
+    add(reg, id, args)
 }
 
 /// `chardev-remove`.
@@ -80,12 +95,12 @@ pub fn qmp_query_chardev(reg: &ChardevRegistry) -> QObject {
         .into()
 }
 
-/// `query-chardev-backends`: the kinds the schema declares, which are the ones implemented.
+/// `query-chardev-backends`: the backends that have a driver, in the order qsd lists them
+/// (its walk of a hash table of types).
 pub fn qmp_query_chardev_backends() -> QObject {
-    schema()
-        .enum_values("ChardevBackendKind")
-        .into_iter()
-        .map(|k| QObject::Dict(QDict::new().with("name", k)))
+    crate::opts::QUERY_ORDER
+        .iter()
+        .map(|&k| QObject::Dict(QDict::new().with("name", k)))
         .collect::<Vec<_>>()
         .into()
 }

@@ -1,11 +1,11 @@
 //! The chardevs by id, and one chardev's frontend bookkeeping.
 
-use crate::backend::{Backend, Connection};
+use crate::backend::{Backend, Connection, OpenContext};
 use crate::error::{Error, Result};
 use ferrite_qapi::Args;
 use indexmap::IndexMap;
 use std::cell::{Cell, RefCell};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 /// Where a chardev's configuration came from; a few defaults and rules differ (QEMU parses
 /// `--chardev` with QemuOpts and `chardev-add` with QAPI).
@@ -22,10 +22,56 @@ pub enum Origin {
 pub struct Chardev {
     id: String,
     backend: RefCell<Rc<Backend>>,
-    /// Whether a frontend (a monitor) is attached.
-    frontend: Cell<bool>,
-    /// Whether the attached frontend has a live connection.
+    /// How many frontends (monitors; a mux or hub over it) are attached: at most one, or
+    /// four on a mux.
+    frontends: Cell<usize>,
+    /// Whether an attached frontend has a live connection.
     connected: Cell<bool>,
+    /// The mux or hub this chardev is part of: it is open for its frontend only while that
+    /// one is open for its own.
+    part_of: RefCell<Weak<Chardev>>,
+}
+
+/// A frontend's hold on a chardev: its connections come through it. A mux tells its
+/// frontends apart by `tag`.
+#[derive(Clone)]
+pub struct Frontend {
+    dev: Rc<Chardev>,
+    tag: usize,
+}
+
+impl Frontend {
+    /// The chardev.
+    pub fn chardev(&self) -> &Rc<Chardev> {
+        &self.dev
+    }
+
+    /// Waits for the next connection; `None` when the backend will never give another.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a connection accepted by a cancelled call is dropped, as if the peer had
+    /// hung up at once.
+    pub async fn accept(&self) -> Option<Connection> {
+        let backend = self.dev.backend.borrow().clone();
+        let conn = backend.accept(self.tag).await?;
+        self.dev.connected.set(true);
+        Some(conn)
+    }
+
+    /// Marks the current connection closed (the frontend saw end of input or an error).
+    pub fn disconnected(&self) {
+        self.dev.connected.set(false);
+        self.dev.backend.borrow().disconnected();
+    }
+
+    /// Lets the chardev go (a mux or hub removed).
+    pub(crate) fn detach(&self) {
+        let n = self.dev.frontends.get().saturating_sub(1);
+        self.dev.frontends.set(n);
+        if n == 0 {
+            self.dev.connected.set(false);
+        }
+    }
 }
 
 impl Chardev {
@@ -44,9 +90,20 @@ impl Chardev {
         self.backend.borrow().filename()
     }
 
-    /// Whether a frontend is attached and its connection is up (`frontend-open`).
+    /// Whether a frontend is attached and listening (`frontend-open`), connected or not. A
+    /// mux's base, or a hub's member, is open while the mux or hub is.
     pub fn frontend_open(&self) -> bool {
-        self.frontend.get() && self.connected.get()
+        self.frontends.get() > 0
+            && self
+                .part_of
+                .borrow()
+                .upgrade()
+                .is_none_or(|whole| whole.frontend_open())
+    }
+
+    /// Whether a frontend has a live connection (a socket's `connected` property).
+    pub fn connected(&self) -> bool {
+        self.frontends.get() > 0 && self.connected.get()
     }
 
     /// Whether the backend can serve an out-of-band capable monitor.
@@ -57,30 +114,17 @@ impl Chardev {
     /// Attaches a frontend.
     ///
     /// # Errors
-    /// "Chardev 'x' is busy" if one is attached already.
-    pub fn attach_frontend(&self) -> Result<()> {
-        if self.frontend.replace(true) {
-            return Err(Error::Busy(self.id.clone()));
-        }
-        Ok(())
-    }
-
-    /// Waits for the next connection; `None` when the backend will never give another.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: a connection accepted by a cancelled call is dropped, as if the peer had
-    /// hung up at once.
-    pub async fn accept(&self) -> Option<Connection> {
-        let backend = self.backend.borrow().clone();
-        let conn = backend.accept().await?;
-        self.connected.set(true);
-        Some(conn)
-    }
-
-    /// Marks the current connection closed (the frontend saw end of input or an error).
-    pub fn disconnected(&self) {
-        self.connected.set(false);
-        self.backend.borrow().disconnected();
+    /// "chardev 'x' is already in use" if one is attached already (a mux takes four).
+    pub fn attach_frontend(self: &Rc<Self>) -> Result<Frontend> {
+        let tag = self
+            .backend
+            .borrow()
+            .attach(&self.id, self.frontends.get())?;
+        self.frontends.set(self.frontends.get() + 1);
+        Ok(Frontend {
+            dev: self.clone(),
+            tag,
+        })
     }
 
     /// Waits for a first client of a listening socket (`--chardev ...,server=on,wait=on`).
@@ -101,6 +145,8 @@ pub struct ChardevRegistry {
     devs: RefCell<IndexMap<String, Rc<Chardev>>>,
     /// The program's TLS objects, for sockets with `tls-creds`.
     tls: RefCell<Option<ferrite_tls::Objects>>,
+    /// What a mux's C-a x does: ends the program.
+    quit: RefCell<Option<Rc<dyn Fn()>>>,
 }
 
 impl ChardevRegistry {
@@ -114,7 +160,16 @@ impl ChardevRegistry {
         *self.tls.borrow_mut() = Some(objects);
     }
 
-    fn tls_objects(&self) -> ferrite_tls::Objects {
+    /// What C-a x on a mux does: asks the program to end.
+    pub fn set_quit_hook(&self, quit: Rc<dyn Fn()>) {
+        *self.quit.borrow_mut() = Some(quit);
+    }
+
+    pub(crate) fn quit_hook(&self) -> Rc<dyn Fn()> {
+        self.quit.borrow().clone().unwrap_or_else(|| Rc::new(|| {}))
+    }
+
+    pub(crate) fn tls_objects(&self) -> ferrite_tls::Objects {
         self.tls
             .borrow()
             .clone()
@@ -142,33 +197,64 @@ impl ChardevRegistry {
                 Origin::CommandLine => Error::DuplicateProperty(id.to_owned()),
             });
         }
-        let backend = Backend::open(backend, origin, self.stdio_in_use(), &self.tls_objects())?;
+        let backend = self.open(id, backend, origin, self.stdio_in_use())?;
         let dev = Rc::new(Chardev {
             id: id.to_owned(),
             backend: RefCell::new(Rc::new(backend)),
-            frontend: Cell::new(false),
+            frontends: Cell::new(0),
             connected: Cell::new(false),
+            part_of: RefCell::new(Weak::new()),
         });
+        for part in dev.with_backend(Backend::parts) {
+            *part.part_of.borrow_mut() = Rc::downgrade(&dev);
+        }
         self.devs.borrow_mut().insert(id.to_owned(), dev.clone());
         Ok(dev)
     }
 
-    /// Replaces a chardev's backend (`chardev-change`).
+    /// `--chardev ...,mux=on`: the backend as `<id>-base`, and a mux named `id` over it.
     ///
     /// # Errors
-    /// Unknown id, a frontend that cannot follow a backend change, or the new backend failing
-    /// to open (the old one then stays).
-    pub fn change(&self, id: &str, backend: &Args) -> Result<()> {
+    /// As [`ChardevRegistry::add`].
+    pub fn add_muxed(&self, id: &str, backend: &Args, origin: Origin) -> Result<Rc<Chardev>> {
+        let base = format!("{id}-base");
+        self.add(&base, backend, origin)?;
+        let mux = ferrite_qobject::QDict::new().with("type", "mux").with(
+            "data",
+            ferrite_qobject::QDict::new().with("chardev", base.as_str()),
+        );
+        self.add(id, &Args::new(mux), origin)
+    }
+
+    fn open(&self, id: &str, spec: &Args, origin: Origin, stdio_taken: bool) -> Result<Backend> {
+        Backend::open(
+            spec,
+            &OpenContext {
+                label: id,
+                origin,
+                stdio_taken,
+                registry: self,
+            },
+        )
+    }
+
+    /// The first half of `chardev-change`: a chardev without a frontend is removed, to be
+    /// made anew by `chardev-add`'s path, as QEMU does it (so a failure there leaves none).
+    ///
+    /// # Errors
+    /// Unknown id, a mux or hub, or a frontend that cannot follow a backend change.
+    pub fn remove_for_change(&self, id: &str) -> Result<()> {
         let dev = self
             .get(id)
             .ok_or_else(|| Error::DoesNotExist(id.to_owned()))?;
-        if dev.frontend.get() {
+        if dev.with_backend(Backend::multiplexes) {
+            return Err(Error::NoHotswapOfMux);
+        }
+        if dev.frontends.get() > 0 {
             return Err(Error::NoHotswap);
         }
-        let stdio_elsewhere = self.all().iter().any(|d| d.id != id && d.kind() == "stdio");
-        let new = Backend::open(backend, Origin::Qmp, stdio_elsewhere, &self.tls_objects())?;
-        let old = dev.backend.replace(Rc::new(new));
-        old.close();
+        self.devs.borrow_mut().shift_remove(id);
+        dev.backend.borrow().close();
         Ok(())
     }
 
@@ -178,7 +264,7 @@ impl ChardevRegistry {
     /// Unknown id, or a frontend still attached.
     pub fn remove(&self, id: &str) -> Result<()> {
         let dev = self.get(id).ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        if dev.frontend.get() {
+        if dev.frontends.get() > 0 {
             return Err(Error::Busy(id.to_owned()));
         }
         self.devs.borrow_mut().shift_remove(id);

@@ -444,7 +444,8 @@ pub fn parse_size(s: &str) -> Option<u64> {
     v.checked_mul(mult)
 }
 
-const SIZE_HINT: &str = "a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n";
+/// What a size option takes, as QEMU words it after "expects" (with its hint lines).
+pub const SIZE_HINT: &str = "a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n";
 
 fn keyval_scalar(b: Builtin, s: &str, path: &Path) -> Result<QObject, Error> {
     match b {

@@ -91,16 +91,18 @@ impl Monitor {
         reader: Pin<Box<dyn AsyncRead>>,
         writer: Pin<Box<dyn AsyncWrite>>,
     ) {
-        self.serve_passing_fds(reader, writer, None).await;
+        self.serve_passing_fds(reader, writer, None, true).await;
     }
 
     /// Serves one connection on which the client may pass descriptors (`fds` takes the
-    /// last one passed), for `getfd` and `add-fd`.
+    /// last one passed), for `getfd` and `add-fd`. `greet`: whether the chardev reports
+    /// itself open, which is when QEMU's monitor greets (a `udp` one never does).
     pub async fn serve_passing_fds(
         self: &Rc<Self>,
         reader: Pin<Box<dyn AsyncRead>>,
         writer: Pin<Box<dyn AsyncWrite>>,
         fds: Option<FdSource>,
+        greet: bool,
     ) {
         let outbox = Outbox::new(self.options.pretty);
         self.open_sessions.borrow_mut().push(outbox.clone());
@@ -126,7 +128,9 @@ impl Monitor {
                 .with("version", self.version.clone())
                 .with("capabilities", caps),
         );
-        self.send(&session, greeting.into());
+        if greet {
+            self.send(&session, greeting.into());
+        }
         let writer_task = outbox.run_writer(writer);
         let work = async {
             tokio::join!(self.read_loop(&session, reader), self.exec_loop(&session));

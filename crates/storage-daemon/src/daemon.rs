@@ -80,7 +80,7 @@ impl QomNode for ChardevNode {
 
     fn get(&self, name: &str) -> Option<ferrite_qom::Result<QObject>> {
         match (self.0.kind(), name) {
-            ("socket", "connected") => Some(Ok(self.0.frontend_open().into())),
+            ("socket", "connected") => Some(Ok(self.0.connected().into())),
             _ => None,
         }
     }
@@ -140,7 +140,7 @@ impl Daemon {
         exports.register(ferrite_virtio_blk::VhostUserBlkExportType::new());
         exports.register(ferrite_virtio_blk::VduseBlkExportType::new());
         let jobs = JobManager::new(sink);
-        Rc::new(Daemon {
+        let daemon = Rc::new(Daemon {
             events,
             chardevs,
             objects,
@@ -155,7 +155,15 @@ impl Daemon {
             started: Latch::default(),
             schema_info: OnceCell::new(),
             commands: RefCell::new(None),
-        })
+        });
+        // A mux's C-a x ends the program as `quit` does.
+        let weak = Rc::downgrade(&daemon);
+        daemon.chardevs.set_quit_hook(Rc::new(move || {
+            if let Some(d) = weak.upgrade() {
+                d.request_quit();
+            }
+        }));
+        daemon
     }
 
     /// Makes `commands` the table the monitors attached from now on use.

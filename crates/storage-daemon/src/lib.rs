@@ -96,6 +96,7 @@ pub fn main() -> ExitCode {
         let daemon = daemon::Daemon::new();
         match wiring::start(&daemon, &options, &prog).await {
             Ok(wiring::Startup::Exit) => ExitCode::SUCCESS,
+            Ok(wiring::Startup::ExitFailure) => ExitCode::FAILURE,
             Ok(wiring::Startup::Running(pidfile)) => {
                 wiring::run(daemon, pidfile, handle).await;
                 ExitCode::SUCCESS

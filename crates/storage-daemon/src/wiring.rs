@@ -4,7 +4,7 @@ use crate::cli::keyval;
 use crate::cli::parse::CliOption;
 use crate::daemon::Daemon;
 use crate::process::{DaemonizeHandle, PidFile};
-use ferrite_chardev::{Origin, backend_from_opts};
+use ferrite_chardev::{ChardevOpts, Origin, backend_from_opts};
 use ferrite_qapi::schema::TypeRef;
 use ferrite_qapi::visit::{Mode, check_object, check_value};
 use ferrite_qapi::{Args, Error, schema};
@@ -20,6 +20,8 @@ pub enum Startup {
     Running(Option<PidFile>),
     /// A help text was asked for and printed.
     Exit,
+    /// A help text that QEMU prints as a failure (`--chardev ...,help`) was printed.
+    ExitFailure,
 }
 
 /// Start-up failed on an option: the message QEMU would print after the program name.
@@ -87,6 +89,12 @@ pub(crate) enum Checked {
         id: String,
         backend: Args,
         wait: bool,
+        mux: bool,
+    },
+    /// A help text, and whether QEMU exits with failure after it.
+    Help {
+        text: String,
+        failed: bool,
     },
     Monitor(Args),
     /// `--object help` or `--object TYPE,help`.
@@ -109,21 +117,28 @@ pub(crate) fn check(opt: &CliOption) -> Result<Checked, OptionError> {
         CliOption::Help | CliOption::Version | CliOption::Trace(_) | CliOption::Daemonize => {
             Checked::Nothing
         }
-        CliOption::Chardev(text) => {
-            let parsed = backend_from_opts(text).map_err(|e| located(opt, e))?;
-            let backend = check_value(
-                schema(),
-                &TypeRef::Named("ChardevBackend".into()),
-                &QObject::Dict(parsed.backend),
-                Mode::Strict,
-            )
-            .map_err(|e| located(opt, e))?;
-            Checked::Chardev {
-                id: parsed.id,
-                backend: Args::new(backend.as_dict().cloned().unwrap_or_default()),
-                wait: parsed.wait,
+        CliOption::Chardev(text) => match backend_from_opts(text).map_err(|e| located(opt, e))? {
+            ChardevOpts::BackendHelp(text) => Checked::Help {
+                text,
+                failed: false,
+            },
+            ChardevOpts::OptionHelp(text) => Checked::Help { text, failed: true },
+            ChardevOpts::Create(spec) => {
+                let backend = check_value(
+                    schema(),
+                    &TypeRef::Named("ChardevBackend".into()),
+                    &QObject::Dict(spec.backend),
+                    Mode::Strict,
+                )
+                .map_err(|e| located(opt, e))?;
+                Checked::Chardev {
+                    id: spec.id,
+                    backend: Args::new(backend.as_dict().cloned().unwrap_or_default()),
+                    wait: spec.wait,
+                    mux: spec.mux,
+                }
             }
-        }
+        },
         CliOption::Monitor(text) => {
             Checked::Monitor(keyval(text, Some("chardev"), "MonitorOptions")?)
         }
@@ -167,13 +182,35 @@ pub async fn start(
 ) -> Result<Startup, OptionError> {
     let mut pidfile: Option<PathBuf> = None;
     for opt in options {
+        if let CliOption::Chardev(text) = opt {
+            for w in ferrite_chardev::deprecations(text) {
+                eprintln!("{prog}: {}: warning: {w}", opt.describe());
+            }
+        }
         match check(opt)? {
             Checked::Nothing => {}
-            Checked::Chardev { id, backend, wait } => {
-                let dev = daemon
-                    .chardevs
-                    .add(&id, &backend, Origin::CommandLine)
-                    .map_err(|e| located(opt, e))?;
+            Checked::Help { text, failed } => {
+                print!("{text}");
+                return Ok(if failed {
+                    Startup::ExitFailure
+                } else {
+                    Startup::Exit
+                });
+            }
+            Checked::Chardev {
+                id,
+                backend,
+                wait,
+                mux,
+            } => {
+                let dev = if mux {
+                    daemon
+                        .chardevs
+                        .add_muxed(&id, &backend, Origin::CommandLine)
+                } else {
+                    daemon.chardevs.add(&id, &backend, Origin::CommandLine)
+                }
+                .map_err(|e| located(opt, e))?;
                 if wait {
                     eprintln!(
                         "{prog}: {}: info: waiting for connection on: {}",
@@ -227,8 +264,9 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
         .chardevs
         .get(id)
         .ok_or_else(|| Error::generic(format!("chardev \"{id}\" not found")))?;
-    dev.attach_frontend()
-        .map_err(|_| Error::generic(format!("chardev '{id}' is already in use")))?;
+    let fe = dev
+        .attach_frontend()
+        .map_err(|e| Error::generic(e.to_string()))?;
     let monitor = Monitor::new(
         daemon.commands(),
         daemon.events.clone(),
@@ -243,14 +281,14 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
         daemon.socket_monitors.borrow_mut().push(monitor.clone());
     }
     tokio::task::spawn_local(async move {
-        while let Some(conn) = dev.accept().await {
+        while let Some(conn) = fe.accept().await {
             let fds = conn
                 .fds
                 .map(|f| -> ferrite_qmp::FdSource { Rc::new(move || f.take()) });
             monitor
-                .serve_passing_fds(conn.reader, conn.writer, fds)
+                .serve_passing_fds(conn.reader, conn.writer, fds, conn.opened)
                 .await;
-            dev.disconnected();
+            fe.disconnected();
         }
     });
     Ok(())

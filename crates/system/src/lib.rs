@@ -386,9 +386,10 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             .chardevs
             .get(&id)
             .ok_or_else(|| failed(o, format!("chardev \"{id}\" not found")))?;
-        dev.attach_frontend()
-            .map_err(|_| failed(o, format!("chardev '{id}' is already in use")))?;
-        hmp::readline::serve(dev, Rc::new(SystemCommands(sys.clone()))).await;
+        let fe = dev
+            .attach_frontend()
+            .map_err(|e| failed(o, e.to_string()))?;
+        hmp::readline::serve(fe, Rc::new(SystemCommands(sys.clone()))).await;
     }
     if let Some((o, why)) = orphans.first() {
         return Err(failed(o, why));
@@ -428,13 +429,14 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
             .chardevs
             .get(&id)
             .ok_or_else(|| failed(o, format!("chardev '{id}' not found")))?;
-        dev.attach_frontend()
-            .map_err(|_| failed(o, format!("chardev '{id}' is already in use")))?;
+        let fe = dev
+            .attach_frontend()
+            .map_err(|e| failed(o, e.to_string()))?;
         let log = Rc::new(
             qtest::QtestLog::open(qtest_log).map_err(|e| failed(o, format!("qtest log: {e}")))?,
         );
         *sys.qtest_log.borrow_mut() = Some(log.clone());
-        qtest::serve(dev, sys.clock.clone(), log);
+        qtest::serve(fe, sys.clock.clone(), log);
     }
     if let Some(o) = loadvm {
         load_at_start(sys, o.text(), prog).await?;

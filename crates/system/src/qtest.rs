@@ -4,7 +4,7 @@
 //! others answer FAIL as QEMU does for what it does not know.
 
 use ferrite_block::clock::VirtualClock;
-use ferrite_chardev::Chardev;
+use ferrite_chardev::Frontend;
 use std::rc::Rc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -107,7 +107,7 @@ impl QtestLog {
 }
 
 /// Serves the protocol on `dev`'s connections until the program ends.
-pub(crate) fn serve(dev: Rc<Chardev>, clock: Rc<VirtualClock>, log: Rc<QtestLog>) {
+pub(crate) fn serve(dev: Frontend, clock: Rc<VirtualClock>, log: Rc<QtestLog>) {
     tokio::task::spawn_local(async move {
         while let Some(conn) = dev.accept().await {
             log.opened();

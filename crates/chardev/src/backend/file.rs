@@ -120,6 +120,7 @@ impl FileBackend {
             reader,
             writer: LogFile::tee(self.log.clone(), writer),
             fds: None,
+            opened: true,
         })
     }
 }

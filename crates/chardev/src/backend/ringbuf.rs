@@ -57,6 +57,7 @@ impl Ring {
                 size: self.size,
             }),
             fds: None,
+            opened: true,
         })
     }
 }

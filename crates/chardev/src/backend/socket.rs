@@ -2,8 +2,8 @@
 //! with `tls-creds`, each connection runs TLS (QEMU's rules: TCP or an inherited listening
 //! fd only; a handshake that fails drops that connection, the chardev waits for the next).
 
-use super::Connection;
 use super::log::LogFile;
+use super::{Connection, inet};
 use crate::error::{Error, Result};
 use crate::registry::Origin;
 use ferrite_qapi::Args;
@@ -27,6 +27,8 @@ enum Addr {
         host: String,
         port: String,
         nodelay: bool,
+        ipv4: Option<bool>,
+        ipv6: Option<bool>,
     },
     Fd(String),
 }
@@ -46,6 +48,8 @@ impl Addr {
                 host: inner.str("host")?.to_owned(),
                 port: inner.str("port")?.to_owned(),
                 nodelay: data.bool_or("nodelay", false),
+                ipv4: inner.opt_bool("ipv4"),
+                ipv6: inner.opt_bool("ipv6"),
             },
             _ => Addr::Fd(inner.str("str")?.to_owned()),
         })
@@ -108,6 +112,50 @@ pub(crate) struct Socket {
     tls: Option<Tls>,
     /// Client mode with TLS: the connection made at creation, its handshake still to run.
     pending_raw: RefCell<Option<Raw>>,
+}
+
+fn unix_bind_err(path: &str, error: std::io::Error) -> Error {
+    Error::Os {
+        what: format!("Failed to bind socket to {path}"),
+        error,
+    }
+}
+
+/// Listens on `host:port` as QEMU does: each address the host resolves to in turn, a port
+/// in use being a reason to try the next.
+fn tcp_listen(
+    host: &str,
+    port: &str,
+    ipv4: Option<bool>,
+    ipv6: Option<bool>,
+) -> Result<TcpListener> {
+    let addrs = inet::resolve(
+        Some(host).filter(|h| !h.is_empty()),
+        port,
+        inet::family(ipv4, ipv6)?,
+        libc::SOCK_STREAM,
+        libc::AI_PASSIVE,
+    )?;
+    let os = |what: &str, error| Error::Os {
+        what: what.to_owned(),
+        error,
+    };
+    let mut in_use = None;
+    for addr in addrs {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                l.set_nonblocking(true)
+                    .map_err(|e| os("Failed to listen on socket", e))?;
+                return TcpListener::from_std(l).map_err(|e| os("Failed to listen on socket", e));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => in_use = Some(e),
+            Err(e) => return Err(os("Failed to bind socket", e)),
+        }
+    }
+    Err(os(
+        "Failed to find an available port",
+        in_use.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EADDRINUSE)),
+    ))
 }
 
 fn io_err(what: &'static str, target: &str, e: &std::io::Error) -> Error {
@@ -175,7 +223,7 @@ impl Socket {
                 let std_listener = if *abstract_ns {
                     use std::os::linux::net::SocketAddrExt;
                     let sa = std::os::unix::net::SocketAddr::from_abstract_name(path.as_bytes())
-                        .map_err(|e| io_err("Failed to bind socket to", path, &e))?;
+                        .map_err(|e| unix_bind_err(path, e))?;
                     std::os::unix::net::UnixListener::bind_addr(&sa)
                 } else {
                     // Like QEMU, replace a stale socket file left by an earlier run.
@@ -183,23 +231,21 @@ impl Socket {
                     self.unlink = Some(PathBuf::from(path));
                     std::os::unix::net::UnixListener::bind(path)
                 }
-                .map_err(|e| io_err("Failed to bind socket to", path, &e))?;
+                .map_err(|e| unix_bind_err(path, e))?;
                 std_listener
                     .set_nonblocking(true)
-                    .map_err(|e| io_err("Failed to bind socket to", path, &e))?;
-                let l = UnixListener::from_std(std_listener)
-                    .map_err(|e| io_err("Failed to bind socket to", path, &e))?;
+                    .map_err(|e| unix_bind_err(path, e))?;
+                let l = UnixListener::from_std(std_listener).map_err(|e| unix_bind_err(path, e))?;
                 self.listener = Some(Listener::Unix(l));
             }
-            Addr::Inet { host, port, .. } => {
-                let target = format!("{host}:{port}");
-                let std_listener = std::net::TcpListener::bind(target.as_str())
-                    .map_err(|e| io_err("Failed to bind socket to", &target, &e))?;
-                std_listener
-                    .set_nonblocking(true)
-                    .map_err(|e| io_err("Failed to bind socket to", &target, &e))?;
-                let l = TcpListener::from_std(std_listener)
-                    .map_err(|e| io_err("Failed to bind socket to", &target, &e))?;
+            Addr::Inet {
+                host,
+                port,
+                ipv4,
+                ipv6,
+                ..
+            } => {
+                let l = tcp_listen(host, port, *ipv4, *ipv6)?;
                 self.listener = Some(Listener::Tcp(l));
             }
             Addr::Fd(_) => {}
@@ -232,8 +278,21 @@ impl Socket {
                 *self.peer.borrow_mut() = Some(format!("unix:{path}"));
                 Ok(Raw::Unix(UnixStream::from_std(s).map_err(fail)?))
             }
-            Addr::Inet { nodelay, .. } => {
-                let s = std::net::TcpStream::connect(target.as_str()).map_err(fail)?;
+            Addr::Inet {
+                host,
+                port,
+                nodelay,
+                ipv4,
+                ipv6,
+            } => {
+                let addrs = inet::resolve(
+                    Some(host.as_str()).filter(|h| !h.is_empty()),
+                    port,
+                    inet::family(*ipv4, *ipv6)?,
+                    libc::SOCK_STREAM,
+                    libc::AI_ADDRCONFIG,
+                )?;
+                let s = std::net::TcpStream::connect(&addrs[..]).map_err(fail)?;
                 s.set_nonblocking(true).map_err(fail)?;
                 let s = TcpStream::from_std(s).map_err(fail)?;
                 let _ = s.set_nodelay(*nodelay);
@@ -293,6 +352,7 @@ impl Socket {
             reader: Box::pin(super::scm::ScmReader::new(r, fds.clone())),
             writer: LogFile::tee(self.log.clone(), Box::pin(w)),
             fds: Some(fds),
+            opened: true,
         }
     }
 
@@ -302,6 +362,7 @@ impl Socket {
             reader: Box::pin(r),
             writer: LogFile::tee(self.log.clone(), Box::pin(w)),
             fds: None,
+            opened: true,
         }
     }
 
@@ -424,6 +485,7 @@ impl Socket {
             reader: Box::pin(r),
             writer: LogFile::tee(self.log.clone(), Box::pin(w)),
             fds: None,
+            opened: true,
         }
     }
 

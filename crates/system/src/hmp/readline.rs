@@ -4,7 +4,7 @@
 //! shown, the line, clear to the end). Tests read that echo, so it is byte for byte.
 
 use super::SystemCommands;
-use ferrite_chardev::{Chardev, Connection, Reader, Writer};
+use ferrite_chardev::{Connection, Frontend, Reader, Writer};
 use std::rc::Rc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -97,7 +97,7 @@ async fn greet(conn: Connection) -> Option<Session> {
 /// Serves the human monitor on `dev`'s connections until the program ends. A connection
 /// that is there at once (stdio) is greeted before this returns, so the banner precedes
 /// whatever start-up prints next.
-pub(crate) async fn serve(dev: Rc<Chardev>, cmds: Rc<SystemCommands>) {
+pub(crate) async fn serve(dev: Frontend, cmds: Rc<SystemCommands>) {
     let d = dev.clone();
     let mut first = Box::pin(async move { d.accept().await });
     let ready = tokio::select! {
