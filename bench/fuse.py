@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """FUSE exports: 1 GiB written and read sequentially through the mounted file (fio, 1 MiB
 blocks, psync), and 4k random reads at iodepth 16 (libaio), of a raw file node, against
-ferrite-storage-daemon and qemu-storage-daemon in the same run, each twice in turn (qsd,
-ferrite, qsd, ferrite) and the better of its two runs kept, since whichever daemon writes
-second meets the first one's write-back. Prints MiB/s or IOPS and the ratio ferrite/qsd
-(higher is better)."""
+ferrite-storage-daemon and qemu-storage-daemon in the same run, in turns (qsd, ferrite, qsd,
+ferrite...; FUSE_ROUNDS turns each, 3 by default) after one unmeasured turn that warms the
+machine up (its first 1 GiB write after a pause has been measured at half the speed of the
+next). Prints, per row, each program's median and range (MiB/s or IOPS) and the ratio of the
+medians, ferrite/qsd (higher is better): on this machine one program's runs of the same
+row differ by up to 1.5x, so a single pair decides nothing."""
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 
@@ -16,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERRITE = os.environ.get("FERRITE_BIN", os.path.join(ROOT, "target/release/ferrite-storage-daemon"))
 QSD = "qemu-storage-daemon"
 SIZE = os.environ.get("FUSE_SIZE", "1G")
+ROUNDS = int(os.environ.get("FUSE_ROUNDS", "3"))
 
 # (row, fio arguments, figure)
 ROWS = [
@@ -53,14 +57,18 @@ def measure(binary, d):
 def main():
     common.require_built(FERRITE)
     runs = {QSD: [], FERRITE: []}
-    for binary in (QSD, FERRITE, QSD, FERRITE):
+    with tempfile.TemporaryDirectory() as d:
+        measure(QSD, d)
+    for binary in (QSD, FERRITE) * ROUNDS:
         with tempfile.TemporaryDirectory() as d:
             runs[binary].append(measure(binary, d))
-    q, f = ([max(r) for r in zip(*runs[b])] for b in (QSD, FERRITE))
-    print(f"FUSE export of a raw file ({SIZE})")
-    print(f"{'row':28} {'ferrite':>10} {'qsd':>10} {'ratio':>7}")
-    for (row, _, _), fv, qv in zip(ROWS, f, q):
-        print(f"{row:28} {fv:10.0f} {qv:10.0f} {fv / qv:7.2f}")
+    print(f"FUSE export of a raw file ({SIZE}), median of {ROUNDS} runs each [range]")
+    print(f"{'row':28} {'ferrite':>22} {'qsd':>22} {'ratio':>7}")
+    for i, (row, _, _) in enumerate(ROWS):
+        f, q = (sorted(r[i] for r in runs[b]) for b in (FERRITE, QSD))
+        fm, qm = statistics.median(f), statistics.median(q)
+        print(f"{row:28} {fm:8.0f} [{f[0]:5.0f}-{f[-1]:5.0f}] {qm:8.0f} [{q[0]:5.0f}-{q[-1]:5.0f}]"
+              f" {fm / qm:7.2f}")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,9 @@ def test_qom_list_matches_qsd_as_sets(both):
 
 def test_list_properties_match_qsd(both):
     qsd, ferrite = both()
-    for ty in ["throttle-group", "secret", "iothread", "main-loop", "chardev-socket", "container"]:
+    for ty in ["throttle-group", "secret", "iothread", "main-loop", "chardev-socket", "container",
+               "chardev-pty", "chardev-udp", "chardev-serial", "chardev-parallel", "chardev-mux",
+               "chardev-hub"]:
         want = as_set(qsd.connect().cmd("qom-list-properties", {"typename": ty}))
         got = as_set(ferrite.connect().cmd("qom-list-properties", {"typename": ty}))
         assert got == want, ty
@@ -130,3 +132,6 @@ def test_list_types_is_the_qsd_subset_ferrite_implements(both):
         got = {json.dumps(x, sort_keys=True) for x in ferrite.connect().cmd("qom-list-types", args)["return"]}
         assert got <= want, (args, got - want)
         assert got, args
+        if args.get("implements") == "chardev":
+            # Every chardev type qsd has, ferrite has.
+            assert got == want
