@@ -352,6 +352,10 @@ CLI_CASES = [
     "nope,wait=maybe", "pty,id=c,mux=on,mux=maybe", "null,id=c,nobogus", "null,id=c,noto",
     "null,id=c,server=", "null,id=c,to=18446744073709551616", "nope", "null", "id=x", "help",
     "?", "null,id=x,help", "pty,help", "socket,id=c,path=/nonexistent/s,server,nowait",
+    "socket,id=c,host=nonexistent.invalid,port=5000,server=on,wait=off",
+    "socket,id=c,host=192.0.2.77,port=5000,server=on,wait=off",
+    "socket,id=c,host=127.0.0.1,port=abc,server=on,wait=off", "socket,id=c,host=127.0.0.1,port=1",
+    "socket,id=c,host=nonexistent.invalid,port=1", "socket,id=c,path=/nonexistent/s",
 ]
 
 
@@ -367,6 +371,30 @@ def test_chardev_option_errors_and_help_match_qsd():
                 err = (e.stderr or b"").decode().replace(os.path.basename(binary), "PROG")
                 got.append(("running", (e.stdout or b"").decode(), err))
         assert got[1] == got[0], text
+
+
+def test_tcp_port_in_use_matches_qsd():
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    text = f"socket,id=c,host=127.0.0.1,port={taken.getsockname()[1]},server=on,wait=off"
+    got = []
+    for binary in (QSD, FERRITE):
+        r = subprocess.run([binary, "--chardev", text], capture_output=True, text=True,
+                           timeout=20)
+        got.append((r.returncode, r.stderr.replace(os.path.basename(binary), "P")))
+    assert got[0] == (1, f"P: --chardev {text}: Failed to find an available port: "
+                         "Address already in use\n")
+    assert got[1] == got[0]
+
+
+def test_frontend_open_without_a_client_matches_qsd(both):
+    """A monitor's chardev is open for its frontend whether or not a client is connected."""
+    idle = ["--chardev", "socket,id=idle,path=idle.sock,server=on,wait=off", "--monitor", "idle"]
+    out = [chardev_transcript(d, [("query-chardev", None)]) for d in both(idle)]
+    assert '"frontend-open": true, "label": "idle"' in out[0][0].replace(
+        '"filename": "disconnected:unix:idle.sock,server=on", ', "")
+    assert out[1] == out[0]
 
 
 def test_query_chardev_backends_matches_qsd(both):

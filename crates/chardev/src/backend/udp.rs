@@ -9,7 +9,7 @@ use super::log::LogFile;
 use super::{Connection, Reader, Writer};
 use crate::error::{Error, Result};
 use ferrite_qapi::Args;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -122,14 +122,11 @@ impl Udp {
         if self.handed_out.replace(true) {
             return None;
         }
-        let reader: Reader = Box::pin(Datagrams {
+        let reader: Reader = Box::pin(DatagramReader {
             socket: self.socket.clone(),
-            pending: RefCell::default(),
+            received: Received::default(),
         });
-        let writer: Writer = Box::pin(Datagrams {
-            socket: self.socket.clone(),
-            pending: RefCell::default(),
-        });
+        let writer: Writer = Box::pin(DatagramWriter(self.socket.clone()));
         Some(Connection {
             reader,
             writer: LogFile::tee(self.log.clone(), writer),
@@ -139,14 +136,17 @@ impl Udp {
     }
 }
 
-/// Reads datagrams as a byte stream, writes each buffer as a datagram. The remote refusing
-/// (an ICMP port unreachable, reported on the next call) is not an error of the stream:
-/// datagrams to nobody are lost, as they are to a peer that does not answer.
-struct Datagrams {
+/// Reads datagrams as a byte stream. The remote refusing (an ICMP port unreachable,
+/// reported on the next call) is not an error of the stream: datagrams to nobody are lost,
+/// as they are to a peer that does not answer.
+struct DatagramReader {
     socket: Rc<UdpSocket>,
-    /// The datagram being read (reading only).
-    pending: RefCell<Received>,
+    /// The datagram being read.
+    received: Received,
 }
+
+/// Writes each buffer as a datagram (refusals as for [`DatagramReader`]).
+struct DatagramWriter(Rc<UdpSocket>);
 
 /// A datagram received: `len` bytes of `data`, of which `at` have been read.
 #[derive(Default)]
@@ -160,15 +160,15 @@ fn refused(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::ConnectionRefused
 }
 
-impl AsyncRead for Datagrams {
+impl AsyncRead for DatagramReader {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut pending = self.pending.borrow_mut();
+        let DatagramReader { socket, received } = self.get_mut();
         loop {
-            let Received { data, len, at } = &mut *pending;
+            let Received { data, len, at } = received;
             if *at < *len {
                 let n = (*len - *at).min(buf.remaining());
                 buf.put_slice(&data[*at..*at + n]);
@@ -177,7 +177,7 @@ impl AsyncRead for Datagrams {
             }
             data.resize(DATAGRAM_MAX, 0);
             let mut rb = ReadBuf::new(data);
-            let r = ready!(self.socket.poll_recv(cx, &mut rb));
+            let r = ready!(socket.poll_recv(cx, &mut rb));
             let received = rb.filled().len();
             (*len, *at) = (0, 0);
             match r {
@@ -189,13 +189,13 @@ impl AsyncRead for Datagrams {
     }
 }
 
-impl AsyncWrite for Datagrams {
+impl AsyncWrite for DatagramWriter {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match ready!(self.socket.poll_send(cx, data)) {
+        match ready!(self.0.poll_send(cx, data)) {
             Err(e) if refused(&e) => Poll::Ready(Ok(data.len())),
             r => Poll::Ready(r),
         }
