@@ -20,7 +20,12 @@ def running(args, wait_for):
         yield p
     finally:
         p.terminate()
-        p.wait()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"  ({os.path.basename(args[0])} did not exit 30 s after SIGTERM: killed)")
+            p.kill()
+            p.wait()
 
 
 def require_built(binary):
@@ -67,6 +72,19 @@ def export_fio(binary, d, img, fmt, size, runtime, extra, nodes=None):
             "--export", "nbd,id=e0,node-name=q,writable=on"]
     with running(args, sock):
         return fio(f"nbd+unix:///q?socket={sock}", size, runtime, extra)
+
+
+def print_rows(jobs, f, q, k, label=""):
+    """One line per fio job: ferrite's figure, qsd's, the ratio and the anchor's (`k`);
+    MiB/s for the 1M jobs, IOPS for the others. Each of `f`, `q`, `k` maps a job's name to
+    (IOPS, MiB/s)."""
+    for name, _ in jobs:
+        (fi, fb), (qi, qb), (ki, kb) = f[name], q[name], k[name]
+        row = f"{label}{name}"
+        if "1M" in name:
+            print(f"{row:26}{fb:11.0f}MiB/s{qb:9.0f}MiB/s{fb / qb:8.2f}{kb:9.0f}MiB/s")
+        else:
+            print(f"{row:26}{fi:10.0f}iops{qi:10.0f}iops{fi / qi:8.2f}{ki:10.0f}iops")
 
 
 def fio_run(args):

@@ -68,12 +68,7 @@ def main():
     k = measure("nbdkit")
     q = measure(QSD)
     f = measure(FERRITE)
-    for name, _ in JOBS:
-        (fi, fb), (qi, qb), (ki, kb) = f[name], q[name], k[name]
-        if "1M" in name:
-            print(f"{name:26}{fb:11.0f}MiB/s{qb:9.0f}MiB/s{fb / qb:8.2f}{kb:9.0f}MiB/s")
-        else:
-            print(f"{name:26}{fi:10.0f}iops{qi:10.0f}iops{fi / qi:8.2f}{ki:10.0f}iops")
+    common.print_rows(JOBS, f, q, k)
 
 
 if __name__ == "__main__":

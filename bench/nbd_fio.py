@@ -103,16 +103,7 @@ def main():
         label = "aio=io_uring" if aio else "default"
         q = measure(QSD, aio)
         f = measure(FERRITE, aio)
-        for name, _ in JOBS:
-            fi, fb = f[name]
-            qi, qb = q[name]
-            ki, kb = k[name]
-            if "1M" in name:
-                print(f"{label + ' ' + name:26}{fb:11.0f}MiB/s{qb:9.0f}MiB/s{fb / qb:8.2f}"
-                      f"{kb:9.0f}MiB/s")
-            else:
-                print(f"{label + ' ' + name:26}{fi:10.0f}iops{qi:10.0f}iops{fi / qi:8.2f}"
-                      f"{ki:10.0f}iops")
+        common.print_rows(JOBS, f, q, k, label + " ")
         print(f"{label + ' peak RSS (KiB)':26}{f['rss']:14d}{q['rss']:14d}"
               f"{f['rss'] / q['rss']:8.2f}{k['rss']:14d}")
     for cold in (False, True):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what ferrite's tests need on a fresh machine of the project's kind (Debian 12, root):
-# the QEMU 10.0.2 tools and qemu-system-x86_64 (the oracles), libnbd tools, nbdkit, fio, xfsprogs, and a Python venv
+# the QEMU 10.0.2 tools, qemu-system-x86_64 and qemu-block-extra (the oracles), libnbd tools, nbdkit, fio, xfsprogs, and a Python venv
 # with qemu.qmp.
 # Idempotent: what is already there is not installed again. Names no hosts: the backports suite
 # is derived from the machine's own apt sources (reference/dependencies.md §7).
@@ -13,6 +13,9 @@ qemu_ok || need_apt+=(qemu-utils)
 # qemu-system-x86_64 10.0 is the oracle of ferrite-system-x86_64 (run with -accel tcg -S).
 system_ok() { qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.0\.'; }
 system_ok || need_apt+=(qemu-system-x86)
+# qemu-storage-daemon's http/https drivers (libcurl) are a module of qemu-block-extra: the
+# oracle of ferrite's.
+[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ] || need_apt+=(qemu-block-extra)
 command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
 command -v nbdkit >/dev/null || need_apt+=(nbdkit)
 command -v fio >/dev/null || need_apt+=(fio)
@@ -21,6 +24,8 @@ command -v certtool >/dev/null || need_apt+=(gnutls-bin)
 # XFS takes non-blocking buffered writes (ext4 does not): the write-path tests mount one.
 command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)
 [ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
+# The http bench's web server (the tests bring their own, in Python).
+command -v nginx >/dev/null || need_apt+=(nginx-light)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
@@ -34,7 +39,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   backports=()
   rest=()
   for p in "${need_apt[@]}"; do
-    case "$p" in qemu-utils|qemu-system-x86) backports+=("$p") ;; *) rest+=("$p") ;; esac
+    case "$p" in qemu-utils|qemu-system-x86|qemu-block-extra) backports+=("$p") ;; *) rest+=("$p") ;; esac
   done
   if [ ${#backports[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports "${backports[@]}"

@@ -36,8 +36,8 @@ fn json_options(text: &str) -> Option<QDict> {
 
 /// The options of the protocol node a file name stands for: `json:{...}` says them all,
 /// `blkdebug:CONFIG:IMAGE` is a blkdebug node over the image's file, `blkverify:RAW:TEST` a
-/// blkverify node over both (the image under test by name only), `null-co://` a null
-/// node, `file:PATH` a file, anything else a file (QEMU's protocol prefixes, for those
+/// blkverify node over both (the image under test by name only), `http://...` and
+/// `https://...` a web node, `null-co://` a null node, `file:PATH` a file, anything else a file (QEMU's protocol prefixes, for those
 /// ferrite has).
 pub fn protocol_options(name: &str) -> QDict {
     if let Some(mut d) = name.strip_prefix("json:").and_then(json_options) {
@@ -49,6 +49,15 @@ pub fn protocol_options(name: &str) -> QDict {
     }
     if let Some(d) = nbd_options(name) {
         return d;
+    }
+    // Web names are the `http`/`https` nodes' URLs (QEMU's curl drivers by prefix).
+    for driver in ["http", "https"] {
+        if name
+            .strip_prefix(driver)
+            .is_some_and(|r| r.starts_with(':'))
+        {
+            return QDict::new().with("driver", driver).with("url", name);
+        }
     }
     if name == "null-co://" || name == "null-aio://" {
         return QDict::new().with("driver", name.trim_end_matches("://"));
@@ -89,8 +98,10 @@ pub fn protocol_options(name: &str) -> QDict {
 /// protocol"): a name whose first `:` comes before any `/` names its protocol
 /// (`foo:bar`), other names are files.
 pub fn unknown_protocol(name: &str) -> Option<&str> {
-    const KNOWN: [&str; 11] = [
+    const KNOWN: [&str; 13] = [
         "file",
+        "http",
+        "https",
         "host_device",
         "host_cdrom",
         "nbd",
@@ -207,6 +218,19 @@ mod tests {
         assert_eq!(super::unknown_protocol("file:/a"), None);
         assert_eq!(super::unknown_protocol("nbd+unix:///e?socket=/s"), None);
         assert_eq!(super::unknown_protocol("disk.img"), None);
+        assert_eq!(super::unknown_protocol("https://h/x"), None);
+    }
+
+    #[test]
+    fn web_names_open_the_web_drivers() {
+        let d = super::protocol_options("https://h:8443/a.img?x");
+        assert_eq!(d.get("driver").and_then(|v| v.as_str()), Some("https"));
+        assert_eq!(
+            d.get("url").and_then(|v| v.as_str()),
+            Some("https://h:8443/a.img?x")
+        );
+        let plain = super::protocol_options("http://h/a");
+        assert_eq!(plain.get("driver").and_then(|v| v.as_str()), Some("http"));
     }
 
     #[test]

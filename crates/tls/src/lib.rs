@@ -10,7 +10,8 @@
 //! - `dn.rs`: a certificate's distinguished name as GnuTLS writes it (the identity
 //!   authorization lists judge);
 //! - `authz.rs`: `authz-simple` and `authz-list`;
-//! - `session.rs`: the handshake on a stream, server and client.
+//! - `session.rs`: the handshake on a stream, server and client;
+//! - `web.rs`: TLS to web servers (the `https` block driver), checked as libcurl checks.
 //!
 //! rustls does the protocol. It checks nothing of the peer during the handshake beyond the
 //! handshake signatures: the peer is judged afterwards by QEMU's rules (`peer.rs`), so that
@@ -22,10 +23,12 @@ mod dn;
 mod peer;
 mod sanity;
 mod session;
+mod web;
 
 pub use authz::{Authz, AuthzList, AuthzRule, AuthzSimple, Policy};
 pub use creds::{Endpoint, X509Creds, X509Options};
 pub use session::{ClientStream, ServerStream, accept, connect};
+pub use web::{WebStream, connect_web};
 
 use std::rc::Rc;
 

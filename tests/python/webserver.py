@@ -1,0 +1,133 @@
+"""A small web server for the http/https driver tests: files of a directory served with byte
+ranges, and the corners the drivers must handle, each under its own path prefix:
+
+- `/norange/NAME`: no `Accept-Ranges`, ranges ignored (the whole file, 200);
+- `/redir/NAME`: a 302 to `/NAME`; `/loop/NAME`: a 302 to itself;
+- `/auth/NAME`: Basic authentication as `user`/`pass` (else 401);
+- `/cookie/NAME`: only with the cookie `k=v` (else 403);
+- `/chunked/NAME`: ranged replies in chunked framing;
+- `/short/NAME`: ranged replies that end early (the connection closes);
+- `/http10/NAME`: HTTP/1.0 replies.
+
+Every request is logged (method, path, range, authorization, cookie, referer) in `log`.
+With `tls`, the server speaks HTTPS with the given certificate and key.
+"""
+import base64
+import http.server
+import os
+import re
+import socket
+import socketserver
+import ssl
+import threading
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def setup(self):
+        super().setup()
+        self.server.conns.append(self.connection)
+
+    def do_HEAD(self):
+        self._serve(body=False)
+
+    def do_GET(self):
+        self._serve(body=True)
+
+    def _empty(self, code, extra=()):
+        self.send_response(code)
+        for k, v in extra:
+            self.send_header(k, v)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _serve(self, body):
+        srv = self.server
+        h = self.headers
+        srv.log.append((self.command, self.path, h.get("Range"), h.get("Authorization"),
+                        h.get("Cookie"), h.get("Referer")))
+        parts = self.path.split("?")[0].strip("/").split("/")
+        prefix, name = (parts[0], parts[-1]) if len(parts) > 1 else ("", parts[0])
+        if prefix == "http10":
+            self.protocol_version = "HTTP/1.0"
+        if prefix == "redir":
+            return self._empty(302, [("Location", "/" + name)])
+        if prefix == "loop":
+            return self._empty(302, [("Location", self.path)])
+        if prefix == "auth" and h.get("Authorization") != "Basic " + base64.b64encode(
+                b"user:pass").decode():
+            return self._empty(401, [("WWW-Authenticate", 'Basic realm="t"')])
+        if prefix == "cookie" and h.get("Cookie") != "k=v":
+            return self._empty(403)
+        path = os.path.join(srv.root, name)
+        if not name or not os.path.isfile(path):
+            return self._empty(404)
+        with open(path, "rb") as f:
+            data = f.read()
+        rng = h.get("Range")
+        m = re.match(r"bytes=(\d+)-(\d*)$", rng or "")
+        if m and prefix != "norange":
+            start = int(m.group(1))
+            last = min(int(m.group(2)) if m.group(2) else len(data) - 1, len(data) - 1)
+            chunk = data[start:last + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{last}/{len(data)}")
+        else:
+            chunk = data
+            self.send_response(200)
+        if prefix != "norange":
+            self.send_header("Accept-Ranges", "bytes")
+        if prefix == "chunked" and body:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(chunk), 100000):
+                piece = chunk[i:i + 100000]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        self.send_header("Content-Length", str(len(chunk)))
+        self.end_headers()
+        if not body:
+            return
+        if prefix == "short":
+            self.wfile.write(chunk[:len(chunk) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(chunk)
+
+
+class WebServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, root, tls=None):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = str(root)
+        self.log = []
+        self.conns = []
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.socket = ctx.wrap_socket(self.socket, server_side=True)
+        self.port = self.server_address[1]
+        self.scheme = "https" if tls else "http"
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path):
+        return f"{self.scheme}://127.0.0.1:{self.port}/{path}"
+
+    def stop(self):
+        """Stops listening and cuts the connections kept open."""
+        self.shutdown()
+        self.server_close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
