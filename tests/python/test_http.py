@@ -15,7 +15,7 @@ import pytest
 import nbdclient as nc
 from conftest import assert_same_image, replies
 from test_nbd_tls import certtool, make_ca, make_cert
-from webserver import WebServer
+from webserver import Proxy, WebServer
 
 # qemu-storage-daemon's curl drivers are a module of Debian's qemu-block-extra.
 CURL_MODULE = "/usr/lib/x86_64-linux-gnu/qemu/block-curl.so"
@@ -390,3 +390,75 @@ def test_ferrite_system_opens_web_names(site):
                      info["inserted"]["image"]["virtual-size"], info["inserted"]["ro"])
     assert out[system] == out["qemu-system-x86_64"]
     assert out[system][0] == "raw"
+
+
+def test_proxies_as_qsd_uses_them(qsd, ferrite, site, web_pki):
+    """`http_proxy`/`https_proxy` as libcurl reads them: an `http` URL asked of the proxy
+    whole, an `https` one through a `CONNECT` tunnel; `proxy-username` and
+    `proxy-password-secret` for a proxy that wants credentials, in the same words when it
+    refuses; `no_proxy` goes around it. The same replies, the same requests to the proxy,
+    the same bytes read."""
+    got = {}
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        web = site()
+        tls = site((web_pki["server"], web_pki["key"]))
+        open_proxy, closed_proxy = Proxy(), Proxy(auth="pu:pp")
+        add = lambda n, u, **a: ("blockdev-add", {  # noqa: E731
+            "driver": u.split(":")[0], "node-name": n, "read-only": True, "url": u, **a})
+        seq = [
+            add("a", web.url("d.raw")),
+            add("b", tls.url("d.raw"), sslverify=False),
+            ("query-named-block-nodes", {"flat": True}),
+        ]
+        seq_closed = [
+            add("c", web.url("d.raw")),
+            add("d", tls.url("d.raw"), sslverify=False),
+            add("e", web.url("d.raw"), **{"proxy-username": "pu",
+                                          "proxy-password-secret": "ppw"}),
+            add("f", tls.url("d.raw"), sslverify=False,
+                **{"proxy-username": "pu", "proxy-password-secret": "ppw"}),
+            add("g", web.url("auth/d.raw"), username="user",
+                **{"password-secret": "pw", "proxy-username": "pu",
+                   "proxy-password-secret": "ppw"}),
+        ]
+        secrets = SECRETS + ["--object", "secret,id=ppw,data=pp"]
+        saved = dict(os.environ)
+        try:
+            os.environ["http_proxy"] = f"http://127.0.0.1:{open_proxy.port}"
+            os.environ["https_proxy"] = f"127.0.0.1:{open_proxy.port}"
+            d1 = start(secrets)
+            os.environ["http_proxy"] = f"http://127.0.0.1:{closed_proxy.port}"
+            os.environ["HTTPS_PROXY"] = f"http://127.0.0.1:{closed_proxy.port}"
+            os.environ.pop("https_proxy")
+            d2 = start(secrets)
+            os.environ["no_proxy"] = "localhost,127.0.0.1"
+            d3 = start(secrets)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        text = replies(d1, seq) + replies(d2, seq_closed)
+        text += replies(d3, [add("h", web.url("d.raw"))])
+        c = d2.connect()
+        c.cmd("nbd-server-start", {"addr": {"type": "unix",
+                                             "data": {"path": f"{d2.workdir}/nbd.sock"}}})
+        c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "f", "name": "e"})
+        copy = d2.workdir / "copy.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_uri(d2), copy],
+                       check=True)
+        assert_same_image(site.root / "d.raw", copy)
+        ports = {str(web.port): "WEB", str(tls.port): "TLS"}
+
+        def hide(t):
+            for p, n in ports.items():
+                t = t.replace(p, n)
+            return t
+        got[name] = ([hide(t) for t in text],
+                     [tuple(hide(str(f)) for f in e) for e in open_proxy.log],
+                     [tuple(hide(str(f)) for f in e) for e in closed_proxy.log])
+        open_proxy.stop()
+        closed_proxy.stop()
+    assert got["ferrite"][0] == got["qsd"][0]
+    assert got["ferrite"][1] == got["qsd"][1]
+    # The GETs of qemu-img's reads run side by side: compare them as a set.
+    assert sorted(set(got["ferrite"][2])) == sorted(set(got["qsd"][2]))
+    assert "The requested URL returned error: 407" in got["ferrite"][0][4]

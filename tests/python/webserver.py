@@ -131,3 +131,86 @@ class WebServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class Proxy(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """An HTTP proxy: `http` requests forwarded one per connection, `https` through `CONNECT`
+    tunnels. With `auth` ("user:pass"), requests without those credentials get a 407. Every
+    request is logged (method, target, Proxy-Authorization)."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, auth=None):
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.auth = auth and "Basic " + base64.b64encode(auth.encode()).decode()
+        self.log = []
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+class _ProxyHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        head = []
+        while True:
+            line = self.rfile.readline()
+            if line in (b"", b"\r\n", b"\n"):
+                break
+            head.append(line.decode("latin1").rstrip("\r\n"))
+        if not head:
+            return
+        method, target, _ = head[0].split(" ", 2)
+        headers = dict(h.split(": ", 1) for h in head[1:] if ": " in h)
+        auth = headers.get("Proxy-Authorization")
+        self.server.log.append((method, target, auth))
+        if self.server.auth and auth != self.server.auth:
+            self.wfile.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                             b"Proxy-Authenticate: Basic realm=\"p\"\r\n"
+                             b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            up = socket.create_connection((host.strip("[]"), int(port)))
+            self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.wfile.flush()
+        else:
+            rest = target.split("://", 1)[1]
+            hostport, _, path = rest.partition("/")
+            host, _, port = hostport.rpartition(":")
+            up = socket.create_connection((host.strip("[]"), int(port or 80)))
+            kept = [h for h in head[1:] if not h.lower().startswith(("proxy-", "connection"))]
+            up.sendall((f"{method} /{path} HTTP/1.1\r\n" + "\r\n".join(kept)
+                        + "\r\nConnection: close\r\n\r\n").encode("latin1"))
+        # Clients send nothing after the head before the reply (no bodies, TLS after 200).
+        _pipe(self.connection, up)
+
+
+def _pipe(client, up):
+    """Copies both ways until either side ends."""
+    def upward():
+        try:
+            while True:
+                b = client.recv(65536)
+                if not b:
+                    break
+                up.sendall(b)
+        except OSError:
+            pass
+        try:
+            up.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    t = threading.Thread(target=upward, daemon=True)
+    t.start()
+    try:
+        while True:
+            b = up.recv(65536)
+            if not b:
+                break
+            client.sendall(b)
+    except OSError:
+        pass
+    up.close()

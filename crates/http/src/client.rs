@@ -5,6 +5,7 @@
 
 use crate::conn::{Conn, Framing, Reply};
 use crate::error::{Failure, Phase};
+use crate::proxy::{Proxy, ProxyEnv};
 use crate::url::Url;
 use base64::Engine;
 use std::cell::{Cell, RefCell};
@@ -35,6 +36,10 @@ pub(crate) struct Client {
     authorization: Option<String>,
     cookie: Option<String>,
     verify: bool,
+    proxies: ProxyEnv,
+    /// The proxy credentials of the options (over a proxy URL's).
+    proxy_user: Option<String>,
+    proxy_password: Option<String>,
     /// The time a whole transfer may take (none: no limit).
     timeout: Option<Duration>,
     idle: RefCell<Vec<Conn>>,
@@ -47,6 +52,20 @@ pub(crate) struct Credentials {
     /// The password, over the URL's.
     pub(crate) password: Option<String>,
     pub(crate) cookie: Option<String>,
+    /// The proxy's user and password, over those of the proxy's URL.
+    pub(crate) proxy_user: Option<String>,
+    pub(crate) proxy_password: Option<String>,
+}
+
+/// `Basic` credentials, if there is a user or a password.
+fn basic(user: Option<&str>, password: Option<&str>) -> Option<String> {
+    (user.is_some() || password.is_some()).then(|| {
+        let pair = format!("{}:{}", user.unwrap_or(""), password.unwrap_or(""));
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    })
 }
 
 impl Client {
@@ -58,25 +77,24 @@ impl Client {
     ) -> Client {
         let user = creds.user.or_else(|| url.user.clone());
         let password = creds.password.or_else(|| url.password.clone());
-        let authorization = (user.is_some() || password.is_some()).then(|| {
-            let pair = format!(
-                "{}:{}",
-                user.unwrap_or_default(),
-                password.unwrap_or_default()
-            );
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(pair)
-            )
-        });
         Client {
+            authorization: basic(user.as_deref(), password.as_deref()),
             url,
-            authorization,
             cookie: creds.cookie,
             verify,
+            proxies: ProxyEnv::from_process(),
+            proxy_user: creds.proxy_user,
+            proxy_password: creds.proxy_password,
             timeout,
             idle: RefCell::new(Vec::new()),
         }
+    }
+
+    /// `Proxy-Authorization` for `proxy`.
+    fn proxy_authorization(&self, proxy: &Proxy) -> Option<String> {
+        let user = self.proxy_user.as_deref().or(proxy.user.as_deref());
+        let password = self.proxy_password.as_deref().or(proxy.password.as_deref());
+        basic(user, password)
     }
 
     /// The image's size, by a `HEAD` request; its server must serve byte ranges.
@@ -196,8 +214,9 @@ impl Client {
         referer: Option<&str>,
         phase: &Cell<Phase>,
     ) -> Result<(Conn, Reply), Failure> {
-        let head = self.head(url, method, referer);
-        if let Some(mut conn) = self.take_idle(url) {
+        let proxy = self.proxies.for_url(url)?;
+        let head = self.head(url, method, referer, proxy.as_ref());
+        if let Some(mut conn) = self.take_idle(url, proxy.as_ref()) {
             conn.origin = url.clone();
             match conn.round_trip(&head).await {
                 Ok(reply) => return Ok((conn, reply)),
@@ -205,22 +224,50 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        let mut conn = Conn::open(url, self.verify, phase).await?;
+        let tunnel = proxy.as_ref().map(|p| (p, self.tunnel(url, p)));
+        let tunnel = tunnel.as_ref().map(|(p, t)| (*p, t.as_str()));
+        let mut conn = Conn::open(url, self.verify, phase, tunnel).await?;
         let reply = conn.round_trip(&head).await?;
         Ok((conn, reply))
     }
 
+    /// The `CONNECT` request of a tunnel to `url`'s server through `proxy`.
+    fn tunnel(&self, url: &Url, proxy: &Proxy) -> String {
+        let to = format!("{}:{}", url.bracketed_host(), url.port);
+        let mut h = format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\n");
+        if let Some(auth) = self.proxy_authorization(proxy) {
+            h.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+        }
+        h.push_str("Proxy-Connection: Keep-Alive\r\n\r\n");
+        h
+    }
+
     /// The request's head.
-    fn head(&self, url: &Url, method: Method, referer: Option<&str>) -> String {
+    /// A plain `http` request through a proxy names the whole URL and carries the proxy's
+    /// credentials.
+    fn head(
+        &self,
+        url: &Url,
+        method: Method,
+        referer: Option<&str>,
+        proxy: Option<&Proxy>,
+    ) -> String {
         let verb = match method {
             Method::Head => "HEAD",
             Method::Range { .. } => "GET",
         };
+        let forwarded = proxy.filter(|_| url.scheme == crate::url::Scheme::Http);
+        let target = match forwarded {
+            Some(_) => url.without_credentials(),
+            None => url.target.clone(),
+        };
         let mut h = format!(
-            "{verb} {} HTTP/1.1\r\nHost: {}\r\n",
-            url.target,
+            "{verb} {target} HTTP/1.1\r\nHost: {}\r\n",
             url.host_header()
         );
+        if let Some(auth) = forwarded.and_then(|p| self.proxy_authorization(p)) {
+            h.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+        }
         let first_server = url.same_origin(&self.url);
         if let Some(auth) = self.authorization.as_ref().filter(|_| first_server) {
             h.push_str(&format!("Authorization: {auth}\r\n"));
@@ -235,13 +282,18 @@ impl Client {
         if let Some(r) = referer {
             h.push_str(&format!("Referer: {r}\r\n"));
         }
+        if forwarded.is_some() {
+            h.push_str("Proxy-Connection: Keep-Alive\r\n");
+        }
         h.push_str("\r\n");
         h
     }
 
-    fn take_idle(&self, url: &Url) -> Option<Conn> {
+    fn take_idle(&self, url: &Url, proxy: Option<&Proxy>) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
-        let i = idle.iter().position(|c| c.origin.same_origin(url))?;
+        let i = idle
+            .iter()
+            .position(|c| c.origin.same_origin(url) && c.via.as_ref() == proxy)?;
         Some(idle.swap_remove(i))
     }
 

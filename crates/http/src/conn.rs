@@ -3,6 +3,7 @@
 //! framing (a length, chunks, or the connection's end).
 
 use crate::error::{Failure, Phase};
+use crate::proxy::Proxy;
 use crate::url::{Scheme, Url};
 use ferrite_block::io::pool;
 use ferrite_qapi::os_msg;
@@ -146,26 +147,38 @@ pub(crate) struct Conn {
     io: BufReader<Stream>,
     /// Where it leads (scheme, host, port; the target is that of the last request).
     pub(crate) origin: Url,
+    /// The proxy it goes through.
+    pub(crate) via: Option<Proxy>,
     /// Whether another request may follow the last reply on it.
     reusable: bool,
 }
 
 impl Conn {
-    /// Resolves `url`'s host, connects to the first address that takes the connection and,
-    /// for `https`, runs the TLS handshake (`verify`: the certificate is checked).
+    /// Resolves `url`'s host (or the proxy's), connects to the first address that takes the
+    /// connection and, for `https`, runs the TLS handshake (`verify`: the certificate is
+    /// checked), through a `CONNECT` tunnel when there is a proxy (`tunnel`: the request).
     pub(crate) async fn open(
         url: &Url,
         verify: bool,
         phase: &Cell<Phase>,
+        proxy: Option<(&Proxy, &str)>,
     ) -> Result<Conn, Failure> {
         let started = Instant::now();
         phase.set(Phase::Resolving);
-        let addrs: Vec<_> = tokio::net::lookup_host((url.host.as_str(), url.port))
+        let (host, port) = match proxy {
+            Some((p, _)) => (p.host.as_str(), p.port),
+            None => (url.host.as_str(), url.port),
+        };
+        let unresolved = || match proxy {
+            Some(_) => Failure::ResolveProxy(host.to_owned()),
+            None => Failure::Resolve(host.to_owned()),
+        };
+        let addrs: Vec<_> = tokio::net::lookup_host((host, port))
             .await
-            .map_err(|_| Failure::Resolve(url.host.clone()))?
+            .map_err(|_| unresolved())?
             .collect();
         if addrs.is_empty() {
-            return Err(Failure::Resolve(url.host.clone()));
+            return Err(unresolved());
         }
         phase.set(Phase::Connecting);
         let mut tcp = None;
@@ -176,28 +189,49 @@ impl Conn {
             }
         }
         let tcp = tcp.ok_or_else(|| Failure::Connect {
-            host: url.host.clone(),
-            port: url.port,
+            host: host.to_owned(),
+            port,
             after: started.elapsed(),
         })?;
         let _ = tcp.set_nodelay(true);
-        let stream = match url.scheme {
-            Scheme::Http => Stream::Plain(tcp),
-            Scheme::Https => Stream::Tls(Box::new(
-                ferrite_tls::connect_web(tcp, &url.host, verify)
-                    .await
-                    .map_err(Failure::Tls)?,
-            )),
+        let conn = |stream| Conn {
+            io: BufReader::with_capacity(64 << 10, stream),
+            origin: url.clone(),
+            via: proxy.map(|(p, _)| p.clone()),
+            reusable: true,
+        };
+        let stream = match (url.scheme, proxy) {
+            (Scheme::Http, _) => Stream::Plain(tcp),
+            (Scheme::Https, tunnel) => {
+                let tcp = match tunnel {
+                    Some((_, request)) => {
+                        let mut c = conn(Stream::Plain(tcp));
+                        let reply = c.round_trip(request).await?;
+                        match reply.status {
+                            200..300 => {}
+                            // libcurl's failure on an error status, as for any request.
+                            407 => return Err(Failure::Status(407)),
+                            other => return Err(Failure::Tunnel(other)),
+                        }
+                        match c.io.into_inner() {
+                            Stream::Plain(tcp) => tcp,
+                            Stream::Tls(_) => return Err(Failure::Tunnel(reply.status)),
+                        }
+                    }
+                    None => tcp,
+                };
+                Stream::Tls(Box::new(
+                    ferrite_tls::connect_web(tcp, &url.host, verify)
+                        .await
+                        .map_err(Failure::Tls)?,
+                ))
+            }
         };
         phase.set(Phase::Transferring {
             received: 0,
             total: None,
         });
-        Ok(Conn {
-            io: BufReader::with_capacity(64 << 10, stream),
-            origin: url.clone(),
-            reusable: true,
-        })
+        Ok(conn(stream))
     }
 
     /// Whether another request may be sent on it.

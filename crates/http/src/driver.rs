@@ -180,6 +180,8 @@ impl Options {
                 user,
                 password,
                 cookie,
+                proxy_user: proxy_user.map(str::to_owned),
+                proxy_password,
             },
             plain,
         })

@@ -27,6 +27,9 @@ pub(crate) enum Failure {
     /// A scheme other than `http` and `https` (a redirection elsewhere).
     Unsupported(String),
     Resolve(String),
+    ResolveProxy(String),
+    /// A proxy refused the `CONNECT` tunnel with this status.
+    Tunnel(u16),
     Connect {
         host: String,
         port: u16,
@@ -66,6 +69,8 @@ impl fmt::Display for Failure {
                 write!(f, "Protocol \"{s}\" not supported or disabled in libcurl")
             }
             Failure::Resolve(host) => write!(f, "Could not resolve host: {host}"),
+            Failure::ResolveProxy(host) => write!(f, "Could not resolve proxy: {host}"),
+            Failure::Tunnel(code) => write!(f, "CONNECT tunnel failed, response {code}"),
             Failure::Connect { host, port, after } => write!(
                 f,
                 "Failed to connect to {host} port {port} after {} ms: Couldn't connect to server",

@@ -6,6 +6,7 @@
 //!   requests and replies on it;
 //! - `client.rs`: requests as libcurl makes them for QEMU (redirections, credentials,
 //!   cookie, the time limit, kept connections);
+//! - `proxy.rs`: the proxy from the environment, as libcurl picks it;
 //! - `window.rs`: a range of the image fetched in one transfer, read while it arrives;
 //! - `driver.rs`: the nodes: their options in QEMU's order and words, the size at open,
 //!   reads through windows with read-ahead;
@@ -15,6 +16,7 @@ mod client;
 mod conn;
 mod driver;
 mod error;
+mod proxy;
 mod url;
 mod window;
 

@@ -119,7 +119,8 @@ impl Url {
         }
     }
 
-    fn bracketed_host(&self) -> String {
+    /// The host as a request names it (an IPv6 address in brackets).
+    pub(crate) fn bracketed_host(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
