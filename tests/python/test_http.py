@@ -130,16 +130,29 @@ def nbd_uri(d):
     return f"nbd+unix:///e?socket={d.workdir}/nbd.sock"
 
 
-def export(d, node_args):
+def serve(d, node):
+    """Exports `node` of daemon `d` over NBD as `e`."""
     c = d.connect()
-    r = c.cmd("blockdev-add", {"read-only": True, "node-name": "h", **node_args})
-    assert r == {"return": {}}, r
     c.cmd("nbd-server-start", {"addr": {"type": "unix",
                                          "data": {"path": f"{d.workdir}/nbd.sock"}}})
-    assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "h",
-                                      "name": "e"}) == \
-        {"return": {}}
+    assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node,
+                                      "name": "e"}) == {"return": {}}
     return c
+
+
+def export(d, node_args):
+    """A read-only node `h` of `node_args`, exported over NBD."""
+    r = d.connect().cmd("blockdev-add", {"read-only": True, "node-name": "h", **node_args})
+    assert r == {"return": {}}, r
+    return serve(d, "h")
+
+
+def assert_copy_is(d, path):
+    """The NBD export of `d`, copied whole by qemu-img, holds the bytes of the file `path`."""
+    copy = d.workdir / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_uri(d), copy],
+                   check=True)
+    assert_same_image(path, copy)
 
 
 READS = ["read 0 4k", "read 4k 4k", "read 300k 64k", "read 1M 1M", "read 4190208 4096",
@@ -171,10 +184,7 @@ def test_reads_match_qsd(qsd, ferrite, site, path, opts):
         d = start(SECRETS)
         export(d, {"driver": "http", "url": web.url(path), **opts})
         out = qemu_io(nbd_uri(d), *READS)
-        copy = d.workdir / "copy.raw"
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_uri(d), copy],
-                       check=True)
-        assert_same_image(site.root / "d.raw", copy)
+        assert_copy_is(d, site.root / "d.raw")
         got[name] = (out, [(m, p, r) for m, p, r, *_ in web.log])
     assert "failed" not in got["ferrite"][0]
     assert got["ferrite"][0] == got["qsd"][0]
@@ -307,14 +317,8 @@ def test_https_matches_qsd(qsd, ferrite, site, web_pki):
         ]
         d = start()
         text = [r.replace(str(web.port), "PORT") for r in replies(d, seq)]
-        c = d.connect()
-        c.cmd("nbd-server-start", {"addr": {"type": "unix",
-                                             "data": {"path": f"{d.workdir}/nbd.sock"}}})
-        c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "o", "name": "e"})
-        copy = d.workdir / "copy.raw"
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_uri(d), copy],
-                       check=True)
-        assert_same_image(site.root / "d.raw", copy)
+        serve(d, "o")
+        assert_copy_is(d, site.root / "d.raw")
         got[name] = text
     assert got["ferrite"] == got["qsd"]
     assert "server certificate verification failed" in got["ferrite"][0]
@@ -438,14 +442,8 @@ def test_proxies_as_qsd_uses_them(qsd, ferrite, site, web_pki):
             os.environ.update(saved)
         text = replies(d1, seq) + replies(d2, seq_closed)
         text += replies(d3, [add("h", web.url("d.raw"))])
-        c = d2.connect()
-        c.cmd("nbd-server-start", {"addr": {"type": "unix",
-                                             "data": {"path": f"{d2.workdir}/nbd.sock"}}})
-        c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "f", "name": "e"})
-        copy = d2.workdir / "copy.raw"
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_uri(d2), copy],
-                       check=True)
-        assert_same_image(site.root / "d.raw", copy)
+        serve(d2, "f")
+        assert_copy_is(d2, site.root / "d.raw")
         ports = {str(web.port): "WEB", str(tls.port): "TLS"}
 
         def hide(t):

@@ -190,27 +190,23 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
 
 def _pipe(client, up):
     """Copies both ways until either side ends."""
-    def upward():
-        try:
-            while True:
-                b = client.recv(65536)
-                if not b:
-                    break
-                up.sendall(b)
-        except OSError:
-            pass
-        try:
-            up.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-    t = threading.Thread(target=upward, daemon=True)
+    t = threading.Thread(target=_copy, args=(client, up), daemon=True)
     t.start()
+    _copy(up, client)
+    up.close()
+
+
+def _copy(src, dst):
+    """Copies `src` to `dst` until `src` ends, then ends `dst`'s writing side."""
     try:
         while True:
-            b = up.recv(65536)
+            b = src.recv(65536)
             if not b:
                 break
-            client.sendall(b)
+            dst.sendall(b)
     except OSError:
         pass
-    up.close()
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
