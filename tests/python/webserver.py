@@ -101,7 +101,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(chunk)
 
 
-class WebServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+class Serving:
+    """What the test servers share: their URLs, and a stop that also cuts the connections
+    they keep (`conns`), as a server that goes away does."""
+
+    def url(self, path):
+        return f"{self.scheme}://127.0.0.1:{self.port}/{path}"
+
+    def stop(self):
+        """Stops listening and cuts the connections kept open."""
+        self.shutdown()
+        self.server_close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class WebServer(Serving, socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
@@ -118,19 +136,6 @@ class WebServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.scheme = "https" if tls else "http"
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
-
-    def url(self, path):
-        return f"{self.scheme}://127.0.0.1:{self.port}/{path}"
-
-    def stop(self):
-        """Stops listening and cuts the connections kept open."""
-        self.shutdown()
-        self.server_close()
-        for c in self.conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class Proxy(socketserver.ThreadingMixIn, socketserver.TCPServer):

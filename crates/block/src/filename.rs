@@ -36,8 +36,8 @@ fn json_options(text: &str) -> Option<QDict> {
 
 /// The options of the protocol node a file name stands for: `json:{...}` says them all,
 /// `blkdebug:CONFIG:IMAGE` is a blkdebug node over the image's file, `blkverify:RAW:TEST` a
-/// blkverify node over both (the image under test by name only), `http://...` and
-/// `https://...` a web node, `null-co://` a null node, `file:PATH` a file, anything else a file (QEMU's protocol prefixes, for those
+/// blkverify node over both (the image under test by name only), `http://...`,
+/// `https://...`, `ftp://...` and `ftps://...` a node of that driver, `null-co://` a null node, `file:PATH` a file, anything else a file (QEMU's protocol prefixes, for those
 /// ferrite has).
 pub fn protocol_options(name: &str) -> QDict {
     if let Some(mut d) = name.strip_prefix("json:").and_then(json_options) {
@@ -50,8 +50,8 @@ pub fn protocol_options(name: &str) -> QDict {
     if let Some(d) = nbd_options(name) {
         return d;
     }
-    // Web names are the `http`/`https` nodes' URLs (QEMU's curl drivers by prefix).
-    for driver in ["http", "https"] {
+    // URLs name the nodes of QEMU's curl drivers by their prefix.
+    for driver in ["http", "https", "ftp", "ftps"] {
         if name
             .strip_prefix(driver)
             .is_some_and(|r| r.starts_with(':'))
@@ -98,10 +98,12 @@ pub fn protocol_options(name: &str) -> QDict {
 /// protocol"): a name whose first `:` comes before any `/` names its protocol
 /// (`foo:bar`), other names are files.
 pub fn unknown_protocol(name: &str) -> Option<&str> {
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 15] = [
         "file",
         "http",
         "https",
+        "ftp",
+        "ftps",
         "host_device",
         "host_cdrom",
         "nbd",
@@ -231,6 +233,8 @@ mod tests {
         );
         let plain = super::protocol_options("http://h/a");
         assert_eq!(plain.get("driver").and_then(|v| v.as_str()), Some("http"));
+        let ftps = super::protocol_options("ftps://h/a");
+        assert_eq!(ftps.get("driver").and_then(|v| v.as_str()), Some("ftps"));
     }
 
     #[test]

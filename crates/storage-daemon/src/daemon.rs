@@ -131,7 +131,7 @@ impl Daemon {
         let tls = crate::object_links::tls_objects(&objects);
         chardevs.set_tls_objects(tls.clone());
         ferrite_nbd::client::register(&registry, tls.clone());
-        ferrite_http::register(&registry);
+        ferrite_curl::register(&registry);
         let graph = Graph::new(sink.clone(), registry);
         crate::object_links::link(&graph, &objects);
         let exports = Exports::new(graph.clone(), sink.clone());

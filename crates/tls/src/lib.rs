@@ -28,7 +28,7 @@ mod web;
 pub use authz::{Authz, AuthzList, AuthzRule, AuthzSimple, Policy};
 pub use creds::{Endpoint, X509Creds, X509Options};
 pub use session::{ClientStream, ServerStream, accept, connect};
-pub use web::{WebStream, connect_web};
+pub use web::{WebStream, WebTls};
 
 use std::rc::Rc;
 

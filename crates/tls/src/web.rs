@@ -50,46 +50,66 @@ fn system_roots() -> Arc<RootCertStore> {
         .clone()
 }
 
-/// Runs the handshake with the web server `host` on `stream`; with `verify`, its
-/// certificate must chain to a trusted CA and name `host`.
-///
-/// # Errors
-/// libcurl's texts (over GnuTLS): "server certificate verification failed. ...", "SSL:
-/// certificate subject name (x) does not match target host name 'y'", "gnutls_handshake()
-/// failed: ...".
-pub async fn connect_web<S>(stream: S, host: &str, verify: bool) -> Result<WebStream<S>, String>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let shown = Arc::new(Mutex::new(None));
-    let verifier: Arc<dyn ServerCertVerifier> = if verify {
-        let inner = WebPkiServerVerifier::builder_with_provider(system_roots(), provider())
-            .build()
-            .map_err(|e| format!("error setting certificate verify locations: {e}"))?;
-        Arc::new(Remembering {
-            inner,
-            shown: shown.clone(),
+/// The TLS set-up of one node's connections, made once: their sessions resume one another
+/// (FTPS servers may ask that the data connections resume the control connection's).
+pub struct WebTls {
+    config: Arc<ClientConfig>,
+    /// The certificate the last server showed (for a refusal's text).
+    shown: Arc<Mutex<Option<CertificateDer<'static>>>>,
+}
+
+impl WebTls {
+    /// With `verify`, a server's certificate must chain to a trusted CA and name the host.
+    ///
+    /// # Errors
+    /// The trusted CAs cannot be used.
+    pub fn new(verify: bool) -> Result<WebTls, String> {
+        let shown = Arc::new(Mutex::new(None));
+        let verifier: Arc<dyn ServerCertVerifier> = if verify {
+            let inner = WebPkiServerVerifier::builder_with_provider(system_roots(), provider())
+                .build()
+                .map_err(|e| format!("error setting certificate verify locations: {e}"))?;
+            Arc::new(Remembering {
+                inner,
+                shown: shown.clone(),
+            })
+        } else {
+            // A judge without trust checks only the handshake's signatures.
+            Arc::new(ServerCertJudge::default())
+        };
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("gnutls_handshake() failed: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(WebTls {
+            config: Arc::new(config),
+            shown,
         })
-    } else {
-        // A judge without trust checks only the handshake's signatures.
-        Arc::new(ServerCertJudge::default())
-    };
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("gnutls_handshake() failed: {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    // An address is checked as one, and sent as no name (SNI carries host names only).
-    let name = match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ServerName::IpAddress(ip.into()),
-        Err(_) => ServerName::try_from(host.to_owned())
-            .map_err(|_| format!("gnutls_handshake() failed: bad host name '{host}'"))?,
-    };
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, stream)
-        .await
-        .map_err(|e| refusal(&e, host, &shown))
+    }
+
+    /// Runs the handshake with the server `host` on `stream`.
+    ///
+    /// # Errors
+    /// libcurl's texts (over GnuTLS): "server certificate verification failed. ...", "SSL:
+    /// certificate subject name (x) does not match target host name 'y'",
+    /// "gnutls_handshake() failed: ...".
+    pub async fn connect<S>(&self, stream: S, host: &str) -> Result<WebStream<S>, String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        // An address is checked as one, and sent as no name (SNI carries host names only).
+        let name = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(host.to_owned())
+                .map_err(|_| format!("gnutls_handshake() failed: bad host name '{host}'"))?,
+        };
+        tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, stream)
+            .await
+            .map_err(|e| refusal(&e, host, &self.shown))
+    }
 }
 
 /// libcurl's words for a failed handshake.

@@ -1,6 +1,7 @@
-"""The http and https drivers against qemu-storage-daemon's (libcurl): the same replies and
-errors at open, the same requests on the wire, the same bytes read, the same failures
-reported; with the web server of `webserver.py`, plain and with TLS."""
+"""The http, https, ftp and ftps drivers against qemu-storage-daemon's (libcurl): the same
+replies and errors at open, the same requests and commands on the wire, the same bytes
+read, the same failures reported; with the servers of `webserver.py` and `ftpserver.py`,
+plain and with TLS."""
 import json
 import os
 import re
@@ -9,12 +10,14 @@ import socket
 import subprocess
 import struct
 import threading
+import time
 
 import pytest
 
 import nbdclient as nc
-from conftest import assert_same_image, replies
+from conftest import assert_same_image, replies, wait_for
 from test_nbd_tls import certtool, make_ca, make_cert
+from ftpserver import FtpServer
 from webserver import Proxy, WebServer
 
 # qemu-storage-daemon's curl drivers are a module of Debian's qemu-block-extra.
@@ -130,9 +133,10 @@ def nbd_uri(d):
     return f"nbd+unix:///e?socket={d.workdir}/nbd.sock"
 
 
-def serve(d, node):
-    """Exports `node` of daemon `d` over NBD as `e`."""
-    c = d.connect()
+def serve(d, node, c=None):
+    """Exports `node` of daemon `d` over NBD as `e` (through the monitor connection `c`, or
+    a new one)."""
+    c = c or d.connect()
     c.cmd("nbd-server-start", {"addr": {"type": "unix",
                                          "data": {"path": f"{d.workdir}/nbd.sock"}}})
     assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node,
@@ -460,3 +464,64 @@ def test_proxies_as_qsd_uses_them(qsd, ferrite, site, web_pki):
     # The GETs of qemu-img's reads run side by side: compare them as a set.
     assert sorted(set(got["ferrite"][2])) == sorted(set(got["qsd"][2]))
     assert "The requested URL returned error: 407" in got["ferrite"][0][4]
+
+
+def test_ftp_matches_qsd(qsd, ferrite, site, web_pki):
+    """`ftp` (through PASV where a server has no EPSV) and `ftps` (implicit TLS): the same
+    replies and errors (login refused, no such file or directory, an untrusted
+    certificate), the same commands in the same order on the server, the same bytes read
+    through NBD."""
+    got = {}
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        anon = FtpServer(site.root, epsv=False)
+        private = FtpServer(site.root, user="user:pass")
+        tls = FtpServer(site.root, tls=(web_pki["server"], web_pki["key"]))
+        add = lambda n, u, **a: ("blockdev-add", {  # noqa: E731
+            "driver": u.split(":")[0], "node-name": n, "read-only": True, "url": u, **a})
+        seq = [
+            add("a", anon.url("d.raw")),
+            add("b", private.url("d.raw")),
+            add("b", private.url("d.raw"), username="user", **{"password-secret": "nope"}),
+            add("b", private.url("d.raw"), username="user", **{"password-secret": "cookie"}),
+            add("b", private.url("nothere.raw").replace("//", "//user:pass@")),
+            add("b", private.url("sub/d.raw").replace("//", "//user:pass@")),
+            add("p", private.url("d.raw"), username="user", **{"password-secret": "pw"}),
+            add("t", tls.url("d.raw")),
+            add("t", tls.url("d.raw"), sslverify=False),
+            add("b", tls.url("d.raw").replace("ftps:", "ftp:"), timeout=1),
+            ("query-named-block-nodes", {"flat": True}),
+        ]
+        d = start(SECRETS)
+        text = replies(d, seq)
+        c = serve(d, "t")
+        io = qemu_io(nbd_uri(d), "read 0 4k", "read 1M 64k", "read 4190208 4096")
+        # ferrite answers a read once its bytes are in, and ends the session after.
+        time.sleep(1)
+        sequential = len(tls.log)
+        assert_copy_is(d, site.root / "d.raw")
+        # Through PASV: the server without EPSV.
+        c.cmd("block-export-del", {"id": "e"})
+        wait_for(lambda: c.cmd("query-block-exports")["return"] == [], what="export gone")
+        c.cmd("nbd-server-stop")
+        serve(d, "a", c)
+        io += qemu_io(nbd_uri(d), "read 2M 64k")
+        time.sleep(1)
+        anon_sequential = len(anon.log)
+        assert_copy_is(d, site.root / "d.raw")
+        ports = {str(anon.port): "ANON", str(private.port): "PRIV", str(tls.port): "TLS"}
+
+        def hide(t):
+            for p, n in ports.items():
+                t = t.replace(p, n)
+            return t
+        got[name] = ([hide(hide_times(t)) for t in text], io,
+                     sorted(anon.log[:anon_sequential]), private.log,
+                     tls.log[:sequential])
+        for s in (anon, private, tls):
+            s.stop()
+    for i, what in enumerate(("replies", "reads", "anonymous log", "private log")):
+        assert got["ferrite"][i] == got["qsd"][i], what
+    # Up to the end of qemu-io's reads (one after the other; a session's last commands
+    # may come after the next one's first).
+    assert sorted(got["ferrite"][4]) == sorted(got["qsd"][4])
+    assert "read 4096/4096 bytes at offset 4190208" in got["ferrite"][1]

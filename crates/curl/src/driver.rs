@@ -1,18 +1,20 @@
-//! The `http` and `https` nodes: opened with a `HEAD` request (the size, and whether the
-//! server serves byte ranges), read through windows of the image, each fetched by one
-//! ranged `GET` of the read and `readahead` bytes after it. At most eight transfers run at
+//! The nodes: opened with a `HEAD` request (the size, and whether the server serves byte
+//! ranges) or FTP's `SIZE`, read through windows of the image, each fetched by one
+//! transfer (a ranged `GET`, or `REST` and `RETR`) of the read and `readahead` bytes after
+//! it. At most eight transfers run at
 //! once, as in QEMU; a read inside a window already received, or being received, takes
 //! its bytes from there.
 
 use crate::client::{Client, Credentials};
-use crate::error::Failure;
+use crate::error::{Failure, Phase, timed};
+use crate::ftp::FtpClient;
 use crate::url::{Scheme, Url};
 use crate::window::{Outcome, Window};
 use ferrite_block::driver::{BoxFut, Driver, Extent};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
 use ferrite_qapi::{Args, Error};
 use ferrite_qobject::QDict;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -77,7 +79,22 @@ impl DriverFactory for HttpFactory {
             })?;
             let opening = |f: Failure| Error::generic(format!("CURL: Error opening file: {f}"));
             let url = Url::parse(&options.url).map_err(opening)?;
-            let client = Client::new(url, options.credentials, options.verify, options.timeout);
+            let tls = ferrite_tls::WebTls::new(options.verify).map_err(Error::generic)?;
+            let protocol = match self.scheme {
+                Scheme::Http | Scheme::Https => {
+                    Protocol::Http(Client::new(url, options.credentials, tls))
+                }
+                Scheme::Ftp | Scheme::Ftps => Protocol::Ftp(FtpClient::new(
+                    url,
+                    options.credentials.user,
+                    options.credentials.password,
+                    tls,
+                )),
+            };
+            let client = Transport {
+                protocol,
+                timeout: options.timeout,
+            };
             let size = client.probe().await.map_err(opening)?;
             let mut strong = QDict::new();
             for key in STRONG {
@@ -98,6 +115,52 @@ impl DriverFactory for HttpFactory {
                 strong,
             }) as Box<dyn Driver>)
         })
+    }
+}
+
+/// How a node reaches its server, and the time a whole transfer may take.
+struct Transport {
+    protocol: Protocol,
+    timeout: Option<Duration>,
+}
+
+enum Protocol {
+    Http(Client),
+    Ftp(FtpClient),
+}
+
+impl Transport {
+    async fn probe(&self) -> Result<u64, Failure> {
+        let phase = Cell::new(Phase::Resolving);
+        timed(self.timeout, &phase, async {
+            match &self.protocol {
+                Protocol::Http(c) => c.probe(&phase).await,
+                Protocol::Ftp(c) => c.probe(&phase).await,
+            }
+        })
+        .await
+    }
+
+    async fn fetch(
+        &self,
+        start: u64,
+        last: u64,
+        sink: &mut dyn FnMut(Vec<u8>) -> u64,
+    ) -> Result<(), Failure> {
+        let phase = Cell::new(Phase::Resolving);
+        timed(self.timeout, &phase, async {
+            match &self.protocol {
+                Protocol::Http(c) => c.fetch(start, last, &phase, sink).await,
+                Protocol::Ftp(c) => c.fetch(start, last, &phase, sink).await,
+            }
+        })
+        .await
+    }
+
+    fn close_idle(&self) {
+        if let Protocol::Http(c) = &self.protocol {
+            c.close_idle();
+        }
     }
 }
 
@@ -195,7 +258,7 @@ struct Http {
     plain: bool,
     size: u64,
     readahead: u64,
-    client: Rc<Client>,
+    client: Rc<Transport>,
     /// Windows under way and the last ones received, oldest first.
     windows: RefCell<Vec<Rc<Window>>>,
     /// A permit for each transfer that may run.
@@ -235,7 +298,7 @@ impl Http {
         let len = (end - offset)
             .saturating_add(self.readahead)
             .min(self.size - offset);
-        tracing::debug!(offset, end, windows = ?self.windows.borrow().iter().map(|w| (w.start, w.len, w.outcome())).collect::<Vec<_>>(), "http window");
+        tracing::debug!(offset, len, "remote transfer started");
         let window = Rc::new(Window::new(offset, len));
         self.keep(window.clone());
         let client = self.client.clone();
@@ -249,7 +312,7 @@ impl Http {
                 start = filling.start,
                 len = filling.len,
                 ok = result.is_ok(),
-                "http transfer over"
+                "remote transfer over"
             );
             if let Err(f) = &result {
                 report(f);

@@ -8,9 +8,8 @@ use crate::error::{Failure, Phase};
 use crate::proxy::{Proxy, ProxyEnv};
 use crate::url::Url;
 use base64::Engine;
+use ferrite_tls::WebTls;
 use std::cell::{Cell, RefCell};
-use std::future::Future;
-use std::time::{Duration, Instant};
 
 /// The most redirections followed for one request.
 const MAX_REDIRECTS: u32 = 30;
@@ -35,13 +34,11 @@ pub(crate) struct Client {
     /// `Authorization` for the URL's server, if credentials were given.
     authorization: Option<String>,
     cookie: Option<String>,
-    verify: bool,
+    tls: WebTls,
     proxies: ProxyEnv,
     /// The proxy credentials of the options (over a proxy URL's).
     proxy_user: Option<String>,
     proxy_password: Option<String>,
-    /// The time a whole transfer may take (none: no limit).
-    timeout: Option<Duration>,
     idle: RefCell<Vec<Conn>>,
 }
 
@@ -69,23 +66,17 @@ fn basic(user: Option<&str>, password: Option<&str>) -> Option<String> {
 }
 
 impl Client {
-    pub(crate) fn new(
-        url: Url,
-        creds: Credentials,
-        verify: bool,
-        timeout: Option<Duration>,
-    ) -> Client {
+    pub(crate) fn new(url: Url, creds: Credentials, tls: WebTls) -> Client {
         let user = creds.user.or_else(|| url.user.clone());
         let password = creds.password.or_else(|| url.password.clone());
         Client {
             authorization: basic(user.as_deref(), password.as_deref()),
             url,
             cookie: creds.cookie,
-            verify,
+            tls,
             proxies: ProxyEnv::from_process(),
             proxy_user: creds.proxy_user,
             proxy_password: creds.proxy_password,
-            timeout,
             idle: RefCell::new(Vec::new()),
         }
     }
@@ -98,21 +89,17 @@ impl Client {
     }
 
     /// The image's size, by a `HEAD` request; its server must serve byte ranges.
-    pub(crate) async fn probe(&self) -> Result<u64, Failure> {
-        let phase = Cell::new(Phase::Resolving);
-        self.timed(&phase, async {
-            let mut ranges = false;
-            let (conn, reply) = self
-                .exchange(Method::Head, &phase, &mut |r| ranges |= r.accepts_ranges())
-                .await?;
-            let size = reply.content_length().ok_or(Failure::NoSize)?;
-            if !ranges {
-                return Err(Failure::NoRanges);
-            }
-            self.keep(conn);
-            Ok(size)
-        })
-        .await
+    pub(crate) async fn probe(&self, phase: &Cell<Phase>) -> Result<u64, Failure> {
+        let mut ranges = false;
+        let (conn, reply) = self
+            .exchange(Method::Head, phase, &mut |r| ranges |= r.accepts_ranges())
+            .await?;
+        let size = reply.content_length().ok_or(Failure::NoSize)?;
+        if !ranges {
+            return Err(Failure::NoRanges);
+        }
+        self.keep(conn);
+        Ok(size)
     }
 
     /// The bytes `start..=last`, given to `sink` piece by piece as they arrive.
@@ -120,53 +107,31 @@ impl Client {
         &self,
         start: u64,
         last: u64,
+        phase: &Cell<Phase>,
         sink: &mut dyn FnMut(Vec<u8>) -> u64,
     ) -> Result<(), Failure> {
-        let phase = Cell::new(Phase::Resolving);
-        self.timed(&phase, async {
-            let (mut conn, reply) = self
-                .exchange(Method::Range { start, last }, &phase, &mut |_| {})
-                .await?;
-            match reply.status {
-                206 => {
-                    let answered = reply
-                        .header("content-range")
-                        .and_then(|v| v.trim().strip_prefix("bytes "))
-                        .and_then(|v| v.split(['-', '/']).next())
-                        .and_then(|s| s.trim().parse::<u64>().ok());
-                    if answered.is_some_and(|a| a != start) {
-                        return Err(Failure::WrongRange);
-                    }
+        let (mut conn, reply) = self
+            .exchange(Method::Range { start, last }, phase, &mut |_| {})
+            .await?;
+        match reply.status {
+            206 => {
+                let answered = reply
+                    .header("content-range")
+                    .and_then(|v| v.trim().strip_prefix("bytes "))
+                    .and_then(|v| v.split(['-', '/']).next())
+                    .and_then(|s| s.trim().parse::<u64>().ok());
+                if answered.is_some_and(|a| a != start) {
+                    return Err(Failure::WrongRange);
                 }
-                // The whole file: usable from its start only.
-                200 if start == 0 => {}
-                200 => return Err(Failure::NoRanges),
-                _ => return Err(Failure::WrongRange),
             }
-            conn.read_body(reply.framing(false), &phase, sink).await?;
-            self.keep(conn);
-            Ok(())
-        })
-        .await
-    }
-
-    /// Runs `f` within the time limit; past it, says what the transfer was doing.
-    async fn timed<T>(
-        &self,
-        phase: &Cell<Phase>,
-        f: impl Future<Output = Result<T, Failure>>,
-    ) -> Result<T, Failure> {
-        let Some(limit) = self.timeout else {
-            return f.await;
-        };
-        let started = Instant::now();
-        match tokio::time::timeout(limit, f).await {
-            Ok(r) => r,
-            Err(_) => Err(Failure::TimedOut {
-                phase: phase.get(),
-                after: started.elapsed(),
-            }),
+            // The whole file: usable from its start only.
+            200 if start == 0 => {}
+            200 => return Err(Failure::NoRanges),
+            _ => return Err(Failure::WrongRange),
         }
+        conn.read_body(reply.framing(false), phase, sink).await?;
+        self.keep(conn);
+        Ok(())
     }
 
     /// One request, its redirections followed: the final reply, with its connection at
@@ -226,7 +191,7 @@ impl Client {
         }
         let tunnel = proxy.as_ref().map(|p| (p, self.tunnel(url, p)));
         let tunnel = tunnel.as_ref().map(|(p, t)| (*p, t.as_str()));
-        let mut conn = Conn::open(url, self.verify, phase, tunnel).await?;
+        let mut conn = Conn::open(url, &self.tls, phase, tunnel).await?;
         let reply = conn.round_trip(&head).await?;
         Ok((conn, reply))
     }

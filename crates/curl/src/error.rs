@@ -1,8 +1,30 @@
 //! Why a transfer failed, in libcurl's words (QEMU shows them after "CURL: Error opening
 //! file: " when a node opens, and after "curl: " on standard error when a read fails).
 
+use std::cell::Cell;
 use std::fmt;
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Runs the transfer `f` within `limit` (none: no limit); past it, says what the transfer
+/// was doing (`phase`).
+pub(crate) async fn timed<T>(
+    limit: Option<Duration>,
+    phase: &Cell<Phase>,
+    f: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let Some(limit) = limit else {
+        return f.await;
+    };
+    let started = Instant::now();
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::TimedOut {
+            phase: phase.get(),
+            after: started.elapsed(),
+        }),
+    }
+}
 
 /// What the transfer was doing when its time ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +76,20 @@ pub(crate) enum Failure {
         phase: Phase,
         after: Duration,
     },
+    /// FTP: the greeting was not 220.
+    Greeting(u16),
+    /// FTP: the login was refused.
+    AccessDenied(u16),
+    /// FTP: a directory of the path could not be entered.
+    Cwd,
+    /// FTP: `SIZE` found no file.
+    NoFile,
+    /// FTP: neither `EPSV` nor `PASV` gave a data port.
+    NoPassive,
+    /// FTP: `REST` was refused.
+    Rest,
+    /// FTP: `RETR` was refused with this code.
+    Retr(u16),
     Send(String),
     Recv(String),
 }
@@ -115,6 +151,16 @@ impl fmt::Display for Failure {
                     ),
                 }
             }
+            Failure::Greeting(code) => write!(
+                f,
+                "Got a {code:03} ftp-server response when 220 was expected"
+            ),
+            Failure::AccessDenied(code) => write!(f, "Access denied: {code:03}"),
+            Failure::Cwd => f.write_str("Server denied you to change to the given directory"),
+            Failure::NoFile => f.write_str("The file does not exist"),
+            Failure::NoPassive => f.write_str("Failed EPSV and PASV: no data connection"),
+            Failure::Rest => f.write_str("Couldn't use REST"),
+            Failure::Retr(code) => write!(f, "RETR response: {code:03}"),
             Failure::Send(e) => write!(f, "Send failure: {e}"),
             Failure::Recv(e) => write!(f, "Recv failure: {e}"),
         }

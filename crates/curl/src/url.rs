@@ -8,6 +8,9 @@ use crate::error::Failure;
 pub(crate) enum Scheme {
     Http,
     Https,
+    Ftp,
+    /// FTP over TLS from the first byte (libcurl's `ftps://`).
+    Ftps,
 }
 
 impl Scheme {
@@ -15,6 +18,8 @@ impl Scheme {
         match s.to_ascii_lowercase().as_str() {
             "http" => Some(Scheme::Http),
             "https" => Some(Scheme::Https),
+            "ftp" => Some(Scheme::Ftp),
+            "ftps" => Some(Scheme::Ftps),
             _ => None,
         }
     }
@@ -24,6 +29,8 @@ impl Scheme {
         match self {
             Scheme::Http => "http",
             Scheme::Https => "https",
+            Scheme::Ftp => "ftp",
+            Scheme::Ftps => "ftps",
         }
     }
 
@@ -31,6 +38,8 @@ impl Scheme {
         match self {
             Scheme::Http => 80,
             Scheme::Https => 443,
+            Scheme::Ftp => 21,
+            Scheme::Ftps => 990,
         }
     }
 }
@@ -177,8 +186,8 @@ impl Url {
     }
 }
 
-/// `%XX` escapes decoded (credentials in a URL).
-fn decode(s: &str) -> String {
+/// `%XX` escapes decoded (credentials in a URL, FTP path segments).
+pub(crate) fn decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -7,6 +7,7 @@ use crate::proxy::Proxy;
 use crate::url::{Scheme, Url};
 use ferrite_block::io::pool;
 use ferrite_qapi::os_msg;
+use ferrite_tls::WebTls;
 use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
@@ -20,10 +21,57 @@ const MAX_HEAD: usize = 100 << 10;
 /// The most read from the connection into one piece of a body.
 const PIECE: usize = 256 << 10;
 
-/// The byte stream under HTTP.
-enum Stream {
+/// A connection's byte stream, plain or secured.
+pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<ferrite_tls::WebStream<TcpStream>>),
+}
+
+impl Stream {
+    /// `tcp` secured by a TLS handshake with `host`.
+    pub(crate) async fn secure(
+        tcp: TcpStream,
+        tls: &WebTls,
+        host: &str,
+    ) -> Result<Stream, Failure> {
+        let secured = tls.connect(tcp, host).await.map_err(Failure::Tls)?;
+        Ok(Stream::Tls(Box::new(secured)))
+    }
+}
+
+/// Resolves `host` and connects to the first of its addresses that takes the connection
+/// (`proxy`: the host is a proxy, as failures say).
+pub(crate) async fn dial(
+    host: &str,
+    port: u16,
+    phase: &Cell<Phase>,
+    proxy: bool,
+) -> Result<TcpStream, Failure> {
+    let started = Instant::now();
+    phase.set(Phase::Resolving);
+    let unresolved = || match proxy {
+        true => Failure::ResolveProxy(host.to_owned()),
+        false => Failure::Resolve(host.to_owned()),
+    };
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| unresolved())?
+        .collect();
+    if addrs.is_empty() {
+        return Err(unresolved());
+    }
+    phase.set(Phase::Connecting);
+    for addr in addrs {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            let _ = s.set_nodelay(true);
+            return Ok(s);
+        }
+    }
+    Err(Failure::Connect {
+        host: host.to_owned(),
+        port,
+        after: started.elapsed(),
+    })
 }
 
 impl AsyncRead for Stream {
@@ -154,46 +202,18 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Resolves `url`'s host (or the proxy's), connects to the first address that takes the
-    /// connection and, for `https`, runs the TLS handshake (`verify`: the certificate is
-    /// checked), through a `CONNECT` tunnel when there is a proxy (`tunnel`: the request).
+    /// Connects to `url`'s server (or its proxy) and, for `https`, runs the TLS handshake,
+    /// through a `CONNECT` tunnel when there is a proxy (`proxy`: it, and the request).
     pub(crate) async fn open(
         url: &Url,
-        verify: bool,
+        tls: &WebTls,
         phase: &Cell<Phase>,
         proxy: Option<(&Proxy, &str)>,
     ) -> Result<Conn, Failure> {
-        let started = Instant::now();
-        phase.set(Phase::Resolving);
-        let (host, port) = match proxy {
-            Some((p, _)) => (p.host.as_str(), p.port),
-            None => (url.host.as_str(), url.port),
+        let tcp = match proxy {
+            Some((p, _)) => dial(&p.host, p.port, phase, true).await?,
+            None => dial(&url.host, url.port, phase, false).await?,
         };
-        let unresolved = || match proxy {
-            Some(_) => Failure::ResolveProxy(host.to_owned()),
-            None => Failure::Resolve(host.to_owned()),
-        };
-        let addrs: Vec<_> = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|_| unresolved())?
-            .collect();
-        if addrs.is_empty() {
-            return Err(unresolved());
-        }
-        phase.set(Phase::Connecting);
-        let mut tcp = None;
-        for addr in addrs {
-            if let Ok(s) = TcpStream::connect(addr).await {
-                tcp = Some(s);
-                break;
-            }
-        }
-        let tcp = tcp.ok_or_else(|| Failure::Connect {
-            host: host.to_owned(),
-            port,
-            after: started.elapsed(),
-        })?;
-        let _ = tcp.set_nodelay(true);
         let conn = |stream| Conn {
             io: BufReader::with_capacity(64 << 10, stream),
             origin: url.clone(),
@@ -201,7 +221,6 @@ impl Conn {
             reusable: true,
         };
         let stream = match (url.scheme, proxy) {
-            (Scheme::Http, _) => Stream::Plain(tcp),
             (Scheme::Https, tunnel) => {
                 let tcp = match tunnel {
                     Some((_, request)) => {
@@ -220,12 +239,9 @@ impl Conn {
                     }
                     None => tcp,
                 };
-                Stream::Tls(Box::new(
-                    ferrite_tls::connect_web(tcp, &url.host, verify)
-                        .await
-                        .map_err(Failure::Tls)?,
-                ))
+                Stream::secure(tcp, tls, &url.host).await?
             }
+            _ => Stream::Plain(tcp),
         };
         phase.set(Phase::Transferring {
             received: 0,

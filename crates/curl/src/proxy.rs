@@ -55,6 +55,8 @@ impl ProxyEnv {
         let setting = match url.scheme {
             Scheme::Http => self.http.as_ref(),
             Scheme::Https => self.https.as_ref(),
+            // FTP goes to its server directly.
+            Scheme::Ftp | Scheme::Ftps => return Ok(None),
         }
         .or(self.all.as_ref());
         setting.map(|s| Proxy::parse(s)).transpose()
