@@ -119,12 +119,22 @@ def test_opening_matches_qsd(qsd, ferrite, site):
     port = dead_port()
     got = {}
     for name, start in (("qsd", qsd), ("ferrite", ferrite)):
-        web = site()
+        web, other = site(), site()
         d = start(SECRETS)
-        seq = open_sequence(web.url, port)
+        # A redirection to another server: the cookie follows, the credentials do not.
+        away = ("blockdev-add", {"driver": "http", "node-name": "y", "read-only": True,
+                                 "url": web.url(f"away/{other.port}/d.raw"), "cookie": "k=v",
+                                 "username": "u", "password-secret": "pw"})
+        seq = open_sequence(web.url, port) + [away]
         text = [hide_times(r) for r in replies(d, seq)]
-        log = [tuple(str(f).replace(str(web.port), "PORT") for f in e) for e in web.log]
-        got[name] = ([t.replace(str(web.port), "PORT") for t in text], log)
+        ports = {str(web.port): "PORT", str(other.port): "OTHER"}
+
+        def hide(t):
+            for p, n in ports.items():
+                t = t.replace(p, n)
+            return t
+        got[name] = ([hide(t) for t in text],
+                     [tuple(hide(str(f)) for f in e) for e in web.log + other.log])
     assert got["ferrite"][0] == got["qsd"][0]
     assert got["ferrite"][1] == got["qsd"][1]
 

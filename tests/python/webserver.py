@@ -2,7 +2,8 @@
 ranges, and the corners the drivers must handle, each under its own path prefix:
 
 - `/norange/NAME`: no `Accept-Ranges`, ranges ignored (the whole file, 200);
-- `/redir/NAME`: a 302 to `/NAME`; `/loop/NAME`: a 302 to itself;
+- `/redir/NAME`: a 302 to `/NAME`; `/loop/NAME`: a 302 to itself; `/away/PORT/NAME`: a
+  302 to `/NAME` on the server of port PORT;
 - `/auth/NAME`: Basic authentication as `user`/`pass` (else 401);
 - `/cookie/NAME`: only with the cookie `k=v` (else 403);
 - `/chunked/NAME`: ranged replies in chunked framing;
@@ -58,6 +59,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._empty(302, [("Location", "/" + name)])
         if prefix == "loop":
             return self._empty(302, [("Location", self.path)])
+        if prefix == "away":
+            return self._empty(302, [("Location", f"http://127.0.0.1:{parts[1]}/{name}")])
         if prefix == "auth" and h.get("Authorization") != "Basic " + base64.b64encode(
                 b"user:pass").decode():
             return self._empty(401, [("WWW-Authenticate", 'Basic realm="t"')])

@@ -1,5 +1,5 @@
 //! Requests as libcurl makes them for QEMU's drivers: redirections followed (the referrer
-//! set, credentials and cookies kept for the first server), `Accept: */*`, Basic
+//! set, credentials kept for the first server, the cookie sent to every one), `Accept: */*`, Basic
 //! authentication, a time limit on each whole transfer, idle connections kept for the next
 //! request and a fresh one made when a kept one turns out closed.
 
@@ -241,7 +241,8 @@ impl Client {
             h.push_str(&format!("Range: bytes={start}-{last}\r\n"));
         }
         h.push_str("Accept: */*\r\n");
-        if let Some(cookie) = self.cookie.as_ref().filter(|_| first_server) {
+        // The cookie goes wherever a redirection leads, as libcurl sends it.
+        if let Some(cookie) = &self.cookie {
             h.push_str(&format!("Cookie: {cookie}\r\n"));
         }
         if let Some(r) = referer {
