@@ -60,6 +60,15 @@ def hide_times(text):
     return re.sub(r"after \d+ milliseconds", "after N milliseconds", text)
 
 
+def hider(ports):
+    """A function that replaces each port of `ports` (port: name) in a text by its name."""
+    def hide(text):
+        for port, name in ports.items():
+            text = text.replace(str(port), name)
+        return text
+    return hide
+
+
 def open_sequence(url, dead_port):
     """Opens as qemu-storage-daemon's users make them, good and bad."""
     add = lambda **a: ("blockdev-add", {"read-only": True, **a})  # noqa: E731
@@ -127,12 +136,7 @@ def test_opening_matches_qsd(qsd, ferrite, site):
                                  "username": "u", "password-secret": "pw"})
         seq = open_sequence(web.url, port) + [away]
         text = [hide_times(r) for r in replies(d, seq)]
-        ports = {str(web.port): "PORT", str(other.port): "OTHER"}
-
-        def hide(t):
-            for p, n in ports.items():
-                t = t.replace(p, n)
-            return t
+        hide = hider({str(web.port): "PORT", str(other.port): "OTHER"})
         got[name] = ([hide(t) for t in text],
                      [tuple(hide(str(f)) for f in e) for e in web.log + other.log])
     assert got["ferrite"][0] == got["qsd"][0]
@@ -458,12 +462,7 @@ def test_proxies_as_qsd_uses_them(qsd, ferrite, site, web_pki):
         text += replies(d3, [add("h", web.url("d.raw"))])
         serve(d2, "f")
         assert_copy_is(d2, site.root / "d.raw")
-        ports = {str(web.port): "WEB", str(tls.port): "TLS"}
-
-        def hide(t):
-            for p, n in ports.items():
-                t = t.replace(p, n)
-            return t
+        hide = hider({str(web.port): "WEB", str(tls.port): "TLS"})
         got[name] = ([hide(t) for t in text],
                      [tuple(hide(str(f)) for f in e) for e in open_proxy.log],
                      [tuple(hide(str(f)) for f in e) for e in closed_proxy.log])
@@ -518,12 +517,7 @@ def test_ftp_matches_qsd(qsd, ferrite, site, web_pki):
         time.sleep(1)
         anon_sequential = len(anon.log)
         assert_copy_is(d, site.root / "d.raw")
-        ports = {str(anon.port): "ANON", str(private.port): "PRIV", str(tls.port): "TLS"}
-
-        def hide(t):
-            for p, n in ports.items():
-                t = t.replace(p, n)
-            return t
+        hide = hider({str(anon.port): "ANON", str(private.port): "PRIV", str(tls.port): "TLS"})
         got[name] = ([hide(hide_times(t)) for t in text], io,
                      sorted(anon.log[:anon_sequential]), private.log,
                      tls.log[:sequential])
