@@ -48,11 +48,11 @@ const STRONG: [&str; 8] = [
 static REPORTS_LEFT: AtomicU32 = AtomicU32::new(100);
 
 /// A driver for one scheme.
-pub(crate) struct HttpFactory {
+pub(crate) struct CurlFactory {
     pub(crate) scheme: Scheme,
 }
 
-impl DriverFactory for HttpFactory {
+impl DriverFactory for CurlFactory {
     fn name(&self) -> &'static str {
         self.scheme.as_str()
     }
@@ -102,7 +102,7 @@ impl DriverFactory for HttpFactory {
                     strong.insert(key, v.clone());
                 }
             }
-            Ok(Box::new(Http {
+            Ok(Box::new(Remote {
                 scheme: self.scheme,
                 url: options.url,
                 plain: options.plain,
@@ -252,7 +252,7 @@ impl Options {
 }
 
 /// An open node.
-struct Http {
+struct Remote {
     scheme: Scheme,
     url: String,
     plain: bool,
@@ -268,7 +268,7 @@ struct Http {
     strong: QDict,
 }
 
-impl Http {
+impl Remote {
     /// A usable window that covers `offset..end`.
     fn covering(&self, offset: u64, end: u64) -> Option<Rc<Window>> {
         self.windows
@@ -360,7 +360,7 @@ fn report(f: &Failure) {
     }
 }
 
-impl Driver for Http {
+impl Driver for Remote {
     fn format_name(&self) -> &'static str {
         self.scheme.as_str()
     }

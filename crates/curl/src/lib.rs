@@ -30,6 +30,6 @@ use std::rc::Rc;
 pub fn register(registry: &Registry) {
     use url::Scheme;
     for scheme in [Scheme::Http, Scheme::Https, Scheme::Ftp, Scheme::Ftps] {
-        registry.register(Rc::new(driver::HttpFactory { scheme }));
+        registry.register(Rc::new(driver::CurlFactory { scheme }));
     }
 }
