@@ -53,11 +53,12 @@ def peak_kib(pid):
     return status_kib(pid, "VmHWM")
 
 
-def fio(uri, size, runtime, extra):
+def fio(uri, size, runtime, extra, timeout=None):
     """fio's nbd engine at iodepth 16 against `uri`: (IOPS, MiB/s) of the side that moved data.
-    Dirty pages are written back first, so an earlier run's write-back does not slow this one."""
+    Dirty pages are written back first, so an earlier run's write-back does not slow this one.
+    With `timeout` (seconds), a run that has not ended by then raises TimeoutExpired."""
     return fio_run(["--ioengine=nbd", f"--uri={uri}", "--iodepth=16", f"--size={size}",
-                    f"--runtime={runtime}", *extra])
+                    f"--runtime={runtime}", *extra], timeout)
 
 
 def export_fio(binary, d, img, fmt, size, runtime, extra, nodes=None):
@@ -77,21 +78,26 @@ def export_fio(binary, d, img, fmt, size, runtime, extra, nodes=None):
 def print_rows(jobs, f, q, k, label=""):
     """One line per fio job: ferrite's figure, qsd's, the ratio and the anchor's (`k`);
     MiB/s for the 1M jobs, IOPS for the others. Each of `f`, `q`, `k` maps a job's name to
-    (IOPS, MiB/s)."""
+    (IOPS, MiB/s); a qsd figure of None is a run qsd never finished."""
     for name, _ in jobs:
-        (fi, fb), (qi, qb), (ki, kb) = f[name], q[name], k[name]
         row = f"{label}{name}"
+        if q[name] is None:
+            fi, fb = f[name]
+            print(f"{row:26}{fb if '1M' in name else fi:14.0f}   qsd hung: no figure")
+            continue
+        (fi, fb), (qi, qb), (ki, kb) = f[name], q[name], k[name]
         if "1M" in name:
             print(f"{row:26}{fb:11.0f}MiB/s{qb:9.0f}MiB/s{fb / qb:8.2f}{kb:9.0f}MiB/s")
         else:
             print(f"{row:26}{fi:10.0f}iops{qi:10.0f}iops{fi / qi:8.2f}{ki:10.0f}iops")
 
 
-def fio_run(args):
+def fio_run(args, timeout=None):
     """fio with `args` after a sync, time based: (IOPS, MiB/s) of the side that moved data."""
     os.sync()
     cmd = ["fio", "--name=b", "--time_based", "--output-format=json", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         timeout=timeout).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
     return side["iops"], side["bw"] / 1024.0
