@@ -8,7 +8,9 @@ ranges, and the corners the drivers must handle, each under its own path prefix:
 - `/cookie/NAME`: only with the cookie `k=v` (else 403);
 - `/chunked/NAME`: ranged replies in chunked framing;
 - `/short/NAME`: ranged replies that end early (the connection closes);
-- `/http10/NAME`: HTTP/1.0 replies.
+- `/http10/NAME`: HTTP/1.0 replies;
+- `/drop/NAME`: the connection closed after each reply, which says nothing of it (a
+  server dropping idle kept-alive connections).
 
 Every request is logged (method, path, range, authorization, cookie, referer) in `log`.
 With `tls`, the server speaks HTTPS with the given certificate and key.
@@ -95,6 +97,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(chunk)))
         self.end_headers()
         if not body:
+            if prefix == "drop":
+                self.close_connection = True
             return
         if prefix == "short":
             self.wfile.write(chunk[:len(chunk) // 2])
@@ -102,6 +106,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(chunk)
+        if prefix == "drop":
+            self.close_connection = True
 
 
 class Serving:
