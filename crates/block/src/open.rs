@@ -73,6 +73,21 @@ impl<'a> OpenCtx<'a> {
         &mut self.settings
     }
 
+    /// For a node that cannot write (QEMU's `bdrv_apply_auto_read_only`): a node asked to
+    /// be writable becomes read-only with `auto-read-only`, else fails with `refusal`.
+    ///
+    /// # Errors
+    /// `refusal`, for a writable node without `auto-read-only`.
+    pub fn apply_auto_read_only(&mut self, refusal: impl FnOnce() -> crate::Error) -> Result<()> {
+        if !self.settings.read_only {
+            if !self.opts.opt_bool("auto-read-only").unwrap_or(false) {
+                return Err(refusal());
+            }
+            self.settings.read_only = true;
+        }
+        Ok(())
+    }
+
     /// The graph the node joins.
     pub fn graph(&self) -> &'a Graph {
         self.graph

@@ -63,12 +63,9 @@ impl DriverFactory for CurlFactory {
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
-            if !ctx.settings().read_only {
-                if !ctx.opts().opt_bool("auto-read-only").unwrap_or(false) {
-                    return Err(Error::generic("curl driver does not support writes").into());
-                }
-                ctx.settings().read_only = true;
-            }
+            ctx.apply_auto_read_only(|| {
+                Error::generic("curl driver does not support writes").into()
+            })?;
             let opts = ctx.opts();
             let options = Options::check(opts, self.scheme.as_str(), &|id| {
                 ctx.graph().secrets().get(id).and_then(|bytes| {

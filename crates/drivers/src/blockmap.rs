@@ -107,12 +107,7 @@ pub(crate) async fn open_file(ctx: &mut OpenCtx<'_>) -> ferrite_block::Result<(R
 /// # Errors
 /// "Image is read-only", or the child's error.
 pub(crate) async fn open_read_only_file(ctx: &mut OpenCtx<'_>) -> ferrite_block::Result<Rc<Child>> {
-    if !ctx.settings().read_only {
-        if !ctx.opts().opt_bool("auto-read-only").unwrap_or(false) {
-            return Err(ferrite_block::Error::ImageReadOnly);
-        }
-        ctx.settings().read_only = true;
-    }
+    ctx.apply_auto_read_only(|| ferrite_block::Error::ImageReadOnly)?;
     Ok(open_file(ctx).await?.0)
 }
 

@@ -271,13 +271,10 @@ impl DriverFactory for NbdClientFactory {
                     Err(e) => return Err(connect_error(&target.server, e)),
                 }
             };
-            let read_only = session.info.flags & FLAG_READ_ONLY != 0;
-            if read_only && !ctx.settings().read_only {
-                if opts.bool_or("auto-read-only", false) {
-                    ctx.settings().read_only = true;
-                } else {
-                    return Err(ferrite_qapi::Error::generic("NBD export is read-only").into());
-                }
+            if session.info.flags & FLAG_READ_ONLY != 0 {
+                ctx.apply_auto_read_only(|| {
+                    ferrite_qapi::Error::generic("NBD export is read-only").into()
+                })?;
             }
             // As the node keeps them (QEMU's options are flat there): `server.host`...
             let mut strong = QDict::new();
