@@ -8,6 +8,7 @@ python3 bench/nbd_fio.py
 python3 bench/nbd_client_fio.py
 python3 bench/nbd_tls_fio.py
 python3 bench/http_fio.py
+python3 bench/ssh_fio.py
 python3 bench/qcow2_fio.py
 python3 bench/luks_fio.py
 python3 bench/image_formats.py

@@ -24,6 +24,8 @@ command -v certtool >/dev/null || need_apt+=(gnutls-bin)
 # XFS takes non-blocking buffered writes (ext4 does not): the write-path tests mount one.
 command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)
 [ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
+# The ssh driver's tests (and qsd's, the oracle) talk to OpenSSH's sshd.
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 # The http bench's web server (the tests bring their own, in Python).
 command -v nginx >/dev/null || need_apt+=(nginx-light)
 

@@ -658,6 +658,12 @@ pub trait Driver: std::any::Any {
         true
     }
 
+    /// Whether the driver answers [`Driver::has_image_info`]'s question with its `file`
+    /// child's answer (QEMU's raw format passes `bdrv_get_info` down).
+    fn image_info_from_file(&self) -> bool {
+        false
+    }
+
     /// `x-blockdev-change` adding a child: the new edge's name, or why not (QEMU's texts);
     /// `None` when the driver takes no children that way.
     fn new_child_name(&self) -> Option<Result<String, String>> {

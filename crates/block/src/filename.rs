@@ -50,6 +50,9 @@ pub fn protocol_options(name: &str) -> QDict {
     if let Some(d) = nbd_options(name) {
         return d;
     }
+    if let Some(d) = ssh_options(name) {
+        return d;
+    }
     // URLs name the nodes of QEMU's curl drivers by their prefix.
     for driver in ["http", "https", "ftp", "ftps"] {
         if name
@@ -98,8 +101,9 @@ pub fn protocol_options(name: &str) -> QDict {
 /// protocol"): a name whose first `:` comes before any `/` names its protocol
 /// (`foo:bar`), other names are files.
 pub fn unknown_protocol(name: &str) -> Option<&str> {
-    const KNOWN: [&str; 15] = [
+    const KNOWN: [&str; 16] = [
         "file",
+        "ssh",
         "http",
         "https",
         "ftp",
@@ -172,6 +176,133 @@ fn nbd_options(name: &str) -> Option<QDict> {
 }
 
 /// The path of `name`, which the image whose own file is `image` records: absolute names and
+/// A node's `server` address as QEMU's node keeps it, for its strong options: flat
+/// `server.*` keys in the order QEMU inserts them (`type`, `host`, `port`, then the rest),
+/// which decides the order `json:` names show keys that share a hash bucket.
+pub fn flat_server(server: &QDict) -> QDict {
+    let lead = ["type", "host", "port"];
+    let first = lead.into_iter().filter_map(|k| Some((k, server.get(k)?)));
+    let rest = server.iter().filter(|(k, _)| !lead.contains(k));
+    let mut out = QDict::new();
+    for (k, v) in first.chain(rest) {
+        out.insert(format!("server.{k}"), v.clone());
+    }
+    out
+}
+
+/// The ssh driver's options for an `ssh://[USER@]HOST[:PORT]/PATH[?host_key_check=...]`
+/// name (QEMU's `parse_uri` and its translation of `host_key_check`: `no`, `yes`,
+/// `md5:HASH`, `sha1:HASH`, `sha256:HASH`). A name without a host or a path lacks the
+/// option the schema then asks for.
+fn ssh_options(name: &str) -> Option<QDict> {
+    let rest = name.strip_prefix("ssh:")?;
+    let mut d = QDict::new().with("driver", "ssh");
+    let Some(rest) = rest.strip_prefix("//") else {
+        return Some(d);
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let (user, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(percent_decode(u)), h),
+        None => (None, authority),
+    };
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => (v6, None),
+        },
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    if let Some(u) = user.filter(|u| !u.is_empty()) {
+        d.insert("user", u);
+    }
+    let port = port.filter(|p| !p.is_empty()).unwrap_or("22");
+    if !host.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        d.insert(
+            "server",
+            QDict::new()
+                .with("host", percent_decode(host))
+                .with("port", port),
+        );
+    }
+    if !path.is_empty() {
+        d.insert("path", percent_decode(path));
+    }
+    for param in query.into_iter().flat_map(|q| q.split('&')) {
+        match param.split_once('=') {
+            Some(("host_key_check", v)) => {
+                // A setting QEMU does not know is left for the schema to refuse.
+                let check = ssh_host_key_check(v).unwrap_or_else(|_| QDict::new().with("mode", v));
+                d.insert("host-key-check", check);
+            }
+            Some((other, _)) => {
+                crate::report::warn_report(&format!("Unsupported parameter '{other}' in URI"));
+            }
+            None => {
+                crate::report::warn_report(&format!(
+                    "Failed to parse SSH URI parameters '{}'",
+                    query.unwrap_or_default()
+                ));
+                break;
+            }
+        }
+    }
+    Some(d)
+}
+
+/// The ssh driver's `host-key-check` for its older `host_key_check` text: `no`, `yes`,
+/// `md5:HASH`, `sha1:HASH`, `sha256:HASH`.
+///
+/// # Errors
+/// QEMU's text for any other setting.
+pub fn ssh_host_key_check(text: &str) -> Result<QDict> {
+    Ok(match text.split_once(':') {
+        Some((kind @ ("md5" | "sha1" | "sha256"), hash)) => QDict::new()
+            .with("mode", "hash")
+            .with("type", kind)
+            .with("hash", hash),
+        _ if text == "no" => QDict::new().with("mode", "none"),
+        _ if text == "yes" => QDict::new().with("mode", "known_hosts"),
+        _ => {
+            return Err(Error::Qapi(ferrite_qapi::Error::generic(format!(
+                "unknown host_key_check setting ({text})"
+            ))));
+        }
+    })
+}
+
+/// `%XX` escapes replaced by their bytes (a malformed one is kept as it is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// protocol names as they are, relative ones beside the image (QEMU's rule).
 ///
 /// # Errors
@@ -221,6 +352,31 @@ mod tests {
         assert_eq!(super::unknown_protocol("nbd+unix:///e?socket=/s"), None);
         assert_eq!(super::unknown_protocol("disk.img"), None);
         assert_eq!(super::unknown_protocol("https://h/x"), None);
+    }
+
+    #[test]
+    fn ssh_names_open_the_ssh_driver() {
+        use ferrite_qobject::{from_json, to_json};
+        let j = |n: &str| to_json(&super::protocol_options(n).into());
+        let canon = |t: &str| to_json(&from_json(t).expect("json"));
+        assert_eq!(
+            j("ssh://u@h:2222/tmp/a%20b.img?host_key_check=md5:a4:25"),
+            canon(
+                r#"{"driver": "ssh", "user": "u", "server": {"host": "h", "port": "2222"}, "path": "/tmp/a b.img", "host-key-check": {"mode": "hash", "type": "md5", "hash": "a4:25"}}"#
+            )
+        );
+        assert_eq!(
+            j("ssh://[::1]/x?host_key_check=no"),
+            canon(
+                r#"{"driver": "ssh", "server": {"host": "::1", "port": "22"}, "path": "/x", "host-key-check": {"mode": "none"}}"#
+            )
+        );
+        assert_eq!(
+            j("ssh://h"),
+            canon(r#"{"driver": "ssh", "server": {"host": "h", "port": "22"}}"#)
+        );
+        assert_eq!(j("ssh:///x"), canon(r#"{"driver": "ssh", "path": "/x"}"#));
+        assert_eq!(super::unknown_protocol("ssh://h/x"), None);
     }
 
     #[test]

@@ -708,13 +708,12 @@ impl Node {
         if self.driver.filtered_child().is_some() {
             return self.filtered()?.allocated_file_size();
         }
-        Some(
-            self.children()
-                .iter()
-                .filter(|c| c.name() != "backing" && c.name() != "target")
-                .filter_map(|c| c.node().allocated_file_size())
-                .sum(),
-        )
+        // A child that cannot say makes the whole unknown (QEMU's sum fails with it).
+        self.children()
+            .iter()
+            .filter(|c| c.name() != "backing" && c.name() != "target")
+            .map(|c| c.node().allocated_file_size())
+            .sum()
     }
 
     /// Request alignment in bytes.

@@ -406,7 +406,34 @@ fn drive_leniency(d: &QDict) -> Result<QDict> {
         };
         out.insert(k, v);
     }
+    if driver == "ssh" {
+        ssh_legacy_options(&mut out)?;
+    }
     Ok(out)
+}
+
+/// The ssh driver's older options (`host`, `port`, `host_key_check`) as its schema has them
+/// (QEMU's `ssh_process_legacy_options`).
+fn ssh_legacy_options(d: &mut QDict) -> Result<()> {
+    let host = d.remove("host");
+    let port = d.remove("port");
+    match (host, port) {
+        (None, Some(_)) => {
+            return Err(Error::Qapi(ferrite_qapi::Error::generic(
+                "port may not be used without host",
+            )));
+        }
+        (Some(host), port) => {
+            let port = port.unwrap_or_else(|| QObject::from("22"));
+            d.insert("server", QDict::new().with("host", host).with("port", port));
+        }
+        (None, None) => {}
+    }
+    if let Some(check) = d.remove("host_key_check") {
+        let text = check.as_str().unwrap_or_default();
+        d.insert("host-key-check", crate::filename::ssh_host_key_check(text)?);
+    }
+    Ok(())
 }
 
 impl Graph {

@@ -54,7 +54,11 @@ fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
     if let Some(fs) = node.driver().format_specific() {
         d.insert("format-specific", fs);
     }
-    if info.driver().has_image_info() {
+    let file = info
+        .child("file")
+        .filter(|_| info.driver().image_info_from_file());
+    let answering: &Node = file.as_deref().unwrap_or(info);
+    if answering.driver().has_image_info() {
         d.insert("dirty-flag", info.driver().dirty_flag());
     }
     if node.driver().is_encrypted() {

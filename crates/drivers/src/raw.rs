@@ -113,6 +113,10 @@ impl RawDriver {
 }
 
 impl Driver for RawDriver {
+    fn image_info_from_file(&self) -> bool {
+        true
+    }
+
     fn format_name(&self) -> &'static str {
         "raw"
     }

@@ -298,5 +298,12 @@ mod tests {
         let e = QDict::new().with("class", "x").with("desc", "y");
         let keys: Vec<_> = e.iter_qemu_order().map(|(k, _)| k).collect();
         assert_eq!(keys, ["class", "desc"]);
+        // A `json:` name of qsd's: two keys of one bucket, the later first.
+        let n = QDict::new()
+            .with("driver", "nbd")
+            .with("server.host", "h")
+            .with("server.port", "1");
+        let keys: Vec<_> = n.iter_qemu_order().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["server.port", "server.host", "driver"]);
     }
 }

@@ -132,6 +132,7 @@ impl Daemon {
         chardevs.set_tls_objects(tls.clone());
         ferrite_nbd::client::register(&registry, tls.clone());
         ferrite_curl::register(&registry);
+        ferrite_ssh::register(&registry);
         let graph = Graph::new(sink.clone(), registry);
         crate::object_links::link(&graph, &objects);
         let exports = Exports::new(graph.clone(), sink.clone());

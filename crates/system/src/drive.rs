@@ -358,8 +358,8 @@ fn missing_child(opts: &QDict, key: &str) -> Option<Error> {
         }
         // Protocols, and drivers whose children have other names.
         Some(
-            "file" | "host_device" | "host_cdrom" | "nbd" | "null-co" | "null-aio" | "blkdebug"
-            | "blkverify" | "quorum",
+            "file" | "host_device" | "host_cdrom" | "nbd" | "null-co" | "null-aio" | "ssh" | "http"
+            | "https" | "ftp" | "ftps" | "blkdebug" | "blkverify" | "quorum",
         ) => None,
         _ => match opts.get("file") {
             Some(QObject::Dict(child)) => missing_child(child, "file"),

@@ -5,7 +5,7 @@ use std::ffi::{CStr, CString};
 use std::net::SocketAddr;
 
 /// The address family `ipv4`/`ipv6` ask for (QEMU's rules).
-pub(crate) fn family(ipv4: Option<bool>, ipv6: Option<bool>) -> Result<i32> {
+pub fn family(ipv4: Option<bool>, ipv6: Option<bool>) -> Result<i32> {
     Ok(match (ipv4, ipv6) {
         (Some(false), Some(false)) => return Err(Error::NoAddressFamily),
         (Some(true), Some(true)) => libc::AF_UNSPEC,
@@ -16,7 +16,7 @@ pub(crate) fn family(ipv4: Option<bool>, ipv6: Option<bool>) -> Result<i32> {
 }
 
 /// `getaddrinfo`'s answers, in its order; never empty.
-pub(crate) fn resolve(
+pub fn resolve(
     host: Option<&str>,
     port: &str,
     family: i32,

@@ -4,7 +4,7 @@ mod fd_stream;
 mod file;
 mod hostdev;
 mod hub;
-mod inet;
+pub(crate) mod inet;
 mod log;
 mod mux;
 mod pty;

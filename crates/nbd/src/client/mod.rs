@@ -277,12 +277,10 @@ impl DriverFactory for NbdClientFactory {
                 })?;
             }
             // As the node keeps them (QEMU's options are flat there): `server.host`...
-            let mut strong = QDict::new();
-            if let Some(server) = opts.dict("server") {
-                for (k, v) in server.as_dict().iter() {
-                    strong.insert(format!("server.{k}"), v.clone());
-                }
-            }
+            let mut strong = opts
+                .dict("server")
+                .map(|s| ferrite_block::filename::flat_server(s.as_dict()))
+                .unwrap_or_default();
             for key in ["export", "tls-creds", "tls-hostname", "x-dirty-bitmap"] {
                 if let Some(v) = opts.get(key) {
                     strong.insert(key, v.clone());

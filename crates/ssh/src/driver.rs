@@ -1,0 +1,293 @@
+//! The `ssh` driver: a node over a remote file, and `blockdev-create` of one.
+//!
+//! QEMU's driver sends one request at a time (16 KiB reads, 128 KiB writes, each waiting
+//! for its answer, all under one lock); here every request of a read or write goes out at
+//! once, in the sizes the server says it takes, and requests of different callers are
+//! under way together.
+
+use crate::options::Location;
+use crate::session::{self, Remote};
+use crate::sftp::{FX_OP_UNSUPPORTED, FXF_CREAT, FXF_READ, FXF_TRUNC, FXF_WRITE, SftpError};
+use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
+use ferrite_block::{DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
+use ferrite_qapi::{Args, Error};
+use ferrite_qobject::QDict;
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+
+/// The mode a created file gets (QEMU's).
+const CREATE_MODE: u32 = 0o644;
+
+pub(crate) struct SshFactory;
+
+impl DriverFactory for SshFactory {
+    fn name(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn kind(&self) -> DriverKind {
+        DriverKind::Protocol
+    }
+
+    fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
+        Box::pin(async move {
+            let opts = ctx.opts();
+            let loc = Location::parse(opts)?;
+            let flags = if ctx.settings().read_only {
+                FXF_READ
+            } else {
+                FXF_READ | FXF_WRITE
+            };
+            let remote = session::open(&loc, flags, None)
+                .await
+                .map_err(Error::generic)?;
+            let mut strong = opts
+                .dict("server")
+                .map(|s| ferrite_block::filename::flat_server(s.as_dict()))
+                .unwrap_or_default();
+            for key in ["path", "user"] {
+                if let Some(v) = opts.get(key) {
+                    strong.insert(key, v.clone());
+                }
+            }
+            Ok(Box::new(Ssh {
+                size: Cell::new(remote.attrs.size.unwrap_or(0)),
+                file_name: loc.file_name(&remote.user),
+                host: loc.host,
+                remote,
+                warned_flush: Cell::new(false),
+                strong,
+            }) as Box<dyn Driver>)
+        })
+    }
+
+    fn can_create(&self) -> bool {
+        true
+    }
+
+    fn create<'a>(&'a self, _graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
+        Box::pin(async move {
+            let location = opts
+                .dict("location")
+                .ok_or_else(|| Error::generic("Parameter 'location' is missing"))?;
+            let loc = Location::parse(&location)?;
+            let size = opts.u64("size")?;
+            let remote = session::open(
+                &loc,
+                FXF_READ | FXF_WRITE | FXF_CREAT | FXF_TRUNC,
+                Some(CREATE_MODE),
+            )
+            .await
+            .map_err(Error::generic)?;
+            let grown = if size > 0 {
+                grow(&remote, size).await
+            } else {
+                Ok(())
+            };
+            remote.close().await;
+            grown.map_err(|e| Error::generic(format!("Failed to grow file: {e}")).into())
+        })
+    }
+}
+
+/// Makes the file `size` bytes long: by setting its size, or (a server that cannot) by
+/// writing its last byte, as QEMU does.
+async fn grow(remote: &Remote, size: u64) -> Result<(), SftpError> {
+    match remote.sftp.set_size(&remote.handle, size).await {
+        Err(SftpError::Status {
+            code: FX_OP_UNSUPPORTED,
+            ..
+        }) => remote.sftp.write(&remote.handle, size - 1, &[0]).await,
+        other => other,
+    }
+}
+
+/// An open node.
+struct Ssh {
+    remote: Remote,
+    /// The file's size as last known (QEMU keeps it from the open and the writes past the
+    /// end; it does not ask the server again).
+    size: Cell<u64>,
+    host: String,
+    file_name: Option<String>,
+    /// Whether the node warned that the server cannot `fsync`.
+    warned_flush: Cell<bool>,
+    strong: QDict,
+}
+
+/// A failed request as the block layer sees it (QEMU's drivers answer EIO).
+fn eio(e: SftpError) -> io::Error {
+    tracing::debug!(error = %e, "sftp request failed");
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+impl Ssh {
+    fn grew_to(&self, end: u64) {
+        if end > self.size.get() {
+            self.size.set(end);
+        }
+    }
+}
+
+impl Driver for Ssh {
+    fn format_name(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn len(&self, _node: &Node) -> u64 {
+        // A node is a whole number of 512-byte sectors, as in QEMU.
+        self.size.get().next_multiple_of(512)
+    }
+
+    fn has_image_info(&self) -> bool {
+        false
+    }
+
+    fn knows_allocated_size(&self) -> bool {
+        false
+    }
+
+    fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
+        Box::pin(async move {
+            let mut out = ferrite_block::io::pool::take(len);
+            match self
+                .remote
+                .sftp
+                .read(&self.remote.handle, offset, &mut out)
+                .await
+            {
+                Ok(()) => Ok(out),
+                Err(e) => {
+                    ferrite_block::io::pool::give(out);
+                    Err(eio(e))
+                }
+            }
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        _flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let end = offset + data.len() as u64;
+            let r = self
+                .remote
+                .sftp
+                .write(&self.remote.handle, offset, &data)
+                .await;
+            ferrite_block::io::pool::give(data);
+            r.map_err(eio)?;
+            self.grew_to(end);
+            Ok(())
+        })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFut<'a, ()> {
+        Box::pin(ferrite_block::driver::write_zeroes_as_data(
+            offset,
+            len,
+            flags,
+            move |at, zeroes| self.write(node, at, zeroes, ReqFlags::empty()),
+        ))
+    }
+
+    fn discard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BoxFut<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            if !self.remote.sftp.has_extension("fsync@openssh.com", "1") {
+                if !self.warned_flush.replace(true) {
+                    ferrite_block::report::warn_report(&format!(
+                        "ssh server {} does not support fsync",
+                        self.host
+                    ));
+                    ferrite_block::report::error_report(
+                        "to support fsync, you need OpenSSH >= 6.3",
+                    );
+                }
+                return Ok(());
+            }
+            self.remote
+                .sftp
+                .fsync(&self.remote.handle)
+                .await
+                .map_err(eio)
+        })
+    }
+
+    fn block_status<'a>(&'a self, _node: &'a Node, _offset: u64, len: u64) -> BoxFut<'a, Extent> {
+        Box::pin(async move { Ok(Extent::data(len)) })
+    }
+
+    fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let now = self.size.get();
+            if size < now {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "ssh driver does not support shrinking files",
+                ));
+            }
+            if size > now {
+                grow(&self.remote, size)
+                    .await
+                    .map_err(|e| io::Error::other(format!("Failed to grow file: {e}")))?;
+                self.size.set(size);
+            }
+            Ok(())
+        })
+    }
+
+    fn truncate_prealloc<'a>(
+        &'a self,
+        node: &'a Node,
+        size: u64,
+        prealloc: Prealloc,
+    ) -> BoxFut<'a, ()> {
+        match prealloc {
+            Prealloc::Off => self.truncate(node, size),
+            Prealloc::Falloc => Box::pin(async {
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "Unsupported preallocation mode 'falloc'",
+                ))
+            }),
+        }
+    }
+
+    fn can_grow(&self) -> bool {
+        true
+    }
+
+    fn filename_is_option(&self) -> bool {
+        false
+    }
+
+    fn plain_filename(&self) -> Option<String> {
+        self.file_name.clone()
+    }
+
+    fn strong_options(&self) -> QDict {
+        self.strong.clone()
+    }
+
+    fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.remote.close().await;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,337 @@
+"""The ssh driver against qemu-storage-daemon's (libssh), both talking to OpenSSH's sshd:
+the same replies and errors at open and create, the same host key judgements (hashes and
+known_hosts files), the same bytes read and written through an NBD export, and the same
+failures when the server goes away."""
+import os
+import pwd
+import re
+import struct
+import subprocess
+
+import pytest
+
+import nbdclient as nc
+from conftest import Daemon, assert_same_image, replies, wait_for
+from sshserver import SSHD, SshServer, fingerprint
+
+SSH_MODULE = "/usr/lib/x86_64-linux-gnu/qemu/block-ssh.so"
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(SSH_MODULE),
+                       reason="qemu-block-extra (qsd's ssh module) is not installed"),
+    pytest.mark.skipif(not os.path.exists(SSHD),
+                       reason="openssh-server is not installed (scripts/setup.sh installs it)"),
+]
+
+SIZE = 4 << 20
+NONE = {"mode": "none"}
+
+
+@pytest.fixture
+def sshd(tmp_path, monkeypatch):
+    """An sshd and an agent holding the key it lets in; the daemons started by the test
+    find the agent through SSH_AUTH_SOCK."""
+    servers = []
+
+    def start(**kw):
+        s = SshServer(tmp_path / f"sshd{len(servers)}", **kw)
+        servers.append(s)
+        monkeypatch.setenv("SSH_AUTH_SOCK", s.agent_sock)
+        return s
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def ssh(sshd_server, path, **extra):
+    """`BlockdevOptionsSsh` for `path` on `sshd_server` (host key unchecked unless
+    `extra` says), with `extra` over it."""
+    return {"driver": "ssh", "server": sshd_server.server(), "path": str(path),
+            "host-key-check": NONE, **extra}
+
+
+def pattern_file(path, size=SIZE):
+    path.write_bytes(bytes((i * 13 + (i >> 12)) & 0xff for i in range(size)))
+    return path
+
+
+def hide(text, server):
+    return text.replace(str(server.port), "PORT")
+
+
+def open_sequence(server, d, dead_port):
+    """Opens and creates as users make them, good and bad."""
+    img = d / "img.raw"
+    fp = {h: fingerprint(server.dir / "host_ed25519.pub", h) for h in ("md5", "sha1", "sha256")}
+    add = lambda name, **a: ("blockdev-add", {"node-name": name, **a})  # noqa: E731
+    create = lambda job, path, size: ("blockdev-create", {  # noqa: E731
+        "job-id": job, "options": {"driver": "ssh", "size": size, "location": {
+            "server": server.server(), "path": str(path), "host-key-check": NONE}}})
+    colons = ":".join(fp["md5"][i:i + 2] for i in range(0, 32, 2)).upper()
+    return [
+        add("a", **ssh(server, img)),
+        add("b", **ssh(server, img, **{"read-only": True})),
+        add("c", **ssh(server, d / "nothere.raw")),
+        add("c", **ssh(server, img, server={"host": "127.0.0.1", "port": "x22"})),
+        add("c", **ssh(server, img, server={"host": "127.0.0.1", "port": str(dead_port)})),
+        add("c", **ssh(server, img, user="")),
+        add("c", **ssh(server, img, user="nosuchuser")),
+        add("c", **ssh(server, img, **{"host-key-check": {"mode": "hash", "type": "md5",
+                                                          "hash": "00" * 16}})),
+        add("c", **ssh(server, img, **{"host-key-check": {"mode": "hash", "type": "sha1",
+                                                          "hash": "zz"}})),
+        add("c", **ssh(server, img, **{"host-key-check": {"mode": "hash", "type": "sha256",
+                                                          "hash": fp["sha256"][:-2]}})),
+        add("c", **ssh(server, img, **{"host-key-check": {"mode": "known_hosts"}})),
+        add("h1", **ssh(server, img, **{"host-key-check": {"mode": "hash", "type": "md5",
+                                                           "hash": colons}})),
+        add("h2", **ssh(server, img, **{"host-key-check": {"mode": "hash", "type": "sha1",
+                                                           "hash": fp["sha1"]}})),
+        add("h3", **ssh(server, img, user="root",
+                        **{"host-key-check": {"mode": "hash", "type": "sha256",
+                                              "hash": fp["sha256"]}})),
+        add("v4", **ssh(server, img, server={**server.server(), "ipv4": True})),
+        ("query-named-block-nodes", {"flat": True}),
+        ("block_resize", {"node-name": "a", "size": SIZE + 1000}),
+        ("block_resize", {"node-name": "a", "size": 4096}),
+        ("query-named-block-nodes", {"flat": True}),
+        create("j1", d / "new.raw", 1000000),
+        create("j2", d / "nodir" / "new.raw", 4096),
+        ("blockdev-del", {"node-name": "a"}),
+        ("blockdev-del", {"node-name": "v4"}),
+    ]
+
+
+def test_opening_and_creating_match_qsd(qsd, ferrite, sshd, tmp_path):
+    """Replies, errors, queries and created files as qsd gives them."""
+    from test_curl import dead_port
+    server = sshd()
+    port = dead_port()
+    got = {}
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        d = tmp_path / name
+        d.mkdir()
+        pattern_file(d / "img.raw")
+        daemon = start()
+        text = []
+        for line in replies(daemon, open_sequence(server, d, port)):
+            text.append(hide(line, server).replace(str(port), "DEAD").replace(str(d), "DIR"))
+        c = daemon.connect()
+        jobs = []
+        wait_for(lambda: len(jobs) == 2 and all(j["status"] == "concluded" for j in jobs)
+                 or jobs.clear() or jobs.extend(c.cmd("query-jobs")["return"]),
+                 what="both creations concluded")
+        text.append(hide(str(sorted(jobs, key=lambda j: j["id"])), server)
+                    .replace(str(d), "DIR"))
+        got[name] = (text, (d / "img.raw").stat().st_size, (d / "new.raw").stat().st_size,
+                     oct((d / "new.raw").stat().st_mode))
+    assert got["ferrite"] == got["qsd"]
+    assert "remote host ssh-ed25519 key fingerprint 'md5:" in "".join(got["ferrite"][0])
+
+
+def nbd_uri(d):
+    return f"nbd+unix:///e?socket={d.workdir}/nbd.sock"
+
+
+def export(d, node_args, fmt=None):
+    """Node `s` of `node_args` (under a `fmt` node `f` if given), exported over NBD as `e`."""
+    c = d.connect()
+    assert c.cmd("blockdev-add", {"node-name": "s", **node_args}) == {"return": {}}
+    node = "s"
+    if fmt:
+        assert c.cmd("blockdev-add", {"node-name": "f", "driver": fmt, "file": "s"}) == \
+            {"return": {}}
+        node = "f"
+    c.cmd("nbd-server-start", {"addr": {"type": "unix",
+                                         "data": {"path": f"{d.workdir}/nbd.sock"}}})
+    assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node,
+                                      "name": "e", "writable": True}) == {"return": {}}
+    return c
+
+
+def qemu_io(uri, *cmds, fmt="raw"):
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    r = subprocess.run(args + [uri], capture_output=True, text=True)
+    return re.sub(r"\d+ ops; .*", "", r.stdout + r.stderr)
+
+
+# The file ends 1000 bytes short of 4 MiB, inside a sector: the node rounds up to whole
+# sectors, the tail past the end reads as zeroes and a write there grows the file.
+IO = ["read -v 0 32", "write -P 0x11 0 4k", "write -P 0x22 100k 300k", "read -P 0x22 100k 300k",
+      "write -z 1M 64k", "read -P 0 1M 64k", "write -P 0x33 3M 512k", "flush",
+      "read -v 4193280 512", "write -P 0x44 4193700 92", "read -v 4193696 96",
+      "write -P 0x55 1536 512", "read 0 4193792", "length"]
+
+
+def test_reads_and_writes_match_qsd(qsd, ferrite, sshd, tmp_path):
+    """qemu-io through an NBD export of the node: the same output, and the same file on the
+    server afterwards (writes past the end grow it, as in QEMU)."""
+    server = sshd()
+    out = {}
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        img = tmp_path / f"{name}.raw"
+        pattern_file(img, SIZE - 1000)
+        d = start()
+        export(d, ssh(server, img))
+        out[name] = qemu_io(nbd_uri(d), *IO)
+        d.stop()
+    assert "failed" not in out["ferrite"], out["ferrite"]
+    assert out["ferrite"] == out["qsd"]
+    assert (tmp_path / "ferrite.raw").read_bytes() == (tmp_path / "qsd.raw").read_bytes()
+
+
+def test_qcow2_over_ssh_matches_qsd(qsd, ferrite, sshd, tmp_path):
+    """A qcow2 image on the server, written through its format node: the same guest data,
+    and a consistent image (`qemu-img check`)."""
+    server = sshd()
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        img = tmp_path / f"{name}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"],
+                       check=True)
+        d = start()
+        export(d, ssh(server, img), fmt="qcow2")
+        out = qemu_io(nbd_uri(d), "write -P 0x5a 0 1M", "write -P 0xa5 33M 192k",
+                      "write -z 100k 8k", "flush", "read -P 0x5a 0 100k")
+        assert "failed" not in out, out
+        d.stop()
+        r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_image(tmp_path / "qsd.qcow2", tmp_path / "ferrite.qcow2", fmt="qcow2")
+
+
+def test_many_requests_at_once_keep_their_order(ferrite, sshd, tmp_path):
+    """Sixty-four writes and reads sent at once over one NBD connection, overlapping: each
+    read answered after a write to its range sees that write (requests to the server go out
+    in order), and the file ends as the writes left it."""
+    server = sshd()
+    img = pattern_file(tmp_path / "img.raw")
+    expect = bytearray(img.read_bytes())
+    d = ferrite()
+    export(d, ssh(server, img))
+    c = nc.Nbd(f"{d.workdir}/nbd.sock")
+    c.go("e")
+    length = 300000
+    for rnd in range(2):
+        asked = {}
+        for i in range(32):
+            off = ((i + rnd) * 97 * 1024) % (SIZE - length)
+            data = bytes([(i * 7 + rnd) & 0xff]) * length
+            asked[c.request(nc.CMD_WRITE, off, length, payload=data)] = None
+            expect[off:off + length] = data
+            asked[c.request(nc.CMD_READ, off, length)] = (off, bytes(expect[off:off + length]))
+        for _ in asked:
+            magic, err, cookie = struct.unpack(">IIQ", c.recv(16))
+            assert (magic, err) == (nc.SIMPLE_MAGIC, 0)
+            if asked[cookie] is not None:
+                off, want = asked[cookie]
+                assert c.recv(length) == want, off
+    c.close()
+    d.stop()
+    assert img.read_bytes() == bytes(expect)
+
+
+def test_a_lost_server_fails_requests_as_in_qsd(qsd, ferrite, sshd, tmp_path):
+    """Requests after the session ended fail with EIO in both; the daemon lives on."""
+    img = pattern_file(tmp_path / "img.raw")
+    out = {}
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        server = sshd()
+        d = start()
+        export(d, ssh(server, img))
+        first = qemu_io(nbd_uri(d), "read -P 0x00 0 1")
+        server.kill_sessions()
+        server.stop()
+        later = qemu_io(nbd_uri(d), "read 8k 4k", "write 0 4k")
+        alive = d.connect().cmd("query-block-exports")
+        out[name] = (first, later, alive["return"][0]["id"])
+    assert "Input/output error" in out["ferrite"][1]
+    assert out["ferrite"] == out["qsd"]
+
+
+def home_wrapper(tmp_path, binary, home):
+    """A script that runs `binary` with `home` mounted over the account's home directory
+    (libssh reads ~/.ssh from the password database, not $HOME), or None where mount
+    namespaces are not allowed."""
+    real_home = pwd.getpwuid(os.getuid()).pw_dir
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    script = tmp_path / f"{os.path.basename(binary)}-in-home"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"exec unshare -m sh -c 'mount --make-rprivate / && mount --bind \"$0\" {real_home}"
+        f" && exec \"$@\"' {home} {binary} \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypatch):
+    """`known_hosts` (the default check) judged as libssh judges it, each case against qsd:
+    the key known (plain, hashed, by wildcard), changed, of another type only, revoked or
+    absent; and, without an agent, the key in ~/.ssh/id_ed25519."""
+    from conftest import FERRITE, QSD
+    server = sshd(rsa=True)
+    img = pattern_file(tmp_path / "img.raw", 65536)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    wrappers = {n: home_wrapper(tmp_path, b, home) for n, b in (("qsd", QSD),
+                                                                   ("ferrite", FERRITE))}
+    if None in wrappers.values():
+        pytest.skip("mount namespaces are not allowed here (unshare -m failed)")
+    other = server.dir / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                   check=True)
+    good = server.known_hosts_line()
+    rsa_only = server.known_hosts_line(server.dir / "host_rsa")
+    changed = good.rsplit(" ", 1)[0] + " " + (other.with_suffix(".pub")).read_text().split()[1]
+    hashed_file = tmp_path / "hashed"
+    hashed_file.write_text(good + "\n")
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(hashed_file)], check=True,
+                   capture_output=True)
+    cases = {
+        "known": good,
+        "hashed": hashed_file.read_text().strip(),
+        "wildcard": good.replace("[127.0.0.1]", "[127.0.0.*]"),
+        "changed": changed,
+        "other type": rsa_only,
+        "revoked": "@revoked " + good,
+        "other host": good.replace("127.0.0.1", "127.0.0.2"),
+        "absent": None,
+    }
+    out = {}
+    for name, wrapper in wrappers.items():
+        got = []
+        for case, line in cases.items():
+            kh = home / ".ssh" / "known_hosts"
+            if line is None:
+                kh.unlink(missing_ok=True)
+            else:
+                kh.write_text(f"# {case}\n{line}\n")
+            d = Daemon(str(wrapper), tmp_path / f"{name}-{case.replace(' ', '-')}")
+            r = d.connect().cmd("blockdev-add", {
+                "node-name": "k", "driver": "ssh", "server": server.server(),
+                "path": str(img), "read-only": True})
+            got.append((case, hide(str(r), server)))
+            d.stop()
+        # No agent: the identity file in ~/.ssh lets the user in.
+        (home / ".ssh" / "known_hosts").write_text(good + "\n")
+        monkeypatch.delenv("SSH_AUTH_SOCK")
+        for key in (None, server.client):
+            for f in (home / ".ssh").glob("id_*"):
+                f.unlink()
+            if key:
+                (home / ".ssh" / "id_ed25519").write_bytes(key.read_bytes())
+                (home / ".ssh" / "id_ed25519").chmod(0o600)
+            d = Daemon(str(wrapper), tmp_path / f"{name}-key-{bool(key)}")
+            r = d.connect().cmd("blockdev-add", {
+                "node-name": "k", "driver": "ssh", "server": server.server(),
+                "path": str(img), "read-only": True})
+            got.append(("key file" if key else "no key", str(r)))
+            d.stop()
+        monkeypatch.setenv("SSH_AUTH_SOCK", server.agent_sock)
+        out[name] = got
+    assert out["ferrite"] == out["qsd"]
+    assert ("known", "{'return': {}}") in out["ferrite"]
+    assert ("key file", "{'return': {}}") in out["ferrite"]
+
