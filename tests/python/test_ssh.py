@@ -335,3 +335,34 @@ def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypa
     assert ("known", "{'return': {}}") in out["ferrite"]
     assert ("key file", "{'return': {}}") in out["ferrite"]
 
+
+
+def test_an_inactive_node_sees_the_file_grown_elsewhere(ferrite, sshd, tmp_path):
+    """A qcow2 image over ssh opened inactive (a migration's destination) while another
+    program writes it, growing the file; once activated, the node reads what was written
+    and allocates after it: the ssh node asks the server the file's size again (QEMU's
+    driver keeps the size it had at open; its iotest 181 over ssh)."""
+    server = sshd()
+    img = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    d = ferrite()
+    c = d.connect()
+    assert c.cmd("blockdev-add", {"node-name": "s", "active": False, **ssh(server, img)}) == \
+        {"return": {}}
+    assert c.cmd("blockdev-add", {"node-name": "f", "driver": "qcow2", "file": "s",
+                                  "active": False}) == {"return": {}}
+    out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 16M 1M",
+                          str(img)], capture_output=True, text=True)
+    assert "wrote" in out.stdout, out.stdout + out.stderr
+    assert c.cmd("blockdev-set-active", {"node-name": "f", "active": True}) == {"return": {}}
+    c.cmd("nbd-server-start", {"addr": {"type": "unix",
+                                         "data": {"path": f"{d.workdir}/nbd.sock"}}})
+    assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "f",
+                                      "name": "e", "writable": True}) == {"return": {}}
+    # New clusters go after those the other program added, not over them.
+    out = qemu_io(nbd_uri(d), "write -P 0x33 32M 1M", "read -P 0x5a 16M 1M",
+                  "read -P 0 17M 1M", "read -P 0x33 32M 1M")
+    assert "failed" not in out, out
+    d.stop()
+    r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

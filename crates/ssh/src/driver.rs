@@ -272,6 +272,22 @@ impl Driver for Ssh {
         true
     }
 
+    fn invalidate_cache<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        // Another process (a migration's source) may have grown the file meanwhile.
+        Box::pin(async move {
+            let attrs = self
+                .remote
+                .sftp
+                .fstat(&self.remote.handle)
+                .await
+                .map_err(eio)?;
+            if let Some(size) = attrs.size {
+                self.size.set(size);
+            }
+            Ok(())
+        })
+    }
+
     fn filename_is_option(&self) -> bool {
         false
     }
