@@ -8,6 +8,7 @@
 use crate::options::Location;
 use crate::session::{self, Remote};
 use crate::sftp::{FX_OP_UNSUPPORTED, FXF_CREAT, FXF_READ, FXF_TRUNC, FXF_WRITE, SftpError};
+use bytes::Bytes;
 use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
 use ferrite_qapi::{Args, Error};
@@ -98,7 +99,10 @@ async fn grow(remote: &Remote, size: u64) -> Result<(), SftpError> {
         Err(SftpError::Status {
             code: FX_OP_UNSUPPORTED,
             ..
-        }) => remote.sftp.write(&remote.handle, size - 1, &[0]).await,
+        }) => {
+            let zero = Bytes::from_static(&[0]);
+            remote.sftp.write(&remote.handle, size - 1, zero).await
+        }
         other => other,
     }
 }
@@ -114,6 +118,22 @@ struct Ssh {
     /// Whether the node warned that the server cannot `fsync`.
     warned_flush: Cell<bool>,
     strong: QDict,
+}
+
+/// A write's buffer while the SFTP writer sends it: back to the buffer pool once the last
+/// piece has gone.
+struct Pooled(Vec<u8>);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        ferrite_block::io::pool::give(std::mem::take(&mut self.0));
+    }
 }
 
 /// A failed request as the block layer sees it (QEMU's drivers answer EIO).
@@ -175,13 +195,11 @@ impl Driver for Ssh {
     ) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let end = offset + data.len() as u64;
-            let r = self
-                .remote
+            self.remote
                 .sftp
-                .write(&self.remote.handle, offset, &data)
-                .await;
-            ferrite_block::io::pool::give(data);
-            r.map_err(eio)?;
+                .write(&self.remote.handle, offset, Bytes::from_owner(Pooled(data)))
+                .await
+                .map_err(eio)?;
             self.grew_to(end);
             Ok(())
         })

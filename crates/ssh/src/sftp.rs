@@ -144,7 +144,7 @@ struct Shared {
 
 /// An SFTP session.
 pub(crate) struct Sftp {
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    out: mpsc::UnboundedSender<Bytes>,
     shared: Rc<Shared>,
     next_id: Cell<u32>,
     extensions: Vec<(String, String)>,
@@ -280,7 +280,7 @@ impl Sftp {
             waiters: RefCell::new(HashMap::new()),
             lost: Cell::new(false),
         });
-        let (out, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
         // One writer, so packets go out whole and in the order they were made.
         let writer = tokio::task::spawn_local(async move {
             while let Some(p) = queue.recv().await {
@@ -355,19 +355,27 @@ impl Sftp {
     /// Sends request `kind` with `body` after its id; its reply is awaited with
     /// [`Pending::reply`], so several can be under way.
     fn send(&self, kind: u8, body: &[u8]) -> Result<Pending> {
+        self.send_with(kind, body, Bytes::new())
+    }
+
+    /// [`Sftp::send`] of a request whose body ends with `tail`, which goes out as it is
+    /// (a write's data is not copied into the packet).
+    fn send_with(&self, kind: u8, body: &[u8], tail: Bytes) -> Result<Pending> {
         if self.shared.lost.get() {
             return Err(SftpError::Lost);
         }
         let id = self.next_id.get();
         self.next_id.set(id.wrapping_add(1));
         let mut p = Vec::with_capacity(9 + body.len());
-        p.extend_from_slice(&(body.len() as u32 + 5).to_be_bytes());
+        p.extend_from_slice(&((body.len() + tail.len()) as u32 + 5).to_be_bytes());
         p.push(kind);
         p.extend_from_slice(&id.to_be_bytes());
         p.extend_from_slice(body);
         let (tx, rx) = oneshot::channel();
         self.shared.waiters.borrow_mut().insert(id, tx);
-        if self.out.send(p).is_err() {
+        let sent = self.out.send(Bytes::from(p)).is_ok()
+            && (tail.is_empty() || self.out.send(tail).is_ok());
+        if !sent {
             self.shared.waiters.borrow_mut().remove(&id);
             return Err(SftpError::Lost);
         }
@@ -480,16 +488,20 @@ impl Sftp {
         Ok(())
     }
 
-    /// Writes `data` at `offset`, in as many requests as it takes, all sent at once.
-    pub(crate) async fn write(&self, handle: &[u8], offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes `data` at `offset`, in as many requests as it takes, all sent at once; the
+    /// data goes out without being copied.
+    pub(crate) async fn write(&self, handle: &[u8], offset: u64, data: Bytes) -> Result<()> {
         let step = self.max_write();
         let mut sent = Vec::new();
-        for (i, chunk) in data.chunks(step).enumerate() {
-            let mut body = Vec::with_capacity(handle.len() + chunk.len() + 16);
-            put_str(&mut body, handle);
-            body.extend_from_slice(&(offset + (i * step) as u64).to_be_bytes());
-            put_str(&mut body, chunk);
-            sent.push(self.send(WRITE, &body)?);
+        let mut at = 0;
+        while at < data.len() {
+            let n = step.min(data.len() - at);
+            let mut head = Vec::with_capacity(handle.len() + 16);
+            put_str(&mut head, handle);
+            head.extend_from_slice(&(offset + at as u64).to_be_bytes());
+            head.extend_from_slice(&(n as u32).to_be_bytes());
+            sent.push(self.send_with(WRITE, &head, data.slice(at..at + n))?);
+            at += n;
         }
         let mut first_error = None;
         for p in sent {
