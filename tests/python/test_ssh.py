@@ -7,6 +7,7 @@ import pwd
 import re
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -366,3 +367,25 @@ def test_an_inactive_node_sees_the_file_grown_elsewhere(ferrite, sshd, tmp_path)
     d.stop()
     r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_silent_server_times_out_as_in_qsd(qsd, ferrite):
+    """A server that takes the connection and never speaks: the open fails after libssh's
+    ten seconds, in its words (and ferrite's other monitors and exports go on meanwhile)."""
+    from test_curl import Silent
+    silent = Silent()
+    out = {}
+    try:
+        for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+            c = start().connect()
+            c.s.settimeout(30)
+            t = time.monotonic()
+            r = c.cmd("blockdev-add", {"driver": "ssh", "node-name": "s", "path": "/x",
+                                       "server": {"host": "127.0.0.1",
+                                                  "port": str(silent.port)},
+                                       "host-key-check": NONE})
+            out[name] = (r, round(time.monotonic() - t))
+    finally:
+        silent.close()
+    assert out["ferrite"] == out["qsd"]
+    assert "Timeout connecting to 127.0.0.1" in str(out["ferrite"][0])

@@ -117,8 +117,16 @@ pub(crate) async fn open(loc: &Location, flags: u32, mode: Option<u32>) -> Resul
         ..Default::default()
     });
     let kept = Arc::new(Mutex::new(None));
-    let mut ssh = client::connect_stream(config, stream, KeyKeeper(kept.clone()))
+    let handshake = client::connect_stream(config, stream, KeyKeeper(kept.clone()));
+    let mut ssh = tokio::time::timeout(CONNECT_WAIT, handshake)
         .await
+        .map_err(|_| {
+            format!(
+                "failed to establish SSH session: Timeout connecting to {} (libssh error \
+                 code: 2)",
+                loc.host
+            )
+        })?
         .map_err(|e| {
             format!(
                 "failed to establish SSH session: {} (libssh error code: 2)",
@@ -157,6 +165,9 @@ pub(crate) async fn open(loc: &Location, flags: u32, mode: Option<u32>) -> Resul
         user,
     })
 }
+
+/// How long the SSH handshake may take (libssh's default timeout, as QEMU leaves it).
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long closing the file may wait for the server.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

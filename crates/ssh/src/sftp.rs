@@ -102,28 +102,7 @@ struct Pending(oneshot::Receiver<(u8, Bytes)>);
 impl Pending {
     async fn reply(self) -> Result<Reply> {
         let (kind, body) = self.0.await.map_err(|_| SftpError::Lost)?;
-        let mut r = Reader(&body[..]);
-        r.u32()?;
-        Ok(match kind {
-            STATUS => {
-                let code = r.u32()?;
-                let message = r.text().unwrap_or_default();
-                Reply::Status(SftpError::Status { code, message }, code)
-            }
-            HANDLE => Reply::Handle(r.string()?.to_vec()),
-            DATA => {
-                let n = r.u32()? as usize;
-                let at = body.len() - r.0.len();
-                if n > r.0.len() {
-                    return Err(bad_message());
-                }
-                // The data stays where it arrived; the caller copies it out once.
-                Reply::Data(body.slice(at..at + n))
-            }
-            ATTRS => Reply::Attrs(r.attrs()?),
-            EXTENDED_REPLY => Reply::Extended(r.0.to_vec()),
-            _ => return Err(bad_message()),
-        })
+        parse_reply(kind, &body)
     }
 
     /// The reply to a request answered by a status alone: `Ok` for `SSH_FX_OK`.
@@ -533,6 +512,32 @@ impl Sftp {
     }
 }
 
+/// A reply's body, after its type: its id, then what its type carries.
+fn parse_reply(kind: u8, body: &Bytes) -> Result<Reply> {
+    let mut r = Reader(&body[..]);
+    r.u32()?;
+    Ok(match kind {
+        STATUS => {
+            let code = r.u32()?;
+            let message = r.text().unwrap_or_default();
+            Reply::Status(SftpError::Status { code, message }, code)
+        }
+        HANDLE => Reply::Handle(r.string()?.to_vec()),
+        DATA => {
+            let n = r.u32()? as usize;
+            let at = body.len() - r.0.len();
+            if n > r.0.len() {
+                return Err(bad_message());
+            }
+            // The data stays where it arrived; the caller copies it out once.
+            Reply::Data(body.slice(at..at + n))
+        }
+        ATTRS => Reply::Attrs(r.attrs()?),
+        EXTENDED_REPLY => Reply::Extended(r.0.to_vec()),
+        _ => return Err(bad_message()),
+    })
+}
+
 /// The first whole packet in `buf` (its type and body), taken out; `None` until one has
 /// arrived.
 fn take_packet(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>> {
@@ -573,6 +578,22 @@ mod tests {
         assert!(r.string().is_err());
         let mut attrs = Reader(&[0, 0, 0, 1, 0, 0]);
         assert!(attrs.attrs().is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_from_a_server_are_refused_or_read_without_panicking(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            kinds in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..8),
+        ) {
+            let mut buf = BytesMut::from(&data[..]);
+            while let Ok(Some((kind, body))) = take_packet(&mut buf) {
+                let _ = parse_reply(kind, &body);
+                for k in &kinds {
+                    let _ = parse_reply(*k, &body);
+                }
+            }
+        }
     }
 
     #[test]
