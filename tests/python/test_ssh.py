@@ -389,3 +389,52 @@ def test_a_silent_server_times_out_as_in_qsd(qsd, ferrite):
         silent.close()
     assert out["ferrite"] == out["qsd"]
     assert "Timeout connecting to 127.0.0.1" in str(out["ferrite"][0])
+
+
+def test_ssh_config_as_libssh_reads_it(sshd, tmp_path, monkeypatch):
+    """`~/.ssh/config` as libssh reads it for QEMU, each case against qsd (no agent): an
+    `IdentityFile` for the host (and one for another host, not used), `HostName` naming the
+    server in known_hosts, `UserKnownHostsFile`, and an `Include`d file."""
+    from conftest import FERRITE, QSD
+    server = sshd()
+    img = pattern_file(tmp_path / "img.raw", 65536)
+    home = tmp_path / "home"
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(parents=True)
+    wrappers = {n: home_wrapper(tmp_path, b, home) for n, b in (("qsd", QSD),
+                                                                   ("ferrite", FERRITE))}
+    if None in wrappers.values():
+        pytest.skip("mount namespaces are not allowed here (unshare -m failed)")
+    (ssh_dir / "mykey").write_bytes(server.client.read_bytes())
+    (ssh_dir / "mykey").chmod(0o600)
+    line = server.known_hosts_line()
+    alias_line = line.replace("[127.0.0.1]", "[sshtest.invalid]")
+    (ssh_dir / "conf.d").mkdir()
+    (ssh_dir / "conf.d" / "a.conf").write_text(f"Host 127.0.0.1\n  IdentityFile {ssh_dir}/mykey\n")
+    cases = {
+        # libssh's %d is the ssh directory (OpenSSH's is the home directory).
+        "identity": ("Host 127.0.0.1\n  IdentityFile %d/mykey\n", line),
+        "other host": (f"Host 10.*\n  IdentityFile {ssh_dir}/mykey\n", line),
+        "hostname": (f"Host 127.0.0.1\n  HostName sshtest.invalid\n"
+                     f"  IdentityFile {ssh_dir}/mykey\n", alias_line),
+        "known hosts file": (f"Host *\n  UserKnownHostsFile {tmp_path}/kh\n"
+                             f"  IdentityFile {ssh_dir}/mykey\n", None),
+        "include": ("Include conf.d/*.conf\n", line),
+    }
+    (tmp_path / "kh").write_text(line + "\n")
+    monkeypatch.delenv("SSH_AUTH_SOCK")
+    out = {}
+    for name, wrapper in wrappers.items():
+        got = []
+        for case, (config, known) in cases.items():
+            (ssh_dir / "config").write_text(config)
+            (ssh_dir / "known_hosts").write_text((known or "") + "\n")
+            d = Daemon(str(wrapper), tmp_path / f"{name}-cfg-{case.replace(' ', '-')}")
+            r = d.connect().cmd("blockdev-add", {
+                "node-name": "k", "driver": "ssh", "server": server.server(),
+                "path": str(img), "read-only": True})
+            got.append((case, hide(str(r), server)))
+            d.stop()
+        out[name] = got
+    assert out["ferrite"] == out["qsd"]
+    assert ("identity", "{'return': {}}") in out["ferrite"]

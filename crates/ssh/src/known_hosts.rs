@@ -27,13 +27,20 @@ struct Entry {
     blob: Vec<u8>,
 }
 
-/// The files libssh reads, in its order: the user's then the system's.
-pub(crate) fn files(home: Option<&Path>) -> Vec<PathBuf> {
+/// The files libssh reads, in its order: the user's then the system's (or those the ssh
+/// configuration names instead).
+pub(crate) fn files(home: Option<&Path>, cfg: &crate::config::HostConfig) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    if let Some(h) = home {
-        out.push(h.join(".ssh/known_hosts"));
+    match (&cfg.user_known_hosts, home) {
+        (Some(f), _) => out.push(f.clone()),
+        (None, Some(h)) => out.push(h.join(".ssh/known_hosts")),
+        (None, None) => {}
     }
-    out.push(PathBuf::from("/etc/ssh/ssh_known_hosts"));
+    out.push(
+        cfg.global_known_hosts
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/ssh/ssh_known_hosts")),
+    );
     out
 }
 
@@ -139,7 +146,7 @@ fn hashed_match(field: &str, name: &str) -> bool {
 }
 
 /// `*` and `?` patterns, case-insensitive as host names are.
-fn wildcard(pattern: &[u8], name: &[u8]) -> bool {
+pub(crate) fn wildcard(pattern: &[u8], name: &[u8]) -> bool {
     match pattern.split_first() {
         None => name.is_empty(),
         Some((b'*', rest)) => (0..=name.len()).any(|i| wildcard(rest, &name[i..])),

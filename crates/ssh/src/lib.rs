@@ -6,9 +6,11 @@
 //! - `options.rs`: `BlockdevOptionsSsh`, the node's file name;
 //! - `session.rs`: connection, host key check, authentication, the file opened;
 //! - `known_hosts.rs`: the `known_hosts` files as libssh judges them;
+//! - `config.rs`: what `~/.ssh/config` and `/etc/ssh/ssh_config` change;
 //! - `sftp.rs`: the SFTP client;
 //! - `driver.rs`: the node and `blockdev-create`.
 
+mod config;
 mod driver;
 mod known_hosts;
 mod options;

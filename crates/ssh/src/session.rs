@@ -4,6 +4,7 @@
 //! as libssh's `ssh_userauth_publickey_auto`), SFTP started and the file opened. Each
 //! failure in QEMU's words, libssh's quoted inside them.
 
+use crate::config;
 use crate::known_hosts::{self, Verdict};
 use crate::options::{HashKind, HostKeyCheck, Location};
 use crate::sftp::{Attrs, Sftp};
@@ -87,7 +88,9 @@ pub(crate) async fn open(loc: &Location, flags: u32, mode: Option<u32>) -> Resul
     let (account, home) = local_account();
     let user = match &loc.user {
         Some(u) => u.clone(),
-        None => account.ok_or("Can't get user name: No such file or directory")?,
+        None => account
+            .clone()
+            .ok_or("Can't get user name: No such file or directory")?,
     };
     let port: u16 = loc
         .port
@@ -101,8 +104,15 @@ pub(crate) async fn open(loc: &Location, flags: u32, mode: Option<u32>) -> Resul
                 .into(),
         );
     }
-    let known_files = known_hosts::files(home.as_deref());
-    let known_name = known_hosts::host_key_name(&loc.host, port);
+    let cfg = config::for_host(&config::Asker {
+        home: home.as_deref(),
+        local_user: account.as_deref().unwrap_or_default(),
+        remote_user: &user,
+        host: &loc.host,
+    });
+    let known_files = known_hosts::files(home.as_deref(), &cfg);
+    let known_name =
+        known_hosts::host_key_name(cfg.host_name.as_deref().unwrap_or(&loc.host), port);
     let mut preferred = russh::Preferred {
         cipher: std::borrow::Cow::Borrowed(CIPHERS),
         ..Default::default()
@@ -139,7 +149,10 @@ pub(crate) async fn open(loc: &Location, flags: u32, mode: Option<u32>) -> Resul
         .and_then(|mut k| k.take())
         .ok_or("failed to read remote host key")?;
     check_host_key(&loc.check, &key, &known_files, &known_name)?;
-    authenticate(&mut ssh, &user, home.as_deref()).await?;
+    let identities = default_identities(home.as_deref())
+        .chain(cfg.identities)
+        .collect::<Vec<_>>();
+    authenticate(&mut ssh, &user, &identities).await?;
     let channel = ssh.channel_open_session().await.map_err(|e| {
         format!(
             "failed to create sftp handle: {} (libssh error code: 2)",
@@ -325,12 +338,20 @@ fn fingerprint_matches(hash: &[u8], text: &str) -> bool {
     t.is_empty()
 }
 
-/// `none`, then each public key libssh would try: the agent's, then the default identity
-/// files that load without a passphrase.
+/// libssh's identity files: `~/.ssh/id_ed25519`, `id_ecdsa`, `id_rsa`.
+fn default_identities(home: Option<&std::path::Path>) -> impl Iterator<Item = PathBuf> + '_ {
+    ["id_ed25519", "id_ecdsa", "id_rsa"]
+        .into_iter()
+        .filter_map(move |n| Some(home?.join(".ssh").join(n)))
+}
+
+/// `none`, then each public key libssh would try: the agent's, then the identity files
+/// (the default ones, then those the ssh configuration names) that load without a
+/// passphrase.
 async fn authenticate(
     ssh: &mut Handle<KeyKeeper>,
     user: &str,
-    home: Option<&std::path::Path>,
+    identities: &[PathBuf],
 ) -> Result<(), String> {
     const DENIED: &str = "failed to authenticate using publickey authentication and the \
                           identities held by your ssh-agent";
@@ -371,16 +392,14 @@ async fn authenticate(
             }
         }
     }
-    if let Some(home) = home {
-        for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
-            let Ok(key) = russh::keys::load_secret_key(home.join(".ssh").join(name), None) else {
-                continue;
-            };
-            let hash = hash_for(&key.algorithm());
-            let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
-            if let Ok(AuthResult::Success) = ssh.authenticate_publickey(user, key).await {
-                return Ok(());
-            }
+    for path in identities {
+        let Ok(key) = russh::keys::load_secret_key(path, None) else {
+            continue;
+        };
+        let hash = hash_for(&key.algorithm());
+        let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+        if let Ok(AuthResult::Success) = ssh.authenticate_publickey(user, key).await {
+            return Ok(());
         }
     }
     Err(DENIED.into())
