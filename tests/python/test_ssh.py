@@ -267,6 +267,16 @@ def home_wrapper(tmp_path, binary, home):
     return script
 
 
+def open_in_home(wrapper, workdir, server, img):
+    """The reply to opening `img` read-only in a daemon started through `wrapper`."""
+    d = Daemon(str(wrapper), str(workdir).replace(" ", "-"))
+    r = d.connect().cmd("blockdev-add", {"node-name": "k", "driver": "ssh",
+                                         "server": server.server(), "path": str(img),
+                                         "read-only": True})
+    d.stop()
+    return hide(str(r), server)
+
+
 def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypatch):
     """`known_hosts` (the default check) judged as libssh judges it, each case against qsd:
     the key known (plain, hashed, by wildcard), changed, of another type only, revoked or
@@ -309,12 +319,7 @@ def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypa
                 kh.unlink(missing_ok=True)
             else:
                 kh.write_text(f"# {case}\n{line}\n")
-            d = Daemon(str(wrapper), tmp_path / f"{name}-{case.replace(' ', '-')}")
-            r = d.connect().cmd("blockdev-add", {
-                "node-name": "k", "driver": "ssh", "server": server.server(),
-                "path": str(img), "read-only": True})
-            got.append((case, hide(str(r), server)))
-            d.stop()
+            got.append((case, open_in_home(wrapper, tmp_path / f"{name}-{case}", server, img)))
         # No agent: the identity file in ~/.ssh lets the user in.
         (home / ".ssh" / "known_hosts").write_text(good + "\n")
         monkeypatch.delenv("SSH_AUTH_SOCK")
@@ -324,12 +329,9 @@ def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypa
             if key:
                 (home / ".ssh" / "id_ed25519").write_bytes(key.read_bytes())
                 (home / ".ssh" / "id_ed25519").chmod(0o600)
-            d = Daemon(str(wrapper), tmp_path / f"{name}-key-{bool(key)}")
-            r = d.connect().cmd("blockdev-add", {
-                "node-name": "k", "driver": "ssh", "server": server.server(),
-                "path": str(img), "read-only": True})
-            got.append(("key file" if key else "no key", str(r)))
-            d.stop()
+            got.append(("key file" if key else "no key",
+                        open_in_home(wrapper, tmp_path / f"{name}-key-{bool(key)}", server,
+                                     img)))
         monkeypatch.setenv("SSH_AUTH_SOCK", server.agent_sock)
         out[name] = got
     assert out["ferrite"] == out["qsd"]
@@ -429,12 +431,8 @@ def test_ssh_config_as_libssh_reads_it(sshd, tmp_path, monkeypatch):
         for case, (config, known) in cases.items():
             (ssh_dir / "config").write_text(config)
             (ssh_dir / "known_hosts").write_text((known or "") + "\n")
-            d = Daemon(str(wrapper), tmp_path / f"{name}-cfg-{case.replace(' ', '-')}")
-            r = d.connect().cmd("blockdev-add", {
-                "node-name": "k", "driver": "ssh", "server": server.server(),
-                "path": str(img), "read-only": True})
-            got.append((case, hide(str(r), server)))
-            d.stop()
+            got.append((case, open_in_home(wrapper, tmp_path / f"{name}-cfg-{case}", server,
+                                           img)))
         out[name] = got
     assert out["ferrite"] == out["qsd"]
     assert ("identity", "{'return': {}}") in out["ferrite"]
