@@ -2,6 +2,7 @@
 the same replies and errors at open and create, the same host key judgements (hashes and
 known_hosts files), the same bytes read and written through an NBD export, and the same
 failures when the server goes away."""
+import json
 import os
 import pwd
 import re
@@ -182,23 +183,32 @@ def test_reads_and_writes_match_qsd(qsd, ferrite, sshd, tmp_path):
     assert (tmp_path / "ferrite.raw").read_bytes() == (tmp_path / "qsd.raw").read_bytes()
 
 
-def test_qcow2_over_ssh_matches_qsd(qsd, ferrite, sshd, tmp_path):
-    """A qcow2 image on the server, written through its format node: the same guest data,
-    and a consistent image (`qemu-img check`)."""
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_formats_over_ssh_match_qsd(qsd, ferrite, sshd, tmp_path, fmt):
+    """A qcow2 or raw image on the server, written through its format node: the same guest
+    data, a consistent image (`qemu-img check`), and the same image information (neither
+    an `actual-size` nor a `dirty-flag` the ssh node cannot give)."""
     server = sshd()
+    info = {}
     for name, start in (("qsd", qsd), ("ferrite", ferrite)):
-        img = tmp_path / f"{name}.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"],
+        img = tmp_path / f"{name}.{fmt}"
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), "64M"],
                        check=True)
         d = start()
-        export(d, ssh(server, img), fmt="qcow2")
+        c = export(d, ssh(server, img), fmt=fmt)
+        nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+        info[name] = hide(str([n["image"] for n in nodes]), server).replace(str(img), "IMG")
         out = qemu_io(nbd_uri(d), "write -P 0x5a 0 1M", "write -P 0xa5 33M 192k",
-                      "write -z 100k 8k", "flush", "read -P 0x5a 0 100k")
+                      "write -z 100k 8k", "flush", "read -P 0x5a 0 100k", fmt="raw")
         assert "failed" not in out, out
         d.stop()
-        r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
-    assert_same_image(tmp_path / "qsd.qcow2", tmp_path / "ferrite.qcow2", fmt="qcow2")
+        if fmt == "qcow2":
+            r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stdout + r.stderr
+    assert info["ferrite"] == info["qsd"]
+    assert "actual-size" not in info["ferrite"]
+    assert ("dirty-flag" in info["ferrite"]) == (fmt == "qcow2")
+    assert_same_image(tmp_path / f"qsd.{fmt}", tmp_path / f"ferrite.{fmt}", fmt=fmt)
 
 
 def test_many_requests_at_once_keep_their_order(ferrite, sshd, tmp_path):
@@ -436,3 +446,44 @@ def test_ssh_config_as_libssh_reads_it(sshd, tmp_path, monkeypatch):
         out[name] = got
     assert out["ferrite"] == out["qsd"]
     assert ("identity", "{'return': {}}") in out["ferrite"]
+
+
+def test_ferrite_system_opens_ssh_drives(sshd, tmp_path):
+    """`-drive` with an `ssh://` name or the driver's older options (`host`, `port`,
+    `host_key_check`), and their refusals, as qemu-system-x86_64 takes them."""
+    from test_system import SYSTEM as system
+    import shutil
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 (the oracle) is missing; scripts/setup.sh installs it")
+    server = sshd()
+    img = pattern_file(tmp_path / "img.raw", 1 << 20)
+    legacy = f"file.driver=ssh,file.host=127.0.0.1,file.port={server.port},file.path={img}"
+    drives = [
+        f"file=ssh://127.0.0.1:{server.port}{img}?host_key_check=no",
+        f"{legacy},file.host_key_check=no",
+        f"{legacy},file.host_key_check=md5:00",
+        f"{legacy},file.host_key_check=bad",
+        f"file.driver=ssh,file.port={server.port},file.path={img}",
+    ]
+    out = {}
+    for prog in ("qemu-system-x86_64", system):
+        got = []
+        for drive in drives:
+            r = subprocess.run(
+                [prog, "-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-machine",
+                 "none", "-drive", f"{drive},format=raw,if=none,id=d", "-qmp", "stdio"],
+                input='{"execute":"qmp_capabilities"}\n{"execute":"query-block"}\n'
+                      '{"execute":"quit"}\n',
+                capture_output=True, text=True, timeout=60)
+            lines = r.stdout.splitlines()
+            if len(lines) < 3:
+                err = r.stderr.strip().split(": ", 1)[-1].split(": ", 1)[-1]
+                got.append(hide(err, server).replace(str(img), "IMG"))
+                continue
+            image = json.loads(lines[2])["return"][0]["inserted"]["image"]
+            # QEMU keeps `?host_key_check=` in the name (see README); the rest must agree.
+            image["filename"] = image["filename"].split("?")[0]
+            got.append(hide(str(image), server).replace(str(img), "IMG"))
+        out[prog] = got
+    assert out[system] == out["qemu-system-x86_64"]
+    assert "virtual-size" in out[system][0] and "virtual-size" in out[system][1]

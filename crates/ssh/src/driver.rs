@@ -53,7 +53,7 @@ impl DriverFactory for SshFactory {
                 }
             }
             Ok(Box::new(Ssh {
-                size: Cell::new(remote.attrs.size.unwrap_or(0)),
+                size: Cell::new(remote.size),
                 file_name: loc.file_name(&remote.user),
                 host: loc.host,
                 remote,
@@ -87,15 +87,15 @@ impl DriverFactory for SshFactory {
                 Ok(())
             };
             remote.close().await;
-            grown.map_err(|e| Error::generic(format!("Failed to grow file: {e}")).into())
+            grown.map_err(|e| Error::generic(e).into())
         })
     }
 }
 
 /// Makes the file `size` bytes long: by setting its size, or (a server that cannot) by
-/// writing its last byte, as QEMU does.
-async fn grow(remote: &Remote, size: u64) -> Result<(), SftpError> {
-    match remote.sftp.set_size(&remote.handle, size).await {
+/// writing its last byte, as QEMU does. The failure in QEMU's words.
+async fn grow(remote: &Remote, size: u64) -> Result<(), String> {
+    let grown = match remote.sftp.set_size(&remote.handle, size).await {
         Err(SftpError::Status {
             code: FX_OP_UNSUPPORTED,
             ..
@@ -104,14 +104,15 @@ async fn grow(remote: &Remote, size: u64) -> Result<(), SftpError> {
             remote.sftp.write(&remote.handle, size - 1, zero).await
         }
         other => other,
-    }
+    };
+    grown.map_err(|e| format!("Failed to grow file: {e}"))
 }
 
 /// An open node.
 struct Ssh {
     remote: Remote,
-    /// The file's size as last known (QEMU keeps it from the open and the writes past the
-    /// end; it does not ask the server again).
+    /// The file's size as last known: from the open, the writes past the end, and the
+    /// server again when the node is made active.
     size: Cell<u64>,
     host: String,
     file_name: Option<String>,
@@ -260,9 +261,7 @@ impl Driver for Ssh {
                 ));
             }
             if size > now {
-                grow(&self.remote, size)
-                    .await
-                    .map_err(|e| io::Error::other(format!("Failed to grow file: {e}")))?;
+                grow(&self.remote, size).await.map_err(io::Error::other)?;
                 self.size.set(size);
             }
             Ok(())

@@ -7,7 +7,7 @@
 use crate::config;
 use crate::known_hosts::{self, Verdict};
 use crate::options::{HashKind, HostKeyCheck, Location};
-use crate::sftp::{Attrs, Sftp};
+use crate::sftp::Sftp;
 use base64::Engine;
 use russh::client::{self, AuthResult, Handle};
 use russh::keys::{Algorithm, PrivateKeyWithHashAlg, PublicKey};
@@ -41,7 +41,8 @@ pub(crate) struct Remote {
     ssh: Handle<KeyKeeper>,
     pub(crate) sftp: Sftp,
     pub(crate) handle: Vec<u8>,
-    pub(crate) attrs: Attrs,
+    /// The file's size at open.
+    pub(crate) size: u64,
     /// The user name in the node's file name.
     pub(crate) user: String,
 }
@@ -122,7 +123,6 @@ pub(crate) async fn open(loc: &Location, flags: u32, mode: Option<u32>) -> Resul
     }
     let config = Arc::new(client::Config {
         preferred,
-        nodelay: true,
         window_size: 16 << 20,
         ..Default::default()
     });
@@ -174,7 +174,7 @@ pub(crate) async fn open(loc: &Location, flags: u32, mode: Option<u32>) -> Resul
         ssh,
         sftp,
         handle,
-        attrs,
+        size: attrs.size.unwrap_or(0),
         user,
     })
 }

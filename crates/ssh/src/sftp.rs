@@ -50,7 +50,7 @@ const ATTR_EXTENDED: u32 = 0x8000_0000;
 const MAX_PACKET: usize = 256 * 1024;
 /// What every server must accept in one read or write (the SFTP draft's floor), used when
 /// the server does not say its limits.
-const SAFE_IO: u32 = 32 * 1024;
+const SAFE_IO: usize = 32 * 1024;
 
 /// Why a request failed: the server's status, or the channel gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +99,17 @@ type Waiters = RefCell<HashMap<u32, oneshot::Sender<(u8, Bytes)>>>;
 /// A request sent, its reply to come.
 struct Pending(oneshot::Receiver<(u8, Bytes)>);
 
+impl Reply {
+    /// The failure a reply of the wrong kind stands for: the server's status, or a
+    /// message the client cannot read.
+    fn into_error(self) -> SftpError {
+        match self {
+            Reply::Status(e, _) => e,
+            _ => bad_message(),
+        }
+    }
+}
+
 impl Pending {
     async fn reply(self) -> Result<Reply> {
         let (kind, body) = self.0.await.map_err(|_| SftpError::Lost)?;
@@ -109,8 +120,7 @@ impl Pending {
     async fn status(self) -> Result<()> {
         match self.reply().await? {
             Reply::Status(_, 0) => Ok(()),
-            Reply::Status(e, _) => Err(e),
-            _ => Err(bad_message()),
+            other => Err(other.into_error()),
         }
     }
 }
@@ -127,8 +137,10 @@ pub(crate) struct Sftp {
     shared: Rc<Shared>,
     next_id: Cell<u32>,
     extensions: Vec<(String, String)>,
-    max_read: u32,
-    max_write: u32,
+    /// The most one read request asks for.
+    max_read: usize,
+    /// The most one write request carries.
+    max_write: usize,
     tasks: [tokio::task::AbortHandle; 2],
 }
 
@@ -231,18 +243,10 @@ impl Sftp {
             .await
             .map_err(|e| e.to_string())?;
         let mut buf = BytesMut::new();
-        let (kind, body) = loop {
-            if let Some(p) = take_packet(&mut buf).map_err(|e| e.to_string())? {
-                break p;
-            }
-            match rx.wait().await {
-                Some(ChannelMsg::Data { data }) => buf.extend_from_slice(&data),
-                Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
-                    return Err("The sftp server closed the channel".into());
-                }
-                Some(_) => {}
-            }
-        };
+        let (kind, body) = next_packet(&mut rx, &mut buf)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("The sftp server closed the channel")?;
         if kind != VERSION {
             return Err(format!("Received message {kind} when expecting version"));
         }
@@ -270,22 +274,10 @@ impl Sftp {
         });
         let replies = shared.clone();
         let reader = tokio::task::spawn_local(async move {
-            loop {
-                match take_packet(&mut buf) {
-                    Ok(Some((kind, body))) => {
-                        let id = Reader(&body[..]).u32().unwrap_or(u32::MAX);
-                        if let Some(w) = replies.waiters.borrow_mut().remove(&id) {
-                            let _ = w.send((kind, body));
-                        }
-                        continue;
-                    }
-                    Ok(None) => {}
-                    Err(_) => break,
-                }
-                match rx.wait().await {
-                    Some(ChannelMsg::Data { data }) => buf.extend_from_slice(&data),
-                    Some(ChannelMsg::Eof | ChannelMsg::Close) | None => break,
-                    Some(_) => {}
+            while let Ok(Some((kind, body))) = next_packet(&mut rx, &mut buf).await {
+                let id = Reader(&body[..]).u32().unwrap_or(u32::MAX);
+                if let Some(w) = replies.waiters.borrow_mut().remove(&id) {
+                    let _ = w.send((kind, body));
                 }
             }
             replies.lost.set(true);
@@ -305,9 +297,9 @@ impl Sftp {
             if let Ok(body) = sftp.extended("limits@openssh.com", &[]).await {
                 let mut r = Reader(&body[..]);
                 if let (Ok(_packet), Ok(read), Ok(write)) = (r.u64(), r.u64(), r.u64()) {
-                    let fit = |n: u64| n.clamp(u64::from(SAFE_IO), (MAX_PACKET - 1024) as u64);
-                    sftp.max_read = fit(read) as u32;
-                    sftp.max_write = fit(write) as u32;
+                    let fit = |n: u64| n.clamp(SAFE_IO as u64, (MAX_PACKET - 1024) as u64);
+                    sftp.max_read = fit(read) as usize;
+                    sftp.max_write = fit(write) as usize;
                 }
             }
         }
@@ -319,16 +311,6 @@ impl Sftp {
         self.extensions
             .iter()
             .any(|(n, v)| n == name && v == version)
-    }
-
-    /// The most one read request asks for.
-    pub(crate) fn max_read(&self) -> usize {
-        self.max_read as usize
-    }
-
-    /// The most one write request carries.
-    pub(crate) fn max_write(&self) -> usize {
-        self.max_write as usize
     }
 
     /// Sends request `kind` with `body` after its id; its reply is awaited with
@@ -385,8 +367,7 @@ impl Sftp {
         }
         match self.request(OPEN, &body).await? {
             Reply::Handle(h) => Ok(h),
-            Reply::Status(e, _) => Err(e),
-            _ => Err(bad_message()),
+            other => Err(other.into_error()),
         }
     }
 
@@ -403,8 +384,7 @@ impl Sftp {
         put_str(&mut body, handle);
         match self.request(FSTAT, &body).await? {
             Reply::Attrs(a) => Ok(a),
-            Reply::Status(e, _) => Err(e),
-            _ => Err(bad_message()),
+            other => Err(other.into_error()),
         }
     }
 
@@ -417,7 +397,7 @@ impl Sftp {
         self.status(FSETSTAT, &body).await
     }
 
-    /// Sends a read of up to `len` bytes (at most [`Sftp::max_read`]) at `offset`.
+    /// Sends a read of up to `len` bytes (at most `max_read`) at `offset`.
     fn send_read(&self, handle: &[u8], offset: u64, len: usize) -> Result<Pending> {
         let mut body = Vec::with_capacity(handle.len() + 16);
         put_str(&mut body, handle);
@@ -430,7 +410,7 @@ impl Sftp {
     /// once. What lies past the end of the file reads as zeroes (QEMU's rule); a short
     /// answer before the end is asked again for the rest.
     pub(crate) async fn read(&self, handle: &[u8], offset: u64, out: &mut [u8]) -> Result<()> {
-        let step = self.max_read();
+        let step = self.max_read;
         let mut sent = Vec::new();
         for (i, chunk) in out.chunks(step).enumerate() {
             let at = (i * step) as u64;
@@ -456,8 +436,7 @@ impl Sftp {
                         done += d.len();
                     }
                     Reply::Status(_, FX_EOF) => eof = true,
-                    Reply::Status(e, _) => return Err(e),
-                    _ => return Err(bad_message()),
+                    other => return Err(other.into_error()),
                 }
             }
             if done < len {
@@ -470,7 +449,7 @@ impl Sftp {
     /// Writes `data` at `offset`, in as many requests as it takes, all sent at once; the
     /// data goes out without being copied.
     pub(crate) async fn write(&self, handle: &[u8], offset: u64, data: Bytes) -> Result<()> {
-        let step = self.max_write();
+        let step = self.max_write;
         let mut sent = Vec::new();
         let mut at = 0;
         while at < data.len() {
@@ -506,8 +485,7 @@ impl Sftp {
         body.extend_from_slice(args);
         match self.request(EXTENDED, &body).await? {
             Reply::Extended(d) => Ok(d),
-            Reply::Status(e, _) => Err(e),
-            _ => Err(bad_message()),
+            other => Err(other.into_error()),
         }
     }
 }
@@ -536,6 +514,24 @@ fn parse_reply(kind: u8, body: &Bytes) -> Result<Reply> {
         EXTENDED_REPLY => Reply::Extended(r.0.to_vec()),
         _ => return Err(bad_message()),
     })
+}
+
+/// The next packet from the channel (its type and body), `buf` holding what came after it;
+/// `None` once the channel is closed.
+async fn next_packet(
+    rx: &mut russh::ChannelReadHalf,
+    buf: &mut BytesMut,
+) -> Result<Option<(u8, Bytes)>> {
+    loop {
+        if let Some(p) = take_packet(buf)? {
+            return Ok(Some(p));
+        }
+        match rx.wait().await {
+            Some(ChannelMsg::Data { data }) => buf.extend_from_slice(&data),
+            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Ok(None),
+            Some(_) => {}
+        }
+    }
 }
 
 /// The first whole packet in `buf` (its type and body), taken out; `None` until one has
