@@ -167,6 +167,17 @@ pub fn vm_clock_ns() -> u64 {
     }
 }
 
+/// `secs` since the epoch as local calendar time (`localtime_r`), for the dates images
+/// and snapshots record.
+pub fn local_tm(secs: i64) -> libc::tm {
+    let t: libc::time_t = secs;
+    // SAFETY: `tm` is plain data that localtime_r fills (or leaves zeroed on failure).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call; localtime_r is the thread-safe variant.
+    unsafe { libc::localtime_r(&t, &mut tm) };
+    tm
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,6 +53,9 @@ pub fn protocol_options(name: &str) -> QDict {
     if let Some(d) = ssh_options(name) {
         return d;
     }
+    if let Some(d) = vvfat_options(name) {
+        return d;
+    }
     // URLs name the nodes of QEMU's curl drivers by their prefix.
     for driver in ["http", "https", "ftp", "ftps"] {
         if name
@@ -101,8 +104,9 @@ pub fn protocol_options(name: &str) -> QDict {
 /// protocol"): a name whose first `:` comes before any `/` names its protocol
 /// (`foo:bar`), other names are files.
 pub fn unknown_protocol(name: &str) -> Option<&str> {
-    const KNOWN: [&str; 16] = [
+    const KNOWN: [&str; 17] = [
         "file",
+        "fat",
         "ssh",
         "http",
         "https",
@@ -122,6 +126,33 @@ pub fn unknown_protocol(name: &str) -> Option<&str> {
     let at = name.find([':', '/'])?;
     let protocol = &name[..at];
     (name[at..].starts_with(':') && !KNOWN.contains(&protocol)).then_some(protocol)
+}
+
+/// vvfat's options for `fat:[12:|16:|32:][floppy:][rw:]DIR` (QEMU's
+/// `vvfat_parse_filename`): the directory follows the last `:`, or the one before it when
+/// that names a DOS drive (`fat:rw:c:/dir` is `c:/dir`).
+fn vvfat_options(name: &str) -> Option<QDict> {
+    name.strip_prefix("fat:")?;
+    let fat_type = [32, 16, 12]
+        .into_iter()
+        .find(|t| name.contains(&format!(":{t}:")))
+        .unwrap_or(0);
+    let last = name.rfind(':')?;
+    let bytes = name.as_bytes();
+    let drive = bytes[last - 2] == b':' && bytes[last - 1].is_ascii_alphabetic();
+    let dir = if drive {
+        &name[last - 1..]
+    } else {
+        &name[last + 1..]
+    };
+    Some(
+        QDict::new()
+            .with("driver", "vvfat")
+            .with("dir", dir)
+            .with("fat-type", i64::from(fat_type))
+            .with("floppy", name.contains(":floppy:"))
+            .with("rw", name.contains(":rw:")),
+    )
 }
 
 /// The NBD client's options for an NBD name (QEMU's `nbd_parse_filename`): a URI
@@ -352,6 +383,26 @@ mod tests {
         assert_eq!(super::unknown_protocol("nbd+unix:///e?socket=/s"), None);
         assert_eq!(super::unknown_protocol("disk.img"), None);
         assert_eq!(super::unknown_protocol("https://h/x"), None);
+    }
+
+    #[test]
+    fn fat_names_open_vvfat() {
+        use ferrite_qobject::{from_json, to_json};
+        let j = |n: &str| to_json(&super::protocol_options(n).into());
+        let canon = |t: &str| to_json(&from_json(t).expect("json"));
+        assert_eq!(
+            j("fat:16:rw:/tmp/d"),
+            canon(
+                r#"{"driver": "vvfat", "dir": "/tmp/d", "fat-type": 16, "floppy": false, "rw": true}"#
+            )
+        );
+        assert_eq!(
+            j("fat:floppy:c:/x"),
+            canon(
+                r#"{"driver": "vvfat", "dir": "c:/x", "fat-type": 0, "floppy": true, "rw": false}"#
+            )
+        );
+        assert_eq!(super::unknown_protocol("fat:/d"), None);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! of them), `null-co`/`null-aio`, the `copy-before-write` filter with its
 //! `snapshot-access` view, and the `copy-on-read` filter; and the image formats small
 //! enough to need no crate of their own (`bochs`, `luks`, `parallels`, `qed`, `vdi`,
-//! `vmdk`, `vpc`). Each registers a factory with the core's registry.
+//! `vmdk`, `vpc`); and `vvfat`, a host directory as a FAT disk. Each registers a factory with
+//! the core's registry.
 //!
 //! QEMU counterparts: `block/file-posix.c`, `block/raw-format.c`, `block/null.c`,
 //! `block/copy-before-write.c`, `block/snapshot-access.c`, `block/copy-on-read.c`.
@@ -36,6 +37,7 @@ mod vdi;
 mod vhdx;
 mod vmdk;
 mod vpc;
+mod vvfat;
 
 use ferrite_block::Registry;
 use std::rc::Rc;
@@ -53,6 +55,7 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(raw::RawFactory));
     registry.register(Rc::new(null::NullFactory { aio: false }));
     registry.register(Rc::new(null::NullFactory { aio: true }));
+    registry.register(Rc::new(vvfat::VvfatFactory));
     registry.register(Rc::new(cbw::CbwFactory::new()));
     registry.register(Rc::new(snapshot_access::SnapshotAccessFactory));
     registry.register(Rc::new(cor::CorFactory));

@@ -35,12 +35,7 @@ impl From<Error> for LoadFailure {
 
 /// The local time of `secs` since the epoch, as `strftime` formats it with `fmt`.
 fn local_time(secs: i64, fmt: &std::ffi::CStr) -> String {
-    let t: libc::time_t = secs;
-    // SAFETY: `tm` is plain data that localtime_r fills (or leaves zeroed on failure);
-    // both pointers are valid for the call.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; localtime_r is the thread-safe variant.
-    unsafe { libc::localtime_r(&t, &mut tm) };
+    let tm = ferrite_block::clock::local_tm(secs);
     let mut buf = [0u8; 64];
     // SAFETY: `buf` is writable for its length, `fmt` is NUL-terminated, `tm` initialised.
     let n = unsafe { libc::strftime(buf.as_mut_ptr().cast(), buf.len(), fmt.as_ptr(), &tm) };

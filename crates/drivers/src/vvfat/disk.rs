@@ -1,0 +1,447 @@
+//! The virtual disk: the generated sectors, what the guest wrote over them, and, for a
+//! writable disk, the commit of each write to the host directory.
+//!
+//! What the guest writes is kept by sector until it reaches the host. A write that only
+//! changes the data of files already on the host goes straight to them; any other write
+//! (the FAT, a directory, a cluster no file holds yet) makes the tree be read again and,
+//! if it is consistent, committed: files and directories created, renamed, written,
+//! truncated and deleted. A file's sectors are then dropped, since the host file holds
+//! them; the FAT's and directories' stay.
+//!
+//! Everything here blocks on the host's file system; the driver runs it off the main loop.
+
+use super::commit;
+use super::layout::{Layout, SECTOR};
+use super::scan::{HostFile, Scan, Source};
+use super::tree::{self, Item};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+pub(crate) struct Disk {
+    layout: Layout,
+    root: PathBuf,
+    first_sectors: Vec<u8>,
+    fat: Vec<u8>,
+    dirs: Vec<Vec<u8>>,
+    root_clusters: u32,
+    /// What each cluster held when generated, for the directories' clusters.
+    generated: Vec<Source>,
+    sources: Vec<Source>,
+    files: Vec<HostFile>,
+    /// Sectors the guest wrote that the host does not hold.
+    written: BTreeMap<u64, Box<[u8]>>,
+    /// The tree the host shows.
+    tree: Vec<Item>,
+    /// Clusters of the tree's directories (the root's included).
+    dir_clusters: Vec<bool>,
+    /// A write left the tree inconsistent: the next write reads it again whatever it
+    /// touches.
+    pending: bool,
+    writable: bool,
+    /// The host file last read, kept open.
+    open: Option<(u32, File)>,
+}
+
+/// Why a write is refused, in QEMU's words on standard error.
+fn refuse(why: &str) -> io::Error {
+    eprintln!("{why}");
+    io::Error::from_raw_os_error(libc::EPERM)
+}
+
+impl Disk {
+    pub(crate) fn new(
+        layout: Layout,
+        root: PathBuf,
+        scan: Scan,
+        writable: bool,
+    ) -> Result<Disk, String> {
+        let mut disk = Disk {
+            root,
+            first_sectors: scan.first_sectors,
+            fat: scan.fat,
+            dirs: scan.dirs,
+            root_clusters: scan.root_clusters,
+            generated: scan
+                .sources
+                .iter()
+                .map(|s| match s {
+                    Source::Dir { .. } => *s,
+                    _ => Source::Free,
+                })
+                .collect(),
+            sources: scan.sources,
+            files: scan.files,
+            written: BTreeMap::new(),
+            tree: Vec::new(),
+            dir_clusters: Vec::new(),
+            pending: false,
+            writable,
+            open: None,
+            layout,
+        };
+        if writable {
+            disk.tree = disk.read_tree().map_err(|e| format!("vvfat: {}", e.0))?;
+            disk.dir_clusters = disk.dir_clusters_of(&disk.tree);
+        }
+        Ok(disk)
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.layout.total_sectors() * SECTOR as u64
+    }
+
+    /// Reads `out.len() / 512` sectors from `sector`: a run of sectors of one host file,
+    /// in order and not written over, in one read.
+    pub(crate) fn read(&mut self, sector: u64, out: &mut [u8]) -> io::Result<()> {
+        let count = (out.len() / SECTOR) as u64;
+        let mut i = 0;
+        while i < count {
+            let s = sector + i;
+            let run = match self.file_place(s) {
+                Some((file, offset)) => {
+                    let mut n = 1;
+                    while i + n < count
+                        && self.file_place(s + n) == Some((file, offset + n * SECTOR as u64))
+                    {
+                        n += 1;
+                    }
+                    let at = i as usize * SECTOR;
+                    let dest = &mut out[at..at + n as usize * SECTOR];
+                    dest.fill(0);
+                    self.read_file(file, offset, dest)?;
+                    n
+                }
+                None => {
+                    let at = i as usize * SECTOR;
+                    self.read_sector(s, &mut out[at..at + SECTOR])?;
+                    1
+                }
+            };
+            i += run;
+        }
+        Ok(())
+    }
+
+    /// The host file and offset a sector reads from, if it reads from one.
+    fn file_place(&self, sector: u64) -> Option<(u32, u64)> {
+        if self.written.contains_key(&sector) {
+            return None;
+        }
+        let (cluster, s) = self.layout.cluster_of(sector)?;
+        match self.sources.get(cluster as usize)? {
+            Source::File { file, pos } => Some((
+                *file,
+                u64::from(*pos) * self.layout.cluster_size() as u64 + (s * SECTOR) as u64,
+            )),
+            _ => None,
+        }
+    }
+
+    fn read_sector(&mut self, sector: u64, out: &mut [u8]) -> io::Result<()> {
+        if let Some(data) = self.written.get(&sector) {
+            out.copy_from_slice(data);
+            return Ok(());
+        }
+        out.fill(0);
+        let l = &self.layout;
+        if sector < u64::from(l.first_fat) {
+            let at = sector as usize * SECTOR;
+            out.copy_from_slice(&self.first_sectors[at..at + SECTOR]);
+        } else if sector < u64::from(l.root_dir) {
+            // Both FATs read from the one table.
+            let at = ((sector - u64::from(l.first_fat)) % u64::from(l.sectors_per_fat)) as usize
+                * SECTOR;
+            out.copy_from_slice(&self.fat[at..at + SECTOR]);
+        } else if let Some((cluster, s)) = l.cluster_of(sector) {
+            match self
+                .sources
+                .get(cluster as usize)
+                .copied()
+                .unwrap_or(Source::Free)
+            {
+                Source::Free => {}
+                Source::Dir { dir, cluster: k } => {
+                    let at = k as usize * l.cluster_size() + s * SECTOR;
+                    if let Some(b) = self.dirs[dir as usize].get(at..at + SECTOR) {
+                        out.copy_from_slice(b);
+                    }
+                }
+                Source::File { file, pos } => {
+                    let offset = u64::from(pos) * l.cluster_size() as u64 + (s * SECTOR) as u64;
+                    self.read_file(file, offset, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads host file `file` at `offset`; past its end reads zeroes, and so does a file
+    /// gone from the host (QEMU's "LATER TODO: strict").
+    fn read_file(&mut self, file: u32, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        if self.open.as_ref().is_none_or(|(f, _)| *f != file) {
+            self.open = None;
+            match File::open(&self.files[file as usize].path) {
+                Ok(f) => self.open = Some((file, f)),
+                Err(_) => return Ok(()),
+            }
+        }
+        let Some((_, f)) = &self.open else {
+            return Ok(());
+        };
+        let mut done = 0;
+        while done < out.len() {
+            match f.read_at(&mut out[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (whole sectors) at `sector` and commits what it changed.
+    pub(crate) fn write(&mut self, sector: u64, data: &[u8]) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        }
+        self.open = None;
+        let l = &self.layout;
+        let count = (data.len() / SECTOR) as u64;
+        if sector == u64::from(l.boot_sector) && count == 1 {
+            // Only the byte where systems mark the volume dirty may change.
+            let at = sector as usize * SECTOR;
+            let boot = &mut self.first_sectors[at..at + SECTOR];
+            let dirty = Layout::DIRTY_BYTE;
+            if boot
+                .iter()
+                .zip(data)
+                .enumerate()
+                .any(|(i, (a, b))| i != dirty && a != b)
+            {
+                return Err(refuse("Tried to write to protected bootsector"));
+            }
+            boot[dirty] = data[dirty];
+            return Ok(());
+        }
+        if sector < u64::from(l.first_fat) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let clusters = self.clusters_of(sector, count);
+        for &c in &clusters {
+            if let Some(Source::File { file, .. }) = self.sources.get(c as usize) {
+                let f = &self.files[*file as usize];
+                if f.read_only {
+                    return Err(refuse(&format!(
+                        "Tried to write to write-protected file {}",
+                        f.path.display()
+                    )));
+                }
+            }
+        }
+        for (i, chunk) in data.chunks_exact(SECTOR).enumerate() {
+            self.written.insert(sector + i as u64, chunk.into());
+        }
+        let metadata = (sector..sector + count).any(|s| self.layout.in_first_fat(s))
+            || clusters
+                .iter()
+                .any(|&c| self.dir_clusters.get(c as usize).copied().unwrap_or(false));
+        if self.pending || metadata {
+            self.commit();
+        } else {
+            self.write_through(&clusters);
+        }
+        Ok(())
+    }
+
+    /// The data-area clusters sectors `sector..sector + count` touch.
+    fn clusters_of(&self, sector: u64, count: u64) -> Vec<u32> {
+        let l = &self.layout;
+        let first = l.cluster_of(sector).map(|(c, _)| c);
+        let last = l.cluster_of(sector + count - 1).map(|(c, _)| c);
+        match (first, last) {
+            (Some(a), Some(b)) => (a..=b).collect(),
+            (None, Some(b)) => (0..=b).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The sectors of `cluster` the host does not hold yet.
+    fn written_in(&self, cluster: u32) -> Vec<usize> {
+        let first = self.layout.first_sector_of(cluster);
+        let n = u64::from(self.layout.sectors_per_cluster());
+        self.written
+            .range(first..first + n)
+            .map(|(s, _)| (s - first) as usize)
+            .collect()
+    }
+
+    /// A write to file data only: each written sector goes into the file that holds it.
+    fn write_through(&mut self, clusters: &[u32]) {
+        let cs = self.layout.cluster_size() as u64;
+        for &c in clusters {
+            let Some(Source::File { file, pos }) = self.sources.get(c as usize).copied() else {
+                continue;
+            };
+            let host = &self.files[file as usize];
+            let first = self.layout.first_sector_of(c);
+            let mut done = Vec::new();
+            let result = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&host.path)
+                .and_then(|f| {
+                    for s in self.written_in(c) {
+                        let offset = u64::from(pos) * cs + (s * SECTOR) as u64;
+                        if offset < host.size {
+                            let len = (host.size - offset).min(SECTOR as u64) as usize;
+                            f.write_all_at(&self.written[&(first + s as u64)][..len], offset)?;
+                        }
+                        // A sector past the end stays: the file may grow into it.
+                        if offset + SECTOR as u64 <= host.size {
+                            done.push(first + s as u64);
+                        }
+                    }
+                    Ok(())
+                });
+            match result {
+                Ok(()) => {
+                    for s in done {
+                        self.written.remove(&s);
+                    }
+                }
+                Err(e) => eprintln!("vvfat: could not write {}: {e}", host.path.display()),
+            }
+        }
+    }
+
+    fn read_tree(&mut self) -> Result<Vec<Item>, tree::Inconsistent> {
+        let layout = self.layout.clone();
+        let root_clusters = self.root_clusters;
+        tree::read(&layout, root_clusters, &mut TreeView::new(self))
+    }
+
+    /// Reads the tree again and, if consistent, makes the host show it.
+    fn commit(&mut self) {
+        let new = match self.read_tree() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!("vvfat: not committing yet: {}", e.0);
+                self.pending = true;
+                return;
+            }
+        };
+        self.pending = false;
+        let plan = commit::plan(&self.layout, &self.tree, &new, &|c| self.written_in(c));
+        if !plan.is_empty() {
+            let mut data = Vec::new();
+            for w in &plan.writes {
+                for p in &w.pieces {
+                    let mut b = vec![0u8; SECTOR];
+                    if let Err(e) = self.read_sector(p.sector, &mut b) {
+                        eprintln!("vvfat: could not read sector {}: {e}", p.sector);
+                    }
+                    data.push(b);
+                }
+            }
+            self.open = None;
+            let failed = commit::apply(&self.root, &plan, &data);
+            self.adopt(new, &failed);
+        } else {
+            self.adopt(new, &[]);
+        }
+    }
+
+    /// Takes `tree` as what the host shows: each cluster now reads from the file that
+    /// holds it, and sectors the host holds are forgotten (except those of files that
+    /// could not be written).
+    fn adopt(&mut self, tree: Vec<Item>, failed: &[String]) {
+        let read_only: std::collections::HashMap<PathBuf, bool> = self
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), f.read_only))
+            .collect();
+        self.sources.clone_from(&self.generated);
+        self.files.clear();
+        let cs = self.layout.cluster_size() as u64;
+        let spc = u64::from(self.layout.sectors_per_cluster());
+        for item in tree.iter().filter(|i| !i.is_dir && !i.chain.is_empty()) {
+            let path = self.root.join(&item.path);
+            let file = self.files.len() as u32;
+            self.files.push(HostFile {
+                read_only: read_only.get(&path).copied().unwrap_or(false),
+                path,
+                size: u64::from(item.size),
+            });
+            let keep = failed.contains(&item.path);
+            for (pos, &c) in item.chain.iter().enumerate() {
+                if let Some(s) = self.sources.get_mut(c as usize) {
+                    *s = Source::File {
+                        file,
+                        pos: pos as u32,
+                    };
+                }
+                if !keep {
+                    let first = self.layout.first_sector_of(c);
+                    // Sectors wholly inside the file; the one it ends in stays.
+                    let inside = (u64::from(item.size) - pos as u64 * cs) / SECTOR as u64;
+                    let last = first + spc.min(inside);
+                    let gone: Vec<u64> = self.written.range(first..last).map(|(s, _)| *s).collect();
+                    for s in gone {
+                        self.written.remove(&s);
+                    }
+                }
+            }
+        }
+        self.dir_clusters = self.dir_clusters_of(&tree);
+        self.tree = tree;
+    }
+
+    fn dir_clusters_of(&self, tree: &[Item]) -> Vec<bool> {
+        let mut out = vec![false; self.layout.cluster_count as usize];
+        for c in (0..self.root_clusters).chain(
+            tree.iter()
+                .filter(|i| i.is_dir)
+                .flat_map(|i| i.chain.iter().copied()),
+        ) {
+            if let Some(b) = out.get_mut(c as usize) {
+                *b = true;
+            }
+        }
+        out
+    }
+}
+
+/// The disk as the tree reader sees it: the first FAT with the guest's writes over it.
+struct TreeView<'a> {
+    disk: &'a mut Disk,
+    fat: Vec<u8>,
+}
+
+impl<'a> TreeView<'a> {
+    fn new(disk: &'a mut Disk) -> TreeView<'a> {
+        let mut fat = disk.fat.clone();
+        let first = u64::from(disk.layout.first_fat);
+        let end = first + u64::from(disk.layout.sectors_per_fat);
+        for (s, data) in disk.written.range(first..end) {
+            let at = (s - first) as usize * SECTOR;
+            fat[at..at + SECTOR].copy_from_slice(data);
+        }
+        TreeView { disk, fat }
+    }
+}
+
+impl tree::Disk for TreeView<'_> {
+    fn fat(&self) -> &[u8] {
+        &self.fat
+    }
+
+    fn cluster(&mut self, cluster: u32) -> io::Result<Vec<u8>> {
+        let mut out = vec![0u8; self.disk.layout.cluster_size()];
+        let first = self.disk.layout.first_sector_of(cluster);
+        self.disk.read(first, &mut out)?;
+        Ok(out)
+    }
+}
