@@ -258,10 +258,12 @@ def test_refusals_are_qsds(both, tmp_path):
 
 def test_sector_writes_are_qsds(both, tmp_path):
     """What QEMU's driver does with sector writes: file data changed in place reaches the
-    host file; the boot sector takes only its dirty byte; the MBR takes nothing."""
+    host file; the boot sector takes only its dirty byte; the MBR takes nothing, nor does a
+    file the host does not let anyone write."""
     trees = []
     for d in both():
         root = populate(tmp_path / f"dir-{len(trees)}")
+        os.chmod(root / "file0.txt", 0o444)
         c = d.connect()
         assert c.cmd("blockdev-add", {"driver": "vvfat", "node-name": "v", "dir": str(root),
                                       "rw": True}) == {"return": {}}
@@ -272,7 +274,9 @@ def test_sector_writes_are_qsds(both, tmp_path):
         qemu_io(uri, f"write -P 0x41 {at} 512", f"write -P 0x42 {at + 4096} 1024")
         boot = 63 * 512
         lines = []
-        for op in (f"write -P 0 {boot} 512", f"write -P 0 0 512"):
+        _, protected, _ = fat.files()["file0.txt"]
+        for op in (f"write -P 0 {boot} 512", "write -P 0 0 512",
+                   f"write -P 0x43 {fat.cluster_at(protected[0])} 512"):
             r = subprocess.run(["qemu-io", "-f", "raw", "-c", op, uri], capture_output=True,
                                text=True)
             lines.append((r.stdout + r.stderr).splitlines()[:1])
@@ -285,8 +289,13 @@ def test_sector_writes_are_qsds(both, tmp_path):
         c.close()
         d.stop()
         trees.append((host_tree(root), lines, after, sorted(
-            ln for ln in d.stderr_path.read_text().splitlines() if "protected" in ln)))
+            ln.replace(str(root), "DIR") for ln in d.stderr_path.read_text().splitlines()
+            if "protected" in ln)))
     assert trees[0] == trees[1]
+    assert trees[1][1] == [["write failed: Operation not permitted"]] * 3
+    assert trees[1][3] == ["Tried to write to protected bootsector",
+                           "Tried to write to write-protected file DIR/file0.txt"]
+    assert trees[1][0]["file0.txt"] == b"Hello, world! 0\n"
     inner = trees[1][0]["sub/deeper/inner.txt"]
     assert inner[8192:8704] == b"A" * 512 and inner[12288:13312] == b"B" * 1024
 

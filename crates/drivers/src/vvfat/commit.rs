@@ -45,6 +45,33 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// What a flush must sync once the plan ran: the files written and the directories
+    /// whose entries changed.
+    pub(crate) fn changed_paths(&self) -> Vec<String> {
+        let parent = |p: &str| {
+            p.rsplit_once('/')
+                .map_or(String::new(), |(d, _)| d.to_owned())
+        };
+        let mut out: Vec<String> = self
+            .unlinks
+            .iter()
+            .chain(&self.rmdirs)
+            .map(|p| parent(p))
+            .collect();
+        for m in &self.moves {
+            match m {
+                Move::Rename { from, to } => out.extend([parent(from), parent(to)]),
+                Move::Mkdir(p) => out.extend([parent(p), p.clone()]),
+            }
+        }
+        for w in &self.writes {
+            out.extend([parent(&w.path), w.path.clone()]);
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.unlinks.is_empty()
             && self.moves.is_empty()

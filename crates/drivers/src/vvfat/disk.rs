@@ -14,7 +14,7 @@ use super::commit;
 use super::layout::{Layout, SECTOR};
 use super::scan::{HostFile, Scan, Source};
 use super::tree::{self, Item};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -43,6 +43,8 @@ pub(crate) struct Disk {
     writable: bool,
     /// The host file last read, kept open.
     open: Option<(u32, File)>,
+    /// Files and directories changed since the last flush.
+    unsynced: BTreeSet<PathBuf>,
 }
 
 /// Why a write is refused, in QEMU's words on standard error.
@@ -80,6 +82,7 @@ impl Disk {
             pending: false,
             writable,
             open: None,
+            unsynced: BTreeSet::new(),
             layout,
         };
         if writable {
@@ -257,6 +260,21 @@ impl Disk {
         Ok(())
     }
 
+    /// Makes what reached the host durable (QEMU's driver has no flush: the guest's data
+    /// stays in the host's page cache).
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
+        while let Some(path) = self.unsynced.pop_first() {
+            match File::open(&path).and_then(|f| f.sync_all()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    self.unsynced.insert(path);
+                    return Err(e);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The data-area clusters sectors `sector..sector + count` touch.
     fn clusters_of(&self, sector: u64, count: u64) -> Vec<u32> {
         let l = &self.layout;
@@ -306,6 +324,7 @@ impl Disk {
                     }
                     Ok(())
                 });
+            self.unsynced.insert(host.path.clone());
             match result {
                 Ok(()) => {
                     for s in done {
@@ -348,6 +367,8 @@ impl Disk {
             }
             self.open = None;
             let failed = commit::apply(&self.root, &plan, &data);
+            self.unsynced
+                .extend(plan.changed_paths().iter().map(|p| self.root.join(p)));
             self.adopt(new, &failed);
         } else {
             self.adopt(new, &[]);
@@ -443,5 +464,138 @@ impl tree::Disk for TreeView<'_> {
         let first = self.disk.layout.first_sector_of(cluster);
         self.disk.read(first, &mut out)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vvfat::layout::FatType;
+    use crate::vvfat::scan::scan;
+    use std::path::Path;
+
+    /// A scratch directory of its own under the system's temporary directory.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferrite-vvfat-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        dir
+    }
+
+    fn populate(root: &Path) {
+        std::fs::create_dir_all(root.join("sub/deeper")).expect("mkdir");
+        std::fs::write(root.join("file0.txt"), "Hello, world! 0\n").expect("write");
+        std::fs::write(root.join("big.bin"), vec![7u8; 20000]).expect("write");
+        std::fs::write(root.join("sub/deeper/inner"), "inner").expect("write");
+        std::fs::write(root.join("A long name.text"), "long").expect("write");
+    }
+
+    fn disk(root: &Path, fat: FatType) -> Disk {
+        let layout = Layout::new(Some(fat), false);
+        let s = scan(&layout, root, b"QEMU VVFAT ").expect("scan");
+        Disk::new(layout, root.to_owned(), s, true).expect("disk")
+    }
+
+    /// Every path under `root`, sorted.
+    fn listing(root: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut todo = vec![root.to_owned()];
+        while let Some(dir) = todo.pop() {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(e.path());
+                }
+                out.push(e.path());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// xorshift64: the same sequence on every run.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn the_generated_tree_reads_back_as_the_host_holds_it() {
+        let top = scratch("tree");
+        let root = top.join("dir");
+        populate(&root);
+        for fat in [FatType::Fat12, FatType::Fat16, FatType::Fat32] {
+            let d = disk(&root, fat);
+            let paths: Vec<&str> = d.tree.iter().map(|i| i.path.as_str()).collect();
+            assert_eq!(
+                paths,
+                [
+                    "A long name.text",
+                    "big.bin",
+                    "file0.txt",
+                    "sub",
+                    "sub/deeper",
+                    "sub/deeper/inner"
+                ]
+            );
+        }
+        std::fs::remove_dir_all(&top).expect("cleanup");
+    }
+
+    /// Random writes over the FAT, the root directory and the first clusters, some of
+    /// them sectors as they are with a few bytes changed: nothing panics, nothing outside
+    /// the directory changes, and the disk keeps reading.
+    #[test]
+    fn scribbled_metadata_stays_inside_the_directory() {
+        let top = scratch("scribble");
+        let root = top.join("dir");
+        let outside = top.join("outside");
+        std::fs::write(&outside, "keep").expect("write");
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut changed = 0;
+        for round in 0..20 {
+            let _ = std::fs::remove_dir_all(&root);
+            populate(&root);
+            let before = listing(&root);
+            let mut d = disk(
+                &root,
+                if round % 2 == 0 {
+                    FatType::Fat16
+                } else {
+                    FatType::Fat12
+                },
+            );
+            let lo = u64::from(d.layout.first_fat);
+            let hi = d.layout.first_sector_of(12);
+            for _ in 0..200 {
+                let sector = lo + next(&mut state) % (hi - lo);
+                let mut data = vec![0u8; SECTOR];
+                d.read(sector, &mut data).expect("read");
+                if next(&mut state) % 4 == 0 {
+                    data.iter_mut().for_each(|b| *b = next(&mut state) as u8);
+                } else {
+                    for _ in 0..1 + next(&mut state) % 8 {
+                        let at = (next(&mut state) % SECTOR as u64) as usize;
+                        data[at] = next(&mut state) as u8;
+                    }
+                }
+                let _ = d.write(sector, &data);
+                let mut back = vec![0u8; SECTOR];
+                d.read(sector, &mut back).expect("read back");
+                assert_eq!(back, data);
+            }
+            let _ = d.flush();
+            changed += usize::from(listing(&root) != before);
+        }
+        // The writes did reach the host (renames, deletions, new files).
+        assert!(changed > 0);
+        assert_eq!(std::fs::read_to_string(&outside).expect("outside"), "keep");
+        let entries: Vec<_> = std::fs::read_dir(&top)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        std::fs::remove_dir_all(&top).expect("cleanup");
     }
 }

@@ -213,7 +213,7 @@ impl Driver for VvfatDriver {
     }
 
     fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
-        Box::pin(async { Ok(()) })
+        Box::pin(self.with_disk(Disk::flush))
     }
 
     fn block_status<'a>(&'a self, _node: &'a Node, _offset: u64, len: u64) -> BoxFut<'a, Extent> {
