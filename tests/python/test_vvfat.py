@@ -271,7 +271,11 @@ def test_sector_writes_are_qsds(both, tmp_path):
         fat = FatImage(dump(c, d, "v", uri=uri), 16)
         _, chain, _ = fat.files()["sub/deeper/inner.txt"]
         at = fat.cluster_at(chain[1])
-        qemu_io(uri, f"write -P 0x41 {at} 512", f"write -P 0x42 {at + 4096} 1024")
+        _, big, _ = fat.files()["Big_File.Name.txt"]
+        # The sector the file ends in (its bytes 8704 to 9000) and the one after it.
+        end = fat.cluster_at(big[1]) + 512
+        qemu_io(uri, f"write -P 0x41 {at} 512", f"write -P 0x42 {at + 4096} 1024",
+                f"write -P 0x44 {end} 1024")
         boot = 63 * 512
         lines = []
         _, protected, _ = fat.files()["file0.txt"]
@@ -296,6 +300,7 @@ def test_sector_writes_are_qsds(both, tmp_path):
     assert trees[1][3] == ["Tried to write to protected bootsector",
                            "Tried to write to write-protected file DIR/file0.txt"]
     assert trees[1][0]["file0.txt"] == b"Hello, world! 0\n"
+    assert trees[1][0]["Big_File.Name.txt"] == b"x" * 8704 + b"D" * 296
     inner = trees[1][0]["sub/deeper/inner.txt"]
     assert inner[8192:8704] == b"A" * 512 and inner[12288:13312] == b"B" * 1024
 

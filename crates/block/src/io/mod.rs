@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 pub use foreign::ForeignBuf;
 pub use lane::background;
+pub use nowait::{NOWAIT_MAX, read_cached};
 pub use threads::ThreadPool;
 pub use uring::Uring;
 

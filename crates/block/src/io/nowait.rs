@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use super::placement::FileWrites;
 
 /// Requests at most this large are tried on the calling thread.
-pub(super) const NOWAIT_MAX: usize = 64 << 10;
+pub const NOWAIT_MAX: usize = 64 << 10;
 
 /// How far a non-blocking transfer got.
 pub(super) struct Partial {
@@ -23,7 +23,7 @@ pub(super) struct Partial {
 }
 
 fn transfer(
-    file: &Arc<File>,
+    file: &File,
     offset: u64,
     buf: *mut u8,
     len: usize,
@@ -74,6 +74,17 @@ fn transfer(
 /// need the disk or at the end of the file.
 pub(super) fn read(file: &Arc<File>, offset: u64, buf: &mut [u8]) -> io::Result<Partial> {
     transfer(file, offset, buf.as_mut_ptr(), buf.len(), None)
+}
+
+/// Reads what the page cache holds of `buf.len()` bytes at `offset` of `file`, without
+/// blocking: the bytes read, and whether the file ended there (for drivers reading files
+/// of their own, as vvfat reads the files of its directory).
+///
+/// # Errors
+/// The read's, other than that it would block.
+pub fn read_cached(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let p = transfer(file, offset, buf.as_mut_ptr(), buf.len(), None)?;
+    Ok((p.done, p.eof))
 }
 
 /// Writes as much of `data` as the page cache takes without blocking. File systems that

@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub(crate) struct Disk {
     layout: Layout,
@@ -42,7 +43,7 @@ pub(crate) struct Disk {
     pending: bool,
     writable: bool,
     /// The host file last read, kept open.
-    open: Option<(u32, File)>,
+    open: std::sync::Mutex<Option<(u32, Arc<File>)>>,
     /// Files and directories changed since the last flush.
     unsynced: BTreeSet<PathBuf>,
 }
@@ -81,7 +82,7 @@ impl Disk {
             dir_clusters: Vec::new(),
             pending: false,
             writable,
-            open: None,
+            open: std::sync::Mutex::new(None),
             unsynced: BTreeSet::new(),
             layout,
         };
@@ -98,12 +99,23 @@ impl Disk {
 
     /// Reads `out.len() / 512` sectors from `sector`: a run of sectors of one host file,
     /// in order and not written over, in one read.
-    pub(crate) fn read(&mut self, sector: u64, out: &mut [u8]) -> io::Result<()> {
+    pub(crate) fn read(&self, sector: u64, out: &mut [u8]) -> io::Result<()> {
+        self.read_with(sector, out, false).map(|_| ())
+    }
+
+    /// [`Disk::read`] if the page cache holds every byte it needs from the host, without
+    /// blocking; false (and `out` partly filled) where it does not.
+    pub(crate) fn read_cached(&self, sector: u64, out: &mut [u8]) -> io::Result<bool> {
+        self.read_with(sector, out, true)
+    }
+
+    fn read_with(&self, sector: u64, out: &mut [u8], nowait: bool) -> io::Result<bool> {
         let count = (out.len() / SECTOR) as u64;
         let mut i = 0;
         while i < count {
             let s = sector + i;
-            let run = match self.file_place(s) {
+            let at = i as usize * SECTOR;
+            let (run, complete) = match self.file_place(s) {
                 Some((file, offset)) => {
                     let mut n = 1;
                     while i + n < count
@@ -111,21 +123,17 @@ impl Disk {
                     {
                         n += 1;
                     }
-                    let at = i as usize * SECTOR;
                     let dest = &mut out[at..at + n as usize * SECTOR];
-                    dest.fill(0);
-                    self.read_file(file, offset, dest)?;
-                    n
+                    (n, self.read_file(file, offset, dest, nowait)?)
                 }
-                None => {
-                    let at = i as usize * SECTOR;
-                    self.read_sector(s, &mut out[at..at + SECTOR])?;
-                    1
-                }
+                None => (1, self.read_sector(s, &mut out[at..at + SECTOR], nowait)?),
             };
+            if !complete {
+                return Ok(false);
+            }
             i += run;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The host file and offset a sector reads from, if it reads from one.
@@ -133,20 +141,13 @@ impl Disk {
         if self.written.contains_key(&sector) {
             return None;
         }
-        let (cluster, s) = self.layout.cluster_of(sector)?;
-        match self.sources.get(cluster as usize)? {
-            Source::File { file, pos } => Some((
-                *file,
-                u64::from(*pos) * self.layout.cluster_size() as u64 + (s * SECTOR) as u64,
-            )),
-            _ => None,
-        }
+        self.file_offset(sector)
     }
 
-    fn read_sector(&mut self, sector: u64, out: &mut [u8]) -> io::Result<()> {
+    fn read_sector(&self, sector: u64, out: &mut [u8], nowait: bool) -> io::Result<bool> {
         if let Some(data) = self.written.get(&sector) {
             out.copy_from_slice(data);
-            return Ok(());
+            return Ok(true);
         }
         out.fill(0);
         let l = &self.layout;
@@ -174,36 +175,60 @@ impl Disk {
                 }
                 Source::File { file, pos } => {
                     let offset = u64::from(pos) * l.cluster_size() as u64 + (s * SECTOR) as u64;
-                    self.read_file(file, offset, out)?;
+                    return self.read_file(file, offset, out, nowait);
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Reads host file `file` at `offset`; past its end reads zeroes, and so does a file
-    /// gone from the host (QEMU's "LATER TODO: strict").
-    fn read_file(&mut self, file: u32, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        if self.open.as_ref().is_none_or(|(f, _)| *f != file) {
-            self.open = None;
-            match File::open(&self.files[file as usize].path) {
-                Ok(f) => self.open = Some((file, f)),
-                Err(_) => return Ok(()),
+    /// Reads host file `file` at `offset` into all of `out`; past its end reads zeroes, and
+    /// so does a file gone from the host (QEMU's "LATER TODO: strict"). With `nowait`, only
+    /// what the page cache holds: false (`out` partly filled) if that was not all.
+    fn read_file(&self, file: u32, offset: u64, out: &mut [u8], nowait: bool) -> io::Result<bool> {
+        let f = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            match &*open {
+                Some((n, f)) if *n == file => Arc::clone(f),
+                _ => match File::open(&self.files[file as usize].path) {
+                    Ok(f) => {
+                        let f = Arc::new(f);
+                        *open = Some((file, Arc::clone(&f)));
+                        f
+                    }
+                    Err(_) => {
+                        out.fill(0);
+                        return Ok(true);
+                    }
+                },
             }
-        }
-        let Some((_, f)) = &self.open else {
-            return Ok(());
         };
         let mut done = 0;
         while done < out.len() {
-            match f.read_at(&mut out[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            let got = if nowait {
+                match ferrite_block::io::read_cached(&f, offset + done as u64, &mut out[done..])? {
+                    // The file ends: the rest reads as zeroes.
+                    (n, true) => {
+                        out[done + n..].fill(0);
+                        return Ok(true);
+                    }
+                    (0, false) => return Ok(false),
+                    (n, false) => n,
+                }
+            } else {
+                match f.read_at(&mut out[done..], offset + done as u64) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            if got == 0 {
+                out[done..].fill(0);
+                break;
             }
+            done += got;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `data` (whole sectors) at `sector` and commits what it changed.
@@ -211,7 +236,7 @@ impl Disk {
         if !self.writable {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
-        self.open = None;
+        *self.open.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         let l = &self.layout;
         let count = (data.len() / SECTOR) as u64;
         if sector == u64::from(l.boot_sector) && count == 1 {
@@ -245,19 +270,24 @@ impl Disk {
                 }
             }
         }
-        for (i, chunk) in data.chunks_exact(SECTOR).enumerate() {
-            self.written.insert(sector + i as u64, chunk.into());
-        }
         let metadata = (sector..sector + count).any(|s| self.layout.in_first_fat(s))
             || clusters
                 .iter()
                 .any(|&c| self.dir_clusters.get(c as usize).copied().unwrap_or(false));
         if self.pending || metadata {
+            self.keep(sector, data);
             self.commit();
         } else {
-            self.write_through(&clusters);
+            self.write_through(sector, data);
         }
         Ok(())
+    }
+
+    /// Keeps sectors the host does not hold (yet).
+    fn keep(&mut self, sector: u64, data: &[u8]) {
+        for (i, chunk) in data.chunks_exact(SECTOR).enumerate() {
+            self.written.insert(sector + i as u64, chunk.into());
+        }
     }
 
     /// Makes what reached the host durable (QEMU's driver has no flush: the guest's data
@@ -297,42 +327,78 @@ impl Disk {
             .collect()
     }
 
-    /// A write to file data only: each written sector goes into the file that holds it.
-    fn write_through(&mut self, clusters: &[u32]) {
-        let cs = self.layout.cluster_size() as u64;
-        for &c in clusters {
-            let Some(Source::File { file, pos }) = self.sources.get(c as usize).copied() else {
-                continue;
-            };
-            let host = &self.files[file as usize];
-            let first = self.layout.first_sector_of(c);
-            let mut done = Vec::new();
-            let result = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&host.path)
-                .and_then(|f| {
-                    for s in self.written_in(c) {
-                        let offset = u64::from(pos) * cs + (s * SECTOR) as u64;
-                        if offset < host.size {
-                            let len = (host.size - offset).min(SECTOR as u64) as usize;
-                            f.write_all_at(&self.written[&(first + s as u64)][..len], offset)?;
-                        }
-                        // A sector past the end stays: the file may grow into it.
-                        if offset + SECTOR as u64 <= host.size {
-                            done.push(first + s as u64);
-                        }
-                    }
-                    Ok(())
-                });
-            self.unsynced.insert(host.path.clone());
-            match result {
-                Ok(()) => {
-                    for s in done {
-                        self.written.remove(&s);
+    /// A write that leaves the tree as it is: runs of sectors inside one file go into it
+    /// at once; the rest (free clusters, past a file's end, a file that cannot be written)
+    /// is kept.
+    fn write_through(&mut self, sector: u64, data: &[u8]) {
+        let count = (data.len() / SECTOR) as u64;
+        let mut i = 0;
+        while i < count {
+            let Some((file, offset)) = self.inside_file(sector + i) else {
+                let at = i as usize * SECTOR;
+                let one = &data[at..at + SECTOR];
+                // The sector a file ends in: its bytes up to the end reach the file.
+                if let Some((file, offset)) = self.file_offset(sector + i) {
+                    let host = &self.files[file as usize];
+                    if offset < host.size {
+                        let len = (host.size - offset) as usize;
+                        self.write_host(file, offset, &one[..len]);
                     }
                 }
-                Err(e) => eprintln!("vvfat: could not write {}: {e}", host.path.display()),
+                self.keep(sector + i, one);
+                i += 1;
+                continue;
+            };
+            let mut n = 1;
+            while i + n < count
+                && self.inside_file(sector + i + n) == Some((file, offset + n * SECTOR as u64))
+            {
+                n += 1;
             }
+            let at = i as usize * SECTOR;
+            let run = &data[at..at + n as usize * SECTOR];
+            if self.write_host(file, offset, run) {
+                for s in sector + i..sector + i + n {
+                    self.written.remove(&s);
+                }
+            } else {
+                self.keep(sector + i, run);
+            }
+            i += n;
+        }
+    }
+
+    /// Writes `data` at `offset` of host file `file`; false (reported) if it failed.
+    fn write_host(&mut self, file: u32, offset: u64, data: &[u8]) -> bool {
+        let host = &self.files[file as usize];
+        let result = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&host.path)
+            .and_then(|f| f.write_all_at(data, offset));
+        self.unsynced.insert(host.path.clone());
+        if let Err(e) = result {
+            eprintln!("vvfat: could not write {}: {e}", host.path.display());
+            return false;
+        }
+        true
+    }
+
+    /// The host file and offset of a sector wholly inside a file (one the file ends in or
+    /// past its end has bytes the host does not store).
+    fn inside_file(&self, sector: u64) -> Option<(u32, u64)> {
+        self.file_offset(sector)
+            .filter(|&(file, offset)| offset + SECTOR as u64 <= self.files[file as usize].size)
+    }
+
+    /// The host file and offset a sector's cluster maps it to.
+    fn file_offset(&self, sector: u64) -> Option<(u32, u64)> {
+        let (cluster, s) = self.layout.cluster_of(sector)?;
+        match self.sources.get(cluster as usize)? {
+            Source::File { file, pos } => Some((
+                *file,
+                u64::from(*pos) * self.layout.cluster_size() as u64 + (s * SECTOR) as u64,
+            )),
+            _ => None,
         }
     }
 
@@ -359,13 +425,13 @@ impl Disk {
             for w in &plan.writes {
                 for p in &w.pieces {
                     let mut b = vec![0u8; SECTOR];
-                    if let Err(e) = self.read_sector(p.sector, &mut b) {
+                    if let Err(e) = self.read(p.sector, &mut b) {
                         eprintln!("vvfat: could not read sector {}: {e}", p.sector);
                     }
                     data.push(b);
                 }
             }
-            self.open = None;
+            *self.open.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
             let failed = commit::apply(&self.root, &plan, &data);
             self.unsynced
                 .extend(plan.changed_paths().iter().map(|p| self.root.join(p)));

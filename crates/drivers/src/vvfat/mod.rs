@@ -22,6 +22,7 @@ use ferrite_qobject::QDict;
 use layout::{FatType, Layout, SECTOR};
 use std::io;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 /// The options that say what the disk is (QEMU's strong runtime options).
 const OPTIONS: [&str; 5] = ["dir", "fat-type", "floppy", "label", "rw"];
@@ -99,7 +100,8 @@ impl DriverFactory for VvfatFactory {
             .map_err(generic)?;
             Ok(Box::new(VvfatDriver {
                 len: disk.len(),
-                disk: tokio::sync::Mutex::new(Some(disk)),
+                disk: Arc::new(RwLock::new(disk)),
+                gate: tokio::sync::RwLock::new(()),
                 options,
                 blocker,
             }) as Box<dyn Driver>)
@@ -109,32 +111,37 @@ impl DriverFactory for VvfatFactory {
 
 struct VvfatDriver {
     len: u64,
-    /// Taken out while a request runs off the main loop; requests run one at a time, as
-    /// under QEMU's lock.
-    disk: tokio::sync::Mutex<Option<Disk>>,
+    /// Used off the main loop, on the blocking pool: reads side by side, a write alone.
+    disk: Arc<RwLock<Disk>>,
+    /// Admits requests in that order (QEMU serialises all of them under one lock).
+    gate: tokio::sync::RwLock<()>,
     options: QDict,
     blocker: Option<String>,
 }
 
+/// The disk behind `lock`, also after a request panicked while holding it.
+fn shared(lock: &RwLock<Disk>) -> std::sync::RwLockReadGuard<'_, Disk> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn exclusive(lock: &RwLock<Disk>) -> std::sync::RwLockWriteGuard<'_, Disk> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl VvfatDriver {
-    /// Runs `op` on the disk in a blocking thread.
+    /// Runs `op` on the disk alone, in a blocking thread.
     async fn with_disk<R, F>(&self, op: F) -> io::Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut Disk) -> io::Result<R> + Send + 'static,
     {
-        let mut slot = self.disk.lock().await;
-        let mut disk = slot
-            .take()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
-        let (disk, result) = tokio::task::spawn_blocking(move || {
-            let r = op(&mut disk);
-            (disk, r)
-        })
-        .await
-        .map_err(io::Error::other)?;
-        *slot = Some(disk);
-        result
+        let _alone = self.gate.write().await;
+        let disk = Arc::clone(&self.disk);
+        tokio::task::spawn_blocking(move || op(&mut exclusive(&disk)))
+            .await
+            .map_err(io::Error::other)?
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -170,12 +177,19 @@ impl Driver for VvfatDriver {
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
         Box::pin(async move {
             self.check(offset, len as u64)?;
-            self.with_disk(move |d| {
-                let mut buf = vec![0u8; len];
-                d.read(offset / SECTOR as u64, &mut buf)?;
-                Ok(buf)
-            })
-            .await
+            let _beside_reads = self.gate.read().await;
+            let sector = offset / SECTOR as u64;
+            let mut buf = ferrite_block::io::pool::take(len);
+            // What memory and the page cache hold is read here, as the file driver reads.
+            if len <= ferrite_block::io::NOWAIT_MAX
+                && shared(&self.disk).read_cached(sector, &mut buf)?
+            {
+                return Ok(buf);
+            }
+            let disk = Arc::clone(&self.disk);
+            tokio::task::spawn_blocking(move || shared(&disk).read(sector, &mut buf).map(|()| buf))
+                .await
+                .map_err(io::Error::other)?
         })
     }
 
