@@ -2,6 +2,7 @@
 """Writes the fuzz targets' seed corpora (fuzz/seeds/TARGET/NAME): QMP and NBD sessions,
 command lines, and small qcow2 images of every kind qemu-img makes. Run again after
 changing it; the seeds are committed so that a run needs neither this script nor qemu-img."""
+import base64
 import hashlib
 import json
 import os
@@ -348,8 +349,29 @@ def images():
         offsets.append(at)
         put("qcow2_image", "cloop", magic + bytes(128 - len(magic))
             + struct.pack(">II5Q", 4096, 4, *offsets) + b"".join(packed))
+        put("qcow2_image", "dmg", dmg_seed())
     finally:
         shutil.rmtree(tmp)
+
+
+def dmg_seed():
+    """A UDIF image of 24 sectors: 8 raw, 8 zlib, 8 zeroes, in a `mish` block of a
+    property list, the `koly` trailer last."""
+    raw = bytes(range(256)) * 16
+    packed = zlib.compress(b"\x5a" * 4096)
+    entries = [(1, 0, 8, 0, len(raw)), (0x80000005, 8, 8, len(raw), len(packed)),
+               (0, 16, 8, 0, 0), (0xffffffff, 24, 0, 0, 0)]
+    mish = b"mish" + struct.pack(">IQQQII", 1, 0, 24, 0, 0, 0)
+    mish = mish.ljust(200, b"\0") + struct.pack(">I", len(entries))
+    mish += b"".join(struct.pack(">IIQQQQ", t, 0, s, c, o, n) for t, s, c, o, n in entries)
+    fork = raw + packed
+    plist = (b"<plist><dict><key>blkx</key><array><dict><key>Data</key><data>"
+             + base64.b64encode(mish) + b"</data></dict></array></dict></plist>")
+    koly = bytearray(512)
+    koly[0:4] = b"koly"
+    struct.pack_into(">QQ", koly, 0xd8, len(fork), len(plist))
+    struct.pack_into(">Q", koly, 0x1ec, 24)
+    return fork + plist + bytes(koly)
 
 
 def crc32c(data):

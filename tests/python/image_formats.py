@@ -124,6 +124,19 @@ def assert_writable_opens_refused_or_made_read_only(both, img, fmt):
     assert_same_transcript(*results)
 
 
+def exported_read_only(c, d, img, fmt, out):
+    """`img` opened read-only as `fmt` (node `v`) on monitor connection `c` of daemon `d`,
+    the reply and the node's information recorded in `out`, and exported read-only: the
+    export's URI."""
+    cmd = recorder(c, out)
+    cmd("blockdev-add", {"driver": fmt, "node-name": "v", "read-only": True,
+                         "file": {"driver": "file", "filename": str(img), "read-only": True}})
+    out.append(("nodes", [{k: n[k] for k in ("ro", "drv", "image")}
+                          for n in c.cmd("query-named-block-nodes", {"flat": True})["return"]
+                          if n["node-name"] == "v"]))
+    return export(c, d, "v", "v", False)
+
+
 def read_through_export(both, img, fmt, reads):
     """Both daemons open an image read-only and read it through a read-only export: the
     same node information, the same `reads` (qemu-io commands); ferrite's transcript."""
@@ -131,14 +144,7 @@ def read_through_export(both, img, fmt, reads):
     for d in both():
         c = d.connect()
         out = []
-        cmd = recorder(c, out)
-        cmd("blockdev-add", {"driver": fmt, "node-name": "v", "read-only": True,
-                             "file": {"driver": "file", "filename": str(img),
-                                      "read-only": True}})
-        out.append(("nodes", [{k: n[k] for k in ("ro", "drv", "image")}
-                              for n in c.cmd("query-named-block-nodes", {"flat": True})
-                              ["return"] if n["node-name"] == "v"]))
-        uri = export(c, d, "v", "v", False)
+        uri = exported_read_only(c, d, img, fmt, out)
         out.append(("io", qemu_io_lines("-r", "-f", "raw",
                                         *[a for r in reads for a in ("-c", r)], uri)))
         c.close()

@@ -114,6 +114,12 @@ pub trait DriverFactory {
         false
     }
 
+    /// Whether an image whose contents no format recognises is of this format by its file
+    /// name (QEMU's low-scoring name probes: `.dmg`).
+    fn probe_name(&self, _filename: &str) -> bool {
+        false
+    }
+
     /// Whether images of this format can have a backing file (an external snapshot's
     /// overlay must).
     fn supports_backing(&self) -> bool {
@@ -169,13 +175,14 @@ impl Registry {
         n
     }
 
-    /// The format an image starting with `head` has: the first format that recognises it,
-    /// raw otherwise.
-    pub fn probe(&self, head: &[u8]) -> &'static str {
-        self.factories
-            .borrow()
-            .iter()
-            .find(|f| f.kind() == DriverKind::Format && f.probe(head))
+    /// The format an image starting with `head` (in a file named `filename`, where known)
+    /// has: the first format that recognises its contents, else its name, raw otherwise.
+    pub fn probe(&self, head: &[u8], filename: Option<&str>) -> &'static str {
+        let factories = self.factories.borrow();
+        let formats = || factories.iter().filter(|f| f.kind() == DriverKind::Format);
+        formats()
+            .find(|f| f.probe(head))
+            .or_else(|| filename.and_then(|n| formats().find(|f| f.probe_name(n))))
             .map_or("raw", |f| f.name())
     }
 

@@ -2,7 +2,7 @@
 //! or block device through the I/O backend), `raw` (format: its child's bytes, or a window
 //! of them), `null-co`/`null-aio`, the `copy-before-write` filter with its
 //! `snapshot-access` view, and the `copy-on-read` filter; and the image formats small
-//! enough to need no crate of their own (`bochs`, `luks`, `parallels`, `qed`, `vdi`,
+//! enough to need no crate of their own (`bochs`, `cloop`, `dmg`, `luks`, `parallels`, `qed`, `vdi`,
 //! `vmdk`, `vpc`); and `vvfat`, a host directory as a FAT disk. Each registers a factory with
 //! the core's registry.
 //!
@@ -20,6 +20,7 @@ pub mod cbw;
 mod cloop;
 mod compress;
 pub mod cor;
+mod dmg;
 mod error;
 mod file;
 mod lock;
@@ -56,6 +57,7 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(null::NullFactory { aio: false }));
     registry.register(Rc::new(null::NullFactory { aio: true }));
     registry.register(Rc::new(vvfat::VvfatFactory));
+    registry.register(Rc::new(dmg::DmgFactory));
     registry.register(Rc::new(cbw::CbwFactory::new()));
     registry.register(Rc::new(snapshot_access::SnapshotAccessFactory));
     registry.register(Rc::new(cor::CorFactory));

@@ -265,12 +265,14 @@ pub fn qcow2_image(input: &[u8]) {
             "vhdx"
         } else if input.starts_with(b"#!/bin/sh\n#V2.0 Format\n") {
             "cloop"
+        } else if input.len() >= 512 && input[input.len() - 512..].starts_with(b"koly") {
+            "dmg"
         } else {
             "qcow2"
         };
-        if matches!(driver, "parallels" | "bochs" | "cloop" | "vhdx") {
-            // Read-only first: a Parallels format extension is read only then, Bochs and
-            // cloop images open no other way, and a VHDX log is searched but not replayed.
+        if matches!(driver, "parallels" | "bochs" | "cloop" | "dmg" | "vhdx") {
+            // Read-only first: a Parallels format extension is read only then, Bochs, cloop
+            // and dmg images open no other way, and a VHDX log is searched but not replayed.
             let opts = QDict::new()
                 .with("driver", driver)
                 .with("node-name", "ro")

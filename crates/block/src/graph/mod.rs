@@ -331,7 +331,10 @@ impl Graph {
             Err(_) => None,
         };
         self.forget_if_orphan(&f);
-        Ok(self.registry.probe(head.as_deref().unwrap_or_default()))
+        let name = f.filename();
+        Ok(self
+            .registry
+            .probe(head.as_deref().unwrap_or_default(), Some(&name)))
     }
 
     /// Drains a node: its parents, up to the root users, issue no new requests until the
