@@ -12,7 +12,6 @@ standard error ferrite does not print."""
 import base64
 import bz2
 import json
-import os
 import re
 import struct
 import subprocess
@@ -241,11 +240,9 @@ def test_the_format_is_probed_by_name(tmp_path):
     img = sample(tmp_path)
     other = tmp_path / "disk.img"
     other.write_bytes(img.read_bytes())
-    system = os.environ.get("FERRITE_SYSTEM_BIN")
-    if not system:
-        pytest.skip("FERRITE_SYSTEM_BIN is not set")
+    from test_system import QEMU, SYSTEM
     seen = []
-    for binary in ("qemu-system-x86_64", system):
+    for binary in (QEMU, SYSTEM):
         r = subprocess.run(
             [binary, "-nodefaults", "-display", "none", "-machine", "none", "-S", "-qmp",
              "stdio", "-drive", f"file={img},if=none,id=d0,readonly=on",

@@ -457,7 +457,9 @@ def test_format_extension_bitmaps_are_read_only_and_exported_as_qemus(both, tmp_
                                 f"x-dirty-bitmap=qemu:dirty-bitmap:{UUID_TEXT}"],
                                capture_output=True, text=True)
             out.append(("map", r.stdout, r.stderr))
-            cmd("block-export-del", {"id": "e"})
+            # qemu-img has gone, but its connection's end may not have been seen yet: a
+            # safe-mode delete would then be refused as still in use.
+            cmd("block-export-del", {"id": "e", "mode": "hard"})
             c.wait_event("BLOCK_EXPORT_DELETED")
             cmd("blockdev-del", {"node-name": "v"})
         copy = d.workdir / "w.prl"
