@@ -8,7 +8,8 @@
 //! truncated and deleted. A file's sectors are then dropped, since the host file holds
 //! them; the FAT's and directories' stay.
 //!
-//! Everything here blocks on the host's file system; the driver runs it off the main loop.
+//! Everything here may block on the host's file system, except `Disk::read_cached`; the
+//! driver runs the rest off the main loop.
 
 use super::commit;
 use super::layout::{Layout, SECTOR};
