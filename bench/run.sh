@@ -15,5 +15,6 @@ python3 bench/image_formats.py
 python3 bench/backup.py
 python3 bench/blockjobs.py
 python3 bench/vvfat.py
+python3 bench/iscsi_fio.py
 python3 bench/fuse.py
 python3 bench/vhost_user_blk.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what ferrite's tests need on a fresh machine of the project's kind (Debian 12, root):
-# the QEMU 10.0.2 tools, qemu-system-x86_64 and qemu-block-extra (the oracles), libnbd tools, nbdkit, fio, xfsprogs, mtools, and a Python venv
+# the QEMU 10.0.2 tools, qemu-system-x86_64 and qemu-block-extra (the oracles), libnbd tools, nbdkit, fio, xfsprogs, mtools, tgt, and a Python venv
 # with qemu.qmp.
 # Idempotent: what is already there is not installed again. Names no hosts: the backports suite
 # is derived from the machine's own apt sources (reference/dependencies.md §7).
@@ -28,6 +28,8 @@ command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 # mtools is the guest file system the vvfat tests write with (through a FUSE export).
 command -v mcopy >/dev/null || need_apt+=(mtools)
+# tgt is the iSCSI target the iscsi driver's tests (and qsd's, the oracle) log in to.
+[ -x /usr/sbin/tgtd ] || need_apt+=(tgt)
 # The http bench's web server (the tests bring their own, in Python).
 command -v nginx >/dev/null || need_apt+=(nginx-light)
 

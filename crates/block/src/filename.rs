@@ -56,6 +56,9 @@ pub fn protocol_options(name: &str) -> QDict {
     if let Some(d) = vvfat_options(name) {
         return d;
     }
+    if let Some(d) = iscsi_options(name) {
+        return d;
+    }
     // URLs name the nodes of QEMU's curl drivers by their prefix.
     for driver in ["http", "https", "ftp", "ftps"] {
         if name
@@ -104,8 +107,10 @@ pub fn protocol_options(name: &str) -> QDict {
 /// protocol"): a name whose first `:` comes before any `/` names its protocol
 /// (`foo:bar`), other names are files.
 pub fn unknown_protocol(name: &str) -> Option<&str> {
-    const KNOWN: [&str; 17] = [
+    const KNOWN: [&str; 19] = [
         "file",
+        "iscsi",
+        "iser",
         "fat",
         "ssh",
         "http",
@@ -126,6 +131,48 @@ pub fn unknown_protocol(name: &str) -> Option<&str> {
     let at = name.find([':', '/'])?;
     let protocol = &name[..at];
     (name[at..].starts_with(':') && !KNOWN.contains(&protocol)).then_some(protocol)
+}
+
+/// The iscsi driver's options for `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET/LUN`
+/// (and `iser://`), as libiscsi's URL parser and QEMU's `iscsi_parse_filename` make them:
+/// the LUN as text, as QEMU keeps it. A name that is no such URL is left for the driver to
+/// refuse with QEMU's "Failed to parse URL".
+fn iscsi_options(name: &str) -> Option<QDict> {
+    let (transport, rest) = if let Some(r) = name.strip_prefix("iscsi://") {
+        ("tcp", r)
+    } else if let Some(r) = name.strip_prefix("iser://") {
+        ("iser", r)
+    } else {
+        return None;
+    };
+    let refused = || QDict::new().with("driver", "iscsi").with("filename", name);
+    let (portal_part, path) = match rest.split_once('/') {
+        Some(p) => p,
+        None => return Some(refused()),
+    };
+    let (user, portal) = match portal_part.rsplit_once('@') {
+        Some((u, p)) => (Some(u), p),
+        None => (None, portal_part),
+    };
+    let (target, lun) = match path.rsplit_once('/') {
+        Some((t, l)) if !t.is_empty() && !portal.is_empty() => (t, l),
+        _ => return Some(refused()),
+    };
+    let Ok(lun) = lun.parse::<u32>() else {
+        return Some(refused());
+    };
+    let mut d = QDict::new()
+        .with("driver", "iscsi")
+        .with("transport", transport)
+        .with("portal", portal)
+        .with("target", target)
+        .with("lun", lun.to_string());
+    if let Some(user) = user.filter(|u| !u.is_empty()) {
+        let (u, p) = user.split_once('%').unwrap_or((user, ""));
+        d.insert("user", u);
+        d.insert("password", p);
+    }
+    Some(d)
 }
 
 /// vvfat's options for `fat:[12:|16:|32:][floppy:][rw:]DIR` (QEMU's
@@ -403,6 +450,30 @@ mod tests {
             )
         );
         assert_eq!(super::unknown_protocol("fat:/d"), None);
+    }
+
+    #[test]
+    fn iscsi_names_open_the_iscsi_driver() {
+        use ferrite_qobject::{from_json, to_json};
+        let j = |n: &str| to_json(&super::protocol_options(n).into());
+        let canon = |t: &str| to_json(&from_json(t).expect("json"));
+        assert_eq!(
+            j("iscsi://u%p@127.0.0.1:3270/iqn.2026-12.org.x:t/1"),
+            canon(
+                r#"{"driver": "iscsi", "transport": "tcp", "portal": "127.0.0.1:3270", "target": "iqn.2026-12.org.x:t", "lun": "1", "user": "u", "password": "p"}"#
+            )
+        );
+        assert_eq!(
+            j("iser://[::1]/t/0"),
+            canon(
+                r#"{"driver": "iscsi", "transport": "iser", "portal": "[::1]", "target": "t", "lun": "0"}"#
+            )
+        );
+        assert_eq!(
+            j("iscsi://h/t"),
+            canon(r#"{"driver": "iscsi", "filename": "iscsi://h/t"}"#)
+        );
+        assert_eq!(super::unknown_protocol("iscsi://h/t/1"), None);
     }
 
     #[test]
