@@ -248,18 +248,217 @@ def test_a_restarted_target_is_logged_into_again(ferrite, tgt, tmp_path):
 
 def test_ferrite_system_opens_iscsi_names(tgt, tmp_path):
     """`-drive file=iscsi://...` in ferrite-system, as in qemu-system: the same block
-    device description."""
+    device description, and CHAP credentials in the URL taken with QEMU's warning."""
     from test_system import QEMU, SYSTEM
     iqn = tgt.add("sys", unit(tmp_path / "sys.img", fill=lambda i: 0x30))
-    url = f"iscsi://{tgt.portal}/{iqn}/1"
+    chap = tgt.add("syschap", unit(tmp_path / "chap.img", 1 << 20))
+    tgt.chap(chap, "bob", "pass-word-1234")
     got = {}
     for name, binary in (("qemu", QEMU), ("ferrite", SYSTEM)):
         r = subprocess.run(
             [binary, "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio",
-             "-drive", f"file={url},format=raw,if=none,id=d0"],
+             "-drive", f"file=iscsi://{tgt.portal}/{iqn}/1,format=raw,if=none,id=d0",
+             "-drive", f"file=iscsi://bob%pass-word-1234@{tgt.portal}/{chap}/1,format=raw,"
+                       "if=none,id=d1"],
             input='{"execute":"qmp_capabilities"}\n{"execute":"query-block"}\n'
                   '{"execute":"quit"}\n', capture_output=True, text=True, timeout=60)
         lines = [line for line in r.stdout.splitlines() if '"return"' in line]
-        got[name] = hide(re.sub(r"#block\d+", "#block", "\n".join(lines)), tgt)
-    assert "iscsi" in got["ferrite"]
+        text = re.sub(r"#block\d+", "#block", "\n".join(lines))
+        stderr = r.stderr.replace(os.path.basename(binary), "PROG")
+        got[name] = (hide(text, tgt), hide(stderr, tgt))
+    assert "iscsi" in got["ferrite"][0]
+    assert "'password' option is deprecated" in got["ferrite"][1]
     assert got["ferrite"] == got["qemu"]
+
+
+class GarbageTarget(threading.Thread):
+    """A target that logs initiators in properly, then answers their commands with a
+    mix, drawn from `seed`, of sane answers with odd values (block sizes, capacities,
+    limits), random headers, impossible offsets and lengths, bad sense data, dropped
+    connections and silence."""
+
+    def __init__(self, seed):
+        super().__init__(daemon=True)
+        import random
+        import socket
+        self.rng = random.Random(seed)
+        self.sane = self.rng.choice([0.5, 0.8, 0.95])
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.srv.settimeout(0.2)
+        self.port = self.srv.getsockname()[1]
+        self.stopped = False
+
+    def run(self):
+        while not self.stopped:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                continue
+            try:
+                c.settimeout(5)
+                self.serve(c)
+            except (OSError, ValueError):
+                pass
+            finally:
+                c.close()
+        self.srv.close()
+
+    @staticmethod
+    def recv(c, n):
+        out = b""
+        while len(out) < n:
+            chunk = c.recv(n - len(out))
+            if not chunk:
+                raise OSError("closed")
+            out += chunk
+        return out
+
+    def pdu(self, c):
+        h = self.recv(c, 48)
+        n = int.from_bytes(h[5:8], "big")
+        data = self.recv(c, n + (-n % 4))[:n]
+        return h, data
+
+    @staticmethod
+    def header(opcode, flags=0, itt=b"\0" * 4, sn=0, data=b"", **fields):
+        h = bytearray(48)
+        h[0], h[1] = opcode, flags
+        h[5:8] = len(data).to_bytes(3, "big")
+        h[16:20] = itt
+        h[24:28] = sn.to_bytes(4, "big")
+        h[28:32] = (0).to_bytes(4, "big")
+        h[32:36] = (0x7fffffff).to_bytes(4, "big")
+        for at, value in fields.items():
+            off = int(at[1:])
+            h[off:off + len(value)] = value
+        return bytes(h) + data + b"\0" * (-len(data) % 4)
+
+    def serve(self, c):
+        r = self.rng
+        sn = 0
+        while True:
+            h, _ = self.pdu(c)
+            csg, nsg, transit = (h[1] >> 2) & 3, h[1] & 3, h[1] & 0x80
+            keys = (b"HeaderDigest=None\0DataDigest=None\0MaxRecvDataSegmentLength=8192\0"
+                    b"ImmediateData=Yes\0InitialR2T=Yes\0FirstBurstLength=65536\0"
+                    if csg == 1 else b"AuthMethod=None\0")
+            c.sendall(self.header(0x23, h[1] & 0xcf | (0x80 if transit else 0),
+                                  h[16:20], sn, keys, b24=sn.to_bytes(4, "big"),
+                                  b28=h[24:28]))
+            sn += 1
+            if transit and nsg == 3:
+                break
+        while True:
+            h, _ = self.pdu(c)
+            if h[0] & 0x3f != 0x01:
+                continue
+            itt, cdb = h[16:20], h[32:48]
+            want = int.from_bytes(h[20:24], "big")
+            sn += 1
+            if r.random() < self.sane:
+                c.sendall(self.answer(cdb, itt, want, sn))
+                continue
+            act = r.randrange(7)
+            if act == 0:
+                return
+            if act == 1:
+                time.sleep(r.choice([0, 0.1, 1.5]))
+            elif act == 2:
+                c.sendall(bytes(r.randrange(256) for _ in range(48)))
+            elif act == 3:
+                data = bytes(r.randrange(256) for _ in range(r.randrange(64)))
+                c.sendall(self.header(0x25, 0x81, itt, sn, data, b3=bytes([r.choice([0, 2])]),
+                                      b40=r.randrange(1 << 32).to_bytes(4, "big")))
+            elif act == 4:
+                sense = bytes(r.randrange(256) for _ in range(r.randrange(40)))
+                data = len(sense).to_bytes(2, "big") + sense
+                c.sendall(self.header(0x21, 0x80, itt, sn, data,
+                                      b3=bytes([r.choice([2, 8, 0x28, 0x18, 0x40])])))
+            elif act == 5:
+                c.sendall(self.header(r.choice([0x20, 0x31, 0x32, 0x3f, 0x26]), 0x80, itt, sn,
+                                      bytes(r.randrange(256) for _ in range(r.randrange(60))),
+                                      b20=r.randrange(1 << 32).to_bytes(4, "big"),
+                                      b36=r.randrange(1 << 32).to_bytes(4, "big"),
+                                      b40=r.randrange(1 << 32).to_bytes(4, "big"),
+                                      b44=r.randrange(1 << 32).to_bytes(4, "big")))
+            else:
+                c.sendall(self.header(0x21, 0x80, itt, sn))
+
+    def answer(self, cdb, itt, want, sn):
+        """A well-formed answer whose values may be odd."""
+        r = self.rng
+        op = cdb[0]
+
+        def data_in(data):
+            data = data[:want] if want else data
+            return self.header(0x25, 0x81, itt, sn, data)
+        if op == 0x12 and cdb[1] & 1:
+            page = cdb[2]
+            body = {0x00: bytes([0xb0, 0xb2]), 0xb0: bytes(r.randrange(256) for _ in range(60)),
+                    0xb2: bytes(r.randrange(256) for _ in range(4))}.get(page, b"")
+            return data_in(bytes([0, page]) + len(body).to_bytes(2, "big") + body)
+        if op == 0x12:
+            return data_in(bytes([r.choice([0, 0, 5, 0x0c]), 0, 5, 2, 31]) + b"\0" * 31)
+        if op == 0x1a:
+            return data_in(bytes([3, 0, r.choice([0, 0x10, 0x80]), 0]))
+        if op == 0x9e and cdb[1] & 0x1f == 0x10:
+            lba = r.choice([0, 15, 2047, 1 << 40, (1 << 64) - 1])
+            bs = r.choice([512, 512, 4096, 0, 513, 1 << 30])
+            return data_in(lba.to_bytes(8, "big") + bs.to_bytes(4, "big")
+                           + bytes([0, 0, r.choice([0, 0xc0]), 0]) + b"\0" * 16)
+        if op == 0x9e:
+            lba = int.from_bytes(cdb[2:10], "big")
+            desc = r.choice([lba, lba + 1]).to_bytes(8, "big") + \
+                r.randrange(1 << 32).to_bytes(4, "big") + bytes([r.randrange(4), 0, 0, 0])
+            return data_in((20).to_bytes(4, "big") + b"\0" * 4 + desc)
+        if op == 0x25:
+            return data_in(r.randrange(1 << 32).to_bytes(4, "big") + (512).to_bytes(4, "big"))
+        if op in (0x28, 0x88):
+            return data_in(bytes([0x5a]) * want)
+        if op in (0x2a, 0x8a, 0x41, 0x93, 0x42) and r.random() < 0.3:
+            return self.header(0x31, 0x80, itt, sn, b20=b"\0\0\0\1",
+                               b40=r.randrange(1 << 20).to_bytes(4, "big"),
+                               b44=r.randrange(1 << 20).to_bytes(4, "big")) + \
+                self.header(0x21, 0x80, itt, sn)
+        return self.header(0x21, 0x80, itt, sn)
+
+
+def test_a_target_answering_garbage_does_not_bring_the_daemon_down(ferrite, tmp_path):
+    """Twenty-four targets answering with odd values and garbage: every open either works or
+    fails with an error, requests through an export answer (data or an error), deleting
+    the node ends its session, and the daemon serves on throughout."""
+    d = ferrite()
+    c = d.connect()
+    c.cmd("nbd-server-start", {"addr": {"type": "unix",
+                                         "data": {"path": f"{d.workdir}/nbd.sock"}}})
+    opened = 0
+    for seed in range(24):
+        t = GarbageTarget(seed)
+        t.start()
+        try:
+            r = c.cmd("blockdev-add", {"node-name": "g", "driver": "iscsi", "transport": "tcp",
+                                       "portal": f"127.0.0.1:{t.port}", "target": "iqn.x:g",
+                                       "lun": 0, "timeout": 1})
+            if "return" in r:
+                opened += 1
+                c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "g",
+                                           "name": "e", "writable": True})
+                subprocess.run(
+                    ["qemu-io", "-f", "raw", "-c", "read 0 64k", "-c", "write -P 1 512 4k",
+                     "-c", "write -z 0 1M", "-c", "discard 0 64k", "-c", "flush",
+                     "-c", "read 1 3", nbd_uri(d)], capture_output=True, timeout=120)
+                c.cmd("block-export-del", {"id": "e", "mode": "hard"})
+                wait_for(lambda: c.cmd("query-block-exports")["return"] == [], timeout=60,
+                         what="export gone")
+                assert c.cmd("blockdev-del", {"node-name": "g"}) == {"return": {}}
+            else:
+                assert r["error"]["class"] == "GenericError", r
+        finally:
+            t.stopped = True
+            t.join(10)
+        assert d.proc.poll() is None, d.stderr_path.read_text()[-3000:]
+        assert "return" in c.cmd("query-version")
+    assert opened > 2, opened
+    assert "panicked" not in d.stderr_path.read_text()

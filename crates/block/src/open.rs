@@ -412,6 +412,43 @@ fn drive_leniency(d: &QDict) -> Result<QDict> {
     Ok(out)
 }
 
+/// Options a driver's option list takes on `-drive` (and from its file names) that its
+/// schema does not: the iscsi driver's `password` (QEMU's deprecated CHAP password, which
+/// `iscsi://user%password@...` names set). Each is taken out with the path to its dict,
+/// to go back after the schema's check.
+fn take_unscheduled(d: &mut QDict, path: &mut Vec<String>, out: &mut Vec<(Vec<String>, QObject)>) {
+    if d.get("driver").and_then(QObject::as_str) == Some("iscsi")
+        && let Some(v) = d.remove("password")
+    {
+        let mut at = path.clone();
+        at.push("password".to_owned());
+        out.push((at, v));
+    }
+    let keys: Vec<String> = d.iter().map(|(k, _)| k.to_owned()).collect();
+    for k in keys {
+        if let Some(QObject::Dict(inner)) = d.get_mut(&k) {
+            path.push(k.clone());
+            take_unscheduled(inner, path, out);
+            path.pop();
+        }
+    }
+}
+
+/// Puts `value` back at `path` (dict keys, the last one the option's).
+fn put_at(d: &mut QDict, path: &[String], value: QObject) {
+    match path {
+        [] => {}
+        [last] => {
+            d.insert(last.as_str(), value);
+        }
+        [first, rest @ ..] => {
+            if let Some(QObject::Dict(inner)) = d.get_mut(first) {
+                put_at(inner, rest, value);
+            }
+        }
+    }
+}
+
 /// The ssh driver's older options (`host`, `port`, `host_key_check`) as its schema has them
 /// (QEMU's `ssh_process_legacy_options`).
 fn ssh_legacy_options(d: &mut QDict) -> Result<()> {
@@ -443,7 +480,14 @@ impl Graph {
     /// # Errors
     /// As [`Graph::check_cli_options`].
     pub fn check_drive_options(&self, opts: &QDict) -> Result<QDict> {
-        self.check_cli_options(&drive_leniency(opts)?)
+        let mut opts = drive_leniency(opts)?;
+        let mut hidden = Vec::new();
+        take_unscheduled(&mut opts, &mut Vec::new(), &mut hidden);
+        let mut checked = self.check_cli_options(&opts)?;
+        for (path, value) in hidden {
+            put_at(&mut checked, &path, value);
+        }
+        Ok(checked)
     }
 
     /// Options from the command line (every scalar a string, QEMU's `-drive`) for a node:

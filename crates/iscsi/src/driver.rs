@@ -53,6 +53,16 @@ struct Failed {
 }
 
 impl Failed {
+    /// A command that got no answer: EIO.
+    fn lost(text: String) -> Failed {
+        Failed {
+            errno: libc::EIO,
+            text,
+            status: 0,
+            sense: Sense::default(),
+        }
+    }
+
     fn io(&self) -> io::Error {
         io::Error::from_raw_os_error(self.errno)
     }
@@ -67,6 +77,8 @@ struct Conn {
     /// The `timeout` option: a command not answered by then counts as timed out.
     timeout: Option<Duration>,
     closed: Cell<bool>,
+    /// Whether the node finished opening (connections lost before fail the open).
+    opened: Cell<bool>,
 }
 
 impl Conn {
@@ -102,10 +114,15 @@ impl Conn {
             |text: &str| Error::generic(format!("iSCSI: Failed to connect to LUN : {text}"));
         for _ in 0..RETRY_MS.len() {
             let session = self.session.borrow().clone();
-            let r = session
-                .command(self.lun, &scsi::test_unit_ready(), Dir::None)
-                .await
-                .map_err(|e| failed(&format!("iscsi_service failed with : {e}")))?;
+            let cdb = scsi::test_unit_ready();
+            let sent = session.command(self.lun, &cdb, Dir::None);
+            let r = match self.timeout {
+                Some(t) => tokio::time::timeout(t, sent)
+                    .await
+                    .unwrap_or_else(|_| Err(io::Error::other("timed out"))),
+                None => sent.await,
+            }
+            .map_err(|e| failed(&format!("iscsi_service failed with : {e}")))?;
             let sense = Sense::parse(&r.sense);
             match r.status {
                 scsi::GOOD => return Ok(()),
@@ -127,6 +144,7 @@ impl Conn {
     /// or timed-out connection is logged into again and the command sent anew.
     async fn run(&self, cdb: &[u8], dir: impl Fn() -> Dir) -> Result<Reply, Failed> {
         let mut retries = 0usize;
+        let mut drops = 0usize;
         loop {
             let session = self.session.borrow().clone();
             let sent = session.command(self.lun, cdb, dir());
@@ -136,29 +154,35 @@ impl Conn {
             };
             let reply = match answer {
                 Some(Ok(r)) => r,
-                Some(Err(_)) | None => {
-                    if answer.is_none() {
-                        retries += 1;
-                        if retries > RETRY_MS.len() {
-                            return Err(Failed {
-                                errno: libc::EIO,
-                                text: "(null)".into(),
-                                status: 0,
-                                sense: Sense::default(),
-                            });
-                        }
-                        error_report(&format!(
-                            "iSCSI Busy/TaskSetFull/TimeOut (retry #{retries} in 2000 ms): iscsi task timed out"
-                        ));
+                Some(Err(e)) => {
+                    // While the node opens, a broken connection fails the open; after,
+                    // the command goes again once logged in, unless the connection
+                    // keeps breaking under it.
+                    drops += 1;
+                    if !self.opened.get() || drops > RETRY_MS.len() {
+                        return Err(Failed::lost(format!("iscsi_service failed with : {e}")));
                     }
-                    if self.relogin(&session).await.is_err() {
-                        return Err(Failed {
-                            errno: libc::EIO,
-                            text: "(null)".into(),
-                            status: 0,
-                            sense: Sense::default(),
-                        });
+                    self.relogin(&session)
+                        .await
+                        .map_err(|_| Failed::lost("(null)".into()))?;
+                    continue;
+                }
+                None => {
+                    // libiscsi's commands while QEMU opens the node fail when they time
+                    // out; later ones QEMU tries again.
+                    if !self.opened.get() {
+                        return Err(Failed::lost("iscsi_service failed with : timed out".into()));
                     }
+                    retries += 1;
+                    if retries > RETRY_MS.len() {
+                        return Err(Failed::lost("(null)".into()));
+                    }
+                    error_report(&format!(
+                        "iSCSI Busy/TaskSetFull/TimeOut (retry #{retries} in 2000 ms): iscsi task timed out"
+                    ));
+                    self.relogin(&session)
+                        .await
+                        .map_err(|_| Failed::lost("(null)".into()))?;
                     continue;
                 }
             };
@@ -236,8 +260,13 @@ struct AllocMap {
 struct Bits(Vec<u64>);
 
 impl Bits {
-    fn new(n: u64) -> Bits {
-        Bits(vec![0; n.div_ceil(64) as usize])
+    /// `n` bits, none set; `None` when memory for them cannot be had.
+    fn new(n: u64) -> Option<Bits> {
+        let words = usize::try_from(n.div_ceil(64)).ok()?;
+        let mut v = Vec::new();
+        v.try_reserve_exact(words).ok()?;
+        v.resize(words, 0);
+        Some(Bits(v))
     }
 
     fn set(&mut self, range: std::ops::Range<u64>, on: bool) {
@@ -271,13 +300,15 @@ impl Bits {
 }
 
 impl AllocMap {
-    fn new(cluster: u64, size: u64, direct: bool) -> AllocMap {
+    /// The map of a unit of `size` bytes; `None` when memory for it cannot be had (the
+    /// node then always asks the unit, as QEMU's does without its map).
+    fn new(cluster: u64, size: u64, direct: bool) -> Option<AllocMap> {
         let n = size.div_ceil(cluster);
-        AllocMap {
+        Some(AllocMap {
             cluster,
-            allocated: Bits::new(n),
-            valid: (!direct).then(|| Bits::new(n)),
-        }
+            allocated: Bits::new(n)?,
+            valid: if direct { None } else { Some(Bits::new(n)?) },
+        })
     }
 
     /// QEMU's `iscsi_allocmap_update`: allocation marks every cluster touched, the rest
@@ -430,6 +461,7 @@ impl DriverFactory for IscsiFactory {
                 lun,
                 timeout,
                 closed: Cell::new(false),
+                opened: Cell::new(false),
             };
             let opened = probe(&conn, ctx).await;
             let unit = match opened {
@@ -440,6 +472,7 @@ impl DriverFactory for IscsiFactory {
                     return Err(e);
                 }
             };
+            conn.opened.set(true);
             let mut strong = QDict::new();
             for key in STRONG {
                 if let Some(v) = opts.get(key) {
@@ -456,7 +489,7 @@ impl DriverFactory for IscsiFactory {
                 .filter(|c| (4096..=16 << 20).contains(c));
             let allocmap = cluster_size
                 .filter(|_| unit.capacity.lbprz)
-                .map(|c| AllocMap::new(c, size, direct));
+                .and_then(|c| AllocMap::new(c, size, direct));
             Ok(Box::new(Iscsi {
                 conn,
                 device_type: unit.device_type,
@@ -620,10 +653,23 @@ async fn read_capacity(conn: &Conn, device_type: u8) -> Result<Capacity, Error> 
         }
         _ => return Ok(Capacity::default()),
     };
-    if cap.block_size == 0 || cap.block_size % 512 != 0 {
+    // QEMU takes any multiple of 512; past 1 MiB no unit is real, and each request would
+    // need a buffer of it.
+    if cap.block_size == 0 || cap.block_size % 512 != 0 || cap.block_size > 1 << 20 {
         return Err(Error::generic(format!(
             "iSCSI: the target returned an invalid block size of {}.",
             cap.block_size as i32
+        )));
+    }
+    // QEMU takes any count; a size past what a node can have would overflow its sums.
+    if cap
+        .num_blocks
+        .checked_mul(u64::from(cap.block_size))
+        .is_none_or(|size| size > i64::MAX as u64)
+    {
+        return Err(Error::generic(format!(
+            "iSCSI: the target returned an invalid capacity of {} blocks.",
+            cap.num_blocks
         )));
     }
     Ok(cap)
@@ -636,7 +682,7 @@ fn einval() -> io::Error {
 impl Iscsi {
     fn size(&self) -> u64 {
         let c = self.capacity.get();
-        c.num_blocks * u64::from(c.block_size)
+        c.num_blocks.saturating_mul(u64::from(c.block_size))
     }
 
     fn use_16(&self) -> bool {
@@ -874,7 +920,10 @@ impl Iscsi {
         if first != lba || blocks == 0 {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        let end = ((lba + u64::from(blocks)) * b).min(self.size());
+        let end = lba
+            .saturating_add(u64::from(blocks))
+            .saturating_mul(b)
+            .min(self.size());
         let n = end.saturating_sub(offset).min(len).max(1);
         let zero = unallocated && cap.lbprz;
         self.allocmap(|m| m.update(offset, n, !zero, true));
@@ -1102,7 +1151,7 @@ impl Iscsi {
         let mut map = self.allocmap.borrow_mut();
         if let Some(m) = map.as_ref() {
             let direct = direct.unwrap_or(m.valid.is_none());
-            *map = Some(AllocMap::new(m.cluster, self.size(), direct));
+            *map = AllocMap::new(m.cluster, self.size(), direct);
         }
     }
 }
@@ -1113,7 +1162,7 @@ mod tests {
 
     #[test]
     fn the_allocation_map_marks_as_qemu_does() {
-        let mut m = AllocMap::new(4096, 64 << 10, false);
+        let mut m = AllocMap::new(4096, 64 << 10, false).unwrap();
         // A write marks every cluster it touches allocated, but trusts only whole ones.
         m.update(1000, 8192, true, true);
         assert!(m.is_allocated(0, 1));
@@ -1127,7 +1176,7 @@ mod tests {
         // Invalid: every cluster touched forgets.
         m.update(4097, 1, false, false);
         assert!(!m.is_valid(4096, 4096));
-        let direct = AllocMap::new(4096, 64 << 10, true);
+        let direct = AllocMap::new(4096, 64 << 10, true).unwrap();
         assert!(!direct.is_valid(0, 4096));
     }
 

@@ -459,7 +459,9 @@ async fn add_drive(
     text: &str,
     snapshot: bool,
 ) -> Result<drive::Drive, Failure> {
-    drive::add(&sys.daemon.graph, &sys.devices, counter, text, snapshot)
+    // What the drive's nodes report while they open names the option, as in QEMU.
+    let adding = drive::add(&sys.daemon.graph, &sys.devices, counter, text, snapshot);
+    ferrite_block::report::at_option(o.describe(), adding)
         .await
         .map_err(|e| failed(o, e.cli_text()))
 }
