@@ -21,6 +21,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 const NOP_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_NOP_FAILURES: u32 = 3;
 
+/// The status of a command the target failed or rejected outside SCSI (no SCSI status
+/// has this value): it fails with EIO, the connection stays.
+pub(crate) const NOT_SCSI: u8 = 0xff;
+
 /// Which way a command's data goes.
 pub(crate) enum Dir {
     None,
@@ -407,8 +411,10 @@ async fn read_one(r: &mut BufReader<OwnedReadHalf>, s: &State) -> io::Result<()>
             s.saw_statsn(p.u32_at(24));
             if let Some(mut t) = s.tasks.borrow_mut().remove(&itt) {
                 if p.bhs[2] != 0 {
-                    // The target failed the command outside SCSI (a "target failure").
-                    let _ = t.tx.send(Err(io::Error::from_raw_os_error(libc::EIO)));
+                    // The target failed the command outside SCSI (a "target failure"):
+                    // the command fails, the connection is fine.
+                    t.reply.status = NOT_SCSI;
+                    let _ = t.tx.send(Ok(t.reply));
                     return Ok(());
                 }
                 t.reply.status = p.bhs[3];
@@ -456,8 +462,9 @@ async fn read_one(r: &mut BufReader<OwnedReadHalf>, s: &State) -> io::Result<()>
             s.saw_statsn(p.u32_at(24));
             // The rejected PDU's header follows: its task fails.
             let rejected = pdu::be32(p.data.get(16..).unwrap_or_default());
-            if let Some(t) = s.tasks.borrow_mut().remove(&rejected) {
-                let _ = t.tx.send(Err(io::Error::from_raw_os_error(libc::EIO)));
+            if let Some(mut t) = s.tasks.borrow_mut().remove(&rejected) {
+                t.reply.status = NOT_SCSI;
+                let _ = t.tx.send(Ok(t.reply));
             }
         }
         pdu::ASYNC_MESSAGE => {
