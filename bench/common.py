@@ -75,6 +75,15 @@ def export_fio(binary, d, img, fmt, size, runtime, extra, nodes=None):
         return fio(f"nbd+unix:///q?socket={sock}", size, runtime, extra)
 
 
+def fio_jobs(args, sock, size, runtime, jobs):
+    """Starts the server `args` (ready when `sock` exists) and runs each fio job of `jobs`
+    ((name, fio options) pairs) against its NBD export `d0`: {name: (IOPS, MiB/s)}."""
+    with running(args, sock):
+        return {name: fio(f"nbd+unix:///d0?socket={sock}", size, runtime, extra,
+                          timeout=int(runtime) + 60)
+                for name, extra in jobs}
+
+
 def print_rows(jobs, f, q, k, label=""):
     """One line per fio job: ferrite's figure, qsd's, the ratio and the anchor's (`k`);
     MiB/s for the 1M jobs, IOPS for the others. Each of `f`, `q`, `k` maps a job's name to

@@ -38,10 +38,7 @@ def measure(binary, d, tgt, iqn, img):
     sock = os.path.join(d, f"{os.path.basename(binary)}.sock")
     args = (["nbdkit", "--foreground", "--unix", sock, "--exportname=d0", "file", img]
             if binary == "nbdkit" else daemon_args(binary, d, tgt, iqn, sock))
-    with common.running(args, sock):
-        return {name: common.fio(f"nbd+unix:///d0?socket={sock}", SIZE, RUNTIME, extra,
-                                 timeout=int(RUNTIME) + 60)
-                for name, extra in JOBS}
+    return common.fio_jobs(args, sock, SIZE, RUNTIME, JOBS)
 
 
 def main():

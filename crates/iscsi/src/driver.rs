@@ -680,6 +680,16 @@ fn einval() -> io::Error {
 }
 
 impl Iscsi {
+    /// Forgets what the map knew (the unit changed under it, or its size did); `direct`
+    /// says whether `cache.direct` now holds (unchanged when `None`).
+    fn reset_allocmap(&self, direct: Option<bool>) {
+        let mut map = self.allocmap.borrow_mut();
+        if let Some(m) = map.as_ref() {
+            let direct = direct.unwrap_or(m.valid.is_none());
+            *map = AllocMap::new(m.cluster, self.size(), direct);
+        }
+    }
+
     fn size(&self) -> u64 {
         let c = self.capacity.get();
         c.num_blocks.saturating_mul(u64::from(c.block_size))
@@ -1141,18 +1151,6 @@ impl Driver for Iscsi {
             session.logout().await;
             Ok(())
         })
-    }
-}
-
-impl Iscsi {
-    /// Forgets what the map knew (the unit changed under it, or its size did); `direct`
-    /// says whether `cache.direct` now holds (unchanged when `None`).
-    fn reset_allocmap(&self, direct: Option<bool>) {
-        let mut map = self.allocmap.borrow_mut();
-        if let Some(m) = map.as_ref() {
-            let direct = direct.unwrap_or(m.valid.is_none());
-            *map = AllocMap::new(m.cluster, self.size(), direct);
-        }
     }
 }
 
