@@ -75,6 +75,16 @@ def export_fio(binary, d, img, fmt, size, runtime, extra, nodes=None):
         return fio(f"nbd+unix:///q?socket={sock}", size, runtime, extra)
 
 
+def node_export_args(binary, d, node, sock):
+    """`binary` (ferrite or qsd) with the `--blockdev` options `node` (node `s0`) exported
+    writable over NBD as `d0` on the unix socket `sock`, and a QMP monitor in `d`."""
+    qmp = os.path.join(d, "qmp.sock")
+    return [binary, "--blockdev", f"node-name=s0,{node}",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "nbd,id=e0,node-name=s0,name=d0,writable=on",
+            "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
+
+
 def fio_jobs(args, sock, size, runtime, jobs):
     """Starts the server `args` (ready when `sock` exists) and runs each fio job of `jobs`
     ((name, fio options) pairs) against its NBD export `d0`: {name: (IOPS, MiB/s)}."""

@@ -26,12 +26,8 @@ JOBS = [
 
 
 def daemon_args(binary, d, tgt, iqn, sock):
-    qmp = os.path.join(d, "qmp.sock")
-    node = f"driver=iscsi,node-name=s0,transport=tcp,portal={tgt.portal},target={iqn},lun=1"
-    return [binary, "--blockdev", node,
-            "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", "nbd,id=e0,node-name=s0,name=d0,writable=on",
-            "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
+    node = f"driver=iscsi,transport=tcp,portal={tgt.portal},target={iqn},lun=1"
+    return common.node_export_args(binary, d, node, sock)
 
 
 def measure(binary, d, tgt, iqn, img):

@@ -16,5 +16,6 @@ python3 bench/backup.py
 python3 bench/blockjobs.py
 python3 bench/vvfat.py
 python3 bench/iscsi_fio.py
+python3 bench/nfs_fio.py
 python3 bench/fuse.py
 python3 bench/vhost_user_blk.py

@@ -24,13 +24,9 @@ JOBS = [
 
 
 def daemon_args(binary, d, server, img, sock):
-    qmp = os.path.join(d, "qmp.sock")
-    node = (f"driver=ssh,node-name=s0,server.host=127.0.0.1,server.port={server.port},"
+    node = (f"driver=ssh,server.host=127.0.0.1,server.port={server.port},"
             f"path={img},host-key-check.mode=none")
-    return [binary, "--blockdev", node,
-            "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", "nbd,id=e0,node-name=s0,name=d0,writable=on",
-            "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
+    return common.node_export_args(binary, d, node, sock)
 
 
 def nbdkit_args(server, img, sock):

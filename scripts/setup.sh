@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what ferrite's tests need on a fresh machine of the project's kind (Debian 12, root):
-# the QEMU 10.0.2 tools, qemu-system-x86_64 and qemu-block-extra (the oracles), libnbd tools, nbdkit, fio, xfsprogs, mtools, tgt, and a Python venv
+# the QEMU 10.0.2 tools, qemu-system-x86_64 and qemu-block-extra (the oracles), libnbd tools, nbdkit, fio, xfsprogs, mtools, tgt, nfs-ganesha, rpcbind, and a Python venv
 # with qemu.qmp.
 # Idempotent: what is already there is not installed again. Names no hosts: the backports suite
 # is derived from the machine's own apt sources (reference/dependencies.md §7).
@@ -30,6 +30,11 @@ command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)
 command -v mcopy >/dev/null || need_apt+=(mtools)
 # tgt is the iSCSI target the iscsi driver's tests (and qsd's, the oracle) log in to.
 [ -x /usr/sbin/tgtd ] || need_apt+=(tgt)
+# nfs-ganesha (user-space NFS server, its VFS back end) and rpcbind serve the nfs driver's
+# tests (and qsd's, the oracle) an export.
+[ -x /usr/bin/ganesha.nfsd ] && [ -e /usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so ] \
+  || need_apt+=(nfs-ganesha nfs-ganesha-vfs)
+[ -x /usr/sbin/rpcbind ] || need_apt+=(rpcbind)
 # The http bench's web server (the tests bring their own, in Python).
 command -v nginx >/dev/null || need_apt+=(nginx-light)
 

@@ -122,3 +122,28 @@ class Nbd:
 
     def close(self):
         self.s.close()
+
+
+def overlapping_rounds(sock, expect, length=200001, count=32, rounds=3):
+    """Over one connection to the export `e` at `sock`: `count` writes of `length` bytes
+    sent at once, none in whole sectors (each shares its first and last sector with its
+    neighbours), then as many reads at once, `rounds` times; each read must find what the
+    writes left, tracked in `expect` (the image's bytes, updated)."""
+    c = Nbd(sock)
+    c.go("e")
+    for rnd in range(rounds):
+        spans = [(rnd * 1000 + 3 + i * length, bytes([(i * 7 + rnd) & 0xff]) * length)
+                 for i in range(count)]
+        sent = [c.request(CMD_WRITE, off, length, payload=data) for off, data in spans]
+        for _ in sent:
+            magic, err, _cookie = struct.unpack(">IIQ", c.recv(16))
+            assert (magic, err) == (SIMPLE_MAGIC, 0)
+        for off, data in spans:
+            expect[off:off + length] = data
+        asked = {c.request(CMD_READ, off, length): off for off, _ in spans}
+        for _ in asked:
+            magic, err, cookie = struct.unpack(">IIQ", c.recv(16))
+            assert (magic, err) == (SIMPLE_MAGIC, 0)
+            off = asked[cookie]
+            assert c.recv(length) == bytes(expect[off:off + length]), off
+    c.close()

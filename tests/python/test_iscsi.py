@@ -5,7 +5,6 @@ NBD export, the same block status of a thin-provisioned unit, URL names in backi
 and ferrite logging in again when the target restarts."""
 import os
 import re
-import struct
 import subprocess
 import threading
 import time
@@ -195,27 +194,32 @@ def test_many_requests_at_once(ferrite, tgt, tmp_path):
     iqn = tgt.add("u", path)
     d = ferrite()
     export(d, iscsi(tgt, iqn))
-    c = nc.Nbd(f"{d.workdir}/nbd.sock")
-    c.go("e")
-    length = 200001
-    for rnd in range(3):
-        spans = [(rnd * 1000 + 3 + i * length, bytes([(i * 7 + rnd) & 0xff]) * length)
-                 for i in range(32)]
-        sent = [c.request(nc.CMD_WRITE, off, length, payload=data) for off, data in spans]
-        for _ in sent:
-            magic, err, _cookie = struct.unpack(">IIQ", c.recv(16))
-            assert (magic, err) == (nc.SIMPLE_MAGIC, 0)
-        for off, data in spans:
-            expect[off:off + length] = data
-        asked = {c.request(nc.CMD_READ, off, length): off for off, _ in spans}
-        for _ in asked:
-            magic, err, cookie = struct.unpack(">IIQ", c.recv(16))
-            assert (magic, err) == (nc.SIMPLE_MAGIC, 0)
-            off = asked[cookie]
-            assert c.recv(length) == bytes(expect[off:off + length]), off
-    c.close()
+    nc.overlapping_rounds(f"{d.workdir}/nbd.sock", expect)
     d.stop()
     assert path.read_bytes() == bytes(expect)
+
+
+def writes_across_a_restart(d, path, kill, start):
+    """Through `d`'s export `e` of the file `path` on a server: 1 MiB written, the server
+    killed (`kill`), a writer started, which must wait; the server started again
+    (`start`): the writes complete, nothing acknowledged is lost, the export serves on."""
+    out = qemu_io(nbd_uri(d), "write -P 0x21 0 1M", "flush")
+    assert "wrote" in out, out
+    kill()
+    result = {}
+    writer = threading.Thread(target=lambda: result.update(
+        out=qemu_io(nbd_uri(d), "write -P 0x22 1M 1M", "flush", "read -P 0x21 0 1M")))
+    writer.start()
+    time.sleep(2)
+    assert writer.is_alive(), result
+    start()
+    writer.join(60)
+    assert not writer.is_alive()
+    assert "failed" not in result["out"] and "wrote 1048576" in result["out"], result["out"]
+    data = path.read_bytes()
+    assert data[:1 << 20] == b"\x21" * (1 << 20)
+    assert data[1 << 20:2 << 20] == b"\x22" * (1 << 20)
+    assert d.connect().cmd("query-block-exports")["return"][0]["id"] == "e"
 
 
 def test_a_restarted_target_is_logged_into_again(ferrite, tgt, tmp_path):
@@ -226,23 +230,7 @@ def test_a_restarted_target_is_logged_into_again(ferrite, tgt, tmp_path):
     iqn = tgt.add("u", path)
     d = ferrite()
     export(d, iscsi(tgt, iqn))
-    out = qemu_io(nbd_uri(d), "write -P 0x21 0 1M")
-    assert "wrote" in out
-    tgt.kill()
-    result = {}
-    writer = threading.Thread(target=lambda: result.update(
-        out=qemu_io(nbd_uri(d), "write -P 0x22 1M 1M", "read -P 0x21 0 1M")))
-    writer.start()
-    time.sleep(2)
-    assert writer.is_alive(), result
-    tgt.start()
-    writer.join(60)
-    assert not writer.is_alive()
-    assert "failed" not in result["out"] and "wrote 1048576" in result["out"], result["out"]
-    data = path.read_bytes()
-    assert data[:1 << 20] == b"\x21" * (1 << 20)
-    assert data[1 << 20:2 << 20] == b"\x22" * (1 << 20)
-    assert d.connect().cmd("query-block-exports")["return"][0]["id"] == "e"
+    writes_across_a_restart(d, path, tgt.kill, tgt.start)
     d.stop()
 
 

@@ -138,6 +138,20 @@ where
     Ok(())
 }
 
+/// `truncate_prealloc` of a driver that cannot preallocate: `truncate` for `off`, QEMU's
+/// refusal of any other mode.
+pub fn truncate_unallocated(prealloc: Prealloc, truncate: BoxFut<'_, ()>) -> BoxFut<'_, ()> {
+    match prealloc {
+        Prealloc::Off => truncate,
+        Prealloc::Falloc => Box::pin(async {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Unsupported preallocation mode 'falloc'",
+            ))
+        }),
+    }
+}
+
 /// A write of a driver with no FUA of its own, made durable as QEMU's block layer makes
 /// it: `write`, then (when `flags` ask for FUA) a flush of `file`.
 ///
@@ -371,6 +385,13 @@ pub trait Driver: std::any::Any {
         None
     }
 
+    /// Why relative names cannot be taken from the directory of the node's file name,
+    /// when they cannot (an NFS node whose name carries its uid: the directory alone would
+    /// lose it).
+    fn base_directory_refused(&self) -> Option<String> {
+        None
+    }
+
     /// Whether the node's data is encrypted (queries say `encrypted`).
     fn is_encrypted(&self) -> bool {
         false
@@ -504,8 +525,14 @@ pub trait Driver: std::any::Any {
     /// `bdrv_cancel_in_flight`).
     fn cancel_in_flight(&self, _node: &Node) {}
 
-    /// Writes cached state back before the node goes away (QEMU's `bdrv_close`).
+    /// Writes cached state back: before the node goes away (QEMU's `bdrv_close`), becomes
+    /// read-only or inactive. The node may serve on after.
     fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The node goes for good, after `close`: connections to its server end.
+    fn disconnect<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async { Ok(()) })
     }
 

@@ -59,6 +59,11 @@ pub fn protocol_options(name: &str) -> QDict {
     if let Some(d) = iscsi_options(name) {
         return d;
     }
+    if name.starts_with("nfs:") {
+        // A name that is no NFS URL is left for the driver to refuse with QEMU's text.
+        return nfs_url(name)
+            .unwrap_or_else(|_| QDict::new().with("driver", "nfs").with("filename", name));
+    }
     // URLs name the nodes of QEMU's curl drivers by their prefix.
     for driver in ["http", "https", "ftp", "ftps"] {
         if name
@@ -107,8 +112,9 @@ pub fn protocol_options(name: &str) -> QDict {
 /// protocol"): a name whose first `:` comes before any `/` names its protocol
 /// (`foo:bar`), other names are files.
 pub fn unknown_protocol(name: &str) -> Option<&str> {
-    const KNOWN: [&str; 19] = [
+    const KNOWN: [&str; 20] = [
         "file",
+        "nfs",
         "iscsi",
         "iser",
         "fat",
@@ -268,6 +274,135 @@ pub fn flat_server(server: &QDict) -> QDict {
     out
 }
 
+/// The parts of a URL after `SCHEME://`, as GLib's parser splits them (nothing decoded).
+struct Url<'a> {
+    user: Option<&'a str>,
+    /// Without an IPv6 address's brackets.
+    host: &'a str,
+    port: Option<&'a str>,
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+impl<'a> Url<'a> {
+    fn parse(rest: &'a str) -> Url<'a> {
+        let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (user, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (host, port) = match hostport.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((h, p)) => (h, p.strip_prefix(':')),
+                None => (v6, None),
+            },
+            None => match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            },
+        };
+        Url {
+            user,
+            host,
+            port,
+            path,
+            query,
+        }
+    }
+}
+
+/// The nfs driver's options for `nfs://HOST/PATH[?uid=N&gid=N&tcp-syncnt=N&readahead=N&
+/// pagecache=N&debug=N]` (QEMU's `nfs_parse_uri`: the port and user in the URL are
+/// ignored, numbers in C's notations).
+///
+/// # Errors
+/// QEMU's text for a name that is no such URL.
+pub fn nfs_url(name: &str) -> std::result::Result<QDict, String> {
+    let invalid = || "Invalid URI specified".to_owned();
+    let rest = name
+        .strip_prefix("nfs:")
+        .ok_or_else(|| "URI scheme must be 'nfs'".to_owned())?;
+    let Some(rest) = rest.strip_prefix("//") else {
+        return Err("missing hostname in URI".to_owned());
+    };
+    let url = Url::parse(rest);
+    if url
+        .port
+        .is_some_and(|p| !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(invalid());
+    }
+    let strict = |s: &str| strict_percent_decode(s).ok_or_else(invalid);
+    let host = strict(url.host)?;
+    if host.is_empty() {
+        return Err("missing hostname in URI".to_owned());
+    }
+    let path = strict(url.path)?;
+    if path.is_empty() {
+        return Err("missing file path in URI".to_owned());
+    }
+    let mut d = QDict::new()
+        .with("driver", "nfs")
+        .with(
+            "server",
+            QDict::new().with("type", "inet").with("host", host),
+        )
+        .with("path", path);
+    if let Some(q) = url.query {
+        strict(q)?;
+    }
+    for param in url.query.into_iter().flat_map(|q| q.split('&')) {
+        // GLib's iteration ends at a parameter without a value, and QEMU takes that end
+        // as the list's: it and those after are ignored.
+        let Some((name, value)) = param.split_once('=') else {
+            break;
+        };
+        let (name, value) = (strict(name)?, strict(value)?);
+        let Some((false, n)) = ferrite_qapi::visit::parse_c_integer(&value) else {
+            return Err(format!("Invalid value for NFS parameter: {name}"));
+        };
+        let key = match name.as_str() {
+            "uid" => "user",
+            "gid" => "group",
+            "tcp-syncnt" => "tcp-syn-count",
+            "readahead" => "readahead-size",
+            "pagecache" => "page-cache-size",
+            "debug" => "debug",
+            _ => return Err(format!("Unknown NFS parameter name: {name}")),
+        };
+        d.insert(key, i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    Ok(d)
+}
+
+/// `%XX` escapes replaced by their bytes; `None` for a malformed escape or text that is
+/// not UTF-8 after (GLib refuses such URLs).
+fn strict_percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let ok = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !ok(i + 1) || !ok(i + 2) {
+                return None;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    let decoded = percent_decode(s);
+    (!decoded.contains('\u{fffd}') || s.contains('\u{fffd}')).then_some(decoded)
+}
+
 /// The ssh driver's options for an `ssh://[USER@]HOST[:PORT]/PATH[?host_key_check=...]`
 /// name (QEMU's `parse_uri` and its translation of `host_key_check`: `no`, `yes`,
 /// `md5:HASH`, `sha1:HASH`, `sha256:HASH`). A name without a host or a path lacks the
@@ -278,28 +413,14 @@ fn ssh_options(name: &str) -> Option<QDict> {
     let Some(rest) = rest.strip_prefix("//") else {
         return Some(d);
     };
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, q)) => (r, Some(q)),
-        None => (rest, None),
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let (user, hostport) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(percent_decode(u)), h),
-        None => (None, authority),
-    };
-    let (host, port) = match hostport.strip_prefix('[') {
-        Some(v6) => match v6.split_once(']') {
-            Some((h, p)) => (h, p.strip_prefix(':')),
-            None => (v6, None),
-        },
-        None => match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        },
-    };
+    let Url {
+        user,
+        host,
+        port,
+        path,
+        query,
+    } = Url::parse(rest);
+    let user = user.map(percent_decode);
     if let Some(u) = user.filter(|u| !u.is_empty()) {
         d.insert("user", u);
     }
@@ -408,6 +529,9 @@ pub fn base_directory(node: &crate::Node) -> Result<String> {
     if let Some(child) = node.filtered().or_else(|| node.child("file")) {
         return base_directory(&child);
     }
+    if let Some(why) = node.driver().base_directory_refused() {
+        return Err(Error::Qapi(ferrite_qapi::Error::generic(why)));
+    }
     let name = node.filename();
     if name.is_empty() || name.starts_with("json:") {
         return Err(Error::NoBaseDirectory(node.driver_name().to_owned()));
@@ -430,6 +554,39 @@ mod tests {
         assert_eq!(super::unknown_protocol("nbd+unix:///e?socket=/s"), None);
         assert_eq!(super::unknown_protocol("disk.img"), None);
         assert_eq!(super::unknown_protocol("https://h/x"), None);
+    }
+
+    #[test]
+    fn nfs_names_open_the_nfs_driver() {
+        use ferrite_qobject::{from_json, to_json};
+        let j = |n: &str| to_json(&super::protocol_options(n).into());
+        let canon = |t: &str| to_json(&from_json(t).expect("json"));
+        assert_eq!(
+            j("nfs://[::1]:2049/e/a%20b.raw?uid=010&gid=0x10&debug=2#frag"),
+            canon(
+                r#"{"driver": "nfs", "server": {"type": "inet", "host": "::1"}, "path": "/e/a b.raw", "user": 8, "group": 16, "debug": 2}"#
+            )
+        );
+        // A parameter without a value ends the list (GLib's iteration stops there).
+        assert_eq!(
+            j("nfs://h/a?pagecache&foo=1"),
+            canon(r#"{"driver": "nfs", "server": {"type": "inet", "host": "h"}, "path": "/a"}"#)
+        );
+        let err = |n: &str| super::nfs_url(n).unwrap_err();
+        assert_eq!(err("nfs:foo"), "missing hostname in URI");
+        assert_eq!(err("nfs://h"), "missing file path in URI");
+        assert_eq!(err("nfs://h:x/a"), "Invalid URI specified");
+        assert_eq!(err("nfs://h/a?x=%zz"), "Invalid URI specified");
+        assert_eq!(
+            err("nfs://h/a?uid=-1"),
+            "Invalid value for NFS parameter: uid"
+        );
+        assert_eq!(err("nfs://h/a?foo=1"), "Unknown NFS parameter name: foo");
+        assert_eq!(
+            j("nfs://h/a?foo=1"),
+            canon(r#"{"driver": "nfs", "filename": "nfs://h/a?foo=1"}"#)
+        );
+        assert_eq!(super::unknown_protocol("nfs://h/a"), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod fdset;
 pub mod filename;
 mod graph;
 pub mod io;
+pub mod join;
 pub mod monitor_fd;
 mod node;
 mod open;

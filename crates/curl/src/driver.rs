@@ -442,7 +442,7 @@ impl Driver for Remote {
         self.strong.clone()
     }
 
-    fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+    fn disconnect<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             for t in self.transfers.borrow_mut().drain(..) {
                 t.abort();

@@ -198,7 +198,7 @@ impl Quorum {
     async fn read_quorum(&self, node: &Node, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let children = self.children();
         let reads = children.iter().map(|c| c.read(offset, len));
-        let results = futures_join_all(reads).await;
+        let results = ferrite_block::join::join_all(reads).await;
         for (c, r) in children.iter().zip(&results) {
             if let Err(e) = r {
                 self.report_bad("read", c, offset, len as u64, Some(e));
@@ -276,7 +276,8 @@ impl Quorum {
         Fut: std::future::Future<Output = io::Result<()>>,
     {
         let children = self.children();
-        let results = futures_join_all(children.iter().map(|c| write(c.clone()))).await;
+        let results =
+            ferrite_block::join::join_all(children.iter().map(|c| write(c.clone()))).await;
         let mut errors = Vec::new();
         for (c, r) in children.iter().zip(&results) {
             if let Err(e) = r {
@@ -290,29 +291,6 @@ impl Quorum {
         }
         Ok(())
     }
-}
-
-/// Runs the futures concurrently on this thread and returns their outputs in order.
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let futs: Vec<_> = futs.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    let mut pending: Vec<(usize, std::pin::Pin<Box<F>>)> = futs.into_iter().enumerate().collect();
-    std::future::poll_fn(|cx| {
-        pending.retain_mut(|(i, f)| match f.as_mut().poll(cx) {
-            std::task::Poll::Ready(v) => {
-                out[*i] = Some(v);
-                false
-            }
-            std::task::Poll::Pending => true,
-        });
-        if pending.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }
 
 impl Driver for Quorum {
@@ -424,7 +402,7 @@ impl Driver for Quorum {
     fn flush<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let children = self.children();
-            let results = futures_join_all(children.iter().map(|c| c.flush())).await;
+            let results = ferrite_block::join::join_all(children.iter().map(|c| c.flush())).await;
             let mut errors = Vec::new();
             for (c, r) in children.iter().zip(&results) {
                 if let Err(e) = r {

@@ -1144,7 +1144,7 @@ impl Driver for Iscsi {
         self.strong.clone()
     }
 
-    fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+    fn disconnect<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.conn.closed.set(true);
             let session = self.conn.session.borrow().clone();

@@ -378,8 +378,9 @@ fn strict_scalar(b: Builtin, value: &QObject, path: &Path) -> Result<QObject, Er
 }
 
 /// Parses an integer as C's `strtoll(s, 0)`-based helpers do: optional sign, `0x` hex,
-/// leading-`0` octal, decimal; the whole string must be consumed.
-fn parse_c_integer(s: &str) -> Option<(bool, u64)> {
+/// leading-`0` octal, decimal; the whole string must be consumed. Whether it was negative,
+/// and its magnitude.
+pub fn parse_c_integer(s: &str) -> Option<(bool, u64)> {
     let t = s.trim_start();
     let (neg, t) = match t.as_bytes().first() {
         Some(b'-') => (true, &t[1..]),

@@ -121,22 +121,6 @@ struct Ssh {
     strong: QDict,
 }
 
-/// A write's buffer while the SFTP writer sends it: back to the buffer pool once the last
-/// piece has gone.
-struct Pooled(Vec<u8>);
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        ferrite_block::io::pool::give(std::mem::take(&mut self.0));
-    }
-}
-
 /// A failed request as the block layer sees it (QEMU's drivers answer EIO).
 fn eio(e: SftpError) -> io::Error {
     tracing::debug!(error = %e, "sftp request failed");
@@ -198,7 +182,11 @@ impl Driver for Ssh {
             let end = offset + data.len() as u64;
             self.remote
                 .sftp
-                .write(&self.remote.handle, offset, Bytes::from_owner(Pooled(data)))
+                .write(
+                    &self.remote.handle,
+                    offset,
+                    Bytes::from_owner(ferrite_block::io::pool::Pooled(data)),
+                )
                 .await
                 .map_err(eio)?;
             self.grew_to(end);
@@ -274,15 +262,7 @@ impl Driver for Ssh {
         size: u64,
         prealloc: Prealloc,
     ) -> BoxFut<'a, ()> {
-        match prealloc {
-            Prealloc::Off => self.truncate(node, size),
-            Prealloc::Falloc => Box::pin(async {
-                Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "Unsupported preallocation mode 'falloc'",
-                ))
-            }),
-        }
+        ferrite_block::driver::truncate_unallocated(prealloc, self.truncate(node, size))
     }
 
     fn can_grow(&self) -> bool {
@@ -317,7 +297,7 @@ impl Driver for Ssh {
         self.strong.clone()
     }
 
-    fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+    fn disconnect<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             self.remote.close().await;
             Ok(())

@@ -134,6 +134,7 @@ impl Daemon {
         ferrite_curl::register(&registry);
         ferrite_ssh::register(&registry);
         ferrite_iscsi::register(&registry);
+        ferrite_nfs::register(&registry);
         let graph = Graph::new(sink.clone(), registry);
         crate::object_links::link(&graph, &objects);
         let exports = Exports::new(graph.clone(), sink.clone());

@@ -570,6 +570,14 @@ pub(crate) async fn add(
             _ => QDict::new(),
         };
         let protocol = matches!(format.as_str(), "file" | "host_device" | "host_cdrom");
+        // An `nfs:` name that is no NFS URL: QEMU's reason (the driver parses the name).
+        if let Some(Err(why)) = file
+            .as_deref()
+            .filter(|p| p.starts_with("nfs:"))
+            .map(ferrite_block::filename::nfs_url)
+        {
+            return Err(generic(why));
+        }
         // A name whose protocol is the driver itself (`driver=blkdebug`,
         // `file=blkdebug::IMAGE`) describes that node, not its file.
         let named = file

@@ -209,14 +209,17 @@ impl Graph {
         }
     }
 
-    /// Writes a node's cached state back before it goes (`bdrv_close`).
+    /// Writes a node's cached state back before it goes (`bdrv_close`), and ends its
+    /// connections.
     pub(crate) async fn close_node(&self, node: &Rc<Node>) {
         // An inactive node wrote everything back already and may not write any more.
-        if !node.is_active() {
-            return;
-        }
-        if let Err(e) = node.driver.close(node).await {
+        if node.is_active()
+            && let Err(e) = node.driver.close(node).await
+        {
             tracing::warn!(node = node.name(), error = %e, "closing failed");
+        }
+        if let Err(e) = node.driver.disconnect(node).await {
+            tracing::debug!(node = node.name(), error = %e, "disconnecting failed");
         }
     }
 

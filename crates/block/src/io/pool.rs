@@ -38,6 +38,22 @@ pub fn copy_of(data: &[u8]) -> Vec<u8> {
     buf
 }
 
+/// A pooled buffer lent to something that frees it at its own time (`Bytes::from_owner`
+/// of a write in flight, a reply being read): back to the pool when dropped.
+pub struct Pooled(pub Vec<u8>);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        give(std::mem::take(&mut self.0));
+    }
+}
+
 /// Hands a buffer back for reuse. Its bytes stay as they are: the next taker overwrites
 /// them, and not zeroing a megabyte per request is the point.
 pub fn give(buf: Vec<u8>) {

@@ -602,7 +602,7 @@ impl Driver for NbdClient {
         Ok(())
     }
 
-    fn close<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+    fn disconnect<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let session = self.session.borrow_mut().take();
             if let Some(s) = session {

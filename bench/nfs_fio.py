@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""A file on an NFS export, served again over NBD: fio's nbd engine (iodepth 16) against a
+writable NBD export of an `nfs` node whose file is a 1 GiB raw image exported by
+nfs-ganesha's user-space NFSv3 server (on this machine, over loopback). ferrite and
+qemu-storage-daemon (its libnfs driver) in the same run. nbdkit's nfs plugin is not
+packaged in Debian, so the anchor is the exported file itself through nbdkit's file
+plugin: the ceiling without the NFS hop. Prints IOPS / bandwidth and the ratio ferrite/qsd
+(higher is better)."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import common
+from nbd_fio import FERRITE, QSD, RUNTIME, SIZE, image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests/python"))
+from nfsserver import Server, missing  # noqa: E402
+
+JOBS = [
+    ("seq read 1M", ["--rw=read", "--bs=1M"]),
+    ("seq write 1M", ["--rw=write", "--bs=1M"]),
+    ("rand read 4k", ["--rw=randread", "--bs=4k"]),
+    ("rand write 4k", ["--rw=randwrite", "--bs=4k"]),
+]
+
+
+def measure(binary, d, img):
+    sock = os.path.join(d, f"{os.path.basename(binary)}.sock")
+    if binary == "nbdkit":
+        args = ["nbdkit", "--foreground", "--unix", sock, "--exportname=d0", "file", img]
+    else:
+        node = f"driver=nfs,server.type=inet,server.host=127.0.0.1,path={img}"
+        args = common.node_export_args(binary, d, node, sock)
+    return common.fio_jobs(args, sock, SIZE, RUNTIME, JOBS)
+
+
+def main():
+    common.require_built(FERRITE)
+    why = missing()
+    if why:
+        print(f"nfs: skipped, {why}")
+        return
+    print(f"fio nbd engine, iodepth 16, {RUNTIME}s per job, 1 GiB raw file exported by "
+          "nfs-ganesha (NFSv3 over loopback), through an nfs node; anchor: the file through "
+          "nbdkit")
+    print(f"{'':26}{'ferrite':>14}{'qsd':>14}{'ratio':>8}{'nbdkit':>14}")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
+        server = Server(Path(d) / "nfs")
+        try:
+            img = image(str(server.export))
+            k = measure("nbdkit", d, img)
+            q = measure(QSD, d, img)
+            f = measure(FERRITE, d, img)
+        finally:
+            server.stop()
+    common.print_rows(JOBS, f, q, k)
+
+
+if __name__ == "__main__":
+    main()

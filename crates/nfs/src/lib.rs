@@ -1,0 +1,26 @@
+//! QEMU's `nfs` block driver: a node whose bytes are a file on an NFS (version 3) export,
+//! with QEMU's options, checks and texts. QEMU reaches the server through libnfs; ferrite
+//! speaks ONC RPC, MOUNT and NFSv3 itself, every piece of every request under way at once
+//! on one connection, made again when it breaks.
+//!
+//! - `xdr.rs`: the encoding every message is in;
+//! - `rpc.rs`: calls and replies over TCP;
+//! - `nfs3.rs`: the NFSv3, MOUNT and portmapper procedures the node calls;
+//! - `client.rs`: mounting, looking up, reading and writing as libnfs does;
+//! - `options.rs`: `BlockdevOptionsNfs`, QEMU's checks, the node's file name;
+//! - `driver.rs`: the node and `blockdev-create`.
+
+mod client;
+mod driver;
+mod nfs3;
+mod options;
+mod rpc;
+mod xdr;
+
+use ferrite_block::Registry;
+use std::rc::Rc;
+
+/// Registers the `nfs` driver.
+pub fn register(registry: &Registry) {
+    registry.register(Rc::new(driver::NfsFactory));
+}
