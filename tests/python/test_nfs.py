@@ -196,6 +196,27 @@ def test_reads_and_writes_match_qsd(qsd, ferrite, server):
     assert (e / "ferrite.raw").read_bytes() == (e / "qsd.raw").read_bytes()
 
 
+def test_a_node_reopened_read_only_reads_on(ferrite, server):
+    """A node made read-only by `blockdev-reopen` (its caches written back) keeps its
+    connection: a read-only export of it reads what was written before."""
+    e = server.dir_for("reopen")
+    path = image(e / "a.raw", 1 << 20, fill=lambda i: 0x30 + i % 16)
+    d = ferrite()
+    c = d.connect()
+    assert c.cmd("blockdev-add", {"node-name": "s", **nfs(path)}) == {"return": {}}
+    assert c.cmd("blockdev-reopen", {"options": [{"node-name": "s", **nfs(path), **{
+        "read-only": True}}]}) == {"return": {}}
+    c.cmd("nbd-server-start", {"addr": {"type": "unix",
+                                         "data": {"path": f"{d.workdir}/nbd.sock"}}})
+    assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "s",
+                                      "name": "e"}) == {"return": {}}
+    r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x30 0 4k", "-c",
+                        "read -P 0x3f 60k 4k", nbd_uri(d)], capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert "failed" not in out and out.count("read 4096/4096") == 2, out
+    d.stop()
+
+
 def test_backing_files_named_by_url(qsd, ferrite, server):
     """A qcow2 overlay on local disk whose backing file is an `nfs://` URL (with a uid):
     the chain opens and reads through, nodes reported as qsd reports them. An overlay on
