@@ -9,6 +9,7 @@ import os
 import random
 import re
 import stat
+import struct
 import subprocess
 import time
 
@@ -285,6 +286,40 @@ def test_a_restarted_server_is_connected_to_again(ferrite, server):
     export(d, nfs(path))
     writes_across_a_restart(d, path, server.kill, server.start)
     d.stop()
+
+
+def test_writes_a_restarted_server_lost_are_written_again(qsd, ferrite, server):
+    """A write the server took into its memory (UNSTABLE), the server killed and that
+    memory lost (the file's bytes put back behind it, as a crash loses what the server
+    had not committed), the server started again, then a flush: ferrite sees by the
+    COMMIT's verifier that the server restarted, writes again, and the data is there.
+    qsd's libnfs keeps nothing: its flush succeeds and the write is gone (shown here as
+    the reason)."""
+    e = server.dir_for("lost")
+    got = {}
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        path = image(e / f"{name}.raw", 1 << 20)
+        d = start()
+        export(d, nfs(path))
+        c = nc.Nbd(f"{d.workdir}/nbd.sock")
+        c.go("e")
+        c.request(nc.CMD_WRITE, 4096, 65536, payload=b"\x77" * 65536)
+        assert struct.unpack(">IIQ", c.recv(16))[:2] == (nc.SIMPLE_MAGIC, 0)
+        server.kill()
+        with open(path, "r+b") as f:
+            f.seek(4096)
+            f.write(bytes(65536))
+        # ganesha's verifier is its start time in seconds: a restart within the second
+        # keeps it (and clients cannot tell).
+        time.sleep(1.1)
+        server.start()
+        c.request(nc.CMD_FLUSH)
+        err = struct.unpack(">IIQ", c.recv(16))[1]
+        c.close()
+        d.stop()
+        got[name] = (err, path.read_bytes()[4096:4096 + 65536] == b"\x77" * 65536)
+    assert got["ferrite"] == (0, True)
+    assert got["qsd"] == (0, False)
 
 
 def test_ferrite_system_opens_nfs_names(server):

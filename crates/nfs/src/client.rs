@@ -9,6 +9,7 @@
 
 use crate::nfs3::{self, Attr, Fh, FsInfo, MountStatus, Status};
 use crate::rpc::{CallError, Caller, Rpc};
+use crate::uncommitted::{Covered, Uncommitted};
 use crate::xdr::{Dec, Enc, Garbage};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
@@ -77,6 +78,10 @@ pub(crate) struct Client {
     pub(crate) fsinfo: FsInfo,
     /// The file's attributes as the last answer that carried them said.
     attr: Cell<Option<Attr>>,
+    /// Writes the server holds in memory, kept until a COMMIT.
+    uncommitted: Uncommitted,
+    /// Writes hold it shared; sending writes again after a server restart holds it alone.
+    gate: tokio::sync::RwLock<()>,
     /// Whether the node finished opening: connections lost before fail the open.
     opened: Cell<bool>,
     closed: Cell<bool>,
@@ -198,6 +203,8 @@ impl Client {
             root,
             fsinfo: FsInfo { rtmax: 0, wtmax: 0 },
             attr: Cell::new(None),
+            uncommitted: Uncommitted::default(),
+            gate: tokio::sync::RwLock::new(()),
             opened: Cell::new(false),
             closed: Cell::new(false),
         };
@@ -478,11 +485,59 @@ impl Client {
         Ok(())
     }
 
+    /// COMMIT: the writes answered so far are on stable storage. When its verifier shows
+    /// the server restarted since some of them, they are written again, stable.
+    ///
+    /// # Errors
+    /// The COMMIT's failure, or writes lost that were not kept.
     pub(crate) async fn commit(&self, fh: &Fh) -> Result<(), Failed> {
-        let after = self
-            .run(nfs3::COMMIT, &nfs3::commit_args(fh), nfs3::wcc_res)
-            .await?;
+        let covered = self.uncommitted.take();
+        let (after, verifier) = match self
+            .run(nfs3::COMMIT, &nfs3::commit_args(fh), nfs3::commit_res)
+            .await
+        {
+            Ok(r) => r,
+            Err(f) => {
+                self.uncommitted.put_back(covered);
+                return Err(f);
+            }
+        };
         self.saw(after);
+        tracing::trace!(verifier = ?verifier, writes = covered.held.len(), "NFS commit answered");
+        if covered.all_under(&verifier) {
+            return Ok(());
+        }
+        self.write_again(fh, covered, &verifier).await
+    }
+
+    /// The server restarted before it committed `covered`: they, and the writes answered
+    /// since (none runs meanwhile), are written again in the order they were answered,
+    /// each on stable storage before its answer.
+    async fn write_again(
+        &self,
+        fh: &Fh,
+        covered: Covered,
+        verifier: &nfs3::Verifier,
+    ) -> Result<(), Failed> {
+        let _alone = self.gate.write().await;
+        let newer = self.uncommitted.take();
+        tracing::warn!(
+            server = %self.host,
+            writes = covered.held.len() + newer.held.len(),
+            "NFS server restarted before committing: writing again"
+        );
+        for h in covered.held.iter().chain(&newer.held) {
+            self.write_piece(fh, h.offset, h.data.clone(), nfs3::FILE_SYNC)
+                .await
+                .map_err(|(_, text)| Failed::Rpc(text))?;
+        }
+        if covered.lost_unkept(verifier) || newer.lost_unkept(verifier) {
+            return Err(Failed::Rpc(
+                "NFS: the server restarted before it committed writes too many to keep; \
+                 they are lost"
+                    .to_owned(),
+            ));
+        }
         Ok(())
     }
 
@@ -550,6 +605,7 @@ impl Client {
         data: Bytes,
         stable: u32,
     ) -> Result<(), (i32, String)> {
+        let _shared = self.gate.read().await;
         let piece = self.fsinfo.wtmax as usize;
         let writes = (0..data.len()).step_by(piece.max(1)).map(|at| {
             let end = (at + piece).min(data.len());
@@ -579,14 +635,18 @@ impl Client {
                 )
                 .await
                 .map_err(|f| (f.errno(), with_status(String::new(), f)))?;
-            let (count, after) = nfs3::write_res(&mut d)
+            let w = nfs3::write_res(&mut d)
                 .map_err(|g| (libc::EIO, with_status(String::new(), g.into())))?
                 .map_err(|s| (s.errno(), format!("NFS: Write failed with {s}")))?;
-            self.saw(after);
-            if count == 0 {
+            self.saw(w.after);
+            tracing::trace!(stable = w.stable, verifier = ?w.verifier, "NFS write answered");
+            if w.count == 0 {
                 return Err((libc::EIO, "NFS: Write failed. No bytes written!".to_owned()));
             }
-            let count = (count as usize).min(data.len());
+            let count = (w.count as usize).min(data.len());
+            if !w.stable {
+                self.uncommitted.took(at, data.slice(..count), w.verifier);
+            }
             data = data.slice(count..);
             at += count as u64;
         }

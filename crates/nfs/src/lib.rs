@@ -7,6 +7,8 @@
 //! - `rpc.rs`: calls and replies over TCP;
 //! - `nfs3.rs`: the NFSv3, MOUNT and portmapper procedures the node calls;
 //! - `client.rs`: mounting, looking up, reading and writing as libnfs does;
+//! - `uncommitted.rs`: writes the server holds in memory, kept until a COMMIT and written
+//!   again when the server restarted before it;
 //! - `options.rs`: `BlockdevOptionsNfs`, QEMU's checks, the node's file name;
 //! - `driver.rs`: the node and `blockdev-create`.
 
@@ -15,6 +17,7 @@ mod driver;
 mod nfs3;
 mod options;
 mod rpc;
+mod uncommitted;
 mod xdr;
 
 use ferrite_block::Registry;

@@ -261,17 +261,51 @@ pub(crate) fn write_args(fh: &[u8], offset: u64, len: u32, stable: u32) -> Enc {
     e
 }
 
-/// WRITE: how many bytes the server took, the file's attributes after.
-pub(crate) fn write_res(d: &mut Dec) -> Res<(u32, Option<Attr>)> {
+/// A server's write verifier: it changes when the server restarts, and with it goes what
+/// it had not committed.
+pub(crate) type Verifier = [u8; 8];
+
+fn verifier(d: &mut Dec) -> Result<Verifier, Garbage> {
+    Ok((u64::from(d.u32()?) << 32 | u64::from(d.u32()?)).to_be_bytes())
+}
+
+/// What a WRITE did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Written {
+    /// How many bytes the server took.
+    pub(crate) count: u32,
+    /// Whether they are on stable storage (FILE_SYNC or DATA_SYNC), not only in memory.
+    pub(crate) stable: bool,
+    pub(crate) verifier: Verifier,
+    /// The file's attributes after.
+    pub(crate) after: Option<Attr>,
+}
+
+pub(crate) fn write_res(d: &mut Dec) -> Res<Written> {
     let st = status(d)?;
     let after = wcc_data(d)?;
     if let Err(s) = st {
         return Ok(Err(s));
     }
     let count = d.u32()?;
-    d.u32()?; // committed
-    d.skip(8)?; // verifier
-    Ok(Ok((count, after)))
+    let stable = d.u32()? != UNSTABLE;
+    let verifier = verifier(d)?;
+    Ok(Ok(Written {
+        count,
+        stable,
+        verifier,
+        after,
+    }))
+}
+
+/// COMMIT: the file's attributes after, and the verifier the writes it covers must have.
+pub(crate) fn commit_res(d: &mut Dec) -> Res<(Option<Attr>, Verifier)> {
+    let st = status(d)?;
+    let after = wcc_data(d)?;
+    if let Err(s) = st {
+        return Ok(Err(s));
+    }
+    Ok(Ok((after, verifier(d)?)))
 }
 
 /// CREATE, UNCHECKED (an existing file is kept) or GUARDED, with the file's mode.
@@ -473,6 +507,7 @@ mod tests {
             let _ = readlink_res(&mut d());
             let _ = read_res(&mut d(), 1 << 20);
             let _ = write_res(&mut d());
+            let _ = commit_res(&mut d());
             let _ = create_res(&mut d());
             let _ = fsinfo_res(&mut d());
             let _ = mnt_res(&mut d());
