@@ -50,7 +50,7 @@ class Target:
         for user, password, tid in self.accounts:
             self._account(user, password, tid)
 
-    def _make(self, tid, name, path, params, settings):
+    def _make(self, tid, name, path, params, settings, initiator):
         self.adm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", name)
         for key, value in settings.items():
             self.adm("--op", "update", "--mode", "target", "--tid", str(tid), "--name", key,
@@ -60,18 +60,20 @@ class Target:
         if params:
             self.adm("--op", "update", "--mode", "logicalunit", "--tid", str(tid), "--lun",
                      "1", "--params", params)
-        self.adm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
+        allowed = ["--initiator-name", initiator] if initiator else ["-I", "ALL"]
+        self.adm("--op", "bind", "--mode", "target", "--tid", str(tid), *allowed)
 
     def _account(self, user, password, tid):
         self.adm("--op", "new", "--mode", "account", "--user", user, "--password", password)
         self.adm("--op", "bind", "--mode", "account", "--tid", str(tid), "--user", user)
 
-    def add(self, name, path, params="", **settings):
-        """A target `iqn.2026-12.org.ferrite:NAME` with LUN 1 over `path` (tgt's `params`,
-        e.g. `thin_provisioning=1`, `readonly=1`; the target's `settings`, e.g.
-        `HeaderDigest="CRC32C,None"`); returns its IQN."""
-        iqn = f"iqn.2026-12.org.ferrite:{name}"
-        spec = (len(self.targets) + 1, iqn, path, params, settings)
+    def add(self, name, path, params="", initiator=None, iqn=None, **settings):
+        """A target `iqn.2026-12.org.ferrite:NAME` (or `iqn`) with LUN 1 over `path` (tgt's
+        `params`, e.g. `thin_provisioning=1`, `readonly=1`; the target's `settings`, e.g.
+        `HeaderDigest="CRC32C,None"`), open to every initiator or to the one named
+        `initiator`; returns its IQN."""
+        iqn = iqn or f"iqn.2026-12.org.ferrite:{name}"
+        spec = (len(self.targets) + 1, iqn, path, params, settings, initiator)
         self.targets.append(spec)
         self._make(*spec)
         return iqn

@@ -141,7 +141,7 @@ pub fn unknown_protocol(name: &str) -> Option<&str> {
 
 /// The iscsi driver's options for `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET/LUN`
 /// (and `iser://`), as libiscsi's URL parser and QEMU's `iscsi_parse_filename` make them:
-/// the LUN as text, as QEMU keeps it. A name that is no such URL is left for the driver to
+/// the LUN as text, as QEMU keeps it, and defaults from a system emulator's `-iscsi`. A name that is no such URL is left for the driver to
 /// refuse with QEMU's "Failed to parse URL".
 fn iscsi_options(name: &str) -> Option<QDict> {
     let (transport, rest) = if let Some(r) = name.strip_prefix("iscsi://") {
@@ -173,10 +173,25 @@ fn iscsi_options(name: &str) -> Option<QDict> {
         .with("portal", portal)
         .with("target", target)
         .with("lun", lun.to_string());
+    // A system emulator's `-iscsi` group fills in what is missing, its credentials
+    // before the URL's.
+    for (key, value) in crate::emulator::iscsi_defaults(target) {
+        if d.get(&key).is_none() {
+            // `-iscsi` takes the digest in upper case, the driver's option in lower.
+            let value = match key.as_str() {
+                "header-digest" => value.to_ascii_lowercase(),
+                _ => value,
+            };
+            d.insert(key, value);
+        }
+    }
     if let Some(user) = user.filter(|u| !u.is_empty()) {
         let (u, p) = user.split_once('%').unwrap_or((user, ""));
-        d.insert("user", u);
-        d.insert("password", p);
+        for (key, value) in [("user", u), ("password", p)] {
+            if d.get(key).is_none() {
+                d.insert(key, value);
+            }
+        }
     }
     Some(d)
 }

@@ -16,6 +16,7 @@ pub mod copy;
 pub mod create;
 mod drain;
 pub mod driver;
+pub mod emulator;
 mod error;
 mod events;
 pub mod fdset;

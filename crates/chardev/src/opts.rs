@@ -142,33 +142,6 @@ fn parse_number(key: &str, v: &str) -> Result<u64> {
     Ok(if negative { n.wrapping_neg() } else { n })
 }
 
-/// Splits QemuOpts text: `backend,key=value,flag,...` with `,,` for a literal comma.
-fn split_opts(text: &str) -> Vec<(String, Option<String>)> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    parts
-        .into_iter()
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
-            None => (p, None),
-        })
-        .collect()
-}
-
 fn backend_help() -> String {
     let mut text = String::from("Available chardev backend types: \n");
     for name in BACKEND_HELP_ORDER {
@@ -246,7 +219,7 @@ pub fn deprecations(text: &str) -> Vec<String> {
 }
 
 fn parse(text: &str, warnings: &mut Vec<String>) -> Result<ChardevOpts> {
-    let mut items = split_opts(text).into_iter();
+    let mut items = ferrite_qapi::qemu_opts::split(text).into_iter();
     let mut opts: Vec<(String, String)> = Vec::new();
     let mut help = false;
     if let Some((first, value)) = items.next() {
@@ -267,13 +240,8 @@ fn parse(text: &str, warnings: &mut Vec<String>) -> Result<ChardevOpts> {
             }
             // A bare key is a boolean, `noKEY` one that is off: deprecated spellings.
             None => {
-                let (name, v) = match key.strip_prefix("no") {
-                    Some(name) => (name.to_owned(), "off"),
-                    None => (key.clone(), "on"),
-                };
-                warnings.push(format!(
-                    "short-form boolean option '{key}' deprecated\nPlease use {name}={v} instead"
-                ));
+                let (name, v, warning) = ferrite_qapi::qemu_opts::short_form_boolean(&key);
+                warnings.push(warning);
                 (name, v.to_owned())
             }
         };

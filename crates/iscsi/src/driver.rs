@@ -372,13 +372,25 @@ struct Iscsi {
 /// The `timeout` and `lun` options as numbers (a name's options carry them as text).
 fn number(opts: &Args, key: &str) -> Option<i64> {
     match opts.get(key)? {
-        QObject::String(s) => s.parse().ok(),
+        // QEMU's option parser takes C's spellings (`0x10`).
+        QObject::String(s) => {
+            let (negative, magnitude) = ferrite_qapi::visit::parse_c_integer(s)?;
+            let n = i64::try_from(magnitude).ok()?;
+            Some(if negative { -n } else { n })
+        }
         v => v.as_i64(),
     }
 }
 
-/// QEMU's default initiator name.
-const DEFAULT_INITIATOR: &str = "iqn.2008-11.org.linux-kvm";
+/// QEMU's default initiator name: its own prefix, and in a system emulator the machine's
+/// UUID or name after a colon.
+fn default_initiator() -> String {
+    const PREFIX: &str = "iqn.2008-11.org.linux-kvm";
+    match ferrite_block::emulator::machine_label() {
+        Some(label) => format!("{PREFIX}:{label}"),
+        None => PREFIX.to_owned(),
+    }
+}
 
 impl DriverFactory for IscsiFactory {
     fn name(&self) -> &'static str {
@@ -440,8 +452,7 @@ impl DriverFactory for IscsiFactory {
                 name: target.to_owned(),
                 initiator: opts
                     .opt_str("initiator-name")
-                    .unwrap_or(DEFAULT_INITIATOR)
-                    .to_owned(),
+                    .map_or_else(default_initiator, str::to_owned),
                 chap,
                 digest,
             };

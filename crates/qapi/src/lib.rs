@@ -16,6 +16,7 @@ mod enums;
 mod error;
 mod event;
 pub mod introspect;
+pub mod qemu_opts;
 pub mod schema;
 pub mod visit;
 

@@ -88,6 +88,8 @@ const OPTIONS: &[(&str, bool)] = &[
     ("nic", true),
     ("usb", false),
     ("iothread", true),
+    ("uuid", true),
+    ("iscsi", true),
 ];
 
 /// Short spellings of longer options.
@@ -133,27 +135,11 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Vec<SysOption>, String> {
     Ok(out)
 }
 
-/// The `id=` of an option's value (QEMU's `QemuOpts` id), commas doubled to escape them.
+/// The `id=` of an option's value (QEMU's `QemuOpts` id).
 fn option_id(value: &str) -> Option<String> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = value.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-                continue;
-            }
-            parts.push(std::mem::take(&mut cur));
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    parts
+    ferrite_qapi::qemu_opts::split(value)
         .into_iter()
-        .find_map(|p| p.strip_prefix("id=").map(str::to_owned))
+        .find_map(|(k, v)| (k == "id").then_some(v?))
 }
 
 /// The option groups `-set` cannot change: those read as QAPI rather than `QemuOpts`.

@@ -51,6 +51,7 @@ impl SystemCommands {
                 empty()
             }
             "query-name" => Ok(sys.machine.query_name()),
+            "query-uuid" => Ok(sys.machine.query_uuid()),
             "query-kvm" => Ok(sys.machine.query_kvm()),
             "device_add" => {
                 sys.devices.hotplug(args.as_dict())?;

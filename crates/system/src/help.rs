@@ -44,12 +44,16 @@ pub(crate) fn help_text(prog: &str) -> String {
          -accel qtest|kvm|tcg  the accelerator (without a guest CPU, qtest is what runs)\n\
          -nodefaults     don't create default devices\n\
          -S              freeze CPU at startup (use 'c' or 'cont' to start)\n\
-         -name string    the guest's name\n\n\
+         -name string    the guest's name\n\
+         -uuid %08x-%04x-%04x-%04x-%012x  the guest's UUID\n\n\
          Block device options:\n\
          -drive [file=file][,if=type][,id=name][,format=f][,node-name=n][,cache=c][,aio=a]\n\
          \x20      [,readonly=on|off][,media=disk|cdrom][,werror=w][,rerror=r]...\n\
          -blockdev [driver=]driver[,node-name=N][,discard=ignore|unmap]...\n\
-         -device driver[,prop[=value][,...]]  a device ('-device help' lists them)\n\n\
+         -device driver[,prop[=value][,...]]  a device ('-device help' lists them)\n\
+         -iscsi [user=user][,password=password][,password-secret=secret]\n\
+         \x20      [,header-digest=CRC32C|CRC32C-NONE|NONE-CRC32C|NONE][,initiator-name=iqn]\n\
+         \x20      [,id=target-iqn][,timeout=timeout]  defaults for iscsi:// names\n\n\
          Monitors and character devices:\n\
          -chardev backend,id=id[,...]\n\
          -mon [chardev=]name[,mode=readline|control][,pretty[=on|off]]\n\

@@ -19,6 +19,7 @@ mod fds;
 mod help;
 mod hmp;
 mod io_limits;
+mod iscsi_group;
 mod machine;
 mod migration;
 mod qemu_io;
@@ -523,6 +524,27 @@ pub fn main() -> ExitCode {
             _ => {}
         }
     }
+    // What qemu-system checks as it reads these options, in order.
+    let (mut uuid, mut iscsi_groups) = (None, Vec::new());
+    for o in &options {
+        let read = match o.name {
+            "uuid" => machine::parse_uuid(o.text()).map(|u| uuid = Some(u)),
+            "iscsi" => {
+                let mut warnings = Vec::new();
+                let group = iscsi_group::parse(o.text(), &iscsi_groups, &mut warnings);
+                for w in warnings {
+                    eprintln!("{prog}: {}: warning: {w}", o.describe());
+                }
+                group.map(|g| iscsi_groups.push(g))
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = read {
+            eprintln!("{prog}: {}", failed(o, e).0);
+            return ExitCode::FAILURE;
+        }
+    }
+    ferrite_block::emulator::set_iscsi_groups(iscsi_groups);
     let (kind, qtest) = match machine_type(&options) {
         Ok(k) => k,
         Err(Failure(e)) => {
@@ -543,7 +565,7 @@ pub fn main() -> ExitCode {
         let daemon = Daemon::new();
         daemon.graph.registry().set_for_emulator();
         crate::fds::use_named_fds_for_sockets();
-        let machine = Machine::new(kind, name, daemon.events.clone());
+        let machine = Machine::new(kind, name, uuid, daemon.events.clone());
         let devices = Devices::new(
             machine.clone(),
             daemon.graph.clone(),

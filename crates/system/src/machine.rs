@@ -98,6 +98,23 @@ pub(crate) const MACHINES: &[MachineType] = &[
     },
 ];
 
+/// The UUID `-uuid TEXT` gives the machine, in lower case: `TEXT` is 32 hexadecimal
+/// digits grouped 8-4-4-4-12 by hyphens.
+///
+/// # Errors
+/// qemu-system's text, without the option's name.
+pub(crate) fn parse_uuid(text: &str) -> Result<String, String> {
+    let well_formed = text.len() == 36
+        && text.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if !well_formed {
+        return Err("failed to parse UUID string: wrong format".to_owned());
+    }
+    Ok(text.to_ascii_lowercase())
+}
+
 /// The machine type called `name`.
 ///
 /// # Errors
@@ -166,6 +183,8 @@ pub(crate) struct Machine {
     pub(crate) kind: &'static MachineType,
     /// `-name`.
     pub(crate) name: Option<String>,
+    /// `-uuid`, in lower case (the nil UUID without one).
+    uuid: String,
     state: Cell<RunState>,
     /// Start when an incoming migration ends (cleared by `stop` while waiting for one).
     autostart: Cell<bool>,
@@ -190,11 +209,16 @@ impl Machine {
     pub(crate) fn new(
         kind: &'static MachineType,
         name: Option<String>,
+        uuid: Option<String>,
         events: Rc<EventBus>,
     ) -> Rc<Machine> {
+        let uuid = uuid.unwrap_or_else(|| ferrite_block::emulator::NIL_UUID.to_owned());
+        // What drivers read of the machine (an iSCSI initiator's default name).
+        ferrite_block::emulator::set_machine(name.clone(), Some(uuid.clone()));
         Rc::new(Machine {
             kind,
             name,
+            uuid,
             state: Cell::new(RunState::Prelaunch),
             autostart: Cell::new(true),
             kvm_present: std::path::Path::new("/dev/kvm").exists(),
@@ -392,6 +416,16 @@ impl Machine {
             d.insert("name", n.as_str());
         }
         d.into()
+    }
+
+    /// `-uuid`, in lower case, or the nil UUID.
+    pub(crate) fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    /// `query-uuid`.
+    pub(crate) fn query_uuid(&self) -> QObject {
+        QDict::new().with("UUID", self.uuid.as_str()).into()
     }
 
     /// `query-kvm`.

@@ -46,6 +46,7 @@ async fn answer(cmds: &SystemCommands, line: &str, terminal: bool) -> String {
             Some(n) => format!("{n}\r\n"),
             None => String::new(),
         },
+        ("info", "uuid") => format!("{}\r\n", cmds.system().machine.uuid()),
         ("info", "block-jobs") => info_block::info_block_jobs(cmds).await,
         ("info", block) if block == "block" || block.starts_with("block ") => {
             info_block::info_block(cmds, &block[5..]).await
