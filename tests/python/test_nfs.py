@@ -181,20 +181,72 @@ IO = ["read -v 0 32", "write -P 0x11 0 4k", "write -P 0x22 100k 3M", "read -P 0x
       "read -v 8389600 32", "read 0 8389632", "length"]
 
 
-def test_reads_and_writes_match_qsd(qsd, ferrite, server):
-    """qemu-io through an NBD export of the node: the same output, the same file on the
-    server afterwards."""
+# libnfs's page cache and readahead as QEMU's options turn them on.
+CACHES = [{}, {"page-cache-size": 16}, {"readahead-size": 1 << 20, "page-cache-size": 2048}]
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=["uncached", "pages", "readahead"])
+def test_reads_and_writes_match_qsd(qsd, ferrite, server, cache):
+    """qemu-io through an NBD export of the node, without and with libnfs's page cache
+    and readahead: the same output, the same file on the server afterwards."""
     out = {}
     e = server.dir_for("io")
     for name, start in (("qsd", qsd), ("ferrite", ferrite)):
         path = image(e / f"{name}.raw", SIZE + 1000, fill=lambda i: (i % 7) + 1)
         d = start()
-        export(d, nfs(path))
+        export(d, nfs(path, **cache))
         out[name] = qemu_io(nbd_uri(d), *IO)
         d.stop()
     assert "failed" not in out["ferrite"], out["ferrite"]
     assert out["ferrite"] == out["qsd"]
     assert (e / "ferrite.raw").read_bytes() == (e / "qsd.raw").read_bytes()
+
+
+@pytest.mark.parametrize("cache", [{"page-cache-size": 16}, {"readahead-size": 65536},
+                                   {"readahead-size": 100000, "page-cache-size": 3}],
+                         ids=["pages", "readahead", "both"])
+def test_the_page_cache_keeps_what_it_read_as_in_qsd(qsd, ferrite, server, cache):
+    """The file changed on the server behind the node's back: what the node read before
+    (the pages asked for, and with readahead the pages after a sequential reader) still
+    reads as it was, the rest reads as it is now, the node's own writes read back: the
+    same pages as libnfs keeps in qsd (the same page slots, the same readahead window)."""
+    reads = ["read 0 8k", "read 64k 4k", "read 131072 100", "read 500k 4k"]
+    reads += [f"read {200 + 4 * i}k 4k" for i in range(8)]
+    probes = [0, 4, 8, 12, 64, 68, 128, 132, 196, 300, 400, 504, 508]
+    probes += list(range(200, 300, 4))
+    out = {}
+    e = server.dir_for("cache")
+    for name, start in (("qsd", qsd), ("ferrite", ferrite)):
+        path = image(e / f"{name}.raw", 1 << 20, fill=lambda i: (i % 250) + 1)
+        d = start()
+        export(d, nfs(path, **cache))
+        first = qemu_io(nbd_uri(d), *reads)
+        path.write_bytes(b"\xaa" * (1 << 20))
+        second = qemu_io(nbd_uri(d), "write -P 0x55 65636 200", "write -P 0x66 80k 4k",
+                         *(f"read -v {k}k 16" for k in probes), "read -v 65632 8")
+        out[name] = first + second
+        d.stop()
+    assert "failed" not in out["ferrite"], out["ferrite"]
+    # Some pages were kept, some were not.
+    assert re.search(r":  (?!aa|55|66)[0-9a-f]{2} ", out["ferrite"]), out["ferrite"]
+    assert ":  aa aa aa" in out["ferrite"], out["ferrite"]
+    assert out["ferrite"] == out["qsd"]
+
+
+def test_negative_cache_sizes_open_without_a_cache(ferrite, server):
+    """`readahead-size` and `page-cache-size` below 0: qsd hands them to libnfs as
+    unsigned numbers and never returns from rounding them up (its `blockdev-add` hangs);
+    ferrite opens the node without a cache."""
+    e = server.dir_for("negative")
+    path = image(e / "f.raw", 1 << 20, fill=lambda i: i % 200 + 1)
+    d = ferrite()
+    c = export(d, nfs(path, **{"readahead-size": -5}))
+    for i, opt in enumerate(("readahead-size", "page-cache-size")):
+        assert c.cmd("blockdev-add", nfs(path, **{"node-name": f"n{i}", opt: -1})) == \
+            {"return": {}}
+    read = qemu_io(nbd_uri(d), "read -P 3 8k 4k")
+    assert "read 4096/4096" in read and "failed" not in read, read
+    d.stop()
 
 
 def test_a_node_reopened_read_only_reads_on(ferrite, server):
@@ -262,15 +314,17 @@ def test_backing_files_named_by_url(qsd, ferrite, server):
     assert "Mount failed with error MNT3ERR_ACCES" in replies["qsd"]["error"]["desc"]
 
 
-def test_many_requests_at_once(ferrite, server):
+@pytest.mark.parametrize("cache", CACHES, ids=["uncached", "pages", "readahead"])
+def test_many_requests_at_once(ferrite, server, cache):
     """Thirty-two writes sent at once over one NBD connection, none in whole sectors (each
     shares its first and last sector with its neighbours), then thirty-two reads at once:
-    every command finds its data, and the file ends as the writes left it."""
+    every command finds its data (with a page cache too, none of it old), and the file
+    ends as the writes left it."""
     e = server.dir_for("many")
     path = image(e / "u.raw", fill=lambda i: i & 0xff)
     expect = bytearray(path.read_bytes())
     d = ferrite()
-    export(d, nfs(path))
+    export(d, nfs(path, **cache))
     nc.overlapping_rounds(f"{d.workdir}/nbd.sock", expect)
     d.stop()
     assert path.read_bytes() == bytes(expect)

@@ -6,16 +6,18 @@
 //! event loop; here every piece of every request is on the connection at once. Writes
 //! with FUA go as FILE_SYNC writes (QEMU writes, then commits the whole file).
 
+use crate::cache::{PAGE, PageCache};
 use crate::client::{Client, Failed};
 use crate::nfs3::{self, Fh};
 use crate::options::Options;
 use bytes::Bytes;
 use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
+use ferrite_block::io::pool;
 use ferrite_block::report::error_report;
 use ferrite_block::{DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
 use ferrite_qapi::{Args, Error};
 use ferrite_qobject::QDict;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 
@@ -102,6 +104,7 @@ impl DriverFactory for NfsFactory {
                 used_at_open: Cell::new(attr.used),
                 read_only: Cell::new(settings.read_only),
                 cache_direct: Cell::new(settings.cache_direct),
+                cache: PageCache::new(options.readahead, options.cache_pages).map(RefCell::new),
                 options,
                 strong,
             }) as Box<dyn Driver>)
@@ -141,6 +144,8 @@ struct Nfs {
     used_at_open: Cell<u64>,
     read_only: Cell<bool>,
     cache_direct: Cell<bool>,
+    /// libnfs's page cache and readahead, when the options ask for them.
+    cache: Option<RefCell<PageCache>>,
     options: Options,
     strong: QDict,
 }
@@ -149,6 +154,73 @@ impl Nfs {
     fn fail(text: &str, errno: i32) -> io::Error {
         error_report(&format!("NFS Error: {text}"));
         io::Error::from_raw_os_error(errno)
+    }
+
+    /// Drops the cached pages.
+    fn invalidate_pages(&self) {
+        if let Some(cache) = &self.cache {
+            cache.borrow_mut().invalidate();
+        }
+    }
+
+    /// Reads `len` bytes at `offset` into `out` (as long), past the end of the file as
+    /// zeroes.
+    async fn read_uncached(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let got = self
+            .client
+            .read(&self.fh, offset, out)
+            .await
+            .map_err(|e| Self::fail(&e, libc::EIO))?;
+        out[got..].fill(0);
+        Ok(())
+    }
+
+    /// A read through the page cache, as libnfs makes it: the whole pages around the
+    /// request, those cached first taken from the cache, the rest (and the readahead
+    /// window) from the server and kept.
+    async fn read_cached(
+        &self,
+        cache: &RefCell<PageCache>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Vec<u8>> {
+        let start = offset - offset % PAGE;
+        let span = ((offset + len as u64).next_multiple_of(PAGE) - start) as usize;
+        let mut buf = pool::take(span);
+        let (hit, fetch) = {
+            let mut c = cache.borrow_mut();
+            let hit = c.copy_cached(start, &mut buf);
+            let from = start + hit as u64;
+            (
+                hit,
+                (hit < span).then(|| (c.readahead_for(from), c.epoch())),
+            )
+        };
+        if let Some((readahead, epoch)) = fetch {
+            let from = start + hit as u64;
+            buf.resize(span + readahead as usize, 0);
+            let got = match self.client.read(&self.fh, from, &mut buf[hit..]).await {
+                Ok(got) => got,
+                Err(e) => {
+                    pool::give(buf);
+                    return Err(Self::fail(&e, libc::EIO));
+                }
+            };
+            cache
+                .borrow_mut()
+                .fetched(epoch, from, &buf[hit..hit + got]);
+            if hit + got < span {
+                buf[hit + got..span].fill(0);
+            }
+        }
+        let skip = (offset - start) as usize;
+        if skip == 0 {
+            buf.truncate(len);
+            return Ok(buf);
+        }
+        let out = pool::copy_of(&buf[skip..skip + len]);
+        pool::give(buf);
+        Ok(out)
     }
 }
 
@@ -178,16 +250,15 @@ impl Driver for Nfs {
 
     fn read<'a>(&'a self, _node: &'a Node, offset: u64, len: usize) -> BoxFut<'a, Vec<u8>> {
         Box::pin(async move {
-            let mut out = ferrite_block::io::pool::take(len);
-            match self.client.read(&self.fh, offset, &mut out).await {
-                Ok(got) => {
-                    // Past the end of the file (inside its last sector): zeroes.
-                    out[got..].fill(0);
-                    Ok(out)
-                }
+            if let Some(cache) = &self.cache {
+                return self.read_cached(cache, offset, len).await;
+            }
+            let mut out = pool::take(len);
+            match self.read_uncached(offset, &mut out).await {
+                Ok(()) => Ok(out),
                 Err(e) => {
-                    ferrite_block::io::pool::give(out);
-                    Err(Self::fail(&e, libc::EIO))
+                    pool::give(out);
+                    Err(e)
                 }
             }
         })
@@ -206,15 +277,18 @@ impl Driver for Nfs {
             } else {
                 nfs3::UNSTABLE
             };
-            self.client
-                .write(
-                    &self.fh,
-                    offset,
-                    Bytes::from_owner(ferrite_block::io::pool::Pooled(data)),
-                    stable,
-                )
-                .await
-                .map_err(|(errno, text)| Self::fail(&text, errno))
+            let data = Bytes::from_owner(pool::Pooled(data));
+            let started = self.cache.as_ref().map(|c| c.borrow_mut().write_started());
+            let written = self
+                .client
+                .write(&self.fh, offset, data.clone(), stable)
+                .await;
+            if let (Some(cache), Some(started)) = (&self.cache, started) {
+                cache
+                    .borrow_mut()
+                    .write_ended(started, offset, &data, written.is_ok());
+            }
+            written.map_err(|(errno, text)| Self::fail(&text, errno))
         })
     }
 
@@ -256,6 +330,7 @@ impl Driver for Nfs {
 
     fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
         Box::pin(async move {
+            self.invalidate_pages();
             self.client.set_size(&self.fh, size).await.map_err(|f| {
                 let e = io::Error::from_raw_os_error(f.errno());
                 io::Error::new(e.kind(), format!("Failed to truncate file: {e}"))
@@ -328,6 +403,11 @@ impl Driver for Nfs {
 
     fn strong_options(&self) -> QDict {
         self.strong.clone()
+    }
+
+    fn invalidate_cache<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {
+        self.invalidate_pages();
+        Box::pin(async { Ok(()) })
     }
 
     fn disconnect<'a>(&'a self, _node: &'a Node) -> BoxFut<'a, ()> {

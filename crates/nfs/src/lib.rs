@@ -12,6 +12,7 @@
 //! - `options.rs`: `BlockdevOptionsNfs`, QEMU's checks, the node's file name;
 //! - `driver.rs`: the node and `blockdev-create`.
 
+mod cache;
 mod client;
 mod driver;
 mod nfs3;

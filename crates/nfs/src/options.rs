@@ -21,6 +21,9 @@ pub(crate) struct Options {
     /// Whether readahead or a page cache was asked for (a reopen may then not turn
     /// `cache.direct` on).
     pub(crate) cache_used: bool,
+    /// `readahead-size` (bytes) and `page-cache-size` (pages), capped as QEMU caps them.
+    pub(crate) readahead: Option<i64>,
+    pub(crate) cache_pages: Option<i64>,
 }
 
 impl Options {
@@ -49,6 +52,10 @@ impl Options {
             group: opts.opt_i64("group"),
             syn_count: opts.opt_i64("tcp-syn-count"),
             cache_used: opts.has("readahead-size") || opts.has("page-cache-size"),
+            readahead: opts.opt_i64("readahead-size").map(|n| n.min(MAX_READAHEAD)),
+            cache_pages: opts
+                .opt_i64("page-cache-size")
+                .map(|n| n.min(MAX_PAGECACHE_PAGES)),
         };
         if !o.path.contains('/') {
             return Err(Error::generic("Invalid URL specified"));
@@ -145,6 +152,8 @@ mod tests {
             group,
             syn_count: None,
             cache_used: false,
+            readahead: None,
+            cache_pages: None,
         }
     }
 
