@@ -10,7 +10,11 @@ import time
 
 @contextlib.contextmanager
 def running(args, wait_for):
-    """Runs a daemon with `args` once the socket `wait_for` exists; stops it afterwards."""
+    """Runs a daemon with `args` once the socket `wait_for` exists; stops it afterwards. A
+    socket an earlier run left there (nbdkit leaves its own) is removed first, so that it
+    is not taken for the new daemon's."""
+    if os.path.exists(wait_for):
+        os.unlink(wait_for)
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(500):

@@ -198,20 +198,22 @@ impl Nfs {
         };
         if let Some((readahead, epoch)) = fetch {
             let from = start + hit as u64;
-            buf.resize(span + readahead as usize, 0);
-            let got = match self.client.read(&self.fh, from, &mut buf[hit..]).await {
+            // Its own pooled buffer: a readahead window of fresh memory each time costs
+            // more in page faults than the copy of the part asked for.
+            let mut fetched = pool::take(span - hit + readahead as usize);
+            let got = match self.client.read(&self.fh, from, &mut fetched).await {
                 Ok(got) => got,
                 Err(e) => {
                     pool::give(buf);
+                    pool::give(fetched);
                     return Err(Self::fail(&e, libc::EIO));
                 }
             };
-            cache
-                .borrow_mut()
-                .fetched(epoch, from, &buf[hit..hit + got]);
-            if hit + got < span {
-                buf[hit + got..span].fill(0);
-            }
+            cache.borrow_mut().fetched(epoch, from, &fetched[..got]);
+            let asked = got.min(span - hit);
+            buf[hit..hit + asked].copy_from_slice(&fetched[..asked]);
+            buf[hit + asked..].fill(0);
+            pool::give(fetched);
         }
         let skip = (offset - start) as usize;
         if skip == 0 {
