@@ -299,6 +299,11 @@ def test_ferrite_system_takes_iscsi_groups_and_the_machine_name(tgt, tmp_path):
         ["-iscsi", "user=eve,password=nope", *drive(chap, "bob%pass-word-1234@")],
         ["-iscsi", "id=x", "-set", "iscsi.x.user=bob", "-set",
          "iscsi.x.password=pass-word-1234", *drive(chap)],
+        # The password from a secret object, right, wrong and missing.
+        *(["-object", f"secret,id=s0,data={password}", "-iscsi",
+           "user=bob,password-secret=s0", *drive(chap)]
+          for password in ("pass-word-1234", "wrong")),
+        ["-iscsi", "user=bob,password-secret=nosuch", *drive(chap)],
         # What qemu-system refuses or warns about as it reads the options.
         ["-iscsi", "foo=1"],
         ["-iscsi", "timeout=abc"],
