@@ -89,6 +89,16 @@ def node_export_args(binary, d, node, sock):
             "--chardev", f"socket,id=c,path={qmp},server=on,wait=off", "--monitor", "c"]
 
 
+# The four fio jobs the benches of remote nodes (nbd, ssh, iscsi, nfs) run: 1M sequential
+# and 4k random, reads and writes.
+REMOTE_JOBS = [
+    ("seq read 1M", ["--rw=read", "--bs=1M"]),
+    ("seq write 1M", ["--rw=write", "--bs=1M"]),
+    ("rand read 4k", ["--rw=randread", "--bs=4k"]),
+    ("rand write 4k", ["--rw=randwrite", "--bs=4k"]),
+]
+
+
 def fio_jobs(args, sock, size, runtime, jobs):
     """Starts the server `args` (ready when `sock` exists) and runs each fio job of `jobs`
     ((name, fio options) pairs) against its NBD export `d0`: {name: (IOPS, MiB/s)}."""

@@ -11,12 +11,7 @@ import tempfile
 import common
 from nbd_fio import FERRITE, QSD, RUNTIME, SIZE, image, nbdkit_args
 
-JOBS = [
-    ("seq read 1M", ["--rw=read", "--bs=1M"]),
-    ("seq write 1M", ["--rw=write", "--bs=1M"]),
-    ("rand read 4k", ["--rw=randread", "--bs=4k"]),
-    ("rand write 4k", ["--rw=randwrite", "--bs=4k"]),
-]
+JOBS = common.REMOTE_JOBS
 
 
 def back_args(binary, d, img, sock):

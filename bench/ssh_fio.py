@@ -15,12 +15,7 @@ from nbd_fio import FERRITE, QSD, RUNTIME, SIZE, image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests/python"))
 from sshserver import SSHD, SshServer  # noqa: E402
 
-JOBS = [
-    ("seq read 1M", ["--rw=read", "--bs=1M"]),
-    ("seq write 1M", ["--rw=write", "--bs=1M"]),
-    ("rand read 4k", ["--rw=randread", "--bs=4k"]),
-    ("rand write 4k", ["--rw=randwrite", "--bs=4k"]),
-]
+JOBS = common.REMOTE_JOBS
 
 
 def daemon_args(binary, d, server, img, sock):
