@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 
-from sshserver import free_port
+from sshserver import free_port, stop_process
 
 TGTD = "/usr/sbin/tgtd"
 _control = itertools.count(os.getpid() % 500 + 100)
@@ -93,9 +93,4 @@ class Target:
         self.proc.wait()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, 5)

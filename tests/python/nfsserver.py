@@ -10,6 +10,8 @@ import socket
 import subprocess
 import time
 
+from sshserver import stop_process
+
 GANESHA = "/usr/bin/ganesha.nfsd"
 RPCBIND = "/usr/sbin/rpcbind"
 VFS_FSAL = "/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so"
@@ -104,15 +106,9 @@ class Server:
         self.proc.wait()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
         if self.rpcbind is not None:
-            self.rpcbind.terminate()
-            self.rpcbind.wait()
+            stop_process(self.rpcbind)
 
     def dir_for(self, name):
         """A fresh directory `name` in the export: its local path and its path on the

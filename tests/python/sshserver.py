@@ -18,6 +18,18 @@ def free_port():
     return port
 
 
+def stop_process(proc, timeout=10):
+    """Ends a test server: SIGTERM, and SIGKILL if it has not exited `timeout` seconds
+    later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def keygen(path, kind="ed25519"):
     subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True)
     return path
@@ -85,9 +97,7 @@ class SshServer:
 
     def stop(self):
         for p in (self.proc, self.agent):
-            if p.poll() is None:
-                p.terminate()
-                p.wait(10)
+            stop_process(p)
 
     def kill_sessions(self):
         """Ends every session sshd serves (its children), leaving the listener."""
