@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import FERRITE, QSD, Daemon, wait_for
 from test_system import QEMU, SYSTEM, Machine, compare_with_qemu, hide
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 (the oracle) is missing; scripts/setup.sh installs it")
@@ -290,6 +290,81 @@ def bitmap_migration_transcript(binary, accel, w):
 
 def test_dirty_bitmap_migration_matches_qemu_system(tmp_path):
     compare_with_qemu(tmp_path, bitmap_migration_transcript)
+
+
+def handover_transcript(binary, accel, w):
+    """As iotest qsd-migrate: each side's image is an NBD export of a storage daemon (the
+    destination's inactive). While the source waits in pre-switchover, its daemon's node
+    goes inactive (it refuses writes and flushes from then on) and the destination's active;
+    the source must not need its server to take a flush after that. qemu-system runs with
+    qemu-storage-daemon, ferrite-system with ferrite-storage-daemon."""
+    daemon = QSD if binary == QEMU else FERRITE
+    img = w / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "10M"], check=True)
+
+    def serve(side, active):
+        off = "" if active else ",active=off"
+        return Daemon(daemon, w / f"d{side}", [
+            "--blockdev", f"file,node-name=disk-file,filename={img}{off}",
+            "--blockdev", f"qcow2,file=disk-file,node-name=disk-fmt{off}",
+            "--nbd-server", f"addr.type=unix,addr.path={w}/{side}.nbd",
+            "--export", "nbd,id=exp0,node-name=disk-fmt,writable=true,allow-inactive=true"])
+
+    def vm(side, extra=()):
+        (w / side).mkdir()
+        return Machine(binary, accel, w / side, [
+            "-blockdev", f"nbd,node-name=disk,server.type=unix,server.path={w}/{side}.nbd,"
+                         "export=disk-fmt",
+            "-device", "virtio-blk,drive=disk,id=virtio0", *extra])
+
+    def io(m, cmd):
+        return m.qmp.cmd("human-monitor-command", {
+            "command-line": f'qemu-io -d virtio0/virtio-backend "{cmd}"'})
+
+    uri = f"unix:{w}/mig.sock"
+    da, db = serve("a", True), serve("b", False)
+    a = b = None
+    out = []
+    try:
+        qa, qb = da.connect(), db.connect()
+        a, b = vm("a"), vm("b", ["-incoming", uri])
+        out.append(("a wrote", io(a, "write -P 0x11 0 4k")))
+        caps = [{"capability": "events", "state": True},
+                {"capability": "pause-before-switchover", "state": True}]
+        for m in (a, b):
+            out.append(m.qmp.cmd("migrate-set-capabilities", {"capabilities": caps}))
+        out.append(a.qmp.cmd("migrate", {"uri": uri}))
+        out.append(("a", statuses(a, "pre-switchover")))
+        out.append(("da inactive", qa.cmd("blockdev-set-active", {"active": False})))
+        out.append(("a reads", io(a, "read -P 0x11 0 4k")))
+        out.append(("db active", qb.cmd("blockdev-set-active", {"active": True})))
+        out.append(a.qmp.cmd("migrate-continue", {"state": "pre-switchover"}))
+        out.append(("a", statuses(a, "completed")))
+        out.append(("b", statuses(b, "completed")))
+        wait_for(lambda: b.qmp.cmd("query-status")["return"]["status"] != "inmigrate",
+                 what="the destination to leave inmigrate")
+        out.append(("a after", a.qmp.cmd("query-migrate")["return"].get("error-desc"),
+                    settled_status(a), active(a)))
+        out.append(("b reads", io(b, "read -P 0x11 0 4k")))
+        # A destination that is not to run leaves its images inactive until `cont`.
+        out.append(("b cont", b.qmp.cmd("cont"), active(b)))
+        out.append(("b writes", io(b, "write -P 0x22 4k 4k")))
+        quit_all(a, b)
+    finally:
+        for m in (a, b):
+            if m is not None:
+                m.stop()
+        da.stop()
+        db.stop()
+    out.append(("a log", a.stderr.read_text(), "b log", b.stderr.read_text()))
+    out.append(("image", subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 4k", "-c", "read -P 0x22 4k 4k",
+         str(img)], capture_output=True, text=True).stdout.count("read 4096/4096")))
+    return hide(out)
+
+
+def test_images_behind_storage_daemons_change_hands_like_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, handover_transcript)
 
 
 def mapping_section(hmp_text):

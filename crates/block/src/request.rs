@@ -258,6 +258,11 @@ impl Node {
         }
     }
 
+    /// Whether writes completed on this node since its last flush.
+    pub(crate) fn has_unflushed_writes(&self) -> bool {
+        self.flushed_gen.get() != self.write_gen.get()
+    }
+
     /// Flushes; a no-op with `cache.no-flush=on`. Raises `flush_to_os` on the primary child
     /// of a writable node, and `flush_to_disk` when something changed since the last flush,
     /// as QEMU's flush does. Public for drivers that make a FUA request durable by

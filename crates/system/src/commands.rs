@@ -20,7 +20,12 @@ impl SystemCommands {
         match name {
             "query-status" => Ok(sys.machine.query_status()),
             "stop" => {
+                // An incoming machine only keeps from starting; nothing of it runs yet.
+                let incoming = sys.machine.status() == crate::machine::RunState::InMigrate;
                 sys.machine.stop();
+                if !incoming {
+                    sys.settle_images().await;
+                }
                 empty()
             }
             "cont" => {
@@ -109,11 +114,9 @@ impl SystemCommands {
             }
             "quit" => {
                 sys.machine.quit();
-                // The machine stops first (QEMU's vm_shutdown): everything drained once and
-                // written back, so a running job pauses and resumes before the daemon's own
-                // shutdown drains again and cancels it.
-                drop(sys.daemon.graph.drain_all().await);
-                sys.daemon.graph.flush_all().await;
+                // The machine stops first (QEMU's vm_shutdown), so a running job pauses and
+                // resumes before the daemon's own shutdown drains again and cancels it.
+                sys.settle_images().await;
                 sys.daemon.run("quit", args).await
             }
             _ if let Some(r) = crate::fds::run(name, &args) => r,

@@ -52,6 +52,16 @@ pub(crate) struct System {
     pub(crate) migration: migration::MigrationState,
 }
 
+impl System {
+    /// What a stopping machine does to its images (QEMU's `vm_stop`, also when the machine
+    /// was stopped already): every node drained once and what was written flushed, so that
+    /// whatever comes next (a migration's switch-over, a quit) finds it on the images.
+    pub(crate) async fn settle_images(&self) {
+        drop(self.daemon.graph.drain_all().await);
+        self.daemon.graph.flush_all().await;
+    }
+}
+
 /// A start-up failure, printed after the program name.
 struct Failure(String);
 

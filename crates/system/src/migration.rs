@@ -623,6 +623,9 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
         Ok(()) => {
             let before = sys.machine.stop_for(RunState::FinishMigrate);
             was = Some(before);
+            // Before any pause for migrate-continue: meanwhile the images' owners may
+            // give them up (an NBD server's node going inactive refuses flushes).
+            sys.settle_images().await;
             switch_over(sys, ch, before, &bitmaps, postcopy).await
         }
         Err(e) => Err(e),
@@ -703,7 +706,6 @@ async fn switch_over(
     // written (a job's target) keeps them all here.
     let graph = &sys.daemon.graph;
     drop(graph.drain_all().await);
-    graph.flush_all().await;
     if let Err(e) = graph.inactivate_all().await {
         ferrite_block::report::error_report(&format!(
             "Could not give the images up to the destination: {}",

@@ -75,12 +75,16 @@ impl Graph {
                 )));
             }
             let drained = self.drain(node).await;
-            // Everything goes back to the image, as when the node closes.
+            // Everything goes back to the image, as when the node closes. Only what was
+            // written since the last flush is flushed: a machine stopping flushed the rest,
+            // and an NBD server whose node went inactive first refuses flushes (EPERM).
             node.driver()
                 .close(node)
                 .await
                 .map_err(Error::InactivateFailed)?;
-            node.flush().await.map_err(Error::InactivateFailed)?;
+            if node.has_unflushed_writes() {
+                node.flush().await.map_err(Error::InactivateFailed)?;
+            }
             // The persistent bitmaps just stored are the image's now, not this process's:
             // whoever activates the image next loads them (QEMU releases them too).
             if node.driver().supports_persistent_bitmaps() {
