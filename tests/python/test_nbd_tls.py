@@ -151,22 +151,6 @@ def test_tls_objects_and_refusals_match_qsd(both, pki, tmp_path):
     assert_same_transcript(expected, got)
 
 
-def test_credentials_ferrite_cannot_take_are_refused_clearly(ferrite, pki):
-    """PSK and anonymous credentials need cipher suites rustls does not have, and GnuTLS
-    priority strings mean nothing to it: each is refused by name, never ignored."""
-    c = ferrite().connect()
-    for obj in [{"qom-type": "tls-creds-psk", "id": "p", "dir": str(pki["server"]),
-                 "endpoint": "server"},
-                {"qom-type": "tls-creds-anon", "id": "a", "endpoint": "server"},
-                creds("server", pki["server"], "prio", priority="NORMAL")]:
-        r = c.cmd("object-add", obj)
-        assert r["error"]["class"] == "GenericError", r
-        desc = r["error"]["desc"]
-        assert "ferrite" in desc and ("tls-creds-x509" in desc or "priority" in desc), desc
-    assert [p for p in c.cmd("qom-list", {"path": "/objects"})["return"]
-            if p["type"].startswith("child<")] == []
-
-
 def serve(d, pki, *, authz=None, verify=True, writable=True):
     """Serves a fresh 16 MiB qcow2 image over TLS as export `d`; returns its socket."""
     c = d.connect()

@@ -8,7 +8,7 @@ use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::{Graph, Node, Perm};
 use ferrite_export::{ExportInstance, ExportSetup, ExportType, Exports, LocalFut, RemoveMode};
 use ferrite_qapi::Args;
-use ferrite_tls::{Endpoint, Objects, X509Creds};
+use ferrite_tls::{Creds, Endpoint, Objects};
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
@@ -24,7 +24,7 @@ struct Server {
 
 /// A server's TLS: its credentials and the authorization object clients must pass.
 struct ServerTls {
-    creds: Rc<X509Creds>,
+    creds: Rc<Creds>,
     authz: Option<String>,
 }
 

@@ -33,9 +33,10 @@ pub enum Error {
     /// A secret looked up by id that is not there or not usable (QEMU's texts).
     #[error("{0}")]
     SecretLookup(String),
-    /// Credentials without certificates.
+    /// Anonymous credentials: TLS 1.2's anonymous Diffie-Hellman, which ferrite does not
+    /// speak.
     #[error(
-        "{0} is not supported by ferrite: its TLS library (rustls) has no pre-shared-key or anonymous cipher suites; use tls-creds-x509"
+        "{0} is not supported by ferrite: it has no anonymous cipher suites; use tls-creds-psk or tls-creds-x509"
     )]
     TlsCredsUnsupported(String),
     /// `object-del` of an unknown object.

@@ -22,6 +22,6 @@ pub use objects::{
     ObjectRegistry, UserObject,
     secret::Secret,
     throttle::{Bucket, ThrottleConfig, ThrottleGroup},
-    tls::{AuthzObject, TlsCredsX509},
+    tls::{AuthzObject, TlsCredsPsk, TlsCredsX509},
 };
 pub use types::{TypeInfo, find_type, type_list};

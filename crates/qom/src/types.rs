@@ -68,6 +68,7 @@ const TLS_CREDS_PROPS: &[PropInfo] = &[
     p("priority", "string"),
 ];
 const TLS_CREDS_X509_PROPS: &[PropInfo] = &[p("sanity-check", "bool"), p("passwordid", "string")];
+const TLS_CREDS_PSK_PROPS: &[PropInfo] = &[p("username", "string")];
 const AUTHZ_SIMPLE_PROPS: &[PropInfo] = &[p("identity", "string")];
 const AUTHZ_LIST_PROPS: &[PropInfo] = &[
     p("policy", "QAuthZListPolicy"),
@@ -125,6 +126,13 @@ static TYPES: &[TypeInfo] = &[
         false,
         UC,
         TLS_CREDS_X509_PROPS,
+    ),
+    t(
+        "tls-creds-psk",
+        Some("tls-creds"),
+        false,
+        UC,
+        TLS_CREDS_PSK_PROPS,
     ),
     t("authz", Some("object"), true, &[], &[]),
     t("authz-simple", Some("authz"), false, UC, AUTHZ_SIMPLE_PROPS),

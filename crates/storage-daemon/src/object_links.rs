@@ -5,7 +5,8 @@
 use ferrite_block::clock::Clock;
 use ferrite_block::throttle::{BucketKind, BucketLimits, LimitsSource, ThrottleLimits};
 use ferrite_qom::{
-    AuthzObject, ObjectRegistry, ThrottleConfig, ThrottleGroup, TlsCredsX509, UserObject,
+    AuthzObject, ObjectRegistry, ThrottleConfig, ThrottleGroup, TlsCredsPsk, TlsCredsX509,
+    UserObject,
 };
 use ferrite_tls::{Found, Objects};
 use std::rc::{Rc, Weak};
@@ -108,9 +109,9 @@ pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
     }));
 }
 
-/// The `tls-creds-x509` and authorization objects of `objects`, as the NBD server and client
-/// look them up by id (holding nothing: QEMU lets `object-del` remove credentials in use,
-/// and what uses them keeps its own reference).
+/// The TLS credentials (`tls-creds-x509`, `tls-creds-psk`) and authorization objects of
+/// `objects`, as the NBD server and client look them up by id (holding nothing: QEMU lets
+/// `object-del` remove credentials in use, and what uses them keeps its own reference).
 pub(crate) fn tls_objects(objects: &Rc<ObjectRegistry>) -> Objects {
     let creds_in: Weak<ObjectRegistry> = Rc::downgrade(objects);
     let authz_in: Weak<ObjectRegistry> = Rc::downgrade(objects);
@@ -119,9 +120,13 @@ pub(crate) fn tls_objects(objects: &Rc<ObjectRegistry>) -> Objects {
             let Some(obj) = creds_in.upgrade().and_then(|o| o.get(id)) else {
                 return Found::Missing;
             };
-            match obj.as_any().downcast_ref::<TlsCredsX509>() {
-                Some(creds) => Found::Yes(creds.creds()),
-                None => Found::OtherType,
+            let any = obj.as_any();
+            if let Some(creds) = any.downcast_ref::<TlsCredsX509>() {
+                Found::Yes(creds.creds())
+            } else if let Some(creds) = any.downcast_ref::<TlsCredsPsk>() {
+                Found::Yes(creds.creds())
+            } else {
+                Found::OtherType
             }
         }),
         authz: Rc::new(move |id: &str| {

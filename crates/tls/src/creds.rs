@@ -82,7 +82,11 @@ impl std::fmt::Debug for X509Creds {
 }
 
 /// The path of `name` in `dir`; `None` for an optional file that is not there.
-fn path_of(dir: Option<&str>, name: &str, required: bool) -> Result<Option<String>, String> {
+pub(crate) fn path_of(
+    dir: Option<&str>,
+    name: &str,
+    required: bool,
+) -> Result<Option<String>, String> {
     let Some(dir) = dir else {
         return if required {
             Err("Missing 'dir' property value".into())

@@ -10,10 +10,12 @@
 //! - `dn.rs`: a certificate's distinguished name as GnuTLS writes it (the identity
 //!   authorization lists judge);
 //! - `authz.rs`: `authz-simple` and `authz-list`;
-//! - `session.rs`: the handshake on a stream, server and client;
+//! - `psk.rs`: `tls-creds-psk`: a user's pre-shared key from a directory's `keys.psk`;
+//! - `tls13/`: TLS 1.3 with a pre-shared key, both ends (rustls has no external PSKs);
+//! - `session.rs`: the handshake on a stream, server and client, for either kind;
 //! - `web.rs`: TLS to web servers (the `https` block driver), checked as libcurl checks.
 //!
-//! rustls does the protocol. It checks nothing of the peer during the handshake beyond the
+//! rustls does the protocol for x509 credentials. It checks nothing of the peer during the handshake beyond the
 //! handshake signatures: the peer is judged afterwards by QEMU's rules (`peer.rs`), so that
 //! a refusal is the same one QEMU makes, at the same moment.
 
@@ -21,13 +23,17 @@ mod authz;
 mod creds;
 mod dn;
 mod peer;
+mod psk;
 mod sanity;
 mod session;
+mod tls13;
 mod web;
 
 pub use authz::{Authz, AuthzList, AuthzRule, AuthzSimple, Policy};
 pub use creds::{Endpoint, X509Creds, X509Options};
-pub use session::{ClientStream, ServerStream, accept, connect};
+pub use psk::{PskCreds, PskOptions};
+pub use session::{ClientStream, Creds, ServerStream, TlsStream, accept, connect};
+pub use tls13::PskStream;
 pub use web::{WebStream, WebTls};
 
 use std::rc::Rc;
@@ -43,7 +49,7 @@ pub enum Found<T> {
 }
 
 /// Finds credentials by id.
-pub type CredsLookup = Rc<dyn Fn(&str) -> Found<Rc<X509Creds>>>;
+pub type CredsLookup = Rc<dyn Fn(&str) -> Found<Rc<Creds>>>;
 /// Finds authorization objects by id.
 pub type AuthzLookup = Rc<dyn Fn(&str) -> Found<Rc<dyn Authz>>>;
 
@@ -70,7 +76,7 @@ impl Objects {
     ///
     /// # Errors
     /// QEMU's texts: no such object, not credentials, the other endpoint's.
-    pub fn creds_for(&self, id: &str, endpoint: Endpoint) -> Result<Rc<X509Creds>, String> {
+    pub fn creds_for(&self, id: &str, endpoint: Endpoint) -> Result<Rc<Creds>, String> {
         match (self.creds)(id) {
             Found::Yes(c) if c.endpoint() == endpoint => Ok(c),
             Found::Yes(_) => Err(format!(

@@ -87,7 +87,7 @@ enum Raw {
 
 /// TLS on every connection (`tls-creds`, `tls-authz`).
 struct Tls {
-    creds: Rc<ferrite_tls::X509Creds>,
+    creds: Rc<ferrite_tls::Creds>,
     /// The authorization object a server judges clients by.
     authz: Option<String>,
     objects: ferrite_tls::Objects,

@@ -11,7 +11,7 @@ use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Registry};
 use ferrite_qapi::{Args, os_msg};
 use ferrite_qobject::QDict;
-use ferrite_tls::{Endpoint, Objects, X509Creds};
+use ferrite_tls::{Creds, Endpoint, Objects};
 use handshake::{HandshakeError, Offer, greet, negotiate, start_tls};
 use session::{Answer, Command, Failure, Session};
 use std::cell::{Cell, RefCell};
@@ -112,7 +112,7 @@ enum Stream {
 
 /// The client's TLS: its credentials and the name the server's certificate must have.
 struct ClientTls {
-    creds: Rc<X509Creds>,
+    creds: Rc<Creds>,
     hostname: Option<String>,
 }
 

@@ -1,5 +1,6 @@
-//! `tls-creds-x509` (QEMU: `crypto/tlscredsx509.c`), the TLS credentials the NBD server and
-//! client take by id, and the authorization objects `authz-simple` and `authz-list`
+//! `tls-creds-x509` and `tls-creds-psk` (QEMU: `crypto/tlscredsx509.c`,
+//! `crypto/tlscredspsk.c`), the TLS credentials the NBD server and client take by id, and
+//! the authorization objects `authz-simple` and `authz-list`
 //! (`authz/`) a server's `tls-authz` names. `ferrite-tls` loads and judges; these are the
 //! objects around it.
 
@@ -7,13 +8,24 @@ use super::{UserObject, frozen};
 use crate::error::{Error, Result};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
-use ferrite_tls::{Authz, AuthzList, AuthzSimple, Endpoint, X509Creds, X509Options};
+use ferrite_tls::{
+    Authz, AuthzList, AuthzSimple, Creds, Endpoint, PskCreds, PskOptions, X509Creds, X509Options,
+};
 use std::any::Any;
+use std::cell::RefCell;
 use std::rc::Rc;
+
+/// The `endpoint` property (QEMU's default: client).
+fn endpoint_of(options: &Args) -> Endpoint {
+    match options.opt_str("endpoint") {
+        Some("server") => Endpoint::Server,
+        _ => Endpoint::Client,
+    }
+}
 
 /// A `tls-creds-x509` object.
 pub struct TlsCredsX509 {
-    creds: Rc<X509Creds>,
+    creds: Rc<Creds>,
     passwordid: Option<String>,
 }
 
@@ -29,10 +41,7 @@ impl TlsCredsX509 {
         let key_password = options
             .opt_str("passwordid")
             .map(|id| secret(id).map_err(|e| e.to_string()));
-        let endpoint = match options.opt_str("endpoint") {
-            Some("server") => Endpoint::Server,
-            _ => Endpoint::Client,
-        };
+        let endpoint = endpoint_of(options);
         let creds = X509Creds::load(X509Options {
             dir: options.opt_str("dir").map(str::to_owned),
             endpoint,
@@ -42,13 +51,13 @@ impl TlsCredsX509 {
         })
         .map_err(Error::Tls)?;
         Ok(TlsCredsX509 {
-            creds: Rc::new(creds),
+            creds: Rc::new(Creds::X509(Box::new(creds))),
             passwordid: options.opt_str("passwordid").map(str::to_owned),
         })
     }
 
     /// The loaded credentials.
-    pub fn creds(&self) -> Rc<X509Creds> {
+    pub fn creds(&self) -> Rc<Creds> {
         self.creds.clone()
     }
 }
@@ -59,7 +68,10 @@ impl UserObject for TlsCredsX509 {
     }
 
     fn get(&self, name: &str) -> Option<Result<QObject>> {
-        let o = self.creds.options();
+        let Creds::X509(c) = &*self.creds else {
+            return None;
+        };
+        let o = c.options();
         Some(Ok(match name {
             "verify-peer" => QObject::from(o.verify_peer),
             "dir" => QObject::from(o.dir.clone().unwrap_or_default()),
@@ -78,6 +90,70 @@ impl UserObject for TlsCredsX509 {
             }
             _ => None,
         }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A `tls-creds-psk` object. Its properties may be set again once it is made, as QEMU's:
+/// only `qom-get` sees the new values; the credentials stay as they were loaded.
+pub struct TlsCredsPsk {
+    creds: Rc<Creds>,
+    props: RefCell<QDict>,
+}
+
+impl TlsCredsPsk {
+    /// Loads the credentials: a client's key at once, a server's file checked.
+    pub(crate) fn create(options: &Args) -> Result<TlsCredsPsk> {
+        if let Some(p) = options.opt_str("priority") {
+            return Err(Error::TlsPriority(p.to_owned()));
+        }
+        let endpoint = endpoint_of(options);
+        let dir = options.opt_str("dir").map(str::to_owned);
+        let username = options.opt_str("username").map(str::to_owned);
+        let creds = PskCreds::load(PskOptions {
+            dir: dir.clone(),
+            endpoint,
+            username: username.clone(),
+        })
+        .map_err(Error::Tls)?;
+        let props = QDict::new()
+            .with("endpoint", endpoint.as_str())
+            .with("dir", dir.unwrap_or_default().as_str())
+            .with(
+                "verify-peer",
+                options.opt_bool("verify-peer").unwrap_or(true),
+            )
+            .with("priority", "")
+            .with("username", username.unwrap_or_default().as_str());
+        Ok(TlsCredsPsk {
+            creds: Rc::new(Creds::Psk(creds)),
+            props: RefCell::new(props),
+        })
+    }
+
+    /// The loaded credentials.
+    pub fn creds(&self) -> Rc<Creds> {
+        self.creds.clone()
+    }
+}
+
+impl UserObject for TlsCredsPsk {
+    fn type_name(&self) -> &'static str {
+        "tls-creds-psk"
+    }
+
+    fn get(&self, name: &str) -> Option<Result<QObject>> {
+        self.props.borrow().get(name).cloned().map(Ok)
+    }
+
+    fn set(&self, name: &str, value: &QObject) -> Option<Result<()>> {
+        let mut props = self.props.borrow_mut();
+        props.get(name)?;
+        props.insert(name, value.clone());
+        Some(Ok(()))
     }
 
     fn as_any(&self) -> &dyn Any {

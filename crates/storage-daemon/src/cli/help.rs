@@ -40,15 +40,24 @@ ferrite storage daemon (compatible with qemu-storage-daemon)
                          has finished, with its status
   --export [type=]nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on|off]
                          export a block node over NBD (needs --nbd-server)
+  --export [type=]fuse,id=<id>,node-name=<node>,mountpoint=<file>[,growable=on|off]
+           [,writable=on|off][,allow-other=on|off|auto]
+                         export a block node as a regular file (FUSE)
+  --export [type=]vhost-user-blk,id=<id>,node-name=<node>,addr.type=unix,
+           addr.path=<socket>[,writable=on|off][,num-queues=<n>]
+                         export a block node to a VM (vhost-user-blk)
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          serve QMP on a character device
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]
+               [,tls-creds=<id>][,tls-authz=<id>]
   --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
                          start the NBD server
   --object help          list the object types that can be added
   --object <type>,help   list the properties of an object type
   --object <type>,id=<id>[,<prop>=<value>...]
-                         add an object (throttle-group, secret, iothread, main-loop)
+                         add an object (throttle-group, secret, secret_keyring,
+                         iothread, main-loop, tls-creds-x509, tls-creds-psk,
+                         authz-simple, authz-list)
   --pidfile <path>       write the process id to <path> once start-up is done
 
 Options are processed in the order given, so define a thing before using it.
