@@ -195,7 +195,8 @@ def qemu_client(tool, sock, cred, *ops, hostname="127.0.0.1"):
 def dropped(line):
     """A connection the server cut off: whether the client saw it as a reset, a broken pipe
     or an end of stream depends on timing, in QEMU's programs as in ferrite's."""
-    for sign in ("Connection reset by peer", "Broken pipe", "non-properly terminated"):
+    for sign in ("Connection reset by peer", "Broken pipe", "non-properly terminated",
+                 "Error in the push function"):
         if sign in line:
             return "<the server dropped the connection>"
     return line

@@ -33,12 +33,6 @@ pub enum Error {
     /// A secret looked up by id that is not there or not usable (QEMU's texts).
     #[error("{0}")]
     SecretLookup(String),
-    /// Anonymous credentials: TLS 1.2's anonymous Diffie-Hellman, which ferrite does not
-    /// speak.
-    #[error(
-        "{0} is not supported by ferrite: it has no anonymous cipher suites; use tls-creds-psk or tls-creds-x509"
-    )]
-    TlsCredsUnsupported(String),
     /// `object-del` of an unknown object.
     #[error("object '{0}' not found")]
     ObjectNotFound(String),

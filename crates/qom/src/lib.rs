@@ -22,6 +22,6 @@ pub use objects::{
     ObjectRegistry, UserObject,
     secret::Secret,
     throttle::{Bucket, ThrottleConfig, ThrottleGroup},
-    tls::{AuthzObject, TlsCredsPsk, TlsCredsX509},
+    tls::{AuthzObject, TlsCredsObject, TlsCredsX509},
 };
 pub use types::{TypeInfo, find_type, type_list};

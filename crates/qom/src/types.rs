@@ -127,6 +127,7 @@ static TYPES: &[TypeInfo] = &[
         UC,
         TLS_CREDS_X509_PROPS,
     ),
+    t("tls-creds-anon", Some("tls-creds"), false, UC, &[]),
     t(
         "tls-creds-psk",
         Some("tls-creds"),

@@ -5,7 +5,7 @@
 use ferrite_block::clock::Clock;
 use ferrite_block::throttle::{BucketKind, BucketLimits, LimitsSource, ThrottleLimits};
 use ferrite_qom::{
-    AuthzObject, ObjectRegistry, ThrottleConfig, ThrottleGroup, TlsCredsPsk, TlsCredsX509,
+    AuthzObject, ObjectRegistry, ThrottleConfig, ThrottleGroup, TlsCredsObject, TlsCredsX509,
     UserObject,
 };
 use ferrite_tls::{Found, Objects};
@@ -109,7 +109,7 @@ pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
     }));
 }
 
-/// The TLS credentials (`tls-creds-x509`, `tls-creds-psk`) and authorization objects of
+/// The TLS credentials (`tls-creds-x509`, `-psk`, `-anon`) and authorization objects of
 /// `objects`, as the NBD server and client look them up by id (holding nothing: QEMU lets
 /// `object-del` remove credentials in use, and what uses them keeps its own reference).
 pub(crate) fn tls_objects(objects: &Rc<ObjectRegistry>) -> Objects {
@@ -123,7 +123,7 @@ pub(crate) fn tls_objects(objects: &Rc<ObjectRegistry>) -> Objects {
             let any = obj.as_any();
             if let Some(creds) = any.downcast_ref::<TlsCredsX509>() {
                 Found::Yes(creds.creds())
-            } else if let Some(creds) = any.downcast_ref::<TlsCredsPsk>() {
+            } else if let Some(creds) = any.downcast_ref::<TlsCredsObject>() {
                 Found::Yes(creds.creds())
             } else {
                 Found::OtherType

@@ -11,7 +11,11 @@
 //!   authorization lists judge);
 //! - `authz.rs`: `authz-simple` and `authz-list`;
 //! - `psk.rs`: `tls-creds-psk`: a user's pre-shared key from a directory's `keys.psk`;
+//! - `anon.rs`: `tls-creds-anon`: nothing but a server's optional DH parameters;
 //! - `tls13/`: TLS 1.3 with a pre-shared key, both ends (rustls has no external PSKs);
+//! - `tls12/`: TLS 1.2 with anonymous Diffie-Hellman, both ends (nor anonymous suites);
+//! - `record.rs`, `wire.rs`: what those two share: the records of an established session,
+//!   and the handshake's messages on the wire;
 //! - `session.rs`: the handshake on a stream, server and client, for either kind;
 //! - `web.rs`: TLS to web servers (the `https` block driver), checked as libcurl checks.
 //!
@@ -19,21 +23,26 @@
 //! handshake signatures: the peer is judged afterwards by QEMU's rules (`peer.rs`), so that
 //! a refusal is the same one QEMU makes, at the same moment.
 
+mod anon;
 mod authz;
 mod creds;
 mod dn;
 mod peer;
 mod psk;
+mod record;
 mod sanity;
 mod session;
+mod tls12;
 mod tls13;
 mod web;
+mod wire;
 
+pub use anon::{AnonCreds, AnonOptions};
 pub use authz::{Authz, AuthzList, AuthzRule, AuthzSimple, Policy};
 pub use creds::{Endpoint, X509Creds, X509Options};
 pub use psk::{PskCreds, PskOptions};
+pub use record::OwnTlsStream;
 pub use session::{ClientStream, Creds, ServerStream, TlsStream, accept, connect};
-pub use tls13::PskStream;
 pub use web::{WebStream, WebTls};
 
 use std::rc::Rc;

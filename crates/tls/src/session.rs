@@ -3,8 +3,8 @@
 //! of a PSK peer beyond the handshake itself).
 
 use crate::peer::{self, ServerCertJudge};
-use crate::tls13::{self, PskStream};
-use crate::{AuthzLookup, Endpoint, PskCreds, X509Creds};
+use crate::record::OwnTlsStream;
+use crate::{AnonCreds, AuthzLookup, Endpoint, PskCreds, X509Creds, tls12, tls13};
 use rustls::pki_types::ServerName;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -21,6 +21,8 @@ pub enum Creds {
     X509(Box<X509Creds>),
     /// `tls-creds-psk`.
     Psk(PskCreds),
+    /// `tls-creds-anon`.
+    Anon(AnonCreds),
 }
 
 impl Creds {
@@ -29,18 +31,19 @@ impl Creds {
         match self {
             Creds::X509(c) => c.endpoint(),
             Creds::Psk(c) => c.endpoint(),
+            Creds::Anon(c) => c.endpoint(),
         }
     }
 }
 
-/// An established session: rustls's (x509) or ferrite's own (PSK).
+/// An established session: rustls's (x509) or ferrite's own (PSK, anonymous).
 pub enum TlsStream<S> {
     /// A server's x509 session.
     Server(Box<tokio_rustls::server::TlsStream<S>>),
     /// A client's x509 session.
     Client(Box<tokio_rustls::client::TlsStream<S>>),
-    /// A PSK session, either end.
-    Psk(Box<PskStream<S>>),
+    /// A session of ferrite's own TLS, either end.
+    Own(Box<OwnTlsStream<S>>),
 }
 
 /// The server's end of a session.
@@ -57,7 +60,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
         match self.get_mut() {
             TlsStream::Server(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             TlsStream::Client(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            TlsStream::Psk(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            TlsStream::Own(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -71,7 +74,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         match self.get_mut() {
             TlsStream::Server(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             TlsStream::Client(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            TlsStream::Psk(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            TlsStream::Own(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -79,7 +82,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         match self.get_mut() {
             TlsStream::Server(s) => Pin::new(s.as_mut()).poll_flush(cx),
             TlsStream::Client(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            TlsStream::Psk(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            TlsStream::Own(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -87,7 +90,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         match self.get_mut() {
             TlsStream::Server(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             TlsStream::Client(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            TlsStream::Psk(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            TlsStream::Own(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -110,13 +113,14 @@ where
 {
     let creds = match creds {
         Creds::X509(c) => c,
-        Creds::Psk(c) if c.endpoint() == Endpoint::Server => {
-            let psk = tls13::accept(stream, |id| c.key_of(id))
-                .await
-                .map_err(|e| format!("TLS handshake failed: {e}"))?;
-            return Ok(TlsStream::Psk(Box::new(psk)));
+        own if own.endpoint() != Endpoint::Server => {
+            return Err("Credentials endpoint doesn't match session".into());
         }
-        Creds::Psk(_) => return Err("Credentials endpoint doesn't match session".into()),
+        Creds::Psk(c) => {
+            let s = tls13::accept(stream, |id| c.key_of(id)).await;
+            return own_session(s);
+        }
+        Creds::Anon(c) => return own_session(tls12::accept(stream, &c.group).await),
     };
     let config = creds
         .server()
@@ -173,15 +177,16 @@ where
 {
     let creds = match creds {
         Creds::X509(c) => c,
+        own if own.endpoint() != Endpoint::Client => {
+            return Err("Credentials endpoint doesn't match session".into());
+        }
         Creds::Psk(c) => {
             let (identity, key) = c
                 .own()
                 .ok_or("Credentials endpoint doesn't match session")?;
-            let psk = tls13::connect(stream, identity.as_bytes(), key)
-                .await
-                .map_err(|e| format!("TLS handshake failed: {e}"))?;
-            return Ok(TlsStream::Psk(Box::new(psk)));
+            return own_session(tls13::connect(stream, identity.as_bytes(), key).await);
         }
+        Creds::Anon(_) => return own_session(tls12::connect(stream).await),
     };
     let mut config = match creds.client() {
         Some(c) if creds.endpoint() == Endpoint::Client => c,
@@ -205,5 +210,11 @@ where
     }
     result
         .map(|s| TlsStream::Client(Box::new(s)))
+        .map_err(|e| format!("TLS handshake failed: {e}"))
+}
+
+/// A handshake of ferrite's own TLS as a session, or its failure in QEMU's words.
+fn own_session<S>(r: crate::wire::Result<OwnTlsStream<S>>) -> Result<TlsStream<S>, String> {
+    r.map(|s| TlsStream::Own(Box::new(s)))
         .map_err(|e| format!("TLS handshake failed: {e}"))
 }

@@ -79,8 +79,8 @@ impl ObjectRegistry {
             "authz-list" => Rc::new(tls::AuthzObject::list(options)?),
             // QEMU's type of this name is `authz-list-file`: it cannot make one either.
             "authz-listfile" => return Err(Error::NoSuchType("authz-listfile".into())),
-            "tls-creds-psk" => Rc::new(tls::TlsCredsPsk::create(options)?),
-            "tls-creds-anon" => return Err(Error::TlsCredsUnsupported("tls-creds-anon".into())),
+            "tls-creds-psk" => Rc::new(tls::TlsCredsObject::psk(options)?),
+            "tls-creds-anon" => Rc::new(tls::TlsCredsObject::anon(options)?),
             "iothread" => Rc::new(event_loop::EventLoop::create(options, true)?),
             "main-loop" => {
                 // Properties are applied (and checked) before the object completes, where

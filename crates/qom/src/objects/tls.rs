@@ -1,5 +1,5 @@
-//! `tls-creds-x509` and `tls-creds-psk` (QEMU: `crypto/tlscredsx509.c`,
-//! `crypto/tlscredspsk.c`), the TLS credentials the NBD server and client take by id, and
+//! `tls-creds-x509`, `tls-creds-psk` and `tls-creds-anon` (QEMU: `crypto/tlscreds*.c`),
+//! the TLS credentials the NBD server and client take by id, and
 //! the authorization objects `authz-simple` and `authz-list`
 //! (`authz/`) a server's `tls-authz` names. `ferrite-tls` loads and judges; these are the
 //! objects around it.
@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use ferrite_tls::{
-    Authz, AuthzList, AuthzSimple, Creds, Endpoint, PskCreds, PskOptions, X509Creds, X509Options,
+    AnonCreds, AnonOptions, Authz, AuthzList, AuthzSimple, Creds, Endpoint, PskCreds, PskOptions,
+    X509Creds, X509Options,
 };
 use std::any::Any;
 use std::cell::RefCell;
@@ -97,41 +98,60 @@ impl UserObject for TlsCredsX509 {
     }
 }
 
-/// A `tls-creds-psk` object. Its properties may be set again once it is made, as QEMU's:
-/// only `qom-get` sees the new values; the credentials stay as they were loaded.
-pub struct TlsCredsPsk {
+/// A `tls-creds-psk` or `tls-creds-anon` object. Its properties may be set again once it is
+/// made, as QEMU's: only `qom-get` sees the new values; the credentials stay as they were
+/// loaded.
+pub struct TlsCredsObject {
+    type_name: &'static str,
     creds: Rc<Creds>,
     props: RefCell<QDict>,
 }
 
-impl TlsCredsPsk {
-    /// Loads the credentials: a client's key at once, a server's file checked.
-    pub(crate) fn create(options: &Args) -> Result<TlsCredsPsk> {
+impl TlsCredsObject {
+    /// `tls-creds-psk`: a client's key loaded at once, a server's file checked.
+    pub(crate) fn psk(options: &Args) -> Result<TlsCredsObject> {
+        let username = options.opt_str("username").map(str::to_owned);
+        let (endpoint, dir, props) = Self::common(options)?;
+        let creds = PskCreds::load(PskOptions {
+            dir,
+            endpoint,
+            username: username.clone(),
+        })
+        .map_err(Error::Tls)?;
+        Ok(TlsCredsObject {
+            type_name: "tls-creds-psk",
+            creds: Rc::new(Creds::Psk(creds)),
+            props: RefCell::new(props.with("username", username.unwrap_or_default().as_str())),
+        })
+    }
+
+    /// `tls-creds-anon`: a server's DH parameters loaded, if its directory has them.
+    pub(crate) fn anon(options: &Args) -> Result<TlsCredsObject> {
+        let (endpoint, dir, props) = Self::common(options)?;
+        let creds = AnonCreds::load(AnonOptions { dir, endpoint }).map_err(Error::Tls)?;
+        Ok(TlsCredsObject {
+            type_name: "tls-creds-anon",
+            creds: Rc::new(Creds::Anon(creds)),
+            props: RefCell::new(props),
+        })
+    }
+
+    /// The properties every kind of credentials has, checked.
+    fn common(options: &Args) -> Result<(Endpoint, Option<String>, QDict)> {
         if let Some(p) = options.opt_str("priority") {
             return Err(Error::TlsPriority(p.to_owned()));
         }
         let endpoint = endpoint_of(options);
         let dir = options.opt_str("dir").map(str::to_owned);
-        let username = options.opt_str("username").map(str::to_owned);
-        let creds = PskCreds::load(PskOptions {
-            dir: dir.clone(),
-            endpoint,
-            username: username.clone(),
-        })
-        .map_err(Error::Tls)?;
         let props = QDict::new()
             .with("endpoint", endpoint.as_str())
-            .with("dir", dir.unwrap_or_default().as_str())
+            .with("dir", dir.clone().unwrap_or_default().as_str())
             .with(
                 "verify-peer",
                 options.opt_bool("verify-peer").unwrap_or(true),
             )
-            .with("priority", "")
-            .with("username", username.unwrap_or_default().as_str());
-        Ok(TlsCredsPsk {
-            creds: Rc::new(Creds::Psk(creds)),
-            props: RefCell::new(props),
-        })
+            .with("priority", "");
+        Ok((endpoint, dir, props))
     }
 
     /// The loaded credentials.
@@ -140,9 +160,9 @@ impl TlsCredsPsk {
     }
 }
 
-impl UserObject for TlsCredsPsk {
+impl UserObject for TlsCredsObject {
     fn type_name(&self) -> &'static str {
-        "tls-creds-psk"
+        self.type_name
     }
 
     fn get(&self, name: &str) -> Option<Result<QObject>> {

@@ -57,7 +57,7 @@ ferrite storage daemon (compatible with qemu-storage-daemon)
   --object <type>,id=<id>[,<prop>=<value>...]
                          add an object (throttle-group, secret, secret_keyring,
                          iothread, main-loop, tls-creds-x509, tls-creds-psk,
-                         authz-simple, authz-list)
+                         tls-creds-anon, authz-simple, authz-list)
   --pidfile <path>       write the process id to <path> once start-up is done
 
 Options are processed in the order given, so define a thing before using it.

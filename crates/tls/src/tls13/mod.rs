@@ -3,129 +3,29 @@
 //! psk_ke; AES-128-GCM or ChaCha20-Poly1305 with SHA-256). rustls has no external PSKs,
 //! so this handshake is ferrite's own; it is small because certificates play no part.
 //!
-//! - `schedule.rs`: the key schedule and record protection;
-//! - `stream.rs`: the established session as an async stream.
+//! - `schedule.rs`: the key schedule and record protection.
 //!
-//! Failures carry GnuTLS's words, which QEMU prints after "TLS handshake failed: ".
+//! The records of the established session are `record.rs`'s; the wire's pieces, `wire.rs`'s.
 
 mod schedule;
-mod stream;
 
-pub use stream::PskStream;
+pub(crate) use schedule::Protection;
 
-use schedule::{Early, Protection, Suite, Transcript, verify_data};
-use std::io;
-use stream::MAX_PAYLOAD;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use crate::record::{Keys, OwnTlsStream};
+use crate::wire::{
+    EXT_KEY_SHARE, EXT_PRE_SHARED_KEY, EXT_PSK_MODES, EXT_SUPPORTED_GROUPS, EXT_SUPPORTED_VERSIONS,
+    Failure, Fields, HS_CLIENT_HELLO, HS_FINISHED, HS_SERVER_HELLO, Result, Wire, extension,
+    message, parse_client_hello, put_vec, random, same, u16s,
+};
+use schedule::{Early, Suite, Transcript, verify_data};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey};
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::rand::SystemRandom;
 
-/// Why a session failed, as GnuTLS words it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Failure {
-    /// The peer went away without close_notify.
-    Premature,
-    /// A value the peer sent is wrong (an unknown identity, a binder that does not match).
-    Illegal,
-    UnexpectedPacket,
-    UnexpectedHandshake,
-    Length,
-    Decryption,
-    FatalAlert,
-    NoCipherSuites,
-    UnsupportedVersion,
-    InsufficientCredentials,
-    /// The system's random numbers failed.
-    Random,
-}
-
-impl Failure {
-    /// GnuTLS's text.
-    pub(crate) fn text(self) -> &'static str {
-        match self {
-            Failure::Premature => "The TLS connection was non-properly terminated.",
-            Failure::Illegal => "An illegal parameter has been received.",
-            Failure::UnexpectedPacket => "An unexpected TLS packet was received.",
-            Failure::UnexpectedHandshake => "An unexpected TLS handshake packet was received.",
-            Failure::Length => "A TLS packet with unexpected length was received.",
-            Failure::Decryption => "Decryption has failed.",
-            Failure::FatalAlert => "A TLS fatal alert has been received.",
-            Failure::NoCipherSuites => "No supported cipher suites have been found.",
-            Failure::UnsupportedVersion => {
-                "A packet with illegal or unsupported version was received."
-            }
-            Failure::InsufficientCredentials => "Insufficient credentials for that request.",
-            Failure::Random => "Failed to acquire random data.",
-        }
-    }
-
-    /// As an I/O error of the session.
-    pub(crate) fn to_io(self) -> io::Error {
-        let kind = match self {
-            Failure::Premature => io::ErrorKind::UnexpectedEof,
-            _ => io::ErrorKind::InvalidData,
-        };
-        io::Error::new(kind, self.text())
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.text())
-    }
-}
-
-/// A handshake's failure: the protocol's, or the connection's.
-#[derive(Debug)]
-pub(crate) enum HandshakeError {
-    Tls(Failure),
-    Io(io::Error),
-}
-
-impl std::fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HandshakeError::Tls(t) => t.fmt(f),
-            // GnuTLS words a connection that ends mid-handshake as an improper end.
-            HandshakeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                Failure::Premature.fmt(f)
-            }
-            HandshakeError::Io(_) => f.write_str("Error in the pull function."),
-        }
-    }
-}
-
-impl From<Failure> for HandshakeError {
-    fn from(f: Failure) -> Self {
-        HandshakeError::Tls(f)
-    }
-}
-
-impl From<io::Error> for HandshakeError {
-    fn from(e: io::Error) -> Self {
-        HandshakeError::Io(e)
-    }
-}
-
-type Result<T> = std::result::Result<T, HandshakeError>;
-
-const CONTENT_CCS: u8 = 20;
-const CONTENT_ALERT: u8 = 21;
-const CONTENT_HANDSHAKE: u8 = 22;
-const CONTENT_DATA: u8 = 23;
-
-const HS_CLIENT_HELLO: u8 = 1;
-const HS_SERVER_HELLO: u8 = 2;
 const HS_ENCRYPTED_EXTENSIONS: u8 = 8;
-const HS_FINISHED: u8 = 20;
 
-const EXT_SUPPORTED_GROUPS: u16 = 10;
 const EXT_SIGNATURE_ALGORITHMS: u16 = 13;
-const EXT_PRE_SHARED_KEY: u16 = 41;
-const EXT_SUPPORTED_VERSIONS: u16 = 43;
-const EXT_PSK_MODES: u16 = 45;
-const EXT_KEY_SHARE: u16 = 51;
 
 const TLS13: u16 = 0x0304;
 const MODE_PSK_KE: u8 = 0;
@@ -200,259 +100,22 @@ impl KeyPair {
     }
 }
 
-fn random<const N: usize>(rng: &SystemRandom) -> Result<[u8; N]> {
-    let mut b = [0; N];
-    rng.fill(&mut b).map_err(|_| Failure::Random)?;
-    Ok(b)
-}
-
-/// Reads a message's fields; running short is a malformed message.
-struct Fields<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Fields<'a> {
-    fn new(b: &'a [u8]) -> Fields<'a> {
-        Fields { b, at: 0 }
-    }
-
-    fn bytes(&mut self, n: usize) -> std::result::Result<&'a [u8], Failure> {
-        let s = self.b.get(self.at..self.at + n).ok_or(Failure::Length)?;
-        self.at += n;
-        Ok(s)
-    }
-
-    fn u8(&mut self) -> std::result::Result<u8, Failure> {
-        Ok(self.bytes(1)?[0])
-    }
-
-    fn u16(&mut self) -> std::result::Result<u16, Failure> {
-        let b = self.bytes(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn vec8(&mut self) -> std::result::Result<&'a [u8], Failure> {
-        let n = usize::from(self.u8()?);
-        self.bytes(n)
-    }
-
-    fn vec16(&mut self) -> std::result::Result<&'a [u8], Failure> {
-        let n = usize::from(self.u16()?);
-        self.bytes(n)
-    }
-
-    fn done(&self) -> bool {
-        self.at == self.b.len()
-    }
-}
-
-/// `u16` values of a list.
-fn u16s(b: &[u8]) -> impl Iterator<Item = u16> + '_ {
-    b.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]]))
-}
-
-/// Appends `body` with a length prefix of `width` bytes.
-fn put_vec(out: &mut Vec<u8>, width: usize, body: &[u8]) {
-    let len = body.len().to_be_bytes();
-    out.extend_from_slice(&len[len.len() - width..]);
-    out.extend_from_slice(body);
-}
-
-fn extension(out: &mut Vec<u8>, ty: u16, body: &[u8]) {
-    out.extend_from_slice(&ty.to_be_bytes());
-    put_vec(out, 2, body);
-}
-
-/// A handshake message with its header.
-fn message(ty: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![ty];
-    put_vec(&mut m, 3, body);
-    m
-}
-
-/// Compares secrets in constant time.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The handshake's records on the connection.
-struct Wire<'a, S> {
-    io: &'a mut S,
-    /// Handshake bytes received and not yet a whole message.
-    pending: Vec<u8>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Wire<'_, S> {
-    /// The next handshake message, protected by `rx` once keys are set: its bytes with their
-    /// header. Change-cipher-spec records (middlebox compatibility) are passed over.
-    async fn next(&mut self, mut rx: Option<&mut Protection>) -> Result<Vec<u8>> {
-        loop {
-            if self.pending.len() >= 4 {
-                let len = usize::from(self.pending[1]) << 16
-                    | usize::from(self.pending[2]) << 8
-                    | usize::from(self.pending[3]);
-                if len > 1 << 16 {
-                    return Err(Failure::Length.into());
-                }
-                if self.pending.len() >= 4 + len {
-                    return Ok(self.pending.drain(..4 + len).collect());
-                }
-            }
-            let mut header = [0; 5];
-            self.io.read_exact(&mut header).await?;
-            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-            if len > MAX_PAYLOAD || len == 0 {
-                return Err(Failure::Length.into());
-            }
-            let mut payload = vec![0; len];
-            self.io.read_exact(&mut payload).await?;
-            match (header[0], rx.as_deref_mut()) {
-                (CONTENT_CCS, _) if payload == [1] => {}
-                (CONTENT_ALERT, None) => return Err(Failure::FatalAlert.into()),
-                (CONTENT_HANDSHAKE, None) => self.pending.extend_from_slice(&payload),
-                (CONTENT_DATA, Some(rx)) => {
-                    let n = rx.open(header, &mut payload).ok_or(Failure::Decryption)?;
-                    let at = payload[..n]
-                        .iter()
-                        .rposition(|&b| b != 0)
-                        .ok_or(Failure::UnexpectedPacket)?;
-                    match payload[at] {
-                        CONTENT_HANDSHAKE => self.pending.extend_from_slice(&payload[..at]),
-                        CONTENT_ALERT => return Err(Failure::FatalAlert.into()),
-                        _ => return Err(Failure::UnexpectedPacket.into()),
-                    }
-                }
-                _ => return Err(Failure::UnexpectedPacket.into()),
-            }
-        }
-    }
-
-    /// Sends handshake messages in the clear (`legacy`: the record version).
-    async fn send_plain(&mut self, legacy: u16, messages: &[u8]) -> Result<()> {
-        let mut out = Vec::with_capacity(messages.len() + 5);
-        for chunk in messages.chunks(stream::MAX_PLAINTEXT) {
-            out.push(CONTENT_HANDSHAKE);
-            out.extend_from_slice(&legacy.to_be_bytes());
-            put_vec(&mut out, 2, chunk);
-        }
-        self.io.write_all(&out).await?;
-        Ok(())
-    }
-
-    /// Sends a change-cipher-spec record (middlebox compatibility).
-    async fn send_ccs(&mut self) -> Result<()> {
-        self.io.write_all(&[CONTENT_CCS, 3, 3, 0, 1, 1]).await?;
-        Ok(())
-    }
-
-    /// Sends handshake messages protected by `tx`.
-    async fn send_protected(&mut self, tx: &mut Protection, messages: &[&[u8]]) -> Result<()> {
-        let mut out = Vec::new();
-        for m in messages {
-            let mut inner = m.to_vec();
-            inner.push(CONTENT_HANDSHAKE);
-            tx.seal(&mut inner, &mut out);
-        }
-        self.io.write_all(&out).await?;
-        self.io.flush().await?;
-        Ok(())
-    }
-}
-
-/// What a ClientHello offers.
-struct Hello<'a> {
-    session_id: &'a [u8],
-    suites: &'a [u8],
-    versions: Option<&'a [u8]>,
-    modes: &'a [u8],
-    shares: Vec<(u16, &'a [u8])>,
-    identities: Vec<&'a [u8]>,
-    binders: Vec<&'a [u8]>,
-    /// Where the binders begin: the part of the message before them is what they sign.
-    binders_at: usize,
-}
-
-fn parse_client_hello(raw: &[u8]) -> std::result::Result<Hello<'_>, Failure> {
-    let mut f = Fields::new(raw.get(4..).ok_or(Failure::Length)?);
-    f.u16()?; // legacy_version
-    f.bytes(32)?;
-    let session_id = f.vec8()?;
-    let suites = f.vec16()?;
-    f.vec8()?; // compression methods
-    let mut hello = Hello {
-        session_id,
-        suites,
-        versions: None,
-        modes: &[],
-        shares: Vec::new(),
-        identities: Vec::new(),
-        binders: Vec::new(),
-        binders_at: 0,
-    };
-    if f.done() {
-        return Ok(hello);
-    }
-    let exts_start = 4 + f.at + 2;
-    let mut exts = Fields::new(f.vec16()?);
-    while !exts.done() {
-        let ty = exts.u16()?;
-        let body_at = exts_start + exts.at + 2;
-        let body = exts.vec16()?;
-        let mut e = Fields::new(body);
-        match ty {
-            EXT_SUPPORTED_VERSIONS => hello.versions = Some(e.vec8()?),
-            EXT_PSK_MODES => hello.modes = e.vec8()?,
-            EXT_KEY_SHARE => {
-                let mut shares = Fields::new(e.vec16()?);
-                while !shares.done() {
-                    let group = shares.u16()?;
-                    hello.shares.push((group, shares.vec16()?));
-                }
-            }
-            EXT_PRE_SHARED_KEY => {
-                // The last extension (RFC 8446 4.2.11).
-                if !exts.done() {
-                    return Err(Failure::Illegal);
-                }
-                let mut ids = Fields::new(e.vec16()?);
-                while !ids.done() {
-                    hello.identities.push(ids.vec16()?);
-                    ids.bytes(4)?; // obfuscated_ticket_age
-                }
-                hello.binders_at = body_at + e.at;
-                let mut binders = Fields::new(e.vec16()?);
-                while !binders.done() {
-                    hello.binders.push(binders.vec8()?);
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(hello)
-}
-
 /// The server's handshake: the client must offer TLS 1.3 and a PSK identity `key_of`
 /// knows, with the binder its key makes.
 pub(crate) async fn accept<S>(
     mut io: S,
     key_of: impl Fn(&[u8]) -> Option<Vec<u8>>,
-) -> Result<PskStream<S>>
+) -> Result<OwnTlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let rng = SystemRandom::new();
-    let mut wire = Wire {
-        io: &mut io,
-        pending: Vec::new(),
-    };
-    let ch = wire.next(None).await?;
-    if ch[0] != HS_CLIENT_HELLO {
-        return Err(Failure::UnexpectedHandshake.into());
-    }
+    let mut wire = Wire::new(&mut io, true);
+    let ch = wire.expect(HS_CLIENT_HELLO, None).await?;
     let hello = parse_client_hello(&ch)?;
+    // Only TLS 1.3 takes an external PSK here: a client without it has no suite to share.
     if !hello.versions.is_some_and(|v| u16s(v).any(|v| v == TLS13)) {
-        return Err(Failure::UnsupportedVersion.into());
+        return Err(Failure::NoCipherSuites.into());
     }
     let suite = u16s(hello.suites)
         .find_map(Suite::from_code)
@@ -522,8 +185,8 @@ where
     }
 
     let hs = early.handshake(shared.as_deref(), &transcript.hash());
-    let mut tx = Protection::new(suite, hs.server);
-    let mut rx = Protection::new(suite, hs.client);
+    let mut tx = Keys::Tls13(Protection::new(suite, hs.server));
+    let mut rx = Keys::Tls13(Protection::new(suite, hs.client));
     let ee = message(HS_ENCRYPTED_EXTENSIONS, &[0, 0]);
     transcript.add(&ee);
     let fin = message(HS_FINISHED, &verify_data(&hs.server, &transcript.hash()));
@@ -532,25 +195,19 @@ where
     let (client_ap, server_ap) = hs.application(&transcript.hash());
 
     let expected = verify_data(&hs.client, &transcript.hash());
-    let theirs = wire.next(Some(&mut rx)).await?;
-    if theirs[0] != HS_FINISHED {
-        return Err(Failure::UnexpectedHandshake.into());
-    }
-    if !same(&theirs[4..], &expected) {
-        return Err(Failure::Decryption.into());
-    }
+    wire.expect_finished(&mut rx, &expected).await?;
     if !wire.pending.is_empty() {
         return Err(Failure::UnexpectedHandshake.into());
     }
-    Ok(PskStream::new(
+    Ok(OwnTlsStream::new(
         io,
-        Protection::new(suite, client_ap),
-        Protection::new(suite, server_ap),
+        Keys::Tls13(Protection::new(suite, client_ap)),
+        Keys::Tls13(Protection::new(suite, server_ap)),
     ))
 }
 
 /// The client's handshake with `identity` and its `key`.
-pub(crate) async fn connect<S>(mut io: S, identity: &[u8], key: &[u8]) -> Result<PskStream<S>>
+pub(crate) async fn connect<S>(mut io: S, identity: &[u8], key: &[u8]) -> Result<OwnTlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -612,19 +269,13 @@ where
     let binder = early.binder(&truncated.hash());
     ch[binders_at + 3..].copy_from_slice(&binder);
 
-    let mut wire = Wire {
-        io: &mut io,
-        pending: Vec::new(),
-    };
+    let mut wire = Wire::new(&mut io, true);
     let mut transcript = Transcript::new();
     transcript.add(&ch);
     wire.send_plain(0x0301, &ch).await?;
     wire.io.flush().await?;
 
-    let sh = wire.next(None).await?;
-    if sh[0] != HS_SERVER_HELLO {
-        return Err(Failure::UnexpectedHandshake.into());
-    }
+    let sh = wire.expect(HS_SERVER_HELLO, None).await?;
     let mut f = Fields::new(&sh[4..]);
     f.u16()?;
     if f.bytes(32)? == RETRY_RANDOM {
@@ -668,21 +319,12 @@ where
     transcript.add(&sh);
 
     let hs = early.handshake(Some(&shared), &transcript.hash());
-    let mut rx = Protection::new(suite, hs.server);
-    let mut tx = Protection::new(suite, hs.client);
-    let ee = wire.next(Some(&mut rx)).await?;
-    if ee[0] != HS_ENCRYPTED_EXTENSIONS {
-        return Err(Failure::UnexpectedHandshake.into());
-    }
+    let mut rx = Keys::Tls13(Protection::new(suite, hs.server));
+    let mut tx = Keys::Tls13(Protection::new(suite, hs.client));
+    let ee = wire.expect(HS_ENCRYPTED_EXTENSIONS, Some(&mut rx)).await?;
     transcript.add(&ee);
     let expected = verify_data(&hs.server, &transcript.hash());
-    let fin = wire.next(Some(&mut rx)).await?;
-    if fin[0] != HS_FINISHED {
-        return Err(Failure::UnexpectedHandshake.into());
-    }
-    if !same(&fin[4..], &expected) {
-        return Err(Failure::Decryption.into());
-    }
+    let fin = wire.expect_finished(&mut rx, &expected).await?;
     transcript.add(&fin);
     let (client_ap, server_ap) = hs.application(&transcript.hash());
     let ours = message(HS_FINISHED, &verify_data(&hs.client, &transcript.hash()));
@@ -691,72 +333,25 @@ where
     if !wire.pending.is_empty() {
         return Err(Failure::UnexpectedHandshake.into());
     }
-    Ok(PskStream::new(
+    Ok(OwnTlsStream::new(
         io,
-        Protection::new(suite, server_ap),
-        Protection::new(suite, client_ap),
+        Keys::Tls13(Protection::new(suite, server_ap)),
+        Keys::Tls13(Protection::new(suite, client_ap)),
     ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::rt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
 
     #[test]
     fn both_ends_agree_and_carry_data_both_ways() {
-        rt().block_on(async {
-            let (a, b) = tokio::io::duplex(1 << 16);
-            let server = tokio::spawn(async move {
-                let mut s = accept(a, |id| (id == b"alice").then(|| vec![9; 32]))
-                    .await
-                    .unwrap();
-                let mut got = vec![0; 100_000];
-                s.read_exact(&mut got).await.unwrap();
-                s.write_all(&got).await.unwrap();
-                s.shutdown().await.unwrap();
-            });
-            let mut c = connect(b, b"alice", &[9; 32]).await.unwrap();
-            let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
-            c.write_all(&data).await.unwrap();
-            c.flush().await.unwrap();
-            let mut back = Vec::new();
-            c.read_to_end(&mut back).await.unwrap();
-            assert_eq!(back, data);
-            server.await.unwrap();
-        });
-    }
-
-    /// A small deterministic generator for damaged inputs.
-    struct Noise(u64);
-
-    impl Noise {
-        fn next(&mut self) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 as usize
-        }
-
-        /// `good` with a few bytes changed, and sometimes cut short.
-        fn damage(&mut self, good: &[u8]) -> Vec<u8> {
-            let mut v = good.to_vec();
-            for _ in 0..1 + self.next() % 4 {
-                let at = self.next() % v.len();
-                v[at] ^= 1 << (self.next() % 8);
-            }
-            if self.next() % 3 == 0 {
-                v.truncate(self.next() % v.len());
-            }
-            v
-        }
+        rt().block_on(crate::wire::echoes(
+            |a| accept(a, |id| (id == b"alice").then(|| vec![9; 32])),
+            |b| connect(b, b"alice", &[9; 32]),
+        ));
     }
 
     /// The first flight each end sends, from a real handshake: (ClientHello, the
@@ -801,24 +396,13 @@ mod tests {
     #[test]
     fn damaged_handshakes_fail_without_a_panic() {
         let (hello, answer) = flights();
-        let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
-        rt().block_on(async {
-            for _ in 0..1500 {
-                let (mut c, s) = tokio::io::duplex(1 << 16);
-                c.write_all(&noise.damage(&hello)).await.unwrap();
-                drop(c);
-                assert!(accept(s, |_| Some(vec![9; 32])).await.is_err());
-
-                let (mut s, c) = tokio::io::duplex(1 << 16);
-                let client =
-                    tokio::spawn(async move { connect(c, b"alice", &[9; 32]).await.map(|_| ()) });
-                let mut discard = vec![0; 4096];
-                let _ = s.read(&mut discard).await;
-                s.write_all(&noise.damage(&answer)).await.unwrap();
-                drop(s);
-                assert!(client.await.unwrap().is_err());
-            }
-        });
+        rt().block_on(crate::wire::damaged_flights_fail(
+            &hello,
+            &answer,
+            1500,
+            |s| async move { accept(s, |_| Some(vec![9; 32])).await.is_err() },
+            |c| async move { connect(c, b"alice", &[9; 32]).await.is_err() },
+        ));
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! A TLS 1.3 session once its handshake is done: application data in protected records,
-//! the peer's KeyUpdate and NewSessionTicket messages taken in stride, close_notify as the
-//! end of the stream.
+//! A session of ferrite's own TLS (1.3 with a pre-shared key, 1.2 anonymous) once its
+//! handshake is done: application data in protected records, the peer's post-handshake
+//! messages taken in stride (1.3: KeyUpdate, NewSessionTicket; 1.2: a HelloRequest is
+//! passed over, renegotiation refused), close_notify as the end of the stream.
 
-use super::Failure;
-use super::schedule::Protection;
+use crate::tls12::Gcm12;
+use crate::tls13::Protection;
+use crate::wire::{CONTENT_ALERT, CONTENT_DATA, CONTENT_HANDSHAKE, Failure};
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -15,21 +18,75 @@ pub(crate) const MAX_PLAINTEXT: usize = 1 << 14;
 pub(crate) const MAX_PAYLOAD: usize = MAX_PLAINTEXT + 256;
 const HEADER: usize = 5;
 
-const CONTENT_ALERT: u8 = 21;
-const CONTENT_HANDSHAKE: u8 = 22;
-const CONTENT_DATA: u8 = 23;
-
+const HS_HELLO_REQUEST: u8 = 0;
 const HS_NEW_SESSION_TICKET: u8 = 4;
 const HS_KEY_UPDATE: u8 = 24;
+
+/// One direction's record protection.
+pub(crate) enum Keys {
+    /// TLS 1.3: the content type inside, every record `application_data` outside.
+    Tls13(Protection),
+    /// TLS 1.2 with AES-GCM.
+    Tls12(Gcm12),
+}
+
+impl Keys {
+    /// Seals `data` of type `content` into records appended to `out`.
+    pub(crate) fn seal(
+        &mut self,
+        content: u8,
+        data: &[u8],
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) {
+        for chunk in data.chunks(MAX_PLAINTEXT) {
+            match self {
+                Keys::Tls13(p) => {
+                    scratch.clear();
+                    scratch.extend_from_slice(chunk);
+                    scratch.push(content);
+                    p.seal(scratch, out);
+                }
+                Keys::Tls12(g) => g.seal(content, chunk, out),
+            }
+        }
+    }
+
+    /// Opens a record's payload in place: its content type and where its plaintext is.
+    pub(crate) fn open(
+        &mut self,
+        header: [u8; HEADER],
+        payload: &mut [u8],
+    ) -> Result<(u8, Range<usize>), Failure> {
+        match self {
+            Keys::Tls13(p) => {
+                if header[0] != CONTENT_DATA {
+                    return Err(Failure::UnexpectedPacket);
+                }
+                let n = p.open(header, payload).ok_or(Failure::Decryption)?;
+                // The content type is the last byte that is not padding.
+                let at = payload[..n]
+                    .iter()
+                    .rposition(|&b| b != 0)
+                    .ok_or(Failure::UnexpectedPacket)?;
+                Ok((payload[at], 0..at))
+            }
+            Keys::Tls12(g) => {
+                let range = g.open(header, payload).ok_or(Failure::Decryption)?;
+                Ok((header[0], range))
+            }
+        }
+    }
+}
 
 /// How many records one write seals at most: large writes go out in few system calls.
 const RECORDS_PER_WRITE: usize = 4;
 
 /// An established session on `S`.
-pub struct PskStream<S> {
+pub struct OwnTlsStream<S> {
     io: S,
-    rx: Protection,
-    tx: Protection,
+    rx: Keys,
+    tx: Keys,
     /// Bytes read from the peer: `inbuf[start..end]` is not yet a whole record.
     inbuf: Box<[u8]>,
     start: usize,
@@ -53,9 +110,9 @@ pub struct PskStream<S> {
     scratch: Vec<u8>,
 }
 
-impl<S> PskStream<S> {
-    pub(crate) fn new(io: S, rx: Protection, tx: Protection) -> PskStream<S> {
-        PskStream {
+impl<S> OwnTlsStream<S> {
+    pub(crate) fn new(io: S, rx: Keys, tx: Keys) -> OwnTlsStream<S> {
+        OwnTlsStream {
             io,
             rx,
             tx,
@@ -102,37 +159,27 @@ impl<S> PskStream<S> {
 
     /// Opens one record and acts on what it carries.
     fn process(&mut self, header: [u8; HEADER], from: usize, to: usize) -> Result<(), Failure> {
-        if header[0] != CONTENT_DATA {
-            return Err(Failure::UnexpectedPacket);
-        }
         self.scratch.clear();
         self.scratch.extend_from_slice(&self.inbuf[from..to]);
-        let n = self
-            .rx
-            .open(header, &mut self.scratch)
-            .ok_or(Failure::Decryption)?;
-        // The content type is the last byte that is not padding.
-        let Some(type_at) = self.scratch[..n].iter().rposition(|&b| b != 0) else {
-            return Err(Failure::UnexpectedPacket);
-        };
-        let content = self.scratch[type_at];
+        let (content, range) = self.rx.open(header, &mut self.scratch)?;
+        let body = &self.scratch[range];
         match content {
             CONTENT_DATA => {
                 if self.pos == self.plain.len() {
                     self.plain.clear();
                     self.pos = 0;
                 }
-                self.plain.extend_from_slice(&self.scratch[..type_at]);
+                self.plain.extend_from_slice(body);
             }
             CONTENT_ALERT => {
-                if self.scratch[..type_at] == [1, 0] || self.scratch[..type_at] == [2, 0] {
+                if body == [1, 0] || body == [2, 0] {
                     self.ended = true;
-                } else {
+                } else if body.first() != Some(&1) {
                     return Err(Failure::FatalAlert);
                 }
             }
             CONTENT_HANDSHAKE => {
-                let body = self.scratch[..type_at].to_vec();
+                let body = body.to_vec();
                 self.handshake.extend_from_slice(&body);
                 self.post_handshake()?;
             }
@@ -151,10 +198,10 @@ impl<S> PskStream<S> {
                 break;
             }
             let message: Vec<u8> = self.handshake.drain(..4 + len).collect();
-            match message[0] {
-                HS_NEW_SESSION_TICKET => {}
-                HS_KEY_UPDATE if len == 1 && message[4] <= 1 => {
-                    self.rx = self.rx.updated();
+            match (&self.rx, message[0]) {
+                (Keys::Tls13(_), HS_NEW_SESSION_TICKET) | (Keys::Tls12(_), HS_HELLO_REQUEST) => {}
+                (Keys::Tls13(p), HS_KEY_UPDATE) if len == 1 && message[4] <= 1 => {
+                    self.rx = Keys::Tls13(p.updated());
                     if message[4] == 1 {
                         self.owe_key_update = true;
                     }
@@ -167,18 +214,12 @@ impl<S> PskStream<S> {
 
     /// Seals `data` of type `content` into records.
     fn seal(&mut self, content: u8, data: &[u8]) {
-        for chunk in data.chunks(MAX_PLAINTEXT) {
-            let mut inner = std::mem::take(&mut self.scratch);
-            inner.clear();
-            inner.extend_from_slice(chunk);
-            inner.push(content);
-            self.tx.seal(&mut inner, &mut self.outbuf);
-            self.scratch = inner;
-        }
+        self.tx
+            .seal(content, data, &mut self.scratch, &mut self.outbuf);
     }
 }
 
-impl<S: AsyncWrite + Unpin> PskStream<S> {
+impl<S: AsyncWrite + Unpin> OwnTlsStream<S> {
     /// Writes the sealed records out.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.out_pos < self.outbuf.len() {
@@ -198,12 +239,14 @@ impl<S: AsyncWrite + Unpin> PskStream<S> {
         if self.owe_key_update {
             self.owe_key_update = false;
             self.seal(CONTENT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 0]);
-            self.tx = self.tx.updated();
+            if let Keys::Tls13(p) = &self.tx {
+                self.tx = Keys::Tls13(p.updated());
+            }
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for PskStream<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for OwnTlsStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -254,7 +297,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for PskStream<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for PskStream<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for OwnTlsStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,5 +1,6 @@
-"""NBD and QMP over TLS with pre-shared keys (`tls-creds-psk`), against qemu-storage-daemon.
-ferrite speaks TLS 1.3 with an external PSK itself (rustls has none); every peer here is
+"""NBD and QMP over TLS with pre-shared keys (`tls-creds-psk`) and without credentials
+(`tls-creds-anon`), against qemu-storage-daemon. ferrite speaks TLS 1.3 with an external PSK
+and TLS 1.2 with anonymous Diffie-Hellman itself (rustls has neither); every peer here is
 GnuTLS's: QEMU's own programs, libnbd's nbdinfo, gnutls-cli, and qemu-nbd as a server."""
 import json
 import shutil
@@ -73,25 +74,27 @@ def test_psk_objects_and_refusals_match_qsd(both, keys):
     assert_same_transcript(objects_transcript(q, keys), objects_transcript(f, keys))
 
 
-def test_what_ferrite_cannot_take_is_refused_clearly(ferrite, keys):
-    """Anonymous credentials need TLS 1.2's anonymous Diffie-Hellman, and a GnuTLS priority
-    string means nothing to ferrite: each is refused by name, never ignored."""
+def test_a_priority_string_is_refused_clearly(ferrite, keys):
+    """A GnuTLS priority string means nothing to ferrite: it is refused by name, never
+    ignored."""
     c = ferrite().connect()
-    for obj in [{"qom-type": "tls-creds-anon", "id": "a", "endpoint": "server"},
+    for obj in [{"qom-type": "tls-creds-anon", "id": "a", "endpoint": "server",
+                 "priority": "NORMAL"},
                 psk("server", keys["good"], "prio", priority="NORMAL")]:
         r = c.cmd("object-add", obj)
         assert r["error"]["class"] == "GenericError", r
         desc = r["error"]["desc"]
-        assert "ferrite" in desc and ("tls-creds-psk" in desc or "priority" in desc), desc
+        assert "ferrite" in desc and "priority" in desc, desc
 
 
-def serve(d, keys, authz=None):
-    """Serves a fresh 16 MiB qcow2 image over TLS-PSK as export `d`: (monitor, socket)."""
+def serve(d, keys, authz=None, creds=None):
+    """Serves a fresh 16 MiB qcow2 image over TLS (PSK unless `creds` says otherwise) as
+    export `d`: (monitor, socket)."""
     c = d.connect()
     img = d.workdir / "d.qcow2"
     qcow2(img, "16M")
     run("qemu-io", "-c", "write -P 7 0 1M", "-c", "write -P 3 15M 1M", img)
-    assert c.cmd("object-add", psk("server", keys["good"])) == {"return": {}}
+    assert c.cmd("object-add", creds or psk("server", keys["good"])) == {"return": {}}
     add(c, "d", img)
     args = {"addr": {"type": "unix", "data": {"path": str(d.workdir / "nbd.sock")}},
             "tls-creds": "tls0"}
@@ -105,20 +108,37 @@ def serve(d, keys, authz=None):
     return c, d.workdir / "nbd.sock"
 
 
+def after_quit(d, c):
+    """Quits the daemon `serve` started: what it printed, and how many of the clients'
+    writes its image has."""
+    c.cmd("quit")
+    d.proc.wait(10)
+    said = [ln.split(": ", 1)[1] for ln in d.stderr_path.read_text().splitlines()]
+    kept = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "read -P 9 1M 4M", "-c", "read -P 5 8M 64k",
+         str(d.workdir / "d.qcow2")], capture_output=True, text=True).stdout.count("read ")
+    return [("daemon said", said), ("image", kept)]
+
+
 def qemu_client(tool, sock, cred, *ops):
-    """A QEMU tool as a PSK client of export `d` (`cred`: key directory and user name, or
-    None for no TLS): (exit status, output lines without timings)."""
+    """A QEMU tool as a TLS client of export `d` (`cred`: key directory and user name,
+    "anon", or None for no TLS): (exit status, output lines without timings)."""
     opts = f"driver=nbd,server.type=unix,server.path={sock},export=d"
     obj = []
-    if cred is not None:
+    if cred == "anon":
+        obj = ["--object", "tls-creds-anon,id=tls0,endpoint=client"]
+        opts += ",tls-creds=tls0"
+    elif cred is not None:
         obj = ["--object", f"tls-creds-psk,id=tls0,endpoint=client,dir={cred[0]},"
                            f"username={cred[1]}"]
         opts += ",tls-creds=tls0"
     head, ops = ([ops[0]], ops[1:]) if tool == "qemu-img" else ([], ops)
     r = subprocess.run([tool, *head, *obj, "--image-opts", opts, *ops], capture_output=True,
                        text=True, timeout=60)
-    return r.returncode, [dropped(ln.replace(str(sock), "SOCK"))
-                          for ln in (r.stdout + r.stderr).splitlines() if "ops/sec" not in ln]
+    lines = [dropped(ln.replace(str(sock), "SOCK"))
+             for ln in (r.stdout + r.stderr).splitlines() if "ops/sec" not in ln]
+    # Requests in flight together complete in either order.
+    return r.returncode, sorted(lines) if any("aio_" in op for op in ops) else lines
 
 
 def clients_transcript(d, keys, authz=None):
@@ -131,6 +151,7 @@ def clients_transcript(d, keys, authz=None):
        "-c", "aio_write -P 6 9M 64k", "-c", "aio_flush", "-c", "read -P 6 9M 64k")
     io((keys["wrong"], "alice"), "-c", "read 0 4k")
     io((keys["carol"], "carol"), "-c", "read 0 4k")
+    io("anon", "-c", "read 0 4k")
     io(None, "-c", "read 0 4k")
     out.append(qemu_client("qemu-img", sock, (keys["good"], "alice"), "info", "--output=json"))
     r = subprocess.run(["nbdinfo", "--json", f"nbds+unix://alice@/d?socket={sock}"
@@ -139,14 +160,7 @@ def clients_transcript(d, keys, authz=None):
     info = json.loads(r.stdout)["exports"][0] if r.returncode == 0 else r.stderr
     out.append(("nbdinfo", {k: info[k] for k in ("export-size", "is_read_only")}
                 if isinstance(info, dict) else info))
-    c.cmd("quit")
-    d.proc.wait(10)
-    out.append(("daemon said", [ln.split(": ", 1)[1] for ln in
-                                d.stderr_path.read_text().splitlines()]))
-    out.append(("image", subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "read -P 9 1M 4M", "-c", "read -P 5 8M 64k",
-         str(d.workdir / "d.qcow2")], capture_output=True, text=True).stdout.count("read ")))
-    return out
+    return out + after_quit(d, c)
 
 
 @pytest.mark.parametrize("authz", [
@@ -180,6 +194,23 @@ def qemu_nbd_psk(keys, tmp_path):
     p.wait(10)
 
 
+def through_plain_export(c, cmd, d, node, pattern):
+    """qemu-io reads node `node` (written 0x5a over its first 2 MiB), then writes `pattern`
+    and reads it back, through an export in the clear; the export goes again. Its output
+    lines, without timings."""
+    plain = d.workdir / "plain.sock"
+    cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(plain)}}})
+    cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node, "name": "x",
+                             "writable": True})
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 2M",
+                        "-c", f"write -P {pattern} 4M 3M", "-c", f"read -P {pattern} 4M 3M",
+                        "-c", "flush", f"nbd+unix:///x?socket={plain}"],
+                       capture_output=True, text=True)
+    cmd("block-export-del", {"id": "e"})
+    wait_for(lambda: c.cmd("query-block-exports")["return"] == [], what="the export to go")
+    return [ln for ln in r.stdout.splitlines() if "ops/sec" not in ln]
+
+
 def driver_transcript(d, keys, sock):
     """The `nbd` driver as a PSK client of qemu-nbd: good and bad keys, then reads and
     writes through the node (exported again, in the clear, for qemu-io)."""
@@ -192,17 +223,7 @@ def driver_transcript(d, keys, sock):
     for id in ("wrong", "carol", "good"):
         cmd("blockdev-add", {"driver": "nbd", "node-name": f"n-{id}", "export": "s",
                              "server": {"type": "unix", "path": str(sock)}, "tls-creds": id})
-    plain = d.workdir / "plain.sock"
-    cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(plain)}}})
-    cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "n-good", "name": "x",
-                             "writable": True})
-    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 2M",
-                        "-c", "write -P 0x11 4M 3M", "-c", "read -P 0x11 4M 3M",
-                        "-c", "flush", f"nbd+unix:///x?socket={plain}"],
-                       capture_output=True, text=True)
-    out.append([ln for ln in r.stdout.splitlines() if "ops/sec" not in ln])
-    cmd("block-export-del", {"id": "e"})
-    wait_for(lambda: c.cmd("query-block-exports")["return"] == [], what="the export to go")
+    out.append(through_plain_export(c, cmd, d, "n-good", "0x11"))
     cmd("blockdev-del", {"node-name": "n-good"})
     c.close()
     return out
@@ -227,11 +248,16 @@ def free_port():
 
 
 def gnutls_session(port, key_dir, user, lines):
-    """gnutls-cli with a PSK sends `lines` to a TLS monitor and returns what came back."""
-    key = [ln.split(":", 1)[1] for ln in (key_dir / "keys.psk").read_text().splitlines()
-           if ln.startswith(user + ":")][0]
-    p = subprocess.Popen(["gnutls-cli", "--logfile=/dev/null", "--pskusername", user,
-                          "--pskkey", key, "--priority", "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK",
+    """gnutls-cli with a PSK (or anonymous, without `key_dir`) sends `lines` to a TLS
+    monitor and returns what came back."""
+    if key_dir is None:
+        creds = ["--priority", "NORMAL:-KX-ALL:+ANON-DH:-VERS-TLS1.3"]
+    else:
+        key = [ln.split(":", 1)[1] for ln in (key_dir / "keys.psk").read_text().splitlines()
+               if ln.startswith(user + ":")][0]
+        creds = ["--pskusername", user, "--pskkey", key,
+                 "--priority", "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"]
+    p = subprocess.Popen(["gnutls-cli", "--logfile=/dev/null", *creds,
                           "-p", str(port), "127.0.0.1"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True)
@@ -257,22 +283,149 @@ def gnutls_session(port, key_dir, user, lines):
     return received
 
 
-def test_a_qmp_monitor_over_psk_matches_qsd(qsd, ferrite, keys):
+@pytest.mark.parametrize("kind", ["psk", "anon"])
+def test_a_qmp_monitor_over_psk_or_anonymous_tls_matches_qsd(qsd, ferrite, keys, kind):
     got = []
+    creds = (f"tls-creds-psk,id=tls0,dir={keys['good']},endpoint=server" if kind == "psk"
+             else "tls-creds-anon,id=tls0,endpoint=server")
     for start in (qsd, ferrite):
         port = free_port()
-        start(["--object", f"tls-creds-psk,id=tls0,dir={keys['good']},endpoint=server",
+        start(["--object", creds,
                "--chardev", f"socket,id=tm,host=127.0.0.1,port={port},server=on,wait=off,"
                             "tls-creds=tls0",
                "--monitor", "chardev=tm"])
         wait_for(lambda: subprocess.run(["ss", "-ltnH", f"sport = :{port}"],
                                         capture_output=True, text=True).stdout.strip() != "",
                  what="the monitor's port")
-        got.append(gnutls_session(port, keys["good"], "bob", [
+        key_dir = keys["good"] if kind == "psk" else None
+        got.append(gnutls_session(port, key_dir, "bob", [
             '{"execute": "qmp_capabilities"}',
             '{"execute": "query-status"}',
             '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s", '
             '"data": "x"}}']))
-        got.append(gnutls_session(port, keys["wrong"], "bob", ['{"execute": "quit"}']))
+        # The other kind of client gets nothing.
+        other = None if kind == "psk" else keys["good"]
+        got.append(gnutls_session(port, other, "bob", ['{"execute": "quit"}']))
     assert got[0][:2] == ["greeting", {"return": {}}], got
     assert got[2:] == got[:2]
+
+
+# Anonymous credentials: TLS 1.2 with anonymous Diffie-Hellman.
+
+@pytest.fixture(scope="module")
+def dh_dirs(tmp_path_factory):
+    """Directories for an anonymous server: `params` with certtool's DH parameters, `junk`
+    with a file that is none, `none` without one."""
+    base = tmp_path_factory.mktemp("anon")
+    dirs = {name: base / name for name in ("params", "junk", "none")}
+    for d in dirs.values():
+        d.mkdir()
+    subprocess.run(["certtool", "--generate-dh-params", "--bits", "2048", "--outfile",
+                    str(dirs["params"] / "dh-params.pem")], check=True, capture_output=True)
+    (dirs["junk"] / "dh-params.pem").write_text("junk\n")
+    return dirs
+
+
+def anon(endpoint, id="tls0", **extra):
+    return {"qom-type": "tls-creds-anon", "id": id, "endpoint": endpoint, **extra}
+
+
+def anon_objects_transcript(d, dh_dirs):
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("object-add", anon("server", "srv"))
+    cmd("object-add", anon("server", "p", dir=str(dh_dirs["params"])))
+    cmd("object-add", anon("server", "n", dir=str(dh_dirs["none"])))
+    cmd("object-add", anon("server", "j", dir=str(dh_dirs["junk"])))
+    cmd("object-add", anon("client", "cli", dir=str(dh_dirs["junk"])))
+    cmd("qom-list", {"path": "/objects/p"})
+    for p in ("endpoint", "dir", "verify-peer", "priority"):
+        cmd("qom-get", {"path": "/objects/p", "property": p})
+    cmd("qom-list-properties", {"typename": "tls-creds-anon"})
+    sock = d.workdir / "x.sock"
+    cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}},
+                             "tls-creds": "cli"})
+    cmd("object-del", {"id": "cli"})
+    c.close()
+    return out
+
+
+def test_anon_objects_and_refusals_match_qsd(both, dh_dirs):
+    q, f = both()
+    assert_same_transcript(anon_objects_transcript(q, dh_dirs),
+                           anon_objects_transcript(f, dh_dirs))
+
+
+def anon_clients_transcript(d, keys, dh_dirs, params):
+    creds = anon("server", **({"dir": str(dh_dirs["params"])} if params else {}))
+    c, sock = serve(d, keys, creds=creds)
+    out = []
+    io = lambda cred, *ops: out.append(qemu_client("qemu-io", sock, cred, *ops))
+    io("anon", "-c", "read -P 7 0 1M", "-c", "write -P 9 1M 4M", "-c", "read -P 9 1M 4M",
+       "-c", "read -P 3 15M 1M", "-c", "flush")
+    io("anon", "-c", "aio_write -P 5 8M 64k", "-c", "aio_write -P 6 9M 64k",
+       "-c", "aio_flush", "-c", "read -P 6 9M 64k")
+    io((keys["good"], "alice"), "-c", "read 0 4k")
+    io(None, "-c", "read 0 4k")
+    out.append(qemu_client("qemu-img", sock, "anon", "info", "--output=json"))
+    r = subprocess.run(["nbdinfo", f"nbds+unix:///d?socket={sock}"], capture_output=True,
+                       text=True)
+    out.append(("nbdinfo", r.returncode))
+    return out + after_quit(d, c)
+
+
+@pytest.mark.parametrize("params", [False, True], ids=["ffdhe2048", "dh-params.pem"])
+def test_qemu_clients_see_the_same_anonymous_server(both, keys, dh_dirs, params):
+    q, f = both()
+    expected = anon_clients_transcript(q, keys, dh_dirs, params)
+    got = anon_clients_transcript(f, keys, dh_dirs, params)
+    assert_same_transcript(expected, got)
+    assert got[0][0] == 0 and got[1][0] == 0, got
+
+
+@pytest.fixture
+def qemu_nbd_anon(tmp_path):
+    """qemu-nbd serving a 16 MiB raw image over anonymous TLS on a unix socket."""
+    img = tmp_path / "served.raw"
+    run("qemu-img", "create", "-f", "raw", img, "16M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 2M", img)
+    sock = tmp_path / "qemu-nbd.sock"
+    p = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-x", "s", "-k", str(sock),
+                          "--object", "tls-creds-anon,id=t,endpoint=server",
+                          "--tls-creds", "t", str(img)], stderr=subprocess.PIPE)
+    wait_for(sock.exists, what="qemu-nbd's socket")
+    yield sock, img
+    p.terminate()
+    p.wait(10)
+
+
+def anon_driver_transcript(d, sock):
+    """The `nbd` driver as an anonymous client of qemu-nbd: reads and writes through the
+    node (exported again, in the clear, for qemu-io)."""
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    cmd("object-add", anon("client", "a"))
+    cmd("object-add", anon("server", "wrong-end"))
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "n-wrong", "export": "s",
+                         "server": {"type": "unix", "path": str(sock)},
+                         "tls-creds": "wrong-end"})
+    cmd("blockdev-add", {"driver": "nbd", "node-name": "n", "export": "s",
+                         "server": {"type": "unix", "path": str(sock)}, "tls-creds": "a"})
+    out.append(through_plain_export(c, cmd, d, "n", "0x22"))
+    cmd("blockdev-del", {"node-name": "n"})
+    c.close()
+    return out
+
+
+def test_nbd_driver_over_anonymous_tls_matches_qsd(both, qemu_nbd_anon):
+    sock, img = qemu_nbd_anon
+    q, f = both()
+    expected = anon_driver_transcript(q, sock)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0 4M 3M", img)
+    got = anon_driver_transcript(f, sock)
+    assert_same_transcript(expected, got)
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x22 4M 3M", str(img)],
+                       capture_output=True, text=True)
+    assert "read 3145728/3145728" in r.stdout, r.stdout + r.stderr
