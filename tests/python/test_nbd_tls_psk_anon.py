@@ -247,16 +247,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def gnutls_session(port, key_dir, user, lines):
+# gnutls-cli's priorities: QEMU's for PSK, PSK without key agreement (TLS 1.3's psk_ke),
+# and anonymous Diffie-Hellman alone.
+PRIORITY = {"psk": "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK", "psk_ke": "NORMAL:-KX-ALL:+PSK",
+            "anon": "NORMAL:-KX-ALL:+ANON-DH:-VERS-TLS1.3"}
+
+
+def gnutls_session(port, key_dir, user, lines, priority="psk"):
     """gnutls-cli with a PSK (or anonymous, without `key_dir`) sends `lines` to a TLS
     monitor and returns what came back."""
     if key_dir is None:
-        creds = ["--priority", "NORMAL:-KX-ALL:+ANON-DH:-VERS-TLS1.3"]
+        creds = ["--priority", PRIORITY["anon"]]
     else:
         key = [ln.split(":", 1)[1] for ln in (key_dir / "keys.psk").read_text().splitlines()
                if ln.startswith(user + ":")][0]
-        creds = ["--pskusername", user, "--pskkey", key,
-                 "--priority", "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"]
+        creds = ["--pskusername", user, "--pskkey", key, "--priority", PRIORITY[priority]]
     p = subprocess.Popen(["gnutls-cli", "--logfile=/dev/null", *creds,
                           "-p", str(port), "127.0.0.1"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -283,10 +288,10 @@ def gnutls_session(port, key_dir, user, lines):
     return received
 
 
-@pytest.mark.parametrize("kind", ["psk", "anon"])
+@pytest.mark.parametrize("kind", ["psk", "psk_ke", "anon"])
 def test_a_qmp_monitor_over_psk_or_anonymous_tls_matches_qsd(qsd, ferrite, keys, kind):
     got = []
-    creds = (f"tls-creds-psk,id=tls0,dir={keys['good']},endpoint=server" if kind == "psk"
+    creds = (f"tls-creds-psk,id=tls0,dir={keys['good']},endpoint=server" if kind != "anon"
              else "tls-creds-anon,id=tls0,endpoint=server")
     for start in (qsd, ferrite):
         port = free_port()
@@ -297,14 +302,14 @@ def test_a_qmp_monitor_over_psk_or_anonymous_tls_matches_qsd(qsd, ferrite, keys,
         wait_for(lambda: subprocess.run(["ss", "-ltnH", f"sport = :{port}"],
                                         capture_output=True, text=True).stdout.strip() != "",
                  what="the monitor's port")
-        key_dir = keys["good"] if kind == "psk" else None
+        key_dir = keys["good"] if kind != "anon" else None
         got.append(gnutls_session(port, key_dir, "bob", [
             '{"execute": "qmp_capabilities"}',
             '{"execute": "query-status"}',
             '{"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s", '
-            '"data": "x"}}']))
+            '"data": "x"}}'], priority=kind))
         # The other kind of client gets nothing.
-        other = None if kind == "psk" else keys["good"]
+        other = None if kind != "anon" else keys["good"]
         got.append(gnutls_session(port, other, "bob", ['{"execute": "quit"}']))
     assert got[0][:2] == ["greeting", {"return": {}}], got
     assert got[2:] == got[:2]
