@@ -287,6 +287,20 @@ def open_in_home(wrapper, workdir, server, img):
     return hide(str(r), server)
 
 
+def steady_open_in_home(name, wrapper, workdir, server, img):
+    """`open_in_home`; for qsd, twice, and a third time to settle it when the two differ.
+    qsd (libssh 0.10) now and then takes a host key it refuses in every other run: a case
+    known as "changed" once (stop 41) and as "other host" once (stop 45), never twice in a
+    row. The majority is its answer."""
+    first = open_in_home(wrapper, workdir, server, img)
+    if name != "qsd":
+        return first
+    second = open_in_home(wrapper, f"{workdir}-again", server, img)
+    if first == second:
+        return first
+    return open_in_home(wrapper, f"{workdir}-third", server, img)
+
+
 def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypatch):
     """`known_hosts` (the default check) judged as libssh judges it, each case against qsd:
     the key known (plain, hashed, by wildcard), changed, of another type only, revoked or
@@ -329,7 +343,8 @@ def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypa
                 kh.unlink(missing_ok=True)
             else:
                 kh.write_text(f"# {case}\n{line}\n")
-            got.append((case, open_in_home(wrapper, tmp_path / f"{name}-{case}", server, img)))
+            got.append((case, steady_open_in_home(name, wrapper, tmp_path / f"{name}-{case}",
+                                                  server, img)))
         # No agent: the identity file in ~/.ssh lets the user in.
         (home / ".ssh" / "known_hosts").write_text(good + "\n")
         monkeypatch.delenv("SSH_AUTH_SOCK")
@@ -340,8 +355,8 @@ def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypa
                 (home / ".ssh" / "id_ed25519").write_bytes(key.read_bytes())
                 (home / ".ssh" / "id_ed25519").chmod(0o600)
             got.append(("key file" if key else "no key",
-                        open_in_home(wrapper, tmp_path / f"{name}-key-{bool(key)}", server,
-                                     img)))
+                        steady_open_in_home(name, wrapper, tmp_path / f"{name}-key-{bool(key)}",
+                                            server, img)))
         monkeypatch.setenv("SSH_AUTH_SOCK", server.agent_sock)
         out[name] = got
     assert out["ferrite"] == out["qsd"]
