@@ -159,10 +159,10 @@ impl<S> OwnTlsStream<S> {
 
     /// Opens one record and acts on what it carries.
     fn process(&mut self, header: [u8; HEADER], from: usize, to: usize) -> Result<(), Failure> {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&self.inbuf[from..to]);
-        let (content, range) = self.rx.open(header, &mut self.scratch)?;
-        let body = &self.scratch[range];
+        // Opened where it was read: the record is consumed (`start` is past it already).
+        let record = &mut self.inbuf[from..to];
+        let (content, range) = self.rx.open(header, record)?;
+        let body = &record[range];
         match content {
             CONTENT_DATA => {
                 if self.pos == self.plain.len() {
@@ -179,8 +179,7 @@ impl<S> OwnTlsStream<S> {
                 }
             }
             CONTENT_HANDSHAKE => {
-                let body = body.to_vec();
-                self.handshake.extend_from_slice(&body);
+                self.handshake.extend_from_slice(body);
                 self.post_handshake()?;
             }
             _ => return Err(Failure::UnexpectedPacket),
