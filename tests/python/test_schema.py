@@ -27,6 +27,7 @@ def shape(s, name, stack=()):
         return ["enum", frozenset(m["name"] for m in e["members"])]
     if mt == "alternate":
         return ["alternate", [shape(s, m["type"], stack) for m in e["members"]]]
+    # A dict keeps the declaration order, which decides which bad member is reported first.
     members = {m["name"]: ("default" in m, tuple(m.get("features", [])),
                            shape(s, m["type"], stack)) for m in e["members"]}
     variants = {v["case"]: shape(s, v["type"], stack) for v in e.get("variants", [])}
@@ -34,7 +35,8 @@ def shape(s, name, stack=()):
 
 
 def compatible(ours, theirs, path):
-    """ours may implement a subset of enum values and union variants; all else must match."""
+    """ours may implement a subset of enum values and union variants; all else must match,
+    members in the same order (QEMU checks them in that order)."""
     if isinstance(ours, list) and isinstance(theirs, list) and ours and ours[0] == theirs[0]:
         kind = ours[0]
         if kind == "enum":
@@ -49,6 +51,7 @@ def compatible(ours, theirs, path):
             return
         if kind == "object":
             assert set(ours[1]) == set(theirs[1]), (path, set(ours[1]) ^ set(theirs[1]))
+            assert list(ours[1]) == list(theirs[1]), (path, "member order")
             for m, (opt, feats, ty) in ours[1].items():
                 assert (opt, feats) == theirs[1][m][:2], (path + "." + m)
                 compatible(ty, theirs[1][m][2], path + "." + m)

@@ -124,19 +124,9 @@ pub enum Error {
     /// A UDP address that is not an inet one.
     #[error("socket type unsupported for datagram")]
     NotDatagram,
-    /// An inet address with both IPv4 and IPv6 turned off.
-    #[error("Cannot disable IPv4 and IPv6 at same time")]
-    NoAddressFamily,
-    /// A host and port that do not resolve.
-    #[error("address resolution failed for {host}:{port}: {reason}")]
-    Resolve {
-        /// The host.
-        host: String,
-        /// The port.
-        port: String,
-        /// `getaddrinfo`'s words.
-        reason: String,
-    },
+    /// A socket address that could not be resolved, listened on or connected to.
+    #[error(transparent)]
+    Address(#[from] ferrite_socket::Error),
     /// A system call that failed, with QEMU's words for what it was doing.
     #[error("{what}: {}", os_msg(.error))]
     Os {
@@ -198,6 +188,7 @@ impl From<Error> for ferrite_qapi::Error {
     fn from(e: Error) -> Self {
         match e {
             Error::Qapi(q) => q,
+            Error::Address(a) => a.into(),
             other => ferrite_qapi::Error::new(ErrorClass::GenericError, other.to_string()),
         }
     }

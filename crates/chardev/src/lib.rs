@@ -14,10 +14,6 @@
 //!
 //! QEMU counterparts: `chardev/`, `qapi/char.json`.
 
-pub mod inet {
-    //! Inet addresses as QEMU resolves them, for other socket users (the ssh driver).
-    pub use crate::backend::inet::{family, resolve};
-}
 mod backend;
 mod error;
 mod opts;

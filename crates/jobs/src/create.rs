@@ -15,8 +15,9 @@ pub fn qmp_blockdev_create(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &Args
     let options = args
         .dict("options")
         .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'options' is missing"))?;
-    jobs.check_id(&id)?;
+    // QEMU looks at the driver before it makes the job.
     ferrite_block::create::check_driver(graph, &options)?;
+    jobs.check_id(&id)?;
     let graph = graph.clone();
     crate::single_step::start(
         jobs,

@@ -1,8 +1,7 @@
 //! The NBD server's and exports' errors, in QEMU's words (observed on qemu-storage-daemon
 //! 10.0.2); the QMP edge turns them into `ferrite_qapi::Error`.
 
-use ferrite_qapi::{ErrorClass, os_msg};
-use std::io;
+use ferrite_qapi::ErrorClass;
 
 /// A refused NBD server or export command.
 #[derive(Debug, thiserror::Error)]
@@ -16,17 +15,9 @@ pub enum Error {
     /// `tls-creds` that are not a server's credentials (QEMU's texts, from `ferrite-tls`).
     #[error("{0}")]
     Tls(String),
-    /// Binding the unix socket failed.
-    #[error("Failed to bind socket to {path}: {}", os_msg(.error))]
-    BindUnix {
-        /// The socket path.
-        path: String,
-        /// Why.
-        error: io::Error,
-    },
-    /// Binding the TCP socket failed.
-    #[error("Failed to bind socket: {}", os_msg(.0))]
-    BindInet(io::Error),
+    /// The address could not be listened on (QEMU's texts, from `ferrite-socket`).
+    #[error(transparent)]
+    Address(#[from] ferrite_socket::Error),
     /// An inherited listening socket on the command line (not yet).
     #[error("fd addresses for the NBD server are not supported by ferrite yet")]
     FdUnsupported,
@@ -77,6 +68,7 @@ impl From<Error> for ferrite_qapi::Error {
             Error::Qapi(q) => q,
             Error::Block(b) => b.into(),
             Error::Export(x) => x.into(),
+            Error::Address(a) => a.into(),
             other => ferrite_qapi::Error::new(ErrorClass::GenericError, other.to_string()),
         }
     }

@@ -8,8 +8,10 @@ use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::{Graph, Node, Perm};
 use ferrite_export::{ExportInstance, ExportSetup, ExportType, Exports, LocalFut, RemoveMode};
 use ferrite_qapi::Args;
+use ferrite_socket::SocketAddress;
 use ferrite_tls::{Creds, Endpoint, Objects};
 use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -19,7 +21,7 @@ use tokio::task::JoinHandle;
 /// A running NBD server.
 struct Server {
     accept: JoinHandle<()>,
-    unlink: Option<String>,
+    unlink: Option<PathBuf>,
 }
 
 /// A server's TLS: its credentials and the authorization object clients must pass.
@@ -48,11 +50,13 @@ pub struct NbdService {
 /// QEMU's default limit on the handshake, in seconds.
 const DEFAULT_HANDSHAKE_SECONDS: u64 = 10;
 
-/// A listening address, in its flat or legacy (`data`-wrapped) form.
-fn parse_addr(addr: &Args) -> Result<(String, Args)> {
-    let ty = addr.str("type")?.to_owned();
-    let inner = addr.dict("data").unwrap_or_else(|| addr.clone());
-    Ok((ty, inner))
+/// A listening address, in its flat (command line) or legacy (`data`-wrapped, QMP) form.
+fn parse_addr(addr: &Args) -> Result<SocketAddress> {
+    Ok(if addr.has("data") {
+        SocketAddress::parse_legacy(addr)?
+    } else {
+        SocketAddress::parse(addr)?
+    })
 }
 
 enum AnyListener {
@@ -135,36 +139,29 @@ impl NbdService {
         let addr = opts
             .dict("addr")
             .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'addr' is missing"))?;
-        let (ty, a) = parse_addr(&addr)?;
-        let (listener, unlink) = match ty.as_str() {
-            "unix" => {
-                let path = a.str("path")?.to_owned();
-                let fail = |e: std::io::Error| Error::BindUnix {
-                    path: path.clone(),
-                    error: e,
-                };
-                let _ = std::fs::remove_file(&path);
-                let l = std::os::unix::net::UnixListener::bind(&path).map_err(fail)?;
-                l.set_nonblocking(true).map_err(fail)?;
-                (
-                    AnyListener::Unix(UnixListener::from_std(l).map_err(fail)?),
-                    Some(path),
-                )
+        // QEMU's backlog: the kernel's largest.
+        let backlog = libc::SOMAXCONN;
+        let fail = |e: std::io::Error| ferrite_socket::Error::Os {
+            what: "Failed to listen on socket".into(),
+            error: e,
+        };
+        let (listener, unlink) = match parse_addr(&addr)? {
+            SocketAddress::Unix(u) => {
+                let made = ferrite_socket::unix::listen(&u, backlog)?;
+                made.listener.set_nonblocking(true).map_err(fail)?;
+                let l = UnixListener::from_std(made.listener).map_err(fail)?;
+                (AnyListener::Unix(l), made.file)
             }
-            "inet" => {
-                let target = format!("{}:{}", a.str("host")?, a.str("port")?);
-                let fail = |e: std::io::Error| Error::BindInet(e);
-                let l = std::net::TcpListener::bind(target.as_str()).map_err(fail)?;
+            SocketAddress::Inet(a) => {
+                let l = ferrite_socket::inet::listen(&a, backlog)?;
                 l.set_nonblocking(true).map_err(fail)?;
                 (
                     AnyListener::Tcp(TcpListener::from_std(l).map_err(fail)?),
                     None,
                 )
             }
-            "fd" if from_cli => {
-                return Err(Error::FdUnsupported);
-            }
-            _ => return Err(Error::FdOverQmp),
+            SocketAddress::Fd(_) if from_cli => return Err(Error::FdUnsupported),
+            SocketAddress::Fd(_) => return Err(Error::FdOverQmp),
         };
         // As QEMU: the address is bound before the credentials are looked up. `tls-authz`
         // alone is accepted: it only acts with TLS.

@@ -2,6 +2,7 @@
 //! judged.
 
 use ferrite_qapi::{Args, Error};
+use ferrite_socket::InetAddr;
 
 /// The hash `host-key-check` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +35,8 @@ pub(crate) enum HostKeyCheck {
 pub(crate) struct Location {
     pub(crate) host: String,
     pub(crate) port: String,
-    pub(crate) ipv4: Option<bool>,
-    pub(crate) ipv6: Option<bool>,
+    /// The whole server address, for connecting as QEMU does.
+    pub(crate) server: InetAddr,
     /// Without `ipv4`, `ipv6`, `to` or `numeric`: the address fits an `ssh://` name.
     pub(crate) plain: bool,
     pub(crate) path: String,
@@ -70,8 +71,7 @@ impl Location {
         Ok(Location {
             host: server.str("host")?.to_owned(),
             port: server.str("port")?.to_owned(),
-            ipv4: server.opt_bool("ipv4"),
-            ipv6: server.opt_bool("ipv6"),
+            server: InetAddr::parse(&server)?,
             plain: ["ipv4", "ipv6", "to", "numeric"]
                 .iter()
                 .all(|k| !server.has(k)),

@@ -12,7 +12,6 @@ use base64::Engine;
 use russh::client::{self, AuthResult, Handle};
 use russh::keys::{Algorithm, PrivateKeyWithHashAlg, PublicKey};
 use sha2::Digest;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -232,37 +231,17 @@ fn session_error(e: &russh::Error) -> String {
 /// The TCP connection to the server's first address that answers (QEMU's
 /// `inet_connect_saddr`).
 async fn connect_tcp(loc: &Location) -> Result<tokio::net::TcpStream, String> {
-    let addrs: Vec<SocketAddr> = ferrite_chardev::inet::resolve(
-        Some(loc.host.as_str()),
-        &loc.port,
-        ferrite_chardev::inet::family(loc.ipv4, loc.ipv6).map_err(|e| e.to_string())?,
-        libc::SOCK_STREAM,
-        libc::AI_ADDRCONFIG,
-    )
-    .map_err(|e| e.to_string())?;
-    let mut last = None;
-    for a in addrs {
-        match tokio::net::TcpStream::connect(a).await {
-            Ok(s) => {
-                if let Err(e) = s.set_nodelay(true) {
-                    ferrite_block::report::warn_report(&format!(
-                        "can't set TCP_NODELAY for the ssh server {}: {}",
-                        loc.host,
-                        ferrite_qapi::os_msg(&e)
-                    ));
-                }
-                return Ok(s);
-            }
-            Err(e) => last = Some(e),
-        }
+    let s = ferrite_socket::inet::connect_async(&loc.server)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = s.set_nodelay(true) {
+        ferrite_block::report::warn_report(&format!(
+            "can't set TCP_NODELAY for the ssh server {}: {}",
+            loc.host,
+            ferrite_qapi::os_msg(&e)
+        ));
     }
-    let e = last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
-    Err(format!(
-        "Failed to connect to '{}:{}': {}",
-        loc.host,
-        loc.port,
-        ferrite_qapi::os_msg(&e)
-    ))
+    Ok(s)
 }
 
 /// Judges the server's key as `host-key-check` says.

@@ -4,7 +4,6 @@ mod fd_stream;
 mod file;
 mod hostdev;
 mod hub;
-pub(crate) mod inet;
 mod log;
 mod mux;
 mod pty;

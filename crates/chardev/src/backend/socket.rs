@@ -2,11 +2,12 @@
 //! with `tls-creds`, each connection runs TLS (QEMU's rules: TCP or an inherited listening
 //! fd only; a handshake that fails drops that connection, the chardev waits for the next).
 
+use super::Connection;
 use super::log::LogFile;
-use super::{Connection, inet};
 use crate::error::{Error, Result};
 use crate::registry::Origin;
 use ferrite_qapi::Args;
+use ferrite_socket::SocketAddress;
 use std::cell::{Cell, RefCell};
 use std::os::fd::AsFd;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -16,21 +17,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-/// Where the socket is, as the user gave it.
+/// Where the socket is: as the user gave it, then, for a listener, as the kernel bound it
+/// (QEMU names a listening chardev by its local address: numbers, the port a range gave, the
+/// file a unix socket without a path got).
 #[derive(Clone)]
-enum Addr {
-    Unix {
-        path: String,
-        abstract_ns: bool,
-    },
-    Inet {
-        host: String,
-        port: String,
-        nodelay: bool,
-        ipv4: Option<bool>,
-        ipv6: Option<bool>,
-    },
-    Fd(String),
+struct Addr {
+    at: SocketAddress,
+    nodelay: bool,
 }
 
 impl Addr {
@@ -38,38 +31,28 @@ impl Addr {
         let addr = data
             .dict("addr")
             .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'addr' is missing"))?;
-        let inner = addr.dict("data").unwrap_or_default();
-        Ok(match addr.str("type")? {
-            "unix" => Addr::Unix {
-                path: inner.str("path")?.to_owned(),
-                abstract_ns: inner.bool_or("abstract", false),
-            },
-            "inet" => Addr::Inet {
-                host: inner.str("host")?.to_owned(),
-                port: inner.str("port")?.to_owned(),
-                nodelay: data.bool_or("nodelay", false),
-                ipv4: inner.opt_bool("ipv4"),
-                ipv6: inner.opt_bool("ipv6"),
-            },
-            _ => Addr::Fd(inner.str("str")?.to_owned()),
+        Ok(Addr {
+            at: SocketAddress::parse_legacy(&addr)?,
+            nodelay: data.bool_or("nodelay", false),
         })
     }
 
     /// QEMU's `SocketAddress_to_str`.
     fn describe(&self) -> String {
-        match self {
-            Addr::Unix { path, .. } => format!("unix:{path}"),
-            Addr::Inet { host, port, .. } => format!("tcp:{host}:{port}"),
-            Addr::Fd(fd) => format!("fd:{fd}"),
-        }
+        self.at.describe()
     }
 
     /// What "Failed to connect to '...'" names.
     fn target(&self) -> String {
-        match self {
-            Addr::Unix { path, .. } => path.clone(),
-            Addr::Inet { host, port, .. } => format!("{host}:{port}"),
-            Addr::Fd(fd) => fd.clone(),
+        self.at.target()
+    }
+
+    /// A connected unix socket's name: QEMU reads the path from the socket, where an
+    /// abstract name reads as empty.
+    fn connected_unix(&self) -> String {
+        match &self.at {
+            SocketAddress::Unix(u) if u.abstract_ns => "unix:".to_owned(),
+            other => other.describe(),
         }
     }
 }
@@ -114,50 +97,6 @@ pub(crate) struct Socket {
     pending_raw: RefCell<Option<Raw>>,
 }
 
-fn unix_bind_err(path: &str, error: std::io::Error) -> Error {
-    Error::Os {
-        what: format!("Failed to bind socket to {path}"),
-        error,
-    }
-}
-
-/// Listens on `host:port` as QEMU does: each address the host resolves to in turn, a port
-/// in use being a reason to try the next.
-fn tcp_listen(
-    host: &str,
-    port: &str,
-    ipv4: Option<bool>,
-    ipv6: Option<bool>,
-) -> Result<TcpListener> {
-    let addrs = inet::resolve(
-        Some(host).filter(|h| !h.is_empty()),
-        port,
-        inet::family(ipv4, ipv6)?,
-        libc::SOCK_STREAM,
-        libc::AI_PASSIVE,
-    )?;
-    let os = |what: &str, error| Error::Os {
-        what: what.to_owned(),
-        error,
-    };
-    let mut in_use = None;
-    for addr in addrs {
-        match std::net::TcpListener::bind(addr) {
-            Ok(l) => {
-                l.set_nonblocking(true)
-                    .map_err(|e| os("Failed to listen on socket", e))?;
-                return TcpListener::from_std(l).map_err(|e| os("Failed to listen on socket", e));
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => in_use = Some(e),
-            Err(e) => return Err(os("Failed to bind socket", e)),
-        }
-    }
-    Err(os(
-        "Failed to find an available port",
-        in_use.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EADDRINUSE)),
-    ))
-}
-
 fn io_err(what: &'static str, target: &str, e: &std::io::Error) -> Error {
     Error::Socket {
         what,
@@ -200,7 +139,7 @@ impl Socket {
             tls,
             pending_raw: RefCell::new(None),
         };
-        if let Addr::Fd(fd) = &addr {
+        if let SocketAddress::Fd(fd) = &addr.at {
             if origin == Origin::Qmp {
                 return Err(Error::FdOverQmp);
             }
@@ -218,37 +157,32 @@ impl Socket {
     }
 
     fn listen(&mut self) -> Result<()> {
-        match &self.addr {
-            Addr::Unix { path, abstract_ns } => {
-                let std_listener = if *abstract_ns {
-                    use std::os::linux::net::SocketAddrExt;
-                    let sa = std::os::unix::net::SocketAddr::from_abstract_name(path.as_bytes())
-                        .map_err(|e| unix_bind_err(path, e))?;
-                    std::os::unix::net::UnixListener::bind_addr(&sa)
-                } else {
-                    // Like QEMU, replace a stale socket file left by an earlier run.
-                    let _ = std::fs::remove_file(path);
-                    self.unlink = Some(PathBuf::from(path));
-                    std::os::unix::net::UnixListener::bind(path)
+        let fail = |e: std::io::Error| ferrite_socket::Error::Os {
+            what: "Failed to listen on socket".into(),
+            error: e,
+        };
+        match &mut self.addr.at {
+            SocketAddress::Unix(u) => {
+                let made = ferrite_socket::unix::listen(u, 1)?;
+                if let Some(file) = &made.file {
+                    u.path = file.to_string_lossy().into_owned();
                 }
-                .map_err(|e| unix_bind_err(path, e))?;
-                std_listener
-                    .set_nonblocking(true)
-                    .map_err(|e| unix_bind_err(path, e))?;
-                let l = UnixListener::from_std(std_listener).map_err(|e| unix_bind_err(path, e))?;
+                self.unlink = made.file;
+                made.listener.set_nonblocking(true).map_err(fail)?;
+                let l = UnixListener::from_std(made.listener).map_err(fail)?;
                 self.listener = Some(Listener::Unix(l));
             }
-            Addr::Inet {
-                host,
-                port,
-                ipv4,
-                ipv6,
-                ..
-            } => {
-                let l = tcp_listen(host, port, *ipv4, *ipv6)?;
+            SocketAddress::Inet(a) => {
+                let l = ferrite_socket::inet::listen(a, 1)?;
+                if let Ok(local) = l.local_addr() {
+                    a.host = local.ip().to_string();
+                    a.port = local.port().to_string();
+                }
+                l.set_nonblocking(true).map_err(fail)?;
+                let l = TcpListener::from_std(l).map_err(fail)?;
                 self.listener = Some(Listener::Tcp(l));
             }
-            Addr::Fd(_) => {}
+            SocketAddress::Fd(_) => {}
         }
         Ok(())
     }
@@ -263,43 +197,22 @@ impl Socket {
     fn connect_raw(&self) -> Result<Raw> {
         let target = self.addr.target();
         let fail = |e: std::io::Error| io_err("Failed to connect to", &target, &e);
-        match &self.addr {
-            Addr::Unix { path, abstract_ns } => {
-                let s = if *abstract_ns {
-                    use std::os::linux::net::SocketAddrExt;
-                    let sa = std::os::unix::net::SocketAddr::from_abstract_name(path.as_bytes())
-                        .map_err(fail)?;
-                    std::os::unix::net::UnixStream::connect_addr(&sa)
-                } else {
-                    std::os::unix::net::UnixStream::connect(path)
-                }
-                .map_err(fail)?;
+        match &self.addr.at {
+            SocketAddress::Unix(u) => {
+                let s = ferrite_socket::unix::connect(u)?;
                 s.set_nonblocking(true).map_err(fail)?;
-                *self.peer.borrow_mut() = Some(format!("unix:{path}"));
+                *self.peer.borrow_mut() = Some(self.addr.connected_unix());
                 Ok(Raw::Unix(UnixStream::from_std(s).map_err(fail)?))
             }
-            Addr::Inet {
-                host,
-                port,
-                nodelay,
-                ipv4,
-                ipv6,
-            } => {
-                let addrs = inet::resolve(
-                    Some(host.as_str()).filter(|h| !h.is_empty()),
-                    port,
-                    inet::family(*ipv4, *ipv6)?,
-                    libc::SOCK_STREAM,
-                    libc::AI_ADDRCONFIG,
-                )?;
-                let s = std::net::TcpStream::connect(&addrs[..]).map_err(fail)?;
+            SocketAddress::Inet(a) => {
+                let s = ferrite_socket::inet::connect(a)?;
                 s.set_nonblocking(true).map_err(fail)?;
                 let s = TcpStream::from_std(s).map_err(fail)?;
-                let _ = s.set_nodelay(*nodelay);
+                let _ = s.set_nodelay(self.addr.nodelay);
                 *self.peer.borrow_mut() = Some(tcp_desc(&s, false));
                 Ok(Raw::Tcp(s))
             }
-            Addr::Fd(_) => Err(Error::FdOverQmp),
+            SocketAddress::Fd(_) => Err(Error::FdOverQmp),
         }
     }
 
@@ -384,11 +297,12 @@ impl Socket {
         loop {
             let result = match self.listener.as_ref()? {
                 Listener::Unix(l) => l.accept().await.map(|(s, _)| {
-                    *self.peer.borrow_mut() = Some(format!("{},server=on", self.addr.describe()));
+                    *self.peer.borrow_mut() =
+                        Some(format!("{},server=on", self.addr.connected_unix()));
                     Raw::Unix(s)
                 }),
                 Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
-                    if let Addr::Inet { nodelay: true, .. } = self.addr {
+                    if self.addr.nodelay {
                         let _ = s.set_nodelay(true);
                     }
                     *self.peer.borrow_mut() = Some(tcp_desc(&s, true));
@@ -518,13 +432,13 @@ impl Tls {
     ) -> Result<Option<Tls>> {
         let creds = data.opt_str("tls-creds");
         if creds.is_some() {
-            match addr {
-                Addr::Unix { .. } => {
+            match addr.at {
+                SocketAddress::Unix(_) => {
                     return Err(Error::Tls(
                         "'tls_creds' option is incompatible with 'unix' address type".into(),
                     ));
                 }
-                Addr::Fd(_) if !server => {
+                SocketAddress::Fd(_) if !server => {
                     return Err(Error::Tls(
                         "'tls_creds' option is incompatible with 'fd' address type as client"
                             .into(),
@@ -548,8 +462,8 @@ impl Tls {
             ferrite_tls::Endpoint::Client
         };
         let creds = objects.creds_for(id, endpoint).map_err(Error::Tls)?;
-        let hostname = match addr {
-            Addr::Inet { host, .. } => Some(host.clone()),
+        let hostname = match &addr.at {
+            SocketAddress::Inet(a) => Some(a.host.clone()),
             _ => None,
         };
         Ok(Some(Tls {

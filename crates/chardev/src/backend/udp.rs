@@ -43,13 +43,13 @@ impl Inet {
     }
 
     fn family(&self) -> Result<i32> {
-        super::inet::family(self.ipv4, self.ipv6)
+        Ok(ferrite_socket::inet::family(self.ipv4, self.ipv6)?)
     }
 }
 
 /// The first address for a datagram socket.
 fn first(host: Option<&str>, port: &str, family: i32, flags: i32) -> Result<std::net::SocketAddr> {
-    Ok(super::inet::resolve(host, port, family, libc::SOCK_DGRAM, flags)?[0])
+    Ok(ferrite_socket::inet::resolve(host, Some(port), family, libc::SOCK_DGRAM, flags)?[0])
 }
 
 /// A UDP chardev.

@@ -37,6 +37,8 @@ pub(crate) struct Negotiated {
 #[derive(Debug)]
 pub(crate) enum HandshakeError {
     Io(io::Error),
+    /// No connection could be made (resolution, refusal...), in QEMU's words.
+    Connect(ferrite_socket::Error),
     Refused(String),
 }
 

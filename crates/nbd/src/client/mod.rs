@@ -11,6 +11,7 @@ use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Registry};
 use ferrite_qapi::{Args, os_msg};
 use ferrite_qobject::QDict;
+use ferrite_socket::{InetAddr, UnixAddr};
 use ferrite_tls::{Creds, Endpoint, Objects};
 use handshake::{HandshakeError, Offer, greet, negotiate, start_tls};
 use session::{Answer, Command, Failure, Session};
@@ -29,10 +30,9 @@ pub fn register(registry: &Registry, tls: Objects) {
 /// Where the server listens.
 #[derive(Debug, Clone)]
 enum Server {
-    Unix(String),
+    Unix(UnixAddr),
     Inet {
-        host: String,
-        port: String,
+        addr: InetAddr,
         /// Without `ipv4`, `ipv6` or `to`: the address fits an `nbd://` file name.
         plain: bool,
     },
@@ -50,10 +50,9 @@ impl Server {
             .ok_or_else(|| ferrite_qapi::Error::generic("Parameter 'server' is missing"))?;
         let a = server;
         match a.str("type")? {
-            "unix" => Ok(Server::Unix(a.str("path")?.to_owned())),
+            "unix" => Ok(Server::Unix(UnixAddr::parse(&a)?)),
             "inet" => Ok(Server::Inet {
-                host: a.str("host")?.to_owned(),
-                port: a.str("port")?.to_owned(),
+                addr: InetAddr::parse(&a)?,
                 plain: ["ipv4", "ipv6", "to"].iter().all(|k| !a.has(k)),
             }),
             "fd" => {
@@ -75,17 +74,23 @@ impl Server {
     /// How QEMU names the address in errors.
     fn describe(&self) -> String {
         match self {
-            Server::Unix(path) => path.clone(),
-            Server::Inet { host, port, .. } => format!("{host}:{port}"),
+            Server::Unix(u) => u.path.clone(),
+            Server::Inet { addr, .. } => addr.target(),
             Server::Fd { name, .. } => name.clone(),
         }
     }
 
-    async fn connect(&self) -> io::Result<Stream> {
+    async fn connect(&self) -> Result<Stream, HandshakeError> {
         match self {
-            Server::Unix(path) => Ok(Stream::Unix(tokio::net::UnixStream::connect(path).await?)),
-            Server::Inet { host, port, .. } => {
-                let s = tokio::net::TcpStream::connect(format!("{host}:{port}")).await?;
+            Server::Unix(u) => Ok(Stream::Unix(
+                ferrite_socket::unix::connect_async(u)
+                    .await
+                    .map_err(HandshakeError::Connect)?,
+            )),
+            Server::Inet { addr, .. } => {
+                let s = ferrite_socket::inet::connect_async(addr)
+                    .await
+                    .map_err(HandshakeError::Connect)?;
                 let _ = s.set_nodelay(true);
                 Ok(Stream::Tcp(s))
             }
@@ -189,6 +194,7 @@ fn connect_error(server: &Server, e: HandshakeError) -> ferrite_block::Error {
             server.describe(),
             os_msg(&e)
         ),
+        HandshakeError::Connect(e) => e.to_string(),
         HandshakeError::Refused(t) => t,
     };
     ferrite_qapi::Error::generic(text).into()
@@ -248,7 +254,7 @@ impl DriverFactory for NbdClientFactory {
                         .opt_str("tls-hostname")
                         .map(str::to_owned)
                         .or(match &server {
-                            Server::Inet { host, .. } => Some(host.clone()),
+                            Server::Inet { addr, .. } => Some(addr.host.clone()),
                             _ => None,
                         }),
                 }),
@@ -265,7 +271,9 @@ impl DriverFactory for NbdClientFactory {
             let session = loop {
                 match target.connect().await {
                     Ok(s) => break s,
-                    Err(HandshakeError::Io(_)) if Instant::now() < deadline => {
+                    Err(HandshakeError::Io(_) | HandshakeError::Connect(_))
+                        if Instant::now() < deadline =>
+                    {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     Err(e) => return Err(connect_error(&target.server, e)),
@@ -577,18 +585,12 @@ impl Driver for NbdClient {
     fn plain_filename(&self) -> Option<String> {
         let e = &self.target.export;
         Some(match &self.target.server {
-            Server::Unix(path) if e.is_empty() => format!("nbd+unix://?socket={path}"),
-            Server::Unix(path) => format!("nbd+unix:///{e}?socket={path}"),
-            Server::Inet {
-                host,
-                port,
-                plain: true,
-            } if e.is_empty() => format!("nbd://{host}:{port}"),
-            Server::Inet {
-                host,
-                port,
-                plain: true,
-            } => format!("nbd://{host}:{port}/{e}"),
+            Server::Unix(u) if e.is_empty() => format!("nbd+unix://?socket={}", u.path),
+            Server::Unix(u) => format!("nbd+unix:///{e}?socket={}", u.path),
+            Server::Inet { addr, plain: true } if e.is_empty() => {
+                format!("nbd://{}", addr.target())
+            }
+            Server::Inet { addr, plain: true } => format!("nbd://{}/{e}", addr.target()),
             // Not representable as a URL: the options say it.
             Server::Inet { .. } | Server::Fd { .. } => return None,
         })
