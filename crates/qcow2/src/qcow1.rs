@@ -766,6 +766,11 @@ async fn create(graph: &Rc<Graph>, opts: &Args) -> ferrite_block::Result<()> {
     h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
     let shift = u32::from(cluster_bits) + u32::from(l2_bits);
     let l1_size = size.div_ceil(1 << shift);
+    // What QEMU cannot open (its L1 table in a C `int` of bytes) is not made: QEMU's own
+    // create overflows there and writes without end.
+    if l1_size > i32::MAX as u64 / 8 {
+        return Err(generic("Image too large"));
+    }
     ferrite_drivers::create_on_file(graph, opts, async |blk| {
         write_new_image(&blk, h, backing, l1_offset, l1_size).await
     })
@@ -792,8 +797,16 @@ async fn write_new_image(
         .await
         .map_err(failed)?;
     }
+    // Zeroes written a megabyte at a time: a table may be up to 2 GiB.
+    const CHUNK: u64 = 1 << 20;
     let l1_len = (l1_size * 8).next_multiple_of(SECTOR);
-    blk.write(l1_offset, vec![0; l1_len as usize], ReqFlags::empty())
-        .await
-        .map_err(failed)
+    let mut done = 0;
+    while done < l1_len {
+        let n = (l1_len - done).min(CHUNK);
+        blk.write(l1_offset + done, vec![0; n as usize], ReqFlags::empty())
+            .await
+            .map_err(failed)?;
+        done += n;
+    }
+    Ok(())
 }

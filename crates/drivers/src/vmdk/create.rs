@@ -199,6 +199,14 @@ async fn init_extent(
     if sub.flat {
         return truncate(blk, size).await;
     }
+    // A grain directory of more than 32M tables (an extent over 1 PiB) is one no program
+    // opens ("L1 size too big"); QEMU's create runs out of memory making it.
+    const MAX_SPARSE: u64 = (32 << 20) * 512 * 128 * SECTOR;
+    if size > MAX_SPARSE {
+        return Err(generic(format!(
+            "A sparse VMDK extent holds at most {MAX_SPARSE} bytes"
+        )));
+    }
     let new = Vmdk4Header::new_sparse(size / SECTOR, sub.compress, zeroed_grain);
     let failed = |what: &str, e: std::io::Error| {
         generic(format!(
