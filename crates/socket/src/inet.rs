@@ -187,11 +187,17 @@ pub fn listen(a: &InetAddr, backlog: i32) -> Result<TcpListener> {
         flags |= libc::AI_NUMERICHOST | libc::AI_NUMERICSERV;
     }
     let family = stream_family(a)?;
+    // QEMU copies the port into a buffer of 32 characters: what is longer is cut there.
+    let mut end = a.port.len().min(32);
+    while !a.port.is_char_boundary(end) {
+        end -= 1;
+    }
+    let port = &a.port[..end];
     // An empty host or port is none, but errors show what was given.
     let addrs = lookup(
         non_empty(&a.host),
-        non_empty(&a.port),
-        (&a.host, &a.port),
+        non_empty(port),
+        (&a.host, port),
         family,
         libc::SOCK_STREAM,
         flags,

@@ -78,7 +78,23 @@ fn temporary_path() -> Result<String> {
     Ok(path)
 }
 
-/// Listens on `a` as QEMU does.
+/// Removes the socket a earlier listener left at `path`, as QEMU does before it binds. Only
+/// a socket: QEMU unlinks whatever the path names (an image given by mistake, or
+/// `/dev/null` when run as root); ferrite leaves any other file, and the bind then fails
+/// ("Address already in use").
+///
+/// # Errors
+/// The path cannot be looked at or the socket removed.
+pub fn remove_stale(path: &str) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Listens on `a` as QEMU does (but see [`remove_stale`]).
 ///
 /// # Errors
 /// QEMU's texts: a path too long, "Failed to unlink socket", "Failed to bind socket to
@@ -97,14 +113,15 @@ pub fn listen(a: &UnixAddr, backlog: i32) -> Result<Listening> {
         a.path.clone()
     };
     let addr = socket_address(&path, a)?;
-    if !a.abstract_ns {
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(Error::os(format!("Failed to unlink socket {path}"), e));
-            }
-            _ => {}
-        }
-    }
+    let unlinked = if a.path.is_empty() && !a.abstract_ns {
+        // The placeholder made for the name.
+        std::fs::remove_file(&path)
+    } else if !a.abstract_ns {
+        remove_stale(&path)
+    } else {
+        Ok(())
+    };
+    unlinked.map_err(|e| Error::os(format!("Failed to unlink socket {path}"), e))?;
     rustix::net::bind(&sock, &addr)
         .map_err(|e| Error::os(format!("Failed to bind socket to {path}"), e))?;
     rustix::net::listen(&sock, backlog).map_err(|e| Error::os("Failed to listen on socket", e))?;
@@ -182,6 +199,28 @@ mod tests {
         );
         let _padded = listen(&abstract_name(&name, false), 1).unwrap();
         connect(&abstract_name(&name, false)).unwrap();
+    }
+
+    #[test]
+    fn only_a_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let at = UnixAddr {
+            path: path.to_string_lossy().into_owned(),
+            abstract_ns: false,
+            tight: true,
+        };
+        let first = listen(&at, 1).unwrap();
+        drop(first.listener);
+        // The stale socket is replaced...
+        let second = listen(&at, 1).unwrap();
+        drop(second);
+        // ...a regular file is not.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"precious").unwrap();
+        let e = listen(&at, 1).unwrap_err().to_string();
+        assert!(e.ends_with("Address already in use"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     }
 
     #[test]

@@ -247,10 +247,7 @@ fn listen(ch: Channel) -> io::Result<Source> {
         Channel::Exec(cmd) => Source::Exec(cmd),
         Channel::Unix(path) => {
             // A socket left at the path goes first, as QEMU does.
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            ferrite_socket::unix::remove_stale(&path)?;
             Source::Unix(tokio::net::UnixListener::bind(path)?)
         }
         Channel::Tcp(addr) => {

@@ -10,6 +10,7 @@ use crate::device::Device;
 use backend::Backend;
 use ferrite_export::{ExportInstance, ExportSetup, ExportType, InFlight, LocalFut};
 use ferrite_qapi::{Args, Error, os_msg};
+use ferrite_socket::UnixAddr;
 use queue::Served;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -42,20 +43,9 @@ impl VhostUserBlkExportType {
 fn listen(addr: &Args) -> Result<(UnixListener, Option<String>), Error> {
     match addr.str("type")? {
         "unix" => {
-            let path = addr.str("path")?;
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::generic(format!(
-                        "Failed to unlink socket {path}: {}",
-                        os_msg(&e)
-                    )));
-                }
-                _ => {}
-            }
-            let l = UnixListener::bind(path).map_err(|e| {
-                Error::generic(format!("Failed to bind socket to {path}: {}", os_msg(&e)))
-            })?;
-            Ok((l, Some(path.to_owned())))
+            let made = ferrite_socket::unix::listen(&UnixAddr::parse(addr)?, 1)?;
+            let file = made.file.map(|f| f.to_string_lossy().into_owned());
+            Ok((made.listener, file))
         }
         "fd" => {
             let fd =
