@@ -214,8 +214,8 @@ def recorder(conn, out):
 
 def assert_same_transcript(expected, got):
     """Two daemons' transcripts agree entry by entry (the first difference is reported)."""
-    for e, g in zip(expected, got):
-        assert g == e
+    for i, (e, g) in enumerate(zip(expected, got)):
+        assert g == e, f"entry {i}, after {str(expected[i - 1])[:300] if i else 'none'}"
     assert len(got) == len(expected)
 
 

@@ -431,12 +431,15 @@ impl Devices {
         let weak = Rc::downgrade(&devices);
         machine.on_reset(Box::new(move || {
             // The reset's unplugs happen after the command returns, as QEMU's main loop
-            // does them once the reset request is seen.
+            // does them once the reset request is seen; they are the unplugs asked for
+            // before the reset, not one asked for while the task waits its turn.
+            let Some(d) = weak.upgrade() else { return };
+            let pending = d.pending_unplugs();
             let weak = weak.clone();
             tokio::task::spawn_local(async move {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 if let Some(d) = weak.upgrade() {
-                    d.finish_unplugs().await;
+                    d.finish_unplugs(pending).await;
                 }
             });
         }));
@@ -1096,17 +1099,22 @@ impl Devices {
         }
     }
 
-    /// Unplugs the devices whose unplug waited for a reset.
-    async fn finish_unplugs(&self) {
-        let pending: Vec<_> = self
-            .list
+    /// The devices whose unplug waits for a reset.
+    fn pending_unplugs(&self) -> Vec<Rc<Device>> {
+        self.list
             .borrow()
             .iter()
             .filter(|d| d.unplug_pending.get())
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Unplugs `pending` (those still present: a device may have gone meanwhile).
+    async fn finish_unplugs(&self, pending: Vec<Rc<Device>>) {
         for d in pending {
-            self.remove(&d).await;
+            if self.list.borrow().iter().any(|x| Rc::ptr_eq(x, &d)) {
+                self.remove(&d).await;
+            }
         }
     }
 
