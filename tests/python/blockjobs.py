@@ -1,5 +1,7 @@
 """What the block job tests share: images, nodes, exports and waits."""
+import json
 import os
+import time
 import subprocess
 
 import pytest
@@ -40,6 +42,18 @@ def qemu_io(uri, *ops, read_only=False):
     r = run(*args, uri)
     assert "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
     return r.stdout
+
+
+def export_del(cmd, name):
+    """`block-export-del` of an export whose last client has just exited: the daemon may
+    not have seen the connection end yet ("still in use"), so it is asked again until it
+    has (both programs; on a loaded machine either can lag)."""
+    deadline = time.monotonic() + 10
+    while True:
+        r = cmd("block-export-del", {"id": name})
+        if "still in use" not in json.dumps(r) or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
 
 
 def wait_job_gone(q, job):

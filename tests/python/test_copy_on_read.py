@@ -5,7 +5,7 @@ down to `bottom` when it is given."""
 import json
 import subprocess
 
-from blockjobs import export, qemu_io
+from blockjobs import export, export_del, qemu_io
 from conftest import assert_same_transcript, recorder
 
 MiB = 1 << 20
@@ -72,7 +72,7 @@ def transcript(d):
         out.append((case, [(n["drv"], n["ro"]) for n in nodes]))
         uri = export(c, d, "c", "c", False)
         qemu_io(uri, "read 0 4M", read_only=True)
-        cmd("block-export-del", {"id": "c"})
+        out.append(("block-export-del", export_del(c.cmd, "c")))
         c.wait_event("BLOCK_EXPORT_DELETED")
         cmd("blockdev-del", {"node-name": "c"})
         # The base's data is in the top image now: gone from the base, still read.
@@ -93,7 +93,7 @@ def transcript(d):
                          "file": qcow2(names[2], "mid")})
     uri = export(c, d, "c", "c", False)
     qemu_io(uri, "read 0 4M", read_only=True)
-    cmd("block-export-del", {"id": "c"})
+    out.append(("block-export-del", export_del(c.cmd, "c")))
     c.wait_event("BLOCK_EXPORT_DELETED")
     for n in ("c", "mid", "base"):
         cmd("blockdev-del", {"node-name": n})
