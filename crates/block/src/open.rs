@@ -54,6 +54,9 @@ pub struct OpenCtx<'a> {
     /// The children it opened from inline options: they take their options from it.
     inline: Vec<Rc<Node>>,
     position: Option<usize>,
+    /// An inline `file` opened before the node took its name (QEMU's order), for
+    /// [`OpenCtx::open_child_ref`] to take instead of opening it again.
+    early_file: Option<Rc<Node>>,
 }
 
 impl<'a> OpenCtx<'a> {
@@ -169,10 +172,15 @@ impl<'a> OpenCtx<'a> {
             QObject::String(name) => self.graph.lookup(name)?,
             QObject::Dict(d) => {
                 let cow = key == "backing";
-                let node = self
-                    .graph
-                    .open(&Args::new(inherited(self.opts, d, cow)))
-                    .await?;
+                let early = self.early_file.take_if(|_| key == "file");
+                let node = match early {
+                    Some(node) => node,
+                    None => {
+                        self.graph
+                            .open(&Args::new(inherited(self.opts, d, cow)))
+                            .await?
+                    }
+                };
                 node.inherits_read_only
                     .set(!cow && d.get("read-only").is_none());
                 node.inherits_cache.set(cache_given(d));
@@ -351,6 +359,9 @@ impl<'a> OpenCtx<'a> {
 
     /// Takes back what was opened for a node that failed to open.
     fn abandon(self) {
+        if let Some(node) = &self.early_file {
+            self.graph.forget_if_orphan(node);
+        }
         for e in self.edges.iter().rev() {
             let node = e.node();
             self.graph.detach_edge(e);
@@ -490,6 +501,19 @@ impl Graph {
         Ok(checked)
     }
 
+    /// QEMU's text for an option no part of a node of `driver` takes.
+    fn unsupported_option(&self, driver: &str, key: &str) -> String {
+        let protocol = self
+            .registry()
+            .get(driver)
+            .is_some_and(|f| f.opens_as_protocol());
+        if protocol {
+            format!("Block protocol '{driver}' doesn't support the option '{key}'")
+        } else {
+            format!("Block format '{driver}' does not support the option '{key}'")
+        }
+    }
+
     /// Options from the command line (every scalar a string, QEMU's `-drive`) for a node:
     /// typed by the schema, an option its driver lacks named as QEMU names it ("Block
     /// format 'qcow2' does not support the option 'x'", "Block protocol 'file' doesn't
@@ -499,17 +523,7 @@ impl Graph {
     /// The schema's error, or the texts above.
     pub fn check_cli_options(&self, opts: &QDict) -> Result<QDict> {
         let driver = opts.get("driver").and_then(QObject::as_str).unwrap_or("");
-        let wording = |d: &str, key: &str| {
-            let protocol = self
-                .registry()
-                .get(d)
-                .is_some_and(|f| f.kind() == crate::DriverKind::Protocol);
-            if protocol {
-                format!("Block protocol '{d}' doesn't support the option '{key}'")
-            } else {
-                format!("Block format '{d}' does not support the option '{key}'")
-            }
-        };
+        let wording = |d: &str, key: &str| self.unsupported_option(d, key);
         ferrite_qapi::visit::check_object(
             ferrite_qapi::schema(),
             "BlockdevOptions",
@@ -589,7 +603,11 @@ fn inherited(parent: &Args, child: &QDict, cow: bool) -> QDict {
             d.insert(key, v.clone());
         }
     }
-    if let Some(QObject::Dict(pc)) = parent.get("cache") {
+    // Only cache modes pass down: a parent's empty `cache` is nothing to inherit.
+    if let Some(QObject::Dict(pc)) = parent
+        .get("cache")
+        .filter(|c| c.as_dict().is_some_and(|c| !c.is_empty()))
+    {
         let mut cache = match d.get("cache") {
             Some(QObject::Dict(c)) => c.clone(),
             _ => QDict::new(),
@@ -652,14 +670,33 @@ impl Graph {
     /// # Errors
     /// A malformed or taken node name, bad common options, the driver failing.
     pub async fn open_with(&self, opts: &Args, factory: &dyn DriverFactory) -> Result<Rc<Node>> {
-        let name = match opts.opt_str("node-name") {
-            Some(n) => {
-                self.check_name(n)?;
-                n.to_owned()
+        // QEMU opens a format's or filter's `file` first, then judges the common options,
+        // then takes the node's name.
+        let early_file = match opts.get("file") {
+            _ if factory.opens_as_protocol() => None,
+            Some(QObject::String(file)) => {
+                self.lookup(file)?;
+                None
             }
-            None => self.auto_name(),
+            Some(QObject::Dict(d)) => Some(self.open(&Args::new(inherited(opts, d, false))).await?),
+            _ => None,
         };
-        let settings = settings(opts)?;
+        let named = settings(opts).and_then(|settings| {
+            let name = match opts.opt_str("node-name") {
+                Some(n) => self.check_name(n).map(|()| n.to_owned())?,
+                None => self.auto_name(),
+            };
+            Ok((settings, name))
+        });
+        let (settings, name) = match named {
+            Ok(named) => named,
+            Err(e) => {
+                if let Some(node) = &early_file {
+                    self.forget_if_orphan(node);
+                }
+                return Err(e);
+            }
+        };
         let mut ctx = OpenCtx {
             graph: self,
             opts,
@@ -669,6 +706,7 @@ impl Graph {
             edges: Vec::new(),
             inline: Vec::new(),
             position: None,
+            early_file,
         };
         match factory.open(&mut ctx).await {
             Ok(driver) => self.finish_open(ctx, driver),
@@ -681,7 +719,27 @@ impl Graph {
 
     /// Makes the node of an opened driver: its children's edges move to it with what it
     /// needs of them, and it joins the graph.
-    fn finish_open(&self, ctx: OpenCtx<'_>, driver: Box<dyn Driver>) -> Result<Rc<Node>> {
+    fn finish_open(&self, mut ctx: OpenCtx<'_>, driver: Box<dyn Driver>) -> Result<Rc<Node>> {
+        if let Some(unused) = ctx.early_file.take() {
+            self.forget_if_orphan(&unused);
+        }
+        // An empty group of options (`"cache": {}`) is still an option to QEMU, and one no
+        // part of the node takes: refused once the node has opened, as QEMU refuses what
+        // is left over.
+        let empty = ctx
+            .opts
+            .as_dict()
+            .iter_qemu_order()
+            .find_map(|(k, v)| match v {
+                QObject::Dict(d) if d.is_empty() => Some(k.to_owned()),
+                _ => None,
+            });
+        if let Some(key) = empty {
+            let text = self.unsupported_option(ctx.opts.opt_str("driver").unwrap_or(""), &key);
+            drop(driver);
+            ctx.abandon();
+            return Err(ferrite_qapi::Error::generic(text).into());
+        }
         // A name taken while this node's children opened.
         if ctx.opts.opt_str("node-name").is_some() && self.find(&ctx.name).is_some() {
             let e = Error::DuplicateNodeName(ctx.name.clone());

@@ -36,6 +36,13 @@ pub trait DriverFactory {
     /// What kind of driver it is.
     fn kind(&self) -> DriverKind;
 
+    /// Whether QEMU opens this driver as a protocol (its own `bdrv_file_open`): the node
+    /// takes its name before anything else opens. Otherwise QEMU opens a `file` it is given
+    /// first (to probe its format), so that child's errors come before the node's name's.
+    fn opens_as_protocol(&self) -> bool {
+        self.kind() == DriverKind::Protocol
+    }
+
     /// Opens a node from `ctx`'s options: opens the children it needs through `ctx` and
     /// returns the driver instance.
     ///

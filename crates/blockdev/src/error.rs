@@ -82,6 +82,9 @@ pub enum Error {
     /// A snapshot overlay of a format without backing files.
     #[error("The overlay does not support backing images")]
     OverlayWithoutBacking,
+    /// A snapshot of a node named by `node-name` without a name for the overlay.
+    #[error("New overlay node-name missing")]
+    OverlayNameMissing,
     /// `snapshot-node-name` already taken.
     #[error("New overlay node-name already in use")]
     OverlayNameInUse,
@@ -232,6 +235,12 @@ pub enum Error {
     /// Deleting an internal snapshot without a name or an ID.
     #[error("Name or id must be provided")]
     NameOrIdRequired,
+    /// Looking for an internal snapshot in a format without them.
+    #[error("Failed to get a snapshot list: {}", os_msg(.0))]
+    SnapshotListFailed(io::Error),
+    /// Deleting an internal snapshot of a read-only image (qcow2's words).
+    #[error("Failed to remove snapshot from snapshot list: {}", os_msg(.0))]
+    SnapshotListRemoveFailed(io::Error),
     /// Deleting an internal snapshot failed.
     #[error("{}", os_msg(.0))]
     SnapshotDeleteFailed(io::Error),

@@ -128,6 +128,9 @@ pub async fn prepare(
     check_snapshot_allowed(graph, &node, earlier)?;
     let file = args.str("snapshot-file")?.to_owned();
     let new_name = args.opt_str("snapshot-node-name");
+    if args.has("node-name") && new_name.is_none() {
+        return Err(Error::OverlayNameMissing);
+    }
     if let Some(n) = new_name
         && graph.find(n).is_some()
     {
@@ -323,9 +326,32 @@ pub async fn delete_internal_sync(graph: &Graph, args: &Args) -> Result<QDict> {
     let device = args.str("device")?;
     let id = args.opt_str("id");
     let name = args.opt_str("name");
-    let node = internal_target(graph, device)?;
+    // QEMU's order: the node, a name or an ID, the snapshot found, then the deletion.
+    let node = crate::job_cmds::root_node(graph, device)?;
     if id.is_none() && name.is_none() {
         return Err(Error::NameOrIdRequired);
+    }
+    if !node.driver().supports_internal_snapshots() {
+        return Err(Error::SnapshotListFailed(
+            std::io::Error::from_raw_os_error(libc::ENOTSUP),
+        ));
+    }
+    let field = |s: &QDict, key: &str| s.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    let found = node.driver().snapshots_info().iter().any(|s| {
+        id.is_none_or(|id| field(s, "id").as_deref() == Some(id))
+            && name.is_none_or(|name| field(s, "name").as_deref() == Some(name))
+    });
+    if !found {
+        return Err(Error::NoSuchSnapshot {
+            id: id.unwrap_or("null").to_owned(),
+            name: name.unwrap_or("null").to_owned(),
+            device: device.to_owned(),
+        });
+    }
+    if node.is_read_only() {
+        return Err(Error::SnapshotListRemoveFailed(
+            std::io::Error::from_raw_os_error(libc::EPERM),
+        ));
     }
     let gone = node
         .driver()

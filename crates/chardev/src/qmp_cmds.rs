@@ -165,9 +165,5 @@ pub fn qmp_ringbuf_read(
 
 /// Decodes base64 as QEMU's `qbase64_decode` accepts it.
 fn decode_base64(data: &str) -> Result<Vec<u8>> {
-    let valid = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=');
-    if !data.bytes().all(valid) {
-        return Err(Error::Base64);
-    }
-    STANDARD.decode(data).map_err(|_| Error::Base64)
+    ferrite_qapi::base64::decode(data.as_bytes()).ok_or(Error::Base64)
 }

@@ -198,6 +198,12 @@ impl ChardevRegistry {
             });
         }
         let backend = self.open(id, backend, origin, self.stdio_in_use())?;
+        // QEMU opens the backend, then adds the chardev to its container, where this id is
+        // the container's own property.
+        if id == ferrite_qapi::QOM_CONTAINER_PROPERTY {
+            backend.close();
+            return Err(Error::DuplicateProperty(id.to_owned()));
+        }
         let dev = Rc::new(Chardev {
             id: id.to_owned(),
             backend: RefCell::new(Rc::new(backend)),

@@ -202,6 +202,11 @@ impl DriverFactory for BlkdebugFactory {
         DriverKind::Filter
     }
 
+    fn opens_as_protocol(&self) -> bool {
+        // QEMU opens it with `bdrv_file_open`, as it does protocols.
+        true
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             // A protocol driver in QEMU: the node is listed before the children it opens.

@@ -93,6 +93,12 @@ impl DriverFactory for FileFactory {
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let opts = ctx.opts();
+            // QEMU looks the manager up before it opens the file; ferrite has none (QEMU says
+            // "Object with id 'x' is not a persistent reservation manager" when the id names
+            // another kind of object).
+            if let Some(id) = opts.opt_str("pr-manager") {
+                return Err(Error::NoPrManager(id.to_owned()).into());
+            }
             let aio = opts.opt_str("aio").unwrap_or("threads");
             let settings = *ctx.settings();
             if aio == "native" && !settings.cache_direct {

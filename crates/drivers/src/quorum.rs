@@ -36,7 +36,8 @@ impl DriverFactory for QuorumFactory {
             if refs.is_empty() {
                 return Err(generic("Number of provided children must be 1 or more"));
             }
-            let threshold = opts.i64("vote-threshold")?;
+            // QEMU keeps it in a C `int`: what does not fit wraps.
+            let threshold = opts.i64("vote-threshold")? as i32;
             if threshold < 1 {
                 return Err(generic("Parameter 'vote-threshold' expects a value >= 1"));
             }

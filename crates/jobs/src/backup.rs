@@ -499,7 +499,7 @@ pub async fn prepare_drive(
     // An existing image without a format given is probed; a new one takes the source's.
     let format = match args.opt_str("format") {
         Some(f) => f.to_owned(),
-        None if existing => graph.probe_image(&file).await?.to_owned(),
+        None if existing => graph.probe_image_as(&file, false).await?.to_owned(),
         None => source.driver_name().to_owned(),
     };
     let mut sync = args.str("sync")?;

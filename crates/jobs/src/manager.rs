@@ -384,10 +384,11 @@ impl JobManager {
     /// Unknown job, a state that does not accept resume, or a job not paused by the user.
     pub fn resume(&self, id: &str, block: bool) -> Result<()> {
         let job = self.lookup(id, block)?;
-        job.check_verb(Verb::Resume)?;
+        // QEMU asks whether the user paused it before whether its state takes the verb.
         if !job.user_paused.get() {
             return Err(Error::NotPaused);
         }
+        job.check_verb(Verb::Resume)?;
         job.user_paused.set(false);
         job.io_status.set(IoStatus::Ok);
         job.resume();

@@ -12,6 +12,7 @@
 //! `qapi/qapi-visit-core.c`, `qapi/error.json`.
 
 mod args;
+pub mod base64;
 mod enums;
 mod error;
 mod event;
@@ -25,6 +26,10 @@ pub use enums::{QapiEnum, check_enum};
 pub use error::{Error, ErrorClass, os_msg};
 pub use event::{QapiEvent, check_event};
 pub use schema::{Schema, schema, use_system_schema};
+
+/// The property every QOM container has. QEMU adds each object and chardev to its container
+/// (`/objects`, `/chardevs`) as a property named by its id, so no id can be this one.
+pub const QOM_CONTAINER_PROPERTY: &str = "type";
 
 /// QEMU's identifier rule (`id_wellformed`) for object ids, node names and job ids: a letter,
 /// then letters, digits, `-`, `.` and `_`.

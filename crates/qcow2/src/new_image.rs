@@ -43,7 +43,7 @@ fn qcow2_options(graph: &Graph, opts: &Args) -> ferrite_block::Result<CreateOpts
         Some("v2") => 2,
         _ => 3,
     };
-    let cluster_size = opts.opt_i64("cluster-size").unwrap_or(65536);
+    let cluster_size = opts.opt_u64("cluster-size").unwrap_or(65536);
     let extended_l2 = opts.bool_or("extended-l2", false);
     if !(512..=2 << 20).contains(&cluster_size) || cluster_size.count_ones() != 1 {
         return Err(CreateError::ClusterSize.into());

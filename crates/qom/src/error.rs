@@ -108,6 +108,9 @@ pub enum Error {
     /// A negative `x-` limit of a throttle group.
     #[error("Property values cannot be negative")]
     NegativeThrottleProperty,
+    /// A burst length past C's `unsigned int` (QEMU's text, its missing space included).
+    #[error("{0} value must be in therange [0, 4294967295]")]
+    BurstLengthRange(String),
     /// Total and read/write throttle limits together.
     #[error("bps/iops/max total values and read/write values cannot be used at the same time")]
     ThrottleTotalAndRw,
@@ -135,12 +138,18 @@ pub enum Error {
     /// A QOM path that finds nothing (class `DeviceNotFound`).
     #[error("Device '{0}' not found")]
     PathNotFound(String),
-    /// A partial QOM path that finds more than one object.
-    #[error("Path '{0}' does not uniquely identify an object")]
+    /// A partial QOM path that finds more than one object (`qom-list`; the other commands
+    /// say they found none).
+    #[error("Path '{0}' is ambiguous")]
     AmbiguousPath(String),
-    /// A property that cannot be written.
-    #[error("Insufficient permission to perform this operation")]
-    ReadOnlyProperty,
+    /// A property that cannot be written (`type`, a child).
+    #[error("Property '{ty}.{name}' is not writable")]
+    ReadOnlyProperty {
+        /// The object's type.
+        ty: String,
+        /// The property.
+        name: String,
+    },
     /// `qom-list-properties` of an unknown type (class `DeviceNotFound`).
     #[error("Class '{0}' not found")]
     ClassNotFound(String),

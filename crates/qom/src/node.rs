@@ -85,10 +85,19 @@ fn not_found(path: &str) -> Error {
 /// anywhere in the tree, which must be unique).
 ///
 /// # Errors
-/// `DeviceNotFound` "Device 'p' not found", or "Path 'p' does not uniquely identify an object".
+/// `DeviceNotFound` "Device 'p' not found", or "Path 'p' is ambiguous".
 pub fn resolve_path(root: &Rc<dyn QomNode>, path: &str) -> Result<Rc<dyn QomNode>> {
+    resolve_canonical(root, path).map(|(node, _)| node)
+}
+
+/// [`resolve_path`], with the object's absolute path (QEMU's canonical path).
+pub(crate) fn resolve_canonical(
+    root: &Rc<dyn QomNode>,
+    path: &str,
+) -> Result<(Rc<dyn QomNode>, String)> {
     if let Some(abs) = path.strip_prefix('/') {
         let mut cur = root.clone();
+        let mut canonical = String::new();
         for part in abs.split('/').filter(|p| !p.is_empty()) {
             let next = cur
                 .children()
@@ -97,11 +106,16 @@ pub fn resolve_path(root: &Rc<dyn QomNode>, path: &str) -> Result<Rc<dyn QomNode
                 .map(|(_, c)| c)
                 .ok_or_else(|| not_found(path))?;
             cur = next;
+            canonical = format!("{canonical}/{part}");
         }
-        return Ok(cur);
+        return Ok((cur, canonical));
     }
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    let mut found: Vec<Rc<dyn QomNode>> = Vec::new();
+    if parts.is_empty() {
+        // An empty partial path matches every object.
+        return Err(Error::AmbiguousPath(path.to_owned()));
+    }
+    let mut found = Vec::new();
     find_partial(root, &parts, &mut Vec::new(), &mut found);
     match found.len() {
         0 => Err(not_found(path)),
@@ -114,14 +128,14 @@ fn find_partial(
     node: &Rc<dyn QomNode>,
     parts: &[&str],
     trail: &mut Vec<String>,
-    found: &mut Vec<Rc<dyn QomNode>>,
+    found: &mut Vec<(Rc<dyn QomNode>, String)>,
 ) {
     for (name, child) in node.children() {
         trail.push(name);
-        if !parts.is_empty() && trail.len() >= parts.len() {
+        if trail.len() >= parts.len() {
             let tail = &trail[trail.len() - parts.len()..];
             if tail.iter().zip(parts).all(|(a, b)| a == b) {
-                found.push(child.clone());
+                found.push((child.clone(), format!("/{}", trail.join("/"))));
             }
         }
         find_partial(&child, parts, trail, found);

@@ -1,7 +1,7 @@
 //! The QOM and user-object QMP commands (QEMU: `qom/qom-qmp-cmds.c`).
 
 use crate::error::{Error, Result};
-use crate::node::{QomNode, resolve_path};
+use crate::node::{QomNode, resolve_canonical, resolve_path};
 use crate::objects::ObjectRegistry;
 use crate::types::{all_props, find_type, type_list};
 use ferrite_qapi::Args;
@@ -31,6 +31,15 @@ pub fn qmp_qom_list(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, ferr
     Ok(out.into())
 }
 
+/// The object at `path` for `qom-get` and `qom-set`, which find nothing at an ambiguous
+/// path (only `qom-list` says it is ambiguous).
+fn resolve_unique(root: &Rc<dyn QomNode>, path: &str) -> Result<(Rc<dyn QomNode>, String)> {
+    resolve_canonical(root, path).map_err(|e| match e {
+        Error::AmbiguousPath(p) => Error::PathNotFound(p),
+        other => other,
+    })
+}
+
 fn prop_not_found(node: &dyn QomNode, name: &str) -> Error {
     Error::TypedPropertyNotFound {
         ty: node.type_name(),
@@ -43,10 +52,14 @@ fn prop_not_found(node: &dyn QomNode, name: &str) -> Error {
 /// # Errors
 /// An unknown path or property.
 pub fn qmp_qom_get(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, ferrite_qapi::Error> {
-    let node = resolve_path(root, args.str("path")?)?;
+    let (node, path) = resolve_unique(root, args.str("path")?)?;
     let name = args.str("property")?;
     if name == "type" {
         return Ok(node.type_name().into());
+    }
+    // A child property reads as the child's path.
+    if node.children().iter().any(|(n, _)| n == name) {
+        return Ok(format!("{path}/{name}").into());
     }
     node.get(name)
         .unwrap_or_else(|| Err(prop_not_found(node.as_ref(), name)))
@@ -58,11 +71,15 @@ pub fn qmp_qom_get(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, ferri
 /// # Errors
 /// An unknown path or property, a wrong type, or the object refusing the value.
 pub fn qmp_qom_set(root: &Rc<dyn QomNode>, args: &Args) -> Result<QObject, ferrite_qapi::Error> {
-    let node = resolve_path(root, args.str("path")?)?;
+    let (node, _) = resolve_unique(root, args.str("path")?)?;
     let name = args.str("property")?;
     let value = args.get("value").cloned().unwrap_or(QObject::Null);
-    if name == "type" {
-        return Err(Error::ReadOnlyProperty.into());
+    if name == "type" || node.children().iter().any(|(n, _)| n == name) {
+        return Err(Error::ReadOnlyProperty {
+            ty: node.type_name(),
+            name: name.to_owned(),
+        }
+        .into());
     }
     node.set(name, &value)
         .unwrap_or_else(|| Err(prop_not_found(node.as_ref(), name)))

@@ -276,18 +276,23 @@ impl Graph {
         }
     }
 
-    /// The format of the image a `file` node with `file_opts` would show, by its first
-    /// bytes.
-    ///
-    /// # Errors
-    /// The file failing to open.
     /// The format of the image file at `path`, by its first bytes (raw when no format
     /// claims it).
     ///
     /// # Errors
     /// The file failing to open.
     pub async fn probe_image(&self, path: &str) -> Result<&'static str> {
-        let file_opts = crate::filename::protocol_options(path).with("read-only", true);
+        self.probe_image_as(path, true).await
+    }
+
+    /// [`Graph::probe_image`] of a file about to be opened for writing (a job's target):
+    /// QEMU opens it so before it probes, so a file that cannot be written fails as it
+    /// would then.
+    ///
+    /// # Errors
+    /// The file failing to open.
+    pub async fn probe_image_as(&self, path: &str, read_only: bool) -> Result<&'static str> {
+        let file_opts = crate::filename::protocol_options(path).with("read-only", read_only);
         self.probe_format(&file_opts).await
     }
 

@@ -114,10 +114,13 @@ impl Graph {
             let node = self
                 .find(name)
                 .ok_or_else(|| Error::NoSuchNode(name.to_owned()))?;
-            if opts.str("driver")? != node.driver_name() {
-                return Err(Error::CannotChange("driver".into()));
-            }
+            // QEMU checks the options the node loses first; another driver is then one of
+            // the options its old driver does not take, reported with the others at the end,
+            // the first in QEMU's dict order.
             check_resets(&node, opts)?;
+            if opts.str("driver")? != node.driver_name() {
+                return Err(Error::CannotChange(first_changed(&node, opts)));
+            }
             node.driver.reopen_check(&node, opts)?;
             // The block layer's own options that never change (QEMU compares what is left),
             // and children other than `file` and `backing`, which stay where they are.
@@ -580,6 +583,26 @@ fn check_resets(node: &Node, opts: &Args) -> Result<()> {
         Some(k) => Err(Error::CannotReset(k)),
         None => Ok(()),
     }
+}
+
+/// Of the options given for `node` under another driver, the first that changed in QEMU's
+/// dict order (the block layer's own options are not among them: it takes those).
+fn first_changed(node: &Node, opts: &Args) -> String {
+    const BLOCK_LAYER: [&str; 8] = [
+        "node-name",
+        "discard",
+        "cache",
+        "read-only",
+        "auto-read-only",
+        "detect-zeroes",
+        "force-share",
+        "active",
+    ];
+    let was = node.options();
+    opts.as_dict()
+        .iter_qemu_order()
+        .find(|(k, v)| !BLOCK_LAYER.contains(k) && was.get(k) != Some(*v))
+        .map_or_else(|| "driver".to_owned(), |(k, _)| k.to_owned())
 }
 
 /// `d`'s options as flat names under `prefix` (`backing.file.driver`).

@@ -78,7 +78,7 @@ async fn open_target(
 ) -> Result<Rc<Node>> {
     let format = match format {
         Some(f) => f.to_owned(),
-        None => graph.probe_image(file).await?.to_owned(),
+        None => graph.probe_image_as(file, false).await?.to_owned(),
     };
     let mut extra = QDict::new();
     if graph

@@ -48,6 +48,9 @@ impl ObjectRegistry {
 
     /// Creates an object from checked `ObjectOptions`.
     ///
+    /// Objects are children of QEMU's `/objects` container, whose own `type` property an
+    /// id cannot take.
+    ///
     /// # Errors
     /// A malformed or duplicate id, or the type's own validation.
     pub fn add(&self, options: &Args) -> Result<()> {
@@ -59,12 +62,15 @@ impl ObjectRegistry {
         // a bad property value is reported before a duplicate id, a failure to complete
         // after.
         match options.str("qom-type")? {
+            // QEMU's type of this name is `authz-list-file`: it cannot make one either, and
+            // says so before it looks at anything else.
+            "authz-listfile" => return Err(Error::NoSuchType("authz-listfile".into())),
             "throttle-group" => throttle::check_values(options)?,
             "iothread" | "main-loop" => event_loop::check_values(options)?,
             "secret_keyring" => secret::check_values(options)?,
             _ => {}
         }
-        if self.objects.borrow().contains_key(id) {
+        if id == ferrite_qapi::QOM_CONTAINER_PROPERTY || self.objects.borrow().contains_key(id) {
             return Err(Error::DuplicateId(id.to_owned()));
         }
         let obj: Rc<dyn UserObject> = match options.str("qom-type")? {
@@ -77,8 +83,6 @@ impl ObjectRegistry {
             })?),
             "authz-simple" => Rc::new(tls::AuthzObject::simple(options)?),
             "authz-list" => Rc::new(tls::AuthzObject::list(options)?),
-            // QEMU's type of this name is `authz-list-file`: it cannot make one either.
-            "authz-listfile" => return Err(Error::NoSuchType("authz-listfile".into())),
             "tls-creds-psk" => Rc::new(tls::TlsCredsObject::psk(options)?),
             "tls-creds-anon" => Rc::new(tls::TlsCredsObject::anon(options)?),
             "iothread" => Rc::new(event_loop::EventLoop::create(options, true)?),

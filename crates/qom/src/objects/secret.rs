@@ -5,8 +5,6 @@
 
 use super::{UserObject, check_prop};
 use crate::error::{Error, Result};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use ferrite_crypto::{AES_BLOCK, aes_cbc_decrypt};
 use ferrite_qapi::Args;
 use ferrite_qobject::QObject;
@@ -221,11 +219,7 @@ fn decrypt(key: &[u8], iv: Option<&str>, input: &[u8], base64: bool) -> Result<V
 }
 
 fn decode(raw: &[u8]) -> Result<Vec<u8>> {
-    let valid = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=');
-    if !raw.iter().all(valid) {
-        return Err(Error::Base64);
-    }
-    STANDARD.decode(raw).map_err(|_| Error::Base64)
+    ferrite_qapi::base64::decode(raw).ok_or(Error::Base64)
 }
 
 impl UserObject for Secret {

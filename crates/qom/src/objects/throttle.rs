@@ -187,11 +187,20 @@ pub struct ThrottleGroup {
     host_clock: std::cell::Cell<bool>,
 }
 
-/// The `x-` limits as QEMU checks them while it sets them, before the group has its id.
+/// The `x-` limits as QEMU checks them while it sets them, before the group has its id:
+/// one at a time in its dict order, the first bad one reported.
 pub(crate) fn check_values(options: &Args) -> Result<()> {
-    let negative = |name: &&str| options.opt_i64(&format!("x-{name}")).is_some_and(|v| v < 0);
-    if LIMITS.iter().any(negative) {
-        return Err(Error::NegativeThrottleProperty);
+    for (key, value) in options.as_dict().iter_qemu_order() {
+        let Some(name) = key.strip_prefix("x-").filter(|n| LIMITS.contains(n)) else {
+            continue;
+        };
+        let value = value.as_i64().unwrap_or_default();
+        if value < 0 {
+            return Err(Error::NegativeThrottleProperty);
+        }
+        if name.ends_with("-max-length") && value > i64::from(u32::MAX) {
+            return Err(Error::BurstLengthRange(key.to_owned()));
+        }
     }
     Ok(())
 }
