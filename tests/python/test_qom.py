@@ -85,6 +85,8 @@ SEQUENCE = [
     ("qom-set", {"path": "/objects/x2", "property": "poll-max-ns", "value": -5}),
     ("qom-get", {"path": "/objects/x2", "property": "poll-max-ns"}),
     ("object-add", {"qom-type": "main-loop", "id": "ml1", "thread-pool-max": 0}),
+    # The main loop is always in use.
+    ("object-del", {"id": "ml0"}),
     # Nodes longer than QEMU's largest (INT64_MAX rounded down to 1 GiB).
     ("blockdev-add", {"driver": "null-co", "node-name": "big", "size": (1 << 63) - 1}),
     ("blockdev-add", {"driver": "null-co", "node-name": "big", "size": (1 << 63) - (1 << 30)}),

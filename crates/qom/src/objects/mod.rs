@@ -139,8 +139,9 @@ impl ObjectRegistry {
         let obj = self
             .get(id)
             .ok_or_else(|| Error::ObjectNotFound(id.to_owned()))?;
-        // The registry holds one reference; any other holder is a user of the object.
-        if Rc::strong_count(&obj) > 2 {
+        // The registry holds one reference; any other holder is a user of the object. The
+        // main loop is always in use (QEMU never lets it go).
+        if Rc::strong_count(&obj) > 2 || obj.type_name() == "main-loop" {
             return Err(Error::InUse(id.to_owned()));
         }
         self.objects.borrow_mut().shift_remove(id);
