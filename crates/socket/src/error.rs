@@ -45,14 +45,6 @@ impl Error {
             error: error.into(),
         }
     }
-
-    /// The operating system's error, where there is one.
-    pub fn os_error(&self) -> Option<&io::Error> {
-        match self {
-            Error::Os { error, .. } => Some(error),
-            _ => None,
-        }
-    }
 }
 
 impl From<Error> for ferrite_qapi::Error {
