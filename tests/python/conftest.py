@@ -202,6 +202,13 @@ def chardev_transcript(d, seq):
     return out
 
 
+def wait_for_port(port):
+    """Waits until something listens on TCP `port`."""
+    wait_for(lambda: subprocess.run(["ss", "-ltnH", f"sport = :{port}"],
+                                    capture_output=True, text=True).stdout.strip() != "",
+             what=f"a listener on port {port}")
+
+
 def recorder(conn, out):
     """A `cmd(name, args)` that runs a QMP command on `conn` and appends its normalized
     reply to the transcript `out`."""

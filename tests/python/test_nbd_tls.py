@@ -13,7 +13,8 @@ import subprocess
 import pytest
 
 from blockjobs import add, qcow2, run
-from conftest import assert_same_image, assert_same_transcript, connect_unix, wait_for
+from conftest import (assert_same_image, assert_same_transcript, connect_unix, wait_for,
+                      wait_for_port)
 
 MiB = 1 << 20
 
@@ -530,3 +531,156 @@ def test_encrypted_private_keys_with_a_password_secret(both, encrypted_key_dir, 
         results.append(out)
     assert_same_transcript(*results)
     assert results[1][-1][0] == 0, results[1][-1]
+
+
+# GnuTLS priority strings (`priority`): QEMU takes any string when the object is made and
+# hands it to GnuTLS when a session starts, which refuses it then or narrows what the
+# session may negotiate.
+
+PRIORITIES = [None, "NORMAL", "normal", "BOGUS", "NONE", "NORMAL:", "@SYSTEM",
+              "NORMAL:-VERS-ALL", "NORMAL:-CIPHER-ALL", "NORMAL:+FOO", "SECURE128", "PFS",
+              "PERFORMANCE", "NORMAL:%COMPAT:%SERVER_PRECEDENCE",
+              "NORMAL:-VERS-ALL:+VERS-TLS1.2", "NORMAL:-VERS-ALL:+VERS-TLS1.3",
+              "NORMAL:-CIPHER-ALL:+CHACHA20-POLY1305", "NORMAL:-GROUP-ALL:+GROUP-X25519",
+              "SECURE256:+SECURE128:-VERS-TLS-ALL:+VERS-TLS1.2:+VERS-TLS1.3:-RSA"]
+
+# Strings GnuTLS takes that allow nothing rustls negotiates (TLS 1.0 only; no signature
+# algorithm, so nothing from TLS 1.2 on; finite-field groups only; CBC suites only): QEMU's
+# sessions go ahead, ferrite's are refused before the handshake, saying why.
+BEYOND_FERRITE = ["NORMAL:-VERS-ALL:+VERS-TLS1.0", "NORMAL:-SIGN-ALL",
+                  "NORMAL:-GROUP-ALL:+GROUP-FFDHE2048",
+                  "NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-CBC:+SHA256"]
+CANNOT = "allows nothing ferrite can negotiate"
+
+
+def with_priority(p):
+    return {} if p is None else {"priority": p}
+
+
+def priority_client_transcript(d, pki, sock):
+    """The `nbd` driver as a TLS client of qemu-nbd, its credentials with each priority:
+    the node or why not, and the property read back."""
+    c = d.connect()
+    out = []
+    for i, p in enumerate(PRIORITIES + BEYOND_FERRITE):
+        r = c.cmd("object-add", creds("client", pki["client1"], f"c{i}", **with_priority(p)))
+        assert r == {"return": {}}, r
+        r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": f"n{i}", "export": "d",
+                                   "server": {"type": "unix", "path": str(sock)},
+                                   "tls-creds": f"c{i}", "tls-hostname": "127.0.0.1",
+                                   "read-only": True})
+        if "error" in r:
+            r["error"]["desc"] = dropped(r["error"]["desc"])
+        else:
+            # qemu-nbd serves a few clients at a time.
+            assert c.cmd("blockdev-del", {"node-name": f"n{i}"}) == {"return": {}}
+        got = c.cmd("qom-get", {"path": f"/objects/c{i}", "property": "priority"})
+        out.append((p, r, got))
+    c.close()
+    return out
+
+
+def test_the_nbd_drivers_priority_strings_match_qsd(both, pki, qemu_nbd_tls, tmp_path):
+    img = tmp_path / "src.qcow2"
+    qcow2(img, "16M")
+    sock = qemu_nbd_tls(img, "server", "--persistent")
+    q, f = both()
+    expected = priority_client_transcript(q, pki, sock)
+    got = priority_client_transcript(f, pki, sock)
+    n = len(PRIORITIES)
+    assert_same_transcript(expected[:n], got[:n])
+    assert [e[1] for e in expected[:n]].count({"return": {}}) >= 10, expected
+    for (p, e, _), (_, g, prop) in zip(expected[n:], got[n:]):
+        assert e == {"return": {}}, (p, e)
+        assert CANNOT in g["error"]["desc"] and prop == {"return": p}, (p, g)
+
+
+def priority_server_transcript(d, priorities, make_creds, client):
+    """An NBD server whose credentials (`make_creds(id, priority)`) have each priority in
+    turn, and `client(socket)` (QEMU's, with GnuTLS's default priority) reading through it:
+    what the client saw, and what the daemon said."""
+    c = d.connect()
+    img = d.workdir / "d.qcow2"
+    qcow2(img, "16M")
+    run("qemu-io", "-c", "write -P 7 0 1M", img)
+    add(c, "d", img)
+    sock = d.workdir / "nbd.sock"
+    out = []
+    for i, p in enumerate(priorities):
+        r = c.cmd("object-add", make_creds(f"s{i}", p))
+        assert r == {"return": {}}, r
+        r = c.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}},
+                                       "tls-creds": f"s{i}"})
+        assert r == {"return": {}}, r
+        r = c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "d",
+                                       "name": "d"})
+        assert r == {"return": {}}, r
+        seen = client(sock)
+        assert c.cmd("nbd-server-stop", {}) == {"return": {}}
+        wait_for(lambda: "e" not in [x["id"] for x in c.cmd("query-block-exports")["return"]],
+                 what="the export to go")
+        said = [ln.split(": ", 1)[1] for ln in d.stderr_path.read_text().splitlines()]
+        out.append((p, seen, said[-1] if said and seen[0] != 0 else None))
+    c.close()
+    return out
+
+
+def test_an_nbd_servers_priority_strings_match_qsd(both, pki):
+    def transcript(d, priorities):
+        return priority_server_transcript(
+            d, priorities,
+            lambda id, p: creds("server", pki["server"], id, **with_priority(p)),
+            lambda sock: qemu_client("qemu-io", sock, pki["client1"], "-r",
+                                     "-c", "read -P 7 0 64k"))
+    q, f = both()
+    assert_same_transcript(transcript(q, PRIORITIES), transcript(f, PRIORITIES))
+    q, f = both()
+    expected = transcript(q, BEYOND_FERRITE)
+    got = transcript(f, BEYOND_FERRITE)
+    assert all(e[1][0] == 0 for e in expected), expected
+    assert all(g[1][0] != 0 and CANNOT in g[2] for g in got), got
+
+
+def negotiated(port, priority):
+    """What gnutls-cli (a client certificate, `priority`) and a TLS monitor on `port`
+    agreed on: (version, key exchange group, cipher), or None for no session."""
+    r = subprocess.run(["gnutls-cli", "--no-ca-verification", "--priority", priority,
+                        "-p", str(port), "127.0.0.1"],
+                       input='{"execute": "qmp_capabilities"}\n', capture_output=True,
+                       text=True, timeout=30)
+    for line in (r.stdout + r.stderr).splitlines():
+        if line.startswith("- Description: "):
+            parts = line.split(": ", 1)[1].strip("()").split(")-(")
+            return parts[0], parts[1], parts[3]
+    return None
+
+
+@pytest.mark.parametrize("server,client,agree", [
+    (None, "NORMAL", True),
+    ("NORMAL:-VERS-ALL:+VERS-TLS1.2", "NORMAL", True),
+    ("NORMAL:-VERS-TLS1.3:-AES-256-GCM", "NORMAL", True),
+    ("NORMAL:-CIPHER-ALL:+CHACHA20-POLY1305", "NORMAL", True),
+    ("NORMAL:-GROUP-ALL:+GROUP-SECP384R1", "NORMAL", True),
+    ("NORMAL:-VERS-ALL:+VERS-TLS1.3", "NORMAL:-VERS-TLS1.3", False),
+    ("NORMAL:-CIPHER-ALL:+AES-128-GCM", "NORMAL:-AES-128-GCM", False),
+    ("BOGUS", "NORMAL", False),
+])
+def test_a_tls_monitor_negotiates_within_its_priority_as_qsd(qsd, ferrite, pki, server,
+                                                              client, agree):
+    """Versions, ciphers and groups a server's priority allows, as GnuTLS's client sees
+    them (the signature algorithm is left out: rustls prefers SHA-512, GnuTLS SHA-256)."""
+    got = []
+    for start in (qsd, ferrite):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        extra = "" if server is None else f",priority={server}"
+        start(["--object", f"tls-creds-x509,id=t,dir={pki['server']},endpoint=server,"
+                           f"verify-peer=off{extra}",
+               "--chardev", f"socket,id=tm,host=127.0.0.1,port={port},server=on,wait=off,"
+                            "tls-creds=t",
+               "--monitor", "chardev=tm"])
+        wait_for_port(port)
+        got.append(negotiated(port, client))
+    assert got[1] == got[0], got
+    assert (got[0] is not None) == agree, got

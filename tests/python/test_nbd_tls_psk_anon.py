@@ -11,8 +11,8 @@ import time
 import pytest
 
 from blockjobs import add, qcow2, run
-from conftest import assert_same_transcript, recorder, wait_for
-from test_nbd_tls import dropped
+from conftest import assert_same_transcript, recorder, wait_for, wait_for_port
+from test_nbd_tls import CANNOT, dropped, priority_server_transcript, with_priority
 
 pytestmark = pytest.mark.skipif(shutil.which("psktool") is None,
                                 reason="psktool (gnutls-bin) makes the key files")
@@ -74,17 +74,55 @@ def test_psk_objects_and_refusals_match_qsd(both, keys):
     assert_same_transcript(objects_transcript(q, keys), objects_transcript(f, keys))
 
 
-def test_a_priority_string_is_refused_clearly(ferrite, keys):
-    """A GnuTLS priority string means nothing to ferrite: it is refused by name, never
-    ignored."""
-    c = ferrite().connect()
-    for obj in [{"qom-type": "tls-creds-anon", "id": "a", "endpoint": "server",
-                 "priority": "NORMAL"},
-                psk("server", keys["good"], "prio", priority="NORMAL")]:
-        r = c.cmd("object-add", obj)
-        assert r["error"]["class"] == "GenericError", r
-        desc = r["error"]["desc"]
-        assert "ferrite" in desc and "priority" in desc, desc
+# Priority strings: QEMU adds "+ECDHE-PSK:+DHE-PSK:+PSK" (PSK) or "+ANON-DH" (anonymous) to
+# the object's own, and reads the property at each session, so `qom-set` counts from the
+# next one. The last string of each list leaves GnuTLS a version ferrite does not speak
+# for these credentials (TLS 1.2 for a PSK, whose session is TLS 1.3's in ferrite; TLS 1.0
+# and 1.1 for anonymous ones): ferrite refuses that one, saying why.
+PSK_PRIORITIES = [None, "BOGUS", "NORMAL:-CHACHA20-POLY1305", "NORMAL:-AES-128-GCM",
+                  "NORMAL:-VERS-ALL", "NORMAL:-VERS-TLS1.3"]
+ANON_PRIORITIES = [None, "BOGUS", "NORMAL:-AES-128-GCM", "NORMAL:-AES-256-GCM",
+                   "NORMAL:-CIPHER-ALL", "NORMAL:-VERS-TLS1.2"]
+
+
+@pytest.mark.parametrize("kind", ["psk", "anon"])
+def test_priority_strings_of_psk_and_anonymous_servers_match_qsd(both, keys, kind):
+    if kind == "psk":
+        priorities, cred = PSK_PRIORITIES, (keys["good"], "alice")
+        make = lambda id, p: psk("server", keys["good"], id, **with_priority(p))
+    else:
+        priorities, cred = ANON_PRIORITIES, "anon"
+        make = lambda id, p: anon("server", id, **with_priority(p))
+    q, f = both()
+    client = lambda sock: qemu_client("qemu-io", sock, cred, "-r", "-c", "read -P 7 0 64k")
+    expected = priority_server_transcript(q, priorities, make, client)
+    got = priority_server_transcript(f, priorities, make, client)
+    assert expected[-1][1][0] == 0 and CANNOT in got[-1][2], (expected[-1], got[-1])
+    expected, got = expected[:-1], got[:-1]
+    assert_same_transcript(expected, got)
+    assert [e[1][0] for e in expected].count(0) >= 3, expected
+
+
+def test_a_new_priority_counts_from_the_next_session(both, keys):
+    """`qom-set` of a PSK server's `priority`: the next client meets the new one."""
+    def transcript(d):
+        c, sock = serve(d, keys)
+        out = []
+        io = lambda: out.append(qemu_client("qemu-io", sock, (keys["good"], "alice"), "-r",
+                                            "-c", "read -P 7 0 64k"))
+        io()
+        cmd = recorder(c, out)
+        cmd("qom-set", {"path": "/objects/tls0", "property": "priority", "value": "BOGUS"})
+        cmd("qom-get", {"path": "/objects/tls0", "property": "priority"})
+        io()
+        cmd("qom-set", {"path": "/objects/tls0", "property": "priority",
+                        "value": "NORMAL:-AES-128-GCM"})
+        io()
+        return out + after_quit(d, c)
+    q, f = both()
+    expected = transcript(q)
+    assert_same_transcript(expected, transcript(f))
+    assert [e[0] for e in expected if isinstance(e[0], int)] == [0, 1, 0], expected
 
 
 def serve(d, keys, authz=None, creds=None):
@@ -299,9 +337,7 @@ def test_a_qmp_monitor_over_psk_or_anonymous_tls_matches_qsd(qsd, ferrite, keys,
                "--chardev", f"socket,id=tm,host=127.0.0.1,port={port},server=on,wait=off,"
                             "tls-creds=tls0",
                "--monitor", "chardev=tm"])
-        wait_for(lambda: subprocess.run(["ss", "-ltnH", f"sport = :{port}"],
-                                        capture_output=True, text=True).stdout.strip() != "",
-                 what="the monitor's port")
+        wait_for_port(port)
         key_dir = keys["good"] if kind != "anon" else None
         got.append(gnutls_session(port, key_dir, "bob", [
             '{"execute": "qmp_capabilities"}',

@@ -129,9 +129,6 @@ class Generator:
                         and isinstance(args.get("backend"), dict)
                         and args["backend"].get("type") == "stdio"):
                     continue
-                # GnuTLS priority strings: ferrite refuses them (README, "Not yet").
-                if name == "object-add":
-                    args.pop("priority", None)
             return name, args
 
 

@@ -25,11 +25,6 @@ pub enum Error {
     /// TLS credentials that do not load (`ferrite-tls` words them as QEMU does).
     #[error("{0}")]
     Tls(String),
-    /// A GnuTLS priority string: rustls has no such language.
-    #[error(
-        "TLS priority strings are GnuTLS's: ferrite (rustls) cannot apply '{0}'; leave 'priority' out"
-    )]
-    TlsPriority(String),
     /// A secret looked up by id that is not there or not usable (QEMU's texts).
     #[error("{0}")]
     SecretLookup(String),

@@ -3,12 +3,16 @@
 //! with its texts; then the rustls configurations a session starts from.
 
 use crate::peer;
+use crate::priority::{self, Kind, Priority};
 use crate::sanity;
 use ferrite_crypto::Pkcs8Error;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use rustls::{ClientConfig, DistinguishedName, ServerConfig};
+use rustls::{
+    CipherSuite, ClientConfig, DistinguishedName, NamedGroup, ServerConfig,
+    SupportedProtocolVersion,
+};
 use std::sync::Arc;
 
 /// Which end of a connection the credentials are for.
@@ -44,6 +48,8 @@ pub struct X509Options {
     /// The password of an encrypted private key (`passwordid`'s secret), or why it could
     /// not be had: QEMU looks it up only once it reads the key.
     pub key_password: Option<Result<String, String>>,
+    /// The priority string of its sessions (GnuTLS's syntax; QEMU's default when `None`).
+    pub priority: Option<String>,
 }
 
 pub(crate) const CA_CERT: &str = "ca-cert.pem";
@@ -71,6 +77,9 @@ pub struct X509Creds {
     trust: Arc<Trust>,
     server: Option<Arc<ServerConfig>>,
     client: Option<ClientConfig>,
+    /// Why a session cannot start though GnuTLS would take the priority string: it allows
+    /// nothing rustls can do.
+    unusable: Option<String>,
 }
 
 impl std::fmt::Debug for X509Creds {
@@ -117,6 +126,99 @@ pub(crate) fn os_msg(e: &std::io::Error) -> String {
 /// The crypto rustls uses.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What rustls can negotiate within a priority: its cipher suites, groups and versions
+/// that `p` allows, in `p`'s order of preference.
+type Negotiable = (Arc<CryptoProvider>, Vec<&'static SupportedProtocolVersion>);
+
+/// rustls's crypto narrowed to what `priority` (GnuTLS's syntax) allows; `Ok(None)` for a
+/// string GnuTLS refuses (sessions fail before they need a configuration).
+///
+/// # Errors
+/// A string that allows nothing rustls has.
+fn negotiable(priority: &str) -> Result<Option<Negotiable>, String> {
+    let Ok(p) = Priority::parse(priority) else {
+        return Ok(None);
+    };
+    let rank = |kind, name: &str| p.list(kind).iter().position(|n| *n == name);
+    let mut base = rustls::crypto::ring::default_provider();
+    let mut suites: Vec<_> = base
+        .cipher_suites
+        .iter()
+        .filter_map(|s| {
+            let (tls13, kx, cipher) = suite_names(s.suite())?;
+            let version = if tls13 { "TLS1.3" } else { "TLS1.2" };
+            let allowed = p.allows(Kind::Version, version)
+                && p.allows(Kind::Mac, "AEAD")
+                && kx.is_none_or(|kx| p.allows(Kind::Kx, kx));
+            if !allowed {
+                return None;
+            }
+            Some((rank(Kind::Cipher, cipher)?, *s))
+        })
+        .collect();
+    suites.sort_by_key(|(rank, _)| *rank);
+    base.cipher_suites = suites.into_iter().map(|(_, s)| s).collect();
+    let mut groups: Vec<_> = base
+        .kx_groups
+        .iter()
+        .filter_map(|g| Some((rank(Kind::Group, group_name(g.name())?)?, *g)))
+        .collect();
+    groups.sort_by_key(|(rank, _)| *rank);
+    base.kx_groups = groups.into_iter().map(|(_, g)| g).collect();
+    let versions: Vec<_> = [&rustls::version::TLS13, &rustls::version::TLS12]
+        .into_iter()
+        .filter(|v| base.cipher_suites.iter().any(|s| s.version() == *v))
+        .collect();
+    if versions.is_empty() || base.kx_groups.is_empty() {
+        return Err(format!(
+            "TLS handshake failed: the TLS priority '{priority}' allows nothing ferrite can \
+             negotiate with x509 credentials (TLS 1.2 or 1.3; AES-128-GCM, AES-256-GCM or \
+             CHACHA20-POLY1305, with ECDHE-RSA or ECDHE-ECDSA in TLS 1.2; groups X25519, \
+             SECP256R1 or SECP384R1)"
+        ));
+    }
+    Ok(Some((Arc::new(base), versions)))
+}
+
+/// A rustls suite as GnuTLS names its parts: whether it is TLS 1.3's, its key exchange
+/// (TLS 1.2's only) and its cipher.
+fn suite_names(suite: CipherSuite) -> Option<(bool, Option<&'static str>, &'static str)> {
+    Some(match suite {
+        CipherSuite::TLS13_AES_128_GCM_SHA256 => (true, None, "AES-128-GCM"),
+        CipherSuite::TLS13_AES_256_GCM_SHA384 => (true, None, "AES-256-GCM"),
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => (true, None, "CHACHA20-POLY1305"),
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => {
+            (false, Some("ECDHE-ECDSA"), "AES-128-GCM")
+        }
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => {
+            (false, Some("ECDHE-ECDSA"), "AES-256-GCM")
+        }
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => {
+            (false, Some("ECDHE-ECDSA"), "CHACHA20-POLY1305")
+        }
+        CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => {
+            (false, Some("ECDHE-RSA"), "AES-128-GCM")
+        }
+        CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => {
+            (false, Some("ECDHE-RSA"), "AES-256-GCM")
+        }
+        CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => {
+            (false, Some("ECDHE-RSA"), "CHACHA20-POLY1305")
+        }
+        _ => return None,
+    })
+}
+
+/// A rustls group as GnuTLS names it.
+fn group_name(group: NamedGroup) -> Option<&'static str> {
+    Some(match group {
+        NamedGroup::X25519 => "X25519",
+        NamedGroup::secp256r1 => "SECP256R1",
+        NamedGroup::secp384r1 => "SECP384R1",
+        _ => return None,
+    })
 }
 
 /// GnuTLS's words for a file it could not read.
@@ -187,6 +289,13 @@ impl X509Creds {
                 format!("Failed to open file \u{201c}{path}\u{201d}: {}", os_msg(&e))
             })?;
         }
+        let priority = options.priority.as_deref().unwrap_or(priority::DEFAULT);
+        let (negotiable, unusable) = match negotiable(priority) {
+            Ok(n) => (n, None),
+            Err(e) => (None, Some(e)),
+        };
+        let (provider, versions) =
+            negotiable.unwrap_or_else(|| (provider(), rustls::ALL_VERSIONS.to_vec()));
         let mut creds = X509Creds {
             trust: Arc::new(Trust {
                 endpoint: options.endpoint,
@@ -197,12 +306,14 @@ impl X509Creds {
             options,
             server: None,
             client: None,
+            unusable,
         };
         if server {
             let (chain, key) = own.ok_or("the server needs a certificate and a key")?;
-            creds.server = Some(Arc::new(creds.server_config(chain, key)?));
+            let config = creds.server_config(provider, &versions, chain, key)?;
+            creds.server = Some(Arc::new(config));
         } else {
-            creds.client = Some(creds.client_config(own)?);
+            creds.client = Some(creds.client_config(provider, &versions, own)?);
         }
         Ok(creds)
     }
@@ -221,18 +332,30 @@ impl X509Creds {
         &self.trust
     }
 
-    pub(crate) fn server(&self) -> Option<Arc<ServerConfig>> {
-        self.server.clone()
+    /// The server's configuration, for a session whose priority GnuTLS took.
+    pub(crate) fn server_for_session(&self) -> Result<Arc<ServerConfig>, String> {
+        self.for_session(&self.server)
     }
 
-    /// The client's configuration, its certificate verifier still to be set per
-    /// connection.
-    pub(crate) fn client(&self) -> Option<ClientConfig> {
-        self.client.clone()
+    /// The client's configuration, for a session whose priority GnuTLS took; its
+    /// certificate verifier is still to be set per connection.
+    pub(crate) fn client_for_session(&self) -> Result<ClientConfig, String> {
+        self.for_session(&self.client)
+    }
+
+    fn for_session<C: Clone>(&self, config: &Option<C>) -> Result<C, String> {
+        if let Some(e) = &self.unusable {
+            return Err(e.clone());
+        }
+        config
+            .clone()
+            .ok_or_else(|| "Credentials endpoint doesn't match session".to_owned())
     }
 
     fn server_config(
         &self,
+        provider: Arc<CryptoProvider>,
+        versions: &[&'static SupportedProtocolVersion],
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<ServerConfig, String> {
@@ -249,8 +372,8 @@ impl X509Creds {
             })
             .collect();
         let verifier = Arc::new(peer::AnyClientCert::new(hints));
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(rustls::ALL_VERSIONS)
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
             .map_err(|e| e.to_string())?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
@@ -264,10 +387,12 @@ impl X509Creds {
 
     fn client_config(
         &self,
+        provider: Arc<CryptoProvider>,
+        versions: &[&'static SupportedProtocolVersion],
         own: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> Result<ClientConfig, String> {
-        let builder = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(rustls::ALL_VERSIONS)
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(peer::ServerCertJudge::default()));

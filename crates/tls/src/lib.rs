@@ -10,6 +10,8 @@
 //! - `dn.rs`: a certificate's distinguished name as GnuTLS writes it (the identity
 //!   authorization lists judge);
 //! - `authz.rs`: `authz-simple` and `authz-list`;
+//! - `priority.rs`: GnuTLS priority strings (the credentials' `priority`), read as GnuTLS
+//!   reads them, and what they allow;
 //! - `psk.rs`: `tls-creds-psk`: a user's pre-shared key from a directory's `keys.psk`;
 //! - `anon.rs`: `tls-creds-anon`: nothing but a server's optional DH parameters;
 //! - `tls13/`: TLS 1.3 with a pre-shared key, both ends (rustls has no external PSKs);
@@ -28,6 +30,7 @@ mod authz;
 mod creds;
 mod dn;
 mod peer;
+mod priority;
 mod psk;
 mod record;
 mod sanity;
@@ -40,9 +43,10 @@ mod wire;
 pub use anon::{AnonCreds, AnonOptions};
 pub use authz::{Authz, AuthzList, AuthzRule, AuthzSimple, Policy};
 pub use creds::{Endpoint, X509Creds, X509Options};
+pub use priority::{Kind, Priority, PriorityError};
 pub use psk::{PskCreds, PskOptions};
 pub use record::OwnTlsStream;
-pub use session::{ClientStream, Creds, ServerStream, TlsStream, accept, connect};
+pub use session::{ClientStream, Creds, CredsKind, ServerStream, TlsStream, accept, connect};
 pub use web::{WebStream, WebTls};
 
 use std::rc::Rc;

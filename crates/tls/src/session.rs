@@ -3,9 +3,11 @@
 //! of a PSK peer beyond the handshake itself).
 
 use crate::peer::{self, ServerCertJudge};
+use crate::priority::{self, Kind, Priority};
 use crate::record::OwnTlsStream;
 use crate::{AnonCreds, AuthzLookup, Endpoint, PskCreds, X509Creds, tls12, tls13};
 use rustls::pki_types::ServerName;
+use std::cell::RefCell;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsFd;
@@ -14,9 +16,18 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// TLS credentials of any kind a session takes.
+/// TLS credentials of any kind a session takes, and the priority string its sessions use.
 #[derive(Debug)]
-pub enum Creds {
+pub struct Creds {
+    kind: CredsKind,
+    /// The object's `priority`; QEMU reads it at each session, so a new value counts from
+    /// the next one.
+    priority: RefCell<Option<String>>,
+}
+
+/// The kinds of credentials.
+#[derive(Debug)]
+pub enum CredsKind {
     /// `tls-creds-x509`.
     X509(Box<X509Creds>),
     /// `tls-creds-psk`.
@@ -26,15 +37,101 @@ pub enum Creds {
 }
 
 impl Creds {
-    /// The end they are for.
-    pub fn endpoint(&self) -> Endpoint {
-        match self {
-            Creds::X509(c) => c.endpoint(),
-            Creds::Psk(c) => c.endpoint(),
-            Creds::Anon(c) => c.endpoint(),
+    /// Credentials whose sessions use `priority` (GnuTLS's syntax; QEMU's default when
+    /// `None`). For x509 credentials it must be the one they were loaded with.
+    pub fn new(kind: CredsKind, priority: Option<String>) -> Creds {
+        Creds {
+            kind,
+            priority: RefCell::new(priority),
         }
     }
+
+    /// Which kind they are.
+    pub fn kind(&self) -> &CredsKind {
+        &self.kind
+    }
+
+    /// The end they are for.
+    pub fn endpoint(&self) -> Endpoint {
+        match &self.kind {
+            CredsKind::X509(c) => c.endpoint(),
+            CredsKind::Psk(c) => c.endpoint(),
+            CredsKind::Anon(c) => c.endpoint(),
+        }
+    }
+
+    /// The priority string the next session uses, as set.
+    pub fn priority(&self) -> Option<String> {
+        self.priority.borrow().clone()
+    }
+
+    /// Sets the priority string of the sessions to come.
+    pub fn set_priority(&self, priority: Option<String>) {
+        *self.priority.borrow_mut() = priority;
+    }
+
+    /// The priority a session starts with, as QEMU sets it (`crypto/tlssession.c`): the
+    /// object's or the default, with what QEMU adds for PSK and anonymous credentials;
+    /// a string GnuTLS refuses, refused in QEMU's words.
+    fn session_priority(&self) -> Result<Priority, String> {
+        let own = self.priority();
+        let base = own.as_deref().unwrap_or(priority::DEFAULT);
+        let (full, refused) = match &self.kind {
+            CredsKind::X509(_) => (base.to_owned(), "Cannot set default TLS session priority"),
+            CredsKind::Psk(_) => (
+                format!("{base}:+ECDHE-PSK:+DHE-PSK:+PSK"),
+                "Unable to set TLS session priority",
+            ),
+            CredsKind::Anon(_) => (
+                format!("{base}:+ANON-DH"),
+                "Unable to set TLS session priority",
+            ),
+        };
+        Priority::parse(&full).map_err(|e| format!("{refused} {full}: {e}"))
+    }
 }
+
+/// The suites of ferrite's own TLS 1.3 with a PSK that `p` allows.
+fn psk_suites(p: &Priority) -> Result<Vec<tls13::Suite>, String> {
+    let suites = &tls13::Suite::ALL;
+    own_suites(p, "TLS1.3", suites, tls13::Suite::cipher, PSK_SUITES)
+}
+
+/// The suites of ferrite's own anonymous TLS 1.2 that `p` allows.
+fn anon_suites(p: &Priority) -> Result<Vec<tls12::Suite>, String> {
+    let suites = &tls12::Suite::ALL;
+    own_suites(p, "TLS1.2", suites, tls12::Suite::cipher, ANON_SUITES)
+}
+
+/// Of ferrite's own `suites` for `version`, those `p` allows (by cipher and the AEAD MAC),
+/// or a clear refusal when it allows none: `what` says what ferrite would need.
+fn own_suites<T: Copy>(
+    p: &Priority,
+    version: &str,
+    suites: &[T],
+    cipher: impl Fn(T) -> &'static str,
+    what: &str,
+) -> Result<Vec<T>, String> {
+    let allowed: Vec<T> = if p.allows(Kind::Version, version) && p.allows(Kind::Mac, "AEAD") {
+        suites
+            .iter()
+            .copied()
+            .filter(|s| p.allows(Kind::Cipher, cipher(*s)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if allowed.is_empty() {
+        return Err(format!(
+            "TLS handshake failed: the TLS priority allows nothing ferrite can negotiate with \
+             these credentials ({what})"
+        ));
+    }
+    Ok(allowed)
+}
+
+const PSK_SUITES: &str = "TLS 1.3 with AES-128-GCM or CHACHA20-POLY1305";
+const ANON_SUITES: &str = "TLS 1.2 with ANON-DH and AES-128-GCM or AES-256-GCM";
 
 /// An established session: rustls's (x509) or ferrite's own (PSK, anonymous).
 pub enum TlsStream<S> {
@@ -111,20 +208,23 @@ pub async fn accept<S>(
 where
     S: AsyncRead + AsyncWrite + AsFd + Unpin,
 {
-    let creds = match creds {
-        Creds::X509(c) => c,
-        own if own.endpoint() != Endpoint::Server => {
-            return Err("Credentials endpoint doesn't match session".into());
-        }
-        Creds::Psk(c) => {
-            let s = tls13::accept(stream, |id| c.key_of(id)).await;
+    if creds.endpoint() != Endpoint::Server {
+        return Err("Credentials endpoint doesn't match session".into());
+    }
+    let priority = creds.session_priority()?;
+    let creds = match creds.kind() {
+        CredsKind::X509(c) => c,
+        CredsKind::Psk(c) => {
+            let suites = psk_suites(&priority)?;
+            let s = tls13::accept(stream, |id| c.key_of(id), &suites).await;
             return own_session(s);
         }
-        Creds::Anon(c) => return own_session(tls12::accept(stream, &c.group).await),
+        CredsKind::Anon(c) => {
+            let suites = anon_suites(&priority)?;
+            return own_session(tls12::accept(stream, &c.group, &suites).await);
+        }
     };
-    let config = creds
-        .server()
-        .ok_or("Credentials endpoint doesn't match session")?;
+    let config = creds.server_for_session()?;
     let tls = tokio_rustls::TlsAcceptor::from(config)
         .accept(stream)
         .await
@@ -175,23 +275,25 @@ pub async fn connect<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let creds = match creds {
-        Creds::X509(c) => c,
-        own if own.endpoint() != Endpoint::Client => {
-            return Err("Credentials endpoint doesn't match session".into());
-        }
-        Creds::Psk(c) => {
+    if creds.endpoint() != Endpoint::Client {
+        return Err("Credentials endpoint doesn't match session".into());
+    }
+    let priority = creds.session_priority()?;
+    let creds = match creds.kind() {
+        CredsKind::X509(c) => c,
+        CredsKind::Psk(c) => {
             let (identity, key) = c
                 .own()
                 .ok_or("Credentials endpoint doesn't match session")?;
-            return own_session(tls13::connect(stream, identity.as_bytes(), key).await);
+            let suites = psk_suites(&priority)?;
+            return own_session(tls13::connect(stream, identity.as_bytes(), key, &suites).await);
         }
-        Creds::Anon(_) => return own_session(tls12::connect(stream).await),
+        CredsKind::Anon(_) => {
+            let suites = anon_suites(&priority)?;
+            return own_session(tls12::connect(stream, &suites).await);
+        }
     };
-    let mut config = match creds.client() {
-        Some(c) if creds.endpoint() == Endpoint::Client => c,
-        _ => return Err("Credentials endpoint doesn't match session".into()),
-    };
+    let mut config = creds.client_for_session()?;
     let verdict = Arc::new(Mutex::new(None));
     config
         .dangerous()

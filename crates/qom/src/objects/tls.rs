@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use ferrite_tls::{
-    AnonCreds, AnonOptions, Authz, AuthzList, AuthzSimple, Creds, Endpoint, PskCreds, PskOptions,
-    X509Creds, X509Options,
+    AnonCreds, AnonOptions, Authz, AuthzList, AuthzSimple, Creds, CredsKind, Endpoint, PskCreds,
+    PskOptions, X509Creds, X509Options,
 };
 use std::any::Any;
 use std::cell::RefCell;
@@ -22,6 +22,11 @@ fn endpoint_of(options: &Args) -> Endpoint {
         Some("server") => Endpoint::Server,
         _ => Endpoint::Client,
     }
+}
+
+/// The `priority` property: a GnuTLS priority string, judged when a session starts.
+fn priority_of(options: &Args) -> Option<String> {
+    options.opt_str("priority").map(str::to_owned)
 }
 
 /// A `tls-creds-x509` object.
@@ -36,9 +41,7 @@ impl TlsCredsX509 {
         options: &Args,
         secret: impl Fn(&str) -> Result<String>,
     ) -> Result<TlsCredsX509> {
-        if let Some(p) = options.opt_str("priority") {
-            return Err(Error::TlsPriority(p.to_owned()));
-        }
+        let priority = priority_of(options);
         let key_password = options
             .opt_str("passwordid")
             .map(|id| secret(id).map_err(|e| e.to_string()));
@@ -49,10 +52,11 @@ impl TlsCredsX509 {
             verify_peer: options.opt_bool("verify-peer").unwrap_or(true),
             sanity_check: options.opt_bool("sanity-check").unwrap_or(true),
             key_password,
+            priority: priority.clone(),
         })
         .map_err(Error::Tls)?;
         Ok(TlsCredsX509 {
-            creds: Rc::new(Creds::X509(Box::new(creds))),
+            creds: Rc::new(Creds::new(CredsKind::X509(Box::new(creds)), priority)),
             passwordid: options.opt_str("passwordid").map(str::to_owned),
         })
     }
@@ -69,7 +73,7 @@ impl UserObject for TlsCredsX509 {
     }
 
     fn get(&self, name: &str) -> Option<Result<QObject>> {
-        let Creds::X509(c) = &*self.creds else {
+        let CredsKind::X509(c) = self.creds.kind() else {
             return None;
         };
         let o = c.options();
@@ -77,7 +81,7 @@ impl UserObject for TlsCredsX509 {
             "verify-peer" => QObject::from(o.verify_peer),
             "dir" => QObject::from(o.dir.clone().unwrap_or_default()),
             "endpoint" => QObject::from(o.endpoint.as_str()),
-            "priority" => QObject::from(""),
+            "priority" => QObject::from(self.creds.priority().unwrap_or_default()),
             "passwordid" => QObject::from(self.passwordid.clone().unwrap_or_default()),
             "sanity-check" => QObject::from(o.sanity_check),
             _ => return None,
@@ -120,7 +124,7 @@ impl TlsCredsObject {
         .map_err(Error::Tls)?;
         Ok(TlsCredsObject {
             type_name: "tls-creds-psk",
-            creds: Rc::new(Creds::Psk(creds)),
+            creds: Rc::new(Creds::new(CredsKind::Psk(creds), priority_of(options))),
             props: RefCell::new(props.with("username", username.unwrap_or_default().as_str())),
         })
     }
@@ -131,16 +135,13 @@ impl TlsCredsObject {
         let creds = AnonCreds::load(AnonOptions { dir, endpoint }).map_err(Error::Tls)?;
         Ok(TlsCredsObject {
             type_name: "tls-creds-anon",
-            creds: Rc::new(Creds::Anon(creds)),
+            creds: Rc::new(Creds::new(CredsKind::Anon(creds), priority_of(options))),
             props: RefCell::new(props),
         })
     }
 
     /// The properties every kind of credentials has, checked.
     fn common(options: &Args) -> Result<(Endpoint, Option<String>, QDict)> {
-        if let Some(p) = options.opt_str("priority") {
-            return Err(Error::TlsPriority(p.to_owned()));
-        }
         let endpoint = endpoint_of(options);
         let dir = options.opt_str("dir").map(str::to_owned);
         let props = QDict::new()
@@ -150,7 +151,7 @@ impl TlsCredsObject {
                 "verify-peer",
                 options.opt_bool("verify-peer").unwrap_or(true),
             )
-            .with("priority", "");
+            .with("priority", options.opt_str("priority").unwrap_or_default());
         Ok((endpoint, dir, props))
     }
 
@@ -172,6 +173,10 @@ impl UserObject for TlsCredsObject {
     fn set(&self, name: &str, value: &QObject) -> Option<Result<()>> {
         let mut props = self.props.borrow_mut();
         props.get(name)?;
+        if name == "priority" {
+            // Read at each session, as QEMU reads it.
+            self.creds.set_priority(value.as_str().map(str::to_owned));
+        }
         props.insert(name, value.clone());
         Some(Ok(()))
     }

@@ -23,6 +23,14 @@ impl Suite {
         }
     }
 
+    /// Its cipher, as GnuTLS's priority strings name it.
+    pub(crate) fn cipher(self) -> &'static str {
+        match self {
+            Suite::Aes256GcmSha384 => "AES-256-GCM",
+            Suite::Aes128GcmSha256 => "AES-128-GCM",
+        }
+    }
+
     pub(crate) fn from_code(code: u16) -> Option<Suite> {
         Suite::ALL.into_iter().find(|s| s.code() == code)
     }

@@ -9,7 +9,7 @@
 
 mod gcm;
 
-pub(crate) use gcm::Gcm12;
+pub(crate) use gcm::{Gcm12, Suite};
 
 use crate::record::{Keys, OwnTlsStream};
 use crate::wire::{
@@ -17,7 +17,7 @@ use crate::wire::{
     HS_CLIENT_HELLO, HS_FINISHED, HS_SERVER_HELLO, Result, Wire, extension, message,
     parse_client_hello, put_vec, random, u16s,
 };
-use gcm::{Suite, Transcript};
+use gcm::Transcript;
 use num_bigint::BigUint;
 use ring::rand::SystemRandom;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -132,8 +132,12 @@ fn finished(suite: Suite, master: &[u8], label: &str, transcript: &Transcript) -
     )
 }
 
-/// The server's handshake.
-pub(crate) async fn accept<S>(mut io: S, group: &DhGroup) -> Result<OwnTlsStream<S>>
+/// The server's handshake, with one of `suites` (what the session's priority allows).
+pub(crate) async fn accept<S>(
+    mut io: S,
+    group: &DhGroup,
+    suites: &[Suite],
+) -> Result<OwnTlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -146,7 +150,8 @@ where
     }
     // A client without anonymous suites wants credentials this server does not have.
     let suite = u16s(hello.suites)
-        .find_map(Suite::from_code)
+        .filter_map(Suite::from_code)
+        .find(|s| suites.contains(s))
         .ok_or(Failure::InsufficientCredentials)?;
     let client_random = ch[6..38].to_vec();
     let secure_renegotiation =
@@ -221,8 +226,8 @@ where
     Ok(OwnTlsStream::new(io, rx, tx))
 }
 
-/// The client's handshake.
-pub(crate) async fn connect<S>(mut io: S) -> Result<OwnTlsStream<S>>
+/// The client's handshake, offering `suites`.
+pub(crate) async fn connect<S>(mut io: S, suites: &[Suite]) -> Result<OwnTlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -231,12 +236,9 @@ where
     let mut body = vec![3, 3];
     body.extend_from_slice(&client_random);
     put_vec(&mut body, 1, &[]);
-    let mut suites: Vec<u8> = Suite::ALL
-        .iter()
-        .flat_map(|s| s.code().to_be_bytes())
-        .collect();
-    suites.extend_from_slice(&SCSV_RENEGOTIATION.to_be_bytes());
-    put_vec(&mut body, 2, &suites);
+    let mut offered: Vec<u8> = suites.iter().flat_map(|s| s.code().to_be_bytes()).collect();
+    offered.extend_from_slice(&SCSV_RENEGOTIATION.to_be_bytes());
+    put_vec(&mut body, 2, &offered);
     body.extend_from_slice(&[1, 0]);
     let mut exts = Vec::new();
     let mut groups = Vec::new();
@@ -257,7 +259,9 @@ where
     }
     let server_random = f.bytes(32)?.to_vec();
     f.vec8()?;
-    let suite = Suite::from_code(f.u16()?).ok_or(Failure::Illegal)?;
+    let suite = Suite::from_code(f.u16()?)
+        .filter(|s| suites.contains(s))
+        .ok_or(Failure::Illegal)?;
     if f.u8()? != 0 {
         return Err(Failure::Illegal.into());
     }
@@ -323,7 +327,10 @@ mod tests {
     #[test]
     fn both_ends_agree_and_carry_data_both_ways() {
         let group = DhGroup::ffdhe2048();
-        rt().block_on(crate::wire::echoes(|a| accept(a, &group), connect));
+        rt().block_on(crate::wire::echoes(
+            |a| accept(a, &group, &Suite::ALL),
+            |c| connect(c, &Suite::ALL),
+        ));
     }
 
     #[test]
@@ -331,13 +338,16 @@ mod tests {
         let (hello, answer) = rt().block_on(async {
             // A real first flight from each end.
             let (a, mut b) = tokio::io::duplex(1 << 16);
-            let client = tokio::spawn(async move { connect(a).await.map(|_| ()) });
+            let client = tokio::spawn(async move { connect(a, &Suite::ALL).await.map(|_| ()) });
             let mut hello = vec![0; 4096];
             let n = b.read(&mut hello).await.unwrap();
             hello.truncate(n);
             let (mut c, s) = tokio::io::duplex(1 << 16);
-            let server =
-                tokio::spawn(async move { accept(s, &DhGroup::ffdhe2048()).await.map(|_| ()) });
+            let server = tokio::spawn(async move {
+                accept(s, &DhGroup::ffdhe2048(), &Suite::ALL)
+                    .await
+                    .map(|_| ())
+            });
             c.write_all(&hello).await.unwrap();
             let mut answer = vec![0; 4096];
             let mut got = 0;
@@ -355,8 +365,8 @@ mod tests {
             &hello,
             &answer,
             300,
-            |s| async move { accept(s, &DhGroup::ffdhe2048()).await.is_err() },
-            |c| async move { connect(c).await.is_err() },
+            |s| async move { accept(s, &DhGroup::ffdhe2048(), &Suite::ALL).await.is_err() },
+            |c| async move { connect(c, &Suite::ALL).await.is_err() },
         ));
     }
 

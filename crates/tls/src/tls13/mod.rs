@@ -9,7 +9,7 @@
 
 mod schedule;
 
-pub(crate) use schedule::Protection;
+pub(crate) use schedule::{Protection, Suite};
 
 use crate::record::{Keys, OwnTlsStream};
 use crate::wire::{
@@ -17,7 +17,7 @@ use crate::wire::{
     Failure, Fields, HS_CLIENT_HELLO, HS_FINISHED, HS_SERVER_HELLO, Result, Wire, extension,
     message, parse_client_hello, put_vec, random, same, u16s,
 };
-use schedule::{Early, Suite, Transcript, verify_data};
+use schedule::{Early, Transcript, verify_data};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey};
@@ -100,11 +100,13 @@ impl KeyPair {
     }
 }
 
-/// The server's handshake: the client must offer TLS 1.3 and a PSK identity `key_of`
-/// knows, with the binder its key makes.
+/// The server's handshake: the client must offer TLS 1.3, one of `suites` (what the
+/// session's priority allows) and a PSK identity `key_of` knows, with the binder its key
+/// makes.
 pub(crate) async fn accept<S>(
     mut io: S,
     key_of: impl Fn(&[u8]) -> Option<Vec<u8>>,
+    suites: &[Suite],
 ) -> Result<OwnTlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -118,7 +120,8 @@ where
         return Err(Failure::NoCipherSuites.into());
     }
     let suite = u16s(hello.suites)
-        .find_map(Suite::from_code)
+        .filter_map(Suite::from_code)
+        .find(|s| suites.contains(s))
         .ok_or(Failure::NoCipherSuites)?;
     if hello.identities.is_empty() {
         return Err(Failure::InsufficientCredentials.into());
@@ -206,8 +209,13 @@ where
     ))
 }
 
-/// The client's handshake with `identity` and its `key`.
-pub(crate) async fn connect<S>(mut io: S, identity: &[u8], key: &[u8]) -> Result<OwnTlsStream<S>>
+/// The client's handshake with `identity` and its `key`, offering `suites`.
+pub(crate) async fn connect<S>(
+    mut io: S,
+    identity: &[u8],
+    key: &[u8],
+    suites: &[Suite],
+) -> Result<OwnTlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -221,11 +229,8 @@ where
     let mut body = vec![3, 3];
     body.extend_from_slice(&random::<32>(&rng)?);
     put_vec(&mut body, 1, &session_id);
-    let suites: Vec<u8> = Suite::ALL
-        .iter()
-        .flat_map(|s| s.code().to_be_bytes())
-        .collect();
-    put_vec(&mut body, 2, &suites);
+    let offered: Vec<u8> = suites.iter().flat_map(|s| s.code().to_be_bytes()).collect();
+    put_vec(&mut body, 2, &offered);
     body.extend_from_slice(&[1, 0]);
     let mut exts = Vec::new();
     extension(&mut exts, EXT_SUPPORTED_VERSIONS, &[2, 3, 4]);
@@ -285,7 +290,9 @@ where
     if f.vec8()? != session_id {
         return Err(Failure::Illegal.into());
     }
-    let suite = Suite::from_code(f.u16()?).ok_or(Failure::Illegal)?;
+    let suite = Suite::from_code(f.u16()?)
+        .filter(|s| suites.contains(s))
+        .ok_or(Failure::Illegal)?;
     f.u8()?;
     let mut exts = Fields::new(f.vec16()?);
     let (mut version, mut selected, mut peer_share) = (None, None, None);
@@ -349,8 +356,8 @@ mod tests {
     #[test]
     fn both_ends_agree_and_carry_data_both_ways() {
         rt().block_on(crate::wire::echoes(
-            |a| accept(a, |id| (id == b"alice").then(|| vec![9; 32])),
-            |b| connect(b, b"alice", &[9; 32]),
+            |a| accept(a, |id| (id == b"alice").then(|| vec![9; 32]), &Suite::ALL),
+            |b| connect(b, b"alice", &[9; 32], &Suite::ALL),
         ));
     }
 
@@ -360,7 +367,7 @@ mod tests {
         rt().block_on(async {
             let (a, mut b) = tokio::io::duplex(1 << 16);
             let client = tokio::spawn(async move {
-                let _ = connect(a, b"alice", &[9; 32]).await;
+                let _ = connect(a, b"alice", &[9; 32], &Suite::ALL).await;
             });
             let mut hello = vec![0; 5];
             b.read_exact(&mut hello).await.unwrap();
@@ -371,7 +378,7 @@ mod tests {
             client.await.unwrap();
             let (mut c, s) = tokio::io::duplex(1 << 16);
             let server = tokio::spawn(async move {
-                let _ = accept(s, |_| Some(vec![9; 32])).await;
+                let _ = accept(s, |_| Some(vec![9; 32]), &Suite::ALL).await;
             });
             c.write_all(&hello).await.unwrap();
             // ServerHello, change-cipher-spec, then the protected flight: whatever comes
@@ -400,8 +407,8 @@ mod tests {
             &hello,
             &answer,
             1500,
-            |s| async move { accept(s, |_| Some(vec![9; 32])).await.is_err() },
-            |c| async move { connect(c, b"alice", &[9; 32]).await.is_err() },
+            |s| async move { accept(s, |_| Some(vec![9; 32]), &Suite::ALL).await.is_err() },
+            |c| async move { connect(c, b"alice", &[9; 32], &Suite::ALL).await.is_err() },
         ));
     }
 
@@ -411,12 +418,12 @@ mod tests {
             rt().block_on(async {
                 let (a, b) = tokio::io::duplex(1 << 16);
                 let server = tokio::spawn(async move {
-                    accept(a, |id| (id == b"alice").then(|| vec![9; 32]))
+                    accept(a, |id| (id == b"alice").then(|| vec![9; 32]), &Suite::ALL)
                         .await
                         .map(|_| ())
                         .map_err(|e| e.to_string())
                 });
-                let client = connect(b, id, &key).await.map(|_| ());
+                let client = connect(b, id, &key, &Suite::ALL).await.map(|_| ());
                 assert_eq!(
                     server.await.unwrap().unwrap_err(),
                     "An illegal parameter has been received."

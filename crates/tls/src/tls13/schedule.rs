@@ -25,6 +25,14 @@ impl Suite {
         }
     }
 
+    /// Its cipher, as GnuTLS's priority strings name it.
+    pub(crate) fn cipher(self) -> &'static str {
+        match self {
+            Suite::Aes128GcmSha256 => "AES-128-GCM",
+            Suite::Chacha20Poly1305Sha256 => "CHACHA20-POLY1305",
+        }
+    }
+
     pub(crate) fn from_code(code: u16) -> Option<Suite> {
         Suite::ALL.into_iter().find(|s| s.code() == code)
     }
