@@ -542,7 +542,10 @@ PRIORITIES = [None, "NORMAL", "normal", "BOGUS", "NONE", "NORMAL:", "@SYSTEM",
               "PERFORMANCE", "NORMAL:%COMPAT:%SERVER_PRECEDENCE",
               "NORMAL:-VERS-ALL:+VERS-TLS1.2", "NORMAL:-VERS-ALL:+VERS-TLS1.3",
               "NORMAL:-CIPHER-ALL:+CHACHA20-POLY1305", "NORMAL:-GROUP-ALL:+GROUP-X25519",
-              "SECURE256:+SECURE128:-VERS-TLS-ALL:+VERS-TLS1.2:+VERS-TLS1.3:-RSA"]
+              "SECURE256:+SECURE128:-VERS-TLS-ALL:+VERS-TLS1.2:+VERS-TLS1.3:-RSA",
+              # Verification profiles: SECURE192 and up want 3072-bit RSA keys.
+              "SECURE192", "SECURE256", "NORMAL:%PROFILE_HIGH", "SECURE192:%PROFILE_LOW",
+              "NORMAL:%PROFILE_MEDIUM", "NORMAL:%PROFILE_ULTRA"]
 
 # Strings GnuTLS takes that allow nothing rustls negotiates (TLS 1.0 only; no signature
 # algorithm, so nothing from TLS 1.2 on; finite-field groups only; CBC suites only): QEMU's
@@ -557,13 +560,13 @@ def with_priority(p):
     return {} if p is None else {"priority": p}
 
 
-def priority_client_transcript(d, pki, sock):
-    """The `nbd` driver as a TLS client of qemu-nbd, its credentials with each priority:
-    the node or why not, and the property read back."""
+def priority_client_transcript(d, cred, sock, priorities):
+    """The `nbd` driver as a TLS client of qemu-nbd, its credentials (the directory `cred`)
+    with each priority: the node or why not, and the property read back."""
     c = d.connect()
     out = []
-    for i, p in enumerate(PRIORITIES + BEYOND_FERRITE):
-        r = c.cmd("object-add", creds("client", pki["client1"], f"c{i}", **with_priority(p)))
+    for i, p in enumerate(priorities):
+        r = c.cmd("object-add", creds("client", cred, f"c{i}", **with_priority(p)))
         assert r == {"return": {}}, r
         r = c.cmd("blockdev-add", {"driver": "nbd", "node-name": f"n{i}", "export": "d",
                                    "server": {"type": "unix", "path": str(sock)},
@@ -585,14 +588,55 @@ def test_the_nbd_drivers_priority_strings_match_qsd(both, pki, qemu_nbd_tls, tmp
     qcow2(img, "16M")
     sock = qemu_nbd_tls(img, "server", "--persistent")
     q, f = both()
-    expected = priority_client_transcript(q, pki, sock)
-    got = priority_client_transcript(f, pki, sock)
+    expected = priority_client_transcript(q, pki["client1"], sock, PRIORITIES + BEYOND_FERRITE)
+    got = priority_client_transcript(f, pki["client1"], sock, PRIORITIES + BEYOND_FERRITE)
     n = len(PRIORITIES)
     assert_same_transcript(expected[:n], got[:n])
     assert [e[1] for e in expected[:n]].count({"return": {}}) >= 10, expected
     for (p, e, _), (_, g, prop) in zip(expected[n:], got[n:]):
         assert e == {"return": {}}, (p, e)
         assert CANNOT in g["error"]["desc"] and prop == {"return": p}, (p, g)
+
+
+@pytest.fixture(scope="module")
+def pki3072(tmp_path_factory):
+    """A CA and a server with 3072-bit RSA keys (what the HIGH profile wants), and a
+    client directory trusting that CA."""
+    d = tmp_path_factory.mktemp("pki3072")
+    key = d / "key.pem"
+    certtool("--generate-privkey", "--key-type=rsa", "--bits=3072", "--outfile", key)
+    ca = make_ca(d, key, "ca")
+    make_cert(d, key, ca, d / "server.pem", SERVER)
+    return {"server": cred_dir(d / "server", ca, {"server-cert.pem": d / "server.pem",
+                                                  "server-key.pem": key}),
+            "client": cred_dir(d / "client", ca, {})}
+
+
+def test_a_strong_servers_certificate_passes_every_profile_as_in_qsd(both, pki, pki3072,
+                                                                     tmp_path):
+    """3072-bit keys pass what 2048-bit ones do not (SECURE192, %PROFILE_HIGH), and fail
+    %PROFILE_ULTRA (7680 bits), in ferrite as in QEMU."""
+    img = tmp_path / "src.qcow2"
+    qcow2(img, "16M")
+    p = subprocess.Popen(["qemu-nbd", "-k", str(tmp_path / "s.sock"), "-f", "qcow2", "-x", "d",
+                          "--shared=8", "--persistent", "--object",
+                          f"tls-creds-x509,id=t,dir={pki3072['server']},endpoint=server,"
+                          "verify-peer=off", "--tls-creds", "t", str(img)],
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (tmp_path / "s.sock").exists(), what="qemu-nbd socket")
+        priorities = [None, "SECURE192", "SECURE256", "NORMAL:%PROFILE_HIGH",
+                      "NORMAL:%PROFILE_ULTRA", "SUITEB128"]
+        q, f = both()
+        expected = priority_client_transcript(q, pki3072["client"], tmp_path / "s.sock",
+                                              priorities)
+        got = priority_client_transcript(f, pki3072["client"], tmp_path / "s.sock",
+                                         priorities)
+    finally:
+        p.kill()
+        p.wait()
+    assert_same_transcript(expected, got)
+    assert [e[1] == {"return": {}} for e in expected] == [True] * 4 + [False] * 2, expected
 
 
 def priority_server_transcript(d, priorities, make_creds, client):

@@ -10,7 +10,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::{
-    CipherSuite, ClientConfig, DistinguishedName, NamedGroup, ServerConfig,
+    CipherSuite, ClientConfig, DistinguishedName, NamedGroup, ServerConfig, SignatureScheme,
     SupportedProtocolVersion,
 };
 use std::sync::Arc;
@@ -80,6 +80,8 @@ pub struct X509Creds {
     /// Why a session cannot start though GnuTLS would take the priority string: it allows
     /// nothing rustls can do.
     unusable: Option<String>,
+    /// The signature schemes the priority allows the peer (all when `None`).
+    schemes: Option<Vec<SignatureScheme>>,
 }
 
 impl std::fmt::Debug for X509Creds {
@@ -129,8 +131,24 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 }
 
 /// What rustls can negotiate within a priority: its cipher suites, groups and versions
-/// that `p` allows, in `p`'s order of preference.
-type Negotiable = (Arc<CryptoProvider>, Vec<&'static SupportedProtocolVersion>);
+/// that the priority allows, in its order of preference, and the signature schemes it
+/// allows the peer.
+struct Negotiable {
+    provider: Arc<CryptoProvider>,
+    versions: Vec<&'static SupportedProtocolVersion>,
+    schemes: Option<Vec<SignatureScheme>>,
+}
+
+impl Default for Negotiable {
+    /// Everything rustls has.
+    fn default() -> Negotiable {
+        Negotiable {
+            provider: provider(),
+            versions: rustls::ALL_VERSIONS.to_vec(),
+            schemes: None,
+        }
+    }
+}
 
 /// rustls's crypto narrowed to what `priority` (GnuTLS's syntax) allows; `Ok(None)` for a
 /// string GnuTLS refuses (sessions fail before they need a configuration).
@@ -179,7 +197,11 @@ fn negotiable(priority: &str) -> Result<Option<Negotiable>, String> {
              SECP256R1 or SECP384R1)"
         ));
     }
-    Ok(Some((Arc::new(base), versions)))
+    Ok(Some(Negotiable {
+        provider: Arc::new(base),
+        versions,
+        schemes: Some(verify_schemes(&p)),
+    }))
 }
 
 /// A rustls suite as GnuTLS names its parts: whether it is TLS 1.3's, its key exchange
@@ -209,6 +231,36 @@ fn suite_names(suite: CipherSuite) -> Option<(bool, Option<&'static str>, &'stat
         }
         _ => return None,
     })
+}
+
+/// The signature schemes `p` allows, by the names GnuTLS gives them (an ECDSA scheme by
+/// either of its names).
+fn verify_schemes(p: &Priority) -> Vec<SignatureScheme> {
+    use SignatureScheme as S;
+    let names = |s: SignatureScheme| -> &'static [&'static str] {
+        match s {
+            S::RSA_PKCS1_SHA1 => &["RSA-SHA1"],
+            S::ECDSA_SHA1_Legacy => &["ECDSA-SHA1"],
+            S::RSA_PKCS1_SHA256 => &["RSA-SHA256"],
+            S::RSA_PKCS1_SHA384 => &["RSA-SHA384"],
+            S::RSA_PKCS1_SHA512 => &["RSA-SHA512"],
+            S::ECDSA_NISTP256_SHA256 => &["ECDSA-SHA256", "ECDSA-SECP256R1-SHA256"],
+            S::ECDSA_NISTP384_SHA384 => &["ECDSA-SHA384", "ECDSA-SECP384R1-SHA384"],
+            S::ECDSA_NISTP521_SHA512 => &["ECDSA-SHA512", "ECDSA-SECP521R1-SHA512"],
+            S::RSA_PSS_SHA256 => &["RSA-PSS-RSAE-SHA256"],
+            S::RSA_PSS_SHA384 => &["RSA-PSS-RSAE-SHA384"],
+            S::RSA_PSS_SHA512 => &["RSA-PSS-RSAE-SHA512"],
+            S::ED25519 => &["EDDSA-ED25519"],
+            S::ED448 => &["EDDSA-ED448"],
+            _ => &[],
+        }
+    };
+    provider()
+        .signature_verification_algorithms
+        .supported_schemes()
+        .into_iter()
+        .filter(|s| names(*s).iter().any(|n| p.allows(Kind::Sign, n)))
+        .collect()
 }
 
 /// A rustls group as GnuTLS names it.
@@ -294,8 +346,7 @@ impl X509Creds {
             Ok(n) => (n, None),
             Err(e) => (None, Some(e)),
         };
-        let (provider, versions) =
-            negotiable.unwrap_or_else(|| (provider(), rustls::ALL_VERSIONS.to_vec()));
+        let negotiable = negotiable.unwrap_or_default();
         let mut creds = X509Creds {
             trust: Arc::new(Trust {
                 endpoint: options.endpoint,
@@ -307,13 +358,14 @@ impl X509Creds {
             server: None,
             client: None,
             unusable,
+            schemes: negotiable.schemes.clone(),
         };
         if server {
             let (chain, key) = own.ok_or("the server needs a certificate and a key")?;
-            let config = creds.server_config(provider, &versions, chain, key)?;
+            let config = creds.server_config(&negotiable, chain, key)?;
             creds.server = Some(Arc::new(config));
         } else {
-            creds.client = Some(creds.client_config(provider, &versions, own)?);
+            creds.client = Some(creds.client_config(&negotiable, own)?);
         }
         Ok(creds)
     }
@@ -352,10 +404,14 @@ impl X509Creds {
             .ok_or_else(|| "Credentials endpoint doesn't match session".to_owned())
     }
 
+    /// The signature schemes the priority allows the peer (all when `None`).
+    pub(crate) fn verify_schemes(&self) -> Option<Vec<SignatureScheme>> {
+        self.schemes.clone()
+    }
+
     fn server_config(
         &self,
-        provider: Arc<CryptoProvider>,
-        versions: &[&'static SupportedProtocolVersion],
+        negotiable: &Negotiable,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<ServerConfig, String> {
@@ -371,9 +427,9 @@ impl X509Creds {
                     .map(|(_, c)| DistinguishedName::from(c.subject().as_raw().to_vec()))
             })
             .collect();
-        let verifier = Arc::new(peer::AnyClientCert::new(hints));
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)
+        let verifier = Arc::new(peer::AnyClientCert::new(hints, self.schemes.clone()));
+        let mut config = ServerConfig::builder_with_provider(negotiable.provider.clone())
+            .with_protocol_versions(&negotiable.versions)
             .map_err(|e| e.to_string())?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
@@ -387,12 +443,11 @@ impl X509Creds {
 
     fn client_config(
         &self,
-        provider: Arc<CryptoProvider>,
-        versions: &[&'static SupportedProtocolVersion],
+        negotiable: &Negotiable,
         own: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> Result<ClientConfig, String> {
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)
+        let builder = ClientConfig::builder_with_provider(negotiable.provider.clone())
+            .with_protocol_versions(&negotiable.versions)
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(peer::ServerCertJudge::default()));

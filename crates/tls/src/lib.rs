@@ -43,7 +43,7 @@ mod wire;
 pub use anon::{AnonCreds, AnonOptions};
 pub use authz::{Authz, AuthzList, AuthzRule, AuthzSimple, Policy};
 pub use creds::{Endpoint, X509Creds, X509Options};
-pub use priority::{Kind, Priority, PriorityError};
+pub use priority::{Kind, Priority, PriorityError, Profile};
 pub use psk::{PskCreds, PskOptions};
 pub use record::OwnTlsStream;
 pub use session::{ClientStream, Creds, CredsKind, ServerStream, TlsStream, accept, connect};

@@ -7,6 +7,7 @@
 //! it sent (`AnyClientCert`, `AnyServerCert`).
 
 use crate::creds::{Trust, provider};
+use crate::priority::{Profile, PublicKey};
 use crate::{AuthzLookup, Endpoint, Found, dn};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -25,6 +26,8 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
 #[derive(Debug)]
 pub(crate) struct AnyClientCert {
     hints: Vec<DistinguishedName>,
+    /// The signature schemes the session's priority allows (all when `None`).
+    schemes: Option<Vec<SignatureScheme>>,
 }
 
 /// The handshake's signature checks both verifiers make alike: only that the peer holds the
@@ -50,14 +53,21 @@ macro_rules! handshake_signatures {
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            algorithms().supported_schemes()
+            let all = algorithms().supported_schemes();
+            match &self.schemes {
+                Some(allowed) => all.into_iter().filter(|s| allowed.contains(s)).collect(),
+                None => all,
+            }
         }
     };
 }
 
 impl AnyClientCert {
-    pub(crate) fn new(hints: Vec<DistinguishedName>) -> AnyClientCert {
-        AnyClientCert { hints }
+    pub(crate) fn new(
+        hints: Vec<DistinguishedName>,
+        schemes: Option<Vec<SignatureScheme>>,
+    ) -> AnyClientCert {
+        AnyClientCert { hints, schemes }
     }
 }
 
@@ -90,6 +100,10 @@ impl ClientCertVerifier for AnyClientCert {
 pub(crate) struct ServerCertJudge {
     trust: Option<Arc<Trust>>,
     hostname: Option<String>,
+    /// How strong the server's certificates must be (the session's priority says).
+    profile: Option<Profile>,
+    /// The signature schemes the session's priority allows (all when `None`).
+    schemes: Option<Vec<SignatureScheme>>,
     verdict: Arc<Mutex<Option<String>>>,
 }
 
@@ -98,11 +112,15 @@ impl ServerCertJudge {
     pub(crate) fn new(
         trust: Arc<Trust>,
         hostname: Option<String>,
+        profile: Profile,
+        schemes: Option<Vec<SignatureScheme>>,
         verdict: Arc<Mutex<Option<String>>>,
     ) -> ServerCertJudge {
         ServerCertJudge {
             trust: Some(trust),
             hostname,
+            profile: Some(profile),
+            schemes,
             verdict,
         }
     }
@@ -120,7 +138,9 @@ impl ServerCertVerifier for ServerCertJudge {
         if let Some(trust) = &self.trust {
             let mut chain = vec![end_entity.clone()];
             chain.extend(intermediates.iter().cloned());
-            if let Err(refusal) = check(trust, &chain, None, self.hostname.as_deref()) {
+            let profile = self.profile.unwrap_or(Profile::Low);
+            let hostname = self.hostname.as_deref();
+            if let Err(refusal) = check(trust, &chain, None, hostname, profile) {
                 if let Ok(mut v) = self.verdict.lock() {
                     *v = Some(refusal);
                 }
@@ -194,14 +214,60 @@ pub(crate) fn verify_chain(
     }
 }
 
+/// A certificate's public key, as GnuTLS's profiles weigh it.
+fn public_key(cert: &X509Certificate<'_>) -> PublicKey {
+    let spki = cert.public_key();
+    match spki.parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => modulus_bits(rsa.modulus),
+        Ok(x509_parser::public_key::PublicKey::DSA(y)) => modulus_bits(y),
+        Ok(x509_parser::public_key::PublicKey::EC(point)) => {
+            PublicKey::Curve(u32::try_from(point.key_size()).unwrap_or(0))
+        }
+        _ => match spki.algorithm.algorithm.to_id_string().as_str() {
+            "1.3.101.112" => PublicKey::Curve(256),
+            "1.3.101.113" => PublicKey::Curve(448),
+            _ => PublicKey::Other,
+        },
+    }
+}
+
+/// The size in bits of a big-endian unsigned integer.
+fn modulus_bits(n: &[u8]) -> PublicKey {
+    let n = &n[n.iter().take_while(|b| **b == 0).count()..];
+    let bits = n
+        .first()
+        .map_or(0, |top| (n.len() * 8) as u32 - top.leading_zeros());
+    PublicKey::FiniteField(bits)
+}
+
+/// Whether every certificate of the peer's chain, and the CA that issued its last, has a
+/// key `profile` accepts (GnuTLS weighs the issuer's key of each link and the peer's own).
+fn strong_enough(
+    certs: &[X509Certificate<'_>],
+    cas: &[CertificateDer<'_>],
+    profile: Profile,
+) -> bool {
+    let issuer = certs.last().and_then(|top| {
+        cas.iter()
+            .filter_map(|der| X509Certificate::from_der(der).ok().map(|(_, c)| c))
+            .find(|ca| ca.subject().as_raw() == top.issuer().as_raw())
+    });
+    certs
+        .iter()
+        .chain(issuer.as_ref())
+        .all(|c| profile.accepts(public_key(c)))
+}
+
 /// Judges the peer's `certs` (its chain, its own first) as QEMU does after the handshake:
 /// a server's client by the authorization object `authz` (an id and how to find it), a
-/// client's server by `hostname`. Returns the peer's distinguished name, if checked.
+/// client's server by `hostname`; keys by the session's verification `profile`. Returns
+/// the peer's distinguished name, if checked.
 pub(crate) fn check(
     trust: &Trust,
     certs: &[CertificateDer<'_>],
     authz: Option<(&str, &AuthzLookup)>,
     hostname: Option<&str>,
+    profile: Profile,
 ) -> Result<Option<String>, String> {
     if !trust.verify_peer {
         return Ok(None);
@@ -217,6 +283,13 @@ pub(crate) fn check(
         Chain::Trusted => {}
         Chain::Unusable => return Err("The certificate hasn't got a known issuer".into()),
         Chain::Refused(reason) => return Err(reason.into()),
+    }
+    let parsed: Vec<_> = certs
+        .iter()
+        .filter_map(|der| X509Certificate::from_der(der).ok().map(|(_, c)| c))
+        .collect();
+    if !strong_enough(&parsed, &trust.cas, profile) {
+        return Err("The certificate uses an insecure algorithm".into());
     }
     let now = UnixTime::now().as_secs() as i64;
     let mut name = None;

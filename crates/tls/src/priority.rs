@@ -59,6 +59,8 @@ pub struct Priority {
     lists: [Vec<&'static str>; KINDS],
     /// The string starts with `SUITEB192`, whose profile refuses P-256 signatures.
     suite_b_192: bool,
+    /// How strong the peer's certificates must be.
+    profile: Profile,
 }
 
 const VERSIONS: &[&str] = &[
@@ -278,12 +280,15 @@ const NORMAL_KX: &[&str] = &["ECDHE-ECDSA", "ECDHE-RSA", "RSA", "DHE-RSA"];
 /// A keyword's lists: versions, ciphers, MACs, key exchanges, groups, signatures.
 struct Level {
     names: &'static [&'static str],
+    /// The certificate verification profile it sets.
+    profile: Profile,
     lists: [&'static [&'static str]; KINDS],
 }
 
 const LEVELS: &[Level] = &[
     Level {
         names: &["NORMAL", "LEGACY"],
+        profile: Profile::Low,
         lists: [
             ALL_VERSIONS,
             NORMAL_CIPHERS,
@@ -295,6 +300,7 @@ const LEVELS: &[Level] = &[
     },
     Level {
         names: &["PFS"],
+        profile: Profile::Low,
         lists: [
             ALL_VERSIONS,
             NORMAL_CIPHERS,
@@ -306,6 +312,7 @@ const LEVELS: &[Level] = &[
     },
     Level {
         names: &["PERFORMANCE"],
+        profile: Profile::Low,
         lists: [
             ALL_VERSIONS,
             &[
@@ -325,6 +332,7 @@ const LEVELS: &[Level] = &[
     },
     Level {
         names: &["SECURE128", "SECURE"],
+        profile: Profile::Low,
         lists: [
             ALL_VERSIONS,
             &[
@@ -344,6 +352,7 @@ const LEVELS: &[Level] = &[
     },
     Level {
         names: &["SECURE192", "SECURE256"],
+        profile: Profile::High,
         lists: [
             ALL_VERSIONS,
             &[
@@ -360,6 +369,7 @@ const LEVELS: &[Level] = &[
     },
     Level {
         names: &["SUITEB128"],
+        profile: Profile::SuiteB128,
         lists: [
             &["TLS1.2"],
             &["AES-256-GCM", "AES-128-GCM"],
@@ -376,6 +386,7 @@ const LEVELS: &[Level] = &[
     },
     Level {
         names: &["SUITEB192"],
+        profile: Profile::SuiteB192,
         lists: [
             &["TLS1.2"],
             &["AES-256-GCM"],
@@ -387,11 +398,97 @@ const LEVELS: &[Level] = &[
     },
     Level {
         names: &["NONE"],
+        profile: Profile::Low,
         lists: [&[], &[], &[], &[], &[], &[]],
     },
 ];
 
-/// The `%` flags GnuTLS knows (they change nothing ferrite negotiates).
+/// GnuTLS's certificate verification profiles: how strong the keys of a peer's chain must
+/// be (QEMU's "The certificate uses an insecure algorithm" when one is not). Set by the
+/// first keyword or a `%PROFILE_...` flag; a later keyword lowers it to its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// `%PROFILE_VERY_WEAK`.
+    VeryWeak,
+    /// `%PROFILE_LOW` (80 bits), `NORMAL`'s and `SECURE128`'s.
+    Low,
+    /// `%PROFILE_LEGACY` (96 bits).
+    Legacy,
+    /// `%PROFILE_MEDIUM` (112 bits).
+    Medium,
+    /// `%PROFILE_HIGH` (128 bits), `SECURE192`'s and `SECURE256`'s.
+    High,
+    /// `%PROFILE_ULTRA` (192 bits).
+    Ultra,
+    /// `%PROFILE_FUTURE` (256 bits).
+    Future,
+    /// Suite B at 128 bits: keys on P-256 or P-384 only.
+    SuiteB128,
+    /// Suite B at 192 bits: keys on P-384 only.
+    SuiteB192,
+}
+
+/// A certificate's public key, as a profile judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PublicKey {
+    /// RSA or DSA, by modulus bits.
+    FiniteField(u32),
+    /// An elliptic curve (EdDSA's too), by its size in bits.
+    Curve(u32),
+    /// A kind GnuTLS's profiles do not weigh here.
+    Other,
+}
+
+const PROFILES: &[(&str, Profile)] = &[
+    ("PROFILE_VERY_WEAK", Profile::VeryWeak),
+    ("PROFILE_LOW", Profile::Low),
+    ("PROFILE_LEGACY", Profile::Legacy),
+    ("PROFILE_MEDIUM", Profile::Medium),
+    ("PROFILE_HIGH", Profile::High),
+    ("PROFILE_ULTRA", Profile::Ultra),
+    ("PROFILE_FUTURE", Profile::Future),
+    ("PROFILE_SUITEB128", Profile::SuiteB128),
+    ("PROFILE_SUITEB192", Profile::SuiteB192),
+];
+
+impl Profile {
+    /// How much security it asks for (Suite B's as much as the level of its bits).
+    fn strength(self) -> u8 {
+        match self {
+            Profile::VeryWeak => 1,
+            Profile::Low => 2,
+            Profile::Legacy => 3,
+            Profile::Medium => 4,
+            Profile::High | Profile::SuiteB128 => 5,
+            Profile::Ultra | Profile::SuiteB192 => 6,
+            Profile::Future => 7,
+        }
+    }
+
+    /// Whether a certificate with `key` is strong enough (GnuTLS's sizes for each level:
+    /// RSA 1008, 1776, 2048, 3072, 7680 and 15360 bits; curves 160 to 512).
+    pub(crate) fn accepts(self, key: PublicKey) -> bool {
+        let (finite_field, curve) = match self {
+            Profile::VeryWeak => (767, 128),
+            Profile::Low => (1008, 160),
+            Profile::Legacy => (1776, 192),
+            Profile::Medium => (2048, 224),
+            Profile::High => (3072, 256),
+            Profile::Ultra => (7680, 384),
+            Profile::Future => (15360, 512),
+            Profile::SuiteB128 => return matches!(key, PublicKey::Curve(256 | 384)),
+            Profile::SuiteB192 => return matches!(key, PublicKey::Curve(384)),
+        };
+        match key {
+            PublicKey::FiniteField(bits) => bits >= finite_field,
+            PublicKey::Curve(bits) => bits >= curve,
+            PublicKey::Other => true,
+        }
+    }
+}
+
+/// The `%` flags GnuTLS knows besides the profiles (they change nothing ferrite
+/// negotiates).
 const FLAGS: &[&str] = &[
     "COMPAT",
     "DUMBFW",
@@ -421,15 +518,6 @@ const FLAGS: &[&str] = &[
     "VERIFY_DISABLE_CRL_CHECKS",
     "VERIFY_ALLOW_SIGN_WITH_SHA1",
     "VERIFY_ALLOW_BROKEN",
-    "PROFILE_VERY_WEAK",
-    "PROFILE_LOW",
-    "PROFILE_LEGACY",
-    "PROFILE_MEDIUM",
-    "PROFILE_HIGH",
-    "PROFILE_ULTRA",
-    "PROFILE_FUTURE",
-    "PROFILE_SUITEB128",
-    "PROFILE_SUITEB192",
 ];
 
 /// The cipher suites of TLS 1.2 and before that GnuTLS has: by key exchange, the cipher and
@@ -638,16 +726,20 @@ impl Priority {
         let mut p = Priority {
             lists: Default::default(),
             suite_b_192: false,
+            profile: Profile::Low,
         };
         for (i, token) in s.split(':').enumerate() {
             let token = token.trim_start();
             let (op, name) = match token.as_bytes().first() {
                 None => return Err(PriorityError::Invalid),
                 Some(b'%') => {
-                    if FLAGS.contains(&&token[1..]) {
-                        continue;
+                    let flag = &token[1..];
+                    if let Some(&(_, profile)) = PROFILES.iter().find(|(n, _)| *n == flag) {
+                        p.profile = profile;
+                    } else if !FLAGS.contains(&flag) {
+                        return Err(PriorityError::Invalid);
                     }
-                    return Err(PriorityError::Invalid);
+                    continue;
                 }
                 Some(b'+') => (true, &token[1..]),
                 Some(b'-' | b'!') => (false, &token[1..]),
@@ -656,6 +748,7 @@ impl Priority {
                     if i == 0 {
                         p.lists = l.lists.map(<[_]>::to_vec);
                         p.suite_b_192 = l.names[0] == "SUITEB192";
+                        p.profile = l.profile;
                     } else if l.names[0] == "NONE" {
                         return Err(PriorityError::Invalid);
                     } else {
@@ -685,8 +778,11 @@ impl Priority {
     }
 
     /// A keyword after the first element: its algorithms join the lists, its versions do
-    /// not.
+    /// not, and its profile counts if it asks for less.
     fn add_level(&mut self, l: &Level) {
+        if l.profile.strength() < self.profile.strength() {
+            self.profile = l.profile;
+        }
         for (list, more) in self.lists.iter_mut().zip(l.lists).skip(1) {
             append(list, more);
         }
@@ -751,6 +847,11 @@ impl Priority {
         Ok(())
     }
 
+    /// How strong the peer's certificates must be.
+    pub fn profile(&self) -> Profile {
+        self.profile
+    }
+
     /// The names of `kind` allowed, in order of preference.
     pub fn list(&self, kind: Kind) -> &[&'static str] {
         &self.lists[kind as usize]
@@ -800,7 +901,25 @@ fn system_priority(names: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Kind, Priority, PriorityError};
+    use super::{Kind, Priority, PriorityError, Profile, PublicKey};
+
+    #[test]
+    fn profiles_as_gnutls_sets_them_and_weighs_keys() {
+        let profile = |s| Priority::parse(s).expect("valid").profile();
+        assert_eq!(profile("NORMAL"), Profile::Low);
+        assert_eq!(profile("SECURE192"), Profile::High);
+        assert_eq!(profile("SECURE256:+SECURE128"), Profile::Low);
+        assert_eq!(profile("SECURE192:%PROFILE_LOW"), Profile::Low);
+        assert_eq!(profile("NORMAL:%PROFILE_ULTRA:+SECURE192"), Profile::High);
+        assert_eq!(profile("NORMAL:%PROFILE_HIGH:+SECURE256"), Profile::High);
+        let high = Profile::High;
+        assert!(!high.accepts(PublicKey::FiniteField(2048)));
+        assert!(high.accepts(PublicKey::FiniteField(3072)) && high.accepts(PublicKey::Curve(256)));
+        assert!(Profile::Legacy.accepts(PublicKey::FiniteField(1800)));
+        assert!(!Profile::Medium.accepts(PublicKey::FiniteField(1800)));
+        assert!(!Profile::SuiteB128.accepts(PublicKey::FiniteField(15360)));
+        assert!(!Profile::SuiteB192.accepts(PublicKey::Curve(256)));
+    }
 
     fn verdict(s: &str) -> Result<Vec<&'static str>, PriorityError> {
         Priority::parse(s).map(|p| p.list(Kind::Version).to_vec())

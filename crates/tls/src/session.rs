@@ -228,9 +228,9 @@ where
     let tls = tokio_rustls::TlsAcceptor::from(config)
         .accept(stream)
         .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        .map_err(handshake_failed)?;
     let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
-    if let Err(refusal) = peer::check(creds.trust(), certs, authz, None) {
+    if let Err(refusal) = peer::check(creds.trust(), certs, authz, None, priority.profile()) {
         cut_off(tls).await;
         return Err(refusal);
     }
@@ -300,6 +300,8 @@ where
         .set_certificate_verifier(Arc::new(ServerCertJudge::new(
             creds.trust().clone(),
             hostname.map(str::to_owned),
+            priority.profile(),
+            creds.verify_schemes(),
             verdict.clone(),
         )));
     // The name is judged by the verifier; SNI is off, so this one is only a placeholder.
@@ -312,7 +314,15 @@ where
     }
     result
         .map(|s| TlsStream::Client(Box::new(s)))
-        .map_err(|e| format!("TLS handshake failed: {e}"))
+        .map_err(handshake_failed)
+}
+
+/// A failed rustls handshake in QEMU's words; a peer that hung up midway in GnuTLS's.
+fn handshake_failed(e: io::Error) -> String {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        return "TLS handshake failed: The TLS connection was non-properly terminated.".into();
+    }
+    format!("TLS handshake failed: {e}")
 }
 
 /// A handshake of ferrite's own TLS as a session, or its failure in QEMU's words.
