@@ -418,19 +418,13 @@ impl DriverFactory for IscsiFactory {
                     Error::generic("Need all of transport, portal and target options").into(),
                 );
             };
-            match transport {
-                "tcp" => {}
-                "iser" => {
-                    // ferrite has no RDMA; libiscsi on a host without it fails so.
-                    return Err(Error::generic(
-                        "iSCSI: Failed to connect to LUN : Failed to start full connect Couldn't connect transport: Failed creating Event Channel\n",
-                    )
-                    .into());
-                }
+            let iser = match transport {
+                "tcp" => false,
+                "iser" => true,
                 other => {
                     return Err(Error::generic(format!("Unknown transport: {other}")).into());
                 }
-            }
+            };
             let chap = chap(ctx, opts)?;
             let digest = match opts.opt_str("header-digest") {
                 None | Some("none-crc32c") => "None,CRC32C",
@@ -458,6 +452,17 @@ impl DriverFactory for IscsiFactory {
             };
             let connect_failed =
                 |e: String| Error::generic(format!("iSCSI: Failed to connect to LUN : {e}"));
+            if iser {
+                // ferrite has no RDMA: libiscsi on a host without it resolves the portal,
+                // then fails so.
+                login::resolve(&target.portal).await.map_err(connect_failed)?;
+                return Err(connect_failed(
+                    "Failed to start full connect Couldn't connect transport: Failed creating \
+                     Event Channel\n"
+                        .into(),
+                )
+                .into());
+            }
             let logged_in = match timeout {
                 Some(t) => tokio::time::timeout(t, login::login(&target))
                     .await

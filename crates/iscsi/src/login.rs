@@ -76,8 +76,8 @@ pub(crate) fn host_port(portal: &str) -> (String, u16) {
     }
 }
 
-/// Connects to the portal (libiscsi's texts for what fails).
-async fn connect(portal: &str) -> Result<TcpStream, String> {
+/// The portal's addresses (libiscsi's text when it has none).
+pub(crate) async fn resolve(portal: &str) -> Result<Vec<std::net::SocketAddr>, String> {
     let (host, port) = host_port(portal);
     let addrs: Vec<_> = match tokio::net::lookup_host((host.as_str(), port)).await {
         Ok(a) => a.collect(),
@@ -88,7 +88,12 @@ async fn connect(portal: &str) -> Result<TcpStream, String> {
             "Failed to start full connect Invalid target:{portal}  Can not resolv into IPv4/v6."
         ));
     }
-    for addr in addrs {
+    Ok(addrs)
+}
+
+/// Connects to the portal (libiscsi's texts for what fails).
+async fn connect(portal: &str) -> Result<TcpStream, String> {
+    for addr in resolve(portal).await? {
         if let Ok(s) = TcpStream::connect(addr).await {
             let _ = s.set_nodelay(true);
             return Ok(s);

@@ -94,6 +94,14 @@ impl Graph {
     /// "Read-only block node 'x' cannot support read-write users" when a user still writes
     /// to a node made read-only.
     pub async fn reopen(&self, list: &[Args]) -> Result<()> {
+        // QEMU queues every node first (each named, each there), then prepares each.
+        for opts in list {
+            let name = opts
+                .opt_str("node-name")
+                .ok_or_else(|| Error::ReopenNodeNameMissing)?;
+            self.find(name)
+                .ok_or_else(|| Error::NoSuchNode(name.to_owned()))?;
+        }
         let Expanded {
             list,
             moves,
@@ -272,6 +280,8 @@ impl Graph {
             {
                 return Err(Error::BackingMissing(node.name().to_owned()));
             }
+            // QEMU judges the options the node loses before the children it names.
+            check_resets(&node, opts)?;
             let mut parent = opts.as_dict().clone();
             let mut before = Vec::new();
             let mut after = Vec::new();
