@@ -455,7 +455,9 @@ impl DriverFactory for IscsiFactory {
             if iser {
                 // ferrite has no RDMA: libiscsi on a host without it resolves the portal,
                 // then fails so.
-                login::resolve(&target.portal).await.map_err(connect_failed)?;
+                login::resolve(&target.portal)
+                    .await
+                    .map_err(connect_failed)?;
                 return Err(connect_failed(
                     "Failed to start full connect Couldn't connect transport: Failed creating \
                      Event Channel\n"
