@@ -168,7 +168,8 @@ class Side:
     def kept_file(self, reply):
         """Whether `reply` is ferrite refusing to unlink a file that is not a socket to
         listen there (qemu-storage-daemon unlinks whatever the path names)."""
-        m = re.fullmatch(r"Failed to bind socket to (.*): Address already in use",
+        m = re.fullmatch(r"(?:Failed to add chardev '.*': )?"
+                         r"Failed to bind socket to (.*): Address already in use",
                          reply.get("error", {}).get("desc", ""))
         return bool(m) and (self.d.workdir / m.group(1)).is_file()
 

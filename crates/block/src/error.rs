@@ -111,6 +111,9 @@ pub enum Error {
         "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
     )]
     DetectZeroesUnmapWithoutDiscard,
+    /// A driver that opens a file, given none (QEMU's `bdrv_needs_filename`).
+    #[error("The '{0}' block driver requires a file name")]
+    FilenameRequired(String),
     /// `force-share=on` on a writable node.
     #[error("force-share=on can only be used with read-only images")]
     ForceShareWritable,

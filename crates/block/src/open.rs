@@ -627,11 +627,12 @@ fn inherited(parent: &Args, child: &QDict, cow: bool) -> QDict {
     d
 }
 
-/// The settings every node has, from its options.
+/// The settings every node has, from its options; `factory` opens it.
 ///
 /// # Errors
-/// QEMU's text for `detect-zeroes=unmap` without `discard=unmap`.
-pub(crate) fn settings(opts: &Args) -> Result<NodeSettings> {
+/// QEMU's texts, in its order: `force-share` on a writable node, a driver that opens a file
+/// given none, `detect-zeroes=unmap` without `discard=unmap`.
+pub(crate) fn settings(opts: &Args, factory: &dyn DriverFactory) -> Result<NodeSettings> {
     let cache = opts.dict("cache").unwrap_or_default();
     let s = NodeSettings {
         read_only: opts.bool_or("read-only", false),
@@ -643,6 +644,9 @@ pub(crate) fn settings(opts: &Args) -> Result<NodeSettings> {
     };
     if s.force_share && !s.read_only {
         return Err(Error::ForceShareWritable);
+    }
+    if factory.needs_filename() && opts.opt_str("filename").is_none_or(str::is_empty) {
+        return Err(Error::FilenameRequired(factory.name().to_owned()));
     }
     if s.detect_zeroes == DetectZeroes::Unmap && !s.discard_unmap {
         return Err(Error::DetectZeroesUnmapWithoutDiscard);
@@ -681,7 +685,7 @@ impl Graph {
             Some(QObject::Dict(d)) => Some(self.open(&Args::new(inherited(opts, d, false))).await?),
             _ => None,
         };
-        let named = settings(opts).and_then(|settings| {
+        let named = settings(opts, factory).and_then(|settings| {
             let name = match opts.opt_str("node-name") {
                 Some(n) => self.check_name(n).map(|()| n.to_owned())?,
                 None => self.auto_name(),

@@ -132,6 +132,21 @@ pub trait DriverFactory {
     fn supports_backing(&self) -> bool {
         false
     }
+
+    /// Whether a node of this driver needs a non-empty `filename` (QEMU's
+    /// `bdrv_needs_filename`: the drivers that open a host file).
+    fn needs_filename(&self) -> bool {
+        false
+    }
+
+    /// Checks a file name a protocol node of this driver is opened by (QEMU's
+    /// `bdrv_parse_filename` refusals).
+    ///
+    /// # Errors
+    /// A name this driver takes no node from.
+    fn check_filename(&self, _name: &str) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 /// Every driver the program knows.

@@ -137,6 +137,9 @@ pub async fn prepare(
         return Err(Error::OverlayNameInUse);
     }
     let format = args.opt_str("format").unwrap_or("qcow2");
+    if args.opt_str("mode") != Some("existing") && graph.registry().get(format).is_none() {
+        return Err(Error::UnknownFormat(format.to_owned()));
+    }
     if !supports_backing(graph, format) {
         return Err(Error::FormatWithoutBacking(format.to_owned()));
     }

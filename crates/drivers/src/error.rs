@@ -98,6 +98,9 @@ pub(crate) enum Error {
     /// `null-co` with a negative size.
     #[error("size must be non-negative")]
     NegativeNullSize,
+    /// A `null-co` or `null-aio` node opened by a file name other than its own.
+    #[error("The only allowed filename for this driver is '{0}'")]
+    NullFilename(String),
     /// `null-co` with a negative latency.
     #[error("latency-ns is invalid")]
     InvalidLatency,

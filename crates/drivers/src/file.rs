@@ -90,6 +90,10 @@ impl DriverFactory for FileFactory {
         DriverKind::Protocol
     }
 
+    fn needs_filename(&self) -> bool {
+        true
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let opts = ctx.opts();

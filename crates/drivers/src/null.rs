@@ -32,6 +32,14 @@ impl DriverFactory for NullFactory {
         if self.aio { "null-aio" } else { "null-co" }
     }
 
+    fn check_filename(&self, name: &str) -> ferrite_block::Result<()> {
+        let only = format!("{}://", self.name());
+        if name == only {
+            return Ok(());
+        }
+        Err(Error::NullFilename(only).into())
+    }
+
     fn kind(&self) -> DriverKind {
         DriverKind::Protocol
     }

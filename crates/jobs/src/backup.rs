@@ -570,6 +570,9 @@ pub async fn create_target(
         }
         Some(f) => f,
     };
+    if backing.is_some() && !factory.supports_backing() {
+        return Err(Error::BackingUnsupported(format.to_owned()));
+    }
     let plain = format == "raw" || factory.kind() == ferrite_block::DriverKind::Protocol;
     let backing_names = backing.map(|b| (b.filename(), b.driver_name().to_owned()));
     let named = backing_names

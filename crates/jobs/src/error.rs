@@ -147,6 +147,9 @@ pub enum Error {
     /// A new image of a format ferrite does not know.
     #[error("Unknown file format '{0}'")]
     UnknownFileFormat(String),
+    /// A new target of a format without backing files, to be backed by the source.
+    #[error("Backing file not supported for file format '{0}'")]
+    BackingUnsupported(String),
     /// A new image of a format that cannot be created.
     #[error("Format driver '{0}' does not support image creation")]
     CannotCreateFormat(String),

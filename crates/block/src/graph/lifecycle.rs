@@ -60,6 +60,9 @@ impl Graph {
             .registry()
             .get(&format)
             .ok_or_else(|| Error::UnknownDriver(format.clone()))?;
+        if factory.kind() == crate::DriverKind::Protocol && !path.starts_with("json:") {
+            factory.check_filename(path)?;
+        }
         let file = crate::filename::protocol_options(path);
         // A `json:` name describes the node itself (its format too): the options merge,
         // the format given winning (QEMU's `bdrv_fill_options`).

@@ -66,7 +66,9 @@ impl ObjectRegistry {
             // says so before it looks at anything else.
             "authz-listfile" => return Err(Error::NoSuchType("authz-listfile".into())),
             "throttle-group" => throttle::check_values(options)?,
-            "iothread" | "main-loop" => event_loop::check_values(options)?,
+            "iothread" => event_loop::check_values(options)?,
+            // The main loop applies its thread pool's bounds as they are set.
+            "main-loop" => drop(event_loop::EventLoop::create(options, false)?),
             "secret_keyring" => secret::check_values(options)?,
             _ => {}
         }
