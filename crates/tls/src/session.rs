@@ -38,8 +38,12 @@ pub enum CredsKind {
 
 impl Creds {
     /// Credentials whose sessions use `priority` (GnuTLS's syntax; QEMU's default when
-    /// `None`). For x509 credentials it must be the one they were loaded with.
+    /// `None`); x509 credentials keep the one they were loaded with.
     pub fn new(kind: CredsKind, priority: Option<String>) -> Creds {
+        let priority = match &kind {
+            CredsKind::X509(c) => c.options().priority.clone(),
+            _ => priority,
+        };
         Creds {
             kind,
             priority: RefCell::new(priority),

@@ -52,11 +52,11 @@ impl TlsCredsX509 {
             verify_peer: options.opt_bool("verify-peer").unwrap_or(true),
             sanity_check: options.opt_bool("sanity-check").unwrap_or(true),
             key_password,
-            priority: priority.clone(),
+            priority,
         })
         .map_err(Error::Tls)?;
         Ok(TlsCredsX509 {
-            creds: Rc::new(Creds::new(CredsKind::X509(Box::new(creds)), priority)),
+            creds: Rc::new(Creds::new(CredsKind::X509(Box::new(creds)), None)),
             passwordid: options.opt_str("passwordid").map(str::to_owned),
         })
     }
