@@ -115,8 +115,18 @@ impl<'a> OpenCtx<'a> {
     /// Attaches `node` as child `key` of the node being opened.
     ///
     /// # Errors
-    /// A permission conflict.
+    /// An inactive node under an active one, a permission conflict.
     pub fn attach(&mut self, key: &str, node: &Rc<Node>) -> Result<Rc<Child>> {
+        // A new node is active (unless `active=off` opens it inactive): an active one
+        // cannot stand on an inactive one. Judged as the child comes, before the driver
+        // reads it, as in QEMU.
+        if self.opens_active() && !node.is_active() {
+            return Err(Error::InactiveChild {
+                child: node.name().to_owned(),
+                edge: key.to_owned(),
+                parent: self.name.clone(),
+            });
+        }
         let parent: Weak<dyn RootParent> = Rc::downgrade(&self.opening) as Weak<dyn RootParent>;
         let edge = self
             .graph
@@ -750,18 +760,7 @@ impl Graph {
             ctx.abandon();
             return Err(e);
         }
-        // A new node is active (unless `active=off` opens it inactive): an active one
-        // cannot stand on an inactive one.
         let active = ctx.opens_active();
-        if let Some(e) = ctx.edges.iter().find(|e| active && !e.node().is_active()) {
-            let err = Error::InactiveChild {
-                child: e.node().name().to_owned(),
-                edge: e.name().to_owned(),
-                parent: ctx.name.clone(),
-            };
-            ctx.abandon();
-            return Err(err);
-        }
         let node = Node::new(
             ctx.name.clone(),
             driver,

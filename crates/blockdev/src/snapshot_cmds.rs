@@ -137,13 +137,14 @@ pub async fn prepare(
         return Err(Error::OverlayNameInUse);
     }
     let format = args.opt_str("format").unwrap_or("qcow2");
-    if args.opt_str("mode") != Some("existing") && graph.registry().get(format).is_none() {
-        return Err(Error::UnknownFormat(format.to_owned()));
-    }
-    if !supports_backing(graph, format) {
-        return Err(Error::FormatWithoutBacking(format.to_owned()));
-    }
+    // An existing overlay is judged once open, as `blockdev-snapshot` judges one.
     if args.opt_str("mode") != Some("existing") {
+        if graph.registry().get(format).is_none() {
+            return Err(Error::UnknownFormat(format.to_owned()));
+        }
+        if !supports_backing(graph, format) {
+            return Err(Error::FormatWithoutBacking(format.to_owned()));
+        }
         create_overlay(graph, &node, &file, format, true).await?;
     }
     let mut opts = QDict::new()

@@ -390,7 +390,7 @@ async fn prepare_nodes(
             cluster,
         });
     }
-    jobs.check_id(&id)?;
+    // The job's ID is judged when the job is created, after the filter (as in QEMU).
     let speed = args.opt_i64("speed").unwrap_or(0);
     let copy = match (&bitmap, sync) {
         (Some((b, _)), Sync::Bitmap) => {
