@@ -388,6 +388,41 @@ def test_a_file_grown_from_nothing_has_its_first_block_as_qsd_gives_it(both):
     assert blocks[0]["grown1m"][1] > 0
 
 
+def test_a_preallocation_that_fails_leaves_no_file_data_as_in_qsd(both, tmp_path):
+    """`blockdev-create` of a file whose preallocation cannot be done: a length no file
+    system holds (`full` sets the length before it writes, so nothing is written), or a
+    full file system. The job's error is QEMU's and the file is cut back to nothing."""
+    from blockjobs import small_fs
+    fs = tmp_path / "fs"
+    small_fs(fs, "4M")
+    try:
+        out = []
+        for d in both():
+            c = d.connect()
+            got = []
+            for n, (where, size, mode) in enumerate([
+                    (d.workdir, (1 << 63) - 1, "full"), (d.workdir, 1 << 62, "falloc"),
+                    (fs, 8 << 20, "full"), (fs, 8 << 20, "falloc"), (fs, 1 << 20, "full")]):
+                path = where / f"{d.workdir.name}-{n}"
+                assert c.cmd("blockdev-create", {"job-id": f"j{n}", "options": {
+                    "driver": "file", "filename": str(path), "size": size,
+                    "preallocation": mode}}) == {"return": {}}
+                c.wait_event("JOB_STATUS_CHANGE", lambda e, n=n: e["data"] == {
+                    "id": f"j{n}", "status": "concluded"})
+                job = c.cmd("query-jobs")["return"][0]
+                c.cmd("job-dismiss", {"id": f"j{n}"})
+                st = path.stat()
+                got.append((job.get("error"), st.st_size, st.st_blocks))
+                path.unlink()
+            out.append(got)
+        assert out[1] == out[0]
+        assert out[0][0] == ("Could not resize file: File too large", 0, 0)
+        assert out[0][2] == ("Could not write zeros for preallocation: "
+                             "No space left on device", 0, 0)
+    finally:
+        subprocess.run(["umount", "-l", str(fs)])
+
+
 def reopen_reset_seq(img, qimg):
     """Options left out of a reopen go back to their defaults where the driver lets them
     (QEMU's mutable options: a file's x-check-cache-dropped, raw's offset and size,

@@ -89,9 +89,18 @@ pub(crate) enum Error {
         /// Why.
         error: io::Error,
     },
-    /// Preallocating the new file failed.
-    #[error("Could not preallocate data for the new file: {}", os_msg(.0))]
+    /// Allocating the new file's length (`falloc`) failed.
+    #[error("Could not preallocate new data: {}", os_msg(.0))]
     Preallocate(io::Error),
+    /// Writing the new file's zeroes (`full`) failed.
+    #[error("Could not write zeros for preallocation: {}", os_msg(.0))]
+    WriteZeros(io::Error),
+    /// Flushing the new file's zeroes failed.
+    #[error("Could not flush file to disk: {}", os_msg(.0))]
+    FlushFile(io::Error),
+    /// Cutting a file whose preallocation failed back to its old length failed too.
+    #[error("Failed to restore old file length: {}", os_msg(.0))]
+    RestoreLength(io::Error),
     /// Sizing the new file failed.
     #[error("Could not resize file: {}", os_msg(.0))]
     ResizeFile(io::Error),

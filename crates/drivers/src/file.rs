@@ -162,30 +162,12 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
             let _ = f.metadata();
         }
         f.set_len(0).map_err(Error::ResizeFile)?;
-        match prealloc.as_str() {
-            // Nothing to allocate in an empty file (fallocate refuses a length of 0).
-            "falloc" if size > 0 => {
-                use std::os::fd::AsRawFd;
-                // SAFETY: fallocate on a file descriptor we own, with no pointers involved.
-                let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
-                if rc != 0 {
-                    return Err(Error::Preallocate(std::io::Error::last_os_error()));
-                }
-            }
-            "full" => {
-                use std::os::unix::fs::FileExt;
-                let zeroes = vec![0u8; 1 << 20];
-                let mut off = 0u64;
-                while off < size {
-                    let n = (size - off).min(zeroes.len() as u64) as usize;
-                    f.write_all_at(&zeroes[..n], off)
-                        .map_err(Error::Preallocate)?;
-                    off += n as u64;
-                }
-            }
-            _ => {}
+        let grown = grow_new_file(&f, size, &prealloc);
+        if grown.is_err() {
+            // QEMU leaves no half-allocated file behind: back to the length it had.
+            f.set_len(0).map_err(Error::RestoreLength)?;
         }
-        f.set_len(size).map_err(Error::ResizeFile)?;
+        grown?;
         // Only a file that grows from nothing: an empty one stays empty.
         if prealloc != "full" && size > 0 {
             allocate_first_block(&f, size);
@@ -196,6 +178,39 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
         .await
         .map_err(|error| Error::Create { path, error })?;
     Ok(r?)
+}
+
+/// An empty new file made `size` long, preallocated as asked, in QEMU's order: `falloc`
+/// allocates the whole length at once; `full` sets the length first (so a length the file
+/// system cannot hold fails before anything is written), then writes zeroes over it.
+fn grow_new_file(f: &std::fs::File, size: u64, prealloc: &str) -> Result<(), Error> {
+    use std::os::unix::fs::FileExt;
+    match prealloc {
+        // Nothing to allocate in an empty file (fallocate refuses a length of 0).
+        "falloc" if size > 0 => {
+            use std::os::fd::AsRawFd;
+            let len = i64::try_from(size).map_err(|_| Error::InvalidFileSize)?;
+            // SAFETY: fallocate on a file descriptor we own, with no pointers involved.
+            let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
+            if rc != 0 {
+                return Err(Error::Preallocate(std::io::Error::last_os_error()));
+            }
+            f.set_len(size).map_err(Error::ResizeFile)
+        }
+        "full" => {
+            f.set_len(size).map_err(Error::ResizeFile)?;
+            let zeroes = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            while off < size {
+                let n = (size - off).min(zeroes.len() as u64) as usize;
+                f.write_all_at(&zeroes[..n], off)
+                    .map_err(Error::WriteZeros)?;
+                off += n as u64;
+            }
+            f.sync_all().map_err(Error::FlushFile)
+        }
+        _ => f.set_len(size).map_err(Error::ResizeFile),
+    }
 }
 
 /// Writes zeroes over the start of a file that has just grown from nothing, as QEMU does so
