@@ -1,7 +1,15 @@
 """User objects and the QOM commands, compared with qemu-storage-daemon."""
 import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
 
-from conftest import replies
+import pytest
+
+from conftest import replies, wait_for
 
 OBJECTS = ["--object", "throttle-group,id=tg0,x-iops-total=100",
            "--object", "secret,id=s0,data=aGVsbG8=,format=base64",
@@ -120,7 +128,8 @@ def test_list_properties_match_qsd(both):
     qsd, ferrite = both()
     for ty in ["throttle-group", "secret", "iothread", "main-loop", "chardev-socket", "container",
                "chardev-pty", "chardev-udp", "chardev-serial", "chardev-parallel", "chardev-mux",
-               "chardev-hub"]:
+               "chardev-hub", "thread-context", "pr-manager", "pr-manager-helper",
+               "authz-list-file"]:
         want = as_set(qsd.connect().cmd("qom-list-properties", {"typename": ty}))
         got = as_set(ferrite.connect().cmd("qom-list-properties", {"typename": ty}))
         assert got == want, ty
@@ -134,6 +143,187 @@ def test_list_types_is_the_qsd_subset_ferrite_implements(both):
         got = {json.dumps(x, sort_keys=True) for x in ferrite.connect().cmd("qom-list-types", args)["return"]}
         assert got <= want, (args, got - want)
         assert got, args
-        if args.get("implements") == "chardev":
-            # Every chardev type qsd has, ferrite has.
-            assert got == want
+        if args.get("implements") in ("chardev", "user-creatable"):
+            # Every chardev type and every type a user can make that qsd has, ferrite has.
+            assert got == want, args
+
+
+# Every object type of QEMU's schema that a storage daemon cannot make: refused as qsd
+# refuses it once the type's own members are checked.
+NOT_HERE = [
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "#bad", "size": 1}),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "m"}),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "m", "size": 1,
+                    "host-nodes": [-1]}),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "m", "size": 1,
+                    "host-nodes": ["x"]}),
+    ("object-add", {"qom-type": "memory-backend-file", "id": "m", "size": 1,
+                    "mem-path": "/nonexistent", "rom": "maybe"}),
+    ("object-add", {"qom-type": "memory-backend-ram", "id": "tg0", "size": 1}),
+    ("object-add", {"qom-type": "rng-random", "id": "r", "bogus": 1}),
+    ("object-add", {"qom-type": "rng-random", "id": "r", "opened": True}),
+    ("object-add", {"qom-type": "colo-compare", "id": "c"}),
+    ("object-add", {"qom-type": "filter-dump", "id": "f", "netdev": "n", "file": "x",
+                    "queue": "sideways"}),
+    ("object-add", {"qom-type": "can-bus", "id": "c"}),
+    ("object-add", {"qom-type": "sev-guest", "id": "s", "reduced-phys-bits": 1}),
+    ("object-add", {"qom-type": "x-vfio-user-server", "id": "v", "device": "d",
+                    "socket": {"type": "unix", "path": "/nonexistent"}}),
+    ("object-add", {"qom-type": "authz-listfile", "id": "a", "filename": "/nonexistent"}),
+    ("object-add", {"qom-type": "authz-pam", "id": "a", "service": "login"}),
+    ("object-add", {"qom-type": "tls-cipher-suites", "id": "t"}),
+]
+
+
+def test_object_types_of_other_programs_are_refused_as_in_qsd(both):
+    qsd, ferrite = both(OBJECTS)
+    assert replies(ferrite, NOT_HERE) == replies(qsd, NOT_HERE)
+
+
+THREAD_CONTEXT = [
+    ("object-add", {"qom-type": "thread-context", "id": "t1", "cpu-affinity": [1, 0, 1]}),
+    ("qom-get", {"path": "/objects/t1", "property": "cpu-affinity"}),
+    ("qom-get", {"path": "/objects/t1", "property": "node-affinity"}),
+    ("qom-set", {"path": "/objects/t1", "property": "cpu-affinity", "value": [1]}),
+    ("qom-get", {"path": "/objects/t1", "property": "cpu-affinity"}),
+    ("qom-set", {"path": "/objects/t1", "property": "node-affinity", "value": [0]}),
+    ("qom-get", {"path": "/objects/t1", "property": "cpu-affinity"}),
+    ("qom-set", {"path": "/objects/t1", "property": "cpu-affinity", "value": [4096]}),
+    ("qom-set", {"path": "/objects/t1", "property": "cpu-affinity", "value": []}),
+    ("qom-set", {"path": "/objects/t1", "property": "node-affinity", "value": [9]}),
+    ("qom-set", {"path": "/objects/t1", "property": "cpu-affinity", "value": [-1]}),
+    ("qom-set", {"path": "/objects/t1", "property": "cpu-affinity", "value": "x"}),
+    ("qom-set", {"path": "/objects/t1", "property": "thread-id", "value": 5}),
+    ("qom-list", {"path": "/objects/t1"}),
+    ("object-add", {"qom-type": "thread-context", "id": "t2", "cpu-affinity": [4096]}),
+    ("object-add", {"qom-type": "thread-context", "id": "tg0", "cpu-affinity": [4096]}),
+    ("object-add", {"qom-type": "thread-context", "id": "tg0", "node-affinity": [9]}),
+    ("object-add", {"qom-type": "thread-context", "id": "t2", "cpu-affinity": []}),
+    ("object-add", {"qom-type": "thread-context", "id": "t2", "node-affinity": []}),
+    ("object-add", {"qom-type": "thread-context", "id": "t2", "node-affinity": [0],
+                    "cpu-affinity": [0]}),
+    ("object-add", {"qom-type": "thread-context", "id": "t2", "node-affinity": [],
+                    "cpu-affinity": [0]}),
+    ("object-add", {"qom-type": "thread-context", "id": "t2", "node-affinity": [0],
+                    "cpu-affinity": []}),
+    ("object-add", {"qom-type": "thread-context", "id": "t2", "node-affinity": [70000]}),
+    ("object-add", {"qom-type": "thread-context", "id": "t3", "node-affinity": [0]}),
+    ("qom-get", {"path": "/objects/t3", "property": "cpu-affinity"}),
+    ("object-del", {"id": "t1"}),
+    ("qom-list", {"path": "/objects/t1"}),
+]
+
+
+def test_thread_context_as_qsd_and_its_thread_real(both):
+    """A `thread-context` is a thread of the daemon's with the affinity asked for: the
+    replies are qsd's, and the kernel reports the affinity `qom-get` does."""
+    if os.cpu_count() < 2 or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to tell affinities apart")
+    qsd, ferrite = both(OBJECTS)
+    assert replies(ferrite, THREAD_CONTEXT) == replies(qsd, THREAD_CONTEXT)
+    c = ferrite.connect()
+    assert c.cmd("object-add", {"qom-type": "thread-context", "id": "t9",
+                                "cpu-affinity": [1]}) == {"return": {}}
+    tid = c.cmd("qom-get", {"path": "/objects/t9", "property": "thread-id"})["return"]
+    with open(f"/proc/{ferrite.proc.pid}/task/{tid}/comm") as f:
+        assert f.read().strip() == "TC t9"
+    assert os.sched_getaffinity(tid) == {1}
+    assert c.cmd("qom-set", {"path": "/objects/t9", "property": "cpu-affinity",
+                             "value": [0]}) == {"return": {}}
+    assert os.sched_getaffinity(tid) == {0}
+    assert c.cmd("object-del", {"id": "t9"}) == {"return": {}}
+    wait_for(lambda: not os.path.exists(f"/proc/{ferrite.proc.pid}/task/{tid}"),
+             what="the thread to end with its object")
+
+
+def helper_stand_in(path, greeting, hear_answer=True, hang_up=True):
+    """A unix socket at `path` whose every client gets `greeting` and is then hung up on
+    (None: kept, silent; without `hang_up`, kept); without `hear_answer`, the client is
+    kept but cannot write (an answer gets EPIPE at once)."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(8)
+    kept = []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            if greeting is None:
+                kept.append(c)
+            elif not hear_answer:
+                c.shutdown(socket.SHUT_RD)
+                c.sendall(greeting)
+                kept.append(c)
+            else:
+                c.sendall(greeting)
+                if hang_up:
+                    c.close()
+                else:
+                    kept.append(c)
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_pr_manager_helper_connects_as_qsd(both, tmp_path):
+    """`pr-manager-helper` against a real `qemu-pr-helper` and against stand-ins that hang
+    up early or greet with odd flags; `file` and `host_device` nodes naming it."""
+    helper = shutil.which("qemu-pr-helper")
+    if helper is None:
+        pytest.skip("qemu-pr-helper is not installed")
+    sock = tmp_path / "pr.sock"
+    proc = subprocess.Popen([helper, "-k", str(sock)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    stand_ins = [helper_stand_in(tmp_path / "eof", b""),
+                 helper_stand_in(tmp_path / "short", b"\0\0"),
+                 helper_stand_in(tmp_path / "odd", b"\1\2\3\4", hang_up=False),
+                 helper_stand_in(tmp_path / "deaf", b"\0\0\0\0", hear_answer=False)]
+    try:
+        wait_for(sock.exists, what="qemu-pr-helper's socket")
+        seq = [
+            ("object-add", {"qom-type": "pr-manager-helper", "id": "pr", "path": str(sock)}),
+            ("qom-get", {"path": "/objects/pr", "property": "path"}),
+            ("qom-list", {"path": "/objects/pr"}),
+            ("object-add", {"qom-type": "pr-manager-helper", "id": "p1",
+                            "path": str(tmp_path / "eof")}),
+            ("object-add", {"qom-type": "pr-manager-helper", "id": "p2",
+                            "path": str(tmp_path / "short")}),
+            ("object-add", {"qom-type": "pr-manager-helper", "id": "p3",
+                            "path": str(tmp_path / "odd")}),
+            ("object-add", {"qom-type": "pr-manager-helper", "id": "p4",
+                            "path": str(tmp_path / "none")}),
+            ("object-add", {"qom-type": "pr-manager-helper", "id": "p6",
+                            "path": str(tmp_path / "deaf")}),
+            ("object-add", {"qom-type": "pr-manager-helper", "id": "p5", "path": ""}),
+            ("object-add", {"qom-type": "pr-manager-helper", "id": "tg0",
+                            "path": str(tmp_path / "none")}),
+            ("blockdev-add", {"driver": "host_device", "node-name": "d1",
+                              "filename": "/dev/null", "pr-manager": "pr"}),
+            ("blockdev-add", {"driver": "file", "node-name": "f1",
+                              "filename": str(tmp_path / "eof"), "pr-manager": "pr"}),
+            ("blockdev-add", {"driver": "host_device", "node-name": "d2",
+                              "filename": "/dev/null", "pr-manager": "tg0"}),
+            ("blockdev-add", {"driver": "host_device", "node-name": "d3",
+                              "filename": "/dev/null", "pr-manager": "nope"}),
+            ("qom-set", {"path": "/objects/pr", "property": "path", "value": "elsewhere"}),
+            ("qom-get", {"path": "/objects/pr", "property": "path"}),
+            ("object-del", {"id": "pr"}),
+        ]
+        qsd, ferrite = both(OBJECTS)
+        assert replies(ferrite, seq) == replies(qsd, seq)
+        # Beyond QEMU: a helper that never greets stalls qsd's monitor for ever; ferrite
+        # gives up after a few seconds and says so.
+        silent = helper_stand_in(tmp_path / "silent", None)
+        start = time.monotonic()
+        r = ferrite.connect().cmd("object-add", {"qom-type": "pr-manager-helper", "id": "ps",
+                                                 "path": str(tmp_path / "silent")})
+        assert "sent no greeting within 5 s" in r["error"]["desc"], r
+        assert time.monotonic() - start < 8
+        silent.close()
+    finally:
+        for s in stand_ins:
+            s.close()
+        proc.terminate()
+        proc.wait()

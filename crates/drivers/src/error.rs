@@ -51,9 +51,12 @@ pub(crate) enum Error {
     /// A copy-on-read `bottom` that is a filter.
     #[error("Bottom node '{0}' is a filter")]
     BottomIsFilter(String),
-    /// A `pr-manager` (persistent reservations of SCSI devices): ferrite has no manager.
+    /// A `pr-manager` (persistent reservations of SCSI devices) that is no object.
     #[error("No persistent reservation manager with id '{0}'")]
     NoPrManager(String),
+    /// A `pr-manager` naming an object of another type.
+    #[error("Object with id '{0}' is not a persistent reservation manager")]
+    NotPrManager(String),
     /// `aio=native` needs O_DIRECT.
     #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
     NativeAioWithoutDirect,

@@ -97,11 +97,15 @@ impl DriverFactory for FileFactory {
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let opts = ctx.opts();
-            // QEMU looks the manager up before it opens the file; ferrite has none (QEMU says
-            // "Object with id 'x' is not a persistent reservation manager" when the id names
-            // another kind of object).
+            // QEMU looks the manager up before it opens the file. Only SCSI commands a
+            // guest's passed-through disk sends go to it, and a storage daemon has no
+            // guest: the node only names it.
             if let Some(id) = opts.opt_str("pr-manager") {
-                return Err(Error::NoPrManager(id.to_owned()).into());
+                match ctx.graph().object_type(id) {
+                    None => return Err(Error::NoPrManager(id.to_owned()).into()),
+                    Some("pr-manager-helper") => {}
+                    Some(_) => return Err(Error::NotPrManager(id.to_owned()).into()),
+                }
             }
             let aio = opts.opt_str("aio").unwrap_or("threads");
             let settings = *ctx.settings();

@@ -16,10 +16,8 @@ pub enum Error {
     /// A second `main-loop` object.
     #[error("only one main-loop instance allowed")]
     SecondMainLoop,
-    /// An object type ferrite does not have.
-    #[error("Invalid object type '{0}'")]
-    InvalidType(String),
-    /// A type name QEMU's QAPI has and its QOM does not (`authz-listfile`).
+    /// A type the schema has and no object of which can be made here: a machine's
+    /// (`memory-backend-ram`), or `authz-listfile` (QEMU's QOM calls it `authz-list-file`).
     #[error("invalid object type: {0}")]
     NoSuchType(String),
     /// TLS credentials that do not load (`ferrite-tls` words them as QEMU does).
@@ -145,6 +143,38 @@ pub enum Error {
         /// The property.
         name: String,
     },
+    /// A property that can only be written (a `thread-context`'s `node-affinity`).
+    #[error("Property '{ty}.{name}' is not readable")]
+    WriteOnlyProperty {
+        /// The object's type.
+        ty: String,
+        /// The property.
+        name: String,
+    },
+    /// A `thread-context` given both a CPU and a node affinity while it is made.
+    #[error("Mixing CPU and node affinity not supported")]
+    MixedAffinity,
+    /// A `thread-context`'s empty `cpu-affinity`.
+    #[error("CPU list is empty")]
+    EmptyCpuList,
+    /// A `thread-context`'s empty `node-affinity`.
+    #[error("Node list is empty")]
+    EmptyNodeList,
+    /// A `node-affinity` of nodes without CPUs (or that do not exist).
+    #[error("The nodes select no CPUs")]
+    NodesSelectNoCpus,
+    /// The kernel refusing an affinity (CPUs that are not there).
+    #[error("Setting CPU affinity failed: {}", os_msg(.0))]
+    SetAffinity(io::Error),
+    /// The kernel not telling a thread's affinity.
+    #[error("Getting CPU affinity failed: {}", os_msg(.0))]
+    GetAffinity(io::Error),
+    /// A `thread-context`'s thread that did not start.
+    #[error("Failed to create thread: {}", os_msg(.0))]
+    ThreadStart(io::Error),
+    /// A `pr-manager-helper` that cannot reach its helper.
+    #[error("{0}")]
+    PrHelper(String),
     /// `qom-list-properties` of an unknown type (class `DeviceNotFound`).
     #[error("Class '{0}' not found")]
     ClassNotFound(String),

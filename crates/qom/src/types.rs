@@ -74,6 +74,13 @@ const AUTHZ_LIST_PROPS: &[PropInfo] = &[
     p("policy", "QAuthZListPolicy"),
     p("rules", "QAuthZListRule"),
 ];
+const AUTHZ_LIST_FILE_PROPS: &[PropInfo] = &[p("filename", "string"), p("refresh", "bool")];
+const THREAD_CONTEXT_PROPS: &[PropInfo] = &[
+    p("thread-id", "int"),
+    p("node-affinity", "int"),
+    p("cpu-affinity", "int"),
+];
+const PR_MANAGER_HELPER_PROPS: &[PropInfo] = &[p("path", "string")];
 const SOCKET_PROPS: &[PropInfo] = &[p("connected", "bool"), p("addr", "SocketAddress")];
 
 /// Every type, parents before children.
@@ -138,6 +145,28 @@ static TYPES: &[TypeInfo] = &[
     t("authz", Some("object"), true, &[], &[]),
     t("authz-simple", Some("authz"), false, UC, AUTHZ_SIMPLE_PROPS),
     t("authz-list", Some("authz"), false, UC, AUTHZ_LIST_PROPS),
+    t(
+        "authz-list-file",
+        Some("authz"),
+        false,
+        UC,
+        AUTHZ_LIST_FILE_PROPS,
+    ),
+    t(
+        "thread-context",
+        Some("object"),
+        false,
+        UC,
+        THREAD_CONTEXT_PROPS,
+    ),
+    t("pr-manager", Some("object"), true, UC, &[]),
+    t(
+        "pr-manager-helper",
+        Some("pr-manager"),
+        false,
+        &[],
+        PR_MANAGER_HELPER_PROPS,
+    ),
     t("chardev", Some("object"), true, &[], &[]),
     t("chardev-fd", Some("chardev"), true, &[], &[]),
     t("chardev-file", Some("chardev-fd"), false, &[], &[]),

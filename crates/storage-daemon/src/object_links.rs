@@ -85,7 +85,7 @@ pub fn throttle_config(limits: &ThrottleLimits) -> ThrottleConfig {
 }
 
 /// Lets the drivers of `graph` find the `throttle-group` and `secret` objects of `objects`,
-/// and the graph its `iothread` objects.
+/// and the graph and its drivers any object's type (`iothread`, `pr-manager-helper`).
 pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
     let groups: Weak<ObjectRegistry> = Rc::downgrade(objects);
     graph.throttle_groups().set_lookup(Rc::new(move |id: &str| {
@@ -100,12 +100,11 @@ pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
             .ok_or_else(|| format!("No secret with id '{id}'"))?;
         objects.secret_bytes(id).map_err(|e| e.to_string())
     }));
-    let iothreads: Weak<ObjectRegistry> = Rc::downgrade(objects);
-    graph.set_iothread_lookup(Rc::new(move |id: &str| {
-        iothreads
-            .upgrade()
+    let all: Weak<ObjectRegistry> = Rc::downgrade(objects);
+    graph.set_object_types(Rc::new(move |id: &str| {
+        all.upgrade()
             .and_then(|o| o.get(id))
-            .is_some_and(|obj| obj.type_name() == "iothread")
+            .map(|obj| obj.type_name())
     }));
 }
 

@@ -42,21 +42,10 @@ impl BlockBackend {
     }
 }
 
-/// Whether an `iothread` object of the given id exists.
-pub(crate) type Lookup = Rc<dyn Fn(&str) -> bool>;
-
 impl Graph {
-    /// Lets the graph find the program's `iothread` objects.
-    pub fn set_iothread_lookup(&self, lookup: Rc<dyn Fn(&str) -> bool>) {
-        *self.iothread_lookup.borrow_mut() = Some(lookup);
-    }
-
     /// Whether the `iothread` object `id` exists.
     pub fn iothread_exists(&self, id: &str) -> bool {
-        self.iothread_lookup
-            .borrow()
-            .as_ref()
-            .is_some_and(|f| f(id))
+        self.object_type(id) == Some("iothread")
     }
 
     /// `node` and every node connected to it through edges, either way.

@@ -60,8 +60,8 @@ pub struct Graph {
     secrets: crate::secrets::Secrets,
     /// Every node was closed (exit): closing again would store bitmaps twice.
     closed: Cell<bool>,
-    /// Whether an `iothread` object of a given id exists (the program's objects).
-    iothread_lookup: RefCell<Option<iothread::Lookup>>,
+    /// The QOM type of the program's object of a given id, if there is one.
+    object_types: RefCell<Option<ObjectTypeLookup>>,
     /// New nodes open inactive (a machine waiting for an incoming migration: the images
     /// are the source's until it is over).
     open_inactive: Cell<bool>,
@@ -79,7 +79,21 @@ impl Drop for CreationScope<'_> {
     }
 }
 
+/// The QOM type of the program's object `id` (`iothread`, `pr-manager-helper`...), or
+/// `None` when there is no such object.
+pub type ObjectTypeLookup = Rc<dyn Fn(&str) -> Option<&'static str>>;
+
 impl Graph {
+    /// Lets the graph and its drivers find the program's objects by id.
+    pub fn set_object_types(&self, lookup: ObjectTypeLookup) {
+        *self.object_types.borrow_mut() = Some(lookup);
+    }
+
+    /// The QOM type of the program's object `id`, if there is one.
+    pub fn object_type(&self, id: &str) -> Option<&'static str> {
+        self.object_types.borrow().as_ref().and_then(|f| f(id))
+    }
+
     /// The secrets drivers take by id (`key-secret`).
     pub fn secrets(&self) -> &crate::secrets::Secrets {
         &self.secrets
@@ -107,7 +121,7 @@ impl Graph {
             throttle_groups: Default::default(),
             secrets: Default::default(),
             closed: Cell::new(false),
-            iothread_lookup: RefCell::new(None),
+            object_types: RefCell::new(None),
             open_inactive: Cell::new(false),
             creating: Cell::new(0),
         })

@@ -1,7 +1,9 @@
 //! User-creatable objects (`/objects`), created by `object-add` and `--object`.
 
 pub(crate) mod event_loop;
+pub(crate) mod pr_manager;
 pub(crate) mod secret;
+pub(crate) mod thread_context;
 pub(crate) mod throttle;
 pub(crate) mod tls;
 
@@ -28,6 +30,22 @@ pub trait UserObject {
     /// For the layers that use the object (a throttle filter, an encrypted image).
     fn as_any(&self) -> &dyn Any;
 }
+
+/// The object types `object-add` makes.
+const CREATABLE: &[&str] = &[
+    "authz-list",
+    "authz-simple",
+    "iothread",
+    "main-loop",
+    "pr-manager-helper",
+    "secret",
+    "secret_keyring",
+    "thread-context",
+    "throttle-group",
+    "tls-creds-anon",
+    "tls-creds-psk",
+    "tls-creds-x509",
+];
 
 /// The `/objects` container.
 #[derive(Default)]
@@ -61,11 +79,15 @@ impl ObjectRegistry {
         // QEMU sets the properties, then adds the object under its id, then completes it:
         // a bad property value is reported before a duplicate id, a failure to complete
         // after.
-        match options.str("qom-type")? {
-            // QEMU's type of this name is `authz-list-file`: it cannot make one either, and
-            // says so before it looks at anything else.
-            "authz-listfile" => return Err(Error::NoSuchType("authz-listfile".into())),
+        let ty = options.str("qom-type")?;
+        // The schema has every type QEMU's has; ferrite makes those a storage daemon has.
+        // QEMU's type for `authz-listfile` is `authz-list-file`: it cannot make one either.
+        if !CREATABLE.contains(&ty) {
+            return Err(Error::NoSuchType(ty.to_owned()));
+        }
+        match ty {
             "throttle-group" => throttle::check_values(options)?,
+            "thread-context" => drop(thread_context::initial_affinity(options)?),
             "iothread" => event_loop::check_values(options)?,
             // The main loop applies its thread pool's bounds as they are set.
             "main-loop" => drop(event_loop::EventLoop::create(options, false)?),
@@ -102,7 +124,9 @@ impl ObjectRegistry {
                 }
                 Rc::new(main_loop)
             }
-            other => return Err(Error::InvalidType(other.to_owned())),
+            "thread-context" => Rc::new(thread_context::ThreadContext::create(options)?),
+            "pr-manager-helper" => Rc::new(pr_manager::PrManagerHelper::create(options)?),
+            other => return Err(Error::NoSuchType(other.to_owned())),
         };
         self.objects.borrow_mut().insert(id.to_owned(), obj);
         Ok(())
