@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import normalize
+from conftest import normalize, replies
 
 
 def image(tmp, name="img.raw", size="1M"):
@@ -621,3 +621,48 @@ def test_reopen_swaps_files_of_two_images_as_qsd(both, tmp_path):
                                 f"read -P {0xa0 + i} {i}M 64k", img],
                                capture_output=True, text=True)
             assert "Pattern verification failed" not in r.stdout, (d.binary, i, r.stdout)
+
+
+NO_CLIENT = [
+    ("blockdev-add", {"driver": "blkreplay", "node-name": "#bad", "image": "n0"}),
+    ("blockdev-add", {"driver": "rbd", "node-name": "#bad", "pool": "p", "image": "i"}),
+    ("blockdev-add", {"driver": "rbd", "node-name": "r", "pool": "p", "image": "i",
+                      "conf": "/nonexistent/ceph.conf"}),
+    ("blockdev-add", {"driver": "rbd", "node-name": "r", "pool": "p", "image": "i",
+                      "key-secret": "nope"}),
+    ("blockdev-add", {"driver": "rbd", "node-name": "r", "pool": "p", "image": "i",
+                      "encrypt": {"format": "luks2"}}),
+    ("blockdev-add", {"driver": "rbd", "node-name": "r", "pool": "p", "image": "i"}),
+    ("blockdev-add", {"driver": "gluster", "node-name": "g", "volume": "v", "path": "p",
+                      "server": []}),
+    ("blockdev-add", {"driver": "gluster", "node-name": "g", "volume": "v", "path": "p",
+                      "server": [{"type": "fd", "str": "3"}]}),
+    ("blockdev-add", {"driver": "gluster", "node-name": "g", "volume": "v", "path": "p",
+                      "server": [{"type": "unix", "path": "/nonexistent"}]}),
+    ("blockdev-add", {"driver": "nvme", "node-name": "#bad", "device": "x", "namespace": 1}),
+    ("blockdev-add", {"driver": "nvme", "node-name": "n0", "device": "x", "namespace": 1}),
+    ("blockdev-add", {"driver": "nvme", "node-name": "v", "device": "0000:00:04.0",
+                      "namespace": 1}),
+    ("blockdev-create", {"job-id": "j", "options": {"driver": "nvme", "size": 1}}),
+    ("blockdev-create", {"job-id": "j", "options": {"driver": "rbd", "size": 1,
+                                                    "location": {"pool": "p"}}}),
+    ("query-named-block-nodes", {"flat": True}),
+]
+
+
+def test_drivers_of_services_without_a_client_are_refused_after_qsds_checks(both):
+    """`rbd`, `gluster` and `nvme` are QEMU's; ferrite has no client for the services behind
+    them. Every check QEMU makes before it reaches the service answers as in qsd; where qsd
+    then reports the service's failure, ferrite says it has no client (and both refuse).
+    `blkreplay` is unknown to both."""
+    qsd, ferrite = both(["--blockdev", "null-co,node-name=n0"])
+    theirs, ours = replies(qsd, NO_CLIENT), replies(ferrite, NO_CLIENT)
+    refused = 0
+    for (name, args), a, b in zip(NO_CLIENT, theirs, ours):
+        if "ferrite has no" in b:
+            assert '"error"' in a, (name, args, a)
+            refused += 1
+        else:
+            assert b == a, (name, args)
+    assert refused == 3
+    assert "Unknown driver 'blkreplay'" in ours[0]

@@ -224,6 +224,10 @@ def test_generated_commands_get_qsds_answers(qsd, ferrite, seed):
             theirs, ours = Side(qsd), Side(ferrite)
             continue
         ta, tb = theirs.text(a), ours.text(b)
+        if "error" in a and "ferrite has no" in b.get("error", {}).get("desc", ""):
+            # A service ferrite has no client for (Ceph, GlusterFS, VFIO NVMe), refused
+            # where qsd reports the service's own failure.
+            continue
         if ta != tb:
             differences.append(f"{i} {name} {json.dumps(args)}\n  qsd:     {ta}\n"
                                f"  ferrite: {tb}")

@@ -103,9 +103,6 @@ pub enum Error {
     /// A format no driver knows.
     #[error("Unknown driver '{0}'")]
     UnknownDriver(String),
-    /// A `BlockdevDriver` ferrite has no driver for.
-    #[error("Driver '{0}' is not supported by ferrite yet")]
-    UnsupportedDriver(String),
     /// `detect-zeroes=unmap` without `discard=unmap`.
     #[error(
         "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"

@@ -670,10 +670,12 @@ impl Graph {
     pub(crate) fn open<'a>(&'a self, opts: &'a Args) -> crate::registry::LocalFut<'a, Rc<Node>> {
         Box::pin(async move {
             let driver = opts.str("driver")?;
+            // A driver of the schema's without a factory is one QEMU leaves out of a storage
+            // daemon too (`blkreplay`): unknown to both.
             let factory = self
                 .registry()
                 .get(driver)
-                .ok_or_else(|| Error::UnsupportedDriver(driver.to_owned()))?;
+                .ok_or_else(|| Error::UnknownDriver(driver.to_owned()))?;
             self.open_with(opts, factory.as_ref()).await
         })
     }

@@ -26,6 +26,7 @@ mod file;
 mod lock;
 mod luks;
 pub use luks::amend_key_slots;
+mod no_client;
 mod null;
 mod parallels;
 mod preallocate;
@@ -76,4 +77,11 @@ pub fn register(registry: &Registry) {
     registry.register(Rc::new(vhdx::VhdxFactory));
     registry.register(Rc::new(vmdk::VmdkFactory));
     registry.register(Rc::new(vpc::VpcFactory));
+    for service in [
+        no_client::Service::Rbd,
+        no_client::Service::Gluster,
+        no_client::Service::Nvme,
+    ] {
+        registry.register(Rc::new(no_client::NoClientFactory(service)));
+    }
 }
