@@ -7,6 +7,8 @@ import re
 import socket
 import subprocess
 
+import pytest
+
 from conftest import chardev_transcript
 
 LONG = "a" * 109
@@ -185,3 +187,65 @@ def test_nbd_over_a_port_range_and_an_abstract_socket(ferrite, qsd, tmp_path):
         assert c.cmd("nbd-server-stop") == {"return": {}}
         assert c.cmd("blockdev-del", {"node-name": node}) == {"return": {}}
         assert q.cmd("nbd-server-stop") == {"return": {}}
+
+
+def vsock(cid, port):
+    return {"type": "vsock", "data": {"cid": str(cid), "port": str(port)}}
+
+
+def vsock_port_taken(port):
+    """Whether something on this machine holds vsock `port` (binding it fails; `ss` needs a
+    kernel module to list vsock sockets)."""
+    with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((socket.VMADDR_CID_ANY, port))
+        except OSError:
+            return True
+    return False
+
+
+def test_vsock_addresses_match_qsd(qsd, ferrite):
+    """`vsock` addresses (a VM's sockets to its host) for the NBD server, the `nbd` driver
+    and socket chardevs: CIDs and ports parsed as QEMU parses them, this machine's CID
+    listened on, the host (CID 2) connected to. Without a vsock loopback nothing here can
+    connect to itself, so no data crosses: the host refuses every connection."""
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    except (OSError, AttributeError) as e:
+        pytest.skip(f"this kernel has no vsock sockets ({e})")
+    port = 20000 + free_port() % 20000
+    seq = [("nbd-server-start", {"addr": vsock(c, p)}) for c, p in [
+        (4294967295, "x"), (4294967295, -1), (4294967295, 4294967296), (4294967296, 1),
+        ("0x10", 1), ("", ""), (" 2", 1), (2, 1)]]
+    seq += [
+        ("nbd-server-start", {"addr": vsock(4294967295, port)}),
+        ("nbd-server-stop", None),
+        ("nbd-server-start", {"addr": {"type": "vsock", "cid": "4294967295", "port": "1"}}),
+        ("block-export-add", {"type": "vhost-user-blk", "id": "v", "node-name": "n",
+                              "addr": {"type": "vsock", "cid": "1", "port": "1"}}),
+        ("chardev-add", {"id": "c1", "backend": {"type": "socket", "data": {
+            "addr": vsock(4294967295, port + 1), "server": True, "wait": False}}}),
+        ("query-chardev", None),
+        ("chardev-add", {"id": "c2", "backend": {"type": "socket", "data": {
+            "addr": vsock(2, port), "server": False}}}),
+        ("chardev-add", {"id": "c3", "backend": {"type": "socket", "data": {
+            "addr": vsock("x", port), "server": False}}}),
+        ("chardev-add", {"id": "c4", "backend": {"type": "udp", "data": {
+            "remote": vsock(2, port)}}}),
+        ("blockdev-add", {"driver": "nbd", "node-name": "b1",
+                          "server": {"type": "vsock", "cid": "x", "port": "1"}}),
+        ("blockdev-add", {"driver": "nbd", "node-name": "b2",
+                          "server": {"type": "vsock", "cid": "2", "port": str(port)}}),
+    ]
+    out = serially(lambda: qsd(["--blockdev", "null-co,node-name=n"]),
+                   lambda: ferrite(["--blockdev", "null-co,node-name=n"]), seq)
+    assert out[1] == out[0]
+    assert any("disconnected:vsock:4294967295:" in line for line in out[0])
+    # The listening socket is a real one.
+    d = ferrite()
+    c = d.connect()
+    assert c.cmd("nbd-server-start", {"addr": vsock(4294967295, port + 2)}) == {"return": {}}
+    assert vsock_port_taken(port + 2)
+    assert c.cmd("nbd-server-stop") == {"return": {}}
+    assert not vsock_port_taken(port + 2)
+    d.stop()

@@ -75,7 +75,9 @@ impl Service {
                 }
                 let bad_type = servers.iter().any(|s| {
                     !matches!(
-                        s.as_dict().and_then(|d| d.get("type")).and_then(|t| t.as_str()),
+                        s.as_dict()
+                            .and_then(|d| d.get("type"))
+                            .and_then(|t| t.as_str()),
                         Some("inet" | "unix")
                     )
                 });

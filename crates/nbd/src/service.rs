@@ -62,6 +62,23 @@ fn parse_addr(addr: &Args) -> Result<SocketAddress> {
 enum AnyListener {
     Unix(UnixListener),
     Tcp(TcpListener),
+    Vsock(ferrite_socket::vsock::Listener),
+}
+
+/// A connection accepted: vsock ones come as unix streams (see `ferrite_socket::vsock`).
+enum Accepted {
+    Unix(std::io::Result<tokio::net::UnixStream>),
+    Tcp(std::io::Result<tokio::net::TcpStream>),
+}
+
+impl AnyListener {
+    async fn accept(&self) -> Accepted {
+        match self {
+            AnyListener::Unix(l) => Accepted::Unix(l.accept().await.map(|(s, _)| s)),
+            AnyListener::Vsock(l) => Accepted::Unix(l.accept().await),
+            AnyListener::Tcp(l) => Accepted::Tcp(l.accept().await.map(|(s, _)| s)),
+        }
+    }
 }
 
 impl NbdService {
@@ -160,6 +177,11 @@ impl NbdService {
                     None,
                 )
             }
+            SocketAddress::Vsock(v) => {
+                let sock = ferrite_socket::vsock::listen(&v, backlog)?;
+                let l = ferrite_socket::vsock::Listener::new(sock).map_err(fail)?;
+                (AnyListener::Vsock(l), None)
+            }
             SocketAddress::Fd(_) if from_cli => return Err(Error::FdUnsupported),
             SocketAddress::Fd(_) => return Err(Error::FdOverQmp),
         };
@@ -205,9 +227,9 @@ impl NbdService {
             };
             let me = self.clone();
             let tls = tls.clone();
-            match &listener {
-                AnyListener::Unix(l) => match l.accept().await {
-                    Ok((s, _)) => {
+            match listener.accept().await {
+                Accepted::Unix(accepted) => match accepted {
+                    Ok(s) => {
                         tokio::task::spawn_local(async move {
                             match tls {
                                 Some(tls) => me.serve_tls_client(s, &tls).await,
@@ -221,8 +243,8 @@ impl NbdService {
                     }
                     Err(e) => tracing::warn!(error = %e, "NBD accept failed"),
                 },
-                AnyListener::Tcp(l) => match l.accept().await {
-                    Ok((s, _)) => {
+                Accepted::Tcp(accepted) => match accepted {
+                    Ok(s) => {
                         let _ = s.set_nodelay(true);
                         tokio::task::spawn_local(async move {
                             match tls {

@@ -74,6 +74,22 @@ impl UnixAddr {
     }
 }
 
+/// QEMU's `VsockSocketAddress`: a context id and a port, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockAddr {
+    /// The context id (2: the host).
+    pub cid: String,
+    /// The port.
+    pub port: String,
+}
+
+impl VsockAddr {
+    /// `cid:port`, as QEMU's errors name the address.
+    pub fn target(&self) -> String {
+        format!("{}:{}", self.cid, self.port)
+    }
+}
+
 /// A socket address of a kind ferrite serves or connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SocketAddress {
@@ -81,6 +97,8 @@ pub enum SocketAddress {
     Inet(InetAddr),
     /// A unix socket.
     Unix(UnixAddr),
+    /// A virtual machine socket.
+    Vsock(VsockAddr),
     /// A socket the monitor holds under this name (`getfd`), or a descriptor number on the
     /// command line.
     Fd(String),
@@ -107,6 +125,10 @@ impl SocketAddress {
         Ok(match ty {
             "inet" => SocketAddress::Inet(InetAddr::parse(a)?),
             "unix" => SocketAddress::Unix(UnixAddr::parse(a)?),
+            "vsock" => SocketAddress::Vsock(VsockAddr {
+                cid: a.str("cid")?.to_owned(),
+                port: a.str("port")?.to_owned(),
+            }),
             "fd" => SocketAddress::Fd(a.str("str")?.to_owned()),
             other => {
                 return Err(Error::generic(format!(
@@ -117,7 +139,7 @@ impl SocketAddress {
     }
 
     /// How QEMU's chardevs name the address: `tcp:host:port`, `unix:path` (with
-    /// `,abstract=on` and `,tight=on` for an abstract name), `fd:name`.
+    /// `,abstract=on` and `,tight=on` for an abstract name), `vsock:cid:port`, `fd:name`.
     pub fn describe(&self) -> String {
         match self {
             SocketAddress::Inet(a) => format!("tcp:{}", a.target()),
@@ -127,6 +149,7 @@ impl SocketAddress {
                 if a.tight { ",tight=on" } else { "" }
             ),
             SocketAddress::Unix(a) => format!("unix:{}", a.path),
+            SocketAddress::Vsock(a) => format!("vsock:{}", a.target()),
             SocketAddress::Fd(name) => format!("fd:{name}"),
         }
     }
@@ -136,6 +159,7 @@ impl SocketAddress {
         match self {
             SocketAddress::Inet(a) => a.target(),
             SocketAddress::Unix(a) => a.path.clone(),
+            SocketAddress::Vsock(a) => a.target(),
             SocketAddress::Fd(name) => name.clone(),
         }
     }

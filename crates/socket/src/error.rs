@@ -27,6 +27,9 @@ pub enum Error {
         /// How many bytes would fit.
         limit: usize,
     },
+    /// A vsock CID or port that is no decimal `unsigned int` (`cid 'x'`, `port 'x'`).
+    #[error("Failed to parse {0}")]
+    Parse(String),
     /// A system call that failed, with QEMU's words for what it was doing
     /// ("Failed to bind socket", "Failed to connect to 'host:port'"...).
     #[error("{what}: {}", os_msg(.error))]

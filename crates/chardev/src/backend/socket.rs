@@ -60,6 +60,8 @@ impl Addr {
 enum Listener {
     Unix(UnixListener),
     Tcp(TcpListener),
+    /// Its connections come as unix streams (see `ferrite_socket::vsock`).
+    Vsock(ferrite_socket::vsock::Listener),
 }
 
 /// A connected socket before anything runs on it.
@@ -182,6 +184,11 @@ impl Socket {
                 let l = TcpListener::from_std(l).map_err(fail)?;
                 self.listener = Some(Listener::Tcp(l));
             }
+            SocketAddress::Vsock(v) => {
+                let sock = ferrite_socket::vsock::listen(v, 1)?;
+                let l = ferrite_socket::vsock::Listener::new(sock).map_err(fail)?;
+                self.listener = Some(Listener::Vsock(l));
+            }
             SocketAddress::Fd(_) => {}
         }
         Ok(())
@@ -211,6 +218,12 @@ impl Socket {
                 let _ = s.set_nodelay(self.addr.nodelay);
                 *self.peer.borrow_mut() = Some(tcp_desc(&s, false));
                 Ok(Raw::Tcp(s))
+            }
+            SocketAddress::Vsock(v) => {
+                let s = ferrite_socket::vsock::connect(v)?;
+                s.set_nonblocking(true).map_err(fail)?;
+                *self.peer.borrow_mut() = Some(self.addr.describe());
+                Ok(Raw::Unix(UnixStream::from_std(s).map_err(fail)?))
             }
             SocketAddress::Fd(_) => Err(Error::FdOverQmp),
         }
@@ -299,6 +312,10 @@ impl Socket {
                 Listener::Unix(l) => l.accept().await.map(|(s, _)| {
                     *self.peer.borrow_mut() =
                         Some(format!("{},server=on", self.addr.connected_unix()));
+                    Raw::Unix(s)
+                }),
+                Listener::Vsock(l) => l.accept().await.map(|s| {
+                    *self.peer.borrow_mut() = Some(self.addr.describe());
                     Raw::Unix(s)
                 }),
                 Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
@@ -411,7 +428,13 @@ impl Socket {
         if let Some(peer) = self.peer.borrow().as_ref() {
             return peer.clone();
         }
-        let server = if self.is_server() { ",server=on" } else { "" };
+        // QEMU marks a listening unix or TCP socket, not a vsock one.
+        let vsock = matches!(self.addr.at, SocketAddress::Vsock(_));
+        let server = if self.is_server() && !vsock {
+            ",server=on"
+        } else {
+            ""
+        };
         format!("disconnected:{}{server}", self.addr.describe())
     }
 

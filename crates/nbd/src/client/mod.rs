@@ -11,7 +11,7 @@ use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Registry};
 use ferrite_qapi::{Args, os_msg};
 use ferrite_qobject::QDict;
-use ferrite_socket::{InetAddr, UnixAddr};
+use ferrite_socket::{InetAddr, UnixAddr, VsockAddr};
 use ferrite_tls::{Creds, Endpoint, Objects};
 use handshake::{HandshakeError, Offer, greet, negotiate, start_tls};
 use session::{Answer, Command, Failure, Session};
@@ -31,6 +31,8 @@ pub fn register(registry: &Registry, tls: Objects) {
 #[derive(Debug, Clone)]
 enum Server {
     Unix(UnixAddr),
+    /// A host's or another machine's vsock port (the stream is a unix stream's type).
+    Vsock(VsockAddr),
     Inet {
         addr: InetAddr,
         /// Without `ipv4`, `ipv6` or `to`: the address fits an `nbd://` file name.
@@ -64,8 +66,12 @@ impl Server {
                     fd: Rc::new(RefCell::new(Some(fd))),
                 })
             }
+            "vsock" => Ok(Server::Vsock(VsockAddr {
+                cid: a.str("cid")?.to_owned(),
+                port: a.str("port")?.to_owned(),
+            })),
             other => Err(ferrite_qapi::Error::generic(format!(
-                "NBD servers at '{other}' addresses are not supported by ferrite yet"
+                "Parameter 'type' does not accept value '{other}'"
             ))
             .into()),
         }
@@ -76,6 +82,7 @@ impl Server {
         match self {
             Server::Unix(u) => u.path.clone(),
             Server::Inet { addr, .. } => addr.target(),
+            Server::Vsock(v) => v.target(),
             Server::Fd { name, .. } => name.clone(),
         }
     }
@@ -94,6 +101,11 @@ impl Server {
                 let _ = s.set_nodelay(true);
                 Ok(Stream::Tcp(s))
             }
+            Server::Vsock(v) => Ok(Stream::Unix(
+                ferrite_socket::vsock::connect_async(v)
+                    .await
+                    .map_err(HandshakeError::Connect)?,
+            )),
             Server::Fd { fd, .. } => {
                 // Once connected, the socket is the connection's; a lost one cannot be
                 // made again.
@@ -592,7 +604,7 @@ impl Driver for NbdClient {
             }
             Server::Inet { addr, plain: true } => format!("nbd://{}/{e}", addr.target()),
             // Not representable as a URL: the options say it.
-            Server::Inet { .. } | Server::Fd { .. } => return None,
+            Server::Inet { .. } | Server::Vsock(_) | Server::Fd { .. } => return None,
         })
     }
 
