@@ -515,3 +515,40 @@ def test_a_target_answering_garbage_does_not_bring_the_daemon_down(ferrite, tmp_
         assert "return" in c.cmd("query-version")
     assert opened > 2, opened
     assert "panicked" not in d.stderr_path.read_text()
+
+
+def hang_up_portal(after):
+    """A TCP portal that reads `after` bytes of each login (0: none) and hangs up."""
+    import socket as so
+    srv = so.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            if after:
+                c.recv(after)
+            c.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_a_portal_that_hangs_up_during_login_as_in_qsd(qsd, ferrite):
+    """A portal that takes the connection and closes it, at once or once the login request
+    is in: libiscsi's words for a session lost before it logged in."""
+    portals = [hang_up_portal(0), hang_up_portal(48)]
+    try:
+        seq = [("blockdev-add", {"node-name": f"h{i}", "driver": "iscsi", "transport": "tcp",
+                                 "portal": f"127.0.0.1:{p.getsockname()[1]}",
+                                 "target": "iqn.x:h", "lun": 0})
+               for i, p in enumerate(portals)]
+        theirs, ours = replies(qsd(), seq), replies(ferrite(), seq)
+        assert ours == theirs
+        assert "Can not reconnect right now" in ours[0]
+    finally:
+        for p in portals:
+            p.close()

@@ -11,13 +11,18 @@ use std::rc::Rc;
 /// The driver that creates the image `opts` (`BlockdevCreateOptions`) describes.
 ///
 /// # Errors
-/// QEMU's "Driver does not support blockdev-create".
+/// QEMU's "Block driver 'x' not found or not supported" (a driver of the schema's that
+/// neither program has: `blkreplay`), "Driver does not support blockdev-create".
 pub fn check_driver(graph: &Graph, opts: &Args) -> Result<Rc<dyn DriverFactory>> {
-    graph
+    let name = opts.str("driver")?;
+    let factory = graph
         .registry()
-        .get(opts.str("driver")?)
-        .filter(|f| f.can_create())
-        .ok_or(Error::CannotCreate)
+        .get(name)
+        .ok_or_else(|| Error::NoSuchDriverToCreate(name.to_owned()))?;
+    if !factory.can_create() {
+        return Err(Error::CannotCreate);
+    }
+    Ok(factory)
 }
 
 /// Creates the image `opts` describes.

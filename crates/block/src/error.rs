@@ -221,6 +221,9 @@ pub enum Error {
     /// `blockdev-create` with a driver that cannot create images.
     #[error("Driver does not support blockdev-create")]
     CannotCreate,
+    /// `blockdev-create` with a driver of the schema's that is not here (`blkreplay`).
+    #[error("Block driver '{0}' not found or not supported")]
+    NoSuchDriverToCreate(String),
     /// `x-blockdev-amend` naming another driver than the node's.
     #[error("x-blockdev-amend doesn't support changing the block driver")]
     AmendChangesDriver,

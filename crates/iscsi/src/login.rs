@@ -91,6 +91,10 @@ pub(crate) async fn resolve(portal: &str) -> Result<Vec<std::net::SocketAddr>, S
     Ok(addrs)
 }
 
+/// libiscsi's words for a connection lost (or never made) before the session logged in: it
+/// would reconnect a session that had.
+const LOST_BEFORE_LOGIN: &str = "iscsi_service failed with : iscsi_service_reconnect_if_loggedin. Can not reconnect right now.\n";
+
 /// Connects to the portal (libiscsi's texts for what fails).
 async fn connect(portal: &str) -> Result<TcpStream, String> {
     for addr in resolve(portal).await? {
@@ -99,7 +103,7 @@ async fn connect(portal: &str) -> Result<TcpStream, String> {
             return Ok(s);
         }
     }
-    Err("iscsi_service failed with : iscsi_service_reconnect_if_loggedin. Can not reconnect right now.\n".into())
+    Err(LOST_BEFORE_LOGIN.into())
 }
 
 /// An initiator session id: random-type (RFC 7143, 11.12.5), different per process and
@@ -168,7 +172,7 @@ impl Login {
         let mut out = h.wire(false);
         out.extend_from_slice(&data);
         out.resize(out.len() + pdu::padding(data.len()), 0);
-        let lost = |e: io::Error| format!("iscsi_service failed with : {e}");
+        let lost = |_: io::Error| LOST_BEFORE_LOGIN.to_owned();
         self.stream.write_all(&out).await.map_err(lost)?;
         let reply = pdu::read_pdu(&mut self.stream, false).await.map_err(lost)?;
         if reply.opcode() != LOGIN_RESPONSE {

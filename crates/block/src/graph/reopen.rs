@@ -102,6 +102,15 @@ impl Graph {
             self.find(name)
                 .ok_or_else(|| Error::NoSuchNode(name.to_owned()))?;
         }
+        // Then, before anything about the node or its children is judged, its common
+        // options (QEMU parses them first when it prepares a node).
+        for opts in list {
+            if opts.opt_str("detect-zeroes") == Some("unmap")
+                && opts.opt_str("discard") != Some("unmap")
+            {
+                return Err(Error::DetectZeroesUnmapWithoutDiscard);
+            }
+        }
         let Expanded {
             list,
             moves,
@@ -142,11 +151,6 @@ impl Graph {
                 }
             }
             let read_only = opts.bool_or("read-only", false);
-            if opts.opt_str("detect-zeroes") == Some("unmap")
-                && opts.opt_str("discard") != Some("unmap")
-            {
-                return Err(Error::DetectZeroesUnmapWithoutDiscard);
-            }
             let writers = node.users().into_iter().filter(|u| {
                 u.perm().intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
                     && !u
