@@ -7,7 +7,7 @@ import re
 import subprocess
 
 from blockjobs import export, qcow2, qemu_io, run
-from conftest import wait_for
+from conftest import replies, wait_for
 
 
 def blockdev(q, w, *names):
@@ -446,3 +446,32 @@ def test_blockdev_del_writes_back_an_image_opened_inline_below_it(both):
     expected = transcript(q)
     assert expected[1] == (0, 0) and expected[2][0] == (0, 2 << 20, 0), expected
     assert transcript(f) == expected
+
+
+def iothread_paths(workdir):
+    return [
+        ("x-blockdev-set-iothread", {"node-name": "n", "iothread": ""}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("x-blockdev-set-iothread", {"node-name": "n", "iothread": "/objects/io0"}),
+        ("x-blockdev-set-iothread", {"node-name": "n", "iothread": "objects/io0"}),
+        ("x-blockdev-set-iothread", {"node-name": "n", "iothread": "/io0"}),
+        ("x-blockdev-set-iothread", {"node-name": "n", "iothread": "/objects/s0"}),
+        ("object-add", {"qom-type": "iothread", "id": "io1"}),
+        ("x-blockdev-set-iothread", {"node-name": "n", "iothread": ""}),
+        ("nbd-server-start", {"addr": {"type": "unix",
+                                       "data": {"path": f"{workdir}/nbd.sock"}}}),
+        ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n",
+                              "iothread": "objects/io1"}),
+        ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "m", "iothread": ""}),
+    ]
+
+
+def test_iothreads_are_found_by_qom_path_as_in_qsd(both):
+    """An iothread is named as QEMU's `iothread_by_id` finds it: by id, by absolute or
+    partial QOM path, or (the empty path) the only one there is."""
+    extra = ["--object", "iothread,id=io0", "--object", "secret,id=s0,data=x",
+             "--blockdev", "null-co,node-name=n", "--blockdev", "null-co,node-name=m"]
+    qsd, ferrite = both(extra)
+    theirs = replies(qsd, iothread_paths(qsd.workdir))
+    ours = replies(ferrite, iothread_paths(ferrite.workdir))
+    assert ours == [t.replace(str(qsd.workdir), str(ferrite.workdir)) for t in theirs]

@@ -149,16 +149,15 @@ pub fn qmp_x_blockdev_set_iothread(graph: &Graph, args: &Args) -> Result<QObject
         return Err(crate::Error::NodeHasBackend(name.to_owned()).into());
     }
     let iothread = match args.get("iothread") {
-        Some(QObject::String(id)) => {
-            if !graph.iothread_exists(id) {
-                return Err(crate::Error::NoSuchIothread(id.clone()).into());
-            }
-            Some(id.as_str())
-        }
+        Some(QObject::String(path)) => Some(
+            graph
+                .resolve_iothread(path)
+                .ok_or_else(|| crate::Error::NoSuchIothread(path.clone()))?,
+        ),
         _ => None,
     };
     graph
-        .move_to_iothread(&node, iothread, None)
+        .move_to_iothread(&node, iothread.as_deref(), None)
         .map_err(|e| Error::from(crate::Error::from(e)))?;
     Ok(QDict::new().into())
 }

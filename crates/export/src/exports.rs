@@ -157,11 +157,12 @@ impl Exports {
         // The node moves to the export's iothread; where a user keeps it in another, the
         // export runs there instead, unless it must have its own (`fixed-iothread`).
         let fixed_iothread = opts.bool_or("fixed-iothread", false);
-        if let Some(iothread) = opts.opt_str("iothread") {
-            if !self.graph.iothread_exists(iothread) {
-                return Err(Error::NoSuchIothread(iothread.to_owned()));
-            }
-            let moved = self.graph.move_to_iothread(&node, Some(iothread), None);
+        if let Some(path) = opts.opt_str("iothread") {
+            let iothread = self
+                .graph
+                .resolve_iothread(path)
+                .ok_or_else(|| Error::NoSuchIothread(path.to_owned()))?;
+            let moved = self.graph.move_to_iothread(&node, Some(&iothread), None);
             if fixed_iothread {
                 moved?;
             }

@@ -104,6 +104,9 @@ pub enum Error {
     /// A burst length past C's `unsigned int` (QEMU's text, its missing space included).
     #[error("{0} value must be in therange [0, 4294967295]")]
     BurstLengthRange(String),
+    /// The same in a `limits` property (QEMU's text there has the space).
+    #[error("{0} value must be in the range [0, 4294967295]")]
+    LimitsBurstLengthRange(String),
     /// Total and read/write throttle limits together.
     #[error("bps/iops/max total values and read/write values cannot be used at the same time")]
     ThrottleTotalAndRw,

@@ -106,6 +106,10 @@ pub(crate) fn link(graph: &ferrite_block::Graph, objects: &Rc<ObjectRegistry>) {
             .and_then(|o| o.get(id))
             .map(|obj| obj.type_name())
     }));
+    let iothreads: Weak<ObjectRegistry> = Rc::downgrade(objects);
+    graph.set_iothread_resolver(Rc::new(move |path: &str| {
+        iothreads.upgrade()?.resolve_typed(path, "iothread")
+    }));
 }
 
 /// The TLS credentials (`tls-creds-x509`, `-psk`, `-anon`) and authorization objects of

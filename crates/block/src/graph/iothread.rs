@@ -42,10 +42,22 @@ impl BlockBackend {
     }
 }
 
+/// The id of the `iothread` object a QOM path names (see [`Graph::resolve_iothread`]).
+pub type IothreadResolver = Rc<dyn Fn(&str) -> Option<String>>;
+
 impl Graph {
-    /// Whether the `iothread` object `id` exists.
-    pub fn iothread_exists(&self, id: &str) -> bool {
-        self.object_type(id) == Some("iothread")
+    /// Lets the graph find `iothread` objects by QOM path.
+    pub fn set_iothread_resolver(&self, resolve: IothreadResolver) {
+        *self.iothread_resolver.borrow_mut() = Some(resolve);
+    }
+
+    /// The id of the `iothread` object `path` names, as QEMU's `iothread_by_id` finds it: by
+    /// id, by absolute or partial QOM path, or (the empty path) the only one there is.
+    pub fn resolve_iothread(&self, path: &str) -> Option<String> {
+        self.iothread_resolver
+            .borrow()
+            .as_ref()
+            .and_then(|f| f(path))
     }
 
     /// `node` and every node connected to it through edges, either way.

@@ -12,6 +12,7 @@ mod active;
 mod edges;
 mod frozen;
 mod iothread;
+pub use iothread::IothreadResolver;
 mod lifecycle;
 mod perm;
 mod reopen;
@@ -62,6 +63,8 @@ pub struct Graph {
     closed: Cell<bool>,
     /// The QOM type of the program's object of a given id, if there is one.
     object_types: RefCell<Option<ObjectTypeLookup>>,
+    /// Finds `iothread` objects by QOM path.
+    iothread_resolver: RefCell<Option<iothread::IothreadResolver>>,
     /// New nodes open inactive (a machine waiting for an incoming migration: the images
     /// are the source's until it is over).
     open_inactive: Cell<bool>,
@@ -122,6 +125,7 @@ impl Graph {
             secrets: Default::default(),
             closed: Cell::new(false),
             object_types: RefCell::new(None),
+            iothread_resolver: RefCell::new(None),
             open_inactive: Cell::new(false),
             creating: Cell::new(0),
         })

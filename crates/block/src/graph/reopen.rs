@@ -612,11 +612,39 @@ fn first_changed(node: &Node, opts: &Args) -> String {
         "force-share",
         "active",
     ];
-    let was = node.options();
-    opts.as_dict()
-        .iter_qemu_order()
-        .find(|(k, v)| !BLOCK_LAYER.contains(k) && was.get(k) != Some(*v))
+    // QEMU compares flat options (`server.host`), in its dict's order.
+    let now = flatten_as_qemu(opts.as_dict());
+    let mut was = QDict::new();
+    flatten_into(&mut was, &node.options(), "");
+    let block_layer = |k: &str| {
+        let top = k.split_once('.').map_or(k, |(top, _)| top);
+        BLOCK_LAYER.contains(&top)
+    };
+    now.iter_qemu_order()
+        .find(|(k, v)| !block_layer(k) && was.get(k) != Some(*v))
         .map_or_else(|| "driver".to_owned(), |(k, _)| k.to_owned())
+}
+
+/// `d` flattened as QEMU's `qdict_flatten` does it, so that its members come in QEMU's order:
+/// the top level's own keep their places; each nested dict's, taken in QEMU's order, are
+/// added after them under their prefix (`server.host`).
+fn flatten_as_qemu(d: &QDict) -> QDict {
+    fn nested(out: &mut QDict, d: &QDict, prefix: &str) {
+        for (k, v) in d.iter_qemu_order() {
+            match v {
+                QObject::Dict(inner) => nested(out, inner, &format!("{prefix}{k}.")),
+                _ if !prefix.is_empty() => out.insert(format!("{prefix}{k}"), v.clone()),
+                _ => {}
+            }
+        }
+    }
+    let mut out: QDict = d
+        .iter()
+        .filter(|(_, v)| !matches!(v, QObject::Dict(_)))
+        .map(|(k, v)| (k.to_owned(), v.clone()))
+        .collect();
+    nested(&mut out, d, "");
+    out
 }
 
 /// `d`'s options as flat names under `prefix` (`backing.file.driver`).

@@ -132,6 +132,29 @@ impl ObjectRegistry {
         Ok(())
     }
 
+    /// The id of the object of QOM type `ty` that `path` names as QEMU's
+    /// `object_resolve_path_type` finds it: `/objects/<id>`, or a partial path that ends a
+    /// single such object's (`<id>`, `objects/<id>`; the empty path names the only object
+    /// of the type there is). `None` when nothing or more than one object matches.
+    pub fn resolve_typed(&self, path: &str, ty: &str) -> Option<String> {
+        let objects = self.objects.borrow();
+        let of_type = || {
+            objects
+                .iter()
+                .filter(move |(_, o)| o.type_name() == ty)
+                .map(|(id, _)| id)
+        };
+        if let Some(absolute) = path.strip_prefix('/') {
+            let id = absolute.strip_prefix("objects/")?;
+            return of_type().find(|o| o.as_str() == id).cloned();
+        }
+        let mut found = of_type().filter(|id| {
+            path.is_empty() || path == id.as_str() || path.strip_prefix("objects/") == Some(id)
+        });
+        let first = found.next()?;
+        found.next().is_none().then(|| first.clone())
+    }
+
     /// The bytes of the `secret` or `secret_keyring` object `id` (QEMU's
     /// `qcrypto_secret_lookup`).
     ///

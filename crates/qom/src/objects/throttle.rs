@@ -187,10 +187,38 @@ pub struct ThrottleGroup {
     host_clock: std::cell::Cell<bool>,
 }
 
-/// The `x-` limits as QEMU checks them while it sets them, before the group has its id:
-/// one at a time in its dict order, the first bad one reported.
-pub(crate) fn check_values(options: &Args) -> Result<()> {
+/// The group's properties as QEMU sets them, one at a time in its dict order: an `x-`
+/// limit is checked alone (not negative, a burst length within 32 bits); `limits` has its
+/// burst lengths checked (in QEMU's order) and the whole configuration so far judged. A
+/// later property overrides an earlier one's value.
+fn set_in_qemu_order(options: &Args) -> Result<ThrottleConfig> {
+    let mut config = ThrottleConfig::default();
     for (key, value) in options.as_dict().iter_qemu_order() {
+        if key == "limits" {
+            let Some(limits) = value.as_dict() else {
+                continue;
+            };
+            for kind in [
+                "bps-total",
+                "bps-read",
+                "bps-write",
+                "iops-total",
+                "iops-read",
+                "iops-write",
+            ] {
+                let name = format!("{kind}-max-length");
+                if limits
+                    .get(&name)
+                    .and_then(QObject::as_i64)
+                    .is_some_and(|v| v > i64::from(u32::MAX))
+                {
+                    return Err(Error::LimitsBurstLengthRange(name));
+                }
+            }
+            config.apply(limits);
+            config.validate()?;
+            continue;
+        }
         let Some(name) = key.strip_prefix("x-").filter(|n| LIMITS.contains(n)) else {
             continue;
         };
@@ -201,21 +229,22 @@ pub(crate) fn check_values(options: &Args) -> Result<()> {
         if name.ends_with("-max-length") && value > i64::from(u32::MAX) {
             return Err(Error::BurstLengthRange(key.to_owned()));
         }
+        if let Some(i) = ThrottleConfig::index(name) {
+            config.values[i] = value;
+        }
     }
-    Ok(())
+    Ok(config)
+}
+
+/// The properties as QEMU checks them while it sets them, before the group has its id.
+pub(crate) fn check_values(options: &Args) -> Result<()> {
+    set_in_qemu_order(options).map(drop)
 }
 
 impl ThrottleGroup {
     pub(crate) fn create(options: &Args) -> Result<ThrottleGroup> {
-        let mut config = ThrottleConfig::default();
-        for name in LIMITS {
-            if let Some(v) = options.opt_i64(&format!("x-{name}")) {
-                config.values[ThrottleConfig::index(name).unwrap_or(0)] = v;
-            }
-        }
-        if let Some(limits) = options.dict("limits") {
-            config.apply(limits.as_dict());
-        }
+        let config = set_in_qemu_order(options)?;
+        // Judged whole once every property is set (QEMU's completion).
         config.validate()?;
         Ok(ThrottleGroup {
             config: RefCell::new(config),
