@@ -122,6 +122,10 @@ class Generator:
             if self.rng.random() < 0.6:
                 args = self.mutate(args)
             if isinstance(args, dict):
+                # Nothing made outside the daemons' directories (the root directory is
+                # this machine's).
+                if name == "blockdev-create" and '"filename": "/' in json.dumps(args):
+                    continue
                 # No FUSE mounts: a daemon killed mid-test would leave one behind. No stdio
                 # chardev: whether it works depends on the test's standard input.
                 if args.get("type") == "fuse" or (
@@ -282,12 +286,18 @@ FOUND = [
     ("blockdev-reopen", {"options": [{"driver": "ssh", "node-name": "fmt0", "path": "p",
                                       "server": {"host": "h", "port": "22"}}]}),
     ("x-blockdev-set-iothread", {"node-name": "null0", "iothread": "objects/nosuch"}),
+    ("blockdev-add", {"driver": "host_cdrom", "node-name": "c3", "aio": "native",
+                      "filename": "/nonexistent/x"}),
+    ("x-blockdev-amend", {"job-id": "j4", "node-name": "null0",
+                          "options": {"driver": "blkreplay"}}),
     ("blockdev-set-active", {"node-name": "null0", "active": False}),
     ("blockdev-add", {"driver": "vmdk", "node-name": "v1",
                       "file": {"driver": "vhdx", "file": "null0"}}),
     ("blockdev-set-active", {"node-name": "fmt0", "active": False}),
     ("drive-backup", {"device": "fmt0", "sync": "top", "target": "tgt0",
                       "mode": "absolute-paths"}),
+    ("transaction", {"actions": [{"type": "drive-backup", "data": {
+        "device": "fmt0", "sync": "none", "target": "tgt1"}}]}),
 ]
 
 # Commands in FOUND that make the state the next ones need: both daemons must take them.

@@ -38,9 +38,14 @@ pub async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<()> {
 /// The checks `x-blockdev-amend` makes before its job starts.
 ///
 /// # Errors
-/// QEMU's texts for another driver than the node's and for drivers that cannot amend.
+/// QEMU's texts for a driver that is not here, another driver than the node's and
+/// drivers that cannot amend.
 pub fn check_amend(graph: &Graph, node: &Node, opts: &Args) -> Result<Rc<dyn DriverFactory>> {
-    if opts.str("driver")? != node.driver_name() {
+    let name = opts.str("driver")?;
+    if graph.registry().get(name).is_none() {
+        return Err(Error::NoSuchDriverToCreate(name.to_owned()));
+    }
+    if name != node.driver_name() {
         return Err(Error::AmendChangesDriver);
     }
     graph

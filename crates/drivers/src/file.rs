@@ -109,15 +109,13 @@ impl DriverFactory for FileFactory {
             }
             let aio = opts.opt_str("aio").unwrap_or("threads");
             let settings = *ctx.settings();
-            if aio == "native" && !settings.cache_direct {
-                return Err(Error::NativeAioWithoutDirect.into());
-            }
             let drv = FileDriver::open(FileOpen {
                 flavor: self.flavor,
                 args: opts,
                 read_only: settings.read_only,
                 auto_read_only: opts.bool_or("auto-read-only", false),
                 direct: settings.cache_direct,
+                native_aio: aio == "native",
                 io: ctx.io_backend(aio),
             })?;
             Ok(Box::new(drv) as Box<dyn Driver>)
@@ -238,6 +236,8 @@ pub(crate) struct FileOpen<'a> {
     pub(crate) read_only: bool,
     pub(crate) auto_read_only: bool,
     pub(crate) direct: bool,
+    /// `aio=native`, which needs `direct` (judged once the file is open, as in QEMU).
+    pub(crate) native_aio: bool,
     pub(crate) io: Rc<dyn IoBackend>,
 }
 
@@ -253,6 +253,9 @@ impl FileDriver {
         let write = !o.read_only && !dynamic_ro;
         let HostFile { file, fdset_dup } =
             HostFile::open(&path, write, o.direct).map_err(|e| e.into_error(&path))?;
+        if o.native_aio && !o.direct {
+            return Err(Error::NativeAioWithoutDirect.into());
+        }
         let kind = file
             .metadata()
             .map_err(|e| ferrite_block::Error::from(open_error(&path, e)))?

@@ -522,11 +522,16 @@ pub async fn prepare_drive(
         .registry()
         .get(&format)
         .is_some_and(|f| f.supports_backing());
-    let extra = if cow {
+    let mut extra = if cow {
         ferrite_qobject::QDict::new().with("backing", ferrite_qobject::QObject::Null)
     } else {
         ferrite_qobject::QDict::new()
     };
+    // QEMU opens the target with the source's flags: an inactive source's target opens
+    // inactive too (and the backup then fails at its filter, which must be active).
+    if !source.is_active() {
+        extra.insert("active", false);
+    }
     let target = graph.open_image(&file, Some(&format), extra).await?;
     // Opened without its backing; the one it gets is the one its header names.
     target.remove_option("backing");
