@@ -7,6 +7,7 @@ import re
 import select
 import socket
 import subprocess
+import termios
 import time
 import tty
 
@@ -116,8 +117,11 @@ def read_for(fd, seconds):
 
 
 def open_terminal(path):
+    """The terminal side of a daemon's pty, raw. Set without flushing (TCSANOW): a daemon
+    that greets the moment the terminal opens (ferrite watches for it) may have written
+    already, and the daemon made the pty raw itself."""
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)
     return fd
 
 
