@@ -292,3 +292,19 @@ def both(ferrite, qsd):
     def start(extra=(), monitor_opts=""):
         return qsd(extra, monitor_opts), ferrite(extra, monitor_opts)
     return start
+
+
+def serve_each(srv, handle):
+    """Accepts on the listening socket `srv` in a thread, calling `handle(connection)` for
+    each client, until `srv` is closed; returns `srv`."""
+    import threading
+
+    def loop():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            handle(conn)
+    threading.Thread(target=loop, daemon=True).start()
+    return srv

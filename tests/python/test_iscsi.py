@@ -12,7 +12,7 @@ import time
 import pytest
 
 import nbdclient as nc
-from conftest import replies, wait_for
+from conftest import replies, serve_each, wait_for
 from iscsitarget import TGTD, Target
 from test_ssh import qemu_io
 
@@ -524,17 +524,11 @@ def hang_up_portal(after):
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
 
-    def serve():
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            if after:
-                c.recv(after)
-            c.close()
-    threading.Thread(target=serve, daemon=True).start()
-    return srv
+    def hang_up(c):
+        if after:
+            c.recv(after)
+        c.close()
+    return serve_each(srv, hang_up)
 
 
 def test_a_portal_that_hangs_up_during_login_as_in_qsd(qsd, ferrite):

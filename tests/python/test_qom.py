@@ -4,12 +4,11 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
 
-from conftest import replies, wait_for
+from conftest import replies, serve_each, wait_for
 
 OBJECTS = ["--object", "throttle-group,id=tg0,x-iops-total=100",
            "--object", "secret,id=s0,data=aGVsbG8=,format=base64",
@@ -245,26 +244,18 @@ def helper_stand_in(path, greeting, hear_answer=True, hang_up=True):
     srv.listen(8)
     kept = []
 
-    def serve():
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            if greeting is None:
-                kept.append(c)
-            elif not hear_answer:
-                c.shutdown(socket.SHUT_RD)
-                c.sendall(greeting)
-                kept.append(c)
-            else:
-                c.sendall(greeting)
-                if hang_up:
-                    c.close()
-                else:
-                    kept.append(c)
-    threading.Thread(target=serve, daemon=True).start()
-    return srv
+    def greet(c):
+        if greeting is None:
+            kept.append(c)
+            return
+        if not hear_answer:
+            c.shutdown(socket.SHUT_RD)
+        c.sendall(greeting)
+        if hang_up and hear_answer:
+            c.close()
+        else:
+            kept.append(c)
+    return serve_each(srv, greet)
 
 
 def test_pr_manager_helper_connects_as_qsd(both, tmp_path):
