@@ -70,9 +70,11 @@ for tool in clippy fmt; do
 done
 
 venv="$top/.venv"
-if ! "$venv/bin/python" -c 'import qemu.qmp, pytest' 2>/dev/null; then
-  echo "setup: creating Python venv with qemu.qmp and pytest"
+if ! "$venv/bin/python" -c 'import qemu.qmp, pytest, pytest_timeout' 2>/dev/null; then
+  echo "setup: creating Python venv with qemu.qmp, pytest and pytest-timeout"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q 'qemu.qmp==0.0.6' 'pytest>=8,<9'
+  # pytest-timeout: a test that hangs fails alone (with every thread's stack) instead of
+  # eating the whole run's time.
+  "$venv/bin/pip" install -q 'qemu.qmp==0.0.6' 'pytest>=8,<9' 'pytest-timeout>=2.3,<3'
 fi
 echo "setup: done"

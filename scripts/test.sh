@@ -42,4 +42,8 @@ awk '/^== fuzz/ {t=$3} /^stat::number_of_executed_units/ {n=$2}
   target/fuzz.log
 
 echo "== pytest (tests/python, against the real binary and qemu-storage-daemon)"
-.venv/bin/python -m pytest tests/python -q -p no:cacheprovider -rfEs
+# A test that hangs fails after 300 s (the slowest takes about 95 s here) with its stack, and
+# the whole run is interrupted after 45 minutes (it takes about 15), so a hang costs one test,
+# never CI's whole budget, and the summary still names what failed.
+timeout --signal=INT --kill-after=60 2700 \
+  .venv/bin/python -m pytest tests/python -q -p no:cacheprovider -rfEs --timeout=300
