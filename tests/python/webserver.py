@@ -22,6 +22,7 @@ import re
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 
 
@@ -32,8 +33,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def setup(self):
+        self.server.conns.append(self.request)
+        if isinstance(self.request, ssl.SSLSocket):
+            # The handshake is made here, in the connection's own thread and bounded, not in
+            # accept: a client that connects and never says hello must not stop the server
+            # from accepting, nor from shutting down.
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except OSError:
+                self.request.close()
+                raise
+            self.request.settimeout(None)
         super().setup()
-        self.server.conns.append(self.connection)
 
     def do_HEAD(self):
         self._serve(body=False)
@@ -132,6 +144,10 @@ class WebServer(Serving, socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up or failed TLS
+            super().handle_error(request, client_address)
+
     def __init__(self, root, tls=None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root = str(root)
@@ -140,7 +156,8 @@ class WebServer(Serving, socketserver.ThreadingMixIn, http.server.HTTPServer):
         if tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(*tls)
-            self.socket = ctx.wrap_socket(self.socket, server_side=True)
+            self.socket = ctx.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
         self.port = self.server_address[1]
         self.scheme = "https" if tls else "http"
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
