@@ -298,6 +298,8 @@ FOUND = [
                       "mode": "absolute-paths"}),
     ("transaction", {"actions": [{"type": "drive-backup", "data": {
         "device": "fmt0", "sync": "none", "target": "tgt1"}}]}),
+    ("drive-backup", {"device": "fmt0", "sync": "none", "filter-node-name": "ch0",
+                      "x-perf": {"max-chunk": 1}, "target": "tgt2"}),
 ]
 
 # Commands in FOUND that make the state the next ones need: both daemons must take them.

@@ -384,12 +384,6 @@ async fn prepare_nodes(
         return Err(Error::DifferentSizes);
     }
     let cluster = ferrite_block::copy::cluster_size_for(&target).max(perf.min_cluster);
-    if perf.max_chunk != 0 && perf.max_chunk < cluster {
-        return Err(Error::MaxChunkBelowCluster {
-            max_chunk: perf.max_chunk,
-            cluster,
-        });
-    }
     // The job's ID is judged when the job is created, after the filter (as in QEMU).
     let speed = args.opt_i64("speed").unwrap_or(0);
     let copy = match (&bitmap, sync) {
@@ -411,10 +405,20 @@ async fn prepare_nodes(
             &CbwFactory::sharing(copy.clone()),
         )
         .await?;
+    // As in QEMU, a chunk below the cluster is refused once the filter is in place, so the
+    // filter's own refusals (an inactive source, a taken node name) come first.
     let edges = filter.edge("file").zip(filter.edge("target"));
-    let Some((source_edge, target_edge)) = edges else {
+    let chunk_too_small = perf.max_chunk != 0 && perf.max_chunk < cluster;
+    let (Some((source_edge, target_edge)), false) = (edges, chunk_too_small) else {
         let _ = graph.remove_filter(&filter).await;
-        return Err(Error::FilterLostChildren);
+        return Err(if chunk_too_small {
+            Error::MaxChunkBelowCluster {
+                max_chunk: perf.max_chunk,
+                cluster,
+            }
+        } else {
+            Error::FilterLostChildren
+        });
     };
     graph.block(&target, BLOCKED);
     let driver = Rc::new(BackupJob {
