@@ -248,6 +248,7 @@ def test_generated_commands_get_qsds_answers(qsd, ferrite, seed):
 # Commands longer searches found answered differently, each in the order of checks QEMU has
 # (kept here so CI's few seeds cannot lose them).
 FOUND = [
+    ("block_resize", {"node-name": "fmt0", "size": 1 << 62}),
     ("blockdev-reopen", {"options": [{"driver": "qcow", "node-name": "null0",
                                       "file": "raw"}]}),
     ("blockdev-reopen", {"options": [{"driver": "null-co", "node-name": "null0",
@@ -300,6 +301,10 @@ FOUND = [
         "device": "fmt0", "sync": "none", "target": "tgt1"}}]}),
     ("drive-backup", {"device": "fmt0", "sync": "none", "filter-node-name": "ch0",
                       "x-perf": {"max-chunk": 1}, "target": "tgt2"}),
+    ("blockdev-add", {"driver": "nfs", "node-name": "n1", "cache": {},
+                      "server": {"type": "inet", "host": "h"}, "path": "p"}),
+    ("blockdev-add", {"driver": "ssh", "node-name": "n2", "cache": {},
+                      "server": {"host": "h", "port": "1"}, "path": "/p"}),
 ]
 
 # Commands in FOUND that make the state the next ones need: both daemons must take them.

@@ -48,7 +48,7 @@ pub use error::{Error, Result};
 pub use events::{BlockImageCorrupted, BlockWriteThreshold, EventSink};
 pub use graph::{FrozenChain, Graph, IothreadResolver, ObjectTypeLookup};
 pub use node::{DetectZeroes, Node, NodeSettings};
-pub use open::{MAX_LENGTH, OpenCtx};
+pub use open::{MAX_LENGTH, OpenCtx, check_visited_whole};
 pub use open_backing::BackingName;
 pub use perm::Perm;
 pub use registry::{DriverFactory, DriverKind, LocalFut, Registry, backing_options};

@@ -637,6 +637,22 @@ fn inherited(parent: &Args, child: &QDict, cow: bool) -> QDict {
     d
 }
 
+/// For a driver that reads all its options in one QAPI visit, as QEMU's `nfs`, `ssh` and
+/// `rbd` do: an empty `cache` group, which the generic open leaves behind (QEMU's flattening
+/// keeps an empty dictionary), is a member its type lacks, refused as QEMU's visitor refuses
+/// it, when the driver starts reading.
+///
+/// # Errors
+/// "Parameter 'cache' is unexpected".
+pub fn check_visited_whole(opts: &Args) -> std::result::Result<(), ferrite_qapi::Error> {
+    match opts.get("cache") {
+        Some(QObject::Dict(d)) if d.is_empty() => Err(ferrite_qapi::Error::generic(
+            "Parameter 'cache' is unexpected",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The settings every node has, from its options; `factory` opens it.
 ///
 /// # Errors

@@ -52,6 +52,7 @@ impl Service {
     fn check_location(self, graph: &Graph, location: &Args) -> ferrite_block::Result<()> {
         match self {
             Service::Rbd => {
+                ferrite_block::check_visited_whole(location)?;
                 if let Some(conf) = location.opt_str("conf")
                     && let Err(e) = std::fs::metadata(conf).and_then(|_| std::fs::read(conf))
                 {

@@ -42,6 +42,7 @@ impl Options {
                 Ok(_) => Error::generic("Invalid URI specified"),
             });
         }
+        ferrite_block::check_visited_whole(opts)?;
         let server = opts
             .dict("server")
             .ok_or_else(|| Error::generic("Parameter 'server' is missing"))?;

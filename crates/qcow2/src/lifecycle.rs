@@ -8,6 +8,7 @@ use crate::meta::FreeKind;
 use ferrite_block::Child;
 use ferrite_block::Node;
 use ferrite_block::driver::ReqFlags;
+use ferrite_qapi::os_msg;
 use std::io;
 
 impl Qcow2Driver {
@@ -62,7 +63,9 @@ impl Qcow2Driver {
             let mut m = self.meta.lock().await;
             let needed = m.h.l1_needed(size);
             if needed > u64::from(m.h.l1_size) {
-                m.grow_l1(file, needed).await?;
+                m.grow_l1(file, needed).await.map_err(|e| {
+                    io::Error::other(format!("Failed to grow the L1 table: {}", os_msg(&e)))
+                })?;
             }
         }
         if size > old {

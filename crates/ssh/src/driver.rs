@@ -34,6 +34,7 @@ impl DriverFactory for SshFactory {
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let opts = ctx.opts();
+            ferrite_block::check_visited_whole(opts)?;
             let loc = Location::parse(opts)?;
             let flags = if ctx.settings().read_only {
                 FXF_READ
