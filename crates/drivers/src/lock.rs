@@ -53,12 +53,15 @@ fn lock_error(what: &'static str, perm: Perm, path: &str) -> Error {
 
 /// Checks for conflicts with other holders, then sets our lock bytes to `perm`/`shared`.
 pub(crate) fn apply(file: &File, path: &str, perm: Perm, shared: Perm) -> Result<(), Error> {
+    // Every permission wanted first, then every one unshared (QEMU's order, so the first
+    // conflict named is QEMU's).
     for (p, _) in Perm::NAMED {
-        let bit = i64::from(p.bit());
-        if perm.contains(p) && taken_by_other(file, SHARED_BASE + bit) {
+        if perm.contains(p) && taken_by_other(file, SHARED_BASE + i64::from(p.bit())) {
             return Err(lock_error("", p, path));
         }
-        if !shared.contains(p) && taken_by_other(file, PERM_BASE + bit) {
+    }
+    for (p, _) in Perm::NAMED {
+        if !shared.contains(p) && taken_by_other(file, PERM_BASE + i64::from(p.bit())) {
             return Err(lock_error("shared ", p, path));
         }
     }

@@ -66,8 +66,11 @@ impl NullDriver {
     ) -> ferrite_block::Result<Self> {
         let size = args.opt_i64("size").unwrap_or(DEFAULT_SIZE);
         let size = u64::try_from(size).map_err(|_| Error::NegativeNullSize)?;
-        let latency = args.opt_i64("latency-ns").unwrap_or(0);
-        let latency = u64::try_from(latency).map_err(|_| Error::InvalidLatency)?;
+        // An unsigned member QEMU keeps in a signed one: from 2^63 on it is negative there.
+        let latency = args.opt_u64("latency-ns").unwrap_or(0);
+        if i64::try_from(latency).is_err() {
+            return Err(Error::InvalidLatency.into());
+        }
         Ok(NullDriver {
             aio,
             size: Cell::new(size),

@@ -500,10 +500,11 @@ pub async fn prepare_drive(
     let source = graph.lookup(args.str("device")?)?;
     let file = args.str("target")?.to_owned();
     let existing = args.opt_str("mode") == Some("existing");
-    // An existing image without a format given is probed; a new one takes the source's.
+    // An existing image without a format given opens as the source's flags say; a new one
+    // takes the source's format.
     let format = match args.opt_str("format") {
         Some(f) => f.to_owned(),
-        None if existing => graph.probe_image_as(&file, false).await?.to_owned(),
+        None if existing => graph.job_target_format(&source, &file).await?,
         None => source.driver_name().to_owned(),
     };
     let mut sync = args.str("sync")?;
@@ -587,6 +588,10 @@ pub async fn create_target(
     let named = backing_names
         .as_ref()
         .map(|(f, d)| (f.as_str(), d.as_str()));
+    // Made, the image would destroy the data it is to be backed by.
+    if named.is_some_and(|(f, _)| f == file) {
+        return Err(Error::BackingIsTheImage);
+    }
     if !quiet {
         let options = factory.formatting_options(source.len(), named);
         println!("Formatting '{file}', fmt={format} {options}");

@@ -150,6 +150,9 @@ pub enum Error {
     /// A new target of a format without backing files, to be backed by the source.
     #[error("Backing file not supported for file format '{0}'")]
     BackingUnsupported(String),
+    /// A new image over the very file its backing file is (QEMU's text, "Error: " and all).
+    #[error("Error: Trying to create an image with the same filename as the backing file")]
+    BackingIsTheImage,
     /// A new image of a format that cannot be created.
     #[error("Format driver '{0}' does not support image creation")]
     CannotCreateFormat(String),

@@ -402,11 +402,17 @@ impl Graph {
         if named.as_deref() != Some(node.filename().as_str()) {
             overlay.set_option("backing", node.name.as_str());
         }
-        // The old top is read-only from now on, its file too; an inactive one may not
-        // write its state back for that, and stays as it is (QEMU's reopen fails there).
-        if node.is_active() {
-            let _ = self.reopen_read_only(node).await;
-        }
+        // The old top is read-only from now on, its file too, where nothing writing holds
+        // it (QEMU's reopen, whose failure it ignores; it always fails for a node opened
+        // with `active` given). An inactive one has nothing to write back first, and may
+        // not.
+        let _ = if node.options().get("active").is_some() {
+            Ok(())
+        } else if node.is_active() {
+            self.reopen_read_only(node).await
+        } else {
+            self.set_read_only(node, true)
+        };
         Ok(())
     }
 }

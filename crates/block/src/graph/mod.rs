@@ -27,7 +27,7 @@ use crate::io::{IoBackend, ThreadPool, Uring};
 use crate::node::Node;
 use crate::registry::Registry;
 use ferrite_qapi::{Args, id_wellformed};
-use ferrite_qobject::QDict;
+use ferrite_qobject::{QDict, QObject};
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 
@@ -301,6 +301,26 @@ impl Graph {
     /// The file failing to open.
     pub async fn probe_image(&self, path: &str) -> Result<&'static str> {
         self.probe_image_as(path, true).await
+    }
+
+    /// The format an existing image a job writes to (`drive-backup`, `drive-mirror` with
+    /// mode `existing`), given none, opens as. QEMU opens it with the source's flags: under
+    /// a source opened as a protocol (a `file`, a `null-co`) that means by its protocol
+    /// alone (the file node itself, as big as the file); otherwise the image is probed.
+    ///
+    /// # Errors
+    /// The file failing to open for the probe.
+    pub async fn job_target_format(&self, source: &Node, path: &str) -> Result<String> {
+        let source_is_protocol = self
+            .registry()
+            .get(source.driver_name())
+            .is_some_and(|f| f.opens_as_protocol());
+        if source_is_protocol {
+            let protocol = crate::filename::protocol_options(path);
+            let name = protocol.get("driver").and_then(QObject::as_str);
+            return Ok(name.unwrap_or("file").to_owned());
+        }
+        Ok(self.probe_image_as(path, false).await?.to_owned())
     }
 
     /// [`Graph::probe_image`] of a file about to be opened for writing (a job's target):

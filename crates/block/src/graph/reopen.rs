@@ -586,7 +586,10 @@ fn check_resets(node: &Node, opts: &Args) -> Result<()> {
         "detect-zeroes",
     ];
     let was = flat_names(node, &node.options());
-    let now = flat_names(node, opts.as_dict());
+    let mut now = flat_names(node, opts.as_dict());
+    // QEMU takes `active` out of the new options before it compares them: a node opened
+    // with `active` given, either way, can never be reopened.
+    now.retain(|k| k != "active");
     let mutable = node.driver.mutable_options();
     match was.into_iter().find(|k| {
         !now.contains(k)

@@ -50,7 +50,14 @@ pub async fn start_drive_mirror(
         };
         create_target(graph, &source, file, format, backing.as_deref(), false).await?;
     }
-    let target = open_target(graph, file, format.as_deref(), args.opt_str("node-name")).await?;
+    let target = open_target(
+        graph,
+        &source,
+        file,
+        format.as_deref(),
+        args.opt_str("node-name"),
+    )
+    .await?;
     // A new image reads as zeroes already; an existing one is zeroed where the source is.
     let how = TargetKind {
         backing_mode: if existing {
@@ -72,13 +79,14 @@ pub async fn start_drive_mirror(
 /// Opens the target image without its backing file (the job decides it at the end).
 async fn open_target(
     graph: &Rc<Graph>,
+    source: &Node,
     file: &str,
     format: Option<&str>,
     node_name: Option<&str>,
 ) -> Result<Rc<Node>> {
     let format = match format {
         Some(f) => f.to_owned(),
-        None => graph.probe_image_as(file, false).await?.to_owned(),
+        None => graph.job_target_format(source, file).await?,
     };
     let mut extra = QDict::new();
     if graph
