@@ -423,6 +423,41 @@ def test_a_preallocation_that_fails_leaves_no_file_data_as_in_qsd(both, tmp_path
         subprocess.run(["umount", "-l", str(fs)])
 
 
+def test_an_image_in_use_is_never_cut_by_a_new_file_over_it_as_in_qsd(both):
+    """`blockdev-create` of a file, or a drive-backup or drive-mirror target made, over an
+    image a node uses: refused by the image's lock before the file is touched (ferrite
+    once cut the image to nothing first); the image's data and format survive, and it
+    can be inactivated and activated again."""
+    out = []
+    for d in both():
+        w = d.workdir
+        img = str(w / "in-use.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+        subprocess.run(["qemu-io", "-c", "write -P 5 0 64k", img], check=True,
+                       capture_output=True)
+        c = d.connect()
+        got = [c.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q",
+                                      "file": {"driver": "file", "filename": img}})]
+        assert c.cmd("blockdev-create", {"job-id": "c", "options": {
+            "driver": "file", "filename": img, "size": 0}}) == {"return": {}}
+        c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"] == {
+            "id": "c", "status": "concluded"})
+        got.append(c.cmd("query-jobs")["return"][0].get("error"))
+        c.cmd("job-dismiss", {"id": "c"})
+        for cmd in ("drive-backup", "drive-mirror"):
+            got.append(c.cmd(cmd, {"device": "q", "sync": "full", "target": img}))
+        for active in (False, True):
+            got.append(c.cmd("blockdev-set-active", {"active": active}))
+        d.stop()
+        check = subprocess.run(["qemu-io", "-r", "-c", "read -P 5 0 64k", img],
+                               capture_output=True, text=True)
+        got.append((check.returncode, "Pattern verification failed" in check.stdout))
+        out.append(got)
+    assert out[1] == out[0]
+    assert out[0][1] == 'Failed to get "write" lock'
+    assert out[0][-1] == (0, False)
+
+
 def reopen_reset_seq(img, qimg):
     """Options left out of a reopen go back to their defaults where the driver lets them
     (QEMU's mutable options: a file's x-check-cache-dropped, raw's offset and size,

@@ -464,6 +464,35 @@ def test_mirror_block_graph_like_qemu(both):
     assert ours == theirs
 
 
+def test_a_running_mirrors_nodes_are_refused_in_qemus_words(both):
+    """While a mirror runs, its source is blocked twice (its filter's backing file, then
+    the job's node): a snapshot or a deletion of it names the newer, the job; its target
+    is no root node any more, for change-backing-file."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        qcow2(w / "src.qcow2")
+        qcow2(w / "tgt.qcow2")
+        qcow2(w / "ov.qcow2")
+        q = d.connect()
+        add(q, "src", w / "src.qcow2")
+        add(q, "tgt", w / "tgt.qcow2")
+        add(q, "ov", w / "ov.qcow2", backing=None)
+        assert q.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                         "sync": "full", "speed": 1}) == {"return": {}}
+        seen.append([q.cmd(*c) for c in [
+            ("blockdev-snapshot", {"node": "src", "overlay": "ov"}),
+            ("blockdev-del", {"node-name": "src"}),
+            ("change-backing-file", {"device": "tgt", "image-node-name": "tgt",
+                                     "backing-file": "x"}),
+        ]])
+        q.cmd("block-job-cancel", {"device": "m", "force": True})
+        wait_job_gone(q, "m")
+    theirs, ours = seen
+    assert ours == theirs
+    assert "block job: mirror" in theirs[0]["error"]["desc"]
+
+
 @pytest.mark.parametrize("job", ["mirror", "active-commit"])
 def test_pivot_while_a_client_writes_at_a_fixed_rate(qsd, ferrite, job):
     """A client writes the exported node every few milliseconds from before the job starts

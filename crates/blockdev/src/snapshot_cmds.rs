@@ -20,14 +20,14 @@ fn check_snapshot_allowed(graph: &Graph, node: &Rc<Node>, earlier: &[&Prepared])
         .iter()
         .find(|p| Rc::ptr_eq(&p.node, node))
         .map(|p| p.overlay.clone());
-    if let Some(p) = pending.or_else(|| graph.backing_parent(node)) {
+    if let Some(p) = pending {
         return Err(ferrite_block::Error::Busy {
             node: node.name().to_owned(),
             reason: format!("node is used as backing hd of '{}'", p.name()),
         }
         .into());
     }
-    Ok(graph.check_unblocked(node)?)
+    Ok(graph.check_unblocked_as_backing(node)?)
 }
 
 /// Whether images of `format` can have a backing file.
@@ -223,11 +223,7 @@ pub async fn create_overlay(
 /// # Errors
 /// Unknown nodes, an image without a backing file or outside the chain, the write failing.
 pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<()> {
-    let device = args.str("device")?;
-    let top = graph.lookup(device)?;
-    if top.users().iter().any(|u| !u.is_root()) {
-        return Err(Error::NeedRootNode);
-    }
+    let top = crate::job_cmds::root_node(graph, args.str("device")?)?;
     let image = graph.lookup_node(args.str("image-node-name")?)?;
     let Some(backing) = image.child("backing") else {
         return Err(Error::NoBackingFile);

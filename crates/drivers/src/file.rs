@@ -152,13 +152,24 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
             path: p.clone(),
             error,
         };
+        // Read too: a shared lock needs a descriptor open for reading.
         let f = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
             .open(&p)
             .map_err(created)?;
+        // The file is about to be cut to nothing: not while another node or process uses
+        // it. As QEMU, write and resize are taken and all but resize shared, and a conflict
+        // ends the creation before anything is touched (the locks go with the descriptor).
+        super::lock::apply(
+            &f,
+            &p,
+            Perm::WRITE | Perm::RESIZE,
+            Perm::all().difference(Perm::RESIZE),
+        )?;
         if nocow {
             // Best effort, like QEMU: only btrfs knows the flag.
             let _ = f.metadata();

@@ -179,14 +179,7 @@ impl Graph {
         if node.has_backend_user() {
             return Err(Error::InUseByRoot(name.to_owned()));
         }
-        // The newest blocker speaks first: a job's, then the one of the node's overlay.
-        self.check_unblocked(&node)?;
-        if let Some(p) = self.backing_parent(&node) {
-            return Err(Error::Busy {
-                node: name.to_owned(),
-                reason: format!("node is used as backing hd of '{}'", p.name),
-            });
-        }
+        self.check_unblocked_as_backing(&node)?;
         if !self.is_monitor_owned(&node) {
             return Err(Error::NotMonitorOwned(name.to_owned()));
         }

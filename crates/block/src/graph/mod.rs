@@ -51,8 +51,9 @@ pub struct Graph {
     uring: RefCell<Option<Rc<dyn IoBackend>>>,
     events: Rc<dyn EventSink>,
     registry: Rc<Registry>,
-    /// Nodes a block job is using, with why (QEMU's op blockers).
-    blockers: RefCell<Vec<(String, String)>>,
+    /// Nodes a block job is using, with why and when (an id from `next_id`, comparable
+    /// with an edge's): QEMU's op blockers.
+    blockers: RefCell<Vec<(String, String, u64)>>,
     /// Every `BlockBackend`, in creation order.
     backends: RefCell<Vec<Weak<BlockBackend>>>,
     /// The throttle groups throttle filters have joined.
@@ -403,15 +404,19 @@ impl Graph {
     /// Marks `node` as used by a block job: other jobs and deletion refuse it until
     /// [`Graph::unblock`].
     pub fn block(&self, node: &Node, reason: &str) {
+        let at = self.next_id();
         self.blockers
             .borrow_mut()
-            .push((node.name.clone(), reason.to_owned()));
+            .push((node.name.clone(), reason.to_owned(), at));
     }
 
     /// Lifts one [`Graph::block`] of `node` for `reason`.
     pub fn unblock(&self, node: &Node, reason: &str) {
         let mut b = self.blockers.borrow_mut();
-        if let Some(i) = b.iter().position(|(n, r)| *n == node.name && r == reason) {
+        if let Some(i) = b
+            .iter()
+            .position(|(n, r, _)| *n == node.name && r == reason)
+        {
             b.remove(i);
         }
     }
@@ -421,32 +426,57 @@ impl Graph {
     /// # Errors
     /// The newest reason `node` is blocked (QEMU reports the last blocker added).
     pub fn check_unblocked(&self, node: &Node) -> Result<()> {
-        match self
-            .blockers
-            .borrow()
-            .iter()
-            .rev()
-            .find(|(n, _)| *n == node.name)
-        {
-            // Named as QEMU's `bdrv_get_device_or_node_name` does: its drive's name first.
-            Some((n, reason)) => Err(Error::Busy {
-                node: Some(node.device_name())
-                    .filter(|d| !d.is_empty())
-                    .unwrap_or_else(|| n.clone()),
-                reason: reason.clone(),
-            }),
+        match self.newest_job_blocker(node) {
+            Some((reason, _)) => Err(Self::busy(node, reason)),
             None => Ok(()),
         }
     }
 
-    /// The node that has `node` as its backing child, if any: of several, the one that
-    /// took it last (QEMU names the newest of a node's blockers).
-    pub fn backing_parent(&self, node: &Node) -> Option<Rc<Node>> {
-        node.users()
+    /// As [`Graph::check_unblocked`], for the operations a backing file's blocker also
+    /// refuses (an external snapshot, `blockdev-del`): of a job's blocker and the one an
+    /// overlay put on its backing file, the newest speaks.
+    ///
+    /// # Errors
+    /// QEMU's "Node 'x' is busy: ..." with that reason.
+    pub fn check_unblocked_as_backing(&self, node: &Node) -> Result<()> {
+        let backing = node
+            .users()
             .iter()
             .filter(|u| u.name() == "backing")
-            .filter_map(|u| u.parent_node())
-            .next_back()
+            .filter_map(|u| {
+                let reason = format!("node is used as backing hd of '{}'", u.parent_node()?.name);
+                Some((reason, u.id))
+            })
+            .max_by_key(|(_, at)| *at);
+        let newest = [self.newest_job_blocker(node), backing]
+            .into_iter()
+            .flatten()
+            .max_by_key(|(_, at)| *at);
+        match newest {
+            Some((reason, _)) => Err(Self::busy(node, reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// The reason and age of the newest job blocker of `node`.
+    fn newest_job_blocker(&self, node: &Node) -> Option<(String, u64)> {
+        self.blockers
+            .borrow()
+            .iter()
+            .rev()
+            .find(|(n, _, _)| *n == node.name)
+            .map(|(_, reason, at)| (reason.clone(), *at))
+    }
+
+    /// "Node 'x' is busy", the node named as QEMU's `bdrv_get_device_or_node_name` does:
+    /// its drive's name first.
+    fn busy(node: &Node, reason: String) -> Error {
+        Error::Busy {
+            node: Some(node.device_name())
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| node.name.clone()),
+            reason,
+        }
     }
 
     /// Housekeeping tick: every node drops the cached metadata it left unused.
