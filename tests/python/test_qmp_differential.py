@@ -256,6 +256,11 @@ FOUND = [
     ("drive-backup", {"device": "file0", "sync": "none", "target": "img.qcow2",
                       "format": "qcow2"}),
     ("blockdev-add", {"driver": "null-co", "node-name": "l1", "latency-ns": -1}),
+    # nbd-server-remove names an export by its ID, and one of another type is refused.
+    ("block-export-add", {"type": "vhost-user-blk", "id": "v1", "node-name": "null0",
+                          "addr": {"type": "unix", "path": "v.sock"}}),
+    ("nbd-server-remove", {"name": "v1"}),
+    ("block-export-del", {"id": "v1"}),
     ("blockdev-reopen", {"options": [{"driver": "qcow", "node-name": "null0",
                                       "file": "raw"}]}),
     ("blockdev-reopen", {"options": [{"driver": "null-co", "node-name": "null0",
@@ -324,7 +329,8 @@ FOUND = [
 
 # Commands in FOUND that make the state the next ones need: where qemu-storage-daemon
 # takes them, ferrite must too.
-STEPS = {"blockdev-add", "blockdev-set-active", "blockdev-snapshot"}
+STEPS = {"blockdev-add", "blockdev-set-active", "blockdev-snapshot", "block-export-add",
+         "block-export-del"}
 
 
 def test_commands_found_before_get_qsds_answers(qsd, ferrite):

@@ -126,6 +126,11 @@ impl Exports {
         self.list.borrow().iter().find(|e| e.id == id).cloned()
     }
 
+    /// The type (`nbd`, `fuse`...) of the export with ID `id`.
+    pub fn type_of(&self, id: &str) -> Option<&'static str> {
+        self.find(id).map(|e| e.type_name)
+    }
+
     /// Adds an export (`block-export-add`, `--export`), in QEMU's order of checks.
     ///
     /// # Errors

@@ -48,9 +48,9 @@ pub enum Error {
     /// An enabled bitmap on a read-only export of a writable node.
     #[error("Enabled bitmap '{0}' incompatible with readonly export")]
     EnabledBitmapReadOnly(String),
-    /// An unknown export.
-    #[error("Export '{0}' is not found")]
-    ExportNotFound(String),
+    /// `nbd-server-remove` of an export of another type.
+    #[error("Block export '{0}' is not an NBD export")]
+    NotNbdExport(String),
     /// A failure of the block core.
     #[error(transparent)]
     Block(#[from] ferrite_block::Error),

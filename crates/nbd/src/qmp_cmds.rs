@@ -74,9 +74,9 @@ pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject
 /// `nbd-server-remove` (deprecated).
 ///
 /// # Errors
-/// As [`NbdService::del_by_name`].
+/// As [`NbdService::del_by_id`].
 pub async fn qmp_nbd_server_remove(nbd: &NbdService, args: &Args) -> Result<QObject, Error> {
-    nbd.del_by_name(args.str("name")?, RemoveMode::parse(args.opt_str("mode")))
+    nbd.del_by_id(args.str("name")?, RemoveMode::parse(args.opt_str("mode")))
         .await?;
     ok()
 }

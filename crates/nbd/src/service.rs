@@ -498,16 +498,17 @@ impl NbdService {
         Ok(out)
     }
 
-    /// Removes an export by NBD name (`nbd-server-remove`).
+    /// Removes an NBD export (`nbd-server-remove`). As in QEMU the name is the export's
+    /// ID (which `nbd-server-add` makes its NBD name too).
     ///
     /// # Errors
-    /// As [`Exports::del`], with QEMU's text for an unknown name.
-    pub async fn del_by_name(&self, name: &str, mode: RemoveMode) -> Result<()> {
-        // Without a server there are no NBD exports: QEMU answers "not found".
-        let export = self
-            .export_by_name(name)
-            .ok_or_else(|| Error::ExportNotFound(name.to_owned()))?;
-        Ok(self.all_exports().del(&export.id, mode).await?)
+    /// QEMU's text for an export of another type; as [`Exports::del`].
+    pub async fn del_by_id(&self, id: &str, mode: RemoveMode) -> Result<()> {
+        let all = self.all_exports();
+        if all.type_of(id).is_some_and(|t| t != ExportType::name(self)) {
+            return Err(Error::NotNbdExport(id.to_owned()));
+        }
+        Ok(all.del(id, mode).await?)
     }
 
     /// Disconnects an export's clients and lets go of its bitmaps.
