@@ -256,6 +256,11 @@ FOUND = [
     ("drive-backup", {"device": "file0", "sync": "none", "target": "img.qcow2",
                       "format": "qcow2"}),
     ("blockdev-add", {"driver": "null-co", "node-name": "l1", "latency-ns": -1}),
+    ("blockdev-create", {"job-id": "r1", "options": {"driver": "raw", "location": {},
+                                                     "size": 4096}}),
+    ("query-version", {"x": 1, "y": 2, "zz": 3}),
+    ("blockdev-add", {"driver": "blkdebug", "node-name": "b1", "image": "#bad",
+                      "align": -1}),
     # nbd-server-remove names an export by its ID, and one of another type is refused.
     ("block-export-add", {"type": "vhost-user-blk", "id": "v1", "node-name": "null0",
                           "addr": {"type": "unix", "path": "v.sock"}}),

@@ -161,7 +161,8 @@ fn scalar(v: &QObject) -> String {
     }
 }
 
-/// The options that set a blkdebug node's limits and where its rules come from.
+/// The options that set a blkdebug node's limits (sizes to QEMU), and where its rules come
+/// from.
 const SETTINGS: [&str; 7] = [
     "config",
     "align",
@@ -171,6 +172,10 @@ const SETTINGS: [&str; 7] = [
     "opt-discard",
     "max-discard",
 ];
+const SIZES: &[&str] = match SETTINGS.split_first() {
+    Some((_config, sizes)) => sizes,
+    None => &[],
+};
 
 /// QEMU's strong options of a blkdebug node, the rule lists flattened (`inject-error.0.event`).
 fn strong_options(opts: &Args) -> ferrite_qobject::QDict {
@@ -212,6 +217,14 @@ impl DriverFactory for BlkdebugFactory {
             // A protocol driver in QEMU: the node is listed before the children it opens.
             ctx.take_position_now();
             let opts = ctx.opts().clone();
+            // QEMU reads the sizes before anything else, in its dictionary's order.
+            let negative = opts.as_dict().iter_qemu_order().find_map(|(k, v)| {
+                let n = v.as_i64().filter(|n| *n < 0 && SIZES.contains(&k))?;
+                Some(format!("Value '{n}' is out of range for parameter '{k}'"))
+            });
+            if let Some(text) = negative {
+                return Err(generic(text));
+            }
             let mut rules = Vec::new();
             if let Some(path) = opts.opt_str("config") {
                 let text = std::fs::read_to_string(path).map_err(|e| {

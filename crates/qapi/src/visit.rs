@@ -258,7 +258,8 @@ impl Visitor<'_> {
 
     fn no_extra(&self, dict: &QDict, visited: &QDict, path: &Path) -> Result<(), Error> {
         match dict
-            .iter_qemu_order()
+            .iter_visitor_order()
+            .into_iter()
             .find(|(k, _)| !visited.contains_key(k))
         {
             None => Ok(()),

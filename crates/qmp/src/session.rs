@@ -311,7 +311,10 @@ impl Monitor {
                 args
             }
             Some(ty) => check_object(schema(), ty, arguments, Mode::Strict)?,
-            None => match arguments.as_dict().and_then(|d| d.keys().next()) {
+            None => match arguments
+                .as_dict()
+                .and_then(|d| d.iter_visitor_order().first().map(|(k, _)| *k))
+            {
                 Some(extra) => {
                     return Err(Error::generic(format!("Parameter '{extra}' is unexpected")));
                 }

@@ -181,6 +181,33 @@ fn qdict_bucket(key: &str) -> u32 {
     1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % QDICT_BUCKETS
 }
 
+/// GLib's `g_str_hash` (djb2 over the bytes as signed chars), with GLib's reserved
+/// values 0 (unused) and 1 (tombstone) moved to 2.
+fn g_str_hash(key: &str) -> u32 {
+    let h = key.bytes().fold(5381u32, |h, b| {
+        h.wrapping_mul(33).wrapping_add(i32::from(b as i8) as u32)
+    });
+    h.max(2)
+}
+
+/// The slots of an 8-slot GLib hash table (the size it starts at and keeps below eight
+/// entries) the keys take, inserted in turn: `hash * 11 % 7`, then quadratic probing.
+fn small_ghash_slots<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<usize> {
+    const SIZE: usize = 8;
+    let mut used = [false; SIZE];
+    keys.map(|k| {
+        let mut slot = (g_str_hash(k).wrapping_mul(11) % 7) as usize;
+        let mut step = 0;
+        while used[slot] {
+            step += 1;
+            slot = (slot + step) & (SIZE - 1);
+        }
+        used[slot] = true;
+        slot
+    })
+    .collect()
+}
+
 impl QDict {
     /// An empty dict.
     pub fn new() -> Self {
@@ -245,6 +272,21 @@ impl QDict {
         self.entries.keys().map(String::as_str)
     }
 
+    /// Members in the order QEMU's QAPI visitor finds those it did not visit
+    /// (`qobject_input_check_struct`): it puts the keys, in [`QDict::iter_qemu_order`],
+    /// into a GLib hash table and walks its slots. Exact below eight members (the table
+    /// never grows); larger dictionaries fall back to [`QDict::iter_qemu_order`].
+    pub fn iter_visitor_order(&self) -> Vec<(&str, &QObject)> {
+        let inserted: Vec<(&str, &QObject)> = self.iter_qemu_order().collect();
+        if inserted.len() >= 8 {
+            return inserted;
+        }
+        let slots = small_ghash_slots(inserted.iter().map(|(k, _)| *k));
+        let mut by_slot: Vec<(usize, (&str, &QObject))> = slots.into_iter().zip(inserted).collect();
+        by_slot.sort_unstable_by_key(|(slot, _)| *slot);
+        by_slot.into_iter().map(|(_, kv)| kv).collect()
+    }
+
     /// Members in QEMU's order: by hash bucket, newest first within a bucket.
     pub fn iter_qemu_order(&self) -> impl Iterator<Item = (&str, &QObject)> {
         let mut order: Vec<(u32, usize)> = self
@@ -279,6 +321,37 @@ impl IntoIterator for QDict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn visitor_order_matches_qsds_first_unexpected_member() {
+        // qemu-storage-daemon 10.0.2 names the first of these that its visitor's GLib
+        // hash table holds: `size` of a raw image's creation options, `y` and `b` of
+        // arguments a command takes none of.
+        fn keys(d: &QDict) -> std::vec::IntoIter<String> {
+            let v: Vec<String> = d
+                .iter_visitor_order()
+                .iter()
+                .map(|(k, _)| (*k).to_owned())
+                .collect();
+            v.into_iter()
+        }
+        let raw = QDict::new()
+            .with("driver", "raw")
+            .with("location", QDict::new())
+            .with("size", 4096i64);
+        assert_eq!(keys(&raw).find(|k| k != "driver").as_deref(), Some("size"));
+        let xyz = QDict::new()
+            .with("x", 1i64)
+            .with("y", 2i64)
+            .with("zz", 3i64);
+        assert_eq!(keys(&xyz).next().as_deref(), Some("y"));
+        let abcd = QDict::new()
+            .with("a", 1i64)
+            .with("b", 2i64)
+            .with("cc", 3i64)
+            .with("ddd", 4i64);
+        assert_eq!(keys(&abcd).next().as_deref(), Some("b"));
+    }
 
     #[test]
     fn qemu_order_matches_qsd_replies() {
