@@ -245,6 +245,34 @@ def test_generated_commands_get_qsds_answers(qsd, ferrite, seed):
     assert not differences, "\n".join(differences)
 
 
+# To see how a seed reached a difference: FERRITE_QMP_REPLAY=SEED:STEP prints the commands
+# both daemons ran since they last started (those refused marked so), then both answers at
+# STEP.
+@pytest.mark.skipif("FERRITE_QMP_REPLAY" not in os.environ,
+                    reason="a debugging aid: set FERRITE_QMP_REPLAY=SEED:STEP")
+def test_replay_a_generated_case(qsd, ferrite):
+    seed, _, step = os.environ["FERRITE_QMP_REPLAY"].partition(":")
+    theirs, ours = Side(qsd), Side(ferrite)
+    gen = Generator(ours.c.cmd("query-qmp-schema")["return"], int(seed))
+    history = []
+    for i in range(int(step) + 1):
+        name, args = gen.case()
+        a, b = theirs.run(name, args), ours.run(name, args)
+        line = f"{i} {json.dumps([name, args])}"
+        if i == int(step):
+            print("\n".join(history + [line, f"  qsd:     {a}", f"  ferrite: {b}"]))
+        elif "died" in a or ours.kept_file(b) or ("return" in a) != ("return" in b):
+            theirs.stop()
+            ours.stop()
+            theirs, ours = Side(qsd), Side(ferrite)
+            history = []
+        else:
+            history.append(line if "return" in a else f"{line} (refused)")
+            settle([theirs, ours])
+    theirs.stop()
+    ours.stop()
+
+
 # Commands longer searches found answered differently, each in the order of checks QEMU has
 # (kept here so CI's few seeds cannot lose them).
 FOUND = [
