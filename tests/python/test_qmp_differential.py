@@ -289,6 +289,8 @@ FOUND = [
     ("query-version", {"x": 1, "y": 2, "zz": 3}),
     ("blockdev-add", {"driver": "blkdebug", "node-name": "b1", "image": "#bad",
                       "align": -1}),
+    ("blockdev-add", {"driver": "vvfat", "node-name": "vv1", "dir": "/objects",
+                      "fat-type": -(1 << 63)}),
     # nbd-server-remove names an export by its ID, and one of another type is refused.
     ("block-export-add", {"type": "vhost-user-blk", "id": "v1", "node-name": "null0",
                           "addr": {"type": "unix", "path": "v.sock"}}),

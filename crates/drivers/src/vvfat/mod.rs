@@ -45,7 +45,9 @@ impl DriverFactory for VvfatFactory {
                 .opt_str("dir")
                 .ok_or_else(|| generic("vvfat block driver requires a 'dir' option"))?
                 .to_owned();
-            let fat = FatType::from_option(opts.opt_i64("fat-type").unwrap_or(0));
+            // QEMU keeps the number in a C `int`: only its low 32 bits count.
+            let bits = opts.opt_i64("fat-type").unwrap_or(0) as i32;
+            let fat = FatType::from_option(i64::from(bits));
             let floppy = opts.bool_or("floppy", false);
             let mut label = [b' '; 11];
             match opts.opt_str("label") {
