@@ -294,10 +294,9 @@ def open_in_home(wrapper, workdir, server, img):
 
 def steady_open_in_home(name, wrapper, workdir, server, img):
     """`open_in_home`; for qsd, twice, and a third time to settle it when the two differ.
-    qsd (libssh 0.10) now and then takes a host key it refuses in every other run: a case
-    known as "changed" once (stop 41) and as "other host" once (stop 45), never twice in a
-    row; under CI's load it once gave no answer at all to the "key file" open (stop 47).
-    The majority is its answer."""
+    The answers that once looked like qsd taking a host key it refuses were its double
+    greeting (now skipped by `Daemon.connect`); kept because under CI's load qsd once gave
+    no answer at all to the "key file" open (stop 47). The majority is its answer."""
     first = open_in_home(wrapper, workdir, server, img)
     if name != "qsd":
         return first
