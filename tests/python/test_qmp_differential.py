@@ -360,6 +360,11 @@ FOUND = [
     ("blockdev-set-active", {"active": False}),
     ("blockdev-snapshot", {"node": "file0", "overlay": "fmt0"}),
     ("blockdev-set-active", {"active": True}),
+    # A child naming the node being made: a cycle, but for a `file` found before the name.
+    ("blockdev-add", {"driver": "blkverify", "node-name": "n4", "test": "null0", "raw": "n4"}),
+    ("blockdev-add", {"driver": "quorum", "node-name": "n4", "children": ["n4"],
+                      "vote-threshold": 1}),
+    ("blockdev-add", {"driver": "raw", "node-name": "n4", "file": "n4"}),
 ]
 
 # Commands in FOUND that make the state the next ones need: where qemu-storage-daemon

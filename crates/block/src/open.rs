@@ -179,7 +179,18 @@ impl<'a> OpenCtx<'a> {
     /// An unknown node, the child failing to open.
     pub async fn open_child_ref(&mut self, key: &str, value: &QObject) -> Result<Rc<Child>> {
         let node = match value {
-            QObject::String(name) => self.graph.lookup(name)?,
+            QObject::String(name) => {
+                // QEMU names a node before its driver opens the children (all but a format's
+                // `file`, found first to probe): one naming the node itself is a cycle.
+                if key != "file" && self.opts.opt_str("node-name") == Some(name.as_str()) {
+                    return Err(Error::ChildCycle {
+                        child: name.clone(),
+                        edge: key.to_owned(),
+                        parent: name.clone(),
+                    });
+                }
+                self.graph.lookup(name)?
+            }
             QObject::Dict(d) => {
                 let cow = key == "backing";
                 let early = self.early_file.take_if(|_| key == "file");
