@@ -257,11 +257,7 @@ impl Visitor<'_> {
     }
 
     fn no_extra(&self, dict: &QDict, visited: &QDict, path: &Path) -> Result<(), Error> {
-        match dict
-            .iter_visitor_order()
-            .into_iter()
-            .find(|(k, _)| !visited.contains_key(k))
-        {
+        match dict.visitor_leftovers(visited.keys()).first().copied() {
             None => Ok(()),
             Some((key, value)) => {
                 let full = Path::Member(path, key).full();

@@ -190,22 +190,183 @@ fn g_str_hash(key: &str) -> u32 {
     h.max(2)
 }
 
-/// The slots of an 8-slot GLib hash table (the size it starts at and keeps below eight
-/// entries) the keys take, inserted in turn: `hash * 11 % 7`, then quadratic probing.
-fn small_ghash_slots<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<usize> {
-    const SIZE: usize = 8;
-    let mut used = [false; SIZE];
-    keys.map(|k| {
-        let mut slot = (g_str_hash(k).wrapping_mul(11) % 7) as usize;
-        let mut step = 0;
-        while used[slot] {
-            step += 1;
-            slot = (slot + step) & (SIZE - 1);
+/// A GLib `GHashTable` of string keys, as GLib 2.74 (QEMU 10.0's) lays it out: open
+/// addressing over `1 << shift` slots, a key's first slot `hash * 11 % prime`, quadratic
+/// probing, tombstones for removed keys, and the in-place rehash that grows it when it
+/// fills and shrinks it when it empties. Only the layout is kept: where each key sits.
+struct GHashLayout<'a> {
+    shift: u32,
+    /// 0: never used; 1: a tombstone; else the key's hash.
+    hashes: Vec<u32>,
+    keys: Vec<Option<&'a str>>,
+    nnodes: usize,
+    noccupied: usize,
+}
+
+const UNUSED: u32 = 0;
+const TOMBSTONE: u32 = 1;
+/// GLib's smallest table: 8 slots.
+const MIN_SHIFT: u32 = 3;
+/// GLib's `prime_mod`: the prime below each power of two that spreads the first slots.
+const PRIME_MOD: [u32; 32] = [
+    1,
+    2,
+    3,
+    7,
+    13,
+    31,
+    61,
+    127,
+    251,
+    509,
+    1021,
+    2039,
+    4093,
+    8191,
+    16381,
+    32749,
+    65521,
+    131_071,
+    262_139,
+    524_287,
+    1_048_573,
+    2_097_143,
+    4_194_301,
+    8_388_593,
+    16_777_213,
+    33_554_393,
+    67_108_859,
+    134_217_689,
+    268_435_399,
+    536_870_909,
+    1_073_741_789,
+    2_147_483_647,
+];
+
+impl<'a> GHashLayout<'a> {
+    fn new() -> Self {
+        GHashLayout {
+            shift: MIN_SHIFT,
+            hashes: vec![UNUSED; 1 << MIN_SHIFT],
+            keys: vec![None; 1 << MIN_SHIFT],
+            nnodes: 0,
+            noccupied: 0,
         }
-        used[slot] = true;
-        slot
-    })
-    .collect()
+    }
+
+    fn mask(&self) -> usize {
+        (1 << self.shift) - 1
+    }
+
+    fn first_slot(&self, hash: u32) -> usize {
+        (hash.wrapping_mul(11) % PRIME_MOD[self.shift as usize]) as usize
+    }
+
+    /// The slot holding `key`, or where it would go (the first tombstone on its path).
+    fn lookup(&self, key: &str, hash: u32) -> usize {
+        let mut at = self.first_slot(hash);
+        let mut tombstone = None;
+        let mut step = 0;
+        while self.hashes[at] != UNUSED {
+            if self.hashes[at] == hash && self.keys[at] == Some(key) {
+                return at;
+            }
+            if self.hashes[at] == TOMBSTONE && tombstone.is_none() {
+                tombstone = Some(at);
+            }
+            step += 1;
+            at = (at + step) & self.mask();
+        }
+        tombstone.unwrap_or(at)
+    }
+
+    fn insert(&mut self, key: &'a str) {
+        let hash = g_str_hash(key);
+        let at = self.lookup(key, hash);
+        let old = self.hashes[at];
+        if old >= 2 {
+            return;
+        }
+        self.hashes[at] = hash;
+        self.keys[at] = Some(key);
+        self.nnodes += 1;
+        if old == UNUSED {
+            self.noccupied += 1;
+            self.maybe_resize();
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        let at = self.lookup(key, g_str_hash(key));
+        if self.hashes[at] < 2 {
+            return;
+        }
+        self.hashes[at] = TOMBSTONE;
+        self.keys[at] = None;
+        self.nnodes -= 1;
+        self.maybe_resize();
+    }
+
+    fn maybe_resize(&mut self) {
+        let size = self.hashes.len();
+        if (size > self.nnodes * 4 && size > 1 << MIN_SHIFT)
+            || size <= self.noccupied + self.noccupied / 16
+        {
+            self.resize();
+        }
+    }
+
+    /// GLib's `g_hash_table_resize` and `resize_map`: every key moves to its slot in the
+    /// new size, in place, evicting the one there to be moved in turn.
+    fn resize(&mut self) {
+        let old_size = self.hashes.len();
+        // `nnodes * 1.333` as GLib computes it, in a C int.
+        let wanted = (self.nnodes as f64 * 1.333) as usize;
+        let closest = usize::BITS - wanted.leading_zeros();
+        self.shift = closest.max(MIN_SHIFT);
+        let size = 1usize << self.shift;
+        if size > old_size {
+            self.hashes.resize(size, UNUSED);
+            self.keys.resize(size, None);
+        }
+        let mut moved = vec![false; size.max(old_size)];
+        for i in 0..old_size {
+            let mut hash = self.hashes[i];
+            if hash < 2 {
+                self.hashes[i] = UNUSED;
+                continue;
+            }
+            if moved[i] {
+                continue;
+            }
+            self.hashes[i] = UNUSED;
+            let mut key = self.keys[i].take();
+            loop {
+                let mut at = self.first_slot(hash);
+                let mut step = 0;
+                while moved[at] {
+                    step += 1;
+                    at = (at + step) & self.mask();
+                }
+                moved[at] = true;
+                let replaced = std::mem::replace(&mut self.hashes[at], hash);
+                let evicted = std::mem::replace(&mut self.keys[at], key);
+                if replaced < 2 {
+                    break;
+                }
+                hash = replaced;
+                key = evicted;
+            }
+        }
+        self.hashes.truncate(size);
+        self.keys.truncate(size);
+        self.noccupied = self.nnodes;
+    }
+
+    /// The keys in slot order, as `g_hash_table_iter_next` walks them.
+    fn keys(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.keys.iter().flatten().copied()
+    }
 }
 
 impl QDict {
@@ -274,17 +435,30 @@ impl QDict {
 
     /// Members in the order QEMU's QAPI visitor finds those it did not visit
     /// (`qobject_input_check_struct`): it puts the keys, in [`QDict::iter_qemu_order`],
-    /// into a GLib hash table and walks its slots. Exact below eight members (the table
-    /// never grows); larger dictionaries fall back to [`QDict::iter_qemu_order`].
+    /// into a GLib hash table and walks its slots.
     pub fn iter_visitor_order(&self) -> Vec<(&str, &QObject)> {
-        let inserted: Vec<(&str, &QObject)> = self.iter_qemu_order().collect();
-        if inserted.len() >= 8 {
-            return inserted;
+        self.visitor_leftovers(std::iter::empty())
+    }
+
+    /// The members QEMU's visitor is left with once it has taken `consumed` (the members
+    /// it knows, in the order it visits them), in the order it finds them: its hash table
+    /// shrinks as it empties, so which were taken, and when, moves the rest.
+    pub fn visitor_leftovers<'k>(
+        &self,
+        consumed: impl Iterator<Item = &'k str>,
+    ) -> Vec<(&str, &QObject)> {
+        let mut table = GHashLayout::new();
+        for (k, _) in self.iter_qemu_order() {
+            table.insert(k);
         }
-        let slots = small_ghash_slots(inserted.iter().map(|(k, _)| *k));
-        let mut by_slot: Vec<(usize, (&str, &QObject))> = slots.into_iter().zip(inserted).collect();
-        by_slot.sort_unstable_by_key(|(slot, _)| *slot);
-        by_slot.into_iter().map(|(_, kv)| kv).collect()
+        for k in consumed {
+            table.remove(k);
+        }
+        table
+            .keys()
+            .filter_map(|k| self.entries.get_key_value(k))
+            .map(|(k, v)| (k.as_str(), v))
+            .collect()
     }
 
     /// Members in QEMU's order: by hash bucket, newest first within a bucket.
@@ -351,6 +525,45 @@ mod tests {
             .with("cc", 3i64)
             .with("ddd", 4i64);
         assert_eq!(keys(&abcd).next().as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn visitor_order_past_eight_members_matches_qsd() {
+        // qemu-storage-daemon 10.0.2's first unexpected member of `query-version` given
+        // these keys: its table grew at the eighth (and the sixteenth).
+        let first = |keys: &[String]| {
+            let d: QDict = keys
+                .iter()
+                .map(|k| (k.clone(), QObject::from(1i64)))
+                .collect();
+            d.iter_visitor_order().first().map(|(k, _)| (*k).to_owned())
+        };
+        let letters: Vec<String> = "abcdefgh".chars().map(String::from).collect();
+        assert_eq!(first(&letters).as_deref(), Some("b"));
+        let k = |n: usize| (0..n).map(|i| format!("k{i}")).collect::<Vec<_>>();
+        assert_eq!(first(&k(12)).as_deref(), Some("k10"));
+        assert_eq!(first(&k(20)).as_deref(), Some("k7"));
+        // And once the visitor took what it knows, the table shrinks: `raw`'s options with
+        // two it does not know.
+        let raw = QDict::new()
+            .with("driver", "raw")
+            .with("node-name", "")
+            .with("cache", QDict::new())
+            .with("active", true)
+            .with("auto-read-only", true)
+            .with("file", "")
+            .with("key-secret", "size")
+            .with("header", QDict::new());
+        let taken = [
+            "driver",
+            "node-name",
+            "cache",
+            "active",
+            "auto-read-only",
+            "file",
+        ];
+        let left = raw.visitor_leftovers(taken.into_iter());
+        assert_eq!(left.first().map(|(k, _)| *k), Some("key-secret"));
     }
 
     #[test]
