@@ -434,3 +434,105 @@ def test_a_mirror_to_nbd_goes_ready_after_its_command_returns_as_qsd(both, qemu_
     expected = ready_order(q, sock)
     assert "BLOCK_JOB_READY" in expected
     assert ready_order(f, sock) == ["return", "BLOCK_JOB_READY"]
+
+
+def test_images_made_by_name_over_an_nbd_export_as_in_qsd(both, tmp_path):
+    """drive-backup, drive-mirror and blockdev-snapshot-sync making their target by an NBD
+    URL (mode `absolute-paths`, the default): an export cannot be made, only reused (QEMU's
+    `bdrv_co_create_opts_simple`): it must be there and big enough; its first sector is
+    zeroed and the format made over it. And `block_resize` of an NBD node: it cannot grow,
+    and a smaller size is taken as met. Replies and the images made as qsd's."""
+    procs = []
+    out = {}
+    try:
+        for d in both():
+            w = d.workdir
+
+            def serve(name, size):
+                img = w / f"{name}.raw"
+                run("qemu-img", "create", "-q", "-f", "raw", img, size)
+                run("qemu-io", "-f", "raw", "-c", "write -P 0x66 0 64k", img)
+                sock = w / f"{name}.sock"
+                procs.append(subprocess.Popen(["qemu-nbd", "-t", "--shared=4", "-k", str(sock),
+                                               "-f", "raw", str(img)],
+                                              stderr=subprocess.DEVNULL))
+                wait_for(lambda: sock.exists(), what="qemu-nbd socket")
+                return img, f"nbd+unix:///?socket={sock}"
+
+            def image(img, fmt):
+                """What the export holds: its format, and whether it is the source's data
+                (or, `raw` cut to the source's size, whether its first sector is zero)."""
+                info = json.loads(run("qemu-img", "info", "-U", "--output=json", img).stdout)
+                same = run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", fmt, src, img,
+                           check=False).returncode
+                head = run("qemu-io", "-r", "-U", "-f", "raw", "-c", "read -P 0 0 512", img,
+                           check=False).stdout
+                return info["format"], info.get("backing-filename"), same, "failed" not in head
+
+            src = w / "src.qcow2"
+            qcow2(src, "4M")
+            run("qemu-io", "-c", "write -P 0x5a 4k 1M", "-c", "write -P 0xa5 3M 64k", src)
+            c = d.connect()
+            got = []
+            cmd = recorder(c, got)
+            add(c, "src", src)
+            img, url = serve("raw", "4M")
+            cmd("drive-backup", {"job-id": "j1", "device": "src", "sync": "full",
+                                 "target": url, "format": "raw"})
+            got.append(c.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"].get("error"))
+            got.append(image(img, "raw"))
+            img, url = serve("qcow2", "8M")
+            cmd("drive-backup", {"job-id": "j2", "device": "src", "sync": "full",
+                                 "target": url, "format": "qcow2"})
+            got.append(c.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"].get("error"))
+            got.append(image(img, "qcow2"))
+            img, url = serve("mirror", "8M")
+            cmd("drive-mirror", {"job-id": "j3", "device": "src", "sync": "full",
+                                 "target": url, "format": "qcow2"})
+            c.wait_event("BLOCK_JOB_READY", timeout=60)
+            cmd("block-job-complete", {"device": "j3"})
+            got.append(c.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"].get("error"))
+            got.append(image(img, "qcow2"))
+            # Too small: refused before anything is written.
+            img, url = serve("small", "1M")
+            cmd("drive-backup", {"device": "src", "sync": "full", "target": url,
+                                 "format": "raw"})
+            got.append(image(img, "raw"))
+            # Too big for a raw copy: made (first sector zeroed), then refused.
+            img, url = serve("big", "8M")
+            cmd("drive-backup", {"device": "src", "sync": "full", "target": url,
+                                 "format": "raw"})
+            got.append(image(img, "raw"))
+            cmd("drive-backup", {"device": "src", "sync": "full", "format": "raw",
+                                 "target": f"nbd+unix:///?socket={w}/none.sock"})
+            cmd("drive-backup", {"device": "src", "sync": "full", "target": "null-co://"})
+            cmd("drive-backup", {"device": "src", "sync": "full", "target": "null-co://",
+                                 "format": "null-co"})
+            cmd("drive-mirror", {"device": "src", "sync": "full", "format": "qcow2",
+                                 "target": "http://127.0.0.1:1/x"})
+            # An external snapshot over an export, recording the old top as its backing.
+            img, url = serve("overlay", "8M")
+            cmd("blockdev-snapshot-sync", {"node-name": "src", "snapshot-file": url,
+                                           "snapshot-node-name": "top", "format": "qcow2"})
+            info = json.loads(run("qemu-img", "info", "-U", "--output=json", img).stdout)
+            got.append((info["format"], info.get("backing-filename")))
+            # A node of the export: grown, refused; shrunk, taken as met.
+            cmd("blockdev-add", {"driver": "nbd", "node-name": "n",
+                                 "server": {"type": "unix", "path": str(w / "raw.sock")}})
+            cmd("block_resize", {"node-name": "n", "size": 8 * MiB})
+            cmd("block_resize", {"node-name": "n", "size": 1 * MiB})
+            nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+            got.append([n["image"]["virtual-size"] for n in nodes if n["node-name"] == "n"])
+            c.close()
+            d.stop()
+            out[d.binary] = json.loads(json.dumps(got).replace(str(w), "W"))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    qsd_out, ferrite_out = out.values()
+    assert_same_transcript(qsd_out, ferrite_out)
+    # The three jobs copied everything (`qemu-img compare` found the source's data).
+    images = [e for e in ferrite_out if isinstance(e, list) and len(e) == 4]
+    assert [i[:3] for i in images[:3]] == [["raw", None, 0], ["qcow2", None, 0],
+                                           ["qcow2", None, 0]], images

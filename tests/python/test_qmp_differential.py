@@ -365,6 +365,9 @@ FOUND = [
     ("blockdev-add", {"driver": "quorum", "node-name": "n4", "children": ["n4"],
                       "vote-threshold": 1}),
     ("blockdev-add", {"driver": "raw", "node-name": "n4", "file": "n4"}),
+    # libiscsi makes no context for an empty initiator name.
+    ("blockdev-add", {"driver": "iscsi", "node-name": "i3", "transport": "tcp", "portal": "#bad",
+                      "target": "t", "initiator-name": "", "user": "u"}),
 ]
 
 # Commands in FOUND that make the state the next ones need: where qemu-storage-daemon

@@ -224,6 +224,25 @@ pub enum Error {
     /// `blockdev-create` with a driver of the schema's that is not here (`blkreplay`).
     #[error("Block driver '{0}' not found or not supported")]
     NoSuchDriverToCreate(String),
+    /// An image created by file name over a protocol that cannot make its part.
+    #[error("Protocol driver '{0}' does not support image creation")]
+    ProtocolCannotCreate(String),
+    /// An image created by file name over storage that is only reused (an NBD export, a
+    /// host device) that could not be opened.
+    #[error(
+        "Protocol driver '{driver}' does not support creating new images, so an existing \
+         image must be selected as the target; however, opening the given target as an \
+         existing image failed: {cause}"
+    )]
+    NoExistingTarget {
+        /// The protocol.
+        driver: String,
+        /// Why the open failed.
+        cause: Box<Error>,
+    },
+    /// Reused storage whose first sector could not be zeroed.
+    #[error("Failed to clear the new image's first sector: {}", os_msg(.0))]
+    ClearFirstSector(io::Error),
     /// `x-blockdev-amend` naming another driver than the node's.
     #[error("x-blockdev-amend doesn't support changing the block driver")]
     AmendChangesDriver,

@@ -51,5 +51,5 @@ pub use node::{DetectZeroes, Node, NodeSettings};
 pub use open::{MAX_LENGTH, OpenCtx, check_visited_whole};
 pub use open_backing::BackingName;
 pub use perm::Perm;
-pub use registry::{DriverFactory, DriverKind, LocalFut, Registry, backing_options};
+pub use registry::{DriverFactory, DriverKind, LocalFut, NameCreation, Registry, backing_options};
 pub use request::MAX_REQUEST;

@@ -28,6 +28,21 @@ pub enum DriverKind {
     Filter,
 }
 
+/// How a protocol makes its part of an image created by file name (QEMU's
+/// `bdrv_co_create_file`, for the targets `drive-backup`, `drive-mirror` and
+/// `blockdev-snapshot-sync` make).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameCreation {
+    /// It cannot: "Protocol driver 'X' does not support image creation".
+    Unsupported,
+    /// Through the driver's own `create`, at the location the file name gives.
+    Create,
+    /// Storage that is reused, never made (QEMU's `bdrv_co_create_opts_simple`: NBD exports,
+    /// iSCSI LUNs, host devices): the target must exist; it is opened, grown where it can be
+    /// and its first sector zeroed.
+    ReuseExisting,
+}
+
 /// A driver: how to open a node of it, and, where it can, create and amend images.
 pub trait DriverFactory {
     /// The driver name (a `BlockdevDriver` value).
@@ -61,6 +76,15 @@ pub trait DriverFactory {
     /// QEMU's texts for bad options and for the storage failing.
     fn create<'a>(&'a self, _graph: &'a Rc<Graph>, _opts: &'a Args) -> LocalFut<'a, ()> {
         Box::pin(async { Err(Error::CannotCreate) })
+    }
+
+    /// How an image created by file name gets this protocol's part.
+    fn name_creation(&self) -> NameCreation {
+        if self.can_create() && self.kind() == DriverKind::Protocol {
+            NameCreation::Create
+        } else {
+            NameCreation::Unsupported
+        }
     }
 
     /// The options QEMU's image creation by file name (`bdrv_img_create`, for

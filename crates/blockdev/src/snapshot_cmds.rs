@@ -149,12 +149,8 @@ pub async fn prepare(
     }
     let mut opts = QDict::new()
         .with("driver", format)
-        .with(
-            "file",
-            QDict::new()
-                .with("driver", "file")
-                .with("filename", file.as_str()),
-        )
+        // The name's protocol, as QEMU opens the overlay by its name (an NBD export too).
+        .with("file", ferrite_block::filename::protocol_options(&file))
         .with("backing", ferrite_qobject::QObject::Null);
     if let Some(n) = new_name {
         opts.insert("node-name", n);

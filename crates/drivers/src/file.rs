@@ -11,7 +11,7 @@ use ferrite_block::Perm;
 use ferrite_block::driver::{BoxFut, Driver, Extent, Prealloc, ReqFlags};
 use ferrite_block::fdset;
 use ferrite_block::io::{Fallocate, IoBackend, seek};
-use ferrite_block::{DriverFactory, DriverKind, LocalFut};
+use ferrite_block::{DriverFactory, DriverKind, LocalFut, NameCreation};
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::cell::Cell;
@@ -124,6 +124,14 @@ impl DriverFactory for FileFactory {
 
     fn can_create(&self) -> bool {
         !self.flavor.is_device()
+    }
+
+    fn name_creation(&self) -> NameCreation {
+        if self.flavor.is_device() {
+            NameCreation::ReuseExisting
+        } else {
+            NameCreation::Create
+        }
     }
 
     fn create<'a>(&'a self, _graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {

@@ -6,7 +6,7 @@
 //! a text that says why, where QEMU would report the service's own failure.
 
 use ferrite_block::driver::Driver;
-use ferrite_block::{DriverFactory, DriverKind, Graph, LocalFut, OpenCtx};
+use ferrite_block::{DriverFactory, DriverKind, Graph, LocalFut, NameCreation, OpenCtx};
 use ferrite_qapi::{Args, Error};
 use std::rc::Rc;
 
@@ -110,6 +110,13 @@ impl DriverFactory for NoClientFactory {
 
     fn can_create(&self) -> bool {
         !matches!(self.0, Service::Nvme)
+    }
+
+    fn name_creation(&self) -> NameCreation {
+        match self.0 {
+            Service::Nvme => NameCreation::ReuseExisting,
+            Service::Rbd | Service::Gluster => NameCreation::Create,
+        }
     }
 
     fn create<'a>(&'a self, graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {

@@ -13,7 +13,7 @@ use crate::session::{Dir, Reply, Session};
 use bytes::Bytes;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
 use ferrite_block::report::{error_report, warn_report};
-use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx};
+use ferrite_block::{DriverFactory, DriverKind, LocalFut, NameCreation, Node, OpenCtx};
 use ferrite_qapi::{Args, Error};
 use ferrite_qobject::{QDict, QObject};
 use std::cell::{Cell, RefCell};
@@ -397,6 +397,10 @@ impl DriverFactory for IscsiFactory {
         "iscsi"
     }
 
+    fn name_creation(&self) -> NameCreation {
+        NameCreation::ReuseExisting
+    }
+
     fn kind(&self) -> DriverKind {
         DriverKind::Protocol
     }
@@ -425,6 +429,10 @@ impl DriverFactory for IscsiFactory {
                     return Err(Error::generic(format!("Unknown transport: {other}")).into());
                 }
             };
+            // libiscsi makes no context for an empty initiator name.
+            if opts.opt_str("initiator-name") == Some("") {
+                return Err(Error::generic("iSCSI: Failed to create iSCSI context.").into());
+            }
             let chap = chap(ctx, opts)?;
             let digest = match opts.opt_str("header-digest") {
                 None | Some("none-crc32c") => "None,CRC32C",

@@ -498,6 +498,8 @@ pub async fn prepare_drive(
     txn: Option<Rc<JobTxn>>,
 ) -> Result<Prepared> {
     let source = graph.lookup(args.str("device")?)?;
+    // Before the target is made (a concluded stream job not dismissed still blocks its node).
+    graph.check_unblocked(&source)?;
     let file = args.str("target")?.to_owned();
     let existing = args.opt_str("mode") == Some("existing");
     // An existing image without a format given opens as the source's flags say; a new one
@@ -569,21 +571,34 @@ pub async fn create_target(
     backing: Option<&Node>,
     quiet: bool,
 ) -> Result<()> {
+    use ferrite_block::{DriverKind, create};
     use ferrite_qobject::QDict;
-    // QEMU's `bdrv_img_create` checks the format before it touches a file. A raw image, or
-    // the file itself (format `file`), is just a file of the right size; other formats need
-    // their driver's create step.
-    let factory = match graph.registry().get(format) {
-        None => return Err(Error::UnknownFileFormat(format.to_owned())),
-        Some(f) if !f.can_create() && format != "raw" => {
+    // QEMU's `bdrv_img_create` checks the format, then the protocol the name gives, before
+    // it touches anything. A raw image, or a protocol's own (a file, an NBD export, a host
+    // device), is just the protocol's part of the right size; other formats need their
+    // driver's create step over it.
+    let factory = graph
+        .registry()
+        .get(format)
+        .ok_or_else(|| Error::UnknownFileFormat(format.to_owned()))?;
+    let plain = format == "raw" || factory.kind() == DriverKind::Protocol;
+    let protocol = if factory.kind() == DriverKind::Protocol {
+        // A protocol as the format makes the image itself, at the place the name gives.
+        let mut location = ferrite_block::filename::protocol_options(file);
+        if location.get("driver").and_then(|d| d.as_str()) != Some(format) {
+            location = QDict::new().with("driver", format).with("filename", file);
+        }
+        create::by_name_location(graph, location)
+            .map_err(|_| Error::CannotCreateFormat(format.to_owned()))?
+    } else {
+        if !factory.can_create() && format != "raw" {
             return Err(Error::CannotCreateFormat(format.to_owned()));
         }
-        Some(f) => f,
+        create::by_name_protocol(graph, file)?
     };
     if backing.is_some() && !factory.supports_backing() {
         return Err(Error::BackingUnsupported(format.to_owned()));
     }
-    let plain = format == "raw" || factory.kind() == ferrite_block::DriverKind::Protocol;
     let backing_names = backing.map(|b| (b.filename(), b.driver_name().to_owned()));
     let named = backing_names
         .as_ref()
@@ -596,27 +611,22 @@ pub async fn create_target(
         let options = factory.formatting_options(source.len(), named);
         println!("Formatting '{file}', fmt={format} {options}");
     }
-    let file_opts = QDict::new()
-        .with("driver", "file")
-        .with("filename", file)
-        .with("size", if plain { source.len() } else { 0 });
-    ferrite_block::create::create(&graph.rc(), &Args::new(file_opts)).await?;
+    let location = protocol.0.clone();
+    let size = if plain { source.len() } else { 0 };
+    create::create_by_name(&graph.rc(), protocol, size).await?;
     if plain {
         return Ok(());
     }
     let mut opts = QDict::new()
         .with("driver", format)
-        .with(
-            "file",
-            QDict::new().with("driver", "file").with("filename", file),
-        )
+        .with("file", location)
         .with("size", source.len());
     if let Some((f, d)) = named {
         opts.insert("backing-file", f);
         opts.insert("backing-fmt", d);
     }
     let opts = factory.by_name_create_options(opts)?;
-    Ok(ferrite_block::create::create(&graph.rc(), &Args::new(opts)).await?)
+    Ok(create::create(&graph.rc(), &Args::new(opts)).await?)
 }
 
 /// The sync mode and the bitmap (on the source) with its mode, checked in QEMU's order.

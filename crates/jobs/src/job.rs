@@ -63,6 +63,10 @@ pub trait JobDriver {
         Box::pin(async {})
     }
 
+    /// The job is dismissed (QEMU: `block_job_free`): it lets go of what it held until the
+    /// user took it away. Most jobs let go of everything in `clean` already.
+    fn free(&self, _job: &Job) {}
+
     /// `job-complete` on a job in `ready`.
     ///
     /// # Errors

@@ -186,6 +186,7 @@ impl JobManager {
     }
 
     fn dismiss_now(&self, job: &Rc<Job>) {
+        job.driver.free(job);
         job.transition(Status::Null);
         self.jobs.borrow_mut().retain(|j| !Rc::ptr_eq(j, job));
     }

@@ -390,7 +390,7 @@ impl JobDriver for StreamJob {
         Box::pin(async move { self.switch_backing().await })
     }
 
-    fn clean(self: Rc<Self>, job: Rc<Job>) -> PhaseFuture<()> {
+    fn clean(self: Rc<Self>, _job: Rc<Job>) -> PhaseFuture<()> {
         Box::pin(async move {
             if self.ended.replace(true) {
                 return;
@@ -399,22 +399,27 @@ impl JobDriver for StreamJob {
             if let Some(b) = self.blk.borrow_mut().take() {
                 b.remove();
             }
-            let intermediates = std::mem::take(&mut *self.intermediates.borrow_mut());
-            for n in std::iter::once(&self.filter_node)
-                .chain(std::iter::once(&self.node))
-                .chain(intermediates.iter())
-            {
-                self.graph.unblock(n, BLOCKED);
-            }
-            job.remove_nodes(&self.graph);
-            // The filter and the nodes that left the chain go unless the user added them.
-            self.graph.forget_if_orphan(&self.filter_node);
-            for n in &intermediates {
-                self.graph.forget_if_orphan(n);
-            }
             if self.was_read_only {
                 let _ = self.graph.reopen_read_only(&self.node).await;
             }
         })
+    }
+
+    fn free(&self, job: &Job) {
+        // Unlike QEMU's other block jobs, its stream job holds its nodes blocked, and the
+        // filter (out of the chain, still over the node), until it is dismissed.
+        let intermediates = std::mem::take(&mut *self.intermediates.borrow_mut());
+        for n in std::iter::once(&self.filter_node)
+            .chain(std::iter::once(&self.node))
+            .chain(intermediates.iter())
+        {
+            self.graph.unblock(n, BLOCKED);
+        }
+        job.remove_nodes(&self.graph);
+        // The filter and the nodes that left the chain go unless the user added them.
+        self.graph.forget_if_orphan(&self.filter_node);
+        for n in &intermediates {
+            self.graph.forget_if_orphan(n);
+        }
     }
 }

@@ -8,7 +8,7 @@ mod session;
 
 use crate::proto::*;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
-use ferrite_block::{DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Registry};
+use ferrite_block::{DriverFactory, DriverKind, LocalFut, NameCreation, Node, OpenCtx, Registry};
 use ferrite_qapi::{Args, os_msg};
 use ferrite_qobject::QDict;
 use ferrite_socket::{InetAddr, UnixAddr, VsockAddr};
@@ -245,6 +245,10 @@ struct NbdClientFactory {
 impl DriverFactory for NbdClientFactory {
     fn name(&self) -> &'static str {
         "nbd"
+    }
+
+    fn name_creation(&self) -> NameCreation {
+        NameCreation::ReuseExisting
     }
 
     fn kind(&self) -> DriverKind {
@@ -582,11 +586,13 @@ impl Driver for NbdClient {
     }
 
     fn truncate<'a>(&'a self, _node: &'a Node, size: u64) -> BoxFut<'a, ()> {
+        // An export's size is the server's: it cannot grow, and a smaller size is taken
+        // as met (QEMU's inexact truncate, as `block_resize` and image creation ask it).
         Box::pin(async move {
-            if size == self.size {
-                return Ok(());
+            if size > self.size {
+                return Err(io::Error::other("Cannot grow NBD nodes"));
             }
-            Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+            Ok(())
         })
     }
 
