@@ -368,6 +368,12 @@ FOUND = [
     # libiscsi makes no context for an empty initiator name.
     ("blockdev-add", {"driver": "iscsi", "node-name": "i3", "transport": "tcp", "portal": "#bad",
                       "target": "t", "initiator-name": "", "user": "u"}),
+    # Names of host devices go to host_device (QEMU's find_hdev_driver), made or opened.
+    ("drive-backup", {"device": "fmt0", "sync": "full", "target": "/dev/null", "format": "raw"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "/dev/zero", "format": "raw",
+                      "mode": "existing"}),
+    ("drive-mirror", {"device": "fmt0", "sync": "full", "target": "/dev/null",
+                      "format": "qcow2"}),
 ]
 
 # Commands in FOUND that make the state the next ones need: where qemu-storage-daemon

@@ -34,9 +34,44 @@ fn json_options(text: &str) -> Option<QDict> {
     Some(out)
 }
 
+/// The host device driver QEMU finds for a name before any prefix (its
+/// `find_hdev_driver`): `host_cdrom` for a block device that answers the CD-ROM status
+/// request, `host_device` for any other block or character device and for names under
+/// `/dev/cdrom`.
+fn host_device_driver(name: &str) -> Option<&'static str> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    if let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(name)
+        && file
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_block_device())
+        && cdrom_answers(&file)
+    {
+        return Some("host_cdrom");
+    }
+    let device = std::fs::metadata(name).is_ok_and(|m| {
+        let t = m.file_type();
+        t.is_block_device() || t.is_char_device()
+    });
+    (device || name.starts_with("/dev/cdrom")).then_some("host_device")
+}
+
+/// Whether the block device answers Linux's `CDROM_DRIVE_STATUS`.
+fn cdrom_answers(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    const CDROM_DRIVE_STATUS: libc::c_ulong = 0x5326;
+    const CDSL_CURRENT: libc::c_int = libc::c_int::MAX;
+    // SAFETY: the descriptor is open for the call; this request takes an integer argument
+    // and writes no memory.
+    unsafe { libc::ioctl(file.as_raw_fd(), CDROM_DRIVE_STATUS, CDSL_CURRENT) >= 0 }
+}
+
 /// The options of the protocol node a file name stands for: `json:{...}` says them all,
 /// `blkdebug:CONFIG:IMAGE` is a blkdebug node over the image's file, `blkverify:RAW:TEST` a
-/// blkverify node over both (the image under test by name only), `http://...`,
+/// blkverify node over both (the image under test by name only), a host device or CD-ROM
+/// drive a `host_device` or `host_cdrom` node, `http://...`,
 /// `https://...`, `ftp://...` and `ftps://...` a node of that driver, `null-co://` a null node, `file:PATH` a file, anything else a file (QEMU's protocol prefixes, for those
 /// ferrite has).
 pub fn protocol_options(name: &str) -> QDict {
@@ -46,6 +81,9 @@ pub fn protocol_options(name: &str) -> QDict {
             d.insert("driver", "file");
         }
         return d;
+    }
+    if let Some(driver) = host_device_driver(name) {
+        return QDict::new().with("driver", driver).with("filename", name);
     }
     if let Some(d) = nbd_options(name) {
         return d;

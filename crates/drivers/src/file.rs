@@ -46,6 +46,9 @@ impl Flavor {
 /// An open file.
 pub(crate) struct FileDriver {
     flavor: Flavor,
+    /// A character device (`/dev/null`): it takes writes anywhere, as the kernel lets it;
+    /// a block device ends where it ends (ENOSPC past it).
+    char_device: bool,
     path: String,
     /// The open file; `blockdev-reopen` swaps it for one opened in the new mode.
     file: std::cell::RefCell<Arc<File>>,
@@ -299,6 +302,7 @@ impl FileDriver {
         };
         Ok(FileDriver {
             flavor: o.flavor,
+            char_device: kind.is_char_device(),
             path,
             file: std::cell::RefCell::new(Arc::new(file)),
             fdset_dup: std::cell::RefCell::new(fdset_dup),
@@ -812,7 +816,7 @@ impl Driver for FileDriver {
     }
 
     fn can_grow(&self) -> bool {
-        !self.flavor.is_device()
+        !self.flavor.is_device() || self.char_device
     }
 
     fn can_fast_zero(&self) -> bool {

@@ -119,6 +119,10 @@ pub(crate) async fn format(file: &Child, o: &CreateOpts) -> ferrite_block::Resul
     file.write(0, first, ReqFlags::empty())
         .await
         .map_err(io_err)?;
+    // QEMU opens the image it just wrote: storage that keeps nothing (`/dev/null`) holds
+    // no image.
+    let head = file.read(0, 512).await.map_err(io_err)?;
+    header::Header::probe_cluster_bits(&head)?;
     // Size the image through the metadata code, as an open image grows, with QEMU's
     // checks of a new length.
     if o.size > i64::MAX as u64 {
