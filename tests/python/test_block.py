@@ -701,3 +701,24 @@ def test_drivers_of_services_without_a_client_are_refused_after_qsds_checks(both
             assert b == a, (name, args)
     assert refused == 3
     assert "Unknown driver 'blkreplay'" in ours[0]
+
+
+def test_activating_an_image_that_is_gone_says_which_layer_as_qsd(ferrite, qsd):
+    """A qcow2 node inactive while its file is made anew (nothing of the image left): its
+    activation fails in QEMU's words, "Could not reopen qcow2 layer: ..."."""
+    out = []
+    for start in (qsd, ferrite):
+        d = start()
+        img = d.workdir / "img.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+        c = d.connect()
+        got = [c.cmd("blockdev-add", {"driver": "qcow2", "node-name": "f",
+                                      "file": {"driver": "file", "filename": str(img)}}),
+               c.cmd("blockdev-set-active", {"active": False}),
+               c.cmd("blockdev-create", {"job-id": "c", "options": {
+                   "driver": "file", "filename": str(img), "size": 1 << 20}})]
+        c.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+        got.append(c.cmd("blockdev-set-active", {"active": True}))
+        out.append(got)
+    assert out[1] == out[0]
+    assert "Could not reopen qcow2 layer: Image is not in qcow2 format" in str(out[1][-1])

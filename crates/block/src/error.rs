@@ -187,9 +187,15 @@ pub enum Error {
     /// Inactivating failed (EPERM: a user still writes the node).
     #[error("Failed to inactivate node: {}", os_msg(.0))]
     InactivateFailed(io::Error),
-    /// Activating failed (the image could not be read again).
-    #[error("Could not reopen image: {}", os_msg(.0))]
-    ActivateFailed(io::Error),
+    /// Activating failed: the format could not read its image again (QEMU's qcow2 and qed
+    /// say "Could not reopen qcow2 layer: ...").
+    #[error("Could not reopen {driver} layer: {}", os_msg(.error))]
+    ActivateFailed {
+        /// The format.
+        driver: String,
+        /// Why.
+        error: io::Error,
+    },
     /// An inactive node as the child of an active one.
     #[error("Inactive '{child}' can't be a {edge} child of active '{parent}'")]
     InactiveChild {

@@ -121,11 +121,12 @@ impl Graph {
             // re-reads its image, which may write to it (a qcow2 header's autoclear bits).
             node.inactive.set(false);
             let reread = match self.propagate(node) {
-                Ok(()) => node
-                    .driver()
-                    .invalidate_cache(node)
-                    .await
-                    .map_err(Error::ActivateFailed),
+                Ok(()) => node.driver().invalidate_cache(node).await.map_err(|error| {
+                    Error::ActivateFailed {
+                        driver: node.driver_name().to_owned(),
+                        error,
+                    }
+                }),
                 Err(e) => Err(e),
             };
             if let Err(e) = reread {
