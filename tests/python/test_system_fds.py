@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import RawQmp, wait_for
-from test_system import QEMU, SYSTEM, compare_with_qemu
+from test_system import QEMU, SYSTEM, Machine, compare_with_qemu
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 (the oracle) is missing; scripts/setup.sh installs it")
 
@@ -126,3 +126,65 @@ def test_add_fd_option_errors_read_as_qemus(tmp_path, spec, error):
         assert results[1] == results[0]
     finally:
         os.close(f)
+
+
+def socket_fd_transcript(binary, accel, workdir):
+    """Listening sockets handed over by `getfd` serve an NBD server and a chardev."""
+    disk = workdir / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "1M"], check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 64k", str(disk)],
+                   check=True, capture_output=True)
+    m = Machine(binary, accel, workdir, ["-drive", f"if=none,id=d0,file={disk},format=raw"])
+    listeners = []
+
+    def listening(name):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(workdir / name))
+        s.listen()
+        listeners.append(s)
+        return s
+
+    def cmd(name, args=None, passing=None):
+        if passing is not None:
+            socket.send_fds(m.qmp.s, [b" "], [passing.fileno()])
+        r = m.qmp.cmd(name, args)
+        out.append((name, args, r))
+        return r
+
+    out = []
+    try:
+        nbd, chr_ = listening("nbd.sock"), listening("chr.sock")
+        with open(disk, "rb") as f:
+            cmd("getfd", {"fdname": "plain"}, passing=f)
+        cmd("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "nosuch"}}})
+        cmd("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "plain"}}})
+        cmd("getfd", {"fdname": "nbd"}, passing=nbd)
+        cmd("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "nbd"}}})
+        # The name is used up: the server owns the socket now.
+        cmd("closefd", {"fdname": "nbd"})
+        cmd("nbd-server-add", {"device": "d0"})
+        info = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x3c 0 64k",
+                               f"nbd+unix:///d0?socket={workdir / 'nbd.sock'}"],
+                              capture_output=True, text=True, timeout=30).stdout
+        out.append(("nbd read", "read 65536/65536" in info))
+        cmd("chardev-add", {"id": "c0", "backend": {"type": "socket", "data": {
+            "addr": {"type": "fd", "data": {"str": "nosuch"}}, "server": True, "wait": False}}})
+        cmd("getfd", {"fdname": "chr"}, passing=chr_)
+        cmd("chardev-add", {"id": "c0", "backend": {"type": "socket", "data": {
+            "addr": {"type": "fd", "data": {"str": "chr"}}, "server": True, "wait": False}}})
+        # The chardev listens on the socket it was given. (What query-chardev says once a
+        # client is there differs: ferrite accepts a client only for a frontend.)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(workdir / "chr.sock"))
+        client.close()
+        cmd("chardev-remove", {"id": "c0"})
+        cmd("quit")
+    finally:
+        for s in listeners:
+            s.close()
+        m.stop()
+    return out
+
+
+def test_sockets_passed_by_getfd_serve_nbd_and_chardevs_as_qemus(tmp_path):
+    compare_with_qemu(tmp_path, socket_fd_transcript)

@@ -14,6 +14,9 @@ pub enum Error {
     /// A node looked up by a command that takes a device or a node name.
     #[error("Cannot find device='{0}' nor node-name='{0}'")]
     NotFound(String),
+    /// A drive named by a command that takes a device or a node name has no medium.
+    #[error("Device '{0}' has no medium")]
+    NoMedium(String),
     /// A node looked up by node name only.
     #[error("Cannot find device='' nor node-name='{0}'")]
     NodeNotFound(String),

@@ -24,7 +24,6 @@ pub mod filename;
 mod graph;
 pub mod io;
 pub mod join;
-pub mod monitor_fd;
 mod node;
 mod open;
 mod open_backing;

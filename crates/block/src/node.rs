@@ -655,6 +655,14 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// How QEMU's messages name the node (`bdrv_get_device_or_node_name`): its drive's
+    /// name, else its own.
+    pub fn device_or_node_name(&self) -> String {
+        Some(self.device_name())
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| self.name.clone())
+    }
+
     /// Whether a `BlockBackend` (an export, a device, a job's writer) uses the node (QEMU:
     /// `bdrv_has_blk`); jobs' own edges do not count.
     pub fn has_backend_user(&self) -> bool {

@@ -88,7 +88,7 @@ pub fn add(graph: &Graph, args: &Args) -> Result<Undo> {
     };
     let persistent = args.bool_or("persistent", false);
     if persistent && !node.driver().supports_persistent_bitmaps() {
-        return Err(Error::NoPersistentBitmaps(node.name().to_owned()));
+        return Err(Error::NoPersistentBitmaps(node.device_or_node_name()));
     }
     if persistent && let Err(why) = node.driver().can_store_bitmap(name, granularity) {
         return Err(Error::CannotPersist {

@@ -32,7 +32,10 @@ pub enum Error {
     /// telnet, tn3270 and websocket sockets.
     #[error("telnet, tn3270 and websocket sockets are not supported by ferrite")]
     SocketProtocolUnsupported,
-    /// An `fd` address in QMP.
+    /// An `fd` address in QMP that names no socket the monitor keeps (QEMU's texts).
+    #[error("{0}")]
+    Fd(String),
+    /// An `fd` address to connect to again: its socket is gone with the first connection.
     #[error("only QEMU supports file descriptor passing")]
     FdOverQmp,
     /// An `fd` that is not a number.

@@ -11,6 +11,7 @@
 
 mod blkdebug;
 mod blklogwrites;
+mod blkreplay;
 mod bochs;
 pub use blkdebug::set_qtest;
 mod blkverify;
@@ -44,7 +45,13 @@ mod vvfat;
 use ferrite_block::Registry;
 use std::rc::Rc;
 
-/// Registers every driver of this crate.
+/// Adds the drivers only a system emulator has (QEMU builds `blkreplay` into its system
+/// emulators alone).
+pub fn register_emulator_only(registry: &Registry) {
+    registry.register(Rc::new(blkreplay::BlkreplayFactory));
+}
+
+/// Registers every driver of this crate a storage daemon has.
 pub fn register(registry: &Registry) {
     registry.register(Rc::new(compress::CompressFactory));
     for flavor in [

@@ -18,12 +18,9 @@ pub enum Error {
     /// The address could not be listened on (QEMU's texts, from `ferrite-socket`).
     #[error(transparent)]
     Address(#[from] ferrite_socket::Error),
-    /// An inherited listening socket on the command line (not yet).
-    #[error("fd addresses for the NBD server are not supported by ferrite yet")]
-    FdUnsupported,
-    /// An `fd` address in QMP.
-    #[error("only QEMU supports file descriptor passing")]
-    FdOverQmp,
+    /// An `fd` address naming no socket (QEMU's texts, from the monitor's descriptors).
+    #[error("{0}")]
+    Fd(String),
     /// An export name over NBD's 4096 bytes.
     #[error("export name '{0}' too long")]
     NameTooLong(String),

@@ -16,7 +16,7 @@ fn ok() -> Result<QObject, Error> {
 /// # Errors
 /// As [`NbdService::start`].
 pub fn qmp_nbd_server_start(nbd: &Rc<NbdService>, args: &Args) -> Result<QObject, Error> {
-    nbd.start(args, false)?;
+    nbd.start(args)?;
     ok()
 }
 

@@ -143,7 +143,7 @@ impl NbdService {
     /// # Errors
     /// "NBD server already running", the address failing, or credentials that are not a
     /// server's.
-    pub fn start(self: &Rc<Self>, opts: &Args, from_cli: bool) -> Result<()> {
+    pub fn start(self: &Rc<Self>, opts: &Args) -> Result<()> {
         if self.is_running() {
             return Err(Error::AlreadyRunning);
         }
@@ -182,8 +182,21 @@ impl NbdService {
                 let l = ferrite_socket::vsock::Listener::new(sock).map_err(fail)?;
                 (AnyListener::Vsock(l), None)
             }
-            SocketAddress::Fd(_) if from_cli => return Err(Error::FdUnsupported),
-            SocketAddress::Fd(_) => return Err(Error::FdOverQmp),
+            SocketAddress::Fd(name) => {
+                // A name the monitor keeps (`getfd`), or on the command line a number.
+                let fd = ferrite_socket::monitor_fd::take_socket(&name).map_err(Error::Fd)?;
+                let listener = match ferrite_socket::fd::listen(fd, backlog)? {
+                    ferrite_socket::fd::Listener::Unix(l) => {
+                        l.set_nonblocking(true).map_err(fail)?;
+                        AnyListener::Unix(UnixListener::from_std(l).map_err(fail)?)
+                    }
+                    ferrite_socket::fd::Listener::Tcp(l) => {
+                        l.set_nonblocking(true).map_err(fail)?;
+                        AnyListener::Tcp(TcpListener::from_std(l).map_err(fail)?)
+                    }
+                };
+                (listener, None)
+            }
         };
         // As QEMU: the address is bound before the credentials are looked up. `tls-authz`
         // alone is accepted: it only acts with TLS.

@@ -10,7 +10,9 @@
 
 mod addr;
 mod error;
+pub mod fd;
 pub mod inet;
+pub mod monitor_fd;
 pub mod unix;
 pub mod vsock;
 

@@ -118,7 +118,7 @@ impl Daemon {
         // The storage daemon's monitors keep no descriptors by name (a front end with
         // `getfd` installs its own lookup): a socket address of type `fd` in a command is
         // refused as qemu-storage-daemon refuses it.
-        ferrite_block::monitor_fd::set_lookup(Rc::new(|_| {
+        ferrite_socket::monitor_fd::set_lookup(Rc::new(|_| {
             ferrite_qmp::current_session()
                 .map(|_| Err("only QEMU supports file descriptor passing".to_owned()))
         }));
@@ -205,6 +205,12 @@ impl Daemon {
         self.nbd.close().await;
         self.graph.flush_all().await;
         self.graph.close_all().await;
+    }
+
+    /// Whether the absolute QOM path `path` names one of the daemon's objects (a user
+    /// object, a chardev or one of their containers).
+    pub fn qom_path_exists(&self, path: &str) -> bool {
+        ferrite_qom::resolve_path(&self.qom_root, path).is_ok()
     }
 
     /// Asks the main loop to shut down (`quit`, a signal).

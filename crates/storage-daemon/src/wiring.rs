@@ -234,9 +234,7 @@ pub async fn start(
                     .await
                     .map_err(|e| located(opt, e))?;
             }
-            Checked::NbdServer(args) => {
-                daemon.nbd.start(&args, true).map_err(|e| located(opt, e))?
-            }
+            Checked::NbdServer(args) => daemon.nbd.start(&args).map_err(|e| located(opt, e))?,
             Checked::Export(args) => daemon
                 .exports
                 .add(&args)

@@ -93,7 +93,7 @@ impl SystemCommands {
                 empty()
             }
             "migrate-incoming" => {
-                crate::migration::incoming(sys, args.str("uri")?)?;
+                crate::migration::incoming(sys, args.opt_str("uri"))?;
                 empty()
             }
             "migrate_cancel" => {
@@ -110,6 +110,13 @@ impl SystemCommands {
             }
             "human-monitor-command" => {
                 let line = args.str("command-line")?.to_owned();
+                // The CPU the command runs on (`-smp` makes no CPUs here), its index cut
+                // to a C int as QEMU's `monitor_set_cpu` takes it.
+                if let Some(cpu) = args.opt_i64("cpu-index")
+                    && !(0..sys.machine.kind.board.boot_cpus()).contains(&i64::from(cpu as i32))
+                {
+                    return Err(Error::generic("Parameter 'cpu-index' expects a CPU number"));
+                }
                 Ok(QObject::String(crate::hmp::run(self, &line, false).await))
             }
             "quit" => {

@@ -320,6 +320,9 @@ impl Device {
 pub(crate) struct Devices {
     machine: Rc<Machine>,
     graph: Rc<Graph>,
+    /// Whether an absolute QOM path names an object outside the machine (a user object, a
+    /// chardev): such a path is no device.
+    other_object: Box<dyn Fn(&str) -> bool>,
     events: Rc<EventBus>,
     /// Jobs on a drive that goes with its device are cancelled.
     jobs: Rc<ferrite_jobs::JobManager>,
@@ -414,10 +417,12 @@ impl Devices {
         graph: Rc<Graph>,
         events: Rc<EventBus>,
         jobs: Rc<ferrite_jobs::JobManager>,
+        other_object: Box<dyn Fn(&str) -> bool>,
     ) -> Rc<Self> {
         let devices = Rc::new(Devices {
             machine: machine.clone(),
             graph,
+            other_object,
             events,
             jobs,
             list: RefCell::new(Vec::new()),
@@ -457,6 +462,40 @@ impl Devices {
     }
 
     /// The device with qdev id `id`.
+    /// The device `id` names, as QEMU's `find_device_state` resolves it: a path under
+    /// `/machine/peripheral` (so a device's id), or from the root if it starts with `/`.
+    ///
+    /// # Errors
+    /// "Device 'x' not found" (DeviceNotFound), or "x is not a device" for an object that
+    /// is something else (a container, a user object).
+    pub(crate) fn find_device_state(&self, id: &str) -> Result<Rc<Device>, Error> {
+        let full = if id.starts_with('/') {
+            id.to_owned()
+        } else {
+            format!("/machine/peripheral/{id}")
+        };
+        // QEMU's resolution skips empty path elements.
+        let parts: Vec<&str> = full.split('/').filter(|p| !p.is_empty()).collect();
+        let path = format!("/{}", parts.join("/"));
+        if let Some(dev) = self.list.borrow().iter().find(|d| d.path == path) {
+            return Ok(dev.clone());
+        }
+        let container = matches!(
+            path.as_str(),
+            "/" | "/machine"
+                | "/machine/peripheral"
+                | "/machine/peripheral-anon"
+                | "/machine/unattached"
+        );
+        if container || (self.other_object)(&path) {
+            return Err(generic(format!("{id} is not a device")));
+        }
+        Err(Error::new(
+            ErrorClass::DeviceNotFound,
+            format!("Device '{id}' not found"),
+        ))
+    }
+
     pub(crate) fn find(&self, id: &str) -> Option<Rc<Device>> {
         self.list
             .borrow()
@@ -521,28 +560,16 @@ impl Devices {
     /// # Errors
     /// QEMU's texts for no such device (DeviceNotFound) and for a device without a drive.
     pub(crate) fn drive_of(&self, id: &str) -> Result<Rc<BlockBackend>, Error> {
-        let list = self.list.borrow();
-        let by_id = list
-            .iter()
-            .find(|d| d.id.as_deref() == Some(id) || d.path == id);
-        let (dev, backend_child) = match by_id {
-            Some(d) => (d, false),
-            // The virtio-blk device inside the proxy, by its path or relative to the
-            // devices' container (QEMU resolves `ID/virtio-backend` there).
-            None => match list.iter().find(|d| {
-                d.model.kind == Kind::VirtioBlk
-                    && id
-                        .strip_suffix("/virtio-backend")
-                        .is_some_and(|p| p == d.path || d.id.as_deref() == Some(p))
-            }) {
-                Some(d) => (d, true),
-                None => {
-                    return Err(Error::new(
-                        ErrorClass::DeviceNotFound,
-                        format!("Device '{id}' not found"),
-                    ));
-                }
-            },
+        // The virtio-blk device inside the proxy, by its path or relative to the devices'
+        // container (QEMU resolves `ID/virtio-backend` there).
+        let backend_child = id.strip_suffix("/virtio-backend").and_then(|p| {
+            self.find_device_state(p)
+                .ok()
+                .filter(|d| d.model.kind == Kind::VirtioBlk)
+        });
+        let (dev, backend_child) = match backend_child {
+            Some(d) => (d, true),
+            None => (self.find_device_state(id)?, false),
         };
         if dev.model.kind == Kind::VirtioBlk && !backend_child {
             return Err(generic("Device does not have a block device backend"));
@@ -586,25 +613,46 @@ impl Devices {
     /// QEMU's texts: an unknown model, a property the model lacks, a missing or unknown
     /// drive, a drive in use, no bus for the device, a duplicate id.
     pub(crate) fn add(&self, props: &QDict) -> Result<Rc<Device>, Error> {
-        self.add_at(props, None)
+        self.add_at(props, None, false)
     }
 
-    /// `device_add` on a running board: as `add`, except that a PCI Express root port
-    /// cannot come after the machine is made (its root bus takes no hot-plugged ports).
+    /// `device_add` on a running board. QEMU takes its arguments unchecked (`'gen': false`):
+    /// a `bus` or `id` that is not a string counts as absent, a `driver` that is not one as
+    /// missing, and the id need not be an identifier. Then, as `add`, except that the bus
+    /// must take hot-plugged devices (IDE and floppy buses, and a root bus for PCI Express
+    /// root ports, do not).
     ///
     /// # Errors
-    /// As `add`, and "Bus 'pcie.0' does not support hotplugging".
+    /// As `add`, and "Bus 'ide.1' does not support hotplugging".
     pub(crate) fn hotplug(&self, props: &QDict) -> Result<Rc<Device>, Error> {
-        if props.get("driver").map(prop_str).as_deref() == Some("pcie-root-port") {
-            let root = if self.machine.kind.board == crate::machine::Board::Q35 {
-                "pcie.0"
-            } else {
-                "pci.0"
-            };
-            let bus = props.get("bus").map_or_else(|| root.to_owned(), prop_str);
-            return Err(generic(format!("Bus '{bus}' does not support hotplugging")));
+        let mut props = props.clone();
+        for key in ["bus", "id"] {
+            if !matches!(props.get(key), None | Some(QObject::String(_))) {
+                props.remove(key);
+            }
         }
-        self.add(props)
+        if !matches!(props.get("driver"), Some(QObject::String(_))) {
+            return Err(generic("Parameter 'driver' is missing"));
+        }
+        self.add_at(&props, None, true)
+    }
+
+    /// Refuses a device hot-plugged on a bus that takes none (QEMU's
+    /// `qdev_hotplug_allowed`): `bus` as given or as [`Devices::check_bus`] found it.
+    fn check_hotpluggable(&self, model: &Model, bus: Option<&str>) -> Result<(), Error> {
+        let fixed = match model.kind {
+            Kind::IdeHd | Kind::IdeCd => Some(self.default_ide_bus(bus)),
+            Kind::Floppy => Some(bus.unwrap_or("floppy-bus.0").to_owned()),
+            _ if model.name == "pcie-root-port" => Some(bus.map_or_else(
+                || self.machine.kind.board.root_bus().to_owned(),
+                str::to_owned,
+            )),
+            _ => None,
+        };
+        match fixed {
+            Some(bus) => Err(generic(format!("Bus '{bus}' does not support hotplugging"))),
+            None => Ok(()),
+        }
     }
 
     /// `drive_del`: the drive's medium goes (its nodes close if nothing else holds them)
@@ -698,19 +746,44 @@ impl Devices {
             };
             let path = format!("/machine/unattached/device[{counter}]");
             *counter += 1;
-            self.add_at(&d.props, Some(path))?;
+            self.add_at(&d.props, Some(path), false)?;
         }
         Ok(())
     }
 
     /// [`Devices::add`], at a path the board chose.
-    fn add_at(&self, props: &QDict, board_path: Option<String>) -> Result<Rc<Device>, Error> {
+    fn add_at(
+        &self,
+        props: &QDict,
+        board_path: Option<String>,
+        hotplug: bool,
+    ) -> Result<Rc<Device>, Error> {
+        let id = props.get("id").map(prop_str);
+        // The command line's options check their id as they are parsed, before anything.
+        if !hotplug
+            && let Some(id) = &id
+            && !ferrite_qapi::id_wellformed(id)
+        {
+            return Err(generic("Parameter 'id' expects an identifier"));
+        }
         let driver = props
             .get("driver")
             .map(prop_str)
             .ok_or_else(|| generic("Parameter 'driver' is missing"))?;
         let model = model(&driver)
             .ok_or_else(|| generic(format!("'{driver}' is not a valid device model name")))?;
+        // QEMU's order: the bus, whether it takes the device now, the id, the properties.
+        let bus = props.get("bus").map(prop_str);
+        self.check_bus(model, bus.as_deref())?;
+        if hotplug {
+            self.check_hotpluggable(model, bus.as_deref())?;
+        }
+        // The devices' container has a property `type` of its own: no child may take it.
+        if let Some(id) = &id
+            && (self.find(id).is_some() || id == "type")
+        {
+            return Err(generic(format!("Duplicate device ID '{id}'")));
+        }
         let known = |k: &str| {
             if model.props.contains(&k)
                 || (k == "drive" && model.kind.has_drive())
@@ -774,17 +847,6 @@ impl Devices {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
-        let id = props.get("id").map(prop_str);
-        if let Some(id) = &id {
-            if !ferrite_qapi::id_wellformed(id) {
-                return Err(generic("Parameter 'id' expects an identifier"));
-            }
-            if self.find(id).is_some() {
-                return Err(generic(format!("Duplicate device ID '{id}'")));
-            }
-        }
-        let bus = props.get("bus").map(prop_str);
-        self.check_bus(model, bus.as_deref())?;
         let ide_slot = if model.kind.is_ide() {
             Some(self.ide_slot(bus.as_deref(), get("unit"))?)
         } else {
@@ -991,12 +1053,23 @@ impl Devices {
     ///
     /// # Errors
     /// QEMU's texts for a unit beyond the two a bus has and for a unit in use.
+    /// The IDE bus a device goes on: `bus`, or the one QEMU's search meets first (the
+    /// last the board made).
+    fn default_ide_bus(&self, bus: Option<&str>) -> String {
+        bus.map_or_else(
+            || {
+                format!(
+                    "ide.{}",
+                    self.machine.kind.board.ide_buses().saturating_sub(1)
+                )
+            },
+            str::to_owned,
+        )
+    }
+
     fn ide_slot(&self, bus: Option<&str>, unit: Option<&str>) -> Result<(String, u32), Error> {
         let board = self.machine.kind.board;
-        let bus = bus.map_or_else(
-            || format!("ide.{}", board.ide_buses().saturating_sub(1)),
-            str::to_owned,
-        );
+        let bus = self.default_ide_bus(bus);
         let units = board.ide_units();
         let used = |u: u32| {
             self.list
@@ -1045,16 +1118,43 @@ impl Devices {
             ))
         };
         if let Some(bus) = bus {
-            let known = self
-                .list
-                .borrow()
-                .iter()
-                .any(|d| d.bus_name.as_deref() == Some(bus) || d.id.as_deref() == Some(bus))
-                || bus.starts_with("pci")
+            let known = self.list.borrow().iter().any(|d| {
+                // A SCSI controller's bus is `ID.0`; a bridge's is named as the bridge.
+                d.bus_name.as_deref() == Some(bus)
+                    || (d.model.kind == Kind::PciBridge && d.id.as_deref() == Some(bus))
+            }) || bus.starts_with("pci")
                 || bus.starts_with("ide.")
                 || bus == "pcie.0";
             if !known {
                 return Err(generic(format!("Bus '{bus}' not found")));
+            }
+            let provider = self.list.borrow().iter().find_map(|d| {
+                if d.bus_name.as_deref() == Some(bus) && d.model.kind.is_scsi_host() {
+                    Some("SCSI")
+                } else if d.model.kind == Kind::PciBridge && d.id.as_deref() == Some(bus) {
+                    Some("PCI")
+                } else {
+                    None
+                }
+            });
+            let bus_type = if bus.starts_with("ide.") {
+                Some("IDE")
+            } else if bus == "pcie.0" {
+                Some("PCIE")
+            } else if bus.starts_with("pci") {
+                Some("PCI")
+            } else {
+                provider
+            };
+            // A PCI Express bus is a PCI bus too.
+            if let Some(ty) = bus_type
+                && ty != model.bus
+                && !(ty == "PCIE" && model.bus == "PCI")
+            {
+                return Err(generic(format!(
+                    "Device '{}' can't go on {ty} bus",
+                    model.name
+                )));
             }
             return Ok(());
         }
@@ -1079,12 +1179,7 @@ impl Devices {
     /// # Errors
     /// "Device 'x' not found" (DeviceNotFound), a bus without hot-unplug.
     pub(crate) async fn del(&self, id: &str) -> Result<(), Error> {
-        let Some(dev) = self.find(id) else {
-            return Err(Error::new(
-                ErrorClass::DeviceNotFound,
-                format!("Device '{id}' not found"),
-            ));
-        };
+        let dev = self.find_device_state(id)?;
         match dev.model.kind {
             k if k.on_pci() => {
                 dev.unplug_pending.set(true);

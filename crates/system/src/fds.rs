@@ -82,7 +82,7 @@ fn getfd(args: &Args) -> Result<QObject, Error> {
 /// Socket addresses of type `fd` in a command name what the command's monitor keeps
 /// (`getfd`), as QEMU's do.
 pub(crate) fn use_named_fds_for_sockets() {
-    ferrite_block::monitor_fd::set_lookup(std::rc::Rc::new(|name| {
+    ferrite_socket::monitor_fd::set_lookup(std::rc::Rc::new(|name| {
         let session = ferrite_qmp::current_session()?;
         Some(
             session

@@ -457,7 +457,7 @@ async fn start(sys: &Rc<System>, options: &[SysOption], prog: &str) -> Result<bo
     if let Some(o) = options.iter().rev().find(|o| o.name == "incoming")
         && o.text() != "defer"
     {
-        migration::incoming(sys, o.text()).map_err(|e| failed(o, e.desc))?;
+        migration::incoming(sys, Some(o.text())).map_err(|e| failed(o, e.desc))?;
     }
     Ok(true)
 }
@@ -574,6 +574,7 @@ pub fn main() -> ExitCode {
     ferrite_storage_daemon::front_end::main_loop(&prog.clone(), async move {
         let daemon = Daemon::new();
         daemon.graph.registry().set_for_emulator();
+        ferrite_drivers::register_emulator_only(daemon.graph.registry());
         crate::fds::use_named_fds_for_sockets();
         let machine = Machine::new(kind, name, uuid, daemon.events.clone());
         let devices = Devices::new(
@@ -581,6 +582,10 @@ pub fn main() -> ExitCode {
             daemon.graph.clone(),
             daemon.events.clone(),
             daemon.jobs.clone(),
+            {
+                let daemon = daemon.clone();
+                Box::new(move |path| daemon.qom_path_exists(path))
+            },
         );
         let sys = Rc::new(System {
             daemon: daemon.clone(),

@@ -48,6 +48,20 @@ impl Board {
         if self == Board::Q35 { 1 } else { 2 }
     }
 
+    /// The CPUs the board starts with (QEMU's `none` machine makes none).
+    pub(crate) fn boot_cpus(self) -> i64 {
+        i64::from(self != Board::None)
+    }
+
+    /// The name of the board's root PCI bus.
+    pub(crate) fn root_bus(self) -> &'static str {
+        if self == Board::Q35 {
+            "pcie.0"
+        } else {
+            "pci.0"
+        }
+    }
+
     /// The IDE buses (`ide.0`, `ide.1`...).
     pub(crate) fn ide_buses(self) -> u32 {
         match self {

@@ -119,13 +119,16 @@ enum Channel {
     File(String),
 }
 
-fn channel(uri: &str) -> Result<Channel, Error> {
-    let (proto, rest) = uri.split_once(':').unwrap_or((uri, ""));
-    Ok(match proto {
-        "exec" => Channel::Exec(rest.to_owned()),
-        "unix" => Channel::Unix(rest.to_owned()),
-        "tcp" => Channel::Tcp(rest.to_owned()),
-        "file" => Channel::File(rest.split(',').next().unwrap_or("").to_owned()),
+fn channel(uri: Option<&str>) -> Result<Channel, Error> {
+    // ferrite takes the channel as a URI only (QEMU also as `channels`).
+    let Some(uri) = uri else {
+        return Err(Error::generic("need either 'uri' or 'channels' argument"));
+    };
+    Ok(match uri.split_once(':') {
+        Some(("exec", rest)) => Channel::Exec(rest.to_owned()),
+        Some(("unix", rest)) => Channel::Unix(rest.to_owned()),
+        Some(("tcp", rest)) => Channel::Tcp(rest.to_owned()),
+        Some(("file", rest)) => Channel::File(rest.split(',').next().unwrap_or("").to_owned()),
         _ => {
             return Err(Error::generic(format!("unknown migration protocol: {uri}")));
         }
@@ -372,7 +375,7 @@ pub(crate) fn set_capabilities(sys: &System, args: &Args) -> Result<(), Error> {
     let Some(QObject::List(list)) = args.get("capabilities") else {
         return Ok(());
     };
-    let mut caps = m.caps.borrow_mut();
+    let mut caps = m.caps.borrow().clone();
     for c in list {
         let Some(d) = c.as_dict() else { continue };
         let name = d.get("capability").and_then(QObject::as_str).unwrap_or("");
@@ -385,6 +388,92 @@ pub(crate) fn set_capabilities(sys: &System, args: &Args) -> Result<(), Error> {
             caps.push(cap);
         }
     }
+    check_capabilities(sys, &caps)?;
+    *m.caps.borrow_mut() = caps;
+    Ok(())
+}
+
+/// Capabilities a background snapshot cannot run with, in QEMU's order of asking.
+const NOT_WITH_BACKGROUND_SNAPSHOT: &[&str] = &[
+    "postcopy-ram",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "return-path",
+    "multifd",
+    "pause-before-switchover",
+    "auto-converge",
+    "release-ram",
+    "rdma-pin-all",
+    "xbzrle",
+    "x-colo",
+    "validate-uuid",
+    "zero-copy-send",
+];
+
+/// QEMU's `migrate_caps_check`: whether the capabilities `new` may all be on together, in
+/// the order QEMU asks. ferrite's machine has no RAM to track, so the host questions
+/// (userfaultfd for postcopy, write tracking for a background snapshot) pass, as they do
+/// for QEMU on this kind of host; there are no compression or TLS parameters.
+fn check_capabilities(sys: &System, new: &[&str]) -> Result<(), Error> {
+    let on = |c: &str| new.contains(&c);
+    let refuse = |why: &str| Err(Error::generic(why));
+    if on("zero-blocks") {
+        ferrite_block::report::warn_report("zero-blocks capability is deprecated");
+    }
+    if on("postcopy-ram") {
+        if on("x-ignore-shared") {
+            return refuse("Postcopy is not compatible with ignore-shared");
+        }
+        if on("multifd") {
+            return refuse("Postcopy is not yet compatible with multifd");
+        }
+    }
+    if on("background-snapshot")
+        && let Some(other) = NOT_WITH_BACKGROUND_SNAPSHOT.iter().find(|c| on(c))
+    {
+        return refuse(&format!(
+            "Background-snapshot is not compatible with {other}"
+        ));
+    }
+    if on("zero-copy-send") && (!on("multifd") || on("xbzrle")) {
+        return refuse("Zero copy only available for non-compressed non-TLS multifd migration");
+    }
+    let incoming_started = !sys.migration.incoming_status.get().is_empty();
+    if on("postcopy-preempt") {
+        if !on("postcopy-ram") {
+            return refuse("Postcopy preempt requires postcopy-ram");
+        }
+        if incoming_started {
+            return refuse("Postcopy preempt must be set before incoming starts");
+        }
+    }
+    if on("multifd") && incoming_started {
+        return refuse("Multifd must be set before incoming starts");
+    }
+    if on("switchover-ack") && !on("return-path") {
+        return refuse("Capability 'switchover-ack' requires capability 'return-path'");
+    }
+    if on("dirty-limit") {
+        if on("auto-converge") {
+            return refuse(
+                "dirty-limit conflicts with auto-converge either of then available currently",
+            );
+        }
+        // No accelerator of ferrite's has KVM's dirty ring.
+        return refuse("dirty-limit requires KVM with accelerator property 'dirty-ring-size' set");
+    }
+    if on("multifd") && on("xbzrle") {
+        return refuse("Multifd is not compatible with xbzrle");
+    }
+    if on("mapped-ram") {
+        if on("xbzrle") {
+            return refuse("Mapped-ram migration is incompatible with xbzrle");
+        }
+        if on("postcopy-ram") {
+            return refuse("Mapped-ram migration is incompatible with postcopy");
+        }
+    }
     Ok(())
 }
 
@@ -394,14 +483,8 @@ pub(crate) fn set_capabilities(sys: &System, args: &Args) -> Result<(), Error> {
 /// # Errors
 /// An invalid mapping.
 pub(crate) fn set_parameters(sys: &System, args: &Args) -> Result<(), Error> {
+    // Any size: QEMU's bound (SIZE_MAX) is the type's own on a 64-bit host.
     if let Some(bw) = args.get("max-bandwidth").and_then(QObject::as_u64) {
-        // QEMU's bound: what fits its rate limiter's size_t per 100 ms.
-        if bw > i64::MAX as u64 / 10 {
-            return Err(Error::generic(
-                "Parameter 'max_bandwidth' expects an integer in the range of 0 to \
-                 922337203685477580 bytes/second",
-            ));
-        }
         sys.migration.max_bandwidth.set(bw);
     }
     if let Some(v) = args.get("block-bitmap-mapping") {
@@ -507,6 +590,13 @@ pub(crate) fn query(sys: &System) -> QObject {
 /// A migration in progress, a machine waiting for one, an unknown channel.
 pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
     let m = &sys.migration;
+    // QEMU reads the channel before it looks at the machine.
+    let ch = channel(args.opt_str("uri"))?;
+    if args.opt_bool("resume") == Some(true) && m.status.get() != "postcopy-paused" {
+        return Err(Error::generic(
+            "Cannot resume if there is no paused migration",
+        ));
+    }
     if m.in_progress() {
         return Err(Error::generic("There's a migration process in progress"));
     }
@@ -520,7 +610,6 @@ pub(crate) fn migrate(sys: &Rc<System>, args: &Args) -> Result<(), Error> {
         ));
     }
     check_not_blocked(sys)?;
-    let ch = channel(args.str("uri")?)?;
     *m.error.borrow_mut() = None;
     m.total_ms.set(None);
     m.started.set(Some(Instant::now()));
@@ -601,7 +690,7 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
     // migration goes on until it may switch to postcopy (the bitmaps can go after the
     // destination runs).
     let m = &sys.migration;
-    let threshold = m.bandwidth() * DOWNTIME_LIMIT_MS / 1000;
+    let threshold = m.bandwidth().saturating_mul(DOWNTIME_LIMIT_MS) / 1000;
     let postcopy = crate::bitmap_migration::pending_bytes(&bitmaps) > threshold;
     let waited = if postcopy {
         unless_cancelled(sys, async {
@@ -829,16 +918,16 @@ pub(crate) fn continue_from(sys: &System, state: &str) -> Result<(), Error> {
 /// # Errors
 /// No `-incoming` given, one already started, an unknown channel, a channel that cannot
 /// listen.
-pub(crate) fn incoming(sys: &Rc<System>, uri: &str) -> Result<(), Error> {
+pub(crate) fn incoming(sys: &Rc<System>, uri: Option<&str>) -> Result<(), Error> {
     let m = &sys.migration;
-    if sys.machine.status() != RunState::InMigrate {
-        return Err(Error::generic(
-            "'-incoming' was not specified on the command line",
-        ));
-    }
     if !m.incoming_status.get().is_empty() {
         return Err(Error::generic(
             "The incoming migration has already been started",
+        ));
+    }
+    if sys.machine.status() != RunState::InMigrate {
+        return Err(Error::generic(
+            "'-incoming' was not specified on the command line",
         ));
     }
     let source = listen(channel(uri)?).map_err(|e| {

@@ -204,26 +204,31 @@ impl Graph {
         self.nodes.borrow().len()
     }
 
-    /// A node by name, for commands that take a node (`Cannot find device=... nor node-name=...`).
+    /// A node by name, for commands that take a node (`Cannot find device=... nor node-name=...`):
+    /// the medium of the drive of that name, else the node.
     ///
     /// # Errors
-    /// QEMU's "Cannot find device='x' nor node-name='x'".
+    /// QEMU's "Device 'x' has no medium" for an empty drive, "Cannot find device='x' nor
+    /// node-name='x'".
     pub fn lookup(&self, name: &str) -> Result<Rc<Node>> {
-        self.find_by_backend(name)
-            .or_else(|| self.find(name))
+        if let Some(blk) = self.backend_named(name) {
+            return blk.node().ok_or_else(|| Error::NoMedium(name.to_owned()));
+        }
+        self.find(name)
             .ok_or_else(|| Error::NotFound(name.to_owned()))
+    }
+
+    fn backend_named(&self, name: &str) -> Option<Rc<BlockBackend>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.backends().into_iter().find(|b| b.name() == name)
     }
 
     /// The node inserted in the backend called `name` (a drive of the system front end),
     /// which commands that take a device find before a node of that name.
     pub fn find_by_backend(&self, name: &str) -> Option<Rc<Node>> {
-        if name.is_empty() {
-            return None;
-        }
-        self.backends()
-            .into_iter()
-            .find(|b| b.name() == name)
-            .and_then(|b| b.node())
+        self.backend_named(name).and_then(|b| b.node())
     }
 
     /// A node by node name only, for commands without a device argument.
@@ -235,13 +240,12 @@ impl Graph {
             .ok_or_else(|| Error::NodeNotFound(name.to_owned()))
     }
 
-    /// A lookup for commands that say "Device 'x' not found".
+    /// A node by node name only, for commands that say "Device 'x' not found".
     ///
     /// # Errors
     /// `GenericError` "Device 'x' not found" (QEMU uses the generic class here).
     pub fn lookup_device(&self, name: &str) -> Result<Rc<Node>> {
-        self.find_by_backend(name)
-            .or_else(|| self.find(name))
+        self.find(name)
             .ok_or_else(|| Error::DeviceNotFound(name.to_owned()))
     }
 
@@ -472,9 +476,7 @@ impl Graph {
     /// its drive's name first.
     fn busy(node: &Node, reason: String) -> Error {
         Error::Busy {
-            node: Some(node.device_name())
-                .filter(|d| !d.is_empty())
-                .unwrap_or_else(|| node.name.clone()),
+            node: node.device_or_node_name(),
             reason,
         }
     }

@@ -10,7 +10,7 @@ use ferrite_qapi::Args;
 use ferrite_socket::SocketAddress;
 use std::cell::{Cell, RefCell};
 use std::os::fd::AsFd;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -143,9 +143,12 @@ impl Socket {
         };
         if let SocketAddress::Fd(fd) = &addr.at {
             if origin == Origin::Qmp {
-                return Err(Error::FdOverQmp);
+                // A name the monitor keeps (`getfd`).
+                let owned = ferrite_socket::monitor_fd::take_socket(fd).map_err(Error::Fd)?;
+                sock.adopt(owned, fd, server)?;
+            } else {
+                sock.adopt_fd(fd, server)?;
             }
-            sock.adopt_fd(fd, server)?;
         } else if server {
             sock.listen()?;
         } else if sock.tls.is_some() {
@@ -237,11 +240,18 @@ impl Socket {
         if num < 0 || unsafe { libc::fcntl(num, libc::F_GETFD) } < 0 {
             return Err(Error::FdNotOpen(fd.to_owned()));
         }
-        let family = socket_family(num).ok_or_else(bad)?;
+        ferrite_socket::fd::family(num).ok_or_else(bad)?;
         // SAFETY: the descriptor is open (checked above), is a socket (getsockname succeeded)
         // and was handed to this process on the command line to own; nothing else in the
         // daemon refers to it, so taking ownership cannot double-close it.
         let owned = unsafe { OwnedFd::from_raw_fd(num) };
+        self.adopt(owned, fd, server)
+    }
+
+    /// Takes over socket `owned` (named `fd` in messages), listening on it or connected.
+    fn adopt(&mut self, owned: OwnedFd, fd: &str, server: bool) -> Result<()> {
+        let bad = || Error::FdNotSocket(fd.to_owned());
+        let family = ferrite_socket::fd::family(owned.as_raw_fd()).ok_or_else(bad)?;
         let fail = |e: std::io::Error| io_err("Failed to use socket", fd, &e);
         match (family, server) {
             (libc::AF_UNIX, true) => {
@@ -511,20 +521,4 @@ fn tcp_desc(s: &TcpStream, server: bool) -> String {
         fmt(s.local_addr()),
         fmt(s.peer_addr())
     )
-}
-
-/// The address family of socket `fd`, or `None` if it is not a socket.
-fn socket_family(fd: i32) -> Option<i32> {
-    let mut storage = std::mem::MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `storage` is a properly sized, writable sockaddr_storage and `len` holds its
-    // size, as getsockname requires; the kernel writes at most `len` bytes.
-    let rc = unsafe { libc::getsockname(fd, storage.as_mut_ptr().cast(), &mut len) };
-    if rc < 0 {
-        return None;
-    }
-    // SAFETY: getsockname succeeded, so at least the family field has been written (and the
-    // zeroed rest is a valid bit pattern for the plain-data struct).
-    let storage = unsafe { storage.assume_init() };
-    Some(i32::from(storage.ss_family))
 }

@@ -59,7 +59,7 @@ impl Server {
             }),
             "fd" => {
                 let name = a.str("str")?.to_owned();
-                let fd = ferrite_block::monitor_fd::take_socket(&name)
+                let fd = ferrite_socket::monitor_fd::take_socket(&name)
                     .map_err(ferrite_qapi::Error::generic)?;
                 Ok(Server::Fd {
                     name,

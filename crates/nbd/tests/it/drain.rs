@@ -31,10 +31,9 @@ async fn no_write_of_an_nbd_client_reaches_a_drained_node() {
                 .expect("add");
             let exports = Exports::new(graph.clone(), events.clone());
             let nbd = NbdService::new(graph.clone(), &exports);
-            nbd.start(
-                &args(&format!(r#"{{"addr":{{"type":"unix","path":"{sock}"}}}}"#)),
-                false,
-            )
+            nbd.start(&args(&format!(
+                r#"{{"addr":{{"type":"unix","path":"{sock}"}}}}"#
+            )))
             .expect("server");
             exports
                 .add(&args(

@@ -172,8 +172,8 @@ pub struct Command {
     pub features: Vec<String>,
     /// Whether `exec-oob` may run it.
     pub allow_oob: bool,
-    /// Whether it takes members beyond those declared, checked by its handler (QEMU's
-    /// `'gen': false` commands, such as `device_add`).
+    /// Whether its handler takes the arguments unchecked, the declared members included
+    /// (QEMU's `'gen': false` commands, such as `device_add`).
     pub open_args: bool,
 }
 

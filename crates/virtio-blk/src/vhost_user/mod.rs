@@ -48,8 +48,8 @@ fn listen(addr: &Args) -> Result<(UnixListener, Option<String>), Error> {
             Ok((made.listener, file))
         }
         "fd" => {
-            let fd =
-                ferrite_block::monitor_fd::take_socket(addr.str("str")?).map_err(Error::generic)?;
+            let fd = ferrite_socket::monitor_fd::take_socket(addr.str("str")?)
+                .map_err(Error::generic)?;
             Ok((UnixListener::from(fd), None))
         }
         _ => Err(Error::generic(
