@@ -375,6 +375,8 @@ FOUND = [
     # libiscsi makes no context for an empty initiator name.
     ("blockdev-add", {"driver": "iscsi", "node-name": "i3", "transport": "tcp", "portal": "#bad",
                       "target": "t", "initiator-name": "", "user": "u"}),
+    # Object properties are set (and refused) in the order of QEMU's QDict.
+    ("object-add", {"qom-type": "iothread", "id": "i1", "poll-max-ns": -1, "poll-grow": -1}),
     # Names of host devices go to host_device (QEMU's find_hdev_driver), made or opened.
     ("drive-backup", {"device": "fmt0", "sync": "full", "target": "/dev/null", "format": "raw"}),
     ("drive-backup", {"device": "null0", "sync": "full", "target": "/dev/zero", "format": "raw",

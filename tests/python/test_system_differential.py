@@ -161,6 +161,11 @@ FOUND = [
     ("device_add", {"driver": "virtio-blk-pci", "id": "type"}),
     ("device_add", {"driver": "virtio-blk-pci", "id": "vblk0", "nope": 1}),
     ("device_add", {"driver": "virtio-blk-pci", "id": "#any", "bus": 1, "drive": "drive1"}),
+    # A bus by path: from the system bus, through its devices.
+    ("device_add", {"driver": "virtio-blk-pci", "bus": "/objects/sec0"}),
+    ("device_add", {"driver": "virtio-blk-pci", "bus": "/"}),
+    ("device_add", {"driver": "virtio-blk-pci", "bus": "/i440FX-pcihost/pci.0/x"}),
+    ("device_add", {"driver": "virtio-blk-pci", "bus": "/i440FX-pcihost/pci.1"}),
     # Devices by QOM path, and paths that are no device.
     ("device_del", {"id": "/machine/peripheral/vblk0"}),
     ("device_del", {"id": "/objects"}),

@@ -773,8 +773,7 @@ impl Devices {
         let model = model(&driver)
             .ok_or_else(|| generic(format!("'{driver}' is not a valid device model name")))?;
         // QEMU's order: the bus, whether it takes the device now, the id, the properties.
-        let bus = props.get("bus").map(prop_str);
-        self.check_bus(model, bus.as_deref())?;
+        let bus = self.check_bus(model, props.get("bus").map(prop_str))?;
         if hotplug {
             self.check_hotpluggable(model, bus.as_deref())?;
         }
@@ -1109,7 +1108,7 @@ impl Devices {
             .cloned()
     }
 
-    fn check_bus(&self, model: &Model, bus: Option<&str>) -> Result<(), Error> {
+    fn check_bus(&self, model: &Model, bus: Option<String>) -> Result<Option<String>, Error> {
         let board = self.machine.kind.board;
         let no_bus = || {
             generic(format!(
@@ -1117,7 +1116,11 @@ impl Devices {
                 model.bus, model.name
             ))
         };
-        if let Some(bus) = bus {
+        let bus = match bus {
+            Some(path) if path.starts_with('/') => Some(self.bus_by_path(model, &path)?),
+            other => other,
+        };
+        if let Some(bus) = bus.as_deref() {
             let known = self.list.borrow().iter().any(|d| {
                 // A SCSI controller's bus is `ID.0`; a bridge's is named as the bridge.
                 d.bus_name.as_deref() == Some(bus)
@@ -1156,7 +1159,7 @@ impl Devices {
                     model.name
                 )));
             }
-            return Ok(());
+            return Ok(Some(bus.to_owned()));
         }
         let ok = match model.kind {
             k if k.on_pci() => board.has_pci(),
@@ -1169,7 +1172,40 @@ impl Devices {
             Kind::Floppy => self.fdc.get(),
             _ => true,
         };
-        if ok { Ok(()) } else { Err(no_bus()) }
+        if ok { Ok(None) } else { Err(no_bus()) }
+    }
+
+    /// The bus an absolute path names, as QEMU's `qbus_find` walks it from the system bus:
+    /// devices and their buses in turn. Of the system bus's devices ferrite has the board's
+    /// PCI host bridge, whose one bus is the root bus.
+    ///
+    /// # Errors
+    /// QEMU's texts for a device that is not there (DeviceNotFound), a bus that is not,
+    /// and the system bus itself, which takes none of ferrite's devices.
+    fn bus_by_path(&self, model: &Model, path: &str) -> Result<String, Error> {
+        let board = self.machine.kind.board;
+        let mut parts = path.split('/').filter(|p| !p.is_empty());
+        let Some(first) = parts.next() else {
+            return Err(generic(format!(
+                "Device '{}' can't go on System bus",
+                model.name
+            )));
+        };
+        if !board.has_pci() || first != board.host_bridge() {
+            return Err(Error::new(
+                ErrorClass::DeviceNotFound,
+                format!("Device '{first}' not found"),
+            ));
+        }
+        match (parts.next(), parts.next()) {
+            (None, _) => Ok(board.root_bus().to_owned()),
+            (Some(bus), None) if bus == board.root_bus() => Ok(bus.to_owned()),
+            (Some(bus), None) => Err(generic(format!("Bus '{bus}' not found"))),
+            (Some(_), Some(dev)) => Err(Error::new(
+                ErrorClass::DeviceNotFound,
+                format!("Device '{dev}' not found"),
+            )),
+        }
     }
 
     /// `device_del`: a device on a bus that unplugs at once goes now (DEVICE_DELETED); a PCI

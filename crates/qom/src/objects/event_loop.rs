@@ -30,10 +30,12 @@ fn non_negative(name: &str, v: i64) -> Result<i64> {
 }
 
 /// The parameters' values as QEMU checks them while it sets them, before the object has
-/// its id.
+/// its id: in the order it sets them, its QDict's.
 pub(crate) fn check_values(options: &Args) -> Result<()> {
-    for &(name, _) in BASE.iter().chain(IOTHREAD) {
-        if let Some(v) = options.opt_i64(name) {
+    for (name, v) in options.as_dict().iter_qemu_order() {
+        if let Some(&(name, _)) = BASE.iter().chain(IOTHREAD).find(|(n, _)| *n == name)
+            && let Some(v) = v.as_i64()
+        {
             non_negative(name, v)?;
         }
     }
