@@ -47,6 +47,12 @@ UNDO = {
     "chardev-add": lambda a: ("chardev-remove", {"id": a["id"]}),
 }
 
+# Commands that may make a file (or a socket) at a path they are given.
+MAKE_FILES = {"blockdev-create", "blockdev-snapshot-sync", "drive-backup", "drive-mirror",
+              "chardev-add", "chardev-change", "nbd-server-start", "block-export-add",
+              "memsave", "pmemsave", "migrate", "migrate-incoming", "dump-guest-memory",
+              "screendump", "human-monitor-command", "transaction"}
+
 # Job states in which nothing more happens until a client acts.
 SETTLED = {"concluded", "null", "ready", "paused", "standby"}
 
@@ -124,8 +130,8 @@ class Generator:
                 args = self.mutate(args)
             if isinstance(args, dict):
                 # Nothing made outside the daemons' directories (the root directory is
-                # this machine's).
-                if name == "blockdev-create" and '"filename": "/' in json.dumps(args):
+                # this machine's, and both daemons would share a file there).
+                if name in MAKE_FILES and '"/' in json.dumps(args):
                     continue
                 # No FUSE mounts: a daemon killed mid-test would leave one behind. No stdio
                 # chardev: whether it works depends on the test's standard input.

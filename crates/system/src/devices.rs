@@ -278,6 +278,8 @@ pub(crate) struct Device {
     auto_del: bool,
     /// A `device_del` waits for the guest (a PCI device: until the next reset here).
     unplug_pending: Cell<bool>,
+    /// When the pending unplug was asked for, on the machine's virtual clock (ms).
+    unplug_asked_ms: Cell<Option<u64>>,
     /// For a SCSI controller: its bus's name (`ID.0`).
     bus_name: Option<String>,
     /// Others may write the drive too.
@@ -988,6 +990,7 @@ impl Devices {
             blk,
             auto_del,
             unplug_pending: Cell::new(false),
+            unplug_asked_ms: Cell::new(None),
             bus_name,
             share_rw,
             ide_slot,
@@ -1216,9 +1219,21 @@ impl Devices {
     /// "Device 'x' not found" (DeviceNotFound), a bus without hot-unplug.
     pub(crate) async fn del(&self, id: &str) -> Result<(), Error> {
         let dev = self.find_device_state(id)?;
+        // QEMU lets a request be repeated once the machine's virtual clock has moved past
+        // the first one (a guest that booted after it missed it); one made before the clock
+        // ever moved holds until the unplug is done.
+        let now_ms = ferrite_block::clock::vm_clock_ns() / 1_000_000;
+        if let Some(asked) = dev.unplug_asked_ms.get()
+            && (asked == 0 || asked > now_ms)
+        {
+            return Err(generic(format!(
+                "Device {id} is already in the process of unplug"
+            )));
+        }
         match dev.model.kind {
             k if k.on_pci() => {
                 dev.unplug_pending.set(true);
+                dev.unplug_asked_ms.set(Some(now_ms));
                 Ok(())
             }
             Kind::ScsiHd | Kind::ScsiCd => {

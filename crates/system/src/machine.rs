@@ -56,7 +56,11 @@ impl Board {
     /// The type of the board's PCI host bridge, the system bus's device that carries the
     /// root bus.
     pub(crate) fn host_bridge(self) -> &'static str {
-        if self == Board::Q35 { "q35-pcihost" } else { "i440FX-pcihost" }
+        if self == Board::Q35 {
+            "q35-pcihost"
+        } else {
+            "i440FX-pcihost"
+        }
     }
 
     /// The name of the board's root PCI bus.
