@@ -381,6 +381,12 @@ FOUND = [
     # libiscsi makes no context for an empty initiator name.
     ("blockdev-add", {"driver": "iscsi", "node-name": "i3", "transport": "tcp", "portal": "#bad",
                       "target": "t", "initiator-name": "", "user": "u"}),
+    # A name given to the NBD driver as the format is read as that driver reads names.
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "tgt0", "format": "nbd"}),
+    ("drive-mirror", {"device": "null0", "sync": "full", "target": "nbd:unix:x:exportname=",
+                      "format": "nbd"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "nbd://a:b/",
+                      "format": "nbd"}),
     # Object properties are set (and refused) in the order of QEMU's QDict.
     ("object-add", {"qom-type": "iothread", "id": "i1", "poll-max-ns": -1, "poll-grow": -1}),
     # Names of host devices go to host_device (QEMU's find_hdev_driver), made or opened.

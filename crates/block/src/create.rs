@@ -101,13 +101,24 @@ pub async fn create_by_name(
 /// sector zeroed so that no old image header is read in it.
 async fn reuse_existing(graph: &Rc<Graph>, location: QDict, size: u64) -> Result<()> {
     let driver = driver_of(&location, "");
+    let failed = |e| Error::NoExistingTarget {
+        driver: driver.clone(),
+        cause: Box::new(e),
+    };
+    // A name the protocol did not claim, given to the driver named as the format.
+    let name = location.get("filename").and_then(|n| n.as_str());
+    let parsed = match (name, graph.registry().get(&driver)) {
+        (Some(name), Some(factory)) => factory.parse_filename(name),
+        _ => None,
+    };
+    let location = match parsed {
+        Some(options) => options.map_err(failed)?,
+        None => location,
+    };
     let node = graph
         .open_inline(&Args::new(location.with("read-only", false)))
         .await
-        .map_err(|e| Error::NoExistingTarget {
-            driver,
-            cause: Box::new(e),
-        })?;
+        .map_err(failed)?;
     let r = async {
         let blk = BlockBackend::new(
             graph,

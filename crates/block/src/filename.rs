@@ -312,7 +312,42 @@ fn nbd_options(name: &str) -> Option<QDict> {
     Some(nbd(inet(host, port), export))
 }
 
-/// The path of `name`, which the image whose own file is `image` records: absolute names and
+/// The options of an NBD node opened by file name with its driver named (QEMU's
+/// `nbd_parse_filename`): `nbd:unix:PATH[:exportname=E]`, `nbd:HOST:PORT[:exportname=E]`,
+/// or an `nbd://`, `nbd+tcp://` or `nbd+unix://` URL.
+///
+/// # Errors
+/// QEMU's texts for a name that names no server.
+pub fn nbd_parse_filename(name: &str) -> Result<QDict, String> {
+    if name.contains("://") {
+        // GLib's URL parser takes a numeric port only.
+        let port_ok = name
+            .split_once("://")
+            .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or(""))
+            .and_then(|authority| authority.rsplit_once(':'))
+            .is_none_or(|(h, p)| {
+                h.ends_with(']') && !h.starts_with('[') || p.bytes().all(|b| b.is_ascii_digit())
+            });
+        return nbd_options(name)
+            .filter(|_| port_ok)
+            .ok_or_else(|| "No valid URL specified".to_owned());
+    }
+    let missing = || "NBD server address missing".to_owned();
+    let file = match name.split_once(":exportname=") {
+        // QEMU stops reading at an empty export name: no server is left.
+        Some((_, "")) => return Err(missing()),
+        Some((file, _)) => file,
+        None => name,
+    };
+    let host_spec = file
+        .strip_prefix("nbd:")
+        .ok_or_else(|| "File name string for NBD must start with 'nbd:'".to_owned())?;
+    if host_spec.is_empty() {
+        return Err(missing());
+    }
+    nbd_options(name).ok_or_else(|| format!("error parsing address '{host_spec}'"))
+}
+
 /// A node's `server` address as QEMU's node keeps it, for its strong options: flat
 /// `server.*` keys in the order QEMU inserts them (`type`, `host`, `port`, then the rest),
 /// which decides the order `json:` names show keys that share a hash bucket.
@@ -723,6 +758,21 @@ mod tests {
         assert_eq!(plain.get("driver").and_then(|v| v.as_str()), Some("http"));
         let ftps = super::protocol_options("ftps://h/a");
         assert_eq!(ftps.get("driver").and_then(|v| v.as_str()), Some("ftps"));
+    }
+
+    #[test]
+    fn names_given_to_the_nbd_driver_read_as_qemus_nbd_parse_filename() {
+        use super::nbd_parse_filename;
+        let err = |n: &str| nbd_parse_filename(n).expect_err(n);
+        assert_eq!(err("x"), "File name string for NBD must start with 'nbd:'");
+        assert_eq!(err("nbd:"), "NBD server address missing");
+        assert_eq!(err("nbd:unix:/s:exportname="), "NBD server address missing");
+        assert_eq!(err("nbd:h"), "error parsing address 'h'");
+        assert_eq!(err("nbd://h:port/"), "No valid URL specified");
+        assert_eq!(err("nbd+unix:///e"), "No valid URL specified");
+        let ok = nbd_parse_filename("nbd:unix:/s:exportname=e").expect("parses");
+        assert_eq!(ok.get("export").and_then(|v| v.as_str()), Some("e"));
+        assert!(nbd_parse_filename("nbd://[::1]:10/").is_ok());
     }
 
     #[test]

@@ -87,6 +87,16 @@ pub trait DriverFactory {
         }
     }
 
+    /// The options of a node of this driver opened by file name (QEMU's
+    /// `bdrv_parse_filename`, as image creation by name reuses a target): `None` where the
+    /// driver takes `filename` as an option of its own.
+    ///
+    /// # Errors
+    /// QEMU's texts for a name the driver cannot read.
+    fn parse_filename(&self, _name: &str) -> Option<crate::Result<QDict>> {
+        None
+    }
+
     /// The options QEMU's image creation by file name (`bdrv_img_create`, for
     /// `drive-backup`, `drive-mirror` and `blockdev-snapshot-sync` targets) gives this
     /// format's create, made from `blockdev-create`'s (`driver`, `file`, `size`, and

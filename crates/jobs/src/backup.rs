@@ -583,9 +583,13 @@ pub async fn create_target(
         .ok_or_else(|| Error::UnknownFileFormat(format.to_owned()))?;
     let plain = format == "raw" || factory.kind() == DriverKind::Protocol;
     let protocol = if factory.kind() == DriverKind::Protocol {
-        // A protocol as the format makes the image itself, at the place the name gives.
+        // A protocol as the format makes the image itself, at the place the name gives: as
+        // the driver reads the name if it reads names (NBD), else as the name's protocol
+        // does if that is the format.
         let mut location = ferrite_block::filename::protocol_options(file);
-        if location.get("driver").and_then(|d| d.as_str()) != Some(format) {
+        if factory.parse_filename(file).is_some()
+            || location.get("driver").and_then(|d| d.as_str()) != Some(format)
+        {
             location = QDict::new().with("driver", format).with("filename", file);
         }
         create::by_name_location(graph, location)

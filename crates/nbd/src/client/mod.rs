@@ -251,6 +251,13 @@ impl DriverFactory for NbdClientFactory {
         NameCreation::ReuseExisting
     }
 
+    fn parse_filename(&self, name: &str) -> Option<ferrite_block::Result<QDict>> {
+        Some(
+            ferrite_block::filename::nbd_parse_filename(name)
+                .map_err(|e| ferrite_qapi::Error::generic(e).into()),
+        )
+    }
+
     fn kind(&self) -> DriverKind {
         DriverKind::Protocol
     }
