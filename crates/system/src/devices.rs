@@ -276,9 +276,8 @@ pub(crate) struct Device {
     /// Whether the backend came from `-drive` and goes when the device goes (QEMU's
     /// auto-deletion of legacy drives).
     auto_del: bool,
-    /// A `device_del` waits for the guest (a PCI device: until the next reset here).
-    unplug_pending: Cell<bool>,
-    /// When the pending unplug was asked for, on the machine's virtual clock (ms).
+    /// A `device_del` waits for the guest (a PCI device: until the next reset here): when
+    /// it was asked for, on the machine's virtual clock (ms).
     unplug_asked_ms: Cell<Option<u64>>,
     /// For a SCSI controller: its bus's name (`ID.0`).
     bus_name: Option<String>,
@@ -463,7 +462,6 @@ impl Devices {
         self.list.borrow().iter().find(|d| d.path == path).cloned()
     }
 
-    /// The device with qdev id `id`.
     /// The device `id` names, as QEMU's `find_device_state` resolves it: a path under
     /// `/machine/peripheral` (so a device's id), or from the root if it starts with `/`.
     ///
@@ -498,6 +496,7 @@ impl Devices {
         ))
     }
 
+    /// The device with qdev id `id`.
     pub(crate) fn find(&self, id: &str) -> Option<Rc<Device>> {
         self.list
             .borrow()
@@ -989,7 +988,6 @@ impl Devices {
             path,
             blk,
             auto_del,
-            unplug_pending: Cell::new(false),
             unplug_asked_ms: Cell::new(None),
             bus_name,
             share_rw,
@@ -1232,7 +1230,6 @@ impl Devices {
         }
         match dev.model.kind {
             k if k.on_pci() => {
-                dev.unplug_pending.set(true);
                 dev.unplug_asked_ms.set(Some(now_ms));
                 Ok(())
             }
@@ -1250,7 +1247,7 @@ impl Devices {
         self.list
             .borrow()
             .iter()
-            .filter(|d| d.unplug_pending.get())
+            .filter(|d| d.unplug_asked_ms.get().is_some())
             .cloned()
             .collect()
     }
