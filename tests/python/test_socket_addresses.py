@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import chardev_transcript
+from conftest import FERRITE, QSD, chardev_transcript
 
 LONG = "a" * 109
 JUST_FITS = "b" * 108
@@ -249,3 +249,31 @@ def test_vsock_addresses_match_qsd(qsd, ferrite):
     assert c.cmd("nbd-server-stop") == {"return": {}}
     assert not vsock_port_taken(port + 2)
     d.stop()
+
+
+def test_nbd_server_on_an_inherited_descriptor_as_qsd(tmp_path):
+    """`--nbd-server addr.type=fd,addr.str=N` serves on listening socket N the daemon
+    inherited (ferrite used to refuse it); a client reads the export through it."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "d.raw"), "1M"],
+                   check=True)
+    for i, binary in enumerate((QSD, FERRITE)):
+        path = tmp_path / f"nbd{i}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen()
+        fd = listener.fileno()
+        proc = subprocess.Popen(
+            [binary, "--blockdev", f"driver=file,node-name=f0,filename={tmp_path / 'd.raw'}",
+             "--nbd-server", f"addr.type=fd,addr.str={fd}", "--export", "nbd,id=e0,node-name=f0"],
+            pass_fds=(fd,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        listener.close()
+        try:
+            # The socket listens before the daemon starts: a client may connect at once.
+            info = subprocess.run(["qemu-img", "info", "--output=json",
+                                   f"nbd+unix:///f0?socket={path}"],
+                                  capture_output=True, text=True, timeout=30)
+            assert info.returncode == 0, (binary, info.stderr)
+            assert json.loads(info.stdout)["virtual-size"] == 1 << 20
+        finally:
+            proc.kill()
+            proc.wait()
