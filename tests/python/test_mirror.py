@@ -616,3 +616,42 @@ def test_drive_mirror_onto_an_existing_image_opens_its_protocol_backing_like_qem
         seen.append(out)
     theirs, ours = seen
     assert ours == theirs
+
+
+@pytest.mark.parametrize("command", ["drive-mirror", "drive-backup"])
+def test_a_jobs_probed_raw_target_keeps_its_first_sector_like_qemu(both, command):
+    """An existing target given without a format is probed; probed as raw, its first
+    sector may not become another format's header (iotest 109): QEMU's warning, the job's
+    write refused (EPERM) and the target left as it was. Named raw, the same copy goes."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        # A raw node whose data is a qcow2 image: what a guest's disk may well hold.
+        qcow2(w / "inner.qcow2", "1M")
+        raw(w / "tgt.raw", str((w / "inner.qcow2").stat().st_size))
+        q = d.connect()
+        add_raw(q, "src", w / "inner.qcow2")
+        out = []
+        for n, fmt in enumerate([{}, {"format": "raw"}]):
+            args = dict(fmt, **{"job-id": f"j{n}", "device": "src", "sync": "full",
+                                "target": str(w / "tgt.raw"), "mode": "existing"})
+            out.append(q.cmd(command, args))
+            if command == "drive-mirror" and fmt:
+                q.wait_event("BLOCK_JOB_READY")
+                out.append(q.cmd("block-job-cancel", {"device": f"j{n}"}))
+            wait_job_gone(q, f"j{n}")
+            settle(q)
+            # A failed mirror's len is what was left when the job looked last: in QEMU,
+            # before or after the failed chunk went back to the bitmap (whole granules),
+            # as the read happens to take longer than a turn of the main loop or not.
+            out.append([(e, {k: v for k, v in data.items() if k != "len" or "error" not in data
+                             or command == "drive-backup"}) for e, data in events(q)])
+            head = (w / "tgt.raw").read_bytes()[:4]
+            out.append(head)
+        d.stop()
+        out.append(d.stderr_path.read_text().replace(str(w), "W"))
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours[2] == b"\0\0\0\0" and ours[-2] == b"QFI\xfb", ours
+    assert "probing guessed raw" in ours[-1]

@@ -1218,9 +1218,7 @@ def test_drives_over_blkdebug_and_blkverify_probe_and_name_as_qemus(verify_image
         assert got == expected
         return
     assert expected[0] == 0
-    # Standard error left out: QEMU warns there of a format probed as raw (and restricts
-    # writes to its first sector), which ferrite does not do yet.
-    assert got[:2] == expected[:2]
+    assert got == expected
 
 
 def reopen_drive_transcript(binary, accel, workdir):

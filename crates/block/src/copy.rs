@@ -151,12 +151,14 @@ impl BlockCopy {
         self.dirty.is_empty()
     }
 
-    /// Bytes still to copy.
+    /// Bytes still to copy, in whole clusters: as QEMU's block-copy counts progress, the
+    /// last cluster of an image whose length is not a multiple counts whole, in what is
+    /// left and in what is copied (a job's `len` and `offset`).
     pub fn dirty_bytes(&self) -> u64 {
-        self.dirty.count().min(self.len)
+        self.dirty.count()
     }
 
-    /// Bytes copied so far.
+    /// Bytes copied so far, in whole clusters (see [`BlockCopy::dirty_bytes`]).
     pub fn copied(&self) -> u64 {
         self.copied.get()
     }
@@ -210,7 +212,7 @@ impl BlockCopy {
 
     /// Copies every cluster of `offset..offset + len` still to copy from `source` to
     /// `target`, waiting for those another request is copying (the background copy).
-    /// Returns the bytes this call copied.
+    /// Returns the bytes this call copied, in whole clusters (see [`BlockCopy::dirty_bytes`]).
     ///
     /// # Errors
     /// The source or the target failing; the clusters concerned stay to copy.
@@ -347,7 +349,7 @@ impl BlockCopy {
             }
             if r.is_ok() {
                 self.dirty.set_granule(k, false);
-                counted += self.bytes_of(k);
+                counted += self.cluster;
             }
         }
         self.finish(&run, c, n);
@@ -375,10 +377,10 @@ impl BlockCopy {
             .await;
         if r.is_ok() {
             self.dirty.set_granule(c, false);
-            self.copied.set(self.copied.get() + bytes);
+            self.copied.set(self.copied.get() + self.cluster);
         }
         self.finish(&mine, c, 1);
-        r.map(|()| bytes)
+        r.map(|()| self.cluster)
     }
 
     /// Moves one range: zeroes as zeroes (never skipped: a target backed by the source

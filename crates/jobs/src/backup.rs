@@ -10,7 +10,7 @@ use crate::manager::{JobManager, JobOptions};
 use crate::types::{BitmapSyncMode, JobType, MirrorSyncMode};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, CopyError, MAX_CHUNK};
-use ferrite_block::{Child, Graph, Node, Perm};
+use ferrite_block::{Child, Graph, Node, Perm, TargetFormat};
 use ferrite_drivers::cbw::CbwFactory;
 use ferrite_qapi::Args;
 use std::cell::RefCell;
@@ -504,10 +504,13 @@ pub async fn prepare_drive(
     let existing = args.opt_str("mode") == Some("existing");
     // An existing image without a format given opens as the source's flags say; a new one
     // takes the source's format.
-    let format = match args.opt_str("format") {
-        Some(f) => f.to_owned(),
+    let TargetFormat {
+        name: format,
+        probed,
+    } = match args.opt_str("format") {
+        Some(f) => TargetFormat::given(f),
         None if existing => graph.job_target_format(&source, &file).await?,
-        None => source.driver_name().to_owned(),
+        None => TargetFormat::given(source.driver_name()),
     };
     let mut sync = args.str("sync")?;
     // Without a backing file, `top` is `full` (QEMU's rule for drive-backup).
@@ -540,6 +543,9 @@ pub async fn prepare_drive(
         extra.insert("active", false);
     }
     let target = graph.open_image(&file, Some(&format), extra).await?;
+    if probed {
+        graph.opened_probed(&target);
+    }
     // Opened without its backing; the one it gets is the one its header names.
     target.remove_option("backing");
     if let Some(b) = &backing

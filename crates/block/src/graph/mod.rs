@@ -34,6 +34,25 @@ use std::rc::{Rc, Weak};
 /// Longest node name QEMU accepts.
 const MAX_NODE_NAME: usize = 31;
 
+/// The format a job's existing target opens as ([`Graph::job_target_format`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetFormat {
+    /// The driver's name.
+    pub name: String,
+    /// Found by probing the image, not given: a raw node then guards its first sector.
+    pub probed: bool,
+}
+
+impl TargetFormat {
+    /// A format the command named.
+    pub fn given(name: &str) -> TargetFormat {
+        TargetFormat {
+            name: name.to_owned(),
+            probed: false,
+        }
+    }
+}
+
 /// The block graph.
 ///
 /// # Invariants
@@ -311,11 +330,12 @@ impl Graph {
     /// The format an existing image a job writes to (`drive-backup`, `drive-mirror` with
     /// mode `existing`), given none, opens as. QEMU opens it with the source's flags: under
     /// a source opened as a protocol (a `file`, a `null-co`) that means by its protocol
-    /// alone (the file node itself, as big as the file); otherwise the image is probed.
+    /// alone (the file node itself, as big as the file); otherwise the image is probed, and
+    /// the node opened must then be marked so ([`Graph::opened_probed`]).
     ///
     /// # Errors
     /// The file failing to open for the probe.
-    pub async fn job_target_format(&self, source: &Node, path: &str) -> Result<String> {
+    pub async fn job_target_format(&self, source: &Node, path: &str) -> Result<TargetFormat> {
         let source_is_protocol = self
             .registry()
             .get(source.driver_name())
@@ -323,9 +343,12 @@ impl Graph {
         if source_is_protocol {
             let protocol = crate::filename::protocol_options(path);
             let name = protocol.get("driver").and_then(QObject::as_str);
-            return Ok(name.unwrap_or("file").to_owned());
+            return Ok(TargetFormat::given(name.unwrap_or("file")));
         }
-        Ok(self.probe_image_as(path, false).await?.to_owned())
+        Ok(TargetFormat {
+            name: self.probe_image_as(path, false).await?.to_owned(),
+            probed: true,
+        })
     }
 
     /// [`Graph::probe_image`] of a file about to be opened for writing (a job's target):

@@ -7,7 +7,7 @@ use crate::backup::create_target;
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::manager::JobManager;
-use ferrite_block::{Graph, Node};
+use ferrite_block::{Graph, Node, TargetFormat};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
@@ -85,19 +85,22 @@ async fn open_target(
     node_name: Option<&str>,
 ) -> Result<Rc<Node>> {
     let format = match format {
-        Some(f) => f.to_owned(),
+        Some(f) => TargetFormat::given(f),
         None => graph.job_target_format(source, file).await?,
     };
     let mut extra = QDict::new();
     if graph
         .registry()
-        .get(&format)
+        .get(&format.name)
         .is_some_and(|f| f.supports_backing())
     {
         extra.insert("backing", QObject::Null);
     }
     extra.insert_opt("node-name", node_name);
-    let target = graph.open_image(file, Some(&format), extra).await?;
+    let target = graph.open_image(file, Some(&format.name), extra).await?;
+    if format.probed {
+        graph.opened_probed(&target);
+    }
     // Opened without its backing; the one it gets is the one its image names or the job's.
     target.remove_option("backing");
     Ok(target)
