@@ -475,3 +475,36 @@ def test_iothreads_are_found_by_qom_path_as_in_qsd(both):
     theirs = replies(qsd, iothread_paths(qsd.workdir))
     ours = replies(ferrite, iothread_paths(ferrite.workdir))
     assert ours == [t.replace(str(qsd.workdir), str(ferrite.workdir)) for t in theirs]
+
+
+def test_backing_files_that_fail_to_open_and_the_old_empty_name_like_qemu(both):
+    """A backing file named by node or given inline that cannot be found or opened fails
+    with "Could not open backing file: " before the reason; `"backing": ""` is the old
+    spelling of null, taken with QEMU's deprecation warning, inline too."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        for name in ("a", "b", "c"):
+            qcow2(w / f"{name}.qcow2", "1M")
+        q = d.connect()
+        f = lambda name: {"driver": "file", "filename": str(w / f"{name}.qcow2")}  # noqa: E731
+        out = [normalized(q.cmd("blockdev-add", args)) for args in [
+            {"driver": "qcow2", "node-name": "x1", "backing": "nosuch", "file": f("a")},
+            {"driver": "qcow2", "node-name": "x2", "file": f("a"),
+             "backing": {"driver": "raw", "file": {"driver": "file", "filename": "nosuch"}}},
+            {"driver": "qcow2", "node-name": "x3", "backing": "", "file": f("a")},
+            {"driver": "qcow2", "node-name": "x4", "file": f("b"),
+             "backing": {"driver": "qcow2", "backing": "", "file": f("c")}},
+            # A node naming itself is a cycle, and attaching is no opening.
+            {"driver": "qcow2", "node-name": "x5", "backing": "x5", "file": f("c")},
+        ]]
+        out.append(sorted((n["node-name"].startswith("#"), n["file"].replace(str(w), "W"),
+                           n.get("backing_file", "").replace(str(w), "W"))
+                          for n in q.cmd("query-named-block-nodes", {"flat": True})["return"]))
+        d.stop()
+        out.append(d.stderr_path.read_text())
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours[0]["error"]["desc"].startswith("Could not open backing file: Cannot find")
+    assert ours[-1].count("deprecated") == 2

@@ -189,18 +189,18 @@ impl<'a> OpenCtx<'a> {
                         parent: name.clone(),
                     });
                 }
-                self.graph.lookup(name)?
+                self.graph.lookup(name).map_err(|e| open_failure(key, e))?
             }
             QObject::Dict(d) => {
                 let cow = key == "backing";
                 let early = self.early_file.take_if(|_| key == "file");
                 let node = match early {
                     Some(node) => node,
-                    None => {
-                        self.graph
-                            .open(&Args::new(inherited(self.opts, d, cow)))
-                            .await?
-                    }
+                    None => self
+                        .graph
+                        .open(&Args::new(inherited(self.opts, d, cow)))
+                        .await
+                        .map_err(|e| open_failure(key, e))?,
                 };
                 node.inherits_read_only
                     .set(!cow && d.get("read-only").is_none());
@@ -691,11 +691,32 @@ pub(crate) fn settings(opts: &Args, factory: &dyn DriverFactory) -> Result<NodeS
     Ok(s)
 }
 
+/// Child `key` failing to open or to be found: a backing file's failure says so first
+/// (QEMU's `bdrv_open_backing_file`); attaching it is another matter.
+fn open_failure(key: &str, e: Error) -> Error {
+    if key == "backing" {
+        Error::BackingOpen(Box::new(e))
+    } else {
+        e
+    }
+}
+
 impl Graph {
     /// Opens a node from checked `BlockdevOptions` with the driver the options name (boxed:
     /// children open through it recursively).
     pub(crate) fn open<'a>(&'a self, opts: &'a Args) -> crate::registry::LocalFut<'a, Rc<Node>> {
         Box::pin(async move {
+            // `"backing": ""` is an older spelling of `null`, still taken with a warning.
+            let respelled;
+            let opts = if opts.get("backing").and_then(QObject::as_str) == Some("") {
+                crate::report::warn_report(
+                    "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
+                );
+                respelled = Args::new(opts.as_dict().clone().with("backing", QObject::Null));
+                &respelled
+            } else {
+                opts
+            };
             let driver = opts.str("driver")?;
             // A driver of the schema's without a factory is one QEMU leaves out of a storage
             // daemon too (`blkreplay`): unknown to both.
