@@ -1,6 +1,6 @@
 //! A human monitor command's arguments, read by its signature as QEMU's monitor reads them
 //! (`reuse:-n,device:B,target:s,format:s?`): flags first, then words in order, a quoted
-//! word as one, sizes with a unit suffix; what does not fit is an error that ends with
+//! word as one, sizes with a unit suffix, integers as expressions; what does not fit is an error that ends with
 //! `Try "help CMD" for more information`.
 
 use std::collections::HashMap;
@@ -11,6 +11,7 @@ pub(crate) enum Value {
     Flag,
     Text(String),
     Size(i64),
+    Int(i64),
 }
 
 /// The arguments by name.
@@ -32,6 +33,13 @@ impl Parsed {
     pub(crate) fn size(&self, name: &str) -> Option<i64> {
         match self.0.get(name) {
             Some(Value::Size(n)) => Some(*n),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn int(&self, name: &str) -> Option<i64> {
+        match self.0.get(name) {
+            Some(Value::Int(n)) => Some(*n),
             _ => None,
         }
     }
@@ -158,6 +166,14 @@ pub(crate) fn parse(cmd: &str, signature: &'static str, line: &str) -> Result<Pa
                 }
                 None if p.optional && rest.trim().is_empty() => {}
                 None => return Err(usage(cmd, "invalid size")),
+            },
+            "l" => match super::expr::read(rest) {
+                Ok((n, tail)) => {
+                    out.0.insert(p.name, Value::Int(n));
+                    rest = tail;
+                }
+                Err(_) if p.optional && rest.trim().is_empty() => {}
+                Err(e) => return Err(usage(cmd, &e)),
             },
             "S" => {
                 let text = rest.trim();

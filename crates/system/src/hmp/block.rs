@@ -59,6 +59,7 @@ pub(crate) async fn run(cmds: &SystemCommands, cmd: &str, rest: &str) -> Option<
         "drive_mirror" => "reuse:-n,full:-f,device:B,target:s,format:s?",
         "commit" => "device:B",
         "block_resize" => "device:B,size:o",
+        "block_set_io_throttle" => "device:B,bps:l,bps_rd:l,bps_wr:l,iops:l,iops_rd:l,iops_wr:l",
         "block_stream" => "device:B,speed:o?,base:s?",
         "block_job_set_speed" => "device:B,speed:o",
         "block_job_cancel" => "force:-f,device:B",
@@ -126,6 +127,13 @@ async fn run_parsed(cmds: &SystemCommands, cmd: &str, a: &Parsed) -> String {
                 .with("device", device)
                 .with("size", a.size("size").unwrap_or(0));
             qmp(cmds, "block_resize", args).await
+        }
+        "block_set_io_throttle" => {
+            let mut args = QDict::new().with("device", device);
+            for key in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+                args.insert(key, a.int(key).unwrap_or(0));
+            }
+            qmp(cmds, "block_set_io_throttle", args).await
         }
         "block_stream" => {
             let mut args = QDict::new().with("device", device).with("job-id", device);
@@ -242,10 +250,31 @@ async fn nbd_server_start(cmds: &SystemCommands, a: &Parsed) -> String {
     String::new()
 }
 
-/// `commit DEVICE`: the drive's image into its backing file, at once.
+/// `commit DEVICE`: the drive's image into its backing file, at once; `commit all`: that
+/// of every backend with a medium over an image with a backing file, in turn, up to the
+/// first failure.
 async fn commit(cmds: &SystemCommands, device: &str) -> String {
     let sys = cmds.system();
     let graph = &sys.daemon.graph;
+    let failed = |e: std::io::Error| {
+        format!(
+            "'commit' error for '{device}': {}\n",
+            ferrite_qapi::os_msg(&e)
+        )
+    };
+    if device == "all" {
+        for blk in graph.backends() {
+            let Some(top) = blk.node().map(|n| n.skip_filters()) else {
+                continue;
+            };
+            if top.child("backing").is_some()
+                && let Err(e) = ferrite_jobs::commit_now(graph, &top).await
+            {
+                return failed(e);
+            }
+        }
+        return String::new();
+    }
     let Some(blk) = graph.backends().into_iter().find(|b| b.name() == device) else {
         return format!("Device '{device}' not found\n");
     };
@@ -255,10 +284,7 @@ async fn commit(cmds: &SystemCommands, device: &str) -> String {
     let top = node.skip_implicit_filters();
     match ferrite_jobs::commit_now(graph, &top).await {
         Ok(()) => String::new(),
-        Err(e) => format!(
-            "'commit' error for '{device}': {}\n",
-            ferrite_qapi::os_msg(&e)
-        ),
+        Err(e) => failed(e),
     }
 }
 

@@ -230,6 +230,49 @@ fn describe(out: &mut String, info: Option<&QDict>, inserted: Option<&QDict>) {
     }
 }
 
+/// `info blockstats`: each drive's I/O counters, one line each.
+pub(crate) async fn info_blockstats(cmds: &SystemCommands, args: &str) -> String {
+    if !args.trim().is_empty() {
+        return "blockstats: extraneous characters at the end of line\n\
+                Try \"help info blockstats\" for more information\n"
+            .into();
+    }
+    let stats = match query(cmds, "query-blockstats", QDict::new()).await {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let mut out = String::new();
+    for s in stats.iter().filter_map(QObject::as_dict) {
+        // A device's backend without a name prints as "" (QEMU's).
+        let Some(device) = s.text("device") else {
+            continue;
+        };
+        let Some(counters) = s.get("stats").and_then(QObject::as_dict) else {
+            continue;
+        };
+        out.push_str(device);
+        out.push(':');
+        for key in [
+            "rd_bytes",
+            "wr_bytes",
+            "rd_operations",
+            "wr_operations",
+            "flush_operations",
+            "wr_total_time_ns",
+            "rd_total_time_ns",
+            "flush_total_time_ns",
+            "rd_merged",
+            "wr_merged",
+            "idle_time_ns",
+        ] {
+            let n = counters.get(key).and_then(QObject::as_i64).unwrap_or(0);
+            out.push_str(&format!(" {key}={n}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// `info block-jobs`.
 pub(crate) async fn info_block_jobs(cmds: &SystemCommands) -> String {
     let jobs = match query(cmds, "query-block-jobs", QDict::new()).await {

@@ -3,6 +3,7 @@
 
 mod args;
 mod block;
+mod expr;
 mod info_block;
 mod migration;
 pub(crate) mod readline;
@@ -48,6 +49,9 @@ async fn answer(cmds: &SystemCommands, line: &str, terminal: bool) -> String {
         },
         ("info", "uuid") => format!("{}\r\n", cmds.system().machine.uuid()),
         ("info", "block-jobs") => info_block::info_block_jobs(cmds).await,
+        ("info", stats) if stats == "blockstats" || stats.starts_with("blockstats ") => {
+            info_block::info_blockstats(cmds, &stats["blockstats".len()..]).await
+        }
         ("info", block) if block == "block" || block.starts_with("block ") => {
             info_block::info_block(cmds, &block[5..]).await
         }
