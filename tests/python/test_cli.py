@@ -47,6 +47,17 @@ FAILING = [
     ["--object", "iothread,id=i", "--object", "iothread,id=i"],
     ["--object", "iothread,id=1i"],
     ["--object", "iothread,id=i,b"],
+    # Socket options that do not go together, checked after the credentials are found.
+    ["--chardev", "socket,id=c,path=x.sock,server=on,wait=off,reconnect=1"],
+    ["--chardev", "socket,id=c,path=x.sock,reconnect=1,reconnect-ms=1000"],
+    ["--chardev", "socket,id=c,path=x.sock,wait=off"],
+    ["--chardev", "socket,id=c,path=x.sock,websocket=on"],
+    ["--chardev", "socket,id=c,fd=3,reconnect=1"],
+    ["--chardev", "socket,id=c,path=x.sock,tls-creds=nosuch"],
+    ["--chardev", "socket,id=c,host=localhost,port=1,tls-authz=a"],
+    ["--chardev", "socket,id=c,cid=3,port=1,tls-creds=nosuch"],
+    ["--blockdev", "driver=raw,node-name=r,file.driver=null-co,offset=1,size=1000"],
+    ["--pidfile", "/nonexistent/x.pid"],
 ]
 
 
@@ -201,6 +212,30 @@ def test_commands_wait_until_the_command_line_is_acted_on(binary, tmp_path):
         assert "l" in {n["node-name"] for n in nodes["return"]}
         w.close()
         c.close()
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("binary", [QSD, FERRITE], ids=["qsd", "ferrite"])
+def test_a_reconnecting_client_monitor_waits_for_its_server(binary, tmp_path):
+    """`reconnect-ms` on a client socket: no server yet is no error (QEMU connects in the
+    background), and the monitor greets the server that appears later."""
+    path = tmp_path / "m.sock"
+    p = subprocess.Popen([binary, "--chardev", f"socket,id=c,path={path},reconnect-ms=100",
+                          "--monitor", "c"], stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        assert p.poll() is None, p.stderr.read()
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(path))
+            server.listen(1)
+            server.settimeout(10)
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(10)
+                greeting = json.loads(conn.makefile("rb").readline())
+        assert "QMP" in greeting
     finally:
         p.kill()
         p.wait()

@@ -29,6 +29,9 @@ pub enum Error {
     /// texts).
     #[error("{0}")]
     Tls(String),
+    /// Socket options that do not go together (QEMU's texts).
+    #[error("{0}")]
+    SocketOptions(&'static str),
     /// telnet, tn3270 and websocket sockets.
     #[error("telnet, tn3270 and websocket sockets are not supported by ferrite")]
     SocketProtocolUnsupported,

@@ -362,7 +362,10 @@ fn socket(opts: &Opts, data: &mut QDict) -> Result<bool> {
     };
     data.insert("addr", addr);
     data.insert("server", server);
-    data.insert("wait", wait);
+    // Given, or a server's (whose default differs from QMP's): a client refuses it.
+    if let Some(w) = opts.flag("wait").or(server.then_some(true)) {
+        data.insert("wait", w);
+    }
     if let Some(d) = opts.flag("delay") {
         data.insert("nodelay", !d);
     }

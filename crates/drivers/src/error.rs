@@ -142,6 +142,10 @@ pub(crate) enum Error {
         /// The file's size.
         file_len: u64,
     },
+    /// A `raw` window whose size is not whole sectors (the node's length would round up
+    /// past it).
+    #[error("Specified size is not multiple of 512")]
+    UnalignedWindow,
     /// A node named by the filter's `bitmap` that does not exist.
     #[error("Node '{0}' not found")]
     BitmapNodeNotFound(String),

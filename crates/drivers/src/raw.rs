@@ -67,6 +67,9 @@ impl RawDriver {
             }
             .into());
         }
+        if size.is_some_and(|s| s % 512 != 0) {
+            return Err(Error::UnalignedWindow.into());
+        }
         Ok(RawDriver {
             offset: Cell::new(offset),
             size: Cell::new(size),

@@ -27,7 +27,13 @@ impl PidFile {
                 .truncate(false)
                 .mode(0o600)
                 .open(path)
-                .map_err(|e| err("Cannot open", e))?;
+                .map_err(|e| {
+                    format!(
+                        "Could not create '{}': {}",
+                        path.display(),
+                        ferrite_qapi::os_msg(&e)
+                    )
+                })?;
             // SAFETY: lockf only operates on the open descriptor `file` owns.
             if unsafe { libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) } != 0 {
                 return Err(err("Cannot lock", std::io::Error::last_os_error()));
@@ -42,7 +48,8 @@ impl PidFile {
                 continue;
             }
             file.set_len(0).map_err(|e| err("Failed to truncate", e))?;
-            writeln!(file, "{}", std::process::id()).map_err(|e| err("Failed to write", e))?;
+            writeln!(file, "{}", std::process::id())
+                .map_err(|_| "Failed to write pid file".to_owned())?;
             return Ok(PidFile {
                 path: path.to_owned(),
                 _file: file,

@@ -122,13 +122,13 @@ impl Socket {
             .or_else(|| data.opt_i64("reconnect").map(|s| s.saturating_mul(1000)))
             .filter(|&ms| ms > 0)
             .map(|ms| Duration::from_millis(ms as u64));
+        let tls = Tls::from_options(data, &addr, server, objects)?;
         if data.bool_or("telnet", false)
             || data.bool_or("tn3270", false)
             || data.bool_or("websocket", false)
         {
             return Err(Error::SocketProtocolUnsupported);
         }
-        let tls = Tls::from_options(data, &addr, server, objects)?;
         let mut sock = Socket {
             addr: addr.clone(),
             listener: None,
@@ -155,8 +155,13 @@ impl Socket {
             let raw = sock.connect_raw()?;
             *sock.pending_raw.borrow_mut() = Some(raw);
         } else {
-            let conn = sock.connect_now()?;
-            *sock.pending.borrow_mut() = Some(conn);
+            match sock.connect_now() {
+                Ok(conn) => *sock.pending.borrow_mut() = Some(conn),
+                // With `reconnect`, QEMU connects in the background: a first attempt that
+                // fails is retried as a lost connection is.
+                Err(_) if sock.reconnect.is_some() => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(sock)
     }
@@ -456,45 +461,29 @@ impl Socket {
 }
 
 impl Tls {
-    /// The TLS a socket's options ask for, checked in QEMU's order with its texts.
+    /// The TLS a socket's options ask for. As QEMU, the credentials are looked up first,
+    /// then the socket's options are checked ([`check_options`]), TLS or not.
     fn from_options(
         data: &Args,
         addr: &Addr,
         server: bool,
         objects: &ferrite_tls::Objects,
     ) -> Result<Option<Tls>> {
-        let creds = data.opt_str("tls-creds");
-        if creds.is_some() {
-            match addr.at {
-                SocketAddress::Unix(_) => {
-                    return Err(Error::Tls(
-                        "'tls_creds' option is incompatible with 'unix' address type".into(),
-                    ));
-                }
-                SocketAddress::Fd(_) if !server => {
-                    return Err(Error::Tls(
-                        "'tls_creds' option is incompatible with 'fd' address type as client"
-                            .into(),
-                    ));
-                }
-                _ => {}
-            }
-        }
-        let authz = data.opt_str("tls-authz").map(str::to_owned);
-        let Some(id) = creds else {
-            if authz.is_some() {
-                return Err(Error::Tls(
-                    "'tls_authz' option requires 'tls_creds' option".into(),
-                ));
-            }
-            return Ok(None);
-        };
         let endpoint = if server {
             ferrite_tls::Endpoint::Server
         } else {
             ferrite_tls::Endpoint::Client
         };
-        let creds = objects.creds_for(id, endpoint).map_err(Error::Tls)?;
+        // The credentials are looked up before anything is checked (QEMU's order).
+        let creds = match data.opt_str("tls-creds") {
+            Some(id) => Some(objects.creds_for(id, endpoint).map_err(Error::Tls)?),
+            None => None,
+        };
+        check_options(data, addr, server)?;
+        let authz = data.opt_str("tls-authz").map(str::to_owned);
+        let Some(creds) = creds else {
+            return Ok(None);
+        };
         let hostname = match &addr.at {
             SocketAddress::Inet(a) => Some(a.host.clone()),
             _ => None,
@@ -506,6 +495,46 @@ impl Tls {
             hostname,
         }))
     }
+}
+
+/// The checks of a socket's options that depend on its address and on its side, in
+/// QEMU's order and words (`qmp_chardev_validate_socket`). `reconnect` and `wait` count
+/// when given at all (the command line gives `wait` to every server).
+fn check_options(data: &Args, addr: &Addr, server: bool) -> Result<()> {
+    let refuse = |text: &'static str| Err(Error::SocketOptions(text));
+    let tls = data.opt_str("tls-creds").is_some();
+    let reconnect = data.get("reconnect").is_some();
+    match addr.at {
+        SocketAddress::Fd(_) if reconnect => {
+            return refuse("'reconnect' option is incompatible with 'fd' address type");
+        }
+        SocketAddress::Fd(_) if tls && !server => {
+            return refuse("'tls_creds' option is incompatible with 'fd' address type as client");
+        }
+        SocketAddress::Unix(_) if tls => {
+            return refuse("'tls_creds' option is incompatible with 'unix' address type");
+        }
+        SocketAddress::Vsock(_) if tls => {
+            return refuse("'tls_creds' option is incompatible with 'vsock' address type");
+        }
+        _ => {}
+    }
+    if data.opt_str("tls-authz").is_some() && !tls {
+        return refuse("'tls_authz' option requires 'tls_creds' option");
+    }
+    if server {
+        if reconnect {
+            return refuse("'reconnect' option is incompatible with socket in server listen mode");
+        }
+    } else if data.bool_or("websocket", false) {
+        return refuse("Websocket client is not implemented");
+    } else if data.get("wait").is_some() {
+        return refuse("'wait' option is incompatible with socket in client connect mode");
+    }
+    if reconnect && data.get("reconnect-ms").is_some() {
+        return refuse("'reconnect' and 'reconnect-ms' are mutually exclusive");
+    }
+    Ok(())
 }
 
 /// QEMU's connected TCP filename: `tcp:LOCAL:PORT[,server=on] <-> PEER:PORT`.
