@@ -58,6 +58,18 @@ FAILING = [
     ["--chardev", "socket,id=c,cid=3,port=1,tls-creds=nosuch"],
     ["--blockdev", "driver=raw,node-name=r,file.driver=null-co,offset=1,size=1000"],
     ["--pidfile", "/nonexistent/x.pid"],
+    ["--nbd-server", "addr.type=fd,addr.str=nosuch"],
+    ["--blockdev", "null-co,node-name=a",
+     "--export", "vhost-user-blk,id=e,node-name=a,addr.type=fd,addr.str=nosuch"],
+]
+
+# Failing options over a qcow2 image `img.qcow2` (no encryption, no data file).
+FAILING_ON_AN_IMAGE = [
+    "encrypt.format=luks",
+    "encrypt.format=aes,encrypt.key-secret=s",
+    "data-file=nosuch",
+    "data-file.driver=file,data-file.filename=nosuch",
+    "data-file.driver=null-co",
 ]
 
 
@@ -70,6 +82,16 @@ def run(binary, args, **kw):
 
 @pytest.mark.parametrize("args", FAILING, ids=[" ".join(a)[:50] for a in FAILING])
 def test_startup_errors_match_qsd(args, tmp_path):
+    assert run(FERRITE, args, cwd=tmp_path) == run(QSD, args, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("opts", FAILING_ON_AN_IMAGE)
+def test_image_option_errors_match_qsd(opts, tmp_path):
+    """Encryption options against the header's, and a data file for an image that has
+    none, which QEMU opens (or fails to find) before it refuses."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "img.qcow2"),
+                    "1M"], check=True)
+    args = ["--blockdev", f"qcow2,node-name=q,file.driver=file,file.filename=img.qcow2,{opts}"]
     assert run(FERRITE, args, cwd=tmp_path) == run(QSD, args, cwd=tmp_path)
 
 

@@ -395,6 +395,14 @@ FOUND = [
                       "mode": "existing"}),
     ("drive-mirror", {"device": "fmt0", "sync": "full", "target": "/dev/null",
                       "format": "qcow2"}),
+    # A read-only format claims its file as it attaches it, before reading it.
+    ("blockdev-add", {"driver": "vmdk", "node-name": "ch0", "read-only": True,
+                      "file": {"driver": "parallels", "file": "file0"}}),
+    # A raw window is whole sectors; a backing file not found says it is one.
+    ("blockdev-add", {"driver": "raw", "node-name": "r9", "file": "null0", "offset": 1,
+                      "size": 1000}),
+    ("blockdev-add", {"driver": "qcow2", "node-name": "q9", "backing": "nosuch",
+                      "file": {"driver": "null-co"}}),
 ]
 
 # Commands in FOUND that make the state the next ones need: where qemu-storage-daemon

@@ -135,22 +135,33 @@ impl<'a> OpenCtx<'a> {
         Ok(edge)
     }
 
-    /// A format's metadata child, of a format that may write: the format takes writing and
-    /// resizing on it at once (unsharing those), as QEMU's `bdrv_default_perms_for_storage`
-    /// does when the child is attached, so that it may write its metadata while it opens
-    /// (the file's descriptor is opened for writing for it). A read-only format writes
-    /// nothing while it opens and takes its permissions with the rest of the graph.
+    /// A format's metadata child, claimed as the child comes, before the driver reads it
+    /// (QEMU's `bdrv_default_perms_for_storage` when the child is attached): the format
+    /// reads it consistently and lets nobody else write or resize it; one that may write
+    /// takes writing and resizing too, so that it may write its metadata while it opens
+    /// (the file's descriptor is opened for writing for it). A child that shares
+    /// everything (`force-share`) still does.
     ///
     /// # Errors
     /// A permission conflict, or the file refusing to be written.
     pub fn claim_for_metadata(&self, edge: &Rc<Child>) -> Result<()> {
-        // An inactive node writes nothing: the image is someone else's for now.
+        // An inactive node claims nothing: the image is someone else's for now.
         if !self.opens_active() {
             return Ok(());
         }
-        let own = Perm::WRITE | Perm::RESIZE;
+        let metadata = Perm::WRITE | Perm::RESIZE;
+        let own = if self.settings.read_only {
+            Perm::empty()
+        } else {
+            metadata
+        };
+        let shared = if edge.node().force_share() {
+            Perm::all()
+        } else {
+            Perm::all() - metadata
+        };
         self.graph
-            .update_edge_perm(edge, Perm::CONSISTENT_READ | own, Perm::all() - own)
+            .update_edge_perm(edge, Perm::CONSISTENT_READ | own, shared)
     }
 
     /// Whether the node opens active: not `active=off`, nor while the graph opens every

@@ -86,7 +86,7 @@ where
     Ok(out.unwrap_or_default())
 }
 
-/// Opens the format's `file` child, claiming it for metadata when the node may write:
+/// Opens the format's `file` child and claims it for metadata ([`OpenCtx::claim_for_metadata`]):
 /// (the child, whether the node is read-only).
 ///
 /// # Errors
@@ -94,9 +94,7 @@ where
 pub(crate) async fn open_file(ctx: &mut OpenCtx<'_>) -> ferrite_block::Result<(Rc<Child>, bool)> {
     let read_only = ctx.settings().read_only;
     let file = ctx.open_child("file").await?;
-    if !read_only {
-        ctx.claim_for_metadata(&file)?;
-    }
+    ctx.claim_for_metadata(&file)?;
     Ok((file, read_only))
 }
 

@@ -96,6 +96,10 @@ pub(crate) enum Error {
     KeySecretRequired,
     #[error("Unsupported encryption method {0}")]
     EncryptionMethod(i32),
+    #[error("No encryption in image header, but options specified format '{0}'")]
+    EncryptionNotInHeader(String),
+    #[error("Header reported '{header}' encryption format but options specify '{given}'")]
+    EncryptionFormatMismatch { header: &'static str, given: String },
     #[error("Missing CRYPTO header for crypt method {0}")]
     MissingCryptoHeader(u32),
     #[error("data-file-raw requires a data file")]

@@ -54,9 +54,7 @@ impl DriverFactory for Qcow2Factory {
             let opts = ctx.opts();
             let read_only = ctx.settings().read_only;
             let file = ctx.open_child("file").await?;
-            if !read_only {
-                ctx.claim_for_metadata(&file)?;
-            }
+            ctx.claim_for_metadata(&file)?;
             let mut opening = Qcow2Driver::begin_open(opts, &file, read_only).await?;
             if opening.aes_encrypted() && ctx.graph().registry().for_emulator() {
                 return Err(Error::AesInEmulator.into());
@@ -148,7 +146,9 @@ async fn open_data_file(
 ) -> ferrite_block::Result<()> {
     let opts = ctx.opts();
     let Some(spec) = spec else {
-        if opts.get("data-file").is_some() {
+        if let Some(v) = opts.get("data-file").cloned() {
+            // QEMU opens the child first: a name that finds nothing says so.
+            ctx.open_child_ref("data-file", &v).await?;
             return Err(Error::DataFileNotExpected.into());
         }
         return Ok(());

@@ -135,6 +135,7 @@ impl Qcow2Driver {
         let (l2_tables, rb_tables) =
             cache_sizes(args, h.cluster_size(), h.l2_entry_size(), h.size)?;
         let clean_interval = clean_interval(args)?;
+        check_encryption_format(args, h.crypt_method)?;
         h.parse_tail(&first)?;
         let crypto_header = h.extension(crate::format::header::EXT_CRYPTO).is_some();
         let data_file = if h.incompatible & incompat::DATA_FILE != 0 {
@@ -161,6 +162,26 @@ impl Qcow2Driver {
             password: None,
         })
     }
+}
+
+/// The encryption format the options name, against the one the header has (QEMU checks
+/// it last among the options).
+fn check_encryption_format(args: &Args, crypt_method: u32) -> Result<(), Error> {
+    let Some(given) = args
+        .dict("encrypt")
+        .and_then(|e| e.opt_str("format").map(str::to_owned))
+    else {
+        return Ok(());
+    };
+    let header = match crypt_method {
+        0 => return Err(Error::EncryptionNotInHeader(given)),
+        1 => "aes",
+        _ => "luks",
+    };
+    if given != header {
+        return Err(Error::EncryptionFormatMismatch { header, given });
+    }
+    Ok(())
 }
 
 impl Opening {

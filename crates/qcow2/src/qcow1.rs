@@ -95,9 +95,7 @@ impl DriverFactory for QcowFactory {
         Box::pin(async move {
             let read_only = ctx.settings().read_only;
             let file = ctx.open_child("file").await?;
-            if !read_only {
-                ctx.claim_for_metadata(&file)?;
-            }
+            ctx.claim_for_metadata(&file)?;
             ctx.take_position_now();
             let q = Qcow::open(file.clone(), read_only, ctx.node_name()).await?;
             if q.crypt_method == 0 && ctx.opts().get("encrypt").is_some() {

@@ -33,7 +33,7 @@ pub fn take_socket(name: &str) -> Result<OwnedFd, String> {
         None => {
             let fd: i32 = name
                 .parse()
-                .map_err(|_| format!("Unable to parse FD number {name}: Invalid argument"))?;
+                .map_err(|_| format!("Unable to parse FD number {name}"))?;
             // SAFETY: fcntl(F_GETFD) only asks whether the number is an open descriptor.
             if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
                 return Err(format!("File descriptor '{name}' is not a socket"));
