@@ -201,6 +201,12 @@ def test_cache_modes_are_inherited_as_in_qemu(tmp_path, option):
     ["-drive", "if=none,id=disk,cache=bogus"],
     ["-drive", "if=scsi,index=9"],
     ["-drive", "if=none,file=disk.raw,format=raw", "-device", "virtio-blk,drive=none0,write-cache=maybe"],
+    # Error actions by kind; `serial` and `addr` are the format's to refuse since QEMU 9.
+    ["-drive", "if=none,file=disk.raw,format=raw,werror=ignore,rerror=enospc"],
+    ["-drive", "if=none,file=disk.raw,format=raw,werror=nosuch"],
+    ["-drive", "if=none,file=disk.raw,format=raw,serial=abc"],
+    ["-drive", "if=virtio,file=disk.raw,format=raw,addr=3"],
+    ["-drive", "if=none,file=disk.raw,format=raw,aio=nosuch"],
 ])
 def test_start_up_errors_come_where_qemus_do(tmp_path, args):
     """A device's refusal comes after the monitor's banner (QEMU starts its monitors

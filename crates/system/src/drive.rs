@@ -63,6 +63,19 @@ fn on_off(key: &str, v: &str) -> Result<bool, Error> {
     }
 }
 
+/// `werror=` or `rerror=`: an action QEMU's drives take on that kind of error (`enospc`
+/// is for writes only).
+fn error_action(v: Option<&str>, read: bool) -> Result<(), Error> {
+    match v {
+        None | Some("ignore" | "stop" | "report") => Ok(()),
+        Some("enospc") if !read => Ok(()),
+        Some(other) => Err(generic(format!(
+            "'{other}' invalid {} error action",
+            if read { "read" } else { "write" }
+        ))),
+    }
+}
+
 /// `d` with every scalar as the command line spells it (a `json:` name's typed values
 /// join `-drive`'s text options).
 fn as_text(d: QDict) -> QDict {
@@ -488,6 +501,12 @@ pub(crate) async fn add(
         None => !matches!(cache.as_deref(), Some("writethrough" | "directsync")),
     };
     let aio = take("aio");
+    if aio
+        .as_deref()
+        .is_some_and(|a| !matches!(a, "threads" | "native" | "io_uring"))
+    {
+        return Err(generic("invalid aio option"));
+    }
     let read_only = take("readonly")
         .map(|v| on_off("readonly", &v))
         .transpose()?
@@ -507,11 +526,14 @@ pub(crate) async fn add(
         .unwrap_or(true);
     let werror = take("werror");
     let rerror = take("rerror");
-    for k in ["bus", "unit", "serial", "addr", "copy-on-read"] {
+    // `serial` and `addr` are no drive options since QEMU 9: the format refuses them.
+    for k in ["bus", "unit", "copy-on-read"] {
         take(k);
     }
     let throttling =
         crate::io_limits::config_from_drive(&mut opts, format.as_deref().unwrap_or("raw"))?;
+    error_action(werror.as_deref(), false)?;
+    error_action(rerror.as_deref(), true)?;
     let blk = BlockBackend::new_empty(graph);
     blk.set_name(&id);
     blk.set_accounting(account_invalid, account_failed);
