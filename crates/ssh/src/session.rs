@@ -92,11 +92,13 @@ pub(crate) async fn open(loc: &Location, flags: u32, mode: Option<u32>) -> Resul
             .clone()
             .ok_or("Can't get user name: No such file or directory")?,
     };
-    let port: u16 = loc
+    // Any C int passes QEMU's check; what is no port fails to resolve.
+    let port: i32 = loc
         .port
         .parse()
         .map_err(|_| "Use only numeric port value".to_owned())?;
     let stream = connect_tcp(loc).await?;
+    let port = u16::try_from(port).unwrap_or_default();
     if user.is_empty() {
         return Err(
             "failed to set the user in the libssh session: Invalid argument in \

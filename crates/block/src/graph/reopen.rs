@@ -632,30 +632,49 @@ fn first_changed(node: &Node, opts: &Args) -> String {
 /// the top level's own keep their places; each nested dict's, taken in QEMU's order, are
 /// added after them under their prefix (`server.host`).
 fn flatten_as_qemu(d: &QDict) -> QDict {
-    fn nested(out: &mut QDict, d: &QDict, prefix: &str) {
-        for (k, v) in d.iter_qemu_order() {
-            match v {
-                QObject::Dict(inner) => nested(out, inner, &format!("{prefix}{k}.")),
-                _ if !prefix.is_empty() => out.insert(format!("{prefix}{k}"), v.clone()),
-                _ => {}
-            }
-        }
-    }
     let mut out: QDict = d
         .iter()
-        .filter(|(_, v)| !matches!(v, QObject::Dict(_)))
+        .filter(|(_, v)| !flattens(v))
         .map(|(k, v)| (k.to_owned(), v.clone()))
         .collect();
-    nested(&mut out, d, "");
+    for (k, v) in d.iter_qemu_order() {
+        if flattens(v) {
+            flatten_value(&mut out, k.to_owned(), v);
+        }
+    }
     out
+}
+
+/// Whether `qdict_flatten` replaces `v` by its members: a dict or a list that is not empty.
+fn flattens(v: &QObject) -> bool {
+    match v {
+        QObject::Dict(d) => !d.is_empty(),
+        QObject::List(l) => !l.is_empty(),
+        _ => false,
+    }
+}
+
+/// `v` under the flat name `key`: a dict's members as `key.name`, a list's as `key.N`,
+/// each in turn flattened, anything else as it is.
+fn flatten_value(out: &mut QDict, key: String, v: &QObject) {
+    match v {
+        QObject::Dict(d) if flattens(v) => {
+            for (k, inner) in d.iter_qemu_order() {
+                flatten_value(out, format!("{key}.{k}"), inner);
+            }
+        }
+        QObject::List(l) if flattens(v) => {
+            for (i, inner) in l.iter().enumerate() {
+                flatten_value(out, format!("{key}.{i}"), inner);
+            }
+        }
+        _ => out.insert(key, v.clone()),
+    }
 }
 
 /// `d`'s options as flat names under `prefix` (`backing.file.driver`).
 fn flatten_into(out: &mut QDict, d: &QDict, prefix: &str) {
     for (k, v) in d.iter() {
-        match v {
-            QObject::Dict(inner) => flatten_into(out, inner, &format!("{prefix}{k}.")),
-            _ => out.insert(format!("{prefix}{k}"), v.clone()),
-        }
+        flatten_value(out, format!("{prefix}{k}"), v);
     }
 }
