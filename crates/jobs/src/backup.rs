@@ -504,14 +504,12 @@ pub async fn prepare_drive(
     let existing = args.opt_str("mode") == Some("existing");
     // An existing image without a format given opens as the source's flags say; a new one
     // takes the source's format.
-    let TargetFormat {
-        name: format,
-        probed,
-    } = match args.opt_str("format") {
+    let target_format = match args.opt_str("format") {
         Some(f) => TargetFormat::given(f),
         None if existing => graph.job_target_format(&source, &file).await?,
         None => TargetFormat::given(source.driver_name()),
     };
+    let format = target_format.name.clone();
     let mut sync = args.str("sync")?;
     // Without a backing file, `top` is `full` (QEMU's rule for drive-backup).
     if sync == "top" && source.child("backing").is_none() {
@@ -542,10 +540,7 @@ pub async fn prepare_drive(
     if !source.is_active() {
         extra.insert("active", false);
     }
-    let target = graph.open_image(&file, Some(&format), extra).await?;
-    if probed {
-        graph.opened_probed(&target);
-    }
+    let target = graph.open_job_target(&file, &target_format, extra).await?;
     // Opened without its backing; the one it gets is the one its header names.
     target.remove_option("backing");
     if let Some(b) = &backing

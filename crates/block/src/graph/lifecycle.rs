@@ -89,6 +89,24 @@ impl Graph {
         Ok(node)
     }
 
+    /// Opens a job's target image `path` as `format` says (see
+    /// [`Graph::job_target_format`]), marked as probed when it was.
+    ///
+    /// # Errors
+    /// As [`Graph::open_image`].
+    pub async fn open_job_target(
+        &self,
+        path: &str,
+        format: &crate::TargetFormat,
+        extra: ferrite_qobject::QDict,
+    ) -> Result<Rc<Node>> {
+        let node = self.open_image(path, Some(&format.name), extra).await?;
+        if format.probed {
+            self.opened_probed(&node);
+        }
+        Ok(node)
+    }
+
     /// `node` was opened with a probed format: a writable raw node says what that costs
     /// (QEMU's warning, on standard error) and guards its first sector.
     pub fn opened_probed(&self, node: &Node) {

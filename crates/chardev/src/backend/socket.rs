@@ -122,7 +122,9 @@ impl Socket {
             .or_else(|| data.opt_i64("reconnect").map(|s| s.saturating_mul(1000)))
             .filter(|&ms| ms > 0)
             .map(|ms| Duration::from_millis(ms as u64));
+        // QEMU looks the credentials up before it checks the socket's options.
         let tls = Tls::from_options(data, &addr, server, objects)?;
+        check_options(data, &addr, server)?;
         if data.bool_or("telnet", false)
             || data.bool_or("tn3270", false)
             || data.bool_or("websocket", false)
@@ -461,8 +463,7 @@ impl Socket {
 }
 
 impl Tls {
-    /// The TLS a socket's options ask for. As QEMU, the credentials are looked up first,
-    /// then the socket's options are checked ([`check_options`]), TLS or not.
+    /// The TLS a socket's options ask for: its credentials, found by id.
     fn from_options(
         data: &Args,
         addr: &Addr,
@@ -474,16 +475,11 @@ impl Tls {
         } else {
             ferrite_tls::Endpoint::Client
         };
-        // The credentials are looked up before anything is checked (QEMU's order).
-        let creds = match data.opt_str("tls-creds") {
-            Some(id) => Some(objects.creds_for(id, endpoint).map_err(Error::Tls)?),
-            None => None,
-        };
-        check_options(data, addr, server)?;
-        let authz = data.opt_str("tls-authz").map(str::to_owned);
-        let Some(creds) = creds else {
+        let Some(id) = data.opt_str("tls-creds") else {
             return Ok(None);
         };
+        let creds = objects.creds_for(id, endpoint).map_err(Error::Tls)?;
+        let authz = data.opt_str("tls-authz").map(str::to_owned);
         let hostname = match &addr.at {
             SocketAddress::Inet(a) => Some(a.host.clone()),
             _ => None,

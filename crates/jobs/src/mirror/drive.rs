@@ -97,10 +97,7 @@ async fn open_target(
         extra.insert("backing", QObject::Null);
     }
     extra.insert_opt("node-name", node_name);
-    let target = graph.open_image(file, Some(&format.name), extra).await?;
-    if format.probed {
-        graph.opened_probed(&target);
-    }
+    let target = graph.open_job_target(file, &format, extra).await?;
     // Opened without its backing; the one it gets is the one its image names or the job's.
     target.remove_option("backing");
     Ok(target)
