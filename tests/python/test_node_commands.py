@@ -508,3 +508,71 @@ def test_backing_files_that_fail_to_open_and_the_old_empty_name_like_qemu(both):
     assert ours == theirs
     assert ours[0]["error"]["desc"].startswith("Could not open backing file: Cannot find")
     assert ours[-1].count("deprecated") == 2
+
+
+def test_an_overlay_blocks_most_operations_on_its_backing_file_like_qemu(both):
+    """QEMU's op blockers: an overlay refuses a resize, a mirror into its backing file and
+    snapshots of it ("node is used as backing hd of"), but lets a commit, a stream and a
+    backup use it. Deleting any node drains every node, so a running job pauses and
+    resumes. A backup target that knows no block size and has no backing file gets QEMU's
+    warning (null-co), an image or a raw file does not."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        for name in ("base", "top"):
+            qcow2(w / f"{name}.qcow2", "4M")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(w / "r.raw"), "1M"],
+                       check=True)
+        q = d.connect()
+        f = lambda name: {"driver": "file", "filename": str(w / name)}  # noqa: E731
+        steps = [
+            ("blockdev-add", {"driver": "qcow2", "node-name": "base", "file": f("base.qcow2")}),
+            ("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": f("top.qcow2"),
+                              "backing": "base"}),
+            ("block_resize", {"node-name": "base", "size": 8 << 20}),
+            ("block_resize", {"node-name": "base", "size": -1}),
+            ("blockdev-mirror", {"device": "top", "target": "base", "sync": "full"}),
+            ("blockdev-backup", {"job-id": "b0", "device": "top", "target": "base",
+                                 "sync": "full"}),
+            ("blockdev-snapshot-internal-sync", {"device": "top", "name": "s"}),
+            ("blockdev-snapshot-delete-internal-sync", {"device": "top", "name": "s"}),
+            ("change-backing-file", {"device": "top", "image-node-name": "top",
+                                     "backing-file": "base.qcow2"}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "n0", "size": 4 << 20}),
+            ("blockdev-backup", {"job-id": "b", "device": "top", "target": "n0",
+                                 "sync": "full", "speed": 1}),
+            # The backup's filter above `top` keeps it from being resized.
+            ("block_resize", {"node-name": "top", "size": 8 << 20}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "gone", "size": 1 << 20}),
+            ("blockdev-del", {"node-name": "gone"}),
+            ("block-job-cancel", {"device": "b", "force": True}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "n1", "size": 1 << 20}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "n2", "size": 1 << 20}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r", "file": f("r.raw")}),
+            ("blockdev-backup", {"job-id": "b1", "device": "n1", "target": "n2",
+                                 "sync": "full"}),
+            ("blockdev-backup", {"job-id": "b2", "device": "n1", "target": "r",
+                                 "sync": "full"}),
+        ]
+        out = []
+        for c, a in steps:
+            if c == "blockdev-del":
+                q.events.clear()
+            out.append(normalized(q.cmd(c, a)))
+            if c == "blockdev-del":
+                out.append([(e["event"], e["data"]) for e in q.events])
+        # The deleted snapshot's times differ.
+        out[7]["return"] = sorted(out[7]["return"])
+        wait_for(lambda: q.cmd("query-block-jobs")["return"] == [])
+        d.stop()
+        out.append(d.stderr_path.read_text())
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours[2]["error"]["desc"] == "Node 'base' is busy: node is used as backing hd of 'top'"
+    assert ours[4] == ours[2] and "Permission conflict" in ours[5]["error"]["desc"]
+    assert ours[6] == ours[8] == {"return": {}} and "name" in ours[7]["return"]
+    assert "Permission conflict" in ours[11]["error"]["desc"]
+    assert ours[14] == [("JOB_STATUS_CHANGE", {"status": s, "id": "b"})
+                        for s in ("paused", "running")]
+    assert ours[-1].count("doesn't provide information about the block size") == 2

@@ -37,12 +37,26 @@ pub const MAX_CHUNK: u64 = 1 << 20;
 /// Default copy granularity when the target's is smaller or unknown (QEMU's).
 const DEFAULT_CLUSTER: u64 = 64 << 10;
 
-/// The copy granularity for a target: its cluster size, at least 64 KiB.
-pub fn cluster_size_for(target: &Node) -> u64 {
-    target
-        .cluster_size()
-        .unwrap_or(DEFAULT_CLUSTER)
-        .max(DEFAULT_CLUSTER)
+/// The copy granularity for a target: its image's cluster size, at least 64 KiB. A target that
+/// knows no cluster size and has no backing file to fill what a small copy leaves out gets
+/// QEMU's warning that the default may be too small.
+pub fn cluster_size_for(target: &Rc<Node>) -> u64 {
+    // Filters answer for the node they filter.
+    let image = target.skip_filters();
+    match image.cluster_size() {
+        Some(size) => size.max(DEFAULT_CLUSTER),
+        None => {
+            if !image.answers_info() && image.child("backing").is_none() {
+                crate::report::warn_report(&format!(
+                    "The target block device doesn't provide information about the block \
+                     size and it doesn't have a backing file. The (default) block size of \
+                     {DEFAULT_CLUSTER} bytes is used. If the actual block size of the target \
+                     exceeds this value, the backup may be unusable"
+                ));
+            }
+            DEFAULT_CLUSTER
+        }
+    }
 }
 
 /// `min-cluster-size`: a power of two, or zero for none.

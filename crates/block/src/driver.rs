@@ -541,6 +541,13 @@ pub trait Driver: std::any::Any {
         None
     }
 
+    /// Whether the driver answers QEMU's `bdrv_get_info` (image formats and host files do,
+    /// with a cluster size or without); a filter answers as the node it filters. A block
+    /// copy warns when its target does not.
+    fn answers_info(&self, node: &Node) -> bool {
+        node.filtered().is_some_and(|f| f.answers_info())
+    }
+
     /// The unit of a compressed write, for a format that stores compressed clusters (QEMU's
     /// `block_driver_can_compress`); `None` for the others.
     fn compressed_cluster_size(&self) -> Option<u64> {

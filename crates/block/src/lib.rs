@@ -45,7 +45,7 @@ pub use drain::{Drained, drain, notify_progress};
 pub use driver::{Extent, ReqFlags};
 pub use error::{Error, Result};
 pub use events::{BlockImageCorrupted, BlockWriteThreshold, EventSink};
-pub use graph::{FrozenChain, Graph, IothreadResolver, ObjectTypeLookup, TargetFormat};
+pub use graph::{BlockOp, FrozenChain, Graph, IothreadResolver, ObjectTypeLookup, TargetFormat};
 pub use node::{DetectZeroes, Node, NodeSettings};
 pub use open::{MAX_LENGTH, OpenCtx, check_visited_whole};
 pub use open_backing::BackingName;

@@ -734,6 +734,11 @@ impl Node {
         self.driver.cluster_size()
     }
 
+    /// Whether its driver answers QEMU's `bdrv_get_info` (see `Driver::answers_info`).
+    pub fn answers_info(&self) -> bool {
+        self.driver.answers_info(self)
+    }
+
     /// The write threshold (0: none).
     pub fn write_threshold(&self) -> u64 {
         self.write_threshold.get()

@@ -3,7 +3,7 @@
 //! their arguments checked in QEMU's order; the jobs themselves are `ferrite_jobs`'.
 
 use crate::error::{Error, Result};
-use ferrite_block::{Graph, Node, VertexKind};
+use ferrite_block::{BlockOp, Graph, Node, VertexKind};
 use ferrite_jobs::commit::{CommitSetup, is_active, start_active_commit, start_commit};
 use ferrite_jobs::mirror::{TargetKind, start_drive_mirror, start_mirror};
 use ferrite_jobs::stream::{StreamSetup, start_stream};
@@ -65,15 +65,20 @@ fn in_chain(top: &Rc<Node>, node: &Rc<Node>) -> bool {
 }
 
 /// Node `name`, which must be `top` or down its chain (a commit's ends).
-/// Checks that no other job or user holds a node from `top` down to `end` (not included;
+/// Checks that `op` may happen on every node from `top` down to `end` (not included;
 /// `None`: the bottom of the chain).
-fn check_unblocked_down_to(graph: &Graph, top: &Rc<Node>, end: Option<&Rc<Node>>) -> Result<()> {
+fn check_op_down_to(
+    graph: &Graph,
+    top: &Rc<Node>,
+    end: Option<&Rc<Node>>,
+    op: BlockOp,
+) -> Result<()> {
     let mut at = Some(top.clone());
     while let Some(n) = at {
         if end.is_some_and(|e| Rc::ptr_eq(e, &n)) {
             break;
         }
-        graph.check_unblocked(&n)?;
+        graph.check_op(&n, op)?;
         at = n.below();
     }
     Ok(())
@@ -166,7 +171,7 @@ pub async fn qmp_block_stream(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
         Some(b) => b.below(),
         None => base_bs.clone(),
     };
-    check_unblocked_down_to(graph, &node, end.as_ref())?;
+    check_op_down_to(graph, &node, end.as_ref(), BlockOp::Stream)?;
     if base_bs.is_none() && args.opt_str("backing-file").is_some() {
         return Err(Error::BackingFileWithoutBase);
     }
@@ -203,7 +208,7 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
         Err(e) if graph.find(device).is_some() => return Err(e),
         Err(_) => return Err(Error::CommitDeviceNotFound(device.to_owned())),
     };
-    graph.check_unblocked(&node)?;
+    graph.check_op(&node, BlockOp::CommitSource)?;
     let top = match (args.opt_str("top-node"), args.opt_str("top")) {
         (Some(_), Some(_)) => return Err(Error::NodeAndFile("top")),
         (Some(t), None) => node_in_chain(graph, &node, t)?,
@@ -229,7 +234,7 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
     };
     // Everything from the top down to the base changes.
     let end = base.below();
-    check_unblocked_down_to(graph, &top, end.as_ref())?;
+    check_op_down_to(graph, &top, end.as_ref(), BlockOp::CommitTarget)?;
     if Rc::ptr_eq(&top, &base) {
         return Err(Error::CommitIntoItself);
     }
@@ -269,7 +274,7 @@ pub async fn qmp_block_commit(jobs: &Rc<JobManager>, graph: &Rc<Graph>, args: &A
             }
             overlay = n;
         }
-        graph.check_unblocked(&overlay)?;
+        graph.check_op(&overlay, BlockOp::CommitTarget)?;
         start_commit(jobs, graph, setup).await?;
     }
     Ok(())

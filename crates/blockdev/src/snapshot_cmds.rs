@@ -3,9 +3,9 @@
 //! QEMU's checks and texts.
 
 use crate::error::{Error, Result};
-use ferrite_block::Graph;
 use ferrite_block::Node;
 use ferrite_block::driver::NewSnapshot;
+use ferrite_block::{BlockOp, Graph};
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::rc::Rc;
@@ -27,7 +27,7 @@ fn check_snapshot_allowed(graph: &Graph, node: &Rc<Node>, earlier: &[&Prepared])
         }
         .into());
     }
-    Ok(graph.check_unblocked_as_backing(node)?)
+    Ok(graph.check_op(node, BlockOp::ExternalSnapshot)?)
 }
 
 /// Whether images of `format` can have a backing file.
@@ -224,6 +224,8 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<()> {
     let Some(backing) = image.child("backing") else {
         return Err(Error::NoBackingFile);
     };
+    // The device's blockers speak for its whole chain.
+    graph.check_op(&top, BlockOp::Change)?;
     let mut at = Some(top);
     let mut in_chain = false;
     while let Some(n) = at {
@@ -257,6 +259,7 @@ pub async fn change_backing_file(graph: &Graph, args: &Args) -> Result<()> {
 /// The node of an internal-snapshot command, with QEMU's checks before any change.
 fn internal_target(graph: &Graph, device: &str) -> Result<Rc<Node>> {
     let node = crate::job_cmds::root_node(graph, device)?;
+    graph.check_op(&node, BlockOp::InternalSnapshot)?;
     if node.is_read_only() {
         return Err(Error::DeviceReadOnly(device.to_owned()));
     }
@@ -327,6 +330,7 @@ pub async fn delete_internal_sync(graph: &Graph, args: &Args) -> Result<QDict> {
     if id.is_none() && name.is_none() {
         return Err(Error::NameOrIdRequired);
     }
+    graph.check_op(&node, BlockOp::InternalSnapshotDelete)?;
     if !node.driver().supports_internal_snapshots() {
         return Err(Error::SnapshotListFailed(
             std::io::Error::from_raw_os_error(libc::ENOTSUP),

@@ -544,6 +544,10 @@ fn file_size(file: &File) -> io::Result<u64> {
 }
 
 impl Driver for FileDriver {
+    fn answers_info(&self, _node: &Node) -> bool {
+        self.flavor != Flavor::HostCdrom
+    }
+
     fn format_name(&self) -> &'static str {
         self.flavor.name()
     }

@@ -396,6 +396,10 @@ impl Driver for Luks {
         Some(self)
     }
 
+    fn answers_info(&self, node: &Node) -> bool {
+        node.child("file").is_some_and(|f| f.answers_info())
+    }
+
     fn format_name(&self) -> &'static str {
         "luks"
     }

@@ -121,6 +121,10 @@ impl Driver for RawDriver {
         true
     }
 
+    fn answers_info(&self, node: &Node) -> bool {
+        node.child("file").is_some_and(|f| f.answers_info())
+    }
+
     fn format_name(&self) -> &'static str {
         "raw"
     }

@@ -357,6 +357,10 @@ impl Vdi {
 }
 
 impl Driver for Vdi {
+    fn answers_info(&self, _node: &Node) -> bool {
+        true
+    }
+
     ferrite_block::forward_to_child!(self.file; flush);
     block_mapped_driver!("vdi");
 

@@ -393,6 +393,10 @@ impl Vpc {
 }
 
 impl Driver for Vpc {
+    fn answers_info(&self, _node: &Node) -> bool {
+        true
+    }
+
     ferrite_block::forward_to_child!(self.file; flush);
     block_mapped_driver!("vpc");
 

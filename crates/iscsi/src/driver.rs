@@ -973,6 +973,10 @@ impl Iscsi {
 }
 
 impl Driver for Iscsi {
+    fn answers_info(&self, _node: &Node) -> bool {
+        true
+    }
+
     fn format_name(&self) -> &'static str {
         "iscsi"
     }

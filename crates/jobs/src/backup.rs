@@ -10,7 +10,7 @@ use crate::manager::{JobManager, JobOptions};
 use crate::types::{BitmapSyncMode, JobType, MirrorSyncMode};
 use ferrite_block::bitmap::DirtyBitmap;
 use ferrite_block::copy::{BlockCopy, CopyError, MAX_CHUNK};
-use ferrite_block::{Child, Graph, Node, Perm, TargetFormat};
+use ferrite_block::{BlockOp, Child, Graph, Node, Perm, TargetFormat};
 use ferrite_drivers::cbw::CbwFactory;
 use ferrite_qapi::Args;
 use std::cell::RefCell;
@@ -378,8 +378,8 @@ async fn prepare_nodes(
         return Err(Error::CannotCompress(target.device_name()));
     }
     let perf = Perf::parse(args.dict("x-perf"))?;
-    graph.check_unblocked(&source)?;
-    graph.check_unblocked(&target)?;
+    graph.check_op(&source, BlockOp::BackupSource)?;
+    graph.check_op(&target, BlockOp::BackupTarget)?;
     if source.len() != target.len() {
         return Err(Error::DifferentSizes);
     }
@@ -499,7 +499,7 @@ pub async fn prepare_drive(
 ) -> Result<Prepared> {
     let source = graph.lookup(args.str("device")?)?;
     // Before the target is made (a concluded stream job not dismissed still blocks its node).
-    graph.check_unblocked(&source)?;
+    graph.check_op(&source, BlockOp::BackupSource)?;
     let file = args.str("target")?.to_owned();
     let existing = args.opt_str("mode") == Some("existing");
     // An existing image without a format given opens as the source's flags say; a new one

@@ -3,7 +3,7 @@
 //! emptied so that it reads as its backing file, and the graph stays as it was.
 
 use crate::commit::CommitTopFactory;
-use ferrite_block::{BlockBackend, Graph, Node, Perm, ReqFlags};
+use ferrite_block::{BlockBackend, BlockOp, Graph, Node, Perm, ReqFlags};
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use std::io;
@@ -26,7 +26,9 @@ pub async fn commit_now(graph: &Rc<Graph>, top: &Rc<Node>) -> io::Result<()> {
     let Some(base) = top.child("backing") else {
         return Err(errno(libc::ENOTSUP));
     };
-    if graph.check_unblocked(top).is_err() || graph.check_unblocked(&base).is_err() {
+    if graph.check_op(top, BlockOp::CommitSource).is_err()
+        || graph.check_op(&base, BlockOp::CommitTarget).is_err()
+    {
         return Err(errno(libc::EBUSY));
     }
     let was_read_only = base.is_read_only();

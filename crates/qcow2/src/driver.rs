@@ -17,6 +17,10 @@ use std::rc::Rc;
 use std::time::Instant;
 
 impl Driver for Qcow2Driver {
+    fn answers_info(&self, _node: &Node) -> bool {
+        true
+    }
+
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }

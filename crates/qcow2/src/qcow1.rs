@@ -574,6 +574,10 @@ impl Qcow {
 }
 
 impl Driver for Qcow {
+    fn answers_info(&self, _node: &Node) -> bool {
+        true
+    }
+
     ferrite_block::forward_to_child!(self.file; flush);
     ferrite_drivers::simple_format_answers!();
 

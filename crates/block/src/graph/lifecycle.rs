@@ -197,7 +197,7 @@ impl Graph {
         if node.has_backend_user() {
             return Err(Error::InUseByRoot(name.to_owned()));
         }
-        self.check_unblocked_as_backing(&node)?;
+        self.check_op(&node, crate::BlockOp::DriveDel)?;
         if !self.is_monitor_owned(&node) {
             return Err(Error::NotMonitorOwned(name.to_owned()));
         }
@@ -208,7 +208,11 @@ impl Graph {
         let drained = self.drain(&node).await;
         self.close_subtree(&node).await;
         drop(drained);
+        // QEMU detaches the children under the graph's write lock, which drains every
+        // node: running jobs pause and resume around it, whatever nodes they use.
+        let everything = self.drain_all().await;
         self.remove(&node);
+        drop(everything);
         Ok(())
     }
 

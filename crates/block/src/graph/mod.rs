@@ -2,6 +2,7 @@
 //! the graph. They live in one module each: `perm` (permission checks and their
 //! propagation), `edges` (attaching, detaching and moving edges: filters, overlays,
 //! replacement), `frozen` (links a job holds),
+//! `blockers` (QEMU's op blockers: which operations a job or an overlay refuses),
 //! `lifecycle` (adding, closing and deleting nodes), `reopen` (options and
 //! modes changed in place), `active` (inactivation for migration, and back).
 //!
@@ -9,6 +10,8 @@
 //! whose parents change (`Graph::drain`), so that no request crosses a changing edge.
 
 mod active;
+mod blockers;
+pub use blockers::BlockOp;
 mod edges;
 mod frozen;
 mod iothread;
@@ -426,82 +429,6 @@ impl Graph {
             crate::drain::poll_until_quiet(n).await;
         }
         held
-    }
-
-    /// Marks `node` as used by a block job: other jobs and deletion refuse it until
-    /// [`Graph::unblock`].
-    pub fn block(&self, node: &Node, reason: &str) {
-        let at = self.next_id();
-        self.blockers
-            .borrow_mut()
-            .push((node.name.clone(), reason.to_owned(), at));
-    }
-
-    /// Lifts one [`Graph::block`] of `node` for `reason`.
-    pub fn unblock(&self, node: &Node, reason: &str) {
-        let mut b = self.blockers.borrow_mut();
-        if let Some(i) = b
-            .iter()
-            .position(|(n, r, _)| *n == node.name && r == reason)
-        {
-            b.remove(i);
-        }
-    }
-
-    /// QEMU's "Node 'x' is busy: ..." when a block job uses `node`.
-    ///
-    /// # Errors
-    /// The newest reason `node` is blocked (QEMU reports the last blocker added).
-    pub fn check_unblocked(&self, node: &Node) -> Result<()> {
-        match self.newest_job_blocker(node) {
-            Some((reason, _)) => Err(Self::busy(node, reason)),
-            None => Ok(()),
-        }
-    }
-
-    /// As [`Graph::check_unblocked`], for the operations a backing file's blocker also
-    /// refuses (an external snapshot, `blockdev-del`): of a job's blocker and the one an
-    /// overlay put on its backing file, the newest speaks.
-    ///
-    /// # Errors
-    /// QEMU's "Node 'x' is busy: ..." with that reason.
-    pub fn check_unblocked_as_backing(&self, node: &Node) -> Result<()> {
-        let backing = node
-            .users()
-            .iter()
-            .filter(|u| u.name() == "backing")
-            .filter_map(|u| {
-                let reason = format!("node is used as backing hd of '{}'", u.parent_node()?.name);
-                Some((reason, u.id))
-            })
-            .max_by_key(|(_, at)| *at);
-        let newest = [self.newest_job_blocker(node), backing]
-            .into_iter()
-            .flatten()
-            .max_by_key(|(_, at)| *at);
-        match newest {
-            Some((reason, _)) => Err(Self::busy(node, reason)),
-            None => Ok(()),
-        }
-    }
-
-    /// The reason and age of the newest job blocker of `node`.
-    fn newest_job_blocker(&self, node: &Node) -> Option<(String, u64)> {
-        self.blockers
-            .borrow()
-            .iter()
-            .rev()
-            .find(|(n, _, _)| *n == node.name)
-            .map(|(_, reason, at)| (reason.clone(), *at))
-    }
-
-    /// "Node 'x' is busy", the node named as QEMU's `bdrv_get_device_or_node_name` does:
-    /// its drive's name first.
-    fn busy(node: &Node, reason: String) -> Error {
-        Error::Busy {
-            node: node.device_or_node_name(),
-            reason,
-        }
     }
 
     /// Housekeeping tick: every node drops the cached metadata it left unused.

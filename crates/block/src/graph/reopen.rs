@@ -503,10 +503,11 @@ impl Graph {
     /// `block_resize`: a backend holding the resize permission truncates the drained node.
     ///
     /// # Errors
-    /// QEMU's texts for a bad size, a read-only node, a driver that cannot resize, or a
-    /// permission conflict.
+    /// QEMU's texts for a bad size, a job or an overlay blocking the resize, a read-only
+    /// node, a driver that cannot resize, or a permission conflict.
     pub async fn resize(&self, node: &Rc<Node>, size: i64) -> Result<()> {
         let size = u64::try_from(size).map_err(|_| Error::NegativeSize)?;
+        self.check_op(node, super::BlockOp::Resize)?;
         let blk = BlockBackend::new(&self.rc(), node, Perm::RESIZE, Perm::all())?;
         if size > crate::MAX_LENGTH {
             return Err(Error::OffsetTooLarge(size));

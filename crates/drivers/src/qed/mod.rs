@@ -642,6 +642,10 @@ impl Qed {
 }
 
 impl Driver for Qed {
+    fn answers_info(&self, _node: &Node) -> bool {
+        true
+    }
+
     ferrite_block::forward_to_child!(self.s.file; flush);
     crate::format_child_answers!();
 

@@ -616,6 +616,10 @@ impl Vhdx {
 }
 
 impl Driver for Vhdx {
+    fn answers_info(&self, _node: &Node) -> bool {
+        true
+    }
+
     ferrite_block::forward_to_child!(self.s.file; flush);
     block_mapped_driver!("vhdx");
 

@@ -856,6 +856,10 @@ fn same_layout(a: &Extent, b: &Extent) -> bool {
 }
 
 impl Driver for Vmdk {
+    fn answers_info(&self, _node: &Node) -> bool {
+        true
+    }
+
     crate::simple_format_answers!();
     fn format_name(&self) -> &'static str {
         "vmdk"

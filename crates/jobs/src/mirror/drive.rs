@@ -7,7 +7,7 @@ use crate::backup::create_target;
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::manager::JobManager;
-use ferrite_block::{Graph, Node, TargetFormat};
+use ferrite_block::{BlockOp, Graph, Node, TargetFormat};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
@@ -23,7 +23,7 @@ pub async fn start_drive_mirror(
     source: Rc<Node>,
 ) -> Result<Rc<Job>> {
     // Checked before a target is made for nothing.
-    graph.check_unblocked(&source)?;
+    graph.check_op(&source, BlockOp::MirrorSource)?;
     let existing = args.opt_str("mode") == Some("existing");
     let format = match args.opt_str("format") {
         Some(f) => Some(f.to_owned()),

@@ -20,7 +20,7 @@ use crate::job::{ErrorPolicy, Job};
 use crate::manager::{JobManager, JobOptions};
 use crate::types::{JobType, MirrorCopyMode, MirrorSyncMode};
 use ferrite_block::bitmap::DirtyBitmap;
-use ferrite_block::{BlockBackend, Graph, Node, Perm};
+use ferrite_block::{BlockBackend, BlockOp, Graph, Node, Perm};
 use ferrite_qapi::Args;
 use ferrite_qobject::QDict;
 use job::MirrorJob;
@@ -313,8 +313,8 @@ pub async fn start_mirror(
     if !granularity.is_power_of_two() && granularity != 0 {
         return Err(Error::GranularityPowerOfTwo);
     }
-    graph.check_unblocked(&source)?;
-    graph.check_unblocked(&target)?;
+    graph.check_op(&source, BlockOp::MirrorSource)?;
+    graph.check_op(&target, BlockOp::MirrorTarget)?;
     let mut sync = MirrorSyncMode::parse(args.str("sync")?).unwrap_or(MirrorSyncMode::Full);
     if sync == MirrorSyncMode::Top && backing_chain_next(&source).is_none() {
         sync = MirrorSyncMode::Full;
@@ -324,7 +324,7 @@ pub async fn start_mirror(
         let to_replace = graph
             .find(name)
             .ok_or_else(|| Error::ReplaceNotFound(name.clone()))?;
-        graph.check_unblocked(&to_replace)?;
+        graph.check_op(&to_replace, BlockOp::Replace)?;
         if !job::can_replace(&source, &to_replace) {
             return Err(Error::CannotReplace {
                 node: name.clone(),

@@ -176,7 +176,9 @@ impl Devices {
         let Some(node) = slot.blk.node() else {
             return Ok(());
         };
-        self.graph.check_unblocked(&node).map_err(block_error)?;
+        self.graph
+            .check_op(&node, ferrite_block::BlockOp::Eject)
+            .map_err(block_error)?;
         slot.blk.remove();
         // The nodes a drive opened itself go with it.
         self.graph.close_inline(&node).await;

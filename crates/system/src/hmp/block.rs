@@ -355,7 +355,7 @@ async fn drive_del(cmds: &SystemCommands, id: &str) -> String {
         return format!("Device '{id}' not found\n");
     };
     if let Some(node) = blk.node()
-        && let Err(e) = graph.check_unblocked(&node)
+        && let Err(e) = graph.check_op(&node, ferrite_block::BlockOp::DriveDel)
     {
         return format!("{}\n", ferrite_qapi::Error::from(e).desc);
     }
