@@ -180,19 +180,6 @@ pub async fn prepare(
     })
 }
 
-/// `blockdev-snapshot` and `blockdev-snapshot-sync`: prepared and committed at once.
-///
-/// # Errors
-/// As [`prepare`] and [`Prepared::commit`].
-pub async fn snapshot(graph: &Graph, args: &Args, sync: bool) -> Result<()> {
-    let p = prepare(graph, args, sync, &[]).await?;
-    let r = p.commit(graph).await;
-    if r.is_err() {
-        p.abort(graph);
-    }
-    r
-}
-
 /// A new image of `format` over `node`: its size, and (`name_backing`) `node` recorded
 /// as its backing file; without, the caller attaches `node` itself (a temporary snapshot,
 /// made without a word).

@@ -23,32 +23,14 @@ enum Done {
     Internal((Rc<ferrite_block::Node>, String)),
 }
 
-/// `blockdev-backup`: a transaction of one action, as in QEMU.
+/// A command that QEMU runs as a transaction of one action of the same name (its
+/// `blockdev_do_action`): `blockdev-backup`, `drive-backup`, `blockdev-snapshot`,
+/// `blockdev-snapshot-sync` and `blockdev-snapshot-internal-sync`. Like a transaction, it
+/// first drains everything, so running jobs pause and resume.
 ///
 /// # Errors
-/// As the action's prepare.
-pub async fn qmp_blockdev_backup(
-    jobs: &Rc<JobManager>,
-    graph: &Rc<Graph>,
-    args: &Args,
-) -> Result<(), ferrite_qapi::Error> {
-    one_action(jobs, graph, "blockdev-backup", args).await
-}
-
-/// `drive-backup`: a transaction of one action, as in QEMU.
-///
-/// # Errors
-/// As the action's prepare.
-pub async fn qmp_drive_backup(
-    jobs: &Rc<JobManager>,
-    graph: &Rc<Graph>,
-    args: &Args,
-) -> Result<(), ferrite_qapi::Error> {
-    one_action(jobs, graph, "drive-backup", args).await
-}
-
-/// A command that QEMU runs as a transaction of one action (`action` with `args`).
-async fn one_action(
+/// As the action's prepare or commit.
+pub async fn qmp_single_action(
     jobs: &Rc<JobManager>,
     graph: &Rc<Graph>,
     action: &str,
@@ -179,28 +161,36 @@ async fn run(
 /// (backups their source, snapshots the node that gets an overlay or a snapshot): no
 /// write lands on it between two actions. Bitmap actions do not wait, so nothing can.
 async fn drain_named(graph: &Graph, actions: &[(String, Args)]) -> Vec<Drained> {
-    let mut names: Vec<String> = Vec::new();
+    let mut nodes: Vec<Rc<ferrite_block::Node>> = Vec::new();
     for (kind, data) in actions {
-        let keys: &[&str] = match kind.as_str() {
-            "blockdev-backup" | "drive-backup" | "blockdev-snapshot-internal-sync" => &["device"],
-            "blockdev-snapshot-sync" => &["device", "node-name"],
-            "blockdev-snapshot" => &["node"],
+        // The node as the action looks it up: one it cannot find (or that is no root where
+        // it wants one) fails the action before anything is drained.
+        let (keys, root): (&[&str], bool) = match kind.as_str() {
+            "drive-backup" | "blockdev-snapshot-internal-sync" => (&["device"], true),
+            "blockdev-backup" => (&["device"], false),
+            "blockdev-snapshot-sync" => (&["device", "node-name"], false),
+            "blockdev-snapshot" => (&["node"], false),
             _ => continue,
         };
         for key in keys {
-            if let Some(n) = data.opt_str(key)
-                && !names.iter().any(|x| x == n)
+            let Some(name) = data.opt_str(key) else {
+                continue;
+            };
+            let found = if root {
+                crate::job_cmds::root_node(graph, name).ok()
+            } else {
+                graph.lookup(name).ok()
+            };
+            if let Some(node) = found
+                && !nodes.iter().any(|x| Rc::ptr_eq(x, &node))
             {
-                names.push(n.to_owned());
+                nodes.push(node);
             }
         }
     }
     let mut held = Vec::new();
-    for n in names {
-        // A drive's name or a node's, as the actions look them up.
-        if let Ok(node) = graph.lookup(&n) {
-            held.push(graph.drain(&node).await);
-        }
+    for node in nodes {
+        held.push(graph.drain(&node).await);
     }
     held
 }

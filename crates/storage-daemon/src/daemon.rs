@@ -278,8 +278,12 @@ impl Daemon {
             "block-stream" => done(
                 ferrite_blockdev::job_cmds::qmp_block_stream(&self.jobs, &self.graph, &args).await,
             ),
-            "blockdev-backup" => {
-                done(transaction::qmp_blockdev_backup(&self.jobs, &self.graph, &args).await)
+            "blockdev-backup"
+            | "drive-backup"
+            | "blockdev-snapshot"
+            | "blockdev-snapshot-sync"
+            | "blockdev-snapshot-internal-sync" => {
+                done(transaction::qmp_single_action(&self.jobs, &self.graph, name, &args).await)
             }
             "block-dirty-bitmap-add" => done(bm::add(&self.graph, &args)),
             "block-dirty-bitmap-remove" => {
@@ -312,13 +316,6 @@ impl Daemon {
             "transaction" => {
                 done(transaction::qmp_transaction(&self.jobs, &self.graph, &args).await)
             }
-            "blockdev-snapshot" => done(snapshot_cmds::snapshot(&self.graph, &args, false).await),
-            "blockdev-snapshot-sync" => {
-                done(snapshot_cmds::snapshot(&self.graph, &args, true).await)
-            }
-            "blockdev-snapshot-internal-sync" => {
-                done(snapshot_cmds::internal_sync(&self.graph, &args).await)
-            }
             "blockdev-snapshot-delete-internal-sync" => {
                 snapshot_cmds::delete_internal_sync(&self.graph, &args)
                     .await
@@ -327,9 +324,6 @@ impl Daemon {
             }
             "change-backing-file" => {
                 done(snapshot_cmds::change_backing_file(&self.graph, &args).await)
-            }
-            "drive-backup" => {
-                done(transaction::qmp_drive_backup(&self.jobs, &self.graph, &args).await)
             }
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
