@@ -41,9 +41,10 @@ async fn guest_write_during_backup(perf: &str, guest_at: u64) -> Duration {
         .await
         .expect("fill");
     let writes_before = w.counts.writes.get();
-    ferrite_blockdev::transaction::qmp_blockdev_backup(
+    ferrite_blockdev::transaction::qmp_single_action(
         &w.jobs,
         &w.graph,
+        "blockdev-backup",
         &args(&format!(
             r#"{{"job-id":"j","device":"src","target":"tgt","sync":"full"{perf}}}"#
         )),

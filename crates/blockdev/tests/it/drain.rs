@@ -16,9 +16,10 @@ async fn a_drain_pauses_a_rate_limited_backup_and_no_request_reaches_the_source(
                 .await;
             w.add(r#"{"driver":"null-co","node-name":"tgt","size":16777216}"#)
                 .await;
-            ferrite_blockdev::transaction::qmp_blockdev_backup(
+            ferrite_blockdev::transaction::qmp_single_action(
                 &w.jobs,
                 &w.graph,
+                "blockdev-backup",
                 &args(
                     r#"{"job-id":"j","device":"src","target":"tgt","sync":"full","speed":8388608}"#,
                 ),
@@ -70,9 +71,10 @@ async fn a_job_created_in_a_drained_section_starts_paused_and_runs_when_it_ends(
                 .await;
             let src = w.graph.find("src").expect("src");
             let drained = w.graph.drain(&src).await;
-            let r = ferrite_blockdev::transaction::qmp_blockdev_backup(
+            let r = ferrite_blockdev::transaction::qmp_single_action(
                 &w.jobs,
                 &w.graph,
+                "blockdev-backup",
                 &args(r#"{"job-id":"j","device":"src","target":"tgt","sync":"full"}"#),
             )
             .await;

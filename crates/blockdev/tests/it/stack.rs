@@ -5,9 +5,10 @@ use ferrite_jobs::Status;
 use std::time::Duration;
 
 async fn backup(w: &World, job: &str, target: &str, sync: &str, speed: u64) {
-    ferrite_blockdev::transaction::qmp_blockdev_backup(
+    ferrite_blockdev::transaction::qmp_single_action(
         &w.jobs,
         &w.graph,
+        "blockdev-backup",
         &args(&format!(
             r#"{{"job-id":"{job}","device":"src","target":"{target}","sync":"{sync}","speed":{speed}}}"#
         )),
