@@ -3,6 +3,7 @@ command and event lists, blockdev-set-active (inactive nodes refuse writers, fil
 resizes; exports activate them), x-blockdev-change and x-blockdev-set-iothread, and small
 answers found to differ (bitmap texts, root-node checks, speed, resize, multi-conn)."""
 import json
+import os
 import re
 import subprocess
 
@@ -581,3 +582,69 @@ def test_an_overlay_blocks_most_operations_on_its_backing_file_like_qemu(both):
     assert ours[14] == ours[16] == pause
     assert ours[15]["error"]["desc"] == "Need a root block node"
     assert ours[-1].count("doesn't provide information about the block size") == 2
+
+
+def test_a_node_its_driver_gave_up_is_ejected_like_qemu(both):
+    """A qcow2 image found fatally corrupt, or that cannot be read again when it is
+    activated, loses its driver in QEMU (`bs->drv = NULL`): queries call it ejected, commands
+    that want a medium say it has none, activating it again succeeds without doing
+    anything, an export of it is quietly not made, and it can still be deleted."""
+    seen = []
+    for d in both():
+        w = d.workdir
+        for name in ("c", "a"):
+            qcow2(w / f"{name}.qcow2", "1M")
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 64k",
+                            str(w / f"{name}.qcow2")], check=True, capture_output=True)
+        # The first L1 entry points into the middle of a cluster.
+        with open(w / "c.qcow2", "r+b") as f:
+            f.seek(40)
+            l1 = int.from_bytes(f.read(8), "big")
+            f.seek(l1)
+            entry = int.from_bytes(f.read(8), "big")
+            f.seek(l1)
+            f.write((entry + 0x200).to_bytes(8, "big"))
+        q = d.connect()
+        f = lambda name: {"driver": "file", "filename": str(w / name)}  # noqa: E731
+        out = []
+        for c, a in [
+            ("blockdev-add", {"driver": "qcow2", "node-name": "c", "file": f("c.qcow2")}),
+            ("blockdev-snapshot-internal-sync", {"device": "c", "name": "s"}),
+            ("query-named-block-nodes", {}),
+            ("blockdev-snapshot-internal-sync", {"device": "c", "name": "s"}),
+            ("blockdev-snapshot-sync", {"node-name": "c", "snapshot-file": str(w / "o.qcow2"),
+                                        "snapshot-node-name": "o"}),
+            ("drive-backup", {"device": "c", "target": str(w / "t.qcow2"), "sync": "full"}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "n", "size": 1 << 20}),
+            ("blockdev-backup", {"device": "c", "target": "n", "sync": "full"}),
+            ("block-dirty-bitmap-add", {"node": "c", "name": "b"}),
+            ("nbd-server-start", {"addr": {"type": "unix",
+                                           "data": {"path": str(w / "nbd.sock")}}}),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "c"}),
+            ("query-block-exports", None),
+            ("blockdev-set-active", {"node-name": "c", "active": False}),
+            ("blockdev-del", {"node-name": "c"}),
+            # An image cut to nothing while it was inactive cannot be read again.
+            ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": f("a.qcow2")}),
+            ("blockdev-set-active", {"node-name": "a", "active": False}),
+            ("truncate", None),
+            ("blockdev-set-active", {"node-name": "a", "active": True}),
+            ("blockdev-set-active", {"node-name": "a", "active": True}),
+            ("blockdev-set-active", {"active": True}),
+            ("query-named-block-nodes", {}),
+        ]:
+            if c == "truncate":
+                os.truncate(w / "a.qcow2", 0)
+                continue
+            out.append(q.cmd(c, a))
+        out.append([(e["event"], e["data"]["msg"]) for e in q.events
+                    if e["event"] == "BLOCK_IMAGE_CORRUPTED"])
+        d.stop()
+        seen.append(out)
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours[2]["error"]["desc"] == "Block device c is ejected"
+    assert ours[3]["error"]["desc"] == "Device has no medium"
+    assert ours[10] == {"return": {}} and ours[11] == {"return": []}
+    assert ours[-2]["error"]["desc"] == "Block device a is ejected"
+    assert ours[-1] == [("BLOCK_IMAGE_CORRUPTED", "L2 table offset 0x40200 unaligned (L1 index: 0)")]

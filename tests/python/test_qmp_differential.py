@@ -413,12 +413,25 @@ FOUND = [
                                       "volume": "qcow2", "path": "img.qcow2",
                                       "server": [{"type": "inet", "host": "inet",
                                                   "port": "file"}]}]}),
+    # `sync: none` gives the target its backing file before the bitmap options are
+    # judged, and a protocol node (the target of a protocol's backup) has none.
+    ("drive-backup", {"device": "null0", "sync": "none", "bitmap-mode": "always",
+                      "target": "img.qcow2", "mode": "existing"}),
+    # A UDP chardev's remote port is checked before any name is resolved.
+    ("chardev-add", {"id": "u9", "backend": {"type": "udp", "data": {
+        "remote": {"type": "inet", "data": {"host": "tgt.raw", "port": ""}}}}}),
+    # A job's op blocker on a mirror's target refuses a resize.
+    ("blockdev-add", {"driver": "null-co", "node-name": "n9", "size": 1 << 20}),
+    ("blockdev-add", {"driver": "null-co", "node-name": "m9", "size": 1 << 20}),
+    ("blockdev-mirror", {"job-id": "mj9", "device": "n9", "target": "m9", "sync": "full",
+                         "speed": 1}),
+    ("block_resize", {"node-name": "m9", "size": 1 << 21}),
 ]
 
 # Commands in FOUND that make the state the next ones need: where qemu-storage-daemon
 # takes them, ferrite must too.
 STEPS = {"blockdev-add", "blockdev-set-active", "blockdev-snapshot", "block-export-add",
-         "block-export-del"}
+         "block-export-del", "blockdev-mirror"}
 
 
 def test_commands_found_before_get_qsds_answers(qsd, ferrite):

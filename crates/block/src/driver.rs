@@ -536,6 +536,13 @@ pub trait Driver: std::any::Any {
         Box::pin(async { Ok(()) })
     }
 
+    /// Whether the driver gave the node up (QEMU's `bs->drv == NULL`): a fatally corrupt
+    /// image, or one that could not be read again on activation. Every request fails with
+    /// ENOMEDIUM, and QEMU's commands say the node is ejected or has no medium.
+    fn is_ejected(&self) -> bool {
+        false
+    }
+
     /// The format's cluster size, if it has one.
     fn cluster_size(&self) -> Option<u64> {
         None

@@ -212,7 +212,15 @@ pub enum Error {
     /// More than reading asked of an inactive node.
     #[error("Permission '{0}' unavailable on inactive node")]
     InactivePermission(String),
-    /// A driver that cannot resize.
+    /// A backing file given to a node whose driver has none.
+    #[error("Driver '{driver}' of node '{node}' does not support backing files")]
+    BackingUnsupported {
+        /// The node's driver.
+        driver: String,
+        /// The node.
+        node: String,
+    },
+    /// `block_resize` of a driver that cannot resize.
     #[error("Image format driver does not support resize")]
     ResizeUnsupported,
     /// Resizing failed: an OS error, or the driver's own reason (said as it is).

@@ -734,6 +734,16 @@ impl Node {
         self.driver.cluster_size()
     }
 
+    /// Whether its driver gave it up (see `Driver::is_ejected`).
+    pub fn is_ejected(&self) -> bool {
+        self.driver.is_ejected()
+    }
+
+    /// Whether it and everything below it has a driver (QEMU's `bdrv_is_inserted`).
+    pub fn is_inserted(&self) -> bool {
+        !self.is_ejected() && self.children().iter().all(|c| c.node().is_inserted())
+    }
+
     /// Whether its driver answers QEMU's `bdrv_get_info` (see `Driver::answers_info`).
     pub fn answers_info(&self) -> bool {
         self.driver.answers_info(self)

@@ -104,6 +104,9 @@ pub fn add(graph: &Graph, args: &Args) -> Result<Undo> {
     if name.len() > MAX_NAME {
         return Err(Error::BitmapNameTooLong(name.to_owned()));
     }
+    if node.is_ejected() {
+        return Err(Error::BitmapNodeEjected);
+    }
     let b = DirtyBitmap::new(
         name,
         granularity,

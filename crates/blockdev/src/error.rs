@@ -128,6 +128,10 @@ pub enum Error {
     /// A command naming a drive without a medium.
     #[error("Device '{0}' has no medium")]
     NoMedium(String),
+    /// A root node, or a node below it, that its driver gave up (QEMU's `bdrv_is_inserted`
+    /// failing in `qmp_get_root_bs`).
+    #[error("Device has no medium")]
+    NotInserted,
     /// A bitmap command naming an unknown node.
     #[error("Node '{0}' not found")]
     BitmapNodeNotFound(String),
@@ -278,6 +282,9 @@ pub enum Error {
     /// A bitmap name over 1023 bytes.
     #[error("Bitmap name too long: {0}")]
     BitmapNameTooLong(String),
+    /// A bitmap on a node whose driver gave it up, which has no length.
+    #[error("could not get length of device: No medium found")]
+    BitmapNodeEjected,
     /// A persistent bitmap on a node that cannot store any.
     #[error("Can't store persistent bitmaps to {0}: Operation not supported")]
     NoPersistentBitmaps(String),

@@ -4,6 +4,7 @@ use ferrite_block::Node;
 use ferrite_block::throttle::{BucketKind, ThrottleGroup};
 use ferrite_block::{BlockBackend, Graph};
 use ferrite_block::{Child, VertexKind};
+use ferrite_qapi::Error;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
 
@@ -183,7 +184,7 @@ pub(crate) fn block_info(graph: &Graph) -> QObject {
             if b.iostatus_enabled() {
                 d.insert("io-status", b.iostatus().as_str());
             }
-            if let Some(n) = b.node() {
+            if let Some(n) = b.node().filter(|n| !n.is_ejected()) {
                 d.insert(
                     "inserted",
                     device_info(&n.skip_implicit_filters(), false, Some(b)),
@@ -196,14 +197,21 @@ pub(crate) fn block_info(graph: &Graph) -> QObject {
 }
 
 /// `query-named-block-nodes`: newest node first, as QEMU lists them.
-pub(crate) fn named_block_nodes(graph: &Graph, flat: bool) -> QObject {
-    graph
-        .nodes()
-        .iter()
-        .rev()
-        .map(|n| QObject::Dict(device_info(n, flat, None)))
-        .collect::<Vec<_>>()
-        .into()
+///
+/// # Errors
+/// QEMU's "Block device x is ejected" for the first node its driver gave up.
+pub(crate) fn named_block_nodes(graph: &Graph, flat: bool) -> Result<QObject, Error> {
+    let mut list = Vec::new();
+    for n in graph.nodes().iter().rev() {
+        if n.is_ejected() {
+            return Err(Error::generic(format!(
+                "Block device {} is ejected",
+                n.name()
+            )));
+        }
+        list.push(QObject::Dict(device_info(n, flat, None)));
+    }
+    Ok(list.into())
 }
 
 /// Node-level `BlockStats`: as in QEMU, the counters belong to backends, so a node shows

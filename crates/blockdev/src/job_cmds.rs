@@ -24,6 +24,9 @@ pub(crate) fn root_node(graph: &Graph, name: &str) -> Result<Rc<Node>> {
     if !root {
         return Err(Error::NeedRootNode);
     }
+    if !node.is_inserted() {
+        return Err(Error::NotInserted);
+    }
     Ok(node)
 }
 

@@ -28,7 +28,10 @@ pub async fn qmp_blockdev_del(graph: &Graph, args: &Args) -> Result<QObject, Err
 }
 
 /// `query-named-block-nodes`.
-pub fn qmp_query_named_block_nodes(graph: &Graph, args: &Args) -> QObject {
+///
+/// # Errors
+/// A node its driver gave up ("Block device x is ejected").
+pub fn qmp_query_named_block_nodes(graph: &Graph, args: &Args) -> Result<QObject, Error> {
     info::named_block_nodes(graph, args.bool_or("flat", false))
 }
 

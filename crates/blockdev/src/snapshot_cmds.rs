@@ -12,6 +12,15 @@ use std::rc::Rc;
 
 /// The node of `device`/`node-name`: a storage daemon has no devices, so only a node name
 /// alone finds anything (QEMU's text names both).
+/// An overlay goes only on a node whose drivers are all there.
+fn check_inserted(node: &Node) -> Result<()> {
+    if node.is_inserted() {
+        Ok(())
+    } else {
+        Err(Error::NoMedium(node.device_or_node_name()))
+    }
+}
+
 /// QEMU's op blockers for taking a snapshot of `node`: a backing file (also of an overlay
 /// an earlier action of the same transaction put on it: QEMU puts it there in the action's
 /// prepare step), or a job's node.
@@ -115,6 +124,7 @@ pub async fn prepare(
 ) -> Result<Prepared> {
     if !sync {
         let node = graph.lookup(args.str("node")?)?;
+        check_inserted(&node)?;
         check_snapshot_allowed(graph, &node, earlier)?;
         let overlay = graph.lookup(args.str("overlay")?)?;
         check_overlay(graph, &overlay)?;
@@ -125,6 +135,7 @@ pub async fn prepare(
         });
     }
     let node = crate::lookup_bs(graph, args.opt_str("device"), args.opt_str("node-name"))?;
+    check_inserted(&node)?;
     check_snapshot_allowed(graph, &node, earlier)?;
     let file = args.str("snapshot-file")?.to_owned();
     let new_name = args.opt_str("snapshot-node-name");

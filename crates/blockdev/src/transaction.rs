@@ -163,29 +163,10 @@ async fn run(
 async fn drain_named(graph: &Graph, actions: &[(String, Args)]) -> Vec<Drained> {
     let mut nodes: Vec<Rc<ferrite_block::Node>> = Vec::new();
     for (kind, data) in actions {
-        // The node as the action looks it up: one it cannot find (or that is no root where
-        // it wants one) fails the action before anything is drained.
-        let (keys, root): (&[&str], bool) = match kind.as_str() {
-            "drive-backup" | "blockdev-snapshot-internal-sync" => (&["device"], true),
-            "blockdev-backup" => (&["device"], false),
-            "blockdev-snapshot-sync" => (&["device", "node-name"], false),
-            "blockdev-snapshot" => (&["node"], false),
-            _ => continue,
-        };
-        for key in keys {
-            let Some(name) = data.opt_str(key) else {
-                continue;
-            };
-            let found = if root {
-                crate::job_cmds::root_node(graph, name).ok()
-            } else {
-                graph.lookup(name).ok()
-            };
-            if let Some(node) = found
-                && !nodes.iter().any(|x| Rc::ptr_eq(x, &node))
-            {
-                nodes.push(node);
-            }
+        if let Some(node) = drained_node(graph, kind, data)
+            && !nodes.iter().any(|x| Rc::ptr_eq(x, &node))
+        {
+            nodes.push(node);
         }
     }
     let mut held = Vec::new();
@@ -193,4 +174,21 @@ async fn drain_named(graph: &Graph, actions: &[(String, Args)]) -> Vec<Drained> 
         held.push(graph.drain(&node).await);
     }
     held
+}
+
+/// The node action `kind` drains, found as the action finds it: an action that fails its
+/// lookup (a missing node, no root where it wants one, a node without a driver where it
+/// checks for one first) fails before it drains anything.
+fn drained_node(graph: &Graph, kind: &str, data: &Args) -> Option<Rc<ferrite_block::Node>> {
+    let find = |key: &str| data.opt_str(key).and_then(|n| graph.lookup(n).ok());
+    match kind {
+        "drive-backup" => find("device").filter(|n| !n.is_ejected()),
+        "blockdev-backup" => find("target").and(find("device")),
+        "blockdev-snapshot-internal-sync" => data
+            .opt_str("device")
+            .and_then(|n| crate::job_cmds::root_node(graph, n).ok()),
+        "blockdev-snapshot-sync" => find("device").or_else(|| find("node-name")),
+        "blockdev-snapshot" => find("node"),
+        _ => None,
+    }
 }

@@ -32,6 +32,9 @@ pub enum Error {
     /// Socket options that do not go together (QEMU's texts).
     #[error("{0}")]
     SocketOptions(&'static str),
+    /// A UDP chardev whose remote address has no port.
+    #[error("remote port not specified")]
+    NoRemotePort,
     /// telnet, tn3270 and websocket sockets.
     #[error("telnet, tn3270 and websocket sockets are not supported by ferrite")]
     SocketProtocolUnsupported,

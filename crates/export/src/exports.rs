@@ -176,6 +176,10 @@ impl Exports {
             if !ty.supports_inactive() {
                 return Err(Error::InactiveUnsupported);
             }
+        } else if node.is_ejected() {
+            // QEMU's activation fails without an error here (ENOMEDIUM), and its
+            // `blk_exp_add` then gives up: the command succeeds and adds no export.
+            return Ok(());
         } else if !node.is_active() {
             self.graph.activate(&node).await?;
         }

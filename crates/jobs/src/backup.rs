@@ -373,6 +373,11 @@ async fn prepare_nodes(
     if Rc::ptr_eq(&source, &target) {
         return Err(Error::SameSourceAndTarget);
     }
+    for n in [&source, &target] {
+        if !n.is_inserted() {
+            return Err(Error::NotInserted(n.device_name()));
+        }
+    }
     let compress = args.bool_or("compress", false);
     if compress && !target.supports_compressed_writes() {
         return Err(Error::CannotCompress(target.device_name()));
@@ -498,6 +503,9 @@ pub async fn prepare_drive(
     txn: Option<Rc<JobTxn>>,
 ) -> Result<Prepared> {
     let source = graph.lookup(args.str("device")?)?;
+    if source.is_ejected() {
+        return Err(Error::NoMedium);
+    }
     // Before the target is made (a concluded stream job not dismissed still blocks its node).
     graph.check_op(&source, BlockOp::BackupSource)?;
     let file = args.str("target")?.to_owned();
@@ -543,8 +551,10 @@ pub async fn prepare_drive(
     let target = graph.open_job_target(&file, &target_format, extra).await?;
     // Opened without its backing; the one it gets is the one its header names.
     target.remove_option("backing");
+    // `sync: none` gives the target the source as its backing file whatever its format
+    // (QEMU's `bdrv_set_backing_hd`, which refuses a format without backing files).
     if let Some(b) = &backing
-        && cow
+        && (cow || sync == "none")
         && let Err(e) = graph.attach_backing(&target, b)
     {
         graph.release_inline(&target);

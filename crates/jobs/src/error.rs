@@ -58,6 +58,13 @@ pub enum Error {
     /// A backup of a node to itself.
     #[error("Source and target cannot be the same")]
     SameSourceAndTarget,
+    /// A backup's source or target that its driver gave up (its device name, empty for
+    /// a plain node).
+    #[error("Device is not inserted: {0}")]
+    NotInserted(String),
+    /// `drive-backup` of a node whose driver gave it up.
+    #[error("Device has no medium")]
+    NoMedium,
     /// `compress` asked of a backup whose target cannot store compressed clusters (its
     /// device name, empty for a plain node).
     #[error("Compression is not supported for this drive {0}")]

@@ -161,8 +161,17 @@ impl Driver for Qcow2Driver {
     fn invalidate_cache<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {
         Box::pin(async move {
             let file = Self::file(node)?;
-            self.invalidate_impl(node, &file).await
+            let r = self.invalidate_impl(node, &file).await;
+            // An image that cannot be read again is given up, as QEMU's driver gives it up.
+            if r.is_err() {
+                self.dead.set(true);
+            }
+            r
         })
+    }
+
+    fn is_ejected(&self) -> bool {
+        self.dead.get()
     }
 
     fn close<'a>(&'a self, node: &'a Node) -> BoxFut<'a, ()> {

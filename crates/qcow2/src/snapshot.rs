@@ -25,8 +25,8 @@ async fn add_references(
 ) -> io::Result<()> {
     let cs = m.cs();
     let ext = m.h.extended_l2();
-    for &e in l1 {
-        let l2 = e & OFFSET_MASK;
+    for (at, &e) in l1.iter().enumerate() {
+        let l2 = m.checked_l2_offset(e, at)?;
         if l2 == 0 {
             continue;
         }
@@ -35,9 +35,10 @@ async fn add_references(
         m.check_in_file(file, l2, "L2 table")?;
         let table = read_table(file, m, l2).await?;
         let step = if ext { 2 } else { 1 };
-        for i in (0..(cs / 8) as usize).step_by(step) {
+        for (index, i) in (0..(cs / 8) as usize).step_by(step).enumerate() {
             match entry::decode(get_be64(&table, i), m.h.cluster_bits, ext) {
                 Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
+                    m.check_cluster_aligned(host, l2, index as u64)?;
                     m.check_in_file(file, host, "Data cluster")?;
                     m.update_refcount(file, host / cs, delta).await?;
                     done.push(host / cs);

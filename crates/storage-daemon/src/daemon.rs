@@ -327,7 +327,7 @@ impl Daemon {
             }
             "blockdev-del" => blk::qmp_blockdev_del(&self.graph, &args).await,
             "blockdev-reopen" => blk::qmp_blockdev_reopen(&self.graph, &args).await,
-            "query-named-block-nodes" => Ok(blk::qmp_query_named_block_nodes(&self.graph, &args)),
+            "query-named-block-nodes" => blk::qmp_query_named_block_nodes(&self.graph, &args),
             "query-block" => Ok(blk::qmp_query_block(&self.graph)),
             "query-blockstats" => Ok(blk::qmp_query_blockstats(&self.graph, &args)),
             "block_resize" => blk::qmp_block_resize(&self.graph, &args).await,

@@ -49,6 +49,11 @@ impl Graph {
 
     fn inactivate_recurse<'a>(&'a self, node: &'a Rc<Node>) -> crate::registry::LocalFut<'a, ()> {
         Box::pin(async move {
+            if node.is_ejected() {
+                return Err(Error::InactivateFailed(std::io::Error::from_raw_os_error(
+                    libc::ENOMEDIUM,
+                )));
+            }
             // A child goes with its last active parent.
             if has_active_node_parent(node) || !node.is_active() {
                 return Ok(());
@@ -111,6 +116,11 @@ impl Graph {
     /// A driver failing to re-read its image.
     pub fn activate<'a>(&'a self, node: &'a Rc<Node>) -> crate::registry::LocalFut<'a, ()> {
         Box::pin(async move {
+            // A node its driver gave up stays as it is; QEMU's activation fails without a
+            // word (ENOMEDIUM), so the command succeeds.
+            if node.is_ejected() {
+                return Ok(());
+            }
             for c in node.children() {
                 self.activate(&c.node()).await?;
             }

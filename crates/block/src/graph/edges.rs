@@ -306,8 +306,14 @@ impl Graph {
     /// Gives `node` (a format node without one) `backing` as its backing child.
     ///
     /// # Errors
-    /// A permission conflict; nothing changed then.
+    /// A driver without backing files, a permission conflict; nothing changed then.
     pub fn attach_backing(&self, node: &Rc<Node>, backing: &Rc<Node>) -> Result<()> {
+        if !node.driver().supports_backing() {
+            return Err(Error::BackingUnsupported {
+                driver: node.driver_name().to_owned(),
+                node: node.name().to_owned(),
+            });
+        }
         self.attach_child(node, backing, "backing").map(drop)
     }
 

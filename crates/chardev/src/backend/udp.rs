@@ -65,7 +65,11 @@ impl Udp {
         let local = data.dict("local").map(|l| Inet::parse(&l)).transpose()?;
         let flags = libc::AI_CANONNAME | libc::AI_V4MAPPED | libc::AI_ADDRCONFIG;
         let peer_host = remote.host.as_deref().unwrap_or("localhost");
-        let peer = first(Some(peer_host), &remote.port, remote.family()?, flags)?;
+        let peer_family = remote.family()?;
+        if remote.port.is_empty() {
+            return Err(Error::NoRemotePort);
+        }
+        let peer = first(Some(peer_host), &remote.port, peer_family, flags)?;
         let family = if peer.is_ipv4() {
             libc::AF_INET
         } else {

@@ -12,10 +12,14 @@ impl Meta {
     /// The L2 table offset for L1 index `i`, checked; `None` when unallocated.
     pub(super) fn l2_offset(&mut self, i: usize) -> io::Result<Option<(u64, bool)>> {
         let e = self.l1.get(i).copied().unwrap_or(0);
+        let off = self.checked_l2_offset(e, i)?;
+        Ok((off != 0).then_some((off, e & entry::COPIED != 0)))
+    }
+
+    /// The L2 table offset of L1 entry `e` (of any L1 table, at index `i`): 0 when
+    /// unallocated, corruption when not on a cluster boundary.
+    pub(crate) fn checked_l2_offset(&mut self, e: u64, i: usize) -> io::Result<u64> {
         let off = e & OFFSET_MASK;
-        if off == 0 {
-            return Ok(None);
-        }
         if off % self.cs() != 0 {
             return Err(self.corruption(
                 format!("L2 table offset {off:#x} unaligned (L1 index: {i:#x})"),
@@ -23,7 +27,7 @@ impl Meta {
                 None,
             ));
         }
-        Ok(Some((off, e & entry::COPIED != 0)))
+        Ok(off)
     }
 
     /// Makes sure the L2 table at `off` is cached. A table past the end of the file reads as

@@ -108,6 +108,26 @@ impl Meta {
         Ok(())
     }
 
+    /// A data cluster's offset, from entry `index` of the L2 table at `l2`, must be on a
+    /// cluster boundary.
+    pub(crate) fn check_cluster_aligned(
+        &mut self,
+        host: u64,
+        l2: u64,
+        index: u64,
+    ) -> io::Result<()> {
+        if host % self.cs() != 0 {
+            return Err(self.corruption(
+                format!(
+                    "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2:#x}, L2 index: {index:#x})"
+                ),
+                None,
+                None,
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks a data cluster offset from an L2 entry (alignment, within the file).
     pub(crate) fn check_data_cluster(
         &mut self,
@@ -115,18 +135,9 @@ impl Meta {
         gc: u64,
         host: u64,
     ) -> io::Result<()> {
-        if host % self.cs() != 0 {
-            let per = self.l2_entries();
-            let l2 = self.l1.get((gc / per) as usize).copied().unwrap_or(0) & OFFSET_MASK;
-            return Err(self.corruption(
-                format!(
-                    "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2:#x}, L2 index: {:#x})",
-                    gc % per
-                ),
-                None,
-                None,
-            ));
-        }
+        let per = self.l2_entries();
+        let l2 = self.l1.get((gc / per) as usize).copied().unwrap_or(0) & OFFSET_MASK;
+        self.check_cluster_aligned(host, l2, gc % per)?;
         // Data in an external data file is checked by that file. A file that cannot grow
         // (a raw window, a device) refuses the write itself, as under QEMU (ENOSPC); one
         // that can would grow without bound for a damaged entry, which ferrite calls
