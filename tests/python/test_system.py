@@ -126,6 +126,20 @@ ERRORS = [
     ["-object", "secret,id=k,data=x,keyid=nope"],
     ["-object", "throttle-group,id=t,x-iops-total=-1"],
     ["-object", "iothread,id=i,thread-pool-min=5,thread-pool-max=2"],
+    # virtio devices' queues and iothread links: set as properties, judged at realize.
+    ["-drive", "if=none,id=d,file=IMG", "-device", "virtio-blk-pci,drive=d,num-queues=0"],
+    ["-drive", "if=none,id=d,file=IMG", "-device", "virtio-blk-pci,drive=d,num-queues=x"],
+    ["-drive", "if=none,id=d,file=IMG", "-device", "virtio-blk-pci,drive=d,num-queues=-1"],
+    ["-drive", "if=none,id=d,file=IMG", "-device", "virtio-blk-pci,drive=d,queue-size=2"],
+    ["-drive", "if=none,id=d,file=IMG", "-device", "virtio-blk-pci,drive=d,queue-size=96"],
+    ["-drive", "if=none,id=d,file=IMG",
+     "-device", "virtio-blk-pci,drive=d,num-queues=0,queue-size=3"],
+    ["-device", "virtio-blk-pci,num-queues=x"],
+    ["-device", "virtio-blk-pci,iothread=nosuch,drive=nosuch"],
+    ["-object", "secret,id=s,data=x", "-drive", "if=none,id=d,file=IMG",
+     "-device", "virtio-blk-pci,drive=d,iothread=s"],
+    ["-device", "virtio-scsi-pci,num_queues=1023"],
+    ["-device", "virtio-scsi-pci,iothread=nosuch"],
 ]
 
 
@@ -141,6 +155,16 @@ def test_command_line_errors_read_as_qemus(tmp_path, args):
     f = run(SYSTEM, *base, *args)
     assert q[0] == 1
     assert f == q
+
+
+def test_too_many_virtio_blk_queues_are_refused_where_qemu_aborts(tmp_path):
+    """qemu-system aborts on more than 1024 virtio-blk queues; ferrite says why."""
+    img = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    dev = "virtio-blk-pci,drive=d,num-queues=1025"
+    rc, _, err = run(SYSTEM, "-nodefaults", "-display", "none", "-S",
+                     "-drive", f"if=none,id=d,file={img}", "-device", dev)
+    assert (rc, err) == (1, f"PROG: -device {dev}: num-queues property must be at most 1024\n")
 
 
 class Machine:

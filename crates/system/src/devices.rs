@@ -402,6 +402,86 @@ fn prop_str(v: &QObject) -> String {
     }
 }
 
+/// An unsigned property of `bits` bits, read as QEMU's option visitor reads it (C's
+/// integer syntax; a negative number wraps and is then out of range).
+fn prop_uint(name: &str, v: &str, bits: u32) -> Result<u64, Error> {
+    let (neg, mag) = ferrite_qapi::visit::parse_c_integer(v)
+        .ok_or_else(|| generic(format!("Parameter '{name}' expects integer")))?;
+    let u = if neg { mag.wrapping_neg() } else { mag };
+    if bits < 64 && u >> bits != 0 {
+        return Err(generic(format!("Parameter '{name}' expects uint{bits}_t")));
+    }
+    Ok(u)
+}
+
+/// The queues a virtio device is given, as its properties are set (types and ranges).
+struct Queues {
+    count: Option<u64>,
+    size: Option<u64>,
+}
+
+impl Queues {
+    fn parse<'a>(kind: Kind, get: &impl Fn(&str) -> Option<&'a str>) -> Result<Queues, Error> {
+        Ok(match kind {
+            Kind::VirtioBlk => Queues {
+                count: get("num-queues")
+                    .map(|v| prop_uint("num-queues", v, 16))
+                    .transpose()?,
+                size: get("queue-size")
+                    .map(|v| prop_uint("queue-size", v, 16))
+                    .transpose()?,
+            },
+            Kind::VirtioScsi => Queues {
+                count: get("num_queues")
+                    .map(|v| prop_uint("num_queues", v, 32))
+                    .transpose()?,
+                size: None,
+            },
+            _ => Queues {
+                count: None,
+                size: None,
+            },
+        })
+    }
+
+    /// The checks of the device's realize step. More than 1024 virtio-blk queues would
+    /// abort QEMU; ferrite refuses them.
+    fn check(&self, kind: Kind) -> Result<(), Error> {
+        const MAX: u64 = 1024;
+        match kind {
+            Kind::VirtioBlk => {
+                match self.count {
+                    Some(0) => return Err(generic("num-queues property must be larger than 0")),
+                    Some(n) if n > MAX => {
+                        return Err(generic(format!(
+                            "num-queues property must be at most {MAX}"
+                        )));
+                    }
+                    _ => {}
+                }
+                match self.size {
+                    Some(n) if n <= 2 => Err(generic(format!(
+                        "invalid queue-size property ({n}), must be > 2"
+                    ))),
+                    Some(n) if !n.is_power_of_two() || n > MAX => Err(generic(format!(
+                        "invalid queue-size property ({n}), must be a power of 2 (max {MAX})"
+                    ))),
+                    _ => Ok(()),
+                }
+            }
+            Kind::VirtioScsi => match self.count {
+                // Two of the virtqueues are the controller's own.
+                Some(n) if n == 0 || n > MAX - 2 => Err(generic(format!(
+                    "Invalid number of queues (= {n}), must be a positive integer less than {}.",
+                    MAX - 2
+                ))),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
 fn prop_bool(model: &str, name: &str, v: &str) -> Result<bool, Error> {
     match v {
         "on" | "yes" | "true" | "y" => Ok(true),
@@ -847,6 +927,14 @@ impl Devices {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
+        // Properties whose setting can fail: the iothread link, the queues' numbers.
+        let iothread = match model.kind {
+            Kind::VirtioBlk | Kind::VirtioScsi => get("iothread")
+                .map(|path| self.iothread_link(path))
+                .transpose()?,
+            _ => None,
+        };
+        let queues = Queues::parse(model.kind, &get)?;
         let ide_slot = if model.kind.is_ide() {
             Some(self.ide_slot(bus.as_deref(), get("unit"))?)
         } else {
@@ -925,8 +1013,9 @@ impl Devices {
         {
             return Err(generic("Device needs media, but drive is empty"));
         }
+        queues.check(model.kind)?;
         let iothread = match model.kind {
-            Kind::VirtioBlk | Kind::VirtioScsi => get("iothread").map(str::to_owned),
+            Kind::VirtioBlk | Kind::VirtioScsi => iothread,
             Kind::ScsiHd | Kind::ScsiCd => self
                 .scsi_controller(bus.as_deref())
                 .and_then(|c| c.iothread.clone()),
@@ -1016,6 +1105,27 @@ impl Devices {
         }
         self.list.borrow_mut().push(device.clone());
         Ok(device)
+    }
+
+    /// The iothread a device's `iothread` link names (an id or a QOM path), as QEMU sets a
+    /// link property.
+    ///
+    /// # Errors
+    /// "Device 'x' not found", or the object's type is not `iothread`.
+    fn iothread_link(&self, path: &str) -> Result<String, Error> {
+        if let Some(id) = self.graph.resolve_iothread(path) {
+            return Ok(id);
+        }
+        let id = path.strip_prefix("/objects/").unwrap_or(path);
+        match self.graph.object_type(id) {
+            Some(_) => Err(generic(
+                "Invalid parameter type for 'iothread', expected: iothread",
+            )),
+            None => Err(Error::new(
+                ErrorClass::DeviceNotFound,
+                format!("Device '{path}' not found"),
+            )),
+        }
     }
 
     /// The backend for `drive=name`: a drive's backend (not yet attached to a device), or a
