@@ -140,6 +140,9 @@ ERRORS = [
      "-device", "virtio-blk-pci,drive=d,iothread=s"],
     ["-device", "virtio-scsi-pci,num_queues=1023"],
     ["-device", "virtio-scsi-pci,iothread=nosuch"],
+    # A bad detect-zeroes is found with the drive's common options, before the format.
+    ["-drive", "if=none,file=IMG,detect-zeroes=bogus,format=nosuch,werror=x"],
+    ["-drive", "if=none,detect-zeroes=bogus"],
 ]
 
 
@@ -880,6 +883,9 @@ def info_block(binary, accel, *drive_args):
     # The old names of the I/O limits (iotest mirror-change-copy-mode), and both names.
     "if=none,id=d,driver=null-co,iops_wr=16,iops_wr_max=16,bps=1048576,group=g",
     "if=none,id=d,driver=null-co,iops_wr=16,throttling.iops-write=3",
+    # detect-zeroes is the drive's, set on the node after it opens: unmap needs no discard.
+    "if=none,id=d,driver=null-co,read-zeroes=on,detect-zeroes=unmap",
+    "if=none,id=d,detect-zeroes=unmap",
 ])
 def test_drive_options_read_and_show_as_qemus(drive):
     want = info_block(QEMU, "tcg", "-drive", drive)

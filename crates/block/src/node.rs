@@ -702,6 +702,12 @@ impl Node {
         self.detect_zeroes.get()
     }
 
+    /// Sets `detect-zeroes` outside the node's options, as `-drive` does (QEMU sets
+    /// `bs->detect_zeroes` after the open, so `unmap` needs no `discard=unmap` there).
+    pub fn set_detect_zeroes(&self, mode: DetectZeroes) {
+        self.detect_zeroes.set(mode);
+    }
+
     /// Bytes the node occupies on its storage: the driver's own figure, a filter's filtered
     /// child's, or what its data and metadata children occupy, not its backing chain (QEMU:
     /// `bdrv_get_allocated_file_size`); `None` where the storage cannot say (a remote

@@ -532,6 +532,18 @@ pub(crate) async fn add(
     }
     let throttling =
         crate::io_limits::config_from_drive(&mut opts, format.as_deref().unwrap_or("raw"))?;
+    // The drive's own option, set on the node once it is open (QEMU sets
+    // `bs->detect_zeroes` itself, so `unmap` needs no `discard=unmap` here).
+    let detect_zeroes = match opts.remove("detect-zeroes").map(|v| match v {
+        QObject::String(s) => s,
+        other => ferrite_qobject::to_json(&other),
+    }) {
+        None => None,
+        Some(v) if matches!(v.as_str(), "off" | "on" | "unmap") => {
+            Some(ferrite_block::DetectZeroes::parse(Some(v.as_str())))
+        }
+        Some(v) => return Err(generic(format!("invalid parameter value: {v}"))),
+    };
     error_action(werror.as_deref(), false)?;
     error_action(rerror.as_deref(), true)?;
     let blk = BlockBackend::new_empty(graph);
@@ -541,13 +553,9 @@ pub(crate) async fn add(
         blk.add_stats_interval(seconds);
     }
     blk.set_write_cache(writeback);
-    let detect_zeroes = opts
-        .get("detect-zeroes")
-        .and_then(QObject::as_str)
-        .is_some_and(|v| v != "off");
     blk.set_root_state(RootState {
         read_only,
-        detect_zeroes,
+        detect_zeroes: detect_zeroes.is_some_and(|d| d != ferrite_block::DetectZeroes::Off),
     });
     blk.set_on_error(
         OnError::parse(rerror.as_deref()),
@@ -711,6 +719,9 @@ pub(crate) async fn add(
         let n = graph.open_inline(&Args::new(checked)).await?;
         if probed {
             graph.opened_probed(&n);
+        }
+        if let Some(d) = detect_zeroes {
+            n.set_detect_zeroes(d);
         }
         n.keep_cli_text(&node);
         // QEMU turns `aio` into an open flag, not an option a reopen must give again.
