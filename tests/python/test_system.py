@@ -143,6 +143,14 @@ ERRORS = [
     # A bad detect-zeroes is found with the drive's common options, before the format.
     ["-drive", "if=none,file=IMG,detect-zeroes=bogus,format=nosuch,werror=x"],
     ["-drive", "if=none,detect-zeroes=bogus"],
+    # Board drives past the board's IDE buses or floppy drives are orphans; a device names
+    # only the IDE buses there are.
+    ["-drive", "if=ide,index=9,file=IMG"],
+    ["-M", "q35", "-drive", "if=ide,index=6,file=IMG"],
+    ["-drive", "if=floppy,index=2,file=IMG"],
+    ["-M", "none", "-drive", "if=floppy,file=IMG"],
+    ["-drive", "if=none,id=d,file=IMG", "-device", "ide-hd,drive=d,bus=ide.5"],
+    ["-M", "q35", "-drive", "if=none,id=d,file=IMG", "-device", "ide-hd,drive=d,bus=ide.6"],
 ]
 
 

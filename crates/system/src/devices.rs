@@ -795,6 +795,20 @@ impl Devices {
         self.machine.kind.board.ide_units()
     }
 
+    /// The drives the board's floppy controller takes.
+    pub(crate) fn floppy_units(&self) -> u32 {
+        if self.machine.kind.board == crate::machine::Board::None {
+            0
+        } else {
+            2
+        }
+    }
+
+    /// The board's IDE buses (`ide.0` and up).
+    pub(crate) fn ide_buses(&self) -> u32 {
+        self.machine.kind.board.ide_buses()
+    }
+
     /// Makes the devices the board makes for `-drive if=ide|floppy`, once every drive is
     /// known: IDE devices by index, then floppies, under `/machine/unattached` (numbered
     /// after the board's own devices there, as QEMU's `pc` and `q35` number them).
@@ -1237,7 +1251,10 @@ impl Devices {
                 d.bus_name.as_deref() == Some(bus)
                     || (d.model.kind == Kind::PciBridge && d.id.as_deref() == Some(bus))
             }) || bus.starts_with("pci")
-                || bus.starts_with("ide.")
+                || bus
+                    .strip_prefix("ide.")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| n < board.ide_buses())
                 || bus == "pcie.0";
             if !known {
                 return Err(generic(format!("Bus '{bus}' not found")));

@@ -767,8 +767,10 @@ pub(crate) async fn add(
     let device = match interface.as_str() {
         "virtio" => Some("virtio-blk-pci"),
         "ide" if media_cd => Some("ide-cd"),
-        "ide" => Some("ide-hd"),
-        "floppy" => Some("floppy"),
+        "ide" if index / units < devices.ide_buses() => Some("ide-hd"),
+        // The floppy controller has two drives (and no bus numbers: QEMU counts its
+        // units on); the `none` machine has none.
+        "floppy" if index < devices.floppy_units() => Some("floppy"),
         "none" => None,
         "xen" => {
             blk.remove();
@@ -792,9 +794,15 @@ pub(crate) async fn add(
             None
         }
         other => {
-            // The boards have no SCSI controller, SD card or MTD of their own: the drive
-            // is an orphan, which QEMU reports once the machine is made.
-            let units = if other == "scsi" { 7 } else { 1 };
+            // The boards have no SCSI controller, SD card or MTD of their own, nor IDE
+            // buses past their last: the drive is an orphan, which QEMU reports once the
+            // machine is made.
+            let units = match other {
+                "scsi" => 7,
+                "ide" => units,
+                "floppy" => u32::MAX,
+                _ => 1,
+            };
             return Ok(Drive {
                 blk,
                 device: None,
