@@ -941,9 +941,11 @@ impl Devices {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
-        // Properties whose setting can fail: the iothread link, the queues' numbers.
+        // Properties whose setting can fail: the iothread link (an empty one is none),
+        // the queues' numbers.
         let iothread = match model.kind {
             Kind::VirtioBlk | Kind::VirtioScsi => get("iothread")
+                .filter(|path| !path.is_empty())
                 .map(|path| self.iothread_link(path))
                 .transpose()?,
             _ => None,
