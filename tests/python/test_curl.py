@@ -165,11 +165,11 @@ def export(d, node_args):
     return serve(d, "h")
 
 
-def assert_copy_is(d, path):
+def assert_copy_is(d, path, timeout=None):
     """The NBD export of `d`, copied whole by qemu-img, holds the bytes of the file `path`."""
     copy = d.workdir / "copy.raw"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_uri(d), copy],
-                   check=True)
+                   check=True, timeout=timeout)
     assert_same_image(path, copy)
 
 
@@ -198,11 +198,21 @@ def test_reads_match_qsd(qsd, ferrite, site, path, opts):
     qsd makes them (the read and what is read ahead)."""
     got = {}
     for name, start in (("qsd", qsd), ("ferrite", ferrite)):
-        web = site()
-        d = start(SECRETS)
-        export(d, {"driver": "http", "url": web.url(path), **opts})
-        out = qemu_io(nbd_uri(d), *READS)
-        assert_copy_is(d, site.root / "d.raw")
+        for attempt in range(1, 4):
+            web = site()
+            d = start(SECRETS)
+            export(d, {"driver": "http", "url": web.url(path), **opts})
+            out = qemu_io(nbd_uri(d), *READS)
+            try:
+                assert_copy_is(d, site.root / "d.raw", timeout=60)
+                break
+            except subprocess.TimeoutExpired:
+                # qsd's curl driver now and then never finishes a chunked reply it has
+                # all of (about one run in 30 here); ferrite gets no second chance.
+                if name != "qsd" or attempt == 3:
+                    raise
+                print(f"qemu-storage-daemon hung copying {path}; its side runs again")
+                d.stop()
         got[name] = (out, [(m, p, r) for m, p, r, *_ in web.log])
     assert "failed" not in got["ferrite"][0]
     assert got["ferrite"][0] == got["qsd"][0]
