@@ -153,12 +153,8 @@ impl Meta {
                  {l2:#x}, L2 index: {idx:#x})"
             ),
             Cluster::Normal { host, .. } | Cluster::Zero { host: Some(host) } => {
-                if host % self.cs() != 0 {
-                    format!(
-                        "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2:#x}, \
-                         L2 index: {idx:#x})"
-                    )
-                } else if data_file && host != gc * self.cs() {
+                self.check_cluster_aligned(host, l2, idx)?;
+                if data_file && host != gc * self.cs() {
                     format!(
                         "External data file host cluster offset {host:#x} does not match guest \
                          cluster offset: {:#x}, L2 index: {idx:#x})",

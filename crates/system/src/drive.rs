@@ -76,6 +76,14 @@ fn error_action(v: Option<&str>, read: bool) -> Result<(), Error> {
     }
 }
 
+/// Takes option `k` out of `opts`, as the command line spelled it.
+fn take_text(opts: &mut QDict, k: &str) -> Option<String> {
+    opts.remove(k).map(|v| match v {
+        QObject::String(s) => s,
+        other => ferrite_qobject::to_json(&other),
+    })
+}
+
 /// `d` with every scalar as the command line spells it (a `json:` name's typed values
 /// join `-drive`'s text options).
 fn as_text(d: QDict) -> QDict {
@@ -442,12 +450,7 @@ pub(crate) async fn add(
         _ => None,
     };
     let stats_intervals = stats_intervals(opts.remove("stats-intervals"))?;
-    let mut take = |k: &str| {
-        opts.remove(k).map(|v| match v {
-            QObject::String(s) => s,
-            other => ferrite_qobject::to_json(&other),
-        })
-    };
+    let mut take = |k: &str| take_text(&mut opts, k);
     let interface = take("if").unwrap_or_else(|| "ide".into());
     if !matches!(
         interface.as_str(),
@@ -534,14 +537,9 @@ pub(crate) async fn add(
         crate::io_limits::config_from_drive(&mut opts, format.as_deref().unwrap_or("raw"))?;
     // The drive's own option, set on the node once it is open (QEMU sets
     // `bs->detect_zeroes` itself, so `unmap` needs no `discard=unmap` here).
-    let detect_zeroes = match opts.remove("detect-zeroes").map(|v| match v {
-        QObject::String(s) => s,
-        other => ferrite_qobject::to_json(&other),
-    }) {
+    let detect_zeroes = match take_text(&mut opts, "detect-zeroes").as_deref() {
         None => None,
-        Some(v) if matches!(v.as_str(), "off" | "on" | "unmap") => {
-            Some(ferrite_block::DetectZeroes::parse(Some(v.as_str())))
-        }
+        Some(v @ ("off" | "on" | "unmap")) => Some(ferrite_block::DetectZeroes::parse(Some(v))),
         Some(v) => return Err(generic(format!("invalid parameter value: {v}"))),
     };
     error_action(werror.as_deref(), false)?;
