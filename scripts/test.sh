@@ -7,12 +7,17 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
+SECONDS=0
+phase() { # a phase's heading, with the minutes and seconds spent so far
+  printf '== %s (at %dm%02ds)\n' "$1" $((SECONDS / 60)) $((SECONDS % 60))
+}
+
 bash scripts/setup.sh
 
-echo "== cargo build"
+phase "cargo build"
 cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
 
-echo "== style: cargo fmt, cargo clippy, cargo doc (public items documented)"
+phase "style: cargo fmt, cargo clippy, cargo doc (public items documented)"
 style() { # a check's output only when it fails
   "$@" >target/style.log 2>&1 || { cat target/style.log; echo "style check failed: $*" >&2; exit 1; }
 }
@@ -22,7 +27,7 @@ style cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" style cargo doc --workspace --no-deps --locked
 echo "style: fmt, clippy and doc clean"
 
-echo "== cargo test"
+phase "cargo test"
 cargo test --workspace --locked 2>&1 | tee target/cargo-test.log | grep -E '^(test result|running|error|failures:|---- )' || true
 if grep -qE '^test result: FAILED|^error' target/cargo-test.log; then
   echo "cargo test failed" >&2
@@ -31,7 +36,7 @@ fi
 passed=$(grep -oE 'ok\. [0-9]+ passed' target/cargo-test.log | awk '{s+=$2} END {print s+0}')
 echo "cargo test: ${passed} passed, 0 failed"
 
-echo "== fuzz: libFuzzer, ${FUZZ_SECONDS:-45} s per target, sandboxed (fuzz/run.sh)"
+phase "fuzz: libFuzzer, ${FUZZ_SECONDS:-45} s per target, sandboxed (fuzz/run.sh)"
 if ! bash fuzz/run.sh all "${FUZZ_SECONDS:-45}" >target/fuzz.log 2>&1; then
   grep -E '^(== fuzz|fuzz:)|panicked|ERROR|SUMMARY' target/fuzz.log | tail -n 40
   echo "fuzzing found something (target/fuzz.log; inputs under fuzz/work/*/artifacts)" >&2
@@ -41,9 +46,12 @@ awk '/^== fuzz/ {t=$3} /^stat::number_of_executed_units/ {n=$2}
      /^stat::new_units_added/ {printf "fuzz %s: %s runs, %s new corpus units, no findings\n", t, n, $2}' \
   target/fuzz.log
 
-echo "== pytest (tests/python, against the real binary and qemu-storage-daemon)"
+phase "pytest (tests/python, against the real binary and qemu-storage-daemon)"
 # A test that hangs fails after 300 s (the slowest takes about 95 s here) with its stack, and
 # the whole run is interrupted after 45 minutes (it takes about 15), so a hang costs one test,
 # never CI's whole budget, and the summary still names what failed.
+rc=0
 timeout --signal=INT --kill-after=60 2700 \
-  .venv/bin/python -m pytest tests/python -q -p no:cacheprovider -rfEs --timeout=300
+  .venv/bin/python -m pytest tests/python -q -p no:cacheprovider -rfEs --timeout=300 --durations=15 || rc=$?
+phase "done"
+exit "$rc"
