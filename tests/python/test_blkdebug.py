@@ -291,3 +291,180 @@ def test_blkdebug_nodes_are_named_as_qsd_names_them(both):
     expected = names_transcript(q)
     assert ("a", "qcow2", "blkdebug::W/t.qcow2") in expected
     assert names_transcript(f) == expected
+
+
+# --- errors injected at qcow2's metadata events, as iotest 026 injects them -----------------
+
+def qemu_io_sessions(binary, w, sessions, debug=True):
+    """Runs each session (qemu-io commands) in its own `binary` process (a system emulator's
+    human monitor) on `w/t.qcow2` with cache=writethrough, over blkdebug with config
+    `w/bd.conf` if `debug`, as iotest 026 runs its qemu-io calls: what qemu-io printed, and
+    what the program said on standard error as it closed the image (its own name left
+    out)."""
+    import os
+    out, err = [], []
+    image = f"blkdebug:{w}/bd.conf:{w}/t.qcow2" if debug else f"{w}/t.qcow2"
+    drive = f"if=none,id=d,file={image},cache=writethrough"
+    accel = "qtest" if "ferrite" in os.path.basename(binary) else "tcg"
+    for ops in sessions:
+        script = "".join(f'qemu-io d "{op}"\n' for op in ops) + "quit\n"
+        r = subprocess.run([binary, "-accel", accel, "-S", "-nodefaults", "-display", "none",
+                            "-monitor", "stdio", "-drive", drive],
+                           input=script, capture_output=True, text=True, timeout=120)
+        out += [ln for ln in r.stdout.splitlines()
+                if ln.split(" ")[0] in ("read", "wrote", "write", "Pattern")
+                and " ops; " not in ln]
+        err += [ln.split(": ", 1)[-1] for ln in r.stderr.splitlines()]
+    return out, err
+
+
+def image_state(img, leaks_matter):
+    """`qemu-img check` of the image: 'clean', 'leaks' (only leaked clusters; counted as
+    clean where iotest 026 ignores them) or its whole report."""
+    r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+    if r.returncode == 0:
+        return "clean"
+    if r.returncode == 3:
+        return "leaks" if leaks_matter else "clean"
+    return r.stdout + r.stderr
+
+
+def metadata_error_scenario(tmp_path, event, once, sessions, errno=5, size="1G", cs=1024,
+                            before=None, leaks_matter=False, snapshot=False, backing=False):
+    """The same sessions on the same fresh image under qemu-system-x86_64 and under
+    ferrite-system-x86_64, the error armed by `event`: (qemu's, ferrite's) outputs,
+    standard errors and image states. `before` is written first by qemu-io, and `snapshot`
+    then takes an internal snapshot (which shares the L2 tables); with `backing` the image
+    is an overlay of a base image written all through with 0x01."""
+    from test_system import QEMU, SYSTEM
+    results = []
+    for side, binary in (("qemu", QEMU), ("ferrite", SYSTEM)):
+        w = tmp_path / side
+        w.mkdir()
+        over = []
+        if backing:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "base.qcow2"),
+                            size], check=True)
+            subprocess.run(["qemu-io", "-c", f"write -P 1 0 {size}", str(w / "base.qcow2")],
+                           check=True, capture_output=True)
+            over = ["-b", "base.qcow2", "-F", "qcow2"]
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                        f"cluster_size={cs}", *over, str(w / "t.qcow2"), size], check=True)
+        if before:
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", before, str(w / "t.qcow2")],
+                           check=True, capture_output=True)
+        if snapshot:
+            subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(w / "t.qcow2")],
+                           check=True)
+        (w / "bd.conf").write_text(
+            f'[inject-error]\nevent = "{event}"\nerrno = "{errno}"\n'
+            f'immediately = "off"\nonce = "{once}"\n')
+        out, err = qemu_io_sessions(binary, w, sessions)
+        results.append((out, err, image_state(w / "t.qcow2", leaks_matter)))
+    return results
+
+
+def assert_as_qemu(qemu, ferrite):
+    """Same qemu-io output and closing words; the image as consistent, leaks allowed only
+    where QEMU leaks too (ferrite gives back more of what a failed request allocated)."""
+    assert ferrite[:2] == qemu[:2]
+    if qemu[2] == "leaks" and ferrite[2] == "clean":
+        return
+    assert ferrite[2] == qemu[2]
+
+
+# Iotest 026's events for a 128k write on a fresh 1G image of 1k clusters: each names the
+# metadata write (or load) the error hits; `once` off fails everything after it, the
+# caches' write-back at close included.
+SIMPLE_EVENTS = ["l1_update", "l2_load", "l2_update", "l2_alloc_write", "write_aio",
+                 "refblock_load", "refblock_update_part", "refblock_alloc", "cluster_alloc"]
+
+
+@pytest.mark.parametrize("vmstate", ["", "-b "], ids=["data", "vmstate"])
+@pytest.mark.parametrize("once", ["on", "off"])
+@pytest.mark.parametrize("event", SIMPLE_EVENTS)
+def test_qcow2_metadata_errors_as_qemus(tmp_path, event, once, vmstate):
+    sessions = [[f"write {vmstate}0 128k"]]
+    if event == "l2_load":
+        # Loaded only by a later process: a second write, and a read.
+        sessions += [[f"write {vmstate}0 128k"], [f"read {vmstate}0 128k"]]
+    before = f"write {vmstate}0 512" if event == "l2_update" else None
+    errno = 28 if event in ("l2_update", "refblock_alloc") else 5
+    qemu, ferrite = metadata_error_scenario(tmp_path, event, once, sessions, errno=errno,
+                                            before=before)
+    assert_as_qemu(qemu, ferrite)
+
+
+@pytest.mark.parametrize("once", ["on", "off"])
+@pytest.mark.parametrize("event", ["refblock_alloc_hookup", "refblock_alloc_write",
+                                   "refblock_alloc_write_blocks", "refblock_alloc_write_table",
+                                   "refblock_alloc_switch_table"])
+def test_qcow2_refcount_table_growth_errors_as_qemus(tmp_path, event, once):
+    """A 64M write on 512-byte clusters grows the refcount table: each step can fail."""
+    qemu, ferrite = metadata_error_scenario(tmp_path, event, once, [["write 0 64M"]],
+                                            errno=28, cs=512)
+    assert_as_qemu(qemu, ferrite)
+
+
+@pytest.mark.parametrize("once", ["on", "off"])
+@pytest.mark.parametrize("event", ["l1_grow_alloc_table", "l1_grow_write_table",
+                                   "l1_grow_activate_table"])
+def test_qcow2_l1_growth_errors_as_qemus(tmp_path, event, once):
+    """The VM state area lies past the disk: writing there grows the L1 table."""
+    qemu, ferrite = metadata_error_scenario(tmp_path, event, once, [["write -b 0 64k"]])
+    assert_as_qemu(qemu, ferrite)
+
+
+@pytest.mark.parametrize("once", ["on", "off"])
+@pytest.mark.parametrize("event", ["cow_read", "cow_write", "read_backing_aio"])
+def test_copy_on_write_errors_as_qemus(tmp_path, event, once):
+    """Writes into part of a cluster of an overlay: the clusters are allocated before the
+    backing file's data around the write is read (QEMU's order, which decides what an
+    error armed by the read hits), and the write carries that data with it."""
+    sessions = [["write -P 2 4k 4k", "write -P 3 70k 4k", "read -P 2 4k 4k",
+                 "read -P 1 0 4k"], ["read -P 1 0 4k", "read -P 2 4k 4k"]]
+    qemu, ferrite = metadata_error_scenario(tmp_path, event, once, sessions, size="4M",
+                                            cs=65536, backing=True, leaks_matter=True)
+    assert qemu[0][0] == "write failed: Input/output error"
+    assert_as_qemu(qemu, ferrite)
+
+
+def test_clusters_of_a_failed_write_are_given_back_as_qemu_gives_them(tmp_path):
+    """A data write that fails once: its clusters are not leaked (the second write's
+    write-back takes their refcounts to disk)."""
+    qemu, ferrite = metadata_error_scenario(tmp_path, "write_aio", "on",
+                                            [["write 0 1M", "write 0 1M"]], size="64M",
+                                            cs=65536, leaks_matter=True)
+    assert qemu[2] == "clean"
+    assert ferrite == qemu
+
+
+@pytest.mark.parametrize("event,vmstate", [
+    (event, vmstate)
+    for event in ["l1_update", "l2_update", "l2_alloc_write", "refblock_update_part",
+                  "cluster_alloc", "refblock_alloc_hookup", "refblock_alloc_write_table",
+                  "refblock_alloc_switch_table"]
+    for vmstate in ("", "-b ")
+] + [
+    # Only the VM state area, past the disk, grows the L1 table.
+    ("l1_grow_write_table", "-b "), ("l1_grow_activate_table", "-b "),
+    # The snapshot shares the disk's L2 tables, none of the VM state area.
+    ("l2_alloc_cow_read", ""),
+])
+def test_writes_after_a_failed_metadata_write_persist(tmp_path, event, vmstate):
+    """One write fails on its metadata, the next ones succeed: what they wrote reads back in
+    a new process (no table the disk does not name, no refcount lost, as before ferrite
+    kept memory and disk apart when a table or header write failed), and the image is as
+    consistent as QEMU leaves it."""
+    b = vmstate
+    sessions = [[f"write {b}0 128k", f"write -P 0x5a {b}0 8M", f"write -P 0x33 {b}100k 1k"],
+                [f"read -P 0x5a {b}0 100k", f"read -P 0x33 {b}100k 1k",
+                 f"read -P 0x5a {b}101k 7M"]]
+    cs = 512 if event.startswith("refblock_alloc_") else 1024
+    before = "write 1k 1k" if event in ("l2_update", "l2_alloc_cow_read") else None
+    qemu, ferrite = metadata_error_scenario(tmp_path, event, "on", sessions, cs=cs,
+                                            before=before, leaks_matter=True,
+                                            snapshot=event == "l2_alloc_cow_read")
+    assert any(ln.startswith("write failed") for ln in qemu[0]), qemu
+    assert not any(ln.startswith("Pattern") for ln in qemu[0]), qemu
+    assert_as_qemu(qemu, ferrite)

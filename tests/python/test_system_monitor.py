@@ -131,6 +131,26 @@ def test_human_monitor_session_matches_qemu_system(tmp_path):
         assert "verification failed" not in r.stdout, r.stdout
 
 
+QEMU_IO_ARGUMENTS = [f'qemu-io disk "{c}"' for c in [
+    "read 0 1.5k", "read .5k 0.5k", "read 1.0005k 1.k", "write -P 7 0x200 0xab",
+    "read 1.5 1", "write 1G-64k 64k", "read abc 1", "read 0 0x10k", "read 0 0x",
+    "write 8E 1", "read 0 16E", "read -- -1 512", "read 99999999999999999999 1",
+    "read 0 1e", "write 0 3G", "write -b -z 0 512", "write -b 1 512", "read -b 0 100",
+    "write -c 0 1000", "write -b -P 5 0 4k", "read -b -P 5 0 4k", "read -b -P 5 512 1k",
+    "read -P 7 512 171",
+]]
+
+
+def test_qemu_io_arguments_as_qemu_io_takes_them(tmp_path):
+    """Sizes with fractions and every suffix, hex, and qemu-io's words for what it cannot
+    take (non-numeric, too large, too long for one request, not in sectors for the VM
+    state or a compressed write); `-b` reads and writes the VM state area."""
+    (q, _), (f, _) = both(tmp_path, chain, DRIVES, QEMU_IO_ARGUMENTS)
+    assert f == q
+    assert "Parsing error: argument too large -- 8E" in q[1]
+    assert "read 4096/4096 bytes at offset 0" in q[1]
+
+
 THROTTLE_SESSION = [
     "block_set_io_throttle",
     "block_set_io_throttle disk",

@@ -105,15 +105,19 @@ impl Qcow2Driver {
             }
             let host = {
                 let mut m = self.meta.lock().await;
+                // The table first, as QEMU gets it ready before placing the data.
+                m.l2_for_write(file, gc).await?;
                 let host = m.alloc_bytes(file, c.len() as u64).await?;
                 m.check_data(file, host, c.len() as u64).await?;
                 host
             };
             let clen = c.len() as u64;
+            file.debug_event("write_compressed").await;
             file.write(host, c, ReqFlags::empty()).await?;
             let mut m = self.meta.lock().await;
             let (table, idx) = m.l2_for_write(file, gc).await?;
             let (old, _) = m.l2_entry(file, gc).await?;
+            file.debug_event("l2_update_compressed").await;
             m.set_l2(
                 table,
                 idx,

@@ -100,6 +100,9 @@ impl Qcow2Driver {
             return Ok(None);
         }
         // Past the backing file's end reads as zeroes (`Child::read` pads).
+        if let Some(file) = node.child("file") {
+            file.debug_event("read_backing_aio").await;
+        }
         Ok(Some(b.read(offset, len).await?))
     }
 
@@ -109,6 +112,7 @@ impl Qcow2Driver {
         offset: u64,
         len: u64,
     ) -> io::Result<Vec<u8>> {
+        file.debug_event("read_compressed").await;
         let raw = read_at(file, offset, len as usize).await?;
         let (codec, cluster) = (self.codec, self.cs() as usize);
         // Inflating takes longer than the read: off the main thread, beside other requests.

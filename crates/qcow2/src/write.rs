@@ -120,10 +120,15 @@ impl Qcow2Driver {
                     pos += run;
                 }
                 _ => {
-                    // Allocate: this cluster and following ones that also need it.
+                    // Allocate: this cluster and following ones of its L2 table that also
+                    // need it (QEMU allocates one table's worth at a time, after getting
+                    // that table ready).
                     let mut clusters = 1u64;
+                    let per = m.l2_entries();
                     if !self.extended {
-                        while pos + (cs - in_off) + (clusters - 1) * cs < len {
+                        while pos + (cs - in_off) + (clusters - 1) * cs < len
+                            && (gc + clusters) % per != 0
+                        {
                             let (e2, _) = m.l2_entry(file, gc + clusters).await?;
                             if matches!(self.decode(e2), Cluster::Normal { copied: true, .. }) {
                                 break;
@@ -139,14 +144,15 @@ impl Qcow2Driver {
                     let n = end.min(offset + len) - off;
                     if pos == 0 && n == len && in_off == 0 && n == clusters * cs {
                         // Whole new clusters: nothing old to keep, the request is the data.
-                        let whole = 0..len;
+                        let host = self.new_clusters(node, file, gc, clusters, 0..len).await?;
                         self.write_new_clusters(
                             node,
                             file,
                             gc,
                             clusters,
+                            host,
                             std::mem::take(&mut data),
-                            whole,
+                            0..len,
                         )
                         .await?;
                     } else {
@@ -183,51 +189,95 @@ impl Qcow2Driver {
         let start = gc * cs;
         let total = clusters * cs;
         let data_end = in_off + data.len() as u64;
-        // Head and tail from the old content (backing file, compressed data, shared cluster).
-        let buf = self
-            .with_old_around(node, file, start, total, in_off, data)
+        // As QEMU: the clusters first, then the old content to keep around the data (from
+        // a backing file, compressed data or a shared cluster).
+        let host = self
+            .new_clusters(node, file, gc, clusters, in_off..data_end)
             .await?;
-        self.write_new_clusters(node, file, gc, clusters, buf, in_off..data_end)
+        let buf = match self
+            .with_old_around(node, file, start, total, in_off, data)
+            .await
+        {
+            Ok(buf) => buf,
+            Err(e) => {
+                self.give_back(node, file, host, clusters).await;
+                return Err(e);
+            }
+        };
+        self.write_new_clusters(node, file, gc, clusters, host, buf, in_off..data_end)
             .await
     }
 
+    /// Host clusters for `clusters` guest clusters from `gc` that get new ones (the guest's
+    /// data at `data` in them): their L2 table made ready first, as QEMU does, then the
+    /// clusters allocated; in an external data file, each guest cluster's own place.
+    async fn new_clusters(
+        &self,
+        node: &Node,
+        file: &Child,
+        gc: u64,
+        clusters: u64,
+        data: std::ops::Range<u64>,
+    ) -> io::Result<u64> {
+        self.mark_dirty_once(file).await?;
+        let cs = self.cs();
+        if self.data_edge(node).is_some() {
+            return Ok(gc * cs);
+        }
+        let mut m = self.meta.lock().await;
+        m.l2_for_write(file, gc).await?;
+        let host = m.alloc(file, clusters).await?;
+        // Damaged refcounts can hand out a cluster that holds metadata. The guest's data
+        // first, as QEMU checks it (its range is what the corruption event reports).
+        m.check_data(file, host + data.start, data.end - data.start)
+            .await?;
+        m.check_data(file, host, clusters * cs).await?;
+        Ok(host)
+    }
+
+    /// Gives back `clusters` clusters at `host` that [`Qcow2Driver::new_clusters`] handed
+    /// out for a write that failed (nothing maps them; nothing to give back in a data
+    /// file, where each guest cluster has its own place).
+    async fn give_back(&self, node: &Node, file: &Child, host: u64, clusters: u64) {
+        if self.data_edge(node).is_none() {
+            let mut m = self.meta.lock().await;
+            m.free_now(file, host, clusters, FreeKind::Other).await;
+        }
+    }
+
     /// Writes `buf` (exactly `clusters` clusters, the guest's data at `data` in it) into
-    /// newly allocated host clusters and maps guest clusters from `gc` on to them.
+    /// the new host clusters at `host` and maps guest clusters from `gc` on to them.
+    #[allow(clippy::too_many_arguments)]
     async fn write_new_clusters(
         &self,
         node: &Node,
         file: &Child,
         gc: u64,
         clusters: u64,
+        host: u64,
         buf: Vec<u8>,
         data: std::ops::Range<u64>,
     ) -> io::Result<()> {
-        self.mark_dirty_once(file).await?;
         let cs = self.cs();
         let data_file = self.data_edge(node);
-        let host = if data_file.is_some() {
-            // Each guest cluster has its own place in the data file.
-            gc * cs
-        } else {
-            let mut m = self.meta.lock().await;
-            let host = m.alloc(file, clusters).await?;
-            // Damaged refcounts can hand out a cluster that holds metadata. The guest's data
-            // first, as QEMU checks it (its range is what the corruption event reports).
-            m.check_data(file, host + data.start, data.end - data.start)
-                .await?;
-            m.check_data(file, host, buf.len() as u64).await?;
-            host
-        };
         let mut buf = buf;
         if let Some(c) = &self.crypto {
             c.cipher.encrypt(&mut buf, host / SECTOR);
         }
         file.debug_event("write_aio").await;
-        data_file
+        if data.start > 0 || data.end < clusters * cs {
+            // The old content around the data goes in the same write.
+            file.debug_event("cow_write").await;
+        }
+        let written = data_file
             .as_deref()
             .unwrap_or(file)
             .write(host, buf, ReqFlags::empty())
-            .await?;
+            .await;
+        if written.is_err() {
+            self.give_back(node, file, host, clusters).await;
+        }
+        written?;
         let mut m = self.meta.lock().await;
         for k in 0..clusters {
             let (table, idx) = m.l2_for_write(file, gc + k).await?;
@@ -255,6 +305,9 @@ impl Qcow2Driver {
     ) -> io::Result<Vec<u8>> {
         let data_end = data_at + data.len() as u64;
         let mut buf = ferrite_block::io::pool::take(len as usize);
+        if data_at > 0 || data_end < len {
+            file.debug_event("cow_read").await;
+        }
         for (from, to) in [(0, data_at), (data_end, len)] {
             if from >= to {
                 continue;
@@ -292,25 +345,38 @@ impl Qcow2Driver {
         let (first, last) = (in_off / scs, end.div_ceil(scs));
         let (from, to) = (first * scs, last * scs);
         let start = gc * cs;
-        let buf = self
-            .with_old_around(node, file, start + from, to - from, in_off - from, data)
-            .await?;
         let data_file = self.data_edge(node);
         let host = if data_file.is_some() {
             start
         } else {
             let mut m = self.meta.lock().await;
+            m.l2_for_write(file, gc).await?;
             let host = m.alloc(file, 1).await?;
             m.check_data(file, host + in_off, data.len() as u64).await?;
             m.check_data(file, host + from, to - from).await?;
             host
         };
-        file.debug_event("write_aio").await;
-        data_file
-            .as_deref()
-            .unwrap_or(file)
-            .write(host + from, buf, ReqFlags::empty())
-            .await?;
+        let old_around = self
+            .with_old_around(node, file, start + from, to - from, in_off - from, data)
+            .await;
+        let written = match old_around {
+            Ok(buf) => {
+                file.debug_event("write_aio").await;
+                if from < in_off || end < to {
+                    file.debug_event("cow_write").await;
+                }
+                data_file
+                    .as_deref()
+                    .unwrap_or(file)
+                    .write(host + from, buf, ReqFlags::empty())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if written.is_err() {
+            self.give_back(node, file, host, 1).await;
+        }
+        written?;
         let mut m = self.meta.lock().await;
         let (table, idx) = m.l2_for_write(file, gc).await?;
         let (_, bm) = m.l2_entry(file, gc).await?;

@@ -53,31 +53,133 @@ fn report(op: &str, offset: u64, len: u64, started: Instant) -> String {
     )
 }
 
-/// A number as qemu-io takes it: decimal with k/M/G/T suffixes (`64k`, `1M`), or 0x hex
-/// (whose digits include `b`: `0xab` is 171, not 0xa bytes).
+/// A number as qemu-io takes it ([`cvtnum`]), or `None`.
 fn number(s: &str) -> Option<u64> {
-    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+    cvtnum(s).ok()
+}
+
+/// qemu-io's `cvtnum`: a size as QEMU's `qemu_strtosz` reads it, at most `i64::MAX`.
+/// Decimal, with a fraction if a suffix follows (`1.5k`), and one of the suffixes
+/// B, K, M, G, T, P, E (powers of 1024, either case); or 0x hex with neither (its digits
+/// include `b`: `0xab` is 171). Errs with the errno qemu-io reports: EINVAL for what is
+/// not such a number, ERANGE for what is too large (a minus sign included).
+fn cvtnum(s: &str) -> Result<u64, i32> {
+    if s.starts_with('-') {
+        return Err(libc::ERANGE);
+    }
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (mut val, mut rest) = if digits == 0 {
+        (0u64, s)
+    } else {
+        (
+            s[..digits].parse::<u64>().map_err(|_| libc::ERANGE)?,
+            &s[digits..],
+        )
+    };
+    if s[..digits] == *"0" && (rest.starts_with('x') || rest.starts_with('X')) {
+        let hex = &rest[1..];
         let end = hex
             .find(|c: char| !c.is_ascii_hexdigit())
             .unwrap_or(hex.len());
-        let v = u64::from_str_radix(&hex[..end], 16).ok()?;
-        return v.checked_mul(1u64 << suffix_shift(&hex[end..])?);
+        if end == 0 {
+            return Err(libc::EINVAL);
+        }
+        val = u64::from_str_radix(&hex[..end], 16).map_err(|_| libc::ERANGE)?;
+        return match &hex[end..] {
+            "" if val <= i64::MAX as u64 => Ok(val),
+            "" => Err(libc::ERANGE),
+            _ => Err(libc::EINVAL),
+        };
     }
-    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let v: u64 = s[..end].parse().ok()?;
-    v.checked_mul(1u64 << suffix_shift(&s[end..])?)
+    // The fraction, as a binary fraction of 2^64 (QEMU's `valf`).
+    let mut fraction = 0u64;
+    if let Some(after) = rest.strip_prefix('.') {
+        let end = after
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(after.len());
+        if end > 0 {
+            let f: f64 = format!("0.{}", &after[..end])
+                .parse()
+                .map_err(|_| libc::EINVAL)?;
+            if f >= 1.0 {
+                val = val.checked_add(1).ok_or(libc::ERANGE)?;
+            } else {
+                fraction = ((f * 2f64.powi(64)) as u64).max(u64::from(f > 0.0));
+            }
+        }
+        rest = &after[end..];
+    } else if digits == 0 {
+        return Err(libc::EINVAL);
+    }
+    let shift = match rest.chars().next() {
+        Some('b' | 'B') => Some(0),
+        Some('k' | 'K') => Some(10),
+        Some('m' | 'M') => Some(20),
+        Some('g' | 'G') => Some(30),
+        Some('t' | 'T') => Some(40),
+        Some('p' | 'P') => Some(50),
+        Some('e' | 'E') => Some(60),
+        _ => None,
+    };
+    if shift.is_some() {
+        rest = &rest[1..];
+    }
+    let mul = 1u128 << shift.unwrap_or(0);
+    if mul == 1 && fraction != 0 {
+        return Err(libc::EINVAL);
+    }
+    // The fraction's share rounded to the nearest byte, as QEMU rounds it.
+    let part = u128::from(fraction) * mul;
+    let total = u128::from(val) * mul + (part >> 64) + ((part >> 63) & 1);
+    if total > u128::from(u64::MAX) {
+        return Err(libc::ERANGE);
+    }
+    if !rest.is_empty() {
+        return Err(libc::EINVAL);
+    }
+    if total > i64::MAX as u128 {
+        return Err(libc::ERANGE);
+    }
+    Ok(total as u64)
 }
 
-/// The power of two a size suffix stands for.
-fn suffix_shift(suffix: &str) -> Option<u32> {
-    Some(match suffix {
-        "" | "b" | "B" => 0,
-        "k" | "K" => 10,
-        "m" | "M" => 20,
-        "g" | "G" => 30,
-        "t" | "T" => 40,
-        _ => return None,
-    })
+/// The longest request the block layer takes (QEMU's `BDRV_REQUEST_MAX_BYTES`).
+const REQUEST_MAX_BYTES: u64 = (i32::MAX as u64) & !511;
+
+/// What qemu-io's `read` and `write` say of a length too long for one request, or of a
+/// range not in whole sectors where `sectors` (VM state, compressed writes) needs them.
+fn unfit(cmd: &str, off: u64, len: u64, args: &[&str], sectors: bool) -> Option<String> {
+    if !matches!(cmd, "read" | "write") {
+        return None;
+    }
+    if len > REQUEST_MAX_BYTES {
+        let n = if cmd == "write" { " without -n" } else { "" };
+        let given = args.get(1).copied().unwrap_or_default();
+        return Some(format!(
+            "length cannot exceed {REQUEST_MAX_BYTES}{n}, given {given}\n"
+        ));
+    }
+    if sectors {
+        for (value, what) in [(off, "offset"), (len, "count")] {
+            if value % 512 != 0 {
+                return Some(format!(
+                    "{value} is not a sector-aligned value for '{what}'\n"
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// What qemu-io prints when [`cvtnum`] refuses `arg`.
+fn cvtnum_error(errno: i32, arg: &str) -> String {
+    match errno {
+        libc::EINVAL => format!(
+            "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {arg}\n"
+        ),
+        libc::ERANGE => format!("Parsing error: argument too large -- {arg}\n"),
+        _ => format!("Parsing error: {arg}\n"),
+    }
 }
 
 /// A pattern byte as qemu-io reads it (C's `strtol` with base 0: decimal, 0x hex, 0 octal).
@@ -154,6 +256,7 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
     let mut pattern: Option<u8> = None;
     let mut zero = false;
     let mut compressed = false;
+    let mut vmstate = false;
     let mut flags = ReqFlags::empty();
     let mut verbose = false;
     let mut rest = Vec::new();
@@ -161,6 +264,11 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
     // getopt's way: flags may come together (`-zu`) and a value may follow its option
     // directly (`-P0x9a`).
     while let Some(&a) = it.next() {
+        if a == "--" {
+            // getopt's end of options: what follows is taken as it is (`read -- -1 512`).
+            rest.extend(it.by_ref().copied());
+            break;
+        }
         let Some(opts) = a.strip_prefix('-').filter(|o| !o.is_empty()) else {
             rest.push(a);
             continue;
@@ -179,6 +287,7 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
                 }
                 'z' => zero = true,
                 'c' => compressed = true,
+                'b' if matches!(cmd, "read" | "write") => vmstate = true,
                 'u' => flags |= ReqFlags::MAY_UNMAP,
                 'f' => flags |= ReqFlags::FUA,
                 'v' => verbose = true,
@@ -197,16 +306,23 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
     }
     // `readv` and `writev` take several lengths, one buffer each, end to end.
     let vectored = matches!(cmd, "readv" | "writev");
-    let range = || -> Option<(u64, u64)> {
+    // The offset and length (the lengths' sum for a vectored command), or what qemu-io
+    // says of the first argument it cannot take.
+    let range = || -> Result<(u64, u64), String> {
+        let num = |a: &str| cvtnum(a).map_err(|e| cvtnum_error(e, a));
         match rest.as_slice() {
-            [o, l] => Some((number(o)?, number(l)?)),
+            [o, l] => Ok((num(o)?, num(l)?)),
             [o, lens @ ..] if vectored && !lens.is_empty() => {
-                let total = lens
-                    .iter()
-                    .try_fold(0u64, |sum, l| sum.checked_add(number(l)?))?;
-                Some((number(o)?, total))
+                let off = num(o)?;
+                let mut total = 0u64;
+                for l in lens {
+                    total = total
+                        .checked_add(num(l)?)
+                        .ok_or_else(|| cvtnum_error(libc::ERANGE, l))?;
+                }
+                Ok((off, total))
             }
-            _ => None,
+            _ => Err(format!("{cmd}: invalid arguments\n")),
         }
     };
     let in_bounds = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= blk.len());
@@ -218,10 +334,16 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
     let started = Instant::now();
     match cmd {
         "read" | "aio_read" | "readv" => {
-            let Some((off, len)) = range() else {
-                return format!("{cmd}: invalid arguments\n");
+            let (off, len) = match range() {
+                Ok(r) => r,
+                Err(said) => return said,
             };
-            let r = if !in_bounds(off, len) {
+            if let Some(said) = unfit(cmd, off, len, &rest, vmstate) {
+                return said;
+            }
+            let r = if vmstate {
+                vm_state(blk, off, len, None).await
+            } else if !in_bounds(off, len) {
                 Err(eio())
             } else if accounted {
                 blk.read(off, len as usize).await
@@ -249,10 +371,20 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
             }
         }
         "write" | "aio_write" | "writev" => {
-            let Some((off, len)) = range() else {
-                return format!("{cmd}: invalid arguments\n");
+            if vmstate && zero {
+                return "-b and -z cannot be specified at the same time\n".into();
+            }
+            let (off, len) = match range() {
+                Ok(r) => r,
+                Err(said) => return said,
             };
-            let r = if !in_bounds(off, len) {
+            if let Some(said) = unfit(cmd, off, len, &rest, vmstate || compressed) {
+                return said;
+            }
+            let r = if vmstate {
+                let data = vec![pattern.unwrap_or(0xcd); len as usize];
+                vm_state(blk, off, len, Some(data)).await.map(drop)
+            } else if !in_bounds(off, len) {
                 Err(eio())
             } else if zero {
                 quiet.write_zeroes(off, len, flags).await
@@ -272,8 +404,9 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
             }
         }
         "discard" | "d" => {
-            let Some((off, len)) = range() else {
-                return format!("{cmd}: invalid arguments\n");
+            let (off, len) = match range() {
+                Ok(r) => r,
+                Err(said) => return said,
             };
             match quiet.discard(off, len).await {
                 Ok(()) => report("discard", off, len, started),
@@ -309,6 +442,33 @@ async fn command(blk: &BlockBackend, line: &str) -> String {
             // qemu-io says this on standard error.
             eprintln!("command \"{cmd}\" not found");
             String::new()
+        }
+    }
+}
+
+/// `-b`: reads `len` bytes of the VM state area at `off`, or writes `data` there (flushed
+/// after under `cache=writethrough`, as QEMU's `blk_save_vmstate` does).
+async fn vm_state(
+    blk: &BlockBackend,
+    off: u64,
+    len: u64,
+    data: Option<Vec<u8>>,
+) -> std::io::Result<Vec<u8>> {
+    let node = blk
+        .node()
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEDIUM))?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= i32::MAX as usize)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ERANGE))?;
+    match data {
+        None => ferrite_blockdev::vm_snapshot::load_vmstate(&node, off, len).await,
+        Some(data) => {
+            ferrite_blockdev::vm_snapshot::save_vmstate(&node, off, data).await?;
+            if !blk.write_cache() {
+                node.flush().await?;
+            }
+            Ok(Vec::new())
         }
     }
 }
@@ -507,6 +667,36 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::{cvtstr, dump, number, pattern_byte};
+
+    #[test]
+    fn numbers_and_their_refusals_as_qemus_strtosz() {
+        use super::cvtnum;
+        let einval = Err(libc::EINVAL);
+        let erange = Err(libc::ERANGE);
+        for (text, want) in [
+            ("1.5k", Ok(1536)),
+            ("0.5M", Ok(1 << 19)),
+            ("1.k", Ok(1024)),
+            (".5k", Ok(512)),
+            ("1.0001k", Ok(1024)),
+            ("1.0005k", Ok(1025)),
+            ("2P", Ok(1 << 51)),
+            ("7E", Ok(7 << 60)),
+            ("0x10", Ok(16)),
+            ("1.5", einval),
+            ("1G-64k", einval),
+            ("abc", einval),
+            ("0x10k", einval),
+            ("0x", einval),
+            ("", einval),
+            ("8E", erange),
+            ("16E", erange),
+            ("-1", erange),
+            ("99999999999999999999", erange),
+        ] {
+            assert_eq!(cvtnum(text), want, "{text}");
+        }
+    }
 
     #[test]
     fn sizes_and_numbers_as_qemu_io_writes_and_reads_them() {

@@ -83,28 +83,50 @@ impl Meta {
                 Ok((off, idx))
             }
             old => {
-                let data = match old {
-                    Some((off, _)) => {
-                        self.load_l2(file, off).await?;
-                        self.l2.bytes(off).unwrap_or_default()
-                    }
-                    None => vec![0u8; self.cs() as usize],
-                };
                 let new = self.alloc(file, 1).await?;
-                // The new table's refcount first, then the table, then the L1 entry.
-                self.write_refblocks(file).await?;
-                self.check_write(file, new, data.len() as u64, Metadata::ACTIVE_L2)
-                    .await?;
-                file.write(new, data.clone(), ReqFlags::empty()).await?;
-                self.make_room(file, true).await?;
-                self.l2.insert(new, data, false);
-                self.set_l1(file, i, new | entry::COPIED).await?;
+                if let Err(e) = self.place_l2(file, i, old.map(|(off, _)| off), new).await {
+                    // Nothing on disk points to the new table: it goes back, as in QEMU.
+                    self.l2.remove(new);
+                    self.free_now(file, new, 1, FreeKind::Other).await;
+                    return Err(e);
+                }
                 if let Some((off, _)) = old {
                     self.free(off, 1, FreeKind::Other);
                 }
                 Ok((new, idx))
             }
         }
+    }
+
+    /// Fills the new L2 table at `new` (zeroes, or a copy of the table at `old`), writes
+    /// it, and points L1 entry `i` to it: the new table's refcount first, then the table,
+    /// then the L1 entry.
+    async fn place_l2(
+        &mut self,
+        file: &Child,
+        i: usize,
+        old: Option<u64>,
+        new: u64,
+    ) -> io::Result<()> {
+        self.write_refblocks(file).await?;
+        let data = match old {
+            Some(off) => {
+                file.debug_event("l2_alloc_cow_read").await;
+                self.load_l2(file, off).await?;
+                self.l2.bytes(off).unwrap_or_default()
+            }
+            None => vec![0u8; self.cs() as usize],
+        };
+        file.debug_event("l2_alloc_write").await;
+        // QEMU writes its whole L2 cache here, the new table with it.
+        self.write_l2_tables(file).await?;
+        self.check_write(file, new, data.len() as u64, Metadata::ACTIVE_L2)
+            .await?;
+        file.debug_event("l2_update").await;
+        file.write(new, data.clone(), ReqFlags::empty()).await?;
+        self.make_room(file, true).await?;
+        self.l2.insert(new, data, false);
+        self.set_l1(file, i, new | entry::COPIED).await
     }
 
     /// Sets L1 entry `i` and writes it through.
@@ -114,9 +136,13 @@ impl Meta {
         // not written there (QEMU would grow the file to it).
         self.check_in_file(file, at - at % self.cs(), "L1 table")?;
         self.check_write(file, at, 8, Metadata::ACTIVE_L1).await?;
-        self.l1.set(i, v);
+        file.debug_event("l1_update").await;
         file.write(at, v.to_be_bytes().to_vec(), ReqFlags::empty())
-            .await
+            .await?;
+        // Only once on disk: a table the disk's L1 does not name would lose what is
+        // mapped in it at the next open.
+        self.l1.set(i, v);
+        Ok(())
     }
 
     /// Sets an L2 entry of a table returned by [`Meta::l2_for_write`].
@@ -139,7 +165,21 @@ impl Meta {
         }
         let cs = self.cs();
         let clusters = (entries * 8).div_ceil(cs);
+        file.debug_event("l1_grow_alloc_table").await;
         let new = self.alloc(file, clusters).await?;
+        if let Err(e) = self.switch_l1(file, new, entries).await {
+            // Nothing on disk points to the new table: it goes back, as in QEMU.
+            self.free_now(file, new, clusters, FreeKind::Other).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Writes the L1 table, grown to `entries`, at `new` and makes the header point to it;
+    /// memory follows once the disk has it.
+    async fn switch_l1(&mut self, file: &Child, new: u64, entries: u64) -> io::Result<()> {
+        let cs = self.cs();
+        let clusters = (entries * 8).div_ceil(cs);
         let mut l1 = self.l1.to_vec();
         l1.resize(entries as usize, 0);
         let mut bytes = vec![0u8; (clusters * cs) as usize];
@@ -149,16 +189,29 @@ impl Meta {
         self.write_refblocks(file).await?;
         self.check_write(file, new, bytes.len() as u64, Metadata::ACTIVE_L1)
             .await?;
+        file.debug_event("l1_grow_write_table").await;
         file.write(new, bytes, ReqFlags::empty()).await?;
         file.flush().await?;
         let old_off = self.h.l1_table_offset;
-        let old_clusters = (u64::from(self.h.l1_size) * 8).div_ceil(cs);
+        let old_size = self.h.l1_size;
+        let old_clusters = (u64::from(old_size) * 8).div_ceil(cs);
         self.h.l1_table_offset = new;
         self.h.l1_size = entries as u32;
+        file.debug_event("l1_grow_activate_table").await;
+        let written = match self.write_header(file).await {
+            Ok(()) => file.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            self.h.l1_table_offset = old_off;
+            self.h.l1_size = old_size;
+            return Err(e);
+        }
         self.l1.replace(l1);
-        self.write_header(file).await?;
         if old_clusters > 0 && old_off != 0 {
-            self.free(old_off, old_clusters, FreeKind::Other);
+            // The header names the new table on disk already: the old one goes now.
+            self.free_now(file, old_off, old_clusters, FreeKind::Other)
+                .await;
         }
         Ok(())
     }

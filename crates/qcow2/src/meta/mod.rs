@@ -133,6 +133,7 @@ impl Meta {
             .map(|i| get_be64(&l1_bytes, i))
             .collect();
         let rt_len = (u64::from(h.refcount_table_clusters) << h.cluster_bits) as usize;
+        file.debug_event("reftable_load").await;
         let rt_bytes = read_at(file, h.refcount_table_offset, rt_len).await?;
         let reftable: Vec<u64> = (0..rt_len / 8).map(|i| get_be64(&rt_bytes, i)).collect();
         let refblocks = reftable

@@ -61,10 +61,16 @@ impl Meta {
         c: u64,
         delta: i64,
     ) -> io::Result<u64> {
+        // QEMU raises this each time it looks up (or makes) the block a change goes to.
+        file.debug_event("refblock_alloc").await;
         let per = self.refcounts_per_block();
         let b = c / per;
         let off = match self.refblock_offset(b)? {
-            Some(o) => o,
+            Some(o) => {
+                // Cached or not (reading a refcount alone raises nothing).
+                file.debug_event("refblock_load").await;
+                o
+            }
             None if delta > 0 => self.new_refblock(file, b, None).await?,
             None => {
                 return Err(self.corruption(
@@ -113,6 +119,7 @@ impl Meta {
     /// on into a new cluster when that one follows it, else at the start of a new cluster.
     /// Every host cluster the range touches holds one reference for it.
     pub(crate) async fn alloc_bytes(&mut self, file: &Child, size: u64) -> io::Result<u64> {
+        file.debug_event("cluster_alloc_bytes").await;
         let cs = self.cs();
         if size == 0 || size > cs {
             return self.alloc(file, size.div_ceil(cs).max(1)).await;
@@ -166,20 +173,26 @@ impl Meta {
                 return Ok(off);
             }
         }
-        self.place_refblock(file, at, data).await?;
+        self.place_refblock(file, at, data, Some("refblock_alloc_write"))
+            .await?;
         self.point_reftable(file, b, at).await?;
         Ok(at)
     }
 
-    /// Writes a new refcount block at `at` and caches it.
+    /// Writes a new refcount block at `at` and caches it; `event` is the debug event QEMU
+    /// raises before that write, if any.
     pub(super) async fn place_refblock(
         &mut self,
         file: &Child,
         at: u64,
         data: Vec<u8>,
+        event: Option<&str>,
     ) -> io::Result<()> {
         self.check_write(file, at, data.len() as u64, Metadata::REFCOUNT_BLOCK)
             .await?;
+        if let Some(event) = event {
+            file.debug_event(event).await;
+        }
         file.write(at, data.clone(), ReqFlags::empty()).await?;
         self.make_room(file, false).await?;
         self.rb.insert(at, data, false);
@@ -187,16 +200,20 @@ impl Meta {
         Ok(())
     }
 
-    /// Points refcount table entry `b` at the block at `at`, on disk too.
+    /// Points refcount table entry `b` at the block at `at`, on disk and then in memory (a
+    /// failed write leaves the table as the disk has it: counts kept in a block the disk's
+    /// table does not name would be lost at the next open).
     pub(super) async fn point_reftable(&mut self, file: &Child, b: u64, at: u64) -> io::Result<()> {
-        self.reftable.set(b as usize, at);
         let entry_at = self.h.refcount_table_offset + b * 8;
         // As for the L1 table: read past the end of the file, never written there.
         self.check_in_file(file, entry_at - entry_at % self.cs(), "Refcount table")?;
         self.check_write(file, entry_at, 8, Metadata::REFCOUNT_TABLE)
             .await?;
+        file.debug_event("refblock_alloc_hookup").await;
         file.write(entry_at, at.to_be_bytes().to_vec(), ReqFlags::empty())
-            .await
+            .await?;
+        self.reftable.set(b as usize, at);
+        Ok(())
     }
 
     /// A new refcount block for block index `b` that counts the clusters of `run` in it.
@@ -230,6 +247,7 @@ impl Meta {
     /// Replaces the refcount table with a bigger one of at least `min_entries`, placed past
     /// everything in use together with the refcount blocks that count it.
     pub(super) async fn grow_reftable(&mut self, file: &Child, min_entries: u64) -> io::Result<()> {
+        file.debug_event("reftable_grow").await;
         let entries = min_entries.max(self.reftable.len() as u64 * 3 / 2);
         self.relocate_reftable(file, entries).await
     }
@@ -257,15 +275,45 @@ impl Meta {
         table.resize((table_clusters * per_cluster) as usize, 0);
         // Layout: the table, then the new refcount blocks.
         let run = start..start + table_clusters + new_blocks.len() as u64;
+        // QEMU writes its new blocks here (it always makes some); ferrite may need none.
+        file.debug_event("refblock_alloc_write_blocks").await;
         for (k, &b) in new_blocks.iter().enumerate() {
             let at = (start + table_clusters + k as u64) * cs;
             table[b as usize] = at;
             let data = self.block_counting(b, run.clone());
-            self.place_refblock(file, at, data).await?;
+            self.place_refblock(file, at, data, None).await?;
         }
-        for c in run.filter(|c| !new_blocks.contains(&(c / per))) {
-            self.update_refcount(file, c, 1).await?;
+        // Counted in blocks the current table names, so a switch that fails undoes them.
+        let counted: Vec<u64> = run.filter(|c| !new_blocks.contains(&(c / per))).collect();
+        let mut done = 0;
+        let switched = async {
+            for &c in &counted {
+                self.update_refcount(file, c, 1).await?;
+                done += 1;
+            }
+            self.switch_reftable(file, start, table_clusters, table)
+                .await
         }
+        .await;
+        if let Err(e) = switched {
+            for &c in &counted[..done] {
+                let _ = self.update_refcount(file, c, -1).await;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Writes `table` (`table_clusters` long) at cluster `start` and makes the header
+    /// point to it; memory follows once the disk has it. The old table is freed.
+    async fn switch_reftable(
+        &mut self,
+        file: &Child,
+        start: u64,
+        table_clusters: u64,
+        table: Vec<u64>,
+    ) -> io::Result<()> {
+        let cs = self.cs();
         self.write_refblocks(file).await?;
         let mut bytes = vec![0u8; (table_clusters * cs) as usize];
         for (i, e) in table.iter().enumerate() {
@@ -278,17 +326,24 @@ impl Meta {
             Metadata::REFCOUNT_TABLE,
         )
         .await?;
+        file.debug_event("refblock_alloc_write_table").await;
         file.write(start * cs, bytes, ReqFlags::empty()).await?;
         file.flush().await?;
         let old_off = self.h.refcount_table_offset;
         let old_clusters = u64::from(self.h.refcount_table_clusters);
         self.h.refcount_table_offset = start * cs;
         self.h.refcount_table_clusters = table_clusters as u32;
-        self.reftable.replace(table);
-        self.write_header(file).await?;
-        for c in 0..old_clusters {
-            self.update_refcount(file, old_off / cs + c, -1).await?;
+        file.debug_event("refblock_alloc_switch_table").await;
+        if let Err(e) = self.write_header(file).await {
+            // The disk still has the old table: so does memory.
+            self.h.refcount_table_offset = old_off;
+            self.h.refcount_table_clusters = old_clusters as u32;
+            return Err(e);
         }
+        self.reftable.replace(table);
+        // Switched: what fails from here on leaks the old table, and undoes nothing.
+        self.free_now(file, old_off, old_clusters, FreeKind::Other)
+            .await;
         Ok(())
     }
 
@@ -323,6 +378,7 @@ impl Meta {
     /// Ranges without a refcount block get one right after the run, filled in before the
     /// refcount table points to it, so the run stays contiguous whatever the cluster size.
     pub(crate) async fn alloc(&mut self, file: &Child, n: u64) -> io::Result<u64> {
+        file.debug_event("cluster_alloc").await;
         let per = self.refcounts_per_block();
         let cs = self.cs();
         loop {
@@ -337,16 +393,28 @@ impl Meta {
             // Every new block is on disk, complete, before the table points to any of them.
             for (k, &b) in missing.iter().enumerate() {
                 let data = self.block_counting(b, start..start + total);
-                self.place_refblock(file, (start + n + k as u64) * cs, data)
-                    .await?;
+                self.place_refblock(
+                    file,
+                    (start + n + k as u64) * cs,
+                    data,
+                    Some("refblock_alloc_write"),
+                )
+                .await?;
             }
             for (k, &b) in missing.iter().enumerate() {
                 self.point_reftable(file, b, (start + n + k as u64) * cs)
                     .await?;
             }
-            for c in start..start + total {
-                if !missing.contains(&(c / per)) {
-                    self.update_refcount(file, c, 1).await?;
+            let counted: Vec<u64> = (start..start + total)
+                .filter(|c| !missing.contains(&(c / per)))
+                .collect();
+            for (done, &c) in counted.iter().enumerate() {
+                if let Err(e) = self.update_refcount(file, c, 1).await {
+                    // Undone, as QEMU undoes a part of a refcount update that failed.
+                    for &back in &counted[..done] {
+                        let _ = self.update_refcount(file, back, -1).await;
+                    }
+                    return Err(e);
                 }
             }
             if self.free_hint == start {
@@ -461,6 +529,46 @@ impl Meta {
     /// Whether a refcount block lives at `offset`.
     pub(crate) fn is_refblock(&self, offset: u64) -> bool {
         self.refblocks.contains(&offset)
+    }
+
+    /// Drops one reference to `n` clusters at `host` at once, for clusters nothing on disk
+    /// points to: handed out by [`Meta::alloc`] for something whose write failed (QEMU:
+    /// `qcow2_alloc_cluster_abort`), or a table the header no longer names. A failure is
+    /// said on standard error as QEMU says it, and leaves them leaked.
+    pub(crate) async fn free_now(&mut self, file: &Child, host: u64, n: u64, kind: FreeKind) {
+        if let Err(e) = self.drop_refs(file, host, n, kind).await {
+            eprintln!("qcow2_free_clusters failed: {}", ferrite_qapi::os_msg(&e));
+        }
+    }
+
+    /// Drops one reference to `n` clusters at `host`; the clusters left unused are
+    /// forgotten by the L2 cache and, where `pass-discard-*` says so, discarded.
+    pub(super) async fn drop_refs(
+        &mut self,
+        file: &Child,
+        host: u64,
+        n: u64,
+        kind: FreeKind,
+    ) -> io::Result<()> {
+        file.debug_event("cluster_free").await;
+        let cs = self.cs();
+        let mut punch = Vec::new();
+        for c in host / cs..host / cs + n {
+            if self.update_refcount(file, c, -1).await? == 0 {
+                self.l2.remove(c * cs);
+                punch.push(c);
+            }
+        }
+        let pass = match kind {
+            FreeKind::Request => self.pass_discard_request,
+            FreeKind::Other => self.pass_discard_other,
+        };
+        if pass {
+            for c in punch {
+                let _ = file.discard(c * cs, cs).await;
+            }
+        }
+        Ok(())
     }
 
     /// Drops one reference to `n` clusters at `host` once the tables are written back.

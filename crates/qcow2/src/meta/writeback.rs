@@ -1,11 +1,20 @@
 //! Writing metadata back in the order crash safety needs: refcount blocks before the L2
 //! tables that depend on them, tables before the frees they allow, the header last.
 
+use super::Meta;
 use super::overlap::Metadata;
-use super::{FreeKind, Meta};
 use ferrite_block::Child;
 use ferrite_block::driver::ReqFlags;
 use std::io;
+
+/// The debug event QEMU raises before writing a cached table back.
+fn update_event(l2: bool) -> &'static str {
+    if l2 {
+        "l2_update"
+    } else {
+        "refblock_update_part"
+    }
+}
 
 impl Meta {
     /// Writes a cache's dirty tables back (the L2 cache's, or the refcount blocks'); whether
@@ -21,6 +30,7 @@ impl Meta {
             if let Some(bytes) = cache.bytes(*off) {
                 self.check_write(file, *off, bytes.len() as u64, kind)
                     .await?;
+                file.debug_event(update_event(l2)).await;
                 file.write(*off, bytes, ReqFlags::empty()).await?;
             }
             let cache = if l2 { &mut self.l2 } else { &mut self.rb };
@@ -52,6 +62,7 @@ impl Meta {
                 };
                 self.check_write(file, victim, bytes.len() as u64, kind)
                     .await?;
+                file.debug_event(update_event(l2)).await;
                 file.write(victim, bytes, ReqFlags::empty()).await?;
             }
         }
@@ -81,24 +92,8 @@ impl Meta {
                 file.flush().await?;
             }
             let frees = std::mem::take(&mut self.pending_frees);
-            let cs = self.cs();
             for (host, n, kind) in frees {
-                let mut punch = Vec::new();
-                for c in host / cs..host / cs + n {
-                    if self.update_refcount(file, c, -1).await? == 0 {
-                        self.l2.remove(c * cs);
-                        punch.push(c);
-                    }
-                }
-                let pass = match kind {
-                    FreeKind::Request => self.pass_discard_request,
-                    FreeKind::Other => self.pass_discard_other,
-                };
-                if pass {
-                    for c in punch {
-                        let _ = file.discard(c * cs, cs).await;
-                    }
-                }
+                self.drop_refs(file, host, n, kind).await?;
             }
             self.write_refblocks(file).await?;
         }
