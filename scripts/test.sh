@@ -36,8 +36,8 @@ fi
 passed=$(grep -oE 'ok\. [0-9]+ passed' target/cargo-test.log | awk '{s+=$2} END {print s+0}')
 echo "cargo test: ${passed} passed, 0 failed"
 
-phase "fuzz: libFuzzer, ${FUZZ_SECONDS:-45} s per target, sandboxed (fuzz/run.sh)"
-if ! bash fuzz/run.sh all "${FUZZ_SECONDS:-45}" >target/fuzz.log 2>&1; then
+phase "fuzz: libFuzzer, ${FUZZ_SECONDS:-30} s per target, sandboxed (fuzz/run.sh)"
+if ! bash fuzz/run.sh all "${FUZZ_SECONDS:-30}" >target/fuzz.log 2>&1; then
   grep -E '^(== fuzz|fuzz:)|panicked|ERROR|SUMMARY' target/fuzz.log | tail -n 40
   echo "fuzzing found something (target/fuzz.log; inputs under fuzz/work/*/artifacts)" >&2
   exit 1
@@ -48,7 +48,7 @@ awk '/^== fuzz/ {t=$3} /^stat::number_of_executed_units/ {n=$2}
 
 phase "pytest (tests/python, against the real binary and qemu-storage-daemon)"
 # A test that hangs fails after 300 s (the slowest takes about 95 s here) with its stack, and
-# the whole run is interrupted after 45 minutes (it takes about 15), so a hang costs one test,
+# the whole run is interrupted after 45 minutes (it takes about 18), so a hang costs one test,
 # never CI's whole budget, and the summary still names what failed.
 rc=0
 timeout --signal=INT --kill-after=60 2700 \
