@@ -312,7 +312,7 @@ def qemu_io_sessions(binary, w, sessions, debug=True):
                             "-monitor", "stdio", "-drive", drive],
                            input=script, capture_output=True, text=True, timeout=120)
         out += [ln for ln in r.stdout.splitlines()
-                if ln.split(" ")[0] in ("read", "wrote", "write", "Pattern")
+                if ln.split(" ")[0] in ("read", "wrote", "write", "discard", "Pattern")
                 and " ops; " not in ln]
         err += [ln.split(": ", 1)[-1] for ln in r.stderr.splitlines()]
     return out, err

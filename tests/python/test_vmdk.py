@@ -10,7 +10,6 @@ The descriptor's content id (`CID`) is random and changes on the first write aft
 opens, so it is masked before files are compared: the text up to its end, with the id
 blanked (QEMU leaves the bytes after the text as they were; where they land depends on the
 id's length)."""
-import hashlib
 import json
 import re
 import shutil
@@ -20,7 +19,7 @@ import subprocess
 import pytest
 
 from blockjobs import export
-from conftest import assert_same_image, assert_same_transcript
+from conftest import assert_same_image, assert_same_transcript, content_digest
 from image_formats import opened_read_only, qemu_img, qemu_io_lines, used_through_nbd
 
 MiB = 1 << 20
@@ -88,8 +87,7 @@ def files_of(directory):
         if head == b"KDMV" or head[:1] == b"#":
             out[p.name] = masked(p.read_bytes())
         else:
-            with open(p, "rb") as f:
-                out[p.name] = (p.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest())
+            out[p.name] = content_digest(p)
     return out
 
 

@@ -198,11 +198,7 @@ impl Meta {
         self.h.l1_table_offset = new;
         self.h.l1_size = entries as u32;
         file.debug_event("l1_grow_activate_table").await;
-        let written = match self.write_header(file).await {
-            Ok(()) => file.flush().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
+        if let Err(e) = self.sync_header(file).await {
             self.h.l1_table_offset = old_off;
             self.h.l1_size = old_size;
             return Err(e);

@@ -334,7 +334,8 @@ impl Meta {
         self.h.refcount_table_offset = start * cs;
         self.h.refcount_table_clusters = table_clusters as u32;
         file.debug_event("refblock_alloc_switch_table").await;
-        if let Err(e) = self.write_header(file).await {
+        // On disk for good before the old table can go (its clusters may be discarded).
+        if let Err(e) = self.sync_header(file).await {
             // The disk still has the old table: so does memory.
             self.h.refcount_table_offset = old_off;
             self.h.refcount_table_clusters = old_clusters as u32;
@@ -375,53 +376,100 @@ impl Meta {
 
     /// Allocates `n` contiguous clusters (refcount 1 each); returns the host offset.
     ///
-    /// Ranges without a refcount block get one right after the run, filled in before the
-    /// refcount table points to it, so the run stays contiguous whatever the cluster size.
+    /// QEMU's allocator, so that clusters land where QEMU puts them: the search goes on
+    /// from where the last one ended (`free_hint`, moved back only by a cluster freed below
+    /// it), and the run is counted block by block. A cluster of the run without a refcount
+    /// block gets one at the next free cluster, what was counted is undone, and the search
+    /// starts again (from the run's start if anything was counted, which the undoing frees).
     pub(crate) async fn alloc(&mut self, file: &Child, n: u64) -> io::Result<u64> {
         file.debug_event("cluster_alloc").await;
         let per = self.refcounts_per_block();
-        let cs = self.cs();
-        loop {
-            let (start, missing) = self.find_run(file, n).await?;
-            if let Some(&top) = missing.last()
-                && top as usize >= self.reftable.len()
-            {
-                Box::pin(self.grow_reftable(file, top + 1)).await?;
-                continue;
-            }
-            let total = n + missing.len() as u64;
-            // Every new block is on disk, complete, before the table points to any of them.
-            for (k, &b) in missing.iter().enumerate() {
-                let data = self.block_counting(b, start..start + total);
-                self.place_refblock(
-                    file,
-                    (start + n + k as u64) * cs,
-                    data,
-                    Some("refblock_alloc_write"),
-                )
-                .await?;
-            }
-            for (k, &b) in missing.iter().enumerate() {
-                self.point_reftable(file, b, (start + n + k as u64) * cs)
-                    .await?;
-            }
-            let counted: Vec<u64> = (start..start + total)
-                .filter(|c| !missing.contains(&(c / per)))
-                .collect();
-            for (done, &c) in counted.iter().enumerate() {
-                if let Err(e) = self.update_refcount(file, c, 1).await {
+        'search: loop {
+            let start = self.next_fit(file, n).await?;
+            for c in start..start + n {
+                let missing = self.refblock_offset(c / per)?.is_none();
+                let counted = if missing {
+                    Box::pin(self.make_refblock(file, c)).await
+                } else {
+                    self.update_refcount(file, c, 1).await.map(drop)
+                };
+                if missing || counted.is_err() {
                     // Undone, as QEMU undoes a part of a refcount update that failed.
-                    for &back in &counted[..done] {
+                    for back in start..c {
                         let _ = self.update_refcount(file, back, -1).await;
                     }
-                    return Err(e);
+                    counted?;
+                    continue 'search;
                 }
             }
-            if self.free_hint == start {
-                self.free_hint = start + total;
-            }
-            return Ok(start * cs);
+            return Ok(start * self.cs());
         }
+    }
+
+    /// The first of `n` free clusters in a row from `free_hint` on, which moves past them
+    /// (QEMU's `alloc_clusters_noref`).
+    async fn next_fit(&mut self, file: &Child, n: u64) -> io::Result<u64> {
+        let mut start = self.free_hint;
+        let mut found = 0;
+        while found < n {
+            let c = self.free_hint;
+            self.free_hint += 1;
+            if self.refcount(file, c).await? == 0 {
+                found += 1;
+            } else {
+                found = 0;
+                start = self.free_hint;
+            }
+        }
+        Ok(start)
+    }
+
+    /// A refcount block for cluster `c`, at the next free cluster (QEMU's
+    /// `alloc_refcount_block`): it counts itself when it lies in the range it describes,
+    /// else it is counted in the block of its own range, which may first have to be made
+    /// (then this one is left unused, as QEMU leaves it). Written, then hooked into the
+    /// refcount table (grown first if too short).
+    async fn make_refblock(&mut self, file: &Child, c: u64) -> io::Result<()> {
+        file.debug_event("refblock_alloc").await;
+        let per = self.refcounts_per_block();
+        let cs = self.cs();
+        let b = c / per;
+        if b as usize >= self.reftable.len() {
+            Box::pin(self.grow_reftable(file, b + 1)).await?;
+            if self.refblock_offset(b)?.is_some() {
+                // Growing made this block too.
+                return Ok(());
+            }
+        }
+        // What it is hooked into may depend on the L2 tables (QEMU writes them first).
+        self.write_l2_tables(file).await?;
+        let new = self.next_fit(file, 1).await?;
+        let mut data = vec![0u8; cs as usize];
+        if new / per == b {
+            set_refcount(&mut data, (new % per) as usize, self.h.refcount_order, 1);
+        } else if self.refblock_offset(new / per)?.is_none() {
+            return Box::pin(self.make_refblock(file, new)).await;
+        } else {
+            self.update_refcount(file, new, 1).await?;
+            self.write_refblocks(file).await?;
+        }
+        let counted_elsewhere = new / per != b;
+        let placed = match self
+            .place_refblock(file, new * cs, data, Some("refblock_alloc_write"))
+            .await
+        {
+            Ok(()) => self.point_reftable(file, b, new * cs).await,
+            Err(e) => Err(e),
+        };
+        if placed.is_err() {
+            // Not hooked up: the cluster is free again, and no block lives there.
+            self.rb.remove(new * cs);
+            self.refblocks.remove(&(new * cs));
+            if counted_elsewhere {
+                let _ = self.update_refcount(file, new, -1).await;
+            }
+        }
+        placed
     }
 
     /// Sets the refcount of cluster `c` to `want` (repair). A missing refcount block goes to

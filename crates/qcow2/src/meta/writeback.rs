@@ -112,6 +112,13 @@ impl Meta {
         file.write(0, bytes, ReqFlags::empty()).await
     }
 
+    /// Rewrites the header and makes it durable: a switch to new tables, after which the
+    /// old ones may be freed (and their clusters discarded).
+    pub(crate) async fn sync_header(&mut self, file: &Child) -> io::Result<()> {
+        self.write_header(file).await?;
+        file.flush().await
+    }
+
     /// Drops clean cached tables unused since the last cleaning (`cache-clean-interval`).
     /// Forgets the cached tables already on disk: they are read again from the file the
     /// image has from now on (a reopen may give it another).
