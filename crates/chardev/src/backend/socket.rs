@@ -83,6 +83,8 @@ struct Tls {
 /// A socket chardev.
 pub(crate) struct Socket {
     addr: Addr,
+    /// Whether this is the listening end (with no listener when it listens on nothing).
+    server: bool,
     listener: Option<Listener>,
     /// A connection made before any frontend asked (client mode, or `wait=on`).
     pending: RefCell<Option<Connection>>,
@@ -133,6 +135,7 @@ impl Socket {
         }
         let mut sock = Socket {
             addr: addr.clone(),
+            server,
             listener: None,
             pending: RefCell::new(None),
             peer: RefCell::new(None),
@@ -144,7 +147,10 @@ impl Socket {
             pending_raw: RefCell::new(None),
         };
         if let SocketAddress::Fd(fd) = &addr.at {
-            if origin == Origin::Qmp {
+            if server && fd.is_empty() {
+                // QEMU listens on nothing then: the chardev stays disconnected, as no client
+                // can come (where QEMU, told to wait for one, waits for good, this does not).
+            } else if origin == Origin::Qmp {
                 // A name the monitor keeps (`getfd`).
                 let owned = ferrite_socket::monitor_fd::take_socket(fd).map_err(Error::Fd)?;
                 sock.adopt(owned, fd, server)?;
@@ -310,7 +316,7 @@ impl Socket {
     }
 
     fn is_server(&self) -> bool {
-        self.listener.is_some()
+        self.server
     }
 
     /// Whether startup must wait for a client first (`server=on,wait=on`).
