@@ -62,7 +62,8 @@ pub(crate) struct Meta {
     rb: TableCache,
     pub(crate) reftable: pointers::PointerTable,
     refblocks: HashSet<u64>,
-    /// First cluster index that may be free.
+    /// Where the next search for free clusters starts (QEMU's `free_cluster_index`): past
+    /// the last allocation, moved back only by a cluster freed below it.
     free_hint: u64,
     /// Where the next compressed cluster may go in the cluster the last one ended in (0:
     /// none), so that compressed clusters are packed as QEMU packs them.
