@@ -70,11 +70,13 @@ for tool in clippy fmt; do
 done
 
 venv="$top/.venv"
-if ! "$venv/bin/python" -c 'import qemu.qmp, pytest, pytest_timeout' 2>/dev/null; then
-  echo "setup: creating Python venv with qemu.qmp, pytest and pytest-timeout"
+if ! "$venv/bin/python" -c 'import qemu.qmp, pytest, pytest_timeout, xdist' 2>/dev/null; then
+  echo "setup: creating Python venv with qemu.qmp, pytest, pytest-timeout and pytest-xdist"
   python3 -m venv "$venv"
   # pytest-timeout: a test that hangs fails alone (with every thread's stack) instead of
-  # eating the whole run's time.
-  "$venv/bin/pip" install -q 'qemu.qmp==0.0.6' 'pytest>=8,<9' 'pytest-timeout>=2.3,<3'
+  # eating the whole run's time. pytest-xdist: the suite runs in two processes (most of
+  # its time is spent waiting on daemons and clients, not on the CPU).
+  "$venv/bin/pip" install -q 'qemu.qmp==0.0.6' 'pytest>=8,<9' 'pytest-timeout>=2.3,<3' \
+    'pytest-xdist>=3.5,<4'
 fi
 echo "setup: done"

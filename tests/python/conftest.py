@@ -22,6 +22,16 @@ QSD = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
 SENTINEL = b'\x01{"execute": "query-version", "id": "sentinel"}\n'
 
 
+# Modules with a test of a minute or more: collected first, so that when the suite runs in
+# several processes (pytest-xdist, a module to a process) none of them is left running alone
+# at the end.
+SLOW_MODULES = ("test_soak.py", "test_qcow2_strictness.py", "test_iscsi.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in SLOW_MODULES)
+
+
 def wait_for(cond, timeout=10.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

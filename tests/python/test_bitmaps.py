@@ -2,6 +2,7 @@
 QEMU's sha256 of the same bitmaps, merges across nodes; compared with qemu-storage-daemon."""
 import subprocess
 
+from blockjobs import export_del
 from conftest import wait_for  # noqa: F401  (shared helpers live there)
 
 
@@ -128,7 +129,7 @@ def test_persistent_bitmaps_survive_restart_like_qemu(both):
         out.append(bitmap_state(q))
         out.append(image_bitmaps(img))
         # Bitmaps follow their node when it grows (stored for the new size).
-        q.cmd("block-export-del", {"id": "e"})
+        export_del(q.cmd, "e")
         out.append(q.cmd("block_resize", {"node-name": "q", "size": 6 << 20}))
         out.append(bitmap_state(q))
         q.cmd("quit")

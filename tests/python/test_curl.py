@@ -15,6 +15,7 @@ import time
 import pytest
 
 import nbdclient as nc
+from blockjobs import export_del
 from conftest import assert_same_image, replies, wait_for
 from test_nbd_tls import certtool, make_ca, make_cert
 from ftpserver import FtpServer
@@ -517,9 +518,17 @@ def test_ftp_matches_qsd(qsd, ferrite, site, web_pki):
         # ferrite answers a read once its bytes are in, and ends the session after.
         time.sleep(1)
         sequential = len(tls.log)
-        assert_copy_is(d, site.root / "d.raw")
+        try:
+            assert_copy_is(d, site.root / "d.raw")
+        except subprocess.CalledProcessError:
+            # Under load, qsd's libcurl has been seen to stall for good on one session
+            # of this Python server after EPSV (its read timed out with 0 bytes): the
+            # oracle's copy goes once more. ferrite's does not.
+            if name != "qsd":
+                raise
+            assert_copy_is(d, site.root / "d.raw")
         # Through PASV: the server without EPSV.
-        c.cmd("block-export-del", {"id": "e"})
+        export_del(c.cmd, "e")
         wait_for(lambda: c.cmd("query-block-exports")["return"] == [], what="export gone")
         c.cmd("nbd-server-stop")
         serve(d, "a", c)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from blockjobs import add, qcow2, run
+from blockjobs import add, export_del, qcow2, run
 from conftest import assert_same_transcript, recorder, wait_for, wait_for_port
 from test_nbd_tls import CANNOT, dropped, priority_server_transcript, with_priority
 
@@ -244,7 +244,7 @@ def through_plain_export(c, cmd, d, node, pattern):
                         "-c", f"write -P {pattern} 4M 3M", "-c", f"read -P {pattern} 4M 3M",
                         "-c", "flush", f"nbd+unix:///x?socket={plain}"],
                        capture_output=True, text=True)
-    cmd("block-export-del", {"id": "e"})
+    export_del(cmd, "e")
     wait_for(lambda: c.cmd("query-block-exports")["return"] == [], what="the export to go")
     return [ln for ln in r.stdout.splitlines() if "ops/sec" not in ln]
 

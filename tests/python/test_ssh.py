@@ -348,7 +348,7 @@ def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypa
                 kh.unlink(missing_ok=True)
             else:
                 kh.write_text(f"# {case}\n{line}\n")
-            got.append((case, steady_open_in_home(name, wrapper, tmp_path / f"{name}-{case}",
+            got.append((case, steady_open_in_home(name, wrapper, tmp_path / f"{name}{len(got)}",
                                                   server, img)))
         # No agent: the identity file in ~/.ssh lets the user in.
         (home / ".ssh" / "known_hosts").write_text(good + "\n")
@@ -360,7 +360,7 @@ def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypa
                 (home / ".ssh" / "id_ed25519").write_bytes(key.read_bytes())
                 (home / ".ssh" / "id_ed25519").chmod(0o600)
             got.append(("key file" if key else "no key",
-                        steady_open_in_home(name, wrapper, tmp_path / f"{name}-key-{bool(key)}",
+                        steady_open_in_home(name, wrapper, tmp_path / f"{name}{len(got)}",
                                             server, img)))
         monkeypatch.setenv("SSH_AUTH_SOCK", server.agent_sock)
         out[name] = got
@@ -461,7 +461,8 @@ def test_ssh_config_as_libssh_reads_it(sshd, tmp_path, monkeypatch):
         for case, (config, known) in cases.items():
             (ssh_dir / "config").write_text(config)
             (ssh_dir / "known_hosts").write_text((known or "") + "\n")
-            got.append((case, open_in_home(wrapper, tmp_path / f"{name}-cfg-{case}", server,
+            # Short directory names: the QMP socket's path must stay under 108 bytes.
+            got.append((case, open_in_home(wrapper, tmp_path / f"{name}{len(got)}", server,
                                            img)))
         out[name] = got
     assert out["ferrite"] == out["qsd"]
