@@ -462,6 +462,9 @@ def hmp_migration_transcript(binary, accel, w):
         out.append(hmp("migrate_continue pre-switchover"))
         out.append(hmp(f"migrate exec:cat>'{w}/again'"))
         out.append(hmp("cont"))
+        # The machine runs now: a long allowed downtime lets QEMU's migration end at once
+        # even on a loaded machine (under CI-like load it once did not within a minute).
+        out.append(hmp("migrate_set_parameter downtime-limit 100000"))
         out.append(hmp(f"migrate exec:cat>'{w}/again'"))
         out.append(("again", statuses(m, "completed")))
         out.append([line for line in hmp("info migrate")["return"].splitlines()
@@ -763,3 +766,90 @@ def blocker_transcript(binary, accel, w):
 
 def test_formats_that_cannot_migrate_block_it_as_in_qemu_system(tmp_path):
     compare_with_qemu(tmp_path, blocker_transcript)
+
+
+# HMP `migrate_set_parameter` texts: each parameter's type as the monitor reads it (C
+# integers, sizes in bytes, rates in MiB, on/off, enum members), and QEMU's checks.
+PARAMETER_LINES = [
+    "cpu-throttle-initial x", "cpu-throttle-initial 300", "cpu-throttle-initial -1",
+    "cpu-throttle-initial 0", "cpu-throttle-initial 0x1e", "cpu-throttle-tailslow maybe",
+    "cpu-throttle-tailslow on", "x-checkpoint-delay 5000000000", "x-checkpoint-delay 1k",
+    "max-bandwidth 1x", "max-bandwidth 10", "max-bandwidth 1.5G",
+    "multifd-compression lz4", "multifd-compression zstd", "mode cpr-reboot",
+    "zero-page-detection foo", "xbzrle-cache-size 1000", "xbzrle-cache-size 1M",
+    "block-bitmap-mapping x", "tls-creds abc", "max-cpu-throttle 10", "vcpu-dirty-limit 0",
+    "announce-step 0", "multifd-channels 0", "direct-io yes", "downtime-limit 1.5k",
+    "downtime-limit 2000001", "downtime-limit x", "multifd-zstd-level 21",
+    "avail-switchover-bandwidth 5", "throttle-trigger-threshold 0", "nosuch 1", "", "tls-creds",
+]
+
+# QMP `migrate-set-parameters`: the types (null for the TLS names), each check, and
+# several values at once (the first refused one is reported and none is set).
+PARAMETER_ARGS = [
+    {"multifd-compression": "zlib"}, {"tls-creds": None}, {"tls-hostname": "h", "tls-authz": ""},
+    {"cpu-throttle-initial": 0}, {"cpu-throttle-initial": 256}, {"max-cpu-throttle": 5},
+    {"x-checkpoint-delay": 1}, {"xbzrle-cache-size": 4097},
+    {"announce-max": 100001, "announce-initial": 100001},
+    {"announce-rounds": 7, "announce-step": 10001}, {"mode": "cpr-transfer"},
+    {"vcpu-dirty-limit": 0}, {"x-vcpu-dirty-limit-period": 0}, {"multifd-qatzip-level": 0},
+    {"multifd-zlib-level": 10}, {"max-bandwidth": 1 << 63}, {"downtime-limit": 2000000},
+    {"direct-io": True}, {"downtime-limit": -1}, {"multifd-compression": "lz4"},
+    {"block-bitmap-mapping": [{"node-name": "x", "alias": "", "bitmaps": []}]},
+]
+
+
+def parameters_transcript(binary, accel, w):
+    """Every migration parameter set, refused and reported through QMP and HMP; then the
+    TLS and compression checks that depend on the zero-copy-send and mapped-ram
+    capabilities."""
+    m = Machine(binary, accel, w, [])
+    hmp = lambda line: m.qmp.cmd("human-monitor-command", {"command-line": line})
+    out = []
+    try:
+        out.append(m.qmp.cmd("query-migrate-parameters"))
+        out.append(hmp("info migrate_parameters"))
+        out += [hmp(f"migrate_set_parameter {line}") for line in PARAMETER_LINES]
+        out.append(hmp("info migrate_parameters"))
+        out += [m.qmp.cmd("migrate-set-parameters", a) for a in PARAMETER_ARGS]
+        out.append(m.qmp.cmd("query-migrate-parameters"))
+        out.append(hmp("info migrate_parameters"))
+        for cap, args in (("zero-copy-send", {"tls-creds": "t"}),
+                          ("mapped-ram", {"multifd-compression": "zstd"})):
+            out.append(m.qmp.cmd("migrate-set-parameters", {"multifd-compression": "none",
+                                                            "tls-creds": ""}))
+            out.append(m.qmp.cmd("migrate-set-capabilities", {"capabilities": [
+                {"capability": "multifd", "state": True},
+                {"capability": cap, "state": True}]}))
+            out.append(m.qmp.cmd("migrate-set-parameters", args))
+            out.append(m.qmp.cmd("migrate-set-parameters", args))
+            out.append(m.qmp.cmd("migrate-set-capabilities", {"capabilities": [
+                {"capability": cap, "state": False}]}))
+        out.append(m.qmp.cmd("query-migrate-parameters"))
+    finally:
+        m.stop()
+    return out
+
+
+def test_migration_parameters_match_qemu_system(tmp_path):
+    compare_with_qemu(tmp_path, parameters_transcript)
+
+
+def test_downtime_limit_decides_whether_bitmaps_wait_for_postcopy(tmp_path):
+    """Dirty bitmaps too big to go within `downtime-limit` at `max-bandwidth` wait for
+    postcopy; with a longer limit the same migration completes at once (max-bandwidth 0
+    is no limit, as in QEMU)."""
+    for args in ({"downtime-limit": 2000000}, {"max-bandwidth": 0}):
+        w = tmp_path / next(iter(args))
+        w.mkdir()
+        a, b, uri = postcopy_pair(w)
+        try:
+            assert a.qmp.cmd("migrate-set-parameters", args) == {"return": {}}
+            assert a.qmp.cmd("migrate", {"uri": uri}) == {"return": {}}
+            seen = statuses(a, "completed")
+            assert seen[-1] == "completed" and "postcopy-active" not in seen, (args, seen)
+            statuses(b, "completed")
+            assert bitmap_counts(b) == {"b0": 1 << 30, "b1": 1 << 30, "b2": 1 << 30}, args
+            quit_all(a, b)
+        finally:
+            a.stop()
+            b.stop()

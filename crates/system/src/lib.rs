@@ -22,6 +22,7 @@ mod io_limits;
 mod iscsi_group;
 mod machine;
 mod migration;
+mod migration_parameters;
 mod qemu_io;
 mod qtest;
 mod savevm;

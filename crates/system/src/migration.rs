@@ -60,20 +60,11 @@ pub(crate) struct MigrationState {
     go_on: tokio::sync::Notify,
     /// An incoming migration failed: the process ends, and with a failure.
     pub(crate) exit_failure: Cell<bool>,
-    /// The `block-bitmap-mapping` parameter.
-    mapping: RefCell<Option<crate::bitmap_migration::Mapping>>,
-    /// The `max-bandwidth` parameter, bytes per second (0: QEMU's default).
-    max_bandwidth: Cell<u64>,
+    /// `migrate-set-parameters`' values.
+    pub(crate) params: RefCell<crate::migration_parameters::Parameters>,
     /// `migrate-start-postcopy` was given for the migration out under way.
     postcopy: Cell<bool>,
 }
-
-/// QEMU's default `downtime-limit`: what may be left to send once the machine stops is
-/// what goes in this long at the allowed bandwidth.
-const DOWNTIME_LIMIT_MS: u64 = 300;
-
-/// QEMU's default `max-bandwidth`: 128 MiB/s.
-const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
 
 impl MigrationState {
     fn has(&self, cap: &str) -> bool {
@@ -88,12 +79,17 @@ impl MigrationState {
         }
     }
 
-    /// Bytes per second a migration out may send.
+    /// Bytes per second a migration out may send (`max-bandwidth`; 0 is no limit).
     fn bandwidth(&self) -> u64 {
-        match self.max_bandwidth.get() {
-            0 => DEFAULT_MAX_BANDWIDTH,
+        match self.params.borrow().uint("max-bandwidth") {
+            0 => u64::MAX,
             bw => bw,
         }
+    }
+
+    /// The `block-bitmap-mapping` parameter.
+    fn mapping(&self) -> Option<crate::bitmap_migration::Mapping> {
+        self.params.borrow().mapping().cloned()
     }
 
     /// Whether a migration out is under way.
@@ -477,40 +473,26 @@ fn check_capabilities(sys: &System, new: &[&str]) -> Result<(), Error> {
     Ok(())
 }
 
-/// `migrate-set-parameters`: of QEMU's parameters, ferrite has `max-bandwidth` and
-/// `block-bitmap-mapping`.
+/// `migrate-set-parameters`.
 ///
 /// # Errors
-/// An invalid mapping.
+/// QEMU's text for the first value it refuses (then nothing changes).
 pub(crate) fn set_parameters(sys: &System, args: &Args) -> Result<(), Error> {
-    // Any size: QEMU's bound (SIZE_MAX) is the type's own on a 64-bit host.
-    if let Some(bw) = args.get("max-bandwidth").and_then(QObject::as_u64) {
-        sys.migration.max_bandwidth.set(bw);
-    }
-    if let Some(v) = args.get("block-bitmap-mapping") {
-        let m = crate::bitmap_migration::Mapping::parse(v).map_err(Error::generic)?;
-        *sys.migration.mapping.borrow_mut() = Some(m);
-    }
-    Ok(())
+    let m = &sys.migration;
+    m.params
+        .borrow_mut()
+        .set(args.as_dict(), |cap| m.has(cap))
+        .map_err(Error::generic)
 }
 
 /// `query-migrate-parameters`.
 pub(crate) fn query_parameters(sys: &System) -> QObject {
-    let mut d = QDict::new().with("max-bandwidth", sys.migration.bandwidth());
-    if let Some(m) = sys.migration.mapping.borrow().as_ref() {
-        d.insert("block-bitmap-mapping", m.to_qobject());
-    }
-    d.into()
+    sys.migration.params.borrow().query()
 }
 
 /// HMP `info migrate_parameters`.
 pub(crate) fn info_parameters(sys: &System) -> String {
-    sys.migration
-        .mapping
-        .borrow()
-        .as_ref()
-        .map(crate::bitmap_migration::Mapping::hmp)
-        .unwrap_or_default()
+    sys.migration.params.borrow().info()
 }
 
 /// `query-migrate-capabilities`.
@@ -679,7 +661,7 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
     // The bitmaps that go with the machine are chosen before it stops, and nobody may
     // change them while they go.
     let bitmaps = if sys.migration.has("dirty-bitmaps") {
-        let mapping = sys.migration.mapping.borrow().clone();
+        let mapping = sys.migration.mapping();
         crate::bitmap_migration::select(&sys.daemon.graph, mapping.as_ref())?
     } else {
         Vec::new()
@@ -690,7 +672,10 @@ async fn run_outgoing(sys: &Rc<System>, sink: Sink) -> Result<(), String> {
     // migration goes on until it may switch to postcopy (the bitmaps can go after the
     // destination runs).
     let m = &sys.migration;
-    let threshold = m.bandwidth().saturating_mul(DOWNTIME_LIMIT_MS) / 1000;
+    // What may be left to send once the machine stops: what goes within `downtime-limit`
+    // at the allowed bandwidth.
+    let downtime_ms = m.params.borrow().uint("downtime-limit");
+    let threshold = m.bandwidth().saturating_mul(downtime_ms) / 1000;
     let postcopy = crate::bitmap_migration::pending_bytes(&bitmaps) > threshold;
     let waited = if postcopy {
         unless_cancelled(sys, async {
@@ -976,7 +961,7 @@ async fn run_incoming(sys: &Rc<System>, source: Source) -> Result<(), String> {
     };
     loaded.restore(&sys.devices);
     let graph = &sys.daemon.graph;
-    let mapping = sys.migration.mapping.borrow().clone();
+    let mapping = sys.migration.mapping();
     let Some((rest_at, section)) = loaded.postcopy else {
         input.finish(&mut buf).await.map_err(os)?;
         // Bitmaps that came along are made before the images are taken over (their stored

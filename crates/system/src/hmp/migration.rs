@@ -42,22 +42,12 @@ pub(crate) async fn run(
                 .with("state", state);
             QDict::new().with("capabilities", QObject::List(vec![cap.into()]))
         }
-        "migrate_set_parameter" => match (text("parameter").as_str(), text("value")) {
-            ("max-bandwidth", v) => match ferrite_qapi::visit::parse_size(&v) {
-                Some(n) => QDict::new().with("max-bandwidth", n),
-                None => {
-                    return Some(
-                        "Error: Parameter 'max-bandwidth' expects a size value\r\n".into(),
-                    );
-                }
-            },
-            (p, _) => {
-                return Some(format!(
-                    "Error: the migration parameter '{p}' is not implemented by ferrite \
-                     yet\r\n"
-                ));
+        "migrate_set_parameter" => {
+            match crate::migration_parameters::hmp_argument(&text("parameter"), &text("value")) {
+                Ok(d) => d,
+                Err(e) => return Some(e),
             }
-        },
+        }
         _ => QDict::new(),
     };
     if let Err(e) = cmds.run_for_hmp(qmp, qargs).await {
