@@ -190,6 +190,9 @@ FOUND = [
     ("blockdev-add", {"driver": "blkreplay", "node-name": "r0", "image": "null0"}),
     ("blockdev-create", {"job-id": "j0", "options": {"driver": "blkreplay"}}),
     ("block_resize", {"node-name": "r0", "size": 1 << 21}),
+    # A drive's node is named by its drive (system seeds 237-450).
+    ("x-blockdev-change", {"parent": "drive1", "node": "null0"}),
+    ("x-blockdev-change", {"parent": "drive1", "child": "file"}),
 ]
 
 

@@ -107,7 +107,7 @@ pub fn qmp_x_blockdev_change(graph: &Graph, args: &Args) -> Result<QObject, Erro
                 .into());
             };
             match parent.driver().check_remove_child(child) {
-                None => Err(crate::Error::CannotRemoveChild(parent.name().to_owned()).into()),
+                None => Err(crate::Error::CannotRemoveChild(parent.device_or_node_name()).into()),
                 Some(Err(text)) => Err(Error::generic(text)),
                 Some(Ok(())) => {
                     parent.driver().child_removed(child);
@@ -124,7 +124,7 @@ pub fn qmp_x_blockdev_change(graph: &Graph, args: &Args) -> Result<QObject, Erro
                 return Err(crate::Error::BitmapNodeNotFound(node.to_owned()).into());
             };
             match parent.driver().new_child_name() {
-                None => Err(crate::Error::CannotAddChild(parent.name().to_owned()).into()),
+                None => Err(crate::Error::CannotAddChild(parent.device_or_node_name()).into()),
                 Some(Err(text)) => Err(Error::generic(text)),
                 Some(Ok(name)) => {
                     let edge = graph.attach_child(&parent, &new, &name)?;
