@@ -177,68 +177,60 @@ impl Parameters {
         mapping: Option<&QObject>,
         has: impl Fn(&str) -> bool,
     ) -> Result<Option<Mapping>, String> {
-        let u = |name| uint(new, name);
-        let expects = |name: &str, what: &str| Err(format!("Parameter '{name}' expects {what}"));
-        if !(1..=100).contains(&u("throttle-trigger-threshold")) {
-            return expects(
-                "throttle_trigger_threshold",
-                "an integer in the range of 1 to 100",
-            );
-        }
-        for (param, name) in [
-            ("cpu-throttle-initial", "cpu_throttle_initial"),
-            ("cpu-throttle-increment", "cpu_throttle_increment"),
-        ] {
-            if !(1..=99).contains(&u(param)) {
-                return expects(name, "an integer in the range of 1 to 99");
+        let u = |name: &str| uint(new, name);
+        // QEMU's texts name most parameters with underscores.
+        let expects = |param: &str, what: &str| {
+            format!("Parameter '{}' expects {what}", param.replace('-', "_"))
+        };
+        let within = |param: &str, bounds: std::ops::RangeInclusive<u64>, what: &str| {
+            if bounds.contains(&u(param)) {
+                Ok(())
+            } else {
+                Err(expects(param, what))
             }
-        }
-        if u("downtime-limit") > MAX_DOWNTIME_MS {
-            return expects(
-                "downtime_limit",
-                "an integer in the range of 0 to (2000 * 1000) ms",
-            );
-        }
-        if u("multifd-channels") < 1 {
-            return expects("multifd_channels", "a value between 1 and 255");
-        }
-        if u("multifd-zlib-level") > 9 {
-            return expects("multifd_zlib_level", "a value between 0 and 9");
-        }
-        if !(1..=9).contains(&u("multifd-qatzip-level")) {
-            return expects("multifd_qatzip_level", "a value between 1 and 9");
-        }
-        if u("multifd-zstd-level") > 20 {
-            return expects("multifd_zstd_level", "a value between 0 and 20");
-        }
+        };
+        let integer = "an integer in the range of";
+        within(
+            "throttle-trigger-threshold",
+            1..=100,
+            &format!("{integer} 1 to 100"),
+        )?;
+        within(
+            "cpu-throttle-initial",
+            1..=99,
+            &format!("{integer} 1 to 99"),
+        )?;
+        within(
+            "cpu-throttle-increment",
+            1..=99,
+            &format!("{integer} 1 to 99"),
+        )?;
+        let most_downtime = format!("{integer} 0 to (2000 * 1000) ms");
+        within("downtime-limit", 0..=MAX_DOWNTIME_MS, &most_downtime)?;
+        within(
+            "multifd-channels",
+            1..=u64::MAX,
+            "a value between 1 and 255",
+        )?;
+        within("multifd-zlib-level", 0..=9, "a value between 0 and 9")?;
+        within("multifd-qatzip-level", 1..=9, "a value between 1 and 9")?;
+        within("multifd-zstd-level", 0..=20, "a value between 0 and 20")?;
         let cache = u("xbzrle-cache-size");
         if cache < 4096 || !cache.is_power_of_two() {
-            return expects(
-                "xbzrle_cache_size",
-                "a power of two no less than the target page size",
-            );
+            let what = "a power of two no less than the target page size";
+            return Err(expects("xbzrle-cache-size", what));
         }
-        let max_throttle = u("max-cpu-throttle");
-        if max_throttle < u("cpu-throttle-initial") || max_throttle > 99 {
-            return expects(
-                "max_cpu_throttle",
-                "an integer in the range of cpu_throttle_initial to 99",
-            );
-        }
-        for (param, name) in [
-            ("announce-initial", "announce_initial"),
-            ("announce-max", "announce_max"),
-        ] {
-            if u(param) > 100_000 {
-                return expects(name, "a value between 0 and 100000");
-            }
-        }
-        if u("announce-rounds") > 1000 {
-            return expects("announce_rounds", "a value between 0 and 1000");
-        }
-        if !(1..=10_000).contains(&u("announce-step")) {
-            return expects("announce_step", "a value between 0 and 10000");
-        }
+        let initial = u("cpu-throttle-initial");
+        let what = format!("{integer} cpu_throttle_initial to 99");
+        within("max-cpu-throttle", initial..=99, &what)?;
+        within(
+            "announce-initial",
+            0..=100_000,
+            "a value between 0 and 100000",
+        )?;
+        within("announce-max", 0..=100_000, "a value between 0 and 100000")?;
+        within("announce-rounds", 0..=1000, "a value between 0 and 1000")?;
+        within("announce-step", 1..=10_000, "a value between 0 and 10000")?;
         let mapping = mapping.map(Mapping::parse).transpose()?;
         let compressed_or_tls = |p: &QDict| {
             text(p, "multifd-compression") != "none" || !text(p, "tls-creds").is_empty()
@@ -255,7 +247,11 @@ impl Parameters {
             );
         }
         if !(1..=1000).contains(&u("x-vcpu-dirty-limit-period")) {
-            return expects("x-vcpu-dirty-limit-period", "a value between 1 and 1000");
+            // This one QEMU names as the schema does.
+            let what = "a value between 1 and 1000";
+            return Err(format!(
+                "Parameter 'x-vcpu-dirty-limit-period' expects {what}"
+            ));
         }
         if u("vcpu-dirty-limit") < 1 {
             return Err("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s".into());
