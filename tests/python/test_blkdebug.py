@@ -87,6 +87,79 @@ def test_blkdebug_options_and_queries_match_qsd(both):
     assert_same_transcript(transcript(q), transcript(f))
 
 
+# Config files as QEMU's line reader takes or refuses them: a line of white space, or of
+# NULs (differential seed 1302: a megabyte of them was echoed back in a 6 MB reply), a key
+# before any group, unquoted values (empty), a word alone, a header that does not read (its
+# partial scan names the last group), ids, duplicate ids (also against the option lists'
+# `inject-error.0`), types, unknown events and I/O types, errno 0, bytes that are not UTF-8,
+# a line longer than QEMU's buffer, and a directory.
+CONFIGS = [
+    b"[inject-error]\n   \n",
+    bytes(1 << 20),
+    b"event = \"read_aio\"\n",
+    b"[inject-error]\nevent = read_aio\n",
+    b"[inject-error]\nevent\n",
+    b"[inject-error]\nevent=\"read_aio\"\n",
+    b"[inject-error]\r\nevent = \"read_aio\"\r\n",
+    b"[inject-error]\nevent = \"read_aio\"\n\r\n",
+    b"[nosuch]\nevent = \"read_aio\"\n",
+    b"[inject-error]\nevent = \"read_aio\"\n[]\n",
+    b"[]\n",
+    b"[ inject-error ]\n",
+    b"[inject-error \"r1\"]\nevent = \"read_aio\"\n[inject-error \"r1\"]\n",
+    b"[inject-error \"inject-error.0\"]\nevent = \"read_aio\"\n",
+    b"[inject-error \"1r\"]\nevent = \"read_aio\"\n",
+    b"[inject-error]\nevent = \"read_aio\"\nstate = \"x\"\n",
+    b"[inject-error]\nevent = \"read_aio\"\nerrno = \"99999999999999999999\"\n",
+    b"[inject-error]\nevent = \"read_aio\"\nonce = \"maybe\"\n",
+    b"[inject-error]\nevent = \"read_aio\"\nonce = \"y\"\nimmediately = \"on\"\n",
+    b"[inject-error]\nevent = \"read_aio\"\nnew_state = \"2\"\n",
+    b"[set-state]\nevent = \"nosuch\"\nnew_state = \"2\"\n",
+    b"[set-state]\nevent = \"read_aio\"\n[inject-error]\nevent = \"write_aio\"\n"
+    b"iotype = \"nosuch\"\n",
+    b"[set-state]\nstate = \"1\"\n",
+    b"[inject-error]\nevent = \"\xff\xfe\"\n",
+    b"[inject-error]\nevent = \"read_aio\"\nerrno = \"0\"\nonce = \"on\"\n",
+    b"[inject-error]\n" + b" " * 1100 + b"event = \"read_aio\"\n",
+    b"# only a comment\n\n",
+    b"",
+    None,
+]
+
+
+def config_transcript(d):
+    w = d.workdir
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(w / "disk.img"), "1M"],
+                   check=True)
+    c = d.connect()
+    out = []
+    cmd = recorder(c, out)
+    for i, text in enumerate(CONFIGS):
+        path = w / f"c{i}.cfg"
+        if text is None:
+            path.mkdir()
+        else:
+            path.write_bytes(text)
+        node = {"driver": "blkdebug", "node-name": f"d{i}", "config": str(path),
+                "image": {"driver": "file", "filename": str(w / "disk.img")}}
+        if i % 2:
+            node["inject-error"] = [{"event": "write_aio"}]
+        r = cmd("blockdev-add", node)
+        if "return" in r:
+            cmd("blockdev-del", {"node-name": f"d{i}"})
+    c.close()
+    d.stop()
+    return out
+
+
+def test_config_files_read_as_qsd_reads_them(both):
+    q, f = both()
+    expected, got = config_transcript(q), config_transcript(f)
+    assert_same_transcript(expected, got)
+    # Not every file is refused: the reader takes what QEMU takes.
+    assert sum("return" in str(r) for r in got) > 5
+
+
 # Reads fail once with ENOSPC after a read armed the rule; writes fail with EIO where they
 # touch sector 16.
 RULES = {"inject-error": [
@@ -142,6 +215,13 @@ def test_rules_of_event_none_apply_from_the_start_as_qemus(ferrite, tmp_path):
     got = semantics(ferrite, tmp_path, "raw", rules, ["write -P 1 0 4k", "read 0 4k"])
     assert got[0] == "write failed: Input/output error", got
     assert got[1].startswith("read 4096/4096"), got
+
+
+def test_a_rule_with_errno_0_fails_nothing_as_qemus(ferrite, tmp_path):
+    """QEMU's blkdebug lets a request through when the rule it meets injects errno 0."""
+    rules = {"inject-error": [{"event": "none", "errno": 0}]}
+    got = semantics(ferrite, tmp_path, "raw", rules, ["write -P 1 0 4k", "read -P 1 0 4k"])
+    assert not any("failed" in line for line in got), got
 
 
 def test_events_raised_by_qcow2_as_qemus(ferrite, tmp_path):

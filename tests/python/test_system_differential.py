@@ -193,6 +193,8 @@ FOUND = [
     # A drive's node is named by its drive (system seeds 237-450).
     ("x-blockdev-change", {"parent": "drive1", "node": "null0"}),
     ("x-blockdev-change", {"parent": "drive1", "child": "file"}),
+    # A drive without a device reads its image as one (QEMU's blk_new_open).
+    ("blockdev-snapshot", {"node": "fmt0", "overlay": "drive1"}),
 ]
 
 

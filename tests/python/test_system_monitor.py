@@ -389,6 +389,24 @@ def test_hmp_qemu_io_reopen_changes_what_qemus_does(tmp_path, option, reopen):
         [line for line in q[1].splitlines() if "reopen" not in line and "Cache" not in line]
 
 
+def test_hmp_qemu_io_reopen_arguments_as_qemus(tmp_path):
+    """qemu-io's `reopen` takes its arguments as getopt does, with qemu-io's texts; going
+    read-only it first gives up the drive's write permission (a drive with no device holds
+    one, as in QEMU), and back to read-write the image's children go first; the cache mode
+    of `-c` is the drive's once the reopen succeeded."""
+    cmds = [f'qemu-io d "reopen {args}"' for args in [
+        "-x", "foo", "-rw", "-c none -o cache.direct=on",
+        "-o cache.no-flush=on -o cache.direct=off", "-c", "-c foo", "-r -w",
+        "-o read-only=on -r", "-r"]]
+    cmds += ['qemu-io d "write 0 512"', 'qemu-io d "reopen -w"', 'qemu-io d "write 0 512"',
+             'qemu-io d "reopen -c writethrough"', "info block d"]
+    (q, _), (f, _) = both(tmp_path, chain, ["-drive", "if=none,id=d,file=top.qcow2"], cmds)
+    strip = re.compile(r"#block\d+|\d+ ops; .*|\x1b\[[KD]")
+    assert strip.sub("", f[1]) == strip.sub("", q[1])
+    assert "Only one -r/-w option may be given" in f[1]
+    assert "Cache mode:       writethrough" in f[1]
+
+
 def test_a_child_given_its_own_cache_mode_keeps_it(tmp_path):
     """A child whose options set its cache mode (here in a `json:` name) does not follow
     its parent's reopen."""

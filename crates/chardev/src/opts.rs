@@ -4,6 +4,7 @@
 //! backend uses is accepted and ignored), then the id, then the backend's own needs.
 
 use crate::error::{Error, Result};
+use ferrite_qapi::qemu_opts;
 use ferrite_qobject::{QDict, QObject};
 
 /// A parsed `--chardev`.
@@ -108,38 +109,17 @@ pub(crate) fn has_driver(name: &str) -> bool {
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(Error::ExpectsBool(key.to_owned())),
-    }
+    qemu_opts::boolean(v).ok_or_else(|| Error::ExpectsBool(key.to_owned()))
 }
 
-/// A QemuOpts number: decimal, `0x` hexadecimal or `0` octal; a minus sign wraps, as
-/// `strtoull` does.
 fn parse_number(key: &str, v: &str) -> Result<u64> {
-    let (negative, digits) = match v.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, v.strip_prefix('+').unwrap_or(v)),
-    };
-    let (radix, digits) = if let Some(hex) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        (16, hex)
-    } else if digits.len() > 1 && digits.starts_with('0') {
-        (8, &digits[1..])
-    } else {
-        (10, digits)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(Error::ExpectsNumber(key.to_owned()));
-    }
-    let n = u64::from_str_radix(digits, radix).map_err(|_| Error::NumberTooLarge {
-        value: v.to_owned(),
-        key: key.to_owned(),
-    })?;
-    Ok(if negative { n.wrapping_neg() } else { n })
+    qemu_opts::number(v).map_err(|e| match e {
+        qemu_opts::NumberError::Invalid => Error::ExpectsNumber(key.to_owned()),
+        qemu_opts::NumberError::TooLarge => Error::NumberTooLarge {
+            value: v.to_owned(),
+            key: key.to_owned(),
+        },
+    })
 }
 
 fn backend_help() -> String {

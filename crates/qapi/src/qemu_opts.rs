@@ -41,6 +41,49 @@ pub fn short_form_boolean(key: &str) -> (String, &'static str, String) {
     (name.to_owned(), value, warning)
 }
 
+/// A QemuOpts boolean (`qapi_bool_parse`): on/yes/true/y or off/no/false/n.
+pub fn boolean(value: &str) -> Option<bool> {
+    match value {
+        "on" | "yes" | "true" | "y" => Some(true),
+        "off" | "no" | "false" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+/// Why [`number`] refused a value.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NumberError {
+    /// Not a number ("Parameter '...' expects a number").
+    Invalid,
+    /// More than 64 bits ("Value '...' is too large for parameter '...'").
+    TooLarge,
+}
+
+/// A QemuOpts number (`qemu_strtou64` with base 0): decimal, `0x` hexadecimal or `0` octal,
+/// after optional white space and sign; a minus sign wraps, as `strtoull` does.
+pub fn number(value: &str) -> Result<u64, NumberError> {
+    let v = value.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b');
+    let (negative, digits) = match v.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, v.strip_prefix('+').unwrap_or(v)),
+    };
+    let (radix, digits) = if let Some(hex) = digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        (16, hex)
+    } else if digits.len() > 1 && digits.starts_with('0') {
+        (8, &digits[1..])
+    } else {
+        (10, digits)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(NumberError::Invalid);
+    }
+    let n = u64::from_str_radix(digits, radix).map_err(|_| NumberError::TooLarge)?;
+    Ok(if negative { n.wrapping_neg() } else { n })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -54,5 +97,16 @@ mod tests {
                 ("c".to_owned(), Some(String::new())),
             ]
         );
+    }
+
+    #[test]
+    fn numbers_read_as_strtoull_reads_them() {
+        use super::{NumberError, number};
+        assert_eq!(number("0x10"), Ok(16));
+        assert_eq!(number("010"), Ok(8));
+        assert_eq!(number(" -1"), Ok(u64::MAX));
+        assert_eq!(number("1k"), Err(NumberError::Invalid));
+        assert_eq!(number(""), Err(NumberError::Invalid));
+        assert_eq!(number("18446744073709551616"), Err(NumberError::TooLarge));
     }
 }

@@ -737,7 +737,10 @@ pub(crate) async fn add(
         } else {
             n
         };
-        if let Err(e) = blk.insert(&n, Perm::empty(), Perm::all()) {
+        // A drive's backend reads the image as one until a device says what it needs
+        // (QEMU's `blk_new_open`, given read-only as an option, not as a flag: it takes no
+        // write), so no overlay goes under it unseen.
+        if let Err(e) = blk.insert(&n, Perm::CONSISTENT_READ, Perm::all()) {
             graph.release_inline(&n);
             return Err(e.into());
         }

@@ -604,8 +604,10 @@ pub(crate) async fn run(
             if !perm.contains(need)
                 && let Err(e) = blk.set_perm(perm | need, shared)
             {
-                // As QEMU's qemu-io prints the refusal: its text alone.
-                return format!("{}\r\n", ferrite_qapi::Error::from(e).desc);
+                // As QEMU's qemu-io reports the refusal: its text, then its hint.
+                let e = ferrite_qapi::Error::from(e);
+                let hint = e.hint.map(|h| format!("{h}\r\n")).unwrap_or_default();
+                return format!("{}\r\n{hint}", e.desc);
             }
             blk
         }
@@ -634,9 +636,14 @@ pub(crate) async fn run(
     };
     if cmd == "reopen" {
         let words: Vec<&str> = line.split_whitespace().skip(1).collect();
-        let out = reopen::run(graph, &blk, &words).await;
-        finish(blk, out).await;
-        return String::new();
+        return match reopen::run(graph, &blk, &words).await {
+            Ok(()) => String::new(),
+            Err(reopen::Said::Usage) => {
+                finish(blk, reopen::USAGE.to_owned()).await;
+                String::new()
+            }
+            Err(reopen::Said::Error(text)) => format!("{text}\r\n"),
+        };
     }
     if matches!(cmd, "aio_read" | "aio_write" | "aio_discard") {
         // As qemu-io: the command returns at once, the report comes when the request ends

@@ -3,7 +3,7 @@
 //! `keep_old_opts`). `-o backing.x=y` reaches a child; a cache mode (`-c`, `-o cache.*`)
 //! passes to the children that took theirs from the node.
 
-use ferrite_block::{BlockBackend, Graph, Node};
+use ferrite_block::{BlockBackend, Graph, Node, Perm};
 use ferrite_qapi::Args;
 use ferrite_qobject::{QDict, QObject};
 use std::rc::Rc;
@@ -145,58 +145,182 @@ impl Plan {
     }
 }
 
-/// The arguments after `reopen`: its output (an error's text, or nothing).
-pub(crate) async fn run(graph: &Rc<Graph>, blk: &BlockBackend, args: &[&str]) -> String {
-    let usage = |what: &str| format!("{what}\nTry \"help reopen\" for more information\n");
-    let (mut mode, mut text, mut read_only) = (None, None, None);
-    let mut it = args.iter();
-    while let Some(&a) = it.next() {
-        let value = |it: &mut std::slice::Iter<&str>, attached: &str| {
-            if attached.is_empty() {
-                it.next().map(|v| (*v).to_owned())
-            } else {
-                Some(attached.to_owned())
-            }
-        };
-        match a.get(..2) {
-            Some("-c") => mode = value(&mut it, &a[2..]),
-            Some("-o") => text = value(&mut it, &a[2..]),
-            Some("-r") => read_only = Some(true),
-            Some("-w") => read_only = Some(false),
-            _ => return usage("reopen: invalid arguments"),
-        }
+/// `reopen`'s usage line, which qemu-io prints for arguments it cannot take.
+pub(crate) const USAGE: &str =
+    "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options\n";
+
+/// What `reopen` says when it does nothing: its usage on standard output (qemu-io's
+/// `printf`), or an error in the monitor (`error_report`).
+pub(crate) enum Said {
+    Usage,
+    Error(String),
+}
+
+impl Said {
+    fn error(text: &str) -> Self {
+        Said::Error(text.to_owned())
     }
+}
+
+/// What `reopen`'s arguments ask for.
+struct ReopenArgs {
+    /// `-c`: write-back, `cache.direct`, `cache.no-flush`.
+    mode: Option<(bool, bool, bool)>,
+    /// `-o`, every one given, merged.
+    text: Option<String>,
+    /// `-r` or `-w`.
+    read_only: Option<bool>,
+}
+
+impl ReopenArgs {
+    /// The arguments as qemu-io's `getopt("c:o:rw")` takes them (options may come together,
+    /// a value attached to its option), checked as they come; what qemu-io says otherwise.
+    fn parse(args: &[&str]) -> Result<Self, Said> {
+        let mut parsed = ReopenArgs {
+            mode: None,
+            text: None,
+            read_only: None,
+        };
+        let mut positional = false;
+        let mut it = args.iter();
+        while let Some(&arg) = it.next() {
+            if arg == "--" {
+                positional |= it.next().is_some();
+                break;
+            }
+            let Some(opts) = arg.strip_prefix('-').filter(|o| !o.is_empty()) else {
+                // getopt moves it to the end; it is one argument too many.
+                positional = true;
+                continue;
+            };
+            for (i, c) in opts.char_indices() {
+                match c {
+                    'c' | 'o' => {
+                        let attached = &opts[i + c.len_utf8()..];
+                        let value = if attached.is_empty() {
+                            it.next().copied()
+                        } else {
+                            Some(attached)
+                        };
+                        let Some(value) = value else {
+                            // getopt says so on standard error, qemu-io its usage.
+                            eprintln!("reopen: option requires an argument -- '{c}'");
+                            return Err(Said::Usage);
+                        };
+                        if c == 'c' {
+                            parsed.mode = Some(cache_mode(value).ok_or_else(|| {
+                                Said::Error(format!("Invalid cache option: {value}"))
+                            })?);
+                        } else {
+                            parsed.text = Some(match parsed.text.take() {
+                                Some(before) => format!("{before},{value}"),
+                                None => value.to_owned(),
+                            });
+                        }
+                        break;
+                    }
+                    'r' | 'w' => {
+                        if parsed.read_only.is_some() {
+                            return Err(Said::error("Only one -r/-w option may be given"));
+                        }
+                        parsed.read_only = Some(c == 'r');
+                    }
+                    other => {
+                        eprintln!("reopen: invalid option -- '{other}'");
+                        return Err(Said::Usage);
+                    }
+                }
+            }
+        }
+        if positional {
+            return Err(Said::Usage);
+        }
+        Ok(parsed)
+    }
+}
+
+/// A `-c` cache mode: write-back, `cache.direct`, `cache.no-flush`.
+fn cache_mode(mode: &str) -> Option<(bool, bool, bool)> {
+    Some(match mode {
+        "none" | "off" => (true, true, false),
+        "directsync" => (false, true, false),
+        "writeback" => (true, false, false),
+        "unsafe" => (true, false, true),
+        "writethrough" => (false, false, false),
+        _ => return None,
+    })
+}
+
+/// `reopen` with the arguments after it.
+pub(crate) async fn run(graph: &Rc<Graph>, blk: &BlockBackend, args: &[&str]) -> Result<(), Said> {
+    let ReopenArgs {
+        mode,
+        text,
+        read_only,
+    } = match ReopenArgs::parse(args) {
+        Ok(a) => a,
+        Err(said) => return Err(said),
+    };
     let Some(top) = blk.node() else {
-        return "Cannot reopen a drive without a medium\n".into();
+        return Err(Said::error("Cannot reopen a drive without a medium"));
     };
     let mut plan = Plan::default();
-    if let Some(text) = &text {
-        let given = match ferrite_storage_daemon::front_end::keyval::parse(text, None) {
-            Ok(p) => p.value,
-            Err(e) => return format!("{}\n", e.desc),
-        };
-        if let Err(e) = plan.options(graph, &top, &given) {
-            return format!("{e}\n");
+    let given = match text
+        .as_deref()
+        .map(|t| ferrite_storage_daemon::front_end::keyval::parse(t, None))
+    {
+        None => None,
+        Some(Ok(p)) => Some(p.value),
+        Some(Err(e)) => return Err(Said::Error(e.desc)),
+    };
+    if let Some((writeback, ..)) = mode
+        && writeback != blk.write_cache()
+        && blk.device().is_some()
+    {
+        return Err(Said::error(
+            "Cannot change cache.writeback: Device attached",
+        ));
+    }
+    // Going read-only, the backend first gives up writing (QEMU's qemu-io does; the
+    // permissions stay given up whatever the reopen does then).
+    if read_only.unwrap_or_else(|| top.is_read_only()) {
+        let (perm, shared) = blk.perm();
+        let _ = blk.set_perm(perm - (Perm::WRITE | Perm::WRITE_UNCHANGED), shared);
+    }
+    // Dotted keys, as keyval nests them (`cache.direct`).
+    let given_has = |key: &str| {
+        let mut parts = key.split('.');
+        let first = parts.next().unwrap_or_default();
+        let mut at = given.as_ref().and_then(|g| g.get(first));
+        for part in parts {
+            at = at.and_then(QObject::as_dict).and_then(|d| d.get(part));
+        }
+        at.is_some()
+    };
+    if read_only.is_some() && given_has("read-only") {
+        return Err(Said::error("Cannot set both -r/-w and 'read-only'"));
+    }
+    if mode.is_some() && (given_has("cache.direct") || given_has("cache.no-flush")) {
+        return Err(Said::error("Cannot set both -c and the cache options"));
+    }
+    if let Some(given) = &given {
+        if let Err(e) = plan.options(graph, &top, given) {
+            return Err(Said::Error(e));
         }
     }
-    if let Some(mode) = &mode {
-        let (writeback, direct, no_flush) = match mode.as_str() {
-            "none" | "off" => (true, true, false),
-            "directsync" => (false, true, false),
-            "writeback" => (true, false, false),
-            "unsafe" => (true, false, true),
-            "writethrough" => (false, false, false),
-            _ => return "Invalid cache option\n".into(),
-        };
-        blk.set_write_cache(writeback);
+    if let Some((_, direct, no_flush)) = mode {
         plan.cache(graph, &top, Some(direct), Some(no_flush));
     }
     if let Some(ro) = read_only {
         plan.read_only(&top, ro);
     }
-    let list: Vec<Args> = plan
-        .nodes
-        .iter()
+    // A node made writable after the children it writes to, read-only before them.
+    let mut nodes: Vec<_> = plan.nodes.iter().collect();
+    if read_only == Some(false) {
+        nodes.reverse();
+    }
+    let list: Vec<Args> = nodes
+        .into_iter()
         .map(|(node, changes)| {
             let mut opts = node.options();
             opts.insert("node-name", node.name());
@@ -215,7 +339,12 @@ pub(crate) async fn run(graph: &Rc<Graph>, blk: &BlockBackend, args: &[&str]) ->
         })
         .collect();
     match graph.reopen(&list).await {
-        Ok(()) => String::new(),
-        Err(e) => format!("{}\n", ferrite_qapi::Error::from(e).desc),
+        Ok(()) => {
+            if let Some((writeback, ..)) = mode {
+                blk.set_write_cache(writeback);
+            }
+            Ok(())
+        }
+        Err(e) => Err(Said::Error(ferrite_qapi::Error::from(e).desc)),
     }
 }

@@ -4,7 +4,10 @@
 //! matching requests, `once` or until the next event), move a state machine (`set-state`), and
 //! breakpoints (`break`) hold a request at its event until it is resumed.
 
+mod config;
+
 use crate::error::generic;
+use config::{Group, Groups, RuleOpts};
 use ferrite_block::driver::{BoxFut, DebugOp, Driver, Extent, ReqFlags};
 use ferrite_block::{Child, DriverFactory, DriverKind, LocalFut, Node, OpenCtx, Perm};
 use ferrite_qapi::Args;
@@ -44,7 +47,7 @@ enum Action {
         iotypes: u32,
     },
     SetState {
-        new_state: i64,
+        new_state: i32,
     },
     Suspend {
         tag: String,
@@ -55,7 +58,7 @@ enum Action {
 struct Rule {
     event: String,
     /// Only in this state (0: any).
-    state: i64,
+    state: i32,
     action: Action,
 }
 
@@ -84,81 +87,41 @@ fn announce(text: std::fmt::Arguments<'_>) {
 /// The `blkdebug` driver's factory.
 pub(crate) struct BlkdebugFactory;
 
-/// One `[section]` of a config file: its name and `key = "value"` pairs.
-type Section = (String, Vec<(String, String)>);
-
-/// QEMU's blkdebug config file: `[inject-error]` and `[set-state]` sections of
-/// `key = "value"` lines; `#` starts a comment.
-fn parse_config(text: &str) -> Result<Vec<Section>, String> {
-    let mut sections: Vec<Section> = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            sections.push((name.trim().to_owned(), Vec::new()));
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| format!("Could not parse blkdebug config line: {line}"))?;
-        let v = v.trim().trim_matches('"').to_owned();
-        match sections.last_mut() {
-            Some((_, pairs)) => pairs.push((k.trim().to_owned(), v)),
-            None => return Err(format!("Could not parse blkdebug config line: {line}")),
-        }
+/// A rule from its group's entry, as QEMU's `add_rule` makes one: the event and I/O type
+/// must be known.
+fn rule_from(opts: &RuleOpts) -> Result<Rule, String> {
+    let event = opts.get("event").ok_or("Missing event name for rule")?;
+    if !ferrite_qapi::schema()
+        .enum_values("BlkdebugEvent")
+        .contains(&event)
+    {
+        return Err(format!("invalid parameter value: {event}"));
     }
-    Ok(sections)
-}
-
-fn int(v: Option<&str>, key: &str) -> Result<Option<i64>, String> {
-    v.map(|s| {
-        s.parse::<i64>()
-            .map_err(|_| format!("Parameter '{key}' expects a number"))
-    })
-    .transpose()
-}
-
-fn flag(v: Option<&str>) -> bool {
-    matches!(v, Some("on" | "true" | "yes"))
-}
-
-/// A rule from string options (a config section or a keyval list entry).
-fn rule_from(kind: &str, get: &dyn Fn(&str) -> Option<String>) -> Result<Rule, String> {
-    let event = get("event").ok_or("Missing event name for rule")?;
-    let state = int(get("state").as_deref(), "state")?.unwrap_or(0);
-    let action = if kind == "inject-error" {
-        let iotypes = match get("iotype") {
-            Some(t) => iotype_bit(&t).ok_or_else(|| format!("Invalid parameter '{t}'"))?,
-            None => IO_READ | IO_WRITE | IO_WRITE_ZEROES | IO_DISCARD | IO_FLUSH,
-        };
-        let sector = int(get("sector").as_deref(), "sector")?.unwrap_or(-1);
-        Action::InjectError {
-            errno: int(get("errno").as_deref(), "errno")?.unwrap_or(i64::from(libc::EIO)) as i32,
-            offset: u64::try_from(sector).ok().map(|s| s.saturating_mul(512)),
-            once: flag(get("once").as_deref()),
-            iotypes,
+    // QEMU's rules keep these as C `int`s.
+    let state = opts.number("state").unwrap_or(0) as i32;
+    let action = match opts.group {
+        Group::InjectError => {
+            let iotypes = match opts.get("iotype") {
+                Some(t) => iotype_bit(t).ok_or_else(|| format!("invalid parameter value: {t}"))?,
+                None => IO_READ | IO_WRITE | IO_WRITE_ZEROES | IO_DISCARD | IO_FLUSH,
+            };
+            let sector = opts.number("sector").map_or(-1, |n| n as i64);
+            Action::InjectError {
+                errno: opts.number("errno").map_or(libc::EIO, |n| n as i32),
+                offset: u64::try_from(sector).ok().map(|s| s.saturating_mul(512)),
+                once: opts.flag("once"),
+                iotypes,
+            }
         }
-    } else {
-        let new_state = int(get("new_state").as_deref(), "new_state")?
-            .ok_or("Parameter 'new_state' is missing")?;
-        Action::SetState { new_state }
+        Group::SetState => Action::SetState {
+            new_state: opts.number("new_state").unwrap_or(0) as i32,
+        },
     };
     Ok(Rule {
-        event,
+        event: event.to_owned(),
         state,
         action,
     })
-}
-
-/// A scalar option as a string (keyval gives strings, JSON typed values).
-fn scalar(v: &QObject) -> String {
-    match v {
-        QObject::String(s) => s.clone(),
-        QObject::Bool(b) => b.to_string(),
-        other => ferrite_qobject::to_json(other),
-    }
 }
 
 /// The options that set a blkdebug node's limits (sizes to QEMU), and where its rules come
@@ -225,37 +188,17 @@ impl DriverFactory for BlkdebugFactory {
             if let Some(text) = negative {
                 return Err(generic(text));
             }
-            let mut rules = Vec::new();
+            let mut groups = Groups::default();
             if let Some(path) = opts.opt_str("config") {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    generic(format!(
-                        "Could not read blkdebug config file: {}",
-                        ferrite_qapi::os_msg(&e)
-                    ))
-                })?;
-                for (kind, pairs) in parse_config(&text).map_err(generic)? {
-                    if kind != "inject-error" && kind != "set-state" {
-                        continue;
-                    }
-                    let get = |k: &str| {
-                        pairs
-                            .iter()
-                            .find(|(key, _)| key == k)
-                            .map(|(_, v)| v.clone())
-                    };
-                    rules.push(rule_from(&kind, &get).map_err(generic)?);
-                }
+                groups.read_file(path).map_err(generic)?;
             }
-            for kind in ["inject-error", "set-state"] {
-                let Some(QObject::List(list)) = opts.get(kind) else {
-                    continue;
-                };
-                for item in list {
-                    let Some(d) = item.as_dict() else { continue };
-                    let get = |k: &str| d.get(k).map(scalar);
-                    rules.push(rule_from(kind, &get).map_err(generic)?);
-                }
-            }
+            groups.add_lists(&opts).map_err(generic)?;
+            let rules = Group::ALL
+                .into_iter()
+                .flat_map(|g| groups.of(g))
+                .map(rule_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(generic)?;
             let align = opts.opt_u64("align").unwrap_or(1);
             if align == 0 || !align.is_power_of_two() {
                 return Err(generic(format!(
@@ -301,7 +244,7 @@ struct BlkdebugDriver {
     rules: RefCell<Vec<Rc<Rule>>>,
     /// Error rules armed by their event, newest first.
     active: RefCell<Vec<Rc<Rule>>>,
-    state: Cell<i64>,
+    state: Cell<i32>,
     suspended: RefCell<Vec<Suspended>>,
     align: u64,
     /// The options that make the node what it is (its `json:` file name shows them).
@@ -328,7 +271,8 @@ impl BlkdebugDriver {
             }
             _ => None,
         });
-        let Some((rule, errno, once)) = hit else {
+        // A rule with errno 0 matches, and lets the request through (it stays, even `once`).
+        let Some((rule, errno, once)) = hit.filter(|(_, errno, _)| *errno != 0) else {
             return Ok(());
         };
         if once {
@@ -588,21 +532,5 @@ impl Driver for BlkdebugDriver {
         _read_only: bool,
     ) -> ferrite_block::Result<()> {
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_config;
-
-    #[test]
-    fn config_files_read_as_qemu_reads_them() {
-        let text = "# errors\n[inject-error]\nevent = \"read_aio\"\nerrno = \"28\"\n\n[set-state]\nstate = \"1\"\nevent = \"write_aio\"\nnew_state = \"2\"\n";
-        let s = parse_config(text).unwrap();
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].0, "inject-error");
-        assert_eq!(s[0].1[1], ("errno".to_owned(), "28".to_owned()));
-        assert_eq!(s[1].1[2], ("new_state".to_owned(), "2".to_owned()));
-        assert!(parse_config("event = x\n").is_err());
     }
 }
