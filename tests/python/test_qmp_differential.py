@@ -292,6 +292,7 @@ def test_replay_a_generated_case(qsd, ferrite):
 # (kept here so CI's few seeds cannot lose them).
 FOUND = [
     ("block_resize", {"node-name": "fmt0", "size": 1 << 62}),
+    ("block_resize", {"node-name": "file0", "size": 1 << 62}),
     ("drive-backup", {"device": "null0", "sync": "full", "bitmap": "nosuch",
                       "target": "img.qcow2", "mode": "existing"}),
     ("drive-mirror", {"device": "null0", "sync": "full", "target": "img.qcow2",

@@ -278,20 +278,28 @@ def transcript(binary, accel, workdir):
     return run_steps(m, STEPS)
 
 
+def taken_events(m):
+    """The events `m` sent since the last taken, without their timestamps."""
+    events = [hide({k: v for k, v in e.items() if k != "timestamp"}) for e in m.qmp.events]
+    m.qmp.events.clear()
+    return events
+
+
 def run_steps(m, steps):
     """Runs `steps` on machine `m`, then quits it: each reply and the events it caused."""
     out = []
     try:
         for name, args in steps:
             if name == "sleep":
+                # What happens meanwhile counts with the step before: whether QEMU's events
+                # of a reset come before its reply or just after depends on the load.
                 time.sleep(0.5)
+                m.qmp.cmd("query-status")
+                out[-1][1].extend(taken_events(m))
                 continue
             r = m.qmp.cmd(name, args)
             out.append((name, args, hide(r)))
-            events = [hide({k: v for k, v in e.items() if k != "timestamp"})
-                      for e in m.qmp.events]
-            m.qmp.events.clear()
-            out.append(("events", events))
+            out.append(("events", taken_events(m)))
         r = m.qmp.cmd("quit")
         out.append(("quit", hide(r)))
         m.proc.wait(10)

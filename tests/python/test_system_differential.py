@@ -195,6 +195,8 @@ FOUND = [
     ("x-blockdev-change", {"parent": "drive1", "child": "file"}),
     # A drive without a device reads its image as one (QEMU's blk_new_open).
     ("blockdev-snapshot", {"node": "fmt0", "overlay": "drive1"}),
+    # A file that cannot grow so far says so as QEMU's file driver does.
+    ("block_resize", {"device": "drive1", "size": 1 << 62}),
 ]
 
 

@@ -353,10 +353,11 @@ impl From<Error> for ferrite_qapi::Error {
 /// The result of a block core operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// "Could not resize: <strerror>" for an OS error; a driver's own message as it is.
+/// "Could not resize file: <strerror>" for an OS error (QEMU's file driver's text: a file's
+/// truncate is what fails with one); a driver's own message as it is.
 fn resize_msg(e: &io::Error) -> String {
     match e.raw_os_error() {
-        Some(_) => format!("Could not resize: {}", os_msg(e)),
+        Some(_) => format!("Could not resize file: {}", os_msg(e)),
         None => e.to_string(),
     }
 }
