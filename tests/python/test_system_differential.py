@@ -197,6 +197,12 @@ FOUND = [
     ("blockdev-snapshot", {"node": "fmt0", "overlay": "drive1"}),
     # A file that cannot grow so far says so as QEMU's file driver does.
     ("block_resize", {"device": "drive1", "size": 1 << 62}),
+    # A bus path walked as QEMU's qbus_find walks it: a bus, a device on it, its bus.
+    ("device_add", {"driver": "virtio-blk-pci", "id": "v9", "bus": "fmt0/file0"}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "v9", "bus": "pci.0/nosuch"}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "v9", "bus": "pci.0/vblk0"}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "v9", "bus": "pci.0/vblk0/x"}),
+    ("device_add", {"driver": "virtio-blk-pci", "id": "v9", "bus": "pci.0/vblk0/virtio-bus"}),
 ]
 
 

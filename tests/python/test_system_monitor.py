@@ -397,7 +397,7 @@ def test_hmp_qemu_io_reopen_arguments_as_qemus(tmp_path):
     cmds = [f'qemu-io d "reopen {args}"' for args in [
         "-x", "foo", "-rw", "-c none -o cache.direct=on",
         "-o cache.no-flush=on -o cache.direct=off", "-c", "-c foo", "-r -w",
-        "-o read-only=on -r", "-r"]]
+        "-o read-only=on -r", "-o a=1 -o b=2", "-o file.x=1", "-r"]]
     cmds += ['qemu-io d "write 0 512"', 'qemu-io d "reopen -w"', 'qemu-io d "write 0 512"',
              'qemu-io d "reopen -c writethrough"', "info block d"]
     (q, _), (f, _) = both(tmp_path, chain, ["-drive", "if=none,id=d,file=top.qcow2"], cmds)

@@ -1245,20 +1245,11 @@ impl Devices {
         };
         let bus = match bus {
             Some(path) if path.starts_with('/') => Some(self.bus_by_path(model, &path)?),
+            Some(path) if path.contains('/') => Some(self.bus_by_relative_path(&path)?),
             other => other,
         };
         if let Some(bus) = bus.as_deref() {
-            let known = self.list.borrow().iter().any(|d| {
-                // A SCSI controller's bus is `ID.0`; a bridge's is named as the bridge.
-                d.bus_name.as_deref() == Some(bus)
-                    || (d.model.kind == Kind::PciBridge && d.id.as_deref() == Some(bus))
-            }) || bus.starts_with("pci")
-                || bus
-                    .strip_prefix("ide.")
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .is_some_and(|n| n < board.ide_buses())
-                || bus == "pcie.0";
-            if !known {
+            if !self.bus_exists(bus) {
                 return Err(generic(format!("Bus '{bus}' not found")));
             }
             let provider = self.list.borrow().iter().find_map(|d| {
@@ -1303,6 +1294,79 @@ impl Devices {
             _ => true,
         };
         if ok { Ok(None) } else { Err(no_bus()) }
+    }
+
+    /// Whether the machine has a bus of that name.
+    fn bus_exists(&self, bus: &str) -> bool {
+        let board = self.machine.kind.board;
+        self.list.borrow().iter().any(|d| {
+            // A SCSI controller's bus is `ID.0`; a bridge's is named as the bridge.
+            d.bus_name.as_deref() == Some(bus)
+                || (d.model.kind == Kind::PciBridge && d.id.as_deref() == Some(bus))
+        }) || bus.starts_with("pci")
+            || bus
+                .strip_prefix("ide.")
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n < board.ide_buses())
+            || bus == "pcie.0"
+    }
+
+    /// The bus a relative path names, as QEMU's `qbus_find` walks it: a bus found by its
+    /// name, then in turn a device on it (by ID) and one of that device's buses; a path
+    /// that ends at a device means its one bus.
+    ///
+    /// # Errors
+    /// "Bus 'x' not found" (the first element's, or a device's), "Device 'x' not found"
+    /// (DeviceNotFound), "Device 'x' has no child bus", "Bus 'path' is full" (a virtio
+    /// proxy's bus).
+    fn bus_by_relative_path(&self, path: &str) -> Result<String, Error> {
+        let mut parts = path.split('/').filter(|p| !p.is_empty());
+        let first = path.split('/').next().unwrap_or_default();
+        parts.next();
+        if !self.bus_exists(first) {
+            return Err(generic(format!("Bus '{first}' not found")));
+        }
+        let mut bus = first.to_owned();
+        while let Some(dev_id) = parts.next() {
+            let child_bus = self
+                .list
+                .borrow()
+                .iter()
+                .find(|d| {
+                    d.id.as_deref() == Some(dev_id) && d.bus.as_deref().is_none_or(|b| b == bus)
+                })
+                .map(|d| match d.model.kind {
+                    Kind::PciBridge => d.id.clone().map(|b| (b, false)),
+                    Kind::Lsi => d.bus_name.clone().map(|b| (b, false)),
+                    // A virtio proxy's one bus is a virtio bus, which its device fills.
+                    Kind::VirtioBlk | Kind::VirtioScsi => Some(("virtio-bus".to_owned(), true)),
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorClass::DeviceNotFound,
+                        format!("Device '{dev_id}' not found"),
+                    )
+                })?;
+            let full = match (parts.next(), child_bus) {
+                (None, Some((b, full))) => {
+                    bus = b;
+                    full
+                }
+                (None, None) => {
+                    return Err(generic(format!("Device '{dev_id}' has no child bus")));
+                }
+                (Some(want), Some((b, full))) if want == b => {
+                    bus = b;
+                    full
+                }
+                (Some(want), _) => return Err(generic(format!("Bus '{want}' not found"))),
+            };
+            if full && parts.clone().next().is_none() {
+                return Err(generic(format!("Bus '{path}' is full")));
+            }
+        }
+        Ok(bus)
     }
 
     /// The bus an absolute path names, as QEMU's `qbus_find` walks it from the system bus:

@@ -239,6 +239,35 @@ impl ReopenArgs {
     }
 }
 
+/// The first option given for `node` (or, after its own, for a child) that no node of its
+/// driver takes: QEMU finds it left over once the node's reopen is prepared, and changed.
+fn unknown_option(node: &Node, given: &QDict) -> Option<String> {
+    let own = given
+        .iter_qemu_order()
+        .find(|(k, _)| node.child(k).is_none() && !is_node_option(node.driver_name(), k));
+    if let Some((key, _)) = own {
+        return Some(key.to_owned());
+    }
+    given.iter_qemu_order().find_map(|(k, v)| {
+        let child = node.child(k)?;
+        unknown_option(&child, v.as_dict()?)
+    })
+}
+
+/// Whether `key` is an option of `driver`'s nodes (a member of `BlockdevOptions` for it).
+fn is_node_option(driver: &str, key: &str) -> bool {
+    let schema = ferrite_qapi::schema();
+    let Some(ferrite_qapi::schema::TypeDef::Union { base, cases, .. }) =
+        schema.type_def("BlockdevOptions")
+    else {
+        return true;
+    };
+    base.iter().any(|m| m.name == key)
+        || cases
+            .get(driver)
+            .is_some_and(|case| schema.struct_members(case).iter().any(|m| m.name == key))
+}
+
 /// A `-c` cache mode: write-back, `cache.direct`, `cache.no-flush`.
 fn cache_mode(mode: &str) -> Option<(bool, bool, bool)> {
     Some(match mode {
@@ -304,6 +333,9 @@ pub(crate) async fn run(graph: &Rc<Graph>, blk: &BlockBackend, args: &[&str]) ->
         return Err(Said::error("Cannot set both -c and the cache options"));
     }
     if let Some(given) = &given {
+        if let Some(key) = unknown_option(&top, given) {
+            return Err(Said::Error(format!("Cannot change the option '{key}'")));
+        }
         if let Err(e) = plan.options(graph, &top, given) {
             return Err(Said::Error(e));
         }
