@@ -203,6 +203,15 @@ FOUND = [
     ("device_add", {"driver": "virtio-blk-pci", "id": "v9", "bus": "pci.0/vblk0"}),
     ("device_add", {"driver": "virtio-blk-pci", "id": "v9", "bus": "pci.0/vblk0/x"}),
     ("device_add", {"driver": "virtio-blk-pci", "id": "v9", "bus": "pci.0/vblk0/virtio-bus"}),
+    # A backup's min-cluster-size: too large before the filter's name, not a power of two
+    # after it (system seed 563).
+    ("drive-backup", {"device": "drive1", "sync": "full", "target": "x.raw", "format": "raw",
+                      "filter-node-name": "",
+                      "x-perf": {"min-cluster-size": -9223372036854775808}}),
+    ("drive-backup", {"device": "drive1", "sync": "full", "target": "x.raw", "format": "raw",
+                      "filter-node-name": "", "x-perf": {"min-cluster-size": 3}}),
+    ("drive-backup", {"device": "drive1", "sync": "full", "target": "x.raw", "format": "raw",
+                      "x-perf": {"min-cluster-size": 3}}),
 ]
 
 

@@ -156,10 +156,10 @@ impl CbwDriver {
         // narrows it only after the filter exists, whose snapshot therefore keeps every
         // cluster readable.
         let shared = copy.is_some();
+        let min = min_cluster_size(args.opt_u64("min-cluster-size"))?;
         let copy = match copy {
             Some(c) => c,
             None => {
-                let min = min_cluster_size(args.opt_u64("min-cluster-size"))?;
                 let cluster = cluster_size_for(&target.node()).max(min);
                 let len = file.len();
                 match &bitmap {

@@ -44,8 +44,10 @@ impl Perf {
         };
         let max_chunk =
             u64::try_from(perf.opt_i64("max-chunk").unwrap_or(0)).map_err(|_| Error::MaxChunk)?;
-        let min_cluster = ferrite_block::copy::min_cluster_size(perf.opt_u64("min-cluster-size"))
-            .map_err(Error::CreateNode)?;
+        // Judged when the filter is made (`min_cluster_option`); one it will refuse counts
+        // for nothing until then.
+        let min_cluster =
+            ferrite_block::copy::min_cluster_size(perf.opt_u64("min-cluster-size")).unwrap_or(0);
         Ok(Perf {
             max_workers,
             max_chunk,
@@ -382,9 +384,9 @@ async fn prepare_nodes(
     if compress && !target.supports_compressed_writes() {
         return Err(Error::CannotCompress(target.device_name()));
     }
-    let perf = Perf::parse(args.dict("x-perf"))?;
     graph.check_op(&source, BlockOp::BackupSource)?;
     graph.check_op(&target, BlockOp::BackupTarget)?;
+    let perf = Perf::parse(args.dict("x-perf"))?;
     if source.len() != target.len() {
         return Err(Error::DifferentSizes);
     }
@@ -403,6 +405,15 @@ async fn prepare_nodes(
         .with("file", source.name())
         .with("target", target.name());
     filter_opts.insert_opt("node-name", args.opt_str("filter-node-name"));
+    if let Some(min) = args
+        .dict("x-perf")
+        .and_then(|p| p.opt_u64("min-cluster-size"))
+    {
+        // QEMU passes it to the filter as a signed number, which it checks after the
+        // filter's name.
+        let min = i64::try_from(min).map_err(|_| Error::MinClusterTooLarge(min))?;
+        filter_opts.insert("min-cluster-size", min);
+    }
     let filter = graph
         .insert_filter_node(
             &source,

@@ -52,9 +52,9 @@ pub enum Error {
     /// Backup's `x-perf` `max-chunk` negative.
     #[error("max-chunk must be zero (which means no limit) or positive")]
     MaxChunk,
-    /// Backup's filter could not be made.
-    #[error("Could not create node: {0}")]
-    CreateNode(ferrite_block::Error),
+    /// Backup's `x-perf` `min-cluster-size` beyond a signed 64-bit number.
+    #[error("min-cluster-size too large: {0} > 9223372036854775807")]
+    MinClusterTooLarge(u64),
     /// A backup of a node to itself.
     #[error("Source and target cannot be the same")]
     SameSourceAndTarget,
