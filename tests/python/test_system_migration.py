@@ -39,14 +39,6 @@ def statuses(m, until):
     return seen
 
 
-def settled(m, status, seconds=30):
-    """Waits until `m`'s run state is `status`."""
-    deadline = time.monotonic() + seconds
-    while m.qmp.cmd("query-status")["return"]["status"] != status:
-        assert time.monotonic() < deadline, f"not {status} after {seconds} s"
-        time.sleep(0.01)
-
-
 BLOCKDEV = ["-blockdev", "driver=file,node-name=disk-file,filename={img}",
             "-blockdev", "driver=qcow2,node-name=disk,file=disk-file"]
 DRIVE = ["-drive", "if=none,id=d0,node-name=disk,file={img},format=qcow2"]
@@ -465,9 +457,10 @@ def hmp_migration_transcript(binary, accel, w):
         out.append(hmp("migrate -d exec:cat>/dev/null"))
         out.append(m.qmp.cmd("migrate-start-postcopy"))
         out.append(("statuses", statuses(m, "completed")))
-        # QEMU announces `completed` before its clean-up sets the machine `postmigrate`;
-        # a `cont` in between (under load) was undone, and the next migration hung.
-        settled(m, "postmigrate")
+        # QEMU announces `completed` before its clean-up moves the machine on to
+        # `postmigrate`; a `cont` in between (under load) was undone, and the next
+        # migration hung.
+        settled_status(m)
         out.append([line for line in hmp("info migrate")["return"].splitlines()
                     if line.startswith("Migration status")])
         out.append(hmp("migrate_continue pre-switchover"))

@@ -92,23 +92,9 @@ pub enum Error {
     /// `ringbuf-write` with bad base64.
     #[error("Base64 data contains invalid characters")]
     Base64,
-    /// A boolean option with another value.
-    #[error("Parameter '{0}' expects 'on' or 'off'")]
-    ExpectsBool(String),
-    /// A number option with another value.
-    #[error("Parameter '{0}' expects a number")]
-    ExpectsNumber(String),
-    /// A number option beyond 64 bits.
-    #[error("Value '{value}' is too large for parameter '{key}'")]
-    NumberTooLarge {
-        /// The text given.
-        value: String,
-        /// The option.
-        key: String,
-    },
-    /// A size option with another value.
-    #[error("Parameter '{0}' expects {hint}", hint = ferrite_qapi::visit::SIZE_HINT.trim_end())]
-    ExpectsSize(String),
+    /// An option's value not of its type.
+    #[error(transparent)]
+    Value(#[from] ferrite_qapi::qemu_opts::ValueError),
     /// `--chardev` without a backend (named by the chardev's id).
     #[error("chardev: \"{0}\" missing backend")]
     BackendMissing(String),

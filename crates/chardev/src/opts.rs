@@ -32,14 +32,7 @@ pub struct ChardevSpec {
     pub mux: bool,
 }
 
-/// The value type of a QemuOpts option.
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Str,
-    Num,
-    Bool,
-    Size,
-}
+use qemu_opts::OptType as Kind;
 
 /// QEMU's `qemu_chardev_opts`: every option any backend takes.
 const KEYS: &[(&str, Kind)] = &[
@@ -51,28 +44,28 @@ const KEYS: &[(&str, Kind)] = &[
     ("fd", Kind::Str),
     ("localaddr", Kind::Str),
     ("localport", Kind::Str),
-    ("to", Kind::Num),
+    ("to", Kind::Number),
     ("ipv4", Kind::Bool),
     ("ipv6", Kind::Bool),
     ("wait", Kind::Bool),
     ("server", Kind::Bool),
     ("delay", Kind::Bool),
     ("nodelay", Kind::Bool),
-    ("reconnect", Kind::Num),
-    ("reconnect-ms", Kind::Num),
+    ("reconnect", Kind::Number),
+    ("reconnect-ms", Kind::Number),
     ("telnet", Kind::Bool),
     ("tn3270", Kind::Bool),
     ("tls-creds", Kind::Str),
     ("tls-authz", Kind::Str),
     ("websocket", Kind::Bool),
-    ("width", Kind::Num),
-    ("height", Kind::Num),
-    ("cols", Kind::Num),
-    ("rows", Kind::Num),
+    ("width", Kind::Number),
+    ("height", Kind::Number),
+    ("cols", Kind::Number),
+    ("rows", Kind::Number),
     ("mux", Kind::Bool),
     ("signal", Kind::Bool),
     ("name", Kind::Str),
-    ("debug", Kind::Num),
+    ("debug", Kind::Number),
     ("size", Kind::Size),
     ("chardev", Kind::Str),
     ("chardevs.0", Kind::Str),
@@ -108,20 +101,6 @@ pub(crate) fn has_driver(name: &str) -> bool {
     BACKEND_HELP_ORDER.contains(&name)
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    qemu_opts::boolean(v).ok_or_else(|| Error::ExpectsBool(key.to_owned()))
-}
-
-fn parse_number(key: &str, v: &str) -> Result<u64> {
-    qemu_opts::number(v).map_err(|e| match e {
-        qemu_opts::NumberError::Invalid => Error::ExpectsNumber(key.to_owned()),
-        qemu_opts::NumberError::TooLarge => Error::NumberTooLarge {
-            value: v.to_owned(),
-            key: key.to_owned(),
-        },
-    })
-}
-
 fn backend_help() -> String {
     let mut text = String::from("Available chardev backend types: \n");
     for name in BACKEND_HELP_ORDER {
@@ -136,7 +115,7 @@ fn option_help() -> String {
         .map(|(name, kind)| {
             let ty = match kind {
                 Kind::Str => "str",
-                Kind::Num => "num",
+                Kind::Number => "num",
                 Kind::Bool => "bool (on/off)",
                 Kind::Size => "size",
             };
@@ -166,12 +145,13 @@ impl Opts {
 
     fn flag(&self, key: &str) -> Option<bool> {
         // Checked when parsed.
-        self.get(key).map(|v| parse_bool(key, v).unwrap_or(false))
+        self.get(key)
+            .map(|v| qemu_opts::boolean(v).unwrap_or(false))
     }
 
     fn number(&self, key: &str) -> Option<i64> {
         self.get(key)
-            .map(|v| parse_number(key, v).map_or(0, |n| n as i64))
+            .map(|v| qemu_opts::number(v).map_or(0, |n| n as i64))
     }
 
     /// Copies boolean `opt` into `data` as `member`.
@@ -229,19 +209,7 @@ fn parse(text: &str, warnings: &mut Vec<String>) -> Result<ChardevOpts> {
             let Some(&(_, kind)) = KEYS.iter().find(|(k, _)| *k == key) else {
                 return Err(Error::InvalidParameter(key));
             };
-            match kind {
-                Kind::Str => {}
-                Kind::Bool => {
-                    parse_bool(&key, &value)?;
-                }
-                Kind::Num => {
-                    parse_number(&key, &value)?;
-                }
-                Kind::Size => {
-                    ferrite_qapi::visit::parse_size(&value)
-                        .ok_or_else(|| Error::ExpectsSize(key.clone()))?;
-                }
-            }
+            qemu_opts::check(&key, kind, &value)?;
         }
         opts.push((key, value));
     }

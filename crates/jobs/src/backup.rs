@@ -27,7 +27,8 @@ struct Perf {
     max_workers: usize,
     /// Largest request in bytes; 0 for the default.
     max_chunk: u64,
-    min_cluster: u64,
+    /// As given: the filter judges it when it is made.
+    min_cluster_size: Option<u64>,
 }
 
 impl Perf {
@@ -44,15 +45,17 @@ impl Perf {
         };
         let max_chunk =
             u64::try_from(perf.opt_i64("max-chunk").unwrap_or(0)).map_err(|_| Error::MaxChunk)?;
-        // Judged when the filter is made (`min_cluster_option`); one it will refuse counts
-        // for nothing until then.
-        let min_cluster =
-            ferrite_block::copy::min_cluster_size(perf.opt_u64("min-cluster-size")).unwrap_or(0);
         Ok(Perf {
             max_workers,
             max_chunk,
-            min_cluster,
+            min_cluster_size: perf.opt_u64("min-cluster-size"),
         })
+    }
+
+    /// The smallest cluster the copy may use (one the filter will refuse counts for
+    /// nothing: the backup goes no further).
+    fn min_cluster(&self) -> u64 {
+        ferrite_block::copy::min_cluster_size(self.min_cluster_size).unwrap_or(0)
     }
 
     /// Chunks in flight: `max-workers`, as long as their buffers stay within 128 MiB (QEMU
@@ -390,7 +393,7 @@ async fn prepare_nodes(
     if source.len() != target.len() {
         return Err(Error::DifferentSizes);
     }
-    let cluster = ferrite_block::copy::cluster_size_for(&target).max(perf.min_cluster);
+    let cluster = ferrite_block::copy::cluster_size_for(&target).max(perf.min_cluster());
     // The job's ID is judged when the job is created, after the filter (as in QEMU).
     let speed = args.opt_i64("speed").unwrap_or(0);
     let copy = match (&bitmap, sync) {
@@ -405,10 +408,7 @@ async fn prepare_nodes(
         .with("file", source.name())
         .with("target", target.name());
     filter_opts.insert_opt("node-name", args.opt_str("filter-node-name"));
-    if let Some(min) = args
-        .dict("x-perf")
-        .and_then(|p| p.opt_u64("min-cluster-size"))
-    {
+    if let Some(min) = perf.min_cluster_size {
         // QEMU passes it to the filter as a signed number, which it checks after the
         // filter's name.
         let min = i64::try_from(min).map_err(|_| Error::MinClusterTooLarge(min))?;

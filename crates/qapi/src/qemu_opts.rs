@@ -84,6 +84,64 @@ pub fn number(value: &str) -> Result<u64, NumberError> {
     Ok(if negative { n.wrapping_neg() } else { n })
 }
 
+/// The value type of a QemuOpts option (`QemuOptType`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OptType {
+    /// Any text.
+    Str,
+    /// `qemu_strtou64` with base 0.
+    Number,
+    /// on/off and their synonyms.
+    Bool,
+    /// A size with an optional suffix (`qemu_strtosz`).
+    Size,
+}
+
+/// A value QEMU's option parser refuses for an option of its type, with QEMU's text.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// A boolean option (named) with another value.
+    #[error("Parameter '{0}' expects 'on' or 'off'")]
+    ExpectsBool(String),
+    /// A number option (named) with another value.
+    #[error("Parameter '{0}' expects a number")]
+    ExpectsNumber(String),
+    /// A number option beyond 64 bits.
+    #[error("Value '{value}' is too large for parameter '{key}'")]
+    NumberTooLarge {
+        /// The text given.
+        value: String,
+        /// The option.
+        key: String,
+    },
+    /// A size option (named) with another value.
+    #[error("Parameter '{0}' expects {hint}", hint = crate::visit::SIZE_HINT.trim_end())]
+    ExpectsSize(String),
+}
+
+/// Checks `value` for option `key` of type `ty`, as QEMU's `qemu_opt_parse` does.
+///
+/// # Errors
+/// QEMU's text for a value that is not of the type.
+pub fn check(key: &str, ty: OptType, value: &str) -> Result<(), ValueError> {
+    match ty {
+        OptType::Str => Ok(()),
+        OptType::Bool => boolean(value)
+            .map(drop)
+            .ok_or_else(|| ValueError::ExpectsBool(key.to_owned())),
+        OptType::Number => number(value).map(drop).map_err(|e| match e {
+            NumberError::Invalid => ValueError::ExpectsNumber(key.to_owned()),
+            NumberError::TooLarge => ValueError::NumberTooLarge {
+                value: value.to_owned(),
+                key: key.to_owned(),
+            },
+        }),
+        OptType::Size => crate::visit::parse_size(value)
+            .map(drop)
+            .ok_or_else(|| ValueError::ExpectsSize(key.to_owned())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

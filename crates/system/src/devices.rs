@@ -1320,9 +1320,8 @@ impl Devices {
     /// (DeviceNotFound), "Device 'x' has no child bus", "Bus 'path' is full" (a virtio
     /// proxy's bus).
     fn bus_by_relative_path(&self, path: &str) -> Result<String, Error> {
-        let mut parts = path.split('/').filter(|p| !p.is_empty());
-        let first = path.split('/').next().unwrap_or_default();
-        parts.next();
+        let (first, rest) = path.split_once('/').unwrap_or((path, ""));
+        let mut parts = rest.split('/').filter(|p| !p.is_empty());
         if !self.bus_exists(first) {
             return Err(generic(format!("Bus '{first}' not found")));
         }

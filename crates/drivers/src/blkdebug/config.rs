@@ -3,17 +3,9 @@
 //! `qemu_config_parse` reads one, then from the node's own rule lists. Each group is checked
 //! against its options' names and types as it is added, with QEMU's texts.
 
-use ferrite_qapi::qemu_opts::{self, NumberError};
+use ferrite_qapi::qemu_opts::{self, OptType};
 use ferrite_qobject::{QDict, QObject};
 use std::io::{BufRead, BufReader, Read};
-
-/// The type of one of a group's options (QEMU's `QemuOptType`).
-#[derive(Clone, Copy)]
-enum OptType {
-    Str,
-    Number,
-    Bool,
-}
 
 /// The options of the `inject-error` group, in QEMU's order.
 const INJECT_ERROR: &[(&str, OptType)] = &[
@@ -129,7 +121,7 @@ impl Groups {
             let Some(&(_, kind)) = group.options().iter().find(|(name, _)| *name == key) else {
                 return Err(format!("Invalid parameter '{key}'"));
             };
-            check_value(key, kind, &value)?;
+            qemu_opts::check(key, kind, &value).map_err(|e| e.to_string())?;
             values.push((key.to_owned(), value));
         }
         self.entries.push(RuleOpts { group, id, values });
@@ -215,20 +207,6 @@ impl Groups {
             self.add(&group, &dict)?;
         }
         Ok(())
-    }
-}
-
-/// QEMU's check of an option's value against its type.
-fn check_value(key: &str, kind: OptType, value: &str) -> Result<(), String> {
-    match kind {
-        OptType::Str => Ok(()),
-        OptType::Bool => qemu_opts::boolean(value)
-            .map(drop)
-            .ok_or_else(|| format!("Parameter '{key}' expects 'on' or 'off'")),
-        OptType::Number => qemu_opts::number(value).map(drop).map_err(|e| match e {
-            NumberError::Invalid => format!("Parameter '{key}' expects a number"),
-            NumberError::TooLarge => format!("Value '{value}' is too large for parameter '{key}'"),
-        }),
     }
 }
 
