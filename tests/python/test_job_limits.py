@@ -61,3 +61,66 @@ def test_quit_ends_a_mirror_reading_through_a_throttled_node(both):
     expected = scenario(q)
     assert expected == ({"return": {}}, 0, True)
     assert scenario(f) == expected
+
+
+def _backing_chain(w, size="40M"):
+    """base.img with 64 KiB of data at 0, top.img over it with 64 KiB at 1 MiB, and an
+    empty target: three extents of the source's block status in its first 2 MiB."""
+    for args in (["create", "-q", "-f", "qcow2", str(w / "base.img"), size],
+                 ["create", "-q", "-f", "qcow2", "-b", str(w / "base.img"), "-F", "qcow2",
+                  str(w / "top.img"), size],
+                 ["create", "-q", "-f", "qcow2", str(w / "tgt.img"), size]):
+        subprocess.run(["qemu-img", *args], check=True)
+    for img, at in (("base.img", 0), ("top.img", 1 << 20)):
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write {at} 64k", str(w / img)],
+                       check=True, capture_output=True)
+
+
+def _job_transcript(d, job_cmd):
+    """`job_cmd` and `query-jobs` sent in one write, then `query-jobs` again 0.5 s later and
+    the job cancelled: the replies, then the BLOCK_JOB_* events without timestamps."""
+    import json
+    w = d.workdir
+    _backing_chain(w)
+    c = d.connect()
+    for node, img in (("src", "top.img"), ("tgt", "tgt.img")):
+        c.cmd("blockdev-add", {"driver": "qcow2", "node-name": node,
+                               "file": {"driver": "file", "filename": str(w / img)}})
+    c.cmd("block-dirty-bitmap-add", {"node": "src", "name": "b"})
+    lines = c.transcript(json.dumps(job_cmd).encode() + b'{"execute":"query-jobs"}')
+    time.sleep(0.5)
+    lines += c.transcript(b'{"execute":"query-jobs"}'
+                          b'{"execute":"block-job-cancel","arguments":{"device":"j"}}')
+    time.sleep(0.3)
+    lines += c.transcript(b'{"execute":"query-jobs"}')
+    c.close()
+    msgs = [json.loads(x) for x in lines]
+    # QEMU runs a job with nothing to copy to its end inside the command (the command's
+    # drained section polls its event loop), so its events may come before the command's
+    # reply: replies and events are compared each in their own order.
+    replies = [m for m in msgs if "event" not in m]
+    events = [{k: v for k, v in m.items() if k != "timestamp"} for m in msgs
+              if m.get("event", "").startswith("BLOCK_JOB_")]
+    return [normalize(json.dumps(m)) for m in replies + events]
+
+
+def test_jobs_at_speed_one_start_and_move_as_qemus(both):
+    """What a slow job shows right after its command and half a second later: a backup's
+    total is known at once, its first request is one extent of the source (64 KiB here, not
+    a megabyte), a backup with nothing to copy is over before the next command, and a
+    mirror issues a whole buffer's worth of chunks before its rate limit sleeps."""
+    q, f = both()
+    for job in ({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"},
+                {"job-id": "j", "device": "src", "target": "tgt", "sync": "none"},
+                {"job-id": "j", "device": "src", "target": "tgt", "sync": "bitmap",
+                 "bitmap": "b", "bitmap-mode": "always"}):
+        cmd = {"execute": "blockdev-backup", "arguments": dict(job, speed=1)}
+        expected = _job_transcript(q, cmd)
+        assert _job_transcript(f, cmd) == expected, job
+        q, f = both()
+    cmd = {"execute": "blockdev-mirror",
+           "arguments": {"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                         "speed": 1}}
+    expected = _job_transcript(q, cmd)
+    assert '"current-progress": 16777216' in expected[3]
+    assert _job_transcript(f, cmd) == expected

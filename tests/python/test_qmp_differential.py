@@ -275,21 +275,29 @@ def test_generated_commands_get_qsds_answers(qsd, ferrite, seed):
 @pytest.mark.skipif("FERRITE_QMP_REPLAY" not in os.environ,
                     reason="a debugging aid: set FERRITE_QMP_REPLAY=SEED:STEP")
 def test_replay_a_generated_case(qsd, ferrite):
-    seed, _, step = os.environ["FERRITE_QMP_REPLAY"].partition(":")
-    theirs, ours = Side(qsd), Side(ferrite)
+    replay(lambda: Side(qsd), lambda: Side(ferrite),
+           lambda ours, seed: Generator(ours.c.cmd("query-qmp-schema")["return"], seed),
+           os.environ["FERRITE_QMP_REPLAY"])
+
+
+def replay(new_theirs, new_ours, generator, seed_step):
+    """Prints what both sides ran of `generator(ours, seed)`'s commands since they last
+    started, then both answers at the step (`seed_step` is "SEED:STEP")."""
+    seed, _, step = seed_step.partition(":")
+    theirs, ours = new_theirs(), new_ours()
     stuck = set()
-    gen = Generator(ours.c.cmd("query-qmp-schema")["return"], int(seed))
+    gen = generator(ours, int(seed))
     history = []
     for i in range(int(step) + 1):
         name, args = gen.case()
         a, b = theirs.run(name, args), ours.run(name, args)
         line = f"{i} {json.dumps([name, args])}"
         if i == int(step):
-            print("\n".join(history + [line, f"  qsd:     {a}", f"  ferrite: {b}"]))
+            print("\n".join(history + [line, f"  qemu:    {a}", f"  ferrite: {b}"]))
         elif "died" in a or ours.kept_file(b) or ("return" in a) != ("return" in b):
             theirs.stop()
             ours.stop()
-            theirs, ours = Side(qsd), Side(ferrite)
+            theirs, ours = new_theirs(), new_ours()
             stuck = set()
             history = []
         else:

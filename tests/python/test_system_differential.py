@@ -16,7 +16,7 @@ import pytest
 
 from test_qmp_differential import SETUP as DAEMON_SETUP
 from test_qmp_differential import (SKIP, STRINGS, Generator, Side, generated_differences,
-                                   no_client)
+                                   no_client, replay)
 from test_system import QEMU, SYSTEM, Machine
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 (the oracle) is missing; scripts/setup.sh installs it")
@@ -115,6 +115,17 @@ def test_generated_commands_get_qemu_systems_answers(machines, seed):
                                MACHINE_STRINGS, MACHINE_SKIP),
         CASES, not_modelled)
     assert not differences, "\n".join(differences)
+
+
+# FERRITE_SYSTEM_REPLAY=SEED:STEP, as FERRITE_QMP_REPLAY for the storage daemon.
+@pytest.mark.skipif("FERRITE_SYSTEM_REPLAY" not in os.environ,
+                    reason="a debugging aid: set FERRITE_SYSTEM_REPLAY=SEED:STEP")
+def test_replay_a_generated_case(machines):
+    start_theirs, start_ours = machines
+    replay(lambda: MachineSide(start_theirs), lambda: MachineSide(start_ours),
+           lambda ours, seed: Generator(ours.c.cmd("query-qmp-schema")["return"], seed,
+                                        MACHINE_STRINGS, MACHINE_SKIP),
+           os.environ["FERRITE_SYSTEM_REPLAY"])
 
 
 # Commands longer searches found answered differently, in the order they run (some make

@@ -288,20 +288,27 @@ impl BlockCopy {
                 c += 1;
                 continue;
             }
-            // A run of clusters to copy that nobody else is copying.
-            let mut n = 1;
-            while c + n < end
-                && n * self.cluster < MAX_CHUNK
-                && self.is_dirty(c + n)
-                && !self.in_flight.borrow().contains_key(&(c + n))
-            {
-                n += 1;
-            }
-            let n = self.within_extent(source, c, n).await;
+            let n = self.run_at(source, c, end - c).await;
             done += self.copy_run(source, target, c, n).await?;
             c += n;
         }
         Ok(done)
+    }
+
+    /// How many clusters one copy from dirty cluster `c` takes (at least one, at most
+    /// `max` and a chunk): those to copy that follow it, that nobody else is copying, and
+    /// that lie in the source's extent at `c`. The background copy sizes its requests by
+    /// this before the rate limit counts them, as QEMU's block-copy sizes its tasks.
+    pub async fn run_at(&self, source: &Child, c: u64, max: u64) -> u64 {
+        let mut n = 1;
+        while n < max
+            && n * self.cluster < MAX_CHUNK
+            && self.is_dirty(c + n)
+            && !self.in_flight.borrow().contains_key(&(c + n))
+        {
+            n += 1;
+        }
+        self.within_extent(source, c, n).await
     }
 
     /// How many of the `n` clusters from `c` lie in the source's extent at `c` (at least

@@ -194,23 +194,28 @@ impl BackupJob {
                 workers.shutdown().await;
                 return Ok(());
             }
-            job.rate_limit_before(self.chunk.min(self.copy.len() - c * cs))
+            // One request per run the source's block status allows, as QEMU's tasks: the
+            // rate limit counts what each really moves.
+            let clusters = self
+                .copy
+                .run_at(&self.source_edge, c, self.chunk / cs)
                 .await;
+            let bytes = (clusters * cs).min(self.copy.len() - c * cs);
+            job.rate_limit_before(bytes).await;
             // Chunks finish while the limiter holds the next one back.
             self.progress(job);
             if job.is_cancelled() {
                 workers.shutdown().await;
                 return Ok(());
             }
-            let (copy, source, target, chunk) = (
+            let (copy, source, target) = (
                 self.copy.clone(),
                 self.source_edge.clone(),
                 self.target_edge.clone(),
-                self.chunk,
             );
             let me = job.me.clone();
             workers.spawn_local(ferrite_block::io::background(async move {
-                let r = copy.copy(&source, &target, c * cs, chunk).await;
+                let r = copy.copy(&source, &target, c * cs, bytes).await;
                 // Progress counts each chunk as it lands, as QEMU's block-copy callback does;
                 // not while the job is paused, which QEMU only is once its copies landed
                 // (the job's loop counts them when it runs again).
@@ -224,7 +229,7 @@ impl BackupJob {
                 }
                 r
             }));
-            next = c + chunk / cs;
+            next = c + clusters;
         }
         self.progress(job);
         self.target_edge
@@ -302,6 +307,11 @@ impl JobDriver for BackupJob {
     fn cancel(&self, _job: &Job, _force: bool) -> bool {
         self.target.cancel_in_flight();
         true
+    }
+
+    /// What is to copy is known before the first chunk: the total shows at once.
+    fn begin(&self, job: &Job) {
+        self.progress(job);
     }
 
     fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture {

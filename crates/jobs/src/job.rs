@@ -38,6 +38,11 @@ pub trait JobDriver {
         false
     }
 
+    /// What the work does at once as the job starts, before anything could run beside it
+    /// (QEMU's job coroutine runs until it first yields before `job_start` returns): a
+    /// `query-jobs` right after the job's command sees it.
+    fn begin(&self, _job: &Job) {}
+
     /// The main work. It should call [`Job::pause_point`] between steps so that pause and
     /// cancel take effect.
     fn run(self: Rc<Self>, job: Rc<Job>) -> JobFuture;
@@ -374,6 +379,12 @@ impl Job {
     /// moved (block-copy's order, for backup: a chunk waits only for the chunks before it).
     pub async fn rate_limit_before(&self, bytes: u64) {
         self.limit(0, true).await;
+        self.limit(bytes, false).await;
+    }
+
+    /// Accounts `bytes` moved without waiting: the next [`Job::rate_limit`] waits for them
+    /// (mirror's iteration issues a whole run of chunks, then sleeps).
+    pub async fn rate_limit_account(&self, bytes: u64) {
         self.limit(bytes, false).await;
     }
 

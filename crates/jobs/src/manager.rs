@@ -121,6 +121,9 @@ impl JobManager {
             job.enter_pause();
             job.set_busy(false);
         }
+        // A job starts paused only inside its command's own drained section, and QEMU's
+        // resumes before the command returns: either way it has begun by then.
+        job.driver.begin(job);
         let me = self.clone();
         let j = job.clone();
         tokio::task::spawn_local(async move {

@@ -235,6 +235,10 @@ impl Monitor {
             if let Some(rsp) = rsp {
                 self.send(session, rsp);
             }
+            // What the command set going (a job that has nothing to wait for) goes as far
+            // as it can before the next command runs: QEMU's dispatcher passes through its
+            // main loop between commands.
+            tokio::task::yield_now().await;
             if session.reader_done.get() {
                 // The peer hung up: QEMU drops what it had queued.
                 session.requests.borrow_mut().clear();
