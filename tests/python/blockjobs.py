@@ -24,6 +24,18 @@ def add(q, name, path, **extra):
     assert r == {"return": {}}, r
 
 
+def source_and_target(d, size, data):
+    """In daemon `d`'s directory: src.qcow2 of `size` with `data` written (a qemu-io write's
+    arguments) and an empty tgt.qcow2 as big; a connection with src added as `src`."""
+    w = d.workdir
+    qcow2(w / "src.qcow2", size)
+    run("qemu-io", "-c", f"write {data}", w / "src.qcow2")
+    qcow2(w / "tgt.qcow2", size)
+    q = d.connect()
+    add(q, "src", w / "src.qcow2")
+    return q
+
+
 def export(q, d, node, name, writable):
     sock = str(d.workdir / "nbd.sock")
     if not os.path.exists(sock):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from blockjobs import (add, export, full_source_and_small_target, qcow2, qemu_io, run,
-                       small_fs, wait_job_gone)
+                       small_fs, source_and_target, wait_job_gone)
 from conftest import wait_for
 
 
@@ -608,11 +608,7 @@ def test_a_paused_backup_copies_nothing_more_like_qemu(both):
     progress no longer moves the offset of a paused job)."""
     for d in both():
         w = d.workdir
-        qcow2(w / "src.qcow2", "64M")
-        run("qemu-io", "-c", "write -P 0x5a 0 64M", w / "src.qcow2")
-        qcow2(w / "tgt.qcow2", "64M")
-        q = d.connect()
-        add(q, "src", w / "src.qcow2")
+        q = source_and_target(d, "64M", "-P 0x5a 0 64M")
         add(q, "tgt", w / "tgt.qcow2")
         assert q.cmd("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt",
                                          "sync": "full", "speed": 64 * 1024}) == {"return": {}}
@@ -683,3 +679,29 @@ def test_compressed_backup_needs_a_target_that_stores_compressed_clusters_like_q
                                "desc": "Compression is not supported for this drive "}}) in theirs
     assert any("compressed" in line for line in theirs[-1][1])
     assert ours == theirs
+
+
+def test_backup_ends_without_flushing_its_target(both):
+    """QEMU's backup does not flush its target when it ends (a target the user added is
+    flushed when the user closes it): a target whose flushes fail still completes, as
+    qemu-storage-daemon's does. ferrite flushed, so the job failed, and each backup waited
+    for the page cache to reach the disk."""
+    def scenario(d):
+        w = d.workdir
+        q = source_and_target(d, "1M", "0 512k")
+        r = q.cmd("blockdev-add", {
+            "driver": "qcow2", "node-name": "tgt",
+            "file": {"driver": "blkdebug",
+                     "inject-error": [{"event": "flush_to_disk", "errno": 5}],
+                     "image": {"driver": "file", "filename": str(w / "tgt.qcow2")}}})
+        assert r == {"return": {}}, r
+        r = q.cmd("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt",
+                                      "sync": "full"})
+        ev = q.wait_event("BLOCK_JOB_COMPLETED")
+        q.close()
+        return r, ev["data"]
+
+    qsd, ferrite = both()
+    expected = scenario(qsd)
+    assert "error" not in expected[1]
+    assert scenario(ferrite) == expected

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from blockjobs import (add, export, full_source_and_small_target, qcow2, qemu_io, run,
-                       small_fs, wait_job_gone)
+                       small_fs, source_and_target, wait_job_gone)
 from conftest import qsd_reference, wait_for
 
 
@@ -127,11 +127,7 @@ def test_mirror_verbs_and_events_match_qemu(both):
     seen = []
     for d in both():
         w = d.workdir
-        qcow2(w / "src.qcow2", "4M")
-        run("qemu-io", "-c", "write -P 0x5 0 3M", w / "src.qcow2")
-        qcow2(w / "tgt.qcow2", "4M")
-        q = d.connect()
-        add(q, "src", w / "src.qcow2")
+        q = source_and_target(d, "4M", "-P 0x5 0 3M")
         add(q, "tgt", w / "tgt.qcow2")
         out = [q.cmd("blockdev-mirror", {"job-id": "j", "device": "src", "target": "tgt",
                                          "sync": "full", "speed": 65536,

@@ -232,10 +232,10 @@ impl BackupJob {
             next = c + clusters;
         }
         self.progress(job);
-        self.target_edge
-            .flush()
-            .await
-            .map_err(|e| ferrite_qapi::os_msg(&e))
+        // No flush of the target, as in QEMU: one the job opened (drive-backup) is flushed
+        // as it closes with the filter, one the user added when the user closes it. Waiting
+        // here for the page cache to reach the disk took most of a backup's time.
+        Ok(())
     }
 
     async fn work(&self, job: &Job) -> Result<(), String> {
@@ -289,6 +289,7 @@ impl BackupJob {
                 tracing::warn!(error = %e, "taking the copy-before-write filter out failed");
             }
             if self.drop_target {
+                // Gone with the filter already, unless something else took it meanwhile.
                 self.graph.close_inline(&self.target).await;
             }
         }

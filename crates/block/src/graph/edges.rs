@@ -299,7 +299,7 @@ impl Graph {
         if let Some(below) = filter.child(filtered) {
             self.replace(filter, &below).await?;
         }
-        self.forget_if_orphan(filter);
+        self.close_dropped_filter(filter).await;
         Ok(())
     }
 

@@ -8,6 +8,15 @@ use crate::node::Node;
 use ferrite_qapi::Args;
 use std::rc::Rc;
 
+/// What closing a node writes back first.
+#[derive(Clone, Copy)]
+enum Flush {
+    /// The node, and through it everything below it.
+    Subtree,
+    /// Only the nodes that go with it (a filter dropped from the graph).
+    BelowOnly,
+}
+
 impl Graph {
     /// `blockdev-add`: opens a node (and any inline children) from checked `BlockdevOptions`.
     ///
@@ -129,8 +138,24 @@ impl Graph {
     /// As [`Graph::release_inline`] for a node that may have written: it is closed (caches
     /// written back, image marked clean) before it goes.
     pub async fn close_inline(&self, node: &Rc<Node>) {
-        if !self.is_monitor_owned(node) && node.users().is_empty() {
-            self.close_subtree(node).await;
+        self.close_if_orphan(node, Flush::Subtree).await;
+    }
+
+    /// As [`Graph::close_inline`] for a filter taken out of the graph: not flushed itself
+    /// (nothing above it needs its writes made durable, and in QEMU a filter with no
+    /// parents keeps no write permission to flush through), but the nodes only it used
+    /// (a drive-backup's target) are written back and closed with it.
+    pub(crate) async fn close_dropped_filter(&self, filter: &Rc<Node>) {
+        self.close_if_orphan(filter, Flush::BelowOnly).await;
+    }
+
+    async fn close_if_orphan(&self, node: &Rc<Node>, flush: Flush) {
+        // One no longer in the graph went with its parent, closed already.
+        if !self.is_monitor_owned(node)
+            && node.users().is_empty()
+            && self.find(&node.name).is_some_and(|n| Rc::ptr_eq(&n, node))
+        {
+            self.close_subtree(node, flush).await;
             self.forget_if_orphan(node);
         }
     }
@@ -179,7 +204,7 @@ impl Graph {
     pub fn forget_if_orphan(&self, node: &Rc<Node>) {
         if !self.is_monitor_owned(node)
             && node.users().is_empty()
-            && self.find(&node.name).is_some()
+            && self.find(&node.name).is_some_and(|n| Rc::ptr_eq(&n, node))
         {
             self.remove(node);
         }
@@ -206,7 +231,7 @@ impl Graph {
         }
         self.monitor_owned.borrow_mut().retain(|n| n != name);
         let drained = self.drain(&node).await;
-        self.close_subtree(&node).await;
+        self.close_subtree(&node, Flush::Subtree).await;
         drop(drained);
         // QEMU detaches the children under the graph's write lock, which drains every
         // node: running jobs pause and resume around it, whatever nodes they use.
@@ -241,17 +266,23 @@ impl Graph {
         }
     }
 
-    /// Flushes `node` and closes it with the implicitly created nodes below it that go with
-    /// it (only it uses them), parents before children: an image opened inline under a
-    /// filter writes its caches back too (QEMU's `bdrv_close` flushes and closes each node
-    /// whose last reference goes).
-    async fn close_subtree(&self, node: &Rc<Node>) {
-        if node.is_active() {
-            // As QEMU's close, a failed flush does not stop the node from going.
-            let _ = node.flush().await;
-        }
+    /// Flushes `node` (as `flush` says) and closes it with the implicitly created nodes
+    /// below it that go with it (only it uses them), parents before children: an image
+    /// opened inline under a filter writes its caches back too (QEMU's `bdrv_close` flushes
+    /// and closes each node whose last reference goes).
+    async fn close_subtree(&self, node: &Rc<Node>, flush: Flush) {
         let mut closing = vec![node.clone()];
         while let Some(n) = closing.pop() {
+            let top = Rc::ptr_eq(&n, node);
+            // Flushing the top node flushes what is below it.
+            let flushed = match flush {
+                Flush::Subtree => top,
+                Flush::BelowOnly => !top,
+            };
+            if flushed && n.is_active() {
+                // As QEMU's close, a failed flush does not stop the node from going.
+                let _ = n.flush().await;
+            }
             self.close_node(&n).await;
             for c in n.children() {
                 let child = c.node();
