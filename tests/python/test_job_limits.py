@@ -123,4 +123,8 @@ def test_jobs_at_speed_one_start_and_move_as_qemus(both):
                          "speed": 1}}
     expected = _job_transcript(q, cmd)
     assert '"current-progress": 16777216' in expected[3]
-    assert _job_transcript(f, cmd) == expected
+    got = _job_transcript(f, cmd)
+    # Left out: how far the mirror got before the first query-jobs, which is timing (QEMU's
+    # first block-status read of the qcow2 metadata yields to its thread pool; ferrite's
+    # copies, started before that query, may have landed already on a busy machine).
+    assert got[:1] + got[2:] == expected[:1] + expected[2:]
