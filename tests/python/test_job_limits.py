@@ -1,6 +1,7 @@
 """Jobs held back by limits, against qemu-storage-daemon: a slow stream waits after its
 first chunk (the chunk just moved counts against the speed), and `quit` ends a mirror that
 reads through a throttled node at once (the daemon drains before it cancels jobs)."""
+import json
 import subprocess
 import time
 
@@ -79,7 +80,6 @@ def _backing_chain(w, size="40M"):
 def _job_transcript(d, job_cmd):
     """`job_cmd` and `query-jobs` sent in one write, then `query-jobs` again 0.5 s later and
     the job cancelled: the replies, then the BLOCK_JOB_* events without timestamps."""
-    import json
     w = d.workdir
     _backing_chain(w)
     c = d.connect()

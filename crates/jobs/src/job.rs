@@ -372,44 +372,47 @@ impl Job {
     /// big chunk stretches until the average holds). Wakes early when the speed changes, or
     /// the job is cancelled or paused.
     pub async fn rate_limit(&self, bytes: u64) {
-        self.limit(bytes, true).await;
+        self.rate_limit_account(bytes);
+        self.wait_for_quota().await;
     }
 
     /// Waits while the current slice is over its quota, then accounts `bytes` about to be
     /// moved (block-copy's order, for backup: a chunk waits only for the chunks before it).
     pub async fn rate_limit_before(&self, bytes: u64) {
-        self.limit(0, true).await;
-        self.limit(bytes, false).await;
+        self.wait_for_quota().await;
+        self.rate_limit_account(bytes);
     }
 
-    /// Accounts `bytes` moved without waiting: the next [`Job::rate_limit`] waits for them
-    /// (mirror's iteration issues a whole run of chunks, then sleeps).
-    pub async fn rate_limit_account(&self, bytes: u64) {
-        self.limit(bytes, false).await;
+    /// Accounts `bytes` moved without waiting, in the slice they were moved in (a new one
+    /// if the last has ended): the next wait is for them (mirror's iteration issues a whole
+    /// run of chunks, then its loop sleeps).
+    pub fn rate_limit_account(&self, bytes: u64) {
+        if self.speed.get() == 0 || self.is_cancelled() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let (mut start, mut end, mut used) = self.slice.get();
+        if end < now {
+            (start, end, used) = (now, now + SLICE, 0);
+        }
+        self.slice.set((start, end, used + bytes));
     }
 
-    async fn limit(&self, bytes: u64, wait: bool) {
-        // The bytes count in the slice they were moved in; whether that slice is then over
-        // its quota decides the wait (so even the first chunk of a slow job makes it wait).
-        let mut moved = bytes;
+    /// Sleeps while the current slice is over its quota (so even the first chunk of a slow
+    /// job makes the next one wait): the slice stretches until the average holds.
+    async fn wait_for_quota(&self) {
         loop {
             let speed = self.speed.get();
             if speed == 0 || self.is_cancelled() {
                 return;
             }
+            self.rate_limit_account(0);
             let quota = (speed / 10).max(1);
-            let now = tokio::time::Instant::now();
-            let (mut start, mut end, mut used) = self.slice.get();
-            if end < now {
-                (start, end, used) = (now, now + SLICE, 0);
-            }
-            used += std::mem::take(&mut moved);
-            if used < quota || !wait {
-                self.slice.set((start, end, used));
+            let (start, _, used) = self.slice.get();
+            if used < quota {
                 return;
             }
-            let slices = used as f64 / quota as f64;
-            end = start + SLICE.mul_f64(slices);
+            let end = start + SLICE.mul_f64(used as f64 / quota as f64);
             self.slice.set((start, end, used));
             self.set_busy(false);
             tokio::select! {

@@ -497,7 +497,7 @@ impl MirrorJob {
             offset += io;
             chunks = chunks.saturating_sub(io.div_ceil(g));
             // Counted, not waited for: the whole run goes out, then the job's loop sleeps.
-            job.rate_limit_account(accounted).await;
+            job.rate_limit_account(accounted);
         }
         if chunks > 0 {
             // Not started (the job failed): those chunks are free and still to copy.
