@@ -166,6 +166,24 @@ def export(d, node_args):
     return serve(d, "h")
 
 
+def copied_whole(name, run, path):
+    """What `run` (which starts a daemon, exports a node and returns the daemon and what it
+    saw) saw, once the export, copied whole, held the bytes of `path`. qsd's curl driver
+    now and then never finishes a reply it has all of (about one run in 30 here, a chunked
+    reply or a TLS session): its side runs again after 60 s, up to three times; ferrite's
+    gets no second chance."""
+    for attempt in range(1, 4):
+        d, seen = run()
+        try:
+            assert_copy_is(d, path, timeout=60)
+            return seen
+        except subprocess.TimeoutExpired:
+            if name != "qsd" or attempt == 3:
+                raise
+            print(f"qemu-storage-daemon hung copying {path}; its side runs again")
+            d.stop()
+
+
 def assert_copy_is(d, path, timeout=None):
     """The NBD export of `d`, copied whole by qemu-img, holds the bytes of the file `path`."""
     copy = d.workdir / "copy.raw"
@@ -199,21 +217,12 @@ def test_reads_match_qsd(qsd, ferrite, site, path, opts):
     qsd makes them (the read and what is read ahead)."""
     got = {}
     for name, start in (("qsd", qsd), ("ferrite", ferrite)):
-        for attempt in range(1, 4):
+        def run():
             web = site()
             d = start(SECRETS)
             export(d, {"driver": "http", "url": web.url(path), **opts})
-            out = qemu_io(nbd_uri(d), *READS)
-            try:
-                assert_copy_is(d, site.root / "d.raw", timeout=60)
-                break
-            except subprocess.TimeoutExpired:
-                # qsd's curl driver now and then never finishes a chunked reply it has
-                # all of (about one run in 30 here); ferrite gets no second chance.
-                if name != "qsd" or attempt == 3:
-                    raise
-                print(f"qemu-storage-daemon hung copying {path}; its side runs again")
-                d.stop()
+            return d, (qemu_io(nbd_uri(d), *READS), web)
+        out, web = copied_whole(name, run, site.root / "d.raw")
         got[name] = (out, [(m, p, r) for m, p, r, *_ in web.log])
     assert "failed" not in got["ferrite"][0]
     assert got["ferrite"][0] == got["qsd"][0]
@@ -344,11 +353,12 @@ def test_https_matches_qsd(qsd, ferrite, site, web_pki):
                               "url": web.url("d.raw"), "sslverify": False}),
             ("query-named-block-nodes", {"flat": True}),
         ]
-        d = start()
-        text = [r.replace(str(web.port), "PORT") for r in replies(d, seq)]
-        serve(d, "o")
-        assert_copy_is(d, site.root / "d.raw")
-        got[name] = text
+        def run():
+            d = start()
+            text = [r.replace(str(web.port), "PORT") for r in replies(d, seq)]
+            serve(d, "o")
+            return d, text
+        got[name] = copied_whole(name, run, site.root / "d.raw")
     assert got["ferrite"] == got["qsd"]
     assert "server certificate verification failed" in got["ferrite"][0]
 

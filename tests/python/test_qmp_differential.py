@@ -452,6 +452,47 @@ FOUND = [
         "addr": {"type": "fd", "data": {"str": ""}}}}}),
     ("chardev-add", {"id": "g9", "backend": {"type": "socket", "data": {
         "addr": {"type": "fd", "data": {"str": ""}}, "server": False}}}),
+    # A protocol given as the format reads the name as its driver reads names (qsd seed
+    # 1600); a format's file is found by the name's protocol, which must be one known.
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "off", "format": "nbd",
+                      "mode": "existing"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "nbd:", "format": "raw",
+                      "mode": "existing"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "nbd:unix:/x",
+                      "format": "ssh", "mode": "existing"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "ssh://h",
+                      "format": "raw", "mode": "existing"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "ssh:foo",
+                      "format": "ssh", "mode": "existing"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "ssh://h:x/p",
+                      "format": "ssh", "mode": "existing"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "a:b", "format": "raw",
+                      "mode": "existing"}),
+    ("drive-mirror", {"device": "null0", "sync": "full", "target": "a:b"}),
+    ("drive-mirror", {"device": "null0", "sync": "full", "target": "a:b", "format": "ssh"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "http://h/x",
+                      "format": "ssh"}),
+    ("drive-backup", {"device": "null0", "sync": "full", "target": "tgt9", "format": "ssh"}),
+    ("blockdev-snapshot-sync", {"node-name": "null0", "snapshot-file": "a:b",
+                                "mode": "existing"}),
+    # blkdebug's limits are judged once its image is open (qsd seed 1596), against the
+    # alignment of the node and its image; 0 is unset.
+    ("blockdev-add", {"driver": "blkdebug", "node-name": "bd1", "align": 3,
+                      "image": "nosuch"}),
+    ("blockdev-add", {"driver": "blkdebug", "node-name": "bd2", "align": 0, "image": "null0"}),
+    ("blockdev-add", {"driver": "blkdebug", "node-name": "bd3", "align": 4096,
+                      "max-transfer": 512, "image": "null0"}),
+    ("blockdev-add", {"driver": "blkdebug", "node-name": "bd4", "opt-write-zero": 4096,
+                      "max-write-zero": 6144, "image": "null0"}),
+    ("blockdev-add", {"driver": "blkdebug", "node-name": "bd5", "opt-discard": 2,
+                      "max-discard": 1, "image": "null0"}),
+    # A persistent bitmap added to a read-only qcow2 node (an old top, now a backing file)
+    # cannot be stored: the node cannot go inactive (qsd seed 1554).
+    ("blockdev-snapshot-sync", {"node-name": "fmt0", "snapshot-file": "ov9",
+                                "snapshot-node-name": "ov9"}),
+    ("block-dirty-bitmap-add", {"node": "fmt0", "name": "p9", "persistent": True}),
+    ("blockdev-set-active", {"active": False}),
+    ("query-named-block-nodes", {"flat": True}),
 ]
 
 

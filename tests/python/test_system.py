@@ -913,6 +913,21 @@ def test_drive_options_read_and_show_as_qemus(drive):
     assert got == want
 
 
+@pytest.mark.parametrize("name", [
+    # A protocol that reads names of its own refuses one that is not its (QEMU's reasons).
+    "file=nbd:", "file=nbd:x", "file=nbd://h:x/", "file=nbd:unix:/x:exportname=,format=raw",
+    "file=off,format=nbd", "file=ssh://h", "file=ssh:foo,format=qcow2", "file=ssh://h:x/p",
+    "file=nbd:unix:/x,format=ssh", "file=off,format=ssh",
+    # A prefix that names no protocol.
+    "file=a:b", "file=a:b,format=raw",
+])
+def test_drive_file_names_are_read_as_qemus_protocols_read_them(name):
+    want = info_block(QEMU, "tcg", "-drive", f"if=none,{name}")
+    got = info_block(SYSTEM, "qtest", "-drive", f"if=none,{name}")
+    assert want[0] != 0, want
+    assert got == want
+
+
 def test_command_line_throttle_groups_keep_the_host_clock_under_qtest():
     """QEMU makes `-object` throttle groups before the accelerator, so under qtest they leak
     in real time (iotest stream-error-on-reset relies on it; the installed qemu-system has no

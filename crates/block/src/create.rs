@@ -43,9 +43,9 @@ pub async fn create(graph: &Rc<Graph>, opts: &Args) -> Result<()> {
 /// the name gives (QEMU's `bdrv_find_protocol`), and how that protocol makes its part.
 ///
 /// # Errors
-/// "Protocol driver 'X' does not support image creation".
+/// "Unknown protocol 'X'", "Protocol driver 'X' does not support image creation".
 pub fn by_name_protocol(graph: &Graph, filename: &str) -> Result<(QDict, NameCreation)> {
-    by_name_location(graph, crate::filename::protocol_options(filename))
+    by_name_location(graph, crate::filename::known_protocol_options(filename)?)
 }
 
 /// As [`by_name_protocol`] for a location already found (a name given with its

@@ -106,6 +106,9 @@ pub enum Error {
     /// A format no driver knows.
     #[error("Unknown driver '{0}'")]
     UnknownDriver(String),
+    /// A file name whose prefix names no protocol (`foo:bar`).
+    #[error("Unknown protocol '{0}'")]
+    UnknownProtocol(String),
     /// `detect-zeroes=unmap` without `discard=unmap`.
     #[error(
         "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"

@@ -85,11 +85,20 @@ pub fn protocol_options(name: &str) -> QDict {
     if let Some(driver) = host_device_driver(name) {
         return QDict::new().with("driver", driver).with("filename", name);
     }
-    if let Some(d) = nbd_options(name) {
-        return d;
+    if matches!(
+        name.split_once(':'),
+        Some(("nbd" | "nbd+tcp" | "nbd+unix", _))
+    ) {
+        // A name that is no NBD address is left for the driver to refuse with QEMU's text.
+        return nbd_parse_filename(name)
+            .unwrap_or_else(|_| QDict::new().with("driver", "nbd").with("filename", name));
     }
-    if let Some(d) = ssh_options(name) {
-        return d;
+    if name.starts_with("ssh:") {
+        // A name that is no ssh URL is left for the driver to refuse with QEMU's text.
+        return match ssh_url(name) {
+            Ok(Some(d)) => d,
+            _ => QDict::new().with("driver", "ssh").with("filename", name),
+        };
     }
     if let Some(d) = vvfat_options(name) {
         return d;
@@ -144,6 +153,18 @@ pub fn protocol_options(name: &str) -> QDict {
             .with("test", QDict::new().with("filename", test));
     }
     QDict::new().with("driver", "file").with("filename", name)
+}
+
+/// As [`protocol_options`] where QEMU looks the name's protocol up (`bdrv_find_protocol`):
+/// an image opened or created by name without its protocol as the format.
+///
+/// # Errors
+/// "Unknown protocol 'X'" for a prefix that names none.
+pub fn known_protocol_options(name: &str) -> crate::Result<QDict> {
+    match unknown_protocol(name) {
+        Some(protocol) => Err(crate::Error::UnknownProtocol(protocol.to_owned())),
+        None => Ok(protocol_options(name)),
+    }
 }
 
 /// The protocol prefix of `name` when ferrite has no such protocol (QEMU's "Unknown
@@ -546,6 +567,55 @@ fn ssh_options(name: &str) -> Option<QDict> {
     Some(d)
 }
 
+/// The ssh driver's options for a name given to it (QEMU's ssh `parse_uri`, through
+/// GLib's URI parser): `Ok(None)` for a name that parser does not read (no scheme, a port
+/// that is no number), of which QEMU says nothing and the node then lacks its server.
+///
+/// # Errors
+/// QEMU's texts for a URL of another scheme, or without a host or a path.
+pub fn ssh_url(name: &str) -> std::result::Result<Option<QDict>, String> {
+    let Some((scheme, rest)) = uri_scheme(name) else {
+        return Ok(None);
+    };
+    // GLib gives the scheme in lower case.
+    if !scheme.eq_ignore_ascii_case("ssh") {
+        return Err("URI scheme must be 'ssh'".to_owned());
+    }
+    let missing_host = || Err("missing hostname in URI".to_owned());
+    let Some(after) = rest.strip_prefix("//") else {
+        return missing_host();
+    };
+    let url = Url::parse(after);
+    let port_ok = url.port.is_none_or(|p| {
+        p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u32>().map_or(p.is_empty(), |n| n <= 65535)
+    });
+    let (Some(host), Some(path), true) = (
+        strict_percent_decode(url.host),
+        strict_percent_decode(url.path),
+        port_ok,
+    ) else {
+        return Ok(None);
+    };
+    if host.is_empty() {
+        return missing_host();
+    }
+    if path.is_empty() {
+        return Err("missing remote path in URI".to_owned());
+    }
+    Ok(ssh_options(&format!("ssh:{rest}")))
+}
+
+/// An absolute URL's scheme (RFC 3986: a letter, then letters, digits, `+`, `-` and `.`)
+/// and what follows its `:`.
+fn uri_scheme(name: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = name.split_once(':')?;
+    let mut chars = scheme.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    (first_ok && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .then_some((scheme, rest))
+}
+
 /// The ssh driver's `host-key-check` for its older `host_key_check` text: `no`, `yes`,
 /// `md5:HASH`, `sha1:HASH`, `sha256:HASH`.
 ///
@@ -738,12 +808,61 @@ mod tests {
                 r#"{"driver": "ssh", "server": {"host": "::1", "port": "22"}, "path": "/x", "host-key-check": {"mode": "none"}}"#
             )
         );
-        assert_eq!(
-            j("ssh://h"),
-            canon(r#"{"driver": "ssh", "server": {"host": "h", "port": "22"}}"#)
-        );
-        assert_eq!(j("ssh:///x"), canon(r#"{"driver": "ssh", "path": "/x"}"#));
+        // Names that are no ssh URL go to the driver, which refuses them with QEMU's reason.
+        for name in ["ssh://h", "ssh:///x", "ssh:x", "ssh://h:x/p"] {
+            assert_eq!(
+                j(name),
+                canon(&format!(r#"{{"driver": "ssh", "filename": "{name}"}}"#))
+            );
+        }
         assert_eq!(super::unknown_protocol("ssh://h/x"), None);
+    }
+
+    #[test]
+    fn names_given_to_the_ssh_driver_read_as_qemus_parse_uri() {
+        let err = |n: &str| super::ssh_url(n).expect_err(n);
+        assert_eq!(err("nbd:unix:/s"), "URI scheme must be 'ssh'");
+        assert_eq!(err("http://h/x"), "URI scheme must be 'ssh'");
+        assert_eq!(err("ssh:"), "missing hostname in URI");
+        assert_eq!(err("ssh:foo"), "missing hostname in URI");
+        assert_eq!(err("ssh:///p"), "missing hostname in URI");
+        assert_eq!(err("ssh://h"), "missing remote path in URI");
+        // What GLib's parser does not read, QEMU says nothing of.
+        for unread in [
+            "off",
+            "1a:b",
+            "ssh://h:x/p",
+            "ssh://h:65536/p",
+            "ssh://h/%zz",
+        ] {
+            assert_eq!(super::ssh_url(unread), Ok(None), "{unread}");
+        }
+        let ok = super::ssh_url("SSH://u@h:2/p")
+            .expect("parses")
+            .expect("read");
+        assert_eq!(ok.get("path").and_then(|v| v.as_str()), Some("/p"));
+        assert_eq!(ok.get("user").and_then(|v| v.as_str()), Some("u"));
+    }
+
+    #[test]
+    fn unknown_protocols_are_refused_where_qemu_looks_them_up() {
+        let e = super::known_protocol_options("a:b").expect_err("a:b");
+        assert_eq!(e.to_string(), "Unknown protocol 'a'");
+        assert!(super::known_protocol_options("/x/a:b").is_ok());
+        assert!(super::known_protocol_options("nbd:unix:/s").is_ok());
+    }
+
+    #[test]
+    fn nbd_names_that_name_no_server_go_to_the_driver() {
+        for name in ["nbd:", "nbd:x", "nbd://h:x/", "nbd+unix:///e"] {
+            let d = super::protocol_options(name);
+            assert_eq!(
+                d.get("driver").and_then(|v| v.as_str()),
+                Some("nbd"),
+                "{name}"
+            );
+            assert_eq!(d.get("filename").and_then(|v| v.as_str()), Some(name));
+        }
     }
 
     #[test]

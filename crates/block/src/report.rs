@@ -10,6 +10,20 @@ use std::future::Future;
 tokio::task_local! {
     /// The command-line option being processed (`--blockdev driver=...`).
     static OPTION: String;
+    /// Whether a monitor's command runs (QEMU's `monitor_cur()`).
+    static MONITOR_COMMAND: bool;
+}
+
+/// Runs `fut` as a monitor's command: what it reports names no program (QEMU leaves its
+/// location out while a monitor is current).
+pub async fn in_monitor_command<F: Future>(fut: F) -> F::Output {
+    MONITOR_COMMAND.scope(true, fut).await
+}
+
+/// Runs `fut` as the main loop's work though a command started it (what `quit` closes,
+/// which QEMU closes once its main loop has ended): what it reports names the program.
+pub async fn in_main_loop<F: Future>(fut: F) -> F::Output {
+    MONITOR_COMMAND.scope(false, fut).await
 }
 
 /// Runs `fut` as the processing of the command-line option written `describe`: what it
@@ -39,10 +53,12 @@ fn option_prefix() -> String {
         .unwrap_or_default()
 }
 
-/// Prints `msg` as the program's error message, from the main loop (or an option).
+/// Prints `msg` as the program's error message: from the main loop (or an option) with
+/// the program's name, from a monitor's command without.
 pub fn error_report(msg: &str) {
     match OPTION.try_with(String::clone) {
         Ok(o) => eprintln!("{}: {o}: {msg}", program()),
+        Err(_) if MONITOR_COMMAND.try_with(|m| *m).unwrap_or(false) => eprintln!("{msg}"),
         Err(_) => eprintln!("{}: {msg}", program()),
     }
 }

@@ -614,6 +614,7 @@ pub async fn create_target(
         .registry()
         .get(format)
         .ok_or_else(|| Error::UnknownFileFormat(format.to_owned()))?;
+    ferrite_block::filename::known_protocol_options(file)?;
     let plain = format == "raw" || factory.kind() == DriverKind::Protocol;
     let protocol = if factory.kind() == DriverKind::Protocol {
         // A protocol as the format makes the image itself, at the place the name gives: as
@@ -625,8 +626,11 @@ pub async fn create_target(
         {
             location = QDict::new().with("driver", format).with("filename", file);
         }
-        create::by_name_location(graph, location)
-            .map_err(|_| Error::CannotCreateFormat(format.to_owned()))?
+        let how = create::by_name_location(graph, location)
+            .map_err(|_| Error::CannotCreateFormat(format.to_owned()))?;
+        // The name's own protocol must be one that creates (QEMU looks it up regardless).
+        create::by_name_protocol(graph, file)?;
+        how
     } else {
         if !factory.can_create() && format != "raw" {
             return Err(Error::CannotCreateFormat(format.to_owned()));

@@ -94,7 +94,22 @@ impl Qcow2Driver {
     /// What fails is said on standard error as QEMU says it (nobody else would learn of it
     /// at quit), and the image stays marked dirty.
     pub(crate) async fn close_impl(&self, node: &Node, file: &Child) -> io::Result<()> {
-        if self.read_only.get() || self.dead.get() {
+        if self.dead.get() {
+            return Ok(());
+        }
+        if self.read_only.get() {
+            // A bitmap added since the image was opened read-only cannot be stored.
+            let unstorable = node
+                .bitmaps()
+                .iter()
+                .any(|b| b.is_stored() && !b.is_inconsistent() && !b.is_read_only());
+            if unstorable {
+                ferrite_block::report::error_report(&format!(
+                    "Lost persistent bitmaps during inactivation of node '{}': No write access",
+                    node.device_or_node_name()
+                ));
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
             return Ok(());
         }
         let mut m = self.meta.lock().await;

@@ -31,9 +31,17 @@ impl DriverFactory for SshFactory {
         DriverKind::Protocol
     }
 
+    fn parse_filename(&self, name: &str) -> Option<ferrite_block::Result<QDict>> {
+        Some(options_of_name(name).map_err(Into::into))
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let opts = ctx.opts();
+            // A name no URL parse made options of (else it is refused as unknown below).
+            if let Some(name) = opts.opt_str("filename") {
+                options_of_name(name)?;
+            }
             ferrite_block::check_visited_whole(opts)?;
             let loc = Location::parse(opts)?;
             let flags = if ctx.settings().read_only {
@@ -70,9 +78,24 @@ impl DriverFactory for SshFactory {
 
     fn create<'a>(&'a self, _graph: &'a Rc<Graph>, opts: &'a Args) -> LocalFut<'a, ()> {
         Box::pin(async move {
-            let location = opts
-                .dict("location")
-                .ok_or_else(|| Error::generic("Parameter 'location' is missing"))?;
+            // Created by file name: the name is the location.
+            let location = match opts.opt_str("filename") {
+                Some(name) => {
+                    // A name GLib's parser does not read fails QEMU's creation without a
+                    // reason of its own: the errno of it is all that is said.
+                    if matches!(ferrite_block::filename::ssh_url(name), Ok(None)) {
+                        return Err(
+                            Error::generic("Could not create image: Invalid argument").into()
+                        );
+                    }
+                    let mut location = options_of_name(name)?;
+                    location.remove("driver");
+                    Args::new(location)
+                }
+                None => opts
+                    .dict("location")
+                    .ok_or_else(|| Error::generic("Parameter 'location' is missing"))?,
+            };
             let loc = Location::parse(&location)?;
             let size = opts.u64("size")?;
             let remote = session::open(
@@ -90,6 +113,17 @@ impl DriverFactory for SshFactory {
             remote.close().await;
             grown.map_err(|e| Error::generic(e).into())
         })
+    }
+}
+
+/// The options of a node given by name: QEMU's reason where the name is no ssh URL (its
+/// scheme, host or path), or, for a name GLib's parser does not read at all, the server
+/// QEMU then misses.
+fn options_of_name(name: &str) -> Result<QDict, Error> {
+    match ferrite_block::filename::ssh_url(name) {
+        Ok(Some(options)) => Ok(options),
+        Ok(None) => Err(Error::generic("Parameter 'server' is missing")),
+        Err(why) => Err(Error::generic(why)),
     }
 }
 

@@ -245,10 +245,13 @@ impl Daemon {
             "quit" => {
                 // Running jobs are force-cancelled first, as QSD does at exit, inside a drain
                 // of everything so that throttled requests do not hold the cancel back.
-                let drained = self.graph.drain_all().await;
-                self.jobs.cancel_all().await;
-                drop(drained);
-                self.close_exports_and_flush().await;
+                ferrite_block::report::in_main_loop(async {
+                    let drained = self.graph.drain_all().await;
+                    self.jobs.cancel_all().await;
+                    drop(drained);
+                    self.close_exports_and_flush().await;
+                })
+                .await;
                 self.request_quit();
                 empty()
             }
@@ -374,7 +377,7 @@ impl Commands for DaemonCommands {
     fn run<'a>(&'a self, name: &'a str, args: Args) -> CommandFuture<'a> {
         Box::pin(async move {
             self.0.started.wait().await;
-            self.0.run(name, args).await
+            ferrite_block::report::in_monitor_command(self.0.run(name, args)).await
         })
     }
 }

@@ -123,7 +123,7 @@ impl SystemCommands {
                 sys.machine.quit();
                 // The machine stops first (QEMU's vm_shutdown), so a running job pauses and
                 // resumes before the daemon's own shutdown drains again and cancels it.
-                sys.settle_images().await;
+                ferrite_block::report::in_main_loop(sys.settle_images()).await;
                 sys.daemon.run("quit", args).await
             }
             _ if let Some(r) = crate::fds::run(name, &args) => r,
@@ -155,7 +155,7 @@ impl Commands for SystemCommands {
         Box::pin(async move {
             // QEMU reads its monitors once start-up (a `-loadvm` included) is over.
             self.0.machine.started().await;
-            SystemCommands::run(self, name, args).await
+            ferrite_block::report::in_monitor_command(SystemCommands::run(self, name, args)).await
         })
     }
 }

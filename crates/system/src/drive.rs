@@ -606,12 +606,40 @@ pub(crate) async fn add(
         {
             return Err(generic(why));
         }
+        // So is a name of a protocol that reads names of its own (`nbd:`, `ssh:`).
+        if let Some(path) = file.as_deref() {
+            let by_prefix = ferrite_block::filename::protocol_options(path);
+            if by_prefix.get("filename").is_some()
+                && let Some(Some(Err(e))) = by_prefix
+                    .get("driver")
+                    .and_then(QObject::as_str)
+                    .and_then(|d| graph.registry().get(d))
+                    .map(|f| f.parse_filename(path))
+            {
+                return Err(e.into());
+            }
+        }
         // A name whose protocol is the driver itself (`driver=blkdebug`,
-        // `file=blkdebug::IMAGE`) describes that node, not its file.
-        let named = file
-            .as_deref()
-            .map(|p| as_text(ferrite_block::filename::protocol_options(p)))
-            .filter(|o| o.get("driver").and_then(QObject::as_str) == Some(format.as_str()));
+        // `file=blkdebug::IMAGE`) describes that node, not its file; so does any name given
+        // to a protocol that reads names of its own (`file=off,format=nbd`).
+        let reads_names = graph
+            .registry()
+            .get(&format)
+            .filter(|f| !protocol && f.kind() == ferrite_block::DriverKind::Protocol);
+        let named = match file.as_deref() {
+            Some(p) => {
+                let by_prefix = as_text(ferrite_block::filename::protocol_options(p));
+                if by_prefix.get("driver").and_then(QObject::as_str) == Some(format.as_str()) {
+                    Some(by_prefix)
+                } else {
+                    match reads_names.and_then(|f| f.parse_filename(p)) {
+                        Some(parsed) => Some(as_text(parsed?)),
+                        None => None,
+                    }
+                }
+            }
+            None => None,
+        };
         match &file {
             Some(_) if named.is_some() && !protocol => {
                 for (k, v) in named.unwrap_or_default() {

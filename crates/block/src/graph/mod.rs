@@ -339,6 +339,8 @@ impl Graph {
     /// # Errors
     /// The file failing to open for the probe.
     pub async fn job_target_format(&self, source: &Node, path: &str) -> Result<TargetFormat> {
+        // The name's protocol is looked up first, and must be one known.
+        crate::filename::known_protocol_options(path)?;
         let source_is_protocol = self
             .registry()
             .get(source.driver_name())

@@ -199,12 +199,6 @@ impl DriverFactory for BlkdebugFactory {
                 .map(rule_from)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(generic)?;
-            let align = opts.opt_u64("align").unwrap_or(1);
-            if align == 0 || !align.is_power_of_two() {
-                return Err(generic(format!(
-                    "Cannot meet constraints with align {align}"
-                )));
-            }
             let strong = strong_options(&opts);
             // Permissions taken on or kept from others on the image beyond the usual (tests
             // of permission conflicts).
@@ -221,6 +215,8 @@ impl DriverFactory for BlkdebugFactory {
             };
             let (take, unshare) = (perms("take-child-perms"), perms("unshare-child-perms"));
             let image = ctx.open_child("image").await?;
+            // Checked once the image is open (a bad image is reported first), as QEMU does.
+            let align = check_limits(&opts, image.node().request_alignment()).map_err(generic)?;
             let driver = BlkdebugDriver {
                 image,
                 rules: RefCell::new(rules.into_iter().map(Rc::new).collect()),
@@ -237,6 +233,35 @@ impl DriverFactory for BlkdebugFactory {
             Ok(Box::new(driver) as Box<dyn Driver>)
         })
     }
+}
+
+/// The request alignment the node imposes (`align`, 1 when unset), after QEMU's checks of
+/// `align` and the transfer, write-zeroes and discard limits against it and the image's
+/// own alignment. The limits are checked, not applied: ferrite's block layer has no
+/// per-node transfer limits to set.
+fn check_limits(opts: &Args, image_align: u64) -> Result<u64, String> {
+    let set = |key: &str| opts.opt_u64(key).filter(|v| *v != 0);
+    let refuse = |key: &str, v: u64| Err(format!("Cannot meet constraints with {key} {v}"));
+    const LIMIT: u64 = i32::MAX as u64;
+    let align = set("align");
+    if let Some(a) = align.filter(|a| *a >= LIMIT || !a.is_power_of_two()) {
+        return refuse("align", a);
+    }
+    let base = align.unwrap_or(0).max(image_align).max(1);
+    // Each limit is a multiple of the alignment; a maximum also of its optimum.
+    for (key, over) in [
+        ("max-transfer", None),
+        ("opt-write-zero", None),
+        ("max-write-zero", Some("opt-write-zero")),
+        ("opt-discard", None),
+        ("max-discard", Some("opt-discard")),
+    ] {
+        let unit = over.and_then(set).unwrap_or(0).max(base);
+        if let Some(v) = set(key).filter(|v| *v >= LIMIT || v % unit != 0) {
+            return refuse(key, v);
+        }
+    }
+    Ok(align.unwrap_or(1))
 }
 
 struct BlkdebugDriver {

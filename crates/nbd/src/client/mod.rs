@@ -265,6 +265,13 @@ impl DriverFactory for NbdClientFactory {
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let opts = ctx.opts();
+            // A name that is no NBD address (else its options would be here): QEMU's reason.
+            if let Some(Err(why)) = opts
+                .opt_str("filename")
+                .map(ferrite_block::filename::nbd_parse_filename)
+            {
+                return Err(ferrite_qapi::Error::generic(why).into());
+            }
             let server = Server::parse(opts)?;
             let tls = match opts.opt_str("tls-creds") {
                 Some(id) => Some(ClientTls {
