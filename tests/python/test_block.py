@@ -106,6 +106,34 @@ def test_blockstats_and_graph_match_qsd(both):
     assert out[1] == out[0]
 
 
+def test_raw_over_a_format_shows_its_cluster_size_and_dirty_flag_as_qsd(both):
+    """raw asks the node below for its image information (QEMU's `raw_get_info`): over a
+    qcow2 node with lazy refcounts that was written, the cluster size and the dirty flag
+    are the qcow2 image's."""
+    out = []
+    for d in both():
+        img = str(d.workdir / "lazy.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on",
+                        img, "1M"], check=True)
+        c = d.connect()
+        for n, a in [("blockdev-add", {"driver": "qcow2", "node-name": "q0",
+                                       "file": {"driver": "file", "filename": img}}),
+                     ("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "q0"}),
+                     ("nbd-server-start", {"addr": {"type": "unix", "data": {
+                         "path": str(d.workdir / "nbd.sock")}}}),
+                     ("block-export-add", {"type": "nbd", "id": "e", "node-name": "r0",
+                                           "writable": True})]:
+            assert c.cmd(n, a) == {"return": {}}, (n, a)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 64k",
+                        f"nbd+unix:///r0?socket={d.workdir / 'nbd.sock'}"],
+                       check=True, capture_output=True)
+        nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append({n["node-name"]: {k: n["image"].get(k) for k in ("cluster-size", "dirty-flag")}
+                    for n in nodes if not n["node-name"].startswith("#")})
+    assert out[0]["r0"] == {"cluster-size": 65536, "dirty-flag": True}, out[0]
+    assert out[1] == out[0]
+
+
 def test_write_threshold_event(ferrite, tmp_path):
     img = image(str(tmp_path))
     sock = str(tmp_path / "nbd.sock")

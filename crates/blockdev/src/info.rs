@@ -20,7 +20,13 @@ fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
     // answers (QEMU's `bdrv_get_info`).
     let below_filters = node.filtered().map(|f| f.skip_filters());
     let info = below_filters.as_deref().unwrap_or(node);
-    if let Some(cs) = info.driver().cluster_size() {
+    // raw asks its file (QEMU's `raw_get_info`): a qcow2 image below gives its cluster size
+    // and dirty flag.
+    let file = info
+        .child("file")
+        .filter(|_| info.driver().image_info_from_file());
+    let answering: &Node = file.as_deref().unwrap_or(info);
+    if let Some(cs) = answering.driver().cluster_size() {
         d.insert("cluster-size", cs);
     }
     if let Some((name, format)) = node.driver().backing_filename() {
@@ -55,12 +61,8 @@ fn image_info(node: &Node, flat: bool, skip_implicit: bool) -> QDict {
     if let Some(fs) = node.driver().format_specific() {
         d.insert("format-specific", fs);
     }
-    let file = info
-        .child("file")
-        .filter(|_| info.driver().image_info_from_file());
-    let answering: &Node = file.as_deref().unwrap_or(info);
     if answering.driver().has_image_info() {
-        d.insert("dirty-flag", info.driver().dirty_flag());
+        d.insert("dirty-flag", answering.driver().dirty_flag());
     }
     if node.driver().is_encrypted() {
         d.insert("encrypted", true);

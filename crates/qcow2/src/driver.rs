@@ -170,6 +170,12 @@ impl Driver for Qcow2Driver {
         })
     }
 
+    fn dirty_flag(&self) -> bool {
+        // Set in the header by the first allocation under lazy refcounts (QEMU's
+        // `is_dirty`), until the image is closed clean.
+        self.dirty_set.get()
+    }
+
     fn is_ejected(&self) -> bool {
         self.dead.get()
     }
