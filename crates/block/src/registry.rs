@@ -97,6 +97,23 @@ pub trait DriverFactory {
         None
     }
 
+    /// The options of a node of this protocol given the name `name` with the protocol
+    /// named as its format (QEMU's `bdrv_fill_options`): as the name's prefix says where
+    /// that names this protocol, else as the driver reads names ([`parse_filename`]);
+    /// `None` where neither reads it.
+    ///
+    /// # Errors
+    /// The driver's reason for a name it cannot read.
+    ///
+    /// [`parse_filename`]: DriverFactory::parse_filename
+    fn options_of_name(&self, name: &str) -> Option<crate::Result<QDict>> {
+        let by_prefix = crate::filename::protocol_options(name);
+        if by_prefix.get("driver").and_then(|d| d.as_str()) == Some(self.name()) {
+            return Some(Ok(by_prefix));
+        }
+        self.parse_filename(name)
+    }
+
     /// The options QEMU's image creation by file name (`bdrv_img_create`, for
     /// `drive-backup`, `drive-mirror` and `blockdev-snapshot-sync` targets) gives this
     /// format's create, made from `blockdev-create`'s (`driver`, `file`, `size`, and

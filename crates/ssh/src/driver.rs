@@ -80,18 +80,20 @@ impl DriverFactory for SshFactory {
         Box::pin(async move {
             // Created by file name: the name is the location.
             let location = match opts.opt_str("filename") {
-                Some(name) => {
-                    // A name GLib's parser does not read fails QEMU's creation without a
-                    // reason of its own: the errno of it is all that is said.
-                    if matches!(ferrite_block::filename::ssh_url(name), Ok(None)) {
+                // A name GLib's parser does not read fails QEMU's creation without a
+                // reason of its own: the errno of it is all that is said.
+                Some(name) => match ferrite_block::filename::ssh_url(name) {
+                    Ok(Some(mut location)) => {
+                        location.remove("driver");
+                        Args::new(location)
+                    }
+                    Ok(None) => {
                         return Err(
                             Error::generic("Could not create image: Invalid argument").into()
                         );
                     }
-                    let mut location = options_of_name(name)?;
-                    location.remove("driver");
-                    Args::new(location)
-                }
+                    Err(why) => return Err(Error::generic(why).into()),
+                },
                 None => opts
                     .dict("location")
                     .ok_or_else(|| Error::generic("Parameter 'location' is missing"))?,

@@ -628,14 +628,13 @@ pub(crate) async fn add(
             .filter(|f| !protocol && f.kind() == ferrite_block::DriverKind::Protocol);
         let named = match file.as_deref() {
             Some(p) => {
-                let by_prefix = as_text(ferrite_block::filename::protocol_options(p));
-                if by_prefix.get("driver").and_then(QObject::as_str) == Some(format.as_str()) {
-                    Some(by_prefix)
-                } else {
-                    match reads_names.and_then(|f| f.parse_filename(p)) {
-                        Some(parsed) => Some(as_text(parsed?)),
-                        None => None,
-                    }
+                let by_prefix = ferrite_block::filename::protocol_options(p);
+                let prefix_names_format =
+                    by_prefix.get("driver").and_then(QObject::as_str) == Some(format.as_str());
+                match reads_names.and_then(|f| f.options_of_name(p)) {
+                    Some(options) => Some(as_text(options?)),
+                    None if prefix_names_format => Some(as_text(by_prefix)),
+                    None => None,
                 }
             }
             None => None,

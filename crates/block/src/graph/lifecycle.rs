@@ -72,19 +72,12 @@ impl Graph {
         if factory.kind() == crate::DriverKind::Protocol && !path.starts_with("json:") {
             factory.check_filename(path)?;
         }
-        // A protocol named as the format reads the name itself (QEMU's
-        // `bdrv_fill_options`): as the name's prefix says where that names this protocol,
-        // else as the driver reads names (NBD's, ssh's), else as its `filename` option.
-        // Otherwise the image's file is found by the name's protocol.
+        // A protocol named as the format reads the name itself, else takes it as its
+        // `filename` option. Otherwise the image's file is found by the name's protocol.
         let file = if factory.kind() == crate::DriverKind::Protocol && !path.starts_with("json:") {
-            let file = crate::filename::protocol_options(path);
-            if file.get("driver").and_then(|d| d.as_str()) == Some(format.as_str()) {
-                file
-            } else {
-                match factory.parse_filename(path) {
-                    Some(parsed) => parsed?,
-                    None => ferrite_qobject::QDict::new().with("filename", path),
-                }
+            match factory.options_of_name(path) {
+                Some(options) => options?,
+                None => ferrite_qobject::QDict::new().with("filename", path),
             }
         } else {
             crate::filename::known_protocol_options(path)?
