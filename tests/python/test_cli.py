@@ -152,6 +152,104 @@ def test_signals_shut_down_cleanly(ferrite, sig):
     assert not os.path.exists(d.sock)
 
 
+def ready_mirror_and_export(q, workdir):
+    """A mirror job in the ready state (between two null-co nodes) and a writable NBD
+    export of a third node."""
+    for name in ("src", "tgt", "other"):
+        assert q.cmd("blockdev-add", {"driver": "null-co", "node-name": name,
+                                      "size": 1 << 20}) == {"return": {}}
+    assert q.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {
+        "path": str(workdir / "nbd.sock")}}}) == {"return": {}}
+    assert q.cmd("block-export-add", {"type": "nbd", "id": "e1", "node-name": "other",
+                                      "writable": True}) == {"return": {}}
+    assert q.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                     "sync": "full"}) == {"return": {}}
+    q.wait_event("BLOCK_JOB_READY")
+    q.events.clear()
+
+
+def events_until_hang_up(q):
+    """(event, status or id) of every event up to the end of the connection."""
+    seen = []
+    while True:
+        try:
+            m = json.loads(q.recv_raw())
+        except EOFError:
+            return seen
+        if "event" in m:
+            seen.append((m["event"], m["data"].get("status", m["data"].get("id"))))
+
+
+def test_a_signal_shuts_down_as_quit_does_like_qsd(both):
+    """SIGTERM ends the exports, then cancels running jobs (they pause and resume around
+    each graph change first), with the events qemu-storage-daemon sends."""
+    seen = []
+    for d in both():
+        q = d.connect()
+        ready_mirror_and_export(q, d.workdir)
+        d.proc.send_signal(signal.SIGTERM)
+        seen.append(events_until_hang_up(q))
+        assert d.proc.wait(10) == 0
+    theirs, ours = seen
+    assert ours == theirs
+    assert ("BLOCK_JOB_CANCELLED", None) in ours
+
+
+def test_export_deletion_pauses_running_jobs_like_qsd(both):
+    """Removing an export changes the graph, which drains every node: a running job
+    pauses and resumes before BLOCK_EXPORT_DELETED, as in qemu-storage-daemon."""
+    seen = []
+    for d in both():
+        q = d.connect()
+        ready_mirror_and_export(q, d.workdir)
+        assert q.cmd("block-export-del", {"id": "e1"}) == {"return": {}}
+        before = list(q.events)
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        seen.append([(m["event"], m["data"].get("status", m["data"].get("id")))
+                     for m in before])
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours[:2] == [("JOB_STATUS_CHANGE", "standby"), ("JOB_STATUS_CHANGE", "ready")]
+
+
+def test_a_stdio_monitor_sends_events_after_its_input_ends_like_qsd(tmp_path):
+    """A stdio monitor whose input has ended still receives events on its output (QEMU's
+    fd chardevs keep their output): here those of the shutdown a signal starts."""
+    cmds = [{"execute": "qmp_capabilities"},
+            {"execute": "blockdev-add", "arguments": {"driver": "null-co",
+                                                      "node-name": "src", "size": 1 << 20}},
+            {"execute": "blockdev-add", "arguments": {"driver": "null-co",
+                                                      "node-name": "tgt", "size": 1 << 20}},
+            {"execute": "blockdev-mirror", "arguments": {"job-id": "m", "device": "src",
+                                                         "target": "tgt", "sync": "full"}}]
+    outputs = []
+    for prog in (QSD, FERRITE):
+        p = subprocess.Popen([prog, "--chardev", "stdio,id=m", "--monitor", "m"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            p.stdin.write("".join(json.dumps(c) + "\n" for c in cmds).encode())
+            p.stdin.close()
+            lines = []
+            while not any(b"BLOCK_JOB_READY" in line for line in lines):
+                lines.append(p.stdout.readline())
+                assert lines[-1], lines
+            p.send_signal(signal.SIGTERM)
+            out = p.stdout.read()
+            p.wait(10)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0
+        lines += out.splitlines()
+        outputs.append([(m["event"], m["data"].get("status"))
+                        for m in map(json.loads, lines[1:]) if "event" in m])
+    theirs, ours = outputs
+    assert ours == theirs
+    assert ours[-3:] == [("BLOCK_JOB_CANCELLED", None), ("JOB_STATUS_CHANGE", "concluded"),
+                         ("JOB_STATUS_CHANGE", "null")]
+
+
 def test_daemonize_reports_startup(tmp_path):
     pid = tmp_path / "pid"
     sock = tmp_path / "q.sock"

@@ -213,13 +213,17 @@ SEEDS = range(int(_first), int(_last or _first) + 1)
 CASES = int(os.environ.get("FERRITE_QMP_CASES", "600"))
 
 
-def no_client(name, a, b):
-    """A service ferrite has no client for (Ceph, GlusterFS, VFIO NVMe), refused where the
-    oracle reports the service's own failure."""
-    return "error" in a and "ferrite has no" in b.get("error", {}).get("desc", "")
+def deliberately_unlike(name, a, b):
+    """Answers ferrite gives on purpose where the oracle fails otherwise: a service ferrite
+    has no client for (Ceph, GlusterFS, VFIO NVMe), refused where the oracle reports the
+    service's own failure; a bitmap merge of no bitmaps, which crashes QEMU 10.0.2 (or, in a
+    transaction, leaves it to a later action's error and a broken bitmap)."""
+    desc = b.get("error", {}).get("desc", "")
+    return "error" in a and ("ferrite has no" in desc
+                             or "expects a non-empty list of bitmaps to merge" in desc)
 
 
-def generated_differences(new_theirs, new_ours, generator, cases, ignored=no_client):
+def generated_differences(new_theirs, new_ours, generator, cases, ignored=deliberately_unlike):
     """Runs `cases` commands from `generator(ours)` on two fresh sides (made by the two
     starters, and made again whenever their states part); the differences, as text.
     `ignored(name, a, b)` says which answers are not compared."""

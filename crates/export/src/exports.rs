@@ -246,7 +246,11 @@ impl Exports {
             return;
         }
         export.instance.shut_down().await;
+        // QEMU detaches the export's backend under the graph's write lock, which drains
+        // every node: running jobs pause and resume around it, whatever nodes they use.
+        let everything = self.graph.drain_all().await;
         export.blk.remove();
+        drop(everything);
         self.list.borrow_mut().retain(|e| !Rc::ptr_eq(e, export));
         self.events.emit(&BlockExportDeleted {
             id: export.id.clone(),

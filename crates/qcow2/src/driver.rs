@@ -154,6 +154,7 @@ impl Driver for Qcow2Driver {
                     other => std::io::Error::other(other.to_string()),
                 });
             crate::bitmaps::refresh_info(&file, &mut m).await;
+            self.dirty_set.set(m.h.incompatible & incompat::DIRTY != 0);
             r
         })
     }
@@ -172,7 +173,8 @@ impl Driver for Qcow2Driver {
 
     fn dirty_flag(&self) -> bool {
         // Set in the header by the first allocation under lazy refcounts (QEMU's
-        // `is_dirty`), until the image is closed clean.
+        // `is_dirty`), until the image is closed clean; or found set by an open that did
+        // not repair it (read-only), until a reopen for writing repairs it.
         self.dirty_set.get()
     }
 

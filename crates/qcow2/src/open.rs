@@ -240,6 +240,9 @@ impl Opening {
             prepare_for_writing(file, &mut meta, was_dirty).await?;
         }
         bitmaps::refresh_info(file, &mut meta).await;
+        // Still set when the image was opened without repairing it (read-only or inactive):
+        // QEMU then shows the image as dirty.
+        let dirty_on_disk = meta.h.incompatible & incompat::DIRTY != 0;
         Ok(Qcow2Driver {
             meta: tokio::sync::Mutex::new(meta),
             claims: Claims::default(),
@@ -253,7 +256,7 @@ impl Opening {
             signaled: Cell::new(false),
             lazy_refcounts: self.lazy,
             discard_no_unref: args.opt_bool("discard-no-unref").unwrap_or(false),
-            dirty_set: Cell::new(false),
+            dirty_set: Cell::new(dirty_on_disk),
             backing: RefCell::new(backing),
             on_corruption,
             snapshots: RefCell::new(snapshots),

@@ -17,4 +17,4 @@ mod session;
 pub use context::{FdSource, NamedFds, SessionContext, current_session};
 pub use dispatch::{CommandFuture, Commands};
 pub use events::{Event, EventBus, Sleep};
-pub use session::{Monitor, MonitorOptions};
+pub use session::{Lifetime, Monitor, MonitorOptions};

@@ -67,6 +67,13 @@ impl Outbox {
         }
     }
 
+    /// Waits until the outbox is closed (its peer failed, or the monitor ends).
+    pub(crate) async fn closed(&self) {
+        while !self.closed.get() {
+            self.drained.notified().await;
+        }
+    }
+
     /// Waits until everything queued has been written (or the connection failed).
     pub(crate) async fn flushed(&self) {
         while self.queued_bytes.get() > 0 && !self.closed.get() {

@@ -36,11 +36,34 @@ pub struct Monitor {
     version: QObject,
     options: MonitorOptions,
     open_sessions: RefCell<Vec<Rc<Outbox>>>,
+    /// Sessions whose input ended while their output goes on (`output_outlives_input`):
+    /// no longer a client that may hang up, still a place events go to.
+    lingering: RefCell<Vec<Rc<Outbox>>>,
     session_closed: Notify,
     named_fds: Rc<NamedFds>,
 }
 
 type Request = Result<QObject, ParseError>;
+
+/// How a chardev opens and ends a connection, as its monitor sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Lifetime {
+    /// The chardev reports itself open, which is when QEMU's monitor greets (a `udp` one
+    /// never does).
+    pub greet: bool,
+    /// The output stays when the input ends (QEMU's fd chardevs: `stdio`, `pipe`): the
+    /// session goes on receiving events there until the monitor ends.
+    pub output_outlives_input: bool,
+}
+
+impl Default for Lifetime {
+    fn default() -> Self {
+        Lifetime {
+            greet: true,
+            output_outlives_input: false,
+        }
+    }
+}
 
 /// Per-connection state.
 struct Session {
@@ -80,6 +103,7 @@ impl Monitor {
             version,
             options,
             open_sessions: RefCell::new(Vec::new()),
+            lingering: RefCell::new(Vec::new()),
             session_closed: Notify::new(),
             named_fds: Rc::default(),
         })
@@ -91,18 +115,19 @@ impl Monitor {
         reader: Pin<Box<dyn AsyncRead>>,
         writer: Pin<Box<dyn AsyncWrite>>,
     ) {
-        self.serve_passing_fds(reader, writer, None, true).await;
+        self.serve_passing_fds(reader, writer, None, Lifetime::default())
+            .await;
     }
 
     /// Serves one connection on which the client may pass descriptors (`fds` takes the
-    /// last one passed), for `getfd` and `add-fd`. `greet`: whether the chardev reports
-    /// itself open, which is when QEMU's monitor greets (a `udp` one never does).
+    /// last one passed), for `getfd` and `add-fd`; `lifetime` says how the chardev opens
+    /// and ends it.
     pub async fn serve_passing_fds(
         self: &Rc<Self>,
         reader: Pin<Box<dyn AsyncRead>>,
         writer: Pin<Box<dyn AsyncWrite>>,
         fds: Option<FdSource>,
-        greet: bool,
+        lifetime: Lifetime,
     ) {
         let outbox = Outbox::new(self.options.pretty);
         self.open_sessions.borrow_mut().push(outbox.clone());
@@ -128,19 +153,32 @@ impl Monitor {
                 .with("version", self.version.clone())
                 .with("capabilities", caps),
         );
-        if greet {
+        if lifetime.greet {
             self.send(&session, greeting.into());
         }
         let writer_task = outbox.run_writer(writer);
         let work = async {
             tokio::join!(self.read_loop(&session, reader), self.exec_loop(&session));
+            if lifetime.output_outlives_input && !outbox.is_closed() {
+                self.forget_session(&outbox);
+                self.lingering.borrow_mut().push(outbox.clone());
+                outbox.closed().await;
+                self.lingering
+                    .borrow_mut()
+                    .retain(|o| !Rc::ptr_eq(o, &outbox));
+            }
             outbox.flushed().await;
             outbox.close();
         };
         tokio::join!(writer_task, work);
+        self.forget_session(&outbox);
+    }
+
+    /// `outbox`'s client can no longer hang up (it has, or it cannot).
+    fn forget_session(&self, outbox: &Rc<Outbox>) {
         self.open_sessions
             .borrow_mut()
-            .retain(|o| !Rc::ptr_eq(o, &outbox));
+            .retain(|o| !Rc::ptr_eq(o, outbox));
         self.session_closed.notify_waiters();
     }
 
@@ -155,7 +193,8 @@ impl Monitor {
 
     /// Waits until every open session has written what it has queued (used before exit).
     pub async fn flush_all(&self) {
-        let sessions = self.open_sessions.borrow().clone();
+        let mut sessions = self.open_sessions.borrow().clone();
+        sessions.extend(self.lingering.borrow().iter().cloned());
         for s in sessions {
             s.flushed().await;
         }

@@ -12,7 +12,7 @@ use ferrite_qapi::{Args, Error, ErrorClass, QapiEvent, introspect, schema};
 use ferrite_qmp::{CommandFuture, Commands, Event, EventBus, Monitor};
 use ferrite_qobject::{QDict, QObject};
 use ferrite_qom::{Container, ObjectRegistry, QomNode, qmp_cmds as qom};
-use std::cell::{OnceCell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;
 
 /// Everything the main loop owns (QEMU's global state, minus the globals).
@@ -37,6 +37,8 @@ pub struct Daemon {
     /// The monitors on sockets, whose clients the exit waits a moment for to hang up.
     pub socket_monitors: RefCell<Vec<Rc<Monitor>>>,
     quit: Latch,
+    /// Set once the block layer has been shut down (`shut_down`).
+    shut_down: Cell<bool>,
     /// Open once the command line has been acted on: no command runs before (QEMU's
     /// monitors dispatch nothing before its main loop).
     started: Latch,
@@ -156,6 +158,7 @@ impl Daemon {
             monitors: RefCell::new(Vec::new()),
             socket_monitors: RefCell::new(Vec::new()),
             quit: Latch::default(),
+            shut_down: Cell::new(false),
             started: Latch::default(),
             schema_info: OnceCell::new(),
             commands: RefCell::new(None),
@@ -198,13 +201,25 @@ impl Daemon {
             .into()
     }
 
-    /// The first part of shutting down, done before `quit` answers (QEMU announces the
-    /// exports' end before the `quit` reply): exports closed, nodes flushed.
-    pub async fn close_exports_and_flush(&self) {
-        self.exports.close_all().await;
-        self.nbd.close().await;
-        self.graph.flush_all().await;
-        self.graph.close_all().await;
+    /// Shuts the block layer down in QEMU's order (the end of qemu-storage-daemon's and
+    /// qemu-system's main): exports closed, then running jobs force-cancelled inside a drain
+    /// of everything (so that throttled requests do not hold the cancel back), then every
+    /// node flushed and closed. `quit` does it before it answers (QEMU's events come before
+    /// the reply); a signal, or a failed start, after the main loop. Done once.
+    pub async fn shut_down(&self) {
+        if self.shut_down.replace(true) {
+            return;
+        }
+        ferrite_block::report::in_main_loop(async {
+            self.exports.close_all().await;
+            self.nbd.close().await;
+            let drained = self.graph.drain_all().await;
+            self.jobs.cancel_all().await;
+            drop(drained);
+            self.graph.flush_all().await;
+            self.graph.close_all().await;
+        })
+        .await;
     }
 
     /// Whether the absolute QOM path `path` names one of the daemon's objects (a user
@@ -243,15 +258,7 @@ impl Daemon {
                 .get_or_init(|| introspect::schema_info(schema()))
                 .clone()),
             "quit" => {
-                // Running jobs are force-cancelled first, as QSD does at exit, inside a drain
-                // of everything so that throttled requests do not hold the cancel back.
-                ferrite_block::report::in_main_loop(async {
-                    let drained = self.graph.drain_all().await;
-                    self.jobs.cancel_all().await;
-                    drop(drained);
-                    self.close_exports_and_flush().await;
-                })
-                .await;
+                self.shut_down().await;
                 self.request_quit();
                 empty()
             }

@@ -159,7 +159,7 @@ pub fn qmp_session(input: &[u8]) {
         monitor
             .serve(Box::pin(Cursor::new(input)), Box::pin(tokio::io::sink()))
             .await;
-        daemon.close_exports_and_flush().await;
+        daemon.shut_down().await;
     });
 }
 
@@ -174,7 +174,7 @@ pub fn nbd_session(input: &[u8]) {
             .nbd
             .serve_client(Cursor::new(input), tokio::io::sink())
             .await;
-        daemon.close_exports_and_flush().await;
+        daemon.shut_down().await;
     });
 }
 
@@ -224,7 +224,7 @@ pub fn nbd_client(input: &[u8]) {
         let _ = blk.flush().await;
         let _ = blk.read(at(1 << 20), (1 << 20).min(len as usize)).await;
         blk.remove();
-        daemon.close_exports_and_flush().await;
+        daemon.shut_down().await;
     });
 }
 

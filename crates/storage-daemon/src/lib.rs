@@ -104,7 +104,7 @@ pub fn main() -> ExitCode {
             Err(wiring::OptionError(msg)) => {
                 eprintln!("{prog}: {msg}");
                 // Exports made by earlier options end (a FUSE mount must not outlive us).
-                daemon.close_exports_and_flush().await;
+                daemon.shut_down().await;
                 daemon.chardevs.close_all();
                 ExitCode::FAILURE
             }

@@ -284,7 +284,15 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
                 .fds
                 .map(|f| -> ferrite_qmp::FdSource { Rc::new(move || f.take()) });
             monitor
-                .serve_passing_fds(conn.reader, conn.writer, fds, conn.opened)
+                .serve_passing_fds(
+                    conn.reader,
+                    conn.writer,
+                    fds,
+                    ferrite_qmp::Lifetime {
+                        greet: conn.opened,
+                        output_outlives_input: conn.output_outlives_input,
+                    },
+                )
                 .await;
             fe.disconnected();
         }
@@ -312,9 +320,9 @@ pub async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: Daemo
         _ = daemon.quit_requested() => {}
         _ = signals => {}
     }
-    // After a signal the exports are still open (after quit they are already closed); their
-    // end is announced before the monitors are flushed.
-    daemon.close_exports_and_flush().await;
+    // After a signal the block layer is still up (`quit` shut it down before answering);
+    // what its shutdown announces goes out before the monitors are flushed.
+    daemon.shut_down().await;
     // Let every monitor deliver what it has queued (the quit return among it), but do not
     // let a client that stopped reading hold the exit.
     let monitors = daemon.monitors.borrow().clone();

@@ -622,7 +622,7 @@ pub fn main() -> ExitCode {
             }
             Err(Failure(msg)) => {
                 eprintln!("{prog}: {msg}");
-                daemon.close_exports_and_flush().await;
+                daemon.shut_down().await;
                 daemon.chardevs.close_all();
                 ExitCode::FAILURE
             }

@@ -121,6 +121,7 @@ impl FileBackend {
             writer: LogFile::tee(self.log.clone(), writer),
             fds: None,
             opened: true,
+            output_outlives_input: true,
         })
     }
 }

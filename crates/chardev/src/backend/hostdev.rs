@@ -124,6 +124,7 @@ impl HostDev {
             writer: LogFile::tee(self.log.clone(), writer),
             fds: None,
             opened: true,
+            output_outlives_input: false,
         })
     }
 

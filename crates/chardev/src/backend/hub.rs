@@ -92,6 +92,7 @@ impl Hub {
                     writer: Box::pin(HubWriter(s)) as Writer,
                     fds: None,
                     opened: true,
+                    output_outlives_input: false,
                 });
             }
             if self.shared.closed.get() {

@@ -39,6 +39,9 @@ pub struct Connection {
     /// Whether the backend tells its frontend it is open (QEMU's `CHR_EVENT_OPENED`): a
     /// monitor greets only then. A `udp` chardev never does.
     pub opened: bool,
+    /// Whether the output stays usable when the input ends (QEMU's fd chardevs: `stdio`,
+    /// `pipe`, `file`), where a socket's peer hangs up both ways.
+    pub output_outlives_input: bool,
 }
 
 /// An open backend.
@@ -289,5 +292,6 @@ fn idle_once() -> Option<Connection> {
         writer: Box::pin(tokio::io::sink()),
         fds: None,
         opened: true,
+        output_outlives_input: false,
     })
 }

@@ -44,6 +44,8 @@ struct Session {
     early: RefCell<[Vec<u8>; MAX_FRONTENDS]>,
     taken: Cell<[bool; MAX_FRONTENDS]>,
     ended: Cell<bool>,
+    /// The base connection's `output_outlives_input`.
+    output_outlives_input: bool,
 }
 
 /// Timestamps on output (C-a t).
@@ -171,6 +173,7 @@ impl Mux {
                     }) as Writer,
                     fds: None,
                     opened: true,
+                    output_outlives_input: s.output_outlives_input,
                 });
             }
             if shared.finished.get() {
@@ -204,6 +207,7 @@ async fn pump(shared: Rc<Shared>, base: Frontend) {
             early: RefCell::default(),
             taken: Cell::new([false; MAX_FRONTENDS]),
             ended: Cell::new(false),
+            output_outlives_input: conn.output_outlives_input,
         });
         *shared.session.borrow_mut() = Some(session.clone());
         shared.changed.notify_waiters();

@@ -157,6 +157,7 @@ impl Pty {
             writer,
             fds: None,
             opened: true,
+            output_outlives_input: false,
         })
     }
 

@@ -58,6 +58,7 @@ impl Ring {
             }),
             fds: None,
             opened: true,
+            output_outlives_input: false,
         })
     }
 }

@@ -302,6 +302,7 @@ impl Socket {
             writer: LogFile::tee(self.log.clone(), Box::pin(w)),
             fds: Some(fds),
             opened: true,
+            output_outlives_input: false,
         }
     }
 
@@ -312,6 +313,7 @@ impl Socket {
             writer: LogFile::tee(self.log.clone(), Box::pin(w)),
             fds: None,
             opened: true,
+            output_outlives_input: false,
         }
     }
 
@@ -440,6 +442,7 @@ impl Socket {
             writer: LogFile::tee(self.log.clone(), Box::pin(w)),
             fds: None,
             opened: true,
+            output_outlives_input: false,
         }
     }
 

@@ -136,6 +136,7 @@ impl Udp {
             writer: LogFile::tee(self.log.clone(), writer),
             fds: None,
             opened: false,
+            output_outlives_input: false,
         })
     }
 }
