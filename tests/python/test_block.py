@@ -750,3 +750,23 @@ def test_activating_an_image_that_is_gone_says_which_layer_as_qsd(ferrite, qsd):
         out.append(got)
     assert out[1] == out[0]
     assert "Could not reopen qcow2 layer: Image is not in qcow2 format" in str(out[1][-1])
+
+
+@pytest.mark.parametrize("hint", [1 << 20, (1 << 32) - 1, 1 << 32, (1 << 63) - 1])
+def test_file_creation_judges_the_extent_size_hint_first_like_qsd(both, hint):
+    """An `extent-size-hint` beyond 32 bits fails the creation before the file is made;
+    one within them is taken (qsd seed 1886)."""
+    seen = []
+    for d in both():
+        q = d.connect()
+        path = d.workdir / "made.raw"
+        assert q.cmd("blockdev-create", {"job-id": "c", "options": {
+            "driver": "file", "filename": str(path), "size": 65536,
+            "extent-size-hint": hint}}) == {"return": {}}
+        q.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+        job = q.cmd("query-jobs")["return"][0]
+        seen.append((job["status"], job.get("error"), path.exists()))
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours[1:] == ((None, True) if hint < 1 << 32 else
+                        ("Extent size hint is too large", False))

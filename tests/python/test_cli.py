@@ -250,6 +250,37 @@ def test_a_stdio_monitor_sends_events_after_its_input_ends_like_qsd(tmp_path):
                          ("JOB_STATUS_CHANGE", "null")]
 
 
+def test_quit_ends_every_job_newest_first_like_qsd(both):
+    """At exit every job ends in `null`: running ones are force-cancelled newest first, and
+    concluded ones left for the user to dismiss are dismissed (QEMU's
+    job_cancel_sync_all)."""
+    seen = []
+    for d in both():
+        q = d.connect()
+        for name in ("a", "b", "c", "e"):
+            assert q.cmd("blockdev-add", {"driver": "null-co", "node-name": name,
+                                          "size": 1 << 20}) == {"return": {}}
+        assert q.cmd("blockdev-mirror", {"job-id": "older", "device": "a", "target": "b",
+                                         "sync": "full"}) == {"return": {}}
+        q.wait_event("BLOCK_JOB_READY")
+        assert q.cmd("blockdev-mirror", {"job-id": "newer", "device": "c", "target": "e",
+                                         "sync": "full", "auto-dismiss": False}) \
+            == {"return": {}}
+        q.wait_event("BLOCK_JOB_READY")
+        assert q.cmd("blockdev-create", {"job-id": "made", "options": {
+            "driver": "file", "filename": str(d.workdir / "new.raw"), "size": 0}}) \
+            == {"return": {}}
+        q.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"] == {"status": "concluded",
+                                                                  "id": "made"})
+        q.events.clear()
+        q.send(b'{"execute": "quit"}')
+        seen.append(events_until_hang_up(q))
+    theirs, ours = seen
+    assert ours == theirs
+    ends = [e for e in ours if e[0] == "JOB_STATUS_CHANGE" and e[1] == "null"]
+    assert len(ends) == 3
+
+
 def test_daemonize_reports_startup(tmp_path):
     pid = tmp_path / "pid"
     sock = tmp_path / "q.sock"

@@ -497,7 +497,47 @@ FOUND = [
     ("block-dirty-bitmap-add", {"node": "fmt0", "name": "p9", "persistent": True}),
     ("blockdev-set-active", {"active": False}),
     ("query-named-block-nodes", {"flat": True}),
+    # An event loop's properties are set in the order of the QDict QEMU makes from the
+    # QAPI object, whatever the client's order (qsd seed 1973).
+    ("object-add", {"qom-type": "main-loop", "id": "ml9", "thread-pool-min": -1,
+                    "thread-pool-max": -1}),
+    ("object-add", {"qom-type": "iothread", "id": "io9", "thread-pool-max": -1,
+                    "thread-pool-min": -2}),
+    # A quorum that rewrites corrupted children writes them even while inactive, and the
+    # children it opens inherit its inactivity (qsd seed 1904).
+    ("blockdev-add", {"driver": "quorum", "node-name": "qu9", "active": False,
+                      "children": [{"driver": "null-aio"}], "vote-threshold": 1,
+                      "rewrite-corrupted": True}),
 ]
+
+# Cases that need a state of their own: each runs on fresh daemons.
+FOUND_APART = {
+    # A reopen (here the snapshot's old top made read-only) drops the flag that said the
+    # file node was opened as a protocol: a job's existing target is then probed (seed 1881).
+    "reopened-protocol-node": [
+        ("blockdev-set-active", {"active": False}),
+        ("blockdev-snapshot", {"node": "file0", "overlay": "fmt0"}),
+        ("drive-backup", {"device": "file0", "sync": "none", "target": "tgt.raw",
+                          "mode": "existing"}),
+    ],
+    # An inactive overlay cannot take over the users of a node that write (seed 1747).
+    "inactive-overlay-over-a-written-node": [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "ov9",
+                          "file": {"driver": "file", "filename": "base.qcow2"}}),
+        ("blockdev-set-active", {"node-name": "ov9", "active": False}),
+        ("blockdev-snapshot", {"node": "file0", "overlay": "ov9"}),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", FOUND_APART)
+def test_sequences_found_before_get_qsds_answers(qsd, ferrite, case):
+    theirs, ours = Side(qsd), Side(ferrite)
+    for name, args in FOUND_APART[case]:
+        a, b = theirs.run(name, args), ours.run(name, args)
+        assert ("return" in a) == ("return" in b), (name, args, a, b)
+        if "error" in a:
+            assert ours.text(b) == theirs.text(a), (name, args)
 
 
 def test_commands_found_before_get_qsds_answers(qsd, ferrite):

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -1186,10 +1187,12 @@ def test_nbd_client_on_a_passed_socket_matches_qemu_system(tmp_path):
     assert "read 65536/65536 bytes at offset 0" in got[1]
 
 
-def quit_with_job_transcript(binary, accel, workdir):
-    """`quit` with a running backup that drive-backup started on a drive: the events from
-    the command to the end, as qemu-system sends them (the machine's own drain at shutdown,
-    then the daemon's, each pausing and resuming the job, then the cancel)."""
+def quit_with_job_transcript(binary, accel, workdir, end="quit"):
+    """`quit` (or SIGTERM, `end="signal"`) with a running backup that drive-backup started
+    on a drive: the events from the command to the end, as qemu-system sends them (the
+    machine's own drain at shutdown, then the daemon's, each pausing and resuming the job,
+    then the cancel), and what it said on standard error, the program's name and the
+    sender's pid hidden."""
     img = workdir / "t.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 8M", str(img)],
@@ -1200,8 +1203,11 @@ def quit_with_job_transcript(binary, accel, workdir):
                                        "format": "qcow2", "sync": "full", "speed": 65536})
         out = [r]
         time.sleep(0.5)
-        m.qmp.cmd("quit")
-        m.proc.wait(20)
+        if end == "quit":
+            m.qmp.cmd("quit")
+        else:
+            m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(20) == 0
         # Everything the monitor sent after the command: QMP events until the socket
         # closes.
         while True:
@@ -1215,16 +1221,24 @@ def quit_with_job_transcript(binary, accel, workdir):
             out.append((e["event"], data.get("status"), data.get("reason"), data.get("len")))
     finally:
         m.stop()
+    said = re.sub(r"^\S+: ", "PROG: ", m.stderr.read_text(), flags=re.M)
+    out.append(re.sub(r"from pid \d+", "from pid N", said))
     return out
 
 
-def test_quit_with_a_running_job_matches_qemu_system(tmp_path):
+@pytest.mark.parametrize("end", ["quit", "signal"])
+def test_quit_with_a_running_job_matches_qemu_system(tmp_path, end):
+    """A signal ends the machine as `quit` does, but says so on standard error and gives
+    the SHUTDOWN event its own reason."""
     (tmp_path / "q").mkdir()
     (tmp_path / "f").mkdir()
-    expected = quit_with_job_transcript(QEMU, "tcg", tmp_path / "q")
-    got = quit_with_job_transcript(SYSTEM, "tcg", tmp_path / "f")
+    expected = quit_with_job_transcript(QEMU, "tcg", tmp_path / "q", end)
+    got = quit_with_job_transcript(SYSTEM, "tcg", tmp_path / "f", end)
     assert got == expected
-    assert [e[1] for e in got[1:]].count("paused") == 3
+    assert [e[1] for e in got[1:-1]].count("paused") == 3
+    reason = {"quit": "host-qmp-quit", "signal": "host-signal"}[end]
+    assert ("SHUTDOWN", None, reason, None) in got
+    assert ("terminating on signal 15 from pid N" in got[-1]) == (end == "signal")
 
 
 def test_a_device_refused_between_iothreads_speaks_after_the_prompt(tmp_path):

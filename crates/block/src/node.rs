@@ -66,6 +66,10 @@ pub struct Node {
     /// Inactive (QEMU's `BDRV_O_INACTIVE`): another process may own the image, so the
     /// node writes nothing and gives no writer to anyone until it is activated again.
     pub(crate) inactive: Cell<bool>,
+    /// It has been reopened (by `blockdev-reopen`, or by a snapshot, job or command that
+    /// switches its mode). QEMU's reopen drops `BDRV_O_PROTOCOL` from the node's open
+    /// flags, so a job's existing target named after it is probed from then on.
+    pub(crate) reopened: Cell<bool>,
     /// A filter a job put in without a name from the user (QEMU's `implicit`): queries of
     /// the drive look through it.
     pub(crate) implicit: Cell<bool>,
@@ -162,6 +166,7 @@ impl Node {
             inherits_read_only: Cell::new(false),
             inherits_cache: Cell::new((false, false)),
             inactive: Cell::new(false),
+            reopened: Cell::new(false),
             implicit: Cell::new(false),
             never_freeze: Cell::new(false),
             inherits_from: RefCell::new(Weak::new()),

@@ -170,6 +170,13 @@ impl<'a> OpenCtx<'a> {
         self.opts.opt_bool("active") != Some(false) && !self.graph.opens_inactive()
     }
 
+    /// For a node opening inactive, the scope in which its child `key` opens inactive too:
+    /// every child but a `file`, which QEMU opens before it reads the node's own `active`
+    /// (what the node inherited it passes on all the same).
+    fn inactive_parent_scope(&self, key: &str) -> Option<crate::graph::InactiveParentScope<'a>> {
+        (key != "file" && !self.opens_active()).then(|| self.graph.inactive_parent_scope())
+    }
+
     /// Opens child `key`, which the options must give (a node name or inline options).
     ///
     /// # Errors
@@ -207,11 +214,13 @@ impl<'a> OpenCtx<'a> {
                 let early = self.early_file.take_if(|_| key == "file");
                 let node = match early {
                     Some(node) => node,
-                    None => self
-                        .graph
-                        .open(&Args::new(inherited(self.opts, d, cow)))
-                        .await
-                        .map_err(|e| open_failure(key, e))?,
+                    None => {
+                        let _inactive = self.inactive_parent_scope(key);
+                        self.graph
+                            .open(&Args::new(inherited(self.opts, d, cow)))
+                            .await
+                            .map_err(|e| open_failure(key, e))?
+                    }
                 };
                 node.inherits_read_only
                     .set(!cow && d.get("read-only").is_none());
@@ -233,7 +242,10 @@ impl<'a> OpenCtx<'a> {
     /// # Errors
     /// The node failing to open.
     pub async fn open_child_opts(&mut self, key: &str, opts: QDict) -> Result<Rc<Child>> {
-        let node = self.graph.open(&Args::new(opts)).await?;
+        let node = {
+            let _inactive = self.inactive_parent_scope(key);
+            self.graph.open(&Args::new(opts)).await?
+        };
         // Made by this node for itself: its mode is this node's.
         node.inherits_read_only.set(true);
         self.inline.push(node.clone());
@@ -856,15 +868,11 @@ impl Graph {
         }
         node.inactive.set(!active);
         for e in &ctx.edges {
-            let (perm, shared) =
-                node.driver
-                    .child_perm(e.name(), Perm::empty(), Perm::all(), false);
-            // An inactive node only reads its children, and shares them.
-            let (perm, shared) = if active {
-                (perm, shared)
-            } else {
-                (perm & Perm::CONSISTENT_READ, Perm::all())
-            };
+            let (perm, shared) = Graph::child_edge_perms(&node, e.name());
+            if !e.node().is_active() && !(perm - Perm::CONSISTENT_READ).is_empty() {
+                ctx.abandon();
+                return Err(Error::InactivePermission(perm.message_names()));
+            }
             if let Err(err) = self.update_edge_perm(e, perm, shared) {
                 ctx.abandon();
                 return Err(err);

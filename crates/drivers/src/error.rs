@@ -81,6 +81,9 @@ pub(crate) enum Error {
     /// `blockdev-create` of a file with a negative size.
     #[error("Invalid file size")]
     InvalidFileSize,
+    /// `blockdev-create` of a file with an `extent-size-hint` beyond 32 bits.
+    #[error("Extent size hint is too large")]
+    ExtentSizeHintTooLarge,
     /// A preallocation mode the file driver does not have.
     #[error("Unsupported preallocation mode: {0}")]
     UnsupportedPreallocation(String),

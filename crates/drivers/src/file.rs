@@ -147,6 +147,14 @@ impl DriverFactory for FileFactory {
 /// # Errors
 /// QEMU's texts for a bad size or preallocation mode and for the file system failing.
 pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
+    // Judged before the file is made, as QEMU does. (The hint itself is only advice to the
+    // file system, which ferrite does not give.)
+    if opts
+        .opt_u64("extent-size-hint")
+        .is_some_and(|h| h > u64::from(u32::MAX))
+    {
+        return Err(Error::ExtentSizeHintTooLarge.into());
+    }
     let path = opts.str("filename")?.to_owned();
     let size = opts.u64("size")?;
     if i64::try_from(size).is_err() {

@@ -7,7 +7,7 @@
 
 use crate::error::generic;
 use ferrite_block::driver::{BoxFut, Driver, Extent, ReqFlags};
-use ferrite_block::{Child, DriverFactory, DriverKind, EventSink, LocalFut, Node, OpenCtx};
+use ferrite_block::{Child, DriverFactory, DriverKind, EventSink, LocalFut, Node, OpenCtx, Perm};
 use ferrite_qapi::QapiEvent;
 use ferrite_qobject::{QDict, QObject};
 use std::cell::{Cell, RefCell};
@@ -61,6 +61,8 @@ impl DriverFactory for QuorumFactory {
                     ));
                 }
             }
+            // QEMU names the node before it opens the children: it is listed before them.
+            ctx.take_position_now();
             let mut children = Vec::with_capacity(refs.len());
             for (i, r) in refs.iter().enumerate() {
                 children.push(ctx.open_child_ref(&format!("children.{i}"), r).await?);
@@ -319,6 +321,24 @@ impl Driver for Quorum {
     fn child_added(&self, edge: Rc<Child>) {
         self.next_index.set(self.next_index.get() + 1);
         self.children.borrow_mut().push(edge);
+    }
+
+    fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
+        // A child found wrong is written over, whoever uses the quorum (QEMU asks for the
+        // write permission whenever `rewrite-corrupted` is on).
+        if self.rewrite {
+            (perm | Perm::WRITE, shared)
+        } else {
+            (perm, shared)
+        }
+    }
+
+    fn child_perm_inactive(&self, _name: &str) -> Perm {
+        if self.rewrite {
+            Perm::WRITE
+        } else {
+            Perm::empty()
+        }
     }
 
     fn can_replace_child(&self, _node: &Node, to_replace: &Rc<Node>) -> bool {

@@ -211,11 +211,18 @@ impl JobManager {
         }
     }
 
-    /// At exit: force-cancels every job still running and waits for them (QSD's quit).
+    /// At exit (QEMU's `job_cancel_sync_all`): until no job is left, the newest is
+    /// force-cancelled and waited for, or dismissed once it has concluded, so that every
+    /// job ends in `null`.
     pub async fn cancel_all(&self) {
-        let jobs: Vec<Rc<Job>> = self.jobs.borrow().clone();
-        for j in &jobs {
-            self.cancel_sync(j).await;
+        loop {
+            let newest = self.jobs.borrow().last().cloned();
+            let Some(job) = newest else { break };
+            match job.status.get() {
+                Status::Null => self.jobs.borrow_mut().retain(|j| !Rc::ptr_eq(j, &job)),
+                Status::Concluded => self.dismiss_now(&job),
+                _ => self.cancel_sync(&job).await,
+            }
         }
     }
 

@@ -12,6 +12,7 @@ mod latch;
 mod logging;
 mod object_links;
 mod process;
+mod signals;
 mod wiring;
 
 use cli::parse::{CliOption, parse_args};
@@ -25,7 +26,8 @@ pub mod front_end {
     pub use crate::daemon::{Daemon, DaemonCommands};
     pub use crate::object_links::{throttle_config, throttle_limits};
     pub use crate::process::{DaemonizeHandle, PidFile};
-    pub use crate::wiring::{OptionError, Startup, object_options, run, start};
+    pub use crate::signals::Termination;
+    pub use crate::wiring::{OnTermination, OptionError, Startup, object_options, run, start};
     pub use crate::{main_loop, tune_allocator};
 }
 use std::process::ExitCode;
@@ -98,7 +100,7 @@ pub fn main() -> ExitCode {
             Ok(wiring::Startup::Exit) => ExitCode::SUCCESS,
             Ok(wiring::Startup::ExitFailure) => ExitCode::FAILURE,
             Ok(wiring::Startup::Running(pidfile)) => {
-                wiring::run(daemon, pidfile, handle).await;
+                wiring::run(daemon, pidfile, handle, None).await;
                 ExitCode::SUCCESS
             }
             Err(wiring::OptionError(msg)) => {

@@ -4,13 +4,16 @@ use crate::cli::keyval;
 use crate::cli::parse::CliOption;
 use crate::daemon::Daemon;
 use crate::process::{DaemonizeHandle, PidFile};
+use crate::signals::Termination;
 use ferrite_chardev::{ChardevOpts, Origin, backend_from_opts};
 use ferrite_qapi::schema::TypeRef;
 use ferrite_qapi::visit::{Mode, check_object, check_value};
 use ferrite_qapi::{Args, Error, schema};
 use ferrite_qmp::{Monitor, MonitorOptions};
 use ferrite_qobject::QObject;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -300,8 +303,17 @@ fn add_monitor(daemon: &Rc<Daemon>, args: &Args) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a front end does when a signal ends the program, before the daemon shuts down
+/// (qemu-system reports it and stops the machine; qemu-storage-daemon does nothing).
+pub type OnTermination = Box<dyn FnOnce(Termination) -> Pin<Box<dyn Future<Output = ()>>>>;
+
 /// Serves until `quit` or a signal, then shuts down in QEMU's order.
-pub async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: DaemonizeHandle) {
+pub async fn run(
+    daemon: Rc<Daemon>,
+    pidfile: Option<PidFile>,
+    mut handle: DaemonizeHandle,
+    on_termination: Option<OnTermination>,
+) {
     handle.startup_done();
     daemon.start_commands();
     // Housekeeping: metadata caches left unused are dropped (cache-clean-interval).
@@ -315,10 +327,13 @@ pub async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: Daemo
             g.clean_caches(std::time::Instant::now());
         }
     });
-    let signals = wait_for_signal();
-    tokio::select! {
-        _ = daemon.quit_requested() => {}
-        _ = signals => {}
+    let signals = crate::signals::wait_for_termination();
+    let termination = tokio::select! {
+        _ = daemon.quit_requested() => None,
+        t = signals => Some(t),
+    };
+    if let (Some(t), Some(f)) = (termination, on_termination) {
+        f(t).await;
     }
     // After a signal the block layer is still up (`quit` shut it down before answering);
     // what its shutdown announces goes out before the monitors are flushed.
@@ -343,21 +358,4 @@ pub async fn run(daemon: Rc<Daemon>, pidfile: Option<PidFile>, mut handle: Daemo
     let _ = tokio::time::timeout(Duration::from_millis(200), hang_ups).await;
     daemon.chardevs.close_all();
     drop(pidfile);
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-        _ = hup.recv() => {}
-    }
 }

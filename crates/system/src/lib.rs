@@ -33,7 +33,9 @@ use commands::SystemCommands;
 use devices::Devices;
 use ferrite_block::BlockBackend;
 use ferrite_block::clock::VirtualClock;
-use ferrite_storage_daemon::front_end::{CliOption, Daemon, DaemonizeHandle, OptionError, keyval};
+use ferrite_storage_daemon::front_end::{
+    CliOption, Daemon, DaemonizeHandle, OnTermination, OptionError, keyval,
+};
 use machine::Machine;
 use std::cell::RefCell;
 use std::process::ExitCode;
@@ -605,10 +607,24 @@ pub fn main() -> ExitCode {
         match start(&sys, &options, &prog).await {
             Ok(false) => ExitCode::SUCCESS,
             Ok(true) => {
+                let killed = sys.clone();
+                let on_termination: OnTermination = Box::new(move |t| {
+                    Box::pin(async move {
+                        // Said unless a qtest driver runs the machine (a test's signal).
+                        if killed.qtest_log.borrow().is_none() {
+                            ferrite_block::report::error_report(&t.report());
+                        }
+                        killed.machine.killed();
+                        // The machine stops (QEMU's vm_shutdown) before the daemon's own
+                        // shutdown, as after `quit`.
+                        killed.settle_images().await;
+                    })
+                });
                 let run = ferrite_storage_daemon::front_end::run(
                     daemon.clone(),
                     None,
                     DaemonizeHandle::none(),
+                    Some(on_termination),
                 );
                 let _: () = run.await;
                 if let Some(log) = sys.qtest_log.borrow().as_ref() {

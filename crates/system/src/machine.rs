@@ -428,6 +428,13 @@ impl Machine {
         self.emit("SHUTDOWN", Some(shutdown_data("host-qmp-quit")));
     }
 
+    /// A terminating signal: SHUTDOWN, before the daemon's own shutdown (QEMU's
+    /// `qemu_system_killed`, which ends the program whatever `-no-shutdown` says).
+    pub(crate) fn killed(&self) {
+        self.quitting.set(true);
+        self.emit("SHUTDOWN", Some(shutdown_data("host-signal")));
+    }
+
     /// Whether `quit` was asked.
     pub(crate) fn is_quitting(&self) -> bool {
         self.quitting.get()

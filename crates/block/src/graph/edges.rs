@@ -80,6 +80,10 @@ impl Graph {
                 parent: parent.name().to_owned(),
             });
         }
+        let (p, s) = Self::child_edge_perms(parent, name);
+        if !child.is_active() && !(p - Perm::CONSISTENT_READ).is_empty() {
+            return Err(Error::InactivePermission(p.message_names()));
+        }
         let iothreads = self.iothread_snapshot([parent, child]);
         self.join_iothreads(parent, child)?;
         let e = Child::new(
@@ -90,9 +94,6 @@ impl Graph {
         );
         self.link(&e, child);
         parent.children.borrow_mut().push(e.clone());
-        let (perm, shared) = parent.cumulative_perms();
-        let used = !parent.users().is_empty();
-        let (p, s) = parent.driver.child_perm(name, perm, shared, used);
         if let Err(err) = self.update_edge_perm(&e, p, s) {
             self.detach_edge(&e);
             iothreads.restore();

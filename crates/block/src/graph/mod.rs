@@ -94,6 +94,18 @@ pub struct Graph {
     /// Images being created: the nodes a creation opens are its own and open active even
     /// while the rest open inactive (QEMU's `bdrv_create` opens with flags of its own).
     creating: Cell<u32>,
+    /// Inactive nodes opening children that inherit their flags (QEMU passes
+    /// `BDRV_O_INACTIVE` down to the children a driver opens).
+    under_inactive: Cell<u32>,
+}
+
+/// See [`Graph::inactive_parent_scope`].
+pub(crate) struct InactiveParentScope<'a>(&'a Graph);
+
+impl Drop for InactiveParentScope<'_> {
+    fn drop(&mut self) {
+        self.0.under_inactive.set(self.0.under_inactive.get() - 1);
+    }
 }
 
 /// See [`Graph::creation_scope`].
@@ -151,6 +163,7 @@ impl Graph {
             iothread_resolver: RefCell::new(None),
             open_inactive: Cell::new(false),
             creating: Cell::new(0),
+            under_inactive: Cell::new(0),
         })
     }
 
@@ -168,7 +181,14 @@ impl Graph {
 
     /// Whether new nodes open inactive.
     pub fn opens_inactive(&self) -> bool {
-        self.open_inactive.get() && self.creating.get() == 0
+        (self.open_inactive.get() || self.under_inactive.get() > 0) && self.creating.get() == 0
+    }
+
+    /// While the returned guard lives, nodes open inactive: an inactive node is opening
+    /// the children it passes its flags to.
+    pub(crate) fn inactive_parent_scope(&self) -> InactiveParentScope<'_> {
+        self.under_inactive.set(self.under_inactive.get() + 1);
+        InactiveParentScope(self)
     }
 
     /// While the returned guard lives, nodes open active: an image is being created on
@@ -332,8 +352,9 @@ impl Graph {
 
     /// The format an existing image a job writes to (`drive-backup`, `drive-mirror` with
     /// mode `existing`), given none, opens as. QEMU opens it with the source's flags: under
-    /// a source opened as a protocol (a `file`, a `null-co`) that means by its protocol
-    /// alone (the file node itself, as big as the file); otherwise the image is probed, and
+    /// a source opened as a protocol (a `file`, a `null-co`) and not reopened since, that
+    /// means by its protocol alone (the file node itself, as big as the file); otherwise the
+    /// image is probed, and
     /// the node opened must then be marked so ([`Graph::opened_probed`]).
     ///
     /// # Errors
@@ -341,10 +362,12 @@ impl Graph {
     pub async fn job_target_format(&self, source: &Node, path: &str) -> Result<TargetFormat> {
         // The name's protocol is looked up first, and must be one known.
         crate::filename::known_protocol_options(path)?;
-        let source_is_protocol = self
-            .registry()
-            .get(source.driver_name())
-            .is_some_and(|f| f.opens_as_protocol());
+        // Until a reopen drops the flag that says so (`Node::reopened`).
+        let source_is_protocol = !source.reopened.get()
+            && self
+                .registry()
+                .get(source.driver_name())
+                .is_some_and(|f| f.opens_as_protocol());
         if source_is_protocol {
             let protocol = crate::filename::protocol_options(path);
             let name = protocol.get("driver").and_then(QObject::as_str);

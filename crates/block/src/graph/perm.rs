@@ -42,27 +42,34 @@ impl Graph {
         let (perm, shared) = node.cumulative_perms();
         let active = node.is_active();
         // An inactive node lets go of its image (its locks) and asks its children only to
-        // read (and what its driver still needs), sharing everything: another process may
-        // own the image meanwhile.
+        // read (`child_edge_perms`): another process may own the image meanwhile.
         if active {
             node.driver.set_perm(perm, shared)?;
         } else {
             node.driver.set_perm(Perm::empty(), Perm::all())?;
         }
-        let used = !node.users().is_empty();
         for c in node.children() {
-            let (p, s) = node.driver.child_perm(c.name(), perm, shared, used);
-            let (p, s) = if active {
-                (p, s)
-            } else {
-                (
-                    p & (Perm::CONSISTENT_READ | node.driver.child_perm_inactive(c.name())),
-                    Perm::all(),
-                )
-            };
+            let (p, s) = Self::child_edge_perms(node, c.name());
             self.update_edge_perm(&c, p, s)?;
         }
         Ok(())
+    }
+
+    /// What `parent` asks of its child `name` for its users now: what its driver needs, or,
+    /// while it is inactive, only reading (and what its driver still needs), sharing
+    /// everything.
+    pub(crate) fn child_edge_perms(parent: &Node, name: &str) -> (Perm, Perm) {
+        let (perm, shared) = parent.cumulative_perms();
+        let used = !parent.users().is_empty();
+        let (p, s) = parent.driver.child_perm(name, perm, shared, used);
+        if parent.is_active() {
+            (p, s)
+        } else {
+            (
+                p & (Perm::CONSISTENT_READ | parent.driver.child_perm_inactive(name)),
+                Perm::all(),
+            )
+        }
     }
 
     /// Asks `node`'s driver again what it needs of its children (its own state changed,

@@ -213,6 +213,7 @@ impl Graph {
         }
         for (node, _, _) in &plan {
             node.forget_cli_text();
+            node.reopened.set(true);
         }
         for child in now_own_mode {
             child.inherits_read_only.set(false);
@@ -461,6 +462,9 @@ impl Graph {
             }
             done.push(n);
         }
+        for n in done {
+            n.reopened.set(true);
+        }
         Ok(())
     }
 
@@ -472,6 +476,8 @@ impl Graph {
     /// As [`Graph::set_read_only`].
     pub async fn reopen_read_only(&self, node: &Rc<Node>) -> Result<()> {
         if node.is_read_only() {
+            // Reopened all the same, in the same mode (QEMU does not skip it).
+            node.reopened.set(true);
             return Ok(());
         }
         // Each node that goes read-only with it writes its state back first (a preallocate

@@ -4,7 +4,7 @@
 use super::{UserObject, check_prop};
 use crate::error::{Error, Result};
 use ferrite_qapi::Args;
-use ferrite_qobject::QObject;
+use ferrite_qobject::{QDict, QObject};
 use indexmap::IndexMap;
 use std::any::Any;
 use std::cell::RefCell;
@@ -30,12 +30,18 @@ fn non_negative(name: &str, v: i64) -> Result<i64> {
 }
 
 /// The parameters' values as QEMU checks them while it sets them, before the object has
-/// its id: in the order it sets them, its QDict's.
+/// its id: in the order it sets them, its QDict's. That QDict is made from the QAPI
+/// object, member by member in the schema's order (base first), whatever order the
+/// client gave them in: two members of one hash bucket come out the later first.
 pub(crate) fn check_values(options: &Args) -> Result<()> {
-    for (name, v) in options.as_dict().iter_qemu_order() {
-        if let Some(&(name, _)) = BASE.iter().chain(IOTHREAD).find(|(n, _)| *n == name)
-            && let Some(v) = v.as_i64()
-        {
+    let mut props = QDict::new();
+    for &(name, _) in BASE.iter().chain(IOTHREAD) {
+        if let Some(v) = options.get(name) {
+            props.insert(name, v.clone());
+        }
+    }
+    for (name, v) in props.iter_qemu_order() {
+        if let Some(v) = v.as_i64() {
             non_negative(name, v)?;
         }
     }

@@ -90,7 +90,10 @@ impl ObjectRegistry {
             "thread-context" => drop(thread_context::initial_affinity(options)?),
             "iothread" => event_loop::check_values(options)?,
             // The main loop applies its thread pool's bounds as they are set.
-            "main-loop" => drop(event_loop::EventLoop::create(options, false)?),
+            "main-loop" => {
+                event_loop::check_values(options)?;
+                drop(event_loop::EventLoop::create(options, false)?);
+            }
             "secret_keyring" => secret::check_values(options)?,
             _ => {}
         }
