@@ -296,14 +296,20 @@ def steady_open_in_home(name, wrapper, workdir, server, img):
     """`open_in_home`; for qsd, twice, and a third time to settle it when the two differ.
     The answers that once looked like qsd taking a host key it refuses were its double
     greeting (now skipped by `Daemon.connect`); kept because under CI's load qsd once gave
-    no answer at all to the "key file" open (stop 47). The majority is its answer."""
+    no answer at all to the "key file" open (stop 47). The majority is its answer. An
+    answer of qsd's to bytes it never got (a JSON parse error: once under load, "stray
+    '.'") does not count."""
     first = open_in_home(wrapper, workdir, server, img)
     if name != "qsd":
         return first
-    second = open_in_home(wrapper, f"{workdir}-again", server, img)
-    if first == second:
-        return first
-    return open_in_home(wrapper, f"{workdir}-third", server, img)
+    answers = [first]
+    for again in ("again", "third", "fourth"):
+        answers.append(open_in_home(wrapper, f"{workdir}-{again}", server, img))
+        counted = [a for a in answers if "JSON parse error" not in a]
+        if any(counted.count(a) >= 2 for a in counted):
+            break
+    counted = [a for a in answers if "JSON parse error" not in a] or answers
+    return max(counted, key=counted.count)
 
 
 def test_known_hosts_and_key_files_as_libssh_reads_them(sshd, tmp_path, monkeypatch):
