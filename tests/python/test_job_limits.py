@@ -128,3 +128,28 @@ def test_jobs_at_speed_one_start_and_move_as_qemus(both):
     # first block-status read of the qcow2 metadata yields to its thread pool; ferrite's
     # copies, started before that query, may have landed already on a busy machine).
     assert got[:1] + got[2:] == expected[:1] + expected[2:]
+
+
+def test_a_backup_task_takes_the_whole_clusters_of_a_data_extent_like_qsd(both):
+    """A copy task covers the source's data extent rounded down to whole clusters (one
+    cluster if shorter, all of them where it reaches the end): a slow backup of a file whose
+    data ends 8 bytes into its fourth cluster (where the file ends) copies three clusters at once, then waits for
+    the rate limit before the last (qsd seed 866 of the system differential)."""
+    seen = []
+    for d in both():
+        src = d.workdir / "src.raw"
+        # A node's length is whole sectors: the 504 bytes after the file's end read as
+        # zeroes, an extent of their own.
+        src.write_bytes(b"\x5a" * (3 * 65536 + 8))
+        q = d.connect()
+        assert q.cmd("blockdev-add", {"driver": "file", "node-name": "src",
+                                      "filename": str(src)}) == {"return": {}}
+        assert q.cmd("drive-backup", {"job-id": "j", "device": "src", "sync": "full",
+                                      "speed": 512, "target": str(d.workdir / "t.raw")}) \
+            == {"return": {}}
+        time.sleep(1)
+        assert q.cmd("block-job-cancel", {"device": "j"}) == {"return": {}}
+        ev = q.wait_event("BLOCK_JOB_CANCELLED")
+        seen.append((ev["data"]["offset"], ev["data"]["len"]))
+    theirs, ours = seen
+    assert ours == theirs == (3 * 65536, 4 * 65536)

@@ -322,7 +322,10 @@ impl BlockCopy {
         let start = c * self.cluster;
         let bytes: u64 = (c..c + n).map(|k| self.bytes_of(k)).sum();
         match source.block_status(start, bytes).await {
-            Ok(e) => e.len.div_ceil(self.cluster).clamp(1, n),
+            // Whole clusters of the extent (QEMU rounds down, and takes one cluster for an
+            // extent shorter than that), all of them where the extent reaches the end.
+            Ok(e) if start + e.len >= self.len() => e.len.div_ceil(self.cluster).clamp(1, n),
+            Ok(e) => (e.len / self.cluster).clamp(1, n),
             Err(_) => n,
         }
     }
