@@ -869,9 +869,9 @@ impl Graph {
         node.inactive.set(!active);
         for e in &ctx.edges {
             let (perm, shared) = Graph::child_edge_perms(&node, e.name());
-            if !e.node().is_active() && !(perm - Perm::CONSISTENT_READ).is_empty() {
+            if let Err(err) = crate::graph::check_inactive_perm(&e.node(), perm) {
                 ctx.abandon();
-                return Err(Error::InactivePermission(perm.message_names()));
+                return Err(err);
             }
             if let Err(err) = self.update_edge_perm(e, perm, shared) {
                 ctx.abandon();

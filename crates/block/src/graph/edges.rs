@@ -41,9 +41,7 @@ impl Graph {
         perm: Perm,
         shared: Perm,
     ) -> Result<Rc<Child>> {
-        if !node.is_active() && !(perm - Perm::CONSISTENT_READ).is_empty() {
-            return Err(Error::InactivePermission(perm.message_names()));
-        }
+        check_inactive_perm(node, perm)?;
         let e = Child::new(name, node, ParentRef::Root(parent), self.next_id());
         self.link(&e, node);
         if let Err(err) = self.update_edge_perm(&e, perm, shared) {
@@ -81,9 +79,7 @@ impl Graph {
             });
         }
         let (p, s) = Self::child_edge_perms(parent, name);
-        if !child.is_active() && !(p - Perm::CONSISTENT_READ).is_empty() {
-            return Err(Error::InactivePermission(p.message_names()));
-        }
+        check_inactive_perm(child, p)?;
         let iothreads = self.iothread_snapshot([parent, child]);
         self.join_iothreads(parent, child)?;
         let e = Child::new(
@@ -451,4 +447,15 @@ fn relink_inherits_from(parent: &Rc<Node>, from: &Rc<Node>, to: &Rc<Node>) {
     if inherits {
         *to.inherits_from.borrow_mut() = Rc::downgrade(parent);
     }
+}
+
+/// An inactive node gives its users nothing but reading (QEMU checks each new edge so).
+///
+/// # Errors
+/// "Permission '...' unavailable on inactive node".
+pub(crate) fn check_inactive_perm(node: &Node, perm: Perm) -> Result<()> {
+    if !node.is_active() && !(perm - Perm::CONSISTENT_READ).is_empty() {
+        return Err(Error::InactivePermission(perm.message_names()));
+    }
+    Ok(())
 }

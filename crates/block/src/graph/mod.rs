@@ -13,6 +13,7 @@ mod active;
 mod blockers;
 pub use blockers::BlockOp;
 mod edges;
+pub(crate) use edges::check_inactive_perm;
 mod frozen;
 mod iothread;
 pub use iothread::IothreadResolver;
