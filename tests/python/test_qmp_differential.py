@@ -508,6 +508,10 @@ FOUND = [
     ("blockdev-add", {"driver": "quorum", "node-name": "qu9", "active": False,
                       "children": [{"driver": "null-aio"}], "vote-threshold": 1,
                       "rewrite-corrupted": True}),
+    # QEMU names a node before opening it: a copy-on-read filter whose bottom is itself
+    # finds a filter (qsd seed 2432).
+    ("blockdev-add", {"driver": "copy-on-read", "node-name": "cor9", "file": "null0",
+                      "bottom": "cor9"}),
 ]
 
 # Cases that need a state of their own: each runs on fresh daemons.

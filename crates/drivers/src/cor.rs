@@ -27,6 +27,11 @@ impl DriverFactory for CorFactory {
         Box::pin(async move {
             let file = ctx.open_child("file").await?;
             let bottom = match ctx.opts().opt_str("bottom") {
+                // QEMU names the node before opening it, so a filter naming itself as
+                // its bottom finds a filter.
+                Some(name) if name == ctx.node_name() => {
+                    return Err(Error::BottomIsFilter(name.to_owned()).into());
+                }
                 Some(name) => {
                     let node = ctx
                         .graph()
