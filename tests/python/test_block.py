@@ -770,3 +770,29 @@ def test_file_creation_judges_the_extent_size_hint_first_like_qsd(both, hint):
     assert ours == theirs
     assert ours[1:] == ((None, True) if hint < 1 << 32 else
                         ("Extent size hint is too large", False))
+
+
+@pytest.mark.parametrize("size,prealloc,error", [
+    ((1 << 63) - 1, "off", "Could not resize file: File too large"),
+    (1 << 63, "off", "Could not resize file: Invalid argument"),
+    ((1 << 64) - 1, "falloc", "Cannot use preallocation for shrinking files"),
+    ((1 << 64) - 1, "full", "Cannot use preallocation for shrinking files"),
+])
+def test_file_creation_beyond_what_a_file_holds_fails_after_making_it_like_qsd(
+        both, size, prealloc, error):
+    """A size no file can have fails once the file is made: a size beyond a signed 64-bit
+    length is a negative one, which the kernel refuses or a preallocation sees as shrinking
+    (qsd seed 2547, whose later commands found the file)."""
+    seen = []
+    for d in both():
+        q = d.connect()
+        path = d.workdir / "huge.raw"
+        assert q.cmd("blockdev-create", {"job-id": "c", "options": {
+            "driver": "file", "filename": str(path), "size": size,
+            "preallocation": prealloc}}) == {"return": {}}
+        q.wait_event("JOB_STATUS_CHANGE", lambda e: e["data"]["status"] == "concluded")
+        job = q.cmd("query-jobs")["return"][0]
+        seen.append((job.get("error"), path.exists() and path.stat().st_size))
+    theirs, ours = seen
+    assert ours == theirs
+    assert ours == (error, 0)

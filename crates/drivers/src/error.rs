@@ -78,9 +78,6 @@ pub(crate) enum Error {
         /// Why.
         error: io::Error,
     },
-    /// `blockdev-create` of a file with a negative size.
-    #[error("Invalid file size")]
-    InvalidFileSize,
     /// `blockdev-create` of a file with an `extent-size-hint` beyond 32 bits.
     #[error("Extent size hint is too large")]
     ExtentSizeHintTooLarge,
@@ -95,6 +92,9 @@ pub(crate) enum Error {
         /// Why.
         error: io::Error,
     },
+    /// A preallocated file asked to be shorter than it is.
+    #[error("Cannot use preallocation for shrinking files")]
+    PreallocateShrinking,
     /// Allocating the new file's length (`falloc`) failed.
     #[error("Could not preallocate new data: {}", os_msg(.0))]
     Preallocate(io::Error),

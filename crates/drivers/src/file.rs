@@ -157,9 +157,6 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
     }
     let path = opts.str("filename")?.to_owned();
     let size = opts.u64("size")?;
-    if i64::try_from(size).is_err() {
-        return Err(Error::InvalidFileSize.into());
-    }
     let prealloc = opts.opt_str("preallocation").unwrap_or("off").to_owned();
     if !matches!(prealloc.as_str(), "off" | "falloc" | "full") {
         return Err(Error::UnsupportedPreallocation(prealloc).into());
@@ -217,11 +214,18 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
 /// system cannot hold fails before anything is written), then writes zeroes over it.
 fn grow_new_file(f: &std::fs::File, size: u64, prealloc: &str) -> Result<(), Error> {
     use std::os::unix::fs::FileExt;
+    let Ok(len) = i64::try_from(size) else {
+        // A file's length is signed, as in QEMU, where this one is negative: shorter than
+        // the empty file for a preallocation, and refused by the kernel otherwise.
+        return Err(match prealloc {
+            "off" => Error::ResizeFile(std::io::Error::from_raw_os_error(libc::EINVAL)),
+            _ => Error::PreallocateShrinking,
+        });
+    };
     match prealloc {
         // Nothing to allocate in an empty file (fallocate refuses a length of 0).
         "falloc" if size > 0 => {
             use std::os::fd::AsRawFd;
-            let len = i64::try_from(size).map_err(|_| Error::InvalidFileSize)?;
             // SAFETY: fallocate on a file descriptor we own, with no pointers involved.
             let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
             if rc != 0 {
