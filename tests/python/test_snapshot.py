@@ -4,6 +4,8 @@ writes to the overlay), the old image stays as it was; checks and texts as QEMU 
 import json
 import re
 
+import pytest
+
 from test_backup import qcow2, run
 
 
@@ -218,3 +220,44 @@ def test_a_failed_internal_snapshot_is_undone(both):
         seen.append(out)
     theirs, ours = seen
     assert ours == theirs
+
+
+# (format, snapshot file, mode): what QEMU answers for each, when opening the overlay by its
+# name or making it fails (qsd seed 2863).
+OVERLAYS_BY_NAME = [
+    ("null-co", "overlay.img", "absolute-paths"),
+    ("vvfat", "overlay.img", "absolute-paths"),
+    ("blkdebug", "overlay.img", "absolute-paths"),
+    ("raw", "overlay.img", "absolute-paths"),
+    ("null-co", "disk.raw", "existing"),
+    ("null-co", "null-co://", "existing"),
+    ("file", "disk.raw", "existing"),
+    ("vvfat", "disk.raw", "existing"),
+    ("blkdebug", "disk.raw", "existing"),
+    ("blkdebug", "blkdebug::disk.raw", "existing"),
+    ("blkverify", "disk.raw", "existing"),
+    ("nbd", "disk.raw", "existing"),
+    ("throttle", "disk.raw", "existing"),
+    ("quorum", "disk.raw", "existing"),
+    ("nfs", "disk.raw", "existing"),
+    ("nfs", "http://h/disk.raw", "existing"),
+]
+
+
+@pytest.mark.parametrize("fmt,name,mode", OVERLAYS_BY_NAME)
+def test_an_overlay_named_by_its_file_is_opened_as_qemu_opens_it(both, fmt, name, mode):
+    """`blockdev-snapshot-sync`'s overlay is made and opened by its file name: a format that
+    cannot make images says so before anything about backing files, and a protocol or a
+    filter QEMU opens as one reads the name itself."""
+    seen = []
+    for d in both():
+        (d.workdir / "disk.raw").write_bytes(bytes(65536))
+        q = d.connect()
+        assert "return" in q.cmd("blockdev-add", {"driver": "null-co", "node-name": "n0"})
+        seen.append(q.cmd("blockdev-snapshot-sync", {
+            "node-name": "n0", "snapshot-file": name, "snapshot-node-name": "ov",
+            "format": fmt, "mode": mode}))
+        seen.append(sorted(p.name for p in d.workdir.iterdir()))
+    theirs, ours = seen[:2], seen[2:]
+    assert ours == theirs
+    assert "error" in ours[0]

@@ -1285,6 +1285,10 @@ def verify_images(tmp_path_factory):
     "file.driver=blkdebug,file.image.filename=D/t.qcow2",
     "file.driver=blkdebug,file.image.filename=D/nosuch.qcow2",
     "format=qcow2,file.driver=blkdebug,file.image.filename=D/t.qcow2",
+    # Named as the format, they read the name itself: blkdebug as its image's, vvfat only
+    # a `fat:` one.
+    "format=blkdebug,file=D/t.qcow2",
+    "format=vvfat,file=D/nosuch",
 ])
 def test_drives_over_blkdebug_and_blkverify_probe_and_name_as_qemus(verify_images, drive):
     """A drive whose format is not given is probed through the protocol node its `file.*`

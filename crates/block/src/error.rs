@@ -97,8 +97,9 @@ pub enum Error {
     /// `blockdev-reopen` without a node name.
     #[error("node-name not specified")]
     ReopenNodeNameMissing,
-    /// A required child option that is absent.
-    #[error("Parameter '{0}' is missing")]
+    /// A required child option that is absent (where no schema asked for it first: an
+    /// image opened by name, a `-drive`).
+    #[error("A block device must be specified for \"{0}\"")]
     MissingChild(String),
     /// A child given as neither a node name nor options.
     #[error("Invalid child reference")]

@@ -436,9 +436,19 @@ impl<'a> Url<'a> {
 /// QEMU's text for a name that is no such URL.
 pub fn nfs_url(name: &str) -> std::result::Result<QDict, String> {
     let invalid = || "Invalid URI specified".to_owned();
-    let rest = name
-        .strip_prefix("nfs:")
-        .ok_or_else(|| "URI scheme must be 'nfs'".to_owned())?;
+    // A URI starts with its scheme: a name without one is none.
+    let scheme = name.split_once(':').map(|(s, _)| s).filter(|s| {
+        s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    let Some(scheme) = scheme else {
+        return Err(invalid());
+    };
+    if scheme != "nfs" {
+        return Err("URI scheme must be 'nfs'".to_owned());
+    }
+    let rest = &name[scheme.len() + 1..];
     let Some(rest) = rest.strip_prefix("//") else {
         return Err("missing hostname in URI".to_owned());
     };
@@ -732,6 +742,8 @@ mod tests {
         );
         let err = |n: &str| super::nfs_url(n).unwrap_err();
         assert_eq!(err("nfs:foo"), "missing hostname in URI");
+        assert_eq!(err("disk.raw"), "Invalid URI specified");
+        assert_eq!(err("http://h/a"), "URI scheme must be 'nfs'");
         assert_eq!(err("nfs://h"), "missing file path in URI");
         assert_eq!(err("nfs://h:x/a"), "Invalid URI specified");
         assert_eq!(err("nfs://h/a?x=%zz"), "Invalid URI specified");

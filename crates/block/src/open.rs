@@ -180,7 +180,8 @@ impl<'a> OpenCtx<'a> {
     /// Opens child `key`, which the options must give (a node name or inline options).
     ///
     /// # Errors
-    /// "Parameter 'key' is missing", an unknown node, the child failing to open.
+    /// "A block device must be specified for \"key\"", an unknown node, the child failing
+    /// to open.
     pub async fn open_child(&mut self, key: &str) -> Result<Rc<Child>> {
         let v = self
             .opts

@@ -88,12 +88,6 @@ pub enum Error {
     /// `snapshot-node-name` already taken.
     #[error("New overlay node-name already in use")]
     OverlayNameInUse,
-    /// `blockdev-snapshot-sync` creating an overlay of a format there is no driver for.
-    #[error("Unknown file format '{0}'")]
-    UnknownFormat(String),
-    /// `blockdev-snapshot-sync` with a format without backing files.
-    #[error("Backing file not supported for file format '{0}'")]
-    FormatWithoutBacking(String),
     /// `change-backing-file` on a node that has parents.
     #[error("Need a root block node")]
     NeedRootNode,

@@ -150,19 +150,9 @@ pub async fn prepare(
     let format = args.opt_str("format").unwrap_or("qcow2");
     // An existing overlay is judged once open, as `blockdev-snapshot` judges one.
     if args.opt_str("mode") != Some("existing") {
-        if graph.registry().get(format).is_none() {
-            return Err(Error::UnknownFormat(format.to_owned()));
-        }
-        if !supports_backing(graph, format) {
-            return Err(Error::FormatWithoutBacking(format.to_owned()));
-        }
         create_overlay(graph, &node, &file, format, true).await?;
     }
-    let mut opts = QDict::new()
-        .with("driver", format)
-        // The name's protocol, as QEMU opens the overlay by its name (an NBD export too).
-        .with("file", ferrite_block::filename::protocol_options(&file))
-        .with("backing", ferrite_qobject::QObject::Null);
+    let mut opts = QDict::new().with("backing", ferrite_qobject::QObject::Null);
     if let Some(n) = new_name {
         opts.insert("node-name", n);
     }
@@ -172,12 +162,11 @@ pub async fn prepare(
         let cache = QDict::new()
             .with("direct", direct)
             .with("no-flush", no_flush);
-        if let Some(ferrite_qobject::QObject::Dict(f)) = opts.get_mut("file") {
-            f.insert("cache", cache.clone());
-        }
         opts.insert("cache", cache);
     }
-    let overlay = graph.open_inline(&Args::new(opts)).await?;
+    // Opened by its name, as QEMU does: the name's protocol under a format, or the name
+    // itself for a protocol (an NBD export too).
+    let overlay = graph.open_image(&file, Some(format), opts).await?;
     // Opened without its backing: the node goes there.
     overlay.remove_option("backing");
     if let Err(e) = check_overlay(graph, &overlay) {

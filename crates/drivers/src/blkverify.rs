@@ -28,6 +28,13 @@ impl DriverFactory for BlkverifyFactory {
         true
     }
 
+    fn parse_filename(&self, name: &str) -> Option<ferrite_block::Result<ferrite_qobject::QDict>> {
+        // Without the `blkverify:` prefix (read as the prefix says) the name is the image
+        // under test's, its format probed; the raw copy must come from elsewhere.
+        let test = ferrite_qobject::QDict::new().with("filename", name);
+        Some(Ok(ferrite_qobject::QDict::new().with("test", test)))
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             // A protocol driver in QEMU: the node is listed before the children it opens.

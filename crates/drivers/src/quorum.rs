@@ -31,6 +31,8 @@ impl DriverFactory for QuorumFactory {
             let opts = ctx.opts();
             let refs = match opts.get("children") {
                 Some(QObject::List(l)) => l.clone(),
+                // None given is none counted (opened by a file name, say).
+                None => Vec::new(),
                 _ => return Err(generic("Option children is not a valid array")),
             };
             if refs.is_empty() {

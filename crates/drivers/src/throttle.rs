@@ -3,7 +3,7 @@
 //! pass freely. Draining the node lets queued requests go, so that a drain does not wait on
 //! the limits.
 
-use crate::error::Error;
+use crate::error::{Error, generic};
 use ferrite_block::driver::{BoxFut, Driver, ReqFlags};
 use ferrite_block::throttle::{Direction, GroupMember};
 use ferrite_block::{Child, DriverFactory, DriverKind, Graph, LocalFut, Node, OpenCtx};
@@ -35,7 +35,7 @@ impl DriverFactory for ThrottleFactory {
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let file = ctx.open_child("file").await?;
-            let member = join(ctx.graph(), ctx.opts().str("throttle-group")?)?;
+            let member = join(ctx.graph(), group_name(ctx.opts())?)?;
             Ok(Box::new(ThrottleDriver {
                 file,
                 member: RefCell::new(member),
@@ -154,7 +154,7 @@ impl Driver for ThrottleDriver {
 
     fn reopen_check(&self, _node: &Node, opts: &Args) -> ferrite_block::Result<()> {
         // A reopen may move the node to another group, which must exist.
-        self.member_for(opts.str("throttle-group")?).map(drop)
+        self.member_for(group_name(opts)?).map(drop)
     }
 
     fn reopen_apply(
@@ -163,8 +163,15 @@ impl Driver for ThrottleDriver {
         opts: &Args,
         _read_only: bool,
     ) -> ferrite_block::Result<()> {
-        let member = self.member_for(opts.str("throttle-group")?)?;
+        let member = self.member_for(group_name(opts)?)?;
         *self.member.borrow_mut() = member;
         Ok(())
     }
+}
+
+/// The group a throttle node is to join. Required by the schema, so missing only where no
+/// schema asked for it first (an image opened by its file name).
+fn group_name(opts: &Args) -> ferrite_block::Result<&str> {
+    opts.opt_str("throttle-group")
+        .ok_or_else(|| generic("Please specify a throttle group"))
 }

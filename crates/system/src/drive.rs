@@ -625,7 +625,7 @@ pub(crate) async fn add(
         let reads_names = graph
             .registry()
             .get(&format)
-            .filter(|f| !protocol && f.kind() == ferrite_block::DriverKind::Protocol);
+            .filter(|f| !protocol && f.opens_as_protocol());
         let named = match file.as_deref() {
             Some(p) => {
                 let by_prefix = ferrite_block::filename::protocol_options(p);

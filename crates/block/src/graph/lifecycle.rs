@@ -69,12 +69,14 @@ impl Graph {
             .registry()
             .get(&format)
             .ok_or_else(|| Error::UnknownDriver(format.clone()))?;
-        if factory.kind() == crate::DriverKind::Protocol && !path.starts_with("json:") {
+        // A protocol (or a filter QEMU opens as one) named as the format reads the name
+        // itself, or takes it as its `filename` option. Otherwise the image's file is found
+        // by the name's protocol.
+        let reads_name = factory.opens_as_protocol() && !path.starts_with("json:");
+        if reads_name {
             factory.check_filename(path)?;
         }
-        // A protocol named as the format reads the name itself, else takes it as its
-        // `filename` option. Otherwise the image's file is found by the name's protocol.
-        let file = if factory.kind() == crate::DriverKind::Protocol && !path.starts_with("json:") {
+        let file = if reads_name {
             match factory.options_of_name(path) {
                 Some(options) => options?,
                 None => ferrite_qobject::QDict::new().with("filename", path),
@@ -90,7 +92,7 @@ impl Graph {
                 .and_then(|d| d.as_str())
                 .and_then(|d| self.registry().get(d))
                 .is_some_and(|f| f.kind() != crate::DriverKind::Protocol);
-        let mut opts = if describes_format || factory.kind() == crate::DriverKind::Protocol {
+        let mut opts = if describes_format || factory.opens_as_protocol() {
             file.with("driver", format.as_str())
         } else {
             ferrite_qobject::QDict::new()

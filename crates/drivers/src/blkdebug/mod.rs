@@ -175,6 +175,13 @@ impl DriverFactory for BlkdebugFactory {
         true
     }
 
+    fn parse_filename(&self, name: &str) -> Option<ferrite_block::Result<ferrite_qobject::QDict>> {
+        // Without the `blkdebug:` prefix (read as the prefix says) the name is the image's,
+        // with no rules.
+        let image = ferrite_block::filename::protocol_options(name);
+        Some(Ok(ferrite_qobject::QDict::new().with("image", image)))
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             // A protocol driver in QEMU: the node is listed before the children it opens.

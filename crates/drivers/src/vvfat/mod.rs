@@ -38,6 +38,11 @@ impl DriverFactory for VvfatFactory {
         DriverKind::Protocol
     }
 
+    fn parse_filename(&self, _name: &str) -> Option<ferrite_block::Result<QDict>> {
+        // A `fat:` name is read as its prefix says; no other name describes a directory.
+        Some(Err(generic("File name string must start with 'fat:'")))
+    }
+
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
             let opts = ctx.opts();
