@@ -512,6 +512,12 @@ FOUND = [
     # finds a filter (qsd seed 2432).
     ("blockdev-add", {"driver": "copy-on-read", "node-name": "cor9", "file": "null0",
                       "bottom": "cor9"}),
+    # QEMU keeps a burst length unsigned: a negative one in `limits` is a huge one (system
+    # seeds 1274 and 1374).
+    ("object-add", {"qom-type": "throttle-group", "id": "tg9",
+                    "limits": {"iops-read-max-length": -1}}),
+    ("object-add", {"qom-type": "throttle-group", "id": "tg9",
+                    "limits": {"iops-read-max-length": -4294967296, "iops-read-max": 5}}),
 ]
 
 # Cases that need a state of their own: each runs on fresh daemons.

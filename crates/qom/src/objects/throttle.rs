@@ -147,13 +147,16 @@ impl ThrottleConfig {
                 {
                     return Err(Error::ThrottleRange(THROTTLE_VALUE_MAX));
                 }
-                if b.burst_length <= 0 {
+                // QEMU keeps the length unsigned: `limits` may give a negative one, which
+                // is then a huge length.
+                let burst_length = b.burst_length as u64;
+                if burst_length == 0 {
                     return Err(Error::BurstLengthZero);
                 }
-                if b.burst_length > 1 && b.max == 0 {
+                if burst_length > 1 && b.max == 0 {
                     return Err(Error::BurstLengthWithoutRate);
                 }
-                if b.max != 0 && b.burst_length > THROTTLE_VALUE_MAX / b.max {
+                if b.max != 0 && burst_length > (THROTTLE_VALUE_MAX / b.max) as u64 {
                     return Err(Error::BurstLengthTooHigh);
                 }
                 if b.max != 0 && b.avg == 0 {
