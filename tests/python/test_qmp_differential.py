@@ -537,6 +537,12 @@ FOUND_APART = {
         ("blockdev-set-active", {"node-name": "ov9", "active": False}),
         ("blockdev-snapshot", {"node": "file0", "overlay": "ov9"}),
     ],
+    # The old top stays writable where a user still writes it (here the overlay, which has
+    # it as its file too): QEMU's reopen fails, and the snapshot ignores that (seed 2968).
+    "old-top-still-written": [
+        ("blockdev-snapshot", {"node": "file0", "overlay": "fmt0"}),
+        ("nbd-server-add", {"device": "file0"}),
+    ],
 }
 
 

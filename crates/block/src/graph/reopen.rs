@@ -432,6 +432,9 @@ impl Graph {
     /// # Errors
     /// The storage refusing the mode.
     pub fn set_read_only(&self, node: &Rc<Node>, read_only: bool) -> Result<()> {
+        if read_only {
+            Self::check_no_writers(node)?;
+        }
         let files = self.inherited_files(node);
         // Going read-only, each node drops its write permission before its file reopens;
         // going read-write, the files reopen for writing first, the lowest first.
@@ -480,12 +483,27 @@ impl Graph {
             node.reopened.set(true);
             return Ok(());
         }
+        Self::check_no_writers(node)?;
         // Each node that goes read-only with it writes its state back first (a preallocate
         // filter cuts its file back while it still may).
         for n in std::iter::once(node.clone()).chain(self.inherited_files(node)) {
             let _ = n.driver.close(&n).await;
         }
         self.set_read_only(node, true)
+    }
+
+    /// Refuses to make `node` read-only while a user still writes to it (a format that
+    /// has it as its file, say), as QEMU's reopen does. The files that go read-only with
+    /// it are written only by it.
+    fn check_no_writers(node: &Rc<Node>) -> Result<()> {
+        let writing = node
+            .users()
+            .iter()
+            .any(|u| u.perm().intersects(Perm::WRITE | Perm::WRITE_UNCHANGED));
+        if writing && !node.is_read_only() {
+            return Err(Error::ReadOnlyWithWriters(node.name().to_owned()));
+        }
+        Ok(())
     }
 
     /// The nodes below `node` that switch between read-only and read-write with it: its
