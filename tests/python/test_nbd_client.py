@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from blockjobs import add, export, qcow2, run
+from blockjobs import add, export, export_del, qcow2, run
 from conftest import assert_same_image, assert_same_transcript, recorder, wait_for
 
 MiB = 1 << 20
@@ -70,7 +70,8 @@ def node_transcript(d, sock):
             "-c", "discard 2M 64k", "-c", "flush", uri)
     out.append(("io", r.returncode))
     cmd("blockdev-del", {"node-name": "n"})
-    cmd("block-export-del", {"id": "n"})
+    # Asked again until the daemon has seen qemu-io leave.
+    out.append(("export deleted", export_del(c.cmd, "n")))
     c.wait_event("BLOCK_EXPORT_DELETED")
     cmd("blockdev-del", {"node-name": "n"})
     c.close()
@@ -364,7 +365,8 @@ def addresses_transcript(d, sock, bare_sock, tcp_port):
     uri = export(c, d, "v4", "v4", False)
     r = run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x5a 1M 64k", uri)
     out.append(("read through inet", r.returncode, "failed" in r.stdout))
-    cmd("block-export-del", {"id": "v4"})
+    # Asked again until the daemon has seen qemu-io leave.
+    out.append(("export deleted", export_del(c.cmd, "v4")))
     c.wait_event("BLOCK_EXPORT_DELETED")
     for n in ("v4", "plain", "noexport", "named"):
         cmd("blockdev-del", {"node-name": n})
