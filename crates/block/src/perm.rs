@@ -19,6 +19,12 @@ bitflags! {
 }
 
 impl Perm {
+    /// Whether the set holds either kind of write (QEMU's "writers": `WRITE` or
+    /// `WRITE_UNCHANGED`), which a read-only or inactive node cannot have.
+    pub fn writes(self) -> bool {
+        self.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
+    }
+
     /// What a format node takes and shares of its backing file, given what its own
     /// parents take and share (QEMU's `bdrv_default_perms` for a COW child): at most a
     /// consistent read; it lets others write and resize only when its parents let others

@@ -7,7 +7,6 @@
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::Node;
-use crate::perm::Perm;
 use std::rc::Rc;
 
 /// Whether a node (not a root user) that is itself active uses `node`.
@@ -70,11 +69,7 @@ impl Graph {
                 }
             }
             // Whoever still writes keeps the node active.
-            if node
-                .cumulative_perms()
-                .0
-                .intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
-            {
+            if node.cumulative_perms().0.writes() {
                 return Err(Error::InactivateFailed(std::io::Error::from_raw_os_error(
                     libc::EPERM,
                 )));

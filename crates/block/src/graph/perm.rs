@@ -108,7 +108,7 @@ fn check_conflicts(node: &Node) -> Result<()> {
         }
     }
     let (perm, _) = node.cumulative_perms();
-    let writes = perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED);
+    let writes = perm.writes();
     // An inactive node takes no writer either (QEMU's `bdrv_is_writable_after_reopen`):
     // an overlay made inactive cannot take over the users of an active node that write.
     if (node.read_only.get() || !node.is_active()) && writes {

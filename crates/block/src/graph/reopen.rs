@@ -3,6 +3,7 @@
 //! read-write, and resizing.
 
 use crate::backend::BlockBackend;
+use crate::child::Child;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::{DetectZeroes, Node};
@@ -151,13 +152,11 @@ impl Graph {
                 }
             }
             let read_only = opts.bool_or("read-only", false);
-            let writers = node.users().into_iter().filter(|u| {
-                u.perm().intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
-                    && !u
-                        .parent_node()
-                        .is_some_and(|p| going_read_only.contains(&p.name()))
-            });
-            if read_only && writers.count() > 0 {
+            let stays_writer = |u: &Child| {
+                !u.parent_node()
+                    .is_some_and(|p| going_read_only.contains(&p.name()))
+            };
+            if read_only && Self::has_writers(&node, stays_writer) {
                 return Err(if node.is_read_only() {
                     Error::ReadOnly
                 } else {
@@ -496,14 +495,15 @@ impl Graph {
     /// has it as its file, say), as QEMU's reopen does. The files that go read-only with
     /// it are written only by it.
     fn check_no_writers(node: &Rc<Node>) -> Result<()> {
-        let writing = node
-            .users()
-            .iter()
-            .any(|u| u.perm().intersects(Perm::WRITE | Perm::WRITE_UNCHANGED));
-        if writing && !node.is_read_only() {
+        if Self::has_writers(node, |_| true) && !node.is_read_only() {
             return Err(Error::ReadOnlyWithWriters(node.name().to_owned()));
         }
         Ok(())
+    }
+
+    /// Whether a user of `node` that `counts` holds a write permission on it.
+    fn has_writers(node: &Rc<Node>, counts: impl Fn(&Child) -> bool) -> bool {
+        node.users().iter().any(|u| u.perm().writes() && counts(u))
     }
 
     /// The nodes below `node` that switch between read-only and read-write with it: its
