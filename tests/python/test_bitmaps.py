@@ -356,3 +356,49 @@ def test_a_bitmap_a_backup_uses_records_through_its_successor_like_qemu(both):
     assert ours == theirs
     # The enabled bitmap kept the writes made while the job used it.
     assert theirs[3][0]["count"] == 2 * 65536
+
+
+def test_bitmaps_of_an_image_opened_read_only_are_kept_quietly_like_qsd(both):
+    """Stored bitmaps loaded from an image opened read-only cannot change and are not lost:
+    quitting says nothing and leaves them in the image; a reopen to read-write makes them
+    changeable again (iotest 165's read-only round)."""
+    def image(d):
+        img = d.workdir / "r.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+        run("qemu-img", "bitmap", "--add", img, "b0")
+        run("qemu-io", "-c", "write 0 64k", img)
+        return img
+
+    seen = []
+    for d in both():
+        img = image(d)
+        q = d.connect()
+        opts = {"node-name": "q", "driver": "qcow2",
+                "file": {"driver": "file", "filename": str(img)}}
+        out = [q.cmd("blockdev-add", dict(opts, **{"read-only": True}))]
+        out.append(q.cmd("block-dirty-bitmap-clear", {"node": "q", "name": "b0"}))
+        out.append(bitmap_state(q))
+        q.cmd("quit")
+        d.proc.wait(timeout=10)
+        out.append(d.stderr_path.read_text())
+        out.append(image_bitmaps(img))
+        seen.append(out)
+    for d in both():
+        img = image(d)
+        q = d.connect()
+        opts = {"node-name": "q", "driver": "qcow2",
+                "file": {"driver": "file", "filename": str(img)}}
+        out = [q.cmd("blockdev-add", dict(opts, **{"read-only": True}))]
+        out.append(q.cmd("blockdev-reopen", {"options": [dict(opts, **{"read-only": False})]}))
+        out.append(q.cmd("block-dirty-bitmap-clear", {"node": "q", "name": "b0"}))
+        out.append(bitmap_state(q))
+        q.cmd("quit")
+        d.proc.wait(timeout=10)
+        out.append(d.stderr_path.read_text())
+        out.append(image_bitmaps(img))
+        seen.append(out)
+    assert seen[1] == seen[0]
+    assert seen[3] == seen[2]
+    assert seen[0][3] == "" and seen[2][4] == ""
+    assert seen[2][2] == {"return": {}}
+    assert seen[0][1]["error"]["desc"] == "Bitmap 'b0' is readonly and cannot be modified"

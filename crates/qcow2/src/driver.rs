@@ -242,13 +242,13 @@ impl Driver for Qcow2Driver {
         Ok(())
     }
 
-    fn reopen_apply(
-        &self,
-        _node: &Node,
-        opts: &Args,
-        read_only: bool,
-    ) -> ferrite_block::Result<()> {
+    fn reopen_apply(&self, node: &Node, opts: &Args, read_only: bool) -> ferrite_block::Result<()> {
         self.read_only.set(read_only);
+        // The persistent bitmaps, written back before a reopen to read-only, stay as they
+        // are until the image is writable again (QEMU's reopen of qcow2 bitmaps).
+        for b in node.bitmaps().iter().filter(|b| b.is_persistent()) {
+            b.set_read_only(read_only);
+        }
         // Reopens happen drained: nothing holds the metadata.
         if let Ok(mut m) = self.meta.try_lock() {
             m.overlap_check = crate::open::overlap_check(opts);

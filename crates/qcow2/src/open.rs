@@ -236,8 +236,15 @@ impl Opening {
             .map_err(Error::LoadBitmaps)?;
         // An image opened inactive (`active=off`) belongs to someone else for now: nothing
         // is written to it until it is activated (which opens it again).
-        if !self.read_only && args.opt_bool("active") != Some(false) {
+        let writable = !self.read_only && args.opt_bool("active") != Some(false);
+        if writable {
             prepare_for_writing(file, &mut meta, was_dirty).await?;
+        } else {
+            // What cannot be written back cannot change, and is not lost at close either
+            // (QEMU's read-only bitmaps).
+            for b in &loaded {
+                b.set_read_only(true);
+            }
         }
         bitmaps::refresh_info(file, &mut meta).await;
         // Still set when the image was opened without repairing it (read-only or inactive):
