@@ -1289,6 +1289,9 @@ def verify_images(tmp_path_factory):
     # a `fat:` one.
     "format=blkdebug,file=D/t.qcow2",
     "format=vvfat,file=D/nosuch",
+    # So does a driver given for the name's node.
+    "file=D/t.qcow2,file.driver=blkdebug",
+    "file=blkdebug::D/t.qcow2,file.driver=blkdebug",
 ])
 def test_drives_over_blkdebug_and_blkverify_probe_and_name_as_qemus(verify_images, drive):
     """A drive whose format is not given is probed through the protocol node its `file.*`
@@ -1302,6 +1305,32 @@ def test_drives_over_blkdebug_and_blkverify_probe_and_name_as_qemus(verify_image
         return
     assert expected[0] == 0
     assert got == expected
+
+
+@pytest.mark.parametrize("drive", [
+    # A -drive has no schema before the driver: a child missing is the driver's complaint.
+    "format=blkverify,file=D/t.qcow2",
+    "driver=blkverify",
+    "driver=blkverify,raw.driver=file,raw.filename=D/t.raw",
+    "driver=blkverify,test.driver=file,test.filename=D/t.qcow2",
+    "driver=blkdebug",
+    "format=blkdebug,file.driver=file,file.filename=D/t.qcow2",
+    "driver=quorum",
+    "driver=quorum,vote-threshold=1",
+    "file=D/t.qcow2,file.driver=blkverify",
+    "file=D/t.qcow2,file.driver=quorum",
+    # A driver given for the name's node that reads names itself.
+    "file=D/t.qcow2,file.driver=vvfat",
+    "file=D/t.qcow2,file.driver=null-co",
+    "file=D/t.qcow2,file.driver=nbd",
+])
+def test_drives_missing_a_child_or_misnamed_are_refused_as_qemu_refuses(verify_images, drive):
+    """QEMU's own texts where a -drive's driver misses a child it opens by its own name or
+    cannot read the name it is given (`A block device must be specified for "raw"`)."""
+    args = ["-drive", "if=none,id=drv0," + drive.replace("D/", f"{verify_images}/")]
+    expected = info_block(QEMU, "tcg", *args)
+    assert expected[0] != 0
+    assert info_block(SYSTEM, "tcg", *args) == expected
 
 
 def reopen_drive_transcript(binary, accel, workdir):

@@ -198,6 +198,22 @@ pub trait DriverFactory {
     fn check_filename(&self, _name: &str) -> crate::Result<()> {
         Ok(())
     }
+
+    /// The options of a node of this driver, which QEMU opens as a protocol
+    /// ([`opens_as_protocol`]), opened by the name `name` (QEMU's `bdrv_fill_options`):
+    /// what the driver reads from the name, or the name as its `filename` option.
+    ///
+    /// # Errors
+    /// The driver's reason for a name it cannot read.
+    ///
+    /// [`opens_as_protocol`]: DriverFactory::opens_as_protocol
+    fn read_name(&self, name: &str) -> crate::Result<QDict> {
+        self.check_filename(name)?;
+        match self.options_of_name(name) {
+            Some(options) => options,
+            None => Ok(QDict::new().with("filename", name)),
+        }
+    }
 }
 
 /// Every driver the program knows.

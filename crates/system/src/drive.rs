@@ -393,6 +393,36 @@ fn missing_child(opts: &QDict, key: &str) -> Option<Error> {
     }
 }
 
+/// The children a driver that names its own (not `file`) opens first on `-drive`, where no
+/// schema checks them before the driver (QEMU's `bdrv_open_child` texts, in the order the
+/// driver opens them): blkverify's `raw` then `test`, blkdebug's `image`, and quorum's
+/// count of `children`; in the node's file first.
+fn missing_named_child(opts: &QDict) -> Option<Error> {
+    // A format opens its file first.
+    if let Some(QObject::Dict(file)) = opts.get("file")
+        && let Some(e) = missing_named_child(file)
+    {
+        return Some(e);
+    }
+    let named: &[&str] = match opts.get("driver").and_then(QObject::as_str) {
+        Some("blkverify") => &["raw", "test"],
+        Some("blkdebug") => &["image"],
+        Some("quorum") => {
+            let none = match opts.get("children") {
+                Some(QObject::List(l)) => l.is_empty(),
+                Some(_) => false,
+                None => true,
+            };
+            return none.then(|| generic("Number of provided children must be 1 or more"));
+        }
+        _ => &[],
+    };
+    named
+        .iter()
+        .find(|k| opts.get(k).is_none())
+        .map(|k| generic(format!("A block device must be specified for \"{k}\"")))
+}
+
 /// QEMU's refusal of backing options for a node (or its file) whose driver has no backing
 /// file, which it gives once the node is open.
 fn backing_unsupported(opts: &QDict) -> Option<Error> {
@@ -651,8 +681,19 @@ pub(crate) async fn add(
                 node.insert("filename", path.as_str());
             }
             Some(path) => {
-                // `blkdebug:CONFIG:IMAGE` names a blkdebug node over the image's file.
-                let mut file = as_text(ferrite_block::filename::protocol_options(path));
+                let proto_driver = proto
+                    .get("driver")
+                    .and_then(QObject::as_str)
+                    .and_then(|d| graph.registry().get(d));
+                // A driver given for the name's node that QEMU opens as a protocol
+                // (`file.driver=blkdebug`, `file.driver=null-co`) reads the name itself;
+                // otherwise the name's prefix says what it is (`blkdebug:CONFIG:IMAGE` a
+                // blkdebug node over the image's file).
+                let reads_name = proto_driver.as_ref().filter(|f| f.opens_as_protocol());
+                let mut file = as_text(match reads_name {
+                    Some(f) => f.read_name(path)?,
+                    None => ferrite_block::filename::protocol_options(path),
+                });
                 if let Some(a) = &aio {
                     // `aio` is a POSIX file's option; other protocols have no such choice.
                     let posix = |d: &QDict| {
@@ -673,11 +714,8 @@ pub(crate) async fn add(
                 }
                 if proto.is_empty() {
                     proto = file;
-                } else if proto
-                    .get("driver")
-                    .and_then(QObject::as_str)
-                    .and_then(|d| graph.registry().get(d))
-                    .is_some_and(|f| f.kind() != ferrite_block::DriverKind::Protocol)
+                } else if reads_name.is_none()
+                    && proto_driver.is_some_and(|f| f.kind() != ferrite_block::DriverKind::Protocol)
                 {
                     // `file.driver=FORMAT`: the name is that format's own file.
                     proto.insert("file", file);
@@ -736,8 +774,10 @@ pub(crate) async fn add(
             // The image is only read: writes go to the temporary overlay.
             node.insert("read-only", "on");
         }
-        let checked = graph.check_drive_options(&node)?;
-        let mut checked = checked;
+        if let Some(e) = missing_named_child(&node) {
+            return Err(e);
+        }
+        let mut checked = graph.check_drive_options(&node)?;
         if let Some(b) = implicit_backing {
             checked.insert("backing", b);
         }

@@ -73,14 +73,8 @@ impl Graph {
         // itself, or takes it as its `filename` option. Otherwise the image's file is found
         // by the name's protocol.
         let reads_name = factory.opens_as_protocol() && !path.starts_with("json:");
-        if reads_name {
-            factory.check_filename(path)?;
-        }
         let file = if reads_name {
-            match factory.options_of_name(path) {
-                Some(options) => options?,
-                None => ferrite_qobject::QDict::new().with("filename", path),
-            }
+            factory.read_name(path)?
         } else {
             crate::filename::known_protocol_options(path)?
         };
