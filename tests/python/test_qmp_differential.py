@@ -543,6 +543,14 @@ FOUND_APART = {
         ("blockdev-snapshot", {"node": "file0", "overlay": "fmt0"}),
         ("nbd-server-add", {"device": "file0"}),
     ],
+    # A reopen judges each node whole before the next: fmt0's other driver before the
+    # options file0 loses (seed 3595).
+    "reopen-node-by-node": [
+        ("blockdev-reopen", {"options": [
+            {"driver": "http", "node-name": "fmt0", "url": "bm0"},
+            {"driver": "nfs", "node-name": "file0",
+             "server": {"type": "inet", "host": "#bad"}, "path": "p"}]}),
+    ],
 }
 
 

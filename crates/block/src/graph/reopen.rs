@@ -86,6 +86,26 @@ fn inherited_reopen(
     Ok(child)
 }
 
+/// What a reopen's options leave for the end (QEMU compares them with the node's): another
+/// driver is one of the options its old driver does not take, the first changed in QEMU's
+/// dict order; the block layer's own options that never change; children other than `file`
+/// and `backing`, which stay where they are.
+fn check_unchanged_options(node: &Rc<Node>, opts: &Args, same_driver: bool) -> Result<()> {
+    if !same_driver {
+        return Err(Error::CannotChange(first_changed(node, opts)));
+    }
+    crate::driver::check_unchanged(opts, &Args::new(node.options()), &["force-share"])?;
+    for e in node.children() {
+        if let Some(QObject::String(wanted)) = opts.get(e.name())
+            && !matches!(e.name(), "file" | "backing")
+            && *wanted != e.node().name()
+        {
+            return Err(Error::CannotChange(e.name().to_owned()));
+        }
+    }
+    Ok(())
+}
+
 impl Graph {
     /// `blockdev-reopen`: checks every entry first, then applies them all on drained nodes.
     /// Options left out take their defaults, as in QEMU.
@@ -132,25 +152,6 @@ impl Graph {
             let node = self
                 .find(name)
                 .ok_or_else(|| Error::NoSuchNode(name.to_owned()))?;
-            // QEMU checks the options the node loses first; another driver is then one of
-            // the options its old driver does not take, reported with the others at the end,
-            // the first in QEMU's dict order.
-            check_resets(&node, opts)?;
-            if opts.str("driver")? != node.driver_name() {
-                return Err(Error::CannotChange(first_changed(&node, opts)));
-            }
-            node.driver.reopen_check(&node, opts)?;
-            // The block layer's own options that never change (QEMU compares what is left),
-            // and children other than `file` and `backing`, which stay where they are.
-            crate::driver::check_unchanged(opts, &Args::new(node.options()), &["force-share"])?;
-            for e in node.children() {
-                if let Some(QObject::String(wanted)) = opts.get(e.name())
-                    && !matches!(e.name(), "file" | "backing")
-                    && *wanted != e.node().name()
-                {
-                    return Err(Error::CannotChange(e.name().to_owned()));
-                }
-            }
             let read_only = opts.bool_or("read-only", false);
             let stays_writer = |u: &Child| {
                 !u.parent_node()
@@ -278,15 +279,29 @@ impl Graph {
                 out.push(opts.clone());
                 continue;
             };
+            // Each node is judged whole before the next, as QEMU prepares them: the
+            // options it loses, its driver's own, the children it names, then what is left.
+            check_resets(&node, opts)?;
+            // The driver checks what it is left with: the children it has now.
+            let mut parent = opts.as_dict().clone();
+            for edge in ["backing", "file"] {
+                if let Some(cur) = node.child(edge)
+                    && opts.get(edge).is_some()
+                {
+                    parent.insert(edge, cur.name());
+                }
+            }
+            let parent = Args::new(parent);
+            let same_driver = opts.str("driver")? == node.driver_name();
+            if same_driver {
+                node.driver.reopen_check(&node, &parent)?;
+            }
             if opts.get("backing").is_none()
                 && node.driver.supports_backing()
                 && (node.child("backing").is_some() || node.driver.backing_filename().is_some())
             {
                 return Err(Error::BackingMissing(node.name().to_owned()));
             }
-            // QEMU judges the options the node loses before the children it names.
-            check_resets(&node, opts)?;
-            let mut parent = opts.as_dict().clone();
             let mut before = Vec::new();
             let mut after = Vec::new();
             for edge in ["backing", "file"] {
@@ -356,7 +371,6 @@ impl Graph {
                     }
                     (QObject::Dict(child_opts), Some(cur)) if inherits_from(cur, &node) => {
                         let child = inherited_reopen(opts, cur, child_opts, edge)?;
-                        parent.insert(edge, cur.name());
                         // A writable child before its parent needs it; a read-only one
                         // after the parent has written back what it held.
                         let read_only = child
@@ -387,16 +401,9 @@ impl Graph {
                     _ => {}
                 }
             }
-            // The driver checks what it is left with: the children it has now.
-            for edge in ["backing", "file"] {
-                if let Some(cur) = node.child(edge)
-                    && opts.get(edge).is_some()
-                {
-                    parent.insert(edge, cur.name());
-                }
-            }
+            check_unchanged_options(&node, &parent, same_driver)?;
             out.extend(before);
-            out.push(Args::new(parent));
+            out.push(parent);
             out.extend(after);
         }
         Ok(Expanded {
