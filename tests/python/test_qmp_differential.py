@@ -518,6 +518,10 @@ FOUND = [
                     "limits": {"iops-read-max-length": -1}}),
     ("object-add", {"qom-type": "throttle-group", "id": "tg9",
                     "limits": {"iops-read-max-length": -4294967296, "iops-read-max": 5}}),
+    # A main loop applies its thread pool's bounds as each is set: a maximum beyond
+    # INT_MAX, set first, fails before the negative minimum is seen (qsd seed 3687).
+    ("object-add", {"qom-type": "main-loop", "id": "ml8", "thread-pool-min": -1,
+                    "thread-pool-max": 2147483648}),
 ]
 
 # Cases that need a state of their own: each runs on fresh daemons.

@@ -32,18 +32,33 @@ fn non_negative(name: &str, v: i64) -> Result<i64> {
 /// The parameters' values as QEMU checks them while it sets them, before the object has
 /// its id: in the order it sets them, its QDict's. That QDict is made from the QAPI
 /// object, member by member in the schema's order (base first), whatever order the
-/// client gave them in: two members of one hash bucket come out the later first.
-pub(crate) fn check_values(options: &Args) -> Result<()> {
+/// client gave them in: two members of one hash bucket come out the later first. A main
+/// loop (`applies_pool`) applies its thread pool's bounds as each is set, from the values
+/// set so far; an iothread only once it is complete.
+pub(crate) fn check_values(options: &Args, applies_pool: bool) -> Result<()> {
     let mut props = QDict::new();
     for &(name, _) in BASE.iter().chain(IOTHREAD) {
         if let Some(v) = options.get(name) {
             props.insert(name, v.clone());
         }
     }
+    let mut so_far: IndexMap<&str, i64> = BASE.iter().copied().collect();
     for (name, v) in props.iter_qemu_order() {
         if let Some(v) = v.as_i64() {
-            non_negative(name, v)?;
+            so_far.insert(name, non_negative(name, v)?);
+            if applies_pool {
+                check_pool_bounds(so_far["thread-pool-min"], so_far["thread-pool-max"])?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// The pool's bounds as QEMU checks them when it applies them.
+fn check_pool_bounds(min: i64, max: i64) -> Result<()> {
+    let int_max = i64::from(i32::MAX);
+    if min > max || max <= 0 || min > int_max || max > int_max {
+        return Err(Error::ThreadPoolBounds);
     }
     Ok(())
 }
@@ -72,12 +87,7 @@ impl EventLoop {
     /// The pool's bounds as QEMU checks them when it applies them.
     fn check_thread_pool(&self) -> Result<()> {
         let values = self.values.borrow();
-        let (min, max) = (values["thread-pool-min"], values["thread-pool-max"]);
-        let int_max = i64::from(i32::MAX);
-        if min > max || max <= 0 || min > int_max || max > int_max {
-            return Err(Error::ThreadPoolBounds);
-        }
-        Ok(())
+        check_pool_bounds(values["thread-pool-min"], values["thread-pool-max"])
     }
 
     fn props_type(&self) -> &'static str {

@@ -88,12 +88,9 @@ impl ObjectRegistry {
         match ty {
             "throttle-group" => throttle::check_values(options)?,
             "thread-context" => drop(thread_context::initial_affinity(options)?),
-            "iothread" => event_loop::check_values(options)?,
+            "iothread" => event_loop::check_values(options, false)?,
             // The main loop applies its thread pool's bounds as they are set.
-            "main-loop" => {
-                event_loop::check_values(options)?;
-                drop(event_loop::EventLoop::create(options, false)?);
-            }
+            "main-loop" => event_loop::check_values(options, true)?,
             "secret_keyring" => secret::check_values(options)?,
             _ => {}
         }
