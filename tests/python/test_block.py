@@ -731,6 +731,30 @@ def test_drivers_of_services_without_a_client_are_refused_after_qsds_checks(both
     assert "Unknown driver 'blkreplay'" in ours[0]
 
 
+CEPH_CONFS = [
+    "", "[global]\nmon host = 127.0.0.1:1\n", "# c\n\n[a] ; c\nk = \"v\" # c\n", "a = b\n",
+    "foo\n", "= b\n", "\t\n", "[a]b\n", " [a]\n", "a = b\nc = d\n", "a = b\n[x]\n",
+    "# x\na = b\n", "a = \"q\" x\n", "k = v\\\n", "[s]\na = b\\\n  c\n", "a = b\n\0\n",
+]
+
+
+def test_an_rbd_conf_file_librados_cannot_parse_is_refused_before_the_secret_as_qsd(
+        both, tmp_path):
+    """librados parses the `conf` file before QEMU looks the key secret up: one it cannot
+    parse is "error reading conf file X: Invalid argument" (ferrite has no Ceph client,
+    so its answer to a file that parses is the missing secret's, as qsd's)."""
+    cmds = []
+    for i, text in enumerate(CEPH_CONFS):
+        conf = tmp_path / f"c{i}.conf"
+        conf.write_bytes(text.encode())
+        cmds.append(("blockdev-add", {"driver": "rbd", "node-name": "r", "pool": "p",
+                                      "image": "i", "conf": str(conf), "key-secret": "nope"}))
+    qsd, ferrite = both()
+    theirs = replies(qsd, cmds)
+    assert replies(ferrite, cmds) == theirs
+    assert sum("Invalid argument" in a for a in theirs) == 11
+
+
 def test_activating_an_image_that_is_gone_says_which_layer_as_qsd(ferrite, qsd):
     """A qcow2 node inactive while its file is made anew (nothing of the image left): its
     activation fails in QEMU's words, "Could not reopen qcow2 layer: ..."."""

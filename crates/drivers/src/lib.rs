@@ -13,6 +13,7 @@ mod blkdebug;
 mod blklogwrites;
 mod blkreplay;
 mod bochs;
+mod ceph_conf;
 pub use blkdebug::set_qtest;
 mod blkverify;
 mod blockmap;

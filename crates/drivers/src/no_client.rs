@@ -8,6 +8,7 @@
 use ferrite_block::driver::Driver;
 use ferrite_block::{DriverFactory, DriverKind, Graph, LocalFut, NameCreation, OpenCtx};
 use ferrite_qapi::{Args, Error};
+use std::io;
 use std::rc::Rc;
 
 /// Which service.
@@ -53,14 +54,21 @@ impl Service {
         match self {
             Service::Rbd => {
                 ferrite_block::check_visited_whole(location)?;
-                if let Some(conf) = location.opt_str("conf")
-                    && let Err(e) = std::fs::metadata(conf).and_then(|_| std::fs::read(conf))
-                {
-                    return Err(Error::generic(format!(
-                        "error reading conf file {conf}: {}",
-                        ferrite_qapi::os_msg(&e)
-                    ))
-                    .into());
+                if let Some(conf) = location.opt_str("conf") {
+                    let read = std::fs::metadata(conf)
+                        .and_then(|_| std::fs::read(conf))
+                        .and_then(|text| {
+                            crate::ceph_conf::loads(&text)
+                                .then_some(())
+                                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+                        });
+                    if let Err(e) = read {
+                        return Err(Error::generic(format!(
+                            "error reading conf file {conf}: {}",
+                            ferrite_qapi::os_msg(&e)
+                        ))
+                        .into());
+                    }
                 }
                 if let Some(id) = location.opt_str("key-secret") {
                     graph.secrets().get(id)?;
