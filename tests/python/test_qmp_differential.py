@@ -522,6 +522,9 @@ FOUND = [
     # INT_MAX, set first, fails before the negative minimum is seen (qsd seed 3687).
     ("object-add", {"qom-type": "main-loop", "id": "ml8", "thread-pool-min": -1,
                     "thread-pool-max": 2147483648}),
+    # Base64 read from a file is searched for NUL bytes first (qsd seed 3882).
+    ("object-add", {"qom-type": "secret", "id": "sec8", "format": "base64",
+                    "file": "img.qcow2"}),
 ]
 
 # Cases that need a state of their own: each runs on fresh daemons.

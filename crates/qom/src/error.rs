@@ -98,6 +98,9 @@ pub enum Error {
     /// Bad base64 in a secret.
     #[error("Base64 data contains invalid characters")]
     Base64,
+    /// Base64 from a file with NUL bytes in it.
+    #[error("Base64 data contains embedded NUL characters")]
+    Base64Nul,
     /// A negative `x-` limit of a throttle group.
     #[error("Property values cannot be negative")]
     NegativeThrottleProperty,

@@ -64,7 +64,10 @@ impl Secret {
             keyid: options.opt_str("keyid").map(str::to_owned),
             iv: options.opt_str("iv").map(str::to_owned),
         };
-        let input = props.load()?;
+        let input = Input {
+            bytes: props.load()?,
+            measured: !matches!(props.source, Source::Given { data: Some(_), .. }),
+        };
         let base64 = props.format == "base64";
         let value = match &props.keyid {
             // The object is not registered until it is loaded: naming itself finds it
@@ -75,8 +78,8 @@ impl Secret {
                 )));
             }
             Some(keyid) => decrypt(&key(keyid)?, props.iv.as_deref(), &input, base64)?,
-            None if base64 => decode(&input)?,
-            None => input,
+            None if base64 => decode_input(&input)?,
+            None => input.bytes,
         };
         Ok(Secret {
             value,
@@ -190,7 +193,7 @@ fn read_key(serial: i32) -> std::result::Result<Vec<u8>, KeyError> {
 /// `input` (base64 when `base64`) decrypted with AES-256-CBC under `key` and the base64
 /// `iv`, its padding removed as QEMU removes it: the last byte says how many bytes to drop
 /// (up to a block), and the others are not checked.
-fn decrypt(key: &[u8], iv: Option<&str>, input: &[u8], base64: bool) -> Result<Vec<u8>> {
+fn decrypt(key: &[u8], iv: Option<&str>, input: &Input, base64: bool) -> Result<Vec<u8>> {
     if key.len() != KEY_LEN {
         return Err(Error::SecretKeyLength);
     }
@@ -199,9 +202,9 @@ fn decrypt(key: &[u8], iv: Option<&str>, input: &[u8], base64: bool) -> Result<V
         return Err(Error::SecretIvLength(iv.len()));
     }
     let mut data = if base64 {
-        decode(input)?
+        decode_input(input)?
     } else {
-        input.to_vec()
+        input.bytes.clone()
     };
     if data.len() % AES_BLOCK != 0 {
         return Err(Error::CipherLength(data.len()));
@@ -220,6 +223,23 @@ fn decrypt(key: &[u8], iv: Option<&str>, input: &[u8], base64: bool) -> Result<V
 
 fn decode(raw: &[u8]) -> Result<Vec<u8>> {
     ferrite_qapi::base64::decode(raw).ok_or(Error::Base64)
+}
+
+/// The secret's base64 input decoded. What a file or a key gave has a length of its own
+/// and may hold NUL bytes, which QEMU looks for first; `data` is a string, read up to its
+/// end, where the alphabet check refuses a NUL as any other character.
+fn decode_input(input: &Input) -> Result<Vec<u8>> {
+    if input.measured && input.bytes.contains(&0) {
+        return Err(Error::Base64Nul);
+    }
+    decode(&input.bytes)
+}
+
+/// A secret's input as loaded.
+struct Input {
+    bytes: Vec<u8>,
+    /// Read from a file or a key (not the `data` string).
+    measured: bool,
 }
 
 impl UserObject for Secret {
