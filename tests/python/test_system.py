@@ -1323,6 +1323,7 @@ def test_drives_over_blkdebug_and_blkverify_probe_and_name_as_qemus(verify_image
     "file=D/t.qcow2,file.driver=vvfat",
     "file=D/t.qcow2,file.driver=null-co",
     "file=D/t.qcow2,file.driver=nbd",
+    "file=nbd://localhost:1/x,file.driver=file",
 ])
 def test_drives_missing_a_child_or_misnamed_are_refused_as_qemu_refuses(verify_images, drive):
     """QEMU's own texts where a -drive's driver misses a child it opens by its own name or

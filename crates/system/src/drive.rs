@@ -255,10 +255,37 @@ async fn probe_data_child(graph: &Graph, child: &mut QDict) -> Result<(), Error>
 /// blkdebug,file.image.filename=...`): the node opened, with its children's drivers filled
 /// in as the drive's will be, then probed.
 async fn probe_described(graph: &Graph, proto: &QDict) -> Result<&'static str, Error> {
+    if let Some(e) = missing_named_child(proto) {
+        return Err(e);
+    }
     let mut proto = proto.clone();
     Box::pin(probe_children(graph, &mut proto)).await?;
     default_protocols(&mut proto);
     Ok(graph.probe_cli_options(&proto).await?)
+}
+
+/// The options of the node a drive's name opens where `file.driver` names a driver QEMU
+/// opens as a protocol: what that driver reads from the name, under the `file.*` options
+/// given. `None` where no such driver is given.
+fn name_read_by_given_driver(
+    graph: &Graph,
+    opts: &QDict,
+    path: &str,
+) -> Result<Option<QDict>, Error> {
+    let Some(QObject::Dict(given)) = opts.get("file") else {
+        return Ok(None);
+    };
+    let Some(factory) = given
+        .get("driver")
+        .and_then(QObject::as_str)
+        .and_then(|d| graph.registry().get(d))
+        .filter(|f| f.opens_as_protocol())
+    else {
+        return Ok(None);
+    };
+    let mut proto = given.clone();
+    fill_in(&mut proto, as_text(factory.read_name(path)?));
+    Ok(Some(proto))
 }
 
 /// Counts of drives per interface, for default ids and indexes.
@@ -601,7 +628,12 @@ pub(crate) async fn add(
                 f
             }
             None => match &file {
-                Some(path) => graph.probe_image(path).await?.to_owned(),
+                // A driver given for the name's node that reads names itself opens it as it
+                // reads it (`file.driver=file` takes `nbd://...` as a file's name).
+                Some(path) => match name_read_by_given_driver(graph, &opts, path)? {
+                    Some(proto) => probe_described(graph, &proto).await?.to_owned(),
+                    None => graph.probe_image(path).await?.to_owned(),
+                },
                 None => match opts.get("file") {
                     // The image's file is opened first, then its format is probed.
                     Some(QObject::Dict(proto)) => {
