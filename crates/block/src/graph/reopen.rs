@@ -269,7 +269,9 @@ impl Graph {
     /// passing down as at open (a child made writable before its parent, made read-only
     /// after it); another node's name makes that node the child, `null` drops the backing
     /// file (the edges move once all is checked). A node with a backing file must say what
-    /// becomes of it.
+    /// becomes of it. Each entry's options are judged here, whole, before the next entry's,
+    /// in the order QEMU prepares a node: what it loses, its driver's own, its children,
+    /// then what must stay unchanged.
     fn expand_children(&self, list: &[Args]) -> Result<Expanded> {
         let mut out = Vec::new();
         let mut moves = Vec::new();
