@@ -435,6 +435,52 @@ def test_ferrite_system_opens_web_names(site):
     assert out[system][0] == "raw"
 
 
+def proxied_replies(start, site, web_pki):
+    """Three daemons of `start` behind the proxies the environment names (an open one, one
+    that wants credentials, none): the daemon whose node `f` (https through the second
+    proxy's tunnel) is exported, and its replies with the sites and proxies."""
+    web = site()
+    tls = site((web_pki["server"], web_pki["key"]))
+    open_proxy, closed_proxy = Proxy(), Proxy(auth="pu:pp")
+    add = lambda n, u, **a: ("blockdev-add", {  # noqa: E731
+        "driver": u.split(":")[0], "node-name": n, "read-only": True, "url": u, **a})
+    seq = [
+        add("a", web.url("d.raw")),
+        add("b", tls.url("d.raw"), sslverify=False),
+        ("query-named-block-nodes", {"flat": True}),
+    ]
+    seq_closed = [
+        add("c", web.url("d.raw")),
+        add("d", tls.url("d.raw"), sslverify=False),
+        add("e", web.url("d.raw"), **{"proxy-username": "pu",
+                                      "proxy-password-secret": "ppw"}),
+        add("f", tls.url("d.raw"), sslverify=False,
+            **{"proxy-username": "pu", "proxy-password-secret": "ppw"}),
+        add("g", web.url("auth/d.raw"), username="user",
+            **{"password-secret": "pw", "proxy-username": "pu",
+               "proxy-password-secret": "ppw"}),
+    ]
+    secrets = SECRETS + ["--object", "secret,id=ppw,data=pp"]
+    saved = dict(os.environ)
+    try:
+        os.environ["http_proxy"] = f"http://127.0.0.1:{open_proxy.port}"
+        os.environ["https_proxy"] = f"127.0.0.1:{open_proxy.port}"
+        d1 = start(secrets)
+        os.environ["http_proxy"] = f"http://127.0.0.1:{closed_proxy.port}"
+        os.environ["HTTPS_PROXY"] = f"http://127.0.0.1:{closed_proxy.port}"
+        os.environ.pop("https_proxy")
+        d2 = start(secrets)
+        os.environ["no_proxy"] = "localhost,127.0.0.1"
+        d3 = start(secrets)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    text = replies(d1, seq) + replies(d2, seq_closed)
+    text += replies(d3, [add("h", web.url("d.raw"))])
+    serve(d2, "f")
+    return d2, (text, web, tls, open_proxy, closed_proxy)
+
+
 def test_proxies_as_qsd_uses_them(qsd, ferrite, site, web_pki):
     """`http_proxy`/`https_proxy` as libcurl reads them: an `http` URL asked of the proxy
     whole, an `https` one through a `CONNECT` tunnel; `proxy-username` and
@@ -443,46 +489,8 @@ def test_proxies_as_qsd_uses_them(qsd, ferrite, site, web_pki):
     the same bytes read."""
     got = {}
     for name, start in (("qsd", qsd), ("ferrite", ferrite)):
-        web = site()
-        tls = site((web_pki["server"], web_pki["key"]))
-        open_proxy, closed_proxy = Proxy(), Proxy(auth="pu:pp")
-        add = lambda n, u, **a: ("blockdev-add", {  # noqa: E731
-            "driver": u.split(":")[0], "node-name": n, "read-only": True, "url": u, **a})
-        seq = [
-            add("a", web.url("d.raw")),
-            add("b", tls.url("d.raw"), sslverify=False),
-            ("query-named-block-nodes", {"flat": True}),
-        ]
-        seq_closed = [
-            add("c", web.url("d.raw")),
-            add("d", tls.url("d.raw"), sslverify=False),
-            add("e", web.url("d.raw"), **{"proxy-username": "pu",
-                                          "proxy-password-secret": "ppw"}),
-            add("f", tls.url("d.raw"), sslverify=False,
-                **{"proxy-username": "pu", "proxy-password-secret": "ppw"}),
-            add("g", web.url("auth/d.raw"), username="user",
-                **{"password-secret": "pw", "proxy-username": "pu",
-                   "proxy-password-secret": "ppw"}),
-        ]
-        secrets = SECRETS + ["--object", "secret,id=ppw,data=pp"]
-        saved = dict(os.environ)
-        try:
-            os.environ["http_proxy"] = f"http://127.0.0.1:{open_proxy.port}"
-            os.environ["https_proxy"] = f"127.0.0.1:{open_proxy.port}"
-            d1 = start(secrets)
-            os.environ["http_proxy"] = f"http://127.0.0.1:{closed_proxy.port}"
-            os.environ["HTTPS_PROXY"] = f"http://127.0.0.1:{closed_proxy.port}"
-            os.environ.pop("https_proxy")
-            d2 = start(secrets)
-            os.environ["no_proxy"] = "localhost,127.0.0.1"
-            d3 = start(secrets)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        text = replies(d1, seq) + replies(d2, seq_closed)
-        text += replies(d3, [add("h", web.url("d.raw"))])
-        serve(d2, "f")
-        assert_copy_is(d2, site.root / "d.raw")
+        text, web, tls, open_proxy, closed_proxy = copied_whole(
+            name, lambda: proxied_replies(start, site, web_pki), site.root / "d.raw")
         hide = hider({str(web.port): "WEB", str(tls.port): "TLS"})
         got[name] = ([hide(t) for t in text],
                      [tuple(hide(str(f)) for f in e) for e in open_proxy.log],
