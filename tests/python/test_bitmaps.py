@@ -370,33 +370,23 @@ def test_bitmaps_of_an_image_opened_read_only_are_kept_quietly_like_qsd(both):
         return img
 
     seen = []
-    for d in both():
-        img = image(d)
-        q = d.connect()
-        opts = {"node-name": "q", "driver": "qcow2",
-                "file": {"driver": "file", "filename": str(img)}}
-        out = [q.cmd("blockdev-add", dict(opts, **{"read-only": True}))]
-        out.append(q.cmd("block-dirty-bitmap-clear", {"node": "q", "name": "b0"}))
-        out.append(bitmap_state(q))
-        q.cmd("quit")
-        d.proc.wait(timeout=10)
-        out.append(d.stderr_path.read_text())
-        out.append(image_bitmaps(img))
-        seen.append(out)
-    for d in both():
-        img = image(d)
-        q = d.connect()
-        opts = {"node-name": "q", "driver": "qcow2",
-                "file": {"driver": "file", "filename": str(img)}}
-        out = [q.cmd("blockdev-add", dict(opts, **{"read-only": True}))]
-        out.append(q.cmd("blockdev-reopen", {"options": [dict(opts, **{"read-only": False})]}))
-        out.append(q.cmd("block-dirty-bitmap-clear", {"node": "q", "name": "b0"}))
-        out.append(bitmap_state(q))
-        q.cmd("quit")
-        d.proc.wait(timeout=10)
-        out.append(d.stderr_path.read_text())
-        out.append(image_bitmaps(img))
-        seen.append(out)
+    for reopen in (False, True):
+        for d in both():
+            img = image(d)
+            q = d.connect()
+            opts = {"node-name": "q", "driver": "qcow2",
+                    "file": {"driver": "file", "filename": str(img)}}
+            out = [q.cmd("blockdev-add", dict(opts, **{"read-only": True}))]
+            if reopen:
+                out.append(q.cmd("blockdev-reopen",
+                                 {"options": [dict(opts, **{"read-only": False})]}))
+            out.append(q.cmd("block-dirty-bitmap-clear", {"node": "q", "name": "b0"}))
+            out.append(bitmap_state(q))
+            q.cmd("quit")
+            d.proc.wait(timeout=10)
+            out.append(d.stderr_path.read_text())
+            out.append(image_bitmaps(img))
+            seen.append(out)
     assert seen[1] == seen[0]
     assert seen[3] == seen[2]
     assert seen[0][3] == "" and seen[2][4] == ""
