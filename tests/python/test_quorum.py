@@ -70,6 +70,12 @@ def transcript(d):
                                 for n in json.loads(text)
                                 if not n["node-name"].startswith("#"))))
     uri = export(c, d, "q", "q", True)
+    # No one else may write to or resize a child; reading it is fine.
+    cmd("block-export-add", {"type": "nbd", "id": "w0", "node-name": "c0", "writable": True})
+    cmd("block_resize", {"node-name": "c1", "size": 8 << 20})
+    cmd("block-export-add", {"type": "nbd", "id": "r0", "node-name": "c0"})
+    cmd("block-export-del", {"id": "r0"})
+    c.wait_event("BLOCK_EXPORT_DELETED")
     out.append(("read", io(uri, "read -P 0x5a 0 64k")))
     out.append(("write", io(uri, "write -P 0x61 2M 64k")))
     out.append(("children", [io(f"{w}/c{i}.img", "read -P 0x61 2M 64k") for i in range(3)]))
@@ -101,6 +107,10 @@ def transcript(d):
     names = {n["id"]: n["name"] for n in g["nodes"]}
     out.append(("edges", sorted((names[e["parent"]], e["name"], names[e["child"]])
                                 for e in g["edges"] if names[e["parent"]] == "q")))
+    # Its `json:` name lists the children in order, without the gaps of their names.
+    nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+    out.append(("json", [n["file"].replace(str(w), "W") for n in nodes
+                         if n["node-name"] == "q"]))
     out.append(("after change", io(export(c, d, "q", "q2", True), "read -P 0x5a 0 64k")))
     cmd("block-export-del", {"id": "q2", "mode": "hard"})
     c.wait_event("BLOCK_EXPORT_DELETED")

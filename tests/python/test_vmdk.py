@@ -503,7 +503,11 @@ def test_extents_beside_a_descriptor_under_a_filter(both, tmp_path):
                                                 "filename": str(img)}}}}))
         uri = export(c, d, "v", "v", False)
         out.append(qemu_io_lines("-r", "-f", "raw", "-c", "read -P 0x11 0 64k", uri))
+        # Its `json:` name has the file, not the extents the descriptor names.
+        nodes = c.cmd("query-named-block-nodes", {"flat": True})["return"]
+        out.append([n["file"] for n in nodes if n["node-name"] == "v"])
         c.close()
         results.append(out)
     assert_same_transcript(*results)
     assert results[0][1] == {"return": {}}
+    assert '"extents' not in results[0][-1][0]

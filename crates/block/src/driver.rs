@@ -429,6 +429,13 @@ pub trait Driver: std::any::Any {
         QDict::new()
     }
 
+    /// How the node's children show in its `json:` options where the driver does not show
+    /// each under its own name, its backing child only when overridden (QEMU's
+    /// `bdrv_gather_child_options`); `None` for that default.
+    fn gathered_child_options(&self, _node: &Node, _backing_overridden: bool) -> Option<QDict> {
+        None
+    }
+
     /// Bytes the node occupies on its storage, if known.
     fn actual_size(&self, _node: &Node) -> Option<u64> {
         None

@@ -422,6 +422,12 @@ impl Node {
             d.insert("filename", f);
         }
         let overridden = self.backing_overridden();
+        if let Some(gathered) = self.driver.gathered_child_options(self, overridden) {
+            for (k, v) in gathered {
+                d.insert(k, v);
+            }
+            return d;
+        }
         for c in self.children() {
             // The backing file the image names is implied; one set by the user is not.
             if c.name() == "backing" && !overridden {

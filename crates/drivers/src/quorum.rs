@@ -69,7 +69,14 @@ impl DriverFactory for QuorumFactory {
             for (i, r) in refs.iter().enumerate() {
                 children.push(ctx.open_child_ref(&format!("children.{i}"), r).await?);
             }
+            let mut strong = QDict::new();
+            for key in STRONG_OPTIONS {
+                if let Some(v) = opts.get(key) {
+                    strong.insert(key, v.clone());
+                }
+            }
             Ok(Box::new(Quorum {
+                strong,
                 next_index: Cell::new(children.len()),
                 children: RefCell::new(children),
                 blkverify: !fifo && opts.bool_or("blkverify", false),
@@ -82,7 +89,17 @@ impl DriverFactory for QuorumFactory {
     }
 }
 
+/// The options that make a quorum what it is, shown in its `json:` name as given.
+const STRONG_OPTIONS: [&str; 4] = [
+    "vote-threshold",
+    "blkverify",
+    "rewrite-corrupted",
+    "read-pattern",
+];
+
 struct Quorum {
+    /// Which of [`STRONG_OPTIONS`] were given, and how.
+    strong: QDict,
     /// The children, in their order (`x-blockdev-change` adds and removes).
     children: RefCell<Vec<Rc<Child>>>,
     /// The number the next added child's edge gets (`children.N`).
@@ -328,11 +345,16 @@ impl Driver for Quorum {
     fn child_perm(&self, _name: &str, perm: Perm, shared: Perm, _used: bool) -> (Perm, Perm) {
         // A child found wrong is written over, whoever uses the quorum (QEMU asks for the
         // write permission whenever `rewrite-corrupted` is on).
-        if self.rewrite {
-            (perm | Perm::WRITE, shared)
+        let perm = if self.rewrite {
+            perm | Perm::WRITE
         } else {
-            (perm, shared)
-        }
+            perm
+        };
+        // No one else may write to or resize a child: the children would differ.
+        (
+            perm,
+            shared & (Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED),
+        )
     }
 
     fn child_perm_inactive(&self, _name: &str) -> Perm {
@@ -473,6 +495,18 @@ impl Driver for Quorum {
     }
 
     fn strong_options(&self) -> QDict {
-        QDict::new().with("vote-threshold", self.threshold as u64)
+        self.strong.clone()
+    }
+
+    fn gathered_child_options(&self, _node: &Node, _backing_overridden: bool) -> Option<QDict> {
+        // A list in the children's order: their names (`children.N`) keep the gaps of
+        // children removed, which options for a new quorum cannot have.
+        let children: Vec<QObject> = self
+            .children
+            .borrow()
+            .iter()
+            .map(|c| c.node().full_options().into())
+            .collect();
+        Some(QDict::new().with("children", children))
     }
 }

@@ -860,6 +860,23 @@ impl Driver for Vmdk {
         true
     }
 
+    fn gathered_child_options(&self, node: &Node, backing_overridden: bool) -> Option<QDict> {
+        // The extents follow from the descriptor: only the file and a backing file the user
+        // chose say anything.
+        let mut d = QDict::new();
+        if let Some(file) = node.child("file") {
+            d.insert("file", file.full_options());
+        }
+        if backing_overridden {
+            let backing = node.child("backing");
+            d.insert(
+                "backing",
+                backing.map_or(QObject::Null, |b| b.full_options().into()),
+            );
+        }
+        Some(d)
+    }
+
     crate::simple_format_answers!();
     fn format_name(&self) -> &'static str {
         "vmdk"
