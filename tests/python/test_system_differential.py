@@ -223,6 +223,9 @@ FOUND = [
                       "filter-node-name": "", "x-perf": {"min-cluster-size": 3}}),
     ("drive-backup", {"device": "drive1", "sync": "full", "target": "x.raw", "format": "raw",
                       "x-perf": {"min-cluster-size": 3}}),
+    # A new overlay's name may not be a drive's either (system seed 2264).
+    ("blockdev-snapshot-sync", {"node-name": "null0", "snapshot-file": "s.qcow2",
+                                "snapshot-node-name": "drive0"}),
 ]
 
 

@@ -142,8 +142,9 @@ pub async fn prepare(
     if args.has("node-name") && new_name.is_none() {
         return Err(Error::OverlayNameMissing);
     }
+    // A drive's name counts too, where it has a medium (QEMU's `bdrv_lookup_bs`).
     if let Some(n) = new_name
-        && graph.find(n).is_some()
+        && graph.lookup(n).is_ok()
     {
         return Err(Error::OverlayNameInUse);
     }
