@@ -525,6 +525,14 @@ FOUND = [
     # Base64 read from a file is searched for NUL bytes first (qsd seed 3882).
     ("object-add", {"qom-type": "secret", "id": "sec8", "format": "base64",
                     "file": "img.qcow2"}),
+    # Size options take no sign, whatever the driver (qsd seed 4298).
+    ("blockdev-add", {"driver": "preallocate", "node-name": "pa9",
+                      "file": {"driver": "null-co"}, "prealloc-align": 65536,
+                      "prealloc-size": -9223372036854775808}),
+    ("blockdev-add", {"driver": "preallocate", "node-name": "pa9",
+                      "file": {"driver": "null-co"}, "prealloc-align": -512}),
+    ("blockdev-add", {"driver": "raw", "node-name": "ra9", "file": {"driver": "null-co"},
+                      "offset": -1, "size": -512}),
 ]
 
 # Cases that need a state of their own: each runs on fresh daemons.

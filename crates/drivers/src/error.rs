@@ -9,6 +9,21 @@ pub(crate) fn generic(text: impl Into<String>) -> ferrite_block::Error {
     ferrite_qapi::Error::generic(text).into()
 }
 
+/// Refuses the first of the size options `keys` given a negative number, in the order QEMU
+/// reads a node's options (its `QemuOpts` size type takes no sign).
+pub(crate) fn refuse_negative_sizes(opts: &ferrite_qapi::Args, keys: &[&str]) -> Result<(), Error> {
+    match opts.as_dict().iter_qemu_order().find_map(|(k, v)| {
+        let n = v.as_i64().filter(|n| *n < 0 && keys.contains(&k))?;
+        Some((k, n))
+    }) {
+        Some((name, value)) => Err(Error::NegativeSizeOption {
+            value,
+            name: name.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A failure of one of this crate's drivers.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
@@ -119,12 +134,14 @@ pub(crate) enum Error {
     /// `null-co` with a negative latency.
     #[error("latency-ns is invalid")]
     InvalidLatency,
-    /// `raw` with a negative offset.
-    #[error("offset cannot be negative")]
-    NegativeOffset,
-    /// `raw` with a negative size.
-    #[error("size cannot be negative")]
-    NegativeSize,
+    /// A size option given a negative number (QEMU's `parse_option_size`).
+    #[error("Value '{value}' is out of range for parameter '{name}'")]
+    NegativeSizeOption {
+        /// The number given.
+        value: i64,
+        /// The option.
+        name: String,
+    },
     /// A `raw` window starting past the end of its file.
     #[error("Offset ({offset}) cannot be greater than size of the containing file ({file_len})")]
     OffsetPastEnd {

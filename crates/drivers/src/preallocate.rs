@@ -19,6 +19,7 @@ pub(crate) struct PreallocateFactory;
 
 /// `prealloc-align` and `prealloc-size`, checked as QEMU checks them.
 fn options(opts: &Args, child: &Child) -> ferrite_block::Result<(u64, u64)> {
+    crate::error::refuse_negative_sizes(opts, &["prealloc-align", "prealloc-size"])?;
     let align = opts.opt_u64("prealloc-align").unwrap_or(1 << 20);
     let size = opts.opt_u64("prealloc-size").unwrap_or(128 << 20);
     let fail = |t: String| Err(crate::error::generic(t));

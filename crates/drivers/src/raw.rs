@@ -42,34 +42,40 @@ impl DriverFactory for RawFactory {
     }
 }
 
+/// The options that make a window of the file.
+const WINDOW: [&str; 2] = ["offset", "size"];
+
+/// The window `args` give (offset and size, if any) into a file of `file_len` bytes,
+/// checked as QEMU checks it at open and reopen.
+fn window(args: &Args, file_len: u64) -> ferrite_block::Result<(u64, Option<u64>)> {
+    crate::error::refuse_negative_sizes(args, &WINDOW)?;
+    let offset = args.opt_u64("offset").unwrap_or(0);
+    let size = args.opt_u64("size");
+    if offset > file_len {
+        return Err(Error::OffsetPastEnd { offset, file_len }.into());
+    }
+    let window = size.unwrap_or(0);
+    if offset.saturating_add(window) > file_len {
+        return Err(Error::WindowPastEnd {
+            offset,
+            size: window,
+            file_len,
+        }
+        .into());
+    }
+    if size.is_some_and(|s| s % 512 != 0) {
+        return Err(Error::UnalignedWindow.into());
+    }
+    Ok((offset, size))
+}
+
 impl RawDriver {
     pub(crate) fn open(
         args: &Args,
         file: &Child,
         formats: Rc<ferrite_block::Registry>,
     ) -> ferrite_block::Result<Self> {
-        let offset = args.opt_i64("offset").unwrap_or(0);
-        let offset = u64::try_from(offset).map_err(|_| Error::NegativeOffset)?;
-        let size = match args.opt_i64("size") {
-            Some(s) => Some(u64::try_from(s).map_err(|_| Error::NegativeSize)?),
-            None => None,
-        };
-        let file_len = file.len();
-        if offset > file_len {
-            return Err(Error::OffsetPastEnd { offset, file_len }.into());
-        }
-        let window = size.unwrap_or(0);
-        if offset.saturating_add(window) > file_len {
-            return Err(Error::WindowPastEnd {
-                offset,
-                size: window,
-                file_len,
-            }
-            .into());
-        }
-        if size.is_some_and(|s| s % 512 != 0) {
-            return Err(Error::UnalignedWindow.into());
-        }
+        let (offset, size) = window(args, file.len())?;
         Ok(RawDriver {
             offset: Cell::new(offset),
             size: Cell::new(size),
@@ -258,24 +264,18 @@ impl Driver for RawDriver {
         if !same_child {
             return Err(ferrite_block::Error::CannotChange("file".into()));
         }
-        let file_len = node.child("file").map_or(0, |f| f.len());
-        let offset = opts.opt_i64("offset").unwrap_or(0).max(0) as u64;
-        let size = opts.opt_i64("size").map(|s| s.max(0) as u64);
-        if offset > file_len || offset + size.unwrap_or(0) > file_len {
-            return Err(Error::OffsetPastEnd { offset, file_len }.into());
-        }
-        Ok(())
+        window(opts, node.child("file").map_or(0, |f| f.len())).map(drop)
     }
 
     fn reopen_apply(
         &self,
-        _node: &Node,
+        node: &Node,
         opts: &Args,
         _read_only: bool,
     ) -> ferrite_block::Result<()> {
-        self.offset
-            .set(opts.opt_i64("offset").unwrap_or(0).max(0) as u64);
-        self.size.set(opts.opt_i64("size").map(|s| s.max(0) as u64));
+        let (offset, size) = window(opts, node.child("file").map_or(0, |f| f.len()))?;
+        self.offset.set(offset);
+        self.size.set(size);
         Ok(())
     }
 

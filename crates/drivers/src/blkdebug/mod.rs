@@ -187,14 +187,8 @@ impl DriverFactory for BlkdebugFactory {
             // A protocol driver in QEMU: the node is listed before the children it opens.
             ctx.take_position_now();
             let opts = ctx.opts().clone();
-            // QEMU reads the sizes before anything else, in its dictionary's order.
-            let negative = opts.as_dict().iter_qemu_order().find_map(|(k, v)| {
-                let n = v.as_i64().filter(|n| *n < 0 && SIZES.contains(&k))?;
-                Some(format!("Value '{n}' is out of range for parameter '{k}'"))
-            });
-            if let Some(text) = negative {
-                return Err(generic(text));
-            }
+            // QEMU reads the sizes before anything else.
+            crate::error::refuse_negative_sizes(&opts, SIZES)?;
             let mut groups = Groups::default();
             if let Some(path) = opts.opt_str("config") {
                 groups.read_file(path).map_err(generic)?;
