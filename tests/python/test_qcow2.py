@@ -1,6 +1,7 @@
 """qcow2: images QEMU writes read correctly in ferrite; random request sequences give the same
 image content as qemu-storage-daemon gives its twin, and `qemu-img check` finds ferrite's
 images clean; blockdev-create behaves as QEMU's; crashes leave at most leaks."""
+import hashlib
 import json
 import re
 import os
@@ -298,6 +299,11 @@ def test_blockdev_create_matches_qemu(tmp_path):
                 data = sub / f"data{i}.raw"
                 stored = os.stat(data if data.exists() else img).st_blocks * 512
                 info["stored"] = stored >= case["size"]
+                # The file ends where QEMU's does (its L1 table's last byte, say), and
+                # holds the same bytes (but the data file's name, which has the directory).
+                info["length"] = os.stat(img).st_size
+                if "data-file" not in case:
+                    info["bytes"] = hashlib.sha256(img.read_bytes()).hexdigest()
                 if "backing-file" not in case:
                     info["map"] = json.loads(run("qemu-img", "map", "-U", "--output=json",
                                                  img).stdout)

@@ -94,7 +94,9 @@ pub(crate) async fn format(file: &Child, o: &CreateOpts) -> ferrite_block::Resul
         extensions: Vec::new(),
         backing_file: o.backing_file.clone(),
     };
-    if o.version >= 3 {
+    // Not where clusters are 4 KiB or less: the table would leave a backing file name of
+    // a 512-byte header little room (QEMU leaves it out there too).
+    if o.version >= 3 && cs > 4096 {
         h.set_extension(EXT_FEATURE_TABLE, Some(Header::feature_table()));
     }
     if let Some(fmt) = &o.backing_fmt {
@@ -251,7 +253,7 @@ async fn preallocate_data(file: &Child, m: &mut Meta, o: &CreateOpts) -> io::Res
     let per_block = cs * 8 / (1u64 << m.h.refcount_order);
     let reftable_entries = (in_use + clusters + l2_tables + 1).div_ceil(per_block);
     m.relocate_reftable(file, reftable_entries).await?;
-    let host = m.alloc(file, clusters).await?;
+    let host = m.alloc_run(file, clusters).await?;
     fill(file, host, clusters * cs, o.prealloc).await?;
     let mut gc = 0;
     while gc < clusters {

@@ -179,10 +179,11 @@ impl Meta {
     /// memory follows once the disk has it.
     async fn switch_l1(&mut self, file: &Child, new: u64, entries: u64) -> io::Result<()> {
         let cs = self.cs();
-        let clusters = (entries * 8).div_ceil(cs);
         let mut l1 = self.l1.to_vec();
         l1.resize(entries as usize, 0);
-        let mut bytes = vec![0u8; (clusters * cs) as usize];
+        // The table's own bytes, not its clusters' (a new image's file ends with them, as
+        // QEMU's does).
+        let mut bytes = vec![0u8; entries as usize * 8];
         for (i, e) in l1.iter().enumerate() {
             put_be64(&mut bytes, i, *e);
         }

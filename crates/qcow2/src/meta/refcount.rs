@@ -406,6 +406,16 @@ impl Meta {
         }
     }
 
+    /// Allocates as [`Meta::alloc`] does, but later allocations search from where they
+    /// would have before (QEMU's `qcow2_alloc_clusters_at`, for a run its caller placed):
+    /// free clusters ahead of the run still come first.
+    pub(crate) async fn alloc_run(&mut self, file: &Child, n: u64) -> io::Result<u64> {
+        let hint = self.free_hint;
+        let host = self.alloc(file, n).await?;
+        self.free_hint = self.free_hint.min(hint);
+        Ok(host)
+    }
+
     /// The first of `n` free clusters in a row from `free_hint` on, which moves past them
     /// (QEMU's `alloc_clusters_noref`).
     async fn next_fit(&mut self, file: &Child, n: u64) -> io::Result<u64> {
