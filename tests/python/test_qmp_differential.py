@@ -537,6 +537,16 @@ FOUND = [
 
 # Cases that need a state of their own: each runs on fresh daemons.
 FOUND_APART = {
+    # nbd-server-add exports a read-only node read-only, whatever `writable` says (seed
+    # 4536).
+    "nbd-server-add-read-only-node": [
+        ("blockdev-snapshot-sync", {"node-name": "fmt0", "snapshot-file": "ov.qcow2",
+                                    "snapshot-node-name": "ov9"}),
+        ("nbd-server-add", {"device": "fmt0", "writable": True}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd9.sock"}}}),
+        ("nbd-server-add", {"device": "fmt0", "writable": True}),
+        ("query-block-exports", {}),
+    ],
     # A reopen (here the snapshot's old top made read-only) drops the flag that said the
     # file node was opened as a protocol: a job's existing target is then probed (seed 1881).
     "reopened-protocol-node": [

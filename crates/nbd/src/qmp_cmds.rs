@@ -39,12 +39,14 @@ pub async fn qmp_nbd_server_add(nbd: &NbdService, args: &Args) -> Result<QObject
     // the node found.
     let node = nbd.graph().lookup(device)?;
     let name = args.opt_str("name").unwrap_or(device);
+    // Unlike block-export-add, a writable export of a read-only node is made read-only.
+    let writable = args.bool_or("writable", false) && !node.is_read_only();
     let mut opts = QDict::new()
         .with("type", "nbd")
         .with("id", name)
         .with("node-name", node.name())
         .with("name", name)
-        .with("writable", args.bool_or("writable", false));
+        .with("writable", writable);
     opts.insert_opt("description", args.opt_str("description"));
     if let Some(b) = args.opt_str("bitmap") {
         opts.insert("bitmaps", vec![QObject::from(b)]);
