@@ -533,12 +533,29 @@ FOUND = [
                       "file": {"driver": "null-co"}, "prealloc-align": -512}),
     ("blockdev-add", {"driver": "raw", "node-name": "ra9", "file": {"driver": "null-co"},
                       "offset": -1, "size": -512}),
+    # A window of a file is data no one else may resize, claimed before the window is
+    # judged (qsd seed 4711); a node too long is refused before an empty option group
+    # (seed 4771).
+    ("blockdev-add", {"driver": "raw", "node-name": "ra9", "read-only": True,
+                      "file": "file0", "offset": 9223372036854775807}),
+    ("blockdev-add", {"driver": "null-aio", "node-name": "na9", "cache": {},
+                      "size": 9223372036854775807}),
 ]
 
 # Cases that need a state of their own: each runs on fresh daemons.
 FOUND_APART = {
     # nbd-server-add exports a read-only node read-only, whatever `writable` says (seed
     # 4536).
+    # A file's creation empties it before it refuses a preallocation mode files do not
+    # have: the image it held is gone (seed 4890).
+    "file-emptied-before-its-creation-fails": [
+        ("blockdev-set-active", {"active": False}),
+        ("blockdev-create", {"job-id": "c9", "options": {
+            "driver": "file", "filename": "img.qcow2", "size": 1048576,
+            "preallocation": "metadata"}}),
+        ("query-jobs", {}),
+        ("blockdev-set-active", {"active": True}),
+    ],
     "nbd-server-add-read-only-node": [
         ("blockdev-snapshot-sync", {"node-name": "fmt0", "snapshot-file": "ov.qcow2",
                                     "snapshot-node-name": "ov9"}),
@@ -587,6 +604,7 @@ def test_sequences_found_before_get_qsds_answers(qsd, ferrite, case):
         assert ("return" in a) == ("return" in b), (name, args, a, b)
         if "error" in a:
             assert ours.text(b) == theirs.text(a), (name, args)
+        settle([theirs, ours], set())
 
 
 def test_commands_found_before_get_qsds_answers(qsd, ferrite):

@@ -164,6 +164,21 @@ impl<'a> OpenCtx<'a> {
             .update_edge_perm(edge, Perm::CONSISTENT_READ | own, shared)
     }
 
+    /// A child whose data the node maps rather than passes through (raw's window): as the
+    /// child comes, nobody else may resize it (QEMU's `bdrv_default_perms_for_storage` for
+    /// a data child, as it is attached). A child that shares everything (`force-share`)
+    /// still does.
+    ///
+    /// # Errors
+    /// A permission conflict.
+    pub fn claim_for_data(&self, edge: &Rc<Child>) -> Result<()> {
+        if !self.opens_active() || edge.node().force_share() {
+            return Ok(());
+        }
+        self.graph
+            .update_edge_perm(edge, Perm::empty(), Perm::all() - Perm::RESIZE)
+    }
+
     /// Whether the node opens active: not `active=off`, nor while the graph opens every
     /// node inactive (an incoming migration awaited).
     pub fn opens_active(&self) -> bool {
@@ -811,23 +826,6 @@ impl Graph {
         if let Some(unused) = ctx.early_file.take() {
             self.forget_if_orphan(&unused);
         }
-        // An empty group of options (`"cache": {}`) is still an option to QEMU, and one no
-        // part of the node takes: refused once the node has opened, as QEMU refuses what
-        // is left over.
-        let empty = ctx
-            .opts
-            .as_dict()
-            .iter_qemu_order()
-            .find_map(|(k, v)| match v {
-                QObject::Dict(d) if d.is_empty() => Some(k.to_owned()),
-                _ => None,
-            });
-        if let Some(key) = empty {
-            let text = self.unsupported_option(ctx.opts.opt_str("driver").unwrap_or(""), &key);
-            drop(driver);
-            ctx.abandon();
-            return Err(ferrite_qapi::Error::generic(text).into());
-        }
         // A name taken while this node's children opened.
         if ctx.opts.opt_str("node-name").is_some() && self.find(&ctx.name).is_some() {
             let e = Error::DuplicateNodeName(ctx.name.clone());
@@ -844,6 +842,23 @@ impl Graph {
         if node.len() > MAX_LENGTH {
             ctx.abandon();
             return Err(Error::TooLarge);
+        }
+        // An empty group of options (`"cache": {}`) is still an option to QEMU, and one no
+        // part of the node takes: refused once the node has opened (and its length was
+        // judged), as QEMU refuses what is left over.
+        let empty = ctx
+            .opts
+            .as_dict()
+            .iter_qemu_order()
+            .find_map(|(k, v)| match v {
+                QObject::Dict(d) if d.is_empty() => Some(k.to_owned()),
+                _ => None,
+            });
+        if let Some(key) = empty {
+            let text = self.unsupported_option(ctx.opts.opt_str("driver").unwrap_or(""), &key);
+            drop(node);
+            ctx.abandon();
+            return Err(ferrite_qapi::Error::generic(text).into());
         }
         // An inactive node takes its image's bitmaps up when it is activated (QEMU does not
         // load them before: they may be migrating, or change meanwhile).

@@ -158,9 +158,6 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
     let path = opts.str("filename")?.to_owned();
     let size = opts.u64("size")?;
     let prealloc = opts.opt_str("preallocation").unwrap_or("off").to_owned();
-    if !matches!(prealloc.as_str(), "off" | "falloc" | "full") {
-        return Err(Error::UnsupportedPreallocation(prealloc).into());
-    }
     let nocow = opts.bool_or("nocow", false);
     let p = path.clone();
     let make = move || -> Result<(), Error> {
@@ -191,6 +188,10 @@ pub(crate) async fn create_file(opts: &Args) -> ferrite_block::Result<()> {
             let _ = f.metadata();
         }
         f.set_len(0).map_err(Error::ResizeFile)?;
+        // A mode a file cannot have is found only now, the file emptied (as in QEMU).
+        if !matches!(prealloc.as_str(), "off" | "falloc" | "full") {
+            return Err(Error::UnsupportedPreallocation(prealloc));
+        }
         let grown = grow_new_file(&f, size, &prealloc);
         if grown.is_err() {
             // QEMU leaves no half-allocated file behind: back to the length it had.

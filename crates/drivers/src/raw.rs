@@ -35,7 +35,13 @@ impl DriverFactory for RawFactory {
 
     fn open<'a>(&'a self, ctx: &'a mut OpenCtx<'_>) -> LocalFut<'a, Box<dyn Driver>> {
         Box::pin(async move {
+            // QEMU reads the options, then attaches the file (a window of it is data no
+            // one else may resize), then judges the window against it.
+            crate::error::refuse_negative_sizes(ctx.opts(), &WINDOW)?;
             let file = ctx.open_child("file").await?;
+            if ctx.opts().opt_u64("offset").unwrap_or(0) != 0 || ctx.opts().has("size") {
+                ctx.claim_for_data(&file)?;
+            }
             let formats = ctx.graph().registry().clone();
             Ok(Box::new(RawDriver::open(ctx.opts(), &file, formats)?) as Box<dyn Driver>)
         })
