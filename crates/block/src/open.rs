@@ -145,23 +145,13 @@ impl<'a> OpenCtx<'a> {
     /// # Errors
     /// A permission conflict, or the file refusing to be written.
     pub fn claim_for_metadata(&self, edge: &Rc<Child>) -> Result<()> {
-        // An inactive node claims nothing: the image is someone else's for now.
-        if !self.opens_active() {
-            return Ok(());
-        }
         let metadata = Perm::WRITE | Perm::RESIZE;
         let own = if self.settings.read_only {
             Perm::empty()
         } else {
             metadata
         };
-        let shared = if edge.node().force_share() {
-            Perm::all()
-        } else {
-            Perm::all() - metadata
-        };
-        self.graph
-            .update_edge_perm(edge, Perm::CONSISTENT_READ | own, shared)
+        self.claim(edge, Perm::CONSISTENT_READ | own, metadata)
     }
 
     /// A child whose data the node maps rather than passes through (raw's window): as the
@@ -172,11 +162,22 @@ impl<'a> OpenCtx<'a> {
     /// # Errors
     /// A permission conflict.
     pub fn claim_for_data(&self, edge: &Rc<Child>) -> Result<()> {
-        if !self.opens_active() || edge.node().force_share() {
+        self.claim(edge, Perm::empty(), Perm::RESIZE)
+    }
+
+    /// Takes `perm` of a child as it comes and shares all but `unshared` (all, where the
+    /// child shares everything). An inactive node claims nothing: the image is someone
+    /// else's for now.
+    fn claim(&self, edge: &Rc<Child>, perm: Perm, unshared: Perm) -> Result<()> {
+        if !self.opens_active() {
             return Ok(());
         }
-        self.graph
-            .update_edge_perm(edge, Perm::empty(), Perm::all() - Perm::RESIZE)
+        let shared = if edge.node().force_share() {
+            Perm::all()
+        } else {
+            Perm::all() - unshared
+        };
+        self.graph.update_edge_perm(edge, perm, shared)
     }
 
     /// Whether the node opens active: not `active=off`, nor while the graph opens every
